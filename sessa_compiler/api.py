@@ -1,0 +1,154 @@
+"""The public entry point: ``sessa_compiler.compile(module, ...)`` -> a CompiledModule."""
+from __future__ import annotations
+
+import collections
+import time
+
+import torch
+import torch.utils._pytree as pytree
+
+from .backends import get_backend
+from .backends.eager import bind_symbols
+from .errors import InputError, TraceError, ValidationError
+from .frontend.trace import Traced, trace_with_report
+from .ir.ops import CORE, OPS
+
+# The spec's tolerances: max abs(out - ref) / max abs(ref), by dtype.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if out.shape != ref.shape:
+        return float("inf")
+    if not ref.is_floating_point():
+        return 0.0 if torch.equal(out, ref) else float("inf")
+    out64, ref64 = out.detach().to(torch.float64), ref.detach().to(torch.float64)
+    finite = torch.isfinite(ref64)
+    if (torch.isfinite(out64) != finite).any():
+        return float("inf")
+    if not finite.any():
+        return 0.0
+    scale = ref64[finite].abs().max().item() or 1.0
+    return (out64[finite] - ref64[finite]).abs().max().item() / scale
+
+
+class CompiledModule(torch.nn.Module):
+    """A compiled module: same call signature and outputs as the original.
+
+    ``.graph`` is the IR (printable); ``.explain()`` says what was recognised, what fell back and
+    which backend runs it.
+    """
+
+    def __init__(self, module: torch.nn.Module, example_inputs=None, *, backend: str = "auto",
+                 validate: bool = False):
+        super().__init__()
+        if not isinstance(module, torch.nn.Module):
+            raise TypeError(f"compile expects a torch.nn.Module, got {type(module).__name__}")
+        self.__dict__["_original"] = module  # not a submodule: its parameters are read, never copied
+        self.backend_name = backend
+        self.validate = validate
+        self._backend = get_backend(backend)
+        self._traced: Traced | None = None
+        self._runner = None
+        self.trace_seconds = None
+        if example_inputs is not None:
+            self._trace(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
+
+    # -- tracing ---------------------------------------------------------------------------------------
+    def _trace(self, args: tuple) -> None:
+        start = time.perf_counter()
+        self._traced = trace_with_report(self._original, args)
+        graph = self._traced.graph
+        # parameters are read from the live module, so later weight updates are seen
+        live = dict(self._original.state_dict(keep_vars=True))
+        for name in graph.param_values:
+            if name in live:
+                graph.params[name] = live[name]
+        self._runner = self._backend.prepare(graph)
+        self.trace_seconds = time.perf_counter() - start
+
+    @property
+    def graph(self):
+        if self._traced is None:
+            raise TraceError("this module has not been traced yet: call it once, or pass example_inputs to compile()")
+        return self._traced.graph
+
+    @property
+    def original(self) -> torch.nn.Module:
+        return self._original
+
+    # -- calling -------------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        if kwargs:
+            raise InputError(f"compiled {type(self._original).__name__}: keyword arguments are not supported "
+                             f"(got {sorted(kwargs)}); pass inputs positionally")
+        if self._traced is None:
+            self._trace(args)
+        graph = self._traced.graph
+        bind_symbols(graph, list(args))  # rank, dtype and shape checks before anything runs
+        self._check_devices(args)
+        outs = self._runner(list(args), graph.params)
+        result = pytree.tree_unflatten(list(outs), self._traced.out_spec)
+        if self.validate:
+            self._validate(args, outs)
+        return result
+
+    def _check_devices(self, args) -> None:
+        devices = {a.device for a in args}
+        params = [p for p in self._traced.graph.params.values() if isinstance(p, torch.Tensor)]
+        if params:
+            devices.add(params[0].device)
+        if len(devices) > 1:
+            raise InputError(f"compiled {type(self._original).__name__}: inputs and parameters are on different devices "
+                             f"({', '.join(sorted(map(str, devices)))}); move them to one device")
+
+    def _validate(self, args, outs) -> None:
+        with torch.no_grad():
+            ref = pytree.tree_leaves(self._original(*args))
+        graph = self._traced.graph
+        for i, (o, r) in enumerate(zip(outs, ref)):
+            err = relative_error(o, r)
+            tol = TOLERANCE.get(r.dtype, 0.0)
+            if err > tol:
+                v = graph.outputs[i]
+                producer = v.producer.op if v.producer is not None else "input"
+                core = [n.op for n in graph.nodes if OPS[n.op].kind == CORE]
+                raise ValidationError(
+                    f"output {i} (%{v.name}, produced by op '{producer}') differs from the original module: "
+                    f"max abs error / max abs reference = {err:.3e} > {tol:.0e} allowed for {r.dtype} "
+                    f"(backend {self._backend.name}; core ops in the graph: {', '.join(core) or 'none'})")
+
+    # -- reporting -------------------------------------------------------------------------------------
+    def explain(self) -> str:
+        """A readable report: recognised ops, rejected candidates, fallbacks, backend and kernels."""
+        if self._traced is None:
+            return f"{type(self._original).__name__}: not traced yet (call it once or pass example_inputs)"
+        g, rep = self._traced.graph, self._traced.report
+        counts = collections.Counter(n.op for n in g.nodes)
+        lines = [f"compiled {type(self._original).__name__} with backend '{self._backend.name}'",
+                 f"  inputs: {', '.join(f'%{v.name}: {v.type}' for v in g.inputs)}",
+                 f"  {len(g.nodes)} ops, {len(g.param_values)} parameters"
+                 + (f", traced in {self.trace_seconds:.2f} s" if self.trace_seconds else "")]
+        core = {op: c for op, c in counts.items() if OPS[op].kind == CORE}
+        lines.append("  core ops: " + (", ".join(f"{op} x{c}" for op, c in sorted(core.items())) or "none"))
+        for a in rep.accepted:
+            lines.append(f"    recognised {a}")
+        for r in rep.rejected:
+            lines.append(f"    not recognised: {r}")
+        fallbacks = collections.Counter(n.attrs["target"] for n in g.nodes if n.op == "fallback")
+        lines.append("  fallbacks (run as torch ops): " +
+                     (", ".join(f"{t} x{c}" for t, c in sorted(fallbacks.items())) or "none"))
+        others = {op: c for op, c in counts.items() if OPS[op].kind != CORE and op != "fallback"}
+        lines.append("  other ops: " + ", ".join(f"{op} x{c}" for op, c in sorted(others.items())))
+        lines.append("  " + self._backend.describe(g))
+        return "\n".join(lines)
+
+
+def compile(module: torch.nn.Module, example_inputs=None, *, backend: str = "auto", validate: bool = False):
+    """Compile a module. Traces now when ``example_inputs`` are given, else on the first call.
+
+    backend: "eager" (the IR interpreter), or "auto" (the best available for the device; today that
+    is "eager": the Triton and TVM backends are not built yet). validate=True also runs the original
+    module on every call and raises ValidationError when outputs differ beyond the spec's tolerance.
+    """
+    return CompiledModule(module, example_inputs, backend=backend, validate=validate)

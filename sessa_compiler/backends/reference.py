@@ -1,0 +1,72 @@
+"""Plain torch references for the core ops: the semantic definition each fast kernel is tested against.
+
+Readable rather than fast; every function runs in float64 as well as in float32/bf16, and
+accumulates in at least float32.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else is computed in float32 (the spec's accumulation rule)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rope_ref(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Interleaved rotary embedding of x [B, T, H, d] at positions 0..T-1 (angles in >= float32)."""
+    cd = compute_dtype(x.dtype)
+    T = x.shape[1]
+    angles = torch.arange(T, device=x.device, dtype=cd)[:, None] * inv_freq.to(cd)[None, :]  # [T, d/2]
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    xe, xo = x[..., 0::2].to(cd), x[..., 1::2].to(cd)
+    out = torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(-2)
+    return out.to(x.dtype)
+
+
+def attention_ref(q, k, v, scale: float, causal: bool = True, inv_freq=None) -> torch.Tensor:
+    """softmax_{j <= t}(q_t . k_j * scale) @ v with GQA; q [B,T,H,d], k/v [B,T,Hkv,d] -> [B,T,H,dv]."""
+    if inv_freq is not None:
+        q, k = rope_ref(q, inv_freq), rope_ref(k, inv_freq)
+    cd = compute_dtype(q.dtype)
+    H, Hkv = q.shape[2], k.shape[2]
+    k = k.repeat_interleave(H // Hkv, dim=2)
+    v = v.repeat_interleave(H // Hkv, dim=2)
+    logits = torch.einsum("bthd,bshd->bhts", q.to(cd), k.to(cd)) * scale
+    if causal:
+        T = q.shape[1]
+        keep = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        logits = logits.masked_fill(~keep, -math.inf)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.einsum("bhts,bshd->bthd", probs, v.to(cd)).to(q.dtype)
+
+
+def feedback_ref(f, q_b, k_b, gamma, scale: float) -> torch.Tensor:
+    """Solve (I - diag(gamma) alpha) s = f, alpha = strictly causal softmax(q_b k_b^T * scale), row 0 = 0."""
+    cd = compute_dtype(f.dtype)
+    T = f.shape[1]
+    logits = torch.einsum("btc,bsc->bts", q_b.to(cd), k_b.to(cd)) * scale
+    strict = torch.ones(T, T, dtype=torch.bool, device=f.device).tril(-1)
+    # Row 0 has no predecessor: give it a harmless finite row, then zero it (no NaN anywhere).
+    logits = logits.masked_fill(~strict, -math.inf)
+    logits[:, 0, 0] = 0.0
+    alpha = torch.softmax(logits, dim=-1) * strict
+    system = torch.eye(T, dtype=cd, device=f.device) - gamma.to(cd)[..., None] * alpha
+    s = torch.linalg.solve_triangular(system, f.to(cd), upper=False, unitriangular=True)
+    return s.to(f.dtype)
+
+
+def scan_ref(u, delta, A, B, C, D) -> torch.Tensor:
+    """Mamba-1 selective scan, one step at a time: the plain definition."""
+    cd = compute_dtype(u.dtype)
+    u_, dt, A_, B_, C_, D_ = (t.to(cd) for t in (u, delta, A, B, C, D))
+    batch, T, Din = u.shape
+    h = torch.zeros(batch, Din, A.shape[1], dtype=cd, device=u.device)
+    ys = []
+    for t in range(T):
+        h = torch.exp(dt[:, t, :, None] * A_) * h + (dt[:, t] * u_[:, t])[..., None] * B_[:, t, None, :]
+        ys.append(torch.einsum("bdn,bn->bd", h, C_[:, t]) + D_ * u_[:, t])
+    y = torch.stack(ys, dim=1) if ys else u_.new_zeros(u.shape)
+    return y.to(u.dtype)

@@ -1,0 +1,22 @@
+"""Mapping between IR dtypes and torch dtypes (the only place that knows both)."""
+from __future__ import annotations
+
+import torch
+
+from .errors import UnsupportedError
+from .ir.types import DType
+
+_TO_TORCH = {"f64": torch.float64, "f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16,
+             "i64": torch.int64, "i32": torch.int32, "i16": torch.int16, "i8": torch.int8,
+             "u8": torch.uint8, "bool": torch.bool}
+_FROM_TORCH = {v: k for k, v in _TO_TORCH.items()}
+
+
+def to_torch(d: DType) -> torch.dtype:
+    return _TO_TORCH[d.name]
+
+
+def from_torch(d: torch.dtype) -> DType:
+    if d not in _FROM_TORCH:
+        raise UnsupportedError(f"dtype {d} has no IR equivalent; supported: {', '.join(map(str, _FROM_TORCH))}")
+    return DType(_FROM_TORCH[d])

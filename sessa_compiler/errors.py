@@ -1,0 +1,32 @@
+"""The error hierarchy: every error the compiler raises on purpose is a SessaCompilerError.
+
+Messages name the op (or the stage), what was expected and what came, and what to do.
+"""
+
+
+class SessaCompilerError(Exception):
+    """Base class of every error raised on purpose by sessa_compiler."""
+
+
+class IRError(SessaCompilerError):
+    """A malformed IR graph or op: raised by the verifier."""
+
+
+class ParseError(IRError):
+    """IR text that does not parse."""
+
+
+class TraceError(SessaCompilerError):
+    """torch.export or the lowering of its graph to the IR failed."""
+
+
+class UnsupportedError(SessaCompilerError):
+    """A feature, op or backend that is not available (yet, or on this machine)."""
+
+
+class InputError(SessaCompilerError, ValueError):
+    """Inputs of the wrong rank, shape, dtype or device given to a compiled module."""
+
+
+class ValidationError(SessaCompilerError):
+    """A compiled module's outputs differ from the original module beyond the spec's tolerance."""

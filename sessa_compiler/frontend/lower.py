@@ -1,0 +1,477 @@
+"""Lower a torch.export ExportedProgram (functional ATen) to the IR, one aten node at a time.
+
+One registry (``LOWERINGS``) maps aten targets to IR builders; any op without an entry becomes an
+explicit ``fallback`` node that calls the same torch op, so anything export can trace compiles and
+the user sees what fell back.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Callable
+
+import sympy
+import torch
+import torch.fx as fx
+
+from ..dtypes import from_torch
+from ..errors import TraceError
+from ..ir.graph import Graph, Value
+from ..ir.ops import ArgRef
+from ..ir.types import DType, TensorType, sym
+
+aten = torch.ops.aten
+LOWERINGS: dict = {}
+IDENTITY = set()
+
+
+def lowering(*targets):
+    def deco(fn):
+        for t in targets:
+            LOWERINGS[t] = fn
+        return fn
+    return deco
+
+
+class Lowerer:
+    def __init__(self, ep: torch.export.ExportedProgram, dim_names: dict, name: str = "main"):
+        self.ep = ep
+        self.graph = Graph(name)
+        self.env: dict = {}  # fx node -> Value | list[Value] | sympy expr
+        self.sym_map: dict = {}  # export symbol -> our symbol
+        self.dim_names = dim_names  # (input index, dim) -> name
+
+    # -- helpers -------------------------------------------------------------------------------
+    def expr(self, s):
+        """A SymInt / int / sympy expr from export -> a sympy expression over our symbols."""
+        if isinstance(s, torch.SymInt):
+            s = s.node.expr
+        if isinstance(s, sympy.Basic):
+            unknown = [x for x in s.free_symbols if x not in self.sym_map]
+            for x in unknown:  # a symbol no input dim names: give it a readable fresh name
+                self.sym_map[x] = sym(f"S{len(self.sym_map)}")
+            out = sympy.simplify(s.xreplace(self.sym_map))
+            return int(out) if out.is_Integer else out
+        return s
+
+    def ttype(self, fake) -> TensorType:
+        return TensorType(from_torch(fake.dtype), tuple(self.expr(d) for d in fake.shape))
+
+    def arg(self, a):
+        if isinstance(a, fx.Node):
+            return self.env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.arg(x) for x in a)
+        if isinstance(a, torch.SymInt):
+            return self.expr(a)
+        if isinstance(a, torch.dtype):
+            return from_torch(a)
+        return a
+
+    def emit(self, op, inputs, attrs, node: fx.Node, types=None):
+        val = node.meta.get("val")
+        if types is None:
+            types = [self.ttype(v) for v in val] if isinstance(val, (list, tuple)) else [self.ttype(val)]
+        names = [self.graph.fresh_name(node.name if len(types) == 1 else f"{node.name}_{i}") for i in range(len(types))]
+        n = self.graph.make_node(op, inputs, attrs, types, names=names)
+        return n.outputs if (isinstance(val, (list, tuple)) and op in ("split", "fallback")) else n.outputs[0]
+
+    def fallback(self, node: fx.Node):
+        operands: list = []
+
+        def to_template(a):
+            if isinstance(a, fx.Node):
+                v = self.env[a]
+                if isinstance(v, Value):
+                    operands.append(v)
+                    return ArgRef(len(operands) - 1)
+                if isinstance(v, list):
+                    return [to_template_value(x) for x in v]
+                return v  # symbolic scalar
+            if isinstance(a, (list, tuple)):
+                return type(a)(to_template(x) for x in a)
+            if isinstance(a, torch.SymInt):
+                return self.expr(a)
+            if isinstance(a, torch.dtype):
+                return from_torch(a)
+            if isinstance(a, torch.device):
+                return str(a)
+            if isinstance(a, (torch.memory_format, torch.layout)):
+                return None
+            return a
+
+        def to_template_value(v):
+            operands.append(v)
+            return ArgRef(len(operands) - 1)
+
+        args = to_template(list(node.args))
+        kwargs = {k: to_template(v) for k, v in node.kwargs.items()
+                  if not isinstance(v, (torch.memory_format, torch.layout))}
+        target = str(node.target)
+        if not target.startswith(("aten.", "sessa_compiler.", "prims.")) and hasattr(node.target, "name"):
+            target = node.target.name().replace("::", ".")
+            target = target if "." in target.split(".", 1)[-1] else target + ".default"
+        return self.emit("fallback", operands, {"target": target, "args": args, "kwargs": kwargs}, node)
+
+    # -- the walk ---------------------------------------------------------------------------------
+    def run(self) -> Graph:
+        ep = self.ep
+        sig = ep.graph_signature
+        kinds = {s.arg.name: s for s in sig.input_specs}
+        state = ep.state_dict
+        user_index = 0
+        for node in ep.graph.nodes:
+            if node.op == "placeholder":
+                spec = kinds[node.name]
+                fake = node.meta["val"]
+                if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
+                    if not isinstance(fake, torch.Tensor):
+                        raise TraceError(f"input {node.name}: only tensor inputs are supported, got {type(fake).__name__}")
+                    for d, s in enumerate(fake.shape):
+                        if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol):
+                            name = self.dim_names.get((user_index, d), f"D{user_index}_{d}")
+                            self.sym_map.setdefault(s.node.expr, sym(name))
+                    self.env[node] = self.graph.add_input(self.graph.fresh_name(node.name), self.ttype(fake))
+                    user_index += 1
+                else:
+                    target = spec.target
+                    data = state[target] if target in state else ep.constants[target]
+                    self.env[node] = self.graph.add_param(target, self.ttype(fake), data)
+            elif node.op == "call_function":
+                fn = LOWERINGS.get(node.target)
+                if node.target in ASSERTIONS or (not node.users and node.meta.get("val") is None):
+                    continue  # export's metadata checks: nothing to compute
+                if node.target in IDENTITY:
+                    self.env[node] = self.arg(node.args[0])
+                elif fn is not None:
+                    out = fn(self, node)
+                    self.env[node] = self.fallback(node) if out is NotImplemented else out
+                elif isinstance(node.target, torch._ops.OpOverload):
+                    self.env[node] = self.fallback(node)
+                else:
+                    raise TraceError(f"cannot lower call to {node.target} ({node.name}); "
+                                     "only torch ops and symbolic size arithmetic are supported")
+            elif node.op == "output":
+                outs = node.args[0]
+                n_user = sum(1 for s in sig.output_specs
+                             if s.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT)
+                if n_user != len(sig.output_specs):
+                    raise TraceError("the module mutates its buffers in forward; that is not supported")
+                for o in outs:
+                    v = self.env[o]
+                    if not isinstance(v, Value):
+                        raise TraceError(f"output {o} is not a tensor")
+                    self.graph.outputs.append(v)
+            else:
+                raise TraceError(f"unexpected fx node kind {node.op} ({node.name})")
+        self.graph.dead_code_elimination()
+        self.graph.verify()
+        return self.graph
+
+
+# -- symbolic sizes -----------------------------------------------------------------------------
+@lowering(aten.sym_size.int)
+def _sym_size(L, node):
+    return L.expr(node.meta["val"])
+
+
+for _op, _fn in {operator.mul: operator.mul, operator.add: operator.add, operator.sub: operator.sub,
+                 operator.floordiv: operator.floordiv, operator.neg: operator.neg}.items():
+    LOWERINGS[_op] = (lambda f: lambda L, node: L.expr(node.meta["val"]) if isinstance(node.meta.get("val"), torch.SymInt)
+                      else f(*L.arg(node.args)))(_fn)
+
+
+@lowering(operator.getitem)
+def _getitem(L, node):
+    seq = L.arg(node.args[0])
+    return seq[node.args[1]]
+
+
+ASSERTIONS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
+
+# -- identities ---------------------------------------------------------------------------------------
+IDENTITY.update({aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
+                 aten.lift_fresh_copy.default, aten.dropout.default})
+
+
+@lowering(aten.dropout.default)
+def _dropout(L, node):
+    return L.arg(node.args[0])
+
+
+def simple(op, n_tensor, attrs=lambda node: {}):
+    def fn(L, node):
+        inputs = [L.arg(a) for a in node.args[:n_tensor]]
+        return L.emit(op, inputs, attrs(node), node)
+    return fn
+
+
+# -- compute -------------------------------------------------------------------------------------------
+@lowering(aten.linear.default)
+def _linear(L, node):
+    return L.emit("linear", [L.arg(a) for a in node.args[:3]], {}, node)
+
+
+for _t in (aten.matmul.default, aten.bmm.default, aten.mm.default):
+    LOWERINGS[_t] = simple("matmul", 2)
+
+
+@lowering(aten.einsum.default)
+def _einsum(L, node):
+    eq, ops = node.args[0], L.arg(node.args[1])
+    return L.emit("einsum", list(ops), {"equation": eq.replace(" ", "")}, node)
+
+
+@lowering(aten.layer_norm.default)
+def _layer_norm(L, node):
+    a = list(node.args) + [None] * (5 - len(node.args))
+    eps = node.kwargs.get("eps", a[4] if a[4] is not None else 1e-5)
+    inputs = [L.arg(a[0]), L.arg(a[2]), L.arg(a[3])]
+    return L.emit("layer_norm", inputs, {"normalized_shape": [L.expr(s) for s in a[1]], "eps": float(eps)}, node)
+
+
+@lowering(aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)
+def _softmax(L, node):
+    x = L.arg(node.args[0])
+    op = "log_softmax" if "log_softmax" in str(node.target) else "softmax"
+    want = node.meta["val"].dtype
+    if x.type.dtype != from_torch(want):
+        x = L.graph.make_node("cast", [x], {"dtype": from_torch(want)},
+                              [TensorType(from_torch(want), x.type.shape)]).output
+    return L.emit(op, [x], {"dim": node.args[1]}, node)
+
+
+@lowering(aten.embedding.default)
+def _embedding(L, node):
+    if len(node.args) > 2 and node.args[2] not in (-1, None) or any(node.args[3:]):
+        return NotImplemented
+    return L.emit("embedding", [L.arg(node.args[0]), L.arg(node.args[1])], {}, node)
+
+
+@lowering(aten.conv1d.default)
+def _conv1d(L, node):
+    a = list(node.args) + [None] * (7 - len(node.args))
+    if isinstance(a[4], str):
+        return NotImplemented
+    attrs = {"stride": list(a[3] or [1]), "padding": list(a[4] or [0]), "dilation": list(a[5] or [1]),
+             "groups": a[6] or 1}
+    return L.emit("conv1d", [L.arg(a[0]), L.arg(a[1]), L.arg(a[2])], attrs, node)
+
+
+@lowering(aten.scaled_dot_product_attention.default)
+def _sdpa(L, node):
+    """SDPA on (B, H, T, d) -> attention on (B, T, H, d): causal, no mask, no dropout only."""
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
+    a = dict(zip(names, node.args))
+    a.update(node.kwargs)
+    if a.get("attn_mask") is not None or a.get("dropout_p", 0.0) or not a.get("is_causal", False):
+        return NotImplemented
+    q, k, v = (L.arg(a[n]) for n in ("query", "key", "value"))
+    if q.type.rank != 4 or k.type.rank != 4 or v.type.rank != 4:
+        return NotImplemented
+    Hq, Hk = q.type.shape[1], k.type.shape[1]
+    if not (isinstance(Hq, int) and isinstance(Hk, int)) or (Hq != Hk and not a.get("enable_gqa", False)):
+        return NotImplemented
+    if not (isinstance(q.type.shape[2], sympy.Basic) or q.type.shape[2] == k.type.shape[2]):
+        return NotImplemented
+    d = q.type.shape[3]
+    scale = a.get("scale") or 1.0 / math.sqrt(d)
+
+    def bthd(x):
+        s = x.type.shape
+        return L.graph.make_node("transpose", [x], {"dim0": 1, "dim1": 2},
+                                 [TensorType(x.type.dtype, (s[0], s[2], s[1], s[3]))]).output
+
+    qt, kt, vt = bthd(q), bthd(k), bthd(v)
+    out_t = TensorType(q.type.dtype, qt.type.shape[:3] + (v.type.shape[3],))
+    o = L.graph.make_node("attention", [qt, kt, vt], {"scale": float(scale), "causal": True}, [out_t]).output
+    return L.emit("transpose", [o], {"dim0": 1, "dim1": 2}, node)
+
+
+# -- elementwise --------------------------------------------------------------------------------------
+for _name in ("neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "relu", "abs", "sin", "cos",
+              "logical_not", "erf", "reciprocal"):
+    LOWERINGS[getattr(aten, _name).default] = simple(_name, 1)
+LOWERINGS[aten.bitwise_not.default] = lambda L, node: (
+    L.emit("logical_not", [L.arg(node.args[0])], {}, node) if node.meta["val"].dtype == torch.bool else NotImplemented)
+LOWERINGS[aten.gelu.default] = lambda L, node: L.emit(
+    "gelu", [L.arg(node.args[0])], {"approximate": node.kwargs.get("approximate", "none")}, node)
+LOWERINGS[aten.softplus.default] = lambda L, node: L.emit(
+    "softplus", [L.arg(node.args[0])], {"beta": L.arg(node.args[1]) if len(node.args) > 1 else 1,
+                                        "threshold": L.arg(node.args[2]) if len(node.args) > 2 else 20}, node)
+
+
+def _binary(op):
+    def fn(L, node):
+        if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("rounding_mode") is not None or len(node.args) > 2:
+            return NotImplemented
+        return L.emit(op, [L.arg(a) for a in node.args[:2]], {}, node)
+    return fn
+
+
+for _name in ("add", "sub", "mul", "div", "eq", "ne", "lt", "le", "gt", "ge"):
+    for _ov in ("Tensor", "Scalar"):
+        if hasattr(getattr(aten, _name), _ov):
+            LOWERINGS[getattr(getattr(aten, _name), _ov)] = _binary(_name)
+for _t, _name in ((aten.pow.Tensor_Scalar, "pow"), (aten.pow.Tensor_Tensor, "pow"), (aten.maximum.default, "maximum"),
+                  (aten.minimum.default, "minimum"), (aten.logical_and.default, "logical_and"),
+                  (aten.logical_or.default, "logical_or")):
+    LOWERINGS[_t] = _binary(_name)
+LOWERINGS[aten.rsub.Scalar] = lambda L, node: NotImplemented if len(node.args) > 2 else L.emit(
+    "sub", [L.arg(node.args[1]), L.arg(node.args[0])], {}, node)
+for _ov in ("self", "ScalarOther", "ScalarSelf", "Scalar"):
+    LOWERINGS[getattr(aten.where, _ov)] = simple("where", 3)
+LOWERINGS[aten.masked_fill.Scalar] = simple("masked_fill", 3)
+LOWERINGS[aten.masked_fill.Tensor] = simple("masked_fill", 3)
+LOWERINGS[aten.tril.default] = lambda L, node: L.emit("tril", [L.arg(node.args[0])],
+                                                      {"diagonal": node.args[1] if len(node.args) > 1 else 0}, node)
+LOWERINGS[aten.triu.default] = lambda L, node: L.emit("triu", [L.arg(node.args[0])],
+                                                      {"diagonal": node.args[1] if len(node.args) > 1 else 0}, node)
+
+
+@lowering(aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout, aten.type_as.default)
+def _cast(L, node):
+    x = L.arg(node.args[0])
+    want = from_torch(node.meta["val"].dtype)
+    if node.meta["val"].device != torch.device("meta") and "device" in node.kwargs and \
+            node.kwargs["device"] is not None and node.kwargs["device"] != node.args[0].meta["val"].device:
+        return NotImplemented
+    if want == x.type.dtype:
+        return x
+    return L.emit("cast", [x], {"dtype": want}, node)
+
+
+# -- layout ------------------------------------------------------------------------------------------
+@lowering(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+def _reshape(L, node):
+    shape = [L.expr(d) for d in node.meta["val"].shape]
+    return L.emit("reshape", [L.arg(node.args[0])], {"shape": shape}, node)
+
+
+LOWERINGS[aten.flatten.using_ints] = _reshape
+LOWERINGS[aten.unflatten.int] = _reshape
+LOWERINGS[aten.view_as.default] = _reshape
+LOWERINGS[aten.permute.default] = lambda L, node: L.emit("permute", [L.arg(node.args[0])], {"dims": list(node.args[1])}, node)
+LOWERINGS[aten.transpose.int] = lambda L, node: L.emit("transpose", [L.arg(node.args[0])],
+                                                       {"dim0": node.args[1], "dim1": node.args[2]}, node)
+LOWERINGS[aten.t.default] = lambda L, node: L.emit("transpose", [L.arg(node.args[0])], {"dim0": 0, "dim1": -1}, node)
+LOWERINGS[aten.unsqueeze.default] = lambda L, node: L.emit("unsqueeze", [L.arg(node.args[0])], {"dim": node.args[1]}, node)
+
+
+@lowering(aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default)
+def _squeeze(L, node):
+    x = L.arg(node.args[0])
+    dims = node.args[1] if len(node.args) > 1 else list(range(x.type.rank))
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return L.emit("squeeze", [x], {"dims": dims}, node)
+
+
+@lowering(aten.expand.default, aten.expand_as.default)
+def _expand(L, node):
+    return L.emit("expand", [L.arg(node.args[0])], {"shape": [L.expr(d) for d in node.meta["val"].shape]}, node)
+
+
+@lowering(aten.slice.Tensor)
+def _slice(L, node):
+    a = list(node.args) + [None] * (5 - len(node.args))
+    attrs = {"dim": a[1] if a[1] is not None else 0, "start": L.arg(a[2]) if a[2] is not None else 0,
+             "end": L.arg(a[3]) if a[3] is not None else 2**63 - 1, "step": a[4] if a[4] is not None else 1}
+    x = L.arg(a[0])
+    out_t = L.ttype(node.meta["val"])
+    if attrs["start"] == 0 and attrs["step"] == 1 and out_t.same_as(x.type):
+        return x  # a full slice is the identity
+    return L.emit("slice", [x], attrs, node)
+
+
+LOWERINGS[aten.select.int] = lambda L, node: L.emit("select", [L.arg(node.args[0])],
+                                                    {"dim": node.args[1], "index": L.arg(node.args[2])}, node)
+
+
+@lowering(aten.split_with_sizes.default, aten.split.Tensor, aten.chunk.default, aten.unbind.int)
+def _split(L, node):
+    x = L.arg(node.args[0])
+    outs = node.meta["val"]
+    dim = node.args[2] if len(node.args) > 2 else (node.args[1] if node.target == aten.unbind.int and len(node.args) > 1 else 0)
+    if node.target == aten.unbind.int:
+        dim = node.args[1] if len(node.args) > 1 else 0
+    d = dim % x.type.rank
+    sizes = [L.expr(o.shape[d]) if node.target != aten.unbind.int else 1 for o in outs]
+    types = [TensorType(x.type.dtype, x.type.shape[:d] + (s,) + x.type.shape[d + 1:]) for s in sizes]
+    parts = L.emit("split", [x], {"sizes": sizes, "dim": dim}, node, types=types)
+    parts = parts if isinstance(parts, list) else [parts]
+    if node.target == aten.unbind.int:
+        parts = [L.graph.make_node("squeeze", [p], {"dims": [d]}, [L.ttype(o)]).output for p, o in zip(parts, outs)]
+    return parts
+
+
+LOWERINGS[aten.cat.default] = lambda L, node: L.emit(
+    "concat", list(L.arg(node.args[0])), {"dim": node.args[1] if len(node.args) > 1 else 0}, node)
+LOWERINGS[aten.stack.default] = lambda L, node: L.emit(
+    "stack", list(L.arg(node.args[0])), {"dim": node.args[1] if len(node.args) > 1 else 0}, node)
+
+
+@lowering(aten.repeat_interleave.self_int)
+def _repeat_interleave(L, node):
+    if len(node.args) < 3 or node.args[2] is None or not isinstance(node.args[1], int):
+        return NotImplemented
+    return L.emit("repeat_interleave", [L.arg(node.args[0])], {"repeats": node.args[1], "dim": node.args[2]}, node)
+
+
+# -- reductions -------------------------------------------------------------------------------------------
+def _reduce(op):
+    def fn(L, node):
+        if node.kwargs.get("dtype") is not None:
+            return NotImplemented
+        dims = node.args[1] if len(node.args) > 1 else None
+        dims = [dims] if isinstance(dims, int) else (list(dims) if dims else None)
+        keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        return L.emit(op, [L.arg(node.args[0])], {"dims": dims, "keepdim": bool(keep)}, node)
+    return fn
+
+
+LOWERINGS[aten.sum.dim_IntList] = _reduce("sum")
+LOWERINGS[aten.mean.dim] = _reduce("mean")
+LOWERINGS[aten.amax.default] = _reduce("amax")
+
+
+# -- factories ------------------------------------------------------------------------------------------
+def _factory_dtype(node):
+    return from_torch(node.meta["val"].dtype)
+
+
+@lowering(aten.arange.default, aten.arange.start, aten.arange.start_step)
+def _arange(L, node):
+    a = [L.arg(x) for x in node.args]
+    start, end, step = (0, a[0], 1) if len(a) == 1 else (a[0], a[1], a[2] if len(a) > 2 else 1)
+    return L.emit("arange", [], {"start": start, "end": end, "step": step, "dtype": _factory_dtype(node)}, node)
+
+
+@lowering(aten.ones.default, aten.zeros.default, aten.full.default, aten.new_ones.default, aten.new_zeros.default,
+          aten.new_full.default)
+def _full(L, node):
+    name = node.target.__name__.split(".")[0]
+    if name == "full":
+        value = L.arg(node.args[1])
+    elif name == "new_full":
+        value = L.arg(node.args[2])
+    else:
+        value = 1 if "ones" in name else 0
+    if isinstance(value, Value):
+        return NotImplemented
+    shape = [L.expr(d) for d in node.meta["val"].shape]
+    dt = _factory_dtype(node)
+    value = bool(value) if dt.name == "bool" else (float(value) if dt.is_float else value)
+    return L.emit("full", [], {"shape": shape, "value": value, "dtype": dt}, node)
+
+
+@lowering(aten.eye.default)
+def _eye(L, node):
+    return L.emit("eye", [], {"n": L.arg(node.args[0]), "dtype": _factory_dtype(node)}, node)
+
+
+# -- Sessa's own custom ops --------------------------------------------------------------------------------
+def register_custom_lowerings():
+    """The reference Mamba layer calls sessa_compiler::selective_scan: it is the IR's scan op."""
+    ns = getattr(torch.ops, "sessa_compiler", None)
+    if ns is not None and hasattr(ns, "selective_scan"):
+        LOWERINGS[ns.selective_scan.default] = simple("scan", 6)

@@ -1,0 +1,497 @@
+"""Recognisers: rewrite ordinary-op subgraphs into the IR's attention, feedback and causal_conv1d ops.
+
+Each recogniser starts from an anchor (a softmax whose logits come from a contraction and whose
+probabilities multiply values; a triangular solve whose matrix is built from a strictly causal
+softmax; a depthwise conv1d padded on the left), walks to the region's sources through layout ops,
+proposes canonical ops with adapters, and accepts the proposal only when ``probe`` shows that the
+original subgraph and the canonical ops agree numerically at several sequence lengths. A region
+that does not match stays as ordinary ops (still correct, just not fused), and the reason is kept
+for ``explain()``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+
+from ..backends.eager import IMPLS
+from ..backends.reference import attention_ref, feedback_ref
+from ..ir.graph import Graph, Node, Value
+from ..ir.ops import ELEMENTWISE, OPS
+from ..ir.types import DType, TensorType, dims_equal, sym
+from .probe import Step, apply_steps, probe
+
+WALK_LAYOUT = {"reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "repeat_interleave"}
+B, T = sym("B"), sym("T")
+
+
+@dataclass
+class Report:
+    """What recognition found: accepted rewrites and rejected candidates, for explain()."""
+
+    accepted: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
+
+
+class Analysis:
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.users = graph.users()
+        data = set(graph.inputs)
+        for n in graph.nodes:
+            if any(v in data for v in n.value_inputs):
+                data.update(n.outputs)
+        self.data = data
+
+    def is_data(self, x) -> bool:
+        return isinstance(x, Value) and x in self.data
+
+    def single_user(self, v: Value):
+        us = self.users.get(v, [])
+        return us[0] if len(us) == 1 and v not in self.graph.outputs else None
+
+    def walk_back(self, v: Value, fits=None, allow_cast=True) -> Value:
+        """Follow layout ops (and widening casts) back towards the value they rearrange.
+
+        Returns the deepest value on that chain for which ``fits(type)`` holds (the value itself
+        when none does), so a source is taken before as many layout ops as an adapter can absorb.
+        """
+        chain = [v]
+        while chain[-1].producer is not None:
+            n = chain[-1].producer
+            if n.op in WALK_LAYOUT or (allow_cast and n.op == "cast" and _wider(n.output.type.dtype, n.inputs[0].type.dtype)):
+                chain.append(n.inputs[0])
+            else:
+                break
+        for c in reversed(chain):
+            if fits is None or fits(c.type):
+                return c
+        return v
+
+    def walk_forward(self, v: Value) -> list:
+        """The chain v, then each single consumer that is a layout op or a cast."""
+        chain = [v]
+        while True:
+            u = self.single_user(chain[-1])
+            if u is None or not (u.op in WALK_LAYOUT or u.op == "cast") or len(u.outputs) != 1:
+                return chain
+            chain.append(u.output)
+
+
+def _wider(a: DType, b: DType) -> bool:
+    order = {"bf16": 0, "f16": 0, "f32": 1, "f64": 2}
+    return a.is_float and b.is_float and order[a.name] >= order[b.name]
+
+
+# -- logits chain: contraction -> (scale, mask, cast)* -> softmax -------------------------------------
+def logits_chain(A: Analysis, s: Node):
+    """Walk from a softmax's input back to the contraction; return (contraction node, literal scale, chain nodes)."""
+    v = s.inputs[0]
+    scale = 1.0
+    chain = []
+    while v.producer is not None:
+        n = v.producer
+        if n.op in ("matmul", "einsum") and sum(A.is_data(x) for x in n.inputs) == 2 and len(n.inputs) == 2:
+            return n, scale, chain
+        if OPS[n.op].kind != ELEMENTWISE:
+            return None
+        data_ops = [x for x in n.inputs if A.is_data(x)]
+        if len(data_ops) != 1:
+            return None
+        if n.op == "mul":
+            lit = [x for x in n.inputs if isinstance(x, (int, float)) and not isinstance(x, bool)]
+            scale *= float(lit[0]) if lit else 1.0
+        elif n.op == "div" and n.inputs[0] is data_ops[0]:
+            lit = n.inputs[1]
+            scale /= float(lit) if isinstance(lit, (int, float)) else 1.0
+        chain.append(n)
+        v = data_ops[0]
+    return None
+
+
+def contraction_width(n: Node):
+    """The size of the contracted dimension of a 2-operand matmul/einsum."""
+    a, b = n.inputs
+    if n.op == "matmul":
+        return a.type.shape[-1]
+    eq = n.attrs["equation"]
+    lhs, out = eq.split("->")
+    ta, tb = lhs.split(",")
+    shared = [c for c in ta if c in tb and c not in out]
+    if len(shared) != 1:
+        return None
+    return a.type.shape[ta.index(shared[0])]
+
+
+# -- layout adapters ------------------------------------------------------------------------------------
+def to_bthd(t: TensorType, e):
+    """Candidate step lists turning a source of type t into [B, T, n, e]; each with n."""
+    s = t.shape
+    out = []
+    if t.rank == 3 and dims_equal(s[0], B) and dims_equal(s[1], T) and isinstance(s[2], int) and isinstance(e, int) \
+            and s[2] % e == 0:
+        out.append(([Step("reshape", {"shape": [B, T, s[2] // e, e]})], s[2] // e))
+    if t.rank == 4 and dims_equal(s[0], B) and dims_equal(s[3], e):
+        if dims_equal(s[1], T) and isinstance(s[2], int):
+            out.append(([], s[2]))
+        if dims_equal(s[2], T) and isinstance(s[1], int):
+            out.append(([Step("transpose", {"dim0": 1, "dim1": 2})], s[1]))
+    if t.rank == 3 and dims_equal(s[1], T) and dims_equal(s[2], e):
+        n = sympy.simplify(sympy.sympify(s[0]) / B)
+        if n.is_Integer:
+            out.append(([Step("reshape", {"shape": [B, int(n), T, e]}), Step("transpose", {"dim0": 1, "dim1": 2})], int(n)))
+    return out
+
+
+def from_bthd(t: TensorType, H: int, e):
+    """Candidate step lists turning [B, T, H, e] into type t."""
+    s = t.shape
+    out = []
+    if t.rank == 4 and all(dims_equal(a, b) for a, b in zip(s, (B, T, H, e))):
+        out.append([])
+    if t.rank == 3 and all(dims_equal(a, b) for a, b in zip(s, (B, T, H * e))):
+        out.append([Step("reshape", {"shape": [B, T, H * e]})])
+    if t.rank == 4 and all(dims_equal(a, b) for a, b in zip(s, (B, H, T, e))):
+        out.append([Step("transpose", {"dim0": 1, "dim1": 2})])
+    if t.rank == 3 and all(dims_equal(a, b) for a, b in zip(s, (B * H, T, e))):
+        out.append([Step("transpose", {"dim0": 1, "dim1": 2}), Step("reshape", {"shape": [B * H, T, e]})])
+    return out
+
+
+def to_btc(t: TensorType):
+    """Candidate step lists turning a source into [B, T, C] (single-head feedback operands)."""
+    s = t.shape
+    if t.rank == 3 and dims_equal(s[0], B) and dims_equal(s[1], T):
+        return [[]]
+    if t.rank == 4 and dims_equal(s[0], B) and dims_equal(s[2], T) and s[1] == 1:
+        return [[Step("squeeze", {"dims": [1]})]]
+    return []
+
+
+def to_bt(t: TensorType):
+    s = t.shape
+    if t.rank == 2 and dims_equal(s[0], B) and dims_equal(s[1], T):
+        return [[]]
+    if t.rank == 3 and dims_equal(s[0], B) and dims_equal(s[1], T) and s[2] == 1:
+        return [[Step("squeeze", {"dims": [2]})]]
+    return []
+
+
+def _region_tol(A: Analysis, sources, output: Value) -> float:
+    """The narrowest float type a cast inside the region goes through bounds the match tolerance."""
+    tol = 1e-9
+    seen, stack = set(), [output]
+    while stack:
+        v = stack.pop()
+        if v in seen or v in sources or v.producer is None:
+            continue
+        seen.add(v)
+        n = v.producer
+        if n.op == "cast" and n.attrs["dtype"].is_float:
+            tol = max(tol, {"f64": 1e-9, "f32": 1e-5, "f16": 3e-2, "bf16": 3e-2}[n.attrs["dtype"].name])
+        stack.extend(n.value_inputs)
+    return max(tol * 10, 1e-8)
+
+
+def _emit_steps(g: Graph, x: Value, steps, index: int):
+    """Insert the adapter ops before node position ``index``; returns (value, new index)."""
+    from ..backends.eager import resolve  # noqa: F401 - shapes below are symbolic, no binding needed
+    for s in steps:
+        t = _step_type(x.type, s)
+        x = g.make_node(s.op, [x], s.attrs, [t], index=index).output
+        index += 1
+    return x, index
+
+
+def _step_type(t: TensorType, s: Step) -> TensorType:
+    shape = list(t.shape)
+    if s.op == "reshape":
+        shape = list(s.attrs["shape"])
+    elif s.op == "transpose":
+        a, b = s.attrs["dim0"] % t.rank, s.attrs["dim1"] % t.rank
+        shape[a], shape[b] = shape[b], shape[a]
+    elif s.op == "squeeze":
+        shape = [d for i, d in enumerate(shape) if i not in [x % t.rank for x in s.attrs["dims"]]]
+    elif s.op == "cast":
+        return TensorType(s.attrs["dtype"], t.shape)
+    return TensorType(t.dtype, tuple(shape))
+
+
+def _insert_index(g: Graph, output: Value) -> int:
+    return g.nodes.index(output.producer)
+
+
+# -- attention ------------------------------------------------------------------------------------------
+def recognise_attention(g: Graph, report: Report) -> int:
+    count = 0
+    for s in [n for n in g.nodes if n.op == "softmax"]:
+        if s not in g.nodes:
+            continue
+        A = Analysis(g)
+        if not A.is_data(s.inputs[0]) or s.attrs["dim"] not in (-1, s.output.type.rank - 1):
+            continue
+        lc = logits_chain(A, s)
+        if lc is None:
+            continue
+        L, chain_scale, _ = lc
+        # forward: probabilities (through masks/casts) into the contraction with v
+        p = s.output
+        P = None
+        while True:
+            u = A.single_user(p)
+            if u is None:
+                break
+            if u.op in ("matmul", "einsum") and len(u.inputs) == 2 and u.inputs[0] is p:
+                P = u
+                break
+            if OPS[u.op].kind == ELEMENTWISE and sum(A.is_data(x) for x in u.inputs) == 1:
+                p = u.output
+                continue
+            break
+        if P is None:
+            continue
+        d = contraction_width(L)
+        if d is None:
+            continue
+        # k enters the contraction transposed; walking back past layout ops removes that
+        qs, ks = (A.walk_back(x, lambda t: bool(to_bthd(t, d))) for x in L.inputs)
+        vs = A.walk_back(P.inputs[1], lambda t: any(to_bthd(t, e) for e in {d, P.output.type.shape[-1]}))
+        ok = _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale, report)
+        count += ok
+    return count
+
+
+def _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale, report) -> bool:
+    outs = A.walk_forward(P.output)
+    scales = [chain_scale] + ([1.0 / math.sqrt(d)] if isinstance(d, int) and not math.isclose(chain_scale, 1 / math.sqrt(d)) else [])
+    dvs = [d] + [x for x in {P.output.type.shape[-1]} if x != d and isinstance(x, int)]
+    where = f"softmax %{s.output.name}"
+    for qa, H in to_bthd(qs.type, d):
+        for ka, Hkv in to_bthd(ks.type, d):
+            if H % Hkv:
+                continue
+            for dv in dvs:
+                for va, Hv in to_bthd(vs.type, dv):
+                    if Hv != Hkv:
+                        continue
+                    for y in reversed(outs):
+                        for oa in from_bthd(y.type, H, dv):
+                            for scale in scales:
+                                def canonical(inp, binding, qa=qa, ka=ka, va=va, oa=oa, scale=scale):
+                                    q = apply_steps(inp[qs], qa, binding)
+                                    k = apply_steps(inp[ks], ka, binding)
+                                    v = apply_steps(inp[vs], va, binding)
+                                    return apply_steps(attention_ref(q, k, v, scale, True), oa, binding)
+
+                                srcs = {qs: "normal", ks: "normal", vs: "normal"}
+                                err = probe(g, srcs, y, canonical)
+                                tol = _region_tol(A, srcs, y)
+                                if err is not None and err <= tol:
+                                    _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H)
+                                    report.accepted.append(
+                                        f"attention at {where}: heads={H}, kv_heads={Hkv}, head_dim={d}, "
+                                        f"scale={scale:.6g} (probe error {err:.1e})")
+                                    return True
+    report.rejected.append(f"attention candidate at {where}: no canonical form matched numerically")
+    return False
+
+
+def _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H):
+    idx = _insert_index(g, y)
+    q, idx = _emit_steps(g, qs, qa, idx)
+    k, idx = _emit_steps(g, ks, ka, idx)
+    v, idx = _emit_steps(g, vs, va, idx)
+    dtype = q.type.dtype
+    if k.type.dtype != dtype:
+        k, idx = _emit_steps(g, k, [Step("cast", {"dtype": dtype})], idx)
+    if v.type.dtype != dtype:
+        v, idx = _emit_steps(g, v, [Step("cast", {"dtype": dtype})], idx)
+    out_t = TensorType(dtype, q.type.shape[:3] + (dv,))
+    o = g.make_node("attention", [q, k, v], {"scale": float(scale), "causal": True}, [out_t], index=idx).output
+    idx += 1
+    o, idx = _emit_steps(g, o, oa, idx)
+    if o.type.dtype != y.type.dtype:
+        o, idx = _emit_steps(g, o, [Step("cast", {"dtype": y.type.dtype})], idx)
+    g.replace_all_uses(y, o)
+    g.dead_code_elimination()
+
+
+# -- feedback ---------------------------------------------------------------------------------------------
+SOLVE = "aten.linalg_solve_triangular.default"
+
+
+def recognise_feedback(g: Graph, report: Report) -> int:
+    count = 0
+    for n in [n for n in g.nodes if n.op == "fallback" and n.attrs["target"] == SOLVE]:
+        if n not in g.nodes:
+            continue
+        A = Analysis(g)
+        args, kwargs = n.attrs["args"], n.attrs["kwargs"]
+        if kwargs.get("upper", args[2] if len(args) > 2 else None) is not False or kwargs.get("left", True) is not True:
+            report.rejected.append(f"feedback candidate %{n.output.name}: solve is not lower-triangular from the left")
+            continue
+        mat, rhs = n.inputs[args[0].index], n.inputs[args[1].index]
+        # the softmax inside the system matrix, and the gain entering beside it
+        s = _find_softmax(mat)
+        if s is None:
+            report.rejected.append(f"feedback candidate %{n.output.name}: no softmax in the system matrix")
+            continue
+        lc = logits_chain(A, s)
+        if lc is None:
+            report.rejected.append(f"feedback candidate %{n.output.name}: softmax logits are not a contraction")
+            continue
+        L, chain_scale, _ = lc
+        gains = _gain_sources(A, s, mat)
+        if len(gains) != 1:
+            report.rejected.append(f"feedback candidate %{n.output.name}: expected one gain (gamma) source, found {len(gains)}")
+            continue
+        gs = A.walk_back(gains[0], lambda t: bool(to_bt(t)))
+        qs, ks = (A.walk_back(x, lambda t: bool(to_btc(t))) for x in L.inputs)
+        fs = A.walk_back(rhs, lambda t: bool(to_btc(t)))
+        width = contraction_width(L)
+        count += _try_feedback(g, A, n, qs, ks, fs, gs, width, chain_scale, report)
+    return count
+
+
+def _find_softmax(v: Value):
+    seen, stack = set(), [v]
+    while stack:
+        v = stack.pop()
+        if v in seen or v.producer is None:
+            continue
+        seen.add(v)
+        n = v.producer
+        if n.op == "softmax":
+            return n
+        if OPS[n.op].kind in (ELEMENTWISE, "layout") and n.op != "split":
+            stack.extend(n.value_inputs)
+    return None
+
+
+def _gain_sources(A: Analysis, s: Node, mat: Value) -> list:
+    """Data values that enter the path from the softmax to the system matrix from outside it."""
+    # nodes on a path softmax -> mat
+    desc, stack = set(), [s.output]
+    while stack:
+        v = stack.pop()
+        for u in A.users.get(v, []):
+            for o in u.outputs:
+                if o not in desc:
+                    desc.add(o)
+                    stack.append(o)
+    on_path, stack = set(), [mat]
+    while stack:
+        v = stack.pop()
+        if v in on_path or v.producer is None or (v not in desc and v is not s.output):
+            continue
+        on_path.add(v)
+        if v is not s.output:
+            stack.extend(v.producer.value_inputs)
+    gains = []
+    for v in on_path - {s.output}:
+        for x in v.producer.value_inputs:
+            if A.is_data(x) and x not in on_path and x is not s.output and x not in desc:
+                if x not in gains:
+                    gains.append(x)
+    return gains
+
+
+def _try_feedback(g, A, n, qs, ks, fs, gs, width, chain_scale, report) -> bool:
+    outs = A.walk_forward(n.output)
+    scales = [chain_scale] + ([1.0 / math.sqrt(width)] if isinstance(width, int) and
+                              not math.isclose(chain_scale, 1 / math.sqrt(width)) else [])
+    where = f"solve %{n.output.name}"
+    for qa in to_btc(qs.type):
+        for ka in to_btc(ks.type):
+            for fa in to_btc(fs.type):
+                for ga in to_bt(gs.type):
+                    for y in reversed(outs):
+                        for oa in to_btc(y.type):  # feedback output is [B, T, C]; y must be too
+                            if oa:
+                                continue
+                            for scale in scales:
+                                def canonical(inp, binding, scale=scale, qa=qa, ka=ka, fa=fa, ga=ga):
+                                    return feedback_ref(apply_steps(inp[fs], fa, binding), apply_steps(inp[qs], qa, binding),
+                                                        apply_steps(inp[ks], ka, binding), apply_steps(inp[gs], ga, binding),
+                                                        scale)
+
+                                srcs = {fs: "normal", qs: "normal", ks: "normal", gs: "gain"}
+                                err = probe(g, srcs, y, canonical)
+                                tol = _region_tol(A, srcs, y)
+                                if err is not None and err <= tol:
+                                    idx = _insert_index(g, y)
+                                    f, idx = _emit_steps(g, fs, fa, idx)
+                                    q, idx = _emit_steps(g, qs, qa, idx)
+                                    k, idx = _emit_steps(g, ks, ka, idx)
+                                    gm, idx = _emit_steps(g, gs, ga, idx)
+                                    o = g.make_node("feedback", [f, q, k, gm], {"scale": float(scale)},
+                                                    [f.type], index=idx).output
+                                    idx += 1
+                                    if o.type.dtype != y.type.dtype:
+                                        o, idx = _emit_steps(g, o, [Step("cast", {"dtype": y.type.dtype})], idx)
+                                    g.replace_all_uses(y, o)
+                                    g.dead_code_elimination()
+                                    report.accepted.append(f"feedback at {where}: width={width}, scale={scale:.6g} "
+                                                           f"(probe error {err:.1e})")
+                                    return True
+    report.rejected.append(f"feedback candidate at {where}: no canonical form matched numerically")
+    return False
+
+
+# -- causal depthwise conv1d --------------------------------------------------------------------------
+def recognise_causal_conv1d(g: Graph, report: Report) -> int:
+    count = 0
+    for n in [n for n in g.nodes if n.op == "conv1d"]:
+        if n not in g.nodes:
+            continue
+        A = Analysis(g)
+        x, w = n.inputs[0], n.inputs[1]
+        bias = n.inputs[2] if len(n.inputs) > 2 else None
+        if w.type.rank != 3 or w.type.shape[1] != 1 or not isinstance(w.type.shape[2], int):
+            continue
+        C, K = w.type.shape[0], w.type.shape[2]
+        if n.attrs["groups"] != C or list(n.attrs["stride"]) != [1] or list(n.attrs["dilation"]) != [1]:
+            continue
+        xs = A.walk_back(x, lambda t: t.rank == 3, allow_cast=False)
+        chain = [n.output]
+        while True:
+            u = A.single_user(chain[-1])
+            if u is None or u.op not in ("slice", "transpose", "permute"):
+                break
+            chain.append(u.output)
+        for y in reversed(chain):
+            if not (xs.type.rank == 3 and y.type.rank == 3 and dims_equal(xs.type.shape[1], T)
+                    and xs.type.shape[2] == C and y.type.shape[2] == C and dims_equal(y.type.shape[1], T)):
+                continue
+
+            def canonical(inp, binding, w=w, bias=bias):
+                params = g.params
+                wt = params[w.name].to(torch.float64)[:, 0, :]
+                bt = params[bias.name].to(torch.float64) if bias is not None else None
+                return IMPLS["causal_conv1d"](inp[xs], wt, bt)
+
+            err = probe(g, {xs: "normal"}, y, canonical)
+            if err is not None and err <= 1e-9:
+                idx = _insert_index(g, y)
+                wv = g.make_node("reshape", [w], {"shape": [C, K]}, [TensorType(w.type.dtype, (C, K))], index=idx).output
+                ins = [xs, wv] + ([bias] if bias is not None else [])
+                o = g.make_node("causal_conv1d", ins, {}, [xs.type], index=idx + 1).output
+                g.replace_all_uses(y, o)
+                g.dead_code_elimination()
+                report.accepted.append(f"causal_conv1d at conv1d %{n.output.name}: channels={C}, width={K}")
+                count += 1
+                break
+    return count
+
+
+def recognise(g: Graph) -> Report:
+    """Run every recogniser; the graph is rewritten in place. Returns what was found."""
+    report = Report()
+    recognise_feedback(g, report)
+    recognise_attention(g, report)
+    recognise_causal_conv1d(g, report)
+    g.remove_unused_params()
+    g.verify()
+    return report

@@ -1,0 +1,202 @@
+"""The IR graph: typed SSA values, nodes in topological order, explicit inputs/params/outputs."""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import networkx as nx
+
+from ..errors import IRError
+from .types import TensorType
+
+
+class Value:
+    """An SSA value: a graph input, a parameter, or one output of a node."""
+
+    __slots__ = ("name", "type", "producer", "kind")
+
+    def __init__(self, name: str, type: TensorType, kind: str, producer: "Node | None" = None):
+        self.name = name
+        self.type = type
+        self.kind = kind  # "input" | "param" | "node"
+        self.producer = producer
+
+    def __repr__(self) -> str:
+        return f"%{self.name}: {self.type}"
+
+
+@dataclass(eq=False)
+class Node:
+    """One op application. ``inputs`` holds Values and literal scalars (int, float, bool, sympy)."""
+
+    op: str
+    inputs: list
+    attrs: dict
+    outputs: list = field(default_factory=list)
+
+    @property
+    def value_inputs(self) -> list:
+        return [v for v in self.inputs if isinstance(v, Value)]
+
+    @property
+    def output(self) -> Value:
+        if len(self.outputs) != 1:
+            raise IRError(f"op '{self.op}' has {len(self.outputs)} outputs; asked for the single one")
+        return self.outputs[0]
+
+    def __repr__(self) -> str:
+        outs = ", ".join(f"%{v.name}" for v in self.outputs)
+        return f"<Node {outs} = {self.op}>"
+
+
+class Graph:
+    """A function from input tensors (and named parameters) to output tensors.
+
+    Nodes are kept in a topological order. Parameter *data* lives in ``params`` (name -> array),
+    outside the text format; the text declares each parameter's type.
+    """
+
+    def __init__(self, name: str = "main"):
+        self.name = name
+        self.inputs: list[Value] = []
+        self.param_values: dict[str, Value] = {}
+        self.params: dict[str, Any] = {}
+        self.nodes: list[Node] = []
+        self.outputs: list[Value] = []
+        self._names: set[str] = set()
+        self._counter = itertools.count()
+
+    # -- construction -------------------------------------------------------------------------
+    def fresh_name(self, hint: str = "v") -> str:
+        hint = "".join(c if (c.isalnum() or c in "_.") else "_" for c in hint) or "v"
+        if hint[0].isdigit():
+            hint = "v" + hint
+        if hint not in self._names:
+            return hint
+        while True:
+            name = f"{hint}_{next(self._counter)}"
+            if name not in self._names:
+                return name
+
+    def _claim(self, name: str) -> str:
+        if name in self._names:
+            raise IRError(f"value name %{name} is defined twice")
+        self._names.add(name)
+        return name
+
+    def add_input(self, name: str, type: TensorType) -> Value:
+        v = Value(self._claim(name), type, "input")
+        self.inputs.append(v)
+        return v
+
+    def add_param(self, name: str, type: TensorType, data: Any = None) -> Value:
+        v = Value(self._claim(name), type, "param")
+        self.param_values[name] = v
+        if data is not None:
+            self.params[name] = data
+        return v
+
+    def make_node(self, op: str, inputs: Iterable, attrs: dict | None, out_types: list,
+                  names: list | None = None, index: int | None = None) -> Node:
+        """Create a node and its output values; appended at the end or inserted at ``index``."""
+        node = Node(op, list(inputs), dict(attrs or {}))
+        for i, t in enumerate(out_types):
+            name = names[i] if names else self.fresh_name(op)
+            node.outputs.append(Value(self._claim(name), t, "node", node))
+        if index is None:
+            self.nodes.append(node)
+        else:
+            self.nodes.insert(index, node)
+        return node
+
+    # -- queries -------------------------------------------------------------------------------
+    def values(self) -> Iterable[Value]:
+        yield from self.inputs
+        yield from self.param_values.values()
+        for n in self.nodes:
+            yield from n.outputs
+
+    def value(self, name: str) -> Value:
+        for v in self.values():
+            if v.name == name:
+                return v
+        raise IRError(f"no value %{name} in graph {self.name}")
+
+    def users(self) -> dict:
+        """Map each Value to the list of nodes that read it."""
+        out: dict = {}
+        for n in self.nodes:
+            for v in n.value_inputs:
+                out.setdefault(v, []).append(n)
+        return out
+
+    def to_networkx(self) -> nx.DiGraph:
+        """A DiGraph over nodes (Node objects); an edge p -> c when c reads an output of p.
+
+        Graph inputs and parameters are not vertices; analyses that need them read ``node.inputs``.
+        """
+        g = nx.DiGraph()
+        for n in self.nodes:
+            g.add_node(n, op=n.op)
+            for v in n.value_inputs:
+                if v.producer is not None:
+                    g.add_edge(v.producer, n, value=v.name)
+        return g
+
+    def ops(self) -> list[str]:
+        return [n.op for n in self.nodes]
+
+    # -- rewriting -------------------------------------------------------------------------------
+    def replace_all_uses(self, old: Value, new: Value) -> None:
+        for n in self.nodes:
+            n.inputs = [new if x is old else x for x in n.inputs]
+        self.outputs = [new if x is old else x for x in self.outputs]
+
+    def toposort(self) -> None:
+        """Re-establish topological order after rewrites (stable for already-ordered nodes)."""
+        order = {n: i for i, n in enumerate(self.nodes)}
+        g = self.to_networkx()
+        self.nodes = list(nx.lexicographical_topological_sort(g, key=lambda n: order[n]))
+
+    def dead_code_elimination(self) -> int:
+        live: set = set(self.outputs)
+        kept = []
+        for n in reversed(self.nodes):
+            if any(o in live for o in n.outputs):
+                kept.append(n)
+                live.update(n.value_inputs)
+        removed = len(self.nodes) - len(kept)
+        self.nodes = kept[::-1]
+        self._names = {v.name for v in self.values()}
+        return removed
+
+    def remove_unused_params(self) -> None:
+        used = {v for n in self.nodes for v in n.value_inputs} | set(self.outputs)
+        for name in [k for k, v in self.param_values.items() if v not in used]:
+            del self.param_values[name]
+            self.params.pop(name, None)
+        self._names = {v.name for v in self.values()}
+
+    # -- verification and printing ------------------------------------------------------------------
+    def verify(self) -> "Graph":
+        from .verify import verify_graph
+
+        verify_graph(self)
+        return self
+
+    def __str__(self) -> str:
+        from .text import print_graph
+
+        return print_graph(self)
+
+    def __repr__(self) -> str:
+        return f"<Graph {self.name}: {len(self.inputs)} inputs, {len(self.nodes)} nodes>"
+
+    def clone(self) -> "Graph":
+        """A structural copy sharing parameter data (rewrites on the copy leave self untouched)."""
+        from .text import parse
+
+        g = parse(str(self))
+        g.params = dict(self.params)
+        return g

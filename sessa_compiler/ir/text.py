@@ -1,0 +1,286 @@
+"""The IR text format: ``print(graph)`` and ``parse(text)`` round-trip exactly.
+
+    graph main(%x: f32[B, T, 64]) {
+      param %ln.weight: f32[64]
+      %xn: f32[B, T, 64] = layer_norm(%x, %ln.weight, %ln.bias) {normalized_shape=[64], eps=1e-05}
+      %a: f32[B, T, 64], %g: f32[B, T, 64] = split(%h) {sizes=[64, 64], dim=-1}
+      return %y
+    }
+
+Operands are ``%name`` or literal scalars; attributes are Python-like literals where bare names are
+dimension symbols (``T``, ``2*T``), dtypes are ``dtype.f32`` and fallback operand slots ``arg(i)``.
+"""
+from __future__ import annotations
+
+import ast
+import math
+import re
+
+import sympy
+
+from ..errors import ParseError
+from .graph import Graph, Value
+from .ops import ArgRef
+from .types import DType, TensorType, format_dim, sym
+
+_SYMPY_FUNCS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Min": sympy.Min, "Max": sympy.Max,
+                "Mod": sympy.Mod}
+
+
+# -- printing ------------------------------------------------------------------------------------
+def format_literal(x) -> str:
+    if isinstance(x, bool) or x is None:
+        return repr(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        return repr(x)
+    if isinstance(x, str):
+        return repr(x)
+    if isinstance(x, sympy.Basic):
+        return format_dim(x)
+    if isinstance(x, (DType, ArgRef)):
+        return repr(x)
+    if isinstance(x, (list, tuple)):
+        inner = ", ".join(format_literal(y) for y in x)
+        return f"[{inner}]" if isinstance(x, list) else (f"({inner},)" if len(x) == 1 else f"({inner})")
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k!r}: {format_literal(v)}" for k, v in x.items()) + "}"
+    raise ParseError(f"cannot print attribute value {x!r} of type {type(x).__name__}")
+
+
+def format_operand(x) -> str:
+    return f"%{x.name}" if isinstance(x, Value) else format_literal(x)
+
+
+def print_graph(g: Graph) -> str:
+    ins = ", ".join(f"%{v.name}: {v.type}" for v in g.inputs)
+    lines = [f"graph {g.name}({ins}) {{"]
+    for name, v in g.param_values.items():
+        lines.append(f"  param %{name}: {v.type}")
+    for n in g.nodes:
+        outs = ", ".join(f"%{v.name}: {v.type}" for v in n.outputs)
+        args = ", ".join(format_operand(x) for x in n.inputs)
+        attrs = ""
+        if n.attrs:
+            attrs = " {" + ", ".join(f"{k}={format_literal(v)}" for k, v in n.attrs.items()) + "}"
+        lines.append(f"  {outs} = {n.op}({args}){attrs}")
+    lines.append("  return " + ", ".join(f"%{v.name}" for v in g.outputs))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+# -- parsing --------------------------------------------------------------------------------------
+class _Eval:
+    """A restricted evaluator for the literal language above (no arbitrary code runs)."""
+
+    def __init__(self, values: dict | None, where: str):
+        self.values = values
+        self.where = where
+
+    def err(self, node, msg):
+        raise ParseError(f"{self.where}: {msg} in {ast.unparse(node)!r}")
+
+    def __call__(self, node):
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id == "inf":
+                return math.inf
+            if node.id == "nan":
+                return math.nan
+            return sym(node.id)
+        if isinstance(node, ast.List):
+            return [self(e) for e in node.elts]
+        if isinstance(node, ast.Tuple):
+            return tuple(self(e) for e in node.elts)
+        if isinstance(node, ast.Dict):
+            return {self(k): self(v) for k, v in zip(node.keys, node.values)}
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = self(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp):
+            a, b = self(node.left), self(node.right)
+            ops = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
+                   ast.FloorDiv: lambda: a // b, ast.Pow: lambda: a ** b, ast.Mod: lambda: a % b,
+                   ast.Div: lambda: sympy.Rational(a, b) if isinstance(a, int) and isinstance(b, int)
+                   else sympy.sympify(a) / b}
+            if type(node.op) in ops:
+                return ops[type(node.op)]()
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "dtype":
+            return DType(node.attr)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            args = [self(a) for a in node.args]
+            if node.func.id == "__v":
+                if self.values is None or args[0] not in self.values:
+                    self.err(node, f"undefined value %{args[0]}")
+                return self.values[args[0]]
+            if node.func.id == "arg" and len(args) == 1 and isinstance(args[0], int):
+                return ArgRef(args[0])
+            if node.func.id == "dict":
+                return {k.arg: self(k.value) for k in node.keywords}
+            if node.func.id in _SYMPY_FUNCS:
+                return _SYMPY_FUNCS[node.func.id](*args)
+        self.err(node, "unsupported syntax")
+
+
+def _sub_values(text: str) -> str:
+    """Replace %name by __v("name") outside string literals."""
+    out, i, quote = [], 0, None
+    while i < len(text):
+        c = text[i]
+        if quote:
+            out.append(c)
+            if c == "\\":
+                out.append(text[i + 1])
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "'\"":
+            quote = c
+            out.append(c)
+        elif c == "%":
+            m = re.match(r"%([A-Za-z_][\w.]*)", text[i:])
+            if not m:
+                raise ParseError(f"bad value reference at {text[i:i + 20]!r}")
+            out.append(f'__v("{m.group(1)}")')
+            i += m.end() - 1
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out)
+
+
+def _eval(text: str, values, where: str):
+    try:
+        tree = ast.parse(_sub_values(text), mode="eval")
+    except SyntaxError as e:
+        raise ParseError(f"{where}: cannot parse {text!r}: {e.msg}") from None
+    return _Eval(values, where)(tree.body)
+
+
+def parse_expr(text: str):
+    return _eval(text, None, "dimension")
+
+
+_TYPE = re.compile(r"^(\w+)\[(.*)\]$")
+
+
+def parse_type(text: str, where: str = "type") -> TensorType:
+    m = _TYPE.match(text.strip())
+    if not m:
+        raise ParseError(f"{where}: expected a type like f32[B, T, 64], got {text!r}")
+    shape = _eval(f"[{m.group(2)}]", None, where)
+    try:
+        return TensorType(DType(m.group(1)), tuple(shape))
+    except Exception as e:
+        raise ParseError(f"{where}: bad type {text!r}: {e}") from None
+
+
+def _split_top(text: str, sep: str = ",") -> list:
+    parts, depth, cur, quote = [], 0, [], None
+    for c in text:
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        if c == sep and depth == 0 and not quote:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(c)
+    if "".join(cur).strip():
+        parts.append("".join(cur))
+    return [p.strip() for p in parts]
+
+
+def _decls(text: str, where: str) -> list:
+    out = []
+    for part in _split_top(text):
+        m = re.match(r"^%([A-Za-z_][\w.]*)\s*:\s*(.+)$", part)
+        if not m:
+            raise ParseError(f"{where}: expected '%name: type', got {part!r}")
+        out.append((m.group(1), parse_type(m.group(2), where)))
+    return out
+
+
+def _matching(text: str, start: int) -> int:
+    depth, quote = 0, None
+    for i in range(start, len(text)):
+        c = text[i]
+        if quote:
+            quote = None if c == quote else quote
+        elif c in "'\"":
+            quote = c
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i
+    raise ParseError(f"unbalanced brackets in {text!r}")
+
+
+def parse(text: str) -> Graph:
+    """Parse the text format into a Graph (without parameter data) and verify it."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    if not lines:
+        raise ParseError("empty IR text")
+    m = re.match(r"^graph\s+([\w.]+)\((.*)\)\s*\{$", lines[0])
+    if not m:
+        raise ParseError(f"line 1: expected 'graph NAME(%x: type, ...) {{', got {lines[0]!r}")
+    g = Graph(m.group(1))
+    values: dict = {}
+    for name, t in _decls(m.group(2), "line 1"):
+        values[name] = g.add_input(name, t)
+    if lines[-1] != "}":
+        raise ParseError("the graph must end with '}'")
+    returned = False
+    for lineno, line in enumerate(lines[1:-1], start=2):
+        where = f"line {lineno}"
+        if returned:
+            raise ParseError(f"{where}: nothing may follow 'return'")
+        if line.startswith("param "):
+            for name, t in _decls(line[len("param "):], where):
+                values[name] = g.add_param(name, t)
+            continue
+        if line.startswith("return"):
+            names = [p.strip() for p in line[len("return"):].split(",") if p.strip()]
+            for p in names:
+                if not p.startswith("%") or p[1:] not in values:
+                    raise ParseError(f"{where}: return of undefined value {p!r}")
+                g.outputs.append(values[p[1:]])
+            returned = True
+            continue
+        eq = re.search(r"\s=\s([a-z_][a-z0-9_]*)\(", line)
+        if not eq:
+            raise ParseError(f"{where}: expected '%out: type = op(operands) {{attrs}}', got {line!r}")
+        outs = _decls(line[:eq.start()], where)
+        op = eq.group(1)
+        open_at = eq.end() - 1
+        close_at = _matching(line, open_at)
+        operands = _eval(f"[{line[open_at + 1:close_at]}]", values, where)
+        rest = line[close_at + 1:].strip()
+        attrs = {}
+        if rest:
+            if not (rest.startswith("{") and rest.endswith("}")):
+                raise ParseError(f"{where}: expected '{{attrs}}' after the operands, got {rest!r}")
+            attrs = _eval(f"dict({rest[1:-1]})", values, where)
+        for name, _ in outs:
+            if name in values:
+                raise ParseError(f"{where}: value %{name} is defined twice")
+        node = g.make_node(op, operands, attrs, [t for _, t in outs], names=[n for n, _ in outs])
+        for v in node.outputs:
+            values[v.name] = v
+    if not returned:
+        raise ParseError("the graph has no 'return' line")
+    g.verify()
+    return g

@@ -1,0 +1,123 @@
+"""Value types of the IR: a dtype and a shape whose dims are ints or symbolic expressions.
+
+Batch and sequence length stay symbolic (sympy expressions over named symbols such as ``B`` and
+``T``), so one graph serves every sequence length. This module does not import torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+import sympy
+
+from ..errors import IRError
+
+# Short names used in the text format, in the order a reader meets them most.
+DTYPES = ("f64", "f32", "f16", "bf16", "i64", "i32", "i16", "i8", "u8", "bool")
+FLOAT_DTYPES = frozenset({"f64", "f32", "f16", "bf16"})
+
+
+@dataclass(frozen=True)
+class DType:
+    """An element type, printed as its short name (``f32``); in attributes as ``dtype.f32``."""
+
+    name: str
+
+    def __post_init__(self):
+        if self.name not in DTYPES:
+            raise IRError(f"unknown dtype {self.name!r}; expected one of {', '.join(DTYPES)}")
+
+    @property
+    def is_float(self) -> bool:
+        return self.name in FLOAT_DTYPES
+
+    def __repr__(self) -> str:
+        return f"dtype.{self.name}"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+Dim = Union[int, sympy.Expr]
+
+
+def sym(name: str) -> sympy.Symbol:
+    """The symbol for a dynamic dimension; every dim symbol is a positive integer."""
+    return sympy.Symbol(name, integer=True, positive=True)
+
+
+def as_dim(d) -> Dim:
+    """Normalise a dim: python/sympy integers become int, anything else stays a sympy expression."""
+    if isinstance(d, bool):
+        raise IRError(f"a dimension cannot be a bool ({d!r})")
+    if isinstance(d, int):
+        return d
+    if isinstance(d, sympy.Basic):
+        d = sympy.simplify(d)
+        if d.is_Integer:
+            return int(d)
+        return d
+    if isinstance(d, str):
+        from .text import parse_expr  # local: text imports types
+
+        return as_dim(parse_expr(d))
+    raise IRError(f"a dimension must be an int or a symbolic expression, got {type(d).__name__} {d!r}")
+
+
+def dims_equal(a: Dim, b: Dim) -> bool:
+    """True when two dims are provably equal for every value of their symbols."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+
+
+def eval_dim(d: Dim, binding: Mapping[str, int]) -> int:
+    """The concrete size of a dim once every symbol has a value."""
+    if isinstance(d, int):
+        return d
+    missing = [s.name for s in d.free_symbols if s.name not in binding]
+    if missing:
+        raise IRError(f"dimension {d} uses symbols {missing} that no input binds")
+    value = d.subs({s: binding[s.name] for s in d.free_symbols})
+    if not value.is_Integer:
+        raise IRError(f"dimension {d} is not an integer for {dict(binding)}: {value}")
+    return int(value)
+
+
+def format_dim(d: Dim) -> str:
+    return str(d).replace(" ", "") if not isinstance(d, int) else str(d)
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """The type of an IR value: dtype plus a shape of ints and symbolic dims."""
+
+    dtype: DType
+    shape: tuple
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(as_dim(d) for d in self.shape))
+
+    @property
+    def rank(self) -> int:
+        return len(self.shape)
+
+    def symbols(self) -> set:
+        out = set()
+        for d in self.shape:
+            if not isinstance(d, int):
+                out |= {s.name for s in d.free_symbols}
+        return out
+
+    def same_as(self, other: "TensorType") -> bool:
+        return (
+            self.dtype == other.dtype
+            and self.rank == other.rank
+            and all(dims_equal(a, b) for a, b in zip(self.shape, other.shape))
+        )
+
+    def concrete_shape(self, binding: Mapping[str, int]) -> tuple:
+        return tuple(eval_dim(d, binding) for d in self.shape)
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{', '.join(format_dim(d) for d in self.shape)}]"
