@@ -491,7 +491,114 @@ def recognise(g: Graph) -> Report:
     report = Report()
     recognise_feedback(g, report)
     recognise_attention(g, report)
+    fold_rope(g, report)
     recognise_causal_conv1d(g, report)
     g.remove_unused_params()
     g.verify()
     return report
+
+
+# -- rotary embeddings folded into attention -------------------------------------------------------------
+def _dominating_sources(A: Analysis, v: Value, limit: int = 4) -> list:
+    """Values every data path back from v passes through, nearest first (immediate dominators)."""
+    import networkx as nx
+
+    dg = nx.DiGraph()
+    dg.add_node(v)
+    stack, seen = [v], {v}
+    while stack:
+        x = stack.pop()
+        if x.producer is None:
+            continue
+        for y in x.producer.value_inputs:
+            if A.is_data(y):
+                dg.add_edge(x, y)
+                if y not in seen:
+                    seen.add(y)
+                    stack.append(y)
+    sink = object()  # every data path back from v ends at a graph input: join them in one sink
+    for x in list(dg.nodes):
+        if x.producer is None:
+            dg.add_edge(x, sink)
+    if sink not in dg:
+        return []
+    idom = nx.immediate_dominators(dg, v)
+    chain, x = [], idom[sink]
+    while x is not v:
+        chain.append(x)
+        x = idom[x]
+    return chain[::-1][:limit]
+
+
+def _static_params(g: Graph, A: Analysis, v: Value, stop: set) -> list:
+    seen, stack, params = set(), [v], []
+    while stack:
+        x = stack.pop()
+        if x in seen or x in stop:
+            continue
+        seen.add(x)
+        if x.kind == "param":
+            params.append(x)
+        if x.producer is not None:
+            stack.extend(x.producer.value_inputs)
+    return params
+
+
+def fold_rope(g: Graph, report: Report) -> int:
+    """attention(rope(xq), rope(xk), v) -> attention(xq, xk, v, inv_freq) {rope=True}, when it probes equal."""
+    count = 0
+    for n in [n for n in g.nodes if n.op == "attention" and not n.attrs.get("rope", False)]:
+        A = Analysis(g)
+        q, k, v = n.inputs[:3]
+        d = q.type.shape[3]
+        if not isinstance(d, int) or d % 2:
+            continue
+        rq, rk = A.walk_back(q), A.walk_back(k)
+        if rq.producer is None or rk.producer is None or OPS[rq.producer.op].kind != ELEMENTWISE \
+                or OPS[rk.producer.op].kind != ELEMENTWISE:
+            continue  # q and k come straight from projections: nothing rotates them
+        cands_q = [x for x in _dominating_sources(A, rq) if to_bthd(x.type, d)]
+        cands_k = [x for x in _dominating_sources(A, rk) if to_bthd(x.type, d)]
+        if not cands_q or not cands_k:
+            continue
+        xq, xk = cands_q[0], cands_k[0]
+        freqs = [p for p in _static_params(g, A, rq, {xq}) if p.type.rank == 1 and p.type.shape[0] == d // 2]
+        default_name = f"rope_inv_freq_default_{d}"
+        default = (10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d))
+        options = [(p, g.params[p.name]) for p in freqs] + [(None, default)]
+        done = False
+        for qa, H in to_bthd(xq.type, d):
+            for ka, Hkv in to_bthd(xk.type, d):
+                if H != q.type.shape[2] or Hkv != k.type.shape[2]:
+                    continue
+                for param, data in options:
+                    def canonical(inp, binding, qa=qa, ka=ka, data=data):
+                        return attention_ref(apply_steps(inp[xq], qa, binding), apply_steps(inp[xk], ka, binding),
+                                             inp[v], n.attrs["scale"], True, data.to(torch.float64))
+
+                    srcs = {xq: "normal", xk: "normal", v: "normal"}
+                    err = probe(g, srcs, n.output, canonical)
+                    if err is None or err > _region_tol(A, srcs, n.output):
+                        continue
+                    if param is None:
+                        if default_name not in g.param_values:
+                            param = g.add_param(default_name, TensorType(DType("f32"), (d // 2,)), default)
+                        param = g.param_values[default_name]
+                    idx = g.nodes.index(n)
+                    nq, idx = _emit_steps(g, xq, qa, idx)
+                    nk, idx = _emit_steps(g, xk, ka, idx)
+                    n.inputs = [nq, nk, v, param]
+                    n.attrs["rope"] = True
+                    g.dead_code_elimination()
+                    report.accepted.append(f"rope folded into attention %{n.output.name}: interleaved, "
+                                           f"inv_freq from %{param.name} (probe error {err:.1e})")
+                    count += 1
+                    done = True
+                    break
+                if done:
+                    break
+            if done:
+                break
+        if not done:
+            report.rejected.append(f"rope around attention %{n.output.name}: q/k are computed, but not as interleaved RoPE")
+    return count
