@@ -40,6 +40,7 @@ class Lowerer:
         self.env: dict = {}  # fx node -> Value | list[Value] | sympy expr
         self.sym_map: dict = {}  # export symbol -> our symbol
         self.dim_names = dim_names  # (input index, dim) -> name
+        self.notes: list = []  # ops recognised while lowering (e.g. SDPA), for explain()
 
     # -- helpers -------------------------------------------------------------------------------
     def expr(self, s):
@@ -222,6 +223,11 @@ def _einsum(L, node):
     return L.emit("einsum", list(ops), {"equation": eq.replace(" ", "")}, node)
 
 
+@lowering(aten.outer.default)
+def _outer(L, node):
+    return L.emit("einsum", [L.arg(node.args[0]), L.arg(node.args[1])], {"equation": "i,j->ij"}, node)
+
+
 @lowering(aten.layer_norm.default)
 def _layer_norm(L, node):
     a = list(node.args) + [None] * (5 - len(node.args))
@@ -285,6 +291,8 @@ def _sdpa(L, node):
     qt, kt, vt = bthd(q), bthd(k), bthd(v)
     out_t = TensorType(q.type.dtype, qt.type.shape[:3] + (v.type.shape[3],))
     o = L.graph.make_node("attention", [qt, kt, vt], {"scale": float(scale), "causal": True}, [out_t]).output
+    L.notes.append(f"attention from scaled_dot_product_attention %{node.name}: heads={Hq}, kv_heads={Hk}, "
+                   f"scale={scale:.6g}")
     return L.emit("transpose", [o], {"dim0": 1, "dim1": 2}, node)
 
 

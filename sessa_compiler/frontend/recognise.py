@@ -365,8 +365,8 @@ def _find_softmax(v: Value):
         n = v.producer
         if n.op == "softmax":
             return n
-        if OPS[n.op].kind in (ELEMENTWISE, "layout") and n.op != "split":
-            stack.extend(n.value_inputs)
+        if OPS[n.op].kind in (ELEMENTWISE, "layout", "fallback") and n.op != "split":
+            stack.extend(n.value_inputs)  # e.g. row 0 zeroed by index assignment (select_scatter)
     return None
 
 
@@ -491,11 +491,65 @@ def recognise(g: Graph) -> Report:
     report = Report()
     recognise_feedback(g, report)
     recognise_attention(g, report)
+    fold_gqa(g, report)
     fold_rope(g, report)
     recognise_causal_conv1d(g, report)
     g.remove_unused_params()
     g.verify()
     return report
+
+
+# -- grouped-query attention: k/v heads repeated before attention ------------------------------------------
+def _before_repeat(A: Analysis, v: Value, d):
+    """The value a repeat_interleave on v's layout chain repeats, and its adapters to [B, T, Hkv, d]."""
+    x = v
+    while x.producer is not None and x.producer.op in WALK_LAYOUT:
+        if x.producer.op == "repeat_interleave":
+            pre = A.walk_back(x.producer.inputs[0], lambda t: bool(to_bthd(t, d)))
+            return pre, to_bthd(pre.type, d)
+        x = x.producer.inputs[0]
+    return None, []
+
+
+def fold_gqa(g: Graph, report: Report) -> int:
+    """attention(q, repeat(k), repeat(v)) -> attention(q, k, v) with fewer kv heads, when it probes equal."""
+    count = 0
+    for n in [n for n in g.nodes if n.op == "attention"]:
+        A = Analysis(g)
+        q, k, v = n.inputs[:3]
+        d, dv = k.type.shape[3], v.type.shape[3]
+        ks, kas = _before_repeat(A, k, d)
+        vs, vas = _before_repeat(A, v, dv)
+        if ks is None or vs is None:
+            continue
+        for ka, hk in kas:
+            for va, hv in vas:
+                if hk != hv or hk == k.type.shape[2] or q.type.shape[2] % hk:
+                    continue
+                extra = n.inputs[3:]
+
+                def canonical(inp, binding, ka=ka, va=va):
+                    inv = g.params[extra[0].name].to(torch.float64) if extra else None
+                    return attention_ref(inp[q], apply_steps(inp[ks], ka, binding), apply_steps(inp[vs], va, binding),
+                                         n.attrs["scale"], True, inv if n.attrs.get("rope") else None)
+
+                srcs = {q: "normal", ks: "normal", vs: "normal"}
+                err = probe(g, srcs, n.output, canonical)
+                if err is None or err > _region_tol(A, srcs, n.output):
+                    continue
+                idx = g.nodes.index(n)
+                nk, idx = _emit_steps(g, ks, ka, idx)
+                nv, idx = _emit_steps(g, vs, va, idx)
+                n.inputs = [q, nk, nv] + list(extra)
+                g.dead_code_elimination()
+                report.accepted.append(f"grouped-query attention %{n.output.name}: kv heads {k.type.shape[2]} -> {hk} "
+                                       f"(repeat removed; probe error {err:.1e})")
+                count += 1
+                break
+            else:
+                continue
+            break
+    return count
 
 
 # -- rotary embeddings folded into attention -------------------------------------------------------------
@@ -554,8 +608,8 @@ def fold_rope(g: Graph, report: Report) -> int:
         if not isinstance(d, int) or d % 2:
             continue
         rq, rk = A.walk_back(q), A.walk_back(k)
-        if rq.producer is None or rk.producer is None or OPS[rq.producer.op].kind != ELEMENTWISE \
-                or OPS[rk.producer.op].kind != ELEMENTWISE:
+        if rq.producer is None or rk.producer is None or OPS[rq.producer.op].kind == "compute" \
+                or OPS[rk.producer.op].kind == "compute":
             continue  # q and k come straight from projections: nothing rotates them
         cands_q = [x for x in _dominating_sources(A, rq) if to_bthd(x.type, d)]
         cands_k = [x for x in _dominating_sources(A, rk) if to_bthd(x.type, d)]

@@ -87,8 +87,10 @@ def trace_with_report(module: torch.nn.Module, example_inputs, *, recognisers: b
             dim_names[(i, 0)] = "B"
         if a.dim() >= 2:
             dim_names[(i, 1)] = "T"
-    graph = Lowerer(ep, dim_names, name=type(module).__name__).run()
+    lowerer = Lowerer(ep, dim_names, name=type(module).__name__)
+    graph = lowerer.run()
     report = recognise(graph) if recognisers else Report()
+    report.accepted[:0] = lowerer.notes
     simplify(graph)
     return Traced(graph, report, ep.call_spec.out_spec)
 
