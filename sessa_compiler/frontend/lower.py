@@ -482,4 +482,10 @@ def register_custom_lowerings():
     """The reference Mamba layer calls sessa_compiler::selective_scan: it is the IR's scan op."""
     ns = getattr(torch.ops, "sessa_compiler", None)
     if ns is not None and hasattr(ns, "selective_scan"):
-        LOWERINGS[ns.selective_scan.default] = simple("scan", 6)
+        def _scan(L, node):
+            out = simple("scan", 6)(L, node)
+            L.notes.append(f"scan from sessa_compiler::selective_scan %{node.name}: d_inner={out.type.shape[2]}, "
+                           f"d_state={L.arg(node.args[2]).type.shape[1]}")
+            return out
+
+        LOWERINGS[ns.selective_scan.default] = _scan
