@@ -74,6 +74,11 @@ class CompiledModule(torch.nn.Module):
         return self._traced.graph
 
     @property
+    def backend(self) -> str:
+        """The backend that runs this module ("auto" resolved)."""
+        return self._backend.name
+
+    @property
     def original(self) -> torch.nn.Module:
         return self._original
 
