@@ -52,7 +52,7 @@ class CompiledModule(torch.nn.Module):
         self._runner = None
         self.trace_seconds = None
         if example_inputs is not None:
-            self._trace(example_inputs if isinstance(example_inputs, tuple) else (example_inputs,))
+            self._trace(tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
 
     # -- tracing ---------------------------------------------------------------------------------------
     def _trace(self, args: tuple) -> None:

@@ -211,3 +211,26 @@ def test_look_alike_feedback_is_not_claimed():
     assert any("feedback candidate" in r for r in tr.report.rejected)
     x = torch.randn(2, 13, 16, dtype=torch.float64)
     assert relative_error(run_graph(tr.graph, [x])[0], m(x)) <= 1e-12
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(heads=st.sampled_from([(1, 1), (2, 1), (4, 2), (4, 4)]), d=st.sampled_from([2, 4, 8]),
+       rope=st.booleans(), max_len=st.sampled_from([None, 24]), bias=st.sampled_from([1.0, 6.0, -6.0]),
+       T=st.integers(1, 23), B=st.integers(1, 3))
+def test_any_sessa_configuration_is_recognised_and_exact(heads, d, rope, max_len, bias, T, B):
+    H, Hkv = heads
+    torch.manual_seed(T)
+    m = SessaLayer(H * d, n_heads=H, n_kv_heads=Hkv, max_len=max_len, use_forward_rope=rope).double()
+    with torch.no_grad():
+        m.mixer.gamma_bias.fill_(bias)
+    tr = trace_with_report(m, (torch.randn(2, 4, H * d, dtype=torch.float64),))
+    counts = collections.Counter(n.op for n in tr.graph.nodes)
+    assert counts["attention"] == 1 and counts["feedback"] == 1, tr.report
+    (att,) = [n for n in tr.graph.nodes if n.op == "attention"]
+    assert att.attrs.get("rope", False) == rope and att.inputs[1].type.shape[2] == Hkv
+    x = torch.randn(B, T, H * d, dtype=torch.float64)
+    assert relative_error(run_graph(tr.graph, [x])[0], m(x)) <= 1e-10

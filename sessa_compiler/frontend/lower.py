@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Callable
 
 import sympy
 import torch
@@ -18,7 +17,7 @@ from ..dtypes import from_torch
 from ..errors import TraceError
 from ..ir.graph import Graph, Value
 from ..ir.ops import ArgRef
-from ..ir.types import DType, TensorType, sym
+from ..ir.types import TensorType, sym
 
 aten = torch.ops.aten
 LOWERINGS: dict = {}

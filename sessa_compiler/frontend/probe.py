@@ -14,7 +14,6 @@ import torch
 
 from ..backends.eager import IMPLS, resolve, run_graph
 from ..ir.graph import Graph, Value
-from ..ir.types import TensorType
 
 PROBE_LENGTHS = (1, 5, 12)
 PROBE_BATCH = 2
@@ -83,14 +82,3 @@ def probe(graph: Graph, sources: dict, output: Value, canonical, tol: float = 1e
         scale = ref.abs().max().item() or 1.0
         worst = max(worst, (got - ref).abs().max().item() / scale)
     return worst
-
-
-def tolerance_for(values) -> float:
-    """Casts inside a region bound how exactly it can match: the narrowest float type decides."""
-    rank = {"f64": 1e-9, "f32": 1e-4, "f16": 3e-2, "bf16": 3e-2}
-    tol = 1e-9
-    for v in values:
-        t: TensorType = v.type
-        if t.dtype.is_float:
-            tol = max(tol, rank[t.dtype.name])
-    return tol

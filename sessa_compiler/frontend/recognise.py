@@ -197,7 +197,6 @@ def _region_tol(A: Analysis, sources, output: Value) -> float:
 
 def _emit_steps(g: Graph, x: Value, steps, index: int):
     """Insert the adapter ops before node position ``index``; returns (value, new index)."""
-    from ..backends.eager import resolve  # noqa: F401 - shapes below are symbolic, no binding needed
     for s in steps:
         t = _step_type(x.type, s)
         x = g.make_node(s.op, [x], s.attrs, [t], index=index).output
