@@ -17,20 +17,25 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def rope_ref(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Interleaved rotary embedding of x [B, T, H, d] at positions 0..T-1 (angles in >= float32)."""
+    return _rotate(x, inv_freq).to(x.dtype)
+
+
+def _rotate(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """rope_ref's result left in the compute dtype, so attention rounds only once."""
     cd = compute_dtype(x.dtype)
     T = x.shape[1]
     angles = torch.arange(T, device=x.device, dtype=cd)[:, None] * inv_freq.to(cd)[None, :]  # [T, d/2]
     cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
     xe, xo = x[..., 0::2].to(cd), x[..., 1::2].to(cd)
-    out = torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(-2)
-    return out.to(x.dtype)
+    return torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(-2)
 
 
 def attention_ref(q, k, v, scale: float, causal: bool = True, inv_freq=None) -> torch.Tensor:
     """softmax_{j <= t}(q_t . k_j * scale) @ v with GQA; q [B,T,H,d], k/v [B,T,Hkv,d] -> [B,T,H,dv]."""
-    if inv_freq is not None:
-        q, k = rope_ref(q, inv_freq), rope_ref(k, inv_freq)
     cd = compute_dtype(q.dtype)
+    out_dtype = q.dtype
+    if inv_freq is not None:
+        q, k = _rotate(q, inv_freq), _rotate(k, inv_freq)
     H, Hkv = q.shape[2], k.shape[2]
     k = k.repeat_interleave(H // Hkv, dim=2)
     v = v.repeat_interleave(H // Hkv, dim=2)
@@ -40,7 +45,7 @@ def attention_ref(q, k, v, scale: float, causal: bool = True, inv_freq=None) -> 
         keep = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         logits = logits.masked_fill(~keep, -math.inf)
     probs = torch.softmax(logits, dim=-1)
-    return torch.einsum("bhts,bshd->bthd", probs, v.to(cd)).to(q.dtype)
+    return torch.einsum("bhts,bshd->bthd", probs, v.to(cd)).to(out_dtype)
 
 
 def feedback_ref(f, q_b, k_b, gamma, scale: float) -> torch.Tensor:
