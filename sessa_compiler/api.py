@@ -40,14 +40,17 @@ class CompiledModule(torch.nn.Module):
     """
 
     def __init__(self, module: torch.nn.Module, example_inputs=None, *, backend: str = "auto",
-                 validate: bool = False):
+                 validate: bool = False, print_ir: bool | None = None, options: dict | None = None):
         super().__init__()
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"compile expects a torch.nn.Module, got {type(module).__name__}")
         self.__dict__["_original"] = module  # not a submodule: its parameters are read, never copied
         self.backend_name = backend
         self.validate = validate
-        self._backend = get_backend(backend)
+        options = dict(options or {})
+        if print_ir is not None:
+            options["print_ir"] = print_ir
+        self._backend = get_backend(backend, **options)
         self._traced: Traced | None = None
         self._runner = None
         self.trace_seconds = None
@@ -81,6 +84,11 @@ class CompiledModule(torch.nn.Module):
     @property
     def original(self) -> torch.nn.Module:
         return self._original
+
+    def kernel_sources(self) -> dict:
+        """Generated kernel source by IR value name (backends that generate code; {} for eager)."""
+        fn = getattr(self._backend, "kernel_sources", None)
+        return fn(self.graph) if fn is not None else {}
 
     # -- calling -------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -149,11 +157,15 @@ class CompiledModule(torch.nn.Module):
         return "\n".join(lines)
 
 
-def compile(module: torch.nn.Module, example_inputs=None, *, backend: str = "auto", validate: bool = False):
+def compile(module: torch.nn.Module, example_inputs=None, *, backend: str = "auto", validate: bool = False,
+            print_ir: bool | None = None, options: dict | None = None):
     """Compile a module. Traces now when ``example_inputs`` are given, else on the first call.
 
     backend: "eager" (the IR interpreter), or "auto" (the best available for the device; today that
     is "eager": the Triton and TVM backends are not built yet). validate=True also runs the original
     module on every call and raises ValidationError when outputs differ beyond the spec's tolerance.
+    print_ir=True prints the IR after each pass of the backend's pipeline (also SESSA_COMPILER_PRINT_IR=1);
+    options go to the backend (triton: feedback_chunk_size, scan_chunk_size, scan_strategy, interpret).
     """
-    return CompiledModule(module, example_inputs, backend=backend, validate=validate)
+    return CompiledModule(module, example_inputs, backend=backend, validate=validate, print_ir=print_ir,
+                          options=options)

@@ -1,21 +1,72 @@
-"""Backends: eager (the IR interpreter, the definition); triton and tvm are planned."""
+"""Backends: eager (the IR interpreter, the definition), triton (generated GPU kernels); tvm is planned."""
 from __future__ import annotations
 
 from ..errors import UnsupportedError
 from .eager import EagerBackend
 
-PLANNED = {"triton": "the Triton backend (GPU kernels) is not implemented yet",
-           "tvm": "the TVM backend (CPU schedules) is not implemented yet"}
+PLANNED: dict = {}
+
+
+def _triton_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def available_backends() -> list:
-    return ["eager"]
+    return ["eager"] + (["triton"] if _triton_installed() else [])
 
 
-def get_backend(name: str):
-    if name in ("auto", "eager"):
-        # "auto" picks the best available backend for the device; eager is the only one built so far
+class AutoBackend:
+    """"auto": Triton for CUDA inputs when triton is installed, else eager; decided at each call."""
+
+    def __init__(self, **options):
+        self.options = options
+        self.current = EagerBackend()
+        self._runners: dict = {}
+
+    @property
+    def name(self) -> str:
+        return self.current.name
+
+    def _pick(self, inputs):
+        on_cuda = any(getattr(x, "is_cuda", False) for x in inputs)
+        if on_cuda and _triton_installed():
+            if self.current.name != "triton":
+                from .triton import TritonBackend
+
+                self.current = TritonBackend(**self.options)
+        elif self.current.name != "eager":
+            self.current = EagerBackend()
+        return self.current
+
+    def prepare(self, graph):
+        def run(inputs, params):
+            backend = self._pick(inputs)
+            key = (backend.name, id(graph))
+            if key not in self._runners:
+                self._runners[key] = backend.prepare(graph)
+            return self._runners[key](inputs, params)
+        return run
+
+    def describe(self, graph) -> str:
+        return self.current.describe(graph)
+
+
+def get_backend(name: str, **options):
+    """options (print_ir, feedback_chunk_size, ...) go to backends that take them (triton)."""
+    if name == "eager":
         return EagerBackend()
+    if name == "auto":
+        return AutoBackend(**options)
+    if name == "triton":
+        from .triton import TritonBackend  # imports triton; UnsupportedError when it is missing
+
+        return TritonBackend(**options)
+    if name == "tvm":
+        from .tvm import TVMBackend  # tvm itself is imported when the backend is created
+
+        return TVMBackend(**options)
     if name in PLANNED:
         raise UnsupportedError(f"backend '{name}': {PLANNED[name]}; available: {', '.join(available_backends())}")
     raise UnsupportedError(f"unknown backend '{name}'; expected one of auto, eager, triton, tvm")

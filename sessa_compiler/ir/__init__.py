@@ -1,6 +1,7 @@
 """The Sessa IR: a typed SSA graph of attention, feedback and scan ops and the ordinary ops around them."""
 from .graph import Graph, Node, Value
 from .ops import OPS, ArgRef, OpDef
+from . import ops_chunked  # noqa: F401  (registers the blocked core ops: feedback_lse, feedback_chunked, ...)
 from .text import parse, print_graph
 from .types import DType, TensorType, sym
 from .verify import verify_graph, verify_node

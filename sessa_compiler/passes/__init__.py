@@ -1,4 +1,21 @@
-"""Passes over the IR (one file each)."""
+"""Passes over the IR (one file each) and the pass manager that runs them as per-backend pipelines."""
+from .canonicalize import Simplify
+from .chunk_feedback import ChunkFeedback, FeedbackCost
+from .chunk_scan import ChunkScan
+from .manager import PRINT_IR_ENV, Pass, PassManager
+from .pipeline import PIPELINES, build_pipeline, run_pipeline
 from .simplify import simplify
 
-__all__ = ["simplify"]
+__all__ = [
+           "PIPELINES",
+           "PRINT_IR_ENV",
+           "ChunkFeedback",
+           "ChunkScan",
+           "FeedbackCost",
+           "Pass",
+           "PassManager",
+           "Simplify",
+           "build_pipeline",
+           "run_pipeline",
+           "simplify",
+]

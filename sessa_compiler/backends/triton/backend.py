@@ -1,0 +1,216 @@
+"""The Triton backend: the triton pass pipeline, then generated kernels for the core ops and torch
+(the eager backend's implementations) for every other op.
+
+Kernels are generated per node and per input dtypes on first use and loaded through the shared
+compile cache; neither depends on B or T, so a new sequence length reuses them. CPU tensors run
+the same kernels in Triton's interpreter (that is how CI tests them); CUDA tensors run compiled.
+float64 graphs run the blocked ops with their torch implementations (Triton's fp64 dot has no
+tensor-core path and the interpreter is the only place it would matter).
+"""
+from __future__ import annotations
+
+import collections
+import os
+import sys
+
+import torch
+
+from ...dtypes import from_torch
+from ...errors import UnsupportedError
+from ...ir.graph import Graph, Node
+from ...ir.ops import CORE, OPS
+from ...passes.pipeline import run_pipeline
+from ..eager import bind_symbols, run_node
+from . import blocked_ref  # noqa: F401  (torch implementations of the blocked ops, for eager and fp64)
+from .attention import generate_attention, launch_attention
+from .codegen import KERNEL_CACHE, KernelSource
+from .feedback import generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse, launch_lse, launch_solve
+from .scan import generate_scan, launch_scan
+
+KERNEL_DTYPES = ("f32", "f16", "bf16")
+
+
+def _operand_names(node: Node) -> list:
+    return {"attention": ["q", "k", "v", "inv_freq"], "feedback_lse": ["q_b", "k_b"],
+            "feedback_diag_inverse": ["q_b", "k_b", "gamma", "lse"],
+            "feedback_chunked": ["f", "q_b", "k_b", "gamma", "lse", "dinv"],
+            "scan_chunked": ["u", "delta", "A", "B", "C", "D"]}[node.op]
+
+
+def _generator(node: Node):
+    if node.op == "attention":
+        return generate_attention if node.attrs["causal"] else None
+    return {"feedback_lse": generate_lse, "feedback_diag_inverse": generate_diag_inverse,
+            "feedback_chunked": generate_solve, "scan_chunked": generate_scan}.get(node.op)
+
+
+def _unit_stride(x):
+    return x if not isinstance(x, torch.Tensor) or x.stride(-1) == 1 else x.contiguous()
+
+
+def _launch(node: Node, kernel, args: list):
+    args = [_unit_stride(a) for a in args]
+    if node.op == "attention":
+        return launch_attention(kernel, *args[:3], args[3] if node.attrs.get("rope") else None)
+    if node.op == "feedback_lse":
+        return launch_lse(kernel, *args)
+    if node.op == "feedback_diag_inverse":
+        return launch_diag_inverse(kernel, *args, chunk_size=node.attrs["chunk_size"])
+    if node.op == "feedback_chunked":
+        return launch_solve(kernel, *args)
+    return launch_scan(kernel, *args)
+
+
+class TritonProgram:
+    """One prepared graph: the rewritten IR, the pass records, and its kernels per (node, dtypes, mode)."""
+
+    def __init__(self, graph: Graph, passes, interpret: bool | None, scan_strategy: str = "sequential"):
+        self.graph = graph
+        self.scan_strategy = scan_strategy
+        self.passes = passes
+        self.interpret = interpret
+        self.kernels: dict = {}
+        self.kernel_nodes = [n for n in graph.nodes if _generator(n) is not None]
+
+    def source_for(self, node: Node, dtypes: dict, interpret: bool) -> KernelSource:
+        if node.op == "scan_chunked":
+            return generate_scan(node, dtypes, interpret, strategy=self.scan_strategy)
+        return _generator(node)(node, dtypes, interpret)
+
+    def kernel(self, node: Node, dtypes: dict, interpret: bool):
+        key = (id(node), tuple(sorted(dtypes.items())), interpret)
+        k = self.kernels.get(key)
+        if k is None:
+            k = KERNEL_CACHE.load(self.source_for(node, dtypes, interpret), interpret)
+            self.kernels[key] = k
+        return k
+
+    def declared_dtypes(self, node: Node) -> dict:
+        return {name: v.type.dtype.name for name, v in zip(_operand_names(node), node.inputs)}
+
+    def run(self, inputs, params):
+        graph = self.graph
+        binding = bind_symbols(graph, inputs)
+        device = inputs[0].device if inputs else torch.device("cpu")
+        interpret = self.interpret if self.interpret is not None else device.type != "cuda"
+        if interpret and not interpreter_ready():
+            raise UnsupportedError(
+                f"backend 'triton' got {device.type} tensors, which run in Triton's interpreter, but triton was "
+                "imported with the interpreter off: set TRITON_INTERPRET=1 before triton is first imported, "
+                "move the model and inputs to a CUDA device, or use backend='eager'")
+        env: dict = {}
+        for v, x in zip(graph.inputs, inputs):
+            env[v] = x
+        for name, v in graph.param_values.items():
+            env[v] = params[name]
+        kernel_nodes = set(self.kernel_nodes)
+        for node in graph.nodes:
+            dtypes = None
+            if node in kernel_nodes:
+                args = [env[x] for x in node.inputs]
+                dtypes = {name: from_torch(a.dtype).name for name, a in zip(_operand_names(node), args)}
+            if dtypes and all(dt in KERNEL_DTYPES for dt in dtypes.values()):
+                out = _launch(node, self.kernel(node, dtypes, interpret), args)
+                env[node.output] = out
+            else:
+                run_node(node, env, binding, device)
+        return [env[v] for v in graph.outputs]
+
+
+class TritonBackend:
+    """``get_backend("triton", print_ir=..., feedback_chunk_size=..., scan_chunk_size=..., scan_strategy=...,
+    interpret=...)``: chunk sizes default to the passes' cost models; ``interpret`` defaults to
+    "interpret CPU tensors, compile for CUDA tensors"."""
+
+    name = "triton"
+
+    def __init__(self, *, print_ir: bool | None = None, feedback_chunk_size: int | None = None,
+                 scan_chunk_size: int | None = None, scan_strategy: str = "sequential",
+                 interpret: bool | None = None):
+        self.print_ir = print_ir
+        self.options = {"feedback_chunk_size": feedback_chunk_size, "scan_chunk_size": scan_chunk_size}
+        self.interpret = interpret
+        self.scan_strategy = scan_strategy
+        self.programs: dict = {}
+
+    def prepare(self, graph: Graph):
+        rewritten = graph.clone()
+        pm = run_pipeline(rewritten, "triton", print_ir=self.print_ir, **self.options)
+        program = TritonProgram(rewritten, pm, self.interpret, self.scan_strategy)
+        self.programs[id(graph)] = program
+        return program.run
+
+    def program(self, graph: Graph) -> TritonProgram:
+        if id(graph) not in self.programs:
+            self.prepare(graph)
+        return self.programs[id(graph)]
+
+    def kernel_sources(self, graph: Graph, interpret: bool = False) -> dict:
+        """The generated source of every kernel (at the graph's declared dtypes), by IR value name."""
+        prog = self.program(graph)
+        out = {}
+        for n in prog.kernel_nodes:
+            dtypes = prog.declared_dtypes(n)
+            if all(dt in KERNEL_DTYPES for dt in dtypes.values()):
+                out[n.output.name] = prog.source_for(n, dtypes, interpret).source
+        return out
+
+    def dump_kernels(self, graph: Graph, directory: str) -> list:
+        os.makedirs(directory, exist_ok=True)
+        paths = []
+        for name, src in self.kernel_sources(graph).items():
+            path = os.path.join(directory, f"{name}.py")
+            with open(path, "w") as fh:
+                fh.write(src)
+            paths.append(path)
+        return paths
+
+    def describe(self, graph: Graph) -> str:
+        prog = self.program(graph)
+        g = prog.graph
+        lines = ["backend triton: pipeline " + " -> ".join(r.pass_ for r in prog.passes.records)]
+        for p in prog.passes.passes:
+            for d in getattr(p, "decisions", []):
+                lines.append(f"    {p.name}: {d}")
+        lines.append(f"  kernels ({len(prog.kernel_nodes)}; generated per dtype on first call, cached per "
+                     "specialisation, not per B or T):")
+        for n in prog.kernel_nodes:
+            dtypes = prog.declared_dtypes(n)
+            if not all(dt in KERNEL_DTYPES for dt in dtypes.values()):
+                lines.append(f"    %{n.output.name} = {n.op}: runs in torch ({dtypes} has no kernel)")
+                continue
+            src = prog.source_for(n, dtypes, interpret=False)
+            spec = ", ".join(f"{k}={v}" for k, v in src.specialisation.items() if k != "scale")
+            tun = ", ".join(f"{k}={v}" for k, v in src.tunables.items() if not k.startswith("dot_"))
+            lines.append(f"    {src.name:<22} <- %{n.output.name} = {n.op}  [{spec}] {{{tun}}}")
+        torch_ops = collections.Counter(n.op for n in g.nodes if n not in set(prog.kernel_nodes))
+        core_left = [op for op in torch_ops if OPS[op].kind == CORE]
+        lines.append("  torch ops between kernels (not fused yet): " +
+                     ", ".join(f"{op} x{c}" for op, c in sorted(torch_ops.items())))
+        if core_left:
+            lines.append("  core ops without a kernel here (torch): " + ", ".join(sorted(core_left)))
+        return "\n".join(lines)
+
+
+def check_triton() -> None:
+    """Import triton, turning its interpreter on first when this machine has no GPU.
+
+    Triton reads TRITON_INTERPRET when triton.language is imported (its library functions are
+    decorated then), so the choice must be made before the first import: without CUDA the
+    interpreter is the only way to run a Triton kernel at all.
+    """
+    if "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise UnsupportedError("backend 'triton' needs the triton package: pip install 'sessa-compiler[triton]' "
+                               f"(import failed: {e})") from e
+
+
+def interpreter_ready() -> bool:
+    """True when triton.language was imported with the interpreter on (needed for CPU tensors)."""
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(standard.zeros, InterpretedFunction)

@@ -1,0 +1,101 @@
+"""The pass manager: named passes over a Graph, run in order, with the IR printable after each.
+
+A pass is a small class whose dataclass fields are its options (xDSL's habit)::
+
+    @dataclass
+    class ChunkFeedback(Pass):
+        name = "chunk-feedback"
+        chunk_size: int | None = None
+        def run(self, graph) -> int: ...      # rewrites in place, returns the number of rewrites
+
+``PassManager([Simplify(), ChunkFeedback(chunk_size=64)]).run(graph)`` verifies the graph after
+every pass and, when asked (``print_ir=True`` or the environment variable
+``SESSA_COMPILER_PRINT_IR=1``), prints the IR after each pass to ``stream`` (stderr by default).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import ClassVar, TextIO
+
+from ..errors import IRError
+from ..ir.graph import Graph
+
+PRINT_IR_ENV = "SESSA_COMPILER_PRINT_IR"
+
+
+def print_ir_from_env() -> bool:
+    return os.environ.get(PRINT_IR_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+@dataclass
+class Pass:
+    """Base class of every pass. Subclasses set ``name`` and implement ``run(graph) -> int``."""
+
+    name: ClassVar[str] = "pass"
+
+    def run(self, graph: Graph) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError(f"pass {self.name} does not implement run()")
+
+    def options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __str__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.options().items())
+        return f"{self.name}{{{opts}}}" if opts else self.name
+
+
+@dataclass
+class PassRecord:
+    """What one pass did: shown by explain() and by the debug printer."""
+
+    pass_: str
+    rewrites: int
+    seconds: float
+    nodes_after: int
+
+    def __str__(self) -> str:
+        return f"{self.pass_}: {self.rewrites} rewrite(s), {self.nodes_after} ops after, {self.seconds * 1e3:.1f} ms"
+
+
+class PassManager:
+    """Runs passes in order over one graph (in place), verifying after each."""
+
+    def __init__(self, passes, *, print_ir: bool | None = None, stream: TextIO | None = None,
+                 verify: bool = True):
+        self.passes = list(passes)
+        for p in self.passes:
+            if not isinstance(p, Pass):
+                raise TypeError(f"PassManager takes Pass instances, got {type(p).__name__} {p!r}")
+        self.print_ir = print_ir_from_env() if print_ir is None else print_ir
+        self.stream = stream
+        self.verify = verify
+        self.records: list[PassRecord] = []
+
+    def _print(self, title: str, graph: Graph) -> None:
+        out = self.stream or sys.stderr
+        out.write(f"// ----- IR {title} -----\n{graph}")
+        out.flush()
+
+    def run(self, graph: Graph) -> Graph:
+        if self.print_ir:
+            self._print("before any pass", graph)
+        for p in self.passes:
+            start = time.perf_counter()
+            rewrites = p.run(graph)
+            if self.verify:
+                try:
+                    graph.verify()
+                except IRError as e:
+                    raise IRError(f"the IR is invalid after pass '{p}': {e}") from e
+            rec = PassRecord(str(p), int(rewrites or 0), time.perf_counter() - start, len(graph.nodes))
+            self.records.append(rec)
+            if self.print_ir:
+                self._print(f"after {p} ({rec.rewrites} rewrite(s))", graph)
+        return graph
+
+    def __str__(self) -> str:
+        return " -> ".join(str(p) for p in self.passes)
