@@ -161,8 +161,9 @@ def compile(module: torch.nn.Module, example_inputs=None, *, backend: str = "aut
             print_ir: bool | None = None, options: dict | None = None):
     """Compile a module. Traces now when ``example_inputs`` are given, else on the first call.
 
-    backend: "eager" (the IR interpreter), or "auto" (the best available for the device; today that
-    is "eager": the Triton and TVM backends are not built yet). validate=True also runs the original
+    backend: "eager" (the IR interpreter, the reference), "triton" (generated kernels; CUDA tensors, or
+    CPU tensors under Triton's interpreter), "tvm" (CPU), or "auto" (triton for CUDA inputs when
+    triton is installed, else eager). validate=True also runs the original
     module on every call and raises ValidationError when outputs differ beyond the spec's tolerance.
     print_ir=True prints the IR after each pass of the backend's pipeline (also SESSA_COMPILER_PRINT_IR=1);
     options go to the backend (triton: feedback_chunk_size, scan_chunk_size, scan_strategy, interpret).
