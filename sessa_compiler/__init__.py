@@ -4,8 +4,39 @@ from .errors import (InputError, IRError, ParseError, SessaCompilerError, TraceE
 from .api import CompiledModule, compile
 from .frontend import trace
 from .ir import parse
+from . import tune  # a callable package: sessa_compiler.tune(module, example_inputs, backend=..., budget=...)
 
 __version__ = "0.1.0"
 
+
+def export_onnx(module, example_inputs, path, *, opset=None, dynamic=True, validate=True):
+    """Export a module to an ONNX file of standard ops (dynamic B and T), validated in onnxruntime.
+
+    Needs the optional packages onnx and onnxruntime; see sessa_compiler.export.onnx_export.export_onnx.
+    """
+    from .export.onnx_export import export_onnx as _export_onnx
+
+    return _export_onnx(module, example_inputs, path, opset=opset, dynamic=dynamic, validate=validate)
+
+
+def export_tvm(module, example_inputs, path, target=None, *, schedules=None):
+    """Export a module to a directory with a TVM library (.so), weights (npz) and a manifest.
+
+    The whole graph must lower to TVM (else UnsupportedError naming the ops); target None = this
+    machine's CPU. Needs apache-tvm; see sessa_compiler.export.tvm_export.export_tvm.
+    """
+    from .export.tvm_export import export_tvm as _export_tvm
+
+    return _export_tvm(module, example_inputs, path, target, schedules=schedules)
+
+
+def load_tvm(path):
+    """Load a directory written by export_tvm: a callable on numpy arrays (its runtime needs no torch;
+    in a torch-free process load `path/sessa_tvm_runtime.py` by file path instead of this package)."""
+    from .export.tvm_runtime import load_tvm as _load_tvm
+
+    return _load_tvm(path)
+
+
 __all__ = ["compile", "CompiledModule", "trace", "parse", "SessaCompilerError", "IRError", "ParseError", "TraceError", "UnsupportedError",
-           "InputError", "ValidationError", "__version__"]
+           "InputError", "ValidationError", "export_onnx", "export_tvm", "load_tvm", "tune", "__version__"]

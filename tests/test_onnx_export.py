@@ -1,0 +1,376 @@
+"""ONNX export: standard ops only, dynamic batch and sequence length, checked in onnxruntime.
+
+Two layers of tests, in the flash-linear-attention habit of "every fast variant against the plain one":
+- the core-op lowerings (feedback solve, attention, scan) from hand-written IR, run in onnxruntime in
+  float64 against backends/reference.py at shapes that straddle the feedback chunk (32);
+- whole models traced by our frontend: one exported file run at many (B, T) against the eager module
+  at the spec's tolerances, for the reference SessaLayer, a Sessa/Mamba/Transformer Decoder, the two
+  independently written styles, and a block with ops the frontend does not recognise.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import onnx  # noqa: E402 - installed by requirements/all.txt, so CI always runs these tests
+import onnxruntime as ort  # noqa: E402
+
+from styles.loop_free_matmul_style import MatmulSessaLayer
+from styles.sdpa_style import SdpaSessaLayer
+from styles.unrecognised import OddBlock
+
+from sessa_compiler import SessaCompilerError, UnsupportedError, export_onnx, parse
+from sessa_compiler.api import TOLERANCE, relative_error
+from sessa_compiler.backends.reference import attention_ref, feedback_ref, scan_ref
+from sessa_compiler.export import onnx_lower
+from sessa_compiler.export.onnx_core import FEEDBACK_CHUNK
+from sessa_compiler.export.onnx_export import (
+    OnnxUnsupportedOpError,
+    OnnxValidationError,
+    build_model,
+    model_domains,
+    model_op_counts,
+    validate_with_onnxruntime,
+)
+from sessa_compiler.models import Decoder, SessaLayer
+
+STANDARD = {"", "ai.onnx"}
+
+
+def session(model_or_path):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    src = model_or_path if isinstance(model_or_path, str) else model_or_path.SerializeToString()
+    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+
+
+def run(sess, *xs) -> list:
+    feeds = {i.name: x.numpy() for i, x in zip(sess.get_inputs(), xs)}
+    return [torch.from_numpy(o) for o in sess.run(None, feeds)]
+
+
+def assert_standard(model):
+    assert model_domains(model) <= STANDARD, model_domains(model)
+    assert [o.domain for o in model.opset_import] == [""]
+
+
+def assert_close(out, ref, tol, what):
+    err = relative_error(out, ref)
+    assert err <= tol, f"{what}: max abs error / max abs reference = {err:.3e} > {tol:.0e}"
+
+
+# -- core lowerings from hand-written IR, float64 -----------------------------------------------------------
+FEEDBACK_IR = """\
+graph fb(%f: f64[B, T, 6], %qb: f64[B, T, 8], %kb: f64[B, T, 8], %gamma: f64[B, T]) {
+  %s: f64[B, T, 6] = feedback(%f, %qb, %kb, %gamma) {scale=0.35355339059327373}
+  return %s
+}
+"""
+
+
+def test_feedback_lowering_matches_reference_across_chunk_boundaries():
+    model = build_model(parse(FEEDBACK_IR))
+    onnx.checker.check_model(model, full_check=True)
+    assert_standard(model)
+    counts = model_op_counts(model)
+    assert counts["Loop"] == 1 and "Pad" not in counts
+    sess = session(model)
+    g = torch.Generator().manual_seed(0)
+    C = FEEDBACK_CHUNK
+    for B, T, bias in [(1, 1, 8.0), (2, C - 1, -8.0), (1, C, 8.0), (3, C + 1, 0.3), (2, 3 * C + 5, 8.0), (1, 300, -8.0)]:
+        f, qb, kb = (torch.randn(B, T, w, generator=g, dtype=torch.float64) for w in (6, 8, 8))
+        gamma = 0.999 * torch.tanh(bias + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64))  # near +-gamma_max
+        (s,) = run(sess, f, qb, kb, gamma)
+        assert_close(s, feedback_ref(f, qb, kb, gamma, 8 ** -0.5), 1e-10, f"feedback B={B} T={T} gamma~{bias:+}")
+
+
+def test_feedback_lowering_float32_and_float16_accumulate_in_float32():
+    for dt, tol in (("f32", TOLERANCE[torch.float32]), ("f16", TOLERANCE[torch.float16])):
+        sess = session(build_model(parse(FEEDBACK_IR.replace("f64", dt))))
+        g = torch.Generator().manual_seed(1)
+        f, qb, kb = (torch.randn(2, 200, w, generator=g, dtype=torch.float64) for w in (6, 8, 8))
+        gamma = torch.full((2, 200), 0.999 * math.tanh(8.0), dtype=torch.float64)
+        tdt = {"f32": torch.float32, "f16": torch.float16}[dt]
+        (s,) = run(sess, *(t.to(tdt) for t in (f, qb, kb, gamma)))
+        assert s.dtype == tdt
+        assert_close(s, feedback_ref(f, qb, kb, gamma, 8 ** -0.5), tol, f"feedback {dt}")
+
+
+ATTENTION_IR = """\
+graph att(%q: f64[B, T, 4, 6], %k: f64[B, T, 2, 6], %v: f64[B, T, 2, 5], %inv_freq: f64[3]) {
+  %o: f64[B, T, 4, 5] = attention(%q, %k, %v, %inv_freq) {scale=0.4082482904638631, causal=True, rope=True}
+  %p: f64[B, T, 4, 5] = attention(%q, %k, %v) {scale=0.5, causal=True}
+  return %o, %p
+}
+"""
+
+
+def test_attention_lowering_gqa_rope_matches_reference():
+    sess = session(build_model(parse(ATTENTION_IR)))
+    g = torch.Generator().manual_seed(2)
+    inv_freq = 10000.0 ** (-torch.arange(0, 6, 2, dtype=torch.float64) / 6)
+    for B, T in [(1, 1), (2, 17), (1, 70)]:
+        q = torch.randn(B, T, 4, 6, generator=g, dtype=torch.float64)
+        k = torch.randn(B, T, 2, 6, generator=g, dtype=torch.float64)
+        v = torch.randn(B, T, 2, 5, generator=g, dtype=torch.float64)
+        o, p = run(sess, q, k, v, inv_freq)
+        assert_close(o, attention_ref(q, k, v, 6 ** -0.5, True, inv_freq), 1e-10, f"rope attention T={T}")
+        assert_close(p, attention_ref(q, k, v, 0.5, True), 1e-10, f"attention T={T}")
+
+
+SCAN_IR = """\
+graph ssm(%u: f64[B, T, 6], %delta: f64[B, T, 6], %A: f64[6, 4], %Bm: f64[B, T, 4], %Cm: f64[B, T, 4], %D: f64[6]) {
+  %y: f64[B, T, 6] = scan(%u, %delta, %A, %Bm, %Cm, %D)
+  return %y
+}
+"""
+
+
+def test_scan_lowering_matches_reference():
+    model = build_model(parse(SCAN_IR))
+    assert model_op_counts(model).get("Scan") == 1
+    sess = session(model)
+    g = torch.Generator().manual_seed(3)
+    for B, T in [(1, 1), (2, 37)]:
+        u, Bm, Cm = (torch.randn(B, T, w, generator=g, dtype=torch.float64) for w in (6, 4, 4))
+        delta = torch.nn.functional.softplus(torch.randn(B, T, 6, generator=g, dtype=torch.float64))
+        A = -torch.rand(6, 4, generator=g, dtype=torch.float64) - 0.1
+        D = torch.randn(6, generator=g, dtype=torch.float64)
+        (y,) = run(sess, u, delta, A, Bm, Cm, D)
+        assert_close(y, scan_ref(u, delta, A, Bm, Cm, D), 1e-10, f"scan T={T}")
+
+
+# -- whole models --------------------------------------------------------------------------------------------
+def plant_gamma(module, bias):
+    with torch.no_grad():
+        for m in module.modules():
+            if hasattr(m, "gamma_bias"):
+                m.gamma_bias.fill_(bias)
+    return module
+
+
+def check_file_at(path, module, shapes, make_input, dtype=torch.float32):
+    sess = session(path)
+    for B, T in shapes:
+        x = make_input(B, T)
+        (out,) = run(sess, x)
+        with torch.no_grad():
+            ref = module(x)
+        assert out.shape == ref.shape
+        assert_close(out, ref, TOLERANCE[dtype], f"{type(module).__name__} B={B} T={T}")
+
+
+@pytest.fixture(scope="module")
+def gqa_export(tmp_path_factory):
+    torch.manual_seed(0)
+    m = SessaLayer(32, n_heads=4, n_kv_heads=2).eval()
+    path = str(tmp_path_factory.mktemp("onnx") / "sessa_gqa.onnx")
+    return m, export_onnx(m, (torch.randn(2, 9, 32),), path)
+
+
+def test_one_sessa_file_serves_every_batch_and_length(gqa_export):
+    m, res = gqa_export
+    assert len(res.validation) == 2  # the example inputs and a second (B, T)
+    model = onnx.load(res.path)
+    onnx.checker.check_model(model, full_check=True)
+    assert_standard(model)
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["B", "T", 32]
+    g = torch.Generator().manual_seed(5)
+    check_file_at(res.path, m, [(B, T) for T in (1, 17, 64, 300) for B in (1, 3)],
+                  lambda B, T: torch.randn(B, T, 32, generator=g))
+
+
+@pytest.mark.parametrize("kwargs, bias", [
+    ({"D": 16, "n_heads": 1, "max_len": 320}, 8.0),                                 # H = 1 (no out_proj), masks buffers, gamma ~ +max
+    ({"D": 24, "n_heads": 2, "n_kv_heads": 1, "use_forward_rope": False}, -8.0),      # RoPE off, GQA, gamma ~ -max
+], ids=["single_head_max_len_gamma_plus", "rope_off_gqa_gamma_minus"])
+def test_sessa_configs(tmp_path, kwargs, bias):
+    torch.manual_seed(1)
+    m = plant_gamma(SessaLayer(**kwargs).eval(), bias)
+    D = kwargs["D"]
+    res = export_onnx(m, (torch.randn(1, 5, D),), tmp_path / "s.onnx")
+    assert_standard(res.model)
+    g = torch.Generator().manual_seed(6)
+    check_file_at(res.path, m, [(2, 1), (1, 33), (2, 300)], lambda B, T: torch.randn(B, T, D, generator=g))
+
+
+def test_decoder_with_sessa_mamba_transformer_layers(tmp_path):
+    torch.manual_seed(2)
+    m = Decoder(64, 32, "SMT", n_heads=4, n_kv_heads=2).eval()
+    res = export_onnx(m, (torch.randint(0, 64, (2, 12)),), tmp_path / "decoder.onnx")
+    counts = res.op_counts()
+    assert counts["Loop"] == 1 and counts["Scan"] == 1  # feedback and selective scan
+    assert_standard(res.model)
+    g = torch.Generator().manual_seed(7)
+    check_file_at(res.path, m, [(1, 1), (2, 17), (1, 64), (2, 300)],
+                  lambda B, T: torch.randint(0, 64, (B, T), generator=g))
+
+
+@pytest.mark.parametrize("style, kwargs", [
+    (SdpaSessaLayer, {"D": 16, "n_heads": 4, "n_kv_heads": 2}),
+    (MatmulSessaLayer, {"D": 12, "n_heads": 2, "n_kv_heads": 1, "use_forward_rope": False}),
+], ids=["sdpa_gqa", "matmul_rope_off"])
+def test_independently_written_styles(tmp_path, style, kwargs):
+    torch.manual_seed(3)
+    m = plant_gamma(style(**kwargs).eval(), 4.0)
+    D = kwargs["D"]
+    res = export_onnx(m, (torch.randn(2, 7, D),), tmp_path / "style.onnx")
+    counts = res.op_counts()
+    assert counts.get("Loop") == 1  # the user's solve_triangular became the chunked solve
+    assert_standard(res.model)
+    g = torch.Generator().manual_seed(8)
+    check_file_at(res.path, m, [(1, 1), (3, 45), (1, 130)], lambda B, T: torch.randn(B, T, D, generator=g))
+
+
+def test_unrecognised_block_exports_through_the_fallback_table(tmp_path):
+    torch.manual_seed(4)
+    m = OddBlock(16).eval()
+    res = export_onnx(m, (torch.randn(2, 9, 16),), tmp_path / "odd.onnx")
+    counts = res.op_counts()
+    assert {"CumSum", "TopK", "ReduceMax"} <= set(counts)  # cumsum, sort, logsumexp
+    assert_standard(res.model)
+    g = torch.Generator().manual_seed(9)
+    check_file_at(res.path, m, [(1, 1), (3, 50)], lambda B, T: torch.randn(B, T, 16, generator=g))
+
+
+def test_static_export_at_another_opset_fixes_the_shapes(tmp_path):
+    m = OddBlock(8).eval()
+    res = export_onnx(m, (torch.randn(2, 5, 8),), tmp_path / "static.onnx", dynamic=False, opset=21)
+    assert len(res.validation) == 1
+    assert [(o.domain, o.version) for o in res.model.opset_import] == [("", 21)]
+    dims = [d.dim_value for d in res.model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [2, 5, 8]
+
+
+class Atan2VarBlock(torch.nn.Module):
+    """aten.atan2 and aten.var are not in the exporter's table: they go through torch.onnx.export."""
+
+    def forward(self, x):
+        return x + torch.atan2(x, 2 * x + 1) + torch.var(x, dim=-1, keepdim=True)
+
+
+def test_ops_outside_the_table_go_through_torch_exporter(tmp_path):
+    res = export_onnx(Atan2VarBlock(), (torch.randn(2, 5, 4),), tmp_path / "atan2.onnx")
+    assert "Atan" in res.op_counts()
+    assert_standard(res.model)
+    check_file_at(res.path, Atan2VarBlock(), [(1, 1), (4, 23)], lambda B, T: torch.randn(B, T, 4))
+
+
+class BesselBlock(torch.nn.Module):
+    def forward(self, x):
+        return x + torch.special.bessel_j0(x)
+
+
+def test_op_without_onnx_lowering_fails_naming_it(tmp_path):
+    # not in the table, and torch's exporter has no ONNX function for it either
+    with pytest.raises(OnnxUnsupportedOpError, match=r"aten\.special_bessel_j0.*torch\.onnx\.export failed") as info:
+        export_onnx(BesselBlock(), (torch.randn(2, 5, 4),), tmp_path / "bessel.onnx")
+    assert isinstance(info.value, SessaCompilerError)
+
+
+# -- dtypes ------------------------------------------------------------------------------------------------------
+def test_float16_export_matches_the_float64_reference(tmp_path):
+    torch.manual_seed(5)
+    m32 = plant_gamma(SessaLayer(32, n_heads=4, n_kv_heads=2).eval(), 3.0)
+    m16 = copy.deepcopy(m32).half()
+    res = export_onnx(m16, (torch.randn(2, 9, 32).half(),), tmp_path / "fp16.onnx")
+    assert res.model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    sess = session(res.path)
+    m64 = copy.deepcopy(m32).double()
+    g = torch.Generator().manual_seed(10)
+    for B, T in [(1, 1), (2, 100)]:
+        x = torch.randn(B, T, 32, generator=g, dtype=torch.float64)
+        (out,) = run(sess, x.half())
+        assert out.dtype == torch.float16
+        with torch.no_grad():
+            assert_close(out, m64(x), TOLERANCE[torch.float16], f"fp16 export T={T} vs float64 reference")
+
+
+def test_bfloat16_exports_but_onnxruntime_cannot_validate_it(tmp_path):
+    m = SessaLayer(16, n_heads=2).to(torch.bfloat16).eval()
+    path = tmp_path / "bf16.onnx"
+    with pytest.raises(UnsupportedError, match="bfloat16"):
+        export_onnx(m, (torch.randn(2, 9, 16).to(torch.bfloat16),), path)
+    model = onnx.load(str(path))  # written and checked before validation refused
+    onnx.checker.check_model(model, full_check=True)
+    assert_standard(model)
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
+
+
+# -- validation can fail ----------------------------------------------------------------------------------------
+def test_validation_reports_a_module_that_differs(gqa_export):
+    m, res = gqa_export
+    other = copy.deepcopy(m)
+    with torch.no_grad():
+        other.W_out.bias.add_(0.5)
+    sess = session(res.path)
+    x = (torch.randn(1, 20, 32),)
+    with pytest.raises(OnnxValidationError, match=r"output 0 differs .* > 1e-04"):
+        validate_with_onnxruntime(sess, res.traced.graph, other, [x], res.opset)
+
+
+def test_a_wrong_lowering_is_caught_and_named(tmp_path, monkeypatch):
+    monkeypatch.setitem(onnx_lower.LOWERINGS, "feedback", lambda L, node: [L.get(node, 0)])  # skips the solve
+    m = plant_gamma(SessaLayer(16, n_heads=1).eval(), 2.0)
+    with pytest.raises(OnnxValidationError, match=r"first IR value that differs is %feedback"):
+        export_onnx(m, (torch.randn(1, 6, 16),), tmp_path / "wrong.onnx")
+
+
+def test_import_does_not_load_onnx():
+    code = "import sys, sessa_compiler; assert 'onnx' not in sys.modules and 'onnxruntime' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- the custom op route: torch.onnx.export of a model that calls sessa_compiler::feedback ----------------------
+class CustomFeedbackBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+
+    def forward(self, f, q_b, k_b, gamma):
+        from sessa_compiler.export.onnx_custom_ops import feedback
+
+        return feedback(self.proj(f), q_b, k_b, gamma, 0.25)
+
+
+def feedback_inputs(B, T, g):
+    return (torch.randn(B, T, 8, generator=g), torch.randn(B, T, 16, generator=g), torch.randn(B, T, 16, generator=g),
+            0.999 * torch.tanh(4.0 + torch.randn(B, T, generator=g)))
+
+
+def test_custom_feedback_op_exports_with_torch_onnx_export_and_export_onnx(tmp_path):
+    import warnings
+
+
+    from torch.export import Dim
+
+    from sessa_compiler.export.onnx_custom_ops import translation_table
+
+    torch.manual_seed(6)
+    m = CustomFeedbackBlock().eval()
+    g = torch.Generator().manual_seed(11)
+    args = feedback_inputs(2, 40, g)
+    B, T = Dim("B"), Dim("T")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(m, args, dynamo=True, dynamic_shapes=({0: B, 1: T},) * 4,
+                                 custom_translation_table=translation_table(), verbose=False)
+    model = prog.model_proto
+    onnx.checker.check_model(model, full_check=True)
+    assert_standard(model)
+    assert not model.functions and "Loop" in model_op_counts(model)
+    sess = session(model)
+    for Bn, Tn in [(1, 1), (3, 100)]:
+        xs = feedback_inputs(Bn, Tn, g)
+        (out,) = run(sess, *xs)
+        with torch.no_grad():
+            assert_close(out, m(*xs), TOLERANCE[torch.float32], f"torch.onnx.export route T={Tn}")
+    res = export_onnx(m, args, tmp_path / "custom.onnx")  # our exporter maps the op to its feedback lowering
+    assert "Loop" in res.op_counts()
+    assert_standard(res.model)
