@@ -40,7 +40,8 @@ class CompiledModule(torch.nn.Module):
     """
 
     def __init__(self, module: torch.nn.Module, example_inputs=None, *, backend: str = "auto",
-                 validate: bool = False, print_ir: bool | None = None, options: dict | None = None):
+                 validate: bool = False, print_ir: bool | None = None, options: dict | None = None,
+                 autotune: bool | dict = False):
         super().__init__()
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"compile expects a torch.nn.Module, got {type(module).__name__}")
@@ -54,6 +55,9 @@ class CompiledModule(torch.nn.Module):
         self._traced: Traced | None = None
         self._runner = None
         self.trace_seconds = None
+        self.autotune = autotune  # True, or tune settings: {"budget": ..., "progress": ..., "cache": ...}
+        self.tune_results: list = []
+        self.tune_seconds = 0.0
         if example_inputs is not None:
             self._trace(tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
 
@@ -67,6 +71,14 @@ class CompiledModule(torch.nn.Module):
         for name in graph.param_values:
             if name in live:
                 graph.params[name] = live[name]
+        graph.example_inputs = args  # backends pick configs per shape class and device from these
+        if self.autotune:
+            from .tune.api import tune_graph
+
+            settings = self.autotune if isinstance(self.autotune, dict) else {}
+            tune_start = time.perf_counter()
+            self.tune_results = tune_graph(self._backend, graph, args, **settings)
+            self.tune_seconds = time.perf_counter() - tune_start
         self._runner = self._backend.prepare(graph)
         self.trace_seconds = time.perf_counter() - start
 
@@ -158,7 +170,7 @@ class CompiledModule(torch.nn.Module):
 
 
 def compile(module: torch.nn.Module, example_inputs=None, *, backend: str = "auto", validate: bool = False,
-            print_ir: bool | None = None, options: dict | None = None):
+            print_ir: bool | None = None, options: dict | None = None, autotune: bool | dict = False):
     """Compile a module. Traces now when ``example_inputs`` are given, else on the first call.
 
     backend: "eager" (the IR interpreter, the reference), "triton" (generated kernels; CUDA tensors, or
@@ -167,6 +179,9 @@ def compile(module: torch.nn.Module, example_inputs=None, *, backend: str = "aut
     module on every call and raises ValidationError when outputs differ beyond the spec's tolerance.
     print_ir=True prints the IR after each pass of the backend's pipeline (also SESSA_COMPILER_PRINT_IR=1);
     options go to the backend (triton: feedback_chunk_size, scan_chunk_size, scan_strategy, interpret).
+    autotune=True tunes each kernel for this device and the example's sequence-length class before the
+    backend is prepared (verified against eager, stored in the persistent cache; a dict passes settings
+    such as {"budget": 60} to sessa_compiler.tune). Without it the backend still reads earlier results.
     """
     return CompiledModule(module, example_inputs, backend=backend, validate=validate, print_ir=print_ir,
-                          options=options)
+                          options=options, autotune=autotune)

@@ -125,10 +125,15 @@ def cmd_tune(a) -> int:
 
     if not hasattr(sc, "tune"):
         raise SessaCompilerError("tune: no backend with tunable kernels is built yet (Triton and TVM backends pending)")
+    from .tune import cache_dir
+
     model, x = build_model(a)
-    results = sc.tune(model, (x,), backend=a.backend, budget=a.budget)
+    budget = f"{a.trials} trials" if a.trials else a.budget
+    results = sc.tune(model, (x,), backend=a.backend, budget=budget)
     for r in results:
-        print(f"{r.kernel}: {r.config} ({'cache hit' if r.from_cache else f'{r.median_ms:.3f} ms, {r.tried} tried'})")
+        print(f"{r.kernel}: {r.config} ({'cache hit' if r.from_cache else f'{r.median_ms:.3f} ms, {r.tried} tried'}"
+              + (f", {len(r.rejected)} rejected" if r.rejected else "") + ")")
+    print(f"{len(results)} kernels; cache: {cache_dir()}")
     return 0
 
 
@@ -219,8 +224,9 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="autotune the kernels of a model for this device")
     add_model_args(t)
-    t.add_argument("--backend", default="auto")
-    t.add_argument("--budget", type=float, default=60.0, help="seconds")
+    t.add_argument("--backend", default="triton", help="triton (CUDA, or CPU tensors in Triton's interpreter)")
+    t.add_argument("--budget", type=float, default=60.0, help="seconds, shared among the kernels")
+    t.add_argument("--trials", type=int, default=None, help="candidates per kernel instead of a time budget")
     t.set_defaults(fn=cmd_tune)
 
     b = sub.add_parser("bench", help="time backends against the eager module over sequence lengths")

@@ -1,7 +1,7 @@
 """The pass pipeline of each backend, as a short list of named passes.
 
     eager:  simplify
-    triton: simplify -> chunk-feedback -> chunk-scan
+    triton: simplify -> chunk-feedback -> chunk-scan [-> fuse]   (the Triton backend passes fuse=True)
 
 ``run_pipeline(graph, "triton", print_ir=True)`` rewrites ``graph`` in place and returns the
 PassManager (its ``records`` say what each pass did; chunking passes keep their ``decisions``).
@@ -13,6 +13,7 @@ from ..ir.graph import Graph
 from .canonicalize import Simplify
 from .chunk_feedback import ChunkFeedback
 from .chunk_scan import ChunkScan
+from .fuse import Fuse
 from .manager import PassManager
 
 
@@ -20,8 +21,9 @@ def eager_pipeline(**_options) -> list:
     return [Simplify()]
 
 
-def triton_pipeline(*, feedback_chunk_size=None, scan_chunk_size=None, **_options) -> list:
-    return [Simplify(), ChunkFeedback(chunk_size=feedback_chunk_size), ChunkScan(chunk_size=scan_chunk_size)]
+def triton_pipeline(*, feedback_chunk_size=None, scan_chunk_size=None, fuse=False, **_options) -> list:
+    passes = [Simplify(), ChunkFeedback(chunk_size=feedback_chunk_size), ChunkScan(chunk_size=scan_chunk_size)]
+    return passes + [Fuse()] if fuse else passes
 
 
 PIPELINES = {"eager": eager_pipeline, "triton": triton_pipeline}

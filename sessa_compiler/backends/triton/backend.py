@@ -10,6 +10,7 @@ tensor-core path and the interpreter is the only place it would matter).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import os
 import sys
 
@@ -25,12 +26,15 @@ from . import blocked_ref  # noqa: F401  (torch implementations of the blocked o
 from .attention import generate_attention, launch_attention
 from .codegen import KERNEL_CACHE, KernelSource
 from .feedback import generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse, launch_lse, launch_solve
+from .fused import fused_layout, generate_fused, launch_fused
 from .scan import generate_scan, launch_scan
 
 KERNEL_DTYPES = ("f32", "f16", "bf16")
 
 
 def _operand_names(node: Node) -> list:
+    if node.op == "fused":
+        return [f"in{i}" for i in range(len(node.inputs))]
     return {"attention": ["q", "k", "v", "inv_freq"], "feedback_lse": ["q_b", "k_b"],
             "feedback_diag_inverse": ["q_b", "k_b", "gamma", "lse"],
             "feedback_chunked": ["f", "q_b", "k_b", "gamma", "lse", "dinv"],
@@ -41,7 +45,7 @@ def _generator(node: Node):
     if node.op == "attention":
         return generate_attention if node.attrs["causal"] else None
     return {"feedback_lse": generate_lse, "feedback_diag_inverse": generate_diag_inverse,
-            "feedback_chunked": generate_solve, "scan_chunked": generate_scan}.get(node.op)
+            "feedback_chunked": generate_solve, "scan_chunked": generate_scan, "fused": generate_fused}.get(node.op)
 
 
 def _unit_stride(x):
@@ -49,6 +53,8 @@ def _unit_stride(x):
 
 
 def _launch(node: Node, kernel, args: list):
+    if node.op == "fused":  # reads row-strided views (split, reshape) in place
+        return launch_fused(kernel, node, args)
     args = [_unit_stride(a) for a in args]
     if node.op == "attention":
         return launch_attention(kernel, *args[:3], args[3] if node.attrs.get("rope") else None)
@@ -71,11 +77,16 @@ class TritonProgram:
         self.interpret = interpret
         self.kernels: dict = {}
         self.kernel_nodes = [n for n in graph.nodes if _generator(n) is not None]
+        self.node_configs: dict = {}    # node -> {num_warps, num_stages}: tuned, shipped default, or none
+        self.config_report: list = []   # where each op's config came from (for describe / explain)
 
     def source_for(self, node: Node, dtypes: dict, interpret: bool) -> KernelSource:
         if node.op == "scan_chunked":
-            return generate_scan(node, dtypes, interpret, strategy=self.scan_strategy)
-        return _generator(node)(node, dtypes, interpret)
+            src = generate_scan(node, dtypes, interpret, strategy=self.scan_strategy)
+        else:
+            src = _generator(node)(node, dtypes, interpret)
+        launch = self.node_configs.get(node)
+        return dataclasses.replace(src, **launch) if launch else src
 
     def kernel(self, node: Node, dtypes: dict, interpret: bool):
         key = (id(node), tuple(sorted(dtypes.items())), interpret)
@@ -111,7 +122,7 @@ class TritonProgram:
                 dtypes = {name: from_torch(a.dtype).name for name, a in zip(_operand_names(node), args)}
             if dtypes and all(dt in KERNEL_DTYPES for dt in dtypes.values()):
                 out = _launch(node, self.kernel(node, dtypes, interpret), args)
-                env[node.output] = out
+                env.update(zip(node.outputs, out if len(node.outputs) > 1 else (out,)))
             else:
                 run_node(node, env, binding, device)
         return [env[v] for v in graph.outputs]
@@ -126,19 +137,29 @@ class TritonBackend:
 
     def __init__(self, *, print_ir: bool | None = None, feedback_chunk_size: int | None = None,
                  scan_chunk_size: int | None = None, scan_strategy: str = "sequential",
-                 interpret: bool | None = None):
+                 interpret: bool | None = None, fuse: bool = True):
         self.print_ir = print_ir
-        self.options = {"feedback_chunk_size": feedback_chunk_size, "scan_chunk_size": scan_chunk_size}
+        self.options = {"feedback_chunk_size": feedback_chunk_size, "scan_chunk_size": scan_chunk_size, "fuse": fuse}
         self.interpret = interpret
         self.scan_strategy = scan_strategy
         self.programs: dict = {}
 
     def prepare(self, graph: Graph):
+        # one program per shape class and device, configured from the tuning cache, then the shipped
+        # defaults, then the cost model (sessa_compiler/tune/api.py); calls build_program below
+        from ...tune.api import triton_runner
+
+        return triton_runner(self, graph)
+
+    def build_program(self, graph: Graph, options: dict | None = None) -> TritonProgram:
+        """One program; ``options`` (pipeline chunk sizes, scan_strategy) replace the backend's own."""
+        opts = {**self.options, **(options or {})}
+        strategy = opts.pop("scan_strategy", self.scan_strategy)
         rewritten = graph.clone()
-        pm = run_pipeline(rewritten, "triton", print_ir=self.print_ir, **self.options)
-        program = TritonProgram(rewritten, pm, self.interpret, self.scan_strategy)
+        pm = run_pipeline(rewritten, "triton", print_ir=self.print_ir, **opts)
+        program = TritonProgram(rewritten, pm, self.interpret, strategy)
         self.programs[id(graph)] = program
-        return program.run
+        return program
 
     def program(self, graph: Graph) -> TritonProgram:
         if id(graph) not in self.programs:
@@ -151,14 +172,20 @@ class TritonBackend:
         out = {}
         for n in prog.kernel_nodes:
             dtypes = prog.declared_dtypes(n)
-            if all(dt in KERNEL_DTYPES for dt in dtypes.values()):
+            if n.op != "fused" and all(dt in KERNEL_DTYPES for dt in dtypes.values()):
                 out[n.output.name] = prog.source_for(n, dtypes, interpret).source
         return out
+
+    def fused_kernel_sources(self, graph: Graph, interpret: bool = False) -> dict:
+        """The generated source of every fusion group's kernel, by ``group<k>``."""
+        prog = self.program(graph)
+        return {f"group{n.attrs['group']}": prog.source_for(n, prog.declared_dtypes(n), interpret).source
+                for n in prog.kernel_nodes if n.op == "fused" and _fused_has_kernel(n)}
 
     def dump_kernels(self, graph: Graph, directory: str) -> list:
         os.makedirs(directory, exist_ok=True)
         paths = []
-        for name, src in self.kernel_sources(graph).items():
+        for name, src in {**self.kernel_sources(graph), **self.fused_kernel_sources(graph)}.items():
             path = os.path.join(directory, f"{name}.py")
             with open(path, "w") as fh:
                 fh.write(src)
@@ -175,6 +202,8 @@ class TritonBackend:
         lines.append(f"  kernels ({len(prog.kernel_nodes)}; generated per dtype on first call, cached per "
                      "specialisation, not per B or T):")
         for n in prog.kernel_nodes:
+            if n.op == "fused":
+                continue  # listed with the fusion groups below
             dtypes = prog.declared_dtypes(n)
             if not all(dt in KERNEL_DTYPES for dt in dtypes.values()):
                 lines.append(f"    %{n.output.name} = {n.op}: runs in torch ({dtypes} has no kernel)")
@@ -183,9 +212,11 @@ class TritonBackend:
             spec = ", ".join(f"{k}={v}" for k, v in src.specialisation.items() if k != "scale")
             tun = ", ".join(f"{k}={v}" for k, v in src.tunables.items() if not k.startswith("dot_"))
             lines.append(f"    {src.name:<22} <- %{n.output.name} = {n.op}  [{spec}] {{{tun}}}")
+        lines.extend(prog.config_report)
         torch_ops = collections.Counter(n.op for n in g.nodes if n not in set(prog.kernel_nodes))
         core_left = [op for op in torch_ops if OPS[op].kind == CORE]
-        lines.append("  torch ops between kernels (not fused yet): " +
+        lines += describe_fusion(prog)
+        lines.append("  torch ops between kernels: " +
                      ", ".join(f"{op} x{c}" for op, c in sorted(torch_ops.items())))
         if core_left:
             lines.append("  core ops without a kernel here (torch): " + ", ".join(sorted(core_left)))
@@ -214,3 +245,28 @@ def interpreter_ready() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(standard.zeros, InterpretedFunction)
+
+
+def _fused_has_kernel(node: Node) -> bool:
+    body = fused_layout(node)[0]
+    return all(v.type.dtype.name in KERNEL_DTYPES for v in list(body.inputs) + list(body.outputs))
+
+
+def describe_fusion(prog: TritonProgram) -> list:
+    """The fusion groups: member ops, kernel, bytes saved (symbolic, per call)."""
+    fused = [n for n in prog.graph.nodes if n.op == "fused"]
+    if not fused:
+        return ["  fusion groups: none"]
+    lines = [f"  fusion groups ({len(fused)}; one kernel each, bytes saved per call vs one torch op at a time):"]
+    for n in fused:
+        body = fused_layout(n)[0]
+        members = ", ".join(f"{m.op} %{m.outputs[0].name}" for m in body.nodes)
+        outs = ", ".join("%" + v.name for v in n.outputs)
+        if _fused_has_kernel(n):
+            src = prog.source_for(n, prog.declared_dtypes(n), interpret=False)
+            kernel = f"{src.name} {{BLOCK_R={src.tunables['BLOCK_R']}, BLOCK_N={src.tunables['BLOCK_N']}}}"
+        else:
+            kernel = "torch (no fused kernel for these dtypes)"
+        lines.append(f"    group {n.attrs['group']} ({n.attrs['kernel']}) -> {outs}: {members}; "
+                     f"saves {n.attrs.get('bytes_saved', '?')} bytes; kernel {kernel}")
+    return lines
