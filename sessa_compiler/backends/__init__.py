@@ -1,4 +1,4 @@
-"""Backends: eager (the IR interpreter, the definition), triton (generated GPU kernels); tvm is planned."""
+"""Backends: eager (the IR interpreter, the definition), triton (generated GPU kernels), tvm (generated CPU kernels)."""
 from __future__ import annotations
 
 from ..errors import UnsupportedError

@@ -1,0 +1,65 @@
+"""IR node -> TVM kernel spec: which core ops lower to generated TVM kernels, and why others do not."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...ir.graph import Graph, Node, Value
+from .build import attention_spec, feedback_spec, scan_spec
+
+# IR dtype -> the dtype the TVM kernel computes in (the spec: accumulate in >= float32).
+COMPUTE_DTYPE = {"f64": "float64", "f32": "float32", "bf16": "float32", "f16": "float32"}
+
+
+@dataclass
+class Lowered:
+    node: Node
+    spec: object = None      # KernelSpec, or None when the node runs through torch
+    reason: str = ""         # why a core op did not lower
+
+
+def _static(d) -> int | None:
+    return d if isinstance(d, int) else None
+
+
+def lower_node(node: Node, lanes: int = 8, schedules: dict | None = None) -> Lowered:
+    """A KernelSpec for a core op this backend generates kernels for; otherwise the reason it cannot."""
+    schedules = schedules or {}
+    if node.op not in ("attention", "feedback", "scan"):
+        return Lowered(node)
+    ins = [x for x in node.inputs]
+    first = ins[0].type
+    dtype = COMPUTE_DTYPE.get(first.dtype.name)
+    if dtype is None:
+        return Lowered(node, None, f"dtype {first.dtype} has no TVM kernel")
+    if any(isinstance(x, Value) and x.type.dtype != first.dtype for x in ins[:3]):
+        return Lowered(node, None, "operands of mixed dtypes")
+    sched = schedules.get(node.op)
+    if node.op == "feedback":
+        width = _static(first.shape[2])
+        if width is None:
+            return Lowered(node, None, f"feedback width {first.shape[2]} is not static")
+        return Lowered(node, feedback_spec(width, node.attrs["scale"], dtype, sched, lanes))
+    if node.op == "attention":
+        q, k, v = (x.type for x in ins[:3])
+        H, HKV, DH, DV = (_static(s) for s in (q.shape[2], k.shape[2], q.shape[3], v.shape[3]))
+        if None in (H, HKV, DH, DV):
+            return Lowered(node, None, "head counts and head width must be static")
+        if not node.attrs.get("causal", False):
+            return Lowered(node, None, "non-causal attention has no TVM kernel")
+        if DV != DH:
+            return Lowered(node, None, f"value width {DV} differs from query width {DH}")
+        rope = bool(node.attrs.get("rope", False))
+        if rope and ins[3].type.dtype != first.dtype:
+            return Lowered(node, None, "inv_freq dtype differs from q")
+        return Lowered(node, attention_spec(H, HKV, DH, node.attrs["scale"], rope, dtype, sched, lanes))
+    u, A = ins[0].type, ins[2].type
+    DIN, N = _static(u.shape[2]), _static(A.shape[1])
+    if None in (DIN, N):
+        return Lowered(node, None, "scan channels and state size must be static")
+    if any(x.type.dtype != first.dtype for x in ins):
+        return Lowered(node, None, "operands of mixed dtypes")
+    return Lowered(node, scan_spec(DIN, N, dtype, sched, lanes))
+
+
+def lower_graph(graph: Graph, lanes: int = 8, schedules: dict | None = None) -> list:
+    return [lower_node(n, lanes, schedules) for n in graph.nodes]

@@ -1,0 +1,296 @@
+"""IR graph -> one Relax function ("main") over symbolic batch and sequence length, for export.
+
+Every IR op must lower: core ops become `call_tir` to the generated TIR kernels (the same PrimFuncs
+and schedules compile(backend="tvm") uses), linear layers to a generated scheduled matmul kernel
+(kernels/linear.py), the rest map to Relax ops (legalised to TIR by TVM's default CPU pipeline,
+unscheduled: elementwise ops, norms and reshapes are cheap next to the matmuls). Parameters are function arguments (read from the weights file at load time),
+not constants baked into the library. An op without a lowering raises UnsupportedError naming it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import sympy
+
+from ...errors import UnsupportedError
+from ...ir.graph import Graph, Value
+from .build import primfunc
+from .lowering import lower_node
+
+RELAX_DTYPE = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16", "i64": "int64",
+               "i32": "int32", "i16": "int16", "i8": "int8", "u8": "uint8", "bool": "bool"}
+
+
+class _Lowerer:
+    def __init__(self, graph: Graph, lanes: int, schedules):
+        from tvm import relax, tirx
+
+        self.relax, self.tirx = relax, tirx
+        self.graph = graph
+        self.lanes, self.schedules = lanes, schedules
+        self.symbols: dict = {}
+        self.bb = relax.BlockBuilder()
+        self.env: dict = {}
+        self.kernels: dict = {}   # KernelSpec -> GlobalVar
+
+    # -- shapes -------------------------------------------------------------------------------------
+    def dim(self, d):
+        if isinstance(d, int):
+            return d
+        expr = sympy.sympify(d)
+        if expr.is_Integer:
+            return int(expr)
+        return self._expr(expr)
+
+    def _expr(self, e):
+        tirx = self.tirx
+        if e.is_Integer:
+            return tirx.IntImm("int64", int(e))
+        if e.is_Symbol:
+            if e.name not in self.symbols:
+                self.symbols[e.name] = tirx.Var(e.name, "int64")
+            return self.symbols[e.name]
+        if e.is_Add:
+            out = self._expr(e.args[0])
+            for a in e.args[1:]:
+                out = out + self._expr(a)
+            return out
+        if e.is_Mul:
+            out = self._expr(e.args[0])
+            for a in e.args[1:]:
+                out = out * self._expr(a)
+            return out
+        if isinstance(e, sympy.floor) and e.args[0].is_Mul:
+            num, den = e.args[0].as_numer_denom()
+            return tirx.floordiv(self._expr(num), self._expr(den))
+        raise UnsupportedError(f"TVM export: dimension expression {e} has no TVM form")
+
+    def ttype(self, v: Value):
+        return self.relax.TensorType([self.dim(d) for d in v.type.shape], RELAX_DTYPE[v.type.dtype.name])
+
+    # -- building -----------------------------------------------------------------------------------
+    def build(self):
+        relax, bb = self.relax, self.bb
+        graph = self.graph
+        unsupported = sorted({n.op if n.op != "fallback" else f"fallback({n.attrs['target']})"
+                              for n in graph.nodes if not self.can_lower(n)})
+        if unsupported:
+            raise UnsupportedError(
+                f"TVM export needs the whole graph in TVM, but these IR ops have no TVM lowering: "
+                f"{', '.join(unsupported)}; run the model with compile(backend='tvm') instead (those ops run "
+                "through torch there), or rewrite the module so they are recognised")
+        inputs = [relax.Var(f"in_{v.name}", self.ttype(v)) for v in graph.inputs]
+        params = [relax.Var(f"p_{i}", self.ttype(v)) for i, v in enumerate(graph.param_values.values())]
+        with bb.function("main", inputs + params):
+            with bb.dataflow():
+                for v, r in zip(graph.inputs, inputs):
+                    self.env[v] = r
+                for v, r in zip(graph.param_values.values(), params):
+                    self.env[v] = r
+                for node in graph.nodes:
+                    self.lower(node)
+                outs = [self.env[v] for v in graph.outputs]
+                result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
+            bb.emit_func_output(result)
+        return bb.get()
+
+    def can_lower(self, node) -> bool:
+        if node.op in ("attention", "feedback", "scan"):
+            return lower_node(node, self.lanes, self.schedules).spec is not None and \
+                node.inputs[0].type.dtype.name in ("f32", "f64")
+        return node.op in SIMPLE or node.op in COMPLEX
+
+    def operand(self, x, dtype: str):
+        if isinstance(x, Value):
+            return self.env[x]
+        return self.relax.const(x, dtype)
+
+    def lower(self, node):
+        bb, relax = self.bb, self.relax
+        if node.op in ("attention", "feedback", "scan"):
+            spec = lower_node(node, self.lanes, self.schedules).spec
+            if spec not in self.kernels:
+                self.kernels[spec] = bb.add_func(primfunc(spec), spec.symbol)
+            args = [self.env[x] for x in node.inputs]
+            if node.op == "attention":
+                if not node.attrs.get("rope", False):   # inv_freq is not read when rope is off
+                    args = args[:3] + [relax.const(np.zeros(max(spec.params["head_dim"] // 2, 1), dtype=spec.dtype), spec.dtype)]
+            call = relax.call_tir(self.kernels[spec], args, out_ty=self.ttype(node.outputs[0]))
+            self.env[node.outputs[0]] = bb.emit(call)
+            return
+        ops = [self.operand(x, self._operand_dtype(node)) for x in node.inputs]
+        fn = SIMPLE.get(node.op)
+        if fn is not None:
+            expr = fn(relax.op, *ops, **node.attrs)
+        else:
+            expr = COMPLEX[node.op](self, node, ops)
+        if isinstance(expr, list):   # multi-output ops (split)
+            for v, e in zip(node.outputs, expr):
+                self.env[v] = bb.emit(e)
+            return
+        self.env[node.outputs[0]] = bb.emit(expr)
+
+    def _operand_dtype(self, node) -> str:
+        for x in node.inputs:
+            if isinstance(x, Value):
+                return RELAX_DTYPE[x.type.dtype.name]
+        return "float32"
+
+
+def _erf_gelu(op, x, approximate="none"):
+    return op.nn.gelu(x) if approximate == "none" else op.nn.gelu_tanh(x)
+
+
+def _softplus(op, x, beta=1, threshold=20):
+    return op.nn.softplus(x, beta=float(beta), threshold=float(threshold))
+
+
+SIMPLE = {
+    "matmul": lambda op, a, b: op.matmul(a, b),
+    "gelu": _erf_gelu, "softplus": _softplus,
+    "tanh": lambda op, x: op.tanh(x), "exp": lambda op, x: op.exp(x), "neg": lambda op, x: op.negative(x),
+    "log": lambda op, x: op.log(x), "sqrt": lambda op, x: op.sqrt(x), "rsqrt": lambda op, x: op.rsqrt(x),
+    "sigmoid": lambda op, x: op.sigmoid(x), "silu": lambda op, x: op.nn.silu(x), "relu": lambda op, x: op.nn.relu(x),
+    "abs": lambda op, x: op.abs(x), "sin": lambda op, x: op.sin(x), "cos": lambda op, x: op.cos(x),
+    "erf": lambda op, x: op.erf(x),
+    "add": lambda op, a, b: op.add(a, b), "sub": lambda op, a, b: op.subtract(a, b),
+    "mul": lambda op, a, b: op.multiply(a, b), "div": lambda op, a, b: op.divide(a, b),
+    "pow": lambda op, a, b: op.power(a, b), "maximum": lambda op, a, b: op.maximum(a, b),
+    "minimum": lambda op, a, b: op.minimum(a, b),
+    "where": lambda op, c, a, b: op.where(c, a, b),
+    "softmax": lambda op, x, dim: op.nn.softmax(x, axis=dim),
+    "log_softmax": lambda op, x, dim: op.nn.log_softmax(x, axis=dim),
+    "permute": lambda op, x, dims: op.permute_dims(x, list(dims)),
+    "unsqueeze": lambda op, x, dim: op.expand_dims(x, dim),
+    # "clip": an out-of-range token id must not read out of bounds (TVM's default "fast" mode would
+    # segfault); it is clamped to the vocabulary instead of raising like torch does
+    "embedding": lambda op, w, idx: op.take(w, idx, axis=0, mode="clip"),
+}
+
+
+def _layer_norm(lw, node, ops):
+    relax = lw.relax
+    x = ops[0]
+    n = len(node.attrs["normalized_shape"])
+    shape = [int(s) for s in node.attrs["normalized_shape"]]
+    dtype = RELAX_DTYPE[node.inputs[0].type.dtype.name]
+    w = ops[1] if len(ops) > 1 and node.inputs[1] is not None else relax.const(np.ones(shape, dtype=dtype), dtype)
+    b = ops[2] if len(ops) > 2 and node.inputs[2] is not None else relax.const(np.zeros(shape, dtype=dtype), dtype)
+    axes = list(range(-n, 0))
+    if dtype == "float32" or dtype == "float16":
+        return relax.op.nn.layer_norm(x, w, b, axes=axes, epsilon=float(node.attrs["eps"]))
+    # TVM's layer_norm supports float32/float16 only: spell it out for float64
+    op, emit = relax.op, lw.bb.emit
+    xc = emit(op.subtract(x, op.mean(x, axis=axes, keepdims=True)))
+    var = emit(op.mean(op.multiply(xc, xc), axis=axes, keepdims=True))
+    y = emit(op.multiply(xc, op.rsqrt(op.add(var, relax.const(float(node.attrs["eps"]), dtype)))))
+    return op.add(op.multiply(y, w), b)
+
+
+def _split(lw, node, ops):
+    relax = lw.relax
+    sizes = node.attrs["sizes"]
+    idx, acc = [], 0
+    for s in sizes[:-1]:
+        acc += int(s)
+        idx.append(acc)
+    tup = lw.bb.emit(relax.op.split(ops[0], idx, axis=node.attrs["dim"]))
+    return [relax.TupleGetItem(tup, i) for i in range(len(sizes))]
+
+
+def _reshape(lw, node, ops):
+    return lw.relax.op.reshape(ops[0], [lw.dim(d) for d in node.outputs[0].type.shape])
+
+
+def _squeeze(lw, node, ops):
+    x = node.inputs[0].type
+    axes = [d % x.rank for d in node.attrs["dims"] if x.shape[d % x.rank] == 1]
+    return lw.relax.op.squeeze(ops[0], axes) if axes else ops[0]
+
+
+def _transpose(lw, node, ops):
+    rank = node.inputs[0].type.rank
+    perm = list(range(rank))
+    a, b = node.attrs["dim0"] % rank, node.attrs["dim1"] % rank
+    perm[a], perm[b] = perm[b], perm[a]
+    return lw.relax.op.permute_dims(ops[0], perm)
+
+
+def _causal_conv1d(lw, node, ops):
+    op = lw.relax.op
+    x, w = ops[0], ops[1]
+    C, K = (int(s) for s in node.inputs[1].type.shape)
+    xt = lw.bb.emit(op.permute_dims(x, [0, 2, 1]))                        # [B, C, T]
+    xp = lw.bb.emit(op.nn.pad(xt, [0, 0, 0, 0, K - 1, 0]))
+    w3 = lw.bb.emit(op.expand_dims(w, 1))                                  # [C, 1, K]
+    y = lw.bb.emit(op.nn.conv1d(xp, w3, groups=C))
+    if len(ops) > 2 and node.inputs[2] is not None:
+        y = lw.bb.emit(op.add(y, op.reshape(ops[2], [C, 1])))
+    return op.permute_dims(y, [0, 2, 1])
+
+
+def _linear(lw, node, ops):
+    """A generated, scheduled TIR matmul (TVM's default CPU pipeline would leave naive loops)."""
+    from .build import linear_spec
+    relax = lw.relax
+    x, w = node.inputs[0].type, node.inputs[1].type
+    N, K = (int(s) for s in w.shape)
+    has_bias = len(ops) > 2 and node.inputs[2] is not None
+    dtype = RELAX_DTYPE[x.dtype.name]
+    if dtype not in ("float32", "float64") or x.rank < 1:
+        return relax.op.linear(ops[0], ops[1], ops[2] if has_bias else None)
+    spec = linear_spec(K, N, has_bias, dtype, lw.schedules.get("linear"), lw.lanes)
+    if spec not in lw.kernels:
+        lw.kernels[spec] = lw.bb.add_func(primfunc(spec), spec.symbol)
+    rows = 1
+    for d in x.shape[:-1]:
+        rows = rows * lw.dim(d)
+    x2 = lw.bb.emit(relax.op.reshape(ops[0], [rows, K]))
+    b = ops[2] if has_bias else relax.const(np.zeros(N, dtype=dtype), dtype)
+    y2 = lw.bb.emit(relax.call_tir(lw.kernels[spec], [x2, ops[1], b], out_ty=relax.TensorType([rows, N], dtype)))
+    return relax.op.reshape(y2, [lw.dim(d) for d in node.outputs[0].type.shape])
+
+
+def _slice(lw, node, ops):
+    x = node.inputs[0].type
+    dim = node.attrs["dim"] % x.rank
+    size = lw.dim(x.shape[dim])
+    start, end, step = node.attrs.get("start", 0), node.attrs.get("end"), node.attrs.get("step", 1)
+    start = 0 if start is None else start
+    if end is None or (isinstance(end, int) and end >= 2 ** 62):
+        end = size
+    begin_e, end_e = lw.dim(start), lw.dim(end)
+    return lw.relax.op.strided_slice(ops[0], axes=[dim], begin=[begin_e], end=[end_e], strides=[int(step)])
+
+
+def _cast(lw, node, ops):
+    return lw.relax.op.astype(ops[0], RELAX_DTYPE[node.attrs["dtype"].name])
+
+
+def _reduce(kind):
+    def lower(lw, node, ops):
+        op = lw.relax.op
+        fn = {"sum": op.sum, "mean": op.mean, "amax": op.max}[kind]
+        dims = node.attrs.get("dims")
+        return fn(ops[0], axis=None if dims is None else list(dims), keepdims=bool(node.attrs.get("keepdim", False)))
+    return lower
+
+
+def _concat(lw, node, ops):
+    return lw.relax.op.concat(ops, axis=node.attrs["dim"])
+
+
+COMPLEX = {"linear": _linear, "layer_norm": _layer_norm, "split": _split, "reshape": _reshape, "squeeze": _squeeze,
+           "transpose": _transpose, "slice": _slice, "causal_conv1d": _causal_conv1d, "cast": _cast, "concat": _concat,
+           "sum": _reduce("sum"), "mean": _reduce("mean"), "amax": _reduce("amax")}
+
+
+def graph_to_relax(graph: Graph, lanes: int = 8, schedules=None):
+    """(IRModule with "main"(inputs..., params...), the Relax symbol names of the dims)."""
+    lw = _Lowerer(graph, lanes, schedules or {})
+    mod = lw.build()
+    return mod, sorted(lw.symbols)
+
+
+def unsupported_ops(graph: Graph, lanes: int = 8, schedules=None) -> list:
+    lw = _Lowerer(graph, lanes, schedules or {})
+    return sorted({n.op for n in graph.nodes if not lw.can_lower(n)})

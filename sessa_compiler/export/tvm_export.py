@@ -1,0 +1,84 @@
+"""export_tvm: a module -> a directory holding a compiled TVM library, its weights and a manifest.
+
+    path/model.so              the whole graph (Relax VM executable + generated TIR kernels)
+    path/weights.npz           parameters (numpy npz, no pickle), passed to the library at load time
+    path/manifest.json         inputs (symbolic dims by name), outputs, parameter order, target, versions
+    path/sessa_tvm_runtime.py  the torch-free loader (a copy of sessa_compiler/export/tvm_runtime.py)
+
+Every IR op must have a TVM lowering (the library runs without torch); otherwise export fails with
+an UnsupportedError naming the ops.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+from ..errors import UnsupportedError
+from .tvm_runtime import FORMAT, MANIFEST, load_tvm  # noqa: F401  (re-exported)
+
+_NUMPY_DTYPE = {"f64": "float64", "f32": "float32", "f16": "float16", "i64": "int64", "i32": "int32",
+                "i16": "int16", "i8": "int8", "u8": "uint8", "bool": "bool"}
+
+
+def _dim(d):
+    return d if isinstance(d, int) else str(d)
+
+
+def export_tvm(module, example_inputs, path, target=None, *, schedules=None) -> str:
+    """Trace `module` on `example_inputs`, lower the whole graph to TVM, build for `target` (None: this
+    machine's CPU; a dict or Target to cross-compile) and write the directory `path`. Returns path."""
+    import torch
+    import tvm
+
+    from ..backends.tvm.build import lanes_for
+    from ..backends.tvm.relax_lower import graph_to_relax
+    from ..backends.tvm.target import resolve_target
+    from ..frontend import trace
+
+    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    graph = trace(module, args)
+    for v in list(graph.inputs) + list(graph.param_values.values()):
+        if v.type.dtype.name not in _NUMPY_DTYPE:
+            raise UnsupportedError(f"TVM export: %{v.name} has dtype {v.type.dtype}, which numpy cannot hold; "
+                                   "export a float32 or float64 model")
+    target = resolve_target(target)
+    mod, _symbols = graph_to_relax(graph, lanes_for(target), schedules)
+    executable = tvm.compile(mod, target=target)
+    os.makedirs(path, exist_ok=True)
+    library = "model.so"
+    executable.export_library(os.path.join(path, library))
+
+    state = dict(module.state_dict())
+    params, arrays = [], {}
+    for i, (name, v) in enumerate(graph.param_values.items()):
+        t = graph.params.get(name, state.get(name))
+        if t is None:
+            raise UnsupportedError(f"TVM export: parameter %{name} has no data")
+        key = f"p{i}"
+        arrays[key] = t.detach().to("cpu").contiguous().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+        params.append({"name": name, "key": key, "dtype": _NUMPY_DTYPE[v.type.dtype.name],
+                       "shape": [_dim(d) for d in v.type.shape]})
+    np.savez(os.path.join(path, "weights.npz"), **arrays)
+    manifest = {
+        "format": FORMAT,
+        "graph": graph.name,
+        "library": library,
+        "weights": "weights.npz",
+        "entry": "main",
+        "inputs": [{"name": v.name, "dtype": _NUMPY_DTYPE[v.type.dtype.name], "shape": [_dim(d) for d in v.type.shape]}
+                   for v in graph.inputs],
+        "outputs": [{"name": v.name, "dtype": _NUMPY_DTYPE.get(v.type.dtype.name, str(v.type.dtype)),
+                     "shape": [_dim(d) for d in v.type.shape]} for v in graph.outputs],
+        "params": params,
+        "target": str(target),
+        "tvm_version": tvm.__version__,
+        "torch_free_loader": "sessa_tvm_runtime.py",
+    }
+    with open(os.path.join(path, MANIFEST), "w") as fh:
+        json.dump(manifest, fh, indent=2)
+    shutil.copyfile(os.path.join(os.path.dirname(__file__), "tvm_runtime.py"),
+                    os.path.join(path, "sessa_tvm_runtime.py"))
+    return str(path)

@@ -1,0 +1,77 @@
+"""Load an exported TVM library and run it on numpy arrays: needs numpy and tvm, never torch.
+
+This file imports nothing from sessa_compiler, so it also works when loaded by path in a process
+where torch cannot be imported (export_tvm copies it into the exported directory as
+`sessa_tvm_runtime.py`):
+
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("rt", "model_dir/sessa_tvm_runtime.py")
+    rt = importlib.util.module_from_spec(spec); spec.loader.exec_module(rt)
+    model = rt.load_tvm("model_dir"); y = model(x)
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = "sessa-tvm/1"
+
+
+class TVMModel:
+    """A loaded library: call with numpy arrays (one per graph input), get numpy arrays back."""
+
+    def __init__(self, path: str):
+        import tvm
+        from tvm import relax
+
+        self.path = path
+        with open(os.path.join(path, MANIFEST)) as fh:
+            self.manifest = json.load(fh)
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a sessa TVM export (format {self.manifest.get('format')!r}, "
+                             f"expected {FORMAT!r})")
+        os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                                                     else (os.cpu_count() or 1)))
+        self._tvm = tvm
+        self.device = tvm.cpu()
+        lib = tvm.runtime.load_module(os.path.join(path, self.manifest["library"]))
+        self._vm = relax.VirtualMachine(lib, self.device)
+        weights = np.load(os.path.join(path, self.manifest["weights"]), allow_pickle=False)
+        self._params = [tvm.runtime.tensor(np.require(weights[p["key"]], requirements="C"), self.device)
+                        for p in self.manifest["params"]]
+        self._main = self._vm["main"]
+
+    @property
+    def inputs(self) -> list:
+        return self.manifest["inputs"]
+
+    def __call__(self, *arrays):
+        specs = self.manifest["inputs"]
+        if len(arrays) != len(specs):
+            raise ValueError(f"expected {len(specs)} inputs ({', '.join(s['name'] for s in specs)}), got {len(arrays)}")
+        args = []
+        symbols: dict = {}
+        for a, s in zip(arrays, specs):
+            a = np.asarray(a)
+            if a.dtype != np.dtype(s["dtype"]):
+                raise ValueError(f"input {s['name']}: expected dtype {s['dtype']}, got {a.dtype}")
+            if a.ndim != len(s["shape"]):
+                raise ValueError(f"input {s['name']}: expected shape {s['shape']}, got {a.shape}")
+            for d, n in zip(s["shape"], a.shape):
+                if isinstance(d, int) and d != n:
+                    raise ValueError(f"input {s['name']}: expected shape {s['shape']}, got {a.shape}")
+                if isinstance(d, str) and symbols.setdefault(d, n) != n:
+                    raise ValueError(f"input {s['name']}: dimension {d} is {symbols[d]} elsewhere but {n} here")
+            # tvm.runtime.tensor copies into its own aligned buffer: strided or misaligned numpy views are safe
+            args.append(self._tvm.runtime.tensor(np.require(a, requirements="C"), self.device))
+        out = self._main(*args, *self._params)
+        outs = [out] if len(self.manifest["outputs"]) == 1 else list(out)
+        return tuple(o.numpy() for o in outs) if len(outs) > 1 else outs[0].numpy()
+
+
+def load_tvm(path: str) -> TVMModel:
+    """Load a directory written by sessa_compiler.export_tvm; returns a callable on numpy arrays."""
+    return TVMModel(str(path))
