@@ -1,10 +1,14 @@
 """Compile an example Sessa model, validate it against eager PyTorch, and show what was compiled.
 
-    python examples/quickstart.py [--backend auto] [--T 256]
+    python examples/quickstart.py [--backends eager,tvm] [--T 512]
+
+On a CPU machine this compiles with the eager backend (the IR interpreter, the reference) and the TVM
+backend (generated CPU kernels); with a CUDA device it also compiles with the Triton backend.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 
@@ -16,6 +20,7 @@ from sessa_compiler.models import SessaLayer
 
 
 def median_ms(fn, x, repeats=5):
+    fn(x)  # warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -24,43 +29,59 @@ def median_ms(fn, x, repeats=5):
     return statistics.median(times)
 
 
+def default_backends(device) -> list:
+    names = ["eager"]
+    if device.type == "cpu" and importlib.util.find_spec("tvm") is not None:
+        names.append("tvm")
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        names.append("triton")
+    return names
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", default="auto")
+    ap.add_argument("--backends", default=None, help="comma-separated; default: what this machine can run")
     ap.add_argument("--D", type=int, default=256)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--T", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--T", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=1)
     args = ap.parse_args()
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    model = SessaLayer(args.D, n_heads=args.heads, n_kv_heads=args.kv_heads).eval()
-    x = torch.randn(args.batch, args.T, args.D)
+    model = SessaLayer(args.D, n_heads=args.heads, n_kv_heads=args.kv_heads).to(device).eval()
+    x = torch.randn(args.batch, args.T, args.D, device=device)
+    backends = args.backends.split(",") if args.backends else default_backends(device)
 
-    start = time.perf_counter()
-    compiled = sc.compile(model, (x[:, :8],), backend=args.backend, validate=True)
-    print(f"traced and compiled in {time.perf_counter() - start:.2f} s\n")
-    print(compiled.explain())
-    print("\nIR (core ops):")
+    timings = {}
+    with torch.no_grad():
+        eager_ms = median_ms(model, x)
+        for name in backends:
+            start = time.perf_counter()
+            compiled = sc.compile(model, (x[:, :8],), backend=name, validate=True)
+            compiled(x[:, :8])  # builds kernels on first use
+            print(f"=== backend {name}: traced and built in {time.perf_counter() - start:.1f} s")
+            print(compiled.explain())
+            print("validation against the eager PyTorch module (validate=True raises on a mismatch):")
+            for T in (1, 17, args.T):
+                xt = torch.randn(args.batch, T, args.D, device=device)
+                err = relative_error(compiled(xt), model(xt))
+                print(f"  T={T:5d}: max abs error / max abs reference = {err:.2e} (spec allows 1e-4 in float32)")
+            compiled.validate = False
+            timings[name] = median_ms(compiled, x)
+            print()
+
+    print("IR core ops:")
     for line in str(compiled.graph).splitlines():
         if any(f"= {op}(" in line for op in ("attention", "feedback", "scan")):
             print("  " + line.strip())
-
-    print("\nvalidation against the eager PyTorch module (validate=True raises on a mismatch):")
-    with torch.no_grad():
-        for T in (1, 17, args.T):
-            xt = torch.randn(args.batch, T, args.D)
-            err = relative_error(compiled(xt), model(xt))
-            print(f"  T={T:5d}: max abs error / max abs reference = {err:.2e} (spec allows 1e-4 in float32)")
-
-        compiled.validate = False
-        eager_ms = median_ms(model, x)
-        compiled_ms = median_ms(compiled, x)
-    print(f"\ntiming, B={args.batch} T={args.T} D={args.D} float32 on {torch.get_num_threads()} CPU threads "
-          f"(median of 5): eager module {eager_ms:.1f} ms, compiled (backend {compiled.backend}) "
-          f"{compiled_ms:.1f} ms, ratio {eager_ms / compiled_ms:.2f}x")
-    print("note: only the eager backend (the IR interpreter, the reference) exists so far; fast backends are planned.")
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\ntiming, SessaLayer D={args.D} H={args.heads} Hkv={args.kv_heads}, B={args.batch} T={args.T} float32, "
+          f"{where}, {time.strftime('%Y-%m-%d')} (median of 5):")
+    print(f"  eager PyTorch module: {eager_ms:8.1f} ms")
+    for name, ms in timings.items():
+        print(f"  compiled, {name:6s}:      {ms:8.1f} ms  ({eager_ms / ms:.2f}x the eager module)")
 
 
 if __name__ == "__main__":
