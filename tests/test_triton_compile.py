@@ -103,3 +103,29 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     compiled = sc.compile(sessa(n_heads=2), backend="triton")
     with pytest.raises(sc.UnsupportedError, match="TRITON_INTERPRET=1"):
         compiled(torch.randn(1, 4, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_layer_against_the_float64_module(dtype):
+    """fp16/bf16 compiled layers (kernels load low precision, accumulate in fp32) vs the float64 oracle."""
+    ref = sessa(n_heads=4, n_kv_heads=2, gamma_bias=6.0).double()
+    x = torch.randn(2, 21, 32, dtype=torch.float64)
+    with torch.no_grad():
+        want = ref(x)
+        m = SessaLayer(32, n_heads=4, n_kv_heads=2)
+        m.load_state_dict(ref.state_dict())
+        compiled = sc.compile(m.to(dtype).eval(), backend="triton", options=OPTS)
+        out = compiled(x.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert relative_error(out, want) <= 3e-2
+
+
+def test_independently_written_matmul_style_layer():
+    from styles.loop_free_matmul_style import MatmulSessaLayer
+
+    torch.manual_seed(4)
+    model = MatmulSessaLayer(32, n_heads=4, n_kv_heads=2).eval()
+    compiled = check(model, torch.randn(2, 19, 32), torch.randn(1, 1, 32))
+    with torch.no_grad():
+        x = torch.randn(2, 19, 32)
+        assert relative_error(compiled(x), model(x)) <= 1e-4
