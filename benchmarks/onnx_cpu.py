@@ -23,17 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import sessa_compiler as sc
 from sessa_compiler.models import Decoder, SessaLayer
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from sessa_compiler.tune.cache import cpu_model as cpu_name
 
 
 def median_time(fn, repeats: int) -> float:

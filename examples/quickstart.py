@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import time
 
 import torch
@@ -17,16 +16,7 @@ import torch
 import sessa_compiler as sc
 from sessa_compiler.api import relative_error
 from sessa_compiler.models import SessaLayer
-
-
-def median_ms(fn, x, repeats=5):
-    fn(x)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+from sessa_compiler.timing import median_ms
 
 
 def default_backends(device) -> list:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import SessaCompilerError
+from .timing import median_ms
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -135,16 +135,6 @@ def cmd_tune(a) -> int:
               + (f", {len(r.rejected)} rejected" if r.rejected else "") + ")")
     print(f"{len(results)} kernels; cache: {cache_dir()}")
     return 0
-
-
-def median_ms(fn, x, repeats: int) -> float:
-    fn(x)  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def cmd_bench(a) -> int:

@@ -9,12 +9,7 @@ from styles.loop_free_matmul_style import MatmulSessaLayer
 from styles.sdpa_style import SdpaSessaLayer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,13 +27,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2}
 GAMMA_EXTREME = 0.999 * math.tanh(8.0)  # gamma_max * tanh(large gamma_bias): just below 0.999
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny ops are much slower with more than one intra-op thread on the test machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # -- helpers -------------------------------------------------------------------------------------------
