@@ -1,0 +1,41 @@
+"""Reproduce every performance table in the README with one command.
+
+    python benchmarks/run_all.py            # CPU tables; the GPU check too when a CUDA device is present
+
+Writes benchmarks/results/onnx_cpu.md, benchmarks/results/tvm_cpu.md and (on a GPU)
+benchmarks/results_gpu.md, each stamped with date, machine and command.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+RUNS = [
+    ("onnx_cpu", [sys.executable, str(HERE / "onnx_cpu.py"), "--threads", "1", "--repeats", "5"]),
+    ("tvm_cpu", [sys.executable, str(HERE / "tvm_cpu.py"), "--reps", "7"]),
+]
+
+
+def main() -> int:
+    import torch
+
+    runs = list(RUNS)
+    if torch.cuda.is_available():
+        runs.append(("gpu_check", [sys.executable, str(HERE / "gpu_check.py")]))
+    else:
+        print("no CUDA device: skipping benchmarks/gpu_check.py (the Triton table)")
+    failed = []
+    for name, cmd in runs:
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        if subprocess.run(cmd, cwd=HERE.parent).returncode != 0:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
