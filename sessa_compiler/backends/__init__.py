@@ -7,14 +7,19 @@ from .eager import EagerBackend
 PLANNED: dict = {}
 
 
-def _triton_installed() -> bool:
+def _installed(package: str) -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("triton") is not None
+    return importlib.util.find_spec(package) is not None
+
+
+def _triton_installed() -> bool:
+    return _installed("triton")
 
 
 def available_backends() -> list:
-    return ["eager"] + (["triton"] if _triton_installed() else [])
+    """Backends whose compiler is installed (triton still needs CUDA tensors or the interpreter)."""
+    return ["eager"] + [b for b in ("triton", "tvm") if _installed(b)]
 
 
 class AutoBackend:
