@@ -19,15 +19,16 @@ def export_onnx(module, example_inputs, path, *, opset=None, dynamic=True, valid
     return _export_onnx(module, example_inputs, path, opset=opset, dynamic=dynamic, validate=validate)
 
 
-def export_tvm(module, example_inputs, path, target=None, *, schedules=None):
+def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu_source=None):
     """Export a module to a directory with a TVM library (.so), weights (npz) and a manifest.
 
     The whole graph must lower to TVM (else UnsupportedError naming the ops); target None = this
-    machine's CPU. Needs apache-tvm; see sessa_compiler.export.tvm_export.export_tvm.
+    machine's CPU. gpu_source=["cuda", "opencl", "metal", "webgpu"] also writes thread-bound kernel
+    source for those targets into path/gpu/. Needs apache-tvm; see sessa_compiler.export.tvm_export.
     """
     from .export.tvm_export import export_tvm as _export_tvm
 
-    return _export_tvm(module, example_inputs, path, target, schedules=schedules)
+    return _export_tvm(module, example_inputs, path, target, schedules=schedules, gpu_source=gpu_source)
 
 
 def load_tvm(path):

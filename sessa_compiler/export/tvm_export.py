@@ -4,6 +4,8 @@
     path/weights.npz           parameters (numpy npz, no pickle), passed to the library at load time
     path/manifest.json         inputs (symbolic dims by name), outputs, parameter order, target, versions
     path/sessa_tvm_runtime.py  the torch-free loader (a copy of sessa_compiler/export/tvm_runtime.py)
+    path/gpu/kernels.cu ...    with gpu_source=["cuda", "metal", "opencl", "webgpu"]: device source of the
+                               thread-bound attention / feedback / scan / linear kernels (gpu_source.py)
 
 Every IR op must have a TVM lowering (the library runs without torch); otherwise export fails with
 an UnsupportedError naming the ops.
@@ -27,9 +29,11 @@ def _dim(d):
     return d if isinstance(d, int) else str(d)
 
 
-def export_tvm(module, example_inputs, path, target=None, *, schedules=None) -> str:
+def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu_source=None) -> str:
     """Trace `module` on `example_inputs`, lower the whole graph to TVM, build for `target` (None: this
-    machine's CPU; a dict or Target to cross-compile) and write the directory `path`. Returns path."""
+    machine's CPU; a dict or Target to cross-compile) and write the directory `path`. Returns path.
+    gpu_source: target kinds ("cuda", "metal", "opencl", "webgpu") whose device source of the graph's
+    thread-bound kernels is written to path/gpu/ (listed in the manifest as "gpu_sources")."""
     import torch
     import tvm
 
@@ -77,6 +81,11 @@ def export_tvm(module, example_inputs, path, target=None, *, schedules=None) -> 
         "tvm_version": tvm.__version__,
         "torch_free_loader": "sessa_tvm_runtime.py",
     }
+    if gpu_source:
+        from ..backends.tvm.gpu_source import emit_graph
+
+        written = emit_graph(graph, os.path.join(path, "gpu"), tuple(gpu_source))
+        manifest["gpu_sources"] = {kind: "gpu/" + name for kind, name in written.items()}
     with open(os.path.join(path, MANIFEST), "w") as fh:
         json.dump(manifest, fh, indent=2)
     shutil.copyfile(os.path.join(os.path.dirname(__file__), "tvm_runtime.py"),
