@@ -214,7 +214,8 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="autotune the kernels of a model for this device")
     add_model_args(t)
-    t.add_argument("--backend", default="triton", help="triton (CUDA, or CPU tensors in Triton's interpreter)")
+    t.add_argument("--backend", default="triton", choices=["triton", "tvm"],
+                   help="triton (CUDA, or CPU tensors in Triton's interpreter) or tvm (CPU: the TVM kernels' schedules)")
     t.add_argument("--budget", type=float, default=60.0, help="seconds, shared among the kernels")
     t.add_argument("--trials", type=int, default=None, help="candidates per kernel instead of a time budget")
     t.set_defaults(fn=cmd_tune)

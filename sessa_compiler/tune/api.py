@@ -16,6 +16,16 @@ strategy's chunk), ``strategy`` (scan: sequential or associative), ``num_warps``
 The generators fix block sizes from the IR shapes (not searched yet). On CPU the kernels run in
 Triton's interpreter, timed with a CPU timer, over a reduced space (num_warps/num_stages do not
 change what the interpreter does, and the associative scan is too slow to time there).
+
+TVM knobs per op are the fields of its schedule (backends/tvm/schedules.py): feedback chunk, logits
+key_block (vector lanes) and register rows, GEMM col_block and gemm_rows; attention q_block, k_block,
+rows, v_lanes; scan channel_block (lanes). ``tvm_space`` is a small curated subset of each op's
+``space()`` (a build costs ~1-2 s on CPU), the backend's rule-based default first. The TVM kernels
+are symbolic in B and T (built once), so the TVM backend resolves each op's schedule at prepare time
+for the example input's shape class (cache, then the shipped "cpu" defaults, then the backend's own
+rule; schedules given to compile win) and uses it for every T; ``explain()`` says where each came from.
+The key also holds the target string (its vector width decides the space) and a hash of the TVM
+kernel generator files; tvm's version is in the key's library versions.
 """
 from __future__ import annotations
 
@@ -40,8 +50,11 @@ TUNABLE_OPS = ("feedback", "scan", "attention")
 
 
 # -- what is tuned -----------------------------------------------------------------------------------------
-def tunable_nodes(graph: Graph) -> list:
-    return [n for n in graph.nodes if n.op in TUNABLE_OPS and (n.op != "attention" or n.attrs.get("causal"))]
+def tunable_nodes(graph: Graph, backend: str = "triton", target=None) -> list:
+    nodes = [n for n in graph.nodes if n.op in TUNABLE_OPS and (n.op != "attention" or n.attrs.get("causal"))]
+    if backend == "tvm":  # only the ops the TVM backend generates kernels for (static widths, f32/f64, ...)
+        nodes = [n for n in nodes if _tvm_spec(n, _tvm_lanes(target)) is not None]
+    return nodes
 
 
 def _type_text(v) -> str:
@@ -70,7 +83,12 @@ GENERATOR_FILES = {"feedback": ("feedback.py", "../../passes/chunk_feedback.py")
 def _generator_source(backend: str, op: str) -> str:
     """A hash of the code that generates this op's kernels: editing it changes the key (a new kernel source)."""
     root = Path(__file__).resolve().parent.parent / "backends" / backend
-    names = ("codegen.py", "fused.py") + GENERATOR_FILES.get(op, ()) if backend == "triton" else ()
+    if backend == "triton":
+        names = ("codegen.py", "fused.py") + GENERATOR_FILES.get(op, ())
+    elif backend == "tvm":  # the files that generate and build the op's TIR kernel (not the runners)
+        names = ("build.py", "schedules.py", "lowering.py", "target.py", "tir_math.py", f"kernels/{op}.py")
+    else:
+        names = ()
     files = [root / n for n in names] if names else sorted(root.glob("*.py")) + sorted(root.glob("kernels/*.py"))
     h = hashlib.sha256()
     for f in files:
@@ -80,8 +98,11 @@ def _generator_source(backend: str, op: str) -> str:
     return h.hexdigest()
 
 
-def kernel_source(backend: str, node) -> str:
-    return _generator_source(backend, node.op) + "\n" + json.dumps(op_signature(node), sort_keys=True)
+def kernel_source(backend: str, node, target=None) -> str:
+    text = _generator_source(backend, node.op) + "\n" + json.dumps(op_signature(node), sort_keys=True)
+    if backend == "tvm":  # the same TIR compiles to different code (and other lanes) for another target
+        text += "\n" + _tvm_target_text(target)
+    return text
 
 
 def triton_space(node, device: torch.device) -> list:
@@ -102,7 +123,105 @@ def triton_space(node, device: torch.device) -> list:
     raise SessaCompilerError(f"op '{node.op}' has no tunables")
 
 
-SPACES = {"triton": triton_space}
+# -- TVM schedules ----------------------------------------------------------------------------------------
+_TVM_TARGETS: dict = {}
+
+
+def _tvm_target(target=None):
+    """The backend's target (None: this host's CPU), resolved once per description."""
+    key = target if isinstance(target, (str, type(None))) else str(target)
+    if key not in _TVM_TARGETS:
+        from ..backends.tvm.target import resolve_target
+
+        _TVM_TARGETS[key] = resolve_target(target)
+    return _TVM_TARGETS[key]
+
+
+def _tvm_target_text(target=None) -> str:
+    return str(_tvm_target(target))
+
+
+def _tvm_lanes(target=None) -> int:
+    from ..backends.tvm.build import lanes_for
+
+    return lanes_for(_tvm_target(target))
+
+
+def _tvm_spec(node, lanes: int, schedule=None):
+    """The KernelSpec the TVM backend generates for this node (with this schedule, else its default), or None."""
+    from ..backends.tvm.lowering import lower_node
+
+    return lower_node(node, lanes, {node.op: schedule} if schedule is not None else None).spec
+
+
+def _tvm_schedule_class(op: str):
+    from ..backends.tvm import schedules as S
+
+    return {"feedback": S.FeedbackSchedule, "attention": S.AttentionSchedule, "scan": S.ScanSchedule}[op]
+
+
+def _tvm_size(spec) -> int:
+    """The size a schedule's check() validates against."""
+    p = spec.params
+    return p.get("width") or p.get("head_dim") or p.get("channels")
+
+
+def tvm_schedule(node, config: dict, target=None):
+    """A schedule object from a config dict, or None when it is malformed or invalid for this node."""
+    try:
+        sched = _tvm_schedule_class(node.op)(**config)
+        spec = _tvm_spec(node, _tvm_lanes(target))
+        if spec is None or not all(isinstance(v, int) and v > 0 for v in config.values()):
+            return None
+        sched.check(_tvm_size(spec))
+    except (TypeError, ValueError, KeyError):
+        return None
+    return sched
+
+
+def tvm_space(node, device=None, target=None) -> list:
+    """A few schedule variants per op (dicts), the backend's default first: builds cost ~1-2 s each on CPU,
+    so this is a curated subset of schedules.*_space(), not all of it (every entry is in that space)."""
+    from dataclasses import replace
+
+    from ..backends.tvm import schedules as S
+
+    lanes = _tvm_lanes(target)
+    spec = _tvm_spec(node, lanes)
+    if spec is None:
+        raise SessaCompilerError(f"op '{node.op}' has no TVM kernel here")
+    d, size = spec.schedule, _tvm_size(spec)
+    L = lanes
+    if node.op == "feedback":
+        full = S.feedback_space(size)
+        cands = [d, replace(d, chunk=32), replace(d, chunk=16, key_block=min(d.key_block, 16)),
+                 replace(d, chunk=128, key_block=4 * L, rows=2),
+                 replace(d, key_block=4 * L, rows=2, col_block=2 * d.col_block, gemm_rows=2)]
+    elif node.op == "attention":
+        full = S.attention_space(size)
+        cands = [d, replace(d, k_block=2 * L, rows=4, v_lanes=min(d.v_lanes, 2 * L)),
+                 replace(d, q_block=32, k_block=2 * L, rows=4, v_lanes=min(d.v_lanes, 2 * L)),
+                 replace(d, q_block=32, k_block=4 * L if 32 % (4 * L) == 0 else 2 * L),
+                 replace(d, q_block=16, k_block=16 if L <= 8 else L, rows=4, v_lanes=min(d.v_lanes, 2 * L))]
+    elif node.op == "scan":
+        full = S.scan_space(size)
+        cands = [d] + [S.ScanSchedule(c) for c in (L, 2 * L, 4 * L, 4)]
+    else:
+        raise SessaCompilerError(f"op '{node.op}' has no tunables")
+    out = []
+    for c in cands:
+        if c in full and c.as_dict() not in out:
+            out.append(c.as_dict())
+    if d.as_dict() not in out:  # the default is always a candidate, even outside the listed space
+        out.insert(0, d.as_dict())
+    return out
+
+
+SPACES = {"triton": triton_space, "tvm": tvm_space}
+
+
+def _space(backend: str, node, device, target=None) -> list:
+    return tvm_space(node, device, target) if backend == "tvm" else SPACES[backend](node, device)
 
 
 @functools.lru_cache(maxsize=16)
@@ -115,26 +234,27 @@ def _dev_key(device) -> str:
     return _device_key_cached(device.type, device.index)
 
 
-def cache_key(backend: str, node, seq_len: int, device):
+def cache_key(backend: str, node, seq_len: int, device, target=None):
+    """target: the TVM backend's target (None: the host CPU); ignored for triton."""
     device = torch.device(device)
-    return make_key(backend, kernel_name(node), kernel_source(backend, node), SPACES[backend](node, device),
+    return make_key(backend, kernel_name(node), kernel_source(backend, node, target), _space(backend, node, device, target),
                     seq_len, device)
 
 
 # -- resolving configs at compile time ----------------------------------------------------------------------
-def resolve_node(backend: str, node, seq_len: int, device, cache: TuningCache | None = None):
+def resolve_node(backend: str, node, seq_len: int, device, cache: TuningCache | None = None, target=None):
     """(config, where) for one op: ('tuned' cache entry | 'default' table | None, 'cost model')."""
     device = torch.device(device)
     cache = cache or TuningCache()
-    space = SPACES[backend](node, device)
+    space = _space(backend, node, device, target)
     try:
-        hit = cache.get(cache_key(backend, node, seq_len, device))
+        hit = cache.get(cache_key(backend, node, seq_len, device, target))
     except OSError:  # an unreadable cache directory is a miss
         hit = None
     if hit is not None and hit in space:
         return dict(hit), "tuned"
     d = default_config(_dev_key(device), backend, node.op, shape_class(seq_len))
-    if d is not None:
+    if d is not None and (backend != "tvm" or tvm_schedule(node, d, target) is not None):
         return d, "default"
     return None, "cost model"
 
@@ -251,6 +371,57 @@ def triton_runner(backend, graph: Graph):
     return run
 
 
+def tvm_schedules(backend, graph: Graph) -> tuple:
+    """The TVM backend's hook: (schedules by op, report lines) for this graph.
+
+    Per op: schedules given to compile (options={"schedules": ...} or feedback_chunk_size) win; else the
+    tuning cache for the example's shape class on this device and target, then the shipped defaults for
+    the device class ("cpu"), then the backend's own rule (schedules.default_*). The backend takes one
+    schedule per op, so when several nodes of an op resolve differently the most common one that is valid
+    for all of them is used (and the report says so)."""
+    example = getattr(graph, "example_inputs", None)
+    seq_len = _seq_len(graph, example) if example else 1024
+    target = backend.target
+    schedules = dict(backend.schedules)
+    by_op = collections.defaultdict(list)
+    for node in tunable_nodes(graph, "tvm", target):
+        by_op[node.op].append(node)
+    entries, notes = {}, []
+    for op, nodes in by_op.items():
+        if op in backend.schedules:
+            for n in nodes:
+                entries[n.output.name] = (op, backend.schedules[op].as_dict(), "given to compile")
+            continue
+        resolved = [(n, *resolve_node("tvm", n, seq_len, "cpu", target=target)) for n in nodes]
+        found = [(json.dumps(cfg, sort_keys=True), where) for _, cfg, where in resolved if cfg]
+        chosen = None
+        for text, _ in collections.Counter(t for t, _ in found).most_common():
+            cfg = json.loads(text)
+            if all(tvm_schedule(n, cfg, target) is not None for n in nodes):
+                chosen = cfg
+                break
+        if chosen is not None:
+            schedules[op] = tvm_schedule(nodes[0], chosen, target)
+        if len({t for t, _ in found}) > 1 or (found and len(found) < len(nodes)):
+            notes.append(f"{op}: nodes resolve to different schedules; using "
+                         f"{_schedule_text(chosen) if chosen else 'the backend default'} for all")
+        for n, cfg, where in resolved:
+            if chosen is None:
+                entries[n.output.name] = (op, _tvm_spec(n, backend.lanes).schedule.as_dict(), "backend default")
+            else:
+                entries[n.output.name] = (op, chosen, where if cfg == chosen else f"{where}: not used, see note")
+    lines = [(f"    schedules for {shape_class(seq_len)} on {_dev_key('cpu')} (tuning cache, then shipped defaults, "
+              "then the backend's rule; schedules given to compile win; one build serves every T):")]
+    for name, (op, cfg, where) in entries.items():
+        lines.append(f"      %{name} ({op}): {_schedule_text(cfg)}  [{where}]")
+    lines += [f"      note: {n}" for n in notes]
+    return schedules, lines
+
+
+def _schedule_text(cfg: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in cfg.items()) if cfg else "-"
+
+
 # -- tuning ---------------------------------------------------------------------------------------------
 def parse_budget(budget) -> tuple:
     """-> (seconds, trials per kernel). None: the whole space; a number: seconds; '30s', '2m', '10 trials';
@@ -331,7 +502,40 @@ def triton_kernel(backend, node, operands: list, seq_len: int) -> TunableKernel:
                          timer=_cuda_timer if device.type == "cuda" else None)
 
 
-KERNEL_BUILDERS = {"triton": triton_kernel}
+def tvm_kernel(backend, node, operands: list, seq_len: int) -> TunableKernel:
+    """Each candidate schedule builds the op's kernel (in-process build cache) and runs it through the TVM
+    backend's hybrid runner on a one-op graph; the reference is the eager backend on the same operands."""
+    from ..api import TOLERANCE
+    from ..backends.eager import run_graph
+    from ..backends.tvm.backend import TVMBackend
+    from ..dtypes import to_torch
+
+    mini, _ = single_op_graph(node)
+    target = backend.target
+    runners: dict = {}
+
+    def run(config):
+        key = json.dumps(config, sort_keys=True)
+        runner = runners.get(key)
+        if runner is None:
+            sched = tvm_schedule(node, config, target)
+            if sched is None:
+                raise SessaCompilerError(f"schedule {config} is not valid for {kernel_name(node)}")
+            runner = TVMBackend(target=target, schedules={node.op: sched}, whole_graph=False).prepare(mini)
+            runners[key] = runner
+        with torch.no_grad():
+            return runner(operands, {})[0]
+
+    def reference():
+        with torch.no_grad():
+            return run_graph(mini, operands, {})[0]
+
+    tol = TOLERANCE.get(to_torch(node.outputs[0].type.dtype), 1e-4)
+    return TunableKernel(kernel_name(node), "tvm", kernel_source("tvm", node, target), tvm_space(node, None, target),
+                         run, reference, seq_len=seq_len, tolerance=tol, device=torch.device("cpu"))
+
+
+KERNEL_BUILDERS = {"triton": triton_kernel, "tvm": tvm_kernel}
 
 
 def tune_graph(backend, graph: Graph, inputs, *, budget=None, cache: TuningCache | None = None,
@@ -347,7 +551,8 @@ def tune_graph(backend, graph: Graph, inputs, *, budget=None, cache: TuningCache
 
     name = getattr(backend, "name", str(backend))
     build = KERNEL_BUILDERS.get(name)
-    nodes = tunable_nodes(graph)
+    target = getattr(backend, "target", None) if name == "tvm" else None
+    nodes = tunable_nodes(graph, name, target)
     if build is None or not nodes:
         return []
     inputs = list(inputs)
@@ -358,8 +563,9 @@ def tune_graph(backend, graph: Graph, inputs, *, budget=None, cache: TuningCache
     # one kernel per distinct cache key: repeated identical layers are tuned once; hits need no operands
     unique: dict = {}
     for n in nodes:
-        unique.setdefault(cache_key(name, n, seq_len, device).digest(), n)
-    hits = {d: cache.get(cache_key(name, n, seq_len, device)) for d, n in unique.items()} if kernel_hook is None else {}
+        unique.setdefault(cache_key(name, n, seq_len, device, target).digest(), n)
+    hits = ({d: cache.get(cache_key(name, n, seq_len, device, target)) for d, n in unique.items()}
+            if kernel_hook is None else {})
     todo = [n for d, n in unique.items() if hits.get(d) is None]
     results = [TuneResult(kernel_name(n), hits[d], True) for d, n in unique.items() if hits.get(d) is not None]
     if not todo:
@@ -368,7 +574,7 @@ def tune_graph(backend, graph: Graph, inputs, *, budget=None, cache: TuningCache
     with torch.no_grad():
         values = dict(zip(targets, run_graph(graph, inputs, graph.params, targets=targets)))
     if repeats is None:
-        repeats = 10 if device.type == "cuda" else 3
+        repeats = 10 if device.type == "cuda" else 5 if name == "tvm" else 3
     start = time.perf_counter()
     bar = tqdm(todo, desc=f"autotuning ({name})", disable=not progress, unit="kernel")
     for i, node in enumerate(bar):
@@ -390,7 +596,8 @@ def tune(module, example_inputs, backend: str = "triton", budget=None, *, option
          progress: bool = True, repeats: int | None = None, kernel_hook=None) -> list:
     """Autotune every kernel of ``module`` for these inputs' device and sequence-length class.
 
-    backend: "triton" (CUDA tensors, or CPU tensors in Triton's interpreter); "auto" means triton.
+    backend: "triton" (CUDA tensors, or CPU tensors in Triton's interpreter), "tvm" (CPU tensors: the
+    generated TVM kernels' schedules); "auto" means triton.
     budget: None (the whole candidate space), seconds (60, "60s", "2m") shared among the kernels, or
     trials per kernel ("20 trials"). Results go to the persistent cache (SESSA_COMPILER_CACHE_DIR, else
     the user's cache directory), which later compiles on this device read; tuned kernels are cache hits.
@@ -404,8 +611,19 @@ def tune(module, example_inputs, backend: str = "triton", budget=None, *, option
         raise SessaCompilerError(f"tune: backend '{backend}' has no tunable kernels here; "
                                  f"tunable: {', '.join(sorted(KERNEL_BUILDERS))}")
     settings = {"budget": budget, "progress": progress, "repeats": repeats, "kernel_hook": kernel_hook}
+    if backend == "tvm":  # the compile below only prepares: hybrid mode reuses the tuned kernels' builds
+        options = {"whole_graph": False, **(options or {})}
     compiled = sc_compile(module, example_inputs, backend=backend, options=options, autotune=settings)
     return compiled.tune_results
 
 
-__all__ = ["TuneResult", "kernel_name", "parse_budget", "resolve_node", "triton_space", "tune", "tune_graph"]
+__all__ = [
+    "TuneResult",
+    "kernel_name",
+    "parse_budget",
+    "resolve_node",
+    "triton_space",
+    "tune",
+    "tune_graph",
+    "tvm_space",
+]

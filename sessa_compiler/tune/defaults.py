@@ -22,6 +22,15 @@ ALLOWED = {
     "num_stages": {1, 2, 3, 4, 5},
     "strategy": {"sequential", "associative"},
 }
+# TVM: the fields of the ops' schedules (backends/tvm/schedules.py); whether a value fits a given op's
+# shape (divisibility) is checked again when the backend resolves it (tune.api.tvm_schedule).
+_POW2 = {1, 2, 4, 8, 16, 32, 64, 128}
+ALLOWED_TVM = {
+    "feedback": {"chunk": {16, 32, 64, 128}, "key_block": _POW2, "rows": {1, 2, 4, 6, 8}, "col_block": _POW2,
+                 "gemm_rows": {1, 2, 4, 6, 8}},
+    "attention": {"q_block": {16, 32, 64, 128}, "k_block": _POW2, "rows": {1, 2, 4, 6, 8}, "v_lanes": _POW2},
+    "scan": {"channel_block": _POW2},
+}
 
 
 def device_class(device_key: str) -> str:
@@ -44,8 +53,14 @@ def load_defaults(path: str | None = None) -> dict:
     return table["devices"]
 
 
-def valid_config(config) -> bool:
-    return isinstance(config, dict) and all(k in ALLOWED and v in ALLOWED[k] for k, v in config.items())
+def valid_config(config, backend: str = "triton", op: str | None = None) -> bool:
+    if not isinstance(config, dict):
+        return False
+    if backend == "tvm":  # a whole schedule: every field of the op's schedule, each an allowed value
+        allowed = ALLOWED_TVM.get(op)
+        return allowed is not None and set(config) == set(allowed) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v in allowed[k] for k, v in config.items())
+    return all(k in ALLOWED and v in ALLOWED[k] for k, v in config.items())
 
 
 def default_config(device_key: str, backend: str, op: str, shape: str | None = None, *, path: str | None = None):
@@ -61,7 +76,7 @@ def default_config(device_key: str, backend: str, op: str, shape: str | None = N
         fits = [(b, k) for k in entry if (b := _bound(k)) is not None and b >= bound and isinstance(entry[k], dict)]
         if fits:
             config.update(entry[min(fits)[1]])
-    return config if config and valid_config(config) else None
+    return config if config and valid_config(config, backend, op) else None
 
 
 def _bound(shape) -> int | None:

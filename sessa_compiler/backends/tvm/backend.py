@@ -98,9 +98,28 @@ class TVMBackend:
             base = self.schedules.get("feedback") or default_feedback(16 * self.lanes, self.lanes)
             self.schedules["feedback"] = dataclasses.replace(base, chunk=int(feedback_chunk_size))
         self.stats: collections.Counter = collections.Counter()
+        self.resolved: dict = {}  # id(graph) -> (schedules by op, report lines): tuned / shipped / own default
+
+    def schedules_for(self, graph: Graph) -> dict:
+        """The schedules this graph was prepared with (the tuning hook's choice), else the given ones."""
+        got = self.resolved.get(id(graph))
+        return got[0] if got else self.schedules
+
+    def resolve_schedules(self, graph: Graph) -> dict:
+        """Hook for tuned schedules (sessa_compiler/tune/api.py: tvm_schedules): per op, schedules given to
+        the backend win, then the tuning cache, the shipped defaults and the backend's own rule. A failing
+        lookup never fails the compile: the given schedules and the rule-based defaults are used."""
+        from ...tune.api import tvm_schedules
+
+        try:
+            self.resolved[id(graph)] = tvm_schedules(self, graph)
+        except Exception as e:  # noqa: BLE001 - tuning results are an optimisation, never a requirement
+            why = f"    schedules: tuning lookup failed ({type(e).__name__}: {e}); the backend's defaults are used"
+            self.resolved[id(graph)] = (self.schedules, [why])
+        return self.resolved[id(graph)][0]
 
     def plan(self, graph: Graph) -> list:
-        return lower_graph(graph, self.lanes, self.schedules)
+        return lower_graph(graph, self.lanes, self.schedules_for(graph))
 
     def kernel_sources(self, graph: Graph) -> dict:
         """TVMScript of each generated kernel, by the IR value it computes."""
@@ -115,7 +134,8 @@ class TVMBackend:
         is the program export_tvm ships, so compile() tests what users deploy."""
         from .relax_lower import graph_to_relax, unsupported_ops
 
-        missing = unsupported_ops(graph, self.lanes, self.schedules)
+        schedules = self.schedules_for(graph)
+        missing = unsupported_ops(graph, self.lanes, schedules)
         dtypes = {v.type.dtype.name for v in list(graph.inputs) + list(graph.param_values.values())}
         if missing or not dtypes <= {"f32", "f64", "i64", "i32"}:
             why = f"ops without a TVM lowering: {', '.join(missing)}" if missing else f"dtypes {sorted(dtypes)}"
@@ -125,7 +145,7 @@ class TVMBackend:
         from tvm import relax
 
         try:
-            mod, _ = graph_to_relax(graph, self.lanes, self.schedules)
+            mod, _ = graph_to_relax(graph, self.lanes, schedules)
             vm = relax.VirtualMachine(tvm.compile(mod, target=self.target), tvm.cpu())
         except Exception as e:  # a TVM lowering/build limitation: keep running, in hybrid mode, and say why
             self.modes[id(graph)] = ("hybrid", f"whole-graph TVM build failed: {type(e).__name__}: "
@@ -176,6 +196,7 @@ class TVMBackend:
     def prepare(self, graph: Graph):
         if self.print_ir:
             print(graph)
+        self.resolve_schedules(graph)
         plan = self.plan(graph)
         if self.whole_graph:
             run = self._whole_graph_runner(graph, plan)
@@ -233,6 +254,7 @@ class TVMBackend:
                 lines.append(f"      {item.node.outputs[0].name}: {item.spec.describe()}")
             elif item.reason:
                 lines.append(f"      {item.node.op} %{item.node.outputs[0].name} runs through torch: {item.reason}")
+        lines += self.resolved.get(id(graph), (None, []))[1]
         mode, why = self.modes.get(id(graph), ("hybrid" if not self.whole_graph else "not prepared yet", ""))
         if mode == "whole graph":
             lines.append(f"    mode: whole graph in TVM (one Relax VM program; {why}): the other ops "
