@@ -1,11 +1,15 @@
 import pathlib
 import sys
 
-import pytest
-import torch
-
-# tests/styles holds modules written in deliberately different styles; make them importable as `styles`.
+# tests/ holds helper modules (triton_env) and modules written in deliberately different styles
+# (styles/): make them importable.
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
+
+# Before anything imports triton: its interpreter must be on for the kernel tests on CPU tensors.
+import triton_env  # noqa: E402,F401
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(scope="module")
