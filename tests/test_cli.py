@@ -57,3 +57,13 @@ def test_bench_writes_table_and_plot(tmp_path, capsys):
 def test_errors_are_reported_not_raised(capsys):
     assert main(["compile", "--model", "sessa", *SMALL, "--backend", "no-such-backend"]) == 2
     assert "unknown backend 'no-such-backend'" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    import sysconfig
+    from pathlib import Path
+
+    script = Path(sysconfig.get_path("scripts")) / "sessa-compiler"
+    assert script.exists(), f"pip install did not create {script}"
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "compile,explain,export,tune,bench" in out.stdout.replace(" ", "")
