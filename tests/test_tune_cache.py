@@ -108,7 +108,9 @@ SCRIPT = textwrap.dedent("""
     k = toy_kernel(calls)
     slow_run = k.run
     def run(config):
-        time.sleep(0.2)  # long enough that two tuners overlap
+        # Every call sleeps, so two tuners overlap; the slow config sleeps far longer than the
+        # scheduler's jitter on a loaded 2-core machine, so timing cannot pick it by accident.
+        time.sleep(0.5 if config["slow"] else 0.1)
         return slow_run(config)
     k.run = run
     res = tune_kernel(k, progress=False, repeats=1)
