@@ -4,10 +4,6 @@ entries, the shipped defaults, and the CLI."""
 from tests import triton_env  # noqa: I001  (sets TRITON_INTERPRET before triton is imported)
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,9 +20,9 @@ from sessa_compiler.tune import TuningCache, defaults
 from sessa_compiler.tune import api as tune_api
 from sessa_compiler.tune import cache as tune_cache
 from sessa_compiler.tune.api import parse_budget, resolve_node, triton_space, tunable_nodes
+from tests.warm_compile import run_compile
 
 T = 24
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -96,42 +92,10 @@ def test_compile_autotune_matches_eager_and_explain_shows_tuned_configs(cache_di
     assert "[tuned]" not in compiled.explain()  # describes the last shape class used (T<=8: not tuned)
 
 
-SCRIPT = textwrap.dedent("""
-    import json, sys, time
-    sys.path.insert(0, {root!r})
-    from tests import triton_env
-    import torch
-    import sessa_compiler as sc
-    from sessa_compiler.tune import tuner
-    from tests.test_tune import model, example
-    runs = []
-    orig = tuner._time
-    tuner._time = lambda k, c, r: runs.append(c) or orig(k, c, r)
-    m, x = model(), example()
-    start = time.perf_counter()
-    compiled = sc.compile(m, (x,), backend="triton", autotune={{"progress": False}})
-    compile_s = time.perf_counter() - start
-    with torch.no_grad():
-        err = float((compiled(x) - m(x)).abs().max())
-    print(json.dumps({{"compile_s": compile_s, "tune_s": compiled.tune_seconds, "timed": len(runs), "err": err,
-                      "hits": [r.from_cache for r in compiled.tune_results],
-                      "configs": sorted(json.dumps(r.config, sort_keys=True) for r in compiled.tune_results),
-                      "explain": compiled.explain()}}))
-""")
-
-
-def run_compile(cache_dir):
-    env = {**os.environ, "SESSA_COMPILER_CACHE_DIR": str(cache_dir), "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(ROOT))], env=env, capture_output=True, check=False,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_warm_compile_in_a_new_process_runs_no_tuning_and_is_faster(cache_dir):
-    cold = run_compile(cache_dir)
+    cold = run_compile(cache_dir, "test_tune", "triton", None, {"progress": False})
     assert cold["hits"] == [False, False] and cold["timed"] > 0 and cold["tune_s"] > 0
-    warm = run_compile(cache_dir)
+    warm = run_compile(cache_dir, "test_tune", "triton", None, {"progress": False})
     assert warm["hits"] == [True, True] and warm["timed"] == 0
     assert warm["configs"] == cold["configs"] and warm["err"] <= 1e-4 * 10
     assert warm["tune_s"] < 0.1 * cold["tune_s"], (warm["tune_s"], cold["tune_s"])

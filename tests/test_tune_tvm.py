@@ -10,10 +10,6 @@ compiles use the hybrid mode (whole_graph=False) where the whole-graph Relax bui
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -29,9 +25,9 @@ from sessa_compiler.models import MambaLayer, SessaLayer
 from sessa_compiler.tune import api as tune_api
 from sessa_compiler.tune import defaults
 from sessa_compiler.tune.api import resolve_node, tunable_nodes, tvm_schedule, tvm_space
+from tests.warm_compile import run_compile
 
 T = 24
-ROOT = Path(__file__).resolve().parent.parent
 HYBRID = {"whole_graph": False}
 
 
@@ -164,42 +160,10 @@ def test_shipped_tvm_defaults_are_valid():
             assert all(defaults.valid_config(c, "tvm", op) for c in shapes.values()), (op, shapes)
 
 
-SCRIPT = textwrap.dedent("""
-    import json, sys, time
-    sys.path.insert(0, {root!r})
-    import torch
-    import sessa_compiler as sc
-    from sessa_compiler.tune import tuner
-    from tests.test_tune_tvm import model, example
-    runs = []
-    orig = tuner._time
-    tuner._time = lambda k, c, r: runs.append(c) or orig(k, c, r)
-    m, x = model(), example()
-    start = time.perf_counter()
-    compiled = sc.compile(m, (x,), backend="tvm", options={{"whole_graph": False}},
-                          autotune={{"progress": False, "budget": "2 trials"}})
-    compile_s = time.perf_counter() - start
-    with torch.no_grad():
-        err = float((compiled(x) - m(x)).abs().max() / m(x).abs().max())
-    print(json.dumps({{"compile_s": compile_s, "tune_s": compiled.tune_seconds, "timed": len(runs), "err": err,
-                      "hits": [r.from_cache for r in compiled.tune_results],
-                      "configs": sorted(json.dumps(r.config, sort_keys=True) for r in compiled.tune_results),
-                      "explain": compiled.explain()}}))
-""")
-
-
-def run_compile(cache_dir):
-    env = {**os.environ, "SESSA_COMPILER_CACHE_DIR": str(cache_dir)}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(ROOT))], env=env, capture_output=True,
-                          check=False, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def test_warm_compile_in_a_new_process_runs_no_tuning(cache_dir):
-    cold = run_compile(cache_dir)
+    cold = run_compile(cache_dir, "test_tune_tvm", "tvm", HYBRID, {"progress": False, "budget": "2 trials"})
     assert cold["hits"] == [False, False] and cold["timed"] > 0 and cold["tune_s"] > 0
-    warm = run_compile(cache_dir)
+    warm = run_compile(cache_dir, "test_tune_tvm", "tvm", HYBRID, {"progress": False, "budget": "2 trials"})
     assert warm["hits"] == [True, True] and warm["timed"] == 0
     assert warm["configs"] == cold["configs"] and warm["err"] <= 1e-4
     assert warm["tune_s"] < 0.2 * cold["tune_s"], (warm["tune_s"], cold["tune_s"])

@@ -1,0 +1,50 @@
+"""One subprocess compile with autotuning, shared by the warm-compile tests of every backend.
+
+`run_compile(cache_dir, test_module, backend, options, autotune)` compiles `test_module.model()` on
+`test_module.example()` in a fresh Python process whose tuning cache is `cache_dir`, counts the configs
+the tuner timed, and returns what a warm-start test checks: compile and tuning seconds, cache hits,
+the chosen configs, the relative error against the module, and explain().
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = textwrap.dedent("""
+    import json, sys, time
+    sys.path.insert(0, {root!r})
+    from tests import triton_env  # TRITON_INTERPRET before triton is imported
+    import torch
+    import sessa_compiler as sc
+    from sessa_compiler.tune import tuner
+    from tests.{module} import model, example
+    runs = []
+    orig = tuner._time
+    tuner._time = lambda k, c, r: runs.append(c) or orig(k, c, r)
+    m, x = model(), example()
+    start = time.perf_counter()
+    compiled = sc.compile(m, (x,), backend={backend!r}, options={options!r}, autotune={autotune!r})
+    compile_s = time.perf_counter() - start
+    with torch.no_grad():
+        ref = m(x)
+        err = float((compiled(x) - ref).abs().max() / ref.abs().max())
+    print(json.dumps({{"compile_s": compile_s, "tune_s": compiled.tune_seconds, "timed": len(runs), "err": err,
+                      "hits": [r.from_cache for r in compiled.tune_results],
+                      "configs": sorted(json.dumps(r.config, sort_keys=True) for r in compiled.tune_results),
+                      "explain": compiled.explain()}}))
+""")
+
+
+def run_compile(cache_dir, module: str, backend: str, options: dict | None, autotune: dict) -> dict:
+    env = {**os.environ, "SESSA_COMPILER_CACHE_DIR": str(cache_dir), "TRITON_INTERPRET": "1"}
+    code = SCRIPT.format(root=str(ROOT), module=module, backend=backend, options=options, autotune=autotune)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=False, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
