@@ -4,7 +4,6 @@ entries, the shipped defaults, and the CLI."""
 from tests import triton_env  # noqa: I001  (sets TRITON_INTERPRET before triton is imported)
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from sessa_compiler.tune import TuningCache, defaults
 from sessa_compiler.tune import api as tune_api
 from sessa_compiler.tune import cache as tune_cache
 from sessa_compiler.tune.api import parse_budget, resolve_node, triton_space, tunable_nodes
-from tests.warm_compile import run_compile
+from tests.tune_helpers import run_compile, wrong_first
 
 T = 24
 
@@ -47,32 +46,17 @@ def entries(d):
 
 
 def test_tuning_never_picks_a_wrong_but_fast_candidate():
-    injected = []
-
-    def hook(k, node):  # a candidate that returns instantly with a wrong answer, tried first
-        if node.op != "feedback":
-            return k
-        wrong = {"chunk_size": 16, "num_warps": 1, "num_stages": 1}
-        right_run = k.run
-        bad = k.reference() * 1.01
-
-        def run(config):
-            if config == wrong:
-                injected.append(config)
-                return bad
-            return right_run(config)
-
-        return replace(k, space=[wrong] + k.space, run=run)
-
+    injected, wrong = [], {"chunk_size": 16, "num_warps": 1, "num_stages": 1}
+    hook = wrong_first("feedback", wrong, injected)  # returns instantly with a wrong answer, tried first
     results = sc.tune(model(), (example(),), backend="triton", progress=False, kernel_hook=hook)
     by_op = {r.kernel.split("[")[0]: r for r in results}
     assert set(by_op) == {"feedback", "attention"} and not any(r.from_cache for r in results)
     fb = by_op["feedback"]
     assert injected, "the wrong candidate was never tried"
-    assert fb.config != {"chunk_size": 16, "num_warps": 1, "num_stages": 1}
+    assert fb.config != wrong
     assert fb.config in triton_space(next(n for n in tunable_nodes(sc.compile(model(), (example(),), backend="eager")
                                                                   .graph) if n.op == "feedback"), torch.device("cpu"))
-    assert [c for c, _ in fb.rejected] == [{"chunk_size": 16, "num_warps": 1, "num_stages": 1}]
+    assert [c for c, _ in fb.rejected] == [wrong]
     assert "error" in fb.rejected[0][1] and fb.tried == 4 and fb.median_ms > 0
 
 

@@ -10,7 +10,6 @@ compiles use the hybrid mode (whole_graph=False) where the whole-graph Relax bui
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,7 @@ from sessa_compiler.models import MambaLayer, SessaLayer
 from sessa_compiler.tune import api as tune_api
 from sessa_compiler.tune import defaults
 from sessa_compiler.tune.api import resolve_node, tunable_nodes, tvm_schedule, tvm_space
-from tests.warm_compile import run_compile
+from tests.tune_helpers import run_compile, wrong_first
 
 T = 24
 HYBRID = {"whole_graph": False}
@@ -75,21 +74,7 @@ def test_spaces_are_small_valid_and_start_with_the_backend_default():
 def test_tuning_picks_a_verified_schedule_and_never_a_wrong_but_fast_one(cache_dir):
     injected = []
     wrong = {"chunk": 16, "key_block": 16, "rows": 1, "col_block": 16, "gemm_rows": 1}
-
-    def hook(k, node):  # a candidate that returns at once with a wrong answer, tried first
-        if node.op != "feedback":
-            return k
-        right_run = k.run
-        bad = k.reference() * 1.01
-
-        def run(config):
-            if config == wrong:
-                injected.append(config)
-                return bad
-            return right_run(config)
-
-        return replace(k, space=[wrong] + k.space, run=run)
-
+    hook = wrong_first("feedback", wrong, injected)  # returns at once with a wrong answer, tried first
     m, x = model(), example()
     results = sc.tune(m, (x,), backend="tvm", budget="3 trials", progress=False, kernel_hook=hook)
     by_op = {r.kernel.split("[")[0]: r for r in results}

@@ -1,4 +1,9 @@
-"""One subprocess compile with autotuning, shared by the warm-compile tests of every backend.
+"""Helpers shared by the tuning tests of every backend.
+
+`wrong_first(op, wrong, injected)`: a kernel hook for `sc.tune(kernel_hook=...)` that puts a candidate
+config first in `op`'s search space which returns at once with a wrong answer (1% off the reference),
+recording each time it runs in `injected`.
+
 
 `run_compile(cache_dir, test_module, backend, options, autotune)` compiles `test_module.model()` on
 `test_module.example()` in a fresh Python process whose tuning cache is `cache_dir`, counts the configs
@@ -12,6 +17,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,3 +54,21 @@ def run_compile(cache_dir, module: str, backend: str, options: dict | None, auto
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def wrong_first(op: str, wrong: dict, injected: list):
+    def hook(k, node):
+        if node.op != op:
+            return k
+        right_run = k.run
+        bad = k.reference() * 1.01
+
+        def run(config):
+            if config == wrong:
+                injected.append(config)
+                return bad
+            return right_run(config)
+
+        return replace(k, space=[wrong] + k.space, run=run)
+
+    return hook
