@@ -1,6 +1,11 @@
 """The core ops in standard ONNX: attention (causal, GQA, interleaved RoPE), rope, the feedback solve
-(chunked: an ONNX Loop over chunks with batched diagonal-block inverses) and the selective scan
-(an ONNX Scan over time).
+and the selective scan (an ONNX Scan over time).
+
+Attention and the feedback solve are ONNX Loops over chunks of query rows, so no tensor with two
+sequence-length dimensions exists and memory is O(T * C), not O(T^2): an attention iteration scores one
+chunk of queries against the keys it can see (``[:end]``); a feedback iteration computes one chunk of
+rows of the weight matrix W, solves its diagonal block with the exact nilpotent product and appends the
+result to the solved prefix.
 
 Core ops compute in float32 for float16/bfloat16 inputs (float64 stays float64), as the references
 in backends/reference.py do. See shared/notes/onnx.md for why the feedback solve looks like this.
@@ -14,53 +19,31 @@ from ..ir.graph import Node
 from .onnx_builder import NEG_INF, GraphBuilder, value_info
 from .onnx_lower import Lowering, lowering, out_dtype, static
 
-# Rows per chunk of the feedback solve: C x C diagonal blocks are inverted up front (batched), the
-# Loop runs ceil(T / C) - 1 times. 32 matched torch's solve on CPU (shared/notes/onnx.md).
-FEEDBACK_CHUNK = 32
+# Chunk sizes of the two Loops (query rows per iteration). Memory is O(T * chunk); the Loop runs
+# ceil(T / chunk) times (the feedback one a time less: its first chunk is peeled). Each feedback
+# iteration also inverts its own C x C diagonal block (log2 C small MatMuls). On the 2-core CPU,
+# 1 thread, SessaLayer(D=128, H=4): 32..64 / 64..256 were within noise of each other at T = 512,
+# 2048 and 8192; 64 / 128 was marginally the fastest.
+FEEDBACK_CHUNK = 64
+ATTENTION_CHUNK = 128
 
 
 def compute_dtype(dt: str) -> str:
     return "f64" if dt == "f64" else "f32"
 
 
-def _positions(b: GraphBuilder, T) -> tuple:
-    """Cached int64 [T, 1] row and [1, T] column position indices."""
-    key = ("positions", T)
-    if key not in b.root.cache:
-        r = b.root
-        ar = r.op("Range", r.scalar(0, "i64"), r.dim_scalar(T), r.scalar(1, "i64"), hint="pos")
-        b.root.cache[key] = (r.op("Unsqueeze", ar, r.i64(1), hint="pos_row"), r.op("Unsqueeze", ar, r.i64(0), hint="pos_col"))
-    return b.root.cache[key]
+def _scalar(b: GraphBuilder, x: str) -> str:
+    """int64 [1] -> 0-d."""
+    return b.op("Squeeze", x, b.i64(0))
 
 
-def causal_keep(b: GraphBuilder, T) -> str:
-    """bool [T, T]: column j is visible from row t when j <= t (shared by every attention)."""
-    key = ("causal_keep", T)
-    if key not in b.root.cache:
-        rows, cols = _positions(b, T)
-        b.root.cache[key] = b.root.op("LessOrEqual", cols, rows, hint="causal_keep")
-    return b.root.cache[key]
-
-
-def causal_bias(b: GraphBuilder, T, cd: str) -> str:
-    """[T, T] additive mask: 0 where j <= t, -inf above the diagonal (an Add is cheaper than a broadcast Where)."""
-    key = ("causal_bias", T, cd)
-    if key not in b.root.cache:
-        r = b.root
-        r.cache[key] = r.op("Where", causal_keep(b, T), r.scalar(0.0, cd), r.scalar(NEG_INF, cd), hint="causal_bias")
-    return b.root.cache[key]
-
-
-def strict_masks(b: GraphBuilder, T) -> tuple:
-    """(strict, softmax_keep): j < t, and the same plus (0, 0) so row 0 has a finite softmax (then zeroed)."""
-    key = ("strict", T)
-    if key not in b.root.cache:
-        r = b.root
-        rows, cols = _positions(b, T)
-        strict = r.op("Less", cols, rows, hint="strict_causal")
-        origin = r.op("Equal", r.op("Add", rows, cols), r.scalar(0, "i64"), hint="origin")
-        r.cache[key] = (strict, r.op("Or", strict, origin, hint="feedback_keep"))
-    return b.root.cache[key]
+def _slab_positions(b: GraphBuilder, start: str, end: str, key_end: str) -> tuple:
+    """int64 rows [end - start, 1] (query positions start .. end-1) and cols [1, key_end] (0 .. key_end-1);
+    start, end, key_end are int64 [1] tensors."""
+    one = b.scalar(1, "i64")
+    rows = b.op("Range", _scalar(b, start), _scalar(b, end), one, hint="slab_rows")
+    cols = b.op("Range", b.scalar(0, "i64"), _scalar(b, key_end), one, hint="slab_cols")
+    return b.op("Unsqueeze", rows, b.i64(1)), b.op("Unsqueeze", cols, b.i64(0))
 
 
 def rope_tables(b: GraphBuilder, inv_freq: str, inv_dtype: str, T, cd: str) -> tuple:
@@ -100,7 +83,15 @@ def _rope(L: Lowering, node: Node):
 
 
 @lowering("attention")
-def _attention(L: Lowering, node: Node):
+def _attention(L: Lowering, node: Node, chunk: int | None = None):
+    """softmax(q k^T * scale + causal bias) v as an ONNX Loop over chunks of C query rows.
+
+    Queries are zero-padded to a multiple of C (an O(T) copy); iteration c scores queries
+    [cC, cC + C) against keys [0, end) with end = min(cC + C, T) (all T keys when not causal) and
+    emits a [.., C, dv] scan output; the stacked [n, .., C, dv] output is reshaped and clipped to T.
+    Padded query rows see every key below end, so their softmax is finite; they are dropped.
+    """
+    C = chunk or ATTENTION_CHUNK
     dt = out_dtype(node)
     cd = compute_dtype(dt)
     b = L.b
@@ -111,6 +102,7 @@ def _attention(L: Lowering, node: Node):
     d = static(node, q_t.shape[3], "head width")
     dv = static(node, v_t.shape[3], "value width")
     G = H // Hkv
+    causal = bool(node.attrs["causal"])
     q, k, v = L.get(node, 0), L.get(node, 1), L.get(node, 2)
     in_dt = q_t.dtype.name
     if node.attrs.get("rope", False):
@@ -124,28 +116,88 @@ def _attention(L: Lowering, node: Node):
     kT = b.op("Transpose", k, perm=[0, 2, 3, 1])           # [B, Hkv, d, T]
     v = b.op("Transpose", v, perm=[0, 2, 1, 3])            # [B, Hkv, T, dv]
     if G > 1:  # query head h reads kv head h // G: split H into (Hkv, G) and broadcast k, v over G
-        q = b.op("Reshape", q, b.i64(0, Hkv, G, -1, d))
+        q = b.op("Reshape", q, b.i64(0, Hkv, G, -1, d))     # [B, Hkv, G, T, d]
         kT = b.op("Unsqueeze", kT, b.i64(2))
         v = b.op("Unsqueeze", v, b.i64(2))
-    logits = b.op("MatMul", q, kT, hint="attn_logits")
-    if node.attrs["causal"]:
-        logits = b.op("Add", logits, causal_bias(b, T, cd), hint="attn_masked")
-    probs = b.op("Softmax", logits, axis=-1, hint="attn_probs")
-    out = b.op("MatMul", probs, v, hint="attn_out")
-    if G > 1:
-        out = b.op("Reshape", out, b.i64(0, H, -1, dv))
-    out = b.op("Transpose", out, perm=[0, 2, 1, 3], hint="attention")
+    t_axis = 3 if G > 1 else 2                             # the query/key row axis of q and v
+
+    Tdim = b.dim(T)
+    n = b.op("Div", b.op("Add", Tdim, b.i64(C - 1)), b.i64(C), hint="attn_chunks")
+    padded = b.op("Mul", n, b.i64(C), hint="attn_padded_len")
+    q = b.op("Pad", q, b.op("Concat", b.i64(0), b.op("Sub", padded, Tdim), axis=0), None, b.i64(t_axis),
+             hint="q_padded")                              # rows T .. nC-1 are zeros
+
+    body = b.sub()
+    it, cond_in = body.names.fresh("attn_iter"), body.names.fresh("attn_cond_in")
+    start = body.op("Mul", body.op("Unsqueeze", it, body.i64(0)), body.i64(C), hint="attn_start")
+    stop = body.op("Add", start, body.i64(C), hint="attn_stop")
+    q_c = body.op("Slice", q, start, stop, body.i64(t_axis), hint="q_chunk")              # [.., C, d]
+    if causal:
+        end = body.op("Min", stop, Tdim, hint="attn_end")
+        k_c = body.op("Slice", kT, body.i64(0), end, body.i64(-1), hint="k_visible")      # [.., d, end]
+        v_c = body.op("Slice", v, body.i64(0), end, body.i64(t_axis), hint="v_visible")   # [.., end, dv]
+        rows, cols = _slab_positions(body, start, stop, end)
+        bias = body.op("Where", body.op("LessOrEqual", cols, rows), body.scalar(0.0, cd), body.scalar(NEG_INF, cd),
+                       hint="attn_bias")                                                   # [C, end]
+        logits = body.op("Add", body.op("MatMul", q_c, k_c), bias, hint="attn_masked")
+    else:
+        v_c = v
+        logits = body.op("MatMul", q_c, kT, hint="attn_logits")
+    probs = body.op("Softmax", logits, axis=-1, hint="attn_probs")
+    out_c = body.op("MatMul", probs, v_c, hint="attn_out_chunk")
+    cond_out = body.op("Identity", cond_in, hint="attn_cond_out")
+    heads = [Hkv, G] if G > 1 else [H]
+    g = body.graph("attention_chunks", [value_info(it, "i64", []), value_info(cond_in, "bool", [])],
+                   [value_info(cond_out, "bool", []), value_info(out_c, cd, [None, *heads, C, dv])])
+    chunks = b.op("Loop", _scalar(b, n), b.scalar(True, "bool"), body=g, hint="attention_chunks")  # [n, B, .., C, dv]
+    perm = [1, 0, 4, 2, 3, 5] if G > 1 else [1, 0, 3, 2, 4]                                     # [B, n, C, .., dv]
+    out = b.op("Reshape", b.op("Transpose", chunks, perm=perm), b.i64(0, -1, H, dv))            # [B, nC, H, dv]
+    out = b.op("Slice", out, b.i64(0), Tdim, b.i64(1), hint="attention")
     return [b.cast(out, cd, dt)]
+
+
+def _feedback_rows(b: GraphBuilder, qb: str, kbT: str, gamma: str, start: str, end: str, cd: str) -> str:
+    """Rows start .. end-1 of W = diag(gamma) alpha over columns 0 .. end-1: [B, end - start, end].
+
+    alpha is the strictly causal softmax (column j < row t); row 0 has no key, so its softmax sees
+    (0, 0) to stay finite and the row is then zeroed (backends/reference.py).
+    """
+    q = b.op("Slice", qb, start, end, b.i64(1), hint="fb_q_rows")                  # [B, m, c]
+    k = b.op("Slice", kbT, b.i64(0), end, b.i64(2), hint="fb_k_visible")           # [B, c, end]
+    logits = b.op("MatMul", q, k, hint="fb_logits")
+    rows, cols = _slab_positions(b, start, end, end)
+    strict = b.op("Less", cols, rows, hint="fb_strict")
+    keep = b.op("Less", cols, b.op("Max", rows, b.scalar(1, "i64")), hint="fb_keep")  # strict, and (0, 0)
+    logits = b.op("Where", keep, logits, b.scalar(NEG_INF, cd), hint="fb_masked")
+    alpha = b.op("Softmax", logits, axis=-1, hint="fb_alpha")
+    W = b.op("Mul", alpha, b.op("Slice", gamma, start, end, b.i64(1), hint="fb_gamma_rows"), hint="fb_weights")
+    return b.op("Where", strict, W, b.scalar(0.0, cd), hint="fb_W_rows")
+
+
+def _unit_lower_inverse(b: GraphBuilder, N: str, m: str, C: int, cd: str) -> str:
+    """(I - N)^-1 for N [B, m, m] strictly lower triangular, m <= C, by the exact nilpotent product
+    (I+N)(I+N^2)(I+N^4)...: N^C = 0, so ceil(log2 C) factors are exact (shared/notes/onnx.md)."""
+    eye = b.op("Slice", b.const(np.eye(C), cd, hint="eye_chunk"), b.i64(0, 0), b.op("Concat", m, m, axis=0),
+               b.i64(0, 1), hint="eye_m")
+    inv = b.op("Add", eye, N, hint="block_inv")
+    power, covered = N, 2
+    while covered < C:
+        power = b.op("MatMul", power, power, hint="block_pow")
+        inv = b.op("Add", inv, b.op("MatMul", inv, power), hint="block_inv")
+        covered *= 2
+    return inv
 
 
 @lowering("feedback")
 def _feedback(L: Lowering, node: Node, chunk: int | None = None):
     """(I - W) s = f with W = diag(gamma) alpha strictly lower triangular, per batch element.
 
-    Diagonal C x C blocks of W are gathered (clamped flat indices, no Pad or copy of the T x T
-    matrix) and inverted all at once with the exact nilpotent product (I+N)(I+N^2)(I+N^4)...; the
-    first chunk is solved outside the Loop (no MatMul with K = 0); each Loop iteration solves one
-    chunk against the solved prefix and appends it.
+    Chunk c (rows start .. end-1, m = end - start <= C) needs only rows start .. end-1 of W over
+    columns 0 .. end-1 ([B, m, end], computed where it is used): rhs = f[start:end] + W[:, :, :start]
+    @ s[:start], and s[start:end] = (I - W[:, :, start:end])^-1 rhs with the diagonal block inverted
+    by the exact nilpotent product. The first chunk is solved outside the Loop (no MatMul with
+    K = 0); each Loop iteration solves one chunk against the solved prefix and appends it. No tensor
+    has two sequence-length dimensions: memory is O(T * C).
     """
     C = chunk or FEEDBACK_CHUNK
     dt = out_dtype(node)
@@ -155,45 +207,18 @@ def _feedback(L: Lowering, node: Node, chunk: int | None = None):
     T = f_t.shape[1]
     f = L.get(node, 0, cd)
     qb, kb, gamma = L.get(node, 1, cd), L.get(node, 2, cd), L.get(node, 3, cd)
-    strict, keep = strict_masks(b, T)
-
-    # W [B, T, T] = gamma[t] * strictly-causal softmax(q_b k_b^T * scale), row 0 = 0
     qb = b.op("Mul", qb, b.scalar(float(node.attrs["scale"]), cd), hint="qb_scaled")
-    logits = b.op("MatMul", qb, b.op("Transpose", kb, perm=[0, 2, 1]), hint="fb_logits")
-    logits = b.op("Where", keep, logits, b.scalar(NEG_INF, cd), hint="fb_masked")
-    alpha = b.op("Softmax", logits, axis=-1, hint="fb_alpha")
-    W = b.op("Mul", alpha, b.op("Unsqueeze", gamma, b.i64(2)), hint="fb_weights")
-    W = b.op("Where", strict, W, b.scalar(0.0, cd), hint="fb_W")
-
-    # diagonal blocks [B, n, C, C] by one Gather on the flattened W
+    kbT = b.op("Transpose", kb, perm=[0, 2, 1], hint="kb_t")                     # [B, c, T]
+    gamma = b.op("Unsqueeze", gamma, b.i64(2), hint="gamma_col")                # [B, T, 1]
     Tdim = b.dim(T)
     n = b.op("Div", b.op("Add", Tdim, b.i64(C - 1)), b.i64(C), hint="n_chunks")
-    n0d = b.op("Squeeze", n, b.i64(0))
-    chunk_ids = b.op("Range", b.scalar(0, "i64"), n0d, b.scalar(1, "i64"), hint="chunk_ids")
-    base = b.op("Mul", b.op("Unsqueeze", chunk_ids, b.i64(1, 2)), b.i64(C))       # [n, 1, 1]
-    rows = b.op("Add", base, b.const(np.arange(C).reshape(C, 1), "i64", hint="block_rows"))  # [n, C, 1]
-    cols = b.op("Add", base, b.const(np.arange(C).reshape(1, C), "i64", hint="block_cols"))  # [n, 1, C]
-    valid = b.op("And", b.op("Less", rows, Tdim), b.op("Less", cols, rows), hint="block_valid")  # cols < rows < T
-    flat = b.op("Add", b.op("Mul", rows, Tdim), cols)
-    flat = b.op("Where", valid, flat, b.scalar(0, "i64"), hint="block_index")
-    W_flat = b.op("Reshape", W, b.i64(0, -1), hint="fb_W_flat")
-    N = b.op("Gather", W_flat, flat, axis=1, hint="fb_blocks")                         # [B, n, C, C]
-    N = b.op("Where", valid, N, b.scalar(0.0, cd))
-    eye = b.const(np.eye(C), cd, hint="eye_chunk")
-    inv = b.op("Add", eye, N, hint="block_inv")                # (I - N)^-1 = (I+N)(I+N^2)(I+N^4)...
-    power, covered = N, 2
-    while covered < C:
-        power = b.op("MatMul", power, power, hint="block_pow")
-        inv = b.op("Add", inv, b.op("MatMul", inv, power), hint="block_inv")
-        covered *= 2
 
     # chunk 0, peeled
+    zero = b.i64(0)
     m0 = b.op("Min", Tdim, b.i64(C), hint="first_chunk_len")
-    zero2, axes12 = b.i64(0, 0), b.i64(1, 2)
-    inv0 = b.op("Gather", inv, b.scalar(0, "i64"), axis=1)
-    inv0 = b.op("Slice", inv0, zero2, b.op("Concat", m0, m0, axis=0), axes12)
-    f0 = b.op("Slice", f, b.i64(0), m0, b.i64(1))
-    s0 = b.op("MatMul", inv0, f0, hint="s_chunk0")
+    W0 = _feedback_rows(b, qb, kbT, gamma, zero, m0, cd)                         # [B, m0, m0]
+    f0 = b.op("Slice", f, zero, m0, b.i64(1))
+    s0 = b.op("MatMul", _unit_lower_inverse(b, W0, m0, C, cd), f0, hint="s_chunk0")
 
     # chunks 1 .. n-1 in a Loop; the solved prefix grows by one chunk per iteration
     body = b.sub()
@@ -202,12 +227,12 @@ def _feedback(L: Lowering, node: Node, chunk: int | None = None):
     start = body.op("Mul", body.op("Unsqueeze", c, body.i64(0)), body.i64(C), hint="chunk_start")
     end = body.op("Min", body.op("Add", start, body.i64(C)), Tdim, hint="chunk_end")
     m = body.op("Sub", end, start, hint="chunk_len")
-    W_rows = body.op("Slice", W, body.op("Concat", start, body.i64(0), axis=0),
-                     body.op("Concat", end, start, axis=0), axes12, hint="W_rows")          # [B, m, start]
-    rhs = body.op("Add", body.op("Slice", f, start, end, body.i64(1)), body.op("MatMul", W_rows, prefix), hint="rhs")
-    inv_c = body.op("Gather", inv, c, axis=1)
-    inv_c = body.op("Slice", inv_c, zero2, body.op("Concat", m, m, axis=0), axes12, hint="inv_c")
-    s_c = body.op("MatMul", inv_c, rhs, hint="s_chunk")
+    W_c = _feedback_rows(body, qb, kbT, gamma, start, end, cd)                   # [B, m, end]
+    axis2 = body.i64(2)
+    W_past = body.op("Slice", W_c, body.i64(0), start, axis2, hint="W_past")     # [B, m, start]
+    N = body.op("Slice", W_c, start, end, axis2, hint="W_diag")                  # [B, m, m]
+    rhs = body.op("Add", body.op("Slice", f, start, end, body.i64(1)), body.op("MatMul", W_past, prefix), hint="rhs")
+    s_c = body.op("MatMul", _unit_lower_inverse(body, N, m, C, cd), rhs, hint="s_chunk")
     cond_out = body.op("Identity", cond_in, hint="cond_out")
     s_out = body.op("Concat", prefix, s_c, axis=1, hint="s_prefix_out")
     width = f_t.shape[2]
