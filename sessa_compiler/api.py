@@ -32,6 +32,37 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out64[finite] - ref64[finite]).abs().max().item() / scale
 
 
+class _RecomputeGrad(torch.autograd.Function):
+    """Autograd for forward-only backends (Triton, TVM): the forward runs their kernels; the backward
+    re-runs the same graph on the eager interpreter (differentiable torch ops) from the saved inputs and
+    parameters and differentiates that, as activation checkpointing does. Gradients are therefore the
+    eager backend's, to the spec's tolerance of the fast forward."""
+
+    @staticmethod
+    def forward(ctx, fast, eager, n_inputs, names, fixed, *tensors):
+        inputs, params = list(tensors[:n_inputs]), {**fixed, **dict(zip(names, tensors[n_inputs:]))}
+        outs = list(fast(inputs, params))
+        ctx.eager, ctx.n_inputs, ctx.names, ctx.fixed = eager, n_inputs, names, fixed
+        ctx.save_for_backward(*tensors)
+        ctx.mark_non_differentiable(*[o for o in outs if not (o.is_floating_point() or o.is_complex())])
+        return tuple(outs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads):
+        needs = ctx.needs_input_grad[5:]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
+            n = ctx.n_inputs
+            outs = ctx.eager(leaves[:n], {**ctx.fixed, **dict(zip(ctx.names, leaves[n:]))})
+            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+            wanted = [t for t in leaves if t.requires_grad]
+            got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                      allow_unused=True) if pairs and wanted else [None] * len(wanted)
+        it = iter(got)
+        return (None,) * 5 + tuple(next(it) if t.requires_grad else None for t in leaves)
+
+
 class CompiledModule(torch.nn.Module):
     """A compiled module: same call signature and outputs as the original.
 
@@ -54,6 +85,8 @@ class CompiledModule(torch.nn.Module):
         self._backend = get_backend(backend, **options)
         self._traced: Traced | None = None
         self._runner = None
+        self._eager_runner = None   # for the backward of forward-only backends (see _RecomputeGrad)
+        self.grad_recomputes = 0    # calls whose backward recomputes on eager
         self.trace_seconds = None
         self.autotune = autotune  # True, or tune settings: {"budget": ..., "progress": ..., "cache": ...}
         self.tune_results: list = []
@@ -112,11 +145,34 @@ class CompiledModule(torch.nn.Module):
         graph = self._traced.graph
         bind_symbols(graph, list(args))  # rank, dtype and shape checks before anything runs
         self._check_devices(args)
-        outs = self._runner(list(args), graph.params)
+        outs = self._run(list(args), graph)
         result = pytree.tree_unflatten(list(outs), self._traced.out_spec)
         if self.validate:
             self._validate(args, outs)
         return result
+
+    def _run(self, args: list, graph) -> list:
+        """Run the backend; when autograd must see this call and the backend is forward-only, wrap it so
+        the backward recomputes on the eager interpreter."""
+        params = graph.params
+        if not torch.is_grad_enabled():
+            return self._runner(args, params)
+        resolve = getattr(self._backend, "resolve", None)
+        backend = resolve(args) if resolve is not None else self._backend
+        if getattr(backend, "differentiable", False):
+            return self._runner(args, params)
+        grad_args = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+        names = [k for k, p in params.items() if isinstance(p, torch.Tensor) and p.requires_grad]
+        if not grad_args and not names:
+            return self._runner(args, params)
+        if self._eager_runner is None:
+            from .backends.eager import EagerBackend
+
+            self._eager_runner = EagerBackend().prepare(graph)
+        fixed = {k: p for k, p in params.items() if k not in set(names)}
+        self.grad_recomputes += 1
+        return list(_RecomputeGrad.apply(self._runner, self._eager_runner, len(args), names, fixed,
+                                         *args, *(params[k] for k in names)))
 
     def _check_devices(self, args) -> None:
         devices = {a.device for a in args}
@@ -166,6 +222,11 @@ class CompiledModule(torch.nn.Module):
         others = {op: c for op, c in counts.items() if OPS[op].kind != CORE and op != "fallback"}
         lines.append("  other ops: " + ", ".join(f"{op} x{c}" for op, c in sorted(others.items())))
         lines.append("  " + self._backend.describe(g))
+        if not getattr(self._backend, "differentiable", False):
+            lines.append(f"  autograd: the {self._backend.name} kernels run the forward; when a call needs gradients "
+                         "(grad enabled and an input or parameter requires grad), the backward re-runs the graph on "
+                         "the eager interpreter and differentiates that (recomputation); under torch.no_grad() "
+                         "nothing extra is saved or run")
         return "\n".join(lines)
 
 

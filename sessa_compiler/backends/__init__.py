@@ -34,7 +34,12 @@ class AutoBackend:
     def name(self) -> str:
         return self.current.name
 
-    def _pick(self, inputs):
+    @property
+    def differentiable(self) -> bool:
+        return self.current.differentiable
+
+    def resolve(self, inputs):
+        """The backend these inputs run on (and the one `name`/`differentiable` describe from now on)."""
         on_cuda = any(getattr(x, "is_cuda", False) for x in inputs)
         if on_cuda and _triton_installed():
             if self.current.name != "triton":
@@ -47,7 +52,7 @@ class AutoBackend:
 
     def prepare(self, graph):
         def run(inputs, params):
-            backend = self._pick(inputs)
+            backend = self.resolve(inputs)
             key = (backend.name, id(graph))
             if key not in self._runners:
                 self._runners[key] = backend.prepare(graph)

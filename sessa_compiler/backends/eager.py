@@ -261,6 +261,7 @@ class EagerBackend:
     """Runs a graph node by node with torch: slow, exact, the definition."""
 
     name = "eager"
+    differentiable = True   # runs torch ops: autograd records them
 
     def prepare(self, graph: Graph):
         return lambda inputs, params: run_graph(graph, inputs, params)

@@ -134,6 +134,7 @@ class TritonBackend:
     "interpret CPU tensors, compile for CUDA tensors"."""
 
     name = "triton"
+    differentiable = False  # forward kernels only: compile() differentiates by recomputation on eager
 
     def __init__(self, *, print_ir: bool | None = None, feedback_chunk_size: int | None = None,
                  scan_chunk_size: int | None = None, scan_strategy: str = "sequential",

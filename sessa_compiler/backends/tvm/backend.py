@@ -71,6 +71,7 @@ class TVMBackend:
     """compile(module, backend="tvm"): CPU tensors, generated TVM kernels for the core ops."""
 
     name = "tvm"
+    differentiable = False  # forward kernels only: compile() differentiates by recomputation on eager
 
     def __init__(self, target=None, schedules: dict | None = None, feedback_chunk_size: int | None = None,
                  print_ir: bool | None = None, whole_graph: bool | None = None):
@@ -246,7 +247,7 @@ class TVMBackend:
         torch_ops = collections.Counter(item.node.op for item in plan if item.spec is None)
         lines = [f"backend tvm: target {self.target.attrs.get('mcpu', '?')} "
                  f"({self.target.attrs.get('mtriple', '')}), {self._threads()} runtime threads, CPU tensors only, "
-                 "forward only (no autograd through TVM kernels)"]
+                 "forward kernels only (gradients: recomputed on eager, see autograd below)"]
         lines.append("    TVM kernels (generated schedules; batch and sequence length symbolic, built once): " +
                      (", ".join(f"{op} x{c}" for op, c in sorted(tvm_ops.items())) or "none"))
         for item in plan:
