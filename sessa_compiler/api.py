@@ -110,9 +110,15 @@ class CompiledModule(torch.nn.Module):
 
             settings = self.autotune if isinstance(self.autotune, dict) else {}
             tune_start = time.perf_counter()
-            self.tune_results = tune_graph(self._backend, graph, args, **settings)
+            backend = self._backend
+            if hasattr(backend, "resolve"):  # auto: tune the backend the example inputs will run on
+                backend.prepare(graph)
+                backend = backend.resolve(list(args))
+            self.tune_results = tune_graph(backend, graph, args, **settings)
             self.tune_seconds = time.perf_counter() - tune_start
         self._runner = self._backend.prepare(graph)
+        if hasattr(self._backend, "resolve"):  # auto: say now which backend the example inputs pick
+            self._backend.resolve(list(args))
         self.trace_seconds = time.perf_counter() - start
 
     @property
@@ -235,11 +241,14 @@ def compile(module: torch.nn.Module, example_inputs=None, *, backend: str = "aut
     """Compile a module. Traces now when ``example_inputs`` are given, else on the first call.
 
     backend: "eager" (the IR interpreter, the reference), "triton" (generated kernels; CUDA tensors, or
-    CPU tensors under Triton's interpreter), "tvm" (CPU), or "auto" (triton for CUDA inputs when
-    triton is installed, else eager). validate=True also runs the original
+    CPU tensors under Triton's interpreter), "tvm" (CPU), or "auto" (decided at each call: triton for
+    CUDA inputs when triton is installed; tvm for CPU inputs when tvm is installed and the graph computes
+    in float32/float64; else eager; explain() says which and why). Every backend supports autograd (the
+    forward-only ones recompute the backward on eager). validate=True also runs the original
     module on every call and raises ValidationError when outputs differ beyond the spec's tolerance.
     print_ir=True prints the IR after each pass of the backend's pipeline (also SESSA_COMPILER_PRINT_IR=1);
-    options go to the backend (triton: feedback_chunk_size, scan_chunk_size, scan_strategy, interpret).
+    options go to the backend (triton: feedback_chunk_size, scan_chunk_size, scan_strategy, interpret;
+    tvm: schedules, whole_graph, ...; auto passes each backend the options it accepts).
     autotune=True tunes each kernel for this device and the example's sequence-length class before the
     backend is prepared (verified against eager, stored in the persistent cache; a dict passes settings
     such as {"budget": 60} to sessa_compiler.tune). Without it the backend still reads earlier results.

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import sessa_compiler as sc
-from sessa_compiler.api import relative_error
+from sessa_compiler.api import TOLERANCE, relative_error
 from sessa_compiler.models import Decoder, MambaLayer, SessaLayer, TransformerLayer
 from styles.loop_free_matmul_style import MatmulSessaLayer
 from styles.sdpa_style import SdpaSessaLayer
@@ -44,7 +44,8 @@ def test_compiled_equals_module_and_traces_once(factory, make_input):
 def test_validate_passes_and_catches_a_wrong_graph():
     torch.manual_seed(2)
     m = SessaLayer(16, n_heads=2).eval()
-    c = sc.compile(m, (torch.randn(2, 4, 16),), validate=True)
+    # eager interprets the graph at every call, so the deliberately wrong edit below reaches the run
+    c = sc.compile(m, (torch.randn(2, 4, 16),), validate=True, backend="eager")
     c(torch.randn(2, 7, 16))  # within tolerance: no error
     fb = next(n for n in c.graph.nodes if n.op == "feedback")
     fb.attrs["scale"] *= 3.0  # a deliberately wrong graph
@@ -81,7 +82,20 @@ def test_explain_reports_recognised_ops_and_fallbacks(sessa):
     assert "core ops: attention x1, feedback x1" in text
     assert "recognised feedback" in text and "recognised attention" in text and "rope folded" in text
     assert "fallbacks (run as torch ops): none" in text
-    assert "backend eager" in text
+    assert "backend auto -> tvm (CPU inputs and a graph in f32)" in text and "backend tvm: target" in text
+
+
+def test_auto_picks_tvm_for_float32_and_float64_on_cpu_and_eager_for_bf16():
+    torch.manual_seed(4)
+    for dtype, want in [(torch.float32, "tvm"), (torch.float64, "tvm"), (torch.bfloat16, "eager")]:
+        m = SessaLayer(16, n_heads=2).to(dtype).eval()
+        x = torch.randn(1, 6, 16, dtype=dtype)
+        c = sc.compile(m, (x,), options={"fuse": False})  # a Triton-only option: TVM must not choke on it
+        assert c.backend == want, (dtype, c._backend.why)
+        with torch.no_grad():
+            assert relative_error(c(x), m(x)) <= TOLERANCE[dtype]
+        assert c.backend == want
+    assert "computes in bf16, which TVM would run in float32" in c.explain()
 
 
 def test_weight_updates_are_seen(sessa):

@@ -22,13 +22,31 @@ def available_backends() -> list:
     return ["eager"] + [b for b in ("triton", "tvm") if _installed(b)]
 
 
+# float dtypes the TVM backend computes natively (it casts bf16/f16 to f32 around its kernels)
+_TVM_NATIVE = {"f32", "f64"}
+
+
+def _kwargs_for(cls, options: dict) -> dict:
+    import inspect
+
+    accepted = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values()):
+        return dict(options)
+    return {k: v for k, v in options.items() if k in accepted}
+
+
 class AutoBackend:
-    """"auto": Triton for CUDA inputs when triton is installed, else eager; decided at each call."""
+    """"auto", decided at each call from the inputs' device and the graph's dtypes:
+    CUDA inputs -> triton (when installed); CPU inputs and a graph computing in float32/float64 -> tvm
+    (when installed); otherwise eager. `why` says what the last decision was based on."""
 
     def __init__(self, **options):
         self.options = options
         self.current = EagerBackend()
+        self.why = "not called yet: eager until the first call shows the inputs' device"
+        self._backends: dict = {"eager": self.current}
         self._runners: dict = {}
+        self._graph = None
 
     @property
     def name(self) -> str:
@@ -38,19 +56,39 @@ class AutoBackend:
     def differentiable(self) -> bool:
         return self.current.differentiable
 
+    def _cpu_choice(self) -> tuple:
+        if not _installed("tvm"):
+            return "eager", "CPU inputs; tvm is not installed"
+        graph = self._graph
+        if graph is None:
+            return "eager", "CPU inputs; no graph"
+        values = list(graph.inputs) + list(graph.param_values.values()) + [v for n in graph.nodes for v in n.outputs]
+        floats = {v.type.dtype.name for v in values if v.type.dtype.is_float}
+        if not floats <= _TVM_NATIVE:
+            return "eager", (f"CPU inputs, but the graph computes in {', '.join(sorted(floats - _TVM_NATIVE))}, "
+                             "which TVM would run in float32")
+        return "tvm", f"CPU inputs and a graph in {', '.join(sorted(floats)) or 'integers only'}"
+
     def resolve(self, inputs):
         """The backend these inputs run on (and the one `name`/`differentiable` describe from now on)."""
         on_cuda = any(getattr(x, "is_cuda", False) for x in inputs)
-        if on_cuda and _triton_installed():
-            if self.current.name != "triton":
-                from .triton import TritonBackend
-
-                self.current = TritonBackend(**self.options)
-        elif self.current.name != "eager":
-            self.current = EagerBackend()
+        if on_cuda:
+            choice, why = ("triton", "CUDA inputs") if _triton_installed() else \
+                ("eager", "CUDA inputs; triton is not installed")
+        else:
+            choice, why = self._cpu_choice()
+        if choice not in self._backends:
+            if choice == "triton":
+                from .triton import TritonBackend as cls
+            else:
+                from .tvm import TVMBackend as cls
+            self._backends[choice] = cls(**_kwargs_for(cls, self.options))
+        self.current, self.why = self._backends[choice], why
         return self.current
 
     def prepare(self, graph):
+        self._graph = graph
+
         def run(inputs, params):
             backend = self.resolve(inputs)
             key = (backend.name, id(graph))
@@ -60,7 +98,7 @@ class AutoBackend:
         return run
 
     def describe(self, graph) -> str:
-        return self.current.describe(graph)
+        return f"backend auto -> {self.current.name} ({self.why})\n  " + self.current.describe(graph)
 
 
 def get_backend(name: str, **options):
