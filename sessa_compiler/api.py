@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import time
+import warnings
 
 import torch
 import torch.utils._pytree as pytree
@@ -10,6 +11,7 @@ import torch.utils._pytree as pytree
 from .backends import get_backend
 from .backends.eager import bind_symbols
 from .errors import InputError, TraceError, ValidationError
+from .dtypes import from_torch
 from .frontend.trace import Traced, trace_with_report
 from .ir.ops import CORE, OPS
 
@@ -30,6 +32,35 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
         return 0.0
     scale = ref64[finite].abs().max().item() or 1.0
     return (out64[finite] - ref64[finite]).abs().max().item() / scale
+
+
+def _why_not(traced: Traced, args) -> str | None:
+    """Why this traced graph does not equal the module at these inputs' sizes, or None when it does, or
+    when the inputs are wrong in a way no other trace fixes (the normal input checks then report it)."""
+    graph = traced.graph
+    try:
+        binding = bind_symbols(graph, list(args))
+    except InputError as e:
+        return f"the traced graph fixed a batch or sequence size ({e})" if _only_sizes_differ(graph, args) else None
+    broken = traced.violated(binding)
+    if not broken:
+        return None
+    sizes = ", ".join(f"{k}={v}" for k, v in sorted(binding.items()))
+    return (f"the traced graph equals the module only where {' and '.join(map(str, broken))} "
+            f"(guards from size-dependent code in the module); got {sizes}")
+
+
+def _only_sizes_differ(graph, args) -> bool:
+    """Inputs that match the graph except in batch/sequence dims (0, 1) that the trace made static."""
+    if len(args) != len(graph.inputs):
+        return False
+    for v, x in zip(graph.inputs, args):
+        if not isinstance(x, torch.Tensor) or x.dim() != v.type.rank or from_torch(x.dtype) != v.type.dtype:
+            return False
+        for i, (d, n) in enumerate(zip(v.type.shape, x.shape)):
+            if isinstance(d, int) and d != n and i >= 2:
+                return False
+    return True
 
 
 class _RecomputeGrad(torch.autograd.Function):
@@ -85,7 +116,8 @@ class CompiledModule(torch.nn.Module):
         self._backend = get_backend(backend, **options)
         self._traced: Traced | None = None
         self._runner = None
-        self._eager_runner = None   # for the backward of forward-only backends (see _RecomputeGrad)
+        self._eager_runners: dict = {}  # graph id -> eager runner, for forward-only backends' backward
+        self._variants: list = []  # (Traced, runner): one per path through size-dependent code seen so far
         self.grad_recomputes = 0    # calls whose backward recomputes on eager
         self.trace_seconds = None
         self.autotune = autotune  # True, or tune settings: {"budget": ..., "progress": ..., "cache": ...}
@@ -119,6 +151,7 @@ class CompiledModule(torch.nn.Module):
         self._runner = self._backend.prepare(graph)
         if hasattr(self._backend, "resolve"):  # auto: say now which backend the example inputs pick
             self._backend.resolve(list(args))
+        self._variants.append((self._traced, self._runner))
         self.trace_seconds = time.perf_counter() - start
 
     @property
@@ -148,6 +181,8 @@ class CompiledModule(torch.nn.Module):
                              f"(got {sorted(kwargs)}); pass inputs positionally")
         if self._traced is None:
             self._trace(args)
+        else:
+            self._select_variant(args)
         graph = self._traced.graph
         bind_symbols(graph, list(args))  # rank, dtype and shape checks before anything runs
         self._check_devices(args)
@@ -156,6 +191,24 @@ class CompiledModule(torch.nn.Module):
         if self.validate:
             self._validate(args, outs)
         return result
+
+    # -- size-dependent paths through the module's code -------------------------------------------------
+    def _select_variant(self, args) -> None:
+        """Make current the traced graph that equals the module at these sizes. torch.export follows one
+        path through the module's Python code; where that code branches on B or T, the graph holds only
+        under its guards (Traced.guards). Other sizes get their own trace, once per path, as torch.compile
+        recompiles."""
+        reason = _why_not(self._traced, args)
+        if reason is None:
+            return
+        for traced, runner in self._variants:
+            if _why_not(traced, args) is None:
+                self._traced, self._runner = traced, runner
+                return
+        warnings.warn(f"compiled {type(self._original).__name__}: {reason}; tracing it again for these sizes "
+                      f"(traced graph {len(self._variants) + 1}: each path through the module's size-dependent code "
+                      "is traced once)", stacklevel=5)  # past nn.Module.__call__ to the caller
+        self._trace(args)
 
     def _run(self, args: list, graph) -> list:
         """Run the backend; when autograd must see this call and the backend is forward-only, wrap it so
@@ -171,13 +224,13 @@ class CompiledModule(torch.nn.Module):
         names = [k for k, p in params.items() if isinstance(p, torch.Tensor) and p.requires_grad]
         if not grad_args and not names:
             return self._runner(args, params)
-        if self._eager_runner is None:
+        if id(graph) not in self._eager_runners:
             from .backends.eager import EagerBackend
 
-            self._eager_runner = EagerBackend().prepare(graph)
+            self._eager_runners[id(graph)] = EagerBackend().prepare(graph)
         fixed = {k: p for k, p in params.items() if k not in set(names)}
         self.grad_recomputes += 1
-        return list(_RecomputeGrad.apply(self._runner, self._eager_runner, len(args), names, fixed,
+        return list(_RecomputeGrad.apply(self._runner, self._eager_runners[id(graph)], len(args), names, fixed,
                                          *args, *(params[k] for k in names)))
 
     def _check_devices(self, args) -> None:
@@ -216,6 +269,12 @@ class CompiledModule(torch.nn.Module):
                  f"  inputs: {', '.join(f'%{v.name}: {v.type}' for v in g.inputs)}",
                  f"  {len(g.nodes)} ops, {len(g.param_values)} parameters"
                  + (f", traced in {self.trace_seconds:.2f} s" if self.trace_seconds else "")]
+        if self._traced.guards:
+            lines.append("  guards (size-dependent code in the module; this graph equals it only where they hold, "
+                         "other sizes are traced again): " + ", ".join(map(str, self._traced.guards)))
+        if len(self._variants) > 1:
+            lines.append(f"  traced graphs: {len(self._variants)}, one per path through size-dependent code; "
+                         "this report describes the one used last")
         core = {op: c for op, c in counts.items() if OPS[op].kind == CORE}
         lines.append("  core ops: " + (", ".join(f"{op} x{c}" for op, c in sorted(core.items())) or "none"))
         for a in rep.accepted:

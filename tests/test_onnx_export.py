@@ -248,7 +248,11 @@ def test_sessa_configs(tmp_path, kwargs, bias):
     torch.manual_seed(1)
     m = plant_gamma(SessaLayer(**kwargs).eval(), bias)
     D = kwargs["D"]
-    res = export_onnx(m, (torch.randn(1, 5, D),), tmp_path / "s.onnx")
+    if "max_len" in kwargs:  # the module raises past max_len, so the one exported program holds up to it
+        with pytest.warns(UserWarning, match=f"equals the module only where T <= {kwargs['max_len']};"):
+            res = export_onnx(m, (torch.randn(1, 5, D),), tmp_path / "s.onnx")
+    else:
+        res = export_onnx(m, (torch.randn(1, 5, D),), tmp_path / "s.onnx")
     assert_standard(res.model)
     g = torch.Generator().manual_seed(6)
     check_file_at(res.path, m, [(2, 1), (1, 33), (2, 300)], lambda B, T: torch.randn(B, T, D, generator=g))

@@ -15,7 +15,7 @@ import torch.utils._pytree as pytree
 
 from ..api import TOLERANCE, relative_error
 from ..errors import UnsupportedError, ValidationError
-from ..frontend.trace import Traced, trace_with_report
+from ..frontend.trace import Traced, trace_with_report, warn_guards
 from ..ir.graph import Graph
 from . import onnx_core  # noqa: F401  (registers the core-op lowerings)
 from .onnx_builder import GraphBuilder, OnnxExportError, OnnxUnsupportedOpError, value_info
@@ -243,6 +243,7 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, opset: int | N
         raise UnsupportedError(f"export_onnx: opset {opset} is not supported; use {MIN_OPSET} .. {latest}")
     args = _as_tuple(example_inputs)
     traced = trace_with_report(module, args)
+    warn_guards(traced, "export_onnx", module)
     graph = traced.graph
     live = dict(module.state_dict(keep_vars=True))
     for name in graph.param_values:
@@ -259,6 +260,8 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, opset: int | N
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
         raise OnnxExportError(f"the exported model fails onnx.checker.check_model(full_check=True): {e}") from e
+    if traced.guards:  # where the file equals the module, for whoever loads it
+        onnx.helper.set_model_props(model, {"sessa_compiler.guards": ", ".join(map(str, traced.guards))})
     path = os.fspath(path)
     onnx.save(model, path)
     result = OnnxExport(path=path, model=model, opset=opset, traced=traced)

@@ -40,10 +40,12 @@ def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu
     from ..backends.tvm.build import lanes_for
     from ..backends.tvm.relax_lower import graph_to_relax
     from ..backends.tvm.target import resolve_target
-    from ..frontend import trace
+    from ..frontend.trace import trace_with_report, warn_guards
 
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    graph = trace(module, args)
+    traced = trace_with_report(module, args)
+    warn_guards(traced, "export_tvm", module)
+    graph = traced.graph
     for v in list(graph.inputs) + list(graph.param_values.values()):
         if v.type.dtype.name not in _NUMPY_DTYPE:
             raise UnsupportedError(f"TVM export: %{v.name} has dtype {v.type.dtype}, which numpy cannot hold; "
@@ -80,6 +82,8 @@ def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu
         "target": str(target),
         "tvm_version": tvm.__version__,
         "torch_free_loader": "sessa_tvm_runtime.py",
+        # sizes where the program equals the module (size-dependent code in it); empty: every size
+        "guards": [str(g) for g in traced.guards],
     }
     if gpu_source:
         from ..backends.tvm.gpu_source import emit_graph

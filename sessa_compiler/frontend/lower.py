@@ -40,6 +40,7 @@ class Lowerer:
         self.sym_map: dict = {}  # export symbol -> our symbol
         self.dim_names = dim_names  # (input index, dim) -> name
         self.notes: list = []  # ops recognised while lowering (e.g. SDPA), for explain()
+        self.assertions: list = []  # (sympy condition over our symbols, export's message): runtime guards
 
     # -- helpers -------------------------------------------------------------------------------
     def expr(self, s):
@@ -113,6 +114,15 @@ class Lowerer:
             target = target if "." in target.split(".", 1)[-1] else target + ".default"
         return self.emit("fallback", operands, {"target": target, "args": args, "kwargs": kwargs}, node)
 
+    def _record_assertion(self, node: fx.Node) -> None:
+        """export's deferred runtime assertion on sizes (e.g. Ne(T, 6) from `if x.shape[1] == 6` taken as
+        false): the traced graph equals the module only where it holds."""
+        cond = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else node.args[0]
+        if isinstance(cond, torch.SymBool):
+            expr = cond.node.expr
+            if expr.free_symbols <= set(self.sym_map):
+                self.assertions.append((expr.xreplace(self.sym_map), str(node.args[1]) if len(node.args) > 1 else ""))
+
     # -- the walk ---------------------------------------------------------------------------------
     def run(self) -> Graph:
         ep = self.ep
@@ -139,6 +149,11 @@ class Lowerer:
                     self.env[node] = self.graph.add_param(target, self.ttype(fake), data)
             elif node.op == "call_function":
                 fn = LOWERINGS.get(node.target)
+                if node.target is aten._assert_scalar.default:
+                    self._record_assertion(node)
+                    continue
+                if isinstance(node.meta.get("val"), torch.SymBool):
+                    continue  # a size condition computed only for an assertion (recorded above)
                 if node.target in ASSERTIONS or (not node.users and node.meta.get("val") is None):
                     continue  # export's metadata checks: nothing to compute
                 if node.target in IDENTITY:

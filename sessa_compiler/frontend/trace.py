@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
+import sympy
 import torch
 from torch.export import Dim
 
@@ -62,7 +63,10 @@ def export_program(module: torch.nn.Module, example_inputs) -> torch.export.Expo
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ep = torch.export.export(module, traced_args, dynamic_shapes=dynamic, strict=False)
+            # guards on sizes become runtime assertions in the graph (or ranges), not silent specialisations:
+            # they are recorded as the traced graph's guards (see Guard)
+            ep = torch.export.export(module, traced_args, dynamic_shapes=dynamic, strict=False,
+                                     prefer_deferred_runtime_asserts_over_guards=True)
             if _mutates(ep):  # functionalise only when needed: it costs as much as the export itself
                 ep = ep.run_decompositions({})
     except Exception as e:
@@ -70,29 +74,140 @@ def export_program(module: torch.nn.Module, example_inputs) -> torch.export.Expo
     return ep
 
 
+@dataclass(frozen=True)
+class Guard:
+    """A condition on the batch/sequence sizes under which the traced graph equals the module.
+
+    torch.export follows one path through the module's Python code; a branch on a size (``if T > 4``,
+    ``if T == 6``) makes the graph hold only where that branch is taken. export reports these as
+    ranges of the size symbols and as runtime assertions; each becomes a Guard over our symbols.
+    """
+
+    expr: sympy.Basic   # a relational/boolean over our dim symbols (B, T, ...)
+    origin: str         # "range" or "assertion"
+
+    def holds(self, binding: dict) -> bool:
+        """False only when the bound sizes definitely violate it (unbound symbols: not judged)."""
+        values = {x: binding[x.name] for x in self.expr.free_symbols if x.name in binding}
+        if len(values) != len(self.expr.free_symbols):
+            return True
+        return bool(self.expr.xreplace({k: sympy.Integer(v) for k, v in values.items()}))
+
+    def __str__(self) -> str:
+        return _pretty(self.expr)
+
+
+def _pretty(e) -> str:
+    if isinstance(e, sympy.Ne):
+        return f"{_pretty(e.lhs)} != {_pretty(e.rhs)}"
+    if isinstance(e, sympy.Eq):
+        return f"{_pretty(e.lhs)} == {_pretty(e.rhs)}"
+    return str(e)
+
+
+def _range_guards(ep, sym_map: dict) -> list:
+    """Ranges export inferred for our dim symbols, as guards. export's floor of 2 on every dynamic size
+    is its 0/1-specialisation assumption (we trace on inputs grown to >= 2, see _grow), not the module's
+    code: it is read as 1."""
+    out = []
+    for s, vr in ep.range_constraints.items():
+        ours = sym_map.get(s)
+        if not isinstance(ours, sympy.Symbol):
+            continue
+        lo = int(vr.lower) if isinstance(vr.lower, sympy.Integer) else None   # +-int_oo are not Integers
+        hi = int(vr.upper) if isinstance(vr.upper, sympy.Integer) else None
+        if lo is not None and lo > 2:
+            out.append(Guard(sympy.Ge(ours, lo), "range"))
+        if hi is not None:
+            out.append(Guard(sympy.Le(ours, hi), "range"))
+    return out
+
+
+def warn_guards(traced, what: str, module) -> None:
+    """Exports serve every size from one traced graph: say where that graph stops equalling the module."""
+    if traced.guards:
+        warnings.warn(f"{what}: {type(module).__name__}'s code branches on its input sizes, so the exported program "
+                      f"equals the module only where {', '.join(map(str, traced.guards))}; export again from "
+                      "inputs on the other side for those sizes", stacklevel=3)
+
+
 @dataclass
 class Traced:
     graph: Graph
     report: Report
     out_spec: object  # pytree spec of the module's outputs
+    guards: tuple = ()  # Guard: where the graph equals the module (beyond the inputs' static dims)
+
+    def violated(self, binding: dict) -> list:
+        """The guards these bound sizes violate (the module would take another path there)."""
+        return [g for g in self.guards if not g.holds(binding)]
+
+
+def _dim_names(args) -> dict:
+    names = {}
+    for i, a in enumerate(args):
+        if a.dim() >= 1:
+            names[(i, 0)] = "B"
+        if a.dim() >= 2:
+            names[(i, 1)] = "T"
+    return names
+
+
+def _lower(module, args):
+    ep = export_program(module, args)
+    lowerer = Lowerer(ep, _dim_names(args), name=type(module).__name__)
+    return ep, lowerer, lowerer.run()
+
+
+# An exclusion `X != c` with c above this is kept unchecked (the check runs the module at X = c)
+_MAX_CHECKED_SIZE = 4096
+
+
+def _needless(module, args, guard: Guard, graph: Graph) -> bool:
+    """An exclusion `X != c` is needless when the traced graph equals the module at X = c anyway: e.g.
+    slicing a buffer of c rows with [:T] makes export assert T != c, yet T = c computes the same thing.
+    Checked like the recognisers' probes: module and graph on fresh random inputs at X = c, within the
+    spec's tolerance of the dtype (a different path shows as an O(1) difference)."""
+    from ..api import TOLERANCE, relative_error
+    from ..backends.eager import run_graph
+
+    e = guard.expr
+    if not (isinstance(e, sympy.Ne) and isinstance(e.lhs, sympy.Symbol) and isinstance(e.rhs, sympy.Integer)):
+        return False
+    name, size = e.lhs.name, int(e.rhs)
+    if not 1 <= size <= _MAX_CHECKED_SIZE:
+        return False
+    gen = torch.Generator().manual_seed(size)
+    inputs = []
+    for i, x in enumerate(args):
+        shape = [size if _dim_names(args).get((i, d)) == name else n for d, n in enumerate(x.shape)]
+        if x.is_floating_point():
+            inputs.append(torch.randn(shape, generator=gen, dtype=x.dtype).to(x.device))
+        else:  # token ids and the like: reuse the example's values
+            reps = [-(-n // m) for n, m in zip(shape, x.shape)]
+            inputs.append(x.repeat(*reps)[tuple(slice(0, n) for n in shape)].contiguous())
+    try:
+        with torch.no_grad():
+            want = torch.utils._pytree.tree_leaves(module(*inputs))
+            got = run_graph(graph, inputs, graph.params)
+    except Exception:  # the module or graph refuses that size: the exclusion stands
+        return False
+    return len(want) == len(got) and all(
+        relative_error(g, w) <= TOLERANCE.get(w.dtype, 0.0) for g, w in zip(got, want))
 
 
 def trace_with_report(module: torch.nn.Module, example_inputs, *, recognisers: bool = True) -> Traced:
     register_custom_lowerings()
-    ep = export_program(module, example_inputs)
     args = _as_tuple(example_inputs)
-    dim_names = {}
-    for i, a in enumerate(args):
-        if a.dim() >= 1:
-            dim_names[(i, 0)] = "B"
-        if a.dim() >= 2:
-            dim_names[(i, 1)] = "T"
-    lowerer = Lowerer(ep, dim_names, name=type(module).__name__)
-    graph = lowerer.run()
+    ep, lowerer, graph = _lower(module, args)
+    guards = _range_guards(ep, lowerer.sym_map) + [Guard(sympy.simplify(e), "assertion") for e, _ in lowerer.assertions]
+    guards = [g for g in guards if g.expr is not sympy.true]
+    # checked on the graph as lowered, before recognisers rewrite it
+    guards = [g for g in guards if g.origin != "assertion" or not _needless(module, args, g, graph)]
     report = recognise(graph) if recognisers else Report()
     report.accepted[:0] = lowerer.notes
     simplify(graph)
-    return Traced(graph, report, ep.call_spec.out_spec)
+    return Traced(graph, report, ep.call_spec.out_spec, tuple(guards))
 
 
 def trace(module: torch.nn.Module, example_inputs) -> Graph:

@@ -1,0 +1,107 @@
+"""Modules whose Python code branches on the batch or sequence size.
+
+torch.export follows one path through such code. The traced graph then equals the module only under
+guards (export's ranges and runtime assertions on the size symbols). Before guards were recorded, a
+graph traced at T=7 through `if T > 4: ... * 3` ran the same path at T=3 and silently returned a
+wrong answer. Now compile() traces again for sizes outside the guards (once per path) and exports say
+where their one program holds.
+"""
+import warnings
+
+import onnx
+import pytest
+import torch
+
+import sessa_compiler as sc
+from sessa_compiler.api import TOLERANCE, relative_error
+from sessa_compiler.frontend.trace import trace_with_report
+from sessa_compiler.models import Decoder, MambaLayer, SessaLayer, TransformerLayer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class Branchy(torch.nn.Module):
+    """Three paths by sequence length: T == 6, T > 4 (and not 6), T <= 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.shape[1] == 6:
+            return self.lin(x)
+        if x.shape[1] > 4:
+            return self.lin(x) * 3
+        return self.lin(x) * 2
+
+
+def guards(module, x):
+    return [str(g) for g in trace_with_report(module, (x,)).guards]
+
+
+def test_trace_records_the_guards_of_the_path_it_took():
+    m = Branchy()
+    assert guards(m, torch.randn(2, 7, 8)) == ["T >= 5", "T != 6"]
+    assert guards(m, torch.randn(2, 6, 8)) == ["T >= 6", "T <= 6"]
+    assert guards(m, torch.randn(2, 3, 8)) == ["T <= 4", "T != 6"]
+
+
+@pytest.mark.parametrize("make", [lambda: SessaLayer(32, n_heads=4, n_kv_heads=2), lambda: MambaLayer(32),
+                                  lambda: TransformerLayer(32, 4)])
+def test_reference_layers_have_no_guards(make):
+    assert guards(make(), torch.randn(2, 5, 32)) == []
+
+
+def test_reference_decoder_has_no_guards():
+    assert trace_with_report(Decoder(50, 32, "STM", n_heads=2), (torch.randint(0, 50, (2, 5)),)).guards == ()
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_compiled_module_traces_each_path_once_and_matches_everywhere(backend):
+    torch.manual_seed(0)
+    m = Branchy()
+    c = sc.compile(m, (torch.randn(2, 7, 8),), backend=backend)
+    retraced_at = []
+    for T in (7, 3, 6, 9, 1, 6, 4, 5):
+        x = torch.randn(2, T, 8)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = c(x)
+        with torch.no_grad():
+            assert relative_error(out, m(x)) <= TOLERANCE[torch.float32], f"T={T}"
+        notes = [str(w.message) for w in caught if "tracing it again" in str(w.message)]
+        if notes:
+            retraced_at.append(T)
+            assert "guards from size-dependent code" in notes[0]
+            assert caught[0].filename == __file__  # the warning points at the caller's line
+    assert retraced_at == [3, 6] and len(c._variants) == 3
+    text = c.explain()
+    assert "traced graphs: 3" in text and "guards (size-dependent code" in text
+
+
+def test_a_size_the_module_rejects_is_an_error_not_a_wrong_answer():
+    m = SessaLayer(32, n_heads=4, max_len=16)
+    c = sc.compile(m, (torch.randn(1, 5, 32),), backend="eager")
+    # the mask buffers are sliced [:T, :T]: export also asserts T != 16, which checking the graph against
+    # the module at T = 16 shows needless, so it is dropped and T = 16 runs without a second trace
+    assert c._traced.guards and [str(g) for g in c._traced.guards] == ["T <= 16"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = torch.randn(2, 16, 32)
+        out = c(x)
+    with torch.no_grad():
+        assert relative_error(out, m(x)) <= TOLERANCE[torch.float32]
+    assert len(c._variants) == 1
+    with pytest.warns(UserWarning, match="T <= 16"), pytest.raises(sc.TraceError, match="exceeds max_len=16"):
+        c(torch.randn(1, 17, 32))
+
+
+def test_exports_say_where_their_one_program_holds(tmp_path):
+    m = Branchy()
+    with pytest.warns(UserWarning, match=r"export_onnx: Branchy's code branches on its input sizes.*T >= 5, T != 6"):
+        res = sc.export_onnx(m, (torch.randn(2, 7, 8),), tmp_path / "b.onnx", validate=False)
+    props = {p.key: p.value for p in onnx.load(res.path).metadata_props}
+    assert props["sessa_compiler.guards"] == "T >= 5, T != 6"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model without size-dependent code exports without a warning
+        sc.export_onnx(SessaLayer(16, n_heads=2), (torch.randn(1, 5, 16),), tmp_path / "s.onnx")
