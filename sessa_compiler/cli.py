@@ -76,7 +76,7 @@ def make_input(model, a, T: int) -> torch.Tensor:
 # -- subcommands ------------------------------------------------------------------------------------
 def cmd_compile(a) -> int:
     from . import compile as sc_compile
-    from .api import TOLERANCE, relative_error
+    from .tolerance import TOLERANCE, relative_error
 
     model, x = build_model(a)
     start = time.perf_counter()

@@ -13,7 +13,7 @@ import sympy
 import torch
 import torch.utils._pytree as pytree
 
-from ..api import TOLERANCE, relative_error
+from ..tolerance import TOLERANCE, relative_error
 from ..errors import UnsupportedError, ValidationError
 from ..frontend.trace import Traced, trace_with_report, warn_guards
 from ..ir.graph import Graph

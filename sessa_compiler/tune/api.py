@@ -467,7 +467,7 @@ def _cuda_timer(fn) -> float:
 
 
 def triton_kernel(backend, node, operands: list, seq_len: int) -> TunableKernel:
-    from ..api import TOLERANCE
+    from ..tolerance import TOLERANCE
     from ..backends.eager import run_graph
     from ..backends.triton.backend import TritonBackend
     from ..dtypes import to_torch
@@ -505,7 +505,7 @@ def triton_kernel(backend, node, operands: list, seq_len: int) -> TunableKernel:
 def tvm_kernel(backend, node, operands: list, seq_len: int) -> TunableKernel:
     """Each candidate schedule builds the op's kernel (in-process build cache) and runs it through the TVM
     backend's hybrid runner on a one-op graph; the reference is the eager backend on the same operands."""
-    from ..api import TOLERANCE
+    from ..tolerance import TOLERANCE
     from ..backends.eager import run_graph
     from ..backends.tvm.backend import TVMBackend
     from ..dtypes import to_torch

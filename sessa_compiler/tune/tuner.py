@@ -49,7 +49,7 @@ class TuningError(SessaCompilerError):
 def _error(out, ref) -> float:
     import torch
 
-    from ..api import relative_error
+    from ..tolerance import relative_error
 
     outs = out if isinstance(out, (list, tuple)) else [out]
     refs = ref if isinstance(ref, (list, tuple)) else [ref]
