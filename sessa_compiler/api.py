@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import inspect
 import time
 import warnings
 
@@ -12,15 +13,22 @@ from .backends import get_backend
 from .backends.eager import bind_symbols
 from .dtypes import from_torch
 from .errors import InputError, TraceError, ValidationError
-from .frontend.trace import Traced, trace_with_report
+from .frontend.trace import CONSTANT_TYPES, Traced, trace_with_report
 from .ir.ops import CORE, OPS
 from .tolerance import TOLERANCE, relative_error  # noqa: F401  (re-exported: sessa_compiler.api.TOLERANCE)
 
 
-def _why_not(traced: Traced, args) -> str | None:
-    """Why this traced graph does not equal the module at these inputs' sizes, or None when it does, or
-    when the inputs are wrong in a way no other trace fixes (the normal input checks then report it)."""
+def _why_not(traced: Traced, args, kwargs) -> str | None:
+    """Why this traced graph does not equal the module for this call (its keyword structure and constants,
+    its sizes), or None when it does, or when the inputs are wrong in a way no other trace fixes (the
+    normal input checks then report it)."""
     graph = traced.graph
+    if any(not isinstance(a, torch.Tensor) for a in args):
+        return None
+    mismatch = traced.call_mismatch(args, kwargs)
+    if mismatch is not None:
+        return mismatch
+    args = traced.tensor_inputs(args, kwargs)
     try:
         binding = bind_symbols(graph, list(args))
     except InputError as e:
@@ -84,7 +92,8 @@ class CompiledModule(torch.nn.Module):
     which backend runs it.
     """
 
-    def __init__(self, module: torch.nn.Module, example_inputs=None, *, backend: str = "auto",
+    def __init__(self, module: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,
+                 backend: str = "auto",
                  validate: bool = False, print_ir: bool | None = None, options: dict | None = None,
                  autotune: bool | dict = False):
         super().__init__()
@@ -107,12 +116,14 @@ class CompiledModule(torch.nn.Module):
         self.tune_results: list = []
         self.tune_seconds = 0.0
         if example_inputs is not None:
-            self._trace(tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,))
+            self._trace(tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,),
+                        example_kwargs)
 
     # -- tracing ---------------------------------------------------------------------------------------
-    def _trace(self, args: tuple) -> None:
+    def _trace(self, args: tuple, kwargs: dict | None = None) -> None:
         start = time.perf_counter()
-        self._traced = trace_with_report(self._original, args)
+        self._traced = trace_with_report(self._original, args, kwargs)
+        args = tuple(self._traced.tensor_inputs(args, kwargs or {}))  # the graph's inputs
         graph = self._traced.graph
         # parameters are read from the live module, so later weight updates are seen
         live = dict(self._original.state_dict(keep_vars=True))
@@ -159,39 +170,47 @@ class CompiledModule(torch.nn.Module):
 
     # -- calling -------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        if kwargs:
-            raise InputError(f"compiled {type(self._original).__name__}: keyword arguments are not supported "
-                             f"(got {sorted(kwargs)}); pass inputs positionally")
+        for k, v in kwargs.items():
+            if not isinstance(v, (torch.Tensor, *CONSTANT_TYPES)):
+                raise InputError(f"compiled {type(self._original).__name__}: keyword argument {k!r} must be a tensor "
+                                 f"or a constant (None, bool, int, float, str), got {type(v).__name__}")
         if self._traced is None:
-            self._trace(args)
+            self._trace(args, kwargs)
         else:
-            self._select_variant(args)
+            self._select_variant(args, kwargs)
         graph = self._traced.graph
-        bind_symbols(graph, list(args))  # rank, dtype and shape checks before anything runs
-        self._check_devices(args)
-        outs = self._run(list(args), graph)
+        inputs = self._traced.tensor_inputs(args, kwargs)
+        bind_symbols(graph, inputs)  # rank, dtype and shape checks before anything runs
+        self._check_devices(inputs)
+        outs = self._run(inputs, graph)
         result = pytree.tree_unflatten(list(outs), self._traced.out_spec)
         if self.validate:
-            self._validate(args, outs)
+            self._validate(args, kwargs, outs)
         return result
 
     # -- size-dependent paths through the module's code -------------------------------------------------
-    def _select_variant(self, args) -> None:
+    def _select_variant(self, args, kwargs) -> None:
         """Make current the traced graph that equals the module at these sizes. torch.export follows one
         path through the module's Python code; where that code branches on B or T, the graph holds only
         under its guards (Traced.guards). Other sizes get their own trace, once per path, as torch.compile
         recompiles."""
-        reason = _why_not(self._traced, args)
+        reason = _why_not(self._traced, args, kwargs)
         if reason is None:
             return
+        signature = inspect.signature(self._original.forward)
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise InputError(f"compiled {type(self._original).__name__}: forward{signature} cannot take this call: "
+                             f"{e}") from None
         for traced, runner in self._variants:
-            if _why_not(traced, args) is None:
+            if _why_not(traced, args, kwargs) is None:
                 self._traced, self._runner = traced, runner
                 return
-        warnings.warn(f"compiled {type(self._original).__name__}: {reason}; tracing it again for these sizes "
-                      f"(traced graph {len(self._variants) + 1}: each path through the module's size-dependent code "
-                      "is traced once)", stacklevel=5)  # past nn.Module.__call__ to the caller
-        self._trace(args)
+        warnings.warn(f"compiled {type(self._original).__name__}: {reason}; tracing it again for this call "
+                      f"(traced graph {len(self._variants) + 1}: each keyword-argument signature and each path through "
+                      "the module's size-dependent code is traced once)", stacklevel=5)  # past nn.Module.__call__ to the caller
+        self._trace(args, kwargs)
 
     def _run(self, args: list, graph) -> list:
         """Run the backend; when autograd must see this call and the backend is forward-only, wrap it so
@@ -225,9 +244,9 @@ class CompiledModule(torch.nn.Module):
             raise InputError(f"compiled {type(self._original).__name__}: inputs and parameters are on different devices "
                              f"({', '.join(sorted(map(str, devices)))}); move them to one device")
 
-    def _validate(self, args, outs) -> None:
+    def _validate(self, args, kwargs, outs) -> None:
         with torch.no_grad():
-            ref = pytree.tree_leaves(self._original(*args))
+            ref = pytree.tree_leaves(self._original(*args, **kwargs))
         graph = self._traced.graph
         for i, (o, r) in enumerate(zip(outs, ref)):
             err = relative_error(o, r)
@@ -252,12 +271,16 @@ class CompiledModule(torch.nn.Module):
                  f"  inputs: {', '.join(f'%{v.name}: {v.type}' for v in g.inputs)}",
                  f"  {len(g.nodes)} ops, {len(g.param_values)} parameters"
                  + (f", traced in {self.trace_seconds:.2f} s" if self.trace_seconds else "")]
+        if self._traced.constants:
+            names = self._traced.leaf_names
+            lines.append("  keyword constants baked into this graph (a call with others traces again): " +
+                         ", ".join(f"{names[i]}={v!r}" for i, v in self._traced.constants))
         if self._traced.guards:
             lines.append("  guards (size-dependent code in the module; this graph equals it only where they hold, "
                          "other sizes are traced again): " + ", ".join(map(str, self._traced.guards)))
         if len(self._variants) > 1:
-            lines.append(f"  traced graphs: {len(self._variants)}, one per path through size-dependent code; "
-                         "this report describes the one used last")
+            lines.append(f"  traced graphs: {len(self._variants)}, one per keyword-argument signature and path through "
+                         "size-dependent code; this report describes the one used last")
         core = {op: c for op, c in counts.items() if OPS[op].kind == CORE}
         lines.append("  core ops: " + (", ".join(f"{op} x{c}" for op, c in sorted(core.items())) or "none"))
         for a in rep.accepted:
@@ -278,9 +301,12 @@ class CompiledModule(torch.nn.Module):
         return "\n".join(lines)
 
 
-def compile(module: torch.nn.Module, example_inputs=None, *, backend: str = "auto", validate: bool = False,
+def compile(module: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,
+            backend: str = "auto", validate: bool = False,
             print_ir: bool | None = None, options: dict | None = None, autotune: bool | dict = False):
-    """Compile a module. Traces now when ``example_inputs`` are given, else on the first call.
+    """Compile a module. Traces now when ``example_inputs`` (and ``example_kwargs``) are given, else on the
+    first call. Positional arguments are tensors; keyword arguments may be tensors or constants (None,
+    bool, int, float, str), which the trace bakes in: a call with other constants traces again.
 
     backend: "eager" (the IR interpreter, the reference), "triton" (generated kernels; CUDA tensors, or
     CPU tensors under Triton's interpreter), "tvm" (CPU), or "auto" (decided at each call: triton for
@@ -295,5 +321,5 @@ def compile(module: torch.nn.Module, example_inputs=None, *, backend: str = "aut
     backend is prepared (verified against eager, stored in the persistent cache; a dict passes settings
     such as {"budget": 60} to sessa_compiler.tune). Without it the backend still reads earlier results.
     """
-    return CompiledModule(module, example_inputs, backend=backend, validate=validate, print_ir=print_ir,
+    return CompiledModule(module, example_inputs, example_kwargs=example_kwargs, backend=backend, validate=validate, print_ir=print_ir,
                           options=options, autotune=autotune)

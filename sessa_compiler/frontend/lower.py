@@ -135,6 +135,9 @@ class Lowerer:
                 spec = kinds[node.name]
                 fake = node.meta["val"]
                 if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
+                    if fake is None or isinstance(fake, (bool, int, float, str)):
+                        self.env[node] = fake  # a constant keyword argument, baked in (a call with another re-traces)
+                        continue
                     if not isinstance(fake, torch.Tensor):
                         raise TraceError(f"input {node.name}: only tensor inputs are supported, got {type(fake).__name__}")
                     for d, s in enumerate(fake.shape):

@@ -2,11 +2,13 @@
 lowered to the IR, then the recognisers."""
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 
 import sympy
 import torch
+import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from ..errors import TraceError
@@ -53,19 +55,49 @@ def _mutates(ep) -> bool:
     return False
 
 
-def export_program(module: torch.nn.Module, example_inputs) -> torch.export.ExportedProgram:
-    args = _as_tuple(example_inputs)
+# keyword-argument values that are baked into the trace as constants (a call with others traces again)
+CONSTANT_TYPES = (type(None), bool, int, float, str)
+
+
+def call_leaves(args: tuple, kwargs: dict | None) -> tuple:
+    """(leaves, spec) of a call: the positional tensors, then the keyword values by sorted name. The
+    tensor leaves, in this order, are the traced graph's inputs; the others are baked-in constants."""
+    return pytree.tree_flatten((tuple(args), dict(sorted((kwargs or {}).items()))))
+
+
+def _check_call(args: tuple, kwargs: dict) -> None:
     for i, a in enumerate(args):
         if not isinstance(a, torch.Tensor):
             raise TraceError(f"example input {i} must be a tensor, got {type(a).__name__}")
+    for k, v in kwargs.items():
+        if not isinstance(v, (torch.Tensor, *CONSTANT_TYPES)):
+            raise TraceError(f"keyword argument {k!r} must be a tensor or a constant "
+                             f"(None, bool, int, float, str), got {type(v).__name__}")
+
+
+def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict | None = None
+                   ) -> torch.export.ExportedProgram:
+    args = _as_tuple(example_inputs)
+    kwargs = dict(sorted((example_kwargs or {}).items()))
+    _check_call(args, kwargs)
     traced_args = tuple(_grow(a) for a in args)
-    dynamic = tuple(_dynamic_dims(a) for a in traced_args)
+    traced_kwargs = {k: _grow(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    if traced_kwargs:  # dynamic shapes by parameter name, so keyword arguments get theirs too
+        try:
+            bound = inspect.signature(module.forward).bind(*traced_args, **traced_kwargs).arguments
+        except TypeError as e:
+            raise TraceError(f"{type(module).__name__}.forward does not take these arguments: {e}") from e
+        dynamic = {name: pytree.tree_map(lambda v: _dynamic_dims(v) if isinstance(v, torch.Tensor) else None, value)
+                   for name, value in bound.items()}
+    else:
+        dynamic = tuple(_dynamic_dims(a) for a in traced_args)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # guards on sizes become runtime assertions in the graph (or ranges), not silent specialisations:
             # they are recorded as the traced graph's guards (see Guard)
-            ep = torch.export.export(module, traced_args, dynamic_shapes=dynamic, strict=False,
+            ep = torch.export.export(module, traced_args, kwargs=traced_kwargs or None, dynamic_shapes=dynamic,
+                                     strict=False,
                                      prefer_deferred_runtime_asserts_over_guards=True)
             if _mutates(ep):  # functionalise only when needed: it costs as much as the export itself
                 ep = ep.run_decompositions({})
@@ -137,15 +169,38 @@ class Traced:
     report: Report
     out_spec: object  # pytree spec of the module's outputs
     guards: tuple = ()  # Guard: where the graph equals the module (beyond the inputs' static dims)
+    call_spec: object = None  # pytree spec of call_leaves(args, kwargs) at trace time
+    constants: tuple = ()     # (leaf position, value) of the non-tensor leaves, baked into the graph
+    leaf_names: tuple = ()    # a name per call leaf: args[0], args[1], ..., then the keyword names
 
     def violated(self, binding: dict) -> list:
         """The guards these bound sizes violate (the module would take another path there)."""
         return [g for g in self.guards if not g.holds(binding)]
 
+    def call_mismatch(self, args: tuple, kwargs: dict) -> str | None:
+        """Why a call's keyword structure or constants differ from the traced call's, or None."""
+        leaves, spec = call_leaves(args, kwargs)
+        if self.call_spec is not None and spec != self.call_spec:
+            pos = sum(1 for n in self.leaf_names if n.startswith("args["))
+            keys = [n for n in self.leaf_names[pos:]]
+            return (f"the module was traced for a call with {pos} positional tensor(s) and keyword arguments "
+                    f"{keys}, this call has {len(args)} and {sorted(kwargs)}")
+        if {i for i, x in enumerate(leaves) if not isinstance(x, torch.Tensor)} != {i for i, _ in self.constants}:
+            return "a keyword argument traced as a tensor is a constant in this call, or the other way round"
+        for i, value in self.constants:
+            if not (type(leaves[i]) is type(value) and leaves[i] == value):
+                return f"a keyword argument was traced as the constant {value!r}, called with {leaves[i]!r}"
+        return None
 
-def _dim_names(args) -> dict:
+    def tensor_inputs(self, args: tuple, kwargs: dict) -> list:
+        """The graph's inputs for a call (its tensor leaves, in the traced order)."""
+        return list(args) + [v for _, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)]
+
+
+def _dim_names(tensors) -> dict:
+    """(index among the graph's tensor inputs, dim) -> symbol name: dim 0 is B, dim 1 is T."""
     names = {}
-    for i, a in enumerate(args):
+    for i, a in enumerate(tensors):
         if a.dim() >= 1:
             names[(i, 0)] = "B"
         if a.dim() >= 2:
@@ -153,9 +208,10 @@ def _dim_names(args) -> dict:
     return names
 
 
-def _lower(module, args):
-    ep = export_program(module, args)
-    lowerer = Lowerer(ep, _dim_names(args), name=type(module).__name__)
+def _lower(module, args, kwargs=None):
+    ep = export_program(module, args, kwargs)
+    tensors = [x for x in call_leaves(args, kwargs)[0] if isinstance(x, torch.Tensor)]
+    lowerer = Lowerer(ep, _dim_names(tensors), name=type(module).__name__)
     return ep, lowerer, lowerer.run()
 
 
@@ -196,18 +252,25 @@ def _needless(module, args, guard: Guard, graph: Graph) -> bool:
         relative_error(g, w) <= TOLERANCE.get(w.dtype, 0.0) for g, w in zip(got, want))
 
 
-def trace_with_report(module: torch.nn.Module, example_inputs, *, recognisers: bool = True) -> Traced:
+def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: dict | None = None, *,
+                      recognisers: bool = True) -> Traced:
+    """Trace `module(*example_inputs, **example_kwargs)`. Tensor arguments become graph inputs (dims 0 and
+    1 symbolic: B and T); keyword arguments may also be None/bool/int/float/str, baked in as constants."""
     register_custom_lowerings()
     args = _as_tuple(example_inputs)
-    ep, lowerer, graph = _lower(module, args)
+    kwargs = dict(example_kwargs or {})
+    ep, lowerer, graph = _lower(module, args, kwargs)
     guards = _range_guards(ep, lowerer.sym_map) + [Guard(sympy.simplify(e), "assertion") for e, _ in lowerer.assertions]
     guards = [g for g in guards if g.expr is not sympy.true]
     # checked on the graph as lowered, before recognisers rewrite it
-    guards = [g for g in guards if g.origin != "assertion" or not _needless(module, args, g, graph)]
+    guards = [g for g in guards if g.origin != "assertion" or kwargs or not _needless(module, args, g, graph)]
     report = recognise(graph) if recognisers else Report()
     report.accepted[:0] = lowerer.notes
     simplify(graph)
-    return Traced(graph, report, ep.call_spec.out_spec, tuple(guards))
+    leaves, spec = call_leaves(args, kwargs)
+    constants = tuple((i, v) for i, v in enumerate(leaves) if isinstance(v, CONSTANT_TYPES))
+    names = tuple(f"args[{i}]" for i in range(len(args))) + tuple(sorted(kwargs))
+    return Traced(graph, report, ep.call_spec.out_spec, tuple(guards), spec, constants, names)
 
 
 def trace(module: torch.nn.Module, example_inputs) -> Graph:
