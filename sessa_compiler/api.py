@@ -13,7 +13,7 @@ from .backends import get_backend
 from .backends.eager import bind_symbols
 from .dtypes import from_torch
 from .errors import InputError, TraceError, ValidationError
-from .frontend.trace import CONSTANT_TYPES, Traced, trace_with_report
+from .frontend.trace import Traced, check_keywords, trace_with_report
 from .ir.ops import CORE, OPS
 from .tolerance import TOLERANCE, relative_error  # noqa: F401  (re-exported: sessa_compiler.api.TOLERANCE)
 
@@ -170,10 +170,7 @@ class CompiledModule(torch.nn.Module):
 
     # -- calling -------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        for k, v in kwargs.items():
-            if not isinstance(v, (torch.Tensor, *CONSTANT_TYPES)):
-                raise InputError(f"compiled {type(self._original).__name__}: keyword argument {k!r} must be a tensor "
-                                 f"or a constant (None, bool, int, float, str), got {type(v).__name__}")
+        check_keywords(kwargs, InputError, f"compiled {type(self._original).__name__}: ")
         if self._traced is None:
             self._trace(args, kwargs)
         else:
@@ -204,7 +201,7 @@ class CompiledModule(torch.nn.Module):
             raise InputError(f"compiled {type(self._original).__name__}: forward{signature} cannot take this call: "
                              f"{e}") from None
         for traced, runner in self._variants:
-            if _why_not(traced, args, kwargs) is None:
+            if traced is not self._traced and _why_not(traced, args, kwargs) is None:
                 self._traced, self._runner = traced, runner
                 return
         warnings.warn(f"compiled {type(self._original).__name__}: {reason}; tracing it again for this call "

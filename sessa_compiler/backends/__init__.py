@@ -46,7 +46,7 @@ class AutoBackend:
         self.why = "not called yet: eager until the first call shows the inputs' device"
         self._backends: dict = {"eager": self.current}
         self._runners: dict = {}
-        self._graph = None
+        self._graph_floats = None  # float dtypes the prepared graph computes in (read at every call)
 
     @property
     def name(self) -> str:
@@ -59,11 +59,9 @@ class AutoBackend:
     def _cpu_choice(self) -> tuple:
         if not _installed("tvm"):
             return "eager", "CPU inputs; tvm is not installed"
-        graph = self._graph
-        if graph is None:
+        floats = self._graph_floats
+        if floats is None:
             return "eager", "CPU inputs; no graph"
-        values = list(graph.inputs) + list(graph.param_values.values()) + [v for n in graph.nodes for v in n.outputs]
-        floats = {v.type.dtype.name for v in values if v.type.dtype.is_float}
         if not floats <= _TVM_NATIVE:
             return "eager", (f"CPU inputs, but the graph computes in {', '.join(sorted(floats - _TVM_NATIVE))}, "
                              "which TVM would run in float32")
@@ -87,7 +85,8 @@ class AutoBackend:
         return self.current
 
     def prepare(self, graph):
-        self._graph = graph
+        values = list(graph.inputs) + list(graph.param_values.values()) + [v for n in graph.nodes for v in n.outputs]
+        self._graph_floats = {v.type.dtype.name for v in values if v.type.dtype.is_float}
 
         def run(inputs, params):
             backend = self.resolve(inputs)

@@ -32,6 +32,10 @@ def lowering(*targets):
     return deco
 
 
+# keyword-argument values that are baked into the trace as constants (a call with others traces again)
+CONSTANT_TYPES = (type(None), bool, int, float, str)
+
+
 class Lowerer:
     def __init__(self, ep: torch.export.ExportedProgram, dim_names: dict, name: str = "main"):
         self.ep = ep
@@ -40,7 +44,7 @@ class Lowerer:
         self.sym_map: dict = {}  # export symbol -> our symbol
         self.dim_names = dim_names  # (input index, dim) -> name
         self.notes: list = []  # ops recognised while lowering (e.g. SDPA), for explain()
-        self.assertions: list = []  # (sympy condition over our symbols, export's message): runtime guards
+        self.assertions: list = []  # sympy conditions over our symbols: export's runtime guards on sizes
 
     # -- helpers -------------------------------------------------------------------------------
     def expr(self, s):
@@ -121,7 +125,7 @@ class Lowerer:
         if isinstance(cond, torch.SymBool):
             expr = cond.node.expr
             if expr.free_symbols <= set(self.sym_map):
-                self.assertions.append((expr.xreplace(self.sym_map), str(node.args[1]) if len(node.args) > 1 else ""))
+                self.assertions.append(expr.xreplace(self.sym_map))
 
     # -- the walk ---------------------------------------------------------------------------------
     def run(self) -> Graph:
@@ -135,7 +139,7 @@ class Lowerer:
                 spec = kinds[node.name]
                 fake = node.meta["val"]
                 if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
-                    if fake is None or isinstance(fake, (bool, int, float, str)):
+                    if isinstance(fake, CONSTANT_TYPES):
                         self.env[node] = fake  # a constant keyword argument, baked in (a call with another re-traces)
                         continue
                     if not isinstance(fake, torch.Tensor):

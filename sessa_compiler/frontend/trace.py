@@ -14,7 +14,7 @@ from torch.export import Dim
 from ..errors import TraceError
 from ..ir.graph import Graph
 from ..passes.simplify import simplify
-from .lower import Lowerer, register_custom_lowerings
+from .lower import CONSTANT_TYPES, Lowerer, register_custom_lowerings
 from .recognise import Report, recognise
 
 
@@ -55,24 +55,31 @@ def _mutates(ep) -> bool:
     return False
 
 
-# keyword-argument values that are baked into the trace as constants (a call with others traces again)
-CONSTANT_TYPES = (type(None), bool, int, float, str)
-
-
 def call_leaves(args: tuple, kwargs: dict | None) -> tuple:
     """(leaves, spec) of a call: the positional tensors, then the keyword values by sorted name. The
     tensor leaves, in this order, are the traced graph's inputs; the others are baked-in constants."""
     return pytree.tree_flatten((tuple(args), dict(sorted((kwargs or {}).items()))))
 
 
+def tensor_leaves(args: tuple, kwargs: dict | None) -> list:
+    """The graph's inputs for a call: the positional tensors, then the keyword tensors by sorted name
+    (the tensor leaves of call_leaves, in its order)."""
+    return list(args) + [v for _, v in sorted((kwargs or {}).items()) if isinstance(v, torch.Tensor)]
+
+
+def check_keywords(kwargs: dict, error=TraceError, prefix: str = "") -> None:
+    """Keyword values must be tensors or constants (CONSTANT_TYPES)."""
+    for k, v in kwargs.items():
+        if not isinstance(v, (torch.Tensor, *CONSTANT_TYPES)):
+            raise error(f"{prefix}keyword argument {k!r} must be a tensor or a constant "
+                        f"(None, bool, int, float, str), got {type(v).__name__}")
+
+
 def _check_call(args: tuple, kwargs: dict) -> None:
     for i, a in enumerate(args):
         if not isinstance(a, torch.Tensor):
             raise TraceError(f"example input {i} must be a tensor, got {type(a).__name__}")
-    for k, v in kwargs.items():
-        if not isinstance(v, (torch.Tensor, *CONSTANT_TYPES)):
-            raise TraceError(f"keyword argument {k!r} must be a tensor or a constant "
-                             f"(None, bool, int, float, str), got {type(v).__name__}")
+    check_keywords(kwargs)
 
 
 def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict | None = None
@@ -194,7 +201,7 @@ class Traced:
 
     def tensor_inputs(self, args: tuple, kwargs: dict) -> list:
         """The graph's inputs for a call (its tensor leaves, in the traced order)."""
-        return list(args) + [v for _, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)]
+        return tensor_leaves(args, kwargs)
 
 
 def _dim_names(tensors) -> dict:
@@ -210,8 +217,7 @@ def _dim_names(tensors) -> dict:
 
 def _lower(module, args, kwargs=None):
     ep = export_program(module, args, kwargs)
-    tensors = [x for x in call_leaves(args, kwargs)[0] if isinstance(x, torch.Tensor)]
-    lowerer = Lowerer(ep, _dim_names(tensors), name=type(module).__name__)
+    lowerer = Lowerer(ep, _dim_names(tensor_leaves(args, kwargs)), name=type(module).__name__)
     return ep, lowerer, lowerer.run()
 
 
@@ -234,9 +240,10 @@ def _needless(module, args, guard: Guard, graph: Graph) -> bool:
     if not 1 <= size <= _MAX_CHECKED_SIZE:
         return False
     gen = torch.Generator().manual_seed(size)
+    dim_names = _dim_names(args)
     inputs = []
     for i, x in enumerate(args):
-        shape = [size if _dim_names(args).get((i, d)) == name else n for d, n in enumerate(x.shape)]
+        shape = [size if dim_names.get((i, d)) == name else n for d, n in enumerate(x.shape)]
         if x.is_floating_point():
             inputs.append(torch.randn(shape, generator=gen, dtype=x.dtype).to(x.device))
         else:  # token ids and the like: reuse the example's values
@@ -260,7 +267,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     ep, lowerer, graph = _lower(module, args, kwargs)
-    guards = _range_guards(ep, lowerer.sym_map) + [Guard(sympy.simplify(e), "assertion") for e, _ in lowerer.assertions]
+    guards = _range_guards(ep, lowerer.sym_map) + [Guard(sympy.simplify(e), "assertion") for e in lowerer.assertions]
     guards = [g for g in guards if g.expr is not sympy.true]
     # checked on the graph as lowered, before recognisers rewrite it
     guards = [g for g in guards if g.origin != "assertion" or kwargs or not _needless(module, args, g, graph)]
