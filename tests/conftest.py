@@ -19,3 +19,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    """A fresh persistent tuning cache for one test (SESSA_COMPILER_CACHE_DIR)."""
+    d = tmp_path / "cache"
+    monkeypatch.setenv("SESSA_COMPILER_CACHE_DIR", str(d))
+    return d

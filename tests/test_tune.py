@@ -14,31 +14,14 @@ triton_env.require_interpreter()
 import sessa_compiler as sc
 from sessa_compiler.api import relative_error
 from sessa_compiler.backends.eager import run_graph
-from sessa_compiler.models import SessaLayer
 from sessa_compiler.tune import TuningCache, defaults
 from sessa_compiler.tune import api as tune_api
 from sessa_compiler.tune import cache as tune_cache
 from sessa_compiler.tune.api import parse_budget, resolve_node, triton_space, tunable_nodes
-from tests.tune_helpers import run_compile, wrong_first
+from tests.tune_helpers import T, example, model, run_compile, wrong_first
 
-T = 24
+pytestmark = pytest.mark.usefixtures("cache_dir")  # a fresh tuning cache per test (conftest.py)
 
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
-    monkeypatch.setenv("SESSA_COMPILER_CACHE_DIR", str(d))
-    return d
-
-
-def model():
-    torch.manual_seed(0)
-    return SessaLayer(32, n_heads=2).eval()  # feedback + attention kernels
-
-
-def example(t=T):
-    torch.manual_seed(1)
-    return torch.randn(2, t, 32)
 
 
 def entries(d):
@@ -77,9 +60,9 @@ def test_compile_autotune_matches_eager_and_explain_shows_tuned_configs(cache_di
 
 
 def test_warm_compile_in_a_new_process_runs_no_tuning_and_is_faster(cache_dir):
-    cold = run_compile(cache_dir, "test_tune", "triton", None, {"progress": False})
+    cold = run_compile(cache_dir, "triton", None, {"progress": False})
     assert cold["hits"] == [False, False] and cold["timed"] > 0 and cold["tune_s"] > 0
-    warm = run_compile(cache_dir, "test_tune", "triton", None, {"progress": False})
+    warm = run_compile(cache_dir, "triton", None, {"progress": False})
     assert warm["hits"] == [True, True] and warm["timed"] == 0
     assert warm["configs"] == cold["configs"] and warm["err"] <= 1e-4 * 10
     assert warm["tune_s"] < 0.1 * cold["tune_s"], (warm["tune_s"], cold["tune_s"])

@@ -20,31 +20,15 @@ import tvm  # noqa: E402,F401  (pinned in requirements/all.txt: always installed
 import sessa_compiler as sc
 from sessa_compiler.api import relative_error
 from sessa_compiler.backends.tvm import schedules as S
-from sessa_compiler.models import MambaLayer, SessaLayer
+from sessa_compiler.models import MambaLayer
 from sessa_compiler.tune import api as tune_api
 from sessa_compiler.tune import defaults
 from sessa_compiler.tune.api import resolve_node, tunable_nodes, tvm_schedule, tvm_space
-from tests.tune_helpers import run_compile, wrong_first
+from tests.tune_helpers import T, example, model, run_compile, wrong_first
 
-T = 24
+pytestmark = pytest.mark.usefixtures("cache_dir")  # a fresh tuning cache per test (conftest.py)
+
 HYBRID = {"whole_graph": False}
-
-
-@pytest.fixture(autouse=True)
-def cache_dir(tmp_path, monkeypatch):
-    d = tmp_path / "cache"
-    monkeypatch.setenv("SESSA_COMPILER_CACHE_DIR", str(d))
-    return d
-
-
-def model():
-    torch.manual_seed(0)
-    return SessaLayer(32, n_heads=2).eval()  # feedback + attention (with RoPE) kernels
-
-
-def example(t=T):
-    torch.manual_seed(1)
-    return torch.randn(2, t, 32)
 
 
 def entries(d):
@@ -146,9 +130,9 @@ def test_shipped_tvm_defaults_are_valid():
 
 
 def test_warm_compile_in_a_new_process_runs_no_tuning(cache_dir):
-    cold = run_compile(cache_dir, "test_tune_tvm", "tvm", HYBRID, {"progress": False, "budget": "2 trials"})
+    cold = run_compile(cache_dir, "tvm", HYBRID, {"progress": False, "budget": "2 trials"})
     assert cold["hits"] == [False, False] and cold["timed"] > 0 and cold["tune_s"] > 0
-    warm = run_compile(cache_dir, "test_tune_tvm", "tvm", HYBRID, {"progress": False, "budget": "2 trials"})
+    warm = run_compile(cache_dir, "tvm", HYBRID, {"progress": False, "budget": "2 trials"})
     assert warm["hits"] == [True, True] and warm["timed"] == 0
     assert warm["configs"] == cold["configs"] and warm["err"] <= 1e-4
     assert warm["tune_s"] < 0.2 * cold["tune_s"], (warm["tune_s"], cold["tune_s"])

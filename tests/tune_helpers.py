@@ -1,12 +1,15 @@
 """Helpers shared by the tuning tests of every backend.
 
+`model()`, `example(t)`, `T`: the layer (feedback and attention with RoPE) and input every tuning test
+uses (each of their tests gets its own tuning cache: the `cache_dir` fixture in conftest.py).
+
 `wrong_first(op, wrong, injected)`: a kernel hook for `sc.tune(kernel_hook=...)` that puts a candidate
 config first in `op`'s search space which returns at once with a wrong answer (1% off the reference),
 recording each time it runs in `injected`.
 
 
-`run_compile(cache_dir, test_module, backend, options, autotune)` compiles `test_module.model()` on
-`test_module.example()` in a fresh Python process whose tuning cache is `cache_dir`, counts the configs
+`run_compile(cache_dir, backend, options, autotune)` compiles `model()` on `example()` in a fresh Python
+process whose tuning cache is `cache_dir`, counts the configs
 the tuner timed, and returns what a warm-start test checks: compile and tuning seconds, cache hits,
 the chosen configs, the relative error against the module, and explain().
 """
@@ -20,7 +23,22 @@ import textwrap
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
+from sessa_compiler.models import SessaLayer
+
 ROOT = Path(__file__).resolve().parent.parent
+T = 24
+
+
+def model():
+    torch.manual_seed(0)
+    return SessaLayer(32, n_heads=2).eval()  # feedback + attention (with RoPE) kernels
+
+
+def example(t=T):
+    torch.manual_seed(1)
+    return torch.randn(2, t, 32)
 
 SCRIPT = textwrap.dedent("""
     import json, sys, time
@@ -29,7 +47,7 @@ SCRIPT = textwrap.dedent("""
     import torch
     import sessa_compiler as sc
     from sessa_compiler.tune import tuner
-    from tests.{module} import model, example
+    from tests.tune_helpers import model, example
     runs = []
     orig = tuner._time
     tuner._time = lambda k, c, r: runs.append(c) or orig(k, c, r)
@@ -47,9 +65,9 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def run_compile(cache_dir, module: str, backend: str, options: dict | None, autotune: dict) -> dict:
+def run_compile(cache_dir, backend: str, options: dict | None, autotune: dict) -> dict:
     env = {**os.environ, "SESSA_COMPILER_CACHE_DIR": str(cache_dir), "TRITON_INTERPRET": "1"}
-    code = SCRIPT.format(root=str(ROOT), module=module, backend=backend, options=options, autotune=autotune)
+    code = SCRIPT.format(root=str(ROOT), backend=backend, options=options, autotune=autotune)
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=False, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
