@@ -10,12 +10,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common import DecodeByPrefill
 from .scan_op import scan_compute_dtype, selective_scan, selective_scan_with_state
 
 __all__ = ["MambaLayer"]
 
 
-class MambaLayer(nn.Module):
+class MambaLayer(DecodeByPrefill, nn.Module):
     def __init__(self, D: int, d_state: int = 16, d_conv: int = 4, expand: int = 2, ln_eps: float = 1e-5):
         super().__init__()
         if D <= 0 or d_state <= 0 or d_conv <= 0 or expand <= 0:
@@ -89,11 +90,3 @@ class MambaLayer(nn.Module):
         y, cache["h"] = selective_scan_with_state(u, delta, A, B_t, C_t, self.D, h0=cache["h"])
         cache["t"] = int(cache["t"]) + x.shape[1]
         return x + self.out_proj(y * F.silu(z)), cache
-
-    def decode_step(self, x_t: torch.Tensor, cache: dict):
-        """x_t (B, D) or (B, 1, D) -> (y_t of the same rank, cache)."""
-        if x_t.dim() not in (2, 3) or (x_t.dim() == 3 and x_t.shape[1] != 1):
-            raise ValueError(f"decode_step expects (B, D) or (B, 1, D), got {tuple(x_t.shape)}")
-        x3 = x_t if x_t.dim() == 3 else x_t[:, None, :]
-        y, cache = self.prefill(x3, cache)
-        return (y if x_t.dim() == 3 else y[:, 0]), cache

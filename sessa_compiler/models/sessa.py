@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common import DecodeByPrefill, resolve_heads
+
 __all__ = ["SessaMixer", "SessaLayer"]
 
 
@@ -45,16 +47,9 @@ class SessaMixer(nn.Module):
         gamma_max: float = 0.999,
     ):
         super().__init__()
-        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if not 0.0 < float(gamma_max) < 1.0:
             raise ValueError(f"gamma_max must lie in the open interval (0, 1), got {gamma_max}")
-        if n_heads <= 0 or D % n_heads != 0:
-            raise ValueError(f"D={D} must be divisible by n_heads={n_heads} (n_heads >= 1)")
-        if n_kv_heads <= 0 or n_kv_heads > n_heads or n_heads % n_kv_heads != 0:
-            raise ValueError(
-                f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads} "
-                "(1 <= n_kv_heads <= n_heads) for grouped-query attention"
-            )
+        n_kv_heads = resolve_heads(D, n_heads, n_kv_heads)
         head_dim = D // n_heads
         if use_forward_rope and head_dim % 2 != 0:
             raise ValueError(
@@ -248,7 +243,7 @@ class SessaMixer(nn.Module):
         return (s if was_3d else s[:, 0]), cache
 
 
-class SessaLayer(nn.Module):
+class SessaLayer(DecodeByPrefill, nn.Module):
     """Pre-norm residual block: y = x + W_out(Mixer(gelu(a)) * g), (a, g) = W_in(LN(x))."""
 
     def __init__(
@@ -291,11 +286,3 @@ class SessaLayer(nn.Module):
         bar_a, g = self._gate_inputs(x)
         s = self.mixer._extend(bar_a, cache)
         return x + self.W_out(s * g), cache
-
-    def decode_step(self, x_t: torch.Tensor, cache: dict):
-        """x_t (B, D) or (B, 1, D) -> (y_t of the same rank, cache)."""
-        if x_t.dim() not in (2, 3) or (x_t.dim() == 3 and x_t.shape[1] != 1):
-            raise ValueError(f"decode_step expects (B, D) or (B, 1, D), got {tuple(x_t.shape)}")
-        x3 = x_t if x_t.dim() == 3 else x_t[:, None, :]
-        y, cache = self.prefill(x3, cache)
-        return (y if x_t.dim() == 3 else y[:, 0]), cache

@@ -9,10 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .common import DecodeByPrefill, resolve_heads
+
 __all__ = ["TransformerLayer"]
 
 
-class TransformerLayer(nn.Module):
+class TransformerLayer(DecodeByPrefill, nn.Module):
     def __init__(
         self,
         D: int,
@@ -23,14 +25,7 @@ class TransformerLayer(nn.Module):
         ln_eps: float = 1e-5,
     ):
         super().__init__()
-        n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-        if n_heads <= 0 or D % n_heads != 0:
-            raise ValueError(f"D={D} must be divisible by n_heads={n_heads} (n_heads >= 1)")
-        if n_kv_heads <= 0 or n_kv_heads > n_heads or n_heads % n_kv_heads != 0:
-            raise ValueError(
-                f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads} "
-                "(1 <= n_kv_heads <= n_heads) for grouped-query attention"
-            )
+        n_kv_heads = resolve_heads(D, n_heads, n_kv_heads)
         if use_rope and (D // n_heads) % 2 != 0:
             raise ValueError(f"RoPE needs an even head width, got D/n_heads={D // n_heads}")
         if mlp_ratio <= 0:
@@ -138,11 +133,3 @@ class TransformerLayer(nn.Module):
         y = self._block(x, torch.arange(t0, t1, device=x.device), from_cache)
         cache["t"] = t1
         return y, cache
-
-    def decode_step(self, x_t: torch.Tensor, cache: dict):
-        """x_t (B, D) or (B, 1, D) -> (y_t of the same rank, cache)."""
-        if x_t.dim() not in (2, 3) or (x_t.dim() == 3 and x_t.shape[1] != 1):
-            raise ValueError(f"decode_step expects (B, D) or (B, 1, D), got {tuple(x_t.shape)}")
-        x3 = x_t if x_t.dim() == 3 else x_t[:, None, :]
-        y, cache = self.prefill(x3, cache)
-        return (y if x_t.dim() == 3 else y[:, 0]), cache
