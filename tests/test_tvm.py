@@ -22,6 +22,7 @@ from sessa_compiler.backends.tvm import schedules as S  # noqa: E402
 from sessa_compiler.backends.tvm.backend import ALIGN, KernelCall, TVMBackend  # noqa: E402
 from sessa_compiler.backends.tvm.build import attention_spec, build, feedback_spec, kernel_source, scan_spec  # noqa: E402
 from sessa_compiler.models import Decoder, MambaLayer, SessaLayer, TransformerLayer  # noqa: E402
+from model_helpers import randomize
 
 tvm_build = importlib.import_module("sessa_compiler.backends.tvm.build")
 
@@ -193,16 +194,6 @@ def test_misaligned_and_strided_operands_are_copied_not_crashed():
 
 
 # -- whole models ------------------------------------------------------------------------------------
-def randomize(m, gamma_bias=None, seed=0):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.5))
-            if name.endswith("gamma_bias") and gamma_bias is not None:
-                p.fill_(gamma_bias)
-    return m.eval()
-
-
 def check_model(m, make_x, Ts=(1, 13, 70), dtype=torch.float32, whole_graph=True):
     m = m.to(dtype)
     eager = sc.compile(m, (make_x(2, 9),), backend="eager")

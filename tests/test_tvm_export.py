@@ -17,6 +17,7 @@ import tvm  # noqa: E402,F401 - pinned in requirements/all.txt, so CI always run
 import sessa_compiler as sc  # noqa: E402
 from sessa_compiler.errors import UnsupportedError  # noqa: E402
 from sessa_compiler.models import Decoder, MambaLayer, SessaLayer  # noqa: E402
+from model_helpers import randomize
 
 BLOCK_TORCH = r'''
 import importlib.abc, importlib.util, sys
@@ -41,16 +42,6 @@ np.save(y_path, model(np.load(x_path)))
 assert not any(k == "torch" or k.startswith("torch.") for k in sys.modules)
 print("ok without torch")
 '''
-
-
-def randomize(m, seed=0, gamma_bias=None):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 0.5))
-            if name.endswith("gamma_bias") and gamma_bias is not None:
-                p.fill_(gamma_bias)
-    return m.eval()
 
 
 def rel(a: np.ndarray, b: np.ndarray) -> float:
