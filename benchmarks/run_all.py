@@ -16,6 +16,7 @@ HERE = Path(__file__).resolve().parent
 RUNS = [
     ("onnx_cpu", [sys.executable, str(HERE / "onnx_cpu.py"), "--threads", "1", "--repeats", "5"]),
     ("tvm_cpu", [sys.executable, str(HERE / "tvm_cpu.py"), "--reps", "7"]),
+    ("first_call", [sys.executable, str(HERE / "first_call.py")]),
 ]
 
 
