@@ -19,7 +19,7 @@ import torch
 from ..backends.eager import IMPLS
 from ..backends.reference import attention_ref, feedback_ref
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import ELEMENTWISE, OPS
+from ..ir.ops import COMPUTE, CORE, ELEMENTWISE, OPS
 from ..ir.types import DType, TensorType, dims_equal, sym
 from .probe import Step, apply_steps, probe
 
@@ -85,30 +85,96 @@ def _wider(a: DType, b: DType) -> bool:
     return a.is_float and b.is_float and order[a.name] >= order[b.name]
 
 
-# -- logits chain: contraction -> (scale, mask, cast)* -> softmax -------------------------------------
-def logits_chain(A: Analysis, s: Node):
-    """Walk from a softmax's input back to the contraction; return (contraction node, literal scale, chain nodes)."""
-    v = s.inputs[0]
-    scale = 1.0
-    chain = []
-    while v.producer is not None:
-        n = v.producer
-        if n.op in ("matmul", "einsum") and sum(A.is_data(x) for x in n.inputs) == 2 and len(n.inputs) == 2:
-            return n, scale, chain
-        if OPS[n.op].kind != ELEMENTWISE:
-            return None
-        data_ops = [x for x in n.inputs if A.is_data(x)]
-        if len(data_ops) != 1:
-            return None
-        if n.op == "mul":
-            lit = [x for x in n.inputs if isinstance(x, (int, float)) and not isinstance(x, bool)]
-            scale *= float(lit[0]) if lit else 1.0
-        elif n.op == "div" and n.inputs[0] is data_ops[0]:
-            lit = n.inputs[1]
-            scale /= float(lit) if isinstance(lit, (int, float)) else 1.0
-        chain.append(n)
-        v = data_ops[0]
+# -- logits: the contraction behind a softmax, through whatever masking and row handling follows --------
+CONTRACTIONS = ("matmul", "einsum")
+STOP_KINDS = (CORE, COMPUTE)  # the walk never crosses another projection, softmax or core op
+
+
+def is_square_in_t(t: TensorType) -> bool:
+    """A [..., T, T] value: logits or weights over (query position, key position)."""
+    return t.rank >= 2 and dims_equal(t.shape[-1], T) and dims_equal(t.shape[-2], T)
+
+
+def data_cone(A: Analysis, v: Value, stop=None) -> tuple:
+    """Walk back from v through data values. Returns (contractions reached, values on the way). The walk
+    stops at contractions of two data operands (collected), at compute and core ops, and at ``stop``."""
+    found, seen, stack = [], set(), [v]
+    while stack:
+        x = stack.pop()
+        if x in seen or x.producer is None or (stop is not None and x in stop):
+            continue
+        seen.add(x)
+        n = x.producer
+        if n.op in CONTRACTIONS and len(n.inputs) == 2 and all(A.is_data(i) for i in n.inputs):
+            if n not in found:
+                found.append(n)
+            continue
+        if OPS[n.op].kind in STOP_KINDS:
+            continue
+        stack.extend(i for i in n.value_inputs if A.is_data(i))
+    return found, seen
+
+
+def _literal_scale(n: Node, data: Value):
+    """The factor a mul/div node with one literal operand applies to its data operand, or None."""
+    lits = [x for x in n.inputs if isinstance(x, (int, float)) and not isinstance(x, bool)]
+    if len(lits) != 1 or len(n.inputs) != 2:
+        return None
+    if n.op == "mul":
+        return float(lits[0])
+    if n.op == "div" and n.inputs[0] is data and lits[0]:
+        return 1.0 / float(lits[0])
     return None
+
+
+def logits_chain(A: Analysis, v: Value):
+    """Find the contraction whose [.., T, T] product reaches v (a softmax's input, or a system matrix):
+    returns (contraction node, the product of literal scales applied between them, values on the way),
+    or None when there is not exactly one such contraction. The walk is structural only; recognisers
+    prove a candidate with ``probe`` before they use it."""
+    found, seen = data_cone(A, v)
+    found = [n for n in found if is_square_in_t(n.output.type)]
+    if len(found) != 1:
+        return None
+    L = found[0]
+    # values between the contraction and v: descendants of L.output among the walked values
+    between, stack = set(), [L.output]
+    while stack:
+        x = stack.pop()
+        for u in A.users.get(x, []):
+            for o in u.outputs:
+                if o in seen and o not in between:
+                    between.add(o)
+                    stack.append(o)
+    scale = 1.0
+    for x in between:
+        n = x.producer
+        if n.op in ("mul", "div"):
+            data = [i for i in n.inputs if A.is_data(i)]
+            f = _literal_scale(n, data[0]) if len(data) == 1 else None
+            scale *= f if f is not None else 1.0
+    return L, scale, between
+
+
+def walk_back_scaled(A: Analysis, v: Value, fits):
+    """Like Analysis.walk_back, also through mul/div by a literal: returns (source, literal factor
+    between source and v). The deepest value that fits is taken."""
+    chain, factors = [v], [1.0]
+    while chain[-1].producer is not None:
+        n = chain[-1].producer
+        data = [i for i in n.inputs if A.is_data(i)]
+        if n.op in WALK_LAYOUT or (n.op == "cast" and _wider(n.output.type.dtype, n.inputs[0].type.dtype)):
+            chain.append(n.inputs[0])
+            factors.append(factors[-1])
+        elif n.op in ("mul", "div") and len(data) == 1 and _literal_scale(n, data[0]) is not None:
+            chain.append(data[0])
+            factors.append(factors[-1] * _literal_scale(n, data[0]))
+        else:
+            break
+    for c, f in zip(reversed(chain), reversed(factors)):
+        if fits(c.type):
+            return c, f
+    return v, 1.0
 
 
 def contraction_width(n: Node):
@@ -231,7 +297,7 @@ def recognise_attention(g: Graph, report: Report) -> int:
         A = Analysis(g)
         if not A.is_data(s.inputs[0]) or s.attrs["dim"] not in (-1, s.output.type.rank - 1):
             continue
-        lc = logits_chain(A, s)
+        lc = logits_chain(A, s.inputs[0])
         if lc is None:
             continue
         L, chain_scale, _ = lc
@@ -255,9 +321,9 @@ def recognise_attention(g: Graph, report: Report) -> int:
         if d is None:
             continue
         # k enters the contraction transposed; walking back past layout ops removes that
-        qs, ks = (A.walk_back(x, lambda t: bool(to_bthd(t, d))) for x in L.inputs)
+        (qs, fq), (ks, fk) = (walk_back_scaled(A, x, lambda t: bool(to_bthd(t, d))) for x in L.inputs)
         vs = A.walk_back(P.inputs[1], lambda t: any(to_bthd(t, e) for e in {d, P.output.type.shape[-1]}))
-        ok = _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale, report)
+        ok = _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale * fq * fk, report)
         count += ok
     return count
 
@@ -337,21 +403,59 @@ def recognise_feedback(g: Graph, report: Report) -> int:
         if s is None:
             report.rejected.append(f"feedback candidate %{n.output.name}: no softmax in the system matrix")
             continue
-        lc = logits_chain(A, s)
+        lc = logits_chain(A, s.inputs[0])
         if lc is None:
-            report.rejected.append(f"feedback candidate %{n.output.name}: softmax logits are not a contraction")
+            report.rejected.append(f"feedback candidate %{n.output.name}: the softmax's logits are not one [T, T] "
+                                   "product of two data tensors (q_b @ k_b^T)")
             continue
         L, chain_scale, _ = lc
         gains = _gain_sources(A, s, mat)
         if len(gains) != 1:
-            report.rejected.append(f"feedback candidate %{n.output.name}: expected one gain (gamma) source, found {len(gains)}")
+            report.rejected.append(f"feedback candidate %{n.output.name}: expected the softmax weights to be scaled by "
+                                   f"one per-row gain (gamma), found {len(gains)} data tensors entering")
             continue
         gs = A.walk_back(gains[0], lambda t: bool(to_bt(t)))
-        qs, ks = (A.walk_back(x, lambda t: bool(to_btc(t))) for x in L.inputs)
+        bound = value_bound(g, gs)
+        if not bound < 1.0:
+            report.rejected.append(f"feedback candidate %{n.output.name}: the gain %{gs.name} is not provably inside "
+                                   f"(-1, 1) (bound {bound:.4g}); a bounded gain such as gamma_max * tanh(...) "
+                                   "with gamma_max < 1 is what makes the recursion stable")
+            continue
+        (qs, fq), (ks, fk) = (walk_back_scaled(A, x, lambda t: bool(to_btc(t))) for x in L.inputs)
         fs = A.walk_back(rhs, lambda t: bool(to_btc(t)))
         width = contraction_width(L)
-        count += _try_feedback(g, A, n, qs, ks, fs, gs, width, chain_scale, report)
+        count += _try_feedback(g, A, n, qs, ks, fs, gs, width, chain_scale * fq * fk, report)
     return count
+
+
+def value_bound(g: Graph, v: Value, depth: int = 32) -> float:
+    """An upper bound on |v| from the ops that produce it (interval reasoning: tanh and sigmoid are
+    bounded, literal and parameter factors scale, layout ops and casts keep the bound); inf when
+    nothing bounds it. Parameters count with their current values."""
+    if depth == 0:
+        return math.inf
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return abs(float(v))
+    if not isinstance(v, Value):
+        return math.inf
+    if v.kind == "param":
+        data = g.params.get(v.name)
+        return float(data.abs().max()) if data is not None and data.is_floating_point() and data.numel() else math.inf
+    n = v.producer
+    if n is None:
+        return math.inf
+    if n.op in ("tanh", "sigmoid"):
+        return 1.0
+    sub = [value_bound(g, x, depth - 1) for x in n.inputs]
+    if n.op in WALK_LAYOUT or n.op in ("cast", "neg", "abs", "select", "slice", "squeeze", "unsqueeze"):
+        return sub[0]
+    if n.op == "mul":
+        return sub[0] * sub[1]
+    if n.op in ("add", "sub"):
+        return sub[0] + sub[1]
+    if n.op == "div" and isinstance(n.inputs[1], (int, float)) and n.inputs[1]:
+        return sub[0] / abs(float(n.inputs[1]))
+    return math.inf
 
 
 def _find_softmax(v: Value):
