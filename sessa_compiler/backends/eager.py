@@ -16,7 +16,7 @@ from ..errors import InputError, IRError, SessaCompilerError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import ArgRef
 from ..ir.types import DType, eval_dim
-from .reference import attention_ref, feedback_ref, rope_ref, scan_ref
+from .reference import attention_ref, feedback_ref, rope_ref, scan_ref, tri_solve_ref
 
 Impl = Callable[..., object]
 IMPLS: dict[str, Impl] = {}
@@ -54,6 +54,11 @@ def _attention(q, k, v, inv_freq=None, *, scale, causal, rope=False):
 @impl("feedback")
 def _feedback(f, q_b, k_b, gamma, *, scale):
     return feedback_ref(f, q_b, k_b, gamma, scale)
+
+
+@impl("tri_solve")
+def _tri_solve(A, b, *, upper, unitriangular):
+    return tri_solve_ref(A, b, upper, unitriangular)
 
 
 @impl("scan")

@@ -75,3 +75,33 @@ def scan_ref(u, delta, A, B, C, D) -> torch.Tensor:
         ys.append(torch.einsum("bdn,bn->bd", h, C_[:, t]) + D_ * u_[:, t])
     y = torch.stack(ys, dim=1) if ys else u_.new_zeros(u.shape)
     return y.to(u.dtype)
+
+
+def tri_solve_ref(A: torch.Tensor, b: torch.Tensor, upper: bool = False, unitriangular: bool = False) -> torch.Tensor:
+    """x with A x = b for triangular A [..., T, T] (leading dims broadcast against b's), in at least float32."""
+    cd = compute_dtype(b.dtype)
+    x = torch.linalg.solve_triangular(A.to(cd), b.to(cd), upper=upper, left=True, unitriangular=unitriangular)
+    return x.to(b.dtype)
+
+
+def tri_solve_rows(A: torch.Tensor, b: torch.Tensor, upper: bool = False, unitriangular: bool = False,
+                   block: int = 16) -> torch.Tensor:
+    """The same solve as ``tri_solve_ref``, by blocked substitution (the algorithm the TVM kernel and the
+    ONNX Loop use): blocks of rows in order, each block's right-hand side reduced by the solved rows before
+    it, then solved row by row. Written out so that its result can be compared with LAPACK's."""
+    out_dtype, cd = b.dtype, compute_dtype(b.dtype)
+    A, b = A.to(cd), b.to(cd)
+    A = A.expand(*b.shape[:-2], *A.shape[-2:])
+    T = b.shape[-2]
+    x = torch.zeros_like(b)
+    starts = list(range(0, T, block))
+    for r0 in (reversed(starts) if upper else starts):
+        r1 = min(r0 + block, T)
+        done = slice(r1, T) if upper else slice(0, r0)
+        rhs = b[..., r0:r1, :] - A[..., r0:r1, done] @ x[..., done, :]
+        rows = range(r1 - 1, r0 - 1, -1) if upper else range(r0, r1)
+        for t in rows:
+            near = slice(t + 1, r1) if upper else slice(r0, t)
+            acc = rhs[..., t - r0, :] - (A[..., t, near].unsqueeze(-2) @ x[..., near, :]).squeeze(-2)
+            x[..., t, :] = acc if unitriangular else acc / A[..., t, t].unsqueeze(-1)
+    return x.to(out_dtype)

@@ -19,6 +19,7 @@ import torch
 from ..backends.eager import IMPLS
 from ..backends.reference import attention_ref, feedback_ref
 from ..ir.graph import Graph, Node, Value
+from ..ir.ops import ArgRef
 from ..ir.ops import COMPUTE, CORE, ELEMENTWISE, OPS
 from ..ir.types import DType, TensorType, dims_equal, sym
 from .probe import Step, apply_steps, probe
@@ -424,7 +425,7 @@ def recognise_feedback(g: Graph, report: Report) -> int:
         (qs, fq), (ks, fk) = (walk_back_scaled(A, x, lambda t: bool(to_btc(t))) for x in L.inputs)
         fs = A.walk_back(rhs, lambda t: bool(to_btc(t)))
         width = contraction_width(L)
-        count += _try_feedback(g, A, n, qs, ks, fs, gs, width, chain_scale * fq * fk, report)
+        count += _try_feedback(g, A, n, mat, qs, ks, fs, gs, width, chain_scale * fq * fk, report)
     return count
 
 
@@ -501,46 +502,97 @@ def _gain_sources(A: Analysis, s: Node, mat: Value) -> list:
     return gains
 
 
-def _try_feedback(g, A, n, qs, ks, fs, gs, width, chain_scale, report) -> bool:
+def _try_feedback(g, A, n, mat, qs, ks, fs, gs, width, chain_scale, report) -> bool:
+    """Probe the region against the feedback op with Sessa's scale 1/sqrt(width); rewrite when it matches.
+    A region that computes something else (another scale, a mask that lets a row see itself, a softmax over
+    another axis) is left alone, with the reason in words for explain()."""
     outs = A.walk_forward(n.output)
-    scales = [chain_scale] + ([1.0 / math.sqrt(width)] if isinstance(width, int) and
-                              not math.isclose(chain_scale, 1 / math.sqrt(width)) else [])
     where = f"solve %{n.output.name}"
+    if not isinstance(width, int):
+        report.rejected.append(f"feedback candidate at {where}: the logits' contracted width {width} is not static")
+        return False
+    sessa_scale = 1.0 / math.sqrt(width)
+    srcs = {fs: "normal", qs: "normal", ks: "normal", gs: "gain"}
+    tol = _region_tol(A, srcs, n.output)
+    other_scale_matches = False
     for qa in to_btc(qs.type):
         for ka in to_btc(ks.type):
             for fa in to_btc(fs.type):
                 for ga in to_bt(gs.type):
                     for y in reversed(outs):
-                        for oa in to_btc(y.type):  # feedback output is [B, T, C]; y must be too
-                            if oa:
-                                continue
-                            for scale in scales:
-                                def canonical(inp, binding, scale=scale, qa=qa, ka=ka, fa=fa, ga=ga):
-                                    return feedback_ref(apply_steps(inp[fs], fa, binding), apply_steps(inp[qs], qa, binding),
-                                                        apply_steps(inp[ks], ka, binding), apply_steps(inp[gs], ga, binding),
-                                                        scale)
+                        if to_btc(y.type) != [[]]:  # feedback output is [B, T, C]; y must be too
+                            continue
 
-                                srcs = {fs: "normal", qs: "normal", ks: "normal", gs: "gain"}
-                                err = probe(g, srcs, y, canonical)
-                                tol = _region_tol(A, srcs, y)
-                                if err is not None and err <= tol:
-                                    idx = _insert_index(g, y)
-                                    f, idx = _emit_steps(g, fs, fa, idx)
-                                    q, idx = _emit_steps(g, qs, qa, idx)
-                                    k, idx = _emit_steps(g, ks, ka, idx)
-                                    gm, idx = _emit_steps(g, gs, ga, idx)
-                                    o = g.make_node("feedback", [f, q, k, gm], {"scale": float(scale)},
-                                                    [f.type], index=idx).output
-                                    idx += 1
-                                    if o.type.dtype != y.type.dtype:
-                                        o, idx = _emit_steps(g, o, [Step("cast", {"dtype": y.type.dtype})], idx)
-                                    g.replace_all_uses(y, o)
-                                    g.dead_code_elimination()
-                                    report.accepted.append(f"feedback at {where}: width={width}, scale={scale:.6g} "
-                                                           f"(probe error {err:.1e})")
-                                    return True
-    report.rejected.append(f"feedback candidate at {where}: no canonical form matched numerically")
+                        def canonical(inp, binding, scale=sessa_scale, qa=qa, ka=ka, fa=fa, ga=ga):
+                            return feedback_ref(apply_steps(inp[fs], fa, binding), apply_steps(inp[qs], qa, binding),
+                                                apply_steps(inp[ks], ka, binding), apply_steps(inp[gs], ga, binding),
+                                                scale)
+
+                        err = probe(g, srcs, y, canonical)
+                        if err is not None and err <= tol:
+                            idx = _insert_index(g, y)
+                            f, idx = _emit_steps(g, fs, fa, idx)
+                            q, idx = _emit_steps(g, qs, qa, idx)
+                            k, idx = _emit_steps(g, ks, ka, idx)
+                            gm, idx = _emit_steps(g, gs, ga, idx)
+                            o = g.make_node("feedback", [f, q, k, gm], {"scale": sessa_scale},
+                                            [f.type], index=idx).output
+                            idx += 1
+                            if o.type.dtype != y.type.dtype:
+                                o, idx = _emit_steps(g, o, [Step("cast", {"dtype": y.type.dtype})], idx)
+                            g.replace_all_uses(y, o)
+                            g.dead_code_elimination()
+                            report.accepted.append(f"feedback at {where}: width={width}, scale=1/sqrt({width}) "
+                                                   f"(probe error {err:.1e})")
+                            return True
+                        if not math.isclose(chain_scale, sessa_scale) and not other_scale_matches:
+                            other = probe(g, srcs, y, lambda inp, b, c=canonical: c(inp, b, scale=chain_scale))
+                            other_scale_matches = other is not None and other <= tol
+    if other_scale_matches:
+        why = (f"its logits are scaled by {chain_scale:.6g}, but Sessa's feedback scales q_b . k_b by "
+               f"1/sqrt(D) = {sessa_scale:.6g}")
+    else:
+        why = _diagnose_feedback(g, A, n, mat, srcs)
+    report.rejected.append(f"feedback candidate at {where}: not Sessa's feedback: {why}")
     return False
+
+
+def _diagnose_feedback(g, A, n, mat, srcs) -> str:
+    """Why a solve's weights are not gamma[t] * softmax_{j<t}(...): checked on random inputs, in words."""
+    from ..backends.eager import run_graph
+    from .probe import _binding, _params64
+
+    Tn = 6
+    binding = _binding(g, Tn)
+    gen = torch.Generator().manual_seed(99)
+    inputs = {}
+    for v, kind in srcs.items():
+        x = torch.randn(v.type.concrete_shape(binding), generator=gen, dtype=torch.float64)
+        inputs[v] = torch.tanh(x) * 0.95 if kind == "gain" else x
+    gain = next(v for v, kind in srcs.items() if kind == "gain")
+    try:
+        (M,) = run_graph(g, [], overrides={**_params64(g), **inputs}, targets=[mat], binding=binding,
+                         check_inputs=False)
+    except Exception as e:  # noqa: BLE001 - the explanation is best effort
+        return f"the system matrix could not be evaluated on its own ({type(e).__name__})"
+    M = M.to(torch.float64)
+    unit = n.attrs["kwargs"].get("unitriangular", False)
+    eye = torch.eye(Tn, dtype=torch.float64)
+    if not unit and not torch.allclose(torch.diagonal(M, dim1=-2, dim2=-1), torch.ones(Tn, dtype=torch.float64)):
+        return ("the system's diagonal is not 1 (Sessa solves (I - gamma*alpha) s = f with alpha zero on the "
+                "diagonal: does the mask let row t see itself?)")
+    W = torch.tril(-M if unit else eye - M, diagonal=-1)
+    if torch.triu(M, diagonal=1).abs().max() > 0:
+        return "the system has weights above the diagonal (a future position feeds back)"
+    gam = inputs[gain].reshape(W.shape[0], Tn) if inputs[gain].numel() == W.shape[0] * Tn else None
+    if gam is not None:
+        sums = W.sum(-1)[:, 1:] / gam[:, 1:]
+        if not torch.allclose(sums, torch.ones_like(sums), atol=1e-6):
+            return ("the weights of row t do not sum to gamma[t] over the earlier positions j < t: the softmax "
+                    "includes position t (a mask that is not strictly causal) or runs over another axis")
+        if W[:, 0].abs().max() > 0:
+            return "row 0 has weights (Sessa's row 0 has no past)"
+    return "its weights differ from gamma[t] * softmax_{j<t}(q_b[t] . k_b[j] / sqrt(D))"
 
 
 # -- causal depthwise conv1d --------------------------------------------------------------------------
@@ -597,6 +649,7 @@ def recognise(g: Graph) -> Report:
     fold_gqa(g, report)
     fold_rope(g, report)
     recognise_causal_conv1d(g, report)
+    generic_solves(g, report)
     g.remove_unused_params()
     g.verify()
     return report
@@ -758,4 +811,45 @@ def fold_rope(g: Graph, report: Report) -> int:
                 break
         if not done:
             report.rejected.append(f"rope around attention %{n.output.name}: q/k are computed, but not as interleaved RoPE")
+    return count
+
+
+# -- the general form: a triangular solve whose weights are not a factorable feedback -------------------
+def generic_solves(g: Graph, report: Report) -> int:
+    """Every remaining ``solve_triangular`` becomes the IR's ``tri_solve`` (explicit weights, blocked
+    substitution on every backend and export), so that no module fails to export because of one. A solve
+    from the right (``left=False``) is the transposed solve from the left."""
+    count = 0
+    for n in [n for n in g.nodes if n.op == "fallback" and n.attrs["target"] == SOLVE]:
+        args, kwargs = n.attrs["args"], n.attrs["kwargs"]
+        upper, left = kwargs.get("upper"), kwargs.get("left", True)
+        unit = kwargs.get("unitriangular", False)
+        if not all(isinstance(x, bool) for x in (upper, left, unit)) or len(args) != 2 \
+                or not all(isinstance(a, ArgRef) for a in args):
+            report.rejected.append(f"triangular solve %{n.output.name}: arguments not understood ({args}, {kwargs}); "
+                                   "it runs as a torch op and cannot be exported")
+            continue
+        A, b = n.inputs[args[0].index], n.inputs[args[1].index]
+        if A.type.dtype != b.type.dtype or A.type.rank > b.type.rank or A.type.rank < 2:
+            report.rejected.append(f"triangular solve %{n.output.name}: weights {A.type} and right-hand side "
+                                   f"{b.type} need one dtype and no broadcast of the right-hand side; it runs as "
+                                   "a torch op and cannot be exported")
+            continue
+        idx = g.nodes.index(n)
+        if not left:  # X A = B  <=>  A^T X^T = B^T
+            A, idx = _emit_steps(g, A, [Step("transpose", {"dim0": -2, "dim1": -1})], idx)
+            b, idx = _emit_steps(g, b, [Step("transpose", {"dim0": -2, "dim1": -1})], idx)
+            upper = not upper
+        x = g.make_node("tri_solve", [A, b], {"upper": upper, "unitriangular": unit}, [b.type], index=idx).output
+        idx += 1
+        if not left:
+            x, idx = _emit_steps(g, x, [Step("transpose", {"dim0": -2, "dim1": -1})], idx)
+        g.replace_all_uses(n.output, x)
+        g.dead_code_elimination()
+        lead = "x".join(str(d) for d in A.type.shape)
+        report.accepted.append(
+            f"general triangular solve at %{n.output.name} -> tri_solve ({'upper' if upper else 'lower'}"
+            f"{', unit diagonal' if unit else ''}{', from the right' if not left else ''}): its weights stay an "
+            f"explicit [{lead}] tensor (O(T^2) memory, no fused feedback kernel), solved by blocked substitution")
+        count += 1
     return count

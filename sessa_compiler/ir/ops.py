@@ -390,6 +390,21 @@ def feedback_infer(node):
     return [f]
 
 
+def tri_solve_infer(node):
+    A, b = tin(node, 0), tin(node, 1)
+    if A.rank < 2 or b.rank < 2:
+        fail(node, f"weights and right-hand side must have rank >= 2, got {A} and {b}")
+    need_eq(node, A.shape[-1], A.shape[-2], "weights must be square in their last two dims")
+    need_eq(node, A.shape[-1], b.shape[-2], "weights' size vs the right-hand side's rows")
+    if A.rank > b.rank:
+        fail(node, f"weights {A} have more leading dims than the right-hand side {b}")
+    for i, d in enumerate(A.shape[:-2]):
+        need_eq(node, d, b.shape[b.rank - A.rank + i], f"leading dim {i} of the weights")
+    if A.dtype != b.dtype:
+        fail(node, f"weights and right-hand side dtypes differ: {A.dtype} vs {b.dtype}")
+    return [b]
+
+
 def scan_infer(node):
     u, delta, A, Bm, Cm, Dv = (tin(node, i) for i in range(6))
     if u.rank != 3 or A.rank != 2 or Bm.rank != 3 or Dv.rank != 1:
@@ -415,6 +430,9 @@ register("attention", CORE, (3, 4), {"scale": (True, (float,)), "causal": (True,
              "rope=True rotates q and k (interleaved pairs, position = index along T) with operand 3 inv_freq")
 register("feedback", CORE, (4, 4), {"scale": (True, (float,))}, feedback_infer,
          doc="s[t] = f[t] + gamma[t] * softmax_{j<t}(q_b[t].k_b[j]*scale) @ s[:t]; s[0] = f[0]")
+register("tri_solve", CORE, (2, 2), {"upper": (True, (bool,)), "unitriangular": (True, (bool,))}, tri_solve_infer,
+         doc="x with A x = b for triangular A [..., T, T] (explicit weights) and b [..., T, N]: the general "
+             "form of feedback when its weights cannot be factored into the feedback op (T x T in memory)")
 register("scan", CORE, (6, 6), {}, scan_infer,
          doc="Mamba-1 selective scan: h_t = exp(delta_t*A) h_{t-1} + (delta_t*u_t) (x) B_t; y_t = h_t C_t + D u_t")
 register("rope", CORE, (2, 2), {}, rope_infer,

@@ -13,7 +13,9 @@ import sympy
 from ..errors import IRError
 
 # Short names used in the text format, in the order a reader meets them most.
-DTYPES = ("f64", "f32", "f16", "bf16", "i64", "i32", "i16", "i8", "u8", "bool")
+DTYPES = ("f64", "f32", "f16", "bf16", "i64", "i32", "i16", "i8", "u8", "bool", "c64", "c128")
+# complex values appear only where a module computes with them (complex RoPE); they run as torch ops
+# (the recognisers fold the rotation into attention) and no kernel or export takes them
 FLOAT_DTYPES = frozenset({"f64", "f32", "f16", "bf16"})
 
 
