@@ -55,12 +55,27 @@ class KernelCall:
             t = out
         return t
 
-    def __call__(self, *args) -> torch.Tensor:
+    def _tri_solve(self, A, b, upper: bool) -> torch.Tensor:
+        """The kernel solves lower systems over [nb, T, T]: leading dims flattened, an upper system
+        solved as the lower one of the reversed sequence."""
+        T_, N = b.shape[-2], b.shape[-1]
+        A3, b3 = A.reshape(-1, T_, T_), b.reshape(-1, T_, N)
+        if upper:
+            A3, b3 = A3.flip(-2, -1), b3.flip(-2)
+        A3, b3 = self.prepare_arg(A3), self.prepare_arg(b3)
+        out = aligned_empty(tuple(b3.shape), self.dtype)
+        self.kernel(A3, b3, out)
+        self.stats["kernel_calls"] += 1
+        return (out.flip(-2) if upper else out).reshape(b.shape)
+
+    def __call__(self, *args, upper: bool = False) -> torch.Tensor:
         spec = self.kernel.spec
-        out_dtype = args[0].dtype
+        out_dtype = args[-1].dtype if spec.op == "tri_solve" else args[0].dtype
         args = [self.prepare_arg(a) for a in args]
         if spec.op == "attention" and len(args) == 3:   # rope off: inv_freq is not read
             args.append(torch.zeros(max(spec.params["head_dim"] // 2, 1), dtype=self.dtype))
+        if spec.op == "tri_solve":
+            return self._tri_solve(*args, upper=upper).to(out_dtype)
         out = aligned_empty(tuple(args[0].shape), self.dtype)
         self.kernel(*args, out)
         self.stats["kernel_calls"] += 1
@@ -233,7 +248,8 @@ class TVMBackend:
                     operands = [env[x] if isinstance(x, Value) else resolve(x, binding) for x in node.inputs]
                     if node.op == "attention" and not node.attrs.get("rope", False):
                         operands = operands[:3]
-                    env[node.outputs[0]] = call(*operands)
+                    extra = {"upper": node.attrs["upper"]} if node.op == "tri_solve" else {}
+                    env[node.outputs[0]] = call(*operands, **extra)
             stats["runs"] += 1
             return [env[v] for v in graph.outputs]
 

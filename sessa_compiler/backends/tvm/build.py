@@ -10,10 +10,11 @@ import threading
 from dataclasses import dataclass
 
 from .schedules import (AttentionSchedule, FeedbackSchedule, LinearSchedule, Schedule, ScanSchedule,
-                        default_attention, default_feedback, default_linear, default_scan)
+                        TriSolveSchedule, default_attention, default_feedback, default_linear, default_scan,
+                        default_tri_solve)
 from .target import configure_threads, resolve_target, vector_bits
 
-LOWERABLE = ("attention", "feedback", "scan")
+LOWERABLE = ("attention", "feedback", "scan", "tri_solve")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,12 @@ def scan_spec(channels: int, d_state: int, dtype: str, schedule: ScanSchedule | 
                       schedule or default_scan(channels, lanes))
 
 
+def tri_solve_spec(width: int, unitriangular: bool, dtype: str, schedule: TriSolveSchedule | None = None,
+                   lanes: int = 8):
+    return KernelSpec("tri_solve", (("width", int(width)), ("unitriangular", bool(unitriangular))), dtype,
+                      schedule or default_tri_solve(width, lanes))
+
+
 def linear_spec(in_features: int, out_features: int, bias: bool, dtype: str,
                 schedule: LinearSchedule | None = None, lanes: int = 8):
     return KernelSpec("linear", (("in_features", int(in_features)), ("out_features", int(out_features)),
@@ -77,6 +84,9 @@ def primfunc(spec: KernelSpec):
     elif spec.op == "scan":
         from .kernels.scan import scan_kernel
         func = scan_kernel(p["channels"], p["d_state"], spec.dtype, spec.schedule)
+    elif spec.op == "tri_solve":
+        from .kernels.tri_solve import tri_solve_kernel
+        func = tri_solve_kernel(p["width"], p["unitriangular"], spec.dtype, spec.schedule)
     elif spec.op == "linear":
         from .kernels.linear import linear_kernel
         func = linear_kernel(p["in_features"], p["out_features"], p["bias"], spec.dtype, spec.schedule)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...ir.graph import Graph, Node, Value
-from .build import attention_spec, feedback_spec, scan_spec
+from .build import attention_spec, feedback_spec, scan_spec, tri_solve_spec
 
 # IR dtype -> the dtype the TVM kernel computes in (the spec: accumulate in >= float32).
 COMPUTE_DTYPE = {"f64": "float64", "f32": "float32", "bf16": "float32", "f16": "float32"}
@@ -24,7 +24,7 @@ def _static(d) -> int | None:
 def lower_node(node: Node, lanes: int = 8, schedules: dict | None = None) -> Lowered:
     """A KernelSpec for a core op this backend generates kernels for; otherwise the reason it cannot."""
     schedules = schedules or {}
-    if node.op not in ("attention", "feedback", "scan"):
+    if node.op not in ("attention", "feedback", "scan", "tri_solve"):
         return Lowered(node)
     ins = [x for x in node.inputs]
     first = ins[0].type
@@ -34,6 +34,16 @@ def lower_node(node: Node, lanes: int = 8, schedules: dict | None = None) -> Low
     if any(isinstance(x, Value) and x.type.dtype != first.dtype for x in ins[:3]):
         return Lowered(node, None, "operands of mixed dtypes")
     sched = schedules.get(node.op)
+    if node.op == "tri_solve":
+        A, b = ins[0].type, ins[1].type
+        width = _static(b.shape[-1])
+        if width is None:
+            return Lowered(node, None, f"right-hand side width {b.shape[-1]} is not static")
+        if A.rank != b.rank:
+            return Lowered(node, None, "weights broadcast over the right-hand side's leading dims")
+        if A.dtype != b.dtype:
+            return Lowered(node, None, "operands of mixed dtypes")
+        return Lowered(node, tri_solve_spec(width, node.attrs["unitriangular"], dtype, sched, lanes))
     if node.op == "feedback":
         width = _static(first.shape[2])
         if width is None:

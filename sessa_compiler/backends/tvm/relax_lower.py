@@ -94,7 +94,7 @@ class _Lowerer:
         return bb.get()
 
     def can_lower(self, node) -> bool:
-        if node.op in ("attention", "feedback", "scan"):
+        if node.op in ("attention", "feedback", "scan", "tri_solve"):
             return lower_node(node, self.lanes, self.schedules).spec is not None and \
                 node.inputs[0].type.dtype.name in ("f32", "f64")
         return node.op in SIMPLE or node.op in COMPLEX
@@ -106,11 +106,14 @@ class _Lowerer:
 
     def lower(self, node):
         bb, relax = self.bb, self.relax
-        if node.op in ("attention", "feedback", "scan"):
+        if node.op in ("attention", "feedback", "scan", "tri_solve"):
             spec = lower_node(node, self.lanes, self.schedules).spec
             if spec not in self.kernels:
                 self.kernels[spec] = bb.add_func(primfunc(spec), spec.symbol)
             args = [self.env[x] for x in node.inputs]
+            if node.op == "tri_solve":
+                self.env[node.outputs[0]] = self._tri_solve(node, spec, *args)
+                return
             if node.op == "attention":
                 if not node.attrs.get("rope", False):   # inv_freq is not read when rope is off
                     args = args[:3] + [relax.const(np.zeros(max(spec.params["head_dim"] // 2, 1), dtype=spec.dtype), spec.dtype)]
@@ -128,6 +131,26 @@ class _Lowerer:
                 self.env[v] = bb.emit(e)
             return
         self.env[node.outputs[0]] = bb.emit(expr)
+
+    def _tri_solve(self, node, spec, A, b):
+        """The kernel solves lower systems over [nb, T, T]: flatten the leading dims, reverse the sequence
+        of an upper system, and undo both on the result."""
+        relax, bb = self.relax, self.bb
+        At, bt = node.inputs[0].type, node.inputs[1].type
+        Tn, N = self.dim(bt.shape[-2]), self.dim(bt.shape[-1])
+        lead = 1
+        for d in bt.shape[:-2]:
+            lead = lead * self.dim(d)
+        A3 = bb.emit(relax.op.reshape(A, [lead, Tn, Tn]))
+        b3 = bb.emit(relax.op.reshape(b, [lead, Tn, N]))
+        if node.attrs["upper"]:
+            A3 = bb.emit(relax.op.flip(bb.emit(relax.op.flip(A3, 1)), 2))
+            b3 = bb.emit(relax.op.flip(b3, 1))
+        out_ty = relax.TensorType([lead, Tn, N], RELAX_DTYPE[bt.dtype.name])
+        x = bb.emit(relax.call_tir(self.kernels[spec], [A3, b3], out_ty=out_ty))
+        if node.attrs["upper"]:
+            x = bb.emit(relax.op.flip(x, 1))
+        return bb.emit(relax.op.reshape(x, [self.dim(d) for d in bt.shape]))
 
     def _operand_dtype(self, node) -> str:
         for x in node.inputs:

@@ -75,6 +75,26 @@ class ScanSchedule(Schedule):
 
 
 @dataclass(frozen=True)
+class TriSolveSchedule(Schedule):
+    """Triangular solve with explicit weights: parallel over (batch, column blocks), rows in order,
+    lanes = columns."""
+
+    col_block: int = 8
+
+    def check(self, width: int) -> None:
+        if width % self.col_block:
+            raise ValueError(f"tri_solve schedule {self}: width {width} is not a multiple of col_block")
+
+
+def default_tri_solve(width: int, lanes: int = 8) -> TriSolveSchedule:
+    """The widest vector of columns (at most the register width) that divides the right-hand side."""
+    block = lanes
+    while width % block:
+        block //= 2
+    return TriSolveSchedule(col_block=max(block, 1))
+
+
+@dataclass(frozen=True)
 class LinearSchedule(Schedule):
     """y = x W^T + b (export only): panels of `col_block` output columns (vector lanes), tasks of
     `row_block` rows, register tile `rows` x `col_block`."""
