@@ -179,7 +179,6 @@ SIMPLE = {
     "mul": lambda op, a, b: op.multiply(a, b), "div": lambda op, a, b: op.divide(a, b),
     "pow": lambda op, a, b: op.power(a, b), "maximum": lambda op, a, b: op.maximum(a, b),
     "minimum": lambda op, a, b: op.minimum(a, b),
-    "where": lambda op, c, a, b: op.where(c, a, b),
     "softmax": lambda op, x, dim: op.nn.softmax(x, axis=dim),
     "log_softmax": lambda op, x, dim: op.nn.log_softmax(x, axis=dim),
     "permute": lambda op, x, dims: op.permute_dims(x, list(dims)),
@@ -302,7 +301,98 @@ def _concat(lw, node, ops):
     return lw.relax.op.concat(ops, axis=node.attrs["dim"])
 
 
-COMPLEX = {"linear": _linear, "layer_norm": _layer_norm, "split": _split, "reshape": _reshape, "squeeze": _squeeze,
+def _out_dtype(node) -> str:
+    return RELAX_DTYPE[node.outputs[0].type.dtype.name]
+
+
+def _einsum(lw, node, ops):
+    return lw.relax.op.einsum(ops, node.attrs["equation"])
+
+
+def _band(kind):
+    def lower(lw, node, ops):
+        return getattr(lw.relax.op, kind)(ops[0], int(node.attrs["diagonal"]))
+    return lower
+
+
+def _expand(lw, node, ops):
+    shape = [lw.dim(d) for d in node.outputs[0].type.shape]
+    return lw.relax.op.broadcast_to(ops[0], shape)
+
+
+def _eye(lw, node, ops):
+    n = lw.dim(node.outputs[0].type.shape[0])
+    return lw.relax.op.eye(n, dtype=_out_dtype(node))
+
+
+def _full(lw, node, ops):
+    relax = lw.relax
+    dtype = _out_dtype(node)
+    value = node.attrs["value"]
+    value = bool(value) if dtype == "bool" else float(value) if "float" in dtype else int(value)
+    return relax.op.full([lw.dim(d) for d in node.outputs[0].type.shape], relax.const(value, dtype), dtype=dtype)
+
+
+def _arange(lw, node, ops):
+    a = node.attrs
+    return lw.relax.op.arange(lw.dim(a["start"]), lw.dim(a["end"]), lw.dim(a["step"]), dtype=_out_dtype(node))
+
+
+def _masked_fill(lw, node, ops):
+    relax = lw.relax
+    x, mask, value = node.inputs
+    fill = lw.env[value] if isinstance(value, Value) else relax.const(value, _out_dtype(node))
+    return relax.op.where(lw.env[mask], fill, lw.env[x])
+
+
+def _where(lw, node, ops):
+    relax = lw.relax
+    dtype = _out_dtype(node)
+    c, a, b = (lw.env[x] if isinstance(x, Value) else relax.const(x, dtype) for x in node.inputs)
+    return relax.op.where(c, a, b)
+
+
+def _compare(kind):
+    def lower(lw, node, ops):
+        a, b = node.inputs
+        dtype = RELAX_DTYPE[(a if isinstance(a, Value) else b).type.dtype.name]
+        xa, xb = (lw.env[x] if isinstance(x, Value) else lw.relax.const(x, dtype) for x in (a, b))
+        return getattr(lw.relax.op, kind)(xa, xb)
+    return lower
+
+
+def _select(lw, node, ops):
+    relax = lw.relax
+    t = node.inputs[0].type
+    dim = node.attrs["dim"] % t.rank
+    index = lw.dim(node.attrs["index"])
+    if isinstance(index, int) and index < 0:
+        index = lw.dim(t.shape[dim]) + index
+    part = relax.op.strided_slice(ops[0], axes=[dim], begin=[index], end=[index + 1], strides=[1])
+    return relax.op.squeeze(lw.bb.emit(part), [dim])
+
+
+def _stack(lw, node, ops):
+    return lw.relax.op.stack(ops, axis=int(node.attrs["dim"]))
+
+
+def _repeat_interleave(lw, node, ops):
+    return lw.relax.op.repeat(ops[0], int(node.attrs["repeats"]), axis=int(node.attrs["dim"]))
+
+
+def _reciprocal(lw, node, ops):
+    return lw.relax.op.divide(lw.relax.const(1.0, _out_dtype(node)), ops[0])
+
+
+COMPLEX = {"einsum": _einsum, "tril": _band("tril"), "triu": _band("triu"), "expand": _expand, "eye": _eye,
+           "full": _full, "arange": _arange, "masked_fill": _masked_fill, "where": _where, "select": _select,
+           "stack": _stack, "repeat_interleave": _repeat_interleave, "reciprocal": _reciprocal,
+           "eq": _compare("equal"), "ne": _compare("not_equal"), "lt": _compare("less"), "le": _compare("less_equal"),
+           "gt": _compare("greater"), "ge": _compare("greater_equal"),
+           "logical_and": lambda lw, node, ops: lw.relax.op.logical_and(*ops),
+           "logical_or": lambda lw, node, ops: lw.relax.op.logical_or(*ops),
+           "logical_not": lambda lw, node, ops: lw.relax.op.logical_not(ops[0]),
+           "linear": _linear, "layer_norm": _layer_norm, "split": _split, "reshape": _reshape, "squeeze": _squeeze,
            "transpose": _transpose, "slice": _slice, "causal_conv1d": _causal_conv1d, "cast": _cast, "concat": _concat,
            "sum": _reduce("sum"), "mean": _reduce("mean"), "amax": _reduce("amax")}
 
