@@ -245,6 +245,55 @@ def _feedback(L: Lowering, node: Node, chunk: int | None = None):
     return [b.cast(s, cd, dt)]
 
 
+def _reverse(b: GraphBuilder, x: str, *axes: int) -> str:
+    """x read backwards along the given (negative) axes."""
+    n = len(axes)
+    return b.op("Slice", x, b.i64(*[-1] * n), b.i64(*[-(2 ** 63)] * n), b.i64(*axes), b.i64(*[-1] * n),
+                hint="reversed")
+
+
+@lowering("tri_solve")
+def _tri_solve(L: Lowering, node: Node):
+    """x with A x = b for triangular A [..., T, T] (explicit weights) and b [..., T, N], as an ONNX Loop
+    over rows: row t reduces b[t] by A[t, :t] @ x[:t] (the solved prefix, carried by the Loop) and divides
+    by A[t, t] unless the diagonal is unit. An upper system is the lower one read backwards. Row 0 is
+    peeled (no MatMul with an empty prefix). Memory is the weights' O(T^2) plus O(T * N)."""
+    dt = out_dtype(node)
+    cd = compute_dtype(dt)
+    b = L.b
+    A, rhs = L.get(node, 0, cd), L.get(node, 1, cd)
+    upper, unit = node.attrs["upper"], node.attrs["unitriangular"]
+    if upper:
+        A, rhs = _reverse(b, A, -2, -1), _reverse(b, rhs, -2)
+    bt = node.inputs[1].type
+    T = bt.shape[-2]
+    x0 = b.op("Slice", rhs, b.i64(0), b.i64(1), b.i64(-2), hint="x_row0")
+    if not unit:
+        x0 = b.op("Div", x0, b.op("Slice", A, b.i64(0, 0), b.i64(1, 1), b.i64(-2, -1), hint="diag0"))
+
+    body = b.sub()
+    it, cond_in, prefix = body.names.fresh("row_iter"), body.names.fresh("cond_in"), body.names.fresh("x_prefix")
+    t = body.op("Unsqueeze", body.op("Add", it, body.scalar(1, "i64")), body.i64(0), hint="row")      # [1]
+    t1 = body.op("Add", t, body.i64(1))
+    row = body.op("Slice", A, t, t1, body.i64(-2), hint="A_row")                                       # [..., 1, T]
+    past = body.op("Slice", row, body.i64(0), t, body.i64(-1), hint="A_past")                          # [..., 1, t]
+    acc = body.op("Sub", body.op("Slice", rhs, t, t1, body.i64(-2)), body.op("MatMul", past, prefix), hint="x_acc")
+    if not unit:
+        acc = body.op("Div", acc, body.op("Slice", row, t, t1, body.i64(-1), hint="diag"), hint="x_row")
+    cond_out = body.op("Identity", cond_in, hint="cond_out")
+    x_out = body.op("Concat", prefix, acc, axis=-2, hint="x_prefix_out")
+    shape = [None] * bt.rank
+    shape[-1] = bt.shape[-1]
+    g = body.graph("tri_solve_rows", [value_info(it, "i64", []), value_info(cond_in, "bool", []),
+                                      value_info(prefix, cd, shape)],
+                   [value_info(cond_out, "bool", []), value_info(x_out, cd, shape)])
+    trips = b.op("Squeeze", b.op("Sub", b.dim(T), b.i64(1)), b.i64(0), hint="loop_trips")
+    x = b.op("Loop", trips, b.scalar(True, "bool"), x0, body=g, hint="tri_solve")
+    if upper:
+        x = _reverse(b, x, -2)
+    return [b.cast(x, cd, dt)]
+
+
 @lowering("scan")
 def _scan(L: Lowering, node: Node):
     """h_t = exp(delta_t A) h_{t-1} + (delta_t u_t) (x) B_t; y_t = h_t C_t + D u_t, as an ONNX Scan over T.
