@@ -15,7 +15,7 @@ import torch
 from ..backends.eager import IMPLS, resolve, run_graph
 from ..ir.graph import Graph, Value
 
-PROBE_LENGTHS = (1, 5, 12)
+PROBE_LENGTHS = (1, 2, 5, 12)
 PROBE_BATCH = 2
 OTHER_DIM = 3
 

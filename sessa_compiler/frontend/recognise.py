@@ -767,45 +767,20 @@ def fold_rope(g: Graph, report: Report) -> int:
         if rq.producer is None or rk.producer is None or OPS[rq.producer.op].kind == "compute" \
                 or OPS[rk.producer.op].kind == "compute":
             continue  # q and k come straight from projections: nothing rotates them
-        cands_q = [x for x in _dominating_sources(A, rq) if to_bthd(x.type, d)]
-        cands_k = [x for x in _dominating_sources(A, rk) if to_bthd(x.type, d)]
+        # candidates in the attention's dtype: a widened copy (bf16 -> f32 around the rotation) is not one
+        cands_q = [x for x in _dominating_sources(A, rq) if to_bthd(x.type, d) and x.type.dtype == q.type.dtype]
+        cands_k = [x for x in _dominating_sources(A, rk) if to_bthd(x.type, d) and x.type.dtype == k.type.dtype]
         if not cands_q or not cands_k:
             continue
-        xq, xk = cands_q[0], cands_k[0]
-        freqs = [p for p in _static_params(g, A, rq, {xq}) if p.type.rank == 1 and p.type.shape[0] == d // 2]
         default_name = f"rope_inv_freq_default_{d}"
-        default = (10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d))
-        options = [(p, g.params[p.name]) for p in freqs] + [(None, default)]
         done = False
-        for qa, H in to_bthd(xq.type, d):
-            for ka, Hkv in to_bthd(xk.type, d):
-                if H != q.type.shape[2] or Hkv != k.type.shape[2]:
-                    continue
-                for param, data in options:
-                    def canonical(inp, binding, qa=qa, ka=ka, data=data):
-                        return attention_ref(apply_steps(inp[xq], qa, binding), apply_steps(inp[xk], ka, binding),
-                                             inp[v], n.attrs["scale"], True, data.to(torch.float64))
-
-                    srcs = {xq: "normal", xk: "normal", v: "normal"}
-                    err = probe(g, srcs, n.output, canonical)
-                    if err is None or err > _region_tol(A, srcs, n.output):
-                        continue
-                    if param is None:
-                        if default_name not in g.param_values:
-                            param = g.add_param(default_name, TensorType(DType("f32"), (d // 2,)), default)
-                        param = g.param_values[default_name]
-                    idx = g.nodes.index(n)
-                    nq, idx = _emit_steps(g, xq, qa, idx)
-                    nk, idx = _emit_steps(g, xk, ka, idx)
-                    n.inputs = [nq, nk, v, param]
-                    n.attrs["rope"] = True
-                    g.dead_code_elimination()
-                    report.accepted.append(f"rope folded into attention %{n.output.name}: interleaved, "
-                                           f"inv_freq from %{param.name} (probe error {err:.1e})")
-                    count += 1
+        # the nearest dominating value is not always the unrotated one (in bf16 it is the rotated value cast
+        # back), so every candidate pair is tried, nearest first
+        for xq in cands_q:
+            for xk in cands_k:
+                if _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report):
                     done = True
-                    break
-                if done:
+                    count += 1
                     break
             if done:
                 break
@@ -853,3 +828,41 @@ def generic_solves(g: Graph, report: Report) -> int:
             f"explicit [{lead}] tensor (O(T^2) memory, no fused feedback kernel), solved by blocked substitution")
         count += 1
     return count
+
+
+def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool:
+    """Try attention(xq, xk, v) {rope=True} in place of attention(q, k, v); True when it probed equal."""
+    freqs = [p for p in _static_params(g, A, rq, {xq}) if p.type.rank == 1 and p.type.shape[0] == d // 2]
+    # no inv_freq buffer: the standard 10000^(-2i/d), as a float32 table and (for float64 models) float64
+    defaults = [(f"{default_name}_{tag}", 10000.0 ** (-torch.arange(0, d, 2, dtype=dt) / d), tag)
+                for dt, tag in ((torch.float32, "f32"), (torch.float64, "f64"))
+                if tag == "f32" or q.type.dtype.name == "f64"]
+    options = [(p, g.params[p.name]) for p in freqs] + [((name, tag), data) for name, data, tag in defaults]
+    for qa, H in to_bthd(xq.type, d):
+        for ka, Hkv in to_bthd(xk.type, d):
+            if H != q.type.shape[2] or Hkv != k.type.shape[2]:
+                continue
+            for param, data in options:
+                def canonical(inp, binding, qa=qa, ka=ka, data=data):
+                    return attention_ref(apply_steps(inp[xq], qa, binding), apply_steps(inp[xk], ka, binding),
+                                         inp[v], n.attrs["scale"], True, data.to(torch.float64))
+
+                srcs = {xq: "normal", xk: "normal", v: "normal"}
+                err = probe(g, srcs, n.output, canonical)
+                if err is None or err > _region_tol(A, srcs, n.output):
+                    continue
+                if isinstance(param, tuple):
+                    name, tag = param
+                    if name not in g.param_values:
+                        g.add_param(name, TensorType(DType(tag), (d // 2,)), data)
+                    param = g.param_values[name]
+                idx = g.nodes.index(n)
+                nq, idx = _emit_steps(g, xq, qa, idx)
+                nk, idx = _emit_steps(g, xk, ka, idx)
+                n.inputs = [nq, nk, v, param]
+                n.attrs["rope"] = True
+                g.dead_code_elimination()
+                report.accepted.append(f"rope folded into attention %{n.output.name}: interleaved, "
+                                       f"inv_freq from %{param.name} (probe error {err:.1e})")
+                return True
+    return False
