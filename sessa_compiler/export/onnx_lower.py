@@ -317,7 +317,9 @@ def _trilu(L, node):
     dt = out_dtype(node)
     x = node.inputs[0]
     keep = _index_mask(L, node, x, node.op == "triu", int(node.attrs["diagonal"]))
-    zero = L.b.scalar(False if dt == "bool" else 0, dt)
+    if dt == "bool":   # onnxruntime has no bool Where (nor Trilu): keep the elements by And
+        return [L.b.op("And", keep, L.get(node, 0, dt), hint=node.op)]
+    zero = L.b.scalar(0, dt)
     return [L.b.op("Where", keep, L.get(node, 0, dt), zero, hint=node.op)]
 
 
