@@ -360,7 +360,9 @@ def _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale, report) -> bool:
                                         f"attention at {where}: heads={H}, kv_heads={Hkv}, head_dim={d}, "
                                         f"scale={scale:.6g} (probe error {err:.1e})")
                                     return True
-    report.rejected.append(f"attention candidate at {where}: no canonical form matched numerically")
+    report.rejected.append(f"attention candidate at {where}: not causal softmax attention (a mask other than j <= t, "
+                           "or scores that are not q . k times one scale); it runs as separate ops: the [T, T] "
+                           "scores are materialised (O(T^2) memory) and there is no fused attention kernel")
     return False
 
 
@@ -553,7 +555,8 @@ def _try_feedback(g, A, n, mat, qs, ks, fs, gs, width, chain_scale, report) -> b
                f"1/sqrt(D) = {sessa_scale:.6g}")
     else:
         why = _diagnose_feedback(g, A, n, mat, srcs)
-    report.rejected.append(f"feedback candidate at {where}: not Sessa's feedback: {why}")
+    report.rejected.append(f"feedback candidate at {where}: not Sessa's feedback: {why}; it is solved as a general "
+                           "triangular system instead (see tri_solve)")
     return False
 
 
@@ -650,6 +653,10 @@ def recognise(g: Graph) -> Report:
     fold_rope(g, report)
     recognise_causal_conv1d(g, report)
     generic_solves(g, report)
+    for target in sorted({n.attrs["target"] for n in g.nodes if n.op == "fallback"}):
+        report.rejected.append(f"{target} has no IR equivalent: it runs as a torch op on every backend (no kernel, "
+                               "a copy at each boundary); export_tvm cannot take it and export_onnx only through "
+                               "torch.onnx's exporter")
     g.remove_unused_params()
     g.verify()
     return report
@@ -785,7 +792,9 @@ def fold_rope(g: Graph, report: Report) -> int:
             if done:
                 break
         if not done:
-            report.rejected.append(f"rope around attention %{n.output.name}: q/k are computed, but not as interleaved RoPE")
+            report.rejected.append(f"rope around attention %{n.output.name}: q and k are transformed before attention, "
+                                   "but not by an interleaved rotary embedding at positions 0..T-1; the transform "
+                                   "runs as separate ops before the attention kernel")
     return count
 
 
