@@ -2,26 +2,34 @@
 
     python benchmarks/gpu_check.py [--out benchmarks/results_gpu.md] [--quick]
 
-Written for an NVIDIA H200 (Python 3.12, torch 2.11, triton 3.6, no network); budget < 8 minutes.
-NOT YET RUN ON A GPU: no GPU was available while it was written (see benchmarks/README_gpu.md).
+Written for an NVIDIA H200 machine with Python 3.12, torch 2.11, triton 3.6 and numpy, and nothing
+else: no network, no tvm, onnx, platformdirs or tqdm (tests/test_triton_minimal_env.py proves that
+`sessa_compiler` and its Triton path need only torch, triton and numpy). Budget: 7 minutes in all;
+the results table is rewritten after every row, so a run stopped at a time limit keeps what it did.
 Every section is guarded: a failure is recorded in the table and the script goes on.
-fla's DeltaFormer is used when `fla` imports, or from a wheel put in benchmarks/wheels/ (a pure-Python
-wheel is importable straight from the .whl file).
+
+fla's DeltaFormer is compared when `fla` imports, or from wheels placed in benchmarks/wheels/
+(git-ignored; on a machine with network: `pip download fla-core einops --no-deps -d benchmarks/wheels`).
+A pure-Python wheel is importable straight from the .whl file.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import glob
+import importlib
+import importlib.util
 import math
 import os
 import sys
 import time
 import traceback
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-for whl in glob.glob(os.path.join(ROOT, "benchmarks", "wheels", "*.whl")):
+WHEELS = os.path.join(ROOT, "benchmarks", "wheels")
+for whl in sorted(glob.glob(os.path.join(WHEELS, "*.whl"))):
     sys.path.append(whl)
 
 import torch
@@ -29,12 +37,14 @@ import torch.nn.functional as F
 
 ROWS: list = []
 START = time.perf_counter()
-BUDGET_S = 7 * 60
+BUDGET_S = 6.5 * 60   # the rows started before this; the whole script stays under 7 minutes
+OUT_PATH = os.path.join(ROOT, "benchmarks", "results_gpu.md")
 
 
 def row(section, what, value, note=""):
     ROWS.append((section, what, value, note))
     print(f"[{time.perf_counter() - START:6.1f}s] {section} | {what} | {value} | {note}", flush=True)
+    write_table(OUT_PATH)   # after every row: a run stopped at the time limit keeps what it measured
 
 
 def out_of_time() -> bool:
@@ -42,16 +52,20 @@ def out_of_time() -> bool:
 
 
 def bench(fn, reps=10, warmup=2) -> float:
+    """Median seconds per call over ``reps`` calls timed one by one with CUDA events."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    times = []
     for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps / 1e3
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
 
 
 def guarded(section):
@@ -68,6 +82,55 @@ def guarded(section):
                 return None
         return run
     return deco
+
+
+def load_fla_solve():
+    """fla's DeltaFormer forward solve u = (I + diag(beta) softmax_strict(q k^T / sqrt(d)))^-1 v, per head.
+
+    -> (callable(q, k, v, beta) on [B, T, H, d] / [B, T, H], description). Only the op module is
+    imported: ``fla/__init__`` and ``fla/ops/__init__`` import every other op, and ``fla.layers``
+    needs transformers, so the packages are entered as bare namespaces and ``fla.layers.utils``
+    (varlen padding helpers, unused for dense inputs) is a stub when it does not import.
+    Tries the entry points of the fla-core releases we know of (0.5.x/0.6.x ``parallel``; older
+    ``fused_chunk.delta_pre_attn``).
+    """
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("fla is not installed and no fla-core wheel is in benchmarks/wheels/")
+    root = list(spec.submodule_search_locations)[0]
+    for name, path in (("fla", root), ("fla.ops", os.path.join(root, "ops")),
+                       ("fla.ops.deltaformer", os.path.join(root, "ops", "deltaformer"))):
+        if name not in sys.modules:
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [path]
+            sys.modules[name] = pkg
+    try:
+        importlib.import_module("fla.layers.utils")
+    except Exception:  # noqa: BLE001 - transformers or flash-attn missing: a stub is enough for dense inputs
+        for name in ("fla.layers", "fla.layers.utils"):
+            stub = types.ModuleType(name)
+            stub.__path__ = []
+            stub.pad_input = stub.unpad_input = None
+            sys.modules[name] = stub
+    version = getattr(sys.modules.get("fla"), "__version__", None) or os.path.basename(os.path.dirname(root))
+    version = version.split("-py")[0]
+    errors = []
+    try:
+        par = importlib.import_module("fla.ops.deltaformer.parallel")
+        impl = par.ParallelDeltaformerFunction._forward_impl
+
+        def solve(q, k, v, beta):
+            return impl(q, k, v, beta, min(par.BLOCK_SIZE_C, q.shape[1]), need_aux=False)[0]
+
+        return solve, f"fla ({version}) deltaformer.parallel forward (chunks of {par.BLOCK_SIZE_C})"
+    except (ImportError, AttributeError) as e:
+        errors.append(f"parallel: {type(e).__name__}: {e}")
+    try:
+        fc = importlib.import_module("fla.ops.deltaformer.fused_chunk")
+        return (lambda q, k, v, beta: fc.delta_pre_attn(q, k, v, beta)), f"fla ({version}) fused_chunk.delta_pre_attn"
+    except (ImportError, AttributeError) as e:
+        errors.append(f"fused_chunk: {type(e).__name__}: {e}")
+    raise ImportError("no DeltaFormer forward found in fla (" + "; ".join(errors) + ")")
 
 
 # -- baselines written the way a good engineer would ---------------------------------------------------
@@ -193,70 +256,118 @@ def time_layer(T, B=4, D=1024, H=8, peak=None):
         row("layer", f"(c) reference (einsum-style) T={T}", f"{t_c * 1e3:.2f} ms", f"ours x{t_c / t_ours:.2f} (target >= 4)")
 
 
-FEEDBACK_SECONDS: dict = {}
+FEEDBACK_SECONDS: dict = {}   # (B, T) -> seconds per call of our feedback op at D=1024
+
+
+def feedback_estimate(B, T):
+    """Seconds for one call at (B, T), extrapolated from the longest measured T at the same B, else at
+    a larger B (the chunked solve is sequential over T and does not get faster with a smaller batch:
+    never divide by B). O(T^2) work: time scales with (T / T0)^2."""
+    known = sorted((t_, s_) for (b_, t_), s_ in FEEDBACK_SECONDS.items() if b_ == B) or \
+        sorted((t_, s_) for (b_, t_), s_ in FEEDBACK_SECONDS.items() if b_ >= B)
+    if not known:
+        return None
+    t0, s0 = known[-1]
+    return s0 * (T / t0) ** 2
 
 
 @guarded("feedback")
-def time_feedback(T, B, D=1024, fla=True, peak=None):
-    known = [(t_, s_ / b_) for (b_, t_), s_ in FEEDBACK_SECONDS.items()]
-    if known and T > max(known)[0]:
-        t0, per_seq = max(known)
-        estimate = per_seq * B * (T / t0) ** 2 * 4    # O(T^2) work; warmup + 3 runs
-        if estimate > BUDGET_S - (time.perf_counter() - START):
-            row("feedback", f"ours B={B} T={T} D={D}", "skipped", f"estimated {estimate:.0f} s from T={t0}: over the time budget")
+def time_feedback(T, B, D=1024, peak=None):
+    estimate = feedback_estimate(B, T)
+    if estimate is not None:
+        total = estimate * 3   # warmup + 2 timed calls
+        if total > BUDGET_S - (time.perf_counter() - START):
+            row("feedback", f"ours B={B} T={T} D={D}", "skipped",
+                f"estimated {estimate:.1f} s per call from shorter runs: over the time budget")
             return
     prog = feedback_kernels(D, "bf16")
     inputs = feedback_inputs(B, T, D, torch.bfloat16)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    t = bench(lambda: prog.run(inputs, {}), reps=3, warmup=1)
+    t = bench(lambda: prog.run(inputs, {}), reps=2 if T > 16384 else 5, warmup=1)
     extra = torch.cuda.max_memory_allocated() - base
     FEEDBACK_SECONDS[(B, T)] = t
-    flops = 2 * B * T * T * D * (1 + 1) / 2 * (D // 64)   # logits recomputed per 64-column block of s, plus P s
+    useful = 2 * B * T * T * D * 2 / 2   # strictly causal logits and P s
     row("feedback", f"ours B={B} T={T} D={D}", f"{t * 1e3:.2f} ms",
-        f"extra memory {extra / 2**20:.0f} MiB = {extra / (B * T * D * 4):.1f} x B*T*D*4 bytes; {flops / t / 1e12:.0f} TFLOP/s issued")
-    if not fla:
+        f"{useful / t / 1e12:.0f} TFLOP/s useful" + (f" = {useful / t / peak:.0%} of measured peak" if peak else "")
+        + f"; extra memory {extra / 2**20:.0f} MiB = {extra / (B * T * D * 4):.1f} x B*T*D*4 bytes"
+        + (f"; estimate was {estimate * 1e3:.0f} ms" if estimate else ""))
+
+
+FLA: dict = {}
+
+
+@guarded("fla")
+def compare_fla(T, B=4, H=8, d=128):
+    """fla's DeltaFormer solve and ours on the same problem: B x H heads of width d, bf16, beta = -gamma.
+
+    Ours runs the heads as a batch of B*H sequences of width d (the same function), and also as one
+    head of width H*d (the Sessa layer's shape, same FLOPs, one softmax instead of H).
+    """
+    if "solve" not in FLA:
+        try:
+            FLA["solve"], FLA["what"] = load_fla_solve()
+        except Exception as e:  # noqa: BLE001
+            FLA["solve"] = None
+            row("fla", "DeltaFormer", "not run", f"{type(e).__name__}: {str(e)[:200]}")
+    if FLA["solve"] is None:
         return
-    try:
-        from fla.ops.deltaformer import delta_pre_attn
-    except Exception as e:
-        row("feedback", f"fla DeltaFormer T={T}", "not run", f"fla not importable ({type(e).__name__}); put fla-core's wheel in benchmarks/wheels/")
-        return
-    f, q, k, gamma = inputs
-    # fla solves (I + diag(beta) softmax_strict(q k^T / sqrt(D))) u = v: the same system with beta = -gamma
-    q4, k4, v4, beta = q[:, :, None], k[:, :, None], f[:, :, None], (-gamma)[:, :, None]
-    t_fla = bench(lambda: delta_pre_attn(q4, k4, v4, beta), reps=3, warmup=1)
-    row("feedback", f"fla DeltaFormer B={B} T={T}", f"{t_fla * 1e3:.2f} ms", f"ours x{t_fla / t:.2f} (target >= 1.5)")
+    from sessa_compiler.api import relative_error
+
+    fla_solve = FLA["solve"]
+    f, q, k, gamma = feedback_inputs(B * H, T, d, torch.bfloat16)
+    heads = lambda x: x.view(B, H, T, *x.shape[2:]).transpose(1, 2).contiguous()  # noqa: E731
+    fq, qq, kq, beta = heads(f), heads(q), heads(k), heads(-gamma)
+    prog_d = feedback_kernels(d, "bf16")
+    with torch.no_grad():
+        ours = prog_d.run([f, q, k, gamma], {})[0]
+        theirs = fla_solve(qq, kq, fq, beta)
+    err = relative_error(heads(ours).float(), theirs.float())
+    t_fla = bench(lambda: fla_solve(qq, kq, fq, beta), reps=3, warmup=1)
+    row("fla", f"{FLA['what']} B={B} T={T} H={H} d={d}", f"{t_fla * 1e3:.2f} ms",
+        f"max |ours - fla| / max |fla| = {err:.1e} (bf16 both)")
+    t_heads = bench(lambda: prog_d.run([f, q, k, gamma], {}), reps=3, warmup=1)
+    row("fla", f"ours, same heads (B*H={B * H} sequences of d={d}) T={T}", f"{t_heads * 1e3:.2f} ms",
+        f"fla / ours = x{t_fla / t_heads:.2f} (target >= 1.5)")
+    t_wide = FEEDBACK_SECONDS.get((B, T))
+    if t_wide:
+        row("fla", f"ours, one head of width {H * d} (Sessa) B={B} T={T}", f"{t_wide * 1e3:.2f} ms",
+            f"fla / ours = x{t_fla / t_wide:.2f} (same FLOPs; target >= 1.5)")
 
 
 @guarded("device")
 def measure_peak():
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t = bench(lambda: a @ a, reps=20)
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    t = bench(lambda: a @ b, reps=20)
     peak = 2 * 8192 ** 3 / t
-    row("device", "measured bf16 matmul peak (8192^3)", f"{peak / 1e12:.0f} TFLOP/s", torch.cuda.get_device_name())
+    row("device", "measured bf16 matmul peak (8192^3, random data)", f"{peak / 1e12:.0f} TFLOP/s",
+        torch.cuda.get_device_name())
     return peak
 
 
 def write_table(path):
     import triton
 
-    lines = [f"# GPU check of the Triton backend ({datetime.date.today().isoformat()})", "",
+    lines = [f"# GPU check of the Triton backend ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)", "",
              f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}; torch {torch.__version__}; "
-             f"triton {triton.__version__}; python {sys.version.split()[0]}; wall {time.perf_counter() - START:.0f} s", "",
-             "| section | what | value | note |", "|---|---|---|---|"]
+             f"triton {triton.__version__}; python {sys.version.split()[0]}; wall {time.perf_counter() - START:.0f} s "
+             "so far; command: `python benchmarks/gpu_check.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+             + "`", "", "| section | what | value | note |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in ROWS]
-    with open(path, "w") as fh:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    print(f"wrote {path}")
+    os.replace(tmp, path)
 
 
 def main():
+    global OUT_PATH
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results_gpu.md"))
+    ap.add_argument("--out", default=OUT_PATH)
     ap.add_argument("--quick", action="store_true", help="correctness and T=4096 only")
     args = ap.parse_args()
+    OUT_PATH = args.out
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device; nothing to do (the CPU tests run the kernels in the interpreter)")
         return 2
@@ -266,9 +377,11 @@ def main():
     correctness_layer()
     for T in ((4096,) if args.quick else (4096, 8192)):
         time_layer(T, peak=peak)
-    for B, T in ((4, 4096), (4, 8192)) + (() if args.quick else ((1, 65536), (1, 131072))):
-        time_feedback(T, B, fla=T <= 8192, peak=peak)
-    write_table(args.out)
+    for B, T in ((4, 4096), (4, 8192)) + (() if args.quick else ((1, 8192), (1, 32768), (1, 131072))):
+        time_feedback(T, B, peak=peak)
+        if B == 4:
+            compare_fla(T, B=B)
+    print(f"wrote {OUT_PATH}")
     return 0
 
 

@@ -545,9 +545,8 @@ def tune_graph(backend, graph: Graph, inputs, *, budget=None, cache: TuningCache
     kernel_hook(TunableKernel, node) -> TunableKernel lets tests alter a kernel's space or runner
     (e.g. inject a wrong-but-fast candidate, which the verification must reject).
     """
-    from tqdm.auto import tqdm
-
     from ..backends.eager import run_graph
+    from .tuner import tqdm  # tqdm's, or a silent stand-in where tqdm is not installed
 
     name = getattr(backend, "name", str(backend))
     build = KERNEL_BUILDERS.get(name)
