@@ -63,7 +63,7 @@ def sample_sources(dtype: str = "bf16") -> list:
             if _generator(node) is None or (strategy == "associative" and node.op != "scan_chunked"):
                 continue
             dtypes = {n: v.type.dtype.name for n, v in zip(_operand_names(node), node.inputs)}
-            srcs.append(prog.source_for(node, dtypes, interpret=False))
+            srcs.extend(prog.source_for(node, dtypes, interpret=False).all_kernels())
     return srcs
 
 

@@ -174,7 +174,7 @@ class TritonBackend:
         for n in prog.kernel_nodes:
             dtypes = prog.declared_dtypes(n)
             if n.op != "fused" and all(dt in KERNEL_DTYPES for dt in dtypes.values()):
-                out[n.output.name] = prog.source_for(n, dtypes, interpret).source
+                out[n.output.name] = prog.source_for(n, dtypes, interpret).full_source
         return out
 
     def fused_kernel_sources(self, graph: Graph, interpret: bool = False) -> dict:
