@@ -202,17 +202,16 @@ def correctness_layer(D=1024, H=8, T=1024):
         row("correctness", f"SessaLayer {dtype} B=2 T={T} D={D} H={H}", f"{err:.2e}", "PASS" if err <= tol else f"FAIL (> {tol})")
 
 
-def feedback_kernels(D, dtype_name, C=64):
-    from sessa_compiler.backends.triton.backend import TritonProgram
+def feedback_kernels(D, dtype_name):
+    """The feedback op alone through the Triton pipeline (chunking by its cost model, two-level solve)."""
+    from sessa_compiler.backends.triton.backend import TritonBackend
     from sessa_compiler.ir import parse
 
     g = parse(f"""graph fb(%f: {dtype_name}[B, T, {D}], %q: {dtype_name}[B, T, {D}], %k: {dtype_name}[B, T, {D}], %g: {dtype_name}[B, T]) {{
-  %lse: f32[B, T] = feedback_lse(%q, %k) {{scale={D ** -0.5}}}
-  %dinv: f32[B, ceiling(T/{C}), {C}, {C}] = feedback_diag_inverse(%q, %k, %g, %lse) {{scale={D ** -0.5}, chunk_size={C}}}
-  %s: {dtype_name}[B, T, {D}] = feedback_chunked(%f, %q, %k, %g, %lse, %dinv) {{scale={D ** -0.5}, chunk_size={C}}}
+  %s: {dtype_name}[B, T, {D}] = feedback(%f, %q, %k, %g) {{scale={D ** -0.5}}}
   return %s
 }}""")
-    return TritonProgram(g, None, interpret=False)
+    return TritonBackend(interpret=False).build_program(g)
 
 
 def feedback_inputs(B, T, D, dtype):

@@ -22,8 +22,8 @@ def test_every_kernel_compiles_for_sm90_with_tensor_cores(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = {(r["kernel"], r["tunables"].get("strategy", "")) for r in records}
     assert {k for k, _ in kernels} == {"attention_fwd", "feedback_lse", "feedback_diag_inverse", "feedback_solve",
-                                       "feedback_probs", "feedback_update", "scan_chunked"}
-    assert len(records) == 9  # attention with and without RoPE, five feedback kernels, two scan strategies
+                                       "feedback_probs", "feedback_update", "scan_chunked", "rope_rotate"}
+    assert len(records) == 10  # attention with (+ rope_rotate) and without RoPE, five feedback kernels, two scans
     for r in records:
         assert r["cubin_bytes"] > 0
         if r["uses_dot"]:

@@ -18,6 +18,7 @@ from sessa_compiler.backends.triton.feedback import (
     launch_diag_inverse,
     launch_lse,
     launch_solve,
+    update_splits,
 )
 from sessa_compiler.backends.triton.scan import generate_scan, launch_scan
 from sessa_compiler.ir import parse
@@ -226,8 +227,9 @@ def test_generated_source_is_readable_and_follows_the_ir():
     assert "for k0 in range(0, D_QK, BLOCK_K)" in probs and "& ((k0 + kk)[None, :] < D_QK)" in probs  # 24 < 64
     with_rope = generate_attention(attention_node(4, 2, 16, True), {"q": "f32", "k": "f32", "v": "f32", "inv_freq": "f32"}, False)
     no_rope = generate_attention(attention_node(4, 2, 16, False), {"q": "f32", "k": "f32", "v": "f32"}, False)
-    assert "GROUP = tl.constexpr(2)" in with_rope.source and "cos_q" in with_rope.source
-    assert "cos_q" not in no_rope.source and "INV_FREQ" not in no_rope.source
+    assert "GROUP = tl.constexpr(2)" in with_rope.source and [p.name for p in with_rope.parts] == ["rope_rotate"]
+    assert "tl.cos" in with_rope.parts[0].source and "tl.cos" not in with_rope.source   # K rotated once, before
+    assert not no_rope.parts and "INV_FREQ" not in no_rope.full_source
     for s in (src, *src.parts, with_rope, no_rope):
         assert "make_block_ptr" not in s.source
         assert s.source.count("tl.dot(") == s.source.count("input_precision=")
@@ -247,7 +249,16 @@ def test_two_level_feedback_solve_across_outer_chunks(T, outer, gamma_sign):
     assert gamma.abs().max() > 0.99
     lse = launch_lse(k_lse, q, k)
     dinv = launch_diag_inverse(k_dinv, q, k, gamma, lse, C)
-    buf, s = poisoned((B, T, d_v), torch.float32)
-    launch_solve(k_solve, f, q, k, gamma, lse, dinv, out=s)
-    assert canary_intact(buf, B * T * d_v)
-    assert rel_err(s, feedback_ref(f.double(), q.double(), k.double(), gamma.double(), 0.3)) < 1e-4
+    ref = feedback_ref(f.double(), q.double(), k.double(), gamma.double(), 0.3)
+    for target_programs in (264, 1):   # the update split over earlier rows (from r0 = 128 here), and not split
+        buf, s = poisoned((B, T, d_v), torch.float32)
+        launch_solve(k_solve, f, q, k, gamma, lse, dinv, out=s, target_programs=target_programs)
+        assert canary_intact(buf, B * T * d_v)
+        assert rel_err(s, ref) < 1e-4
+
+
+def test_update_split_over_earlier_rows():
+    assert update_splits(2, 128, 16, 264) == (2, 64)       # 4 K tiles per split at least
+    assert update_splits(2, 4096, 32, 264) == (32, 128)
+    assert update_splits(300, 4096, 32, 264) == (1, 4096)  # enough programs already
+    assert update_splits(2, 0, 32, 264)[0] == 1

@@ -11,11 +11,23 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 
-def compile_kernel(src, arch: int = 90) -> dict:
-    """Compile one KernelSource for ``GPUTarget("cuda", arch, 32)``; returns a summary of its PTX."""
+def aot_attrs(src) -> dict:
+    """What Triton's launcher specialises at run time, for ``ASTSource(attrs=...)``: every pointer, and
+    every integer not in ``do_not_specialize``, as divisible by 16 (the batch and row strides of
+    tensors whose widths are multiples of 16; Triton specialises an int on "divisible by 16" only,
+    so a new T does not recompile)."""
+    names = list(src.signature)
+    return {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+            if src.signature[n].startswith("*") or n not in src.do_not_specialize}
+
+
+def compile_for(src, arch: int = 90):
+    """``triton.compile`` of one KernelSource for ``GPUTarget("cuda", arch, 32)`` (no GPU needed)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -23,15 +35,44 @@ def compile_kernel(src, arch: int = 90) -> dict:
     from .codegen import KERNEL_CACHE
 
     fn = KERNEL_CACHE.load(src, interpret=False).fn
-    names = list(src.signature)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if src.signature[n].startswith("*")}
-    ast = ASTSource(fn=fn, signature=dict(src.signature), constexprs={}, attrs=attrs)
-    compiled = triton.compile(ast, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": src.num_warps, "num_stages": src.num_stages})
+    ast = ASTSource(fn=fn, signature=dict(src.signature), constexprs={}, attrs=aot_attrs(src))
+    return triton.compile(ast, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": src.num_warps, "num_stages": src.num_stages})
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers, stack frame and local (spill) bytes per thread, from ``cuobjdump -res-usage``
+    (shipped inside the triton wheel)."""
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as fh:
+        fh.write(cubin)
+        fh.flush()
+        out = subprocess.run([tool, "-res-usage", fh.name], capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", out))
+    return {"registers": int(fields["REG"]), "stack_bytes": int(fields["STACK"]), "spill_bytes": int(fields["LOCAL"])}
+
+
+def ptx_summary(ptx: str) -> dict:
+    """What the PTX shows: tensor-core shapes, asynchronous copies, vector and scalar global loads."""
+    shapes = sorted({f"m{m}n{n}k{k}" for m, n, k in re.findall(r"\bwgmma\.mma_async\S*?\.m(\d+)n(\d+)k(\d+)", ptx)},
+                    key=lambda s: int(re.search(r"n(\d+)", s).group(1)))
+    return {"wgmma": bool(re.search(r"\bwgmma\.", ptx)), "mma": bool(re.search(r"\bmma\.sync", ptx)),
+            "wgmma_shapes": shapes,
+            "cp_async": len(re.findall(r"\bcp\.async\.(?:ca|cg|bulk)", ptx)),
+            "vector_loads": len(re.findall(r"\bld\.global(?:\.[a-z0-9_:]+)*\.v[248]\.", ptx)),
+            "scalar_loads": len(re.findall(r"\bld\.global(?![^\s;]*\.v[248]\.)", ptx))}
+
+
+def compile_kernel(src, arch: int = 90) -> dict:
+    """Compile one KernelSource for sm_``arch``; returns a summary of its PTX and resources."""
+    compiled = compile_for(src, arch)
     ptx = compiled.asm["ptx"]
-    return {"kernel": src.name, "ir_op": src.ir_op, "uses_dot": src.uses_dot,
-            "wgmma": bool(re.search(r"\bwgmma\.", ptx)), "mma": bool(re.search(r"\bmma\.sync", ptx)),
-            "ptx_lines": ptx.count("\n"), "cubin_bytes": len(compiled.asm.get("cubin", b""))}
+    cubin = compiled.asm.get("cubin", b"")
+    return {"kernel": src.name, "ir_op": src.ir_op, "uses_dot": src.uses_dot, **ptx_summary(ptx),
+            "num_warps": src.num_warps, "num_stages": src.num_stages, **resource_usage(cubin),
+            "shared_bytes": int(compiled.metadata.shared), "ptx_lines": ptx.count("\n"), "cubin_bytes": len(cubin)}
 
 
 SAMPLE_IR = """\

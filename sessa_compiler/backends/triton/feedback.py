@@ -71,7 +71,7 @@ def generate_lse(node: Node, dtypes: dict, interpret: bool) -> KernelSource:
     d_qk, _ = _widths(node, None)
     qdt = dtypes["q_b"]
     pol = dot_policy(qdt, interpret)
-    block_m = block_n = 64
+    block_m, block_n = 128, 64   # 8 warps: each warpgroup 64 rows x the full 64-wide tile
     block_k = dot_block(d_qk, 128)
     hoist = block_k >= d_qk
     body = _constants(D_QK=d_qk, SCALE=node.attrs["scale"], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
@@ -104,7 +104,7 @@ def generate_lse(node: Node, dtypes: dict, interpret: bool) -> KernelSource:
         {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "q_hoisted": hoist, **pol}, body,
         {"Q": ptr, "K": ptr, "LSE": "*fp32", "T": "i32", "stride_qb": "i64", "stride_qt": "i32",
          "stride_kb": "i64", "stride_kt": "i32"},
-        do_not_specialize=("T", "stride_qb", "stride_kb"))
+        do_not_specialize=("T",), num_warps=8, num_stages=3)
 
 
 def generate_diag_inverse(node: Node, dtypes: dict, interpret: bool) -> KernelSource:
@@ -150,7 +150,7 @@ def generate_diag_inverse(node: Node, dtypes: dict, interpret: bool) -> KernelSo
         {"Q": ptr, "K": ptr, "GAMMA": AOT_POINTER[dtypes["gamma"]], "LSE": "*fp32", "DINV": "*fp32", "T": "i32",
          "stride_qb": "i64", "stride_qt": "i32", "stride_kb": "i64", "stride_kt": "i32",
          "stride_gb": "i64", "stride_gt": "i32"},
-        do_not_specialize=("T", "stride_qb", "stride_kb", "stride_gb"))
+        do_not_specialize=("T",), num_warps=4, num_stages=3)
 
 
 def default_outer_chunk(C: int, interpret: bool) -> int:
@@ -231,29 +231,39 @@ def generate_solve(node: Node, dtypes: dict, interpret: bool, outer_chunk: int |
     vmask = "" if d_v % un == 0 else " & (vcols[None, :] < D_V)"
     body = _constants(D_V=d_v, CO=CO, BLOCK_M=um, BLOCK_N=un, BLOCK_K=uk)
     body += ("@triton.jit\n"
-             "def feedback_update(F, P, S, T, r0, stride_p, stride_fb, stride_ft):\n"
-             "    # S[r0 + r] = f[r0 + r] + P[r, :r0] @ S[:r0] (fp32 workspace S, contiguous [B, T, D_V])\n"
+             "def feedback_update(F, P, S, PART, T, r0, NB, k_per_split, stride_p, stride_fb, stride_ft):\n"
+             "    # rows r0 + r: S = f + P[r, :r0] @ S[:r0] (fp32 workspace S, contiguous [B, T, D_V]); with a split\n"
+             "    # over the earlier rows (grid axis 2 = split x batch), split 0 writes S and split q > 0 writes\n"
+             "    # its partial sum to PART[q - 1] (contiguous [splits - 1, B, CO, D_V]), which feedback_solve adds\n"
              "    pid_m = tl.program_id(0)\n"
              "    pid_n = tl.program_id(1)\n"
-             "    b = tl.program_id(2).to(tl.int64)\n"
+             "    split = tl.program_id(2) // NB\n"
+             "    b = (tl.program_id(2) % NB).to(tl.int64)\n"
              "    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\n"
              "    rows = r0 + r\n"
              "    vcols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)\n"
              "    kk = tl.arange(0, BLOCK_K)\n"
              "    s_base = S + b * T * D_V\n"
              f"    io_mask = (rows[:, None] < T){vmask}\n"
-             "    acc = tl.load(F + b * stride_fb + rows[:, None] * stride_ft + vcols[None, :], mask=io_mask, other=0.0).to(tl.float32)\n"
-             "    for k0 in range(0, r0, BLOCK_K):   # r0 is a multiple of CO, hence of BLOCK_K\n"
+             "    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)\n"
+             "    if split == 0:\n"
+             "        acc += tl.load(F + b * stride_fb + rows[:, None] * stride_ft + vcols[None, :], mask=io_mask, other=0.0).to(tl.float32)\n"
+             "    k_hi = tl.minimum(r0, (split + 1) * k_per_split)\n"
+             "    for k0 in range(split * k_per_split, k_hi, BLOCK_K):   # multiples of BLOCK_K, below r0\n"
              "        p = tl.load(P + (b * CO + r[:, None]) * stride_p + (k0 + kk)[None, :])\n"
              f"        sv = tl.load(s_base + (k0 + kk)[:, None] * D_V + vcols[None, :]{', mask=vcols[None, :] < D_V, other=0.0' if vmask else ''})\n"
              f"        acc += tl.dot(p, sv, out_dtype=tl.float32, input_precision=\"{solve}\")\n"
-             "    tl.store(s_base + rows[:, None] * D_V + vcols[None, :], acc, mask=io_mask)\n")
+             "    if split == 0:\n"
+             "        tl.store(s_base + rows[:, None] * D_V + vcols[None, :], acc, mask=io_mask)\n"
+             "    else:\n"
+             "        part = PART + (((split - 1) * NB + b) * CO + r[:, None]) * D_V + vcols[None, :]\n"
+             f"        tl.store(part, acc{', mask=vcols[None, :] < D_V' if vmask else ''})\n")
     update = KernelSource(
         "feedback_update", "feedback_chunked", spec,
         {"CO": CO, "BLOCK_M": um, "BLOCK_N": un, "BLOCK_K": uk, "solve_precision": solve}, body,
-        {"F": AOT_POINTER[fdt], "P": "*fp32", "S": "*fp32", "T": "i32", "r0": "i32", "stride_p": "i32",
-         "stride_fb": "i64", "stride_ft": "i32"},
-        do_not_specialize=("T",), num_warps=8, num_stages=3)
+        {"F": AOT_POINTER[fdt], "P": "*fp32", "S": "*fp32", "PART": "*fp32", "T": "i32", "r0": "i32", "NB": "i32",
+         "k_per_split": "i32", "stride_p": "i32", "stride_fb": "i64", "stride_ft": "i32"},
+        do_not_specialize=("T", "NB"), num_warps=8, num_stages=3)
 
     # 3. the inner blocks of the chunk, in order, by their precomputed inverses
     block_dv = dot_block(d_v, CHUNK_SOLVE_BLOCK_DV)
@@ -261,7 +271,7 @@ def generate_solve(node: Node, dtypes: dict, interpret: bool, outer_chunk: int |
     out_args = ", OUT, stride_ob, stride_ot" if separate_out else ""
     body = _constants(D_V=d_v, C=C, CO=CO, BLOCK_DV=block_dv)
     body += ("@triton.jit\n"
-             f"def feedback_solve(P, DINV, S{out_args}, T, r0, stride_p):\n"
+             f"def feedback_solve(P, DINV, S, PART{out_args}, T, r0, stride_p, n_parts):\n"
              "    # s_i = dinv_i (S_i + sum_{i' < i in this chunk} P[i, i'] s_i'), inner block by inner block\n"
              "    pid_v = tl.program_id(0)\n"
              "    b = tl.program_id(1).to(tl.int64)\n"
@@ -274,6 +284,9 @@ def generate_solve(node: Node, dtypes: dict, interpret: bool, outer_chunk: int |
              "        rows = r0 + i * C + r\n"
              f"        io_mask = (rows[:, None] < T){vmask}\n"
              "        acc = tl.load(s_base + rows[:, None] * D_V + vcols[None, :], mask=io_mask, other=0.0)\n"
+             "        for q in range(0, n_parts):   # partial sums of feedback_update's split over earlier rows\n"
+             "            acc += tl.load(PART + ((q * tl.num_programs(1) + b) * CO + i * C + r[:, None]) * D_V + vcols[None, :], "
+             f"mask=(r[:, None] >= 0){vmask}, other=0.0)\n"
              "        for i2 in range(0, i):\n"
              "            cols = r0 + i2 * C + r\n"
              "            p = tl.load(P + (b * CO + i * C + r[:, None]) * stride_p + cols[None, :])\n"
@@ -286,15 +299,15 @@ def generate_solve(node: Node, dtypes: dict, interpret: bool, outer_chunk: int |
         body += ("        tl.store(OUT + b * stride_ob + rows[:, None] * stride_ot + vcols[None, :], "
                  "s_c.to(OUT.dtype.element_ty), mask=io_mask)\n")
     body += "        tl.debug_barrier()   # the next inner block reads these rows of s from other threads\n"
-    sig = {"P": "*fp32", "DINV": "*fp32", "S": "*fp32"}
+    sig = {"P": "*fp32", "DINV": "*fp32", "S": "*fp32", "PART": "*fp32"}
     if separate_out:
         sig.update({"OUT": AOT_POINTER[fdt], "stride_ob": "i64", "stride_ot": "i32"})
-    sig.update({"T": "i32", "r0": "i32", "stride_p": "i32"})
+    sig.update({"T": "i32", "r0": "i32", "stride_p": "i32", "n_parts": "i32"})
     return KernelSource(
         "feedback_solve", "feedback_chunked", spec,
         {"CO": CO, "BLOCK_DV": block_dv, "strategy": "two-level: probabilities once per outer chunk, "
          "parallel update, inner blocks by inverses", "solve_precision": solve}, body, sig,
-        do_not_specialize=("T",), num_warps=4, num_stages=2, parts=(probs, update))
+        do_not_specialize=("T", "n_parts"), num_warps=4, num_stages=2, parts=(probs, update))
 
 
 # -- launchers --------------------------------------------------------------------------------------
@@ -308,7 +321,7 @@ def launch_lse(kernel, q_b, k_b, out=None):
     B, T, _ = q_b.shape
     lse = torch.empty(B, T, dtype=torch.float32, device=q_b.device) if out is None else out
     src = kernel.source
-    grid = (-(-T // 64), B)
+    grid = (-(-T // src.tunables["BLOCK_M"]), B)
     kernel.fn[grid](q_b, k_b, lse, T, *_row_strides(q_b), *_row_strides(k_b),
                     num_warps=src.num_warps, num_stages=src.num_stages)
     kernel.launches += 1
@@ -328,12 +341,25 @@ def launch_diag_inverse(kernel, q_b, k_b, gamma, lse, chunk_size: int, out=None)
     return dinv
 
 
-def launch_solve(kernel, f, q_b, k_b, gamma, lse, dinv, out=None):
+def update_splits(base_programs: int, r0: int, block_k: int, target_programs: int) -> tuple:
+    """(splits, rows per split) of feedback_update's sum over the r0 earlier rows, so that about
+    ``target_programs`` programs run (two per SM of an H200: 264) when rows x columns x batch are
+    fewer; every split gets at least 4 K tiles."""
+    if r0 == 0 or base_programs >= target_programs:
+        return 1, max(r0, block_k)
+    splits = max(1, min(-(-target_programs // base_programs), r0 // (4 * block_k)))
+    per = -(-r0 // splits)
+    per = -(-per // block_k) * block_k
+    return -(-r0 // per), per
+
+
+def launch_solve(kernel, f, q_b, k_b, gamma, lse, dinv, out=None, target_programs: int = 264):
     """The two-level solve: per outer chunk (in order) probabilities, update, inner blocks.
 
     ``out`` (contiguous, f's dtype) may be given; for fp32 it doubles as the solve's workspace.
-    Extra memory: the probabilities of one outer chunk, [B, CO, T] fp32, plus an fp32 copy of s for
-    16-bit models.
+    Extra memory: the probabilities of one outer chunk, [B, CO, T] fp32, an fp32 copy of s for
+    16-bit models, and the update's partial sums when it splits over earlier rows (few programs:
+    small B and width).
     """
     import torch
 
@@ -352,14 +378,18 @@ def launch_solve(kernel, f, q_b, k_b, gamma, lse, dinv, out=None):
     p = torch.empty(B, CO, stride_p, dtype=torch.float32, device=f.device)
     ps, us = probs.source, update.source
     pm, pn, um, un = ps.tunables["BLOCK_M"], ps.tunables["BLOCK_N"], us.tunables["BLOCK_M"], us.tunables["BLOCK_N"]
+    base = (CO // um) * -(-Dv // un) * B
+    max_splits = update_splits(base, (-(-T // CO) - 1) * CO, us.tunables["BLOCK_K"], target_programs)[0]
+    part = torch.empty(max(1, max_splits - 1), B, CO, Dv, dtype=torch.float32, device=f.device)
     for r0 in range(0, T, CO):
         ncols = min(r0 + CO, T)
         probs.fn[(CO // pm, -(-ncols // pn), B)](q_b, k_b, gamma, lse, p, T, r0, ncols, stride_p, *_row_strides(q_b),
                                                  *_row_strides(k_b), *gamma.stride(),
                                                  num_warps=ps.num_warps, num_stages=ps.num_stages)
-        update.fn[(CO // um, -(-Dv // un), B)](f, p, s, T, r0, stride_p, *_row_strides(f),
-                                               num_warps=us.num_warps, num_stages=us.num_stages)
-        kernel.fn[(-(-Dv // src.tunables["BLOCK_DV"]), B)](p, dinv, s, *out_args, T, r0, stride_p,
+        splits, per = update_splits(base, r0, us.tunables["BLOCK_K"], target_programs)
+        update.fn[(CO // um, -(-Dv // un), B * splits)](f, p, s, part, T, r0, B, per, stride_p, *_row_strides(f),
+                                                        num_warps=us.num_warps, num_stages=us.num_stages)
+        kernel.fn[(-(-Dv // src.tunables["BLOCK_DV"]), B)](p, dinv, s, part, *out_args, T, r0, stride_p, splits - 1,
                                                            num_warps=src.num_warps, num_stages=src.num_stages)
     kernel.launches += 1
     return out
