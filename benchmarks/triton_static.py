@@ -5,8 +5,8 @@
 
 Target: a bf16 ``SessaLayer(1024, n_heads=8)`` (head dim 128), B = 4, T = 8192. The layer is traced,
 run through the Triton pipeline, and every kernel it generates is compiled ahead of time for sm_90
-(``triton.compile`` with ``GPUTarget("cuda", 90, 32)``), with the same divisibility specialisation
-the launcher gets at run time; the attention kernel with RoPE folded in is compiled too. For each
+(``triton.compile`` with ``GPUTarget("cuda", 90, 32)``), with the launch configs a CUDA call gets
+(the shipped sm_90 defaults) and the same divisibility specialisation the launcher gets at run time; the attention kernel with RoPE folded in is compiled too. For each
 kernel it reports the launch configuration, registers and spills (``cuobjdump -res-usage``), shared
 memory, the ``wgmma`` shapes, asynchronous copies and vector loads in the PTX, and its own roofline
 estimate: issued FLOPs (what the kernel's tiles compute, masked tiles included) over 790 TFLOP/s
@@ -138,12 +138,31 @@ def rope_attention_node(graph):
     return g.nodes[0]
 
 
+def sm90_program(graph, T: int):
+    """The program a CUDA call at length T on an sm_90 device gets with nothing tuned: the shipped
+    sm_90 defaults (tune/defaults.json), else the cost model, as the backend resolves them."""
+    from sessa_compiler.backends.triton.backend import TritonBackend
+    from sessa_compiler.tune.api import attach_launch_configs, tunable_nodes
+    from sessa_compiler.tune.cache import shape_class
+    from sessa_compiler.tune.defaults import default_config
+
+    per_node, options = {}, {}
+    for node in tunable_nodes(graph):
+        cfg = default_config("cuda:NVIDIA H200:sm_90", "triton", node.op, shape_class(T)) or {}
+        per_node[node.output.name] = (cfg, "default" if cfg else "cost model")
+        if node.op == "feedback" and "chunk_size" in cfg:
+            options["feedback_chunk_size"] = cfg["chunk_size"]
+    prog = TritonBackend(interpret=False).build_program(graph, options)
+    attach_launch_configs(prog, per_node)
+    return prog
+
+
 def records(B: int, T: int) -> list:
     from sessa_compiler.backends.triton.aot import compile_kernel
-    from sessa_compiler.backends.triton.backend import KERNEL_DTYPES, TritonBackend
+    from sessa_compiler.backends.triton.backend import KERNEL_DTYPES
 
     graph = target_graph()
-    prog = TritonBackend(interpret=False).build_program(graph)
+    prog = sm90_program(graph, T)
     jobs = []
     for node in prog.kernel_nodes:
         dtypes = prog.declared_dtypes(node)

@@ -262,3 +262,27 @@ def test_update_split_over_earlier_rows():
     assert update_splits(2, 4096, 32, 264) == (32, 128)
     assert update_splits(300, 4096, 32, 264) == (1, 4096)  # enough programs already
     assert update_splits(2, 0, 32, 264)[0] == 1
+
+
+def test_tile_sizes_are_tunable():
+    """Block sizes (attention tiles, the feedback's outer chunk) are in the GPU tuning space and reach the source."""
+    from sessa_compiler.backends.triton.backend import TritonProgram
+    from sessa_compiler.tune.api import triton_space
+
+    att = attention_node(4, 2, 32, False, "bf16")
+    g = feedback_graph(24, 40, 16)
+    gpu = torch.device("cuda")   # the space only looks at the device type
+    att_space, fb_space = triton_space(att, gpu), triton_space(parse("""graph f(%f: f32[B, T, 8], %q: f32[B, T, 8], %k: f32[B, T, 8], %g: f32[B, T]) {
+  %s: f32[B, T, 8] = feedback(%f, %q, %k, %g) {scale=0.3}
+  return %s
+}""").nodes[0], gpu)
+    assert {(c["block_m"], c["block_n"]) for c in att_space} == {(128, 64), (128, 128), (64, 64), (64, 128)}
+    assert {c["outer_chunk"] for c in fb_space} == {128, 256, 512}
+    assert att_space[0] == {"num_warps": 8, "num_stages": 3, "block_m": 128, "block_n": 64}   # the generator's default first
+    prog = TritonProgram(g, None, interpret=False)
+    solve = g.nodes[2]
+    prog.node_configs = {solve: {"outer_chunk": 128, "num_warps": 8}, att: {"block_m": 64, "block_n": 128}}
+    src = prog.source_for(solve, {"q_b": "f32", "f": "f32", "gamma": "f32"}, False)
+    assert src.tunables["CO"] == 128 and src.num_warps == 8 and "CO = tl.constexpr(128)" in src.source
+    a = prog.source_for(att, {"q": "bf16", "k": "bf16", "v": "bf16"}, False)
+    assert (a.tunables["BLOCK_M"], a.tunables["BLOCK_N"], a.num_warps) == (64, 128, 4)
