@@ -1,6 +1,7 @@
 """One-shot GPU check of the Triton backend: correctness at realistic sizes, then timings.
 
     python benchmarks/gpu_check.py [--out benchmarks/results_gpu.md] [--quick]
+    python benchmarks/gpu_check.py --smoke --out /tmp/smoke.md   # CPU, interpreter, tiny sizes: the script's flow
 
 Written for an NVIDIA H200 machine with Python 3.12, torch 2.11, triton 3.6 and numpy, and nothing
 else: no network, no tvm, onnx, platformdirs or tqdm (tests/test_triton_minimal_env.py proves that
@@ -28,6 +29,9 @@ import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+SMOKE = "--smoke" in sys.argv   # tests/test_triton_minimal_env.py: every section on CPU at tiny sizes
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # read when triton is first imported
 WHEELS = os.path.join(ROOT, "benchmarks", "wheels")
 for whl in sorted(glob.glob(os.path.join(WHEELS, "*.whl"))):
     sys.path.append(whl)
@@ -35,6 +39,7 @@ for whl in sorted(glob.glob(os.path.join(WHEELS, "*.whl"))):
 import torch
 import torch.nn.functional as F
 
+DEVICE = "cpu" if SMOKE else "cuda"
 ROWS: list = []
 START = time.perf_counter()
 BUDGET_S = 6.5 * 60   # the rows started before this; the whole script stays under 7 minutes
@@ -55,6 +60,10 @@ def bench(fn, reps=10, warmup=2) -> float:
     """Median seconds per call over ``reps`` calls timed one by one with CUDA events."""
     for _ in range(warmup):
         fn()
+    if DEVICE != "cuda":   # smoke run: one call, host clock
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -184,17 +193,17 @@ def make_layer(D, H, dtype):
     from sessa_compiler.models import SessaLayer
 
     torch.manual_seed(0)
-    return SessaLayer(D, n_heads=H).to("cuda", dtype).eval()
+    return SessaLayer(D, n_heads=H).to(DEVICE, dtype).eval()
 
 
 @guarded("correctness")
-def correctness_layer(D=1024, H=8, T=1024):
+def correctness_layer(D, H, T):
     import sessa_compiler as sc
     from sessa_compiler.api import relative_error
 
     for dtype, tol in ((torch.float32, 5e-3), (torch.bfloat16, 3e-2)):
         m = make_layer(D, H, dtype)
-        x = torch.randn(2, T, D, device="cuda", dtype=dtype)
+        x = torch.randn(2, T, D, device=DEVICE, dtype=dtype)
         with torch.no_grad():
             out = sc.compile(m, backend="triton")(x)
             ref = m.double()(x.double())
@@ -211,17 +220,17 @@ def feedback_kernels(D, dtype_name):
   %s: {dtype_name}[B, T, {D}] = feedback(%f, %q, %k, %g) {{scale={D ** -0.5}}}
   return %s
 }}""")
-    return TritonBackend(interpret=False).build_program(g)
+    return TritonBackend().build_program(g)   # compiled for CUDA tensors, interpreted for CPU ones (--smoke)
 
 
 def feedback_inputs(B, T, D, dtype):
-    f, q, k = (torch.randn(B, T, D, device="cuda", dtype=dtype) for _ in range(3))
-    gamma = (0.999 * torch.tanh(torch.randn(B, T, device="cuda") * 3)).to(dtype)
+    f, q, k = (torch.randn(B, T, D, device=DEVICE, dtype=dtype) for _ in range(3))
+    gamma = (0.999 * torch.tanh(torch.randn(B, T, device=DEVICE) * 3)).to(dtype)
     return [f, q, k, gamma]
 
 
 @guarded("correctness")
-def correctness_feedback(D=1024, T=4096):
+def correctness_feedback(D, T):
     from sessa_compiler.api import relative_error
     from sessa_compiler.backends.reference import feedback_ref
 
@@ -239,7 +248,7 @@ def time_layer(T, B=4, D=1024, H=8, peak=None):
     import sessa_compiler as sc
 
     m = make_layer(D, H, torch.bfloat16)
-    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(B, T, D, device=DEVICE, dtype=torch.bfloat16)
     flops = tflops_layer(B, T, D, H)
     with torch.no_grad():
         ours = sc.compile(m, backend="triton")
@@ -248,9 +257,12 @@ def time_layer(T, B=4, D=1024, H=8, peak=None):
             f"{flops / t_ours / 1e12:.0f} TFLOP/s" + (f" = {flops / t_ours / peak:.0%} of peak" if peak else ""))
         t_a = bench(lambda: good_eager_layer(m, x), reps=3)
         row("layer", f"(a) eager SDPA + solve_triangular T={T}", f"{t_a * 1e3:.2f} ms", f"ours x{t_a / t_ours:.2f}")
-        compiled = torch.compile(lambda inp: good_eager_layer(m, inp))
-        t_b = bench(lambda: compiled(x), reps=3)
-        row("layer", f"(b) torch.compile of (a) T={T}", f"{t_b * 1e3:.2f} ms", f"ours x{t_b / t_ours:.2f} (target >= 3)")
+        if SMOKE:
+            row("layer", f"(b) torch.compile of (a) T={T}", "not run", "smoke run (compiling takes minutes on CPU)")
+        else:
+            compiled = torch.compile(lambda inp: good_eager_layer(m, inp))
+            t_b = bench(lambda: compiled(x), reps=3)
+            row("layer", f"(b) torch.compile of (a) T={T}", f"{t_b * 1e3:.2f} ms", f"ours x{t_b / t_ours:.2f} (target >= 3)")
         t_c = bench(lambda: m(x), reps=2, warmup=1)
         row("layer", f"(c) reference (einsum-style) T={T}", f"{t_c * 1e3:.2f} ms", f"ours x{t_c / t_ours:.2f} (target >= 4)")
 
@@ -281,11 +293,13 @@ def time_feedback(T, B, D=1024, peak=None):
             return
     prog = feedback_kernels(D, "bf16")
     inputs = feedback_inputs(B, T, D, torch.bfloat16)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    cuda = DEVICE == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
     t = bench(lambda: prog.run(inputs, {}), reps=2 if T > 16384 else 5, warmup=1)
-    extra = torch.cuda.max_memory_allocated() - base
+    extra = torch.cuda.max_memory_allocated() - base if cuda else 0
     FEEDBACK_SECONDS[(B, T)] = t
     useful = 2 * B * T * T * D * 2 / 2   # strictly causal logits and P s
     row("feedback", f"ours B={B} T={T} D={D}", f"{t * 1e3:.2f} ms",
@@ -337,11 +351,12 @@ def compare_fla(T, B=4, H=8, d=128):
 
 @guarded("device")
 def measure_peak():
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    n = 8192 if DEVICE == "cuda" else 256
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
     t = bench(lambda: a @ b, reps=20)
-    peak = 2 * 8192 ** 3 / t
-    row("device", "measured bf16 matmul peak (8192^3, random data)", f"{peak / 1e12:.0f} TFLOP/s",
-        torch.cuda.get_device_name())
+    peak = 2 * n ** 3 / t
+    row("device", f"measured bf16 matmul peak ({n}^3, random data)", f"{peak / 1e12:.3g} TFLOP/s",
+        torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)")
     return peak
 
 
@@ -360,26 +375,38 @@ def write_table(path):
     os.replace(tmp, path)
 
 
+SIZES = {   # the GPU check; the smoke run is the same flow at sizes the interpreter runs in seconds
+    "gpu": {"fb": (1024, 4096), "layer_check": (1024, 8, 1024), "layer_T": (4096, 8192), "B": 4, "D": 1024, "H": 8,
+            "fb_runs": ((4, 4096), (4, 8192), (1, 8192), (1, 32768), (1, 131072)), "fla": (8, 128)},
+    "smoke": {"fb": (32, 70), "layer_check": (64, 2, 37), "layer_T": (40,), "B": 2, "D": 64, "H": 2,
+              "fb_runs": ((2, 40), (1, 40), (1, 80)), "fla": (2, 16)},
+}
+
+
 def main():
     global OUT_PATH
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=OUT_PATH)
     ap.add_argument("--quick", action="store_true", help="correctness and T=4096 only")
+    ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny sizes: checks the script itself")
     args = ap.parse_args()
     OUT_PATH = args.out
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device; nothing to do (the CPU tests run the kernels in the interpreter)")
-        return 2
-    os.environ.pop("TRITON_INTERPRET", None)
+    if not SMOKE:
+        if not torch.cuda.is_available():
+            print("gpu_check: no CUDA device; nothing to do (--smoke runs the flow on CPU)")
+            return 2
+        os.environ.pop("TRITON_INTERPRET", None)
+    z = SIZES["smoke" if SMOKE else "gpu"]
     peak = measure_peak()
-    correctness_feedback()
-    correctness_layer()
-    for T in ((4096,) if args.quick else (4096, 8192)):
-        time_layer(T, peak=peak)
-    for B, T in ((4, 4096), (4, 8192)) + (() if args.quick else ((1, 8192), (1, 32768), (1, 131072))):
-        time_feedback(T, B, peak=peak)
-        if B == 4:
-            compare_fla(T, B=B)
+    correctness_feedback(*z["fb"])
+    correctness_layer(*z["layer_check"])
+    for T in z["layer_T"][:1] if args.quick else z["layer_T"]:
+        time_layer(T, B=z["B"], D=z["D"], H=z["H"], peak=peak)
+    runs = z["fb_runs"][:1] if args.quick else z["fb_runs"]
+    for B, T in runs:
+        time_feedback(T, B, D=z["D"], peak=peak)
+        if B == z["B"]:
+            compare_fla(T, B=B, H=z["fla"][0], d=z["fla"][1])
     print(f"wrote {OUT_PATH}")
     return 0
 
