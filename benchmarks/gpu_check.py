@@ -144,10 +144,15 @@ def load_fla_solve():
     errors = []
     try:
         par = importlib.import_module("fla.ops.deltaformer.parallel")
-        impl = par.ParallelDeltaformerFunction._forward_impl
+        fn = par.ParallelDeltaformerFunction
+        impl = getattr(fn, "_forward_impl", None)
 
         def solve(q, k, v, beta):
-            return impl(q, k, v, beta, min(par.BLOCK_SIZE_C, q.shape[1]), need_aux=False)[0]
+            C = min(par.BLOCK_SIZE_C, q.shape[1])
+            if impl is None:   # releases without the split-out forward: the autograd function, no grad
+                with torch.no_grad():
+                    return fn.apply(q, k, v, beta, C)
+            return impl(q, k, v, beta, C, need_aux=False)[0]
 
         return solve, f"fla ({version}) deltaformer.parallel forward (chunks of {par.BLOCK_SIZE_C})"
     except (ImportError, AttributeError) as e:
