@@ -16,8 +16,9 @@ Three kernels, none of which writes a T x T matrix:
   blocks by their precomputed inverses. s is accumulated in an fp32 workspace; the chunk's
   probabilities take [B, CO, T] fp32 (CO <= width, so memory stays O(B*T*D)).
 
-The code shape follows the node: when the feedback width fits one tile, the row block of q_b is
-loaded once per chunk; otherwise the logits contract over width tiles in a loop.
+The code shape follows the node: the log-sum-exp and inverse kernels hoist the row block of q_b
+when the feedback width fits one tile; otherwise, as in the probabilities kernel, the logits
+contract over width tiles in a loop (pipelined: strides are specialised on divisibility by 16).
 """
 from __future__ import annotations
 
