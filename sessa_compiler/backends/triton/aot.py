@@ -76,12 +76,12 @@ def compile_kernel(src, arch: int = 90) -> dict:
 
 
 SAMPLE_IR = """\
-graph sample(%f: {dt}[B, T, 128], %qb: {dt}[B, T, 128], %kb: {dt}[B, T, 128], %g: {dt}[B, T], %q: {dt}[B, T, 4, 64], %k: {dt}[B, T, 2, 64], %v: {dt}[B, T, 2, 64], %u: {dt}[B, T, 32], %dt: {dt}[B, T, 32], %Bm: {dt}[B, T, 16], %Cm: {dt}[B, T, 16]) {{
-  param %inv_freq: f32[32]
+graph sample(%f: {dt}[B, T, 128], %qb: {dt}[B, T, 128], %kb: {dt}[B, T, 128], %g: {dt}[B, T], %q: {dt}[B, T, 4, 128], %k: {dt}[B, T, 2, 128], %v: {dt}[B, T, 2, 128], %u: {dt}[B, T, 32], %dt: {dt}[B, T, 32], %Bm: {dt}[B, T, 16], %Cm: {dt}[B, T, 16]) {{
+  param %inv_freq: f32[64]
   param %A: f32[32, 16]
   param %Dskip: f32[32]
-  %att: {dt}[B, T, 4, 64] = attention(%q, %k, %v, %inv_freq) {{scale=0.125, causal=True, rope=True}}
-  %att2: {dt}[B, T, 4, 64] = attention(%q, %k, %v) {{scale=0.125, causal=True}}
+  %att: {dt}[B, T, 4, 128] = attention(%q, %k, %v, %inv_freq) {{scale=0.088, causal=True, rope=True}}
+  %att2: {dt}[B, T, 4, 128] = attention(%q, %k, %v) {{scale=0.088, causal=True}}
   %lse: f32[B, T] = feedback_lse(%qb, %kb) {{scale=0.088}}
   %dinv: f32[B, ceiling(T/64), 64, 64] = feedback_diag_inverse(%qb, %kb, %g, %lse) {{scale=0.088, chunk_size=64}}
   %s: {dt}[B, T, 128] = feedback_chunked(%f, %qb, %kb, %g, %lse, %dinv) {{scale=0.088, chunk_size=64}}

@@ -48,6 +48,20 @@ def _rope_kernel(d: int, rotated_dtype: str, spec: dict) -> KernelSource:
                         do_not_specialize=("T",), num_warps=4, num_stages=2, uses_dot=False)
 
 
+SHARED_BUDGET = 200 * 1024   # bytes of shared memory a tile config may plan for (sm_90 allows 227 KB a block)
+
+
+def _fit_tiles(d: int, dv: int, esize: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, num_stages): the largest tiles whose shared memory fits SHARED_BUDGET.
+
+    Estimate (checked against sm_90 compiles of bf16 and f32 at head widths 64-256): every stage
+    holds a K and a V tile, and Q plus one layout-conversion buffer stay resident."""
+    for bm, bn, stages in ((128, 64, 3), (128, 64, 2), (64, 64, 2), (64, 32, 2), (32, 32, 1)):
+        if stages * bn * (d + dv) * esize + 2 * bm * max(d, dv) * esize <= SHARED_BUDGET:
+            return bm, bn, stages
+    return 32, 32, 1
+
+
 def generate_attention(node: Node, dtypes: dict, interpret: bool, block_m: int | None = None,
                        block_n: int | None = None) -> KernelSource:
     """The attention kernel; with ``rope=True`` a ``rope_rotate`` part rotates q (times the scale) and k
@@ -68,10 +82,12 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool, block_m: int |
     dd, prec = pol["dot_dtype"], pol["dot_precision"]
     # 128 query rows at 8 warps: each warpgroup gets 64 rows and the full tile width (m64n64 for the
     # logits, m64n<d_v> for P @ V); 64-row tiles at 8 warps would split N in half
-    block_m = block_m or 128
-    block_n = block_n or 64
-    num_warps = 8 if block_m >= 128 else 4
     block_dv = dot_block(dv, 256)
+    stages = 3
+    if block_m is None and block_n is None:
+        block_m, block_n, stages = _fit_tiles(dot_block(d, 256), block_dv, 4 if dt == "f32" else 2)
+    block_m, block_n = block_m or 128, block_n or 64
+    num_warps = 8 if block_m >= 128 else 4
     qdt = ("f32" if dd == "tl.float32" else dt) if rope else dt   # the rotated copies keep the dot's dtype
     consts = dict(H=H, GROUP=H // Hkv, SCALE=1.0 if rope else node.attrs["scale"], BLOCK_M=block_m,
                   BLOCK_N=block_n, D_V=dv, BLOCK_DV=block_dv, D=d, BLOCK_D=dot_block(d, 256))
@@ -130,7 +146,7 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool, block_m: int |
     if rope:
         parts = (_rope_kernel(d, qdt, {"d": d, "dtype": dt, "inv_freq_dtype": dtypes["inv_freq"]}),)
     return KernelSource("attention_fwd", "attention", spec, tun, body, sig, do_not_specialize=("T",),
-                        num_warps=num_warps, num_stages=3, parts=parts)
+                        num_warps=num_warps, num_stages=stages, parts=parts)
 
 
 def launch_attention(kernel, q, k, v, inv_freq=None, out=None):

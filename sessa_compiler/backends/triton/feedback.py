@@ -73,7 +73,8 @@ def generate_lse(node: Node, dtypes: dict, interpret: bool) -> KernelSource:
     qdt = dtypes["q_b"]
     pol = dot_policy(qdt, interpret)
     block_m, block_n = 128, 64   # 8 warps: each warpgroup 64 rows x the full 64-wide tile
-    block_k = dot_block(d_qk, 128)
+    wide = qdt == "f32"          # 4-byte operands: half the width per stage, two stages (shared memory)
+    block_k = dot_block(d_qk, 64 if wide else 128)
     hoist = block_k >= d_qk
     body = _constants(D_QK=d_qk, SCALE=node.attrs["scale"], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     body += ("@triton.jit\n"
@@ -105,7 +106,7 @@ def generate_lse(node: Node, dtypes: dict, interpret: bool) -> KernelSource:
         {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "q_hoisted": hoist, **pol}, body,
         {"Q": ptr, "K": ptr, "LSE": "*fp32", "T": "i32", "stride_qb": "i64", "stride_qt": "i32",
          "stride_kb": "i64", "stride_kt": "i32"},
-        do_not_specialize=("T",), num_warps=8, num_stages=3)
+        do_not_specialize=("T",), num_warps=8, num_stages=2 if wide else 3)
 
 
 def generate_diag_inverse(node: Node, dtypes: dict, interpret: bool) -> KernelSource:
