@@ -1,40 +1,55 @@
 """One-shot GPU check of the Triton backend: correctness at realistic sizes, then timings.
 
     python benchmarks/gpu_check.py [--out benchmarks/results_gpu.md] [--quick]
+    python benchmarks/gpu_check.py --smoke --out /tmp/smoke.md   # CPU, interpreter, tiny sizes: the script's flow
 
-Written for an NVIDIA H200 (Python 3.12, torch 2.11, triton 3.6, no network); budget < 8 minutes.
-NOT YET RUN ON A GPU: no GPU was available while it was written (see benchmarks/README_gpu.md).
+Written for an NVIDIA H200 machine with Python 3.12, torch 2.11, triton 3.6 and numpy, and nothing
+else: no network, no tvm, onnx, platformdirs or tqdm (tests/test_triton_minimal_env.py proves that
+`sessa_compiler` and its Triton path need only torch, triton and numpy). Budget: 7 minutes in all;
+the results table is rewritten after every row, so a run stopped at a time limit keeps what it did.
 Every section is guarded: a failure is recorded in the table and the script goes on.
-fla's DeltaFormer is used when `fla` imports, or from a wheel put in benchmarks/wheels/ (a pure-Python
-wheel is importable straight from the .whl file).
+
+fla's DeltaFormer is compared when `fla` imports, or from wheels placed in benchmarks/wheels/
+(git-ignored; on a machine with network: `pip download fla-core einops --no-deps -d benchmarks/wheels`).
+A pure-Python wheel is importable straight from the .whl file.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import glob
+import importlib
+import importlib.util
 import math
 import os
 import sys
 import time
 import traceback
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-for whl in glob.glob(os.path.join(ROOT, "benchmarks", "wheels", "*.whl")):
+SMOKE = "--smoke" in sys.argv   # tests/test_triton_minimal_env.py: every section on CPU at tiny sizes
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # read when triton is first imported
+WHEELS = os.path.join(ROOT, "benchmarks", "wheels")
+for whl in sorted(glob.glob(os.path.join(WHEELS, "*.whl"))):
     sys.path.append(whl)
 
 import torch
 import torch.nn.functional as F
 
+DEVICE = "cpu" if SMOKE else "cuda"
 ROWS: list = []
 START = time.perf_counter()
-BUDGET_S = 7 * 60
+BUDGET_S = 6.5 * 60   # the rows started before this; the whole script stays under 7 minutes
+OUT_PATH = os.path.join(ROOT, "benchmarks", "results_gpu.md")
 
 
 def row(section, what, value, note=""):
     ROWS.append((section, what, value, note))
     print(f"[{time.perf_counter() - START:6.1f}s] {section} | {what} | {value} | {note}", flush=True)
+    write_table(OUT_PATH)   # after every row: a run stopped at the time limit keeps what it measured
 
 
 def out_of_time() -> bool:
@@ -42,16 +57,42 @@ def out_of_time() -> bool:
 
 
 def bench(fn, reps=10, warmup=2) -> float:
+    """Median seconds per call over ``reps`` calls timed one by one with CUDA events."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
+    if DEVICE != "cuda":   # smoke run: one call, host clock
+        start = time.perf_counter()
         fn()
-    end.record()
+        return time.perf_counter() - start
     torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps / 1e3
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def graph_replay_seconds(fn, reps=5):
+    """Median seconds of ``fn`` captured once in a CUDA graph and replayed: the kernels without Python's
+    launch overhead (the two-level feedback solve launches 3 kernels per outer chunk of 256 rows).
+    None on CPU or when capture fails (the failure is printed)."""
+    if DEVICE != "cuda":
+        return None
+    try:
+        fn()   # compiled and allocated before capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return bench(graph.replay, reps=reps, warmup=1)
+    except Exception as e:  # noqa: BLE001 - report, keep the eager-launch number
+        print(f"CUDA graph capture failed: {type(e).__name__}: {e}", flush=True)
+        return None
 
 
 def guarded(section):
@@ -68,6 +109,60 @@ def guarded(section):
                 return None
         return run
     return deco
+
+
+def load_fla_solve():
+    """fla's DeltaFormer forward solve u = (I + diag(beta) softmax_strict(q k^T / sqrt(d)))^-1 v, per head.
+
+    -> (callable(q, k, v, beta) on [B, T, H, d] / [B, T, H], description). Only the op module is
+    imported: ``fla/__init__`` and ``fla/ops/__init__`` import every other op, and ``fla.layers``
+    needs transformers, so the packages are entered as bare namespaces and ``fla.layers.utils``
+    (varlen padding helpers, unused for dense inputs) is a stub when it does not import.
+    Tries the entry points of the fla-core releases we know of (0.5.x/0.6.x ``parallel``; older
+    ``fused_chunk.delta_pre_attn``).
+    """
+    spec = importlib.util.find_spec("fla")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("fla is not installed and no fla-core wheel is in benchmarks/wheels/")
+    root = list(spec.submodule_search_locations)[0]
+    for name, path in (("fla", root), ("fla.ops", os.path.join(root, "ops")),
+                       ("fla.ops.deltaformer", os.path.join(root, "ops", "deltaformer"))):
+        if name not in sys.modules:
+            pkg = types.ModuleType(name)
+            pkg.__path__ = [path]
+            sys.modules[name] = pkg
+    try:
+        importlib.import_module("fla.layers.utils")
+    except Exception:  # noqa: BLE001 - transformers or flash-attn missing: a stub is enough for dense inputs
+        for name in ("fla.layers", "fla.layers.utils"):
+            stub = types.ModuleType(name)
+            stub.__path__ = []
+            stub.pad_input = stub.unpad_input = None
+            sys.modules[name] = stub
+    version = getattr(sys.modules.get("fla"), "__version__", None) or os.path.basename(os.path.dirname(root))
+    version = version.split("-py")[0]
+    errors = []
+    try:
+        par = importlib.import_module("fla.ops.deltaformer.parallel")
+        fn = par.ParallelDeltaformerFunction
+        impl = getattr(fn, "_forward_impl", None)
+
+        def solve(q, k, v, beta):
+            C = min(par.BLOCK_SIZE_C, q.shape[1])
+            if impl is None:   # releases without the split-out forward: the autograd function, no grad
+                with torch.no_grad():
+                    return fn.apply(q, k, v, beta, C)
+            return impl(q, k, v, beta, C, need_aux=False)[0]
+
+        return solve, f"fla ({version}) deltaformer.parallel forward (chunks of {par.BLOCK_SIZE_C})"
+    except (ImportError, AttributeError) as e:
+        errors.append(f"parallel: {type(e).__name__}: {e}")
+    try:
+        fc = importlib.import_module("fla.ops.deltaformer.fused_chunk")
+        return (lambda q, k, v, beta: fc.delta_pre_attn(q, k, v, beta)), f"fla ({version}) fused_chunk.delta_pre_attn"
+    except (ImportError, AttributeError) as e:
+        errors.append(f"fused_chunk: {type(e).__name__}: {e}")
+    raise ImportError("no DeltaFormer forward found in fla (" + "; ".join(errors) + ")")
 
 
 # -- baselines written the way a good engineer would ---------------------------------------------------
@@ -121,17 +216,17 @@ def make_layer(D, H, dtype):
     from sessa_compiler.models import SessaLayer
 
     torch.manual_seed(0)
-    return SessaLayer(D, n_heads=H).to("cuda", dtype).eval()
+    return SessaLayer(D, n_heads=H).to(DEVICE, dtype).eval()
 
 
 @guarded("correctness")
-def correctness_layer(D=1024, H=8, T=1024):
+def correctness_layer(D, H, T):
     import sessa_compiler as sc
     from sessa_compiler.api import relative_error
 
     for dtype, tol in ((torch.float32, 5e-3), (torch.bfloat16, 3e-2)):
         m = make_layer(D, H, dtype)
-        x = torch.randn(2, T, D, device="cuda", dtype=dtype)
+        x = torch.randn(2, T, D, device=DEVICE, dtype=dtype)
         with torch.no_grad():
             out = sc.compile(m, backend="triton")(x)
             ref = m.double()(x.double())
@@ -139,27 +234,26 @@ def correctness_layer(D=1024, H=8, T=1024):
         row("correctness", f"SessaLayer {dtype} B=2 T={T} D={D} H={H}", f"{err:.2e}", "PASS" if err <= tol else f"FAIL (> {tol})")
 
 
-def feedback_kernels(D, dtype_name, C=64):
-    from sessa_compiler.backends.triton.backend import TritonProgram
+def feedback_kernels(D, dtype_name):
+    """The feedback op alone through the Triton pipeline (chunking by its cost model, two-level solve)."""
+    from sessa_compiler.backends.triton.backend import TritonBackend
     from sessa_compiler.ir import parse
 
     g = parse(f"""graph fb(%f: {dtype_name}[B, T, {D}], %q: {dtype_name}[B, T, {D}], %k: {dtype_name}[B, T, {D}], %g: {dtype_name}[B, T]) {{
-  %lse: f32[B, T] = feedback_lse(%q, %k) {{scale={D ** -0.5}}}
-  %dinv: f32[B, ceiling(T/{C}), {C}, {C}] = feedback_diag_inverse(%q, %k, %g, %lse) {{scale={D ** -0.5}, chunk_size={C}}}
-  %s: {dtype_name}[B, T, {D}] = feedback_chunked(%f, %q, %k, %g, %lse, %dinv) {{scale={D ** -0.5}, chunk_size={C}}}
+  %s: {dtype_name}[B, T, {D}] = feedback(%f, %q, %k, %g) {{scale={D ** -0.5}}}
   return %s
 }}""")
-    return TritonProgram(g, None, interpret=False)
+    return TritonBackend().build_program(g)   # compiled for CUDA tensors, interpreted for CPU ones (--smoke)
 
 
 def feedback_inputs(B, T, D, dtype):
-    f, q, k = (torch.randn(B, T, D, device="cuda", dtype=dtype) for _ in range(3))
-    gamma = (0.999 * torch.tanh(torch.randn(B, T, device="cuda") * 3)).to(dtype)
+    f, q, k = (torch.randn(B, T, D, device=DEVICE, dtype=dtype) for _ in range(3))
+    gamma = (0.999 * torch.tanh(torch.randn(B, T, device=DEVICE) * 3)).to(dtype)
     return [f, q, k, gamma]
 
 
 @guarded("correctness")
-def correctness_feedback(D=1024, T=4096):
+def correctness_feedback(D, T):
     from sessa_compiler.api import relative_error
     from sessa_compiler.backends.reference import feedback_ref
 
@@ -177,98 +271,175 @@ def time_layer(T, B=4, D=1024, H=8, peak=None):
     import sessa_compiler as sc
 
     m = make_layer(D, H, torch.bfloat16)
-    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(B, T, D, device=DEVICE, dtype=torch.bfloat16)
     flops = tflops_layer(B, T, D, H)
     with torch.no_grad():
         ours = sc.compile(m, backend="triton")
         t_ours = bench(lambda: ours(x), reps=5)
         row("layer", f"ours (triton) B={B} T={T}", f"{t_ours * 1e3:.2f} ms",
             f"{flops / t_ours / 1e12:.0f} TFLOP/s" + (f" = {flops / t_ours / peak:.0%} of peak" if peak else ""))
+        t_graph = graph_replay_seconds(lambda: ours(x))
+        if t_graph:
+            row("layer", f"ours (triton), CUDA graph replay B={B} T={T}", f"{t_graph * 1e3:.2f} ms",
+                f"{flops / t_graph / 1e12:.0f} TFLOP/s" + (f" = {flops / t_graph / peak:.0%} of peak" if peak else ""))
         t_a = bench(lambda: good_eager_layer(m, x), reps=3)
         row("layer", f"(a) eager SDPA + solve_triangular T={T}", f"{t_a * 1e3:.2f} ms", f"ours x{t_a / t_ours:.2f}")
-        compiled = torch.compile(lambda inp: good_eager_layer(m, inp))
-        t_b = bench(lambda: compiled(x), reps=3)
-        row("layer", f"(b) torch.compile of (a) T={T}", f"{t_b * 1e3:.2f} ms", f"ours x{t_b / t_ours:.2f} (target >= 3)")
+        if SMOKE:
+            row("layer", f"(b) torch.compile of (a) T={T}", "not run", "smoke run (compiling takes minutes on CPU)")
+        else:
+            compiled = torch.compile(lambda inp: good_eager_layer(m, inp))
+            t_b = bench(lambda: compiled(x), reps=3)
+            row("layer", f"(b) torch.compile of (a) T={T}", f"{t_b * 1e3:.2f} ms", f"ours x{t_b / t_ours:.2f} (target >= 3)")
         t_c = bench(lambda: m(x), reps=2, warmup=1)
         row("layer", f"(c) reference (einsum-style) T={T}", f"{t_c * 1e3:.2f} ms", f"ours x{t_c / t_ours:.2f} (target >= 4)")
 
 
-FEEDBACK_SECONDS: dict = {}
+FEEDBACK_SECONDS: dict = {}   # (B, T) -> seconds per call of our feedback op at D=1024
+
+
+def feedback_estimate(B, T):
+    """Seconds for one call at (B, T), extrapolated from the longest measured T at the same B, else at
+    a larger B (the chunked solve is sequential over T and does not get faster with a smaller batch:
+    never divide by B). O(T^2) work: time scales with (T / T0)^2."""
+    known = sorted((t_, s_) for (b_, t_), s_ in FEEDBACK_SECONDS.items() if b_ == B) or \
+        sorted((t_, s_) for (b_, t_), s_ in FEEDBACK_SECONDS.items() if b_ >= B)
+    if not known:
+        return None
+    t0, s0 = known[-1]
+    return s0 * (T / t0) ** 2
 
 
 @guarded("feedback")
-def time_feedback(T, B, D=1024, fla=True, peak=None):
-    known = [(t_, s_ / b_) for (b_, t_), s_ in FEEDBACK_SECONDS.items()]
-    if known and T > max(known)[0]:
-        t0, per_seq = max(known)
-        estimate = per_seq * B * (T / t0) ** 2 * 4    # O(T^2) work; warmup + 3 runs
-        if estimate > BUDGET_S - (time.perf_counter() - START):
-            row("feedback", f"ours B={B} T={T} D={D}", "skipped", f"estimated {estimate:.0f} s from T={t0}: over the time budget")
+def time_feedback(T, B, D=1024, peak=None):
+    estimate = feedback_estimate(B, T)
+    if estimate is not None:
+        total = estimate * 3   # warmup + 2 timed calls
+        if total > BUDGET_S - (time.perf_counter() - START):
+            row("feedback", f"ours B={B} T={T} D={D}", "skipped",
+                f"estimated {estimate:.1f} s per call from shorter runs: over the time budget")
             return
     prog = feedback_kernels(D, "bf16")
     inputs = feedback_inputs(B, T, D, torch.bfloat16)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    t = bench(lambda: prog.run(inputs, {}), reps=3, warmup=1)
-    extra = torch.cuda.max_memory_allocated() - base
+    cuda = DEVICE == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if cuda else 0
+    t = bench(lambda: prog.run(inputs, {}), reps=2 if T > 16384 else 5, warmup=1)
+    extra = torch.cuda.max_memory_allocated() - base if cuda else 0
     FEEDBACK_SECONDS[(B, T)] = t
-    flops = 2 * B * T * T * D * (1 + 1) / 2 * (D // 64)   # logits recomputed per 64-column block of s, plus P s
+    useful = 2 * B * T * T * D * 2 / 2   # strictly causal logits and P s
     row("feedback", f"ours B={B} T={T} D={D}", f"{t * 1e3:.2f} ms",
-        f"extra memory {extra / 2**20:.0f} MiB = {extra / (B * T * D * 4):.1f} x B*T*D*4 bytes; {flops / t / 1e12:.0f} TFLOP/s issued")
-    if not fla:
+        f"{useful / t / 1e12:.0f} TFLOP/s useful" + (f" = {useful / t / peak:.0%} of measured peak" if peak else "")
+        + f"; extra memory {extra / 2**20:.0f} MiB = {extra / (B * T * D * 4):.1f} x B*T*D*4 bytes"
+        + (f"; estimate was {estimate * 1e3:.0f} ms" if estimate else ""))
+    if T <= 8192:
+        t_graph = graph_replay_seconds(lambda: prog.run(inputs, {}), reps=3)
+        if t_graph:
+            row("feedback", f"ours, CUDA graph replay B={B} T={T} D={D}", f"{t_graph * 1e3:.2f} ms",
+                f"{useful / t_graph / 1e12:.0f} TFLOP/s useful; launch overhead {max(0.0, t - t_graph) * 1e3:.2f} ms")
+
+
+FLA: dict = {}
+
+
+@guarded("fla")
+def compare_fla(T, B=4, H=8, d=128):
+    """fla's DeltaFormer solve and ours on the same problem: B x H heads of width d, bf16, beta = -gamma.
+
+    Ours runs the heads as a batch of B*H sequences of width d (the same function), and also as one
+    head of width H*d (the Sessa layer's shape, same FLOPs, one softmax instead of H).
+    """
+    if "solve" not in FLA:
+        try:
+            FLA["solve"], FLA["what"] = load_fla_solve()
+        except Exception as e:  # noqa: BLE001
+            FLA["solve"] = None
+            row("fla", "DeltaFormer", "not run", f"{type(e).__name__}: {str(e)[:200]}")
+    if FLA["solve"] is None:
         return
-    try:
-        from fla.ops.deltaformer import delta_pre_attn
-    except Exception as e:
-        row("feedback", f"fla DeltaFormer T={T}", "not run", f"fla not importable ({type(e).__name__}); put fla-core's wheel in benchmarks/wheels/")
-        return
-    f, q, k, gamma = inputs
-    # fla solves (I + diag(beta) softmax_strict(q k^T / sqrt(D))) u = v: the same system with beta = -gamma
-    q4, k4, v4, beta = q[:, :, None], k[:, :, None], f[:, :, None], (-gamma)[:, :, None]
-    t_fla = bench(lambda: delta_pre_attn(q4, k4, v4, beta), reps=3, warmup=1)
-    row("feedback", f"fla DeltaFormer B={B} T={T}", f"{t_fla * 1e3:.2f} ms", f"ours x{t_fla / t:.2f} (target >= 1.5)")
+    from sessa_compiler.api import relative_error
+
+    fla_solve = FLA["solve"]
+    f, q, k, gamma = feedback_inputs(B * H, T, d, torch.bfloat16)
+    heads = lambda x: x.view(B, H, T, *x.shape[2:]).transpose(1, 2).contiguous()  # noqa: E731
+    fq, qq, kq, beta = heads(f), heads(q), heads(k), heads(-gamma)
+    prog_d = feedback_kernels(d, "bf16")
+    with torch.no_grad():
+        ours = prog_d.run([f, q, k, gamma], {})[0]
+        theirs = fla_solve(qq, kq, fq, beta)
+    err = relative_error(heads(ours).float(), theirs.float())
+    t_fla = bench(lambda: fla_solve(qq, kq, fq, beta), reps=3, warmup=1)
+    row("fla", f"{FLA['what']} B={B} T={T} H={H} d={d}", f"{t_fla * 1e3:.2f} ms",
+        f"max |ours - fla| / max |fla| = {err:.1e} (bf16 both)")
+    t_heads = bench(lambda: prog_d.run([f, q, k, gamma], {}), reps=3, warmup=1)
+    row("fla", f"ours, same heads (B*H={B * H} sequences of d={d}) T={T}", f"{t_heads * 1e3:.2f} ms",
+        f"fla / ours = x{t_fla / t_heads:.2f} (target >= 1.5)")
+    t_wide = FEEDBACK_SECONDS.get((B, T))
+    if t_wide:
+        row("fla", f"ours, one head of width {H * d} (Sessa) B={B} T={T}", f"{t_wide * 1e3:.2f} ms",
+            f"fla / ours = x{t_fla / t_wide:.2f} (same FLOPs; target >= 1.5)")
 
 
 @guarded("device")
 def measure_peak():
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    t = bench(lambda: a @ a, reps=20)
-    peak = 2 * 8192 ** 3 / t
-    row("device", "measured bf16 matmul peak (8192^3)", f"{peak / 1e12:.0f} TFLOP/s", torch.cuda.get_device_name())
+    n = 8192 if DEVICE == "cuda" else 256
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    t = bench(lambda: a @ b, reps=20)
+    peak = 2 * n ** 3 / t
+    row("device", f"measured bf16 matmul peak ({n}^3, random data)", f"{peak / 1e12:.3g} TFLOP/s",
+        torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke run)")
     return peak
 
 
 def write_table(path):
     import triton
 
-    lines = [f"# GPU check of the Triton backend ({datetime.date.today().isoformat()})", "",
+    lines = [f"# GPU check of the Triton backend ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)", "",
              f"device: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}; torch {torch.__version__}; "
-             f"triton {triton.__version__}; python {sys.version.split()[0]}; wall {time.perf_counter() - START:.0f} s", "",
-             "| section | what | value | note |", "|---|---|---|---|"]
+             f"triton {triton.__version__}; python {sys.version.split()[0]}; wall {time.perf_counter() - START:.0f} s "
+             "so far; command: `python benchmarks/gpu_check.py" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+             + "`", "", "| section | what | value | note |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in ROWS]
-    with open(path, "w") as fh:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
         fh.write("\n".join(lines) + "\n")
-    print(f"wrote {path}")
+    os.replace(tmp, path)
+
+
+SIZES = {   # the GPU check; the smoke run is the same flow at sizes the interpreter runs in seconds
+    "gpu": {"fb": (1024, 4096), "layer_check": (1024, 8, 1024), "layer_T": (4096, 8192), "B": 4, "D": 1024, "H": 8,
+            "fb_runs": ((4, 4096), (4, 8192), (1, 8192), (1, 32768), (1, 131072)), "fla": (8, 128)},
+    "smoke": {"fb": (32, 70), "layer_check": (64, 2, 37), "layer_T": (40,), "B": 2, "D": 64, "H": 2,
+              "fb_runs": ((2, 40), (1, 40), (1, 80)), "fla": (2, 16)},
+}
 
 
 def main():
+    global OUT_PATH
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results_gpu.md"))
+    ap.add_argument("--out", default=OUT_PATH)
     ap.add_argument("--quick", action="store_true", help="correctness and T=4096 only")
+    ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny sizes: checks the script itself")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device; nothing to do (the CPU tests run the kernels in the interpreter)")
-        return 2
-    os.environ.pop("TRITON_INTERPRET", None)
+    OUT_PATH = args.out
+    if not SMOKE:
+        if not torch.cuda.is_available():
+            print("gpu_check: no CUDA device; nothing to do (--smoke runs the flow on CPU)")
+            return 2
+        os.environ.pop("TRITON_INTERPRET", None)
+    z = SIZES["smoke" if SMOKE else "gpu"]
     peak = measure_peak()
-    correctness_feedback()
-    correctness_layer()
-    for T in ((4096,) if args.quick else (4096, 8192)):
-        time_layer(T, peak=peak)
-    for B, T in ((4, 4096), (4, 8192)) + (() if args.quick else ((1, 65536), (1, 131072))):
-        time_feedback(T, B, fla=T <= 8192, peak=peak)
-    write_table(args.out)
+    correctness_feedback(*z["fb"])
+    correctness_layer(*z["layer_check"])
+    for T in z["layer_T"][:1] if args.quick else z["layer_T"]:
+        time_layer(T, B=z["B"], D=z["D"], H=z["H"], peak=peak)
+    runs = z["fb_runs"][:1] if args.quick else z["fb_runs"]
+    for B, T in runs:
+        time_feedback(T, B, D=z["D"], peak=peak)
+        if B == z["B"]:
+            compare_fla(T, B=B, H=z["fla"][0], d=z["fla"][1])
+    print(f"wrote {OUT_PATH}")
     return 0
 
 

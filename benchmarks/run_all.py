@@ -2,7 +2,8 @@
 
     python benchmarks/run_all.py            # CPU tables; the GPU check too when a CUDA device is present
 
-Writes benchmarks/results/onnx_cpu.md, benchmarks/results/tvm_cpu.md and (on a GPU)
+Writes benchmarks/results/onnx_cpu.md, benchmarks/results/tvm_cpu.md, prints the Triton static
+table (benchmarks/triton_static.py) and (on a GPU)
 benchmarks/results_gpu.md, each stamped with date, machine and command.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ RUNS = [
     ("onnx_cpu", [sys.executable, str(HERE / "onnx_cpu.py"), "--threads", "1", "--repeats", "5"]),
     ("tvm_cpu", [sys.executable, str(HERE / "tvm_cpu.py"), "--reps", "7"]),
     ("first_call", [sys.executable, str(HERE / "first_call.py")]),
+    ("triton_static", [sys.executable, str(HERE / "triton_static.py")]),   # sm_90 compiles: no GPU needed
 ]
 
 

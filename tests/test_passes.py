@@ -135,13 +135,13 @@ def test_a_pass_that_breaks_the_ir_is_named():
 def test_pipelines_per_backend():
     assert [p.name for p in build_pipeline("eager").passes] == ["simplify"]
     pm = build_pipeline("triton", feedback_chunk_size=32)
-    assert [p.name for p in pm.passes] == ["simplify", "chunk-feedback", "chunk-scan"]
-    assert str(pm) == "simplify -> chunk-feedback{chunk_size=32} -> chunk-scan{chunk_size=None}"
+    assert [p.name for p in pm.passes] == ["simplify", "sink-casts", "chunk-feedback", "chunk-scan"]
+    assert str(pm) == "simplify -> sink-casts -> chunk-feedback{chunk_size=32} -> chunk-scan{chunk_size=None}"
     with pytest.raises(UnsupportedError, match="no pass pipeline for backend 'nope'"):
         build_pipeline("nope")
     g = parse(FEEDBACK_IR)
     pm = run_pipeline(g, "triton", feedback_chunk_size=16)
-    assert [r.rewrites for r in pm.records] == [0, 1, 0]
+    assert [r.rewrites for r in pm.records] == [0, 0, 1, 0]
     assert g.ops() == ["feedback_lse", "feedback_diag_inverse", "feedback_chunked", "mul"]
 
 

@@ -14,7 +14,7 @@ def test_every_kernel_compiles_for_sm90_with_tensor_cores(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), SESSA_COMPILER_KERNEL_DIR=str(tmp_path / "kernels"),
                TRITON_DEFAULT_FP_FUSION="1")
-    proc = subprocess.run([sys.executable, "-m", "sessa_compiler.backends.triton.aot", "bf16"], env=env,
+    proc = subprocess.run([sys.executable, "-m", "sessa_compiler.backends.triton.aot", "bf16", "f32"], env=env,
                           capture_output=True, text=True, timeout=600)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     errors = [r for r in records if "error" in r]
@@ -22,10 +22,12 @@ def test_every_kernel_compiles_for_sm90_with_tensor_cores(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = {(r["kernel"], r["tunables"].get("strategy", "")) for r in records}
     assert {k for k, _ in kernels} == {"attention_fwd", "feedback_lse", "feedback_diag_inverse", "feedback_solve",
-                                       "scan_chunked"}
-    assert len(records) == 7  # attention with and without RoPE, three feedback kernels, two scan strategies
+                                       "feedback_probs", "feedback_update", "scan_chunked", "rope_rotate"}
+    assert len(records) == 20  # per dtype: attention with (+ rope_rotate) and without RoPE, five feedback kernels, two scans
     for r in records:
         assert r["cubin_bytes"] > 0
+        assert r["spill_bytes"] == 0, r
+        assert r["shared_bytes"] <= 232448, r   # what one block may use on sm_90: more fails to launch
         if r["uses_dot"]:
             assert r["wgmma"] or r["mma"], f"{r['kernel']} uses tl.dot but its PTX has no mma/wgmma"
         # 64-row tiles at 4 warps are warpgroup tiles: Hopper's wgmma, not the older mma.sync

@@ -18,6 +18,7 @@ from sessa_compiler.backends.triton.feedback import (
     launch_diag_inverse,
     launch_lse,
     launch_solve,
+    update_splits,
 )
 from sessa_compiler.backends.triton.scan import generate_scan, launch_scan
 from sessa_compiler.ir import parse
@@ -215,18 +216,73 @@ def test_new_sequence_length_reuses_the_kernel():
 
 def test_generated_source_is_readable_and_follows_the_ir():
     src = generate_solve(feedback_graph(24, 40, 32).nodes[2], {"q_b": "f32", "f": "f32", "gamma": "f32"}, False)
-    text = src.source
+    text = src.full_source
     assert text.startswith("# sessa_compiler generated Triton kernel `feedback_solve`\n# IR op: feedback_chunked\n")
     assert "# specialisation: D_qk=24, D_v=40, chunk_size=32" in text
-    assert "# tunables: BLOCK_K=32, BLOCK_DV=64" in text and "num_warps=4" in text
+    assert "# tunables: CO=256, BLOCK_DV=64" in text and "num_warps=4" in text
     assert "C = tl.constexpr(32)" in text and "@triton.jit(do_not_specialize=['T'" in text
-    assert "q_rows = tl.load" in text                       # width fits one tile: q hoisted
-    wide = generate_solve(feedback_graph(80, 40, 32).nodes[2], {"q_b": "f32", "f": "f32", "gamma": "f32"}, False)
-    assert "for k0 in range(0, D_QK, BLOCK_K)" in wide.source and "q_rows" not in wide.source
+    assert [p.name for p in src.parts] == ["feedback_probs", "feedback_update"]
+    assert "def feedback_probs(" in text and "def feedback_update(" in text
+    probs = src.parts[0].source
+    assert "for k0 in range(0, D_QK, BLOCK_K)" in probs and "& ((k0 + kk)[None, :] < D_QK)" in probs  # 24 < 64
     with_rope = generate_attention(attention_node(4, 2, 16, True), {"q": "f32", "k": "f32", "v": "f32", "inv_freq": "f32"}, False)
     no_rope = generate_attention(attention_node(4, 2, 16, False), {"q": "f32", "k": "f32", "v": "f32"}, False)
-    assert "GROUP = tl.constexpr(2)" in with_rope.source and "cos_q" in with_rope.source
-    assert "cos_q" not in no_rope.source and "INV_FREQ" not in no_rope.source
-    for s in (src, wide, with_rope, no_rope):
+    assert "GROUP = tl.constexpr(2)" in with_rope.source and [p.name for p in with_rope.parts] == ["rope_rotate"]
+    assert "tl.cos" in with_rope.parts[0].source and "tl.cos" not in with_rope.source   # K rotated once, before
+    assert not no_rope.parts and "INV_FREQ" not in no_rope.full_source
+    for s in (src, *src.parts, with_rope, no_rope):
         assert "make_block_ptr" not in s.source
         assert s.source.count("tl.dot(") == s.source.count("input_precision=")
+
+
+# The two-level solve: several outer chunks of 2 or 4 inner blocks, T not a multiple of either.
+@pytest.mark.parametrize("T, outer", [(1, 32), (63, 32), (97, 64), (130, 32)])
+@pytest.mark.parametrize("gamma_sign", [1.0, -1.0])
+def test_two_level_feedback_solve_across_outer_chunks(T, outer, gamma_sign):
+    C, B, d_qk, d_v = 16, 2, 24, 40
+    g = feedback_graph(d_qk, d_v, C)
+    dts = {"q_b": "f32", "f": "f32", "gamma": "f32"}
+    k_lse, k_dinv = (KERNEL_CACHE.load(gen(node, dts, True), True) for gen, node in zip((generate_lse, generate_diag_inverse), g.nodes))
+    k_solve = KERNEL_CACHE.load(generate_solve(g.nodes[2], dts, True, outer_chunk=outer), True)
+    assert k_solve.source.tunables["CO"] == outer and set(k_solve.parts) == {"feedback_probs", "feedback_update"}
+    f, q, k, gamma = feedback_inputs(B, T, d_qk, d_v, gamma_sign, torch.float32, seed=T + outer)
+    assert gamma.abs().max() > 0.99
+    lse = launch_lse(k_lse, q, k)
+    dinv = launch_diag_inverse(k_dinv, q, k, gamma, lse, C)
+    ref = feedback_ref(f.double(), q.double(), k.double(), gamma.double(), 0.3)
+    for target_programs in (264, 1):   # the update split over earlier rows (from r0 = 128 here), and not split
+        buf, s = poisoned((B, T, d_v), torch.float32)
+        launch_solve(k_solve, f, q, k, gamma, lse, dinv, out=s, target_programs=target_programs)
+        assert canary_intact(buf, B * T * d_v)
+        assert rel_err(s, ref) < 1e-4
+
+
+def test_update_split_over_earlier_rows():
+    assert update_splits(2, 128, 16, 264) == (2, 64)       # 4 K tiles per split at least
+    assert update_splits(2, 4096, 32, 264) == (32, 128)
+    assert update_splits(300, 4096, 32, 264) == (1, 4096)  # enough programs already
+    assert update_splits(2, 0, 32, 264)[0] == 1
+
+
+def test_tile_sizes_are_tunable():
+    """Block sizes (attention tiles, the feedback's outer chunk) are in the GPU tuning space and reach the source."""
+    from sessa_compiler.backends.triton.backend import TritonProgram
+    from sessa_compiler.tune.api import triton_space
+
+    att = attention_node(4, 2, 32, False, "bf16")
+    g = feedback_graph(24, 40, 16)
+    gpu = torch.device("cuda")   # the space only looks at the device type
+    att_space, fb_space = triton_space(att, gpu), triton_space(parse("""graph f(%f: f32[B, T, 8], %q: f32[B, T, 8], %k: f32[B, T, 8], %g: f32[B, T]) {
+  %s: f32[B, T, 8] = feedback(%f, %q, %k, %g) {scale=0.3}
+  return %s
+}""").nodes[0], gpu)
+    assert {(c["block_m"], c["block_n"]) for c in att_space} == {(128, 64), (128, 128), (64, 64), (64, 128)}
+    assert {c["outer_chunk"] for c in fb_space} == {128, 256, 512}
+    assert att_space[0] == {"num_warps": 8, "num_stages": 3, "block_m": 128, "block_n": 64}   # the generator's default first
+    prog = TritonProgram(g, None, interpret=False)
+    solve = g.nodes[2]
+    prog.node_configs = {solve: {"outer_chunk": 128, "num_warps": 8}, att: {"block_m": 64, "block_n": 128}}
+    src = prog.source_for(solve, {"q_b": "f32", "f": "f32", "gamma": "f32"}, False)
+    assert src.tunables["CO"] == 128 and src.num_warps == 8 and "CO = tl.constexpr(128)" in src.source
+    a = prog.source_for(att, {"q": "bf16", "k": "bf16", "v": "bf16"}, False)
+    assert (a.tunables["BLOCK_M"], a.tunables["BLOCK_N"], a.num_warps) == (64, 128, 4)

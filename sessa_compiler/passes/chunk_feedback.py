@@ -25,13 +25,14 @@ CHUNK_CANDIDATES = (16, 32, 64)
 
 @dataclass(frozen=True)
 class FeedbackCost:
-    """A first-order model of the chunked feedback kernels (left-looking, probabilities recomputed).
+    """A first-order model of the chunked feedback kernels (the Triton backend's two-level solve).
 
-    One program owns (batch, block of ``block_dv`` output columns) and walks the T/C chunks in order,
-    so the sequential latency is (T/C) * step_latency. FLOPs: the off-diagonal logits are recomputed
-    for every column block; each diagonal block is inverted by repeated squaring (log2 C matmul
-    pairs). Tiles must fit the register file: the C x block_dv accumulator and three C x C fp32 tiles
-    of the inverse. The autotuning issue replaces these constants with measurements.
+    The C-row diagonal blocks are the inner steps of the solve: T/C of them run in sequence, so the
+    sequential latency is (T/C) * step_latency. FLOPs: the logits (twice: the log-sum-exp pass and
+    the probabilities) and P @ s do not depend on C; each diagonal block's inverse costs
+    log2 C pairs of C x C products, and applying it a C x C by C x d_v product. Tiles must fit the
+    register file: the C x block_dv accumulator and three C x C fp32 tiles of the inverse. The
+    autotuning issue replaces these constants with measurements.
     """
 
     assumed_T: int = 4096
@@ -41,10 +42,9 @@ class FeedbackCost:
     register_budget_bytes: int = 3 * 64 * 64 * 4
 
     def seconds(self, C: int, T: int, d_qk: int, d_v: int) -> float:
-        n_dv = max(1, math.ceil(d_v / self.block_dv))
-        off_diag = T * T * (d_qk * n_dv + d_v)                 # 2 * (T^2 / 2) * (...)
-        diag_inverse = (T / C) * 2 * C ** 3 * 2 * math.log2(C)
-        apply_inverse = 2 * T * C * d_v + 2 * T * C * d_qk * n_dv
+        off_diag = T * T * (2 * d_qk + d_v)                    # 2 * (T^2 / 2) * (...)
+        diag_inverse = (T / C) * (2 * C * C * d_qk + 2 * C ** 3 * 2 * math.log2(C))
+        apply_inverse = 2 * T * C * d_v
         return math.ceil(T / C) * self.step_latency_s + (off_diag + diag_inverse + apply_inverse) / self.flops_per_s
 
     def fits(self, C: int) -> bool:

@@ -1,7 +1,7 @@
 """The pass pipeline of each backend, as a short list of named passes.
 
     eager:  simplify
-    triton: simplify -> chunk-feedback -> chunk-scan [-> fuse]   (the Triton backend passes fuse=True)
+    triton: simplify -> sink-casts -> chunk-feedback -> chunk-scan [-> fuse]   (the Triton backend passes fuse=True)
 
 ``run_pipeline(graph, "triton", print_ir=True)`` rewrites ``graph`` in place and returns the
 PassManager (its ``records`` say what each pass did; chunking passes keep their ``decisions``).
@@ -15,6 +15,7 @@ from .chunk_feedback import ChunkFeedback
 from .chunk_scan import ChunkScan
 from .fuse import Fuse
 from .manager import PassManager
+from .sink_casts import SinkCasts
 
 
 def eager_pipeline(**_options) -> list:
@@ -22,7 +23,7 @@ def eager_pipeline(**_options) -> list:
 
 
 def triton_pipeline(*, feedback_chunk_size=None, scan_chunk_size=None, fuse=False, **_options) -> list:
-    passes = [Simplify(), ChunkFeedback(chunk_size=feedback_chunk_size), ChunkScan(chunk_size=scan_chunk_size)]
+    passes = [Simplify(), SinkCasts(), ChunkFeedback(chunk_size=feedback_chunk_size), ChunkScan(chunk_size=scan_chunk_size)]
     return passes + [Fuse()] if fuse else passes
 
 

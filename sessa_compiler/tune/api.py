@@ -108,10 +108,13 @@ def kernel_source(backend: str, node, target=None) -> str:
 def triton_space(node, device: torch.device) -> list:
     """Candidate configs for one op, the cost-model-like choice first (so a tiny budget still verifies it)."""
     gpu = device.type == "cuda"
-    warps = ((4, 8), (2, 3)) if gpu else ((4,), (2,))
+    warps = ((4, 8), (3, 2)) if gpu else ((4,), (2,))
     if node.op == "feedback":
         chunks = (32, 64, 16) if gpu else (16, 32, 64)
-        return [{"chunk_size": c, "num_warps": w, "num_stages": s} for c in chunks for w in warps[0] for s in warps[1]]
+        space = [{"chunk_size": c, "num_warps": w, "num_stages": s} for c in chunks for w in warps[0] for s in warps[1]]
+        if gpu:  # rows per outer chunk of the two-level solve (the interpreter uses two inner blocks)
+            space = [{**c, "outer_chunk": o} for o in (256, 128, 512) for c in space]
+        return space
     if node.op == "scan":
         space = [{"strategy": "sequential", "num_warps": w, "num_stages": s} for w in warps[0] for s in warps[1]]
         if gpu:  # the associative scan runs element by element in the interpreter: GPU only
@@ -119,7 +122,10 @@ def triton_space(node, device: torch.device) -> list:
                       for c in (16, 32, 64) for w in warps[0]]
         return space
     if node.op == "attention":
-        return [{"num_warps": w, "num_stages": s} for w in (4, 8) for s in warps[1]]  # two on CPU too: a real search
+        space = [{"num_warps": w, "num_stages": s} for w in (8, 4) for s in warps[1]]  # two on CPU too: a real search
+        if gpu:  # query and key tile rows
+            space = [{**c, "block_m": m, "block_n": n} for m in (128, 64) for n in (64, 128) for c in space]
+        return space
     raise SessaCompilerError(f"op '{node.op}' has no tunables")
 
 
@@ -295,12 +301,14 @@ def _origin(node) -> str:
 
 
 def attach_launch_configs(program, per_node: dict) -> None:
-    """num_warps/num_stages by rewritten node: feedback's lse and diag-inverse nodes follow their solve."""
+    """Launch configs (num_warps, num_stages, block sizes) by rewritten node: feedback's lse and
+    diag-inverse nodes follow their solve."""
     configs = {}
     for n in program.graph.nodes:
         name = _origin(n)
         if name is not None and name in per_node:
-            cfg = {k: v for k, v in per_node[name][0].items() if k in ("num_warps", "num_stages")}
+            cfg = {k: v for k, v in per_node[name][0].items()
+                   if k in ("num_warps", "num_stages", "block_m", "block_n", "outer_chunk")}
             configs[n] = cfg
             if n.op == "feedback_chunked":
                 for x in n.inputs[4:6]:
@@ -545,9 +553,8 @@ def tune_graph(backend, graph: Graph, inputs, *, budget=None, cache: TuningCache
     kernel_hook(TunableKernel, node) -> TunableKernel lets tests alter a kernel's space or runner
     (e.g. inject a wrong-but-fast candidate, which the verification must reject).
     """
-    from tqdm.auto import tqdm
-
     from ..backends.eager import run_graph
+    from .tuner import tqdm  # tqdm's, or a silent stand-in where tqdm is not installed
 
     name = getattr(backend, "name", str(backend))
     build = KERNEL_BUILDERS.get(name)

@@ -18,8 +18,12 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import filelock
-import platformdirs
+import filelock  # a dependency of torch
+
+try:  # a convenience: the GPU machines have only torch, triton and numpy
+    import platformdirs
+except ImportError:  # pragma: no cover - exercised by tests/test_triton_minimal_env.py
+    platformdirs = None
 
 ENTRY_FORMAT = 1
 
@@ -27,7 +31,11 @@ ENTRY_FORMAT = 1
 def cache_dir() -> Path:
     """``$SESSA_COMPILER_CACHE_DIR``, else the user's cache directory."""
     env = os.environ.get("SESSA_COMPILER_CACHE_DIR")
-    return Path(env) if env else Path(platformdirs.user_cache_dir("sessa_compiler"))
+    if env:
+        return Path(env)
+    if platformdirs is not None:
+        return Path(platformdirs.user_cache_dir("sessa_compiler"))
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sessa_compiler"
 
 
 def stable_hash(obj) -> str:

@@ -21,6 +21,9 @@ ALLOWED = {
     "num_warps": {1, 2, 4, 8, 16},
     "num_stages": {1, 2, 3, 4, 5},
     "strategy": {"sequential", "associative"},
+    "block_m": {32, 64, 128, 256},
+    "block_n": {32, 64, 128, 256},
+    "outer_chunk": {64, 128, 256, 512, 1024},
 }
 # TVM: the fields of the ops' schedules (backends/tvm/schedules.py); whether a value fits a given op's
 # shape (divisibility) is checked again when the backend resolves it (tune.api.tvm_schedule).

@@ -1,9 +1,9 @@
 """Causal attention (FlashAttention-style online softmax), generated from an ``attention`` node.
 
-GQA is an index map (query head h reads kv head h // G, no copies); with ``rope=True`` the
-interleaved rotary embedding is applied while Q and K tiles are loaded: the even and odd lanes of
-each pair are loaded as two half-width tiles, rotated in fp32 registers, and the logits are the sum
-of two half-width products. Without RoPE the generated kernel has one full-width product instead.
+GQA is an index map (query head h reads kv head h // G, no copies). With ``rope=True`` a small
+kernel first rotates q (folding in the softmax scale) and k once each into contiguous copies
+(interleaved pairs, angles in fp32): each K tile is rotated once instead of once per query block,
+and the attention kernel always has one full-width product per tile.
 """
 from __future__ import annotations
 
@@ -12,7 +12,60 @@ from ...ir.graph import Node
 from .codegen import AOT_POINTER, KernelSource, dot_block, dot_policy
 
 
-def generate_attention(node: Node, dtypes: dict, interpret: bool) -> KernelSource:
+def _rope_kernel(d: int, rotated_dtype: str, spec: dict) -> KernelSource:
+    """Rotates q or k once, before attention: x [B, T, Hx, d] (row-strided) -> contiguous rotated copy,
+    times ``mult`` (the softmax scale for q, 1 for k). Lanes 2i and 2i+1 are a pair."""
+    half = d // 2
+    block_half = dot_block(half, 128)
+    body = "".join(f"{a} = tl.constexpr({b!r})\n" for a, b in dict(D=d, HALF=half, BLOCK_HALF=block_half,
+                                                                    BLOCK_M=32).items()) + "\n\n"
+    imask = "" if half == block_half else " & (i[None, :] < HALF)"
+    body += ("@triton.jit\n"
+             "def rope_rotate(X, INV_FREQ, OUT, T, HX, mult, stride_xb, stride_xt, stride_xh):\n"
+             "    # out[t, 2i], out[t, 2i+1] = rotation of (x[t, 2i], x[t, 2i+1]) by t * inv_freq[i], times mult\n"
+             "    pid_m = tl.program_id(0)\n"
+             "    bh = tl.program_id(1)\n"
+             "    b = (bh // HX).to(tl.int64)\n"
+             "    h = bh % HX\n"
+             "    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)\n"
+             "    i = tl.arange(0, BLOCK_HALF)\n"
+             f"    mask = (rows[:, None] < T){imask}\n"
+             "    inv_freq = tl.load(INV_FREQ + i, mask=i < HALF, other=0.0).to(tl.float32)\n"
+             "    ang = rows[:, None].to(tl.float32) * inv_freq[None, :]\n"
+             "    cos, sin = tl.cos(ang), tl.sin(ang)\n"
+             "    x = X + b * stride_xb + h * stride_xh + rows[:, None] * stride_xt + 2 * i[None, :]\n"
+             "    xe = tl.load(x, mask=mask, other=0.0).to(tl.float32)\n"
+             "    xo = tl.load(x + 1, mask=mask, other=0.0).to(tl.float32)\n"
+             "    o = OUT + ((b * T + rows[:, None]) * HX + h) * D + 2 * i[None, :]\n"
+             "    tl.store(o, ((xe * cos - xo * sin) * mult).to(OUT.dtype.element_ty), mask=mask)\n"
+             "    tl.store(o + 1, ((xe * sin + xo * cos) * mult).to(OUT.dtype.element_ty), mask=mask)\n")
+    ptr = AOT_POINTER[spec["dtype"]]
+    return KernelSource("rope_rotate", "attention", {**spec, "rotated_dtype": rotated_dtype},
+                        {"BLOCK_M": 32, "BLOCK_HALF": block_half}, body,
+                        {"X": ptr, "INV_FREQ": AOT_POINTER[spec["inv_freq_dtype"]], "OUT": AOT_POINTER[rotated_dtype],
+                         "T": "i32", "HX": "i32", "mult": "fp32", "stride_xb": "i64", "stride_xt": "i32",
+                         "stride_xh": "i32"},
+                        do_not_specialize=("T",), num_warps=4, num_stages=2, uses_dot=False)
+
+
+SHARED_BUDGET = 200 * 1024   # bytes of shared memory a tile config may plan for (sm_90 allows 227 KB a block)
+
+
+def _fit_tiles(d: int, dv: int, esize: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, num_stages): the largest tiles whose shared memory fits SHARED_BUDGET.
+
+    Estimate (checked against sm_90 compiles of bf16 and f32 at head widths 64-256): every stage
+    holds a K and a V tile, and Q plus one layout-conversion buffer stay resident."""
+    for bm, bn, stages in ((128, 64, 3), (128, 64, 2), (64, 64, 2), (64, 32, 2), (32, 32, 1)):
+        if stages * bn * (d + dv) * esize + 2 * bm * max(d, dv) * esize <= SHARED_BUDGET:
+            return bm, bn, stages
+    return 32, 32, 1
+
+
+def generate_attention(node: Node, dtypes: dict, interpret: bool, block_m: int | None = None,
+                       block_n: int | None = None) -> KernelSource:
+    """The attention kernel; with ``rope=True`` a ``rope_rotate`` part rotates q (times the scale) and k
+    once into contiguous copies, so each K tile is rotated once, not once per query block."""
     q, k, v = node.inputs[:3]
     H, Hkv, d = q.type.shape[2], k.type.shape[2], q.type.shape[3]
     dv = v.type.shape[3]
@@ -22,21 +75,25 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool) -> KernelSourc
     if not node.attrs["causal"]:
         raise UnsupportedError("op 'attention': only causal attention has a Triton kernel")
     rope = bool(node.attrs.get("rope", False))
+    if rope and d % 2:
+        raise UnsupportedError(f"op 'attention': RoPE needs an even head width, got {d}")
     dt = dtypes["q"]
     pol = dot_policy(dt, interpret)
     dd, prec = pol["dot_dtype"], pol["dot_precision"]
-    block_m, block_n = 64, 64
+    # 128 query rows at 8 warps: each warpgroup gets 64 rows and the full tile width (m64n64 for the
+    # logits, m64n<d_v> for P @ V); 64-row tiles at 8 warps would split N in half
     block_dv = dot_block(dv, 256)
-    consts = dict(H=H, GROUP=H // Hkv, SCALE=node.attrs["scale"], BLOCK_M=block_m, BLOCK_N=block_n, D_V=dv,
-                  BLOCK_DV=block_dv)
-    if rope:
-        consts.update(HALF=d // 2, BLOCK_HALF=dot_block(d // 2, 128))
-    else:
-        consts.update(D=d, BLOCK_D=dot_block(d, 256))
+    stages = 3
+    if block_m is None and block_n is None:
+        block_m, block_n, stages = _fit_tiles(dot_block(d, 256), block_dv, 4 if dt == "f32" else 2)
+    block_m, block_n = block_m or 128, block_n or 64
+    num_warps = 8 if block_m >= 128 else 4
+    qdt = ("f32" if dd == "tl.float32" else dt) if rope else dt   # the rotated copies keep the dot's dtype
+    consts = dict(H=H, GROUP=H // Hkv, SCALE=1.0 if rope else node.attrs["scale"], BLOCK_M=block_m,
+                  BLOCK_N=block_n, D_V=dv, BLOCK_DV=block_dv, D=d, BLOCK_D=dot_block(d, 256))
     body = "".join(f"{a} = tl.constexpr({b!r})\n" for a, b in consts.items()) + "\n\n"
-    rope_arg = ", INV_FREQ" if rope else ""
     body += ("@triton.jit\n"
-             f"def attention_fwd(Q, K, V{rope_arg}, OUT, T, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,\n"
+             "def attention_fwd(Q, K, V, OUT, T, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,\n"
              "                  stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh):\n"
              "    # out[t] = softmax_{j<=t}(q_t . k_j * SCALE) @ v for one (row block, batch x query head)\n"
              "    pid_m = tl.program_id(0)\n"
@@ -49,42 +106,20 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool) -> KernelSourc
              "    k_base = K + b * stride_kb + kvh * stride_kh\n"
              "    v_base = V + b * stride_vb + kvh * stride_vh\n"
              "    dvs = tl.arange(0, BLOCK_DV)\n")
-    if rope:
-        body += ("    i = tl.arange(0, BLOCK_HALF)   # pair index: lanes 2i (even) and 2i+1 (odd)\n"
-                 "    imask = i < HALF\n"
-                 "    inv_freq = tl.load(INV_FREQ + i, mask=imask, other=0.0).to(tl.float32)\n"
-                 "    ang = rows[:, None].to(tl.float32) * inv_freq[None, :]\n"
-                 "    cos_q, sin_q = tl.cos(ang), tl.sin(ang)\n"
-                 "    qmask = (rows[:, None] < T) & imask[None, :]\n"
-                 "    qe = tl.load(q_base + rows[:, None] * stride_qt + 2 * i[None, :], mask=qmask, other=0.0).to(tl.float32)\n"
-                 "    qo = tl.load(q_base + rows[:, None] * stride_qt + 2 * i[None, :] + 1, mask=qmask, other=0.0).to(tl.float32)\n"
-                 f"    q_even = ((qe * cos_q - qo * sin_q) * SCALE).to({dd})\n"
-                 f"    q_odd = ((qe * sin_q + qo * cos_q) * SCALE).to({dd})\n")
-    else:
-        dmask = "" if d == consts["BLOCK_D"] else " & (ds[None, :] < D)"
-        body += ("    ds = tl.arange(0, BLOCK_D)\n"
-                 f"    q = tl.load(q_base + rows[:, None] * stride_qt + ds[None, :], mask=(rows[:, None] < T){dmask}, other=0.0)\n"
-                 f"    q = (q.to(tl.float32) * SCALE).to({dd})\n")
-    body += ("    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)\n"
+    dmask = "" if d == consts["BLOCK_D"] else " & (ds[None, :] < D)"
+    scale_q = "" if rope else ".to(tl.float32) * SCALE"   # rotated q comes scaled
+    body += ("    ds = tl.arange(0, BLOCK_D)\n"
+             f"    q = tl.load(q_base + rows[:, None] * stride_qt + ds[None, :], mask=(rows[:, None] < T){dmask}, other=0.0)\n"
+             f"    q = (q{scale_q}).to({dd})\n"
+             "    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)\n"
              "    l_i = tl.zeros([BLOCK_M], tl.float32)\n"
              "    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)\n"
              "    hi = tl.minimum((pid_m + 1) * BLOCK_M, T)\n"
              "    for n0 in range(0, hi, BLOCK_N):\n"
              "        cols = n0 + tl.arange(0, BLOCK_N)\n")
-    if rope:
-        body += ("        kmask = imask[:, None] & (cols[None, :] < T)\n"
-                 "        ke = tl.load(k_base + cols[None, :] * stride_kt + 2 * i[:, None], mask=kmask, other=0.0).to(tl.float32)\n"
-                 "        ko = tl.load(k_base + cols[None, :] * stride_kt + 2 * i[:, None] + 1, mask=kmask, other=0.0).to(tl.float32)\n"
-                 "        ang_k = cols[None, :].to(tl.float32) * inv_freq[:, None]\n"
-                 "        cos_k, sin_k = tl.cos(ang_k), tl.sin(ang_k)\n"
-                 f"        k_even = (ke * cos_k - ko * sin_k).to({dd})\n"
-                 f"        k_odd = (ke * sin_k + ko * cos_k).to({dd})\n"
-                 f"        logits = tl.dot(q_even, k_even, out_dtype=tl.float32, input_precision=\"{prec}\")\n"
-                 f"        logits += tl.dot(q_odd, k_odd, out_dtype=tl.float32, input_precision=\"{prec}\")\n")
-    else:
-        dmask_t = "" if d == consts["BLOCK_D"] else " & (ds[:, None] < D)"
-        body += (f"        kt = tl.load(k_base + cols[None, :] * stride_kt + ds[:, None], mask=(cols[None, :] < T){dmask_t}, other=0.0)\n"
-                 f"        logits = tl.dot(q, kt.to(tl.float32).to({dd}), out_dtype=tl.float32, input_precision=\"{prec}\")\n")
+    dmask_t = "" if d == consts["BLOCK_D"] else " & (ds[:, None] < D)"
+    body += (f"        kt = tl.load(k_base + cols[None, :] * stride_kt + ds[:, None], mask=(cols[None, :] < T){dmask_t}, other=0.0)\n"
+             f"        logits = tl.dot(q, kt.to({dd}), out_dtype=tl.float32, input_precision=\"{prec}\")\n")
     vmask = "" if dv == block_dv else " & (dvs[None, :] < D_V)"
     body += ("        z = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < T), logits, float(\"-inf\"))\n"
              "        m_new = tl.maximum(m_i, tl.max(z, axis=1))\n"
@@ -92,7 +127,7 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool) -> KernelSourc
              "        p = tl.exp(z - m_new[:, None])\n"
              "        l_i = l_i * alpha + tl.sum(p, axis=1)\n"
              f"        v = tl.load(v_base + cols[:, None] * stride_vt + dvs[None, :], mask=(cols[:, None] < T){vmask}, other=0.0)\n"
-             f"        acc = acc * alpha[:, None] + tl.dot(p.to({dd}), v.to(tl.float32).to({dd}), out_dtype=tl.float32, "
+             f"        acc = acc * alpha[:, None] + tl.dot(p.to({dd}), v.to({dd}), out_dtype=tl.float32, "
              f"input_precision=\"{prec}\")\n"
              "        m_i = m_new\n"
              "    out = acc / l_i[:, None]\n"
@@ -100,19 +135,18 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool) -> KernelSourc
              f"    tl.store(o_base + rows[:, None] * stride_ot + dvs[None, :], out.to(OUT.dtype.element_ty), "
              f"mask=(rows[:, None] < T){vmask})\n")
     ptr = AOT_POINTER[dt]
-    sig = {"Q": ptr, "K": ptr, "V": ptr}
-    if rope:
-        sig["INV_FREQ"] = AOT_POINTER[dtypes["inv_freq"]]
-    sig["OUT"] = ptr
-    sig["T"] = "i32"
+    qk_ptr = AOT_POINTER[qdt]
+    sig = {"Q": qk_ptr, "K": qk_ptr, "V": ptr, "OUT": ptr, "T": "i32"}
     for t in "qkvo":
         sig.update({f"stride_{t}b": "i64", f"stride_{t}t": "i32", f"stride_{t}h": "i32"})
     spec = {"H": H, "Hkv": Hkv, "d": d, "d_v": dv, "rope": rope, "dtype": dt, "scale": node.attrs["scale"]}
-    tun = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DV": block_dv,
-           **({"BLOCK_HALF": consts["BLOCK_HALF"]} if rope else {"BLOCK_D": consts["BLOCK_D"]}),
+    tun = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DV": block_dv, "BLOCK_D": consts["BLOCK_D"],
            "dot_dtype": dd, "dot_precision": prec}
-    return KernelSource("attention_fwd", "attention", spec, tun, body, sig,
-                        do_not_specialize=("T", "stride_qb", "stride_kb", "stride_vb", "stride_ob"))
+    parts = ()
+    if rope:
+        parts = (_rope_kernel(d, qdt, {"d": d, "dtype": dt, "inv_freq_dtype": dtypes["inv_freq"]}),)
+    return KernelSource("attention_fwd", "attention", spec, tun, body, sig, do_not_specialize=("T",),
+                        num_warps=num_warps, num_stages=stages, parts=parts)
 
 
 def launch_attention(kernel, q, k, v, inv_freq=None, out=None):
@@ -122,9 +156,19 @@ def launch_attention(kernel, q, k, v, inv_freq=None, out=None):
     if out is None:
         out = torch.empty(q.shape[:3] + (v.shape[3],), dtype=q.dtype, device=q.device)
     src = kernel.source
-    extra = (inv_freq,) if src.specialisation["rope"] else ()
+    if src.specialisation["rope"]:   # rotate q (times the scale) and k once
+        rot = kernel.parts["rope_rotate"]
+        rdt = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[rot.source.specialisation["rotated_dtype"]]
+        rotated = []
+        for x, mult in ((q, src.specialisation["scale"]), (k, 1.0)):
+            y = torch.empty(x.shape, dtype=rdt, device=x.device)
+            rot.fn[(-(-T // rot.source.tunables["BLOCK_M"]), B * x.shape[2])](
+                x, inv_freq, y, T, x.shape[2], mult, *x.stride()[:3],
+                num_warps=rot.source.num_warps, num_stages=rot.source.num_stages)
+            rotated.append(y)
+        q, k = rotated
     grid = (-(-T // src.tunables["BLOCK_M"]), B * H)
-    kernel.fn[grid](q, k, v, *extra, out, T, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+    kernel.fn[grid](q, k, v, out, T, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                     num_warps=src.num_warps, num_stages=src.num_stages)
     kernel.launches += 1
     return out

@@ -30,6 +30,7 @@ from .fused import fused_layout, generate_fused, launch_fused
 from .scan import generate_scan, launch_scan
 
 KERNEL_DTYPES = ("f32", "f16", "bf16")
+GENERATOR_KNOBS = {"attention": ("block_m", "block_n"), "feedback_chunked": ("outer_chunk",)}   # tunable tiles
 
 
 def _operand_names(node: Node) -> list:
@@ -77,15 +78,17 @@ class TritonProgram:
         self.interpret = interpret
         self.kernels: dict = {}
         self.kernel_nodes = [n for n in graph.nodes if _generator(n) is not None]
-        self.node_configs: dict = {}    # node -> {num_warps, num_stages}: tuned, shipped default, or none
+        self.node_configs: dict = {}    # node -> {num_warps, num_stages, tiles}: tuned, shipped default, or none
         self.config_report: list = []   # where each op's config came from (for describe / explain)
 
     def source_for(self, node: Node, dtypes: dict, interpret: bool) -> KernelSource:
+        config = self.node_configs.get(node) or {}
+        knobs = {k: v for k, v in config.items() if k in GENERATOR_KNOBS.get(node.op, ())}   # tiles: in the source
+        launch = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
         if node.op == "scan_chunked":
             src = generate_scan(node, dtypes, interpret, strategy=self.scan_strategy)
         else:
-            src = _generator(node)(node, dtypes, interpret)
-        launch = self.node_configs.get(node)
+            src = _generator(node)(node, dtypes, interpret, **knobs)
         return dataclasses.replace(src, **launch) if launch else src
 
     def kernel(self, node: Node, dtypes: dict, interpret: bool):
@@ -174,7 +177,7 @@ class TritonBackend:
         for n in prog.kernel_nodes:
             dtypes = prog.declared_dtypes(n)
             if n.op != "fused" and all(dt in KERNEL_DTYPES for dt in dtypes.values()):
-                out[n.output.name] = prog.source_for(n, dtypes, interpret).source
+                out[n.output.name] = prog.source_for(n, dtypes, interpret).full_source
         return out
 
     def fused_kernel_sources(self, graph: Graph, interpret: bool = False) -> dict:

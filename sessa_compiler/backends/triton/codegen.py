@@ -46,6 +46,7 @@ class KernelSource:
     num_warps: int = 4
     num_stages: int = 2
     uses_dot: bool = True
+    parts: tuple = ()            # further kernels the same launcher runs (each a KernelSource)
 
     @property
     def header(self) -> str:
@@ -66,7 +67,16 @@ class KernelSource:
 
     @property
     def key(self) -> str:
-        return hashlib.sha256(self.source.encode()).hexdigest()[:16]
+        return hashlib.sha256(self.full_source.encode()).hexdigest()[:16]
+
+    @property
+    def full_source(self) -> str:
+        """This kernel's source followed by its parts' (what ``kernel_sources()`` shows)."""
+        return "\n\n".join([self.source] + [p.full_source for p in self.parts])
+
+    def all_kernels(self) -> list:
+        """This kernel and its parts, each compiled on its own."""
+        return [self] + [k for p in self.parts for k in p.all_kernels()]
 
 
 @dataclass
@@ -76,6 +86,7 @@ class LoadedKernel:
     path: str
     interpret: bool
     launches: int = 0
+    parts: dict = field(default_factory=dict)   # name -> LoadedKernel of each of source.parts
 
 
 @dataclass
@@ -103,6 +114,9 @@ class KernelCache:
             os.replace(tmp, path)
             fn = _import_kernel(modname, path, src.name, interpret)
             entry = LoadedKernel(src, fn, path, interpret)
+        parts = {p.name: self.load(p, interpret) for p in src.parts}   # outside the lock: load takes it
+        with self.lock:
+            entry.parts = parts
             self.entries[key] = entry
             self.generated += 1
             return entry
