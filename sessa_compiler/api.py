@@ -138,6 +138,15 @@ class _Live:
         return None
 
 
+def _being_traced(args, kwargs) -> bool:
+    """Whether torch.compile (dynamo) or torch.export is tracing this call (fake or symbolic inputs)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return True
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode(pytree.tree_leaves((args, kwargs))) is not None
+
+
 def _modes(module: torch.nn.Module) -> tuple:
     return tuple(m.training for m in module.modules())
 
@@ -278,6 +287,11 @@ class CompiledModule(torch.nn.Module):
 
     # -- calling -------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
+        if _being_traced(args, kwargs):
+            # torch.compile / torch.export trace through this module: they see the original's code (with the
+            # sessa_compiler custom ops where the model calls them), so there is no graph break and nothing
+            # of this compiler's runtime (locks, variant selection, TVM/Triton launches) ends up in their graph
+            return self._orig_mod(*args, **kwargs)
         check_keywords(kwargs, InputError, f"compiled {type(self._orig_mod).__name__}: ")
         if self.backend_name == "eager":  # torch ops only: calls run concurrently once the graph is chosen
             with self._lock:
