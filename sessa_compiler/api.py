@@ -90,7 +90,7 @@ class _RecomputeGrad(torch.autograd.Function):
 _INTERPRETER_LOCK = threading.Lock()
 # per-call state, rebuilt after unpickling (see CompiledModule.__getstate__)
 _RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_variants", "_lock", "_live", "grad_recomputes",
-            "trace_seconds", "tune_results", "tune_seconds", "retraces")
+            "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces")
 ORIGINAL = "_orig_mod"  # the original module's attribute name (as torch.compile's OptimizedModule names it)
 
 
@@ -200,6 +200,7 @@ class CompiledModule(torch.nn.Module):
         self.grad_recomputes = 0    # calls whose backward recomputes on eager
         self.retraces: list = []    # why each trace after the first was made
         self.trace_seconds = None
+        self.trace_cache = None     # "hit", "miss" or "off": whether the last trace came from the compile cache
         self.tune_results: list = []
         self.tune_seconds = 0.0
 
@@ -242,7 +243,7 @@ class CompiledModule(torch.nn.Module):
     # -- tracing ---------------------------------------------------------------------------------------
     def _trace(self, args: tuple, kwargs: dict | None = None) -> None:
         start = time.perf_counter()
-        self._traced = trace_with_report(self._orig_mod, args, kwargs)
+        self._traced = self._cached_trace(args, kwargs)
         args = tuple(self._traced.tensor_inputs(args, kwargs or {}))  # the graph's inputs
         graph = self._traced.graph
         self._live = _Live(self._orig_mod, graph)
@@ -264,6 +265,22 @@ class CompiledModule(torch.nn.Module):
             self._backend.resolve(list(args))
         self._variants.append((self._traced, self._runner, self._live, _modes(self._orig_mod)))
         self.trace_seconds = time.perf_counter() - start
+
+    def _cached_trace(self, args: tuple, kwargs: dict | None) -> Traced:
+        """trace_with_report, through the persistent compile cache (compile_cache.py)."""
+        from . import compile_cache
+
+        key = compile_cache.module_key(self._orig_mod, args, kwargs, _modes(self._orig_mod)) \
+            if compile_cache.enabled() else None
+        traced = compile_cache.load(key, self._orig_mod) if key else None
+        if traced is not None and _why_not(traced, args, kwargs) is not None:
+            traced = None  # cached from sizes on another path through size-dependent code: trace this one
+        self.trace_cache = "hit" if traced is not None else ("miss" if key else "off")
+        if traced is None:
+            traced = trace_with_report(self._orig_mod, args, kwargs)
+            if key:
+                compile_cache.store(key, traced, self._orig_mod)
+        return traced
 
     @property
     def graph(self):
