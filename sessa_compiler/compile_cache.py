@@ -2,7 +2,8 @@
 disk under ``$SESSA_COMPILER_CACHE_DIR`` (default: the user's cache directory), so a new process skips
 torch.export, the recognisers and the TVM build.
 
-A traced graph is keyed by the module's code (the source of every submodule's class), its configuration
+A traced graph is keyed by the module's code (the files that define its submodules' classes, and this
+package's own source; helpers imported from other files are not in the key), its configuration
 (each submodule's type, ``extra_repr()`` and plain attributes), the names, shapes and dtypes of its
 parameters and buffers, its train/eval modes, the call's structure (ranks, dtypes, devices and static
 sizes of the tensors, keyword constants) and the versions of torch, triton, tvm and this package. A
@@ -14,6 +15,8 @@ Entries are pickles: load them only from a cache directory you trust (as with to
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import inspect
 import os
 import pickle
@@ -41,30 +44,49 @@ def _plain(value) -> bool:
     return False
 
 
-def _class_source(cls, seen: dict) -> None:
+def _class_files(cls, seen: dict) -> None:
+    """The source file of each class in cls's MRO outside torch, by file (None: no source file)."""
     for klass in cls.__mro__:
-        if klass.__module__.startswith(("torch.", "builtins")) or klass in seen or klass is object:
+        if klass is object or klass.__module__.split(".")[0] in ("torch", "builtins"):
             continue
         try:
-            seen[klass] = inspect.getsource(klass)
-        except (OSError, TypeError):  # no source (defined in a REPL, compiled): identify it by name only
-            seen[klass] = None
+            path = inspect.getsourcefile(klass)
+        except TypeError:
+            path = None
+        if path is None or not os.path.exists(path):
+            seen[klass.__qualname__] = None
+        elif path not in seen:
+            with open(path, "rb") as f:
+                seen[path] = hashlib.sha256(f.read()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _package_hash() -> str:
+    """sha256 of this package's own source: a changed frontend or backend misses every entry."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
 
 
 def module_key(module: torch.nn.Module, args: tuple, kwargs: dict | None, modes: tuple) -> str | None:
     """The cache key of tracing ``module(*args, **kwargs)``, or None when the module cannot be keyed (a
-    class without source code: its behaviour could change without the key changing)."""
+    class without a source file, e.g. defined in a REPL: its behaviour could change without the key
+    changing). The code part is the content of the files that define the submodules' classes and of this
+    package; helpers imported from other files are not in it."""
     sources: dict = {}
     config = []
     for name, sub in module.named_modules(remove_duplicate=False):
-        _class_source(type(sub), sources)
+        _class_files(type(sub), sources)
         attrs = {k: v for k, v in vars(sub).items()
                  if not k.startswith("_") and k != "training" and _plain(v)}
         config.append((name, f"{type(sub).__module__}.{type(sub).__qualname__}", sub.extra_repr(),
                        sorted(attrs.items())))
     if any(src is None for src in sources.values()):
         return None
-    code = sorted((f"{c.__module__}.{c.__qualname__}", stable_hash(src)) for c, src in sources.items())
+    code = sorted(sources.values()) + [_package_hash()]
     tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_parameters(remove_duplicate=False)]
     tensors += [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_buffers(remove_duplicate=False)]
     leaves, spec = torch.utils._pytree.tree_flatten((tuple(args), dict(sorted((kwargs or {}).items()))))

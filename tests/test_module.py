@@ -213,3 +213,25 @@ def test_concurrent_calls(backend):
     assert not errors, errors
     assert worst[0] <= TOL
     assert len(c._variants) == 1  # traced once although four threads made the first call together
+
+
+class Variadic(torch.nn.Module):
+    """forward(*xs), as wrappers written by others often are (before, torch.export rejected the dynamic
+    shapes the tracer gave it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, *xs):
+        return self.lin(xs[0]) + xs[1]
+
+
+def test_a_variadic_forward_traces_with_symbolic_sizes():
+    m = Variadic()
+    c = sc.compile(m, backend="eager")
+    for B, T in [(2, 3), (3, 8)]:
+        a, b = torch.randn(B, T, 4), torch.randn(B, T, 4)
+        with torch.no_grad():
+            assert relative_error(c(a, b), m(a, b)) <= TOL
+    assert len(c._variants) == 1

@@ -1,7 +1,7 @@
 """Built whole-graph TVM libraries in the persistent compile cache (``$SESSA_COMPILER_CACHE_DIR/tvm``).
 
-Keyed by the IR text, the schedules, the target, the vector width and the versions of torch, tvm and
-sessa_compiler; a library that does not load is moved aside and rebuilt. See sessa_compiler/compile_cache.py.
+Keyed by the IR text, the schedules, the target, the vector width, the versions of torch, tvm and
+sessa_compiler and this package's source; a library that does not load is moved aside and rebuilt. See sessa_compiler/compile_cache.py.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def load_or_build(graph, schedules: dict, target, lanes: int, build):
     import tvm
 
     key = stable_hash({"format": 1, "ir": str(graph), "schedules": repr(sorted(schedules.items())),
-                       "target": str(target), "lanes": lanes, "versions": library_versions("tvm")})
+                       "target": str(target), "lanes": lanes, "versions": library_versions("tvm"),
+                       "code": compile_cache._package_hash()})  # a changed kernel generator misses
     path = cache_dir() / "tvm" / f"{key}.so"
     if path.exists():
         try:
