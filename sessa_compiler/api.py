@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
+import sys
 import threading
 import time
 import warnings
@@ -12,7 +14,7 @@ import torch.utils._pytree as pytree
 
 from .backends import get_backend
 from .backends.eager import bind_symbols
-from .dtypes import from_torch
+from .dtypes import from_torch, to_torch
 from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
 from .frontend.trace import Traced, check_keywords, trace_with_report
 from .ir.ops import CORE, OPS
@@ -89,7 +91,7 @@ class _RecomputeGrad(torch.autograd.Function):
 # Triton's interpreter (CPU tensors) patches module-level state while a kernel runs: one at a time per process
 _INTERPRETER_LOCK = threading.Lock()
 # per-call state, rebuilt after unpickling (see CompiledModule.__getstate__)
-_RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_variants", "_lock", "_live", "grad_recomputes",
+_RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_variants", "_lock", "_fresh", "_live", "grad_recomputes",
             "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces")
 ORIGINAL = "_orig_mod"  # the original module's attribute name (as torch.compile's OptimizedModule names it)
 
@@ -111,6 +113,7 @@ class _Live:
         known |= {n for n, _ in module.named_buffers(remove_duplicate=False)}
         self.paths = [(name, name.split(".")) for name in graph.param_values if name in known]
         self.types = {name: graph.param_values[name].type for name, _ in self.paths}
+        self.expected = [(name, to_torch(t.dtype), torch.Size(t.shape)) for name, t in self.types.items()]
         self.fixed = {k: v for k, v in graph.params.items() if k not in known}
 
     def read(self, module: torch.nn.Module) -> dict:
@@ -129,13 +132,37 @@ class _Live:
 
     def mismatch(self, params: dict) -> str | None:
         """Why these live tensors do not fit the traced graph's parameter types (dtype or shape), or None."""
-        for name, _ in self.paths:
-            t, want = params[name], self.types[name]
+        for name, dtype, shape in self.expected:
+            t = params[name]
             if not isinstance(t, torch.Tensor):
                 return f"'{name}' is now a {type(t).__name__}, not a tensor"
-            if from_torch(t.dtype) != want.dtype or tuple(t.shape) != tuple(want.shape):
-                return f"parameter '{name}' is now {t.dtype} {tuple(t.shape)}, traced as {want}"
+            if t.dtype != dtype or t.shape != shape:
+                return f"parameter '{name}' is now {t.dtype} {tuple(t.shape)}, traced as {self.types[name]}"
         return None
+
+
+@contextlib.contextmanager
+def _progress(what: str, show: bool = True):
+    """A progress bar (tqdm, elapsed time) while a long step runs, when stderr is a terminal."""
+    if not show or not sys.stderr.isatty():
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=1, desc=what, bar_format="{desc}: {elapsed}", leave=False) as bar:
+        stop = threading.Event()
+
+        def tick():
+            while not stop.wait(0.5):
+                bar.refresh()
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            ticker.join()
+            bar.update(1)
 
 
 def _being_traced(args, kwargs) -> bool:
@@ -197,6 +224,7 @@ class CompiledModule(torch.nn.Module):
         # modes of the submodules and parameter dtypes seen so far
         self._variants: list = []
         self._lock = threading.RLock()
+        self._fresh: set = set()     # runners not called yet (their first call may build kernels)
         self.grad_recomputes = 0    # calls whose backward recomputes on eager
         self.retraces: list = []    # why each trace after the first was made
         self.trace_seconds = None
@@ -243,7 +271,8 @@ class CompiledModule(torch.nn.Module):
     # -- tracing ---------------------------------------------------------------------------------------
     def _trace(self, args: tuple, kwargs: dict | None = None) -> None:
         start = time.perf_counter()
-        self._traced = self._cached_trace(args, kwargs)
+        with _progress(f"sessa_compiler: tracing {type(self._orig_mod).__name__}"):
+            self._traced = self._cached_trace(args, kwargs)
         args = tuple(self._traced.tensor_inputs(args, kwargs or {}))  # the graph's inputs
         graph = self._traced.graph
         self._live = _Live(self._orig_mod, graph)
@@ -260,7 +289,9 @@ class CompiledModule(torch.nn.Module):
                 backend = backend.resolve(list(args))
             self.tune_results = tune_graph(backend, graph, args, **settings)
             self.tune_seconds = time.perf_counter() - tune_start
-        self._runner = self._backend.prepare(graph)
+        with _progress(f"sessa_compiler: preparing {type(self._orig_mod).__name__} for {self.backend_name}"):
+            self._runner = self._backend.prepare(graph)
+        self._fresh.add(id(self._runner))
         if hasattr(self._backend, "resolve"):  # auto: say now which backend the example inputs pick
             self._backend.resolve(list(args))
         self._variants.append((self._traced, self._runner, self._live, _modes(self._orig_mod)))
@@ -337,11 +368,14 @@ class CompiledModule(torch.nn.Module):
         inputs = traced.tensor_inputs(args, kwargs)
         bind_symbols(graph, inputs)  # rank, dtype and shape checks before anything runs
         self._check_devices(inputs, params)
-        if self._interpreted(inputs):
-            with _INTERPRETER_LOCK:
+        first = id(runner) in self._fresh  # a lazy backend (auto) builds its kernels at the first call
+        self._fresh.discard(id(runner))
+        with _progress(f"sessa_compiler: first call of {type(self._orig_mod).__name__} (builds kernels)", first):
+            if self._interpreted(inputs):
+                with _INTERPRETER_LOCK:
+                    outs = self._run(inputs, graph, runner, params)
+            else:
                 outs = self._run(inputs, graph, runner, params)
-        else:
-            outs = self._run(inputs, graph, runner, params)
         result = pytree.tree_unflatten(list(outs), traced.out_spec)
         if self.validate:
             self._validate(args, kwargs, outs, graph)
