@@ -91,8 +91,8 @@ class _RecomputeGrad(torch.autograd.Function):
 # Triton's interpreter (CPU tensors) patches module-level state while a kernel runs: one at a time per process
 _INTERPRETER_LOCK = threading.Lock()
 # per-call state, rebuilt after unpickling (see CompiledModule.__getstate__)
-_RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_variants", "_lock", "_fresh", "_live", "grad_recomputes",
-            "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces")
+_RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_variants", "_lock", "_fresh", "_live",
+            "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces")
 ORIGINAL = "_orig_mod"  # the original module's attribute name (as torch.compile's OptimizedModule names it)
 
 

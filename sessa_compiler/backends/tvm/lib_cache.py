@@ -1,7 +1,8 @@
 """Built whole-graph TVM libraries in the persistent compile cache (``$SESSA_COMPILER_CACHE_DIR/tvm``).
 
 Keyed by the IR text, the schedules, the target, the vector width, the versions of torch, tvm and
-sessa_compiler and this package's source; a library that does not load is moved aside and rebuilt. See sessa_compiler/compile_cache.py.
+sessa_compiler and this package's source; a library that does not load is moved aside and rebuilt.
+See sessa_compiler/compile_cache.py.
 """
 from __future__ import annotations
 
