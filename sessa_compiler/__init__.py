@@ -4,6 +4,7 @@ from .errors import (InputError, IRError, ParseError, SessaCompilerError, TraceE
 from .api import CompiledModule, compile
 from .frontend import trace
 from .ir import parse
+from . import library  # noqa: F401  (registers torch.ops.sessa_compiler.attention, .feedback, .selective_scan)
 from . import tune  # a callable package: sessa_compiler.tune(module, example_inputs, backend=..., budget=...)
 
 __version__ = "0.1.0"

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
+import sys
+import threading
 import time
 import warnings
 
@@ -11,8 +14,8 @@ import torch.utils._pytree as pytree
 
 from .backends import get_backend
 from .backends.eager import bind_symbols
-from .dtypes import from_torch
-from .errors import InputError, TraceError, ValidationError
+from .dtypes import from_torch, to_torch
+from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
 from .frontend.trace import Traced, check_keywords, trace_with_report
 from .ir.ops import CORE, OPS
 from .tolerance import TOLERANCE, relative_error  # noqa: F401  (re-exported: sessa_compiler.api.TOLERANCE)
@@ -85,11 +88,103 @@ class _RecomputeGrad(torch.autograd.Function):
         return (None,) * 5 + tuple(next(it) if t.requires_grad else None for t in leaves)
 
 
+# Triton's interpreter (CPU tensors) patches module-level state while a kernel runs: one at a time per process
+_INTERPRETER_LOCK = threading.Lock()
+# per-call state, rebuilt after unpickling (see CompiledModule.__getstate__)
+_RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_variants", "_lock", "_fresh", "_live",
+            "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces")
+ORIGINAL = "_orig_mod"  # the original module's attribute name (as torch.compile's OptimizedModule names it)
+
+
+def _wrapped_by_data_parallel(module) -> bool:
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    return isinstance(module, (DataParallel, DistributedDataParallel))
+
+
+class _Live:
+    """Where each of a graph's parameters lives in the module: read at every call, so reassigned parameters
+    and buffers, load_state_dict(assign=True) and .to()/.double() are seen. Names that are not the module's
+    parameters or buffers (tensor constants the trace lifted, a default RoPE table a recogniser added) keep
+    the traced data."""
+
+    def __init__(self, module: torch.nn.Module, graph):
+        known = {n for n, _ in module.named_parameters(remove_duplicate=False)}
+        known |= {n for n, _ in module.named_buffers(remove_duplicate=False)}
+        self.paths = [(name, name.split(".")) for name in graph.param_values if name in known]
+        self.types = {name: graph.param_values[name].type for name, _ in self.paths}
+        self.expected = [(name, to_torch(t.dtype), torch.Size(t.shape)) for name, t in self.types.items()]
+        self.fixed = {k: v for k, v in graph.params.items() if k not in known}
+
+    def read(self, module: torch.nn.Module) -> dict:
+        params = dict(self.fixed)
+        for name, parts in self.paths:
+            obj = module
+            try:
+                for part in parts:
+                    obj = getattr(obj, part)
+            except AttributeError:
+                raise InputError(f"compiled {type(module).__name__}: parameter or buffer '{name}' of the traced "
+                                 "graph is no longer in the module (it was deleted or its submodule replaced by one "
+                                 "without it); compile the changed module again") from None
+            params[name] = obj
+        return params
+
+    def mismatch(self, params: dict) -> str | None:
+        """Why these live tensors do not fit the traced graph's parameter types (dtype or shape), or None."""
+        for name, dtype, shape in self.expected:
+            t = params[name]
+            if not isinstance(t, torch.Tensor):
+                return f"'{name}' is now a {type(t).__name__}, not a tensor"
+            if t.dtype != dtype or t.shape != shape:
+                return f"parameter '{name}' is now {t.dtype} {tuple(t.shape)}, traced as {self.types[name]}"
+        return None
+
+
+@contextlib.contextmanager
+def _progress(what: str, show: bool = True):
+    """A progress bar (tqdm, elapsed time) while a long step runs, when stderr is a terminal."""
+    if not show or not sys.stderr.isatty():
+        yield
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=1, desc=what, bar_format="{desc}: {elapsed}", leave=False) as bar:
+        stop = threading.Event()
+
+        def tick():
+            while not stop.wait(0.5):
+                bar.refresh()
+        ticker = threading.Thread(target=tick, daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            ticker.join()
+            bar.update(1)
+
+
+def _being_traced(args, kwargs) -> bool:
+    """Whether torch.compile (dynamo) or torch.export is tracing this call (fake or symbolic inputs)."""
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return True
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode(pytree.tree_leaves((args, kwargs))) is not None
+
+
+def _modes(module: torch.nn.Module) -> tuple:
+    return tuple(m.training for m in module.modules())
+
+
 class CompiledModule(torch.nn.Module):
     """A compiled module: same call signature and outputs as the original.
 
-    ``.graph`` is the IR (printable); ``.explain()`` says what was recognised, what fell back and
-    which backend runs it.
+    The original is a real submodule (``_orig_mod``, also ``.original``): ``parameters()``, ``buffers()``,
+    ``train()``/``eval()``, ``.to()``/``.double()`` reach it, and ``state_dict()``/``load_state_dict`` use
+    the original's keys unchanged. Weights are read from it at every call. ``.graph`` is the IR
+    (printable); ``.explain()`` says what was recognised, what fell back and which backend runs it.
     """
 
     def __init__(self, module: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,
@@ -99,37 +194,89 @@ class CompiledModule(torch.nn.Module):
         super().__init__()
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"compile expects a torch.nn.Module, got {type(module).__name__}")
-        self.__dict__["_original"] = module  # not a submodule: its parameters are read, never copied
+        if _wrapped_by_data_parallel(module):
+            raise UnsupportedError(
+                f"compile got a {type(module).__name__}: its forward synchronises gradients across processes and "
+                "cannot be traced; compile the inner module and wrap the compiled one instead: "
+                "DistributedDataParallel(sessa_compiler.compile(model))")
+        if isinstance(module, CompiledModule):
+            raise UnsupportedError("compile got a module that is already compiled; compile its .original instead")
+        self._orig_mod = module  # a registered submodule: its parameters are this module's, read at every call
         self.backend_name = backend
         self.validate = validate
         options = dict(options or {})
         if print_ir is not None:
             options["print_ir"] = print_ir
-        self._backend = get_backend(backend, **options)
-        self._traced: Traced | None = None
-        self._runner = None
-        self._eager_runners: dict = {}  # graph id -> eager runner, for forward-only backends' backward
-        self._variants: list = []  # (Traced, runner): one per path through size-dependent code seen so far
-        self.grad_recomputes = 0    # calls whose backward recomputes on eager
-        self.trace_seconds = None
+        self._options = options
         self.autotune = autotune  # True, or tune settings: {"budget": ..., "progress": ..., "cache": ...}
-        self.tune_results: list = []
-        self.tune_seconds = 0.0
+        self._init_runtime()
         if example_inputs is not None:
             self._trace(tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,),
                         example_kwargs)
 
+    def _init_runtime(self) -> None:
+        self._backend = get_backend(self.backend_name, **self._options)
+        self._traced: Traced | None = None
+        self._runner = None
+        self._live: _Live | None = None
+        self._eager_runners: dict = {}  # graph id -> eager runner, for forward-only backends' backward
+        # (Traced, runner, _Live, modes): one per keyword signature, path through size-dependent code, train/eval
+        # modes of the submodules and parameter dtypes seen so far
+        self._variants: list = []
+        self._lock = threading.RLock()
+        self._fresh: set = set()     # runners not called yet (their first call may build kernels)
+        self.grad_recomputes = 0    # calls whose backward recomputes on eager
+        self.retraces: list = []    # why each trace after the first was made
+        self.trace_seconds = None
+        self.trace_cache = None     # "hit", "miss" or "off": whether the last trace came from the compile cache
+        self.tune_results: list = []
+        self.tune_seconds = 0.0
+
+    # -- pickling, state_dict: the original's ----------------------------------------------------------
+    def __getstate__(self):
+        """Pickle the original module and the compile settings; the traced graphs and built kernels are
+        rebuilt at the first call after loading."""
+        state = {k: v for k, v in self.__dict__.items() if k not in _RUNTIME}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._init_runtime()
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The original module's state_dict, with its own keys (no prefix for the wrapper)."""
+        if args:
+            raise TypeError("CompiledModule.state_dict takes keyword arguments only (destination, prefix, keep_vars)")
+        return self._orig_mod.state_dict(destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # keys as state_dict() writes them (the original's own) are routed to the original submodule; keys
+        # already prefixed with _orig_mod. (from named_parameters()) are taken as they are
+        inner = prefix + ORIGINAL + "."
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+            state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+        metadata = getattr(state_dict, "_metadata", None)
+        if metadata is not None and prefix[:-1] in metadata:
+            metadata.setdefault(inner[:-1], metadata[prefix[:-1]])
+
+    def extra_repr(self) -> str:
+        backend = self.backend_name
+        if backend == "auto" and self._traced is not None:
+            backend = f"auto, last call on {self._backend.name}"
+        state = ("not traced yet (traces at the first call)" if self._traced is None else
+                 f"traced: {len(self._variants)} graph(s), {len(self._traced.graph.nodes)} ops in the current one")
+        return f"backend={backend!r}, {state}" + (", validate=True" if self.validate else "")
+
     # -- tracing ---------------------------------------------------------------------------------------
     def _trace(self, args: tuple, kwargs: dict | None = None) -> None:
         start = time.perf_counter()
-        self._traced = trace_with_report(self._original, args, kwargs)
+        with _progress(f"sessa_compiler: tracing {type(self._orig_mod).__name__}"):
+            self._traced = self._cached_trace(args, kwargs)
         args = tuple(self._traced.tensor_inputs(args, kwargs or {}))  # the graph's inputs
         graph = self._traced.graph
-        # parameters are read from the live module, so later weight updates are seen
-        live = dict(self._original.state_dict(keep_vars=True))
-        for name in graph.param_values:
-            if name in live:
-                graph.params[name] = live[name]
+        self._live = _Live(self._orig_mod, graph)
+        graph.params.update(self._live.read(self._orig_mod))
         graph.example_inputs = args  # backends pick configs per shape class and device from these
         if self.autotune:
             from .tune.api import tune_graph
@@ -142,11 +289,29 @@ class CompiledModule(torch.nn.Module):
                 backend = backend.resolve(list(args))
             self.tune_results = tune_graph(backend, graph, args, **settings)
             self.tune_seconds = time.perf_counter() - tune_start
-        self._runner = self._backend.prepare(graph)
+        with _progress(f"sessa_compiler: preparing {type(self._orig_mod).__name__} for {self.backend_name}"):
+            self._runner = self._backend.prepare(graph)
+        self._fresh.add(id(self._runner))
         if hasattr(self._backend, "resolve"):  # auto: say now which backend the example inputs pick
             self._backend.resolve(list(args))
-        self._variants.append((self._traced, self._runner))
+        self._variants.append((self._traced, self._runner, self._live, _modes(self._orig_mod)))
         self.trace_seconds = time.perf_counter() - start
+
+    def _cached_trace(self, args: tuple, kwargs: dict | None) -> Traced:
+        """trace_with_report, through the persistent compile cache (compile_cache.py)."""
+        from . import compile_cache
+
+        key = compile_cache.module_key(self._orig_mod, args, kwargs, _modes(self._orig_mod)) \
+            if compile_cache.enabled() else None
+        traced = compile_cache.load(key, self._orig_mod) if key else None
+        if traced is not None and _why_not(traced, args, kwargs) is not None:
+            traced = None  # cached from sizes on another path through size-dependent code: trace this one
+        self.trace_cache = "hit" if traced is not None else ("miss" if key else "off")
+        if traced is None:
+            traced = trace_with_report(self._orig_mod, args, kwargs)
+            if key:
+                compile_cache.store(key, traced, self._orig_mod)
+        return traced
 
     @property
     def graph(self):
@@ -161,7 +326,7 @@ class CompiledModule(torch.nn.Module):
 
     @property
     def original(self) -> torch.nn.Module:
-        return self._original
+        return self._orig_mod
 
     def kernel_sources(self) -> dict:
         """Generated kernel source by IR value name (backends that generate code; {} for eager)."""
@@ -170,81 +335,140 @@ class CompiledModule(torch.nn.Module):
 
     # -- calling -------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        check_keywords(kwargs, InputError, f"compiled {type(self._original).__name__}: ")
+        if _being_traced(args, kwargs):
+            # torch.compile / torch.export trace through this module: they see the original's code (with the
+            # sessa_compiler custom ops where the model calls them), so there is no graph break and nothing
+            # of this compiler's runtime (locks, variant selection, TVM/Triton launches) ends up in their graph
+            return self._orig_mod(*args, **kwargs)
+        check_keywords(kwargs, InputError, f"compiled {type(self._orig_mod).__name__}: ")
+        if self.backend_name == "eager":  # torch ops only: calls run concurrently once the graph is chosen
+            with self._lock:
+                traced, runner, params = self._prepare_call(args, kwargs)
+            return self._call(traced, runner, params, args, kwargs)
+        # a TVM VM and Triton's interpreter are not re-entrant: one call at a time per compiled module
+        with self._lock:
+            traced, runner, params = self._prepare_call(args, kwargs)
+            return self._call(traced, runner, params, args, kwargs)
+
+    def _prepare_call(self, args, kwargs):
+        """(traced graph, runner, live parameters) for this call: traces on the first call, and again when
+        no earlier trace fits (keyword signature, size guards, train/eval modes, parameter dtypes/shapes)."""
+        params = None
         if self._traced is None:
             self._trace(args, kwargs)
         else:
-            self._select_variant(args, kwargs)
-        graph = self._traced.graph
-        inputs = self._traced.tensor_inputs(args, kwargs)
+            params = self._select_variant(args, kwargs)
+        if params is None:
+            params = self._live.read(self._orig_mod)
+        self._traced.graph.params.update(params)  # .graph shows the weights the last call used
+        return self._traced, self._runner, params
+
+    def _call(self, traced, runner, params, args, kwargs):
+        graph = traced.graph
+        inputs = traced.tensor_inputs(args, kwargs)
         bind_symbols(graph, inputs)  # rank, dtype and shape checks before anything runs
-        self._check_devices(inputs)
-        outs = self._run(inputs, graph)
-        result = pytree.tree_unflatten(list(outs), self._traced.out_spec)
+        self._check_devices(inputs, params)
+        first = id(runner) in self._fresh  # a lazy backend (auto) builds its kernels at the first call
+        self._fresh.discard(id(runner))
+        with _progress(f"sessa_compiler: first call of {type(self._orig_mod).__name__} (builds kernels)", first):
+            if self._interpreted(inputs):
+                with _INTERPRETER_LOCK:
+                    outs = self._run(inputs, graph, runner, params)
+            else:
+                outs = self._run(inputs, graph, runner, params)
+        result = pytree.tree_unflatten(list(outs), traced.out_spec)
         if self.validate:
-            self._validate(args, kwargs, outs)
+            self._validate(args, kwargs, outs, graph)
         return result
 
-    # -- size-dependent paths through the module's code -------------------------------------------------
-    def _select_variant(self, args, kwargs) -> None:
-        """Make current the traced graph that equals the module at these sizes. torch.export follows one
-        path through the module's Python code; where that code branches on B or T, the graph holds only
-        under its guards (Traced.guards). Other sizes get their own trace, once per path, as torch.compile
-        recompiles."""
+    def _interpreted(self, inputs) -> bool:
+        """Whether this call runs Triton's interpreter (Triton on CPU tensors)."""
+        # auto sends CPU tensors to tvm or eager, never to the interpreter
+        return self.backend_name == "triton" and (bool(self._options.get("interpret"))
+                                                  or not any(x.is_cuda for x in inputs))
+
+    # -- which traced graph fits this call ----------------------------------------------------------------
+    def _state_mismatch(self, live: _Live, modes: tuple, current: tuple) -> tuple:
+        """(why, live tensors): why a traced graph does not fit the module's current train/eval modes and
+        parameter dtypes/shapes (None when it does)."""
+        if modes != current:
+            return "the module's train/eval mode changed since the trace (train-mode ops such as dropout differ)", None
+        params = live.read(self._orig_mod)
+        why = live.mismatch(params)
+        return (f"the module changed since the trace: {why}" if why else None), params
+
+    def _select_variant(self, args, kwargs) -> dict | None:
+        """Make current the traced graph that equals the module at these sizes and in its current state.
+        torch.export follows one path through the module's Python code; where that code branches on B or T,
+        the graph holds only under its guards (Traced.guards). Other sizes get their own trace, once per path,
+        as torch.compile recompiles; so do other train/eval modes and parameter dtypes (after .double(), ...)."""
+        modes = _modes(self._orig_mod)
+        current = next(v for v in self._variants if v[0] is self._traced)
+        state, params = self._state_mismatch(self._live, current[3], modes)
         reason = _why_not(self._traced, args, kwargs)
-        if reason is None:
-            return
-        signature = inspect.signature(self._original.forward)
+        if reason is None and state is None:
+            return params  # the live tensors, read once per call
+        signature = inspect.signature(self._orig_mod.forward)
         try:
             signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise InputError(f"compiled {type(self._original).__name__}: forward{signature} cannot take this call: "
+            raise InputError(f"compiled {type(self._orig_mod).__name__}: forward{signature} cannot take this call: "
                              f"{e}") from None
-        for traced, runner in self._variants:
+        for traced, runner, live, traced_modes in self._variants:
             if traced is not self._traced and _why_not(traced, args, kwargs) is None:
-                self._traced, self._runner = traced, runner
-                return
-        warnings.warn(f"compiled {type(self._original).__name__}: {reason}; tracing it again for this call "
-                      f"(traced graph {len(self._variants) + 1}: each keyword-argument signature and each path through "
-                      "the module's size-dependent code is traced once)", stacklevel=5)  # past nn.Module.__call__ to the caller
-        self._trace(args, kwargs)
+                why, params = self._state_mismatch(live, traced_modes, modes)
+                if why is None:
+                    self._traced, self._runner, self._live = traced, runner, live
+                    return params
+        if reason is not None:
+            warnings.warn(f"compiled {type(self._orig_mod).__name__}: {reason}; tracing it again for this call "
+                          f"(traced graph {len(self._variants) + 1}: each keyword-argument signature and each path "
+                          "through the module's size-dependent code is traced once)",
+                          stacklevel=6)  # past nn.Module.__call__ to the caller
+        self.retraces.append(reason or state)
+        try:
+            self._trace(args, kwargs)
+        except SessaCompilerError as e:
+            if reason is None:  # the module's state changed and the module cannot run this call
+                raise InputError(f"compiled {type(self._orig_mod).__name__}: {state}, and tracing it again for "
+                                 f"this call failed: {e}") from e
+            raise
+        return None
 
-    def _run(self, args: list, graph) -> list:
+    def _run(self, args: list, graph, runner, params) -> list:
         """Run the backend; when autograd must see this call and the backend is forward-only, wrap it so
         the backward recomputes on the eager interpreter."""
-        params = graph.params
         if not torch.is_grad_enabled():
-            return self._runner(args, params)
+            return runner(args, params)
         resolve = getattr(self._backend, "resolve", None)
         backend = resolve(args) if resolve is not None else self._backend
         if getattr(backend, "differentiable", False):
-            return self._runner(args, params)
+            return runner(args, params)
         grad_args = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
         names = [k for k, p in params.items() if isinstance(p, torch.Tensor) and p.requires_grad]
         if not grad_args and not names:
-            return self._runner(args, params)
+            return runner(args, params)
         if id(graph) not in self._eager_runners:
             from .backends.eager import EagerBackend
 
             self._eager_runners[id(graph)] = EagerBackend().prepare(graph)
         fixed = {k: p for k, p in params.items() if k not in set(names)}
         self.grad_recomputes += 1
-        return list(_RecomputeGrad.apply(self._runner, self._eager_runners[id(graph)], len(args), names, fixed,
+        return list(_RecomputeGrad.apply(runner, self._eager_runners[id(graph)], len(args), names, fixed,
                                          *args, *(params[k] for k in names)))
 
-    def _check_devices(self, args) -> None:
+    def _check_devices(self, args, params) -> None:
         devices = {a.device for a in args}
-        params = [p for p in self._traced.graph.params.values() if isinstance(p, torch.Tensor)]
+        params = [p for p in params.values() if isinstance(p, torch.Tensor)]
         if params:
             devices.add(params[0].device)
         if len(devices) > 1:
-            raise InputError(f"compiled {type(self._original).__name__}: inputs and parameters are on different devices "
+            raise InputError(f"compiled {type(self._orig_mod).__name__}: inputs and parameters are on different devices "
                              f"({', '.join(sorted(map(str, devices)))}); move them to one device")
 
-    def _validate(self, args, kwargs, outs) -> None:
+    def _validate(self, args, kwargs, outs, graph) -> None:
         with torch.no_grad():
-            ref = pytree.tree_leaves(self._original(*args, **kwargs))
-        graph = self._traced.graph
+            ref = pytree.tree_leaves(self._orig_mod(*args, **kwargs))
         for i, (o, r) in enumerate(zip(outs, ref)):
             err = relative_error(o, r)
             tol = TOLERANCE.get(r.dtype, 0.0)
@@ -261,10 +485,10 @@ class CompiledModule(torch.nn.Module):
     def explain(self) -> str:
         """A readable report: recognised ops, rejected candidates, fallbacks, backend and kernels."""
         if self._traced is None:
-            return f"{type(self._original).__name__}: not traced yet (call it once or pass example_inputs)"
+            return f"{type(self._orig_mod).__name__}: not traced yet (call it once or pass example_inputs)"
         g, rep = self._traced.graph, self._traced.report
         counts = collections.Counter(n.op for n in g.nodes)
-        lines = [f"compiled {type(self._original).__name__} with backend '{self._backend.name}'",
+        lines = [f"compiled {type(self._orig_mod).__name__} with backend '{self._backend.name}'",
                  f"  inputs: {', '.join(f'%{v.name}: {v.type}' for v in g.inputs)}",
                  f"  {len(g.nodes)} ops, {len(g.param_values)} parameters"
                  + (f", traced in {self.trace_seconds:.2f} s" if self.trace_seconds else "")]

@@ -8,6 +8,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))
 # Before anything imports triton: its interpreter must be on for the kernel tests on CPU tensors.
 import triton_env  # noqa: E402,F401
 
+import os  # noqa: E402
+
+# The persistent compile cache (traced graphs, built TVM libraries) would let one test's trace serve
+# another's; tests that check it turn it on with their own cache directory (tests/test_compile_cache.py).
+os.environ.setdefault("SESSA_COMPILER_COMPILE_CACHE", "0")
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

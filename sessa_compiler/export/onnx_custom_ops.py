@@ -22,12 +22,12 @@ from ..backends.reference import feedback_ref
 @torch.library.custom_op("sessa_compiler::feedback", mutates_args=())
 def feedback(f: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
     """s[t] = f[t] + gamma[t] * softmax_{j<t}(q_b[t].k_b[j]*scale) @ s[:t]; s[0] = f[0] (the IR's feedback)."""
-    return feedback_ref(f, q_b, k_b, gamma, scale)
+    return feedback_ref(f, q_b, k_b, gamma, scale).contiguous()
 
 
 @feedback.register_fake
 def _feedback_fake(f, q_b, k_b, gamma, scale):
-    return torch.empty_like(f)
+    return f.new_empty(f.shape)  # contiguous, as the real op returns (empty_like would copy f's strides)
 
 
 def translation_table() -> dict:

@@ -213,12 +213,17 @@ ASSERTIONS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default,
 
 # -- identities ---------------------------------------------------------------------------------------
 IDENTITY.update({aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
-                 aten.lift_fresh_copy.default, aten.dropout.default})
+                 aten.lift_fresh_copy.default})
 
 
 @lowering(aten.dropout.default)
 def _dropout(L, node):
-    return L.arg(node.args[0])
+    """Identity in eval mode (train=False) or at p = 0; in training mode it stays torch's dropout (a
+    fallback every backend runs, drawing from torch's generator), never silently removed."""
+    p, train = (list(node.args) + [0.0, False])[1:3]
+    if not train or p == 0:
+        return L.arg(node.args[0])
+    return NotImplemented
 
 
 def simple(op, n_tensor, attrs=lambda node: {}):

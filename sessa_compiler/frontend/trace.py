@@ -89,7 +89,9 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
     _check_call(args, kwargs)
     traced_args = tuple(_grow(a) for a in args)
     traced_kwargs = {k: _grow(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    if traced_kwargs:  # dynamic shapes by parameter name, so keyword arguments get theirs too
+    variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL
+                   for p in inspect.signature(module.forward).parameters.values())
+    if traced_kwargs or variadic:  # dynamic shapes by parameter name, so keyword arguments (and *args) get theirs too
         try:
             bound = inspect.signature(module.forward).bind(*traced_args, **traced_kwargs).arguments
         except TypeError as e:

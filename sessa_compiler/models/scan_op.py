@@ -60,7 +60,7 @@ def selective_scan(
 
 @selective_scan.register_fake
 def _selective_scan_fake(u, delta, A, B, C, D):
-    return torch.empty_like(u)
+    return u.new_empty(u.shape)  # contiguous, as the real op returns (empty_like would copy u's strides)
 
 
 def _setup_context(ctx, inputs, output):

@@ -161,8 +161,12 @@ class TVMBackend:
         from tvm import relax
 
         try:
-            mod, _ = graph_to_relax(graph, self.lanes, schedules)
-            vm = relax.VirtualMachine(tvm.compile(mod, target=self.target), tvm.cpu())
+            from .lib_cache import load_or_build
+
+            def compiled():
+                return tvm.compile(graph_to_relax(graph, self.lanes, schedules)[0], target=self.target)
+
+            vm = relax.VirtualMachine(load_or_build(graph, schedules, self.target, self.lanes, compiled), tvm.cpu())
         except Exception as e:  # a TVM lowering/build limitation: keep running, in hybrid mode, and say why
             self.modes[id(graph)] = ("hybrid", f"whole-graph TVM build failed: {type(e).__name__}: "
                                                f"{str(e).strip().splitlines()[-1][:200]}")

@@ -1,0 +1,110 @@
+"""The core ops as torch.library custom ops (sessa_compiler/library.py): fake kernels and autograd pass
+opcheck; the feedback backward (a transposed blocked solve) equals autograd through the dense reference
+and allocates no T x T matrix; torch.compile(fullgraph=True) of every model and of a compiled module, and
+torch.export of a compiled module, work."""
+import pytest
+import torch
+from torch.export import Dim
+
+import sessa_compiler as sc
+from sessa_compiler.api import relative_error
+from sessa_compiler.backends.reference import feedback_ref
+from sessa_compiler.library import feedback_backward
+from sessa_compiler.models import Decoder, MambaLayer, SessaLayer, TransformerLayer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+OPS = torch.ops.sessa_compiler
+
+
+def feedback_inputs(B, T, D, c, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(B, T, D, generator=g, dtype=dtype)
+    q, k = (torch.randn(B, T, c, generator=g, dtype=dtype) for _ in range(2))
+    gamma = torch.rand(B, T, generator=g, dtype=dtype) * 1.8 - 0.9
+    return [t.requires_grad_(True) for t in (f, q, k, gamma)]
+
+
+def test_opcheck_feedback():
+    f, q, k, gamma = feedback_inputs(2, 5, 3, 2)
+    torch.library.opcheck(OPS.feedback.default, (f, q, k, gamma, 0.7))
+    # a non-contiguous f: the fake must give the real op's (contiguous) strides, not f's
+    ft = f.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
+    torch.library.opcheck(OPS.feedback.default, (ft, q, k, gamma, 0.7))
+
+
+def test_opcheck_attention():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 5, 2, 4, generator=g).requires_grad_(True)
+    k, v = (torch.randn(2, 5, 1, 4, generator=g).requires_grad_(True) for _ in range(2))   # GQA
+    torch.library.opcheck(OPS.attention.default, (q, k, v, torch.rand(2, generator=g), 0.3, True))
+    torch.library.opcheck(OPS.attention.default, (q, k, v, None, 0.3, False))
+
+
+def test_opcheck_selective_scan_with_a_transposed_input():
+    """The fake returned u's strides (empty_like) while the op returns a contiguous tensor: Inductor's
+    stride assertion failed in torch.compile(MambaLayer)."""
+    g = torch.Generator().manual_seed(2)
+    B, T, Din, N = 2, 5, 6, 4
+    u = torch.randn(B, Din, T, generator=g).transpose(1, 2).requires_grad_(True)
+    args = (u, torch.rand(B, T, Din, generator=g), -torch.rand(Din, N, generator=g), torch.randn(B, T, N, generator=g),
+            torch.randn(B, T, N, generator=g), torch.randn(Din, generator=g))
+    torch.library.opcheck(OPS.selective_scan.default, args)
+
+
+@pytest.mark.parametrize("T, chunk", [(1, 8), (37, 8), (16, 8), (9, 64)])
+def test_feedback_gradient_equals_the_dense_reference(T, chunk):
+    f, q, k, gamma = feedback_inputs(2, T, 5, 3, seed=T)
+    w = torch.randn(2, T, 5, dtype=torch.float64)
+    want = torch.autograd.grad((feedback_ref(f, q, k, gamma, 0.6) * w).sum(), (f, q, k, gamma))
+    got = torch.autograd.grad((OPS.feedback(f, q, k, gamma, 0.6) * w).sum(), (f, q, k, gamma))
+    s = feedback_ref(f, q, k, gamma, 0.6).detach()
+    blocked = feedback_backward(w, s, q.detach(), k.detach(), gamma.detach(), 0.6, chunk=chunk)
+    for a, b, c in zip(got, blocked, want):
+        assert relative_error(a, c) <= 1e-10 and relative_error(b, c) <= 1e-10
+    assert torch.autograd.gradcheck(lambda *xs: OPS.feedback(*xs, 0.6), feedback_inputs(1, 4, 2, 2, seed=9))
+
+
+def test_feedback_backward_forms_no_t_by_t_matrix():
+    B, T, D = 1, 1024, 4
+    f, q, k, gamma = (t.detach() for t in feedback_inputs(B, T, D, 4))
+    s = feedback_ref(f, q, k, gamma, 0.5)
+    with torch.profiler.profile(profile_memory=True) as prof:
+        feedback_backward(torch.randn_like(s), s, q, k, gamma, 0.5, chunk=64)
+    biggest = max(e.self_cpu_memory_usage for e in prof.events())
+    assert 0 < biggest <= B * 64 * T * 8, biggest  # a [B, chunk, T] block of the weights at most
+    assert biggest < B * T * T * 8 / 8
+
+
+MODELS = {
+    "sessa": (lambda: SessaLayer(16, n_heads=2, n_kv_heads=1), lambda: torch.randn(2, 9, 16)),
+    "mamba": (lambda: MambaLayer(16), lambda: torch.randn(2, 9, 16)),
+    "transformer": (lambda: TransformerLayer(16, 2), lambda: torch.randn(2, 9, 16)),
+    "decoder": (lambda: Decoder(40, 16, "SMTS", n_heads=2), lambda: torch.randint(0, 40, (2, 9))),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_torch_compile_fullgraph_of_every_model(name):
+    """aot_eager: dynamo's capture (no graph break) and AOT autograd with the ops' fake kernels and
+    formulas; opcheck above checks the fakes' strides that Inductor asserts."""
+    torch.manual_seed(0)
+    factory, make = MODELS[name]
+    m, x = factory().eval(), make()
+    y = torch.compile(m, fullgraph=True, backend="aot_eager")(x)
+    with torch.no_grad():
+        assert relative_error(y, m(x)) <= 1e-5
+
+
+def test_torch_compile_and_export_of_a_compiled_module():
+    torch.manual_seed(0)
+    m = MambaLayer(16).eval()
+    c = sc.compile(m, backend="eager")
+    x = torch.randn(2, 9, 16)
+    y = torch.compile(c, fullgraph=True, backend="aot_eager")(x)
+    with torch.no_grad():
+        assert relative_error(y, m(x)) <= 1e-5
+    ep = torch.export.export(c, (x,), dynamic_shapes={"args": ({0: Dim.AUTO, 1: Dim.AUTO},)})
+    assert any(n.target is OPS.selective_scan.default for n in ep.graph.nodes)
+    x2 = torch.randn(3, 20, 16)  # another batch and length
+    with torch.no_grad():
+        assert relative_error(ep.module()(x2), m(x2)) <= 1e-5
