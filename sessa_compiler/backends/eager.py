@@ -80,6 +80,8 @@ IMPLS["conv1d"] = lambda x, w, b=None, *, stride, padding, dilation, groups: F.c
 @impl("causal_conv1d")
 def _causal_conv1d(x, w, b=None):
     K = w.shape[1]
+    if x.shape[1] == 0:  # an empty sequence: conv1d rejects an input shorter than its kernel
+        return torch.empty_like(x)
     y = F.conv1d(F.pad(x.transpose(1, 2), (K - 1, 0)), w[:, None, :], b, groups=w.shape[0])
     return y.transpose(1, 2)
 
@@ -257,13 +259,34 @@ def _needed_nodes(graph: Graph, targets, known: set) -> set:
     return needed
 
 
+def eager_when_empty(graph: Graph, runner):
+    """``runner``, except that calls with an empty input (T = 0 or B = 0) run on the interpreter: there is
+    nothing to compute, and generated kernels need at least one row (TVM rejects zero-size strides)."""
+    import functools
+
+    @functools.wraps(runner)
+    def run(inputs, params):
+        if any(isinstance(x, torch.Tensor) and x.numel() == 0 for x in inputs):
+            return run_graph(graph, inputs, params)
+        return runner(inputs, params)
+    return run
+
+
 class EagerBackend:
     """Runs a graph node by node with torch: slow, exact, the definition."""
 
     name = "eager"
     differentiable = True   # runs torch ops: autograd records them
 
+    def __init__(self, *, print_ir: bool | None = None):
+        self.print_ir = print_ir  # None: SESSA_COMPILER_PRINT_IR decides
+
     def prepare(self, graph: Graph):
+        from ..passes.manager import show_ir
+
+        # No pass rewrites the graph here (edits to compiled.graph between calls take effect); print_ir
+        # prints the IR that runs, in the same format as the Triton backend's pass-by-pass listing.
+        show_ir(graph, "run by the eager backend (no pass rewrites it)", self.print_ir)
         return lambda inputs, params: run_graph(graph, inputs, params)
 
     def describe(self, graph: Graph) -> str:
