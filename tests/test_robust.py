@@ -128,3 +128,28 @@ def test_dot_export_has_every_op_input_and_parameter(tmp_path):
     labels = " ".join(n.get("label") or "" for n in dot.get_nodes())
     assert "= feedback" in labels and "= attention" in labels
     assert g.to_networkx().number_of_nodes() == len(g.nodes)
+
+
+def test_a_failed_whole_graph_build_leaves_no_tvm_warning_on_stderr(monkeypatch, capfd):
+    """A whole-graph TVM lowering that fails part-way falls back to hybrid mode, and says so in explain();
+    TVM's C++ "BlockBuilder destroyed with remaining blocks!" must not reach the user's stderr."""
+    import gc
+
+    from sessa_compiler.backends.tvm import relax_lower
+
+    lower = relax_lower._Lowerer.lower
+
+    def failing(self, node):
+        if node.op == "tanh":
+            raise RuntimeError("injected lowering failure")
+        return lower(self, node)
+
+    monkeypatch.setattr(relax_lower._Lowerer, "lower", failing)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh()).eval()
+    x = torch.randn(1, 3, 8)
+    c = sc.compile(m, (x,), backend="tvm")
+    assert sc.api.relative_error(c(x), m(x)) <= 1e-5
+    assert "hybrid (whole-graph TVM build failed: RuntimeError: injected lowering failure)" in c.explain()
+    del c
+    gc.collect()
+    assert "BlockBuilder destroyed" not in capfd.readouterr().err
