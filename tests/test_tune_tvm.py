@@ -65,6 +65,13 @@ def test_spaces_are_small_valid_and_start_with_the_backend_default(name):
     assert tvm_schedule(nodes[0], {"bogus": 1}, target) is None
 
 
+@pytest.mark.parametrize("mcpu, lanes", [("znver3", 8), ("haswell", 8), ("alderlake", 8), ("znver4", 16),
+                                         ("skylake-avx512", 16), ("rocketlake", 16), ("sapphirerapids", 16)])
+def test_vector_width_follows_the_cpus_features(mcpu, lanes):
+    """AVX-512 CPUs get 16 float lanes whether or not their name is in a list (rocketlake was not)."""
+    assert tune_api._tvm_lanes({"kind": "llvm", "mcpu": mcpu}) == lanes
+
+
 def test_the_host_space_is_one_of_the_named_targets_spaces():
     """The host's own space (what tuning uses by default) is the named target's with the same lanes."""
     node = next(n for n in tunable_nodes(eager_graph(model(), example()), "tvm") if n.op == "attention")
