@@ -170,43 +170,50 @@ def test_every_float_in_a_float64_graph_is_float64():
     assert all(p.dtype == torch.float64 for p in graph.params.values() if p.is_floating_point())
 
 
-@pytest.mark.parametrize("backend", ["eager", "triton"])
-def test_bf16_compiled_is_no_worse_than_the_module(backend):
-    """bf16 with a tiny gain (gamma_max = 0.001, gamma_bias = 6), D = 48, H = 1, T = 63: the plain module can miss
-    3e-2 here (docs/spec.md explains why); the compiled layer must stay within 1.5x the module's own error."""
+def test_bf16_compiled_is_no_worse_than_the_module():
+    """bf16 with a tiny gain (gamma_max = 0.001, gamma_bias = 6), D = 48, H = 1, T = 63, weights x3: the plain
+    module can miss 3e-2 here (docs/spec.md explains why); each compiled backend must stay within 1.5x the
+    module's own error (eager runs bf16 on CPU under backend="auto"; triton runs in its interpreter). The
+    eager backend computes bf16 graphs in float32 and rounds the outputs once, so it stays near 2^-8."""
     torch.manual_seed(1)
     m = SessaLayer(48, n_heads=1, gamma_max=0.001).to(torch.bfloat16).eval()
-    c = sc.compile(m, (torch.randn(1, 5, 48, dtype=torch.bfloat16),), backend=backend)
+    graph = sc.trace(m, (torch.randn(1, 5, 48, dtype=torch.bfloat16),))
+    runners = {b: get_backend(b).prepare(graph) for b in ("eager", "triton")}
     worst = 0.0
-    for seed in range(3):
+    for seed in range(2):
         gen = torch.Generator().manual_seed(seed)
         params = {}
-        for key, p in m.state_dict().items():
+        for key, p in graph.params.items():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
             if key == "mixer.gamma_bias":
-                params[key] = torch.tensor(6.0)
+                value = torch.tensor(6.0)
             elif key == "mixer.rope_inv_freq":
-                params[key] = p
+                value = p.detach()
             elif p.dim() == 2:
-                params[key] = 3 * 1.5 * noise / math.sqrt(p.shape[1])
+                value = 3 * 1.5 * noise / math.sqrt(p.shape[1])
             else:
-                params[key] = (1 + 0.2 * noise) if key == "ln.weight" else 0.2 * noise
-        m.load_state_dict({k: v.to(m.state_dict()[k].dtype) for k, v in params.items()})
-        P = {k: v.double().numpy() for k, v in m.state_dict().items()}  # the bf16-rounded weights
+                value = (1 + 0.2 * noise) if key == "ln.weight" else 0.2 * noise
+            params[key] = value.to(p.dtype)
+        m.load_state_dict(params, strict=True)
+        P = {k: v.double().numpy() for k, v in params.items()}  # the bf16-rounded weights
         x = torch.randn(2, 63, 48, generator=gen, dtype=torch.float64).to(torch.bfloat16)
         ref = oracle(P, x.double().numpy(), 1, 1, True, 0.001)
         with torch.no_grad():
-            own, err = rel_err(m(x), ref), rel_err(c(x), ref)
-        assert err <= max(SPEC_TOL[torch.bfloat16], 1.5 * own), (seed, err, own)
+            own = rel_err(m(x), ref)
+            for backend, run in runners.items():
+                err = rel_err(run([x], params)[0], ref)
+                assert err <= max(SPEC_TOL[torch.bfloat16], 1.5 * own), (backend, seed, err, own)
+                if backend == "eager":  # computes in float32 and rounds once: about one bf16 rounding off
+                    assert err <= 2 * 2.0**-8, (seed, err, own)
         worst = max(worst, own)
-    assert worst > 0  # bf16 does round
+    assert worst > 1e-3  # bf16 does round: the comparison is not between identical numbers
 
 
 # -- the property -----------------------------------------------------------------------------------------
 EDGE_T = [1, 2, 3, 5, 7, 13, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65]
 
 
-@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(name=st.sampled_from(sorted(STRUCTURES)), backend=st.sampled_from(BACKENDS),
        T=st.sampled_from(EDGE_T) | st.integers(1, 70), B=st.integers(1, 2),
        gamma_bias=st.sampled_from([-30.0, -8.0, 0.0, 8.0, 30.0]) | st.floats(-6, 6),
