@@ -17,6 +17,8 @@ RUNS = [
     ("onnx_cpu", [sys.executable, str(HERE / "onnx_cpu.py"), "--threads", "1", "--repeats", "5"]),
     ("tvm_cpu", [sys.executable, str(HERE / "tvm_cpu.py"), "--reps", "7"]),
     ("first_call", [sys.executable, str(HERE / "first_call.py")]),
+    # exits 1 when it finds a mismatch or crash (the README's fuzz table lists them)
+    ("fuzz", [sys.executable, str(HERE / "fuzz.py"), "--structures", "24", "--draws", "8", "--max-T", "129"]),
 ]
 
 
