@@ -170,6 +170,18 @@ def test_every_float_in_a_float64_graph_is_float64():
     assert all(p.dtype == torch.float64 for p in graph.params.values() if p.is_floating_point())
 
 
+def test_a_float64_tvm_program_has_no_float32_constants():
+    """The TVM kernels of a float64 graph carry their scales and mask values as float64 constants: a bare
+    Python float in TVMScript is a float32 literal (only an exact 0.0 may stay one)."""
+    import re
+
+    from sessa_compiler.backends.tvm.relax_lower import graph_to_relax
+
+    _, graph = structure("gqa-rope-f64")
+    module, _ = graph_to_relax(graph, 8, {})
+    assert set(re.findall(r"T\.float32\(([^)]*)\)", module.script())) <= {"0.0"}
+
+
 def test_bf16_compiled_is_no_worse_than_the_module():
     """bf16 with a tiny gain (gamma_max = 0.001, gamma_bias = 6), D = 48, H = 1, T = 63, weights x3: the plain
     module can miss 3e-2 here (docs/spec.md explains why); each compiled backend must stay within 1.5x the
