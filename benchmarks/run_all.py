@@ -19,6 +19,8 @@ RUNS = [
     ("tvm_cpu", [sys.executable, str(HERE / "tvm_cpu.py"), "--reps", "7"]),
     ("first_call", [sys.executable, str(HERE / "first_call.py")]),
     ("triton_static", [sys.executable, str(HERE / "triton_static.py")]),   # sm_90 compiles: no GPU needed
+    # exits 1 when it finds a mismatch or crash (the README's fuzz table lists them)
+    ("fuzz", [sys.executable, str(HERE / "fuzz.py"), "--structures", "24", "--draws", "8", "--max-T", "129"]),
 ]
 
 

@@ -1,6 +1,6 @@
 """sessa_compiler: compile Sessa models (and Transformer / Mamba baselines) into fast, exportable kernels."""
-from .errors import (InputError, IRError, ParseError, SessaCompilerError, TraceError, UnsupportedError,
-                     ValidationError)
+from .errors import (ArtifactError, ConfigError, InputError, IRError, ParseError, SessaCompilerError, TraceError,
+                     UnsupportedError, ValidationError)
 from .api import CompiledModule, compile
 from .frontend import trace
 from .ir import parse
@@ -35,10 +35,13 @@ def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu
 def load_tvm(path):
     """Load a directory written by export_tvm: a callable on numpy arrays (its runtime needs no torch;
     in a torch-free process load `path/sessa_tvm_runtime.py` by file path instead of this package)."""
-    from .export.tvm_runtime import load_tvm as _load_tvm
+    from .export.tvm_runtime import export_dir_problem, load_tvm as _load_tvm
 
+    problem = export_dir_problem(path)
+    if problem is not None:
+        raise ArtifactError(f"load_tvm: {problem}")
     return _load_tvm(path)
 
 
 __all__ = ["compile", "CompiledModule", "trace", "parse", "SessaCompilerError", "IRError", "ParseError", "TraceError", "UnsupportedError",
-           "InputError", "ValidationError", "export_onnx", "export_tvm", "load_tvm", "tune", "__version__"]
+           "ConfigError", "ArtifactError", "InputError", "ValidationError", "export_onnx", "export_tvm", "load_tvm", "tune", "__version__"]

@@ -15,27 +15,73 @@ from pathlib import Path
 
 import torch
 
-from .errors import SessaCompilerError
+from .errors import ConfigError, SessaCompilerError
 from .timing import median_ms
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+BACKENDS = ("auto", "eager", "triton", "tvm")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model")
-    g.add_argument("--model", choices=["sessa", "mamba", "transformer", "decoder"], default="sessa")
-    g.add_argument("--module", help="package.module:Class of any torch.nn.Module (overrides --model)")
-    g.add_argument("--kwargs", default="{}", help="JSON constructor arguments for --module")
-    g.add_argument("--weights", help="a state_dict file to load (torch.load with weights_only=True)")
-    g.add_argument("--D", type=int, default=64, help="model width")
-    g.add_argument("--heads", type=int, default=4)
-    g.add_argument("--kv-heads", type=int, default=None)
-    g.add_argument("--layers", default="SMT", help="decoder layer kinds, e.g. SSMT")
-    g.add_argument("--vocab", type=int, default=256)
-    g.add_argument("--batch", type=int, default=2)
-    g.add_argument("--T", type=int, default=64, help="sequence length of the example input")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("model (one of ours, or any module)")
+    g.add_argument("--model", choices=["sessa", "mamba", "transformer", "decoder"], default="sessa",
+                   help="which reference model to build (ignored with --module)")
+    g.add_argument("--module", metavar="PACKAGE.MODULE:CLASS",
+                   help="any torch.nn.Module class, importable from the current directory (overrides --model)")
+    g.add_argument("--kwargs", default="{}", metavar="JSON",
+                   help="constructor arguments for --module, a JSON object such as '{\"D\": 64}'")
+    g.add_argument("--weights", metavar="FILE",
+                   help="a state_dict file to load strictly (torch.load with weights_only=True)")
+    g.add_argument("--D", type=_positive, default=64, help="model width")
+    g.add_argument("--heads", type=_positive, default=4, help="query heads (must divide --D)")
+    g.add_argument("--kv-heads", type=_positive, default=None, help="key/value heads (must divide --heads; default: --heads)")
+    g.add_argument("--layers", default="SMT", help="decoder layer kinds: S(essa), M(amba), T(ransformer), e.g. SSMT")
+    g.add_argument("--vocab", type=_positive, default=256, help="decoder vocabulary size")
+    g.add_argument("--batch", type=_positive, default=2, help="batch size of the example input")
+    g.add_argument("--T", type=_positive, default=64, help="sequence length of the example input")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the model and its input")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+
+
+def _kwargs(a) -> dict:
+    try:
+        kwargs = json.loads(a.kwargs)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--kwargs is not valid JSON ({e.msg} at column {e.colno}): {a.kwargs!r}; "
+                          "expected an object such as '{\"D\": 64}'") from None
+    if not isinstance(kwargs, dict):
+        raise ConfigError(f"--kwargs must be a JSON object of constructor arguments, got {type(kwargs).__name__}: "
+                          f"{a.kwargs!r}")
+    return kwargs
+
+
+def _module_class(spec: str):
+    mod_name, _, cls_name = spec.partition(":")
+    if not mod_name or not cls_name:
+        raise ConfigError(f"--module expects package.module:Class (e.g. mypkg.layers:MyLayer), got {spec!r}")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # the console script does not put the current directory on the path
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise ConfigError(f"--module {spec!r}: cannot import {mod_name!r} ({e}); run from the directory that holds "
+                          "it, or install its package") from None
+    cls = getattr(module, cls_name, None)
+    if cls is None:
+        raise ConfigError(f"--module {spec!r}: {mod_name} has no attribute {cls_name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise ConfigError(f"--module {spec!r}: {cls_name} is not a torch.nn.Module class")
+    return cls
 
 
 def build_model(a) -> tuple:
@@ -43,21 +89,37 @@ def build_model(a) -> tuple:
 
     torch.manual_seed(a.seed)
     if a.module:
-        mod_name, _, cls_name = a.module.partition(":")
-        if not cls_name:
-            raise SessaCompilerError(f"--module expects package.module:Class, got {a.module!r}")
-        cls = getattr(importlib.import_module(mod_name), cls_name)
-        model = cls(**json.loads(a.kwargs))
+        cls, kwargs = _module_class(a.module), _kwargs(a)
+        what = f"{cls.__name__}(**{kwargs})"
+        build = lambda: cls(**kwargs)  # noqa: E731
     elif a.model == "sessa":
-        model = models.SessaLayer(a.D, n_heads=a.heads, n_kv_heads=a.kv_heads)
+        what = f"SessaLayer(D={a.D}, n_heads={a.heads}, n_kv_heads={a.kv_heads}) from --D/--heads/--kv-heads"
+        build = lambda: models.SessaLayer(a.D, n_heads=a.heads, n_kv_heads=a.kv_heads)  # noqa: E731
     elif a.model == "mamba":
-        model = models.MambaLayer(a.D)
+        what = f"MambaLayer(D={a.D}) from --D"
+        build = lambda: models.MambaLayer(a.D)  # noqa: E731
     elif a.model == "transformer":
-        model = models.TransformerLayer(a.D, a.heads, a.kv_heads)
+        what = f"TransformerLayer(D={a.D}, n_heads={a.heads}, n_kv_heads={a.kv_heads}) from --D/--heads/--kv-heads"
+        build = lambda: models.TransformerLayer(a.D, a.heads, a.kv_heads)  # noqa: E731
     else:
-        model = models.Decoder(a.vocab, a.D, a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads)
+        what = (f"Decoder(vocab={a.vocab}, D={a.D}, layers={a.layers!r}, n_heads={a.heads}, n_kv_heads={a.kv_heads}) "
+                "from --vocab/--D/--layers/--heads/--kv-heads")
+        build = lambda: models.Decoder(a.vocab, a.D, a.layers, n_heads=a.heads, n_kv_heads=a.kv_heads)  # noqa: E731
+    try:
+        model = build()
+    except (TypeError, ValueError, AssertionError) as e:
+        raise ConfigError(f"cannot build {what}: {e}") from None
     if a.weights:
-        model.load_state_dict(torch.load(a.weights, map_location="cpu", weights_only=True), strict=True)
+        path = Path(a.weights)
+        if not path.is_file():
+            raise ConfigError(f"--weights {a.weights!r}: {'is a directory' if path.is_dir() else 'no such file'}; "
+                              "expected a state_dict saved with torch.save(model.state_dict(), path)")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(state, strict=True)
+        except Exception as e:  # noqa: BLE001 - a bad file or mismatched keys: the user's input, said in one line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"--weights {a.weights!r} does not load into {type(model).__name__}: {first}") from None
     model = model.to(DTYPES[a.dtype]).eval()
     return model, make_input(model, a, a.T)
 
@@ -69,7 +131,7 @@ def make_input(model, a, T: int) -> torch.Tensor:
         return torch.randint(0, model.embed.num_embeddings, (a.batch, T))
     width = a.D
     if a.module:
-        width = json.loads(a.kwargs).get("D", a.D)
+        width = _kwargs(a).get("D", a.D)
     return torch.randn(a.batch, T, width).to(DTYPES[a.dtype])
 
 
@@ -111,6 +173,10 @@ def cmd_explain(a) -> int:
 def cmd_export(a) -> int:
     import sessa_compiler as sc
 
+    parent = Path(a.path).resolve().parent
+    if not parent.is_dir():
+        raise ConfigError(f"export {a.format}: the directory {str(parent)!r} for {a.path!r} does not exist; "
+                          "create it first")
     model, x = build_model(a)
     fn = {"onnx": "export_onnx", "tvm": "export_tvm"}[a.format]
     if not hasattr(sc, fn):
@@ -128,8 +194,10 @@ def cmd_tune(a) -> int:
     from .tune import cache_dir
 
     model, x = build_model(a)
+    backend = a.backend if a.backend != "auto" else default_tune_backend()
+    print(f"tuning the {backend} backend's kernels" + (" (the backend this device runs)" if a.backend == "auto" else ""))
     budget = f"{a.trials} trials" if a.trials else a.budget
-    results = sc.tune(model, (x,), backend=a.backend, budget=budget)
+    results = sc.tune(model, (x,), backend=backend, budget=budget)
     for r in results:
         print(f"{r.kernel}: {r.config} ({'cache hit' if r.from_cache else f'{r.median_ms:.3f} ms, {r.tried} tried'}"
               + (f", {len(r.rejected)} rejected" if r.rejected else "") + ")")
@@ -137,12 +205,37 @@ def cmd_tune(a) -> int:
     return 0
 
 
+def default_tune_backend() -> str:
+    """The backend compile(backend="auto") runs on this machine: triton with CUDA, else tvm."""
+    from .backends import available_backends
+
+    have = available_backends()
+    if torch.cuda.is_available() and "triton" in have:
+        return "triton"
+    if "tvm" in have:
+        return "tvm"
+    raise ConfigError("tune: nothing to tune on this machine (no CUDA device with triton, and tvm is not installed); "
+                      "install apache-tvm, or pass --backend triton to tune in Triton's interpreter")
+
+
 def cmd_bench(a) -> int:
     from . import compile as sc_compile
     from .backends import available_backends
 
+    backends = [b.strip() for b in a.backends.split(",") if b.strip()] if a.backends else available_backends()
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown or not backends:
+        raise ConfigError(f"--backends: unknown backend {', '.join(map(repr, unknown)) or '(none given)'}; "
+                          f"expected a comma-separated list of {', '.join(BACKENDS)}")
+    try:
+        lengths = [int(t) for t in a.lengths.split(",")]
+    except ValueError:
+        raise ConfigError(f"--lengths: expected comma-separated positive integers, got {a.lengths!r}") from None
+    if not lengths or min(lengths) <= 0:
+        raise ConfigError(f"--lengths: expected comma-separated positive integers, got {a.lengths!r}")
+    if a.plot and not Path(a.plot).resolve().parent.is_dir():
+        raise ConfigError(f"--plot {a.plot!r}: its directory does not exist; create it first")
     model, x = build_model(a)
-    backends = a.backends.split(",") if a.backends else available_backends()
     compiled = {}
     for b in backends:
         try:
@@ -152,7 +245,6 @@ def cmd_bench(a) -> int:
             compiled[b] = c
         except SessaCompilerError as e:  # e.g. a GPU backend on a CPU-only machine
             print(f"skipped backend {b}: {e}", file=sys.stderr)
-    lengths = [int(t) for t in a.lengths.split(",")]
     rows = []
     with torch.no_grad():
         for T in lengths:
@@ -191,51 +283,80 @@ def cmd_bench(a) -> int:
     return 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sessa-compiler", description="Compile, explain, export, tune and benchmark Sessa models.")
-    sub = p.add_subparsers(dest="command", required=True)
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr and exit status 2 (like every other user error here)."""
 
-    c = sub.add_parser("compile", help="compile a model and validate it against eager PyTorch")
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = _Parser(prog="sessa-compiler", formatter_class=fmt,
+                description="Compile, explain, export, tune and benchmark Sessa models (and any torch.nn.Module).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__} (torch {torch.__version__})")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{compile,explain,export,tune,bench}",
+                           parser_class=_Parser)
+    backend_help = ("auto: Triton for CUDA inputs, TVM on CPU (eager for bf16/fp16 on CPU); eager: the IR "
+                    "interpreter; triton; tvm")
+
+    c = sub.add_parser("compile", help="compile a model and validate it against eager PyTorch", formatter_class=fmt,
+                       description="Compile a model and compare it with the eager module at T = 1, 17 and --T.")
     add_model_args(c)
-    c.add_argument("--backend", default="auto")
-    c.add_argument("--ir", help="write the IR text to this file")
+    c.add_argument("--backend", choices=BACKENDS, default="auto", help=backend_help)
+    c.add_argument("--ir", metavar="FILE", help="write the IR text to this file")
     c.set_defaults(fn=cmd_compile)
 
-    e = sub.add_parser("explain", help="print what was recognised, fallbacks, backend and the IR")
+    e = sub.add_parser("explain", help="print what was recognised, what fell back, what runs where, and the IR",
+                       formatter_class=fmt,
+                       description="Compile a model for the example input and print the report of what runs "
+                                   "where, then the IR.")
     add_model_args(e)
-    e.add_argument("--backend", default="auto")
+    e.add_argument("--backend", choices=BACKENDS, default="auto", help=backend_help)
     e.set_defaults(fn=cmd_explain)
 
-    x = sub.add_parser("export", help="export to ONNX or a TVM library")
-    x.add_argument("format", choices=["onnx", "tvm"])
-    x.add_argument("path")
+    x = sub.add_parser("export", help="export to ONNX or a TVM library", formatter_class=fmt,
+                       description="Export a model to an ONNX file or to a TVM library directory.")
+    x.add_argument("format", choices=["onnx", "tvm"], help="onnx: one .onnx file; tvm: a directory (.so, weights, manifest)")
+    x.add_argument("path", help="the .onnx file, or the directory for tvm (its parent directory must exist)")
     add_model_args(x)
     x.set_defaults(fn=cmd_export)
 
-    t = sub.add_parser("tune", help="autotune the kernels of a model for this device")
+    t = sub.add_parser("tune", help="autotune the kernels of a model for this device", formatter_class=fmt,
+                       description="Search each kernel's configurations, verify them against eager, and store the "
+                                   "fastest in the tuning cache (SESSA_COMPILER_CACHE_DIR).")
     add_model_args(t)
-    t.add_argument("--backend", default="triton", choices=["triton", "tvm"],
-                   help="triton (CUDA, or CPU tensors in Triton's interpreter) or tvm (CPU: the TVM kernels' schedules)")
+    t.add_argument("--backend", default="auto", choices=["auto", "triton", "tvm"],
+                   help="auto: the backend this device runs (triton with CUDA, else tvm); triton (CUDA, or CPU "
+                        "tensors in Triton's interpreter); tvm (CPU: the TVM kernels' schedules)")
     t.add_argument("--budget", type=float, default=60.0, help="seconds, shared among the kernels")
-    t.add_argument("--trials", type=int, default=None, help="candidates per kernel instead of a time budget")
+    t.add_argument("--trials", type=_positive, default=None, help="candidates per kernel instead of a time budget")
     t.set_defaults(fn=cmd_tune)
 
-    b = sub.add_parser("bench", help="time backends against the eager module over sequence lengths")
+    b = sub.add_parser("bench", help="time backends against the eager module over sequence lengths",
+                       formatter_class=fmt, description="Time backends against the eager module; print a table.")
     add_model_args(b)
-    b.add_argument("--backends", default=None, help="comma-separated (default: every available backend)")
-    b.add_argument("--lengths", default="64,128,256")
-    b.add_argument("--repeats", type=int, default=5)
-    b.add_argument("--plot", help="write a PNG plot of time vs sequence length")
+    b.add_argument("--backends", default=None,
+                   help=f"comma-separated, from {', '.join(BACKENDS)} (default: every installed backend)")
+    b.add_argument("--lengths", default="64,128,256", help="comma-separated sequence lengths")
+    b.add_argument("--repeats", type=_positive, default=5, help="timed calls per length (the median is reported)")
+    b.add_argument("--plot", metavar="FILE", help="write a PNG plot of time vs sequence length")
     b.set_defaults(fn=cmd_bench)
     return p
 
 
 def main(argv=None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) and usage errors (2, already reported in one line)
+        return int(e.code or 0)
     try:
         return args.fn(args)
     except SessaCompilerError as e:
-        print(f"sessa-compiler {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"sessa-compiler {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

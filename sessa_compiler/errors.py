@@ -30,3 +30,12 @@ class InputError(SessaCompilerError, ValueError):
 
 class ValidationError(SessaCompilerError):
     """A compiled module's outputs differ from the original module beyond the spec's tolerance."""
+
+
+class ConfigError(SessaCompilerError, ValueError):
+    """A setting that cannot be used: an unknown compile option, a cache directory that is a file, a bad
+    command-line value. The message names the setting, what it must be and what was given."""
+
+
+class ArtifactError(SessaCompilerError, OSError):
+    """An exported artifact (a TVM export directory, an ONNX file) that is missing or not what it should be."""

@@ -56,7 +56,79 @@ def test_bench_writes_table_and_plot(tmp_path, capsys):
 
 def test_errors_are_reported_not_raised(capsys):
     assert main(["compile", "--model", "sessa", *SMALL, "--backend", "no-such-backend"]) == 2
-    assert "unknown backend 'no-such-backend'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "invalid choice: 'no-such-backend'" in err and "'tvm'" in err and len(err.strip().splitlines()) == 1
+
+
+# Every user error: one line on stderr naming the input, exit status 2, no traceback.
+USER_ERRORS = {
+    "module not importable": (["compile", "--module", "no_such_package.layers:Layer"], "cannot import 'no_such_package.layers'"),
+    "module without class": (["compile", "--module", "json"], "expects package.module:Class"),
+    "module attribute missing": (["compile", "--module", "json:NoSuchClass"], "json has no attribute 'NoSuchClass'"),
+    "not a module class": (["compile", "--module", "json:JSONDecoder"], "JSONDecoder is not a torch.nn.Module class"),
+    "bad JSON kwargs": (["compile", "--module", "styles.sdpa_style:SdpaSessaLayer", "--kwargs", "{D: 16}"],
+                        "--kwargs is not valid JSON"),
+    "kwargs not an object": (["compile", "--module", "styles.sdpa_style:SdpaSessaLayer", "--kwargs", "[16]"],
+                             "--kwargs must be a JSON object"),
+    "missing weights": (["compile", *SMALL, "--weights", "no/such/weights.pt"], "--weights 'no/such/weights.pt': no such file"),
+    "impossible heads": (["compile", "--D", "16", "--heads", "5"], "n_heads=5"),
+    "impossible kv heads": (["explain", "--D", "16", "--heads", "4", "--kv-heads", "3"], "--kv-heads"),
+    "zero width": (["compile", "--D", "0"], "argument --D: expected a positive integer, got 0"),
+    "missing output directory": (["export", "onnx", "no/such/dir/model.onnx", *SMALL], "does not exist"),
+    "unknown bench backend": (["bench", *SMALL, "--backends", "tvm,foo"], "unknown backend 'foo'"),
+    "bad lengths": (["bench", *SMALL, "--backends", "eager", "--lengths", "8,x"], "--lengths"),
+    "unknown tune backend": (["tune", *SMALL, "--backend", "cuda"], "invalid choice: 'cuda'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_ERRORS))
+def test_user_errors_are_one_line_and_exit_status_2(case, capsys):
+    argv, expected = USER_ERRORS[case]
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    assert expected in out.err, out.err
+    assert len(out.err.strip().splitlines()) == 1 and "Traceback" not in out.err
+
+
+def test_weights_that_do_not_fit_are_a_one_line_error(tmp_path, capsys):
+    path = tmp_path / "w.pt"
+    torch.save({"nonsense": torch.zeros(2)}, path)
+    assert main(["compile", *SMALL, "--weights", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "does not load into SessaLayer" in err and len(err.strip().splitlines()) == 1
+
+
+def test_version_and_help_show_every_default(capsys):
+    import sessa_compiler as sc
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip().startswith(f"sessa-compiler {sc.__version__}")
+    from sessa_compiler.cli import parser
+
+    for name, sub in parser()._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            if action.dest in ("help",) or not action.option_strings:
+                continue
+            assert action.help, f"{name} {action.option_strings} has no help text"
+        text = sub.format_help()
+        assert "(default: " in text, name
+        if name in ("compile", "explain", "tune"):
+            assert "--backend {auto," in text  # choices, listed in the usage
+
+
+def test_tune_defaults_to_the_backend_this_device_runs():
+    from sessa_compiler.cli import default_tune_backend, parser
+
+    assert parser().parse_args(["tune"]).backend == "auto"
+    assert default_tune_backend() == ("triton" if torch.cuda.is_available() else "tvm")
+
+
+def test_explain_reports_what_will_run(capsys):
+    """With the default backend (auto) on CPU, explain reports the TVM program that the first call runs
+    (before, it said the linears ran on torch's BLAS until a call had been made)."""
+    assert main(["explain", *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert "mode: whole graph in TVM" in out and "generated TVM matmul kernels" in out
 
 
 def test_console_script_is_installed():

@@ -39,20 +39,44 @@ def eager_graph(m, x):
     return sc.compile(m, (x,), backend="eager").graph
 
 
-def test_spaces_are_small_valid_and_start_with_the_backend_default():
+# The schedule spaces depend on the target's vector width: test an AVX2 (8 float lanes) and two AVX-512
+# (16 lanes) targets by name, whatever this host has (the suite once failed only on AVX-512 hosts).
+TARGETS = {"avx2": {"kind": "llvm", "mcpu": "znver3"}, "avx512": {"kind": "llvm", "mcpu": "skylake-avx512"},
+           "avx512-epyc": {"kind": "llvm", "mcpu": "znver4"}}
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_spaces_are_small_valid_and_start_with_the_backend_default(name):
+    target = TARGETS[name]
+    assert tune_api._tvm_lanes(target) == (8 if name == "avx2" else 16)
     for m, x, ops in ((model(), example(), {"feedback", "attention"}),
                       (MambaLayer(32).eval(), example(), {"scan"})):
-        nodes = tunable_nodes(eager_graph(m, x), "tvm")
+        nodes = tunable_nodes(eager_graph(m, x), "tvm", target)
         assert {n.op for n in nodes} == ops
         for n in nodes:
-            space = tvm_space(n)
-            spec = tune_api._tvm_spec(n, tune_api._tvm_lanes())
+            space = tvm_space(n, target=target)
+            spec = tune_api._tvm_spec(n, tune_api._tvm_lanes(target))
             assert space[0] == spec.schedule.as_dict()  # a 1-trial budget still verifies the default
             assert 2 <= len(space) <= 6 and len({json.dumps(c, sort_keys=True) for c in space}) == len(space)
             full = {"feedback": S.feedback_space, "attention": S.attention_space, "scan": S.scan_space}[n.op]
-            assert all(tvm_schedule(n, c) in full(tune_api._tvm_size(spec)) for c in space)
+            assert all(tvm_schedule(n, c, target) in full(tune_api._tvm_size(spec)) for c in space)
             assert all(defaults.valid_config(c, "tvm", n.op) for c in space)
-    assert tvm_schedule(nodes[0], {"channel_block": 3}) is None and tvm_schedule(nodes[0], {"bogus": 1}) is None
+    assert tvm_schedule(nodes[0], {"channel_block": 3}, target) is None
+    assert tvm_schedule(nodes[0], {"bogus": 1}, target) is None
+
+
+@pytest.mark.parametrize("mcpu, lanes", [("znver3", 8), ("haswell", 8), ("alderlake", 8), ("znver4", 16),
+                                         ("skylake-avx512", 16), ("rocketlake", 16), ("sapphirerapids", 16)])
+def test_vector_width_follows_the_cpus_features(mcpu, lanes):
+    """AVX-512 CPUs get 16 float lanes whether or not their name is in a list (rocketlake was not)."""
+    assert tune_api._tvm_lanes({"kind": "llvm", "mcpu": mcpu}) == lanes
+
+
+def test_the_host_space_is_one_of_the_named_targets_spaces():
+    """The host's own space (what tuning uses by default) is the named target's with the same lanes."""
+    node = next(n for n in tunable_nodes(eager_graph(model(), example()), "tvm") if n.op == "attention")
+    same = next(t for k, t in sorted(TARGETS.items()) if tune_api._tvm_lanes(t) == tune_api._tvm_lanes())
+    assert tvm_space(node) == tvm_space(node, target=same)
 
 
 def test_tuning_picks_a_verified_schedule_and_never_a_wrong_but_fast_one(cache_dir):

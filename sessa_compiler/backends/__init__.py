@@ -1,7 +1,7 @@
 """Backends: eager (the IR interpreter, the definition), triton (generated GPU kernels), tvm (generated CPU kernels)."""
 from __future__ import annotations
 
-from ..errors import UnsupportedError
+from ..errors import ConfigError, UnsupportedError
 from .eager import EagerBackend
 
 PLANNED: dict = {}
@@ -42,7 +42,7 @@ class AutoBackend:
 
     def __init__(self, **options):
         self.options = options
-        self.current = EagerBackend()
+        self.current = EagerBackend(**_kwargs_for(EagerBackend, options))
         self.why = "not called yet: eager until the first call shows the inputs' device"
         self._backends: dict = {"eager": self.current}
         self._runners: dict = {}
@@ -97,13 +97,48 @@ class AutoBackend:
         return run
 
     def describe(self, graph) -> str:
+        # Say what will run, not what would run if nothing were prepared: build the chosen backend's program
+        # now (it is built at the first call otherwise, and then this report would change).
+        key = (self.current.name, id(graph))
+        if self._graph_floats is not None and key not in self._runners:
+            self._runners[key] = self.current.prepare(graph)
         return f"backend auto -> {self.current.name} ({self.why})\n  " + self.current.describe(graph)
 
 
+# The options each backend's constructor takes (tests/test_errors.py checks this against the signatures;
+# kept as a table so that checking a key imports neither triton nor tvm).
+BACKEND_OPTIONS = {
+    "eager": ("print_ir",),
+    "triton": ("print_ir", "feedback_chunk_size", "scan_chunk_size", "scan_strategy", "interpret", "fuse"),
+    "tvm": ("target", "schedules", "feedback_chunk_size", "print_ir", "whole_graph"),
+}
+
+
+def check_options(name: str, options: dict) -> None:
+    """A ConfigError for an option no backend takes (a misspelt key), or one this backend does not take."""
+    import difflib
+
+    known = sorted({k for keys in BACKEND_OPTIONS.values() for k in keys})
+    accepted = known if name == "auto" else sorted(BACKEND_OPTIONS.get(name, known))
+    for key in options:
+        if key in accepted:
+            continue
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"compile: unknown option {key!r}; {hint}options are {', '.join(known)}")
+        takers = [b for b, keys in BACKEND_OPTIONS.items() if key in keys]
+        raise ConfigError(f"compile: option {key!r} is for backend {' or '.join(takers)}, not {name!r}; "
+                          f"{name} takes {', '.join(accepted) or 'no options'}")
+
+
 def get_backend(name: str, **options):
-    """options (print_ir, feedback_chunk_size, ...) go to backends that take them (triton)."""
+    """options (print_ir, feedback_chunk_size, ...) go to backends that take them; a key no backend takes,
+    or one the named backend does not take, is a ConfigError."""
+    if name in BACKEND_OPTIONS or name == "auto":
+        check_options(name, options)
     if name == "eager":
-        return EagerBackend()
+        return EagerBackend(**options)
     if name == "auto":
         return AutoBackend(**options)
     if name == "triton":

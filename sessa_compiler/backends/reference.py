@@ -56,7 +56,8 @@ def feedback_ref(f, q_b, k_b, gamma, scale: float) -> torch.Tensor:
     strict = torch.ones(T, T, dtype=torch.bool, device=f.device).tril(-1)
     # Row 0 has no predecessor: give it a harmless finite row, then zero it (no NaN anywhere).
     logits = logits.masked_fill(~strict, -math.inf)
-    logits[:, 0, 0] = 0.0
+    if T > 0:  # an empty sequence has no row 0 (and nothing to solve)
+        logits[:, 0, 0] = 0.0
     alpha = torch.softmax(logits, dim=-1) * strict
     system = torch.eye(T, dtype=cd, device=f.device) - gamma.to(cd)[..., None] * alpha
     s = torch.linalg.solve_triangular(system, f.to(cd), upper=False, unitriangular=True)

@@ -239,8 +239,8 @@ def via_torch_exporter(L: Lowering, node: Node) -> list:
         raise OnnxUnsupportedOpError(
             f"fallback op {target} ({outs}) has no ONNX lowering: it is not in the exporter's table "
             f"({', '.join(sorted(FALLBACKS))}) and torch.onnx.export failed on it ({_summary(e)}). "
-            "Rewrite the model with supported ops, "
-            "or add an entry to sessa_compiler/export/onnx_fallback.py") from e
+            "Write that part of the model with ops the exporter supports (see `explain()` for the ops that "
+            "fell back), or export to TVM instead (sessa_compiler.export_tvm)") from e
     finally:
         quiet.setLevel(level)
     g = model.graph

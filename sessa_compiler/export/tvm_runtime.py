@@ -20,6 +20,32 @@ MANIFEST = "manifest.json"
 FORMAT = "sessa-tvm/1"
 
 
+def export_dir_problem(path) -> str | None:
+    """Why ``path`` is not a directory written by export_tvm (a sentence a user can act on), or None."""
+    path = str(path)
+    hint = "pass the directory that sessa_compiler.export_tvm(module, example_inputs, path) wrote"
+    if not os.path.exists(path):
+        return f"{path!r} does not exist; {hint}"
+    if not os.path.isdir(path):
+        return f"{path!r} is a file, expected a directory; {hint}"
+    missing = [f for f in (MANIFEST,) if not os.path.isfile(os.path.join(path, f))]
+    if missing:
+        return f"{path!r} has no {MANIFEST}, so it is not a TVM export (or it is incomplete); {hint}"
+    try:
+        with open(os.path.join(path, MANIFEST)) as fh:
+            manifest = json.load(fh)
+    except (OSError, ValueError) as e:
+        return f"{os.path.join(path, MANIFEST)!r} cannot be read as JSON ({e}); export the model again"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        return f"{path!r}: not a sessa TVM export (format {got!r}, expected {FORMAT!r}); {hint}"
+    for key in ("library", "weights"):
+        name = manifest.get(key)
+        if not isinstance(name, str) or not os.path.isfile(os.path.join(path, name)):
+            return f"{path!r}: the manifest's {key} file {name!r} is missing; export the model again"
+    return None
+
+
 class TVMModel:
     """A loaded library: call with numpy arrays (one per graph input), get numpy arrays back."""
 
@@ -28,6 +54,9 @@ class TVMModel:
         from tvm import relax
 
         self.path = path
+        problem = export_dir_problem(path)
+        if problem is not None:  # torch-free use: a plain ValueError with the same message
+            raise ValueError(f"load_tvm: {problem}")
         with open(os.path.join(path, MANIFEST)) as fh:
             self.manifest = json.load(fh)
         if self.manifest.get("format") != FORMAT:

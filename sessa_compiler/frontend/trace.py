@@ -101,7 +101,7 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
     else:
         dynamic = tuple(_dynamic_dims(a) for a in traced_args)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_torch_logs():
             warnings.simplefilter("ignore")
             # guards on sizes become runtime assertions in the graph (or ranges), not silent specialisations:
             # they are recorded as the traced graph's guards (see Guard)
@@ -111,8 +111,55 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
             if _mutates(ep):  # functionalise only when needed: it costs as much as the export itself
                 ep = ep.run_decompositions({})
     except Exception as e:
+        data_dependent = _data_dependent_branch(e)
+        if data_dependent is not None:
+            raise TraceError(f"cannot trace {type(module).__name__}: {data_dependent}") from e
         raise TraceError(f"torch.export could not trace {type(module).__name__}: {type(e).__name__}: {e}") from e
     return ep
+
+
+class _quiet_torch_logs:
+    """torch.export logs warnings and prints graph dumps to stderr on the way to an error that we report
+    ourselves in one message: hold them back, and pass them on only when the export succeeds."""
+
+    NAMES = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo")
+
+    def __enter__(self):
+        import contextlib
+        import io
+        import logging
+
+        self.saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in self.NAMES]
+        for logger, _ in self.saved:
+            logger.setLevel(logging.CRITICAL)
+        self.buffer = io.StringIO()
+        self.redirect = contextlib.redirect_stderr(self.buffer)
+        self.redirect.__enter__()
+
+    def __exit__(self, exc_type, *exc):
+        import sys
+
+        self.redirect.__exit__(exc_type, *exc)
+        for logger, level in self.saved:
+            logger.setLevel(level)
+        if exc_type is None and self.buffer.getvalue():
+            sys.stderr.write(self.buffer.getvalue())
+        return False
+
+
+def _data_dependent_branch(e: Exception) -> str | None:
+    """A short, actionable sentence when torch.export failed on Python control flow that depends on tensor
+    values (``if x.sum() > 0``), naming the user's line; None for other failures."""
+    import re
+
+    text = f"{type(e).__name__}: {e}"
+    if "data-dependent" not in text and "GuardOnDataDependentSymNode" not in text:
+        return None
+    where = re.search(r'The following call raised this error:\s*\n\s*File "([^"]+)", line (\d+), in (\w+)\n\s*(.+)', text)
+    at = f" at {where.group(1)}:{where.group(2)} in {where.group(3)} (`{where.group(4).strip()}`)" if where else ""
+    return (f"its code branches on the value of a tensor{at}. The compiler traces one path through the module with "
+            "symbolic sizes and cannot decide a branch on data. Write the choice with tensor ops (torch.where, "
+            "masking) or torch.cond, or move the branch out of the module you compile.")
 
 
 @dataclass(frozen=True)

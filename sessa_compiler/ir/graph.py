@@ -144,6 +144,44 @@ class Graph:
                     g.add_edge(v.producer, n, value=v.name)
         return g
 
+    def to_dot(self, path=None) -> str:
+        """The graph in Graphviz DOT (through networkx and pydot): graph inputs and parameters as boxes, one
+        vertex per op labelled with its outputs, op and type, edges labelled with the value they carry.
+        Written to ``path`` when given; render with ``dot -Tsvg file.dot -o file.svg``."""
+        try:
+            import pydot  # noqa: F401  (networkx writes DOT through it)
+        except ImportError:
+            from ..errors import UnsupportedError
+
+            raise UnsupportedError("Graph.to_dot needs the package pydot: pip install pydot "
+                                   "(requirements/all.txt pins it)") from None
+        from networkx.drawing.nx_pydot import to_pydot
+
+        g = nx.DiGraph(name=self.name)
+        where: dict = {}
+        for i, v in enumerate(self.inputs):
+            where[v] = f"input_{i}"
+            g.add_node(where[v], label=f"input %{v.name}: {v.type}", shape="box")
+        for i, v in enumerate(self.param_values.values()):
+            where[v] = f"param_{i}"
+            g.add_node(where[v], label=f"param %{v.name}: {v.type}", shape="box", style="dashed")
+        for i, n in enumerate(self.nodes):
+            vid = f"op_{i}"
+            outs = ", ".join(f"%{o.name}" for o in n.outputs)
+            g.add_node(vid, label=f"{outs} = {n.op}\\n{n.outputs[0].type if n.outputs else ''}")
+            for v in n.value_inputs:
+                g.add_edge(where[v], vid, label=v.name)
+            for o in n.outputs:
+                where[o] = vid
+        g.add_node("return", label="return", shape="oval")
+        for v in self.outputs:
+            g.add_edge(where[v], "return", label=v.name)
+        text = to_pydot(g).to_string()
+        if path is not None:
+            with open(path, "w") as fh:
+                fh.write(text)
+        return text
+
     def ops(self) -> list[str]:
         return [n.op for n in self.nodes]
 

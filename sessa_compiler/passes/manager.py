@@ -31,6 +31,15 @@ def print_ir_from_env() -> bool:
     return os.environ.get(PRINT_IR_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
+def show_ir(graph: Graph, title: str, print_ir: bool | None = None, stream: TextIO | None = None) -> None:
+    """Print ``graph`` under a ``// ----- IR <title> -----`` header when print_ir is on (None: the
+    environment variable decides): the one format every backend prints its IR in."""
+    if print_ir_from_env() if print_ir is None else print_ir:
+        out = stream or sys.stderr
+        out.write(f"// ----- IR {title} -----\n{graph}")
+        out.flush()
+
+
 @dataclass
 class Pass:
     """Base class of every pass. Subclasses set ``name`` and implement ``run(graph) -> int``."""
@@ -76,9 +85,7 @@ class PassManager:
         self.records: list[PassRecord] = []
 
     def _print(self, title: str, graph: Graph) -> None:
-        out = self.stream or sys.stderr
-        out.write(f"// ----- IR {title} -----\n{graph}")
-        out.flush()
+        show_ir(graph, title, True, self.stream)
 
     def run(self, graph: Graph) -> Graph:
         if self.print_ir:

@@ -119,9 +119,25 @@ class TuningCache:
         d = key.digest()
         return self.root / key.backend / d[:2] / f"{d}.json"
 
+    def _make_dir(self, d: Path) -> None:
+        """Create an entry's directory, or say which setting points somewhere unusable."""
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            from ..errors import ConfigError
+
+            env = os.environ.get("SESSA_COMPILER_CACHE_DIR")
+            where = (f"SESSA_COMPILER_CACHE_DIR={env!r}" if env and Path(env) == self.root
+                     else f"the tuning cache directory {str(self.root)!r}")
+            blocker = next((q for q in [d, *d.parents] if q.exists() and not q.is_dir()), None)
+            why = f"{str(blocker)!r} is a file, not a directory" if blocker is not None else f"{e.strerror or e}"
+            raise ConfigError(f"cannot store tuning results: {where} cannot be used ({why}); point "
+                              "SESSA_COMPILER_CACHE_DIR at a writable directory (or unset it for the user's cache "
+                              "directory)") from None
+
     def lock(self, key: CacheKey, timeout: float = 600.0) -> filelock.FileLock:
         p = self.path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        self._make_dir(p.parent)
         return filelock.FileLock(str(p) + ".lock", timeout=timeout)
 
     def get(self, key: CacheKey):
@@ -147,7 +163,7 @@ class TuningCache:
 
     def put(self, key: CacheKey, config: dict, *, median_ms: float | None = None, candidates: int | None = None) -> Path:
         p = self.path(key)
-        p.parent.mkdir(parents=True, exist_ok=True)
+        self._make_dir(p.parent)
         k = json.loads(json.dumps(asdict(key)))
         entry = {"format": ENTRY_FORMAT, "key": k, "config": config, "median_ms": median_ms,
                  "candidates": candidates, "checksum": stable_hash({"config": config, "key": k})}

@@ -16,7 +16,7 @@ import torch
 
 from ...errors import InputError, UnsupportedError
 from ...ir.graph import Graph, Value
-from ..eager import bind_symbols, resolve, run_node
+from ..eager import bind_symbols, eager_when_empty, resolve, run_node
 from .build import build, kernel_source, lanes_for
 from .lowering import lower_graph
 
@@ -102,7 +102,7 @@ class TVMBackend:
                                    "apache-tvm-ffi==0.1.14.post1")
         from .target import resolve_target
 
-        self.print_ir = bool(print_ir)
+        self.print_ir = print_ir  # None: SESSA_COMPILER_PRINT_IR decides
         self.whole_graph = True if whole_graph is None else bool(whole_graph)
         self.modes: dict = {}   # id(graph) -> ("whole graph" | "hybrid", reason)
         self.target = resolve_target(target)
@@ -214,8 +214,12 @@ class TVMBackend:
         return run
 
     def prepare(self, graph: Graph):
-        if self.print_ir:
-            print(graph)
+        return eager_when_empty(graph, self._prepare(graph))
+
+    def _prepare(self, graph: Graph):
+        from ...passes.manager import show_ir
+
+        show_ir(graph, "run by the tvm backend (no pass rewrites it: lowered as traced)", self.print_ir)
         self.resolve_schedules(graph)
         plan = self.plan(graph)
         if self.whole_graph:

@@ -131,7 +131,9 @@ def feedback_gpu_kernel(width: int, scale: float, dtype: str, chunk: int, sched:
     TD = min(TB, D)                    # threads of the column-parallel solve
     NDB = (D + TD - 1) // TD
     neg = MASKED
-    scale = float(scale)
+    from tvm.tirx import FloatImm
+
+    scale = FloatImm(dtype, float(scale))  # typed: a bare float in TVMScript is a float32 literal
 
     @T.prim_func
     def feedback(f_h: T.handle, q_h: T.handle, k_h: T.handle, g_h: T.handle, s_h: T.handle):
@@ -203,7 +205,9 @@ def attention_gpu_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: fl
     BQ = sched.threads
     TP = 64                             # threads of the pre-pass
     neg = MASKED
-    scale = float(scale)
+    from tvm.tirx import FloatImm
+
+    scale = FloatImm(dtype, float(scale))  # typed: a bare float in TVMScript is a float32 literal
     ROPE = bool(rope)
 
     @T.prim_func

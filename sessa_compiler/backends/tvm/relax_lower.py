@@ -80,18 +80,30 @@ class _Lowerer:
                 "through torch there), or rewrite the module so they are recognised")
         inputs = [relax.Var(f"in_{v.name}", self.ttype(v)) for v in graph.inputs]
         params = [relax.Var(f"p_{i}", self.ttype(v)) for i, v in enumerate(graph.param_values.values())]
-        with bb.function("main", inputs + params):
-            with bb.dataflow():
-                for v, r in zip(graph.inputs, inputs):
-                    self.env[v] = r
-                for v, r in zip(graph.param_values.values(), params):
-                    self.env[v] = r
-                for node in graph.nodes:
-                    self.lower(node)
-                outs = [self.env[v] for v in graph.outputs]
-                result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
-            bb.emit_func_output(result)
+        try:
+            with bb.function("main", inputs + params):
+                with bb.dataflow():
+                    for v, r in zip(graph.inputs, inputs):
+                        self.env[v] = r
+                    for v, r in zip(graph.param_values.values(), params):
+                        self.env[v] = r
+                    for node in graph.nodes:
+                        self.lower(node)
+                    outs = [self.env[v] for v in graph.outputs]
+                    result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
+                bb.emit_func_output(result)
+        except BaseException:
+            self._close_blocks()  # else TVM warns "BlockBuilder destroyed with remaining blocks!" on stderr
+            raise
         return bb.get()
+
+    def _close_blocks(self) -> None:
+        """End the blocks a failed lowering left open (the caller reports the failure itself)."""
+        for _ in range(16):
+            try:
+                self.bb._end_block()
+            except Exception:  # noqa: BLE001 - none left
+                break
 
     def can_lower(self, node) -> bool:
         if node.op in ("attention", "feedback", "scan", "tri_solve"):

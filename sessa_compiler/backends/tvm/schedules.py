@@ -152,7 +152,8 @@ def default_scan(channels: int, lanes: int = 8) -> ScanSchedule:
 
 def feedback_space(width: int) -> list:
     out = []
-    for chunk, kb, rows, col, gr in itertools.product((16, 32, 64, 128), (8, 16, 32), (1, 2, 4),
+    # Block sizes up to 64 cover the defaults of every vector width (4 x 16 lanes with AVX-512).
+    for chunk, kb, rows, col, gr in itertools.product((16, 32, 64, 128), (8, 16, 32, 64), (1, 2, 4),
                                                       (4, 8, 16, 32, 64), (1, 2, 4)):
         s = FeedbackSchedule(chunk, kb, rows, col, gr)
         try:
@@ -165,7 +166,7 @@ def feedback_space(width: int) -> list:
 
 def attention_space(head_dim: int) -> list:
     out = []
-    for qb, kb, rows, vl in itertools.product((16, 32, 64), (8, 16, 32), (1, 2, 4), (4, 8, 16, 32)):
+    for qb, kb, rows, vl in itertools.product((16, 32, 64), (8, 16, 32, 64), (1, 2, 4), (4, 8, 16, 32, 64)):
         s = AttentionSchedule(qb, kb, rows, vl)
         try:
             s.check(head_dim)
@@ -176,4 +177,4 @@ def attention_space(head_dim: int) -> list:
 
 
 def scan_space(channels: int) -> list:
-    return [ScanSchedule(c) for c in (1, 2, 4, 8, 16, 32) if channels % c == 0]
+    return [ScanSchedule(c) for c in (1, 2, 4, 8, 16, 32, 64) if channels % c == 0]

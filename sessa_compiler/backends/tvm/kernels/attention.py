@@ -14,6 +14,7 @@ softmax over key blocks up to the diagonal only, with register tiles `rows` x `k
 from __future__ import annotations
 
 from tvm.script import tirx as T
+from tvm.tirx import FloatImm
 
 from ..schedules import AttentionSchedule
 from ..tir_math import MASKED, make_exp
@@ -30,8 +31,10 @@ def attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: float,
     NVB = DH // VL
     RL = 8 if BK % 8 == 0 else BK   # lanes of the row max / row sum partials
     exp = make_exp(dtype)
-    neg = MASKED
-    scale = float(scale)
+    neg = FloatImm(dtype, MASKED)
+    # a typed constant: a bare Python float in TVMScript is a float32 literal, which would round the
+    # scale of a float64 kernel to float32 (1e-8 relative, amplified by the feedback solve)
+    scale = FloatImm(dtype, float(scale))
     ROPE = bool(rope)
 
     @T.prim_func

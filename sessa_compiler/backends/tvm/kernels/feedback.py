@@ -19,6 +19,7 @@ never O(T^2).
 from __future__ import annotations
 
 from tvm.script import tirx as T
+from tvm.tirx import FloatImm
 
 from ..schedules import FeedbackSchedule
 from ..tir_math import MASKED, make_exp
@@ -31,8 +32,10 @@ def feedback_kernel(width: int, scale: float, dtype: str, sched: FeedbackSchedul
     CH, KB, R, DC, R2 = sched.chunk, sched.key_block, sched.rows, sched.col_block, sched.gemm_rows
     NDC = D // DC
     exp = make_exp(dtype)
-    neg = MASKED
-    scale = float(scale)
+    neg = FloatImm(dtype, MASKED)
+    # a typed constant: a bare Python float in TVMScript is a float32 literal, which would round the
+    # scale of a float64 kernel to float32 (1e-8 relative, amplified by the feedback solve)
+    scale = FloatImm(dtype, float(scale))
 
     @T.prim_func
     def feedback(f_h: T.handle, q_h: T.handle, k_h: T.handle, g_h: T.handle, s_h: T.handle):
