@@ -22,14 +22,18 @@ def test_every_kernel_compiles_for_sm90_with_tensor_cores(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = {(r["kernel"], r["tunables"].get("strategy", "")) for r in records}
     assert {k for k, _ in kernels} == {"attention_fwd", "feedback_lse", "feedback_diag_inverse", "feedback_solve",
-                                       "feedback_probs", "feedback_update", "scan_chunked", "rope_rotate"}
-    assert len(records) == 20  # per dtype: attention with (+ rope_rotate) and without RoPE, five feedback kernels, two scans
+                                       "feedback_probs", "feedback_update", "scan_chunked", "rope_rotate",
+                                       "tri_solve_fwd", "tri_solve_diag_inverse"}
+    # per dtype: attention with (+ rope_rotate) and without RoPE, five feedback kernels, two scans, and two
+    # tri_solve kernels each for a lower non-unit and an upper unit system
+    assert len(records) == 28
     for r in records:
         assert r["cubin_bytes"] > 0
         assert r["spill_bytes"] == 0, r
         assert r["shared_bytes"] <= 232448, r   # what one block may use on sm_90: more fails to launch
         if r["uses_dot"]:
             assert r["wgmma"] or r["mma"], f"{r['kernel']} uses tl.dot but its PTX has no mma/wgmma"
-        # 64-row tiles at 4 warps are warpgroup tiles: Hopper's wgmma, not the older mma.sync
+        # 64-row tiles at 4 warps are warpgroup tiles: Hopper's wgmma, not the older mma.sync (tri_solve's
+        # 64-row blocks at 8 warps too: two warpgroups of m64n32)
         if r["uses_dot"]:
             assert r["wgmma"], r
