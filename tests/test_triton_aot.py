@@ -33,7 +33,6 @@ def test_every_kernel_compiles_for_sm90_with_tensor_cores(tmp_path):
         assert r["shared_bytes"] <= 232448, r   # what one block may use on sm_90: more fails to launch
         if r["uses_dot"]:
             assert r["wgmma"] or r["mma"], f"{r['kernel']} uses tl.dot but its PTX has no mma/wgmma"
-        # 64-row tiles at 4 warps are warpgroup tiles: Hopper's wgmma, not the older mma.sync (tri_solve's
-        # 64-row blocks at 8 warps too: two warpgroups of m64n32)
+        # 64-row tiles at 4 warps are warpgroup tiles: Hopper's wgmma, not the older mma.sync
         if r["uses_dot"]:
             assert r["wgmma"], r

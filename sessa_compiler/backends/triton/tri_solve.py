@@ -55,7 +55,7 @@ def generate_tri_solve(node: Node, dtypes: dict, interpret: bool, block: int | N
     if BM < 16 or BM & (BM - 1):
         raise UnsupportedError(f"op 'tri_solve': the block must be a power of two >= 16, got {BM}")
     n = node.inputs[1].type.shape[-1]
-    block_n = dot_block(n, 64) if isinstance(n, int) else 64
+    block_n = dot_block(n, 32) if isinstance(n, int) else 32
     solve = dot_policy(dt, interpret)["solve_precision"]
     separate_out = dt != "f32"
     spec = {"upper": upper, "unitriangular": unit, "dtype": dt, "N": n}
@@ -149,7 +149,7 @@ def generate_tri_solve(node: Node, dtypes: dict, interpret: bool, block: int | N
         "tri_solve_fwd", "tri_solve", spec,
         {"BM": BM, "BLOCK_N": block_n, "strategy": "blocked substitution by diagonal-block inverses",
          "solve_precision": solve}, body, sig,
-        do_not_specialize=("T", "L1"), num_warps=8, num_stages=2, parts=(inverse,))
+        do_not_specialize=("T", "L1"), num_warps=4, num_stages=2, parts=(inverse,))
 
 
 # -- launcher ---------------------------------------------------------------------------------------
