@@ -346,6 +346,13 @@ def test_tri_solve_kernel_bf16(T, upper, unit):
     check_tri_solve(kernel, A, b, upper, unit, 3e-2)
 
 
+@pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
+def test_tri_solve_kernel_fp16(upper):
+    kernel = tri_solve_kernel(["B"], ["B"], 24, upper, False, dt="f16")
+    A, b = tri_solve_inputs((2, 33, 33), (2, 33, 24), upper, False, torch.float16, seed=8)
+    check_tri_solve(kernel, A, b, upper, False, 3e-3)
+
+
 def _expanded_heads(T):   # [B, 2, T, T] as an expand of [B, 1, T, T]: stride 0 over the heads
     A, b = tri_solve_inputs((2, 1, T, T), (2, 2, T, 16), True, True, torch.float32, seed=3)
     return A.expand(2, 2, T, T), b
