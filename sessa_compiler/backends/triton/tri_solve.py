@@ -10,13 +10,14 @@ Blocked forward substitution in two kernels, one launch each:
   as tensor-core products. Rows past the tail are padded with the identity. fp32 workspace
   [batch, blocks, BM, BM].
 - ``tri_solve_fwd`` (grid: batch x column blocks of b): the row blocks in order; block i is
-  b_i - sum_{j < i} A_ij x_j (tensor-core dots over the already-solved rows, fp32 accumulation),
+  b_i - sum_{solved j} A_ij x_j (tensor-core dots over the already-solved rows, fp32 accumulation),
   then x_i = inverse_i @ that. x is accumulated in fp32 (in the output for fp32, else in an fp32
   workspace besides the output) and re-read by the later blocks.
 
-Upper systems walk the row blocks from the bottom (block i covers rows T - (i+1)*BM ..) with rows
-and columns in ascending order inside each tile, so nothing is copied or flipped; the diagonal
-blocks are then upper triangular, which the same product inverts. Leading dims: b's are grouped
+Upper systems walk the same row blocks (i*BM .. i*BM + BM - 1, the tail block last in memory) from
+the bottom, with rows and columns in ascending order inside each tile, so nothing is copied or
+flipped and loads stay aligned; their diagonal blocks are upper triangular, which the same product
+inverts. Leading dims: b's are grouped
 into at most two strided batch axes (A broadcasts with stride 0 when it has fewer, e.g. rank 2).
 Work: O(T^2 N) per batch element; T/BM sequential steps per program.
 """
@@ -35,14 +36,6 @@ def default_block(interpret: bool) -> int:
 
 def _constants(**kw) -> str:
     return "".join(f"{k} = tl.constexpr({v!r})\n" for k, v in kw.items()) + "\n\n"
-
-
-_ROWS = ("    if UPPER:   # blocks from the bottom; ascending rows inside a block\n"
-         "        rows = T - (i + 1) * BM + r\n"
-         "        valid = rows >= 0\n"
-         "    else:\n"
-         "        rows = i * BM + r\n"
-         "        valid = rows < T\n")
 
 
 def generate_tri_solve(node: Node, dtypes: dict, interpret: bool, block: int | None = None) -> KernelSource:
@@ -70,7 +63,8 @@ def generate_tri_solve(node: Node, dtypes: dict, interpret: bool, block: int | N
              "    b0 = (pid_b // L1).to(tl.int64)\n"
              "    b1 = (pid_b % L1).to(tl.int64)\n"
              "    r = tl.arange(0, BM)\n"
-             + _ROWS +
+             "    rows = i * BM + r\n"
+             "    valid = rows < T\n"
              "    eye = r[:, None] == r[None, :]\n"
              "    if UPPER:\n"
              "        strict = r[None, :] > r[:, None]\n"
@@ -107,7 +101,7 @@ def generate_tri_solve(node: Node, dtypes: dict, interpret: bool, block: int | N
     body += ("@triton.jit\n"
              f"def tri_solve_fwd(A, Bm, DINV, X{out_args}, T, N, L1, stride_a0, stride_a1, stride_at,\n"
              "                  stride_b0, stride_b1, stride_bt):\n"
-             "    # x_i = inverse_i (b_i - sum_{j<i} A_ij x_j), block by block; X: fp32 [batch, T, N], contiguous\n"
+             "    # x_i = inverse_i (b_i - sum_{solved j} A_ij x_j), block by block; X: fp32 [batch, T, N], contiguous\n"
              "    pid_b = tl.program_id(0)\n"
              "    pid_n = tl.program_id(1)\n"
              "    b0 = (pid_b // L1).to(tl.int64)\n"
@@ -121,19 +115,33 @@ def generate_tri_solve(node: Node, dtypes: dict, interpret: bool, block: int | N
     if separate_out:
         body += "    o_base = OUT + pid_b.to(tl.int64) * T * N\n"
     body += ("    n_blocks = tl.cdiv(T, BM)\n"
-             "    for i in range(0, n_blocks):\n"
-             + "\n".join("    " + line if line else line for line in _ROWS.split("\n")) +
+             "    for step in range(0, n_blocks):\n"
+             "        if UPPER:   # blocks from the bottom (the tail block first)\n"
+             "            i = n_blocks - 1 - step\n"
+             "        else:\n"
+             "            i = step\n"
+             "        rows = i * BM + r\n"
+             "        valid = rows < T\n"
              "        io_mask = valid[:, None] & cmask[None, :]\n"
              "        acc = tl.load(b_base + rows[:, None] * stride_bt + cols[None, :], mask=io_mask, other=0.0).to(tl.float32)\n"
              "        a_rows = a_base + rows.to(tl.int64)[:, None] * stride_at\n"
-             "        for j in range(0, i):   # solved blocks: every row and column inside [0, T)\n"
-             "            if UPPER:\n"
-             "                k = T - (j + 1) * BM + r\n"
-             "            else:\n"
+             "        if UPPER:   # solved blocks below: full ones, then the tail block (rows up to T)\n"
+             "            for j in range(i + 1, n_blocks - 1):\n"
              "                k = j * BM + r\n"
-             "            a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0).to(tl.float32)\n"
-             "            xs = tl.load(x_base + k[:, None] * N + cols[None, :], mask=cmask[None, :], other=0.0)\n"
-             f"            acc -= tl.dot(a, xs, out_dtype=tl.float32, input_precision=\"{solve}\")\n"
+             "                a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0).to(tl.float32)\n"
+             "                xs = tl.load(x_base + k[:, None] * N + cols[None, :], mask=cmask[None, :], other=0.0)\n"
+             f"                acc -= tl.dot(a, xs, out_dtype=tl.float32, input_precision=\"{solve}\")\n"
+             "            if i < n_blocks - 1:\n"
+             "                k = (n_blocks - 1) * BM + r\n"
+             "                a = tl.load(a_rows + k[None, :], mask=valid[:, None] & (k[None, :] < T), other=0.0).to(tl.float32)\n"
+             "                xs = tl.load(x_base + k[:, None] * N + cols[None, :], mask=(k[:, None] < T) & cmask[None, :], other=0.0)\n"
+             f"                acc -= tl.dot(a, xs, out_dtype=tl.float32, input_precision=\"{solve}\")\n"
+             "        else:   # solved blocks above: every row and column inside [0, T)\n"
+             "            for j in range(0, i):\n"
+             "                k = j * BM + r\n"
+             "                a = tl.load(a_rows + k[None, :], mask=valid[:, None], other=0.0).to(tl.float32)\n"
+             "                xs = tl.load(x_base + k[:, None] * N + cols[None, :], mask=cmask[None, :], other=0.0)\n"
+             f"                acc -= tl.dot(a, xs, out_dtype=tl.float32, input_precision=\"{solve}\")\n"
              "        dinv = tl.load(DINV + ((pid_b.to(tl.int64) * n_blocks + i) * BM + r[:, None]) * BM + r[None, :])\n"
              f"        x = tl.dot(dinv, acc, out_dtype=tl.float32, input_precision=\"{solve}\")\n"
              "        tl.store(x_base + rows[:, None] * N + cols[None, :], x, mask=io_mask)\n")
