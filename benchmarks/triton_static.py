@@ -14,7 +14,8 @@ estimate: issued FLOPs (what the kernel's tiles compute, masked tiles included) 
 once) over 4.3 TB/s. ``useful_flops`` is the op's own minimum (causal logits once, P @ s once).
 Also compiled: the general ``tri_solve`` on explicit bf16 [B, T, T] weights with the feedback's f as b
 (a fallback, not part of the layer; its grid is batch x column tiles, so its FLOP rate is scaled by
-the fraction of the 132 SMs that grid fills). The layer line adds the ops that run in torch (matmuls at the same roofline, the rest by bytes).
+the fraction of the 132 SMs that grid fills). The layer line adds the ops that run in torch
+(matmuls at the same roofline, the rest by bytes).
 These are estimates from the compiled code, not measurements.
 """
 from __future__ import annotations
