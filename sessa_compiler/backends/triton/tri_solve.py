@@ -3,7 +3,7 @@ x with A x = b for explicit weights A [..., T, T] and b [..., T, N] (``reference
 
 Blocked forward substitution in two kernels, one launch each:
 
-- ``tri_solve_diag_inverse`` (grid: diagonal blocks x batch, fully parallel): loads one BM x BM
+- ``tri_solve_diag_inverse`` (grid: batch x diagonal blocks, fully parallel): loads one BM x BM
   diagonal block of A (only its own triangle; the diagonal too unless unit), upcast to fp32, and
   inverts it: with D its diagonal and N its strict part, (D + N)^-1 = (I - M)^-1 D^-1 for the
   nilpotent M = -D^-1 N, and (I - M)^-1 = (I + M)(I + M^2)(I + M^4)... (log2(BM) factors, exact),
@@ -58,8 +58,8 @@ def generate_tri_solve(node: Node, dtypes: dict, interpret: bool, block: int | N
     body += ("@triton.jit\n"
              "def tri_solve_diag_inverse(A, DINV, T, L1, stride_a0, stride_a1, stride_at):\n"
              "    # inverse of diagonal block i of A (fp32), rows and columns ascending; identity past the tail\n"
-             "    i = tl.program_id(0)\n"
-             "    pid_b = tl.program_id(1)\n"
+             "    pid_b = tl.program_id(0)   # batch on axis 0 (up to 2^31 programs), blocks on axis 1\n"
+             "    i = tl.program_id(1)\n"
              "    b0 = (pid_b // L1).to(tl.int64)\n"
              "    b1 = (pid_b % L1).to(tl.int64)\n"
              "    r = tl.arange(0, BM)\n"
@@ -223,7 +223,7 @@ def launch_tri_solve(kernel, A, b, out=None):
     (L0, (sa0, sb0)), (L1, (sa1, sb1)) = groups
     nb, n_blocks = L0 * L1, -(-T // BM)
     dinv = torch.empty(nb, n_blocks, BM, BM, dtype=torch.float32, device=b.device)
-    inverse.fn[(n_blocks, nb)](Ae, dinv, T, L1, sa0, sa1, Ae.stride(-2),
+    inverse.fn[(nb, n_blocks)](Ae, dinv, T, L1, sa0, sa1, Ae.stride(-2),
                                num_warps=inverse.source.num_warps, num_stages=inverse.source.num_stages)
     x = out if b.dtype == torch.float32 else torch.empty(b.shape, dtype=torch.float32, device=b.device)
     outs = (x,) if x is out else (x, out)
