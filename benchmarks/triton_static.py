@@ -12,7 +12,10 @@ memory, the ``wgmma`` shapes, asynchronous copies and vector loads in the PTX, a
 estimate: issued FLOPs (what the kernel's tiles compute, masked tiles included) over 790 TFLOP/s
 (bf16 dense; tf32 products at half that, 3xTF32 at a sixth) against the bytes it must move (each operand and result
 once) over 4.3 TB/s. ``useful_flops`` is the op's own minimum (causal logits once, P @ s once).
-The layer line adds the ops that run in torch (matmuls at the same roofline, the rest by bytes).
+Also compiled: the general ``tri_solve`` on explicit bf16 [B, T, T] weights with the feedback's f as b
+(a fallback, not part of the layer; its grid is batch x column tiles, so its FLOP rate is scaled by
+the fraction of the 132 SMs that grid fills). The layer line adds the ops that run in torch
+(matmuls at the same roofline, the rest by bytes).
 These are estimates from the compiled code, not measurements.
 """
 from __future__ import annotations
@@ -29,6 +32,7 @@ sys.path.insert(0, ROOT)
 BF16_FLOPS = 790e12
 TF32_FLOPS = BF16_FLOPS / 2
 BYTES_PER_S = 4.3e12
+SMS = 132   # H200 streaming multiprocessors (tri_solve's grid fills fewer)
 TARGET = {"B": 4, "T": 8192, "D": 1024, "H": 8}
 VIEW_OPS = {"reshape", "split", "slice", "squeeze", "unsqueeze", "permute", "transpose", "expand", "view"}
 ESIZE = {"f32": 4, "f16": 2, "bf16": 2, "f64": 8, "i64": 8, "i32": 4, "bool": 1}
@@ -93,6 +97,19 @@ def kernel_flops(src, B: int, T: int) -> tuple:
                 useful += sum(2 * ((t // C) * C - r0) * Dv + (t % C) * Dv for t in rows)
         rate = _rate(tu, "dot" if name == "feedback_probs" else "solve")
         return B * issued, B * useful, B * issued / rate
+    if name in ("tri_solve_fwd", "tri_solve_diag_inverse"):
+        BM, N, nb = tu["BM"], sp["N"], B   # the variant's weights are [B, T, T]
+        n_blocks = _cdiv(T, BM)
+        if name == "tri_solve_diag_inverse":   # log2(BM) - 1 squarings, two BM^3 products each; overhead only
+            issued, useful, programs = nb * n_blocks * (int(math.log2(BM)) - 1) * 2 * 2 * BM ** 3, 0, nb * n_blocks
+        else:   # block i: i reductions over solved blocks and one product by its inverse, per column tile
+            BN = tu["BLOCK_N"]
+            programs = nb * _cdiv(N, BN)
+            issued = programs * sum(i + 1 for i in range(n_blocks)) * 2 * BM * BM * BN
+            useful = nb * T * T * N   # substitution: T^2/2 multiply-adds per column
+        # only `programs` of the SMs work (the solve's grid is batch x column tiles): the rate scales down
+        busy = min(1.0, programs / SMS)
+        return issued, useful, issued / (_rate(tu, "solve") * busy)
     return 0, 0, 0.0   # elementwise / scan: no tensor-core work
 
 
@@ -103,6 +120,14 @@ def kernel_bytes(src, node, B: int, T: int) -> int:
         CO, Dv = src.tunables["CO"], src.specialisation["D_v"]
         p_bytes = sum(4 * B * CO * min(r0 + CO, T) for r0 in range(0, T, CO))   # P written once, read once
         return (p_bytes if src.name == "feedback_probs" else p_bytes // 2 + 2 * 4 * B * T * Dv)
+    if src.name.startswith("tri_solve"):   # one triangle of A, b, x (and its fp32 copy for 16-bit b), the inverses
+        A, b = node.inputs
+        BM, N = src.tunables["BM"], src.specialisation["N"]
+        dinv = 4 * B * _cdiv(T, BM) * BM * BM
+        if src.name == "tri_solve_diag_inverse":
+            return B * _cdiv(T, BM) * BM * BM * ESIZE[A.type.dtype.name] // 2 + dinv
+        fp32_x = 2 * 4 * B * T * N if b.type.dtype.name != "f32" else 0
+        return _bytes(A, B, T) // 2 + 2 * _bytes(b, B, T) + fp32_x + dinv
     if src.name == "rope_rotate":
         return 0   # counted with the attention kernel below
     if src.name == "attention_fwd" and src.specialisation["rope"]:
@@ -134,6 +159,21 @@ def rope_attention_node(graph):
   param %inv: f32[{d // 2}]
   %o: {dt}[B, T, {H}, {d}] = attention(%q, %k, %v, %inv) {{scale={d ** -0.5}, causal=True, rope=True}}
   return %o
+}}""")
+    return g.nodes[0]
+
+
+def tri_solve_node(graph):
+    """The general form of the layer's feedback: tri_solve on explicit [B, T, T] weights, b the feedback's f
+    (what a feedback the recogniser cannot factor becomes)."""
+    from sessa_compiler.ir import parse
+
+    fb = next(n for n in graph.nodes if n.op in ("feedback", "feedback_chunked"))
+    f = fb.inputs[0]
+    dt, width = f.type.dtype.name, f.type.shape[2]
+    g = parse(f"""graph s(%A: {dt}[B, T, T], %f: {dt}[B, T, {width}]) {{
+  %x: {dt}[B, T, {width}] = tri_solve(%A, %f) {{upper=False, unitriangular=False}}
+  return %x
 }}""")
     return g.nodes[0]
 
@@ -171,6 +211,9 @@ def records(B: int, T: int) -> list:
     rope = rope_attention_node(prog.graph)
     jobs.append((rope, prog.source_for(rope, {"q": "bf16", "k": "bf16", "v": "bf16", "inv_freq": "f32"}, False),
                  "variant: RoPE folded into attention"))
+    solve = tri_solve_node(prog.graph)
+    jobs.append((solve, prog.source_for(solve, {"A": "bf16", "b": "bf16"}, False),
+                 "variant: tri_solve, the general (unfactored) feedback"))
     out, kernel_nodes = [], {id(n) for n, _, _ in jobs}
     for node, top, where in jobs:
         for src in top.all_kernels():

@@ -129,3 +129,50 @@ def test_independently_written_matmul_style_layer():
     with torch.no_grad():
         x = torch.randn(2, 19, 32)
         assert relative_error(compiled(x), model(x)) <= 1e-4
+
+
+class ExplicitSolve(torch.nn.Module):
+    """torch.linalg.solve_triangular on explicit, data-dependent weights: not a Sessa feedback, so it
+    becomes the general tri_solve op."""
+
+    def __init__(self, upper, unit, D=16):
+        super().__init__()
+        self.w, self.lin = torch.nn.Linear(D, D), torch.nn.Linear(D, D)
+        self.upper, self.unit = upper, unit
+
+    def forward(self, x):
+        T = x.shape[1]
+        W = torch.tanh(torch.einsum("btd,bsd->bts", self.w(x), x)) * 0.08
+        W = (W.triu() if self.upper else W.tril()) + 1.5 * torch.eye(T, dtype=x.dtype)
+        return torch.linalg.solve_triangular(W, self.lin(x), upper=self.upper, unitriangular=self.unit)
+
+
+@pytest.mark.parametrize("upper, unit", [(False, False), (True, True)], ids=["lower", "upper-unit"])
+def test_explicit_triangular_solve_runs_the_tri_solve_kernel(upper, unit):
+    from sessa_compiler.backends.triton.codegen import KERNEL_CACHE
+
+    def launches():
+        return sum(e.launches for e in KERNEL_CACHE.entries.values() if e.source.name == "tri_solve_fwd")
+
+    torch.manual_seed(1)
+    model = ExplicitSolve(upper, unit).eval()
+    compiled = sc.compile(model, backend="triton")
+    before = launches()
+    with torch.no_grad():
+        for T in (1, 17, 40):
+            x = torch.randn(2, T, 16)
+            assert relative_error(compiled(x), model(x)) <= 1e-4, T
+    assert launches() == before + 3
+    text = compiled.explain()
+    assert "tri_solve_fwd" in text and "= tri_solve  [upper=" in text, text
+    assert "core ops without a kernel here" not in text, text
+
+
+def test_float64_triangular_solve_stays_on_torch():
+    torch.manual_seed(2)
+    model = ExplicitSolve(False, False).double().eval()
+    compiled = sc.compile(model, backend="triton")
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    with torch.no_grad():
+        assert relative_error(compiled(x), model(x)) <= 1e-10
+    assert "= tri_solve: runs in torch ({'A': 'f64', 'b': 'f64'} has no kernel)" in compiled.explain()

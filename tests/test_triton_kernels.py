@@ -7,7 +7,7 @@ import torch
 
 triton_env.require_interpreter()
 
-from sessa_compiler.backends.reference import attention_ref, feedback_ref, scan_ref
+from sessa_compiler.backends.reference import attention_ref, feedback_ref, scan_ref, tri_solve_ref
 from sessa_compiler.backends.triton import blocked_ref
 from sessa_compiler.backends.triton.attention import generate_attention, launch_attention
 from sessa_compiler.backends.triton.codegen import KERNEL_CACHE
@@ -21,6 +21,8 @@ from sessa_compiler.backends.triton.feedback import (
     update_splits,
 )
 from sessa_compiler.backends.triton.scan import generate_scan, launch_scan
+from sessa_compiler.backends.triton.tri_solve import generate_tri_solve, launch_tri_solve
+from sessa_compiler.errors import InputError, UnsupportedError
 from sessa_compiler.ir import parse
 
 CANARY = 1234.5
@@ -286,3 +288,123 @@ def test_tile_sizes_are_tunable():
     assert src.tunables["CO"] == 128 and src.num_warps == 8 and "CO = tl.constexpr(128)" in src.source
     a = prog.source_for(att, {"q": "bf16", "k": "bf16", "v": "bf16"}, False)
     assert (a.tunables["BLOCK_M"], a.tunables["BLOCK_N"], a.num_warps) == (64, 128, 4)
+
+
+# -- the general triangular solve (tri_solve) -------------------------------------------------------
+def tri_solve_kernel(a_lead, b_lead, n, upper, unit, dt="f32", block=None):
+    a_type = f"{dt}[{', '.join([*a_lead, 'T', 'T'])}]"
+    b_type = f"{dt}[{', '.join([*b_lead, 'T', str(n)])}]"
+    node = parse(f"""graph t(%A: {a_type}, %b: {b_type}) {{
+  %x: {b_type} = tri_solve(%A, %b) {{upper={upper}, unitriangular={unit}}}
+  return %x
+}}""").nodes[0]
+    src = generate_tri_solve(node, {"A": dt, "b": dt}, True, block=block)
+    assert src.tunables["BM"] == (block or 16) and [p.name for p in src.parts] == ["tri_solve_diag_inverse"]
+    return KERNEL_CACHE.load(src, True)
+
+
+def tri_solve_inputs(a_shape, b_shape, upper, unit, dtype, seed):
+    """A well-conditioned triangular A (diagonal of either sign, off-diagonal ~ 0.5/sqrt(T)) whose ignored
+    triangle, and diagonal when unit, hold NaN: the kernels must never read them (LAPACK does not)."""
+    gen = torch.Generator().manual_seed(seed)
+    T = b_shape[-2]
+    A = torch.randn(*a_shape, generator=gen) * (0.5 / T ** 0.5)
+    diag = torch.sign(torch.randn(*a_shape[:-1], generator=gen)) * (1.0 + torch.rand(*a_shape[:-1], generator=gen))
+    A = A + torch.diag_embed(diag)
+    eye = torch.eye(T, dtype=torch.bool)
+    ignored = torch.ones(T, T, dtype=torch.bool).tril(-1) if upper else torch.ones(T, T, dtype=torch.bool).triu(1)
+    A = A.masked_fill(ignored | eye if unit else ignored, float("nan"))
+    b = torch.randn(*b_shape, generator=gen)
+    return A.to(dtype), b.to(dtype)
+
+
+def check_tri_solve(kernel, A, b, upper, unit, tol):
+    buf, out = poisoned(tuple(b.shape), b.dtype)
+    launch_tri_solve(kernel, A, b, out=out)
+    assert canary_intact(buf, b.numel())
+    assert out.dtype == b.dtype
+    err = rel_err(out, tri_solve_ref(A.double(), b.double(), upper, unit))
+    assert err < tol, err
+
+
+# T not a multiple of the 16-row blocks (T = 17: a one-row tail); N = 20: a masked column tile
+@pytest.mark.parametrize("T", [1, 2, 17, 33, 70])
+@pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
+@pytest.mark.parametrize("unit", [False, True], ids=["diag", "unit"])
+def test_tri_solve_kernel_matches_reference(T, upper, unit):
+    kernel = tri_solve_kernel(["B", "H"], ["B", "H"], 20, upper, unit)
+    A, b = tri_solve_inputs((2, 2, T, T), (2, 2, T, 20), upper, unit, torch.float32, seed=T)
+    check_tri_solve(kernel, A, b, upper, unit, 1e-4)
+
+
+@pytest.mark.parametrize("T", [1, 2, 17, 33, 70])
+@pytest.mark.parametrize("upper, unit", [(False, True), (True, False)], ids=["lower-unit", "upper-diag"])
+def test_tri_solve_kernel_bf16(T, upper, unit):
+    """bf16 weights and right-hand side, upcast in the kernel; the solve and x stay fp32 until the store."""
+    kernel = tri_solve_kernel(["B"], ["B"], 24, upper, unit, dt="bf16")
+    A, b = tri_solve_inputs((2, T, T), (2, T, 24), upper, unit, torch.bfloat16, seed=T + 1)
+    check_tri_solve(kernel, A, b, upper, unit, 3e-2)
+
+
+@pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
+def test_tri_solve_kernel_fp16(upper):
+    kernel = tri_solve_kernel(["B"], ["B"], 24, upper, False, dt="f16")
+    A, b = tri_solve_inputs((2, 33, 33), (2, 33, 24), upper, False, torch.float16, seed=8)
+    check_tri_solve(kernel, A, b, upper, False, 3e-3)
+
+
+def _expanded_heads(T):   # [B, 2, T, T] as an expand of [B, 1, T, T]: stride 0 over the heads
+    A, b = tri_solve_inputs((2, 1, T, T), (2, 2, T, 16), True, True, torch.float32, seed=3)
+    return A.expand(2, 2, T, T), b
+
+
+def _strided_b(T):        # b a transposed view (last stride 1, heads stride != T * N)
+    A, _ = tri_solve_inputs((2, 3, T, T), (2, 3, T, 16), True, True, torch.float32, seed=4)
+    return A, torch.randn(2, T, 3, 16).transpose(1, 2)
+
+
+def _three_dims(T):       # A per (G, H) broadcast over B; b with G and H swapped in memory: three batch axes
+    A, _ = tri_solve_inputs((2, 3, T, T), (2, 3, T, 16), True, True, torch.float32, seed=6)
+    return A, torch.randn(2, 3, 2, T, 16).transpose(1, 2)
+
+
+LAYOUTS = {  # name: (IR leading dims of A, of b, inputs at T)
+    "B": (["B"], ["B"], lambda T: tri_solve_inputs((3, T, T), (3, T, 16), True, True, torch.float32, seed=1)),
+    "A-rank-2": ([], ["B", "H"], lambda T: tri_solve_inputs((T, T), (2, 3, T, 16), True, True, torch.float32, seed=2)),
+    "A-per-head": (["H"], ["B", "H"], lambda T: tri_solve_inputs((3, T, T), (2, 3, T, 16), True, True, torch.float32,
+                                                                 seed=5)),
+    "A-expanded": (["B", "H"], ["B", "H"], _expanded_heads),
+    "b-strided": (["B", "H"], ["B", "H"], _strided_b),
+    "three-dims": (["G", "H"], ["B", "G", "H"], _three_dims),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tri_solve_kernel_leading_dims(layout):
+    """Broadcast weights (rank 2, per head), stride-0 and strided batch dims; upper unit systems at T = 33."""
+    a_lead, b_lead, make = LAYOUTS[layout]
+    A, b = make(33)
+    check_tri_solve(tri_solve_kernel(a_lead, b_lead, 16, True, True), A, b, True, True, 1e-4)
+    A_low, b_low = A.transpose(-1, -2), b   # the lower system of the transposed weights (a strided A)
+    check_tri_solve(tri_solve_kernel(a_lead, b_lead, 16, False, True), A_low, b_low, False, True, 1e-4)
+
+
+@pytest.mark.parametrize("upper", [False, True], ids=["lower", "upper"])
+def test_tri_solve_kernel_32_row_blocks(upper):
+    kernel = tri_solve_kernel(["B"], ["B"], 40, upper, False, block=32)
+    A, b = tri_solve_inputs((2, 70, 70), (2, 70, 40), upper, False, torch.float32, seed=9)
+    check_tri_solve(kernel, A, b, upper, False, 1e-4)
+
+
+def test_tri_solve_rejects_bad_inputs():
+    kernel = tri_solve_kernel(["B"], ["B"], 8, False, False)
+    b = torch.randn(2, 5, 8)
+    with pytest.raises(InputError, match=r"op 'tri_solve': expected weights of shape \(2, 5, 5\).*got \(2, 5, 4\)"):
+        launch_tri_solve(kernel, torch.randn(2, 5, 4), b)
+    with pytest.raises(InputError, match=r"op 'tri_solve': expected weights in the right-hand side's dtype "
+                                         r"torch.float32, got torch.bfloat16"):
+        launch_tri_solve(kernel, torch.randn(2, 5, 5).to(torch.bfloat16), b)
+    with pytest.raises(InputError, match=r"op 'tri_solve': expected a contiguous output \(2, 5, 8\)"):
+        launch_tri_solve(kernel, torch.randn(2, 5, 5), b, out=torch.empty(2, 8, 5).transpose(1, 2))
+    with pytest.raises(UnsupportedError, match="op 'tri_solve': the block must be a power of two >= 16, got 24"):
+        tri_solve_kernel(["B"], ["B"], 8, False, False, block=24)

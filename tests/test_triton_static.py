@@ -66,3 +66,14 @@ def test_layer_estimate_meets_the_static_targets(records):
     layer = records[-1]
     assert layer["issued_over_useful"] <= 1.5, layer
     assert layer["est_ms"] <= 4.4, layer
+
+
+def test_tri_solve_variant_is_listed_with_tensor_cores(records):
+    """The general triangular solve (a fallback, not in the layer): compiled at the target, on tensor cores,
+    issuing about the substitution's own FLOPs (the diagonal-block inverses are the only extra work)."""
+    solve = {r["kernel"]: r for r in kernels(records) if r["kernel"].startswith("tri_solve")}
+    assert set(solve) == {"tri_solve_fwd", "tri_solve_diag_inverse"}
+    for r in solve.values():
+        assert r["in"].startswith("variant: tri_solve") and r["wgmma_shapes"], r
+    fwd = solve["tri_solve_fwd"]
+    assert fwd["useful_flops"] > 0 and fwd["issued_flops"] <= 1.05 * fwd["useful_flops"], fwd

@@ -76,7 +76,7 @@ def compile_kernel(src, arch: int = 90) -> dict:
 
 
 SAMPLE_IR = """\
-graph sample(%f: {dt}[B, T, 128], %qb: {dt}[B, T, 128], %kb: {dt}[B, T, 128], %g: {dt}[B, T], %q: {dt}[B, T, 4, 128], %k: {dt}[B, T, 2, 128], %v: {dt}[B, T, 2, 128], %u: {dt}[B, T, 32], %dt: {dt}[B, T, 32], %Bm: {dt}[B, T, 16], %Cm: {dt}[B, T, 16]) {{
+graph sample(%f: {dt}[B, T, 128], %qb: {dt}[B, T, 128], %kb: {dt}[B, T, 128], %g: {dt}[B, T], %q: {dt}[B, T, 4, 128], %k: {dt}[B, T, 2, 128], %v: {dt}[B, T, 2, 128], %u: {dt}[B, T, 32], %dt: {dt}[B, T, 32], %Bm: {dt}[B, T, 16], %Cm: {dt}[B, T, 16], %W: {dt}[B, T, T], %W2: {dt}[T, T]) {{
   param %inv_freq: f32[64]
   param %A: f32[32, 16]
   param %Dskip: f32[32]
@@ -86,17 +86,20 @@ graph sample(%f: {dt}[B, T, 128], %qb: {dt}[B, T, 128], %kb: {dt}[B, T, 128], %g
   %dinv: f32[B, ceiling(T/64), 64, 64] = feedback_diag_inverse(%qb, %kb, %g, %lse) {{scale=0.088, chunk_size=64}}
   %s: {dt}[B, T, 128] = feedback_chunked(%f, %qb, %kb, %g, %lse, %dinv) {{scale=0.088, chunk_size=64}}
   %y: {dt}[B, T, 32] = scan_chunked(%u, %dt, %A, %Bm, %Cm, %Dskip) {{chunk_size=16}}
-  return %att, %att2, %s, %y
+  %x: {dt}[B, T, 128] = tri_solve({solve_w}, %f) {{upper={solve_upper}, unitriangular={solve_upper}}}
+  return %att, %att2, %s, %y, %x
 }}
 """
 
 
 def sample_sources(dtype: str = "bf16") -> list:
-    """The kernels of a graph with every core op (RoPE on and off, GQA), at GPU settings."""
+    """The kernels of a graph with every core op (RoPE on and off, GQA; tri_solve), at GPU settings."""
     from ...ir import parse
     from .backend import TritonProgram, _generator, _operand_names
 
-    graph = parse(SAMPLE_IR.format(dt=dtype))
+    # tri_solve: lower non-unit on [B, T, T] weights for bf16, upper unit on broadcast [T, T] weights for f32
+    upper = dtype == "f32"
+    graph = parse(SAMPLE_IR.format(dt=dtype, solve_w="%W2" if upper else "%W", solve_upper=upper))
     srcs = []
     for strategy in ("sequential", "associative"):
         prog = TritonProgram(graph, None, interpret=False, scan_strategy=strategy)

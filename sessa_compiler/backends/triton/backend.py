@@ -28,6 +28,7 @@ from .codegen import KERNEL_CACHE, KernelSource
 from .feedback import generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse, launch_lse, launch_solve
 from .fused import fused_layout, generate_fused, launch_fused
 from .scan import generate_scan, launch_scan
+from .tri_solve import generate_tri_solve, launch_tri_solve
 
 KERNEL_DTYPES = ("f32", "f16", "bf16")
 GENERATOR_KNOBS = {"attention": ("block_m", "block_n"), "feedback_chunked": ("outer_chunk",)}   # tunable tiles
@@ -39,14 +40,15 @@ def _operand_names(node: Node) -> list:
     return {"attention": ["q", "k", "v", "inv_freq"], "feedback_lse": ["q_b", "k_b"],
             "feedback_diag_inverse": ["q_b", "k_b", "gamma", "lse"],
             "feedback_chunked": ["f", "q_b", "k_b", "gamma", "lse", "dinv"],
-            "scan_chunked": ["u", "delta", "A", "B", "C", "D"]}[node.op]
+            "scan_chunked": ["u", "delta", "A", "B", "C", "D"], "tri_solve": ["A", "b"]}[node.op]
 
 
 def _generator(node: Node):
     if node.op == "attention":
         return generate_attention if node.attrs["causal"] else None
     return {"feedback_lse": generate_lse, "feedback_diag_inverse": generate_diag_inverse,
-            "feedback_chunked": generate_solve, "scan_chunked": generate_scan, "fused": generate_fused}.get(node.op)
+            "feedback_chunked": generate_solve, "scan_chunked": generate_scan, "fused": generate_fused,
+            "tri_solve": generate_tri_solve}.get(node.op)
 
 
 def _unit_stride(x):
@@ -65,6 +67,8 @@ def _launch(node: Node, kernel, args: list):
         return launch_diag_inverse(kernel, *args, chunk_size=node.attrs["chunk_size"])
     if node.op == "feedback_chunked":
         return launch_solve(kernel, *args)
+    if node.op == "tri_solve":
+        return launch_tri_solve(kernel, *args)
     return launch_scan(kernel, *args)
 
 
