@@ -15,6 +15,7 @@ from .dtypes import from_torch
 from .errors import InputError, TraceError, ValidationError
 from .frontend.trace import Traced, check_keywords, trace_with_report
 from .ir.ops import CORE, OPS
+from .serving import SERVING_METHODS as _SERVING_METHODS
 from .tolerance import TOLERANCE, relative_error  # noqa: F401  (re-exported: sessa_compiler.api.TOLERANCE)
 
 
@@ -147,6 +148,14 @@ class CompiledModule(torch.nn.Module):
             self._backend.resolve(list(args))
         self._variants.append((self._traced, self._runner))
         self.trace_seconds = time.perf_counter() - start
+
+    def __getattr__(self, name):
+        # serving (sessa_compiler/serving.py): init_cache/prefill/decode_step/generate, compiled
+        if name in _SERVING_METHODS:
+            from .serving import serving_method
+
+            return serving_method(self, name)
+        return super().__getattr__(name)
 
     @property
     def graph(self):
