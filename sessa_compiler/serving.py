@@ -32,10 +32,10 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
-from .backends.eager import bind_symbols, run_node
+from .backends.eager import FACTORIES, IMPLS, bind_symbols, resolve
 from .backends.reference import compute_dtype
 from .dtypes import to_torch
-from .errors import InputError, TraceError, UnsupportedError
+from .errors import InputError, IRError, SessaCompilerError, TraceError, UnsupportedError
 from .ir.graph import Graph, Value
 from .tolerance import TOLERANCE, relative_error
 
@@ -67,22 +67,26 @@ def _visible(t0: int, n: int, device, strict: bool) -> torch.Tensor:
 
 
 def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causal, rope=False):
+    """Keys and values are cached [B, Hkv, L, d] (head-major), so each head reads contiguous rows."""
     cd = compute_dtype(q.dtype)
     B, n, H, d = q.shape
     Hkv = k.shape[2]
+    g = H // Hkv
     if rope:
         q, k = _rotate_at(q, inv_freq, t0), _rotate_at(k, inv_freq, t0)
     K, V = state["k"], state["v"]
-    K[:, t0:t0 + n] = k.to(K.dtype)
-    V[:, t0:t0 + n] = v.to(V.dtype)
-    keys, vals = K[:, :t0 + n].to(cd), V[:, :t0 + n].to(cd)
-    qg = q.to(cd).reshape(B, n, Hkv, H // Hkv, d)
-    logits = torch.einsum("bnhgd,bshd->bhgns", qg, keys) * scale
+    K[:, :, t0:t0 + n] = k.transpose(1, 2).to(K.dtype)
+    V[:, :, t0:t0 + n] = v.transpose(1, 2).to(V.dtype)
+    keys, vals = K[:, :, :t0 + n].to(cd), V[:, :, :t0 + n].to(cd)
+    # rows (head-in-group, new position) against the group's keys
+    qh = q.to(cd).reshape(B, n, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * n, d)
+    logits = (qh @ keys.transpose(-1, -2)) * scale                    # [B, Hkv, g*n, t0+n]
     if n > 1:
-        logits = logits.masked_fill(~_visible(t0, n, q.device, strict=False), -math.inf)
-    probs = torch.softmax(logits, dim=-1)
-    out = torch.einsum("bhgns,bshe->bnhge", probs, vals)
-    return out.reshape(B, n, H, vals.shape[-1]).to(v.dtype)
+        logits = logits.view(B, Hkv, g, n, t0 + n).masked_fill(~_visible(t0, n, q.device, strict=False), -math.inf)
+        logits = logits.view(B, Hkv, g * n, t0 + n)
+    out = torch.softmax(logits, dim=-1) @ vals                         # [B, Hkv, g*n, dv]
+    dv = vals.shape[-1]
+    return out.view(B, Hkv, g, n, dv).permute(0, 3, 1, 2, 4).reshape(B, n, H, dv).to(v.dtype)
 
 
 def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale):
@@ -91,7 +95,7 @@ def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale):
     KB, S = state["k_b"], state["s"]
     KB[:, t0:t0 + n] = k_b.to(KB.dtype)
     keys = KB[:, :t0 + n].to(cd)
-    logits = torch.einsum("bnc,bsc->bns", q_b.to(cd), keys) * scale
+    logits = (q_b.to(cd) @ keys.transpose(1, 2)) * scale             # [B, n, t0+n]
     keep = _visible(t0, n, f.device, strict=True)
     logits = logits.masked_fill(~keep, -math.inf)
     if t0 == 0:  # global row 0 has no predecessor: a finite row, zeroed below (no NaN anywhere)
@@ -142,10 +146,17 @@ STEPS = {"attention": step_attention, "feedback": step_feedback, "scan": step_sc
 
 # -- the serving program ------------------------------------------------------------------------------------
 class StateSpec:
-    """One cache tensor: ``shape`` after the batch dim, ``grows`` when dim 1 is the position (capacity)."""
+    """One cache tensor: ``shape`` after the batch dim; ``seq`` is the position dim (its capacity is max_len),
+    or None for a fixed-size state."""
 
-    def __init__(self, key: str, shape: tuple, dtype: torch.dtype | None, grows: bool, compute: bool = False):
-        self.key, self.shape, self.dtype, self.grows, self.compute = key, shape, dtype, grows, compute
+    def __init__(self, key: str, shape: tuple, dtype: torch.dtype, seq: int | None, compute: bool = False):
+        self.key, self.shape, self.dtype, self.seq, self.compute = key, shape, dtype, seq, compute
+
+    def full_shape(self, batch: int, cap: int) -> tuple:
+        if self.seq is None:
+            return (batch,) + self.shape
+        s = (batch,) + self.shape
+        return s[:self.seq] + (cap,) + s[self.seq:]
 
 
 def _static(node, i, what) -> tuple:
@@ -169,6 +180,8 @@ class ServingProgram:
             if node.op in STATEFUL and node.op != "rope":
                 self.states[node] = self._state_specs(node)
         self.checked = False
+        self._plans: dict = {}
+        self._bindings: dict = {}
 
     # -- what can be served ------------------------------------------------------------------------------
     def _check_structure(self) -> None:
@@ -202,18 +215,19 @@ class ServingProgram:
         name = node.outputs[0].name
         if node.op == "attention":
             k, v = node.inputs[1].type, node.inputs[2].type
-            return {"k": StateSpec(f"{name}.k", _static(node, 1, "seq"), to_torch(k.dtype), True),
-                    "v": StateSpec(f"{name}.v", _static(node, 2, "seq"), to_torch(v.dtype), True)}
+            (hkv, dk), (_, dv) = _static(node, 1, "seq"), _static(node, 2, "seq")
+            return {"k": StateSpec(f"{name}.k", (hkv, dk), to_torch(k.dtype), 2),
+                    "v": StateSpec(f"{name}.v", (hkv, dv), to_torch(v.dtype), 2)}
         if node.op == "feedback":
-            return {"k_b": StateSpec(f"{name}.k_b", _static(node, 2, "seq"), to_torch(node.inputs[2].type.dtype), True),
-                    "s": StateSpec(f"{name}.s", _static(node, 0, "seq"), to_torch(node.inputs[0].type.dtype), True,
+            return {"k_b": StateSpec(f"{name}.k_b", _static(node, 2, "seq"), to_torch(node.inputs[2].type.dtype), 1),
+                    "s": StateSpec(f"{name}.s", _static(node, 0, "seq"), to_torch(node.inputs[0].type.dtype), 1,
                                    compute=True)}
         if node.op == "scan":
             din, n = _static(node, 2, "param")
-            return {"h": StateSpec(f"{name}.h", (din, n), to_torch(node.inputs[0].type.dtype), False, compute=True)}
+            return {"h": StateSpec(f"{name}.h", (din, n), to_torch(node.inputs[0].type.dtype), None, compute=True)}
         if node.op == "causal_conv1d":
             c, k = _static(node, 1, "param")
-            return {"x": StateSpec(f"{name}.x", (k - 1, c), to_torch(node.inputs[0].type.dtype), False)}
+            return {"x": StateSpec(f"{name}.x", (k - 1, c), to_torch(node.inputs[0].type.dtype), None)}
         raise AssertionError(node.op)
 
     # -- caches --------------------------------------------------------------------------------------------
@@ -231,11 +245,10 @@ class ServingProgram:
         cap = max_len if max_len is not None else 0
         for specs in self.states.values():
             for spec in specs.values():
-                dt = dtype or spec.dtype or torch.float32
+                dt = dtype or spec.dtype
                 if spec.compute:  # solved states and scan states feed every later step: solve precision
                     dt = compute_dtype(dt)
-                shape = (batch_size, cap) + spec.shape if spec.grows else (batch_size,) + spec.shape
-                cache[spec.key] = torch.zeros(shape, dtype=dt, device=device)
+                cache[spec.key] = torch.zeros(spec.full_shape(batch_size, cap), dtype=dt, device=device)
         return cache
 
     def _check_cache(self, cache, batch: int, n: int) -> None:
@@ -251,6 +264,9 @@ class ServingProgram:
                                      "another module's init_cache?)")
                 if x.shape[0] != batch:
                     raise InputError(f"cache: state {spec.key!r} has batch {x.shape[0]}, the input has batch {batch}")
+                want = spec.full_shape(batch, x.shape[spec.seq] if spec.seq is not None else 0)
+                if tuple(x.shape) != want:
+                    raise InputError(f"cache: state {spec.key!r} has shape {tuple(x.shape)}, expected {want}")
         t, max_len = cache["t"], cache["max_len"]
         if max_len is not None and t + n > max_len:
             raise CacheOverflowError(f"cache: {n} new position(s) after {t} cached would need {t + n} positions, "
@@ -260,44 +276,90 @@ class ServingProgram:
         """Grow caches made with max_len=None (doubling) so that ``need`` positions fit."""
         for specs in self.states.values():
             for spec in specs.values():
-                if not spec.grows:
+                if spec.seq is None:
                     continue
                 x = cache[spec.key]
-                if x.shape[1] < need:
+                have = x.shape[spec.seq]
+                if have < need:
                     if cache["max_len"] is not None:
-                        raise CacheOverflowError(f"cache: state {spec.key!r} holds {x.shape[1]} positions, "
+                        raise CacheOverflowError(f"cache: state {spec.key!r} holds {have} positions, "
                                                  f"{need} are needed (max_len={cache['max_len']})")
-                    grown = x.new_zeros((x.shape[0], max(need, 2 * x.shape[1])) + tuple(x.shape[2:]))
-                    grown[:, :x.shape[1]] = x
+                    grown = x.new_zeros(spec.full_shape(x.shape[0], max(need, 2 * have)))
+                    grown.narrow(spec.seq, 0, have).copy_(x)
                     cache[spec.key] = grown
 
     # -- running ------------------------------------------------------------------------------------------
+    def _binding(self, inputs) -> dict:
+        """bind_symbols (every input's rank, dtype and shape checked), memoised per input signature."""
+        key = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x in inputs)
+        binding = self._bindings.get(key)
+        if binding is None:
+            binding = bind_symbols(self.graph, inputs)
+            if len(self._bindings) < 64:
+                self._bindings[key] = binding
+        return binding
+
+    def _plan(self, binding: dict, device) -> list:
+        """The graph's nodes with symbolic attributes and literals resolved for one binding: per node
+        (kind, fn, operands, attrs, outputs, node); operands are Values or resolved literals."""
+        key = (tuple(sorted(binding.items())), str(device))
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        plan = []
+        for node in self.graph.nodes:
+            operands = [x if isinstance(x, Value) else resolve(x, binding) for x in node.inputs]
+            if node.op in STEPS:
+                specs = tuple((role, spec.key) for role, spec in self.states.get(node, {}).items())
+                plan.append((True, STEPS[node.op], operands, dict(node.attrs), node.outputs, node, specs))
+                continue
+            fn = IMPLS.get(node.op)
+            if fn is None:
+                raise IRError(f"op '{node.op}' has no eager implementation")
+            attrs = resolve(node.attrs, binding)
+            if node.op in FACTORIES or node.op == "fallback":
+                attrs["device"] = device
+            plan.append((False, fn, operands, attrs, node.outputs, node, ()))
+        if len(self._plans) < 64:
+            self._plans[key] = plan
+        return plan
+
     def run(self, inputs: list, cache: dict, params=None) -> list:
         """The outputs at the new positions (inputs [B, n, ...]) given ``cache`` (extended in place)."""
         g = self.graph
         params = g.params if params is None else params
-        binding = bind_symbols(g, inputs)
+        binding = self._binding(inputs)
         batch, n = int(inputs[0].shape[0]), int(inputs[0].shape[1])
+        if n == 0:
+            raise InputError("prefill/decode_step: the input has no positions (sequence length 0)")
         self._check_cache(cache, batch, n)
         t0 = int(cache["t"])
         self._reserve(cache, t0 + n)
-        if n == 0:
-            raise InputError("prefill/decode_step: the input has no positions (sequence length 0)")
-        env: dict = {}
         device = inputs[0].device
-        for v, x in zip(g.inputs, inputs):
-            env[v] = x
+        env: dict = dict(zip(g.inputs, inputs))
         for name, v in g.param_values.items():
             env[v] = params[name]
-        with torch.no_grad():
-            for node in g.nodes:
-                step = STEPS.get(node.op)
-                if step is None:
-                    run_node(node, env, binding, device)
-                    continue
-                state = {role: cache[spec.key] for role, spec in self.states.get(node, {}).items()}
-                operands = [env[x] if isinstance(x, Value) else x for x in node.inputs]
-                env[node.outputs[0]] = step(state, t0, *operands, **node.attrs)
+        node = None
+        try:
+            with torch.no_grad():
+                for stateful, fn, operands, attrs, outputs, node, specs in self._plan(binding, device):
+                    args = [env[x] if isinstance(x, Value) else x for x in operands]
+                    if stateful:
+                        out = fn({role: cache[key] for role, key in specs}, t0, *args, **attrs)
+                    else:
+                        out = fn(*args, **attrs)
+                    if len(outputs) == 1:
+                        env[outputs[0]] = out
+                    else:
+                        if len(out) != len(outputs):
+                            raise IRError(f"op '{node.op}' produced {len(out)} outputs, the node declares {len(outputs)}")
+                        env.update(zip(outputs, out))
+        except SessaCompilerError:
+            raise
+        except Exception as e:  # name the op that failed, keep the original as the cause
+            outs = ", ".join("%" + v.name for v in node.outputs) if node is not None else "?"
+            raise SessaCompilerError(f"serving: op '{node.op if node else '?'}' ({outs}) failed at position {t0}: "
+                                     f"{type(e).__name__}: {e}") from e
         cache["t"] = t0 + n
         return [env[v] for v in g.outputs]
 
