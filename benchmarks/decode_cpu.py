@@ -21,13 +21,13 @@ from sessa_compiler.models import Decoder, SessaLayer
 
 
 def fill(cache: dict, t: int, gen) -> float:
-    """Random contents for the first t positions of every position-indexed tensor; -> bytes read per step."""
+    """Random contents in every position-indexed tensor (capacity t + 1, in whatever layout); -> bytes of
+    them a step at context t reads."""
     nbytes = 0
-    for k, v in list(cache.items()):
-        if isinstance(v, torch.Tensor) and v.dim() >= 3 and k not in ("t",):
-            if v.shape[1] >= t:
-                v[:, :t] = torch.randn(v[:, :t].shape, generator=gen).to(v.dtype) * 0.5
-                nbytes += v[:, :t].numel() * v.element_size()
+    for v in cache.values():
+        if isinstance(v, torch.Tensor) and v.dim() >= 3 and (t + 1) in v.shape:
+            v.copy_(torch.randn(v.shape, generator=gen).to(v.dtype) * 0.5)
+            nbytes += v.numel() * v.element_size() * t / (t + 1)
     return nbytes
 
 

@@ -194,3 +194,18 @@ def test_public_reference_layer_and_another_style(one_thread):
         cache = _poison(prog.init_cache(2, max_len=8))
         outs = [prog.run([x[:, :3]], cache)[0]] + [prog.run([x[:, t:t + 1]], cache)[0] for t in range(3, 8)]
         assert relative_error(torch.cat(outs, dim=1), full) <= TOLERANCE[torch.float32]
+
+
+def test_lower_precision_caches(one_thread):
+    """init_cache(dtype=bfloat16) for a float32 model: keys, values and feedback keys in bf16, solved states
+    in float32; the result is within the spec's half-type tolerance of the full forward (not float32's)."""
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2))
+    c = sc.compile(model, backend="eager")
+    x = torch.randn(1, 9, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = model(x)
+    cache = c.init_cache(1, dtype=torch.bfloat16, max_len=9)   # not traced yet: allocated at the first prefill
+    outs = [c.prefill(x[:, :4], cache)[0]] + [c.decode_step(x[:, t:t + 1], cache)[0] for t in range(4, 9)]
+    assert cache["attention.k"].dtype == torch.bfloat16 and cache["feedback.s"].dtype == torch.float32
+    err = relative_error(torch.cat(outs, dim=1), full)
+    assert 0 < err <= TOLERANCE[torch.bfloat16]
