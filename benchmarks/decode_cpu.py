@@ -48,6 +48,8 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--reference", default=None, help="directory holding the public reference's sessa.py")
     ap.add_argument("--decoder", action="store_true", help="also a 4-layer Decoder 'SSSS'")
+    ap.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                    help="dtype of the compiled module's key/value/feedback-key caches (the eager ones stay fp32)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,7 +66,7 @@ def main():
         ref = RefLayer(args.D, n_heads=args.heads).eval()
         ref.load_state_dict(models["SessaLayer"].state_dict())
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch threads {torch.get_num_threads()}, "
-          f"B=1 fp32 D={args.D} H={args.heads}, medians of {args.steps} steps")
+          f"B=1 fp32 D={args.D} H={args.heads}, compiled caches {args.cache_dtype}, medians of {args.steps} steps")
     print("| model | context | variant | median ms/token | speed-up vs eager | cache GB/s |")
     print("|---|---:|---|---:|---:|---:|")
     for name, model in models.items():
@@ -74,7 +76,7 @@ def main():
         for T in args.contexts:
             x_t = torch.randint(0, 1000, (1,)) if is_dec else torch.randn(1, args.D)
             variants = {}
-            cc = compiled.init_cache(1, max_len=T + 1)
+            cc = compiled.init_cache(1, max_len=T + 1, dtype=getattr(torch, args.cache_dtype))
             nbytes = fill(cc, T, gen)
             cc["t"] = T
             variants["compiled"] = (compiled.decode_step, cc)
