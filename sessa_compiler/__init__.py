@@ -9,14 +9,15 @@ from . import tune  # a callable package: sessa_compiler.tune(module, example_in
 __version__ = "0.1.0"
 
 
-def export_onnx(module, example_inputs, path, *, opset=None, dynamic=True, validate=True):
+def export_onnx(module, example_inputs, path, *, opset=None, dynamic=True, validate=True, method="forward"):
     """Export a module to an ONNX file of standard ops (dynamic B and T), validated in onnxruntime.
+    ``method="decode_step"`` exports the serving step (x_t and the cache in, y_t and the cache out).
 
     Needs the optional packages onnx and onnxruntime; see sessa_compiler.export.onnx_export.export_onnx.
     """
     from .export.onnx_export import export_onnx as _export_onnx
 
-    return _export_onnx(module, example_inputs, path, opset=opset, dynamic=dynamic, validate=validate)
+    return _export_onnx(module, example_inputs, path, opset=opset, dynamic=dynamic, validate=validate, method=method)
 
 
 def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu_source=None):

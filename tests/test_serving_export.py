@@ -1,0 +1,81 @@
+"""The serving step exported to ONNX (method="decode_step") and run in onnxruntime with numpy only."""
+import numpy as np
+import pytest
+import torch
+
+import sessa_compiler as sc
+from model_helpers import randomize
+from sessa_compiler.errors import InputError, UnsupportedError
+from sessa_compiler.models import Decoder, SessaLayer
+from sessa_compiler.tolerance import TOLERANCE, relative_error
+
+ort = pytest.importorskip("onnxruntime")
+
+
+def generate_numpy(path, prompt: np.ndarray, max_new_tokens: int) -> np.ndarray:
+    """Greedy decoding from the exported decode_step with numpy and onnxruntime only (the README example)."""
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    inputs = sess.get_inputs()
+    batch = prompt.shape[0]
+    caches = []
+    for i in inputs[1:]:    # empty caches: P = 0 past positions
+        shape = [batch if d == "B" else 0 if d == "P" else d for d in i.shape]
+        caches.append(np.zeros(shape, dtype=np.float32))
+    out = [prompt]
+    logits = None
+    for t in range(prompt.shape[1]):          # the prompt, one position at a time
+        logits, *caches = sess.run(None, {inputs[0].name: prompt[:, t], **{i.name: c for i, c in zip(inputs[1:], caches)}})
+    for step in range(max_new_tokens):
+        token = logits.argmax(-1)
+        out.append(token[:, None])
+        if step + 1 < max_new_tokens:
+            logits, *caches = sess.run(None, {inputs[0].name: token, **{i.name: c for i, c in zip(inputs[1:], caches)}})
+    return np.concatenate(out, axis=1)
+
+
+def test_decoder_generates_from_the_onnx_decode_step(tmp_path, one_thread):
+    model = randomize(Decoder(40, 32, "SMTS", n_heads=4, n_kv_heads=2, d_state=4), seed=7)
+    path = str(tmp_path / "decode.onnx")
+    result = sc.export_onnx(model, (torch.zeros(1, dtype=torch.long),), path, method="decode_step")
+    assert result.validation and max(r["error"] for r in result.validation) <= TOLERANCE[torch.float32]
+    prompt = torch.randint(0, 40, (2, 4), generator=torch.Generator().manual_seed(1))
+    got = generate_numpy(path, prompt.numpy(), 6)
+    assert np.array_equal(got, model.generate(prompt, 6).numpy())
+
+
+def test_sessa_layer_decode_step_onnx_equals_forward_at_every_position(tmp_path, one_thread):
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2), seed=2)
+    path = str(tmp_path / "layer.onnx")
+    compiled = sc.compile(model, backend="eager")
+    example = (torch.randn(1, 1, 32), compiled.init_cache(1))     # with the sequence dim, and a compiled cache
+    result = sc.export_onnx(model, example, path, method="decode_step")
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+    assert names[0] == "x_t" and names[1:] == result.cache_order
+    assert [o.name for o in sess.get_outputs()][0] == "y_t"
+    x = torch.randn(3, 9, 32, generator=torch.Generator().manual_seed(3))   # batch 3: not the example's
+    with torch.no_grad():
+        full = model(x)
+    caches = [np.zeros([3 if d == "B" else 0 if d == "P" else d for d in i.shape], np.float32)
+              for i in sess.get_inputs()[1:]]
+    ys = []
+    for t in range(9):
+        y, *caches = sess.run(None, {"x_t": x[:, t:t + 1].numpy(), **dict(zip(names[1:], caches))})
+        ys.append(torch.from_numpy(y))
+    assert relative_error(torch.cat(ys, dim=1), full) <= TOLERANCE[torch.float32]
+    # the ONNX caches hold what the compiled module's cache holds at the same positions
+    cache = compiled.init_cache(3, max_len=9)
+    compiled.prefill(x, cache)
+    for key, c in zip(names[1:], caches):
+        want = cache[key]
+        assert relative_error(torch.from_numpy(c), want) <= TOLERANCE[torch.float32], key
+
+
+def test_unbuilt_and_wrong_methods_are_clear_errors(tmp_path):
+    model = SessaLayer(16)
+    with pytest.raises(UnsupportedError, match="prefill"):
+        sc.export_onnx(model, (torch.randn(1, 16),), str(tmp_path / "p.onnx"), method="prefill")
+    with pytest.raises(InputError, match="method must be"):
+        sc.export_onnx(model, (torch.randn(1, 16),), str(tmp_path / "p.onnx"), method="decode")
+    with pytest.raises(InputError, match="init_cache"):
+        sc.export_onnx(model, (torch.randn(1, 16), model.init_cache(1)), str(tmp_path / "p.onnx"), method="decode_step")
