@@ -12,24 +12,21 @@ from sessa_compiler.tolerance import TOLERANCE, relative_error
 ort = pytest.importorskip("onnxruntime")
 
 
-def generate_numpy(path, prompt: np.ndarray, max_new_tokens: int) -> np.ndarray:
-    """Greedy decoding from the exported decode_step with numpy and onnxruntime only (the README example)."""
+def generate_numpy(path, prompt, max_new_tokens):
+    """Greedy decoding from the exported decode_step with numpy and onnxruntime only: the README's code."""
     sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    inputs = sess.get_inputs()
-    batch = prompt.shape[0]
-    caches = []
-    for i in inputs[1:]:    # empty caches: P = 0 past positions
-        shape = [batch if d == "B" else 0 if d == "P" else d for d in i.shape]
-        caches.append(np.zeros(shape, dtype=np.float32))
+    x_in, *cache_in = sess.get_inputs()
+    caches = [np.zeros([prompt.shape[0] if d == "B" else 0 if d == "P" else d for d in i.shape], np.float32)
+              for i in cache_in]
+    run = lambda token, caches: sess.run(None, {x_in.name: token, **{i.name: c for i, c in zip(cache_in, caches)}})  # noqa: E731
+    for t in range(prompt.shape[1]):
+        logits, *caches = run(prompt[:, t], caches)
     out = [prompt]
-    logits = None
-    for t in range(prompt.shape[1]):          # the prompt, one position at a time
-        logits, *caches = sess.run(None, {inputs[0].name: prompt[:, t], **{i.name: c for i, c in zip(inputs[1:], caches)}})
     for step in range(max_new_tokens):
         token = logits.argmax(-1)
         out.append(token[:, None])
         if step + 1 < max_new_tokens:
-            logits, *caches = sess.run(None, {inputs[0].name: token, **{i.name: c for i, c in zip(inputs[1:], caches)}})
+            logits, *caches = run(token, caches)
     return np.concatenate(out, axis=1)
 
 
