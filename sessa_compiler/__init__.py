@@ -20,7 +20,7 @@ def export_onnx(module, example_inputs, path, *, opset=None, dynamic=True, valid
     return _export_onnx(module, example_inputs, path, opset=opset, dynamic=dynamic, validate=validate, method=method)
 
 
-def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu_source=None):
+def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu_source=None, method="forward"):
     """Export a module to a directory with a TVM library (.so), weights (npz) and a manifest.
 
     The whole graph must lower to TVM (else UnsupportedError naming the ops); target None = this
@@ -29,7 +29,7 @@ def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu
     """
     from .export.tvm_export import export_tvm as _export_tvm
 
-    return _export_tvm(module, example_inputs, path, target, schedules=schedules, gpu_source=gpu_source)
+    return _export_tvm(module, example_inputs, path, target, schedules=schedules, gpu_source=gpu_source, method=method)
 
 
 def load_tvm(path):

@@ -76,3 +76,40 @@ def test_unbuilt_and_wrong_methods_are_clear_errors(tmp_path):
         sc.export_onnx(model, (torch.randn(1, 16),), str(tmp_path / "p.onnx"), method="decode")
     with pytest.raises(InputError, match="init_cache"):
         sc.export_onnx(model, (torch.randn(1, 16), model.init_cache(1)), str(tmp_path / "p.onnx"), method="decode_step")
+
+
+def _load_runtime_by_path(path):
+    """The torch-free loader copied into the export directory, loaded by path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sessa_tvm_runtime_step", f"{path}/sessa_tvm_runtime.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.load_tvm(path)
+
+
+def test_tvm_decode_step_export_generates_like_the_model(tmp_path, one_thread):
+    pytest.importorskip("tvm")
+    model = randomize(Decoder(40, 32, "SMTS", n_heads=4, n_kv_heads=2, d_state=4), seed=8)
+    path = sc.export_tvm(model, (torch.zeros(1, dtype=torch.long),), str(tmp_path / "dec"), method="decode_step")
+    rt = _load_runtime_by_path(path)
+    names = [i["name"] for i in rt.inputs]
+    assert names[0] == "x_t" and names[1:4] == ["attention.k", "attention.v", "feedback.k_b"]
+    prompt = torch.randint(0, 40, (2, 4), generator=torch.Generator().manual_seed(2))
+    caches = [np.zeros([2 if d == "B" else 0 if d == "P" else d for d in i["shape"]], np.float32) for i in rt.inputs[1:]]
+    seq = prompt.numpy()
+    with torch.no_grad():
+        full = model(prompt)
+    for t in range(4):
+        logits, *caches = rt(seq[:, t], *caches)
+        assert relative_error(torch.from_numpy(logits), full[:, t]) <= TOLERANCE[torch.float32], f"position {t}"
+    for _ in range(5):
+        token = logits.argmax(-1)
+        seq = np.concatenate([seq, token[:, None]], axis=1)
+        logits, *caches = rt(token, *caches)
+    assert np.array_equal(seq, model.generate(prompt, 5).numpy())
+
+
+def test_tvm_export_unbuilt_method_is_a_clear_error(tmp_path):
+    with pytest.raises(UnsupportedError, match="prefill"):
+        sc.export_tvm(SessaLayer(16), (torch.randn(1, 16),), str(tmp_path / "p"), method="prefill")

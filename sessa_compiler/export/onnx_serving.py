@@ -111,8 +111,14 @@ class _Step:
         self._append(kbk, kb, cd, 1)
         logits = b.op("Mul", b.op("MatMul", qb, b.op("Transpose", past_kb, perm=[0, 2, 1])),
                       b.scalar(float(node.attrs["scale"]), cd))                          # [B,1,P]
-        # P = 0 (the first position): the product over no keys is zero, s = f
-        mixed = b.op("MatMul", b.op("Softmax", logits, axis=-1), past_s)                  # [B,1,W]
+        # P = 0 (the first position): s = f. Runtimes differ on products over an empty axis (TVM leaves
+        # them unwritten), so both operands get one more slot: a finite, negligible logit (-1e30, whose
+        # weight underflows to 0 whenever a real key exists) and a zero state
+        col = b.op("Slice", f, b.i64(0), b.i64(1), b.i64(2))                                # [B,1,1]
+        pad = b.op("Add", b.op("Mul", col, b.scalar(0.0, cd)), b.scalar(-1e30, cd))
+        logits = b.op("Concat", logits, pad, axis=-1)
+        states = b.op("Concat", past_s, b.op("Mul", f, b.scalar(0.0, cd)), axis=1)         # [B,P+1,W]
+        mixed = b.op("MatMul", b.op("Softmax", logits, axis=-1), states)                  # [B,1,W]
         s = b.op("Add", f, b.op("Mul", b.op("Unsqueeze", g, b.i64(-1)), mixed))
         self._append(sk, s, cd, 1)
         return [b.cast(s, cd, dt)]
