@@ -251,7 +251,7 @@ class ServingProgram:
                 cache[spec.key] = torch.zeros(spec.full_shape(batch_size, cap), dtype=dt, device=device)
         return cache
 
-    def _check_cache(self, cache, batch: int, n: int) -> None:
+    def _check_cache(self, cache, batch: int, n: int, device=None) -> None:
         if not isinstance(cache, dict) or "t" not in cache or "max_len" not in cache:
             raise InputError(f"cache: expected the dict this compiled module's init_cache returns "
                              f"(keys 't', 'max_len' and state tensors), got {type(cache).__name__}"
@@ -264,6 +264,9 @@ class ServingProgram:
                                      "another module's init_cache?)")
                 if x.shape[0] != batch:
                     raise InputError(f"cache: state {spec.key!r} has batch {x.shape[0]}, the input has batch {batch}")
+                if device is not None and x.device != device:
+                    raise InputError(f"cache: state {spec.key!r} is on {x.device}, the input on {device}; make the "
+                                     "cache with init_cache(..., device=...) on the input's device")
                 want = spec.full_shape(batch, x.shape[spec.seq] if spec.seq is not None else 0)
                 if tuple(x.shape) != want:
                     raise InputError(f"cache: state {spec.key!r} has shape {tuple(x.shape)}, expected {want}")
@@ -332,7 +335,7 @@ class ServingProgram:
         batch, n = int(inputs[0].shape[0]), int(inputs[0].shape[1])
         if n == 0:
             raise InputError("prefill/decode_step: the input has no positions (sequence length 0)")
-        self._check_cache(cache, batch, n)
+        self._check_cache(cache, batch, n, inputs[0].device)
         t0 = int(cache["t"])
         self._reserve(cache, t0 + n)
         device = inputs[0].device
@@ -445,8 +448,15 @@ class Serving:
             raise InputError(f"{what}: expected tensor inputs, got {[type(a).__name__ for a in args]}")
         return list(args)
 
-    def prefill(self, *args):
+    def _no_keywords(self, what: str, kwargs: dict) -> None:
+        if kwargs:
+            raise InputError(f"compiled {what}: keyword arguments ({', '.join(sorted(kwargs))}) are not taken; the "
+                             f"compiled {what} runs the step derived from the forward, whatever kernel options the "
+                             "original offers")
+
+    def prefill(self, *args, **kwargs):
         """prefill(x, cache) -> (y, cache): the outputs at x's positions, after those already cached."""
+        self._no_keywords("prefill", kwargs)
         if len(args) < 2:
             raise InputError(f"prefill takes (inputs..., cache), got {len(args)} argument(s)")
         *xs, cache = args
@@ -456,8 +466,9 @@ class Serving:
         outs = prog.run(xs, cache)
         return pytree.tree_unflatten(outs, self.compiled._traced.out_spec), cache
 
-    def decode_step(self, *args):
+    def decode_step(self, *args, **kwargs):
         """decode_step(x_t, cache) -> (y_t, cache); x_t without the sequence dim gives y_t without it."""
+        self._no_keywords("decode_step", kwargs)
         if len(args) < 2:
             raise InputError(f"decode_step takes (inputs..., cache), got {len(args)} argument(s)")
         *xs, cache = args

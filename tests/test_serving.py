@@ -127,6 +127,8 @@ def test_bad_caches_and_inputs_are_clear_errors(one_thread):
         c.prefill(x, model.init_cache(2))          # the original's layout is not the compiled one
     with pytest.raises(InputError, match="one position"):
         c.decode_step(x, c.init_cache(2))
+    with pytest.raises(InputError, match="keyword arguments"):
+        c.decode_step(x[:, 0], c.init_cache(2), use_flash_decode=True)
     with pytest.raises(InputError, match="batch_size must be a positive int"):
         c.init_cache(0)
     with pytest.raises(InputError, match="dtype"):
