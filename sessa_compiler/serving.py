@@ -366,6 +366,52 @@ class ServingProgram:
         cache["t"] = t0 + n
         return [env[v] for v in g.outputs]
 
+    # -- prefill through the forward kernels ------------------------------------------------------------------
+    def state_sources(self) -> list:
+        """The values a prefill from an empty cache needs from the forward besides its outputs (the cached
+        ops' operands and the feedback's solved states); None when the forward cannot fill the cache (a scan:
+        its final state is no value of the graph)."""
+        if any(n.op == "scan" for n in self.states):
+            return None
+        out = []
+        for node in self.states:
+            if node.op == "attention":
+                out += [x for x in node.inputs[1:4] if isinstance(x, Value)]
+            elif node.op == "feedback":
+                out += [node.inputs[2], node.outputs[0]]
+            elif node.op == "causal_conv1d":
+                out.append(node.inputs[0])
+        seen, uniq = set(), []
+        for v in out:
+            if v not in seen:
+                seen.add(v)
+                uniq.append(v)
+        return uniq
+
+    def fill_from_forward(self, cache: dict, values: dict, n: int) -> None:
+        """Write the states of positions 0..n-1 into an empty cache from the forward's values (Value -> tensor)."""
+        self._reserve(cache, n)
+        with torch.no_grad():
+            for node, specs in self.states.items():
+                if node.op == "attention":
+                    k, v = values[node.inputs[1]], values[node.inputs[2]]
+                    if node.attrs.get("rope"):
+                        k = _rotate_at(k, values[node.inputs[3]], 0)
+                    K, V = cache[specs["k"].key], cache[specs["v"].key]
+                    K[:, :, :n] = k.transpose(1, 2).to(K.dtype)
+                    V[:, :, :n] = v.transpose(1, 2).to(V.dtype)
+                elif node.op == "feedback":
+                    cache[specs["k_b"].key][:, :n] = values[node.inputs[2]].to(cache[specs["k_b"].key].dtype)
+                    cache[specs["s"].key][:, :n] = values[node.outputs[0]].to(cache[specs["s"].key].dtype)
+                elif node.op == "causal_conv1d":
+                    past = cache[specs["x"].key]
+                    keep = past.shape[1]
+                    if keep:
+                        x = values[node.inputs[0]]
+                        xx = torch.cat([past.new_zeros((x.shape[0], keep, x.shape[2])), x.to(past.dtype)], dim=1)
+                        past.copy_(xx[:, xx.shape[1] - keep:])
+        cache["t"] = n
+
     # -- the numerical check of the position-wise assumption ----------------------------------------------------
     def check(self, example_inputs, params=None) -> None:
         """Prefill + decode + chunked prefill must equal the full forward (see the module docstring)."""
@@ -411,6 +457,7 @@ class Serving:
     def __init__(self, compiled):
         self.compiled = compiled
         self.programs: dict = {}  # id(graph) -> ServingProgram
+        self.forward_runners: dict = {}  # id(graph) -> (backend runner of the forward with state outputs, extras)
 
     @property
     def original(self):
@@ -463,8 +510,45 @@ class Serving:
         xs = self._inputs(xs, "prefill")
         prog = self._program(tuple(xs))
         cache = self._materialise(cache, prog)
-        outs = prog.run(xs, cache)
+        outs = self._prefill_by_forward(prog, xs, cache)
+        if outs is None:
+            outs = prog.run(xs, cache)
         return pytree.tree_unflatten(outs, self.compiled._traced.out_spec), cache
+
+    def _prefill_by_forward(self, prog: ServingProgram, xs: list, cache) -> list | None:
+        """From an empty cache on a kernel backend: run the forward kernels on a copy of the graph that also
+        returns the values the cache needs, then write them into the cache. None where this does not apply
+        (eager backend, a non-empty cache, a scan in the graph): the derived step runs instead."""
+        c = self.compiled
+        if c._backend.name == "eager" or not isinstance(cache, dict) or cache.get("t") != 0:
+            return None
+        sources = prog.state_sources()
+        if sources is None:
+            return None
+        batch, n = int(xs[0].shape[0]), int(xs[0].shape[1])
+        if n == 0:
+            return None
+        prog._binding(xs)                  # the input checks
+        prog._check_cache(cache, batch, n, xs[0].device)
+        entry = self.forward_runners.get(id(prog.graph))
+        if entry is None:
+            graph = prog.graph
+            wide = graph.clone()
+            wide.params = graph.params
+            wide.example_inputs = getattr(graph, "example_inputs", None)
+            extra = [v for v in sources if v.kind == "node" and v not in graph.outputs]
+            wide.outputs = [wide.value(v.name) for v in list(graph.outputs) + extra]
+            entry = self.forward_runners[id(graph)] = (c._backend.prepare(wide), extra)
+        runner, extra = entry
+        with torch.no_grad():
+            outs = list(runner(list(xs), prog.graph.params))
+        g = prog.graph
+        values = dict(zip(g.outputs, outs[:len(g.outputs)]))
+        values.update(zip(extra, outs[len(g.outputs):]))
+        values.update(zip(g.inputs, xs))
+        values.update({v: g.params[name] for name, v in g.param_values.items()})
+        prog.fill_from_forward(cache, values, n)
+        return outs[:len(g.outputs)]
 
     def decode_step(self, *args, **kwargs):
         """decode_step(x_t, cache) -> (y_t, cache); x_t without the sequence dim gives y_t without it."""

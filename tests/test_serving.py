@@ -211,3 +211,21 @@ def test_lower_precision_caches(one_thread):
     assert cache["attention.k"].dtype == torch.bfloat16 and cache["feedback.s"].dtype == torch.float32
     err = relative_error(torch.cat(outs, dim=1), full)
     assert 0 < err <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", ["tvm", "triton"])
+def test_prefill_runs_the_forward_kernels_and_fills_the_cache(backend, one_thread):
+    """On a kernel backend, a prefill from an empty cache runs the backend's forward (with the values the cache
+    needs as extra outputs) and fills the poisoned cache from them; the decode steps after it read only that."""
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2), seed=4)
+    x = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(5))
+    c = sc.compile(model, (x[:, :5].contiguous(),), backend=backend)
+    with torch.no_grad():
+        full = model(x)
+    cache = _poison(c.init_cache(2, max_len=11))
+    y, cache = c.prefill(x[:, :6], cache)
+    assert len(c._serving.forward_runners) == 1      # the kernel path ran, not the derived step
+    outs = [y] + [c.decode_step(x[:, t:t + 1], cache)[0] for t in range(6, 11)]
+    assert relative_error(torch.cat(outs, dim=1), full) <= TOLERANCE[torch.float32]
