@@ -65,9 +65,19 @@ def main():
 
         ref = RefLayer(args.D, n_heads=args.heads).eval()
         ref.load_state_dict(models["SessaLayer"].state_dict())
+    big = torch.ones(64 * 2**20)   # 256 MB: what one read of memory costs with these threads (sum)
+    big.sum()
+    reads = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        big.sum()
+        reads.append(time.perf_counter() - t0)
+    read_gbs = big.numel() * 4 / statistics.median(reads) / 1e9
+    del big
+    print(f"# memory read rate (torch.sum over 256 MB, same threads): {read_gbs:.1f} GB/s")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch threads {torch.get_num_threads()}, "
           f"B=1 fp32 D={args.D} H={args.heads}, compiled caches {args.cache_dtype}, medians of {args.steps} steps")
-    print("| model | context | variant | median ms/token | speed-up vs eager | cache GB/s |")
+    print("| model | context | variant | median ms/token | speed-up vs eager | cache GB/s (fraction of read rate) |")
     print("|---|---:|---|---:|---:|---:|")
     for name, model in models.items():
         is_dec = name.startswith("Decoder")
@@ -107,7 +117,7 @@ def main():
                 base = med.get("reference eager", med["model eager"]) if k == "compiled" else med["model eager"]
                 print(f"| {name} | {T} | {k} | {m * 1e3:.2f} | {med['model eager'] / m:.2f}x"
                       + (f" ({med['reference eager'] / m:.2f}x vs reference)" if k == "compiled" and "reference eager" in med else "")
-                      + f" | {nbytes / m / 1e9:.1f} |")
+                      + f" | {nbytes / m / 1e9:.1f} ({nbytes / m / 1e9 / read_gbs:.0%}) |")
             sys.stdout.flush()
 
 

@@ -17,6 +17,9 @@ RUNS = [
     ("onnx_cpu", [sys.executable, str(HERE / "onnx_cpu.py"), "--threads", "1", "--repeats", "5"]),
     ("tvm_cpu", [sys.executable, str(HERE / "tvm_cpu.py"), "--reps", "7"]),
     ("first_call", [sys.executable, str(HERE / "first_call.py")]),
+    # add --reference <dir holding the public reference's sessa.py> for its rows
+    ("decode_cpu", [sys.executable, str(HERE / "decode_cpu.py"), "--threads", "1", "--contexts", "1024", "8192",
+                    "32768", "--decoder"]),
 ]
 
 
