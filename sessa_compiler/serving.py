@@ -94,6 +94,13 @@ def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale):
     n = f.shape[1]
     KB, S = state["k_b"], state["s"]
     KB[:, t0:t0 + n] = k_b.to(KB.dtype)
+    if n == 1:  # one new row: it sees exactly the cached positions, no mask and no solve
+        s = f.to(cd)
+        if t0 > 0:
+            logits = (q_b.to(cd) @ KB[:, :t0].to(cd).transpose(1, 2)) * scale             # [B, 1, t0]
+            s = s + gamma.to(cd)[..., None] * (torch.softmax(logits, dim=-1) @ S[:, :t0].to(cd))
+        S[:, t0:t0 + 1] = s.to(S.dtype)
+        return s.to(f.dtype)
     keys = KB[:, :t0 + n].to(cd)
     logits = (q_b.to(cd) @ keys.transpose(1, 2)) * scale             # [B, n, t0+n]
     keep = _visible(t0, n, f.device, strict=True)
