@@ -116,7 +116,8 @@ def main():
             for k, m in med.items():
                 base = med.get("reference eager", med["model eager"]) if k == "compiled" else med["model eager"]
                 print(f"| {name} | {T} | {k} | {m * 1e3:.2f} | {med['model eager'] / m:.2f}x"
-                      + (f" ({med['reference eager'] / m:.2f}x vs reference)" if k == "compiled" and "reference eager" in med else "")
+                      + (f" ({med['reference eager'] / m:.2f}x vs reference)"
+                         if k == "compiled" and "reference eager" in med else "")
                       + f" | {nbytes / m / 1e9:.1f} ({nbytes / m / 1e9 / read_gbs:.0%}) |")
             sys.stdout.flush()
 

@@ -362,7 +362,8 @@ class ServingProgram:
                         env[outputs[0]] = out
                     else:
                         if len(out) != len(outputs):
-                            raise IRError(f"op '{node.op}' produced {len(out)} outputs, the node declares {len(outputs)}")
+                            raise IRError(f"op '{node.op}' produced {len(out)} outputs, "
+                                          f"the node declares {len(outputs)}")
                         env.update(zip(outputs, out))
         except SessaCompilerError:
             raise
@@ -450,10 +451,10 @@ class ServingProgram:
                 raise UnsupportedError(
                     f"serving: the incremental form of this graph differs from its full forward at output {i} "
                     f"(%{self.graph.outputs[i].name}): relative error {err:.3e} > {tol:.0e} (prefill {CHECK_PREFILL}, "
-                    f"one decode step, prefill {CHECK_LEN - CHECK_PREFILL - 1} on {CHECK_LEN} positions). Some op outside "
-                    "attention/feedback/scan/causal_conv1d/rope depends on absolute position or mixes positions "
-                    "(a reduction over time, positions from arange(T) not folded into RoPE); this module has no "
-                    "compiled prefill/decode_step")
+                    f"one decode step, prefill {CHECK_LEN - CHECK_PREFILL - 1} on {CHECK_LEN} positions). "
+                    "Some op outside attention/feedback/scan/causal_conv1d/rope depends on absolute position or "
+                    "mixes positions (a reduction over time, positions from arange(T) not folded into RoPE); this "
+                    "module has no compiled prefill/decode_step")
         self.checked = True
 
 
@@ -588,7 +589,8 @@ class Serving:
         if not isinstance(self.original, Decoder):
             raise UnsupportedError(f"generate is compiled for sessa_compiler.models.Decoder (greedy argmax); "
                                    f"{type(self.original).__name__}.generate may decode otherwise and is not compiled")
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] == 0 or tokens.is_floating_point():
+        if (not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] == 0
+                or tokens.is_floating_point()):
             raise InputError(f"generate: tokens must be a non-empty integer tensor (B, T), got "
                              f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):

@@ -18,7 +18,9 @@ def generate_numpy(path, prompt, max_new_tokens):
     x_in, *cache_in = sess.get_inputs()
     caches = [np.zeros([prompt.shape[0] if d == "B" else 0 if d == "P" else d for d in i.shape], np.float32)
               for i in cache_in]
-    run = lambda token, caches: sess.run(None, {x_in.name: token, **{i.name: c for i, c in zip(cache_in, caches)}})  # noqa: E731
+
+    def run(token, caches):
+        return sess.run(None, {x_in.name: token, **{i.name: c for i, c in zip(cache_in, caches)}})
     for t in range(prompt.shape[1]):
         logits, *caches = run(prompt[:, t], caches)
     out = [prompt]
@@ -96,7 +98,8 @@ def test_tvm_decode_step_export_generates_like_the_model(tmp_path, one_thread):
     names = [i["name"] for i in rt.inputs]
     assert names[0] == "x_t" and names[1:4] == ["attention.k", "attention.v", "feedback.k_b"]
     prompt = torch.randint(0, 40, (2, 4), generator=torch.Generator().manual_seed(2))
-    caches = [np.zeros([2 if d == "B" else 0 if d == "P" else d for d in i["shape"]], np.float32) for i in rt.inputs[1:]]
+    caches = [np.zeros([2 if d == "B" else 0 if d == "P" else d for d in i["shape"]], np.float32)
+              for i in rt.inputs[1:]]
     seq = prompt.numpy()
     with torch.no_grad():
         full = model(prompt)

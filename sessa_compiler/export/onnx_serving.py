@@ -42,7 +42,8 @@ class _Step:
         self.caches_in = caches_in          # key -> onnx name of the input cache tensor
         self.cache_dtypes = cache_dtypes    # key -> IR dtype name
         self.caches_out: dict = {}
-        grow = [(spec.key, spec.seq) for specs in prog.states.values() for spec in specs.values() if spec.seq is not None]
+        grow = [(spec.key, spec.seq) for specs in prog.states.values() for spec in specs.values()
+                if spec.seq is not None]
         self.t0 = None
         if grow:
             key, seq = grow[0]
@@ -176,8 +177,8 @@ def build_step_model(prog, squeeze: bool, cache: dict, *, opset: int):
 
     graph = prog.graph
     if len(graph.inputs) != 1:
-        raise UnsupportedError(f"export_onnx(method='decode_step'): the forward takes {len(graph.inputs)} tensor inputs; "
-                               "only single-input modules are exported (x_t, then the cache)")
+        raise UnsupportedError(f"export_onnx(method='decode_step'): the forward takes {len(graph.inputs)} tensor "
+                               "inputs; only single-input modules are exported (x_t, then the cache)")
     b = GraphBuilder(opset)
     L = Lowering(graph, b)
     xv = graph.inputs[0]
@@ -268,7 +269,8 @@ def export_onnx_step(module, example_inputs, path, *, method: str, opset: int, v
     if len(args) > 1:
         given = args[1]
         pending = isinstance(given, dict) and "_pending" in given   # from a compiled module not traced yet
-        if not isinstance(given, dict) or not pending and any(k not in given for k in cache if k not in ("t", "max_len")):
+        missing = [k for k in cache if k not in ("t", "max_len") and k not in given] if isinstance(given, dict) else []
+        if not isinstance(given, dict) or (not pending and missing):
             raise InputError("export_onnx(method='decode_step'): the example cache must come from the compiled "
                              "module's init_cache (keys " + ", ".join(k for k in cache if k not in ('t', 'max_len')) +
                              f"), got {type(given).__name__}" + (f" with keys {sorted(map(str, given))}"

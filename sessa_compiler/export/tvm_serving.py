@@ -24,7 +24,6 @@ from .tvm_runtime import FORMAT, MANIFEST
 def _step_lowerer(graph, prog, squeeze: bool, cache: dict, lanes: int, schedules):
     from ..backends.tvm.relax_lower import RELAX_DTYPE, _Lowerer
     from ..serving import STATEFUL
-    from .tvm_export import _NUMPY_DTYPE  # noqa: F401
 
     seq_sym = graph.inputs[0].type.shape[1]
 
@@ -35,10 +34,11 @@ def _step_lowerer(graph, prog, squeeze: bool, cache: dict, lanes: int, schedules
         def build(self):
             relax, bb, op = self.relax, self.bb, self.relax.op
             xv = graph.inputs[0]
-            Bv = self.dim(sympy.Symbol("B")) if "B" in {str(s) for s in xv.type.shape[0].free_symbols} else self.dim(xv.type.shape[0])
+            Bv = self.dim(xv.type.shape[0])
             Pv = self._expr(sympy.Symbol("P"))
             tail = [self.dim(d) for d in xv.type.shape[2:]]
-            x_in = relax.Var("x_t", relax.TensorType([Bv] + ([] if squeeze else [1]) + tail, RELAX_DTYPE[xv.type.dtype.name]))
+            x_ty = relax.TensorType([Bv] + ([] if squeeze else [1]) + tail, RELAX_DTYPE[xv.type.dtype.name])
+            x_in = relax.Var("x_t", x_ty)
             self.cache_vars, self.cache_out, self.order, self.cache_dt = {}, {}, [], {}
             cvars = []
             for specs in prog.states.values():
@@ -249,5 +249,6 @@ def export_tvm_step(module, example_inputs, path, target=None, *, method: str, s
     }
     with open(os.path.join(path, MANIFEST), "w") as fh:
         json.dump(manifest, fh, indent=2)
-    shutil.copyfile(os.path.join(os.path.dirname(__file__), "tvm_runtime.py"), os.path.join(path, "sessa_tvm_runtime.py"))
+    shutil.copyfile(os.path.join(os.path.dirname(__file__), "tvm_runtime.py"),
+                    os.path.join(path, "sessa_tvm_runtime.py"))
     return str(path)
