@@ -70,10 +70,35 @@ def test_sessa_layer_decode_step_onnx_equals_forward_at_every_position(tmp_path,
         assert relative_error(torch.from_numpy(c), want) <= TOLERANCE[torch.float32], key
 
 
-def test_unbuilt_and_wrong_methods_are_clear_errors(tmp_path):
+def test_onnx_prefill_then_onnx_decode_generate_like_the_model(tmp_path, one_thread):
+    """The prefill file takes the whole prompt (an ONNX Loop over positions whose body is the step) and its
+    caches feed the decode_step file: both keep the same cache layout."""
+    model = randomize(Decoder(40, 32, "SMTS", n_heads=4, n_kv_heads=2, d_state=4), seed=9)
+    pre = sc.export_onnx(model, (torch.zeros(1, 3, dtype=torch.long),), str(tmp_path / "prefill.onnx"),
+                         method="prefill")
+    assert max(r["error"] for r in pre.validation) <= TOLERANCE[torch.float32]
+    dec = sc.export_onnx(model, (torch.zeros(1, dtype=torch.long),), str(tmp_path / "decode.onnx"),
+                         method="decode_step")
+    assert pre.cache_order == dec.cache_order
+    s_pre = ort.InferenceSession(pre.path, providers=["CPUExecutionProvider"])
+    s_dec = ort.InferenceSession(dec.path, providers=["CPUExecutionProvider"])
+    prompt = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(3))
+    caches = [np.zeros([2 if d == "B" else 0 if d == "P" else d for d in i.shape], np.float32)
+              for i in s_pre.get_inputs()[1:]]
+    logits, *caches = s_pre.run(None, {"x": prompt.numpy(), **dict(zip(pre.cache_order, caches))})
+    with torch.no_grad():
+        assert relative_error(torch.from_numpy(logits), model(prompt)) <= TOLERANCE[torch.float32]
+    seq = prompt.numpy()
+    token = logits[:, -1].argmax(-1)
+    for _ in range(5):
+        seq = np.concatenate([seq, token[:, None]], axis=1)
+        logits, *caches = s_dec.run(None, {"x_t": token, **dict(zip(dec.cache_order, caches))})
+        token = logits.argmax(-1)
+    assert np.array_equal(seq, model.generate(prompt, 5).numpy())
+
+
+def test_wrong_methods_are_clear_errors(tmp_path):
     model = SessaLayer(16)
-    with pytest.raises(UnsupportedError, match="prefill"):
-        sc.export_onnx(model, (torch.randn(1, 16),), str(tmp_path / "p.onnx"), method="prefill")
     with pytest.raises(InputError, match="method must be"):
         sc.export_onnx(model, (torch.randn(1, 16),), str(tmp_path / "p.onnx"), method="decode")
     with pytest.raises(InputError, match="init_cache"):

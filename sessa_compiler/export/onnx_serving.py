@@ -231,6 +231,110 @@ def build_step_model(prog, squeeze: bool, cache: dict, *, opset: int):
     return model, order
 
 
+def _cache_inputs(b, prog, cache, inputs: list):
+    """Declare the cache inputs (in the compiled cache's order); -> (names by key, IR dtypes by key, order)."""
+    names, dtypes, order = {}, {}, []
+    for specs in prog.states.values():
+        for spec in specs.values():
+            t = cache[spec.key]
+            dtypes[spec.key] = _dt(t.dtype)
+            names[spec.key] = b.names.fresh(spec.key)
+            order.append(spec.key)
+            inputs.append(value_info(names[spec.key], dtypes[spec.key], _cache_shape(spec, t, P_SYM)))
+    return names, dtypes, order
+
+
+def _cache_shape(spec, t, length) -> list:
+    return [B_SYM] + [length if (spec.seq is not None and i + 1 == spec.seq) else s
+                      for i, s in enumerate(list(t.shape[1:]))]
+
+
+def build_prefill_model(prog, cache: dict, *, opset: int):
+    """prefill(x, cache) -> (y, cache) as an onnx.ModelProto: an ONNX Loop over x's positions whose body is the
+    decode step (the caches are its loop-carried values), so a prompt is one call on any cache."""
+    from onnx import helper
+
+    from .. import __version__
+    from ..serving import STATEFUL
+
+    graph = prog.graph
+    if len(graph.inputs) != 1:
+        raise UnsupportedError(f"export_onnx(method='prefill'): the forward takes {len(graph.inputs)} tensor "
+                               "inputs; only single-input modules are exported (x, then the cache)")
+    b = GraphBuilder(opset)
+    xv = graph.inputs[0]
+    x_in = b.names.fresh("x")
+    inputs = [value_info(x_in, xv.type.dtype.name, [B_SYM, sympy.Symbol("T")] + list(xv.type.shape[2:]))]
+    b.symbol_sources["B"] = (x_in, 0)
+    b.symbol_sources[str(xv.type.shape[1])] = 1      # the body runs one position
+    caches_in, dtypes, order = _cache_inputs(b, prog, cache, inputs)
+    params = {pv: b.initializer(graph.params[name], name) for name, pv in graph.param_values.items()}
+    body = b.sub()
+    pos, cond_in = body.names.fresh("position"), body.names.fresh("cond_in")
+    carried = {k: body.names.fresh(k + ".in") for k in order}
+    L = Lowering(graph, body)
+    L.names.update(params)
+    start = body.op("Unsqueeze", pos, body.i64(0))
+    L.names[xv] = body.op("Slice", x_in, start, body.op("Add", start, body.i64(1)), body.i64(1), hint="x_t")
+    step = _Step(L, prog, carried, dtypes)
+    for node in graph.nodes:
+        outs = step.lower(node) if node.op in STATEFUL else lower_node(L, node)
+        for v, o in zip(node.outputs, outs):
+            L.names[v] = o
+    cond_out = body.op("Identity", cond_in)
+    carried_out = [body.op("Identity", step.caches_out[k], hint=k + ".out") for k in order]
+    ys = [body.op("Identity", L.names[v], hint="y_t") for v in graph.outputs]
+    g = body.graph("prefill_positions",
+                   [value_info(pos, "i64", []), value_info(cond_in, "bool", [])] +
+                   [value_info(carried[k], dtypes[k], None) for k in order],
+                   [value_info(cond_out, "bool", [])] +
+                   [value_info(n, dtypes[k], None) for n, k in zip(carried_out, order)] +
+                   [value_info(y, v.type.dtype.name, None) for y, v in zip(ys, graph.outputs)])
+    n_pos = b.op("Squeeze", b.op("Shape", x_in, start=1, end=2), b.i64(0), hint="positions")
+    outs = b.op("Loop", n_pos, b.scalar(True, "bool"), *[caches_in[k] for k in order], body=g,
+                outputs=len(order) + len(ys), hint="prefill")
+    outs = outs if isinstance(outs, list) else [outs]
+    outputs = []
+    for i, (stacked, v) in enumerate(zip(outs[len(order):], graph.outputs)):       # [T, B, 1, ...]
+        name = b.names.fresh("y" if len(graph.outputs) == 1 else f"y_{i}")
+        rank = v.type.rank
+        b.op("Transpose", b.op("Squeeze", stacked, b.i64(2)), perm=[1, 0] + list(range(2, rank)), outputs=[name])
+        outputs.append(value_info(name, v.type.dtype.name, [B_SYM, sympy.Symbol("T")] + list(v.type.shape[2:])))
+    for key, o in zip(order, outs[:len(order)]):
+        name = b.names.fresh(key + ".new")
+        b.op("Identity", o, outputs=[name])
+        spec = next(sp for specs in prog.states.values() for sp in specs.values() if sp.key == key)
+        outputs.append(value_info(name, dtypes[key], _cache_shape(spec, cache[key], P_SYM + sympy.Symbol("T"))))
+    gm = b.graph(graph.name + "_prefill", inputs, outputs)
+    opsets = [helper.make_opsetid("", opset)]
+    model = helper.make_model(gm, opset_imports=opsets, producer_name="sessa_compiler", producer_version=__version__,
+                              doc_string=f"prefill of {graph.name}, exported by sessa_compiler")
+    model.ir_version = max(8, helper.find_min_ir_version_for(opsets))
+    return model, order
+
+
+def validate_prefill(sess, module, x, cache, order, prog) -> list:
+    """Prefill 3 positions from empty caches, then 2 more on the returned caches, in onnxruntime, at the
+    example's batch and one more; each chunk's y against the module's full forward."""
+    runs = []
+    g = torch.Generator().manual_seed(0)
+    for batch in (int(x.shape[0]), int(x.shape[0]) + 1):
+        shape = (batch, 5) + tuple(x.shape[2:])
+        if x.is_floating_point():
+            xs = torch.randn(shape, generator=g).to(x.dtype)
+        else:
+            xs = torch.randint(int(x.min()), int(x.max()) + 1, shape, generator=g, dtype=x.dtype)
+        with torch.no_grad():
+            full = module(xs)
+        caches = empty_caches(cache, order, prog, batch)
+        for step, (a, e) in enumerate(((0, 3), (3, 5))):
+            y, *caches = sess.run(None, {i.name: v for i, v in zip(sess.get_inputs(), [xs[:, a:e].numpy()] + caches)})
+            ref = full[:, a:e]
+            runs.append({"batch": batch, "step": step, "error": relative_error(torch.from_numpy(y), ref),
+                         "tolerance": TOLERANCE.get(ref.dtype, 0.0)})
+    return runs
+
+
 def empty_caches(cache: dict, order: list, prog, batch: int) -> list:
     """Zero-position cache tensors (P = 0) in the export's input order, as numpy arrays."""
     out = []
@@ -248,17 +352,18 @@ def export_onnx_step(module, example_inputs, path, *, method: str, opset: int, v
     from ..serving import ServingProgram
     from .onnx_export import OnnxExport, OnnxValidationError, _session
 
-    if method == "prefill":
-        raise UnsupportedError("export_onnx(method='prefill') is not built: the exported decode_step prefills a prompt "
-                               "one position at a time (method='decode_step')")
-    if method != "decode_step":
+    if method not in ("decode_step", "prefill"):
         raise InputError(f"export_onnx: method must be 'forward', 'decode_step' or 'prefill', got {method!r}")
     args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     if not args or not isinstance(args[0], torch.Tensor):
         raise InputError("export_onnx(method='decode_step'): example_inputs must start with the tensor x_t "
                          "(then, optionally, a cache from the compiled module's init_cache)")
     x_t = args[0]
-    squeeze = not (x_t.dim() >= 2 and x_t.shape[1] == 1)
+    if method == "prefill" and x_t.dim() < 2:
+        raise InputError(f"export_onnx(method='prefill'): x must be [B, T, ...], got shape {tuple(x_t.shape)}")
+    squeeze = method == "decode_step" and not (x_t.dim() >= 2 and x_t.shape[1] == 1)
+    if method == "prefill":
+        x_t = x_t[:, :1]
     x3 = x_t[:, None] if squeeze else x_t
     x4 = x3.repeat_interleave(4, dim=1).contiguous()  # T = 1 would specialise the trace
     compiled = CompiledModule(module, (x4,), backend="eager")
@@ -279,7 +384,10 @@ def export_onnx_step(module, example_inputs, path, *, method: str, opset: int, v
             [v.dtype for k, v in given.items() if k.endswith((".k", ".k_b")) and isinstance(v, torch.Tensor)]
         cache = prog.init_cache(int(x_t.shape[0]), device=torch.device("cpu"), dtype=low[0] if low else None,
                                 max_len=0)
-    model, order = build_step_model(prog, squeeze, cache, opset=opset)
+    if method == "prefill":
+        model, order = build_prefill_model(prog, cache, opset=opset)
+    else:
+        model, order = build_step_model(prog, squeeze, cache, opset=opset)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:
@@ -289,11 +397,14 @@ def export_onnx_step(module, example_inputs, path, *, method: str, opset: int, v
     result = OnnxExport(path=path, model=model, opset=opset, traced=compiled._traced)
     result.cache_order = order
     if validate:
-        result.validation = validate_step(_session(path), module, x_t, squeeze, cache, order, prog)
+        if method == "prefill":
+            result.validation = validate_prefill(_session(path), module, args[0], cache, order, prog)
+        else:
+            result.validation = validate_step(_session(path), module, x_t, squeeze, cache, order, prog)
         bad = [r for r in result.validation if r["error"] > r["tolerance"]]
         if bad:
             r = bad[0]
-            raise OnnxValidationError(f"export_onnx(method='decode_step'): onnxruntime's step {r['step']} at batch "
+            raise OnnxValidationError(f"export_onnx(method={method!r}): onnxruntime's call {r['step']} at batch "
                                       f"{r['batch']} differs from the module's full forward: relative error "
                                       f"{r['error']:.3e} > {r['tolerance']:.0e}")
     return result
