@@ -96,7 +96,10 @@ def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale):
     KB[:, t0:t0 + n] = k_b.to(KB.dtype)
     if n == 1:  # one new row: it sees exactly the cached positions, no mask and no solve
         s = f.to(cd)
-        if t0 > 0:
+        if t0 > 0 and q_b.is_cuda and cd == torch.float32 and _triton_decode() is not None:
+            mixed = _triton_decode().feedback_decode(q_b[:, 0], KB, S, t0, scale)          # split-K over the cache
+            s = s + gamma.to(cd)[..., None] * mixed[:, None]
+        elif t0 > 0:
             logits = (q_b.to(cd) @ KB[:, :t0].to(cd).transpose(1, 2)) * scale             # [B, 1, t0]
             s = s + gamma.to(cd)[..., None] * (torch.softmax(logits, dim=-1) @ S[:, :t0].to(cd))
         S[:, t0:t0 + 1] = s.to(S.dtype)
@@ -119,6 +122,15 @@ def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale):
         s = rhs
     S[:, t0:t0 + n] = s.to(S.dtype)
     return s.to(f.dtype)
+
+
+def _triton_decode():
+    """backends/triton/decode.py when triton imports (CUDA tensors), else None."""
+    try:
+        from .backends.triton import decode
+    except ImportError:
+        return None
+    return decode
 
 
 def step_scan(state: dict, t0: int, u, delta, A, Bm, Cm, Dv):
