@@ -30,7 +30,8 @@ def test_feedback_decode_matches_torch(B, W, L, t, dtype):
     kb[:, :t] = torch.randn(B, t, W, generator=g).to(dtype)
     s[:, :t] = torch.randn(B, t, W, generator=g)
     out = feedback_decode(q, kb, s, t, W ** -0.5)
-    ref = torch.softmax((q[:, None, :].double() @ kb[:, :t].double().transpose(1, 2)) * W ** -0.5, -1) @ s[:, :t].double()
+    logits = (q[:, None, :].double() @ kb[:, :t].double().transpose(1, 2)) * W ** -0.5
+    ref = torch.softmax(logits, -1) @ s[:, :t].double()
     assert relative_error(out, ref[:, 0]) <= TOLERANCE[torch.float32]
     assert chunk_for(W) >= 16
 

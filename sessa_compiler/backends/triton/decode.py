@@ -96,8 +96,8 @@ def aot_compile(arch: int = 90, W: int = 512) -> list:
     BW = triton.next_power_of_2(W)
     jobs = [
         (feedback_decode_partial,
-         {"q_ptr": "*fp32", "kb_ptr": "*bf16", "s_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32",
-          "t": "i32", "stride_kb_b": "i32", "stride_kb_l": "i32", "stride_s_b": "i32", "stride_s_l": "i32",
+         {"q_ptr": "*fp32", "kb_ptr": "*bf16", "s_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
+          "pa_ptr": "*fp32", "t": "i32", "stride_kb_b": "i32", "stride_kb_l": "i32", "stride_s_b": "i32", "stride_s_l": "i32",
           "scale": "fp32", "W": "constexpr", "BW": "constexpr", "CHUNK": "constexpr"},
          {"W": W, "BW": BW, "CHUNK": chunk_for(W)}),
         (feedback_decode_combine,
