@@ -77,6 +77,9 @@ def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causa
     K, V = state["k"], state["v"]
     K[:, :, t0:t0 + n] = k.transpose(1, 2).to(K.dtype)
     V[:, :, t0:t0 + n] = v.transpose(1, 2).to(V.dtype)
+    if n == 1 and q.is_cuda and cd == torch.float32 and _triton_decode() is not None:   # split-K over the cache
+        out = _triton_decode().attention_decode(q[:, 0].to(cd), K, V, t0 + 1, scale)
+        return out[:, None].to(v.dtype)
     keys, vals = K[:, :, :t0 + n].to(cd), V[:, :, :t0 + n].to(cd)
     # rows (head-in-group, new position) against the group's keys
     qh = q.to(cd).reshape(B, n, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * n, d)

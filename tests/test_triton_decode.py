@@ -1,4 +1,4 @@
-"""The split-K feedback decode kernel (backends/triton/decode.py): under Triton's interpreter against torch,
+"""The split-K decode kernels (backends/triton/decode.py): under Triton's interpreter against torch,
 with every cache slot past t poisoned, and compiled ahead of time for sm_90 (no GPU needed)."""
 import json
 import os
@@ -12,7 +12,7 @@ import triton_env
 
 triton_env.require_interpreter()
 
-from sessa_compiler.backends.triton.decode import chunk_for, feedback_decode  # noqa: E402
+from sessa_compiler.backends.triton.decode import attention_decode, chunk_for, feedback_decode  # noqa: E402
 from sessa_compiler.tolerance import TOLERANCE, relative_error  # noqa: E402
 
 
@@ -36,6 +36,25 @@ def test_feedback_decode_matches_torch(B, W, L, t, dtype):
     assert chunk_for(W) >= 16
 
 
+@pytest.mark.parametrize("B, H, Hkv, D, L, t, dtype", [
+    (2, 4, 2, 8, 100, 70, torch.float32),     # GQA, several chunks, the last one partial
+    (1, 3, 1, 12, 20, 1, torch.float32),      # one cached position; group of 3 and d = 12 (not powers of two)
+    (1, 8, 8, 16, 200, 129, torch.bfloat16),  # no GQA, bf16 caches
+])
+def test_attention_decode_matches_torch(B, H, Hkv, D, L, t, dtype):
+    g = torch.Generator().manual_seed(t)
+    q = torch.randn(B, H, D, generator=g)
+    k = torch.full((B, Hkv, L, D), float("nan")).to(dtype)
+    v = torch.full((B, Hkv, L, D), float("nan")).to(dtype)
+    k[:, :, :t] = torch.randn(B, Hkv, t, D, generator=g).to(dtype)
+    v[:, :, :t] = torch.randn(B, Hkv, t, D, generator=g).to(dtype)
+    out = attention_decode(q, k, v, t, D ** -0.5)
+    kr = k[:, :, :t].double().repeat_interleave(H // Hkv, 1)
+    vr = v[:, :, :t].double().repeat_interleave(H // Hkv, 1)
+    ref = torch.softmax((q[:, :, None, :].double() @ kr.transpose(-1, -2)) * D ** -0.5, -1) @ vr
+    assert relative_error(out, ref[:, :, 0]) <= TOLERANCE[torch.float32]
+
+
 def test_feedback_decode_rejects_bad_lengths():
     q, c = torch.randn(1, 16), torch.randn(1, 8, 16)
     with pytest.raises(ValueError, match="t=9"):
@@ -51,5 +70,6 @@ def test_feedback_decode_compiles_for_sm90(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert {r["kernel"] for r in records} == {"feedback_decode_partial", "feedback_decode_combine"}
+    assert {r["kernel"] for r in records} == {"feedback_decode_partial", "feedback_decode_combine",
+                                              "attention_decode_partial", "attention_decode_combine"}
     assert all(r["cubin_bytes"] > 0 for r in records)
