@@ -77,7 +77,7 @@ def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causa
     K, V = state["k"], state["v"]
     K[:, :, t0:t0 + n] = k.transpose(1, 2).to(K.dtype)
     V[:, :, t0:t0 + n] = v.transpose(1, 2).to(V.dtype)
-    if n == 1 and q.is_cuda and cd == torch.float32 and _triton_decode() is not None:   # split-K over the cache
+    if n == 1 and _use_triton(q) and cd == torch.float32:   # split-K over the cache
         out = _triton_decode().attention_decode(q[:, 0].to(cd), K, V, t0 + 1, scale)
         return out[:, None].to(v.dtype)
     keys, vals = K[:, :, :t0 + n].to(cd), V[:, :, :t0 + n].to(cd)
@@ -99,7 +99,7 @@ def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale):
     KB[:, t0:t0 + n] = k_b.to(KB.dtype)
     if n == 1:  # one new row: it sees exactly the cached positions, no mask and no solve
         s = f.to(cd)
-        if t0 > 0 and q_b.is_cuda and cd == torch.float32 and _triton_decode() is not None:
+        if t0 > 0 and _use_triton(q_b) and cd == torch.float32:
             mixed = _triton_decode().feedback_decode(q_b[:, 0], KB, S, t0, scale)          # split-K over the cache
             s = s + gamma.to(cd)[..., None] * mixed[:, None]
         elif t0 > 0:
@@ -125,6 +125,14 @@ def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale):
         s = rhs
     S[:, t0:t0 + n] = s.to(S.dtype)
     return s.to(f.dtype)
+
+
+# Tests set this to run the Triton decode kernels on CPU tensors under Triton's interpreter.
+TRITON_DECODE_ON_CPU = False
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return (x.is_cuda or TRITON_DECODE_ON_CPU) and _triton_decode() is not None
 
 
 def _triton_decode():
