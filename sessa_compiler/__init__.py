@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 
 def export_onnx(module, example_inputs, path, *, opset=None, dynamic=True, validate=True, method="forward"):
     """Export a module to an ONNX file of standard ops (dynamic B and T), validated in onnxruntime.
-    ``method="decode_step"`` exports the serving step (x_t and the cache in, y_t and the cache out).
+    ``method="decode_step"`` exports the serving step (x_t and the cache in, y_t and the cache out),
+    ``method="prefill"`` prefill(x, cache) -> (y, cache).
 
     Needs the optional packages onnx and onnxruntime; see sessa_compiler.export.onnx_export.export_onnx.
     """
@@ -24,7 +25,7 @@ def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu
     """Export a module to a directory with a TVM library (.so), weights (npz) and a manifest.
 
     The whole graph must lower to TVM (else UnsupportedError naming the ops); target None = this
-    machine's CPU. gpu_source=["cuda", "opencl", "metal", "webgpu"] also writes thread-bound kernel
+    machine's CPU. method="decode_step" exports the serving step (see export/tvm_serving.py). gpu_source=["cuda", "opencl", "metal", "webgpu"] also writes thread-bound kernel
     source for those targets into path/gpu/. Needs apache-tvm; see sessa_compiler.export.tvm_export.
     """
     from .export.tvm_export import export_tvm as _export_tvm

@@ -236,7 +236,8 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, opset: int | N
     Returns an OnnxExport (path, model, validation runs).
 
     ``method="decode_step"`` exports the serving step instead (see export/onnx_serving.py): inputs x_t
-    then the cache tensors, outputs y_t then the updated cache tensors, dynamic batch and cache length.
+    then the cache tensors, outputs y_t then the updated cache tensors, dynamic batch and cache length;
+    ``method="prefill"`` exports prefill(x, cache) -> (y, cache) with the same cache tensors.
     """
     import onnx
 
