@@ -25,8 +25,9 @@ def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu
     """Export a module to a directory with a TVM library (.so), weights (npz) and a manifest.
 
     The whole graph must lower to TVM (else UnsupportedError naming the ops); target None = this
-    machine's CPU. method="decode_step" exports the serving step (see export/tvm_serving.py). gpu_source=["cuda", "opencl", "metal", "webgpu"] also writes thread-bound kernel
-    source for those targets into path/gpu/. Needs apache-tvm; see sessa_compiler.export.tvm_export.
+    machine's CPU. gpu_source=["cuda", "opencl", "metal", "webgpu"] also writes thread-bound kernel
+    source for those targets into path/gpu/. method="decode_step" exports the serving step instead
+    (see export/tvm_serving.py). Needs apache-tvm; see sessa_compiler.export.tvm_export.
     """
     from .export.tvm_export import export_tvm as _export_tvm
 
