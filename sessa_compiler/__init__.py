@@ -10,26 +10,29 @@ from . import tune  # a callable package: sessa_compiler.tune(module, example_in
 __version__ = "0.1.0"
 
 
-def export_onnx(module, example_inputs, path, *, opset=None, dynamic=True, validate=True):
+def export_onnx(module, example_inputs, path, *, opset=None, dynamic=True, validate=True, method="forward"):
     """Export a module to an ONNX file of standard ops (dynamic B and T), validated in onnxruntime.
+    ``method="decode_step"`` exports the serving step (x_t and the cache in, y_t and the cache out),
+    ``method="prefill"`` prefill(x, cache) -> (y, cache).
 
     Needs the optional packages onnx and onnxruntime; see sessa_compiler.export.onnx_export.export_onnx.
     """
     from .export.onnx_export import export_onnx as _export_onnx
 
-    return _export_onnx(module, example_inputs, path, opset=opset, dynamic=dynamic, validate=validate)
+    return _export_onnx(module, example_inputs, path, opset=opset, dynamic=dynamic, validate=validate, method=method)
 
 
-def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu_source=None):
+def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu_source=None, method="forward"):
     """Export a module to a directory with a TVM library (.so), weights (npz) and a manifest.
 
     The whole graph must lower to TVM (else UnsupportedError naming the ops); target None = this
     machine's CPU. gpu_source=["cuda", "opencl", "metal", "webgpu"] also writes thread-bound kernel
-    source for those targets into path/gpu/. Needs apache-tvm; see sessa_compiler.export.tvm_export.
+    source for those targets into path/gpu/. method="decode_step" exports the serving step instead
+    (see export/tvm_serving.py). Needs apache-tvm; see sessa_compiler.export.tvm_export.
     """
     from .export.tvm_export import export_tvm as _export_tvm
 
-    return _export_tvm(module, example_inputs, path, target, schedules=schedules, gpu_source=gpu_source)
+    return _export_tvm(module, example_inputs, path, target, schedules=schedules, gpu_source=gpu_source, method=method)
 
 
 def load_tvm(path):

@@ -18,6 +18,7 @@ from .dtypes import from_torch, to_torch
 from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
 from .frontend.trace import Traced, check_keywords, trace_with_report
 from .ir.ops import CORE, OPS
+from .serving import SERVING_METHODS as _SERVING_METHODS
 from .tolerance import TOLERANCE, relative_error  # noqa: F401  (re-exported: sessa_compiler.api.TOLERANCE)
 
 
@@ -92,7 +93,7 @@ class _RecomputeGrad(torch.autograd.Function):
 _INTERPRETER_LOCK = threading.Lock()
 # per-call state, rebuilt after unpickling (see CompiledModule.__getstate__)
 _RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_variants", "_lock", "_fresh", "_live",
-            "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces")
+            "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces", "_serving")
 ORIGINAL = "_orig_mod"  # the original module's attribute name (as torch.compile's OptimizedModule names it)
 
 
@@ -312,6 +313,14 @@ class CompiledModule(torch.nn.Module):
             if key:
                 compile_cache.store(key, traced, self._orig_mod)
         return traced
+
+    def __getattr__(self, name):
+        # serving (sessa_compiler/serving.py): init_cache/prefill/decode_step/generate, compiled
+        if name in _SERVING_METHODS:
+            from .serving import serving_method
+
+            return serving_method(self, name)
+        return super().__getattr__(name)
 
     @property
     def graph(self):

@@ -224,7 +224,7 @@ def validate_with_onnxruntime(session, graph: Graph, module, cases: list, opset:
 
 # -- the entry point ------------------------------------------------------------------------------------------
 def export_onnx(module: torch.nn.Module, example_inputs, path, *, opset: int | None = None,
-                dynamic: bool = True, validate: bool = True) -> OnnxExport:
+                dynamic: bool = True, validate: bool = True, method: str = "forward") -> OnnxExport:
     """Export ``module`` to an ONNX file at ``path`` that uses only standard ONNX ops.
 
     The module is traced with sessa_compiler's frontend (attention, the feedback solve and the
@@ -234,6 +234,10 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, opset: int | N
     example inputs and on a second batch size and sequence length, and compared with the module; an
     OnnxValidationError names the output, the inputs, the error and the first IR op that differs.
     Returns an OnnxExport (path, model, validation runs).
+
+    ``method="decode_step"`` exports the serving step instead (see export/onnx_serving.py): inputs x_t
+    then the cache tensors, outputs y_t then the updated cache tensors, dynamic batch and cache length;
+    ``method="prefill"`` exports prefill(x, cache) -> (y, cache) with the same cache tensors.
     """
     import onnx
 
@@ -241,6 +245,10 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, opset: int | N
     latest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= opset <= latest:
         raise UnsupportedError(f"export_onnx: opset {opset} is not supported; use {MIN_OPSET} .. {latest}")
+    if method != "forward":
+        from .onnx_serving import export_onnx_step
+
+        return export_onnx_step(module, example_inputs, path, method=method, opset=opset, validate=validate)
     args = _as_tuple(example_inputs)
     traced = trace_with_report(module, args)
     warn_guards(traced, "export_onnx", module)

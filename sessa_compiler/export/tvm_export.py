@@ -29,11 +29,17 @@ def _dim(d):
     return d if isinstance(d, int) else str(d)
 
 
-def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu_source=None) -> str:
+def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu_source=None,
+               method: str = "forward") -> str:
     """Trace `module` on `example_inputs`, lower the whole graph to TVM, build for `target` (None: this
     machine's CPU; a dict or Target to cross-compile) and write the directory `path`. Returns path.
     gpu_source: target kinds ("cuda", "metal", "opencl", "webgpu") whose device source of the graph's
-    thread-bound kernels is written to path/gpu/ (listed in the manifest as "gpu_sources")."""
+    thread-bound kernels is written to path/gpu/ (listed in the manifest as "gpu_sources").
+    method="decode_step": the serving step instead (export/tvm_serving.py)."""
+    if method != "forward":
+        from .tvm_serving import export_tvm_step
+
+        return export_tvm_step(module, example_inputs, path, target, method=method, schedules=schedules)
     import torch
     import tvm
 

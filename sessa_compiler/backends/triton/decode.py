@@ -1,0 +1,221 @@
+"""Decode-step kernels for the feedback's and attention's reads of their caches (flash-decoding style split-K).
+
+For one new position at t (after t cached positions), per batch row b:
+
+    mixed[b] = softmax_{j < t}(q_b[b] . k_b[b, j] * scale) @ s[b, :t]
+
+``feedback_decode_partial`` runs one program per (batch row, chunk of ``chunk_for(W)`` cached positions): it reads its
+chunk of keys and solved states once (in their cache dtype, accumulating in fp32) and writes the chunk's
+max logit, sum of exponentials and weighted state sum. ``feedback_decode_combine`` merges the chunks per
+batch row (log-sum-exp rescaling). The caches are read in place through their strides (capacity max_len;
+only the first t positions are touched). The step then is s_t = f_t + gamma_t * mixed (serving.py).
+``attention_decode_*`` do the same for attention over head-major caches [B, Hkv, L, d]: one program per
+(batch row x kv head, chunk), all G = H / Hkv query heads of the group at once.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+
+def chunk_for(width: int) -> int:
+    """Cached positions per program: a [chunk, width] fp32 tile of about 8K elements (64 per thread at 4 warps)."""
+    return max(16, min(64, 8192 // triton.next_power_of_2(width)))
+
+
+@triton.jit
+def feedback_decode_partial(q_ptr, kb_ptr, s_ptr, pm_ptr, pl_ptr, pa_ptr, t, stride_kb_b, stride_kb_l,
+                            stride_s_b, stride_s_l, scale, W: tl.constexpr, BW: tl.constexpr,
+                            CHUNK: tl.constexpr):
+    b = tl.program_id(0)
+    c = tl.program_id(1)
+    nc = tl.num_programs(1)
+    rows = c * CHUNK + tl.arange(0, CHUNK)
+    cols = tl.arange(0, BW)
+    row_ok = rows < t
+    col_ok = cols < W
+    both = row_ok[:, None] & col_ok[None, :]
+    q = tl.load(q_ptr + b * W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    kb = tl.load(kb_ptr + b * stride_kb_b + rows[:, None] * stride_kb_l + cols[None, :], mask=both,
+                 other=0.0).to(tl.float32)
+    logits = tl.sum(kb * q[None, :], axis=1) * scale
+    logits = tl.where(row_ok, logits, -1.0e30)
+    m = tl.max(logits, axis=0)
+    p = tl.where(row_ok, tl.exp(logits - m), 0.0)
+    s = tl.load(s_ptr + b * stride_s_b + rows[:, None] * stride_s_l + cols[None, :], mask=both,
+                other=0.0).to(tl.float32)
+    acc = tl.sum(p[:, None] * s, axis=0)
+    tl.store(pm_ptr + b * nc + c, m)
+    tl.store(pl_ptr + b * nc + c, tl.sum(p, axis=0))
+    tl.store(pa_ptr + (b * nc + c) * W + cols, acc, mask=col_ok)
+
+
+@triton.jit
+def feedback_decode_combine(pm_ptr, pl_ptr, pa_ptr, out_ptr, nc, W: tl.constexpr, BW: tl.constexpr):
+    b = tl.program_id(0)
+    cols = tl.arange(0, BW)
+    col_ok = cols < W
+    m = tl.load(pm_ptr + b * nc)
+    for c in range(1, nc):
+        m = tl.maximum(m, tl.load(pm_ptr + b * nc + c))
+    total = tl.load(pl_ptr + b * nc) * 0.0
+    acc = tl.zeros([BW], dtype=tl.float32)
+    for c in range(0, nc):
+        w = tl.exp(tl.load(pm_ptr + b * nc + c) - m)
+        total += tl.load(pl_ptr + b * nc + c) * w
+        acc += tl.load(pa_ptr + (b * nc + c) * W + cols, mask=col_ok, other=0.0) * w
+    tl.store(out_ptr + b * W + cols, acc / total, mask=col_ok)
+
+
+def feedback_decode(q_b: torch.Tensor, k_b_cache: torch.Tensor, s_cache: torch.Tensor, t: int,
+                    scale: float) -> torch.Tensor:
+    """q_b [B, W]; caches [B, L, W] (L >= t >= 1, last dim contiguous) -> mixed [B, W] in float32."""
+    B, W = q_b.shape
+    if t < 1 or k_b_cache.shape[1] < t or s_cache.shape[1] < t:
+        raise ValueError(f"feedback_decode: t={t} must be in 1..{min(k_b_cache.shape[1], s_cache.shape[1])}")
+    if k_b_cache.stride(2) != 1 or s_cache.stride(2) != 1:
+        raise ValueError("feedback_decode: the caches' last dim must be contiguous")
+    q = q_b.contiguous()
+    chunk = chunk_for(W)
+    nc = triton.cdiv(t, chunk)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    pm, pl, pa = torch.empty(B, nc, **f32), torch.empty(B, nc, **f32), torch.empty(B, nc, W, **f32)
+    out = torch.empty(B, W, **f32)
+    BW = triton.next_power_of_2(W)
+    feedback_decode_partial[(B, nc)](q, k_b_cache, s_cache, pm, pl, pa, t, k_b_cache.stride(0), k_b_cache.stride(1),
+                                     s_cache.stride(0), s_cache.stride(1), float(scale), W=W, BW=BW, CHUNK=chunk)
+    feedback_decode_combine[(B,)](pm, pl, pa, out, nc, W=W, BW=BW)
+    return out
+
+
+@triton.jit
+def attention_decode_partial(q_ptr, k_ptr, v_ptr, pm_ptr, pl_ptr, pa_ptr, t, stride_k_b, stride_k_h, stride_k_l,
+                             stride_v_b, stride_v_h, stride_v_l, scale, HKV: tl.constexpr, G: tl.constexpr,
+                             GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
+                             DVP: tl.constexpr, CHUNK: tl.constexpr):
+    bh = tl.program_id(0)          # batch row x kv head
+    c = tl.program_id(1)
+    nc = tl.num_programs(1)
+    b = bh // HKV
+    h = bh % HKV
+    g = tl.arange(0, GP)
+    rows = c * CHUNK + tl.arange(0, CHUNK)
+    d = tl.arange(0, DP)
+    e = tl.arange(0, DVP)
+    row_ok = rows < t
+    q = tl.load(q_ptr + (bh * G + g[:, None]) * D + d[None, :], mask=(g[:, None] < G) & (d[None, :] < D),
+                other=0.0).to(tl.float32)                                                       # [GP, DP]
+    k = tl.load(k_ptr + b * stride_k_b + h * stride_k_h + rows[:, None] * stride_k_l + d[None, :],
+                mask=row_ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)            # [CHUNK, DP]
+    logits = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale                          # [GP, CHUNK]
+    logits = tl.where(row_ok[None, :], logits, -1.0e30)
+    m = tl.max(logits, axis=1)
+    p = tl.where(row_ok[None, :], tl.exp(logits - m[:, None]), 0.0)
+    v = tl.load(v_ptr + b * stride_v_b + h * stride_v_h + rows[:, None] * stride_v_l + e[None, :],
+                mask=row_ok[:, None] & (e[None, :] < DV), other=0.0).to(tl.float32)           # [CHUNK, DVP]
+    acc = tl.sum(p[:, :, None] * v[None, :, :], axis=1)                                      # [GP, DVP]
+    part = (bh * nc + c) * GP + g
+    tl.store(pm_ptr + part, m)
+    tl.store(pl_ptr + part, tl.sum(p, axis=1))
+    tl.store(pa_ptr + part[:, None] * DVP + e[None, :], acc)
+
+
+@triton.jit
+def attention_decode_combine(pm_ptr, pl_ptr, pa_ptr, out_ptr, nc, G: tl.constexpr, GP: tl.constexpr,
+                             DV: tl.constexpr, DVP: tl.constexpr):
+    bh = tl.program_id(0)
+    g = tl.arange(0, GP)
+    e = tl.arange(0, DVP)
+    m = tl.load(pm_ptr + bh * nc * GP + g)
+    for c in range(1, nc):
+        m = tl.maximum(m, tl.load(pm_ptr + (bh * nc + c) * GP + g))
+    total = tl.zeros([GP], dtype=tl.float32)
+    acc = tl.zeros([GP, DVP], dtype=tl.float32)
+    for c in range(0, nc):
+        part = (bh * nc + c) * GP + g
+        w = tl.exp(tl.load(pm_ptr + part) - m)
+        total += tl.load(pl_ptr + part) * w
+        acc += tl.load(pa_ptr + part[:, None] * DVP + e[None, :]) * w[:, None]
+    out = acc / total[:, None]
+    tl.store(out_ptr + (bh * G + g[:, None]) * DV + e[None, :], out, mask=(g[:, None] < G) & (e[None, :] < DV))
+
+
+def attention_chunk_for(g: int, d: int) -> int:
+    """Cached positions per program: a [group, chunk, d] fp32 product of about 8K elements."""
+    return max(16, min(64, 8192 // (triton.next_power_of_2(g) * triton.next_power_of_2(d))))
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t: int,
+                     scale: float) -> torch.Tensor:
+    """q [B, H, d] (already rotated); caches [B, Hkv, L, d] (head-major, L >= t >= 1, last dim contiguous);
+    query head h reads kv head h // (H / Hkv) -> [B, H, dv] in float32."""
+    B, H, D = q.shape
+    Hkv, DV = k_cache.shape[1], v_cache.shape[3]
+    if t < 1 or k_cache.shape[2] < t or v_cache.shape[2] < t:
+        raise ValueError(f"attention_decode: t={t} must be in 1..{min(k_cache.shape[2], v_cache.shape[2])}")
+    if H % Hkv or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
+        raise ValueError("attention_decode: H must be a multiple of Hkv and the caches' last dim contiguous")
+    G = H // Hkv
+    GP, DP, DVP = triton.next_power_of_2(G), triton.next_power_of_2(D), triton.next_power_of_2(DV)
+    chunk = attention_chunk_for(G, D)
+    nc = triton.cdiv(t, chunk)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    pm, pl = torch.empty(B * Hkv, nc, GP, **f32), torch.empty(B * Hkv, nc, GP, **f32)
+    pa = torch.empty(B * Hkv, nc, GP, DVP, **f32)
+    out = torch.empty(B, H, DV, **f32)
+    attention_decode_partial[(B * Hkv, nc)](
+        q.contiguous(), k_cache, v_cache, pm, pl, pa, t, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), float(scale), HKV=Hkv, G=G, GP=GP, D=D, DP=DP,
+        DV=DV, DVP=DVP, CHUNK=chunk)
+    attention_decode_combine[(B * Hkv,)](pm, pl, pa, out, nc, G=G, GP=GP, DV=DV, DVP=DVP)
+    return out
+
+
+def aot_compile(arch: int = 90, W: int = 512) -> list:
+    """Compile both kernels for ``GPUTarget("cuda", arch, 32)`` with no GPU present; -> one summary per kernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    BW = triton.next_power_of_2(W)
+    jobs = [
+        (feedback_decode_partial,
+         {"q_ptr": "*fp32", "kb_ptr": "*bf16", "s_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
+          "pa_ptr": "*fp32", "t": "i32", "stride_kb_b": "i32", "stride_kb_l": "i32", "stride_s_b": "i32",
+          "stride_s_l": "i32",
+          "scale": "fp32", "W": "constexpr", "BW": "constexpr", "CHUNK": "constexpr"},
+         {"W": W, "BW": BW, "CHUNK": chunk_for(W)}),
+        (feedback_decode_combine,
+         {"pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32", "out_ptr": "*fp32", "nc": "i32",
+          "W": "constexpr", "BW": "constexpr"},
+         {"W": W, "BW": BW}),
+    ]
+    G, D = 4, 64
+    jobs += [
+        (attention_decode_partial,
+         {"q_ptr": "*fp32", "k_ptr": "*bf16", "v_ptr": "*bf16", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
+          "pa_ptr": "*fp32", "t": "i32", "stride_k_b": "i32", "stride_k_h": "i32", "stride_k_l": "i32",
+          "stride_v_b": "i32", "stride_v_h": "i32", "stride_v_l": "i32", "scale": "fp32", "HKV": "constexpr",
+          "G": "constexpr", "GP": "constexpr", "D": "constexpr", "DP": "constexpr", "DV": "constexpr",
+          "DVP": "constexpr", "CHUNK": "constexpr"},
+         {"HKV": 2, "G": G, "GP": G, "D": D, "DP": D, "DV": D, "DVP": D, "CHUNK": attention_chunk_for(G, D)}),
+        (attention_decode_combine,
+         {"pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32", "out_ptr": "*fp32", "nc": "i32",
+          "G": "constexpr", "GP": "constexpr", "DV": "constexpr", "DVP": "constexpr"},
+         {"G": G, "GP": G, "DV": D, "DVP": D}),
+    ]
+    out = []
+    for fn, signature, constexprs in jobs:
+        src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+        out.append({"kernel": fn.__name__, "ptx_lines": compiled.asm["ptx"].count("\n"),
+                    "cubin_bytes": len(compiled.asm.get("cubin", b""))})
+    return out
+
+
+if __name__ == "__main__":  # python -m sessa_compiler.backends.triton.decode  (TRITON_INTERPRET unset)
+    import json
+
+    for record in aot_compile():
+        print(json.dumps(record))

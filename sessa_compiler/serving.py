@@ -1,0 +1,643 @@
+"""Serving: ``init_cache`` / ``prefill`` / ``decode_step`` / ``generate`` derived from the traced forward.
+
+The step is derived from the recognised forward IR ("incrementalisation") rather than traced from the
+module's own ``decode_step``: those keep the position as a Python int, and modules written by others keep
+caches in layouts of their own. Every op of the forward graph is either
+
+- *position-wise* along the sequence axis: it runs unchanged on the new positions only, or
+- *sequence-mixing*: ``attention``, ``feedback``, ``scan``, ``causal_conv1d`` and ``rope``. Each of these
+  gets an incremental form that reads and appends to explicit state in the cache: rotated keys and
+  values (attention), feedback keys k_b and solved states s (feedback), the recurrent state h (scan), the
+  last K-1 inputs (causal_conv1d), the position (rope).
+
+A few ops can never be incrementalised (``tri_solve`` with explicit T x T weights, non-causal attention,
+a general ``conv1d`` over time); a graph holding one has no serving methods (UnsupportedError naming the
+op). Every other op is assumed position-wise, and that assumption is *checked numerically* before the
+first step runs: prefill of 3 positions, one decode step, then a prefill of 2 more on the non-empty cache
+must equal the full forward on the same 6 positions to the spec's tolerance. A module whose forward
+depends on absolute position in a way the IR does not say (a reduction over time, positions computed by
+``arange(T)`` and not folded into RoPE) fails that check with an UnsupportedError instead of decoding
+wrongly.
+
+The cache is a dict the compiler owns: ``{"t": int, "max_len": int | None, <state name>: tensor, ...}``,
+one for the whole module (a Decoder's original keeps a list of per-layer dicts). State tensors are
+preallocated to ``max_len`` positions along dim 1 and written in place; with ``max_len=None`` they grow by
+doubling. Writing past ``max_len`` raises CacheOverflowError before anything is written.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import torch.utils._pytree as pytree
+
+from .backends.eager import FACTORIES, IMPLS, bind_symbols, resolve
+from .backends.reference import compute_dtype
+from .dtypes import to_torch
+from .errors import InputError, IRError, SessaCompilerError, TraceError, UnsupportedError
+from .ir.graph import Graph, Value
+from .tolerance import TOLERANCE, relative_error
+
+SERVING_METHODS = ("init_cache", "prefill", "decode_step", "generate")
+STATEFUL = ("attention", "feedback", "scan", "causal_conv1d", "rope")
+CHECK_LEN, CHECK_PREFILL = 6, 3
+
+
+class CacheOverflowError(InputError):
+    """A prefill or decode step that would write past the cache's capacity (``max_len``)."""
+
+
+# -- incremental forms of the sequence-mixing ops --------------------------------------------------------------
+def _rotate_at(x: torch.Tensor, inv_freq: torch.Tensor, t0: int) -> torch.Tensor:
+    """Interleaved RoPE of x [B, n, H, d] at positions t0..t0+n-1, left in the compute dtype."""
+    cd = compute_dtype(x.dtype)
+    pos = torch.arange(t0, t0 + x.shape[1], device=x.device, dtype=cd)
+    angles = pos[:, None] * inv_freq.to(cd)[None, :]
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    xe, xo = x[..., 0::2].to(cd), x[..., 1::2].to(cd)
+    return torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(-2)
+
+
+def _visible(t0: int, n: int, device, strict: bool) -> torch.Tensor:
+    """[n, t0+n] bool: key j is visible to new row i (global position t0+i): j <= t0+i, or j < t0+i."""
+    rows = torch.arange(t0, t0 + n, device=device)[:, None]
+    cols = torch.arange(t0 + n, device=device)[None, :]
+    return cols < rows if strict else cols <= rows
+
+
+def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causal, rope=False):
+    """Keys and values are cached [B, Hkv, L, d] (head-major), so each head reads contiguous rows."""
+    cd = compute_dtype(q.dtype)
+    B, n, H, d = q.shape
+    Hkv = k.shape[2]
+    g = H // Hkv
+    if rope:
+        q, k = _rotate_at(q, inv_freq, t0), _rotate_at(k, inv_freq, t0)
+    K, V = state["k"], state["v"]
+    K[:, :, t0:t0 + n] = k.transpose(1, 2).to(K.dtype)
+    V[:, :, t0:t0 + n] = v.transpose(1, 2).to(V.dtype)
+    if n == 1 and _use_triton(q) and cd == torch.float32:   # split-K over the cache
+        out = _triton_decode().attention_decode(q[:, 0].to(cd), K, V, t0 + 1, scale)
+        return out[:, None].to(v.dtype)
+    keys, vals = K[:, :, :t0 + n].to(cd), V[:, :, :t0 + n].to(cd)
+    # rows (head-in-group, new position) against the group's keys
+    qh = q.to(cd).reshape(B, n, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * n, d)
+    logits = (qh @ keys.transpose(-1, -2)) * scale                    # [B, Hkv, g*n, t0+n]
+    if n > 1:
+        logits = logits.view(B, Hkv, g, n, t0 + n).masked_fill(~_visible(t0, n, q.device, strict=False), -math.inf)
+        logits = logits.view(B, Hkv, g * n, t0 + n)
+    out = torch.softmax(logits, dim=-1) @ vals                         # [B, Hkv, g*n, dv]
+    dv = vals.shape[-1]
+    return out.view(B, Hkv, g, n, dv).permute(0, 3, 1, 2, 4).reshape(B, n, H, dv).to(v.dtype)
+
+
+def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale):
+    cd = compute_dtype(f.dtype)
+    n = f.shape[1]
+    KB, S = state["k_b"], state["s"]
+    KB[:, t0:t0 + n] = k_b.to(KB.dtype)
+    if n == 1:  # one new row: it sees exactly the cached positions, no mask and no solve
+        s = f.to(cd)
+        if t0 > 0 and _use_triton(q_b) and cd == torch.float32:
+            mixed = _triton_decode().feedback_decode(q_b[:, 0], KB, S, t0, scale)          # split-K over the cache
+            s = s + gamma.to(cd)[..., None] * mixed[:, None]
+        elif t0 > 0:
+            logits = (q_b.to(cd) @ KB[:, :t0].to(cd).transpose(1, 2)) * scale             # [B, 1, t0]
+            s = s + gamma.to(cd)[..., None] * (torch.softmax(logits, dim=-1) @ S[:, :t0].to(cd))
+        S[:, t0:t0 + 1] = s.to(S.dtype)
+        return s.to(f.dtype)
+    keys = KB[:, :t0 + n].to(cd)
+    logits = (q_b.to(cd) @ keys.transpose(1, 2)) * scale             # [B, n, t0+n]
+    keep = _visible(t0, n, f.device, strict=True)
+    logits = logits.masked_fill(~keep, -math.inf)
+    if t0 == 0:  # global row 0 has no predecessor: a finite row, zeroed below (no NaN anywhere)
+        logits[:, 0, 0] = 0.0
+    alpha = torch.softmax(logits, dim=-1) * keep
+    g = gamma.to(cd)[..., None]
+    rhs = f.to(cd)
+    if t0 > 0:
+        rhs = rhs + g * (alpha[:, :, :t0] @ S[:, :t0].to(cd))
+    if n > 1:
+        system = torch.eye(n, dtype=cd, device=f.device) - g * alpha[:, :, t0:]
+        s = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    else:
+        s = rhs
+    S[:, t0:t0 + n] = s.to(S.dtype)
+    return s.to(f.dtype)
+
+
+# Tests set this to run the Triton decode kernels on CPU tensors under Triton's interpreter.
+TRITON_DECODE_ON_CPU = False
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    return (x.is_cuda or TRITON_DECODE_ON_CPU) and _triton_decode() is not None
+
+
+def _triton_decode():
+    """backends/triton/decode.py when triton imports (CUDA tensors), else None."""
+    try:
+        from .backends.triton import decode
+    except ImportError:
+        return None
+    return decode
+
+
+def step_scan(state: dict, t0: int, u, delta, A, Bm, Cm, Dv):
+    cd = compute_dtype(u.dtype)
+    u_, dt, A_, B_, C_, D_ = (t.to(cd) for t in (u, delta, A, Bm, Cm, Dv))
+    h = state["h"].to(cd)
+    ys = []
+    for i in range(u.shape[1]):
+        h = torch.exp(dt[:, i, :, None] * A_) * h + (dt[:, i] * u_[:, i])[..., None] * B_[:, i, None, :]
+        ys.append(torch.einsum("bdn,bn->bd", h, C_[:, i]) + D_ * u_[:, i])
+    state["h"].copy_(h)
+    return torch.stack(ys, dim=1).to(u.dtype)
+
+
+def step_causal_conv1d(state: dict, t0: int, x, w, b=None):
+    K = w.shape[1]
+    past = state["x"]
+    xx = torch.cat([past.to(x.dtype), x], dim=1)  # [B, K-1+n, C]
+    y = F.conv1d(xx.transpose(1, 2), w[:, None, :], b, groups=w.shape[0]).transpose(1, 2)
+    if K > 1:
+        past.copy_(xx[:, xx.shape[1] - (K - 1):])
+    return y
+
+
+def step_rope(state: dict, t0: int, x, inv_freq):
+    return _rotate_at(x, inv_freq, t0).to(x.dtype)
+
+
+STEPS = {"attention": step_attention, "feedback": step_feedback, "scan": step_scan,
+         "causal_conv1d": step_causal_conv1d, "rope": step_rope}
+
+
+# -- the serving program ------------------------------------------------------------------------------------
+class StateSpec:
+    """One cache tensor: ``shape`` after the batch dim; ``seq`` is the position dim (its capacity is max_len),
+    or None for a fixed-size state."""
+
+    def __init__(self, key: str, shape: tuple, dtype: torch.dtype, seq: int | None, compute: bool = False):
+        self.key, self.shape, self.dtype, self.seq, self.compute = key, shape, dtype, seq, compute
+
+    def full_shape(self, batch: int, cap: int) -> tuple:
+        if self.seq is None:
+            return (batch,) + self.shape
+        s = (batch,) + self.shape
+        return s[:self.seq] + (cap,) + s[self.seq:]
+
+
+def _static(node, i, what) -> tuple:
+    t = node.inputs[i].type
+    dims = t.shape[2:] if what == "seq" else t.shape
+    if not all(isinstance(d, int) for d in dims):
+        raise UnsupportedError(f"serving: op '{node.op}' (%{node.outputs[0].name}) has a symbolic {what} width "
+                               f"{t}; caches need fixed widths")
+    return tuple(dims)
+
+
+class ServingProgram:
+    """The incremental form of one traced forward graph: runs the new positions of a prefill or a decode
+    step against a compiler-owned cache, op by op on the eager interpreter."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self._check_structure()
+        self.states: dict = {}  # node -> {role: StateSpec}
+        for node in graph.nodes:
+            if node.op in STATEFUL and node.op != "rope":
+                self.states[node] = self._state_specs(node)
+        self.checked = False
+        self._plans: dict = {}
+        self._bindings: dict = {}
+
+    # -- what can be served ------------------------------------------------------------------------------
+    def _check_structure(self) -> None:
+        g = self.graph
+        if not g.inputs:
+            raise UnsupportedError("serving: the traced forward has no tensor inputs")
+        T = None
+        for v in g.inputs + list(g.outputs):
+            where = "input" if v in g.inputs else "output"
+            if v.type.rank < 2 or isinstance(v.type.shape[1], int):
+                raise UnsupportedError(f"serving: {where} %{v.name}: {v.type} has no symbolic sequence dim 1; "
+                                       "serving needs every input and output laid out [B, T, ...]")
+            if T is None:
+                T = v.type.shape[1]
+            elif v.type.shape[1] != T:
+                raise UnsupportedError(f"serving: {where} %{v.name}: {v.type} has sequence dim {v.type.shape[1]}, "
+                                       f"other inputs/outputs have {T}")
+        for node in g.nodes:
+            why = None
+            if node.op == "tri_solve":
+                why = "a triangular solve with explicit T x T weights has no incremental form"
+            elif node.op == "attention" and not node.attrs["causal"]:
+                why = "non-causal attention reads future positions"
+            elif node.op == "conv1d":
+                why = "a general conv1d over time may read future positions (only causal_conv1d is served)"
+            if why:
+                raise UnsupportedError(f"serving: op '{node.op}' (%{node.outputs[0].name}): {why}; this module "
+                                       "has no compiled prefill/decode_step")
+
+    def _state_specs(self, node) -> dict:
+        name = node.outputs[0].name
+        if node.op == "attention":
+            k, v = node.inputs[1].type, node.inputs[2].type
+            (hkv, dk), (_, dv) = _static(node, 1, "seq"), _static(node, 2, "seq")
+            return {"k": StateSpec(f"{name}.k", (hkv, dk), to_torch(k.dtype), 2),
+                    "v": StateSpec(f"{name}.v", (hkv, dv), to_torch(v.dtype), 2)}
+        if node.op == "feedback":
+            return {"k_b": StateSpec(f"{name}.k_b", _static(node, 2, "seq"), to_torch(node.inputs[2].type.dtype), 1),
+                    "s": StateSpec(f"{name}.s", _static(node, 0, "seq"), to_torch(node.inputs[0].type.dtype), 1,
+                                   compute=True)}
+        if node.op == "scan":
+            din, n = _static(node, 2, "param")
+            return {"h": StateSpec(f"{name}.h", (din, n), to_torch(node.inputs[0].type.dtype), None, compute=True)}
+        if node.op == "causal_conv1d":
+            c, k = _static(node, 1, "param")
+            return {"x": StateSpec(f"{name}.x", (k - 1, c), to_torch(node.inputs[0].type.dtype), None)}
+        raise AssertionError(node.op)
+
+    # -- caches --------------------------------------------------------------------------------------------
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len: int | None = None) -> dict:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError(f"init_cache: batch_size must be a positive int, got {batch_size!r}")
+        if max_len is not None and (isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 0):
+            raise InputError(f"init_cache: max_len must be None or an int >= 0, got {max_len!r}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise InputError(f"init_cache: dtype must be None or a floating torch.dtype, got {dtype!r}")
+        params = [p for p in self.graph.params.values() if isinstance(p, torch.Tensor)]
+        if device is None:
+            device = params[0].device if params else torch.device("cpu")
+        cache = {"t": 0, "max_len": max_len}
+        cap = max_len if max_len is not None else 0
+        for specs in self.states.values():
+            for spec in specs.values():
+                dt = dtype or spec.dtype
+                if spec.compute:  # solved states and scan states feed every later step: solve precision
+                    dt = compute_dtype(dt)
+                cache[spec.key] = torch.zeros(spec.full_shape(batch_size, cap), dtype=dt, device=device)
+        return cache
+
+    def _check_cache(self, cache, batch: int, n: int, device=None) -> None:
+        if not isinstance(cache, dict) or "t" not in cache or "max_len" not in cache:
+            raise InputError(f"cache: expected the dict this compiled module's init_cache returns "
+                             f"(keys 't', 'max_len' and state tensors), got {type(cache).__name__}"
+                             + (f" with keys {sorted(map(str, cache))}" if isinstance(cache, dict) else ""))
+        for specs in self.states.values():
+            for spec in specs.values():
+                x = cache.get(spec.key)
+                if not isinstance(x, torch.Tensor):
+                    raise InputError(f"cache: state {spec.key!r} is missing (expected a tensor; was the cache made by "
+                                     "another module's init_cache?)")
+                if x.shape[0] != batch:
+                    raise InputError(f"cache: state {spec.key!r} has batch {x.shape[0]}, the input has batch {batch}")
+                if device is not None and x.device != device:
+                    raise InputError(f"cache: state {spec.key!r} is on {x.device}, the input on {device}; make the "
+                                     "cache with init_cache(..., device=...) on the input's device")
+                want = spec.full_shape(batch, x.shape[spec.seq] if spec.seq is not None else 0)
+                if tuple(x.shape) != want:
+                    raise InputError(f"cache: state {spec.key!r} has shape {tuple(x.shape)}, expected {want}")
+        t, max_len = cache["t"], cache["max_len"]
+        if max_len is not None and t + n > max_len:
+            raise CacheOverflowError(f"cache: {n} new position(s) after {t} cached would need {t + n} positions, "
+                                     f"but the cache holds max_len={max_len}; make it with a larger max_len")
+
+    def _reserve(self, cache: dict, need: int) -> None:
+        """Grow caches made with max_len=None (doubling) so that ``need`` positions fit."""
+        for specs in self.states.values():
+            for spec in specs.values():
+                if spec.seq is None:
+                    continue
+                x = cache[spec.key]
+                have = x.shape[spec.seq]
+                if have < need:
+                    if cache["max_len"] is not None:
+                        raise CacheOverflowError(f"cache: state {spec.key!r} holds {have} positions, "
+                                                 f"{need} are needed (max_len={cache['max_len']})")
+                    grown = x.new_zeros(spec.full_shape(x.shape[0], max(need, 2 * have)))
+                    grown.narrow(spec.seq, 0, have).copy_(x)
+                    cache[spec.key] = grown
+
+    # -- running ------------------------------------------------------------------------------------------
+    def _binding(self, inputs) -> dict:
+        """bind_symbols (every input's rank, dtype and shape checked), memoised per input signature."""
+        key = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else None for x in inputs)
+        binding = self._bindings.get(key)
+        if binding is None:
+            binding = bind_symbols(self.graph, inputs)
+            if len(self._bindings) < 64:
+                self._bindings[key] = binding
+        return binding
+
+    def _plan(self, binding: dict, device) -> list:
+        """The graph's nodes with symbolic attributes and literals resolved for one binding: per node
+        (kind, fn, operands, attrs, outputs, node); operands are Values or resolved literals."""
+        key = (tuple(sorted(binding.items())), str(device))
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        plan = []
+        for node in self.graph.nodes:
+            operands = [x if isinstance(x, Value) else resolve(x, binding) for x in node.inputs]
+            if node.op in STEPS:
+                specs = tuple((role, spec.key) for role, spec in self.states.get(node, {}).items())
+                plan.append((True, STEPS[node.op], operands, dict(node.attrs), node.outputs, node, specs))
+                continue
+            fn = IMPLS.get(node.op)
+            if fn is None:
+                raise IRError(f"op '{node.op}' has no eager implementation")
+            attrs = resolve(node.attrs, binding)
+            if node.op in FACTORIES or node.op == "fallback":
+                attrs["device"] = device
+            plan.append((False, fn, operands, attrs, node.outputs, node, ()))
+        if len(self._plans) < 64:
+            self._plans[key] = plan
+        return plan
+
+    def run(self, inputs: list, cache: dict, params=None) -> list:
+        """The outputs at the new positions (inputs [B, n, ...]) given ``cache`` (extended in place)."""
+        g = self.graph
+        params = g.params if params is None else params
+        binding = self._binding(inputs)
+        batch, n = int(inputs[0].shape[0]), int(inputs[0].shape[1])
+        if n == 0:
+            raise InputError("prefill/decode_step: the input has no positions (sequence length 0)")
+        self._check_cache(cache, batch, n, inputs[0].device)
+        t0 = int(cache["t"])
+        self._reserve(cache, t0 + n)
+        device = inputs[0].device
+        env: dict = dict(zip(g.inputs, inputs))
+        for name, v in g.param_values.items():
+            env[v] = params[name]
+        node = None
+        try:
+            with torch.no_grad():
+                for stateful, fn, operands, attrs, outputs, node, specs in self._plan(binding, device):
+                    args = [env[x] if isinstance(x, Value) else x for x in operands]
+                    if stateful:
+                        out = fn({role: cache[key] for role, key in specs}, t0, *args, **attrs)
+                    else:
+                        out = fn(*args, **attrs)
+                    if len(outputs) == 1:
+                        env[outputs[0]] = out
+                    else:
+                        if len(out) != len(outputs):
+                            raise IRError(f"op '{node.op}' produced {len(out)} outputs, "
+                                          f"the node declares {len(outputs)}")
+                        env.update(zip(outputs, out))
+        except SessaCompilerError:
+            raise
+        except Exception as e:  # name the op that failed, keep the original as the cause
+            outs = ", ".join("%" + v.name for v in node.outputs) if node is not None else "?"
+            raise SessaCompilerError(f"serving: op '{node.op if node else '?'}' ({outs}) failed at position {t0}: "
+                                     f"{type(e).__name__}: {e}") from e
+        cache["t"] = t0 + n
+        return [env[v] for v in g.outputs]
+
+    # -- prefill through the forward kernels ------------------------------------------------------------------
+    def state_sources(self) -> list:
+        """The values a prefill from an empty cache needs from the forward besides its outputs (the cached
+        ops' operands and the feedback's solved states); None when the forward cannot fill the cache (a scan:
+        its final state is no value of the graph)."""
+        if any(n.op == "scan" for n in self.states):
+            return None
+        out = []
+        for node in self.states:
+            if node.op == "attention":
+                out += [x for x in node.inputs[1:4] if isinstance(x, Value)]
+            elif node.op == "feedback":
+                out += [node.inputs[2], node.outputs[0]]
+            elif node.op == "causal_conv1d":
+                out.append(node.inputs[0])
+        seen, uniq = set(), []
+        for v in out:
+            if v not in seen:
+                seen.add(v)
+                uniq.append(v)
+        return uniq
+
+    def fill_from_forward(self, cache: dict, values: dict, n: int) -> None:
+        """Write the states of positions 0..n-1 into an empty cache from the forward's values (Value -> tensor)."""
+        self._reserve(cache, n)
+        with torch.no_grad():
+            for node, specs in self.states.items():
+                if node.op == "attention":
+                    k, v = values[node.inputs[1]], values[node.inputs[2]]
+                    if node.attrs.get("rope"):
+                        k = _rotate_at(k, values[node.inputs[3]], 0)
+                    K, V = cache[specs["k"].key], cache[specs["v"].key]
+                    K[:, :, :n] = k.transpose(1, 2).to(K.dtype)
+                    V[:, :, :n] = v.transpose(1, 2).to(V.dtype)
+                elif node.op == "feedback":
+                    cache[specs["k_b"].key][:, :n] = values[node.inputs[2]].to(cache[specs["k_b"].key].dtype)
+                    cache[specs["s"].key][:, :n] = values[node.outputs[0]].to(cache[specs["s"].key].dtype)
+                elif node.op == "causal_conv1d":
+                    past = cache[specs["x"].key]
+                    keep = past.shape[1]
+                    if keep:
+                        x = values[node.inputs[0]]
+                        xx = torch.cat([past.new_zeros((x.shape[0], keep, x.shape[2])), x.to(past.dtype)], dim=1)
+                        past.copy_(xx[:, xx.shape[1] - keep:])
+        cache["t"] = n
+
+    # -- the numerical check of the position-wise assumption ----------------------------------------------------
+    def check(self, example_inputs, params=None) -> None:
+        """Prefill + decode + chunked prefill must equal the full forward (see the module docstring)."""
+        from .backends.eager import run_graph
+
+        if self.checked:
+            return
+        gen = torch.Generator().manual_seed(0)
+        xs = []
+        for x in example_inputs:
+            idx = torch.randint(0, x.shape[1], (CHECK_LEN,), generator=gen).to(x.device)
+            y = x.index_select(1, idx)
+            if y.is_floating_point():
+                noise = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device, y.dtype)
+                y = y + noise * (x.float().std().item() if x.numel() > 1 else 1.0)
+            xs.append(y)
+        params = self.graph.params if params is None else params
+        with torch.no_grad():
+            full = run_graph(self.graph, xs, params)
+            cache = self.init_cache(int(xs[0].shape[0]), device=xs[0].device, max_len=CHECK_LEN)
+            parts = []
+            for a, b in ((0, CHECK_PREFILL), (CHECK_PREFILL, CHECK_PREFILL + 1), (CHECK_PREFILL + 1, CHECK_LEN)):
+                parts.append(self.run([x[:, a:b] for x in xs], cache, params))
+        for i, ref in enumerate(full):
+            got = torch.cat([p[i] for p in parts], dim=1)
+            err = relative_error(got, ref)
+            tol = TOLERANCE.get(ref.dtype, 0.0)
+            if not err <= tol:
+                raise UnsupportedError(
+                    f"serving: the incremental form of this graph differs from its full forward at output {i} "
+                    f"(%{self.graph.outputs[i].name}): relative error {err:.3e} > {tol:.0e} (prefill {CHECK_PREFILL}, "
+                    f"one decode step, prefill {CHECK_LEN - CHECK_PREFILL - 1} on {CHECK_LEN} positions). "
+                    "Some op outside attention/feedback/scan/causal_conv1d/rope depends on absolute position or "
+                    "mixes positions (a reduction over time, positions from arange(T) not folded into RoPE); this "
+                    "module has no compiled prefill/decode_step")
+        self.checked = True
+
+
+# -- the compiled module's methods -----------------------------------------------------------------------------
+class Serving:
+    """The serving methods of one CompiledModule (bound to it; created on first use)."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+        self.programs: dict = {}  # id(graph) -> ServingProgram
+        self.forward_runners: dict = {}  # id(graph) -> (backend runner of the forward with state outputs, extras)
+
+    @property
+    def original(self):
+        return self.compiled._original
+
+    def _program(self, example=None) -> ServingProgram:
+        c = self.compiled
+        if c._traced is None:
+            if example is None:
+                raise TraceError(f"compiled {type(self.original).__name__}: not traced yet; call it once, pass "
+                                 "example_inputs to compile(), or call prefill first")
+            c._trace(tuple(x.contiguous() for x in example), {})  # a strided example trips torch.export lowering
+        graph = c._traced.graph
+        prog = self.programs.get(id(graph))
+        if prog is None:
+            prog = self.programs[id(graph)] = ServingProgram(graph)
+        if not prog.checked:
+            prog.check(getattr(graph, "example_inputs", None) or example, graph.params)
+        return prog
+
+    def init_cache(self, batch_size: int, device=None, dtype=None, max_len: int | None = None) -> dict:
+        if self.compiled._traced is None:
+            # allocated at the first prefill, when the graph (and so the state shapes) are known
+            return {"t": 0, "max_len": max_len, "_pending": (batch_size, device, dtype)}
+        return self._program().init_cache(batch_size, device=device, dtype=dtype, max_len=max_len)
+
+    def _materialise(self, cache, prog: ServingProgram) -> dict:
+        if isinstance(cache, dict) and "_pending" in cache:
+            batch, device, dtype = cache.pop("_pending")
+            cache.update(prog.init_cache(batch, device=device, dtype=dtype, max_len=cache["max_len"]))
+        return cache
+
+    def _inputs(self, args, what: str) -> list:
+        if not args or not all(isinstance(a, torch.Tensor) for a in args):
+            raise InputError(f"{what}: expected tensor inputs, got {[type(a).__name__ for a in args]}")
+        return list(args)
+
+    def _no_keywords(self, what: str, kwargs: dict) -> None:
+        if kwargs:
+            raise InputError(f"compiled {what}: keyword arguments ({', '.join(sorted(kwargs))}) are not taken; the "
+                             f"compiled {what} runs the step derived from the forward, whatever kernel options the "
+                             "original offers")
+
+    def prefill(self, *args, **kwargs):
+        """prefill(x, cache) -> (y, cache): the outputs at x's positions, after those already cached."""
+        self._no_keywords("prefill", kwargs)
+        if len(args) < 2:
+            raise InputError(f"prefill takes (inputs..., cache), got {len(args)} argument(s)")
+        *xs, cache = args
+        xs = self._inputs(xs, "prefill")
+        prog = self._program(tuple(xs))
+        cache = self._materialise(cache, prog)
+        outs = self._prefill_by_forward(prog, xs, cache)
+        if outs is None:
+            outs = prog.run(xs, cache)
+        return pytree.tree_unflatten(outs, self.compiled._traced.out_spec), cache
+
+    def _prefill_by_forward(self, prog: ServingProgram, xs: list, cache) -> list | None:
+        """From an empty cache on a kernel backend: run the forward kernels on a copy of the graph that also
+        returns the values the cache needs, then write them into the cache. None where this does not apply
+        (eager backend, a non-empty cache, a scan in the graph): the derived step runs instead."""
+        c = self.compiled
+        if c._backend.name == "eager" or not isinstance(cache, dict) or cache.get("t") != 0:
+            return None
+        sources = prog.state_sources()
+        if sources is None:
+            return None
+        batch, n = int(xs[0].shape[0]), int(xs[0].shape[1])
+        if n == 0:
+            return None
+        prog._binding(xs)                  # the input checks
+        prog._check_cache(cache, batch, n, xs[0].device)
+        entry = self.forward_runners.get(id(prog.graph))
+        if entry is None:
+            graph = prog.graph
+            wide = graph.clone()
+            wide.params = graph.params
+            wide.example_inputs = getattr(graph, "example_inputs", None)
+            extra = [v for v in sources if v.kind == "node" and v not in graph.outputs]
+            wide.outputs = [wide.value(v.name) for v in list(graph.outputs) + extra]
+            entry = self.forward_runners[id(graph)] = (c._backend.prepare(wide), extra)
+        runner, extra = entry
+        with torch.no_grad():
+            outs = list(runner(list(xs), prog.graph.params))
+        g = prog.graph
+        values = dict(zip(g.outputs, outs[:len(g.outputs)]))
+        values.update(zip(extra, outs[len(g.outputs):]))
+        values.update(zip(g.inputs, xs))
+        values.update({v: g.params[name] for name, v in g.param_values.items()})
+        prog.fill_from_forward(cache, values, n)
+        return outs[:len(g.outputs)]
+
+    def decode_step(self, *args, **kwargs):
+        """decode_step(x_t, cache) -> (y_t, cache); x_t without the sequence dim gives y_t without it."""
+        self._no_keywords("decode_step", kwargs)
+        if len(args) < 2:
+            raise InputError(f"decode_step takes (inputs..., cache), got {len(args)} argument(s)")
+        *xs, cache = args
+        xs = self._inputs(xs, "decode_step")
+        c = self.compiled
+        if c._traced is not None:
+            squeeze = xs[0].dim() == c._traced.graph.inputs[0].type.rank - 1
+        else:  # not traced yet: (B, 1, ...) is one position with the sequence dim, anything else lacks it
+            squeeze = not (xs[0].dim() >= 2 and xs[0].shape[1] == 1)
+        if squeeze:
+            xs = [x[:, None] for x in xs]
+        elif xs[0].dim() < 2 or xs[0].shape[1] != 1:
+            raise InputError(f"decode_step: input 0 must be one position: shape (B, ...) without the sequence dim, "
+                             f"or (B, 1, ...); got {tuple(xs[0].shape)}")
+        prog = self._program(tuple(xs))
+        cache = self._materialise(cache, prog)
+        outs = prog.run(xs, cache)
+        if squeeze:
+            outs = [o[:, 0] for o in outs]
+        return pytree.tree_unflatten(outs, c._traced.out_spec), cache
+
+    def generate(self, tokens: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
+        """Greedy decoding as Decoder.generate: tokens (B, T), T >= 1 -> (B, T + max_new_tokens)."""
+        from .models.decoder import Decoder
+
+        if not isinstance(self.original, Decoder):
+            raise UnsupportedError(f"generate is compiled for sessa_compiler.models.Decoder (greedy argmax); "
+                                   f"{type(self.original).__name__}.generate may decode otherwise and is not compiled")
+        if (not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] == 0
+                or tokens.is_floating_point()):
+            raise InputError(f"generate: tokens must be a non-empty integer tensor (B, T), got "
+                             f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise InputError(f"generate: max_new_tokens must be an int, got {max_new_tokens!r}")
+        if max_new_tokens <= 0:
+            return tokens
+        cache = self.init_cache(tokens.shape[0], device=tokens.device, max_len=tokens.shape[1] + max_new_tokens)
+        logits, cache = self.prefill(tokens, cache)
+        out = [tokens]
+        nxt = logits[:, -1].argmax(dim=-1)
+        for step in range(max_new_tokens):
+            out.append(nxt[:, None])
+            if step + 1 < max_new_tokens:
+                logits, cache = self.decode_step(nxt, cache)
+                nxt = logits.argmax(dim=-1)
+        return torch.cat(out, dim=1)
+
+
+def serving_method(compiled, name: str):
+    """The compiled ``name`` (one of SERVING_METHODS) when the original module defines it."""
+    if not callable(getattr(compiled._original, name, None)):
+        raise AttributeError(f"compiled {type(compiled._original).__name__} has no '{name}': the original module "
+                             f"defines none (serving methods are offered where the original has them)")
+    serving = compiled.__dict__.get("_serving")
+    if serving is None:
+        serving = compiled.__dict__["_serving"] = Serving(compiled)
+    return getattr(serving, name)

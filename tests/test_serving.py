@@ -1,0 +1,248 @@
+"""Serving: the compiled init_cache / prefill / decode_step / generate against the full forward.
+
+Models run in float64, so equality is checked at the spec's float64 tolerance (1e-10) at every position.
+Caches are poisoned with NaN before the first write, so a read of an unwritten slot shows.
+"""
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sessa_compiler as sc
+from model_helpers import randomize
+from sessa_compiler.errors import InputError, UnsupportedError
+from sessa_compiler.models import Decoder, MambaLayer, SessaLayer, TransformerLayer
+from sessa_compiler.serving import CacheOverflowError, ServingProgram
+from sessa_compiler.tolerance import TOLERANCE, relative_error
+
+TOL = TOLERANCE[torch.float64]
+
+MODELS = {
+    "sessa_gqa_rope": lambda: SessaLayer(32, n_heads=4, n_kv_heads=2),
+    "sessa_h1_norope": lambda: SessaLayer(16, n_heads=1, use_forward_rope=False),
+    "mamba": lambda: MambaLayer(16, d_state=4),
+    "transformer_gqa": lambda: TransformerLayer(32, n_heads=4, n_kv_heads=2),
+    "decoder_SMTS": lambda: Decoder(40, 32, "SMTS", n_heads=4, n_kv_heads=2, d_state=4),
+}
+
+
+def _input(name, B, T, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    if name.startswith("decoder"):
+        return torch.randint(0, 40, (B, T), generator=g)
+    D = 16 if name in ("sessa_h1_norope", "mamba") else 32
+    return torch.randn(B, T, D, generator=g, dtype=torch.float64)
+
+
+def _poison(cache):
+    """NaN in every position-indexed state slot (nothing is written yet)."""
+    for k, v in cache.items():
+        if isinstance(v, torch.Tensor) and k.endswith((".k", ".v", ".k_b", ".s")):
+            v.fill_(float("nan"))
+    return cache
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def compiled(request, one_thread):
+    name = request.param
+    model = randomize(MODELS[name]().double(), seed=3)
+    return name, model, sc.compile(model, backend="eager")
+
+
+def test_prefill_then_decode_equals_forward_at_every_position(compiled):
+    name, model, c = compiled
+    B, T, P = 2, 11, 4
+    x = _input(name, B, T)
+    with torch.no_grad():
+        full = model(x)
+    cache = _poison(c.init_cache(B, max_len=T))
+    y, cache = c.prefill(x[:, :P], cache)
+    assert relative_error(y, full[:, :P]) <= TOL
+    ref_cache = model.init_cache(B, max_len=T)
+    with torch.no_grad():
+        model.prefill(x[:, :P], ref_cache)
+    for t in range(P, T):
+        y_t, cache = c.decode_step(x[:, t], cache)          # without the sequence dim, as the original takes
+        with torch.no_grad():
+            r_t, ref_cache = model.decode_step(x[:, t], ref_cache)
+        assert y_t.shape == r_t.shape
+        assert relative_error(y_t, full[:, t]) <= TOL, f"position {t}"
+        assert relative_error(y_t, r_t) <= TOL, f"position {t} against the original's decode_step"
+    assert cache["t"] == T
+
+
+def test_chunked_prefill_and_length_one_steps(compiled):
+    """Prefill of one position, then chunks of 3 and 2 on a non-empty cache, then (B, 1, ...) steps."""
+    name, model, c = compiled
+    x = _input(name, 1, 9, seed=2)
+    with torch.no_grad():
+        full = model(x)
+    cache = _poison(c.init_cache(1))    # max_len=None: grows
+    outs = []
+    for a, b in ((0, 1), (1, 4), (4, 6), (6, 7), (7, 8), (8, 9)):
+        y, cache = (c.decode_step if b - a == 1 and a > 0 else c.prefill)(x[:, a:b], cache)
+        outs.append(y)
+    assert relative_error(torch.cat(outs, dim=1), full) <= TOL
+
+
+def test_generate_equals_repeated_full_forwards(one_thread):
+    model = randomize(Decoder(40, 32, "SMTS", n_heads=4, n_kv_heads=2, d_state=4), seed=5)
+    c = sc.compile(model, backend="eager")
+    prompt = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(0))
+    got = c.generate(prompt, 6)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(6):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(got, seq)
+    assert torch.equal(got, model.generate(prompt, 6))
+    assert torch.equal(c.generate(prompt, 0), prompt)
+
+
+def test_cache_overflow_is_an_error_before_any_write(one_thread):
+    model = randomize(SessaLayer(16, n_heads=2).double())
+    c = sc.compile(model, backend="eager")
+    x = torch.randn(1, 6, 16, dtype=torch.float64)
+    cache = c.init_cache(1, max_len=4)
+    with pytest.raises(CacheOverflowError, match="max_len=4"):
+        c.prefill(x[:, :5], cache)
+    assert cache["t"] == 0
+    _, cache = c.prefill(x[:, :3], cache)
+    _, cache = c.decode_step(x[:, 3], cache)
+    before = {k: v.clone() for k, v in cache.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(CacheOverflowError, match="4 cached would need 5 positions"):
+        c.decode_step(x[:, 4], cache)
+    assert cache["t"] == 4
+    assert all(cache[k].shape == v.shape and torch.equal(cache[k], v) for k, v in before.items())
+
+
+def test_bad_caches_and_inputs_are_clear_errors(one_thread):
+    model = randomize(SessaLayer(16, n_heads=2).double())
+    c = sc.compile(model, backend="eager")
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    with pytest.raises(InputError, match="batch 1, the input has batch 2"):
+        c.prefill(x, c.init_cache(1))
+    with pytest.raises(InputError, match="expected the dict this compiled module's init_cache returns"):
+        c.prefill(x, model.init_cache(2))          # the original's layout is not the compiled one
+    with pytest.raises(InputError, match="one position"):
+        c.decode_step(x, c.init_cache(2))
+    with pytest.raises(InputError, match="keyword arguments"):
+        c.decode_step(x[:, 0], c.init_cache(2), use_flash_decode=True)
+    with pytest.raises(InputError, match="batch_size must be a positive int"):
+        c.init_cache(0)
+    with pytest.raises(InputError, match="dtype"):
+        c.prefill(x.float(), c.init_cache(2))
+
+
+def test_serving_methods_follow_the_original():
+    class NoServing(nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    c = sc.compile(NoServing(), backend="eager")
+    with pytest.raises(AttributeError, match="defines none"):
+        c.decode_step
+    assert not hasattr(c, "init_cache")
+    c2 = sc.compile(SessaLayer(16), backend="eager")
+    with pytest.raises(AttributeError, match="defines none"):
+        c2.generate
+
+    class OtherGenerate(NoServing):
+        def generate(self, tokens, n):
+            return tokens
+
+    with pytest.raises(UnsupportedError, match="Decoder"):
+        sc.compile(OtherGenerate(), backend="eager").generate(torch.zeros(1, 2, dtype=torch.long), 1)
+
+
+class MeanOverTime(nn.Module):
+    """Mixes positions with an op that is not a recognised sequence op: no incremental form exists."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x) + x.cumsum(dim=1)
+
+    def decode_step(self, x_t, cache):  # the compiled one must refuse, not derive a wrong step
+        raise NotImplementedError
+
+
+def test_position_mixing_outside_the_sequence_ops_is_refused():
+    c = sc.compile(MeanOverTime(), backend="eager")
+    x = torch.randn(1, 4, 8)
+    c(x)
+    with pytest.raises(UnsupportedError, match="differs from its full forward"):
+        c.decode_step(x[:, 0], {"t": 0, "max_len": None})
+
+
+def _serve_by_program(model, seed=4):
+    """Prefill 3 then decode 5 positions with the ServingProgram of the compiled forward (for modules that
+    define no decode_step of their own); -> relative error against the full forward."""
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        full = model(x)
+    c = sc.compile(model, (x,), backend="eager")
+    prog = ServingProgram(c.graph)
+    cache = _poison(prog.init_cache(2, max_len=8))
+    outs = [prog.run([x[:, :3]], cache)[0]] + [prog.run([x[:, t:t + 1]], cache)[0] for t in range(3, 8)]
+    return relative_error(torch.cat(outs, dim=1), full)
+
+
+def test_an_independently_written_style_is_served(one_thread):
+    from styles.complex_rope_style import ComplexRopeSessaLayer
+
+    assert _serve_by_program(randomize(ComplexRopeSessaLayer(32, n_heads=4, n_kv_heads=2))) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.skipif(not os.environ.get("SESSA_REFERENCE_DIR"),
+                    reason="set SESSA_REFERENCE_DIR to the directory holding the public reference's sessa.py "
+                           "(not shipped with this repository)")
+def test_public_reference_layer_is_served(one_thread):
+    sys.path.insert(0, os.environ["SESSA_REFERENCE_DIR"])
+    from sessa import SessaLayer as RefLayer
+
+    model = randomize(RefLayer(32, n_heads=4, n_kv_heads=2))
+    c = sc.compile(model, backend="eager")
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = model(x)
+    cache = _poison(c.init_cache(2, max_len=8))
+    outs = [c.prefill(x[:, :3], cache)[0]] + [c.decode_step(x[:, t], cache)[0][:, None] for t in range(3, 8)]
+    assert relative_error(torch.cat(outs, dim=1), full) <= TOLERANCE[torch.float32]
+
+
+def test_lower_precision_caches(one_thread):
+    """init_cache(dtype=bfloat16) for a float32 model: keys, values and feedback keys in bf16, solved states
+    in float32; the result is within the spec's half-type tolerance of the full forward (not float32's)."""
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2))
+    c = sc.compile(model, backend="eager")
+    x = torch.randn(1, 9, 32, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        full = model(x)
+    cache = c.init_cache(1, dtype=torch.bfloat16, max_len=9)   # not traced yet: allocated at the first prefill
+    outs = [c.prefill(x[:, :4], cache)[0]] + [c.decode_step(x[:, t:t + 1], cache)[0] for t in range(4, 9)]
+    assert cache["attention.k"].dtype == torch.bfloat16 and cache["feedback.s"].dtype == torch.float32
+    err = relative_error(torch.cat(outs, dim=1), full)
+    assert 0 < err <= TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", ["tvm", "triton"])
+def test_prefill_runs_the_forward_kernels_and_fills_the_cache(backend, one_thread):
+    """On a kernel backend, a prefill from an empty cache runs the backend's forward (with the values the cache
+    needs as extra outputs) and fills the poisoned cache from them; the decode steps after it read only that."""
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2), seed=4)
+    x = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(5))
+    c = sc.compile(model, (x[:, :5].contiguous(),), backend=backend)
+    with torch.no_grad():
+        full = model(x)
+    cache = _poison(c.init_cache(2, max_len=11))
+    y, cache = c.prefill(x[:, :6], cache)
+    assert len(c._serving.forward_runners) == 1      # the kernel path ran, not the derived step
+    outs = [y] + [c.decode_step(x[:, t:t + 1], cache)[0] for t in range(6, 11)]
+    assert relative_error(torch.cat(outs, dim=1), full) <= TOLERANCE[torch.float32]
