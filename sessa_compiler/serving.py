@@ -492,7 +492,7 @@ class Serving:
 
     @property
     def original(self):
-        return self.compiled._original
+        return self.compiled.original
 
     def _program(self, example=None) -> ServingProgram:
         c = self.compiled
@@ -634,8 +634,8 @@ class Serving:
 
 def serving_method(compiled, name: str):
     """The compiled ``name`` (one of SERVING_METHODS) when the original module defines it."""
-    if not callable(getattr(compiled._original, name, None)):
-        raise AttributeError(f"compiled {type(compiled._original).__name__} has no '{name}': the original module "
+    if not callable(getattr(compiled.original, name, None)):
+        raise AttributeError(f"compiled {type(compiled.original).__name__} has no '{name}': the original module "
                              f"defines none (serving methods are offered where the original has them)")
     serving = compiled.__dict__.get("_serving")
     if serving is None:
