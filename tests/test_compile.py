@@ -138,3 +138,14 @@ def test_inputs_are_not_modified(sessa):
     keep = x.clone()
     c(x)
     assert torch.equal(x, keep)
+
+
+def test_a_non_contiguous_first_input_traces_and_later_layouts_run():
+    """The first call's strides (a slice of a longer batch) must not become part of the traced graph."""
+    m = SessaLayer(32, n_heads=4, n_kv_heads=2).eval()
+    compiled = sc.compile(m, backend="eager")
+    x = torch.randn(2, 11, 32)[:, :4]
+    with torch.no_grad():
+        assert relative_error(compiled(x), m(x)) <= 1e-5
+        y = torch.randn(7, 3, 32).transpose(0, 1)   # another layout, another size
+        assert relative_error(compiled(y), m(y)) <= 1e-5

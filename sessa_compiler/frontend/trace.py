@@ -36,7 +36,10 @@ def _dynamic_dims(x: torch.Tensor) -> dict:
 
 
 def _grow(x: torch.Tensor) -> torch.Tensor:
-    """torch.export specialises dims of size 0 or 1: trace on a copy grown to size >= 2 there."""
+    """torch.export specialises dims of size 0 or 1: trace on a copy grown to size >= 2 there. The copy is
+    contiguous: the example's strides (a slice of a longer sequence, a transposed view) must not become
+    symbols of the graph, which serves inputs of any layout."""
+    x = x.contiguous()
     for d in range(min(x.dim(), 2)):
         if x.shape[d] < 2:
             reps = [1] * x.dim()
