@@ -34,7 +34,7 @@ import sessa_compiler as sc  # noqa: E402
 from sessa_compiler.backends import get_backend  # noqa: E402
 from sessa_compiler.models import SessaLayer  # noqa: E402
 from sessa_compiler.tune.cache import cpu_model  # noqa: E402
-from tests.test_fuzz import SPEC_TOL, oracle, rel_err  # noqa: E402
+from tests.test_fuzz import SPEC_TOL, oracle, random_weights as random_params, rel_err  # noqa: E402
 
 EDGE_T = [1, 2, 3, 5, 7, 13, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97, 127, 128, 129]
 DTYPES = {"f64": torch.float64, "f32": torch.float32, "bf16": torch.bfloat16}
@@ -54,26 +54,6 @@ def draw_case(rng: random.Random, max_T: int) -> dict:
     return dict(T=T, B=rng.choice([1, 2, 3]),
                 gamma_bias=rng.choice([-30.0, -8.0, 0.0, 8.0, 30.0, rng.uniform(-6, 6)]),
                 scale=rng.choice([0.5, 1.0, 2.0, 3.0]), x_scale=rng.choice([1.0, 4.0]), seed=rng.randrange(2**16))
-
-
-def random_params(graph, seed: int, scale: float, gamma_bias: float) -> dict:
-    gen = torch.Generator().manual_seed(seed)
-    out = {}
-    for key, p in graph.params.items():
-        if key == "mixer.rope_inv_freq":
-            out[key] = p.detach().clone()
-            continue
-        noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-        if key == "mixer.gamma_bias":
-            v = torch.tensor(float(gamma_bias), dtype=torch.float64)
-        elif key == "ln.weight":
-            v = (1 + 0.2 * noise) * scale
-        elif p.dim() == 2:
-            v = 1.5 * noise / math.sqrt(p.shape[1]) * scale
-        else:
-            v = 0.2 * noise * scale
-        out[key] = v.to(p.dtype)
-    return out
 
 
 def run(args) -> list:

@@ -234,8 +234,6 @@ def test_lower_precision_caches(one_thread):
 def test_prefill_runs_the_forward_kernels_and_fills_the_cache(backend, one_thread):
     """On a kernel backend, a prefill from an empty cache runs the backend's forward (with the values the cache
     needs as extra outputs) and fills the poisoned cache from them; the decode steps after it read only that."""
-    if backend == "tvm":
-        pytest.importorskip("tvm")
     model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2), seed=4)
     x = torch.randn(2, 11, 32, generator=torch.Generator().manual_seed(5))
     c = sc.compile(model, (x[:, :5].contiguous(),), backend=backend)

@@ -1,5 +1,6 @@
 """The serving step exported to ONNX (method="decode_step") and run in onnxruntime with numpy only."""
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -8,8 +9,6 @@ from model_helpers import randomize
 from sessa_compiler.errors import InputError, UnsupportedError
 from sessa_compiler.models import Decoder, SessaLayer
 from sessa_compiler.tolerance import TOLERANCE, relative_error
-
-ort = pytest.importorskip("onnxruntime")
 
 
 def generate_numpy(path, prompt, max_new_tokens):
@@ -116,7 +115,6 @@ def _load_runtime_by_path(path):
 
 
 def test_tvm_decode_step_export_generates_like_the_model(tmp_path, one_thread):
-    pytest.importorskip("tvm")
     model = randomize(Decoder(40, 32, "SMTS", n_heads=4, n_kv_heads=2, d_state=4), seed=8)
     path = sc.export_tvm(model, (torch.zeros(1, dtype=torch.long),), str(tmp_path / "dec"), method="decode_step")
     rt = _load_runtime_by_path(path)
