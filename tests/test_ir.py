@@ -134,3 +134,18 @@ def test_round_trip_property(shape, dtype, literal, dim):
     got = back.nodes[0].inputs[1]
     assert got == literal or (isinstance(got, sympy.Basic) and float(got) == literal)
     assert back.value("x").type.same_as(t)
+
+
+def test_every_op_has_eager_semantics_after_importing_the_package_alone():
+    """Each IR op means something on the eager backend as soon as sessa_compiler is imported: the blocked and
+    fused forms too (they used to be registered only when the Triton backend was imported)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sessa_compiler\n"
+            "from sessa_compiler.ir.ops import OPS\n"
+            "from sessa_compiler.backends.eager import IMPLS\n"
+            "print(sorted(op for op in OPS if op not in IMPLS), 'triton' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[0] == "[] False", out.stdout

@@ -16,6 +16,8 @@ from ..errors import InputError, IRError, SessaCompilerError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import ArgRef
 from ..ir.types import DType, eval_dim
+from ..ir.ops_fused import parse_body
+from ..semantics import chunked
 from .reference import attention_ref, feedback_ref, rope_ref, scan_ref, tri_solve_ref
 
 Impl = Callable[..., object]
@@ -59,6 +61,18 @@ def _feedback(f, q_b, k_b, gamma, *, scale):
 @impl("tri_solve")
 def _tri_solve(A, b, *, upper, unitriangular):
     return tri_solve_ref(A, b, upper, unitriangular)
+
+
+# the blocked forms passes introduce (ir/ops_chunked.py), defined in semantics/chunked.py
+IMPLS.update({"feedback_lse": chunked.feedback_lse, "feedback_diag_inverse": chunked.feedback_diag_inverse,
+              "feedback_chunked": chunked.feedback_chunked, "scan_chunked": chunked.scan_chunked})
+
+
+@impl("fused")
+def _fused(*operands, group, kernel, body, bytes_saved=None):
+    """A fused group (ir/ops_fused.py) means its body's ops, one by one."""
+    outs = run_graph(parse_body(body), list(operands), {})
+    return tuple(outs) if len(outs) != 1 else outs[0]
 
 
 @impl("scan")

@@ -1,8 +1,7 @@
 """The Triton backend: chunked/fused IR -> generated Triton kernels for attention, feedback and scan.
 
 Importing this package does not import triton; ``TritonBackend`` does (lazily, via get_backend).
-``blocked_ref`` (torch implementations of the blocked ops, registered into the eager backend) needs
-only torch.
+The blocked ops' meaning lives in ``sessa_compiler/semantics/``, which the eager backend runs.
 """
 
 

@@ -22,7 +22,6 @@ from ...ir.graph import Graph, Node
 from ...ir.ops import CORE, OPS
 from ...passes.pipeline import run_pipeline
 from ..eager import bind_symbols, run_node
-from . import blocked_ref  # noqa: F401  (torch implementations of the blocked ops, for eager and fp64)
 from .attention import generate_attention, launch_attention
 from .codegen import KERNEL_CACHE, KernelSource
 from .feedback import generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse, launch_lse, launch_solve

@@ -20,22 +20,11 @@ from ...errors import UnsupportedError
 from ...ir.graph import Node, Value
 from ...ir.ops_fused import classify, parse_body, row_space
 from ...ir.types import format_dim
-from ..eager import IMPLS, run_graph
 from .codegen import AOT_POINTER, TRITON_DTYPE, KernelSource, next_pow2
 
 FUSED_DTYPES = ("f32", "f16", "bf16")
 TILE_ELEMENTS = 4096   # elements of one program's tile (registers); BLOCK_R = TILE_ELEMENTS / BLOCK_N
 MAX_BLOCK_R = 64
-
-
-def _eager_fused(*operands, group, kernel, body, bytes_saved=None):
-    """The definition: the body's ops one by one on the eager backend."""
-    g = parse_body(body)
-    outs = run_graph(g, list(operands), {})
-    return tuple(outs) if len(outs) != 1 else outs[0]
-
-
-IMPLS["fused"] = _eager_fused
 
 
 # -- code generation -------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""Eager (torch) implementations of the blocked core ops of ir/ops_chunked.py.
+"""The meaning of the blocked core ops of ir/ops_chunked.py, in plain torch.
 
-Registered into ``sessa_compiler.backends.eager.IMPLS`` on import, so a chunked graph runs on the
-eager backend and chunking is validated independently of Triton. They follow the blocked algorithm
+The eager backend runs them (``backends/eager.py`` registers them), so a chunked graph runs on eager
+and chunking is validated independently of Triton. They follow the blocked algorithm
 (chunk by chunk, no T x T tensor) but use torch's triangular solve for the diagonal blocks: the
 Triton kernels invert those blocks differently (repeated squaring), so the two check each other.
 """
@@ -11,8 +11,7 @@ import math
 
 import torch
 
-from ..eager import IMPLS
-from ..reference import compute_dtype
+from ..backends.reference import compute_dtype
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
@@ -102,7 +101,3 @@ def scan_chunked(u, delta, A, B, C, D, *, chunk_size: int) -> torch.Tensor:
     return y.to(u.dtype)
 
 
-IMPLS["feedback_lse"] = feedback_lse
-IMPLS["feedback_diag_inverse"] = feedback_diag_inverse
-IMPLS["feedback_chunked"] = feedback_chunked
-IMPLS["scan_chunked"] = scan_chunked
