@@ -168,7 +168,12 @@ def _progress(what: str, show: bool = True):
 
 def _being_traced(args, kwargs) -> bool:
     """Whether torch.compile (dynamo) or torch.export is tracing this call (fake or symbolic inputs)."""
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    # is_dynamo_compiling() is True only while dynamo traces this code (it folds the call) and False when the code
+    # runs, so it is thread-safe; torch.compiler.is_compiling()/is_exporting() are process-wide flags that an export
+    # in another thread (the first call tracing this module) sets, and would send this thread's call to the
+    # original module in the middle of that export. torch.export hands forward fake tensors: detect_fake_mode finds
+    # them (it looks at the inputs and at this thread's state only).
+    if torch.compiler.is_dynamo_compiling():
         return True
     from torch._guards import detect_fake_mode
 

@@ -252,3 +252,25 @@ def test_a_variadic_forward_traces_with_symbolic_sizes():
         with torch.no_grad():
             assert relative_error(c(a, b), m(a, b)) <= TOL
     assert len(c._variants) == 1
+
+
+def test_an_export_in_another_thread_does_not_divert_this_threads_calls(monkeypatch):
+    """torch.compiler.is_compiling()/is_exporting() are process-wide flags: while another thread exports (a first
+    call tracing a module), they are set for every thread. A call here must still run the compiled graph, not
+    the original module (which, mid-export, holds the export's fake parameters)."""
+    m = layer()
+    c = sc.compile(m, backend="eager")
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        want = m(x)
+        c(x)
+        calls = []
+        handle = m.register_forward_pre_hook(lambda *_: calls.append(1))
+        monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)
+        monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True)
+        try:
+            got = c(x)
+        finally:
+            handle.remove()
+    assert not calls   # the original module's forward did not run
+    assert relative_error(got, want) <= 1e-5

@@ -3,6 +3,7 @@ lowered to the IR, then the recognisers."""
 from __future__ import annotations
 
 import inspect
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -33,6 +34,9 @@ def _as_tuple(example_inputs) -> tuple:
 def _dynamic_dims(x: torch.Tensor) -> dict:
     # dim 0 is the batch, dim 1 the sequence: the two sizes a Sessa model is used at many values of
     return {d: Dim.AUTO for d in range(min(x.dim(), 2))}
+
+
+_EXPORT_LOCK = threading.RLock()
 
 
 def _grow(x: torch.Tensor) -> torch.Tensor:
@@ -104,7 +108,9 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
     else:
         dynamic = tuple(_dynamic_dims(a) for a in traced_args)
     try:
-        with warnings.catch_warnings(), _quiet_torch_logs():
+        # torch.export keeps process-wide state (its exporting flag, the swapped-in fake parameters of the module,
+        # the warning filters and the stderr redirection here): one export at a time in this process
+        with _EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs():
             warnings.simplefilter("ignore")
             # guards on sizes become runtime assertions in the graph (or ranges), not silent specialisations:
             # they are recorded as the traced graph's guards (see Guard)
