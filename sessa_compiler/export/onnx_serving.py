@@ -171,10 +171,6 @@ def _onnx(dtype: str) -> int:
 
 def build_step_model(prog, squeeze: bool, cache: dict, *, opset: int):
     """The decode step of ``prog`` (a ServingProgram) as an onnx.ModelProto; ``cache`` gives the dtypes."""
-    from onnx import helper
-
-    from .. import __version__
-
     graph = prog.graph
     if len(graph.inputs) != 1:
         raise UnsupportedError(f"export_onnx(method='decode_step'): the forward takes {len(graph.inputs)} tensor "
@@ -216,19 +212,8 @@ def build_step_model(prog, squeeze: bool, cache: dict, *, opset: int):
         o = L.names[v]
         b.op("Squeeze" if squeeze else "Identity", *([o, b.i64(1)] if squeeze else [o]), outputs=[name])
         outputs.append(value_info(name, v.type.dtype.name, [B_SYM] + ([] if squeeze else [1]) + list(v.type.shape[2:])))
-    for key in order:
-        name = b.names.fresh(key + ".new")
-        b.op("Identity", step.caches_out[key], outputs=[name])
-        spec = next(s for specs in prog.states.values() for s in specs.values() if s.key == key)
-        cshape = [B_SYM] + [P_SYM + 1 if (spec.seq is not None and i + 1 == spec.seq) else s
-                            for i, s in enumerate(list(cache[key].shape[1:]))]
-        outputs.append(value_info(name, dtypes[key], cshape))
-    g = b.graph(graph.name + "_decode_step", inputs, outputs)
-    opsets = [helper.make_opsetid("", opset)]
-    model = helper.make_model(g, opset_imports=opsets, producer_name="sessa_compiler", producer_version=__version__,
-                              doc_string=f"decode_step of {graph.name}, exported by sessa_compiler")
-    model.ir_version = max(8, helper.find_min_ir_version_for(opsets))
-    return model, order
+    _cache_outputs(b, prog, cache, order, dtypes, [step.caches_out[key] for key in order], P_SYM + 1, outputs)
+    return _model(b.graph(graph.name + "_decode_step", inputs, outputs), opset, f"decode_step of {graph.name}"), order
 
 
 def _cache_inputs(b, prog, cache, inputs: list):
@@ -244,6 +229,27 @@ def _cache_inputs(b, prog, cache, inputs: list):
     return names, dtypes, order
 
 
+def _cache_outputs(b, prog, cache, order, dtypes, values, length, outputs: list) -> None:
+    """Declare the updated caches as graph outputs ``<key>.new``, in the cache inputs' order."""
+    for key, value in zip(order, values):
+        name = b.names.fresh(key + ".new")
+        b.op("Identity", value, outputs=[name])
+        spec = next(sp for specs in prog.states.values() for sp in specs.values() if sp.key == key)
+        outputs.append(value_info(name, dtypes[key], _cache_shape(spec, cache[key], length)))
+
+
+def _model(graph, opset: int, what: str):
+    from onnx import helper
+
+    from .. import __version__
+
+    opsets = [helper.make_opsetid("", opset)]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="sessa_compiler", producer_version=__version__,
+                              doc_string=f"{what}, exported by sessa_compiler")
+    model.ir_version = max(8, helper.find_min_ir_version_for(opsets))
+    return model
+
+
 def _cache_shape(spec, t, length) -> list:
     return [B_SYM] + [length if (spec.seq is not None and i + 1 == spec.seq) else s
                       for i, s in enumerate(list(t.shape[1:]))]
@@ -252,9 +258,6 @@ def _cache_shape(spec, t, length) -> list:
 def build_prefill_model(prog, cache: dict, *, opset: int):
     """prefill(x, cache) -> (y, cache) as an onnx.ModelProto: an ONNX Loop over x's positions whose body is the
     decode step (the caches are its loop-carried values), so a prompt is one call on any cache."""
-    from onnx import helper
-
-    from .. import __version__
     from ..serving import STATEFUL
 
     graph = prog.graph
@@ -300,17 +303,8 @@ def build_prefill_model(prog, cache: dict, *, opset: int):
         rank = v.type.rank
         b.op("Transpose", b.op("Squeeze", stacked, b.i64(2)), perm=[1, 0] + list(range(2, rank)), outputs=[name])
         outputs.append(value_info(name, v.type.dtype.name, [B_SYM, sympy.Symbol("T")] + list(v.type.shape[2:])))
-    for key, o in zip(order, outs[:len(order)]):
-        name = b.names.fresh(key + ".new")
-        b.op("Identity", o, outputs=[name])
-        spec = next(sp for specs in prog.states.values() for sp in specs.values() if sp.key == key)
-        outputs.append(value_info(name, dtypes[key], _cache_shape(spec, cache[key], P_SYM + sympy.Symbol("T"))))
-    gm = b.graph(graph.name + "_prefill", inputs, outputs)
-    opsets = [helper.make_opsetid("", opset)]
-    model = helper.make_model(gm, opset_imports=opsets, producer_name="sessa_compiler", producer_version=__version__,
-                              doc_string=f"prefill of {graph.name}, exported by sessa_compiler")
-    model.ir_version = max(8, helper.find_min_ir_version_for(opsets))
-    return model, order
+    _cache_outputs(b, prog, cache, order, dtypes, outs[:len(order)], P_SYM + sympy.Symbol("T"), outputs)
+    return _model(b.graph(graph.name + "_prefill", inputs, outputs), opset, f"prefill of {graph.name}"), order
 
 
 def validate_prefill(sess, module, x, cache, order, prog) -> list:
