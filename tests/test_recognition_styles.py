@@ -16,10 +16,8 @@ against LAPACK on every backend and export (lower, upper, unit diagonal, from th
 """
 from __future__ import annotations
 
-import math
 import types
 
-import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
@@ -31,7 +29,7 @@ from sessa_compiler.models import SessaLayer
 from model_helpers import randomize
 from styles.bmm_where_style import BmmWhereSessaLayer
 from styles.complex_rope_style import ComplexRopeSessaLayer
-from styles.finfo_buffer_style import FinfoBufferSessaLayer, FinfoMixer
+from styles.finfo_buffer_style import FinfoBufferSessaLayer
 from styles.index_assign_style import IndexAssignSessaLayer
 from test_styles import spec_sessa_layer
 

@@ -554,13 +554,13 @@ def _try_feedback(g, A, n, mat, qs, ks, fs, gs, width, chain_scale, report) -> b
         why = (f"its logits are scaled by {chain_scale:.6g}, but Sessa's feedback scales q_b . k_b by "
                f"1/sqrt(D) = {sessa_scale:.6g}")
     else:
-        why = _diagnose_feedback(g, A, n, mat, srcs)
+        why = _diagnose_feedback(g, n, mat, srcs)
     report.rejected.append(f"feedback candidate at {where}: not Sessa's feedback: {why}; it is solved as a general "
                            "triangular system instead (see tri_solve)")
     return False
 
 
-def _diagnose_feedback(g, A, n, mat, srcs) -> str:
+def _diagnose_feedback(g, n, mat, srcs) -> str:
     """Why a solve's weights are not gamma[t] * softmax_{j<t}(...): checked on random inputs, in words."""
     from ..backends.eager import run_graph
     from .probe import _binding, _params64

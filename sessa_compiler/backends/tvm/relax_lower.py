@@ -148,7 +148,7 @@ class _Lowerer:
         """The kernel solves lower systems over [nb, T, T]: flatten the leading dims, reverse the sequence
         of an upper system, and undo both on the result."""
         relax, bb = self.relax, self.bb
-        At, bt = node.inputs[0].type, node.inputs[1].type
+        bt = node.inputs[1].type
         Tn, N = self.dim(bt.shape[-2]), self.dim(bt.shape[-1])
         lead = 1
         for d in bt.shape[:-2]:
