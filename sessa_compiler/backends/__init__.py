@@ -109,7 +109,8 @@ class AutoBackend:
 # kept as a table so that checking a key imports neither triton nor tvm).
 BACKEND_OPTIONS = {
     "eager": ("print_ir",),
-    "triton": ("print_ir", "feedback_chunk_size", "scan_chunk_size", "scan_strategy", "interpret", "fuse"),
+    "triton": ("print_ir", "feedback_chunk_size", "scan_chunk_size", "scan_strategy", "interpret", "fuse",
+               "half_in_float32"),
     "tvm": ("target", "schedules", "feedback_chunk_size", "print_ir", "whole_graph"),
 }
 

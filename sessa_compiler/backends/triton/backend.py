@@ -16,12 +16,12 @@ import sys
 
 import torch
 
-from ...dtypes import from_torch
+from ...dtypes import from_torch, to_torch
 from ...errors import UnsupportedError
 from ...ir.graph import Graph, Node
 from ...ir.ops import CORE, OPS
 from ...passes.pipeline import run_pipeline
-from ..eager import bind_symbols, run_node
+from ..eager import HALF, bind_symbols, run_node, widened
 from .attention import generate_attention, launch_attention
 from .codegen import KERNEL_CACHE, KernelSource
 from .feedback import generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse, launch_lse, launch_solve
@@ -48,6 +48,11 @@ def _generator(node: Node):
     return {"feedback_lse": generate_lse, "feedback_diag_inverse": generate_diag_inverse,
             "feedback_chunked": generate_solve, "scan_chunked": generate_scan, "fused": generate_fused,
             "tri_solve": generate_tri_solve}.get(node.op)
+
+
+def _up(x):
+    """bf16/fp16 tensors widened to float32 (half_in_float32); anything else as it is."""
+    return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 def _unit_stride(x):
@@ -144,8 +149,12 @@ class TritonBackend:
 
     def __init__(self, *, print_ir: bool | None = None, feedback_chunk_size: int | None = None,
                  scan_chunk_size: int | None = None, scan_strategy: str = "sequential",
-                 interpret: bool | None = None, fuse: bool = True):
+                 interpret: bool | None = None, fuse: bool = True, half_in_float32: bool = False):
         self.print_ir = print_ir
+        # bf16/fp16 graphs: False keeps half storage between kernels (speed); True computes the graph in
+        # float32 and rounds the outputs once, as the eager backend does (docs/spec.md, half precision)
+        self.half_in_float32 = half_in_float32
+        self.widened: dict = {}   # id(graph) -> its float32 copy, when half_in_float32 widened it
         self.options = {"feedback_chunk_size": feedback_chunk_size, "scan_chunk_size": scan_chunk_size, "fuse": fuse}
         self.interpret = interpret
         self.scan_strategy = scan_strategy
@@ -156,7 +165,22 @@ class TritonBackend:
         # defaults, then the cost model (sessa_compiler/tune/api.py); calls build_program below
         from ...tune.api import triton_runner
 
-        return triton_runner(self, graph)
+        wide = widened(graph) if self.half_in_float32 else None
+        if wide is None:
+            return triton_runner(self, graph)
+        example = getattr(graph, "example_inputs", None)
+        if example:
+            wide.example_inputs = [_up(x) for x in example]
+        self.widened[id(graph)] = wide
+        run_wide = triton_runner(self, wide)
+
+        def run(inputs, params):
+            bind_symbols(graph, inputs)  # callers pass the declared (half) dtypes and shapes
+            outs = run_wide([_up(x) for x in inputs], {k: _up(v) for k, v in params.items()})
+            return [o.to(to_torch(v.type.dtype)) if v.type.dtype.name in HALF else o
+                    for o, v in zip(outs, graph.outputs)]
+        run.programs = run_wide.programs
+        return run
 
     def build_program(self, graph: Graph, options: dict | None = None) -> TritonProgram:
         """One program; ``options`` (pipeline chunk sizes, scan_strategy) replace the backend's own."""
@@ -169,6 +193,7 @@ class TritonBackend:
         return program
 
     def program(self, graph: Graph) -> TritonProgram:
+        graph = self.widened.get(id(graph), graph)
         if id(graph) not in self.programs:
             self.prepare(graph)
         return self.programs[id(graph)]
@@ -203,6 +228,8 @@ class TritonBackend:
         prog = self.program(graph)
         g = prog.graph
         lines = ["backend triton: pipeline " + " -> ".join(r.pass_ for r in prog.passes.records)]
+        if id(graph) in self.widened:
+            lines.append("  half_in_float32: bf16/fp16 values are computed in float32 and the outputs rounded once")
         for p in prog.passes.passes:
             for d in getattr(p, "decisions", []):
                 lines.append(f"    {p.name}: {d}")
