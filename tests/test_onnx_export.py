@@ -32,11 +32,12 @@ from sessa_compiler import SessaCompilerError, UnsupportedError, export_onnx, pa
 from sessa_compiler.api import TOLERANCE, relative_error
 from sessa_compiler.backends.reference import attention_ref, feedback_ref, scan_ref
 from sessa_compiler.export import onnx_lower
-from sessa_compiler.export.onnx_core import ATTENTION_CHUNK, FEEDBACK_CHUNK
+from sessa_compiler.export.onnx_core import ATTENTION_CHUNK, FEEDBACK_LSE_ROWS
 from sessa_compiler.export.onnx_export import (
     OnnxUnsupportedOpError,
     OnnxValidationError,
     build_model,
+    onnx_ready,
     model_domains,
     model_op_counts,
     validate_with_onnxruntime,
@@ -98,11 +99,14 @@ def test_feedback_lowering_matches_reference_across_chunk_boundaries():
     onnx.checker.check_model(model, full_check=True)
     assert_standard(model)
     counts = model_op_counts(model)
-    assert counts["Loop"] == 1 and "Pad" not in counts
+    assert counts["Loop"] == 2  # the log-sum-exp rows and the chunked solve; the diagonal blocks in parallel
     sess = session(model)
     g = torch.Generator().manual_seed(0)
-    C = FEEDBACK_CHUNK
-    for B, T, bias in [(1, 1, 8.0), (2, C - 1, -8.0), (1, C, 8.0), (3, C + 1, 0.3), (2, 3 * C + 5, 8.0), (1, 300, -8.0)]:
+    C = onnx_ready(parse(FEEDBACK_IR)).nodes[-1].attrs["chunk_size"]   # the chunk the pass chose
+    assert [n.op for n in onnx_ready(parse(FEEDBACK_IR)).nodes] == ["feedback_lse", "feedback_diag_inverse",
+                                                                     "feedback_chunked"]
+    for B, T, bias in [(1, 1, 8.0), (2, C - 1, -8.0), (1, C, 8.0), (3, C + 1, 0.3), (2, 3 * C + 5, 8.0), (1, 300, -8.0),
+                       (1, FEEDBACK_LSE_ROWS + 1, 8.0)]:
         f, qb, kb = (torch.randn(B, T, w, generator=g, dtype=torch.float64) for w in (6, 8, 8))
         gamma = 0.999 * torch.tanh(bias + 0.1 * torch.randn(B, T, generator=g, dtype=torch.float64))  # near +-gamma_max
         (s,) = run(sess, f, qb, kb, gamma)
@@ -264,7 +268,7 @@ def test_decoder_with_sessa_mamba_transformer_layers(tmp_path):
     res = export_onnx(m, (torch.randint(0, 64, (2, 12)),), tmp_path / "decoder.onnx")
     counts = res.op_counts()
     assert counts["Scan"] == 1  # selective scan
-    assert loop_bodies(res.model) == {"feedback_chunks": 1, "attention_chunks": 2}  # S: both, T: attention
+    assert loop_bodies(res.model) == {"feedback_lse": 1, "feedback_chunks": 1, "attention_chunks": 2}  # S: all, T: attention
     assert_standard(res.model)
     g = torch.Generator().manual_seed(7)
     check_file_at(res.path, m, [(1, 1), (2, 17), (1, 64), (2, 300)],
@@ -281,7 +285,7 @@ def test_independently_written_styles(tmp_path, style, kwargs):
     D = kwargs["D"]
     res = export_onnx(m, (torch.randn(2, 7, D),), tmp_path / "style.onnx")
     # the user's solve_triangular became the chunked solve, the user's attention the chunked attention
-    assert loop_bodies(res.model) == {"feedback_chunks": 1, "attention_chunks": 1}
+    assert loop_bodies(res.model) == {"feedback_lse": 1, "feedback_chunks": 1, "attention_chunks": 1}
     assert_standard(res.model)
     g = torch.Generator().manual_seed(8)
     check_file_at(res.path, m, [(1, 1), (3, 45), (1, 130)], lambda B, T: torch.randn(B, T, D, generator=g))
@@ -440,7 +444,7 @@ def test_validation_reports_a_module_that_differs(gqa_export):
 
 
 def test_a_wrong_lowering_is_caught_and_named(tmp_path, monkeypatch):
-    monkeypatch.setitem(onnx_lower.LOWERINGS, "feedback", lambda L, node: [L.get(node, 0)])  # skips the solve
+    monkeypatch.setitem(onnx_lower.LOWERINGS, "feedback_chunked", lambda L, node: [L.get(node, 0)])  # skips the solve
     m = plant_gamma(SessaLayer(16, n_heads=1).eval(), 2.0)
     with pytest.raises(OnnxValidationError, match=r"first IR value that differs is %feedback"):
         export_onnx(m, (torch.randn(1, 6, 16),), tmp_path / "wrong.onnx")

@@ -1,14 +1,17 @@
-"""The core ops in standard ONNX: attention (causal, GQA, interleaved RoPE), rope, the feedback solve
-and the selective scan (an ONNX Scan over time).
+"""The core ops in standard ONNX: attention (causal, GQA, interleaved RoPE), rope, the blocked feedback
+ops and the selective scan (an ONNX Scan over time).
 
-Attention and the feedback solve are ONNX Loops over chunks of query rows, so no tensor with two
-sequence-length dimensions exists and memory is O(T * C), not O(T^2): an attention iteration scores one
-chunk of queries against the keys it can see (``[:end]``); a feedback iteration computes one chunk of
-rows of the weight matrix W, solves its diagonal block with the exact nilpotent product and appends the
-result to the solved prefix.
+The feedback reaches this module already chunked by the ONNX pass pipeline (passes/pipeline.py: the
+same chunk-feedback pass as the Triton backend, which also picks the chunk size): ``feedback_lse`` is a
+Loop over chunks of rows against the keys they see, ``feedback_diag_inverse`` inverts every diagonal
+block at once (the exact nilpotent product), ``feedback_chunked`` is a Loop that solves one chunk against
+the solved prefix per iteration. Attention is a Loop over chunks of query rows. No tensor has two
+sequence-length dimensions, so memory is O(T * C), not O(T^2). ``scan_chunked`` means the same as
+``scan`` and is lowered the same way (the ONNX Scan steps one position at a time; the chunk size is a
+kernel schedule that ONNX does not use).
 
 Core ops compute in float32 for float16/bfloat16 inputs (float64 stays float64), as the references
-in backends/reference.py do. See shared/notes/onnx.md for why the feedback solve looks like this.
+do (ONNX has no triangular solve, hence the nilpotent product; Loop state may grow by concatenation).
 """
 from __future__ import annotations
 
@@ -19,12 +22,11 @@ from ..ir.graph import Node
 from .onnx_builder import NEG_INF, GraphBuilder, value_info
 from .onnx_lower import Lowering, lowering, out_dtype, static
 
-# Chunk sizes of the two Loops (query rows per iteration). Memory is O(T * chunk); the Loop runs
-# ceil(T / chunk) times (the feedback one a time less: its first chunk is peeled). Each feedback
-# iteration also inverts its own C x C diagonal block (log2 C small MatMuls). On the 2-core CPU,
-# 1 thread, SessaLayer(D=128, H=4): 32..64 / 64..256 were within noise of each other at T = 512,
-# 2048 and 8192; 64 / 128 was marginally the fastest.
-FEEDBACK_CHUNK = 64
+# Rows per iteration of the log-sum-exp Loop and of the attention Loop (the feedback solve's chunk is the
+# chunk-feedback pass's decision, an attribute of the blocked ops). Memory is O(T * rows). On the 2-core
+# CPU, 1 thread, SessaLayer(D=128, H=4), attention chunks of 64..256 were within noise of each other at
+# T = 512, 2048 and 8192.
+FEEDBACK_LSE_ROWS = 128
 ATTENTION_CHUNK = 128
 
 
@@ -156,27 +158,75 @@ def _attention(L: Lowering, node: Node, chunk: int | None = None):
     return [b.cast(out, cd, dt)]
 
 
-def _feedback_rows(b: GraphBuilder, qb: str, kbT: str, gamma: str, start: str, end: str, cd: str) -> str:
-    """Rows start .. end-1 of W = diag(gamma) alpha over columns 0 .. end-1: [B, end - start, end].
+def _chunk_bounds(b: GraphBuilder, c: str, C: int, Tdim: str) -> tuple:
+    """start, end, m = end - start (int64 [1]) of chunk ``c`` (an int64 scalar) of C rows out of Tdim."""
+    start = b.op("Mul", b.op("Unsqueeze", c, b.i64(0)), b.i64(C), hint="chunk_start")
+    end = b.op("Min", b.op("Add", start, b.i64(C)), Tdim, hint="chunk_end")
+    return start, end, b.op("Sub", end, start, hint="chunk_len")
 
-    alpha is the strictly causal softmax (column j < row t); row 0 has no key, so its softmax sees
-    (0, 0) to stay finite and the row is then zeroed (backends/reference.py).
-    """
-    q = b.op("Slice", qb, start, end, b.i64(1), hint="fb_q_rows")                  # [B, m, c]
-    k = b.op("Slice", kbT, b.i64(0), end, b.i64(2), hint="fb_k_visible")           # [B, c, end]
-    logits = b.op("MatMul", q, k, hint="fb_logits")
-    rows, cols = _slab_positions(b, start, end, end)
-    strict = b.op("Less", cols, rows, hint="fb_strict")
-    keep = b.op("Less", cols, b.op("Max", rows, b.scalar(1, "i64")), hint="fb_keep")  # strict, and (0, 0)
-    logits = b.op("Where", keep, logits, b.scalar(NEG_INF, cd), hint="fb_masked")
-    alpha = b.op("Softmax", logits, axis=-1, hint="fb_alpha")
-    W = b.op("Mul", alpha, b.op("Slice", gamma, start, end, b.i64(1), hint="fb_gamma_rows"), hint="fb_weights")
-    return b.op("Where", strict, W, b.scalar(0.0, cd), hint="fb_W_rows")
+
+def _loop_chunks(b: GraphBuilder, first: str, n_chunks: str, step, width, cd: str, name: str) -> str:
+    """Row chunks 1 .. n-1 in an ONNX Loop, each appended to the result of chunk 0 (``first``, computed
+    outside: no MatMul over an empty prefix). ``step(body, c, prefix)`` returns chunk c's rows; ``width``
+    is the rows' trailing dim (None for a [B, T] result)."""
+    body = b.sub()
+    it, cond_in, prefix = body.names.fresh("chunk_iter"), body.names.fresh("cond_in"), body.names.fresh("prefix")
+    c = body.op("Add", it, body.scalar(1, "i64"), hint="chunk")
+    rows = step(body, c, prefix)
+    cond_out = body.op("Identity", cond_in, hint="cond_out")
+    out = body.op("Concat", prefix, rows, axis=1, hint="prefix_out")
+    shape = [None, None] if width is None else [None, None, width]
+    g = body.graph(name, [value_info(it, "i64", []), value_info(cond_in, "bool", []), value_info(prefix, cd, shape)],
+                   [value_info(cond_out, "bool", []), value_info(out, cd, shape)])
+    trips = b.op("Squeeze", b.op("Sub", n_chunks, b.i64(1)), b.i64(0), hint="loop_trips")
+    return b.op("Loop", trips, b.scalar(True, "bool"), first, body=g, hint=name)
+
+
+def _feedback_operands(L: Lowering, node: Node, cd: str) -> tuple:
+    """q_b * scale, k_b^T [B, c, T] and the sequence length of a blocked feedback op."""
+    b = L.b
+    i = 1 if node.op == "feedback_chunked" else 0
+    qb = b.op("Mul", L.get(node, i, cd), b.scalar(float(node.attrs["scale"]), cd), hint="qb_scaled")
+    kbT = b.op("Transpose", L.get(node, i + 1, cd), perm=[0, 2, 1], hint="kb_t")
+    return qb, kbT, b.dim(node.inputs[i].type.shape[1])
+
+
+@lowering("feedback_lse")
+def _feedback_lse(L: Lowering, node: Node):
+    """lse[t] = log sum_{j<t} exp(q_b[t].k_b[j] * scale), lse[0] = 0 (semantics/chunked.py), by chunks of
+    FEEDBACK_LSE_ROWS rows against the keys they can see: [B, rows, end] logits, never T x T."""
+    cd = out_dtype(node)
+    b = L.b
+    qb, kbT, Tdim = _feedback_operands(L, node, cd)
+    C = FEEDBACK_LSE_ROWS
+
+    def rows(g: GraphBuilder, start: str, end: str) -> str:
+        q = g.op("Slice", qb, start, end, g.i64(1), hint="lse_q_rows")                # [B, m, c]
+        k = g.op("Slice", kbT, g.i64(0), end, g.i64(2), hint="lse_k_visible")         # [B, c, end]
+        logits = g.op("MatMul", q, k, hint="lse_logits")
+        r, cols = _slab_positions(g, start, end, end)
+        keep = g.op("Less", cols, g.op("Max", r, g.scalar(1, "i64")), hint="lse_keep")  # strict, and (0, 0)
+        logits = g.op("Where", keep, logits, g.scalar(NEG_INF, cd), hint="lse_masked")
+        mx = g.op("ReduceMax", logits, g.i64(-1), keepdims=1, hint="lse_max")
+        lse = g.op("Add", g.op("Log", g.op("ReduceSum", g.op("Exp", g.op("Sub", logits, mx)), g.i64(-1), keepdims=1)),
+                   mx, hint="lse_rows")
+        first_row = g.op("Equal", r, g.scalar(0, "i64"), hint="lse_row0")
+        lse = g.op("Where", first_row, g.scalar(0.0, cd), lse, hint="lse_rows0")      # row 0 sees no key
+        return g.op("Squeeze", lse, g.i64(2), hint="lse_chunk")                        # [B, m]
+
+    n = b.op("Div", b.op("Add", Tdim, b.i64(C - 1)), b.i64(C), hint="lse_chunks")
+    first = rows(b, b.i64(0), b.op("Min", Tdim, b.i64(C), hint="first_chunk_len"))
+
+    def step(g, c, prefix):
+        start, end, _ = _chunk_bounds(g, c, C, Tdim)
+        return rows(g, start, end)
+    return [_loop_chunks(b, first, n, step, None, cd, "feedback_lse")]
 
 
 def _unit_lower_inverse(b: GraphBuilder, N: str, m: str, C: int, cd: str) -> str:
-    """(I - N)^-1 for N [B, m, m] strictly lower triangular, m <= C, by the exact nilpotent product
-    (I+N)(I+N^2)(I+N^4)...: N^C = 0, so ceil(log2 C) factors are exact (shared/notes/onnx.md)."""
+    """(I - N)^-1 for N [.., m, m] strictly lower triangular, m <= C, by the exact nilpotent product
+    (I+N)(I+N^2)(I+N^4)...: N^C = 0, so ceil(log2 C) factors are exact (exact in exact arithmetic; the
+    reference uses a triangular solve, so the two check each other)."""
     eye = b.op("Slice", b.const(np.eye(C), cd, hint="eye_chunk"), b.i64(0, 0), b.op("Concat", m, m, axis=0),
                b.i64(0, 1), hint="eye_m")
     inv = b.op("Add", eye, N, hint="block_inv")
@@ -188,60 +238,68 @@ def _unit_lower_inverse(b: GraphBuilder, N: str, m: str, C: int, cd: str) -> str
     return inv
 
 
-@lowering("feedback")
-def _feedback(L: Lowering, node: Node, chunk: int | None = None):
-    """(I - W) s = f with W = diag(gamma) alpha strictly lower triangular, per batch element.
-
-    Chunk c (rows start .. end-1, m = end - start <= C) needs only rows start .. end-1 of W over
-    columns 0 .. end-1 ([B, m, end], computed where it is used): rhs = f[start:end] + W[:, :, :start]
-    @ s[:start], and s[start:end] = (I - W[:, :, start:end])^-1 rhs with the diagonal block inverted
-    by the exact nilpotent product. The first chunk is solved outside the Loop (no MatMul with
-    K = 0); each Loop iteration solves one chunk against the solved prefix and appends it. No tensor
-    has two sequence-length dimensions: memory is O(T * C).
-    """
-    C = chunk or FEEDBACK_CHUNK
-    dt = out_dtype(node)
-    cd = compute_dtype(dt)
+@lowering("feedback_diag_inverse")
+def _feedback_diag_inverse(L: Lowering, node: Node):
+    """dinv[:, c] = (I - N_c)^-1 with N_c[t, j] = gamma[t] exp(q_b[t].k_b[j] * scale - lse[t]) for j < t
+    inside chunk c, all chunks at once: rows padded with zeros to n * C (gamma = 0 there: identity rows),
+    reshaped to [B, n, C, .], the inverse by the exact nilpotent product."""
+    cd = out_dtype(node)
     b = L.b
-    f_t = node.inputs[0].type
-    T = f_t.shape[1]
+    C = int(node.attrs["chunk_size"])
+    qb, kbT, Tdim = _feedback_operands(L, node, cd)
+    kb = b.op("Transpose", kbT, perm=[0, 2, 1], hint="kb_scaled_rows")
+    gamma, lse = L.get(node, 2, cd), L.get(node, 3, cd)
+    n = b.op("Div", b.op("Add", Tdim, b.i64(C - 1)), b.i64(C), hint="dinv_chunks")
+    pad = b.op("Sub", b.op("Mul", n, b.i64(C)), Tdim, hint="dinv_pad")
+    zero = b.i64(0)
+
+    def blocks(x: str, rank: int, tail: list) -> str:   # [B, T, *tail] -> [B, n, C, *tail], zero rows appended
+        pads = b.op("Concat", *([zero] * (rank + 1) + [pad] + [zero] * (rank - 2)), axis=0, hint="dinv_pads")
+        return b.op("Reshape", b.op("Pad", x, pads, hint="dinv_padded"), b.i64(0, -1, C, *tail), hint="dinv_blocks")
+    width = static(node, node.inputs[0].type.shape[2], "feedback key width")
+    q4, k4 = blocks(qb, 3, [width]), blocks(kb, 3, [width])
+    g4, l4 = blocks(gamma, 2, []), blocks(lse, 2, [])
+    logits = b.op("MatMul", q4, b.op("Transpose", k4, perm=[0, 1, 3, 2]), hint="dinv_logits")   # [B, n, C, C]
+    p = b.op("Mul", b.op("Exp", b.op("Sub", logits, b.op("Unsqueeze", l4, b.i64(3)))),
+             b.op("Unsqueeze", g4, b.i64(3)), hint="dinv_probs")
+    strict = b.const(np.tril(np.ones((C, C), dtype=bool), -1), "bool", hint="strict_lower")
+    N = b.op("Where", strict, p, b.scalar(0.0, cd), hint="dinv_N")
+    return [_unit_lower_inverse(b, N, b.i64(C), C, cd)]
+
+
+@lowering("feedback_chunked")
+def _feedback_chunked(L: Lowering, node: Node):
+    """s[chunk c] = dinv[:, c] (f[c] + P_c s[:start]) with P_c[t, j] = gamma[t] exp(q_b[t].k_b[j] * scale -
+    lse[t]) over the solved prefix j < start, chunk after chunk (semantics/chunked.py). Chunk 0 is solved
+    outside the ONNX Loop; each iteration computes its [B, m, start] block where it is used, solves and
+    appends, so no tensor has two sequence-length dims: memory O(T * C)."""
+    dt = out_dtype(node)
+    cd = node.inputs[4].type.dtype.name   # the accumulation dtype of lse (f32, or f64)
+    b = L.b
+    C = int(node.attrs["chunk_size"])
     f = L.get(node, 0, cd)
-    qb, kb, gamma = L.get(node, 1, cd), L.get(node, 2, cd), L.get(node, 3, cd)
-    qb = b.op("Mul", qb, b.scalar(float(node.attrs["scale"]), cd), hint="qb_scaled")
-    kbT = b.op("Transpose", kb, perm=[0, 2, 1], hint="kb_t")                     # [B, c, T]
-    gamma = b.op("Unsqueeze", gamma, b.i64(2), hint="gamma_col")                # [B, T, 1]
-    Tdim = b.dim(T)
+    qb, kbT, Tdim = _feedback_operands(L, node, cd)
+    gamma, lse, dinv = L.get(node, 3, cd), L.get(node, 4, cd), L.get(node, 5, cd)
     n = b.op("Div", b.op("Add", Tdim, b.i64(C - 1)), b.i64(C), hint="n_chunks")
 
-    # chunk 0, peeled
-    zero = b.i64(0)
-    m0 = b.op("Min", Tdim, b.i64(C), hint="first_chunk_len")
-    W0 = _feedback_rows(b, qb, kbT, gamma, zero, m0, cd)                         # [B, m0, m0]
-    f0 = b.op("Slice", f, zero, m0, b.i64(1))
-    s0 = b.op("MatMul", _unit_lower_inverse(b, W0, m0, C, cd), f0, hint="s_chunk0")
+    def diag(g: GraphBuilder, c: str, m: str) -> str:   # dinv[:, c, :m, :m]
+        block = g.op("Gather", dinv, c, axis=1, hint="dinv_c")
+        return g.op("Slice", block, g.i64(0, 0), g.op("Concat", m, m, axis=0), g.i64(1, 2), hint="dinv_cm")
 
-    # chunks 1 .. n-1 in a Loop; the solved prefix grows by one chunk per iteration
-    body = b.sub()
-    it, cond_in, prefix = body.names.fresh("chunk_iter"), body.names.fresh("cond_in"), body.names.fresh("s_prefix")
-    c = body.op("Add", it, body.scalar(1, "i64"), hint="chunk")
-    start = body.op("Mul", body.op("Unsqueeze", c, body.i64(0)), body.i64(C), hint="chunk_start")
-    end = body.op("Min", body.op("Add", start, body.i64(C)), Tdim, hint="chunk_end")
-    m = body.op("Sub", end, start, hint="chunk_len")
-    W_c = _feedback_rows(body, qb, kbT, gamma, start, end, cd)                   # [B, m, end]
-    axis2 = body.i64(2)
-    W_past = body.op("Slice", W_c, body.i64(0), start, axis2, hint="W_past")     # [B, m, start]
-    N = body.op("Slice", W_c, start, end, axis2, hint="W_diag")                  # [B, m, m]
-    rhs = body.op("Add", body.op("Slice", f, start, end, body.i64(1)), body.op("MatMul", W_past, prefix), hint="rhs")
-    s_c = body.op("MatMul", _unit_lower_inverse(body, N, m, C, cd), rhs, hint="s_chunk")
-    cond_out = body.op("Identity", cond_in, hint="cond_out")
-    s_out = body.op("Concat", prefix, s_c, axis=1, hint="s_prefix_out")
-    width = f_t.shape[2]
-    g = body.graph("feedback_chunks",
-                   [value_info(it, "i64", []), value_info(cond_in, "bool", []),
-                    value_info(prefix, cd, [None, None, width])],
-                   [value_info(cond_out, "bool", []), value_info(s_out, cd, [None, None, width])])
-    trips = b.op("Squeeze", b.op("Sub", n, b.i64(1)), b.i64(0), hint="loop_trips")
-    s = b.op("Loop", trips, b.scalar(True, "bool"), s0, body=g, hint="feedback")
+    m0 = b.op("Min", Tdim, b.i64(C), hint="first_chunk_len")
+    first = b.op("MatMul", diag(b, b.scalar(0, "i64"), m0), b.op("Slice", f, b.i64(0), m0, b.i64(1)), hint="s_chunk0")
+
+    def step(g, c, prefix):
+        start, end, m = _chunk_bounds(g, c, C, Tdim)
+        q = g.op("Slice", qb, start, end, g.i64(1), hint="fb_q_rows")
+        k = g.op("Slice", kbT, g.i64(0), start, g.i64(2), hint="fb_k_solved")
+        rows = lambda x: g.op("Unsqueeze", g.op("Slice", x, start, end, g.i64(1)), g.i64(2))  # noqa: E731
+        p = g.op("Mul", g.op("Exp", g.op("Sub", g.op("MatMul", q, k, hint="fb_logits"), rows(lse))), rows(gamma),
+                 hint="fb_probs")                                                       # [B, m, start]
+        rhs = g.op("Add", g.op("Slice", f, start, end, g.i64(1)), g.op("MatMul", p, prefix), hint="rhs")
+        return g.op("MatMul", diag(g, c, m), rhs, hint="s_chunk")
+    width = node.inputs[0].type.shape[2]
+    s = _loop_chunks(b, first, n, step, width, cd, "feedback_chunks")
     return [b.cast(s, cd, dt)]
 
 
@@ -294,7 +352,7 @@ def _tri_solve(L: Lowering, node: Node):
     return [b.cast(x, cd, dt)]
 
 
-@lowering("scan")
+@lowering("scan", "scan_chunked")
 def _scan(L: Lowering, node: Node):
     """h_t = exp(delta_t A) h_{t-1} + (delta_t u_t) (x) B_t; y_t = h_t C_t + D u_t, as an ONNX Scan over T.
 

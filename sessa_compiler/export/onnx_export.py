@@ -66,6 +66,17 @@ def _as_tuple(example_inputs) -> tuple:
 
 
 # -- building ---------------------------------------------------------------------------------------------
+def onnx_ready(graph: Graph) -> Graph:
+    """A copy of ``graph`` after the ONNX pass pipeline (simplify, then the same chunk passes as the
+    Triton backend): the blocked feedback ops (lse, diagonal-block inverses, chunked solve) are what
+    the ONNX lowerings see, so the chunked algorithm and its chunk size are decided once, in passes/."""
+    from ..passes.pipeline import run_pipeline
+
+    ready = graph.clone()
+    run_pipeline(ready, "onnx")
+    return ready
+
+
 def build_model(graph: Graph, *, opset: int = DEFAULT_OPSET, binding: dict | None = None,
                 extra_outputs: list | None = None):
     """Lower an IR graph to an onnx.ModelProto.
@@ -77,6 +88,9 @@ def build_model(graph: Graph, *, opset: int = DEFAULT_OPSET, binding: dict | Non
 
     from .. import __version__
 
+    names = [v.name for v in extra_outputs or []]
+    graph = onnx_ready(graph)
+    extra_outputs = [graph.value(n) for n in names]
     b = GraphBuilder(opset)
     L = Lowering(graph, b)
     inputs = []
@@ -180,7 +194,8 @@ def _locate(graph: Graph, args: tuple, opset: int, tol: float) -> str:
     """The first IR op whose onnxruntime value differs from the eager interpreter's (or '' if none)."""
     from ..backends.eager import run_graph
 
-    values = [v for n in graph.nodes for v in n.outputs if v.type.dtype.is_float]
+    kept = {v.name for v in onnx_ready(graph).values()}   # values the ONNX pipeline rewrote away are skipped
+    values = [v for n in graph.nodes for v in n.outputs if v.type.dtype.is_float and v.name in kept]
     try:
         model = build_model(graph, opset=opset, extra_outputs=values)
         outs = run_onnxruntime(_session(model), graph, args)[len(graph.outputs):]

@@ -129,16 +129,6 @@ def _argmax(L, node, a: Args):
     return [b.op(op, x, axis=a.dims("dim", t.rank)[0], keepdims=int(bool(a.value("keepdim"))), select_last_index=0)]
 
 
-@fallback("sessa_compiler.feedback.default")
-def _sessa_feedback(L, node, a: Args):
-    """A model that calls the custom op (export/onnx_custom_ops.py) gets the IR feedback lowering."""
-    from ..ir.graph import Node as IRNode
-    from .onnx_core import _feedback
-
-    operands = [node.inputs[a.values[k].index] for k in ("f", "q_b", "k_b", "gamma")]
-    return _feedback(L, IRNode("feedback", operands, {"scale": float(a.value("scale"))}, list(node.outputs)))
-
-
 SIMPLE = {"aten.floor.default": "Floor", "aten.ceil.default": "Ceil", "aten.round.default": "Round",
           "aten.sign.default": "Sign", "aten.atan.default": "Atan", "aten.sinh.default": "Sinh",
           "aten.cosh.default": "Cosh", "aten.asin.default": "Asin", "aten.acos.default": "Acos",

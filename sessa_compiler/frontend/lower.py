@@ -515,3 +515,14 @@ def register_custom_lowerings():
             return out
 
         LOWERINGS[ns.selective_scan.default] = _scan
+    if ns is not None and hasattr(ns, "feedback"):
+        def _feedback(L, node):
+            """sessa_compiler::feedback(f, q_b, k_b, gamma, scale) is the IR's feedback op by definition."""
+            scale = L.arg(node.args[4]) if len(node.args) > 4 else node.kwargs.get("scale")
+            if not isinstance(scale, (int, float)):
+                return NotImplemented   # a traced scale: keep the call as a fallback op
+            out = L.emit("feedback", [L.arg(a) for a in node.args[:4]], {"scale": float(scale)}, node)
+            L.notes.append(f"feedback from sessa_compiler::feedback %{node.name}: width={out.type.shape[2]}")
+            return out
+
+        LOWERINGS[ns.feedback.default] = _feedback

@@ -2,6 +2,7 @@
 
     eager:  simplify
     triton: simplify -> sink-casts -> chunk-feedback -> chunk-scan [-> fuse]   (the Triton backend passes fuse=True)
+    onnx:   simplify -> chunk-feedback -> chunk-scan                           (export_onnx, before lowering)
 
 ``run_pipeline(graph, "triton", print_ir=True)`` rewrites ``graph`` in place and returns the
 PassManager (its ``records`` say what each pass did; chunking passes keep their ``decisions``).
@@ -27,7 +28,12 @@ def triton_pipeline(*, feedback_chunk_size=None, scan_chunk_size=None, fuse=Fals
     return passes + [Fuse()] if fuse else passes
 
 
-PIPELINES = {"eager": eager_pipeline, "triton": triton_pipeline}
+def onnx_pipeline(*, feedback_chunk_size=None, scan_chunk_size=None, **_options) -> list:
+    """The ONNX export lowers the blocked ops these passes make (export/onnx_core.py)."""
+    return [Simplify(), ChunkFeedback(chunk_size=feedback_chunk_size), ChunkScan(chunk_size=scan_chunk_size)]
+
+
+PIPELINES = {"eager": eager_pipeline, "triton": triton_pipeline, "onnx": onnx_pipeline}
 
 
 def build_pipeline(backend: str, *, print_ir: bool | None = None, stream=None, **options) -> PassManager:
