@@ -75,7 +75,7 @@ def build_model(graph: Graph, *, opset: int = DEFAULT_OPSET, binding: dict | Non
     """
     from onnx import helper
 
-    from .. import __version__
+    from .._version import __version__
 
     b = GraphBuilder(opset)
     L = Lowering(graph, b)

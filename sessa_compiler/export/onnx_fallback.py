@@ -131,7 +131,7 @@ def _argmax(L, node, a: Args):
 
 @fallback("sessa_compiler.feedback.default")
 def _sessa_feedback(L, node, a: Args):
-    """A model that calls the custom op (export/onnx_custom_ops.py) gets the IR feedback lowering."""
+    """A model that calls the custom op (library.py: sessa_compiler::feedback) gets the IR feedback lowering."""
     from ..ir.graph import Node as IRNode
     from .onnx_core import _feedback
 

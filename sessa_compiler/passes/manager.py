@@ -45,6 +45,9 @@ class Pass:
     """Base class of every pass. Subclasses set ``name`` and implement ``run(graph) -> int``."""
 
     name: ClassVar[str] = "pass"
+    # what the pass decided in its last run (chunk sizes and why, fusion groups, ...): passes that decide
+    # something set their own list; the PassManager copies it into the run's PassRecord
+    decisions: ClassVar[list] = []
 
     def run(self, graph: Graph) -> int:  # pragma: no cover - abstract
         raise NotImplementedError(f"pass {self.name} does not implement run()")
@@ -65,6 +68,8 @@ class PassRecord:
     rewrites: int
     seconds: float
     nodes_after: int
+    name: str = ""                                      # the pass's name (pass_ also shows its options)
+    decisions: list = dataclasses.field(default_factory=list)  # what it decided, readable lines
 
     def __str__(self) -> str:
         return f"{self.pass_}: {self.rewrites} rewrite(s), {self.nodes_after} ops after, {self.seconds * 1e3:.1f} ms"
@@ -98,7 +103,8 @@ class PassManager:
                     graph.verify()
                 except IRError as e:
                     raise IRError(f"the IR is invalid after pass '{p}': {e}") from e
-            rec = PassRecord(str(p), int(rewrites or 0), time.perf_counter() - start, len(graph.nodes))
+            rec = PassRecord(str(p), int(rewrites or 0), time.perf_counter() - start, len(graph.nodes), p.name,
+                             list(p.decisions))
             self.records.append(rec)
             if self.print_ir:
                 self._print(f"after {p} ({rec.rewrites} rewrite(s))", graph)

@@ -4,7 +4,7 @@
     triton: simplify -> sink-casts -> chunk-feedback -> chunk-scan [-> fuse]   (the Triton backend passes fuse=True)
 
 ``run_pipeline(graph, "triton", print_ir=True)`` rewrites ``graph`` in place and returns the
-PassManager (its ``records`` say what each pass did; chunking passes keep their ``decisions``).
+PassManager (its ``records`` say what each pass did and decided).
 """
 from __future__ import annotations
 

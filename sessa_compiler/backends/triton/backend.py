@@ -21,15 +21,16 @@ from ...errors import UnsupportedError
 from ...ir.graph import Graph, Node
 from ...ir.ops import CORE, OPS
 from ...passes.pipeline import run_pipeline
+from ..base import Backend, CompileContext
 from ..eager import bind_symbols, run_node
 from .attention import generate_attention, launch_attention
-from .codegen import KERNEL_CACHE, KernelSource
+from .codegen import KERNEL_CACHE, KERNEL_DTYPES, KernelSource
 from .feedback import generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse, launch_lse, launch_solve
 from .fused import fused_layout, generate_fused, launch_fused
+from .prepare import triton_runner, triton_space, tunable_nodes, tuning_kernel, tuning_source
 from .scan import generate_scan, launch_scan
 from .tri_solve import generate_tri_solve, launch_tri_solve
 
-KERNEL_DTYPES = ("f32", "f16", "bf16")
 GENERATOR_KNOBS = {"attention": ("block_m", "block_n"), "feedback_chunked": ("outer_chunk",)}   # tunable tiles
 
 
@@ -134,7 +135,7 @@ class TritonProgram:
         return [env[v] for v in graph.outputs]
 
 
-class TritonBackend:
+class TritonBackend(Backend):
     """``get_backend("triton", print_ir=..., feedback_chunk_size=..., scan_chunk_size=..., scan_strategy=...,
     interpret=...)``: chunk sizes default to the passes' cost models; ``interpret`` defaults to
     "interpret CPU tensors, compile for CUDA tensors"."""
@@ -151,12 +152,26 @@ class TritonBackend:
         self.scan_strategy = scan_strategy
         self.programs: dict = {}
 
-    def prepare(self, graph: Graph):
-        # one program per shape class and device, configured from the tuning cache, then the shipped
-        # defaults, then the cost model (sessa_compiler/tune/api.py); calls build_program below
-        from ...tune.api import triton_runner
+    def prepare(self, graph: Graph, ctx: CompileContext | None = None):
+        """One program per shape class and device, configured from the tuning cache, then the shipped
+        defaults, then the cost model (prepare.py); each calls build_program below."""
+        return triton_runner(self, graph, ctx or CompileContext())
 
-        return triton_runner(self, graph)
+    # -- autotune.search.Tunable --------------------------------------------------------------------
+    def tunable_nodes(self, graph: Graph) -> list:
+        return tunable_nodes(graph)
+
+    def tuning_space(self, node: Node, device) -> list:
+        return triton_space(node, device)
+
+    def tuning_source(self, node: Node, device) -> str:
+        return tuning_source(self, node, device)
+
+    def accepts_config(self, node: Node, config: dict) -> bool:
+        return True  # the shipped table is validated against the knobs' values (autotune/defaults.py)
+
+    def tuning_kernel(self, node: Node, operands: list, seq_len: int):
+        return tuning_kernel(self, node, operands, seq_len)
 
     def build_program(self, graph: Graph, options: dict | None = None) -> TritonProgram:
         """One program; ``options`` (pipeline chunk sizes, scan_strategy) replace the backend's own."""
@@ -203,9 +218,8 @@ class TritonBackend:
         prog = self.program(graph)
         g = prog.graph
         lines = ["backend triton: pipeline " + " -> ".join(r.pass_ for r in prog.passes.records)]
-        for p in prog.passes.passes:
-            for d in getattr(p, "decisions", []):
-                lines.append(f"    {p.name}: {d}")
+        for r in prog.passes.records:
+            lines += [f"    {r.name}: {d}" for d in r.decisions]
         lines.append(f"  kernels ({len(prog.kernel_nodes)}; generated per dtype on first call, cached per "
                      "specialisation, not per B or T):")
         for n in prog.kernel_nodes:
