@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from ..errors import UnsupportedError
 from ..ir.graph import Graph
-from .canonicalize import Simplify
 from .chunk_feedback import ChunkFeedback
 from .chunk_scan import ChunkScan
 from .fuse import Fuse
 from .manager import PassManager
+from .simplify import Simplify
 from .sink_casts import SinkCasts
 
 

@@ -14,8 +14,6 @@ from .schedules import (AttentionSchedule, FeedbackSchedule, LinearSchedule, Sch
                         default_tri_solve)
 from .target import configure_threads, resolve_target, vector_bits
 
-LOWERABLE = ("attention", "feedback", "scan", "tri_solve")
-
 
 @dataclass(frozen=True)
 class KernelSpec:
