@@ -1,7 +1,7 @@
 """Passes over the IR (one file each) and the pass manager that runs them as per-backend pipelines."""
 from .chunk_feedback import ChunkFeedback, FeedbackCost
 from .chunk_scan import ChunkScan
-from .manager import PRINT_IR_ENV, Pass, PassManager
+from .manager import PRINT_IR_ENV, Pass, PassManager, PassRecord, PassResult
 from .pipeline import PIPELINES, build_pipeline, run_pipeline
 from .simplify import Simplify, simplify
 
@@ -13,6 +13,8 @@ __all__ = [
            "FeedbackCost",
            "Pass",
            "PassManager",
+           "PassRecord",
+           "PassResult",
            "Simplify",
            "build_pipeline",
            "run_pipeline",

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir.graph import Graph
-from .manager import Pass
+from .manager import Pass, PassResult
 
 
 def _is_identity(n) -> bool:
@@ -85,5 +85,5 @@ class Simplify(Pass):
 
     name = "simplify"
 
-    def run(self, graph: Graph) -> int:
-        return simplify(graph)
+    def run(self, graph: Graph) -> PassResult:
+        return PassResult(simplify(graph))
