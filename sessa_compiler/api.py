@@ -13,7 +13,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from .backends import get_backend
-from .backends.base import CompileContext, sequence_length
+from .backends.base import CompileContext
+from .backends.shapes import sequence_length
 from .backends.eager import bind_symbols
 from .dtypes import from_torch, to_torch
 from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError

@@ -1,4 +1,4 @@
-"""What every backend is: the ``Backend`` protocol, and the ``CompileContext`` that compile() hands it.
+"""What every backend is: the ``Backend`` interface, and the ``CompileContext`` that compile() hands it.
 
 A backend turns a traced graph into a runner ``run(inputs, params) -> outputs``. compile() calls
 ``prepare(graph, ctx)`` once per traced graph; the context carries what the backend may use to
@@ -40,10 +40,6 @@ class CompileContext:
                 return x.device
         return None
 
-    def seq_len(self, graph: Graph) -> int | None:
-        """The example inputs' sequence length (None without example inputs)."""
-        return sequence_length(graph, self.example_inputs) if self.example_inputs else None
-
 
 class Backend(abc.ABC):
     """The interface compile() uses; eager, triton, tvm and auto implement it."""
@@ -66,17 +62,3 @@ class Backend(abc.ABC):
     def resolve(self, inputs) -> Backend:
         """The backend that runs these inputs: itself, except for auto, which picks one per call."""
         return self
-
-
-def sequence_length(graph: Graph, inputs) -> int:
-    """The sequence length T of a call (the symbol T bound from the inputs; else dim 1 of the first input of
-    rank >= 2; else 1): tuned configs are looked up per shape class of T."""
-    from .eager import bind_symbols
-
-    binding = bind_symbols(graph, list(inputs))
-    if "T" in binding:
-        return int(binding["T"])
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.dim() >= 2:
-            return int(x.shape[1])
-    return 1

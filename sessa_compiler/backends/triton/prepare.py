@@ -29,7 +29,8 @@ from ...autotune.search import core_tunable_nodes, device_label, kernel_name, op
 from ...autotune.tuner import TunableKernel
 from ...errors import SessaCompilerError
 from ...ir.graph import Graph, Value
-from ..base import CompileContext, sequence_length
+from ..base import CompileContext
+from ..shapes import sequence_length
 from .codegen import KERNEL_DTYPES
 
 
@@ -180,7 +181,7 @@ def triton_runner(backend, graph: Graph, ctx: CompileContext):
             return prog
 
     if ctx.example_inputs:
-        program_for(ctx.seq_len(graph), ctx.device)
+        program_for(sequence_length(graph, ctx.example_inputs), ctx.device)
     else:
         program_for(1024, "cuda" if torch.cuda.is_available() else "cpu")  # for describe(); calls pick their own
 

@@ -30,6 +30,7 @@ from ...autotune.tuner import TunableKernel
 from ...errors import SessaCompilerError
 from ...ir.graph import Graph
 from ..base import CompileContext
+from ..shapes import sequence_length
 from . import schedules as S
 from .build import generator_source, lanes_for
 from .lowering import lower_node
@@ -141,7 +142,7 @@ def tvm_schedules(backend, graph: Graph, ctx: CompileContext) -> tuple:
     the device class ("cpu"), then the backend's own rule (schedules.default_*). The backend takes one
     schedule per op, so when several nodes of an op resolve differently the most common one that is valid
     for all of them is used (and the report says so)."""
-    seq_len = ctx.seq_len(graph) or 1024
+    seq_len = sequence_length(graph, ctx.example_inputs) if ctx.example_inputs else 1024
     target = backend.target
     schedules = dict(backend.schedules)
     by_op = collections.defaultdict(list)
