@@ -14,8 +14,8 @@ import torch.utils._pytree as pytree
 
 from .backends import get_backend
 from .backends.base import CompileContext
-from .backends.shapes import sequence_length
 from .backends.eager import bind_symbols
+from .backends.shapes import sequence_length
 from .dtypes import from_torch, to_torch
 from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
 from .frontend.trace import Traced, check_keywords, trace_with_report
