@@ -33,7 +33,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors run in Triton's in
 import sessa_compiler as sc  # noqa: E402
 from sessa_compiler.backends import get_backend  # noqa: E402
 from sessa_compiler.models import SessaLayer  # noqa: E402
-from sessa_compiler.tune.cache import cpu_model  # noqa: E402
+from sessa_compiler.autotune.cache import cpu_model  # noqa: E402
 from tests.test_fuzz import SPEC_TOL, oracle, random_weights as random_params, rel_err  # noqa: E402
 
 EDGE_T = [1, 2, 3, 5, 7, 13, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 97, 127, 128, 129]

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import sessa_compiler as sc
 from sessa_compiler.models import Decoder, SessaLayer
-from sessa_compiler.tune.cache import cpu_model as cpu_name
+from sessa_compiler.autotune.cache import cpu_model as cpu_name
 
 
 def median_time(fn, repeats: int) -> float:

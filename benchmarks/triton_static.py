@@ -180,11 +180,11 @@ def tri_solve_node(graph):
 
 def sm90_program(graph, T: int):
     """The program a CUDA call at length T on an sm_90 device gets with nothing tuned: the shipped
-    sm_90 defaults (tune/defaults.json), else the cost model, as the backend resolves them."""
+    sm_90 defaults (autotune/defaults.json), else the cost model, as the backend resolves them."""
+    from sessa_compiler.autotune.cache import shape_class
+    from sessa_compiler.autotune.defaults import default_config
     from sessa_compiler.backends.triton.backend import TritonBackend
-    from sessa_compiler.tune.api import attach_launch_configs, tunable_nodes
-    from sessa_compiler.tune.cache import shape_class
-    from sessa_compiler.tune.defaults import default_config
+    from sessa_compiler.backends.triton.prepare import attach_launch_configs, tunable_nodes
 
     per_node, options = {}, {}
     for node in tunable_nodes(graph):

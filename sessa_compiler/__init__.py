@@ -1,13 +1,12 @@
 """sessa_compiler: compile Sessa models (and Transformer / Mamba baselines) into fast, exportable kernels."""
 from .errors import (ArtifactError, ConfigError, InputError, IRError, ParseError, SessaCompilerError, TraceError,
                      UnsupportedError, ValidationError)
-from .api import CompiledModule, compile
+from .api import CompiledModule, compile, tune
 from .frontend import trace
 from .ir import parse
 from . import library  # noqa: F401  (registers torch.ops.sessa_compiler.attention, .feedback, .selective_scan)
-from . import tune  # a callable package: sessa_compiler.tune(module, example_inputs, backend=..., budget=...)
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 
 def export_onnx(module, example_inputs, path, *, opset=None, dynamic=True, validate=True, method="forward"):

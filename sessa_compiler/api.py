@@ -13,7 +13,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from .backends import get_backend
+from .backends.base import CompileContext
 from .backends.eager import bind_symbols
+from .backends.shapes import sequence_length
 from .dtypes import from_torch, to_torch
 from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
 from .frontend.trace import Traced, check_keywords, trace_with_report
@@ -92,7 +94,7 @@ class _RecomputeGrad(torch.autograd.Function):
 # Triton's interpreter (CPU tensors) patches module-level state while a kernel runs: one at a time per process
 _INTERPRETER_LOCK = threading.Lock()
 # per-call state, rebuilt after unpickling (see CompiledModule.__getstate__)
-_RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_variants", "_lock", "_fresh", "_live",
+_RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_contexts", "_variants", "_lock", "_fresh", "_live",
             "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces", "_serving")
 ORIGINAL = "_orig_mod"  # the original module's attribute name (as torch.compile's OptimizedModule names it)
 
@@ -226,6 +228,7 @@ class CompiledModule(torch.nn.Module):
         self._runner = None
         self._live: _Live | None = None
         self._eager_runners: dict = {}  # graph id -> eager runner, for forward-only backends' backward
+        self._contexts: dict = {}       # graph id -> the CompileContext its runner was prepared with
         # (Traced, runner, _Live, modes): one per keyword signature, path through size-dependent code, train/eval
         # modes of the submodules and parameter dtypes seen so far
         self._variants: list = []
@@ -283,23 +286,19 @@ class CompiledModule(torch.nn.Module):
         graph = self._traced.graph
         self._live = _Live(self._orig_mod, graph)
         graph.params.update(self._live.read(self._orig_mod))
-        graph.example_inputs = args  # backends pick configs per shape class and device from these
+        # backends pick configs per shape class and device from the example inputs; their pipelines record here
+        ctx = self._contexts[id(graph)] = CompileContext(example_inputs=args, options=dict(self._options))
         if self.autotune:
-            from .tune.api import tune_graph
-
             settings = self.autotune if isinstance(self.autotune, dict) else {}
             tune_start = time.perf_counter()
-            backend = self._backend
-            if hasattr(backend, "resolve"):  # auto: tune the backend the example inputs will run on
-                backend.prepare(graph)
-                backend = backend.resolve(list(args))
-            self.tune_results = tune_graph(backend, graph, args, **settings)
+            if self.backend_name == "auto":  # tune the backend the example inputs will run on
+                self._backend.prepare(graph, ctx)
+            self.tune_results = _tune_graph(self._backend.resolve(list(args)), graph, args, **settings)
             self.tune_seconds = time.perf_counter() - tune_start
         with _progress(f"sessa_compiler: preparing {type(self._orig_mod).__name__} for {self.backend_name}"):
-            self._runner = self._backend.prepare(graph)
+            self._runner = self._backend.prepare(graph, ctx)
         self._fresh.add(id(self._runner))
-        if hasattr(self._backend, "resolve"):  # auto: say now which backend the example inputs pick
-            self._backend.resolve(list(args))
+        self._backend.resolve(list(args))  # auto: say now which backend the example inputs pick
         self._variants.append((self._traced, self._runner, self._live, _modes(self._orig_mod)))
         self.trace_seconds = time.perf_counter() - start
 
@@ -344,8 +343,7 @@ class CompiledModule(torch.nn.Module):
 
     def kernel_sources(self) -> dict:
         """Generated kernel source by IR value name (backends that generate code; {} for eager)."""
-        fn = getattr(self._backend, "kernel_sources", None)
-        return fn(self.graph) if fn is not None else {}
+        return self._backend.kernel_sources(self.graph)
 
     # -- calling -------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -454,9 +452,7 @@ class CompiledModule(torch.nn.Module):
         the backward recomputes on the eager interpreter."""
         if not torch.is_grad_enabled():
             return runner(args, params)
-        resolve = getattr(self._backend, "resolve", None)
-        backend = resolve(args) if resolve is not None else self._backend
-        if getattr(backend, "differentiable", False):
+        if self._backend.resolve(args).differentiable:
             return runner(args, params)
         grad_args = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
         names = [k for k, p in params.items() if isinstance(p, torch.Tensor) and p.requires_grad]
@@ -528,7 +524,7 @@ class CompiledModule(torch.nn.Module):
         others = {op: c for op, c in counts.items() if OPS[op].kind != CORE and op != "fallback"}
         lines.append("  other ops: " + ", ".join(f"{op} x{c}" for op, c in sorted(others.items())))
         lines.append("  " + self._backend.describe(g))
-        if not getattr(self._backend, "differentiable", False):
+        if not self._backend.differentiable:
             lines.append(f"  autograd: the {self._backend.name} kernels run the forward; when a call needs gradients "
                          "(grad enabled and an input or parameter requires grad), the backward re-runs the graph on "
                          "the eager interpreter and differentiates that (recomputation); under torch.no_grad() "
@@ -558,3 +554,42 @@ def compile(module: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     """
     return CompiledModule(module, example_inputs, example_kwargs=example_kwargs, backend=backend, validate=validate, print_ir=print_ir,
                           options=options, autotune=autotune)
+
+
+def _tune_graph(backend, graph, inputs, **settings) -> list:
+    """autotune.search.tune_graph for a backend that has tunables (eager has none: nothing to tune)."""
+    from .autotune.search import Tunable, tune_graph
+    from .backends.eager import run_graph
+
+    if not isinstance(backend, Tunable):
+        return []
+    inputs = list(inputs)
+    return tune_graph(backend, graph, inputs, seq_len=sequence_length(graph, inputs),
+                      evaluate=lambda targets: run_graph(graph, inputs, graph.params, targets=targets), **settings)
+
+
+TUNABLE_BACKENDS = ("triton", "tvm")
+
+
+def tune(module: torch.nn.Module, example_inputs, backend: str = "triton", budget=None, *,
+         options: dict | None = None, progress: bool = True, repeats: int | None = None, kernel_hook=None) -> list:
+    """Autotune every kernel of ``module`` for these inputs' device and sequence-length class.
+
+    backend: "triton" (CUDA tensors, or CPU tensors in Triton's interpreter), "tvm" (CPU tensors: the
+    generated TVM kernels' schedules); "auto" means triton.
+    budget: None (the whole candidate space), seconds (60, "60s", "2m") shared among the kernels, or
+    trials per kernel ("20 trials"). Results go to the persistent cache (SESSA_COMPILER_CACHE_DIR, else
+    the user's cache directory), which later compiles on this device read; tuned kernels are cache hits.
+    Returns one TuneResult per distinct kernel (config, from_cache, median_ms, tried, rejected).
+    kernel_hook(TunableKernel, node) -> TunableKernel lets tests alter a kernel's space or runner.
+    """
+    if backend == "auto":
+        backend = "triton"
+    if backend not in TUNABLE_BACKENDS:
+        raise SessaCompilerError(f"tune: backend '{backend}' has no tunable kernels here; "
+                                 f"tunable: {', '.join(TUNABLE_BACKENDS)}")
+    settings = {"budget": budget, "progress": progress, "repeats": repeats, "kernel_hook": kernel_hook}
+    if backend == "tvm":  # the compile below only prepares: hybrid mode reuses the tuned kernels' builds
+        options = {"whole_graph": False, **(options or {})}
+    compiled = compile(module, example_inputs, backend=backend, options=options, autotune=settings)
+    return compiled.tune_results

@@ -189,9 +189,7 @@ def cmd_export(a) -> int:
 def cmd_tune(a) -> int:
     import sessa_compiler as sc
 
-    if not hasattr(sc, "tune"):
-        raise SessaCompilerError("tune: no backend with tunable kernels is built yet (Triton and TVM backends pending)")
-    from .tune import cache_dir
+    from .autotune import cache_dir
 
     model, x = build_model(a)
     backend = a.backend if a.backend != "auto" else default_tune_backend()
@@ -291,7 +289,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     fmt = argparse.ArgumentDefaultsHelpFormatter
     p = _Parser(prog="sessa-compiler", formatter_class=fmt,

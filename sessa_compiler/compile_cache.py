@@ -15,7 +15,6 @@ Entries are pickles: load them only from a cache directory you trust (as with to
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import inspect
 import os
@@ -26,14 +25,11 @@ from pathlib import Path
 
 import torch
 
-from .tune.cache import cache_dir, stable_hash
+from .persistent_cache import cache_dir, package_hash, stable_hash
+from .persistent_cache import compile_cache_enabled as enabled  # noqa: F401  (compile_cache.enabled())
 
 ENTRY_FORMAT = 1
 _PLAIN = (bool, int, float, str, type(None))
-
-
-def enabled() -> bool:
-    return os.environ.get("SESSA_COMPILER_COMPILE_CACHE", "1") not in ("0", "false", "off")
 
 
 def _plain(value) -> bool:
@@ -60,17 +56,6 @@ def _class_files(cls, seen: dict) -> None:
                 seen[path] = hashlib.sha256(f.read()).hexdigest()
 
 
-@functools.lru_cache(maxsize=1)
-def _package_hash() -> str:
-    """sha256 of this package's own source: a changed frontend or backend misses every entry."""
-    h = hashlib.sha256()
-    root = Path(__file__).parent
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode())
-        h.update(path.read_bytes())
-    return h.hexdigest()
-
-
 def module_key(module: torch.nn.Module, args: tuple, kwargs: dict | None, modes: tuple) -> str | None:
     """The cache key of tracing ``module(*args, **kwargs)``, or None when the module cannot be keyed (a
     class without a source file, e.g. defined in a REPL: its behaviour could change without the key
@@ -86,7 +71,7 @@ def module_key(module: torch.nn.Module, args: tuple, kwargs: dict | None, modes:
                        sorted(attrs.items())))
     if any(src is None for src in sources.values()):
         return None
-    code = sorted(sources.values()) + [_package_hash()]
+    code = sorted(sources.values()) + [package_hash()]
     tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_parameters(remove_duplicate=False)]
     tensors += [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_buffers(remove_duplicate=False)]
     leaves, spec = torch.utils._pytree.tree_flatten((tuple(args), dict(sorted((kwargs or {}).items()))))
@@ -102,7 +87,7 @@ def _versions() -> dict:
     that a cache lookup does not import triton or tvm)."""
     from importlib import metadata
 
-    from . import __version__
+    from ._version import __version__
 
     out = {"torch": torch.__version__, "sessa_compiler": __version__}
     for dist in ("triton", "apache-tvm", "apache-tvm-ffi"):

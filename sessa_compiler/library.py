@@ -19,8 +19,7 @@ from typing import Optional
 
 import torch
 
-from .backends.reference import attention_ref, compute_dtype
-from .export.onnx_custom_ops import feedback
+from .backends.reference import attention_ref, compute_dtype, feedback_ref
 from .models.scan_op import selective_scan
 
 __all__ = ["attention", "feedback", "selective_scan", "feedback_backward", "FEEDBACK_GRAD_CHUNK"]
@@ -61,6 +60,18 @@ attention.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
 # -- feedback ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("sessa_compiler::feedback", mutates_args=())
+def feedback(f: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, gamma: torch.Tensor, scale: float) -> torch.Tensor:
+    """s[t] = f[t] + gamma[t] * softmax_{j<t}(q_b[t].k_b[j]*scale) @ s[:t]; s[0] = f[0] (the IR's feedback).
+    torch.onnx.export translates it with sessa_compiler.export.onnx_translation.translation_table()."""
+    return feedback_ref(f, q_b, k_b, gamma, scale).contiguous()
+
+
+@feedback.register_fake
+def _feedback_fake(f, q_b, k_b, gamma, scale):
+    return f.new_empty(f.shape)  # contiguous, as the real op returns (empty_like would copy f's strides)
+
+
 def _weights(q_rows, k_cols, row0: int, scale: float) -> torch.Tensor:
     """alpha[row0 + i, j] = softmax over j < row0 + i of q.k*scale (zero elsewhere; a row with no
     predecessor is all zero): [B, rows, cols] in the compute dtype."""

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
+from .backends.base import CompileContext
 from .backends.eager import FACTORIES, IMPLS, bind_symbols, resolve
 from .backends.reference import compute_dtype
 from .dtypes import to_torch
@@ -506,7 +507,8 @@ class Serving:
         if prog is None:
             prog = self.programs[id(graph)] = ServingProgram(graph)
         if not prog.checked:
-            prog.check(getattr(graph, "example_inputs", None) or example, graph.params)
+            ctx = c._contexts.get(id(graph))
+            prog.check((ctx.example_inputs if ctx is not None else None) or example, graph.params)
         return prog
 
     def init_cache(self, batch_size: int, device=None, dtype=None, max_len: int | None = None) -> dict:
@@ -566,10 +568,11 @@ class Serving:
             graph = prog.graph
             wide = graph.clone()
             wide.params = graph.params
-            wide.example_inputs = getattr(graph, "example_inputs", None)
             extra = [v for v in sources if v.kind == "node" and v not in graph.outputs]
             wide.outputs = [wide.value(v.name) for v in list(graph.outputs) + extra]
-            entry = self.forward_runners[id(graph)] = (c._backend.prepare(wide), extra)
+            ctx = c._contexts.get(id(graph))  # the same example inputs: the same configs
+            wide_ctx = CompileContext(example_inputs=ctx.example_inputs, options=ctx.options) if ctx else None
+            entry = self.forward_runners[id(graph)] = (c._backend.prepare(wide, wide_ctx), extra)
         runner, extra = entry
         with torch.no_grad():
             outs = list(runner(list(xs), prog.graph.params))

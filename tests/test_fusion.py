@@ -80,9 +80,9 @@ DT = {"f32": torch.float32, "bf16": torch.bfloat16}
 
 def fused(text: str):
     g = parse(text)
-    p = Fuse()
-    PassManager([p]).run(g)
-    return g, p
+    pm = PassManager([Fuse()])
+    pm.run(g)
+    return g, pm.records[0]
 
 
 def params_for(g, dtype=torch.float32, seed=0):
@@ -101,7 +101,7 @@ def test_fuse_golden_and_round_trip():
     g, p = fused(BLOCK_IR)
     assert str(g) == BLOCK_FUSED_IR
     assert str(parse(BLOCK_FUSED_IR)) == BLOCK_FUSED_IR
-    assert p.decisions == ["group 0 (pointwise): gelu %act, mul %gated -> 1 kernel, saves 256*B*T bytes",
+    assert p.rewrites == 2 and p.decisions == ["group 0 (pointwise): gelu %act, mul %gated -> 1 kernel, saves 256*B*T bytes",
                            "group 1 (rowwise): add %res, layer_norm %y -> 1 kernel, saves 128*B*T bytes"]
 
 

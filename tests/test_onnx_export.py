@@ -462,7 +462,7 @@ class CustomFeedbackBlock(torch.nn.Module):
         self.proj = torch.nn.Linear(8, 8)
 
     def forward(self, f, q_b, k_b, gamma):
-        from sessa_compiler.export.onnx_custom_ops import feedback
+        from sessa_compiler.library import feedback
 
         return feedback(self.proj(f), q_b, k_b, gamma, 0.25)
 
@@ -478,7 +478,7 @@ def test_custom_feedback_op_exports_with_torch_onnx_export_and_export_onnx(tmp_p
 
     from torch.export import Dim
 
-    from sessa_compiler.export.onnx_custom_ops import translation_table
+    from sessa_compiler.export.onnx_translation import translation_table
 
     torch.manual_seed(6)
     m = CustomFeedbackBlock().eval()

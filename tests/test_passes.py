@@ -90,10 +90,13 @@ graph g(%x: f32[B, T, 8]) {
 def test_cost_model_picks_a_legal_chunk_and_says_why():
     p = ChunkFeedback()
     g = parse(FEEDBACK_IR)
-    PassManager([p]).run(g)
+    pm = PassManager([p])
+    pm.run(g)
     node = next(n for n in g.nodes if n.op == "feedback_chunked")
     assert node.attrs["chunk_size"] in (16, 32, 64)
-    assert "cost model" in p.decisions[0] and "C=16" in p.decisions[0]
+    decisions = pm.records[0].decisions
+    assert len(decisions) == 1 and "cost model" in decisions[0] and "C=16" in decisions[0]
+    assert p.run(parse(FEEDBACK_IR)).decisions == decisions   # a second run decides afresh: nothing kept on p
     cost = FeedbackCost()
     # long sequences favour large chunks (fewer sequential steps); the register budget caps them
     assert cost.choose(65536, 1024, 1024)[0] == 64

@@ -269,7 +269,7 @@ def test_update_split_over_earlier_rows():
 def test_tile_sizes_are_tunable():
     """Block sizes (attention tiles, the feedback's outer chunk) are in the GPU tuning space and reach the source."""
     from sessa_compiler.backends.triton.backend import TritonProgram
-    from sessa_compiler.tune.api import triton_space
+    from sessa_compiler.backends.triton.prepare import triton_space
 
     att = attention_node(4, 2, 32, False, "bf16")
     g = feedback_graph(24, 40, 16)

@@ -17,8 +17,8 @@ SCRIPT = textwrap.dedent("""
     import runpy, sys
     for name in {blocked!r}:
         sys.modules[name] = None   # `import name` raises ModuleNotFoundError; find_spec(name) is None
-    import sessa_compiler as sc
-    assert sc.tune.cache.cache_dir().name == "sessa_compiler"   # without platformdirs
+    from sessa_compiler.persistent_cache import cache_dir
+    assert cache_dir().name == "sessa_compiler"   # without platformdirs
     sys.argv = ["gpu_check.py", "--smoke", "--out", {out!r}]
     runpy.run_path({script!r}, run_name="__main__")
 """)

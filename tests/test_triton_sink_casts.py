@@ -25,8 +25,8 @@ def test_bf16_upcast_through_split_is_sunk_and_the_function_is_unchanged():
     g = parse(GRAPH.format(dt="bf16"))
     inputs = _inputs(torch.bfloat16)
     before = run_graph(g, inputs, g.params)
-    p = SinkCasts()
-    assert p.run(g) == 2
+    result = SinkCasts().run(g)
+    assert result.rewrites == 2 and len(result.decisions) == 2
     fb = next(n for n in g.nodes if n.op == "feedback")
     assert [v.type.dtype.name for v in fb.inputs[1:3]] == ["bf16", "bf16"]
     assert fb.inputs[1].producer is fb.inputs[2].producer and fb.inputs[1].producer.op == "split"   # one split
@@ -39,4 +39,4 @@ def test_bf16_upcast_through_split_is_sunk_and_the_function_is_unchanged():
 
 def test_a_cast_that_is_not_an_exact_16bit_upcast_stays():
     g = parse(GRAPH.format(dt="f64"))   # f64 -> f32 rounds: not the same function without it
-    assert SinkCasts().run(g) == 0
+    assert SinkCasts().run(g).rewrites == 0

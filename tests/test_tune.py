@@ -14,10 +14,11 @@ triton_env.require_interpreter()
 import sessa_compiler as sc
 from sessa_compiler.api import relative_error
 from sessa_compiler.backends.eager import run_graph
-from sessa_compiler.tune import TuningCache, defaults
-from sessa_compiler.tune import api as tune_api
-from sessa_compiler.tune import cache as tune_cache
-from sessa_compiler.tune.api import parse_budget, resolve_node, triton_space, tunable_nodes
+from sessa_compiler.autotune import TuningCache, defaults
+from sessa_compiler.autotune import cache as tune_cache
+from sessa_compiler.autotune.search import cache_key, parse_budget, resolve_node
+from sessa_compiler.backends.triton import TritonBackend
+from sessa_compiler.backends.triton.prepare import triton_space, tunable_nodes
 from tests.tune_helpers import T, example, model, run_compile, wrong_first
 
 pytestmark = pytest.mark.usefixtures("cache_dir")  # a fresh tuning cache per test (conftest.py)
@@ -95,18 +96,18 @@ def test_entries_keyed_to_another_device_or_version_are_rejected(cache_dir, monk
     sc.tune(m, (x,), backend="triton", budget="1 trial", progress=False)
     graph = sc.compile(m, (x,), backend="eager").graph
     node = next(n for n in tunable_nodes(graph) if n.op == "feedback")
-    assert resolve_node("triton", node, T, "cpu")[1] == "tuned"
+    assert resolve_node(TritonBackend(), node, T, "cpu")[1] == "tuned"
     # the same kernel under another torch version or on another device: a miss (shipped defaults instead)
     real_versions = tune_cache.library_versions
     monkeypatch.setattr(tune_cache, "library_versions", lambda b: {**real_versions(b), "torch": "0.0-other"})
-    assert resolve_node("triton", node, T, "cpu")[1] != "tuned"
+    assert resolve_node(TritonBackend(), node, T, "cpu")[1] != "tuned"
     monkeypatch.setattr(tune_cache, "library_versions", real_versions)
     monkeypatch.setattr(tune_cache, "device_key", lambda device=None: "cpu:Some Other CPU:64c")
-    assert resolve_node("triton", node, T, "cpu")[1] != "tuned"
+    assert resolve_node(TritonBackend(), node, T, "cpu")[1] != "tuned"
     monkeypatch.undo()
     monkeypatch.setenv("SESSA_COMPILER_CACHE_DIR", str(cache_dir))
     # a file at this key's path whose stored key names another device or version is rejected too
-    key = tune_api.cache_key("triton", node, T, "cpu")
+    key = cache_key(TritonBackend(), node, T, "cpu")
     path = TuningCache().path(key)
     for field, value in (("device", "cuda:NVIDIA H200:sm_90"), ("versions", {"torch": "0.0-other"})):
         entry = json.loads(path.read_text()) if path.exists() else None
@@ -115,7 +116,7 @@ def test_entries_keyed_to_another_device_or_version_are_rejected(cache_dir, monk
             entry = json.loads(path.read_text())
         entry["key"][field] = value
         path.write_text(json.dumps(entry))
-        assert resolve_node("triton", node, T, "cpu")[1] != "tuned"
+        assert resolve_node(TritonBackend(), node, T, "cpu")[1] != "tuned"
         assert not path.exists()
 
 
@@ -136,6 +137,37 @@ def test_shipped_defaults_are_used_when_nothing_was_tuned(monkeypatch):
     for entry in defaults.load_defaults().values():  # every shipped entry is a valid config
         for ops in entry.get("triton", {}).values():
             assert all(defaults.valid_config(c) for c in ops.values())
+
+
+def test_the_cache_key_hashes_the_generated_kernel_source(monkeypatch):
+    """An edit to a kernel generator that changes what it generates makes a new key (stale entries are never
+    hits); a node the backend generates no kernel for is an error, never an empty source."""
+    import dataclasses
+
+    from sessa_compiler.backends.triton import backend as triton_backend
+    from sessa_compiler.backends.triton import prepare
+    from sessa_compiler.errors import SessaCompilerError
+
+    graph = sc.compile(model(), (example(),), backend="eager").graph
+    node = next(n for n in tunable_nodes(graph) if n.op == "attention")
+    b = TritonBackend()
+    before = cache_key(b, node, T, "cpu")
+    assert before == cache_key(b, node, T, "cpu")  # deterministic
+    real = triton_backend.generate_attention
+
+    def edited(*args, **kwargs):
+        src = real(*args, **kwargs)
+        return dataclasses.replace(src, body=src.body.replace("tl.dot(", "tl.dot( "))
+    assert "tl.dot(" in real(node, {"q": "f32", "k": "f32", "v": "f32", "inv_freq": "f32"}, True).body
+    monkeypatch.setattr(triton_backend, "generate_attention", edited)
+    monkeypatch.setattr(prepare, "_SOURCES", {})
+    after = cache_key(b, node, T, "cpu")
+    assert after.source_hash != before.source_hash and after.digest() != before.digest()
+    assert after.space_hash == before.space_hash
+    monkeypatch.setattr(triton_backend, "_generator", lambda node: None)   # no kernel for the op
+    monkeypatch.setattr(prepare, "_SOURCES", {})
+    with pytest.raises(SessaCompilerError, match="generates no kernel"):
+        cache_key(b, node, T, "cpu")
 
 
 def test_budget_parsing():

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from sessa_compiler.tune import TunableKernel, TuningCache, TuningError, make_key, shape_class, tune_kernel
+from sessa_compiler.autotune import TunableKernel, TuningCache, TuningError, make_key, shape_class, tune_kernel
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys, time, torch
     sys.path.insert(0, {tests!r})
     from test_tune_cache import toy_kernel
-    from sessa_compiler.tune import tune_kernel
+    from sessa_compiler.autotune import tune_kernel
     calls = []
     k = toy_kernel(calls)
     slow_run = k.run

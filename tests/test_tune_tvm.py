@@ -21,9 +21,11 @@ import sessa_compiler as sc
 from sessa_compiler.api import relative_error
 from sessa_compiler.backends.tvm import schedules as S
 from sessa_compiler.models import MambaLayer
-from sessa_compiler.tune import api as tune_api
-from sessa_compiler.tune import defaults
-from sessa_compiler.tune.api import resolve_node, tunable_nodes, tvm_schedule, tvm_space
+from sessa_compiler.autotune import defaults
+from sessa_compiler.autotune.search import resolve_node
+from sessa_compiler.backends.tvm import TVMBackend
+from sessa_compiler.backends.tvm import schedule_choice as choice
+from sessa_compiler.backends.tvm.schedule_choice import tunable_nodes, tvm_schedule, tvm_space
 from tests.tune_helpers import T, example, model, run_compile, wrong_first
 
 pytestmark = pytest.mark.usefixtures("cache_dir")  # a fresh tuning cache per test (conftest.py)
@@ -48,18 +50,18 @@ TARGETS = {"avx2": {"kind": "llvm", "mcpu": "znver3"}, "avx512": {"kind": "llvm"
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_spaces_are_small_valid_and_start_with_the_backend_default(name):
     target = TARGETS[name]
-    assert tune_api._tvm_lanes(target) == (8 if name == "avx2" else 16)
+    assert choice.target_lanes(target) == (8 if name == "avx2" else 16)
     for m, x, ops in ((model(), example(), {"feedback", "attention"}),
                       (MambaLayer(32).eval(), example(), {"scan"})):
-        nodes = tunable_nodes(eager_graph(m, x), "tvm", target)
+        nodes = tunable_nodes(eager_graph(m, x), target)
         assert {n.op for n in nodes} == ops
         for n in nodes:
             space = tvm_space(n, target=target)
-            spec = tune_api._tvm_spec(n, tune_api._tvm_lanes(target))
+            spec = choice.kernel_spec(n, choice.target_lanes(target))
             assert space[0] == spec.schedule.as_dict()  # a 1-trial budget still verifies the default
             assert 2 <= len(space) <= 6 and len({json.dumps(c, sort_keys=True) for c in space}) == len(space)
             full = {"feedback": S.feedback_space, "attention": S.attention_space, "scan": S.scan_space}[n.op]
-            assert all(tvm_schedule(n, c, target) in full(tune_api._tvm_size(spec)) for c in space)
+            assert all(tvm_schedule(n, c, target) in full(choice.schedule_size(spec)) for c in space)
             assert all(defaults.valid_config(c, "tvm", n.op) for c in space)
     assert tvm_schedule(nodes[0], {"channel_block": 3}, target) is None
     assert tvm_schedule(nodes[0], {"bogus": 1}, target) is None
@@ -69,13 +71,13 @@ def test_spaces_are_small_valid_and_start_with_the_backend_default(name):
                                          ("skylake-avx512", 16), ("rocketlake", 16), ("sapphirerapids", 16)])
 def test_vector_width_follows_the_cpus_features(mcpu, lanes):
     """AVX-512 CPUs get 16 float lanes whether or not their name is in a list (rocketlake was not)."""
-    assert tune_api._tvm_lanes({"kind": "llvm", "mcpu": mcpu}) == lanes
+    assert choice.target_lanes({"kind": "llvm", "mcpu": mcpu}) == lanes
 
 
 def test_the_host_space_is_one_of_the_named_targets_spaces():
     """The host's own space (what tuning uses by default) is the named target's with the same lanes."""
-    node = next(n for n in tunable_nodes(eager_graph(model(), example()), "tvm") if n.op == "attention")
-    same = next(t for k, t in sorted(TARGETS.items()) if tune_api._tvm_lanes(t) == tune_api._tvm_lanes())
+    node = next(n for n in tunable_nodes(eager_graph(model(), example())) if n.op == "attention")
+    same = next(t for k, t in sorted(TARGETS.items()) if choice.target_lanes(t) == choice.target_lanes())
     assert tvm_space(node) == tvm_space(node, target=same)
 
 
@@ -93,7 +95,7 @@ def test_tuning_picks_a_verified_schedule_and_never_a_wrong_but_fast_one(cache_d
     assert fb.tried == 3 and fb.median_ms > 0
     graph = eager_graph(m, x)
     for r in results:
-        node = next(n for n in tunable_nodes(graph, "tvm") if n.op == r.kernel.split("[")[0])
+        node = next(n for n in tunable_nodes(graph) if n.op == r.kernel.split("[")[0])
         assert r.config in tvm_space(node)  # a schedule from the space, verified against eager
     # (the hooked space hashes to another key.) Tuned for real, the stored schedules are the ones the
     # backend then builds, and they match eager
@@ -103,9 +105,9 @@ def test_tuning_picks_a_verified_schedule_and_never_a_wrong_but_fast_one(cache_d
     assert sorted((r.kernel.split("[")[0], r.from_cache) for r in results) == [("attention", True), ("feedback", False)]
     fb = next(r for r in results if r.kernel.startswith("feedback"))
     for r in results:
-        node = next(n for n in tunable_nodes(graph, "tvm") if n.op == r.kernel.split("[")[0])
+        node = next(n for n in tunable_nodes(graph) if n.op == r.kernel.split("[")[0])
         assert r.config in tvm_space(node)[:3] and not r.rejected  # 3 trials: the first three candidates
-        assert resolve_node("tvm", node, T, "cpu") == (r.config, "tuned")
+        assert resolve_node(TVMBackend(), node, T, "cpu") == (r.config, "tuned")
     compiled = sc.compile(m, (x,), backend="tvm", options=HYBRID)
     text = compiled.explain()
     assert text.count("[tuned]") == 2 and "schedules for T<=32" in text
@@ -134,17 +136,52 @@ def test_compile_autotune_matches_eager_and_explain_says_where_schedules_came_fr
 
 def test_shipped_defaults_then_the_backend_rule_when_nothing_was_tuned(monkeypatch):
     m, x = model(), example()
-    node = next(n for n in tunable_nodes(eager_graph(m, x), "tvm") if n.op == "feedback")
+    node = next(n for n in tunable_nodes(eager_graph(m, x)) if n.op == "feedback")
     table = {"cpu": {"tvm": {"feedback": {"*": {"chunk": 32, "key_block": 16, "rows": 2, "col_block": 16,
                                                 "gemm_rows": 2}},
                              "attention": {"*": {"q_block": 64, "k_block": 3, "rows": 2, "v_lanes": 16}}}}}
     monkeypatch.setattr(defaults, "load_defaults", lambda path=None: table)
-    assert resolve_node("tvm", node, T, "cpu") == (table["cpu"]["tvm"]["feedback"]["*"], "default")
+    assert resolve_node(TVMBackend(), node, T, "cpu") == (table["cpu"]["tvm"]["feedback"]["*"], "default")
     text = sc.compile(m, (x,), backend="tvm", options=HYBRID).explain()
     assert "[default]" in text and "chunk32_key_block16_rows2_col_block16_gemm_rows2" in text
     assert "[backend default]" in text  # the attention entry is invalid (k_block 3): ignored, not fatal
     monkeypatch.setattr(defaults, "load_defaults", lambda path=None: {})
-    assert resolve_node("tvm", node, T, "cpu") == (None, "cost model")
+    assert resolve_node(TVMBackend(), node, T, "cpu") == (None, "cost model")
+
+
+def test_the_cache_key_hashes_the_kernel_generators_source(tmp_path, monkeypatch):
+    """The key holds the source of the generator in use (read with inspect, not a list of file names): an
+    edited generator makes a new key; an op without a kernel is an error, never an empty source."""
+    import importlib
+    import importlib.util
+    import inspect
+    import sys
+
+    from sessa_compiler.autotune.search import cache_key
+    from sessa_compiler.errors import SessaCompilerError
+
+    build = importlib.import_module("sessa_compiler.backends.tvm.build")  # the package exports a function `build`
+
+    node = next(n for n in tunable_nodes(eager_graph(model(), example())) if n.op == "feedback")
+    b = TVMBackend()
+    before = cache_key(b, node, T, "cpu")
+    assert before == cache_key(b, node, T, "cpu")
+    # the same generator from another file, with one edit: what a changed kernels/feedback.py is
+    text = inspect.getsource(inspect.getmodule(build.kernel_generator("feedback")))
+    path = tmp_path / "edited_feedback_kernel.py"
+    path.write_text(text.replace("from ..", "from sessa_compiler.backends.tvm.") + "\n# an edit\n")
+    spec = importlib.util.spec_from_file_location("edited_feedback_kernel", path)
+    edited = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "edited_feedback_kernel", edited)
+    spec.loader.exec_module(edited)
+    monkeypatch.setattr(build, "kernel_generator", lambda op: edited.feedback_kernel)
+    monkeypatch.setattr(choice, "_SOURCES", {})
+    after = cache_key(b, node, T, "cpu")
+    assert after.source_hash != before.source_hash and after.space_hash == before.space_hash
+    monkeypatch.setattr(choice, "kernel_spec", lambda node, lanes, schedule=None: None)   # no kernel here
+    monkeypatch.setattr(choice, "_SOURCES", {})
+    with pytest.raises(SessaCompilerError, match="generates no kernel"):
+        choice.tuning_source(node)
 
 
 def test_shipped_tvm_defaults_are_valid():

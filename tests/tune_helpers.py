@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent("""
     from tests import triton_env  # TRITON_INTERPRET before triton is imported
     import torch
     import sessa_compiler as sc
-    from sessa_compiler.tune import tuner
+    from sessa_compiler.autotune import tuner
     from tests.tune_helpers import model, example
     runs = []
     orig = tuner._time

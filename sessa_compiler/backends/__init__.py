@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 from ..errors import ConfigError, UnsupportedError
+from .base import Backend, CompileContext
 from .eager import EagerBackend
-
-PLANNED: dict = {}
 
 
 def _installed(package: str) -> bool:
@@ -35,7 +34,7 @@ def _kwargs_for(cls, options: dict) -> dict:
     return {k: v for k, v in options.items() if k in accepted}
 
 
-class AutoBackend:
+class AutoBackend(Backend):
     """"auto", decided at each call from the inputs' device and the graph's dtypes:
     CUDA inputs -> triton (when installed); CPU inputs and a graph computing in float32/float64 -> tvm
     (when installed); otherwise eager. `why` says what the last decision was based on."""
@@ -47,6 +46,7 @@ class AutoBackend:
         self._backends: dict = {"eager": self.current}
         self._runners: dict = {}
         self._graph_floats = None  # float dtypes the prepared graph computes in (read at every call)
+        self._contexts: dict = {}  # id(graph) -> the CompileContext it was prepared with
 
     @property
     def name(self) -> str:
@@ -84,7 +84,8 @@ class AutoBackend:
         self.current, self.why = self._backends[choice], why
         return self.current
 
-    def prepare(self, graph):
+    def prepare(self, graph, ctx: CompileContext | None = None):
+        self._contexts[id(graph)] = ctx = ctx or CompileContext()
         values = list(graph.inputs) + list(graph.param_values.values()) + [v for n in graph.nodes for v in n.outputs]
         self._graph_floats = {v.type.dtype.name for v in values if v.type.dtype.is_float}
 
@@ -92,7 +93,7 @@ class AutoBackend:
             backend = self.resolve(inputs)
             key = (backend.name, id(graph))
             if key not in self._runners:
-                self._runners[key] = backend.prepare(graph)
+                self._runners[key] = backend.prepare(graph, ctx)
             return self._runners[key](inputs, params)
         return run
 
@@ -101,8 +102,11 @@ class AutoBackend:
         # now (it is built at the first call otherwise, and then this report would change).
         key = (self.current.name, id(graph))
         if self._graph_floats is not None and key not in self._runners:
-            self._runners[key] = self.current.prepare(graph)
+            self._runners[key] = self.current.prepare(graph, self._contexts.get(id(graph)))
         return f"backend auto -> {self.current.name} ({self.why})\n  " + self.current.describe(graph)
+
+    def kernel_sources(self, graph) -> dict:
+        return self.current.kernel_sources(graph)
 
 
 # The options each backend's constructor takes (tests/test_errors.py checks this against the signatures;
@@ -150,6 +154,4 @@ def get_backend(name: str, **options):
         from .tvm import TVMBackend  # tvm itself is imported when the backend is created
 
         return TVMBackend(**options)
-    if name in PLANNED:
-        raise UnsupportedError(f"backend '{name}': {PLANNED[name]}; available: {', '.join(available_backends())}")
     raise UnsupportedError(f"unknown backend '{name}'; expected one of auto, eager, triton, tvm")

@@ -18,6 +18,7 @@ from ..ir.ops import ArgRef
 from ..ir.types import DType, eval_dim
 from ..ir.ops_fused import parse_body
 from ..semantics import chunked
+from .base import Backend
 from .reference import attention_ref, feedback_ref, rope_ref, scan_ref, tri_solve_ref
 
 Impl = Callable[..., object]
@@ -341,7 +342,7 @@ def eager_when_empty(graph: Graph, runner):
     return run
 
 
-class EagerBackend:
+class EagerBackend(Backend):
     """Runs a graph node by node with torch: slow, exact, the definition."""
 
     name = "eager"
@@ -350,7 +351,7 @@ class EagerBackend:
     def __init__(self, *, print_ir: bool | None = None):
         self.print_ir = print_ir  # None: SESSA_COMPILER_PRINT_IR decides
 
-    def prepare(self, graph: Graph):
+    def prepare(self, graph: Graph, ctx=None):  # ctx: a CompileContext (eager runs no pipeline: unused)
         from ..passes.manager import show_ir
 
         # No pass rewrites the graph here (edits to compiled.graph between calls take effect); print_ir

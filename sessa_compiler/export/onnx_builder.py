@@ -15,7 +15,6 @@ import torch
 from onnx import TensorProto, helper
 
 from ..errors import SessaCompilerError, UnsupportedError
-from ..ir.types import DType
 
 ONNX_DTYPE = {"f64": TensorProto.DOUBLE, "f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16,
               "bf16": TensorProto.BFLOAT16, "i64": TensorProto.INT64, "i32": TensorProto.INT32,
@@ -32,10 +31,6 @@ class OnnxExportError(SessaCompilerError):
 
 class OnnxUnsupportedOpError(OnnxExportError, UnsupportedError):
     """An IR op (or a fallback's torch target) has no ONNX lowering."""
-
-
-def onnx_dtype(d: DType | str) -> int:
-    return ONNX_DTYPE[d.name if isinstance(d, DType) else d]
 
 
 def tensor_proto(name: str, data) -> TensorProto:

@@ -86,7 +86,7 @@ def build_model(graph: Graph, *, opset: int = DEFAULT_OPSET, binding: dict | Non
     """
     from onnx import helper
 
-    from .. import __version__
+    from .._version import __version__
 
     names = [v.name for v in extra_outputs or []]
     graph = onnx_ready(graph)

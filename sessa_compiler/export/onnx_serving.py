@@ -241,7 +241,7 @@ def _cache_outputs(b, prog, cache, order, dtypes, values, length, outputs: list)
 def _model(graph, opset: int, what: str):
     from onnx import helper
 
-    from .. import __version__
+    from .._version import __version__
 
     opsets = [helper.make_opsetid("", opset)]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="sessa_compiler", producer_version=__version__,
@@ -363,7 +363,7 @@ def export_onnx_step(module, example_inputs, path, *, method: str, opset: int, v
     compiled = CompiledModule(module, (x4,), backend="eager")
     graph = compiled.graph
     prog = ServingProgram(graph)
-    prog.check(graph.example_inputs, graph.params)
+    prog.check((x4,), graph.params)  # the example the graph was traced on
     cache = prog.init_cache(int(x_t.shape[0]), device=torch.device("cpu"), max_len=0)
     if len(args) > 1:
         given = args[1]

@@ -210,7 +210,7 @@ def export_tvm_step(module, example_inputs, path, target=None, *, method: str, s
     if len(graph.inputs) != 1:
         raise UnsupportedError("export_tvm(method='decode_step'): only single-input modules are exported")
     prog = ServingProgram(graph)
-    prog.check(graph.example_inputs, graph.params)
+    prog.check((x4,), graph.params)  # the example the graph was traced on
     cache = prog.init_cache(int(x_t.shape[0]), device=torch.device("cpu"), max_len=0)
     target = resolve_target(target)
     lw = _step_lowerer(graph, prog, squeeze, cache, lanes_for(target), schedules)

@@ -24,9 +24,6 @@ import sympy
 from .ops import CORE, fail, need_eq, register, scan_infer, tin
 from .types import DType, TensorType
 
-FEEDBACK_BLOCKED_OPS = ("feedback_lse", "feedback_diag_inverse", "feedback_chunked")
-SCAN_BLOCKED_OPS = ("scan_chunked",)
-
 
 def accumulation_dtype(dtype: DType) -> DType:
     return DType("f64") if dtype.name == "f64" else DType("f32")

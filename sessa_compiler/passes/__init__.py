@@ -1,10 +1,9 @@
 """Passes over the IR (one file each) and the pass manager that runs them as per-backend pipelines."""
-from .canonicalize import Simplify
 from .chunk_feedback import ChunkFeedback, FeedbackCost
 from .chunk_scan import ChunkScan
-from .manager import PRINT_IR_ENV, Pass, PassManager
+from .manager import PRINT_IR_ENV, Pass, PassManager, PassRecord, PassResult
 from .pipeline import PIPELINES, build_pipeline, run_pipeline
-from .simplify import simplify
+from .simplify import Simplify, simplify
 
 __all__ = [
            "PIPELINES",
@@ -14,6 +13,8 @@ __all__ = [
            "FeedbackCost",
            "Pass",
            "PassManager",
+           "PassRecord",
+           "PassResult",
            "Simplify",
            "build_pipeline",
            "run_pipeline",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from ..ir.graph import Graph
 from ..ir.ops_chunked import accumulation_dtype, n_chunks
 from ..ir.types import TensorType
-from .manager import Pass
+from .manager import Pass, PassResult
 from .rewrite import insert_before, replace_node, static_dim
 
 CHUNK_CANDIDATES = (16, 32, 64)
@@ -60,21 +60,18 @@ class FeedbackCost:
 class ChunkFeedback(Pass):
     """Rewrite every ``feedback`` into lse + diagonal-block inverses + blocked substitution.
 
-    ``chunk_size=None`` lets the cost model choose; the decisions are kept in ``self.decisions``.
+    ``chunk_size=None`` lets the cost model choose; the result's decisions say which size and why.
     """
 
     name = "chunk-feedback"
     chunk_size: int | None = None
     cost: FeedbackCost = field(default_factory=FeedbackCost, repr=False, compare=False)
 
-    def __post_init__(self):
-        self.decisions: list[str] = []
-
     def options(self) -> dict:
         return {"chunk_size": self.chunk_size}
 
-    def run(self, graph: Graph) -> int:
-        count = 0
+    def run(self, graph: Graph) -> PassResult:
+        count, decisions = 0, []
         for node in [n for n in graph.nodes if n.op == "feedback"]:
             f, qb, kb, gamma = node.inputs
             scale = node.attrs["scale"]
@@ -83,10 +80,10 @@ class ChunkFeedback(Pass):
             if self.chunk_size is None:
                 C, scored = self.cost.choose(static_dim(T, self.cost.assumed_T), d_qk, d_v)
                 why = ", ".join(f"C={c}: {s * 1e6:.0f} us" for s, c in sorted(scored, key=lambda x: x[1]))
-                self.decisions.append(f"%{node.output.name}: chunk_size={C} by the cost model ({why})")
+                decisions.append(f"%{node.output.name}: chunk_size={C} by the cost model ({why})")
             else:
                 C = self.chunk_size
-                self.decisions.append(f"%{node.output.name}: chunk_size={C} (given)")
+                decisions.append(f"%{node.output.name}: chunk_size={C} (given)")
             acc = accumulation_dtype(f.type.dtype)
             base = node.output.name
             lse = insert_before(graph, node, "feedback_lse", [qb, kb], {"scale": scale},
@@ -97,4 +94,4 @@ class ChunkFeedback(Pass):
             replace_node(graph, node, "feedback_chunked", [f, qb, kb, gamma, lse, dinv],
                          {"scale": scale, "chunk_size": C})
             count += 1
-        return count
+        return PassResult(count, decisions)

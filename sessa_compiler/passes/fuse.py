@@ -30,7 +30,7 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.ops import ELEMENTWISE, OPS
 from ..ir.ops_fused import body_lines, row_space
 from ..ir.types import format_dim
-from .manager import Pass
+from .manager import Pass, PassResult
 
 # elementwise ops the generated kernels implement (float in, float out)
 POINTWISE_OPS = frozenset({"add", "sub", "mul", "div", "neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid",
@@ -137,15 +137,12 @@ def body_graph(graph: Graph, members: list, gid: int) -> Graph:
 
 @dataclass
 class Fuse(Pass):
-    """Group fusible ops (see the module docstring); ``decisions`` lists the groups and their savings."""
+    """Group fusible ops (see the module docstring); the result's decisions list the groups and their savings,
+    its rejected list the merges left because the group would not be convex."""
 
     name = "fuse"
     assumed_dim: int = 4096
     max_width: int = MAX_WIDTH
-
-    def __post_init__(self):
-        self.decisions: list[str] = []
-        self.rejected: list[str] = []
 
     def options(self) -> dict:
         return {}
@@ -158,8 +155,10 @@ class Fuse(Pass):
         space = row_space(body_graph(graph, members, 0))
         return space is not None and space[1] <= self.max_width
 
-    def partition(self, graph: Graph) -> list:
-        """The fusion groups (lists of nodes in graph order), best merges first."""
+    def partition(self, graph: Graph, rejected: list | None = None) -> list:
+        """The fusion groups (lists of nodes in graph order), best merges first; ``rejected`` gets a line for
+        each merge left because it would not be convex."""
+        rejected = [] if rejected is None else rejected
         nxg = graph.to_networkx()
         order = {n: i for i, n in enumerate(graph.nodes)}
         group_of = {n: frozenset([n]) for n in graph.nodes if fusible(n) and self._fits(graph, [n])}
@@ -182,8 +181,8 @@ class Fuse(Pass):
                 members = sorted(merged, key=order.get)
                 if not is_convex(nxg, merged):
                     note = f"not convex: {' + '.join('%' + n.outputs[0].name for n in members)}"
-                    if note not in self.rejected:
-                        self.rejected.append(note)
+                    if note not in rejected:
+                        rejected.append(note)
                     continue
                 if merged not in fits:
                     fits[merged] = self._fits(graph, members)
@@ -204,10 +203,12 @@ class Fuse(Pass):
         groups = {g for g in group_of.values() if len(g) > 1}
         return sorted((sorted(g, key=order.get) for g in groups), key=lambda g: order[g[0]])
 
-    def run(self, graph: Graph) -> int:
-        groups = self.partition(graph)
-        fuse_groups(graph, groups, self.decisions)
-        return len(groups)
+    def run(self, graph: Graph) -> PassResult:
+        result = PassResult(0)
+        groups = self.partition(graph, result.rejected)
+        fuse_groups(graph, groups, result.decisions)
+        result.rewrites = len(groups)
+        return result
 
 
 def fuse_groups(graph: Graph, groups: list, decisions: list | None = None) -> list:

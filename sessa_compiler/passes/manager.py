@@ -6,7 +6,7 @@ A pass is a small class whose dataclass fields are its options (xDSL's habit)::
     class ChunkFeedback(Pass):
         name = "chunk-feedback"
         chunk_size: int | None = None
-        def run(self, graph) -> int: ...      # rewrites in place, returns the number of rewrites
+        def run(self, graph) -> PassResult: ...   # rewrites in place; the rewrites made, what it decided
 
 ``PassManager([Simplify(), ChunkFeedback(chunk_size=64)]).run(graph)`` verifies the graph after
 every pass and, when asked (``print_ir=True`` or the environment variable
@@ -46,7 +46,7 @@ class Pass:
 
     name: ClassVar[str] = "pass"
 
-    def run(self, graph: Graph) -> int:  # pragma: no cover - abstract
+    def run(self, graph: Graph) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError(f"pass {self.name} does not implement run()")
 
     def options(self) -> dict:
@@ -58,6 +58,17 @@ class Pass:
 
 
 @dataclass
+class PassResult:
+    """What one run of a pass did: the number of rewrites, what it decided (chunk sizes and why, fusion
+    groups) and what it considered and left (a fusion that would not be convex), as readable lines.
+    A pass keeps nothing of a run on itself: the PassManager files the result in its records."""
+
+    rewrites: int
+    decisions: list = dataclasses.field(default_factory=list)
+    rejected: list = dataclasses.field(default_factory=list)
+
+
+@dataclass
 class PassRecord:
     """What one pass did: shown by explain() and by the debug printer."""
 
@@ -65,6 +76,9 @@ class PassRecord:
     rewrites: int
     seconds: float
     nodes_after: int
+    name: str = ""                                      # the pass's name (pass_ also shows its options)
+    decisions: list = dataclasses.field(default_factory=list)  # PassResult.decisions
+    rejected: list = dataclasses.field(default_factory=list)   # PassResult.rejected
 
     def __str__(self) -> str:
         return f"{self.pass_}: {self.rewrites} rewrite(s), {self.nodes_after} ops after, {self.seconds * 1e3:.1f} ms"
@@ -92,13 +106,14 @@ class PassManager:
             self._print("before any pass", graph)
         for p in self.passes:
             start = time.perf_counter()
-            rewrites = p.run(graph)
+            result = p.run(graph)
             if self.verify:
                 try:
                     graph.verify()
                 except IRError as e:
                     raise IRError(f"the IR is invalid after pass '{p}': {e}") from e
-            rec = PassRecord(str(p), int(rewrites or 0), time.perf_counter() - start, len(graph.nodes))
+            rec = PassRecord(str(p), result.rewrites, time.perf_counter() - start, len(graph.nodes), p.name,
+                             list(result.decisions), list(result.rejected))
             self.records.append(rec)
             if self.print_ir:
                 self._print(f"after {p} ({rec.rewrites} rewrite(s))", graph)

@@ -5,17 +5,17 @@
     onnx:   simplify -> chunk-feedback -> chunk-scan                           (export_onnx, before lowering)
 
 ``run_pipeline(graph, "triton", print_ir=True)`` rewrites ``graph`` in place and returns the
-PassManager (its ``records`` say what each pass did; chunking passes keep their ``decisions``).
+PassManager (its ``records`` say what each pass did and decided).
 """
 from __future__ import annotations
 
 from ..errors import UnsupportedError
 from ..ir.graph import Graph
-from .canonicalize import Simplify
 from .chunk_feedback import ChunkFeedback
 from .chunk_scan import ChunkScan
 from .fuse import Fuse
 from .manager import PassManager
+from .simplify import Simplify
 from .sink_casts import SinkCasts
 
 

@@ -1,7 +1,12 @@
-"""Canonicalisation: fold layout ops that cancel or compose (what recognition and lowering leave behind)."""
+"""Simplification: fold layout ops that cancel or compose (what recognition and lowering leave behind) and
+merge common subexpressions. ``simplify(graph)`` is the function (the frontend calls it after lowering);
+``Simplify`` is the same as a named pass for the pipelines."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..ir.graph import Graph
+from .manager import Pass, PassResult
 
 
 def _is_identity(n) -> bool:
@@ -72,3 +77,13 @@ def simplify(graph: Graph) -> int:
         changed = changed or bool(merged)
     graph.verify()
     return total
+
+
+@dataclass
+class Simplify(Pass):
+    """Fold identity/cancelling layout ops and merge common subexpressions, to a fixed point."""
+
+    name = "simplify"
+
+    def run(self, graph: Graph) -> PassResult:
+        return PassResult(simplify(graph))

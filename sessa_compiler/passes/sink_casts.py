@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
-from .manager import Pass
+from .manager import Pass, PassResult
 
 NARROW = ("bf16", "f16")
 LAYOUT = ("split", "reshape", "slice")   # ops that only move or select elements
@@ -50,11 +50,8 @@ class SinkCasts(Pass):
 
     name = "sink-casts"
 
-    def __post_init__(self):
-        self.decisions: list[str] = []
-
-    def run(self, graph: Graph) -> int:
-        count = 0
+    def run(self, graph: Graph) -> PassResult:
+        count, decisions = 0, []
         replayed: dict = {}   # (layout node, its new input) -> the 16-bit copy, so q_b and k_b share one split
         for node in [n for n in graph.nodes if n.op == "feedback"]:
             for idx in (1, 2):
@@ -76,9 +73,9 @@ class SinkCasts(Pass):
                         replayed[(id(old), id(new))] = made
                     new = made.outputs[old.outputs.index(layout_v)]
                 node.inputs[idx] = new
-                self.decisions.append(f"%{node.output.name}: {('q_b', 'k_b')[idx - 1]} reads %{new.name} "
+                decisions.append(f"%{node.output.name}: {('q_b', 'k_b')[idx - 1]} reads %{new.name} "
                                       f"({src.type.dtype.name}) instead of its fp32 upcast")
                 count += 1
         if count:
             graph.dead_code_elimination()
-        return count
+        return PassResult(count, decisions)

@@ -21,15 +21,16 @@ from ...errors import UnsupportedError
 from ...ir.graph import Graph, Node
 from ...ir.ops import CORE, OPS
 from ...passes.pipeline import run_pipeline
+from ..base import Backend, CompileContext
 from ..eager import HALF, bind_symbols, run_node, widened
 from .attention import generate_attention, launch_attention
-from .codegen import KERNEL_CACHE, KernelSource
+from .codegen import KERNEL_CACHE, KERNEL_DTYPES, KernelSource
 from .feedback import generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse, launch_lse, launch_solve
 from .fused import fused_layout, generate_fused, launch_fused
+from .prepare import triton_runner, triton_space, tunable_nodes, tuning_kernel, tuning_source
 from .scan import generate_scan, launch_scan
 from .tri_solve import generate_tri_solve, launch_tri_solve
 
-KERNEL_DTYPES = ("f32", "f16", "bf16")
 GENERATOR_KNOBS = {"attention": ("block_m", "block_n"), "feedback_chunked": ("outer_chunk",)}   # tunable tiles
 
 
@@ -139,7 +140,7 @@ class TritonProgram:
         return [env[v] for v in graph.outputs]
 
 
-class TritonBackend:
+class TritonBackend(Backend):
     """``get_backend("triton", print_ir=..., feedback_chunk_size=..., scan_chunk_size=..., scan_strategy=...,
     interpret=...)``: chunk sizes default to the passes' cost models; ``interpret`` defaults to
     "interpret CPU tensors, compile for CUDA tensors"."""
@@ -160,19 +161,17 @@ class TritonBackend:
         self.scan_strategy = scan_strategy
         self.programs: dict = {}
 
-    def prepare(self, graph: Graph):
-        # one program per shape class and device, configured from the tuning cache, then the shipped
-        # defaults, then the cost model (sessa_compiler/tune/api.py); calls build_program below
-        from ...tune.api import triton_runner
-
+    def prepare(self, graph: Graph, ctx: CompileContext | None = None):
+        """One program per shape class and device, configured from the tuning cache, then the shipped
+        defaults, then the cost model (prepare.py); each calls build_program below. With half_in_float32
+        a bf16/fp16 graph runs as its float32 copy, its outputs rounded once."""
+        ctx = ctx or CompileContext()
         wide = widened(graph) if self.half_in_float32 else None
         if wide is None:
-            return triton_runner(self, graph)
-        example = getattr(graph, "example_inputs", None)
-        if example:
-            wide.example_inputs = [_up(x) for x in example]
+            return triton_runner(self, graph, ctx)
         self.widened[id(graph)] = wide
-        run_wide = triton_runner(self, wide)
+        wide_ctx = dataclasses.replace(ctx, example_inputs=tuple(_up(x) for x in ctx.example_inputs))
+        run_wide = triton_runner(self, wide, wide_ctx)
 
         def run(inputs, params):
             bind_symbols(graph, inputs)  # callers pass the declared (half) dtypes and shapes
@@ -181,6 +180,22 @@ class TritonBackend:
                     for o, v in zip(outs, graph.outputs)]
         run.programs = run_wide.programs
         return run
+
+    # -- autotune.search.Tunable --------------------------------------------------------------------
+    def tunable_nodes(self, graph: Graph) -> list:
+        return tunable_nodes(graph)
+
+    def tuning_space(self, node: Node, device) -> list:
+        return triton_space(node, device)
+
+    def tuning_source(self, node: Node, device) -> str:
+        return tuning_source(self, node, device)
+
+    def accepts_config(self, node: Node, config: dict) -> bool:
+        return True  # the shipped table is validated against the knobs' values (autotune/defaults.py)
+
+    def tuning_kernel(self, node: Node, operands: list, seq_len: int):
+        return tuning_kernel(self, node, operands, seq_len)
 
     def build_program(self, graph: Graph, options: dict | None = None) -> TritonProgram:
         """One program; ``options`` (pipeline chunk sizes, scan_strategy) replace the backend's own."""
@@ -230,9 +245,8 @@ class TritonBackend:
         lines = ["backend triton: pipeline " + " -> ".join(r.pass_ for r in prog.passes.records)]
         if id(graph) in self.widened:
             lines.append("  half_in_float32: bf16/fp16 values are computed in float32 and the outputs rounded once")
-        for p in prog.passes.passes:
-            for d in getattr(p, "decisions", []):
-                lines.append(f"    {p.name}: {d}")
+        for r in prog.passes.records:
+            lines += [f"    {r.name}: {d}" for d in r.decisions]
         lines.append(f"  kernels ({len(prog.kernel_nodes)}; generated per dtype on first call, cached per "
                      "specialisation, not per B or T):")
         for n in prog.kernel_nodes:

@@ -19,6 +19,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 
+KERNEL_DTYPES = ("f32", "f16", "bf16")  # operand dtypes with generated kernels (others run the torch implementation)
 TRITON_DTYPE = {"f32": "tl.float32", "f16": "tl.float16", "bf16": "tl.bfloat16", "f64": "tl.float64"}
 AOT_POINTER = {"f32": "*fp32", "f16": "*fp16", "bf16": "*bf16", "f64": "*fp64"}
 

@@ -15,10 +15,12 @@ import dataclasses
 import torch
 
 from ...errors import InputError, UnsupportedError
-from ...ir.graph import Graph, Value
+from ...ir.graph import Graph, Node, Value
+from ..base import Backend, CompileContext
 from ..eager import bind_symbols, eager_when_empty, resolve, run_node
 from .build import build, kernel_source, lanes_for
 from .lowering import lower_graph
+from .schedule_choice import tuning_kernel, tuning_source, tunable_nodes, tvm_schedule, tvm_schedules, tvm_space
 
 ALIGN = 64
 _TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}
@@ -82,7 +84,7 @@ class KernelCall:
         return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
-class TVMBackend:
+class TVMBackend(Backend):
     """compile(module, backend="tvm"): CPU tensors, generated TVM kernels for the core ops."""
 
     name = "tvm"
@@ -121,18 +123,32 @@ class TVMBackend:
         got = self.resolved.get(id(graph))
         return got[0] if got else self.schedules
 
-    def resolve_schedules(self, graph: Graph) -> dict:
-        """Hook for tuned schedules (sessa_compiler/tune/api.py: tvm_schedules): per op, schedules given to
-        the backend win, then the tuning cache, the shipped defaults and the backend's own rule. A failing
-        lookup never fails the compile: the given schedules and the rule-based defaults are used."""
-        from ...tune.api import tvm_schedules
-
+    def resolve_schedules(self, graph: Graph, ctx: CompileContext | None = None) -> dict:
+        """Per op, schedules given to the backend win, then the tuning cache, the shipped defaults and the
+        backend's own rule (schedule_choice.py). A failing lookup never fails the compile: the given
+        schedules and the rule-based defaults are used."""
         try:
-            self.resolved[id(graph)] = tvm_schedules(self, graph)
+            self.resolved[id(graph)] = tvm_schedules(self, graph, ctx or CompileContext())
         except Exception as e:  # noqa: BLE001 - tuning results are an optimisation, never a requirement
             why = f"    schedules: tuning lookup failed ({type(e).__name__}: {e}); the backend's defaults are used"
             self.resolved[id(graph)] = (self.schedules, [why])
         return self.resolved[id(graph)][0]
+
+    # -- autotune.search.Tunable --------------------------------------------------------------------
+    def tunable_nodes(self, graph: Graph) -> list:
+        return tunable_nodes(graph, self.target)
+
+    def tuning_space(self, node: Node, device) -> list:
+        return tvm_space(node, device, self.target)
+
+    def tuning_source(self, node: Node, device) -> str:
+        return tuning_source(node, self.target)
+
+    def accepts_config(self, node: Node, config: dict) -> bool:
+        return tvm_schedule(node, config, self.target) is not None
+
+    def tuning_kernel(self, node: Node, operands: list, seq_len: int):
+        return tuning_kernel(self, node, operands, seq_len)
 
     def plan(self, graph: Graph) -> list:
         return lower_graph(graph, self.lanes, self.schedules_for(graph))
@@ -213,14 +229,14 @@ class TVMBackend:
         self.modes[id(graph)] = ("whole graph", "every op lowers to TVM")
         return run
 
-    def prepare(self, graph: Graph):
-        return eager_when_empty(graph, self._prepare(graph))
+    def prepare(self, graph: Graph, ctx: CompileContext | None = None):
+        return eager_when_empty(graph, self._prepare(graph, ctx or CompileContext()))
 
-    def _prepare(self, graph: Graph):
+    def _prepare(self, graph: Graph, ctx: CompileContext):
         from ...passes.manager import show_ir
 
         show_ir(graph, "run by the tvm backend (no pass rewrites it: lowered as traced)", self.print_ir)
-        self.resolve_schedules(graph)
+        self.resolve_schedules(graph, ctx)
         plan = self.plan(graph)
         if self.whole_graph:
             run = self._whole_graph_runner(graph, plan)

@@ -14,8 +14,6 @@ from .schedules import (AttentionSchedule, FeedbackSchedule, LinearSchedule, Sch
                         default_tri_solve)
 from .target import configure_threads, resolve_target, vector_bits
 
-LOWERABLE = ("attention", "feedback", "scan", "tri_solve")
-
 
 @dataclass(frozen=True)
 class KernelSpec:
@@ -71,29 +69,43 @@ def linear_spec(in_features: int, out_features: int, bias: bool, dtype: str,
                                  ("bias", bool(bias))), dtype, schedule or default_linear(out_features, lanes))
 
 
+def kernel_generator(op: str):
+    """The function that generates an op's TIR kernel: ``<op>_kernel`` in ``kernels/<op>.py`` (imports tvm)."""
+    import importlib
+
+    if op not in _KERNEL_ARGS:
+        raise KeyError(f"no TVM kernel generator for op '{op}'")
+    return getattr(importlib.import_module(f"{__package__}.kernels.{op}"), f"{op}_kernel")
+
+
+# each generator's arguments before (dtype, schedule), read from the spec's params
+_KERNEL_ARGS = {"feedback": ("width", "scale"), "attention": ("n_heads", "n_kv_heads", "head_dim", "scale", "rope"),
+                "scan": ("channels", "d_state"), "tri_solve": ("width", "unitriangular"),
+                "linear": ("in_features", "out_features", "bias")}
+
+
 def primfunc(spec: KernelSpec):
     """Generate the TIR PrimFunc for a spec, named by its unique symbol."""
     p = spec.params
-    if spec.op == "feedback":
-        from .kernels.feedback import feedback_kernel
-        func = feedback_kernel(p["width"], p["scale"], spec.dtype, spec.schedule)
-    elif spec.op == "attention":
-        from .kernels.attention import attention_kernel
-        func = attention_kernel(p["n_heads"], p["n_kv_heads"], p["head_dim"], p["scale"], p["rope"], spec.dtype,
-                                spec.schedule)
-    elif spec.op == "scan":
-        from .kernels.scan import scan_kernel
-        func = scan_kernel(p["channels"], p["d_state"], spec.dtype, spec.schedule)
-    elif spec.op == "tri_solve":
-        from .kernels.tri_solve import tri_solve_kernel
-        func = tri_solve_kernel(p["width"], p["unitriangular"], spec.dtype, spec.schedule)
-    elif spec.op == "linear":
-        from .kernels.linear import linear_kernel
-        func = linear_kernel(p["in_features"], p["out_features"], p["bias"], spec.dtype, spec.schedule)
-    else:
-        raise KeyError(f"no TVM kernel generator for op '{spec.op}'")
+    func = kernel_generator(spec.op)(*(p[k] for k in _KERNEL_ARGS[spec.op]), spec.dtype, spec.schedule)
     # the tunables travel with the kernel (readable in the TVMScript and by an autotuner)
     return func.with_attr("global_symbol", spec.symbol).with_attr("sessa.schedule", spec.schedule.tag())
+
+
+def generator_source(op: str) -> str:
+    """The source code that generates an op's kernel, read with ``inspect`` from the objects in use: the
+    generator's module, every module of this package whose functions or classes it uses (schedules,
+    TIR helpers), and this module (specs, primfunc). Editing any of them changes the text."""
+    import inspect
+    import sys
+
+    gen = inspect.getmodule(kernel_generator(op))
+    used = {gen.__name__: gen, __name__: sys.modules[__name__]}
+    for value in vars(gen).values():
+        name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+        if isinstance(name, str) and name.startswith(__package__ + "."):
+            used[name] = sys.modules[name]
+    return "\n".join(f"# {name}\n{inspect.getsource(mod)}" for name, mod in sorted(used.items()))
 
 
 def kernel_source(spec: KernelSpec) -> str:

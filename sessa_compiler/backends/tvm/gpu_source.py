@@ -510,15 +510,6 @@ def emit_graph(graph, out_dir, targets=("cuda",), schedules: dict | None = None)
     return written
 
 
-def emit(module, example_inputs, out_dir, targets=("cuda",), schedules: dict | None = None) -> dict:
-    """Trace a torch module and write the device source of its thread-bound kernels into `out_dir`
-    (kernels.cu, kernels.metal, kernels.cl, kernels.wgsl). Returns {target kind: file name}."""
-    from ...frontend import trace
-
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    return emit_graph(trace(module, args), out_dir, targets, schedules)
-
-
 def nvcc_path() -> str | None:
     """The machine's nvcc: $PATH, then /usr/local/cuda/bin."""
     import shutil

@@ -2,7 +2,7 @@
 
 Keyed by the IR text, the schedules, the target, the vector width, the versions of torch, tvm and
 sessa_compiler and this package's source; a library that does not load is moved aside and rebuilt.
-See sessa_compiler/compile_cache.py.
+See sessa_compiler/persistent_cache.py.
 """
 from __future__ import annotations
 
@@ -10,23 +10,21 @@ import os
 import tempfile
 import warnings
 
-from ...tune.cache import cache_dir, library_versions, stable_hash
+from ...persistent_cache import cache_dir, compile_cache_enabled, library_versions, package_hash, stable_hash
 from .target import configure_threads
 
 
 def load_or_build(graph, schedules: dict, target, lanes: int, build):
     """A runtime module for ``relax.VirtualMachine``: the cached library, else ``build()`` (an executable),
     written to the cache for the next process."""
-    from ... import compile_cache
-
     configure_threads()
-    if not compile_cache.enabled():
+    if not compile_cache_enabled():
         return build()
     import tvm
 
     key = stable_hash({"format": 1, "ir": str(graph), "schedules": repr(sorted(schedules.items())),
                        "target": str(target), "lanes": lanes, "versions": library_versions("tvm"),
-                       "code": compile_cache._package_hash()})  # a changed kernel generator misses
+                       "code": package_hash()})  # a changed kernel generator misses
     path = cache_dir() / "tvm" / f"{key}.so"
     if path.exists():
         try:

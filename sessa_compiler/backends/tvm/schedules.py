@@ -113,18 +113,6 @@ def default_linear(out_features: int, lanes: int = 8) -> LinearSchedule:
     return LinearSchedule(col_block=_largest_dividing(out_features, (2 * lanes, lanes, 4, 2, 1)), rows=4, row_block=64)
 
 
-def linear_space(out_features: int) -> list:
-    out = []
-    for cb, rows, rb in itertools.product((1, 2, 4, 8, 16, 32), (1, 2, 4, 6), (24, 48, 64, 96)):
-        s = LinearSchedule(cb, rows, rb)
-        try:
-            s.check(out_features)
-        except ValueError:
-            continue
-        out.append(s)
-    return out
-
-
 def _largest_dividing(n: int, options) -> int:
     for o in options:
         if n % o == 0:

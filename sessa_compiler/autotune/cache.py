@@ -10,7 +10,6 @@ never a crash; tuners of the same key in several processes serialise on a file l
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -20,28 +19,9 @@ from pathlib import Path
 
 import filelock  # a dependency of torch
 
-try:  # a convenience: the GPU machines have only torch, triton and numpy
-    import platformdirs
-except ImportError:  # pragma: no cover - exercised by tests/test_triton_minimal_env.py
-    platformdirs = None
+from ..persistent_cache import cache_dir, library_versions, stable_hash  # noqa: F401  (re-exported)
 
 ENTRY_FORMAT = 1
-
-
-def cache_dir() -> Path:
-    """``$SESSA_COMPILER_CACHE_DIR``, else the user's cache directory."""
-    env = os.environ.get("SESSA_COMPILER_CACHE_DIR")
-    if env:
-        return Path(env)
-    if platformdirs is not None:
-        return Path(platformdirs.user_cache_dir("sessa_compiler"))
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sessa_compiler"
-
-
-def stable_hash(obj) -> str:
-    """sha256 of a JSON rendering with sorted keys (strings are hashed as their text)."""
-    text = obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def cpu_model() -> str:
@@ -65,21 +45,6 @@ def device_key(device=None) -> str:
         return f"cuda:{torch.cuda.get_device_name(dev)}:sm_{major}{minor}"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"cpu:{cpu_model()}:{cores}c"
-
-
-def library_versions(backend: str) -> dict:
-    import torch
-
-    from .. import __version__
-
-    versions = {"torch": torch.__version__, "sessa_compiler": __version__}
-    module = {"triton": "triton", "tvm": "tvm"}.get(backend)
-    if module is not None:
-        try:
-            versions[module] = __import__(module).__version__
-        except Exception:  # noqa: BLE001 - a backend that is not installed simply has no version
-            versions[module] = "missing"
-    return versions
 
 
 def shape_class(seq_len: int) -> str:

@@ -1,4 +1,4 @@
-"""onnxscript translation of sessa_compiler::feedback (see onnx_custom_ops.py); imported only on demand.
+"""onnxscript translation of sessa_compiler::feedback (see onnx_translation.py); imported only on demand.
 
 onnxscript reads type annotations from this module's globals, so the imports stay at module level
 (and no ``from __future__ import annotations``).

@@ -26,7 +26,7 @@ ALLOWED = {
     "outer_chunk": {64, 128, 256, 512, 1024},
 }
 # TVM: the fields of the ops' schedules (backends/tvm/schedules.py); whether a value fits a given op's
-# shape (divisibility) is checked again when the backend resolves it (tune.api.tvm_schedule).
+# shape (divisibility) is checked again when the backend resolves it (backends/tvm/schedule_choice.py: tvm_schedule).
 _POW2 = {1, 2, 4, 8, 16, 32, 64, 128}
 ALLOWED_TVM = {
     "feedback": {"chunk": {16, 32, 64, 128}, "key_block": _POW2, "rows": {1, 2, 4, 6, 8}, "col_block": _POW2,
