@@ -5,9 +5,11 @@ from .api import CompiledModule, compile
 from .frontend import trace
 from .ir import parse
 from . import library  # noqa: F401  (registers torch.ops.sessa_compiler.attention, .feedback, .selective_scan)
+from . import dynamo as _dynamo
 from . import tune  # a callable package: sessa_compiler.tune(module, example_inputs, backend=..., budget=...)
 
 __version__ = "0.1.0"
+_dynamo.register()  # torch.compile(module, backend="sessa")
 
 
 def export_onnx(module, example_inputs, path, *, opset=None, dynamic=True, validate=True, method="forward"):
