@@ -99,7 +99,8 @@ def _chain_has(source, kind) -> bool:
 class _Layout:
     """Where each of the graph's placeholders comes from at a call."""
 
-    kinds: list            # per placeholder: ("data", k) | ("weight", name) | ("size", k, dim) | ("number", value, dtype)
+    # per placeholder: ("data", k) | ("weight", name) | ("size", k, dim) | ("number", value, dtype)
+    kinds: list
     data: list             # placeholder index of each data input
     weights: list          # (name, placeholder index)
     dynamic: list          # per data input: {dim: Dim.AUTO} for the dims dynamo made dynamic

@@ -230,3 +230,47 @@ def test_compiled_module_under_the_sessa_backend():
     with torch.no_grad():
         assert relative_error(compiled(x), module(x)) <= FP32
     assert sd.reports[-1].compiled and {"attention", "feedback"} <= set(sd.reports[-1].core_ops)
+
+
+class Broken(torch.nn.Module):
+    """A Sessa layer, a graph break, then an MLP: dynamo captures two graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = SessaLayer(16, n_heads=2)
+        self.mlp = MLP()
+
+    def forward(self, x):
+        y = self.layer(x)
+        torch._dynamo.graph_break()
+        return self.mlp(y)
+
+
+def test_each_graph_of_a_broken_frame_goes_its_own_way(monkeypatch):
+    module = randomize(Broken())
+    calls = Calls(monkeypatch)
+    compiled = torch.compile(module, backend="sessa", options={"backend": "eager", "fallback": "eager"})
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        assert relative_error(compiled(x), module(x)) <= FP32
+    assert [r.compiled for r in sd.reports] == [True, False], [r.reason for r in sd.reports]
+    assert calls.count == 1
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        torch.compile(module, backend="sessa", fullgraph=True, options={"fallback": "eager"})(x)
+
+
+def test_inductor_failure_runs_the_graph_as_torch_code(monkeypatch):
+    def lookup(name):
+        assert name == "inductor"
+
+        def broken(gm, example_inputs):
+            raise RuntimeError("no C++ compiler")
+        return broken
+    monkeypatch.setattr(sd, "_lookup_backend", lookup)
+    module = MLP().eval()
+    compiled = torch.compile(module, backend="sessa", fullgraph=True)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad(), pytest.warns(UserWarning, match="Inductor could not compile"):
+        got = compiled(x)
+    with torch.no_grad():
+        assert torch.equal(got, module(x))

@@ -106,7 +106,8 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
         traced_kwargs = {k: _grow(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL
                        for p in inspect.signature(module.forward).parameters.values())
-        if traced_kwargs or variadic:  # dynamic shapes by parameter name, so keyword arguments (and *args) get theirs too
+        # dynamic shapes by parameter name, so keyword arguments (and *args) get theirs too
+        if traced_kwargs or variadic:
             try:
                 bound = inspect.signature(module.forward).bind(*traced_args, **traced_kwargs).arguments
             except TypeError as e:
