@@ -216,7 +216,7 @@ class SessaGraph:
     prepared sessa backend. A call the traced graph does not cover (its size guards) runs dynamo's graph as
     torch code instead, with a warning."""
 
-    def __init__(self, gm, layout: _Layout, module: _GraphAsModule, traced, backend, runner):
+    def __init__(self, gm, layout: _Layout, traced, backend, runner):
         self.gm = gm
         self.layout = layout
         self.traced = traced
@@ -373,7 +373,7 @@ def sessa_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
         backend.resolve(list(data))
     _record(GraphReport(name, True, backend.name, core_ops=core, dynamic_dims=dynamic_dims,
                         explain=_explain(traced, backend.name)))
-    return SessaGraph(gm, layout, module, traced, backend, runner)
+    return SessaGraph(gm, layout, traced, backend, runner)
 
 
 def register() -> None:

@@ -4,6 +4,8 @@ compiler and sends the others to a fallback backend.
 Each check compares with the module's own eager outputs. The fallback is Inductor by default; on the 2-core CPU
 machine Inductor takes about a minute per graph, so the tests pass options={"fallback": "eager"} and check the
 default by recording the name the backend looks up."""
+from tests import triton_env  # noqa: I001  (sets TRITON_INTERPRET before triton is imported)
+
 import os
 import pathlib
 import subprocess
@@ -20,6 +22,7 @@ from sessa_compiler.models import Decoder, MambaLayer, SessaLayer
 from sessa_compiler.tolerance import TOLERANCE, relative_error
 from tests.model_helpers import randomize
 
+triton_env.require_interpreter()
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 FP32 = TOLERANCE[torch.float32]
@@ -162,12 +165,11 @@ def test_unknown_option_is_a_config_error():
     assert "feedback_chunk_size" in str(info.value.inner_exception)
 
 
-@pytest.mark.parametrize("backend", ["eager", "tvm"])
+@pytest.mark.parametrize("backend", ["eager", "tvm", "triton"])
 def test_training_steps_match_eager_and_read_live_weights(backend):
-    """Gradients flow through the compiled graph (TVM runs the forward, the backward recomputes on eager), and
-    the optimiser's in-place updates are seen by the next call: three SGD steps equal eager's."""
-    if backend == "tvm":
-        pytest.importorskip("tvm")
+    """Gradients flow through the compiled graph (TVM and Triton, on CPU tensors under its interpreter, run the
+    forward; the backward recomputes on eager), and the optimiser's in-place updates are seen by the next call:
+    three SGD steps equal eager's."""
     torch.manual_seed(0)
     module = SessaLayer(16, n_heads=2)
     twin = SessaLayer(16, n_heads=2)
