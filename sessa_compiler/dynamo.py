@@ -44,7 +44,7 @@ _OWN_OPTIONS = ("backend", "fallback")
 class GraphReport:
     """What the sessa backend did with one graph dynamo captured."""
 
-    graph_name: str
+    compile_id: str           # dynamo's id of the frame's compile ("0/1": frame 0, its second compile)
     compiled: bool            # True: a sessa backend runs it; False: the fallback does
     backend: str              # the sessa backend, or the fallback's name
     core_ops: dict = field(default_factory=dict)   # op -> count in the IR (empty when it fell back)
@@ -345,7 +345,9 @@ def sessa_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     backend_name = options.pop("backend", "auto")
     fallback = options.pop("fallback", DEFAULT_FALLBACK)
     backend = get_backend(backend_name, **options)  # a ConfigError for unknown options, before anything is traced
-    name = type(gm).__name__ if type(gm).__name__ != "GraphModule" else "graph"
+    from torch._guards import CompileContext
+
+    name = str(CompileContext.current_compile_id() or "")
     try:
         layout = _layout(gm, example_inputs)
         module = _GraphAsModule(gm, layout, example_inputs)

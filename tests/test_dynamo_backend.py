@@ -130,6 +130,7 @@ def test_sessa_ops_run_on_this_compiler_at_static_then_dynamic_lengths(name, mon
         assert calls.count == i + 1  # every call ran on the sessa backend's compiled graph
     assert len(sd.reports) == 2, [r.reason for r in sd.reports]
     static, dynamic = sd.reports
+    assert (static.compile_id, dynamic.compile_id) == ("0/0", "0/1")
     for report in (static, dynamic):
         assert report.compiled and report.backend == "eager", report.reason
         assert want_ops <= set(report.core_ops), report.explain
@@ -155,6 +156,21 @@ def test_graph_without_sessa_ops_falls_back_to_inductor_by_default(monkeypatch):
     (report,) = sd.reports
     assert not report.compiled and report.backend == "inductor" and report.core_ops == {}
     assert "no attention, feedback or scan" in report.reason
+
+
+def test_non_causal_transformer_block_falls_back(monkeypatch):
+    """Attention without a causal mask is no IR attention: torch's encoder layer, in both modes, falls back."""
+    calls = Calls(monkeypatch)
+    for training in (False, True):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        module = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+        module.train(training)
+        compiled = torch.compile(module, backend="sessa", fullgraph=True, options={"fallback": "eager"})
+        x = torch.randn(2, 9, 32)
+        assert relative_error(compiled(x), module(x)) <= FP32
+    assert [r.compiled for r in sd.reports] == [False, False] and calls.count == 0
+    assert all("no attention, feedback or scan" in r.reason for r in sd.reports)
 
 
 def test_unknown_option_is_a_config_error():
