@@ -23,6 +23,9 @@ How a captured graph is compiled:
 from __future__ import annotations
 
 import collections
+import importlib.abc
+import importlib.machinery
+import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
@@ -378,14 +381,46 @@ def sessa_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     return SessaGraph(gm, layout, traced, backend, runner)
 
 
-def register() -> None:
-    """Make "sessa" a torch.compile backend name in this process (idempotent). It is registered as the entry
-    point pyproject.toml declares, so torch loads it the same way whether or not the package metadata is
-    installed, and torch's later entry-point discovery finds the same name again instead of a duplicate."""
-    from importlib.metadata import EntryPoint
+_REGISTRY = "torch._dynamo.backends.registry"
 
-    from torch._dynamo.backends import registry
+
+def _register_into(registry) -> None:
+    """Add "sessa" to dynamo's backend registry, as the entry point pyproject.toml declares: torch loads it the
+    same way whether or not the package metadata is installed, and its later entry-point discovery finds the
+    same name again (a second register_backend would be a duplicate-name error)."""
+    from importlib.metadata import EntryPoint
 
     if NAME in registry._COMPILER_FNS or registry._BACKENDS.get(NAME) is not None:
         return
     registry._BACKENDS[NAME] = EntryPoint(name=NAME, value=f"{__name__}:sessa_backend", group="torch_dynamo_backends")
+
+
+class _AfterRegistryImport(importlib.abc.MetaPathFinder):
+    """Registers the backend once dynamo's registry module has been imported: importing torch._dynamo here
+    would add more than a second (and triton) to ``import sessa_compiler``."""
+
+    def find_spec(self, name, path, target=None):
+        if name != _REGISTRY:
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        loader_exec = spec.loader.exec_module
+
+        def exec_module(module):
+            loader_exec(module)
+            _register_into(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def register() -> None:
+    """Make "sessa" a torch.compile backend name in this process (idempotent): now when dynamo is loaded,
+    else as soon as it is."""
+    registry = sys.modules.get(_REGISTRY)
+    if registry is not None:
+        _register_into(registry)
+    elif not any(isinstance(f, _AfterRegistryImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterRegistryImport())

@@ -88,6 +88,20 @@ def test_backend_name_is_registered_and_declared():
     assert torch._dynamo.lookup_backend("sessa") is sd.sessa_backend
 
 
+def test_importing_the_package_does_not_load_dynamo():
+    """The name is registered when dynamo loads (importing it with the package would cost more than a second)."""
+    program = ("import sys, sessa_compiler\n"
+               "print('torch._dynamo' in sys.modules)\n"
+               "import torch._dynamo\n"
+               "print('sessa' in torch._dynamo.list_backends())\n"
+               "from sessa_compiler import dynamo\n"
+               "print(torch._dynamo.lookup_backend('sessa') is dynamo.sessa_backend)\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "True", "True"], out.stdout
+
+
 def test_entry_point_works_without_importing_the_package(tmp_path):
     """An installed package's entry point (the one pyproject.toml declares, written as installed metadata) lets
     torch.compile(backend="sessa") load this package itself: no import of sessa_compiler in the program, and no
