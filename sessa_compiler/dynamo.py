@@ -334,7 +334,7 @@ def _fallback(gm, example_inputs, name: str):
         return gm.forward
 
 
-def sessa_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None):
+def sessa_backend(gm: fx.GraphModule, example_inputs, options: dict | None = None, mode: str | None = None):
     """The dynamo backend: ``torch.compile(module, backend="sessa", options={...})``.
 
     options: "backend" (the sessa backend for graphs with Sessa ops: "auto", "eager", "tvm", "triton"; default
@@ -344,6 +344,9 @@ def sessa_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     from .backends import get_backend
     from .frontend.trace import trace_with_report
 
+    if mode is not None:
+        raise ConfigError(f"torch.compile(backend='sessa', mode={mode!r}): modes are Inductor's; the sessa backend "
+                          "takes options={'backend': ..., 'fallback': ...} instead")
     options = dict(options or {})
     backend_name = options.pop("backend", "auto")
     fallback = options.pop("fallback", DEFAULT_FALLBACK)

@@ -193,6 +193,10 @@ def test_unknown_option_is_a_config_error():
         compiled(torch.randn(2, 5, 16))
     assert isinstance(info.value.inner_exception, ConfigError), info.value
     assert "feedback_chunk_size" in str(info.value.inner_exception)
+    torch._dynamo.reset()
+    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as info:
+        torch.compile(MLP(), backend="sessa", mode="max-autotune")(torch.randn(2, 5, 16))
+    assert isinstance(info.value.inner_exception, ConfigError) and "modes are Inductor's" in str(info.value)
 
 
 @pytest.mark.parametrize("backend", ["eager", "tvm", "triton"])
