@@ -1,9 +1,9 @@
-"""The generated scan kernel as a torch.library.triton_op (sessa_compiler/backends/triton/ops.py).
+"""The generated scan and attention kernels as torch.library.triton_op ops (sessa_compiler/backends/triton/ops.py).
 
-On CPU tensors the op runs its kernel under Triton's interpreter: checked against the custom op
-torch.ops.sessa_compiler.selective_scan, forward and gradients. On CUDA tensors AOT autograd (the part of
-torch.compile that hands Inductor its graph) must trace into the op and see the kernel launch: checked on fake
-CUDA tensors in a process with the interpreter off (no GPU is needed to trace; nothing runs)."""
+On CPU tensors the ops run their kernels under Triton's interpreter: checked against the custom ops
+torch.ops.sessa_compiler.selective_scan and .attention, forward and gradients. On CUDA tensors AOT autograd (the
+part of torch.compile that hands Inductor its graph) must trace into the ops and see the kernel launches: checked
+on fake CUDA tensors in a process with the interpreter off (no GPU is needed to trace; nothing runs)."""
 from tests import triton_env  # noqa: I001  (sets TRITON_INTERPRET before triton is imported)
 
 import os
@@ -49,6 +49,26 @@ def test_scan_triton_op_matches_the_custom_op_forward_and_backward():
         assert relative_error(a.grad, b.grad) <= TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("rope, causal", [(True, True), (False, True), (False, False)])
+def test_attention_triton_op_matches_the_custom_op_forward_and_backward(rope, causal):
+    from sessa_compiler.backends.triton import ops  # noqa: F401  (registers the triton_op)
+
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 37, 4, 16, generator=g)
+    k, v = torch.randn(2, 37, 2, 16, generator=g), torch.randn(2, 37, 2, 16, generator=g)   # GQA
+    inv = 10000.0 ** (-torch.arange(8) / 8.0) if rope else None
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    twins = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    got = torch.ops.sessa_compiler.attention_triton(*leaves, inv, 0.25, causal)
+    want = torch.ops.sessa_compiler.attention(*twins, inv, 0.25, causal)
+    assert relative_error(got, want) <= TOLERANCE[torch.float32]
+    grad = torch.randn(want.shape, generator=g)
+    got.backward(grad)
+    want.backward(grad)
+    for a, b in zip(leaves, twins):
+        assert relative_error(a.grad, b.grad) <= TOLERANCE[torch.float32]
+
+
 TRACE = r"""
 import torch
 from torch._functorch.aot_autograd import aot_function
@@ -74,16 +94,26 @@ with FakeTensorMode():
         aot_function(lambda *a: torch.ops.sessa_compiler.selective_scan_triton(*a) * 2, fw_compiler=compiler)(*args)
     except Seen as e:
         print(e)
+    q, k, v = (torch.empty(2, 9, h, 16, device="cuda") for h in (4, 2, 2))
+    inv = torch.empty(8, device="cuda")
+    try:
+        aot_function(lambda q, k, v, inv: torch.ops.sessa_compiler.attention_triton(q, k, v, inv, 0.25, True) + 1,
+                     fw_compiler=compiler)(q, k, v, inv)
+    except Seen as e:
+        print(e)
 """
 
 
-def test_aot_autograd_sees_the_scan_kernel_launch_on_cuda_tensors(tmp_path):
+def test_aot_autograd_sees_the_kernel_launches_on_cuda_tensors(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(PYTHONPATH=str(ROOT), SESSA_COMPILER_KERNEL_DIR=str(tmp_path / "kernels"),
                TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
     out = subprocess.run([sys.executable, "-c", TRACE], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    names, kernels = eval(out.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr of two lists of str
-    assert "triton_kernel_wrapper_functional" in names, names
-    assert not any("selective_scan" in n for n in names), names  # traced into, not an opaque op
-    assert kernels == ["scan_chunked"]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 2, out.stdout
+    (scan_names, scan_kernels), (attention_names, attention_kernels) = (eval(line) for line in lines)  # noqa: S307
+    assert "triton_kernel_wrapper_functional" in scan_names, scan_names
+    assert not any("sessa_compiler" in n for n in scan_names + attention_names)  # traced into, not opaque ops
+    assert scan_kernels == ["scan_chunked"]
+    assert attention_kernels == ["rope_rotate", "rope_rotate", "attention_fwd"]
