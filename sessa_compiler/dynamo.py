@@ -117,9 +117,13 @@ def _layout(gm: fx.GraphModule, example_inputs) -> _Layout:
         raise TraceError(f"the graph has {len(placeholders)} inputs, dynamo gave {len(example_inputs)} examples")
     kinds: list = [None] * len(placeholders)
     data, weights, used = [], [], set()
+    from torch._subclasses.fake_tensor import is_fake
+
     for i, (node, example) in enumerate(zip(placeholders, example_inputs)):
         if not isinstance(example, torch.Tensor):
             continue
+        if is_fake(example):  # the recognisers' probes need real weights
+            raise TraceError(f"input {node.name} is a fake tensor: the sessa backend needs real example inputs")
         grapharg = node.meta.get("grapharg")
         if grapharg is not None and getattr(grapharg, "pass_arg_as_tensor", False) and example.dim() == 0:
             # a Python number dynamo passes as a tensor (dynamic=True does this to float attributes such as a
