@@ -1,7 +1,7 @@
 """``torch.compile(module, backend="sessa")``: a dynamo backend that compiles each captured graph with this compiler.
 
-Registered on ``import sessa_compiler`` and through the ``torch_dynamo_backends`` entry point (pyproject.toml), so
-the name also works in a process that never imports this package itself.
+Registered through the ``torch_dynamo_backends`` entry point (pyproject.toml), so the name also works in a process
+that never imports this package itself, and by ``import sessa_compiler`` as soon as dynamo is loaded (register()).
 
 How a captured graph is compiled:
 
@@ -23,6 +23,7 @@ How a captured graph is compiled:
 from __future__ import annotations
 
 import collections
+import contextlib
 import importlib.abc
 import importlib.machinery
 import sys
@@ -264,11 +265,10 @@ class SessaGraph:
         params = dict(self.fixed)
         params.update({name: args[i] for name, i in self.weight_args})
         interpreted = self.backend.name == "triton" and not any(x.is_cuda for x in inputs)
-        with self._lock, (_INTERPRETER_LOCK if interpreted else _nothing()):
+        with self._lock, (_INTERPRETER_LOCK if interpreted else contextlib.nullcontext()):
             outs, recomputed = run_with_autograd(self.backend, self.runner, graph, inputs, params, self.eager_runners)
         self.grad_recomputes += recomputed
         return pytree.tree_unflatten(list(outs), self.traced.out_spec)
-
 
     def _numbers_changed(self, args) -> str | None:
         for i, kind in enumerate(self.layout.kinds):
@@ -278,21 +278,11 @@ class SessaGraph:
         return None
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _outside_dynamo():
     """A context in which torch.export runs as it does outside torch.compile. Inside dynamo's call to a backend,
     torch.export would find dynamo's tracing context and fake mode and trace in dynamo's shape environment: the
     guards it adds there (sizes export specialises or constrains) then fail on the frame dynamo is compiling
     ("Guard failed on the same frame it was created")."""
-    import contextlib
-
     from torch._guards import tracing
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
