@@ -7,6 +7,9 @@ from .ir import parse
 from . import library  # noqa: F401  (registers torch.ops.sessa_compiler.attention, .feedback, .selective_scan)
 
 from ._version import __version__
+from . import dynamo as _dynamo
+
+_dynamo.register()  # torch.compile(module, backend="sessa")
 
 
 def export_onnx(module, example_inputs, path, *, opset=None, dynamic=True, validate=True, method="forward"):

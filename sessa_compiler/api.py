@@ -91,6 +91,27 @@ class _RecomputeGrad(torch.autograd.Function):
         return (None,) * 5 + tuple(next(it) if t.requires_grad else None for t in leaves)
 
 
+def run_with_autograd(backend, runner, graph, args: list, params: dict, eager_runners: dict) -> tuple:
+    """(outputs, whether autograd will recompute on eager) of a prepared graph. When autograd must see this call
+    and the backend is forward-only, the call is wrapped so that the backward recomputes on the eager interpreter
+    (_RecomputeGrad); eager_runners caches the eager runner per graph."""
+    if not torch.is_grad_enabled():
+        return runner(args, params), False
+    if backend.resolve(args).differentiable:
+        return runner(args, params), False
+    grad_args = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    names = [k for k, p in params.items() if isinstance(p, torch.Tensor) and p.requires_grad]
+    if not grad_args and not names:
+        return runner(args, params), False
+    if id(graph) not in eager_runners:
+        from .backends.eager import EagerBackend
+
+        eager_runners[id(graph)] = EagerBackend().prepare(graph)
+    fixed = {k: p for k, p in params.items() if k not in set(names)}
+    return list(_RecomputeGrad.apply(runner, eager_runners[id(graph)], len(args), names, fixed,
+                                     *args, *(params[k] for k in names))), True
+
+
 # Triton's interpreter (CPU tensors) patches module-level state while a kernel runs: one at a time per process
 _INTERPRETER_LOCK = threading.Lock()
 # per-call state, rebuilt after unpickling (see CompiledModule.__getstate__)
@@ -448,24 +469,9 @@ class CompiledModule(torch.nn.Module):
         return None
 
     def _run(self, args: list, graph, runner, params) -> list:
-        """Run the backend; when autograd must see this call and the backend is forward-only, wrap it so
-        the backward recomputes on the eager interpreter."""
-        if not torch.is_grad_enabled():
-            return runner(args, params)
-        if self._backend.resolve(args).differentiable:
-            return runner(args, params)
-        grad_args = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
-        names = [k for k, p in params.items() if isinstance(p, torch.Tensor) and p.requires_grad]
-        if not grad_args and not names:
-            return runner(args, params)
-        if id(graph) not in self._eager_runners:
-            from .backends.eager import EagerBackend
-
-            self._eager_runners[id(graph)] = EagerBackend().prepare(graph)
-        fixed = {k: p for k, p in params.items() if k not in set(names)}
-        self.grad_recomputes += 1
-        return list(_RecomputeGrad.apply(runner, self._eager_runners[id(graph)], len(args), names, fixed,
-                                         *args, *(params[k] for k in names)))
+        outs, recomputed = run_with_autograd(self._backend, runner, graph, args, params, self._eager_runners)
+        self.grad_recomputes += recomputed
+        return outs
 
     def _check_devices(self, args, params) -> None:
         devices = {a.device for a in args}

@@ -10,6 +10,7 @@ for ``explain()``.
 """
 from __future__ import annotations
 
+import contextvars
 import math
 from dataclasses import dataclass, field
 
@@ -26,6 +27,14 @@ from .probe import Step, apply_steps, probe
 
 WALK_LAYOUT = {"reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "repeat_interleave"}
 B, T = sym("B"), sym("T")
+# The batch and sequence sizes the recognisers match layouts against: the symbols B and T of a graph traced with
+# dynamic sizes, or the integers of a graph with static ones (torch.compile's first graph of a module); see
+# recognise(). The probes then run at those sizes only, where the graph is used.
+_SIZES: contextvars.ContextVar = contextvars.ContextVar("sessa_recognise_sizes", default=(B, T))
+
+
+def _bt() -> tuple:
+    return _SIZES.get()
 
 
 @dataclass
@@ -93,6 +102,7 @@ STOP_KINDS = (CORE, COMPUTE)  # the walk never crosses another projection, softm
 
 def is_square_in_t(t: TensorType) -> bool:
     """A [..., T, T] value: logits or weights over (query position, key position)."""
+    B, T = _bt()
     return t.rank >= 2 and dims_equal(t.shape[-1], T) and dims_equal(t.shape[-2], T)
 
 
@@ -195,6 +205,7 @@ def contraction_width(n: Node):
 # -- layout adapters ------------------------------------------------------------------------------------
 def to_bthd(t: TensorType, e):
     """Candidate step lists turning a source of type t into [B, T, n, e]; each with n."""
+    B, T = _bt()
     s = t.shape
     out = []
     if t.rank == 3 and dims_equal(s[0], B) and dims_equal(s[1], T) and isinstance(s[2], int) and isinstance(e, int) \
@@ -214,6 +225,7 @@ def to_bthd(t: TensorType, e):
 
 def from_bthd(t: TensorType, H: int, e):
     """Candidate step lists turning [B, T, H, e] into type t."""
+    B, T = _bt()
     s = t.shape
     out = []
     if t.rank == 4 and all(dims_equal(a, b) for a, b in zip(s, (B, T, H, e))):
@@ -229,6 +241,7 @@ def from_bthd(t: TensorType, H: int, e):
 
 def to_btc(t: TensorType):
     """Candidate step lists turning a source into [B, T, C] (single-head feedback operands)."""
+    B, T = _bt()
     s = t.shape
     if t.rank == 3 and dims_equal(s[0], B) and dims_equal(s[1], T):
         return [[]]
@@ -238,6 +251,7 @@ def to_btc(t: TensorType):
 
 
 def to_bt(t: TensorType):
+    B, T = _bt()
     s = t.shape
     if t.rank == 2 and dims_equal(s[0], B) and dims_equal(s[1], T):
         return [[]]
@@ -613,6 +627,7 @@ def recognise_causal_conv1d(g: Graph, report: Report) -> int:
         if n.attrs["groups"] != C or list(n.attrs["stride"]) != [1] or list(n.attrs["dilation"]) != [1]:
             continue
         xs = A.walk_back(x, lambda t: t.rank == 3, allow_cast=False)
+        T = _bt()[1]
         chain = [n.output]
         while True:
             u = A.single_user(chain[-1])
@@ -644,8 +659,21 @@ def recognise_causal_conv1d(g: Graph, report: Report) -> int:
     return count
 
 
-def recognise(g: Graph) -> Report:
-    """Run every recogniser; the graph is rewritten in place. Returns what was found."""
+def recognise(g: Graph, sizes: tuple | None = None) -> Report:
+    """Run every recogniser; the graph is rewritten in place. Returns what was found.
+
+    sizes: the (batch, sequence) sizes layouts are matched against; default: the symbols B and T of a graph traced
+    with dynamic sizes. A graph with static sizes passes its integers: it is used at those sizes only, so the
+    probes check each rewrite there."""
+    token = _SIZES.set(tuple(sizes)) if sizes is not None else None
+    try:
+        return _recognise(g)
+    finally:
+        if token is not None:
+            _SIZES.reset(token)
+
+
+def _recognise(g: Graph) -> Report:
     report = Report()
     recognise_feedback(g, report)
     recognise_attention(g, report)

@@ -16,7 +16,7 @@ from ..errors import TraceError
 from ..ir.graph import Graph
 from ..passes.simplify import simplify
 from .lower import CONSTANT_TYPES, Lowerer, register_custom_lowerings
-from .recognise import Report, recognise
+from .recognise import B as BATCH, T as SEQUENCE, Report, recognise
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -89,24 +89,33 @@ def _check_call(args: tuple, kwargs: dict) -> None:
     check_keywords(kwargs)
 
 
-def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict | None = None
-                   ) -> torch.export.ExportedProgram:
+def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict | None = None,
+                   dynamic_shapes: tuple | dict | None = None) -> torch.export.ExportedProgram:
+    """torch.export (non-strict) of module(*example_inputs, **example_kwargs). By default dims 0 and 1 of every
+    tensor argument are dynamic (B and T); `dynamic_shapes` (positional arguments only) says which dims are instead,
+    and the examples are then traced at their own sizes."""
     args = _as_tuple(example_inputs)
     kwargs = dict(sorted((example_kwargs or {}).items()))
     _check_call(args, kwargs)
-    traced_args = tuple(_grow(a) for a in args)
-    traced_kwargs = {k: _grow(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
-    variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL
-                   for p in inspect.signature(module.forward).parameters.values())
-    if traced_kwargs or variadic:  # dynamic shapes by parameter name, so keyword arguments (and *args) get theirs too
-        try:
-            bound = inspect.signature(module.forward).bind(*traced_args, **traced_kwargs).arguments
-        except TypeError as e:
-            raise TraceError(f"{type(module).__name__}.forward does not take these arguments: {e}") from e
-        dynamic = {name: pytree.tree_map(lambda v: _dynamic_dims(v) if isinstance(v, torch.Tensor) else None, value)
-                   for name, value in bound.items()}
+    if dynamic_shapes is not None:
+        if kwargs:
+            raise TraceError("export_program: dynamic_shapes covers positional arguments only")
+        traced_args, traced_kwargs, dynamic = tuple(a.contiguous() for a in args), {}, dynamic_shapes
     else:
-        dynamic = tuple(_dynamic_dims(a) for a in traced_args)
+        traced_args = tuple(_grow(a) for a in args)
+        traced_kwargs = {k: _grow(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL
+                       for p in inspect.signature(module.forward).parameters.values())
+        # dynamic shapes by parameter name, so keyword arguments (and *args) get theirs too
+        if traced_kwargs or variadic:
+            try:
+                bound = inspect.signature(module.forward).bind(*traced_args, **traced_kwargs).arguments
+            except TypeError as e:
+                raise TraceError(f"{type(module).__name__}.forward does not take these arguments: {e}") from e
+            dynamic = {name: pytree.tree_map(lambda v: _dynamic_dims(v) if isinstance(v, torch.Tensor) else None, value)
+                       for name, value in bound.items()}
+        else:
+            dynamic = tuple(_dynamic_dims(a) for a in traced_args)
     try:
         # torch.export keeps process-wide state (its exporting flag, the swapped-in fake parameters of the module,
         # the warning filters and the stderr redirection here): one export at a time in this process
@@ -273,8 +282,8 @@ def _dim_names(tensors) -> dict:
     return names
 
 
-def _lower(module, args, kwargs=None):
-    ep = export_program(module, args, kwargs)
+def _lower(module, args, kwargs=None, dynamic_shapes=None):
+    ep = export_program(module, args, kwargs, dynamic_shapes)
     lowerer = Lowerer(ep, _dim_names(tensor_leaves(args, kwargs)), name=type(module).__name__)
     return ep, lowerer, lowerer.run()
 
@@ -317,19 +326,33 @@ def _needless(module, args, guard: Guard, graph: Graph) -> bool:
         relative_error(g, w) <= TOLERANCE.get(w.dtype, 0.0) for g, w in zip(got, want))
 
 
+def _layout_sizes(graph: Graph) -> tuple | None:
+    """The (batch, sequence) sizes the recognisers match layouts against: None (the symbols B and T) unless the
+    first input of rank >= 2 has a static batch or sequence dim; that integer then (see recognise)."""
+    for v in graph.inputs:
+        if v.type.rank >= 2:
+            b, t = v.type.shape[:2]
+            if not isinstance(b, int) and not isinstance(t, int):
+                return None
+            return (b if isinstance(b, int) else BATCH, t if isinstance(t, int) else SEQUENCE)
+    return None
+
+
 def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: dict | None = None, *,
-                      recognisers: bool = True) -> Traced:
+                      recognisers: bool = True, dynamic_shapes: tuple | dict | None = None) -> Traced:
     """Trace `module(*example_inputs, **example_kwargs)`. Tensor arguments become graph inputs (dims 0 and
-    1 symbolic: B and T); keyword arguments may also be None/bool/int/float/str, baked in as constants."""
+    1 symbolic: B and T); keyword arguments may also be None/bool/int/float/str, baked in as constants.
+    `dynamic_shapes` (torch.export's, positional arguments only) makes other dims dynamic instead; a static
+    batch or sequence dim is then recognised at its size."""
     register_custom_lowerings()
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
-    ep, lowerer, graph = _lower(module, args, kwargs)
+    ep, lowerer, graph = _lower(module, args, kwargs, dynamic_shapes)
     guards = _range_guards(ep, lowerer.sym_map) + [Guard(sympy.simplify(e), "assertion") for e in lowerer.assertions]
     guards = [g for g in guards if g.expr is not sympy.true]
     # checked on the graph as lowered, before recognisers rewrite it
     guards = [g for g in guards if g.origin != "assertion" or kwargs or not _needless(module, args, g, graph)]
-    report = recognise(graph) if recognisers else Report()
+    report = recognise(graph, _layout_sizes(graph)) if recognisers else Report()
     report.accepted[:0] = lowerer.notes
     simplify(graph)
     leaves, spec = call_leaves(args, kwargs)

@@ -1,0 +1,155 @@
+"""Generated Triton kernels as ``torch.library.triton_op`` ops, launched through ``wrap_triton``.
+
+- ``torch.ops.sessa_compiler.selective_scan_triton(u, delta, A, B, C, D)``: the Mamba-1 selective scan
+  (the same arguments and result as ``torch.ops.sessa_compiler.selective_scan``), one launch of the
+  generated ``scan_chunked`` kernel (sequential strategy).
+- ``torch.ops.sessa_compiler.attention_triton(q, k, v, inv_freq, scale, causal)``: the arguments and result of
+  ``torch.ops.sessa_compiler.attention``. Causal attention launches the generated ``attention_fwd`` kernel
+  (after two ``rope_rotate`` launches when ``inv_freq`` is given); non-causal attention, which has no
+  kernel, is the reference's torch ops.
+
+Both take their gradients from the custom op's formula (recomputed from the saved inputs).
+
+A ``triton_op`` is what Inductor can trace into: on CUDA tensors, torch.compile with Inductor sees the
+kernel launch itself instead of an opaque custom op. That has not been run: no GPU was available. On CPU
+tensors the op runs its kernel under Triton's interpreter, which is what the tests check; torch.compile
+and ``torch.library.opcheck`` cannot run it there, because tracing the op runs its body, and the
+interpreter then launches the kernel on fake tensors.
+
+Importing this module imports triton (registered on first import, not on ``import sessa_compiler``).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import torch
+from torch.library import triton_op, wrap_triton
+
+from ...dtypes import from_torch
+from ...ir import parse
+from ..reference import attention_ref
+from .attention import generate_attention
+from .codegen import KERNEL_CACHE
+from .scan import generate_scan
+
+__all__ = ["attention_triton", "selective_scan_triton"]
+
+_SCAN_CHUNK = 16  # the IR node's chunk size; the sequential strategy walks the time steps one by one anyway
+
+
+@functools.lru_cache(maxsize=64)
+def _scan_kernel(d_inner: int, n_state: int, dtypes: tuple, interpret: bool):
+    names = dict(dtypes)
+    text = (f"graph s(%u: {names['u']}[B, T, {d_inner}], %dt: {names['delta']}[B, T, {d_inner}], "
+            f"%Bm: {names['B']}[B, T, {n_state}], %Cm: {names['C']}[B, T, {n_state}]) {{\n"
+            f"  param %A: {names['A']}[{d_inner}, {n_state}]\n"
+            f"  param %D: {names['D']}[{d_inner}]\n"
+            f"  %y: {names['u']}[B, T, {d_inner}] = scan_chunked(%u, %dt, %A, %Bm, %Cm, %D) "
+            f"{{chunk_size={_SCAN_CHUNK}}}\n"
+            "  return %y\n}")
+    node = parse(text).nodes[0]
+    return KERNEL_CACHE.load(generate_scan(node, names, interpret, "sequential"), interpret)
+
+
+@triton_op("sessa_compiler::selective_scan_triton", mutates_args={})
+def selective_scan_triton(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
+                          D: torch.Tensor) -> torch.Tensor:
+    """y_t = C_t . h_t + D * u_t with h_t = exp(delta_t * A) h_{t-1} + delta_t * u_t (x) B_t; u/delta [B, T, Din],
+    A [Din, N], B/C [B, T, N], D [Din]."""
+    batch, T, d_inner = u.shape
+    n_state = A.shape[1]
+    dtypes = tuple(sorted((k, from_torch(x.dtype).name) for k, x in
+                          (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D))))
+    kernel = _scan_kernel(d_inner, n_state, dtypes, not u.is_cuda)
+    u, delta, B, C = (x if x.stride(-1) == 1 else x.contiguous() for x in (u, delta, B, C))
+    out = torch.empty_like(u, memory_format=torch.contiguous_format)
+    src = kernel.source
+    grid = (-(-d_inner // src.tunables["BLOCK_D"]), batch)
+    wrap_triton(kernel.fn)[grid](u, delta, A.contiguous(), B, C, D.contiguous(), out, T, *u.stride()[:2],
+                                 *delta.stride()[:2], *B.stride()[:2], *C.stride()[:2], *out.stride()[:2],
+                                 num_warps=src.num_warps, num_stages=src.num_stages)
+    return out
+
+
+def _scan_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _scan_backward(ctx, grad):
+    """Gradients of the torch.ops.sessa_compiler.selective_scan formula, recomputed from the saved inputs."""
+    leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+    wanted = [t for t in leaves if t.requires_grad]
+    with torch.enable_grad():
+        out = torch.ops.sessa_compiler.selective_scan(*leaves)
+    got = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+    return tuple(next(got) if t.requires_grad else None for t in leaves)
+
+
+selective_scan_triton.register_autograd(_scan_backward, setup_context=_scan_setup)
+
+
+@functools.lru_cache(maxsize=64)
+def _attention_kernel(H: int, Hkv: int, d: int, dv: int, scale: float, rope: bool, dtypes: tuple, interpret: bool):
+    names = dict(dtypes)
+    inv = ", %inv" if rope else ""
+    text = (f"graph a(%q: {names['q']}[B, T, {H}, {d}], %k: {names['k']}[B, T, {Hkv}, {d}], "
+            f"%v: {names['v']}[B, T, {Hkv}, {dv}]) {{\n"
+            f"  param %inv: {names.get('inv_freq', 'f32')}[{max(d // 2, 1)}]\n"
+            f"  %o: {names['q']}[B, T, {H}, {dv}] = attention(%q, %k, %v{inv}) "
+            f"{{scale={scale!r}, causal=True, rope={rope}}}\n"
+            "  return %o\n}")
+    node = parse(text).nodes[0]
+    return KERNEL_CACHE.load(generate_attention(node, names, interpret), interpret)
+
+
+_ROTATED = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+
+
+@triton_op("sessa_compiler::attention_triton", mutates_args={})
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: Optional[torch.Tensor],
+                     scale: float, causal: bool) -> torch.Tensor:
+    """softmax_{j <= t}(q_t . k_j * scale) @ v with GQA, RoPE on q and k when inv_freq is given; q [B,T,H,d],
+    k/v [B,T,Hkv,d]."""
+    if not causal:
+        return attention_ref(q, k, v, scale, causal, inv_freq).contiguous()
+    B, T, H, d = q.shape
+    rope = inv_freq is not None
+    named = [("q", q), ("k", k), ("v", v)] + ([("inv_freq", inv_freq)] if rope else [])
+    dtypes = tuple(sorted((n, from_torch(x.dtype).name) for n, x in named))
+    kernel = _attention_kernel(H, k.shape[2], d, v.shape[3], float(scale), rope, dtypes, not q.is_cuda)
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    out = torch.empty(q.shape[:3] + (v.shape[3],), dtype=q.dtype, device=q.device)
+    src = kernel.source
+    if rope:  # rotate q (times the scale) and k once, as launch_attention does
+        rot = kernel.parts["rope_rotate"]
+        rotated = []
+        for x, mult in ((q, float(scale)), (k, 1.0)):
+            y = torch.empty(x.shape, dtype=_ROTATED[rot.source.specialisation["rotated_dtype"]], device=x.device)
+            wrap_triton(rot.fn)[(-(-T // rot.source.tunables["BLOCK_M"]), B * x.shape[2])](
+                x, inv_freq.contiguous(), y, T, x.shape[2], mult, *x.stride()[:3],
+                num_warps=rot.source.num_warps, num_stages=rot.source.num_stages)
+            rotated.append(y)
+        q, k = rotated
+    wrap_triton(kernel.fn)[(-(-T // src.tunables["BLOCK_M"]), B * H)](
+        q, k, v, out, T, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        num_warps=src.num_warps, num_stages=src.num_stages)
+    return out
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, inv_freq, scale, causal = inputs
+    ctx.scale, ctx.causal, ctx.rope = scale, causal, inv_freq is not None
+    ctx.save_for_backward(q, k, v, inv_freq if inv_freq is not None else q.new_empty(0))
+
+
+def _attention_backward(ctx, grad):
+    q, k, v, inv_freq = ctx.saved_tensors
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    with torch.enable_grad():
+        out = torch.ops.sessa_compiler.attention(*leaves, inv_freq if ctx.rope else None, ctx.scale, ctx.causal)
+    dq, dk, dv = torch.autograd.grad(out, leaves, grad)
+    return dq, dk, dv, None, None, None
+
+
+attention_triton.register_autograd(_attention_backward, setup_context=_attention_setup)
