@@ -12,6 +12,17 @@ _TO_TORCH = {"f64": torch.float64, "f32": torch.float32, "f16": torch.float16, "
 _FROM_TORCH = {v: k for k, v in _TO_TORCH.items()}
 
 
+def compute_name(name: str) -> str:
+    """The IR dtype name a value of dtype ``name`` is computed in: float64 stays float64, every other
+    float (and anything else) is computed in float32 -- the spec's "accumulate in at least float32"."""
+    return "f64" if name == "f64" else "f32"
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """``compute_name`` for torch dtypes: float64 stays float64, everything else is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def to_torch(d: DType) -> torch.dtype:
     return _TO_TORCH[d.name]
 

@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from .backends.reference import attention_ref, compute_dtype
+from .dtypes import compute_dtype
+from .semantics.core import attention_ref
 from .export.onnx_custom_ops import feedback
 from .models.scan_op import selective_scan
 

@@ -8,7 +8,7 @@ rows of the weight matrix W, solves its diagonal block with the exact nilpotent 
 result to the solved prefix.
 
 Core ops compute in float32 for float16/bfloat16 inputs (float64 stays float64), as the references
-in backends/reference.py do. See shared/notes/onnx.md for why the feedback solve looks like this.
+in semantics/core.py do. See shared/notes/onnx.md for why the feedback solve looks like this.
 """
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def _feedback_rows(b: GraphBuilder, qb: str, kbT: str, gamma: str, start: str, e
     """Rows start .. end-1 of W = diag(gamma) alpha over columns 0 .. end-1: [B, end - start, end].
 
     alpha is the strictly causal softmax (column j < row t); row 0 has no key, so its softmax sees
-    (0, 0) to stay finite and the row is then zeroed (backends/reference.py).
+    (0, 0) to stay finite and the row is then zeroed (semantics/core.py).
     """
     q = b.op("Slice", qb, start, end, b.i64(1), hint="fb_q_rows")                  # [B, m, c]
     k = b.op("Slice", kbT, b.i64(0), end, b.i64(2), hint="fb_k_visible")           # [B, c, end]

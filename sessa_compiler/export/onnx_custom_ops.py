@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..backends.reference import feedback_ref
+from ..semantics.core import feedback_ref
 
 
 @torch.library.custom_op("sessa_compiler::feedback", mutates_args=())

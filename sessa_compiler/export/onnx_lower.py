@@ -2,7 +2,7 @@
 
 A lowering reads its operands through the ``Lowering`` context (which casts and turns literal and
 symbolic operands into constants or runtime dims) and returns the ONNX names of its outputs.
-Every op's semantics is the eager interpreter's (backends/eager.py).
+Every op's semantics is sessa_compiler.semantics' (the interpreter the eager backend runs).
 """
 from __future__ import annotations
 

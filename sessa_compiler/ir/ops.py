@@ -2,7 +2,7 @@
 
 An op's ``infer`` returns the expected output types given the node (or raises IRError naming the
 op); ``None`` in a returned type's place means "not checked" (the declared type is trusted).
-Semantics live in the eager backend (backends/eager.py), which is the definition of every op.
+Semantics live in sessa_compiler/semantics (one dict, SEMANTICS), the definition of every op.
 """
 from __future__ import annotations
 

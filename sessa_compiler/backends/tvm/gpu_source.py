@@ -31,7 +31,7 @@ another thread of the same launch writes (each thread writes a disjoint set of e
 only inputs, its own writes, or what an earlier launch wrote). For such kernels the semantics of a
 thread-binding loop (all iterations, in any order) equals a serial loop, so ``unbind`` (thread
 bindings -> serial loops, nothing else changed) yields a PrimFunc that LLVM builds for the CPU and
-that the tests compare with the eager references (sessa_compiler/backends/reference.py).
+that the tests compare with the eager references (sessa_compiler/semantics/core.py).
 """
 from __future__ import annotations
 

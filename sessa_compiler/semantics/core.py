@@ -1,7 +1,8 @@
-"""Plain torch references for the core ops: the semantic definition each fast kernel is tested against.
+"""The meaning of the core ops (attention, feedback, tri_solve, scan, rope) in plain torch: the semantic
+definition each fast kernel is tested against.
 
 Readable rather than fast; every function runs in float64 as well as in float32/bf16, and
-accumulates in at least float32.
+accumulates in at least float32 (``dtypes.compute_dtype``).
 """
 from __future__ import annotations
 
@@ -9,10 +10,7 @@ import math
 
 import torch
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32 (the spec's accumulation rule)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..dtypes import compute_dtype
 
 
 def rope_ref(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
