@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dtypes import to_torch
+from ..dtypes import HALF, to_torch
 from ..ir.graph import Graph
 from ..ir.types import DType
 # The interpreter and every op's meaning live in sessa_compiler.semantics; the names are re-exported here
@@ -15,7 +15,6 @@ from ..ir.types import DType
 from ..semantics import bind_symbols, resolve, run_graph, run_node  # noqa: F401
 
 
-HALF = ("bf16", "f16")
 
 
 def _has_half(graph: Graph) -> bool:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
+from ...dtypes import TVM_NAME as RELAX_DTYPE
 from ...errors import UnsupportedError
 from ...ir.graph import Graph, Value
 from .build import primfunc
-from .lowering import lower_node
+from .lowering import KERNEL_OPS, lower_node
 
-RELAX_DTYPE = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16", "i64": "int64",
-               "i32": "int32", "i16": "int16", "i8": "int8", "u8": "uint8", "bool": "bool"}
 
 
 class _Lowerer:
@@ -106,7 +105,7 @@ class _Lowerer:
                 break
 
     def can_lower(self, node) -> bool:
-        if node.op in ("attention", "feedback", "scan", "tri_solve"):
+        if node.op in KERNEL_OPS:
             return lower_node(node, self.lanes, self.schedules).spec is not None and \
                 node.inputs[0].type.dtype.name in ("f32", "f64")
         return node.op in SIMPLE or node.op in COMPLEX
@@ -118,7 +117,7 @@ class _Lowerer:
 
     def lower(self, node):
         bb, relax = self.bb, self.relax
-        if node.op in ("attention", "feedback", "scan", "tri_solve"):
+        if node.op in KERNEL_OPS:
             spec = lower_node(node, self.lanes, self.schedules).spec
             if spec not in self.kernels:
                 self.kernels[spec] = bb.add_func(primfunc(spec), spec.symbol)
