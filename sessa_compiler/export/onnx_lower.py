@@ -489,6 +489,13 @@ def _fallback(L, node):
     return lower_fallback(L, node)
 
 
+# IR ops with no ONNX lowering, and why (sessa_compiler/op_registry.py reads this; the core ops' lowerings
+# are in onnx_core.py)
+_PASS_MADE = "made only by the Triton pipeline's passes; the ONNX export lowers the traced graph, which never holds it"
+GAPS = {"feedback_lse": _PASS_MADE, "feedback_diag_inverse": _PASS_MADE, "feedback_chunked": _PASS_MADE,
+        "scan_chunked": _PASS_MADE, "fused": _PASS_MADE}
+
+
 def lower_node(L: Lowering, node: Node) -> list:
     fn = LOWERINGS.get(node.op)
     if fn is None:
