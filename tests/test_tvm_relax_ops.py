@@ -134,3 +134,34 @@ def test_export_tvm_takes_a_conv1d_module_and_the_torch_free_loader_runs_it(tmp_
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and "ok without torch" in out.stdout, out.stderr[-2000:]
     assert rel(np.load(tmp_path / "y.npy"), m(x).detach().numpy()) <= TOLERANCE[torch.float32]
+
+
+TRI_SOLVE = """graph t(%A: f32[T, T], %b: f32[B, 2, T, 3]) {
+  %x: f32[B, 2, T, 3] = tri_solve(%A, %b) {upper=UPPER, unitriangular=False}
+  return %x
+}"""
+
+
+@pytest.mark.parametrize("upper", [False, True])
+def test_tri_solve_with_weights_shared_across_leading_dims_lowers_to_the_kernel(upper):
+    """compile(backend="tvm") has no kernel for weights that broadcast over b's leading dims (it runs them on
+    torch); the Relax lowering broadcasts them and calls the same kernel."""
+    from sessa_compiler.backends.tvm.lowering import lower_node
+
+    text = TRI_SOLVE.replace("UPPER", str(upper))
+    assert lower_node(parse(text).nodes[0]).spec is None
+    T = 11
+    A = torch.randn(T, T) * 0.3 + 3 * torch.eye(T)
+    A = A.triu() if upper else A.tril()
+    check(text, [A, torch.randn(2, 2, T, 3)], TOLERANCE[torch.float32])
+
+
+def test_export_error_names_the_reason_a_core_op_has_no_lowering():
+    text = """graph f(%f: f32[B, T, W], %qb: f32[B, T, 4], %kb: f32[B, T, 4], %g: f32[B, T]) {
+  %s: f32[B, T, W] = feedback(%f, %qb, %kb, %g) {scale=0.5}
+  return %s
+}"""
+    from sessa_compiler.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match=r"feedback \(feedback width W is not static\)"):
+        graph_to_relax(parse(text))

@@ -15,8 +15,8 @@ from ...dtypes import TVM_NAME as RELAX_DTYPE
 from ...dtypes import compute_name
 from ...errors import UnsupportedError
 from ...ir.graph import Graph, Value
-from .build import primfunc
-from .lowering import KERNEL_OPS, lower_node
+from .build import primfunc, tri_solve_spec
+from .lowering import KERNEL_OPS, kernel_dtype, lower_node
 
 
 
@@ -71,8 +71,7 @@ class _Lowerer:
     def build(self):
         relax, bb = self.relax, self.bb
         graph = self.graph
-        unsupported = sorted({n.op if n.op != "fallback" else f"fallback({n.attrs['target']})"
-                              for n in graph.nodes if not self.can_lower(n)})
+        unsupported = sorted({self.why_not(n) for n in graph.nodes if not self.can_lower(n)})
         if unsupported:
             raise UnsupportedError(
                 f"TVM export needs the whole graph in TVM, but these IR ops have no TVM lowering: "
@@ -105,9 +104,26 @@ class _Lowerer:
             except Exception:  # noqa: BLE001 - none left
                 break
 
+    def kernel_spec(self, node):
+        """The TVM kernel a core-op node lowers to, or None. Triangular weights shared across the right-hand
+        side's leading dims (compile(backend="tvm") runs those on torch) are broadcast first."""
+        spec = lower_node(node, self.lanes, self.schedules).spec
+        if spec is None and node.op == "tri_solve":
+            A, b = (x.type for x in node.inputs)
+            if A.rank < b.rank and A.dtype == b.dtype and isinstance(b.shape[-1], int) and kernel_dtype(b.dtype.name):
+                spec = tri_solve_spec(b.shape[-1], node.attrs["unitriangular"], kernel_dtype(b.dtype.name),
+                                      self.schedules.get("tri_solve"), self.lanes)
+        return spec
+
+    def why_not(self, node) -> str:
+        """Why ``node`` has no TVM lowering (for the error naming it)."""
+        reason = lower_node(node, self.lanes, self.schedules).reason if node.op in KERNEL_OPS else ""
+        name = node.op if node.op != "fallback" else f"fallback({node.attrs['target']})"
+        return f"{name} ({reason})" if reason else name
+
     def can_lower(self, node) -> bool:
         if node.op in KERNEL_OPS:
-            if lower_node(node, self.lanes, self.schedules).spec is not None:
+            if self.kernel_spec(node) is not None:
                 return True
             # no kernel for this node (e.g. non-causal attention): attention has a composite Relax form
             return node.op == "attention" and _composite_attention_ok(node)
@@ -121,7 +137,7 @@ class _Lowerer:
     def lower(self, node):
         bb, relax = self.bb, self.relax
         if node.op in KERNEL_OPS:
-            spec = lower_node(node, self.lanes, self.schedules).spec
+            spec = self.kernel_spec(node)
             if spec is None:   # can_lower allowed it: attention without a kernel
                 self.env[node.outputs[0]] = bb.emit(_composite_attention(self, node))
                 return
@@ -168,6 +184,8 @@ class _Lowerer:
         lead = 1
         for d in bt.shape[:-2]:
             lead = lead * self.dim(d)
+        if node.inputs[0].type.rank < bt.rank:   # weights shared across b's leading dims
+            A = bb.emit(relax.op.broadcast_to(A, [self.dim(d) for d in bt.shape[:-2]] + [Tn, Tn]))
         A3 = bb.emit(relax.op.reshape(A, [lead, Tn, Tn]))
         b3 = bb.emit(relax.op.reshape(b, [lead, Tn, N]))
         if node.attrs["upper"]:
