@@ -8,7 +8,6 @@ from __future__ import annotations
 import functools
 
 from .errors import UnsupportedError
-from .ir.types import DType
 
 # IR name -> numpy's (and TVM's / Relax's) dtype name. numpy has no bfloat16 (``NUMPY_NAME`` leaves it out);
 # TVM does.
@@ -51,11 +50,15 @@ def torch_dtype(name: str):
     return table[back[name]]
 
 
-def to_torch(d: DType):
+def to_torch(d):
+    """The torch dtype of an IR DType."""
     return _torch_table()[d.name]
 
 
-def from_torch(d) -> DType:
+def from_torch(d):
+    """The IR DType of a torch dtype."""
+    from .ir.types import DType  # local: the IR imports this module (accumulation dtypes)
+
     back = {v: k for k, v in _torch_table().items()}
     if d not in back:
         raise UnsupportedError(f"dtype {d} has no IR equivalent; supported: {', '.join(map(str, back))}")

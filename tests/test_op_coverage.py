@@ -94,3 +94,12 @@ def test_op_families_are_read_from_the_ir():
     for target, cells in coverage().items():
         for op in UNARY + BINARY + COMPARE:
             assert cells[op].supported, (target, op)
+
+
+def test_every_op_the_fusion_pass_groups_has_a_triton_spelling():
+    """The fusion pass's pointwise set is derived from the IR's op families: a new unary or binary op becomes
+    fusible at once, so the fused-kernel generator must spell it (or fuse.py must exclude it)."""
+    from sessa_compiler.op_registry import triton_fused_ops
+    from sessa_compiler.passes.fuse import POINTWISE_OPS, ROW_NOOP_OPS, ROW_OPS
+
+    assert (POINTWISE_OPS | ROW_NOOP_OPS | ROW_OPS) - triton_fused_ops() == set()

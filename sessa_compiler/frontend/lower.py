@@ -324,7 +324,8 @@ def _sdpa(L, node):
 
 # -- elementwise --------------------------------------------------------------------------------------
 for _name in UNARY:   # gelu and softplus carry attributes: their lowerings below replace these
-    LOWERINGS[getattr(aten, _name).default] = simple(_name, 1)
+    if hasattr(aten, _name):   # an IR op whose aten name differs gets its own lowering below
+        LOWERINGS[getattr(aten, _name).default] = simple(_name, 1)
 LOWERINGS[aten.bitwise_not.default] = lambda L, node: (
     L.emit("logical_not", [L.arg(node.args[0])], {}, node) if node.meta["val"].dtype == torch.bool else NotImplemented)
 LOWERINGS[aten.gelu.default] = lambda L, node: L.emit(

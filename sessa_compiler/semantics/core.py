@@ -104,3 +104,20 @@ def tri_solve_rows(A: torch.Tensor, b: torch.Tensor, upper: bool = False, unitri
             acc = rhs[..., t - r0, :] - (A[..., t, near].unsqueeze(-2) @ x[..., near, :]).squeeze(-2)
             x[..., t, :] = acc if unitriangular else acc / A[..., t, t].unsqueeze(-1)
     return x.to(out_dtype)
+
+
+# -- the IR ops' entries in semantics.SEMANTICS: operands positional, attributes by keyword ------------------
+def _attention(q, k, v, inv_freq=None, *, scale, causal, rope=False):
+    return attention_ref(q, k, v, scale, causal, inv_freq if rope else None)
+
+
+def _feedback(f, q_b, k_b, gamma, *, scale):
+    return feedback_ref(f, q_b, k_b, gamma, scale)
+
+
+def _tri_solve(A, b, *, upper, unitriangular):
+    return tri_solve_ref(A, b, upper, unitriangular)
+
+
+CORE_SEMANTICS = {"attention": _attention, "feedback": _feedback, "tri_solve": _tri_solve,
+                  "scan": scan_ref, "rope": rope_ref}

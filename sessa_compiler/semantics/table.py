@@ -15,21 +15,6 @@ from . import chunked, core
 from .ordinary import ORDINARY
 
 
-def _attention(q, k, v, inv_freq=None, *, scale, causal, rope=False):
-    return core.attention_ref(q, k, v, scale, causal, inv_freq if rope else None)
-
-
-def _feedback(f, q_b, k_b, gamma, *, scale):
-    return core.feedback_ref(f, q_b, k_b, gamma, scale)
-
-
-def _tri_solve(A, b, *, upper, unitriangular):
-    return core.tri_solve_ref(A, b, upper, unitriangular)
-
-
-CORE_SEMANTICS = {"attention": _attention, "feedback": _feedback, "tri_solve": _tri_solve,
-                  "scan": core.scan_ref, "rope": core.rope_ref}
-
 # the blocked forms the chunking passes introduce (ir/ops_chunked.py)
 CHUNKED_SEMANTICS = {"feedback_lse": chunked.feedback_lse, "feedback_diag_inverse": chunked.feedback_diag_inverse,
                      "feedback_chunked": chunked.feedback_chunked, "scan_chunked": chunked.scan_chunked}
@@ -43,4 +28,4 @@ def fused(*operands, group, kernel, body, bytes_saved=None):
     return tuple(outs) if len(outs) != 1 else outs[0]
 
 
-SEMANTICS: dict = {**CORE_SEMANTICS, **CHUNKED_SEMANTICS, **ORDINARY, "fused": fused}
+SEMANTICS: dict = {**core.CORE_SEMANTICS, **CHUNKED_SEMANTICS, **ORDINARY, "fused": fused}
