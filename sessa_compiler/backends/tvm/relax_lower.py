@@ -108,12 +108,33 @@ class _Lowerer:
         """The TVM kernel a core-op node lowers to, or None. Triangular weights shared across the right-hand
         side's leading dims (compile(backend="tvm") runs those on torch) are broadcast first."""
         spec = lower_node(node, self.lanes, self.schedules).spec
+        if spec is None:
+            spec = self._mixed_float_spec(node)
         if spec is None and node.op == "tri_solve":
             A, b = (x.type for x in node.inputs)
             if A.rank < b.rank and A.dtype == b.dtype and isinstance(b.shape[-1], int) and kernel_dtype(b.dtype.name):
                 spec = tri_solve_spec(b.shape[-1], node.attrs["unitriangular"], kernel_dtype(b.dtype.name),
                                       self.schedules.get("tri_solve"), self.lanes)
         return spec
+
+    def _mixed_float_spec(self, node):
+        """A node whose float operands differ in dtype (e.g. float16 f with float32 q_b, k_b, gamma, as a half
+        model that computes its feedback logits in float32 writes it) means the op in the compute dtype of its
+        leading operand (semantics/core.py); its kernel is that of the node with every operand in that dtype
+        (``lower`` casts them)."""
+        from ...ir.graph import Node
+        from ...ir.types import DType, TensorType
+
+        values = [x for x in node.inputs if isinstance(x, Value)]
+        if len(values) != len(node.inputs) or not all(v.type.dtype.is_float for v in values):
+            return None
+        if len({v.type.dtype.name for v in values}) == 1:
+            return None
+        lead = values[1 if node.op == "tri_solve" else 0].type.dtype
+        cd = DType(compute_name(lead.name))
+        same = Node(node.op, [Value(v.name, TensorType(cd, v.type.shape), "input") for v in values], dict(node.attrs),
+                    list(node.outputs))
+        return lower_node(same, self.lanes, self.schedules).spec
 
     def why_not(self, node) -> str:
         """Why ``node`` has no TVM lowering (for the error naming it)."""
