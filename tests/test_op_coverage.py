@@ -56,9 +56,9 @@ def test_print_and_check_the_coverage_matrix(cov):
 def test_the_check_catches_a_gap_without_reason_and_a_stray_entry(cov):
     bad = {t: dict(cells) for t, cells in cov.items()}
     bad["onnx"]["fused"] = Cell(False, " ")
-    found = problems(bad, {"relax GAPS": {"no_such_op": "why"}})
-    assert found == ["onnx: fused is a gap without a stated reason",
-                     "relax GAPS: the table has an entry for 'no_such_op', which is not an IR op"]
+    found = set(problems(bad, {"relax GAPS": {"no_such_op": "why"}})) - set(problems(cov, {}))
+    assert found == {"onnx: fused is a gap without a stated reason",
+                     "relax GAPS: the table has an entry for 'no_such_op', which is not an IR op"}
 
 
 def test_no_op_is_both_lowered_and_listed_as_a_gap():
