@@ -255,7 +255,7 @@ def feedback_inputs(B, T, D, dtype):
 @guarded("correctness")
 def correctness_feedback(D, T):
     from sessa_compiler.api import relative_error
-    from sessa_compiler.backends.reference import feedback_ref
+    from sessa_compiler.semantics import feedback_ref
 
     for dtype, name, tol in ((torch.float32, "f32", 1e-3), (torch.bfloat16, "bf16", 3e-2)):
         prog = feedback_kernels(D, name)

@@ -19,7 +19,8 @@ from typing import Optional
 
 import torch
 
-from .backends.reference import attention_ref, compute_dtype, feedback_ref
+from .dtypes import compute_dtype
+from .semantics.core import attention_ref, feedback_ref
 from .models.scan_op import selective_scan
 
 __all__ = ["attention", "feedback", "selective_scan", "feedback_backward", "FEEDBACK_GRAD_CHUNK"]

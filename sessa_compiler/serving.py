@@ -33,8 +33,8 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from .backends.base import CompileContext
-from .backends.eager import FACTORIES, IMPLS, bind_symbols, resolve
-from .backends.reference import compute_dtype
+from .dtypes import compute_dtype
+from .semantics import FACTORIES, SEMANTICS, bind_symbols, resolve
 from .dtypes import to_torch
 from .errors import InputError, IRError, SessaCompilerError, TraceError, UnsupportedError
 from .ir.graph import Graph, Value
@@ -347,7 +347,7 @@ class ServingProgram:
                 specs = tuple((role, spec.key) for role, spec in self.states.get(node, {}).items())
                 plan.append((True, STEPS[node.op], operands, dict(node.attrs), node.outputs, node, specs))
                 continue
-            fn = IMPLS.get(node.op)
+            fn = SEMANTICS.get(node.op)
             if fn is None:
                 raise IRError(f"op '{node.op}' has no eager implementation")
             attrs = resolve(node.attrs, binding)
@@ -447,7 +447,7 @@ class ServingProgram:
     # -- the numerical check of the position-wise assumption ----------------------------------------------------
     def check(self, example_inputs, params=None) -> None:
         """Prefill + decode + chunked prefill must equal the full forward (see the module docstring)."""
-        from .backends.eager import run_graph
+        from .semantics import run_graph
 
         if self.checked:
             return

@@ -12,7 +12,7 @@ import torch
 
 import sessa_compiler.backends.triton.fused  # noqa: F401  (eager implementation of `fused`)
 from sessa_compiler.api import relative_error
-from sessa_compiler.backends.eager import IMPLS, run_graph
+from sessa_compiler.semantics import SEMANTICS, run_graph
 from sessa_compiler.errors import IRError
 from sessa_compiler.ir import parse
 from sessa_compiler.passes import PassManager
@@ -177,7 +177,7 @@ def test_every_fused_kernel_matches_eager_under_the_interpreter(dt):
         xs = inputs_for(g, B, T, dtype)
         for node in nodes:
             operands = run_graph(g, xs, params, targets=node.inputs)
-            ref = IMPLS["fused"](*operands, group=0, kernel=node.attrs["kernel"], body=node.attrs["body"])
+            ref = SEMANTICS["fused"](*operands, group=0, kernel=node.attrs["kernel"], body=node.attrs["body"])
             ref = ref if isinstance(ref, tuple) else (ref,)
             dtypes = {f"in{i}": {torch.float32: "f32", torch.bfloat16: "bf16"}[x.dtype] for i, x in enumerate(operands)}
             kernel = KERNEL_CACHE.load(generate_fused(node, dtypes, True), True)

@@ -144,8 +144,40 @@ def test_every_op_has_eager_semantics_after_importing_the_package_alone():
 
     code = ("import sys, sessa_compiler\n"
             "from sessa_compiler.ir.ops import OPS\n"
-            "from sessa_compiler.backends.eager import IMPLS\n"
-            "print(sorted(op for op in OPS if op not in IMPLS), 'triton' in sys.modules)\n")
+            "from sessa_compiler.semantics import SEMANTICS\n"
+            "print(sorted(op for op in OPS if op not in SEMANTICS), 'triton' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split("\n")[0] == "[] False", out.stdout
+
+
+def test_semantics_has_an_entry_for_exactly_the_ops_of_the_ir():
+    """One table, no strays: an entry for an op the IR does not have would be dead meaning."""
+    from sessa_compiler.ir.ops import OPS
+    from sessa_compiler.semantics import SEMANTICS
+
+    assert sorted(set(SEMANTICS) - set(OPS)) == []
+    assert sorted(set(OPS) - set(SEMANTICS)) == []
+
+
+def test_frontend_and_semantics_do_not_import_backends():
+    """The flow runs one way: the frontend's probes and the ops' meaning use sessa_compiler.semantics, never a
+    backend (an import of sessa_compiler.backends from these packages is a layering error)."""
+    import ast
+    import pathlib
+
+    import sessa_compiler
+
+    root = pathlib.Path(sessa_compiler.__file__).parent
+    bad = []
+    for package in ("frontend", "semantics"):
+        for path in sorted((root / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    module = "." * node.level + (node.module or "")
+                    if module.lstrip(".").split(".")[0] == "backends" or module.startswith("sessa_compiler.backends"):
+                        bad.append(f"{package}/{path.name}:{node.lineno} imports {module}")
+                elif isinstance(node, ast.Import):
+                    bad += [f"{package}/{path.name}:{node.lineno} imports {a.name}" for a in node.names
+                            if a.name.startswith("sessa_compiler.backends")]
+    assert bad == []

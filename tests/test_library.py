@@ -8,7 +8,7 @@ from torch.export import Dim
 
 import sessa_compiler as sc
 from sessa_compiler.api import relative_error
-from sessa_compiler.backends.reference import feedback_ref
+from sessa_compiler.semantics import feedback_ref
 from sessa_compiler.library import feedback_backward
 from sessa_compiler.models import Decoder, MambaLayer, SessaLayer, TransformerLayer
 

@@ -2,7 +2,7 @@
 
 Two layers of tests, in the flash-linear-attention habit of "every fast variant against the plain one":
 - the core-op lowerings (feedback solve, attention, scan) from hand-written IR, run in onnxruntime in
-  float64 against backends/reference.py at shapes that straddle the chunks of their Loops;
+  float64 against semantics/core.py at shapes that straddle the chunks of their Loops;
 - whole models traced by our frontend: one exported file run at many (B, T) against the eager module
   at the spec's tolerances, for the reference SessaLayer, a Sessa/Mamba/Transformer Decoder, the two
   independently written styles, and a block with ops the frontend does not recognise;
@@ -30,7 +30,7 @@ from styles.unrecognised import OddBlock
 
 from sessa_compiler import SessaCompilerError, UnsupportedError, export_onnx, parse
 from sessa_compiler.api import TOLERANCE, relative_error
-from sessa_compiler.backends.reference import attention_ref, feedback_ref, scan_ref
+from sessa_compiler.semantics import attention_ref, feedback_ref, scan_ref
 from sessa_compiler.export import onnx_lower
 from sessa_compiler.export.onnx_core import ATTENTION_CHUNK, FEEDBACK_LSE_ROWS
 from sessa_compiler.export.onnx_export import (

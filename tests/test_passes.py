@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from sessa_compiler.backends.eager import run_graph
-from sessa_compiler.backends.reference import feedback_ref, scan_ref
+from sessa_compiler.semantics import feedback_ref, scan_ref
 from sessa_compiler.errors import IRError, UnsupportedError
 from sessa_compiler.ir import parse
 from sessa_compiler.passes import (

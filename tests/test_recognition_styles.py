@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 import sessa_compiler as sc
-from sessa_compiler.backends.reference import tri_solve_ref, tri_solve_rows
+from sessa_compiler.semantics import tri_solve_ref, tri_solve_rows
 from sessa_compiler.models import SessaLayer
 from model_helpers import randomize
 from styles.bmm_where_style import BmmWhereSessaLayer

@@ -2,7 +2,7 @@
 
 Each oracle below is an independent restatement of the spec's formula with explicit Python loops over
 positions t and j (math/numpy float64), deliberately not sharing any structure with
-``sessa_compiler.backends.reference``: no masks, no einsum, no triangular solve, no repeat_interleave.
+``sessa_compiler.semantics.core``: no masks, no einsum, no triangular solve, no repeat_interleave.
 The same oracles also check graphs run through the eager interpreter (``run_graph``) at two sequence
 lengths of one symbolic graph.
 
@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sessa_compiler.backends.eager import run_graph
-from sessa_compiler.backends.reference import attention_ref, feedback_ref, rope_ref, scan_ref
+from sessa_compiler.semantics import attention_ref, feedback_ref, rope_ref, scan_ref
 from sessa_compiler.ir import parse
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2}

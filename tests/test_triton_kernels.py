@@ -7,7 +7,7 @@ import torch
 
 triton_env.require_interpreter()
 
-from sessa_compiler.backends.reference import attention_ref, feedback_ref, scan_ref, tri_solve_ref
+from sessa_compiler.semantics import attention_ref, feedback_ref, scan_ref, tri_solve_ref
 from sessa_compiler.semantics import chunked as blocked_ref
 from sessa_compiler.backends.triton.attention import generate_attention, launch_attention
 from sessa_compiler.backends.triton.codegen import KERNEL_CACHE

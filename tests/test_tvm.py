@@ -17,7 +17,7 @@ import tvm  # noqa: E402 - pinned in requirements/all.txt, so CI always runs the
 
 import sessa_compiler as sc  # noqa: E402
 from sessa_compiler.api import relative_error  # noqa: E402
-from sessa_compiler.backends.reference import attention_ref, feedback_ref, scan_ref  # noqa: E402
+from sessa_compiler.semantics import attention_ref, feedback_ref, scan_ref  # noqa: E402
 from sessa_compiler.backends.tvm import schedules as S  # noqa: E402
 from sessa_compiler.backends.tvm.backend import ALIGN, KernelCall, TVMBackend  # noqa: E402
 from sessa_compiler.backends.tvm.build import attention_spec, build, feedback_spec, kernel_source, scan_spec  # noqa: E402

@@ -14,7 +14,7 @@ import torch
 import tvm
 
 from sessa_compiler.api import relative_error
-from sessa_compiler.backends.reference import attention_ref, feedback_ref, scan_ref
+from sessa_compiler.semantics import attention_ref, feedback_ref, scan_ref
 from sessa_compiler.backends.tvm import gpu_source as gs
 from sessa_compiler.backends.tvm.build import attention_spec, feedback_spec, linear_spec, scan_spec
 from sessa_compiler.backends.tvm.schedules import FeedbackSchedule

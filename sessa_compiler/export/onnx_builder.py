@@ -14,14 +14,14 @@ import sympy
 import torch
 from onnx import TensorProto, helper
 
+from ..dtypes import NUMPY_NAME
 from ..errors import SessaCompilerError, UnsupportedError
 
 ONNX_DTYPE = {"f64": TensorProto.DOUBLE, "f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16,
               "bf16": TensorProto.BFLOAT16, "i64": TensorProto.INT64, "i32": TensorProto.INT32,
               "i16": TensorProto.INT16, "i8": TensorProto.INT8, "u8": TensorProto.UINT8,
               "bool": TensorProto.BOOL}
-NUMPY_DTYPE = {"f64": np.float64, "f32": np.float32, "f16": np.float16, "i64": np.int64, "i32": np.int32,
-               "i16": np.int16, "i8": np.int8, "u8": np.uint8, "bool": np.bool_}
+NUMPY_DTYPE = {k: np.dtype(v).type for k, v in NUMPY_NAME.items()}
 INT64_MAX = 2**63 - 1
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
+from ..dtypes import compute_name
 from ..ir.graph import Node
 from .onnx_builder import NEG_INF, GraphBuilder, value_info
 from .onnx_lower import Lowering, lowering, out_dtype, static
@@ -28,10 +29,6 @@ from .onnx_lower import Lowering, lowering, out_dtype, static
 # T = 512, 2048 and 8192.
 FEEDBACK_LSE_ROWS = 128
 ATTENTION_CHUNK = 128
-
-
-def compute_dtype(dt: str) -> str:
-    return "f64" if dt == "f64" else "f32"
 
 
 def _scalar(b: GraphBuilder, x: str) -> str:
@@ -77,7 +74,7 @@ def apply_rope(b: GraphBuilder, x: str, cos: str, sin: str) -> str:
 @lowering("rope")
 def _rope(L: Lowering, node: Node):
     dt = out_dtype(node)
-    cd = compute_dtype(dt)
+    cd = compute_name(dt)
     b = L.b
     T = node.inputs[0].type.shape[1]
     cos, sin = rope_tables(b, L.get(node, 1), L.operand_dtype(node, 1), T, cd)
@@ -95,7 +92,7 @@ def _attention(L: Lowering, node: Node, chunk: int | None = None):
     """
     C = chunk or ATTENTION_CHUNK
     dt = out_dtype(node)
-    cd = compute_dtype(dt)
+    cd = compute_name(dt)
     b = L.b
     q_t, k_t, v_t = (node.inputs[i].type for i in range(3))
     T = q_t.shape[1]
@@ -317,7 +314,7 @@ def _tri_solve(L: Lowering, node: Node):
     by A[t, t] unless the diagonal is unit. An upper system is the lower one read backwards. Row 0 is
     peeled (no MatMul with an empty prefix). Memory is the weights' O(T^2) plus O(T * N)."""
     dt = out_dtype(node)
-    cd = compute_dtype(dt)
+    cd = compute_name(dt)
     b = L.b
     A, rhs = L.get(node, 0, cd), L.get(node, 1, cd)
     upper, unit = node.attrs["upper"], node.attrs["unitriangular"]
@@ -360,7 +357,7 @@ def _scan(L: Lowering, node: Node):
     elementwise ops and one small MatMul per step.
     """
     dt = out_dtype(node)
-    cd = compute_dtype(dt)
+    cd = compute_name(dt)
     b = L.b
     u, delta, A, Bm, Cm, D = (L.get(node, i, cd) for i in range(6))
     Din = static(node, node.inputs[2].type.shape[0], "state rows (Din)")

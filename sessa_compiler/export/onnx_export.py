@@ -192,7 +192,7 @@ def run_onnxruntime(session, graph: Graph, args: tuple) -> list:
 
 def _locate(graph: Graph, args: tuple, opset: int, tol: float) -> str:
     """The first IR op whose onnxruntime value differs from the eager interpreter's (or '' if none)."""
-    from ..backends.eager import run_graph
+    from ..semantics import run_graph
 
     kept = {v.name for v in onnx_ready(graph).values()}   # values the ONNX pipeline rewrote away are skipped
     values = [v for n in graph.nodes for v in n.outputs if v.type.dtype.is_float and v.name in kept]
@@ -272,7 +272,7 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, opset: int | N
     for name in graph.param_values:
         if name not in graph.params and name in live:
             graph.params[name] = live[name]
-    from ..backends.eager import bind_symbols
+    from ..semantics import bind_symbols
 
     binding = bind_symbols(graph, list(args))
     model = build_model(graph, opset=opset, binding=None if dynamic else binding)

@@ -32,7 +32,7 @@ class Args:
     """A fallback's arguments by schema name: tensors as ONNX names, everything else as Python values."""
 
     def __init__(self, L: Lowering, node: Node):
-        from ..backends.eager import resolve_target
+        from ..semantics import resolve_target
 
         self.L, self.node = L, node
         schema = resolve_target(node.attrs["target"])._schema
@@ -179,7 +179,7 @@ def via_torch_exporter(L: Lowering, node: Node) -> list:
     from onnx import numpy_helper
     from torch.export import Dim
 
-    from ..backends.eager import _fill_refs, resolve_target
+    from ..semantics import fill_refs, resolve_target
     from ..dtypes import to_torch
 
     target = node.attrs["target"]
@@ -197,7 +197,7 @@ def via_torch_exporter(L: Lowering, node: Node) -> list:
             operands = list(literals)
             for i, t in zip(tensor_at, tensors):
                 operands[i] = t
-            return fn(*_fill_refs(args, operands), **_fill_refs(kwargs, operands))
+            return fn(*fill_refs(args, operands), **fill_refs(kwargs, operands))
 
     sizes, dims = {"B": 3, "T": 7}, {}
     examples, dynamic = [], []

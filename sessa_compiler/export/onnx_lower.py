@@ -2,7 +2,7 @@
 
 A lowering reads its operands through the ``Lowering`` context (which casts and turns literal and
 symbolic operands into constants or runtime dims) and returns the ONNX names of its outputs.
-Every op's semantics is the eager interpreter's (backends/eager.py).
+Every op's semantics is sessa_compiler.semantics' (the interpreter the eager backend runs).
 """
 from __future__ import annotations
 
@@ -487,6 +487,13 @@ def _fallback(L, node):
     from .onnx_fallback import lower_fallback
 
     return lower_fallback(L, node)
+
+
+# IR ops with no ONNX lowering, and why (sessa_compiler/op_registry.py reads this; the core ops' lowerings
+# are in onnx_core.py)
+GAPS = {"fused": "made only by the Triton pipeline's fuse pass; the ONNX pipeline does not fuse (onnxruntime fuses)",
+        "feedback": "never lowered as such: the ONNX pipeline's chunk-feedback pass rewrites it into feedback_lse, "
+                    "feedback_diag_inverse and feedback_chunked before lowering, and those are lowered"}
 
 
 def lower_node(L: Lowering, node: Node) -> list:

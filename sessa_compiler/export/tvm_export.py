@@ -18,11 +18,10 @@ import shutil
 
 import numpy as np
 
+from ..dtypes import NUMPY_NAME as _NUMPY_DTYPE
 from ..errors import UnsupportedError
 from .tvm_runtime import FORMAT, MANIFEST, load_tvm  # noqa: F401  (re-exported)
 
-_NUMPY_DTYPE = {"f64": "float64", "f32": "float32", "f16": "float16", "i64": "int64", "i32": "int32",
-                "i16": "int16", "i8": "int8", "u8": "uint8", "bool": "bool"}
 
 
 def _dim(d):

@@ -16,7 +16,7 @@ import torch.fx as fx
 from ..dtypes import from_torch
 from ..errors import TraceError
 from ..ir.graph import Graph, Value
-from ..ir.ops import ArgRef
+from ..ir.ops import UNARY, ArgRef
 from ..ir.types import TensorType, sym
 
 aten = torch.ops.aten
@@ -323,9 +323,9 @@ def _sdpa(L, node):
 
 
 # -- elementwise --------------------------------------------------------------------------------------
-for _name in ("neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "relu", "abs", "sin", "cos",
-              "logical_not", "erf", "reciprocal"):
-    LOWERINGS[getattr(aten, _name).default] = simple(_name, 1)
+for _name in UNARY:   # gelu and softplus carry attributes: their lowerings below replace these
+    if hasattr(aten, _name):   # an IR op whose aten name differs gets its own lowering below
+        LOWERINGS[getattr(aten, _name).default] = simple(_name, 1)
 LOWERINGS[aten.bitwise_not.default] = lambda L, node: (
     L.emit("logical_not", [L.arg(node.args[0])], {}, node) if node.meta["val"].dtype == torch.bool else NotImplemented)
 LOWERINGS[aten.gelu.default] = lambda L, node: L.emit(

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..backends.eager import IMPLS, resolve, run_graph
+from ..semantics import SEMANTICS, resolve, run_graph
 from ..ir.graph import Graph, Value
 
 PROBE_LENGTHS = (1, 2, 5, 12)
@@ -30,7 +30,7 @@ class Step:
 
 def apply_steps(x, steps, binding):
     for s in steps:
-        x = IMPLS[s.op](x, **resolve(s.attrs, binding))
+        x = SEMANTICS[s.op](x, **resolve(s.attrs, binding))
     return x
 
 

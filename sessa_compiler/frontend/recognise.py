@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 
-from ..backends.eager import IMPLS
-from ..backends.reference import attention_ref, feedback_ref
+from ..semantics import SEMANTICS, attention_ref, feedback_ref
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import ArgRef
 from ..ir.ops import COMPUTE, CORE, ELEMENTWISE, OPS
@@ -576,7 +575,7 @@ def _try_feedback(g, A, n, mat, qs, ks, fs, gs, width, chain_scale, report) -> b
 
 def _diagnose_feedback(g, n, mat, srcs) -> str:
     """Why a solve's weights are not gamma[t] * softmax_{j<t}(...): checked on random inputs, in words."""
-    from ..backends.eager import run_graph
+    from ..semantics import run_graph
     from .probe import _binding, _params64
 
     Tn = 6
@@ -643,7 +642,7 @@ def recognise_causal_conv1d(g: Graph, report: Report) -> int:
                 params = g.params
                 wt = params[w.name].to(torch.float64)[:, 0, :]
                 bt = params[bias.name].to(torch.float64) if bias is not None else None
-                return IMPLS["causal_conv1d"](inp[xs], wt, bt)
+                return SEMANTICS["causal_conv1d"](inp[xs], wt, bt)
 
             err = probe(g, {xs: "normal"}, y, canonical)
             if err is not None and err <= 1e-9:

@@ -297,7 +297,7 @@ def _needless(module, args, guard: Guard, graph: Graph) -> bool:
     slicing a buffer of c rows with [:T] makes export assert T != c, yet T = c computes the same thing.
     Checked like the recognisers' probes: module and graph on fresh random inputs at X = c, within the
     spec's tolerance of the dtype (a different path shows as an O(1) difference)."""
-    from ..backends.eager import run_graph
+    from ..semantics import run_graph
     from ..tolerance import TOLERANCE, relative_error
 
     e = guard.expr

@@ -2,7 +2,7 @@
 
 An op's ``infer`` returns the expected output types given the node (or raises IRError naming the
 op); ``None`` in a returned type's place means "not checked" (the declared type is trusted).
-Semantics live in the eager backend (backends/eager.py), which is the definition of every op.
+Semantics live in sessa_compiler/semantics (one dict, SEMANTICS), the definition of every op.
 """
 from __future__ import annotations
 
@@ -451,16 +451,21 @@ register("conv1d", COMPUTE, (2, 3), {"stride": (True, INTS), "padding": (True, I
 register("causal_conv1d", COMPUTE, (2, 3), {}, causal_conv1d_infer,
          doc="depthwise causal conv over T: x [B,T,C], weight [C,K], left-padded by K-1")
 
+# The elementwise op families: the one place their names are listed (frontend, passes and every target's
+# registry read them from here; tests/test_op_coverage.py checks each target covers them or says why not).
 UNARY = ("neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "relu", "abs", "sin", "cos",
          "logical_not", "softplus", "gelu", "erf", "reciprocal")
+BINARY = ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "logical_and", "logical_or")
+COMPARE = ("eq", "ne", "lt", "le", "gt", "ge")
+LOGICAL = ("logical_not", "logical_and", "logical_or")   # bool in, bool out
 for _name in UNARY:
     register(_name, ELEMENTWISE, (1, 1),
              {"approximate": (False, (str,))} if _name == "gelu" else
              ({"beta": (False, NUM), "threshold": (False, NUM)} if _name == "softplus" else {}),
              elementwise_infer)
-for _name in ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "logical_and", "logical_or"):
+for _name in BINARY:
     register(_name, ELEMENTWISE, (2, 2), {}, elementwise_infer)
-for _name in ("eq", "ne", "lt", "le", "gt", "ge"):
+for _name in COMPARE:
     register(_name, ELEMENTWISE, (2, 2), {}, compare_infer)
 register("where", ELEMENTWISE, (3, 3), {}, elementwise_infer)
 register("masked_fill", ELEMENTWISE, (3, 3), {}, elementwise_infer)
@@ -495,6 +500,10 @@ register("eye", FACTORY, (0, 0), {"n": (True, NUM), "dtype": (True, (DType,))}, 
 register("fallback", FALLBACK, (0, None), {"target": (True, (str,)), "args": (True, INTS),
                                            "kwargs": (True, (dict,))}, fallback_infer, n_outputs=None,
          doc="calls the torch op `target`; args/kwargs hold literals and arg(i) placeholders for operand i")
+
+
+# the core ops as written by the frontend (ir/ops_chunked.py adds their blocked forms, also of kind CORE)
+CORE_OPS = tuple(name for name, d in OPS.items() if d.kind == CORE)
 
 
 def literal_ok(node: Node, i: int, x) -> bool:

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import sympy
 
+from ..dtypes import compute_name
 from .ops import CORE, fail, need_eq, register, scan_infer, tin
 from .types import DType, TensorType
 
 
 def accumulation_dtype(dtype: DType) -> DType:
-    return DType("f64") if dtype.name == "f64" else DType("f32")
+    return DType(compute_name(dtype.name))
 
 
 def _chunk(node) -> int:

@@ -12,7 +12,7 @@ it replaced::
         'return %add_2, %ln', '}']}
 
 (one line in the real text). Its semantics are the body's: the eager backend runs
-the body op by op (backends/triton/fused.py registers that), the Triton backend one kernel per group.
+the body op by op (semantics/table.py: fused), the Triton backend one kernel per group.
 
 Row space: every value of a group is a tile of one [rows, N] grid, where rows are the leading dims
 ``L`` (e.g. [B, T]) and N the static width. ``classify`` places a shape in that grid: ``row``

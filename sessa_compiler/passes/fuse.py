@@ -27,18 +27,17 @@ import sympy
 
 from ..errors import IRError
 from ..ir.graph import Graph, Node, Value
-from ..ir.ops import ELEMENTWISE, OPS
+from ..ir.ops import BINARY, ELEMENTWISE, LOGICAL, OPS, UNARY
 from ..ir.ops_fused import body_lines, row_space
+from ..dtypes import ITEMSIZE
 from ..ir.types import format_dim
 from .manager import Pass, PassResult
 
-# elementwise ops the generated kernels implement (float in, float out)
-POINTWISE_OPS = frozenset({"add", "sub", "mul", "div", "neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid",
-                           "silu", "relu", "abs", "sin", "cos", "erf", "reciprocal", "gelu", "softplus",
-                           "maximum", "minimum", "cast"})
+# elementwise ops the generated kernels implement (float in, float out): every unary and binary op but the
+# logical ones and pow (no Triton spelling), plus cast
+POINTWISE_OPS = (frozenset(UNARY) | frozenset(BINARY)) - frozenset(LOGICAL) - {"pow"} | {"cast"}
 ROW_NOOP_OPS = frozenset({"squeeze", "unsqueeze", "reshape"})   # fusible when they keep the row grid
 ROW_OPS = frozenset({"layer_norm"})
-ITEMSIZE = {"f64": 8, "f32": 4, "f16": 2, "bf16": 2, "i64": 8, "i32": 4, "i16": 2, "i8": 1, "u8": 1, "bool": 1}
 MAX_WIDTH = 16384
 KERNEL_FLOATS = ("f32", "f16", "bf16")  # a row must fit one program's registers
 

@@ -1,6 +1,6 @@
 """The meaning of the blocked core ops of ir/ops_chunked.py, in plain torch.
 
-The eager backend runs them (``backends/eager.py`` registers them), so a chunked graph runs on eager
+The eager backend runs them (they are entries of ``semantics.SEMANTICS``), so a chunked graph runs on eager
 and chunking is validated independently of Triton. They follow the blocked algorithm
 (chunk by chunk, no T x T tensor) but use torch's triangular solve for the diagonal blocks: the
 Triton kernels invert those blocks differently (repeated squaring), so the two check each other.
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..backends.reference import compute_dtype
+from ..dtypes import compute_dtype
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

@@ -7,6 +7,7 @@ and the attention kernel always has one full-width product per tile.
 """
 from __future__ import annotations
 
+from ...dtypes import torch_dtype
 from ...errors import UnsupportedError
 from ...ir.graph import Node
 from .codegen import AOT_POINTER, KernelSource, dot_block, dot_policy
@@ -158,7 +159,7 @@ def launch_attention(kernel, q, k, v, inv_freq=None, out=None):
     src = kernel.source
     if src.specialisation["rope"]:   # rotate q (times the scale) and k once
         rot = kernel.parts["rope_rotate"]
-        rdt = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}[rot.source.specialisation["rotated_dtype"]]
+        rdt = torch_dtype(rot.source.specialisation["rotated_dtype"])
         rotated = []
         for x, mult in ((q, src.specialisation["scale"]), (k, 1.0)):
             y = torch.empty(x.shape, dtype=rdt, device=x.device)

@@ -10,7 +10,7 @@ The kernel's name and source depend on the ops, widths and dtypes only (comments
 position, not by IR value name, and the group number is not in the source), so identical groups in different layers share one compiled kernel, and the number
 of rows (B * T) is a runtime argument: a new sequence length does not recompile.
 
-Also registers the eager implementation of ``fused`` (run the body op by op), needing only torch.
+The eager meaning of ``fused`` (run the body op by op) is in sessa_compiler/semantics (table.py).
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ another thread of the same launch writes (each thread writes a disjoint set of e
 only inputs, its own writes, or what an earlier launch wrote). For such kernels the semantics of a
 thread-binding loop (all iterations, in any order) equals a serial loop, so ``unbind`` (thread
 bindings -> serial loops, nothing else changed) yields a PrimFunc that LLVM builds for the CPU and
-that the tests compare with the eager references (sessa_compiler/backends/reference.py).
+that the tests compare with the eager references (sessa_compiler/semantics/core.py).
 """
 from __future__ import annotations
 
@@ -416,7 +416,7 @@ def _specs_of(obj, lanes: int = 8) -> tuple[list, list]:
     """KernelSpecs for a Graph / Node / KernelSpec / list of those, and notes on what was left out."""
     from ...ir.graph import Graph, Node
     from .build import KernelSpec, linear_spec
-    from .lowering import COMPUTE_DTYPE, lower_node
+    from .lowering import kernel_dtype, lower_node
 
     if isinstance(obj, KernelSpec):
         return [obj], []
@@ -439,7 +439,7 @@ def _specs_of(obj, lanes: int = 8) -> tuple[list, list]:
                 specs.append(low.spec)
         elif item.op == "linear":
             x, w = item.inputs[0].type, item.inputs[1].type
-            dtype = COMPUTE_DTYPE.get(x.dtype.name)
+            dtype = kernel_dtype(x.dtype.name)
             if dtype is None or not all(isinstance(s, int) for s in w.shape):
                 notes.append(f"linear: dtype {x.dtype} or weight shape {w.shape} has no GPU kernel")
             else:

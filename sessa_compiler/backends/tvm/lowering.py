@@ -3,11 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...dtypes import TVM_NAME, compute_name
 from ...ir.graph import Graph, Node, Value
 from .build import attention_spec, feedback_spec, scan_spec, tri_solve_spec
 
-# IR dtype -> the dtype the TVM kernel computes in (the spec: accumulate in >= float32).
-COMPUTE_DTYPE = {"f64": "float64", "f32": "float32", "bf16": "float32", "f16": "float32"}
+# the core ops TVM generates kernels for (rope runs inside attention or through torch)
+KERNEL_OPS = ("attention", "feedback", "scan", "tri_solve")
+
+
+def kernel_dtype(name: str) -> str | None:
+    """The dtype a TVM kernel computes a float operand of IR dtype ``name`` in (at least float32)."""
+    return TVM_NAME[compute_name(name)] if name in ("f64", "f32", "bf16", "f16") else None
 
 
 @dataclass
@@ -24,11 +30,11 @@ def _static(d) -> int | None:
 def lower_node(node: Node, lanes: int = 8, schedules: dict | None = None) -> Lowered:
     """A KernelSpec for a core op this backend generates kernels for; otherwise the reason it cannot."""
     schedules = schedules or {}
-    if node.op not in ("attention", "feedback", "scan", "tri_solve"):
+    if node.op not in KERNEL_OPS:
         return Lowered(node)
     ins = [x for x in node.inputs]
     first = ins[0].type
-    dtype = COMPUTE_DTYPE.get(first.dtype.name)
+    dtype = kernel_dtype(first.dtype.name)
     if dtype is None:
         return Lowered(node, None, f"dtype {first.dtype} has no TVM kernel")
     if any(isinstance(x, Value) and x.type.dtype != first.dtype for x in ins[:3]):

@@ -11,13 +11,13 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
+from ...dtypes import TVM_NAME as RELAX_DTYPE
+from ...dtypes import compute_name
 from ...errors import UnsupportedError
 from ...ir.graph import Graph, Value
-from .build import primfunc
-from .lowering import lower_node
+from .build import primfunc, tri_solve_spec
+from .lowering import KERNEL_OPS, kernel_dtype, lower_node
 
-RELAX_DTYPE = {"f64": "float64", "f32": "float32", "f16": "float16", "bf16": "bfloat16", "i64": "int64",
-               "i32": "int32", "i16": "int16", "i8": "int8", "u8": "uint8", "bool": "bool"}
 
 
 class _Lowerer:
@@ -71,8 +71,7 @@ class _Lowerer:
     def build(self):
         relax, bb = self.relax, self.bb
         graph = self.graph
-        unsupported = sorted({n.op if n.op != "fallback" else f"fallback({n.attrs['target']})"
-                              for n in graph.nodes if not self.can_lower(n)})
+        unsupported = sorted({self.why_not(n) for n in graph.nodes if not self.can_lower(n)})
         if unsupported:
             raise UnsupportedError(
                 f"TVM export needs the whole graph in TVM, but these IR ops have no TVM lowering: "
@@ -105,10 +104,50 @@ class _Lowerer:
             except Exception:  # noqa: BLE001 - none left
                 break
 
+    def kernel_spec(self, node):
+        """The TVM kernel a core-op node lowers to, or None. Triangular weights shared across the right-hand
+        side's leading dims (compile(backend="tvm") runs those on torch) are broadcast first."""
+        spec = lower_node(node, self.lanes, self.schedules).spec
+        if spec is None:
+            spec = self._mixed_float_spec(node)
+        if spec is None and node.op == "tri_solve":
+            A, b = (x.type for x in node.inputs)
+            if A.rank < b.rank and A.dtype == b.dtype and isinstance(b.shape[-1], int) and kernel_dtype(b.dtype.name):
+                spec = tri_solve_spec(b.shape[-1], node.attrs["unitriangular"], kernel_dtype(b.dtype.name),
+                                      self.schedules.get("tri_solve"), self.lanes)
+        return spec
+
+    def _mixed_float_spec(self, node):
+        """A node whose float operands differ in dtype (e.g. float16 f with float32 q_b, k_b, gamma, as a half
+        model that computes its feedback logits in float32 writes it) means the op in the compute dtype of its
+        leading operand (semantics/core.py); its kernel is that of the node with every operand in that dtype
+        (``lower`` casts them)."""
+        from ...ir.graph import Node
+        from ...ir.types import DType, TensorType
+
+        values = [x for x in node.inputs if isinstance(x, Value)]
+        if len(values) != len(node.inputs) or not all(v.type.dtype.is_float for v in values):
+            return None
+        if len({v.type.dtype.name for v in values}) == 1:
+            return None
+        lead = values[1 if node.op == "tri_solve" else 0].type.dtype
+        cd = DType(compute_name(lead.name))
+        same = Node(node.op, [Value(v.name, TensorType(cd, v.type.shape), "input") for v in values], dict(node.attrs),
+                    list(node.outputs))
+        return lower_node(same, self.lanes, self.schedules).spec
+
+    def why_not(self, node) -> str:
+        """Why ``node`` has no TVM lowering (for the error naming it)."""
+        reason = lower_node(node, self.lanes, self.schedules).reason if node.op in KERNEL_OPS else ""
+        name = node.op if node.op != "fallback" else f"fallback({node.attrs['target']})"
+        return f"{name} ({reason})" if reason else name
+
     def can_lower(self, node) -> bool:
-        if node.op in ("attention", "feedback", "scan", "tri_solve"):
-            return lower_node(node, self.lanes, self.schedules).spec is not None and \
-                node.inputs[0].type.dtype.name in ("f32", "f64")
+        if node.op in KERNEL_OPS:
+            if self.kernel_spec(node) is not None:
+                return True
+            # no kernel for this node (e.g. non-causal attention): attention has a composite Relax form
+            return node.op == "attention" and _composite_attention_ok(node)
         return node.op in SIMPLE or node.op in COMPLEX
 
     def operand(self, x, dtype: str):
@@ -118,19 +157,27 @@ class _Lowerer:
 
     def lower(self, node):
         bb, relax = self.bb, self.relax
-        if node.op in ("attention", "feedback", "scan", "tri_solve"):
-            spec = lower_node(node, self.lanes, self.schedules).spec
+        if node.op in KERNEL_OPS:
+            spec = self.kernel_spec(node)
+            if spec is None:   # can_lower allowed it: attention without a kernel
+                self.env[node.outputs[0]] = bb.emit(_composite_attention(self, node))
+                return
             if spec not in self.kernels:
                 self.kernels[spec] = bb.add_func(primfunc(spec), spec.symbol)
-            args = [self.env[x] for x in node.inputs]
+            # the kernels compute in spec.dtype (at least float32): half-precision operands are cast to it and
+            # the result back, as compile(backend="tvm") does around the same kernels
+            args = [self.cast(self.env[x], x, spec.dtype) for x in node.inputs]
+            out_dtype = RELAX_DTYPE[node.outputs[0].type.dtype.name]
             if node.op == "tri_solve":
-                self.env[node.outputs[0]] = self._tri_solve(node, spec, *args)
+                x = self._tri_solve(node, spec, *args)
+                self.env[node.outputs[0]] = x if out_dtype == spec.dtype else bb.emit(relax.op.astype(x, out_dtype))
                 return
             if node.op == "attention":
                 if not node.attrs.get("rope", False):   # inv_freq is not read when rope is off
                     args = args[:3] + [relax.const(np.zeros(max(spec.params["head_dim"] // 2, 1), dtype=spec.dtype), spec.dtype)]
-            call = relax.call_tir(self.kernels[spec], args, out_ty=self.ttype(node.outputs[0]))
-            self.env[node.outputs[0]] = bb.emit(call)
+            shape = [self.dim(d) for d in node.outputs[0].type.shape]
+            out = bb.emit(relax.call_tir(self.kernels[spec], args, out_ty=relax.TensorType(shape, spec.dtype)))
+            self.env[node.outputs[0]] = out if out_dtype == spec.dtype else bb.emit(relax.op.astype(out, out_dtype))
             return
         ops = [self.operand(x, self._operand_dtype(node)) for x in node.inputs]
         fn = SIMPLE.get(node.op)
@@ -144,6 +191,11 @@ class _Lowerer:
             return
         self.env[node.outputs[0]] = bb.emit(expr)
 
+    def cast(self, expr, v: Value, dtype: str):
+        """``expr`` (the Relax value of IR value ``v``) in ``dtype``."""
+        have = RELAX_DTYPE[v.type.dtype.name]
+        return expr if have == dtype else self.bb.emit(self.relax.op.astype(expr, dtype))
+
     def _tri_solve(self, node, spec, A, b):
         """The kernel solves lower systems over [nb, T, T]: flatten the leading dims, reverse the sequence
         of an upper system, and undo both on the result."""
@@ -153,12 +205,14 @@ class _Lowerer:
         lead = 1
         for d in bt.shape[:-2]:
             lead = lead * self.dim(d)
+        if node.inputs[0].type.rank < bt.rank:   # weights shared across b's leading dims
+            A = bb.emit(relax.op.broadcast_to(A, [self.dim(d) for d in bt.shape[:-2]] + [Tn, Tn]))
         A3 = bb.emit(relax.op.reshape(A, [lead, Tn, Tn]))
         b3 = bb.emit(relax.op.reshape(b, [lead, Tn, N]))
         if node.attrs["upper"]:
             A3 = bb.emit(relax.op.flip(bb.emit(relax.op.flip(A3, 1)), 2))
             b3 = bb.emit(relax.op.flip(b3, 1))
-        out_ty = relax.TensorType([lead, Tn, N], RELAX_DTYPE[bt.dtype.name])
+        out_ty = relax.TensorType([lead, Tn, N], spec.dtype)
         x = bb.emit(relax.call_tir(self.kernels[spec], [A3, b3], out_ty=out_ty))
         if node.attrs["upper"]:
             x = bb.emit(relax.op.flip(x, 1))
@@ -392,6 +446,80 @@ def _repeat_interleave(lw, node, ops):
     return lw.relax.op.repeat(ops[0], int(node.attrs["repeats"]), axis=int(node.attrs["dim"]))
 
 
+def _rotate(lw, x, inv_freq, shape, cd):
+    """Interleaved rotary embedding of x [B, T, H, d] (in compute dtype ``cd``) at positions 0..T-1; the result
+    stays in ``cd`` (semantics/core.py: _rotate)."""
+    op, emit = lw.relax.op, lw.bb.emit
+    pos = emit(op.arange(0, shape[1], 1, dtype=cd))                                          # [T]
+    ang = emit(op.multiply(op.expand_dims(pos, 1), op.expand_dims(inv_freq, 0)))             # [T, d/2]
+    cos = emit(op.expand_dims(op.expand_dims(op.cos(ang), 0), 2))                            # [1, T, 1, d/2]
+    sin = emit(op.expand_dims(op.expand_dims(op.sin(ang), 0), 2))
+    d = shape[3]
+    pairs = emit(op.reshape(x, shape[:3] + [d // 2, 2]))
+    xe = emit(op.squeeze(op.strided_slice(pairs, [4], [0], [1]), [4]))
+    xo = emit(op.squeeze(op.strided_slice(pairs, [4], [1], [2]), [4]))
+    re = emit(op.subtract(op.multiply(xe, cos), op.multiply(xo, sin)))
+    ro = emit(op.add(op.multiply(xe, sin), op.multiply(xo, cos)))
+    return emit(op.reshape(op.stack([re, ro], axis=4), shape))
+
+
+def _rope(lw, node, ops):
+    x, f = node.inputs
+    cd = RELAX_DTYPE[compute_name(x.type.dtype.name)]
+    if not isinstance(x.type.shape[3], int):
+        raise UnsupportedError(f"TVM export: rope needs a static head width, got {x.type}")
+    shape = [lw.dim(d) for d in x.type.shape]
+    y = _rotate(lw, lw.cast(ops[0], x, cd), lw.cast(ops[1], f, cd), shape, cd)
+    return lw.relax.op.astype(y, _out_dtype(node))
+
+
+def _composite_attention_ok(node) -> bool:
+    """Attention without a TVM kernel (non-causal, value width != query width) as Relax matmuls and softmax:
+    head counts and head widths must be static."""
+    q, k = node.inputs[0].type, node.inputs[1].type
+    return all(isinstance(d, int) for d in (q.shape[2], k.shape[2], q.shape[3])) and q.shape[2] % k.shape[2] == 0
+
+
+def _composite_attention(lw, node):
+    """softmax(q k^T * scale [+ causal mask]) v per head, GQA by repeating k and v, in at least float32 (the
+    meaning of semantics/core.py: attention_ref)."""
+    relax = lw.relax
+    op, emit = relax.op, lw.bb.emit
+    qv, kv, vv = node.inputs[:3]
+    cd = RELAX_DTYPE[compute_name(qv.type.dtype.name)]
+    q, k, v = (lw.cast(lw.env[x], x, cd) for x in (qv, kv, vv))
+    H, Hkv = qv.type.shape[2], kv.type.shape[2]
+    if node.attrs.get("rope", False):
+        f = node.inputs[3]
+        inv = lw.cast(lw.env[f], f, cd)
+        q = _rotate(lw, q, inv, [lw.dim(d) for d in qv.type.shape], cd)
+        k = _rotate(lw, k, inv, [lw.dim(d) for d in kv.type.shape], cd)
+    if H != Hkv:
+        k = emit(op.repeat(k, H // Hkv, axis=2))
+        v = emit(op.repeat(v, H // Hkv, axis=2))
+    qh, kh, vh = (emit(op.permute_dims(x, [0, 2, 1, 3])) for x in (q, k, v))           # [B, H, T, d]
+    logits = emit(op.multiply(op.matmul(qh, op.permute_dims(kh, [0, 1, 3, 2])),
+                              relax.const(float(node.attrs["scale"]), cd)))             # [B, H, T, T]
+    if node.attrs.get("causal", False):
+        T = lw.dim(qv.type.shape[1])
+        future = emit(op.triu(op.full([T, T], relax.const(float("-inf"), cd), dtype=cd), 1))
+        logits = emit(op.add(logits, future))
+    out = emit(op.matmul(op.nn.softmax(logits, axis=-1), vh))                            # [B, H, T, dv]
+    return op.astype(op.permute_dims(out, [0, 2, 1, 3]), _out_dtype(node))
+
+
+def _conv1d(lw, node, ops):
+    op = lw.relax.op
+    a = node.attrs
+    pad = [int(p) for p in a["padding"]]
+    y = lw.bb.emit(op.nn.conv1d(ops[0], ops[1], strides=[int(s) for s in a["stride"]],
+                                padding=pad * 2 if len(pad) == 1 else pad,
+                                dilation=[int(d) for d in a["dilation"]], groups=int(a["groups"])))
+    if len(ops) > 2 and node.inputs[2] is not None:
+        y = op.add(y, op.reshape(ops[2], [int(node.inputs[2].type.shape[0]), 1]))
+    return y
+
+
 def _reciprocal(lw, node, ops):
     return lw.relax.op.divide(lw.relax.const(1.0, _out_dtype(node)), ops[0])
 
@@ -399,6 +527,7 @@ def _reciprocal(lw, node, ops):
 COMPLEX = {"einsum": _einsum, "tril": _band("tril"), "triu": _band("triu"), "expand": _expand, "eye": _eye,
            "full": _full, "arange": _arange, "masked_fill": _masked_fill, "where": _where, "select": _select,
            "stack": _stack, "repeat_interleave": _repeat_interleave, "reciprocal": _reciprocal,
+           "rope": _rope, "conv1d": _conv1d,
            "eq": _compare("equal"), "ne": _compare("not_equal"), "lt": _compare("less"), "le": _compare("less_equal"),
            "gt": _compare("greater"), "ge": _compare("greater_equal"),
            "logical_and": lambda lw, node, ops: lw.relax.op.logical_and(*ops),
@@ -407,6 +536,17 @@ COMPLEX = {"einsum": _einsum, "tril": _band("tril"), "triu": _band("triu"), "exp
            "linear": _linear, "layer_norm": _layer_norm, "split": _split, "reshape": _reshape, "squeeze": _squeeze,
            "transpose": _transpose, "slice": _slice, "causal_conv1d": _causal_conv1d, "cast": _cast, "concat": _concat,
            "sum": _reduce("sum"), "mean": _reduce("mean"), "amax": _reduce("amax")}
+
+
+# IR ops with no Relax lowering, and why (sessa_compiler/op_registry.py reads this; tests/test_op_coverage.py
+# fails on an op that is neither lowered nor listed here)
+_PASS_MADE = ("made only by the Triton pipeline's passes; TVM lowers the traced graph, which never "
+              "holds it")
+GAPS = {
+    "fallback": "calls an arbitrary torch op by name: no TVM form (compile(backend='tvm') runs it through torch)",
+    "feedback_lse": _PASS_MADE, "feedback_diag_inverse": _PASS_MADE, "feedback_chunked": _PASS_MADE,
+    "scan_chunked": _PASS_MADE, "fused": _PASS_MADE,
+}
 
 
 def graph_to_relax(graph: Graph, lanes: int = 8, schedules=None):

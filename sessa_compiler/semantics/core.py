@@ -1,7 +1,8 @@
-"""Plain torch references for the core ops: the semantic definition each fast kernel is tested against.
+"""The meaning of the core ops (attention, feedback, tri_solve, scan, rope) in plain torch: the semantic
+definition each fast kernel is tested against.
 
 Readable rather than fast; every function runs in float64 as well as in float32/bf16, and
-accumulates in at least float32.
+accumulates in at least float32 (``dtypes.compute_dtype``).
 """
 from __future__ import annotations
 
@@ -9,10 +10,7 @@ import math
 
 import torch
 
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 stays float64; everything else is computed in float32 (the spec's accumulation rule)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+from ..dtypes import compute_dtype
 
 
 def rope_ref(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -106,3 +104,20 @@ def tri_solve_rows(A: torch.Tensor, b: torch.Tensor, upper: bool = False, unitri
             acc = rhs[..., t - r0, :] - (A[..., t, near].unsqueeze(-2) @ x[..., near, :]).squeeze(-2)
             x[..., t, :] = acc if unitriangular else acc / A[..., t, t].unsqueeze(-1)
     return x.to(out_dtype)
+
+
+# -- the IR ops' entries in semantics.SEMANTICS: operands positional, attributes by keyword ------------------
+def _attention(q, k, v, inv_freq=None, *, scale, causal, rope=False):
+    return attention_ref(q, k, v, scale, causal, inv_freq if rope else None)
+
+
+def _feedback(f, q_b, k_b, gamma, *, scale):
+    return feedback_ref(f, q_b, k_b, gamma, scale)
+
+
+def _tri_solve(A, b, *, upper, unitriangular):
+    return tri_solve_ref(A, b, upper, unitriangular)
+
+
+CORE_SEMANTICS = {"attention": _attention, "feedback": _feedback, "tri_solve": _tri_solve,
+                  "scan": scan_ref, "rope": rope_ref}
