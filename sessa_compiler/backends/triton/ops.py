@@ -28,7 +28,7 @@ from torch.library import triton_op, wrap_triton
 
 from ...dtypes import from_torch
 from ...ir import parse
-from ..reference import attention_ref
+from ...semantics.core import attention_ref
 from .attention import generate_attention
 from .codegen import KERNEL_CACHE
 from .scan import generate_scan
