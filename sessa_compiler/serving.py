@@ -66,12 +66,18 @@ def _visible(t0: int, n: int, device, strict: bool) -> torch.Tensor:
     return cols < rows if strict else cols <= rows
 
 
-def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causal, rope=False):
-    """Keys and values are cached [B, Hkv, L, d] (head-major), so each head reads contiguous rows."""
+def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causal, rope=False, kernels=None):
+    """Keys and values are cached [B, Hkv, L, d] (head-major), so each head reads contiguous rows. ``kernels``:
+    the TVM decode kernels (backends/tvm/decode.py), used for one-position steps on CPU tensors."""
     cd = compute_dtype(q.dtype)
     B, n, H, d = q.shape
     Hkv = k.shape[2]
     g = H // Hkv
+    if (n == 1 and kernels is not None and cd == torch.float32 and q.device.type == "cpu"
+            and kernels.supports_attention(state["k"], state["v"])):   # split-K over the cache, written in place
+        out = kernels.attention(q[:, 0], k[:, 0], v[:, 0], inv_freq if rope else None, state["k"], state["v"], t0,
+                                scale, rope)
+        return out[:, None].to(v.dtype)
     if rope:
         q, k = _rotate_at(q, inv_freq, t0), _rotate_at(k, inv_freq, t0)
     K, V = state["k"], state["v"]
@@ -92,10 +98,14 @@ def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causa
     return out.view(B, Hkv, g, n, dv).permute(0, 3, 1, 2, 4).reshape(B, n, H, dv).to(v.dtype)
 
 
-def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale):
+def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale, kernels=None):
     cd = compute_dtype(f.dtype)
     n = f.shape[1]
     KB, S = state["k_b"], state["s"]
+    if (n == 1 and kernels is not None and cd == torch.float32 and f.device.type == "cpu"
+            and kernels.supports_feedback(KB, S)):   # split-K over the cache, k_b and s written in place
+        s = kernels.feedback(f[:, 0], q_b[:, 0], k_b[:, 0], gamma[:, 0], KB, S, t0, scale)
+        return s[:, None].to(f.dtype)
     KB[:, t0:t0 + n] = k_b.to(KB.dtype)
     if n == 1:  # one new row: it sees exactly the cached positions, no mask and no solve
         s = f.to(cd)
@@ -210,6 +220,7 @@ class ServingProgram:
             if node.op in STATEFUL and node.op != "rope":
                 self.states[node] = self._state_specs(node)
         self.checked = False
+        self.decode_kernels = None   # backends/tvm/decode.py DecodeKernels: one-position steps on CPU (tvm backend)
         self._plans: dict = {}
         self._bindings: dict = {}
 
@@ -344,7 +355,10 @@ class ServingProgram:
             operands = [x if isinstance(x, Value) else resolve(x, binding) for x in node.inputs]
             if node.op in STEPS:
                 specs = tuple((role, spec.key) for role, spec in self.states.get(node, {}).items())
-                plan.append((True, STEPS[node.op], operands, dict(node.attrs), node.outputs, node, specs))
+                attrs = dict(node.attrs)
+                if node.op in ("attention", "feedback") and self.decode_kernels is not None:
+                    attrs["kernels"] = self.decode_kernels
+                plan.append((True, STEPS[node.op], operands, attrs, node.outputs, node, specs))
                 continue
             fn = IMPLS.get(node.op)
             if fn is None:
@@ -505,6 +519,11 @@ class Serving:
         prog = self.programs.get(id(graph))
         if prog is None:
             prog = self.programs[id(graph)] = ServingProgram(graph)
+            backend = getattr(c._backend, "current", c._backend)   # "auto": the backend it resolved to
+            if backend.name == "tvm":   # decode steps on CPU read the caches with the TVM decode kernels
+                from .backends.tvm.decode import DecodeKernels
+
+                prog.decode_kernels = DecodeKernels(backend.target)
         if not prog.checked:
             prog.check(getattr(graph, "example_inputs", None) or example, graph.params)
         return prog

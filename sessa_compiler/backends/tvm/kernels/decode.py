@@ -1,0 +1,312 @@
+"""Decode-step kernels in TIR: one new position against preallocated caches, split-K over the cached positions.
+
+Both read caches of capacity ``L`` (symbolic: one build serves every capacity) in place, with the current
+position ``t0`` a runtime argument (one build serves every length), in float32 or bfloat16 (widened to float32
+in registers, so a bf16 cache halves the bytes a step reads), and write the new position's entries in place.
+The cached positions are split into ``chunks`` ranges of whole ``block``-position blocks; one parallel task per
+(batch row [, kv head], chunk) runs an online softmax over its range (exact block max, one rescale per block)
+and leaves (max, sum, partial output) in a workspace; a serial loop then combines the chunks (log-sum-exp).
+
+``attention_decode(q, k, v, inv_freq, K, V, t0, work, out)``: q [B, H, d], k [B, Hkv, d], v [B, Hkv, dv] at
+position t0 (RoPE applied here when ``rope``: interleaved pairs at angle t0 * inv_freq), K/V [B, Hkv, L, d|dv]
+head-major caches; writes K/V[:, :, t0] then attends each query head h over kv head h // (H/Hkv), positions
+0..t0 inclusive. work [B, Hkv, chunks, H/Hkv, dv + 2]; out [B, H, dv].
+
+``feedback_decode(f, q_b, k_b, gamma, KB, S, t0, work, out)``: f, q_b, k_b [B, W], gamma [B]; KB [B, L, W]
+feedback keys, S [B, L, W] solved states (float32); writes KB[:, t0] = k_b, then
+s = f + gamma * softmax(q_b . KB[:, :t0] * scale) @ S[:, :t0] (s = f at t0 = 0), S[:, t0] = s, out = s.
+work [B, chunks, W + 2].
+"""
+from __future__ import annotations
+
+from tvm.script import tirx as T
+from tvm.tirx import FloatImm
+
+from ..tir_math import MASKED, make_exp
+
+F32 = "float32"
+
+
+def _widen(x, dtype: str):
+    """A cache element as float32: bfloat16 caches arrive as int16 bit patterns (the upper half of a float32)."""
+    if dtype == "bfloat16":
+        return T.reinterpret(F32, T.shift_left(T.Cast("int32", x), 16))
+    return x
+
+
+def _narrow(x, dtype: str):
+    """float32 -> the cache's storage: bfloat16 rounded to nearest even, as int16 bits."""
+    if dtype == "bfloat16":
+        u = T.reinterpret("int32", x)
+        return T.Cast("int16", T.shift_right(u + 32767 + T.bitwise_and(T.shift_right(u, 16), 1), 16))
+    return x
+
+
+def _storage(dtype: str) -> str:
+    return "int16" if dtype == "bfloat16" else dtype
+
+
+def _lanes(width: int, lanes: int) -> int:
+    v = lanes
+    while v > 1 and width % v:
+        v //= 2
+    return v
+
+
+def attention_decode_kernel(n_heads: int, n_kv_heads: int, head_dim: int, v_dim: int, scale: float, rope: bool,
+                            cache_dtype: str, chunks: int, block: int, lanes: int):
+    H, HKV, D, DV = n_heads, n_kv_heads, head_dim, v_dim
+    G = H // HKV
+    NC, BLK = chunks, block
+    VL = _lanes(D, lanes)          # lanes of the q.k dot products (over the head width)
+    VV = _lanes(DV, lanes)         # lanes of the p * v accumulation
+    HALF = max(D // 2, 1)
+    exp = make_exp(F32)
+    neg = FloatImm(F32, MASKED)
+    scale = FloatImm(F32, float(scale))
+    cdt = cache_dtype
+
+    @T.prim_func
+    def attention_decode(q_h: T.handle, k_h: T.handle, v_h: T.handle, f_h: T.handle, kc_h: T.handle,
+                         vc_h: T.handle, t0: T.int32, w_h: T.handle, o_h: T.handle):
+        T.func_attr({"global_symbol": "attention_decode", "tirx.noalias": True})
+        nb = T.int32()
+        L = T.int32()
+        Q = T.match_buffer(q_h, (nb, H, D), F32)
+        Kn = T.match_buffer(k_h, (nb, HKV, D), F32)
+        Vn = T.match_buffer(v_h, (nb, HKV, DV), F32)
+        FR = T.match_buffer(f_h, (HALF,), F32)
+        KC = T.match_buffer(kc_h, (nb, HKV, L, D), _storage(cdt))
+        VC = T.match_buffer(vc_h, (nb, HKV, L, DV), _storage(cdt))
+        WK = T.match_buffer(w_h, (nb, HKV, NC, G, DV + 2), F32)
+        O = T.match_buffer(o_h, (nb, H, DV), F32)
+        # -- the new position's key (rotated) and value, written in place --------------------------------
+        for task in T.serial(nb * HKV):
+            b = task // HKV
+            h = task % HKV
+            if rope:
+                for i in T.serial(D // 2):
+                    KC[b, h, t0, 2 * i] = _narrow(Kn[b, h, 2 * i] * T.cos(T.Cast(F32, t0) * FR[i])
+                                                 - Kn[b, h, 2 * i + 1] * T.sin(T.Cast(F32, t0) * FR[i]), cdt)
+                    KC[b, h, t0, 2 * i + 1] = _narrow(Kn[b, h, 2 * i] * T.sin(T.Cast(F32, t0) * FR[i])
+                                                     + Kn[b, h, 2 * i + 1] * T.cos(T.Cast(F32, t0) * FR[i]), cdt)
+            else:
+                for i in T.serial(D):
+                    KC[b, h, t0, i] = _narrow(Kn[b, h, i], cdt)
+            for i in T.serial(DV):
+                VC[b, h, t0, i] = _narrow(Vn[b, h, i], cdt)
+        # -- per (batch, kv head, chunk): online softmax over the chunk's positions ------------------------
+        for task in T.parallel(nb * HKV * NC):
+            b = task // (HKV * NC)
+            h = task // NC % HKV
+            c = task % NC
+            qs = T.alloc_buffer((G, D), F32, scope="local")
+            lg = T.alloc_buffer((G, BLK), F32, scope="local")
+            acc = T.alloc_buffer((G, DV), F32, scope="local")
+            part = T.alloc_buffer((VL,), F32, scope="local")
+            st = T.alloc_buffer((G, 3), F32, scope="local")       # running max, running sum, block scratch
+            cs = T.alloc_buffer((HALF, 2), F32, scope="local")
+            if rope:
+                for i in T.serial(D // 2):
+                    cs[i, 0] = T.cos(T.Cast(F32, t0) * FR[i])
+                    cs[i, 1] = T.sin(T.Cast(F32, t0) * FR[i])
+            for gi in T.serial(G):
+                if rope:
+                    for i in T.serial(D // 2):
+                        qs[gi, 2 * i] = (Q[b, h * G + gi, 2 * i] * cs[i, 0] - Q[b, h * G + gi, 2 * i + 1] * cs[i, 1]) \
+                            * scale
+                        qs[gi, 2 * i + 1] = (Q[b, h * G + gi, 2 * i] * cs[i, 1]
+                                             + Q[b, h * G + gi, 2 * i + 1] * cs[i, 0]) * scale
+                else:
+                    for i in T.vectorized(D):
+                        qs[gi, i] = Q[b, h * G + gi, i] * scale
+                st[gi, 0] = neg
+                st[gi, 1] = T.float32(0.0)
+                for i in T.vectorized(DV):
+                    acc[gi, i] = T.float32(0.0)
+            # positions [lo, hi): whole blocks per chunk, the last chunks may be empty
+            for jb in T.serial((((t0 + 1 + BLK - 1) // BLK + NC - 1) // NC)):
+                if (c * (((t0 + 1 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK < t0 + 1:
+                    for gi in T.serial(G):
+                        for j in T.serial(BLK):
+                            if (c * (((t0 + 1 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK + j < t0 + 1:
+                                for l in T.vectorized(VL):
+                                    part[l] = T.float32(0.0)
+                                for dc in T.serial(D // VL):
+                                    for l in T.vectorized(VL):
+                                        part[l] = part[l] + qs[gi, dc * VL + l] * _widen(
+                                            KC[b, h, (c * (((t0 + 1 + BLK - 1) // BLK + NC - 1) // NC) + jb)
+                                               * BLK + j, dc * VL + l], cdt)
+                                if VL >= 16:
+                                    for l in T.vectorized(8):
+                                        part[l] = part[l] + part[l + 8]
+                                if VL >= 8:
+                                    for l in T.vectorized(4):
+                                        part[l] = part[l] + part[l + 4]
+                                if VL >= 4:
+                                    for l in T.vectorized(2):
+                                        part[l] = part[l] + part[l + 2]
+                                if VL >= 2:
+                                    part[0] = part[0] + part[1]
+                                lg[gi, j] = part[0]
+                            else:
+                                lg[gi, j] = neg
+                        # block max, one rescale of the running sum and output
+                        st[gi, 2] = st[gi, 0]
+                        for j in T.serial(BLK):
+                            st[gi, 2] = T.max(st[gi, 2], lg[gi, j])
+                        for i in T.vectorized(DV):
+                            acc[gi, i] = acc[gi, i] * exp(st[gi, 0] - st[gi, 2])
+                        st[gi, 1] = st[gi, 1] * exp(st[gi, 0] - st[gi, 2])
+                        st[gi, 0] = st[gi, 2]
+                        for j in T.vectorized(BLK):
+                            lg[gi, j] = exp(lg[gi, j] - st[gi, 0])
+                        for j in T.serial(BLK):
+                            st[gi, 1] = st[gi, 1] + lg[gi, j]
+                    for j in T.serial(BLK):
+                        if (c * (((t0 + 1 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK + j < t0 + 1:
+                            for gi in T.serial(G):
+                                for vc in T.serial(DV // VV):
+                                    for l in T.vectorized(VV):
+                                        acc[gi, vc * VV + l] = acc[gi, vc * VV + l] + lg[gi, j] * _widen(
+                                            VC[b, h, (c * (((t0 + 1 + BLK - 1) // BLK + NC - 1) // NC) + jb)
+                                               * BLK + j, vc * VV + l], cdt)
+            for gi in T.serial(G):
+                WK[b, h, c, gi, DV] = st[gi, 0]
+                WK[b, h, c, gi, DV + 1] = st[gi, 1]
+                for i in T.vectorized(DV):
+                    WK[b, h, c, gi, i] = acc[gi, i]
+        # -- combine the chunks (log-sum-exp) ------------------------------------------------------------
+        for task in T.serial(nb * H):   # small: a parallel launch would cost more than it saves
+            b = task // H
+            hq = task % H
+            red = T.alloc_buffer((3,), F32, scope="local")
+            res = T.alloc_buffer((DV,), F32, scope="local")
+            red[0] = neg
+            for c in T.serial(NC):
+                red[0] = T.max(red[0], WK[b, hq // G, c, hq % G, DV])
+            red[1] = T.float32(0.0)
+            for i in T.vectorized(DV):
+                res[i] = T.float32(0.0)
+            for c in T.serial(NC):
+                red[2] = exp(WK[b, hq // G, c, hq % G, DV] - red[0])
+                red[1] = red[1] + red[2] * WK[b, hq // G, c, hq % G, DV + 1]
+                for i in T.vectorized(DV):
+                    res[i] = res[i] + red[2] * WK[b, hq // G, c, hq % G, i]
+            for i in T.vectorized(DV):
+                O[b, hq, i] = res[i] / red[1]
+
+    return attention_decode
+
+
+def feedback_decode_kernel(width: int, scale: float, key_dtype: str, chunks: int, block: int, lanes: int):
+    W = width
+    NC, BLK = chunks, block
+    VL = _lanes(W, lanes)
+    exp = make_exp(F32)
+    neg = FloatImm(F32, MASKED)
+    scale = FloatImm(F32, float(scale))
+    kdt = key_dtype
+
+    @T.prim_func
+    def feedback_decode(f_h: T.handle, q_h: T.handle, k_h: T.handle, g_h: T.handle, kb_h: T.handle,
+                        s_h: T.handle, t0: T.int32, w_h: T.handle, o_h: T.handle):
+        T.func_attr({"global_symbol": "feedback_decode", "tirx.noalias": True})
+        nb = T.int32()
+        L = T.int32()
+        Fn = T.match_buffer(f_h, (nb, W), F32)
+        Qb = T.match_buffer(q_h, (nb, W), F32)
+        Kn = T.match_buffer(k_h, (nb, W), F32)
+        Gm = T.match_buffer(g_h, (nb,), F32)
+        KB = T.match_buffer(kb_h, (nb, L, W), _storage(kdt))
+        S = T.match_buffer(s_h, (nb, L, W), F32)
+        WK = T.match_buffer(w_h, (nb, NC, W + 2), F32)
+        O = T.match_buffer(o_h, (nb, W), F32)
+        for b in T.serial(nb):
+            for i in T.serial(W):
+                KB[b, t0, i] = _narrow(Kn[b, i], kdt)
+        # -- per (batch, chunk): online softmax of q_b against the strictly earlier keys -------------------
+        for task in T.parallel(nb * NC):
+            b = task // NC
+            c = task % NC
+            qs = T.alloc_buffer((W,), F32, scope="local")
+            acc = T.alloc_buffer((W,), F32, scope="local")
+            lg = T.alloc_buffer((BLK,), F32, scope="local")
+            part = T.alloc_buffer((VL,), F32, scope="local")
+            st = T.alloc_buffer((3,), F32, scope="local")
+            for i in T.vectorized(W):
+                qs[i] = Qb[b, i] * scale
+            for i in T.vectorized(W):
+                acc[i] = T.float32(0.0)
+            st[0] = neg
+            st[1] = T.float32(0.0)
+            for jb in T.serial((((t0 + BLK - 1) // BLK + NC - 1) // NC)):
+                if (c * (((t0 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK < t0:
+                    for j in T.serial(BLK):
+                        if (c * (((t0 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK + j < t0:
+                            for l in T.vectorized(VL):
+                                part[l] = T.float32(0.0)
+                            for dc in T.serial(W // VL):
+                                for l in T.vectorized(VL):
+                                    part[l] = part[l] + qs[dc * VL + l] * _widen(
+                                        KB[b, (c * (((t0 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK + j,
+                                           dc * VL + l], kdt)
+                            if VL >= 16:
+                                for l in T.vectorized(8):
+                                    part[l] = part[l] + part[l + 8]
+                            if VL >= 8:
+                                for l in T.vectorized(4):
+                                    part[l] = part[l] + part[l + 4]
+                            if VL >= 4:
+                                for l in T.vectorized(2):
+                                    part[l] = part[l] + part[l + 2]
+                            if VL >= 2:
+                                part[0] = part[0] + part[1]
+                            lg[j] = part[0]
+                        else:
+                            lg[j] = neg
+                    st[2] = st[0]
+                    for j in T.serial(BLK):
+                        st[2] = T.max(st[2], lg[j])
+                    for i in T.vectorized(W):
+                        acc[i] = acc[i] * exp(st[0] - st[2])
+                    st[1] = st[1] * exp(st[0] - st[2])
+                    st[0] = st[2]
+                    for j in T.vectorized(BLK):
+                        lg[j] = exp(lg[j] - st[0])
+                    for j in T.serial(BLK):
+                        st[1] = st[1] + lg[j]
+                    for j in T.serial(BLK):
+                        if (c * (((t0 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK + j < t0:
+                            for dc in T.serial(W // VL):
+                                for l in T.vectorized(VL):
+                                    acc[dc * VL + l] = acc[dc * VL + l] + lg[j] * S[
+                                        b, (c * (((t0 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK + j, dc * VL + l]
+            WK[b, c, W] = st[0]
+            WK[b, c, W + 1] = st[1]
+            for i in T.vectorized(W):
+                WK[b, c, i] = acc[i]
+        # -- combine, add to f, write the solved state ----------------------------------------------------
+        for task in T.serial(nb * (W // VL)):   # small: a parallel launch would cost more than it saves
+            b = task // (W // VL)
+            col = task % (W // VL) * VL
+            red = T.alloc_buffer((3,), F32, scope="local")
+            res = T.alloc_buffer((VL,), F32, scope="local")
+            for l in T.vectorized(VL):
+                res[l] = T.float32(0.0)
+            red[1] = T.float32(0.0)
+            if t0 > 0:
+                red[0] = neg
+                for c in T.serial(NC):
+                    red[0] = T.max(red[0], WK[b, c, W])
+                for c in T.serial(NC):
+                    red[2] = exp(WK[b, c, W] - red[0])
+                    red[1] = red[1] + red[2] * WK[b, c, W + 1]
+                    for l in T.vectorized(VL):
+                        res[l] = res[l] + red[2] * WK[b, c, col + l]
+                red[1] = Gm[b] / red[1]
+            for l in T.vectorized(VL):
+                O[b, col + l] = Fn[b, col + l] + red[1] * res[l]
+                S[b, t0, col + l] = Fn[b, col + l] + red[1] * res[l]
+
+    return feedback_decode
