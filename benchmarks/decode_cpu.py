@@ -2,6 +2,7 @@
 reference layer's, when it is importable), alternating in one run, medians.
 
     python benchmarks/decode_cpu.py [--contexts 1024 8192] [--steps 24] [--reference PATH] [--decoder]
+                                    [--threads N] [--backend auto|tvm|eager] [--torch-step] [--cache-dtype D]
 
 The cache is filled once per context by writing random rotated keys/values, feedback keys and solved
 states directly (a real prefill at 8K takes minutes in eager PyTorch); every timed step then reads the
@@ -10,6 +11,7 @@ rewound after each step, so every step sees the same context length. Also prints
 bandwidth: bytes of cache read per step / median time.
 """
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -50,9 +52,13 @@ def main():
     ap.add_argument("--decoder", action="store_true", help="also a 4-layer Decoder 'SSSS'")
     ap.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                     help="dtype of the compiled module's key/value/feedback-key caches (the eager ones stay fp32)")
+    ap.add_argument("--backend", default="auto", help="backend of the compiled module (auto: tvm on CPU)")
+    ap.add_argument("--torch-step", action="store_true",
+                    help="also the compiled step with backend='eager' (every op through torch)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+        os.environ["TVM_NUM_THREADS"] = str(args.threads)   # before TVM's thread pool starts
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     models = {"SessaLayer": SessaLayer(args.D, n_heads=args.heads).eval()}
@@ -76,28 +82,35 @@ def main():
     del big
     print(f"# memory read rate (torch.sum over 256 MB, same threads): {read_gbs:.1f} GB/s")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch threads {torch.get_num_threads()}, "
-          f"B=1 fp32 D={args.D} H={args.heads}, compiled caches {args.cache_dtype}, medians of {args.steps} steps")
+          f"TVM threads {os.environ.get('TVM_NUM_THREADS', 'default')}, B=1 fp32 D={args.D} H={args.heads}, compiled "
+          f"backend {args.backend}, compiled caches {args.cache_dtype}, medians of {args.steps} steps, "
+          f"load average {os.getloadavg()[0]:.1f}")
     print("| model | context | variant | median ms/token | speed-up vs eager | cache GB/s (fraction of read rate) |")
     print("|---|---:|---|---:|---:|---:|")
     for name, model in models.items():
         is_dec = name.startswith("Decoder")
         x_ex = torch.randint(0, 1000, (1, 8)) if is_dec else torch.randn(1, 8, args.D)
-        compiled = sc.compile(model, (x_ex,), backend="eager")
+        compiled = sc.compile(model, (x_ex,), backend=args.backend)
+        torch_step = sc.compile(model, (x_ex,), backend="eager") if args.torch_step else None
         for T in args.contexts:
             x_t = torch.randint(0, 1000, (1,)) if is_dec else torch.randn(1, args.D)
             variants = {}
             cc = compiled.init_cache(1, max_len=T + 1, dtype=getattr(torch, args.cache_dtype))
-            nbytes = fill(cc, T, gen)
+            nbytes = {"compiled": fill(cc, T, gen)}
             cc["t"] = T
             variants["compiled"] = (compiled.decode_step, cc)
+            if torch_step is not None:
+                tc = torch_step.init_cache(1, max_len=T + 1, dtype=getattr(torch, args.cache_dtype))
+                nbytes["compiled, torch step"] = fill(tc, T, gen)
+                tc["t"] = T
+                variants["compiled, torch step"] = (torch_step.decode_step, tc)
             ec = model.init_cache(1, max_len=T + 1)
-            for c in (ec if isinstance(ec, list) else [ec]):
-                fill(c, T, gen)
+            nbytes["model eager"] = sum(fill(c, T, gen) for c in (ec if isinstance(ec, list) else [ec]))
             set_t(ec, T)
             variants["model eager"] = (model.decode_step, ec)
             if ref is not None and not is_dec:
                 rc = ref.init_cache(1, max_len=T + 1)
-                fill(rc, T, gen)
+                nbytes["reference eager"] = fill(rc, T, gen)
                 rc["t"] = T
                 variants["reference eager"] = (ref.decode_step, rc)
             times = {k: [] for k in variants}
@@ -114,11 +127,10 @@ def main():
                         set_t(c, T)
             med = {k: statistics.median(v) for k, v in times.items()}
             for k, m in med.items():
-                base = med.get("reference eager", med["model eager"]) if k == "compiled" else med["model eager"]
                 print(f"| {name} | {T} | {k} | {m * 1e3:.2f} | {med['model eager'] / m:.2f}x"
                       + (f" ({med['reference eager'] / m:.2f}x vs reference)"
-                         if k == "compiled" and "reference eager" in med else "")
-                      + f" | {nbytes / m / 1e9:.1f} ({nbytes / m / 1e9 / read_gbs:.0%}) |")
+                         if k.startswith("compiled") and "reference eager" in med else "")
+                      + f" | {nbytes[k] / m / 1e9:.1f} ({nbytes[k] / m / 1e9 / read_gbs:.0%}) |")
             sys.stdout.flush()
 
 

@@ -41,7 +41,8 @@ def _poisoned(shape, t, dtype, seq_dim, g):
 ])
 def test_attention_decode_matches_torch(kernels, B, H, Hkv, d, L, t, rope, dtype):
     g = torch.Generator().manual_seed(t + H)
-    q, k, v = torch.randn(B, H, d, generator=g), torch.randn(B, Hkv, d, generator=g), torch.randn(B, Hkv, d, generator=g)
+    q = torch.randn(B, H, d, generator=g)
+    k, v = torch.randn(B, Hkv, d, generator=g), torch.randn(B, Hkv, d, generator=g)
     inv = 10000.0 ** (-2.0 * torch.arange(d // 2) / d)
     K, V = _poisoned((B, Hkv, L, d), t, dtype, 2, g), _poisoned((B, Hkv, L, d), t, dtype, 2, g)
     past_K, past_V = K.clone(), V.clone()
