@@ -26,6 +26,7 @@ doubling. Writing past ``max_len`` raises CacheOverflowError before anything is 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -363,6 +364,8 @@ class ServingProgram:
             fn = IMPLS.get(node.op)
             if fn is None:
                 raise IRError(f"op '{node.op}' has no eager implementation")
+            if node.op == "linear" and self.decode_kernels is not None:
+                fn = functools.partial(self.decode_kernels.linear, fn)
             attrs = resolve(node.attrs, binding)
             if node.op in FACTORIES or node.op == "fallback":
                 attrs["device"] = device

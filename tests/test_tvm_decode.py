@@ -119,10 +119,29 @@ def test_compiled_decode_steps_on_tvm_equal_the_forward(name, cache_dtype, one_t
     P = 3
     y, cache = c.prefill(x[:, :P], cache)
     prog = next(iter(c._serving.programs.values()))
-    calls = prog.decode_kernels.calls
+    calls, linear_calls = prog.decode_kernels.calls, prog.decode_kernels.linear_calls
     tol = F32 if cache_dtype == torch.float32 else TOLERANCE[torch.bfloat16]
     for t in range(P, 21):
         y_t, cache = c.decode_step(x[:, t], cache)
         assert relative_error(y_t, full[:, t]) <= tol, f"position {t}"
     n_ops = sum(1 for node in prog.graph.nodes if node.op in ("attention", "feedback"))
     assert prog.decode_kernels.calls - calls == n_ops * (21 - P)    # every step's cache reads ran in TVM
+    n_linear = sum(1 for node in prog.graph.nodes if node.op == "linear")
+    assert prog.decode_kernels.linear_calls - linear_calls == n_linear * (21 - P)   # and its linear layers
+
+
+@pytest.mark.parametrize("rows, IN, OUT, bias", [(1, 512, 1024, True), (3, 24, 6, False), (2, 10, 1, False),
+                                                 (16, 64, 48, True)])
+def test_linear_decode_matches_torch(kernels, rows, IN, OUT, bias):
+    g = torch.Generator().manual_seed(IN + OUT)
+    x = torch.randn(rows, 1, IN, generator=g)
+    w, b = torch.randn(OUT, IN, generator=g), (torch.randn(OUT, generator=g) if bias else None)
+    calls = kernels.linear_calls
+    out = kernels.linear(torch.nn.functional.linear, x, w, b)
+    assert kernels.linear_calls == calls + 1 and out.shape == (rows, 1, OUT)
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert relative_error(out, ref) <= F32
+    # more rows than a decode step has, or a strided weight: torch's linear, same result
+    many = torch.randn(40, IN, generator=g)
+    assert torch.equal(kernels.linear(torch.nn.functional.linear, many, w, b), torch.nn.functional.linear(many, w, b))
+    assert kernels.linear_calls == calls + 1

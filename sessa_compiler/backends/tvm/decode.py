@@ -19,6 +19,7 @@ CACHE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 BLOCK = 16          # positions per online-softmax block
 ATT_TASKS = 16      # attention: about this many parallel tasks (kv heads x chunks) per batch row
 FB_CHUNKS = 16      # feedback: chunks of cached positions per batch row
+LINEAR_ROWS = 16    # linear layers with at most this many rows (batch x new positions) run as TVM GEMVs
 
 _BUILT: dict = {}
 _LOCK = threading.Lock()
@@ -52,7 +53,8 @@ class DecodeKernels:
         configure_threads()
         self.target = resolve_target(target)
         self.lanes = lanes_for(self.target)
-        self.calls = 0
+        self.calls = 0          # attention and feedback kernel calls
+        self.linear_calls = 0
         self._work: dict = {}
 
     def _build(self, key: tuple, make):
@@ -115,3 +117,21 @@ class DecodeKernels:
         fn(_arg(f), _arg(q_b), _arg(k_b), _arg(gamma), _bits(KB), S, int(t0), work, out)
         self.calls += 1
         return out
+
+    # -- linear layers of a step ---------------------------------------------------------------------------
+    def linear(self, torch_linear, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):
+        """x @ w.T + b through the TVM GEMV when the step has few rows and float32 weights laid out as the
+        kernel assumes (so no torch thread pool wakes inside a step), else through ``torch_linear``."""
+        rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+        if (not 0 < rows <= LINEAR_ROWS or x.dtype != torch.float32 or w.dim() != 2 or not _ok(w, torch.float32)
+                or (b is not None and not _ok(b, torch.float32)) or x.device.type != "cpu"):
+            return torch_linear(x, w, b)
+        from .kernels.decode import linear_decode_kernel
+
+        OUT, IN = w.shape
+        key = ("linear_decode", IN, OUT, b is not None, self.lanes)
+        fn = self._build(key, lambda: linear_decode_kernel(IN, OUT, b is not None, self.lanes))
+        out = aligned_empty((rows, OUT), torch.float32)
+        fn(_arg(x.reshape(rows, IN)), w, b if b is not None else self._workspace((OUT,)), out)
+        self.linear_calls += 1
+        return out.view(*x.shape[:-1], OUT)

@@ -310,3 +310,47 @@ def feedback_decode_kernel(width: int, scale: float, key_dtype: str, chunks: int
                 S[b, t0, col + l] = Fn[b, col + l] + red[1] * res[l]
 
     return feedback_decode
+
+
+def linear_decode_kernel(in_features: int, out_features: int, bias: bool, lanes: int):
+    """``linear_decode(x, w, b, out)``: out [M, OUT] = x [M, IN] @ w[OUT, IN]^T (+ b) for the few rows of a decode
+    step (M symbolic); parallel over blocks of output rows, each weight row read once per task while the M
+    input rows stay in L1: the weights, the step's largest read at short contexts, stream once over both cores."""
+    IN, OUT = in_features, out_features
+    VL = _lanes(IN, lanes)
+    OB = next(b for b in (16, 8, 4, 2, 1) if OUT % b == 0)
+
+    @T.prim_func
+    def linear_decode(x_h: T.handle, w_h: T.handle, b_h: T.handle, o_h: T.handle):
+        T.func_attr({"global_symbol": "linear_decode", "tirx.noalias": True})
+        m = T.int32()
+        X = T.match_buffer(x_h, (m, IN), F32)
+        Wt = T.match_buffer(w_h, (OUT, IN), F32)
+        Bb = T.match_buffer(b_h, (OUT,), F32)
+        O = T.match_buffer(o_h, (m, OUT), F32)
+        for task in T.parallel(OUT // OB):
+            part = T.alloc_buffer((VL,), F32, scope="local")
+            for r in T.serial(OB):
+                for i in T.serial(m):
+                    for l in T.vectorized(VL):
+                        part[l] = T.float32(0.0)
+                    for dc in T.serial(IN // VL):
+                        for l in T.vectorized(VL):
+                            part[l] = part[l] + X[i, dc * VL + l] * Wt[task * OB + r, dc * VL + l]
+                    if VL >= 16:
+                        for l in T.vectorized(8):
+                            part[l] = part[l] + part[l + 8]
+                    if VL >= 8:
+                        for l in T.vectorized(4):
+                            part[l] = part[l] + part[l + 4]
+                    if VL >= 4:
+                        for l in T.vectorized(2):
+                            part[l] = part[l] + part[l + 2]
+                    if VL >= 2:
+                        part[0] = part[0] + part[1]
+                    if bias:
+                        O[i, task * OB + r] = part[0] + Bb[task * OB + r]
+                    else:
+                        O[i, task * OB + r] = part[0]
+
+    return linear_decode
