@@ -13,6 +13,7 @@ import torch
 
 from .backend import ALIGN, aligned_empty
 from .build import lanes_for
+from .kernels.decode import attention_decode_kernel, feedback_decode_kernel, linear_decode_kernel
 from .target import configure_threads, resolve_target
 
 CACHE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -56,18 +57,22 @@ class DecodeKernels:
         self.calls = 0          # attention and feedback kernel calls
         self.linear_calls = 0
         self._work: dict = {}
+        self._fns: dict = {}
 
     def _build(self, key: tuple, make):
-        import tvm
+        fn = self._fns.get(key)   # per step: one dict lookup
+        if fn is None:
+            import tvm
 
-        full = key + (str(self.target),)
-        with _LOCK:
-            fn = _BUILT.get(full)
-            if fn is None:
-                func = make().with_attr("global_symbol", f"sessa_{key[0]}")
-                ex = tvm.compile(tvm.IRModule({f"sessa_{key[0]}": func}), target=self.target)
-                fn = _BUILT[full] = (ex, ex[f"sessa_{key[0]}"])
-        return fn[1]
+            full = key + (str(self.target),)
+            with _LOCK:
+                built = _BUILT.get(full)
+                if built is None:
+                    func = make().with_attr("global_symbol", f"sessa_{key[0]}")
+                    ex = tvm.compile(tvm.IRModule({f"sessa_{key[0]}": func}), target=self.target)
+                    built = _BUILT[full] = (ex, ex[f"sessa_{key[0]}"])
+            fn = self._fns[key] = built[1]
+        return fn
 
     def _workspace(self, shape: tuple) -> torch.Tensor:
         key = (shape, threading.get_ident())     # per thread: concurrent steps never share one
@@ -83,8 +88,6 @@ class DecodeKernels:
     def attention(self, q, k, v, inv_freq, K, V, t0: int, scale: float, rope: bool) -> torch.Tensor:
         """q [B, H, d], k [B, Hkv, d], v [B, Hkv, dv] (new position t0, unrotated) -> out [B, H, dv] float32;
         K/V [B, Hkv, L, d|dv] get position t0 written."""
-        from .kernels.decode import attention_decode_kernel
-
         B, H, d = q.shape
         Hkv, dv = K.shape[1], V.shape[-1]
         chunks = max(1, ATT_TASKS // Hkv)
@@ -106,8 +109,6 @@ class DecodeKernels:
 
     def feedback(self, f, q_b, k_b, gamma, KB, S, t0: int, scale: float) -> torch.Tensor:
         """f, q_b, k_b [B, W], gamma [B] at position t0 -> s [B, W] float32; KB[:, t0] = k_b, S[:, t0] = s."""
-        from .kernels.decode import feedback_decode_kernel
-
         B, W = f.shape
         key = ("feedback_decode", W, float(scale), CACHE_DTYPES[KB.dtype], FB_CHUNKS, BLOCK, self.lanes)
         fn = self._build(key, lambda: feedback_decode_kernel(W, scale, CACHE_DTYPES[KB.dtype], FB_CHUNKS, BLOCK,
@@ -126,8 +127,6 @@ class DecodeKernels:
         if (not 0 < rows <= LINEAR_ROWS or x.dtype != torch.float32 or w.dim() != 2 or not _ok(w, torch.float32)
                 or (b is not None and not _ok(b, torch.float32)) or x.device.type != "cpu"):
             return torch_linear(x, w, b)
-        from .kernels.decode import linear_decode_kernel
-
         OUT, IN = w.shape
         key = ("linear_decode", IN, OUT, b is not None, self.lanes)
         fn = self._build(key, lambda: linear_decode_kernel(IN, OUT, b is not None, self.lanes))
