@@ -7,8 +7,10 @@ reference layer's, when it is importable), alternating in one run, medians.
 The cache is filled once per context by writing random rotated keys/values, feedback keys and solved
 states directly (a real prefill at 8K takes minutes in eager PyTorch); every timed step then reads the
 whole cache, as a real step does. Each variant decodes on its own copy of the cache, and the copies are
-rewound after each step, so every step sees the same context length. Also prints the achieved memory
-bandwidth: bytes of cache read per step / median time.
+rewound after each step, so every step sees the same context length. Variants alternate step by step, each
+timed step after a short pause (--pause-ms), so that no variant's thread pool (torch's OpenMP workers spin after
+a parallel region) is still busy when the next one starts. Also prints the achieved memory bandwidth: bytes of
+cache read per step / median time, and as a fraction of a 256 MB read with the same threads.
 """
 import argparse
 import os
@@ -50,11 +52,14 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--reference", default=None, help="directory holding the public reference's sessa.py")
     ap.add_argument("--decoder", action="store_true", help="also a 4-layer Decoder 'SSSS'")
-    ap.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                    help="dtype of the compiled module's key/value/feedback-key caches (the eager ones stay fp32)")
+    ap.add_argument("--cache-dtype", default=["float32"], nargs="+", choices=["float32", "bfloat16", "float16"],
+                    help="dtypes of the compiled module's key/value/feedback-key caches, one compiled variant each "
+                         "(the eager ones stay fp32)")
     ap.add_argument("--backend", default="auto", help="backend of the compiled module (auto: tvm on CPU)")
     ap.add_argument("--torch-step", action="store_true",
                     help="also the compiled step with backend='eager' (every op through torch)")
+    ap.add_argument("--pause-ms", type=float, default=20.0,
+                    help="idle time before each timed step (lets the previous variant's thread pool go to sleep)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -83,7 +88,7 @@ def main():
     print(f"# memory read rate (torch.sum over 256 MB, same threads): {read_gbs:.1f} GB/s")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch threads {torch.get_num_threads()}, "
           f"TVM threads {os.environ.get('TVM_NUM_THREADS', 'default')}, B=1 fp32 D={args.D} H={args.heads}, compiled "
-          f"backend {args.backend}, compiled caches {args.cache_dtype}, medians of {args.steps} steps, "
+          f"backend {args.backend}, compiled caches {' and '.join(args.cache_dtype)}, medians of {args.steps} steps, "
           f"load average {os.getloadavg()[0]:.1f}")
     print("| model | context | variant | median ms/token | speed-up vs eager | cache GB/s (fraction of read rate) |")
     print("|---|---:|---|---:|---:|---:|")
@@ -95,12 +100,15 @@ def main():
         for T in args.contexts:
             x_t = torch.randint(0, 1000, (1,)) if is_dec else torch.randn(1, args.D)
             variants = {}
-            cc = compiled.init_cache(1, max_len=T + 1, dtype=getattr(torch, args.cache_dtype))
-            nbytes = {"compiled": fill(cc, T, gen)}
-            cc["t"] = T
-            variants["compiled"] = (compiled.decode_step, cc)
+            nbytes = {}
+            for dt in args.cache_dtype:
+                k = "compiled" if dt == "float32" else f"compiled, {dt} caches"
+                cc = compiled.init_cache(1, max_len=T + 1, dtype=getattr(torch, dt))
+                nbytes[k] = fill(cc, T, gen)
+                cc["t"] = T
+                variants[k] = (compiled.decode_step, cc)
             if torch_step is not None:
-                tc = torch_step.init_cache(1, max_len=T + 1, dtype=getattr(torch, args.cache_dtype))
+                tc = torch_step.init_cache(1, max_len=T + 1)
                 nbytes["compiled, torch step"] = fill(tc, T, gen)
                 tc["t"] = T
                 variants["compiled, torch step"] = (torch_step.decode_step, tc)
@@ -121,6 +129,9 @@ def main():
                         set_t(c, T)
                 for _ in range(args.steps):
                     for k, (fn, c) in variants.items():
+                        # torch's OpenMP workers spin for a while after each parallel region (libgomp's default);
+                        # a pause keeps one variant's spinning threads from slowing the next variant's step
+                        time.sleep(args.pause_ms / 1e3)
                         t0 = time.perf_counter()
                         fn(x_t, c)
                         times[k].append(time.perf_counter() - t0)
