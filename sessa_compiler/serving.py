@@ -352,7 +352,18 @@ class ServingProgram:
         if plan is not None:
             return plan
         plan = []
+        groups = self._linear_groups() if self.decode_kernels is not None else {}
         for node in self.graph.nodes:
+            if node in groups:   # linear layers of one input in one TVM launch, at the first one's place
+                members = groups[node]
+                if not members:
+                    continue
+                operands = [node.inputs[0]]
+                for m in members:
+                    operands += [m.inputs[1], m.inputs[2] if len(m.inputs) > 2 else None]
+                fn = functools.partial(self.decode_kernels.linears, IMPLS["linear"])
+                plan.append((False, fn, operands, {}, [m.outputs[0] for m in members], node, ()))
+                continue
             operands = [x if isinstance(x, Value) else resolve(x, binding) for x in node.inputs]
             if node.op in STEPS:
                 specs = tuple((role, spec.key) for role, spec in self.states.get(node, {}).items())
@@ -373,6 +384,25 @@ class ServingProgram:
         if len(self._plans) < 64:
             self._plans[key] = plan
         return plan
+
+    def _linear_groups(self) -> dict:
+        """Linear layers reading the same value, with parameter weights and biases (so all operands exist where
+        the first one runs): first node -> the group's nodes (at most MAX_FUSED), every other member -> []."""
+        from .backends.tvm.kernels.decode import MAX_FUSED
+
+        params = set(self.graph.param_values.values())
+        by_input: dict = {}
+        for node in self.graph.nodes:
+            if node.op == "linear" and all(x is None or x in params for x in node.inputs[1:]):
+                by_input.setdefault(node.inputs[0], []).append(node)
+        groups: dict = {}
+        for nodes in by_input.values():
+            for i in range(0, len(nodes), MAX_FUSED):
+                chunk = nodes[i:i + MAX_FUSED]
+                if len(chunk) > 1:
+                    groups[chunk[0]] = chunk
+                    groups.update({m: [] for m in chunk[1:]})
+        return groups
 
     def run(self, inputs: list, cache: dict, params=None) -> list:
         """The outputs at the new positions (inputs [B, n, ...]) given ``cache`` (extended in place)."""

@@ -145,3 +145,16 @@ def test_linear_decode_matches_torch(kernels, rows, IN, OUT, bias):
     many = torch.randn(40, IN, generator=g)
     assert torch.equal(kernels.linear(torch.nn.functional.linear, many, w, b), torch.nn.functional.linear(many, w, b))
     assert kernels.linear_calls == calls + 1
+
+
+def test_fused_linears_of_one_input_match_torch(kernels):
+    """Up to five linear layers of one input in one launch (widths 1 and not multiples of the lanes included)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 1, 40, generator=g)
+    layers = [(torch.randn(o, 40, generator=g), torch.randn(o, generator=g) if bias else None)
+              for o, bias in ((48, True), (1, False), (37, True), (40, False))]
+    outs = kernels.linears(torch.nn.functional.linear, x, *[t for wb in layers for t in wb])
+    assert len(outs) == 4
+    for out, (w, b) in zip(outs, layers):
+        ref = x.double() @ w.double().T + (b.double() if b is not None else 0)
+        assert out.shape == ref.shape and relative_error(out, ref) <= F32

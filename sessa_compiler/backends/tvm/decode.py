@@ -13,7 +13,8 @@ import torch
 
 from .backend import ALIGN, aligned_empty
 from .build import lanes_for
-from .kernels.decode import attention_decode_kernel, feedback_decode_kernel, linear_decode_kernel
+from .kernels.decode import (MAX_FUSED, attention_decode_kernel, feedback_decode_kernel, linear_decode_kernel,
+                             linears_decode_kernel)
 from .target import configure_threads, resolve_target
 
 CACHE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
@@ -134,3 +135,27 @@ class DecodeKernels:
         fn(_arg(x.reshape(rows, IN)), w, b if b is not None else self._workspace((OUT,)), out)
         self.linear_calls += 1
         return out.view(*x.shape[:-1], OUT)
+
+    def linears(self, torch_linear, x: torch.Tensor, *weights_and_biases):
+        """Several linear layers of the same input x (operands w0, b0, w1, b1, ...; a bias may be None) in one
+        kernel launch: a tuple of their outputs. Falls back to ``torch_linear`` per layer as ``linear`` does."""
+        pairs = list(zip(weights_and_biases[0::2], weights_and_biases[1::2]))
+        rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+        if (not 0 < rows <= LINEAR_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or len(pairs) > MAX_FUSED
+                or not all(w.dim() == 2 and w.shape[1] == x.shape[-1] and _ok(w, torch.float32)
+                           and (b is None or _ok(b, torch.float32)) for w, b in pairs)):
+            return tuple(torch_linear(x, w, b) for w, b in pairs)
+        IN = x.shape[-1]
+        outs = tuple(int(w.shape[0]) for w, _ in pairs)
+        biases = tuple(b is not None for _, b in pairs)
+        key = ("linears_decode", IN, outs, biases, self.lanes)
+        fn = self._build(key, lambda: linears_decode_kernel(IN, outs, biases, self.lanes))
+        spare = MAX_FUSED - len(pairs)
+        dummy_w, dummy_b = self._workspace((1, IN)), self._workspace((1,))
+        results = [aligned_empty((rows, o), torch.float32) for o in outs]
+        ws = [w for w, _ in pairs] + [dummy_w] * spare
+        bs = [b if b is not None else self._workspace((w.shape[0],)) for w, b in pairs] + [dummy_b] * spare
+        os_ = results + [self._workspace((rows, 1))] * spare
+        fn(_arg(x.reshape(rows, IN)), *ws, *bs, *os_)
+        self.linear_calls += len(pairs)
+        return tuple(r.view(*x.shape[:-1], o) for r, o in zip(results, outs))

@@ -354,3 +354,82 @@ def linear_decode_kernel(in_features: int, out_features: int, bias: bool, lanes:
                         O[i, task * OB + r] = part[0]
 
     return linear_decode
+
+
+MAX_FUSED = 5   # linear layers of one input run by one linears_decode call
+
+
+def linears_decode_kernel(in_features: int, outs: tuple, biases: tuple, lanes: int):
+    """``linears_decode(x, w0..w4, b0..b4, o0..o4)``: up to MAX_FUSED linear layers reading the same input x [M, IN]
+    in one parallel loop over all their output rows (one launch of the thread pool instead of one per layer).
+    ``outs[i]`` is layer i's output width (0: an unused slot, given a dummy buffer); ``biases[i]`` whether it has
+    a bias (else its bias buffer is a dummy and never read)."""
+    IN = in_features
+    VL = _lanes(IN, lanes)
+    O = tuple(outs) + (0,) * (MAX_FUSED - len(outs))
+    HB = tuple(biases) + (False,) * (MAX_FUSED - len(biases))
+    C1, C2, C3, C4 = O[0], O[0] + O[1], O[0] + O[1] + O[2], O[0] + O[1] + O[2] + O[3]
+    TOTAL = sum(O)
+    S = tuple(max(o, 1) for o in O)   # buffer extents (unused slots: one element)
+
+    @T.macro
+    def row(X, Wt, Bb, Out, r, m, part, has_bias):
+        for i in T.serial(m):
+            for l in T.vectorized(VL):
+                part[l] = T.float32(0.0)
+            for dc in T.serial(IN // VL):
+                for l in T.vectorized(VL):
+                    part[l] = part[l] + X[i, dc * VL + l] * Wt[r, dc * VL + l]
+            if VL >= 16:
+                for l in T.vectorized(8):
+                    part[l] = part[l] + part[l + 8]
+            if VL >= 8:
+                for l in T.vectorized(4):
+                    part[l] = part[l] + part[l + 4]
+            if VL >= 4:
+                for l in T.vectorized(2):
+                    part[l] = part[l] + part[l + 2]
+            if VL >= 2:
+                part[0] = part[0] + part[1]
+            if has_bias:
+                Out[i, r] = part[0] + Bb[r]
+            else:
+                Out[i, r] = part[0]
+
+    @T.prim_func
+    def linears_decode(x_h: T.handle, w0_h: T.handle, w1_h: T.handle, w2_h: T.handle, w3_h: T.handle,
+                       w4_h: T.handle, b0_h: T.handle, b1_h: T.handle, b2_h: T.handle, b3_h: T.handle,
+                       b4_h: T.handle, o0_h: T.handle, o1_h: T.handle, o2_h: T.handle, o3_h: T.handle,
+                       o4_h: T.handle):
+        T.func_attr({"global_symbol": "linears_decode", "tirx.noalias": True})
+        m = T.int32()
+        X = T.match_buffer(x_h, (m, IN), F32)
+        W0 = T.match_buffer(w0_h, (S[0], IN), F32)
+        W1 = T.match_buffer(w1_h, (S[1], IN), F32)
+        W2 = T.match_buffer(w2_h, (S[2], IN), F32)
+        W3 = T.match_buffer(w3_h, (S[3], IN), F32)
+        W4 = T.match_buffer(w4_h, (S[4], IN), F32)
+        B0 = T.match_buffer(b0_h, (S[0],), F32)
+        B1 = T.match_buffer(b1_h, (S[1],), F32)
+        B2 = T.match_buffer(b2_h, (S[2],), F32)
+        B3 = T.match_buffer(b3_h, (S[3],), F32)
+        B4 = T.match_buffer(b4_h, (S[4],), F32)
+        O0 = T.match_buffer(o0_h, (m, S[0]), F32)
+        O1 = T.match_buffer(o1_h, (m, S[1]), F32)
+        O2 = T.match_buffer(o2_h, (m, S[2]), F32)
+        O3 = T.match_buffer(o3_h, (m, S[3]), F32)
+        O4 = T.match_buffer(o4_h, (m, S[4]), F32)
+        for o in T.parallel(TOTAL):
+            part = T.alloc_buffer((VL,), F32, scope="local")
+            if o < C1:
+                row(X, W0, B0, O0, o, m, part, HB[0])
+            elif o < C2:
+                row(X, W1, B1, O1, o - C1, m, part, HB[1])
+            elif o < C3:
+                row(X, W2, B2, O2, o - C2, m, part, HB[2])
+            elif o < C4:
+                row(X, W3, B3, O3, o - C3, m, part, HB[3])
+            else:
+                row(X, W4, B4, O4, o - C4, m, part, HB[4])
+
+    return linears_decode
