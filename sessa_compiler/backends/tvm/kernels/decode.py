@@ -96,16 +96,19 @@ def attention_decode_kernel(n_heads: int, n_kv_heads: int, head_dim: int, v_dim:
             for i in T.serial(DV):
                 VC[b, h, t0, i] = _narrow(Vn[b, h, i], cdt)
         # -- per (batch, kv head, chunk): online softmax over the chunk's positions ------------------------
+        # positions [0, t0] in blocks of BLK; chunk c takes blocks [c * per, (c + 1) * per). Past the last position
+        # a block reads the last position again (never an unwritten slot) and masks its logit.
         for task in T.parallel(nb * HKV * NC):
             b = task // (HKV * NC)
             h = task // NC % HKV
             c = task % NC
             qs = T.alloc_buffer((G, D), F32, scope="local")
             lg = T.alloc_buffer((G, BLK), F32, scope="local")
+            pp = T.alloc_buffer((BLK, VL), F32, scope="local")
             acc = T.alloc_buffer((G, DV), F32, scope="local")
-            part = T.alloc_buffer((VL,), F32, scope="local")
             st = T.alloc_buffer((G, 3), F32, scope="local")       # running max, running sum, block scratch
             cs = T.alloc_buffer((HALF, 2), F32, scope="local")
+            per = T.alloc_buffer((1,), "int32", scope="local")
             if rope:
                 for i in T.serial(D // 2):
                     cs[i, 0] = T.cos(T.Cast(F32, t0) * FR[i])
@@ -124,33 +127,24 @@ def attention_decode_kernel(n_heads: int, n_kv_heads: int, head_dim: int, v_dim:
                 st[gi, 1] = T.float32(0.0)
                 for i in T.vectorized(DV):
                     acc[gi, i] = T.float32(0.0)
-            # positions [lo, hi): whole blocks per chunk, the last chunks may be empty
-            for jb in T.serial((((t0 + 1 + BLK - 1) // BLK + NC - 1) // NC)):
-                if (c * (((t0 + 1 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK < t0 + 1:
+            per[0] = ((t0 + BLK) // BLK + NC - 1) // NC
+            for jb in T.serial(per[0]):
+                if (c * per[0] + jb) * BLK <= t0:
                     for gi in T.serial(G):
                         for j in T.serial(BLK):
-                            if (c * (((t0 + 1 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK + j < t0 + 1:
+                            for l in T.vectorized(VL):
+                                pp[j, l] = T.float32(0.0)
+                            for dc in T.serial(D // VL):
                                 for l in T.vectorized(VL):
-                                    part[l] = T.float32(0.0)
-                                for dc in T.serial(D // VL):
-                                    for l in T.vectorized(VL):
-                                        part[l] = part[l] + qs[gi, dc * VL + l] * _widen(
-                                            KC[b, h, (c * (((t0 + 1 + BLK - 1) // BLK + NC - 1) // NC) + jb)
-                                               * BLK + j, dc * VL + l], cdt)
-                                if VL >= 16:
-                                    for l in T.vectorized(8):
-                                        part[l] = part[l] + part[l + 8]
-                                if VL >= 8:
-                                    for l in T.vectorized(4):
-                                        part[l] = part[l] + part[l + 4]
-                                if VL >= 4:
-                                    for l in T.vectorized(2):
-                                        part[l] = part[l] + part[l + 2]
-                                if VL >= 2:
-                                    part[0] = part[0] + part[1]
-                                lg[gi, j] = part[0]
-                            else:
-                                lg[gi, j] = neg
+                                    pp[j, l] = pp[j, l] + qs[gi, dc * VL + l] * _widen(
+                                        KC[b, h, T.min((c * per[0] + jb) * BLK + j, t0), dc * VL + l], cdt)
+                        for j in T.vectorized(BLK):   # the block's dot products: lanes summed across, no shuffles
+                            lg[gi, j] = T.float32(0.0)
+                        for l in T.unroll(VL):
+                            for j in T.vectorized(BLK):
+                                lg[gi, j] = lg[gi, j] + pp[j, l]
+                        for j in T.vectorized(BLK):
+                            lg[gi, j] = T.Select((c * per[0] + jb) * BLK + j <= t0, lg[gi, j], neg)
                         # block max, one rescale of the running sum and output
                         st[gi, 2] = st[gi, 0]
                         for j in T.serial(BLK):
@@ -164,13 +158,11 @@ def attention_decode_kernel(n_heads: int, n_kv_heads: int, head_dim: int, v_dim:
                         for j in T.serial(BLK):
                             st[gi, 1] = st[gi, 1] + lg[gi, j]
                     for j in T.serial(BLK):
-                        if (c * (((t0 + 1 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK + j < t0 + 1:
-                            for gi in T.serial(G):
-                                for vc in T.serial(DV // VV):
-                                    for l in T.vectorized(VV):
-                                        acc[gi, vc * VV + l] = acc[gi, vc * VV + l] + lg[gi, j] * _widen(
-                                            VC[b, h, (c * (((t0 + 1 + BLK - 1) // BLK + NC - 1) // NC) + jb)
-                                               * BLK + j, vc * VV + l], cdt)
+                        for gi in T.serial(G):
+                            for vc in T.serial(DV // VV):
+                                for l in T.vectorized(VV):
+                                    acc[gi, vc * VV + l] = acc[gi, vc * VV + l] + lg[gi, j] * _widen(
+                                        VC[b, h, T.min((c * per[0] + jb) * BLK + j, t0), vc * VV + l], cdt)
             for gi in T.serial(G):
                 WK[b, h, c, gi, DV] = st[gi, 0]
                 WK[b, h, c, gi, DV + 1] = st[gi, 1]
@@ -226,45 +218,39 @@ def feedback_decode_kernel(width: int, scale: float, key_dtype: str, chunks: int
             for i in T.serial(W):
                 KB[b, t0, i] = _narrow(Kn[b, i], kdt)
         # -- per (batch, chunk): online softmax of q_b against the strictly earlier keys -------------------
+        # positions [0, t0) in blocks of BLK (clamped reads past the last one, masked logits), as in attention
         for task in T.parallel(nb * NC):
             b = task // NC
             c = task % NC
             qs = T.alloc_buffer((W,), F32, scope="local")
             acc = T.alloc_buffer((W,), F32, scope="local")
             lg = T.alloc_buffer((BLK,), F32, scope="local")
-            part = T.alloc_buffer((VL,), F32, scope="local")
+            pp = T.alloc_buffer((BLK, VL), F32, scope="local")
             st = T.alloc_buffer((3,), F32, scope="local")
+            per = T.alloc_buffer((1,), "int32", scope="local")
             for i in T.vectorized(W):
                 qs[i] = Qb[b, i] * scale
             for i in T.vectorized(W):
                 acc[i] = T.float32(0.0)
             st[0] = neg
             st[1] = T.float32(0.0)
-            for jb in T.serial((((t0 + BLK - 1) // BLK + NC - 1) // NC)):
-                if (c * (((t0 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK < t0:
+            per[0] = ((t0 + BLK - 1) // BLK + NC - 1) // NC
+            for jb in T.serial(per[0]):
+                if (c * per[0] + jb) * BLK < t0:
                     for j in T.serial(BLK):
-                        if (c * (((t0 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK + j < t0:
+                        for l in T.vectorized(VL):
+                            pp[j, l] = T.float32(0.0)
+                        for dc in T.serial(W // VL):
                             for l in T.vectorized(VL):
-                                part[l] = T.float32(0.0)
-                            for dc in T.serial(W // VL):
-                                for l in T.vectorized(VL):
-                                    part[l] = part[l] + qs[dc * VL + l] * _widen(
-                                        KB[b, (c * (((t0 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK + j,
-                                           dc * VL + l], kdt)
-                            if VL >= 16:
-                                for l in T.vectorized(8):
-                                    part[l] = part[l] + part[l + 8]
-                            if VL >= 8:
-                                for l in T.vectorized(4):
-                                    part[l] = part[l] + part[l + 4]
-                            if VL >= 4:
-                                for l in T.vectorized(2):
-                                    part[l] = part[l] + part[l + 2]
-                            if VL >= 2:
-                                part[0] = part[0] + part[1]
-                            lg[j] = part[0]
-                        else:
-                            lg[j] = neg
+                                pp[j, l] = pp[j, l] + qs[dc * VL + l] * _widen(
+                                    KB[b, T.min((c * per[0] + jb) * BLK + j, t0 - 1), dc * VL + l], kdt)
+                    for j in T.vectorized(BLK):
+                        lg[j] = T.float32(0.0)
+                    for l in T.unroll(VL):
+                        for j in T.vectorized(BLK):
+                            lg[j] = lg[j] + pp[j, l]
+                    for j in T.vectorized(BLK):
+                        lg[j] = T.Select((c * per[0] + jb) * BLK + j < t0, lg[j], neg)
                     st[2] = st[0]
                     for j in T.serial(BLK):
                         st[2] = T.max(st[2], lg[j])
@@ -277,11 +263,10 @@ def feedback_decode_kernel(width: int, scale: float, key_dtype: str, chunks: int
                     for j in T.serial(BLK):
                         st[1] = st[1] + lg[j]
                     for j in T.serial(BLK):
-                        if (c * (((t0 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK + j < t0:
-                            for dc in T.serial(W // VL):
-                                for l in T.vectorized(VL):
-                                    acc[dc * VL + l] = acc[dc * VL + l] + lg[j] * S[
-                                        b, (c * (((t0 + BLK - 1) // BLK + NC - 1) // NC) + jb) * BLK + j, dc * VL + l]
+                        for dc in T.serial(W // VL):
+                            for l in T.vectorized(VL):
+                                acc[dc * VL + l] = acc[dc * VL + l] + lg[j] * S[
+                                    b, T.min((c * per[0] + jb) * BLK + j, t0 - 1), dc * VL + l]
             WK[b, c, W] = st[0]
             WK[b, c, W + 1] = st[1]
             for i in T.vectorized(W):
