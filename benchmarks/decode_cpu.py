@@ -7,9 +7,11 @@ reference layer's, when it is importable), alternating in one run, medians.
 The cache is filled once per context by writing random rotated keys/values, feedback keys and solved
 states directly (a real prefill at 8K takes minutes in eager PyTorch); every timed step then reads the
 whole cache, as a real step does. Each variant decodes on its own copy of the cache, and the copies are
-rewound after each step, so every step sees the same context length. Variants alternate step by step, each
-timed step after a short pause (--pause-ms), so that no variant's thread pool (torch's OpenMP workers spin after
-a parallel region) is still busy when the next one starts. Also prints the achieved memory bandwidth: bytes of
+rewound after each step, so every step sees the same context length. Variants alternate in blocks of --block
+timed steps, each block after one untimed step, so that a variant is timed as a decode loop runs it (steps back
+to back) and not while the previous variant's thread pool is still busy (torch's OpenMP workers spin after a
+parallel region). A pause between steps (--pause-ms) measures steps that wake idle cores instead: on this VM
+that costs several milliseconds per step. Also prints the achieved memory bandwidth: bytes of
 cache read per step / median time, and as a fraction of a 256 MB read with the same threads.
 """
 import argparse
@@ -58,8 +60,9 @@ def main():
     ap.add_argument("--backend", default="auto", help="backend of the compiled module (auto: tvm on CPU)")
     ap.add_argument("--torch-step", action="store_true",
                     help="also the compiled step with backend='eager' (every op through torch)")
-    ap.add_argument("--pause-ms", type=float, default=20.0,
-                    help="idle time before each timed step (lets the previous variant's thread pool go to sleep)")
+    ap.add_argument("--block", type=int, default=4,
+                    help="timed steps per variant in a row (after one untimed step), then the next variant")
+    ap.add_argument("--pause-ms", type=float, default=0.0, help="idle time before each variant's block")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,7 +91,7 @@ def main():
     print(f"# memory read rate (torch.sum over 256 MB, same threads): {read_gbs:.1f} GB/s")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch threads {torch.get_num_threads()}, "
           f"TVM threads {os.environ.get('TVM_NUM_THREADS', 'default')}, B=1 fp32 D={args.D} H={args.heads}, compiled "
-          f"backend {args.backend}, compiled caches {' and '.join(args.cache_dtype)}, medians of {args.steps} steps, "
+          f"backend {args.backend}, compiled caches {' and '.join(args.cache_dtype)}, medians of {-(-args.steps // args.block) * args.block} steps in blocks of {args.block}, "
           f"load average {os.getloadavg()[0]:.1f}")
     print("| model | context | variant | median ms/token | speed-up vs eager | cache GB/s (fraction of read rate) |")
     print("|---|---:|---|---:|---:|---:|")
@@ -127,15 +130,19 @@ def main():
                     for k, (fn, c) in variants.items():
                         fn(x_t, c)
                         set_t(c, T)
-                for _ in range(args.steps):
+                for _ in range(-(-args.steps // args.block)):
                     for k, (fn, c) in variants.items():
-                        # torch's OpenMP workers spin for a while after each parallel region (libgomp's default);
-                        # a pause keeps one variant's spinning threads from slowing the next variant's step
+                        # one untimed step first: the previous variant's thread pool may still be busy (torch's
+                        # OpenMP workers spin for a while after each parallel region), and a real decode loop
+                        # runs its own steps back to back
                         time.sleep(args.pause_ms / 1e3)
-                        t0 = time.perf_counter()
                         fn(x_t, c)
-                        times[k].append(time.perf_counter() - t0)
                         set_t(c, T)
+                        for _ in range(args.block):
+                            t0 = time.perf_counter()
+                            fn(x_t, c)
+                            times[k].append(time.perf_counter() - t0)
+                            set_t(c, T)
             med = {k: statistics.median(v) for k, v in times.items()}
             for k, m in med.items():
                 print(f"| {name} | {T} | {k} | {m * 1e3:.2f} | {med['model eager'] / m:.2f}x"
