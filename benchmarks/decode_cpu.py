@@ -91,7 +91,8 @@ def main():
     print(f"# memory read rate (torch.sum over 256 MB, same threads): {read_gbs:.1f} GB/s")
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch threads {torch.get_num_threads()}, "
           f"TVM threads {os.environ.get('TVM_NUM_THREADS', 'default')}, B=1 fp32 D={args.D} H={args.heads}, compiled "
-          f"backend {args.backend}, compiled caches {' and '.join(args.cache_dtype)}, medians of {-(-args.steps // args.block) * args.block} steps in blocks of {args.block}, "
+          f"backend {args.backend}, compiled caches {' and '.join(args.cache_dtype)}, "
+          f"medians of {-(-args.steps // args.block) * args.block} steps in blocks of {args.block}, "
           f"load average {os.getloadavg()[0]:.1f}")
     print("| model | context | variant | median ms/token | speed-up vs eager | cache GB/s (fraction of read rate) |")
     print("|---|---:|---|---:|---:|---:|")
