@@ -52,7 +52,8 @@ def main():
     ap.add_argument("--D", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--reference", default=None, help="directory holding the public reference's sessa module (sessa.py or the sessa package)")
+    ap.add_argument("--reference", default=None,
+                    help="directory holding the public reference's sessa module (sessa.py or the sessa package)")
     ap.add_argument("--decoder", action="store_true", help="also a 4-layer Decoder 'SSSS'")
     ap.add_argument("--cache-dtype", default=["float32"], nargs="+", choices=["float32", "bfloat16", "float16"],
                     help="dtypes of the compiled module's key/value/feedback-key caches, one compiled variant each "
