@@ -26,6 +26,7 @@ doubling. Writing past ``max_len`` raises CacheOverflowError before anything is 
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -67,12 +68,18 @@ def _visible(t0: int, n: int, device, strict: bool) -> torch.Tensor:
     return cols < rows if strict else cols <= rows
 
 
-def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causal, rope=False):
-    """Keys and values are cached [B, Hkv, L, d] (head-major), so each head reads contiguous rows."""
+def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causal, rope=False, kernels=None):
+    """Keys and values are cached [B, Hkv, L, d] (head-major), so each head reads contiguous rows. ``kernels``:
+    the TVM decode kernels (backends/tvm/decode.py), used for one-position steps on CPU tensors."""
     cd = compute_dtype(q.dtype)
     B, n, H, d = q.shape
     Hkv = k.shape[2]
     g = H // Hkv
+    if (n == 1 and kernels is not None and cd == torch.float32 and q.device.type == "cpu"
+            and kernels.supports_attention(state["k"], state["v"])):   # split-K over the cache, written in place
+        out = kernels.attention(q[:, 0], k[:, 0], v[:, 0], inv_freq if rope else None, state["k"], state["v"], t0,
+                                scale, rope)
+        return out[:, None].to(v.dtype)
     if rope:
         q, k = _rotate_at(q, inv_freq, t0), _rotate_at(k, inv_freq, t0)
     K, V = state["k"], state["v"]
@@ -93,10 +100,14 @@ def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causa
     return out.view(B, Hkv, g, n, dv).permute(0, 3, 1, 2, 4).reshape(B, n, H, dv).to(v.dtype)
 
 
-def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale):
+def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale, kernels=None):
     cd = compute_dtype(f.dtype)
     n = f.shape[1]
     KB, S = state["k_b"], state["s"]
+    if (n == 1 and kernels is not None and cd == torch.float32 and f.device.type == "cpu"
+            and kernels.supports_feedback(KB, S)):   # split-K over the cache, k_b and s written in place
+        s = kernels.feedback(f[:, 0], q_b[:, 0], k_b[:, 0], gamma[:, 0], KB, S, t0, scale)
+        return s[:, None].to(f.dtype)
     KB[:, t0:t0 + n] = k_b.to(KB.dtype)
     if n == 1:  # one new row: it sees exactly the cached positions, no mask and no solve
         s = f.to(cd)
@@ -211,6 +222,7 @@ class ServingProgram:
             if node.op in STATEFUL and node.op != "rope":
                 self.states[node] = self._state_specs(node)
         self.checked = False
+        self.decode_kernels = None   # backends/tvm/decode.py DecodeKernels: one-position steps on CPU (tvm backend)
         self._plans: dict = {}
         self._bindings: dict = {}
 
@@ -341,15 +353,31 @@ class ServingProgram:
         if plan is not None:
             return plan
         plan = []
+        groups = self._linear_groups() if self.decode_kernels is not None else {}
         for node in self.graph.nodes:
+            if node in groups:   # linear layers of one input in one TVM launch, at the first one's place
+                members = groups[node]
+                if not members:
+                    continue
+                operands = [node.inputs[0]]
+                for m in members:
+                    operands += [m.inputs[1], m.inputs[2] if len(m.inputs) > 2 else None]
+                fn = functools.partial(self.decode_kernels.linears, IMPLS["linear"])
+                plan.append((False, fn, operands, {}, [m.outputs[0] for m in members], node, ()))
+                continue
             operands = [x if isinstance(x, Value) else resolve(x, binding) for x in node.inputs]
             if node.op in STEPS:
                 specs = tuple((role, spec.key) for role, spec in self.states.get(node, {}).items())
-                plan.append((True, STEPS[node.op], operands, dict(node.attrs), node.outputs, node, specs))
+                attrs = dict(node.attrs)
+                if node.op in ("attention", "feedback") and self.decode_kernels is not None:
+                    attrs["kernels"] = self.decode_kernels
+                plan.append((True, STEPS[node.op], operands, attrs, node.outputs, node, specs))
                 continue
             fn = SEMANTICS.get(node.op)
             if fn is None:
                 raise IRError(f"op '{node.op}' has no eager implementation")
+            if node.op == "linear" and self.decode_kernels is not None:
+                fn = functools.partial(self.decode_kernels.linear, fn)
             attrs = resolve(node.attrs, binding)
             if node.op in FACTORIES or node.op == "fallback":
                 attrs["device"] = device
@@ -357,6 +385,25 @@ class ServingProgram:
         if len(self._plans) < 64:
             self._plans[key] = plan
         return plan
+
+    def _linear_groups(self) -> dict:
+        """Linear layers reading the same value, with parameter weights and biases (so all operands exist where
+        the first one runs): first node -> the group's nodes (at most MAX_FUSED), every other member -> []."""
+        from .backends.tvm.kernels.decode import MAX_FUSED
+
+        params = set(self.graph.param_values.values())
+        by_input: dict = {}
+        for node in self.graph.nodes:
+            if node.op == "linear" and all(x is None or x in params for x in node.inputs[1:]):
+                by_input.setdefault(node.inputs[0], []).append(node)
+        groups: dict = {}
+        for nodes in by_input.values():
+            for i in range(0, len(nodes), MAX_FUSED):
+                chunk = nodes[i:i + MAX_FUSED]
+                if len(chunk) > 1:
+                    groups[chunk[0]] = chunk
+                    groups.update({m: [] for m in chunk[1:]})
+        return groups
 
     def run(self, inputs: list, cache: dict, params=None) -> list:
         """The outputs at the new positions (inputs [B, n, ...]) given ``cache`` (extended in place)."""
@@ -506,6 +553,11 @@ class Serving:
         prog = self.programs.get(id(graph))
         if prog is None:
             prog = self.programs[id(graph)] = ServingProgram(graph)
+            backend = getattr(c._backend, "current", c._backend)   # "auto": the backend it resolved to
+            if backend.name == "tvm":   # decode steps on CPU read the caches with the TVM decode kernels
+                from .backends.tvm.decode import DecodeKernels
+
+                prog.decode_kernels = DecodeKernels(backend.target)
         if not prog.checked:
             ctx = c._contexts.get(id(graph))
             prog.check((ctx.example_inputs if ctx is not None else None) or example, graph.params)

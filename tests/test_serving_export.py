@@ -6,7 +6,7 @@ import torch
 
 import sessa_compiler as sc
 from model_helpers import randomize
-from sessa_compiler.errors import InputError, UnsupportedError
+from sessa_compiler.errors import InputError
 from sessa_compiler.models import Decoder, SessaLayer
 from sessa_compiler.tolerance import TOLERANCE, relative_error
 
@@ -136,6 +136,34 @@ def test_tvm_decode_step_export_generates_like_the_model(tmp_path, one_thread):
     assert np.array_equal(seq, model.generate(prompt, 5).numpy())
 
 
-def test_tvm_export_unbuilt_method_is_a_clear_error(tmp_path):
-    with pytest.raises(UnsupportedError, match="prefill"):
-        sc.export_tvm(SessaLayer(16), (torch.randn(1, 16),), str(tmp_path / "p"), method="prefill")
+def test_tvm_prefill_export_equals_forward_from_empty_and_non_empty_caches(tmp_path, one_thread):
+    """Prefill of 3 positions from empty caches, then 2 more on the returned caches, through the torch-free
+    loader, against the full forward; then the prefill's caches feed the decode_step export."""
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2), seed=5)
+    pre = _load_runtime_by_path(sc.export_tvm(model, (torch.randn(1, 3, 32),), str(tmp_path / "pre"),
+                                              method="prefill"))
+    step = _load_runtime_by_path(sc.export_tvm(model, (torch.randn(1, 32),), str(tmp_path / "step"),
+                                               method="decode_step"))
+    assert pre.manifest["method"] == "prefill" and [i["name"] for i in pre.inputs][0] == "x"
+    assert [i["name"] for i in pre.inputs][1:] == [i["name"] for i in step.inputs][1:]
+    x = torch.randn(2, 6, 32, generator=torch.Generator().manual_seed(4))   # batch 2: not the example's
+    with torch.no_grad():
+        full = model(x)
+    caches = [np.zeros([2 if d == "B" else 0 if d == "P" else d for d in i["shape"]], np.float32)
+              for i in pre.inputs[1:]]
+    y, *caches = pre(x[:, :3].numpy(), *caches)
+    assert y.shape == (2, 3, 32) and relative_error(torch.from_numpy(y), full[:, :3]) <= TOLERANCE[torch.float32]
+    y, *caches = pre(x[:, 3:5].numpy(), *caches)
+    assert relative_error(torch.from_numpy(y), full[:, 3:5]) <= TOLERANCE[torch.float32]
+    assert caches[0].shape[2] == 5     # attention keys [B, Hkv, P, d]: 5 positions
+    y_t, *caches = step(x[:, 5].numpy(), *caches)
+    assert relative_error(torch.from_numpy(y_t), full[:, 5]) <= TOLERANCE[torch.float32]
+    with pytest.raises(ValueError, match="at least one position"):
+        pre(x[:, :0].numpy(), *caches)
+
+
+def test_tvm_export_bad_method_or_example_is_a_clear_error(tmp_path):
+    with pytest.raises(InputError, match="method must be"):
+        sc.export_tvm(SessaLayer(16), (torch.randn(1, 16),), str(tmp_path / "p"), method="decode")
+    with pytest.raises(InputError, match=r"\[B, T, ...\]"):
+        sc.export_tvm(SessaLayer(16), (torch.randn(16),), str(tmp_path / "p"), method="prefill")

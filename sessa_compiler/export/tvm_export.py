@@ -34,7 +34,8 @@ def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu
     machine's CPU; a dict or Target to cross-compile) and write the directory `path`. Returns path.
     gpu_source: target kinds ("cuda", "metal", "opencl", "webgpu") whose device source of the graph's
     thread-bound kernels is written to path/gpu/ (listed in the manifest as "gpu_sources").
-    method="decode_step": the serving step instead (export/tvm_serving.py)."""
+    method="decode_step": the serving step instead; method="prefill": prefill(x, cache) -> (y, cache), the step
+    run over x's positions by the loader (export/tvm_serving.py)."""
     if method != "forward":
         from .tvm_serving import export_tvm_step
 

@@ -1,4 +1,5 @@
-"""``export_tvm(..., method="decode_step")``: the serving step (sessa_compiler/serving.py) as a TVM library.
+"""``export_tvm(..., method="decode_step" | "prefill")``: the serving step (sessa_compiler/serving.py) as a TVM
+library.
 
 The same contract as the ONNX step export (export/onnx_serving.py): inputs ``x_t`` then the cache tensors
 in the compiled cache's order, outputs ``y_t`` then the updated caches; batch ``B`` and past length ``P``
@@ -6,6 +7,12 @@ symbolic (a position-indexed cache holds exactly P positions and comes back P + 
 use the whole-graph Relax lowering (backends/tvm/relax_lower.py); attention, feedback, scan,
 causal_conv1d and rope get single-position Relax forms reading and extending the cache. The directory is
 the one export_tvm writes (library, weights, manifest, torch-free loader).
+
+``method="prefill"``: prefill(x, cache) -> (y, cache) with the same cache inputs and outputs (P in, P + T out).
+The library holds the same step, on one position with its sequence dim; the manifest says ``"method":
+"prefill"`` and the loader runs the step over x's T positions in order, the caches staying TVM tensors between
+steps, then concatenates the outputs along the sequence dim. So a prompt is one call on any cache, at the
+step's cost per position (as the ONNX prefill's Loop), and its caches feed the decode_step export directly.
 """
 from __future__ import annotations
 
@@ -194,21 +201,27 @@ def export_tvm_step(module, example_inputs, path, target=None, *, method: str, s
     from ..serving import ServingProgram
     from .tvm_export import _NUMPY_DTYPE, _dim
 
-    if method == "prefill":
-        raise UnsupportedError("export_tvm(method='prefill') is not built: the exported decode_step prefills a prompt "
-                               "one position at a time (method='decode_step')")
-    if method != "decode_step":
+    if method not in ("decode_step", "prefill"):
         raise InputError(f"export_tvm: method must be 'forward', 'decode_step' or 'prefill', got {method!r}")
     args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    first = "x_t" if method == "decode_step" else "x [B, T, ...]"
     if not args or not isinstance(args[0], torch.Tensor):
-        raise InputError("export_tvm(method='decode_step'): example_inputs must start with the tensor x_t")
-    x_t = args[0]
-    squeeze = not (x_t.dim() >= 2 and x_t.shape[1] == 1)
+        raise InputError(f"export_tvm(method={method!r}): example_inputs must start with the tensor {first}")
+    if method == "prefill":
+        # the library holds the step on one position (with the sequence dim); the loader runs it over x's
+        # positions, the caches staying TVM tensors between steps
+        if args[0].dim() < 2 or args[0].shape[1] < 1:
+            raise InputError(f"export_tvm(method='prefill'): the example input must be [B, T, ...] with T >= 1, got "
+                             f"shape {tuple(args[0].shape)}")
+        x_t, squeeze = args[0][:, :1], False
+    else:
+        x_t = args[0]
+        squeeze = not (x_t.dim() >= 2 and x_t.shape[1] == 1)
     x4 = (x_t[:, None] if squeeze else x_t).repeat_interleave(4, dim=1).contiguous()
     compiled = CompiledModule(module, (x4,), backend="eager")
     graph = compiled.graph
     if len(graph.inputs) != 1:
-        raise UnsupportedError("export_tvm(method='decode_step'): only single-input modules are exported")
+        raise UnsupportedError(f"export_tvm(method={method!r}): only single-input modules are exported")
     prog = ServingProgram(graph)
     prog.check((x4,), graph.params)  # the example the graph was traced on
     cache = prog.init_cache(int(x_t.shape[0]), device=torch.device("cpu"), max_len=0)
@@ -228,20 +241,26 @@ def export_tvm_step(module, example_inputs, path, target=None, *, method: str, s
     xv = graph.inputs[0]
     x_shape = ["B"] + ([] if squeeze else [1]) + [_dim(d) for d in xv.type.shape[2:]]
 
+    grown = "P+1" if method == "decode_step" else "P+T"
+    if method == "prefill":
+        x_shape[1] = "T"
+
     def cache_shape(key, grow):
         spec = next(s for specs in prog.states.values() for s in specs.values() if s.key == key)
-        return ["B"] + [("P+1" if grow else "P") if (spec.seq is not None and i + 1 == spec.seq) else int(s)
+        return ["B"] + [(grown if grow else "P") if (spec.seq is not None and i + 1 == spec.seq) else int(s)
                         for i, s in enumerate(cache[key].shape[1:])]
 
     y = graph.outputs[0]
+    x_name, y_name = ("x_t", "y_t") if method == "decode_step" else ("x", "y")
+    y_seq = [] if squeeze else [1 if method == "decode_step" else "T"]
     manifest = {
-        "format": FORMAT, "graph": graph.name + "_decode_step", "library": "model.so", "weights": "weights.npz",
-        "entry": "main", "method": "decode_step",
-        "inputs": [{"name": "x_t", "dtype": _NUMPY_DTYPE[xv.type.dtype.name], "shape": x_shape}] +
+        "format": FORMAT, "graph": f"{graph.name}_{method}", "library": "model.so", "weights": "weights.npz",
+        "entry": "main", "method": method,
+        "inputs": [{"name": x_name, "dtype": _NUMPY_DTYPE[xv.type.dtype.name], "shape": x_shape}] +
                   [{"name": k, "dtype": str(cache[k].dtype).replace("torch.", ""), "shape": cache_shape(k, False)}
                    for k in lw.order],
-        "outputs": [{"name": "y_t", "dtype": _NUMPY_DTYPE[y.type.dtype.name],
-                     "shape": ["B"] + ([] if squeeze else [1]) + [_dim(d) for d in y.type.shape[2:]]}] +
+        "outputs": [{"name": y_name, "dtype": _NUMPY_DTYPE[y.type.dtype.name],
+                     "shape": ["B"] + y_seq + [_dim(d) for d in y.type.shape[2:]]}] +
                    [{"name": k + ".new", "dtype": str(cache[k].dtype).replace("torch.", ""),
                      "shape": cache_shape(k, True)} for k in lw.order],
         "params": params, "target": str(target), "tvm_version": tvm.__version__,

@@ -1,0 +1,161 @@
+"""The TVM decode kernels (kernels/decode.py) called on torch tensors: built once per static shape and cache
+dtype (capacity, batch and position are runtime arguments), operands checked for what the generated code
+assumes (contiguous, 64-byte aligned, the declared dtype), workspaces reused between calls.
+
+Used by the serving step (sessa_compiler/serving.py) for one-position decode steps on CPU tensors when the
+compiled module's backend is ``tvm``.
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .backend import ALIGN, aligned_empty
+from .build import lanes_for
+from .kernels.decode import (MAX_FUSED, attention_decode_kernel, feedback_decode_kernel, linear_decode_kernel,
+                             linears_decode_kernel)
+from .target import configure_threads, resolve_target
+
+CACHE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+BLOCK = 16          # positions per online-softmax block
+ATT_TASKS = 16      # attention: about this many parallel tasks (kv heads x chunks) per batch row
+FB_CHUNKS = 16      # feedback: chunks of cached positions per batch row
+LINEAR_ROWS = 16    # linear layers with at most this many rows (batch x new positions) run as TVM GEMVs
+
+_BUILT: dict = {}
+_LOCK = threading.Lock()
+
+
+def _ok(t: torch.Tensor, dtype) -> bool:
+    return t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous() and t.data_ptr() % ALIGN == 0
+
+
+def _arg(t: torch.Tensor) -> torch.Tensor:
+    """float32, contiguous, aligned (a copy when it is not)."""
+    t = t.detach()
+    if t.dtype != torch.float32:
+        t = t.float()
+    if not t.is_contiguous() or t.data_ptr() % ALIGN:
+        out = aligned_empty(tuple(t.shape), torch.float32)
+        out.copy_(t)
+        t = out
+    return t
+
+
+def _bits(cache: torch.Tensor) -> torch.Tensor:
+    """bfloat16 caches reach the kernels as their int16 bit patterns (widened to float32 by a shift there)."""
+    return cache.view(torch.int16) if cache.dtype == torch.bfloat16 else cache
+
+
+class DecodeKernels:
+    """Builds and calls the decode kernels for one target (None: this machine's CPU)."""
+
+    def __init__(self, target=None):
+        configure_threads()
+        self.target = resolve_target(target)
+        self.lanes = lanes_for(self.target)
+        self.calls = 0          # attention and feedback kernel calls
+        self.linear_calls = 0
+        self._work: dict = {}
+        self._fns: dict = {}
+
+    def _build(self, key: tuple, make):
+        fn = self._fns.get(key)   # per step: one dict lookup
+        if fn is None:
+            import tvm
+
+            full = key + (str(self.target),)
+            with _LOCK:
+                built = _BUILT.get(full)
+                if built is None:
+                    func = make().with_attr("global_symbol", f"sessa_{key[0]}")
+                    ex = tvm.compile(tvm.IRModule({f"sessa_{key[0]}": func}), target=self.target)
+                    built = _BUILT[full] = (ex, ex[f"sessa_{key[0]}"])
+            fn = self._fns[key] = built[1]
+        return fn
+
+    def _workspace(self, shape: tuple) -> torch.Tensor:
+        key = (shape, threading.get_ident())     # per thread: concurrent steps never share one
+        w = self._work.get(key)
+        if w is None:
+            w = self._work[key] = aligned_empty(shape, torch.float32)
+        return w
+
+    # -- attention ------------------------------------------------------------------------------------------
+    def supports_attention(self, K: torch.Tensor, V: torch.Tensor) -> bool:
+        return K.dtype in CACHE_DTYPES and V.dtype == K.dtype and _ok(K, K.dtype) and _ok(V, V.dtype)
+
+    def attention(self, q, k, v, inv_freq, K, V, t0: int, scale: float, rope: bool) -> torch.Tensor:
+        """q [B, H, d], k [B, Hkv, d], v [B, Hkv, dv] (new position t0, unrotated) -> out [B, H, dv] float32;
+        K/V [B, Hkv, L, d|dv] get position t0 written."""
+        B, H, d = q.shape
+        Hkv, dv = K.shape[1], V.shape[-1]
+        chunks = max(1, ATT_TASKS // Hkv)
+        key = ("attention_decode", H, Hkv, d, dv, float(scale), bool(rope), CACHE_DTYPES[K.dtype], chunks, BLOCK,
+               self.lanes)
+        fn = self._build(key, lambda: attention_decode_kernel(H, Hkv, d, dv, scale, rope, CACHE_DTYPES[K.dtype],
+                                                              chunks, BLOCK, self.lanes))
+        if inv_freq is None:
+            inv_freq = torch.zeros(max(d // 2, 1))
+        out = aligned_empty((B, H, dv), torch.float32)
+        work = self._workspace((B, Hkv, chunks, H // Hkv, dv + 2))
+        fn(_arg(q), _arg(k), _arg(v), _arg(inv_freq), _bits(K), _bits(V), int(t0), work, out)
+        self.calls += 1
+        return out
+
+    # -- feedback -------------------------------------------------------------------------------------------
+    def supports_feedback(self, KB: torch.Tensor, S: torch.Tensor) -> bool:
+        return KB.dtype in CACHE_DTYPES and _ok(KB, KB.dtype) and _ok(S, torch.float32)
+
+    def feedback(self, f, q_b, k_b, gamma, KB, S, t0: int, scale: float) -> torch.Tensor:
+        """f, q_b, k_b [B, W], gamma [B] at position t0 -> s [B, W] float32; KB[:, t0] = k_b, S[:, t0] = s."""
+        B, W = f.shape
+        key = ("feedback_decode", W, float(scale), CACHE_DTYPES[KB.dtype], FB_CHUNKS, BLOCK, self.lanes)
+        fn = self._build(key, lambda: feedback_decode_kernel(W, scale, CACHE_DTYPES[KB.dtype], FB_CHUNKS, BLOCK,
+                                                             self.lanes))
+        out = aligned_empty((B, W), torch.float32)
+        work = self._workspace((B, FB_CHUNKS, W + 2))
+        fn(_arg(f), _arg(q_b), _arg(k_b), _arg(gamma), _bits(KB), S, int(t0), work, out)
+        self.calls += 1
+        return out
+
+    # -- linear layers of a step ---------------------------------------------------------------------------
+    def linear(self, torch_linear, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):
+        """x @ w.T + b through the TVM GEMV when the step has few rows and float32 weights laid out as the
+        kernel assumes (so no torch thread pool wakes inside a step), else through ``torch_linear``."""
+        rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+        if (not 0 < rows <= LINEAR_ROWS or x.dtype != torch.float32 or w.dim() != 2 or not _ok(w, torch.float32)
+                or (b is not None and not _ok(b, torch.float32)) or x.device.type != "cpu"):
+            return torch_linear(x, w, b)
+        OUT, IN = w.shape
+        key = ("linear_decode", IN, OUT, b is not None, self.lanes)
+        fn = self._build(key, lambda: linear_decode_kernel(IN, OUT, b is not None, self.lanes))
+        out = aligned_empty((rows, OUT), torch.float32)
+        fn(_arg(x.reshape(rows, IN)), w, b if b is not None else self._workspace((OUT,)), out)
+        self.linear_calls += 1
+        return out.view(*x.shape[:-1], OUT)
+
+    def linears(self, torch_linear, x: torch.Tensor, *weights_and_biases):
+        """Several linear layers of the same input x (operands w0, b0, w1, b1, ...; a bias may be None) in one
+        kernel launch: a tuple of their outputs. Falls back to ``torch_linear`` per layer as ``linear`` does."""
+        pairs = list(zip(weights_and_biases[0::2], weights_and_biases[1::2]))
+        rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+        if (not 0 < rows <= LINEAR_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or len(pairs) > MAX_FUSED
+                or not all(w.dim() == 2 and w.shape[1] == x.shape[-1] and _ok(w, torch.float32)
+                           and (b is None or _ok(b, torch.float32)) for w, b in pairs)):
+            return tuple(torch_linear(x, w, b) for w, b in pairs)
+        IN = x.shape[-1]
+        outs = tuple(int(w.shape[0]) for w, _ in pairs)
+        biases = tuple(b is not None for _, b in pairs)
+        key = ("linears_decode", IN, outs, biases, self.lanes)
+        fn = self._build(key, lambda: linears_decode_kernel(IN, outs, biases, self.lanes))
+        spare = MAX_FUSED - len(pairs)
+        dummy_w, dummy_b = self._workspace((1, IN)), self._workspace((1,))
+        results = [aligned_empty((rows, o), torch.float32) for o in outs]
+        ws = [w for w, _ in pairs] + [dummy_w] * spare
+        bs = [b if b is not None else self._workspace((w.shape[0],)) for w, b in pairs] + [dummy_b] * spare
+        os_ = results + [self._workspace((rows, 1))] * spare
+        fn(_arg(x.reshape(rows, IN)), *ws, *bs, *os_)
+        self.linear_calls += len(pairs)
+        return tuple(r.view(*x.shape[:-1], o) for r, o in zip(results, outs))

@@ -1,0 +1,160 @@
+"""The TVM split-K decode kernels (backends/tvm/decode.py, kernels/decode.py) against torch in float64, with every
+cache slot that must not be read poisoned with NaN (and the output buffers' neighbours checked untouched), at
+shapes straddling the kernels' block and chunk sizes; then compiled decode steps on the tvm backend against the
+full forward at every position."""
+import pytest
+import torch
+
+import sessa_compiler as sc
+from model_helpers import randomize
+from sessa_compiler.backends.tvm import decode as tvm_decode
+from sessa_compiler.models import Decoder, SessaLayer
+from sessa_compiler.serving import _rotate_at
+from sessa_compiler.tolerance import TOLERANCE, relative_error
+
+pytest.importorskip("tvm")
+
+F32 = TOLERANCE[torch.float32]
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    return tvm_decode.DecodeKernels()
+
+
+def _poisoned(shape, t, dtype, seq_dim, g):
+    """Random rows before position t, NaN from t on (the kernel writes t and must read nothing after it)."""
+    x = torch.full(shape, float("nan"))
+    idx = [slice(None)] * len(shape)
+    idx[seq_dim] = slice(0, t)
+    x[tuple(idx)] = torch.randn(x[tuple(idx)].shape, generator=g)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("B, H, Hkv, d, L, t, rope, dtype", [
+    (1, 8, 8, 64, 40, 0, True, torch.float32),        # context 1: only the new position
+    (2, 4, 2, 24, 200, 130, True, torch.float32),     # GQA, head width not a power of two, last chunk partial
+    (1, 1, 1, 10, 70, 67, False, torch.float32),      # H = 1, d = 10 (2 lanes), prime length, no RoPE
+    (3, 6, 2, 16, 300, 256, True, torch.bfloat16),    # bf16 caches, t + 1 one past a multiple of the block
+    (1, 2, 1, 64, 1100, 1024, True, torch.float32),   # MQA: one kv head, chunks do the splitting
+    (2, 8, 4, 32, 40, 15, True, torch.bfloat16),      # t + 1 exactly one block
+])
+def test_attention_decode_matches_torch(kernels, B, H, Hkv, d, L, t, rope, dtype):
+    g = torch.Generator().manual_seed(t + H)
+    q = torch.randn(B, H, d, generator=g)
+    k, v = torch.randn(B, Hkv, d, generator=g), torch.randn(B, Hkv, d, generator=g)
+    inv = 10000.0 ** (-2.0 * torch.arange(d // 2) / d)
+    K, V = _poisoned((B, Hkv, L, d), t, dtype, 2, g), _poisoned((B, Hkv, L, d), t, dtype, 2, g)
+    past_K, past_V = K.clone(), V.clone()
+    out = kernels.attention(q, k, v, inv if rope else None, K, V, t, d ** -0.5, rope)
+    # reference: float64, on the cache contents the kernel had to write
+    qr, kr = (_rotate_at(q[:, None].double(), inv, t)[:, 0], _rotate_at(k[:, None].double(), inv, t)[:, 0]) \
+        if rope else (q.double(), k.double())
+    keys = torch.cat([past_K[:, :, :t].double(), kr.to(dtype).double()[:, :, None]], dim=2)
+    vals = torch.cat([past_V[:, :, :t].double(), v.to(dtype).double()[:, :, None]], dim=2)
+    qg = qr.reshape(B, Hkv, H // Hkv, d)
+    ref = (torch.softmax(qg @ keys.transpose(-1, -2) * d ** -0.5, -1) @ vals).reshape(B, H, d)
+    assert out.dtype == torch.float32 and out.shape == (B, H, d)
+    assert relative_error(out, ref) <= F32
+    # the new position written in place (rounded as torch rounds to the cache dtype), nothing else touched
+    assert relative_error(K[:, :, t].double(), kr.to(dtype).double()) <= F32
+    assert torch.equal(V[:, :, t], v.to(dtype))
+    assert torch.equal(K[:, :, :t], past_K[:, :, :t]) and K[:, :, t + 1:].float().isnan().all()
+    assert V[:, :, t + 1:].float().isnan().all()
+
+
+@pytest.mark.parametrize("B, W, L, t, dtype", [
+    (1, 512, 20, 0, torch.float32),      # first position: s = f, nothing read
+    (1, 48, 20, 1, torch.float32),       # one cached position
+    (2, 40, 100, 97, torch.float32),     # prime length, W not a power of two
+    (3, 24, 300, 257, torch.bfloat16),   # bf16 keys, fp32 states, several chunks
+    (1, 6, 50, 16, torch.float32),       # W = 6 (2 lanes), t exactly one block
+])
+def test_feedback_decode_matches_torch(kernels, B, W, L, t, dtype):
+    g = torch.Generator().manual_seed(t + W)
+    f, qb, kb = (torch.randn(B, W, generator=g) for _ in range(3))
+    gamma = torch.rand(B, generator=g)
+    KB, S = _poisoned((B, L, W), t, dtype, 1, g), _poisoned((B, L, W), t, torch.float32, 1, g)
+    past_KB, past_S = KB.clone(), S.clone()
+    out = kernels.feedback(f, qb, kb, gamma, KB, S, t, W ** -0.5)
+    ref = f.double()
+    if t:
+        logits = (qb.double()[:, None] @ past_KB[:, :t].double().transpose(1, 2)) * W ** -0.5
+        ref = ref + gamma.double()[:, None] * (torch.softmax(logits, -1) @ past_S[:, :t].double())[:, 0]
+    assert relative_error(out, ref) <= F32
+    assert torch.equal(S[:, t], out) and torch.equal(KB[:, t], kb.to(dtype))
+    assert torch.equal(KB[:, :t], past_KB[:, :t]) and torch.equal(S[:, :t], past_S[:, :t])
+    assert S[:, t + 1:].isnan().all() and KB[:, t + 1:].float().isnan().all()
+
+
+def test_misaligned_or_strided_caches_are_not_given_to_the_kernels(kernels):
+    """The generated code assumes contiguous, 64-byte aligned caches: anything else takes the torch path."""
+    K = torch.zeros(1, 2, 17, 8)
+    assert kernels.supports_attention(K, K.clone())
+    assert not kernels.supports_attention(K.transpose(1, 2), K.transpose(1, 2))
+    flat = torch.zeros(2 * 17 * 8 + 1)
+    assert not kernels.supports_attention(flat[1:].view(1, 2, 17, 8), K)
+    assert not kernels.supports_feedback(torch.zeros(1, 5, 8, dtype=torch.float16), torch.zeros(1, 5, 8))
+    assert not kernels.supports_feedback(torch.zeros(1, 5, 8), torch.zeros(1, 5, 8, dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("name, cache_dtype", [("sessa_gqa", torch.float32), ("sessa_gqa", torch.bfloat16),
+                                               ("decoder", torch.float32)])
+def test_compiled_decode_steps_on_tvm_equal_the_forward(name, cache_dtype, one_thread):
+    torch.manual_seed(0)
+    if name == "decoder":
+        model = randomize(Decoder(40, 48, "SSTS", n_heads=6, n_kv_heads=2), seed=3).eval()
+        x = torch.randint(0, 40, (2, 21))
+    else:
+        model = randomize(SessaLayer(48, n_heads=6, n_kv_heads=2), seed=3).eval()
+        x = torch.randn(2, 21, 48)
+    c = sc.compile(model, backend="auto")
+    with torch.no_grad():
+        full = model(x)
+    assert c(x[:, :4]).shape[1] == 4 and c.backend == "tvm"
+    cache = c.init_cache(2, max_len=21, dtype=cache_dtype)
+    for k, v in cache.items():
+        if isinstance(v, torch.Tensor) and k.endswith((".k", ".v", ".k_b", ".s")):
+            v.fill_(float("nan"))
+    P = 3
+    y, cache = c.prefill(x[:, :P], cache)
+    prog = next(iter(c._serving.programs.values()))
+    calls, linear_calls = prog.decode_kernels.calls, prog.decode_kernels.linear_calls
+    tol = F32 if cache_dtype == torch.float32 else TOLERANCE[torch.bfloat16]
+    for t in range(P, 21):
+        y_t, cache = c.decode_step(x[:, t], cache)
+        assert relative_error(y_t, full[:, t]) <= tol, f"position {t}"
+    n_ops = sum(1 for node in prog.graph.nodes if node.op in ("attention", "feedback"))
+    assert prog.decode_kernels.calls - calls == n_ops * (21 - P)    # every step's cache reads ran in TVM
+    n_linear = sum(1 for node in prog.graph.nodes if node.op == "linear")
+    assert prog.decode_kernels.linear_calls - linear_calls == n_linear * (21 - P)   # and its linear layers
+
+
+@pytest.mark.parametrize("rows, IN, OUT, bias", [(1, 512, 1024, True), (3, 24, 6, False), (2, 10, 1, False),
+                                                 (16, 64, 48, True)])
+def test_linear_decode_matches_torch(kernels, rows, IN, OUT, bias):
+    g = torch.Generator().manual_seed(IN + OUT)
+    x = torch.randn(rows, 1, IN, generator=g)
+    w, b = torch.randn(OUT, IN, generator=g), (torch.randn(OUT, generator=g) if bias else None)
+    calls = kernels.linear_calls
+    out = kernels.linear(torch.nn.functional.linear, x, w, b)
+    assert kernels.linear_calls == calls + 1 and out.shape == (rows, 1, OUT)
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert relative_error(out, ref) <= F32
+    # more rows than a decode step has, or a strided weight: torch's linear, same result
+    many = torch.randn(40, IN, generator=g)
+    assert torch.equal(kernels.linear(torch.nn.functional.linear, many, w, b), torch.nn.functional.linear(many, w, b))
+    assert kernels.linear_calls == calls + 1
+
+
+def test_fused_linears_of_one_input_match_torch(kernels):
+    """Up to five linear layers of one input in one launch (widths 1 and not multiples of the lanes included)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 1, 40, generator=g)
+    layers = [(torch.randn(o, 40, generator=g), torch.randn(o, generator=g) if bias else None)
+              for o, bias in ((48, True), (1, False), (37, True), (40, False))]
+    outs = kernels.linears(torch.nn.functional.linear, x, *[t for wb in layers for t in wb])
+    assert len(outs) == 4
+    for out, (w, b) in zip(outs, layers):
+        ref = x.double() @ w.double().T + (b.double() if b is not None else 0)
+        assert out.shape == ref.shape and relative_error(out, ref) <= F32
