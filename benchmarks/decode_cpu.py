@@ -59,6 +59,9 @@ def main():
                     help="dtypes of the compiled module's key/value/feedback-key caches, one compiled variant each "
                          "(the eager ones stay fp32)")
     ap.add_argument("--backend", default="auto", help="backend of the compiled module (auto: tvm on CPU)")
+    ap.add_argument("--decode-kernels", action="store_true",
+                    help="compile with options={'decode_kernels': True}: the TVM split-K cache reads and matrix-vector "
+                         "linears in decode steps (off by default)")
     ap.add_argument("--torch-step", action="store_true",
                     help="also the compiled step with backend='eager' (every op through torch)")
     ap.add_argument("--block", type=int, default=4,
@@ -100,7 +103,8 @@ def main():
     for name, model in models.items():
         is_dec = name.startswith("Decoder")
         x_ex = torch.randint(0, 1000, (1, 8)) if is_dec else torch.randn(1, 8, args.D)
-        compiled = sc.compile(model, (x_ex,), backend=args.backend)
+        compiled = sc.compile(model, (x_ex,), backend=args.backend,
+                              options={"decode_kernels": True} if args.decode_kernels else None)
         torch_step = sc.compile(model, (x_ex,), backend="eager") if args.torch_step else None
         for T in args.contexts:
             x_t = torch.randint(0, 1000, (1,)) if is_dec else torch.randn(1, args.D)

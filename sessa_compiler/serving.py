@@ -362,7 +362,7 @@ class ServingProgram:
                 operands = [node.inputs[0]]
                 for m in members:
                     operands += [m.inputs[1], m.inputs[2] if len(m.inputs) > 2 else None]
-                fn = functools.partial(self.decode_kernels.linears, IMPLS["linear"])
+                fn = functools.partial(self.decode_kernels.linears, SEMANTICS["linear"])
                 plan.append((False, fn, operands, {}, [m.outputs[0] for m in members], node, ()))
                 continue
             operands = [x if isinstance(x, Value) else resolve(x, binding) for x in node.inputs]
@@ -554,7 +554,7 @@ class Serving:
         if prog is None:
             prog = self.programs[id(graph)] = ServingProgram(graph)
             backend = getattr(c._backend, "current", c._backend)   # "auto": the backend it resolved to
-            if backend.name == "tvm":   # decode steps on CPU read the caches with the TVM decode kernels
+            if backend.name == "tvm" and backend.decode_kernels:   # opt-in: TVM kernels for CPU decode steps
                 from .backends.tvm.decode import DecodeKernels
 
                 prog.decode_kernels = DecodeKernels(backend.target)

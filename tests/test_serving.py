@@ -201,13 +201,13 @@ def test_an_independently_written_style_is_served(one_thread):
 @pytest.mark.skipif(not os.environ.get("SESSA_REFERENCE_DIR"),
                     reason="set SESSA_REFERENCE_DIR to the directory holding the public reference's sessa.py "
                            "(not shipped with this repository)")
-@pytest.mark.parametrize("backend", ["eager", "tvm"])   # tvm: decode steps through the TVM decode kernels
-def test_public_reference_layer_is_served(backend, one_thread):
+@pytest.mark.parametrize("backend, options", [("eager", {}), ("tvm", {}), ("tvm", {"decode_kernels": True})])
+def test_public_reference_layer_is_served(backend, options, one_thread):
     sys.path.insert(0, os.environ["SESSA_REFERENCE_DIR"])
     from sessa import SessaLayer as RefLayer
 
     model = randomize(RefLayer(32, n_heads=4, n_kv_heads=2))
-    c = sc.compile(model, backend=backend)
+    c = sc.compile(model, backend=backend, options=options)
     x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         full = model(x)

@@ -108,7 +108,7 @@ def test_compiled_decode_steps_on_tvm_equal_the_forward(name, cache_dtype, one_t
     else:
         model = randomize(SessaLayer(48, n_heads=6, n_kv_heads=2), seed=3).eval()
         x = torch.randn(2, 21, 48)
-    c = sc.compile(model, backend="auto")
+    c = sc.compile(model, backend="auto", options={"decode_kernels": True})
     with torch.no_grad():
         full = model(x)
     assert c(x[:, :4]).shape[1] == 4 and c.backend == "tvm"
@@ -158,3 +158,19 @@ def test_fused_linears_of_one_input_match_torch(kernels):
     for out, (w, b) in zip(outs, layers):
         ref = x.double() @ w.double().T + (b.double() if b is not None else 0)
         assert out.shape == ref.shape and relative_error(out, ref) <= F32
+
+
+def test_decode_kernels_are_opt_in():
+    """By default a tvm-compiled module's decode steps run the derived step with torch (faster on the 2-core
+    machine measured); options={"decode_kernels": True} switches the cache reads and linears to TVM."""
+    model = randomize(SessaLayer(16, n_heads=2), seed=1).eval()
+    x = torch.randn(1, 5, 16)
+    for opts, used in (({}, False), ({"decode_kernels": True}, True)):
+        c = sc.compile(model, backend="tvm", options=opts)
+        cache = c.init_cache(1, max_len=8)
+        _, cache = c.prefill(x[:, :4], cache)
+        y_t, _ = c.decode_step(x[:, 4], cache)
+        prog = next(iter(c._serving.programs.values()))
+        assert (prog.decode_kernels is not None) == used
+        with torch.no_grad():
+            assert relative_error(y_t, model(x)[:, 4]) <= F32

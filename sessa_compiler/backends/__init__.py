@@ -115,7 +115,7 @@ BACKEND_OPTIONS = {
     "eager": ("print_ir",),
     "triton": ("print_ir", "feedback_chunk_size", "scan_chunk_size", "scan_strategy", "interpret", "fuse",
                "half_in_float32"),
-    "tvm": ("target", "schedules", "feedback_chunk_size", "print_ir", "whole_graph"),
+    "tvm": ("target", "schedules", "feedback_chunk_size", "print_ir", "whole_graph", "decode_kernels"),
 }
 
 
