@@ -189,6 +189,19 @@ def _progress(what: str, show: bool = True):
             bar.update(1)
 
 
+def _library_attention(q, k, v, inv_freq=None, *, scale, causal, rope=False):
+    return torch.ops.sessa_compiler.attention(q, k, v, inv_freq if rope else None, scale, causal)
+
+
+# The IR's core ops as the torch.library custom ops (library.py, models/scan_op.py): what an exported program of a
+# compiled module calls (CompiledModule._export_call); same operands and attributes as semantics.SEMANTICS.
+LIBRARY_OPS = {
+    "attention": _library_attention,
+    "feedback": lambda f, q_b, k_b, gamma, *, scale: torch.ops.sessa_compiler.feedback(f, q_b, k_b, gamma, scale),
+    "scan": lambda u, delta, A, B, C, D: torch.ops.sessa_compiler.selective_scan(u, delta, A, B, C, D),
+}
+
+
 def _being_traced(args, kwargs) -> bool:
     """Whether torch.compile (dynamo) or torch.export is tracing this call (fake or symbolic inputs)."""
     # is_dynamo_compiling() is True only while dynamo traces this code (it folds the call) and False when the code
@@ -369,9 +382,14 @@ class CompiledModule(torch.nn.Module):
     # -- calling -------------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         if _being_traced(args, kwargs):
-            # torch.compile / torch.export trace through this module: they see the original's code (with the
-            # sessa_compiler custom ops where the model calls them), so there is no graph break and nothing
-            # of this compiler's runtime (locks, variant selection, TVM/Triton launches) ends up in their graph
+            # torch.export (non-strict: the Python runs on fake tensors) records the traced graph, its core ops
+            # as the torch.library ops torch.ops.sessa_compiler.*; torch.compile (dynamo) and a call no traced
+            # graph fits see the original's code. Either way there is no graph break and nothing of this
+            # compiler's runtime (locks, variant selection, TVM/Triton launches) ends up in their graph.
+            if not torch.compiler.is_dynamo_compiling():
+                outs = self._export_call(args, kwargs)
+                if outs is not None:
+                    return outs
             return self._orig_mod(*args, **kwargs)
         check_keywords(kwargs, InputError, f"compiled {type(self._orig_mod).__name__}: ")
         if self.backend_name == "eager":  # torch ops only: calls run concurrently once the graph is chosen
@@ -382,6 +400,28 @@ class CompiledModule(torch.nn.Module):
         with self._lock:
             traced, runner, params = self._prepare_call(args, kwargs)
             return self._call(traced, runner, params, args, kwargs)
+
+    def _export_call(self, args, kwargs):
+        """The call as torch.export should record it, or None when no traced graph fits (then the original's
+        code is recorded): a traced graph whose train/eval modes, inputs (count, ranks, dtypes) and parameter
+        types fit, run by the IR interpreter with symbolic sizes, attention, feedback and scan as
+        torch.ops.sessa_compiler.attention/.feedback/.selective_scan (LIBRARY_OPS), every other op as torch."""
+        from .semantics import run_graph_traceable
+
+        modes = _modes(self._orig_mod)
+        for traced, _runner, live, traced_modes in list(self._variants):
+            graph = traced.graph
+            inputs = traced.tensor_inputs(args, kwargs)
+            if traced_modes != modes or len(inputs) != len(graph.inputs) or any(
+                    not isinstance(x, torch.Tensor) or x.dim() != v.type.rank or x.dtype != to_torch(v.type.dtype)
+                    for x, v in zip(inputs, graph.inputs)):
+                continue
+            params = live.read(self._orig_mod)
+            if live.mismatch(params) is not None:
+                continue
+            outs = run_graph_traceable(graph, inputs, params, LIBRARY_OPS)
+            return pytree.tree_unflatten(list(outs), traced.out_spec)
+        return None
 
     def _prepare_call(self, args, kwargs):
         """(traced graph, runner, live parameters) for this call: traces on the first call, and again when

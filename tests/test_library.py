@@ -108,3 +108,38 @@ def test_torch_compile_and_export_of_a_compiled_module():
     x2 = torch.randn(3, 20, 16)  # another batch and length
     with torch.no_grad():
         assert relative_error(ep.module()(x2), m(x2)) <= 1e-5
+
+
+EXPORT_OPS = {"sessa": {"attention", "feedback"}, "mamba": {"selective_scan"}, "transformer": {"attention"},
+              "decoder": {"attention", "feedback", "selective_scan"}}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_export_of_a_compiled_module_holds_the_sessa_ops_and_runs_at_other_sizes(name):
+    """torch.export of a compiled module (after its first call) records its traced graph: the recognised core ops
+    are torch.ops.sessa_compiler.* even where the model writes them as a triangular solve or a softmax, and the
+    program runs at another batch and length."""
+    torch.manual_seed(0)
+    factory, make = MODELS[name]
+    m, x = factory().eval(), make()
+    c = sc.compile(m, backend="eager")
+    c(x)
+    ep = torch.export.export(c, (x,), dynamic_shapes={"args": ({0: Dim.AUTO, 1: Dim.AUTO},)})
+    found = {n.target.name().split("::")[1] for n in ep.graph.nodes
+             if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "sessa_compiler"}
+    assert found == EXPORT_OPS[name]
+    assert not any("solve_triangular" in str(n.target) for n in ep.graph.nodes)
+    x2 = torch.randint(0, 40, (3, 20)) if name == "decoder" else torch.randn(3, 20, x.shape[-1])
+    with torch.no_grad():
+        assert relative_error(ep.module()(x2), m(x2)) <= 1e-5
+
+
+def test_export_before_the_first_call_records_the_original():
+    """Nothing traced yet (and torch.export cannot run our trace inside its own): the original's code."""
+    m = SessaLayer(16, n_heads=2).eval()
+    c = sc.compile(m, backend="eager")
+    x = torch.randn(2, 9, 16)
+    ep = torch.export.export(c, (x,), dynamic_shapes={"args": ({0: Dim.AUTO, 1: Dim.AUTO},)})
+    assert any("solve_triangular" in str(n.target) for n in ep.graph.nodes)
+    with torch.no_grad():
+        assert relative_error(ep.module()(x), m(x)) <= 1e-5

@@ -86,6 +86,50 @@ def eval_dim(d: Dim, binding: Mapping[str, int]) -> int:
     return int(value)
 
 
+def eval_dim_traceable(d: Dim, binding: Mapping):
+    """Like eval_dim, but for bindings whose values may be torch SymInts (a symbolic trace): the expression
+    is computed with Python arithmetic on the values (+, *, exact // for floor and ceiling of a rational
+    multiple), so nothing is specialised to one size."""
+    if isinstance(d, int):
+        return d
+
+    def num_den(e):   # e as (numerator value, integer denominator)
+        if e.is_Integer:
+            return int(e), 1
+        if e.is_Rational:
+            return int(e.p), int(e.q)
+        if e.is_Symbol:
+            if e.name not in binding:
+                raise IRError(f"dimension {d} uses symbol {e.name} that no input binds")
+            return binding[e.name], 1
+        if e.is_Add:
+            n, q = 0, 1
+            for a in e.args:
+                an, aq = num_den(a)
+                n, q = n * aq + an * q, q * aq
+            return n, q
+        if e.is_Mul:
+            n, q = 1, 1
+            for a in e.args:
+                an, aq = num_den(a)
+                n, q = n * an, q * aq
+            return n, q
+        if isinstance(e, sympy.floor):
+            n, q = num_den(e.args[0])
+            return n // q, 1
+        if isinstance(e, sympy.ceiling):
+            n, q = num_den(e.args[0])
+            return -((-n) // q), 1
+        raise IRError(f"dimension {d}: cannot evaluate {e} symbolically")
+
+    n, q = num_den(sympy.sympify(d))
+    if q != 1:
+        if not all(isinstance(v, int) for v in binding.values()):
+            return n // q   # an exact division in a well-typed graph
+        raise IRError(f"dimension {d} is not an integer for {dict(binding)}")
+    return n
+
+
 def format_dim(d: Dim) -> str:
     return str(d).replace(" ", "") if not isinstance(d, int) else str(d)
 

@@ -14,7 +14,7 @@ from ..dtypes import to_torch
 from ..errors import InputError, IRError, SessaCompilerError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import FACTORY, FALLBACK, OPS
-from ..ir.types import DType, eval_dim
+from ..ir.types import DType, eval_dim, eval_dim_traceable
 from .table import SEMANTICS
 
 # ops that create tensors (factories) and the fallback op are told the device to create them on
@@ -60,6 +60,44 @@ def bind_symbols(graph: Graph, inputs) -> dict:
         if tuple(x.shape) != want:
             raise InputError(f"input %{v.name}: expected shape {want} ({v.type}), got {tuple(x.shape)}")
     return binding
+
+
+def _resolve_traceable(x, binding: Mapping):
+    if isinstance(x, sympy.Basic):
+        return eval_dim_traceable(x, binding)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_resolve_traceable(y, binding) for y in x)
+    if isinstance(x, dict):
+        return {k: _resolve_traceable(v, binding) for k, v in x.items()}
+    if isinstance(x, DType):
+        return to_torch(x)
+    return x
+
+
+def run_graph_traceable(graph: Graph, inputs, params: Mapping, impls: Mapping | None = None) -> list:
+    """Run the graph with torch ops only, where the inputs' sizes may be symbolic (torch.export traces this):
+    symbols are bound to the sizes as they come (SymInts stay symbolic) and no input check converts them to
+    ints. ``impls`` (op -> callable) replace the ops' SEMANTICS entries (e.g. the torch.library custom ops)."""
+    binding: dict = {}
+    for v, x in zip(graph.inputs, inputs):
+        for d, n in zip(v.type.shape, x.shape):
+            if isinstance(d, sympy.Symbol):
+                binding.setdefault(d.name, n)
+    env: dict = dict(zip(graph.inputs, inputs))
+    device = inputs[0].device if inputs else None
+    for name, v in graph.param_values.items():
+        env[v] = params[name]
+    impls = dict(impls or {})
+    for node in graph.nodes:
+        operands = [env[x] if isinstance(x, Value) else _resolve_traceable(x, binding) for x in node.inputs]
+        attrs = _resolve_traceable(node.attrs, binding)
+        if node.op in _DEVICE_OPS:
+            attrs["device"] = device
+        out = (impls.get(node.op) or SEMANTICS[node.op])(*operands, **attrs)
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for v, o in zip(node.outputs, outs):
+            env[v] = o
+    return [env[v] for v in graph.outputs]
 
 
 def run_node(node: Node, env: dict, binding: dict, device):
