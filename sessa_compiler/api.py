@@ -406,7 +406,7 @@ class CompiledModule(torch.nn.Module):
         code is recorded): a traced graph whose train/eval modes, inputs (count, ranks, dtypes) and parameter
         types fit, run by the IR interpreter with symbolic sizes, attention, feedback and scan as
         torch.ops.sessa_compiler.attention/.feedback/.selective_scan (LIBRARY_OPS), every other op as torch."""
-        from .semantics import run_graph_traceable
+        from .semantics import run_graph, symbolic_binding
 
         modes = _modes(self._orig_mod)
         for traced, _runner, live, traced_modes in list(self._variants):
@@ -419,7 +419,7 @@ class CompiledModule(torch.nn.Module):
             params = live.read(self._orig_mod)
             if live.mismatch(params) is not None:
                 continue
-            outs = run_graph_traceable(graph, inputs, params, LIBRARY_OPS)
+            outs = run_graph(graph, inputs, params, binding=symbolic_binding(graph, inputs), impls=LIBRARY_OPS)
             return pytree.tree_unflatten(list(outs), traced.out_spec)
         return None
 

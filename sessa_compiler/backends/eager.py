@@ -56,12 +56,20 @@ def run_half_in_float32(graph: Graph, cache: dict, inputs, params):
     wide = cache[key]
     if wide is None:
         return run_graph(graph, inputs, params)
-    bind_symbols(graph, inputs)  # the declared (half) dtypes and shapes are what callers must pass
+    return call_widened(graph, lambda i, p: run_graph(wide, i, p), inputs, params)
 
-    def up(t):
-        return t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.bfloat16, torch.float16) else t
 
-    outs = run_graph(wide, [up(x) for x in inputs], {k: up(v) for k, v in params.items()})
+def widen(x):
+    """bf16/fp16 tensors widened to float32; anything else as it is."""
+    return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+def call_widened(graph: Graph, run_wide, inputs, params) -> list:
+    """One call of a half-precision ``graph`` through ``run_wide``, a runner of its float32 copy (widened):
+    the inputs are checked against the declared (half) types, inputs and parameters widened, and the outputs
+    rounded back to their declared dtypes once."""
+    bind_symbols(graph, inputs)
+    outs = run_wide([widen(x) for x in inputs], {k: widen(v) for k, v in params.items()})
     return [o.to(to_torch(v.type.dtype)) if v.type.dtype.name in HALF else o for o, v in zip(outs, graph.outputs)]
 
 

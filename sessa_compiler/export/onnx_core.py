@@ -121,7 +121,7 @@ def _attention(L: Lowering, node: Node, chunk: int | None = None):
     t_axis = 3 if G > 1 else 2                             # the query/key row axis of q and v
 
     Tdim = b.dim(T)
-    n = b.op("Div", b.op("Add", Tdim, b.i64(C - 1)), b.i64(C), hint="attn_chunks")
+    n = _n_chunks(b, Tdim, C, "attn_chunks")
     padded = b.op("Mul", n, b.i64(C), hint="attn_padded_len")
     q = b.op("Pad", q, b.op("Concat", b.i64(0), b.op("Sub", padded, Tdim), axis=0), None, b.i64(t_axis),
              hint="q_padded")                              # rows T .. nC-1 are zeros
@@ -153,6 +153,11 @@ def _attention(L: Lowering, node: Node, chunk: int | None = None):
     out = b.op("Reshape", b.op("Transpose", chunks, perm=perm), b.i64(0, -1, H, dv))            # [B, nC, H, dv]
     out = b.op("Slice", out, b.i64(0), Tdim, b.i64(1), hint="attention")
     return [b.cast(out, cd, dt)]
+
+
+def _n_chunks(b: GraphBuilder, Tdim: str, C: int, hint: str) -> str:
+    """ceil(T / C) as an int64 [1] tensor (Tdim: T as int64 [1])."""
+    return b.op("Div", b.op("Add", Tdim, b.i64(C - 1)), b.i64(C), hint=hint)
 
 
 def _chunk_bounds(b: GraphBuilder, c: str, C: int, Tdim: str) -> tuple:
@@ -211,7 +216,7 @@ def _feedback_lse(L: Lowering, node: Node):
         lse = g.op("Where", first_row, g.scalar(0.0, cd), lse, hint="lse_rows0")      # row 0 sees no key
         return g.op("Squeeze", lse, g.i64(2), hint="lse_chunk")                        # [B, m]
 
-    n = b.op("Div", b.op("Add", Tdim, b.i64(C - 1)), b.i64(C), hint="lse_chunks")
+    n = _n_chunks(b, Tdim, C, "lse_chunks")
     first = rows(b, b.i64(0), b.op("Min", Tdim, b.i64(C), hint="first_chunk_len"))
 
     def step(g, c, prefix):
@@ -246,7 +251,7 @@ def _feedback_diag_inverse(L: Lowering, node: Node):
     qb, kbT, Tdim = _feedback_operands(L, node, cd)
     kb = b.op("Transpose", kbT, perm=[0, 2, 1], hint="kb_scaled_rows")
     gamma, lse = L.get(node, 2, cd), L.get(node, 3, cd)
-    n = b.op("Div", b.op("Add", Tdim, b.i64(C - 1)), b.i64(C), hint="dinv_chunks")
+    n = _n_chunks(b, Tdim, C, "dinv_chunks")
     pad = b.op("Sub", b.op("Mul", n, b.i64(C)), Tdim, hint="dinv_pad")
     zero = b.i64(0)
 
@@ -277,7 +282,7 @@ def _feedback_chunked(L: Lowering, node: Node):
     f = L.get(node, 0, cd)
     qb, kbT, Tdim = _feedback_operands(L, node, cd)
     gamma, lse, dinv = L.get(node, 3, cd), L.get(node, 4, cd), L.get(node, 5, cd)
-    n = b.op("Div", b.op("Add", Tdim, b.i64(C - 1)), b.i64(C), hint="n_chunks")
+    n = _n_chunks(b, Tdim, C, "n_chunks")
 
     def diag(g: GraphBuilder, c: str, m: str) -> str:   # dinv[:, c, :m, :m]
         block = g.op("Gather", dinv, c, axis=1, hint="dinv_c")

@@ -80,19 +80,17 @@ def eval_dim(d: Dim, binding: Mapping[str, int]) -> int:
     missing = [s.name for s in d.free_symbols if s.name not in binding]
     if missing:
         raise IRError(f"dimension {d} uses symbols {missing} that no input binds")
+    if not all(isinstance(binding[s.name], int) for s in d.free_symbols):
+        return _eval_symbolic(d, binding)   # sizes of a symbolic trace (torch SymInts): stay symbolic
     value = d.subs({s: binding[s.name] for s in d.free_symbols})
     if not value.is_Integer:
         raise IRError(f"dimension {d} is not an integer for {dict(binding)}: {value}")
     return int(value)
 
 
-def eval_dim_traceable(d: Dim, binding: Mapping):
-    """Like eval_dim, but for bindings whose values may be torch SymInts (a symbolic trace): the expression
-    is computed with Python arithmetic on the values (+, *, exact // for floor and ceiling of a rational
-    multiple), so nothing is specialised to one size."""
-    if isinstance(d, int):
-        return d
-
+def _eval_symbolic(d, binding: Mapping):
+    """eval_dim for bindings holding torch SymInts: the expression is computed with Python arithmetic on the
+    values (+, *, exact // for floor and ceiling of a rational multiple), so no size is specialised."""
     def num_den(e):   # e as (numerator value, integer denominator)
         if e.is_Integer:
             return int(e), 1
@@ -122,12 +120,8 @@ def eval_dim_traceable(d: Dim, binding: Mapping):
             return -((-n) // q), 1
         raise IRError(f"dimension {d}: cannot evaluate {e} symbolically")
 
-    n, q = num_den(sympy.sympify(d))
-    if q != 1:
-        if not all(isinstance(v, int) for v in binding.values()):
-            return n // q   # an exact division in a well-typed graph
-        raise IRError(f"dimension {d} is not an integer for {dict(binding)}")
-    return n
+    n, q = num_den(d)
+    return n if q == 1 else n // q   # a dim of a well-typed graph is an integer: the division is exact
 
 
 def format_dim(d: Dim) -> str:

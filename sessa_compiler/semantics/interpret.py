@@ -14,7 +14,7 @@ from ..dtypes import to_torch
 from ..errors import InputError, IRError, SessaCompilerError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import FACTORY, FALLBACK, OPS
-from ..ir.types import DType, eval_dim, eval_dim_traceable
+from ..ir.types import DType, eval_dim
 from .table import SEMANTICS
 
 # ops that create tensors (factories) and the fallback op are told the device to create them on
@@ -62,50 +62,23 @@ def bind_symbols(graph: Graph, inputs) -> dict:
     return binding
 
 
-def _resolve_traceable(x, binding: Mapping):
-    if isinstance(x, sympy.Basic):
-        return eval_dim_traceable(x, binding)
-    if isinstance(x, (list, tuple)):
-        return type(x)(_resolve_traceable(y, binding) for y in x)
-    if isinstance(x, dict):
-        return {k: _resolve_traceable(v, binding) for k, v in x.items()}
-    if isinstance(x, DType):
-        return to_torch(x)
-    return x
-
-
-def run_graph_traceable(graph: Graph, inputs, params: Mapping, impls: Mapping | None = None) -> list:
-    """Run the graph with torch ops only, where the inputs' sizes may be symbolic (torch.export traces this):
-    symbols are bound to the sizes as they come (SymInts stay symbolic) and no input check converts them to
-    ints. ``impls`` (op -> callable) replace the ops' SEMANTICS entries (e.g. the torch.library custom ops)."""
+def symbolic_binding(graph: Graph, inputs) -> dict:
+    """Each dimension symbol bound to the inputs' sizes as they come, with no check and no int(): under a
+    symbolic trace (torch.export) the sizes are SymInts and stay symbolic (eval_dim computes with them)."""
     binding: dict = {}
     for v, x in zip(graph.inputs, inputs):
         for d, n in zip(v.type.shape, x.shape):
             if isinstance(d, sympy.Symbol):
                 binding.setdefault(d.name, n)
-    env: dict = dict(zip(graph.inputs, inputs))
-    device = inputs[0].device if inputs else None
-    for name, v in graph.param_values.items():
-        env[v] = params[name]
-    impls = dict(impls or {})
-    for node in graph.nodes:
-        operands = [env[x] if isinstance(x, Value) else _resolve_traceable(x, binding) for x in node.inputs]
-        attrs = _resolve_traceable(node.attrs, binding)
-        if node.op in _DEVICE_OPS:
-            attrs["device"] = device
-        out = (impls.get(node.op) or SEMANTICS[node.op])(*operands, **attrs)
-        outs = out if isinstance(out, (tuple, list)) else (out,)
-        for v, o in zip(node.outputs, outs):
-            env[v] = o
-    return [env[v] for v in graph.outputs]
+    return binding
 
 
-def run_node(node: Node, env: dict, binding: dict, device):
+def run_node(node: Node, env: dict, binding: dict, device, impls: Mapping | None = None):
     operands = [env[x] if isinstance(x, Value) else resolve(x, binding) for x in node.inputs]
     attrs = resolve(node.attrs, binding)
     if node.op in _DEVICE_OPS:
         attrs["device"] = device
-    fn = SEMANTICS.get(node.op)
+    fn = (impls or {}).get(node.op) or SEMANTICS.get(node.op)
     if fn is None:
         raise IRError(f"op '{node.op}' has no eager implementation")
     try:
@@ -123,9 +96,10 @@ def run_node(node: Node, env: dict, binding: dict, device):
 
 
 def run_graph(graph: Graph, inputs, params: Mapping | None = None, *, overrides: Mapping | None = None,
-              targets=None, binding: dict | None = None, check_inputs: bool = True):
+              targets=None, binding: dict | None = None, check_inputs: bool = True, impls: Mapping | None = None):
     """Execute the graph. ``overrides`` pins values (Value -> tensor) and ``targets`` picks which values
-    to return (default: the graph outputs); only the nodes those targets need are run."""
+    to return (default: the graph outputs); only the nodes those targets need are run. ``impls`` (op ->
+    callable) replace ops' SEMANTICS entries (e.g. the torch.library custom ops)."""
     params = graph.params if params is None else params
     if binding is None:
         binding = bind_symbols(graph, inputs) if check_inputs else {}
@@ -145,7 +119,7 @@ def run_graph(graph: Graph, inputs, params: Mapping | None = None, *, overrides:
     needed = _needed_nodes(graph, targets, set(env))
     for node in graph.nodes:
         if node in needed:
-            run_node(node, env, binding, device)
+            run_node(node, env, binding, device, impls)
     return [env[t] for t in targets]
 
 

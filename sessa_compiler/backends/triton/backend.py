@@ -16,13 +16,13 @@ import sys
 
 import torch
 
-from ...dtypes import from_torch, to_torch
+from ...dtypes import from_torch
 from ...errors import UnsupportedError
 from ...ir.graph import Graph, Node
 from ...ir.ops import CORE, OPS
 from ...passes.pipeline import run_pipeline
 from ..base import Backend, CompileContext
-from ..eager import HALF, bind_symbols, run_node, widened
+from ..eager import bind_symbols, call_widened, run_node, widen, widened
 from .attention import generate_attention, launch_attention
 from .codegen import KERNEL_CACHE, KERNEL_DTYPES, KernelSource
 from .feedback import generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse, launch_lse, launch_solve
@@ -49,11 +49,6 @@ def _generator(node: Node):
     return {"feedback_lse": generate_lse, "feedback_diag_inverse": generate_diag_inverse,
             "feedback_chunked": generate_solve, "scan_chunked": generate_scan, "fused": generate_fused,
             "tri_solve": generate_tri_solve}.get(node.op)
-
-
-def _up(x):
-    """bf16/fp16 tensors widened to float32 (half_in_float32); anything else as it is."""
-    return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16) else x
 
 
 def _unit_stride(x):
@@ -170,14 +165,11 @@ class TritonBackend(Backend):
         if wide is None:
             return triton_runner(self, graph, ctx)
         self.widened[id(graph)] = wide
-        wide_ctx = dataclasses.replace(ctx, example_inputs=tuple(_up(x) for x in ctx.example_inputs))
+        wide_ctx = dataclasses.replace(ctx, example_inputs=tuple(widen(x) for x in ctx.example_inputs))
         run_wide = triton_runner(self, wide, wide_ctx)
 
         def run(inputs, params):
-            bind_symbols(graph, inputs)  # callers pass the declared (half) dtypes and shapes
-            outs = run_wide([_up(x) for x in inputs], {k: _up(v) for k, v in params.items()})
-            return [o.to(to_torch(v.type.dtype)) if v.type.dtype.name in HALF else o
-                    for o, v in zip(outs, graph.outputs)]
+            return call_widened(graph, run_wide, inputs, params)
         run.programs = run_wide.programs
         return run
 
