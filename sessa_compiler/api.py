@@ -216,6 +216,29 @@ def _being_traced(args, kwargs) -> bool:
     return detect_fake_mode(pytree.tree_leaves((args, kwargs))) is not None
 
 
+def _traced_call(module: "CompiledModule", args: tuple, kwargs: dict):
+    """A compiled module's call as torch.compile records it: dynamo does not trace into this function (it is
+    nonstrict_trace'd: _dynamo_call), AOT autograd does (fake tensors: the traced graph with
+    torch.ops.sessa_compiler.* as torch.export records it, or the original's code when no traced graph fits).
+    Where the function runs as it is (backend="eager"), the inputs are real and the compiled module runs them."""
+    if not _being_traced(args, kwargs):
+        return module(*args, **kwargs)
+    outs = module._export_call(args, kwargs)
+    return module._orig_mod(*args, **kwargs) if outs is None else outs
+
+
+_DYNAMO_CALL: list = []  # [nonstrict_trace(_traced_call)], made at the first trace (torch.export loads dynamo;
+# importing dynamo with the package would cost a second)
+
+
+def _dynamo_call():
+    if not _DYNAMO_CALL:
+        import torch._dynamo
+
+        _DYNAMO_CALL.append(torch._dynamo.nonstrict_trace(_traced_call))
+    return _DYNAMO_CALL[0]
+
+
 def _modes(module: torch.nn.Module) -> tuple:
     return tuple(m.training for m in module.modules())
 
@@ -334,6 +357,7 @@ class CompiledModule(torch.nn.Module):
         self._fresh.add(id(self._runner))
         self._backend.resolve(list(args))  # auto: say now which backend the example inputs pick
         self._variants.append((self._traced, self._runner, self._live, _modes(self._orig_mod)))
+        _dynamo_call()  # what torch.compile of this module calls from now on
         self.trace_seconds = time.perf_counter() - start
 
     def _cached_trace(self, args: tuple, kwargs: dict | None) -> Traced:
@@ -383,14 +407,16 @@ class CompiledModule(torch.nn.Module):
     def forward(self, *args, **kwargs):
         if _being_traced(args, kwargs):
             # torch.export (non-strict: the Python runs on fake tensors) records the traced graph, its core ops
-            # as the torch.library ops torch.ops.sessa_compiler.*; torch.compile (dynamo) and a call no traced
-            # graph fits see the original's code. Either way there is no graph break and nothing of this
-            # compiler's runtime (locks, variant selection, TVM/Triton launches) ends up in their graph.
-            if not torch.compiler.is_dynamo_compiling():
-                outs = self._export_call(args, kwargs)
-                if outs is not None:
-                    return outs
-            return self._orig_mod(*args, **kwargs)
+            # as the torch.library ops torch.ops.sessa_compiler.*; so does torch.compile, whose dynamo sees one
+            # nonstrict_trace call that AOT autograd traces the same way (dynamo itself would have to trace the
+            # IR interpreter's sympy). A call no traced graph fits records the original's code. Either way there
+            # is no graph break and nothing of this compiler's runtime (locks, variant selection, TVM/Triton
+            # launches) ends up in their graph.
+            if torch.compiler.is_dynamo_compiling():
+                # the wrapper exists once anything was traced (before, no traced graph fits anyway)
+                return _DYNAMO_CALL[0](self, args, kwargs) if _DYNAMO_CALL else self._orig_mod(*args, **kwargs)
+            outs = self._export_call(args, kwargs)
+            return self._orig_mod(*args, **kwargs) if outs is None else outs
         check_keywords(kwargs, InputError, f"compiled {type(self._orig_mod).__name__}: ")
         if self.backend_name == "eager":  # torch ops only: calls run concurrently once the graph is chosen
             with self._lock:

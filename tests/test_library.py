@@ -95,6 +95,107 @@ def test_torch_compile_fullgraph_of_every_model(name):
         assert relative_error(y, m(x)) <= 1e-5
 
 
+def sessa_ops(gm) -> set:
+    return {n.target.name().split("::")[1] for n in gm.graph.nodes
+            if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "sessa_compiler"}
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+@pytest.mark.parametrize("name", list(MODELS))
+def test_torch_compile_of_a_compiled_module_calls_the_sessa_ops(name, mode):
+    """torch.compile(compiled, fullgraph=True) after the first call: the graph AOT autograd hands the compiler
+    holds the recognised core ops as torch.ops.sessa_compiler.* (not the model's spelling: no triangular solve),
+    gradients equal the module's, and with dynamic=True another batch and length run on the same trace."""
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+
+    torch.manual_seed(0)
+    factory, make = MODELS[name]
+    m, x = factory(), make()
+    getattr(m, mode)()
+    c = sc.compile(m, backend="eager")
+    c(x)
+    graphs = []
+
+    def forward_compiler(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    opt = torch.compile(c, fullgraph=True, dynamic=True, backend=aot_autograd(fw_compiler=forward_compiler))
+    y = opt(x)
+    assert sessa_ops(graphs[0]) == EXPORT_OPS[name]
+    assert not any("solve_triangular" in str(n.target) for n in graphs[0].graph.nodes)
+    assert relative_error(y, m(x)) <= 1e-5
+    y.square().sum().backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m(x).square().sum().backward()
+    for n, p in m.named_parameters():
+        assert relative_error(got[n], p.grad) <= 1e-5, n
+    x2 = torch.randint(0, 40, (3, 20)) if name == "decoder" else torch.randn(3, 20, x.shape[-1])
+    with torch.no_grad():
+        assert relative_error(opt(x2), m(x2)) <= 1e-5
+    assert not c.retraces and len(c._variants) == 1   # the compiled module's one trace serves every size
+
+
+def test_torch_compile_of_the_compiled_public_reference_layer_calls_the_sessa_ops():
+    """The public reference layer (written by other hands: solve_triangular on a materialised T x T matrix)
+    under torch.compile of its compiled module: attention and feedback as the sessa ops, same outputs and
+    gradients, another batch and length on the same trace."""
+    import os
+    import sys
+
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+
+    if not os.environ.get("SESSA_REFERENCE_DIR"):
+        pytest.skip("set SESSA_REFERENCE_DIR to the directory holding the public reference's sessa package "
+                    "(not shipped with this repository)")
+    sys.path.insert(0, os.environ["SESSA_REFERENCE_DIR"])
+    from sessa import SessaLayer as RefLayer
+
+    torch.manual_seed(0)
+    m = RefLayer(32, n_heads=4, n_kv_heads=2)
+    x = torch.randn(2, 9, 32)
+    c = sc.compile(m, backend="eager")
+    c(x)
+    graphs = []
+    torch._dynamo.reset()
+    opt = torch.compile(c, fullgraph=True, dynamic=True, backend=aot_autograd(
+        fw_compiler=lambda gm, _: graphs.append(gm) or make_boxed_func(gm.forward)))
+    y = opt(x)
+    assert sessa_ops(graphs[0]) == {"attention", "feedback"}
+    assert not any("solve_triangular" in str(n.target) for n in graphs[0].graph.nodes)
+    assert relative_error(y, m(x)) <= 1e-5
+    y.square().sum().backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m(x).square().sum().backward()
+    for n, p in m.named_parameters():
+        assert relative_error(got[n], p.grad) <= 1e-5, n
+    x2 = torch.randn(3, 17, 32)
+    with torch.no_grad():
+        assert relative_error(opt(x2), m(x2)) <= 1e-5
+
+
+def test_torch_compile_of_a_compiled_module_with_the_eager_backend_runs_the_compiled_module():
+    """backend="eager" runs the captured Python as it is: the compiled module's own call, not a retrace."""
+    torch.manual_seed(0)
+    m = SessaLayer(16, n_heads=2).eval()
+    c = sc.compile(m, backend="eager")
+    x = torch.randn(2, 9, 16)
+    c(x)
+    calls = []
+    real = type(c)._call
+    torch._dynamo.reset()
+    opt = torch.compile(c, fullgraph=True, backend="eager")
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(c), "_call", lambda self, *a: calls.append(1) or real(self, *a))
+        assert relative_error(opt(x), m(x)) <= 1e-5
+    assert calls == [1]
+
+
 def test_torch_compile_and_export_of_a_compiled_module():
     torch.manual_seed(0)
     m = MambaLayer(16).eval()

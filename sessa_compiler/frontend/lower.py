@@ -526,3 +526,20 @@ def register_custom_lowerings():
             return out
 
         LOWERINGS[ns.feedback.default] = _feedback
+    if ns is not None and hasattr(ns, "attention"):
+        def _attention(L, node):
+            """sessa_compiler::attention(q, k, v, inv_freq, scale, causal) is the IR's attention op by definition
+            (what an exported program of a compiled module, or torch.compile of one, calls)."""
+            args = list(node.args) + [None] * (6 - len(node.args))
+            q, k, v, inv_freq, scale, causal = [node.kwargs.get(n, a) for n, a in
+                                                zip(("q", "k", "v", "inv_freq", "scale", "causal"), args)]
+            scale, causal = L.arg(scale), L.arg(causal)
+            if not isinstance(scale, (int, float)) or not isinstance(causal, bool):
+                return NotImplemented   # a traced scale: keep the call as a fallback op
+            operands = [L.arg(q), L.arg(k), L.arg(v)] + ([L.arg(inv_freq)] if inv_freq is not None else [])
+            out = L.emit("attention", operands, {"scale": float(scale), "causal": causal,
+                                                 "rope": inv_freq is not None}, node)
+            L.notes.append(f"attention from sessa_compiler::attention %{node.name}")
+            return out
+
+        LOWERINGS[ns.attention.default] = _attention
