@@ -313,32 +313,39 @@ def generate_solve(node: Node, dtypes: dict, interpret: bool, outer_chunk: int |
 
 
 # -- launchers --------------------------------------------------------------------------------------
+# ``launch`` maps a kernel's jitted function to what is indexed by the grid and called: the function
+# itself (the backend), or ``torch.library.wrap_triton(fn)`` (the triton_op in ops.py, so that a trace
+# records each launch).
+def direct_launch(fn):
+    return fn
+
+
 def _row_strides(x):
     return x.stride(0), x.stride(1)
 
 
-def launch_lse(kernel, q_b, k_b, out=None):
+def launch_lse(kernel, q_b, k_b, out=None, launch=direct_launch):
     import torch
 
     B, T, _ = q_b.shape
     lse = torch.empty(B, T, dtype=torch.float32, device=q_b.device) if out is None else out
     src = kernel.source
     grid = (-(-T // src.tunables["BLOCK_M"]), B)
-    kernel.fn[grid](q_b, k_b, lse, T, *_row_strides(q_b), *_row_strides(k_b),
-                    num_warps=src.num_warps, num_stages=src.num_stages)
+    launch(kernel.fn)[grid](q_b, k_b, lse, T, *_row_strides(q_b), *_row_strides(k_b),
+                            num_warps=src.num_warps, num_stages=src.num_stages)
     kernel.launches += 1
     return lse
 
 
-def launch_diag_inverse(kernel, q_b, k_b, gamma, lse, chunk_size: int, out=None):
+def launch_diag_inverse(kernel, q_b, k_b, gamma, lse, chunk_size: int, out=None, launch=direct_launch):
     import torch
 
     B, T, _ = q_b.shape
     nC = -(-T // chunk_size)
     dinv = torch.empty(B, nC, chunk_size, chunk_size, dtype=torch.float32, device=q_b.device) if out is None else out
     src = kernel.source
-    kernel.fn[(nC, B)](q_b, k_b, gamma, lse, dinv, T, *_row_strides(q_b), *_row_strides(k_b), *gamma.stride(),
-                       num_warps=src.num_warps, num_stages=src.num_stages)
+    launch(kernel.fn)[(nC, B)](q_b, k_b, gamma, lse, dinv, T, *_row_strides(q_b), *_row_strides(k_b),
+                               *gamma.stride(), num_warps=src.num_warps, num_stages=src.num_stages)
     kernel.launches += 1
     return dinv
 
@@ -355,7 +362,8 @@ def update_splits(base_programs: int, r0: int, block_k: int, target_programs: in
     return -(-r0 // per), per
 
 
-def launch_solve(kernel, f, q_b, k_b, gamma, lse, dinv, out=None, target_programs: int = 264):
+def launch_solve(kernel, f, q_b, k_b, gamma, lse, dinv, out=None, target_programs: int = 264,
+                 launch=direct_launch):
     """The two-level solve: per outer chunk (in order) probabilities, update, inner blocks.
 
     ``out`` (contiguous, f's dtype) may be given; for fp32 it doubles as the solve's workspace.
@@ -385,13 +393,14 @@ def launch_solve(kernel, f, q_b, k_b, gamma, lse, dinv, out=None, target_program
     part = torch.empty(max(1, max_splits - 1), B, CO, Dv, dtype=torch.float32, device=f.device)
     for r0 in range(0, T, CO):
         ncols = min(r0 + CO, T)
-        probs.fn[(CO // pm, -(-ncols // pn), B)](q_b, k_b, gamma, lse, p, T, r0, ncols, stride_p, *_row_strides(q_b),
-                                                 *_row_strides(k_b), *gamma.stride(),
-                                                 num_warps=ps.num_warps, num_stages=ps.num_stages)
+        launch(probs.fn)[(CO // pm, -(-ncols // pn), B)](
+            q_b, k_b, gamma, lse, p, T, r0, ncols, stride_p, *_row_strides(q_b), *_row_strides(k_b), *gamma.stride(),
+            num_warps=ps.num_warps, num_stages=ps.num_stages)
         splits, per = update_splits(base, r0, us.tunables["BLOCK_K"], target_programs)
-        update.fn[(CO // um, -(-Dv // un), B * splits)](f, p, s, part, T, r0, B, per, stride_p, *_row_strides(f),
-                                                        num_warps=us.num_warps, num_stages=us.num_stages)
-        kernel.fn[(-(-Dv // src.tunables["BLOCK_DV"]), B)](p, dinv, s, part, *out_args, T, r0, stride_p, splits - 1,
-                                                           num_warps=src.num_warps, num_stages=src.num_stages)
+        launch(update.fn)[(CO // um, -(-Dv // un), B * splits)](
+            f, p, s, part, T, r0, B, per, stride_p, *_row_strides(f), num_warps=us.num_warps, num_stages=us.num_stages)
+        launch(kernel.fn)[(-(-Dv // src.tunables["BLOCK_DV"]), B)](
+            p, dinv, s, part, *out_args, T, r0, stride_p, splits - 1,
+            num_warps=src.num_warps, num_stages=src.num_stages)
     kernel.launches += 1
     return out

@@ -7,13 +7,24 @@
   ``torch.ops.sessa_compiler.attention``. Causal attention launches the generated ``attention_fwd`` kernel
   (after two ``rope_rotate`` launches when ``inv_freq`` is given); non-causal attention, which has no
   kernel, is the reference's torch ops.
+- ``torch.ops.sessa_compiler.feedback_triton(f, q_b, k_b, gamma, scale)``: the arguments and result of
+  ``torch.ops.sessa_compiler.feedback``. The blocked kernels of backends/triton/feedback.py, through the
+  launchers the backend uses (``launch=wrap_triton``): ``feedback_lse``, ``feedback_diag_inverse``, then per
+  outer chunk of rows (a host loop) ``feedback_probs``, ``feedback_update`` and ``feedback_solve``; lse,
+  inverses, probabilities and (for 16-bit f) s are float32 workspaces. float64 runs the reference's torch ops.
+  The host loop runs ceil(T / outer chunk) times, so a trace unrolls it for one T.
 
-Both take their gradients from the custom op's formula (recomputed from the saved inputs).
+All three take their gradients from the custom op's formula (recomputed from the saved inputs; for the feedback
+that recomputation is the custom op's dense reference forward, T x T per batch row, then its blocked backward).
 
 A ``triton_op`` is what Inductor can trace into: on CUDA tensors, torch.compile with Inductor sees the
-kernel launch itself instead of an opaque custom op. That has not been run: no GPU was available. On CPU
-tensors the op runs its kernel under Triton's interpreter, which is what the tests check; torch.compile
-and ``torch.library.opcheck`` cannot run it there, because tracing the op runs its body, and the
+kernel launches themselves instead of an opaque custom op. That has not been run: no GPU was available, and
+none of these ops has run on a GPU. What was checked: on CPU tensors each op runs its kernels under Triton's
+interpreter and matches its custom op, forward and backward; and AOT autograd, on fake CUDA tensors with the
+interpreter off, traces into each op and records its kernel launches (tests/test_triton_ops.py). The same
+generated kernels compile ahead of time for sm_90 (tests/test_triton_aot.py; the feedback's at chunks of 64
+with outer chunks of 256, as this op picks on a GPU, for bf16 and f32). torch.compile and
+``torch.library.opcheck`` cannot run the ops on CPU tensors, because tracing an op runs its body, and the
 interpreter then launches the kernel on fake tensors.
 
 Importing this module imports triton (registered on first import, not on ``import sessa_compiler``).
@@ -28,12 +39,15 @@ from torch.library import triton_op, wrap_triton
 
 from ...dtypes import from_torch
 from ...ir import parse
-from ...semantics.core import attention_ref
+from ...passes.chunk_feedback import FeedbackCost
+from ...semantics.core import attention_ref, feedback_ref
 from .attention import generate_attention
-from .codegen import KERNEL_CACHE
+from .codegen import KERNEL_CACHE, KERNEL_DTYPES
+from .feedback import (default_outer_chunk, generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse,
+                       launch_lse, launch_solve)
 from .scan import generate_scan
 
-__all__ = ["attention_triton", "selective_scan_triton"]
+__all__ = ["attention_triton", "feedback_triton", "selective_scan_triton"]
 
 _SCAN_CHUNK = 16  # the IR node's chunk size; the sequential strategy walks the time steps one by one anyway
 
@@ -153,3 +167,76 @@ def _attention_backward(ctx, grad):
 
 
 attention_triton.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+# The feedback's blocked kernels: None takes the chunk-feedback pass's cost model (at its assumed T, since one kernel
+# serves every T) and the generator's outer chunk (256 rows on a GPU, two inner blocks under the interpreter).
+# Tests set smaller ones so that short sequences cross inner and outer chunks.
+FEEDBACK_CHUNK_SIZE: Optional[int] = None
+FEEDBACK_OUTER_CHUNK: Optional[int] = None
+
+
+@functools.lru_cache(maxsize=64)
+def _feedback_kernels(d_qk: int, d_v: int, scale: float, chunk: int, outer: Optional[int], dtypes: tuple,
+                      interpret: bool):
+    """The lse, diagonal-inverse and two-level solve kernels of the nodes the chunk-feedback pass writes."""
+    names = dict(dtypes)
+    text = (f"graph fb(%f: {names['f']}[B, T, {d_v}], %q: {names['q_b']}[B, T, {d_qk}], "
+            f"%k: {names['k_b']}[B, T, {d_qk}], %g: {names['gamma']}[B, T]) {{\n"
+            f"  %lse: f32[B, T] = feedback_lse(%q, %k) {{scale={scale!r}}}\n"
+            f"  %dinv: f32[B, ceiling(T/{chunk}), {chunk}, {chunk}] = feedback_diag_inverse(%q, %k, %g, %lse) "
+            f"{{scale={scale!r}, chunk_size={chunk}}}\n"
+            f"  %s: {names['f']}[B, T, {d_v}] = feedback_chunked(%f, %q, %k, %g, %lse, %dinv) "
+            f"{{scale={scale!r}, chunk_size={chunk}}}\n"
+            "  return %s\n}")
+    lse_node, dinv_node, solve_node = parse(text).nodes
+    return (KERNEL_CACHE.load(generate_lse(lse_node, names, interpret), interpret),
+            KERNEL_CACHE.load(generate_diag_inverse(dinv_node, names, interpret), interpret),
+            KERNEL_CACHE.load(generate_solve(solve_node, names, interpret, outer_chunk=outer), interpret))
+
+
+@triton_op("sessa_compiler::feedback_triton", mutates_args={})
+def feedback_triton(f: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, gamma: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """s[t] = f[t] + gamma[t] * softmax_{j<t}(q_b[t].k_b[j]*scale) @ s[:t]; f [B,T,D], q_b/k_b [B,T,c],
+    gamma [B,T]; the result has f's dtype. Launches feedback_lse, feedback_diag_inverse, then per outer chunk of
+    rows feedback_probs, feedback_update and feedback_solve; dtypes without kernels (float64) run the reference."""
+    named = (("f", f), ("q_b", q_b), ("k_b", k_b), ("gamma", gamma))
+    if not all(from_torch(x.dtype).name in KERNEL_DTYPES for _, x in named):
+        return feedback_ref(f, q_b, k_b, gamma, scale).contiguous()
+    if f.numel() == 0:
+        return torch.empty(f.shape, dtype=f.dtype, device=f.device)
+    if q_b.dtype != k_b.dtype:   # the kernels read both through one pointer type: compute both in float32
+        q_b, k_b = q_b.float(), k_b.float()
+    dtypes = tuple(sorted((n, from_torch(x.dtype).name) for n, x in (("f", f), ("q_b", q_b), ("k_b", k_b),
+                                                                        ("gamma", gamma))))
+    interpret = not f.is_cuda
+    d_qk, d_v = q_b.shape[2], f.shape[2]
+    cost = FeedbackCost()
+    chunk = FEEDBACK_CHUNK_SIZE or cost.choose(cost.assumed_T, d_qk, d_v)[0]
+    outer = FEEDBACK_OUTER_CHUNK or default_outer_chunk(chunk, interpret)
+    k_lse, k_dinv, k_solve = _feedback_kernels(d_qk, d_v, float(scale), chunk, outer, dtypes, interpret)
+    f, q_b, k_b = (x if x.stride(-1) == 1 else x.contiguous() for x in (f, q_b, k_b))
+    lse = launch_lse(k_lse, q_b, k_b, launch=wrap_triton)
+    dinv = launch_diag_inverse(k_dinv, q_b, k_b, gamma, lse, chunk, launch=wrap_triton)
+    return launch_solve(k_solve, f, q_b, k_b, gamma, lse, dinv, launch=wrap_triton)
+
+
+def _feedback_setup(ctx, inputs, output):
+    f, q_b, k_b, gamma, scale = inputs
+    ctx.scale = scale
+    ctx.save_for_backward(f, q_b, k_b, gamma)
+
+
+def _feedback_backward(ctx, grad):
+    """Gradients of the torch.ops.sessa_compiler.feedback formula, recomputed from the saved inputs (its forward is
+    the dense reference solve, T x T per batch row; its backward the blocked transposed solve)."""
+    leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
+    wanted = [t for t in leaves if t.requires_grad]
+    with torch.enable_grad():
+        out = torch.ops.sessa_compiler.feedback(*leaves, ctx.scale)
+    got = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+    return (*(next(got) if t.requires_grad else None for t in leaves), None)
+
+
+feedback_triton.register_autograd(_feedback_backward, setup_context=_feedback_setup)
