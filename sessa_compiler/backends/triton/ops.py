@@ -14,8 +14,9 @@
   inverses, probabilities and (for 16-bit f) s are float32 workspaces. float64 runs the reference's torch ops.
   The host loop runs ceil(T / outer chunk) times, so a trace unrolls it for one T.
 
-All three take their gradients from the custom op's formula (recomputed from the saved inputs; for the feedback
-that recomputation is the custom op's dense reference forward, T x T per batch row, then its blocked backward).
+All three take their gradients from the custom op's formula: attention and scan recompute it from the saved
+inputs; the feedback runs the same transposed blocked solve as the custom op from its saved output
+(semantics.core.feedback_backward: [B, chunk, T] blocks of the weights, never T x T).
 
 A ``triton_op`` is what Inductor can trace into: on CUDA tensors, torch.compile with Inductor sees the
 kernel launches themselves instead of an opaque custom op. That has not been run: no GPU was available, and
@@ -40,7 +41,7 @@ from torch.library import triton_op, wrap_triton
 from ...dtypes import from_torch
 from ...ir import parse
 from ...passes.chunk_feedback import FeedbackCost
-from ...semantics.core import attention_ref, feedback_ref
+from ...semantics.core import attention_ref, feedback_backward, feedback_ref
 from .attention import generate_attention
 from .codegen import KERNEL_CACHE, KERNEL_DTYPES
 from .feedback import (default_outer_chunk, generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse,
@@ -225,18 +226,17 @@ def feedback_triton(f: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, gamma
 def _feedback_setup(ctx, inputs, output):
     f, q_b, k_b, gamma, scale = inputs
     ctx.scale = scale
-    ctx.save_for_backward(f, q_b, k_b, gamma)
+    ctx.dtypes = (f.dtype, q_b.dtype, k_b.dtype, gamma.dtype)
+    ctx.save_for_backward(output, q_b, k_b, gamma)
 
 
 def _feedback_backward(ctx, grad):
-    """Gradients of the torch.ops.sessa_compiler.feedback formula, recomputed from the saved inputs (its forward is
-    the dense reference solve, T x T per batch row; its backward the blocked transposed solve)."""
-    leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
-    wanted = [t for t in leaves if t.requires_grad]
-    with torch.enable_grad():
-        out = torch.ops.sessa_compiler.feedback(*leaves, ctx.scale)
-    got = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
-    return (*(next(got) if t.requires_grad else None for t in leaves), None)
+    """Gradients of the feedback from its solved output: the transposed blocked solve that
+    torch.ops.sessa_compiler.feedback also uses (semantics.core.feedback_backward; [B, chunk, T] blocks of the
+    weights at a time, never T x T)."""
+    s, q_b, k_b, gamma = ctx.saved_tensors
+    grads = feedback_backward(grad, s, q_b, k_b, gamma, ctx.scale)
+    return (*(x.to(dt) for x, dt in zip(grads, ctx.dtypes)), None)
 
 
 feedback_triton.register_autograd(_feedback_backward, setup_context=_feedback_setup)
