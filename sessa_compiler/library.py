@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from .semantics.core import FEEDBACK_GRAD_CHUNK, attention_ref, feedback_backward, feedback_ref
+from .semantics.core import (FEEDBACK_GRAD_CHUNK, attention_ref, feedback_autograd, feedback_backward, feedback_ref,
+                             feedback_setup_context)
 from .models.scan_op import selective_scan
 
 __all__ = ["attention", "feedback", "selective_scan", "feedback_backward", "FEEDBACK_GRAD_CHUNK"]
@@ -70,17 +71,4 @@ def _feedback_fake(f, q_b, k_b, gamma, scale):
     return f.new_empty(f.shape)  # contiguous, as the real op returns (empty_like would copy f's strides)
 
 
-def _feedback_setup(ctx, inputs, output):
-    f, q_b, k_b, gamma, scale = inputs
-    ctx.scale = scale
-    ctx.dtypes = (f.dtype, q_b.dtype, k_b.dtype, gamma.dtype)
-    ctx.save_for_backward(output, q_b, k_b, gamma)
-
-
-def _feedback_backward(ctx, grad):
-    s, q_b, k_b, gamma = ctx.saved_tensors
-    grads = feedback_backward(grad, s, q_b, k_b, gamma, ctx.scale)
-    return (*(x.to(dt) for x, dt in zip(grads, ctx.dtypes)), None)
-
-
-feedback.register_autograd(_feedback_backward, setup_context=_feedback_setup)
+feedback.register_autograd(feedback_autograd, setup_context=feedback_setup_context)

@@ -95,6 +95,34 @@ def test_torch_compile_fullgraph_of_every_model(name):
         assert relative_error(y, m(x)) <= 1e-5
 
 
+def compile_recording(compiled):
+    """torch.compile(compiled, fullgraph=True, dynamic=True) through AOT autograd: (the compiled callable, the
+    forward graphs handed to the compiler)."""
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+
+    graphs = []
+    torch._dynamo.reset()
+    opt = torch.compile(compiled, fullgraph=True, dynamic=True, backend=aot_autograd(
+        fw_compiler=lambda gm, _: graphs.append(gm) or make_boxed_func(gm.forward)))
+    return opt, graphs
+
+
+def check_outputs_and_gradients(opt, graphs, m, x, ops: set):
+    """The recorded graph holds exactly ``ops`` of the sessa ops and no triangular solve; outputs and the
+    parameters' gradients equal the module's."""
+    y = opt(x)
+    assert sessa_ops(graphs[0]) == ops
+    assert not any("solve_triangular" in str(n.target) for n in graphs[0].graph.nodes)
+    assert relative_error(y, m(x)) <= 1e-5
+    y.square().sum().backward()
+    got = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m(x).square().sum().backward()
+    for n, p in m.named_parameters():
+        assert relative_error(got[n], p.grad) <= 1e-5, n
+
+
 def sessa_ops(gm) -> set:
     return {n.target.name().split("::")[1] for n in gm.graph.nodes
             if isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == "sessa_compiler"}
@@ -106,33 +134,14 @@ def test_torch_compile_of_a_compiled_module_calls_the_sessa_ops(name, mode):
     """torch.compile(compiled, fullgraph=True) after the first call: the graph AOT autograd hands the compiler
     holds the recognised core ops as torch.ops.sessa_compiler.* (not the model's spelling: no triangular solve),
     gradients equal the module's, and with dynamic=True another batch and length run on the same trace."""
-    from torch._dynamo.backends.common import aot_autograd
-    from functorch.compile import make_boxed_func
-
     torch.manual_seed(0)
     factory, make = MODELS[name]
     m, x = factory(), make()
     getattr(m, mode)()
     c = sc.compile(m, backend="eager")
     c(x)
-    graphs = []
-
-    def forward_compiler(gm, example_inputs):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
-    torch._dynamo.reset()
-    opt = torch.compile(c, fullgraph=True, dynamic=True, backend=aot_autograd(fw_compiler=forward_compiler))
-    y = opt(x)
-    assert sessa_ops(graphs[0]) == EXPORT_OPS[name]
-    assert not any("solve_triangular" in str(n.target) for n in graphs[0].graph.nodes)
-    assert relative_error(y, m(x)) <= 1e-5
-    y.square().sum().backward()
-    got = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    m(x).square().sum().backward()
-    for n, p in m.named_parameters():
-        assert relative_error(got[n], p.grad) <= 1e-5, n
+    opt, graphs = compile_recording(c)
+    check_outputs_and_gradients(opt, graphs, m, x, EXPORT_OPS[name])
     x2 = torch.randint(0, 40, (3, 20)) if name == "decoder" else torch.randn(3, 20, x.shape[-1])
     with torch.no_grad():
         assert relative_error(opt(x2), m(x2)) <= 1e-5
@@ -146,9 +155,6 @@ def test_torch_compile_of_the_compiled_public_reference_layer_calls_the_sessa_op
     import os
     import sys
 
-    from torch._dynamo.backends.common import aot_autograd
-    from functorch.compile import make_boxed_func
-
     if not os.environ.get("SESSA_REFERENCE_DIR"):
         pytest.skip("set SESSA_REFERENCE_DIR to the directory holding the public reference's sessa package "
                     "(not shipped with this repository)")
@@ -160,20 +166,8 @@ def test_torch_compile_of_the_compiled_public_reference_layer_calls_the_sessa_op
     x = torch.randn(2, 9, 32)
     c = sc.compile(m, backend="eager")
     c(x)
-    graphs = []
-    torch._dynamo.reset()
-    opt = torch.compile(c, fullgraph=True, dynamic=True, backend=aot_autograd(
-        fw_compiler=lambda gm, _: graphs.append(gm) or make_boxed_func(gm.forward)))
-    y = opt(x)
-    assert sessa_ops(graphs[0]) == {"attention", "feedback"}
-    assert not any("solve_triangular" in str(n.target) for n in graphs[0].graph.nodes)
-    assert relative_error(y, m(x)) <= 1e-5
-    y.square().sum().backward()
-    got = {n: p.grad.clone() for n, p in m.named_parameters()}
-    m.zero_grad()
-    m(x).square().sum().backward()
-    for n, p in m.named_parameters():
-        assert relative_error(got[n], p.grad) <= 1e-5, n
+    opt, graphs = compile_recording(c)
+    check_outputs_and_gradients(opt, graphs, m, x, {"attention", "feedback"})
     x2 = torch.randn(3, 17, 32)
     with torch.no_grad():
         assert relative_error(opt(x2), m(x2)) <= 1e-5

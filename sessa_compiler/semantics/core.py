@@ -178,3 +178,19 @@ def feedback_backward(grad_s, s, q_b, k_b, gamma, scale: float, chunk: int = FEE
         dq[:, a:b] = scale * (p @ k[:, :b])
         dk[:, :b] += scale * (p.transpose(1, 2) @ q[:, a:b])
     return df, dq, dk, dgamma
+
+
+def feedback_setup_context(ctx, inputs, output):
+    """register_autograd's setup_context for a feedback op (f, q_b, k_b, gamma, scale) -> s: saves s, not f."""
+    f, q_b, k_b, gamma, scale = inputs
+    ctx.scale = scale
+    ctx.dtypes = (f.dtype, q_b.dtype, k_b.dtype, gamma.dtype)
+    ctx.save_for_backward(output, q_b, k_b, gamma)
+
+
+def feedback_autograd(ctx, grad):
+    """register_autograd's backward for a feedback op: feedback_backward from the saved output, in the
+    operands' dtypes (torch.ops.sessa_compiler.feedback and the Triton op register the same pair)."""
+    s, q_b, k_b, gamma = ctx.saved_tensors
+    grads = feedback_backward(grad, s, q_b, k_b, gamma, ctx.scale)
+    return (*(x.to(dt) for x, dt in zip(grads, ctx.dtypes)), None)

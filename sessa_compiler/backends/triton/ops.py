@@ -41,7 +41,7 @@ from torch.library import triton_op, wrap_triton
 from ...dtypes import from_torch
 from ...ir import parse
 from ...passes.chunk_feedback import FeedbackCost
-from ...semantics.core import attention_ref, feedback_backward, feedback_ref
+from ...semantics.core import attention_ref, feedback_autograd, feedback_ref, feedback_setup_context
 from .attention import generate_attention
 from .codegen import KERNEL_CACHE, KERNEL_DTYPES
 from .feedback import (default_outer_chunk, generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse,
@@ -223,20 +223,4 @@ def feedback_triton(f: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, gamma
     return launch_solve(k_solve, f, q_b, k_b, gamma, lse, dinv, launch=wrap_triton)
 
 
-def _feedback_setup(ctx, inputs, output):
-    f, q_b, k_b, gamma, scale = inputs
-    ctx.scale = scale
-    ctx.dtypes = (f.dtype, q_b.dtype, k_b.dtype, gamma.dtype)
-    ctx.save_for_backward(output, q_b, k_b, gamma)
-
-
-def _feedback_backward(ctx, grad):
-    """Gradients of the feedback from its solved output: the transposed blocked solve that
-    torch.ops.sessa_compiler.feedback also uses (semantics.core.feedback_backward; [B, chunk, T] blocks of the
-    weights at a time, never T x T)."""
-    s, q_b, k_b, gamma = ctx.saved_tensors
-    grads = feedback_backward(grad, s, q_b, k_b, gamma, ctx.scale)
-    return (*(x.to(dt) for x, dt in zip(grads, ctx.dtypes)), None)
-
-
-feedback_triton.register_autograd(_feedback_backward, setup_context=_feedback_setup)
+feedback_triton.register_autograd(feedback_autograd, setup_context=feedback_setup_context)
