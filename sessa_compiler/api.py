@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib.util
 import inspect
 import sys
 import threading
@@ -202,6 +203,18 @@ LIBRARY_OPS = {
 }
 
 
+def _core_op_impls(module: "CompiledModule", inputs) -> dict:
+    """How torch.compile records a compiled module's core ops: on CUDA tensors, for the triton (or auto)
+    backend with triton installed, as the triton_ops torch.ops.sessa_compiler.*_triton, whose kernel launches
+    Inductor sees; otherwise as the portable custom ops (LIBRARY_OPS), as torch.export always does."""
+    on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in inputs)
+    if on_cuda and module.backend_name in ("triton", "auto") and importlib.util.find_spec("triton") is not None:
+        from .backends.triton.ops import CORE_OP_IMPLS
+
+        return CORE_OP_IMPLS
+    return LIBRARY_OPS
+
+
 def _being_traced(args, kwargs) -> bool:
     """Whether torch.compile (dynamo) or torch.export is tracing this call (fake or symbolic inputs)."""
     # is_dynamo_compiling() is True only while dynamo traces this code (it folds the call) and False when the code
@@ -223,7 +236,7 @@ def _traced_call(module: "CompiledModule", args: tuple, kwargs: dict):
     Where the function runs as it is (backend="eager"), the inputs are real and the compiled module runs them."""
     if not _being_traced(args, kwargs):
         return module(*args, **kwargs)
-    outs = module._export_call(args, kwargs)
+    outs = module._export_call(args, kwargs, _core_op_impls(module, pytree.tree_leaves((args, kwargs))))
     return module._orig_mod(*args, **kwargs) if outs is None else outs
 
 
@@ -427,7 +440,7 @@ class CompiledModule(torch.nn.Module):
             traced, runner, params = self._prepare_call(args, kwargs)
             return self._call(traced, runner, params, args, kwargs)
 
-    def _export_call(self, args, kwargs):
+    def _export_call(self, args, kwargs, impls: dict = LIBRARY_OPS):
         """The call as torch.export should record it, or None when no traced graph fits (then the original's
         code is recorded): a traced graph whose train/eval modes, inputs (count, ranks, dtypes) and parameter
         types fit, run by the IR interpreter with symbolic sizes, attention, feedback and scan as
@@ -445,7 +458,7 @@ class CompiledModule(torch.nn.Module):
             params = live.read(self._orig_mod)
             if live.mismatch(params) is not None:
                 continue
-            outs = run_graph(graph, inputs, params, binding=symbolic_binding(graph, inputs), impls=LIBRARY_OPS)
+            outs = run_graph(graph, inputs, params, binding=symbolic_binding(graph, inputs), impls=impls)
             return pytree.tree_unflatten(list(outs), traced.out_spec)
         return None
 

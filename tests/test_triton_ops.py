@@ -230,3 +230,68 @@ def test_aot_autograd_sees_the_kernel_launches_on_cuda_tensors(tmp_path):
     assert feedback_names.count("triton_kernel_wrapper_functional") == len(feedback_kernels)
     others = [n for n in feedback_names if "triton_kernel_wrapper" not in n]
     assert {n for n in others} == {"aten.empty.memory_format", "<built-in function getitem>", "aten.sub.Tensor"}, others
+
+
+COMPILED_TRACE = r"""
+import torch
+from torch._functorch.aot_autograd import aot_function
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch._subclasses.fake_tensor import FakeTensorMode
+import sessa_compiler as sc
+from sessa_compiler import api
+from sessa_compiler.models import SessaMixer
+
+class Seen(Exception):
+    pass
+
+def compiler(gm, example_inputs):
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    names = [str(n.target) for n in calls]
+    kernels = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in calls
+               if "triton_kernel_wrapper" in str(n.target)]
+    raise Seen(repr((names, kernels)))
+
+class Holder(torch.nn.Module):   # torch.compile's call of the compiled module, parameters as graph inputs
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+
+    def forward(self, x):
+        return api._traced_call(self.c, (x,), {})
+
+m = SessaMixer(32, n_heads=4).eval()
+c = sc.compile(m, backend=BACKEND)
+c(torch.randn(2, 9, 32))   # traced on CPU
+holder = Holder(c)
+names = [n for n, _ in holder.named_parameters()] + [n for n, _ in holder.named_buffers()]
+with FakeTensorMode(allow_non_fake_inputs=True):
+    x = torch.empty(2, 300, 32, device="cuda")
+    state = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in list(holder.parameters()) +
+             list(holder.buffers())]
+    try:
+        aot_function(lambda x, *s: torch.func.functional_call(holder, dict(zip(names, s)), (x,)) * 2,
+                     fw_compiler=compiler)(x, *state)
+    except Seen as e:
+        print(e)
+"""
+
+
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+def test_torch_compile_of_a_compiled_module_on_cuda_records_the_triton_ops(tmp_path, backend):
+    """torch.compile of a module compiled for Triton (or auto) records its core ops, on CUDA tensors, as the
+    triton_ops, so the graph handed to Inductor holds their kernel launches (checked as AOT autograd traces
+    the compiled module's call on fake CUDA tensors, T = 300: two outer chunks of the feedback's solve); a
+    module compiled for eager records the portable custom ops."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), SESSA_COMPILER_KERNEL_DIR=str(tmp_path / "kernels"),
+               TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), SESSA_COMPILER_CACHE_DIR=str(tmp_path / "cache"))
+    program = COMPILED_TRACE.replace("BACKEND", repr(backend))
+    out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    names, kernels = eval(out.stdout.strip().splitlines()[-1])  # noqa: S307
+    if backend == "eager":
+        assert kernels == [] and {"sessa_compiler.attention.default", "sessa_compiler.feedback.default"} <= set(names)
+        return
+    assert not any("sessa_compiler" in n for n in names), names
+    assert kernels == ["rope_rotate", "rope_rotate", "attention_fwd", "feedback_lse", "feedback_diag_inverse"] + [
+        "feedback_probs", "feedback_update", "feedback_solve"] * 2

@@ -224,3 +224,13 @@ def feedback_triton(f: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, gamma
 
 
 feedback_triton.register_autograd(feedback_autograd, setup_context=feedback_setup_context)
+
+
+# The IR's core ops as these triton_ops, with the operands and attributes of semantics.SEMANTICS: what
+# torch.compile of a module compiled for Triton records on CUDA tensors (api.CompiledModule._export_call).
+CORE_OP_IMPLS = {
+    "attention": lambda q, k, v, inv_freq=None, *, scale, causal, rope=False: attention_triton(
+        q, k, v, inv_freq if rope else None, scale, causal),
+    "feedback": lambda f, q_b, k_b, gamma, *, scale: feedback_triton(f, q_b, k_b, gamma, scale),
+    "scan": lambda u, delta, A, B, C, D: selective_scan_triton(u, delta, A, B, C, D),
+}
