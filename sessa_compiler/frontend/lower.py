@@ -251,7 +251,15 @@ def _einsum(L, node):
 
 @lowering(aten.outer.default)
 def _outer(L, node):
-    return L.emit("einsum", [L.arg(node.args[0]), L.arg(node.args[1])], {"equation": "i,j->ij"}, node)
+    # torch.outer promotes mixed dtypes (an f32 arange times an f64 buffer is f64); the IR's einsum does not
+    want = from_torch(node.meta["val"].dtype)
+    ins = []
+    for a in node.args[:2]:
+        x = L.arg(a)
+        if x.type.dtype != want:
+            x = L.graph.make_node("cast", [x], {"dtype": want}, [TensorType(want, x.type.shape)]).output
+        ins.append(x)
+    return L.emit("einsum", ins, {"equation": "i,j->ij"}, node)
 
 
 @lowering(aten.layer_norm.default)

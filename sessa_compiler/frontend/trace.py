@@ -12,7 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from ..errors import TraceError
+from ..errors import IRError, TraceError
 from ..ir.graph import Graph
 from ..passes.simplify import simplify
 from .lower import CONSTANT_TYPES, Lowerer, register_custom_lowerings
@@ -282,10 +282,45 @@ def _dim_names(tensors) -> dict:
     return names
 
 
+def _pinned_dims(ep, args: tuple) -> dict:
+    """(input index, dim) -> size, for the batch/sequence dims export kept as a symbol of one-point range:
+    code that needs the size as a Python int (a loop over range(T)) pins it, and the graph's shapes then
+    hold that number where the input holds the symbol."""
+    sig = ep.graph_signature
+    kinds = {s.arg.name: s.kind for s in sig.input_specs if hasattr(s.arg, "name")}
+    user = [n for n in ep.graph.nodes if n.op == "placeholder"
+            and kinds.get(n.name) == torch.export.graph_signature.InputKind.USER_INPUT]
+    out = {}
+    for i, node in enumerate(user[:len(args)]):
+        fake = node.meta.get("val")
+        for d, s in enumerate(getattr(fake, "shape", ())[:2]):
+            if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol):
+                vr = ep.range_constraints.get(s.node.expr)
+                if vr is not None and vr.lower == vr.upper and isinstance(vr.lower, sympy.Integer):
+                    out[(i, d)] = int(vr.lower)
+    return out
+
+
 def _lower(module, args, kwargs=None, dynamic_shapes=None):
     ep = export_program(module, args, kwargs, dynamic_shapes)
     lowerer = Lowerer(ep, _dim_names(tensor_leaves(args, kwargs)), name=type(module).__name__)
-    return ep, lowerer, lowerer.run()
+    pinned = _pinned_dims(ep, args) if dynamic_shapes is None and not kwargs \
+        and all(isinstance(a, torch.Tensor) for a in args) else {}
+    # a pinned size that is not the example's own (the example was grown to >= 2, see _grow) would serve the
+    # example's size with the grown one's graph
+    elsewhere = any(args[i].shape[d] != n for (i, d), n in pinned.items())
+    graph = None
+    try:
+        graph = None if elsewhere else lowerer.run()
+    except IRError:   # the graph's shapes say the pinned number where the input says the symbol
+        if not pinned:
+            raise
+    if graph is not None:
+        return ep, lowerer, graph
+    # trace again at the example's own sizes, the pinned dims static (another size traces again)
+    static = tuple({d: Dim.AUTO for d in range(min(a.dim(), 2)) if (i, d) not in pinned}
+                   for i, a in enumerate(args))
+    return _lower(module, args, kwargs, static)
 
 
 # An exclusion `X != c` with c above this is kept unchecked (the check runs the module at X = c)
