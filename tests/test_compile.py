@@ -149,3 +149,12 @@ def test_a_non_contiguous_first_input_traces_and_later_layouts_run():
         assert relative_error(compiled(x), m(x)) <= 1e-5
         y = torch.randn(7, 3, 32).transpose(0, 1)   # another layout, another size
         assert relative_error(compiled(y), m(y)) <= 1e-5
+
+
+def test_eager_explain_mentions_the_feedback_solve_only_where_there_is_one():
+    x = torch.randn(2, 5, 16)
+    with_feedback = sc.compile(SessaLayer(16, n_heads=2), backend="eager")
+    without = sc.compile(MambaLayer(16), backend="eager")
+    with_feedback(x), without(x)
+    assert "feedback as a dense triangular solve" in with_feedback.explain()
+    assert "feedback" not in without.explain().split("backend eager:")[1]

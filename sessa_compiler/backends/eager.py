@@ -107,5 +107,6 @@ class EagerBackend(Backend):
     def describe(self, graph: Graph) -> str:
         half = (" bf16/fp16 values are computed in float32 and the outputs rounded once." if widened(graph) is not None
                 else "")
+        feedback = "; feedback as a dense triangular solve" if any(n.op == "feedback" for n in graph.nodes) else ""
         return (f"backend eager: {len(graph.nodes)} ops interpreted one by one with torch "
-                f"(no fused kernels; feedback as a dense triangular solve).{half}")
+                f"(no fused kernels{feedback}).{half}")
