@@ -445,3 +445,34 @@ def test_dense_solve_is_feedback_only_when_its_matrix_is_sessas(how, matrix):
         assert any("feedback candidate" in r and "not unit lower triangular" in r for r in tr.report.rejected), \
             tr.report.rejected
     check_outputs(tr, m)
+
+
+class IndexSelectGqa(nn.Module):
+    """GQA by index_select of kv heads: ``arange(H) // group`` repeats each kv head (what attention's GQA means);
+    ``arange(H) % n_kv`` tiles them instead, a near miss that must keep the gathered heads."""
+
+    def __init__(self, tiled, D=8, H=4, kv=2):
+        super().__init__()
+        self.q, self.kv = nn.Linear(D, D), nn.Linear(D, 2 * kv * (D // H))
+        self.H, self.Hk, self.tiled = H, kv, tiled
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q = self.q(x).view(B, T, self.H, -1).transpose(1, 2)
+        k, v = self.kv(x).view(B, T, 2 * self.Hk, -1).transpose(1, 2).chunk(2, 1)
+        h = torch.arange(self.H, device=x.device)
+        index = h % self.Hk if self.tiled else h // (self.H // self.Hk)
+        k, v = k.index_select(1, index), v.index_select(1, index)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return o.transpose(1, 2).reshape(B, T, D)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_index_select_gqa_is_folded_only_when_it_repeats_kv_heads(tiled):
+    m = IndexSelectGqa(tiled).double()
+    tr = traced_graph(m)
+    ops = op_counts(tr.graph)
+    attention = next(n for n in tr.graph.nodes if n.op == "attention")
+    assert attention.inputs[1].type.shape[2] == (4 if tiled else 2), str(tr.graph)
+    assert ("fallback" in ops) == tiled, str(tr.graph)
+    check_outputs(tr, m)
