@@ -87,6 +87,30 @@ graph g(%x: f32[B, T, 8]) {
 """
 
 
+def test_simplify_rewrites_a_hand_written_softmax_by_structure():
+    text = """\
+graph g(%x: f32[B, T, 8]) {
+  %m: f32[B, T, 1] = amax(%x) {dims=[-1], keepdim=True}
+  %z: f32[B, T, 8] = sub(%x, %m)
+  %e: f32[B, T, 8] = exp(%z)
+  %m2: f32[B, T, 1] = amax(%x) {dims=[-1], keepdim=True}
+  %z2: f32[B, T, 8] = sub(%x, %m2)
+  %e2: f32[B, T, 8] = exp(%z2)
+  %s: f32[B, T, 1] = sum(%e2) {dims=[-1], keepdim=True}
+  %y: f32[B, T, 8] = div(%e, %s)
+  %s1: f32[B, 1, 8] = sum(%e) {dims=[1], keepdim=True}
+  %w: f32[B, T, 8] = div(%e, %s1)
+  %o: f32[B, T, 8] = add(%y, %w)
+  return %o
+}
+"""
+    out = golden(Simplify(), text)
+    assert "  %softmax: f32[B, T, 8] = softmax(%x) {dim=2}\n" in out, out       # max and sum over the same dim
+    assert "softmax(%z) {dim=1}" in out and "exp" not in out, out             # sum over another dim: of x - max
+    x = torch.randn(2, 5, 8)
+    assert torch.allclose(run_graph(parse(out), [x])[0], run_graph(parse(text), [x])[0], atol=1e-6)
+
+
 def test_cost_model_picks_a_legal_chunk_and_says_why():
     p = ChunkFeedback()
     g = parse(FEEDBACK_IR)

@@ -8,31 +8,39 @@ tests/styles/ holds three further independent spellings of SessaLayer (same stat
   ``torch.linalg.inv(I - gamma*alpha) @ f``;
 - time_loop: SDPA with an explicit boolean ``attn_mask``, feedback solved by a Python loop over time steps.
 
-None of the three is recognised as Sessa's attention + feedback today (see the module docstrings and the
-report in the commit); what must hold regardless: each is the spec's model, and compiled on eager, tvm and
-triton (interpreter) it gives the module's outputs at new sequence lengths, with explain() naming what was not
-recognised. The time loop pins the sequence length (torch.export needs ``range(T)`` as a Python int): each
-length is traced once, on its own, and the graphs are static in T. Two lowering bugs these styles found are
-checked on minimal modules: ``torch.outer`` of mixed dtypes, and a size pinned by a loop (including at T = 1,
-which the tracer grows to 2).
+dense_solve and inverse_nan are recognised in full (attention with RoPE and GQA folded, and feedback): the
+hand-written softmax is rewritten to ``softmax`` by structure, ``baddbmm`` and ``max(dim)`` are lowered, the
+general solve and the inverse are anchors of the feedback recogniser (their matrix shown unit lower
+triangular, the region probed), and ``index_select`` GQA is folded. time_loop's attention is recognised (its
+masked SDPA is lowered to the ops it computes and probed causal); its feedback, a Python loop, is not. Compiled
+on eager, tvm and triton (interpreter) each gives the module's outputs at new sequence lengths. The time loop
+pins the sequence length (torch.export needs ``range(T)`` as a Python int): each length is traced once, on its
+own, and the graphs are static in T. Two lowering bugs these styles found are checked on minimal modules:
+``torch.outer`` of mixed dtypes, and a size pinned by a loop (including at T = 1, which the tracer grows to 2).
 
-The ``*_respelled`` controls change only the spellings named as the blockers (softmax instead of the
+The ``*_respelled`` controls change only the spellings that once blocked recognition (softmax instead of the
 hand-written one, ``solve_triangular`` instead of the dense solve / inverse, a plain matmul + bias instead of
-``baddbmm``) and are then fully recognised: they show which spelling stops the recogniser.
+``baddbmm``): both spellings are recognised alike. Near misses (a masked SDPA that is not causal, a dense solve
+or inverse whose matrix is not Sessa's, a hand-written softmax whose reductions disagree) must not be claimed
+and must still give the module's outputs.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import sessa_compiler as sc
+from sessa_compiler.backends.eager import run_graph
+from sessa_compiler.frontend import trace_with_report
 from sessa_compiler.models import SessaLayer
 from model_helpers import randomize
-from styles.dense_solve_style import DenseSolveMixer, DenseSolveSessaLayer
-from styles.inverse_nan_style import InverseMixer, InverseNanSessaLayer
+from styles.dense_solve_style import DenseSolveSessaLayer
+from styles.inverse_nan_style import InverseNanSessaLayer
 from styles.time_loop_style import TimeLoopSessaLayer
 from test_styles import spec_sessa_layer
 
@@ -40,11 +48,9 @@ STYLES = {"dense_solve": DenseSolveSessaLayer, "inverse_nan": InverseNanSessaLay
           "time_loop": TimeLoopSessaLayer}
 CONFIGS = {"gqa_rope": dict(D=16, n_heads=4, n_kv_heads=2),
            "one_head_max_len_no_rope": dict(D=16, n_heads=1, max_len=40, use_forward_rope=False)}
-# what explain() must name as not recognised, per style
-BLOCKERS = {"dense_solve": ["aten.linalg_solve.default", "aten.max.dim"],
-            "inverse_nan": ["aten.linalg_inv.default", "aten.baddbmm.default"],
-            "time_loop": ["aten.scaled_dot_product_attention.default"]}
-
+# the core ops each style compiles to (no fallback op is left in any of them)
+EXPECTED = {"dense_solve": {"attention": 1, "feedback": 1}, "inverse_nan": {"attention": 1, "feedback": 1},
+            "time_loop": {"attention": 1}}
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread):
@@ -88,13 +94,13 @@ def test_style_is_the_spec_model_and_shares_the_reference_state_dict(style, conf
         assert rel(back(x), y) <= 1e-10
 
 
-# -- not recognised, but compiled exactly on every backend ------------------------------------------
+# -- recognised (the time loop's feedback excepted), and compiled exactly on every backend ---------------------
 TOL = {"eager": 1e-10, "tvm": 1e-4, "triton": 1e-4}
 
 
 @pytest.mark.parametrize("backend", TOL)
 @pytest.mark.parametrize("style", STYLES)
-def test_style_compiles_to_the_module_outputs_and_explains_what_it_did_not_recognise(style, backend):
+def test_style_compiles_to_the_module_outputs_and_is_recognised(style, backend):
     dtype = torch.float64 if backend == "eager" else torch.float32
     m, _ = load(STYLES[style], "gqa_rope", dtype, seed=5)
     c = sc.compile(m, backend=backend)
@@ -106,17 +112,20 @@ def test_style_compiles_to_the_module_outputs_and_explains_what_it_did_not_recog
             with torch.no_grad():
                 assert rel(c(x), m(x)) <= TOL[backend], T
     ops = op_counts(c.graph)
-    assert "feedback" not in ops and "attention" not in ops, (ops, c.explain())
     text = c.explain()
-    assert "core ops: none" in text, text
-    for op in BLOCKERS[style]:
-        assert f"not recognised: {op} has no IR equivalent" in text, text
+    for op in ("attention", "feedback"):
+        assert ops.get(op) == EXPECTED[style].get(op), (ops, text)
+    assert "fallback" not in ops and "tri_solve" not in ops, (ops, text)
+    attention = next(n for n in c.graph.nodes if n.op == "attention")
+    assert attention.attrs.get("rope") and attention.inputs[1].type.shape[2] == 2, text   # RoPE and GQA folded
+    assert "fallbacks (run as torch ops): none" in text, text
     if style == "time_loop":   # one static graph per length, each traced on its own
         assert len(c.retraces) == len(lengths) - 1 and "fixed a batch or sequence size" in c.retraces[0]
         assert c.graph.inputs[0].type.shape[1] == lengths[-1]
         assert f"traced graphs: {len(lengths)}" in text, text
     else:                      # T stays symbolic: one graph serves every length
         assert not c.retraces and not isinstance(c.graph.inputs[0].type.shape[1], int)
+        assert f"from a{'n explicit inverse' if style == 'inverse_nan' else ' general solve'}" in text, text
 
 
 # -- controls: only the blocking spellings respelled, then recognised -----------------------------------
@@ -186,9 +195,9 @@ class InverseRespelled(InverseNanSessaLayer):
         mixer.forward = forward
 
 
-# inverse_nan's GQA by index_select (a fallback op) sits between its RoPE and the attention: attention is
-# recognised on the already-rotated, head-expanded q/k/v, and the rotation is not folded into it
-@pytest.mark.parametrize("cls, rope_folded", [(DenseSolveRespelled, True), (InverseRespelled, False)],
+# inverse_nan's GQA by index_select sits between its RoPE and the attention: once the index_select is folded as
+# GQA, the rotation is folded into the attention too
+@pytest.mark.parametrize("cls, rope_folded", [(DenseSolveRespelled, True), (InverseRespelled, True)],
                          ids=["dense_solve", "inverse_nan"])
 def test_respelled_blockers_are_recognised(cls, rope_folded):
     m, ref = load(cls, "gqa_rope", torch.float64, seed=6)
@@ -202,7 +211,7 @@ def test_respelled_blockers_are_recognised(cls, rope_folded):
     assert ops.get("attention") == 1 and ops.get("feedback") == 1, (ops, c.explain())
     assert "tri_solve" not in ops, c.explain()
     assert bool(next(n for n in c.graph.nodes if n.op == "attention").attrs.get("rope", False)) == rope_folded
-    assert ("aten.index_select.default" in c.explain()) == (not rope_folded)
+    assert "aten.index_select.default" not in c.explain()
 
 
 # -- the two lowering bugs, on minimal modules -----------------------------------------------------------
@@ -254,3 +263,216 @@ def test_loop_over_time_traces_each_length_statically(backend):
     assert len(c.retraces) == 2 and len(c._variants) == 3, c.retraces
     assert sum("tracing it again" in str(w.message) for w in seen) == 2
     assert c.graph.inputs[0].type.shape[1] == 5 and not isinstance(c.graph.inputs[0].type.shape[0], int)
+
+
+# -- the spellings these styles needed, on minimal modules ----------------------------------------------------
+def traced_graph(m, D=8, T=6):
+    return trace_with_report(m, (torch.randn(2, T, D, dtype=torch.float64),))
+
+
+def check_outputs(tr, m, D=8, lengths=(5, 11)):
+    for T in lengths:   # lengths other than the traced one
+        x = torch.randn(3, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            assert rel(run_graph(tr.graph, [x])[0], m(x)) <= 1e-12, T
+
+
+class Baddbmm(nn.Module):
+    def __init__(self, beta, alpha, nan_bias=False):
+        super().__init__()
+        self.beta, self.alpha, self.nan_bias = beta, alpha, nan_bias
+
+    def forward(self, x):
+        bias = torch.full_like(x[:, :, :1], float("nan")) if self.nan_bias else x[:, :, :1].exp()
+        return torch.baddbmm(bias, x, x.transpose(1, 2), beta=self.beta, alpha=self.alpha)
+
+
+@pytest.mark.parametrize("beta, alpha, nan_bias", [(1, 0.5, False), (0.25, 3.0, False), (0, 2.0, True)])
+def test_baddbmm_lowers_to_matmul_and_add(beta, alpha, nan_bias):
+    m = Baddbmm(beta, alpha, nan_bias)
+    tr = traced_graph(m)
+    assert "fallback" not in op_counts(tr.graph) and "matmul" in op_counts(tr.graph), str(tr.graph)
+    check_outputs(tr, m)
+
+
+class MaxDim(nn.Module):
+    def __init__(self, use_indices):
+        super().__init__()
+        self.use_indices = use_indices
+
+    def forward(self, x):
+        values, indices = x.max(-1, keepdim=True)
+        return x - values + (indices.to(x.dtype) if self.use_indices else 0.0) + x.amax(1, keepdim=True)
+
+
+@pytest.mark.parametrize("use_indices", [False, True])
+def test_max_dim_values_lower_to_amax_and_used_indices_keep_torch_op(use_indices):
+    m = MaxDim(use_indices)
+    tr = traced_graph(m)
+    fallbacks = [n.attrs["target"] for n in tr.graph.nodes if n.op == "fallback"]
+    assert fallbacks == (["aten.max.dim"] if use_indices else []), fallbacks
+    check_outputs(tr, m)
+
+
+class HandSoftmax(nn.Module):
+    """exp(x - max) / sum(exp(x - max)) spelled in several ways; ``mode`` names the near misses."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.mode = mode
+
+    def forward(self, x):
+        x = x @ x.transpose(1, 2)
+        if self.mode == "max_twice":        # the numerator and the denominator each computed again
+            return torch.exp(x - x.max(-1, keepdim=True)[0]) / torch.exp(x - x.max(-1, keepdim=True)[0]).sum(
+                -1, keepdim=True)
+        if self.mode == "amax":
+            e = (x - x.amax(dim=2, keepdim=True)).exp()
+            return e / e.sum(dim=-1, keepdim=True)
+        if self.mode == "no_max":
+            return x.exp() / x.exp().sum(-1, keepdim=True)
+        if self.mode == "sum_other_dim":    # normalised over another axis than the max: softmax over dim 1
+            e = torch.exp(x - x.amax(-1, keepdim=True))
+            return e / e.sum(1, keepdim=True)
+        if self.mode == "other_x":          # the denominator's exp is of another tensor
+            e = torch.exp(x - x.amax(-1, keepdim=True))
+            return e / torch.exp(2 * x - x.amax(-1, keepdim=True)).sum(-1, keepdim=True)
+        raise ValueError(self.mode)
+
+
+@pytest.mark.parametrize("mode", ["max_twice", "amax", "no_max", "sum_other_dim", "other_x"])
+def test_hand_written_softmax_becomes_softmax_by_structure(mode):
+    m = HandSoftmax(mode)
+    tr = traced_graph(m)
+    ops = op_counts(tr.graph)
+    if mode in ("max_twice", "amax", "no_max"):
+        assert ops.get("softmax") == 1 and "exp" not in ops and "fallback" not in ops, str(tr.graph)
+        s = next(n for n in tr.graph.nodes if n.op == "softmax")
+        assert s.attrs["dim"] == 2 and s.inputs[0].producer.op == "matmul", str(tr.graph)
+    elif mode == "sum_other_dim":          # softmax over dim 1 of (x - max_-1 x): exact, but not softmax(x, -1)
+        s = next(n for n in tr.graph.nodes if n.op == "softmax")
+        assert s.attrs["dim"] == 1 and s.inputs[0].producer.op == "sub", str(tr.graph)
+    else:
+        assert "softmax" not in ops, str(tr.graph)
+    check_outputs(tr, m)
+
+
+class MaskedSdpa(nn.Module):
+    """Attention by SDPA with an explicit mask of kind ``mask``; GQA by ``enable_gqa`` when kv_heads < heads."""
+
+    def __init__(self, mask, D=8, H=2, kv_heads=2):
+        super().__init__()
+        self.q, self.kv = nn.Linear(D, D), nn.Linear(D, 2 * kv_heads * (D // H))
+        self.mask, self.H, self.Hk = mask, H, kv_heads
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q = self.q(x).view(B, T, self.H, -1).transpose(1, 2)
+        k, v = self.kv(x).view(B, T, 2 * self.Hk, -1).transpose(1, 2).chunk(2, 1)
+        i = torch.arange(T, device=x.device)
+        keep = {"bool": i[:, None] >= i[None, :], "strict": i[:, None] > i[None, :],
+                "window": (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < 3),
+                "future": i[:, None] <= i[None, :]}.get(self.mask)
+        if self.mask == "additive":
+            mask = torch.zeros(T, T, dtype=x.dtype).masked_fill(i[None, :] > i[:, None], float("-inf"))
+        else:
+            mask = keep
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.Hk != self.H)
+        return o.transpose(1, 2).reshape(B, T, D)
+
+
+@pytest.mark.parametrize("mask, kv_heads, causal", [("bool", 2, True), ("additive", 2, True), ("bool", 1, True),
+                                                     ("strict", 2, False), ("window", 2, False),
+                                                     ("future", 2, False)])
+def test_sdpa_with_a_mask_is_attention_only_when_the_mask_is_causal(mask, kv_heads, causal):
+    m = MaskedSdpa(mask, kv_heads=kv_heads).double()
+    tr = traced_graph(m)
+    ops = op_counts(tr.graph)
+    assert "fallback" not in ops, str(tr.graph)
+    assert ops.get("attention", 0) == causal, (ops, tr.report.rejected)
+    if causal:
+        assert next(n for n in tr.graph.nodes if n.op == "attention").inputs[1].type.shape[2] == kv_heads
+    else:
+        assert any("attention candidate" in r for r in tr.report.rejected), tr.report.rejected
+    check_outputs(tr, m)   # "strict": row 0 has no key; torch's SDPA gives 0 there, so must the lowering
+
+
+@pytest.mark.parametrize("mask", ["bool", "strict"])
+def test_sdpa_with_a_mask_on_tvm(mask):
+    m = MaskedSdpa(mask).eval()
+    c = sc.compile(m, backend="tvm")
+    for T in (5, 11):
+        x = torch.randn(3, T, 8)
+        with torch.no_grad():
+            assert rel(c(x), m(x)) <= 1e-5, T
+    assert op_counts(c.graph).get("attention", 0) == (mask == "bool")
+
+
+class DenseFeedback(nn.Module):
+    """Sessa's feedback solved densely (``how``: solve or inverse), with a ``matrix`` that is Sessa's or a near
+    miss: the softmax over every position (not triangular), or including the diagonal (a diagonal other than 1)."""
+
+    def __init__(self, how, matrix, D=8):
+        super().__init__()
+        self.fb, self.g = nn.Linear(D, 2 * D), nn.Linear(D, 1)
+        self.how, self.matrix = how, matrix
+
+    def forward(self, x):
+        T, D = x.shape[1], x.shape[2]
+        qb, kb = self.fb(x).chunk(2, -1)
+        logits = qb @ kb.transpose(1, 2) / math.sqrt(D)
+        i = torch.arange(T, device=x.device)
+        allowed = {"sessa": i[None, :] < i[:, None], "full": torch.ones(T, T, dtype=torch.bool),
+                   "diagonal": i[None, :] <= i[:, None]}[self.matrix]
+        alpha = torch.nan_to_num(logits.masked_fill(~allowed, float("-inf")).softmax(-1), nan=0.0)
+        gamma = 0.9 * torch.tanh(self.g(x))
+        system = torch.eye(T, dtype=x.dtype) - gamma * alpha
+        return torch.linalg.solve(system, x) if self.how == "solve" else torch.linalg.inv(system) @ x
+
+
+@pytest.mark.parametrize("matrix", ["sessa", "full", "diagonal"])
+@pytest.mark.parametrize("how", ["solve", "inverse"])
+def test_dense_solve_is_feedback_only_when_its_matrix_is_sessas(how, matrix):
+    m = DenseFeedback(how, matrix).double()
+    tr = traced_graph(m)
+    ops = op_counts(tr.graph)
+    target = "aten.linalg_solve.default" if how == "solve" else "aten.linalg_inv.default"
+    fallbacks = [n.attrs["target"] for n in tr.graph.nodes if n.op == "fallback"]
+    if matrix == "sessa":
+        assert ops.get("feedback") == 1 and "tri_solve" not in ops and target not in fallbacks, str(tr.graph)
+    else:   # still the general solve / inverse the module wrote; never feedback, never a triangular solve
+        assert "feedback" not in ops and "tri_solve" not in ops and target in fallbacks, str(tr.graph)
+        assert any("feedback candidate" in r and "not unit lower triangular" in r for r in tr.report.rejected), \
+            tr.report.rejected
+    check_outputs(tr, m)
+
+
+class IndexSelectGqa(nn.Module):
+    """GQA by index_select of kv heads: ``arange(H) // group`` repeats each kv head (what attention's GQA means);
+    ``arange(H) % n_kv`` tiles them instead, a near miss that must keep the gathered heads."""
+
+    def __init__(self, tiled, D=8, H=4, kv=2):
+        super().__init__()
+        self.q, self.kv = nn.Linear(D, D), nn.Linear(D, 2 * kv * (D // H))
+        self.H, self.Hk, self.tiled = H, kv, tiled
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q = self.q(x).view(B, T, self.H, -1).transpose(1, 2)
+        k, v = self.kv(x).view(B, T, 2 * self.Hk, -1).transpose(1, 2).chunk(2, 1)
+        h = torch.arange(self.H, device=x.device)
+        index = h % self.Hk if self.tiled else h // (self.H // self.Hk)
+        k, v = k.index_select(1, index), v.index_select(1, index)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return o.transpose(1, 2).reshape(B, T, D)
+
+
+@pytest.mark.parametrize("tiled", [False, True])
+def test_index_select_gqa_is_folded_only_when_it_repeats_kv_heads(tiled):
+    m = IndexSelectGqa(tiled).double()
+    tr = traced_graph(m)
+    ops = op_counts(tr.graph)
+    attention = next(n for n in tr.graph.nodes if n.op == "attention")
+    assert attention.inputs[1].type.shape[2] == (4 if tiled else 2), str(tr.graph)
+    assert ("fallback" in ops) == tiled, str(tr.graph)
+    check_outputs(tr, m)

@@ -17,7 +17,7 @@ from ..dtypes import from_torch
 from ..errors import TraceError
 from ..ir.graph import Graph, Value
 from ..ir.ops import UNARY, ArgRef
-from ..ir.types import TensorType, sym
+from ..ir.types import DType, TensorType, sym
 
 aten = torch.ops.aten
 LOWERINGS: dict = {}
@@ -243,6 +243,27 @@ for _t in (aten.matmul.default, aten.bmm.default, aten.mm.default):
     LOWERINGS[_t] = simple("matmul", 2)
 
 
+@lowering(aten.baddbmm.default)
+def _baddbmm(L, node):
+    """baddbmm(bias, b1, b2, beta, alpha) = beta * bias + alpha * (b1 @ b2); beta = 0 ignores bias (NaN included)."""
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    if not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in (beta, alpha)):
+        return NotImplemented
+    bias, b1, b2 = (L.arg(a) for a in node.args[:3])
+    out_t = L.ttype(node.meta["val"])
+    if not all(x.type.dtype == out_t.dtype for x in (bias, b1, b2)):
+        return NotImplemented
+    g = L.graph
+    prod = g.make_node("matmul", [b1, b2], {}, [out_t]).output
+    if alpha != 1:
+        prod = g.make_node("mul", [prod, float(alpha)], {}, [out_t]).output
+    if beta == 0:
+        return prod
+    if beta != 1:
+        bias = g.make_node("mul", [bias, float(beta)], {}, [TensorType(out_t.dtype, bias.type.shape)]).output
+    return L.emit("add", [bias, prod], {}, node)
+
+
 @lowering(aten.einsum.default)
 def _einsum(L, node):
     eq, ops = node.args[0], L.arg(node.args[1])
@@ -304,6 +325,8 @@ def _sdpa(L, node):
     names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"]
     a = dict(zip(names, node.args))
     a.update(node.kwargs)
+    if a.get("attn_mask") is not None and not a.get("dropout_p", 0.0) and not a.get("is_causal", False):
+        return _sdpa_masked(L, node, a)
     if a.get("attn_mask") is not None or a.get("dropout_p", 0.0) or not a.get("is_causal", False):
         return NotImplemented
     q, k, v = (L.arg(a[n]) for n in ("query", "key", "value"))
@@ -330,12 +353,65 @@ def _sdpa(L, node):
     return L.emit("transpose", [o], {"dim0": 1, "dim1": 2}, node)
 
 
+def _sdpa_masked(L, node, a):
+    """SDPA with an explicit mask, as the ops torch's math kernel runs: softmax(q k^T * scale, masked) @ v, where a
+    boolean mask keeps True and an additive one is added; a row the mask removes entirely is 0 (torch's safe
+    softmax). Whether the mask is causal is left to the attention recogniser's probes."""
+    q, k, v, mask = (L.arg(a[n]) for n in ("query", "key", "value", "attn_mask"))
+    if not all(isinstance(x, Value) for x in (q, k, v, mask)) or min(q.type.rank, k.type.rank, v.type.rank) < 2:
+        return NotImplemented
+    dt = q.type.dtype
+    if k.type.dtype != dt or v.type.dtype != dt or not (mask.type.dtype.name == "bool" or mask.type.dtype == dt):
+        return NotImplemented
+    g = L.graph
+    if a.get("enable_gqa", False) and q.type.rank >= 3 and k.type.shape[-3] != q.type.shape[-3]:
+        Hq, Hk = q.type.shape[-3], k.type.shape[-3]
+        if not (isinstance(Hq, int) and isinstance(Hk, int)) or Hq % Hk:
+            return NotImplemented
+
+        def rep(x):
+            s = x.type.shape
+            t = TensorType(dt, s[:-3] + (Hq,) + s[-2:])
+            return g.make_node("repeat_interleave", [x], {"repeats": Hq // Hk, "dim": -3}, [t]).output
+
+        k, v = rep(k), rep(v)
+    d = q.type.shape[-1]
+    if not isinstance(d, int):
+        return NotImplemented
+    scale = a.get("scale") or 1.0 / math.sqrt(d)
+    ks = k.type.shape
+    kt = g.make_node("transpose", [k], {"dim0": -2, "dim1": -1}, [TensorType(dt, ks[:-2] + (ks[-1], ks[-2]))]).output
+    st = L.ttype(node.meta["val"])
+    lead = st.shape[:-2]
+    lt = TensorType(dt, lead + (q.type.shape[-2], ks[-2]))
+    x = g.make_node("matmul", [q, kt], {}, [lt]).output
+    x = g.make_node("mul", [x, float(scale)], {}, [lt]).output
+    mlt = TensorType(dt, mask.type.shape)
+    if mask.type.dtype.name == "bool":
+        x = g.make_node("where", [mask, x, -math.inf], {}, [lt]).output
+        mf = g.make_node("cast", [mask], {"dtype": dt}, [mlt]).output
+        empty_at = 0.0
+    else:
+        x = g.make_node("add", [x, mask], {}, [lt]).output
+        mf, empty_at = mask, -math.inf
+    x = g.make_node("softmax", [x], {"dim": -1}, [lt]).output
+    rt = TensorType(dt, mask.type.shape[:-1] + (1,))
+    top = g.make_node("amax", [mf], {"dims": [-1], "keepdim": True}, [rt]).output
+    empty = g.make_node("eq", [top, empty_at], {}, [TensorType(DType("bool"), rt.shape)]).output
+    x = g.make_node("where", [empty, 0.0, x], {}, [lt]).output
+    return L.emit("matmul", [x, v], {}, node)
+
+
 # -- elementwise --------------------------------------------------------------------------------------
 for _name in UNARY:   # gelu and softplus carry attributes: their lowerings below replace these
     if hasattr(aten, _name):   # an IR op whose aten name differs gets its own lowering below
         LOWERINGS[getattr(aten, _name).default] = simple(_name, 1)
 LOWERINGS[aten.bitwise_not.default] = lambda L, node: (
     L.emit("logical_not", [L.arg(node.args[0])], {}, node) if node.meta["val"].dtype == torch.bool else NotImplemented)
+for _t, _name in ((aten.bitwise_and.Tensor, "logical_and"), (aten.__and__.Tensor, "logical_and"),
+                  (aten.bitwise_or.Tensor, "logical_or"), (aten.__or__.Tensor, "logical_or")):
+    LOWERINGS[_t] = (lambda name: lambda L, node: L.emit(name, [L.arg(a) for a in node.args[:2]], {}, node)
+                     if node.meta["val"].dtype == torch.bool and len(node.args) == 2 else NotImplemented)(_name)
 LOWERINGS[aten.gelu.default] = lambda L, node: L.emit(
     "gelu", [L.arg(node.args[0])], {"approximate": node.kwargs.get("approximate", "none")}, node)
 LOWERINGS[aten.softplus.default] = lambda L, node: L.emit(
@@ -474,6 +550,18 @@ def _reduce(op):
 LOWERINGS[aten.sum.dim_IntList] = _reduce("sum")
 LOWERINGS[aten.mean.dim] = _reduce("mean")
 LOWERINGS[aten.amax.default] = _reduce("amax")
+
+
+@lowering(aten.max.dim)
+def _max_dim(L, node):
+    """max(x, dim, keepdim) -> (values, indices): the values are amax; used indices keep torch's op."""
+    if any(u.target is not operator.getitem or (u.args[1] != 0 and u.users) for u in node.users):
+        return NotImplemented
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    val = node.meta["val"][0]
+    out = L.graph.make_node("amax", [L.arg(node.args[0])], {"dims": [node.args[1]], "keepdim": bool(keep)},
+                            [L.ttype(val)], names=[L.graph.fresh_name(node.name)]).output
+    return [out, None]
 
 
 # -- factories ------------------------------------------------------------------------------------------

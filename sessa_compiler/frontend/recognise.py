@@ -401,46 +401,122 @@ def _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H):
 
 # -- feedback ---------------------------------------------------------------------------------------------
 SOLVE = "aten.linalg_solve_triangular.default"
+# dense spellings of the same solve: torch.linalg.solve(A, f) and torch.linalg.inv(A) @ f; taken as feedback only
+# when A is shown to be unit lower triangular and the whole region probes equal to the feedback op
+DENSE_SOLVES = ("aten.linalg_solve.default", "aten.linalg_solve_ex.default")
+INVERSES = ("aten.linalg_inv.default", "aten.linalg_inv_ex.default")
+
+
+def _arg(n: Node, i: int, name: str, default=None):
+    args, kwargs = n.attrs["args"], n.attrs["kwargs"]
+    return kwargs.get(name, args[i] if len(args) > i else default)
+
+
+def _feedback_anchors(g: Graph):
+    """(node, its solution value, system matrix, right-hand side, kind) for every solve that may be a feedback:
+    kind "triangular" (solve_triangular), "solve" (linalg.solve) or "inverse" (linalg.inv(A) @ f). The
+    candidate's arguments are checked later; None for mat when they are not understood."""
+    out = []
+    for n in g.nodes:
+        if n.op == "fallback" and n.attrs["target"] == SOLVE:
+            out.append((n, n.outputs[0], "triangular"))
+        elif n.op == "fallback" and n.attrs["target"] in DENSE_SOLVES:
+            out.append((n, n.outputs[0], "solve"))
+        elif n.op == "matmul" and len(n.inputs) == 2 and isinstance(n.inputs[0], Value) \
+                and n.inputs[0].producer is not None and n.inputs[0].producer.op == "fallback" \
+                and n.inputs[0].producer.attrs["target"] in INVERSES and n.inputs[0] is n.inputs[0].producer.outputs[0]:
+            out.append((n, n.output, "inverse"))
+    return out
+
+
+def _system(n: Node, kind: str):
+    """(matrix, right-hand side) of an anchor, or a reason it is not a lower-triangular solve from the left."""
+    if kind == "inverse":
+        inv = n.inputs[0].producer
+        a = inv.attrs["args"]
+        if not a or not isinstance(a[0], ArgRef):
+            return "the inverse's argument is not understood"
+        return inv.inputs[a[0].index], n.inputs[1]
+    args = n.attrs["args"]
+    if len(args) < 2 or not all(isinstance(x, ArgRef) for x in args[:2]):
+        return "the solve's arguments are not understood"
+    if kind == "triangular":
+        if _arg(n, 2, "upper") is not False or _arg(n, 3, "left", True) is not True:
+            return "solve is not lower-triangular from the left"
+    elif _arg(n, 2, "left", True) is not True:
+        return "solve is not from the left"
+    return n.inputs[args[0].index], n.inputs[args[1].index]
+
+
+def _unit_lower(g: Graph, mat: Value, srcs: dict) -> bool:
+    """On random sources at the probe lengths, mat is [..., T, T] with the identity's diagonal and upper triangle
+    (only then may a general solve or inverse be a feedback's substitution)."""
+    from ..semantics import run_graph
+    from .probe import PROBE_LENGTHS, _binding, _params64
+
+    gen = torch.Generator().manual_seed(4321)
+    for Tn in PROBE_LENGTHS:
+        binding = _binding(g, Tn)
+        inputs = {}
+        for v, kind in srcs.items():
+            x = torch.randn(v.type.concrete_shape(binding), generator=gen, dtype=torch.float64)
+            inputs[v] = torch.tanh(x) * 0.95 if kind == "gain" else x
+        try:
+            (M,) = run_graph(g, [], overrides={**_params64(g), **inputs}, targets=[mat], binding=binding,
+                             check_inputs=False)
+        except Exception:  # noqa: BLE001 - a matrix that cannot be evaluated from the sources is no proof
+            return False
+        if M.dim() < 2 or M.shape[-1] != Tn or M.shape[-2] != Tn:
+            return False
+        M = M.to(torch.float64)
+        if (torch.triu(M) - torch.eye(Tn, dtype=M.dtype)).abs().max() > 1e-12:
+            return False
+    return True
 
 
 def recognise_feedback(g: Graph, report: Report) -> int:
     count = 0
-    for n in [n for n in g.nodes if n.op == "fallback" and n.attrs["target"] == SOLVE]:
+    for n, out, kind in _feedback_anchors(g):
         if n not in g.nodes:
             continue
         A = Analysis(g)
-        args, kwargs = n.attrs["args"], n.attrs["kwargs"]
-        if kwargs.get("upper", args[2] if len(args) > 2 else None) is not False or kwargs.get("left", True) is not True:
-            report.rejected.append(f"feedback candidate %{n.output.name}: solve is not lower-triangular from the left")
+        system = _system(n, kind)
+        if isinstance(system, str):
+            report.rejected.append(f"feedback candidate %{out.name}: {system}")
             continue
-        mat, rhs = n.inputs[args[0].index], n.inputs[args[1].index]
+        mat, rhs = system
         # the softmax inside the system matrix, and the gain entering beside it
         s = _find_softmax(mat)
         if s is None:
-            report.rejected.append(f"feedback candidate %{n.output.name}: no softmax in the system matrix")
+            report.rejected.append(f"feedback candidate %{out.name}: no softmax in the system matrix")
             continue
         lc = logits_chain(A, s.inputs[0])
         if lc is None:
-            report.rejected.append(f"feedback candidate %{n.output.name}: the softmax's logits are not one [T, T] "
+            report.rejected.append(f"feedback candidate %{out.name}: the softmax's logits are not one [T, T] "
                                    "product of two data tensors (q_b @ k_b^T)")
             continue
         L, chain_scale, _ = lc
         gains = _gain_sources(A, s, mat)
         if len(gains) != 1:
-            report.rejected.append(f"feedback candidate %{n.output.name}: expected the softmax weights to be scaled by "
+            report.rejected.append(f"feedback candidate %{out.name}: expected the softmax weights to be scaled by "
                                    f"one per-row gain (gamma), found {len(gains)} data tensors entering")
             continue
         gs = A.walk_back(gains[0], lambda t: bool(to_bt(t)))
         bound = value_bound(g, gs)
         if not bound < 1.0:
-            report.rejected.append(f"feedback candidate %{n.output.name}: the gain %{gs.name} is not provably inside "
+            report.rejected.append(f"feedback candidate %{out.name}: the gain %{gs.name} is not provably inside "
                                    f"(-1, 1) (bound {bound:.4g}); a bounded gain such as gamma_max * tanh(...) "
                                    "with gamma_max < 1 is what makes the recursion stable")
             continue
         (qs, fq), (ks, fk) = (walk_back_scaled(A, x, lambda t: bool(to_btc(t))) for x in L.inputs)
         fs = A.walk_back(rhs, lambda t: bool(to_btc(t)))
+        if kind != "triangular" and not _unit_lower(g, mat, {qs: "normal", ks: "normal", gs: "gain"}):
+            report.rejected.append(f"feedback candidate %{out.name}: the matrix of this general "
+                                   f"{'solve' if kind == 'solve' else 'inverse'} is not unit lower triangular "
+                                   "(Sessa's I - diag(gamma) alpha); it stays a general solve (a torch op)")
+            continue
         width = contraction_width(L)
-        count += _try_feedback(g, A, n, mat, qs, ks, fs, gs, width, chain_scale * fq * fk, report)
+        count += _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale * fq * fk, report)
     return count
 
 
@@ -517,18 +593,18 @@ def _gain_sources(A: Analysis, s: Node, mat: Value) -> list:
     return gains
 
 
-def _try_feedback(g, A, n, mat, qs, ks, fs, gs, width, chain_scale, report) -> bool:
+def _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale, report) -> bool:
     """Probe the region against the feedback op with Sessa's scale 1/sqrt(width); rewrite when it matches.
     A region that computes something else (another scale, a mask that lets a row see itself, a softmax over
     another axis) is left alone, with the reason in words for explain()."""
-    outs = A.walk_forward(n.output)
-    where = f"solve %{n.output.name}"
+    outs = A.walk_forward(out)
+    where = f"{'solve' if kind != 'inverse' else 'inverse @'} %{out.name}"
     if not isinstance(width, int):
         report.rejected.append(f"feedback candidate at {where}: the logits' contracted width {width} is not static")
         return False
     sessa_scale = 1.0 / math.sqrt(width)
     srcs = {fs: "normal", qs: "normal", ks: "normal", gs: "gain"}
-    tol = _region_tol(A, srcs, n.output)
+    tol = _region_tol(A, srcs, out)
     other_scale_matches = False
     for qa in to_btc(qs.type):
         for ka in to_btc(ks.type):
@@ -557,7 +633,9 @@ def _try_feedback(g, A, n, mat, qs, ks, fs, gs, width, chain_scale, report) -> b
                                 o, idx = _emit_steps(g, o, [Step("cast", {"dtype": y.type.dtype})], idx)
                             g.replace_all_uses(y, o)
                             g.dead_code_elimination()
-                            report.accepted.append(f"feedback at {where}: width={width}, scale=1/sqrt({width}) "
+                            how = {"triangular": "", "solve": ", from a general solve",
+                                   "inverse": ", from an explicit inverse"}[kind]
+                            report.accepted.append(f"feedback at {where}: width={width}, scale=1/sqrt({width}){how} "
                                                    f"(probe error {err:.1e})")
                             return True
                         if not math.isclose(chain_scale, sessa_scale) and not other_scale_matches:
@@ -567,9 +645,10 @@ def _try_feedback(g, A, n, mat, qs, ks, fs, gs, width, chain_scale, report) -> b
         why = (f"its logits are scaled by {chain_scale:.6g}, but Sessa's feedback scales q_b . k_b by "
                f"1/sqrt(D) = {sessa_scale:.6g}")
     else:
-        why = _diagnose_feedback(g, n, mat, srcs)
-    report.rejected.append(f"feedback candidate at {where}: not Sessa's feedback: {why}; it is solved as a general "
-                           "triangular system instead (see tri_solve)")
+        why = _diagnose_feedback(g, n if kind == "triangular" else None, mat, srcs)
+    instead = "solved as a general triangular system instead (see tri_solve)" if kind == "triangular" else \
+        "left as the general solve it is written as (a torch op)"
+    report.rejected.append(f"feedback candidate at {where}: not Sessa's feedback: {why}; it is {instead}")
     return False
 
 
@@ -592,7 +671,7 @@ def _diagnose_feedback(g, n, mat, srcs) -> str:
     except Exception as e:  # noqa: BLE001 - the explanation is best effort
         return f"the system matrix could not be evaluated on its own ({type(e).__name__})"
     M = M.to(torch.float64)
-    unit = n.attrs["kwargs"].get("unitriangular", False)
+    unit = n is not None and n.attrs["kwargs"].get("unitriangular", False)
     eye = torch.eye(Tn, dtype=torch.float64)
     if not unit and not torch.allclose(torch.diagonal(M, dim1=-2, dim2=-1), torch.ones(Tn, dtype=torch.float64)):
         return ("the system's diagonal is not 1 (Sessa solves (I - gamma*alpha) s = f with alpha zero on the "
@@ -693,12 +772,21 @@ def _recognise(g: Graph) -> Report:
 def _before_repeat(A: Analysis, v: Value, d):
     """The value a repeat_interleave on v's layout chain repeats, and its adapters to [B, T, Hkv, d]."""
     x = v
-    while x.producer is not None and x.producer.op in WALK_LAYOUT:
-        if x.producer.op == "repeat_interleave":
-            pre = A.walk_back(x.producer.inputs[0], lambda t: bool(to_bthd(t, d)))
+    while x.producer is not None and (x.producer.op in WALK_LAYOUT or _is_index_select(x.producer)):
+        n = x.producer
+        if n.op == "repeat_interleave" or n.op == "fallback":   # the kv heads gathered by an index (the probe
+            src = n.inputs[0] if n.op != "fallback" else n.inputs[n.attrs["args"][0].index]   # shows it repeats)
+            pre = A.walk_back(src, lambda t: bool(to_bthd(t, d)))
             return pre, to_bthd(pre.type, d)
-        x = x.producer.inputs[0]
+        x = n.inputs[0]
     return None, []
+
+
+def _is_index_select(n: Node) -> bool:
+    """index_select(x, dim, index) on a data x with an index that is not data (e.g. arange(H) // group)."""
+    args = n.attrs.get("args") if n.op == "fallback" else None
+    return n.op == "fallback" and n.attrs["target"] == "aten.index_select.default" and len(args) == 3 \
+        and isinstance(args[0], ArgRef) and isinstance(args[2], ArgRef) and len(n.outputs) == 1
 
 
 def fold_gqa(g: Graph, report: Report) -> int:

@@ -51,6 +51,64 @@ def common_subexpressions(graph: Graph) -> int:
     return merged
 
 
+def _same(a, b, depth: int = 12) -> bool:
+    """a and b compute the same thing: the same value, equal literals, or the same op with the same attributes
+    on operands that are the same (structure only, never names)."""
+    if a is b:
+        return True
+    if not (hasattr(a, "producer") and hasattr(b, "producer")):
+        return not hasattr(a, "producer") and not hasattr(b, "producer") and type(a) is type(b) and a == b
+    na, nb = a.producer, b.producer
+    if depth == 0 or na is None or nb is None or na.op != nb.op or len(na.outputs) != 1 or len(nb.outputs) != 1 \
+            or len(na.inputs) != len(nb.inputs) or na.op == "fallback" or not a.type.same_as(b.type):
+        return False
+    from ..ir.text import format_literal
+
+    return format_literal(na.attrs) == format_literal(nb.attrs) and all(
+        _same(x, y, depth - 1) for x, y in zip(na.inputs, nb.inputs))
+
+
+def _reduces_last(n, op: str, rank: int):
+    """n is ``op`` over exactly one dim with keepdim: that dim (normalised), else None."""
+    if n is None or n.op != op or not n.attrs.get("keepdim") or len(n.attrs.get("dims") or []) != 1:
+        return None
+    return n.attrs["dims"][0] % rank
+
+
+def hand_written_softmax(graph: Graph) -> int:
+    """exp(x - amax_d(x)) / sum_d(exp(x - amax_d(x))) and exp(x) / sum_d(exp(x)) (keepdim reductions over one dim
+    d, the same x throughout, checked by structure) -> softmax(x, d). Returns the number of rewrites. (Without
+    the max, the rewrite differs only where exp(x) overflows: there softmax stays finite.)"""
+    count = 0
+    for n in list(graph.nodes):
+        if n.op != "div" or n not in graph.nodes or len(n.inputs) != 2 or \
+                not all(hasattr(x, "producer") and x.producer is not None for x in n.inputs):
+            continue
+        e, s = n.inputs
+        if e.producer.op != "exp" or not e.type.same_as(n.output.type) or not e.type.dtype.is_float:
+            continue
+        rank = e.type.rank
+        d = _reduces_last(s.producer, "sum", rank)
+        if d is None or not _same(s.producer.inputs[0], e):
+            continue
+        z = e.producer.inputs[0]
+        x = z
+        if hasattr(z, "producer") and z.producer is not None and z.producer.op == "sub" and \
+                hasattr(z.producer.inputs[1], "producer"):
+            a, m = z.producer.inputs
+            if hasattr(a, "producer") and _reduces_last(m.producer, "amax", rank) == d and \
+                    _same(m.producer.inputs[0], a):
+                x = a
+        if not hasattr(x, "producer") or not x.type.same_as(n.output.type):
+            continue
+        sm = graph.make_node("softmax", [x], {"dim": d}, [x.type], index=graph.nodes.index(n)).output
+        graph.replace_all_uses(n.output, sm)
+        count += 1
+    if count:
+        graph.dead_code_elimination()
+    return count
+
+
 def simplify(graph: Graph) -> int:
     """Rewrite to a fixed point; returns the number of rewrites."""
     total = 0
@@ -72,7 +130,7 @@ def simplify(graph: Graph) -> int:
             changed = True
             total += 1
         graph.dead_code_elimination()
-        merged = common_subexpressions(graph)
+        merged = common_subexpressions(graph) + hand_written_softmax(graph)
         total += merged
         changed = changed or bool(merged)
     graph.verify()

@@ -19,9 +19,10 @@ from every other style in this folder:
 - the layer splits W_in's output with ``.chunk(2, -1)``; ``rope_inv_freq`` is built
   as ``1 / 10000 ** (arange(0, d, 2) / d)`` and the angles with ``torch.outer``.
 
-Compiled, neither attention (the hand-written softmax: ``max(dim)`` has no IR op and
-no ``softmax`` node is left to match) nor feedback (``linalg_solve`` has no IR op) is
-recognised; with ``softmax()`` and ``solve_triangular`` instead, both are, RoPE folded.
+Compiled, both are recognised, RoPE and GQA folded: the hand-written softmax is
+rewritten to ``softmax`` by structure (``max(dim)`` values lowered to ``amax``), and
+the general solve is taken as the feedback once its matrix is shown unit lower
+triangular and the region probes equal to it.
 """
 from __future__ import annotations
 

@@ -20,10 +20,10 @@ from every other style in this folder:
 - the solve as an explicit inverse: ``torch.linalg.inv(I - alpha*gamma) @ f``;
 - the layer splits W_in's output by slicing ``h[..., :D]`` / ``h[..., D:]``.
 
-Compiled, neither attention (``baddbmm`` has no IR op) nor feedback (``linalg_inv``
-has no IR op) is recognised; respelled with a matmul plus the bias and a
-``solve_triangular``, both are, but the RoPE is then not folded into attention
-because the ``index_select`` GQA (a fallback op) sits between them.
+Compiled, both are recognised: ``baddbmm`` is lowered to bias + alpha * matmul,
+``linalg.inv(A) @ f`` is taken as the feedback once A is shown unit lower triangular
+and the region probes equal to it, and the ``index_select`` GQA is folded into the
+attention (the probe shows it repeats kv heads), so the RoPE is folded too.
 """
 from __future__ import annotations
 

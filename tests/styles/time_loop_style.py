@@ -17,8 +17,9 @@ from every other style in this folder:
 
 The loop's trip count is the sequence length, so torch.export cannot keep T dynamic
 through it: the compiler traces each length on its own (static T), and the unrolled
-loop is not recognised as a Sessa feedback. SDPA with an ``attn_mask`` is not
-lowered to the IR's attention either (only ``is_causal=True`` is).
+loop is not recognised as a Sessa feedback. SDPA with an ``attn_mask`` is lowered to
+the matmul, mask, softmax and matmul it computes, and the attention recogniser's
+probes find the mask causal: the forward attention is recognised.
 """
 from __future__ import annotations
 
