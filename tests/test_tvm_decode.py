@@ -132,7 +132,10 @@ def test_compiled_decode_steps_on_tvm_equal_the_forward(name, cache_dtype, one_t
 
 @pytest.mark.parametrize("rows, IN, OUT, bias", [(1, 512, 1024, True), (3, 24, 6, False), (2, 10, 1, False),
                                                  (16, 64, 48, True)])
-def test_linear_decode_matches_torch(kernels, rows, IN, OUT, bias):
+@pytest.mark.parametrize("parallel", [False, True])
+def test_linear_decode_matches_torch(kernels, rows, IN, OUT, bias, parallel, monkeypatch):
+    """Both forms of the kernel: on the calling thread (what steps run) and over the thread pool."""
+    monkeypatch.setattr("sessa_compiler.backends.tvm.decode.LINEAR_PARALLEL", parallel)
     g = torch.Generator().manual_seed(IN + OUT)
     x = torch.randn(rows, 1, IN, generator=g)
     w, b = torch.randn(OUT, IN, generator=g), (torch.randn(OUT, generator=g) if bias else None)
@@ -147,8 +150,10 @@ def test_linear_decode_matches_torch(kernels, rows, IN, OUT, bias):
     assert kernels.linear_calls == calls + 1
 
 
-def test_fused_linears_of_one_input_match_torch(kernels):
+@pytest.mark.parametrize("parallel", [False, True])
+def test_fused_linears_of_one_input_match_torch(kernels, parallel, monkeypatch):
     """Up to five linear layers of one input in one launch (widths 1 and not multiples of the lanes included)."""
+    monkeypatch.setattr("sessa_compiler.backends.tvm.decode.LINEAR_PARALLEL", parallel)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(2, 1, 40, generator=g)
     layers = [(torch.randn(o, 40, generator=g), torch.randn(o, generator=g) if bias else None)
