@@ -171,6 +171,8 @@ def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale, kernels=No
     return s.to(f.dtype)
 
 
+ONE_TORCH_THREAD_IN_KERNEL_STEPS = True
+
 # Tests set this to run the Triton decode kernels on CPU tensors under Triton's interpreter.
 TRITON_DECODE_ON_CPU = False
 
@@ -453,7 +455,15 @@ class ServingProgram:
         for name, v in g.param_values.items():
             env[v] = params[name]
         node = None
+        # A step on the TVM decode kernels (few rows: its linears run there too) keeps torch's small ops on this
+        # thread: exp, erf, tanh and gelu go through MKL's vector math even on a few hundred numbers, and each such
+        # call wakes torch's OpenMP team (on a busy core: a scheduler time slice). The setting is process-wide, so
+        # torch ops of other threads during the step run on one thread too.
+        threads = torch.get_num_threads() if (self.decode_kernels is not None and ONE_TORCH_THREAD_IN_KERNEL_STEPS
+                                              and device.type == "cpu" and batch * n <= self.decode_kernels.rows) else 1
         try:
+            if threads > 1:
+                torch.set_num_threads(1)
             with torch.no_grad():
                 for stateful, fn, operands, attrs, outputs, node, specs in self._plan(binding, device):
                     args = [env[x] if isinstance(x, Value) else x for x in operands]
@@ -474,6 +484,9 @@ class ServingProgram:
             outs = ", ".join("%" + v.name for v in node.outputs) if node is not None else "?"
             raise SessaCompilerError(f"serving: op '{node.op if node else '?'}' ({outs}) failed at position {t0}: "
                                      f"{type(e).__name__}: {e}") from e
+        finally:
+            if threads > 1:
+                torch.set_num_threads(threads)
         cache["t"] = t0 + n
         return [env[v] for v in g.outputs]
 

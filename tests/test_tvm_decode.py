@@ -179,3 +179,38 @@ def test_decode_kernels_are_opt_in():
         assert (prog.decode_kernels is not None) == used
         with torch.no_grad():
             assert relative_error(y_t, model(x)[:, 4]) <= F32
+
+
+def test_kernel_steps_run_torch_ops_on_one_thread_and_restore_the_count():
+    """Inside a decode step on the TVM kernels torch runs one thread (its exp/erf/tanh/gelu would otherwise wake
+    the OpenMP team for a few hundred numbers); the caller's thread count is back afterwards, also after an error.
+    A prefill and the torch step keep the caller's count."""
+    import sessa_compiler.serving as serving
+
+    model = randomize(SessaLayer(16, n_heads=2), seed=2).eval()
+    x = torch.randn(1, 6, 16)
+    seen = []
+    real_gelu = serving.SEMANTICS["gelu"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        c = sc.compile(model, backend="tvm", options={"decode_kernels": True})
+        cache = c.init_cache(1, max_len=8)
+        _, cache = c.prefill(x[:, :4], cache)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(serving.SEMANTICS, "gelu",
+                       lambda *a, **k: seen.append(torch.get_num_threads()) or real_gelu(*a, **k))
+            prog = next(iter(c._serving.programs.values()))
+            prog._plans.clear()          # plans hold the op functions: rebuilt with the counting gelu
+            y_t, cache = c.decode_step(x[:, 4], cache)
+            assert seen == [1] and torch.get_num_threads() == 2
+            with torch.no_grad():
+                assert relative_error(y_t, model(x[:, :5])[:, 4]) <= F32
+            mp.setitem(serving.SEMANTICS, "gelu", lambda *a, **k: 1 / 0)
+            prog._plans.clear()
+            with pytest.raises(sc.SessaCompilerError, match="ZeroDivisionError"):
+                c.decode_step(x[:, 5], cache)
+            assert torch.get_num_threads() == 2
+            prog._plans.clear()
+    finally:
+        torch.set_num_threads(before)

@@ -59,6 +59,7 @@ class DecodeKernels:
         configure_threads()
         self.target = resolve_target(target)
         self.lanes = lanes_for(self.target)
+        self.rows = LINEAR_ROWS  # steps with at most this many rows (batch x positions) run their linears here
         self.calls = 0          # attention and feedback kernel calls
         self.linear_calls = 0
         self._work: dict = {}
