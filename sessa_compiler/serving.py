@@ -61,6 +61,24 @@ def _rotate_at(x: torch.Tensor, inv_freq: torch.Tensor, t0: int) -> torch.Tensor
     return torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(-2)
 
 
+def _rotation_at(inv_freq: torch.Tensor, t0: int, cd) -> torch.Tensor:
+    """cos + i sin of the angles t0 * inv_freq (complex, [d/2]): one position's RoPE as a complex product."""
+    angles = inv_freq.to(cd) * t0
+    return torch.complex(angles.cos(), angles.sin())
+
+
+def _rotate_one(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE of x [B, 1, H, d] (compute dtype) by ``rot`` (_rotation_at): pairs (x0, x1) as complex
+    numbers times cos + i sin, the same products as _rotate_at in a few torch calls."""
+    xc = torch.view_as_complex(x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2)))
+    return torch.view_as_real(xc * rot).flatten(-2)
+
+
+# Flash attention over a cache on CPU (torch's fused kernel: parallel over batch x heads, online softmax); None
+# where this torch has no such op.
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def _visible(t0: int, n: int, device, strict: bool) -> torch.Tensor:
     """[n, t0+n] bool: key j is visible to new row i (global position t0+i): j <= t0+i, or j < t0+i."""
     rows = torch.arange(t0, t0 + n, device=device)[:, None]
@@ -80,7 +98,11 @@ def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causa
         out = kernels.attention(q[:, 0], k[:, 0], v[:, 0], inv_freq if rope else None, state["k"], state["v"], t0,
                                 scale, rope)
         return out[:, None].to(v.dtype)
-    if rope:
+    one_cpu = n == 1 and q.device.type == "cpu" and cd in (torch.float32, torch.float64)
+    if rope and one_cpu:
+        rot = _rotation_at(inv_freq, t0, cd)
+        q, k = _rotate_one(q.to(cd), rot), _rotate_one(k.to(cd), rot)
+    elif rope:
         q, k = _rotate_at(q, inv_freq, t0), _rotate_at(k, inv_freq, t0)
     K, V = state["k"], state["v"]
     K[:, :, t0:t0 + n] = k.transpose(1, 2).to(K.dtype)
@@ -88,6 +110,12 @@ def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causa
     if n == 1 and _use_triton(q) and cd == torch.float32:   # split-K over the cache
         out = _triton_decode().attention_decode(q[:, 0].to(cd), K, V, t0 + 1, scale)
         return out[:, None].to(v.dtype)
+    if one_cpu and _FLASH_CPU is not None and B * Hkv >= torch.get_num_threads():
+        # one new row sees every cached position (no mask), so a kv head's whole query group is g query rows; the
+        # op runs one task per batch row and kv head, so fewer of those than threads stay on the matmul path
+        qh = q.to(cd).reshape(B, Hkv, g, d)
+        out = _FLASH_CPU(qh, K[:, :, :t0 + 1].to(cd), V[:, :, :t0 + 1].to(cd), 0.0, False, scale=scale)[0]
+        return out.reshape(B, 1, H, V.shape[-1]).to(v.dtype)
     keys, vals = K[:, :, :t0 + n].to(cd), V[:, :, :t0 + n].to(cd)
     # rows (head-in-group, new position) against the group's keys
     qh = q.to(cd).reshape(B, n, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * n, d)
@@ -114,6 +142,10 @@ def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale, kernels=No
         if t0 > 0 and _use_triton(q_b) and cd == torch.float32:
             mixed = _triton_decode().feedback_decode(q_b[:, 0], KB, S, t0, scale)          # split-K over the cache
             s = s + gamma.to(cd)[..., None] * mixed[:, None]
+        elif t0 > 0 and f.device.type == "cpu":   # the same in fewer torch calls: gamma folded into the weights
+            logits = torch.bmm(q_b.to(cd) * scale, KB[:, :t0].to(cd).transpose(1, 2))      # [B, 1, t0]
+            weights = torch.softmax(logits, dim=-1) * gamma.to(cd)[..., None]
+            s = torch.baddbmm(s, weights, S[:, :t0].to(cd))
         elif t0 > 0:
             logits = (q_b.to(cd) @ KB[:, :t0].to(cd).transpose(1, 2)) * scale             # [B, 1, t0]
             s = s + gamma.to(cd)[..., None] * (torch.softmax(logits, dim=-1) @ S[:, :t0].to(cd))
@@ -138,6 +170,8 @@ def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale, kernels=No
     S[:, t0:t0 + n] = s.to(S.dtype)
     return s.to(f.dtype)
 
+
+ONE_TORCH_THREAD_IN_KERNEL_STEPS = True
 
 # Tests set this to run the Triton decode kernels on CPU tensors under Triton's interpreter.
 TRITON_DECODE_ON_CPU = False
@@ -421,7 +455,15 @@ class ServingProgram:
         for name, v in g.param_values.items():
             env[v] = params[name]
         node = None
+        # A step on the TVM decode kernels (few rows: its linears run there too) keeps torch's small ops on this
+        # thread: exp, erf, tanh and gelu go through MKL's vector math even on a few hundred numbers, and each such
+        # call wakes torch's OpenMP team (on a busy core: a scheduler time slice). The setting is process-wide, so
+        # torch ops of other threads during the step run on one thread too.
+        threads = torch.get_num_threads() if (self.decode_kernels is not None and ONE_TORCH_THREAD_IN_KERNEL_STEPS
+                                              and device.type == "cpu" and batch * n <= self.decode_kernels.rows) else 1
         try:
+            if threads > 1:
+                torch.set_num_threads(1)
             with torch.no_grad():
                 for stateful, fn, operands, attrs, outputs, node, specs in self._plan(binding, device):
                     args = [env[x] if isinstance(x, Value) else x for x in operands]
@@ -442,6 +484,9 @@ class ServingProgram:
             outs = ", ".join("%" + v.name for v in node.outputs) if node is not None else "?"
             raise SessaCompilerError(f"serving: op '{node.op if node else '?'}' ({outs}) failed at position {t0}: "
                                      f"{type(e).__name__}: {e}") from e
+        finally:
+            if threads > 1:
+                torch.set_num_threads(threads)
         cache["t"] = t0 + n
         return [env[v] for v in g.outputs]
 

@@ -245,3 +245,29 @@ def test_prefill_runs_the_forward_kernels_and_fills_the_cache(backend, one_threa
     assert len(c._serving.forward_runners) == 1      # the kernel path ran, not the derived step
     outs = [y] + [c.decode_step(x[:, t:t + 1], cache)[0] for t in range(6, 11)]
     assert relative_error(torch.cat(outs, dim=1), full) <= TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("flash", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_one_position_steps_equal_forward(flash, dtype, monkeypatch, one_thread):
+    """CPU decode steps from an empty, NaN-poisoned cache (MHA with RoPE and GQA layers): one-position RoPE as a
+    complex product, the attention through torch's CPU flash-attention op (counted; or the matmul path where a
+    torch lacks it) and the feedback with gamma folded into its weights, against the full forward at every
+    position (position 0 included: the feedback then has no predecessor)."""
+    import sessa_compiler.serving as serving
+
+    calls = []
+    real = serving._FLASH_CPU
+    monkeypatch.setattr(serving, "_FLASH_CPU", (lambda *a, **k: calls.append(1) or real(*a, **k)) if flash else None)
+    model = randomize(Decoder(40, 32, "SS", n_heads=4, n_kv_heads=2).to(dtype), seed=11)
+    c = sc.compile(model, backend="eager")
+    x = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model(x)
+    c.prefill(x[:, :2], c.init_cache(2, max_len=9))       # traces the module (a prefill from an empty cache)
+    cache = _poison(c.init_cache(2, max_len=9))
+    calls.clear()
+    for t in range(9):
+        y_t, cache = c.decode_step(x[:, t], cache)
+        assert relative_error(y_t, full[:, t]) <= TOLERANCE[dtype], f"position {t}"
+    assert len(calls) == (2 * 9 if flash else 0)          # two attention layers, nine steps

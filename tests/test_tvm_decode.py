@@ -132,7 +132,10 @@ def test_compiled_decode_steps_on_tvm_equal_the_forward(name, cache_dtype, one_t
 
 @pytest.mark.parametrize("rows, IN, OUT, bias", [(1, 512, 1024, True), (3, 24, 6, False), (2, 10, 1, False),
                                                  (16, 64, 48, True)])
-def test_linear_decode_matches_torch(kernels, rows, IN, OUT, bias):
+@pytest.mark.parametrize("parallel", [False, True])
+def test_linear_decode_matches_torch(kernels, rows, IN, OUT, bias, parallel, monkeypatch):
+    """Both forms of the kernel: on the calling thread (what steps run) and over the thread pool."""
+    monkeypatch.setattr("sessa_compiler.backends.tvm.decode.LINEAR_PARALLEL", parallel)
     g = torch.Generator().manual_seed(IN + OUT)
     x = torch.randn(rows, 1, IN, generator=g)
     w, b = torch.randn(OUT, IN, generator=g), (torch.randn(OUT, generator=g) if bias else None)
@@ -147,8 +150,10 @@ def test_linear_decode_matches_torch(kernels, rows, IN, OUT, bias):
     assert kernels.linear_calls == calls + 1
 
 
-def test_fused_linears_of_one_input_match_torch(kernels):
+@pytest.mark.parametrize("parallel", [False, True])
+def test_fused_linears_of_one_input_match_torch(kernels, parallel, monkeypatch):
     """Up to five linear layers of one input in one launch (widths 1 and not multiples of the lanes included)."""
+    monkeypatch.setattr("sessa_compiler.backends.tvm.decode.LINEAR_PARALLEL", parallel)
     g = torch.Generator().manual_seed(9)
     x = torch.randn(2, 1, 40, generator=g)
     layers = [(torch.randn(o, 40, generator=g), torch.randn(o, generator=g) if bias else None)
@@ -174,3 +179,38 @@ def test_decode_kernels_are_opt_in():
         assert (prog.decode_kernels is not None) == used
         with torch.no_grad():
             assert relative_error(y_t, model(x)[:, 4]) <= F32
+
+
+def test_kernel_steps_run_torch_ops_on_one_thread_and_restore_the_count():
+    """Inside a decode step on the TVM kernels torch runs one thread (its exp/erf/tanh/gelu would otherwise wake
+    the OpenMP team for a few hundred numbers); the caller's thread count is back afterwards, also after an error.
+    A prefill and the torch step keep the caller's count."""
+    import sessa_compiler.serving as serving
+
+    model = randomize(SessaLayer(16, n_heads=2), seed=2).eval()
+    x = torch.randn(1, 6, 16)
+    seen = []
+    real_gelu = serving.SEMANTICS["gelu"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        c = sc.compile(model, backend="tvm", options={"decode_kernels": True})
+        cache = c.init_cache(1, max_len=8)
+        _, cache = c.prefill(x[:, :4], cache)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setitem(serving.SEMANTICS, "gelu",
+                       lambda *a, **k: seen.append(torch.get_num_threads()) or real_gelu(*a, **k))
+            prog = next(iter(c._serving.programs.values()))
+            prog._plans.clear()          # plans hold the op functions: rebuilt with the counting gelu
+            y_t, cache = c.decode_step(x[:, 4], cache)
+            assert seen == [1] and torch.get_num_threads() == 2
+            with torch.no_grad():
+                assert relative_error(y_t, model(x[:, :5])[:, 4]) <= F32
+            mp.setitem(serving.SEMANTICS, "gelu", lambda *a, **k: 1 / 0)
+            prog._plans.clear()
+            with pytest.raises(sc.SessaCompilerError, match="ZeroDivisionError"):
+                c.decode_step(x[:, 5], cache)
+            assert torch.get_num_threads() == 2
+            prog._plans.clear()
+    finally:
+        torch.set_num_threads(before)

@@ -21,6 +21,10 @@ CACHE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 BLOCK = 16          # positions per online-softmax block
 ATT_TASKS = 16      # attention: about this many parallel tasks (kv heads x chunks) per batch row
 FB_CHUNKS = 16      # feedback: chunks of cached positions per batch row
+# The step's matrix-vector kernels run on the calling thread: a parallel launch wakes TVM's sleeping worker
+# (TVM_THREAD_POOL_SPIN_COUNT=0, target.py), which cost more than the second core saves on a few MB of weights
+# (SessaLayer(512) step at context 1024 on the 2-core VM: 4.33 ms with parallel ones, 1.60 ms serial).
+LINEAR_PARALLEL = False
 LINEAR_ROWS = 16    # linear layers with at most this many rows (batch x new positions) run as TVM GEMVs
 
 _BUILT: dict = {}
@@ -55,6 +59,7 @@ class DecodeKernels:
         configure_threads()
         self.target = resolve_target(target)
         self.lanes = lanes_for(self.target)
+        self.rows = LINEAR_ROWS  # steps with at most this many rows (batch x positions) run their linears here
         self.calls = 0          # attention and feedback kernel calls
         self.linear_calls = 0
         self._work: dict = {}
@@ -129,8 +134,9 @@ class DecodeKernels:
                 or (b is not None and not _ok(b, torch.float32)) or x.device.type != "cpu"):
             return torch_linear(x, w, b)
         OUT, IN = w.shape
-        key = ("linear_decode", IN, OUT, b is not None, self.lanes)
-        fn = self._build(key, lambda: linear_decode_kernel(IN, OUT, b is not None, self.lanes))
+        par = LINEAR_PARALLEL
+        key = ("linear_decode", IN, OUT, b is not None, self.lanes, par)
+        fn = self._build(key, lambda: linear_decode_kernel(IN, OUT, b is not None, self.lanes, par))
         out = aligned_empty((rows, OUT), torch.float32)
         fn(_arg(x.reshape(rows, IN)), w, b if b is not None else self._workspace((OUT,)), out)
         self.linear_calls += 1
@@ -148,8 +154,9 @@ class DecodeKernels:
         IN = x.shape[-1]
         outs = tuple(int(w.shape[0]) for w, _ in pairs)
         biases = tuple(b is not None for _, b in pairs)
-        key = ("linears_decode", IN, outs, biases, self.lanes)
-        fn = self._build(key, lambda: linears_decode_kernel(IN, outs, biases, self.lanes))
+        par = LINEAR_PARALLEL
+        key = ("linears_decode", IN, outs, biases, self.lanes, par)
+        fn = self._build(key, lambda: linears_decode_kernel(IN, outs, biases, self.lanes, par))
         spare = MAX_FUSED - len(pairs)
         dummy_w, dummy_b = self._workspace((1, IN)), self._workspace((1,))
         results = [aligned_empty((rows, o), torch.float32) for o in outs]

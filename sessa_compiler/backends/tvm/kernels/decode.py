@@ -297,10 +297,11 @@ def feedback_decode_kernel(width: int, scale: float, key_dtype: str, chunks: int
     return feedback_decode
 
 
-def linear_decode_kernel(in_features: int, out_features: int, bias: bool, lanes: int):
+def linear_decode_kernel(in_features: int, out_features: int, bias: bool, lanes: int, parallel: bool = True):
     """``linear_decode(x, w, b, out)``: out [M, OUT] = x [M, IN] @ w[OUT, IN]^T (+ b) for the few rows of a decode
     step (M symbolic); parallel over blocks of output rows, each weight row read once per task while the M
-    input rows stay in L1: the weights, the step's largest read at short contexts, stream once over both cores."""
+    input rows stay in L1: the weights, the step's largest read at short contexts, stream once over both cores.
+    ``parallel=False``: the same loop on the calling thread (no thread-pool launch)."""
     IN, OUT = in_features, out_features
     VL = _lanes(IN, lanes)
     OB = next(b for b in (16, 8, 4, 2, 1) if OUT % b == 0)
@@ -313,7 +314,7 @@ def linear_decode_kernel(in_features: int, out_features: int, bias: bool, lanes:
         Wt = T.match_buffer(w_h, (OUT, IN), F32)
         Bb = T.match_buffer(b_h, (OUT,), F32)
         O = T.match_buffer(o_h, (m, OUT), F32)
-        for task in T.parallel(OUT // OB):
+        for task in T.parallel(OUT // OB) if parallel else T.serial(OUT // OB):
             part = T.alloc_buffer((VL,), F32, scope="local")
             for r in T.serial(OB):
                 for i in T.serial(m):
@@ -344,11 +345,11 @@ def linear_decode_kernel(in_features: int, out_features: int, bias: bool, lanes:
 MAX_FUSED = 5   # linear layers of one input run by one linears_decode call
 
 
-def linears_decode_kernel(in_features: int, outs: tuple, biases: tuple, lanes: int):
+def linears_decode_kernel(in_features: int, outs: tuple, biases: tuple, lanes: int, parallel: bool = True):
     """``linears_decode(x, w0..w4, b0..b4, o0..o4)``: up to MAX_FUSED linear layers reading the same input x [M, IN]
     in one parallel loop over all their output rows (one launch of the thread pool instead of one per layer).
     ``outs[i]`` is layer i's output width (0: an unused slot, given a dummy buffer); ``biases[i]`` whether it has
-    a bias (else its bias buffer is a dummy and never read)."""
+    a bias (else its bias buffer is a dummy and never read). ``parallel=False``: the loop on the calling thread."""
     IN = in_features
     VL = _lanes(IN, lanes)
     O = tuple(outs) + (0,) * (MAX_FUSED - len(outs))
@@ -404,7 +405,7 @@ def linears_decode_kernel(in_features: int, outs: tuple, biases: tuple, lanes: i
         O2 = T.match_buffer(o2_h, (m, S[2]), F32)
         O3 = T.match_buffer(o3_h, (m, S[3]), F32)
         O4 = T.match_buffer(o4_h, (m, S[4]), F32)
-        for o in T.parallel(TOTAL):
+        for o in T.parallel(TOTAL) if parallel else T.serial(TOTAL):
             part = T.alloc_buffer((VL,), F32, scope="local")
             if o < C1:
                 row(X, W0, B0, O0, o, m, part, HB[0])
