@@ -476,3 +476,47 @@ def test_index_select_gqa_is_folded_only_when_it_repeats_kv_heads(tiled):
     assert attention.inputs[1].type.shape[2] == (4 if tiled else 2), str(tr.graph)
     assert ("fallback" in ops) == tiled, str(tr.graph)
     check_outputs(tr, m)
+
+
+class TorchMHA(nn.Module):
+    """torch.nn.MultiheadAttention with a causal mask, as many baselines write it."""
+
+    def __init__(self, bool_mask: bool, need_weights: bool):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.bool_mask, self.need_weights = bool_mask, need_weights
+
+    def forward(self, x):
+        T = x.shape[1]
+        mask = (torch.triu(torch.ones(T, T, dtype=torch.bool, device=x.device), 1) if self.bool_mask
+                else nn.Transformer.generate_square_subsequent_mask(T, device=x.device))
+        return self.mha(x, x, x, attn_mask=mask, need_weights=self.need_weights)[0]
+
+
+class TorchEncoderLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1], device=x.device)
+        return self.layer(x, src_mask=mask, is_causal=True)
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+@pytest.mark.parametrize("make", [lambda: TorchMHA(True, False), lambda: TorchMHA(False, False),
+                                  lambda: TorchMHA(True, True), TorchEncoderLayer],
+                         ids=["mha-bool-mask", "mha-float-mask", "mha-need-weights", "encoder-layer"])
+def test_torch_nn_attention_with_a_causal_mask_is_recognised(make, backend):
+    """torch.nn's own attention modules, given a causal mask (boolean or -inf float, with or without the
+    averaged weights computed): one attention op, no fallback, the module's outputs at T = 1 and lengths off
+    any block size."""
+    torch.manual_seed(0)
+    m = make().eval()
+    c = sc.compile(m, backend=backend)
+    for T in (1, 9, 17):
+        x = torch.randn(2, T, 16)
+        with torch.no_grad():
+            assert rel(c(x), m(x)) <= 1e-5
+    counts = op_counts(c.graph)
+    assert counts.get("attention") == 1 and not counts.get("fallback"), counts
