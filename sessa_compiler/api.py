@@ -236,8 +236,7 @@ def _traced_call(module: "CompiledModule", args: tuple, kwargs: dict):
     Where the function runs as it is (backend="eager"), the inputs are real and the compiled module runs them."""
     if not _being_traced(args, kwargs):
         return module(*args, **kwargs)
-    outs = module._export_call(args, kwargs, _core_op_impls(module, pytree.tree_leaves((args, kwargs))))
-    return module._orig_mod(*args, **kwargs) if outs is None else outs
+    return module._export_call(args, kwargs, _core_op_impls(module, pytree.tree_leaves((args, kwargs))))
 
 
 _DYNAMO_CALL: list = []  # [nonstrict_trace(_traced_call)], made at the first trace (torch.export loads dynamo;
@@ -428,8 +427,7 @@ class CompiledModule(torch.nn.Module):
             if torch.compiler.is_dynamo_compiling():
                 # the wrapper exists once anything was traced (before, no traced graph fits anyway)
                 return _DYNAMO_CALL[0](self, args, kwargs) if _DYNAMO_CALL else self._orig_mod(*args, **kwargs)
-            outs = self._export_call(args, kwargs)
-            return self._orig_mod(*args, **kwargs) if outs is None else outs
+            return self._export_call(args, kwargs)
         check_keywords(kwargs, InputError, f"compiled {type(self._orig_mod).__name__}: ")
         if self.backend_name == "eager":  # torch ops only: calls run concurrently once the graph is chosen
             with self._lock:
@@ -441,10 +439,11 @@ class CompiledModule(torch.nn.Module):
             return self._call(traced, runner, params, args, kwargs)
 
     def _export_call(self, args, kwargs, impls: dict = LIBRARY_OPS):
-        """The call as torch.export should record it, or None when no traced graph fits (then the original's
-        code is recorded): a traced graph whose train/eval modes, inputs (count, ranks, dtypes) and parameter
-        types fit, run by the IR interpreter with symbolic sizes, attention, feedback and scan as
-        torch.ops.sessa_compiler.attention/.feedback/.selective_scan (LIBRARY_OPS), every other op as torch."""
+        """The call as torch.export (or torch.compile) should record it: a traced graph whose train/eval modes,
+        inputs (count, ranks, dtypes) and parameter types fit, run by the IR interpreter with symbolic sizes,
+        attention, feedback and scan as ``impls`` gives them (LIBRARY_OPS:
+        torch.ops.sessa_compiler.attention/.feedback/.selective_scan), every other op as torch; the original's
+        code when no traced graph fits."""
         from .semantics import run_graph, symbolic_binding
 
         modes = _modes(self._orig_mod)
@@ -460,7 +459,7 @@ class CompiledModule(torch.nn.Module):
                 continue
             outs = run_graph(graph, inputs, params, binding=symbolic_binding(graph, inputs), impls=impls)
             return pytree.tree_unflatten(list(outs), traced.out_spec)
-        return None
+        return self._orig_mod(*args, **kwargs)
 
     def _prepare_call(self, args, kwargs):
         """(traced graph, runner, live parameters) for this call: traces on the first call, and again when

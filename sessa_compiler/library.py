@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from .semantics.core import (FEEDBACK_GRAD_CHUNK, attention_ref, feedback_autograd, feedback_backward, feedback_ref,
-                             feedback_setup_context)
+from .semantics.core import (FEEDBACK_GRAD_CHUNK, attention_autograd, attention_ref, attention_setup_context,
+                             feedback_autograd, feedback_backward, feedback_ref, feedback_setup_context)
 from .models.scan_op import selective_scan
 
 __all__ = ["attention", "feedback", "selective_scan", "feedback_backward", "FEEDBACK_GRAD_CHUNK"]
@@ -40,22 +40,7 @@ def _attention_fake(q, k, v, inv_freq, scale, causal):
     return q.new_empty((*q.shape[:3], v.shape[3]))
 
 
-def _attention_setup(ctx, inputs, output):
-    q, k, v, inv_freq, scale, causal = inputs
-    ctx.scale, ctx.causal, ctx.rope = scale, causal, inv_freq is not None
-    ctx.save_for_backward(q, k, v, inv_freq if inv_freq is not None else q.new_empty(0))
-
-
-def _attention_backward(ctx, grad):
-    q, k, v, inv_freq = ctx.saved_tensors
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    with torch.enable_grad():
-        out = attention_ref(*leaves, ctx.scale, ctx.causal, inv_freq if ctx.rope else None)
-    dq, dk, dv = torch.autograd.grad(out, leaves, grad)
-    return dq, dk, dv, None, None, None
-
-
-attention.register_autograd(_attention_backward, setup_context=_attention_setup)
+attention.register_autograd(attention_autograd, setup_context=attention_setup_context)
 
 
 # -- feedback ----------------------------------------------------------------------------------------------

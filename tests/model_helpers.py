@@ -12,3 +12,15 @@ def randomize(m, gamma_bias=None, seed=0):
             if name.endswith("gamma_bias") and gamma_bias is not None:
                 p.fill_(gamma_bias)
     return m.eval()
+
+
+def scan_inputs(B, T, d_inner, n, seed=0) -> list:
+    """Selective-scan operands (u, delta, A, B, C, D) for the Triton kernel and op tests: delta in [0, 0.5),
+    A negative."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.randn(B, T, d_inner, generator=gen)
+    dt = torch.rand(B, T, d_inner, generator=gen) * 0.5
+    A = -torch.rand(d_inner, n, generator=gen) * 3
+    Bm, Cm = torch.randn(B, T, n, generator=gen), torch.randn(B, T, n, generator=gen)
+    D = torch.randn(d_inner, generator=gen)
+    return [u, dt, A, Bm, Cm, D]

@@ -38,16 +38,14 @@ import sessa_compiler as sc
 from sessa_compiler.backends.eager import run_graph
 from sessa_compiler.frontend import trace_with_report
 from sessa_compiler.models import SessaLayer
-from model_helpers import randomize
 from styles.dense_solve_style import DenseSolveSessaLayer
 from styles.inverse_nan_style import InverseNanSessaLayer
 from styles.time_loop_style import TimeLoopSessaLayer
+from test_recognition_styles import CONFIGS, load, rel
 from test_styles import spec_sessa_layer
 
 STYLES = {"dense_solve": DenseSolveSessaLayer, "inverse_nan": InverseNanSessaLayer,
           "time_loop": TimeLoopSessaLayer}
-CONFIGS = {"gqa_rope": dict(D=16, n_heads=4, n_kv_heads=2),
-           "one_head_max_len_no_rope": dict(D=16, n_heads=1, max_len=40, use_forward_rope=False)}
 # the core ops each style compiles to (no fallback op is left in any of them)
 EXPECTED = {"dense_solve": {"attention": 1, "feedback": 1}, "inverse_nan": {"attention": 1, "feedback": 1},
             "time_loop": {"attention": 1}}
@@ -55,19 +53,6 @@ EXPECTED = {"dense_solve": {"attention": 1, "feedback": 1}, "inverse_nan": {"att
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread):
     yield
-
-
-def rel(a, b) -> float:
-    a, b = torch.as_tensor(a).to(torch.float64), torch.as_tensor(b).to(torch.float64)
-    return ((a - b).abs().max() / b.abs().max()).item()
-
-
-def load(cls, config: str, dtype=torch.float32, gamma_bias=None, seed=0):
-    kwargs = CONFIGS[config]
-    ref = randomize(SessaLayer(**kwargs), gamma_bias=gamma_bias, seed=seed).to(dtype)
-    m = cls(**kwargs).to(dtype).eval()
-    m.load_state_dict(ref.state_dict(), strict=True)
-    return m, ref
 
 
 def op_counts(graph) -> dict:

@@ -49,13 +49,18 @@ def rel(a, b) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def build(style: str, config: str, dtype=torch.float32, gamma_bias=None, seed=0):
-    """The style with the weights of a randomised reference SessaLayer (loaded strictly)."""
+def load(cls, config: str, dtype=torch.float32, gamma_bias=None, seed=0):
+    """A layer class with the weights of a randomised reference SessaLayer (loaded strictly): (layer, reference)."""
     kwargs = CONFIGS[config]
     ref = randomize(SessaLayer(**kwargs), gamma_bias=gamma_bias, seed=seed).to(dtype)
-    m = STYLES[style](**kwargs).to(dtype).eval()
+    m = cls(**kwargs).to(dtype).eval()
     m.load_state_dict(ref.state_dict(), strict=True)
     return m, ref
+
+
+def build(style: str, config: str, dtype=torch.float32, gamma_bias=None, seed=0):
+    """The style with the weights of a randomised reference SessaLayer (loaded strictly)."""
+    return load(STYLES[style], config, dtype, gamma_bias, seed)
 
 
 def op_counts(graph) -> dict:

@@ -24,6 +24,7 @@ from sessa_compiler.backends.triton.scan import generate_scan, launch_scan
 from sessa_compiler.backends.triton.tri_solve import generate_tri_solve, launch_tri_solve
 from sessa_compiler.errors import InputError, UnsupportedError
 from sessa_compiler.ir import parse
+from model_helpers import scan_inputs
 
 CANARY = 1234.5
 PAD = 64
@@ -167,16 +168,6 @@ def scan_node(d_inner, n):
   %y: f32[B, T, {d_inner}] = scan_chunked(%u, %dt, %A, %Bm, %Cm, %D) {{chunk_size=16}}
   return %y
 }}""").nodes[0]
-
-
-def scan_inputs(B, T, d_inner, n, seed):
-    gen = torch.Generator().manual_seed(seed)
-    u = torch.randn(B, T, d_inner, generator=gen)
-    dt = torch.rand(B, T, d_inner, generator=gen) * 0.5
-    A = -torch.rand(d_inner, n, generator=gen) * 3
-    Bm, Cm = torch.randn(B, T, n, generator=gen), torch.randn(B, T, n, generator=gen)
-    D = torch.randn(d_inner, generator=gen)
-    return u, dt, A, Bm, Cm, D
 
 
 SCAN_DT = dict.fromkeys(["u", "delta", "A", "B", "C", "D"], "f32")

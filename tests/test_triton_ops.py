@@ -19,20 +19,11 @@ import torch
 import sessa_compiler  # noqa: F401  (registers torch.ops.sessa_compiler.selective_scan)
 from sessa_compiler.semantics.core import feedback_ref
 from sessa_compiler.tolerance import TOLERANCE, relative_error
+from model_helpers import scan_inputs
 
 triton_env.require_interpreter()
 pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def scan_inputs(B, T, d_inner, n, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    u = torch.randn(B, T, d_inner, generator=gen)
-    dt = torch.rand(B, T, d_inner, generator=gen) * 0.5
-    A = -torch.rand(d_inner, n, generator=gen) * 3
-    Bm, Cm = torch.randn(B, T, n, generator=gen), torch.randn(B, T, n, generator=gen)
-    D = torch.randn(d_inner, generator=gen)
-    return [u, dt, A, Bm, Cm, D]
 
 
 def test_scan_triton_op_matches_the_custom_op_forward_and_backward():
@@ -167,13 +158,14 @@ def test_feedback_triton_op_backward_matches_the_custom_op(small_chunks):
         assert relative_error(a.grad, b.grad) <= TOLERANCE[torch.float32]
 
 
-TRACE = r"""
+# The start of both programs below: AOT autograd hands `compiler` its forward graph, which raises with the graph's
+# call targets and the names of the Triton kernels its wrap_triton launches run.
+RECORDER = r"""
 import torch
 from torch._functorch.aot_autograd import aot_function
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from torch._subclasses.fake_tensor import FakeTensorMode
 import sessa_compiler
-from sessa_compiler.backends.triton import ops
 
 class Seen(Exception):
     pass
@@ -184,6 +176,24 @@ def compiler(gm, example_inputs):
     kernels = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in calls
                if "triton_kernel_wrapper" in str(n.target)]
     raise Seen(repr((names, kernels)))
+"""
+
+
+def run_traced(program: str, tmp_path) -> str:
+    """RECORDER + program in a process with Triton's interpreter off (kernels and caches under tmp_path): its
+    stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), SESSA_COMPILER_KERNEL_DIR=str(tmp_path / "kernels"),
+               TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), SESSA_COMPILER_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, "-c", RECORDER + program], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+TRACE = r"""
+import sessa_compiler
+from sessa_compiler.backends.triton import ops
 
 with FakeTensorMode():
     shapes = [(2, 9, 20), (2, 9, 20), (20, 5), (2, 9, 5), (2, 9, 5), (20,)]
@@ -209,13 +219,9 @@ with FakeTensorMode():
 
 
 def test_aot_autograd_sees_the_kernel_launches_on_cuda_tensors(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(ROOT), SESSA_COMPILER_KERNEL_DIR=str(tmp_path / "kernels"),
-               TRITON_CACHE_DIR=str(tmp_path / "triton-cache"))
-    out = subprocess.run([sys.executable, "-c", TRACE], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.strip().splitlines()
-    assert len(lines) == 3, out.stdout
+    stdout = run_traced(TRACE, tmp_path)
+    lines = stdout.strip().splitlines()
+    assert len(lines) == 3, stdout
     (scan_names, scan_kernels), (attention_names, attention_kernels), (feedback_names, feedback_kernels) = (
         eval(line) for line in lines)  # noqa: S307
     assert "triton_kernel_wrapper_functional" in scan_names, scan_names
@@ -233,23 +239,9 @@ def test_aot_autograd_sees_the_kernel_launches_on_cuda_tensors(tmp_path):
 
 
 COMPILED_TRACE = r"""
-import torch
-from torch._functorch.aot_autograd import aot_function
-from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-from torch._subclasses.fake_tensor import FakeTensorMode
 import sessa_compiler as sc
 from sessa_compiler import api
 from sessa_compiler.models import SessaMixer
-
-class Seen(Exception):
-    pass
-
-def compiler(gm, example_inputs):
-    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
-    names = [str(n.target) for n in calls]
-    kernels = [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__ for n in calls
-               if "triton_kernel_wrapper" in str(n.target)]
-    raise Seen(repr((names, kernels)))
 
 class Holder(torch.nn.Module):   # torch.compile's call of the compiled module, parameters as graph inputs
     def __init__(self, c):
@@ -282,13 +274,8 @@ def test_torch_compile_of_a_compiled_module_on_cuda_records_the_triton_ops(tmp_p
     triton_ops, so the graph handed to Inductor holds their kernel launches (checked as AOT autograd traces
     the compiled module's call on fake CUDA tensors, T = 300: two outer chunks of the feedback's solve); a
     module compiled for eager records the portable custom ops."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=str(ROOT), SESSA_COMPILER_KERNEL_DIR=str(tmp_path / "kernels"),
-               TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), SESSA_COMPILER_CACHE_DIR=str(tmp_path / "cache"))
-    program = COMPILED_TRACE.replace("BACKEND", repr(backend))
-    out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    names, kernels = eval(out.stdout.strip().splitlines()[-1])  # noqa: S307
+    stdout = run_traced(COMPILED_TRACE.replace("BACKEND", repr(backend)), tmp_path)
+    names, kernels = eval(stdout.strip().splitlines()[-1])  # noqa: S307
     if backend == "eager":
         assert kernels == [] and {"sessa_compiler.attention.default", "sessa_compiler.feedback.default"} <= set(names)
         return

@@ -41,7 +41,8 @@ from torch.library import triton_op, wrap_triton
 from ...dtypes import from_torch
 from ...ir import parse
 from ...passes.chunk_feedback import FeedbackCost
-from ...semantics.core import attention_ref, feedback_autograd, feedback_ref, feedback_setup_context
+from ...semantics.core import (attention_autograd, attention_ref, attention_setup_context, feedback_autograd,
+                               feedback_ref, feedback_setup_context)
 from .attention import generate_attention
 from .codegen import KERNEL_CACHE, KERNEL_DTYPES
 from .feedback import (default_outer_chunk, generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse,
@@ -152,22 +153,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq
     return out
 
 
-def _attention_setup(ctx, inputs, output):
-    q, k, v, inv_freq, scale, causal = inputs
-    ctx.scale, ctx.causal, ctx.rope = scale, causal, inv_freq is not None
-    ctx.save_for_backward(q, k, v, inv_freq if inv_freq is not None else q.new_empty(0))
-
-
-def _attention_backward(ctx, grad):
-    q, k, v, inv_freq = ctx.saved_tensors
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    with torch.enable_grad():
-        out = torch.ops.sessa_compiler.attention(*leaves, inv_freq if ctx.rope else None, ctx.scale, ctx.causal)
-    dq, dk, dv = torch.autograd.grad(out, leaves, grad)
-    return dq, dk, dv, None, None, None
-
-
-attention_triton.register_autograd(_attention_backward, setup_context=_attention_setup)
+attention_triton.register_autograd(attention_autograd, setup_context=attention_setup_context)
 
 
 # The feedback's blocked kernels: None takes the chunk-feedback pass's cost model (at its assumed T, since one kernel
