@@ -21,6 +21,7 @@ from .dtypes import from_torch, to_torch
 from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
 from .frontend.trace import Traced, check_keywords, trace_with_report
 from .ir.ops import CORE, OPS
+from .persistent_cache import collecting
 from .serving import SERVING_METHODS as _SERVING_METHODS
 from .tolerance import TOLERANCE, relative_error  # noqa: F401  (re-exported: sessa_compiler.api.TOLERANCE)
 
@@ -117,7 +118,8 @@ def run_with_autograd(backend, runner, graph, args: list, params: dict, eager_ru
 _INTERPRETER_LOCK = threading.Lock()
 # per-call state, rebuilt after unpickling (see CompiledModule.__getstate__)
 _RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_contexts", "_variants", "_lock", "_fresh", "_live",
-            "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces", "_serving")
+            "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces", "_serving",
+            "trace_cache_why", "cache_notes")
 ORIGINAL = "_orig_mod"  # the original module's attribute name (as torch.compile's OptimizedModule names it)
 
 
@@ -288,8 +290,9 @@ class CompiledModule(torch.nn.Module):
         self.autotune = autotune  # True, or tune settings: {"budget": ..., "progress": ..., "cache": ...}
         self._init_runtime()
         if example_inputs is not None:
-            self._trace(tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,),
-                        example_kwargs)
+            inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+            with collecting(self.cache_notes):
+                self._trace(inputs, example_kwargs)
 
     def _init_runtime(self) -> None:
         self._backend = get_backend(self.backend_name, **self._options)
@@ -307,6 +310,8 @@ class CompiledModule(torch.nn.Module):
         self.retraces: list = []    # why each trace after the first was made
         self.trace_seconds = None
         self.trace_cache = None     # "hit", "miss" or "off": whether the last trace came from the compile cache
+        self.trace_cache_why = None  # why not (a miss's reason, or why the trace is not cacheable)
+        self.cache_notes = collections.Counter()  # (cache, outcome) -> count, for explain()
         self.tune_results: list = []
         self.tune_seconds = 0.0
 
@@ -373,19 +378,23 @@ class CompiledModule(torch.nn.Module):
         self.trace_seconds = time.perf_counter() - start
 
     def _cached_trace(self, args: tuple, kwargs: dict | None) -> Traced:
-        """trace_with_report, through the persistent compile cache (compile_cache.py)."""
+        """trace_with_report, through the persistent compile cache (compile_cache.py): an entry is used only
+        when its manifest (what the trace ran) still holds in this process."""
         from . import compile_cache
 
-        key = compile_cache.module_key(self._orig_mod, args, kwargs, _modes(self._orig_mod)) \
+        why: list = []
+        key = compile_cache.module_key(self._orig_mod, args, kwargs, _modes(self._orig_mod), why) \
             if compile_cache.enabled() else None
-        traced = compile_cache.load(key, self._orig_mod) if key else None
+        traced = compile_cache.load(key, self._orig_mod, why) if key else None
         if traced is not None and _why_not(traced, args, kwargs) is not None:
             traced = None  # cached from sizes on another path through size-dependent code: trace this one
+            why.append("the entry was traced on another path through size-dependent code")
         self.trace_cache = "hit" if traced is not None else ("miss" if key else "off")
+        self.trace_cache_why = "; ".join(why) or None
         if traced is None:
-            traced = trace_with_report(self._orig_mod, args, kwargs)
-            if key:
-                compile_cache.store(key, traced, self._orig_mod)
+            traced = compile_cache.recorded_trace(lambda: trace_with_report(self._orig_mod, args, kwargs),
+                                                  self._orig_mod, key, why)
+            self.trace_cache_why = "; ".join(why) or None
         return traced
 
     def __getattr__(self, name):
@@ -465,10 +474,11 @@ class CompiledModule(torch.nn.Module):
         """(traced graph, runner, live parameters) for this call: traces on the first call, and again when
         no earlier trace fits (keyword signature, size guards, train/eval modes, parameter dtypes/shapes)."""
         params = None
-        if self._traced is None:
-            self._trace(args, kwargs)
-        else:
-            params = self._select_variant(args, kwargs)
+        with collecting(self.cache_notes):
+            if self._traced is None:
+                self._trace(args, kwargs)
+            else:
+                params = self._select_variant(args, kwargs)
         if params is None:
             params = self._live.read(self._orig_mod)
         self._traced.graph.params.update(params)  # .graph shows the weights the last call used
@@ -481,7 +491,8 @@ class CompiledModule(torch.nn.Module):
         self._check_devices(inputs, params)
         first = id(runner) in self._fresh  # a lazy backend (auto) builds its kernels at the first call
         self._fresh.discard(id(runner))
-        with _progress(f"sessa_compiler: first call of {type(self._orig_mod).__name__} (builds kernels)", first):
+        with _progress(f"sessa_compiler: first call of {type(self._orig_mod).__name__} (builds kernels)", first), \
+                (collecting(self.cache_notes) if first else contextlib.nullcontext()):
             if self._interpreted(inputs):
                 with _INTERPRETER_LOCK:
                     outs = self._run(inputs, graph, runner, params)
@@ -576,6 +587,20 @@ class CompiledModule(torch.nn.Module):
                     f"(backend {self._backend.name}; core ops in the graph: {', '.join(core) or 'none'})")
 
     # -- reporting -------------------------------------------------------------------------------------
+    def _cache_report(self) -> str:
+        """Which stages came from the persistent caches (docs/caching.md)."""
+        trace = {"hit": "traced graph from the compile cache",
+                 "miss": "traced graph not in the compile cache (traced)",
+                 "off": "compile cache off or not usable (traced)"}.get(self.trace_cache, "traced")
+        if self.trace_cache_why and self.trace_cache != "hit":
+            trace += f": {self.trace_cache_why}"
+        parts = [trace]
+        for cache, label in (("TVM library", "TVM libraries"), ("tuned config", "tuned configs")):
+            counts = {o: c for (k, o), c in self.cache_notes.items() if k == cache}
+            if counts:
+                parts.append(f"{label}: " + ", ".join(f"{c} {o}" for o, c in sorted(counts.items())))
+        return "caches: " + "; ".join(parts)
+
     def explain(self) -> str:
         """A readable report: recognised ops, rejected candidates, fallbacks, backend and kernels."""
         if self._traced is None:
@@ -586,6 +611,7 @@ class CompiledModule(torch.nn.Module):
                  f"  inputs: {', '.join(f'%{v.name}: {v.type}' for v in g.inputs)}",
                  f"  {len(g.nodes)} ops, {len(g.param_values)} parameters"
                  + (f", traced in {self.trace_seconds:.2f} s" if self.trace_seconds else "")]
+        lines.append("  " + self._cache_report())
         if self._traced.constants:
             names = self._traced.leaf_names
             lines.append("  keyword constants baked into this graph (a call with others traces again): " +

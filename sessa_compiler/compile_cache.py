@@ -2,48 +2,224 @@
 disk under ``$SESSA_COMPILER_CACHE_DIR`` (default: the user's cache directory), so a new process skips
 torch.export, the recognisers and the TVM build.
 
-A traced graph is keyed by the module's code (the files that define its submodules' classes, and this
-package's own source; helpers imported from other files are not in the key), its configuration
-(each submodule's type, ``extra_repr()`` and plain attributes), the names, shapes and dtypes of its
-parameters and buffers, its train/eval modes, the call's structure (ranks, dtypes, devices and static
-sizes of the tensors, keyword constants) and the versions of torch, triton, tvm and this package. A
-changed module or version misses; an entry that does not load (truncated, corrupt, foreign) is moved
-aside and the module is traced again. ``SESSA_COMPILER_COMPILE_CACHE=0`` turns the cache off.
+An entry is found by a primary key and then validated against a manifest recorded while tracing:
 
-Entries are pickles: load them only from a cache directory you trust (as with torch.compile's cache).
+- primary key (``module_key``): the module's structure (each submodule's name, class and ``extra_repr()``),
+  the files that define its submodules' classes, every submodule's non-tensor attributes (fingerprinted
+  recursively: config objects, functions by their code, defaults and closures; hooks; an instance-level
+  ``forward``), each submodule's resolved ``forward``, the global module hooks, the names, shapes and dtypes
+  of its parameters and buffers, its train/eval modes, the call's structure (ranks, dtypes, devices, static
+  sizes, keyword constants) and the versions of Python, torch, triton, tvm, onnx and this package's source.
+- manifest (``Recorder``): every Python function that ran while tracing outside torch, the standard library
+  and this package (those are keyed by version and package hash): its code (bytecode, constants incl. nested
+  code, names, file, qualified name), the file it came from (content hash), where it can be found again
+  (module + qualified name, or module-level names bound to it) with its defaults and closure, and the value
+  of every module global it read; code from other installed libraries is keyed by the library's version.
+
+On lookup every manifest item is re-resolved in the current process and compared: an edited helper in
+another file, a monkeypatched function, a changed global constant or an upgraded library misses (the module
+is traced again and the entry replaced). A value that cannot be fingerprinted (a lock, an open file, ...)
+makes the trace uncacheable: no entry rather than a possibly stale one. An entry that does not load or
+validate is a miss; a corrupt one is moved aside. ``SESSA_COMPILER_COMPILE_CACHE=0`` turns the cache off.
+
+Entries are pickles: they are read only from a directory owned by the current user and not writable by
+others (persistent_cache.trusted). See docs/caching.md.
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
+import functools
 import hashlib
 import inspect
 import os
 import pickle
+import sys
 import tempfile
+import threading
+import types
 import warnings
 from pathlib import Path
 
 import torch
 
-from .persistent_cache import cache_dir, package_hash, stable_hash
+from .persistent_cache import cache_dir, make_private_dir, package_hash, stable_hash, trusted
 from .persistent_cache import compile_cache_enabled as enabled  # noqa: F401  (compile_cache.enabled())
 
-ENTRY_FORMAT = 1
-_PLAIN = (bool, int, float, str, type(None))
+ENTRY_FORMAT = 2
+_PLAIN = (bool, int, float, complex, str, bytes, type(None))
+# code from these top-level packages is keyed by their versions / this package's hash, not recorded
+_KEYED_ELSEWHERE = frozenset(sys.stdlib_module_names) | {"torch", "torchgen", "functorch", "sessa_compiler",
+                                                         "builtins", "__future__"}
+_MAX_DEPTH = 12
+_MAX_TENSOR_BYTES = 1 << 26  # plain tensor attributes / globals hashed by content up to 64 MiB
 
 
-def _plain(value) -> bool:
-    if isinstance(value, _PLAIN):
-        return True
-    if isinstance(value, (tuple, list)):
-        return all(_plain(v) for v in value)
-    return False
+class NotKeyable(Exception):
+    """A value the cache cannot fingerprint: whatever depends on it is not cached."""
+
+
+def _keyed_elsewhere(module_name) -> bool:
+    return not isinstance(module_name, str) or module_name.partition(".")[0] in _KEYED_ELSEWHERE
+
+
+# -- fingerprints ---------------------------------------------------------------------------------------------
+_CODE_FP: dict = {}
+_CODE_LOCK = threading.Lock()
+
+
+def code_fingerprint(code: types.CodeType) -> str:
+    """sha256 of what a code object does: bytecode, constants (nested code recursively), names, variables,
+    file and qualified name (line numbers are left out)."""
+    fp = _CODE_FP.get(code)
+    if fp is not None:
+        return fp
+    h = hashlib.sha256()
+    for part in (code.co_code, code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars,
+                 code.co_filename, code.co_qualname, code.co_argcount, code.co_posonlyargcount,
+                 code.co_kwonlyargcount, code.co_flags):
+        h.update(repr(part).encode())
+        h.update(b"\0")
+    for c in code.co_consts:
+        h.update(code_fingerprint(c).encode() if isinstance(c, types.CodeType) else _const_repr(c).encode())
+        h.update(b"\0")
+    fp = h.hexdigest()
+    with _CODE_LOCK:
+        if len(_CODE_FP) > 100_000:
+            _CODE_FP.clear()
+        _CODE_FP[code] = fp
+    return fp
+
+
+def _const_repr(c) -> str:
+    if isinstance(c, frozenset):  # iteration order depends on the process's string hashing
+        return "frozenset(" + ",".join(sorted(_const_repr(x) for x in c)) + ")"
+    if isinstance(c, tuple):
+        return "(" + ",".join(_const_repr(x) for x in c) + ")"
+    return f"{type(c).__name__}:{c!r}"
+
+
+def fingerprint(value) -> str:
+    """sha256 of a value as far as a trace could depend on it; raises NotKeyable for what it cannot see
+    into (then the caller does not cache)."""
+    return hashlib.sha256(repr(_fp(value, 0, set())).encode()).hexdigest()
+
+
+def _name(obj) -> str:
+    return f"{getattr(obj, '__module__', None)}.{getattr(obj, '__qualname__', getattr(obj, '__name__', '?'))}"
+
+
+def _fp(v, depth: int, active: set):
+    if isinstance(v, _PLAIN):
+        return (type(v).__name__, repr(v))
+    if depth > _MAX_DEPTH:
+        raise NotKeyable(f"a value nested more than {_MAX_DEPTH} levels deep ({type(v).__name__})")
+    if isinstance(v, enum.Enum):
+        return ("enum", _name(type(v)), v.name)
+    if isinstance(v, (torch.dtype, torch.device, torch.layout, torch.memory_format, torch.Size)):
+        return ("torch", repr(v))
+    if isinstance(v, types.ModuleType):
+        return ("module", v.__name__)
+    if isinstance(v, type):
+        return ("class", _name(v))
+    if isinstance(v, (types.BuiltinFunctionType, types.BuiltinMethodType)):
+        owner = getattr(v, "__self__", None)
+        return ("builtin", getattr(v, "__module__", None), getattr(v, "__qualname__", None),
+                None if owner is None or isinstance(owner, types.ModuleType) else _fp(owner, depth + 1, active))
+    if isinstance(v, torch.Tensor):
+        if type(v) not in (torch.Tensor, torch.nn.Parameter) or v.is_meta:
+            raise NotKeyable(f"a {type(v).__name__} tensor")
+        nbytes = v.numel() * v.element_size()
+        if nbytes > _MAX_TENSOR_BYTES:
+            raise NotKeyable(f"a tensor of {nbytes} bytes outside the module's parameters and buffers")
+        data = v.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        digest = hashlib.sha256(data.numpy().tobytes()).hexdigest()
+        return ("tensor", str(v.dtype), tuple(v.shape), v.device.type, digest)
+    key = id(v)
+    if key in active:
+        return ("cycle", type(v).__name__)
+    active.add(key)
+    try:
+        return _fp_container(v, depth + 1, active)
+    finally:
+        active.discard(key)
+
+
+def _fp_container(v, depth: int, active: set):
+    if isinstance(v, (tuple, list)):
+        return (type(v).__name__, tuple(_fp(x, depth, active) for x in v))
+    if isinstance(v, (set, frozenset)):
+        return (type(v).__name__, tuple(sorted(repr(_fp(x, depth, active)) for x in v)))
+    if isinstance(v, types.MappingProxyType):
+        v = dict(v)
+    if isinstance(v, dict):  # in order: code may iterate it
+        return (type(v).__name__, tuple((_fp(k, depth, active), _fp(x, depth, active)) for k, x in v.items()))
+    if isinstance(v, types.FunctionType):
+        if _keyed_elsewhere(v.__module__):
+            return ("fn", _name(v))
+        cells = []
+        for c in v.__closure__ or ():
+            try:
+                cells.append(_fp(c.cell_contents, depth, active))
+            except ValueError:  # an empty cell
+                cells.append(("empty",))
+        return ("fn", _name(v), code_fingerprint(v.__code__), _fp(v.__defaults__, depth, active),
+                _fp(v.__kwdefaults__, depth, active), tuple(cells))
+    if isinstance(v, types.MethodType):
+        return ("method", _fp(v.__func__, depth, active), _name(type(v.__self__)))
+    if isinstance(v, functools.partial):
+        return ("partial", _fp(v.func, depth, active), _fp(v.args, depth, active), _fp(v.keywords, depth, active))
+    if isinstance(v, (property, staticmethod, classmethod)):
+        return (type(v).__name__, _fp(getattr(v, "fget", None) or v.__func__, depth, active))
+    if isinstance(v, torch.nn.Module):
+        raise NotKeyable(f"a {type(v).__name__} module held outside the module tree")
+    if dataclasses.is_dataclass(v):
+        return ("dataclass", _name(type(v)),
+                tuple((f.name, _fp(getattr(v, f.name), depth, active)) for f in dataclasses.fields(v)))
+    if type(v).__module__.partition(".")[0] == "numpy" and hasattr(v, "tobytes"):
+        return ("numpy", type(v).__name__, str(getattr(v, "dtype", "")), getattr(v, "shape", ()),
+                hashlib.sha256(v.tobytes()).hexdigest())
+    state = getattr(v, "__dict__", None)
+    slots = [s for k in type(v).__mro__ for s in _slots(k) if s not in ("__dict__", "__weakref__")]
+    if isinstance(state, dict) or slots:  # a config object: by class and fields
+        fields = dict(state or {})
+        fields.update((s, getattr(v, s)) for s in slots if hasattr(v, s))
+        return ("object", _name(type(v)), _fp(fields, depth, active))
+    raise NotKeyable(f"a {_name(type(v))} object")
+
+
+def _slots(klass) -> tuple:
+    slots = getattr(klass, "__slots__", ())
+    return (slots,) if isinstance(slots, str) else tuple(slots)
+
+
+# -- the primary key ------------------------------------------------------------------------------------------
+_FILE_HASHES: dict = {}
+
+
+def file_hash(path: str) -> str | None:
+    """sha256 of a file's content (memoised by its stat), or None when it does not exist."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+    hit = _FILE_HASHES.get(path)
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
+    try:
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+    _FILE_HASHES[path] = (stamp, digest)
+    return digest
 
 
 def _class_files(cls, seen: dict) -> None:
-    """The source file of each class in cls's MRO outside torch, by file (None: no source file)."""
+    """The content hash of each class in cls's MRO outside torch, by file (None: no source file)."""
     for klass in cls.__mro__:
-        if klass is object or klass.__module__.split(".")[0] in ("torch", "builtins"):
+        if klass is object or _keyed_elsewhere(klass.__module__):
             continue
         try:
             path = inspect.getsourcefile(klass)
@@ -52,64 +228,288 @@ def _class_files(cls, seen: dict) -> None:
         if path is None or not os.path.exists(path):
             seen[klass.__qualname__] = None
         elif path not in seen:
-            with open(path, "rb") as f:
-                seen[path] = hashlib.sha256(f.read()).hexdigest()
+            seen[path] = file_hash(path)
 
 
-def module_key(module: torch.nn.Module, args: tuple, kwargs: dict | None, modes: tuple) -> str | None:
-    """The cache key of tracing ``module(*args, **kwargs)``, or None when the module cannot be keyed (a
-    class without a source file, e.g. defined in a REPL: its behaviour could change without the key
-    changing). The code part is the content of the files that define the submodules' classes and of this
-    package; helpers imported from other files are not in it."""
+_SKIPPED_ATTRS = frozenset({"_parameters", "_buffers", "_modules", "training"})
+
+
+def _attrs_fingerprint(sub: torch.nn.Module) -> list:
+    """Every non-tensor attribute of a submodule (its registered tensors and children are keyed apart);
+    hook dictionaries by their hooks in order (their keys are per-process handle ids)."""
+    out = []
+    for k, v in sorted(vars(sub).items()):
+        if k in _SKIPPED_ATTRS:
+            continue
+        if "hooks" in k and isinstance(v, dict):
+            v = list(v.values())
+        try:
+            out.append((k, fingerprint(v)))
+        except NotKeyable as e:
+            raise NotKeyable(f"attribute '{k}' of {type(sub).__name__} holds {e}") from None
+    return out
+
+
+def _global_hooks() -> list:
+    from torch.nn.modules import module as nn_module
+
+    names = [n for n in dir(nn_module) if n.startswith("_global_") and "hook" in n]
+    return [(n, fingerprint(list(v.values()) if isinstance(v, dict) else v))
+            for n in names for v in [getattr(nn_module, n)]]
+
+
+def module_key(module: torch.nn.Module, args: tuple, kwargs: dict | None, modes: tuple,
+               why: list | None = None) -> str | None:
+    """The primary cache key of tracing ``module(*args, **kwargs)``, or None when the module cannot be keyed
+    (a class without a source file, e.g. defined in a REPL; an attribute that cannot be fingerprinted); the
+    reason is appended to ``why``. The manifest recorded while tracing is checked on top (load)."""
+    try:
+        return _module_key(module, args, kwargs, modes)
+    except NotKeyable as e:
+        if why is not None:
+            why.append(str(e))
+        return None
+
+
+def _module_key(module, args, kwargs, modes) -> str:
     sources: dict = {}
     config = []
     for name, sub in module.named_modules(remove_duplicate=False):
         _class_files(type(sub), sources)
-        attrs = {k: v for k, v in vars(sub).items()
-                 if not k.startswith("_") and k != "training" and _plain(v)}
-        config.append((name, f"{type(sub).__module__}.{type(sub).__qualname__}", sub.extra_repr(),
-                       sorted(attrs.items())))
-    if any(src is None for src in sources.values()):
-        return None
+        config.append((name, _name(type(sub)), sub.extra_repr(), _attrs_fingerprint(sub),
+                       fingerprint(type(sub).forward)))
+    missing = [k for k, src in sources.items() if src is None]
+    if missing:
+        raise NotKeyable(f"class {missing[0]} has no source file (defined interactively?)")
     code = sorted(sources.values()) + [package_hash()]
     tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_parameters(remove_duplicate=False)]
     tensors += [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_buffers(remove_duplicate=False)]
     leaves, spec = torch.utils._pytree.tree_flatten((tuple(args), dict(sorted((kwargs or {}).items()))))
     call = [(x.dim(), str(x.dtype), x.device.type, tuple(x.shape[2:])) if isinstance(x, torch.Tensor)
             else repr(x) for x in leaves]
-    versions = _versions()
     return stable_hash({"format": ENTRY_FORMAT, "code": code, "config": config, "tensors": tensors,
-                        "modes": list(modes), "call": call, "spec": str(spec), "versions": versions})
+                        "modes": list(modes), "call": call, "spec": str(spec), "versions": _versions(),
+                        "hooks": _global_hooks()})
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_versions() -> tuple:
+    from importlib import metadata
+
+    out = []
+    for dist in ("triton", "apache-tvm", "apache-tvm-ffi", "onnx", "onnxruntime"):
+        try:
+            out.append((dist, metadata.version(dist)))
+        except metadata.PackageNotFoundError:
+            out.append((dist, "missing"))
+    return tuple(out)
 
 
 def _versions() -> dict:
-    """torch, triton, tvm and sessa_compiler versions, read from the installed distributions' metadata (so
-    that a cache lookup does not import triton or tvm)."""
-    from importlib import metadata
-
+    """Python, torch, triton, tvm, onnx and sessa_compiler versions, read from the installed distributions'
+    metadata (so that a cache lookup does not import triton or tvm)."""
     from ._version import __version__
 
-    out = {"torch": torch.__version__, "sessa_compiler": __version__}
-    for dist in ("triton", "apache-tvm", "apache-tvm-ffi"):
+    return {"python": sys.version, "torch": torch.__version__, "sessa_compiler": __version__,
+            **dict(_installed_versions())}
+
+
+# -- the manifest: what the trace ran -------------------------------------------------------------------------
+def _site_dirs() -> tuple:
+    import site
+    import sysconfig
+
+    dirs = set(site.getsitepackages()) | {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    try:
+        dirs.add(site.getusersitepackages())
+    except AttributeError:
+        pass
+    return tuple(os.path.join(d, "") for d in dirs if d)
+
+
+@functools.lru_cache(maxsize=None)
+def library_version(top: str) -> str | None:
+    """The installed version of the distribution that provides top-level package ``top`` (None: unknown)."""
+    from importlib import metadata
+
+    dists = _packages_distributions().get(top) or []
+    for dist in dists:
         try:
-            out[dist] = metadata.version(dist)
+            return f"{dist}=={metadata.version(dist)}"
         except metadata.PackageNotFoundError:
-            out[dist] = "missing"
-    return out
+            continue
+    return None
 
 
+@functools.lru_cache(maxsize=1)
+def _packages_distributions() -> dict:
+    from importlib import metadata
+
+    return metadata.packages_distributions()
+
+
+def _resolve(module_name: str, path: str):
+    """The object at ``module.path`` in this process (nothing imported), or raise LookupError."""
+    mod = sys.modules.get(module_name)
+    if mod is None:
+        raise LookupError(f"module {module_name} is not imported")
+    obj = mod
+    for part in path.split("."):
+        if part.startswith("<"):
+            raise LookupError(f"{module_name}.{path} is a nested function")
+        try:
+            obj = inspect.getattr_static(obj, part) if isinstance(obj, type) else getattr(obj, part)
+        except AttributeError:
+            raise LookupError(f"{module_name}.{path} no longer exists") from None
+    return obj
+
+
+def _code_of(obj):
+    for attr in ("__func__", "fget"):
+        obj = getattr(obj, attr, obj)
+    return getattr(obj, "__code__", None)
+
+
+class Recorder:
+    """A profile hook (sys.setprofile, this thread only; an earlier hook keeps being called) that records,
+    while a module is traced, the manifest of everything the trace ran outside torch, the standard library
+    and this package. Use as a context manager; ``manifest()`` afterwards (None when it is not cacheable,
+    with the reason in ``.why``)."""
+
+    def __init__(self):
+        self._seen: dict = {}          # code -> True once looked at
+        self._user: dict = {}          # code -> (module name, qualname, filename)
+        self._libraries: dict = {}     # top-level package -> a file of it (for an unversioned library)
+        self._globals: dict = {}       # (module name, global name) -> fingerprint
+        self.why: str | None = None
+        self._previous = None
+        self._sites = _site_dirs()
+
+    def __enter__(self):
+        self._previous = sys.getprofile()
+        sys.setprofile(self._hook)
+        return self
+
+    def __exit__(self, *exc):
+        sys.setprofile(self._previous)
+        return False
+
+    def _hook(self, frame, event, arg):
+        if self._previous is not None:
+            self._previous(frame, event, arg)
+        if event != "call":
+            return
+        code = frame.f_code
+        if code in self._seen:
+            return
+        self._seen[code] = True
+        g = frame.f_globals
+        name = g.get("__name__")
+        if _keyed_elsewhere(name) or name.startswith("namedtuple_") or code.co_name == "<module>":
+            return  # keyed elsewhere; collections.namedtuple's generated code; an import (what it defined is read)
+        top = name.partition(".")[0]
+        if top in self._libraries or code.co_filename.startswith(self._sites) or self._installed(top):
+            self._libraries.setdefault(top, code.co_filename)
+            return
+        self._user[code] = (name, code.co_qualname, code.co_filename)
+        for n in code.co_names:
+            if n in g and (name, n) not in self._globals:
+                try:
+                    self._globals[(name, n)] = fingerprint(g[n])
+                except NotKeyable as e:
+                    self._globals[(name, n)] = None
+                    self.why = self.why or f"global {name}.{n} holds {e}"
+
+    def _installed(self, top: str) -> bool:
+        """Whether package ``top`` lives in site-packages (its generated code, e.g. '<decorator-gen>', too)."""
+        path = getattr(sys.modules.get(top), "__file__", None)
+        return isinstance(path, str) and path.startswith(self._sites)
+
+    def manifest(self) -> dict | None:
+        """{"files", "functions", "globals", "libraries"} to check on lookup, or None (not cacheable)."""
+        if self.why is not None:
+            return None
+        files, functions, libraries = {}, {}, {}
+        for top, path in self._libraries.items():
+            version = library_version(top)
+            if version is not None:
+                libraries[top] = version
+            else:
+                files[path] = file_hash(path)
+        for code, (mod, qualname, filename) in self._user.items():
+            if not os.path.exists(filename):  # generated code (a dataclass's __init__): its module's file made it
+                filename = getattr(sys.modules.get(mod), "__file__", None) or filename
+            digest = file_hash(filename)
+            if digest is None:
+                self.why = f"{mod}.{qualname} has no source file ({filename})"
+                return None
+            files[filename] = digest
+            for path in self._names_of(code, mod, qualname):
+                try:
+                    functions[(mod, path)] = fingerprint(_resolve(mod, path))
+                except (LookupError, NotKeyable):
+                    continue
+        return {"files": files, "functions": functions, "globals": dict(self._globals), "libraries": libraries}
+
+    @staticmethod
+    def _names_of(code, mod: str, qualname: str) -> list:
+        """Where code can be found again: its qualified name, else module-level names bound to it."""
+        try:
+            if _code_of(_resolve(mod, qualname)) is code:
+                return [qualname]
+        except LookupError:
+            pass
+        module = sys.modules.get(mod)
+        return [k for k, v in list(vars(module).items()) if _code_of(v) is code] if module is not None else []
+
+
+def check_manifest(manifest: dict) -> str | None:
+    """Why this process no longer runs what the trace ran (a changed file, function, global or library), or
+    None when everything recorded still holds."""
+    for top, version in manifest["libraries"].items():
+        if library_version(top) != version:
+            return f"library {top} is now {library_version(top)}, traced with {version}"
+    for path, digest in manifest["files"].items():
+        if file_hash(path) != digest:
+            return f"{path} changed"
+    for (mod, path), fp in manifest["functions"].items():
+        try:
+            now = fingerprint(_resolve(mod, path))
+        except (LookupError, NotKeyable) as e:
+            return f"{mod}.{path} cannot be checked ({e})"
+        if now != fp:
+            return f"{mod}.{path} is not the function that was traced (edited or replaced)"
+    for (mod, name), fp in manifest["globals"].items():
+        module = sys.modules.get(mod)
+        if module is None or name not in vars(module):
+            return f"global {mod}.{name} no longer exists"
+        try:
+            if fingerprint(vars(module)[name]) != fp:
+                return f"global {mod}.{name} changed"
+        except NotKeyable as e:
+            return f"global {mod}.{name} holds {e}"
+    return None
+
+
+# -- entries --------------------------------------------------------------------------------------------------
 def _path(key: str) -> Path:
     return cache_dir() / "traced" / f"{key}.pkl"
 
 
-def load(key: str, module: torch.nn.Module):
+def load(key: str, module: torch.nn.Module, why: list | None = None):
     """The cached Traced for this key with its graph parsed back from the IR text and its parameters
-    bound (the module's own tensors, plus the cached constants), or None."""
+    bound (the module's own tensors, plus the cached constants), or None (why a miss: appended to ``why``).
+    Read only from a trusted directory; an entry whose manifest does not hold in this process is a miss."""
     from .frontend.trace import Traced
     from .ir import parse
 
+    why = why if why is not None else []
     p = _path(key)
     if not p.exists():
+        why.append("no entry")
+        return None
+    if not trusted(cache_dir(), p):
+        why.append("the cache directory or entry is not trusted")
         return None
     try:
         with open(p, "rb") as f, warnings.catch_warnings():
@@ -117,6 +517,10 @@ def load(key: str, module: torch.nn.Module):
             entry = pickle.load(f)
         if entry.get("format") != ENTRY_FORMAT or entry.get("key") != key:
             raise ValueError("foreign or stale entry")
+        stale = check_manifest(entry["manifest"])
+        if stale is not None:
+            why.append(stale)
+            return None
         graph = parse(entry["ir"])
         state = dict(module.named_parameters(remove_duplicate=False))
         state.update(module.named_buffers(remove_duplicate=False))
@@ -129,6 +533,7 @@ def load(key: str, module: torch.nn.Module):
     except Exception as e:  # noqa: BLE001 - a bad entry is a miss, never a crash
         warnings.warn(f"sessa_compiler compile cache: entry {p} does not load ({type(e).__name__}: {e}); "
                       "tracing again and replacing it", stacklevel=4)
+        why.append("the entry does not load")
         try:
             os.replace(p, p.with_suffix(".corrupt"))
         except OSError:
@@ -136,21 +541,38 @@ def load(key: str, module: torch.nn.Module):
         return None
 
 
-def store(key: str, traced, module: torch.nn.Module) -> None:
-    """Write the traced graph (IR text, metadata, and the tensors that are not the module's) atomically.
-    A failure to write only costs the next process a trace."""
+def store(key: str, traced, module: torch.nn.Module, manifest: dict) -> None:
+    """Write the traced graph (IR text, metadata, the tensors that are not the module's, and the manifest of
+    what the trace ran) atomically. A failure to write only costs the next process a trace."""
     state = {n for n, _ in module.named_parameters(remove_duplicate=False)}
     state |= {n for n, _ in module.named_buffers(remove_duplicate=False)}
     graph = traced.graph
-    entry = {"format": ENTRY_FORMAT, "key": key, "ir": str(graph),
+    entry = {"format": ENTRY_FORMAT, "key": key, "ir": str(graph), "manifest": manifest,
              "constants": {n: t for n, t in graph.params.items() if n in graph.param_values and n not in state},
              "traced": dataclasses.replace(traced, graph=None)}
     p = _path(key)
     try:
-        p.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(p.parent)
+        if not trusted(cache_dir(), p.parent):
+            return
         fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=".tmp-", suffix=".pkl")
         with os.fdopen(fd, "wb") as f:
             pickle.dump(entry, f)
         os.replace(tmp, p)
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"sessa_compiler compile cache: could not write {p} ({type(e).__name__}: {e})", stacklevel=4)
+
+
+def recorded_trace(trace, module: torch.nn.Module, key: str | None, why: list):
+    """``trace()`` under a Recorder; the result is stored under ``key`` when the manifest is complete (else
+    the reason goes to ``why``). The profile hook is removed however the trace ends."""
+    if key is None:
+        return trace()
+    with Recorder() as recorder:
+        traced = trace()
+    manifest = recorder.manifest()
+    if manifest is None:
+        why.append(f"not cacheable: {recorder.why}")
+        return traced
+    store(key, traced, module, manifest)
+    return traced

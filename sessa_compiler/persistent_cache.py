@@ -1,11 +1,24 @@
-"""Where the persistent caches live and what keys them, shared by the tuning cache (autotune/cache.py),
-the trace cache (compile_cache.py) and the TVM library cache (backends/tvm/lib_cache.py)."""
+"""Where the persistent caches live, what keys them and whether they may be read, shared by the tuning cache
+(autotune/cache.py), the trace cache (compile_cache.py) and the TVM library cache (backends/tvm/lib_cache.py).
+
+Trust: the caches hold pickles and shared libraries, so whoever can write the cache directory can run code in
+this process. ``trusted(root, path)`` accepts an entry only when the cache directory, every directory below it
+on the way to the entry, and the entry itself are owned by the current user and not writable by group or others
+(as ssh requires of its keys); otherwise it warns once per directory, naming it and the fix, and the caller
+compiles without the cache. ``note(cache, outcome)`` records a cache's hit or miss for ``explain()``.
+See docs/caching.md.
+"""
 from __future__ import annotations
 
+import collections
+import contextlib
 import functools
 import hashlib
 import json
 import os
+import stat
+import threading
+import warnings
 from pathlib import Path
 
 try:  # a convenience: the GPU machines have only torch, triton and numpy
@@ -59,3 +72,107 @@ def package_hash() -> str:
         h.update(str(path.relative_to(root)).encode())
         h.update(path.read_bytes())
     return h.hexdigest()
+
+
+# -- trust ------------------------------------------------------------------------------------------------
+_WARNED: set = set()
+_WARN_LOCK = threading.Lock()
+
+
+def _current_uid() -> int | None:
+    """The user whose files the caches trust (None where there are no Unix owners: no check)."""
+    return os.getuid() if hasattr(os, "getuid") else None
+
+
+def _problem(p: Path, uid: int) -> str | None:
+    """Why p may not be trusted (owner or mode), or None."""
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return None  # nothing there to load (a directory is created by this user, 0700)
+    except OSError as e:
+        return f"cannot be inspected ({e.strerror or e})"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if st.st_uid != uid:
+        return f"is owned by uid {st.st_uid}, not by the current user (uid {uid})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        who = " and ".join(w for w, bit in (("group", stat.S_IWGRP), ("others", stat.S_IWOTH)) if st.st_mode & bit)
+        return f"is writable by {who} (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def trusted(root: Path, path: Path | None = None) -> bool:
+    """Whether entries under ``root`` (and ``path``, a directory or file below it) may be loaded: each of root,
+    the directories between, and path, where they exist, is owned by this user and not group/other-writable.
+    Warns once per offending path, naming it and what to change."""
+    uid = _current_uid()
+    if uid is None:
+        return True
+    root = Path(root)
+    chain = [root]
+    if path is not None:
+        path = Path(path)
+        try:
+            rel = path.relative_to(root)
+        except ValueError:
+            rel = None
+        if rel is None:
+            chain.append(path)
+        else:
+            for part in rel.parts:
+                chain.append(chain[-1] / part)
+    for p in chain:
+        why = _problem(p, uid)
+        if why is not None:
+            _warn_untrusted(p, why)
+            return False
+    return True
+
+
+def _warn_untrusted(p: Path, why: str) -> None:
+    with _WARN_LOCK:
+        if str(p) in _WARNED:
+            return
+        _WARNED.add(str(p))
+    fix = (f"chown $USER {str(p)!r}" if "owned" in why else f"chmod go-w {str(p)!r}" if "writable" in why
+           else f"remove {str(p)!r}")
+    warnings.warn(f"sessa_compiler cache: {str(p)!r} {why}: whoever can write it could run code in this process, "
+                  f"so the persistent cache is not used (compiling without it); {fix}, or point "
+                  "SESSA_COMPILER_CACHE_DIR at a directory only you can write (see docs/caching.md)", stacklevel=3)
+
+
+def make_private_dir(d: Path) -> None:
+    """mkdir -p with mode 0700 for the directories it creates (whatever the umask)."""
+    d = Path(d)
+    missing = []
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for p in reversed(missing):
+        try:
+            p.mkdir(mode=0o700)
+        except FileExistsError:
+            pass
+
+
+# -- what came from the caches, for explain() -----------------------------------------------------------------
+_NOTES = threading.local()
+
+
+@contextlib.contextmanager
+def collecting(into: collections.Counter):
+    """Count ``note(cache, outcome)`` calls made by this thread inside the block into ``into``."""
+    stack = _NOTES.__dict__.setdefault("stack", [])
+    stack.append(into)
+    try:
+        yield into
+    finally:
+        stack.pop()
+
+
+def note(cache: str, outcome: str) -> None:
+    """Record that ``cache`` ("traced graph", "TVM library", "tuned config") had ``outcome`` ("from the cache",
+    "built", ...) for the compile this thread is running (nothing outside collecting())."""
+    for counter in getattr(_NOTES, "stack", ()):
+        counter[(cache, outcome)] += 1

@@ -1,6 +1,14 @@
 """The persistent compile cache (sessa_compiler/compile_cache.py, backends/tvm/lib_cache.py): a second
 compile of the same module (a new CompiledModule, as in a new process) takes the traced graph and the
 built TVM library from disk; a changed module or version misses; a corrupt entry is rebuilt."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -11,6 +19,7 @@ from sessa_compiler.api import relative_error
 from sessa_compiler.models import SessaLayer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -120,3 +129,161 @@ def test_tvm_library_from_disk(cache_on, monkeypatch):
         with torch.no_grad():
             assert relative_error(c(x), m(x)) <= 1e-4
         assert "mode: whole graph" in c.explain()
+
+
+# -- the key covers what the trace ran (issue 23): each case must give the changed module's outputs ----------------
+CHILD = """
+import json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import sessa_compiler as sc
+from model import Model
+torch.manual_seed(0)
+m = Model().eval()
+x = torch.randn(2, 5, 8)
+c = sc.compile(m, backend="eager")
+with torch.no_grad():
+    y, ref = c(x), m(x)
+print(json.dumps({"cache": c.trace_cache, "err": float((y - ref).abs().max() / ref.abs().max())}))
+"""
+
+MODEL = """
+import torch
+from helpers import act
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return act(self.lin(x))
+"""
+
+
+def run_child(src: Path, cache: Path) -> dict:
+    env = {**os.environ, "SESSA_COMPILER_CACHE_DIR": str(cache), "SESSA_COMPILER_COMPILE_CACHE": "1",
+           "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", CHILD, str(src)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_an_edited_helper_in_another_file_misses_in_a_new_process(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.py").write_text(MODEL)
+    (src / "helpers.py").write_text("import torch\n\n\ndef act(x):\n    return torch.tanh(x)\n")
+    cache = tmp_path / "cache"
+    first = run_child(src, cache)
+    assert first["cache"] == "miss" and first["err"] <= 1e-5
+    assert run_child(src, cache) == {"cache": "hit", "err": first["err"]}  # the cache works between processes
+    (src / "helpers.py").write_text("import torch\n\n\ndef act(x):\n    return torch.sigmoid(x)\n")
+    edited = run_child(src, cache)  # the old graph computed tanh: relative error ~1 if it were reused
+    assert edited["cache"] == "miss" and edited["err"] <= 1e-5
+
+
+def load_source(tmp_path, name: str, text: str):
+    """Import a module written into tmp_path (as a user's file would be)."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def check_new_outputs(m, x) -> str:
+    c = sc.compile(m, backend="eager")
+    with torch.no_grad():
+        assert relative_error(c(x), m(x)) <= 1e-5
+    return c.trace_cache
+
+
+def test_a_monkeypatched_forward_misses(cache_on):
+    m, x = small(), torch.randn(2, 5, 8)
+    assert check_new_outputs(m, x) == "miss" and check_new_outputs(small(), x) == "hit"
+    patched = small()
+    patched.forward = types.MethodType(lambda self, x: torch.tanh(self.lin(x)), patched)
+    assert check_new_outputs(patched, x) == "miss"
+    with pytest.MonkeyPatch.context() as mp:  # on the class, too
+        mp.setattr(Small, "forward", lambda self, x: torch.sigmoid(self.lin(x)) * 3)
+        assert check_new_outputs(small(), x) == "miss"
+    assert check_new_outputs(small(), x) == "hit"  # the original again: its entry was not overwritten
+
+
+GLOBALS = """
+import torch
+SCALE = 2.0
+TABLE = {"shift": 0.5}
+
+class Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x) * SCALE + TABLE["shift"]
+"""
+
+
+def test_a_changed_global_constant_misses(cache_on, tmp_path, monkeypatch):
+    mod = load_source(tmp_path, "scaled_model_globals", GLOBALS)
+    monkeypatch.setitem(sys.modules, "scaled_model_globals", mod)
+    x = torch.randn(2, 5, 8)
+    torch.manual_seed(0)
+    assert check_new_outputs(mod.Scaled().eval(), x) == "miss"
+    assert check_new_outputs(mod.Scaled().eval(), x) == "hit"
+    mod.SCALE = -3.0
+    assert check_new_outputs(mod.Scaled().eval(), x) == "miss"
+    mod.TABLE["shift"] = 4.0  # a value inside a global container
+    assert check_new_outputs(mod.Scaled().eval(), x) == "miss"
+
+
+class NormConfig:
+    """A plain (non-dataclass) configuration object held by a submodule."""
+
+    def __init__(self, eps):
+        self.eps = eps
+
+
+class Norm(torch.nn.Module):
+    def __init__(self, eps=1e-5):
+        super().__init__()
+        self.cfg = NormConfig(eps)
+        self.weight = torch.nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.cfg.eps) * self.weight
+
+
+class Normed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.norm = Norm()
+
+    def forward(self, x):
+        return self.norm(self.lin(x))
+
+
+def test_a_changed_submodule_attribute_misses(cache_on):
+    x = torch.randn(2, 5, 8)
+    torch.manual_seed(0)
+    m = Normed().eval()
+    assert check_new_outputs(m, x) == "miss" and check_new_outputs(m, x) == "hit"
+    m.norm.cfg.eps = 10.0  # baked into the traced graph as a constant
+    assert check_new_outputs(m, x) == "miss"
+
+
+def test_another_torch_or_library_version_misses(cache_on, monkeypatch):
+    x = torch.randn(2, 5, 8)
+    assert check_new_outputs(small(), x) == "miss" and check_new_outputs(small(), x) == "hit"
+    with monkeypatch.context() as mp:
+        mp.setattr(torch, "__version__", "2.99.0+other")
+        assert check_new_outputs(small(), x) == "miss"
+    assert check_new_outputs(small(), x) == "hit"
+    real = compile_cache.library_version  # a library the trace ran (torch's sympy) upgraded
+    monkeypatch.setattr(compile_cache, "library_version", lambda top: "sympy==0.0" if top == "sympy" else real(top))
+    assert check_new_outputs(small(), x) == "miss"

@@ -6,7 +6,9 @@ sessa_compiler), a hash of the kernel source, a hash of the config space, and a 
 (sequence length bucketed, not exact). The key fields are stored inside the entry and compared on
 read, so a hash collision, a foreign file or a stale entry is rejected, never used. Writes are
 atomic (temporary file + os.replace); a corrupted or truncated file is a miss (and is moved aside),
-never a crash; tuners of the same key in several processes serialise on a file lock.
+never a crash; tuners of the same key in several processes serialise on a file lock. Entries are read and
+written only where the cache directory and the entry are the current user's and not writable by others
+(persistent_cache.trusted: a planted config would choose the kernels that run); see docs/caching.md.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import filelock  # a dependency of torch
 
-from ..persistent_cache import cache_dir, library_versions, stable_hash  # noqa: F401  (re-exported)
+from ..persistent_cache import cache_dir, library_versions, make_private_dir, note, stable_hash, trusted  # noqa: F401
 
 ENTRY_FORMAT = 1
 
@@ -87,7 +89,9 @@ class TuningCache:
     def _make_dir(self, d: Path) -> None:
         """Create an entry's directory, or say which setting points somewhere unusable."""
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            make_private_dir(d)
+            if not d.is_dir():
+                raise NotADirectoryError(20, "Not a directory", str(d))
         except OSError as e:
             from ..errors import ConfigError
 
@@ -108,9 +112,13 @@ class TuningCache:
     def get(self, key: CacheKey):
         """The stored entry's config, or None (missing, corrupted, or keyed to something else)."""
         p = self.path(key)
+        if not trusted(self.root, p):
+            note("tuned config", "not read (cache not trusted)")
+            return None
         try:
             text = p.read_text()
         except FileNotFoundError:
+            note("tuned config", "not in the tuning cache")
             return None
         except (OSError, UnicodeDecodeError):
             text = ""
@@ -123,12 +131,16 @@ class TuningCache:
             ok = False
         if not ok:
             self._quarantine(p)
+            note("tuned config", "not in the tuning cache")
             return None
+        note("tuned config", "from the tuning cache")
         return entry["config"]
 
     def put(self, key: CacheKey, config: dict, *, median_ms: float | None = None, candidates: int | None = None) -> Path:
         p = self.path(key)
         self._make_dir(p.parent)
+        if not trusted(self.root, p):
+            return p  # not written: a directory others can write is not used (warned)
         k = json.loads(json.dumps(asdict(key)))
         entry = {"format": ENTRY_FORMAT, "key": k, "config": config, "median_ms": median_ms,
                  "candidates": candidates, "checksum": stable_hash({"config": config, "key": k})}

@@ -2,7 +2,9 @@
 
 Keyed by the IR text, the schedules, the target, the vector width, the versions of torch, tvm and
 sessa_compiler and this package's source; a library that does not load is moved aside and rebuilt.
-See sessa_compiler/persistent_cache.py.
+A library is loaded (and written) only where the cache directory and the file are the current user's and
+not writable by others (persistent_cache.trusted); each load or build is noted for explain().
+See sessa_compiler/persistent_cache.py and docs/caching.md.
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ import os
 import tempfile
 import warnings
 
-from ...persistent_cache import cache_dir, compile_cache_enabled, library_versions, package_hash, stable_hash
+from ...persistent_cache import (cache_dir, compile_cache_enabled, library_versions, make_private_dir, note,
+                                 package_hash, stable_hash, trusted)
 from .target import configure_threads
 
 
@@ -19,6 +22,7 @@ def load_or_build(graph, schedules: dict, target, lanes: int, build):
     written to the cache for the next process."""
     configure_threads()
     if not compile_cache_enabled():
+        note("TVM library", "built (cache off)")
         return build()
     import tvm
 
@@ -26,9 +30,14 @@ def load_or_build(graph, schedules: dict, target, lanes: int, build):
                        "target": str(target), "lanes": lanes, "versions": library_versions("tvm"),
                        "code": package_hash()})  # a changed kernel generator misses
     path = cache_dir() / "tvm" / f"{key}.so"
+    if not trusted(cache_dir(), path):
+        note("TVM library", "built (cache not trusted)")
+        return build()
     if path.exists():
         try:
-            return tvm.runtime.load_module(str(path))
+            lib = tvm.runtime.load_module(str(path))
+            note("TVM library", "from the cache")
+            return lib
         except Exception as e:  # noqa: BLE001 - a bad library is a miss, never a crash
             warnings.warn(f"sessa_compiler compile cache: {path} does not load ({type(e).__name__}); rebuilding it",
                           stacklevel=2)
@@ -37,11 +46,13 @@ def load_or_build(graph, schedules: dict, target, lanes: int, build):
             except OSError:
                 pass
     executable = build()
+    note("TVM library", "built")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".so")
         os.close(fd)
         executable.export_library(tmp)
+        os.chmod(tmp, 0o700)  # the linker creates it with the umask's mode: keep it the user's alone
         os.replace(tmp, path)  # atomic: a concurrent reader sees no half-written library
     except Exception as e:  # noqa: BLE001 - no C++ compiler, read-only cache: the next process builds again
         warnings.warn(f"sessa_compiler compile cache: could not write {path} ({type(e).__name__}: {e})", stacklevel=2)
