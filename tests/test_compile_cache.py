@@ -129,6 +129,7 @@ def test_tvm_library_from_disk(cache_on, monkeypatch):
         with torch.no_grad():
             assert relative_error(c(x), m(x)) <= 1e-4
         assert "mode: whole graph" in c.explain()
+        assert "traced graph from the compile cache; TVM libraries: 1 from the cache" in c.explain()
 
 
 # -- the key covers what the trace ran (issue 23): each case must give the changed module's outputs ----------------
@@ -287,3 +288,77 @@ def test_another_torch_or_library_version_misses(cache_on, monkeypatch):
     real = compile_cache.library_version  # a library the trace ran (torch's sympy) upgraded
     monkeypatch.setattr(compile_cache, "library_version", lambda top: "sympy==0.0" if top == "sympy" else real(top))
     assert check_new_outputs(small(), x) == "miss"
+
+
+# -- trust: entries are pickles and shared libraries; only a directory only this user can write is used ------------
+def compiled_without_the_cache(m, x, match: str):
+    c = sc.compile(m, backend="eager")
+    with pytest.warns(UserWarning, match=match):
+        y = c(x)
+    assert relative_error(y, m(x)) <= 1e-5
+    return c
+
+
+def test_a_group_writable_cache_directory_is_not_used(cache_on):
+    m, x = small(), torch.randn(2, 5, 8)
+    sc.compile(m, backend="eager")(x)
+    cache_on.chmod(0o775)
+    c = compiled_without_the_cache(m, x, r"writable by group.*chmod go-w")
+    assert c.trace_cache != "hit"
+    cache_on.chmod(0o700)
+    assert check_new_outputs(m, x) == "hit"
+
+
+def test_a_cache_owned_by_another_user_is_not_used(cache_on, monkeypatch):
+    import sessa_compiler.persistent_cache as persistent_cache
+
+    m, x = small(), torch.randn(2, 5, 8)
+    sc.compile(m, backend="eager")(x)
+    monkeypatch.setattr(persistent_cache, "_current_uid", lambda: os.getuid() + 1)  # as if another user owned it
+    c = compiled_without_the_cache(m, x, r"owned by uid .*not by the current user")
+    assert c.trace_cache != "hit"
+
+
+class Planted:
+    """A pickle that runs code when loaded (what a planted entry would do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_a_planted_entry_is_not_loaded(cache_on, tmp_path):
+    import pickle
+
+    m, x = small(), torch.randn(2, 5, 8)
+    sc.compile(m, backend="eager")(x)
+    (entry,) = (cache_on / "traced").glob("*.pkl")
+    marker = tmp_path / "pwned"
+    entry.write_bytes(pickle.dumps(Planted(marker)))
+    entry.chmod(0o666)  # written by someone else: anyone may write it
+    c = compiled_without_the_cache(m, x, r"writable by group and others")
+    assert not marker.exists() and c.trace_cache != "hit"
+
+
+def test_the_tuning_cache_ignores_an_untrusted_directory(tmp_path):
+    from sessa_compiler.autotune import TuningCache, make_key
+
+    cache = TuningCache(tmp_path / "tune")
+    k = make_key("triton", "feedback[f32,D=64]", "source", [{"chunk": 32}], 100)
+    cache.put(k, {"chunk": 32})
+    assert cache.get(k) == {"chunk": 32}
+    (tmp_path / "tune").chmod(0o777)
+    with pytest.warns(UserWarning, match="writable by group and others"):
+        assert cache.get(k) is None
+
+
+def test_explain_says_what_came_from_the_caches(cache_on):
+    m, x = small(), torch.randn(2, 5, 8)
+    first = sc.compile(m, backend="eager")
+    first(x)
+    assert "traced graph not in the compile cache (traced): no entry" in first.explain()
+    again = sc.compile(small(), backend="eager")
+    again(x)
+    assert "traced graph from the compile cache" in again.explain()
