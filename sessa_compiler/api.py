@@ -13,6 +13,7 @@ import warnings
 import torch
 import torch.utils._pytree as pytree
 
+from . import progress
 from .backends import get_backend
 from .backends.base import CompileContext
 from .backends.eager import bind_symbols
@@ -168,28 +169,9 @@ class _Live:
         return None
 
 
-@contextlib.contextmanager
-def _progress(what: str, show: bool = True):
-    """A progress bar (tqdm, elapsed time) while a long step runs, when stderr is a terminal."""
-    if not show or not sys.stderr.isatty():
-        yield
-        return
-    from tqdm.auto import tqdm
-
-    with tqdm(total=1, desc=what, bar_format="{desc}: {elapsed}", leave=False) as bar:
-        stop = threading.Event()
-
-        def tick():
-            while not stop.wait(0.5):
-                bar.refresh()
-        ticker = threading.Thread(target=tick, daemon=True)
-        ticker.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            ticker.join()
-            bar.update(1)
+def _progress(what: str, show: bool | None = True):
+    """What a long step is doing (sessa_compiler/progress.py): on a terminal, after 2 s, unless turned off."""
+    return progress.shown(what, show)
 
 
 def _library_attention(q, k, v, inv_freq=None, *, scale, causal, rope=False):
@@ -269,7 +251,7 @@ class CompiledModule(torch.nn.Module):
     def __init__(self, module: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,
                  backend: str = "auto",
                  validate: bool = False, print_ir: bool | None = None, options: dict | None = None,
-                 autotune: bool | dict = False):
+                 autotune: bool | dict = False, progress: bool | None = None):
         super().__init__()
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"compile expects a torch.nn.Module, got {type(module).__name__}")
@@ -288,6 +270,7 @@ class CompiledModule(torch.nn.Module):
             options["print_ir"] = print_ir
         self._options = options
         self.autotune = autotune  # True, or tune settings: {"budget": ..., "progress": ..., "cache": ...}
+        self.progress = progress  # False: never show what a long compile is doing (progress.py)
         self._init_runtime()
         if example_inputs is not None:
             inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -354,7 +337,7 @@ class CompiledModule(torch.nn.Module):
     # -- tracing ---------------------------------------------------------------------------------------
     def _trace(self, args: tuple, kwargs: dict | None = None) -> None:
         start = time.perf_counter()
-        with _progress(f"sessa_compiler: tracing {type(self._orig_mod).__name__}"):
+        with _progress(f"sessa_compiler: tracing {type(self._orig_mod).__name__}", self.progress):
             self._traced = self._cached_trace(args, kwargs)
         args = tuple(self._traced.tensor_inputs(args, kwargs or {}))  # the graph's inputs
         graph = self._traced.graph
@@ -369,7 +352,8 @@ class CompiledModule(torch.nn.Module):
                 self._backend.prepare(graph, ctx)
             self.tune_results = _tune_graph(self._backend.resolve(list(args)), graph, args, **settings)
             self.tune_seconds = time.perf_counter() - tune_start
-        with _progress(f"sessa_compiler: preparing {type(self._orig_mod).__name__} for {self.backend_name}"):
+        with _progress(f"sessa_compiler: preparing {type(self._orig_mod).__name__} for {self.backend_name}",
+                       self.progress):
             self._runner = self._backend.prepare(graph, ctx)
         self._fresh.add(id(self._runner))
         self._backend.resolve(list(args))  # auto: say now which backend the example inputs pick
@@ -383,6 +367,7 @@ class CompiledModule(torch.nn.Module):
         from . import compile_cache
 
         why: list = []
+        progress.stage("looking up the compile cache")
         key = compile_cache.module_key(self._orig_mod, args, kwargs, _modes(self._orig_mod), why) \
             if compile_cache.enabled() else None
         traced = compile_cache.load(key, self._orig_mod, why) if key else None
@@ -392,6 +377,7 @@ class CompiledModule(torch.nn.Module):
         self.trace_cache = "hit" if traced is not None else ("miss" if key else "off")
         self.trace_cache_why = "; ".join(why) or None
         if traced is None:
+            progress.stage("torch.export")
             traced = compile_cache.recorded_trace(lambda: trace_with_report(self._orig_mod, args, kwargs),
                                                   self._orig_mod, key, why)
             self.trace_cache_why = "; ".join(why) or None
@@ -491,7 +477,8 @@ class CompiledModule(torch.nn.Module):
         self._check_devices(inputs, params)
         first = id(runner) in self._fresh  # a lazy backend (auto) builds its kernels at the first call
         self._fresh.discard(id(runner))
-        with _progress(f"sessa_compiler: first call of {type(self._orig_mod).__name__} (builds kernels)", first), \
+        with _progress(f"sessa_compiler: first call of {type(self._orig_mod).__name__} (builds kernels)",
+                       first and self.progress is not False), \
                 (collecting(self.cache_notes) if first else contextlib.nullcontext()):
             if self._interpreted(inputs):
                 with _INTERPRETER_LOCK:
@@ -644,7 +631,8 @@ class CompiledModule(torch.nn.Module):
 
 def compile(module: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,
             backend: str = "auto", validate: bool = False,
-            print_ir: bool | None = None, options: dict | None = None, autotune: bool | dict = False):
+            print_ir: bool | None = None, options: dict | None = None, autotune: bool | dict = False,
+            progress: bool | None = None):
     """Compile a module. Traces now when ``example_inputs`` (and ``example_kwargs``) are given, else on the
     first call. Positional arguments are tensors; keyword arguments may be tensors or constants (None,
     bool, int, float, str), which the trace bakes in: a call with other constants traces again.
@@ -661,9 +649,12 @@ def compile(module: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     autotune=True tunes each kernel for this device and the example's sequence-length class before the
     backend is prepared (verified against eager, stored in the persistent cache; a dict passes settings
     such as {"budget": 60} to sessa_compiler.tune). Without it the backend still reads earlier results.
+    progress=False (or SESSA_COMPILER_PROGRESS=0) never shows what a long compile is doing; otherwise a step
+    that runs over 2 s shows its stage on a terminal (tracing, recognising, building). The persistent caches
+    and what invalidates them: docs/caching.md.
     """
     return CompiledModule(module, example_inputs, example_kwargs=example_kwargs, backend=backend, validate=validate, print_ir=print_ir,
-                          options=options, autotune=autotune)
+                          options=options, autotune=autotune, progress=progress)
 
 
 def _tune_graph(backend, graph, inputs, **settings) -> list:

@@ -234,20 +234,20 @@ def _class_files(cls, seen: dict) -> None:
 _SKIPPED_ATTRS = frozenset({"_parameters", "_buffers", "_modules", "training"})
 
 
-def _attrs_fingerprint(sub: torch.nn.Module) -> list:
+def _attrs_fingerprint(sub: torch.nn.Module) -> str:
     """Every non-tensor attribute of a submodule (its registered tensors and children are keyed apart);
     hook dictionaries by their hooks in order (their keys are per-process handle ids)."""
-    out = []
-    for k, v in sorted(vars(sub).items()):
-        if k in _SKIPPED_ATTRS:
-            continue
-        if "hooks" in k and isinstance(v, dict):
-            v = list(v.values())
-        try:
-            out.append((k, fingerprint(v)))
-        except NotKeyable as e:
-            raise NotKeyable(f"attribute '{k}' of {type(sub).__name__} holds {e}") from None
-    return out
+    attrs = {k: list(v.values()) if "hooks" in k and isinstance(v, dict) else v
+             for k, v in vars(sub).items() if k not in _SKIPPED_ATTRS}
+    try:
+        return fingerprint(attrs)
+    except NotKeyable:
+        for k, v in attrs.items():  # name the attribute
+            try:
+                fingerprint(v)
+            except NotKeyable as e:
+                raise NotKeyable(f"attribute '{k}' of {type(sub).__name__} holds {e}") from None
+        raise
 
 
 def _global_hooks() -> list:
@@ -371,38 +371,44 @@ def _code_of(obj):
 
 
 class Recorder:
-    """A profile hook (sys.setprofile, this thread only; an earlier hook keeps being called) that records,
-    while a module is traced, the manifest of everything the trace ran outside torch, the standard library
+    """A profile hook (sys.setprofile, this thread only; not installed, and the trace not cached, where a profiler
+    is already active) that records, while a module is traced, the manifest of everything the trace ran outside torch, the standard library
     and this package. Use as a context manager; ``manifest()`` afterwards (None when it is not cacheable,
     with the reason in ``.why``)."""
 
     def __init__(self):
-        self._seen: dict = {}          # code -> True once looked at
+        self._installed_hook = False
+        self._seen: dict = {}          # id(code) -> code, once looked at
         self._user: dict = {}          # code -> (module name, qualname, filename)
         self._libraries: dict = {}     # top-level package -> a file of it (for an unversioned library)
         self._globals: dict = {}       # (module name, global name) -> fingerprint
         self.why: str | None = None
-        self._previous = None
         self._sites = _site_dirs()
 
     def __enter__(self):
-        self._previous = sys.getprofile()
+        if sys.getprofile() is not None:  # a profiler of the user's: leave it alone, and do not cache this trace
+            self.why = "another profiler (sys.setprofile) was active while tracing"
+            return self
         sys.setprofile(self._hook)
+        self._installed_hook = True
         return self
 
     def __exit__(self, *exc):
-        sys.setprofile(self._previous)
+        if self._installed_hook:
+            sys.setprofile(None)
         return False
 
     def _hook(self, frame, event, arg):
-        if self._previous is not None:
-            self._previous(frame, event, arg)
-        if event != "call":
-            return
+        if event != "call" or id(frame.f_code) in self._seen:  # the fast path: ~2.4 M events for a 12-layer
+            return  # decoder (by id: hashing a code object hashes its bytecode)
+        try:
+            self._record(frame)
+        except Exception as e:  # noqa: BLE001 - recording must never break the trace: then it is not cached
+            self.why = self.why or f"recording what the trace ran failed ({type(e).__name__}: {e})"
+
+    def _record(self, frame):
         code = frame.f_code
-        if code in self._seen:
-            return
-        self._seen[code] = True
+        self._seen[id(code)] = code  # held, so that its id is not reused by another code object
         g = frame.f_globals
         name = g.get("__name__")
         if _keyed_elsewhere(name) or name.startswith("namedtuple_") or code.co_name == "<module>":

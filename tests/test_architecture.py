@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 LAYER_OF = {
     "errors": "base", "tolerance": "base", "_version": "base", "timing": "base",
     "persistent_cache": "base",  # cache directory, hashing, versions: shared by the three persistent caches
+    "progress": "base",          # what a long compile is doing, on a terminal
     "dtypes": "ir",              # IR dtypes <-> torch dtypes
     "library": "models",         # the torch custom ops that models call (torch.ops.sessa_compiler.*)
     "api": "api", "serving": "api", "compile_cache": "api",

@@ -15,6 +15,7 @@ from torch.export import Dim
 from ..errors import IRError, TraceError
 from ..ir.graph import Graph
 from ..passes.simplify import hand_written_softmax, simplify
+from ..progress import stage
 from .lower import CONSTANT_TYPES, Lowerer, register_custom_lowerings
 from .recognise import B as BATCH, T as SEQUENCE, Report, recognise
 
@@ -387,6 +388,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     guards = [g for g in guards if g.expr is not sympy.true]
     # checked on the graph as lowered, before recognisers rewrite it
     guards = [g for g in guards if g.origin != "assertion" or kwargs or not _needless(module, args, g, graph)]
+    stage("recognising")
     if recognisers:
         hand_written_softmax(graph)   # a softmax spelled exp(x - max) / sum is the recognisers' softmax
     report = recognise(graph, _layout_sizes(graph)) if recognisers else Report()

@@ -14,6 +14,7 @@ import warnings
 
 from ...persistent_cache import (cache_dir, compile_cache_enabled, library_versions, make_private_dir, note,
                                  package_hash, stable_hash, trusted)
+from ...progress import stage
 from .target import configure_threads
 
 
@@ -45,6 +46,7 @@ def load_or_build(graph, schedules: dict, target, lanes: int, build):
                 os.replace(path, path.with_suffix(".corrupt"))
             except OSError:
                 pass
+    stage("building the TVM library")
     executable = build()
     note("TVM library", "built")
     try:
