@@ -122,6 +122,8 @@ def _fp(v, depth: int, active: set):
         return ("module", v.__name__)
     if isinstance(v, type):
         return ("class", _name(v))
+    if isinstance(v, (types.MemberDescriptorType, types.GetSetDescriptorType)):
+        return ("descriptor", _name(v))
     if isinstance(v, (types.BuiltinFunctionType, types.BuiltinMethodType)):
         owner = getattr(v, "__self__", None)
         return ("builtin", getattr(v, "__module__", None), getattr(v, "__qualname__", None),
@@ -250,6 +252,22 @@ def _attrs_fingerprint(sub: torch.nn.Module) -> str:
         raise
 
 
+_CLASS_SKIPPED = frozenset({"__dict__", "__weakref__", "__doc__", "__module__", "__qualname__", "_abc_impl"})
+
+
+def _classes_fingerprint(cls, seen: dict) -> None:
+    """The attributes of each class in cls's MRO outside torch (methods by their code): a method or class
+    attribute replaced at run time misses, as an edit of the class's file does."""
+    for klass in cls.__mro__:
+        name = _name(klass)
+        if klass is object or _keyed_elsewhere(klass.__module__) or name in seen:
+            continue
+        try:
+            seen[name] = fingerprint({k: v for k, v in vars(klass).items() if k not in _CLASS_SKIPPED})
+        except NotKeyable as e:
+            raise NotKeyable(f"class {name} holds {e}") from None
+
+
 def _global_hooks() -> list:
     from torch.nn.modules import module as nn_module
 
@@ -273,9 +291,11 @@ def module_key(module: torch.nn.Module, args: tuple, kwargs: dict | None, modes:
 
 def _module_key(module, args, kwargs, modes) -> str:
     sources: dict = {}
+    classes: dict = {}
     config = []
     for name, sub in module.named_modules(remove_duplicate=False):
         _class_files(type(sub), sources)
+        _classes_fingerprint(type(sub), classes)
         config.append((name, _name(type(sub)), sub.extra_repr(), _attrs_fingerprint(sub),
                        fingerprint(type(sub).forward)))
     missing = [k for k, src in sources.items() if src is None]
@@ -287,9 +307,9 @@ def _module_key(module, args, kwargs, modes) -> str:
     leaves, spec = torch.utils._pytree.tree_flatten((tuple(args), dict(sorted((kwargs or {}).items()))))
     call = [(x.dim(), str(x.dtype), x.device.type, tuple(x.shape[2:])) if isinstance(x, torch.Tensor)
             else repr(x) for x in leaves]
-    return stable_hash({"format": ENTRY_FORMAT, "code": code, "config": config, "tensors": tensors,
-                        "modes": list(modes), "call": call, "spec": str(spec), "versions": _versions(),
-                        "hooks": _global_hooks()})
+    return stable_hash({"format": ENTRY_FORMAT, "code": code, "classes": classes, "config": config,
+                        "tensors": tensors, "modes": list(modes), "call": call, "spec": str(spec),
+                        "versions": _versions(), "hooks": _global_hooks()})
 
 
 @functools.lru_cache(maxsize=1)
@@ -365,19 +385,25 @@ def _resolve(module_name: str, path: str):
 
 
 def _code_of(obj):
-    for attr in ("__func__", "fget"):
-        obj = getattr(obj, attr, obj)
-    return getattr(obj, "__code__", None)
+    """The code object of a function, method or property (None for anything else)."""
+    if isinstance(obj, (staticmethod, classmethod, types.MethodType)):
+        obj = obj.__func__
+    elif isinstance(obj, property):
+        obj = obj.fget
+    return obj.__code__ if isinstance(obj, types.FunctionType) else None
 
 
 class Recorder:
-    """A profile hook (sys.setprofile, this thread only; not installed, and the trace not cached, where a profiler
-    is already active) that records, while a module is traced, the manifest of everything the trace ran outside torch, the standard library
+    """A profile hook (sys.setprofile, this thread only, while the module's forward runs; not installed, and the
+    trace not cached, where a profiler is already active) that records, while a module is traced, the manifest of everything the trace ran outside torch, the standard library
     and this package. Use as a context manager; ``manifest()`` afterwards (None when it is not cacheable,
     with the reason in ``.why``)."""
 
-    def __init__(self):
-        self._installed_hook = False
+    def __init__(self, module: torch.nn.Module | None = None):
+        self._module = module
+        self._handles: list = []
+        self._started = module is None
+        self._thread = threading.get_ident()
         self._seen: dict = {}          # id(code) -> code, once looked at
         self._user: dict = {}          # code -> (module name, qualname, filename)
         self._libraries: dict = {}     # top-level package -> a file of it (for an unversioned library)
@@ -386,15 +412,31 @@ class Recorder:
         self._sites = _site_dirs()
 
     def __enter__(self):
+        """Record while the module's forward runs in this thread (torch.export calls it once; the rest of the
+        trace is torch and this package), or, without a module, until exit."""
         if sys.getprofile() is not None:  # a profiler of the user's: leave it alone, and do not cache this trace
             self.why = "another profiler (sys.setprofile) was active while tracing"
             return self
-        sys.setprofile(self._hook)
-        self._installed_hook = True
+        if self._module is None:
+            sys.setprofile(self._hook)
+            return self
+
+        def start(*_):
+            if threading.get_ident() == self._thread and sys.getprofile() is None:
+                self._started = True
+                sys.setprofile(self._hook)
+
+        def stop(*_):
+            if threading.get_ident() == self._thread and sys.getprofile() == self._hook:
+                sys.setprofile(None)
+        self._handles = [self._module.register_forward_pre_hook(start, prepend=True),
+                         self._module.register_forward_hook(stop, always_call=True)]
         return self
 
     def __exit__(self, *exc):
-        if self._installed_hook:
+        for handle in self._handles:
+            handle.remove()
+        if sys.getprofile() == self._hook:
             sys.setprofile(None)
         return False
 
@@ -433,6 +475,8 @@ class Recorder:
 
     def manifest(self) -> dict | None:
         """{"files", "functions", "globals", "libraries"} to check on lookup, or None (not cacheable)."""
+        if self.why is None and not self._started:  # never a manifest that saw nothing of the module's code
+            self.why = "the module's forward did not run through its hooks while tracing"
         if self.why is not None:
             return None
         files, functions, libraries = {}, {}, {}
@@ -574,7 +618,7 @@ def recorded_trace(trace, module: torch.nn.Module, key: str | None, why: list):
     the reason goes to ``why``). The profile hook is removed however the trace ends."""
     if key is None:
         return trace()
-    with Recorder() as recorder:
+    with Recorder(module) as recorder:
         traced = trace()
     manifest = recorder.manifest()
     if manifest is None:

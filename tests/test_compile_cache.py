@@ -362,3 +362,44 @@ def test_explain_says_what_came_from_the_caches(cache_on):
     again = sc.compile(small(), backend="eager")
     again(x)
     assert "traced graph from the compile cache" in again.explain()
+
+
+CLASS_ATTRIBUTE = """
+import torch
+
+class Scaled(torch.nn.Module):
+    SCALE = 2.0
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x) * self.SCALE
+"""
+
+
+def test_a_replaced_class_attribute_misses(cache_on, tmp_path, monkeypatch):
+    mod = load_source(tmp_path, "scaled_model_class_attr", CLASS_ATTRIBUTE)
+    monkeypatch.setitem(sys.modules, "scaled_model_class_attr", mod)
+    x = torch.randn(2, 5, 8)
+    assert check_new_outputs(mod.Scaled().eval(), x) == "miss" and check_new_outputs(mod.Scaled().eval(), x) == "hit"
+    mod.Scaled.SCALE = 5.0
+    assert check_new_outputs(mod.Scaled().eval(), x) == "miss"
+
+
+class Broken(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        raise RuntimeError("broken forward")
+
+
+def test_the_recorder_is_removed_when_the_trace_fails(cache_on):
+    m = Broken().eval()
+    with pytest.raises(Exception, match="broken forward"):
+        sc.compile(m, backend="eager")(torch.randn(2, 3, 8))
+    assert sys.getprofile() is None
+    assert not m._forward_hooks and not m._forward_pre_hooks
