@@ -5,7 +5,6 @@ import collections
 import contextlib
 import importlib.util
 import inspect
-import sys
 import threading
 import time
 import warnings
