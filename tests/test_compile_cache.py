@@ -403,3 +403,35 @@ def test_the_recorder_is_removed_when_the_trace_fails(cache_on):
         sc.compile(m, backend="eager")(torch.randn(2, 3, 8))
     assert sys.getprofile() is None
     assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+def test_a_value_that_cannot_be_fingerprinted_is_never_cached(cache_on):
+    import threading
+
+    m, x = small(), torch.randn(2, 5, 8)
+    m.lock = threading.Lock()  # the key cannot see into it: no entry, rather than a possibly stale one
+    c = sc.compile(m, backend="eager")
+    c(x)
+    assert c.trace_cache == "off" and "attribute 'lock' of Small holds" in c.explain()
+    assert not (cache_on / "traced").exists() or not list((cache_on / "traced").glob("*.pkl"))
+
+
+def test_concurrent_compiles_in_threads(cache_on):
+    from concurrent.futures import ThreadPoolExecutor
+
+    x = torch.randn(2, 5, 8)
+    patched = small()
+    patched.forward = types.MethodType(lambda self, x: torch.tanh(self.lin(x)), patched)
+    models = [small(), patched]
+
+    def run(m):
+        c = sc.compile(m, backend="eager")
+        with torch.no_grad():
+            err = relative_error(c(x), m(x))
+        return c.trace_cache, err
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(run, models))
+    assert all(err <= 1e-5 for _, err in results) and sys.getprofile() is None
+    assert len(list((cache_on / "traced").glob("*.pkl"))) == 2
+    with ThreadPoolExecutor(2) as pool:  # each entry serves its own module only
+        assert [cache for cache, err in pool.map(run, models) if err <= 1e-5] == ["hit", "hit"]
