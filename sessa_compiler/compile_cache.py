@@ -102,7 +102,12 @@ def _const_repr(c) -> str:
 def fingerprint(value) -> str:
     """sha256 of a value as far as a trace could depend on it; raises NotKeyable for what it cannot see
     into (then the caller does not cache)."""
-    return hashlib.sha256(repr(_fp(value, 0, set())).encode()).hexdigest()
+    try:
+        return hashlib.sha256(repr(_fp(value, 0, set())).encode()).hexdigest()
+    except NotKeyable:
+        raise
+    except Exception as e:  # noqa: BLE001 - a value that cannot be read (a property raising, a sparse tensor...)
+        raise NotKeyable(f"a {_name(type(value))} that cannot be read ({type(e).__name__}: {e})") from None
 
 
 def _name(obj) -> str:
@@ -129,7 +134,7 @@ def _fp(v, depth: int, active: set):
         return ("builtin", getattr(v, "__module__", None), getattr(v, "__qualname__", None),
                 None if owner is None or isinstance(owner, types.ModuleType) else _fp(owner, depth + 1, active))
     if isinstance(v, torch.Tensor):
-        if type(v) not in (torch.Tensor, torch.nn.Parameter) or v.is_meta:
+        if type(v) not in (torch.Tensor, torch.nn.Parameter) or v.is_meta or v.layout != torch.strided:
             raise NotKeyable(f"a {type(v).__name__} tensor")
         nbytes = v.numel() * v.element_size()
         if nbytes > _MAX_TENSOR_BYTES:
