@@ -389,3 +389,33 @@ def attention_backward_triton(q, k, v, out, grad_out, scale: float, inv_freq=Non
         dq = _rotate(kern["rope"], dq, inv_freq, launch, -1.0, q.dtype)
         dk = _rotate(kern["rope"], dk, inv_freq, launch, -1.0, k.dtype)
     return dq, dk, dv_
+
+
+# -- register_autograd pair of torch.ops.sessa_compiler.attention_triton (backends/triton/ops.py) ----------------
+def attention_triton_setup_context(ctx, inputs, output):
+    """Saves q, k, v, inv_freq and the output (the backward's delta = rowsum(dO * out))."""
+    q, k, v, inv_freq, scale, causal = inputs
+    ctx.scale, ctx.causal, ctx.rope = scale, causal, inv_freq is not None
+    ctx.save_for_backward(q, k, v, inv_freq if inv_freq is not None else q.new_empty(0), output)
+
+
+def attention_triton_autograd(ctx, grad):
+    """The backward kernels (launched through ``wrap_triton``, so a trace records them) for causal attention in
+    one kernel dtype; otherwise autograd through the reference, recomputed from the saved inputs."""
+    import torch
+    from torch.library import wrap_triton
+
+    from ...semantics.core import attention_ref
+
+    q, k, v, inv_freq, out = ctx.saved_tensors
+    inv_freq = inv_freq if ctx.rope else None
+    names = {from_torch(x.dtype).name for x in (q, k, v, out, grad)}
+    if ctx.causal and len(names) == 1 and names <= set(KERNEL_DTYPES):
+        dq, dk, dv = attention_backward_triton(q, k, v, out, grad.to(out.dtype), ctx.scale, inv_freq,
+                                               launch=wrap_triton)
+        return dq, dk, dv, None, None, None
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    with torch.enable_grad():
+        ref = attention_ref(*leaves, ctx.scale, ctx.causal, inv_freq)
+    dq, dk, dv = torch.autograd.grad(ref, leaves, grad)
+    return dq, dk, dv, None, None, None

@@ -337,3 +337,20 @@ def feedback_backward_triton(grad_s, s, q_b, k_b, gamma, scale: float, lse=None,
         q_b, k_b, s, df, gamma, lse, dgamma, dk, T, *qs, *ks, s.stride(0), s.stride(1), *gs, dk.stride(0),
         dk.stride(1), num_warps=src.num_warps, num_stages=src.num_stages)
     return df.to(s.dtype), dq, dk, dgamma.to(gamma.dtype)
+
+
+# -- register_autograd backward of torch.ops.sessa_compiler.feedback_triton (backends/triton/ops.py) -------------
+def feedback_triton_autograd(ctx, grad):
+    """The backward kernels (launched through ``wrap_triton``) from the saved output (semantics.core's
+    feedback_setup_context); dtypes without kernels (float64, q_b and k_b apart) take semantics.core's
+    feedback_autograd."""
+    from torch.library import wrap_triton
+
+    from ...semantics.core import feedback_autograd
+
+    s, q_b, k_b, gamma = ctx.saved_tensors
+    names = [from_torch(x.dtype).name for x in (s, q_b, k_b, gamma)]
+    if not set(names) <= set(KERNEL_DTYPES) or q_b.dtype != k_b.dtype:
+        return feedback_autograd(ctx, grad)
+    grads = feedback_backward_triton(grad.to(s.dtype), s, q_b, k_b, gamma, ctx.scale, launch=wrap_triton)
+    return (*(x.to(dt) for x, dt in zip(grads, ctx.dtypes)), None)

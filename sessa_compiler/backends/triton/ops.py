@@ -14,9 +14,9 @@
   inverses, probabilities and (for 16-bit f) s are float32 workspaces. float64 runs the reference's torch ops.
   The host loop runs ceil(T / outer chunk) times, so a trace unrolls it for one T.
 
-All three take their gradients from the custom op's formula: attention and scan recompute it from the saved
-inputs; the feedback runs the same transposed blocked solve as the custom op from its saved output
-(semantics.core.feedback_backward: [B, chunk, T] blocks of the weights, never T x T).
+Gradients: attention and feedback run their backward Triton kernels (backends/triton/attention_bwd.py and
+feedback_bwd.py, launched through ``wrap_triton``; float64 and non-causal attention take the reference's
+formula); the scan recomputes the custom op's formula from the saved inputs.
 
 A ``triton_op`` is what Inductor can trace into: on CUDA tensors, torch.compile with Inductor sees the
 kernel launches themselves instead of an opaque custom op. That has not been run: no GPU was available, and
@@ -41,10 +41,11 @@ from torch.library import triton_op, wrap_triton
 from ...dtypes import from_torch
 from ...ir import parse
 from ...passes.chunk_feedback import FeedbackCost
-from ...semantics.core import (attention_autograd, attention_ref, attention_setup_context, feedback_autograd,
-                               feedback_ref, feedback_setup_context)
+from ...semantics.core import attention_ref, feedback_ref, feedback_setup_context
 from .attention import generate_attention
+from .attention_bwd import attention_triton_autograd, attention_triton_setup_context
 from .codegen import KERNEL_CACHE, KERNEL_DTYPES
+from .feedback_bwd import feedback_triton_autograd
 from .feedback import (default_outer_chunk, generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse,
                        launch_lse, launch_solve)
 from .scan import generate_scan
@@ -153,7 +154,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq
     return out
 
 
-attention_triton.register_autograd(attention_autograd, setup_context=attention_setup_context)
+attention_triton.register_autograd(attention_triton_autograd, setup_context=attention_triton_setup_context)
 
 
 # The feedback's blocked kernels: None takes the chunk-feedback pass's cost model (at its assumed T, since one kernel
@@ -209,7 +210,7 @@ def feedback_triton(f: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, gamma
     return launch_solve(k_solve, f, q_b, k_b, gamma, lse, dinv, launch=wrap_triton)
 
 
-feedback_triton.register_autograd(feedback_autograd, setup_context=feedback_setup_context)
+feedback_triton.register_autograd(feedback_triton_autograd, setup_context=feedback_setup_context)
 
 
 # The IR's core ops as these triton_ops, with the operands and attributes of semantics.SEMANTICS: what
