@@ -143,17 +143,22 @@ def feedback_want(f, q, k, gamma, grad, scale):
     return s.detach(), torch.autograd.grad(s, leaves, grad)
 
 
-@pytest.mark.parametrize("B, T, d_qk, d_v, gamma_sign", [
-    (1, 1, 16, 16, 1.0),
-    (1, 17, 16, 16, -1.0),
-    (2, 70, 24, 20, 1.0),     # crosses inner (16) and outer (32) chunks; widths not powers of two
-    (1, 70, 40, 16, -1.0),
+@pytest.mark.parametrize("B, T, d_qk, d_v, gamma_sign, strategy", [
+    (1, 1, 16, 16, 1.0, "rows"),
+    (1, 17, 16, 16, -1.0, "rows"),
+    (2, 70, 24, 20, 1.0, "rows"),     # crosses inner (16) and outer (32) chunks; widths not powers of two
+    (1, 70, 40, 16, -1.0, "rows"),
+    (1, 1, 16, 16, -1.0, "strips"),
+    (1, 17, 16, 16, 1.0, "strips"),
+    (2, 70, 40, 36, -1.0, "strips"),   # width tiles of 16 with masked tails
+    (1, 20, 264, 24, 1.0, None),       # wider than a register row: the default picks strips
 ])
-def test_feedback_backward_matches_float64_autograd(B, T, d_qk, d_v, gamma_sign, nan_empty):
+def test_feedback_backward_matches_float64_autograd(B, T, d_qk, d_v, gamma_sign, strategy, nan_empty):
     f, q, k, gamma, grad = feedback_case(B, T, d_qk, d_v, gamma_sign, seed=T + d_qk)
     scale = d_qk ** -0.5
     s, want = feedback_want(f, q, k, gamma, grad, scale)
-    got = feedback_backward_triton(grad.float(), s.float(), q.float(), k.float(), gamma.float(), scale)
+    got = feedback_backward_triton(grad.float(), s.float(), q.float(), k.float(), gamma.float(), scale,
+                                   strategy=strategy)
     for name, a, b in zip(("f", "q_b", "k_b", "gamma"), got, want):
         assert a.dtype == torch.float32 and a.shape == b.shape
         assert torch.isfinite(a).all(), name
@@ -174,12 +179,14 @@ def test_feedback_backward_uses_the_given_lse():
     assert relative_error(bad[0], want[0]) > 0.1
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_feedback_backward_16_bit(dtype, nan_empty):
+@pytest.mark.parametrize("dtype, strategy", [(torch.bfloat16, "rows"), (torch.float16, "rows"),
+                                             (torch.bfloat16, "strips")])
+def test_feedback_backward_16_bit(dtype, strategy, nan_empty):
     f, q, k, gamma, grad = feedback_case(2, 45, 16, 24, -1.0, seed=11)
     f, q, k, gamma, grad = (x.to(dtype).double() for x in (f, q, k, gamma, grad))
     s, want = feedback_want(f, q, k, gamma, grad, 0.25)
-    got = feedback_backward_triton(grad.to(dtype), s.to(dtype), q.to(dtype), k.to(dtype), gamma.to(dtype), 0.25)
+    got = feedback_backward_triton(grad.to(dtype), s.to(dtype), q.to(dtype), k.to(dtype), gamma.to(dtype), 0.25,
+                                   strategy=strategy)
     for a, b in zip(got, want):
         assert a.dtype == dtype
         assert relative_error(a.double(), b) <= TOLERANCE[dtype]
@@ -194,7 +201,10 @@ def test_feedback_backward_rejects_bad_inputs():
     with pytest.raises(UnsupportedError, match="no kernel"):
         feedback_backward_triton(grad.double(), f.double(), q, k, gamma, 0.25)
     with pytest.raises(UnsupportedError, match="widths up to"):
-        feedback_backward_triton(grad, f, torch.zeros(1, 8, 300), torch.zeros(1, 8, 300), gamma, 0.25)
+        feedback_backward_triton(grad, f, torch.zeros(1, 8, 300), torch.zeros(1, 8, 300), gamma, 0.25,
+                                 strategy="rows")
+    with pytest.raises(UnsupportedError, match="strategy"):
+        feedback_backward_triton(grad, f, q, k, gamma, 0.25, strategy="dense")
 
 
 def test_triton_ops_backward_runs_these_kernels(monkeypatch):

@@ -26,6 +26,7 @@ from ...dtypes import from_torch
 from ...errors import InputError, UnsupportedError
 from ...ir import parse
 from .codegen import AOT_POINTER, KERNEL_CACHE, KERNEL_DTYPES, KernelSource, dot_block, dot_policy
+from .feedback_bwd_wide import generate_wide, launch_wide
 from .feedback import (default_outer_chunk, generate_diag_inverse, generate_lse, launch_diag_inverse,
                        launch_lse)
 
@@ -45,13 +46,21 @@ def _tiles(dtype: str, interpret: bool, d_qk: int, d_v: int) -> dict:
     return {"update": (64, 128, 8), "dq": (128, 64, 8), "dk": (64, 128, 8), "update_dv": 128, "solve_dv": 64}
 
 
+def default_strategy(d_qk: int, d_v: int) -> str:
+    """"rows" (whole rows in registers, no T-long workspace) up to MAX_WIDTH, else "strips"."""
+    return "rows" if max(d_qk, d_v) <= MAX_WIDTH else "strips"
+
+
 def generate_feedback_backward(d_qk: int, d_v: int, scale: float, chunk: int, outer: int, dtypes: dict,
-                               interpret: bool, tiles: dict | None = None) -> dict:
-    """KernelSources by role: "lse", "dinv" (the forward's), "update", "solve", "dq", "dk".
+                               interpret: bool, tiles: dict | None = None, strategy: str = "rows") -> dict:
+    """KernelSources by role: "lse", "dinv" (the forward's), then for strategy "rows" "update", "solve", "dq",
+    "dk"; for "strips" feedback_bwd_wide.py's kernels.
 
     ``dtypes`` names the operands' dtypes: f (also ds and s), q_b (also k_b), gamma."""
-    if max(d_qk, d_v) > MAX_WIDTH:
-        raise UnsupportedError(f"op 'feedback' backward: widths up to {MAX_WIDTH} have a Triton kernel, got "
+    if strategy not in ("rows", "strips"):
+        raise UnsupportedError(f"op 'feedback' backward: strategy must be 'rows' or 'strips', got {strategy!r}")
+    if strategy == "rows" and max(d_qk, d_v) > MAX_WIDTH:
+        raise UnsupportedError(f"op 'feedback' backward: the \"rows\" strategy holds widths up to {MAX_WIDTH}, got "
                                f"d_qk={d_qk}, d_v={d_v}")
     if chunk < 16 or chunk & (chunk - 1) or outer % chunk or outer & (outer - 1):
         raise UnsupportedError(f"op 'feedback' backward: chunk must be a power of two >= 16 and the outer chunk "
@@ -65,6 +74,8 @@ def generate_feedback_backward(d_qk: int, d_v: int, scale: float, chunk: int, ou
             "  return %dinv\n}")
     lse_node, dinv_node = parse(text).nodes
     out = {"lse": generate_lse(lse_node, names, interpret), "dinv": generate_diag_inverse(dinv_node, names, interpret)}
+    if strategy == "strips":
+        return {**out, **generate_wide(d_qk, d_v, scale, chunk, outer, dtypes, interpret, tiles)}
 
     qp, vp = dot_policy(qdt, interpret), dot_policy(fdt, interpret)
     qd, qprec = qp["dot_dtype"], qp["dot_precision"]        # products of q_b and k_b (the logits)
@@ -266,9 +277,9 @@ def generate_feedback_backward(d_qk: int, d_v: int, scale: float, chunk: int, ou
 
 
 @functools.lru_cache(maxsize=64)
-def _kernels(d_qk, d_v, scale, chunk, outer, dtypes, interpret, tiles):
+def _kernels(d_qk, d_v, scale, chunk, outer, dtypes, interpret, tiles, strategy):
     srcs = generate_feedback_backward(d_qk, d_v, scale, chunk, outer, dict(dtypes), interpret,
-                                      dict(tiles) if tiles else None)
+                                      dict(tiles) if tiles else None, strategy)
     return {role: KERNEL_CACHE.load(src, interpret) for role, src in srcs.items()}
 
 
@@ -277,11 +288,12 @@ def _launcher(launch):
 
 
 def feedback_backward_triton(grad_s, s, q_b, k_b, gamma, scale: float, lse=None, *, chunk: int | None = None,
-                             outer: int | None = None, tiles=None, launch=None):
+                             outer: int | None = None, tiles=None, strategy: str | None = None, launch=None):
     """(df, dq_b, dk_b, dgamma) of s = (I - diag(gamma) alpha)^-1 f given ds = grad_s, in the operands' dtypes
     (df in s's). ``lse`` is the forward's float32 [B, T] row log-sum-exps (``feedback_lse`` when None);
     ``chunk``/``outer`` the solve's inner and outer chunk (64 and 256 on a GPU, 16 and 32 under the
-    interpreter); ``launch`` wraps each kernel before its launch (``torch.library.wrap_triton``)."""
+    interpreter); ``strategy`` "rows" (feedback_bwd.py, widths up to 256) or "strips" (feedback_bwd_wide.py, any
+    width), by default the first where it applies; ``launch`` wraps each kernel before its launch (``torch.library.wrap_triton``)."""
     import torch
 
     if s.dim() != 3 or q_b.dim() != 3 or k_b.shape != q_b.shape or q_b.shape[:2] != s.shape[:2] \
@@ -304,8 +316,9 @@ def feedback_backward_triton(grad_s, s, q_b, k_b, gamma, scale: float, lse=None,
     chunk = chunk or (16 if interpret else 64)
     outer = outer or default_outer_chunk(chunk, interpret)
     dtypes = tuple(sorted((n, names[n]) for n in ("f", "q_b", "gamma")))
+    strategy = strategy or default_strategy(d_qk, d_v)
     kern = _kernels(d_qk, d_v, float(scale), chunk, outer, dtypes, interpret,
-                    tuple(sorted(tiles.items())) if tiles else None)
+                    tuple(sorted(tiles.items())) if tiles else None, strategy)
     if B == 0 or T == 0:
         return (torch.zeros_like(s), torch.zeros_like(q_b), torch.zeros_like(k_b), torch.zeros_like(gamma))
     grad_s, s, q_b, k_b = (x if x.stride(-1) == 1 else x.contiguous() for x in (grad_s, s, q_b, k_b))
@@ -316,6 +329,9 @@ def feedback_backward_triton(grad_s, s, q_b, k_b, gamma, scale: float, lse=None,
     else:
         lse = lse.contiguous()
     dinv = launch_diag_inverse(kern["dinv"], q_b, k_b, gamma, lse, chunk, launch=wrap)
+    if strategy == "strips":
+        df, dq, dk, dgamma = launch_wide(kern, grad_s, s, q_b, k_b, gamma, lse, dinv, outer, L)
+        return df.to(s.dtype), dq, dk.to(k_b.dtype), dgamma.to(gamma.dtype)
     df = torch.empty(B, T, d_v, dtype=torch.float32, device=s.device)
     up, so = kern["update"].source, kern["solve"].source
     qs, ks, gs = (q_b.stride(0), q_b.stride(1)), (k_b.stride(0), k_b.stride(1)), tuple(gamma.stride())
