@@ -11,7 +11,7 @@ minimum of a backward that recomputes the logits once: attention 2P(3d + 2dv), P
 head; feedback 2P'(3 d_qk + 2 d_v), P' = T(T-1)/2: logits, the adjoint solve's G^T df, dP, dq_b and dk_b, with
 dgamma = rowsum(P * dP) free), with and without the log-sum-exp kernel (which the forward can store). Shapes: attention 8 query heads
 over 2 kv heads of width 128 with RoPE; feedback widths 128 (the kernels hold a whole row of q_b, k_b, s and df
-in one tile: widths up to 256). These are estimates from the compiled code, not measurements.
+in one tile: widths up to 256), and the "strips" strategy at the target layer's feedback width 1024. These are estimates from the compiled code, not measurements.
 """
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 ATTENTION = {"H": 8, "Hkv": 2, "d": 128, "dv": 128, "rope": True}
-FEEDBACK = {"d_qk": 128, "d_v": 128, "chunk": 64, "outer": 256}
+FEEDBACK = {"d_qk": 128, "d_v": 128, "chunk": 64, "outer": 256, "strategy": "rows"}
+FEEDBACK_WIDE = {"d_qk": 1024, "d_v": 1024, "chunk": 64, "outer": 256, "strategy": "strips"}   # SessaLayer(1024)
 
 
 def _cdiv(a, b):
@@ -45,8 +46,33 @@ def attention_flops(role: str, tu: dict, B: int, T: int) -> int:
     return 2 * B * H * tiles * BM * BN * (2 * d + 2 * dv)   # logits, dV, dP^T, dK (per query head of the group)
 
 
-def feedback_flops(role: str, tu: dict, B: int, T: int) -> int:
-    d, dv, C, CO = FEEDBACK["d_qk"], FEEDBACK["d_v"], FEEDBACK["chunk"], FEEDBACK["outer"]
+def strips_flops(role: str, tu: dict, B: int, T: int, cfg: dict) -> int:
+    """Issued FLOPs of one kernel of the "strips" strategy (feedback_bwd_wide.py)."""
+    d, dv, C, CO = cfg["d_qk"], cfg["d_v"], cfg["chunk"], cfg["outer"]
+    if role in ("lse", "dinv", "rowsum"):
+        return feedback_flops(role, tu, B, T, cfg) if role != "rowsum" else 0
+    total = 0
+    for r0 in range(0, T, CO):
+        r1 = min(r0 + CO, T)
+        n = r1 - r0
+        if role == "colprobs":
+            total += _cdiv(T - r0, tu["BLOCK_M"]) * _cdiv(n, tu["BLOCK_N"]) * 2 * tu["BLOCK_M"] * tu["BLOCK_N"] * d
+        elif role == "rowprobs":
+            total += _cdiv(n, tu["BLOCK_M"]) * _cdiv(r1, tu["BLOCK_N"]) * 2 * tu["BLOCK_M"] * tu["BLOCK_N"] * (d + dv)
+        elif role == "solve":
+            m = _cdiv(n, C)
+            total += _cdiv(dv, tu["BLOCK_DV"]) * (m * (m + 1) // 2) * 2 * C * C * tu["BLOCK_DV"]
+        else:
+            BM, BN, BK = tu["BLOCK_M"], tu["BLOCK_N"], tu["BLOCK_K"]
+            m_rows, n_cols, k_len = {"update": (n, dv, T - r1), "dq": (n, d, r1), "dk": (r1, d, n)}[role]
+            total += _cdiv(m_rows, BM) * _cdiv(n_cols, BN) * _cdiv(k_len, BK) * 2 * BM * BN * BK
+    return B * total
+
+
+def feedback_flops(role: str, tu: dict, B: int, T: int, cfg: dict = FEEDBACK) -> int:
+    if cfg["strategy"] == "strips" and role not in ("lse", "dinv"):
+        return strips_flops(role, tu, B, T, cfg)
+    d, dv, C, CO = cfg["d_qk"], cfg["d_v"], cfg["chunk"], cfg["outer"]
     if role == "lse":
         BM, BN = tu["BLOCK_M"], tu["BLOCK_N"]
         return 2 * B * sum(_cdiv((m + 1) * BM - 1, BN) for m in range(_cdiv(T, BM))) * BM * BN * d
@@ -82,10 +108,12 @@ def sources(dtype: str) -> dict:
 
     a = ATTENTION
     att = generate_attention_backward(a["H"], a["Hkv"], a["d"], a["dv"], a["d"] ** -0.5, dtype, False, rope=a["rope"])
-    f = FEEDBACK
-    fb = generate_feedback_backward(f["d_qk"], f["d_v"], f["d_qk"] ** -0.5, f["chunk"], f["outer"],
-                                    {"f": dtype, "q_b": dtype, "gamma": dtype}, False)
-    return {"attention_backward": att, "feedback_backward": fb}
+    fbs = {}
+    for name, f in (("feedback_backward", FEEDBACK), ("feedback_backward_strips", FEEDBACK_WIDE)):
+        fbs[name] = generate_feedback_backward(f["d_qk"], f["d_v"], f["d_qk"] ** -0.5, f["chunk"], f["outer"],
+                                               {"f": dtype, "q_b": dtype, "gamma": dtype}, False,
+                                               strategy=f["strategy"])
+    return {"attention_backward": att, **fbs}
 
 
 def records(B: int, T: int, dtypes=("bf16", "f32")) -> list:
@@ -94,7 +122,10 @@ def records(B: int, T: int, dtypes=("bf16", "f32")) -> list:
     out = []
     for dt in dtypes:
         for op, srcs in sources(dt).items():
-            flops = attention_flops if op == "attention_backward" else feedback_flops
+            cfg = {"attention_backward": ATTENTION, "feedback_backward": FEEDBACK,
+                   "feedback_backward_strips": FEEDBACK_WIDE}[op]
+            flops = attention_flops if op == "attention_backward" else (
+                lambda role, tu, B, T, cfg=cfg: feedback_flops(role, tu, B, T, cfg))
             issued = {}
             for role, src in srcs.items():
                 rec = compile_kernel(src)
@@ -106,13 +137,13 @@ def records(B: int, T: int, dtypes=("bf16", "f32")) -> list:
                 a = ATTENTION
                 useful = 2 * B * a["H"] * T * (T + 1) // 2 * (3 * a["d"] + 2 * a["dv"])
             else:
-                f = FEEDBACK
+                f = cfg
                 useful = 2 * B * T * (T - 1) // 2 * (3 * f["d_qk"] + 2 * f["d_v"])
             total = sum(issued.values())
             out.append({"kernel": op, "dtype": dt, "issued_flops": total, "useful_flops": useful,
                         "issued_over_useful": total / useful,
                         "issued_over_useful_lse_given": (total - issued["lse"]) / useful,
-                        "config": f"B={B}, T={T}, {ATTENTION if op == 'attention_backward' else FEEDBACK}"})
+                        "config": f"B={B}, T={T}, {cfg}"})
     return out
 
 

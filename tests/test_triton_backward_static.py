@@ -32,7 +32,8 @@ def test_every_backward_kernel_compiles_without_spills_on_tensor_cores(records):
     names = {(r["kernel"], r["dtype"]) for r in kernels}
     want = {"attention_lse", "attention_bwd_delta", "attention_bwd_dkdv", "attention_bwd_dq", "attention_rope",
             "feedback_lse", "feedback_diag_inverse", "feedback_bwd_update", "feedback_bwd_solve", "feedback_bwd_dq",
-            "feedback_bwd_dk"}
+            "feedback_bwd_dk", "fbw_colprobs", "fbw_update", "fbw_solve", "fbw_rowprobs", "fbw_rowsum", "fbw_dq",
+            "fbw_dk"}
     assert names == {(k, dt) for k in want for dt in ("bf16", "f32")}
     for r in kernels:
         assert r["cubin_bytes"] > 0 and r["spill_bytes"] == 0, r
@@ -43,13 +44,15 @@ def test_every_backward_kernel_compiles_without_spills_on_tensor_cores(records):
 
 def test_backward_flop_model(records):
     """Issued over useful FLOPs (useful: the backward's products with the logits computed once). The attention
-    backward meets the 2.0 target; the feedback backward's is reported (above 2 with its lse kernel)."""
+    backward and the feedback's strips strategy at width 1024 meet the 2.0 target; the feedback's rows strategy
+    at width 128 does not (2.25 with its lse kernel, 2.05 without: the c = alpha s pass)."""
     ops = {(r["kernel"], r["dtype"]): r for r in records if "issued_over_useful" in r}
-    assert set(ops) == {(k, dt) for k in ("attention_backward", "feedback_backward") for dt in ("bf16", "f32")}
+    assert set(ops) == {(k, dt) for k in ("attention_backward", "feedback_backward", "feedback_backward_strips")
+                        for dt in ("bf16", "f32")}
     for (op, _), r in ops.items():
         assert r["useful_flops"] > 0 and r["issued_flops"] >= r["useful_flops"], r
         assert r["issued_over_useful_lse_given"] < r["issued_over_useful"], r
-        if op == "attention_backward":
+        if op in ("attention_backward", "feedback_backward_strips"):
             assert r["issued_over_useful"] <= 2.0, r
         else:
             assert r["issued_over_useful"] <= 2.5, r
