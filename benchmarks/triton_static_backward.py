@@ -11,7 +11,8 @@ minimum of a backward that recomputes the logits once: attention 2P(3d + 2dv), P
 head; feedback 2P'(3 d_qk + 2 d_v), P' = T(T-1)/2: logits, the adjoint solve's G^T df, dP, dq_b and dk_b, with
 dgamma = rowsum(P * dP) free), with and without the log-sum-exp kernel (which the forward can store). Shapes: attention 8 query heads
 over 2 kv heads of width 128 with RoPE; feedback widths 128 (the kernels hold a whole row of q_b, k_b, s and df
-in one tile: widths up to 256), and the "strips" strategy at the target layer's feedback width 1024. These are estimates from the compiled code, not measurements.
+in one tile: widths up to 256), the selective scan's reverse scan (64 channels, 16 states; compile facts only),
+and the "strips" strategy at the target layer's feedback width 1024. These are estimates from the compiled code, not measurements.
 """
 from __future__ import annotations
 
@@ -113,7 +114,9 @@ def sources(dtype: str) -> dict:
         fbs[name] = generate_feedback_backward(f["d_qk"], f["d_v"], f["d_qk"] ** -0.5, f["chunk"], f["outer"],
                                                {"f": dtype, "q_b": dtype, "gamma": dtype}, False,
                                                strategy=f["strategy"])
-    return {"attention_backward": att, **fbs}
+    from sessa_compiler.backends.triton.scan_bwd import generate_scan_backward
+
+    return {"attention_backward": att, **fbs, "scan_backward": generate_scan_backward(64, 16, 16, dtype)}
 
 
 def records(B: int, T: int, dtypes=("bf16", "f32")) -> list:
@@ -123,9 +126,9 @@ def records(B: int, T: int, dtypes=("bf16", "f32")) -> list:
     for dt in dtypes:
         for op, srcs in sources(dt).items():
             cfg = {"attention_backward": ATTENTION, "feedback_backward": FEEDBACK,
-                   "feedback_backward_strips": FEEDBACK_WIDE}[op]
+                   "feedback_backward_strips": FEEDBACK_WIDE}.get(op)
             flops = attention_flops if op == "attention_backward" else (
-                lambda role, tu, B, T, cfg=cfg: feedback_flops(role, tu, B, T, cfg))
+                lambda role, tu, B, T, cfg=cfg: feedback_flops(role, tu, B, T, cfg) if cfg else 0)
             issued = {}
             for role, src in srcs.items():
                 rec = compile_kernel(src)
@@ -133,6 +136,8 @@ def records(B: int, T: int, dtypes=("bf16", "f32")) -> list:
                 rec.update({"op": op, "role": role, "dtype": dt, "issued_flops": issued[role],
                             "tunables": {k: str(v) for k, v in src.tunables.items()}})
                 out.append(rec)
+            if op == "scan_backward":   # no tensor-core products: compiled for the static facts only
+                continue
             if op == "attention_backward":
                 a = ATTENTION
                 useful = 2 * B * a["H"] * T * (T + 1) // 2 * (3 * a["d"] + 2 * a["dv"])

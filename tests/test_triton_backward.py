@@ -1,6 +1,7 @@
-"""The backward Triton kernels (backends/triton/attention_bwd.py, feedback_bwd.py) under the interpreter, against
-autograd through dense float64 definitions (attention: semantics.core.attention_ref; feedback: the weights built
-densely below and torch.linalg.solve_triangular differentiated), never against the function under test.
+"""The backward Triton kernels (backends/triton/attention_bwd.py, feedback_bwd.py, feedback_bwd_wide.py,
+scan_bwd.py) under the interpreter, against autograd through dense float64 definitions (attention:
+semantics.core.attention_ref; feedback: the weights built densely below and torch.linalg.solve_triangular
+differentiated; scan: semantics.core.scan_ref, one step at a time), never against the function under test.
 
 Shapes straddle the tiles (16-row blocks; the feedback solve's inner chunks of 16 and outer chunks of 32): T = 1,
 17, 70; H = 1, GQA; RoPE on and off; widths that are not powers of two; gamma within 1e-3 of +-gamma_max = 0.999.
@@ -208,8 +209,8 @@ def test_feedback_backward_rejects_bad_inputs():
 
 
 def test_triton_ops_backward_runs_these_kernels(monkeypatch):
-    """torch.ops.sessa_compiler.attention_triton / feedback_triton: their registered backward calls the kernels
-    above (counted) and matches float64 autograd of the dense definitions."""
+    """torch.ops.sessa_compiler.attention_triton / feedback_triton / selective_scan_triton: their registered backward
+    calls the kernels above (counted) and matches float64 autograd of the dense definitions."""
     import sessa_compiler  # noqa: F401
     from sessa_compiler.backends.triton import ops
 
@@ -232,4 +233,38 @@ def test_triton_ops_backward_runs_these_kernels(monkeypatch):
     torch.ops.sessa_compiler.feedback_triton(*leaves, 0.25).backward(grad.float())
     for a, b in zip(leaves, want):
         assert relative_error(a.grad, b) <= TOLERANCE[torch.float32]
-    assert calls == ["attention_backward_triton", "feedback_backward_triton"]
+
+    real_scan = ops.scan_backward_triton
+    monkeypatch.setattr(ops, "scan_backward_triton",
+                        lambda *a, **kw: calls.append("scan_backward_triton") or real_scan(*a, **kw))
+    *args, grad = scan_case(1, 5, 16, 4, seed=15)
+    leaves = [x.clone().requires_grad_(True) for x in args]
+    from sessa_compiler.semantics.core import scan_ref
+    want = torch.autograd.grad(scan_ref(*leaves), leaves, grad)
+    leaves = [x.float().requires_grad_(True) for x in args]
+    torch.ops.sessa_compiler.selective_scan_triton(*leaves).backward(grad.float())
+    for a, b in zip(leaves, want):
+        assert relative_error(a.grad, b) <= TOLERANCE[torch.float32]
+    assert calls == ["attention_backward_triton", "feedback_backward_triton", "scan_backward_triton"]
+
+
+def scan_case(Bt, T, Din, N, seed):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)   # noqa: E731
+    u, delta = r(Bt, T, Din), torch.nn.functional.softplus(r(Bt, T, Din))
+    A = -torch.rand(Din, N, generator=gen, dtype=torch.float64) - 0.5
+    return u, delta, A, r(Bt, T, N), r(Bt, T, N), r(Din), r(Bt, T, Din)
+
+
+@pytest.mark.parametrize("Bt, T, Din, N", [(1, 1, 16, 4), (2, 20, 20, 5)])   # chunks of 8: T=20 crosses two
+def test_scan_backward_matches_float64_autograd(Bt, T, Din, N, nan_empty):
+    from sessa_compiler.backends.triton.scan_bwd import scan_backward_triton
+    from sessa_compiler.semantics.core import scan_ref
+
+    *args, grad = scan_case(Bt, T, Din, N, seed=T)
+    leaves = [x.clone().requires_grad_(True) for x in args]
+    want = torch.autograd.grad(scan_ref(*leaves), leaves, grad)
+    got = scan_backward_triton(grad.float(), *(x.float() for x in args), chunk=8)
+    for name, a, b in zip(("u", "delta", "A", "B", "C", "D"), got, want):
+        assert a.dtype == torch.float32 and a.shape == b.shape and torch.isfinite(a).all(), name
+        assert relative_error(a, b) <= TOLERANCE[torch.float32], (name, relative_error(a, b))

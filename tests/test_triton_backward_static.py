@@ -33,7 +33,7 @@ def test_every_backward_kernel_compiles_without_spills_on_tensor_cores(records):
     want = {"attention_lse", "attention_bwd_delta", "attention_bwd_dkdv", "attention_bwd_dq", "attention_rope",
             "feedback_lse", "feedback_diag_inverse", "feedback_bwd_update", "feedback_bwd_solve", "feedback_bwd_dq",
             "feedback_bwd_dk", "fbw_colprobs", "fbw_update", "fbw_solve", "fbw_rowprobs", "fbw_rowsum", "fbw_dq",
-            "fbw_dk"}
+            "fbw_dk", "scan_bwd_states", "scan_bwd"}
     assert names == {(k, dt) for k in want for dt in ("bf16", "f32")}
     for r in kernels:
         assert r["cubin_bytes"] > 0 and r["spill_bytes"] == 0, r

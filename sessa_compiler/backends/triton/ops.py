@@ -16,7 +16,7 @@
 
 Gradients: attention and feedback run their backward Triton kernels (backends/triton/attention_bwd.py and
 feedback_bwd.py, launched through ``wrap_triton``; float64 and non-causal attention take the reference's
-formula); the scan recomputes the custom op's formula from the saved inputs.
+formula); the scan runs its reverse-scan kernels (backends/triton/scan_bwd.py) likewise.
 
 A ``triton_op`` is what Inductor can trace into: on CUDA tensors, torch.compile with Inductor sees the
 kernel launches themselves instead of an opaque custom op. That has not been run: no GPU was available, and
@@ -49,6 +49,7 @@ from .feedback_bwd import feedback_triton_autograd
 from .feedback import (default_outer_chunk, generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse,
                        launch_lse, launch_solve)
 from .scan import generate_scan
+from .scan_bwd import scan_backward_triton
 
 __all__ = ["attention_triton", "feedback_triton", "selective_scan_triton"]
 
@@ -94,7 +95,14 @@ def _scan_setup(ctx, inputs, output):
 
 
 def _scan_backward(ctx, grad):
-    """Gradients of the torch.ops.sessa_compiler.selective_scan formula, recomputed from the saved inputs."""
+    """The reverse-scan kernels (backends/triton/scan_bwd.py, through ``wrap_triton``) when u, delta, B, C and the
+    gradient share a kernel dtype; otherwise the torch.ops.sessa_compiler.selective_scan formula's gradients,
+    recomputed from the saved inputs."""
+    u, delta, A, B, C, D = ctx.saved_tensors
+    if len({x.dtype for x in (u, delta, B, C, grad)}) == 1 and from_torch(u.dtype).name in KERNEL_DTYPES \
+            and A.is_floating_point() and D.is_floating_point() and A.dtype != torch.float64:
+        grads = scan_backward_triton(grad, u, delta, A, B, C, D, launch=wrap_triton)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
     leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
     wanted = [t for t in leaves if t.requires_grad]
     with torch.enable_grad():
