@@ -268,3 +268,24 @@ def test_scan_backward_matches_float64_autograd(Bt, T, Din, N, nan_empty):
     for name, a, b in zip(("u", "delta", "A", "B", "C", "D"), got, want):
         assert a.dtype == torch.float32 and a.shape == b.shape and torch.isfinite(a).all(), name
         assert relative_error(a, b) <= TOLERANCE[torch.float32], (name, relative_error(a, b))
+
+
+@pytest.mark.parametrize("strategy", ["rows", "strips"])
+def test_strided_operands_and_an_expanded_gradient(strategy, nan_empty):
+    """Views as a traced model passes them (q_b and k_b halves of one projection, q from a transposed tensor) and
+    the stride-0 gradient of out.sum()."""
+    f, q, k, gamma, _ = feedback_case(1, 23, 16, 16, 1.0, seed=21)
+    qk = torch.cat([q, k], dim=-1).float()
+    qb, kb = qk.split([16, 16], dim=-1)
+    s, want = feedback_want(f, q, k, gamma, torch.ones_like(f), 0.25)
+    got = feedback_backward_triton(torch.ones(1, 1, 1).expand(1, 23, 16), s.float(), qb, kb,
+                                   gamma.float().t().contiguous().t(), 0.25, strategy=strategy)
+    for a, b in zip(got, want):
+        assert relative_error(a, b) <= TOLERANCE[torch.float32]
+    qa, ka, va, _, inv = attention_case(1, 19, 2, 1, 16, 16, True, seed=22)
+    out, want = attention_want(qa, ka, va, torch.ones(1, 19, 2, 16, dtype=torch.float64), inv, 0.25)
+    qt = qa.float().transpose(1, 2).contiguous().transpose(1, 2)   # [B, T, H, d] with T not the outer stride
+    got = attention_backward_triton(qt, ka.float(), va.float(), out.float(), torch.ones(1, 1, 1, 1).expand(1, 19, 2, 16),
+                                    0.25, inv)
+    for a, b in zip(got, want):
+        assert relative_error(a, b) <= TOLERANCE[torch.float32]
