@@ -9,10 +9,12 @@ spills, shared memory, wgmma shapes, asynchronous copies. Then a FLOP model of o
 B = 4, T = 8192: issued FLOPs (what the kernels' tiles compute, masked tiles included) over useful FLOPs (the
 minimum of a backward that recomputes the logits once: attention 2P(3d + 2dv), P = T(T+1)/2 causal pairs per
 head; feedback 2P'(3 d_qk + 2 d_v), P' = T(T-1)/2: logits, the adjoint solve's G^T df, dP, dq_b and dk_b, with
-dgamma = rowsum(P * dP) free), with and without the log-sum-exp kernel (which the forward can store). Shapes: attention 8 query heads
-over 2 kv heads of width 128 with RoPE; feedback widths 128 (the kernels hold a whole row of q_b, k_b, s and df
+dgamma = rowsum(P * dP) free), with and without the log-sum-exp kernel (which the forward can store).
+Shapes: attention 8 query heads over 2 kv heads of width 128 with RoPE;
+feedback widths 128 (the kernels hold a whole row of q_b, k_b, s and df
 in one tile: widths up to 256), the selective scan's reverse scan (64 channels, 16 states; compile facts only),
-and the "strips" strategy at the target layer's feedback width 1024. These are estimates from the compiled code, not measurements.
+and the "strips" strategy at the target layer's feedback width 1024. These are estimates from the compiled code,
+not measurements.
 """
 from __future__ import annotations
 

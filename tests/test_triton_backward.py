@@ -285,7 +285,7 @@ def test_strided_operands_and_an_expanded_gradient(strategy, nan_empty):
     qa, ka, va, _, inv = attention_case(1, 19, 2, 1, 16, 16, True, seed=22)
     out, want = attention_want(qa, ka, va, torch.ones(1, 19, 2, 16, dtype=torch.float64), inv, 0.25)
     qt = qa.float().transpose(1, 2).contiguous().transpose(1, 2)   # [B, T, H, d] with T not the outer stride
-    got = attention_backward_triton(qt, ka.float(), va.float(), out.float(), torch.ones(1, 1, 1, 1).expand(1, 19, 2, 16),
-                                    0.25, inv)
+    ones = torch.ones(1, 1, 1, 1).expand(1, 19, 2, 16)
+    got = attention_backward_triton(qt, ka.float(), va.float(), out.float(), ones, 0.25, inv)
     for a, b in zip(got, want):
         assert relative_error(a, b) <= TOLERANCE[torch.float32]

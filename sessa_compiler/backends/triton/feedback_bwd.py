@@ -293,7 +293,8 @@ def feedback_backward_triton(grad_s, s, q_b, k_b, gamma, scale: float, lse=None,
     (df in s's). ``lse`` is the forward's float32 [B, T] row log-sum-exps (``feedback_lse`` when None);
     ``chunk``/``outer`` the solve's inner and outer chunk (64 and 256 on a GPU, 16 and 32 under the
     interpreter); ``strategy`` "rows" (feedback_bwd.py, widths up to 256) or "strips" (feedback_bwd_wide.py, any
-    width), by default the first where it applies; ``launch`` wraps each kernel before its launch (``torch.library.wrap_triton``)."""
+    width), by default the first where it applies; ``launch`` wraps each kernel before its launch
+    (``torch.library.wrap_triton``)."""
     import torch
 
     if s.dim() != 3 or q_b.dim() != 3 or k_b.shape != q_b.shape or q_b.shape[:2] != s.shape[:2] \

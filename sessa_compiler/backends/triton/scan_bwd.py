@@ -120,7 +120,8 @@ def generate_scan_backward(d_inner: int, n_state: int, chunk: int, dtype: str) -
 
 @functools.lru_cache(maxsize=32)
 def _kernels(d_inner, n_state, chunk, dtype, interpret):
-    return {r: KERNEL_CACHE.load(s, interpret) for r, s in generate_scan_backward(d_inner, n_state, chunk, dtype).items()}
+    srcs = generate_scan_backward(d_inner, n_state, chunk, dtype)
+    return {r: KERNEL_CACHE.load(s, interpret) for r, s in srcs.items()}
 
 
 def scan_backward_triton(grad_y, u, delta, A, B, C, D, *, chunk: int = 16, launch=None):
@@ -133,7 +134,8 @@ def scan_backward_triton(grad_y, u, delta, A, B, C, D, *, chunk: int = 16, launc
     n_state = A.shape[1]
     if delta.shape != u.shape or grad_y.shape != u.shape or tuple(A.shape) != (d_inner, n_state) \
             or B.shape != (Bt, T, n_state) or C.shape != B.shape or tuple(D.shape) != (d_inner,):
-        raise InputError(f"op 'scan' backward: expected u/delta/grad_y [B, T, Din], A [Din, N], B/C [B, T, N], D [Din]; "
+        raise InputError(f"op 'scan' backward: expected u/delta/grad_y [B, T, Din], A [Din, N], B/C [B, T, N], "
+                         f"D [Din]; "
                          f"got {tuple(u.shape)}, {tuple(delta.shape)}, {tuple(grad_y.shape)}, {tuple(A.shape)}, "
                          f"{tuple(B.shape)}, {tuple(C.shape)}, {tuple(D.shape)}")
     dts = {from_torch(x.dtype).name for x in (u, delta, B, C, grad_y)}
