@@ -14,9 +14,9 @@
   inverses, probabilities and (for 16-bit f) s are float32 workspaces. float64 runs the reference's torch ops.
   The host loop runs ceil(T / outer chunk) times, so a trace unrolls it for one T.
 
-All three take their gradients from the custom op's formula: attention and scan recompute it from the saved
-inputs; the feedback runs the same transposed blocked solve as the custom op from its saved output
-(semantics.core.feedback_backward: [B, chunk, T] blocks of the weights, never T x T).
+Gradients: attention and feedback run their backward Triton kernels (backends/triton/attention_bwd.py and
+feedback_bwd.py, launched through ``wrap_triton``; float64 and non-causal attention take the reference's
+formula); the scan runs its reverse-scan kernels (backends/triton/scan_bwd.py) likewise.
 
 A ``triton_op`` is what Inductor can trace into: on CUDA tensors, torch.compile with Inductor sees the
 kernel launches themselves instead of an opaque custom op. That has not been run: no GPU was available, and
@@ -41,13 +41,15 @@ from torch.library import triton_op, wrap_triton
 from ...dtypes import from_torch
 from ...ir import parse
 from ...passes.chunk_feedback import FeedbackCost
-from ...semantics.core import (attention_autograd, attention_ref, attention_setup_context, feedback_autograd,
-                               feedback_ref, feedback_setup_context)
+from ...semantics.core import attention_ref, feedback_ref, feedback_setup_context
 from .attention import generate_attention
+from .attention_bwd import attention_triton_autograd, attention_triton_setup_context
 from .codegen import KERNEL_CACHE, KERNEL_DTYPES
+from .feedback_bwd import feedback_triton_autograd
 from .feedback import (default_outer_chunk, generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse,
                        launch_lse, launch_solve)
 from .scan import generate_scan
+from .scan_bwd import scan_backward_triton
 
 __all__ = ["attention_triton", "feedback_triton", "selective_scan_triton"]
 
@@ -93,7 +95,14 @@ def _scan_setup(ctx, inputs, output):
 
 
 def _scan_backward(ctx, grad):
-    """Gradients of the torch.ops.sessa_compiler.selective_scan formula, recomputed from the saved inputs."""
+    """The reverse-scan kernels (backends/triton/scan_bwd.py, through ``wrap_triton``) when u, delta, B, C and the
+    gradient share a kernel dtype; otherwise the torch.ops.sessa_compiler.selective_scan formula's gradients,
+    recomputed from the saved inputs."""
+    u, delta, A, B, C, D = ctx.saved_tensors
+    if len({x.dtype for x in (u, delta, B, C, grad)}) == 1 and from_torch(u.dtype).name in KERNEL_DTYPES \
+            and A.is_floating_point() and D.is_floating_point() and A.dtype != torch.float64:
+        grads = scan_backward_triton(grad, u, delta, A, B, C, D, launch=wrap_triton)
+        return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad))
     leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, ctx.needs_input_grad)]
     wanted = [t for t in leaves if t.requires_grad]
     with torch.enable_grad():
@@ -153,7 +162,7 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq
     return out
 
 
-attention_triton.register_autograd(attention_autograd, setup_context=attention_setup_context)
+attention_triton.register_autograd(attention_triton_autograd, setup_context=attention_triton_setup_context)
 
 
 # The feedback's blocked kernels: None takes the chunk-feedback pass's cost model (at its assumed T, since one kernel
@@ -209,7 +218,7 @@ def feedback_triton(f: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, gamma
     return launch_solve(k_solve, f, q_b, k_b, gamma, lse, dinv, launch=wrap_triton)
 
 
-feedback_triton.register_autograd(feedback_autograd, setup_context=feedback_setup_context)
+feedback_triton.register_autograd(feedback_triton_autograd, setup_context=feedback_setup_context)
 
 
 # The IR's core ops as these triton_ops, with the operands and attributes of semantics.SEMANTICS: what

@@ -1,0 +1,186 @@
+"""Static facts of the backward Triton kernels (attention_bwd.py, feedback_bwd.py), with no GPU.
+
+    python benchmarks/triton_static_backward.py --json     # one JSON object per kernel, then one per op
+    python benchmarks/triton_static_backward.py            # the same as a Markdown table
+
+Every backward kernel is compiled ahead of time for sm_90 (``GPUTarget("cuda", 90, 32)``, the GPU tile
+configuration) in bf16 and f32, and reported as ``backends/triton/aot.compile_kernel`` reports it: registers,
+spills, shared memory, wgmma shapes, asynchronous copies. Then a FLOP model of one backward call at
+B = 4, T = 8192: issued FLOPs (what the kernels' tiles compute, masked tiles included) over useful FLOPs (the
+minimum of a backward that recomputes the logits once: attention 2P(3d + 2dv), P = T(T+1)/2 causal pairs per
+head; feedback 2P'(3 d_qk + 2 d_v), P' = T(T-1)/2: logits, the adjoint solve's G^T df, dP, dq_b and dk_b, with
+dgamma = rowsum(P * dP) free), with and without the log-sum-exp kernel (which the forward can store).
+Shapes: attention 8 query heads over 2 kv heads of width 128 with RoPE;
+feedback widths 128 (the kernels hold a whole row of q_b, k_b, s and df
+in one tile: widths up to 256), the selective scan's reverse scan (64 channels, 16 states; compile facts only),
+and the "strips" strategy at the target layer's feedback width 1024. These are estimates from the compiled code,
+not measurements.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+ATTENTION = {"H": 8, "Hkv": 2, "d": 128, "dv": 128, "rope": True}
+FEEDBACK = {"d_qk": 128, "d_v": 128, "chunk": 64, "outer": 256, "strategy": "rows"}
+FEEDBACK_WIDE = {"d_qk": 1024, "d_v": 1024, "chunk": 64, "outer": 256, "strategy": "strips"}   # SessaLayer(1024)
+
+
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def attention_flops(role: str, tu: dict, B: int, T: int) -> int:
+    """Issued FLOPs of one attention-backward kernel's launches (tl.dot products only)."""
+    H, d, dv = ATTENTION["H"], ATTENTION["d"], ATTENTION["dv"]
+    if role in ("delta", "rope"):
+        return 0
+    BM, BN = tu["BLOCK_M"], tu["BLOCK_N"]
+    if role in ("lse", "dq"):
+        tiles = sum(_cdiv(min((m + 1) * BM, T), BN) for m in range(_cdiv(T, BM)))
+        per = d if role == "lse" else 2 * d + dv          # logits; + dP and dS K
+        return 2 * B * H * tiles * BM * BN * per
+    tiles = sum(_cdiv(T - (n * BN // BM) * BM, BM) for n in range(_cdiv(T, BN)))   # dkdv: later row blocks
+    return 2 * B * H * tiles * BM * BN * (2 * d + 2 * dv)   # logits, dV, dP^T, dK (per query head of the group)
+
+
+def strips_flops(role: str, tu: dict, B: int, T: int, cfg: dict) -> int:
+    """Issued FLOPs of one kernel of the "strips" strategy (feedback_bwd_wide.py)."""
+    d, dv, C, CO = cfg["d_qk"], cfg["d_v"], cfg["chunk"], cfg["outer"]
+    if role in ("lse", "dinv", "rowsum"):
+        return feedback_flops(role, tu, B, T, cfg) if role != "rowsum" else 0
+    total = 0
+    for r0 in range(0, T, CO):
+        r1 = min(r0 + CO, T)
+        n = r1 - r0
+        if role == "colprobs":
+            total += _cdiv(T - r0, tu["BLOCK_M"]) * _cdiv(n, tu["BLOCK_N"]) * 2 * tu["BLOCK_M"] * tu["BLOCK_N"] * d
+        elif role == "rowprobs":
+            total += _cdiv(n, tu["BLOCK_M"]) * _cdiv(r1, tu["BLOCK_N"]) * 2 * tu["BLOCK_M"] * tu["BLOCK_N"] * (d + dv)
+        elif role == "solve":
+            m = _cdiv(n, C)
+            total += _cdiv(dv, tu["BLOCK_DV"]) * (m * (m + 1) // 2) * 2 * C * C * tu["BLOCK_DV"]
+        else:
+            BM, BN, BK = tu["BLOCK_M"], tu["BLOCK_N"], tu["BLOCK_K"]
+            m_rows, n_cols, k_len = {"update": (n, dv, T - r1), "dq": (n, d, r1), "dk": (r1, d, n)}[role]
+            total += _cdiv(m_rows, BM) * _cdiv(n_cols, BN) * _cdiv(k_len, BK) * 2 * BM * BN * BK
+    return B * total
+
+
+def feedback_flops(role: str, tu: dict, B: int, T: int, cfg: dict = FEEDBACK) -> int:
+    if cfg["strategy"] == "strips" and role not in ("lse", "dinv"):
+        return strips_flops(role, tu, B, T, cfg)
+    d, dv, C, CO = cfg["d_qk"], cfg["d_v"], cfg["chunk"], cfg["outer"]
+    if role == "lse":
+        BM, BN = tu["BLOCK_M"], tu["BLOCK_N"]
+        return 2 * B * sum(_cdiv((m + 1) * BM - 1, BN) for m in range(_cdiv(T, BM))) * BM * BN * d
+    if role == "dinv":
+        n = B * _cdiv(T, C)
+        return n * 2 * C * C * d + n * (C.bit_length() - 2) * 2 * 2 * C ** 3
+    if role == "update":
+        BM, BN, BDV = tu["BLOCK_M"], tu["BLOCK_N"], tu["BLOCK_DV"]
+        total = 0
+        for r0 in range(0, T, CO):
+            r1 = min(r0 + CO, T)
+            total += _cdiv(r1 - r0, BN) * _cdiv(dv, BDV) * _cdiv(T - r1, BM) * 2 * BM * BN * (d + BDV)
+        return B * total
+    if role == "solve":
+        BDV = tu["BLOCK_DV"]
+        total = 0
+        for r0 in range(0, T, CO):
+            n = _cdiv(min(r0 + CO, T) - r0, C)
+            pairs = n * (n - 1) // 2
+            total += _cdiv(dv, BDV) * (pairs * 2 * C * C * (d + BDV) + n * 2 * C * C * BDV)
+        return B * total
+    BM, BN = tu["BLOCK_M"], tu["BLOCK_N"]
+    if role == "dq":   # pass 1: logits, alpha s; pass 2: logits, dP, dS k_b
+        tiles = sum(_cdiv(min((m + 1) * BM - 1, T), BN) for m in range(_cdiv(T, BM)))
+        return 2 * B * tiles * BM * BN * ((d + dv) + (2 * d + dv))
+    tiles = sum(_cdiv(T - (n * BN // BM) * BM, BM) for n in range(_cdiv(T, BN)))   # dk
+    return 2 * B * tiles * BM * BN * (2 * d + dv)
+
+
+def sources(dtype: str) -> dict:
+    from sessa_compiler.backends.triton.attention_bwd import generate_attention_backward
+    from sessa_compiler.backends.triton.feedback_bwd import generate_feedback_backward
+
+    a = ATTENTION
+    att = generate_attention_backward(a["H"], a["Hkv"], a["d"], a["dv"], a["d"] ** -0.5, dtype, False, rope=a["rope"])
+    fbs = {}
+    for name, f in (("feedback_backward", FEEDBACK), ("feedback_backward_strips", FEEDBACK_WIDE)):
+        fbs[name] = generate_feedback_backward(f["d_qk"], f["d_v"], f["d_qk"] ** -0.5, f["chunk"], f["outer"],
+                                               {"f": dtype, "q_b": dtype, "gamma": dtype}, False,
+                                               strategy=f["strategy"])
+    from sessa_compiler.backends.triton.scan_bwd import generate_scan_backward
+
+    return {"attention_backward": att, **fbs, "scan_backward": generate_scan_backward(64, 16, 16, dtype)}
+
+
+def records(B: int, T: int, dtypes=("bf16", "f32")) -> list:
+    from sessa_compiler.backends.triton.aot import compile_kernel
+
+    out = []
+    for dt in dtypes:
+        for op, srcs in sources(dt).items():
+            cfg = {"attention_backward": ATTENTION, "feedback_backward": FEEDBACK,
+                   "feedback_backward_strips": FEEDBACK_WIDE}.get(op)
+            flops = attention_flops if op == "attention_backward" else (
+                lambda role, tu, B, T, cfg=cfg: feedback_flops(role, tu, B, T, cfg) if cfg else 0)
+            issued = {}
+            for role, src in srcs.items():
+                rec = compile_kernel(src)
+                issued[role] = flops(role, src.tunables, B, T)
+                rec.update({"op": op, "role": role, "dtype": dt, "issued_flops": issued[role],
+                            "tunables": {k: str(v) for k, v in src.tunables.items()}})
+                out.append(rec)
+            if op == "scan_backward":   # no tensor-core products: compiled for the static facts only
+                continue
+            if op == "attention_backward":
+                a = ATTENTION
+                useful = 2 * B * a["H"] * T * (T + 1) // 2 * (3 * a["d"] + 2 * a["dv"])
+            else:
+                f = cfg
+                useful = 2 * B * T * (T - 1) // 2 * (3 * f["d_qk"] + 2 * f["d_v"])
+            total = sum(issued.values())
+            out.append({"kernel": op, "dtype": dt, "issued_flops": total, "useful_flops": useful,
+                        "issued_over_useful": total / useful,
+                        "issued_over_useful_lse_given": (total - issued["lse"]) / useful,
+                        "config": f"B={B}, T={T}, {cfg}"})
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("-B", type=int, default=4)
+    ap.add_argument("-T", type=int, default=8192)
+    ap.add_argument("--dtype", action="append", help="bf16 and/or f32 (default both)")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET to compile ahead of time", file=sys.stderr)
+        return 2
+    recs = records(args.B, args.T, tuple(args.dtype or ("bf16", "f32")))
+    if args.json:
+        for r in recs:
+            print(json.dumps(r), flush=True)
+        return 0
+    cols = ("kernel", "dtype", "num_warps", "registers", "spill_bytes", "shared_bytes", "wgmma_shapes", "cp_async",
+            "issued_flops", "issued_over_useful", "issued_over_useful_lse_given")
+    print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for r in recs:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.3g}" if isinstance(v, float) or (isinstance(v, int) and v > 10 ** 6) else
+                         " ".join(v) if isinstance(v, list) else str(v))
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
