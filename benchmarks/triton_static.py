@@ -260,14 +260,18 @@ def _lse_launches(src, B, T):
     sp, tu = src.specialisation, src.tunables
     D, BM, BN, BK = sp["D_qk"], tu["BLOCK_M"], tu["BLOCK_N"], tu["BLOCK_K"]
     ctas = []
-    for _b in range(B):
-        for m in range(_cdiv(T, BM)):   # grid (nM, B): lightest first
-            tiles = _cdiv((m + 1) * BM - 1, BN)
-            q_loads = 1 if tu["q_hoisted"] else tiles   # q re-read per column tile when the width does not fit
-            ctas.append((1, Work(tc=2 * BM * BN * D * tiles, rate=_rate(tu, "dot"), sfu=tiles * BM * BN,
-                                 alu=tiles * BM * BN * (SOFTMAX_ALU + MASK_ALU),
-                                 l2=2 * (q_loads * BM * D + tiles * BN * D) + 4 * BM)))
-    return [Launch((_cdiv(T, BM), B), ctas, 2 * 2 * B * T * D + 4 * B * T)]
+    nM = _cdiv(T, BM)
+    if tu.get("order") == "heaviest row blocks first":   # grid (B, nM), axis 1 walked from the last row block
+        order, grid = [m for m in reversed(range(nM)) for _b in range(B)], (B, nM)
+    else:                                                 # grid (nM, B): each batch row's blocks lightest first
+        order, grid = [m for _b in range(B) for m in range(nM)], (nM, B)
+    for m in order:
+        tiles = _cdiv((m + 1) * BM - 1, BN)
+        q_loads = 1 if tu["q_hoisted"] else tiles   # q re-read per column tile when the width does not fit
+        ctas.append((1, Work(tc=2 * BM * BN * D * tiles, rate=_rate(tu, "dot"), sfu=tiles * BM * BN,
+                             alu=tiles * BM * BN * (SOFTMAX_ALU + MASK_ALU),
+                             l2=2 * (q_loads * BM * D + tiles * BN * D) + 4 * BM)))
+    return [Launch(grid, ctas, 2 * 2 * B * T * D + 4 * B * T)]
 
 
 def _diag_inverse_launches(src, B, T):
