@@ -564,16 +564,135 @@ def records(B: int, T: int) -> list:
     return out
 
 
+# -- the decode step (issue 20 part 5): launches counted on CPU, bytes at the target context ----------------
+DECODE = {"B": 4, "context": 8192, "small": 64}
+MIN_KERNEL_S = 2.0e-6   # what a tiny kernel takes on the device (launch latency, one partial wave), assumed
+NO_KERNEL = {"view", "_unsafe_view", "slice", "select", "transpose", "t", "expand", "unsqueeze", "squeeze", "permute",
+             "as_strided", "alias", "detach", "split", "split_with_sizes", "unbind", "empty", "empty_strided",
+             "empty_like", "lift_fresh", "_reshape_alias", "reshape", "narrow", "chunk", "view_as_real",
+             "view_as_complex"}
+
+
+def decode_plan() -> dict:
+    """One decode step of the target layer on CPU with the Triton decode kernels (interpreter), at a small
+    context: every torch op that launches a kernel on CUDA and every Triton launch, with the bytes it touches
+    (for the cache-reading launches, bytes per cached position). Needs TRITON_INTERPRET=1 (a subprocess)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import sessa_compiler as sc
+    import triton.runtime.interpreter as interpreter
+    from sessa_compiler import serving
+    from sessa_compiler.models import SessaLayer
+
+    serving.TRITON_DECODE_ON_CPU = True
+    B, small = DECODE["B"], DECODE["small"]
+    torch.manual_seed(0)
+    m = SessaLayer(TARGET["D"], n_heads=TARGET["H"]).to(torch.bfloat16).eval()
+    compiled = sc.compile(m, backend="eager")
+    cache = compiled.init_cache(B, max_len=small + 2)
+    x = torch.randn(B, TARGET["D"], dtype=torch.bfloat16)
+    with torch.no_grad():   # the first step also checks the serving program against the forward: not recorded
+        _, cache = compiled.decode_step(x, cache)
+    caches = {}
+    for k, v in cache.items():
+        if isinstance(v, torch.Tensor) and v.dim() >= 3:
+            v.normal_()
+            caches[v.data_ptr()] = float(v.numel() * v.element_size()) / (small + 2)   # bytes per cached position
+    cache["t"] = small
+    events, state = [], {"in_launch": False}
+
+    def nbytes(xs):
+        return int(sum(a.numel() * a.element_size() for a in xs if isinstance(a, torch.Tensor)))
+
+    class Rec(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = func.overloadpacket.__name__
+            if not state["in_launch"] and name not in NO_KERNEL:
+                outs = out if isinstance(out, (tuple, list)) else [out]
+                events.append({"kind": "torch", "name": name, "bytes": nbytes(list(args) + list(outs))})
+            return out
+
+    real = interpreter.InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        per_pos = sum(caches.get(a.data_ptr(), 0) for a in args if isinstance(a, torch.Tensor))
+        other = nbytes([a for a in args if isinstance(a, torch.Tensor) and a.data_ptr() not in caches])
+        g = grid(kwargs) if callable(grid) else grid
+        events.append({"kind": "triton", "name": self.fn.__name__, "bytes": other,
+                       "bytes_per_position": float(per_pos), "grid": [int(x) for x in g],
+                       "consts": {k: int(v) for k, v in kwargs.items() if k in ("CHUNK", "BC")}})
+        state["in_launch"] = True
+        try:
+            return real(self, *args, grid=grid, warmup=warmup, **kwargs)
+        finally:
+            state["in_launch"] = False
+
+    interpreter.InterpretedFunction.run = run
+    try:
+        with torch.no_grad(), Rec():
+            compiled.decode_step(x, cache)
+    finally:
+        interpreter.InterpretedFunction.run = real
+    weights = int(sum(p.numel() * p.element_size() for p in m.parameters()))
+    return {"events": events, "weight_bytes": weights, "cache_bytes_per_position": sum(caches.values())}
+
+
+def decode_records(B: int, context: int) -> dict:
+    """The decode step's estimate at ``context``: its launches (counted by ``decode_plan`` in a subprocess),
+    the memory floor (weights and caches read once), each launch at max(its bytes over HBM bandwidth,
+    MIN_KERNEL_S), issued eagerly and as a (hypothetical) CUDA graph."""
+    import subprocess
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--decode-plan"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+        raise RuntimeError(proc.stderr[-3000:])
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    scale = B / DECODE["B"]
+    seq, chunk, serial = [], None, 0.0
+    for e in plan["events"]:
+        nbytes = scale * (e["bytes"] + e.get("bytes_per_position", 0) * context)
+        chain = 0.0
+        if e["name"].endswith("_partial"):     # grid (rows, chunks of CHUNK cached positions): fills the chip
+            chunk = e["consts"]["CHUNK"]
+        elif e["name"].endswith("_combine"):   # reads every chunk's partials; a dependent step per BC of them
+            n_small, n_ctx = -(-DECODE["small"] // chunk), -(-context // chunk)
+            nbytes = scale * e["bytes"] * n_ctx / n_small
+            chain = 2 * -(-n_ctx // e["consts"]["BC"]) * L2_LATENCY_S   # the max pass, then the sum pass
+            serial += chain
+        seq.append(("torch" if e["kind"] == "torch" else "triton", max(MIN_KERNEL_S, nbytes / BYTES_PER_S) + chain))
+    floor = plan["weight_bytes"] + scale * plan["cache_bytes_per_position"] * context
+    eager, graphed = timeline(seq, graph=False), timeline(seq, graph=True)
+    return {"kernel": "decode_step", "config": f"bf16 SessaLayer(D={TARGET['D']}, H={TARGET['H']}), B={B}, "
+            f"context {context}", "launches": len(seq),
+            "triton_launches": sum(e["kind"] == "triton" for e in plan["events"]),
+            "torch_launches": sum(e["kind"] == "torch" for e in plan["events"]),
+            "floor_bytes": floor, "floor_ms": 1e3 * floor / BYTES_PER_S, "device_ms": 1e3 * eager["busy_s"],
+            "est_ms": 1e3 * eager["end_s"], "est_graph_ms": 1e3 * graphed["end_s"],
+            "graph_over_floor": graphed["end_s"] / (floor / BYTES_PER_S), "critical_path_ms": 1e3 * serial,
+            "ops": sorted({e["name"] for e in plan["events"]})}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="one JSON object per kernel (then the layer) per line")
     ap.add_argument("-B", type=int, default=TARGET["B"])
     ap.add_argument("-T", type=int, default=TARGET["T"])
+    ap.add_argument("--decode-plan", action="store_true", help=argparse.SUPPRESS)   # the subprocess of decode_records
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode step's estimate")
     args = ap.parse_args(argv)
+    if args.decode_plan:
+        print(json.dumps(decode_plan()))
+        return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET to compile ahead of time", file=sys.stderr)
         return 2
     recs = records(args.B, args.T)
+    if not args.no_decode:
+        recs.append(decode_records(args.B, args.T))
     if args.json:
         for r in recs:
             print(json.dumps(r), flush=True)
@@ -582,14 +701,16 @@ def main(argv=None) -> int:
             "grid", "min_fill", "issued_flops", "hbm_bytes", "l2_bytes", "serial_ms", "limited_by", "roofline_ms",
             "est_ms")
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
-    for r in recs[:-1]:
+    for r in recs:
+        if r["kernel"] in ("layer", "decode_step"):
+            continue
         cells = []
         for c in cols:
             v = r.get(c, "")
             cells.append(f"{v:.3g}" if isinstance(v, float) or (isinstance(v, int) and v > 10 ** 6) else
                          " ".join(str(x) for x in v) if isinstance(v, list) else str(v))
         print("| " + " | ".join(cells) + " |")
-    layer = recs[-1]
+    layer = next(r for r in recs if r["kernel"] == "layer")
     print(f"\nLayer ({layer['config']}): {layer['launches']} launches; kernels and torch ops on the device "
           f"{layer['device_ms']:.3f} ms (of which sequential chains {layer['critical_path_ms']:.3f} ms), "
           f"launches add {layer['launch_ms']:.3f} ms: estimate {layer['est_ms']:.3f} ms "
@@ -603,6 +724,13 @@ def main(argv=None) -> int:
     print(f"What-if, not built (issue 20 part 2): a one-pass feedback forward (no lse pass; P and the update in "
           f"bf16; pipelined solve loads): layer {layer['what_if_one_pass_feedback_ms']:.3f} ms, "
           f"{layer['what_if_one_pass_feedback_graph_ms']:.3f} ms as a CUDA graph.")
+    dec = next((r for r in recs if r["kernel"] == "decode_step"), None)
+    if dec:
+        print(f"\nDecode step ({dec['config']}): {dec['launches']} launches ({dec['triton_launches']} Triton, "
+              f"{dec['torch_launches']} torch ops), memory floor {dec['floor_bytes'] / 1e6:.0f} MB = "
+              f"{dec['floor_ms'] * 1e3:.0f} us; the combines' loops {dec['critical_path_ms'] * 1e3:.0f} us; estimate {dec['est_ms'] * 1e3:.0f} us with every launch from Python, "
+              f"{dec['est_graph_ms'] * 1e3:.0f} us if replayed as a CUDA graph ({dec['graph_over_floor']:.2f}x the "
+              "floor; decode_step is not recorded into a graph yet).")
     return 0
 
 
