@@ -118,6 +118,20 @@ def test_feedback_kernels_bf16_inputs():
     assert rel_err(s, feedback_ref(f.double(), q.double(), k.double(), gamma.double(), 0.3)) < 3e-2
 
 
+def test_feedback_lse_bf16_across_row_blocks_and_width_steps():
+    """bf16 lse (128 x 128 tiles, heaviest row block first) at T=200: two row blocks, the second with a ragged
+    diagonal tile; width 160 takes three K steps of 64 (the last masked)."""
+    T, B, d = 200, 2, 160
+    k_lse, _, _ = feedback_kernels(d, d, 16, "bf16")
+    assert k_lse.source.tunables["BLOCK_N"] == 128 and not k_lse.source.tunables["q_hoisted"]
+    _, q, k, _ = feedback_inputs(B, T, d, d, 1.0, torch.bfloat16, seed=11)
+    buf, lse = poisoned((B, T), torch.float32)
+    launch_lse(k_lse, q, k, out=lse)
+    assert canary_intact(buf, B * T)
+    ref = blocked_ref.feedback_lse(q.double(), k.double(), scale=0.3)
+    assert (lse.double() - ref).abs().max().item() < 1e-4
+
+
 def attention_node(H, Hkv, d, rope, dt="f32"):
     inv = ", %inv" if rope else ""
     g = parse(f"""graph a(%q: {dt}[B, T, {H}, {d}], %k: {dt}[B, T, {Hkv}, {d}], %v: {dt}[B, T, {Hkv}, {d}]) {{

@@ -72,9 +72,12 @@ def generate_lse(node: Node, dtypes: dict, interpret: bool) -> KernelSource:
     d_qk, _ = _widths(node, None)
     qdt = dtypes["q_b"]
     pol = dot_policy(qdt, interpret)
-    block_m, block_n = 128, 64   # 8 warps: each warpgroup 64 rows x the full 64-wide tile
+    # 8 warps: each warpgroup 64 rows x the full tile width. A width over one K step re-reads the q block for
+    # every column tile: 128 columns per tile halve those re-reads against 64 (L2 traffic, issue 20); fp32
+    # operands keep 64 (at 128 they take all 255 registers)
     wide = qdt == "f32"          # 4-byte operands: half the width per stage, two stages (shared memory)
-    block_k = dot_block(d_qk, 64 if wide else 128)
+    block_m, block_n = 128, 64 if wide else 128
+    block_k = dot_block(d_qk, 64 if wide or d_qk > 128 else 128)
     hoist = block_k >= d_qk
     body = _constants(D_QK=d_qk, SCALE=node.attrs["scale"], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
     body += ("@triton.jit\n"
