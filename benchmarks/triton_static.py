@@ -728,7 +728,8 @@ def main(argv=None) -> int:
     if dec:
         print(f"\nDecode step ({dec['config']}): {dec['launches']} launches ({dec['triton_launches']} Triton, "
               f"{dec['torch_launches']} torch ops), memory floor {dec['floor_bytes'] / 1e6:.0f} MB = "
-              f"{dec['floor_ms'] * 1e3:.0f} us; the combines' loops {dec['critical_path_ms'] * 1e3:.0f} us; estimate {dec['est_ms'] * 1e3:.0f} us with every launch from Python, "
+              f"{dec['floor_ms'] * 1e3:.0f} us; the combines' loops {dec['critical_path_ms'] * 1e3:.0f} us; "
+              f"estimate {dec['est_ms'] * 1e3:.0f} us with every launch from Python, "
               f"{dec['est_graph_ms'] * 1e3:.0f} us if replayed as a CUDA graph ({dec['graph_over_floor']:.2f}x the "
               "floor; decode_step is not recorded into a graph yet).")
     return 0

@@ -94,8 +94,8 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool, block_m: int |
                   BLOCK_N=block_n, D_V=dv, BLOCK_DV=block_dv, D=d, BLOCK_D=dot_block(d, 256))
     body = "".join(f"{a} = tl.constexpr({b!r})\n" for a, b in consts.items()) + "\n\n"
     body += ("@triton.jit\n"
-             "def attention_fwd(Q, K, V, OUT, LSE, T, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,\n"
-             "                  stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh):\n"
+             "def attention_fwd(Q, K, V, OUT, LSE, T, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt,\n"
+             "                  stride_kh, stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh):\n"
              "    # out[t] = softmax_{j<=t}(q_t . k_j * SCALE) @ v for one (batch x query head, row block);\n"
              "    # LSE[b, h, t] = log sum_{j<=t} exp(q_t . k_j * SCALE) (fp32, contiguous [B, H, T])\n"
              "    bh = tl.program_id(0)\n"
@@ -123,11 +123,11 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool, block_m: int |
     for n_lo, n_hi, masked in (("0", "lo", False), ("lo", "hi", True)):
         kmask = "(cols[None, :] < T)" if masked else "(cols[None, :] >= 0)"
         vrow = "(cols[:, None] < T)" if masked else "(cols[:, None] >= 0)"
-        kload = f"mask={kmask}{dmask_t}, other=0.0" if masked or dmask_t else ""
-        vload = f"mask={vrow}{vmask}, other=0.0" if masked or vmask else ""
+        kload = f", mask={kmask}{dmask_t}, other=0.0" if masked or dmask_t else ""
+        vload = f", mask={vrow}{vmask}, other=0.0" if masked or vmask else ""
         body += (f"    for n0 in range({n_lo}, {n_hi}, BLOCK_N):\n"
                  "        cols = n0 + tl.arange(0, BLOCK_N)\n"
-                 f"        kt = tl.load(k_base + cols[None, :] * stride_kt + ds[:, None]{', ' + kload if kload else ''})\n"
+                 f"        kt = tl.load(k_base + cols[None, :] * stride_kt + ds[:, None]{kload})\n"
                  f"        logits = tl.dot(q, kt.to({dd}), out_dtype=tl.float32, input_precision=\"{prec}\")\n")
         if masked:   # the diagonal tiles (and the ragged last one)
             body += ("        z = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < T), logits, "
@@ -138,7 +138,7 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool, block_m: int |
                  "        alpha = tl.exp(m_i - m_new)\n"
                  "        p = tl.exp(z - m_new[:, None])\n"
                  "        l_i = l_i * alpha + tl.sum(p, axis=1)\n"
-                 f"        v = tl.load(v_base + cols[:, None] * stride_vt + dvs[None, :]{', ' + vload if vload else ''})\n"
+                 f"        v = tl.load(v_base + cols[:, None] * stride_vt + dvs[None, :]{vload})\n"
                  f"        acc = acc * alpha[:, None] + tl.dot(p.to({dd}), v.to({dd}), out_dtype=tl.float32, "
                  f"input_precision=\"{prec}\")\n"
                  "        m_i = m_new\n")
