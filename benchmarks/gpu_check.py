@@ -278,6 +278,10 @@ def time_layer(T, B=4, D=1024, H=8, peak=None):
         t_ours = bench(lambda: ours(x), reps=5)
         row("layer", f"ours (triton) B={B} T={T}", f"{t_ours * 1e3:.2f} ms",
             f"{flops / t_ours / 1e12:.0f} TFLOP/s" + (f" = {flops / t_ours / peak:.0%} of peak" if peak else ""))
+        plain = sc.compile(m, backend="triton", options={"cuda_graphs": False})
+        t_plain = bench(lambda: plain(x), reps=5)
+        row("layer", f"ours (triton), cuda_graphs=False (every launch from Python) B={B} T={T}",
+            f"{t_plain * 1e3:.2f} ms", f"the default (second call records a CUDA graph) x{t_plain / t_ours:.2f}")
         t_graph = graph_replay_seconds(lambda: ours(x))
         if t_graph:
             row("layer", f"ours (triton), CUDA graph replay B={B} T={T}", f"{t_graph * 1e3:.2f} ms",

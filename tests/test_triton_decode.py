@@ -21,6 +21,7 @@ from sessa_compiler.tolerance import TOLERANCE, relative_error  # noqa: E402
     (1, 48, 70, 1, torch.float32),        # one cached position; W not a power of two
     (3, 32, 300, 257, torch.bfloat16),    # bf16 keys, fp32 states
     (1, 16, 64, 64, torch.float32),       # t exactly a multiple of the chunk
+    (2, 160, 2200, 2100, torch.float32),  # 66 chunks: two combine steps of 64; two column blocks of 128
 ])
 def test_feedback_decode_matches_torch(B, W, L, t, dtype):
     g = torch.Generator().manual_seed(t)
@@ -40,6 +41,7 @@ def test_feedback_decode_matches_torch(B, W, L, t, dtype):
     (2, 4, 2, 8, 100, 70, torch.float32),     # GQA, several chunks, the last one partial
     (1, 3, 1, 12, 20, 1, torch.float32),      # one cached position; group of 3 and d = 12 (not powers of two)
     (1, 8, 8, 16, 200, 129, torch.bfloat16),  # no GQA, bf16 caches
+    (1, 2, 1, 16, 4300, 4200, torch.float32),  # 66 chunks: two combine steps of 64
 ])
 def test_attention_decode_matches_torch(B, H, Hkv, D, L, t, dtype):
     g = torch.Generator().manual_seed(t)

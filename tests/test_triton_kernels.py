@@ -118,6 +118,20 @@ def test_feedback_kernels_bf16_inputs():
     assert rel_err(s, feedback_ref(f.double(), q.double(), k.double(), gamma.double(), 0.3)) < 3e-2
 
 
+def test_feedback_lse_bf16_across_row_blocks_and_width_steps():
+    """bf16 lse (128 x 128 tiles, heaviest row block first) at T=200: two row blocks, the second with a ragged
+    diagonal tile; width 160 takes three K steps of 64 (the last masked)."""
+    T, B, d = 200, 2, 160
+    k_lse, _, _ = feedback_kernels(d, d, 16, "bf16")
+    assert k_lse.source.tunables["BLOCK_N"] == 128 and not k_lse.source.tunables["q_hoisted"]
+    _, q, k, _ = feedback_inputs(B, T, d, d, 1.0, torch.bfloat16, seed=11)
+    buf, lse = poisoned((B, T), torch.float32)
+    launch_lse(k_lse, q, k, out=lse)
+    assert canary_intact(buf, B * T)
+    ref = blocked_ref.feedback_lse(q.double(), k.double(), scale=0.3)
+    assert (lse.double() - ref).abs().max().item() < 1e-4
+
+
 def attention_node(H, Hkv, d, rope, dt="f32"):
     inv = ", %inv" if rope else ""
     g = parse(f"""graph a(%q: {dt}[B, T, {H}, {d}], %k: {dt}[B, T, {Hkv}, {d}], %v: {dt}[B, T, {Hkv}, {d}]) {{
@@ -128,11 +142,30 @@ def attention_node(H, Hkv, d, rope, dt="f32"):
     return g.nodes[0]
 
 
+def attention_lse_ref(q, k, scale, inv=None):
+    """[B, H, T] log sum_{j<=t} exp(scale q_t . k_j), in float64 (RoPE applied first when inv is given)."""
+    from sessa_compiler.semantics.core import _rotate
+
+    if inv is not None:
+        q, k = _rotate(q, inv), _rotate(k, inv)
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    logits = torch.einsum("bthd,bshd->bhts", q, k) * scale
+    T = q.shape[1]
+    keep = torch.ones(T, T, dtype=torch.bool).tril()
+    return torch.logsumexp(logits.masked_fill(~keep, float("-inf")), dim=-1)
+
+
 @pytest.mark.parametrize("T", [1, 17, 70])
 @pytest.mark.parametrize("H, Hkv, d, rope", [(1, 1, 16, True), (4, 2, 24, True), (3, 1, 20, False), (2, 2, 32, False)])
-def test_attention_kernel_matches_reference(T, H, Hkv, d, rope):
+@pytest.mark.parametrize("blocks", [None, (32, 16), (16, 32)], ids=["default", "bm32-bn16", "bm16-bn32"])
+def test_attention_kernel_matches_reference(T, H, Hkv, d, rope, blocks):
+    """Small tiles give unmasked (below-diagonal) tiles, diagonal ones and a ragged last one; the row
+    log-sum-exps are checked too ([B, H, T] float32)."""
+    if blocks is not None and T == 1:
+        pytest.skip("one row: the default tiles cover it")
     node = attention_node(H, Hkv, d, rope)
-    kernel = KERNEL_CACHE.load(generate_attention(node, {"q": "f32", "k": "f32", "v": "f32", "inv_freq": "f32"}, True), True)
+    kernel = KERNEL_CACHE.load(generate_attention(node, {"q": "f32", "k": "f32", "v": "f32", "inv_freq": "f32"}, True,
+                                                  *(blocks or (None, None))), True)
     gen = torch.Generator().manual_seed(T + d)
     B = 2
     q = torch.randn(B, T, H, d, generator=gen)
@@ -140,10 +173,13 @@ def test_attention_kernel_matches_reference(T, H, Hkv, d, rope):
     v = torch.randn(B, T, Hkv, d, generator=gen)
     inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
     buf, out = poisoned((B, T, H, d), torch.float32)
-    launch_attention(kernel, q, k, v, inv if rope else None, out=out)
-    assert canary_intact(buf, B * T * H * d)
+    lse_buf, lse = poisoned((B, H, T), torch.float32)
+    launch_attention(kernel, q, k, v, inv if rope else None, out=out, lse=lse)
+    assert canary_intact(buf, B * T * H * d) and canary_intact(lse_buf, B * H * T)
     ref = attention_ref(q.double(), k.double(), v.double(), d ** -0.5, True, inv.double() if rope else None)
     assert rel_err(out, ref) < 1e-4
+    lse_ref = attention_lse_ref(q.double(), k.double(), d ** -0.5, inv.double() if rope else None)
+    assert (lse.double() - lse_ref).abs().max() < 1e-4
 
 
 def test_attention_kernel_bf16_with_strided_inputs():
@@ -156,9 +192,13 @@ def test_attention_kernel_bf16_with_strided_inputs():
     k = qkv[..., H * d:(H + Hkv) * d].view(B, T, Hkv, d)
     v = qkv[..., (H + Hkv) * d:].view(B, T, Hkv, d)
     inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
-    out = launch_attention(kernel, q, k, v, inv)
+    out, lse = launch_attention(kernel, q, k, v, inv, return_lse=True)
     ref = attention_ref(q.double(), k.double(), v.double(), d ** -0.5, True, inv.double())
     assert rel_err(out, ref) < 3e-2
+    assert lse.shape == (B, H, T) and lse.dtype == torch.float32
+    assert (lse.double() - attention_lse_ref(q.double(), k.double(), d ** -0.5, inv.double())).abs().max() < 5e-2
+    with pytest.raises(UnsupportedError, match="lse must be a contiguous float32"):
+        launch_attention(kernel, q, k, v, inv, lse=torch.empty(B, T, H))
 
 
 def scan_node(d_inner, n):

@@ -29,12 +29,16 @@ def records(tmp_path_factory):
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     recs = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert recs and recs[-1]["kernel"] == "layer"
+    assert recs and recs[-2]["kernel"] == "layer" and recs[-1]["kernel"] == "decode_step"
     return recs
 
 
 def kernels(records):
-    return [r for r in records if r["kernel"] != "layer"]
+    return [r for r in records if r["kernel"] not in ("layer", "decode_step")]
+
+
+def layer_row(records):
+    return next(r for r in records if r["kernel"] == "layer")
 
 
 def test_every_kernel_reports_every_field(records):
@@ -62,10 +66,73 @@ def test_attention_and_feedback_use_full_width_wgmma_and_async_copies(records):
         assert r["cp_async"] > 0, f"{r['kernel']}: no asynchronous copies (loads not pipelined)"
 
 
-def test_layer_estimate_meets_the_static_targets(records):
-    layer = records[-1]
+MODEL_FIELDS = ("launches", "l2_bytes", "hbm_bytes", "grid", "ctas_per_sm", "est_ms")
+
+
+def layer_kernels(records):
+    return [r for r in kernels(records) if r["in"] == "layer"]
+
+
+def test_layer_lower_bound_meets_the_static_targets(records):
+    """The old estimate (each kernel at its roofline, no launches) stays as the lower bound."""
+    layer = layer_row(records)
     assert layer["issued_over_useful"] <= 1.5, layer
-    assert layer["est_ms"] <= 4.4, layer
+    assert layer["roofline_ms"] <= 4.4, layer
+
+
+def test_model_fields_and_launch_counts(records):
+    """Every layer kernel has the model's fields; the feedback solve launches three kernels per outer chunk
+    (T / 256 = 32 each), RoPE rotates q and k (two launches), and the layer counts them all plus the torch ops."""
+    rows = {r["kernel"]: r for r in layer_kernels(records)}
+    for r in rows.values():
+        missing = [f for f in MODEL_FIELDS if f not in r]
+        assert not missing, (r["kernel"], missing)
+        assert r["launches"] >= 1 and r["ctas_per_sm"] >= 1 and r["est_ms"] > 0
+        assert r["est_ms"] >= 0.999 * r["roofline_ms"], r   # the model never beats the roofline
+    for k in ("feedback_probs", "feedback_update", "feedback_solve"):
+        assert rows[k]["launches"] == 8192 // 256, rows[k]
+    assert rows["rope_rotate"]["launches"] == 2 and rows["attention_fwd"]["launches"] == 1
+    layer = layer_row(records)
+    assert layer["launches"] > sum(r["launches"] for r in rows.values()) >= 100, layer
+
+
+def test_occupancy_follows_registers_and_shared_memory(records):
+    for r in layer_kernels(records):
+        regs = r["num_warps"] * -(-r["registers"] * 32 // 256) * 256
+        limit = min(65536 // regs, 233472 // (r["shared_bytes"] + 1024) if r["shared_bytes"] else 32,
+                    64 // r["num_warps"], 32)
+        assert r["ctas_per_sm"] == limit, r
+    att = next(r for r in layer_kernels(records) if r["kernel"] == "attention_fwd")
+    assert att["ctas_per_sm"] == 1   # 191 registers x 256 threads, 128 KB of shared memory
+
+
+def test_l2_traffic_follows_the_tile_schedule(records):
+    """feedback_lse re-reads its q row block for every 128-column tile (the width does not fit one tile): the
+    L2 -> SM bytes are B * sum over row blocks of tiles * (128 + 128) rows * 1024 * 2 bytes, about 4.4 GB,
+    thirty times the bytes it must move (6.5 GB with the 64-column tiles it had before)."""
+    rows = {r["kernel"]: r for r in layer_kernels(records)}
+    lse = rows["feedback_lse"]
+    tiles = sum(-(-((m + 1) * 128 - 1) // 128) for m in range(8192 // 128))
+    want = 4 * (tiles * (128 + 128) * 1024 * 2 + 64 * 128 * 4)
+    assert abs(lse["l2_bytes"] - want) <= 1e-6 * want, (lse["l2_bytes"], want)
+    assert lse["l2_bytes"] > 25 * lse["hbm_bytes"]
+    # the update reads P and every earlier row of the fp32 s for every outer chunk: s (134 MB) exceeds the L2
+    upd = rows["feedback_update"]
+    assert upd["hbm_bytes"] > 10 * 4 * 4 * 8192 * 1024 and upd["l2_bytes"] > 8e9, upd
+
+
+def test_layer_estimate_counts_launches_and_sequential_chains(records):
+    """The honest estimate: kernels from the tile schedule, the solve's sequential chains, launches (host
+    cost and device gaps). Above the old lower bound; a regression ceiling above the 2026-12-06 estimate
+    (6.1 ms). The issue's target (3.3 ms) is not reached: see benchmarks/results/triton_static.md."""
+    layer = layer_row(records)
+    for f in ("launch_ms", "critical_path_ms", "est_ms", "est_graph_ms", "device_ms"):
+        assert layer[f] > 0, (f, layer)
+    assert abs(layer["est_ms"] - layer["device_ms"] - layer["launch_ms"]) < 1e-6 and layer["launch_ms"] >= 0.1
+    assert layer["est_ms"] > layer["roofline_ms"]
+    assert layer["est_graph_ms"] < layer["est_ms"]   # replaying a graph removes the host cost per launch
+    assert layer["critical_path_ms"] >= 0.1, layer   # 32 chunks x 4 inner blocks of dependent loads
+    assert layer["est_ms"] <= 6.5, layer
 
 
 def test_tri_solve_variant_is_listed_with_tensor_cores(records):
@@ -77,3 +144,13 @@ def test_tri_solve_variant_is_listed_with_tensor_cores(records):
         assert r["in"].startswith("variant: tri_solve") and r["wgmma_shapes"], r
     fwd = solve["tri_solve_fwd"]
     assert fwd["useful_flops"] > 0 and fwd["issued_flops"] <= 1.05 * fwd["useful_flops"], fwd
+
+
+def test_decode_step_launches_and_floor(records):
+    """The decode step at context 8192, B=4: launches counted from one step under the interpreter (the four
+    Triton split-K launches and the torch ops between them), the floor from the weights and the caches."""
+    dec = records[-1]
+    assert dec["triton_launches"] == 4 and 20 <= dec["torch_launches"] <= 80, dec
+    caches = 8192 * 4 * (2 * 8 * 128 * 2)   # attention K and V, bf16, at least; the feedback's caches add
+    assert dec["floor_bytes"] > caches + 9e6, dec
+    assert dec["floor_ms"] < dec["est_graph_ms"] < dec["est_ms"], dec

@@ -94,11 +94,12 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool, block_m: int |
                   BLOCK_N=block_n, D_V=dv, BLOCK_DV=block_dv, D=d, BLOCK_D=dot_block(d, 256))
     body = "".join(f"{a} = tl.constexpr({b!r})\n" for a, b in consts.items()) + "\n\n"
     body += ("@triton.jit\n"
-             "def attention_fwd(Q, K, V, OUT, T, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,\n"
-             "                  stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh):\n"
-             "    # out[t] = softmax_{j<=t}(q_t . k_j * SCALE) @ v for one (row block, batch x query head)\n"
-             "    pid_m = tl.program_id(0)\n"
-             "    bh = tl.program_id(1)\n"
+             "def attention_fwd(Q, K, V, OUT, LSE, T, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt,\n"
+             "                  stride_kh, stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh):\n"
+             "    # out[t] = softmax_{j<=t}(q_t . k_j * SCALE) @ v for one (batch x query head, row block);\n"
+             "    # LSE[b, h, t] = log sum_{j<=t} exp(q_t . k_j * SCALE) (fp32, contiguous [B, H, T])\n"
+             "    bh = tl.program_id(0)\n"
+             "    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)   # heaviest row blocks launch first\n"
              "    b = (bh // H).to(tl.int64)\n"
              "    h = bh % H\n"
              "    kvh = h // GROUP   # GQA: query head h reads kv head h // GROUP\n"
@@ -116,33 +117,44 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool, block_m: int |
              "    l_i = tl.zeros([BLOCK_M], tl.float32)\n"
              "    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)\n"
              "    hi = tl.minimum((pid_m + 1) * BLOCK_M, T)\n"
-             "    for n0 in range(0, hi, BLOCK_N):\n"
-             "        cols = n0 + tl.arange(0, BLOCK_N)\n")
+             "    lo = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N   # tiles left of lo are below the diagonal: no mask\n")
     dmask_t = "" if d == consts["BLOCK_D"] else " & (ds[:, None] < D)"
-    body += (f"        kt = tl.load(k_base + cols[None, :] * stride_kt + ds[:, None], mask=(cols[None, :] < T){dmask_t}, other=0.0)\n"
-             f"        logits = tl.dot(q, kt.to({dd}), out_dtype=tl.float32, input_precision=\"{prec}\")\n")
     vmask = "" if dv == block_dv else " & (dvs[None, :] < D_V)"
-    body += ("        z = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < T), logits, float(\"-inf\"))\n"
-             "        m_new = tl.maximum(m_i, tl.max(z, axis=1))\n"
-             "        alpha = tl.exp(m_i - m_new)\n"
-             "        p = tl.exp(z - m_new[:, None])\n"
-             "        l_i = l_i * alpha + tl.sum(p, axis=1)\n"
-             f"        v = tl.load(v_base + cols[:, None] * stride_vt + dvs[None, :], mask=(cols[:, None] < T){vmask}, other=0.0)\n"
-             f"        acc = acc * alpha[:, None] + tl.dot(p.to({dd}), v.to({dd}), out_dtype=tl.float32, "
-             f"input_precision=\"{prec}\")\n"
-             "        m_i = m_new\n"
-             "    out = acc / l_i[:, None]\n"
+    for n_lo, n_hi, masked in (("0", "lo", False), ("lo", "hi", True)):
+        kmask = "(cols[None, :] < T)" if masked else "(cols[None, :] >= 0)"
+        vrow = "(cols[:, None] < T)" if masked else "(cols[:, None] >= 0)"
+        kload = f", mask={kmask}{dmask_t}, other=0.0" if masked or dmask_t else ""
+        vload = f", mask={vrow}{vmask}, other=0.0" if masked or vmask else ""
+        body += (f"    for n0 in range({n_lo}, {n_hi}, BLOCK_N):\n"
+                 "        cols = n0 + tl.arange(0, BLOCK_N)\n"
+                 f"        kt = tl.load(k_base + cols[None, :] * stride_kt + ds[:, None]{kload})\n"
+                 f"        logits = tl.dot(q, kt.to({dd}), out_dtype=tl.float32, input_precision=\"{prec}\")\n")
+        if masked:   # the diagonal tiles (and the ragged last one)
+            body += ("        z = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < T), logits, "
+                     "float(\"-inf\"))\n")
+        else:
+            body += "        z = logits\n"
+        body += ("        m_new = tl.maximum(m_i, tl.max(z, axis=1))\n"
+                 "        alpha = tl.exp(m_i - m_new)\n"
+                 "        p = tl.exp(z - m_new[:, None])\n"
+                 "        l_i = l_i * alpha + tl.sum(p, axis=1)\n"
+                 f"        v = tl.load(v_base + cols[:, None] * stride_vt + dvs[None, :]{vload})\n"
+                 f"        acc = acc * alpha[:, None] + tl.dot(p.to({dd}), v.to({dd}), out_dtype=tl.float32, "
+                 f"input_precision=\"{prec}\")\n"
+                 "        m_i = m_new\n")
+    body += ("    out = acc / l_i[:, None]\n"
+             "    tl.store(LSE + bh * T + rows, m_i + tl.log(l_i), mask=rows < T)\n"
              "    o_base = OUT + b * stride_ob + h * stride_oh\n"
              f"    tl.store(o_base + rows[:, None] * stride_ot + dvs[None, :], out.to(OUT.dtype.element_ty), "
              f"mask=(rows[:, None] < T){vmask})\n")
     ptr = AOT_POINTER[dt]
     qk_ptr = AOT_POINTER[qdt]
-    sig = {"Q": qk_ptr, "K": qk_ptr, "V": ptr, "OUT": ptr, "T": "i32"}
+    sig = {"Q": qk_ptr, "K": qk_ptr, "V": ptr, "OUT": ptr, "LSE": "*fp32", "T": "i32"}
     for t in "qkvo":
         sig.update({f"stride_{t}b": "i64", f"stride_{t}t": "i32", f"stride_{t}h": "i32"})
     spec = {"H": H, "Hkv": Hkv, "d": d, "d_v": dv, "rope": rope, "dtype": dt, "scale": node.attrs["scale"]}
     tun = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DV": block_dv, "BLOCK_D": consts["BLOCK_D"],
-           "dot_dtype": dd, "dot_precision": prec}
+           "dot_dtype": dd, "dot_precision": prec, "order": "heaviest row blocks first", "mask": "diagonal tiles only"}
     parts = ()
     if rope:
         parts = (_rope_kernel(d, qdt, {"d": d, "dtype": dt, "inv_freq_dtype": dtypes["inv_freq"]}),)
@@ -150,12 +162,27 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool, block_m: int |
                         num_warps=num_warps, num_stages=stages, parts=parts)
 
 
-def launch_attention(kernel, q, k, v, inv_freq=None, out=None):
+def attention_grid(kernel, B: int, T: int) -> tuple:
+    """(batch x query heads, row blocks): axis 1 is walked from the last (heaviest, most columns) row block."""
+    return (B * kernel.source.specialisation["H"], -(-T // kernel.source.tunables["BLOCK_M"]))
+
+
+def launch_attention(kernel, q, k, v, inv_freq=None, out=None, lse=None, return_lse=False):
+    """Launches the attention (after ``rope_rotate`` of q and k when the kernel has RoPE).
+
+    ``lse`` (optional, preallocated): the row log-sum-exps the backward consumes, float32, contiguous
+    ``[B, H, T]`` (query head h of batch b at ``lse[b, h]``), ``lse[b, h, t] = log sum_{j<=t} exp(scale *
+    q_t . k_j)`` with q and k after RoPE. Returns ``out``, or ``(out, lse)`` with ``return_lse``."""
     import torch
 
     B, T, H, _ = q.shape
     if out is None:
         out = torch.empty(q.shape[:3] + (v.shape[3],), dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    elif lse.shape != (B, H, T) or lse.dtype != torch.float32 or not lse.is_contiguous():
+        raise UnsupportedError(f"op 'attention': lse must be a contiguous float32 [B, H, T] = [{B}, {H}, {T}] "
+                               f"tensor, got {lse.dtype} {tuple(lse.shape)}")
     src = kernel.source
     if src.specialisation["rope"]:   # rotate q (times the scale) and k once
         rot = kernel.parts["rope_rotate"]
@@ -168,8 +195,8 @@ def launch_attention(kernel, q, k, v, inv_freq=None, out=None):
                 num_warps=rot.source.num_warps, num_stages=rot.source.num_stages)
             rotated.append(y)
         q, k = rotated
-    grid = (-(-T // src.tunables["BLOCK_M"]), B * H)
-    kernel.fn[grid](q, k, v, out, T, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-                    num_warps=src.num_warps, num_stages=src.num_stages)
+    kernel.fn[attention_grid(kernel, B, T)](q, k, v, out, lse, T, *q.stride()[:3], *k.stride()[:3],
+                                            *v.stride()[:3], *out.stride()[:3],
+                                            num_warps=src.num_warps, num_stages=src.num_stages)
     kernel.launches += 1
-    return out
+    return (out, lse) if return_lse else out

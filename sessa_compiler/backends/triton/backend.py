@@ -145,8 +145,12 @@ class TritonBackend(Backend):
 
     def __init__(self, *, print_ir: bool | None = None, feedback_chunk_size: int | None = None,
                  scan_chunk_size: int | None = None, scan_strategy: str = "sequential",
-                 interpret: bool | None = None, fuse: bool = True, half_in_float32: bool = False):
+                 interpret: bool | None = None, fuse: bool = True, half_in_float32: bool = False,
+                 cuda_graphs: bool = True):
         self.print_ir = print_ir
+        # CUDA tensors without autograd: the second call at a shape records its launches into a CUDA graph and
+        # later calls replay it (cuda_graphs.py); False launches every kernel from Python on every call
+        self.cuda_graphs = cuda_graphs
         # bf16/fp16 graphs: False keeps half storage between kernels (speed); True computes the graph in
         # float32 and rounds the outputs once, as the eager backend does (docs/spec.md, half precision)
         self.half_in_float32 = half_in_float32

@@ -52,21 +52,38 @@ def feedback_decode_partial(q_ptr, kb_ptr, s_ptr, pm_ptr, pl_ptr, pa_ptr, t, str
     tl.store(pa_ptr + (b * nc + c) * W + cols, acc, mask=col_ok)
 
 
+COMBINE_TILE = 8192   # partial elements per loop step of a combine (a [chunks, columns] tile, one vector load)
+COMBINE_BLOCK_W = 128  # state columns per feedback_decode_combine program
+
+
+def combine_chunks(columns: int) -> int:
+    """Partials one combine loop step loads: a [chunks, columns] tile of about COMBINE_TILE elements."""
+    return max(1, min(64, COMBINE_TILE // triton.next_power_of_2(columns)))
+
+
 @triton.jit
-def feedback_decode_combine(pm_ptr, pl_ptr, pa_ptr, out_ptr, nc, W: tl.constexpr, BW: tl.constexpr):
+def feedback_decode_combine(pm_ptr, pl_ptr, pa_ptr, out_ptr, nc, W: tl.constexpr, BWC: tl.constexpr,
+                            BC: tl.constexpr):
+    # one program per (batch row, BWC state columns); BC partials per loop step, loaded as one tile
     b = tl.program_id(0)
-    cols = tl.arange(0, BW)
+    cols = tl.program_id(1) * BWC + tl.arange(0, BWC)
     col_ok = cols < W
-    m = tl.load(pm_ptr + b * nc)
-    for c in range(1, nc):
-        m = tl.maximum(m, tl.load(pm_ptr + b * nc + c))
-    total = tl.load(pl_ptr + b * nc) * 0.0
-    acc = tl.zeros([BW], dtype=tl.float32)
-    for c in range(0, nc):
-        w = tl.exp(tl.load(pm_ptr + b * nc + c) - m)
-        total += tl.load(pl_ptr + b * nc + c) * w
-        acc += tl.load(pa_ptr + (b * nc + c) * W + cols, mask=col_ok, other=0.0) * w
-    tl.store(out_ptr + b * W + cols, acc / total, mask=col_ok)
+    cs = tl.arange(0, BC)
+    m = tl.full([BC], -1.0e30, dtype=tl.float32)
+    for c0 in range(0, nc, BC):
+        m = tl.maximum(m, tl.load(pm_ptr + b * nc + c0 + cs, mask=c0 + cs < nc, other=-1.0e30))
+    mx = tl.max(m, axis=0)
+    total = tl.zeros([BC], dtype=tl.float32)
+    acc = tl.zeros([BWC], dtype=tl.float32)
+    for c0 in range(0, nc, BC):
+        c = c0 + cs
+        ok = c < nc
+        w = tl.where(ok, tl.exp(tl.load(pm_ptr + b * nc + c, mask=ok, other=-1.0e30) - mx), 0.0)
+        total += tl.load(pl_ptr + b * nc + c, mask=ok, other=0.0) * w
+        pa = tl.load(pa_ptr + (b * nc + c)[:, None] * W + cols[None, :], mask=ok[:, None] & col_ok[None, :],
+                     other=0.0)
+        acc += tl.sum(pa * w[:, None], axis=0)
+    tl.store(out_ptr + b * W + cols, acc / tl.sum(total, axis=0), mask=col_ok)
 
 
 def feedback_decode(q_b: torch.Tensor, k_b_cache: torch.Tensor, s_cache: torch.Tensor, t: int,
@@ -86,7 +103,8 @@ def feedback_decode(q_b: torch.Tensor, k_b_cache: torch.Tensor, s_cache: torch.T
     BW = triton.next_power_of_2(W)
     feedback_decode_partial[(B, nc)](q, k_b_cache, s_cache, pm, pl, pa, t, k_b_cache.stride(0), k_b_cache.stride(1),
                                      s_cache.stride(0), s_cache.stride(1), float(scale), W=W, BW=BW, CHUNK=chunk)
-    feedback_decode_combine[(B,)](pm, pl, pa, out, nc, W=W, BW=BW)
+    BWC = min(BW, COMBINE_BLOCK_W)
+    feedback_decode_combine[(B, triton.cdiv(W, BWC))](pm, pl, pa, out, nc, W=W, BWC=BWC, BC=combine_chunks(BWC))
     return out
 
 
@@ -124,20 +142,27 @@ def attention_decode_partial(q_ptr, k_ptr, v_ptr, pm_ptr, pl_ptr, pa_ptr, t, str
 
 @triton.jit
 def attention_decode_combine(pm_ptr, pl_ptr, pa_ptr, out_ptr, nc, G: tl.constexpr, GP: tl.constexpr,
-                             DV: tl.constexpr, DVP: tl.constexpr):
+                             DV: tl.constexpr, DVP: tl.constexpr, BC: tl.constexpr):
+    # one program per (batch row x kv head); BC partials per loop step, loaded as one [BC, GP, DVP] tile
     bh = tl.program_id(0)
     g = tl.arange(0, GP)
     e = tl.arange(0, DVP)
-    m = tl.load(pm_ptr + bh * nc * GP + g)
-    for c in range(1, nc):
-        m = tl.maximum(m, tl.load(pm_ptr + (bh * nc + c) * GP + g))
+    cs = tl.arange(0, BC)
+    m = tl.full([BC, GP], -1.0e30, dtype=tl.float32)
+    for c0 in range(0, nc, BC):
+        ok = (c0 + cs) < nc
+        m = tl.maximum(m, tl.load(pm_ptr + (bh * nc + c0 + cs)[:, None] * GP + g[None, :], mask=ok[:, None],
+                                  other=-1.0e30))
+    mx = tl.max(m, axis=0)
     total = tl.zeros([GP], dtype=tl.float32)
     acc = tl.zeros([GP, DVP], dtype=tl.float32)
-    for c in range(0, nc):
-        part = (bh * nc + c) * GP + g
-        w = tl.exp(tl.load(pm_ptr + part) - m)
-        total += tl.load(pl_ptr + part) * w
-        acc += tl.load(pa_ptr + part[:, None] * DVP + e[None, :]) * w[:, None]
+    for c0 in range(0, nc, BC):
+        ok = (c0 + cs) < nc
+        part = (bh * nc + c0 + cs)[:, None] * GP + g[None, :]                  # [BC, GP]
+        w = tl.where(ok[:, None], tl.exp(tl.load(pm_ptr + part, mask=ok[:, None], other=-1.0e30) - mx[None, :]), 0.0)
+        total += tl.sum(tl.load(pl_ptr + part, mask=ok[:, None], other=0.0) * w, axis=0)
+        pa = tl.load(pa_ptr + part[:, :, None] * DVP + e[None, None, :], mask=ok[:, None, None], other=0.0)
+        acc += tl.sum(pa * w[:, :, None], axis=0)
     out = acc / total[:, None]
     tl.store(out_ptr + (bh * G + g[:, None]) * DV + e[None, :], out, mask=(g[:, None] < G) & (e[None, :] < DV))
 
@@ -169,7 +194,8 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q.contiguous(), k_cache, v_cache, pm, pl, pa, t, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), float(scale), HKV=Hkv, G=G, GP=GP, D=D, DP=DP,
         DV=DV, DVP=DVP, CHUNK=chunk)
-    attention_decode_combine[(B * Hkv,)](pm, pl, pa, out, nc, G=G, GP=GP, DV=DV, DVP=DVP)
+    attention_decode_combine[(B * Hkv,)](pm, pl, pa, out, nc, G=G, GP=GP, DV=DV, DVP=DVP,
+                                         BC=combine_chunks(GP * DVP))
     return out
 
 
@@ -188,8 +214,8 @@ def aot_compile(arch: int = 90, W: int = 512) -> list:
          {"W": W, "BW": BW, "CHUNK": chunk_for(W)}),
         (feedback_decode_combine,
          {"pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32", "out_ptr": "*fp32", "nc": "i32",
-          "W": "constexpr", "BW": "constexpr"},
-         {"W": W, "BW": BW}),
+          "W": "constexpr", "BWC": "constexpr", "BC": "constexpr"},
+         {"W": W, "BWC": min(BW, COMBINE_BLOCK_W), "BC": combine_chunks(min(BW, COMBINE_BLOCK_W))}),
     ]
     G, D = 4, 64
     jobs += [
@@ -202,8 +228,8 @@ def aot_compile(arch: int = 90, W: int = 512) -> list:
          {"HKV": 2, "G": G, "GP": G, "D": D, "DP": D, "DV": D, "DVP": D, "CHUNK": attention_chunk_for(G, D)}),
         (attention_decode_combine,
          {"pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32", "out_ptr": "*fp32", "nc": "i32",
-          "G": "constexpr", "GP": "constexpr", "DV": "constexpr", "DVP": "constexpr"},
-         {"G": G, "GP": G, "DV": D, "DVP": D}),
+          "G": "constexpr", "GP": "constexpr", "DV": "constexpr", "DVP": "constexpr", "BC": "constexpr"},
+         {"G": G, "GP": G, "DV": D, "DVP": D, "BC": combine_chunks(G * D)}),
     ]
     out = []
     for fn, signature, constexprs in jobs:

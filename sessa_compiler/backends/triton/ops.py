@@ -42,7 +42,7 @@ from ...dtypes import from_torch
 from ...ir import parse
 from ...passes.chunk_feedback import FeedbackCost
 from ...semantics.core import attention_ref, feedback_ref, feedback_setup_context
-from .attention import generate_attention
+from .attention import attention_grid, generate_attention
 from .attention_bwd import attention_triton_autograd, attention_triton_setup_context
 from .codegen import KERNEL_CACHE, KERNEL_DTYPES
 from .feedback_bwd import feedback_triton_autograd
@@ -156,8 +156,9 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq
                 num_warps=rot.source.num_warps, num_stages=rot.source.num_stages)
             rotated.append(y)
         q, k = rotated
-    wrap_triton(kernel.fn)[(-(-T // src.tunables["BLOCK_M"]), B * H)](
-        q, k, v, out, T, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+    lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)   # [B, H, T]: see launch_attention
+    wrap_triton(kernel.fn)[attention_grid(kernel, B, T)](
+        q, k, v, out, lse, T, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         num_warps=src.num_warps, num_stages=src.num_stages)
     return out
 

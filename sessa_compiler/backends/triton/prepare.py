@@ -185,11 +185,22 @@ def triton_runner(backend, graph: Graph, ctx: CompileContext):
     else:
         program_for(1024, "cuda" if torch.cuda.is_available() else "cpu")  # for describe(); calls pick their own
 
+    graphed: dict = {}   # id(program) -> GraphedCalls (CUDA graphs: the second call at a shape records, then replays)
+
     def run(inputs, params):
         device = inputs[0].device if inputs else torch.device("cpu")
-        return program_for(sequence_length(graph, inputs), device).run(inputs, params)
+        prog = program_for(sequence_length(graph, inputs), device)
+        if not getattr(backend, "cuda_graphs", False) or device.type != "cuda":
+            return prog.run(inputs, params)
+        calls = graphed.get(id(prog))
+        if calls is None:
+            from .cuda_graphs import GraphedCalls
+
+            calls = graphed.setdefault(id(prog), GraphedCalls(prog.run))
+        return calls(inputs, params)
 
     run.programs = programs
+    run.graphed = graphed
     return run
 
 
