@@ -57,7 +57,8 @@ def op_counts(graph) -> dict:
 
 def flat_lm(dtype, seed=3, gamma_bias=None):
     ref = randomize(SessaLayer(D=16, n_heads=4, n_kv_heads=2), gamma_bias=gamma_bias, seed=seed).to(dtype)
-    return FlatSessaLM().to(dtype).load_sessa_layer(ref.state_dict()).eval(), ref
+    lm = FlatSessaLM().double() if dtype == torch.float64 else FlatSessaLM()   # .double() keeps the complex buffer
+    return lm.load_sessa_layer(ref.state_dict()).eval(), ref
 
 
 def build(style, dtype, seed=5):
@@ -176,6 +177,10 @@ class Feedback(nn.Module):
             M = eye - torch.diag_embed(gamma[..., 0]) @ alpha
         elif v == "diag_right":          # columns scaled: alpha diag(gamma) is not Sessa's gain
             M = eye - alpha @ torch.diag_embed(gamma[..., 0])
+        elif v == "scaled_identity":     # the gain as a scaled identity, applied after masking
+            M = eye - torch.einsum("bij,bjk->bik", eye * gamma, alpha)
+        elif v == "einsum_diag":
+            M = eye - torch.einsum("bt,bts->bts", gamma[..., 0], alpha)
         else:
             M = eye - gamma * alpha
         if v.startswith("blocked"):      # blocked forward substitution, blocks of 3 (T a multiple of 3)
@@ -191,7 +196,7 @@ class Feedback(nn.Module):
 
 
 FEEDBACK_CASES = {   # variant: recognised as feedback?
-    "diag_left": True, "diag_right": False,
+    "diag_left": True, "scaled_identity": True, "einsum_diag": True, "diag_right": False,
     "transposed": True, "transposed_wrong_axis": False,
     "sigmoid": True, "erf": True, "softsign": True, "sigmoid_c1": False, "sigmoid_shift": False,
     "blocked": True, "blocked_wrong_sign": False,
@@ -323,3 +328,19 @@ def test_folded_rope_uses_the_modules_own_float64_frequencies():
     want = 1.0 / 10000 ** (torch.arange(0, 4, 2, dtype=torch.float64) / 4)
     assert torch.equal(inv, want)
     assert "the module's" in c.explain() and "positions up to 2047" in c.explain(), c.explain()
+
+
+# -- a key-padding mask: not yet an operand of the attention op, so it stays correct ops, explained ----------
+def test_key_padding_mask_stays_ordinary_ops_correct_and_explained():
+    m, _ = load(DiagGainSessaLayer, "gqa_rope", torch.float64, seed=5)
+    c = sc.compile(m, backend="eager")
+    x = torch.randn(2, 9, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 9, dtype=torch.int64)
+    mask[1, 6:] = 0   # the second prompt is 6 tokens long, right-padded
+    with torch.no_grad():
+        want = m(x, attention_mask=mask)
+        assert rel(c(x, attention_mask=mask), want) <= 1e-10
+        assert rel(want[0], m(x[:1])[0]) <= 1e-10 and rel(want[1, :6], m(x[1:, :6])[0]) <= 1e-10
+    ops, text = op_counts(c.graph), c.explain()
+    assert "attention" not in ops and ops.get("feedback") == 1, (ops, text)
+    assert "attention_mask" in text and "no mask operand" in text, text

@@ -373,10 +373,34 @@ def _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale, report) -> bool:
                                         f"attention at {where}: heads={H}, kv_heads={Hkv}, head_dim={d}, "
                                         f"scale={scale:.6g} (probe error {err:.1e})")
                                     return True
+    extra = _graph_inputs_behind(s.inputs[0]) - _graph_inputs_behind(qs) - _graph_inputs_behind(ks)
+    if extra:
+        names = ", ".join(f"%{x.name}" for x in sorted(extra, key=lambda x: x.name))
+        report.rejected.append(f"attention candidate at {where}: the scores are also masked by {names}, an input of the "
+                               "module (a key-padding attention_mask?); the IR attention op takes no mask operand, so "
+                               "it runs as separate ops (correct on every backend, with the [T, T] scores "
+                               "materialised and no fused attention kernel)")
+        return False
     report.rejected.append(f"attention candidate at {where}: not causal softmax attention (a mask other than j <= t, "
                            "or scores that are not q . k times one scale); it runs as separate ops: the [T, T] "
                            "scores are materialised (O(T^2) memory) and there is no fused attention kernel")
     return False
+
+
+def _graph_inputs_behind(v: Value) -> set:
+    """The graph inputs v is computed from."""
+    seen, stack, out = set(), [v], set()
+    while stack:
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if x.producer is None:
+            if x.kind == "input":
+                out.add(x)
+            continue
+        stack.extend(x.producer.value_inputs)
+    return out
 
 
 def _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H):
@@ -1208,8 +1232,14 @@ def run_graph_values(g: Graph, v: Value):
 
 
 # positions the RoPE probe also checks, far beyond the short probes: there the angle t * inv_freq shows a
-# frequency table of lower precision than the module's (an error of ~t * ulp(inv_freq))
+# frequency table of lower precision than the module's (an error of ~t * ulp(inv_freq)). The float64 probe holds
+# a few [H, T, T] score tensors: T is lowered for many heads to keep each near 2^24 elements (at least 512).
 LONG_PROBE = 2048
+
+
+def _long_length(heads) -> int:
+    h = heads if isinstance(heads, int) and heads > 0 else 1
+    return max(512, min(LONG_PROBE, int(math.sqrt(2 ** 24 / h))))
 
 
 def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool:
@@ -1241,13 +1271,14 @@ def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool
         return False
     best, best_err, where = None, math.inf, "at its static length"
     static = isinstance(_bt()[1], int)   # a static graph runs at its own length only: the probes ran there
+    long_t = _long_length(q.type.shape[2])
     for cand in passing:
-        long_err = None if static else probe(g, srcs, n.output, cand[-1], lengths=(LONG_PROBE,), batch=1)
+        long_err = None if static else probe(g, srcs, n.output, cand[-1], lengths=(long_t,), batch=1)
         err = cand[6] if long_err is None else long_err   # a module that cannot run that long: short probes only
         if err <= tol and err < best_err:
             best, best_err = cand, err
-            where = where if static else f"at positions up to {LONG_PROBE - 1}" if long_err is not None else \
-                f"at positions up to {max(PROBE_LENGTHS) - 1} (the region does not run at {LONG_PROBE})"
+            where = where if static else f"at positions up to {long_t - 1}" if long_err is not None else \
+                f"at positions up to {max(PROBE_LENGTHS) - 1} (the region does not run at {long_t})"
     if best is None:
         return False
     qa, ka, order, param, data, how, err, _ = best
