@@ -260,7 +260,7 @@ class Attn(nn.Module):
         k, v = self.kv(x).view(B, T, 2, self.Hkv, self.d).permute(2, 0, 3, 1, 4)
         var = self.variant
         inv = self.rope_inv_freq
-        if var == "f64_frequencies":   # frequencies in float64 per call (the float32 buffer kept, unused here)
+        if var.startswith("f64"):   # frequencies in float64 per call (the float32 buffer kept, unused here)
             inv = 1.0 / 10000 ** (torch.arange(0, self.d, 2, dtype=torch.float64, device=x.device) / self.d)
         ang = torch.arange(T, dtype=inv.dtype, device=x.device)[:, None] * inv[None, :]
         cos2, sin2 = torch.cat((ang, ang), -1).cos().to(x.dtype), torch.cat((ang, ang), -1).sin().to(x.dtype)
@@ -312,11 +312,12 @@ def test_rope_conventions_and_gqa_spellings(variant):
             assert rel(run_graph(tr.graph, [x])[0], m(x)) <= 1e-10, T
 
 
-def test_folded_rope_uses_the_modules_own_float64_frequencies():
+@pytest.mark.parametrize("variant", ["f64_frequencies", "f64_interleaved"])
+def test_folded_rope_uses_the_modules_own_float64_frequencies(variant):
     """Frequencies computed in float64 per call: the fold uses that table in float64, not a float32 default (whose
     angles drift by t * ulp and show at long positions with peaky weights; 2e-6 at T = 257 before)."""
     torch.manual_seed(2)
-    m = Attn("f64_frequencies").double()
+    m = Attn(variant).double()
     c = sc.compile(m, backend="eager")
     x = 6.0 * torch.randn(1, 1500, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(3))   # peaky
     with torch.no_grad():
