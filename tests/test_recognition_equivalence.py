@@ -167,6 +167,10 @@ class Feedback(nn.Module):
         v = self.variant
         eye = torch.eye(T, dtype=x.dtype, device=x.device)
         past = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(-1)
+        if v == "inverse_right":        # s^T = f^T (M^T)^-1 by an explicit inverse of the transpose
+            alpha = torch.nan_to_num((q @ k.transpose(1, 2) / D ** 0.5).masked_fill(~past, float("-inf")).softmax(-1))
+            m_t = (eye - gamma * alpha).transpose(1, 2)
+            return (f.transpose(1, 2) @ torch.linalg.inv(m_t)).transpose(1, 2)
         if v.startswith("transposed"):   # alpha^T over the key axis; the wrong axis is the near miss
             kq = (k @ q.transpose(1, 2) / D ** 0.5).masked_fill(~past.T, float("-inf"))
             alpha_t = torch.nan_to_num(kq.softmax(dim=-1 if v == "transposed_wrong_axis" else -2))
@@ -197,7 +201,7 @@ class Feedback(nn.Module):
 
 FEEDBACK_CASES = {   # variant: recognised as feedback?
     "diag_left": True, "scaled_identity": True, "einsum_diag": True, "diag_right": False,
-    "transposed": True, "transposed_wrong_axis": False,
+    "transposed": True, "inverse_right": True, "transposed_wrong_axis": False,
     "sigmoid": True, "erf": True, "softsign": True, "sigmoid_c1": False, "sigmoid_shift": False,
     "blocked": True, "blocked_wrong_sign": False,
 }
@@ -279,6 +283,12 @@ class Attn(nn.Module):
             q, k = half(q), inter(k)
         else:
             q, k = inter(q), inter(k)
+        if var == "broadcast_5d":      # GQA by broadcasting: q grouped per kv head, k and v given a size-1 axis
+            g = self.H // self.Hkv
+            q5 = q.reshape(B, self.Hkv, g, T, self.d)
+            mask = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            w = (q5 @ k.unsqueeze(2).transpose(-1, -2) / self.d ** 0.5).masked_fill(~mask, float("-inf")).softmax(-1)
+            return (w @ v.unsqueeze(2)).reshape(B, self.H, T, self.d).transpose(1, 2).reshape(B, T, D)
         if self.Hkv != self.H:
             g = self.H // self.Hkv
             other = [k.flip(-1)] * (g - 1) if var == "stack_not_repeat" else [k] * (g - 1)
@@ -290,7 +300,7 @@ class Attn(nn.Module):
 
 ATTN_CASES = {   # variant: (kv heads, rope folded, kv heads after folding)
     "half": (4, True, 4), "half_mixed": (4, False, 4), "f64_frequencies": (4, True, 4),
-    "stack": (2, True, 2), "stack_not_repeat": (2, False, 4),   # flipped copies: neither GQA nor a rotation
+    "stack": (2, True, 2), "broadcast_5d": (2, True, 2), "stack_not_repeat": (2, False, 4),   # flipped copies: neither GQA nor a rotation
 }
 
 
