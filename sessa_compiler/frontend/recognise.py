@@ -672,6 +672,7 @@ def value_range(g: Graph, v, depth: int = 48) -> tuple:
         data = g.params.get(v.name)
         if data is None or not data.is_floating_point() or not data.numel():
             return _INF
+        data = data.detach()
         return float(data.min()), float(data.max())
     n = v.producer
     if n is None:
@@ -1233,13 +1234,14 @@ def run_graph_values(g: Graph, v: Value):
 
 # positions the RoPE probe also checks, far beyond the short probes: there the angle t * inv_freq shows a
 # frequency table of lower precision than the module's (an error of ~t * ulp(inv_freq)). The float64 probe holds
-# a few [H, T, T] score tensors: T is lowered for many heads to keep each near 2^24 elements (at least 512).
+# a few [H, T, T] score tensors: T is lowered for many heads to keep each near 2^23 elements (64 MiB; 2048 for
+# one head, 1448 for 4, 1024 for 8, never under 512): a bounded cost per attention at compile time.
 LONG_PROBE = 2048
 
 
 def _long_length(heads) -> int:
     h = heads if isinstance(heads, int) and heads > 0 else 1
-    return max(512, min(LONG_PROBE, int(math.sqrt(2 ** 24 / h))))
+    return max(512, min(LONG_PROBE, int(math.sqrt(2 ** 23 / h))))
 
 
 def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool:
@@ -1269,6 +1271,12 @@ def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool
             break
     if not passing:
         return False
+    unique = []   # tables equal in value need one long probe: the first (the module's own) stands for them
+    for cand in passing:
+        if not any(u[4].shape == cand[4].shape and u[0] == cand[0] and u[1] == cand[1]
+                   and torch.equal(u[4].to(torch.float64), cand[4].to(torch.float64)) for u in unique):
+            unique.append(cand)
+    passing = unique
     best, best_err, where = None, math.inf, "at its static length"
     static = isinstance(_bt()[1], int)   # a static graph runs at its own length only: the probes ran there
     long_t = _long_length(q.type.shape[2])
