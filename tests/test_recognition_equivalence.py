@@ -14,9 +14,11 @@ tests/styles/ holds three further independent spellings (never copied from publi
 
 Each is the spec's model (float64 oracle / the reference SessaLayer), compiles on eager, tvm and triton
 (interpreter) to one attention op (RoPE and GQA folded) and one feedback op, asserted on the compiled graph, with
-the module's outputs and gradients. Each widening has a near miss that must stay unclaimed and still give the
-module's outputs; the RoPE fold uses the module's own frequencies (a float64 table computed per call is used in
-float64, not a float32 default) and is probed at long positions.
+the module's outputs and gradients; a static export of each layer is recognised at its sizes. Each widening has a
+near miss that must stay unclaimed and still give the module's outputs; the RoPE fold uses the module's own
+frequencies (a float64 table computed per call is used in float64, not a float32 default) and is probed at long
+positions. A key-padding ``attention_mask`` is not an operand of the attention op yet: the masked attention stays
+ordinary ops (correct, explained).
 """
 from __future__ import annotations
 
@@ -355,3 +357,18 @@ def test_key_padding_mask_stays_ordinary_ops_correct_and_explained():
     ops, text = op_counts(c.graph), c.explain()
     assert "attention" not in ops and ops.get("feedback") == 1, (ops, text)
     assert "attention_mask" in text and "no mask operand" in text, text
+
+
+# -- a static export (B and T fixed): recognised at its sizes ---------------------------------------------
+@pytest.mark.parametrize("style", LAYERS)
+def test_static_export_is_recognised_at_its_sizes(style):
+    m, _ = load(LAYERS[style], "gqa_rope", torch.float64, seed=5)
+    x = torch.randn(2, 7, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    tr = trace_with_report(m, (x,), dynamic_shapes=({},))
+    assert tr.graph.inputs[0].type.shape == (2, 7, 16)
+    ops, text = op_counts(tr.graph), "\n".join(tr.report.accepted + tr.report.rejected)
+    assert ops.get("attention") == 1 and ops.get("feedback") == 1 and "fallback" not in ops, (ops, text)
+    att = next(n for n in tr.graph.nodes if n.op == "attention")
+    assert att.attrs.get("rope") and att.inputs[1].type.shape[2] == 2, text
+    with torch.no_grad():
+        assert rel(run_graph(tr.graph, [x])[0], m(x)) <= 1e-10

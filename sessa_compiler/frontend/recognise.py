@@ -6,7 +6,9 @@ softmax; a depthwise conv1d padded on the left), walks to the region's sources t
 proposes canonical ops with adapters, and accepts the proposal only when ``probe`` shows that the
 original subgraph and the canonical ops agree numerically at several sequence lengths. A region
 that does not match stays as ordinary ops (still correct, just not fused), and the reason is kept
-for ``explain()``.
+for ``explain()``. The walks are deliberately loose (any diagonal scaling of the weights, either orientation of
+the system, any fixed channel order of a rotation): equivalence is decided by the probe, not by spelling.
+docs/recognition.md lists the idioms covered and the near misses left alone.
 """
 from __future__ import annotations
 
