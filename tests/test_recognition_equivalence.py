@@ -372,3 +372,21 @@ def test_static_export_is_recognised_at_its_sizes(style):
     assert att.attrs.get("rope") and att.inputs[1].type.shape[2] == 2, text
     with torch.no_grad():
         assert rel(run_graph(tr.graph, [x])[0], m(x)) <= 1e-10
+
+
+@pytest.mark.parametrize("variant", ["blocked", "blocked_wrong_sign"])
+def test_blocked_substitution_with_t_pinned_by_guards(variant):
+    """compile() traces T symbolic; the block loop pins it by guards (the blocks' sizes are integers): the region is
+    probed at that length, and each new length is traced on its own."""
+    torch.manual_seed(0)
+    m = Feedback(variant).double()
+    c = sc.compile(m, backend="eager")
+    with pytest.warns(UserWarning, match="tracing it again"):
+        for T in (9, 6):
+            x = torch.randn(3, T, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(T))
+            with torch.no_grad():
+                assert rel(c(x), m(x)) <= 1e-10, T
+    assert not isinstance(c.graph.inputs[0].type.shape[1], int)
+    ops, text = op_counts(c.graph), c.explain()
+    assert (ops.get("feedback") == 1) == FEEDBACK_CASES[variant], (ops, text)
+    assert ("blocked substitution written in Python" in text) == FEEDBACK_CASES[variant], text

@@ -447,6 +447,14 @@ def _sliced_from(v: Value, want) -> Value | None:
     return v
 
 
+def _pinned_length(v: Value):
+    """The integer length of v's time axis when the graph's T is a symbol: a loop over blocks pins T by guards
+    (the traced graph holds only where T equals the blocks' total), so the blocks' sizes are integers. None
+    otherwise."""
+    t = v.type.shape[-2] if v.type.rank >= 2 else None
+    return t if isinstance(t, int) and not isinstance(_bt()[1], int) and t > 1 else None
+
+
 def _blocked_anchors(g: Graph):
     """Blocked forward substitution written in Python and unrolled by torch.export: a concat over the time axis of
     blocks, each solved by ``solve_triangular`` on a diagonal block of one [.., T, T] matrix (the rest of the
@@ -458,7 +466,7 @@ def _blocked_anchors(g: Graph):
     for n in g.nodes:
         if n.op != "concat" or len(n.inputs) < 2 or n.output.type.rank < 2 \
                 or n.attrs["dim"] % n.output.type.rank != n.output.type.rank - 2 \
-                or not dims_equal(n.output.type.shape[-2], T_):
+                or not (dims_equal(n.output.type.shape[-2], T_) or _pinned_length(n.output) is not None):
             continue
         solves, seen, stack = [], set(), [n.output]
         while stack:
@@ -536,14 +544,14 @@ def _system(n: Node, kind: str):
     return n.inputs[args[0].index], n.inputs[args[1].index], left
 
 
-def _unit_lower(g: Graph, mat: Value, srcs: dict, left: bool = True) -> bool:
+def _unit_lower(g: Graph, mat: Value, srcs: dict, left: bool = True, lengths=PROBE_LENGTHS) -> bool:
     """On random sources at the probe lengths, mat is [..., T, T] with the identity's diagonal and upper triangle
     (only then may a general solve or inverse be a feedback's substitution)."""
     from ..semantics import run_graph
     from .probe import PROBE_LENGTHS, _binding, _params64
 
     gen = torch.Generator().manual_seed(4321)
-    for Tn in PROBE_LENGTHS:
+    for Tn in lengths:
         binding = _binding(g, Tn)
         inputs = {}
         for v, kind in srcs.items():
@@ -610,14 +618,17 @@ def _recognise_feedback(g: Graph, report: Report) -> int:
             continue
         (qs, fq), (ks, fk) = (walk_back_scaled(A, x, lambda t: bool(to_btc(t))) for x in L.inputs)
         fs = A.walk_back(rhs, lambda t: bool(to_btc(t)))
-        if kind != "triangular" and not _unit_lower(g, mat, {qs: "normal", ks: "normal", gs: "gain"}, left):
+        pinned = _pinned_length(out) if kind == "blocked" else None
+        lengths = (pinned,) if pinned is not None else PROBE_LENGTHS
+        if kind != "triangular" and not _unit_lower(g, mat, {qs: "normal", ks: "normal", gs: "gain"}, left, lengths):
             report.rejected.append(f"feedback candidate %{out.name}: the matrix of this general "
                                    f"{'inverse' if kind.startswith('inverse') else 'solve'} is not unit "
                                    f"{'lower' if left else 'upper'} triangular "
                                    "(Sessa's I - diag(gamma) alpha); it stays a general solve (a torch op)")
             continue
         width = contraction_width(L)
-        count += _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale * fq * fk, report, left)
+        count += _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale * fq * fk, report, left,
+                               pinned)
     return count
 
 
@@ -823,10 +834,18 @@ def _gain_root(A: Analysis, x: Value, depth: int = 8) -> Value:
     return A.walk_back(v, fits) if fits(v.type) else A.walk_back(x, fits)
 
 
-def _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale, report, left=True) -> bool:
+def _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale, report, left=True, pinned=None) -> bool:
     """Probe the region against the feedback op with Sessa's scale 1/sqrt(width); rewrite when it matches.
     A region that computes something else (another scale, a mask that lets a row see itself, a softmax over
-    another axis) is left alone, with the reason in words for explain()."""
+    another axis) is left alone, with the reason in words for explain(). ``pinned``: the length a blocked loop pins
+    T to (its output's integer time axis): probed there only, and the feedback's output sliced to that type."""
+    lengths = (pinned,) if pinned is not None else PROBE_LENGTHS
+    B_ = _bt()[0]
+
+    def fits_out(t):   # feedback output is [B, T, C]; y must be too
+        if pinned is None:
+            return to_btc(t) == [[]]
+        return t.rank == 3 and dims_equal(t.shape[0], B_) and t.shape[1] == pinned
     outs = A.walk_forward(out)
     where = f"{'inverse @' if kind.startswith('inverse') else 'blocked solve' if kind == 'blocked' else 'solve'} " \
             f"%{out.name}"
@@ -840,13 +859,13 @@ def _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale, r
     # the logits' operands in both orders: k_b q_b^T with the softmax over the other axis is the transposed system
     cands = [(qs_, ks_, qa, ka, fa, ga, y) for qs_, ks_ in ((qs, ks), (ks, qs)) for qa in to_btc(qs_.type)
              for ka in to_btc(ks_.type) for fa in to_btc(fs.type) for ga in to_bt(gs.type) for y in reversed(outs)
-             if to_btc(y.type) == [[]]]   # feedback output is [B, T, C]; y must be too
+             if fits_out(y.type)]
     for qs_, ks_, qa, ka, fa, ga, y in cands:
         def canonical(inp, binding, scale=sessa_scale, qs_=qs_, ks_=ks_, qa=qa, ka=ka, fa=fa, ga=ga):
             return feedback_ref(apply_steps(inp[fs], fa, binding), apply_steps(inp[qs_], qa, binding),
                                 apply_steps(inp[ks_], ka, binding), apply_steps(inp[gs], ga, binding), scale)
 
-        err = probe(g, srcs, y, canonical)
+        err = probe(g, srcs, y, canonical, lengths=lengths)
         if err is not None and err <= tol:
             idx = _insert_index(g, y)
             f, idx = _emit_steps(g, fs, fa, idx)
@@ -855,6 +874,10 @@ def _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale, r
             gm, idx = _emit_steps(g, gs, ga, idx)
             o = g.make_node("feedback", [f, q, k, gm], {"scale": sessa_scale}, [f.type], index=idx).output
             idx += 1
+            if pinned is not None:   # T == pinned wherever this graph runs: the slice only restates the type
+                o = g.make_node("slice", [o], {"dim": 1, "start": 0, "end": pinned, "step": 1},
+                                [TensorType(o.type.dtype, (o.type.shape[0], pinned, o.type.shape[2]))], index=idx).output
+                idx += 1
             if o.type.dtype != y.type.dtype:
                 o, idx = _emit_steps(g, o, [Step("cast", {"dtype": y.type.dtype})], idx)
             g.replace_all_uses(y, o)
@@ -866,7 +889,7 @@ def _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale, r
                                    f"(probe error {err:.1e})")
             return True
         if not math.isclose(chain_scale, sessa_scale) and not other_scale_matches:
-            other = probe(g, srcs, y, lambda inp, b, c=canonical: c(inp, b, scale=chain_scale))
+            other = probe(g, srcs, y, lambda inp, b, c=canonical: c(inp, b, scale=chain_scale), lengths=lengths)
             other_scale_matches = other is not None and other <= tol
     if other_scale_matches:
         why = (f"its logits are scaled by {chain_scale:.6g}, but Sessa's feedback scales q_b . k_b by "
