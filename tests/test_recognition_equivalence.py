@@ -114,14 +114,15 @@ def test_style_is_recognised_with_outputs_and_gradients(style, backend):
     ref = copy.deepcopy(m)
     c = sc.compile(m, backend=backend)
     g = torch.Generator().manual_seed(11)
-    lengths = (8, 12) if style == "flat_lm" else (7, 19, 1)
+    # the LM is traced once per length (its block loop pins T): a second length on eager only
+    lengths = ((8, 12) if backend == "eager" else (8,)) if style == "flat_lm" else (7, 19, 1)
     for T in lengths:
         x = make(2, T, g)
         with torch.no_grad():
             assert rel(c(x), ref(x)) <= TOL[backend], T
     assert_recognised(c, ["aten.index.Tensor"] if style == "flat_lm" else [])
     if style == "flat_lm":   # the block loop pins T: one static graph per length
-        assert c.graph.inputs[0].type.shape[1] == lengths[-1] and len(c.retraces) == 1
+        assert c.graph.inputs[0].type.shape[1] == lengths[-1] and len(c.retraces) == len(lengths) - 1
         assert "blocked substitution written in Python" in c.explain()
     else:
         assert not c.retraces and not isinstance(c.graph.inputs[0].type.shape[1], int)
