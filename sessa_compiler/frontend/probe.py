@@ -34,11 +34,11 @@ def apply_steps(x, steps, binding):
     return x
 
 
-def _binding(graph: Graph, T: int) -> dict:
+def _binding(graph: Graph, T: int, batch: int = PROBE_BATCH) -> dict:
     names = set()
     for v in graph.values():
         names |= v.type.symbols()
-    return {n: (T if n == "T" else PROBE_BATCH if n == "B" else OTHER_DIM) for n in names}
+    return {n: (T if n == "T" else batch if n == "B" else OTHER_DIM) for n in names}
 
 
 def _params64(graph: Graph) -> dict:
@@ -49,7 +49,8 @@ def _params64(graph: Graph) -> dict:
     return out
 
 
-def probe(graph: Graph, sources: dict, output: Value, canonical, tol: float = 1e-6, lengths=PROBE_LENGTHS):
+def probe(graph: Graph, sources: dict, output: Value, canonical, tol: float = 1e-6, lengths=PROBE_LENGTHS,
+          batch: int = PROBE_BATCH):
     """Compare the region (sources -> output) with ``canonical(inputs: dict, binding) -> tensor``.
 
     ``sources`` maps each source Value to a sampler name: "normal" or "gain" (values in (-0.95, 0.95)).
@@ -60,7 +61,7 @@ def probe(graph: Graph, sources: dict, output: Value, canonical, tol: float = 1e
     worst = 0.0
     params = _params64(graph)
     for T in lengths:
-        binding = _binding(graph, T)
+        binding = _binding(graph, T, batch)
         inputs = {}
         for v, kind in sources.items():
             shape = v.type.concrete_shape(binding)

@@ -6,7 +6,9 @@ softmax; a depthwise conv1d padded on the left), walks to the region's sources t
 proposes canonical ops with adapters, and accepts the proposal only when ``probe`` shows that the
 original subgraph and the canonical ops agree numerically at several sequence lengths. A region
 that does not match stays as ordinary ops (still correct, just not fused), and the reason is kept
-for ``explain()``.
+for ``explain()``. The walks are deliberately loose (any diagonal scaling of the weights, either orientation of
+the system, any fixed channel order of a rotation): equivalence is decided by the probe, not by spelling.
+docs/recognition.md lists the idioms covered and the near misses left alone.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.ops import ArgRef
 from ..ir.ops import COMPUTE, CORE, ELEMENTWISE, OPS
 from ..ir.types import DType, TensorType, dims_equal, sym
-from .probe import Step, apply_steps, probe
+from .probe import PROBE_LENGTHS, Step, apply_steps, probe
 
 WALK_LAYOUT = {"reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "repeat_interleave"}
 B, T = sym("B"), sym("T")
@@ -373,10 +375,34 @@ def _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale, report) -> bool:
                                         f"attention at {where}: heads={H}, kv_heads={Hkv}, head_dim={d}, "
                                         f"scale={scale:.6g} (probe error {err:.1e})")
                                     return True
+    extra = _graph_inputs_behind(s.inputs[0]) - _graph_inputs_behind(qs) - _graph_inputs_behind(ks)
+    if extra:
+        names = ", ".join(f"%{x.name}" for x in sorted(extra, key=lambda x: x.name))
+        report.rejected.append(f"attention candidate at {where}: the scores are also masked by {names}, an input of the "
+                               "module (a key-padding attention_mask?); the IR attention op takes no mask operand, so "
+                               "it runs as separate ops (correct on every backend, with the [T, T] scores "
+                               "materialised and no fused attention kernel)")
+        return False
     report.rejected.append(f"attention candidate at {where}: not causal softmax attention (a mask other than j <= t, "
                            "or scores that are not q . k times one scale); it runs as separate ops: the [T, T] "
                            "scores are materialised (O(T^2) memory) and there is no fused attention kernel")
     return False
+
+
+def _graph_inputs_behind(v: Value) -> set:
+    """The graph inputs v is computed from."""
+    seen, stack, out = set(), [v], set()
+    while stack:
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        if x.producer is None:
+            if x.kind == "input":
+                out.add(x)
+            continue
+        stack.extend(x.producer.value_inputs)
+    return out
 
 
 def _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H):
@@ -412,11 +438,67 @@ def _arg(n: Node, i: int, name: str, default=None):
     return kwargs.get(name, args[i] if len(args) > i else default)
 
 
-def _feedback_anchors(g: Graph):
-    """(node, its solution value, system matrix, right-hand side, kind) for every solve that may be a feedback:
-    kind "triangular" (solve_triangular), "solve" (linalg.solve) or "inverse" (linalg.inv(A) @ f). The
-    candidate's arguments are checked later; None for mat when they are not understood."""
+def _sliced_from(v: Value, want) -> Value | None:
+    """The value v is a slice of (through slice and layout ops) for which ``want(type)`` holds, or None."""
+    while not want(v.type):
+        if v.producer is None or v.producer.op not in {"slice", "select"} | WALK_LAYOUT or not v.producer.inputs:
+            return None
+        v = v.producer.inputs[0]
+    return v
+
+
+def _pinned_length(v: Value):
+    """The integer length of v's time axis when the graph's T is a symbol: a loop over blocks pins T by guards
+    (the traced graph holds only where T equals the blocks' total), so the blocks' sizes are integers. None
+    otherwise."""
+    t = v.type.shape[-2] if v.type.rank >= 2 else None
+    return t if isinstance(t, int) and not isinstance(_bt()[1], int) and t > 1 else None
+
+
+def _blocked_anchors(g: Graph):
+    """Blocked forward substitution written in Python and unrolled by torch.export: a concat over the time axis of
+    blocks, each solved by ``solve_triangular`` on a diagonal block of one [.., T, T] matrix (the rest of the
+    matrix entering as products with the earlier blocks). Yields (concat node, its output, matrix, right-hand side)
+    with the matrix and right-hand side found by walking the slices back from the first block's solve; the probe
+    decides whether the whole region is the solve."""
+    B_, T_ = _bt()
     out = []
+    for n in g.nodes:
+        if n.op != "concat" or len(n.inputs) < 2 or n.output.type.rank < 2 \
+                or n.attrs["dim"] % n.output.type.rank != n.output.type.rank - 2 \
+                or not (dims_equal(n.output.type.shape[-2], T_) or _pinned_length(n.output) is not None):
+            continue
+        solves, seen, stack = [], set(), [n.output]
+        while stack:
+            x = stack.pop()
+            if x in seen or x.producer is None:
+                continue
+            seen.add(x)
+            if x.producer.op == "fallback" and x.producer.attrs["target"] == SOLVE:
+                solves.append(x.producer)
+            stack.extend(x.producer.value_inputs)
+        if len(solves) < 2:
+            continue
+        first = min(solves, key=g.nodes.index)
+        args = first.attrs["args"]
+        if len(args) < 2 or not all(isinstance(a, ArgRef) for a in args[:2]) \
+                or _arg(first, 2, "upper") is not False or _arg(first, 3, "left", True) is not True:
+            continue
+        square = lambda t: t.rank >= 2 and dims_equal(t.shape[-1], T_) and dims_equal(t.shape[-2], T_)  # noqa: E731
+        mats = {_sliced_from(s.inputs[s.attrs["args"][0].index], square) for s in solves
+                if s.attrs["args"] and isinstance(s.attrs["args"][0], ArgRef)}
+        rhs = _sliced_from(first.inputs[args[1].index], lambda t: t.rank >= 2 and dims_equal(t.shape[-2], T_))
+        if len(mats) == 1 and None not in mats and rhs is not None:
+            out.append((n, n.output, mats.pop(), rhs))
+    return out
+
+
+def _feedback_anchors(g: Graph):
+    """(node, its solution value, kind) for every solve that may be a feedback: kind "blocked" (a blocked
+    substitution unrolled from Python, see _blocked_anchors), "triangular" (solve_triangular), "solve"
+    (linalg.solve), "inverse" (linalg.inv(A) @ f) or "inverse_right" (f^T @ linalg.inv(A^T)). The candidate's
+    arguments are checked later."""
+    out = [(n, o, "blocked") for n, o, _, _ in _blocked_anchors(g)]
     for n in g.nodes:
         if n.op == "fallback" and n.attrs["target"] == SOLVE:
             out.append((n, n.outputs[0], "triangular"))
@@ -426,36 +508,50 @@ def _feedback_anchors(g: Graph):
                 and n.inputs[0].producer is not None and n.inputs[0].producer.op == "fallback" \
                 and n.inputs[0].producer.attrs["target"] in INVERSES and n.inputs[0] is n.inputs[0].producer.outputs[0]:
             out.append((n, n.output, "inverse"))
+        elif n.op == "matmul" and len(n.inputs) == 2 and isinstance(n.inputs[1], Value) \
+                and n.inputs[1].producer is not None and n.inputs[1].producer.op == "fallback" \
+                and n.inputs[1].producer.attrs["target"] in INVERSES and n.inputs[1] is n.inputs[1].producer.outputs[0]:
+            out.append((n, n.output, "inverse_right"))   # f^T @ inv(M^T): the transposed system
     return out
 
 
 def _system(n: Node, kind: str):
-    """(matrix, right-hand side) of an anchor, or a reason it is not a lower-triangular solve from the left."""
-    if kind == "inverse":
-        inv = n.inputs[0].producer
+    """(matrix, right-hand side, left) of an anchor, or a reason its arguments are not understood. left=False is
+    the transposed system X M = F (M = (I - diag(gamma) alpha)^T, upper triangular, time on the last axis of
+    F): the probe decides whether the region is a feedback in either orientation."""
+    if kind == "blocked":
+        for m, o, mat, rhs in _blocked_anchors(_CURRENT_GRAPH.get()):
+            if m is n:
+                return mat, rhs, True
+        return "the blocked substitution's matrix is not understood"
+    if kind in ("inverse", "inverse_right"):
+        i = 0 if kind == "inverse" else 1
+        inv = n.inputs[i].producer
         a = inv.attrs["args"]
         if not a or not isinstance(a[0], ArgRef):
             return "the inverse's argument is not understood"
-        return inv.inputs[a[0].index], n.inputs[1]
+        return inv.inputs[a[0].index], n.inputs[1 - i], kind == "inverse"
     args = n.attrs["args"]
     if len(args) < 2 or not all(isinstance(x, ArgRef) for x in args[:2]):
         return "the solve's arguments are not understood"
-    if kind == "triangular":
-        if _arg(n, 2, "upper") is not False or _arg(n, 3, "left", True) is not True:
-            return "solve is not lower-triangular from the left"
-    elif _arg(n, 2, "left", True) is not True:
-        return "solve is not from the left"
-    return n.inputs[args[0].index], n.inputs[args[1].index]
+    left = _arg(n, 3 if kind == "triangular" else 2, "left", True)
+    upper = _arg(n, 2, "upper") if kind == "triangular" else None
+    if not isinstance(left, bool) or (kind == "triangular" and not isinstance(upper, bool)):
+        return "the solve's arguments are not understood"
+    if kind == "triangular" and upper == left:
+        return ("the solve is anti-causal (an upper-triangular system from the left or a lower-triangular one from "
+                "the right: a later position feeds an earlier one)")
+    return n.inputs[args[0].index], n.inputs[args[1].index], left
 
 
-def _unit_lower(g: Graph, mat: Value, srcs: dict) -> bool:
+def _unit_lower(g: Graph, mat: Value, srcs: dict, left: bool = True, lengths=PROBE_LENGTHS) -> bool:
     """On random sources at the probe lengths, mat is [..., T, T] with the identity's diagonal and upper triangle
     (only then may a general solve or inverse be a feedback's substitution)."""
     from ..semantics import run_graph
     from .probe import PROBE_LENGTHS, _binding, _params64
 
     gen = torch.Generator().manual_seed(4321)
-    for Tn in PROBE_LENGTHS:
+    for Tn in lengths:
         binding = _binding(g, Tn)
         inputs = {}
         for v, kind in srcs.items():
@@ -466,15 +562,27 @@ def _unit_lower(g: Graph, mat: Value, srcs: dict) -> bool:
                              check_inputs=False)
         except Exception:  # noqa: BLE001 - a matrix that cannot be evaluated from the sources is no proof
             return False
-        if M.dim() < 2 or M.shape[-1] != Tn or M.shape[-2] != Tn:
+        if M.dim() < 2 or M.shape[-1] != M.shape[-2]:
             return False
-        M = M.to(torch.float64)
+        M, Tn = M.to(torch.float64), M.shape[-1]   # the probe's length, or a static graph's
+        M = M if left else M.transpose(-2, -1)   # the transposed system: unit upper triangular
         if (torch.triu(M) - torch.eye(Tn, dtype=M.dtype)).abs().max() > 1e-12:
             return False
     return True
 
 
+_CURRENT_GRAPH: contextvars.ContextVar = contextvars.ContextVar("sessa_recognise_graph", default=None)
+
+
 def recognise_feedback(g: Graph, report: Report) -> int:
+    token = _CURRENT_GRAPH.set(g)
+    try:
+        return _recognise_feedback(g, report)
+    finally:
+        _CURRENT_GRAPH.reset(token)
+
+
+def _recognise_feedback(g: Graph, report: Report) -> int:
     count = 0
     for n, out, kind in _feedback_anchors(g):
         if n not in g.nodes:
@@ -484,7 +592,7 @@ def recognise_feedback(g: Graph, report: Report) -> int:
         if isinstance(system, str):
             report.rejected.append(f"feedback candidate %{out.name}: {system}")
             continue
-        mat, rhs = system
+        mat, rhs, left = system
         # the softmax inside the system matrix, and the gain entering beside it
         s = _find_softmax(mat)
         if s is None:
@@ -501,7 +609,7 @@ def recognise_feedback(g: Graph, report: Report) -> int:
             report.rejected.append(f"feedback candidate %{out.name}: expected the softmax weights to be scaled by "
                                    f"one per-row gain (gamma), found {len(gains)} data tensors entering")
             continue
-        gs = A.walk_back(gains[0], lambda t: bool(to_bt(t)))
+        gs = _gain_root(A, gains[0])
         bound = value_bound(g, gs)
         if not bound < 1.0:
             report.rejected.append(f"feedback candidate %{out.name}: the gain %{gs.name} is not provably inside "
@@ -510,58 +618,171 @@ def recognise_feedback(g: Graph, report: Report) -> int:
             continue
         (qs, fq), (ks, fk) = (walk_back_scaled(A, x, lambda t: bool(to_btc(t))) for x in L.inputs)
         fs = A.walk_back(rhs, lambda t: bool(to_btc(t)))
-        if kind != "triangular" and not _unit_lower(g, mat, {qs: "normal", ks: "normal", gs: "gain"}):
+        pinned = _pinned_length(out) if kind == "blocked" else None
+        lengths = (pinned,) if pinned is not None else PROBE_LENGTHS
+        if kind != "triangular" and not _unit_lower(g, mat, {qs: "normal", ks: "normal", gs: "gain"}, left, lengths):
             report.rejected.append(f"feedback candidate %{out.name}: the matrix of this general "
-                                   f"{'solve' if kind == 'solve' else 'inverse'} is not unit lower triangular "
+                                   f"{'inverse' if kind.startswith('inverse') else 'solve'} is not unit "
+                                   f"{'lower' if left else 'upper'} triangular "
                                    "(Sessa's I - diag(gamma) alpha); it stays a general solve (a torch op)")
             continue
         width = contraction_width(L)
-        count += _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale * fq * fk, report)
+        count += _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale * fq * fk, report, left,
+                               pinned)
     return count
 
 
-def value_bound(g: Graph, v: Value, depth: int = 32) -> float:
-    """An upper bound on |v| from the ops that produce it (interval reasoning: tanh and sigmoid are
-    bounded, literal and parameter factors scale, layout ops and casts keep the bound); inf when
-    nothing bounds it. Parameters count with their current values."""
+def value_bound(g: Graph, v: Value, depth: int = 48) -> float:
+    """An upper bound on |v| from the ops that produce it; inf when nothing bounds it. See value_range."""
+    lo, hi = value_range(g, v, depth)
+    return max(abs(lo), abs(hi))
+
+
+_INF = (-math.inf, math.inf)
+# monotone non-decreasing unary functions: value at an interval's ends (limits at +-inf)
+_MONOTONE = {
+    "tanh": math.tanh, "sigmoid": lambda x: 1.0 / (1.0 + math.exp(-x)) if x > -700 else 0.0,
+    "erf": math.erf, "exp": lambda x: math.exp(x) if x < 700 else math.inf,
+    "relu": lambda x: max(x, 0.0), "atan": math.atan,
+    "softplus": lambda x: math.log1p(math.exp(x)) if x < 30 else x,
+}
+_FALLBACK_UNARY = {"aten.sigmoid.default": "sigmoid", "aten.tanh.default": "tanh", "aten.erf.default": "erf",
+                   "aten.atan.default": "atan", "aten.special_expit.default": "sigmoid"}
+
+
+def _mono(f, lo: float, hi: float) -> tuple:
+    def at(x):
+        return f(math.copysign(1e308, x)) if math.isinf(x) else f(x)
+    return at(lo), at(hi)
+
+
+def _mul_iv(a: tuple, b: tuple) -> tuple:
+    ps = []
+    for x in a:
+        for y in b:
+            ps.append(0.0 if x == 0 or y == 0 else x * y)
+    return min(ps), max(ps)
+
+
+def value_range(g: Graph, v, depth: int = 48) -> tuple:
+    """An interval (lo, hi) that holds every element of v (interval arithmetic over the ops that produce it).
+
+    Monotone functions (tanh, sigmoid, erf, atan, exp, relu, softplus) map the interval of their argument,
+    affine maps (add, sub, mul, div by bounded values), clamps and x / (|x| + c) (softsign, c >= 1) compose, so
+    ``c * (2 * sigmoid(2 z) - 1)`` is bounded by |c|. Parameters count with their current values; layout ops and
+    casts keep the interval. (-inf, inf) when nothing bounds it. The ends of a squashing function are never
+    reached for finite input, so a bound equal to 1 is not taken as inside (-1, 1) by the callers (they test < 1).
+    """
     if depth == 0:
-        return math.inf
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return abs(float(v))
+        return _INF
+    if isinstance(v, bool):
+        return (float(v), float(v))
+    if isinstance(v, (int, float)):
+        return (float(v), float(v))
     if not isinstance(v, Value):
-        return math.inf
+        return _INF
     if v.kind == "param":
         data = g.params.get(v.name)
-        return float(data.abs().max()) if data is not None and data.is_floating_point() and data.numel() else math.inf
+        if data is None or not data.is_floating_point() or not data.numel():
+            return _INF
+        data = data.detach()
+        return float(data.min()), float(data.max())
     n = v.producer
     if n is None:
-        return math.inf
-    if n.op in ("tanh", "sigmoid"):
-        return 1.0
-    sub = [value_bound(g, x, depth - 1) for x in n.inputs]
-    if n.op in WALK_LAYOUT or n.op in ("cast", "neg", "abs", "select", "slice", "squeeze", "unsqueeze"):
-        return sub[0]
-    if n.op == "mul":
-        return sub[0] * sub[1]
-    if n.op in ("add", "sub"):
-        return sub[0] + sub[1]
-    if n.op == "div" and isinstance(n.inputs[1], (int, float)) and n.inputs[1]:
-        return sub[0] / abs(float(n.inputs[1]))
-    return math.inf
+        return _INF
+    op = n.op
+    if op == "fallback":
+        target, args = n.attrs["target"], n.attrs["args"]
+        if not args or not isinstance(args[0], ArgRef) or n.attrs["kwargs"]:
+            return _INF
+        x = value_range(g, n.inputs[args[0].index], depth - 1)
+        if target in ("aten.clamp.default", "aten.hardtanh.default"):   # clamp(x, min, max): literal ends
+            ends = [a if isinstance(a, (int, float)) and not isinstance(a, bool) else None for a in args[1:3]]
+            ends += [None] * (2 - len(ends))
+            if target == "aten.hardtanh.default":
+                ends = [-1.0 if ends[0] is None else ends[0], 1.0 if ends[1] is None else ends[1]]
+            lo = x[0] if ends[0] is None else max(x[0], ends[0])
+            hi = x[1] if ends[1] is None else min(x[1], ends[1])
+            return (lo, hi) if ends[0] is None or ends[1] is None or ends[0] <= ends[1] else _INF
+        op = _FALLBACK_UNARY.get(target)
+        return _INF if op is None else _mono(_MONOTONE[op], *x)
+    if op in _MONOTONE:
+        return _mono(_MONOTONE[op], *value_range(g, n.inputs[0], depth - 1))
+    if op in WALK_LAYOUT or op in ("cast", "select", "slice", "squeeze", "unsqueeze", "tril", "triu"):
+        lo, hi = value_range(g, n.inputs[0], depth - 1)
+        return (min(lo, 0.0), max(hi, 0.0)) if op in ("tril", "triu") else (lo, hi)
+    if op == "neg":
+        lo, hi = value_range(g, n.inputs[0], depth - 1)
+        return -hi, -lo
+    if op == "abs":
+        lo, hi = value_range(g, n.inputs[0], depth - 1)
+        m = max(abs(lo), abs(hi))
+        return (0.0 if lo <= 0 <= hi else min(abs(lo), abs(hi))), m
+    if op in ("add", "sub"):
+        a, b = (value_range(g, x, depth - 1) for x in n.inputs)
+        return (a[0] + b[0], a[1] + b[1]) if op == "add" else (a[0] - b[1], a[1] - b[0])
+    if op == "mul":
+        return _mul_iv(*(value_range(g, x, depth - 1) for x in n.inputs))
+    if op in ("maximum", "minimum"):
+        a, b = (value_range(g, x, depth - 1) for x in n.inputs)
+        f = max if op == "maximum" else min
+        return f(a[0], b[0]), f(a[1], b[1])
+    if op == "div":
+        num, den = n.inputs
+        soft = _softsign_like(g, num, den, depth)
+        if soft is not None:
+            return soft
+        b = value_range(g, den, depth - 1)
+        if b[0] > 0 or b[1] < 0:
+            return _mul_iv(value_range(g, num, depth - 1), (1.0 / b[1], 1.0 / b[0]))   # 1/inf = 0.0
+        return _INF
+    if op == "reciprocal":
+        lo, hi = value_range(g, n.inputs[0], depth - 1)
+        if lo > 0 or hi < 0:
+            return (1.0 / hi if hi else -math.inf), (1.0 / lo if lo else math.inf)
+        return _INF
+    if op == "where" and len(n.inputs) == 3:
+        a, b = (value_range(g, x, depth - 1) for x in n.inputs[1:])
+        return min(a[0], b[0]), max(a[1], b[1])
+    return _INF
+
+
+def _softsign_like(g: Graph, num, den, depth: int):
+    """x / (|x| + c) with c >= 1 (torch's softsign, or written out): inside (-1, 1) (None when den is not that)."""
+    if not isinstance(den, Value) or den.producer is None or den.producer.op != "add":
+        return None
+    terms = den.producer.inputs
+    # num = x, or x times a bounded factor (0.9 * x / (1 + |x|))
+    factors = [(num, (1.0, 1.0))]
+    if isinstance(num, Value) and num.producer is not None and num.producer.op == "mul":
+        a, b = num.producer.inputs
+        factors += [(a, value_range(g, b, depth - 1)), (b, value_range(g, a, depth - 1))]
+    for a, c in ((terms[0], terms[1]), (terms[1], terms[0])):
+        if not (isinstance(a, Value) and a.producer is not None and a.producer.op == "abs"):
+            continue
+        for x, f in factors:
+            if a.producer.inputs[0] is x and value_range(g, c, depth - 1)[0] >= 1.0:
+                return _mul_iv((-1.0, 1.0), f)
+    return None
 
 
 def _find_softmax(v: Value):
-    seen, stack = set(), [v]
-    while stack:
-        v = stack.pop()
+    """The softmax nearest to the system matrix (breadth first), through elementwise, layout and torch ops (e.g.
+    row 0 zeroed by index assignment, padded or concatenated) and through contractions (a diagonal scaling
+    written ``diag_embed(gamma) @ alpha``)."""
+    from collections import deque
+
+    seen, queue = set(), deque([v])
+    while queue:
+        v = queue.popleft()
         if v in seen or v.producer is None:
             continue
         seen.add(v)
         n = v.producer
         if n.op == "softmax":
             return n
-        if OPS[n.op].kind in (ELEMENTWISE, "layout", "fallback") and n.op != "split":
-            stack.extend(n.value_inputs)  # e.g. row 0 zeroed by index assignment (select_scatter)
+        if (OPS[n.op].kind in (ELEMENTWISE, "layout", "fallback") and n.op != "split") or n.op in CONTRACTIONS:
+            queue.extend(n.value_inputs)
     return None
 
 
@@ -593,12 +814,41 @@ def _gain_sources(A: Analysis, s: Node, mat: Value) -> list:
     return gains
 
 
-def _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale, report) -> bool:
+def _gain_root(A: Analysis, x: Value, depth: int = 8) -> Value:
+    """The per-row gain behind the value that scales the softmax weights: x itself when it is [B, T] (or
+    [B, T, 1]), else the one data operand of a diagonal scaling built from it (``diag_embed(g)``,
+    ``eye * g[..., None]``, ``g.unsqueeze(-1).expand(B, T, T)``), walked through layout ops and casts. The probe
+    proves the choice; a value that is not a gain simply fails it."""
+    fits = lambda t: bool(to_bt(t))   # noqa: E731
+    v = x
+    for _ in range(depth):
+        if fits(v.type) or v.producer is None:
+            break
+        n = v.producer
+        data = [i for i in n.value_inputs if A.is_data(i)]
+        crosses = n.op in WALK_LAYOUT or n.op in ("cast", "unsqueeze", "mul", "div", "where", "masked_fill") or (
+            n.op == "fallback" and n.attrs["target"] in ("aten.diag_embed.default", "aten.diagflat.default"))
+        if not crosses or len(data) != 1:
+            break
+        v = data[0]
+    return A.walk_back(v, fits) if fits(v.type) else A.walk_back(x, fits)
+
+
+def _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale, report, left=True, pinned=None) -> bool:
     """Probe the region against the feedback op with Sessa's scale 1/sqrt(width); rewrite when it matches.
     A region that computes something else (another scale, a mask that lets a row see itself, a softmax over
-    another axis) is left alone, with the reason in words for explain()."""
+    another axis) is left alone, with the reason in words for explain(). ``pinned``: the length a blocked loop pins
+    T to (its output's integer time axis): probed there only, and the feedback's output sliced to that type."""
+    lengths = (pinned,) if pinned is not None else PROBE_LENGTHS
+    B_ = _bt()[0]
+
+    def fits_out(t):   # feedback output is [B, T, C]; y must be too
+        if pinned is None:
+            return to_btc(t) == [[]]
+        return t.rank == 3 and dims_equal(t.shape[0], B_) and t.shape[1] == pinned
     outs = A.walk_forward(out)
-    where = f"{'solve' if kind != 'inverse' else 'inverse @'} %{out.name}"
+    where = f"{'inverse @' if kind.startswith('inverse') else 'blocked solve' if kind == 'blocked' else 'solve'} " \
+            f"%{out.name}"
     if not isinstance(width, int):
         report.rejected.append(f"feedback candidate at {where}: the logits' contracted width {width} is not static")
         return False
@@ -606,53 +856,53 @@ def _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale, r
     srcs = {fs: "normal", qs: "normal", ks: "normal", gs: "gain"}
     tol = _region_tol(A, srcs, out)
     other_scale_matches = False
-    for qa in to_btc(qs.type):
-        for ka in to_btc(ks.type):
-            for fa in to_btc(fs.type):
-                for ga in to_bt(gs.type):
-                    for y in reversed(outs):
-                        if to_btc(y.type) != [[]]:  # feedback output is [B, T, C]; y must be too
-                            continue
+    # the logits' operands in both orders: k_b q_b^T with the softmax over the other axis is the transposed system
+    cands = [(qs_, ks_, qa, ka, fa, ga, y) for qs_, ks_ in ((qs, ks), (ks, qs)) for qa in to_btc(qs_.type)
+             for ka in to_btc(ks_.type) for fa in to_btc(fs.type) for ga in to_bt(gs.type) for y in reversed(outs)
+             if fits_out(y.type)]
+    for qs_, ks_, qa, ka, fa, ga, y in cands:
+        def canonical(inp, binding, scale=sessa_scale, qs_=qs_, ks_=ks_, qa=qa, ka=ka, fa=fa, ga=ga):
+            return feedback_ref(apply_steps(inp[fs], fa, binding), apply_steps(inp[qs_], qa, binding),
+                                apply_steps(inp[ks_], ka, binding), apply_steps(inp[gs], ga, binding), scale)
 
-                        def canonical(inp, binding, scale=sessa_scale, qa=qa, ka=ka, fa=fa, ga=ga):
-                            return feedback_ref(apply_steps(inp[fs], fa, binding), apply_steps(inp[qs], qa, binding),
-                                                apply_steps(inp[ks], ka, binding), apply_steps(inp[gs], ga, binding),
-                                                scale)
-
-                        err = probe(g, srcs, y, canonical)
-                        if err is not None and err <= tol:
-                            idx = _insert_index(g, y)
-                            f, idx = _emit_steps(g, fs, fa, idx)
-                            q, idx = _emit_steps(g, qs, qa, idx)
-                            k, idx = _emit_steps(g, ks, ka, idx)
-                            gm, idx = _emit_steps(g, gs, ga, idx)
-                            o = g.make_node("feedback", [f, q, k, gm], {"scale": sessa_scale},
-                                            [f.type], index=idx).output
-                            idx += 1
-                            if o.type.dtype != y.type.dtype:
-                                o, idx = _emit_steps(g, o, [Step("cast", {"dtype": y.type.dtype})], idx)
-                            g.replace_all_uses(y, o)
-                            g.dead_code_elimination()
-                            how = {"triangular": "", "solve": ", from a general solve",
-                                   "inverse": ", from an explicit inverse"}[kind]
-                            report.accepted.append(f"feedback at {where}: width={width}, scale=1/sqrt({width}){how} "
-                                                   f"(probe error {err:.1e})")
-                            return True
-                        if not math.isclose(chain_scale, sessa_scale) and not other_scale_matches:
-                            other = probe(g, srcs, y, lambda inp, b, c=canonical: c(inp, b, scale=chain_scale))
-                            other_scale_matches = other is not None and other <= tol
+        err = probe(g, srcs, y, canonical, lengths=lengths)
+        if err is not None and err <= tol:
+            idx = _insert_index(g, y)
+            f, idx = _emit_steps(g, fs, fa, idx)
+            q, idx = _emit_steps(g, qs_, qa, idx)
+            k, idx = _emit_steps(g, ks_, ka, idx)
+            gm, idx = _emit_steps(g, gs, ga, idx)
+            o = g.make_node("feedback", [f, q, k, gm], {"scale": sessa_scale}, [f.type], index=idx).output
+            idx += 1
+            if pinned is not None:   # T == pinned wherever this graph runs: the slice only restates the type
+                o = g.make_node("slice", [o], {"dim": 1, "start": 0, "end": pinned, "step": 1},
+                                [TensorType(o.type.dtype, (o.type.shape[0], pinned, o.type.shape[2]))], index=idx).output
+                idx += 1
+            if o.type.dtype != y.type.dtype:
+                o, idx = _emit_steps(g, o, [Step("cast", {"dtype": y.type.dtype})], idx)
+            g.replace_all_uses(y, o)
+            g.dead_code_elimination()
+            how = {"triangular": "", "solve": ", from a general solve", "inverse": ", from an explicit inverse",
+                   "inverse_right": ", from an explicit inverse",
+                   "blocked": ", from a blocked substitution written in Python"}[kind] + ("" if left else ", transposed system")
+            report.accepted.append(f"feedback at {where}: width={width}, scale=1/sqrt({width}){how} "
+                                   f"(probe error {err:.1e})")
+            return True
+        if not math.isclose(chain_scale, sessa_scale) and not other_scale_matches:
+            other = probe(g, srcs, y, lambda inp, b, c=canonical: c(inp, b, scale=chain_scale), lengths=lengths)
+            other_scale_matches = other is not None and other <= tol
     if other_scale_matches:
         why = (f"its logits are scaled by {chain_scale:.6g}, but Sessa's feedback scales q_b . k_b by "
                f"1/sqrt(D) = {sessa_scale:.6g}")
     else:
-        why = _diagnose_feedback(g, n if kind == "triangular" else None, mat, srcs)
-    instead = "solved as a general triangular system instead (see tri_solve)" if kind == "triangular" else \
+        why = _diagnose_feedback(g, n if kind == "triangular" else None, mat, srcs, left)
+    instead = "solved as a general triangular system instead (see tri_solve)" if kind in ("triangular", "blocked") else \
         "left as the general solve it is written as (a torch op)"
     report.rejected.append(f"feedback candidate at {where}: not Sessa's feedback: {why}; it is {instead}")
     return False
 
 
-def _diagnose_feedback(g, n, mat, srcs) -> str:
+def _diagnose_feedback(g, n, mat, srcs, left=True) -> str:
     """Why a solve's weights are not gamma[t] * softmax_{j<t}(...): checked on random inputs, in words."""
     from ..semantics import run_graph
     from .probe import _binding, _params64
@@ -671,6 +921,10 @@ def _diagnose_feedback(g, n, mat, srcs) -> str:
     except Exception as e:  # noqa: BLE001 - the explanation is best effort
         return f"the system matrix could not be evaluated on its own ({type(e).__name__})"
     M = M.to(torch.float64)
+    M = M if left else M.transpose(-2, -1)
+    if M.dim() < 2 or M.shape[-1] != M.shape[-2] or not M.numel():
+        return "the system matrix is not square"
+    Tn = M.shape[-1]   # a static graph's size, or the probe's
     unit = n is not None and n.attrs["kwargs"].get("unitriangular", False)
     eye = torch.eye(Tn, dtype=torch.float64)
     if not unit and not torch.allclose(torch.diagonal(M, dim1=-2, dim2=-1), torch.ones(Tn, dtype=torch.float64)):
@@ -772,10 +1026,12 @@ def _recognise(g: Graph) -> Report:
 def _before_repeat(A: Analysis, v: Value, d):
     """The value a repeat_interleave on v's layout chain repeats, and its adapters to [B, T, Hkv, d]."""
     x = v
-    while x.producer is not None and (x.producer.op in WALK_LAYOUT or _is_index_select(x.producer)):
+    while x.producer is not None and (x.producer.op in WALK_LAYOUT or _is_index_select(x.producer)
+                                      or (x.producer.op == "stack" and len(set(x.producer.inputs)) == 1)):
         n = x.producer
-        if n.op == "repeat_interleave" or n.op == "fallback":   # the kv heads gathered by an index (the probe
-            src = n.inputs[0] if n.op != "fallback" else n.inputs[n.attrs["args"][0].index]   # shows it repeats)
+        if n.op == "repeat_interleave" or n.op == "fallback" or n.op == "stack":   # the kv heads gathered by an
+            # index, or stacked copies of one value (the probe shows it repeats)
+            src = n.inputs[n.attrs["args"][0].index] if n.op == "fallback" else n.inputs[0]
             pre = A.walk_back(src, lambda t: bool(to_bthd(t, d)))
             return pre, to_bthd(pre.type, d)
         x = n.inputs[0]
@@ -831,7 +1087,7 @@ def fold_gqa(g: Graph, report: Report) -> int:
 
 
 # -- rotary embeddings folded into attention -------------------------------------------------------------
-def _dominating_sources(A: Analysis, v: Value, limit: int = 4) -> list:
+def _dominating_sources(A: Analysis, v: Value, limit: int = 8) -> list:
     """Values every data path back from v passes through, nearest first (immediate dominators)."""
     import networkx as nx
 
@@ -908,7 +1164,8 @@ def fold_rope(g: Graph, report: Report) -> int:
                 break
         if not done:
             report.rejected.append(f"rope around attention %{n.output.name}: q and k are transformed before attention, "
-                                   "but not by an interleaved rotary embedding at positions 0..T-1; the transform "
+                                   "but not by a rotary embedding at positions 0..T-1 (interleaved pairs, or half-split pairs (i, i + d/2)) "
+                                   "with a frequency table it reads or computes; the transform "
                                    "runs as separate ops before the attention kernel")
     return count
 
@@ -954,39 +1211,122 @@ def generic_solves(g: Graph, report: Report) -> int:
     return count
 
 
+# fixed channel orders under which a rotation equals the spec's interleaved one: the identity, and the half-split
+# (rotate_half / NeoX) convention, whose pairs (i, i + d/2) are the interleaved pairs of x.reshape(2, d/2).mT
+def _channel_orders(d: int, H: int, Hkv: int):
+    """(name, steps for q [B, T, H, d], steps for k [B, T, Hkv, d]) per channel order."""
+    B, T = _bt()
+
+    def half(h):
+        return [Step("reshape", {"shape": [B, T, h, 2, d // 2]}), Step("transpose", {"dim0": -2, "dim1": -1}),
+                Step("reshape", {"shape": [B, T, h, d]})]
+    return (("interleaved", [], []), ("half-split", half(H), half(Hkv)))
+
+
+def _frequency_options(g: Graph, A: Analysis, rq: Value, xq: Value, d: int, default_name: str, dtype) -> list:
+    """The inverse frequencies a rotation may use, as (name or Value, tensor, how): a rank-1 [d/2] parameter the
+    rotation reads (in its own dtype), a [d/2] vector it computes from constants (evaluated as the module computes
+    it, in its dtype, e.g. float64 frequencies from arange), and the standard 10000^(-2i/d) in float32 and (float64
+    models) float64."""
+    out, seen, stack = [], set(), [rq]
+    while stack:
+        x = stack.pop()
+        if x in seen or x is xq:
+            continue
+        seen.add(x)
+        if x.type.rank == 1 and x.type.shape[0] == d // 2 and x.type.dtype.is_float and not A.is_data(x):
+            if x.kind == "param":
+                out.append((x, g.params[x.name], f"%{x.name}"))
+            elif x.producer is not None:
+                try:
+                    (val,) = run_graph_values(g, x)
+                    out.append(((f"rope_inv_freq_{x.name}", x.type.dtype.name), val, f"the module's %{x.name}"))
+                except Exception:  # noqa: BLE001 - a vector that cannot be evaluated on its own is no candidate
+                    pass
+        if x.producer is not None:
+            stack.extend(x.producer.value_inputs)
+    for dt, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
+        if tag == "f32" or dtype.name == "f64":
+            out.append(((f"{default_name}_{tag}", tag), 10000.0 ** (-torch.arange(0, d, 2, dtype=dt) / d),
+                        f"the default 10000^(-2i/d) in {tag}"))
+    return out
+
+
+def run_graph_values(g: Graph, v: Value):
+    from ..semantics import run_graph
+    return run_graph(g, [], targets=[v], binding={n: 1 for n in v.type.symbols()}, check_inputs=False)
+
+
+# positions the RoPE probe also checks, far beyond the short probes: there the angle t * inv_freq shows a
+# frequency table of lower precision than the module's (an error of ~t * ulp(inv_freq)). The float64 probe holds
+# a few [H, T, T] score tensors: T is lowered for many heads to keep each near 2^23 elements (64 MiB; 2048 for
+# one head, 1448 for 4, 1024 for 8, never under 512): a bounded cost per attention at compile time.
+LONG_PROBE = 2048
+
+
+def _long_length(heads) -> int:
+    h = heads if isinstance(heads, int) and heads > 0 else 1
+    return max(512, min(LONG_PROBE, int(math.sqrt(2 ** 23 / h))))
+
+
 def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool:
-    """Try attention(xq, xk, v) {rope=True} in place of attention(q, k, v); True when it probed equal."""
-    freqs = [p for p in _static_params(g, A, rq, {xq}) if p.type.rank == 1 and p.type.shape[0] == d // 2]
-    # no inv_freq buffer: the standard 10000^(-2i/d), as a float32 table and (for float64 models) float64
-    defaults = [(f"{default_name}_{tag}", 10000.0 ** (-torch.arange(0, d, 2, dtype=dt) / d), tag)
-                for dt, tag in ((torch.float32, "f32"), (torch.float64, "f64"))
-                if tag == "f32" or q.type.dtype.name == "f64"]
-    options = [(p, g.params[p.name]) for p in freqs] + [((name, tag), data) for name, data, tag in defaults]
+    """Try attention(P xq, P xk, v) {rope=True} in place of attention(q, k, v) for a fixed channel order P;
+    True when it probed equal. Of the frequency tables that probe equal, the one closest to the module at long
+    positions is taken (the module's own table when it has one)."""
+    options = _frequency_options(g, A, rq, xq, d, default_name, q.type.dtype)
+    srcs = {xq: "normal", xk: "normal", v: "normal"}
+    tol = _region_tol(A, srcs, n.output)
+    passing = []
     for qa, H in to_bthd(xq.type, d):
         for ka, Hkv in to_bthd(xk.type, d):
             if H != q.type.shape[2] or Hkv != k.type.shape[2]:
                 continue
-            for param, data in options:
-                def canonical(inp, binding, qa=qa, ka=ka, data=data):
-                    return attention_ref(apply_steps(inp[xq], qa, binding), apply_steps(inp[xk], ka, binding),
-                                         inp[v], n.attrs["scale"], True, data.to(torch.float64))
+            for order, pq, pk in _channel_orders(d, H, Hkv):
+                for param, data, how in options:
+                    def canonical(inp, binding, qa=qa + pq, ka=ka + pk, data=data):
+                        return attention_ref(apply_steps(inp[xq], qa, binding), apply_steps(inp[xk], ka, binding),
+                                             inp[v], n.attrs["scale"], True, data.to(torch.float64))
 
-                srcs = {xq: "normal", xk: "normal", v: "normal"}
-                err = probe(g, srcs, n.output, canonical)
-                if err is None or err > _region_tol(A, srcs, n.output):
-                    continue
-                if isinstance(param, tuple):
-                    name, tag = param
-                    if name not in g.param_values:
-                        g.add_param(name, TensorType(DType(tag), (d // 2,)), data)
-                    param = g.param_values[name]
-                idx = g.nodes.index(n)
-                nq, idx = _emit_steps(g, xq, qa, idx)
-                nk, idx = _emit_steps(g, xk, ka, idx)
-                n.inputs = [nq, nk, v, param]
-                n.attrs["rope"] = True
-                g.dead_code_elimination()
-                report.accepted.append(f"rope folded into attention %{n.output.name}: interleaved, "
-                                       f"inv_freq from %{param.name} (probe error {err:.1e})")
-                return True
-    return False
+                    err = probe(g, srcs, n.output, canonical)
+                    if err is not None and err <= tol:
+                        passing.append((qa + pq, ka + pk, order, param, data, how, err, canonical))
+            if passing:
+                break
+        if passing:
+            break
+    if not passing:
+        return False
+    unique = []   # tables equal in value need one long probe: the first (the module's own) stands for them
+    for cand in passing:
+        if not any(u[4].shape == cand[4].shape and u[0] == cand[0] and u[1] == cand[1]
+                   and torch.equal(u[4].to(torch.float64), cand[4].to(torch.float64)) for u in unique):
+            unique.append(cand)
+    passing = unique
+    best, best_err, where = None, math.inf, "at its static length"
+    static = isinstance(_bt()[1], int)   # a static graph runs at its own length only: the probes ran there
+    long_t = _long_length(q.type.shape[2])
+    for cand in passing:
+        long_err = None if static else probe(g, srcs, n.output, cand[-1], lengths=(long_t,), batch=1)
+        err = cand[6] if long_err is None else long_err   # a module that cannot run that long: short probes only
+        if err <= tol and err < best_err:
+            best, best_err = cand, err
+            where = where if static else f"at positions up to {long_t - 1}" if long_err is not None else \
+                f"at positions up to {max(PROBE_LENGTHS) - 1} (the region does not run at {long_t})"
+    if best is None:
+        return False
+    qa, ka, order, param, data, how, err, _ = best
+    if isinstance(param, tuple):
+        name, tag = param
+        if name not in g.param_values:
+            g.add_param(name, TensorType(DType(tag), (d // 2,)), data)
+        param = g.param_values[name]
+    idx = g.nodes.index(n)
+    nq, idx = _emit_steps(g, xq, qa, idx)
+    nk, idx = _emit_steps(g, xk, ka, idx)
+    n.inputs = [nq, nk, v, param]
+    n.attrs["rope"] = True
+    g.dead_code_elimination()
+    report.accepted.append(f"rope folded into attention %{n.output.name}: {order}"
+                           f"{' (channels reordered to interleaved pairs)' if order != 'interleaved' else ''}, "
+                           f"inv_freq from {how} (probe error {best_err:.1e}, {where})")
+    return True
