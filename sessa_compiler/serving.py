@@ -643,7 +643,7 @@ class Serving:
         outs = self._prefill_by_forward(prog, xs, cache)
         if outs is None:
             outs = prog.run(xs, cache)
-        return pytree.tree_unflatten(outs, self.compiled._traced.out_spec), cache
+        return self.compiled._traced.unflatten(outs), cache
 
     def _prefill_by_forward(self, prog: ServingProgram, xs: list, cache) -> list | None:
         """From an empty cache on a kernel backend: run the forward kernels on a copy of the graph that also
@@ -703,7 +703,7 @@ class Serving:
         outs = prog.run(xs, cache)
         if squeeze:
             outs = [o[:, 0] for o in outs]
-        return pytree.tree_unflatten(outs, c._traced.out_spec), cache
+        return c._traced.unflatten(outs), cache
 
     def generate(self, tokens: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy decoding as Decoder.generate: tokens (B, T), T >= 1 -> (B, T + max_new_tokens)."""

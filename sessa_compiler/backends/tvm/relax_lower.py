@@ -62,6 +62,21 @@ class _Lowerer:
         if isinstance(e, sympy.floor) and e.args[0].is_Mul:
             num, den = e.args[0].as_numer_denom()
             return tirx.floordiv(self._expr(num), self._expr(den))
+        kind = type(e).__name__
+        if kind in ("Max", "Min"):   # max(0, T - 256), min(T, n) from Python size arithmetic
+            out = self._expr(e.args[0])
+            for a in e.args[1:]:
+                out = (tirx.max if kind == "Max" else tirx.min)(out, self._expr(a))
+            return out
+        if kind in ("FloorDiv", "Mod", "PythonMod") and len(e.args) == 2:
+            a, b = (self._expr(x) for x in e.args)
+            return tirx.floordiv(a, b) if kind == "FloorDiv" else tirx.floormod(a, b)
+        if e.is_Pow and e.exp.is_Integer and int(e.exp) > 0:
+            base = self._expr(e.base)
+            out = base
+            for _ in range(int(e.exp) - 1):
+                out = out * base
+            return out
         raise UnsupportedError(f"TVM export: dimension expression {e} has no TVM form")
 
     def ttype(self, v: Value):
@@ -341,11 +356,14 @@ def _linear(lw, node, ops):
 def _slice(lw, node, ops):
     x = node.inputs[0].type
     dim = node.attrs["dim"] % x.rank
-    size = lw.dim(x.shape[dim])
+    size = x.shape[dim]   # an int or a sympy expression of the dims (B, T, ...)
     start, end, step = node.attrs.get("start", 0), node.attrs.get("end"), node.attrs.get("step", 1)
     start = 0 if start is None else start
     if end is None or (isinstance(end, int) and end >= 2 ** 62):
         end = size
+    # negative ends count from the end of the dim (x[..., :-1]); resolved here so the output shape stays exact
+    start = size + start if isinstance(start, int) and start < 0 else start
+    end = size + end if isinstance(end, int) and end < 0 else end
     begin_e, end_e = lw.dim(start), lw.dim(end)
     return lw.relax.op.strided_slice(ops[0], axes=[dim], begin=[begin_e], end=[end_e], strides=[int(step)])
 
