@@ -12,9 +12,10 @@ import operator
 import sympy
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from ..dtypes import from_torch
-from ..errors import TraceError
+from ..errors import SessaCompilerError, TraceError
 from ..ir.graph import Graph, Value
 from ..ir.ops import UNARY, ArgRef
 from ..ir.types import DType, TensorType, sym
@@ -44,6 +45,7 @@ class Lowerer:
         self.sym_map: dict = {}  # export symbol -> our symbol
         self.dim_names = dim_names  # (input index, dim) -> name
         self.notes: list = []  # ops recognised while lowering (e.g. SDPA), for explain()
+        self.pairs: set = set()  # Values holding a complex tensor as real (..., 2) pairs (see _complex)
         self.none_outputs: list = []  # positions of the module's None outputs among export's output leaves
         self.assertions: list = []  # sympy conditions over our symbols: export's runtime guards on sizes
 
@@ -137,6 +139,31 @@ class Lowerer:
             return  # a size condition computed only for an assertion (recorded above)
         if node.target in ASSERTIONS or (not node.users and node.meta.get("val") is None):
             return  # export's metadata checks: nothing to compute
+        before = len(self.graph.nodes)
+        try:
+            if self._complex_involved(node):
+                self.env[node] = _complex(self, node)
+            else:
+                self._lower_call(node, fn)
+        except SessaCompilerError:
+            raise
+        except Exception as e:  # a lowering that met an argument it does not expect: say which op and line
+            raise TraceError(f"lowering {node.target} (%{node.name}{source_of(node)}) failed: "
+                             f"{type(e).__name__}: {e}") from e
+        where = source_of(node, bare=True)
+        if where:
+            for n in self.graph.nodes[before:]:
+                for v in n.outputs:
+                    self.graph.sources.setdefault(v.name, where)
+
+    def _complex_involved(self, node: fx.Node) -> bool:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dtype.is_complex:
+            return True
+        return any(isinstance(a, fx.Node) and isinstance(self.env.get(a), Value) and self.env[a] in self.pairs
+                   for a in pytree.tree_leaves((node.args, node.kwargs)))
+
+    def _lower_call(self, node: fx.Node, fn) -> None:
         if node.target in IDENTITY:
             self.env[node] = self.arg(node.args[0])
         elif fn is not None:
@@ -202,6 +229,12 @@ class Lowerer:
                 else:
                     target = spec.target
                     data = state[target] if target in state else ep.constants[target]
+                    if fake.dtype.is_complex:   # a complex buffer (a RoPE table): stored as real pairs
+                        data = torch.view_as_real(data.detach()).clone()
+                        v = self.graph.add_param(f"{target}.as_real", self.ttype(data), data)
+                        self.pairs.add(v)
+                        self.env[node] = v
+                        continue
                     self.env[node] = self.graph.add_param(target, self.ttype(fake), data)
             elif node.op == "call_function":
                 self._call(node)
@@ -220,6 +253,9 @@ class Lowerer:
                     v = self.env[o]
                     if not isinstance(v, Value):
                         raise TraceError(f"output {o} is not a tensor")
+                    if v in self.pairs:
+                        raise TraceError(f"output {o}{source_of(o)} is a complex tensor; return "
+                                         "torch.view_as_real(...) of it (the compiled graph computes in real pairs)")
                     self.graph.outputs.append(v)
             else:
                 raise TraceError(f"unexpected fx node kind {node.op} ({node.name})")
@@ -232,9 +268,9 @@ def _hop_name(target) -> str:
     return getattr(target, "__name__", "") or getattr(target, "_name", "")
 
 
-def source_of(node: fx.Node) -> str:
+def source_of(node: fx.Node, bare: bool = False) -> str:
     """', at file:line (`code`)' for the user's source line an fx node came from (the last frame of its
-    stack trace outside torch and the compiler), or ''."""
+    stack trace outside torch and the compiler), or ''; with bare, just 'file:line (`code`)'."""
     text = node.meta.get("stack_trace") or ""
     import re
 
@@ -242,7 +278,8 @@ def source_of(node: fx.Node) -> str:
     for path, line, fn, code in reversed(frames):
         if "/torch/" in path or "/sessa_compiler/" in path:
             continue
-        return f", at {path}:{line} in {fn} (`{code.strip()}`)"
+        where = f"{path}:{line} in {fn} (`{code.strip()}`)"
+        return where if bare else f", at {where}"
     return ""
 
 
@@ -794,7 +831,8 @@ def _nll_loss(L, node):
     return _nll(L, node, L.arg(a["self"]), L.arg(a["target"]), a.get("ignore_index", -100), a.get("reduction", 1))
 
 
-@lowering(aten.var_mean.correction, aten.var.correction, aten.std.correction)
+@lowering(aten.var_mean.correction, aten.var.correction, aten.std.correction, aten.var_mean.dim, aten.var.dim,
+          aten.std.dim)
 def _var_mean(L, node):
     """var = sum((x - mean)^2) / (N - correction) over the dims; std its square root; var_mean also the mean."""
     x = L.arg(node.args[0])
@@ -802,9 +840,14 @@ def _var_mean(L, node):
         return NotImplemented
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     dims = list(range(x.type.rank)) if dims is None else ([dims] if isinstance(dims, int) else list(dims))
-    correction = node.kwargs.get("correction", 1)
-    correction = 1 if correction is None else correction
-    keep = bool(node.kwargs.get("keepdim", False))
+    if node.target in (aten.var_mean.dim, aten.var.dim, aten.std.dim):   # (self, dim, unbiased, keepdim)
+        unbiased = node.args[2] if len(node.args) > 2 else node.kwargs.get("unbiased", True)
+        correction = 1 if unbiased else 0
+        keep = bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False))
+    else:
+        correction = node.kwargs.get("correction", 1)
+        correction = 1 if correction is None else correction
+        keep = bool(node.kwargs.get("keepdim", False))
     b, dt, shape = _Build(L), x.type.dtype, x.type.shape
     nd = [d % x.type.rank for d in dims]
     kshape = tuple(1 if i in nd else s for i, s in enumerate(shape))
@@ -814,10 +857,14 @@ def _var_mean(L, node):
     sq = b.op("mul", [dev, dev], {}, dt, shape)
     total = b.op("sum", [sq], {"dims": dims, "keepdim": keep}, dt, oshape)
     n = _numel([shape[d] for d in nd]) - correction
-    var = b.op("div", [total, n if isinstance(n, int) else n], {}, dt, oshape)
-    if node.target == aten.std.correction:
+    if not isinstance(n, int):   # a symbolic count (a reduction over T): a tensor, not a literal
+        ones = b.op("full", [], {"shape": [shape[d] for d in nd], "value": 1.0, "dtype": dt}, dt, [shape[d] for d in nd])
+        n = b.op("sum", [ones], {"dims": None, "keepdim": False}, dt, ())
+        n = b.op("sub", [n, float(correction)], {}, dt, ()) if correction else n
+    var = b.op("div", [total, n], {}, dt, oshape)
+    if node.target in (aten.std.correction, aten.std.dim):
         return b.op("sqrt", [var], {}, dt, oshape)
-    if node.target == aten.var.correction:
+    if node.target in (aten.var.correction, aten.var.dim):
         return var
     mean = mean_k if keep else b.op("mean", [x], {"dims": dims, "keepdim": False}, dt, oshape)
     return [var, mean]
@@ -868,12 +915,20 @@ def _diag_embed(L, node):
     return L.emit("where", [eye, col, False if dt.name == "bool" else 0.0 if dt.is_float else 0], {}, node)
 
 
-@lowering(aten.constant_pad_nd.default)
+@lowering(aten.constant_pad_nd.default, aten.pad.default)
 def _constant_pad(L, node):
-    """Constant padding: full() blocks concatenated on each padded side; a negative pad is a slice."""
+    """Constant padding: full() blocks concatenated on each padded side; a negative pad is a slice. F.pad's
+    other modes (reflect, replicate, circular) stay torch's op."""
     x = L.arg(node.args[0])
     pads = [L.arg(p) for p in node.args[1]]
-    value = L.arg(node.args[2]) if len(node.args) > 2 else node.kwargs.get("value", 0)
+    if node.target == aten.pad.default:
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        if mode != "constant":
+            return NotImplemented
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+        value = 0 if value is None else L.arg(value)
+    else:
+        value = L.arg(node.args[2]) if len(node.args) > 2 else node.kwargs.get("value", 0)
     if isinstance(value, Value) or any(isinstance(p, Value) for p in pads):
         return NotImplemented
     b, dt = _Build(L), x.type.dtype
@@ -900,3 +955,108 @@ def _constant_pad(L, node):
 @lowering(aten.tensor_split.sections, aten.tensor_split.indices, aten.split.sizes)
 def _tensor_split(L, node):
     return _split(L, node)
+
+
+
+# -- complex tensors as real pairs ----------------------------------------------------------------------------
+_REAL_OF = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}
+
+
+def _pair_type(L, fake) -> TensorType:
+    """The real (..., 2) type of a complex fake tensor."""
+    real = _REAL_OF[fake.dtype] if fake.dtype.is_complex else fake.dtype
+    return TensorType(from_torch(real), tuple(L.expr(d) for d in fake.shape) + (2,))
+
+
+def _complex(L, node):
+    """A complex op, computed on real (..., 2) pairs with the IR's real ops: view_as_complex/view_as_real are
+    reshapes, polar is (r cos a, r sin a), products and sums act on the pairs, layout ops keep the pair dim
+    last. Any other complex op is a TraceError naming it (never a dtype no backend or export holds)."""
+    g, name = L.graph, str(node.target)
+    val = node.meta["val"]
+    out_complex = isinstance(val, torch.Tensor) and val.dtype.is_complex
+    args = [L.arg(a) for a in node.args]
+    pair = [isinstance(a, Value) and a in L.pairs for a in args]
+
+    def done(v):
+        if out_complex:
+            L.pairs.add(v)
+        return v
+
+    def mk(op, inputs, attrs, t):
+        return g.make_node(op, inputs, attrs, [t]).output
+
+    def part(x, i):
+        t = TensorType(x.type.dtype, x.type.shape[:-1])
+        return mk("select", [x], {"dim": -1, "index": i}, t)
+
+    def stacked(re, im):
+        return done(mk("stack", [re, im], {"dim": -1}, _pair_type(L, val)))
+
+    t = node.target
+    if t in IDENTITY:
+        return args[0]
+    if t == aten.view_as_complex.default:
+        x = args[0]
+        return done(mk("reshape", [x], {"shape": list(x.type.shape)}, x.type))
+    if t == aten.view_as_real.default:
+        x = args[0]
+        return mk("reshape", [x], {"shape": list(x.type.shape)}, x.type)
+    if t == aten.polar.default and not any(pair):
+        r, a = args[:2]
+        rt = TensorType(r.type.dtype, _pair_type(L, val).shape[:-1])
+        re = mk("mul", [r, mk("cos", [a], {}, a.type)], {}, rt)
+        im = mk("mul", [r, mk("sin", [a], {}, a.type)], {}, rt)
+        return stacked(re, im)
+    if t in (aten.mul.Tensor, aten.mul.Scalar) and len(args) == 2:
+        a, b = args
+        ot = _pair_type(L, val)
+        rt = TensorType(ot.dtype, ot.shape[:-1])
+        if pair[0] and pair[1]:
+            ar, ai, br, bi = part(a, 0), part(a, 1), part(b, 0), part(b, 1)
+            re = mk("sub", [mk("mul", [ar, br], {}, rt), mk("mul", [ai, bi], {}, rt)], {}, rt)
+            im = mk("add", [mk("mul", [ar, bi], {}, rt), mk("mul", [ai, br], {}, rt)], {}, rt)
+            return stacked(re, im)
+        z, r = (a, b) if pair[0] else (b, a)
+        if isinstance(r, Value):
+            if r.type.dtype.is_complex:
+                return _complex_unsupported(L, node)
+            r = mk("unsqueeze", [r], {"dim": -1}, TensorType(r.type.dtype, r.type.shape + (1,)))
+        elif isinstance(r, complex):
+            return _complex_unsupported(L, node)
+        return done(mk("mul", [z, r], {}, ot))
+    if t in (aten.add.Tensor, aten.sub.Tensor) and len(args) == 2 and all(pair) and node.kwargs.get("alpha", 1) == 1:
+        return done(mk("add" if t == aten.add.Tensor else "sub", args, {}, _pair_type(L, val)))
+    if t in (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout) and pair[0] and out_complex:
+        ot = _pair_type(L, val)
+        x = args[0]
+        return done(x if x.type.dtype == ot.dtype else mk("cast", [x], {"dtype": ot.dtype}, ot))
+    if pair[0] and out_complex and sum(pair) == 1:   # layout ops: the pair dim stays last
+        x, rank = args[0], args[0].type.rank - 1
+        ot = _pair_type(L, val)
+        if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default):
+            return done(mk("reshape" if "expand" not in name else "expand", [x], {"shape": list(ot.shape)}, ot))
+        if t == aten.unsqueeze.default:
+            return done(mk("unsqueeze", [x], {"dim": node.args[1] % (rank + 1)}, ot))
+        if t == aten.slice.Tensor:
+            a = list(node.args) + [None] * (5 - len(node.args))
+            attrs = {"dim": (a[1] or 0) % rank, "start": L.arg(a[2]) if a[2] is not None else 0,
+                     "end": L.arg(a[3]) if a[3] is not None else 2**63 - 1, "step": a[4] if a[4] is not None else 1}
+            return done(mk("slice", [x], attrs, ot))
+        if t == aten.select.int:
+            return done(mk("select", [x], {"dim": node.args[1] % rank, "index": L.arg(node.args[2])}, ot))
+        if t == aten.permute.default:
+            return done(mk("permute", [x], {"dims": [d % rank for d in node.args[1]] + [rank]}, ot))
+        if t == aten.transpose.int:
+            return done(mk("transpose", [x], {"dim0": node.args[1] % rank, "dim1": node.args[2] % rank}, ot))
+    return _complex_unsupported(L, node)
+
+
+def _complex_unsupported(L, node):
+    raise TraceError(f"complex op {node.target} (%{node.name}{source_of(node)}) has no lowering to real pairs; "
+                     "complex tensors compile through view_as_complex/view_as_real, polar, complex buffers, "
+                     "products, sums and layout ops: write the rest with real (cos, sin) pairs")
+
+
+LOWERINGS[aten.numpy_T.default] = lambda L, node: L.emit(
+    "permute", [L.arg(node.args[0])], {"dims": list(range(L.arg(node.args[0]).type.rank))[::-1]}, node)

@@ -86,7 +86,7 @@ class _Lowerer:
     def build(self):
         relax, bb = self.relax, self.bb
         graph = self.graph
-        unsupported = sorted({self.why_not(n) for n in graph.nodes if not self.can_lower(n)})
+        unsupported = sorted({self.why_not(n) + graph.source_of(n) for n in graph.nodes if not self.can_lower(n)})
         if unsupported:
             raise UnsupportedError(
                 f"TVM export needs the whole graph in TVM, but these IR ops have no TVM lowering: "
@@ -102,7 +102,7 @@ class _Lowerer:
                     for v, r in zip(graph.param_values.values(), params):
                         self.env[v] = r
                     for node in graph.nodes:
-                        self.lower(node)
+                        self._lower_checked(node)
                     outs = [self.env[v] for v in graph.outputs]
                     result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
                 bb.emit_func_output(result)
@@ -110,6 +110,22 @@ class _Lowerer:
             self._close_blocks()  # else TVM warns "BlockBuilder destroyed with remaining blocks!" on stderr
             raise
         return bb.get()
+
+    def _lower_checked(self, node) -> None:
+        """lower(node); a failure inside it (a case the lowering does not expect) names the op and line."""
+        try:
+            self.lower(node)
+        except UnsupportedError as e:
+            where = self.graph.source_of(node)
+            if where and where not in str(e):
+                e.args = (f"{e} (op {node.op} %{node.outputs[0].name}{where})",)
+            raise
+        except Exception as e:  # noqa: BLE001 - an internal failure, reported with the op and line
+            target = f"fallback({node.attrs.get('target')})" if node.op == "fallback" else node.op
+            raise UnsupportedError(
+                f"TVM export: op {target} %{node.outputs[0].name}{self.graph.source_of(node)} has no TVM lowering "
+                f"for this case ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}); "
+                "rewrite that line with ordinary tensor ops, or run the model with compile(backend='tvm')") from e
 
     def _close_blocks(self) -> None:
         """End the blocks a failed lowering left open (the caller reports the failure itself)."""
@@ -154,8 +170,12 @@ class _Lowerer:
     def why_not(self, node) -> str:
         """Why ``node`` has no TVM lowering (for the error naming it)."""
         reason = lower_node(node, self.lanes, self.schedules).reason if node.op in KERNEL_OPS else ""
-        name = node.op if node.op != "fallback" else f"fallback({node.attrs['target']})"
-        return f"{name} ({reason})" if reason else name
+        if node.op == "fallback":
+            from ...ir.ops import FALLBACK_ADVICE, GENERIC_FALLBACK_ADVICE
+
+            target = node.attrs["target"]
+            return f"fallback({target}) ({FALLBACK_ADVICE.get(target, GENERIC_FALLBACK_ADVICE)})"
+        return f"{node.op} ({reason})" if reason else node.op
 
     def can_lower(self, node) -> bool:
         if node.op in KERNEL_OPS:
@@ -577,3 +597,9 @@ def graph_to_relax(graph: Graph, lanes: int = 8, schedules=None):
 def unsupported_ops(graph: Graph, lanes: int = 8, schedules=None) -> list:
     lw = _Lowerer(graph, lanes, schedules or {})
     return sorted({n.op for n in graph.nodes if not lw.can_lower(n)})
+
+
+def unsupported_nodes(graph: Graph, lanes: int = 8, schedules=None) -> list:
+    """Each node without a TVM lowering: 'op %value, traced from file:line (`code`)'."""
+    lw = _Lowerer(graph, lanes, schedules or {})
+    return [f"{lw.why_not(n)} %{n.outputs[0].name}{graph.source_of(n)}" for n in graph.nodes if not lw.can_lower(n)]
