@@ -96,5 +96,60 @@ class LinalgInv(_Op):
         return x @ torch.linalg.inv(a)
 
 
+class Embed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(3, 8)
+
+    def forward(self, x):
+        return self.emb((x[..., 0] > 0).long() + (x[..., 1] > 1).long()) + x
+
+
+class TriSolve(nn.Module):
+    """A triangular solve with a constant matrix (not the Sessa feedback): the IR's tri_solve."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(2)
+        self.register_buffer("lower", torch.eye(8) * 2 + torch.tril(torch.randn(8, 8, generator=g) * 0.2, -1))
+
+    def forward(self, x):
+        return torch.linalg.solve_triangular(self.lower, x.unsqueeze(-1), upper=False).squeeze(-1)
+
+
 EXPORTED = [Addmm, Baddbmm, Tensordot, VarMean, Narrow, Split, DiagEmbed, Pad, SymbolicSlices, ComplexBuffer]
 REFUSED = [LinalgSolve, LinalgInv]
+
+
+class KitchenSink(nn.Module):
+    """Many ordinary ops at once (for the coverage-matrix export test): norms, activations, comparisons and
+    logic, masks, factories, reductions, layout ops, einsum, conv1d, embedding-free."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.norm = nn.LayerNorm(8)
+        self.conv = nn.Conv1d(8, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(8, 8, generator=g) * 0.3)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        h = self.norm(x)
+        a = F.gelu(h) + F.gelu(h, approximate="tanh") + F.softplus(h) + F.relu(h) + torch.sigmoid(h) + F.silu(h)
+        a = a + torch.exp(-h.abs()) + torch.log(h.abs() + 1) + torch.sqrt(h.abs()) + torch.rsqrt(h.abs() + 1)
+        a = a + torch.erf(h) + torch.tanh(h) + torch.sin(h) * torch.cos(h) + torch.reciprocal(h.abs() + 1)
+        a = a + torch.maximum(h, x) - torch.minimum(h, x) + h.pow(2) / 3 - (-h)
+        pos = torch.arange(T, device=x.device)
+        keep = (pos[:, None] >= pos[None, :]) & ~(pos[:, None] > pos[None, :] + 3) | (pos[:, None] == pos[None, :])
+        keep = keep & (pos[:, None] != -1) & (pos[:, None] <= T) & (pos[None, :] < T + 1) & (pos[None, :] >= 0)
+        scores = torch.einsum("btd,bsd->bts", a, h).masked_fill(~keep, float("-inf"))
+        mixed = torch.softmax(scores, dim=-1) @ h + torch.log_softmax(scores, dim=-1).amax(-1, True)
+        band = torch.tril(torch.ones(T, T)) - torch.triu(torch.ones(T, T), 1) + torch.eye(T)
+        mixed = mixed + (band @ h) * 0.1 + torch.zeros(B, T, D) + torch.full((1, 1, D), 0.5)
+        conv = self.conv(mixed.transpose(1, 2)).transpose(1, 2)
+        parts = torch.stack([conv, mixed], dim=2).sum(2).unsqueeze(-1).squeeze(-1)
+        rep = parts.view(B, T, 2, 4).permute(0, 2, 1, 3).repeat_interleave(2, dim=1).mean(1)
+        sel = parts.select(2, 0).unsqueeze(-1) + parts[:, :, 1:5].expand(B, T, 4)[..., :1]
+        out = torch.where(parts > 0, parts, 0.1 * parts) + torch.cat([rep, rep], -1) + sel
+        return out.to(torch.float64).to(torch.float32) @ self.w
+

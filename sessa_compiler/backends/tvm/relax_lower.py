@@ -188,6 +188,12 @@ class _Lowerer:
     def operand(self, x, dtype: str):
         if isinstance(x, Value):
             return self.env[x]
+        if isinstance(x, sympy.Basic) and not x.is_Number:   # a size (pos <= T): a 0-d tensor holding it
+            op, e = self.relax.op, self._expr(sympy.sympify(x))
+            one = self.bb.emit(op.reshape(op.arange(e, e + 1, 1, dtype="int64"), []))
+            return one if dtype == "int64" else self.bb.emit(op.astype(one, dtype))
+        if isinstance(x, sympy.Basic):
+            x = int(x) if x.is_Integer else float(x)
         return self.relax.const(x, dtype)
 
     def lower(self, node):
@@ -385,7 +391,25 @@ def _slice(lw, node, ops):
     start = size + start if isinstance(start, int) and start < 0 else start
     end = size + end if isinstance(end, int) and end < 0 else end
     begin_e, end_e = lw.dim(start), lw.dim(end)
-    return lw.relax.op.strided_slice(ops[0], axes=[dim], begin=[begin_e], end=[end_e], strides=[int(step)])
+    out = lw.relax.op.strided_slice(ops[0], axes=[dim], begin=[begin_e], end=[end_e], strides=[int(step)])
+    if all(isinstance(d, int) for d in node.outputs[0].type.shape):
+        return out
+    # the IR's shapes are torch's (export guards the sizes where a symbolic end would pass the dim): in bounds,
+    # so Relax may take the length as end - begin instead of a clamped form it cannot compare
+    out = lw.relax.op.strided_slice(ops[0], axes=[dim], begin=[begin_e], end=[end_e], strides=[int(step)],
+                                    assume_inbound=True)
+    # Relax infers a symbolic slice's length in its own form (clamped to the dim): where it cannot prove it equal
+    # to the IR's length, state the IR's (checked at run time), so x[:, 1:] - x[:, :-1] has operands of one shape
+    from tvm.sym.analyzer import Analyzer
+
+    out = lw.bb.emit(out)
+    shape = [lw.dim(d) for d in node.outputs[0].type.shape]
+    have = getattr(getattr(out, "ty", None), "shape", None)
+    analyzer = Analyzer()
+    if have is not None and hasattr(have, "values") and len(have.values) == len(shape) and all(
+            analyzer.can_prove_equal(a, b) for a, b in zip(have.values, shape)):
+        return out
+    return lw.bb.match_cast(out, lw.relax.TensorType(shape, _out_dtype(node)))
 
 
 def _cast(lw, node, ops):
@@ -452,7 +476,7 @@ def _masked_fill(lw, node, ops):
 def _where(lw, node, ops):
     relax = lw.relax
     dtype = _out_dtype(node)
-    c, a, b = (lw.env[x] if isinstance(x, Value) else relax.const(x, dtype) for x in node.inputs)
+    c, a, b = (lw.operand(x, dtype) for x in node.inputs)
     return relax.op.where(c, a, b)
 
 
@@ -460,7 +484,7 @@ def _compare(kind):
     def lower(lw, node, ops):
         a, b = node.inputs
         dtype = RELAX_DTYPE[(a if isinstance(a, Value) else b).type.dtype.name]
-        xa, xb = (lw.env[x] if isinstance(x, Value) else lw.relax.const(x, dtype) for x in (a, b))
+        xa, xb = (lw.operand(x, dtype) for x in (a, b))
         return getattr(lw.relax.op, kind)(xa, xb)
     return lower
 
