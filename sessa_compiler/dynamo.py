@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from .errors import ConfigError, SessaCompilerError, TraceError
 

@@ -31,7 +31,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 
 from .backends.base import CompileContext
 from .dtypes import compute_dtype
