@@ -1060,3 +1060,16 @@ def _complex_unsupported(L, node):
 
 LOWERINGS[aten.numpy_T.default] = lambda L, node: L.emit(
     "permute", [L.arg(node.args[0])], {"dims": list(range(L.arg(node.args[0]).type.rank))[::-1]}, node)
+
+
+@lowering(aten.ones_like.default, aten.zeros_like.default, aten.full_like.default)
+def _full_like(L, node):
+    """ones_like / zeros_like / full_like: a full of the output's shape and dtype (not its values)."""
+    name = str(node.target)
+    value = L.arg(node.args[1]) if "full_like" in name else (1 if "ones" in name else 0)
+    if isinstance(value, Value) or node.meta["val"].dtype.is_complex:
+        return NotImplemented
+    dt = _factory_dtype(node)
+    value = bool(value) if dt.name == "bool" else (float(value) if dt.is_float else int(value))
+    return L.emit("full", [], {"shape": [L.expr(d) for d in node.meta["val"].shape], "value": value, "dtype": dt},
+                  node)
