@@ -452,7 +452,7 @@ class CompiledModule(torch.nn.Module):
             if live.mismatch(params) is not None:
                 continue
             outs = run_graph(graph, inputs, params, binding=symbolic_binding(graph, inputs), impls=impls)
-            return pytree.tree_unflatten(list(outs), traced.out_spec)
+            return traced.unflatten(outs)
         return self._orig_mod(*args, **kwargs)
 
     def _prepare_call(self, args, kwargs):
@@ -484,7 +484,7 @@ class CompiledModule(torch.nn.Module):
                     outs = self._run(inputs, graph, runner, params)
             else:
                 outs = self._run(inputs, graph, runner, params)
-        result = pytree.tree_unflatten(list(outs), traced.out_spec)
+        result = traced.unflatten(outs)
         if self.validate:
             self._validate(args, kwargs, outs, graph)
         return result

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
 from .errors import ConfigError, SessaCompilerError, TraceError
 
@@ -268,7 +267,7 @@ class SessaGraph:
         with self._lock, (_INTERPRETER_LOCK if interpreted else contextlib.nullcontext()):
             outs, recomputed = run_with_autograd(self.backend, self.runner, graph, inputs, params, self.eager_runners)
         self.grad_recomputes += recomputed
-        return pytree.tree_unflatten(list(outs), self.traced.out_spec)
+        return self.traced.unflatten(outs)
 
     def _numbers_changed(self, args) -> str | None:
         for i, kind in enumerate(self.layout.kinds):

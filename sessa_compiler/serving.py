@@ -31,7 +31,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 
 from .backends.base import CompileContext
 from .dtypes import compute_dtype
@@ -643,7 +642,7 @@ class Serving:
         outs = self._prefill_by_forward(prog, xs, cache)
         if outs is None:
             outs = prog.run(xs, cache)
-        return pytree.tree_unflatten(outs, self.compiled._traced.out_spec), cache
+        return self.compiled._traced.unflatten(outs), cache
 
     def _prefill_by_forward(self, prog: ServingProgram, xs: list, cache) -> list | None:
         """From an empty cache on a kernel backend: run the forward kernels on a copy of the graph that also
@@ -703,7 +702,7 @@ class Serving:
         outs = prog.run(xs, cache)
         if squeeze:
             outs = [o[:, 0] for o in outs]
-        return pytree.tree_unflatten(outs, c._traced.out_spec), cache
+        return c._traced.unflatten(outs), cache
 
     def generate(self, tokens: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy decoding as Decoder.generate: tokens (B, T), T >= 1 -> (B, T + max_new_tokens)."""

@@ -14,7 +14,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..tolerance import TOLERANCE, relative_error
-from ..errors import UnsupportedError, ValidationError
+from ..errors import SessaCompilerError, UnsupportedError, ValidationError
 from ..frontend.trace import Traced, trace_with_report, warn_guards
 from ..ir.graph import Graph
 from . import onnx_core  # noqa: F401  (registers the core-op lowerings)
@@ -107,7 +107,7 @@ def build_model(graph: Graph, *, opset: int = DEFAULT_OPSET, binding: dict | Non
             raise OnnxExportError(f"parameter %{pname} has no data to store in the ONNX file")
         L.names[pv] = b.initializer(graph.params[pname], pname)
     for node in graph.nodes:
-        outs = lower_node(L, node)
+        outs = _lower_one(L, graph, node)
         if len(outs) != len(node.outputs):
             raise OnnxExportError(f"op '{node.op}': the ONNX lowering made {len(outs)} outputs, "
                                   f"the node has {len(node.outputs)}")
@@ -130,6 +130,24 @@ def build_model(graph: Graph, *, opset: int = DEFAULT_OPSET, binding: dict | Non
                               doc_string=f"Exported by sessa_compiler from the IR graph {graph.name}.")
     model.ir_version = max(8, helper.find_min_ir_version_for(opsets))
     return model
+
+
+def _lower_one(L, graph: Graph, node) -> list:
+    """lower_node, its errors naming the op and the user's source line; an exception from inside the
+    lowering (a case it does not expect) becomes an OnnxExportError that says so."""
+    where = graph.source_of(node)
+    try:
+        return lower_node(L, node)
+    except SessaCompilerError as e:
+        if where and where not in str(e):
+            e.args = (f"{e} (op {node.op} %{node.outputs[0].name if node.outputs else '?'}{where})",)
+        raise
+    except Exception as e:  # noqa: BLE001 - an internal failure, reported with the op and line
+        target = f"fallback({node.attrs.get('target')})" if node.op == "fallback" else node.op
+        raise OnnxExportError(
+            f"export_onnx: op {target} %{node.outputs[0].name if node.outputs else '?'}{where} has no ONNX "
+            f"lowering for this case ({type(e).__name__}: {e}); rewrite that line with ordinary float tensor ops, "
+            "or export with export_tvm / run it with compile()") from e
 
 
 def model_domains(model) -> set:

@@ -268,6 +268,11 @@ def lower_fallback(L: Lowering, node: Node) -> list:
     fn = FALLBACKS.get(target)
     outs = ", ".join("%" + v.name for v in node.outputs)
     if fn is None:
+        from ..ir.ops import FALLBACK_ADVICE
+
+        if target in FALLBACK_ADVICE:
+            raise OnnxUnsupportedOpError(f"export_onnx: fallback op {target} ({outs}) has no ONNX lowering: "
+                                         f"{FALLBACK_ADVICE[target]}")
         return via_torch_exporter(L, node)
     try:
         a = Args(L, node)

@@ -58,7 +58,12 @@ def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu
                                    "export a float32 or float64 model")
     target = resolve_target(target)
     mod, _symbols = graph_to_relax(graph, lanes_for(target), schedules)
-    executable = tvm.compile(mod, target=target)
+    try:
+        executable = tvm.compile(mod, target=target)
+    except Exception as e:  # noqa: BLE001 - TVM's own build failure, reported as ours
+        raise UnsupportedError(f"TVM export: TVM could not build the lowered graph of {graph.name}: {type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}; run the model with "
+                               "compile(backend='tvm') (hybrid mode), or export_onnx") from e
     os.makedirs(path, exist_ok=True)
     library = "model.so"
     executable.export_library(os.path.join(path, library))

@@ -12,9 +12,10 @@ import operator
 import sympy
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from ..dtypes import from_torch
-from ..errors import TraceError
+from ..errors import SessaCompilerError, TraceError
 from ..ir.graph import Graph, Value
 from ..ir.ops import UNARY, ArgRef
 from ..ir.types import DType, TensorType, sym
@@ -44,6 +45,8 @@ class Lowerer:
         self.sym_map: dict = {}  # export symbol -> our symbol
         self.dim_names = dim_names  # (input index, dim) -> name
         self.notes: list = []  # ops recognised while lowering (e.g. SDPA), for explain()
+        self.pairs: set = set()  # Values holding a complex tensor as real (..., 2) pairs (see _complex)
+        self.none_outputs: list = []  # positions of the module's None outputs among export's output leaves
         self.assertions: list = []  # sympy conditions over our symbols: export's runtime guards on sizes
 
     # -- helpers -------------------------------------------------------------------------------
@@ -127,6 +130,79 @@ class Lowerer:
             if expr.free_symbols <= set(self.sym_map):
                 self.assertions.append(expr.xreplace(self.sym_map))
 
+    def _call(self, node: fx.Node) -> None:
+        fn = LOWERINGS.get(node.target)
+        if node.target is aten._assert_scalar.default:
+            self._record_assertion(node)
+            return
+        if isinstance(node.meta.get("val"), torch.SymBool):
+            return  # a size condition computed only for an assertion (recorded above)
+        if node.target in ASSERTIONS or (not node.users and node.meta.get("val") is None):
+            return  # export's metadata checks: nothing to compute
+        before = len(self.graph.nodes)
+        try:
+            if self._complex_involved(node):
+                self.env[node] = _complex(self, node)
+            else:
+                self._lower_call(node, fn)
+        except SessaCompilerError:
+            raise
+        except Exception as e:  # a lowering that met an argument it does not expect: say which op and line
+            raise TraceError(f"lowering {node.target} (%{node.name}{source_of(node)}) failed: "
+                             f"{type(e).__name__}: {e}") from e
+        where = source_of(node, bare=True)
+        if where:
+            for n in self.graph.nodes[before:]:
+                for v in n.outputs:
+                    self.graph.sources.setdefault(v.name, where)
+
+    def _complex_involved(self, node: fx.Node) -> bool:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.dtype.is_complex:
+            return True
+        return any(isinstance(a, fx.Node) and isinstance(self.env.get(a), Value) and self.env[a] in self.pairs
+                   for a in pytree.tree_leaves((node.args, node.kwargs)))
+
+    def _lower_call(self, node: fx.Node, fn) -> None:
+        if node.target in IDENTITY:
+            self.env[node] = self.arg(node.args[0])
+        elif fn is not None:
+            before = len(self.graph.nodes)
+            out = fn(self, node)
+            if out is NotImplemented:
+                del self.graph.nodes[before:]   # a lowering that gave up leaves nothing behind
+                out = self.fallback(node)
+            self.env[node] = out
+        elif isinstance(node.target, torch._ops.OpOverload):
+            self.env[node] = self.fallback(node)
+        elif _hop_name(node.target) in ("wrap_with_set_grad_enabled", "wrap_with_autocast"):
+            self.env[node] = self._inline(node)
+        elif isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, int, float)):
+            # Python size arithmetic (min/max, %, //, ...) on sizes: its value as an expression
+            self.env[node] = self.expr(node.meta["val"])
+        else:
+            raise TraceError(f"cannot lower call to {node.target} ({node.name}{source_of(node)}); "
+                             "only torch ops and symbolic size arithmetic are supported")
+
+    def _inline(self, node: fx.Node):
+        """A region torch.export wrapped in a higher-order op (``@torch.no_grad()`` code, autocast): its
+        subgraph's nodes, lowered in place (the IR has no grad mode; the region computes the same values)."""
+        n_flags = 1 if _hop_name(node.target) == "wrap_with_set_grad_enabled" else 4
+        sub = self.env[node.args[n_flags]]
+        operands = [self.arg(a) for a in node.args[n_flags + 1:]]
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        for p, v in zip(placeholders, operands):
+            self.env[p] = v
+        for n in sub.graph.nodes:
+            if n.op == "call_function":
+                self._call(n)
+            elif n.op == "get_attr":
+                self.env[n] = getattr(sub, n.target)
+            elif n.op == "output":
+                outs = n.args[0]
+                return [self.arg(o) for o in outs] if isinstance(outs, (list, tuple)) else self.arg(outs)
+        raise TraceError(f"the subgraph of {node.name} has no output")
+
     # -- the walk ---------------------------------------------------------------------------------
     def run(self) -> Graph:
         ep = self.ep
@@ -153,42 +229,58 @@ class Lowerer:
                 else:
                     target = spec.target
                     data = state[target] if target in state else ep.constants[target]
+                    if fake.dtype.is_complex:   # a complex buffer (a RoPE table): stored as real pairs
+                        data = torch.view_as_real(data.detach()).clone()
+                        v = self.graph.add_param(f"{target}.as_real", self.ttype(data), data)
+                        self.pairs.add(v)
+                        self.env[node] = v
+                        continue
                     self.env[node] = self.graph.add_param(target, self.ttype(fake), data)
             elif node.op == "call_function":
-                fn = LOWERINGS.get(node.target)
-                if node.target is aten._assert_scalar.default:
-                    self._record_assertion(node)
-                    continue
-                if isinstance(node.meta.get("val"), torch.SymBool):
-                    continue  # a size condition computed only for an assertion (recorded above)
-                if node.target in ASSERTIONS or (not node.users and node.meta.get("val") is None):
-                    continue  # export's metadata checks: nothing to compute
-                if node.target in IDENTITY:
-                    self.env[node] = self.arg(node.args[0])
-                elif fn is not None:
-                    out = fn(self, node)
-                    self.env[node] = self.fallback(node) if out is NotImplemented else out
-                elif isinstance(node.target, torch._ops.OpOverload):
-                    self.env[node] = self.fallback(node)
-                else:
-                    raise TraceError(f"cannot lower call to {node.target} ({node.name}); "
-                                     "only torch ops and symbolic size arithmetic are supported")
+                self._call(node)
+            elif node.op == "get_attr":
+                self.env[node] = getattr(ep.graph_module, node.target)   # a higher-order op's subgraph
             elif node.op == "output":
                 outs = node.args[0]
                 n_user = sum(1 for s in sig.output_specs
                              if s.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT)
                 if n_user != len(sig.output_specs):
                     raise TraceError("the module mutates its buffers in forward; that is not supported")
-                for o in outs:
+                for i, o in enumerate(outs):
+                    if o is None:   # a None field of an output dataclass or tuple: no graph output
+                        self.none_outputs.append(i)
+                        continue
                     v = self.env[o]
                     if not isinstance(v, Value):
                         raise TraceError(f"output {o} is not a tensor")
+                    if v in self.pairs:
+                        raise TraceError(f"output {o}{source_of(o)} is a complex tensor; return "
+                                         "torch.view_as_real(...) of it (the compiled graph computes in real pairs)")
                     self.graph.outputs.append(v)
             else:
                 raise TraceError(f"unexpected fx node kind {node.op} ({node.name})")
         self.graph.dead_code_elimination()
         self.graph.verify()
         return self.graph
+
+
+def _hop_name(target) -> str:
+    return getattr(target, "__name__", "") or getattr(target, "_name", "")
+
+
+def source_of(node: fx.Node, bare: bool = False) -> str:
+    """', at file:line (`code`)' for the user's source line an fx node came from (the last frame of its
+    stack trace outside torch and the compiler), or ''; with bare, just 'file:line (`code`)'."""
+    text = node.meta.get("stack_trace") or ""
+    import re
+
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', text)
+    for path, line, fn, code in reversed(frames):
+        if "/torch/" in path or "/sessa_compiler/" in path:
+            continue
+        where = f"{path}:{line} in {fn} (`{code.strip()}`)"
+        return where if bare else f", at {where}"
+    return ""
 
 
 # -- symbolic sizes -----------------------------------------------------------------------------
@@ -639,3 +731,345 @@ def register_custom_lowerings():
             return out
 
         LOWERINGS[ns.attention.default] = _attention
+
+
+# -- aten ops spelled with the IR's ordinary ops (every backend and export gains them at once) ---------------
+class _Build:
+    """Small helpers for lowerings that emit several IR nodes."""
+
+    def __init__(self, L):
+        self.L, self.g = L, L.graph
+
+    def op(self, op, inputs, attrs, dtype, shape):
+        return self.g.make_node(op, inputs, attrs, [TensorType(dtype, tuple(shape))]).output
+
+    def cast(self, x, dtype):
+        return x if x.type.dtype == dtype else self.op("cast", [x], {"dtype": dtype}, dtype, x.type.shape)
+
+
+def _numel(shape):
+    out = 1
+    for d in shape:
+        out = out * d
+    return out if isinstance(out, int) else sympy.simplify(out)
+
+
+def _bshape(*shapes):
+    """The broadcast of shapes (a dim of 1 takes the other's)."""
+    rank = max(len(s) for s in shapes)
+    out = []
+    for i in range(rank):
+        dims = [s[len(s) - rank + i] for s in shapes if len(s) - rank + i >= 0]
+        dims = [d for d in dims if not (isinstance(d, int) and d == 1)] or [1]
+        out.append(dims[0])
+    return tuple(out)
+
+
+LOWERINGS[aten.addmm.default] = _baddbmm   # addmm(bias, m1, m2, beta, alpha) = beta * bias + alpha * (m1 @ m2)
+
+
+@lowering(aten.to.device)
+def _to_device(L, node):
+    """x.to(device, dtype): a cast (or nothing) when the device is the one x is on already."""
+    x = L.arg(node.args[0])
+    dev = node.args[1] if len(node.args) > 1 else node.kwargs.get("device")
+    if dev is not None and torch.device(dev) != node.args[0].meta["val"].device:
+        return NotImplemented
+    want = from_torch(node.meta["val"].dtype)
+    return x if want == x.type.dtype else L.emit("cast", [x], {"dtype": want}, node)
+
+
+def _nll(L, node, logp, target, ignore_index, reduction):
+    """-logp[n, target[n]] over rows whose target is not ignore_index; mean over those rows, sum, or none."""
+    b = _Build(L)
+    if logp.type.rank != 2 or target.type.rank != 1 or not target.type.dtype.name.startswith("i") \
+            or reduction not in (0, 1, 2) or not logp.type.dtype.is_float:
+        return NotImplemented
+    N, C = logp.type.shape
+    dt = logp.type.dtype
+    classes = b.op("arange", [], {"start": 0, "end": C, "step": 1, "dtype": target.type.dtype}, target.type.dtype, (C,))
+    tcol = b.op("unsqueeze", [target], {"dim": 1}, target.type.dtype, (N, 1))
+    hot = b.op("eq", [tcol, classes], {}, DType("bool"), (N, C))
+    picked = b.op("where", [hot, logp, 0.0], {}, dt, (N, C))
+    picked = b.op("sum", [picked], {"dims": [1], "keepdim": False}, dt, (N,))
+    valid = b.op("ne", [target, int(ignore_index)], {}, DType("bool"), (N,))
+    loss = b.op("neg", [picked], {}, dt, (N,))
+    loss = b.op("where", [valid, loss, 0.0], {}, dt, (N,))
+    if reduction == 0:
+        return loss
+    total = b.op("sum", [loss], {"dims": None, "keepdim": False}, dt, ())
+    if reduction == 2:
+        return total
+    count = b.op("sum", [b.cast(valid, dt)], {"dims": None, "keepdim": False}, dt, ())
+    return L.emit("div", [total, count], {}, node) if not isinstance(node.meta["val"], (list, tuple)) else \
+        b.op("div", [total, count], {}, dt, ())
+
+
+@lowering(aten.cross_entropy_loss.default)
+def _cross_entropy(L, node):
+    """cross_entropy over (N, C) logits and (N,) class indices: log_softmax, then the masked negative
+    log-likelihood (ignore_index rows count for nothing, and not in the mean's denominator)."""
+    names = ["self", "target", "weight", "reduction", "ignore_index", "label_smoothing"]
+    a = dict(zip(names, node.args))
+    a.update(node.kwargs)
+    if a.get("weight") is not None or a.get("label_smoothing", 0.0):
+        return NotImplemented
+    x, target = L.arg(a["self"]), L.arg(a["target"])
+    if x.type.rank != 2:
+        return NotImplemented
+    logp = _Build(L).op("log_softmax", [x], {"dim": 1}, x.type.dtype, x.type.shape)
+    return _nll(L, node, logp, target, a.get("ignore_index", -100), a.get("reduction", 1))
+
+
+@lowering(aten.nll_loss.default, aten.nll_loss_nd.default)
+def _nll_loss(L, node):
+    names = ["self", "target", "weight", "reduction", "ignore_index"]
+    a = dict(zip(names, node.args))
+    a.update(node.kwargs)
+    if a.get("weight") is not None:
+        return NotImplemented
+    return _nll(L, node, L.arg(a["self"]), L.arg(a["target"]), a.get("ignore_index", -100), a.get("reduction", 1))
+
+
+@lowering(aten.var_mean.correction, aten.var.correction, aten.std.correction, aten.var_mean.dim, aten.var.dim,
+          aten.std.dim)
+def _var_mean(L, node):
+    """var = sum((x - mean)^2) / (N - correction) over the dims; std its square root; var_mean also the mean."""
+    x = L.arg(node.args[0])
+    if not x.type.dtype.is_float:
+        return NotImplemented
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    dims = list(range(x.type.rank)) if dims is None else ([dims] if isinstance(dims, int) else list(dims))
+    if node.target in (aten.var_mean.dim, aten.var.dim, aten.std.dim):   # (self, dim, unbiased, keepdim)
+        unbiased = node.args[2] if len(node.args) > 2 else node.kwargs.get("unbiased", True)
+        correction = 1 if unbiased else 0
+        keep = bool(node.args[3] if len(node.args) > 3 else node.kwargs.get("keepdim", False))
+    else:
+        correction = node.kwargs.get("correction", 1)
+        correction = 1 if correction is None else correction
+        keep = bool(node.kwargs.get("keepdim", False))
+    b, dt, shape = _Build(L), x.type.dtype, x.type.shape
+    nd = [d % x.type.rank for d in dims]
+    kshape = tuple(1 if i in nd else s for i, s in enumerate(shape))
+    oshape = kshape if keep else tuple(s for i, s in enumerate(shape) if i not in nd)
+    mean_k = b.op("mean", [x], {"dims": dims, "keepdim": True}, dt, kshape)
+    dev = b.op("sub", [x, mean_k], {}, dt, shape)
+    sq = b.op("mul", [dev, dev], {}, dt, shape)
+    total = b.op("sum", [sq], {"dims": dims, "keepdim": keep}, dt, oshape)
+    n = _numel([shape[d] for d in nd]) - correction
+    if not isinstance(n, int):   # a symbolic count (a reduction over T): a tensor, not a literal
+        ones = b.op("full", [], {"shape": [shape[d] for d in nd], "value": 1.0, "dtype": dt}, dt, [shape[d] for d in nd])
+        n = b.op("sum", [ones], {"dims": None, "keepdim": False}, dt, ())
+        n = b.op("sub", [n, float(correction)], {}, dt, ()) if correction else n
+    var = b.op("div", [total, n], {}, dt, oshape)
+    if node.target in (aten.std.correction, aten.std.dim):
+        return b.op("sqrt", [var], {}, dt, oshape)
+    if node.target in (aten.var.correction, aten.var.dim):
+        return var
+    mean = mean_k if keep else b.op("mean", [x], {"dims": dims, "keepdim": False}, dt, oshape)
+    return [var, mean]
+
+
+@lowering(aten.tensordot.default)
+def _tensordot(L, node):
+    """tensordot(a, b, dims_a, dims_b): a's free dims then contracted ones, flattened, times b's contracted
+    then free ones, as one matmul, reshaped to a's free dims + b's free dims."""
+    a, b_ = L.arg(node.args[0]), L.arg(node.args[1])
+    da, db = [d % a.type.rank for d in node.args[2]], [d % b_.type.rank for d in node.args[3]]
+    if a.type.dtype != b_.type.dtype or len(da) != len(db):
+        return NotImplemented
+    b, dt = _Build(L), a.type.dtype
+    fa = [i for i in range(a.type.rank) if i not in da]
+    fb = [i for i in range(b_.type.rank) if i not in db]
+    sa, sb = a.type.shape, b_.type.shape
+    K = _numel([sa[i] for i in da])
+    Ma, Nb = _numel([sa[i] for i in fa]), _numel([sb[i] for i in fb])
+    pa = b.op("permute", [a], {"dims": fa + da}, dt, [sa[i] for i in fa + da])
+    pa = b.op("reshape", [pa], {"shape": [Ma, K]}, dt, (Ma, K))
+    pb = b.op("permute", [b_], {"dims": db + fb}, dt, [sb[i] for i in db + fb])
+    pb = b.op("reshape", [pb], {"shape": [K, Nb]}, dt, (K, Nb))
+    prod = b.op("matmul", [pa, pb], {}, dt, (Ma, Nb))
+    out = L.ttype(node.meta["val"])
+    return L.emit("reshape", [prod], {"shape": list(out.shape)}, node)
+
+
+@lowering(aten.narrow.default)
+def _narrow(L, node):
+    x, dim, start, length = (L.arg(a) for a in node.args[:4])
+    if isinstance(start, Value) or isinstance(length, Value):
+        return NotImplemented
+    start = start + x.type.shape[dim] if isinstance(start, int) and start < 0 else start
+    return L.emit("slice", [x], {"dim": dim, "start": start, "end": start + length, "step": 1}, node)
+
+
+@lowering(aten.diag_embed.default)
+def _diag_embed(L, node):
+    """diag_embed(x): x[..., i] on the diagonal of the last two dims (offset 0), zero elsewhere."""
+    a = list(node.args) + [0, -2, -1][len(node.args) - 1:]
+    x = L.arg(a[0])
+    if a[1] != 0 or (a[2] % (x.type.rank + 1), a[3] % (x.type.rank + 1)) != (x.type.rank - 1, x.type.rank):
+        return NotImplemented
+    b, dt, n = _Build(L), x.type.dtype, x.type.shape[-1]
+    eye = b.op("eye", [], {"n": n, "dtype": DType("bool")}, DType("bool"), (n, n))
+    col = b.op("unsqueeze", [x], {"dim": -1}, dt, x.type.shape + (1,))
+    return L.emit("where", [eye, col, False if dt.name == "bool" else 0.0 if dt.is_float else 0], {}, node)
+
+
+@lowering(aten.constant_pad_nd.default, aten.pad.default)
+def _constant_pad(L, node):
+    """Constant padding: full() blocks concatenated on each padded side; a negative pad is a slice. F.pad's
+    other modes (reflect, replicate, circular) stay torch's op."""
+    x = L.arg(node.args[0])
+    pads = [L.arg(p) for p in node.args[1]]
+    if node.target == aten.pad.default:
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        if mode != "constant":
+            return NotImplemented
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+        value = 0 if value is None else L.arg(value)
+    else:
+        value = L.arg(node.args[2]) if len(node.args) > 2 else node.kwargs.get("value", 0)
+    if isinstance(value, Value) or any(isinstance(p, Value) for p in pads):
+        return NotImplemented
+    b, dt = _Build(L), x.type.dtype
+    value = bool(value) if dt.name == "bool" else (float(value) if dt.is_float else int(value))
+    for i in range(len(pads) // 2):
+        dim = x.type.rank - 1 - i
+        lo, hi = pads[2 * i], pads[2 * i + 1]
+        for amount, at_start in ((lo, True), (hi, False)):
+            if isinstance(amount, int) and amount == 0:
+                continue
+            shape = x.type.shape
+            if isinstance(amount, int) and amount < 0:
+                start, end = (-amount, shape[dim]) if at_start else (0, shape[dim] + amount)
+                new = shape[:dim] + (shape[dim] + amount,) + shape[dim + 1:]
+                x = b.op("slice", [x], {"dim": dim, "start": start, "end": end, "step": 1}, dt, new)
+                continue
+            block = b.op("full", [], {"shape": list(shape[:dim] + (amount,) + shape[dim + 1:]), "value": value,
+                                      "dtype": dt}, dt, shape[:dim] + (amount,) + shape[dim + 1:])
+            new = shape[:dim] + (shape[dim] + amount,) + shape[dim + 1:]
+            x = b.op("concat", [block, x] if at_start else [x, block], {"dim": dim}, dt, new)
+    return x
+
+
+@lowering(aten.tensor_split.sections, aten.tensor_split.indices, aten.split.sizes)
+def _tensor_split(L, node):
+    return _split(L, node)
+
+
+
+# -- complex tensors as real pairs ----------------------------------------------------------------------------
+_REAL_OF = {torch.complex64: torch.float32, torch.complex128: torch.float64, torch.complex32: torch.float16}
+
+
+def _pair_type(L, fake) -> TensorType:
+    """The real (..., 2) type of a complex fake tensor."""
+    real = _REAL_OF[fake.dtype] if fake.dtype.is_complex else fake.dtype
+    return TensorType(from_torch(real), tuple(L.expr(d) for d in fake.shape) + (2,))
+
+
+def _complex(L, node):
+    """A complex op, computed on real (..., 2) pairs with the IR's real ops: view_as_complex/view_as_real are
+    reshapes, polar is (r cos a, r sin a), products and sums act on the pairs, layout ops keep the pair dim
+    last. Any other complex op is a TraceError naming it (never a dtype no backend or export holds)."""
+    g, name = L.graph, str(node.target)
+    val = node.meta["val"]
+    out_complex = isinstance(val, torch.Tensor) and val.dtype.is_complex
+    args = [L.arg(a) for a in node.args]
+    pair = [isinstance(a, Value) and a in L.pairs for a in args]
+
+    def done(v):
+        if out_complex:
+            L.pairs.add(v)
+        return v
+
+    def mk(op, inputs, attrs, t):
+        return g.make_node(op, inputs, attrs, [t]).output
+
+    def part(x, i):
+        t = TensorType(x.type.dtype, x.type.shape[:-1])
+        return mk("select", [x], {"dim": -1, "index": i}, t)
+
+    def stacked(re, im):
+        return done(mk("stack", [re, im], {"dim": -1}, _pair_type(L, val)))
+
+    t = node.target
+    if t in IDENTITY:
+        return args[0]
+    if t == aten.view_as_complex.default:
+        x = args[0]
+        return done(mk("reshape", [x], {"shape": list(x.type.shape)}, x.type))
+    if t == aten.view_as_real.default:
+        x = args[0]
+        return mk("reshape", [x], {"shape": list(x.type.shape)}, x.type)
+    if t == aten.polar.default and not any(pair):
+        r, a = args[:2]
+        rt = TensorType(r.type.dtype, _pair_type(L, val).shape[:-1])
+        re = mk("mul", [r, mk("cos", [a], {}, a.type)], {}, rt)
+        im = mk("mul", [r, mk("sin", [a], {}, a.type)], {}, rt)
+        return stacked(re, im)
+    if t in (aten.mul.Tensor, aten.mul.Scalar) and len(args) == 2:
+        a, b = args
+        ot = _pair_type(L, val)
+        rt = TensorType(ot.dtype, ot.shape[:-1])
+        if pair[0] and pair[1]:
+            ar, ai, br, bi = part(a, 0), part(a, 1), part(b, 0), part(b, 1)
+            re = mk("sub", [mk("mul", [ar, br], {}, rt), mk("mul", [ai, bi], {}, rt)], {}, rt)
+            im = mk("add", [mk("mul", [ar, bi], {}, rt), mk("mul", [ai, br], {}, rt)], {}, rt)
+            return stacked(re, im)
+        z, r = (a, b) if pair[0] else (b, a)
+        if isinstance(r, Value):
+            if r.type.dtype.is_complex:
+                return _complex_unsupported(L, node)
+            r = mk("unsqueeze", [r], {"dim": -1}, TensorType(r.type.dtype, r.type.shape + (1,)))
+        elif isinstance(r, complex):
+            return _complex_unsupported(L, node)
+        return done(mk("mul", [z, r], {}, ot))
+    if t in (aten.add.Tensor, aten.sub.Tensor) and len(args) == 2 and all(pair) and node.kwargs.get("alpha", 1) == 1:
+        return done(mk("add" if t == aten.add.Tensor else "sub", args, {}, _pair_type(L, val)))
+    if t in (aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout) and pair[0] and out_complex:
+        ot = _pair_type(L, val)
+        x = args[0]
+        return done(x if x.type.dtype == ot.dtype else mk("cast", [x], {"dtype": ot.dtype}, ot))
+    if pair[0] and out_complex and sum(pair) == 1:   # layout ops: the pair dim stays last
+        x, rank = args[0], args[0].type.rank - 1
+        ot = _pair_type(L, val)
+        if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default):
+            return done(mk("reshape" if "expand" not in name else "expand", [x], {"shape": list(ot.shape)}, ot))
+        if t == aten.unsqueeze.default:
+            return done(mk("unsqueeze", [x], {"dim": node.args[1] % (rank + 1)}, ot))
+        if t == aten.slice.Tensor:
+            a = list(node.args) + [None] * (5 - len(node.args))
+            attrs = {"dim": (a[1] or 0) % rank, "start": L.arg(a[2]) if a[2] is not None else 0,
+                     "end": L.arg(a[3]) if a[3] is not None else 2**63 - 1, "step": a[4] if a[4] is not None else 1}
+            return done(mk("slice", [x], attrs, ot))
+        if t == aten.select.int:
+            return done(mk("select", [x], {"dim": node.args[1] % rank, "index": L.arg(node.args[2])}, ot))
+        if t == aten.permute.default:
+            return done(mk("permute", [x], {"dims": [d % rank for d in node.args[1]] + [rank]}, ot))
+        if t == aten.transpose.int:
+            return done(mk("transpose", [x], {"dim0": node.args[1] % rank, "dim1": node.args[2] % rank}, ot))
+    return _complex_unsupported(L, node)
+
+
+def _complex_unsupported(L, node):
+    raise TraceError(f"complex op {node.target} (%{node.name}{source_of(node)}) has no lowering to real pairs; "
+                     "complex tensors compile through view_as_complex/view_as_real, polar, complex buffers, "
+                     "products, sums and layout ops: write the rest with real (cos, sin) pairs")
+
+
+LOWERINGS[aten.numpy_T.default] = lambda L, node: L.emit(
+    "permute", [L.arg(node.args[0])], {"dims": list(range(L.arg(node.args[0]).type.rank))[::-1]}, node)
+
+
+@lowering(aten.ones_like.default, aten.zeros_like.default, aten.full_like.default)
+def _full_like(L, node):
+    """ones_like / zeros_like / full_like: a full of the output's shape and dtype (not its values)."""
+    name = str(node.target)
+    value = L.arg(node.args[1]) if "full_like" in name else (1 if "ones" in name else 0)
+    if isinstance(value, Value) or node.meta["val"].dtype.is_complex:
+        return NotImplemented
+    dt = _factory_dtype(node)
+    value = bool(value) if dt.name == "bool" else (float(value) if dt.is_float else int(value))
+    return L.emit("full", [], {"shape": [L.expr(d) for d in node.meta["val"].shape], "value": value, "dtype": dt},
+                  node)

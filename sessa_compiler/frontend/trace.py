@@ -90,6 +90,51 @@ def _check_call(args: tuple, kwargs: dict) -> None:
     check_keywords(kwargs)
 
 
+def _register_output_types(out, seen=None) -> None:
+    """Output dataclasses (registered as pytree nodes or not; an OrderedDict subclass like transformers'
+    ModelOutput included) become pytree nodes over their fields, so torch.export can flatten the output and a
+    compiled module rebuild it: fields set to None stay None (no graph output)."""
+    import dataclasses
+
+    seen = set() if seen is None else seen
+    if id(out) in seen:
+        return
+    seen.add(id(out))
+    if dataclasses.is_dataclass(out) and not isinstance(out, type):
+        cls = type(out)
+        names = tuple(f.name for f in dataclasses.fields(out))
+        if cls not in pytree.SUPPORTED_NODES:
+            def flatten(obj, names=names):   # the fields set to None are no leaves: the context says which
+                present = [n for n in names if getattr(obj, n) is not None]
+                return [getattr(obj, n) for n in present], present
+
+            def flatten_with_keys(obj, names=names):
+                values, present = flatten(obj)
+                return [(pytree.GetAttrKey(n), v) for n, v in zip(present, values)], present
+
+            def unflatten(values, context, cls=cls):
+                return cls(**dict(zip(context, values)))
+
+            try:
+                pytree.register_pytree_node(cls, flatten, unflatten, flatten_with_keys_fn=flatten_with_keys,
+                                            serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+            except ValueError:  # registered meanwhile (another thread or a C++ registration)
+                pass
+        children = [getattr(out, n) for n in names]
+    elif isinstance(out, (list, tuple)):
+        children = list(out)
+    elif isinstance(out, dict):
+        children = list(out.values())
+    else:
+        return
+    for c in children:
+        _register_output_types(c, seen)
+
+
+def _output_hook(module, args, output):
+    _register_output_types(output)
+
+
 def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict | None = None,
                    dynamic_shapes: tuple | dict | None = None) -> torch.export.ExportedProgram:
     """torch.export (non-strict) of module(*example_inputs, **example_kwargs). By default dims 0 and 1 of every
@@ -120,7 +165,7 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
     try:
         # torch.export keeps process-wide state (its exporting flag, the swapped-in fake parameters of the module,
         # the warning filters and the stderr redirection here): one export at a time in this process
-        with _EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs():
+        with _EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs(), _hooked(module):
             warnings.simplefilter("ignore")
             # guards on sizes become runtime assertions in the graph (or ranges), not silent specialisations:
             # they are recorded as the traced graph's guards (see Guard)
@@ -135,6 +180,20 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
             raise TraceError(f"cannot trace {type(module).__name__}: {data_dependent}") from e
         raise TraceError(f"torch.export could not trace {type(module).__name__}: {type(e).__name__}: {e}") from e
     return ep
+
+
+class _hooked:
+    """While exporting: output dataclasses of the module become pytree nodes (see _register_output_types)."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(_output_hook)
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+        return False
 
 
 class _quiet_torch_logs:
@@ -247,6 +306,14 @@ class Traced:
     call_spec: object = None  # pytree spec of call_leaves(args, kwargs) at trace time
     constants: tuple = ()     # (leaf position, value) of the non-tensor leaves, baked into the graph
     leaf_names: tuple = ()    # a name per call leaf: args[0], args[1], ..., then the keyword names
+    none_outputs: tuple = ()  # positions among out_spec's leaves of the module's None outputs (no graph output)
+
+    def unflatten(self, outs) -> object:
+        """The module's output structure from the graph's outputs (None where the module returned None)."""
+        outs = list(outs)
+        for i in self.none_outputs:
+            outs.insert(i, None)
+        return pytree.tree_unflatten(outs, self.out_spec)
 
     def violated(self, binding: dict) -> list:
         """The guards these bound sizes violate (the module would take another path there)."""
@@ -374,6 +441,15 @@ def _layout_sizes(graph: Graph) -> tuple | None:
     return None
 
 
+def _simplified(e):
+    """sympy.simplify, or the expression as it is where sympy cannot (torch's FloorDiv / Mod have no numeric
+    evaluation, which simplify's equality test may try)."""
+    try:
+        return sympy.simplify(e)
+    except Exception:  # noqa: BLE001 - a guard left unsimplified is still exact
+        return e
+
+
 def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: dict | None = None, *,
                       recognisers: bool = True, dynamic_shapes: tuple | dict | None = None) -> Traced:
     """Trace `module(*example_inputs, **example_kwargs)`. Tensor arguments become graph inputs (dims 0 and
@@ -384,7 +460,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     ep, lowerer, graph = _lower(module, args, kwargs, dynamic_shapes)
-    guards = _range_guards(ep, lowerer.sym_map) + [Guard(sympy.simplify(e), "assertion") for e in lowerer.assertions]
+    guards = _range_guards(ep, lowerer.sym_map) + [Guard(_simplified(e), "assertion") for e in lowerer.assertions]
     guards = [g for g in guards if g.expr is not sympy.true]
     # checked on the graph as lowered, before recognisers rewrite it
     guards = [g for g in guards if g.origin != "assertion" or kwargs or not _needless(module, args, g, graph)]
@@ -394,10 +470,11 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     report = recognise(graph, _layout_sizes(graph)) if recognisers else Report()
     report.accepted[:0] = lowerer.notes
     simplify(graph)
+    out_spec = ep.call_spec.out_spec
     leaves, spec = call_leaves(args, kwargs)
     constants = tuple((i, v) for i, v in enumerate(leaves) if isinstance(v, CONSTANT_TYPES))
     names = tuple(f"args[{i}]" for i in range(len(args))) + tuple(sorted(kwargs))
-    return Traced(graph, report, ep.call_spec.out_spec, tuple(guards), spec, constants, names)
+    return Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs))
 
 
 def trace(module: torch.nn.Module, example_inputs) -> Graph:

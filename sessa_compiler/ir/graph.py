@@ -64,6 +64,7 @@ class Graph:
         self.params: dict[str, Any] = {}
         self.nodes: list[Node] = []
         self.outputs: list[Value] = []
+        self.sources: dict[str, str] = {}   # value name -> the user's source line it was traced from (errors)
         self._names: set[str] = set()
         self._counter = itertools.count()
 
@@ -237,4 +238,12 @@ class Graph:
 
         g = parse(str(self))
         g.params = dict(self.params)
+        g.sources = dict(self.sources)
         return g
+
+    def source_of(self, node: Node) -> str:
+        """', traced from file:line (`code`)' for the user's line a node came from, or ''."""
+        for v in node.outputs:
+            if v.name in self.sources:
+                return f", traced from {self.sources[v.name]}"
+        return ""

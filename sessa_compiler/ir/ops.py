@@ -510,3 +510,17 @@ def literal_ok(node: Node, i: int, x) -> bool:
     """Literal scalars are allowed as operands of elementwise ops only."""
     return OPS[node.op].kind == ELEMENTWISE and isinstance(x, (int, float, bool, sympy.Basic))
 
+
+
+# What to change when a fallback's torch op has no form in an export (export_onnx / export_tvm name it)
+_DENSE_SOLVE = ("a dense linear solve has no ONNX or TVM form: if the matrix is lower triangular with a unit "
+                "diagonal (the Sessa feedback), write torch.linalg.solve_triangular(A, b, upper=False, "
+                "unitriangular=True) so the compiler recognises it; if the matrix is a constant, precompute its "
+                "inverse as a buffer and multiply by it; else keep the solve outside the exported module")
+FALLBACK_ADVICE = {
+    "aten.linalg_solve.default": _DENSE_SOLVE, "aten.linalg_solve_ex.default": _DENSE_SOLVE,
+    "aten._linalg_solve_ex.default": _DENSE_SOLVE, "aten.linalg_inv.default": _DENSE_SOLVE,
+    "aten.linalg_inv_ex.default": _DENSE_SOLVE,
+}
+GENERIC_FALLBACK_ADVICE = ("rewrite that line with ops the IR has (docs/exports.md lists them) or move it out of the "
+                           "exported module")

@@ -10,6 +10,7 @@ first copied into a fresh aligned buffer, and the copy is counted.
 from __future__ import annotations
 
 import collections
+import warnings
 import dataclasses
 
 import torch
@@ -161,6 +162,13 @@ class TVMBackend(Backend):
         """TVMScript of each generated kernel, by the IR value it computes."""
         return {item.node.outputs[0].name: kernel_source(item.spec) for item in self.plan(graph) if item.spec}
 
+    def _hybrid(self, graph: Graph, why: str) -> None:
+        """Hybrid mode instead of the whole graph: recorded for explain() and said once, with the reason."""
+        self.modes[id(graph)] = ("hybrid", why)
+        warnings.warn(f"backend 'tvm': {graph.name} runs in hybrid mode (TVM kernels for the core ops, torch for the "
+                      f"rest) because the whole graph cannot be built in TVM: {why}; explain() shows the plan",
+                      stacklevel=2)
+
     def _whole_graph_runner(self, graph: Graph, plan):
         """One Relax VM program for the whole graph (same generated kernels, plus scheduled TVM matmuls);
         None when some op does not lower. Measured on the shared 2-core znver3 host (Sessa layer, D=512,
@@ -175,7 +183,11 @@ class TVMBackend(Backend):
         dtypes = {v.type.dtype.name for v in list(graph.inputs) + list(graph.param_values.values())}
         if missing or not dtypes <= {"f32", "f64", "i64", "i32"}:
             why = f"ops without a TVM lowering: {', '.join(missing)}" if missing else f"dtypes {sorted(dtypes)}"
-            self.modes[id(graph)] = ("hybrid", why)
+            if missing:
+                from .relax_lower import unsupported_nodes
+
+                why = "ops without a TVM lowering: " + "; ".join(unsupported_nodes(graph, self.lanes, schedules))
+            self._hybrid(graph, why)
             return None
         import tvm
         from tvm import relax
@@ -188,8 +200,8 @@ class TVMBackend(Backend):
 
             vm = relax.VirtualMachine(load_or_build(graph, schedules, self.target, self.lanes, compiled), tvm.cpu())
         except Exception as e:  # a TVM lowering/build limitation: keep running, in hybrid mode, and say why
-            self.modes[id(graph)] = ("hybrid", f"whole-graph TVM build failed: {type(e).__name__}: "
-                                               f"{str(e).strip().splitlines()[-1][:200]}")
+            self._hybrid(graph, f"whole-graph TVM build failed: {type(e).__name__}: "
+                                f"{str(e).strip().splitlines()[-1][:400] if str(e).strip() else ''}")
             return None
         main = vm["main"]
         names = list(graph.param_values)

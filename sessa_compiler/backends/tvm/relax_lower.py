@@ -62,6 +62,21 @@ class _Lowerer:
         if isinstance(e, sympy.floor) and e.args[0].is_Mul:
             num, den = e.args[0].as_numer_denom()
             return tirx.floordiv(self._expr(num), self._expr(den))
+        kind = type(e).__name__
+        if kind in ("Max", "Min"):   # max(0, T - 256), min(T, n) from Python size arithmetic
+            out = self._expr(e.args[0])
+            for a in e.args[1:]:
+                out = (tirx.max if kind == "Max" else tirx.min)(out, self._expr(a))
+            return out
+        if kind in ("FloorDiv", "Mod", "PythonMod") and len(e.args) == 2:
+            a, b = (self._expr(x) for x in e.args)
+            return tirx.floordiv(a, b) if kind == "FloorDiv" else tirx.floormod(a, b)
+        if e.is_Pow and e.exp.is_Integer and int(e.exp) > 0:
+            base = self._expr(e.base)
+            out = base
+            for _ in range(int(e.exp) - 1):
+                out = out * base
+            return out
         raise UnsupportedError(f"TVM export: dimension expression {e} has no TVM form")
 
     def ttype(self, v: Value):
@@ -71,7 +86,7 @@ class _Lowerer:
     def build(self):
         relax, bb = self.relax, self.bb
         graph = self.graph
-        unsupported = sorted({self.why_not(n) for n in graph.nodes if not self.can_lower(n)})
+        unsupported = sorted({self.why_not(n) + graph.source_of(n) for n in graph.nodes if not self.can_lower(n)})
         if unsupported:
             raise UnsupportedError(
                 f"TVM export needs the whole graph in TVM, but these IR ops have no TVM lowering: "
@@ -87,7 +102,7 @@ class _Lowerer:
                     for v, r in zip(graph.param_values.values(), params):
                         self.env[v] = r
                     for node in graph.nodes:
-                        self.lower(node)
+                        self._lower_checked(node)
                     outs = [self.env[v] for v in graph.outputs]
                     result = bb.emit_output(outs[0] if len(outs) == 1 else relax.Tuple(outs))
                 bb.emit_func_output(result)
@@ -95,6 +110,22 @@ class _Lowerer:
             self._close_blocks()  # else TVM warns "BlockBuilder destroyed with remaining blocks!" on stderr
             raise
         return bb.get()
+
+    def _lower_checked(self, node) -> None:
+        """lower(node); a failure inside it (a case the lowering does not expect) names the op and line."""
+        try:
+            self.lower(node)
+        except UnsupportedError as e:
+            where = self.graph.source_of(node)
+            if where and where not in str(e):
+                e.args = (f"{e} (op {node.op} %{node.outputs[0].name}{where})",)
+            raise
+        except Exception as e:  # noqa: BLE001 - an internal failure, reported with the op and line
+            target = f"fallback({node.attrs.get('target')})" if node.op == "fallback" else node.op
+            raise UnsupportedError(
+                f"TVM export: op {target} %{node.outputs[0].name}{self.graph.source_of(node)} has no TVM lowering "
+                f"for this case ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}); "
+                "rewrite that line with ordinary tensor ops, or run the model with compile(backend='tvm')") from e
 
     def _close_blocks(self) -> None:
         """End the blocks a failed lowering left open (the caller reports the failure itself)."""
@@ -139,8 +170,12 @@ class _Lowerer:
     def why_not(self, node) -> str:
         """Why ``node`` has no TVM lowering (for the error naming it)."""
         reason = lower_node(node, self.lanes, self.schedules).reason if node.op in KERNEL_OPS else ""
-        name = node.op if node.op != "fallback" else f"fallback({node.attrs['target']})"
-        return f"{name} ({reason})" if reason else name
+        if node.op == "fallback":
+            from ...ir.ops import FALLBACK_ADVICE, GENERIC_FALLBACK_ADVICE
+
+            target = node.attrs["target"]
+            return f"fallback({target}) ({FALLBACK_ADVICE.get(target, GENERIC_FALLBACK_ADVICE)})"
+        return f"{node.op} ({reason})" if reason else node.op
 
     def can_lower(self, node) -> bool:
         if node.op in KERNEL_OPS:
@@ -153,6 +188,12 @@ class _Lowerer:
     def operand(self, x, dtype: str):
         if isinstance(x, Value):
             return self.env[x]
+        if isinstance(x, sympy.Basic) and not x.is_Number:   # a size (pos <= T): a 0-d tensor holding it
+            op, e = self.relax.op, self._expr(sympy.sympify(x))
+            one = self.bb.emit(op.reshape(op.arange(e, e + 1, 1, dtype="int64"), []))
+            return one if dtype == "int64" else self.bb.emit(op.astype(one, dtype))
+        if isinstance(x, sympy.Basic):
+            x = int(x) if x.is_Integer else float(x)
         return self.relax.const(x, dtype)
 
     def lower(self, node):
@@ -341,13 +382,34 @@ def _linear(lw, node, ops):
 def _slice(lw, node, ops):
     x = node.inputs[0].type
     dim = node.attrs["dim"] % x.rank
-    size = lw.dim(x.shape[dim])
+    size = x.shape[dim]   # an int or a sympy expression of the dims (B, T, ...)
     start, end, step = node.attrs.get("start", 0), node.attrs.get("end"), node.attrs.get("step", 1)
     start = 0 if start is None else start
     if end is None or (isinstance(end, int) and end >= 2 ** 62):
         end = size
+    # negative ends count from the end of the dim (x[..., :-1]); resolved here so the output shape stays exact
+    start = size + start if isinstance(start, int) and start < 0 else start
+    end = size + end if isinstance(end, int) and end < 0 else end
     begin_e, end_e = lw.dim(start), lw.dim(end)
-    return lw.relax.op.strided_slice(ops[0], axes=[dim], begin=[begin_e], end=[end_e], strides=[int(step)])
+    out = lw.relax.op.strided_slice(ops[0], axes=[dim], begin=[begin_e], end=[end_e], strides=[int(step)])
+    if all(isinstance(d, int) for d in node.outputs[0].type.shape):
+        return out
+    # the IR's shapes are torch's (export guards the sizes where a symbolic end would pass the dim): in bounds,
+    # so Relax may take the length as end - begin instead of a clamped form it cannot compare
+    out = lw.relax.op.strided_slice(ops[0], axes=[dim], begin=[begin_e], end=[end_e], strides=[int(step)],
+                                    assume_inbound=True)
+    # Relax infers a symbolic slice's length in its own form (clamped to the dim): where it cannot prove it equal
+    # to the IR's length, state the IR's (checked at run time), so x[:, 1:] - x[:, :-1] has operands of one shape
+    from tvm.sym.analyzer import Analyzer
+
+    out = lw.bb.emit(out)
+    shape = [lw.dim(d) for d in node.outputs[0].type.shape]
+    have = getattr(getattr(out, "ty", None), "shape", None)
+    analyzer = Analyzer()
+    if have is not None and hasattr(have, "values") and len(have.values) == len(shape) and all(
+            analyzer.can_prove_equal(a, b) for a, b in zip(have.values, shape)):
+        return out
+    return lw.bb.match_cast(out, lw.relax.TensorType(shape, _out_dtype(node)))
 
 
 def _cast(lw, node, ops):
@@ -414,7 +476,7 @@ def _masked_fill(lw, node, ops):
 def _where(lw, node, ops):
     relax = lw.relax
     dtype = _out_dtype(node)
-    c, a, b = (lw.env[x] if isinstance(x, Value) else relax.const(x, dtype) for x in node.inputs)
+    c, a, b = (lw.operand(x, dtype) for x in node.inputs)
     return relax.op.where(c, a, b)
 
 
@@ -422,7 +484,7 @@ def _compare(kind):
     def lower(lw, node, ops):
         a, b = node.inputs
         dtype = RELAX_DTYPE[(a if isinstance(a, Value) else b).type.dtype.name]
-        xa, xb = (lw.env[x] if isinstance(x, Value) else lw.relax.const(x, dtype) for x in (a, b))
+        xa, xb = (lw.operand(x, dtype) for x in (a, b))
         return getattr(lw.relax.op, kind)(xa, xb)
     return lower
 
@@ -559,3 +621,9 @@ def graph_to_relax(graph: Graph, lanes: int = 8, schedules=None):
 def unsupported_ops(graph: Graph, lanes: int = 8, schedules=None) -> list:
     lw = _Lowerer(graph, lanes, schedules or {})
     return sorted({n.op for n in graph.nodes if not lw.can_lower(n)})
+
+
+def unsupported_nodes(graph: Graph, lanes: int = 8, schedules=None) -> list:
+    """Each node without a TVM lowering: 'op %value, traced from file:line (`code`)'."""
+    lw = _Lowerer(graph, lanes, schedules or {})
+    return [f"{lw.why_not(n)} %{n.outputs[0].name}{graph.source_of(n)}" for n in graph.nodes if not lw.can_lower(n)]
