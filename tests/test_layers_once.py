@@ -91,3 +91,41 @@ def test_identical_layers_match_the_module(backend):
         for T in (1, 13):
             t = torch.randint(0, 50, (2, T))
             torch.testing.assert_close(c(t), dec(t), rtol=1e-4, atol=1e-4)
+
+
+_WARM = """
+import sys
+import torch
+import sessa_compiler as sc
+from sessa_compiler.models import SessaLayer
+torch.manual_seed(0)
+m = SessaLayer(16, n_heads=2).eval()
+x = torch.randn(1, 8, 16)
+c = sc.compile(m, (x,), backend="eager")
+loaded = "torch._dynamo" in sys.modules
+if sys.argv[1] == "warm":
+    graphs = []
+    f = torch.compile(c, fullgraph=True, backend=lambda gm, ex: graphs.append(gm) or gm.forward)
+    with torch.no_grad():
+        torch.testing.assert_close(f(x), m(x), rtol=1e-5, atol=1e-5)
+    calls = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert len(graphs) == 1 and any("nonstrict" in t for t in calls), calls
+print(c.trace_cache, loaded)
+"""
+
+
+def test_a_trace_from_the_cache_does_not_load_dynamo_and_torch_compile_still_works(tmp_path):
+    """A warm compile skips torch.export, so nothing loads torch._dynamo (~1 s); torch.compile of the compiled
+    module still records its one non-strict call (the wrapper is made when dynamo first traces it)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    env = dict(os.environ, SESSA_COMPILER_CACHE_DIR=str(tmp_path), SESSA_COMPILER_COMPILE_CACHE="1",
+               PYTHONPATH=f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    run = [subprocess.run([sys.executable, "-c", _WARM, kind], env=env, capture_output=True, text=True, timeout=300)
+           for kind in ("cold", "warm")]
+    assert all(r.returncode == 0 for r in run), [r.stderr[-2000:] for r in run]
+    assert run[0].stdout.split() == ["miss", "True"] and run[1].stdout.split() == ["hit", "False"]
