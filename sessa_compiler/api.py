@@ -610,6 +610,10 @@ class CompiledModule(torch.nn.Module):
             lines.append(f"    recognised {a}")
         for r in rep.rejected:
             lines.append(f"    not recognised: {r}")
+        probes = getattr(rep, "probes", None)   # None in a report traced before probes were counted
+        if probes is not None and probes.reused:
+            lines.append(f"    recognition probes: {probes.run} run, {probes.reused} answered by an earlier probe of a "
+                         "structurally identical region (same ops, shapes and constants: identical layers are probed once)")
         fallbacks = collections.Counter(n.attrs["target"] for n in g.nodes if n.op == "fallback")
         lines.append("  fallbacks (run as torch ops): " +
                      (", ".join(f"{t} x{c}" for t, c in sorted(fallbacks.items())) or "none"))
