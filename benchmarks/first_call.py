@@ -47,9 +47,12 @@ def child(n_layers: int, backend: str) -> None:
 
 def run(cache: str, n_layers: int, backend: str) -> dict:
     env = dict(os.environ, SESSA_COMPILER_CACHE_DIR=cache, SESSA_COMPILER_COMPILE_CACHE="1")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", str(n_layers), "--backend", backend],
-                         env=env, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", str(n_layers), "--backend", backend],
+                          env=env, check=True, capture_output=True, text=True)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if proc.stderr.strip():
+        print(f"N={n_layers} ({result['cache']}): stderr: {proc.stderr.strip()[-400:]}", file=sys.stderr)
+    return result
 
 
 def main() -> None:
