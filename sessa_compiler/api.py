@@ -226,6 +226,9 @@ _DYNAMO_CALL: list = []  # [nonstrict_trace(_traced_call)], made at the first tr
 # importing dynamo with the package would cost a second)
 
 
+_DYNAMO_WANTED: list = []  # [True] once a module was traced without dynamo loaded (from the compile cache)
+
+
 def _dynamo_call():
     if not _DYNAMO_CALL:
         import torch._dynamo
@@ -357,7 +360,10 @@ class CompiledModule(torch.nn.Module):
         self._fresh.add(id(self._runner))
         self._backend.resolve(list(args))  # auto: say now which backend the example inputs pick
         self._variants.append((self._traced, self._runner, self._live, _modes(self._orig_mod)))
-        _dynamo_call()  # what torch.compile of this module calls from now on
+        if "torch._dynamo" in sys.modules:   # torch.export loaded it (a cold trace): make torch.compile's wrapper now
+            _dynamo_call()                   # (a trace from the compile cache does not import dynamo: ~1 s)
+        else:
+            _DYNAMO_WANTED.append(True)
         self.trace_seconds = time.perf_counter() - start
 
     def _cached_trace(self, args: tuple, kwargs: dict | None) -> Traced:
@@ -420,6 +426,8 @@ class CompiledModule(torch.nn.Module):
             # launches) ends up in their graph.
             if torch.compiler.is_dynamo_compiling():
                 # the wrapper exists once anything was traced (before, no traced graph fits anyway)
+                if not _DYNAMO_CALL and _DYNAMO_WANTED:
+                    _dynamo_call()
                 return _DYNAMO_CALL[0](self, args, kwargs) if _DYNAMO_CALL else self._orig_mod(*args, **kwargs)
             return self._export_call(args, kwargs)
         check_keywords(kwargs, InputError, f"compiled {type(self._orig_mod).__name__}: ")
@@ -614,6 +622,10 @@ class CompiledModule(torch.nn.Module):
             lines.append(f"    recognised {a}")
         for r in rep.rejected:
             lines.append(f"    not recognised: {r}")
+        probes = getattr(rep, "probes", None)   # None in a report traced before probes were counted
+        if probes is not None and probes.reused:
+            lines.append(f"    recognition probes: {probes.run} run, {probes.reused} answered by an earlier probe of a "
+                         "structurally identical region (same ops, shapes and constants: identical layers are probed once)")
         fallbacks = collections.Counter(n.attrs["target"] for n in g.nodes if n.op == "fallback")
         lines.append("  fallbacks (run as torch ops): " +
                      (", ".join(f"{t} x{c}" for t, c in sorted(fallbacks.items())) or "none"))

@@ -5,15 +5,28 @@ chain of canonical ops computes it". The proposal is accepted only when the orig
 the canonical ops agree on fresh random inputs at several sequence lengths (float64, so that a
 wrong structure shows as an O(1) error, not a rounding difference). Recognisers can therefore be
 loose about coding style while never producing a silent wrong answer.
+
+Identical layers are probed once: inside ``probe_memo()`` (recognise() opens one per graph), a probe whose
+region and proposal have the same structure as one already run (ops, attributes, types, literals, the *values*
+of the parameters the region reads, the proposal's code and the constants it closes over, all modulo value
+names) reuses that probe's result instead of evaluating again. The result is a function of exactly those
+things (the random inputs come from a fixed seed and the region's types), so a reused answer is the answer
+the probe would have given. A proposal that closes over something the key cannot describe is probed as usual.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+import hashlib
+import types
 from dataclasses import dataclass, field
 
+import sympy
 import torch
 
 from ..semantics import SEMANTICS, resolve, run_graph
-from ..ir.graph import Graph, Value
+from ..ir.graph import Graph, Node, Value
 
 PROBE_LENGTHS = (1, 2, 5, 12)
 PROBE_BATCH = 2
@@ -41,12 +54,153 @@ def _binding(graph: Graph, T: int, batch: int = PROBE_BATCH) -> dict:
     return {n: (T if n == "T" else batch if n == "B" else OTHER_DIM) for n in names}
 
 
-def _params64(graph: Graph) -> dict:
+def region_nodes(graph: Graph, targets, stop) -> list:
+    """The nodes that computing ``targets`` from ``stop`` (and the parameters) runs, in graph order."""
+    needed, seen, stack = set(), set(), [t for t in targets if t not in stop]
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        n = v.producer
+        if n is None or n in needed:
+            continue
+        needed.add(n)
+        stack.extend(x for x in n.value_inputs if x not in stop and x not in seen)
+    return [n for n in graph.nodes if n in needed]
+
+
+def _params64(graph: Graph, targets=None, stop=()) -> dict:
+    """The parameters as float64 (for the probes); with ``targets``, only those the region from ``stop`` to the
+    targets reads (converting every weight of a large model for each probe costs seconds)."""
+    if targets is None:
+        used = set(graph.param_values.values())
+    else:
+        used = {x for n in region_nodes(graph, targets, set(stop)) for x in n.value_inputs if x.kind == "param"}
+        used |= {t for t in targets if isinstance(t, Value) and t.kind == "param"}
     out = {}
     for name, v in graph.param_values.items():
-        p = graph.params[name]
-        out[v] = p.detach().to(torch.float64) if p.is_floating_point() else p
+        if v in used:
+            p = graph.params[name]
+            out[v] = p.detach().to(torch.float64) if p.is_floating_point() else p
     return out
+
+
+# -- the memo: one probe per distinct region structure ------------------------------------------------------
+_MEMO: contextvars.ContextVar = contextvars.ContextVar("sessa_probe_memo", default=None)
+
+
+@dataclass
+class ProbeStats:
+    """What the probes of one recognition cost: regions evaluated, and answers reused from an identical region."""
+
+    run: int = 0
+    reused: int = 0
+    not_keyed: int = 0
+    memo: dict = field(default_factory=dict, repr=False)
+
+
+@contextlib.contextmanager
+def probe_memo():
+    """Within this block, probes of structurally identical regions run once (see the module docstring)."""
+    stats = ProbeStats()
+    token = _MEMO.set(stats)
+    try:
+        yield stats
+    finally:
+        _MEMO.reset(token)
+
+
+class _NoKey(Exception):
+    """The proposal closes over something the memo key cannot describe: probe it."""
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    t = t.detach().cpu().contiguous()
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return ("tensor", str(t.dtype), tuple(t.shape), hashlib.sha256(data).hexdigest())
+
+
+class _Keyer:
+    """Describes a region and a proposal in terms that do not name values: each value is its position."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.ids: dict = {}
+
+    def number(self, v: Value, what):
+        self.ids[v] = (len(self.ids), what)
+
+    def value(self, v: Value):
+        if v in self.ids:
+            return ("v", self.ids[v][0])
+        if v.kind == "param" and v.name in self.graph.params:   # a parameter the region reads: by its data
+            self.number(v, "param")
+            return ("param", str(v.type), _tensor_key(self.graph.params[v.name]))
+        raise _NoKey(f"value %{v.name} outside the region")
+
+    def obj(self, x, depth: int = 0):
+        if depth > 12:
+            raise _NoKey("too deep")
+        if x is None or isinstance(x, (bool, int, float, str, complex)):
+            return (type(x).__name__, repr(x))
+        if isinstance(x, Value):
+            return self.value(x)
+        if isinstance(x, Graph):
+            if x is not self.graph:
+                raise _NoKey("another graph")
+            return ("graph",)
+        if isinstance(x, torch.Tensor):
+            return _tensor_key(x)
+        if isinstance(x, sympy.Basic):
+            return ("sym", sympy.srepr(x))
+        if isinstance(x, (list, tuple)):
+            return (type(x).__name__,) + tuple(self.obj(y, depth + 1) for y in x)
+        if isinstance(x, dict):
+            return ("dict",) + tuple((self.obj(k, depth + 1), self.obj(v, depth + 1)) for k, v in x.items())
+        if isinstance(x, (set, frozenset)):
+            return ("set",) + tuple(sorted(repr(self.obj(y, depth + 1)) for y in x))
+        if isinstance(x, types.FunctionType):
+            code = x.__code__
+            cells = tuple(self.obj(c.cell_contents, depth + 1) for c in (x.__closure__ or ()))
+            return ("fn", code.co_filename, code.co_firstlineno, code.co_code, repr(code.co_consts),
+                    self.obj(x.__defaults__, depth + 1), self.obj(x.__kwdefaults__, depth + 1), cells)
+        if isinstance(x, types.BuiltinFunctionType) or isinstance(x, type):
+            return ("global", getattr(x, "__module__", None), x.__qualname__)
+        if isinstance(x, Node):   # a node of the region (its op and attributes are in the key already)
+            return ("node", tuple(self.value(o) for o in x.outputs))
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            return (type(x).__qualname__,) + tuple(self.obj(getattr(x, f.name), depth + 1)
+                                                   for f in dataclasses.fields(x))
+        raise _NoKey(f"a {type(x).__name__}")
+
+
+def _memo_key(graph: Graph, sources: dict, output: Value, canonical, tol, lengths) -> tuple:
+    k = _Keyer(graph)
+    head = []
+    for v, kind in sources.items():
+        if v in k.ids:
+            raise _NoKey("a source twice")
+        k.number(v, "source")
+        head.append((str(v.type), kind))
+    body = []
+    for n in region_nodes(graph, [output], set(sources)):
+        ins = []
+        for x in n.inputs:
+            if isinstance(x, Value):
+                if x not in k.ids and x.kind == "input":   # data the sources do not cover: the probe fails
+                    k.number(x, "input")
+                    ins.append(("input", str(x.type)))
+                else:
+                    ins.append(k.value(x))
+            else:
+                ins.append(k.obj(x))
+        attrs = tuple((a, k.obj(b)) for a, b in sorted(n.attrs.items()))
+        for o in n.outputs:
+            k.number(o, "node")
+        body.append((n.op, tuple(ins), attrs, tuple(str(o.type) for o in n.outputs)))
+    out = k.value(output) if output in k.ids or output.kind == "param" else ("unreached", str(output.type))
+    return (tuple(head), tuple(body), out, k.obj(canonical), repr(tol), tuple(lengths))
 
 
 def probe(graph: Graph, sources: dict, output: Value, canonical, tol: float = 1e-6, lengths=PROBE_LENGTHS,
@@ -55,11 +209,30 @@ def probe(graph: Graph, sources: dict, output: Value, canonical, tol: float = 1e
 
     ``sources`` maps each source Value to a sampler name: "normal" or "gain" (values in (-0.95, 0.95)).
     Returns the worst relative error, or None when the region cannot be evaluated on its own
-    (it reads data that is not among the sources) or the shapes do not match.
+    (it reads data that is not among the sources) or the shapes do not match. Inside ``probe_memo()``
+    a structurally identical region and proposal reuse the first one's result.
     """
+    stats = _MEMO.get()
+    if stats is None:
+        return _probe(graph, sources, output, canonical, tol, lengths, batch)
+    try:
+        key = _memo_key(graph, sources, output, canonical, tol, lengths) + (batch,)
+    except _NoKey:
+        stats.not_keyed += 1
+        stats.run += 1
+        return _probe(graph, sources, output, canonical, tol, lengths, batch)
+    if key in stats.memo:
+        stats.reused += 1
+        return stats.memo[key]
+    stats.run += 1
+    stats.memo[key] = result = _probe(graph, sources, output, canonical, tol, lengths, batch)
+    return result
+
+
+def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, lengths, batch: int):
     gen = torch.Generator().manual_seed(1234)
     worst = 0.0
-    params = _params64(graph)
+    params = _params64(graph, [output], sources)
     for T in lengths:
         binding = _binding(graph, T, batch)
         inputs = {}

@@ -24,7 +24,7 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.ops import ArgRef
 from ..ir.ops import COMPUTE, CORE, ELEMENTWISE, OPS
 from ..ir.types import DType, TensorType, dims_equal, sym
-from .probe import PROBE_LENGTHS, Step, apply_steps, probe
+from .probe import PROBE_LENGTHS, ProbeStats, Step, apply_steps, probe, probe_memo
 
 WALK_LAYOUT = {"reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "repeat_interleave"}
 B, T = sym("B"), sym("T")
@@ -44,6 +44,7 @@ class Report:
 
     accepted: list = field(default_factory=list)
     rejected: list = field(default_factory=list)
+    probes: ProbeStats | None = None   # probes run, and reused for structurally identical regions (frontend/probe.py)
 
 
 class Analysis:
@@ -548,7 +549,7 @@ def _unit_lower(g: Graph, mat: Value, srcs: dict, left: bool = True, lengths=PRO
     """On random sources at the probe lengths, mat is [..., T, T] with the identity's diagonal and upper triangle
     (only then may a general solve or inverse be a feedback's substitution)."""
     from ..semantics import run_graph
-    from .probe import PROBE_LENGTHS, _binding, _params64
+    from .probe import _binding, _params64
 
     gen = torch.Generator().manual_seed(4321)
     for Tn in lengths:
@@ -558,7 +559,7 @@ def _unit_lower(g: Graph, mat: Value, srcs: dict, left: bool = True, lengths=PRO
             x = torch.randn(v.type.concrete_shape(binding), generator=gen, dtype=torch.float64)
             inputs[v] = torch.tanh(x) * 0.95 if kind == "gain" else x
         try:
-            (M,) = run_graph(g, [], overrides={**_params64(g), **inputs}, targets=[mat], binding=binding,
+            (M,) = run_graph(g, [], overrides={**_params64(g, [mat], srcs), **inputs}, targets=[mat], binding=binding,
                              check_inputs=False)
         except Exception:  # noqa: BLE001 - a matrix that cannot be evaluated from the sources is no proof
             return False
@@ -916,7 +917,7 @@ def _diagnose_feedback(g, n, mat, srcs, left=True) -> str:
         inputs[v] = torch.tanh(x) * 0.95 if kind == "gain" else x
     gain = next(v for v, kind in srcs.items() if kind == "gain")
     try:
-        (M,) = run_graph(g, [], overrides={**_params64(g), **inputs}, targets=[mat], binding=binding,
+        (M,) = run_graph(g, [], overrides={**_params64(g, [mat], srcs), **inputs}, targets=[mat], binding=binding,
                          check_inputs=False)
     except Exception as e:  # noqa: BLE001 - the explanation is best effort
         return f"the system matrix could not be evaluated on its own ({type(e).__name__})"
@@ -999,7 +1000,10 @@ def recognise(g: Graph, sizes: tuple | None = None) -> Report:
     probes check each rewrite there."""
     token = _SIZES.set(tuple(sizes)) if sizes is not None else None
     try:
-        return _recognise(g)
+        with probe_memo() as stats:   # identical layers: one probe per distinct region structure
+            report = _recognise(g)
+        report.probes = ProbeStats(stats.run, stats.reused, stats.not_keyed)   # the counts, not the memo
+        return report
     finally:
         if token is not None:
             _SIZES.reset(token)

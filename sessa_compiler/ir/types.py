@@ -5,6 +5,7 @@ Batch and sequence length stay symbolic (sympy expressions over named symbols su
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping, Union
 
@@ -70,6 +71,14 @@ def dims_equal(a: Dim, b: Dim) -> bool:
     """True when two dims are provably equal for every value of their symbols."""
     if isinstance(a, int) and isinstance(b, int):
         return a == b
+    if a == b:   # the same expression (sympy compares structurally)
+        return True
+    return _dims_equal(a, b)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dims_equal(a: Dim, b: Dim) -> bool:
+    """sympy.simplify is slow (milliseconds) and the recognisers ask the same questions once per layer."""
     return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
 
 

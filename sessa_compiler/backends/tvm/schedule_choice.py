@@ -134,6 +134,12 @@ def tuning_source(node, target=None) -> str:
     return _SOURCES[key]
 
 
+def _signature(node) -> tuple:
+    """What a schedule lookup reads of a node: its op, operand and result types and attributes (not value names)."""
+    return (node.op, tuple(str(x.type) if hasattr(x, "type") else repr(x) for x in node.inputs),
+            repr(sorted(node.attrs.items())), tuple(str(o.type) for o in node.outputs))
+
+
 def tvm_schedules(backend, graph: Graph, ctx: CompileContext) -> tuple:
     """(schedules by op, report lines) for this graph.
 
@@ -154,7 +160,15 @@ def tvm_schedules(backend, graph: Graph, ctx: CompileContext) -> tuple:
             for n in nodes:
                 entries[n.output.name] = (op, backend.schedules[op].as_dict(), "given to compile")
             continue
-        resolved = [(n, *resolve_node(backend, n, seq_len, "cpu")) for n in nodes]
+        # identical layers: one lookup (tuning space, tuning cache, defaults) per distinct node signature
+        memo: dict = {}
+        resolved = []
+        for n in nodes:
+            sig = _signature(n)
+            if sig not in memo:
+                memo[sig] = resolve_node(backend, n, seq_len, "cpu")
+            cfg, where = memo[sig]
+            resolved.append((n, dict(cfg) if cfg else cfg, where))
         found = [(json.dumps(cfg, sort_keys=True), where) for _, cfg, where in resolved if cfg]
         chosen = None
         for text, _ in collections.Counter(t for t, _ in found).most_common():
