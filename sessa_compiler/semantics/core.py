@@ -143,38 +143,33 @@ def _weights(q_rows, k_cols, row0: int, scale: float) -> torch.Tensor:
 def feedback_backward(grad_s, s, q_b, k_b, gamma, scale: float, chunk: int = FEEDBACK_GRAD_CHUNK):
     """Gradients (df, dq_b, dk_b, dgamma) of s = (I - diag(gamma) alpha)^-1 f given ds, in the compute dtype.
 
-    df = (I - diag(gamma) alpha)^-T ds by backward substitution over row chunks (last chunk first): each
-    chunk solves its diagonal block and pushes its contribution to all earlier rows. Then per chunk, with
-    c = alpha @ s: dgamma = df . c, and through the softmax P = gamma * alpha * (df.s^T - dgamma),
-    dq_b = scale * P @ k_b, dk_b += scale * P^T @ q_b."""
+    One sweep over row chunks, last chunk first, forming each chunk's weights alpha [B, chunk, T] once:
+    df = (I - diag(gamma) alpha)^-T ds by backward substitution (the chunk solves its diagonal block, then
+    pushes its contribution to all earlier rows); with the chunk's df known, c = alpha @ s gives
+    dgamma = df . c, and through the softmax P = gamma * alpha * (df.s^T - dgamma), dq_b = scale * P @ k_b,
+    dk_b += scale * P^T @ q_b. Extra memory O(B*T*(D + chunk)): no T x T matrix."""
     cd = compute_dtype(s.dtype)
     ds, s, q, k, g = (t.to(cd) for t in (grad_s, s, q_b, k_b, gamma))
     T = s.shape[1]
-    starts = list(range(0, T, chunk))
     acc = ds.clone()      # ds plus the contributions of later rows: [B, T, D]
     df = torch.empty_like(acc)
+    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    dgamma = torch.empty_like(g)
     eye = None
-    for a in reversed(starts):
+    for a in reversed(range(0, T, chunk)):
         b = min(a + chunk, T)
         alpha = _weights(q[:, a:b], k[:, :b], a, scale)           # [B, rows, b]
         ga = g[:, a:b, None] * alpha
         m = -ga[:, :, a:b]                                          # the diagonal block of I - G*alpha, minus I
         if eye is None or eye.shape[0] != b - a:
             eye = torch.eye(b - a, dtype=cd, device=s.device)
-        df[:, a:b] = torch.linalg.solve_triangular((eye + m).transpose(1, 2), acc[:, a:b], upper=True,
-                                                   unitriangular=True)
+        dfa = torch.linalg.solve_triangular((eye + m).transpose(1, 2), acc[:, a:b], upper=True, unitriangular=True)
+        df[:, a:b] = dfa
         if a:
-            acc[:, :a] += ga[:, :, :a].transpose(1, 2) @ df[:, a:b]
-    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-    dgamma = torch.empty_like(g)
-    for a in starts:
-        b = min(a + chunk, T)
-        alpha = _weights(q[:, a:b], k[:, :b], a, scale)
-        dfa = df[:, a:b]
-        c = alpha @ s[:, :b]
-        dg = (dfa * c).sum(-1)
+            acc[:, :a] += ga[:, :, :a].transpose(1, 2) @ dfa
+        dg = (dfa * (alpha @ s[:, :b])).sum(-1)
         dgamma[:, a:b] = dg
-        p = g[:, a:b, None] * alpha * (dfa @ s[:, :b].transpose(1, 2) - dg[..., None])
+        p = ga * (dfa @ s[:, :b].transpose(1, 2) - dg[..., None])
         dq[:, a:b] = scale * (p @ k[:, :b])
         dk[:, :b] += scale * (p.transpose(1, 2) @ q[:, a:b])
     return df, dq, dk, dgamma
