@@ -98,20 +98,24 @@ def run_with_autograd(backend, runner, graph, args: list, params: dict, eager_ru
     ops, torch autograd for the rest; backends/training.py) runs it; a forward-only backend's call is wrapped so
     that the backward recomputes on the eager interpreter (_RecomputeGrad). eager_runners caches the eager and
     training runners per graph."""
-    if not torch.is_grad_enabled():
+    autocast = _autocast_on(args)
+    if not torch.is_grad_enabled() and not autocast:
         return runner(args, params), False
     resolved = backend.resolve(args)
     if resolved.differentiable:
         return runner(args, params), False
     grad_args = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
     names = [k for k, p in params.items() if isinstance(p, torch.Tensor) and p.requires_grad]
-    if not grad_args and not names:
+    needs_grad = torch.is_grad_enabled() and (grad_args or names)
+    if not needs_grad and not autocast:
         return runner(args, params), False
     key = ("training", resolved.name, id(graph))
     if key not in eager_runners:
         eager_runners[key] = resolved.prepare_training(graph)
-    if eager_runners[key] is not None:
+    if eager_runners[key] is not None:   # under autocast its torch ops cast as the module's would
         return eager_runners[key](args, params), False
+    if not needs_grad:
+        return runner(args, params), False
     if id(graph) not in eager_runners:
         from .backends.eager import EagerBackend
 
@@ -119,6 +123,27 @@ def run_with_autograd(backend, runner, graph, args: list, params: dict, eager_ru
     fixed = {k: p for k, p in params.items() if k not in set(names)}
     return list(_RecomputeGrad.apply(runner, eager_runners[id(graph)], len(args), names, fixed,
                                      *args, *(params[k] for k in names))), True
+
+
+def _autocast_on(args) -> bool:
+    """Whether torch.autocast is on for the device of these inputs."""
+    device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    try:
+        return torch.is_autocast_enabled(device)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return False
+
+
+@contextlib.contextmanager
+def _autocast_off(args):
+    """Trace with autocast off: the graph holds the module's own dtypes; under autocast the training runner's
+    torch ops cast at run time as the module's would (torch.export does not record autocast's casts)."""
+    device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    if not _autocast_on(args):
+        yield
+        return
+    with torch.autocast(device, enabled=False):
+        yield
 
 
 # Triton's interpreter (CPU tensors) patches module-level state while a kernel runs: one at a time per process
@@ -357,7 +382,7 @@ class CompiledModule(torch.nn.Module):
     # -- tracing ---------------------------------------------------------------------------------------
     def _trace(self, args: tuple, kwargs: dict | None = None) -> None:
         start = time.perf_counter()
-        with _progress(f"sessa_compiler: tracing {type(self._orig_mod).__name__}"):
+        with _progress(f"sessa_compiler: tracing {type(self._orig_mod).__name__}"), _autocast_off(args):
             self._traced = self._cached_trace(args, kwargs)
         args = tuple(self._traced.tensor_inputs(args, kwargs or {}))  # the graph's inputs
         graph = self._traced.graph

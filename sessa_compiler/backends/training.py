@@ -52,11 +52,22 @@ def describe_backward(backend: str) -> str:
         "semantics.backward's blocked torch"
 
 
+def _no_autocast(tensors):
+    """Core kernels compute in their own dtype (at least float32): autocast off inside them."""
+    device = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), "cpu")
+    return torch.autocast(device, enabled=False)
+
+
 class _CoreOp(torch.autograd.Function):
     """One core op: forward = the given kernel (no autograd inside), backward = the table's backward."""
 
     @staticmethod
     def forward(ctx, op, kernel, attrs, backend, *operands):
+        with _no_autocast(operands):
+            return _CoreOp._forward(ctx, op, kernel, attrs, backend, operands)
+
+    @staticmethod
+    def _forward(ctx, op, kernel, attrs, backend, operands):
         res = kernel(*operands)
         out, lse = res if isinstance(res, tuple) else (res, None)
         save, bwd = backward_for(backend, op)
@@ -73,7 +84,8 @@ class _CoreOp(torch.autograd.Function):
         bwd, attrs, dtypes = ctx.op_info
         it = iter(ctx.saved_tensors)
         saved = tuple(None if none else next(it) for none in ctx.layout)
-        grads = list(bwd(grad.contiguous(), saved, attrs))
+        with _no_autocast([grad]):
+            grads = list(bwd(grad.contiguous(), saved, attrs))
         grads += [None] * (len(dtypes) - len(grads))
         out = []
         for g, dt, need in zip(grads, dtypes, ctx.needs_input_grad[4:]):

@@ -28,43 +28,46 @@ ATTENTION_BLOCK = 128   # query rows whose probabilities are formed at once: [B,
 SCAN_CHUNK = 64         # scan steps recomputed at once by the scan backward
 
 
-def _causal_block(q_rows, k_cols, row0: int, scale: float, causal: bool):
-    """logits of query rows row0.. against key columns 0..: [B, H, rows, cols] (masked above the diagonal)."""
-    logits = torch.einsum("bthd,bshd->bhts", q_rows, k_cols) * scale
+def _block_logits(q_rows, k_cols, row0: int, scale: float, causal: bool):
+    """logits of query rows row0.. against key columns 0..: [B, H, rows, cols] from [B, H, *, d] operands; when
+    causal, the columns past each row's position (only the last ``rows`` columns hold any) are -inf."""
+    logits = torch.matmul(q_rows, k_cols.transpose(-1, -2)) * scale
     if causal:
-        i = torch.arange(row0, row0 + q_rows.shape[1], device=q_rows.device)[:, None]
-        j = torch.arange(k_cols.shape[1], device=q_rows.device)[None, :]
-        logits = logits.masked_fill(j > i, -math.inf)
+        rows = q_rows.shape[2]
+        above = torch.ones(rows, rows, dtype=torch.bool, device=q_rows.device).triu(1)
+        logits[..., row0:row0 + rows].masked_fill_(above, -math.inf)
     return logits
 
 
-def _prepare(q, k, v, inv_freq):
-    """q, k, v in the compute dtype, rotated (RoPE) and with k, v expanded to q's heads (GQA)."""
+def _heads_first(q, k, v, inv_freq):
+    """q, k, v as [B, H, T, d] in the compute dtype: rotated (RoPE) and with k, v expanded to q's heads (GQA)."""
     cd = compute_dtype(q.dtype)
     if inv_freq is not None:
         q, k = _rotate(q, inv_freq), _rotate(k, inv_freq)
-    q, k, v = q.to(cd), k.to(cd), v.to(cd)
     G = q.shape[2] // k.shape[2]
     if G > 1:
         k, v = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)
-    return q, k, v
+    return tuple(t.to(cd).transpose(1, 2).contiguous() for t in (q, k, v))
 
 
-def attention_lse(q, k, v, scale: float, causal: bool = True, inv_freq=None, block: int = ATTENTION_BLOCK):
+def attention_lse(q, k, v, scale: float, causal: bool = True, inv_freq=None, block: int = ATTENTION_BLOCK,
+                  with_out: bool = True):
     """(out, lse): attention_ref's output and each row's log-sum-exp of its logits [B, H, T], by query blocks
-    ([B, H, block, T] at a time). ``out`` is in q's dtype, ``lse`` in the compute dtype."""
-    qr, kr, vr = _prepare(q, k, v, inv_freq)
-    B, T, H, _ = qr.shape
-    out = torch.empty(*qr.shape[:3], vr.shape[3], dtype=qr.dtype, device=q.device)
-    lse = torch.empty(B, H, T, dtype=qr.dtype, device=q.device)
+    ([B, H, block, T] at a time). ``out`` is in q's dtype (None when with_out is False: only the lse, one
+    product per block), ``lse`` in the compute dtype."""
+    qh, kh, vh = _heads_first(q, k, v, inv_freq)
+    B, H, T, _ = qh.shape
+    out = torch.empty(B, H, T, vh.shape[3], dtype=qh.dtype, device=q.device) if with_out else None
+    lse = torch.empty(B, H, T, dtype=qh.dtype, device=q.device)
     for a in range(0, T, block):
         b = min(a + block, T)
         cols = b if causal else T
-        logits = _causal_block(qr[:, a:b], kr[:, :cols], a, scale, causal)
+        logits = _block_logits(qh[:, :, a:b], kh[:, :, :cols], a, scale, causal)
         m = logits.logsumexp(-1)                                    # [B, H, rows]
         lse[:, :, a:b] = m
-        out[:, a:b] = torch.einsum("bhts,bshd->bthd", torch.exp(logits - m[..., None]), vr[:, :cols])
-    return out.to(q.dtype), lse
+        if with_out:
+            torch.matmul(logits.sub_(m[..., None]).exp_(), vh[:, :, :cols], out=out[:, :, a:b])
+    return (out.transpose(1, 2).to(q.dtype) if with_out else None), lse
 
 
 def _unrotate(dx, inv_freq):
@@ -79,26 +82,27 @@ def attention_backward(grad, q, k, v, inv_freq, out, lse, scale: float, causal: 
     delta = rowsum(dO * O), dQ = scale dS K, dK += scale dS^T Q; then GQA sums dK, dV over each kv head's
     query group and RoPE applies the rotation's transpose to dQ and dK. Memory: [B, H, block, T] at a time.
     Results in the compute dtype (the caller casts to the operands' dtypes)."""
-    qr, kr, vr = _prepare(q, k, v, inv_freq)
-    cd = qr.dtype
-    do, o = grad.to(cd), out.to(cd)
-    B, T, H, _ = qr.shape
-    delta = (do * o).sum(-1).transpose(1, 2)                         # [B, H, T]
-    dq, dk, dv = torch.zeros_like(qr), torch.zeros_like(kr), torch.zeros_like(vr)
+    qh, kh, vh = _heads_first(q, k, v, inv_freq)
+    cd = qh.dtype
+    do = grad.to(cd).transpose(1, 2).contiguous()                    # [B, H, T, d]
+    B, H, T, _ = qh.shape
+    delta = (grad.to(cd) * out.to(cd)).sum(-1).transpose(1, 2)       # [B, H, T]
+    lse = lse.to(cd)
+    dq, dk, dv = torch.empty_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
     for a in range(0, T, block):
         b = min(a + block, T)
         cols = b if causal else T
-        p = torch.exp(_causal_block(qr[:, a:b], kr[:, :cols], a, scale, causal) - lse[:, :, a:b, None].to(cd))
-        dob = do[:, a:b]
-        dv[:, :cols] += torch.einsum("bhts,bthd->bshd", p, dob)
-        dp = torch.einsum("bthd,bshd->bhts", dob, vr[:, :cols])
-        ds = p * (dp - delta[:, :, a:b, None])
-        dq[:, a:b] = torch.einsum("bhts,bshd->bthd", ds, kr[:, :cols]) * scale
-        dk[:, :cols] += torch.einsum("bhts,bthd->bshd", ds, qr[:, a:b]) * scale
+        p = _block_logits(qh[:, :, a:b], kh[:, :, :cols], a, scale, causal).sub_(lse[:, :, a:b, None]).exp_()
+        dob = do[:, :, a:b]
+        dv[:, :, :cols] += torch.matmul(p.transpose(-1, -2), dob)
+        ds = torch.matmul(dob, vh[:, :, :cols].transpose(-1, -2)).sub_(delta[:, :, a:b, None]).mul_(p)
+        torch.matmul(ds, kh[:, :, :cols], out=dq[:, :, a:b])
+        dk[:, :, :cols] += torch.matmul(ds.transpose(-1, -2), qh[:, :, a:b])
+    dq, dk, dv = (t.transpose(1, 2) for t in (dq.mul_(scale), dk.mul_(scale), dv))
     Hkv = k.shape[2]
     if Hkv != H:
-        dk = dk.view(B, T, Hkv, H // Hkv, -1).sum(3)
-        dv = dv.view(B, T, Hkv, H // Hkv, -1).sum(3)
+        dk = dk.reshape(B, T, Hkv, H // Hkv, -1).sum(3)
+        dv = dv.reshape(B, T, Hkv, H // Hkv, -1).sum(3)
     return _unrotate(dq, inv_freq), _unrotate(dk, inv_freq), dv
 
 
@@ -165,8 +169,8 @@ def scan_backward(grad, u, delta, A, B, C, D, chunk: int = SCAN_CHUNK):
 def _save_attention(operands, out, attrs, lse=None):
     q, k, v, *rest = operands
     inv_freq = rest[0] if rest and attrs.get("rope", False) else None
-    if lse is None:  # the forward kernel did not return it: one blocked pass over the logits
-        lse = attention_lse(q, k, v, attrs["scale"], attrs["causal"], inv_freq)[1]
+    if lse is None:  # the forward kernel did not return it: one blocked pass over the logits (no product with v)
+        lse = attention_lse(q, k, v, attrs["scale"], attrs["causal"], inv_freq, with_out=False)[1]
     return (q, k, v, inv_freq, out, lse)
 
 

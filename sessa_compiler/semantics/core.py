@@ -129,15 +129,18 @@ FEEDBACK_GRAD_CHUNK = 64  # rows of the weights formed at once by the feedback b
 
 def _weights(q_rows, k_cols, row0: int, scale: float) -> torch.Tensor:
     """alpha[row0 + i, j] = softmax over j < row0 + i of q.k*scale (zero elsewhere; a row with no
-    predecessor is all zero): [B, rows, cols] in the compute dtype."""
-    rows, cols = q_rows.shape[1], k_cols.shape[1]
-    logits = torch.einsum("btc,bsc->bts", q_rows, k_cols) * scale
-    i = torch.arange(row0, row0 + rows, device=q_rows.device)[:, None]
-    j = torch.arange(cols, device=q_rows.device)[None, :]
-    strict = j < i
-    logits = logits.masked_fill(~strict, -math.inf)
-    logits = torch.where(strict.any(-1, keepdim=True), logits, torch.zeros_like(logits))  # row 0: no NaN
-    return torch.softmax(logits, dim=-1) * strict
+    predecessor is all zero): [B, rows, cols] in the compute dtype, for cols = row0 + rows (only the last
+    ``rows`` columns hold masked entries)."""
+    rows = q_rows.shape[1]
+    logits = torch.matmul(q_rows, k_cols.transpose(1, 2)).mul_(scale)
+    later = torch.ones(rows, rows, dtype=torch.bool, device=q_rows.device).triu()   # j >= i: not a predecessor
+    logits[..., row0:row0 + rows].masked_fill_(later, -math.inf)
+    if row0 == 0 and rows:
+        logits[:, 0, :] = 0.0            # row 0 has no predecessor: a finite row (no NaN), zeroed below
+    alpha = torch.softmax(logits, dim=-1)
+    if row0 == 0 and rows:
+        alpha[:, 0, :] = 0.0
+    return alpha
 
 
 def feedback_backward(grad_s, s, q_b, k_b, gamma, scale: float, chunk: int = FEEDBACK_GRAD_CHUNK):
