@@ -158,3 +158,19 @@ def test_a_training_step_at_T_16384_holds_no_T_by_T_tensor():
     assert recomputes == 0
     assert largest <= T * T // 32, largest      # blocks of [B, H, 128, T] and [B, 64, T], never [T, T]
     assert grown < dense // 4, f"the step grew the resident peak by {grown / 2**20:.0f} MiB"
+
+
+def test_the_training_example_follows_the_uncompiled_loss_curve(tmp_path):
+    """examples/train.py: a few AdamW steps through the compiled decoder give the uncompiled model's losses."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_example", os.path.join(ROOT, "examples", "train.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    losses, reference, compiled = example.train(steps=4, T=24, B=2, vocab=32, D=32, compare=True, progress=False)
+    assert compiled.grad_recomputes == 0
+    assert losses[-1] < losses[0]
+    for a, b in zip(losses, reference):
+        assert abs(a - b) <= 1e-4 * abs(b), (losses, reference)
+    example.plot(losses, reference, str(tmp_path / "loss.png"), "tvm")
+    assert (tmp_path / "loss.png").stat().st_size > 0
