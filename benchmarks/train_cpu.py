@@ -10,8 +10,8 @@ Variants (same weights, copied with load_state_dict(strict=True); loss = mean of
   sc tvm           sessa_compiler.compile(own layer, backend="tvm"): forward = TVM kernels of the core ops,
                    backward = the blocked backward kernels (backends/training.py); ordinary ops on torch
 Timing: one process, medians over reps of alternating steps (each rep runs every variant once, in turn).
-Peak memory: each variant's step once more in a fresh subprocess, ru_maxrss after minus before the step
-(the growth of the process's resident peak: what the step itself added).
+Peak memory: each variant's step once more in a fresh subprocess (Linux): the resident peak (VmHWM, reset
+through /proc/self/clear_refs just before the step) minus the resident size before it: what the step added.
 """
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ def make(name: str, D: int, heads: int, seed: int = 0):
 
 def peak_growth(name: str, D: int, heads: int, T: int, threads: int) -> float:
     """MiB the step adds to the resident peak, measured in a fresh process after one warm-up step at T=64."""
+    import resource  # noqa: F401  (Linux only: /proc/self/status and clear_refs)
     code = f"""
 import resource, sys, torch
 sys.path.insert(0, {ROOT!r})
@@ -72,9 +73,14 @@ from benchmarks.train_cpu import make
 step = make({name!r}, {D}, {heads})
 step(torch.randn(1, 64, {D}))
 x = torch.randn(1, {T}, {D})
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1])
+open("/proc/self/clear_refs", "w").write("5")   # resets the peak (VmHWM) to the current resident size
+before = status("VmRSS:")
 step(x)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+print((status("VmHWM:") - before) / 1024)
 """
     got = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=1800,
                          env={**os.environ, "PYTHONPATH": ROOT})
@@ -92,12 +98,19 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    ap.add_argument("--memory-only", action="store_true", help="only the peak-memory subprocesses")
     ap.add_argument("--out", default=None, help="append a markdown table to this file")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    steps = {v: make(v, args.D, args.heads) for v in args.variants}
     rows = []
-    for T in args.T:
+    if args.memory_only:
+        for T in args.T:
+            for v in args.variants:
+                rows.append({"T": T, "variant": v, "ms": float("nan"),
+                             "peak_MiB": peak_growth(v, args.D, args.heads, T, args.threads), "loss": None})
+                print(json.dumps(rows[-1]), flush=True)
+    steps = {} if args.memory_only else {v: make(v, args.D, args.heads) for v in args.variants}
+    for T in ([] if args.memory_only else args.T):
         x = torch.randn(1, T, args.D)
         losses = {v: s(x) for v, s in steps.items()}   # warm-up (and compile)
         times = {v: [] for v in steps}
@@ -118,7 +131,7 @@ def main(argv=None):
             f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n\n"
             f"`python benchmarks/train_cpu.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
             f"(SessaLayer({args.D}, n_heads={args.heads}), B=1, fp32, loss = mean of squares, median of "
-            f"{args.reps} alternating steps; peak = ru_maxrss growth of one step in a fresh process)\n\n"
+            f"{args.reps} alternating steps; peak = resident-peak growth of one step in a fresh process)\n\n"
             "| T | variant | fwd+bwd ms | peak growth MiB |\n|---|---|---|---|\n")
     table = "".join(f"| {r['T']} | {r['variant']} | {r['ms']:.0f} | {r['peak_MiB']:.0f} |\n" for r in rows)
     print(head + table)
