@@ -130,8 +130,9 @@ def main(argv=None):
             f"{os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads, load average "
             f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n\n"
             f"`python benchmarks/train_cpu.py {' '.join(argv if argv is not None else sys.argv[1:])}` "
-            f"(SessaLayer({args.D}, n_heads={args.heads}), B=1, fp32, loss = mean of squares, median of "
-            f"{args.reps} alternating steps; peak = resident-peak growth of one step in a fresh process)\n\n"
+            f"(SessaLayer({args.D}, n_heads={args.heads}), B=1, fp32, loss = mean of squares"
+            f"{'' if args.memory_only else f', median of {args.reps} alternating steps'}; peak = resident-peak growth "
+            "of one step in a fresh process)\n\n"
             "| T | variant | fwd+bwd ms | peak growth MiB |\n|---|---|---|---|\n")
     table = "".join(f"| {r['T']} | {r['variant']} | {r['ms']:.0f} | {r['peak_MiB']:.0f} |\n" for r in rows)
     print(head + table)
