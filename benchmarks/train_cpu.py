@@ -63,10 +63,10 @@ def make(name: str, D: int, heads: int, seed: int = 0):
 
 
 def peak_growth(name: str, D: int, heads: int, T: int, threads: int) -> float:
-    """MiB the step adds to the resident peak, measured in a fresh process after one warm-up step at T=64."""
-    import resource  # noqa: F401  (Linux only: /proc/self/status and clear_refs)
+    """MiB the step adds to the resident peak, measured in a fresh process after one warm-up step at T=64
+    (Linux: /proc/self/status and clear_refs)."""
     code = f"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {ROOT!r})
 torch.set_num_threads({threads})
 from benchmarks.train_cpu import make

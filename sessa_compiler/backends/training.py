@@ -22,7 +22,7 @@ import collections
 
 import torch
 
-from ..ir.graph import Graph, Node, Value
+from ..ir.graph import Graph, Value
 from ..semantics import SEMANTICS, bind_symbols, resolve, run_node
 from ..semantics.backward import BACKWARD, attention_lse
 
@@ -151,14 +151,5 @@ def training_runner(graph: Graph, kernels: dict, backend: str, stats: collection
     return run
 
 
-def kernel_nodes(graph: Graph, kernels: dict) -> dict:
-    """For explain(): how many core nodes of each op run a backend kernel forward vs. the torch forward."""
-    out = collections.Counter()
-    for n in graph.nodes:
-        if n.op in TRAIN_CORE_OPS:
-            out[(n.op, n in kernels)] += 1
-    return out
-
-
 __all__ = ["register_backward", "backward_for", "core_function", "training_runner", "describe_backward",
-           "TRAIN_CORE_OPS", "Node"]
+           "TRAIN_CORE_OPS"]

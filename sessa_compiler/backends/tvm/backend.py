@@ -322,7 +322,7 @@ class TVMBackend(Backend):
         tvm_ops = collections.Counter(item.node.op for item in plan if item.spec is not None)
         torch_ops = collections.Counter(item.node.op for item in plan if item.spec is None)
         lines = [f"backend tvm: target {self.target.attrs.get('mcpu', '?')} "
-                 f"({self.target.attrs.get('mtriple', '')}), {self._threads()} runtime threads, CPU tensors only, "
+                 f"({self.target.attrs.get('mtriple', '')}), {self._threads()} runtime threads, CPU tensors only "
                  "(gradients: see autograd below)"]
         lines.append("    TVM kernels (generated schedules; batch and sequence length symbolic, built once): " +
                      (", ".join(f"{op} x{c}" for op, c in sorted(tvm_ops.items())) or "none"))
