@@ -14,7 +14,7 @@ import torch.utils._pytree as pytree
 
 from . import progress
 from .backends import get_backend
-from .backends.base import CompileContext
+from .backends.base import Backend, CompileContext
 from .backends.eager import bind_symbols
 from .backends.shapes import sequence_length
 from .dtypes import from_torch, to_torch
@@ -94,16 +94,28 @@ class _RecomputeGrad(torch.autograd.Function):
 
 
 def run_with_autograd(backend, runner, graph, args: list, params: dict, eager_runners: dict) -> tuple:
-    """(outputs, whether autograd will recompute on eager) of a prepared graph. When autograd must see this call
-    and the backend is forward-only, the call is wrapped so that the backward recomputes on the eager interpreter
-    (_RecomputeGrad); eager_runners caches the eager runner per graph."""
-    if not torch.is_grad_enabled():
+    """(outputs, whether autograd will recompute on eager) of a prepared graph. When autograd must see this call,
+    a backend with a training runner (Backend.prepare_training: its forward and backward kernels for the core
+    ops, torch autograd for the rest; backends/training.py) runs it; a forward-only backend's call is wrapped so
+    that the backward recomputes on the eager interpreter (_RecomputeGrad). eager_runners caches the eager and
+    training runners per graph."""
+    autocast = _autocast_on(args)
+    if not torch.is_grad_enabled() and not autocast:
         return runner(args, params), False
-    if backend.resolve(args).differentiable:
+    resolved = backend.resolve(args)
+    if resolved.differentiable:
         return runner(args, params), False
     grad_args = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
     names = [k for k, p in params.items() if isinstance(p, torch.Tensor) and p.requires_grad]
-    if not grad_args and not names:
+    needs_grad = torch.is_grad_enabled() and (grad_args or names)
+    if not needs_grad and not autocast:
+        return runner(args, params), False
+    key = ("training", resolved.name, id(graph))
+    if key not in eager_runners:
+        eager_runners[key] = resolved.prepare_training(graph)
+    if eager_runners[key] is not None:   # under autocast its torch ops cast as the module's would
+        return eager_runners[key](args, params), False
+    if not needs_grad:
         return runner(args, params), False
     if id(graph) not in eager_runners:
         from .backends.eager import EagerBackend
@@ -112,6 +124,27 @@ def run_with_autograd(backend, runner, graph, args: list, params: dict, eager_ru
     fixed = {k: p for k, p in params.items() if k not in set(names)}
     return list(_RecomputeGrad.apply(runner, eager_runners[id(graph)], len(args), names, fixed,
                                      *args, *(params[k] for k in names))), True
+
+
+def _autocast_on(args) -> bool:
+    """Whether torch.autocast is on for the device of these inputs."""
+    device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    try:
+        return torch.is_autocast_enabled(device)
+    except (RuntimeError, TypeError):  # a device type autocast does not know
+        return False
+
+
+@contextlib.contextmanager
+def _autocast_off(args):
+    """Trace with autocast off: the graph holds the module's own dtypes; under autocast the training runner's
+    torch ops cast at run time as the module's would (torch.export does not record autocast's casts)."""
+    device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    if not _autocast_on(args):
+        yield
+        return
+    with torch.autocast(device, enabled=False):
+        yield
 
 
 # Triton's interpreter (CPU tensors) patches module-level state while a kernel runs: one at a time per process
@@ -339,7 +372,8 @@ class CompiledModule(torch.nn.Module):
     # -- tracing ---------------------------------------------------------------------------------------
     def _trace(self, args: tuple, kwargs: dict | None = None) -> None:
         start = time.perf_counter()
-        with _progress(f"sessa_compiler: tracing {type(self._orig_mod).__name__}", self.progress):
+        with _progress(f"sessa_compiler: tracing {type(self._orig_mod).__name__}", self.progress), \
+                _autocast_off(args):
             self._traced = self._cached_trace(args, kwargs)
         args = tuple(self._traced.tensor_inputs(args, kwargs or {}))  # the graph's inputs
         graph = self._traced.graph
@@ -632,7 +666,22 @@ class CompiledModule(torch.nn.Module):
         others = {op: c for op, c in counts.items() if OPS[op].kind != CORE and op != "fallback"}
         lines.append("  other ops: " + ", ".join(f"{op} x{c}" for op, c in sorted(others.items())))
         lines.append("  " + self._backend.describe(g))
-        if not self._backend.differentiable:
+        current = getattr(self._backend, "current", self._backend)  # auto: the backend it resolved last
+        if not self._backend.differentiable and type(current).prepare_training is not Backend.prepare_training:
+            from .backends.training import describe_backward
+
+            name = current.name
+            lines.append(f"  autograd: a call that needs gradients runs the graph with each core op (attention, feedback, "
+                         f"scan, tri_solve) as one autograd.Function: forward = the {name} kernel, backward = backward "
+                         f"kernels ({describe_backward(name)}); ordinary ops are torch ops differentiated by torch "
+                         "autograd. Saved: attention's q, k, v, output and row log-sum-exps [B, H, T] (computed by a "
+                         "blocked pass beside the forward kernel, which does not return them); feedback's q_b, k_b, "
+                         "gamma and solved output s (not f); scan's operands (its states are recomputed by chunks in "
+                         "the backward); tri_solve's A and solution. Recomputed in the backward: attention "
+                         "probabilities per 128-row query block from the lse, feedback weights per 64-row chunk "
+                         "(once). No tensor with two sequence dims (the T x T weights) is formed, except tri_solve's "
+                         "own operand. The eager interpreter is not used")
+        elif not self._backend.differentiable:
             lines.append(f"  autograd: the {self._backend.name} kernels run the forward; when a call needs gradients "
                          "(grad enabled and an input or parameter requires grad), the backward re-runs the graph on "
                          "the eager interpreter and differentiates that (recomputation); under torch.no_grad() "

@@ -59,10 +59,9 @@ def _worker(rank: int, port: int, out_dir: str, backend: str) -> None:
         dist.destroy_process_group()
 
 
-# eager: DDP's part (parameters, all-reduce hooks) does not depend on the backend, and the TVM/Triton
-# backward by recomputation is tested against autograd in tests/test_autograd.py; each rank would pay a
-# TVM build (about 15 s more on the shared 2-core machine)
-@pytest.mark.parametrize("backend", ["eager"])
+# eager, and tvm (its own training runner: core ops as autograd.Functions, backends/training.py; each rank
+# pays a TVM build). Triton's backward by recomputation is tested against autograd in tests/test_autograd.py
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
 def test_ddp_of_a_compiled_module_matches_uncompiled_ddp(tmp_path, backend):
     mp.start_processes(_worker, args=(_free_port(), str(tmp_path), backend), nprocs=WORLD, join=True,
                        start_method="spawn")

@@ -201,8 +201,8 @@ def test_unknown_option_is_a_config_error():
 
 @pytest.mark.parametrize("backend", ["eager", "tvm", "triton"])
 def test_training_steps_match_eager_and_read_live_weights(backend):
-    """Gradients flow through the compiled graph (TVM and Triton, on CPU tensors under its interpreter, run the
-    forward; the backward recomputes on eager), and the optimiser's in-place updates are seen by the next call:
+    """Gradients flow through the compiled graph (TVM trains through its own kernels, backends/training.py;
+    Triton, on CPU tensors under its interpreter, runs the forward and recomputes the backward on eager), and the optimiser's in-place updates are seen by the next call:
     three SGD steps equal eager's."""
     torch.manual_seed(0)
     module = SessaLayer(16, n_heads=2)

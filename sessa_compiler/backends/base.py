@@ -59,6 +59,11 @@ class Backend(abc.ABC):
         """Generated kernel source by IR value name ({} for a backend that generates none)."""
         return {}
 
+    def prepare_training(self, graph: Graph, ctx: CompileContext | None = None) -> Runner | None:
+        """A runner for calls that need gradients whose core ops run this backend's forward kernels and backward
+        kernels (backends/training.py), or None: compile() then recomputes the backward on eager."""
+        return None
+
     def resolve(self, inputs) -> Backend:
         """The backend that runs these inputs: itself, except for auto, which picks one per call."""
         return self

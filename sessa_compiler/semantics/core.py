@@ -129,52 +129,50 @@ FEEDBACK_GRAD_CHUNK = 64  # rows of the weights formed at once by the feedback b
 
 def _weights(q_rows, k_cols, row0: int, scale: float) -> torch.Tensor:
     """alpha[row0 + i, j] = softmax over j < row0 + i of q.k*scale (zero elsewhere; a row with no
-    predecessor is all zero): [B, rows, cols] in the compute dtype."""
-    rows, cols = q_rows.shape[1], k_cols.shape[1]
-    logits = torch.einsum("btc,bsc->bts", q_rows, k_cols) * scale
-    i = torch.arange(row0, row0 + rows, device=q_rows.device)[:, None]
-    j = torch.arange(cols, device=q_rows.device)[None, :]
-    strict = j < i
-    logits = logits.masked_fill(~strict, -math.inf)
-    logits = torch.where(strict.any(-1, keepdim=True), logits, torch.zeros_like(logits))  # row 0: no NaN
-    return torch.softmax(logits, dim=-1) * strict
+    predecessor is all zero): [B, rows, cols] in the compute dtype, for cols = row0 + rows (only the last
+    ``rows`` columns hold masked entries)."""
+    rows = q_rows.shape[1]
+    logits = torch.matmul(q_rows, k_cols.transpose(1, 2)).mul_(scale)
+    later = torch.ones(rows, rows, dtype=torch.bool, device=q_rows.device).triu()   # j >= i: not a predecessor
+    logits[..., row0:row0 + rows].masked_fill_(later, -math.inf)
+    if row0 == 0 and rows:
+        logits[:, 0, :] = 0.0            # row 0 has no predecessor: a finite row (no NaN), zeroed below
+    alpha = torch.softmax(logits, dim=-1)
+    if row0 == 0 and rows:
+        alpha[:, 0, :] = 0.0
+    return alpha
 
 
 def feedback_backward(grad_s, s, q_b, k_b, gamma, scale: float, chunk: int = FEEDBACK_GRAD_CHUNK):
     """Gradients (df, dq_b, dk_b, dgamma) of s = (I - diag(gamma) alpha)^-1 f given ds, in the compute dtype.
 
-    df = (I - diag(gamma) alpha)^-T ds by backward substitution over row chunks (last chunk first): each
-    chunk solves its diagonal block and pushes its contribution to all earlier rows. Then per chunk, with
-    c = alpha @ s: dgamma = df . c, and through the softmax P = gamma * alpha * (df.s^T - dgamma),
-    dq_b = scale * P @ k_b, dk_b += scale * P^T @ q_b."""
+    One sweep over row chunks, last chunk first, forming each chunk's weights alpha [B, chunk, T] once:
+    df = (I - diag(gamma) alpha)^-T ds by backward substitution (the chunk solves its diagonal block, then
+    pushes its contribution to all earlier rows); with the chunk's df known, c = alpha @ s gives
+    dgamma = df . c, and through the softmax P = gamma * alpha * (df.s^T - dgamma), dq_b = scale * P @ k_b,
+    dk_b += scale * P^T @ q_b. Extra memory O(B*T*(D + chunk)): no T x T matrix."""
     cd = compute_dtype(s.dtype)
     ds, s, q, k, g = (t.to(cd) for t in (grad_s, s, q_b, k_b, gamma))
     T = s.shape[1]
-    starts = list(range(0, T, chunk))
     acc = ds.clone()      # ds plus the contributions of later rows: [B, T, D]
     df = torch.empty_like(acc)
+    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    dgamma = torch.empty_like(g)
     eye = None
-    for a in reversed(starts):
+    for a in reversed(range(0, T, chunk)):
         b = min(a + chunk, T)
         alpha = _weights(q[:, a:b], k[:, :b], a, scale)           # [B, rows, b]
         ga = g[:, a:b, None] * alpha
         m = -ga[:, :, a:b]                                          # the diagonal block of I - G*alpha, minus I
         if eye is None or eye.shape[0] != b - a:
             eye = torch.eye(b - a, dtype=cd, device=s.device)
-        df[:, a:b] = torch.linalg.solve_triangular((eye + m).transpose(1, 2), acc[:, a:b], upper=True,
-                                                   unitriangular=True)
+        dfa = torch.linalg.solve_triangular((eye + m).transpose(1, 2), acc[:, a:b], upper=True, unitriangular=True)
+        df[:, a:b] = dfa
         if a:
-            acc[:, :a] += ga[:, :, :a].transpose(1, 2) @ df[:, a:b]
-    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
-    dgamma = torch.empty_like(g)
-    for a in starts:
-        b = min(a + chunk, T)
-        alpha = _weights(q[:, a:b], k[:, :b], a, scale)
-        dfa = df[:, a:b]
-        c = alpha @ s[:, :b]
-        dg = (dfa * c).sum(-1)
+            acc[:, :a] += ga[:, :, :a].transpose(1, 2) @ dfa
+        dg = (dfa * (alpha @ s[:, :b])).sum(-1)
         dgamma[:, a:b] = dg
-        p = g[:, a:b, None] * alpha * (dfa @ s[:, :b].transpose(1, 2) - dg[..., None])
+        p = ga * (dfa @ s[:, :b].transpose(1, 2) - dg[..., None])
         dq[:, a:b] = scale * (p @ k[:, :b])
         dk[:, :b] += scale * (p.transpose(1, 2) @ q[:, a:b])
     return df, dq, dk, dgamma

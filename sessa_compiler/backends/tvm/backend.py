@@ -89,7 +89,7 @@ class TVMBackend(Backend):
     """compile(module, backend="tvm"): CPU tensors, generated TVM kernels for the core ops."""
 
     name = "tvm"
-    differentiable = False  # forward kernels only: compile() differentiates by recomputation on eager
+    differentiable = False  # autograd through its kernels: prepare_training (backends/training.py)
 
     def __init__(self, target=None, schedules: dict | None = None, feedback_chunk_size: int | None = None,
                  print_ir: bool | None = None, whole_graph: bool | None = None, decode_kernels: bool = False):
@@ -297,13 +297,45 @@ class TVMBackend(Backend):
         run.stats = stats
         return run
 
+    def prepare_training(self, graph: Graph, ctx: CompileContext | None = None):
+        """The runner for calls that need gradients (backends/training.py): each core op's forward is its TVM
+        kernel (the same generated kernel as the forward-only runner), its backward the blocked kernels of
+        semantics/backward.py; the ordinary ops run through torch, which differentiates them."""
+        from ..training import training_runner
+
+        if id(graph) not in self.resolved:
+            self.resolve_schedules(graph, ctx)
+        kernels = {}
+        for item in self.plan(graph):
+            if item.spec is None:
+                continue
+            call = KernelCall(build(item.spec, self.target), self.stats)
+            node = item.node
+            if node.op == "attention" and not node.attrs.get("rope", False):
+                kernels[node] = lambda q, k, v, *rest, call=call: call(q, k, v)
+            elif node.op == "tri_solve":
+                kernels[node] = lambda A, b, call=call, upper=node.attrs["upper"]: call(A, b, upper=upper)
+            else:
+                kernels[node] = call
+        with_kernels = training_runner(graph, kernels, self.name, self.stats)
+        on_torch = training_runner(graph, {}, self.name, self.stats)  # empty inputs: TVM needs one row
+
+        def run(inputs, params):
+            for x in inputs:
+                if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+                    raise UnsupportedError(f"backend 'tvm' runs on CPU tensors; got a tensor on {x.device}: "
+                                           "move the module and inputs to the CPU, or use backend 'eager'")
+            empty = any(isinstance(x, torch.Tensor) and x.numel() == 0 for x in inputs)
+            return (on_torch if empty else with_kernels)(inputs, params)
+        return run
+
     def describe(self, graph: Graph) -> str:
         plan = self.plan(graph)
         tvm_ops = collections.Counter(item.node.op for item in plan if item.spec is not None)
         torch_ops = collections.Counter(item.node.op for item in plan if item.spec is None)
         lines = [f"backend tvm: target {self.target.attrs.get('mcpu', '?')} "
-                 f"({self.target.attrs.get('mtriple', '')}), {self._threads()} runtime threads, CPU tensors only, "
-                 "forward kernels only (gradients: recomputed on eager, see autograd below)"]
+                 f"({self.target.attrs.get('mtriple', '')}), {self._threads()} runtime threads, CPU tensors only "
+                 "(gradients: see autograd below)"]
         lines.append("    TVM kernels (generated schedules; batch and sequence length symbolic, built once): " +
                      (", ".join(f"{op} x{c}" for op, c in sorted(tvm_ops.items())) or "none"))
         for item in plan:
