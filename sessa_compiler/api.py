@@ -5,6 +5,7 @@ import collections
 import contextlib
 import importlib.util
 import inspect
+import sys
 import threading
 import time
 import warnings
