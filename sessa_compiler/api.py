@@ -563,9 +563,11 @@ class CompiledModule(torch.nn.Module):
     def _validate(self, args, kwargs, outs, graph) -> None:
         with torch.no_grad():
             ref = pytree.tree_leaves(self._orig_mod(*args, **kwargs))
+        worst = 0.0  # the largest error over the allowed, for explain()
         for i, (o, r) in enumerate(zip(outs, ref)):
             err = relative_error(o, r)
             tol = TOLERANCE.get(r.dtype, 0.0)
+            worst = max(worst, err / tol if tol else 0.0)
             if err > tol:
                 v = graph.outputs[i]
                 producer = v.producer.op if v.producer is not None else "input"
@@ -574,6 +576,8 @@ class CompiledModule(torch.nn.Module):
                     f"output {i} (%{v.name}, produced by op '{producer}') differs from the original module: "
                     f"max abs error / max abs reference = {err:.3e} > {tol:.0e} allowed for {r.dtype} "
                     f"(backend {self._backend.name}; core ops in the graph: {', '.join(core) or 'none'})")
+        calls, before = self.__dict__.get("_validated", (0, 0.0))  # for explain(): the checks that passed
+        self._validated = (calls + 1, max(before, worst))
 
     # -- reporting -------------------------------------------------------------------------------------
     def explain(self) -> str:
@@ -608,6 +612,11 @@ class CompiledModule(torch.nn.Module):
         others = {op: c for op, c in counts.items() if OPS[op].kind != CORE and op != "fallback"}
         lines.append("  other ops: " + ", ".join(f"{op} x{c}" for op, c in sorted(others.items())))
         lines.append("  " + self._backend.describe(g))
+        if self.validate:
+            calls, worst = self.__dict__.get("_validated", (0, 0.0))
+            lines.append(f"  validate=True: {calls} call(s) checked against the original module, all within the "
+                         f"spec's tolerance (worst error {worst:.2g} of the allowed)" if calls else
+                         "  validate=True: no call checked yet (each call is compared with the original module)")
         if not self._backend.differentiable:
             lines.append(f"  autograd: the {self._backend.name} kernels run the forward; when a call needs gradients "
                          "(grad enabled and an input or parameter requires grad), the backward re-runs the graph on "

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 # Top-level modules and the layer each belongs to; a subpackage is its own layer. A new top-level module
 # must be placed here (test_every_module_has_a_layer).
 LAYER_OF = {
-    "errors": "base", "tolerance": "base", "_version": "base", "timing": "base",
+    "errors": "base", "tolerance": "base", "_version": "base", "timing": "base", "progress": "base",
     "persistent_cache": "base",  # cache directory, hashing, versions: shared by the three persistent caches
     "dtypes": "ir",              # IR dtypes <-> torch dtypes
     "library": "models",         # the torch custom ops that models call (torch.ops.sessa_compiler.*)
