@@ -36,7 +36,7 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 # `pytest -m smoke`: a quick subset touching every area (IR, models, frontend, passes, each backend, both
-# exports, serving, tuning cache, CLI, packaging and layering), under 2 minutes on a 2-core CPU. Chosen
+# exports, serving, tuning cache, CLI, packaging and layering). Chosen
 # here by name so that the list is one place; a name that no longer matches fails the smoke run.
 SMOKE = {
     "test_architecture.py": None,  # None: every test of the file

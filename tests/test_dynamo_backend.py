@@ -61,8 +61,8 @@ class MLP(torch.nn.Module):
 
 def _reference_layer():
     if not os.environ.get("SESSA_REFERENCE_DIR"):
-        pytest.skip("set SESSA_REFERENCE_DIR to the directory holding the public reference's sessa package "
-                    "(not shipped with this repository)")
+        pytest.skip("the public reference implementation is not shipped here: "
+                    "git clone https://github.com/LibratioAI/sessa and set SESSA_REFERENCE_DIR to the clone (docs/testing.md)")
     sys.path.insert(0, os.environ["SESSA_REFERENCE_DIR"])
     from sessa import SessaLayer as RefLayer
 
