@@ -310,3 +310,11 @@ def test_inductor_failure_runs_the_graph_as_torch_code(monkeypatch):
         got = compiled(x)
     with torch.no_grad():
         assert torch.equal(got, module(x))
+
+
+def test_reports_take_slices_and_stay_bounded():
+    from sessa_compiler.dynamo import ReportLog, reports
+
+    assert isinstance(reports, ReportLog) and reports.maxlen == 64
+    log = ReportLog([1, 2, 3], maxlen=2)
+    assert log[-2:] == [2, 3] and log[0] == 2 and list(log) == [2, 3]
