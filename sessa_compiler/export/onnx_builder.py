@@ -25,6 +25,11 @@ NUMPY_DTYPE = {k: np.dtype(v).type for k, v in NUMPY_NAME.items()}
 INT64_MAX = 2**63 - 1
 
 
+def out_dtype(node, i: int = 0) -> str:
+    """The IR dtype name of a node's i-th output."""
+    return node.outputs[i].type.dtype.name
+
+
 class OnnxExportError(SessaCompilerError):
     """The IR graph could not be lowered to standard ONNX (names the op and why)."""
 

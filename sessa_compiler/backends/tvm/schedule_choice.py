@@ -190,7 +190,6 @@ def tuning_kernel(backend, node, operands: list, seq_len: int) -> TunableKernel:
     from ...dtypes import to_torch
     from ...tolerance import TOLERANCE
     from ..eager import run_graph
-    from .backend import TVMBackend
 
     mini, _ = single_op_graph(node)
     target = backend.target
@@ -203,7 +202,7 @@ def tuning_kernel(backend, node, operands: list, seq_len: int) -> TunableKernel:
             sched = tvm_schedule(node, config, target)
             if sched is None:
                 raise SessaCompilerError(f"schedule {config} is not valid for {kernel_name(node)}")
-            runner = TVMBackend(target=target, schedules={node.op: sched}, whole_graph=False).prepare(mini)
+            runner = type(backend)(target=target, schedules={node.op: sched}, whole_graph=False).prepare(mini)
             runners[key] = runner
         with torch.no_grad():
             return runner(operands, {})[0]
