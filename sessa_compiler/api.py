@@ -17,7 +17,7 @@ from .backends import get_backend
 from .backends.base import CompileContext
 from .backends.eager import bind_symbols
 from .backends.shapes import sequence_length
-from .dtypes import from_torch, to_torch
+from .ir.dtypes import from_torch, to_torch
 from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
 from .frontend.trace import Traced, check_keywords, trace_with_report
 from .ir.ops import CORE, OPS

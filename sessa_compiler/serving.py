@@ -34,9 +34,9 @@ import torch.nn.functional as F
 import torch.utils._pytree as pytree
 
 from .backends.base import CompileContext
-from .dtypes import compute_dtype
+from .ir.dtypes import compute_dtype
 from .semantics import FACTORIES, SEMANTICS, bind_symbols, resolve
-from .dtypes import to_torch
+from .ir.dtypes import to_torch
 from .errors import InputError, IRError, SessaCompilerError, TraceError, UnsupportedError
 from .ir.graph import Graph, Value
 from .tolerance import TOLERANCE, relative_error

@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parent.parent / PACKAGE
 LAYER_OF = {
     "errors": "base", "tolerance": "base", "_version": "base", "timing": "base", "progress": "base",
     "persistent_cache": "base",  # cache directory, hashing, versions: shared by the three persistent caches
-    "dtypes": "ir",              # IR dtypes <-> torch dtypes
     "library": "models",         # the torch custom ops that models call (torch.ops.sessa_compiler.*)
     "api": "api", "serving": "api", "compile_cache": "api",
     "op_registry": "export",     # reads every target's op tables, the exports' included (coverage matrix)

@@ -14,7 +14,7 @@ import sympy
 import torch
 from onnx import TensorProto, helper
 
-from ..dtypes import NUMPY_NAME
+from ..ir.dtypes import NUMPY_NAME
 from ..errors import SessaCompilerError, UnsupportedError
 
 ONNX_DTYPE = {"f64": TensorProto.DOUBLE, "f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16,

@@ -179,7 +179,7 @@ def via_torch_exporter(L, node: Node) -> list:
     from torch.export import Dim
 
     from ..semantics import fill_refs, resolve_target
-    from ..dtypes import to_torch
+    from ..ir.dtypes import to_torch
 
     target = node.attrs["target"]
     outs = ", ".join("%" + v.name for v in node.outputs)

@@ -13,7 +13,7 @@ import numpy as np
 import sympy
 import torch
 
-from ..dtypes import from_torch, to_torch
+from ..ir.dtypes import from_torch, to_torch
 from ..ir.graph import Graph, Node, Value
 from ..ir.types import DType
 from .onnx_builder import INT64_MAX, NUMPY_DTYPE, GraphBuilder, OnnxExportError, OnnxUnsupportedOpError, tensor_proto

@@ -29,7 +29,7 @@ def _cd(dtype: str) -> str:
 
 
 def _dt(t: torch.dtype) -> str:
-    from ..dtypes import from_torch
+    from ..ir.dtypes import from_torch
 
     return from_torch(t).name
 

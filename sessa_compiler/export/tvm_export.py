@@ -18,7 +18,7 @@ import shutil
 
 import numpy as np
 
-from ..dtypes import NUMPY_NAME as _NUMPY_DTYPE
+from ..ir.dtypes import NUMPY_NAME as _NUMPY_DTYPE
 from ..errors import UnsupportedError
 from .tvm_runtime import FORMAT, MANIFEST, load_tvm  # noqa: F401  (re-exported)
 from .tvm_runtime import manifest_dim as _dim

@@ -13,7 +13,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..dtypes import from_torch
+from ..ir.dtypes import from_torch
 from ..errors import TraceError
 from ..ir.graph import Graph, Value
 from ..ir.ops import UNARY, ArgRef

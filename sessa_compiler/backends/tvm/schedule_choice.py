@@ -187,7 +187,7 @@ def _schedule_text(cfg: dict) -> str:
 def tuning_kernel(backend, node, operands: list, seq_len: int) -> TunableKernel:
     """Each candidate schedule builds the op's kernel (in-process build cache) and runs it through the TVM
     backend's hybrid runner on a one-op graph; the reference is the eager backend on the same operands."""
-    from ...dtypes import to_torch
+    from ...ir.dtypes import to_torch
     from ...tolerance import TOLERANCE
     from ..eager import run_graph
 
