@@ -262,7 +262,7 @@ def export_report(fmt: str, path, result) -> list:
              f"dynamic dims: {', '.join(dynamic) if dynamic else 'none (fixed shapes)'}"]
     runs = getattr(result, "validation", None)
     if fmt == "onnx" and runs:
-        worst = max((max(r["errors"], default=0.0) for r in runs), default=0.0)
+        worst = max((max(r.get("errors", [r.get("error", 0.0)]), default=0.0) for r in runs), default=0.0)
         lines.append(f"validated in onnxruntime against the module on {len(runs)} input sets "
                      f"({'; '.join(str(r['shapes']) for r in runs)}): max error {worst:.1e}")
     elif fmt == "onnx":
