@@ -178,3 +178,20 @@ def test_console_script_is_installed():
     assert script.exists(), f"pip install did not create {script}"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "compile,explain,export,tune,bench" in out.stdout.replace(" ", "")
+
+
+def test_the_package_loads_lazily_only_when_torch_is_not_imported_yet():
+    """`import torch, sessa_compiler` registers the custom ops at once (as always); `import sessa_compiler`
+    alone imports no torch until a name of the package is used."""
+    probe = ("import sys\n"
+             "import sessa_compiler as sc\n"
+             "print('alone', 'torch' in sys.modules)\n"
+             "sc.compile\n"
+             "import torch\n"
+             "print('used', hasattr(torch.ops.sessa_compiler, 'feedback'))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["alone", "False", "used", "True"], out.stderr
+    probe = ("import sys, torch, sessa_compiler\n"
+             "print(hasattr(torch.ops.sessa_compiler, 'attention'), 'sessa_compiler.dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "True"], out.stderr
