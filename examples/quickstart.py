@@ -16,7 +16,7 @@ import torch
 import sessa_compiler as sc
 from sessa_compiler.api import relative_error
 from sessa_compiler.models import SessaLayer
-from sessa_compiler.timing import median_ms
+from sessa_compiler.timing import MAX_SPREAD, ratio, time_alternating
 
 
 def default_backends(device) -> list:
@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--T", type=int, default=512)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=9, help="timed calls per variant, the variants in turns")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -44,11 +45,11 @@ def main():
     x = torch.randn(args.batch, args.T, args.D, device=device)
     backends = args.backends.split(",") if args.backends else default_backends(device)
 
-    timings = {}
+    compiled_by_backend = {}
     with torch.no_grad():
-        eager_ms = median_ms(model, x)
         for name in backends:
             start = time.perf_counter()
+            print(f"=== backend {name}: tracing and building (seconds on a first run) ...", flush=True)
             compiled = sc.compile(model, (x[:, :8],), backend=name, validate=True)
             compiled(x[:, :8])  # builds kernels on first use
             print(f"=== backend {name}: traced and built in {time.perf_counter() - start:.1f} s")
@@ -59,8 +60,10 @@ def main():
                 err = relative_error(compiled(xt), model(xt))
                 print(f"  T={T:5d}: max abs error / max abs reference = {err:.2e} (spec allows 1e-4 in float32)")
             compiled.validate = False
-            timings[name] = median_ms(compiled, x)
+            compiled_by_backend[name] = compiled
             print()
+        variants = {"eager PyTorch module": model, **{f"compiled, {n}": c for n, c in compiled_by_backend.items()}}
+        timings = time_alternating(variants, x, repeats=args.repeats)
 
     print("IR core ops:")
     for line in str(compiled.graph).splitlines():
@@ -68,10 +71,16 @@ def main():
             print("  " + line.strip())
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"\ntiming, SessaLayer D={args.D} H={args.heads} Hkv={args.kv_heads}, B={args.batch} T={args.T} float32, "
-          f"{where}, {time.strftime('%Y-%m-%d')} (median of 5):")
-    print(f"  eager PyTorch module: {eager_ms:8.1f} ms")
-    for name, ms in timings.items():
-        print(f"  compiled, {name:6s}:      {ms:8.1f} ms  ({eager_ms / ms:.2f}x the eager module)")
+          f"{where}, {time.strftime('%Y-%m-%d')}: median and quartiles of {args.repeats} calls each, the variants "
+          "in turns")
+    base = timings["eager PyTorch module"]
+    for name, t in timings.items():
+        line = f"  {name:22s} {t}"
+        if t is not base:
+            r = ratio(base, t)
+            line += (f"  {r:.2f}x the eager module" if r is not None else
+                     f"  no ratio: spread {max(base.spread, t.spread):.0%} > {MAX_SPREAD:.0%} (a busy machine?)")
+        print(line)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,45 @@
 """sessa_compiler: compile Sessa models (and Transformer / Mamba baselines) into fast, exportable kernels."""
 from .errors import (ArtifactError, ConfigError, InputError, IRError, ParseError, SessaCompilerError, TraceError,
                      UnsupportedError, ValidationError)
-from .api import CompiledModule, compile, tune
-from .frontend import trace
-from .ir import parse
-from . import library  # noqa: F401  (registers torch.ops.sessa_compiler.attention, .feedback, .selective_scan)
-
 from ._version import __version__
-from . import dynamo as _dynamo
 
-_dynamo.register()  # torch.compile(module, backend="sessa")
+import importlib as _importlib
+import sys as _sys
+
+# What needs torch loads on first use: ``import sessa_compiler`` in a program that has imported torch loads
+# it at once (registering torch.ops.sessa_compiler.* and the "sessa" torch.compile backend, as before);
+# without torch (the command line's --help and --version) nothing heavy is imported until a name is used.
+_LAZY = {"CompiledModule": "api", "compile": "api", "tune": "api", "trace": "frontend", "parse": "ir"}
+_loaded = False
+
+
+def _load() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    from . import library  # noqa: F401  (registers torch.ops.sessa_compiler.attention, .feedback, .selective_scan)
+    from . import dynamo
+
+    for name, module in _LAZY.items():
+        globals()[name] = getattr(_importlib.import_module(f"{__name__}.{module}"), name)
+    dynamo.register()  # torch.compile(module, backend="sessa")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        _load()
+        return globals()[name]
+    try:  # a submodule not imported yet (sessa_compiler.models, ...)
+        module = _importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    _load()
+    return module
+
+
+if "torch" in _sys.modules:
+    _load()
 
 
 def export_onnx(module, example_inputs, path, *, opset=None, dynamic=True, validate=True, method="forward"):
@@ -19,9 +49,14 @@ def export_onnx(module, example_inputs, path, *, opset=None, dynamic=True, valid
 
     Needs the optional packages onnx and onnxruntime; see sessa_compiler.export.onnx_export.export_onnx.
     """
+    _load()
     from .export.onnx_export import export_onnx as _export_onnx
+    from .progress import progress
 
-    return _export_onnx(module, example_inputs, path, opset=opset, dynamic=dynamic, validate=validate, method=method)
+    steps = "trace, lower, check" + (", validate in onnxruntime" if validate else "")
+    with progress(f"sessa_compiler: exporting {type(module).__name__}.{method} to ONNX ({steps})"):
+        return _export_onnx(module, example_inputs, path, opset=opset, dynamic=dynamic, validate=validate,
+                            method=method)
 
 
 def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu_source=None, method="forward"):
@@ -32,9 +67,13 @@ def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu
     source for those targets into path/gpu/. method="decode_step" exports the serving step instead
     (see export/tvm_serving.py). Needs apache-tvm; see sessa_compiler.export.tvm_export.
     """
+    _load()
     from .export.tvm_export import export_tvm as _export_tvm
+    from .progress import progress
 
-    return _export_tvm(module, example_inputs, path, target, schedules=schedules, gpu_source=gpu_source, method=method)
+    with progress(f"sessa_compiler: exporting {type(module).__name__}.{method} to a TVM library (trace, lower, build)"):
+        return _export_tvm(module, example_inputs, path, target, schedules=schedules, gpu_source=gpu_source,
+                           method=method)
 
 
 def load_tvm(path):

@@ -18,7 +18,7 @@ from .backends import get_backend
 from .backends.base import Backend, CompileContext
 from .backends.eager import bind_symbols
 from .backends.shapes import sequence_length
-from .dtypes import from_torch, to_torch
+from .ir.dtypes import from_torch, to_torch
 from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
 from .frontend.trace import Traced, check_keywords, trace_with_report
 from .ir.ops import CORE, OPS
@@ -603,9 +603,11 @@ class CompiledModule(torch.nn.Module):
     def _validate(self, args, kwargs, outs, graph) -> None:
         with torch.no_grad():
             ref = pytree.tree_leaves(self._orig_mod(*args, **kwargs))
+        worst = 0.0  # the largest error over the allowed, for explain()
         for i, (o, r) in enumerate(zip(outs, ref)):
             err = relative_error(o, r)
             tol = TOLERANCE.get(r.dtype, 0.0)
+            worst = max(worst, err / tol if tol else 0.0)
             if err > tol:
                 v = graph.outputs[i]
                 producer = v.producer.op if v.producer is not None else "input"
@@ -614,6 +616,8 @@ class CompiledModule(torch.nn.Module):
                     f"output {i} (%{v.name}, produced by op '{producer}') differs from the original module: "
                     f"max abs error / max abs reference = {err:.3e} > {tol:.0e} allowed for {r.dtype} "
                     f"(backend {self._backend.name}; core ops in the graph: {', '.join(core) or 'none'})")
+        calls, before = self.__dict__.get("_validated", (0, 0.0))  # for explain(): the checks that passed
+        self._validated = (calls + 1, max(before, worst))
 
     # -- reporting -------------------------------------------------------------------------------------
     def _cache_report(self) -> str:
@@ -667,6 +671,11 @@ class CompiledModule(torch.nn.Module):
         others = {op: c for op, c in counts.items() if OPS[op].kind != CORE and op != "fallback"}
         lines.append("  other ops: " + ", ".join(f"{op} x{c}" for op, c in sorted(others.items())))
         lines.append("  " + self._backend.describe(g))
+        if self.validate:
+            calls, worst = self.__dict__.get("_validated", (0, 0.0))
+            lines.append(f"  validate=True: {calls} call(s) checked against the original module, all within the "
+                         f"spec's tolerance (worst error {worst:.2g} of the allowed)" if calls else
+                         "  validate=True: no call checked yet (each call is compared with the original module)")
         current = getattr(self._backend, "current", self._backend)  # auto: the backend it resolved last
         if not self._backend.differentiable and type(current).prepare_training is not Backend.prepare_training:
             from .backends.training import describe_backward

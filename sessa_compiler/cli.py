@@ -3,6 +3,9 @@
 A model is one of ours (``--model sessa|mamba|transformer|decoder`` with size options) or any
 module (``--module package.module:Class`` with ``--kwargs '{"D": 64}'``), optionally loading weights
 from a state_dict file (``--weights file.pt``, loaded with ``weights_only=True``).
+
+Nothing heavy is imported at module level: ``--help`` and ``--version`` answer without importing torch
+(the package's ``__init__`` is lazy when torch is not yet imported); each command imports what it needs.
 """
 from __future__ import annotations
 
@@ -13,13 +16,46 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from .errors import ConfigError, SessaCompilerError
-from .timing import median_ms
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_NAMES = ("bfloat16", "float16", "float32", "float64")
 BACKENDS = ("auto", "eager", "triton", "tvm")
+# Distributions whose versions --version lists (read from the installed metadata: nothing is imported)
+COMPONENTS = ("torch", "numpy", "triton", "apache-tvm", "onnx", "onnxscript", "onnxruntime")
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def versions() -> str:
+    """sessa-compiler's version, then one line per component: its installed version or 'not installed'."""
+    import importlib.metadata as md
+    import platform
+
+    from ._version import __version__
+
+    lines = [f"sessa-compiler {__version__}"]
+    for name in COMPONENTS:
+        try:
+            lines.append(f"  {name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            lines.append(f"  {name}: not installed")
+    lines.append(f"  python {platform.python_version()} ({sys.executable})")
+    return "\n".join(lines)
+
+
+class _Status:
+    """One line on stderr before a step that may take seconds, on a terminal only (pipes stay clean)."""
+
+    def __call__(self, message: str) -> None:
+        if sys.stderr.isatty():
+            print(f"sessa-compiler: {message} ...", file=sys.stderr, flush=True)
+
+
+status = _Status()
 
 
 def _positive(text: str) -> int:
@@ -49,7 +85,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--vocab", type=_positive, default=256, help="decoder vocabulary size")
     g.add_argument("--batch", type=_positive, default=2, help="batch size of the example input")
     g.add_argument("--T", type=_positive, default=64, help="sequence length of the example input")
-    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the model and its input")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="dtype of the model and its input")
     g.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
 
 
@@ -66,6 +102,8 @@ def _kwargs(a) -> dict:
 
 
 def _module_class(spec: str):
+    import torch
+
     mod_name, _, cls_name = spec.partition(":")
     if not mod_name or not cls_name:
         raise ConfigError(f"--module expects package.module:Class (e.g. mypkg.layers:MyLayer), got {spec!r}")
@@ -85,6 +123,8 @@ def _module_class(spec: str):
 
 
 def build_model(a) -> tuple:
+    import torch
+
     from . import models
 
     torch.manual_seed(a.seed)
@@ -120,11 +160,13 @@ def build_model(a) -> tuple:
         except Exception as e:  # noqa: BLE001 - a bad file or mismatched keys: the user's input, said in one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"--weights {a.weights!r} does not load into {type(model).__name__}: {first}") from None
-    model = model.to(DTYPES[a.dtype]).eval()
+    model = model.to(_dtype(a.dtype)).eval()
     return model, make_input(model, a, a.T)
 
 
-def make_input(model, a, T: int) -> torch.Tensor:
+def make_input(model, a, T: int):
+    import torch
+
     from .models import Decoder
 
     if isinstance(model, Decoder):
@@ -132,16 +174,20 @@ def make_input(model, a, T: int) -> torch.Tensor:
     width = a.D
     if a.module:
         width = _kwargs(a).get("D", a.D)
-    return torch.randn(a.batch, T, width).to(DTYPES[a.dtype])
+    return torch.randn(a.batch, T, width).to(_dtype(a.dtype))
 
 
 # -- subcommands ------------------------------------------------------------------------------------
 def cmd_compile(a) -> int:
-    from . import compile as sc_compile
+    import torch
+
+    from .api import compile as sc_compile
     from .tolerance import TOLERANCE, relative_error
 
+    status("building the model")
     model, x = build_model(a)
     start = time.perf_counter()
+    status(f"compiling {type(model).__name__} (tracing, then building the {a.backend} backend's program)")
     compiled = sc_compile(model, (x,), backend=a.backend)
     print(f"compiled {type(model).__name__} with backend {compiled.backend} in {time.perf_counter() - start:.2f} s")
     worst = 0.0
@@ -151,7 +197,7 @@ def cmd_compile(a) -> int:
             err = relative_error(compiled(xt), model(xt))
             worst = max(worst, err)
             print(f"  T={T}: max abs error / max abs reference = {err:.2e}")
-    tol = TOLERANCE.get(DTYPES[a.dtype], 0.0)
+    tol = TOLERANCE.get(_dtype(a.dtype), 0.0)
     print(f"validation {'passed' if worst <= tol else 'FAILED'} (tolerance {tol:.0e})")
     if a.ir:
         Path(a.ir).write_text(str(compiled.graph))
@@ -160,9 +206,11 @@ def cmd_compile(a) -> int:
 
 
 def cmd_explain(a) -> int:
-    from . import compile as sc_compile
+    from .api import compile as sc_compile
 
+    status("building the model")
     model, x = build_model(a)
+    status(f"tracing {type(model).__name__} and building the {a.backend} backend's program (seconds on a first run)")
     compiled = sc_compile(model, (x,), backend=a.backend)
     print(compiled.explain())
     print()
@@ -171,31 +219,70 @@ def cmd_explain(a) -> int:
 
 
 def cmd_export(a) -> int:
-    import sessa_compiler as sc
+    from . import export_onnx, export_tvm
 
-    parent = Path(a.path).resolve().parent
-    if not parent.is_dir():
-        raise ConfigError(f"export {a.format}: the directory {str(parent)!r} for {a.path!r} does not exist; "
-                          "create it first")
+    path = Path(a.path)
+    target = path if a.format == "tvm" else path.parent
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"export {a.format}: {str(target)!r} for {a.path!r} exists and is not a directory")
+    if not target.exists():
+        target.mkdir(parents=True)
+        print(f"created directory {target}")
+    status("building the model")
     model, x = build_model(a)
-    fn = {"onnx": "export_onnx", "tvm": "export_tvm"}[a.format]
-    if not hasattr(sc, fn):
-        raise SessaCompilerError(f"export {a.format}: not available in this build (sessa_compiler.{fn} is missing)")
-    getattr(sc, fn)(model, (x,), a.path)
+    status(f"exporting {type(model).__name__} to {a.format} (trace, lower, "
+           + ("check and validate in onnxruntime)" if a.format == "onnx" else "build the library)"))
+    if a.format == "onnx":
+        result = export_onnx(model, (x,), a.path)
+    else:
+        result = export_tvm(model, (x,), a.path)
     print(f"exported {type(model).__name__} to {a.path} ({a.format})")
+    for line in export_report(a.format, a.path, result):
+        print("  " + line)
     return 0
 
 
-def cmd_tune(a) -> int:
-    import sessa_compiler as sc
+def export_report(fmt: str, path, result) -> list:
+    """Inputs and outputs with their dims (named dims are dynamic), and what validation ran."""
+    def shape(dims):
+        return "[" + ", ".join(str(d) for d in dims) + "]"
 
+    if fmt == "onnx":
+        def entries(values):
+            return [(v.name, [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]) for v in values]
+
+        ins, outs = entries(result.model.graph.input), entries(result.model.graph.output)
+    else:
+        manifest = json.loads((Path(path) / "manifest.json").read_text())
+        ins = [(v["name"], v["shape"]) for v in manifest.get("inputs", [])]
+        outs = [(v["name"], v["shape"]) for v in manifest.get("outputs", [])]
+    dynamic = sorted({d for _, dims in ins + outs for d in dims if isinstance(d, str)})
+    lines = ["inputs: " + ", ".join(f"{n} {shape(d)}" for n, d in ins),
+             "outputs: " + ", ".join(f"{n} {shape(d)}" for n, d in outs),
+             f"dynamic dims: {', '.join(dynamic) if dynamic else 'none (fixed shapes)'}"]
+    runs = getattr(result, "validation", None)
+    if fmt == "onnx" and runs:
+        worst = max((max(r.get("errors", [r.get("error", 0.0)]), default=0.0) for r in runs), default=0.0)
+        lines.append(f"validated in onnxruntime against the module on {len(runs)} input sets "
+                     f"({'; '.join(str(r['shapes']) for r in runs)}): max error {worst:.1e}")
+    elif fmt == "onnx":
+        lines.append("not validated in onnxruntime")
+    else:
+        lines.append("not compared with the module at export time; run it with sessa_compiler.load_tvm(path)")
+    return lines
+
+
+def cmd_tune(a) -> int:
+    from .api import tune
     from .autotune import cache_dir
 
+    status("building the model")
     model, x = build_model(a)
     backend = a.backend if a.backend != "auto" else default_tune_backend()
     print(f"tuning the {backend} backend's kernels" + (" (the backend this device runs)" if a.backend == "auto" else ""))
     budget = f"{a.trials} trials" if a.trials else a.budget
-    results = sc.tune(model, (x,), backend=backend, budget=budget)
+    status(f"tracing the model, then tuning within {budget if a.trials else f'{budget:g} s'}")
+    results = tune(model, (x,), backend=backend, budget=budget)
     for r in results:
         print(f"{r.kernel}: {r.config} ({'cache hit' if r.from_cache else f'{r.median_ms:.3f} ms, {r.tried} tried'}"
               + (f", {len(r.rejected)} rejected" if r.rejected else "") + ")")
@@ -205,6 +292,8 @@ def cmd_tune(a) -> int:
 
 def default_tune_backend() -> str:
     """The backend compile(backend="auto") runs on this machine: triton with CUDA, else tvm."""
+    import torch
+
     from .backends import available_backends
 
     have = available_backends()
@@ -217,7 +306,9 @@ def default_tune_backend() -> str:
 
 
 def cmd_bench(a) -> int:
-    from . import compile as sc_compile
+    import torch
+
+    from .api import compile as sc_compile
     from .backends import available_backends
 
     backends = [b.strip() for b in a.backends.split(",") if b.strip()] if a.backends else available_backends()
@@ -243,23 +334,36 @@ def cmd_bench(a) -> int:
             compiled[b] = c
         except SessaCompilerError as e:  # e.g. a GPU backend on a CPU-only machine
             print(f"skipped backend {b}: {e}", file=sys.stderr)
+    from .timing import MAX_SPREAD, ratio, time_alternating
+
     rows = []
     with torch.no_grad():
         for T in lengths:
+            status(f"timing T={T}: {a.repeats} calls of each variant, in turns")
             xt = make_input(model, a, T)
-            ref = median_ms(model, xt, a.repeats)
-            row = {"T": T, "eager module (ms)": ref}
-            for b, c in compiled.items():
-                row[f"{b} (ms)"] = median_ms(c, xt, a.repeats)
+            timings = time_alternating({"eager module": model, **compiled}, xt, repeats=a.repeats)
+            row = {"T": T, "eager module (ms)": timings["eager module"]}
+            for b in compiled:
+                row[f"{b} (ms)"] = timings[b]
+            for b in compiled:
+                r = ratio(timings["eager module"], timings[b])
+                row[f"{b} speed-up"] = f"{r:.2f}x" if r is not None else "spread too large"
             rows.append(row)
     cols = list(rows[0])
     stamp = time.strftime("%Y-%m-%d")
-    print(f"# {type(model).__name__} {a.dtype} B={a.batch}, medians of {a.repeats}; {stamp}; "
-          f"{torch.get_num_threads()} threads")
+    print(f"# {type(model).__name__} {a.dtype} B={a.batch}; median (interquartile range / median) of {a.repeats} "
+          f"calls each, the variants in turns; {stamp}; {torch.get_num_threads()} threads; a speed-up is shown only "
+          f"when both spreads are within {MAX_SPREAD:.0%}")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
+
+    def cell(v):
+        if hasattr(v, "median"):
+            return f"{v.median:.2f} (±{v.spread / 2:.0%})"
+        return str(v)
+
     for r in rows:
-        print("| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+        print("| " + " | ".join(cell(r[c]) for c in cols) + " |")
     if a.plot:
         import matplotlib
 
@@ -268,7 +372,8 @@ def cmd_bench(a) -> int:
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for c in cols[1:]:
-            ax.plot(lengths, [r[c] for r in rows], marker="o", label=c.replace(" (ms)", ""))
+            if c.endswith("(ms)"):
+                ax.plot(lengths, [r[c].median for r in rows], marker="o", label=c.replace(" (ms)", ""))
         ax.set_xlabel("sequence length T")
         ax.set_ylabel("time per forward (ms)")
         ax.set_xscale("log", base=2)
@@ -281,6 +386,25 @@ def cmd_bench(a) -> int:
     return 0
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default once: not for options without one (None), nor where the help names it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+class _Version(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(versions())
+        parser.exit(0)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line on stderr and exit status 2 (like every other user error here)."""
 
@@ -289,12 +413,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    from ._version import __version__
-
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _Formatter
     p = _Parser(prog="sessa-compiler", formatter_class=fmt,
                 description="Compile, explain, export, tune and benchmark Sessa models (and any torch.nn.Module).")
-    p.add_argument("--version", action="version", version=f"%(prog)s {__version__} (torch {torch.__version__})")
+    p.add_argument("--version", action=_Version, help="print the version of sessa-compiler and of every component")
     sub = p.add_subparsers(dest="command", required=True, metavar="{compile,explain,export,tune,bench}",
                            parser_class=_Parser)
     backend_help = ("auto: Triton for CUDA inputs, TVM on CPU (eager for bf16/fp16 on CPU); eager: the IR "
@@ -318,7 +440,7 @@ def parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="export to ONNX or a TVM library", formatter_class=fmt,
                        description="Export a model to an ONNX file or to a TVM library directory.")
     x.add_argument("format", choices=["onnx", "tvm"], help="onnx: one .onnx file; tvm: a directory (.so, weights, manifest)")
-    x.add_argument("path", help="the .onnx file, or the directory for tvm (its parent directory must exist)")
+    x.add_argument("path", help="the .onnx file, or the directory for tvm (missing directories are created)")
     add_model_args(x)
     x.set_defaults(fn=cmd_export)
 
@@ -339,7 +461,8 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--backends", default=None,
                    help=f"comma-separated, from {', '.join(BACKENDS)} (default: every installed backend)")
     b.add_argument("--lengths", default="64,128,256", help="comma-separated sequence lengths")
-    b.add_argument("--repeats", type=_positive, default=5, help="timed calls per length (the median is reported)")
+    b.add_argument("--repeats", type=_positive, default=7,
+                   help="timed calls per variant and length, the variants in turns (median and spread reported)")
     b.add_argument("--plot", metavar="FILE", help="write a PNG plot of time vs sequence length")
     b.set_defaults(fn=cmd_bench)
     return p

@@ -57,7 +57,16 @@ class GraphReport:
 
 
 # The last graphs the backend compiled, newest last (a bounded log for explain-style inspection and tests).
-reports: collections.deque = collections.deque(maxlen=64)
+class ReportLog(collections.deque):
+    """A bounded deque that also takes slices: ``reports[-2:]`` is a list of the last two reports."""
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return list(self)[index]
+        return super().__getitem__(index)
+
+
+reports: ReportLog = ReportLog(maxlen=64)
 _REPORTS_LOCK = threading.Lock()
 
 

@@ -83,3 +83,7 @@ def stage(text: str, i: int | None = None, n: int | None = None) -> None:
     stack = getattr(_LOCAL, "stack", None)
     if stack:
         stack[-1].detail = f"{text}: {i} of {n}" if i is not None and n is not None else text
+
+
+# the name the serving methods, exports and command line use for a whole step
+progress = shown

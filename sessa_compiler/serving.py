@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from .backends.base import CompileContext
-from .dtypes import compute_dtype
+from .ir.dtypes import compute_dtype
 from .semantics import FACTORIES, SEMANTICS, bind_symbols, resolve
-from .dtypes import to_torch
+from .ir.dtypes import to_torch
 from .errors import InputError, IRError, SessaCompilerError, TraceError, UnsupportedError
 from .ir.graph import Graph, Value
 from .tolerance import TOLERANCE, relative_error
@@ -719,14 +719,24 @@ class Serving:
             raise InputError(f"generate: max_new_tokens must be an int, got {max_new_tokens!r}")
         if max_new_tokens <= 0:
             return tokens
+        from .progress import progress
+
+        first = not self.__dict__.get("_generated")
+        self._generated = True
+        name = type(self.original).__name__
         cache = self.init_cache(tokens.shape[0], device=tokens.device, max_len=tokens.shape[1] + max_new_tokens)
-        logits, cache = self.prefill(tokens, cache)
-        out = [tokens]
-        nxt = logits[:, -1].argmax(dim=-1)
+        with progress(f"sessa_compiler: first generate of {name}: deriving, checking and building the prefill "
+                      "and decode steps", first):
+            logits, cache = self.prefill(tokens, cache)
+            out = [tokens]
+            nxt = logits[:, -1].argmax(dim=-1)
+            if max_new_tokens > 1:
+                logits, cache = self.decode_step(nxt, cache)
         for step in range(max_new_tokens):
             out.append(nxt[:, None])
             if step + 1 < max_new_tokens:
-                logits, cache = self.decode_step(nxt, cache)
+                if step > 0:
+                    logits, cache = self.decode_step(nxt, cache)
                 nxt = logits.argmax(dim=-1)
         return torch.cat(out, dim=1)
 

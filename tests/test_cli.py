@@ -48,10 +48,12 @@ def test_weights_and_foreign_module(tmp_path, capsys):
 
 def test_bench_writes_table_and_plot(tmp_path, capsys):
     png = tmp_path / "bench.png"
-    assert main(["bench", "--model", "sessa", *SMALL, "--backends", "eager", "--lengths", "8,16", "--repeats", "1",
+    assert main(["bench", "--model", "sessa", *SMALL, "--backends", "eager", "--lengths", "8,16", "--repeats", "3",
                  "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "| T | eager module (ms) | eager (ms) |" in out and png.stat().st_size > 1000
+    assert "| T | eager module (ms) | eager (ms) | eager speed-up |" in out and png.stat().st_size > 1000
+    rows = [line for line in out.splitlines() if line.startswith(("| 8 |", "| 16 |"))]
+    assert len(rows) == 2 and all("(±" in r and (r.endswith("x |") or r.endswith("spread too large |")) for r in rows)
 
 
 def test_errors_are_reported_not_raised(capsys):
@@ -74,7 +76,7 @@ USER_ERRORS = {
     "impossible heads": (["compile", "--D", "16", "--heads", "5"], "n_heads=5"),
     "impossible kv heads": (["explain", "--D", "16", "--heads", "4", "--kv-heads", "3"], "--kv-heads"),
     "zero width": (["compile", "--D", "0"], "argument --D: expected a positive integer, got 0"),
-    "missing output directory": (["export", "onnx", "no/such/dir/model.onnx", *SMALL], "does not exist"),
+    "output directory is a file": (["export", "onnx", "tests/conftest.py/model.onnx", *SMALL], "is not a directory"),
     "unknown bench backend": (["bench", *SMALL, "--backends", "tvm,foo"], "unknown backend 'foo'"),
     "bad lengths": (["bench", *SMALL, "--backends", "eager", "--lengths", "8,x"], "--lengths"),
     "unknown tune backend": (["tune", *SMALL, "--backend", "cuda"], "invalid choice: 'cuda'"),
@@ -98,11 +100,34 @@ def test_weights_that_do_not_fit_are_a_one_line_error(tmp_path, capsys):
     assert "does not load into SessaLayer" in err and len(err.strip().splitlines()) == 1
 
 
-def test_version_and_help_show_every_default(capsys):
+def test_version_lists_every_component(capsys):
+    import importlib.metadata as md
+
     import sessa_compiler as sc
 
     assert main(["--version"]) == 0
-    assert capsys.readouterr().out.strip().startswith(f"sessa-compiler {sc.__version__}")
+    out = capsys.readouterr().out
+    assert out.startswith(f"sessa-compiler {sc.__version__}\n")
+    for name in ("torch", "numpy", "triton", "apache-tvm", "onnx", "onnxscript", "onnxruntime"):
+        assert f"  {name} {md.version(name)}\n" in out, name
+
+
+def test_help_and_version_answer_fast_without_importing_torch():
+    """--help and --version import neither torch nor the compiler (a fresh interpreter, timed)."""
+    probe = ("import sys, time; t = time.perf_counter(); from sessa_compiler.cli import main\n"
+             "for argv in (['--help'], ['--version'], ['export', '--help']):\n"
+             "    try: main(argv)\n"
+             "    except SystemExit: pass\n"
+             "print('SECONDS', time.perf_counter() - t, 'HEAVY', sorted(m for m in ('torch', 'numpy', "
+             "'sessa_compiler.api') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seconds, heavy = out.stdout.split("SECONDS ")[1].split(" HEAVY ")
+    assert heavy.strip() == "[]", heavy
+    assert float(seconds) < 0.5, seconds  # importing torch alone takes 1.5 s or more here
+
+
+def test_help_shows_every_default_once(capsys):
     from sessa_compiler.cli import parser
 
     for name, sub in parser()._subparsers._group_actions[0].choices.items():
@@ -110,10 +135,24 @@ def test_version_and_help_show_every_default(capsys):
             if action.dest in ("help",) or not action.option_strings:
                 continue
             assert action.help, f"{name} {action.option_strings} has no help text"
-        text = sub.format_help()
-        assert "(default: " in text, name
+        text = " ".join(sub.format_help().split())
+        assert "(default: " in text and "(default: None)" not in text, name
+        assert text.count("(default: every installed backend)") == (name == "bench"), name
+        for action in sub._actions:
+            if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+                assert text.count(f"(default: {action.default})") >= 1, (name, action.dest)
         if name in ("compile", "explain", "tune"):
             assert "--backend {auto," in text  # choices, listed in the usage
+
+
+def test_export_creates_the_directory_and_reports_inputs_dims_and_validation(tmp_path, capsys):
+    path = tmp_path / "new" / "dir" / "model.onnx"
+    assert main(["export", "onnx", str(path), *SMALL]) == 0
+    out = capsys.readouterr().out
+    assert path.is_file() and f"created directory {path.parent}" in out
+    assert "inputs: x [B, T, 16]" in out and "outputs: " in out, out
+    assert "dynamic dims: B, T" in out
+    assert "validated in onnxruntime against the module on 2 input sets" in out and "max error" in out
 
 
 def test_tune_defaults_to_the_backend_this_device_runs():
@@ -139,3 +178,20 @@ def test_console_script_is_installed():
     assert script.exists(), f"pip install did not create {script}"
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "compile,explain,export,tune,bench" in out.stdout.replace(" ", "")
+
+
+def test_the_package_loads_lazily_only_when_torch_is_not_imported_yet():
+    """`import torch, sessa_compiler` registers the custom ops at once (as always); `import sessa_compiler`
+    alone imports no torch until a name of the package is used."""
+    probe = ("import sys\n"
+             "import sessa_compiler as sc\n"
+             "print('alone', 'torch' in sys.modules)\n"
+             "sc.compile\n"
+             "import torch\n"
+             "print('used', hasattr(torch.ops.sessa_compiler, 'feedback'))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["alone", "False", "used", "True"], out.stderr
+    probe = ("import sys, torch, sessa_compiler\n"
+             "print(hasattr(torch.ops.sessa_compiler, 'attention'), 'sessa_compiler.dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", "True"], out.stderr

@@ -46,7 +46,9 @@ def test_validate_passes_and_catches_a_wrong_graph():
     m = SessaLayer(16, n_heads=2).eval()
     # eager interprets the graph at every call, so the deliberately wrong edit below reaches the run
     c = sc.compile(m, (torch.randn(2, 4, 16),), validate=True, backend="eager")
+    assert "validate=True: no call checked yet" in c.explain()
     c(torch.randn(2, 7, 16))  # within tolerance: no error
+    assert "validate=True: 1 call(s) checked against the original module, all within" in c.explain()
     fb = next(n for n in c.graph.nodes if n.op == "feedback")
     fb.attrs["scale"] *= 3.0  # a deliberately wrong graph
     with pytest.raises(sc.ValidationError, match=r"output 0 .*max abs error / max abs reference = .* > 1e-04"):

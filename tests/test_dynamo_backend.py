@@ -61,8 +61,8 @@ class MLP(torch.nn.Module):
 
 def _reference_layer():
     if not os.environ.get("SESSA_REFERENCE_DIR"):
-        pytest.skip("set SESSA_REFERENCE_DIR to the directory holding the public reference's sessa package "
-                    "(not shipped with this repository)")
+        pytest.skip("the public reference implementation is not shipped here: "
+                    "git clone https://github.com/LibratioAI/sessa and set SESSA_REFERENCE_DIR to the clone (docs/testing.md)")
     sys.path.insert(0, os.environ["SESSA_REFERENCE_DIR"])
     from sessa import SessaLayer as RefLayer
 
@@ -310,3 +310,11 @@ def test_inductor_failure_runs_the_graph_as_torch_code(monkeypatch):
         got = compiled(x)
     with torch.no_grad():
         assert torch.equal(got, module(x))
+
+
+def test_reports_take_slices_and_stay_bounded():
+    from sessa_compiler.dynamo import ReportLog, reports
+
+    assert isinstance(reports, ReportLog) and reports.maxlen == 64
+    log = ReportLog([1, 2, 3], maxlen=2)
+    assert log[-2:] == [2, 3] and log[0] == 2 and list(log) == [2, 3]

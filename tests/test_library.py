@@ -156,8 +156,8 @@ def test_torch_compile_of_the_compiled_public_reference_layer_calls_the_sessa_op
     import sys
 
     if not os.environ.get("SESSA_REFERENCE_DIR"):
-        pytest.skip("set SESSA_REFERENCE_DIR to the directory holding the public reference's sessa package "
-                    "(not shipped with this repository)")
+        pytest.skip("the public reference implementation is not shipped here: "
+                    "git clone https://github.com/LibratioAI/sessa and set SESSA_REFERENCE_DIR to the clone (docs/testing.md)")
     sys.path.insert(0, os.environ["SESSA_REFERENCE_DIR"])
     from sessa import SessaLayer as RefLayer
 

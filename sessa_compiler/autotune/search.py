@@ -201,8 +201,8 @@ def tune_graph(backend: Tunable, graph: Graph, inputs, *, seq_len: int, evaluate
     if repeats is None:
         repeats = 10 if device.type == "cuda" else 5 if backend.name == "tvm" else 3
     start = time.perf_counter()
-    bar = tqdm(todo, desc=f"autotuning ({backend.name})", disable=not progress, unit="kernel")
-    for i, node in enumerate(bar):
+    bar = tqdm(total=len(todo), desc=f"autotuning ({backend.name})", disable=None if progress else True, unit="kernel")
+    for i, node in enumerate(todo):
         operands = [values[x] for x in dict.fromkeys(x for x in node.inputs if isinstance(x, Value))]
         k = backend.tuning_kernel(node, operands, seq_len)
         if kernel_hook is not None:
@@ -213,5 +213,6 @@ def tune_graph(backend: Tunable, graph: Graph, inputs, *, seq_len: int, evaluate
         bar.set_postfix_str(k.name.split("[")[0])
         results.append(tune_kernel(k, cache=cache, budget_s=budget_s, max_trials=trials, repeats=repeats,
                                    progress=progress))
+        bar.update(1)
     bar.close()
     return results

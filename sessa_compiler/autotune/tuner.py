@@ -28,6 +28,12 @@ except ImportError:  # pragma: no cover - exercised by tests/test_triton_minimal
         def set_postfix_str(self, *args, **kwargs):
             pass
 
+        def update(self, n=1):
+            pass
+
+        def close(self):
+            pass
+
 
 @dataclass
 class TunableKernel:
@@ -92,12 +98,14 @@ def tune_kernel(k: TunableKernel, *, cache: TuningCache | None = None, budget_s:
         ref = k.reference()
         start = time.perf_counter()
         best, best_ms, tried, rejected = None, float("inf"), 0, []
-        bar = tqdm(k.space, desc=f"tuning {k.name}", disable=not progress, leave=False)
-        for config in bar:
+        # a bar on a terminal only (disable=None: off when stderr is not a tty), counting configs tried
+        bar = tqdm(total=len(k.space), desc=f"tuning {k.name}", disable=None if progress else True, leave=False)
+        for config in k.space:
             if (budget_s is not None and time.perf_counter() - start > budget_s) or \
                     (max_trials is not None and tried >= max_trials):
                 break
             tried += 1
+            bar.update(1)
             try:
                 err = _error(k.run(config), ref)
             except Exception as e:  # noqa: BLE001 - a config that fails to compile or run is rejected

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..dtypes import HALF, to_torch
+from ..ir.dtypes import HALF, to_torch
 from ..ir.graph import Graph
 from ..ir.types import DType
 # The interpreter and every op's meaning live in sessa_compiler.semantics; the names are re-exported here

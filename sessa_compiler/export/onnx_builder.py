@@ -14,7 +14,7 @@ import sympy
 import torch
 from onnx import TensorProto, helper
 
-from ..dtypes import NUMPY_NAME
+from ..ir.dtypes import NUMPY_NAME
 from ..errors import SessaCompilerError, UnsupportedError
 
 ONNX_DTYPE = {"f64": TensorProto.DOUBLE, "f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16,
@@ -23,6 +23,11 @@ ONNX_DTYPE = {"f64": TensorProto.DOUBLE, "f32": TensorProto.FLOAT, "f16": Tensor
               "bool": TensorProto.BOOL}
 NUMPY_DTYPE = {k: np.dtype(v).type for k, v in NUMPY_NAME.items()}
 INT64_MAX = 2**63 - 1
+
+
+def out_dtype(node, i: int = 0) -> str:
+    """The IR dtype name of a node's i-th output."""
+    return node.outputs[i].type.dtype.name
 
 
 class OnnxExportError(SessaCompilerError):

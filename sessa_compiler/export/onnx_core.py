@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from ..dtypes import compute_name
+from ..ir.dtypes import compute_name
 from ..ir.graph import Node
 from .onnx_builder import NEG_INF, GraphBuilder, value_info
 from .onnx_lower import Lowering, lowering, out_dtype, static

@@ -5,21 +5,21 @@ Only the default ONNX domain is used, so any ONNX runtime can load the file with
 """
 from __future__ import annotations
 
-import collections
 import os
-from dataclasses import dataclass, field
 
 import sympy
 import torch
 import torch.utils._pytree as pytree
 
 from ..tolerance import TOLERANCE, relative_error
-from ..errors import SessaCompilerError, UnsupportedError, ValidationError
-from ..frontend.trace import Traced, trace_with_report, warn_guards
+from ..errors import SessaCompilerError, UnsupportedError
+from ..frontend.trace import trace_with_report, warn_guards
 from ..ir.graph import Graph
 from . import onnx_core  # noqa: F401  (registers the core-op lowerings)
 from .onnx_builder import GraphBuilder, OnnxExportError, OnnxUnsupportedOpError, value_info
 from .onnx_lower import Lowering, lower_node
+from .onnx_result import OnnxExport, OnnxValidationError, model_op_counts  # noqa: F401  (re-exported)
+from .onnx_result import _all_nodes, session as _session
 
 DEFAULT_OPSET = 18   # LayerNormalization (17) and Reduce* with axes as inputs (18)
 MIN_OPSET = 18
@@ -35,28 +35,6 @@ __all__ = [
     "model_domains",
     "model_op_counts",
 ]
-
-
-class OnnxValidationError(ValidationError):
-    """onnxruntime's outputs differ from the eager module beyond the spec's tolerance."""
-
-
-@dataclass
-class OnnxExport:
-    """What export_onnx made: the file, the model, and the validation runs (one dict per input set)."""
-
-    path: str
-    model: object
-    opset: int
-    traced: Traced
-    validation: list = field(default_factory=list)
-
-    def op_counts(self) -> dict:
-        return model_op_counts(self.model)
-
-    def __repr__(self) -> str:
-        runs = "; ".join(f"{r['shapes']}: max err {max(r['errors'], default=0):.1e}" for r in self.validation)
-        return f"<OnnxExport {self.path} opset {self.opset}{' validated ' + runs if runs else ''}>"
 
 
 def _as_tuple(example_inputs) -> tuple:
@@ -158,20 +136,6 @@ def model_domains(model) -> set:
     return domains
 
 
-def model_op_counts(model) -> dict:
-    return dict(collections.Counter(n.op_type for n in _all_nodes(model.graph)))
-
-
-def _all_nodes(g):
-    for n in g.node:
-        yield n
-        for a in n.attribute:
-            if a.g is not None and a.g.node:
-                yield from _all_nodes(a.g)
-            for sg in a.graphs:
-                yield from _all_nodes(sg)
-
-
 # -- validation --------------------------------------------------------------------------------------------
 def _second_inputs(graph: Graph, args: tuple, binding: dict, seed: int = 0) -> tuple:
     """Inputs at another batch size and sequence length (T + 37 crosses a feedback chunk boundary)."""
@@ -192,15 +156,6 @@ def _second_inputs(graph: Graph, args: tuple, binding: dict, seed: int = 0) -> t
             lo, hi = int(a.min()), int(a.max())
             out.append(torch.randint(lo, hi + 1, shape, generator=g, dtype=a.dtype))
     return tuple(out)
-
-
-def _session(model_or_path):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    src = model_or_path if isinstance(model_or_path, (str, os.PathLike)) else model_or_path.SerializeToString()
-    return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
 def run_onnxruntime(session, graph: Graph, args: tuple) -> list:

@@ -14,8 +14,7 @@ import torch
 
 from ..ir.graph import Node, Value
 from ..ir.ops import ArgRef
-from .onnx_builder import INT64_MAX, ONNX_DTYPE, OnnxExportError, OnnxUnsupportedOpError
-from .onnx_lower import Lowering, out_dtype
+from .onnx_builder import INT64_MAX, ONNX_DTYPE, OnnxExportError, OnnxUnsupportedOpError, out_dtype
 
 FALLBACKS: dict[str, Callable] = {}
 
@@ -31,7 +30,7 @@ def fallback(*targets):
 class Args:
     """A fallback's arguments by schema name: tensors as ONNX names, everything else as Python values."""
 
-    def __init__(self, L: Lowering, node: Node):
+    def __init__(self, L, node: Node):
         from ..semantics import resolve_target
 
         self.L, self.node = L, node
@@ -163,7 +162,7 @@ def _summary(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[0][:300] if lines else ''}"
 
 
-def via_torch_exporter(L: Lowering, node: Node) -> list:
+def via_torch_exporter(L, node: Node) -> list:
     """Export the one torch op with torch.onnx.export (dynamo) at symbolic B/T and splice its graph in.
 
     Raises OnnxUnsupportedOpError when torch's exporter cannot, or when its result is not plain
@@ -180,7 +179,7 @@ def via_torch_exporter(L: Lowering, node: Node) -> list:
     from torch.export import Dim
 
     from ..semantics import fill_refs, resolve_target
-    from ..dtypes import to_torch
+    from ..ir.dtypes import to_torch
 
     target = node.attrs["target"]
     outs = ", ".join("%" + v.name for v in node.outputs)
@@ -263,7 +262,7 @@ def via_torch_exporter(L: Lowering, node: Node) -> list:
     return res
 
 
-def lower_fallback(L: Lowering, node: Node) -> list:
+def lower_fallback(L, node: Node) -> list:
     target = node.attrs["target"]
     fn = FALLBACKS.get(target)
     outs = ", ".join("%" + v.name for v in node.outputs)

@@ -13,10 +13,11 @@ import numpy as np
 import sympy
 import torch
 
-from ..dtypes import from_torch, to_torch
+from ..ir.dtypes import from_torch, to_torch
 from ..ir.graph import Graph, Node, Value
 from ..ir.types import DType
 from .onnx_builder import INT64_MAX, NUMPY_DTYPE, GraphBuilder, OnnxExportError, OnnxUnsupportedOpError, tensor_proto
+from .onnx_builder import out_dtype
 
 LOWERINGS: dict[str, Callable] = {}
 
@@ -82,10 +83,6 @@ class Lowering:
     def operand_dtype(self, node: Node, i: int) -> str:
         x = node.inputs[i]
         return x.type.dtype.name if isinstance(x, Value) else self.literal_dtype(x)
-
-
-def out_dtype(node: Node, i: int = 0) -> str:
-    return node.outputs[i].type.dtype.name
 
 
 def rank(v: Value) -> int:

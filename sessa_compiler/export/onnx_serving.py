@@ -29,7 +29,7 @@ def _cd(dtype: str) -> str:
 
 
 def _dt(t: torch.dtype) -> str:
-    from ..dtypes import from_torch
+    from ..ir.dtypes import from_torch
 
     return from_torch(t).name
 
@@ -344,7 +344,7 @@ def export_onnx_step(module, example_inputs, path, *, method: str, opset: int, v
 
     from ..api import CompiledModule
     from ..serving import ServingProgram
-    from .onnx_export import OnnxExport, OnnxValidationError, _session
+    from .onnx_result import OnnxExport, OnnxValidationError, session as _session
 
     if method not in ("decode_step", "prefill"):
         raise InputError(f"export_onnx: method must be 'forward', 'decode_step' or 'prefill', got {method!r}")

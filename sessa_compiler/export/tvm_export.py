@@ -18,14 +18,11 @@ import shutil
 
 import numpy as np
 
-from ..dtypes import NUMPY_NAME as _NUMPY_DTYPE
+from ..ir.dtypes import NUMPY_NAME as _NUMPY_DTYPE
 from ..errors import UnsupportedError
 from .tvm_runtime import FORMAT, MANIFEST, load_tvm  # noqa: F401  (re-exported)
+from .tvm_runtime import manifest_dim as _dim
 
-
-
-def _dim(d):
-    return d if isinstance(d, int) else str(d)
 
 
 def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu_source=None,

@@ -20,6 +20,11 @@ MANIFEST = "manifest.json"
 FORMAT = "sessa-tvm/1"
 
 
+def manifest_dim(d):
+    """A dimension as the manifest writes it: an int, or the name of a symbolic dim ("B", "T", "P")."""
+    return d if isinstance(d, int) else str(d)
+
+
 def export_dir_problem(path) -> str | None:
     """Why ``path`` is not a directory written by export_tvm (a sentence a user can act on), or None."""
     path = str(path)

@@ -199,7 +199,8 @@ def export_tvm_step(module, example_inputs, path, target=None, *, method: str, s
     from ..backends.tvm.build import lanes_for
     from ..backends.tvm.target import resolve_target
     from ..serving import ServingProgram
-    from .tvm_export import _NUMPY_DTYPE, _dim
+    from ..ir.dtypes import NUMPY_NAME as _NUMPY_DTYPE
+    from .tvm_runtime import manifest_dim as _dim
 
     if method not in ("decode_step", "prefill"):
         raise InputError(f"export_tvm: method must be 'forward', 'decode_step' or 'prefill', got {method!r}")

@@ -14,8 +14,8 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from ..dtypes import from_torch
 from ..errors import SessaCompilerError, TraceError
+from ..ir.dtypes import from_torch
 from ..ir.graph import Graph, Value
 from ..ir.ops import UNARY, ArgRef
 from ..ir.types import DType, TensorType, sym

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sympy
 
-from ..dtypes import compute_name
+from .dtypes import compute_name
 from .ops import CORE, fail, need_eq, register, scan_infer, tin
 from .types import DType, TensorType
 

@@ -29,7 +29,7 @@ from ..errors import IRError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import BINARY, ELEMENTWISE, LOGICAL, OPS, UNARY
 from ..ir.ops_fused import body_lines, row_space
-from ..dtypes import ITEMSIZE
+from ..ir.dtypes import ITEMSIZE
 from ..ir.types import format_dim
 from .manager import Pass, PassResult
 

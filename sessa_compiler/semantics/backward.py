@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from ..dtypes import compute_dtype
+from ..ir.dtypes import compute_dtype
 from .core import FEEDBACK_GRAD_CHUNK, _rotate, feedback_backward, scan_ref
 
 ATTENTION_BLOCK = 128   # query rows whose probabilities are formed at once: [B, H, block, T] memory

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from ..dtypes import compute_dtype
+from ..ir.dtypes import compute_dtype
 
 
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:

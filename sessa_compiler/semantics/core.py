@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from ..dtypes import compute_dtype
+from ..ir.dtypes import compute_dtype
 
 
 def rope_ref(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from typing import Mapping
 import sympy
 import torch
 
-from ..dtypes import to_torch
+from ..ir.dtypes import to_torch
 from ..errors import InputError, IRError, SessaCompilerError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import FACTORY, FALLBACK, OPS

@@ -7,7 +7,7 @@ and the attention kernel always has one full-width product per tile.
 """
 from __future__ import annotations
 
-from ...dtypes import torch_dtype
+from ...ir.dtypes import torch_dtype
 from ...errors import UnsupportedError
 from ...ir.graph import Node
 from .codegen import AOT_POINTER, KernelSource, dot_block, dot_policy

@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from ...dtypes import from_torch
+from ...ir.dtypes import from_torch
 from ...errors import UnsupportedError
 from ...ir.graph import Graph, Node
 from ...ir.ops import CORE, OPS

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 
-from ...dtypes import from_torch
+from ...ir.dtypes import from_torch
 from ...errors import InputError, UnsupportedError
 from ...ir import parse
 from .codegen import AOT_POINTER, KERNEL_CACHE, KERNEL_DTYPES, KernelSource, dot_block, dot_policy

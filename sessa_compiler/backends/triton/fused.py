@@ -227,7 +227,7 @@ def launch_fused(kernel, node: Node, args: list, out: list | None = None):
             call += [t, t.stride(0)]
         else:
             call.append(t)
-    from ...dtypes import to_torch
+    from ...ir.dtypes import to_torch
 
     results = []
     for j, (v, cls) in enumerate(zip(body.outputs, outs)):

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch.library import triton_op, wrap_triton
 
-from ...dtypes import from_torch
+from ...ir.dtypes import from_torch
 from ...ir import parse
 from ...passes.chunk_feedback import FeedbackCost
 from ...semantics.core import attention_ref, feedback_ref, feedback_setup_context

@@ -214,7 +214,7 @@ def _cuda_timer(fn) -> float:
 
 def tuning_kernel(backend, node, operands: list, seq_len: int) -> TunableKernel:
     """Each candidate config builds the op's program on a one-op graph; the reference is the eager backend."""
-    from ...dtypes import to_torch
+    from ...ir.dtypes import to_torch
     from ...tolerance import TOLERANCE
     from ..eager import run_graph
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 
-from ...dtypes import from_torch
+from ...ir.dtypes import from_torch
 from ...errors import InputError, UnsupportedError
 from .codegen import AOT_POINTER, KERNEL_CACHE, KERNEL_DTYPES, KernelSource, next_pow2
 

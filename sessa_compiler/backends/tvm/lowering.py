@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ...dtypes import TVM_NAME, compute_name
+from ...ir.dtypes import TVM_NAME, compute_name
 from ...ir.graph import Graph, Node, Value
 from .build import attention_spec, feedback_spec, scan_spec, tri_solve_spec
 

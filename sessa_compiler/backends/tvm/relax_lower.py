@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import sympy
 
-from ...dtypes import TVM_NAME as RELAX_DTYPE
-from ...dtypes import compute_name
+from ...ir.dtypes import TVM_NAME as RELAX_DTYPE
+from ...ir.dtypes import compute_name
 from ...errors import UnsupportedError
 from ...ir.graph import Graph, Value
 from .build import primfunc, tri_solve_spec

@@ -201,10 +201,9 @@ def _schedule_text(cfg: dict) -> str:
 def tuning_kernel(backend, node, operands: list, seq_len: int) -> TunableKernel:
     """Each candidate schedule builds the op's kernel (in-process build cache) and runs it through the TVM
     backend's hybrid runner on a one-op graph; the reference is the eager backend on the same operands."""
-    from ...dtypes import to_torch
+    from ...ir.dtypes import to_torch
     from ...tolerance import TOLERANCE
     from ..eager import run_graph
-    from .backend import TVMBackend
 
     mini, _ = single_op_graph(node)
     target = backend.target
@@ -217,7 +216,7 @@ def tuning_kernel(backend, node, operands: list, seq_len: int) -> TunableKernel:
             sched = tvm_schedule(node, config, target)
             if sched is None:
                 raise SessaCompilerError(f"schedule {config} is not valid for {kernel_name(node)}")
-            runner = TVMBackend(target=target, schedules={node.op: sched}, whole_graph=False).prepare(mini)
+            runner = type(backend)(target=target, schedules={node.op: sched}, whole_graph=False).prepare(mini)
             runners[key] = runner
         with torch.no_grad():
             return runner(operands, {})[0]

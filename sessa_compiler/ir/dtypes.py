@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import functools
 
-from .errors import UnsupportedError
+from ..errors import UnsupportedError
+from .types import DType
 
 # IR name -> numpy's (and TVM's / Relax's) dtype name. numpy has no bfloat16 (``NUMPY_NAME`` leaves it out);
 # TVM does.
@@ -57,7 +58,6 @@ def to_torch(d):
 
 def from_torch(d):
     """The IR DType of a torch dtype."""
-    from .ir.types import DType  # local: the IR imports this module (accumulation dtypes)
 
     back = {v: k for k, v in _torch_table().items()}
     if d not in back:
