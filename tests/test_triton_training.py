@@ -136,3 +136,19 @@ def test_float64_takes_the_blocked_torch_path_not_the_dense_reference(monkeypatc
     assert compiled.grad_recomputes == 0 and stats["triton_torch_forward_attention"] == 1
     for k, w in want.items():
         assert relative_error(got[k], w) <= TOLERANCE[torch.float64], k
+
+
+def test_autocast_bf16_trains_through_the_triton_kernels():
+    torch.manual_seed(2)
+    m = SessaLayer(32, n_heads=4, n_kv_heads=2).train()
+    ref = copy.deepcopy(m)
+    compiled = sc.compile(m, (torch.randn(1, 5, 32),), backend="triton")
+    x, weight = torch.randn(2, 37, 32), torch.randn(2, 37, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, _, want = _grads(ref, ref, x, weight)
+        _, _, got = _grads(compiled, m, x, weight)
+    stats = compiled._backend.stats
+    assert compiled.grad_recomputes == 0 and stats["triton_kernel_forward_attention"] == 1
+    assert stats["triton_kernel_forward_feedback"] == 1
+    for k, w in want.items():
+        assert relative_error(got[k], w) <= TOLERANCE[torch.bfloat16], k
