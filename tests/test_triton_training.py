@@ -152,3 +152,26 @@ def test_autocast_bf16_trains_through_the_triton_kernels():
     assert stats["triton_kernel_forward_feedback"] == 1
     for k, w in want.items():
         assert relative_error(got[k], w) <= TOLERANCE[torch.bfloat16], k
+
+
+def test_non_causal_attention_takes_the_blocked_torch_path(monkeypatch):
+    """No Triton kernel for non-causal attention: its training forward and backward are the blocked torch ones
+    (the registered backward falls back), not the dense reference; gradients equal autograd through it."""
+    from sessa_compiler.backends.training import core_function
+    from sessa_compiler.backends.triton.training import attention_forward
+
+    torch.manual_seed(4)
+    q, k, v = torch.randn(2, 17, 4, 8), torch.randn(2, 17, 2, 8), torch.randn(2, 17, 2, 8)
+    grad = torch.randn(2, 17, 4, 8)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    core.attention_ref(*leaves, 0.3, False).backward(grad)
+    attrs = {"scale": 0.3, "causal": False, "rope": False}
+    stats = {"triton_torch_forward_attention": 0}
+    fn = core_function("attention", attention_forward(attrs, stats), attrs, "triton")
+    got = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    with monkeypatch.context() as patch:
+        _patch_dense_references(patch)
+        fn(*got).backward(grad)
+    assert stats["triton_torch_forward_attention"] == 1
+    for g, w in zip(got, leaves):
+        assert relative_error(g.grad, w.grad) <= TOL
