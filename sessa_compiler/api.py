@@ -688,8 +688,8 @@ class CompiledModule(torch.nn.Module):
                          f"scan, tri_solve) as one autograd.Function: forward = the {name} kernel, backward = backward "
                          f"kernels ({describe_backward(name)}); ordinary ops are torch ops differentiated by torch "
                          f"autograd. Saved: attention's q, k, v, output and row log-sum-exps [B, H, T] ({lse_note}); "
-                         f"feedback's q_b, k_b, gamma and solved output s (not f){fb_note}; scan's operands (its states are recomputed by chunks in "
-                         "the backward); tri_solve's A and solution. Recomputed in the backward: attention "
+                         f"feedback's q_b, k_b, gamma and solved output s (not f){fb_note}; scan's operands (its "
+                         "states are recomputed by chunks in the backward); tri_solve's A and solution. Recomputed in the backward: attention "
                          "probabilities per query block from the lse, feedback weights per chunk "
                          "(once). No tensor with two sequence dims (the T x T weights) is formed, except tri_solve's "
                          "own operand. The eager interpreter is not used")
