@@ -681,14 +681,16 @@ class CompiledModule(torch.nn.Module):
             from .backends.training import describe_backward
 
             name = current.name
+            lse_note = ("returned by the forward kernel" if current.training_lse_from_forward else
+                        "computed by a blocked pass beside the forward kernel, which does not return them")
+            fb_note = " and its row log-sum-exps [B, T]" if current.training_lse_from_forward else ""
             lines.append(f"  autograd: a call that needs gradients runs the graph with each core op (attention, feedback, "
                          f"scan, tri_solve) as one autograd.Function: forward = the {name} kernel, backward = backward "
                          f"kernels ({describe_backward(name)}); ordinary ops are torch ops differentiated by torch "
-                         "autograd. Saved: attention's q, k, v, output and row log-sum-exps [B, H, T] (computed by a "
-                         "blocked pass beside the forward kernel, which does not return them); feedback's q_b, k_b, "
-                         "gamma and solved output s (not f); scan's operands (its states are recomputed by chunks in "
-                         "the backward); tri_solve's A and solution. Recomputed in the backward: attention "
-                         "probabilities per 128-row query block from the lse, feedback weights per 64-row chunk "
+                         f"autograd. Saved: attention's q, k, v, output and row log-sum-exps [B, H, T] ({lse_note}); "
+                         f"feedback's q_b, k_b, gamma and solved output s (not f){fb_note}; scan's operands (its "
+                         "states are recomputed by chunks in the backward); tri_solve's A and solution. Recomputed in the backward: attention "
+                         "probabilities per query block from the lse, feedback weights per chunk "
                          "(once). No tensor with two sequence dims (the T x T weights) is formed, except tri_solve's "
                          "own operand. The eager interpreter is not used")
         elif not self._backend.differentiable:

@@ -46,6 +46,8 @@ class Backend(abc.ABC):
 
     name: ClassVar[str]
     differentiable: ClassVar[bool] = False   # False: compile() recomputes the backward on eager
+    # prepare_training's attention kernel returns its row log-sum-exps (else a blocked pass computes them)
+    training_lse_from_forward: ClassVar[bool] = False
 
     @abc.abstractmethod
     def prepare(self, graph: Graph, ctx: CompileContext | None = None) -> Runner:

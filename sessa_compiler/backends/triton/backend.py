@@ -141,7 +141,8 @@ class TritonBackend(Backend):
     "interpret CPU tensors, compile for CUDA tensors"."""
 
     name = "triton"
-    differentiable = False  # forward kernels only: compile() differentiates by recomputation on eager
+    differentiable = False  # autograd through its kernels: prepare_training (backends/training.py)
+    training_lse_from_forward = True
 
     def __init__(self, *, print_ir: bool | None = None, feedback_chunk_size: int | None = None,
                  scan_chunk_size: int | None = None, scan_strategy: str = "sequential",
@@ -159,6 +160,8 @@ class TritonBackend(Backend):
         self.interpret = interpret
         self.scan_strategy = scan_strategy
         self.programs: dict = {}
+        self.stats: collections.Counter = collections.Counter()   # training steps (backends/training.py)
+        from . import training  # noqa: F401  (registers the backward kernels: explain() lists them)
 
     def prepare(self, graph: Graph, ctx: CompileContext | None = None):
         """One program per shape class and device, configured from the tuning cache, then the shipped
@@ -175,6 +178,38 @@ class TritonBackend(Backend):
         def run(inputs, params):
             return call_widened(graph, run_wide, inputs, params)
         run.programs = run_wide.programs
+        return run
+
+    def prepare_training(self, graph: Graph, ctx: CompileContext | None = None):
+        """The runner for calls that need gradients (backends/training.py): each core op's forward is its Triton
+        kernel (attention's returns its row log-sum-exps, the feedback's its lse, both saved for the backward),
+        its backward the Triton backward kernels (backends/triton/training.py registers them); the ordinary ops
+        run through torch, which differentiates them. Cases without kernels (float64, non-causal attention)
+        take the blocked torch forward and semantics.backward's blocked backward, never a dense reference.
+        The graph runs as traced (the triton pipeline's rewrites are for the forward-only program)."""
+        from ..training import training_runner
+        from .training import FORWARDS
+
+        stats = self.stats
+        wide = widened(graph) if self.half_in_float32 else None
+        target = wide if wide is not None else graph
+        constant = (bool, int, float, str, type(None))   # symbolic attributes: the runner's torch forward
+        kernels = {node: FORWARDS[node.op](node.attrs, stats) for node in target.nodes if node.op in FORWARDS
+                   and all(isinstance(a, constant) for a in node.attrs.values())}
+        runner = training_runner(target, kernels, self.name, stats)
+        interpret_option = self.interpret
+
+        def run(inputs, params):
+            device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+            interpret = interpret_option if interpret_option is not None else device.type != "cuda"
+            if interpret and not interpreter_ready():
+                raise UnsupportedError(
+                    f"backend 'triton' got {device.type} tensors, which run in Triton's interpreter, but triton was "
+                    "imported with the interpreter off: set TRITON_INTERPRET=1 before triton is first imported, "
+                    "move the model and inputs to a CUDA device, or use backend='eager'")
+            if wide is not None:
+                return call_widened(graph, runner, inputs, params)
+            return runner(inputs, params)
         return run
 
     # -- autotune.search.Tunable --------------------------------------------------------------------

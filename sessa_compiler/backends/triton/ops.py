@@ -46,8 +46,8 @@ from .attention import attention_grid, generate_attention
 from .attention_bwd import attention_triton_autograd, attention_triton_setup_context
 from .codegen import KERNEL_CACHE, KERNEL_DTYPES
 from .feedback_bwd import feedback_triton_autograd
-from .feedback import (default_outer_chunk, generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse,
-                       launch_lse, launch_solve)
+from .feedback import (default_outer_chunk, direct_launch, generate_diag_inverse, generate_lse, generate_solve,
+                       launch_diag_inverse, launch_lse, launch_solve)
 from .scan import generate_scan
 from .scan_bwd import scan_backward_triton
 
@@ -203,6 +203,14 @@ def feedback_triton(f: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, gamma
         return feedback_ref(f, q_b, k_b, gamma, scale).contiguous()
     if f.numel() == 0:
         return torch.empty(f.shape, dtype=f.dtype, device=f.device)
+    return feedback_forward(f, q_b, k_b, gamma, scale, launch=wrap_triton)[0]
+
+
+def feedback_forward(f, q_b, k_b, gamma, scale: float, launch=None):
+    """(s, lse) of the blocked feedback kernels (f, q_b, k_b and gamma in kernel dtypes, T >= 1): the solved s in
+    f's dtype and the row log-sum-exps float32 [B, T] of feedback_lse, which feedback_backward_triton reuses.
+    ``launch`` wraps each kernel (``wrap_triton`` inside the triton_op; None launches it directly)."""
+    launch = launch or direct_launch
     if q_b.dtype != k_b.dtype:   # the kernels read both through one pointer type: compute both in float32
         q_b, k_b = q_b.float(), k_b.float()
     dtypes = tuple(sorted((n, from_torch(x.dtype).name) for n, x in (("f", f), ("q_b", q_b), ("k_b", k_b),
@@ -214,9 +222,9 @@ def feedback_triton(f: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, gamma
     outer = FEEDBACK_OUTER_CHUNK or default_outer_chunk(chunk, interpret)
     k_lse, k_dinv, k_solve = _feedback_kernels(d_qk, d_v, float(scale), chunk, outer, dtypes, interpret)
     f, q_b, k_b = (x if x.stride(-1) == 1 else x.contiguous() for x in (f, q_b, k_b))
-    lse = launch_lse(k_lse, q_b, k_b, launch=wrap_triton)
-    dinv = launch_diag_inverse(k_dinv, q_b, k_b, gamma, lse, chunk, launch=wrap_triton)
-    return launch_solve(k_solve, f, q_b, k_b, gamma, lse, dinv, launch=wrap_triton)
+    lse = launch_lse(k_lse, q_b, k_b, launch=launch)
+    dinv = launch_diag_inverse(k_dinv, q_b, k_b, gamma, lse, chunk, launch=launch)
+    return launch_solve(k_solve, f, q_b, k_b, gamma, lse, dinv, launch=launch), lse
 
 
 feedback_triton.register_autograd(feedback_triton_autograd, setup_context=feedback_setup_context)
