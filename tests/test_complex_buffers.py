@@ -2,7 +2,7 @@
 ``freqs_cis.as_real``: real pairs derived from the module's live tensor at every call, as real parameters and
 buffers are read live. After the module's buffer is edited in place, reassigned, loaded by load_state_dict or the
 module moved with .double()/.to(complex128), the compiled module computes what the module computes, never with
-the table it was traced with; the compile cache stores no copy of it."""
+the table it was traced with; the compile cache stores no copy of it; a complex Parameter gets its gradient."""
 import pickle
 import warnings
 
@@ -135,3 +135,20 @@ def test_the_compile_cache_stores_no_copy_of_a_complex_buffer(cache_dir, monkeyp
     assert again.trace_cache == "hit"
     edit_in_place(again, m)
     assert close(again, m, x)
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_a_complex_parameter_gets_its_gradient(backend):
+    # the pairs are a view of the live parameter: backward reaches it (a traced copy would leave .grad None)
+    m = module().train()
+    m.freqs_cis = nn.Parameter(m.freqs_cis.clone())
+    c = sc.compile(m, backend=backend)
+    x = torch.randn(2, 5, 8)
+    c(x).square().sum().backward()
+    got = {n: p.grad for n, p in m.named_parameters()}
+    assert all(g is not None for g in got.values()), [n for n, g in got.items() if g is None]
+    m.zero_grad(set_to_none=True)
+    m(x).square().sum().backward()
+    for n, p in m.named_parameters():
+        assert relative_error(torch.view_as_real(got[n]) if got[n].is_complex() else got[n],
+                              torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad) <= 1e-5, n
