@@ -152,3 +152,15 @@ def test_a_complex_parameter_gets_its_gradient(backend):
     for n, p in m.named_parameters():
         assert relative_error(torch.view_as_real(got[n]) if got[n].is_complex() else got[n],
                               torch.view_as_real(p.grad) if p.grad.is_complex() else p.grad) <= 1e-5, n
+
+
+def test_a_complex128_table_times_complex64_builds_whole_in_tvm():
+    # c128 * c64 is a float64 pair times a float32 pair in the IR: the TVM lowering promotes (as torch does)
+    # instead of failing the whole-graph build into hybrid mode
+    m = module()
+    m.freqs_cis = changed_table(m).to(torch.complex128)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = sc.compile(m, backend="tvm")
+        assert close(c, m, torch.randn(2, 5, 8), 1e-10)
+    assert not [w for w in caught if "hybrid" in str(w.message)], [str(w.message)[:300] for w in caught]
