@@ -20,6 +20,7 @@ from .backends.eager import bind_symbols
 from .backends.shapes import sequence_length
 from .ir.dtypes import from_torch, to_torch
 from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
+from .frontend.lower import as_pairs, pair_source
 from .frontend.trace import Traced, check_keywords, trace_with_report
 from .ir.ops import CORE, OPS
 from .persistent_cache import collecting
@@ -167,28 +168,35 @@ class _Live:
     """Where each of a graph's parameters lives in the module: read at every call, so reassigned parameters
     and buffers, load_state_dict(assign=True) and .to()/.double() are seen. Names that are not the module's
     parameters or buffers (tensor constants the trace lifted, a default RoPE table a recogniser added) keep
-    the traced data."""
+    the traced data. A complex parameter or buffer X is the graph's "X.as_real" (frontend/lower.py PAIR_SUFFIX):
+    read as a view of the live X as real pairs, like any other."""
 
     def __init__(self, module: torch.nn.Module, graph):
         known = {n for n, _ in module.named_parameters(remove_duplicate=False)}
         known |= {n for n, _ in module.named_buffers(remove_duplicate=False)}
-        self.paths = [(name, name.split(".")) for name in graph.param_values if name in known]
-        self.types = {name: graph.param_values[name].type for name, _ in self.paths}
+        # (graph name, the module's name, attribute path, whether the graph holds it as real pairs)
+        self.paths = []
+        for name in graph.param_values:
+            source = name if name in known else pair_source(name, known)
+            if source is not None:
+                self.paths.append((name, source, source.split("."), source != name))
+        self.types = {name: graph.param_values[name].type for name, *_ in self.paths}
         self.expected = [(name, to_torch(t.dtype), torch.Size(t.shape)) for name, t in self.types.items()]
-        self.fixed = {k: v for k, v in graph.params.items() if k not in known}
+        live = {name for name, *_ in self.paths}
+        self.fixed = {k: v for k, v in graph.params.items() if k not in live}
 
     def read(self, module: torch.nn.Module) -> dict:
         params = dict(self.fixed)
-        for name, parts in self.paths:
+        for name, source, parts, pairs in self.paths:
             obj = module
             try:
                 for part in parts:
                     obj = getattr(obj, part)
             except AttributeError:
-                raise InputError(f"compiled {type(module).__name__}: parameter or buffer '{name}' of the traced "
+                raise InputError(f"compiled {type(module).__name__}: parameter or buffer '{source}' of the traced "
                                  "graph is no longer in the module (it was deleted or its submodule replaced by one "
                                  "without it); compile the changed module again") from None
-            params[name] = obj
+            params[name] = as_pairs(obj) if pairs else obj
         return params
 
     def mismatch(self, params: dict) -> str | None:

@@ -555,6 +555,7 @@ def load(key: str, module: torch.nn.Module, why: list | None = None):
     """The cached Traced for this key with its graph parsed back from the IR text and its parameters
     bound (the module's own tensors, plus the cached constants), or None (why a miss: appended to ``why``).
     Read only from a trusted directory; an entry whose manifest does not hold in this process is a miss."""
+    from .frontend.lower import as_pairs, pair_source
     from .frontend.trace import Traced
     from .ir import parse
 
@@ -579,8 +580,10 @@ def load(key: str, module: torch.nn.Module, why: list | None = None):
         graph = parse(entry["ir"])
         state = dict(module.named_parameters(remove_duplicate=False))
         state.update(module.named_buffers(remove_duplicate=False))
-        for name in graph.param_values:
-            graph.params[name] = state[name] if name in state else entry["constants"][name]
+        for name in graph.param_values:   # the module's state (a complex X as "X.as_real": a view of it), else constants
+            source = pair_source(name, state)
+            graph.params[name] = state[name] if name in state else as_pairs(state[source]) if source is not None \
+                else entry["constants"][name]
         traced = entry["traced"]
         if not isinstance(traced, Traced):
             raise ValueError("not a traced graph")
@@ -599,11 +602,14 @@ def load(key: str, module: torch.nn.Module, why: list | None = None):
 def store(key: str, traced, module: torch.nn.Module, manifest: dict) -> None:
     """Write the traced graph (IR text, metadata, the tensors that are not the module's, and the manifest of
     what the trace ran) atomically. A failure to write only costs the next process a trace."""
+    from .frontend.lower import pair_source
+
     state = {n for n, _ in module.named_parameters(remove_duplicate=False)}
     state |= {n for n, _ in module.named_buffers(remove_duplicate=False)}
     graph = traced.graph
     entry = {"format": ENTRY_FORMAT, "key": key, "ir": str(graph), "manifest": manifest,
-             "constants": {n: t for n, t in graph.params.items() if n in graph.param_values and n not in state},
+             "constants": {n: t for n, t in graph.params.items()   # the module's own state is not stored
+                           if n in graph.param_values and n not in state and pair_source(n, state) is None},
              "traced": dataclasses.replace(traced, graph=None)}
     p = _path(key)
     try:

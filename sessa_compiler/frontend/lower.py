@@ -25,6 +25,27 @@ LOWERINGS: dict = {}
 IDENTITY = set()
 
 
+# A complex parameter or buffer X of the module is the graph parameter "X.as_real": torch.view_as_real(X), the
+# real (..., 2) pairs the graph computes with. It is the module's state: whoever binds a graph's parameters
+# (CompiledModule at every call, the compile cache) derives it from the module's live X with as_pairs (a view).
+PAIR_SUFFIX = ".as_real"
+
+
+def as_pairs(t):
+    """A complex tensor as real (..., 2) pairs, a view sharing its storage (no copy); anything else as it is."""
+    if isinstance(t, torch.Tensor) and t.is_complex():
+        return torch.view_as_real(t.resolve_conj())
+    return t
+
+
+def pair_source(name: str, state_names) -> str | None:
+    """The module's complex parameter or buffer a graph parameter ``name`` holds as pairs ("X.as_real" -> "X"),
+    or None (``state_names``: the module's parameter and buffer names)."""
+    if name.endswith(PAIR_SUFFIX) and name[:-len(PAIR_SUFFIX)] in state_names:
+        return name[:-len(PAIR_SUFFIX)]
+    return None
+
+
 def lowering(*targets):
     def deco(fn):
         for t in targets:
@@ -229,9 +250,10 @@ class Lowerer:
                 else:
                     target = spec.target
                     data = state[target] if target in state else ep.constants[target]
-                    if fake.dtype.is_complex:   # a complex buffer (a RoPE table): stored as real pairs
-                        data = torch.view_as_real(data.detach()).clone()
-                        v = self.graph.add_param(f"{target}.as_real", self.ttype(data), data)
+                    if fake.dtype.is_complex:   # a complex buffer (a RoPE table): bound as real pairs, a view of
+                        # the module's tensor (the compiled module rebinds it from the live buffer at every call)
+                        data = as_pairs(data.detach())
+                        v = self.graph.add_param(target + PAIR_SUFFIX, self.ttype(data), data)
                         self.pairs.add(v)
                         self.env[node] = v
                         continue

@@ -220,7 +220,14 @@ class _Lowerer:
             out = bb.emit(relax.call_tir(self.kernels[spec], args, out_ty=relax.TensorType(shape, spec.dtype)))
             self.env[node.outputs[0]] = out if out_dtype == spec.dtype else bb.emit(relax.op.astype(out, out_dtype))
             return
-        ops = [self.operand(x, self._operand_dtype(node)) for x in node.inputs]
+        if node.op in PROMOTING and node.outputs[0].type.dtype.is_float:
+            # torch promotes mixed operand dtypes (f32 * f64 is f64; the IR's output type says which); Relax
+            # wants equal dtypes: each operand in the output's dtype
+            want = RELAX_DTYPE[node.outputs[0].type.dtype.name]
+            ops = [self.cast(self.env[x], x, want) if isinstance(x, Value) else self.operand(x, want)
+                   for x in node.inputs]
+        else:
+            ops = [self.operand(x, self._operand_dtype(node)) for x in node.inputs]
         fn = SIMPLE.get(node.op)
         if fn is not None:
             expr = fn(relax.op, *ops, **node.attrs)
@@ -273,6 +280,9 @@ def _erf_gelu(op, x, approximate="none"):
 def _softplus(op, x, beta=1, threshold=20):
     return op.nn.softplus(x, beta=float(beta), threshold=float(threshold))
 
+
+# elementwise binary ops whose operands torch promotes to one dtype (the IR's output dtype)
+PROMOTING = frozenset({"add", "sub", "mul", "div", "pow", "maximum", "minimum"})
 
 SIMPLE = {
     "matmul": lambda op, a, b: op.matmul(a, b),
