@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import InputError
 from ..ir.ops import ArgRef
 
 ORDINARY: dict = {}
@@ -20,7 +21,18 @@ ORDINARY["einsum"] = lambda *xs, equation: torch.einsum(equation, *xs)
 ORDINARY["layer_norm"] = lambda x, w=None, b=None, *, normalized_shape, eps: F.layer_norm(x, normalized_shape, w, b, eps)
 ORDINARY["softmax"] = lambda x, *, dim: torch.softmax(x, dim)
 ORDINARY["log_softmax"] = lambda x, *, dim: torch.log_softmax(x, dim)
-ORDINARY["embedding"] = lambda w, idx: F.embedding(idx, w)
+
+
+def embedding(w, idx):
+    """Rows of w; a token id outside [0, rows) is the caller's error (torch raises IndexError on CPU)."""
+    try:
+        return F.embedding(idx, w)
+    except IndexError as e:
+        raise InputError(f"embedding: token ids must lie in [0, {w.shape[0]}), the vocabulary of the embedding "
+                         f"table; got an id outside it ({e})") from e
+
+
+ORDINARY["embedding"] = embedding
 ORDINARY["conv1d"] = lambda x, w, b=None, *, stride, padding, dilation, groups: F.conv1d(x, w, b, stride, padding,
                                                                                          dilation, groups)
 
