@@ -1024,6 +1024,8 @@ def _complex(L, node):
     if t == aten.view_as_real.default:
         x = args[0]
         return mk("reshape", [x], {"shape": list(x.type.shape)}, x.type)
+    if t in (aten.real.default, aten.imag.default) and pair[0]:   # the pair's first or second number
+        return part(args[0], 0 if t == aten.real.default else 1)
     if t == aten.polar.default and not any(pair):
         r, a = args[:2]
         rt = TensorType(r.type.dtype, _pair_type(L, val).shape[:-1])
