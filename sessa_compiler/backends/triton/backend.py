@@ -187,12 +187,15 @@ class TritonBackend(Backend):
         run through torch, which differentiates them. Cases without kernels (float64, non-causal attention)
         take the blocked torch forward and semantics.backward's blocked backward, never a dense reference.
         The graph runs as traced (the triton pipeline's rewrites are for the forward-only program)."""
+        from ...passes.manager import show_ir
         from ..training import training_runner
         from .training import FORWARDS
 
         stats = self.stats
         wide = widened(graph) if self.half_in_float32 else None
         target = wide if wide is not None else graph
+        show_ir(target, "run by the triton backend for calls that need gradients (as traced; core ops: forward and "
+                "backward kernels)", self.print_ir)
         constant = (bool, int, float, str, type(None))   # symbolic attributes: the runner's torch forward
         kernels = {node: FORWARDS[node.op](node.attrs, stats) for node in target.nodes if node.op in FORWARDS
                    and all(isinstance(a, constant) for a in node.attrs.values())}

@@ -301,8 +301,11 @@ class TVMBackend(Backend):
         """The runner for calls that need gradients (backends/training.py): each core op's forward is its TVM
         kernel (the same generated kernel as the forward-only runner), its backward the blocked kernels of
         semantics/backward.py; the ordinary ops run through torch, which differentiates them."""
+        from ...passes.manager import show_ir
         from ..training import training_runner
 
+        show_ir(graph, "run by the tvm backend for calls that need gradients (core ops: forward and backward kernels)",
+                self.print_ir)
         if id(graph) not in self.resolved:
             self.resolve_schedules(graph, ctx)
         kernels = {}

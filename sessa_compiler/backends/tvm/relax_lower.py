@@ -123,9 +123,10 @@ class _Lowerer:
         except Exception as e:  # noqa: BLE001 - an internal failure, reported with the op and line
             target = f"fallback({node.attrs.get('target')})" if node.op == "fallback" else node.op
             raise UnsupportedError(
-                f"TVM export: op {target} %{node.outputs[0].name}{self.graph.source_of(node)} has no TVM lowering "
-                f"for this case ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}); "
-                "rewrite that line with ordinary tensor ops, or run the model with compile(backend='tvm')") from e
+                f"TVM (Relax) lowering: op {target} %{node.outputs[0].name}{self.graph.source_of(node)} has no TVM "
+                f"lowering for this case ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}); rewrite that line with "
+                "ordinary tensor ops (compile(backend='tvm') still runs it, in hybrid mode)") from e
 
     def _close_blocks(self) -> None:
         """End the blocks a failed lowering left open (the caller reports the failure itself)."""
