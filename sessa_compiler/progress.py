@@ -82,7 +82,10 @@ def stage(text: str, i: int | None = None, n: int | None = None) -> None:
     """Name what the step shown by this thread is doing now (nothing when none is shown)."""
     stack = getattr(_LOCAL, "stack", None)
     if stack:
-        stack[-1].detail = f"{text}: {i} of {n}" if i is not None and n is not None else text
+        status = stack[-1]
+        status.detail = f"{text}: {i} of {n}" if i is not None and n is not None else text
+        if time.time() - status.start >= DELAY:   # already shown: show the new stage now, not at the next tick
+            status.tick()
 
 
 # the name the serving methods, exports and command line use for a whole step
