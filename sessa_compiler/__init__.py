@@ -14,22 +14,32 @@ _loaded = False
 
 
 def _load() -> None:
+    """Register the custom ops and the torch.compile backend, and bind the lazy names. Called again while one of
+    our modules is still being imported (a submodule looked up during that import), it binds what exists and
+    finishes on a later call."""
     global _loaded
     if _loaded:
         return
-    _loaded = True
     from . import library  # noqa: F401  (registers torch.ops.sessa_compiler.attention, .feedback, .selective_scan)
     from . import dynamo
 
+    complete = True
     for name, module in _LAZY.items():
-        globals()[name] = getattr(_importlib.import_module(f"{__name__}.{module}"), name)
+        mod = _importlib.import_module(f"{__name__}.{module}")
+        if hasattr(mod, name):
+            globals()[name] = getattr(mod, name)
+        else:   # that module is partially initialised (we are inside its import): bind it on a later call
+            complete = False
     dynamo.register()  # torch.compile(module, backend="sessa")
+    _loaded = complete
 
 
 def __getattr__(name):
     if name in _LAZY:
         _load()
-        return globals()[name]
+        if name in globals():
+            return globals()[name]
+        return getattr(_importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
     try:  # a submodule not imported yet (sessa_compiler.models, ...)
         module = _importlib.import_module(f"{__name__}.{name}")
     except ModuleNotFoundError:
