@@ -24,3 +24,11 @@ def scan_inputs(B, T, d_inner, n, seed=0) -> list:
     Bm, Cm = torch.randn(B, T, n, generator=gen), torch.randn(B, T, n, generator=gen)
     D = torch.randn(d_inner, generator=gen)
     return [u, dt, A, Bm, Cm, D]
+
+
+def op_counts(graph) -> dict:
+    """How many nodes of each op a graph has."""
+    out: dict = {}
+    for n in graph.nodes:
+        out[n.op] = out.get(n.op, 0) + 1
+    return out

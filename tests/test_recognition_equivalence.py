@@ -34,7 +34,7 @@ import sessa_compiler as sc
 from sessa_compiler.frontend import trace_with_report
 from sessa_compiler.backends.eager import run_graph
 from sessa_compiler.models import SessaLayer
-from model_helpers import randomize
+from model_helpers import randomize, op_counts
 from styles.diag_gain_style import DiagGainSessaLayer
 from styles.flat_lm_style import FlatSessaLM
 from styles.transposed_system_style import TransposedSystemSessaLayer
@@ -48,13 +48,6 @@ TOL = {"eager": 1e-10, "tvm": 1e-4, "triton": 1e-4}
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread):
     yield
-
-
-def op_counts(graph) -> dict:
-    out: dict = {}
-    for n in graph.nodes:
-        out[n.op] = out.get(n.op, 0) + 1
-    return out
 
 
 def flat_lm(dtype, seed=3, gamma_bias=None):

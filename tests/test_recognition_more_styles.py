@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model_helpers import op_counts
 import sessa_compiler as sc
 from sessa_compiler.backends.eager import run_graph
 from sessa_compiler.frontend import trace_with_report
@@ -53,13 +54,6 @@ EXPECTED = {"dense_solve": {"attention": 1, "feedback": 1}, "inverse_nan": {"att
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread(one_thread):
     yield
-
-
-def op_counts(graph) -> dict:
-    out: dict = {}
-    for n in graph.nodes:
-        out[n.op] = out.get(n.op, 0) + 1
-    return out
 
 
 # -- the styles are the spec's model --------------------------------------------------------------

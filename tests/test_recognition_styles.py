@@ -26,7 +26,7 @@ import torch.nn as nn
 import sessa_compiler as sc
 from sessa_compiler.semantics import tri_solve_ref, tri_solve_rows
 from sessa_compiler.models import SessaLayer
-from model_helpers import randomize
+from model_helpers import randomize, op_counts
 from styles.bmm_where_style import BmmWhereSessaLayer
 from styles.complex_rope_style import ComplexRopeSessaLayer
 from styles.finfo_buffer_style import FinfoBufferSessaLayer
@@ -61,13 +61,6 @@ def load(cls, config: str, dtype=torch.float32, gamma_bias=None, seed=0):
 def build(style: str, config: str, dtype=torch.float32, gamma_bias=None, seed=0):
     """The style with the weights of a randomised reference SessaLayer (loaded strictly)."""
     return load(STYLES[style], config, dtype, gamma_bias, seed)
-
-
-def op_counts(graph) -> dict:
-    out: dict = {}
-    for n in graph.nodes:
-        out[n.op] = out.get(n.op, 0) + 1
-    return out
 
 
 def assert_recognised(compiled, rope: bool):
