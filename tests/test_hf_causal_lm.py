@@ -53,10 +53,12 @@ def test_eager_returns_the_output_dataclass_with_the_loss_and_equal_gradients(mo
     model.zero_grad()
 
     # no labels: loss is None; return_dict=False: a tuple (traced again for the other keyword structure)
-    no_labels = c(x)
+    with pytest.warns(UserWarning, match="tracing it again"):
+        no_labels = c(x)
     assert no_labels.loss is None and "loss" not in no_labels
     assert relative_error(no_labels.logits, want.logits) <= TOL
-    as_tuple = c(x, labels=labels, return_dict=False)
+    with pytest.warns(UserWarning, match="tracing it again"):
+        as_tuple = c(x, labels=labels, return_dict=False)
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 2
     assert relative_error(as_tuple[0], want.loss) <= TOL
 

@@ -72,6 +72,7 @@ def test_load_tvm_on_a_missing_directory_a_file_or_a_foreign_directory(tmp_path)
         sc.load_tvm(tmp_path)
 
 
+@pytest.mark.filterwarnings("ignore:sessa_compiler cache.*cannot be inspected:UserWarning")   # and the cache is off
 def test_a_cache_directory_that_is_a_file_is_a_config_error_when_tuning(tmp_path, monkeypatch):
     f = tmp_path / "not-a-dir"
     f.write_text("x")
