@@ -3,7 +3,7 @@ backend on CPU (auto -> TVM), each in a new process: cold (an empty compile cach
 warm (a second process with the same SESSA_COMPILER_CACHE_DIR: the traced graph and the built library come from the
 cache). Cold and warm alternate, sizes interleave; medians. Times start after ``import torch`` (the import of
 sessa_compiler is in them, and shown apart). The growth columns show how the cost scales with the number of
-identical layers (issue 23: identical layers are traced, recognised and built once, so it grows sublinearly).
+identical layers (identical layers are traced, recognised and built once, so it grows sublinearly).
 
     python3 benchmarks/first_call.py [--runs 3] [--layers 1 4 12 24] [--backend auto]
 """

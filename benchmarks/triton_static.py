@@ -18,7 +18,7 @@ the fraction of the 132 SMs that grid fills). The layer line adds the ops that r
 (matmuls at the same roofline, the rest by bytes). That per-kernel roofline is kept as ``roofline_ms``:
 a lower bound.
 
-The estimate (``est_ms``, issue 20) models what the roofline leaves out:
+The estimate (``est_ms``) models what the roofline leaves out:
 - every launch: its grid and, per CTA in the order the hardware issues them, tensor-core FLOPs, exp and
   ALU work of the softmax and masks, the bytes it moves between L2 and the SM (from the tile schedule:
   a tile re-read by every CTA that needs it is counted every time), and latency chains it cannot overlap
@@ -30,8 +30,8 @@ The estimate (``est_ms``, issue 20) models what the roofline leaves out:
 - launches on one stream: the host pays a cost per launch, the device a gap between dependent kernels
   (``launch_ms``); ``est_graph_ms`` replays the same launches as a CUDA graph.
 The rates the device was not measured for (L2 bandwidth and latency, clocks, host costs) are named
-constants below. ``what_if_one_pass_feedback_ms`` applies the same model to the feedback forward of issue
-20 part 2, which is not built. These are estimates from the compiled code, not measurements.
+constants below. ``what_if_one_pass_feedback_ms`` applies the same model to a one-pass
+feedback forward (no separate log-sum-exp pass), which is not built. These are estimates from the compiled code, not measurements.
 """
 from __future__ import annotations
 
@@ -164,8 +164,8 @@ L2_LATENCY_S = 0.3e-6       # one dependent round trip: tile load from L2 (~260-
 SFU_PER_SM_CLK = 16         # exp2 (MUFU) results per SM per clock
 ALU_PER_SM_CLK = 128        # fp32 ALU operations per SM per clock
 REGS_PER_SM, SHARED_PER_SM, MAX_CTAS_PER_SM, MAX_WARPS_PER_SM = 65536, 233472, 32, 64
-HOST_LAUNCH_S = {"triton": 10e-6, "torch": 5e-6}   # Python + driver per launch without a graph (issue 20: 9-12 us)
-DEVICE_GAP_S = 2.0e-6       # gap between dependent kernels in one stream, eager launches (issue 20: 1.5-3 us)
+HOST_LAUNCH_S = {"triton": 10e-6, "torch": 5e-6}   # Python + driver per launch without a graph (a review of the sm_90 launch path: 9-12 us)
+DEVICE_GAP_S = 2.0e-6       # gap between dependent kernels in one stream, eager launches (same review: 1.5-3 us)
 GRAPH_GAP_S = 1.0e-6        # the same inside a replayed CUDA graph (assumed)
 GRAPH_LAUNCH_S = 10e-6      # host cost of one graph replay (assumed)
 SOFTMAX_ALU = 5             # fp32 ops per logit of an online softmax (max, sum, rescale, convert), assumed
@@ -286,7 +286,7 @@ def _diag_inverse_launches(src, B, T):
     return [Launch((n, B), [(n * B, both)], 2 * 2 * B * T * D + 4 * B * n * C * C + 8 * B * T)]
 
 
-# Part 2 of issue 20, not built: what the model gives for a one-pass feedback forward (no lse pass: running
+# Not built: what the model gives for a one-pass feedback forward (no lse pass: running
 # max/sum inside the probabilities kernel, rescaled in the update), P and the update's operands in bf16 (an
 # extra bf16 copy of s), the solve's loads pipelined (one load wait and one store per inner block). The
 # compiled kernels' occupancy is kept.
@@ -564,7 +564,7 @@ def records(B: int, T: int) -> list:
     return out
 
 
-# -- the decode step (issue 20 part 5): launches counted on CPU, bytes at the target context ----------------
+# -- the decode step : launches counted on CPU, bytes at the target context ----------------
 DECODE = {"B": 4, "context": 8192, "small": 64}
 MIN_KERNEL_S = 2.0e-6   # what a tiny kernel takes on the device (launch latency, one partial wave), assumed
 NO_KERNEL = {"view", "_unsafe_view", "slice", "select", "transpose", "t", "expand", "unsqueeze", "squeeze", "permute",
@@ -721,7 +721,7 @@ def main(argv=None) -> int:
     att = next(r for r in recs if r["kernel"] == "attention_fwd")
     print(f"\nAttention on the old schedule (lightest row blocks first, the mask on every tile): "
           f"{att['est_ms_lightest_first_mask_every_tile']:.3f} ms; as generated: {att['est_ms']:.3f} ms.")
-    print(f"What-if, not built (issue 20 part 2): a one-pass feedback forward (no lse pass; P and the update in "
+    print(f"What-if, not built: a one-pass feedback forward (no lse pass; P and the update in "
           f"bf16; pipelined solve loads): layer {layer['what_if_one_pass_feedback_ms']:.3f} ms, "
           f"{layer['what_if_one_pass_feedback_graph_ms']:.3f} ms as a CUDA graph.")
     dec = next((r for r in recs if r["kernel"] == "decode_step"), None)
