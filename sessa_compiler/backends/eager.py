@@ -9,6 +9,7 @@ import torch
 
 from ..ir.dtypes import HALF, to_torch
 from ..ir.graph import Graph
+from ..ir.verify import verify_graph
 from ..ir.types import DType
 # The interpreter and every op's meaning live in sessa_compiler.semantics; the names are re-exported here
 # for the backends that run the ops they do not generate kernels for through it.
@@ -40,7 +41,7 @@ def widened(graph: Graph) -> Graph | None:
             v.type = TensorType(f32, v.type.shape)
     for n in wide.nodes:
         n.attrs = {k: f32 if isinstance(a, DType) and a.name in HALF else a for k, a in n.attrs.items()}
-    wide.verify()
+    verify_graph(wide)
     return wide
 
 

@@ -19,6 +19,7 @@ from ..ir.dtypes import from_torch
 from ..ir.graph import Graph, Value
 from ..ir.ops import UNARY, ArgRef
 from ..ir.types import DType, TensorType, sym
+from ..ir.verify import verify_graph
 
 aten = torch.ops.aten
 LOWERINGS: dict = {}
@@ -282,7 +283,7 @@ class Lowerer:
             else:
                 raise TraceError(f"unexpected fx node kind {node.op} ({node.name})")
         self.graph.dead_code_elimination()
-        self.graph.verify()
+        verify_graph(self.graph)
         return self.graph
 
 

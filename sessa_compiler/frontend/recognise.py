@@ -24,6 +24,7 @@ from ..ir.graph import Graph, Node, Value
 from ..ir.ops import ArgRef
 from ..ir.ops import COMPUTE, CORE, ELEMENTWISE, OPS
 from ..ir.types import DType, TensorType, dims_equal, sym
+from ..ir.verify import verify_graph
 from .probe import PROBE_LENGTHS, ProbeStats, Step, apply_steps, probe, probe_memo
 
 WALK_LAYOUT = {"reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "repeat_interleave"}
@@ -1022,7 +1023,7 @@ def _recognise(g: Graph) -> Report:
                                "a copy at each boundary); export_tvm cannot take it and export_onnx only through "
                                "torch.onnx's exporter")
     g.remove_unused_params()
-    g.verify()
+    verify_graph(g)
     return report
 
 

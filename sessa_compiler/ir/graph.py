@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import networkx as nx
+import sympy
 
-from ..errors import IRError
-from .types import TensorType
+from ..errors import IRError, ParseError
+from .types import ArgRef, DType, TensorType, format_dim
 
 
 class Value:
@@ -217,16 +219,8 @@ class Graph:
             self.params.pop(name, None)
         self._names = {v.name for v in self.values()}
 
-    # -- verification and printing ------------------------------------------------------------------
-    def verify(self) -> "Graph":
-        from .verify import verify_graph
-
-        verify_graph(self)
-        return self
-
+    # -- printing and copying (ir/verify.py checks a graph, ir/text.py parses the printed form) -----
     def __str__(self) -> str:
-        from .text import print_graph
-
         return print_graph(self)
 
     def __repr__(self) -> str:
@@ -234,9 +228,18 @@ class Graph:
 
     def clone(self) -> "Graph":
         """A structural copy sharing parameter data (rewrites on the copy leave self untouched)."""
-        from .text import parse
-
-        g = parse(str(self))
+        g = Graph(self.name)
+        new: dict = {}
+        for v in self.inputs:
+            new[v] = g.add_input(v.name, v.type)
+        for name, v in self.param_values.items():
+            new[v] = g.add_param(name, v.type)
+        for n in self.nodes:
+            inputs = [new[x] if isinstance(x, Value) else _copy_literal(x) for x in n.inputs]
+            node = g.make_node(n.op, inputs, _copy_literal(n.attrs), [v.type for v in n.outputs],
+                               names=[v.name for v in n.outputs])
+            new.update(zip(n.outputs, node.outputs))
+        g.outputs = [new[v] for v in self.outputs]
         g.params = dict(self.params)
         g.sources = dict(self.sources)
         return g
@@ -247,3 +250,61 @@ class Graph:
             if v.name in self.sources:
                 return f", traced from {self.sources[v.name]}"
         return ""
+
+
+def _copy_literal(x):
+    """A copy of an operand or attribute literal: containers are copied, immutable leaves shared."""
+    if isinstance(x, list):
+        return [_copy_literal(y) for y in x]
+    if isinstance(x, tuple):
+        return tuple(_copy_literal(y) for y in x)
+    if isinstance(x, dict):
+        return {k: _copy_literal(v) for k, v in x.items()}
+    return x
+
+
+# -- the text form (ir/text.py parses it) ----------------------------------------------------------
+def format_literal(x) -> str:
+    if isinstance(x, bool) or x is None:
+        return repr(x)
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        if math.isnan(x):
+            return "nan"
+        if math.isinf(x):
+            return "inf" if x > 0 else "-inf"
+        return repr(x)
+    if isinstance(x, str):
+        return repr(x)
+    if isinstance(x, sympy.Basic):
+        return format_dim(x)
+    if isinstance(x, (DType, ArgRef)):
+        return repr(x)
+    if isinstance(x, (list, tuple)):
+        inner = ", ".join(format_literal(y) for y in x)
+        return f"[{inner}]" if isinstance(x, list) else (f"({inner},)" if len(x) == 1 else f"({inner})")
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k!r}: {format_literal(v)}" for k, v in x.items()) + "}"
+    raise ParseError(f"cannot print attribute value {x!r} of type {type(x).__name__}")
+
+
+def format_operand(x) -> str:
+    return f"%{x.name}" if isinstance(x, Value) else format_literal(x)
+
+
+def print_graph(g: Graph) -> str:
+    ins = ", ".join(f"%{v.name}: {v.type}" for v in g.inputs)
+    lines = [f"graph {g.name}({ins}) {{"]
+    for name, v in g.param_values.items():
+        lines.append(f"  param %{name}: {v.type}")
+    for n in g.nodes:
+        outs = ", ".join(f"%{v.name}: {v.type}" for v in n.outputs)
+        args = ", ".join(format_operand(x) for x in n.inputs)
+        attrs = ""
+        if n.attrs:
+            attrs = " {" + ", ".join(f"{k}={format_literal(v)}" for k, v in n.attrs.items()) + "}"
+        lines.append(f"  {outs} = {n.op}({args}){attrs}")
+    lines.append("  return " + ", ".join(f"%{v.name}" for v in g.outputs))
+    lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -13,7 +13,7 @@ import sympy
 
 from ..errors import IRError
 from .graph import Node, Value
-from .types import DType, TensorType, dims_equal, format_dim
+from .types import ArgRef, DType, TensorType, dims_equal, format_dim  # noqa: F401  (ArgRef is re-exported)
 
 # Op kinds: used by passes (fusion groups) and by .explain().
 CORE = "core"              # attention, feedback, scan, rope: what the compiler exists for
@@ -38,15 +38,6 @@ class OpDef:
 
 OPS: dict[str, OpDef] = {}
 
-
-@dataclass(frozen=True)
-class ArgRef:
-    """In a fallback node's args/kwargs: "the i-th operand of this node". Printed as arg(i)."""
-
-    index: int
-
-    def __repr__(self) -> str:
-        return f"arg({self.index})"
 
 NUM = (int, float, sympy.Basic)
 INTS = (list, tuple)

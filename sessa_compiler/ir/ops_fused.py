@@ -23,8 +23,9 @@ from __future__ import annotations
 import functools
 
 from ..errors import IRError
-from .graph import Graph
+from .graph import Graph, print_graph
 from .ops import NUM, fail, register
+from .text import parse
 from .types import TensorType, dims_equal
 
 FUSED = "fused"               # op kind
@@ -33,8 +34,6 @@ FUSED_KERNELS = ("rowwise", "pointwise")
 
 @functools.lru_cache(maxsize=512)
 def _parse_body(lines: tuple) -> Graph:
-    from .text import parse  # local: text imports ops
-
     return parse("\n".join(lines))
 
 
@@ -49,8 +48,6 @@ def parse_body(node_or_lines) -> Graph:
 
 def body_lines(body: Graph) -> list:
     """A body Graph as the ``body`` attribute: its printed text, one string per line, indentation dropped."""
-    from .text import print_graph
-
     return [ln.strip() for ln in print_graph(body).splitlines()]
 
 

@@ -13,119 +13,44 @@ dimension symbols (``T``, ``2*T``), dtypes are ``dtype.f32`` and fallback operan
 from __future__ import annotations
 
 import ast
-import math
 import re
 
-import sympy
-
 from ..errors import ParseError
-from .graph import Graph, Value
-from .ops import ArgRef
-from .types import DType, TensorType, format_dim, sym
-
-_SYMPY_FUNCS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Min": sympy.Min, "Max": sympy.Max,
-                "Mod": sympy.Mod}
-
-
-# -- printing ------------------------------------------------------------------------------------
-def format_literal(x) -> str:
-    if isinstance(x, bool) or x is None:
-        return repr(x)
-    if isinstance(x, int):
-        return str(x)
-    if isinstance(x, float):
-        if math.isnan(x):
-            return "nan"
-        if math.isinf(x):
-            return "inf" if x > 0 else "-inf"
-        return repr(x)
-    if isinstance(x, str):
-        return repr(x)
-    if isinstance(x, sympy.Basic):
-        return format_dim(x)
-    if isinstance(x, (DType, ArgRef)):
-        return repr(x)
-    if isinstance(x, (list, tuple)):
-        inner = ", ".join(format_literal(y) for y in x)
-        return f"[{inner}]" if isinstance(x, list) else (f"({inner},)" if len(x) == 1 else f"({inner})")
-    if isinstance(x, dict):
-        return "{" + ", ".join(f"{k!r}: {format_literal(v)}" for k, v in x.items()) + "}"
-    raise ParseError(f"cannot print attribute value {x!r} of type {type(x).__name__}")
-
-
-def format_operand(x) -> str:
-    return f"%{x.name}" if isinstance(x, Value) else format_literal(x)
-
-
-def print_graph(g: Graph) -> str:
-    ins = ", ".join(f"%{v.name}: {v.type}" for v in g.inputs)
-    lines = [f"graph {g.name}({ins}) {{"]
-    for name, v in g.param_values.items():
-        lines.append(f"  param %{name}: {v.type}")
-    for n in g.nodes:
-        outs = ", ".join(f"%{v.name}: {v.type}" for v in n.outputs)
-        args = ", ".join(format_operand(x) for x in n.inputs)
-        attrs = ""
-        if n.attrs:
-            attrs = " {" + ", ".join(f"{k}={format_literal(v)}" for k, v in n.attrs.items()) + "}"
-        lines.append(f"  {outs} = {n.op}({args}){attrs}")
-    lines.append("  return " + ", ".join(f"%{v.name}" for v in g.outputs))
-    lines.append("}")
-    return "\n".join(lines) + "\n"
-
+from .graph import Graph, format_literal, format_operand, print_graph  # noqa: F401  (printing lives with the graph)
+from .types import ArgRef, DimEval, DType, TensorType
+from .verify import verify_graph
 
 # -- parsing --------------------------------------------------------------------------------------
-class _Eval:
-    """A restricted evaluator for the literal language above (no arbitrary code runs)."""
+class _Eval(DimEval):
+    """The literal language of the text format: dimension expressions (types.DimEval) plus lists, tuples,
+    dicts, ``dtype.f32``, ``arg(i)`` and value references. No arbitrary code runs."""
 
     def __init__(self, values: dict | None, where: str):
+        super().__init__(where)
         self.values = values
-        self.where = where
-
-    def err(self, node, msg):
-        raise ParseError(f"{self.where}: {msg} in {ast.unparse(node)!r}")
 
     def __call__(self, node):
-        if isinstance(node, ast.Constant):
-            return node.value
-        if isinstance(node, ast.Name):
-            if node.id == "inf":
-                return math.inf
-            if node.id == "nan":
-                return math.nan
-            return sym(node.id)
         if isinstance(node, ast.List):
             return [self(e) for e in node.elts]
         if isinstance(node, ast.Tuple):
             return tuple(self(e) for e in node.elts)
         if isinstance(node, ast.Dict):
             return {self(k): self(v) for k, v in zip(node.keys, node.values)}
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            v = self(node.operand)
-            return -v if isinstance(node.op, ast.USub) else v
-        if isinstance(node, ast.BinOp):
-            a, b = self(node.left), self(node.right)
-            ops = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
-                   ast.FloorDiv: lambda: a // b, ast.Pow: lambda: a ** b, ast.Mod: lambda: a % b,
-                   ast.Div: lambda: sympy.Rational(a, b) if isinstance(a, int) and isinstance(b, int)
-                   else sympy.sympify(a) / b}
-            if type(node.op) in ops:
-                return ops[type(node.op)]()
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "dtype":
             return DType(node.attr)
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            args = [self(a) for a in node.args]
             if node.func.id == "__v":
+                args = [self(a) for a in node.args]
                 if self.values is None or args[0] not in self.values:
                     self.err(node, f"undefined value %{args[0]}")
                 return self.values[args[0]]
-            if node.func.id == "arg" and len(args) == 1 and isinstance(args[0], int):
-                return ArgRef(args[0])
+            if node.func.id == "arg":
+                args = [self(a) for a in node.args]
+                if len(args) == 1 and isinstance(args[0], int):
+                    return ArgRef(args[0])
             if node.func.id == "dict":
                 return {k.arg: self(k.value) for k in node.keywords}
-            if node.func.id in _SYMPY_FUNCS:
-                return _SYMPY_FUNCS[node.func.id](*args)
-        self.err(node, "unsupported syntax")
+        return super().__call__(node)
 
 
 def _sub_values(text: str) -> str:
@@ -282,5 +207,5 @@ def parse(text: str) -> Graph:
             values[v.name] = v
     if not returned:
         raise ParseError("the graph has no 'return' line")
-    g.verify()
+    verify_graph(g)
     return g

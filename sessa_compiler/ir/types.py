@@ -5,13 +5,15 @@ Batch and sequence length stay symbolic (sympy expressions over named symbols su
 """
 from __future__ import annotations
 
+import ast
 import functools
+import math
 from dataclasses import dataclass
 from typing import Mapping, Union
 
 import sympy
 
-from ..errors import IRError
+from ..errors import IRError, ParseError
 
 # Short names used in the text format, in the order a reader meets them most.
 DTYPES = ("f64", "f32", "f16", "bf16", "i64", "i32", "i16", "i8", "u8", "bool", "c64", "c128")
@@ -49,6 +51,64 @@ def sym(name: str) -> sympy.Symbol:
     return sympy.Symbol(name, integer=True, positive=True)
 
 
+@dataclass(frozen=True)
+class ArgRef:
+    """In a fallback node's args/kwargs: "the i-th operand of this node". Printed as arg(i)."""
+
+    index: int
+
+    def __repr__(self) -> str:
+        return f"arg({self.index})"
+
+
+DIM_FUNCS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Min": sympy.Min, "Max": sympy.Max, "Mod": sympy.Mod}
+
+
+class DimEval:
+    """A restricted evaluator for dimension expressions written as text (``2*T``, ``floor(T/64)``):
+    integers, symbols, ``+ - * / // % **`` and the functions in DIM_FUNCS. No arbitrary code runs.
+    ir/text.py extends it to the whole literal language of the text format."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def err(self, node, msg):
+        raise ParseError(f"{self.where}: {msg} in {ast.unparse(node)!r}")
+
+    def __call__(self, node):
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Name):
+            if node.id == "inf":
+                return math.inf
+            if node.id == "nan":
+                return math.nan
+            return sym(node.id)
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            v = self(node.operand)
+            return -v if isinstance(node.op, ast.USub) else v
+        if isinstance(node, ast.BinOp):
+            a, b = self(node.left), self(node.right)
+            ops = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
+                   ast.FloorDiv: lambda: a // b, ast.Pow: lambda: a ** b, ast.Mod: lambda: a % b,
+                   ast.Div: lambda: sympy.Rational(a, b) if isinstance(a, int) and isinstance(b, int)
+                   else sympy.sympify(a) / b}
+            if type(node.op) in ops:
+                return ops[type(node.op)]()
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in DIM_FUNCS:
+            return DIM_FUNCS[node.func.id](*[self(a) for a in node.args])
+        self.err(node, "unsupported syntax")
+
+
+def parse_dim(text: str, where: str = "dimension"):
+    """A dimension expression written as text, as an int or a sympy expression."""
+    try:
+        tree = ast.parse(text, mode="eval")
+    except SyntaxError as e:
+        raise ParseError(f"{where}: cannot parse {text!r}: {e.msg}") from None
+    return DimEval(where)(tree.body)
+
+
 def as_dim(d) -> Dim:
     """Normalise a dim: python/sympy integers become int, anything else stays a sympy expression."""
     if isinstance(d, bool):
@@ -61,9 +121,7 @@ def as_dim(d) -> Dim:
             return int(d)
         return d
     if isinstance(d, str):
-        from .text import parse_expr  # local: text imports types
-
-        return as_dim(parse_expr(d))
+        return as_dim(parse_dim(d))
     raise IRError(f"a dimension must be an int or a symbolic expression, got {type(d).__name__} {d!r}")
 
 

@@ -23,6 +23,7 @@ from typing import ClassVar, TextIO
 
 from ..errors import IRError
 from ..ir.graph import Graph
+from ..ir.verify import verify_graph
 
 PRINT_IR_ENV = "SESSA_COMPILER_PRINT_IR"
 
@@ -109,7 +110,7 @@ class PassManager:
             result = p.run(graph)
             if self.verify:
                 try:
-                    graph.verify()
+                    verify_graph(graph)
                 except IRError as e:
                     raise IRError(f"the IR is invalid after pass '{p}': {e}") from e
             rec = PassRecord(str(p), result.rewrites, time.perf_counter() - start, len(graph.nodes), p.name,

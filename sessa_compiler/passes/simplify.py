@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ir.graph import Graph
+from ..ir.verify import verify_graph
 from .manager import Pass, PassResult
 
 
@@ -29,7 +30,7 @@ def _cancels(outer, inner) -> bool:
 
 
 def _key(n):
-    from ..ir.text import format_literal, format_operand
+    from ..ir.graph import format_literal, format_operand
 
     return (n.op, tuple(x if hasattr(x, "producer") else ("lit", format_operand(x)) for x in n.inputs),
             format_literal(n.attrs), tuple(str(o.type) for o in n.outputs))
@@ -62,7 +63,7 @@ def _same(a, b, depth: int = 12) -> bool:
     if depth == 0 or na is None or nb is None or na.op != nb.op or len(na.outputs) != 1 or len(nb.outputs) != 1 \
             or len(na.inputs) != len(nb.inputs) or na.op == "fallback" or not a.type.same_as(b.type):
         return False
-    from ..ir.text import format_literal
+    from ..ir.graph import format_literal
 
     return format_literal(na.attrs) == format_literal(nb.attrs) and all(
         _same(x, y, depth - 1) for x, y in zip(na.inputs, nb.inputs))
@@ -133,7 +134,7 @@ def simplify(graph: Graph) -> int:
         merged = common_subexpressions(graph) + hand_written_softmax(graph)
         total += merged
         changed = changed or bool(merged)
-    graph.verify()
+    verify_graph(graph)
     return total
 
 

@@ -14,6 +14,7 @@ from ..ir.dtypes import to_torch
 from ..errors import InputError, IRError, SessaCompilerError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import FACTORY, FALLBACK, OPS
+from ..ir.ops_fused import parse_body
 from ..ir.types import DType, eval_dim
 from .table import SEMANTICS
 
@@ -138,3 +139,12 @@ def _needed_nodes(graph: Graph, targets, known: set) -> set:
         needed.add(n)
         stack.extend(x for x in n.value_inputs if x not in known)
     return needed
+
+
+def fused(*operands, group, kernel, body, bytes_saved=None):
+    """A fused group (ir/ops_fused.py) means its body's ops, one by one."""
+    outs = run_graph(parse_body(body), list(operands), {})
+    return tuple(outs) if len(outs) != 1 else outs[0]
+
+
+SEMANTICS["fused"] = fused
