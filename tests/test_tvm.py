@@ -299,6 +299,16 @@ def test_host_target_is_not_generic():
     b = TVMBackend()
     assert str(b.target.attrs["mcpu"]) not in ("", "generic", "x86-64", "native")
     assert str(b.target.kind.name) == "llvm"
+    # the wheel's LLVM reports its own toolchain's triple (x86_64-conda-linux-gnu); explain() shows the host's
+    assert "conda" not in str(b.target.attrs["mtriple"])
+
+
+def test_canonical_triple_drops_the_toolchain_vendor():
+    from sessa_compiler.backends.tvm.target import canonical_triple
+    assert canonical_triple("x86_64-conda-linux-gnu") == "x86_64-unknown-linux-gnu"
+    assert canonical_triple("aarch64-unknown-linux-gnu") == "aarch64-unknown-linux-gnu"
+    assert canonical_triple("x86_64-pc-linux-gnu") == "x86_64-pc-linux-gnu"
+    assert canonical_triple("") == ""
 
 
 def test_cuda_tensors_are_refused_cleanly():

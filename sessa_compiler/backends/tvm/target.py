@@ -32,6 +32,15 @@ def configure_threads() -> int:
     return int(os.environ["TVM_NUM_THREADS"])
 
 
+def canonical_triple(triple: str) -> str:
+    """The target triple with a toolchain's vendor name replaced by ``unknown``: the TVM wheel's LLVM reports
+    the triple of the toolchain that built it (``x86_64-conda-linux-gnu``), which says nothing of this host."""
+    parts = triple.split("-")
+    if len(parts) >= 3 and parts[1] not in ("unknown", "pc", "apple", "none"):
+        parts[1] = "unknown"
+    return "-".join(parts)
+
+
 def host_target():
     """The LLVM target of this machine's CPU (e.g. mcpu=znver3), never a generic one."""
     import tvm
@@ -47,8 +56,8 @@ def host_target():
                 "TVM backend: LLVM does not recognise this CPU (it reports a generic CPU), so kernels would be "
                 "compiled without the host's vector instructions; pass an explicit target such as "
                 "{'kind': 'llvm', 'mcpu': 'znver3'}")
-        target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "mtriple": str(target.attrs.get("mtriple", ""))})
-    return target
+    triple = canonical_triple(str(target.attrs.get("mtriple", "")))
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "mtriple": triple})
 
 
 def resolve_target(target=None):
