@@ -67,6 +67,20 @@ class SymbolicSlices(_Op):
         return torch.cat([x[:, :1], diff], dim=1) + half
 
 
+class ClampTransposeSum(_Op):
+    """clamp in its spellings (scalar bounds, one bound, a tensor bound, clamp_min/clamp_max), .mT and the
+    reductions over every element (x.sum(), x.mean())."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("floor", -torch.linspace(0.1, 0.4, 8))
+
+    def forward(self, x):
+        y = x.clamp(-0.5, 0.7) + torch.clamp(x, min=self.floor) + x.clamp(max=0.2) + x.clamp_min(0.1).clamp_max(0.6)
+        gram = y.mT @ y                                   # [B, 8, 8]
+        return y * gram.mean() + x.sum() / x.numel() + torch.clamp(gram, min=-1.0).sum((1, 2))[:, None, None]
+
+
 class ComplexBuffer(_Op):
     """A float model carrying a complex constant (a LLaMA-style freqs_cis table), sliced to T."""
 
@@ -117,7 +131,8 @@ class TriSolve(nn.Module):
         return torch.linalg.solve_triangular(self.lower, x.unsqueeze(-1), upper=False).squeeze(-1)
 
 
-EXPORTED = [Addmm, Baddbmm, Tensordot, VarMean, Narrow, Split, DiagEmbed, Pad, SymbolicSlices, ComplexBuffer]
+EXPORTED = [Addmm, Baddbmm, Tensordot, VarMean, Narrow, Split, DiagEmbed, Pad, SymbolicSlices, ClampTransposeSum,
+            ComplexBuffer]
 REFUSED = [LinalgSolve, LinalgInv]
 
 

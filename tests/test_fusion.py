@@ -68,7 +68,11 @@ graph k(%x: {dt}[B, T, 48], %h: {dt}[B, T, 96], %p: {dt}[B, T, 48], %s: {dt}[B, 
   %th: {dt}[B, T, 1] = tanh(%pre)
   %gm: {dt}[B, T, 1] = mul(%th, 0.999)
   %gamma: {dt}[B, T] = squeeze(%gm) {{dims=[2]}}
-  %sq: {dt}[B, T, 48] = mul(%e, %e)
+  %lo: {dt}[B, T, 48] = maximum(%e, -0.5)
+  %hi: {dt}[B, T, 48] = minimum(%lo, 0.7)
+  %rl: {dt}[B, T, 48] = relu(%hi)
+  %e2: {dt}[B, T, 48] = mul(%e, %e)
+  %sq: {dt}[B, T, 48] = add(%e2, %rl)
   %r: {dt}[B, T, 48] = rsqrt(%sq)
   %c: f16[B, T, 48] = cast(%r) {{dtype=dtype.f16}}
   %out: {dt}[B, T, 48] = sigmoid(%c)

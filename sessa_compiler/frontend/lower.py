@@ -307,7 +307,7 @@ def source_of(node: fx.Node, bare: bool = False) -> str:
 
 
 # -- symbolic sizes -----------------------------------------------------------------------------
-@lowering(aten.sym_size.int)
+@lowering(aten.sym_size.int, aten.sym_numel.default)
 def _sym_size(L, node):
     return L.expr(node.meta["val"])
 
@@ -554,6 +554,33 @@ LOWERINGS[aten.rsub.Scalar] = lambda L, node: NotImplemented if len(node.args) >
     "sub", [L.arg(node.args[1]), L.arg(node.args[0])], {}, node)
 for _ov in ("self", "ScalarOther", "ScalarSelf", "Scalar"):
     LOWERINGS[getattr(aten.where, _ov)] = simple("where", 3)
+
+
+def _clamp(L, node):
+    """clamp(x, min, max) = minimum(maximum(x, min), max); either bound may be None (clamp_min/clamp_max)."""
+    x = node.args[0]
+    if node.target in (aten.clamp_min.default, aten.clamp_min.Tensor):
+        lo, hi = node.args[1], None
+    elif node.target in (aten.clamp_max.default, aten.clamp_max.Tensor):
+        lo, hi = None, node.args[1]
+    else:
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+    if node.meta["val"].dtype != x.meta["val"].dtype or (lo is None and hi is None):
+        return NotImplemented   # a bound that promotes the dtype (an int tensor clamped by a float) stays a fallback
+    y = L.arg(x)
+    for op, bound in (("maximum", lo), ("minimum", hi)):
+        if bound is not None:
+            b = L.arg(bound)
+            shape = _bshape(y.type.shape, b.type.shape) if isinstance(b, Value) else y.type.shape
+            y = L.graph.make_node(op, [y, b], {}, [TensorType(y.type.dtype, shape)]).output
+    return y
+
+
+for _t in (aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default, aten.clamp_min.Tensor,
+           aten.clamp_max.default, aten.clamp_max.Tensor):
+    LOWERINGS[_t] = _clamp
+LOWERINGS[aten.mT.default] = lambda L, node: L.emit("transpose", [L.arg(node.args[0])], {"dim0": -2, "dim1": -1}, node)
 LOWERINGS[aten.masked_fill.Scalar] = simple("masked_fill", 3)
 LOWERINGS[aten.masked_fill.Tensor] = simple("masked_fill", 3)
 LOWERINGS[aten.tril.default] = lambda L, node: L.emit("tril", [L.arg(node.args[0])],
@@ -665,6 +692,8 @@ def _reduce(op):
 LOWERINGS[aten.sum.dim_IntList] = _reduce("sum")
 LOWERINGS[aten.mean.dim] = _reduce("mean")
 LOWERINGS[aten.amax.default] = _reduce("amax")
+LOWERINGS[aten.sum.default] = _reduce("sum")     # x.sum(): every dim
+LOWERINGS[aten.mean.default] = _reduce("mean")
 
 
 @lowering(aten.max.dim)

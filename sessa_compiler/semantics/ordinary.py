@@ -56,9 +56,24 @@ ORDINARY.update({"neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": t
 ORDINARY["gelu"] = lambda x, approximate="none": F.gelu(x, approximate=approximate)
 ORDINARY["softplus"] = lambda x, beta=1, threshold=20: F.softplus(x, beta, threshold)
 ORDINARY.update({"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
-                 "maximum": torch.maximum, "minimum": torch.minimum, "logical_and": torch.logical_and,
+                 "logical_and": torch.logical_and,
                  "logical_or": torch.logical_or, "eq": torch.eq, "ne": torch.ne, "lt": torch.lt,
                  "le": torch.le, "gt": torch.gt, "ge": torch.ge})
+
+
+def _extremum(tensor_fn, scalar_fn):
+    """maximum/minimum of two tensors, or of a tensor and a scalar literal (clamp lowers to these); NaN propagates."""
+    def fn(a, b):
+        if not isinstance(b, torch.Tensor):
+            return scalar_fn(a, b)
+        if not isinstance(a, torch.Tensor):
+            return scalar_fn(b, a)
+        return tensor_fn(a, b)
+    return fn
+
+
+ORDINARY["maximum"] = _extremum(torch.maximum, torch.clamp_min)
+ORDINARY["minimum"] = _extremum(torch.minimum, torch.clamp_max)
 ORDINARY["where"] = torch.where
 ORDINARY["masked_fill"] = lambda x, m, v: x.masked_fill(m, v)
 ORDINARY["cast"] = lambda x, *, dtype: x.to(dtype)
