@@ -81,6 +81,21 @@ class ClampTransposeSum(_Op):
         return y * gram.mean() + x.sum() / x.numel() + torch.clamp(gram, min=-1.0).sum((1, 2))[:, None, None]
 
 
+class NormsAndActivations(_Op):
+    """Norms and activations that modern model code calls by their own aten op: F.normalize / x.norm /
+    linalg.vector_norm (p = 1, 2, 3, inf), F.rms_norm (with and without weight), square, hardtanh, leaky_relu,
+    hardswish, hardsigmoid, mish, logsigmoid, glu, logsumexp, amin, x.max() / x.min(), repeat."""
+
+    def forward(self, x):
+        y = F.normalize(x, dim=-1) + x.norm(dim=-1, keepdim=True) + torch.linalg.vector_norm(x, 1, dim=(1, 2), keepdim=True)
+        y = y + torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True) + torch.linalg.vector_norm(x, 3.0, dim=-1, keepdim=True)
+        y = y + F.rms_norm(x, (8,), self.b.repeat(2)[:8] + 1) + F.rms_norm(x, (8,), eps=1e-6) + x.square()
+        y = y + F.hardtanh(x, -0.5, 0.5) + F.leaky_relu(x, 0.2) + F.hardswish(x) + F.hardsigmoid(x) + F.mish(x)
+        y = y + F.logsigmoid(x) + F.glu(torch.cat([x, x * 2], -1), -1) + x.clip(-1, 1)
+        y = y + torch.logsumexp(x, -1, keepdim=True) + torch.logsumexp(x, (1, 2))[:, None, None]
+        return y + x.amin(-1, keepdim=True) + x.max() + x.min() + x.repeat(1, 1, 2)[..., 8:] + x.norm()
+
+
 class ComplexBuffer(_Op):
     """A float model carrying a complex constant (a LLaMA-style freqs_cis table), sliced to T."""
 
@@ -132,7 +147,7 @@ class TriSolve(nn.Module):
 
 
 EXPORTED = [Addmm, Baddbmm, Tensordot, VarMean, Narrow, Split, DiagEmbed, Pad, SymbolicSlices, ClampTransposeSum,
-            ComplexBuffer]
+            NormsAndActivations, ComplexBuffer]
 REFUSED = [LinalgSolve, LinalgInv]
 
 

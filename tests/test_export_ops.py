@@ -110,3 +110,35 @@ def test_every_op_a_traced_graph_holds_is_exported_by_a_sample():
         seen |= {n.op for n in trace_with_report(module, (torch.randn(2, 6, d),)).graph.nodes}
     made_by_passes = {"feedback_lse", "feedback_diag_inverse", "feedback_chunked", "scan_chunked", "fused"}
     assert set(OPS) - made_by_passes - {"fallback", "rope"} - seen == set()
+
+
+def test_lowered_activations_and_reductions_keep_torch_edge_values_on_every_backend(tmp_path):
+    """The ops lowered to IR arithmetic (clamp, hardtanh, leaky_relu, logsumexp, rms_norm, norms) give torch's
+    values at the edges: NaN stays NaN, a row of -inf has logsumexp -inf, a row holding +inf has +inf."""
+    import torch.nn.functional as F
+
+    class Edges(torch.nn.Module):
+        def forward(self, x):
+            return (x.clamp(-0.5, 0.5), F.hardtanh(x), F.leaky_relu(x, 0.1), torch.logsumexp(x, -1),
+                    F.rms_norm(x, (8,)), x.norm(dim=-1), x.amin(-1))
+
+    m = Edges()
+    x = torch.randn(2, 5, 8)
+    x[0, 1] = float("-inf")
+    x[0, 2, 3] = float("inf")
+    x[1, 3, 2] = float("nan")
+    graph = trace_with_report(m, (x,)).graph
+    assert not [n.attrs["target"] for n in graph.nodes if n.op == "fallback"]
+    want = m(x)
+    results = {backend: sc.compile(m, (x,), backend=backend)(x) for backend in ("eager", "tvm")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = sc.export_onnx(m, (torch.randn(2, 6, 8),), tmp_path / "m.onnx", validate=False).path
+    results["onnx"] = run_onnxruntime(_session(path), graph, (x,))
+    for backend, got in results.items():
+        for i, (a, b) in enumerate(zip(got, want)):
+            assert torch.equal(torch.isnan(a), torch.isnan(b)), (backend, i)
+            assert torch.equal(torch.isinf(a) & (a > 0), torch.isinf(b) & (b > 0)), (backend, i)
+            assert torch.equal(torch.isinf(a) & (a < 0), torch.isinf(b) & (b < 0)), (backend, i)
+            fin = torch.isfinite(b)
+            assert torch.allclose(a[fin], b[fin], rtol=1e-5, atol=1e-6), (backend, i)

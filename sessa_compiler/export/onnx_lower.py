@@ -431,10 +431,15 @@ def _reduce(L, node):
     dims = node.attrs.get("dims")
     keep = int(bool(node.attrs.get("keepdim", False)))
     x = L.get(node, 0, dt)
-    if not dims:
-        return [L.b.op(REDUCE[node.op], x, keepdims=keep)]
     r = rank(node.inputs[0])
-    return [L.b.op(REDUCE[node.op], x, L.b.i64(*sorted(d % r for d in dims)), keepdims=keep)]
+    axes = [L.b.i64(*sorted(d % r for d in dims))] if dims else []
+    out = L.b.op(REDUCE[node.op], x, *axes, keepdims=keep)
+    if node.op == "amax" and node.inputs[0].type.dtype.is_float:
+        # onnxruntime's ReduceMax drops NaN; torch.amax returns NaN where the reduced elements hold one
+        nan_only = L.b.op("Where", L.b.op("IsNaN", x), x, L.b.scalar(0.0, dt))
+        nan_sum = L.b.op("ReduceSum", nan_only, *axes, keepdims=keep)
+        out = L.b.op("Where", L.b.op("IsNaN", nan_sum), nan_sum, out, hint="amax")
+    return [out]
 
 
 RANGE_DTYPES = ("f32", "f64", "i16", "i32", "i64")

@@ -15,10 +15,10 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..errors import SessaCompilerError, TraceError
-from ..ir.dtypes import from_torch
+from ..ir.dtypes import from_torch, to_torch
 from ..ir.graph import Graph, Value
 from ..ir.ops import UNARY, ArgRef
-from ..ir.types import DType, TensorType, sym
+from ..ir.types import DType, TensorType, format_dim, parse_dim, sym
 from ..ir.verify import verify_graph
 
 aten = torch.ops.aten
@@ -81,6 +81,10 @@ class Lowerer:
             for x in unknown:  # a symbol no input dim names: give it a readable fresh name
                 self.sym_map[x] = sym(f"S{len(self.sym_map)}")
             out = sympy.simplify(s.xreplace(self.sym_map))
+            if any(not type(f).__module__.startswith("sympy") for f in out.atoms(sympy.Function)):
+                # torch's own sympy functions (FloorDiv, PythonMod, ...) become the IR's (floor, Mod, ...): the
+                # expression written as text and read back, so every pass, backend and export sees one form
+                out = sympy.simplify(parse_dim(format_dim(out)))
             return int(out) if out.is_Integer else out
         return s
 
@@ -577,7 +581,7 @@ def _clamp(L, node):
     return y
 
 
-for _t in (aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default, aten.clamp_min.Tensor,
+for _t in (aten.clip.default, aten.clip.Tensor, aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default, aten.clamp_min.Tensor,
            aten.clamp_max.default, aten.clamp_max.Tensor):
     LOWERINGS[_t] = _clamp
 LOWERINGS[aten.mT.default] = lambda L, node: L.emit("transpose", [L.arg(node.args[0])], {"dim0": -2, "dim1": -1}, node)
@@ -920,6 +924,202 @@ def _var_mean(L, node):
         return var
     mean = mean_k if keep else b.op("mean", [x], {"dims": dims, "keepdim": False}, dt, oshape)
     return [var, mean]
+
+
+# -- activations, norms and reductions that models spell with their own aten op -----------------------------
+@lowering(aten.square.default)
+def _square(L, node):
+    x = L.arg(node.args[0])
+    return L.emit("mul", [x, x], {}, node)
+
+
+@lowering(aten.hardtanh.default)
+def _hardtanh(L, node):
+    """hardtanh(x, min_val=-1, max_val=1) = minimum(maximum(x, min_val), max_val)."""
+    x = L.arg(node.args[0])
+    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+    if not x.type.dtype.is_float or lo > hi:
+        return NotImplemented
+    b, dt = _Build(L), x.type.dtype
+    return b.op("minimum", [b.op("maximum", [x, float(lo)], {}, dt, x.type.shape), float(hi)], {}, dt, x.type.shape)
+
+
+@lowering(aten.leaky_relu.default)
+def _leaky_relu(L, node):
+    """leaky_relu(x, slope) = where(x > 0, x, x * slope) (NaN stays NaN)."""
+    x = L.arg(node.args[0])
+    slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+    if not x.type.dtype.is_float:
+        return NotImplemented
+    b, dt, sh = _Build(L), x.type.dtype, x.type.shape
+    pos = b.op("gt", [x, 0.0], {}, DType("bool"), sh)
+    return b.op("where", [pos, x, b.op("mul", [x, float(slope)], {}, dt, sh)], {}, dt, sh)
+
+
+def _hardsigmoid_of(b, x):
+    dt, sh = x.type.dtype, x.type.shape
+    r6 = b.op("minimum", [b.op("maximum", [b.op("add", [x, 3.0], {}, dt, sh), 0.0], {}, dt, sh), 6.0], {}, dt, sh)
+    return b.op("div", [r6, 6.0], {}, dt, sh)
+
+
+@lowering(aten.hardsigmoid.default, aten.hardswish.default, aten.mish.default, aten.log_sigmoid.default)
+def _activation(L, node):
+    """hardsigmoid = relu6(x + 3) / 6, hardswish = x * hardsigmoid(x), mish = x * tanh(softplus(x)),
+    logsigmoid = -softplus(-x) (softplus with torch's default beta 1 and threshold 20)."""
+    x = L.arg(node.args[0])
+    if not x.type.dtype.is_float:
+        return NotImplemented
+    b, dt, sh = _Build(L), x.type.dtype, x.type.shape
+    if node.target == aten.hardsigmoid.default:
+        return _hardsigmoid_of(b, x)
+    if node.target == aten.hardswish.default:
+        return b.op("mul", [x, _hardsigmoid_of(b, x)], {}, dt, sh)
+    if node.target == aten.mish.default:
+        sp = b.op("softplus", [x], {"beta": 1, "threshold": 20}, dt, sh)
+        return b.op("mul", [x, b.op("tanh", [sp], {}, dt, sh)], {}, dt, sh)
+    sp = b.op("softplus", [b.op("neg", [x], {}, dt, sh)], {"beta": 1, "threshold": 20}, dt, sh)
+    return b.op("neg", [sp], {}, dt, sh)
+
+
+@lowering(aten.glu.default)
+def _glu(L, node):
+    """glu(x, dim) = a * sigmoid(b), a and b the two halves of x along dim."""
+    x = L.arg(node.args[0])
+    dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)) % x.type.rank
+    size = x.type.shape[dim]
+    if not x.type.dtype.is_float or not isinstance(size, int) or size % 2:
+        return NotImplemented
+    b, dt = _Build(L), x.type.dtype
+    half = tuple(size // 2 if i == dim else s for i, s in enumerate(x.type.shape))
+    a_, g_ = L.graph.make_node("split", [x], {"sizes": [size // 2, size // 2], "dim": dim},
+                               [TensorType(dt, half), TensorType(dt, half)]).outputs
+    return b.op("mul", [a_, b.op("sigmoid", [g_], {}, dt, half)], {}, dt, half)
+
+
+def _reduce_dims(x, dims):
+    if dims is None or (isinstance(dims, (list, tuple)) and not dims):
+        return list(range(x.type.rank))
+    return [d % x.type.rank for d in ([dims] if isinstance(dims, int) else dims)]
+
+
+def _reduced_shape(shape, dims, keep):
+    return tuple(1 if i in dims else s for i, s in enumerate(shape)) if keep else \
+        tuple(s for i, s in enumerate(shape) if i not in dims)
+
+
+@lowering(aten.amin.default, aten.max.default, aten.min.default)
+def _amin(L, node):
+    """amin(x) = -amax(-x); x.max() / x.min() over every element: amax / amin over every dim."""
+    x = L.arg(node.args[0])
+    if not x.type.dtype.is_float:
+        return NotImplemented
+    if node.target == aten.amin.default:
+        dims = _reduce_dims(x, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+        keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    else:
+        dims, keep = list(range(x.type.rank)), False
+    b, dt = _Build(L), x.type.dtype
+    out = _reduced_shape(x.type.shape, dims, keep)
+    if node.target == aten.max.default:
+        return b.op("amax", [x], {"dims": dims, "keepdim": keep}, dt, out)
+    neg = b.op("neg", [x], {}, dt, x.type.shape)
+    return b.op("neg", [b.op("amax", [neg], {"dims": dims, "keepdim": keep}, dt, out)], {}, dt, out)
+
+
+@lowering(aten.logsumexp.default)
+def _logsumexp(L, node):
+    """log(sum(exp(x - m))) + m, m the max over the dims with infinite maxima taken as 0 (as torch does, so a
+    row of -inf gives -inf and a row holding +inf gives +inf)."""
+    x = L.arg(node.args[0])
+    if not x.type.dtype.is_float:
+        return NotImplemented
+    dims = _reduce_dims(x, node.args[1] if len(node.args) > 1 else node.kwargs.get("dim"))
+    keep = bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+    b, dt, sh = _Build(L), x.type.dtype, x.type.shape
+    ksh, out = _reduced_shape(sh, dims, True), _reduced_shape(sh, dims, keep)
+    m = b.op("amax", [x], {"dims": dims, "keepdim": True}, dt, ksh)
+    inf = b.op("eq", [b.op("abs", [m], {}, dt, ksh), math.inf], {}, DType("bool"), ksh)
+    m = b.op("where", [inf, 0.0, m], {}, dt, ksh)
+    e = b.op("exp", [b.op("sub", [x, m], {}, dt, sh)], {}, dt, sh)
+    s = b.op("log", [b.op("sum", [e], {"dims": dims, "keepdim": keep}, dt, out)], {}, dt, out)
+    m_out = m if keep else b.op("reshape", [m], {"shape": list(out)}, dt, out)
+    return b.op("add", [s, m_out], {}, dt, out)
+
+
+@lowering(aten.linalg_vector_norm.default)
+def _vector_norm(L, node):
+    """The p-norm over dims: sqrt(sum(x*x)) for p = 2, sum(|x|) for 1, max(|x|) / min(|x|) for +-inf,
+    sum(|x|^p)^(1/p) otherwise; half inputs accumulate in float32 as torch does. p = 0 and a dtype stay torch."""
+    x = L.arg(node.args[0])
+    a = list(node.args) + [None] * (5 - len(node.args))
+    p = node.kwargs.get("ord", 2 if a[1] is None else a[1])
+    dims = _reduce_dims(x, node.kwargs.get("dim", a[2]))
+    keep = bool(node.kwargs.get("keepdim", a[3] or False))
+    if not x.type.dtype.is_float or node.kwargs.get("dtype", a[4]) is not None or p == 0:
+        return NotImplemented
+    b, dt = _Build(L), x.type.dtype
+    ct = DType("f32") if dt.name in ("f16", "bf16") else dt
+    xc = b.cast(x, ct)
+    sh, out = x.type.shape, _reduced_shape(x.type.shape, dims, keep)
+    if p == 2:
+        r = b.op("sqrt", [b.op("sum", [b.op("mul", [xc, xc], {}, ct, sh)], {"dims": dims, "keepdim": keep}, ct, out)],
+                 {}, ct, out)
+    else:
+        ab = b.op("abs", [xc], {}, ct, sh)
+        if p == 1:
+            r = b.op("sum", [ab], {"dims": dims, "keepdim": keep}, ct, out)
+        elif p == math.inf:
+            r = b.op("amax", [ab], {"dims": dims, "keepdim": keep}, ct, out)
+        elif p == -math.inf:
+            neg = b.op("neg", [ab], {}, ct, sh)
+            r = b.op("neg", [b.op("amax", [neg], {"dims": dims, "keepdim": keep}, ct, out)], {}, ct, out)
+        else:
+            powed = b.op("pow", [ab, float(p)], {}, ct, sh)
+            r = b.op("pow", [b.op("sum", [powed], {"dims": dims, "keepdim": keep}, ct, out), 1.0 / float(p)], {}, ct, out)
+    return b.cast(r, dt)
+
+
+@lowering(aten.rms_norm.default)
+def _rms_norm(L, node):
+    """x * rsqrt(mean(x^2 over the normalised dims) + eps) (times weight), computed in float32 for half inputs and
+    eps defaulting to the compute dtype's machine epsilon, as torch's rms_norm does."""
+    a = list(node.args) + [None] * (4 - len(node.args))
+    x = L.arg(a[0])
+    nshape, weight = a[1], node.kwargs.get("weight", a[2])
+    eps = node.kwargs.get("eps", a[3])
+    if not x.type.dtype.is_float:
+        return NotImplemented
+    b, dt, sh = _Build(L), x.type.dtype, x.type.shape
+    ct = DType("f32") if dt.name in ("f16", "bf16") else dt
+    dims = list(range(x.type.rank - len(nshape), x.type.rank))
+    ksh = _reduced_shape(sh, dims, True)
+    xc = b.cast(x, ct)
+    ms = b.op("mean", [b.op("mul", [xc, xc], {}, ct, sh)], {"dims": dims, "keepdim": True}, ct, ksh)
+    eps = float(torch.finfo(to_torch(ct)).eps if eps is None else eps)
+    r = b.op("rsqrt", [b.op("add", [ms, eps], {}, ct, ksh)], {}, ct, ksh)
+    y = b.cast(b.op("mul", [xc, r], {}, ct, sh), dt)
+    if weight is None:
+        return y
+    w = L.arg(weight)
+    wt = from_torch(torch.promote_types(to_torch(dt), to_torch(w.type.dtype)))
+    return b.cast(b.op("mul", [b.cast(y, wt), b.cast(w, wt)], {}, wt, sh), dt)
+
+
+@lowering(aten.repeat.default)
+def _repeat(L, node):
+    """x.repeat(r0, r1, ...) = x viewed as [1, d0, 1, d1, ...], expanded to [r0, d0, r1, d1, ...], flattened."""
+    x, reps = L.arg(node.args[0]), [int(r) for r in node.args[1]]
+    if len(reps) < x.type.rank:
+        return NotImplemented
+    b, dt = _Build(L), x.type.dtype
+    shape = (1,) * (len(reps) - x.type.rank) + tuple(x.type.shape)
+    inter = [d for s in shape for d in (1, s)]
+    big = [d for r, s in zip(reps, shape) for d in (r, s)]
+    v = b.op("reshape", [x], {"shape": inter}, dt, inter)
+    v = b.op("expand", [v], {"shape": big}, dt, big)
+    out = [r * s for r, s in zip(reps, shape)]
+    return b.op("reshape", [v], {"shape": out}, dt, out)
 
 
 @lowering(aten.tensordot.default)

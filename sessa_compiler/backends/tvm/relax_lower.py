@@ -230,7 +230,9 @@ class _Lowerer:
         else:
             ops = [self.operand(x, self._operand_dtype(node)) for x in node.inputs]
         fn = SIMPLE.get(node.op)
-        if fn is not None:
+        if node.op in NAN_PROPAGATING and node.outputs[0].type.dtype.is_float:
+            expr = _nan_propagating(relax.op, fn(relax.op, *ops, **node.attrs), ops)
+        elif fn is not None:
             expr = fn(relax.op, *ops, **node.attrs)
         else:
             expr = COMPLEX[node.op](self, node, ops)
@@ -280,6 +282,17 @@ def _erf_gelu(op, x, approximate="none"):
 
 def _softplus(op, x, beta=1, threshold=20):
     return op.nn.softplus(x, beta=float(beta), threshold=float(threshold))
+
+
+# ops whose TIR form (LLVM maxnum/minnum) drops a NaN operand, where torch returns NaN (clamp lowers to these)
+NAN_PROPAGATING = frozenset({"maximum", "minimum", "relu"})
+
+
+def _nan_propagating(op, expr, operands):
+    """expr, but NaN wherever an operand is NaN (torch.maximum / minimum / relu / clamp propagate NaN)."""
+    for x in operands:
+        expr = op.where(op.isnan(x), x, expr)
+    return expr
 
 
 # elementwise binary ops whose operands torch promotes to one dtype (the IR's output dtype)
@@ -432,7 +445,13 @@ def _reduce(kind):
         op = lw.relax.op
         fn = {"sum": op.sum, "mean": op.mean, "amax": op.max}[kind]
         dims = node.attrs.get("dims")
-        return fn(ops[0], axis=None if dims is None else list(dims), keepdims=bool(node.attrs.get("keepdim", False)))
+        axis, keep = (None if dims is None else list(dims)), bool(node.attrs.get("keepdim", False))
+        out = fn(ops[0], axis=axis, keepdims=keep)
+        if kind == "amax" and node.inputs[0].type.dtype.is_float:
+            # TIR's max drops NaN; torch.amax returns NaN where the reduced elements hold one (a sum is NaN there)
+            nan_sum = op.sum(op.where(op.isnan(ops[0]), ops[0], op.zeros_like(ops[0])), axis=axis, keepdims=keep)
+            out = op.where(op.isnan(nan_sum), nan_sum, out)
+        return out
     return lower
 
 
