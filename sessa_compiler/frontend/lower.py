@@ -81,7 +81,7 @@ class Lowerer:
             for x in unknown:  # a symbol no input dim names: give it a readable fresh name
                 self.sym_map[x] = sym(f"S{len(self.sym_map)}")
             out = sympy.simplify(s.xreplace(self.sym_map))
-            if any(not type(f).__module__.startswith("sympy") for f in out.atoms(sympy.Function)):
+            if any(not type(f).__module__.startswith("sympy") for f in sympy.preorder_traversal(out)):
                 # torch's own sympy functions (FloorDiv, PythonMod, ...) become the IR's (floor, Mod, ...): the
                 # expression written as text and read back, so every pass, backend and export sees one form
                 out = sympy.simplify(parse_dim(format_dim(out)))
