@@ -87,8 +87,9 @@ class NormsAndActivations(_Op):
     hardswish, hardsigmoid, mish, logsigmoid, glu, logsumexp, amin, x.max() / x.min(), repeat."""
 
     def forward(self, x):
-        y = F.normalize(x, dim=-1) + x.norm(dim=-1, keepdim=True) + torch.linalg.vector_norm(x, 1, dim=(1, 2), keepdim=True)
-        y = y + torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True) + torch.linalg.vector_norm(x, 3.0, dim=-1, keepdim=True)
+        norm = torch.linalg.vector_norm
+        y = F.normalize(x, dim=-1) + x.norm(dim=-1, keepdim=True) + norm(x, 1, dim=(1, 2), keepdim=True)
+        y = y + norm(x, float("inf"), dim=-1, keepdim=True) + norm(x, 3.0, dim=-1, keepdim=True)
         y = y + F.rms_norm(x, (8,), self.b.repeat(2)[:8] + 1) + F.rms_norm(x, (8,), eps=1e-6) + x.square()
         y = y + F.hardtanh(x, -0.5, 0.5) + F.leaky_relu(x, 0.2) + F.hardswish(x) + F.hardsigmoid(x) + F.mish(x)
         y = y + F.logsigmoid(x) + F.glu(torch.cat([x, x * 2], -1), -1) + x.clip(-1, 1)

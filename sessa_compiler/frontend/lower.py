@@ -581,8 +581,8 @@ def _clamp(L, node):
     return y
 
 
-for _t in (aten.clip.default, aten.clip.Tensor, aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default, aten.clamp_min.Tensor,
-           aten.clamp_max.default, aten.clamp_max.Tensor):
+for _t in (aten.clip.default, aten.clip.Tensor, aten.clamp.default, aten.clamp.Tensor, aten.clamp_min.default,
+           aten.clamp_min.Tensor, aten.clamp_max.default, aten.clamp_max.Tensor):
     LOWERINGS[_t] = _clamp
 LOWERINGS[aten.mT.default] = lambda L, node: L.emit("transpose", [L.arg(node.args[0])], {"dim0": -2, "dim1": -1}, node)
 LOWERINGS[aten.masked_fill.Scalar] = simple("masked_fill", 3)
@@ -1076,7 +1076,8 @@ def _vector_norm(L, node):
             r = b.op("neg", [b.op("amax", [neg], {"dims": dims, "keepdim": keep}, ct, out)], {}, ct, out)
         else:
             powed = b.op("pow", [ab, float(p)], {}, ct, sh)
-            r = b.op("pow", [b.op("sum", [powed], {"dims": dims, "keepdim": keep}, ct, out), 1.0 / float(p)], {}, ct, out)
+            total = b.op("sum", [powed], {"dims": dims, "keepdim": keep}, ct, out)
+            r = b.op("pow", [total, 1.0 / float(p)], {}, ct, out)
     return b.cast(r, dt)
 
 

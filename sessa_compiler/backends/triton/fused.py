@@ -30,7 +30,8 @@ MAX_BLOCK_R = 64
 # -- code generation -------------------------------------------------------------------------------------
 _UNARY = {"neg": "-{0}", "exp": "tl.exp({0})", "log": "tl.log({0})", "sqrt": "tl.sqrt({0})",
           "rsqrt": "tl.rsqrt({0})", "tanh": "_tanh({0})", "sigmoid": "tl.sigmoid({0})",
-          "silu": "{0} * tl.sigmoid({0})", "relu": "tl.maximum({0}, 0.0, propagate_nan=tl.PropagateNan.ALL)", "abs": "tl.abs({0})",
+          "silu": "{0} * tl.sigmoid({0})", "relu": "tl.maximum({0}, 0.0, propagate_nan=tl.PropagateNan.ALL)",
+          "abs": "tl.abs({0})",
           "sin": "tl.sin({0})", "cos": "tl.cos({0})", "erf": "tl.erf({0})", "reciprocal": "1.0 / {0}"}
 _BINARY = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
            "maximum": "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)",   # NaN in, NaN out, as torch
