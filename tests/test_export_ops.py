@@ -142,3 +142,31 @@ def test_lowered_activations_and_reductions_keep_torch_edge_values_on_every_back
             assert torch.equal(torch.isinf(a) & (a < 0), torch.isinf(b) & (b < 0)), (backend, i)
             fin = torch.isfinite(b)
             assert torch.allclose(a[fin], b[fin], rtol=1e-5, atol=1e-6), (backend, i)
+
+
+def test_rounding_sign_and_accurate_exp_log_ops_match_torch_everywhere(tmp_path):
+    """floor, ceil, round (half to even), sign (0 at NaN), expm1 / log1p (accurate near 0), exp2, log2: the same
+    values as torch on eager, tvm, triton (fused kernels, interpreter) and in onnxruntime, edges included."""
+    class Unary(torch.nn.Module):
+        def forward(self, x):
+            return (torch.floor(x), torch.ceil(x), torch.round(x), torch.sign(x), torch.expm1(x), torch.log1p(x),
+                    torch.exp2(x), torch.log2(x))
+
+    edges = [float("nan"), -0.0, 0.0, 2.5, -2.5, 0.5, 1.5, -1.5, 1e-8, -1e-8, 1e-4, -0.99, 88.0, -100.0, 1e30,
+             float("inf"), -float("inf"), 3.7, -3.7, 9e6 + 0.5]
+    x = torch.cat([torch.tensor(edges).repeat(2, 1, 1), torch.randn(2, 1, len(edges)) * 3], 1)
+    m = Unary()
+    graph = trace_with_report(m, (x,)).graph
+    assert not [n.attrs["target"] for n in graph.nodes if n.op == "fallback"]
+    want = m(x)
+    results = {backend: sc.compile(m, (x,), backend=backend)(x) for backend in ("eager", "tvm", "triton")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = sc.export_onnx(m, (x,), tmp_path / "m.onnx", validate=False).path
+    results["onnx"] = run_onnxruntime(_session(path), graph, (x,))
+    for backend, got in results.items():
+        for name, a, b in zip(("floor", "ceil", "round", "sign", "expm1", "log1p", "exp2", "log2"), got, want):
+            assert torch.equal(torch.isnan(a), torch.isnan(b)), (backend, name)
+            assert torch.equal(a[torch.isinf(b)], b[torch.isinf(b)]), (backend, name)
+            fin = torch.isfinite(b)
+            assert torch.allclose(a[fin], b[fin], rtol=2e-6, atol=0), (backend, name, (a[fin] - b[fin]).abs().max())

@@ -278,3 +278,38 @@ def test_compile_sessa_layer_with_fusion_matches_eager():
     assert set(compiled._backend.fused_kernel_sources(compiled.graph)) == {"group0"}
     unfused = sc.compile(model, torch.randn(1, 3, 32), backend="triton", options={"fuse": False})
     assert "fused" not in unfused._backend.program(unfused.graph).graph.ops()
+
+
+UNARY_IR = """\
+graph u(%x: {dt}[B, T, 32]) {{
+  %a: {dt}[B, T, 32] = floor(%x)
+  %b: {dt}[B, T, 32] = ceil(%a)
+  %c: {dt}[B, T, 32] = round(%x)
+  %d: {dt}[B, T, 32] = sign(%x)
+  %e: {dt}[B, T, 32] = expm1(%x)
+  %f: {dt}[B, T, 32] = abs(%x)
+  %g: {dt}[B, T, 32] = log1p(%f)
+  %h: {dt}[B, T, 32] = exp2(%d)
+  %i: {dt}[B, T, 32] = log2(%f)
+  %s1: {dt}[B, T, 32] = add(%b, %c)
+  %s2: {dt}[B, T, 32] = mul(%e, %g)
+  %s3: {dt}[B, T, 32] = add(%h, %i)
+  %s4: {dt}[B, T, 32] = add(%s1, %s2)
+  %y: {dt}[B, T, 32] = add(%s3, %s4)
+  return %y
+}}
+"""
+
+
+def test_rounding_and_exp_log_helpers_compile_for_sm90(tmp_path):
+    """floor/ceil/round/sign/expm1/log1p/exp2/log2 in one pointwise group: the helpers (_round, _expm1, _log1p)
+    compile ahead of time for sm_90 in f32 and bf16."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton-cache"), SESSA_COMPILER_KERNEL_DIR=str(tmp_path / "kernels"),
+               TRITON_DEFAULT_FP_FUSION="1")
+    proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT, "bf16", "f32"], input=UNARY_IR, env=env,
+                          capture_output=True, text=True, timeout=600, check=False)
+    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert not [r for r in records if "error" in r], records
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(records) == 2 and all(r["cubin_bytes"] > 0 and r["spill_bytes"] == 0 for r in records), records

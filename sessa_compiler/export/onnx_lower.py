@@ -185,13 +185,55 @@ def _causal_conv1d(L, node):
 
 # -- elementwise -------------------------------------------------------------------------------------------
 SIMPLE_UNARY = {"neg": "Neg", "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "tanh": "Tanh", "sigmoid": "Sigmoid",
-                "relu": "Relu", "abs": "Abs", "sin": "Sin", "cos": "Cos", "erf": "Erf", "reciprocal": "Reciprocal"}
+                "relu": "Relu", "abs": "Abs", "sin": "Sin", "cos": "Cos", "erf": "Erf", "reciprocal": "Reciprocal",
+                "floor": "Floor", "ceil": "Ceil", "round": "Round"}   # ONNX Round is half to even, as torch's
 
 
 @lowering(*SIMPLE_UNARY)
 def _unary(L, node):
     dt = out_dtype(node)
     return [L.b.op(SIMPLE_UNARY[node.op], L.get(node, 0, dt))]
+
+
+@lowering("sign")
+def _sign(L, node):
+    """torch.sign(NaN) is 0."""
+    dt = out_dtype(node)
+    x = L.get(node, 0, dt)
+    if dt not in ("f16", "bf16", "f32", "f64"):
+        return [L.b.op("Sign", x)]
+    return [L.b.op("Where", L.b.op("IsNaN", x), L.b.scalar(0.0, dt), L.b.op("Sign", x), hint="sign")]
+
+
+@lowering("expm1", "log1p")
+def _expm1_log1p(L, node):
+    """Accurate near 0 from Exp and Log (ONNX has neither op): expm1(x) = (u - 1) x / log(u), u = exp(x)
+    (Kahan); log1p(x) = log(u) x / (u - 1), u = 1 + x (Goldberg); x itself where u rounds to 1."""
+    dt = out_dtype(node)
+    b = L.b
+    x = L.get(node, 0, dt)
+    one = b.scalar(1.0, dt)
+    if node.op == "expm1":
+        u = b.op("Exp", x)
+        um1 = b.op("Sub", u, one)
+        body = b.op("Mul", um1, b.op("Div", x, b.op("Log", u)))   # x / log(u) ~ 1: no overflow
+        body = b.op("Where", b.op("IsInf", u), u, body)                                 # x = inf
+        body = b.op("Where", b.op("Equal", um1, b.scalar(-1.0, dt)), b.scalar(-1.0, dt), body)   # x very negative
+    else:
+        u = b.op("Add", x, one)
+        um1 = b.op("Sub", u, one)
+        body = b.op("Mul", b.op("Log", u), b.op("Div", x, um1))
+        body = b.op("Where", b.op("IsInf", u, detect_negative=0), u, body)   # log1p(inf) = inf, log1p(-inf) NaN
+    return [b.op("Where", b.op("Equal", u, one), x, body, hint=node.op)]
+
+
+@lowering("exp2", "log2")
+def _exp2_log2(L, node):
+    dt = out_dtype(node)
+    x = L.get(node, 0, dt)
+    if node.op == "exp2":
+        return [L.b.op("Pow", L.b.scalar(2.0, dt), x, hint="exp2")]
+    return [L.b.op("Div", L.b.op("Log", x), L.b.scalar(math.log(2.0), dt), hint="log2")]
 
 
 @lowering("rsqrt")

@@ -52,7 +52,9 @@ ORDINARY["causal_conv1d"] = causal_conv1d
 ORDINARY.update({"neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt,
                  "tanh": torch.tanh, "sigmoid": torch.sigmoid, "silu": F.silu, "relu": torch.relu,
                  "abs": torch.abs, "sin": torch.sin, "cos": torch.cos, "logical_not": torch.logical_not,
-                 "erf": torch.erf, "reciprocal": torch.reciprocal})
+                 "erf": torch.erf, "reciprocal": torch.reciprocal, "floor": torch.floor, "ceil": torch.ceil,
+                 "round": torch.round, "sign": torch.sign, "expm1": torch.expm1, "log1p": torch.log1p,
+                 "exp2": torch.exp2, "log2": torch.log2})
 ORDINARY["gelu"] = lambda x, approximate="none": F.gelu(x, approximate=approximate)
 ORDINARY["softplus"] = lambda x, beta=1, threshold=20: F.softplus(x, beta, threshold)
 ORDINARY.update({"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,

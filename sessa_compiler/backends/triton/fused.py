@@ -32,7 +32,10 @@ _UNARY = {"neg": "-{0}", "exp": "tl.exp({0})", "log": "tl.log({0})", "sqrt": "tl
           "rsqrt": "tl.rsqrt({0})", "tanh": "_tanh({0})", "sigmoid": "tl.sigmoid({0})",
           "silu": "{0} * tl.sigmoid({0})", "relu": "tl.maximum({0}, 0.0, propagate_nan=tl.PropagateNan.ALL)",
           "abs": "tl.abs({0})",
-          "sin": "tl.sin({0})", "cos": "tl.cos({0})", "erf": "tl.erf({0})", "reciprocal": "1.0 / {0}"}
+          "sin": "tl.sin({0})", "cos": "tl.cos({0})", "erf": "tl.erf({0})", "reciprocal": "1.0 / {0}",
+          "floor": "tl.floor({0})", "ceil": "tl.ceil({0})", "round": "_round({0})",
+          "sign": "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, 0.0))",   # torch.sign(NaN) = 0
+          "expm1": "_expm1({0})", "log1p": "_log1p({0})", "exp2": "tl.exp2({0})", "log2": "tl.log2({0})"}
 _BINARY = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
            "maximum": "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)",   # NaN in, NaN out, as torch
            "minimum": "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"}
@@ -44,6 +47,33 @@ def _tanh(x):
     e = tl.exp(-2.0 * tl.abs(x))
     t = (1.0 - e) / (1.0 + e)
     return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _round(x):
+    # half to even, as torch.round (libdevice.rint has no interpreter form); |x| >= 2^23 is already an integer
+    r = tl.floor(x + 0.5)
+    r = tl.where((r - x == 0.5) & (r - 2.0 * tl.floor(r * 0.5) == 1.0), r - 1.0, r)
+    return tl.where(tl.abs(x) >= 8388608.0, x, r)
+
+
+@triton.jit
+def _expm1(x):
+    # Kahan: (u - 1) (x / log(u)), u = exp(x), exact where u rounds to 1 (x itself), to inf or to 0
+    u = tl.exp(x)
+    um1 = u - 1.0
+    y = tl.where(um1 == -1.0, -1.0, um1 * (x / tl.log(u)))   # x / log(u) ~ 1: no overflow
+    y = tl.where(u == float("inf"), u, y)
+    return tl.where(u == 1.0, x, y)
+
+
+@triton.jit
+def _log1p(x):
+    # Goldberg: log(u) (x / (u - 1)), u = 1 + x; x itself where u rounds to 1
+    u = x + 1.0
+    y = tl.log(u) * (x / (u - 1.0))
+    y = tl.where(u == float("inf"), u, y)
+    return tl.where(u == 1.0, x, y)
 
 
 '''
@@ -186,7 +216,7 @@ def generate_fused(node: Node, dtypes: dict, interpret: bool) -> KernelSource:
 
     consts = {"N": N, "BLOCK_N": block_n, "BLOCK_R": block_r}
     src = "".join(f"{a} = tl.constexpr({b!r})\n" for a, b in consts.items()) + "\n\n"
-    src += _HELPERS if "_tanh(" in "\n".join(lines) else ""
+    src += _HELPERS if any(f"_{h}(" in "\n".join(lines) for h in ("tanh", "round", "expm1", "log1p")) else ""
     src += f"@triton.jit\ndef {name}({', '.join(params)}):\n" + "\n".join(lines) + "\n"
     chain = " -> ".join(n.op for n in body.nodes)
     spec = {"kind": kind, "ops": chain, "rows": "*".join(format_dim(d) for d in L) or "1", "N": N,

@@ -8,6 +8,8 @@ not constants baked into the library. An op without a lowering raises Unsupporte
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import sympy
 
@@ -616,7 +618,60 @@ def _reciprocal(lw, node, ops):
     return lw.relax.op.divide(lw.relax.const(1.0, _out_dtype(node)), ops[0])
 
 
-COMPLEX = {"einsum": _einsum, "tril": _band("tril"), "triu": _band("triu"), "expand": _expand, "eye": _eye,
+def _rounding(kind):
+    def lower(lw, node, ops):
+        op, x = lw.relax.op, ops[0]
+        if not node.outputs[0].type.dtype.is_float:
+            return x   # an integer tensor is its own floor, ceil and round
+        if kind != "round":
+            return getattr(op, kind)(x)
+        # half to even, as torch.round: TIR's round rounds halves away from zero on some targets
+        c = lw.relax.const
+        dt = _out_dtype(node)
+        r = op.floor(op.add(x, c(0.5, dt)))
+        tie = op.equal(op.subtract(r, x), c(0.5, dt))
+        odd = op.equal(op.subtract(r, op.multiply(op.floor(op.multiply(r, c(0.5, dt))), c(2.0, dt))), c(1.0, dt))
+        r = op.where(op.logical_and(tie, odd), op.subtract(r, c(1.0, dt)), r)
+        big = op.greater_equal(op.abs(x), c(2.0 ** 52 if dt == "float64" else 2.0 ** 23, dt))   # already integers
+        return op.where(big, x, r)
+    return lower
+
+
+def _sign(lw, node, ops):
+    op, x = lw.relax.op, ops[0]
+    if not node.outputs[0].type.dtype.is_float:
+        return op.sign(x)
+    return op.where(op.isnan(x), lw.relax.const(0.0, _out_dtype(node)), op.sign(x))   # torch.sign(NaN) = 0
+
+
+def _expm1_log1p(lw, node, ops):
+    """Accurate near 0 (see export/onnx_lower.py): Kahan's expm1 and Goldberg's log1p from exp and log."""
+    op, x, dt = lw.relax.op, ops[0], _out_dtype(node)
+    one = lw.relax.const(1.0, dt)
+    if node.op == "expm1":
+        u = op.exp(x)
+        um1 = op.subtract(u, one)
+        body = op.multiply(um1, op.divide(x, op.log(u)))   # x / log(u) ~ 1: no overflow
+        body = op.where(op.isinf(u), u, body)
+        body = op.where(op.equal(um1, lw.relax.const(-1.0, dt)), lw.relax.const(-1.0, dt), body)
+    else:
+        u = op.add(x, one)
+        um1 = op.subtract(u, one)
+        body = op.multiply(op.log(u), op.divide(x, um1))
+        body = op.where(op.equal(u, lw.relax.const(math.inf, dt)), u, body)   # log1p(inf) = inf, log1p(-inf) NaN
+    return op.where(op.equal(u, one), x, body)
+
+
+def _exp2_log2(lw, node, ops):
+    op, x, dt = lw.relax.op, ops[0], _out_dtype(node)
+    if node.op == "exp2":
+        return op.power(lw.relax.const(2.0, dt), x)
+    return op.divide(op.log(x), lw.relax.const(math.log(2.0), dt))
+
+
+COMPLEX = {"floor": _rounding("floor"), "ceil": _rounding("ceil"), "round": _rounding("round"), "sign": _sign,
+           "expm1": _expm1_log1p, "log1p": _expm1_log1p, "exp2": _exp2_log2, "log2": _exp2_log2,
+           "einsum": _einsum, "tril": _band("tril"), "triu": _band("triu"), "expand": _expand, "eye": _eye,
            "full": _full, "arange": _arange, "masked_fill": _masked_fill, "where": _where, "select": _select,
            "stack": _stack, "repeat_interleave": _repeat_interleave, "reciprocal": _reciprocal,
            "rope": _rope, "conv1d": _conv1d,
