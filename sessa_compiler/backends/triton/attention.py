@@ -172,7 +172,8 @@ def launch_attention(kernel, q, k, v, inv_freq=None, out=None, lse=None, return_
 
     ``lse`` (optional, preallocated): the row log-sum-exps the backward consumes, float32, contiguous
     ``[B, H, T]`` (query head h of batch b at ``lse[b, h]``), ``lse[b, h, t] = log sum_{j<=t} exp(scale *
-    q_t . k_j)`` with q and k after RoPE. Returns ``out``, or ``(out, lse)`` with ``return_lse``."""
+    q_t . k_j)`` with q and k after RoPE (-inf on a row with no visible key). ``mask`` [B, T]: the key-padding
+    mask of a kernel generated with key_padding=True (nonzero = keep). Returns ``out``, or ``(out, lse)``."""
     import torch
 
     B, T, H, _ = q.shape
@@ -195,7 +196,17 @@ def launch_attention(kernel, q, k, v, inv_freq=None, out=None, lse=None, return_
                 num_warps=rot.source.num_warps, num_stages=rot.source.num_stages)
             rotated.append(y)
         q, k = rotated
-    kernel.fn[attention_grid(kernel, B, T)](q, k, v, out, lse, T, *q.stride()[:3], *k.stride()[:3],
+    extra = ()
+    if src.specialisation.get("key_padding", False):
+        if mask is None or tuple(mask.shape) != (B, T):
+            raise UnsupportedError(f"op 'attention': the kernel has a key-padding mask: expected a [{B}, {T}] mask, "
+                                   f"got {None if mask is None else tuple(mask.shape)}")
+        keep = (mask != 0).to(device=q.device, dtype=torch.int32).contiguous()
+        vmean = v.float().mean(dim=1).contiguous()   # [B, Hkv, dv]: what a row with no visible key gives
+        extra = (keep, vmean)
+    elif mask is not None:
+        raise UnsupportedError("op 'attention': a key-padding mask was given to a kernel generated without one")
+    kernel.fn[attention_grid(kernel, B, T)](q, k, v, out, lse, *extra, T, *q.stride()[:3], *k.stride()[:3],
                                             *v.stride()[:3], *out.stride()[:3],
                                             num_warps=src.num_warps, num_stages=src.num_stages)
     kernel.launches += 1
