@@ -32,26 +32,19 @@ def _block_logits(q_rows, k_cols, row0: int, scale: float, causal: bool, keep=No
     """logits of query rows row0.. against key columns 0..: [B, H, rows, cols] from [B, H, *, d] operands; when
     causal, the columns past each row's position (only the last ``rows`` columns hold any) are -inf. With a
     key-padding mask ``keep`` [B, T] (bool; then the columns must be all T keys) the padded keys are -inf too,
-    and with ``empty_rows="mean"`` a row with no visible key is all zeros (uniform: attention_ref's meaning)."""
+    and with ``empty_rows="mean"`` a row with no visible key is all zeros (uniform: attention_ref's meaning; its
+    probabilities' gradient then flows to all T logits, as attention_ref's does)."""
     logits = torch.matmul(q_rows, k_cols.transpose(-1, -2)) * scale
     if causal:
         rows = q_rows.shape[2]
         above = torch.ones(rows, rows, dtype=torch.bool, device=q_rows.device).triu(1)
         logits[..., row0:row0 + rows].masked_fill_(above, -math.inf)
+        logits[..., row0 + rows:] = -math.inf   # all T columns (with a key-padding mask)
     if keep is not None:
         logits.masked_fill_(~keep[:, None, None, :logits.shape[-1]], -math.inf)
         if empty_rows == "mean":
             logits.masked_fill_(torch.isneginf(logits).all(-1, keepdim=True), 0.0)
     return logits
-
-
-def _empty_rows(q_rows, row0: int, causal: bool, keep):
-    """[B, 1, rows, 1]: the query rows with no visible key (before or at the last left-padding position)."""
-    rows = torch.arange(row0, row0 + q_rows.shape[2], device=q_rows.device)
-    first = torch.where(keep.any(-1), keep.to(torch.int8).argmax(-1), keep.shape[-1])   # first kept key, or T
-    if causal:
-        return (rows[None, :] < first[:, None])[:, None, :, None]
-    return (first[:, None] >= keep.shape[-1]).expand(-1, rows.numel())[:, None, :, None]
 
 
 def _heads_first(q, k, v, inv_freq):
@@ -114,8 +107,6 @@ def attention_backward(grad, q, k, v, inv_freq, out, lse, scale: float, causal: 
         dob = do[:, :, a:b]
         dv[:, :, :cols] += torch.matmul(p.transpose(-1, -2), dob)
         ds = torch.matmul(dob, vh[:, :, :cols].transpose(-1, -2)).sub_(delta[:, :, a:b, None]).mul_(p)
-        if keep is not None and empty_rows == "mean":   # an empty row's constant logits depend on no q or k
-            ds.masked_fill_(_empty_rows(qh[:, :, a:b], a, causal, keep), 0.0)
         torch.matmul(ds, kh[:, :, :cols], out=dq[:, :, a:b])
         dk[:, :, :cols] += torch.matmul(ds.transpose(-1, -2), qh[:, :, a:b])
     dq, dk, dv = (t.transpose(1, 2) for t in (dq.mul_(scale), dk.mul_(scale), dv))

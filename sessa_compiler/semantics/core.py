@@ -45,7 +45,9 @@ def attention_ref(q, k, v, scale: float, causal: bool = True, inv_freq=None, mas
     left padding position) gives, with ``empty_rows="mean"``, the mean of v over *all* T keys: what a
     softmax over a row whose every logit is the same finite minimum gives (the additive
     ``torch.finfo(dtype).min`` masks of Hugging Face model code, or masked_fill with a finite value); with
-    ``empty_rows="nan"``, NaN (what masked_fill with -inf gives)."""
+    ``empty_rows="nan"``, NaN (what masked_fill with -inf gives). The gradient of such a row is the one autograd
+    gives through an additive finite mask (scores + finfo.min): the softmax's Jacobian at the uniform row, over
+    all T keys (masked_fill with a finite value gives the scores no gradient there instead)."""
     cd = compute_dtype(q.dtype)
     out_dtype = q.dtype
     if inv_freq is not None:
@@ -62,10 +64,13 @@ def attention_ref(q, k, v, scale: float, causal: bool = True, inv_freq=None, mas
         if empty_rows not in EMPTY_ROWS:
             raise ValueError(f"op 'attention': empty_rows must be one of {EMPTY_ROWS}, got {empty_rows!r}")
         keep = keep[None, None] & key_keep(mask)[:, None, None, :].to(q.device)   # [B, 1, T, T]
-    logits = logits.masked_fill(~keep, -math.inf)
+    masked = logits.masked_fill(~keep, -math.inf)
     if mask is not None and empty_rows == "mean":
-        empty = ~keep.any(-1, keepdim=True)                   # rows with no visible key: uniform over all keys
-        logits = logits.masked_fill(empty, 0.0)
+        # rows with no visible key: uniform over all keys in value; in gradient, what autograd gives through a
+        # finite additive mask (scores + finfo.min): the softmax's Jacobian at that uniform row
+        empty = ~keep.any(-1, keepdim=True)
+        masked = torch.where(empty, logits - logits.detach(), masked)
+    logits = masked
     probs = torch.softmax(logits, dim=-1)
     return torch.einsum("bhts,bshd->bthd", probs, v.to(cd)).to(out_dtype)
 
