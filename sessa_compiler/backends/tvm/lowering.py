@@ -62,6 +62,9 @@ def lower_node(node: Node, lanes: int = 8, schedules: dict | None = None) -> Low
             return Lowered(node, None, "head counts and head width must be static")
         if not node.attrs.get("causal", False):
             return Lowered(node, None, "non-causal attention has no TVM kernel")
+        if node.attrs.get("key_padding", False):
+            return Lowered(node, None, "attention with a key-padding mask has no TVM kernel (a composite Relax "
+                                       "form in whole-graph mode and in export_tvm, torch otherwise)")
         if DV != DH:
             return Lowered(node, None, f"value width {DV} differs from query width {DH}")
         rope = bool(node.attrs.get("rope", False))

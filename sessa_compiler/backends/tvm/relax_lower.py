@@ -573,6 +573,27 @@ def _composite_attention(lw, node):
     qh, kh, vh = (emit(op.permute_dims(x, [0, 2, 1, 3])) for x in (q, k, v))           # [B, H, T, d]
     logits = emit(op.multiply(op.matmul(qh, op.permute_dims(kh, [0, 1, 3, 2])),
                               relax.const(float(node.attrs["scale"]), cd)))             # [B, H, T, T]
+    mask = node.inputs[4] if node.attrs.get("key_padding", False) else None
+    if mask is not None:   # padded keys -inf; a row with no visible key: the mean of v over all keys, or NaN
+        m = lw.env[mask]
+        keep = m if mask.type.dtype.name == "bool" else \
+            emit(op.not_equal(m, relax.const(0, RELAX_DTYPE[mask.type.dtype.name])))
+        allowed = emit(op.expand_dims(keep, [1, 2]))                                     # [B, 1, 1, T]
+        if node.attrs.get("causal", False):
+            T = lw.dim(qv.type.shape[1])
+            lower = emit(op.tril(op.ones([T, T], "bool"), 0))
+            allowed = emit(op.logical_and(allowed, lower))                               # [B, 1, T, T]
+        has = emit(op.greater(op.max(op.astype(allowed, "int32"), axis=[-1], keepdims=True),
+                              relax.const(0, "int32")))                                  # [B, 1, T, 1]
+        neg = relax.const(float("-inf"), cd)
+        logits = emit(op.where(allowed, logits, neg))
+        if node.attrs.get("empty_rows", "mean") == "mean":
+            logits = emit(op.where(has, logits, relax.const(0.0, cd)))                  # uniform over all keys
+            out = emit(op.matmul(op.nn.softmax(logits, axis=-1), vh))
+        else:
+            out = emit(op.matmul(op.nn.softmax(logits, axis=-1), vh))
+            out = emit(op.where(has, out, relax.const(float("nan"), cd)))
+        return op.astype(op.permute_dims(out, [0, 2, 1, 3]), _out_dtype(node))
     if node.attrs.get("causal", False):
         T = lw.dim(qv.type.shape[1])
         future = emit(op.triu(op.full([T, T], relax.const(float("-inf"), cd), dtype=cd), 1))
