@@ -187,3 +187,22 @@ def test_onnx_export_takes_the_mask_as_a_graph_input(tmp_path):
         got = run_onnxruntime(session, exp.traced.graph, (y, mk))[0]
         with torch.no_grad():
             assert relative_error(got, m(y, mk)) <= TOL, T
+
+
+class Served(Masked):
+    """The same layer with serving methods declared (the compiled module derives its own)."""
+
+    def init_cache(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def prefill(self, *args):
+        raise NotImplementedError
+
+
+def test_serving_refuses_a_masked_attention_by_name():
+    c = sc.compile(Served("masked_fill_min"), backend="eager")
+    gen = torch.Generator().manual_seed(6)
+    x, mask = torch.randn(2, 5, 16, generator=gen), masks(2, 5, gen)
+    c(x, mask)
+    with pytest.raises(sc.SessaCompilerError, match="attention with a key-padding mask .* is not served"):
+        c.init_cache(2)
