@@ -340,8 +340,8 @@ def test_folded_rope_uses_the_modules_own_float64_frequencies(variant):
     assert "the module's" in c.explain() and "positions up to 1447" in c.explain(), c.explain()
 
 
-# -- a key-padding mask: not yet an operand of the attention op, so it stays correct ops, explained ----------
-def test_key_padding_mask_stays_ordinary_ops_correct_and_explained():
+# -- a key-padding mask: the attention op's mask operand (tests/test_attention_mask.py has the spellings) -------
+def test_key_padding_mask_is_the_attention_ops_mask_operand():
     m, _ = load(DiagGainSessaLayer, "gqa_rope", torch.float64, seed=5)
     c = sc.compile(m, backend="eager")
     x = torch.randn(2, 9, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -352,8 +352,11 @@ def test_key_padding_mask_stays_ordinary_ops_correct_and_explained():
         assert rel(c(x, attention_mask=mask), want) <= 1e-10
         assert rel(want[0], m(x[:1])[0]) <= 1e-10 and rel(want[1, :6], m(x[1:, :6])[0]) <= 1e-10
     ops, text = op_counts(c.graph), c.explain()
-    assert "attention" not in ops and ops.get("feedback") == 1, (ops, text)
-    assert "attention_mask" in text and "no mask operand" in text, text
+    assert ops.get("attention") == 1 and ops.get("feedback") == 1, (ops, text)
+    att = next(n for n in c.graph.nodes if n.op == "attention")
+    assert att.attrs["key_padding"] and att.inputs[4].name == "attention_mask", text
+    assert att.attrs.get("rope") and att.inputs[1].type.shape[2] < att.inputs[0].type.shape[2], text   # RoPE, GQA
+    assert "key-padding mask %attention_mask" in text, text
 
 
 # -- a static export (B and T fixed): recognised at its sizes ---------------------------------------------
