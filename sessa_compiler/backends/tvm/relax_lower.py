@@ -208,7 +208,7 @@ class _Lowerer:
                 self.kernels[spec] = bb.add_func(primfunc(spec), spec.symbol)
             # the kernels compute in spec.dtype (at least float32): half-precision operands are cast to it and
             # the result back, as compile(backend="tvm") does around the same kernels
-            args = [self.cast(self.env[x], x, spec.dtype) for x in node.inputs]
+            args = [self.cast(self.env[x], x, spec.dtype) if x is not None else None for x in node.inputs]
             out_dtype = RELAX_DTYPE[node.outputs[0].type.dtype.name]
             if node.op == "tri_solve":
                 x = self._tri_solve(node, spec, *args)
@@ -216,7 +216,8 @@ class _Lowerer:
                 return
             if node.op == "attention":
                 if not node.attrs.get("rope", False):   # inv_freq is not read when rope is off
-                    args = args[:3] + [relax.const(np.zeros(max(spec.params["head_dim"] // 2, 1), dtype=spec.dtype), spec.dtype)]
+                    args = args[:3] + [relax.const(np.zeros(max(spec.params["head_dim"] // 2, 1), dtype=spec.dtype),
+                                                   spec.dtype)] + args[4:5]   # (the key-padding mask)
             shape = [self.dim(d) for d in node.outputs[0].type.shape]
             out = bb.emit(relax.call_tir(self.kernels[spec], args, out_ty=relax.TensorType(shape, spec.dtype)))
             self.env[node.outputs[0]] = out if out_dtype == spec.dtype else bb.emit(relax.op.astype(out, out_dtype))
