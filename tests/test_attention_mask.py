@@ -109,6 +109,35 @@ def test_triton_kernel_matches_the_meaning(T, H, Hkv, d, rope, empty):
         launch_attention(kernel, q, k, v, inv if rope else None)
 
 
+@pytest.mark.parametrize("H, Hkv, d, rope", [(1, 1, 8, True), (4, 2, 8, False), (3, 1, 12, True)],
+                         ids=["one_head_rope", "gqa", "mqa_rope"])
+def test_tvm_kernel_matches_the_meaning(H, Hkv, d, rope, monkeypatch):
+    """The generated TVM kernel with the mask, outputs poisoned with NaN (every output buffer the call allocates
+    starts as NaN), at T=1 and an odd T over several query blocks."""
+    import collections
+
+    tvm_backend = pytest.importorskip("sessa_compiler.backends.tvm.backend")
+    from sessa_compiler.backends.tvm.build import attention_spec, build
+
+    def poisoned(shape, dtype):
+        t = real(shape, dtype)
+        t.fill_(float("nan"))
+        return t
+
+    real = tvm_backend.aligned_empty
+    monkeypatch.setattr(tvm_backend, "aligned_empty", poisoned)
+    kern = tvm_backend.KernelCall(build(attention_spec(H, Hkv, d, d ** -0.5, rope, "float32", key_padding=True)),
+                                  collections.Counter())
+    gen = torch.Generator().manual_seed(d)
+    inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+    for T in (1, 37):
+        q, k, v = (torch.randn(4, T, h, d, generator=gen) for h in (H, Hkv, Hkv))
+        m = masks(4, T, gen)
+        out = kern(q, k, v, *([inv] if rope else []), m)
+        ref = attention_ref(q.double(), k.double(), v.double(), d ** -0.5, True, inv.double() if rope else None, m)
+        assert relative_error(out, ref) < 1e-4, T
+
+
 class Masked(torch.nn.Module):
     """One attention layer written out with a key-padding mask in one of the spellings of model code."""
 
