@@ -235,3 +235,16 @@ def test_serving_refuses_a_masked_attention_by_name():
     c(x, mask)
     with pytest.raises(sc.SessaCompilerError, match="attention with a key-padding mask .* is not served"):
         c.init_cache(2)
+
+
+def test_torch_export_of_a_compiled_masked_module_runs_the_mask():
+    """torch.export records a compiled module's core ops as the library's custom ops; no custom op takes a mask,
+    so a masked attention is recorded as its meaning in plain torch ops."""
+    m = Masked("masked_fill_min")
+    c = sc.compile(m, backend="eager")
+    gen = torch.Generator().manual_seed(7)
+    x, mask = torch.randn(4, 7, 16, generator=gen), masks(4, 7, gen)
+    c(x, mask)
+    ep = torch.export.export(c, (x, mask))
+    with torch.no_grad():
+        assert relative_error(ep.module()(x, mask), m(x, mask)) <= TOL
