@@ -162,6 +162,8 @@ class Masked(torch.nn.Module):
             s = s + add.clamp(min=minv)
         elif self.style == "where_1e9":
             s = torch.where(causal & (mask[:, None, None, :] == 1), s, torch.full_like(s, -1e9))
+        elif self.style == "inf_causal_plus_min":   # near miss: empty rows average the keys j <= t only
+            s = s.masked_fill(~causal, float("-inf")) + (1.0 - mask[:, None, None, :].to(s.dtype)) * minv
         elif self.style == "query_mask":      # near miss: the mask over queries, not keys
             s = s.masked_fill(~(causal & mask[:, None, :, None].bool()), minv)
         elif self.style == "additive_values":  # near miss: the mask's values added to the scores
@@ -188,7 +190,7 @@ def test_spellings_are_recognised_with_the_mask_operand(style, empty):
     assert relative_error(got.nan_to_num(), want.nan_to_num()) <= TOL
 
 
-@pytest.mark.parametrize("style", ["query_mask", "additive_values"])
+@pytest.mark.parametrize("style", ["query_mask", "additive_values", "inf_causal_plus_min"])
 def test_near_misses_stay_ordinary_ops(style):
     m = Masked(style)
     c = sc.compile(m, backend="eager")
