@@ -134,6 +134,8 @@ def test_attention_mask_is_recognised_and_outputs_and_gradients_equal_the_module
         want = model(x, attention_mask=am).logits
     assert op_counts(c.graph).get("attention") == 2
     assert c.explain().count("key-padding mask %attention_mask") == 2
+    if backend == "triton":
+        assert "with a key-padding mask: this kernel without gradients" in c.explain()
     assert relative_error(got, want) <= TOL
     with pytest.warns(UserWarning, match="tracing it again"):   # labels: another keyword structure
         out = c(x, attention_mask=am, labels=labels)

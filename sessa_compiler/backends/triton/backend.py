@@ -297,6 +297,9 @@ class TritonBackend(Backend):
             spec = ", ".join(f"{k}={v}" for k, v in src.specialisation.items() if k != "scale")
             tun = ", ".join(f"{k}={v}" for k, v in src.tunables.items() if not k.startswith("dot_"))
             lines.append(f"    {src.name:<22} <- %{n.output.name} = {n.op}  [{spec}] {{{tun}}}")
+            if n.op == "attention" and n.attrs.get("key_padding", False):
+                lines.append("      (with a key-padding mask: this kernel without gradients; a call that needs "
+                             "gradients runs the blocked torch forward and backward of semantics/backward.py)")
         lines.extend(prog.config_report)
         torch_ops = collections.Counter(n.op for n in g.nodes if n not in set(prog.kernel_nodes))
         core_left = [op for op in torch_ops if OPS[op].kind == CORE]
