@@ -1273,12 +1273,15 @@ def _frequency_options(g: Graph, A: Analysis, rq: Value, xq: Value, d: int, defa
     rotation reads (in its own dtype), a [d/2] vector it computes from constants (evaluated as the module computes
     it, in its dtype, e.g. float64 frequencies from arange), and the standard 10000^(-2i/d) in float32 and (float64
     models) float64."""
-    out, seen, stack = [], set(), [rq]
+    out, seen, stack, tables = [], set(), [rq], []
     while stack:
         x = stack.pop()
         if x in seen or x is xq:
             continue
         seen.add(x)
+        if x.kind == "param" and x.type.rank == 2 and x.type.shape[1] in (d, d // 2) and x.type.dtype.is_float \
+                and isinstance(x.type.shape[0], int) and x.type.shape[0] >= 2:
+            tables.append(x)   # a stored [L, d] (or [L, d/2]) cos or sin table
         if x.type.rank == 1 and x.type.shape[0] == d // 2 and x.type.dtype.is_float and not A.is_data(x):
             if x.kind == "param":
                 out.append((x, g.params[x.name], f"%{x.name}"))
@@ -1290,10 +1293,42 @@ def _frequency_options(g: Graph, A: Analysis, rq: Value, xq: Value, d: int, defa
                     pass
         if x.producer is not None:
             stack.extend(x.producer.value_inputs)
+    out += _frequencies_from_tables(g, tables, d)
     for dt, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
         if tag == "f32" or dtype.name == "f64":
             out.append(((f"{default_name}_{tag}", tag), 10000.0 ** (-torch.arange(0, d, 2, dtype=dt) / d),
                         f"the default 10000^(-2i/d) in {tag}"))
+    return out
+
+
+def _frequencies_from_tables(g: Graph, tables: list, d: int) -> list:
+    """Inverse frequencies recovered from stored cos/sin tables [L, d] (halves repeated, or pairs interleaved) or
+    [L, d/2]: for a (cos, sin) pair of the same shape, the angle atan2(sin, cos) at every position, unwrapped and
+    fitted as p * f (least squares over all L positions, rounded to the tables' dtype), kept only when cos(p f)
+    and sin(p f) reproduce both tables at every position. The probe still decides whether the rotation uses it."""
+    out = []
+    for c in tables:
+        for s in tables:
+            if c is s or c.type.shape != s.type.shape or c.type.dtype != s.type.dtype:
+                continue
+            C, S = (g.params[x.name].detach().to(torch.float64) for x in (c, s))
+            L = C.shape[0]
+            cols = [slice(0, d // 2), slice(0, d, 2)] if C.shape[1] == d else [slice(None)]
+            for sel in cols:
+                cc, ss = C[:, sel], S[:, sel]
+                ang = torch.atan2(ss, cc)                                   # [L, d/2], wrapped into (-pi, pi]
+                step = torch.remainder(ang[1:] - ang[:-1] + math.pi, 2 * math.pi) - math.pi
+                unwrapped = torch.cat((ang[:1], ang[:1] + step.cumsum(0)), 0)
+                pos = torch.arange(L, dtype=torch.float64)[:, None]
+                f = (pos * unwrapped).sum(0) / (pos * pos).sum(0)
+                f = f.to(g.params[c.name].dtype)
+                fd = f.to(torch.float64)
+                eps = torch.finfo(g.params[c.name].dtype).eps
+                tol = 16 * eps * (1 + L * fd.abs().max().item())
+                if ((torch.cos(pos * fd) - cc).abs().max() <= tol and (torch.sin(pos * fd) - ss).abs().max() <= tol
+                        and not any(torch.equal(f, o[1]) for o in out)):
+                    out.append(((f"rope_inv_freq_{c.name}", c.type.dtype.name), f,
+                                f"the stored tables %{c.name}, %{s.name} (atan2 at every position)"))
     return out
 
 
