@@ -281,6 +281,10 @@ class ServingProgram:
                 why = "a triangular solve with explicit T x T weights has no incremental form"
             elif node.op == "attention" and not node.attrs["causal"]:
                 why = "non-causal attention reads future positions"
+            elif node.op == "attention" and node.attrs.get("key_padding", False):
+                why = ("attention with a key-padding mask (an attention_mask input) is not served: a decode step "
+                       "would need the mask of every cached position; serve the rows without padding (no "
+                       "attention_mask), or run the compiled module on the whole padded batch")
             elif node.op == "conv1d":
                 why = "a general conv1d over time may read future positions (only causal_conv1d is served)"
             if why:

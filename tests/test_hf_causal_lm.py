@@ -13,6 +13,7 @@ import torch
 import sessa_compiler as sc
 from sessa_compiler.errors import SessaCompilerError, TraceError
 from sessa_compiler.tolerance import TOLERANCE, relative_error
+from tests.model_helpers import op_counts
 from tests.styles.hf_causal_lm_style import SessaCausalLMOutput, SessaForCausalLM, SessaLMConfig
 
 TOL = TOLERANCE[torch.float32]
@@ -99,6 +100,78 @@ def test_exports_to_onnx_and_tvm_run_at_two_new_lengths(model, tmp_path):
             want = model(y).logits
         got_onnx = run_onnxruntime(session, exp.traced.graph, (y,))[0]
         got_tvm = torch.as_tensor(tvm_model(y.numpy()))
+        assert relative_error(got_onnx, want) <= TOL, T
+        assert relative_error(got_tvm, want) <= TOL, T
+
+
+def padded(B, T, seed):
+    """input_ids, attention_mask (row 0 padded on the left, row 1 on the right), labels (-100 at padding)."""
+    x = ids(B, T, seed)
+    am = torch.ones(B, T, dtype=torch.long)
+    am[0, :max(1, T // 3)] = 0
+    if B > 1:
+        am[1, T - T // 3:] = 0
+    return x, am, x.masked_fill(am == 0, -100)
+
+
+def _grads(module, loss):
+    params = [p for p in module.parameters() if p.requires_grad]
+    return torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("backend", ["eager", "triton", "tvm"])
+def test_attention_mask_is_recognised_and_outputs_and_gradients_equal_the_module(model, backend):
+    """With attention_mask given, both layers' attention is one attention op with the mask operand; the logits
+    (every position, padded ones included), the loss and every parameter's gradient equal the module's on
+    left- and right-padded rows. Triton: the forward kernel without gradients, the blocked torch forward and
+    backward with them; TVM: its masked kernel, with the blocked backward."""
+    if backend == "triton":
+        triton_env.require_interpreter()
+    c = sc.compile(model, backend=backend, options={"feedback_chunk_size": 16} if backend == "triton" else None)
+    x, am, labels = padded(3, 9, 11)
+    if backend != "tvm":   # (tvm's forward without gradients: the whole-graph test below)
+        with torch.no_grad():
+            got = c(x, attention_mask=am).logits
+            want = model(x, attention_mask=am).logits
+        assert op_counts(c.graph).get("attention") == 2
+        assert c.explain().count("key-padding mask %attention_mask") == 2
+        if backend == "triton":
+            assert "with a key-padding mask: this kernel without gradients" in c.explain()
+        assert relative_error(got, want) <= TOL
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "tracing it again", UserWarning)   # labels: another keyword structure
+        out = c(x, attention_mask=am, labels=labels)
+    ref = model(x, attention_mask=am, labels=labels)
+    assert op_counts(c.graph).get("attention") == 2
+    assert relative_error(out.logits, ref.logits) <= TOL
+    assert relative_error(out.loss, ref.loss) <= TOL
+    for g, r in zip(_grads(model, out.loss), _grads(model, ref.loss)):
+        assert relative_error(g, r) <= 10 * TOL
+
+
+def test_attention_mask_on_tvm_and_in_both_exports_at_two_new_lengths(model, tmp_path):
+    from sessa_compiler.export.onnx_export import _session, run_onnxruntime
+    from sessa_compiler.export.tvm_runtime import load_tvm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)   # no fall back to hybrid mode
+        c = sc.compile(model, backend="tvm")
+        x, am, _ = padded(2, 9, 12)
+        with torch.no_grad():
+            assert relative_error(c(x, attention_mask=am).logits, model(x, attention_mask=am).logits) <= TOL
+    assert op_counts(c.graph).get("attention") == 2 and "mode: whole graph in TVM" in c.explain()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        exp = sc.export_onnx(model, (x, am), tmp_path / "lm.onnx", validate=False)
+        tvm_dir = sc.export_tvm(model, (x, am), tmp_path / "lm_tvm")
+    assert op_counts(exp.traced.graph).get("attention") == 2
+    session, tvm_model = _session(exp.path), load_tvm(tvm_dir)
+    for i, T in enumerate((5, 23)):
+        y, mask, _ = padded(3, T, 13 + i)
+        with torch.no_grad():
+            want = model(y, attention_mask=mask).logits
+        got_onnx = run_onnxruntime(session, exp.traced.graph, (y, mask))[0]
+        got_tvm = torch.as_tensor(tvm_model(y.numpy(), mask.numpy()))
         assert relative_error(got_onnx, want) <= TOL, T
         assert relative_error(got_tvm, want) <= TOL, T
 

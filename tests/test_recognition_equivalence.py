@@ -256,6 +256,11 @@ class Attn(nn.Module):
         self.q = nn.Linear(D, D)
         self.kv = nn.Linear(D, 2 * Hkv * self.d)
         self.register_buffer("rope_inv_freq", 1.0 / 10000 ** (torch.arange(0, self.d, 2, dtype=torch.float32) / self.d))
+        if variant == "tables_base_500k":   # stored [L, d] cos/sin tables of a non-default base, sliced to T
+            inv = 1.0 / 500000 ** (torch.arange(0, self.d, 2, dtype=torch.float64) / self.d)
+            ang = torch.arange(64, dtype=torch.float64)[:, None] * inv[None, :]
+            self.register_buffer("cos_cached", torch.cat((ang, ang), -1).cos())
+            self.register_buffer("sin_cached", torch.cat((ang, ang), -1).sin())
 
     def forward(self, x):
         B, T, D = x.shape
@@ -276,7 +281,9 @@ class Attn(nn.Module):
         def inter(t):      # interleaved pairs (2i, 2i + 1)
             return t * cos1 + torch.stack((-t[..., 1::2], t[..., 0::2]), -1).flatten(-2) * sin1
 
-        if var in ("half", "f64_frequencies"):
+        if var == "tables_base_500k":
+            cos2, sin2 = self.cos_cached[:T].to(x.dtype), self.sin_cached[:T].to(x.dtype)
+        if var in ("half", "f64_frequencies", "tables_base_500k"):
             q, k = half(q), half(k)
         elif var == "half_mixed":      # q and k rotated in different conventions: not a rotary embedding
             q, k = half(q), inter(k)
@@ -298,7 +305,7 @@ class Attn(nn.Module):
 
 
 ATTN_CASES = {   # variant: (kv heads, rope folded, kv heads after folding)
-    "half": (4, True, 4), "half_mixed": (4, False, 4), "f64_frequencies": (4, True, 4),
+    "half": (4, True, 4), "half_mixed": (4, False, 4), "f64_frequencies": (4, True, 4), "tables_base_500k": (4, True, 4),
     "stack": (2, True, 2), "broadcast_5d": (2, True, 2), "stack_not_repeat": (2, False, 4),   # flipped copies: neither GQA nor a rotation
 }
 
@@ -315,6 +322,10 @@ def test_rope_conventions_and_gqa_spellings(variant):
     assert bool(att[0].attrs.get("rope")) == rope and att[0].inputs[1].type.shape[2] == hkv_after, text
     if variant == "half":
         assert "half-split" in text, text
+    if variant == "tables_base_500k":   # the frequencies recovered from the tables, not the default base
+        inv = tr.graph.params[att[0].inputs[3].name]
+        assert torch.allclose(inv, 1.0 / 500000 ** (torch.arange(0, 4, 2, dtype=torch.float64) / 4), rtol=1e-12)
+        assert "stored tables %cos_cached, %sin_cached" in text, text
     for T in (5, 13):
         x = torch.randn(2, T, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(T))
         with torch.no_grad():
@@ -340,8 +351,8 @@ def test_folded_rope_uses_the_modules_own_float64_frequencies(variant):
     assert "the module's" in c.explain() and "positions up to 1447" in c.explain(), c.explain()
 
 
-# -- a key-padding mask: not yet an operand of the attention op, so it stays correct ops, explained ----------
-def test_key_padding_mask_stays_ordinary_ops_correct_and_explained():
+# -- a key-padding mask: the attention op's mask operand (tests/test_attention_mask.py has the spellings) -------
+def test_key_padding_mask_is_the_attention_ops_mask_operand():
     m, _ = load(DiagGainSessaLayer, "gqa_rope", torch.float64, seed=5)
     c = sc.compile(m, backend="eager")
     x = torch.randn(2, 9, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
@@ -352,8 +363,11 @@ def test_key_padding_mask_stays_ordinary_ops_correct_and_explained():
         assert rel(c(x, attention_mask=mask), want) <= 1e-10
         assert rel(want[0], m(x[:1])[0]) <= 1e-10 and rel(want[1, :6], m(x[1:, :6])[0]) <= 1e-10
     ops, text = op_counts(c.graph), c.explain()
-    assert "attention" not in ops and ops.get("feedback") == 1, (ops, text)
-    assert "attention_mask" in text and "no mask operand" in text, text
+    assert ops.get("attention") == 1 and ops.get("feedback") == 1, (ops, text)
+    att = next(n for n in c.graph.nodes if n.op == "attention")
+    assert att.attrs["key_padding"] and att.inputs[4].name == "attention_mask", text
+    assert att.attrs.get("rope") and att.inputs[1].type.shape[2] < att.inputs[0].type.shape[2], text   # RoPE, GQA
+    assert "key-padding mask %attention_mask" in text, text
 
 
 # -- a static export (B and T fixed): recognised at its sizes ---------------------------------------------

@@ -97,8 +97,9 @@ def _torch_forward(op: str, attrs: dict):
     """The blocked torch forward of a core op that has no backend kernel (no T x T tensor)."""
     if op == "attention":
         inv = attrs.get("rope", False)
-        return lambda q, k, v, *rest: attention_lse(q, k, v, attrs["scale"], attrs["causal"],
-                                                    rest[0] if inv and rest else None)
+        return lambda q, k, v, *rest: attention_lse(
+            q, k, v, attrs["scale"], attrs["causal"], rest[0] if inv and rest else None,
+            mask=rest[1] if attrs.get("key_padding", False) else None, empty_rows=attrs.get("empty_rows", "mean"))
     if op == "feedback":
         from ..semantics.chunked import feedback_chunked, feedback_diag_inverse, feedback_lse
         from ..semantics.core import FEEDBACK_GRAD_CHUNK

@@ -15,6 +15,8 @@ do (ONNX has no triangular solve, hence the nilpotent product; Loop state may gr
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from onnx import helper
 
@@ -89,6 +91,8 @@ def _attention(L: Lowering, node: Node, chunk: int | None = None):
     [cC, cC + C) against keys [0, end) with end = min(cC + C, T) (all T keys when not causal) and
     emits a [.., C, dv] scan output; the stacked [n, .., C, dv] output is reshaped and clipped to T.
     Padded query rows see every key below end, so their softmax is finite; they are dropped.
+    With a key-padding mask (key_padding=True, operand 4 [B, T], nonzero = keep, a graph input) padded keys get
+    -inf too, and a row with no visible key takes the mean of v over all T keys (empty_rows="mean") or NaN.
     """
     C = chunk or ATTENTION_CHUNK
     dt = out_dtype(node)
@@ -119,6 +123,16 @@ def _attention(L: Lowering, node: Node, chunk: int | None = None):
         kT = b.op("Unsqueeze", kT, b.i64(2))
         v = b.op("Unsqueeze", v, b.i64(2))
     t_axis = 3 if G > 1 else 2                             # the query/key row axis of q and v
+    keep = fill = None
+    if node.attrs.get("key_padding", False):
+        m = L.get(node, 4)
+        mdt = L.operand_dtype(node, 4)
+        keep = m if mdt == "bool" else b.op("Not", b.op("Equal", m, b.scalar(0, mdt)), hint="key_keep")   # [B, T]
+        keep = b.op("Unsqueeze", keep, b.i64(*range(1, t_axis + 1)), hint="key_keep_b")   # [B, 1, (1,) 1, T]
+        if node.attrs.get("empty_rows", "mean") == "mean":
+            fill = b.op("ReduceMean", v, b.i64(t_axis), keepdims=1, hint="v_mean")       # [B, .., 1, dv]
+        else:
+            fill = b.scalar(math.nan, cd)
 
     Tdim = b.dim(T)
     n = _n_chunks(b, Tdim, C, "attn_chunks")
@@ -136,14 +150,26 @@ def _attention(L: Lowering, node: Node, chunk: int | None = None):
         k_c = body.op("Slice", kT, body.i64(0), end, body.i64(-1), hint="k_visible")      # [.., d, end]
         v_c = body.op("Slice", v, body.i64(0), end, body.i64(t_axis), hint="v_visible")   # [.., end, dv]
         rows, cols = _slab_positions(body, start, stop, end)
-        bias = body.op("Where", body.op("LessOrEqual", cols, rows), body.scalar(0.0, cd), body.scalar(NEG_INF, cd),
+        allowed = body.op("LessOrEqual", cols, rows)                                       # [C, end]
+        if keep is not None:
+            allowed = body.op("And", allowed, body.op("Slice", keep, body.i64(0), end, body.i64(-1)),
+                              hint="attn_allowed")                                         # [B, 1, C, end]
+        bias = body.op("Where", allowed, body.scalar(0.0, cd), body.scalar(NEG_INF, cd),
                        hint="attn_bias")                                                   # [C, end]
         logits = body.op("Add", body.op("MatMul", q_c, k_c), bias, hint="attn_masked")
     else:
         v_c = v
         logits = body.op("MatMul", q_c, kT, hint="attn_logits")
+        allowed = keep
+        if keep is not None:
+            logits = body.op("Add", logits, body.op("Where", keep, body.scalar(0.0, cd), body.scalar(NEG_INF, cd)),
+                             hint="attn_masked")
     probs = body.op("Softmax", logits, axis=-1, hint="attn_probs")
     out_c = body.op("MatMul", probs, v_c, hint="attn_out_chunk")
+    if keep is not None:   # rows with no visible key: the mean of v over all keys, or NaN
+        has = body.op("ReduceMax", body.cast(allowed, "bool", "i32"), body.i64(-1), keepdims=1,
+                      hint="attn_has_key")
+        out_c = body.op("Where", body.op("Greater", has, body.scalar(0, "i32")), out_c, fill, hint="attn_out_kept")
     cond_out = body.op("Identity", cond_in, hint="attn_cond_out")
     heads = [Hkv, G] if G > 1 else [H]
     g = body.graph("attention_chunks", [value_info(it, "i64", []), value_info(cond_in, "bool", [])],

@@ -26,10 +26,12 @@ import sympy
 import torch
 
 from ..semantics import SEMANTICS, resolve, run_graph
+from ..ir.dtypes import torch_dtype
 from ..ir.graph import Graph, Node, Value
 
 PROBE_LENGTHS = (1, 2, 5, 12)
 PROBE_BATCH = 2
+KEYMASK_BATCH = 4   # rows of a key-padding mask probe: left padding, right padding, random holes, none
 OTHER_DIM = 3
 
 
@@ -207,7 +209,9 @@ def probe(graph: Graph, sources: dict, output: Value, canonical, tol: float = 1e
           batch: int = PROBE_BATCH):
     """Compare the region (sources -> output) with ``canonical(inputs: dict, binding) -> tensor``.
 
-    ``sources`` maps each source Value to a sampler name: "normal" or "gain" (values in (-0.95, 0.95)).
+    ``sources`` maps each source Value to a sampler name: "normal", "gain" (values in (-0.95, 0.95)) or
+    "keymask" (a [B, T] 0/1 mask in the source's dtype: see ``key_mask_sample``; with one, outputs that are NaN
+    in both the region and the proposal, at the same places, agree).
     Returns the worst relative error, or None when the region cannot be evaluated on its own
     (it reads data that is not among the sources) or the shapes do not match. Inside ``probe_memo()``
     a structurally identical region and proposal reuse the first one's result.
@@ -229,6 +233,26 @@ def probe(graph: Graph, sources: dict, output: Value, canonical, tol: float = 1e
     return result
 
 
+def key_mask_sample(shape, gen: torch.Generator) -> torch.Tensor:
+    """A [B, T] 0/1 key-padding mask (float64) whose rows cycle through: left padding (1..T padded positions, so
+    some queries see no unpadded key), right padding (0..T-1 padded), random holes, no padding."""
+    if len(shape) != 2:
+        raise ValueError(f"a key-padding mask sample is [B, T], got {list(shape)}")
+    Bn, Tn = shape
+    m = torch.ones(Bn, Tn, dtype=torch.float64)
+    for b in range(Bn):
+        kind = b % 4
+        if Tn == 0 or kind == 3:
+            continue
+        if kind == 0:
+            m[b, :int(torch.randint(1, Tn + 1, (1,), generator=gen))] = 0
+        elif kind == 1:
+            m[b, Tn - int(torch.randint(0, Tn, (1,), generator=gen)):] = 0
+        else:
+            m[b] = (torch.rand(Tn, generator=gen, dtype=torch.float64) < 0.6).to(torch.float64)
+    return m
+
+
 def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, lengths, batch: int):
     gen = torch.Generator().manual_seed(1234)
     worst = 0.0
@@ -238,6 +262,9 @@ def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, le
         inputs = {}
         for v, kind in sources.items():
             shape = v.type.concrete_shape(binding)
+            if kind == "keymask":
+                inputs[v] = key_mask_sample(shape, gen).to(torch_dtype(v.type.dtype.name))
+                continue
             x = torch.randn(shape, generator=gen, dtype=torch.float64)
             if kind == "gain":
                 x = torch.tanh(x) * 0.95
@@ -251,6 +278,10 @@ def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, le
         if got.shape != ref.shape:
             return None
         ref, got = ref.to(torch.float64), got.to(torch.float64)
+        if "keymask" in sources.values():   # NaN where both are NaN agrees (rows with no visible key)
+            if (ref.isnan() != got.isnan()).any():
+                return None
+            ref, got = ref.nan_to_num(0.0), got.nan_to_num(0.0)
         if not torch.isfinite(got).all() or (torch.isfinite(ref) != torch.isfinite(got)).any():
             return None
         scale = ref.abs().max().item() or 1.0

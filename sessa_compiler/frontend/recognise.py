@@ -20,12 +20,13 @@ import sympy
 import torch
 
 from ..semantics import SEMANTICS, attention_ref, feedback_ref
+from ..semantics.core import EMPTY_ROWS
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import ArgRef
 from ..ir.ops import COMPUTE, CORE, ELEMENTWISE, OPS
 from ..ir.types import DType, TensorType, dims_equal, sym
 from ..ir.verify import verify_graph
-from .probe import PROBE_LENGTHS, ProbeStats, Step, apply_steps, probe, probe_memo
+from .probe import KEYMASK_BATCH, PROBE_BATCH, PROBE_LENGTHS, ProbeStats, Step, apply_steps, probe, probe_memo
 
 WALK_LAYOUT = {"reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "repeat_interleave"}
 B, T = sym("B"), sym("T")
@@ -346,8 +347,19 @@ def recognise_attention(g: Graph, report: Report) -> int:
     return count
 
 
+def _key_mask_sources(s, L) -> list:
+    """Graph inputs of type [B, T] that the scores are computed from other than through the contraction L (q . k):
+    key-padding mask candidates."""
+    extra = _graph_inputs_behind(s.inputs[0], stop={L.output})
+    return sorted((x for x in extra if to_bt(x.type) == [[]]), key=lambda x: x.name)
+
+
 def _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale, report) -> bool:
     outs = A.walk_forward(P.output)
+    masks = _key_mask_sources(s, L)
+    # without a key-padding mask first; then each [B, T] input behind the scores as one, for each meaning of a
+    # row with no visible key (mean of v over all keys: finite fills; NaN: -inf fills)
+    variants = [(None, None)] + [(m, e) for m in masks for e in EMPTY_ROWS]
     scales = [chain_scale] + ([1.0 / math.sqrt(d)] if isinstance(d, int) and not math.isclose(chain_scale, 1 / math.sqrt(d)) else [])
     dvs = [d] + [x for x in {P.output.type.shape[-1]} if x != d and isinstance(x, int)]
     where = f"softmax %{s.output.name}"
@@ -362,28 +374,42 @@ def _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale, report) -> bool:
                     for y in reversed(outs):
                         for oa in from_bthd(y.type, H, dv):
                             for scale in scales:
-                                def canonical(inp, binding, qa=qa, ka=ka, va=va, oa=oa, scale=scale):
-                                    q = apply_steps(inp[qs], qa, binding)
-                                    k = apply_steps(inp[ks], ka, binding)
-                                    v = apply_steps(inp[vs], va, binding)
-                                    return apply_steps(attention_ref(q, k, v, scale, True), oa, binding)
+                                for m, empty in variants:
+                                    def canonical(inp, binding, qa=qa, ka=ka, va=va, oa=oa, scale=scale, m=m,
+                                                  empty=empty):
+                                        q = apply_steps(inp[qs], qa, binding)
+                                        k = apply_steps(inp[ks], ka, binding)
+                                        v = apply_steps(inp[vs], va, binding)
+                                        out = attention_ref(q, k, v, scale, True, None,
+                                                            None if m is None else inp[m], empty or "mean")
+                                        return apply_steps(out, oa, binding)
 
-                                srcs = {qs: "normal", ks: "normal", vs: "normal"}
-                                err = probe(g, srcs, y, canonical)
-                                tol = _region_tol(A, srcs, y)
-                                if err is not None and err <= tol:
-                                    _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H)
-                                    report.accepted.append(
-                                        f"attention at {where}: heads={H}, kv_heads={Hkv}, head_dim={d}, "
-                                        f"scale={scale:.6g} (probe error {err:.1e})")
-                                    return True
+                                    srcs = {qs: "normal", ks: "normal", vs: "normal"}
+                                    if m is not None:
+                                        if m in srcs:
+                                            continue
+                                        srcs[m] = "keymask"
+                                    err = probe(g, srcs, y, canonical, batch=KEYMASK_BATCH if m is not None
+                                                else PROBE_BATCH)
+                                    tol = _region_tol(A, srcs, y)
+                                    if err is not None and err <= tol:
+                                        _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H, m, empty)
+                                        masked = "" if m is None else (
+                                            f", key-padding mask %{m.name} (a row with no visible key: "
+                                            f"{'the mean of v over all keys' if empty == 'mean' else 'NaN'})")
+                                        report.accepted.append(
+                                            f"attention at {where}: heads={H}, kv_heads={Hkv}, head_dim={d}, "
+                                            f"scale={scale:.6g}{masked} (probe error {err:.1e})")
+                                        return True
     extra = _graph_inputs_behind(s.inputs[0]) - _graph_inputs_behind(qs) - _graph_inputs_behind(ks)
     if extra:
         names = ", ".join(f"%{x.name}" for x in sorted(extra, key=lambda x: x.name))
         report.rejected.append(f"attention candidate at {where}: the scores are also masked by {names}, an input of the "
-                               "module (a key-padding attention_mask?); the IR attention op takes no mask operand, so "
-                               "it runs as separate ops (correct on every backend, with the [T, T] scores "
-                               "materialised and no fused attention kernel)")
+                               "module, but not as a key-padding mask the attention op takes (a [B, T] 0/1 mask over "
+                               "keys combined with the causal mask; a row with no visible key giving the mean of v "
+                               "over all keys, as finite fills do, or NaN, as -inf fills do); the probe with random "
+                               "left- and right-padded masks disagreed, so it runs as separate ops (correct on every "
+                               "backend, with the [T, T] scores materialised and no fused attention kernel)")
         return False
     report.rejected.append(f"attention candidate at {where}: not causal softmax attention (a mask other than j <= t, "
                            "or scores that are not q . k times one scale); it runs as separate ops: the [T, T] "
@@ -391,12 +417,17 @@ def _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale, report) -> bool:
     return False
 
 
-def _graph_inputs_behind(v: Value) -> set:
-    """The graph inputs v is computed from."""
+def _mask_operand(n: Node):
+    """An attention node's key-padding mask operand, or None."""
+    return n.inputs[4] if n.attrs.get("key_padding", False) and len(n.inputs) > 4 else None
+
+
+def _graph_inputs_behind(v: Value, stop=frozenset()) -> set:
+    """The graph inputs v is computed from (not walking past the values in ``stop``)."""
     seen, stack, out = set(), [v], set()
     while stack:
         x = stack.pop()
-        if x in seen:
+        if x in seen or x in stop:
             continue
         seen.add(x)
         if x.producer is None:
@@ -407,7 +438,7 @@ def _graph_inputs_behind(v: Value) -> set:
     return out
 
 
-def _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H):
+def _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H, mask=None, empty_rows=None):
     idx = _insert_index(g, y)
     q, idx = _emit_steps(g, qs, qa, idx)
     k, idx = _emit_steps(g, ks, ka, idx)
@@ -418,7 +449,11 @@ def _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H):
     if v.type.dtype != dtype:
         v, idx = _emit_steps(g, v, [Step("cast", {"dtype": dtype})], idx)
     out_t = TensorType(dtype, q.type.shape[:3] + (dv,))
-    o = g.make_node("attention", [q, k, v], {"scale": float(scale), "causal": True}, [out_t], index=idx).output
+    operands, attrs = [q, k, v], {"scale": float(scale), "causal": True}
+    if mask is not None:
+        operands += [None, mask]
+        attrs.update(key_padding=True, empty_rows=empty_rows)
+    o = g.make_node("attention", operands, attrs, [out_t], index=idx).output
     idx += 1
     o, idx = _emit_steps(g, o, oa, idx)
     if o.type.dtype != y.type.dtype:
@@ -1066,14 +1101,20 @@ def fold_gqa(g: Graph, report: Report) -> int:
                 if hk != hv or hk == k.type.shape[2] or q.type.shape[2] % hk:
                     continue
                 extra = n.inputs[3:]
+                m = _mask_operand(n)
 
-                def canonical(inp, binding, ka=ka, va=va):
-                    inv = g.params[extra[0].name].to(torch.float64) if extra else None
+                def canonical(inp, binding, ka=ka, va=va, m=m):
+                    inv = g.params[extra[0].name].to(torch.float64) if n.attrs.get("rope") else None
                     return attention_ref(inp[q], apply_steps(inp[ks], ka, binding), apply_steps(inp[vs], va, binding),
-                                         n.attrs["scale"], True, inv if n.attrs.get("rope") else None)
+                                         n.attrs["scale"], True, inv, None if m is None else inp[m],
+                                         n.attrs.get("empty_rows", "mean"))
 
                 srcs = {q: "normal", ks: "normal", vs: "normal"}
-                err = probe(g, srcs, n.output, canonical)
+                if m is not None:
+                    if m in srcs:
+                        continue
+                    srcs[m] = "keymask"
+                err = probe(g, srcs, n.output, canonical, batch=PROBE_BATCH if m is None else KEYMASK_BATCH)
                 if err is None or err > _region_tol(A, srcs, n.output):
                     continue
                 idx = g.nodes.index(n)
@@ -1233,12 +1274,15 @@ def _frequency_options(g: Graph, A: Analysis, rq: Value, xq: Value, d: int, defa
     rotation reads (in its own dtype), a [d/2] vector it computes from constants (evaluated as the module computes
     it, in its dtype, e.g. float64 frequencies from arange), and the standard 10000^(-2i/d) in float32 and (float64
     models) float64."""
-    out, seen, stack = [], set(), [rq]
+    out, seen, stack, tables = [], set(), [rq], []
     while stack:
         x = stack.pop()
         if x in seen or x is xq:
             continue
         seen.add(x)
+        if x.kind == "param" and x.type.rank == 2 and x.type.shape[1] in (d, d // 2) and x.type.dtype.is_float \
+                and isinstance(x.type.shape[0], int) and x.type.shape[0] >= 2:
+            tables.append(x)   # a stored [L, d] (or [L, d/2]) cos or sin table
         if x.type.rank == 1 and x.type.shape[0] == d // 2 and x.type.dtype.is_float and not A.is_data(x):
             if x.kind == "param":
                 out.append((x, g.params[x.name], f"%{x.name}"))
@@ -1250,10 +1294,42 @@ def _frequency_options(g: Graph, A: Analysis, rq: Value, xq: Value, d: int, defa
                     pass
         if x.producer is not None:
             stack.extend(x.producer.value_inputs)
+    out += _frequencies_from_tables(g, tables, d)
     for dt, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
         if tag == "f32" or dtype.name == "f64":
             out.append(((f"{default_name}_{tag}", tag), 10000.0 ** (-torch.arange(0, d, 2, dtype=dt) / d),
                         f"the default 10000^(-2i/d) in {tag}"))
+    return out
+
+
+def _frequencies_from_tables(g: Graph, tables: list, d: int) -> list:
+    """Inverse frequencies recovered from stored cos/sin tables [L, d] (halves repeated, or pairs interleaved) or
+    [L, d/2]: for a (cos, sin) pair of the same shape, the angle atan2(sin, cos) at every position, unwrapped and
+    fitted as p * f (least squares over all L positions, rounded to the tables' dtype), kept only when cos(p f)
+    and sin(p f) reproduce both tables at every position. The probe still decides whether the rotation uses it."""
+    out = []
+    for c in tables:
+        for s in tables:
+            if c is s or c.type.shape != s.type.shape or c.type.dtype != s.type.dtype:
+                continue
+            C, S = (g.params[x.name].detach().to(torch.float64) for x in (c, s))
+            L = C.shape[0]
+            cols = [slice(0, d // 2), slice(0, d, 2)] if C.shape[1] == d else [slice(None)]
+            for sel in cols:
+                cc, ss = C[:, sel], S[:, sel]
+                ang = torch.atan2(ss, cc)                                   # [L, d/2], wrapped into (-pi, pi]
+                step = torch.remainder(ang[1:] - ang[:-1] + math.pi, 2 * math.pi) - math.pi
+                unwrapped = torch.cat((ang[:1], ang[:1] + step.cumsum(0)), 0)
+                pos = torch.arange(L, dtype=torch.float64)[:, None]
+                f = (pos * unwrapped).sum(0) / (pos * pos).sum(0)
+                f = f.to(g.params[c.name].dtype)
+                fd = f.to(torch.float64)
+                eps = torch.finfo(g.params[c.name].dtype).eps
+                tol = 16 * eps * (1 + L * fd.abs().max().item())
+                if ((torch.cos(pos * fd) - cc).abs().max() <= tol and (torch.sin(pos * fd) - ss).abs().max() <= tol
+                        and not any(torch.equal(f, o[1]) for o in out)):
+                    out.append(((f"rope_inv_freq_{c.name}", c.type.dtype.name), f,
+                                f"the stored tables %{c.name}, %{s.name} (atan2 at every position)"))
     return out
 
 
@@ -1280,6 +1356,12 @@ def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool
     positions is taken (the module's own table when it has one)."""
     options = _frequency_options(g, A, rq, xq, d, default_name, q.type.dtype)
     srcs = {xq: "normal", xk: "normal", v: "normal"}
+    m = _mask_operand(n)
+    if m is not None:
+        if m in srcs:
+            return False
+        srcs[m] = "keymask"
+    batch = PROBE_BATCH if m is None else KEYMASK_BATCH
     tol = _region_tol(A, srcs, n.output)
     passing = []
     for qa, H in to_bthd(xq.type, d):
@@ -1288,11 +1370,12 @@ def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool
                 continue
             for order, pq, pk in _channel_orders(d, H, Hkv):
                 for param, data, how in options:
-                    def canonical(inp, binding, qa=qa + pq, ka=ka + pk, data=data):
+                    def canonical(inp, binding, qa=qa + pq, ka=ka + pk, data=data, m=m):
                         return attention_ref(apply_steps(inp[xq], qa, binding), apply_steps(inp[xk], ka, binding),
-                                             inp[v], n.attrs["scale"], True, data.to(torch.float64))
+                                             inp[v], n.attrs["scale"], True, data.to(torch.float64),
+                                             None if m is None else inp[m], n.attrs.get("empty_rows", "mean"))
 
-                    err = probe(g, srcs, n.output, canonical)
+                    err = probe(g, srcs, n.output, canonical, batch=batch)
                     if err is not None and err <= tol:
                         passing.append((qa + pq, ka + pk, order, param, data, how, err, canonical))
             if passing:
@@ -1311,7 +1394,8 @@ def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool
     static = isinstance(_bt()[1], int)   # a static graph runs at its own length only: the probes ran there
     long_t = _long_length(q.type.shape[2])
     for cand in passing:
-        long_err = None if static else probe(g, srcs, n.output, cand[-1], lengths=(long_t,), batch=1)
+        long_err = None if static else probe(g, srcs, n.output, cand[-1], lengths=(long_t,),
+                                             batch=1 if m is None else KEYMASK_BATCH)
         err = cand[6] if long_err is None else long_err   # a module that cannot run that long: short probes only
         if err <= tol and err < best_err:
             best, best_err = cand, err
@@ -1328,7 +1412,7 @@ def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool
     idx = g.nodes.index(n)
     nq, idx = _emit_steps(g, xq, qa, idx)
     nk, idx = _emit_steps(g, xk, ka, idx)
-    n.inputs = [nq, nk, v, param]
+    n.inputs = [nq, nk, v, param] + ([m] if m is not None else [])
     n.attrs["rope"] = True
     g.dead_code_elimination()
     report.accepted.append(f"rope folded into attention %{n.output.name}: {order}"

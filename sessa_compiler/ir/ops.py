@@ -362,6 +362,18 @@ def attention_infer(node):
         if len(node.inputs) < 4:
             fail(node, "rope=True needs a fourth operand inv_freq [d/2]")
         need_eq(node, q.shape[3], 2 * tin(node, 3).shape[0], "head width d = 2 * len(inv_freq)")
+    if node.attrs.get("key_padding", False):
+        if len(node.inputs) < 5:
+            fail(node, "key_padding=True needs a fifth operand mask [B, T] (operand 3: inv_freq, or None)")
+        m = tin(node, 4)
+        if m.rank != 2:
+            fail(node, f"the key-padding mask must be [B, T], got {m}")
+        need_eq(node, m.shape[0], q.shape[0], "batch of the key-padding mask")
+        need_eq(node, m.shape[1], k.shape[1], "length of the key-padding mask")
+        if node.attrs.get("empty_rows", "mean") not in ("mean", "nan"):
+            fail(node, f"empty_rows must be 'mean' or 'nan', got {node.attrs['empty_rows']!r}")
+    elif len(node.inputs) > 4 and node.inputs[4] is not None:
+        fail(node, "a fifth operand (a key-padding mask) needs key_padding=True")
     return [TensorType(q.dtype, q.shape[:3] + (v.shape[3],))]
 
 
@@ -415,10 +427,14 @@ def fallback_infer(node):
 
 
 # -- the table ----------------------------------------------------------------------------------
-register("attention", CORE, (3, 4), {"scale": (True, (float,)), "causal": (True, (bool,)),
-                                     "rope": (False, (bool,))}, attention_infer,
+register("attention", CORE, (3, 5), {"scale": (True, (float,)), "causal": (True, (bool,)),
+                                     "rope": (False, (bool,)), "key_padding": (False, (bool,)),
+                                     "empty_rows": (False, (str,))}, attention_infer,
          doc="softmax_{j<=t}(q_t.k_j*scale) @ v; q [B,T,H,d], k/v [B,T,Hkv,d], head h reads kv h//(H/Hkv); "
-             "rope=True rotates q and k (interleaved pairs, position = index along T) with operand 3 inv_freq")
+             "rope=True rotates q and k (interleaved pairs, position = index along T) with operand 3 inv_freq; "
+             "key_padding=True: operand 4 is a key-padding mask [B, T] (nonzero = keep; operand 3 is None "
+             "without rope); a row with no visible key gives the mean of v over all keys (empty_rows='mean') "
+             "or NaN (empty_rows='nan'); see semantics.core.attention_ref")
 register("feedback", CORE, (4, 4), {"scale": (True, (float,))}, feedback_infer,
          doc="s[t] = f[t] + gamma[t] * softmax_{j<t}(q_b[t].k_b[j]*scale) @ s[:t]; s[0] = f[0]")
 register("tri_solve", CORE, (2, 2), {"upper": (True, (bool,)), "unitriangular": (True, (bool,))}, tri_solve_infer,

@@ -16,7 +16,8 @@ def verify_node(node: Node) -> None:
     if n < lo or (hi is not None and n > hi):
         fail(node, f"expects {lo}{'' if hi == lo else ('+' if hi is None else f'..{hi}')} operands, got {n}")
     for i, x in enumerate(node.inputs):
-        if x is None and node.op in ("linear", "layer_norm", "conv1d", "causal_conv1d"):
+        if x is None and (node.op in ("linear", "layer_norm", "conv1d", "causal_conv1d")
+                          or (node.op == "attention" and i == 3)):   # no inv_freq before a key-padding mask
             continue
         if not isinstance(x, Value) and not literal_ok(node, i, x):
             fail(node, f"operand {i} must be a tensor value, got literal {x!r}")

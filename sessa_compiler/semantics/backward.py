@@ -22,20 +22,28 @@ import math
 import torch
 
 from ..ir.dtypes import compute_dtype
-from .core import FEEDBACK_GRAD_CHUNK, _rotate, feedback_backward, scan_ref
+from .core import FEEDBACK_GRAD_CHUNK, _rotate, feedback_backward, key_keep, scan_ref
 
 ATTENTION_BLOCK = 128   # query rows whose probabilities are formed at once: [B, H, block, T] memory
 SCAN_CHUNK = 64         # scan steps recomputed at once by the scan backward
 
 
-def _block_logits(q_rows, k_cols, row0: int, scale: float, causal: bool):
+def _block_logits(q_rows, k_cols, row0: int, scale: float, causal: bool, keep=None, empty_rows: str = "mean"):
     """logits of query rows row0.. against key columns 0..: [B, H, rows, cols] from [B, H, *, d] operands; when
-    causal, the columns past each row's position (only the last ``rows`` columns hold any) are -inf."""
+    causal, the columns past each row's position (only the last ``rows`` columns hold any) are -inf. With a
+    key-padding mask ``keep`` [B, T] (bool; then the columns must be all T keys) the padded keys are -inf too,
+    and with ``empty_rows="mean"`` a row with no visible key is all zeros (uniform: attention_ref's meaning; its
+    probabilities' gradient then flows to all T logits, as attention_ref's does)."""
     logits = torch.matmul(q_rows, k_cols.transpose(-1, -2)) * scale
     if causal:
         rows = q_rows.shape[2]
         above = torch.ones(rows, rows, dtype=torch.bool, device=q_rows.device).triu(1)
         logits[..., row0:row0 + rows].masked_fill_(above, -math.inf)
+        logits[..., row0 + rows:] = -math.inf   # all T columns (with a key-padding mask)
+    if keep is not None:
+        logits.masked_fill_(~keep[:, None, None, :logits.shape[-1]], -math.inf)
+        if empty_rows == "mean":
+            logits.masked_fill_(torch.isneginf(logits).all(-1, keepdim=True), 0.0)
     return logits
 
 
@@ -51,7 +59,7 @@ def _heads_first(q, k, v, inv_freq):
 
 
 def attention_lse(q, k, v, scale: float, causal: bool = True, inv_freq=None, block: int = ATTENTION_BLOCK,
-                  with_out: bool = True):
+                  with_out: bool = True, mask=None, empty_rows: str = "mean"):
     """(out, lse): attention_ref's output and each row's log-sum-exp of its logits [B, H, T], by query blocks
     ([B, H, block, T] at a time). ``out`` is in q's dtype (None when with_out is False: only the lse, one
     product per block), ``lse`` in the compute dtype."""
@@ -59,10 +67,11 @@ def attention_lse(q, k, v, scale: float, causal: bool = True, inv_freq=None, blo
     B, H, T, _ = qh.shape
     out = torch.empty(B, H, T, vh.shape[3], dtype=qh.dtype, device=q.device) if with_out else None
     lse = torch.empty(B, H, T, dtype=qh.dtype, device=q.device)
+    keep = None if mask is None else key_keep(mask).to(q.device)
     for a in range(0, T, block):
         b = min(a + block, T)
-        cols = b if causal else T
-        logits = _block_logits(qh[:, :, a:b], kh[:, :, :cols], a, scale, causal)
+        cols = b if causal and keep is None else T
+        logits = _block_logits(qh[:, :, a:b], kh[:, :, :cols], a, scale, causal, keep, empty_rows)
         m = logits.logsumexp(-1)                                    # [B, H, rows]
         lse[:, :, a:b] = m
         if with_out:
@@ -76,7 +85,7 @@ def _unrotate(dx, inv_freq):
 
 
 def attention_backward(grad, q, k, v, inv_freq, out, lse, scale: float, causal: bool = True,
-                       block: int = ATTENTION_BLOCK):
+                       block: int = ATTENTION_BLOCK, mask=None, empty_rows: str = "mean"):
     """(dq, dk, dv) of attention_ref given dout, FlashAttention-2 style: per query block the probabilities are
     recomputed from the saved lse (P = exp(S - lse)), dV += P^T dO, dS = P * (dO V^T - delta) with
     delta = rowsum(dO * O), dQ = scale dS K, dK += scale dS^T Q; then GQA sums dK, dV over each kv head's
@@ -89,10 +98,12 @@ def attention_backward(grad, q, k, v, inv_freq, out, lse, scale: float, causal: 
     delta = (grad.to(cd) * out.to(cd)).sum(-1).transpose(1, 2)       # [B, H, T]
     lse = lse.to(cd)
     dq, dk, dv = torch.empty_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
+    keep = None if mask is None else key_keep(mask).to(q.device)
     for a in range(0, T, block):
         b = min(a + block, T)
-        cols = b if causal else T
-        p = _block_logits(qh[:, :, a:b], kh[:, :, :cols], a, scale, causal).sub_(lse[:, :, a:b, None]).exp_()
+        cols = b if causal and keep is None else T
+        p = _block_logits(qh[:, :, a:b], kh[:, :, :cols], a, scale, causal, keep, empty_rows)
+        p = p.sub_(lse[:, :, a:b, None]).exp_()
         dob = do[:, :, a:b]
         dv[:, :, :cols] += torch.matmul(p.transpose(-1, -2), dob)
         ds = torch.matmul(dob, vh[:, :, :cols].transpose(-1, -2)).sub_(delta[:, :, a:b, None]).mul_(p)
@@ -166,17 +177,25 @@ def scan_backward(grad, u, delta, A, B, C, D, chunk: int = SCAN_CHUNK):
 
 
 # -- the table: op -> (save, backward) ---------------------------------------------------------------------
+def attention_mask_operand(operands, attrs):
+    """The key-padding mask among an attention node's operands (operand 4 when key_padding=True), or None."""
+    return operands[4] if attrs.get("key_padding", False) and len(operands) > 4 else None
+
+
 def _save_attention(operands, out, attrs, lse=None):
     q, k, v, *rest = operands
     inv_freq = rest[0] if rest and attrs.get("rope", False) else None
+    mask = attention_mask_operand(operands, attrs)
     if lse is None:  # the forward kernel did not return it: one blocked pass over the logits (no product with v)
-        lse = attention_lse(q, k, v, attrs["scale"], attrs["causal"], inv_freq, with_out=False)[1]
-    return (q, k, v, inv_freq, out, lse)
+        lse = attention_lse(q, k, v, attrs["scale"], attrs["causal"], inv_freq, with_out=False, mask=mask,
+                            empty_rows=attrs.get("empty_rows", "mean"))[1]
+    return (q, k, v, inv_freq, out, lse, mask)
 
 
 def _attention_bwd(grad, saved, attrs):
-    q, k, v, inv_freq, out, lse = saved
-    return attention_backward(grad, q, k, v, inv_freq, out, lse, attrs["scale"], attrs["causal"])
+    q, k, v, inv_freq, out, lse, mask = saved
+    return attention_backward(grad, q, k, v, inv_freq, out, lse, attrs["scale"], attrs["causal"], mask=mask,
+                              empty_rows=attrs.get("empty_rows", "mean"))
 
 
 def _save_feedback(operands, out, attrs, lse=None):

@@ -28,8 +28,26 @@ def _rotate(x: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     return torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(-2)
 
 
-def attention_ref(q, k, v, scale: float, causal: bool = True, inv_freq=None) -> torch.Tensor:
-    """softmax_{j <= t}(q_t . k_j * scale) @ v with GQA; q [B,T,H,d], k/v [B,T,Hkv,d] -> [B,T,H,dv]."""
+EMPTY_ROWS = ("mean", "nan")   # what a query row with no visible unpadded key gives (the key-padding mask)
+
+
+def key_keep(mask: torch.Tensor) -> torch.Tensor:
+    """A key-padding mask [B, T] (bool, or numeric: nonzero = keep) as bool."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def attention_ref(q, k, v, scale: float, causal: bool = True, inv_freq=None, mask=None,
+                  empty_rows: str = "mean") -> torch.Tensor:
+    """softmax_{j <= t}(q_t . k_j * scale) @ v with GQA; q [B,T,H,d], k/v [B,T,Hkv,d] -> [B,T,H,dv].
+
+    ``mask`` [B, T] (bool, or numeric with nonzero = keep): a key-padding mask; key j is visible to query t
+    when j <= t (causal) and mask[b, j] is set. A row with no visible key (a query at or before the last
+    left padding position) gives, with ``empty_rows="mean"``, the mean of v over *all* T keys: what a
+    softmax over a row whose every logit is the same finite minimum gives (the additive
+    ``torch.finfo(dtype).min`` masks of Hugging Face model code, or masked_fill with a finite value); with
+    ``empty_rows="nan"``, NaN (what masked_fill with -inf gives). The gradient of such a row is the one autograd
+    gives through an additive finite mask (scores + finfo.min): the softmax's Jacobian at the uniform row, over
+    all T keys (masked_fill with a finite value gives the scores no gradient there instead)."""
     cd = compute_dtype(q.dtype)
     out_dtype = q.dtype
     if inv_freq is not None:
@@ -38,10 +56,21 @@ def attention_ref(q, k, v, scale: float, causal: bool = True, inv_freq=None) -> 
     k = k.repeat_interleave(H // Hkv, dim=2)
     v = v.repeat_interleave(H // Hkv, dim=2)
     logits = torch.einsum("bthd,bshd->bhts", q.to(cd), k.to(cd)) * scale
+    T = q.shape[1]
+    keep = torch.ones(T, T, dtype=torch.bool, device=q.device)
     if causal:
-        T = q.shape[1]
-        keep = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        logits = logits.masked_fill(~keep, -math.inf)
+        keep = keep.tril()
+    if mask is not None:
+        if empty_rows not in EMPTY_ROWS:
+            raise ValueError(f"op 'attention': empty_rows must be one of {EMPTY_ROWS}, got {empty_rows!r}")
+        keep = keep[None, None] & key_keep(mask)[:, None, None, :].to(q.device)   # [B, 1, T, T]
+    masked = logits.masked_fill(~keep, -math.inf)
+    if mask is not None and empty_rows == "mean":
+        # rows with no visible key: uniform over all keys in value; in gradient, what autograd gives through a
+        # finite additive mask (scores + finfo.min): the softmax's Jacobian at that uniform row
+        empty = ~keep.any(-1, keepdim=True)
+        masked = torch.where(empty, logits - logits.detach(), masked)
+    logits = masked
     probs = torch.softmax(logits, dim=-1)
     return torch.einsum("bhts,bshd->bthd", probs, v.to(cd)).to(out_dtype)
 
@@ -107,8 +136,10 @@ def tri_solve_rows(A: torch.Tensor, b: torch.Tensor, upper: bool = False, unitri
 
 
 # -- the IR ops' entries in semantics.SEMANTICS: operands positional, attributes by keyword ------------------
-def _attention(q, k, v, inv_freq=None, *, scale, causal, rope=False):
-    return attention_ref(q, k, v, scale, causal, inv_freq if rope else None)
+def _attention(q, k, v, inv_freq=None, mask=None, *, scale, causal, rope=False, key_padding=False,
+               empty_rows="mean"):
+    return attention_ref(q, k, v, scale, causal, inv_freq if rope else None, mask if key_padding else None,
+                         empty_rows)
 
 
 def _feedback(f, q_b, k_b, gamma, *, scale):

@@ -76,24 +76,26 @@ def compile_kernel(src, arch: int = 90) -> dict:
 
 
 SAMPLE_IR = """\
-graph sample(%f: {dt}[B, T, 128], %qb: {dt}[B, T, 128], %kb: {dt}[B, T, 128], %g: {dt}[B, T], %q: {dt}[B, T, 4, 128], %k: {dt}[B, T, 2, 128], %v: {dt}[B, T, 2, 128], %u: {dt}[B, T, 32], %dt: {dt}[B, T, 32], %Bm: {dt}[B, T, 16], %Cm: {dt}[B, T, 16], %W: {dt}[B, T, T], %W2: {dt}[T, T]) {{
+graph sample(%f: {dt}[B, T, 128], %qb: {dt}[B, T, 128], %kb: {dt}[B, T, 128], %g: {dt}[B, T], %q: {dt}[B, T, 4, 128], %k: {dt}[B, T, 2, 128], %v: {dt}[B, T, 2, 128], %u: {dt}[B, T, 32], %dt: {dt}[B, T, 32], %Bm: {dt}[B, T, 16], %Cm: {dt}[B, T, 16], %W: {dt}[B, T, T], %W2: {dt}[T, T], %mask: i64[B, T]) {{
   param %inv_freq: f32[64]
   param %A: f32[32, 16]
   param %Dskip: f32[32]
   %att: {dt}[B, T, 4, 128] = attention(%q, %k, %v, %inv_freq) {{scale=0.088, causal=True, rope=True}}
   %att2: {dt}[B, T, 4, 128] = attention(%q, %k, %v) {{scale=0.088, causal=True}}
+  %att3: {dt}[B, T, 4, 128] = attention(%q, %k, %v, None, %mask) {{scale=0.088, causal=True, key_padding=True, empty_rows="mean"}}
   %lse: f32[B, T] = feedback_lse(%qb, %kb) {{scale=0.088}}
   %dinv: f32[B, ceiling(T/64), 64, 64] = feedback_diag_inverse(%qb, %kb, %g, %lse) {{scale=0.088, chunk_size=64}}
   %s: {dt}[B, T, 128] = feedback_chunked(%f, %qb, %kb, %g, %lse, %dinv) {{scale=0.088, chunk_size=64}}
   %y: {dt}[B, T, 32] = scan_chunked(%u, %dt, %A, %Bm, %Cm, %Dskip) {{chunk_size=16}}
   %x: {dt}[B, T, 128] = tri_solve({solve_w}, %f) {{upper={solve_upper}, unitriangular={solve_upper}}}
-  return %att, %att2, %s, %y, %x
+  return %att, %att2, %att3, %s, %y, %x
 }}
 """
 
 
 def sample_sources(dtype: str = "bf16") -> list:
-    """The kernels of a graph with every core op (RoPE on and off, GQA; tri_solve), at GPU settings."""
+    """The kernels of a graph with every core op (RoPE on and off, GQA, a key-padding mask; tri_solve), at GPU
+    settings."""
     from ...ir import parse
     from .backend import TritonProgram, _generator, _operand_names
 
@@ -106,7 +108,8 @@ def sample_sources(dtype: str = "bf16") -> list:
         for node in graph.nodes:
             if _generator(node) is None or (strategy == "associative" and node.op != "scan_chunked"):
                 continue
-            dtypes = {n: v.type.dtype.name for n, v in zip(_operand_names(node), node.inputs)}
+            dtypes = {n: v.type.dtype.name for n, v in zip(_operand_names(node), node.inputs)
+                      if v is not None and n != "mask"}
             srcs.extend(prog.source_for(node, dtypes, interpret=False).all_kernels())
     return srcs
 

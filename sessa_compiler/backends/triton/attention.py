@@ -1,5 +1,9 @@
 """Causal attention (FlashAttention-style online softmax), generated from an ``attention`` node.
 
+With ``key_padding=True`` the kernel also reads the key-padding mask (int32 [B, T], nonzero = keep: padded keys
+are -inf) and, for ``empty_rows="mean"``, the mean of v over all keys ([B, Hkv, d_v], float32, computed by the
+launcher), which a row with no visible key gives; with ``empty_rows="nan"`` such a row is 0 / 0 = NaN.
+
 GQA is an index map (query head h reads kv head h // G, no copies). With ``rope=True`` a small
 kernel first rotates q (folding in the softmax scale) and k once each into contiguous copies
 (interleaved pairs, angles in fp32): each K tile is rotated once instead of once per query block,
@@ -76,6 +80,8 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool, block_m: int |
     if not node.attrs["causal"]:
         raise UnsupportedError("op 'attention': only causal attention has a Triton kernel")
     rope = bool(node.attrs.get("rope", False))
+    kp = bool(node.attrs.get("key_padding", False))
+    empty = node.attrs.get("empty_rows", "mean") if kp else None
     if rope and d % 2:
         raise UnsupportedError(f"op 'attention': RoPE needs an even head width, got {d}")
     dt = dtypes["q"]
@@ -90,11 +96,12 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool, block_m: int |
     block_m, block_n = block_m or 128, block_n or 64
     num_warps = 8 if block_m >= 128 else 4
     qdt = ("f32" if dd == "tl.float32" else dt) if rope else dt   # the rotated copies keep the dot's dtype
-    consts = dict(H=H, GROUP=H // Hkv, SCALE=1.0 if rope else node.attrs["scale"], BLOCK_M=block_m,
+    consts = dict(H=H, HKV=Hkv, GROUP=H // Hkv, SCALE=1.0 if rope else node.attrs["scale"], BLOCK_M=block_m,
                   BLOCK_N=block_n, D_V=dv, BLOCK_DV=block_dv, D=d, BLOCK_D=dot_block(d, 256))
     body = "".join(f"{a} = tl.constexpr({b!r})\n" for a, b in consts.items()) + "\n\n"
     body += ("@triton.jit\n"
-             "def attention_fwd(Q, K, V, OUT, LSE, T, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt,\n"
+             f"def attention_fwd(Q, K, V, OUT, LSE, {'MASK, VMEAN, ' if kp else ''}T, stride_qb, stride_qt, stride_qh, "
+             "stride_kb, stride_kt,\n"
              "                  stride_kh, stride_vb, stride_vt, stride_vh, stride_ob, stride_ot, stride_oh):\n"
              "    # out[t] = softmax_{j<=t}(q_t . k_j * SCALE) @ v for one (batch x query head, row block);\n"
              "    # LSE[b, h, t] = log sum_{j<=t} exp(q_t . k_j * SCALE) (fp32, contiguous [B, H, T])\n"
@@ -134,6 +141,9 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool, block_m: int |
                      "float(\"-inf\"))\n")
         else:
             body += "        z = logits\n"
+        if kp:   # key-padding mask [B, T] (int32, nonzero = keep): padded keys are -inf
+            body += ("        keep = tl.load(MASK + b * T + cols, mask=cols < T, other=0)\n"
+                     "        z = tl.where(keep[None, :] != 0, z, float(\"-inf\"))\n")
         body += ("        m_new = tl.maximum(m_i, tl.max(z, axis=1))\n"
                  "        alpha = tl.exp(m_i - m_new)\n"
                  "        p = tl.exp(z - m_new[:, None])\n"
@@ -142,17 +152,28 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool, block_m: int |
                  f"        acc = acc * alpha[:, None] + tl.dot(p.to({dd}), v.to({dd}), out_dtype=tl.float32, "
                  f"input_precision=\"{prec}\")\n"
                  "        m_i = m_new\n")
-    body += ("    out = acc / l_i[:, None]\n"
-             "    tl.store(LSE + bh * T + rows, m_i + tl.log(l_i), mask=rows < T)\n"
+    lse_expr = "tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), float(\"-inf\"))" if kp else "m_i + tl.log(l_i)"
+    if empty == "mean":   # rows with no visible key: the mean of v over all T keys (VMEAN [B, HKV, D_V], fp32)
+        body += ("    vmean = tl.load(VMEAN + (b * HKV + kvh) * D_V + dvs, mask=dvs < D_V, other=0.0)\n"
+                 "    out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], vmean[None, :])\n")
+    else:   # no key-padding mask (every row sees key 0), or empty_rows="nan": an empty row is 0 / 0 = NaN
+        body += "    out = acc / l_i[:, None]\n"
+    body += (
+             f"    tl.store(LSE + bh * T + rows, {lse_expr}, mask=rows < T)\n"
              "    o_base = OUT + b * stride_ob + h * stride_oh\n"
              f"    tl.store(o_base + rows[:, None] * stride_ot + dvs[None, :], out.to(OUT.dtype.element_ty), "
              f"mask=(rows[:, None] < T){vmask})\n")
     ptr = AOT_POINTER[dt]
     qk_ptr = AOT_POINTER[qdt]
-    sig = {"Q": qk_ptr, "K": qk_ptr, "V": ptr, "OUT": ptr, "LSE": "*fp32", "T": "i32"}
+    sig = {"Q": qk_ptr, "K": qk_ptr, "V": ptr, "OUT": ptr, "LSE": "*fp32"}
+    if kp:
+        sig.update({"MASK": "*i32", "VMEAN": "*fp32"})
+    sig["T"] = "i32"
     for t in "qkvo":
         sig.update({f"stride_{t}b": "i64", f"stride_{t}t": "i32", f"stride_{t}h": "i32"})
     spec = {"H": H, "Hkv": Hkv, "d": d, "d_v": dv, "rope": rope, "dtype": dt, "scale": node.attrs["scale"]}
+    if kp:
+        spec.update({"key_padding": True, "empty_rows": empty})
     tun = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_DV": block_dv, "BLOCK_D": consts["BLOCK_D"],
            "dot_dtype": dd, "dot_precision": prec, "order": "heaviest row blocks first", "mask": "diagonal tiles only"}
     parts = ()
@@ -167,12 +188,13 @@ def attention_grid(kernel, B: int, T: int) -> tuple:
     return (B * kernel.source.specialisation["H"], -(-T // kernel.source.tunables["BLOCK_M"]))
 
 
-def launch_attention(kernel, q, k, v, inv_freq=None, out=None, lse=None, return_lse=False):
+def launch_attention(kernel, q, k, v, inv_freq=None, out=None, lse=None, return_lse=False, mask=None):
     """Launches the attention (after ``rope_rotate`` of q and k when the kernel has RoPE).
 
     ``lse`` (optional, preallocated): the row log-sum-exps the backward consumes, float32, contiguous
     ``[B, H, T]`` (query head h of batch b at ``lse[b, h]``), ``lse[b, h, t] = log sum_{j<=t} exp(scale *
-    q_t . k_j)`` with q and k after RoPE. Returns ``out``, or ``(out, lse)`` with ``return_lse``."""
+    q_t . k_j)`` with q and k after RoPE (-inf on a row with no visible key). ``mask`` [B, T]: the key-padding
+    mask of a kernel generated with key_padding=True (nonzero = keep). Returns ``out``, or ``(out, lse)``."""
     import torch
 
     B, T, H, _ = q.shape
@@ -195,7 +217,17 @@ def launch_attention(kernel, q, k, v, inv_freq=None, out=None, lse=None, return_
                 num_warps=rot.source.num_warps, num_stages=rot.source.num_stages)
             rotated.append(y)
         q, k = rotated
-    kernel.fn[attention_grid(kernel, B, T)](q, k, v, out, lse, T, *q.stride()[:3], *k.stride()[:3],
+    extra = ()
+    if src.specialisation.get("key_padding", False):
+        if mask is None or tuple(mask.shape) != (B, T):
+            raise UnsupportedError(f"op 'attention': the kernel has a key-padding mask: expected a [{B}, {T}] mask, "
+                                   f"got {None if mask is None else tuple(mask.shape)}")
+        keep = (mask != 0).to(device=q.device, dtype=torch.int32).contiguous()
+        vmean = v.float().mean(dim=1).contiguous()   # [B, Hkv, dv]: what a row with no visible key gives
+        extra = (keep, vmean)
+    elif mask is not None:
+        raise UnsupportedError("op 'attention': a key-padding mask was given to a kernel generated without one")
+    kernel.fn[attention_grid(kernel, B, T)](q, k, v, out, lse, *extra, T, *q.stride()[:3], *k.stride()[:3],
                                             *v.stride()[:3], *out.stride()[:3],
                                             num_warps=src.num_warps, num_stages=src.num_stages)
     kernel.launches += 1

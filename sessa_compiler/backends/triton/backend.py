@@ -18,7 +18,7 @@ import torch
 
 from ...ir.dtypes import from_torch
 from ...errors import UnsupportedError
-from ...ir.graph import Graph, Node
+from ...ir.graph import Graph, Node, Value
 from ...ir.ops import CORE, OPS
 from ...passes.pipeline import run_pipeline
 from ..base import Backend, CompileContext
@@ -37,7 +37,7 @@ GENERATOR_KNOBS = {"attention": ("block_m", "block_n"), "feedback_chunked": ("ou
 def _operand_names(node: Node) -> list:
     if node.op == "fused":
         return [f"in{i}" for i in range(len(node.inputs))]
-    return {"attention": ["q", "k", "v", "inv_freq"], "feedback_lse": ["q_b", "k_b"],
+    return {"attention": ["q", "k", "v", "inv_freq", "mask"], "feedback_lse": ["q_b", "k_b"],
             "feedback_diag_inverse": ["q_b", "k_b", "gamma", "lse"],
             "feedback_chunked": ["f", "q_b", "k_b", "gamma", "lse", "dinv"],
             "scan_chunked": ["u", "delta", "A", "B", "C", "D"], "tri_solve": ["A", "b"]}[node.op]
@@ -60,7 +60,8 @@ def _launch(node: Node, kernel, args: list):
         return launch_fused(kernel, node, args)
     args = [_unit_stride(a) for a in args]
     if node.op == "attention":
-        return launch_attention(kernel, *args[:3], args[3] if node.attrs.get("rope") else None)
+        return launch_attention(kernel, *args[:3], args[3] if node.attrs.get("rope") else None,
+                                mask=args[4] if node.attrs.get("key_padding") else None)
     if node.op == "feedback_lse":
         return launch_lse(kernel, *args)
     if node.op == "feedback_diag_inverse":
@@ -104,7 +105,8 @@ class TritonProgram:
         return k
 
     def declared_dtypes(self, node: Node) -> dict:
-        return {name: v.type.dtype.name for name, v in zip(_operand_names(node), node.inputs)}
+        return {name: v.type.dtype.name for name, v in zip(_operand_names(node), node.inputs)
+                if isinstance(v, Value) and name != "mask"}
 
     def run(self, inputs, params):
         graph = self.graph
@@ -125,8 +127,9 @@ class TritonProgram:
         for node in graph.nodes:
             dtypes = None
             if node in kernel_nodes:
-                args = [env[x] for x in node.inputs]
-                dtypes = {name: from_torch(a.dtype).name for name, a in zip(_operand_names(node), args)}
+                args = [env[x] if isinstance(x, Value) else x for x in node.inputs]
+                dtypes = {name: from_torch(a.dtype).name for name, a in zip(_operand_names(node), args)
+                          if a is not None and name != "mask"}   # the mask is read as int32 (any dtype)
             if dtypes and all(dt in KERNEL_DTYPES for dt in dtypes.values()):
                 out = _launch(node, self.kernel(node, dtypes, interpret), args)
                 env.update(zip(node.outputs, out if len(node.outputs) > 1 else (out,)))
@@ -294,6 +297,9 @@ class TritonBackend(Backend):
             spec = ", ".join(f"{k}={v}" for k, v in src.specialisation.items() if k != "scale")
             tun = ", ".join(f"{k}={v}" for k, v in src.tunables.items() if not k.startswith("dot_"))
             lines.append(f"    {src.name:<22} <- %{n.output.name} = {n.op}  [{spec}] {{{tun}}}")
+            if n.op == "attention" and n.attrs.get("key_padding", False):
+                lines.append("      (with a key-padding mask: this kernel without gradients; a call that needs "
+                             "gradients runs the blocked torch forward and backward of semantics/backward.py)")
         lines.extend(prog.config_report)
         torch_ops = collections.Counter(n.op for n in g.nodes if n not in set(prog.kernel_nodes))
         core_left = [op for op in torch_ops if OPS[op].kind == CORE]

@@ -41,6 +41,7 @@ from torch.library import triton_op, wrap_triton
 from ...ir.dtypes import from_torch
 from ...ir import parse
 from ...passes.chunk_feedback import FeedbackCost
+from ...semantics import SEMANTICS
 from ...semantics.core import attention_ref, feedback_ref, feedback_setup_context
 from .attention import attention_grid, generate_attention
 from .attention_bwd import attention_triton_autograd, attention_triton_setup_context
@@ -233,8 +234,10 @@ feedback_triton.register_autograd(feedback_triton_autograd, setup_context=feedba
 # The IR's core ops as these triton_ops, with the operands and attributes of semantics.SEMANTICS: what
 # torch.compile of a module compiled for Triton records on CUDA tensors (api.CompiledModule._export_call).
 CORE_OP_IMPLS = {
-    "attention": lambda q, k, v, inv_freq=None, *, scale, causal, rope=False: attention_triton(
-        q, k, v, inv_freq if rope else None, scale, causal),
+    "attention": lambda q, k, v, inv_freq=None, mask=None, *, scale, causal, rope=False, key_padding=False,
+    empty_rows="mean": (attention_triton(q, k, v, inv_freq if rope else None, scale, causal) if not key_padding else
+                        SEMANTICS["attention"](q, k, v, inv_freq, mask, scale=scale, causal=causal, rope=rope,
+                                               key_padding=True, empty_rows=empty_rows)),   # no custom op takes a mask
     "feedback": lambda f, q_b, k_b, gamma, *, scale: feedback_triton(f, q_b, k_b, gamma, scale),
     "scan": lambda u, delta, A, B, C, D: selective_scan_triton(u, delta, A, B, C, D),
 }

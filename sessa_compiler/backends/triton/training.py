@@ -7,7 +7,9 @@ autograd.Function whose forward is a Triton forward kernel and whose backward is
     scan        scan_chunked, sequential (its operands)         scan_backward_triton
     tri_solve   semantics' torch forward                        semantics.backward's (db = A^-T g, ...)
 
-The same fallbacks as the triton_ops of ops.py: a case without kernels (float64, non-causal attention, operands
+Attention with a key-padding mask (key_padding=True) trains on the blocked torch forward and backward of
+semantics/backward.py (correct, counted as a torch forward in the stats; no Triton backward kernel reads the
+mask yet). The same fallbacks as the triton_ops of ops.py: a case without kernels (float64, non-causal attention, operands
 of mixed dtypes, head widths past the backward's) runs the blocked torch forward of backends/training.py and
 semantics.backward's blocked backward; never the dense T x T reference of semantics/core.py.
 
@@ -55,7 +57,10 @@ def attention_forward(attrs: dict, stats=None):
 
     def run(q, k, v, *rest):
         inv_freq = rest[0] if rope and rest else None
-        if not _attention_on_kernels(q, k, v, inv_freq, causal) or q.shape[1] == 0 or q.shape[0] == 0:
+        # a key-padding mask: the blocked torch forward and backward of semantics/backward.py (the Triton
+        # backward kernel has no mask yet; the forward kernel's lse would not serve it)
+        if attrs.get("key_padding", False) or not _attention_on_kernels(q, k, v, inv_freq, causal) \
+                or q.shape[1] == 0 or q.shape[0] == 0:
             _count(stats, "attention", False)
             return fallback(q, k, v, *rest)
         named = [("q", q), ("k", k), ("v", v)] + ([("inv_freq", inv_freq)] if rope else [])
@@ -69,8 +74,8 @@ def attention_forward(attrs: dict, stats=None):
 
 
 def attention_backward(grad, saved, attrs):
-    q, k, v, inv_freq, out, lse = saved
-    if _attention_on_kernels(q, k, v, inv_freq, attrs["causal"]) and out.dtype == q.dtype \
+    q, k, v, inv_freq, out, lse, mask = saved
+    if mask is None and _attention_on_kernels(q, k, v, inv_freq, attrs["causal"]) and out.dtype == q.dtype \
             and lse.dtype == torch.float32 and lse.is_contiguous():
         return attention_backward_triton(q, k, v, out, grad.to(out.dtype), attrs["scale"], inv_freq, lse)
     return BACKWARD["attention"][1](grad, saved, attrs)

@@ -75,8 +75,8 @@ class KernelCall:
         spec = self.kernel.spec
         out_dtype = args[-1].dtype if spec.op == "tri_solve" else args[0].dtype
         args = [self.prepare_arg(a) for a in args]
-        if spec.op == "attention" and len(args) == 3:   # rope off: inv_freq is not read
-            args.append(torch.zeros(max(spec.params["head_dim"] // 2, 1), dtype=self.dtype))
+        if spec.op == "attention" and not spec.params["rope"]:   # rope off: inv_freq is not read
+            args.insert(3, torch.zeros(max(spec.params["head_dim"] // 2, 1), dtype=self.dtype))
         if spec.op == "tri_solve":
             return self._tri_solve(*args, upper=upper).to(out_dtype)
         out = aligned_empty(tuple(args[0].shape), self.dtype)
@@ -287,7 +287,7 @@ class TVMBackend(Backend):
                         continue
                     operands = [env[x] if isinstance(x, Value) else resolve(x, binding) for x in node.inputs]
                     if node.op == "attention" and not node.attrs.get("rope", False):
-                        operands = operands[:3]
+                        operands = operands[:3] + operands[4:5]   # q, k, v (and the key-padding mask)
                     extra = {"upper": node.attrs["upper"]} if node.op == "tri_solve" else {}
                     env[node.outputs[0]] = call(*operands, **extra)
             stats["runs"] += 1
@@ -315,7 +315,7 @@ class TVMBackend(Backend):
             call = KernelCall(build(item.spec, self.target), self.stats)
             node = item.node
             if node.op == "attention" and not node.attrs.get("rope", False):
-                kernels[node] = lambda q, k, v, *rest, call=call: call(q, k, v)
+                kernels[node] = lambda q, k, v, *rest, call=call: call(q, k, v, *rest[1:2])
             elif node.op == "tri_solve":
                 kernels[node] = lambda A, b, call=call, upper=node.attrs["upper"]: call(A, b, upper=upper)
             else:

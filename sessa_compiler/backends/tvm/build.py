@@ -46,10 +46,12 @@ def feedback_spec(width: int, scale: float, dtype: str, schedule: FeedbackSchedu
 
 
 def attention_spec(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool, dtype: str,
-                   schedule: AttentionSchedule | None = None, lanes: int = 8):
-    return KernelSpec("attention", (("n_heads", int(n_heads)), ("n_kv_heads", int(n_kv_heads)),
-                                    ("head_dim", int(head_dim)), ("scale", float(scale)), ("rope", bool(rope))),
-                      dtype, schedule or default_attention(head_dim, lanes))
+                   schedule: AttentionSchedule | None = None, lanes: int = 8, key_padding: bool = False):
+    params = (("n_heads", int(n_heads)), ("n_kv_heads", int(n_kv_heads)), ("head_dim", int(head_dim)),
+              ("scale", float(scale)), ("rope", bool(rope)))
+    if key_padding:   # only then a param: the unmasked kernels keep their names
+        params += (("key_padding", True),)
+    return KernelSpec("attention", params, dtype, schedule or default_attention(head_dim, lanes))
 
 
 def scan_spec(channels: int, d_state: int, dtype: str, schedule: ScanSchedule | None = None, lanes: int = 8):
@@ -87,7 +89,8 @@ _KERNEL_ARGS = {"feedback": ("width", "scale"), "attention": ("n_heads", "n_kv_h
 def primfunc(spec: KernelSpec):
     """Generate the TIR PrimFunc for a spec, named by its unique symbol."""
     p = spec.params
-    func = kernel_generator(spec.op)(*(p[k] for k in _KERNEL_ARGS[spec.op]), spec.dtype, spec.schedule)
+    extra = {"key_padding": True} if spec.op == "attention" and p.get("key_padding", False) else {}
+    func = kernel_generator(spec.op)(*(p[k] for k in _KERNEL_ARGS[spec.op]), spec.dtype, spec.schedule, **extra)
     # the tunables travel with the kernel (readable in the TVMScript and by an autotuner)
     return func.with_attr("global_symbol", spec.symbol).with_attr("sessa.schedule", spec.schedule.tag())
 

@@ -435,6 +435,9 @@ def _specs_of(obj, lanes: int = 8) -> tuple[list, list]:
             low = lower_node(item, lanes)
             if low.spec is None:
                 notes.append(f"{item.op}: {low.reason}")
+            elif low.spec.params.get("key_padding", False):
+                notes.append(f"{item.op}: a key-padding mask has no GPU kernel (the CPU kernel and the Relax form "
+                             "read it)")
             else:
                 specs.append(low.spec)
         elif item.op == "linear":

@@ -62,12 +62,18 @@ def lower_node(node: Node, lanes: int = 8, schedules: dict | None = None) -> Low
             return Lowered(node, None, "head counts and head width must be static")
         if not node.attrs.get("causal", False):
             return Lowered(node, None, "non-causal attention has no TVM kernel")
+        kp = bool(node.attrs.get("key_padding", False))
+        if kp and node.attrs.get("empty_rows", "mean") != "mean":
+            return Lowered(node, None, "attention with a key-padding mask whose empty rows are NaN has no TVM kernel "
+                                       "(a composite Relax form in whole-graph mode and in export_tvm, torch "
+                                       "otherwise)")
         if DV != DH:
             return Lowered(node, None, f"value width {DV} differs from query width {DH}")
         rope = bool(node.attrs.get("rope", False))
         if rope and ins[3].type.dtype != first.dtype:
             return Lowered(node, None, "inv_freq dtype differs from q")
-        return Lowered(node, attention_spec(H, HKV, DH, node.attrs["scale"], rope, dtype, sched, lanes))
+        return Lowered(node, attention_spec(H, HKV, DH, node.attrs["scale"], rope, dtype, sched, lanes,
+                                            key_padding=kp))
     u, A = ins[0].type, ins[2].type
     DIN, N = _static(u.shape[2]), _static(A.shape[1])
     if None in (DIN, N):

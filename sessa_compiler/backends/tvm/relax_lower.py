@@ -210,7 +210,7 @@ class _Lowerer:
                 self.kernels[spec] = bb.add_func(primfunc(spec), spec.symbol)
             # the kernels compute in spec.dtype (at least float32): half-precision operands are cast to it and
             # the result back, as compile(backend="tvm") does around the same kernels
-            args = [self.cast(self.env[x], x, spec.dtype) for x in node.inputs]
+            args = [self.cast(self.env[x], x, spec.dtype) if x is not None else None for x in node.inputs]
             out_dtype = RELAX_DTYPE[node.outputs[0].type.dtype.name]
             if node.op == "tri_solve":
                 x = self._tri_solve(node, spec, *args)
@@ -218,7 +218,8 @@ class _Lowerer:
                 return
             if node.op == "attention":
                 if not node.attrs.get("rope", False):   # inv_freq is not read when rope is off
-                    args = args[:3] + [relax.const(np.zeros(max(spec.params["head_dim"] // 2, 1), dtype=spec.dtype), spec.dtype)]
+                    args = args[:3] + [relax.const(np.zeros(max(spec.params["head_dim"] // 2, 1), dtype=spec.dtype),
+                                                   spec.dtype)] + args[4:5]   # (the key-padding mask)
             shape = [self.dim(d) for d in node.outputs[0].type.shape]
             out = bb.emit(relax.call_tir(self.kernels[spec], args, out_ty=relax.TensorType(shape, spec.dtype)))
             self.env[node.outputs[0]] = out if out_dtype == spec.dtype else bb.emit(relax.op.astype(out, out_dtype))
@@ -594,6 +595,27 @@ def _composite_attention(lw, node):
     qh, kh, vh = (emit(op.permute_dims(x, [0, 2, 1, 3])) for x in (q, k, v))           # [B, H, T, d]
     logits = emit(op.multiply(op.matmul(qh, op.permute_dims(kh, [0, 1, 3, 2])),
                               relax.const(float(node.attrs["scale"]), cd)))             # [B, H, T, T]
+    mask = node.inputs[4] if node.attrs.get("key_padding", False) else None
+    if mask is not None:   # padded keys -inf; a row with no visible key: the mean of v over all keys, or NaN
+        m = lw.env[mask]
+        keep = m if mask.type.dtype.name == "bool" else \
+            emit(op.not_equal(m, relax.const(0, RELAX_DTYPE[mask.type.dtype.name])))
+        allowed = emit(op.expand_dims(keep, [1, 2]))                                     # [B, 1, 1, T]
+        if node.attrs.get("causal", False):
+            T = lw.dim(qv.type.shape[1])
+            lower = emit(op.tril(op.ones([T, T], "bool"), 0))
+            allowed = emit(op.logical_and(allowed, lower))                               # [B, 1, T, T]
+        has = emit(op.greater(op.max(op.astype(allowed, "int32"), axis=[-1], keepdims=True),
+                              relax.const(0, "int32")))                                  # [B, 1, T, 1]
+        neg = relax.const(float("-inf"), cd)
+        logits = emit(op.where(allowed, logits, neg))
+        if node.attrs.get("empty_rows", "mean") == "mean":
+            logits = emit(op.where(has, logits, relax.const(0.0, cd)))                  # uniform over all keys
+            out = emit(op.matmul(op.nn.softmax(logits, axis=-1), vh))
+        else:
+            out = emit(op.matmul(op.nn.softmax(logits, axis=-1), vh))
+            out = emit(op.where(has, out, relax.const(float("nan"), cd)))
+        return op.astype(op.permute_dims(out, [0, 2, 1, 3]), _out_dtype(node))
     if node.attrs.get("causal", False):
         T = lw.dim(qv.type.shape[1])
         future = emit(op.triu(op.full([T, T], relax.const(float("-inf"), cd), dtype=cd), 1))

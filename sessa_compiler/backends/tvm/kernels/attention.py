@@ -21,8 +21,11 @@ from ..tir_math import MASKED, make_exp
 
 
 def attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool, dtype: str,
-                     sched: AttentionSchedule):
-    """The PrimFunc `attention(q, k, v, inv_freq, out)`; inv_freq is read only when `rope`."""
+                     sched: AttentionSchedule, key_padding: bool = False):
+    """The PrimFunc `attention(q, k, v, inv_freq, out)`; inv_freq is read only when `rope`. With `key_padding`:
+    `attention(q, k, v, inv_freq, mask, out)`, mask [B, T] in the kernel's dtype (nonzero = keep): padded keys
+    are masked like future ones, and a row with no visible key (before the row's first unpadded key) gives the
+    mean of v over all keys (the op's empty_rows="mean")."""
     sched.check(head_dim)
     H, HKV, DH = n_heads, n_kv_heads, head_dim
     G = H // HKV
@@ -36,22 +39,33 @@ def attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: float,
     # scale of a float64 kernel to float32 (1e-8 relative, amplified by the feedback solve)
     scale = FloatImm(dtype, float(scale))
     ROPE = bool(rope)
+    MASKP = bool(key_padding)
 
-    @T.prim_func
-    def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, inv_h: T.handle, o_h: T.handle):
-        T.func_attr({"global_symbol": "attention", "tirx.noalias": True})
-        nb = T.int32()
-        nt = T.int32()
-        Q = T.match_buffer(q_h, (nb, nt, H, DH), dtype)
-        K = T.match_buffer(k_h, (nb, nt, HKV, DH), dtype)
-        V = T.match_buffer(v_h, (nb, nt, HKV, DH), dtype)
-        INV = T.match_buffer(inv_h, (HALF,), dtype)
-        O = T.match_buffer(o_h, (nb, nt, H, DH), dtype)
+    @T.macro
+    def body(Q, K, V, INV, MK, O, nb, nt):
         QS = T.alloc_buffer((nb, H, (nt + BQ - 1) // BQ * BQ, DH), dtype)
         KP = T.alloc_buffer((nb, HKV, (nt + BQ - 1) // BQ * (BQ // BK), DH, BK), dtype)
         VH = T.alloc_buffer((nb, HKV, (nt + BQ - 1) // BQ * BQ, DH), dtype)
         COS = T.alloc_buffer(((nt + BQ - 1) // BQ * BQ, HALF), dtype)
         SIN = T.alloc_buffer(((nt + BQ - 1) // BQ * BQ, HALF), dtype)
+
+        if MASKP:
+            KM = T.alloc_buffer((nb, (nt + BQ - 1) // BQ * BQ), dtype)
+            FIRST = T.alloc_buffer((nb,), "int32")
+            VM = T.alloc_buffer((nb, HKV, DH), dtype)
+            for b in T.parallel(nb):   # the first unpadded key of each row (nt when none)
+                FIRST[b] = nt
+                for t in T.serial(nt):
+                    if MK[b, nt - 1 - t] != T.Cast(dtype, 0.0):
+                        FIRST[b] = nt - 1 - t
+            for task in T.parallel(nb * HKV):
+                for d in T.serial(DH):
+                    VM[task // HKV, task % HKV, d] = T.Cast(dtype, 0.0)
+                for t in T.serial(nt):
+                    for d in T.serial(DH):
+                        VM[task // HKV, task % HKV, d] = VM[task // HKV, task % HKV, d] + V[task // HKV, t, task % HKV, d]
+                for d in T.serial(DH):
+                    VM[task // HKV, task % HKV, d] = VM[task // HKV, task % HKV, d] / T.Cast(dtype, nt)
 
         # -- layout: rope tables, rotated/scaled q, key panels, values (zero past T) -----------------
         if ROPE:
@@ -73,6 +87,8 @@ def attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: float,
                     else:
                         for d in T.vectorized(DH):
                             QS[b, h, t, d] = Q[b, t, h, d] * T.Cast(dtype, scale)
+                if MASKP:
+                    KM[b, t] = MK[b, t]
                 for h in T.serial(HKV):
                     if ROPE:
                         for i in T.serial(HALF):
@@ -84,6 +100,8 @@ def attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: float,
                     for d in T.vectorized(DH):
                         VH[b, h, t, d] = V[b, t, h, d]
             else:
+                if MASKP:
+                    KM[b, t] = T.Cast(dtype, 0.0)
                 for h in T.serial(H):
                     for d in T.vectorized(DH):
                         QS[b, h, t, d] = T.Cast(dtype, 0.0)
@@ -122,10 +140,17 @@ def attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: float,
                         for r in T.unroll(R):
                             for j in T.vectorized(BK):
                                 tile[r, j] = tile[r, j] + QS[b, h, qb * BQ + ib * R + r, d] * KP[b, h // G, kb, d, j]
-                    for r in T.unroll(R):
-                        for j in T.vectorized(BK):
-                            S[ib * R + r, j] = T.Select(kb * BK + j <= qb * BQ + ib * R + r, tile[r, j],
-                                                        T.Cast(dtype, neg))
+                    if MASKP:   # padded keys masked like future ones (a row of only those: see FIRST below)
+                        for r in T.unroll(R):
+                            for j in T.vectorized(BK):
+                                S[ib * R + r, j] = T.Select(
+                                    (kb * BK + j <= qb * BQ + ib * R + r) & (KM[b, kb * BK + j] != T.Cast(dtype, 0.0)),
+                                    tile[r, j], T.Cast(dtype, neg))
+                    else:
+                        for r in T.unroll(R):
+                            for j in T.vectorized(BK):
+                                S[ib * R + r, j] = T.Select(kb * BK + j <= qb * BQ + ib * R + r, tile[r, j],
+                                                            T.Cast(dtype, neg))
                 # online softmax update
                 for i in T.serial(BQ):
                     # row max and sum: vector partials over RL lanes, then RL scalar steps
@@ -167,7 +192,42 @@ def attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: float,
                                 ACC[ib * R + r, vb * VL + d] = vt[r, d]
             for i in T.serial(BQ):
                 if qb * BQ + i < nt:
-                    for d in T.vectorized(DH):
-                        O[b, qb * BQ + i, h, d] = ACC[i, d] / L[i]
+                    if MASKP:   # a row before the first unpadded key sees none: the mean of v over all keys
+                        if qb * BQ + i >= FIRST[b]:
+                            for d in T.vectorized(DH):
+                                O[b, qb * BQ + i, h, d] = ACC[i, d] / L[i]
+                        else:
+                            for d in T.vectorized(DH):
+                                O[b, qb * BQ + i, h, d] = VM[b, h // G, d]
+                    else:
+                        for d in T.vectorized(DH):
+                            O[b, qb * BQ + i, h, d] = ACC[i, d] / L[i]
+
+
+    if MASKP:
+        @T.prim_func
+        def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, inv_h: T.handle, m_h: T.handle, o_h: T.handle):
+            T.func_attr({"global_symbol": "attention", "tirx.noalias": True})
+            nb = T.int32()
+            nt = T.int32()
+            Q = T.match_buffer(q_h, (nb, nt, H, DH), dtype)
+            K = T.match_buffer(k_h, (nb, nt, HKV, DH), dtype)
+            V = T.match_buffer(v_h, (nb, nt, HKV, DH), dtype)
+            INV = T.match_buffer(inv_h, (HALF,), dtype)
+            MK = T.match_buffer(m_h, (nb, nt), dtype)
+            O = T.match_buffer(o_h, (nb, nt, H, DH), dtype)
+            body(Q, K, V, INV, MK, O, nb, nt)
+    else:
+        @T.prim_func
+        def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, inv_h: T.handle, o_h: T.handle):
+            T.func_attr({"global_symbol": "attention", "tirx.noalias": True})
+            nb = T.int32()
+            nt = T.int32()
+            Q = T.match_buffer(q_h, (nb, nt, H, DH), dtype)
+            K = T.match_buffer(k_h, (nb, nt, HKV, DH), dtype)
+            V = T.match_buffer(v_h, (nb, nt, HKV, DH), dtype)
+            INV = T.match_buffer(inv_h, (HALF,), dtype)
+            O = T.match_buffer(o_h, (nb, nt, H, DH), dtype)
+            body(Q, K, V, INV, Q, O, nb, nt)   # MK is never read without the mask
 
     return attention
