@@ -165,18 +165,21 @@ def test_fused_linears_of_one_input_match_torch(kernels, parallel, monkeypatch):
         assert out.shape == ref.shape and relative_error(out, ref) <= F32
 
 
-def test_decode_kernels_are_opt_in():
-    """By default a tvm-compiled module's decode steps run the derived step with torch (faster on the 2-core
-    machine measured); options={"decode_kernels": True} switches the cache reads and linears to TVM."""
+def test_decode_kernels_are_the_default():
+    """By default a tvm-compiled module's one-position CPU steps run the TVM decode kernels;
+    options={"decode_kernels": False} runs the derived step through torch instead."""
     model = randomize(SessaLayer(16, n_heads=2), seed=1).eval()
     x = torch.randn(1, 5, 16)
-    for opts, used in (({}, False), ({"decode_kernels": True}, True)):
+    for opts, used in (({}, True), ({"decode_kernels": True}, True), ({"decode_kernels": False}, False)):
         c = sc.compile(model, backend="tvm", options=opts)
         cache = c.init_cache(1, max_len=8)
         _, cache = c.prefill(x[:, :4], cache)
-        y_t, _ = c.decode_step(x[:, 4], cache)
         prog = next(iter(c._serving.programs.values()))
         assert (prog.decode_kernels is not None) == used
+        calls = prog.decode_kernels.calls if used else 0
+        y_t, _ = c.decode_step(x[:, 4], cache)
+        if used:
+            assert prog.decode_kernels.calls == calls + 2      # the attention and the feedback ran in TVM
         with torch.no_grad():
             assert relative_error(y_t, model(x)[:, 4]) <= F32
 
