@@ -217,3 +217,55 @@ def test_kernel_steps_run_torch_ops_on_one_thread_and_restore_the_count():
             prog._plans.clear()
     finally:
         torch.set_num_threads(before)
+
+
+def test_kernel_steps_write_the_caches_in_place_and_refuse_positions_past_the_end(one_thread):
+    """A default tvm step writes position t of the preallocated caches where they lie (same storage, earlier
+    positions bit for bit unchanged, later ones untouched) and a step past max_len is a CacheOverflowError before
+    any write."""
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2), seed=4).eval()
+    x = torch.randn(1, 7, 32)
+    c = sc.compile(model, backend="tvm")
+    cache = c.init_cache(1, max_len=6)
+    _, cache = c.prefill(x[:, :3], cache)
+    for k, v in cache.items():   # poison every position past the prompt
+        if isinstance(v, torch.Tensor) and k.endswith((".k", ".v", ".k_b", ".s")):
+            v.narrow(2 if k.endswith((".k", ".v")) else 1, 3, 3).fill_(float("nan"))
+    prog = next(iter(c._serving.programs.values()))
+    for t in range(3, 6):
+        before = {k: v.clone() for k, v in cache.items() if isinstance(v, torch.Tensor)}
+        ptrs = {k: v.data_ptr() for k, v in cache.items() if isinstance(v, torch.Tensor)}
+        calls = prog.decode_kernels.calls
+        _, cache = c.decode_step(x[:, t], cache)
+        assert prog.decode_kernels.calls == calls + 2 and cache["t"] == t + 1
+        for k, old in before.items():
+            new = cache[k]
+            assert new.data_ptr() == ptrs[k], f"{k} was reallocated"
+            seq = 2 if k.endswith((".k", ".v")) else 1
+            assert torch.equal(new.narrow(seq, 0, t), old.narrow(seq, 0, t)), f"{k}: earlier positions changed"
+            assert torch.isfinite(new.narrow(seq, t, 1)).all(), f"{k}: position {t} not written"
+            assert new.narrow(seq, t + 1, new.shape[seq] - t - 1).isnan().all(), f"{k}: later positions written"
+    before = {k: v.clone() for k, v in cache.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(sc.serving.CacheOverflowError, match="max_len=6"):
+        c.decode_step(x[:, 6], cache)
+    assert cache["t"] == 6
+    assert all(torch.equal(cache[k].nan_to_num(7.0), v.nan_to_num(7.0)) for k, v in before.items())
+
+
+def test_bf16_caches_stay_within_the_half_tolerance_of_the_fp32_step(one_thread):
+    """The same prompt and steps with bf16 and fp32 caches (both through the TVM kernels): outputs within the
+    spec's bf16 tolerance of the fp32 step's, and the fp32 step within the float32 tolerance of the forward."""
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2), seed=4).eval()   # the shapes above: built once
+    x = torch.randn(1, 40, 32)
+    c = sc.compile(model, backend="tvm")
+    with torch.no_grad():
+        full = model(x)
+    outs = {}
+    for dt in (torch.float32, torch.bfloat16):
+        cache = c.init_cache(1, max_len=40, dtype=dt)
+        _, cache = c.prefill(x[:, :33], cache)
+        assert cache[next(k for k in cache if k.endswith(".k_b"))].dtype == dt
+        outs[dt] = torch.stack([c.decode_step(x[:, t], cache)[0] for t in range(33, 40)], dim=1)
+    assert relative_error(outs[torch.float32], full[:, 33:]) <= F32
+    err = relative_error(outs[torch.bfloat16], outs[torch.float32])
+    assert 0 < err <= TOLERANCE[torch.bfloat16]
