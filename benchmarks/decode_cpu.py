@@ -52,6 +52,28 @@ def set_t(cache, t):
         cache["t"] = t
 
 
+def accuracy(compiled, T: int, D: int, dtypes, steps: int = 8) -> list:
+    """Relative error (sessa_compiler.tolerance.relative_error) of ``steps`` decode steps after a T-position prefill
+    with each cache dtype against the same steps with fp32 caches, and of the fp32 steps against the compiled
+    full forward over the T + steps positions."""
+    from sessa_compiler.tolerance import relative_error
+
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(1, T + steps, D, generator=g)
+    with torch.no_grad():
+        full = compiled(x)[:, T:]
+    outs = {}
+    for dt in ["float32"] + [d for d in dtypes if d != "float32"]:
+        cache = compiled.init_cache(1, max_len=T + steps, dtype=getattr(torch, dt))
+        _, cache = compiled.prefill(x[:, :T], cache)
+        outs[dt] = torch.stack([compiled.decode_step(x[:, t], cache)[0] for t in range(T, T + steps)], dim=1)
+    res = [f"- accuracy at context {T} ({steps} steps after a {T}-position prefill): fp32 step vs the full forward "
+           f"{relative_error(outs['float32'], full):.1e}"]
+    res += [f"- accuracy at context {T}: {dt} caches vs the fp32 step {relative_error(o, outs['float32']):.1e}"
+            for dt, o in outs.items() if dt != "float32"]
+    return res
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 8192, 32768])
@@ -72,6 +94,8 @@ def main():
     ap.add_argument("--block", type=int, default=4,
                     help="timed steps per variant in a row (after one untimed step), then the next variant")
     ap.add_argument("--out", default=None, help="also write the table to this file")
+    ap.add_argument("--accuracy-contexts", type=int, nargs="*", default=[1024, 8192],
+                    help="contexts at which the lower-precision caches are compared with the fp32 step (SessaLayer)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -167,6 +191,10 @@ def main():
                 lines.append(line)
                 print(line)
             sys.stdout.flush()
+    if args.accuracy_contexts and len(args.cache_dtype) > 1:
+        compiled = sc.compile(models["SessaLayer"], (torch.randn(1, 8, args.D),), backend=args.backend)
+        for T in args.accuracy_contexts:
+            summary += accuracy(compiled, T, args.D, args.cache_dtype)
     lines.append(f"# load average at end {os.getloadavg()[0]:.2f}")
     lines += summary
     print("\n".join(lines[-len(summary) - 1:]))
