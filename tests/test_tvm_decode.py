@@ -31,15 +31,18 @@ def _poisoned(shape, t, dtype, seq_dim, g):
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("B, H, Hkv, d, L, t, rope, dtype", [
-    (1, 8, 8, 64, 40, 0, True, torch.float32),        # context 1: only the new position
-    (2, 4, 2, 24, 200, 130, True, torch.float32),     # GQA, head width not a power of two, last chunk partial
-    (1, 1, 1, 10, 70, 67, False, torch.float32),      # H = 1, d = 10 (2 lanes), prime length, no RoPE
-    (3, 6, 2, 16, 300, 256, True, torch.bfloat16),    # bf16 caches, t + 1 one past a multiple of the block
-    (1, 2, 1, 64, 1100, 1024, True, torch.float32),   # MQA: one kv head, chunks do the splitting
-    (2, 8, 4, 32, 40, 15, True, torch.bfloat16),      # t + 1 exactly one block
+# parallel: the cache read over TVM's thread pool (long contexts) or on the calling thread (short ones)
+@pytest.mark.parametrize("B, H, Hkv, d, L, t, rope, dtype, parallel", [
+    (1, 8, 8, 64, 40, 0, True, torch.float32, True),        # context 1: only the new position
+    (2, 4, 2, 24, 200, 130, True, torch.float32, False),    # GQA, head width not a power of two, last chunk partial
+    (1, 1, 1, 10, 70, 67, False, torch.float32, True),      # H = 1, d = 10 (2 lanes), prime length, no RoPE
+    (3, 6, 2, 16, 300, 256, True, torch.bfloat16, False),   # bf16 caches, t + 1 one past a multiple of the block
+    (1, 2, 1, 64, 1100, 1024, True, torch.float32, True),   # MQA: one kv head, chunks do the splitting
+    (2, 8, 4, 32, 40, 15, True, torch.bfloat16, True),      # t + 1 exactly one block
+    (1, 2, 1, 64, 1100, 1024, True, torch.float32, False),
 ])
-def test_attention_decode_matches_torch(kernels, B, H, Hkv, d, L, t, rope, dtype):
+def test_attention_decode_matches_torch(kernels, B, H, Hkv, d, L, t, rope, dtype, parallel, monkeypatch):
+    monkeypatch.setattr(tvm_decode, "SERIAL_BYTES", -1 if parallel else 1 << 62)
     g = torch.Generator().manual_seed(t + H)
     q = torch.randn(B, H, d, generator=g)
     k, v = torch.randn(B, Hkv, d, generator=g), torch.randn(B, Hkv, d, generator=g)
@@ -63,14 +66,17 @@ def test_attention_decode_matches_torch(kernels, B, H, Hkv, d, L, t, rope, dtype
     assert V[:, :, t + 1:].float().isnan().all()
 
 
-@pytest.mark.parametrize("B, W, L, t, dtype", [
-    (1, 512, 20, 0, torch.float32),      # first position: s = f, nothing read
-    (1, 48, 20, 1, torch.float32),       # one cached position
-    (2, 40, 100, 97, torch.float32),     # prime length, W not a power of two
-    (3, 24, 300, 257, torch.bfloat16),   # bf16 keys, fp32 states, several chunks
-    (1, 6, 50, 16, torch.float32),       # W = 6 (2 lanes), t exactly one block
+@pytest.mark.parametrize("B, W, L, t, dtype, parallel", [
+    (1, 512, 20, 0, torch.float32, True),      # first position: s = f, nothing read
+    (1, 48, 20, 1, torch.float32, False),      # one cached position
+    (2, 40, 100, 97, torch.float32, True),     # prime length, W not a power of two
+    (3, 24, 300, 257, torch.bfloat16, False),  # bf16 keys, fp32 states, several chunks
+    (1, 6, 50, 16, torch.float32, True),       # W = 6 (2 lanes), t exactly one block
+    (2, 40, 100, 97, torch.float32, False),
+    (3, 24, 300, 257, torch.bfloat16, True),
 ])
-def test_feedback_decode_matches_torch(kernels, B, W, L, t, dtype):
+def test_feedback_decode_matches_torch(kernels, B, W, L, t, dtype, parallel, monkeypatch):
+    monkeypatch.setattr(tvm_decode, "SERIAL_BYTES", -1 if parallel else 1 << 62)
     g = torch.Generator().manual_seed(t + W)
     f, qb, kb = (torch.randn(B, W, generator=g) for _ in range(3))
     gamma = torch.rand(B, generator=g)

@@ -6,6 +6,7 @@ in registers, so a bf16 cache halves the bytes a step reads), and write the new 
 The cached positions are split into ``chunks`` ranges of whole ``block``-position blocks; one parallel task per
 (batch row [, kv head], chunk) runs an online softmax over its range (exact block max, one rescale per block)
 and leaves (max, sum, partial output) in a workspace; a serial loop then combines the chunks (log-sum-exp).
+``parallel=False`` runs the same tasks on the calling thread (short contexts: no thread-pool launch).
 
 ``attention_decode(q, k, v, inv_freq, K, V, t0, work, out)``: q [B, H, d], k [B, Hkv, d], v [B, Hkv, dv] at
 position t0 (RoPE applied here when ``rope``: interleaved pairs at angle t0 * inv_freq), K/V [B, Hkv, L, d|dv]
@@ -54,7 +55,7 @@ def _lanes(width: int, lanes: int) -> int:
 
 
 def attention_decode_kernel(n_heads: int, n_kv_heads: int, head_dim: int, v_dim: int, scale: float, rope: bool,
-                            cache_dtype: str, chunks: int, block: int, lanes: int):
+                            cache_dtype: str, chunks: int, block: int, lanes: int, parallel: bool = True):
     H, HKV, D, DV = n_heads, n_kv_heads, head_dim, v_dim
     G = H // HKV
     NC, BLK = chunks, block
@@ -98,7 +99,7 @@ def attention_decode_kernel(n_heads: int, n_kv_heads: int, head_dim: int, v_dim:
         # -- per (batch, kv head, chunk): online softmax over the chunk's positions ------------------------
         # positions [0, t0] in blocks of BLK; chunk c takes blocks [c * per, (c + 1) * per). Past the last position
         # a block reads the last position again (never an unwritten slot) and masks its logit.
-        for task in T.parallel(nb * HKV * NC):
+        for task in T.parallel(nb * HKV * NC) if parallel else T.serial(nb * HKV * NC):
             b = task // (HKV * NC)
             h = task // NC % HKV
             c = task % NC
@@ -191,7 +192,8 @@ def attention_decode_kernel(n_heads: int, n_kv_heads: int, head_dim: int, v_dim:
     return attention_decode
 
 
-def feedback_decode_kernel(width: int, scale: float, key_dtype: str, chunks: int, block: int, lanes: int):
+def feedback_decode_kernel(width: int, scale: float, key_dtype: str, chunks: int, block: int, lanes: int,
+                           parallel: bool = True):
     W = width
     NC, BLK = chunks, block
     VL = _lanes(W, lanes)
@@ -219,7 +221,7 @@ def feedback_decode_kernel(width: int, scale: float, key_dtype: str, chunks: int
                 KB[b, t0, i] = _narrow(Kn[b, i], kdt)
         # -- per (batch, chunk): online softmax of q_b against the strictly earlier keys -------------------
         # positions [0, t0) in blocks of BLK (clamped reads past the last one, masked logits), as in attention
-        for task in T.parallel(nb * NC):
+        for task in T.parallel(nb * NC) if parallel else T.serial(nb * NC):
             b = task // NC
             c = task % NC
             qs = T.alloc_buffer((W,), F32, scope="local")
