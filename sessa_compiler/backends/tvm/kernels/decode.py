@@ -139,11 +139,20 @@ def attention_decode_kernel(n_heads: int, n_kv_heads: int, head_dim: int, v_dim:
                                 for l in T.vectorized(VL):
                                     pp[j, l] = pp[j, l] + qs[gi, dc * VL + l] * _widen(
                                         KC[b, h, T.min((c * per[0] + jb) * BLK + j, t0), dc * VL + l], cdt)
-                        for j in T.vectorized(BLK):   # the block's dot products: lanes summed across, no shuffles
-                            lg[gi, j] = T.float32(0.0)
-                        for l in T.unroll(VL):
-                            for j in T.vectorized(BLK):
-                                lg[gi, j] = lg[gi, j] + pp[j, l]
+                        for j in T.unroll(BLK):   # each position's lanes summed by halves
+                            if VL >= 16:
+                                for l in T.vectorized(8):
+                                    pp[j, l] = pp[j, l] + pp[j, l + 8]
+                            if VL >= 8:
+                                for l in T.vectorized(4):
+                                    pp[j, l] = pp[j, l] + pp[j, l + 4]
+                            if VL >= 4:
+                                for l in T.vectorized(2):
+                                    pp[j, l] = pp[j, l] + pp[j, l + 2]
+                            if VL >= 2:
+                                lg[gi, j] = pp[j, 0] + pp[j, 1]
+                            else:
+                                lg[gi, j] = pp[j, 0]
                         for j in T.vectorized(BLK):
                             lg[gi, j] = T.Select((c * per[0] + jb) * BLK + j <= t0, lg[gi, j], neg)
                         # block max, one rescale of the running sum and output
