@@ -215,6 +215,10 @@ def test_kernel_steps_run_torch_ops_on_one_thread_and_restore_the_count():
             assert seen == [1] and torch.get_num_threads() == 2
             with torch.no_grad():
                 assert relative_error(y_t, model(x[:, :5])[:, 4]) <= F32
+            chunk = c.init_cache(1, max_len=8)   # a prefill chunk on a non-empty cache keeps torch's threads
+            _, chunk = c.prefill(x[:, :2], chunk)
+            _, chunk = c.prefill(x[:, 2:4], chunk)
+            assert seen[1:] == [2]
             mp.setitem(serving.SEMANTICS, "gelu", lambda *a, **k: 1 / 0)
             prog._plans.clear()
             with pytest.raises(sc.SessaCompilerError, match="ZeroDivisionError"):
