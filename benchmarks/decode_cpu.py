@@ -130,8 +130,8 @@ def main():
         is_dec = name.startswith("Decoder")
         x_ex = torch.randint(0, 1000, (1, 8)) if is_dec else torch.randn(1, 8, args.D)
         compiled = sc.compile(model, (x_ex,), backend=args.backend)
-        torch_step = None if args.no_torch_step else sc.compile(model, (x_ex,), backend=args.backend,
-                                                                options={"decode_kernels": False})
+        torch_step = None if args.no_torch_step or args.backend == "eager" else sc.compile(
+            model, (x_ex,), backend=args.backend, options={"decode_kernels": False})
         wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
         for T in args.contexts:
             x_t = torch.randint(0, 1000, (1,)) if is_dec else torch.randn(1, args.D)
