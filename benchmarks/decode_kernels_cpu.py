@@ -2,7 +2,9 @@
 the SessaLayer(512, n_heads=8) input projection as a matrix-vector product, the attention over an 8-head cache
 and the feedback over a width-512 cache at one context length (fp32 caches, and bf16 ones: the TVM kernels widen
 them in registers, torch needs a float32 copy first). Blocks of 10 timed calls per variant, rotating;
-prints the median and the best call.
+prints the median and the best call, and each op against its own floor: one torch.sum pass (same threads) over a
+buffer as large as the bytes the op must read (weights; keys and values; feedback keys and states), timed in the
+same rotation.
 
     python benchmarks/decode_kernels_cpu.py [--context 8192] [--threads N]
 """
@@ -55,6 +57,25 @@ def main():
         f"feedback over {T}, torch": torch_feedback,
         f"feedback over {T}, TVM, bf16 keys": lambda: dk.feedback(f, f, f, gamma, KBh, S, T, 0.04),
     }
+    nbytes = {
+        "linear": w.numel() * 4,
+        "attention": (K.numel() + V.numel()) * 4,
+        "attention bf16": (K.numel() + V.numel()) * 2,
+        "feedback": (KB.numel() + S.numel()) * 4,
+        "feedback bf16": KB.numel() * 2 + S.numel() * 4,
+    }
+    floors = {}
+    for name, n in nbytes.items():
+        buf = torch.ones(n // 4)
+        floors[name] = buf
+        variants[f"floor: one read of {name}'s {n / 1e6:.1f} MB"] = buf.sum
+
+    def floor_of(k):
+        if k.startswith("floor") or "torch" in k:
+            return None
+        base = k.split(" ")[0]
+        return f"{base} bf16" if "bf16" in k else base
+
     times = {k: [] for k in variants}
     for _ in range(args.rounds):
         for k, fn in variants.items():
@@ -65,9 +86,15 @@ def main():
                 times[k].append(time.perf_counter() - t0)
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, torch threads {torch.get_num_threads()}, "
           f"TVM threads {os.environ.get('TVM_NUM_THREADS')}, load average {os.getloadavg()[0]:.1f}")
-    print("| op | median ms | best ms |\n|---|---:|---:|")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    fl = {name: next(k for k in times if k.startswith(f"floor: one read of {name}'s")) for name in nbytes}
+    print("| op | median ms | best ms | floor ms (median) | of floor (median) | of floor (best) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for k, v in times.items():
-        print(f"| {k} | {statistics.median(v) * 1e3:.3f} | {min(v) * 1e3:.3f} |")
+        f = floor_of(k)
+        extra = (f" {med[fl[f]] * 1e3:.3f} | {med[fl[f]] / med[k]:.0%} | {min(times[fl[f]]) / min(v):.0%} |"
+                 if f in fl else " | | |")
+        print(f"| {k} | {med[k] * 1e3:.3f} | {min(v) * 1e3:.3f} |" + extra)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@ RUNS = [
     ("triton_static", [sys.executable, str(HERE / "triton_static.py")]),   # sm_90 compiles: no GPU needed
     # exits 1 when it finds a mismatch or crash (the README's fuzz table lists them)
     ("fuzz", [sys.executable, str(HERE / "fuzz.py"), "--structures", "24", "--draws", "8", "--max-T", "129"]),
-    # add --reference <dir holding the public reference's sessa.py> for its rows
+    # set SESSA_REFERENCE_DIR (the directory holding the public reference's sessa package) for its rows
     ("decode_cpu", [sys.executable, str(HERE / "decode_cpu.py"), "--threads", "1", "--contexts", "1024", "8192",
                     "32768", "--decoder"]),
+    ("scaling_cpu", [sys.executable, str(HERE / "scaling_cpu.py"), "--quick"]),
 ]
 
 

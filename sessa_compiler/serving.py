@@ -458,12 +458,14 @@ class ServingProgram:
         for name, v in g.param_values.items():
             env[v] = params[name]
         node = None
-        # A step on the TVM decode kernels (few rows: its linears run there too) keeps torch's small ops on this
-        # thread: exp, erf, tanh and gelu go through MKL's vector math even on a few hundred numbers, and each such
-        # call wakes torch's OpenMP team (on a busy core: a scheduler time slice). The setting is process-wide, so
-        # torch ops of other threads during the step run on one thread too.
+        # A one-position step on the TVM decode kernels (its cache reads and linears run there) keeps torch's small
+        # ops on this thread: exp, erf, tanh and gelu go through MKL's vector math even on a few hundred numbers, and
+        # each such call wakes torch's OpenMP team (on a busy core: a scheduler time slice). The setting is
+        # process-wide, so torch ops of other threads during the step run on one thread too. Prefill chunks keep
+        # torch's threads: their attention over the cache runs through torch.
         threads = torch.get_num_threads() if (self.decode_kernels is not None and ONE_TORCH_THREAD_IN_KERNEL_STEPS
-                                              and device.type == "cpu" and batch * n <= self.decode_kernels.rows) else 1
+                                              and device.type == "cpu" and n == 1
+                                              and batch <= self.decode_kernels.rows) else 1
         try:
             if threads > 1:
                 torch.set_num_threads(1)

@@ -31,15 +31,18 @@ def _poisoned(shape, t, dtype, seq_dim, g):
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("B, H, Hkv, d, L, t, rope, dtype", [
-    (1, 8, 8, 64, 40, 0, True, torch.float32),        # context 1: only the new position
-    (2, 4, 2, 24, 200, 130, True, torch.float32),     # GQA, head width not a power of two, last chunk partial
-    (1, 1, 1, 10, 70, 67, False, torch.float32),      # H = 1, d = 10 (2 lanes), prime length, no RoPE
-    (3, 6, 2, 16, 300, 256, True, torch.bfloat16),    # bf16 caches, t + 1 one past a multiple of the block
-    (1, 2, 1, 64, 1100, 1024, True, torch.float32),   # MQA: one kv head, chunks do the splitting
-    (2, 8, 4, 32, 40, 15, True, torch.bfloat16),      # t + 1 exactly one block
+# parallel: the cache read over TVM's thread pool (long contexts) or on the calling thread (short ones)
+@pytest.mark.parametrize("B, H, Hkv, d, L, t, rope, dtype, parallel", [
+    (1, 8, 8, 64, 40, 0, True, torch.float32, True),        # context 1: only the new position
+    (2, 4, 2, 24, 200, 130, True, torch.float32, False),    # GQA, head width not a power of two, last chunk partial
+    (1, 1, 1, 10, 70, 67, False, torch.float32, True),      # H = 1, d = 10 (2 lanes), prime length, no RoPE
+    (3, 6, 2, 16, 300, 256, True, torch.bfloat16, False),   # bf16 caches, t + 1 one past a multiple of the block
+    (1, 2, 1, 64, 1100, 1024, True, torch.float32, True),   # MQA: one kv head, chunks do the splitting
+    (2, 8, 4, 32, 40, 15, True, torch.bfloat16, True),      # t + 1 exactly one block
+    (1, 2, 1, 64, 1100, 1024, True, torch.float32, False),
 ])
-def test_attention_decode_matches_torch(kernels, B, H, Hkv, d, L, t, rope, dtype):
+def test_attention_decode_matches_torch(kernels, B, H, Hkv, d, L, t, rope, dtype, parallel, monkeypatch):
+    monkeypatch.setattr(tvm_decode, "SERIAL_BYTES", -1 if parallel else 1 << 62)
     g = torch.Generator().manual_seed(t + H)
     q = torch.randn(B, H, d, generator=g)
     k, v = torch.randn(B, Hkv, d, generator=g), torch.randn(B, Hkv, d, generator=g)
@@ -63,14 +66,17 @@ def test_attention_decode_matches_torch(kernels, B, H, Hkv, d, L, t, rope, dtype
     assert V[:, :, t + 1:].float().isnan().all()
 
 
-@pytest.mark.parametrize("B, W, L, t, dtype", [
-    (1, 512, 20, 0, torch.float32),      # first position: s = f, nothing read
-    (1, 48, 20, 1, torch.float32),       # one cached position
-    (2, 40, 100, 97, torch.float32),     # prime length, W not a power of two
-    (3, 24, 300, 257, torch.bfloat16),   # bf16 keys, fp32 states, several chunks
-    (1, 6, 50, 16, torch.float32),       # W = 6 (2 lanes), t exactly one block
+@pytest.mark.parametrize("B, W, L, t, dtype, parallel", [
+    (1, 512, 20, 0, torch.float32, True),      # first position: s = f, nothing read
+    (1, 48, 20, 1, torch.float32, False),      # one cached position
+    (2, 40, 100, 97, torch.float32, True),     # prime length, W not a power of two
+    (3, 24, 300, 257, torch.bfloat16, False),  # bf16 keys, fp32 states, several chunks
+    (1, 6, 50, 16, torch.float32, True),       # W = 6 (2 lanes), t exactly one block
+    (2, 40, 100, 97, torch.float32, False),
+    (3, 24, 300, 257, torch.bfloat16, True),
 ])
-def test_feedback_decode_matches_torch(kernels, B, W, L, t, dtype):
+def test_feedback_decode_matches_torch(kernels, B, W, L, t, dtype, parallel, monkeypatch):
+    monkeypatch.setattr(tvm_decode, "SERIAL_BYTES", -1 if parallel else 1 << 62)
     g = torch.Generator().manual_seed(t + W)
     f, qb, kb = (torch.randn(B, W, generator=g) for _ in range(3))
     gamma = torch.rand(B, generator=g)
@@ -165,18 +171,21 @@ def test_fused_linears_of_one_input_match_torch(kernels, parallel, monkeypatch):
         assert out.shape == ref.shape and relative_error(out, ref) <= F32
 
 
-def test_decode_kernels_are_opt_in():
-    """By default a tvm-compiled module's decode steps run the derived step with torch (faster on the 2-core
-    machine measured); options={"decode_kernels": True} switches the cache reads and linears to TVM."""
+def test_decode_kernels_are_the_default():
+    """By default a tvm-compiled module's one-position CPU steps run the TVM decode kernels;
+    options={"decode_kernels": False} runs the derived step through torch instead."""
     model = randomize(SessaLayer(16, n_heads=2), seed=1).eval()
     x = torch.randn(1, 5, 16)
-    for opts, used in (({}, False), ({"decode_kernels": True}, True)):
+    for opts, used in (({}, True), ({"decode_kernels": False}, False)):
         c = sc.compile(model, backend="tvm", options=opts)
         cache = c.init_cache(1, max_len=8)
         _, cache = c.prefill(x[:, :4], cache)
-        y_t, _ = c.decode_step(x[:, 4], cache)
         prog = next(iter(c._serving.programs.values()))
         assert (prog.decode_kernels is not None) == used
+        calls = prog.decode_kernels.calls if used else 0
+        y_t, _ = c.decode_step(x[:, 4], cache)
+        if used:
+            assert prog.decode_kernels.calls == calls + 2      # the attention and the feedback ran in TVM
         with torch.no_grad():
             assert relative_error(y_t, model(x)[:, 4]) <= F32
 
@@ -206,6 +215,10 @@ def test_kernel_steps_run_torch_ops_on_one_thread_and_restore_the_count():
             assert seen == [1] and torch.get_num_threads() == 2
             with torch.no_grad():
                 assert relative_error(y_t, model(x[:, :5])[:, 4]) <= F32
+            chunk = c.init_cache(1, max_len=8)   # a prefill chunk on a non-empty cache keeps torch's threads
+            _, chunk = c.prefill(x[:, :2], chunk)
+            _, chunk = c.prefill(x[:, 2:4], chunk)
+            assert seen[1:] == [2]
             mp.setitem(serving.SEMANTICS, "gelu", lambda *a, **k: 1 / 0)
             prog._plans.clear()
             with pytest.raises(sc.SessaCompilerError, match="ZeroDivisionError"):
@@ -214,3 +227,55 @@ def test_kernel_steps_run_torch_ops_on_one_thread_and_restore_the_count():
             prog._plans.clear()
     finally:
         torch.set_num_threads(before)
+
+
+def test_kernel_steps_write_the_caches_in_place_and_refuse_positions_past_the_end(one_thread):
+    """A default tvm step writes position t of the preallocated caches where they lie (same storage, earlier
+    positions bit for bit unchanged, later ones untouched) and a step past max_len is a CacheOverflowError before
+    any write."""
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2), seed=4).eval()
+    x = torch.randn(1, 7, 32)
+    c = sc.compile(model, backend="tvm")
+    cache = c.init_cache(1, max_len=6)
+    _, cache = c.prefill(x[:, :3], cache)
+    for k, v in cache.items():   # poison every position past the prompt
+        if isinstance(v, torch.Tensor) and k.endswith((".k", ".v", ".k_b", ".s")):
+            v.narrow(2 if k.endswith((".k", ".v")) else 1, 3, 3).fill_(float("nan"))
+    prog = next(iter(c._serving.programs.values()))
+    for t in range(3, 6):
+        before = {k: v.clone() for k, v in cache.items() if isinstance(v, torch.Tensor)}
+        ptrs = {k: v.data_ptr() for k, v in cache.items() if isinstance(v, torch.Tensor)}
+        calls = prog.decode_kernels.calls
+        _, cache = c.decode_step(x[:, t], cache)
+        assert prog.decode_kernels.calls == calls + 2 and cache["t"] == t + 1
+        for k, old in before.items():
+            new = cache[k]
+            assert new.data_ptr() == ptrs[k], f"{k} was reallocated"
+            seq = 2 if k.endswith((".k", ".v")) else 1
+            assert torch.equal(new.narrow(seq, 0, t), old.narrow(seq, 0, t)), f"{k}: earlier positions changed"
+            assert torch.isfinite(new.narrow(seq, t, 1)).all(), f"{k}: position {t} not written"
+            assert new.narrow(seq, t + 1, new.shape[seq] - t - 1).isnan().all(), f"{k}: later positions written"
+    before = {k: v.clone() for k, v in cache.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(sc.serving.CacheOverflowError, match="max_len=6"):
+        c.decode_step(x[:, 6], cache)
+    assert cache["t"] == 6
+    assert all(torch.equal(cache[k].nan_to_num(7.0), v.nan_to_num(7.0)) for k, v in before.items())
+
+
+def test_bf16_caches_stay_within_the_half_tolerance_of_the_fp32_step(one_thread):
+    """The same prompt and steps with bf16 and fp32 caches (both through the TVM kernels): outputs within the
+    spec's bf16 tolerance of the fp32 step's, and the fp32 step within the float32 tolerance of the forward."""
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2), seed=4).eval()   # the shapes above: built once
+    x = torch.randn(1, 40, 32)
+    c = sc.compile(model, backend="tvm")
+    with torch.no_grad():
+        full = model(x)
+    outs = {}
+    for dt in (torch.float32, torch.bfloat16):
+        cache = c.init_cache(1, max_len=40, dtype=dt)
+        _, cache = c.prefill(x[:, :33], cache)
+        assert cache[next(k for k in cache if k.endswith(".k_b"))].dtype == dt
+        outs[dt] = torch.stack([c.decode_step(x[:, t], cache)[0] for t in range(33, 40)], dim=1)
+    assert relative_error(outs[torch.float32], full[:, 33:]) <= F32
+    err = relative_error(outs[torch.bfloat16], outs[torch.float32])
+    assert 0 < err <= TOLERANCE[torch.bfloat16]

@@ -92,15 +92,15 @@ class TVMBackend(Backend):
     differentiable = False  # autograd through its kernels: prepare_training (backends/training.py)
 
     def __init__(self, target=None, schedules: dict | None = None, feedback_chunk_size: int | None = None,
-                 print_ir: bool | None = None, whole_graph: bool | None = None, decode_kernels: bool = False):
+                 print_ir: bool | None = None, whole_graph: bool | None = None, decode_kernels: bool | None = None):
         """target: None = this machine's CPU; schedules: {op: Schedule} overriding the defaults;
         feedback_chunk_size: shorthand for the feedback schedule's chunk; print_ir: print the IR the
         backend lowers (the graph is lowered as traced: no pass rewrites it); whole_graph: run the
         whole graph as one TVM (Relax VM) program when every op lowers (default: yes), else only the
-        core ops in TVM and the rest through torch ("hybrid"); decode_kernels: serving steps on CPU read
-        the caches with the TVM split-K kernels and run their linear layers as TVM matrix-vector kernels
-        (backends/tvm/decode.py) instead of torch ops (off by default: slower than torch's step on the
-        2-core machine it was measured on, see the README's Serving section)."""
+        core ops in TVM and the rest through torch ("hybrid"); decode_kernels: one-position serving steps on
+        CPU read the caches with the TVM split-K kernels and run their linear layers as TVM matrix-vector
+        kernels (backends/tvm/decode.py) instead of torch ops (default: yes; False runs the derived step
+        through torch, as the eager backend does)."""
         import importlib.util
 
         if importlib.util.find_spec("tvm") is None:
@@ -110,7 +110,7 @@ class TVMBackend(Backend):
 
         self.print_ir = print_ir  # None: SESSA_COMPILER_PRINT_IR decides
         self.whole_graph = True if whole_graph is None else bool(whole_graph)
-        self.decode_kernels = bool(decode_kernels)
+        self.decode_kernels = True if decode_kernels is None else bool(decode_kernels)
         self.modes: dict = {}   # id(graph) -> ("whole graph" | "hybrid", reason)
         self.target = resolve_target(target)
         self.lanes = lanes_for(self.target)

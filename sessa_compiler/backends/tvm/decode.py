@@ -26,6 +26,11 @@ FB_CHUNKS = 16      # feedback: chunks of cached positions per batch row
 # (SessaLayer(512) step at context 1024 on the 2-core VM: 4.33 ms with parallel ones, 1.60 ms serial).
 LINEAR_PARALLEL = False
 LINEAR_ROWS = 16    # linear layers with at most this many rows (batch x new positions) run as TVM GEMVs
+# A cache read of at most this many bytes runs on the calling thread: one thread reads about 70 GB/s from this
+# VM's cache, so 6 MB take about 90 us there, while a parallel launch wakes TVM's sleeping worker (tens of us on
+# an idle machine, up to a scheduler time slice when the other core is busy). SessaLayer(512, n_heads=8): the
+# attention and the feedback each read 4 KB per cached position, so contexts up to about 1.5K stay serial.
+SERIAL_BYTES = 6 << 20
 
 _BUILT: dict = {}
 _LOCK = threading.Lock()
@@ -97,10 +102,11 @@ class DecodeKernels:
         B, H, d = q.shape
         Hkv, dv = K.shape[1], V.shape[-1]
         chunks = max(1, ATT_TASKS // Hkv)
+        par = B * Hkv * (t0 + 1) * (d + dv) * K.element_size() > SERIAL_BYTES
         key = ("attention_decode", H, Hkv, d, dv, float(scale), bool(rope), CACHE_DTYPES[K.dtype], chunks, BLOCK,
-               self.lanes)
+               self.lanes, par)
         fn = self._build(key, lambda: attention_decode_kernel(H, Hkv, d, dv, scale, rope, CACHE_DTYPES[K.dtype],
-                                                              chunks, BLOCK, self.lanes))
+                                                              chunks, BLOCK, self.lanes, par))
         if inv_freq is None:
             inv_freq = torch.zeros(max(d // 2, 1))
         out = aligned_empty((B, H, dv), torch.float32)
@@ -116,9 +122,10 @@ class DecodeKernels:
     def feedback(self, f, q_b, k_b, gamma, KB, S, t0: int, scale: float) -> torch.Tensor:
         """f, q_b, k_b [B, W], gamma [B] at position t0 -> s [B, W] float32; KB[:, t0] = k_b, S[:, t0] = s."""
         B, W = f.shape
-        key = ("feedback_decode", W, float(scale), CACHE_DTYPES[KB.dtype], FB_CHUNKS, BLOCK, self.lanes)
+        par = B * t0 * W * (KB.element_size() + S.element_size()) > SERIAL_BYTES
+        key = ("feedback_decode", W, float(scale), CACHE_DTYPES[KB.dtype], FB_CHUNKS, BLOCK, self.lanes, par)
         fn = self._build(key, lambda: feedback_decode_kernel(W, scale, CACHE_DTYPES[KB.dtype], FB_CHUNKS, BLOCK,
-                                                             self.lanes))
+                                                             self.lanes, par))
         out = aligned_empty((B, W), torch.float32)
         work = self._workspace((B, FB_CHUNKS, W + 2))
         fn(_arg(f), _arg(q_b), _arg(k_b), _arg(gamma), _bits(KB), S, int(t0), work, out)

@@ -6,6 +6,7 @@ in registers, so a bf16 cache halves the bytes a step reads), and write the new 
 The cached positions are split into ``chunks`` ranges of whole ``block``-position blocks; one parallel task per
 (batch row [, kv head], chunk) runs an online softmax over its range (exact block max, one rescale per block)
 and leaves (max, sum, partial output) in a workspace; a serial loop then combines the chunks (log-sum-exp).
+``parallel=False`` runs the same tasks on the calling thread (short contexts: no thread-pool launch).
 
 ``attention_decode(q, k, v, inv_freq, K, V, t0, work, out)``: q [B, H, d], k [B, Hkv, d], v [B, Hkv, dv] at
 position t0 (RoPE applied here when ``rope``: interleaved pairs at angle t0 * inv_freq), K/V [B, Hkv, L, d|dv]
@@ -54,7 +55,7 @@ def _lanes(width: int, lanes: int) -> int:
 
 
 def attention_decode_kernel(n_heads: int, n_kv_heads: int, head_dim: int, v_dim: int, scale: float, rope: bool,
-                            cache_dtype: str, chunks: int, block: int, lanes: int):
+                            cache_dtype: str, chunks: int, block: int, lanes: int, parallel: bool = True):
     H, HKV, D, DV = n_heads, n_kv_heads, head_dim, v_dim
     G = H // HKV
     NC, BLK = chunks, block
@@ -98,7 +99,7 @@ def attention_decode_kernel(n_heads: int, n_kv_heads: int, head_dim: int, v_dim:
         # -- per (batch, kv head, chunk): online softmax over the chunk's positions ------------------------
         # positions [0, t0] in blocks of BLK; chunk c takes blocks [c * per, (c + 1) * per). Past the last position
         # a block reads the last position again (never an unwritten slot) and masks its logit.
-        for task in T.parallel(nb * HKV * NC):
+        for task in T.parallel(nb * HKV * NC) if parallel else T.serial(nb * HKV * NC):
             b = task // (HKV * NC)
             h = task // NC % HKV
             c = task % NC
@@ -138,11 +139,20 @@ def attention_decode_kernel(n_heads: int, n_kv_heads: int, head_dim: int, v_dim:
                                 for l in T.vectorized(VL):
                                     pp[j, l] = pp[j, l] + qs[gi, dc * VL + l] * _widen(
                                         KC[b, h, T.min((c * per[0] + jb) * BLK + j, t0), dc * VL + l], cdt)
-                        for j in T.vectorized(BLK):   # the block's dot products: lanes summed across, no shuffles
-                            lg[gi, j] = T.float32(0.0)
-                        for l in T.unroll(VL):
-                            for j in T.vectorized(BLK):
-                                lg[gi, j] = lg[gi, j] + pp[j, l]
+                        for j in T.unroll(BLK):   # each position's lanes summed by halves
+                            if VL >= 16:
+                                for l in T.vectorized(8):
+                                    pp[j, l] = pp[j, l] + pp[j, l + 8]
+                            if VL >= 8:
+                                for l in T.vectorized(4):
+                                    pp[j, l] = pp[j, l] + pp[j, l + 4]
+                            if VL >= 4:
+                                for l in T.vectorized(2):
+                                    pp[j, l] = pp[j, l] + pp[j, l + 2]
+                            if VL >= 2:
+                                lg[gi, j] = pp[j, 0] + pp[j, 1]
+                            else:
+                                lg[gi, j] = pp[j, 0]
                         for j in T.vectorized(BLK):
                             lg[gi, j] = T.Select((c * per[0] + jb) * BLK + j <= t0, lg[gi, j], neg)
                         # block max, one rescale of the running sum and output
@@ -191,7 +201,8 @@ def attention_decode_kernel(n_heads: int, n_kv_heads: int, head_dim: int, v_dim:
     return attention_decode
 
 
-def feedback_decode_kernel(width: int, scale: float, key_dtype: str, chunks: int, block: int, lanes: int):
+def feedback_decode_kernel(width: int, scale: float, key_dtype: str, chunks: int, block: int, lanes: int,
+                           parallel: bool = True):
     W = width
     NC, BLK = chunks, block
     VL = _lanes(W, lanes)
@@ -219,7 +230,7 @@ def feedback_decode_kernel(width: int, scale: float, key_dtype: str, chunks: int
                 KB[b, t0, i] = _narrow(Kn[b, i], kdt)
         # -- per (batch, chunk): online softmax of q_b against the strictly earlier keys -------------------
         # positions [0, t0) in blocks of BLK (clamped reads past the last one, masked logits), as in attention
-        for task in T.parallel(nb * NC):
+        for task in T.parallel(nb * NC) if parallel else T.serial(nb * NC):
             b = task // NC
             c = task % NC
             qs = T.alloc_buffer((W,), F32, scope="local")
@@ -297,14 +308,61 @@ def feedback_decode_kernel(width: int, scale: float, key_dtype: str, chunks: int
     return feedback_decode
 
 
+RB = 4   # rows of a weight matrix per unit of the matrix-vector kernels: independent accumulators (FMA latency
+#          and four weight streams in flight), so one thread reads the weights near its cache's rate
+
+
+def _gemv_units(outs: tuple):
+    """Per layer (blocks of RB rows, single rows after them) as unit-index boundaries: the loop over units runs
+    every layer's output rows, RB at a time where they fill a block."""
+    bounds, u = [], 0
+    for o in outs:
+        nb, rem = o // RB, o % RB
+        bounds.append((u, u + nb, u + nb + rem))
+        u += nb + rem
+    return bounds, u
+
+
+def _gemv_macros(IN: int, VL: int):
+    @T.macro
+    def rows(X, Wt, Bb, Out, r0, m, part, has_bias, n):
+        """Output rows r0 .. r0+n-1 of every input row: n accumulators of VL lanes, then n lane sums."""
+        for i in T.serial(m):
+            for rr in T.unroll(n):
+                for l in T.vectorized(VL):
+                    part[rr, l] = T.float32(0.0)
+            for dc in T.serial(IN // VL):
+                for rr in T.unroll(n):
+                    for l in T.vectorized(VL):
+                        part[rr, l] = part[rr, l] + X[i, dc * VL + l] * Wt[r0 + rr, dc * VL + l]
+            for rr in T.unroll(n):
+                if VL >= 16:
+                    for l in T.vectorized(8):
+                        part[rr, l] = part[rr, l] + part[rr, l + 8]
+                if VL >= 8:
+                    for l in T.vectorized(4):
+                        part[rr, l] = part[rr, l] + part[rr, l + 4]
+                if VL >= 4:
+                    for l in T.vectorized(2):
+                        part[rr, l] = part[rr, l] + part[rr, l + 2]
+                if VL >= 2:
+                    part[rr, 0] = part[rr, 0] + part[rr, 1]
+                if has_bias:
+                    Out[i, r0 + rr] = part[rr, 0] + Bb[r0 + rr]
+                else:
+                    Out[i, r0 + rr] = part[rr, 0]
+
+    return rows
+
+
 def linear_decode_kernel(in_features: int, out_features: int, bias: bool, lanes: int, parallel: bool = True):
     """``linear_decode(x, w, b, out)``: out [M, OUT] = x [M, IN] @ w[OUT, IN]^T (+ b) for the few rows of a decode
-    step (M symbolic); parallel over blocks of output rows, each weight row read once per task while the M
-    input rows stay in L1: the weights, the step's largest read at short contexts, stream once over both cores.
-    ``parallel=False``: the same loop on the calling thread (no thread-pool launch)."""
+    step (M symbolic); a loop over units of RB output rows (then single rows), each weight row read once per unit
+    while the M input rows stay in L1. ``parallel=False``: the loop on the calling thread (no thread-pool launch)."""
     IN, OUT = in_features, out_features
     VL = _lanes(IN, lanes)
-    OB = next(b for b in (16, 8, 4, 2, 1) if OUT % b == 0)
+    ((b0, b1, b2),), U = _gemv_units((OUT,))
+    rows = _gemv_macros(IN, VL)
 
     @T.prim_func
     def linear_decode(x_h: T.handle, w_h: T.handle, b_h: T.handle, o_h: T.handle):
@@ -314,30 +372,12 @@ def linear_decode_kernel(in_features: int, out_features: int, bias: bool, lanes:
         Wt = T.match_buffer(w_h, (OUT, IN), F32)
         Bb = T.match_buffer(b_h, (OUT,), F32)
         O = T.match_buffer(o_h, (m, OUT), F32)
-        for task in T.parallel(OUT // OB) if parallel else T.serial(OUT // OB):
-            part = T.alloc_buffer((VL,), F32, scope="local")
-            for r in T.serial(OB):
-                for i in T.serial(m):
-                    for l in T.vectorized(VL):
-                        part[l] = T.float32(0.0)
-                    for dc in T.serial(IN // VL):
-                        for l in T.vectorized(VL):
-                            part[l] = part[l] + X[i, dc * VL + l] * Wt[task * OB + r, dc * VL + l]
-                    if VL >= 16:
-                        for l in T.vectorized(8):
-                            part[l] = part[l] + part[l + 8]
-                    if VL >= 8:
-                        for l in T.vectorized(4):
-                            part[l] = part[l] + part[l + 4]
-                    if VL >= 4:
-                        for l in T.vectorized(2):
-                            part[l] = part[l] + part[l + 2]
-                    if VL >= 2:
-                        part[0] = part[0] + part[1]
-                    if bias:
-                        O[i, task * OB + r] = part[0] + Bb[task * OB + r]
-                    else:
-                        O[i, task * OB + r] = part[0]
+        for u in T.parallel(U) if parallel else T.serial(U):
+            part = T.alloc_buffer((RB, VL), F32, scope="local")
+            if u < b1:
+                rows(X, Wt, Bb, O, (u - b0) * RB, m, part, bias, RB)
+            else:
+                rows(X, Wt, Bb, O, (b1 - b0) * RB + (u - b1), m, part, bias, 1)
 
     return linear_decode
 
@@ -347,40 +387,17 @@ MAX_FUSED = 5   # linear layers of one input run by one linears_decode call
 
 def linears_decode_kernel(in_features: int, outs: tuple, biases: tuple, lanes: int, parallel: bool = True):
     """``linears_decode(x, w0..w4, b0..b4, o0..o4)``: up to MAX_FUSED linear layers reading the same input x [M, IN]
-    in one parallel loop over all their output rows (one launch of the thread pool instead of one per layer).
+    in one loop over all their output rows (one launch of the thread pool instead of one per layer when parallel).
     ``outs[i]`` is layer i's output width (0: an unused slot, given a dummy buffer); ``biases[i]`` whether it has
     a bias (else its bias buffer is a dummy and never read). ``parallel=False``: the loop on the calling thread."""
     IN = in_features
     VL = _lanes(IN, lanes)
     O = tuple(outs) + (0,) * (MAX_FUSED - len(outs))
     HB = tuple(biases) + (False,) * (MAX_FUSED - len(biases))
-    C1, C2, C3, C4 = O[0], O[0] + O[1], O[0] + O[1] + O[2], O[0] + O[1] + O[2] + O[3]
-    TOTAL = sum(O)
+    bounds, U = _gemv_units(O)
+    (a0, a1, a2), (c0, c1, c2), (d0, d1, d2), (e0, e1, e2), (f0, f1, f2) = bounds
     S = tuple(max(o, 1) for o in O)   # buffer extents (unused slots: one element)
-
-    @T.macro
-    def row(X, Wt, Bb, Out, r, m, part, has_bias):
-        for i in T.serial(m):
-            for l in T.vectorized(VL):
-                part[l] = T.float32(0.0)
-            for dc in T.serial(IN // VL):
-                for l in T.vectorized(VL):
-                    part[l] = part[l] + X[i, dc * VL + l] * Wt[r, dc * VL + l]
-            if VL >= 16:
-                for l in T.vectorized(8):
-                    part[l] = part[l] + part[l + 8]
-            if VL >= 8:
-                for l in T.vectorized(4):
-                    part[l] = part[l] + part[l + 4]
-            if VL >= 4:
-                for l in T.vectorized(2):
-                    part[l] = part[l] + part[l + 2]
-            if VL >= 2:
-                part[0] = part[0] + part[1]
-            if has_bias:
-                Out[i, r] = part[0] + Bb[r]
-            else:
-                Out[i, r] = part[0]
+    rows = _gemv_macros(IN, VL)
 
     @T.prim_func
     def linears_decode(x_h: T.handle, w0_h: T.handle, w1_h: T.handle, w2_h: T.handle, w3_h: T.handle,
@@ -405,17 +422,27 @@ def linears_decode_kernel(in_features: int, outs: tuple, biases: tuple, lanes: i
         O2 = T.match_buffer(o2_h, (m, S[2]), F32)
         O3 = T.match_buffer(o3_h, (m, S[3]), F32)
         O4 = T.match_buffer(o4_h, (m, S[4]), F32)
-        for o in T.parallel(TOTAL) if parallel else T.serial(TOTAL):
-            part = T.alloc_buffer((VL,), F32, scope="local")
-            if o < C1:
-                row(X, W0, B0, O0, o, m, part, HB[0])
-            elif o < C2:
-                row(X, W1, B1, O1, o - C1, m, part, HB[1])
-            elif o < C3:
-                row(X, W2, B2, O2, o - C2, m, part, HB[2])
-            elif o < C4:
-                row(X, W3, B3, O3, o - C3, m, part, HB[3])
+        for u in T.parallel(U) if parallel else T.serial(U):
+            part = T.alloc_buffer((RB, VL), F32, scope="local")
+            if u < a1:
+                rows(X, W0, B0, O0, (u - a0) * RB, m, part, HB[0], RB)
+            elif u < a2:
+                rows(X, W0, B0, O0, (a1 - a0) * RB + (u - a1), m, part, HB[0], 1)
+            elif u < c1:
+                rows(X, W1, B1, O1, (u - c0) * RB, m, part, HB[1], RB)
+            elif u < c2:
+                rows(X, W1, B1, O1, (c1 - c0) * RB + (u - c1), m, part, HB[1], 1)
+            elif u < d1:
+                rows(X, W2, B2, O2, (u - d0) * RB, m, part, HB[2], RB)
+            elif u < d2:
+                rows(X, W2, B2, O2, (d1 - d0) * RB + (u - d1), m, part, HB[2], 1)
+            elif u < e1:
+                rows(X, W3, B3, O3, (u - e0) * RB, m, part, HB[3], RB)
+            elif u < e2:
+                rows(X, W3, B3, O3, (e1 - e0) * RB + (u - e1), m, part, HB[3], 1)
+            elif u < f1:
+                rows(X, W4, B4, O4, (u - f0) * RB, m, part, HB[4], RB)
             else:
-                row(X, W4, B4, O4, o - C4, m, part, HB[4])
+                rows(X, W4, B4, O4, (f1 - f0) * RB + (u - f1), m, part, HB[4], 1)
 
     return linears_decode
