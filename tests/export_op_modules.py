@@ -97,6 +97,14 @@ class NormsAndActivations(_Op):
         return y + x.amin(-1, keepdim=True) + x.max() + x.min() + x.repeat(1, 1, 2)[..., 8:] + x.norm()
 
 
+class RoundingAndExpLog(_Op):
+    """torch.floor, ceil, round, sign, expm1, log1p, exp2, log2."""
+
+    def forward(self, x):
+        y = torch.floor(x) + torch.ceil(x * 0.5) + torch.round(x * 3) + torch.sign(x)
+        return y + torch.expm1(x * 0.1) + torch.log1p(x.abs()) + torch.exp2(x * 0.5) + torch.log2(x.abs() + 1)
+
+
 class ComplexBuffer(_Op):
     """A float model carrying a complex constant (a LLaMA-style freqs_cis table), sliced to T."""
 
@@ -148,7 +156,7 @@ class TriSolve(nn.Module):
 
 
 EXPORTED = [Addmm, Baddbmm, Tensordot, VarMean, Narrow, Split, DiagEmbed, Pad, SymbolicSlices, ClampTransposeSum,
-            NormsAndActivations, ComplexBuffer]
+            NormsAndActivations, RoundingAndExpLog, ComplexBuffer]
 REFUSED = [LinalgSolve, LinalgInv]
 
 
