@@ -106,6 +106,27 @@ def attention_backward(grad, q, k, v, inv_freq, out, lse, scale: float, causal: 
     return _unrotate(dq, inv_freq), _unrotate(dk, inv_freq), dv
 
 
+# -- the attention's gradient as torch.library autograd (library.py registers it) -------------------------------
+def attention_setup_context(ctx, inputs, output):
+    """register_autograd's setup_context for an attention op (q, k, v, inv_freq, scale, causal) -> out: saves
+    the operands and the output (the backward recomputes the row log-sum-exps from them)."""
+    q, k, v, inv_freq, scale, causal = inputs
+    ctx.scale, ctx.causal, ctx.rope = scale, causal, inv_freq is not None
+    ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+    ctx.save_for_backward(q, k, v, inv_freq if inv_freq is not None else q.new_empty(0), output)
+
+
+def attention_autograd(ctx, grad):
+    """register_autograd's backward for an attention op: attention_backward (FlashAttention-2 style, [B, H,
+    block, T] at a time, never [B, H, T, T]) from the saved output and the lse of one blocked pass; no
+    gradient for inv_freq, scale or causal."""
+    q, k, v, inv_freq, out = ctx.saved_tensors
+    inv_freq = inv_freq if ctx.rope else None
+    lse = attention_lse(q, k, v, ctx.scale, ctx.causal, inv_freq, with_out=False)[1]
+    grads = attention_backward(grad.contiguous(), q, k, v, inv_freq, out, lse, ctx.scale, ctx.causal)
+    return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes)), None, None, None)
+
+
 def tri_solve_backward(grad, A, x, upper: bool = False, unitriangular: bool = False):
     """(dA, db) of x = A^-1 b for triangular A: db = A^-T grad, dA = -db x^T on A's triangle (off the diagonal
     when unitriangular); A's leading dims summed where it was broadcast against b."""
@@ -209,5 +230,5 @@ def _scan_bwd(grad, saved, attrs):
 BACKWARD = {"attention": (_save_attention, _attention_bwd), "feedback": (_save_feedback, _feedback_bwd),
             "tri_solve": (_save_tri_solve, _tri_solve_bwd), "scan": (_save_scan, _scan_bwd)}
 
-__all__ = ["BACKWARD", "attention_lse", "attention_backward", "feedback_backward", "tri_solve_backward",
+__all__ = ["BACKWARD", "attention_lse", "attention_backward", "attention_autograd", "attention_setup_context", "feedback_backward", "tri_solve_backward",
            "scan_backward", "scan_ref", "ATTENTION_BLOCK", "SCAN_CHUNK"]

@@ -192,22 +192,3 @@ def feedback_autograd(ctx, grad):
     s, q_b, k_b, gamma = ctx.saved_tensors
     grads = feedback_backward(grad, s, q_b, k_b, gamma, ctx.scale)
     return (*(x.to(dt) for x, dt in zip(grads, ctx.dtypes)), None)
-
-
-# -- the attention's gradient (library.py and the Triton op register it) --------------------------------------
-def attention_setup_context(ctx, inputs, output):
-    """register_autograd's setup_context for an attention op (q, k, v, inv_freq, scale, causal) -> out."""
-    q, k, v, inv_freq, scale, causal = inputs
-    ctx.scale, ctx.causal, ctx.rope = scale, causal, inv_freq is not None
-    ctx.save_for_backward(q, k, v, inv_freq if inv_freq is not None else q.new_empty(0))
-
-
-def attention_autograd(ctx, grad):
-    """register_autograd's backward for an attention op: autograd through attention_ref, recomputed from the
-    saved q, k and v (no gradient for inv_freq, scale or causal)."""
-    q, k, v, inv_freq = ctx.saved_tensors
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    with torch.enable_grad():
-        out = attention_ref(*leaves, ctx.scale, ctx.causal, inv_freq if ctx.rope else None)
-    dq, dk, dv = torch.autograd.grad(out, leaves, grad)
-    return dq, dk, dv, None, None, None
