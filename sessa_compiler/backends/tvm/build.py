@@ -52,6 +52,13 @@ def attention_spec(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, r
                       dtype, schedule or default_attention(head_dim, lanes))
 
 
+def attention_bwd_spec(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool, dtype: str,
+                       schedule: AttentionSchedule | None = None, lanes: int = 8):
+    """The attention backward kernel's spec (kernels/attention_bwd.py): the forward's static sizes."""
+    fwd = attention_spec(n_heads, n_kv_heads, head_dim, scale, rope, dtype, schedule, lanes)
+    return KernelSpec("attention_bwd", fwd.static, dtype, fwd.schedule)
+
+
 def scan_spec(channels: int, d_state: int, dtype: str, schedule: ScanSchedule | None = None, lanes: int = 8):
     return KernelSpec("scan", (("channels", int(channels)), ("d_state", int(d_state))), dtype,
                       schedule or default_scan(channels, lanes))
@@ -80,6 +87,7 @@ def kernel_generator(op: str):
 
 # each generator's arguments before (dtype, schedule), read from the spec's params
 _KERNEL_ARGS = {"feedback": ("width", "scale"), "attention": ("n_heads", "n_kv_heads", "head_dim", "scale", "rope"),
+                "attention_bwd": ("n_heads", "n_kv_heads", "head_dim", "scale", "rope"),
                 "scan": ("channels", "d_state"), "tri_solve": ("width", "unitriangular"),
                 "linear": ("in_features", "out_features", "bias")}
 
