@@ -19,24 +19,11 @@ from ...errors import InputError, UnsupportedError
 from ...ir.graph import Graph, Node, Value
 from ..base import Backend, CompileContext
 from ..eager import bind_symbols, eager_when_empty, resolve, run_node
-from .build import build, kernel_source, lanes_for
+from .build import ALIGN, aligned_empty, build, kernel_source, lanes_for
 from .lowering import lower_graph
 from .schedule_choice import tuning_kernel, tuning_source, tunable_nodes, tvm_schedule, tvm_schedules, tvm_space
 
-ALIGN = 64
 _TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}
-
-
-def aligned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    t = torch.empty(shape, dtype=dtype)
-    if t.data_ptr() % ALIGN == 0:
-        return t
-    n = 1
-    for s in shape:
-        n *= int(s)
-    raw = torch.empty(n + ALIGN, dtype=dtype)
-    off = (-raw.data_ptr() % ALIGN) // raw.element_size()
-    return raw[off:off + n].view(shape)
 
 
 class KernelCall:
@@ -299,10 +286,12 @@ class TVMBackend(Backend):
 
     def prepare_training(self, graph: Graph, ctx: CompileContext | None = None):
         """The runner for calls that need gradients (backends/training.py): each core op's forward is its TVM
-        kernel (the same generated kernel as the forward-only runner), its backward the blocked kernels of
+        kernel (the same generated kernel as the forward-only runner), its backward a generated TVM backward
+        kernel where there is one (attention, training.py here), else the blocked torch of
         semantics/backward.py; the ordinary ops run through torch, which differentiates them."""
         from ...passes.manager import show_ir
         from ..training import training_runner
+        from . import training as _registers_backward  # noqa: F401
 
         show_ir(graph, "run by the tvm backend for calls that need gradients (core ops: forward and backward kernels)",
                 self.print_ir)

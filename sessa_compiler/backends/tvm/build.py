@@ -124,6 +124,24 @@ def kernel_source(spec: KernelSpec) -> str:
     return header + primfunc(spec).script()
 
 
+ALIGN = 64   # bytes: generated code assumes aligned data and nothing checks it
+
+
+def aligned_empty(shape, dtype):
+    """torch.empty(shape, dtype) whose data is ALIGN-byte aligned."""
+    import torch
+
+    t = torch.empty(shape, dtype=dtype)
+    if t.data_ptr() % ALIGN == 0:
+        return t
+    n = 1
+    for s in shape:
+        n *= int(s)
+    raw = torch.empty(n + ALIGN, dtype=dtype)
+    off = (-raw.data_ptr() % ALIGN) // raw.element_size()
+    return raw[off:off + n].view(shape)
+
+
 class Kernel:
     """A built kernel: call with tensors (DLPack-compatible, contiguous, 64-byte aligned)."""
 

@@ -1,0 +1,84 @@
+"""The TVM backend's training path (backends/training.py): in a call that needs gradients each core op is one
+autograd.Function whose forward is the op's generated TVM kernel and whose backward is a generated TVM
+backward kernel where there is one:
+
+    op          forward kernel (saves)                                backward
+    attention   kernels/attention.py (q, k, v, inv_freq, out, lse)    kernels/attention_bwd.py
+    feedback    kernels/feedback.py (s, q_b, k_b, gamma)              semantics.backward's blocked torch
+    scan        kernels/scan.py (its operands)                        semantics.backward's blocked torch
+    tri_solve   kernels/tri_solve.py (A, x)                           semantics.backward's blocked torch
+
+The attention's lse (row log-sum-exps of the scaled logits, [B, H, T] in the kernel dtype) comes from
+semantics.backward.attention_lse (one blocked pass, no product with v). Cases the backward kernel does not
+cover (non-causal, a value width other than the query's, operands of mixed dtypes or not float, empty
+tensors) run semantics.backward's blocked torch backward.
+
+Importing this module registers the backward kernels (``register_backward("tvm", ...)``).
+"""
+from __future__ import annotations
+
+import torch
+
+from ...semantics.backward import BACKWARD
+from ..training import register_backward
+from .build import ALIGN, aligned_empty, attention_bwd_spec, build, lanes_for
+from .target import resolve_target
+
+_DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "float32", torch.float16: "float32"}
+_TORCH = {"float32": torch.float32, "float64": torch.float64}
+_TARGET: list = []
+
+
+def _target():
+    if not _TARGET:
+        target = resolve_target(None)
+        _TARGET.append((target, lanes_for(target)))
+    return _TARGET[0]
+
+
+def _arg(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t detached, in ``dtype``, contiguous and 64-byte aligned (what the generated code assumes)."""
+    t = t.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if not t.is_contiguous() or t.data_ptr() % ALIGN:
+        out = aligned_empty(tuple(t.shape), dtype)
+        out.copy_(t)
+        t = out
+    return t
+
+
+def attention_bwd_applies(q, k, v, inv_freq, out, causal: bool) -> bool:
+    """The TVM attention backward kernel covers this case: causal, q/k/v/out of one float dtype, value width
+    equal to the query width, whole GQA groups, a non-empty batch and sequence."""
+    return (causal and q.dtype == k.dtype == v.dtype and q.dtype in _DTYPES and v.shape[3] == q.shape[3]
+            and q.shape[2] % k.shape[2] == 0 and q.shape[0] > 0 and q.shape[1] > 0
+            and (inv_freq is None or inv_freq.dtype.is_floating_point))
+
+
+def attention_backward_tvm(grad, q, k, v, inv_freq, out, lse, scale: float, causal: bool = True, schedule=None):
+    """(dq, dk, dv) of the causal attention from the forward's output and lse, by the generated TVM kernel
+    (kernels/attention_bwd.py), in the kernel dtype (float32, or float64 for float64 operands)."""
+    name = _DTYPES[q.dtype]
+    dt = _TORCH[name]
+    target, lanes = _target()
+    H, Hkv, d = q.shape[2], k.shape[2], q.shape[3]
+    rope = inv_freq is not None
+    kernel = build(attention_bwd_spec(H, Hkv, d, float(scale), rope, name, schedule, lanes), target)
+    inv = _arg(inv_freq, dt) if rope else torch.zeros(max(d // 2, 1), dtype=dt)
+    args = [_arg(x, dt) for x in (q, k, v)] + [inv] + [_arg(x, dt) for x in (out, grad, lse)]
+    outs = [aligned_empty(tuple(x.shape), dt) for x in (q, k, v)]
+    kernel(*args, *outs)
+    return tuple(outs)
+
+
+def _attention_bwd(grad, saved, attrs):
+    q, k, v, inv_freq, out, lse = saved
+    if attention_bwd_applies(q, k, v, inv_freq, out, attrs["causal"]):
+        return attention_backward_tvm(grad, q, k, v, inv_freq, out, lse, attrs["scale"], attrs["causal"])
+    return BACKWARD["attention"][1](grad, saved, attrs)
+
+
+register_backward("tvm", "attention", backward=_attention_bwd)
+
+__all__ = ["attention_backward_tvm", "attention_bwd_applies"]
