@@ -59,6 +59,13 @@ def attention_bwd_spec(n_heads: int, n_kv_heads: int, head_dim: int, scale: floa
     return KernelSpec("attention_bwd", fwd.static, dtype, fwd.schedule)
 
 
+def attention_lse_spec(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool, dtype: str,
+                       schedule: AttentionSchedule | None = None, lanes: int = 8):
+    """The attention forward that also returns its row log-sum-exps (kernels/attention_lse.py)."""
+    fwd = attention_spec(n_heads, n_kv_heads, head_dim, scale, rope, dtype, schedule, lanes)
+    return KernelSpec("attention_lse", fwd.static, dtype, fwd.schedule)
+
+
 def scan_spec(channels: int, d_state: int, dtype: str, schedule: ScanSchedule | None = None, lanes: int = 8):
     return KernelSpec("scan", (("channels", int(channels)), ("d_state", int(d_state))), dtype,
                       schedule or default_scan(channels, lanes))
@@ -88,6 +95,7 @@ def kernel_generator(op: str):
 # each generator's arguments before (dtype, schedule), read from the spec's params
 _KERNEL_ARGS = {"feedback": ("width", "scale"), "attention": ("n_heads", "n_kv_heads", "head_dim", "scale", "rope"),
                 "attention_bwd": ("n_heads", "n_kv_heads", "head_dim", "scale", "rope"),
+                "attention_lse": ("n_heads", "n_kv_heads", "head_dim", "scale", "rope"),
                 "scan": ("channels", "d_state"), "tri_solve": ("width", "unitriangular"),
                 "linear": ("in_features", "out_features", "bias")}
 

@@ -21,8 +21,10 @@ from ..tir_math import MASKED, make_exp
 
 
 def attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool, dtype: str,
-                     sched: AttentionSchedule):
-    """The PrimFunc `attention(q, k, v, inv_freq, out)`; inv_freq is read only when `rope`."""
+                     sched: AttentionSchedule, with_lse: bool = False):
+    """The PrimFunc `attention(q, k, v, inv_freq, out)`; inv_freq is read only when `rope`. With `with_lse`,
+    `attention(q, k, v, inv_freq, out, lse)` also writes each row's log-sum-exp of its scaled logits,
+    lse [B, H, T] = running max + log(running sum) (what the backward kernel reads)."""
     sched.check(head_dim)
     H, HKV, DH = n_heads, n_kv_heads, head_dim
     G = H // HKV
@@ -37,16 +39,10 @@ def attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: float,
     scale = FloatImm(dtype, float(scale))
     ROPE = bool(rope)
 
-    @T.prim_func
-    def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, inv_h: T.handle, o_h: T.handle):
-        T.func_attr({"global_symbol": "attention", "tirx.noalias": True})
-        nb = T.int32()
-        nt = T.int32()
-        Q = T.match_buffer(q_h, (nb, nt, H, DH), dtype)
-        K = T.match_buffer(k_h, (nb, nt, HKV, DH), dtype)
-        V = T.match_buffer(v_h, (nb, nt, HKV, DH), dtype)
-        INV = T.match_buffer(inv_h, (HALF,), dtype)
-        O = T.match_buffer(o_h, (nb, nt, H, DH), dtype)
+    WITH_LSE = bool(with_lse)
+
+    @T.macro
+    def body(Q, K, V, INV, O, LSE, nb, nt):
         QS = T.alloc_buffer((nb, H, (nt + BQ - 1) // BQ * BQ, DH), dtype)
         KP = T.alloc_buffer((nb, HKV, (nt + BQ - 1) // BQ * (BQ // BK), DH, BK), dtype)
         VH = T.alloc_buffer((nb, HKV, (nt + BQ - 1) // BQ * BQ, DH), dtype)
@@ -169,5 +165,33 @@ def attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: float,
                 if qb * BQ + i < nt:
                     for d in T.vectorized(DH):
                         O[b, qb * BQ + i, h, d] = ACC[i, d] / L[i]
+                    if WITH_LSE:
+                        LSE[b, h, qb * BQ + i] = M[i] + T.log(L[i])
 
+    if WITH_LSE:
+        @T.prim_func
+        def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, inv_h: T.handle, o_h: T.handle, lse_h: T.handle):
+            T.func_attr({"global_symbol": "attention", "tirx.noalias": True})
+            nb = T.int32()
+            nt = T.int32()
+            Q = T.match_buffer(q_h, (nb, nt, H, DH), dtype)
+            K = T.match_buffer(k_h, (nb, nt, HKV, DH), dtype)
+            V = T.match_buffer(v_h, (nb, nt, HKV, DH), dtype)
+            INV = T.match_buffer(inv_h, (HALF,), dtype)
+            O = T.match_buffer(o_h, (nb, nt, H, DH), dtype)
+            LSE = T.match_buffer(lse_h, (nb, H, nt), dtype)
+            body(Q, K, V, INV, O, LSE, nb, nt)
+        return attention
+
+    @T.prim_func
+    def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, inv_h: T.handle, o_h: T.handle):
+        T.func_attr({"global_symbol": "attention", "tirx.noalias": True})
+        nb = T.int32()
+        nt = T.int32()
+        Q = T.match_buffer(q_h, (nb, nt, H, DH), dtype)
+        K = T.match_buffer(k_h, (nb, nt, HKV, DH), dtype)
+        V = T.match_buffer(v_h, (nb, nt, HKV, DH), dtype)
+        INV = T.match_buffer(inv_h, (HALF,), dtype)
+        O = T.match_buffer(o_h, (nb, nt, H, DH), dtype)
+        body(Q, K, V, INV, O, None, nb, nt)
     return attention
