@@ -64,3 +64,47 @@ def test_attention_backward_kernel_sees_large_logits():
                                               lse, 8.0, True, schedule=SMALL)
     for a, c in zip(got, want):
         assert relative_error(a, c) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_attention_forward_kernel_writes_the_row_lse(monkeypatch, dtype):
+    """kernels/attention_lse.py: the forward's output and its row log-sum-exps (poisoned before the run)
+    against semantics.backward.attention_lse, at an odd T over several query blocks with GQA and RoPE."""
+    from sessa_compiler.backends.tvm.build import attention_spec
+    from sessa_compiler.backends.tvm.target import resolve_target
+
+    monkeypatch.setattr(tvm_training, "aligned_empty", _poisoned)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 45, 4, 8, generator=g, dtype=dtype)
+    k, v = (torch.randn(2, 45, 2, 8, generator=g, dtype=dtype) for _ in range(2))
+    inv = torch.rand(4, generator=g, dtype=dtype)
+    name = "float64" if dtype == torch.float64 else "float32"
+    run = tvm_training.attention_forward_kernel(attention_spec(4, 2, 8, 0.35, True, name, SMALL), resolve_target(None))
+    out, lse = run(q, k, v, inv)
+    want_out, want_lse = attention_lse(q.double(), k.double(), v.double(), 0.35, True, inv.double())
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert relative_error(out, want_out) <= tol and relative_error(lse, want_lse) <= tol
+
+
+def test_a_tvm_training_step_runs_the_attention_kernels(monkeypatch):
+    """A training step of the TVM backend runs the forward-with-lse and backward attention kernels (float64:
+    gradients equal the module's own autograd to 1e-10)."""
+    import sessa_compiler as sc
+    from sessa_compiler.models import SessaLayer
+
+    calls = []
+    real = tvm_training.attention_backward_tvm
+    monkeypatch.setattr(tvm_training, "attention_backward_tvm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    m = SessaLayer(32, n_heads=4, n_kv_heads=2).train().double()
+    x = torch.randn(2, 37, 32, dtype=torch.float64)
+    params = dict(m.named_parameters())
+    m(x).pow(2).mean().backward()
+    want = {n: p.grad.clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    compiled = sc.compile(m, backend="tvm")
+    compiled(x).pow(2).mean().backward()
+    assert calls == [1]
+    for n, w in want.items():
+        assert relative_error(params[n].grad, w) <= 1e-10, n

@@ -291,7 +291,7 @@ class TVMBackend(Backend):
         semantics/backward.py; the ordinary ops run through torch, which differentiates them."""
         from ...passes.manager import show_ir
         from ..training import training_runner
-        from . import training as _registers_backward  # noqa: F401
+        from . import training as tvm_training   # also registers the backward kernels
 
         show_ir(graph, "run by the tvm backend for calls that need gradients (core ops: forward and backward kernels)",
                 self.print_ir)
@@ -301,11 +301,12 @@ class TVMBackend(Backend):
         for item in self.plan(graph):
             if item.spec is None:
                 continue
-            call = KernelCall(build(item.spec, self.target), self.stats)
             node = item.node
-            if node.op == "attention" and not node.attrs.get("rope", False):
-                kernels[node] = lambda q, k, v, *rest, call=call: call(q, k, v)
-            elif node.op == "tri_solve":
+            if node.op == "attention":   # the forward that also returns its lse for the backward kernel
+                kernels[node] = tvm_training.attention_forward_kernel(item.spec, self.target, self.stats)
+                continue
+            call = KernelCall(build(item.spec, self.target), self.stats)
+            if node.op == "tri_solve":
                 kernels[node] = lambda A, b, call=call, upper=node.attrs["upper"]: call(A, b, upper=upper)
             else:
                 kernels[node] = call

@@ -3,13 +3,14 @@ autograd.Function whose forward is the op's generated TVM kernel and whose backw
 backward kernel where there is one:
 
     op          forward kernel (saves)                                backward
-    attention   kernels/attention.py (q, k, v, inv_freq, out, lse)    kernels/attention_bwd.py
+    attention   kernels/attention_lse.py (q, k, v, inv_freq, out, lse) kernels/attention_bwd.py
     feedback    kernels/feedback.py (s, q_b, k_b, gamma)              semantics.backward's blocked torch
     scan        kernels/scan.py (its operands)                        semantics.backward's blocked torch
     tri_solve   kernels/tri_solve.py (A, x)                           semantics.backward's blocked torch
 
-The attention's lse (row log-sum-exps of the scaled logits, [B, H, T] in the kernel dtype) comes from
-semantics.backward.attention_lse (one blocked pass, no product with v). Cases the backward kernel does not
+The attention's lse (row log-sum-exps of the scaled logits, [B, H, T] in the kernel dtype) is written by the
+forward kernel itself (kernels/attention_lse.py: kernels/attention.py with one more output), so the backward
+needs no extra pass over the logits. Cases the backward kernel does not
 cover (non-causal, a value width other than the query's, operands of mixed dtypes or not float, empty
 tensors) run semantics.backward's blocked torch backward.
 
@@ -21,7 +22,7 @@ import torch
 
 from ...semantics.backward import BACKWARD
 from ..training import register_backward
-from .build import ALIGN, aligned_empty, attention_bwd_spec, build, lanes_for
+from .build import ALIGN, KernelSpec, aligned_empty, attention_bwd_spec, build, lanes_for
 from .target import resolve_target
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "float32", torch.float16: "float32"}
@@ -46,6 +47,27 @@ def _arg(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         out.copy_(t)
         t = out
     return t
+
+
+def attention_forward_kernel(spec: KernelSpec, target, stats=None):
+    """kernel(q, k, v[, inv_freq]) -> (out, lse) for an attention node lowered to ``spec``: the forward kernel
+    that also writes its row log-sum-exps (kernels/attention_lse.py, same schedule), so the backward needs no
+    extra pass over the logits. ``out`` in q's dtype, ``lse`` [B, H, T] in the kernel dtype."""
+    kernel = build(KernelSpec("attention_lse", spec.static, spec.dtype, spec.schedule), target)
+    dt = _TORCH[spec.dtype]
+    p = spec.params
+    H, d, rope = p["n_heads"], p["head_dim"], p["rope"]
+
+    def run(q, k, v, *rest):
+        inv = _arg(rest[0], dt) if rope else torch.zeros(max(d // 2, 1), dtype=dt)
+        args = [_arg(x, dt) for x in (q, k, v)]
+        out = aligned_empty(tuple(q.shape), dt)
+        lse = aligned_empty((q.shape[0], H, q.shape[1]), dt)
+        kernel(*args, inv, out, lse)
+        if stats is not None:
+            stats["kernel_calls"] += 1
+        return (out if q.dtype == dt else out.to(q.dtype)), lse
+    return run
 
 
 def attention_bwd_applies(q, k, v, inv_freq, out, causal: bool) -> bool:
@@ -81,4 +103,4 @@ def _attention_bwd(grad, saved, attrs):
 
 register_backward("tvm", "attention", backward=_attention_bwd)
 
-__all__ = ["attention_backward_tvm", "attention_bwd_applies"]
+__all__ = ["attention_backward_tvm", "attention_bwd_applies", "attention_forward_kernel"]
