@@ -77,6 +77,8 @@ class TVMBackend(Backend):
 
     name = "tvm"
     differentiable = False  # autograd through its kernels: prepare_training (backends/training.py)
+    training_lse_from_forward = True            # the attention forward kernel writes its lse (training.py here)
+    training_feedback_lse_from_forward = False  # the feedback backward recomputes its weights' softmax
 
     def __init__(self, target=None, schedules: dict | None = None, feedback_chunk_size: int | None = None,
                  print_ir: bool | None = None, whole_graph: bool | None = None, decode_kernels: bool = False):
