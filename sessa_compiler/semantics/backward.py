@@ -131,8 +131,15 @@ def tri_solve_backward(grad, A, x, upper: bool = False, unitriangular: bool = Fa
     """(dA, db) of x = A^-1 b for triangular A: db = A^-T grad, dA = -db x^T on A's triangle (off the diagonal
     when unitriangular); A's leading dims summed where it was broadcast against b."""
     cd = compute_dtype(grad.dtype)
-    A_, g, x_ = A.to(cd), grad.to(cd), x.to(cd)
+    A_, g = A.to(cd), grad.to(cd)
     db = torch.linalg.solve_triangular(A_.transpose(-1, -2), g, upper=not upper, unitriangular=unitriangular)
+    return tri_solve_weight_grad(db, A, x, upper, unitriangular), db
+
+
+def tri_solve_weight_grad(db, A, x, upper: bool = False, unitriangular: bool = False):
+    """dA = -db x^T on A's triangle (off the diagonal when unitriangular), A's leading dims summed where it was
+    broadcast against b: the weights' gradient of a triangular solve given db = A^-T grad."""
+    x_ = x.to(db.dtype)
     dA = -(db @ x_.transpose(-1, -2))
     dA = dA.triu(1 if unitriangular else 0) if upper else dA.tril(-1 if unitriangular else 0)
     while dA.dim() > A.dim():
@@ -140,7 +147,7 @@ def tri_solve_backward(grad, A, x, upper: bool = False, unitriangular: bool = Fa
     for i, n in enumerate(A.shape):
         if n == 1 and dA.shape[i] != 1:
             dA = dA.sum(i, keepdim=True)
-    return dA, db
+    return dA
 
 
 def _scan_chunk(h, u, dt, A, B, C, D):
@@ -240,5 +247,5 @@ def _scan_bwd(grad, saved, attrs):
 BACKWARD = {"attention": (_save_attention, _attention_bwd), "feedback": (_save_feedback, _feedback_bwd),
             "tri_solve": (_save_tri_solve, _tri_solve_bwd), "scan": (_save_scan, _scan_bwd)}
 
-__all__ = ["BACKWARD", "attention_lse", "attention_backward", "attention_autograd", "attention_setup_context", "feedback_backward", "tri_solve_backward",
+__all__ = ["BACKWARD", "attention_lse", "attention_backward", "attention_autograd", "attention_setup_context", "feedback_backward", "tri_solve_backward", "tri_solve_weight_grad",
            "scan_backward", "scan_ref", "ATTENTION_BLOCK", "SCAN_CHUNK", "feedback_chunk"]
