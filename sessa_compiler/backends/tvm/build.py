@@ -45,6 +45,12 @@ def feedback_spec(width: int, scale: float, dtype: str, schedule: FeedbackSchedu
                       schedule or default_feedback(width, lanes))
 
 
+def feedback_bwd_spec(width: int, scale: float, dtype: str, schedule: FeedbackSchedule | None = None, lanes: int = 8):
+    """The feedback backward kernel's spec (kernels/feedback_bwd.py): the forward's static sizes and schedule."""
+    fwd = feedback_spec(width, scale, dtype, schedule, lanes)
+    return KernelSpec("feedback_bwd", fwd.static, dtype, fwd.schedule)
+
+
 def attention_spec(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool, dtype: str,
                    schedule: AttentionSchedule | None = None, lanes: int = 8):
     return KernelSpec("attention", (("n_heads", int(n_heads)), ("n_kv_heads", int(n_kv_heads)),
@@ -93,7 +99,7 @@ def kernel_generator(op: str):
 
 
 # each generator's arguments before (dtype, schedule), read from the spec's params
-_KERNEL_ARGS = {"feedback": ("width", "scale"), "attention": ("n_heads", "n_kv_heads", "head_dim", "scale", "rope"),
+_KERNEL_ARGS = {"feedback": ("width", "scale"), "feedback_bwd": ("width", "scale"), "attention": ("n_heads", "n_kv_heads", "head_dim", "scale", "rope"),
                 "attention_bwd": ("n_heads", "n_kv_heads", "head_dim", "scale", "rope"),
                 "attention_lse": ("n_heads", "n_kv_heads", "head_dim", "scale", "rope"),
                 "scan": ("channels", "d_state"), "tri_solve": ("width", "unitriangular"),
