@@ -86,15 +86,17 @@ def test_attention_forward_kernel_writes_the_row_lse(monkeypatch, dtype):
     assert relative_error(out, want_out) <= tol and relative_error(lse, want_lse) <= tol
 
 
-def test_a_tvm_training_step_runs_the_attention_kernels(monkeypatch):
-    """A training step of the TVM backend runs the forward-with-lse and backward attention kernels (float64:
-    gradients equal the module's own autograd to 1e-10)."""
+def test_a_tvm_training_step_runs_the_backward_kernels(monkeypatch):
+    """A training step of the TVM backend runs the forward-with-lse and backward attention kernels and the
+    feedback backward kernel (float64: gradients equal the module's own autograd to 1e-10)."""
     import sessa_compiler as sc
     from sessa_compiler.models import SessaLayer
 
     calls = []
     real = tvm_training.attention_backward_tvm
     monkeypatch.setattr(tvm_training, "attention_backward_tvm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_fb = tvm_training.feedback_backward_tvm
+    monkeypatch.setattr(tvm_training, "feedback_backward_tvm", lambda *a, **k: calls.append(2) or real_fb(*a, **k))
     torch.manual_seed(0)
     m = SessaLayer(32, n_heads=4, n_kv_heads=2).train().double()
     x = torch.randn(2, 37, 32, dtype=torch.float64)
@@ -105,6 +107,36 @@ def test_a_tvm_training_step_runs_the_attention_kernels(monkeypatch):
         p.grad = None
     compiled = sc.compile(m, backend="tvm")
     compiled(x).pow(2).mean().backward()
-    assert calls == [1]
+    assert sorted(calls) == [1, 2]
     for n, w in want.items():
         assert relative_error(params[n].grad, w) <= 1e-10, n
+
+
+# -- feedback ----------------------------------------------------------------------------------------------------
+from sessa_compiler.backends.tvm.schedules import FeedbackSchedule  # noqa: E402
+from sessa_compiler.semantics import feedback_ref  # noqa: E402
+
+FB_SMALL = FeedbackSchedule(chunk=8, key_block=4, rows=2, col_block=4, gemm_rows=2)   # many chunks at small T
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B, T, D, gamma_max, sched", [
+    (1, 1, 8, 0.9, FB_SMALL),          # T = 1: no predecessor at all
+    (2, 37, 8, 0.99, FB_SMALL),        # odd T over 8-row chunks, gamma near +-gamma_max
+    (1, 70, 16, 0.5, None),            # straddles the default 64-row chunk
+])
+def test_feedback_backward_kernel_equals_dense_autograd(monkeypatch, dtype, B, T, D, gamma_max, sched):
+    monkeypatch.setattr(tvm_training, "aligned_empty", _poisoned)
+    g = torch.Generator().manual_seed(T)
+    f, q, k = (torch.randn(B, T, D, generator=g, dtype=torch.float64) for _ in range(3))
+    gamma = (torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 1).sign() * gamma_max
+    leaves = [x.clone().requires_grad_(True) for x in (f, q, k, gamma)]
+    s = feedback_ref(*leaves, 0.4)
+    w = torch.randn(s.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(s, leaves, w)
+    got = tvm_training.feedback_backward_tvm(w.to(dtype), s.detach().to(dtype), q.to(dtype), k.to(dtype),
+                                             gamma.to(dtype), 0.4, schedule=sched)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for a, c in zip(got, want):
+        assert a.dtype == dtype and not a.isnan().any()
+        assert relative_error(a, c) <= tol

@@ -4,7 +4,7 @@ backward kernel where there is one:
 
     op          forward kernel (saves)                                backward
     attention   kernels/attention_lse.py (q, k, v, inv_freq, out, lse) kernels/attention_bwd.py
-    feedback    kernels/feedback.py (s, q_b, k_b, gamma)              semantics.backward's blocked torch
+    feedback    kernels/feedback.py (s, q_b, k_b, gamma)              kernels/feedback_bwd.py
     scan        kernels/scan.py (its operands)                        semantics.backward's blocked torch
     tri_solve   kernels/tri_solve.py (A, x)                           semantics.backward's blocked torch
 
@@ -12,7 +12,8 @@ The attention's lse (row log-sum-exps of the scaled logits, [B, H, T] in the ker
 forward kernel itself (kernels/attention_lse.py: kernels/attention.py with one more output), so the backward
 needs no extra pass over the logits. Cases the backward kernel does not
 cover (non-causal, a value width other than the query's, operands of mixed dtypes or not float, empty
-tensors) run semantics.backward's blocked torch backward.
+tensors; for the feedback: q_b / k_b narrower or wider than s, mixed dtypes) run semantics.backward's blocked
+torch backward.
 
 Importing this module registers the backward kernels (``register_backward("tvm", ...)``).
 """
@@ -22,7 +23,7 @@ import torch
 
 from ...semantics.backward import BACKWARD
 from ..training import register_backward
-from .build import ALIGN, KernelSpec, aligned_empty, attention_bwd_spec, build, lanes_for
+from .build import ALIGN, KernelSpec, aligned_empty, attention_bwd_spec, build, feedback_bwd_spec, lanes_for
 from .target import resolve_target
 
 _DTYPES = {torch.float32: "float32", torch.float64: "float64", torch.bfloat16: "float32", torch.float16: "float32"}
@@ -101,6 +102,35 @@ def _attention_bwd(grad, saved, attrs):
     return BACKWARD["attention"][1](grad, saved, attrs)
 
 
-register_backward("tvm", "attention", backward=_attention_bwd)
+def feedback_bwd_applies(s, q_b, k_b, gamma) -> bool:
+    """The TVM feedback backward kernel covers this case: s, q_b, k_b, gamma of one float dtype, q_b / k_b as
+    wide as s (the forward kernel's layout), a non-empty batch and sequence."""
+    return (s.dtype == q_b.dtype == k_b.dtype == gamma.dtype and s.dtype in _DTYPES and s.dim() == 3
+            and q_b.shape == s.shape == k_b.shape and s.shape[0] > 0 and s.shape[1] > 0)
 
-__all__ = ["attention_backward_tvm", "attention_bwd_applies", "attention_forward_kernel"]
+
+def feedback_backward_tvm(grad, s, q_b, k_b, gamma, scale: float, schedule=None):
+    """(df, dq_b, dk_b, dgamma) of the feedback from its output s, by the generated TVM kernel
+    (kernels/feedback_bwd.py), in the kernel dtype."""
+    name = _DTYPES[s.dtype]
+    dt = _TORCH[name]
+    target, lanes = _target()
+    kernel = build(feedback_bwd_spec(s.shape[2], float(scale), name, schedule, lanes), target)
+    args = [_arg(x, dt) for x in (grad, s, q_b, k_b, gamma)]
+    outs = [aligned_empty(tuple(x.shape), dt) for x in (s, q_b, k_b, gamma)]
+    kernel(*args, *outs)
+    return tuple(outs)
+
+
+def _feedback_bwd(grad, saved, attrs):
+    s, q_b, k_b, gamma = saved
+    if feedback_bwd_applies(s, q_b, k_b, gamma):
+        return feedback_backward_tvm(grad, s, q_b, k_b, gamma, attrs["scale"])
+    return BACKWARD["feedback"][1](grad, saved, attrs)
+
+
+register_backward("tvm", "attention", backward=_attention_bwd)
+register_backward("tvm", "feedback", backward=_feedback_bwd)
+
+__all__ = ["attention_backward_tvm", "attention_bwd_applies", "attention_forward_kernel", "feedback_backward_tvm",
+           "feedback_bwd_applies"]
