@@ -10,8 +10,8 @@ import threading
 from dataclasses import dataclass
 
 from .schedules import (AttentionSchedule, FeedbackSchedule, LinearSchedule, Schedule, ScanSchedule,
-                        TriSolveSchedule, default_attention, default_feedback, default_linear, default_scan,
-                        default_tri_solve)
+                        TriSolveSchedule, default_attention, default_feedback, default_feedback_bwd, default_linear,
+                        default_scan, default_tri_solve)
 from .target import configure_threads, resolve_target, vector_bits
 
 
@@ -46,8 +46,9 @@ def feedback_spec(width: int, scale: float, dtype: str, schedule: FeedbackSchedu
 
 
 def feedback_bwd_spec(width: int, scale: float, dtype: str, schedule: FeedbackSchedule | None = None, lanes: int = 8):
-    """The feedback backward kernel's spec (kernels/feedback_bwd.py): the forward's static sizes and schedule."""
-    fwd = feedback_spec(width, scale, dtype, schedule, lanes)
+    """The feedback backward kernel's spec (kernels/feedback_bwd.py): the forward's static sizes; its own default
+    schedule (schedules.default_feedback_bwd)."""
+    fwd = feedback_spec(width, scale, dtype, schedule or default_feedback_bwd(width, lanes), lanes)
     return KernelSpec("feedback_bwd", fwd.static, dtype, fwd.schedule)
 
 
