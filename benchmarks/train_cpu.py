@@ -8,7 +8,8 @@ Variants (same weights, copied with load_state_dict(strict=True); loss = mean of
   ref compile      torch.compile of the public reference (inductor, default mode)
   own eager        sessa_compiler.models.SessaLayer, plain torch autograd (the uncompiled module)
   sc tvm           sessa_compiler.compile(own layer, backend="tvm"): forward = TVM kernels of the core ops,
-                   backward = the blocked backward kernels (backends/training.py); ordinary ops on torch
+                   backward = the TVM attention and feedback backward kernels (backends/tvm/training.py);
+                   ordinary ops on torch
 Timing: one process, medians over reps of alternating steps (each rep runs every variant once, in turn).
 Peak memory: each variant's step once more in a fresh subprocess (Linux): the resident peak (VmHWM, reset
 through /proc/self/clear_refs just before the step) minus the resident size before it: what the step added.

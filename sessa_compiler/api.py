@@ -697,7 +697,9 @@ class CompiledModule(torch.nn.Module):
             name = current.name
             lse_note = ("returned by the forward kernel" if current.training_lse_from_forward else
                         "computed by a blocked pass beside the forward kernel, which does not return them")
-            fb_note = " and its row log-sum-exps [B, T]" if current.training_lse_from_forward else ""
+            fb_lse = current.training_feedback_lse_from_forward
+            fb_note = " and its row log-sum-exps [B, T]" if (current.training_lse_from_forward if fb_lse is None
+                                                              else fb_lse) else ""
             lines.append(f"  autograd: a call that needs gradients runs the graph with each core op (attention, feedback, "
                          f"scan, tri_solve) as one autograd.Function: forward = the {name} kernel, backward = backward "
                          f"kernels ({describe_backward(name)}); ordinary ops are torch ops differentiated by torch "

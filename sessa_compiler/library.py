@@ -8,7 +8,9 @@
 - ``torch.ops.sessa_compiler.selective_scan(u, delta, A, B, C, D)``: the Mamba-1 scan (models/scan_op.py).
 
 Each has a fake kernel (contiguous outputs of the right shape and dtype, as the real kernels return) and
-an autograd formula, and passes ``torch.library.opcheck``. The feedback backward is a transposed blocked
+an autograd formula, and passes ``torch.library.opcheck``. The attention runs by query blocks both ways:
+its backward is FlashAttention-2 style (semantics/backward.py), [B, H, block, T] at a time, never
+[B, H, T, T]. The feedback backward is a transposed blocked
 solve: it never forms a T x T matrix, only [B, chunk, T] blocks of the weights, so its extra memory is
 O(B*T*(D + chunk)) (tests/test_library.py measures it against the dense solve's).
 """
@@ -18,8 +20,9 @@ from typing import Optional
 
 import torch
 
-from .semantics.core import (FEEDBACK_GRAD_CHUNK, attention_autograd, attention_ref, attention_setup_context,
-                             feedback_autograd, feedback_backward, feedback_ref, feedback_setup_context)
+from .semantics.backward import attention_autograd, attention_lse, attention_setup_context
+from .semantics.core import (FEEDBACK_GRAD_CHUNK, feedback_autograd, feedback_backward, feedback_ref,
+                             feedback_setup_context)
 from .models.scan_op import selective_scan
 
 __all__ = ["attention", "feedback", "selective_scan", "feedback_backward", "FEEDBACK_GRAD_CHUNK"]
@@ -31,8 +34,8 @@ __all__ = ["attention", "feedback", "selective_scan", "feedback_backward", "FEED
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: Optional[torch.Tensor], scale: float,
               causal: bool) -> torch.Tensor:
     """softmax_{j <= t}(q_t . k_j * scale) @ v with GQA; RoPE on q and k when inv_freq is given (the IR's
-    attention op)."""
-    return attention_ref(q, k, v, scale, causal, inv_freq).contiguous()
+    attention op), by query blocks (semantics/backward.py attention_lse: no [B, H, T, T] tensor)."""
+    return attention_lse(q, k, v, scale, causal, inv_freq)[0].contiguous()
 
 
 @attention.register_fake

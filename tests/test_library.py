@@ -75,6 +75,45 @@ def test_feedback_backward_forms_no_t_by_t_matrix():
     assert biggest < B * T * T * 8 / 8
 
 
+def attention_inputs(B, T, H, Hkv, d, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, d, generator=g, dtype=dtype)
+    k, v = (torch.randn(B, T, Hkv, d, generator=g, dtype=dtype) for _ in range(2))
+    return [t.requires_grad_(True) for t in (q, k, v)]
+
+
+@pytest.mark.parametrize("T, H, Hkv, rope, causal", [(1, 2, 1, True, True), (37, 2, 2, False, True),
+                                                      (130, 4, 2, True, True), (130, 1, 1, False, False),
+                                                      (9, 4, 1, True, False)])
+def test_attention_gradient_equals_the_dense_reference(T, H, Hkv, rope, causal):
+    """The op's backward (FlashAttention-2 style, query blocks of 128: T=130 straddles one) against
+    autograd through the dense float64 attention_ref."""
+    from sessa_compiler.semantics import attention_ref
+    q, k, v = attention_inputs(2, T, H, Hkv, 4, seed=T)
+    inv = torch.rand(2, dtype=torch.float64) if rope else None
+    w = torch.randn(2, T, H, 4, dtype=torch.float64)
+    want = torch.autograd.grad((attention_ref(q, k, v, 0.4, causal, inv) * w).sum(), (q, k, v))
+    got = torch.autograd.grad((OPS.attention(q, k, v, inv, 0.4, causal) * w).sum(), (q, k, v))
+    for a, c in zip(got, want):
+        assert a.dtype == c.dtype and relative_error(a, c) <= 1e-10
+    f32 = [t.detach().float().requires_grad_(True) for t in (q, k, v)]
+    got32 = torch.autograd.grad((OPS.attention(*f32, inv if inv is None else inv.float(), 0.4, causal)
+                                 * w.float()).sum(), f32)
+    for a, c in zip(got32, want):
+        assert a.dtype == torch.float32 and relative_error(a, c) <= 1e-5
+
+
+def test_attention_backward_forms_no_t_by_t_matrix():
+    B, H, T, d = 1, 2, 1024, 8
+    q, k, v = attention_inputs(B, T, H, 1, d)
+    out = OPS.attention(q, k, v, None, 0.3, True)
+    with torch.profiler.profile(profile_memory=True) as prof:
+        out.backward(torch.randn_like(out))
+    biggest = max(e.self_cpu_memory_usage for e in prof.events())
+    assert 0 < biggest <= B * H * 128 * T * 8, biggest   # a [B, H, block, T] block of probabilities at most
+    assert biggest < B * H * T * T * 8 / 4
+
+
 MODELS = {
     "sessa": (lambda: SessaLayer(16, n_heads=2, n_kv_heads=1), lambda: torch.randn(2, 9, 16)),
     "mamba": (lambda: MambaLayer(16), lambda: torch.randn(2, 9, 16)),

@@ -24,9 +24,10 @@ def test_every_kernel_compiles_for_sm90_with_tensor_cores(tmp_path):
     assert {k for k, _ in kernels} == {"attention_fwd", "feedback_lse", "feedback_diag_inverse", "feedback_solve",
                                        "feedback_probs", "feedback_update", "scan_chunked", "rope_rotate",
                                        "tri_solve_fwd", "tri_solve_diag_inverse"}
-    # per dtype: attention with (+ rope_rotate) and without RoPE and with a key-padding mask, five feedback kernels, two scans, and the two
-    # tri_solve kernels (bf16: a lower non-unit system; f32: an upper unit one with broadcast weights)
-    assert len(records) == 26
+    # per dtype: attention with (+ rope_rotate) and without RoPE and with a key-padding mask, five feedback
+    # kernels, two scans, and the two tri_solve kernels twice (bf16: a lower non-unit system; f32: an upper unit
+    # one with broadcast weights; and each in the transposed orientation the tri_solve backward solves)
+    assert len(records) == 30
     for r in records:
         assert r["cubin_bytes"] > 0
         assert r["spill_bytes"] == 0, r

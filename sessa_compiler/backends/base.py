@@ -48,6 +48,8 @@ class Backend(abc.ABC):
     differentiable: ClassVar[bool] = False   # False: compile() recomputes the backward on eager
     # prepare_training's attention kernel returns its row log-sum-exps (else a blocked pass computes them)
     training_lse_from_forward: ClassVar[bool] = False
+    # the same for the feedback kernel's row log-sum-exps (None: as training_lse_from_forward)
+    training_feedback_lse_from_forward: ClassVar[bool | None] = None
 
     @abc.abstractmethod
     def prepare(self, graph: Graph, ctx: CompileContext | None = None) -> Runner:

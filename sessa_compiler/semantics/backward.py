@@ -117,12 +117,40 @@ def attention_backward(grad, q, k, v, inv_freq, out, lse, scale: float, causal: 
     return _unrotate(dq, inv_freq), _unrotate(dk, inv_freq), dv
 
 
+# -- the attention's gradient as torch.library autograd (library.py registers it) -------------------------------
+def attention_setup_context(ctx, inputs, output):
+    """register_autograd's setup_context for an attention op (q, k, v, inv_freq, scale, causal) -> out: saves
+    the operands and the output (the backward recomputes the row log-sum-exps from them)."""
+    q, k, v, inv_freq, scale, causal = inputs
+    ctx.scale, ctx.causal, ctx.rope = scale, causal, inv_freq is not None
+    ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+    ctx.save_for_backward(q, k, v, inv_freq if inv_freq is not None else q.new_empty(0), output)
+
+
+def attention_autograd(ctx, grad):
+    """register_autograd's backward for an attention op: attention_backward (FlashAttention-2 style, [B, H,
+    block, T] at a time, never [B, H, T, T]) from the saved output and the lse of one blocked pass; no
+    gradient for inv_freq, scale or causal."""
+    q, k, v, inv_freq, out = ctx.saved_tensors
+    inv_freq = inv_freq if ctx.rope else None
+    lse = attention_lse(q, k, v, ctx.scale, ctx.causal, inv_freq, with_out=False)[1]
+    grads = attention_backward(grad.contiguous(), q, k, v, inv_freq, out, lse, ctx.scale, ctx.causal)
+    return (*(g.to(dt) for g, dt in zip(grads, ctx.dtypes)), None, None, None)
+
+
 def tri_solve_backward(grad, A, x, upper: bool = False, unitriangular: bool = False):
     """(dA, db) of x = A^-1 b for triangular A: db = A^-T grad, dA = -db x^T on A's triangle (off the diagonal
     when unitriangular); A's leading dims summed where it was broadcast against b."""
     cd = compute_dtype(grad.dtype)
-    A_, g, x_ = A.to(cd), grad.to(cd), x.to(cd)
+    A_, g = A.to(cd), grad.to(cd)
     db = torch.linalg.solve_triangular(A_.transpose(-1, -2), g, upper=not upper, unitriangular=unitriangular)
+    return tri_solve_weight_grad(db, A, x, upper, unitriangular), db
+
+
+def tri_solve_weight_grad(db, A, x, upper: bool = False, unitriangular: bool = False):
+    """dA = -db x^T on A's triangle (off the diagonal when unitriangular), A's leading dims summed where it was
+    broadcast against b: the weights' gradient of a triangular solve given db = A^-T grad."""
+    x_ = x.to(db.dtype)
     dA = -(db @ x_.transpose(-1, -2))
     dA = dA.triu(1 if unitriangular else 0) if upper else dA.tril(-1 if unitriangular else 0)
     while dA.dim() > A.dim():
@@ -130,7 +158,7 @@ def tri_solve_backward(grad, A, x, upper: bool = False, unitriangular: bool = Fa
     for i, n in enumerate(A.shape):
         if n == 1 and dA.shape[i] != 1:
             dA = dA.sum(i, keepdim=True)
-    return dA, db
+    return dA
 
 
 def _scan_chunk(h, u, dt, A, B, C, D):
@@ -203,9 +231,19 @@ def _save_feedback(operands, out, attrs, lse=None):
     return (out, q_b, k_b, gamma)
 
 
+FEEDBACK_LONG_CHUNK = 128   # the feedback backward's row chunk from T = 512 on (fewer, larger products)
+
+
+def feedback_chunk(T: int) -> int:
+    """Rows of the weights the feedback backward forms at once for length T: [B, chunk, T] blocks. 128 from
+    T = 512 on (1-thread CPU, D = c = 512: 97 vs 134 ms at T = 1024, 1.37 vs 1.74 s at T = 4096; 256 was no
+    faster), else FEEDBACK_GRAD_CHUNK."""
+    return FEEDBACK_LONG_CHUNK if T >= 512 else FEEDBACK_GRAD_CHUNK
+
+
 def _feedback_bwd(grad, saved, attrs):
     s, q_b, k_b, gamma = saved
-    return feedback_backward(grad, s, q_b, k_b, gamma, attrs["scale"], FEEDBACK_GRAD_CHUNK)
+    return feedback_backward(grad, s, q_b, k_b, gamma, attrs["scale"], feedback_chunk(s.shape[1]))
 
 
 def _save_tri_solve(operands, out, attrs, lse=None):
@@ -228,5 +266,5 @@ def _scan_bwd(grad, saved, attrs):
 BACKWARD = {"attention": (_save_attention, _attention_bwd), "feedback": (_save_feedback, _feedback_bwd),
             "tri_solve": (_save_tri_solve, _tri_solve_bwd), "scan": (_save_scan, _scan_bwd)}
 
-__all__ = ["BACKWARD", "attention_lse", "attention_backward", "feedback_backward", "tri_solve_backward",
-           "scan_backward", "scan_ref", "ATTENTION_BLOCK", "SCAN_CHUNK"]
+__all__ = ["BACKWARD", "attention_lse", "attention_backward", "attention_autograd", "attention_setup_context", "feedback_backward", "tri_solve_backward", "tri_solve_weight_grad",
+           "scan_backward", "scan_ref", "ATTENTION_BLOCK", "SCAN_CHUNK", "feedback_chunk"]

@@ -187,25 +187,28 @@ def feedback_backward(grad_s, s, q_b, k_b, gamma, scale: float, chunk: int = FEE
     T = s.shape[1]
     acc = ds.clone()      # ds plus the contributions of later rows: [B, T, D]
     df = torch.empty_like(acc)
-    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    dq, dk = torch.empty_like(q), torch.zeros_like(k)
     dgamma = torch.empty_like(g)
+    s_t = s.transpose(1, 2)
     eye = None
     for a in reversed(range(0, T, chunk)):
         b = min(a + chunk, T)
         alpha = _weights(q[:, a:b], k[:, :b], a, scale)           # [B, rows, b]
-        ga = g[:, a:b, None] * alpha
-        m = -ga[:, :, a:b]                                          # the diagonal block of I - G*alpha, minus I
+        ga = alpha * g[:, a:b, None]
         if eye is None or eye.shape[0] != b - a:
             eye = torch.eye(b - a, dtype=cd, device=s.device)
-        dfa = torch.linalg.solve_triangular((eye + m).transpose(1, 2), acc[:, a:b], upper=True, unitriangular=True)
+        # the diagonal block of I - G*alpha, transposed: backward substitution
+        dfa = torch.linalg.solve_triangular((eye - ga[:, :, a:b]).transpose(1, 2), acc[:, a:b], upper=True,
+                                            unitriangular=True)
         df[:, a:b] = dfa
         if a:
-            acc[:, :a] += ga[:, :, :a].transpose(1, 2) @ dfa
-        dg = (dfa * (alpha @ s[:, :b])).sum(-1)
+            acc[:, :a].baddbmm_(ga[:, :, :a].transpose(1, 2), dfa)
+        dg = torch.linalg.vecdot(dfa, torch.bmm(alpha, s[:, :b]))
         dgamma[:, a:b] = dg
-        p = ga * (dfa @ s[:, :b].transpose(1, 2) - dg[..., None])
-        dq[:, a:b] = scale * (p @ k[:, :b])
-        dk[:, :b] += scale * (p.transpose(1, 2) @ q[:, a:b])
+        p = torch.bmm(dfa, s_t[:, :, :b]).sub_(dg[..., None]).mul_(ga)
+        torch.bmm(p, k[:, :b], out=dq[:, a:b])
+        dk[:, :b].baddbmm_(p.transpose(1, 2), q[:, a:b], alpha=scale)
+    dq.mul_(scale)
     return df, dq, dk, dgamma
 
 
@@ -223,22 +226,3 @@ def feedback_autograd(ctx, grad):
     s, q_b, k_b, gamma = ctx.saved_tensors
     grads = feedback_backward(grad, s, q_b, k_b, gamma, ctx.scale)
     return (*(x.to(dt) for x, dt in zip(grads, ctx.dtypes)), None)
-
-
-# -- the attention's gradient (library.py and the Triton op register it) --------------------------------------
-def attention_setup_context(ctx, inputs, output):
-    """register_autograd's setup_context for an attention op (q, k, v, inv_freq, scale, causal) -> out."""
-    q, k, v, inv_freq, scale, causal = inputs
-    ctx.scale, ctx.causal, ctx.rope = scale, causal, inv_freq is not None
-    ctx.save_for_backward(q, k, v, inv_freq if inv_freq is not None else q.new_empty(0))
-
-
-def attention_autograd(ctx, grad):
-    """register_autograd's backward for an attention op: autograd through attention_ref, recomputed from the
-    saved q, k and v (no gradient for inv_freq, scale or causal)."""
-    q, k, v, inv_freq = ctx.saved_tensors
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    with torch.enable_grad():
-        out = attention_ref(*leaves, ctx.scale, ctx.causal, inv_freq if ctx.rope else None)
-    dq, dk, dv = torch.autograd.grad(out, leaves, grad)
-    return dq, dk, dv, None, None, None

@@ -88,7 +88,8 @@ graph sample(%f: {dt}[B, T, 128], %qb: {dt}[B, T, 128], %kb: {dt}[B, T, 128], %g
   %s: {dt}[B, T, 128] = feedback_chunked(%f, %qb, %kb, %g, %lse, %dinv) {{scale=0.088, chunk_size=64}}
   %y: {dt}[B, T, 32] = scan_chunked(%u, %dt, %A, %Bm, %Cm, %Dskip) {{chunk_size=16}}
   %x: {dt}[B, T, 128] = tri_solve({solve_w}, %f) {{upper={solve_upper}, unitriangular={solve_upper}}}
-  return %att, %att2, %att3, %s, %y, %x
+  %xt: {dt}[B, T, 128] = tri_solve({solve_w}, %f) {{upper={solve_lower}, unitriangular={solve_upper}}}
+  return %att, %att2, %att3, %s, %y, %x, %xt
 }}
 """
 
@@ -99,9 +100,11 @@ def sample_sources(dtype: str = "bf16") -> list:
     from ...ir import parse
     from .backend import TritonProgram, _generator, _operand_names
 
-    # tri_solve: lower non-unit on [B, T, T] weights for bf16, upper unit on broadcast [T, T] weights for f32
+    # tri_solve: lower non-unit on [B, T, T] weights for bf16, upper unit on broadcast [T, T] weights for f32,
+    # and each one's transposed orientation (what the tri_solve backward solves: training.py)
     upper = dtype == "f32"
-    graph = parse(SAMPLE_IR.format(dt=dtype, solve_w="%W2" if upper else "%W", solve_upper=upper))
+    graph = parse(SAMPLE_IR.format(dt=dtype, solve_w="%W2" if upper else "%W", solve_upper=upper,
+                                   solve_lower=not upper))
     srcs = []
     for strategy in ("sequential", "associative"):
         prog = TritonProgram(graph, None, interpret=False, scan_strategy=strategy)

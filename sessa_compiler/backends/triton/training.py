@@ -5,7 +5,8 @@ autograd.Function whose forward is a Triton forward kernel and whose backward is
     attention   attention_fwd (its row lse, float32 [B, H, T])  attention_backward_triton(..., lse=saved lse)
     feedback    feedback_lse, diag_inverse, solve (s, its lse)  feedback_backward_triton(..., lse=saved lse)
     scan        scan_chunked, sequential (its operands)         scan_backward_triton
-    tri_solve   semantics' torch forward                        semantics.backward's (db = A^-T g, ...)
+    tri_solve   semantics' torch forward                        tri_solve.py's kernels on the transposed system
+                                                                (db = A^-T g), dA = -db x^T by torch
 
 Attention with a key-padding mask (key_padding=True) trains on the blocked torch forward and backward of
 semantics/backward.py (correct, counted as a torch forward in the stats; no Triton backward kernel reads the
@@ -17,10 +18,12 @@ Importing this module registers the backward kernels (``register_backward("trito
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ...ir.dtypes import from_torch
-from ...semantics.backward import BACKWARD
+from ...semantics.backward import BACKWARD, tri_solve_weight_grad
 from ..training import _torch_forward, register_backward
 from .attention import launch_attention
 from .attention_bwd import MAX_WIDTH as ATTENTION_BWD_WIDTH, attention_backward_triton
@@ -29,6 +32,7 @@ from .feedback_bwd import feedback_backward_triton
 from .ops import _attention_kernel, _scan_kernel, feedback_forward
 from .scan import launch_scan
 from .scan_bwd import scan_backward_triton
+from .tri_solve import generate_tri_solve, launch_tri_solve
 
 
 def _kernel_dtype(*tensors) -> str | None:
@@ -144,6 +148,49 @@ def scan_backward(grad, saved, attrs):
     return BACKWARD["scan"][1](grad, saved, attrs)
 
 
+# -- tri_solve ---------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=64)
+def _tri_solve_kernel(n: int, upper: bool, unit: bool, interpret: bool):
+    """The float32 tri_solve kernels (tri_solve.py) for an ``upper`` / ``unit`` system with n right-hand
+    columns."""
+    from ...ir import parse
+    from .codegen import KERNEL_CACHE
+
+    node = parse(f"""graph t(%A: f32[B, T, T], %b: f32[B, T, {n}]) {{
+  %x: f32[B, T, {n}] = tri_solve(%A, %b) {{upper={upper}, unitriangular={unit}}}
+  return %x
+}}""").nodes[0]
+    return KERNEL_CACHE.load(generate_tri_solve(node, {"A": "f32", "b": "f32"}, interpret), interpret)
+
+
+def tri_solve_transposed(A, grad, upper: bool, unit: bool, out=None):
+    """db = A^-T grad by the Triton tri_solve kernels: A^T of a lower system is an upper one (and the other way
+    round), solved by the same blocked substitution; float32 (A^T made contiguous: A's own size; 16-bit operands
+    upcast). ``out``: a contiguous float32 tensor of grad's shape, or None."""
+    At = A.detach().transpose(-1, -2).to(torch.float32).contiguous()
+    g = grad.to(torch.float32).contiguous()
+    kernel = _tri_solve_kernel(int(g.shape[-1]), not upper, bool(unit), not g.is_cuda)
+    return launch_tri_solve(kernel, At, g, out=out)
+
+
+def _tri_solve_on_kernels(A, x, grad) -> bool:
+    """float32 / 16-bit operands of one dtype, a non-empty system, A's leading dims matching grad's last ones."""
+    return (A.dtype == x.dtype == grad.dtype and A.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and grad.dim() >= 2 and grad.numel() > 0 and A.dim() <= grad.dim()
+            and tuple(A.shape[:-2]) == tuple(grad.shape[grad.dim() - A.dim():-2]))
+
+
+def tri_solve_backward(grad, saved, attrs):
+    """(dA, db) of tri_solve: db by tri_solve_transposed, dA = -db x^T on A's triangle
+    (semantics.backward.tri_solve_weight_grad); semantics.backward's where no kernel applies (float64)."""
+    A, x = saved
+    upper, unit = bool(attrs["upper"]), bool(attrs["unitriangular"])
+    if not _tri_solve_on_kernels(A, x, grad):
+        return BACKWARD["tri_solve"][1](grad, saved, attrs)
+    db = tri_solve_transposed(A, grad, upper, unit)
+    return tri_solve_weight_grad(db, A, x, upper, unit), db
+
+
 def _count(stats, op: str, kernel: bool) -> None:
     if stats is not None:
         stats[f"triton_{'kernel' if kernel else 'torch'}_forward_{op}"] += 1
@@ -154,6 +201,7 @@ FORWARDS = {"attention": attention_forward, "feedback": feedback_forward_kernel,
 register_backward("triton", "attention", backward=attention_backward)
 register_backward("triton", "feedback", save=feedback_save, backward=feedback_backward)
 register_backward("triton", "scan", backward=scan_backward)
+register_backward("triton", "tri_solve", backward=tri_solve_backward)
 
 __all__ = ["FORWARDS", "attention_forward", "attention_backward", "feedback_forward_kernel", "feedback_save",
-           "feedback_backward", "scan_forward", "scan_backward"]
+           "feedback_backward", "scan_forward", "scan_backward", "tri_solve_backward", "tri_solve_transposed"]

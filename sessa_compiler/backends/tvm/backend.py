@@ -19,24 +19,11 @@ from ...errors import InputError, UnsupportedError
 from ...ir.graph import Graph, Node, Value
 from ..base import Backend, CompileContext
 from ..eager import bind_symbols, eager_when_empty, resolve, run_node
-from .build import build, kernel_source, lanes_for
+from .build import ALIGN, aligned_empty, build, kernel_source, lanes_for
 from .lowering import lower_graph
 from .schedule_choice import tuning_kernel, tuning_source, tunable_nodes, tvm_schedule, tvm_schedules, tvm_space
 
-ALIGN = 64
 _TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}
-
-
-def aligned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
-    t = torch.empty(shape, dtype=dtype)
-    if t.data_ptr() % ALIGN == 0:
-        return t
-    n = 1
-    for s in shape:
-        n *= int(s)
-    raw = torch.empty(n + ALIGN, dtype=dtype)
-    off = (-raw.data_ptr() % ALIGN) // raw.element_size()
-    return raw[off:off + n].view(shape)
 
 
 class KernelCall:
@@ -90,6 +77,8 @@ class TVMBackend(Backend):
 
     name = "tvm"
     differentiable = False  # autograd through its kernels: prepare_training (backends/training.py)
+    training_lse_from_forward = True            # the attention forward kernel writes its lse (training.py here)
+    training_feedback_lse_from_forward = False  # the feedback backward recomputes its weights' softmax
 
     def __init__(self, target=None, schedules: dict | None = None, feedback_chunk_size: int | None = None,
                  print_ir: bool | None = None, whole_graph: bool | None = None, decode_kernels: bool | None = None):
@@ -299,10 +288,12 @@ class TVMBackend(Backend):
 
     def prepare_training(self, graph: Graph, ctx: CompileContext | None = None):
         """The runner for calls that need gradients (backends/training.py): each core op's forward is its TVM
-        kernel (the same generated kernel as the forward-only runner), its backward the blocked kernels of
+        kernel (the same generated kernel as the forward-only runner), its backward a generated TVM backward
+        kernel where there is one (attention, training.py here), else the blocked torch of
         semantics/backward.py; the ordinary ops run through torch, which differentiates them."""
         from ...passes.manager import show_ir
         from ..training import training_runner
+        from . import training as tvm_training   # also registers the backward kernels
 
         show_ir(graph, "run by the tvm backend for calls that need gradients (core ops: forward and backward kernels)",
                 self.print_ir)
@@ -312,9 +303,14 @@ class TVMBackend(Backend):
         for item in self.plan(graph):
             if item.spec is None:
                 continue
-            call = KernelCall(build(item.spec, self.target), self.stats)
             node = item.node
+            if node.op == "attention" and not node.attrs.get("key_padding", False):
+                # the forward that also returns its lse for the backward kernel
+                kernels[node] = tvm_training.attention_forward_kernel(item.spec, self.target, self.stats)
+                continue
+            call = KernelCall(build(item.spec, self.target), self.stats)
             if node.op == "attention" and not node.attrs.get("rope", False):
+                # a masked attention (its backward is the blocked torch one, which recomputes the lse): q, k, v, mask
                 kernels[node] = lambda q, k, v, *rest, call=call: call(q, k, v, *rest[1:2])
             elif node.op == "tri_solve":
                 kernels[node] = lambda A, b, call=call, upper=node.attrs["upper"]: call(A, b, upper=upper)

@@ -10,8 +10,8 @@ import threading
 from dataclasses import dataclass
 
 from .schedules import (AttentionSchedule, FeedbackSchedule, LinearSchedule, Schedule, ScanSchedule,
-                        TriSolveSchedule, default_attention, default_feedback, default_linear, default_scan,
-                        default_tri_solve)
+                        TriSolveSchedule, default_attention, default_feedback, default_feedback_bwd, default_linear,
+                        default_scan, default_tri_solve)
 from .target import configure_threads, resolve_target, vector_bits
 
 
@@ -45,6 +45,13 @@ def feedback_spec(width: int, scale: float, dtype: str, schedule: FeedbackSchedu
                       schedule or default_feedback(width, lanes))
 
 
+def feedback_bwd_spec(width: int, scale: float, dtype: str, schedule: FeedbackSchedule | None = None, lanes: int = 8):
+    """The feedback backward kernel's spec (kernels/feedback_bwd.py): the forward's static sizes; its own default
+    schedule (schedules.default_feedback_bwd)."""
+    fwd = feedback_spec(width, scale, dtype, schedule or default_feedback_bwd(width, lanes), lanes)
+    return KernelSpec("feedback_bwd", fwd.static, dtype, fwd.schedule)
+
+
 def attention_spec(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool, dtype: str,
                    schedule: AttentionSchedule | None = None, lanes: int = 8, key_padding: bool = False):
     params = (("n_heads", int(n_heads)), ("n_kv_heads", int(n_kv_heads)), ("head_dim", int(head_dim)),
@@ -52,6 +59,20 @@ def attention_spec(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, r
     if key_padding:   # only then a param: the unmasked kernels keep their names
         params += (("key_padding", True),)
     return KernelSpec("attention", params, dtype, schedule or default_attention(head_dim, lanes))
+
+
+def attention_bwd_spec(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool, dtype: str,
+                       schedule: AttentionSchedule | None = None, lanes: int = 8):
+    """The attention backward kernel's spec (kernels/attention_bwd.py): the forward's static sizes."""
+    fwd = attention_spec(n_heads, n_kv_heads, head_dim, scale, rope, dtype, schedule, lanes)
+    return KernelSpec("attention_bwd", fwd.static, dtype, fwd.schedule)
+
+
+def attention_lse_spec(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool, dtype: str,
+                       schedule: AttentionSchedule | None = None, lanes: int = 8):
+    """The attention forward that also returns its row log-sum-exps (kernels/attention_lse.py)."""
+    fwd = attention_spec(n_heads, n_kv_heads, head_dim, scale, rope, dtype, schedule, lanes)
+    return KernelSpec("attention_lse", fwd.static, dtype, fwd.schedule)
 
 
 def scan_spec(channels: int, d_state: int, dtype: str, schedule: ScanSchedule | None = None, lanes: int = 8):
@@ -81,7 +102,9 @@ def kernel_generator(op: str):
 
 
 # each generator's arguments before (dtype, schedule), read from the spec's params
-_KERNEL_ARGS = {"feedback": ("width", "scale"), "attention": ("n_heads", "n_kv_heads", "head_dim", "scale", "rope"),
+_KERNEL_ARGS = {"feedback": ("width", "scale"), "feedback_bwd": ("width", "scale"), "attention": ("n_heads", "n_kv_heads", "head_dim", "scale", "rope"),
+                "attention_bwd": ("n_heads", "n_kv_heads", "head_dim", "scale", "rope"),
+                "attention_lse": ("n_heads", "n_kv_heads", "head_dim", "scale", "rope"),
                 "scan": ("channels", "d_state"), "tri_solve": ("width", "unitriangular"),
                 "linear": ("in_features", "out_features", "bias")}
 
@@ -117,6 +140,24 @@ def kernel_source(spec: KernelSpec) -> str:
               f"# static sizes: {dict(spec.static)}; batch and sequence length are symbolic (nb, nt)\n"
               f"# dtype: {spec.dtype}; schedule: {spec.schedule.as_dict()}\n")
     return header + primfunc(spec).script()
+
+
+ALIGN = 64   # bytes: generated code assumes aligned data and nothing checks it
+
+
+def aligned_empty(shape, dtype):
+    """torch.empty(shape, dtype) whose data is ALIGN-byte aligned."""
+    import torch
+
+    t = torch.empty(shape, dtype=dtype)
+    if t.data_ptr() % ALIGN == 0:
+        return t
+    n = 1
+    for s in shape:
+        n *= int(s)
+    raw = torch.empty(n + ALIGN, dtype=dtype)
+    off = (-raw.data_ptr() % ALIGN) // raw.element_size()
+    return raw[off:off + n].view(shape)
 
 
 class Kernel:

@@ -1,0 +1,142 @@
+"""The TVM backward kernels (backends/tvm/kernels/attention_bwd.py, run by backends/tvm/training.py) against
+autograd through the dense float64 reference of semantics/core.py (never the backward under test), with the
+kernel's outputs poisoned with NaN before the run, at shapes straddling the query and key blocks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("tvm")
+
+from sessa_compiler.api import relative_error  # noqa: E402
+from sessa_compiler.backends.tvm import training as tvm_training  # noqa: E402
+from sessa_compiler.backends.tvm.build import aligned_empty  # noqa: E402
+from sessa_compiler.backends.tvm.schedules import AttentionSchedule  # noqa: E402
+from sessa_compiler.semantics import attention_ref  # noqa: E402
+from sessa_compiler.semantics.backward import attention_lse  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL = AttentionSchedule(q_block=16, k_block=8, rows=2, v_lanes=4)   # many blocks at small T
+
+
+def _poisoned(shape, dtype):
+    return aligned_empty(shape, dtype).fill_(float("nan"))
+
+
+def _dense_grads(B, T, H, Hkv, d, rope, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, T, Hkv, d, generator=g, dtype=torch.float64) for _ in range(2))
+    inv = torch.rand(d // 2, generator=g, dtype=torch.float64) if rope else None
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out = attention_ref(*leaves, scale, True, inv)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    return (q, k, v, inv, out.detach(), w), torch.autograd.grad(out, leaves, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B, T, H, Hkv, d, rope, sched", [
+    (1, 1, 2, 1, 8, True, None),          # T = 1
+    (2, 37, 2, 2, 8, False, SMALL),       # odd T over 16-row / 8-key blocks, RoPE off
+    (1, 50, 4, 1, 8, True, SMALL),        # GQA: 4 query heads read one kv head
+    (2, 67, 1, 1, 16, True, None),        # H = 1, straddles the default 64-row block
+])
+def test_attention_backward_kernel_equals_dense_autograd(monkeypatch, dtype, B, T, H, Hkv, d, rope, sched):
+    monkeypatch.setattr(tvm_training, "aligned_empty", _poisoned)
+    scale = d ** -0.5
+    (q, k, v, inv, out, w), want = _dense_grads(B, T, H, Hkv, d, rope, scale, seed=T)
+    q_, k_, v_, out_, w_ = (x.to(dtype) for x in (q, k, v, out, w))
+    inv_ = inv.to(dtype) if rope else None
+    lse = attention_lse(q_, k_, v_, scale, True, inv_, with_out=False)[1]
+    got = tvm_training.attention_backward_tvm(w_, q_, k_, v_, inv_, out_, lse, scale, True, schedule=sched)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for a, c in zip(got, want):
+        assert a.dtype == dtype and not a.isnan().any()
+        assert relative_error(a, c) <= tol
+
+
+def test_attention_backward_kernel_sees_large_logits():
+    """Rows whose logits differ by hundreds (probabilities 0 or 1 after the softmax): the recomputed
+    P = exp(S - lse) must not overflow."""
+    (q, k, v, inv, out, w), want = _dense_grads(1, 40, 2, 1, 8, True, 8.0, seed=3)
+    lse = attention_lse(q.float(), k.float(), v.float(), 8.0, True, inv.float(), with_out=False)[1]
+    got = tvm_training.attention_backward_tvm(w.float(), q.float(), k.float(), v.float(), inv.float(), out.float(),
+                                              lse, 8.0, True, schedule=SMALL)
+    for a, c in zip(got, want):
+        assert relative_error(a, c) <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_attention_forward_kernel_writes_the_row_lse(monkeypatch, dtype):
+    """kernels/attention_lse.py: the forward's output and its row log-sum-exps (poisoned before the run)
+    against semantics.backward.attention_lse, at an odd T over several query blocks with GQA and RoPE."""
+    from sessa_compiler.backends.tvm.build import attention_spec
+    from sessa_compiler.backends.tvm.target import resolve_target
+
+    monkeypatch.setattr(tvm_training, "aligned_empty", _poisoned)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 45, 4, 8, generator=g, dtype=dtype)
+    k, v = (torch.randn(2, 45, 2, 8, generator=g, dtype=dtype) for _ in range(2))
+    inv = torch.rand(4, generator=g, dtype=dtype)
+    name = "float64" if dtype == torch.float64 else "float32"
+    run = tvm_training.attention_forward_kernel(attention_spec(4, 2, 8, 0.35, True, name, SMALL), resolve_target(None))
+    out, lse = run(q, k, v, inv)
+    want_out, want_lse = attention_lse(q.double(), k.double(), v.double(), 0.35, True, inv.double())
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert relative_error(out, want_out) <= tol and relative_error(lse, want_lse) <= tol
+
+
+def test_a_tvm_training_step_runs_the_backward_kernels(monkeypatch):
+    """A training step of the TVM backend runs the forward-with-lse and backward attention kernels and the
+    feedback backward kernel (float64: gradients equal the module's own autograd to 1e-10)."""
+    import sessa_compiler as sc
+    from sessa_compiler.models import SessaLayer
+
+    calls = []
+    real = tvm_training.attention_backward_tvm
+    monkeypatch.setattr(tvm_training, "attention_backward_tvm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_fb = tvm_training.feedback_backward_tvm
+    monkeypatch.setattr(tvm_training, "feedback_backward_tvm", lambda *a, **k: calls.append(2) or real_fb(*a, **k))
+    torch.manual_seed(0)
+    m = SessaLayer(32, n_heads=4, n_kv_heads=2).train().double()
+    x = torch.randn(2, 37, 32, dtype=torch.float64)
+    params = dict(m.named_parameters())
+    m(x).pow(2).mean().backward()
+    want = {n: p.grad.clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    compiled = sc.compile(m, backend="tvm")
+    compiled(x).pow(2).mean().backward()
+    assert sorted(calls) == [1, 2]
+    for n, w in want.items():
+        assert relative_error(params[n].grad, w) <= 1e-10, n
+
+
+# -- feedback ----------------------------------------------------------------------------------------------------
+from sessa_compiler.backends.tvm.schedules import FeedbackSchedule  # noqa: E402
+from sessa_compiler.semantics import feedback_ref  # noqa: E402
+
+FB_SMALL = FeedbackSchedule(chunk=8, key_block=4, rows=2, col_block=4, gemm_rows=2)   # many chunks at small T
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("B, T, D, gamma_max, sched", [
+    (1, 1, 8, 0.9, FB_SMALL),          # T = 1: no predecessor at all
+    (2, 37, 8, 0.99, FB_SMALL),        # odd T over 8-row chunks, gamma near +-gamma_max
+    (1, 131, 16, 0.5, None),           # straddles the default 128-row chunk of the backward
+])
+def test_feedback_backward_kernel_equals_dense_autograd(monkeypatch, dtype, B, T, D, gamma_max, sched):
+    monkeypatch.setattr(tvm_training, "aligned_empty", _poisoned)
+    g = torch.Generator().manual_seed(T)
+    f, q, k = (torch.randn(B, T, D, generator=g, dtype=torch.float64) for _ in range(3))
+    gamma = (torch.rand(B, T, generator=g, dtype=torch.float64) * 2 - 1).sign() * gamma_max
+    leaves = [x.clone().requires_grad_(True) for x in (f, q, k, gamma)]
+    s = feedback_ref(*leaves, 0.4)
+    w = torch.randn(s.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(s, leaves, w)
+    got = tvm_training.feedback_backward_tvm(w.to(dtype), s.detach().to(dtype), q.to(dtype), k.to(dtype),
+                                             gamma.to(dtype), 0.4, schedule=sched)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    for a, c in zip(got, want):
+        assert a.dtype == dtype and not a.isnan().any()
+        assert relative_error(a, c) <= tol
