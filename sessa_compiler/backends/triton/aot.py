@@ -96,6 +96,7 @@ def sample_sources(dtype: str = "bf16") -> list:
     """The kernels of a graph with every core op (RoPE on and off, GQA; tri_solve), at GPU settings."""
     from ...ir import parse
     from .backend import TritonProgram, _generator, _operand_names
+    from .feedback import generate_solve
 
     # tri_solve: lower non-unit on [B, T, T] weights for bf16, upper unit on broadcast [T, T] weights for f32
     upper = dtype == "f32"
@@ -108,6 +109,8 @@ def sample_sources(dtype: str = "bf16") -> list:
                 continue
             dtypes = {n: v.type.dtype.name for n, v in zip(_operand_names(node), node.inputs)}
             srcs.extend(prog.source_for(node, dtypes, interpret=False).all_kernels())
+            if node.op == "feedback_chunked" and strategy == "sequential":   # the lse-first fallback's kernels
+                srcs.extend(generate_solve(node, dtypes, interpret=False).all_kernels())
     return srcs
 
 

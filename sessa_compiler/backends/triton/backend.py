@@ -26,6 +26,7 @@ from ..eager import bind_symbols, call_widened, run_node, widen, widened
 from .attention import generate_attention, launch_attention
 from .codegen import KERNEL_CACHE, KERNEL_DTYPES, KernelSource
 from .feedback import generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse, launch_lse, launch_solve
+from .feedback_online import generate_online, launch_online
 from .fused import fused_layout, generate_fused, launch_fused
 from .prepare import triton_runner, triton_space, tunable_nodes, tuning_kernel, tuning_source
 from .scan import generate_scan, launch_scan
@@ -47,7 +48,7 @@ def _generator(node: Node):
     if node.op == "attention":
         return generate_attention if node.attrs["causal"] else None
     return {"feedback_lse": generate_lse, "feedback_diag_inverse": generate_diag_inverse,
-            "feedback_chunked": generate_solve, "scan_chunked": generate_scan, "fused": generate_fused,
+            "feedback_chunked": generate_online, "scan_chunked": generate_scan, "fused": generate_fused,
             "tri_solve": generate_tri_solve}.get(node.op)
 
 
@@ -66,10 +67,34 @@ def _launch(node: Node, kernel, args: list):
     if node.op == "feedback_diag_inverse":
         return launch_diag_inverse(kernel, *args, chunk_size=node.attrs["chunk_size"])
     if node.op == "feedback_chunked":
+        if kernel.source.name == "feedback_solve_online":
+            return launch_online(kernel, *args[:4])
         return launch_solve(kernel, *args)
     if node.op == "tri_solve":
         return launch_tri_solve(kernel, *args)
     return launch_scan(kernel, *args)
+
+
+def one_pass_feedback(graph: Graph) -> dict:
+    """feedback_chunked node -> (feedback_lse node, feedback_diag_inverse node) where the lse is read only by those
+    two and the inverses only by the solve, and the lse is not a graph output: the one-pass kernels
+    (feedback_online.py) then make the lse themselves and need no inverse pass."""
+    users: dict = collections.defaultdict(list)
+    for n in graph.nodes:
+        for x in n.inputs:
+            users[x].append(n)
+    outs = set(graph.outputs)
+    found = {}
+    for n in graph.nodes:
+        if n.op != "feedback_chunked":
+            continue
+        lse_v, dinv_v = n.inputs[4], n.inputs[5]
+        lse_n, dinv_n = lse_v.producer, dinv_v.producer
+        if (lse_n is None or dinv_n is None or lse_n.op != "feedback_lse" or dinv_n.op != "feedback_diag_inverse"
+                or lse_v in outs or dinv_v in outs or set(users[lse_v]) != {dinv_n, n} or users[dinv_v] != [n]):
+            continue
+        found[n] = (lse_n, dinv_n)
+    return found
 
 
 class TritonProgram:
@@ -81,7 +106,11 @@ class TritonProgram:
         self.passes = passes
         self.interpret = interpret
         self.kernels: dict = {}
-        self.kernel_nodes = [n for n in graph.nodes if _generator(n) is not None]
+        # feedback_chunked -> (its feedback_lse, feedback_diag_inverse) when nothing else reads them: the one-pass
+        # kernels compute both on the way (one_pass_feedback), so those two nodes launch nothing
+        self.one_pass = one_pass_feedback(graph)
+        folded = {n for pair in self.one_pass.values() for n in pair}
+        self.kernel_nodes = [n for n in graph.nodes if _generator(n) is not None and n not in folded]
         self.node_configs: dict = {}    # node -> {num_warps, num_stages, tiles}: tuned, shipped default, or none
         self.config_report: list = []   # where each op's config came from (for describe / explain)
 
@@ -91,6 +120,8 @@ class TritonProgram:
         launch = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
         if node.op == "scan_chunked":
             src = generate_scan(node, dtypes, interpret, strategy=self.scan_strategy)
+        elif node.op == "feedback_chunked" and node not in self.one_pass:   # lse / inverses from their own kernels
+            src = generate_solve(node, dtypes, interpret, **knobs)
         else:
             src = _generator(node)(node, dtypes, interpret, **knobs)
         return dataclasses.replace(src, **launch) if launch else src
@@ -122,7 +153,22 @@ class TritonProgram:
         for name, v in graph.param_values.items():
             env[v] = params[name]
         kernel_nodes = set(self.kernel_nodes)
+        folded = {n: chunked for chunked, pair in self.one_pass.items() for n in pair}
         for node in graph.nodes:
+            if node in folded:   # run with its feedback_chunked node (below)
+                continue
+            if node in self.one_pass:
+                args = [env[x] for x in node.inputs[:4]]
+                dtypes = {name: from_torch(a.dtype).name for name, a in zip(_operand_names(node), args)}
+                lse_node, dinv_node = self.one_pass[node]
+                if all(dt in KERNEL_DTYPES for dt in dtypes.values()):
+                    s, lse = _launch(node, self.kernel(node, dtypes, interpret), args)
+                    env[node.output] = s
+                    env[lse_node.output] = lse
+                else:
+                    for n in (lse_node, dinv_node, node):
+                        run_node(n, env, binding, device)
+                continue
             dtypes = None
             if node in kernel_nodes:
                 args = [env[x] for x in node.inputs]
