@@ -44,6 +44,20 @@ def test_sessa_layer_matches_eager_at_several_lengths():
         assert kernel in text
 
 
+def test_lse_first_feedback_fallback_matches_and_launches_its_passes():
+    """feedback_one_pass=False: the lse pass, the inverse pass, then the lse-first solve (feedback.py), against
+    eager on the same graph; the default program folds those two nodes into the one-pass kernels."""
+    compiled = check(sessa(n_heads=2), torch.randn(2, 37, 32),
+                     compiled=sc.compile(sessa(n_heads=2), backend="triton",
+                                         options={**OPTS, "feedback_one_pass": False}))
+    text = compiled.explain()
+    assert "feedback_lse" in text and "feedback_solve " in text and "feedback_solve_online" not in text
+    default = sc.compile(sessa(n_heads=2), torch.randn(1, 5, 32), backend="triton", options=OPTS)
+    text = default.explain()
+    assert "feedback_solve_online" in text and "made on the way by the one-pass kernels" in text
+    assert "core ops without a kernel" not in text
+
+
 @pytest.mark.parametrize("kw", [dict(n_heads=1), dict(n_heads=2, use_forward_rope=False),
                                 dict(n_heads=2, gamma_bias=6.0), dict(n_heads=2, gamma_bias=-6.0)],
                          ids=["H1", "no-rope", "gamma+max", "gamma-max"])

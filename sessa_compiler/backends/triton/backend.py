@@ -100,7 +100,8 @@ def one_pass_feedback(graph: Graph) -> dict:
 class TritonProgram:
     """One prepared graph: the rewritten IR, the pass records, and its kernels per (node, dtypes, mode)."""
 
-    def __init__(self, graph: Graph, passes, interpret: bool | None, scan_strategy: str = "sequential"):
+    def __init__(self, graph: Graph, passes, interpret: bool | None, scan_strategy: str = "sequential",
+                 feedback_one_pass: bool = True):
         self.graph = graph
         self.scan_strategy = scan_strategy
         self.passes = passes
@@ -108,7 +109,7 @@ class TritonProgram:
         self.kernels: dict = {}
         # feedback_chunked -> (its feedback_lse, feedback_diag_inverse) when nothing else reads them: the one-pass
         # kernels compute both on the way (one_pass_feedback), so those two nodes launch nothing
-        self.one_pass = one_pass_feedback(graph)
+        self.one_pass = one_pass_feedback(graph) if feedback_one_pass else {}
         folded = {n for pair in self.one_pass.values() for n in pair}
         self.kernel_nodes = [n for n in graph.nodes if _generator(n) is not None and n not in folded]
         self.node_configs: dict = {}    # node -> {num_warps, num_stages, tiles}: tuned, shipped default, or none
@@ -183,8 +184,8 @@ class TritonProgram:
 
 class TritonBackend(Backend):
     """``get_backend("triton", print_ir=..., feedback_chunk_size=..., scan_chunk_size=..., scan_strategy=...,
-    interpret=...)``: chunk sizes default to the passes' cost models; ``interpret`` defaults to
-    "interpret CPU tensors, compile for CUDA tensors"."""
+    interpret=..., feedback_one_pass=...)``: chunk sizes default to the passes' cost models; ``interpret``
+    defaults to "interpret CPU tensors, compile for CUDA tensors"."""
 
     name = "triton"
     differentiable = False  # autograd through its kernels: prepare_training (backends/training.py)
@@ -193,8 +194,11 @@ class TritonBackend(Backend):
     def __init__(self, *, print_ir: bool | None = None, feedback_chunk_size: int | None = None,
                  scan_chunk_size: int | None = None, scan_strategy: str = "sequential",
                  interpret: bool | None = None, fuse: bool = True, half_in_float32: bool = False,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, feedback_one_pass: bool = True):
         self.print_ir = print_ir
+        # the feedback forward in one pass per outer chunk (feedback_online.py); False: the lse-first kernels
+        # (an lse pass, an inverse pass, then the solve; feedback.py)
+        self.feedback_one_pass = feedback_one_pass
         # CUDA tensors without autograd: the second call at a shape records its launches into a CUDA graph and
         # later calls replay it (cuda_graphs.py); False launches every kernel from Python on every call
         self.cuda_graphs = cuda_graphs
@@ -283,7 +287,7 @@ class TritonBackend(Backend):
         strategy = opts.pop("scan_strategy", self.scan_strategy)
         rewritten = graph.clone()
         pm = run_pipeline(rewritten, "triton", print_ir=self.print_ir, **opts)
-        program = TritonProgram(rewritten, pm, self.interpret, strategy)
+        program = TritonProgram(rewritten, pm, self.interpret, strategy, feedback_one_pass=self.feedback_one_pass)
         self.programs[id(graph)] = program
         return program
 
@@ -340,8 +344,12 @@ class TritonBackend(Backend):
             spec = ", ".join(f"{k}={v}" for k, v in src.specialisation.items() if k != "scale")
             tun = ", ".join(f"{k}={v}" for k, v in src.tunables.items() if not k.startswith("dot_"))
             lines.append(f"    {src.name:<22} <- %{n.output.name} = {n.op}  [{spec}] {{{tun}}}")
+        for chunked, pair in prog.one_pass.items():
+            lines.append(f"    (%{pair[0].output.name} = feedback_lse and %{pair[1].output.name} = feedback_diag_inverse: "
+                         f"made on the way by the one-pass kernels of %{chunked.output.name})")
         lines.extend(prog.config_report)
-        torch_ops = collections.Counter(n.op for n in g.nodes if n not in set(prog.kernel_nodes))
+        folded = {n for pair in prog.one_pass.values() for n in pair}
+        torch_ops = collections.Counter(n.op for n in g.nodes if n not in set(prog.kernel_nodes) and n not in folded)
         core_left = [op for op in torch_ops if OPS[op].kind == CORE]
         lines += describe_fusion(prog)
         lines.append("  torch ops between kernels: " +
