@@ -93,3 +93,46 @@ def test_decode_steps_through_the_kernels_equal_the_forward(monkeypatch):
     cache = c.init_cache(2, max_len=9)
     outs = [c.prefill(x[:, :3], cache)[0]] + [c.decode_step(x[:, t:t + 1], cache)[0] for t in range(3, 9)]
     assert relative_error(torch.cat(outs, dim=1), full) <= TOLERANCE[torch.float32]
+
+
+def test_device_position_matches_and_launches_do_not_depend_on_it(monkeypatch):
+    """A position given as an int32 tensor: the kernels read it, the grid covers the cache capacity, so the
+    launches (kernel, grid, non-tensor arguments) are the same at every position (CUDA-graph capturable);
+    results match torch at t = 0 (zero), 1, a chunk boundary and the capacity, with slots past t poisoned."""
+    import triton.runtime.interpreter as interpreter
+
+    launches = []
+    real = interpreter.InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        scalars = tuple(a for a in args if not isinstance(a, torch.Tensor))
+        launches.append((self.fn.__name__, tuple(grid), scalars, tuple(sorted(kwargs.items()))))
+        return real(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    B, W, L, H, Hkv, D = 2, 32, 150, 4, 2, 16
+    g = torch.Generator().manual_seed(0)
+    plans = []
+    for t in (0, 1, chunk_for(W), L):
+        q = torch.randn(B, W, generator=g)
+        kb, s = torch.full((B, L, W), float("nan")), torch.full((B, L, W), float("nan"))
+        kb[:, :t], s[:, :t] = torch.randn(B, t, W, generator=g), torch.randn(B, t, W, generator=g)
+        qa = torch.randn(B, H, D, generator=g)
+        k, v = torch.full((B, Hkv, L, D), float("nan")), torch.full((B, Hkv, L, D), float("nan"))
+        k[:, :, :t], v[:, :, :t] = torch.randn(B, Hkv, t, D, generator=g), torch.randn(B, Hkv, t, D, generator=g)
+        pos = torch.tensor([t], dtype=torch.int32)
+        launches.clear()
+        out = feedback_decode(q, kb, s, pos, W ** -0.5)
+        att = attention_decode(qa, k, v, pos, D ** -0.5)
+        plans.append(list(launches))
+        if t == 0:
+            assert (out == 0).all() and (att == 0).all()
+            continue
+        logits = (q[:, None, :].double() @ kb[:, :t].double().transpose(1, 2)) * W ** -0.5
+        assert relative_error(out, (torch.softmax(logits, -1) @ s[:, :t].double())[:, 0]) <= TOLERANCE[torch.float32]
+        kr, vr = k[:, :, :t].double().repeat_interleave(H // Hkv, 1), v[:, :, :t].double().repeat_interleave(H // Hkv, 1)
+        ref = torch.softmax((qa[:, :, None, :].double() @ kr.transpose(-1, -2)) * D ** -0.5, -1) @ vr
+        assert relative_error(att, ref[:, :, 0]) <= TOLERANCE[torch.float32]
+    assert len(plans[0]) == 4 and all(p == plans[0] for p in plans), plans
+    with pytest.raises(ValueError, match="int32"):
+        feedback_decode(q, kb, s, torch.tensor([3]), 0.25)
