@@ -60,6 +60,15 @@ def _rotate_at(x: torch.Tensor, inv_freq: torch.Tensor, t0: int) -> torch.Tensor
     return torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(-2)
 
 
+def _rotate_pos(x: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """_rotate_at for one new position read from ``pos`` (int32 [1] on x's device): no host value in the ops."""
+    cd = compute_dtype(x.dtype)
+    angles = pos.to(cd)[:, None] * inv_freq.to(cd)[None, :]
+    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+    xe, xo = x[..., 0::2].to(cd), x[..., 1::2].to(cd)
+    return torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(-2)
+
+
 def _rotation_at(inv_freq: torch.Tensor, t0: int, cd) -> torch.Tensor:
     """cos + i sin of the angles t0 * inv_freq (complex, [d/2]): one position's RoPE as a complex product."""
     angles = inv_freq.to(cd) * t0
@@ -96,6 +105,17 @@ def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causa
             and kernels.supports_attention(state["k"], state["v"])):   # split-K over the cache, written in place
         out = kernels.attention(q[:, 0], k[:, 0], v[:, 0], inv_freq if rope else None, state["k"], state["v"], t0,
                                 scale, rope)
+        return out[:, None].to(v.dtype)
+    pos = state.get("_pos")
+    if pos is not None and n == 1 and _use_triton(q) and cd == torch.float32:
+        # the position from the device (cache["_pos"]): every op and launch is the same at every position
+        if rope:
+            q, k = _rotate_pos(q, inv_freq, pos), _rotate_pos(k, inv_freq, pos)
+        K, V = state["k"], state["v"]
+        idx = pos.long()
+        K.index_copy_(2, idx, k.transpose(1, 2).to(K.dtype))
+        V.index_copy_(2, idx, v.transpose(1, 2).to(V.dtype))
+        out = _triton_decode().attention_decode(q[:, 0].to(cd), K, V, pos + 1, scale)
         return out[:, None].to(v.dtype)
     one_cpu = n == 1 and q.device.type == "cpu" and cd in (torch.float32, torch.float64)
     if rope and one_cpu:
@@ -135,6 +155,15 @@ def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale, kernels=No
             and kernels.supports_feedback(KB, S)):   # split-K over the cache, k_b and s written in place
         s = kernels.feedback(f[:, 0], q_b[:, 0], k_b[:, 0], gamma[:, 0], KB, S, t0, scale)
         return s[:, None].to(f.dtype)
+    pos = state.get("_pos")
+    if pos is not None and n == 1 and _use_triton(q_b) and cd == torch.float32:
+        # the position from the device: the cache slot written and the positions read (t = 0 mixes nothing)
+        idx = pos.long()
+        KB.index_copy_(1, idx, k_b.to(KB.dtype))
+        mixed = _triton_decode().feedback_decode(q_b[:, 0], KB, S, pos, scale)
+        s = f.to(cd) + gamma.to(cd)[..., None] * mixed[:, None]
+        S.index_copy_(1, idx, s.to(S.dtype))
+        return s.to(f.dtype)
     KB[:, t0:t0 + n] = k_b.to(KB.dtype)
     if n == 1:  # one new row: it sees exactly the cached positions, no mask and no solve
         s = f.to(cd)
@@ -176,6 +205,22 @@ ONE_TORCH_THREAD_IN_KERNEL_STEPS = True
 TRITON_DECODE_ON_CPU = False
 
 
+def device_position(cache: dict, device) -> torch.Tensor:
+    """cache["_pos"]: the number of cached positions as an int32 [1] tensor on ``device``, which the Triton decode
+    step reads (slot written, positions read, RoPE angle) instead of the host int cache["t"], so that its ops
+    and launches are the same at every position (a CUDA graph can record one step and replay it). Kept equal
+    to cache["t"]: the step advances it on the device; cache["_pos_t"] remembers the value it holds, and a
+    cache whose "t" was changed otherwise (a prefill, a user) gets it rewritten here, before any step."""
+    pos = cache.get("_pos")
+    if not isinstance(pos, torch.Tensor) or pos.device != device:
+        pos = cache["_pos"] = torch.zeros(1, dtype=torch.int32, device=device)
+        cache["_pos_t"] = 0
+    if cache.get("_pos_t") != cache["t"]:
+        pos.fill_(int(cache["t"]))
+        cache["_pos_t"] = int(cache["t"])
+    return pos
+
+
 def _use_triton(x: torch.Tensor) -> bool:
     return (x.is_cuda or TRITON_DECODE_ON_CPU) and _triton_decode() is not None
 
@@ -212,6 +257,9 @@ def step_causal_conv1d(state: dict, t0: int, x, w, b=None):
 
 
 def step_rope(state: dict, t0: int, x, inv_freq):
+    pos = state.get("_pos")
+    if pos is not None and x.shape[1] == 1 and _use_triton(x):
+        return _rotate_pos(x, inv_freq, pos).to(x.dtype)
     return _rotate_at(x, inv_freq, t0).to(x.dtype)
 
 
@@ -450,6 +498,7 @@ class ServingProgram:
         t0 = int(cache["t"])
         self._reserve(cache, t0 + n)
         device = inputs[0].device
+        pos = device_position(cache, device) if n == 1 and _use_triton(inputs[0]) else None
         env: dict = dict(zip(g.inputs, inputs))
         for name, v in g.param_values.items():
             env[v] = params[name]
@@ -467,7 +516,10 @@ class ServingProgram:
                 for stateful, fn, operands, attrs, outputs, node, specs in self._plan(binding, device):
                     args = [env[x] if isinstance(x, Value) else x for x in operands]
                     if stateful:
-                        out = fn({role: cache[key] for role, key in specs}, t0, *args, **attrs)
+                        state = {role: cache[key] for role, key in specs}
+                        if pos is not None:
+                            state["_pos"] = pos
+                        out = fn(state, t0, *args, **attrs)
                     else:
                         out = fn(*args, **attrs)
                     if len(outputs) == 1:
@@ -487,6 +539,9 @@ class ServingProgram:
             if threads > 1:
                 torch.set_num_threads(threads)
         cache["t"] = t0 + n
+        if pos is not None:   # advanced on the device, as a replayed graph does
+            pos.add_(n)
+            cache["_pos_t"] = t0 + n
         return [env[v] for v in g.outputs]
 
     # -- prefill through the forward kernels ------------------------------------------------------------------

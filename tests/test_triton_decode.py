@@ -136,3 +136,69 @@ def test_device_position_matches_and_launches_do_not_depend_on_it(monkeypatch):
     assert len(plans[0]) == 4 and all(p == plans[0] for p in plans), plans
     with pytest.raises(ValueError, match="int32"):
         feedback_decode(q, kb, s, torch.tensor([3]), 0.25)
+
+
+SYNCING = {"item", "_local_scalar_dense", "nonzero", "tolist", "is_nonzero", "equal", "allclose"}
+
+
+def test_decode_step_plan_is_capture_safe(monkeypatch):
+    """The compiled decode_step on the Triton decode path (as on CUDA) at two different positions issues the
+    same plan: the same Triton launches with the same grids and non-tensor arguments, the same torch ops with the
+    same non-tensor arguments, none synchronising; the position lives in cache["_pos"] (int32, on the device),
+    advanced by the step. So one step recorded into a CUDA graph replays at the next position."""
+    import triton.runtime.interpreter as interpreter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import sessa_compiler as sc
+    import sessa_compiler.serving as serving
+    from model_helpers import randomize
+    from sessa_compiler.models import SessaLayer
+
+    monkeypatch.setattr(serving, "TRITON_DECODE_ON_CPU", True)
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2), seed=6)
+    c = sc.compile(model, backend="eager")
+    x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model(x)
+    cache = c.init_cache(2, max_len=12)
+    outs = [c.prefill(x[:, :3], cache)[0]]
+    plan, inside = [], {"launch": False}
+
+    def scalar(a):
+        return a if isinstance(a, (int, float, bool, str, type(None), torch.dtype, torch.device)) else type(a).__name__
+
+    class Rec(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside["launch"]:
+                flat = [scalar(a) for a in list(args) + list((kwargs or {}).values()) if not isinstance(a, torch.Tensor)]
+                plan.append(("op", func.overloadpacket.__name__, repr(flat)))
+            return func(*args, **(kwargs or {}))
+
+    real = interpreter.InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        plan.append(("launch", self.fn.__name__, tuple(grid), tuple(a for a in args if not isinstance(a, torch.Tensor)),
+                     tuple(sorted(kwargs.items()))))
+        inside["launch"] = True
+        try:
+            return real(self, *args, grid=grid, warmup=warmup, **kwargs)
+        finally:
+            inside["launch"] = False
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    plans = []
+    with torch.no_grad():
+        for t in range(3, 12):
+            xt = x[:, t:t + 1].contiguous()
+            plan.clear()
+            with Rec():
+                outs.append(c.decode_step(xt, cache)[0])
+            plans.append(list(plan))
+            assert int(cache["_pos"]) == t + 1 == cache["t"]
+    assert relative_error(torch.cat(outs, dim=1), full) <= TOLERANCE[torch.float32]
+    launches = [p for p in plans[1] if p[0] == "launch"]
+    assert {p[1] for p in launches} == {"feedback_decode_partial", "feedback_decode_combine",
+                                        "attention_decode_partial", "attention_decode_combine"}
+    for p in plans[2:]:
+        assert p == plans[1]
+    assert not [p for p in plans[1] if p[0] == "op" and p[1] in SYNCING]
