@@ -267,6 +267,77 @@ STEPS = {"attention": step_attention, "feedback": step_feedback, "scan": step_sc
          "causal_conv1d": step_causal_conv1d, "rope": step_rope}
 
 
+# -- one-position decode steps as CUDA graphs -------------------------------------------------------------------
+def decode_graphable(xs: list, cache: dict) -> bool:
+    """Whether a decode step may be recorded: one position, CUDA tensors on the Triton decode path, no autograd,
+    a cache of fixed capacity (max_len: no growth, so its tensors keep their storage), not inside a capture."""
+    if not xs or not all(isinstance(x, torch.Tensor) and x.is_cuda and x.is_contiguous() for x in xs):
+        return False
+    if xs[0].dim() < 2 or xs[0].shape[1] != 1 or cache.get("max_len") is None or not _use_triton(xs[0]):
+        return False
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+class DecodeGraphs:
+    """Record the one-position decode step into a CUDA graph on its second call with a signature (inputs'
+    shapes and dtypes, the cache tensors' storage), replay it on later calls.
+
+    Sound because that step's launches and ops do not depend on the position (it reads cache["_pos"] on the
+    device; tests/test_triton_decode.py checks the plan at several positions). A replay copies the inputs into
+    static buffers, replays (the recorded steps advance cache["_pos"] on the device), then advances the host's
+    cache["t"]; the cache's capacity is checked on the host before, as an eager step does. Capturing records
+    without running, so the host position is put back after the capture and the step runs by a first replay."""
+
+    def __init__(self, prog, max_graphs: int = 8):
+        import collections
+
+        self.prog, self.max_graphs = prog, max_graphs
+        self.recorded = collections.OrderedDict()
+        self.captures = self.replays = 0
+
+    def __call__(self, xs: list, cache: dict) -> list:
+        if "t" not in cache or not decode_graphable(xs, cache):
+            return self.prog.run(xs, cache)
+        device_position(cache, xs[0].device)   # cache["_pos"] exists (part of the key); a "t" changed outside: set
+        key = (tuple((tuple(x.shape), x.dtype, x.device) for x in xs),
+               tuple((k, v.data_ptr(), tuple(v.shape), v.dtype) for k, v in sorted(cache.items())
+                     if isinstance(v, torch.Tensor)))
+        rec = self.recorded.get(key)
+        if rec is None:
+            rec = self.recorded[key] = {"calls": 0, "graph": None}
+            while len(self.recorded) > self.max_graphs:
+                self.recorded.popitem(last=False)
+        self.recorded.move_to_end(key)
+        rec["calls"] += 1
+        if rec["calls"] == 1:
+            return self.prog.run(xs, cache)   # compiles the kernels, makes cache["_pos"]
+        self.prog._check_cache(cache, int(xs[0].shape[0]), 1, xs[0].device)   # overflow: raised before anything
+        if rec["graph"] is None:
+            self._record(rec, xs, cache)
+        for static, x in zip(rec["inputs"], xs):
+            static.copy_(x)
+        rec["graph"].replay()
+        self.replays += 1
+        cache["t"] = cache["_pos_t"] = int(cache["t"]) + 1
+        return [o.clone() for o in rec["outputs"]]
+
+    def _record(self, rec: dict, xs: list, cache: dict) -> None:
+        statics = [x.clone() for x in xs]
+        t0 = int(cache["t"])
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = self.prog.run(statics, cache)
+        cache["t"] = cache["_pos_t"] = t0   # recorded, not run: nothing advanced
+        rec.update(graph=graph, inputs=statics, outputs=list(outs))
+        self.captures += 1
+
+
+DECODE_CUDA_GRAPHS = True   # False: every decode step launches from Python
+
+
 # -- the serving program ------------------------------------------------------------------------------------
 class StateSpec:
     """One cache tensor: ``shape`` after the batch dim; ``seq`` is the position dim (its capacity is max_len),
@@ -304,6 +375,7 @@ class ServingProgram:
                 self.states[node] = self._state_specs(node)
         self.checked = False
         self.decode_kernels = None   # backends/tvm/decode.py DecodeKernels: one-position steps on CPU (tvm backend)
+        self.decode_graphs = None    # DecodeGraphs: one-position Triton decode steps recorded into CUDA graphs
         self._plans: dict = {}
         self._bindings: dict = {}
 
@@ -754,7 +826,12 @@ class Serving:
                              f"or (B, 1, ...); got {tuple(xs[0].shape)}")
         prog = self._program(tuple(xs))
         cache = self._materialise(cache, prog)
-        outs = prog.run(xs, cache)
+        if DECODE_CUDA_GRAPHS and getattr(c._backend, "cuda_graphs", True):
+            if getattr(prog, "decode_graphs", None) is None:
+                prog.decode_graphs = DecodeGraphs(prog)
+            outs = prog.decode_graphs(xs, cache)
+        else:
+            outs = prog.run(xs, cache)
         if squeeze:
             outs = [o[:, 0] for o in outs]
         return c._traced.unflatten(outs), cache

@@ -202,3 +202,87 @@ def test_decode_step_plan_is_capture_safe(monkeypatch):
     for p in plans[2:]:
         assert p == plans[1]
     assert not [p for p in plans[1] if p[0] == "op" and p[1] in SYNCING]
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph: ``work`` (set by the test) is what the recorded launches do."""
+
+    def __init__(self):
+        self.work = None
+
+    def replay(self):
+        self.work()
+
+
+class _FakeCapture:
+    """Stands in for torch.cuda.graph: runs the code (it has to, on CPU) but, as a capture, leaves no effect on
+    the tensors in ``protect`` (the cache), which are restored on exit."""
+    protect: dict = {}
+
+    def __init__(self, graph):
+        self.graph = graph
+
+    def __enter__(self):
+        self.saved = {k: v.clone() for k, v in self.protect.items() if isinstance(v, torch.Tensor)}
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            self.protect[k].copy_(v)
+        return False
+
+
+def test_decode_step_records_once_and_replays_at_later_positions(monkeypatch):
+    """decode_step through DecodeGraphs with stand-ins for the CUDA graph API (CPU tensors, Triton decode path):
+    the first step runs eagerly, the second is recorded (host position put back) and replayed, later steps only
+    replay; every output equals the full forward and the cache's positions advance (host and device)."""
+    import sessa_compiler as sc
+    import sessa_compiler.serving as serving
+    from model_helpers import randomize
+    from sessa_compiler.models import SessaLayer
+
+    monkeypatch.setattr(serving, "TRITON_DECODE_ON_CPU", True)
+    monkeypatch.setattr(serving, "decode_graphable", lambda xs, cache: xs[0].shape[1] == 1 and
+                        cache.get("max_len") is not None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+    runs = []
+    real_run = serving.ServingProgram.run
+
+    def counted(self, inputs, cache, params=None):
+        runs.append(int(cache["t"]))
+        return real_run(self, inputs, cache, params)
+
+    monkeypatch.setattr(serving.ServingProgram, "run", counted)
+    real_record = serving.DecodeGraphs._record
+
+    def record(self, rec, xs, cache):
+        real_record(self, rec, xs, cache)
+
+        def work():   # the recorded step on the device: the cache's tensors and the static outputs, not cache["t"]
+            t = cache["t"], cache["_pos_t"]
+            outs = real_run(self.prog, rec["inputs"], cache)
+            for o, n in zip(rec["outputs"], outs):
+                o.copy_(n)
+            cache["t"], cache["_pos_t"] = t
+        rec["graph"].work = work
+
+    monkeypatch.setattr(serving.DecodeGraphs, "_record", record)
+    made = []
+    real_init = serving.DecodeGraphs.__init__
+    monkeypatch.setattr(serving.DecodeGraphs, "__init__", lambda self, prog: real_init(self, prog) or made.append(self))
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2), seed=6)
+    c = sc.compile(model, backend="eager")
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model(x)
+        cache = c.init_cache(2, max_len=9)
+        _FakeCapture.protect = cache
+        outs = [c.prefill(x[:, :3], cache)[0]]
+        runs.clear()
+        for t in range(3, 9):
+            outs.append(c.decode_step(x[:, t:t + 1].contiguous(), cache)[0])
+            assert cache["t"] == t + 1 and int(cache["_pos"]) == t + 1
+    assert relative_error(torch.cat(outs, dim=1), full) <= TOLERANCE[torch.float32]
+    assert runs == [3, 4], runs   # the eager step and the capture; the rest are replays
+    assert len(made) == 1 and made[0].captures == 1 and made[0].replays == 5
