@@ -60,13 +60,10 @@ def _rotate_at(x: torch.Tensor, inv_freq: torch.Tensor, t0: int) -> torch.Tensor
     return torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(-2)
 
 
-def _rotate_pos(x: torch.Tensor, inv_freq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """_rotate_at for one new position read from ``pos`` (int32 [1] on x's device): no host value in the ops."""
-    cd = compute_dtype(x.dtype)
-    angles = pos.to(cd)[:, None] * inv_freq.to(cd)[None, :]
-    cos, sin = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
-    xe, xo = x[..., 0::2].to(cd), x[..., 1::2].to(cd)
-    return torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(-2)
+def _rotation_pos(inv_freq: torch.Tensor, pos: torch.Tensor, cd) -> torch.Tensor:
+    """_rotation_at for the position held by ``pos`` (int32 [1] on the device): no host value in the ops."""
+    angles = pos.to(cd) * inv_freq.to(cd)
+    return torch.complex(angles.cos(), angles.sin())
 
 
 def _rotation_at(inv_freq: torch.Tensor, t0: int, cd) -> torch.Tensor:
@@ -109,8 +106,9 @@ def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causa
     pos = state.get("_pos")
     if pos is not None and n == 1 and _use_triton(q) and cd == torch.float32:
         # the position from the device (cache["_pos"]): every op and launch is the same at every position
-        if rope:
-            q, k = _rotate_pos(q, inv_freq, pos), _rotate_pos(k, inv_freq, pos)
+        if rope:   # one rotation for q and k, as complex products
+            rot = _rotation_pos(inv_freq, pos, cd)
+            q, k = _rotate_one(q.to(cd), rot), _rotate_one(k.to(cd), rot)
         K, V = state["k"], state["v"]
         idx = pos.long()
         K.index_copy_(2, idx, k.transpose(1, 2).to(K.dtype))
@@ -259,7 +257,8 @@ def step_causal_conv1d(state: dict, t0: int, x, w, b=None):
 def step_rope(state: dict, t0: int, x, inv_freq):
     pos = state.get("_pos")
     if pos is not None and x.shape[1] == 1 and _use_triton(x):
-        return _rotate_pos(x, inv_freq, pos).to(x.dtype)
+        cd = compute_dtype(x.dtype)
+        return _rotate_one(x.to(cd), _rotation_pos(inv_freq, pos, cd)).to(x.dtype)
     return _rotate_at(x, inv_freq, t0).to(x.dtype)
 
 

@@ -170,3 +170,7 @@ def test_decode_step_launches_and_floor(records):
     caches = 8192 * 4 * (2 * 8 * 128 * 2)   # attention K and V, bf16, at least; the feedback's caches add
     assert dec["floor_bytes"] > caches + 9e6, dec
     assert dec["floor_ms"] < dec["est_graph_ms"] < dec["est_ms"], dec
+    # recorded as a CUDA graph on CUDA (serving.DecodeGraphs): 2.55x the floor on 2026-12-06 (48 launches); the
+    # target (2x) is not reached: the torch ops between the kernels (projections, RoPE, cache writes) each cost a
+    # launch. A regression ceiling:
+    assert dec["launches"] <= 50 and dec["graph_over_floor"] <= 2.6, dec
