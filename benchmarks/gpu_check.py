@@ -244,7 +244,8 @@ def feedback_kernels(D, dtype_name, one_pass=True):
   %s: {dtype_name}[B, T, {D}] = feedback(%f, %q, %k, %g) {{scale={D ** -0.5}}}
   return %s
 }}""")
-    return TritonBackend(feedback_one_pass=one_pass).build_program(g)   # compiled for CUDA, interpreted on CPU (--smoke)
+    # compiled for CUDA tensors, interpreted for CPU ones (--smoke)
+    return TritonBackend(feedback_one_pass=one_pass).build_program(g)
 
 
 def feedback_inputs(B, T, D, dtype):
@@ -271,7 +272,8 @@ def correctness_feedback(D, T):
                 "PASS" if err <= tol else f"FAIL (> {tol})")
         # the one-pass forward's row log-sum-exps (saved for the backward) against float64
         _, lse = feedback_forward(*inputs, D ** -0.5)
-        lse_err = (lse.double() - feedback_lse(inputs[1].double(), inputs[2].double(), scale=D ** -0.5)).abs().max().item()
+        lse_ref = feedback_lse(inputs[1].double(), inputs[2].double(), scale=D ** -0.5)
+        lse_err = (lse.double() - lse_ref).abs().max().item()
         lse_tol = 1e-3 if name == "f32" else 2e-2
         row("correctness", f"feedback one-pass lse {name} B=1 T={T} D={D} (max abs)", f"{lse_err:.2e}",
             "PASS" if lse_err <= lse_tol else f"FAIL (> {lse_tol})")

@@ -130,7 +130,8 @@ def test_device_position_matches_and_launches_do_not_depend_on_it(monkeypatch):
             continue
         logits = (q[:, None, :].double() @ kb[:, :t].double().transpose(1, 2)) * W ** -0.5
         assert relative_error(out, (torch.softmax(logits, -1) @ s[:, :t].double())[:, 0]) <= TOLERANCE[torch.float32]
-        kr, vr = k[:, :, :t].double().repeat_interleave(H // Hkv, 1), v[:, :, :t].double().repeat_interleave(H // Hkv, 1)
+        kr = k[:, :, :t].double().repeat_interleave(H // Hkv, 1)
+        vr = v[:, :, :t].double().repeat_interleave(H // Hkv, 1)
         ref = torch.softmax((qa[:, :, None, :].double() @ kr.transpose(-1, -2)) * D ** -0.5, -1) @ vr
         assert relative_error(att, ref[:, :, 0]) <= TOLERANCE[torch.float32]
     assert len(plans[0]) == 4 and all(p == plans[0] for p in plans), plans
@@ -170,7 +171,8 @@ def test_decode_step_plan_is_capture_safe(monkeypatch):
     class Rec(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if not inside["launch"]:
-                flat = [scalar(a) for a in list(args) + list((kwargs or {}).values()) if not isinstance(a, torch.Tensor)]
+                flat = [scalar(a) for a in list(args) + list((kwargs or {}).values())
+                        if not isinstance(a, torch.Tensor)]
                 plan.append(("op", func.overloadpacket.__name__, repr(flat)))
             return func(*args, **(kwargs or {}))
 
