@@ -52,10 +52,17 @@ def test_lse_first_feedback_fallback_matches_and_launches_its_passes():
                                          options={**OPTS, "feedback_one_pass": False}))
     text = compiled.explain()
     assert "feedback_lse" in text and "feedback_solve " in text and "feedback_solve_online" not in text
-    default = sc.compile(sessa(n_heads=2), torch.randn(1, 5, 32), backend="triton", options=OPTS)
-    text = default.explain()
-    assert "feedback_solve_online" in text and "made on the way by the one-pass kernels" in text
-    assert "core ops without a kernel" not in text
+    from sessa_compiler.backends.triton.backend import TritonBackend
+
+    graph = compiled.graph   # the same traced graph, as the default program (one pass) builds it
+    backend = TritonBackend(interpret=True, feedback_chunk_size=16)
+    default = backend.build_program(graph)
+    text = backend.describe(graph)
+    assert "made on the way by the one-pass kernels" in text and "core ops without a kernel" not in text
+    assert len(default.one_pass) == 1 and not {"feedback_lse", "feedback_diag_inverse"} & {
+        n.op for n in default.kernel_nodes}
+    fallback = TritonBackend(interpret=True, feedback_chunk_size=16, feedback_one_pass=False).build_program(graph)
+    assert not fallback.one_pass and {"feedback_lse", "feedback_diag_inverse"} <= {n.op for n in fallback.kernel_nodes}
 
 
 @pytest.mark.parametrize("kw", [dict(n_heads=1), dict(n_heads=2, use_forward_rope=False),
