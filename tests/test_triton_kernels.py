@@ -490,6 +490,17 @@ def test_one_pass_feedback_bf16_and_source_shape():
     launch_online(kern, f, q, k, gamma, out=s)
     assert canary_intact(buf, B * T * d)
     assert rel_err(s, feedback_ref(f.double(), q.double(), k.double(), gamma.double(), 0.3)) < 3e-2
+    # the GPU's data path under the interpreter: P stored in bf16, the update reading the bf16 output rows of s
+    # (its products fp32 here), T over three outer chunks
+    low = KERNEL_CACHE.load(generate_online(feedback_graph(d, d, C, "bf16").nodes[2],
+                                            {"q_b": "bf16", "f": "bf16", "gamma": "bf16"}, True, outer_chunk=32,
+                                            low_storage=True), True)
+    assert low.source.tunables["p_dtype"] == "bf16"
+    buf, s_low = poisoned((B, T + 40, d), torch.bfloat16)
+    f2, q2, k2, g2 = feedback_inputs(B, T + 40, d, d, -1.0, torch.bfloat16, seed=8)
+    launch_online(low, f2, q2, k2, g2, out=s_low)
+    assert canary_intact(buf, B * (T + 40) * d)
+    assert rel_err(s_low, feedback_ref(f2.double(), q2.double(), k2.double(), g2.double(), 0.3)) < 3e-2
     gpu = generate_online(feedback_graph(128, 128, 64, "bf16").nodes[2], {"q_b": "bf16", "f": "bf16", "gamma": "bf16"},
                           False)
     assert gpu.tunables["CO"] == 256 and gpu.tunables["p_dtype"] == "bf16"

@@ -44,7 +44,11 @@ def _combine(rows_local: str, n: str, indent: str) -> str:
             f"{indent}    m_row = m_new\n")
 
 
-def generate_online(node: Node, dtypes: dict, interpret: bool, outer_chunk: int | None = None) -> KernelSource:
+def generate_online(node: Node, dtypes: dict, interpret: bool, outer_chunk: int | None = None,
+                    low_storage: bool | None = None) -> KernelSource:
+    """``low_storage`` (default: 16-bit models on a GPU) stores P in the model's dtype and has the update read the
+    16-bit output rows of s; under the interpreter its products stay fp32 (its bf16 arithmetic is broken), so tests
+    can run that data path."""
     d_qk, d_v = _widths(node, 0)
     C = node.attrs["chunk_size"]
     CO = outer_chunk or default_outer_chunk(C, interpret)
@@ -57,7 +61,7 @@ def generate_online(node: Node, dtypes: dict, interpret: bool, outer_chunk: int 
     dd = pol["dot_dtype"]
     # 16-bit models on a GPU: P stored in the model's dtype (exp(z - m_tile) lies in (0, 1]) and the update's
     # products in that dtype on the bf16 output rows of s; otherwise fp32 P and the policy's TF32 / 3xTF32
-    low = (not interpret) and qdt in ("bf16", "f16") and fdt == qdt
+    low = qdt in ("bf16", "f16") and fdt == qdt and (not interpret if low_storage is None else low_storage)
     p_ptr = AOT_POINTER[qdt] if low else "*fp32"
     separate_out = fdt != "f32"
     ptr, gptr = AOT_POINTER[qdt], AOT_POINTER[dtypes["gamma"]]
@@ -114,8 +118,8 @@ def generate_online(node: Node, dtypes: dict, interpret: bool, outer_chunk: int 
     # 2. combine, then the earlier chunks' contribution (rescaled) or the lse and the diagonal inverses
     um, un, uk = min(128, CO), dot_block(d_v, 128), (64 if low else min(32, C))
     uk = min(uk, pn)
-    ud = TRITON_DTYPE[qdt] if low else "tl.float32"
-    uprec = "tf32" if low else solve
+    ud = TRITON_DTYPE[qdt] if low and not interpret else "tl.float32"
+    uprec = "tf32" if low and not interpret else solve
     vmask = "" if d_v % un == 0 else " & (vcols[None, :] < D_V)"
     log2c = C.bit_length() - 1
     body = _constants(D_V=d_v, C=C, LOG2_C=log2c, CO=CO, PN=pn, NTB=ntb, BLOCK_M=um, BLOCK_N=un, BLOCK_K=uk)
