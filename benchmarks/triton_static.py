@@ -30,8 +30,9 @@ The estimate (``est_ms``) models what the roofline leaves out:
 - launches on one stream: the host pays a cost per launch, the device a gap between dependent kernels
   (``launch_ms``); ``est_graph_ms`` replays the same launches as a CUDA graph.
 The rates the device was not measured for (L2 bandwidth and latency, clocks, host costs) are named
-constants below. ``what_if_one_pass_feedback_ms`` applies the same model to a one-pass
-feedback forward (no separate log-sum-exp pass), which is not built. These are estimates from the compiled code, not measurements.
+constants below. The layer's feedback runs the one-pass kernels (feedback_online.py); the lse-first
+fallback (a log-sum-exp pass, an inverse pass, then the solve) is compiled and modelled as a variant, and
+``lse_first_feedback_ms`` is the layer with it. These are estimates from the compiled code, not measurements.
 """
 from __future__ import annotations
 
@@ -113,6 +114,29 @@ def kernel_flops(src, B: int, T: int) -> tuple:
                 useful += sum(2 * ((t // C) * C - r0) * Dv + (t % C) * Dv for t in rows)
         rate = _rate(tu, "dot" if name == "feedback_probs" else "solve")
         return B * issued, B * useful, B * issued / rate
+    if name in ("feedback_probs_online", "feedback_update_online", "feedback_solve_online"):
+        C, CO, D, Dv = sp["chunk_size"], tu["CO"], sp["D_qk"], sp["D_v"]
+        issued = useful = extra = 0
+        for r0 in range(0, T, CO):
+            rows = range(r0, min(r0 + CO, T))
+            if name == "feedback_probs_online":   # tiles left of each row block's last row: every causal logit once
+                BM, BN = tu["BLOCK_M"], tu["BLOCK_N"]
+                for m in range(CO // BM):
+                    issued += 2 * BM * BN * D * _cdiv(r0 + (m + 1) * BM - 1, BN)
+                useful += sum(2 * t * D for t in rows)
+            elif name == "feedback_update_online":
+                issued += 2 * CO * r0 * _cdiv(Dv, tu["BLOCK_N"]) * tu["BLOCK_N"]
+                useful += 2 * len(rows) * r0 * Dv
+                extra += (CO // C) * (int(math.log2(C)) - 1) * 2 * 2 * C ** 3   # the diagonal inverses (overhead)
+            else:
+                n_inner = _cdiv(len(rows), C)
+                issued += sum(2 * (i + 1) * C * C * Dv for i in range(n_inner))
+                useful += sum(2 * ((t // C) * C - r0) * Dv + (t % C) * Dv for t in rows)
+        if name == "feedback_update_online":
+            rate = BF16_FLOPS if tu["update_dtype"] != "tl.float32" else _rate(tu, "solve")
+            return B * (issued + extra), B * useful, B * issued / rate + B * extra / _rate(tu, "solve")
+        rate = _rate(tu, "dot" if name == "feedback_probs_online" else "solve")
+        return B * issued, B * useful, B * issued / rate
     if name in ("tri_solve_fwd", "tri_solve_diag_inverse"):
         BM, N, nb = tu["BM"], sp["N"], B   # the variant's weights are [B, T, T]
         n_blocks = _cdiv(T, BM)
@@ -136,6 +160,17 @@ def kernel_bytes(src, node, B: int, T: int) -> int:
         CO, Dv = src.tunables["CO"], src.specialisation["D_v"]
         p_bytes = sum(4 * B * CO * min(r0 + CO, T) for r0 in range(0, T, CO))   # P written once, read once
         return (p_bytes if src.name == "feedback_probs" else p_bytes // 2 + 2 * 4 * B * T * Dv)
+    if src.name in ("feedback_probs_online", "feedback_update_online", "feedback_solve_online"):
+        tu, sp = src.tunables, src.specialisation
+        CO, Dv, D, C = tu["CO"], sp["D_v"], sp["D_qk"], sp["chunk_size"]
+        pb = 2 if tu.get("p_dtype", "fp32") != "fp32" else 4
+        chunks = range(0, T, CO)
+        p_bytes = sum(pb * B * CO * min(r0 + CO, T) for r0 in chunks)   # P written once, read once
+        if src.name == "feedback_probs_online":   # q and k once per chunk, P and the per-tile max / sum written
+            return sum(2 * B * (CO + min(r0 + CO, T)) * D for r0 in chunks) + p_bytes + 8 * B * CO * T // 128
+        if src.name == "feedback_update_online":   # P, f, S out, the inverses out (s of earlier rows: L2 or HBM)
+            return p_bytes + 2 * B * T * Dv + 4 * B * T * Dv + 4 * B * T * C
+        return 2 * 4 * B * T * Dv + 2 * B * T * Dv + 4 * B * T * C
     if src.name.startswith("tri_solve"):   # one triangle of A, b, x (and its fp32 copy for 16-bit b), the inverses
         A, b = node.inputs
         BM, N = src.tunables["BM"], src.specialisation["N"]
@@ -286,16 +321,80 @@ def _diag_inverse_launches(src, B, T):
     return [Launch((n, B), [(n * B, both)], 2 * 2 * B * T * D + 4 * B * n * C * C + 8 * B * T)]
 
 
-# Not built: what the model gives for a one-pass feedback forward (no lse pass: running
-# max/sum inside the probabilities kernel, rescaled in the update), P and the update's operands in bf16 (an
-# extra bf16 copy of s), the solve's loads pipelined (one load wait and one store per inner block). The
-# compiled kernels' occupancy is kept.
-ONE_PASS = {"p_bytes": 2, "update_bf16": True, "pipelined_solve": True, "online_alu": 3}
+def _online_chunk_launches(src, parts, B, T):
+    """The one-pass solve (feedback_online.py), per outer chunk: probabilities (split-K max/sum), the combine with
+    the update (rescaled P @ s) and the lse / diagonal inverses, the inner blocks. As generated: P's dtype, the
+    update's dtype, grids in their issue order (axis 0 fastest)."""
+    from sessa_compiler.backends.triton.feedback import update_splits
+
+    sp, tu = src.specialisation, src.tunables
+    ps, us = parts["feedback_probs_online"], parts["feedback_update_online"]
+    D, Dv, C, CO = sp["D_qk"], sp["D_v"], sp["chunk_size"], tu["CO"]
+    pm, pn = ps.tunables["BLOCK_M"], ps.tunables["BLOCK_N"]
+    um, un, uk = us.tunables["BLOCK_M"], us.tunables["BLOCK_N"], us.tunables["BLOCK_K"]
+    bdv = tu["BLOCK_DV"]
+    es = 2 if ps.tunables["dot_dtype"] != "tl.float32" else 4   # q, k element bytes
+    pb = 2 if tu["p_dtype"] != "fp32" else 4                     # bytes per stored probability
+    low = us.tunables["update_dtype"] != "tl.float32"
+    sb = 2 if low else 4                                         # bytes per element of s the update reads
+    urate = BF16_FLOPS if low else _rate({"solve_precision": us.tunables["update_precision"]}, "solve")
+    srate = _rate({"solve_precision": tu["solve_precision"]}, "solve")
+    nv = _cdiv(Dv, un)
+    base = (CO // um) * nv * B
+    squarings = int(math.log2(C)) - 1
+    nts = _cdiv(T, pn)
+    out = {"feedback_probs_online": [], "feedback_update_online": [], "feedback_solve_online": []}
+    for r0 in range(0, T, CO):
+        ncols = min(r0 + CO, T)
+        nt = _cdiv(ncols, pn)
+        # 1. probabilities: one PM x PN logit tile per CTA (tiles right of a row block's last row only write M, L)
+        full = Work(tc=2 * pm * pn * D, rate=_rate(ps.tunables, "dot"), sfu=pm * pn,
+                    alu=pm * pn * (SOFTMAX_ALU + MASK_ALU), l2=es * (pm + pn) * D + pb * pm * pn + 8 * pm)
+        empty = Work(l2=8 * pm)
+        ctas = [(1, full if n * pn < r0 + (m + 1) * pm - 1 else empty)
+                for _b in range(B) for n in range(nt) for m in range(CO // pm)]
+        out["feedback_probs_online"].append(Launch((CO // pm, nt, B), ctas,
+                                                   es * B * (CO + ncols) * D + pb * B * CO * ncols + 8 * B * CO * nt))
+        # 2. combine + update (axis 1 > 0) or combine + lse + inverses (axis 1 == 0, split 0), issue order
+        splits, per = update_splits(base, r0, uk, 264)
+        k_per = [max(0, min(r0, (q + 1) * per) - q * per) for q in range(splits)] if r0 else [0]
+        combine_l2, combine_sfu = 8 * um * nt, um * nt
+        inv_one = Work(tc=squarings * 2 * 2 * C ** 3, rate=srate).seconds(1)
+        inverse = Work(tc=(um // C) * squarings * 2 * 2 * C ** 3, rate=srate, sfu=combine_sfu + um * C,
+                       alu=um * C * 4, l2=combine_l2 + pb * um * C + 4 * um * C + 8 * um,
+                       serial_s=(um // C) * (inv_one + 2 * L2_LATENCY_S))   # combine load, P load, squarings chain
+        ctas = []
+        for q, k in enumerate(k_per):
+            upd = Work(tc=2 * um * un * k, rate=urate, sfu=combine_sfu + um * k // uk, alu=um * k * 2,
+                       l2=combine_l2 + pb * um * k + sb * un * k + 4 * um * k // uk + 4 * um * un + 2 * um * un,
+                       serial_s=2 * L2_LATENCY_S)   # the combine's loads, then the pipelined K loop
+            for _b in range(B):
+                ctas.append((CO // um, inverse if q == 0 else Work()))
+                ctas.append(((CO // um) * nv, upd))
+        s_prev = sb * B * r0 * Dv
+        p_chunk = pb * B * CO * T
+        hbm = 2 * B * CO * Dv + 4 * B * CO * Dv + (s_prev if s_prev + p_chunk > L2_BYTES else 0) + \
+            (splits - 1) * 4 * B * CO * Dv + 4 * B * CO * C + 4 * B * CO
+        out["feedback_update_online"].append(Launch((CO // um, 1 + nv, B * splits), ctas, hbm))
+        # 3. inner blocks in sequence: S (+ partial sums) and the lse / gamma, the earlier blocks' (P, s) tiles in
+        # a pipelined loop (cp.async, two stages: one exposed load per block), the inverse's product, store, barrier
+        n_inner = _cdiv(min(CO, T - r0), C)
+        chain = l2b = flops = 0.0
+        for i in range(n_inner):
+            l2b += 4 * C * bdv * splits + 8 * C + i * (pb * C * C + 4 * C * bdv + 4 * C) + 4 * C * C + 6 * C * bdv
+            flops += 2 * C * C * bdv * (i + 1)
+            chain += (2 + (splits - 1) + (1 if i else 0)) * L2_LATENCY_S
+        w = Work(tc=flops, rate=srate, sfu=n_inner * C, alu=sum(i for i in range(n_inner)) * C * C, l2=l2b,
+                 serial_s=chain)
+        nprog = _cdiv(Dv, bdv) * B
+        out["feedback_solve_online"].append(Launch((_cdiv(Dv, bdv), B), [(nprog, w)],
+                                                   2 * 4 * B * CO * Dv + 2 * B * CO * Dv))
+    return out
 
 
 def _feedback_chunk_launches(src, parts, B, T, design=None):
     """The two-level solve: per outer chunk, probabilities, update (split over earlier rows), inner blocks.
-    ``design`` (None: the generated kernels) models ONE_PASS."""
+    ``design`` (None: the generated kernels) may override p_bytes, update_bf16, pipelined_solve, online_alu."""
     from sessa_compiler.backends.triton.feedback import update_splits
 
     sp, tu = src.specialisation, src.tunables
@@ -457,6 +556,13 @@ def _torch_op_seconds(node, B, T) -> float:
     return flops, nbytes, max(flops / BF16_FLOPS, nbytes / BYTES_PER_S)
 
 
+FALLBACK = "variant: lse-first feedback (the fallback: lse pass, inverse pass, then the solve)"
+
+
+def _users(graph, node) -> list:
+    return [n for n in graph.nodes if any(o in n.inputs for o in node.outputs)]
+
+
 def records(B: int, T: int) -> list:
     from sessa_compiler.backends.triton.aot import compile_kernel
     from sessa_compiler.backends.triton.backend import KERNEL_DTYPES
@@ -474,9 +580,19 @@ def records(B: int, T: int) -> list:
     solve = tri_solve_node(prog.graph)
     jobs.append((solve, prog.source_for(solve, {"A": "bf16", "b": "bf16"}, False),
                  "variant: tri_solve, the general (unfactored) feedback"))
-    out, kernel_nodes = [], {id(n) for n, _, _ in jobs}
+    fallback = {}   # the one-pass feedback node -> its lse and inverse nodes: the lse-first kernels, modelled too
+    for chunked, (lse_node, dinv_node) in prog.one_pass.items():
+        from sessa_compiler.backends.triton.feedback import generate_solve
+
+        knobs = {k: v for k, v in (prog.node_configs.get(chunked) or {}).items() if k == "outer_chunk"}
+        for n, src in ((lse_node, prog.source_for(lse_node, prog.declared_dtypes(lse_node), False)),
+                       (dinv_node, prog.source_for(dinv_node, prog.declared_dtypes(dinv_node), False)),
+                       (chunked, generate_solve(chunked, prog.declared_dtypes(chunked), False, **knobs))):
+            jobs.append((n, src, FALLBACK))
+        fallback[id(chunked)] = []
+    out, kernel_nodes = [], {id(n) for n, _, w in jobs if w != FALLBACK}
+    kernel_nodes |= {id(n) for pair in prog.one_pass.values() for n in pair}   # made by the one-pass kernels
     node_launches = {}   # id(node) -> [(launcher, seconds, serial seconds)] in issue order (layer kernels only)
-    what_if = {}
     for node, top, where in jobs:
         compiled = {}
         for src in top.all_kernels():
@@ -491,13 +607,14 @@ def records(B: int, T: int) -> list:
             compiled[src.name] = (src, rec)
             out.append(rec)
         # the model: every launch of this node's kernels, in issue order
-        if top.name == "feedback_solve":
+        if top.name == "feedback_solve_online":
+            names = ("feedback_probs_online", "feedback_update_online", "feedback_solve_online")
+            per = _online_chunk_launches(top, {p.name: p for p in top.parts}, B, T)
+            seq = [(name, per[name][c]) for c in range(len(per[names[2]])) for name in names]
+        elif top.name == "feedback_solve":
             per = _feedback_chunk_launches(top, {p.name: p for p in top.parts}, B, T)
             seq = [(name, per[name][c]) for c in range(len(per["feedback_solve"]))
                    for name in ("feedback_probs", "feedback_update", "feedback_solve")]
-            alt = _feedback_chunk_launches(top, {p.name: p for p in top.parts}, B, T, ONE_PASS)
-            alt_seq = [(name, alt[name][c]) for c in range(len(alt["feedback_solve"]))
-                       for name in ("feedback_probs", "feedback_update", "feedback_solve")]
         elif top.name.startswith("tri_solve"):
             seq = []   # a variant outside the layer: its roofline row only
         else:
@@ -507,11 +624,9 @@ def records(B: int, T: int) -> list:
         for name, lnc in seq:
             r = lnc.seconds(compiled[name][1]["ctas_per_sm"])
             timed.append((name, lnc, r))
-        if where == "layer":   # the what-if of part 2: no lse pass, the one-pass chunk launches
-            alt_timed = [] if top.name == "feedback_lse" else (
-                [("triton", lnc.seconds(compiled[n][1]["ctas_per_sm"])) for n, lnc in alt_seq]
-                if top.name == "feedback_solve" else [("triton", r) for _, _, r in timed])
-            what_if[id(node)] = [(k, r["s"], r["serial_s"]) for k, r in alt_timed]
+        if where == FALLBACK:   # lse, inverses, then the lse-first solve: in place of the one-pass launches
+            key = next(k for k in fallback if k == id(node) or any(id(x) == k for x in _users(prog.graph, node)))
+            fallback[key] += [("triton", r["s"], r["serial_s"]) for _, _, r in timed]
         if top.name == "attention_fwd" and where == "layer":   # the model on the old attention schedule
             old_src = dataclasses.replace(top, tunables={**top.tunables, "order": None, "mask": None})
             old_t = _attention_launches(old_src, B, T)[0].seconds(compiled["attention_fwd"][1]["ctas_per_sm"])
@@ -535,15 +650,15 @@ def records(B: int, T: int) -> list:
     for node in prog.graph.nodes:
         if id(node) in node_launches:
             seq += node_launches[id(node)]
-            alt += what_if[id(node)]
+            alt += fallback.get(id(node), node_launches[id(node)])
         elif id(node) not in kernel_nodes and node.op not in VIEW_OPS:
             flops, _, sec = _torch_op_seconds(node, B, T)
             torch_flops += flops
             torch_ms += 1e3 * sec
             seq.append(("torch", sec, 0.0))
             alt.append(("torch", sec, 0.0))
-    one_pass = timeline([(k, d) for k, d, _ in alt], graph=False)
-    one_pass_graph = timeline([(k, d) for k, d, _ in alt], graph=True)
+    lse_first = timeline([(k, d) for k, d, _ in alt], graph=False)
+    lse_first_graph = timeline([(k, d) for k, d, _ in alt], graph=True)
     eager = timeline([(k, d) for k, d, _ in seq], graph=False)
     graphed = timeline([(k, d) for k, d, _ in seq], graph=True)
     layer = [r for r in out if r["in"] == "layer"]
@@ -558,8 +673,10 @@ def records(B: int, T: int) -> list:
                 "launch_ms": 1e3 * eager["launch_s"], "est_ms": 1e3 * eager["end_s"],
                 "graph_launch_ms": 1e3 * graphed["launch_s"], "est_graph_ms": 1e3 * graphed["end_s"],
                 "pct_of_floor": 100 * floor / (1e3 * eager["end_s"]),
-                "what_if_one_pass_feedback_ms": 1e3 * one_pass["end_s"],
-                "what_if_one_pass_feedback_graph_ms": 1e3 * one_pass_graph["end_s"],
+                "lse_first_feedback_ms": 1e3 * lse_first["end_s"],
+                "lse_first_feedback_graph_ms": 1e3 * lse_first_graph["end_s"],
+                "feedback_ms": 1e3 * sum(d for k, d, _ in node_launches[next(iter(fallback))]) if fallback else 0.0,
+                "feedback_lse_first_ms": 1e3 * sum(d for _, d, _ in next(iter(fallback.values()))) if fallback else 0.0,
                 "config": f"bf16 SessaLayer(D={TARGET['D']}, H={TARGET['H']}), B={B}, T={T}, sm_90"})
     return out
 
@@ -600,6 +717,7 @@ def decode_plan() -> dict:
             v.normal_()
             caches[v.data_ptr()] = float(v.numel() * v.element_size()) / (small + 2)   # bytes per cached position
     cache["t"] = small
+    serving.device_position(cache, x.device)   # the device copy of the position set before the step, not in it
     events, state = [], {"in_launch": False}
 
     def nbytes(xs):
@@ -642,7 +760,7 @@ def decode_plan() -> dict:
 def decode_records(B: int, context: int) -> dict:
     """The decode step's estimate at ``context``: its launches (counted by ``decode_plan`` in a subprocess),
     the memory floor (weights and caches read once), each launch at max(its bytes over HBM bandwidth,
-    MIN_KERNEL_S), issued eagerly and as a (hypothetical) CUDA graph."""
+    MIN_KERNEL_S), issued eagerly and as the CUDA graph decode_step records (serving.DecodeGraphs)."""
     import subprocess
 
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT}
@@ -721,17 +839,17 @@ def main(argv=None) -> int:
     att = next(r for r in recs if r["kernel"] == "attention_fwd")
     print(f"\nAttention on the old schedule (lightest row blocks first, the mask on every tile): "
           f"{att['est_ms_lightest_first_mask_every_tile']:.3f} ms; as generated: {att['est_ms']:.3f} ms.")
-    print(f"What-if, not built: a one-pass feedback forward (no lse pass; P and the update in "
-          f"bf16; pipelined solve loads): layer {layer['what_if_one_pass_feedback_ms']:.3f} ms, "
-          f"{layer['what_if_one_pass_feedback_graph_ms']:.3f} ms as a CUDA graph.")
+    print(f"Feedback: one pass {layer['feedback_ms']:.3f} ms; the lse-first fallback (lse pass, inverse pass, "
+          f"fp32 P, TF32 update) {layer['feedback_lse_first_ms']:.3f} ms, the layer with it "
+          f"{layer['lse_first_feedback_ms']:.3f} ms ({layer['lse_first_feedback_graph_ms']:.3f} ms as a CUDA graph).")
     dec = next((r for r in recs if r["kernel"] == "decode_step"), None)
     if dec:
         print(f"\nDecode step ({dec['config']}): {dec['launches']} launches ({dec['triton_launches']} Triton, "
               f"{dec['torch_launches']} torch ops), memory floor {dec['floor_bytes'] / 1e6:.0f} MB = "
               f"{dec['floor_ms'] * 1e3:.0f} us; the combines' loops {dec['critical_path_ms'] * 1e3:.0f} us; "
               f"estimate {dec['est_ms'] * 1e3:.0f} us with every launch from Python, "
-              f"{dec['est_graph_ms'] * 1e3:.0f} us if replayed as a CUDA graph ({dec['graph_over_floor']:.2f}x the "
-              "floor; decode_step is not recorded into a graph yet).")
+              f"{dec['est_graph_ms'] * 1e3:.0f} us replayed as a CUDA graph ({dec['graph_over_floor']:.2f}x the "
+              "floor; on CUDA the second decode_step with a cache of fixed max_len is recorded, later ones replay).")
     return 0
 
 

@@ -60,6 +60,12 @@ def _rotate_at(x: torch.Tensor, inv_freq: torch.Tensor, t0: int) -> torch.Tensor
     return torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(-2)
 
 
+def _rotation_pos(inv_freq: torch.Tensor, pos: torch.Tensor, cd) -> torch.Tensor:
+    """_rotation_at for the position held by ``pos`` (int32 [1] on the device): no host value in the ops."""
+    angles = pos.to(cd) * inv_freq.to(cd)
+    return torch.complex(angles.cos(), angles.sin())
+
+
 def _rotation_at(inv_freq: torch.Tensor, t0: int, cd) -> torch.Tensor:
     """cos + i sin of the angles t0 * inv_freq (complex, [d/2]): one position's RoPE as a complex product."""
     angles = inv_freq.to(cd) * t0
@@ -96,6 +102,18 @@ def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causa
             and kernels.supports_attention(state["k"], state["v"])):   # split-K over the cache, written in place
         out = kernels.attention(q[:, 0], k[:, 0], v[:, 0], inv_freq if rope else None, state["k"], state["v"], t0,
                                 scale, rope)
+        return out[:, None].to(v.dtype)
+    pos = state.get("_pos")
+    if pos is not None and n == 1 and _use_triton(q) and cd == torch.float32:
+        # the position from the device (cache["_pos"]): every op and launch is the same at every position
+        if rope:   # one rotation for q and k, as complex products
+            rot = _rotation_pos(inv_freq, pos, cd)
+            q, k = _rotate_one(q.to(cd), rot), _rotate_one(k.to(cd), rot)
+        K, V = state["k"], state["v"]
+        idx = pos.long()
+        K.index_copy_(2, idx, k.transpose(1, 2).to(K.dtype))
+        V.index_copy_(2, idx, v.transpose(1, 2).to(V.dtype))
+        out = _triton_decode().attention_decode(q[:, 0].to(cd), K, V, pos + 1, scale)
         return out[:, None].to(v.dtype)
     one_cpu = n == 1 and q.device.type == "cpu" and cd in (torch.float32, torch.float64)
     if rope and one_cpu:
@@ -135,6 +153,15 @@ def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale, kernels=No
             and kernels.supports_feedback(KB, S)):   # split-K over the cache, k_b and s written in place
         s = kernels.feedback(f[:, 0], q_b[:, 0], k_b[:, 0], gamma[:, 0], KB, S, t0, scale)
         return s[:, None].to(f.dtype)
+    pos = state.get("_pos")
+    if pos is not None and n == 1 and _use_triton(q_b) and cd == torch.float32:
+        # the position from the device: the cache slot written and the positions read (t = 0 mixes nothing)
+        idx = pos.long()
+        KB.index_copy_(1, idx, k_b.to(KB.dtype))
+        mixed = _triton_decode().feedback_decode(q_b[:, 0], KB, S, pos, scale)
+        s = f.to(cd) + gamma.to(cd)[..., None] * mixed[:, None]
+        S.index_copy_(1, idx, s.to(S.dtype))
+        return s.to(f.dtype)
     KB[:, t0:t0 + n] = k_b.to(KB.dtype)
     if n == 1:  # one new row: it sees exactly the cached positions, no mask and no solve
         s = f.to(cd)
@@ -176,6 +203,22 @@ ONE_TORCH_THREAD_IN_KERNEL_STEPS = True
 TRITON_DECODE_ON_CPU = False
 
 
+def device_position(cache: dict, device) -> torch.Tensor:
+    """cache["_pos"]: the number of cached positions as an int32 [1] tensor on ``device``, which the Triton decode
+    step reads (slot written, positions read, RoPE angle) instead of the host int cache["t"], so that its ops
+    and launches are the same at every position (a CUDA graph can record one step and replay it). Kept equal
+    to cache["t"]: the step advances it on the device; cache["_pos_t"] remembers the value it holds, and a
+    cache whose "t" was changed otherwise (a prefill, a user) gets it rewritten here, before any step."""
+    pos = cache.get("_pos")
+    if not isinstance(pos, torch.Tensor) or pos.device != device:
+        pos = cache["_pos"] = torch.zeros(1, dtype=torch.int32, device=device)
+        cache["_pos_t"] = 0
+    if cache.get("_pos_t") != cache["t"]:
+        pos.fill_(int(cache["t"]))
+        cache["_pos_t"] = int(cache["t"])
+    return pos
+
+
 def _use_triton(x: torch.Tensor) -> bool:
     return (x.is_cuda or TRITON_DECODE_ON_CPU) and _triton_decode() is not None
 
@@ -212,11 +255,86 @@ def step_causal_conv1d(state: dict, t0: int, x, w, b=None):
 
 
 def step_rope(state: dict, t0: int, x, inv_freq):
+    pos = state.get("_pos")
+    if pos is not None and x.shape[1] == 1 and _use_triton(x):
+        cd = compute_dtype(x.dtype)
+        return _rotate_one(x.to(cd), _rotation_pos(inv_freq, pos, cd)).to(x.dtype)
     return _rotate_at(x, inv_freq, t0).to(x.dtype)
 
 
 STEPS = {"attention": step_attention, "feedback": step_feedback, "scan": step_scan,
          "causal_conv1d": step_causal_conv1d, "rope": step_rope}
+
+
+# -- one-position decode steps as CUDA graphs -------------------------------------------------------------------
+def decode_graphable(xs: list, cache: dict) -> bool:
+    """Whether a decode step may be recorded: one position, CUDA tensors on the Triton decode path, no autograd,
+    a cache of fixed capacity (max_len: no growth, so its tensors keep their storage), not inside a capture."""
+    if not xs or not all(isinstance(x, torch.Tensor) and x.is_cuda and x.is_contiguous() for x in xs):
+        return False
+    if xs[0].dim() < 2 or xs[0].shape[1] != 1 or cache.get("max_len") is None or not _use_triton(xs[0]):
+        return False
+    if torch.is_grad_enabled() and any(x.requires_grad for x in xs):
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+class DecodeGraphs:
+    """Record the one-position decode step into a CUDA graph on its second call with a signature (inputs'
+    shapes and dtypes, the cache tensors' storage), replay it on later calls.
+
+    Sound because that step's launches and ops do not depend on the position (it reads cache["_pos"] on the
+    device; tests/test_triton_decode.py checks the plan at several positions). A replay copies the inputs into
+    static buffers, replays (the recorded steps advance cache["_pos"] on the device), then advances the host's
+    cache["t"]; the cache's capacity is checked on the host before, as an eager step does. Capturing records
+    without running, so the host position is put back after the capture and the step runs by a first replay."""
+
+    def __init__(self, prog, max_graphs: int = 8):
+        import collections
+
+        self.prog, self.max_graphs = prog, max_graphs
+        self.recorded = collections.OrderedDict()
+        self.captures = self.replays = 0
+
+    def __call__(self, xs: list, cache: dict) -> list:
+        if "t" not in cache or not decode_graphable(xs, cache):
+            return self.prog.run(xs, cache)
+        device_position(cache, xs[0].device)   # cache["_pos"] exists (part of the key); a "t" changed outside: set
+        key = (tuple((tuple(x.shape), x.dtype, x.device) for x in xs),
+               tuple((k, v.data_ptr(), tuple(v.shape), v.dtype) for k, v in sorted(cache.items())
+                     if isinstance(v, torch.Tensor)))
+        rec = self.recorded.get(key)
+        if rec is None:
+            rec = self.recorded[key] = {"calls": 0, "graph": None}
+            while len(self.recorded) > self.max_graphs:
+                self.recorded.popitem(last=False)
+        self.recorded.move_to_end(key)
+        rec["calls"] += 1
+        if rec["calls"] == 1:
+            return self.prog.run(xs, cache)   # compiles the kernels, makes cache["_pos"]
+        self.prog._check_cache(cache, int(xs[0].shape[0]), 1, xs[0].device)   # overflow: raised before anything
+        if rec["graph"] is None:
+            self._record(rec, xs, cache)
+        for static, x in zip(rec["inputs"], xs):
+            static.copy_(x)
+        rec["graph"].replay()
+        self.replays += 1
+        cache["t"] = cache["_pos_t"] = int(cache["t"]) + 1
+        return [o.clone() for o in rec["outputs"]]
+
+    def _record(self, rec: dict, xs: list, cache: dict) -> None:
+        statics = [x.clone() for x in xs]
+        t0 = int(cache["t"])
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = self.prog.run(statics, cache)
+        cache["t"] = cache["_pos_t"] = t0   # recorded, not run: nothing advanced
+        rec.update(graph=graph, inputs=statics, outputs=list(outs))
+        self.captures += 1
+
+
+DECODE_CUDA_GRAPHS = True   # False: every decode step launches from Python
 
 
 # -- the serving program ------------------------------------------------------------------------------------
@@ -256,6 +374,7 @@ class ServingProgram:
                 self.states[node] = self._state_specs(node)
         self.checked = False
         self.decode_kernels = None   # backends/tvm/decode.py DecodeKernels: one-position steps on CPU (tvm backend)
+        self.decode_graphs = None    # DecodeGraphs: one-position Triton decode steps recorded into CUDA graphs
         self._plans: dict = {}
         self._bindings: dict = {}
 
@@ -454,6 +573,7 @@ class ServingProgram:
         t0 = int(cache["t"])
         self._reserve(cache, t0 + n)
         device = inputs[0].device
+        pos = device_position(cache, device) if n == 1 and _use_triton(inputs[0]) else None
         env: dict = dict(zip(g.inputs, inputs))
         for name, v in g.param_values.items():
             env[v] = params[name]
@@ -473,7 +593,10 @@ class ServingProgram:
                 for stateful, fn, operands, attrs, outputs, node, specs in self._plan(binding, device):
                     args = [env[x] if isinstance(x, Value) else x for x in operands]
                     if stateful:
-                        out = fn({role: cache[key] for role, key in specs}, t0, *args, **attrs)
+                        state = {role: cache[key] for role, key in specs}
+                        if pos is not None:
+                            state["_pos"] = pos
+                        out = fn(state, t0, *args, **attrs)
                     else:
                         out = fn(*args, **attrs)
                     if len(outputs) == 1:
@@ -493,6 +616,9 @@ class ServingProgram:
             if threads > 1:
                 torch.set_num_threads(threads)
         cache["t"] = t0 + n
+        if pos is not None:   # advanced on the device, as a replayed graph does
+            pos.add_(n)
+            cache["_pos_t"] = t0 + n
         return [env[v] for v in g.outputs]
 
     # -- prefill through the forward kernels ------------------------------------------------------------------
@@ -705,7 +831,12 @@ class Serving:
                              f"or (B, 1, ...); got {tuple(xs[0].shape)}")
         prog = self._program(tuple(xs))
         cache = self._materialise(cache, prog)
-        outs = prog.run(xs, cache)
+        if DECODE_CUDA_GRAPHS and getattr(c._backend, "cuda_graphs", True):
+            if getattr(prog, "decode_graphs", None) is None:
+                prog.decode_graphs = DecodeGraphs(prog)
+            outs = prog.decode_graphs(xs, cache)
+        else:
+            outs = prog.run(xs, cache)
         if squeeze:
             outs = [o[:, 0] for o in outs]
         return c._traced.unflatten(outs), cache

@@ -22,12 +22,14 @@ def test_every_kernel_compiles_for_sm90_with_tensor_cores(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = {(r["kernel"], r["tunables"].get("strategy", "")) for r in records}
     assert {k for k, _ in kernels} == {"attention_fwd", "feedback_lse", "feedback_diag_inverse", "feedback_solve",
-                                       "feedback_probs", "feedback_update", "scan_chunked", "rope_rotate",
+                                       "feedback_probs", "feedback_update", "feedback_probs_online",
+                                       "feedback_update_online", "feedback_solve_online", "scan_chunked", "rope_rotate",
                                        "tri_solve_fwd", "tri_solve_diag_inverse"}
-    # per dtype: attention with (+ rope_rotate) and without RoPE and with a key-padding mask, five feedback
-    # kernels, two scans, and the two tri_solve kernels twice (bf16: a lower non-unit system; f32: an upper unit
-    # one with broadcast weights; and each in the transposed orientation the tri_solve backward solves)
-    assert len(records) == 30
+    # per dtype: attention with (+ rope_rotate) and without RoPE and with a key-padding mask, the one-pass
+    # feedback's three kernels, the lse-first fallback's five (its lse and inverse kernels also serve the
+    # backward), two scans, and the two tri_solve kernels twice (bf16: a lower non-unit system; f32: an upper
+    # unit one with broadcast weights; and each in the transposed orientation the tri_solve backward solves)
+    assert len(records) == 36
     for r in records:
         assert r["cubin_bytes"] > 0
         assert r["spill_bytes"] == 0, r

@@ -44,6 +44,27 @@ def test_sessa_layer_matches_eager_at_several_lengths():
         assert kernel in text
 
 
+def test_lse_first_feedback_fallback_matches_and_launches_its_passes():
+    """feedback_one_pass=False: the lse pass, the inverse pass, then the lse-first solve (feedback.py), against
+    eager on the same graph; the default program folds those two nodes into the one-pass kernels."""
+    compiled = check(sessa(n_heads=2), torch.randn(2, 37, 32),
+                     compiled=sc.compile(sessa(n_heads=2), backend="triton",
+                                         options={**OPTS, "feedback_one_pass": False}))
+    text = compiled.explain()
+    assert "feedback_lse" in text and "feedback_solve " in text and "feedback_solve_online" not in text
+    from sessa_compiler.backends.triton.backend import TritonBackend
+
+    graph = compiled.graph   # the same traced graph, as the default program (one pass) builds it
+    backend = TritonBackend(interpret=True, feedback_chunk_size=16)
+    default = backend.build_program(graph)
+    text = backend.describe(graph)
+    assert "made on the way by the one-pass kernels" in text and "core ops without a kernel" not in text
+    assert len(default.one_pass) == 1 and not {"feedback_lse", "feedback_diag_inverse"} & {
+        n.op for n in default.kernel_nodes}
+    fallback = TritonBackend(interpret=True, feedback_chunk_size=16, feedback_one_pass=False).build_program(graph)
+    assert not fallback.one_pass and {"feedback_lse", "feedback_diag_inverse"} <= {n.op for n in fallback.kernel_nodes}
+
+
 @pytest.mark.parametrize("kw", [dict(n_heads=1), dict(n_heads=2, use_forward_rope=False),
                                 dict(n_heads=2, gamma_bias=6.0), dict(n_heads=2, gamma_bias=-6.0)],
                          ids=["H1", "no-rope", "gamma+max", "gamma-max"])
@@ -92,7 +113,9 @@ def test_print_ir_and_kernel_sources(capsys):
     assert "// ----- IR after chunk-feedback{chunk_size=16} (1 rewrite(s)) -----" in err
     assert "feedback_chunked(" in err
     sources = compiled.kernel_sources()
-    assert set(sources) == {"attention", "feedback_lse", "feedback_dinv", "feedback"}
+    # the feedback's lse and inverses come from its one-pass kernels: those nodes have none of their own
+    assert set(sources) == {"attention", "feedback"}
+    assert "def feedback_probs_online(" in sources["feedback"]
     assert all(s.startswith("# sessa_compiler generated Triton kernel") for s in sources.values())
 
 

@@ -88,8 +88,9 @@ def test_launch_plan_depends_on_shapes_only_and_never_syncs(recorder, gamma_bias
         plans.append(recorder.plan)
     launches = [p for p in plans[0] if p[0] == "launch"]
     names = {p[1] for p in launches}
-    assert {"attention_fwd", "feedback_lse", "feedback_probs", "feedback_update", "feedback_solve"} <= names
-    assert sum(p[1] == "feedback_solve" for p in launches) >= 2   # more than one outer chunk
+    assert {"attention_fwd", "feedback_probs_online", "feedback_update_online", "feedback_solve_online"} <= names
+    assert "feedback_lse" not in names and "feedback_diag_inverse" not in names   # one pass
+    assert sum(p[1] == "feedback_solve_online" for p in launches) >= 2   # more than one outer chunk
     assert plans[0] == plans[1]
     synced = sorted({p[1] for p in plans[0] if p[0] == "op" and p[1] in SYNC_OPS})
     assert not synced, synced

@@ -93,3 +93,198 @@ def test_decode_steps_through_the_kernels_equal_the_forward(monkeypatch):
     cache = c.init_cache(2, max_len=9)
     outs = [c.prefill(x[:, :3], cache)[0]] + [c.decode_step(x[:, t:t + 1], cache)[0] for t in range(3, 9)]
     assert relative_error(torch.cat(outs, dim=1), full) <= TOLERANCE[torch.float32]
+
+
+def test_device_position_matches_and_launches_do_not_depend_on_it(monkeypatch):
+    """A position given as an int32 tensor: the kernels read it, the grid covers the cache capacity, so the
+    launches (kernel, grid, non-tensor arguments) are the same at every position (CUDA-graph capturable);
+    results match torch at t = 0 (zero), 1, a chunk boundary and the capacity, with slots past t poisoned."""
+    import triton.runtime.interpreter as interpreter
+
+    launches = []
+    real = interpreter.InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        scalars = tuple(a for a in args if not isinstance(a, torch.Tensor))
+        launches.append((self.fn.__name__, tuple(grid), scalars, tuple(sorted(kwargs.items()))))
+        return real(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    B, W, L, H, Hkv, D = 2, 32, 150, 4, 2, 16
+    g = torch.Generator().manual_seed(0)
+    plans = []
+    for t in (0, 1, chunk_for(W), L):
+        q = torch.randn(B, W, generator=g)
+        kb, s = torch.full((B, L, W), float("nan")), torch.full((B, L, W), float("nan"))
+        kb[:, :t], s[:, :t] = torch.randn(B, t, W, generator=g), torch.randn(B, t, W, generator=g)
+        qa = torch.randn(B, H, D, generator=g)
+        k, v = torch.full((B, Hkv, L, D), float("nan")), torch.full((B, Hkv, L, D), float("nan"))
+        k[:, :, :t], v[:, :, :t] = torch.randn(B, Hkv, t, D, generator=g), torch.randn(B, Hkv, t, D, generator=g)
+        pos = torch.tensor([t], dtype=torch.int32)
+        launches.clear()
+        out = feedback_decode(q, kb, s, pos, W ** -0.5)
+        att = attention_decode(qa, k, v, pos, D ** -0.5)
+        plans.append(list(launches))
+        if t == 0:
+            assert (out == 0).all() and (att == 0).all()
+            continue
+        logits = (q[:, None, :].double() @ kb[:, :t].double().transpose(1, 2)) * W ** -0.5
+        assert relative_error(out, (torch.softmax(logits, -1) @ s[:, :t].double())[:, 0]) <= TOLERANCE[torch.float32]
+        kr = k[:, :, :t].double().repeat_interleave(H // Hkv, 1)
+        vr = v[:, :, :t].double().repeat_interleave(H // Hkv, 1)
+        ref = torch.softmax((qa[:, :, None, :].double() @ kr.transpose(-1, -2)) * D ** -0.5, -1) @ vr
+        assert relative_error(att, ref[:, :, 0]) <= TOLERANCE[torch.float32]
+    assert len(plans[0]) == 4 and all(p == plans[0] for p in plans), plans
+    with pytest.raises(ValueError, match="int32"):
+        feedback_decode(q, kb, s, torch.tensor([3]), 0.25)
+
+
+SYNCING = {"item", "_local_scalar_dense", "nonzero", "tolist", "is_nonzero", "equal", "allclose"}
+
+
+def test_decode_step_plan_is_capture_safe(monkeypatch):
+    """The compiled decode_step on the Triton decode path (as on CUDA) at two different positions issues the
+    same plan: the same Triton launches with the same grids and non-tensor arguments, the same torch ops with the
+    same non-tensor arguments, none synchronising; the position lives in cache["_pos"] (int32, on the device),
+    advanced by the step. So one step recorded into a CUDA graph replays at the next position."""
+    import triton.runtime.interpreter as interpreter
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import sessa_compiler as sc
+    import sessa_compiler.serving as serving
+    from model_helpers import randomize
+    from sessa_compiler.models import SessaLayer
+
+    monkeypatch.setattr(serving, "TRITON_DECODE_ON_CPU", True)
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2), seed=6)
+    c = sc.compile(model, backend="eager")
+    x = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model(x)
+    cache = c.init_cache(2, max_len=8)
+    outs = [c.prefill(x[:, :3], cache)[0]]
+    plan, inside = [], {"launch": False}
+
+    def scalar(a):
+        return a if isinstance(a, (int, float, bool, str, type(None), torch.dtype, torch.device)) else type(a).__name__
+
+    class Rec(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not inside["launch"]:
+                flat = [scalar(a) for a in list(args) + list((kwargs or {}).values())
+                        if not isinstance(a, torch.Tensor)]
+                plan.append(("op", func.overloadpacket.__name__, repr(flat)))
+            return func(*args, **(kwargs or {}))
+
+    real = interpreter.InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        plan.append(("launch", self.fn.__name__, tuple(grid), tuple(a for a in args if not isinstance(a, torch.Tensor)),
+                     tuple(sorted(kwargs.items()))))
+        inside["launch"] = True
+        try:
+            return real(self, *args, grid=grid, warmup=warmup, **kwargs)
+        finally:
+            inside["launch"] = False
+
+    monkeypatch.setattr(interpreter.InterpretedFunction, "run", run)
+    plans = []
+    with torch.no_grad():
+        for t in range(3, 8):
+            xt = x[:, t:t + 1].contiguous()
+            plan.clear()
+            with Rec():
+                outs.append(c.decode_step(xt, cache)[0])
+            plans.append(list(plan))
+            assert int(cache["_pos"]) == t + 1 == cache["t"]
+    assert relative_error(torch.cat(outs, dim=1), full) <= TOLERANCE[torch.float32]
+    launches = [p for p in plans[1] if p[0] == "launch"]
+    assert {p[1] for p in launches} == {"feedback_decode_partial", "feedback_decode_combine",
+                                        "attention_decode_partial", "attention_decode_combine"}
+    for p in plans[2:]:
+        assert p == plans[1]
+    assert not [p for p in plans[1] if p[0] == "op" and p[1] in SYNCING]
+
+
+class _FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph: ``work`` (set by the test) is what the recorded launches do."""
+
+    def __init__(self):
+        self.work = None
+
+    def replay(self):
+        self.work()
+
+
+class _FakeCapture:
+    """Stands in for torch.cuda.graph: runs the code (it has to, on CPU) but, as a capture, leaves no effect on
+    the tensors in ``protect`` (the cache), which are restored on exit."""
+    protect: dict = {}
+
+    def __init__(self, graph):
+        self.graph = graph
+
+    def __enter__(self):
+        self.saved = {k: v.clone() for k, v in self.protect.items() if isinstance(v, torch.Tensor)}
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            self.protect[k].copy_(v)
+        return False
+
+
+def test_decode_step_records_once_and_replays_at_later_positions(monkeypatch):
+    """decode_step through DecodeGraphs with stand-ins for the CUDA graph API (CPU tensors, Triton decode path):
+    the first step runs eagerly, the second is recorded (host position put back) and replayed, later steps only
+    replay; every output equals the full forward and the cache's positions advance (host and device)."""
+    import sessa_compiler as sc
+    import sessa_compiler.serving as serving
+    from model_helpers import randomize
+    from sessa_compiler.models import SessaLayer
+
+    monkeypatch.setattr(serving, "TRITON_DECODE_ON_CPU", True)
+    monkeypatch.setattr(serving, "decode_graphable", lambda xs, cache: xs[0].shape[1] == 1 and
+                        cache.get("max_len") is not None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", _FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", _FakeCapture)
+    runs = []
+    real_run = serving.ServingProgram.run
+
+    def counted(self, inputs, cache, params=None):
+        runs.append(int(cache["t"]))
+        return real_run(self, inputs, cache, params)
+
+    monkeypatch.setattr(serving.ServingProgram, "run", counted)
+    real_record = serving.DecodeGraphs._record
+
+    def record(self, rec, xs, cache):
+        real_record(self, rec, xs, cache)
+
+        def work():   # the recorded step on the device: the cache's tensors and the static outputs, not cache["t"]
+            t = cache["t"], cache["_pos_t"]
+            outs = real_run(self.prog, rec["inputs"], cache)
+            for o, n in zip(rec["outputs"], outs):
+                o.copy_(n)
+            cache["t"], cache["_pos_t"] = t
+        rec["graph"].work = work
+
+    monkeypatch.setattr(serving.DecodeGraphs, "_record", record)
+    made = []
+    real_init = serving.DecodeGraphs.__init__
+    monkeypatch.setattr(serving.DecodeGraphs, "__init__", lambda self, prog: real_init(self, prog) or made.append(self))
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2), seed=6)
+    c = sc.compile(model, backend="eager")
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        full = model(x)
+        cache = c.init_cache(2, max_len=9)
+        _FakeCapture.protect = cache
+        outs = [c.prefill(x[:, :3], cache)[0]]
+        runs.clear()
+        for t in range(3, 9):
+            outs.append(c.decode_step(x[:, t:t + 1].contiguous(), cache)[0])
+            assert cache["t"] == t + 1 and int(cache["_pos"]) == t + 1
+    assert relative_error(torch.cat(outs, dim=1), full) <= TOLERANCE[torch.float32]
+    assert runs == [3, 4], runs   # the eager step and the capture; the rest are replays
+    assert len(made) == 1 and made[0].captures == 1 and made[0].replays == 5

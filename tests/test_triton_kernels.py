@@ -439,3 +439,79 @@ def test_tri_solve_rejects_bad_inputs():
         launch_tri_solve(kernel, torch.randn(2, 5, 5), b, out=torch.empty(2, 8, 5).transpose(1, 2))
     with pytest.raises(UnsupportedError, match="op 'tri_solve': the block must be a power of two >= 16, got 24"):
         tri_solve_kernel(["B"], ["B"], 8, False, False, block=24)
+
+
+# -- the one-pass forward (feedback_online.py): lse and inverses made per outer chunk, no separate passes ----------
+def online_kernel(d_qk, d_v, C, outer, dt="f32"):
+    from sessa_compiler.backends.triton.feedback_online import generate_online
+
+    g = feedback_graph(d_qk, d_v, C, dt)
+    return KERNEL_CACHE.load(generate_online(g.nodes[2], {"q_b": dt, "f": dt, "gamma": dt}, True, outer_chunk=outer),
+                             True)
+
+
+# C=16: outer chunks of 32 (key tiles of 32) or 16 (key tiles of 16: 17 tiles at T=260, over one combine step of 16);
+# T = 1, odd, one short of / on / one past inner blocks, outer chunks and key tiles
+ONE_PASS_CASES = [(T, outer, *w) for T, outer in [(1, 32), (15, 32), (16, 32), (17, 32), (31, 32), (33, 32), (63, 32),
+                                                  (65, 32), (97, 64)] for w in [(1.0, 24, 40), (-1.0, 80, 16)]]
+
+
+@pytest.mark.parametrize("T, outer, gamma_sign, d_qk, d_v", ONE_PASS_CASES + [(260, 16, -1.0, 24, 40)])
+def test_one_pass_feedback_matches_references(T, outer, gamma_sign, d_qk, d_v):
+    from sessa_compiler.backends.triton.feedback_online import launch_online
+
+    C, B = 16, 2
+    kern = online_kernel(d_qk, d_v, C, outer)
+    assert set(kern.parts) == {"feedback_probs_online", "feedback_update_online"}
+    f, q, k, gamma = feedback_inputs(B, T, d_qk, d_v, gamma_sign, torch.float32, seed=T + outer)
+    if T > 1:
+        assert gamma.abs().max() > 0.99   # near +-gamma_max
+    ref = feedback_ref(f.double(), q.double(), k.double(), gamma.double(), 0.3)
+    lse_ref = blocked_ref.feedback_lse(q.double(), k.double(), scale=0.3)
+    for target_programs in ((264, 1) if 2 * outer < T < 200 else (264,)):   # the update split over earlier rows, not
+        buf, s = poisoned((B, T, d_v), torch.float32)
+        buf_l, lse = poisoned((B, T), torch.float32)
+        out, lse_out = launch_online(kern, f, q, k, gamma, out=s, lse_out=lse, target_programs=target_programs)
+        assert out is s and lse_out is lse
+        assert canary_intact(buf, B * T * d_v) and canary_intact(buf_l, B * T)
+        assert rel_err(s, ref) < 1e-4
+        assert (lse.double() - lse_ref).abs().max().item() < 1e-5
+
+
+def test_one_pass_feedback_bf16_and_source_shape():
+    """bf16 in and out (interpreter: fp32 P); the GPU source stores P in bf16 and runs the update's products in
+    bf16 on the bf16 output rows of s, and never computes a log-sum-exp pass of its own."""
+    from sessa_compiler.backends.triton.feedback_online import generate_online, launch_online
+
+    T, C, B, d = 37, 16, 2, 32
+    kern = online_kernel(d, d, C, 32, "bf16")
+    f, q, k, gamma = feedback_inputs(B, T, d, d, 1.0, torch.bfloat16, seed=7)
+    buf, s = poisoned((B, T, d), torch.bfloat16)
+    launch_online(kern, f, q, k, gamma, out=s)
+    assert canary_intact(buf, B * T * d)
+    assert rel_err(s, feedback_ref(f.double(), q.double(), k.double(), gamma.double(), 0.3)) < 3e-2
+    # the GPU's data path under the interpreter: P stored in bf16, the update reading the bf16 output rows of s
+    # (its products fp32 here), T over three outer chunks
+    low = KERNEL_CACHE.load(generate_online(feedback_graph(d, d, C, "bf16").nodes[2],
+                                            {"q_b": "bf16", "f": "bf16", "gamma": "bf16"}, True, outer_chunk=32,
+                                            low_storage=True), True)
+    assert low.source.tunables["p_dtype"] == "bf16"
+    buf, s_low = poisoned((B, T + 40, d), torch.bfloat16)
+    f2, q2, k2, g2 = feedback_inputs(B, T + 40, d, d, -1.0, torch.bfloat16, seed=8)
+    launch_online(low, f2, q2, k2, g2, out=s_low)
+    assert canary_intact(buf, B * (T + 40) * d)
+    assert rel_err(s_low, feedback_ref(f2.double(), q2.double(), k2.double(), g2.double(), 0.3)) < 3e-2
+    gpu = generate_online(feedback_graph(128, 128, 64, "bf16").nodes[2], {"q_b": "bf16", "f": "bf16", "gamma": "bf16"},
+                          False)
+    assert gpu.tunables["CO"] == 256 and gpu.tunables["p_dtype"] == "bf16"
+    upd = gpu.parts[1]
+    assert upd.signature["P"] == "*bf16" and upd.signature["SPREV"] == "*bf16"
+    assert "p.to(tl.bfloat16), sv.to(tl.bfloat16)" in upd.source
+    f32 = generate_online(feedback_graph(128, 128, 64).nodes[2], {"q_b": "f32", "f": "f32", "gamma": "f32"}, False)
+    assert f32.tunables["p_dtype"] == "fp32" and 'input_precision="tf32x3"' in f32.parts[1].source
+    for src in gpu.all_kernels():
+        assert src.source.count("tl.dot(") == src.source.count("input_precision=")
+        assert "make_block_ptr" not in src.source
+    with pytest.raises(UnsupportedError, match="feedback_chunked"):
+        generate_online(feedback_graph(24, 40, 16).nodes[2], {"q_b": "f32", "f": "f32", "gamma": "f32"}, True,
+                        outer_chunk=48)

@@ -229,10 +229,9 @@ def test_aot_autograd_sees_the_kernel_launches_on_cuda_tensors(tmp_path):
     assert not any("sessa_compiler" in n for n in scan_names + attention_names + feedback_names)
     assert scan_kernels == ["scan_chunked"]
     assert attention_kernels == ["rope_rotate", "rope_rotate", "attention_fwd"]
-    # every kernel launch of the feedback op is a wrap_triton launch: lse, diagonal inverses, then three per outer
-    # chunk; the other calls are the workspaces' allocations, the launches' results and the final subtraction
-    assert feedback_kernels == ["feedback_lse", "feedback_diag_inverse"] + ["feedback_probs", "feedback_update",
-                                                                             "feedback_solve"] * 3
+    # every kernel launch of the feedback op is a wrap_triton launch: three per outer chunk (one pass: no lse or
+    # inverse pass); the other calls are the workspaces' allocations, the launches' results and the final subtraction
+    assert feedback_kernels == ["feedback_probs_online", "feedback_update_online", "feedback_solve_online"] * 3
     assert feedback_names.count("triton_kernel_wrapper_functional") == len(feedback_kernels)
     others = [n for n in feedback_names if "triton_kernel_wrapper" not in n]
     assert {n for n in others} == {"aten.empty.memory_format", "<built-in function getitem>", "aten.sub.Tensor"}, others
@@ -280,5 +279,5 @@ def test_torch_compile_of_a_compiled_module_on_cuda_records_the_triton_ops(tmp_p
         assert kernels == [] and {"sessa_compiler.attention.default", "sessa_compiler.feedback.default"} <= set(names)
         return
     assert not any("sessa_compiler" in n for n in names), names
-    assert kernels == ["rope_rotate", "rope_rotate", "attention_fwd", "feedback_lse", "feedback_diag_inverse"] + [
-        "feedback_probs", "feedback_update", "feedback_solve"] * 2
+    assert kernels == ["rope_rotate", "rope_rotate", "attention_fwd"] + [
+        "feedback_probs_online", "feedback_update_online", "feedback_solve_online"] * 2

@@ -114,7 +114,7 @@ class AutoBackend(Backend):
 BACKEND_OPTIONS = {
     "eager": ("print_ir",),
     "triton": ("print_ir", "feedback_chunk_size", "scan_chunk_size", "scan_strategy", "interpret", "fuse",
-               "half_in_float32", "cuda_graphs"),
+               "half_in_float32", "cuda_graphs", "feedback_one_pass"),
     "tvm": ("target", "schedules", "feedback_chunk_size", "print_ir", "whole_graph", "decode_kernels"),
 }
 

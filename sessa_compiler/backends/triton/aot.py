@@ -99,6 +99,7 @@ def sample_sources(dtype: str = "bf16") -> list:
     settings."""
     from ...ir import parse
     from .backend import TritonProgram, _generator, _operand_names
+    from .feedback import generate_solve
 
     # tri_solve: lower non-unit on [B, T, T] weights for bf16, upper unit on broadcast [T, T] weights for f32,
     # and each one's transposed orientation (what the tri_solve backward solves: training.py)
@@ -114,6 +115,8 @@ def sample_sources(dtype: str = "bf16") -> list:
             dtypes = {n: v.type.dtype.name for n, v in zip(_operand_names(node), node.inputs)
                       if v is not None and n != "mask"}
             srcs.extend(prog.source_for(node, dtypes, interpret=False).all_kernels())
+            if node.op == "feedback_chunked" and strategy == "sequential":   # the lse-first fallback's kernels
+                srcs.extend(generate_solve(node, dtypes, interpret=False).all_kernels())
     return srcs
 
 

@@ -26,6 +26,7 @@ from ..eager import bind_symbols, call_widened, run_node, widen, widened
 from .attention import generate_attention, launch_attention
 from .codegen import KERNEL_CACHE, KERNEL_DTYPES, KernelSource
 from .feedback import generate_diag_inverse, generate_lse, generate_solve, launch_diag_inverse, launch_lse, launch_solve
+from .feedback_online import generate_online, launch_online
 from .fused import fused_layout, generate_fused, launch_fused
 from .prepare import triton_runner, triton_space, tunable_nodes, tuning_kernel, tuning_source
 from .scan import generate_scan, launch_scan
@@ -47,7 +48,7 @@ def _generator(node: Node):
     if node.op == "attention":
         return generate_attention if node.attrs["causal"] else None
     return {"feedback_lse": generate_lse, "feedback_diag_inverse": generate_diag_inverse,
-            "feedback_chunked": generate_solve, "scan_chunked": generate_scan, "fused": generate_fused,
+            "feedback_chunked": generate_online, "scan_chunked": generate_scan, "fused": generate_fused,
             "tri_solve": generate_tri_solve}.get(node.op)
 
 
@@ -67,22 +68,51 @@ def _launch(node: Node, kernel, args: list):
     if node.op == "feedback_diag_inverse":
         return launch_diag_inverse(kernel, *args, chunk_size=node.attrs["chunk_size"])
     if node.op == "feedback_chunked":
+        if kernel.source.name == "feedback_solve_online":
+            return launch_online(kernel, *args[:4])
         return launch_solve(kernel, *args)
     if node.op == "tri_solve":
         return launch_tri_solve(kernel, *args)
     return launch_scan(kernel, *args)
 
 
+def one_pass_feedback(graph: Graph) -> dict:
+    """feedback_chunked node -> (feedback_lse node, feedback_diag_inverse node) where the lse is read only by those
+    two and the inverses only by the solve, and the lse is not a graph output: the one-pass kernels
+    (feedback_online.py) then make the lse themselves and need no inverse pass."""
+    users: dict = collections.defaultdict(list)
+    for n in graph.nodes:
+        for x in n.inputs:
+            users[x].append(n)
+    outs = set(graph.outputs)
+    found = {}
+    for n in graph.nodes:
+        if n.op != "feedback_chunked":
+            continue
+        lse_v, dinv_v = n.inputs[4], n.inputs[5]
+        lse_n, dinv_n = lse_v.producer, dinv_v.producer
+        if (lse_n is None or dinv_n is None or lse_n.op != "feedback_lse" or dinv_n.op != "feedback_diag_inverse"
+                or lse_v in outs or dinv_v in outs or set(users[lse_v]) != {dinv_n, n} or users[dinv_v] != [n]):
+            continue
+        found[n] = (lse_n, dinv_n)
+    return found
+
+
 class TritonProgram:
     """One prepared graph: the rewritten IR, the pass records, and its kernels per (node, dtypes, mode)."""
 
-    def __init__(self, graph: Graph, passes, interpret: bool | None, scan_strategy: str = "sequential"):
+    def __init__(self, graph: Graph, passes, interpret: bool | None, scan_strategy: str = "sequential",
+                 feedback_one_pass: bool = True):
         self.graph = graph
         self.scan_strategy = scan_strategy
         self.passes = passes
         self.interpret = interpret
         self.kernels: dict = {}
-        self.kernel_nodes = [n for n in graph.nodes if _generator(n) is not None]
+        # feedback_chunked -> (its feedback_lse, feedback_diag_inverse) when nothing else reads them: the one-pass
+        # kernels compute both on the way (one_pass_feedback), so those two nodes launch nothing
+        self.one_pass = one_pass_feedback(graph) if feedback_one_pass else {}
+        folded = {n for pair in self.one_pass.values() for n in pair}
+        self.kernel_nodes = [n for n in graph.nodes if _generator(n) is not None and n not in folded]
         self.node_configs: dict = {}    # node -> {num_warps, num_stages, tiles}: tuned, shipped default, or none
         self.config_report: list = []   # where each op's config came from (for describe / explain)
 
@@ -92,6 +122,8 @@ class TritonProgram:
         launch = {k: v for k, v in config.items() if k in ("num_warps", "num_stages")}
         if node.op == "scan_chunked":
             src = generate_scan(node, dtypes, interpret, strategy=self.scan_strategy)
+        elif node.op == "feedback_chunked" and node not in self.one_pass:   # lse / inverses from their own kernels
+            src = generate_solve(node, dtypes, interpret, **knobs)
         else:
             src = _generator(node)(node, dtypes, interpret, **knobs)
         return dataclasses.replace(src, **launch) if launch else src
@@ -124,7 +156,22 @@ class TritonProgram:
         for name, v in graph.param_values.items():
             env[v] = params[name]
         kernel_nodes = set(self.kernel_nodes)
+        folded = {n: chunked for chunked, pair in self.one_pass.items() for n in pair}
         for node in graph.nodes:
+            if node in folded:   # run with its feedback_chunked node (below)
+                continue
+            if node in self.one_pass:
+                args = [env[x] for x in node.inputs[:4]]
+                dtypes = {name: from_torch(a.dtype).name for name, a in zip(_operand_names(node), args)}
+                lse_node, dinv_node = self.one_pass[node]
+                if all(dt in KERNEL_DTYPES for dt in dtypes.values()):
+                    s, lse = _launch(node, self.kernel(node, dtypes, interpret), args)
+                    env[node.output] = s
+                    env[lse_node.output] = lse
+                else:
+                    for n in (lse_node, dinv_node, node):
+                        run_node(n, env, binding, device)
+                continue
             dtypes = None
             if node in kernel_nodes:
                 args = [env[x] if isinstance(x, Value) else x for x in node.inputs]
@@ -140,8 +187,8 @@ class TritonProgram:
 
 class TritonBackend(Backend):
     """``get_backend("triton", print_ir=..., feedback_chunk_size=..., scan_chunk_size=..., scan_strategy=...,
-    interpret=...)``: chunk sizes default to the passes' cost models; ``interpret`` defaults to
-    "interpret CPU tensors, compile for CUDA tensors"."""
+    interpret=..., feedback_one_pass=...)``: chunk sizes default to the passes' cost models; ``interpret``
+    defaults to "interpret CPU tensors, compile for CUDA tensors"."""
 
     name = "triton"
     differentiable = False  # autograd through its kernels: prepare_training (backends/training.py)
@@ -150,8 +197,11 @@ class TritonBackend(Backend):
     def __init__(self, *, print_ir: bool | None = None, feedback_chunk_size: int | None = None,
                  scan_chunk_size: int | None = None, scan_strategy: str = "sequential",
                  interpret: bool | None = None, fuse: bool = True, half_in_float32: bool = False,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, feedback_one_pass: bool = True):
         self.print_ir = print_ir
+        # the feedback forward in one pass per outer chunk (feedback_online.py); False: the lse-first kernels
+        # (an lse pass, an inverse pass, then the solve; feedback.py)
+        self.feedback_one_pass = feedback_one_pass
         # CUDA tensors without autograd: the second call at a shape records its launches into a CUDA graph and
         # later calls replay it (cuda_graphs.py); False launches every kernel from Python on every call
         self.cuda_graphs = cuda_graphs
@@ -240,7 +290,7 @@ class TritonBackend(Backend):
         strategy = opts.pop("scan_strategy", self.scan_strategy)
         rewritten = graph.clone()
         pm = run_pipeline(rewritten, "triton", print_ir=self.print_ir, **opts)
-        program = TritonProgram(rewritten, pm, self.interpret, strategy)
+        program = TritonProgram(rewritten, pm, self.interpret, strategy, feedback_one_pass=self.feedback_one_pass)
         self.programs[id(graph)] = program
         return program
 
@@ -300,8 +350,12 @@ class TritonBackend(Backend):
             if n.op == "attention" and n.attrs.get("key_padding", False):
                 lines.append("      (with a key-padding mask: this kernel without gradients; a call that needs "
                              "gradients runs the blocked torch forward and backward of semantics/backward.py)")
+        for chunked, pair in prog.one_pass.items():
+            lines.append(f"    (%{pair[0].output.name} = feedback_lse and %{pair[1].output.name} = feedback_diag_inverse: "
+                         f"made on the way by the one-pass kernels of %{chunked.output.name})")
         lines.extend(prog.config_report)
-        torch_ops = collections.Counter(n.op for n in g.nodes if n not in set(prog.kernel_nodes))
+        folded = {n for pair in prog.one_pass.values() for n in pair}
+        torch_ops = collections.Counter(n.op for n in g.nodes if n not in set(prog.kernel_nodes) and n not in folded)
         core_left = [op for op in torch_ops if OPS[op].kind == CORE]
         lines += describe_fusion(prog)
         lines.append("  torch ops between kernels: " +

@@ -1,6 +1,6 @@
 """CUDA graphs for compiled Triton calls: the second call at a shape records its launches, later calls replay.
 
-A forward at one shape issues a fixed sequence of launches (about 115 for a SessaLayer at T=8192: the
+A forward at one shape issues a fixed sequence of launches (about 113 for a SessaLayer at T=8192: the
 feedback solve's host loop makes three per outer chunk of 256 rows), each costing ~10 us of Python and
 driver time. ``GraphedCalls`` keeps, per call signature (the inputs' shapes, strides, dtypes and device,
 and the parameters' storage), a count of calls:

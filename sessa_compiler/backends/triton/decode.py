@@ -26,9 +26,12 @@ def chunk_for(width: int) -> int:
 
 
 @triton.jit
-def feedback_decode_partial(q_ptr, kb_ptr, s_ptr, pm_ptr, pl_ptr, pa_ptr, t, stride_kb_b, stride_kb_l,
+def feedback_decode_partial(q_ptr, kb_ptr, s_ptr, pm_ptr, pl_ptr, pa_ptr, t_ptr, stride_kb_b, stride_kb_l,
                             stride_s_b, stride_s_l, scale, W: tl.constexpr, BW: tl.constexpr,
                             CHUNK: tl.constexpr):
+    # t (cached positions) is read from the device: chunks at or past it store empty partials (m = -1e30,
+    # l = 0, acc = 0), so a grid sized for the cache capacity serves every position
+    t = tl.load(t_ptr)
     b = tl.program_id(0)
     c = tl.program_id(1)
     nc = tl.num_programs(1)
@@ -83,25 +86,40 @@ def feedback_decode_combine(pm_ptr, pl_ptr, pa_ptr, out_ptr, nc, W: tl.constexpr
         pa = tl.load(pa_ptr + (b * nc + c)[:, None] * W + cols[None, :], mask=ok[:, None] & col_ok[None, :],
                      other=0.0)
         acc += tl.sum(pa * w[:, None], axis=0)
-    tl.store(out_ptr + b * W + cols, acc / tl.sum(total, axis=0), mask=col_ok)
+    den = tl.sum(total, axis=0)
+    tl.store(out_ptr + b * W + cols, tl.where(den > 0.0, acc / tl.maximum(den, 1e-30), 0.0), mask=col_ok)   # t = 0: 0
 
 
-def feedback_decode(q_b: torch.Tensor, k_b_cache: torch.Tensor, s_cache: torch.Tensor, t: int,
+def _position(t, capacity: int, chunk: int, device, name: str):
+    """(int32 device tensor holding t, number of chunks in the grid). ``t`` an int: checked, grid over t's
+    chunks. ``t`` a device tensor (int32 [1]): read by the kernels, grid over the capacity's chunks, so the
+    launch (grid, arguments) does not depend on the position: no host read, CUDA-graph capturable; its value
+    must lie in 0..capacity (the kernels cannot check it; t = 0 gives a zero result)."""
+    if isinstance(t, torch.Tensor):
+        if t.dtype != torch.int32 or t.numel() != 1 or t.device != device:
+            raise ValueError(f"{name}: a position tensor must be int32 with one element on {device}, got "
+                             f"{t.dtype} {tuple(t.shape)} on {t.device}")
+        return t, max(1, triton.cdiv(capacity, chunk))
+    if t < 1 or capacity < t:
+        raise ValueError(f"{name}: t={t} must be in 1..{capacity}")
+    return torch.full((1,), t, dtype=torch.int32, device=device), triton.cdiv(t, chunk)
+
+
+def feedback_decode(q_b: torch.Tensor, k_b_cache: torch.Tensor, s_cache: torch.Tensor, t,
                     scale: float) -> torch.Tensor:
-    """q_b [B, W]; caches [B, L, W] (L >= t >= 1, last dim contiguous) -> mixed [B, W] in float32."""
+    """q_b [B, W]; caches [B, L, W] (L >= t >= 1, last dim contiguous) -> mixed [B, W] in float32. ``t``: an int,
+    or an int32 device tensor [1] (0 <= t <= L; see ``_position``)."""
     B, W = q_b.shape
-    if t < 1 or k_b_cache.shape[1] < t or s_cache.shape[1] < t:
-        raise ValueError(f"feedback_decode: t={t} must be in 1..{min(k_b_cache.shape[1], s_cache.shape[1])}")
+    t_dev, nc = _position(t, min(k_b_cache.shape[1], s_cache.shape[1]), chunk_for(W), q_b.device, "feedback_decode")
     if k_b_cache.stride(2) != 1 or s_cache.stride(2) != 1:
         raise ValueError("feedback_decode: the caches' last dim must be contiguous")
     q = q_b.contiguous()
     chunk = chunk_for(W)
-    nc = triton.cdiv(t, chunk)
     f32 = dict(device=q.device, dtype=torch.float32)
     pm, pl, pa = torch.empty(B, nc, **f32), torch.empty(B, nc, **f32), torch.empty(B, nc, W, **f32)
     out = torch.empty(B, W, **f32)
     BW = triton.next_power_of_2(W)
-    feedback_decode_partial[(B, nc)](q, k_b_cache, s_cache, pm, pl, pa, t, k_b_cache.stride(0), k_b_cache.stride(1),
+    feedback_decode_partial[(B, nc)](q, k_b_cache, s_cache, pm, pl, pa, t_dev, k_b_cache.stride(0), k_b_cache.stride(1),
                                      s_cache.stride(0), s_cache.stride(1), float(scale), W=W, BW=BW, CHUNK=chunk)
     BWC = min(BW, COMBINE_BLOCK_W)
     feedback_decode_combine[(B, triton.cdiv(W, BWC))](pm, pl, pa, out, nc, W=W, BWC=BWC, BC=combine_chunks(BWC))
@@ -109,10 +127,11 @@ def feedback_decode(q_b: torch.Tensor, k_b_cache: torch.Tensor, s_cache: torch.T
 
 
 @triton.jit
-def attention_decode_partial(q_ptr, k_ptr, v_ptr, pm_ptr, pl_ptr, pa_ptr, t, stride_k_b, stride_k_h, stride_k_l,
-                             stride_v_b, stride_v_h, stride_v_l, scale, HKV: tl.constexpr, G: tl.constexpr,
-                             GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
+def attention_decode_partial(q_ptr, k_ptr, v_ptr, pm_ptr, pl_ptr, pa_ptr, t_ptr, stride_k_b, stride_k_h,
+                             stride_k_l, stride_v_b, stride_v_h, stride_v_l, scale, HKV: tl.constexpr,
+                             G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
                              DVP: tl.constexpr, CHUNK: tl.constexpr):
+    t = tl.load(t_ptr)             # positions to read, from the device (chunks past it: empty partials)
     bh = tl.program_id(0)          # batch row x kv head
     c = tl.program_id(1)
     nc = tl.num_programs(1)
@@ -163,7 +182,7 @@ def attention_decode_combine(pm_ptr, pl_ptr, pa_ptr, out_ptr, nc, G: tl.constexp
         total += tl.sum(tl.load(pl_ptr + part, mask=ok[:, None], other=0.0) * w, axis=0)
         pa = tl.load(pa_ptr + part[:, :, None] * DVP + e[None, None, :], mask=ok[:, None, None], other=0.0)
         acc += tl.sum(pa * w[:, :, None], axis=0)
-    out = acc / total[:, None]
+    out = tl.where(total[:, None] > 0.0, acc / tl.maximum(total, 1e-30)[:, None], 0.0)
     tl.store(out_ptr + (bh * G + g[:, None]) * DV + e[None, :], out, mask=(g[:, None] < G) & (e[None, :] < DV))
 
 
@@ -172,26 +191,25 @@ def attention_chunk_for(g: int, d: int) -> int:
     return max(16, min(64, 8192 // (triton.next_power_of_2(g) * triton.next_power_of_2(d))))
 
 
-def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t: int,
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t,
                      scale: float) -> torch.Tensor:
     """q [B, H, d] (already rotated); caches [B, Hkv, L, d] (head-major, L >= t >= 1, last dim contiguous);
-    query head h reads kv head h // (H / Hkv) -> [B, H, dv] in float32."""
+    query head h reads kv head h // (H / Hkv) -> [B, H, dv] in float32. ``t``: an int, or an int32 device
+    tensor [1] (see ``_position``)."""
     B, H, D = q.shape
     Hkv, DV = k_cache.shape[1], v_cache.shape[3]
-    if t < 1 or k_cache.shape[2] < t or v_cache.shape[2] < t:
-        raise ValueError(f"attention_decode: t={t} must be in 1..{min(k_cache.shape[2], v_cache.shape[2])}")
     if H % Hkv or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
         raise ValueError("attention_decode: H must be a multiple of Hkv and the caches' last dim contiguous")
     G = H // Hkv
     GP, DP, DVP = triton.next_power_of_2(G), triton.next_power_of_2(D), triton.next_power_of_2(DV)
     chunk = attention_chunk_for(G, D)
-    nc = triton.cdiv(t, chunk)
+    t_dev, nc = _position(t, min(k_cache.shape[2], v_cache.shape[2]), chunk, q.device, "attention_decode")
     f32 = dict(device=q.device, dtype=torch.float32)
     pm, pl = torch.empty(B * Hkv, nc, GP, **f32), torch.empty(B * Hkv, nc, GP, **f32)
     pa = torch.empty(B * Hkv, nc, GP, DVP, **f32)
     out = torch.empty(B, H, DV, **f32)
     attention_decode_partial[(B * Hkv, nc)](
-        q.contiguous(), k_cache, v_cache, pm, pl, pa, t, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q.contiguous(), k_cache, v_cache, pm, pl, pa, t_dev, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), float(scale), HKV=Hkv, G=G, GP=GP, D=D, DP=DP,
         DV=DV, DVP=DVP, CHUNK=chunk)
     attention_decode_combine[(B * Hkv,)](pm, pl, pa, out, nc, G=G, GP=GP, DV=DV, DVP=DVP,
@@ -208,7 +226,7 @@ def aot_compile(arch: int = 90, W: int = 512) -> list:
     jobs = [
         (feedback_decode_partial,
          {"q_ptr": "*fp32", "kb_ptr": "*bf16", "s_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
-          "pa_ptr": "*fp32", "t": "i32", "stride_kb_b": "i32", "stride_kb_l": "i32", "stride_s_b": "i32",
+          "pa_ptr": "*fp32", "t_ptr": "*i32", "stride_kb_b": "i32", "stride_kb_l": "i32", "stride_s_b": "i32",
           "stride_s_l": "i32",
           "scale": "fp32", "W": "constexpr", "BW": "constexpr", "CHUNK": "constexpr"},
          {"W": W, "BW": BW, "CHUNK": chunk_for(W)}),
@@ -221,7 +239,7 @@ def aot_compile(arch: int = 90, W: int = 512) -> list:
     jobs += [
         (attention_decode_partial,
          {"q_ptr": "*fp32", "k_ptr": "*bf16", "v_ptr": "*bf16", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
-          "pa_ptr": "*fp32", "t": "i32", "stride_k_b": "i32", "stride_k_h": "i32", "stride_k_l": "i32",
+          "pa_ptr": "*fp32", "t_ptr": "*i32", "stride_k_b": "i32", "stride_k_h": "i32", "stride_k_l": "i32",
           "stride_v_b": "i32", "stride_v_h": "i32", "stride_v_l": "i32", "scale": "fp32", "HKV": "constexpr",
           "G": "constexpr", "GP": "constexpr", "D": "constexpr", "DP": "constexpr", "DV": "constexpr",
           "DVP": "constexpr", "CHUNK": "constexpr"},

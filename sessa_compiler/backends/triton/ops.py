@@ -9,9 +9,10 @@
   kernel, is the reference's torch ops.
 - ``torch.ops.sessa_compiler.feedback_triton(f, q_b, k_b, gamma, scale)``: the arguments and result of
   ``torch.ops.sessa_compiler.feedback``. The blocked kernels of backends/triton/feedback.py, through the
-  launchers the backend uses (``launch=wrap_triton``): ``feedback_lse``, ``feedback_diag_inverse``, then per
-  outer chunk of rows (a host loop) ``feedback_probs``, ``feedback_update`` and ``feedback_solve``; lse,
-  inverses, probabilities and (for 16-bit f) s are float32 workspaces. float64 runs the reference's torch ops.
+  launchers the backend uses (``launch=wrap_triton``): the one-pass kernels of feedback_online.py, per outer
+  chunk of rows (a host loop) ``feedback_probs_online``, ``feedback_update_online`` (which also writes the
+  rows' lse and the diagonal inverses) and ``feedback_solve_online``; (for 16-bit f) s is a float32
+  workspace. float64 runs the reference's torch ops.
   The host loop runs ceil(T / outer chunk) times, so a trace unrolls it for one T.
 
 Gradients: attention and feedback run their backward Triton kernels (backends/triton/attention_bwd.py and
@@ -47,8 +48,8 @@ from .attention import attention_grid, generate_attention
 from .attention_bwd import attention_triton_autograd, attention_triton_setup_context
 from .codegen import KERNEL_CACHE, KERNEL_DTYPES
 from .feedback_bwd import feedback_triton_autograd
-from .feedback import (default_outer_chunk, direct_launch, generate_diag_inverse, generate_lse, generate_solve,
-                       launch_diag_inverse, launch_lse, launch_solve)
+from .feedback import default_outer_chunk, direct_launch
+from .feedback_online import generate_online, launch_online
 from .scan import generate_scan
 from .scan_bwd import scan_backward_triton
 
@@ -175,9 +176,9 @@ FEEDBACK_OUTER_CHUNK: Optional[int] = None
 
 
 @functools.lru_cache(maxsize=64)
-def _feedback_kernels(d_qk: int, d_v: int, scale: float, chunk: int, outer: Optional[int], dtypes: tuple,
-                      interpret: bool):
-    """The lse, diagonal-inverse and two-level solve kernels of the nodes the chunk-feedback pass writes."""
+def _feedback_kernel(d_qk: int, d_v: int, scale: float, chunk: int, outer: Optional[int], dtypes: tuple,
+                     interpret: bool):
+    """The one-pass solve kernels (feedback_online.py) of the feedback_chunked node the chunk-feedback pass writes."""
     names = dict(dtypes)
     text = (f"graph fb(%f: {names['f']}[B, T, {d_v}], %q: {names['q_b']}[B, T, {d_qk}], "
             f"%k: {names['k_b']}[B, T, {d_qk}], %g: {names['gamma']}[B, T]) {{\n"
@@ -187,18 +188,16 @@ def _feedback_kernels(d_qk: int, d_v: int, scale: float, chunk: int, outer: Opti
             f"  %s: {names['f']}[B, T, {d_v}] = feedback_chunked(%f, %q, %k, %g, %lse, %dinv) "
             f"{{scale={scale!r}, chunk_size={chunk}}}\n"
             "  return %s\n}")
-    lse_node, dinv_node, solve_node = parse(text).nodes
-    return (KERNEL_CACHE.load(generate_lse(lse_node, names, interpret), interpret),
-            KERNEL_CACHE.load(generate_diag_inverse(dinv_node, names, interpret), interpret),
-            KERNEL_CACHE.load(generate_solve(solve_node, names, interpret, outer_chunk=outer), interpret))
+    solve_node = parse(text).nodes[2]
+    return KERNEL_CACHE.load(generate_online(solve_node, names, interpret, outer_chunk=outer), interpret)
 
 
 @triton_op("sessa_compiler::feedback_triton", mutates_args={})
 def feedback_triton(f: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, gamma: torch.Tensor,
                     scale: float) -> torch.Tensor:
     """s[t] = f[t] + gamma[t] * softmax_{j<t}(q_b[t].k_b[j]*scale) @ s[:t]; f [B,T,D], q_b/k_b [B,T,c],
-    gamma [B,T]; the result has f's dtype. Launches feedback_lse, feedback_diag_inverse, then per outer chunk of
-    rows feedback_probs, feedback_update and feedback_solve; dtypes without kernels (float64) run the reference."""
+    gamma [B,T]; the result has f's dtype. Launches, per outer chunk of rows, feedback_probs_online,
+    feedback_update_online and feedback_solve_online; dtypes without kernels (float64) run the reference."""
     named = (("f", f), ("q_b", q_b), ("k_b", k_b), ("gamma", gamma))
     if not all(from_torch(x.dtype).name in KERNEL_DTYPES for _, x in named):
         return feedback_ref(f, q_b, k_b, gamma, scale).contiguous()
@@ -209,7 +208,7 @@ def feedback_triton(f: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, gamma
 
 def feedback_forward(f, q_b, k_b, gamma, scale: float, launch=None):
     """(s, lse) of the blocked feedback kernels (f, q_b, k_b and gamma in kernel dtypes, T >= 1): the solved s in
-    f's dtype and the row log-sum-exps float32 [B, T] of feedback_lse, which feedback_backward_triton reuses.
+    f's dtype and the row log-sum-exps float32 [B, T] (made by the one-pass kernels), which feedback_backward_triton reuses.
     ``launch`` wraps each kernel (``wrap_triton`` inside the triton_op; None launches it directly)."""
     launch = launch or direct_launch
     if q_b.dtype != k_b.dtype:   # the kernels read both through one pointer type: compute both in float32
@@ -221,11 +220,9 @@ def feedback_forward(f, q_b, k_b, gamma, scale: float, launch=None):
     cost = FeedbackCost()
     chunk = FEEDBACK_CHUNK_SIZE or cost.choose(cost.assumed_T, d_qk, d_v)[0]
     outer = FEEDBACK_OUTER_CHUNK or default_outer_chunk(chunk, interpret)
-    k_lse, k_dinv, k_solve = _feedback_kernels(d_qk, d_v, float(scale), chunk, outer, dtypes, interpret)
+    kernel = _feedback_kernel(d_qk, d_v, float(scale), chunk, outer, dtypes, interpret)
     f, q_b, k_b = (x if x.stride(-1) == 1 else x.contiguous() for x in (f, q_b, k_b))
-    lse = launch_lse(k_lse, q_b, k_b, launch=launch)
-    dinv = launch_diag_inverse(k_dinv, q_b, k_b, gamma, lse, chunk, launch=launch)
-    return launch_solve(k_solve, f, q_b, k_b, gamma, lse, dinv, launch=launch), lse
+    return launch_online(kernel, f, q_b, k_b, gamma, launch=launch)
 
 
 feedback_triton.register_autograd(feedback_triton_autograd, setup_context=feedback_setup_context)

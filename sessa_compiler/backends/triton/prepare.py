@@ -220,7 +220,7 @@ def tuning_kernel(backend, node, operands: list, seq_len: int) -> TunableKernel:
 
     mini, _ = single_op_graph(node)
     device = operands[0].device
-    tb = type(backend)(interpret=backend.interpret)
+    tb = type(backend)(interpret=backend.interpret, feedback_one_pass=getattr(backend, "feedback_one_pass", True))
     programs: dict = {}
 
     def run(config):
