@@ -1302,6 +1302,32 @@ def _frequency_options(g: Graph, A: Analysis, rq: Value, xq: Value, d: int, defa
     return out
 
 
+def _stored_tables(rq: Value, xq: Value, d: int) -> list:
+    """The stored [L, d] (or [L, d/2]) float tables the rotation producing rq reads (cos/sin caches)."""
+    out, seen, stack = [], set(), [rq]
+    while stack:
+        x = stack.pop()
+        if x in seen or x is xq:
+            continue
+        seen.add(x)
+        if x.kind == "param" and x.type.rank == 2 and x.type.shape[1] in (d, d // 2) and x.type.dtype.is_float \
+                and isinstance(x.type.shape[0], int) and x.type.shape[0] >= 2:
+            out.append(x)
+        if x.producer is not None:
+            stack.extend(x.producer.value_inputs)
+    return out
+
+
+def _table_tol(tables: list) -> float:
+    """The match tolerance stored cos/sin tables allow: the folded rotation recomputes cos(p f) and sin(p f), so
+    a module that reads them rounded to float32 (or a half type) differs from it by that rounding, as a cast to
+    that type inside the region would (_region_tol); float64 tables add nothing."""
+    tol = 0.0
+    for t in tables:
+        tol = max(tol, {"f64": 0.0, "f32": 1e-5, "f16": 3e-2, "bf16": 3e-2}[t.type.dtype.name] * 10)
+    return tol
+
+
 def _frequencies_from_tables(g: Graph, tables: list, d: int) -> list:
     """Inverse frequencies recovered from stored cos/sin tables [L, d] (halves repeated, or pairs interleaved) or
     [L, d/2]: for a (cos, sin) pair of the same shape, the angle atan2(sin, cos) at every position, unwrapped and
@@ -1362,7 +1388,7 @@ def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool
             return False
         srcs[m] = "keymask"
     batch = PROBE_BATCH if m is None else KEYMASK_BATCH
-    tol = _region_tol(A, srcs, n.output)
+    tol = max(_region_tol(A, srcs, n.output), _table_tol(_stored_tables(rq, xq, d)))
     passing = []
     for qa, H in to_bthd(xq.type, d):
         for ka, Hkv in to_bthd(xk.type, d):
