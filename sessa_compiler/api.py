@@ -171,9 +171,17 @@ class _Live:
     the traced data. A complex parameter or buffer X is the graph's "X.as_real" (frontend/lower.py PAIR_SUFFIX):
     read as a view of the live X as real pairs, like any other."""
 
-    def __init__(self, module: torch.nn.Module, graph):
+    def __init__(self, module: torch.nn.Module, graph, assumed: tuple = ()):
         known = {n for n, _ in module.named_parameters(remove_duplicate=False)}
         known |= {n for n, _ in module.named_buffers(remove_duplicate=False)}
+        # tensors a recogniser built the graph from (Traced.assumed): (graph name, attribute path, digest); each
+        # checked by its identity, storage and version counter at every call, and hashed again when those change
+        self.assumed = []
+        for name, digest in assumed:
+            source = name if name in known else pair_source(name, known)
+            if source is not None:
+                self.assumed.append((name, source.split("."), source != name, digest))
+        self._verified: dict = {}
         # (graph name, the module's name, attribute path, whether the graph holds it as real pairs)
         self.paths = []
         for name in graph.param_values:
@@ -198,6 +206,29 @@ class _Live:
                                  "without it); compile the changed module again") from None
             params[name] = as_pairs(obj) if pairs else obj
         return params
+
+    def assumption_changed(self, module: torch.nn.Module) -> str | None:
+        """Why the graph no longer holds for the module's current tensors: a parameter or buffer a recognised op
+        was built from (a causal mask, stored RoPE tables) changed its values since the trace; or None."""
+        from .frontend.trace import tensor_digest
+
+        for name, parts, pairs, digest in self.assumed:
+            obj = module
+            try:
+                for part in parts:
+                    obj = getattr(obj, part)
+            except AttributeError:
+                return f"'{'.'.join(parts)}', which a recognised op was built from, is no longer in the module"
+            if not isinstance(obj, torch.Tensor):
+                return f"'{'.'.join(parts)}', which a recognised op was built from, is no longer a tensor"
+            seen = (id(obj), obj._version, obj.data_ptr(), obj.dtype, tuple(obj.shape))
+            if self._verified.get(name) == seen:
+                continue
+            if tensor_digest(obj) != digest:
+                return (f"the values of '{'.'.join(parts)}' changed since the trace, and a recognised op was built "
+                        "from them")
+            self._verified[name] = seen
+        return None
 
     def mismatch(self, params: dict) -> str | None:
         """Why these live tensors do not fit the traced graph's parameter types (dtype or shape), or None."""
@@ -392,7 +423,7 @@ class CompiledModule(torch.nn.Module):
             self._traced = self._cached_trace(args, kwargs)
         args = tuple(self._traced.tensor_inputs(args, kwargs or {}))  # the graph's inputs
         graph = self._traced.graph
-        self._live = _Live(self._orig_mod, graph)
+        self._live = _Live(self._orig_mod, graph, self._traced.assumed)
         graph.params.update(self._live.read(self._orig_mod))
         # backends pick configs per shape class and device from the example inputs; their pipelines record here
         ctx = self._contexts[id(graph)] = CompileContext(example_inputs=args, options=dict(self._options))
@@ -506,7 +537,7 @@ class CompiledModule(torch.nn.Module):
                     for x, v in zip(inputs, graph.inputs)):
                 continue
             params = live.read(self._orig_mod)
-            if live.mismatch(params) is not None:
+            if live.mismatch(params) is not None or live.assumption_changed(self._orig_mod) is not None:
                 continue
             outs = run_graph(graph, inputs, params, binding=symbolic_binding(graph, inputs), impls=impls)
             return traced.unflatten(outs)
@@ -559,7 +590,7 @@ class CompiledModule(torch.nn.Module):
         if modes != current:
             return "the module's train/eval mode changed since the trace (train-mode ops such as dropout differ)", None
         params = live.read(self._orig_mod)
-        why = live.mismatch(params)
+        why = live.mismatch(params) or live.assumption_changed(self._orig_mod)
         return (f"the module changed since the trace: {why}" if why else None), params
 
     def _select_variant(self, args, kwargs) -> dict | None:

@@ -46,7 +46,7 @@ import torch
 from .persistent_cache import cache_dir, make_private_dir, package_hash, stable_hash, trusted
 from .persistent_cache import compile_cache_enabled as enabled  # noqa: F401  (compile_cache.enabled())
 
-ENTRY_FORMAT = 2
+ENTRY_FORMAT = 3   # 3: Traced.assumed (tensors a recognised op was built from)
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 # code from these top-level packages is keyed by their versions / this package's hash, not recorded
 _KEYED_ELSEWHERE = frozenset(sys.stdlib_module_names) | {"torch", "torchgen", "functorch", "sessa_compiler",
@@ -556,7 +556,7 @@ def load(key: str, module: torch.nn.Module, why: list | None = None):
     bound (the module's own tensors, plus the cached constants), or None (why a miss: appended to ``why``).
     Read only from a trusted directory; an entry whose manifest does not hold in this process is a miss."""
     from .frontend.lower import as_pairs, pair_source
-    from .frontend.trace import Traced
+    from .frontend.trace import Traced, tensor_digest
     from .ir import parse
 
     why = why if why is not None else []
@@ -587,6 +587,14 @@ def load(key: str, module: torch.nn.Module, why: list | None = None):
         traced = entry["traced"]
         if not isinstance(traced, Traced):
             raise ValueError("not a traced graph")
+        for name, digest in traced.assumed:   # what the recognisers built from the traced module's values
+            source = name if name in state else pair_source(name, state)
+            if source is None:
+                continue   # a constant the trace lifted from the code (the manifest covers the code)
+            if tensor_digest(state[source]) != digest:
+                why.append(f"the module's '{source}' differs from the traced module's, and a recognised op was built "
+                           "from its values")
+                return None
         return dataclasses.replace(traced, graph=graph)
     except Exception as e:  # noqa: BLE001 - a bad entry is a miss, never a crash
         warnings.warn(f"sessa_compiler compile cache: entry {p} does not load ({type(e).__name__}: {e}); "

@@ -435,3 +435,54 @@ def test_concurrent_compiles_in_threads(cache_on):
     assert len(list((cache_on / "traced").glob("*.pkl"))) == 2
     with ThreadPoolExecutor(2) as pool:  # each entry serves its own module only
         assert [cache for cache, err in pool.map(run, models) if err <= 1e-5] == ["hit", "hit"]
+
+
+class MaskBufferAttention(torch.nn.Module):
+    """Attention masked by a stored [64, 64] buffer: causal when ``window`` is None (the recogniser replaces the
+    buffer by the attention op's causal flag), a sliding window otherwise (no causal attention: not replaced)."""
+
+    def __init__(self, width=16, window=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv = torch.nn.Linear(width, 3 * width)
+        self.register_buffer("mask", window_mask(window))
+
+    def forward(self, x):
+        T = x.shape[1]
+        q, k, v = self.qkv(x).chunk(3, -1)
+        s = (q @ k.transpose(-1, -2)) / 4
+        return torch.softmax(s.masked_fill(~self.mask[:T, :T], float("-inf")), -1) @ v
+
+
+def window_mask(window):
+    m = torch.tril(torch.ones(64, 64, dtype=torch.bool))
+    return m if window is None else m & ~torch.tril(torch.ones(64, 64, dtype=torch.bool), -window)
+
+
+def test_a_module_whose_replaced_buffer_differs_misses(cache_on):
+    """The cache key sees the module's code and structure, not its tensors' values; a graph in which a recogniser
+    replaced a buffer by what it proved from its values (a causal mask) records that buffer's digest, and a module
+    of the same code with another buffer (a sliding window) traces again instead of reusing the causal graph."""
+    x = torch.randn(2, 20, 16)
+    causal = sc.compile(MaskBufferAttention(), backend="eager")
+    assert relative_error(causal(x), causal._orig_mod(x)) < 1e-6
+    assert "mask" in dict(causal._traced.assumed)
+    window = MaskBufferAttention(window=4)
+    c = sc.compile(window, backend="eager")
+    assert relative_error(c(x), window(x)) < 1e-6
+    assert c.trace_cache == "miss" and "'mask' differs" in c.trace_cache_why
+
+
+def test_a_replaced_buffer_edited_in_place_or_loaded_traces_again(cache_on):
+    x = torch.randn(2, 20, 16)
+    m = MaskBufferAttention()
+    c = sc.compile(m, backend="eager")
+    assert relative_error(c(x), m(x)) < 1e-6
+    with torch.no_grad():
+        m.mask.copy_(window_mask(4))           # in place: the same tensor object, a new version
+    assert relative_error(c(x), m(x)) < 1e-6
+    assert "'mask' changed" in c.retraces[-1]
+    m.load_state_dict({**m.state_dict(), "mask": window_mask(None)})
+    assert relative_error(c(x), m(x)) < 1e-6
+    m.mask = window_mask(6)                    # reassigned
+    assert relative_error(c(x), m(x)) < 1e-6

@@ -307,6 +307,10 @@ class Traced:
     constants: tuple = ()     # (leaf position, value) of the non-tensor leaves, baked into the graph
     leaf_names: tuple = ()    # a name per call leaf: args[0], args[1], ..., then the keyword names
     none_outputs: tuple = ()  # positions among out_spec's leaves of the module's None outputs (no graph output)
+    # (name, digest) of each parameter or buffer the lowered graph read and the recognisers replaced by what
+    # they built from its values (a causal mask buffer, stored RoPE tables): the graph holds only while these
+    # tensors keep those values (checked at every call and on a compile-cache lookup)
+    assumed: tuple = ()
 
     def unflatten(self, outs) -> object:
         """The module's output structure from the graph's outputs (None where the module returned None)."""
@@ -465,16 +469,38 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     # checked on the graph as lowered, before recognisers rewrite it
     guards = [g for g in guards if g.origin != "assertion" or kwargs or not _needless(module, args, g, graph)]
     stage("recognising")
+    read = {name: graph.params[name] for name in graph.param_values if isinstance(graph.params.get(name), torch.Tensor)}
     if recognisers:
         hand_written_softmax(graph)   # a softmax spelled exp(x - max) / sum is the recognisers' softmax
     report = recognise(graph, _layout_sizes(graph)) if recognisers else Report()
     report.accepted[:0] = lowerer.notes
     simplify(graph)
+    assumed = tuple((name, tensor_digest(t)) for name, t in read.items() if name not in graph.param_values)
+    for name, t in read.items():
+        if name not in graph.param_values and t.requires_grad:
+            warnings.warn(f"compiling {type(module).__name__}: the trainable parameter '{name}' was folded into a "
+                          "recognised op from its current values, so it gets no gradient through the compiled "
+                          "module (and any change to it traces the module again); freeze it with "
+                          "requires_grad_(False), or compile with recognisers off for this module", stacklevel=3)
     out_spec = ep.call_spec.out_spec
     leaves, spec = call_leaves(args, kwargs)
     constants = tuple((i, v) for i, v in enumerate(leaves) if isinstance(v, CONSTANT_TYPES))
     names = tuple(f"args[{i}]" for i in range(len(args))) + tuple(sorted(kwargs))
-    return Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs))
+    return Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
+                  assumed)
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """A SHA-256 of a tensor's dtype, shape and values (what a recognised op built from a buffer depends on)."""
+    import hashlib
+
+    x = t.detach()
+    if x.is_complex():
+        x = torch.view_as_real(x)
+    x = x.to("cpu").contiguous()
+    h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
+    h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+    return h.hexdigest()
 
 
 def trace(module: torch.nn.Module, example_inputs) -> Graph:
