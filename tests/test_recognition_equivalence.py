@@ -332,6 +332,28 @@ def test_rope_conventions_and_gqa_spellings(variant):
             assert rel(run_graph(tr.graph, [x])[0], m(x)) <= 1e-10, T
 
 
+@pytest.mark.parametrize("bend", [False, True])
+def test_stored_float32_tables_fold_at_their_own_precision_and_a_bent_table_does_not(bend):
+    """A float32 model's stored float32 cos/sin tables (base 500000) fold into the attention kernel: the match is
+    held to float32's precision (the tables' own rounding), as a cast to float32 inside the region would be. Tables
+    whose angles are not linear in the position (bent by a small periodic term) are no rotary embedding: unfolded."""
+    torch.manual_seed(1)
+    m = Attn("tables_base_500k").float()
+    if bend:
+        with torch.no_grad():
+            ang = torch.atan2(m.sin_cached.double(), m.cos_cached.double())
+            ang = ang + 0.05 * torch.sin(torch.arange(64, dtype=torch.float64)[:, None] * 0.37)
+            m.cos_cached.copy_(ang.cos())
+            m.sin_cached.copy_(ang.sin())
+    tr = trace_with_report(m, (torch.randn(2, 6, 16),))
+    att = [n for n in tr.graph.nodes if n.op == "attention"]
+    assert len(att) == 1 and bool(att[0].attrs.get("rope")) == (not bend), tr.report.rejected
+    for T in (5, 37):
+        x = torch.randn(2, T, 16, generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            assert rel(run_graph(tr.graph, [x])[0], m(x)) <= 1e-5, T
+
+
 @pytest.mark.parametrize("variant", ["f64_frequencies", "f64_interleaved"])
 def test_folded_rope_uses_the_modules_own_float64_frequencies(variant):
     """Frequencies computed in float64 per call: the fold uses that table in float64, not a float32 default (whose
