@@ -58,9 +58,14 @@ def library_versions(backend: str) -> dict:
     return versions
 
 
-def compile_cache_enabled() -> bool:
-    """SESSA_COMPILER_COMPILE_CACHE=0 (or false, off) turns off the caches of traces and built TVM libraries."""
-    return os.environ.get("SESSA_COMPILER_COMPILE_CACHE", "1") not in ("0", "false", "off")
+def compile_cache_enabled(what: str = "traces") -> bool:
+    """Whether the persistent cache of ``what`` ("traces": traced graphs; "libraries": built TVM libraries) is on.
+    SESSA_COMPILER_COMPILE_CACHE=0 (or false, off) turns off both; =libraries keeps only the built libraries
+    (every compile traces and recognises again, and reuses a library built for the same IR, schedules and target)."""
+    mode = os.environ.get("SESSA_COMPILER_COMPILE_CACHE", "1").lower()
+    if mode in ("0", "false", "off"):
+        return False
+    return what == "libraries" if mode == "libraries" else True
 
 
 @functools.lru_cache(maxsize=1)

@@ -10,9 +10,18 @@ import triton_env  # noqa: E402,F401
 
 import os  # noqa: E402
 
-# The persistent compile cache (traced graphs, built TVM libraries) would let one test's trace serve
-# another's; tests that check it turn it on with their own cache directory (tests/test_compile_cache.py).
-os.environ.setdefault("SESSA_COMPILER_COMPILE_CACHE", "0")
+# The persistent cache of traced graphs would let one test's trace serve another's: off. Built TVM libraries
+# are keyed by exactly what they compute (IR text, schedules, target, versions, this package's source), so one
+# build serves every test of the run that lowers the same graph (SESSA_COMPILER_COMPILE_CACHE=libraries, in a
+# directory of this run shared by the xdist workers). Tests that check the caches turn them on with their own
+# cache directory (tests/test_compile_cache.py).
+if "SESSA_COMPILER_COMPILE_CACHE" not in os.environ:
+    os.environ["SESSA_COMPILER_COMPILE_CACHE"] = "libraries"
+    if "SESSA_COMPILER_CACHE_DIR" not in os.environ:
+        import tempfile
+
+        _run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+        os.environ["SESSA_COMPILER_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"sessa-compiler-tests-{_run}")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -22,7 +22,7 @@ def load_or_build(graph, schedules: dict, target, lanes: int, build):
     """A runtime module for ``relax.VirtualMachine``: the cached library, else ``build()`` (an executable),
     written to the cache for the next process."""
     configure_threads()
-    if not compile_cache_enabled():
+    if not compile_cache_enabled("libraries"):
         note("TVM library", "built (cache off)")
         return build()
     import tvm
