@@ -469,7 +469,9 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     # checked on the graph as lowered, before recognisers rewrite it
     guards = [g for g in guards if g.origin != "assertion" or kwargs or not _needless(module, args, g, graph)]
     stage("recognising")
-    read = {name: graph.params[name] for name in graph.param_values if isinstance(graph.params.get(name), torch.Tensor)}
+    used = {v.name for n in graph.nodes for v in n.value_inputs if v.kind == "param"}
+    read = {name: graph.params[name] for name in graph.param_values
+            if name in used and isinstance(graph.params.get(name), torch.Tensor)}   # not the unused placeholders
     if recognisers:
         hand_written_softmax(graph)   # a softmax spelled exp(x - max) / sum is the recognisers' softmax
     report = recognise(graph, _layout_sizes(graph)) if recognisers else Report()
