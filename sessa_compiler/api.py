@@ -23,7 +23,7 @@ from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError
 from .frontend.lower import as_pairs, pair_source
 from .frontend.trace import Traced, check_keywords, trace_with_report
 from .ir.ops import CORE, OPS
-from .persistent_cache import collecting
+from .persistent_cache import collecting, tensor_digest
 from .serving import SERVING_METHODS as _SERVING_METHODS
 from .tolerance import TOLERANCE, relative_error  # noqa: F401  (re-exported: sessa_compiler.api.TOLERANCE)
 
@@ -210,8 +210,6 @@ class _Live:
     def assumption_changed(self, module: torch.nn.Module) -> str | None:
         """Why the graph no longer holds for the module's current tensors: a parameter or buffer a recognised op
         was built from (a causal mask, stored RoPE tables) changed its values since the trace; or None."""
-        from .frontend.trace import tensor_digest
-
         for name, parts, pairs, digest in self.assumed:
             obj = module
             try:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from .persistent_cache import cache_dir, make_private_dir, package_hash, stable_hash, trusted
+from .persistent_cache import cache_dir, make_private_dir, package_hash, stable_hash, tensor_digest, trusted
 from .persistent_cache import compile_cache_enabled as enabled  # noqa: F401  (compile_cache.enabled())
 
 ENTRY_FORMAT = 3   # 3: Traced.assumed (tensors a recognised op was built from)
@@ -139,9 +139,7 @@ def _fp(v, depth: int, active: set):
         nbytes = v.numel() * v.element_size()
         if nbytes > _MAX_TENSOR_BYTES:
             raise NotKeyable(f"a tensor of {nbytes} bytes outside the module's parameters and buffers")
-        data = v.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        digest = hashlib.sha256(data.numpy().tobytes()).hexdigest()
-        return ("tensor", str(v.dtype), tuple(v.shape), v.device.type, digest)
+        return ("tensor", str(v.dtype), tuple(v.shape), v.device.type, tensor_digest(v))
     key = id(v)
     if key in active:
         return ("cycle", type(v).__name__)
@@ -556,7 +554,7 @@ def load(key: str, module: torch.nn.Module, why: list | None = None):
     bound (the module's own tensors, plus the cached constants), or None (why a miss: appended to ``why``).
     Read only from a trusted directory; an entry whose manifest does not hold in this process is a miss."""
     from .frontend.lower import as_pairs, pair_source
-    from .frontend.trace import Traced, tensor_digest
+    from .frontend.trace import Traced
     from .ir import parse
 
     why = why if why is not None else []

@@ -58,6 +58,20 @@ def library_versions(backend: str) -> dict:
     return versions
 
 
+def tensor_digest(t) -> str:
+    """sha256 of a tensor's dtype, shape and values (on any device; complex as its real pairs): what the caches and
+    the recognition probes key tensors by."""
+    import torch
+
+    x = t.detach()
+    h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
+    if x.is_complex():
+        x = torch.view_as_real(x)
+    x = x.to("cpu").contiguous()
+    h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+    return h.hexdigest()
+
+
 def compile_cache_enabled(what: str = "traces") -> bool:
     """Whether the persistent cache of ``what`` ("traces": traced graphs; "libraries": built TVM libraries) is on.
     SESSA_COMPILER_COMPILE_CACHE=0 (or false, off) turns off both; =libraries keeps only the built libraries

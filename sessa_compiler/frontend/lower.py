@@ -572,12 +572,15 @@ def _clamp(L, node):
         hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
     if node.meta["val"].dtype != x.meta["val"].dtype or (lo is None and hi is None):
         return NotImplemented   # a bound that promotes the dtype (an int tensor clamped by a float) stays a fallback
-    y = L.arg(x)
+    return _between(L, L.arg(x), None if lo is None else L.arg(lo), None if hi is None else L.arg(hi))
+
+
+def _between(L, y: Value, lo, hi) -> Value:
+    """minimum(maximum(y, lo), hi), skipping a bound that is None; a bound is a literal or a (broadcast) Value."""
     for op, bound in (("maximum", lo), ("minimum", hi)):
         if bound is not None:
-            b = L.arg(bound)
-            shape = _bshape(y.type.shape, b.type.shape) if isinstance(b, Value) else y.type.shape
-            y = L.graph.make_node(op, [y, b], {}, [TensorType(y.type.dtype, shape)]).output
+            shape = _bshape(y.type.shape, bound.type.shape) if isinstance(bound, Value) else y.type.shape
+            y = L.graph.make_node(op, [y, bound], {}, [TensorType(y.type.dtype, shape)]).output
     return y
 
 
@@ -941,8 +944,7 @@ def _hardtanh(L, node):
     hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
     if not x.type.dtype.is_float or lo > hi:
         return NotImplemented
-    b, dt = _Build(L), x.type.dtype
-    return b.op("minimum", [b.op("maximum", [x, float(lo)], {}, dt, x.type.shape), float(hi)], {}, dt, x.type.shape)
+    return _between(L, x, float(lo), float(hi))
 
 
 @lowering(aten.leaky_relu.default)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 
+from ..persistent_cache import tensor_digest
 from ..semantics import SEMANTICS, resolve, run_graph
 from ..ir.dtypes import torch_dtype
 from ..ir.graph import Graph, Node, Value
@@ -118,9 +119,7 @@ class _NoKey(Exception):
 
 
 def _tensor_key(t: torch.Tensor) -> tuple:
-    t = t.detach().cpu().contiguous()
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return ("tensor", str(t.dtype), tuple(t.shape), hashlib.sha256(data).hexdigest())
+    return ("tensor", str(t.dtype), tuple(t.shape), tensor_digest(t))
 
 
 class _Keyer:

@@ -1274,15 +1274,8 @@ def _frequency_options(g: Graph, A: Analysis, rq: Value, xq: Value, d: int, defa
     rotation reads (in its own dtype), a [d/2] vector it computes from constants (evaluated as the module computes
     it, in its dtype, e.g. float64 frequencies from arange), and the standard 10000^(-2i/d) in float32 and (float64
     models) float64."""
-    out, seen, stack, tables = [], set(), [rq], []
-    while stack:
-        x = stack.pop()
-        if x in seen or x is xq:
-            continue
-        seen.add(x)
-        if x.kind == "param" and x.type.rank == 2 and x.type.shape[1] in (d, d // 2) and x.type.dtype.is_float \
-                and isinstance(x.type.shape[0], int) and x.type.shape[0] >= 2:
-            tables.append(x)   # a stored [L, d] (or [L, d/2]) cos or sin table
+    out = []
+    for x in _rotation_values(rq, xq):
         if x.type.rank == 1 and x.type.shape[0] == d // 2 and x.type.dtype.is_float and not A.is_data(x):
             if x.kind == "param":
                 out.append((x, g.params[x.name], f"%{x.name}"))
@@ -1292,9 +1285,7 @@ def _frequency_options(g: Graph, A: Analysis, rq: Value, xq: Value, d: int, defa
                     out.append(((f"rope_inv_freq_{x.name}", x.type.dtype.name), val, f"the module's %{x.name}"))
                 except Exception:  # noqa: BLE001 - a vector that cannot be evaluated on its own is no candidate
                     pass
-        if x.producer is not None:
-            stack.extend(x.producer.value_inputs)
-    out += _frequencies_from_tables(g, tables, d)
+    out += _frequencies_from_tables(g, _stored_tables(rq, xq, d), d)
     for dt, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
         if tag == "f32" or dtype.name == "f64":
             out.append(((f"{default_name}_{tag}", tag), 10000.0 ** (-torch.arange(0, d, 2, dtype=dt) / d),
@@ -1302,20 +1293,25 @@ def _frequency_options(g: Graph, A: Analysis, rq: Value, xq: Value, d: int, defa
     return out
 
 
-def _stored_tables(rq: Value, xq: Value, d: int) -> list:
-    """The stored [L, d] (or [L, d/2]) float tables the rotation producing rq reads (cos/sin caches)."""
+def _rotation_values(rq: Value, xq: Value) -> list:
+    """Every value the rotation producing rq is computed from, walking back and stopping at xq (the rotated input)."""
     out, seen, stack = [], set(), [rq]
     while stack:
         x = stack.pop()
         if x in seen or x is xq:
             continue
         seen.add(x)
-        if x.kind == "param" and x.type.rank == 2 and x.type.shape[1] in (d, d // 2) and x.type.dtype.is_float \
-                and isinstance(x.type.shape[0], int) and x.type.shape[0] >= 2:
-            out.append(x)
+        out.append(x)
         if x.producer is not None:
             stack.extend(x.producer.value_inputs)
     return out
+
+
+def _stored_tables(rq: Value, xq: Value, d: int) -> list:
+    """The stored [L, d] (or [L, d/2]) float tables the rotation producing rq reads (cos/sin caches)."""
+    return [x for x in _rotation_values(rq, xq)
+            if x.kind == "param" and x.type.rank == 2 and x.type.shape[1] in (d, d // 2) and x.type.dtype.is_float
+            and isinstance(x.type.shape[0], int) and x.type.shape[0] >= 2]
 
 
 def _table_tol(tables: list) -> float:

@@ -15,6 +15,7 @@ from torch.export import Dim
 from ..errors import IRError, TraceError
 from ..ir.graph import Graph
 from ..passes.simplify import hand_written_softmax, simplify
+from ..persistent_cache import tensor_digest
 from ..progress import stage
 from .lower import CONSTANT_TYPES, Lowerer, register_custom_lowerings
 from .recognise import B as BATCH, T as SEQUENCE, Report, recognise
@@ -491,18 +492,6 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     return Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
                   assumed)
 
-
-def tensor_digest(t: torch.Tensor) -> str:
-    """A SHA-256 of a tensor's dtype, shape and values (what a recognised op built from a buffer depends on)."""
-    import hashlib
-
-    x = t.detach()
-    if x.is_complex():
-        x = torch.view_as_real(x)
-    x = x.to("cpu").contiguous()
-    h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
-    h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
-    return h.hexdigest()
 
 
 def trace(module: torch.nn.Module, example_inputs) -> Graph:
