@@ -272,11 +272,24 @@ def _classes_fingerprint(cls, seen: dict) -> None:
 
 
 def _global_hooks() -> list:
+    """The global module hooks the user installed. torch's own are left out: torch.export installs one
+    (a buffer-registration hook) for the length of an export, so a key computed while another thread
+    exports would otherwise differ from the same module's key at any other moment; they are keyed by torch's
+    version like the rest of torch."""
     from torch.nn.modules import module as nn_module
 
+    def torchs(hook) -> bool:
+        while isinstance(hook, (functools.partial, types.MethodType)):
+            hook = hook.func if isinstance(hook, functools.partial) else hook.__func__
+        owner = getattr(hook, "__module__", None) if isinstance(hook, types.FunctionType) else None
+        return isinstance(owner, str) and owner.partition(".")[0] in ("torch", "torchgen", "functorch")
+
+    def users(hooks):
+        hooks = list(hooks.values()) if isinstance(hooks, dict) else hooks
+        return [h for h in hooks if not torchs(h)] if isinstance(hooks, list) else hooks
+
     names = [n for n in dir(nn_module) if n.startswith("_global_") and "hook" in n]
-    return [(n, fingerprint(list(v.values()) if isinstance(v, dict) else v))
-            for n in names for v in [getattr(nn_module, n)]]
+    return [(n, fingerprint(users(getattr(nn_module, n)))) for n in names]
 
 
 def module_key(module: torch.nn.Module, args: tuple, kwargs: dict | None, modes: tuple,

@@ -487,3 +487,24 @@ def test_a_replaced_buffer_edited_in_place_or_loaded_traces_again(cache_on):
     assert relative_error(c(x), m(x)) < 1e-6
     m.mask = window_mask(6)                    # reassigned
     assert relative_error(c(x), m(x)) < 1e-6
+
+
+def test_global_hooks_key_the_users_not_torchs_own():
+    """torch.export installs a global buffer-registration hook for the length of an export: a key computed
+    in another thread at that moment must not differ (it did: a flaky concurrent-compile miss), while a
+    global hook the user installed does change the key."""
+    from torch._functorch._aot_autograd.utils import register_buffer_assignment_hook
+
+    m, x = small(), torch.randn(2, 5, 8)
+    key = compile_cache.module_key(m, (x,), {}, ())
+    handle = register_buffer_assignment_hook(m, {})   # torch's own, as during an export
+    try:
+        assert compile_cache.module_key(m, (x,), {}, ()) == key
+    finally:
+        handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, args, out: out)
+    try:
+        assert compile_cache.module_key(m, (x,), {}, ()) != key
+    finally:
+        handle.remove()
+    assert compile_cache.module_key(m, (x,), {}, ()) == key
