@@ -1,6 +1,10 @@
 """One-shot GPU check of the Triton backend: correctness at realistic sizes, then timings.
 
     python benchmarks/gpu_check.py [--out benchmarks/results_gpu.md] [--quick]
+
+Sections: device peak, correctness (layer, feedback op), layer forward timings, a training step (forward +
+backward) against eager SDPA/flash and torch.compile of it, the feedback op (and fla's DeltaFormer, forward
+and forward + backward), decode.
     python benchmarks/gpu_check.py --smoke --out /tmp/smoke.md   # CPU, interpreter, tiny sizes: the script's flow
 
 Written for an NVIDIA H200 machine with Python 3.12, torch 2.11, triton 3.6 and numpy, and nothing
@@ -311,6 +315,102 @@ def time_layer(T, B=4, D=1024, H=8, peak=None):
         row("layer", f"(c) reference (einsum-style) T={T}", f"{t_c * 1e3:.2f} ms", f"ours x{t_c / t_ours:.2f} (target >= 4)")
 
 
+def _train_step(fn, params):
+    """One training step of fn (forward, loss = mean of squares in fp32, backward), grads cleared after."""
+    def step():
+        loss = fn().float().square().mean()
+        loss.backward()
+        for p in params:
+            p.grad = None
+    return step
+
+
+def _peak_extra_bytes(step) -> int:
+    if DEVICE != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+@guarded("train")
+def time_train(T, B=4, D=1024, H=8, with_compile=True):
+    """A training step (forward + backward, bf16 weights and activations) of the compiled layer (Triton
+    forward and backward kernels) against (a) eager SDPA (flash attention's backward) + solve_triangular,
+    (b) torch.compile of (a), and (c) the uncompiled layer; peak extra memory of each step beside."""
+    import sessa_compiler as sc
+    from sessa_compiler.api import relative_error
+
+    m = make_layer(D, H, torch.bfloat16).train()
+    params = [p for p in m.parameters() if p.requires_grad]
+    x = torch.randn(B, T, D, device=DEVICE, dtype=torch.bfloat16)
+    ours = sc.compile(m, backend="triton")
+    # gradients first: ours against the float64 module at a short length
+    Tc = min(T, 256)
+    xc = x[:1, :Tc].detach()
+    ours(xc).float().square().mean().backward()
+    got = [p.grad.double() for p in params]
+    m64 = make_layer(D, H, torch.float64).train()
+    m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    m64(xc.double()).square().mean().backward()
+    err = max(relative_error(g, p.grad) for g, p in zip(got, m64.parameters()))
+    for p in params:
+        p.grad = None
+    row("train", f"grads, ours (triton) vs float64 module, B=1 T={Tc} D={D}", f"{err:.2e}",
+        "PASS" if err <= 5e-2 else "FAIL (> 5e-2)")
+    variants = {"ours (triton)": lambda: ours(x), "(a) eager SDPA + solve_triangular": lambda: good_eager_layer(m, x),
+                "(c) uncompiled layer": lambda: m(x)}
+    if with_compile and not SMOKE:
+        compiled = torch.compile(lambda inp: good_eager_layer(m, inp))
+        variants["(b) torch.compile of (a)"] = lambda: compiled(x)
+    times = {}
+    for name, fn in variants.items():
+        if out_of_time():
+            row("train", name, "skipped", "time budget spent")
+            continue
+        step = _train_step(fn, params)
+        try:
+            reps = 1 if SMOKE else 3 if name.startswith("(c)") else 5   # smoke: the flow, not a timing
+            times[name] = bench(step, reps=reps, warmup=0 if SMOKE else 1)
+            extra = _peak_extra_bytes(step)
+        except torch.OutOfMemoryError:
+            row("train", f"{name} B={B} T={T}", "out of memory", "")
+            torch.cuda.empty_cache()
+            continue
+        note = "" if name.startswith("ours") else f"ours x{times[name] / times['ours (triton)']:.2f}"
+        row("train", f"{name} fwd+bwd B={B} T={T} D={D} H={H}", f"{times[name] * 1e3:.2f} ms",
+            "; ".join(x for x in (note, f"peak extra memory {extra / 2**30:.2f} GiB" if extra else "") if x))
+
+
+@guarded("fla")
+def compare_fla_train(T, B=4, H=8, d=128):
+    """fla's DeltaFormer solve and our feedback op (sessa_compiler.library.feedback: Triton forward and
+    backward) forward + backward on the same problem (B*H sequences of width d, bf16)."""
+    import sessa_compiler.library as lib
+
+    if FLA.get("solve") is None:
+        return
+    f, q, k, gamma = feedback_inputs(B * H, T, d, torch.bfloat16)
+    heads = lambda x: x.view(B, H, T, *x.shape[2:]).transpose(1, 2).contiguous()  # noqa: E731
+    leaves = [t.detach().requires_grad_(True) for t in (f, q, k, gamma)]
+    theirs_in = [heads(t).detach().requires_grad_(True) for t in (q, k, f)] + [heads(-gamma).detach().requires_grad_(True)]
+    ours = _train_step(lambda: lib.feedback(*leaves, d ** -0.5), leaves)
+    theirs = _train_step(lambda: FLA["solve"](*theirs_in), theirs_in)
+    t_ours = bench(ours, reps=3, warmup=1)
+    try:
+        t_fla = bench(theirs, reps=3, warmup=1)
+    except Exception as e:  # noqa: BLE001 - an fla release without a backward for this entry point
+        row("fla", f"fwd+bwd {FLA['what']}", "not run", f"{type(e).__name__}: {str(e)[:160]}")
+        t_fla = None
+    row("fla", f"ours fwd+bwd (library op) B*H={B * H} T={T} d={d}", f"{t_ours * 1e3:.2f} ms",
+        f"fla / ours = x{t_fla / t_ours:.2f}" if t_fla else "")
+    if t_fla:
+        row("fla", f"fla fwd+bwd {FLA['what']} B={B} T={T} H={H} d={d}", f"{t_fla * 1e3:.2f} ms", "")
+
+
 FEEDBACK_SECONDS: dict = {}   # (B, T) -> seconds per call of our feedback op at D=1024
 
 
@@ -564,11 +664,14 @@ def main():
     correctness_layer(*z["layer_check"])
     for T in z["layer_T"][:1] if args.quick else z["layer_T"]:
         time_layer(T, B=z["B"], D=z["D"], H=z["H"], peak=peak)
+    time_train(z["layer_T"][0], B=z["B"], D=z["D"], H=z["H"], with_compile=not args.quick)
     runs = z["fb_runs"][:1] if args.quick else z["fb_runs"]
-    for B, T in runs:
+    for i, (B, T) in enumerate(runs):
         time_feedback(T, B, D=z["D"], peak=peak)
         if B == z["B"]:
             compare_fla(T, B=B, H=z["fla"][0], d=z["fla"][1])
+            if i == 0:
+                compare_fla_train(T, B=B, H=z["fla"][0], d=z["fla"][1])
     if SMOKE:   # the serving flow on CPU at tiny sizes (eager decode; the Triton decode kernels need CUDA)
         decode_rows(contexts=(64,), D=z["D"], H=z["H"], device=DEVICE, check_T=21)
     else:

@@ -40,5 +40,8 @@ def test_gpu_check_runs_with_only_torch_triton_numpy(tmp_path):
     # the feedback op (one pass, lse-first fallback, the one-pass lse) in f32 and bf16, two layers
     assert len(checks) == 8 and all(r[3].startswith("PASS") for r in checks), checks
     sections = {r[0].strip("| ") for r in rows}
-    assert {"device", "correctness", "layer", "feedback", "fla"} <= sections
+    assert {"device", "correctness", "layer", "train", "feedback", "fla"} <= sections
+    grads = [r for r in rows if r[0] == "| train" and r[1].startswith("grads")]
+    assert len(grads) == 1 and grads[0][3].startswith("PASS"), grads   # the training step's gradients checked
+    assert len([r for r in rows if r[0] == "| train" and "fwd+bwd" in r[1] and r[2].endswith(" ms")]) == 3
     assert any(r[0] == "| fla" and r[2] == "not run" for r in rows)   # fla blocked: reported, not a crash
