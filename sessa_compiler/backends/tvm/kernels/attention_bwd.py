@@ -25,7 +25,7 @@ visits the query blocks before the diagonal that hold such rows.
 from __future__ import annotations
 
 from tvm.script import tirx as T
-from tvm.tirx import FloatImm
+from tvm.tirx import FloatImm, Or
 
 from ..schedules import AttentionSchedule
 from ..tir_math import make_exp
@@ -51,6 +51,21 @@ def attention_bwd_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: fl
     ROPE = bool(rope)
     MASKP = bool(key_padding)
     one = FloatImm(dtype, 1.0)
+
+    # The loops over blocks. Without the mask they are the causal ranges (dK/dV: query blocks from the diagonal on;
+    # dQ: key blocks up to it) and the visit test is the Python constant True, so the kernel is the unmasked one.
+    # With the mask a block holding rows that see no key (rows before FIRST[b]) is visited as well.
+    def q_from(kb):
+        return 0 if MASKP else kb * BK // BQ
+
+    def q_visits(qb, kb, first):
+        return Or(qb >= kb * BK // BQ, qb * BQ < first) if MASKP else True
+
+    def k_to(qb, nt):
+        return (nt + BQ - 1) // BQ * (BQ // BK) if MASKP else (qb + 1) * (BQ // BK)
+
+    def k_visits(kb2, qb, first):
+        return Or(kb2 < (qb + 1) * (BQ // BK), qb * BQ < first) if MASKP else True
 
     @T.macro
     def body(Q, K, V, INV, MK, O, DO, LSE, DQ, DK, DV, nb, nt):
@@ -152,8 +167,8 @@ def attention_bwd_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: fl
                     DVA[j, d] = zero
             for g in T.serial(G):
                 # query blocks from the diagonal on, and (with the mask) earlier ones holding rows that see no key
-                for qb in T.serial((nt + BQ - 1) // BQ):
-                    if qb >= kb * BK // BQ or qb * BQ < FIRST[b]:
+                for qb in T.serial(q_from(kb), (nt + BQ - 1) // BQ):
+                    if q_visits(qb, kb, FIRST[b]):
                         # S = qs . k and dP = dO . v tiles; P = exp(S - lse) on the causal triangle, dS = P (dP - delta)
                         for ib in T.serial(BQ // R):
                             for r in T.unroll(R):
@@ -225,8 +240,8 @@ def attention_bwd_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: fl
                 for d in T.vectorized(DH):
                     DQA[i, d] = zero
             # key blocks up to the diagonal; all of them for a block holding rows that see no key (the mask)
-            for kb2 in T.serial((nt + BQ - 1) // BQ * (BQ // BK)):
-                if kb2 < (qb + 1) * (BQ // BK) or qb * BQ < FIRST[b]:
+            for kb2 in T.serial(k_to(qb, nt)):
+                if k_visits(kb2, qb, FIRST[b]):
                     for ib in T.serial(BQ // R):
                         for r in T.unroll(R):
                             for j in T.vectorized(BK):
