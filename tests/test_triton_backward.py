@@ -147,6 +147,22 @@ def test_masked_attention_backward_matches_float64_autograd(T, H, Hkv, d, dv, ro
         attention_backward_triton(q.float(), k.float(), v.float(), got_out, grad.float(), scale, inv, lse, mask=m[:1])
 
 
+def test_masked_attention_backward_bf16(nan_empty):
+    """bf16 operands with a key-padding mask (stored in 16 bits, computed in float32): within the spec's bf16
+    tolerance of float64 autograd at the same rounded inputs."""
+    q, k, v, grad, inv = attention_case(5, 20, 4, 2, 16, 16, True, seed=7)
+    q, k, v, grad = (x.to(torch.bfloat16).double() for x in (q, k, v, grad))
+    m = padding_masks(20)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out = attention_ref(*leaves, 0.25, True, inv, m)
+    want = torch.autograd.grad(out, leaves, grad)
+    bf = torch.bfloat16
+    got = attention_backward_triton(q.to(bf), k.to(bf), v.to(bf), out.detach().to(bf), grad.to(bf), 0.25, inv, mask=m)
+    for a, b in zip(got, want):
+        assert a.dtype == bf
+        assert relative_error(a.double(), b) <= TOLERANCE[bf]
+
+
 def test_attention_backward_rejects_bad_inputs():
     q, k, v, grad, _ = attention_case(1, 8, 4, 2, 16, 16, False, seed=0)
     q, k, v, grad = (x.float() for x in (q, k, v, grad))
