@@ -12,7 +12,8 @@ head; feedback 2P'(3 d_qk + 2 d_v), P' = T(T-1)/2: logits, the adjoint solve's G
 dgamma = rowsum(P * dP) free), with and without the log-sum-exp kernel (which the forward can store).
 Shapes: attention 8 query heads over 2 kv heads of width 128 with RoPE;
 feedback widths 128 (the kernels hold a whole row of q_b, k_b, s and df
-in one tile: widths up to 256), the selective scan's reverse scan (64 channels, 16 states; compile facts only),
+in one tile: widths up to 256), the selective scan's reverse scan (64 channels, 16 states; compile facts only), the
+attention kernels that read a key-padding mask (op "attention_backward_masked": lse, dkdv, dq; compile facts only),
 and the "strips" strategy at the target layer's feedback width 1024. These are estimates from the compiled code,
 not measurements.
 """
@@ -111,6 +112,10 @@ def sources(dtype: str) -> dict:
 
     a = ATTENTION
     att = generate_attention_backward(a["H"], a["Hkv"], a["d"], a["dv"], a["d"] ** -0.5, dtype, False, rope=a["rope"])
+    # the key-padding-mask variants (the kernels that read the mask; delta and rope are the same kernels)
+    masked = generate_attention_backward(a["H"], a["Hkv"], a["d"], a["dv"], a["d"] ** -0.5, dtype, False,
+                                         rope=a["rope"], key_padding=True)
+    masked = {role: src for role, src in masked.items() if role in ("lse", "dkdv", "dq")}
     fbs = {}
     for name, f in (("feedback_backward", FEEDBACK), ("feedback_backward_strips", FEEDBACK_WIDE)):
         fbs[name] = generate_feedback_backward(f["d_qk"], f["d_v"], f["d_qk"] ** -0.5, f["chunk"], f["outer"],
@@ -118,7 +123,8 @@ def sources(dtype: str) -> dict:
                                                strategy=f["strategy"])
     from sessa_compiler.backends.triton.scan_bwd import generate_scan_backward
 
-    return {"attention_backward": att, **fbs, "scan_backward": generate_scan_backward(64, 16, 16, dtype)}
+    return {"attention_backward": att, "attention_backward_masked": masked, **fbs,
+            "scan_backward": generate_scan_backward(64, 16, 16, dtype)}
 
 
 def records(B: int, T: int, dtypes=("bf16", "f32")) -> list:
@@ -138,8 +144,8 @@ def records(B: int, T: int, dtypes=("bf16", "f32")) -> list:
                 rec.update({"op": op, "role": role, "dtype": dt, "issued_flops": issued[role],
                             "tunables": {k: str(v) for k, v in src.tunables.items()}})
                 out.append(rec)
-            if op == "scan_backward":   # no tensor-core products: compiled for the static facts only
-                continue
+            if op in ("scan_backward", "attention_backward_masked"):   # compiled for the static facts only (the
+                continue                     # masked attention's FLOPs: the unmasked model's plus its padded rows')
             if op == "attention_backward":
                 a = ATTENTION
                 useful = 2 * B * a["H"] * T * (T + 1) // 2 * (3 * a["d"] + 2 * a["dv"])

@@ -120,11 +120,15 @@ def _grads(module, loss):
 
 
 @pytest.mark.parametrize("backend", ["eager", "triton", "tvm"])
-def test_attention_mask_is_recognised_and_outputs_and_gradients_equal_the_module(model, backend):
+def test_attention_mask_is_recognised_and_outputs_and_gradients_equal_the_module(model, backend, monkeypatch):
     """With attention_mask given, both layers' attention is one attention op with the mask operand; the logits
     (every position, padded ones included), the loss and every parameter's gradient equal the module's on
-    left- and right-padded rows. Triton: the forward kernel without gradients, the blocked torch forward and
-    backward with them; TVM: its masked kernel, with the blocked backward."""
+    left- and right-padded rows. Triton and TVM: the training step runs the masked forward kernels (with their lse)
+    and the masked backward kernels; the blocked torch forward and backward of semantics/backward.py are made to
+    raise."""
+    import sessa_compiler.backends.training as training
+    import sessa_compiler.semantics.backward as sem_backward
+
     if backend == "triton":
         triton_env.require_interpreter()
     c = sc.compile(model, backend=backend, options={"feedback_chunk_size": 16} if backend == "triton" else None)
@@ -136,16 +140,27 @@ def test_attention_mask_is_recognised_and_outputs_and_gradients_equal_the_module
         assert op_counts(c.graph).get("attention") == 2
         assert c.explain().count("key-padding mask %attention_mask") == 2
         if backend == "triton":
-            assert "with a key-padding mask: this kernel without gradients" in c.explain()
+            assert "with a key-padding mask: a call that needs gradients runs this kernel with its lse and the " \
+                "masked backward kernels" in c.explain()
         assert relative_error(got, want) <= TOL
+    if backend != "eager":
+        def blocked(*a, **k):
+            raise AssertionError(f"the blocked torch attention ran in a masked {backend} training step")
+        monkeypatch.setattr(sem_backward, "attention_backward", blocked)
+        monkeypatch.setattr(sem_backward, "attention_lse", blocked)
+        monkeypatch.setattr(training, "attention_lse", blocked)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*tracing it again", UserWarning)   # labels: another keyword structure
         out = c(x, attention_mask=am, labels=labels)
+    got_grads = _grads(model, out.loss)
+    monkeypatch.undo()
     ref = model(x, attention_mask=am, labels=labels)
     assert op_counts(c.graph).get("attention") == 2
+    if backend == "tvm":
+        assert c.explain().count("with a key-padding mask: a call that needs gradients runs its masked forward") == 2
     assert relative_error(out.logits, ref.logits) <= TOL
     assert relative_error(out.loss, ref.loss) <= TOL
-    for g, r in zip(_grads(model, out.loss), _grads(model, ref.loss)):
+    for g, r in zip(got_grads, _grads(model, ref.loss)):
         assert relative_error(g, r) <= 10 * TOL
 
 

@@ -103,6 +103,66 @@ def test_attention_backward_16_bit(dtype, nan_empty):
         assert relative_error(a.double(), b) <= TOLERANCE[dtype]
 
 
+def padding_masks(T):
+    """[5, T] 0/1 masks: left padding (the first query that sees a key sees only itself; earlier ones see none),
+    right padding, a fully padded row, all ones, and random holes."""
+    m = torch.ones(5, T, dtype=torch.long)
+    m[0, :max(1, T // 2)] = 0
+    m[1, T - T // 3:] = 0
+    m[2] = 0
+    m[4] = (torch.rand(T, generator=torch.Generator().manual_seed(T)) < 0.6).long()
+    return m
+
+
+@pytest.mark.parametrize("T, H, Hkv, d, dv, rope", [
+    (1, 1, 1, 16, 16, False),        # T = 1: rows fully padded or seeing only themselves
+    (17, 1, 1, 16, 16, True),        # H = 1 over two 16-row blocks, RoPE
+    (20, 4, 2, 24, 20, True),        # GQA, widths not powers of two, T a multiple of no tile
+    (33, 2, 2, 16, 16, False),       # RoPE off
+])
+def test_masked_attention_backward_matches_float64_autograd(T, H, Hkv, d, dv, rope, nan_empty):
+    """The key-padding-mask kernels (module docstring of attention_bwd.py) against autograd through the dense float64
+    attention_ref with the mask (empty_rows="mean"), given the masked forward kernel's lse and given none (the
+    masked lse kernel)."""
+    from sessa_compiler.backends.triton.ops import _attention_kernel
+    from sessa_compiler.backends.triton.attention import launch_attention
+
+    q, k, v, grad, inv = attention_case(5, T, H, Hkv, d, dv, rope, seed=T + H)
+    m = padding_masks(T)
+    scale = d ** -0.5
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out = attention_ref(*leaves, scale, True, inv, m)
+    want = torch.autograd.grad(out, leaves, grad)
+    named = [("q", "f32"), ("k", "f32"), ("v", "f32")] + ([("inv_freq", "f32")] if rope else [])
+    fwd = _attention_kernel(H, Hkv, d, dv, scale, rope, tuple(sorted(named)), True, True)
+    got_out, lse = launch_attention(fwd, q.float(), k.float(), v.float(), inv, return_lse=True, mask=m)
+    assert relative_error(got_out, out.detach()) <= TOLERANCE[torch.float32]
+    for given in (lse, None):
+        got = attention_backward_triton(q.float(), k.float(), v.float(), got_out, grad.float(), scale, inv, given,
+                                        mask=m)
+        for name, a, b in zip("qkv", got, want):
+            assert a.dtype == torch.float32 and torch.isfinite(a).all(), name
+            assert relative_error(a, b) <= TOLERANCE[torch.float32], (name, relative_error(a, b))
+    with pytest.raises(InputError, match="key-padding mask must be"):
+        attention_backward_triton(q.float(), k.float(), v.float(), got_out, grad.float(), scale, inv, lse, mask=m[:1])
+
+
+def test_masked_attention_backward_bf16(nan_empty):
+    """bf16 operands with a key-padding mask (stored in 16 bits, computed in float32): within the spec's bf16
+    tolerance of float64 autograd at the same rounded inputs."""
+    q, k, v, grad, inv = attention_case(5, 20, 4, 2, 16, 16, True, seed=7)
+    q, k, v, grad = (x.to(torch.bfloat16).double() for x in (q, k, v, grad))
+    m = padding_masks(20)
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out = attention_ref(*leaves, 0.25, True, inv, m)
+    want = torch.autograd.grad(out, leaves, grad)
+    bf = torch.bfloat16
+    got = attention_backward_triton(q.to(bf), k.to(bf), v.to(bf), out.detach().to(bf), grad.to(bf), 0.25, inv, mask=m)
+    for a, b in zip(got, want):
+        assert a.dtype == bf
+        assert relative_error(a.double(), b) <= TOLERANCE[bf]
+
+
 def test_attention_backward_rejects_bad_inputs():
     q, k, v, grad, _ = attention_case(1, 8, 4, 2, 16, 16, False, seed=0)
     q, k, v, grad = (x.float() for x in (q, k, v, grad))

@@ -35,6 +35,9 @@ def test_every_backward_kernel_compiles_without_spills_on_tensor_cores(records):
             "feedback_bwd_dk", "fbw_colprobs", "fbw_update", "fbw_solve", "fbw_rowprobs", "fbw_rowsum", "fbw_dq",
             "fbw_dk", "scan_bwd_states", "scan_bwd"}
     assert names == {(k, dt) for k in want for dt in ("bf16", "f32")}
+    # the key-padding-mask variants of the attention kernels that read the mask (attention_bwd.py, key_padding=True)
+    masked = {(r["role"], r["dtype"]) for r in kernels if r["op"] == "attention_backward_masked"}
+    assert masked == {(role, dt) for role in ("lse", "dkdv", "dq") for dt in ("bf16", "f32")}
     for r in kernels:
         assert r["cubin_bytes"] > 0 and r["spill_bytes"] == 0, r
         assert r["shared_bytes"] <= SM90_SHARED_LIMIT, r

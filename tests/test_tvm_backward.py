@@ -112,6 +112,128 @@ def test_a_tvm_training_step_runs_the_backward_kernels(monkeypatch):
         assert relative_error(params[n].grad, w) <= 1e-10, n
 
 
+# -- attention with a key-padding mask ---------------------------------------------------------------------------
+def padding_masks(T):
+    """[5, T] 0/1 masks: left padding (the first query that sees a key sees only itself; earlier ones see none),
+    right padding, a fully padded row, all ones, and random holes."""
+    m = torch.ones(5, T, dtype=torch.long)
+    m[0, :max(1, T // 2)] = 0
+    m[1, T - T // 3:] = 0
+    m[2] = 0
+    m[4] = (torch.rand(T, generator=torch.Generator().manual_seed(T)) < 0.6).long()
+    return m
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("T, H, Hkv, d, rope, sched", [
+    (1, 2, 1, 8, True, None),             # T = 1: rows fully padded or seeing only themselves
+    (37, 2, 2, 8, False, SMALL),          # odd T over 16-row / 8-key blocks, RoPE off
+    (50, 4, 1, 8, True, SMALL),           # GQA 4:1 with RoPE
+    (67, 1, 1, 16, False, None),          # H = 1, straddles the default 64-row block
+])
+def test_masked_attention_kernels_equal_dense_autograd(monkeypatch, dtype, T, H, Hkv, d, rope, sched):
+    """The masked forward-with-lse and backward kernels (every buffer they are handed starts as NaN) against
+    autograd through the dense float64 attention_ref with the mask (empty_rows="mean": a row that sees no key is
+    the mean of v over all T keys, and its gradient reaches every key)."""
+    from sessa_compiler.backends.tvm.build import attention_spec
+    from sessa_compiler.backends.tvm.target import resolve_target
+
+    monkeypatch.setattr(tvm_training, "aligned_empty", _poisoned)
+    scale = d ** -0.5
+    g = torch.Generator().manual_seed(T + H)
+    m = padding_masks(T)
+    q = torch.randn(5, T, H, d, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(5, T, Hkv, d, generator=g, dtype=torch.float64) for _ in range(2))
+    inv = torch.rand(d // 2, generator=g, dtype=torch.float64) if rope else None
+    leaves = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    out = attention_ref(*leaves, scale, True, inv, m)
+    w = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    want = torch.autograd.grad(out, leaves, w)
+    q_, k_, v_, w_ = (x.to(dtype) for x in (q, k, v, w))
+    inv_ = inv.to(dtype) if rope else None
+    name = "float64" if dtype == torch.float64 else "float32"
+    fwd = tvm_training.attention_forward_kernel(attention_spec(H, Hkv, d, scale, rope, name, sched, key_padding=True),
+                                                resolve_target(None))
+    got_out, lse = fwd(q_, k_, v_, inv_, m)
+    want_lse = attention_lse(q, k, v, scale, True, inv, with_out=False, mask=m)[1]
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert relative_error(got_out, out.detach()) <= tol and relative_error(lse, want_lse) <= tol
+    got = tvm_training.attention_backward_tvm(w_, q_, k_, v_, inv_, got_out, lse, scale, True, schedule=sched, mask=m)
+    for a, c in zip(got, want):
+        assert a.dtype == dtype and not a.isnan().any()
+        assert relative_error(a, c) <= tol
+
+
+class PaddedAttention(torch.nn.Module):
+    """One attention layer with Hugging Face's additive key-padding mask ((1 - mask) * finfo.min plus a finfo.min
+    causal mask, clamped), GQA 2:1, RoPE, and an output projection."""
+
+    def __init__(self, D=16, H=2):
+        super().__init__()
+        self.q, self.kv, self.o = (torch.nn.Linear(D, n) for n in (D, D, D))
+        self.H, self.dh = H, D // H
+        self.register_buffer("inv_freq", 10000.0 ** (-torch.arange(0, self.dh, 2).double() / self.dh))
+
+    def rope(self, x):
+        T = x.shape[1]
+        ang = torch.arange(T, dtype=x.dtype)[:, None] * self.inv_freq.to(x.dtype)[None, :]
+        cos, sin = ang.cos()[None, :, None, :], ang.sin()[None, :, None, :]
+        xe, xo = x[..., 0::2], x[..., 1::2]
+        return torch.stack((xe * cos - xo * sin, xe * sin + xo * cos), dim=-1).flatten(-2)
+
+    def forward(self, x, attention_mask):
+        B, T, D = x.shape
+        q = self.rope(self.q(x).view(B, T, self.H, self.dh))
+        k, v = self.kv(x).view(B, T, 2, 1, self.dh).unbind(2)
+        k = self.rope(k)
+        k, v = (t.repeat_interleave(self.H, dim=2) for t in (k, v))
+        s = torch.einsum("bthd,bshd->bhts", q, k) / self.dh ** 0.5
+        minv = torch.finfo(s.dtype).min
+        add = torch.full((T, T), minv, dtype=s.dtype).triu(1) + (1.0 - attention_mask[:, None, None, :].to(s.dtype)) * minv
+        p = (s + add.clamp(min=minv)).softmax(-1)
+        return self.o(torch.einsum("bhts,bshd->bthd", p, v).reshape(B, T, D))
+
+
+def test_a_masked_tvm_training_step_runs_the_masked_kernels(monkeypatch):
+    """compile(backend="tvm") of a layer with a key-padding mask: one float64 training step gives the module's own
+    gradients (parameters and input) to 1e-10 through the masked forward and backward kernels, with the blocked
+    torch forward and backward made to raise; explain() names the masked kernel path."""
+    import sessa_compiler as sc
+    import sessa_compiler.backends.training as training
+    import sessa_compiler.semantics.backward as sem_backward
+
+    torch.manual_seed(0)
+    m = PaddedAttention().double()
+    x = torch.randn(5, 13, 16, dtype=torch.float64, requires_grad=True)
+    mask = padding_masks(13)
+    params = dict(m.named_parameters())
+    m(x, mask).pow(2).sum().backward()
+    want = {n: p.grad.clone() for n, p in params.items()}
+    want_x = x.grad.clone()
+    for p in [*params.values(), x]:
+        p.grad = None
+    compiled = sc.compile(m, backend="tvm")
+
+    def blocked(*a, **k):
+        raise AssertionError("the blocked torch attention ran in a masked tvm training step")
+
+    masks_seen = []
+    real = tvm_training.attention_backward_tvm
+    monkeypatch.setattr(tvm_training, "attention_backward_tvm",
+                        lambda *a, **k: masks_seen.append(k.get("mask") is not None) or real(*a, **k))
+    monkeypatch.setattr(sem_backward, "attention_backward", blocked)
+    monkeypatch.setattr(sem_backward, "attention_lse", blocked)
+    monkeypatch.setattr(training, "attention_lse", blocked)
+    compiled(x, mask).pow(2).sum().backward()
+    assert masks_seen == [True]
+    assert compiled.graph.ops().count("attention") == 1
+    for n, w in want.items():
+        assert relative_error(params[n].grad, w) <= 1e-10, n
+    assert relative_error(x.grad, want_x) <= 1e-10
+    assert "a call that needs gradients runs its masked forward with lse (attention_lse) and the masked backward " \
+        "kernel (attention_bwd)" in compiled.explain()
+
+
 # -- feedback ----------------------------------------------------------------------------------------------------
 from sessa_compiler.backends.tvm.schedules import FeedbackSchedule  # noqa: E402
 from sessa_compiler.semantics import feedback_ref  # noqa: E402

@@ -152,7 +152,10 @@ def generate_attention(node: Node, dtypes: dict, interpret: bool, block_m: int |
                  f"        acc = acc * alpha[:, None] + tl.dot(p.to({dd}), v.to({dd}), out_dtype=tl.float32, "
                  f"input_precision=\"{prec}\")\n"
                  "        m_i = m_new\n")
-    lse_expr = "tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), float(\"-inf\"))" if kp else "m_i + tl.log(l_i)"
+    # a row with no visible key: log T with empty_rows="mean" (the uniform row's, as semantics.backward.attention_lse
+    # gives it), -inf with "nan"
+    empty_lse = "tl.log(T.to(tl.float32))" if empty == "mean" else "float(\"-inf\")"
+    lse_expr = f"tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), {empty_lse})" if kp else "m_i + tl.log(l_i)"
     if empty == "mean":   # rows with no visible key: the mean of v over all T keys (VMEAN [B, HKV, D_V], fp32)
         body += ("    vmean = tl.load(VMEAN + (b * HKV + kvh) * D_V + dvs, mask=dvs < D_V, other=0.0)\n"
                  "    out = tl.where(l_i[:, None] > 0, acc / tl.maximum(l_i, 1e-30)[:, None], vmean[None, :])\n")
@@ -193,7 +196,8 @@ def launch_attention(kernel, q, k, v, inv_freq=None, out=None, lse=None, return_
 
     ``lse`` (optional, preallocated): the row log-sum-exps the backward consumes, float32, contiguous
     ``[B, H, T]`` (query head h of batch b at ``lse[b, h]``), ``lse[b, h, t] = log sum_{j<=t} exp(scale *
-    q_t . k_j)`` with q and k after RoPE (-inf on a row with no visible key). ``mask`` [B, T]: the key-padding
+    q_t . k_j)`` with q and k after RoPE (on a row with no visible key: log T for empty_rows="mean", the log-sum-exp of
+    the uniform row, -inf for "nan"). ``mask`` [B, T]: the key-padding
     mask of a kernel generated with key_padding=True (nonzero = keep). Returns ``out``, or ``(out, lse)``."""
     import torch
 

@@ -15,6 +15,13 @@ Given q [B, T, H, d], k [B, T, Hkv, d], v [B, T, Hkv, dv], the forward's output 
 - ``attention_rope`` (RoPE only): rotates q and k into float copies before, and applies the rotation's
   transpose (the rotation by minus the angle) to the float dQ and dK after.
 
+With a key-padding mask (``mask`` [B, T], nonzero = keep; the op's empty_rows="mean") the kernels generated with
+``key_padding=True`` also read the mask (int32 [B, T]) and each batch row's first query row that sees a key
+(``first`` [B] int32, made by the launcher): padded keys get P = 0 like future ones, and a row before ``first``
+sees no key and has P = 1/T over all T keys (semantics.core.attention_ref: the softmax of a uniform row, whose
+gradient reaches every key). So the dK/dV pass also visits the row blocks before the diagonal that hold such
+rows, and the dQ pass walks every key block for them; their lse is not read.
+
 Nothing T x T is stored; every tile's probabilities are recomputed from lse.
 """
 from __future__ import annotations
@@ -52,8 +59,9 @@ def _tiles(d: int, dv: int, dtype: str, interpret: bool) -> dict:
 
 def generate_attention_backward(H: int, Hkv: int, d: int, dv: int, scale: float, dtype: str, interpret: bool,
                                 rope: bool = False, inv_freq_dtype: str = "f32",
-                                tiles: dict | None = None) -> dict:
-    """The backward's KernelSources by role: "lse", "delta", "dkdv", "dq" (and "rope" with RoPE)."""
+                                tiles: dict | None = None, key_padding: bool = False) -> dict:
+    """The backward's KernelSources by role: "lse", "delta", "dkdv", "dq" (and "rope" with RoPE). With
+    ``key_padding`` the lse, dkdv and dq kernels read the key-padding mask (see the module docstring)."""
     if H % Hkv:
         raise InputError(f"op 'attention' backward: query heads {H} must be a multiple of kv heads {Hkv}")
     if max(d, dv) > MAX_WIDTH:
@@ -70,6 +78,13 @@ def generate_attention_backward(H: int, Hkv: int, d: int, dv: int, scale: float,
     dm = lambda ax: "" if d == bd else f" & (ds[{ax}] < D)"        # noqa: E731
     vm = lambda ax: "" if dv == bdv else f" & (dvs[{ax}] < DV)"    # noqa: E731
     spec = {"H": H, "Hkv": Hkv, "d": d, "d_v": dv, "dtype": dtype, "scale": scale, "rope": rope}
+    kp = bool(key_padding)
+    if kp:
+        spec["key_padding"] = True
+    margs = "MASK, " if kp else ""             # the lse kernel: the mask only
+    mfargs = "MASK, FIRST, " if kp else ""     # dkdv, dq: the mask and each batch row's first row that sees a key
+    msig = {"MASK": "*i32"} if kp else {}
+    mfsig = {"MASK": "*i32", "FIRST": "*i32"} if kp else {}
     common = dict(H=H, HKV=Hkv, GROUP=H // Hkv, D=d, DV=dv, BLOCK_D=bd, BLOCK_DV=bdv, SCALE=scale)
     q_ptr, ptr = AOT_POINTER[qdt], AOT_POINTER[dtype]
     out = {}
@@ -78,7 +93,7 @@ def generate_attention_backward(H: int, Hkv: int, d: int, dv: int, scale: float,
     bm, bn, nw = tiles["lse"]
     body = _consts(**common, BLOCK_M=bm, BLOCK_N=bn)
     body += ("@triton.jit\n"
-             "def attention_lse(Q, K, LSE, T, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh):\n"
+             f"def attention_lse(Q, K, LSE, {margs}T, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh):\n"
              "    # lse[b, h, t] = log sum_{j<=t} exp(q_t . k_j * SCALE), stored [B, H, T]\n"
              "    pid_m = tl.program_id(0)\n"
              "    bh = tl.program_id(1)\n"
@@ -96,14 +111,21 @@ def generate_attention_backward(H: int, Hkv: int, d: int, dv: int, scale: float,
              f"        kt = tl.load(k_base + cols[None, :] * stride_kt + ds[:, None], "
              f"mask=(cols[None, :] < T){dm(':, None')}, other=0.0).to(tl.float32)\n"
              f"        s = tl.dot(q, kt.to({dd}), out_dtype=tl.float32, input_precision=\"{prec}\") * SCALE\n"
-             "        z = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < T), s, float(\"-inf\"))\n"
-             "        m_new = tl.maximum(m_i, tl.max(z, axis=1))\n"
+             "        z = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < T), s, float(\"-inf\"))\n")
+    if kp:   # padded keys are -inf too
+        body += ("        keep = tl.load(MASK + b * T + cols, mask=cols < T, other=0)\n"
+                 "        z = tl.where(keep[None, :] != 0, z, float(\"-inf\"))\n")
+    body += ("        m_new = tl.maximum(m_i, tl.max(z, axis=1))\n"
              "        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)\n"
-             "        m_i = m_new\n"
-             "    tl.store(LSE + (b * H + h) * T + rows, m_i + tl.log(tl.maximum(l_i, 1e-30)), mask=rows < T)\n")
+             "        m_i = m_new\n")
+    if kp:   # a row that sees no key: log T (the uniform row's; the backward does not read it)
+        body += ("    lse = tl.where(l_i > 0, m_i + tl.log(tl.maximum(l_i, 1e-30)), tl.log(T.to(tl.float32)))\n"
+                 "    tl.store(LSE + (b * H + h) * T + rows, lse, mask=rows < T)\n")
+    else:
+        body += "    tl.store(LSE + (b * H + h) * T + rows, m_i + tl.log(tl.maximum(l_i, 1e-30)), mask=rows < T)\n"
     out["lse"] = KernelSource("attention_lse", "attention_backward", spec,
                               {"BLOCK_M": bm, "BLOCK_N": bn, "dot_dtype": dd, "dot_precision": prec}, body,
-                              {"Q": q_ptr, "K": q_ptr, "LSE": "*fp32", "T": "i32", **_strides("q", "k")},
+                              {"Q": q_ptr, "K": q_ptr, "LSE": "*fp32", **msig, "T": "i32", **_strides("q", "k")},
                               do_not_specialize=("T",), num_warps=nw, num_stages=2)
 
     # -- delta = rowsum(dO * o) ------------------------------------------------------------------------------
@@ -133,7 +155,7 @@ def generate_attention_backward(H: int, Hkv: int, d: int, dv: int, scale: float,
     dk_ptr = "*fp32" if rope else ptr
     body = _consts(**common, BLOCK_M=bm, BLOCK_N=bn)
     body += ("@triton.jit\n"
-             "def attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, T, stride_qb, stride_qt, stride_qh,\n"
+             f"def attention_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_OUT, {mfargs}T, stride_qb, stride_qt, stride_qh,\n"
              "                       stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,\n"
              "                       stride_gb, stride_gt, stride_gh, stride_lb, stride_lh, stride_lt,\n"
              "                       stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh):\n"
@@ -151,28 +173,40 @@ def generate_attention_backward(H: int, Hkv: int, d: int, dv: int, scale: float,
              f"mask=(cols[:, None] < T){vm('None, :')}, other=0.0).to(tl.float32).to({dd})\n"
              "    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)\n"
              "    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)\n"
-             "    lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M   # the first row block that sees this key block\n"
-             "    for g in range(GROUP):\n"
+             "    lo = (pid_n * BLOCK_N // BLOCK_M) * BLOCK_M   # the first row block that sees this key block\n")
+    if kp:
+        body += ("    km = tl.load(MASK + b * T + cols, mask=cols < T, other=0)   # padded keys: P = 0\n"
+                 "    first = tl.load(FIRST + b)   # rows before it see no key: P = 1/T over all T keys\n"
+                 "    inv_t = 1.0 / T.to(tl.float32)\n")
+    tile = ("            rows = m0 + tl.arange(0, BLOCK_M)\n"
+            f"            qt = tl.load(q_base + rows[None, :] * stride_qt + ds[:, None], "
+            f"mask=(rows[None, :] < T){dm(':, None')}, other=0.0).to(tl.float32).to({dd})\n"
+            f"            do = tl.load(g_base + rows[:, None] * stride_gt + dvs[None, :], "
+            f"mask=(rows[:, None] < T){vm('None, :')}, other=0.0).to(tl.float32).to({dd})\n"
+            "            lse = tl.load(l_base + rows * stride_lt, mask=rows < T, other=0.0)\n"
+            "            delta = tl.load(d_base + rows, mask=rows < T, other=0.0)\n"
+            f"            st = tl.dot(k, qt, out_dtype=tl.float32, input_precision=\"{prec}\") * SCALE\n"
+            "            keep = (cols[:, None] <= rows[None, :]) & (rows[None, :] < T)\n")
+    if kp:
+        tile += ("            pt = tl.where(keep & (km[:, None] != 0), tl.exp(st - lse[None, :]), 0.0)\n"
+                 "            pt = tl.where(rows[None, :] < first, tl.where((cols[:, None] < T) & (rows[None, :] < T), "
+                 "inv_t, 0.0), pt)\n")
+    else:
+        tile += "            pt = tl.where(keep, tl.exp(st - lse[None, :]), 0.0)\n"
+    tile += (f"            dv += tl.dot(pt.to({dd}), do, out_dtype=tl.float32, input_precision=\"{prec}\")\n"
+             f"            dpt = tl.dot(v, tl.trans(do), out_dtype=tl.float32, input_precision=\"{prec}\")\n"
+             "            dst = pt * (dpt - delta[None, :])\n"
+             f"            dk += tl.dot(dst.to({dd}), tl.trans(qt), out_dtype=tl.float32, input_precision=\"{prec}\")\n")
+    body += ("    for g in range(GROUP):\n"
              "        h = kvh * GROUP + g\n"
              "        q_base = Q + b * stride_qb + h * stride_qh\n"
              "        g_base = DO + b * stride_gb + h * stride_gh\n"
              "        l_base = LSE + b * stride_lb + h * stride_lh\n"
-             "        d_base = DELTA + (b * H + h) * T\n"
-             "        for m0 in range(lo, T, BLOCK_M):\n"
-             "            rows = m0 + tl.arange(0, BLOCK_M)\n"
-             f"            qt = tl.load(q_base + rows[None, :] * stride_qt + ds[:, None], "
-             f"mask=(rows[None, :] < T){dm(':, None')}, other=0.0).to(tl.float32).to({dd})\n"
-             f"            do = tl.load(g_base + rows[:, None] * stride_gt + dvs[None, :], "
-             f"mask=(rows[:, None] < T){vm('None, :')}, other=0.0).to(tl.float32).to({dd})\n"
-             "            lse = tl.load(l_base + rows * stride_lt, mask=rows < T, other=0.0)\n"
-             "            delta = tl.load(d_base + rows, mask=rows < T, other=0.0)\n"
-             f"            st = tl.dot(k, qt, out_dtype=tl.float32, input_precision=\"{prec}\") * SCALE\n"
-             "            keep = (cols[:, None] <= rows[None, :]) & (rows[None, :] < T)\n"
-             "            pt = tl.where(keep, tl.exp(st - lse[None, :]), 0.0)\n"
-             f"            dv += tl.dot(pt.to({dd}), do, out_dtype=tl.float32, input_precision=\"{prec}\")\n"
-             f"            dpt = tl.dot(v, tl.trans(do), out_dtype=tl.float32, input_precision=\"{prec}\")\n"
-             "            dst = pt * (dpt - delta[None, :])\n"
-             f"            dk += tl.dot(dst.to({dd}), tl.trans(qt), out_dtype=tl.float32, input_precision=\"{prec}\")\n"
+             "        d_base = DELTA + (b * H + h) * T\n")
+    if kp:   # first the row blocks before the diagonal that hold rows seeing no key
+        body += "        for m0 in range(0, tl.minimum(lo, first), BLOCK_M):\n" + tile
+    body += "        for m0 in range(lo, T, BLOCK_M):\n" + tile
+    body += (
              "    dk = dk * SCALE\n"
              f"    tl.store(DK + b * stride_dkb + kvh * stride_dkh + cols[:, None] * stride_dkt + ds[None, :], "
              f"dk.to(DK.dtype.element_ty), mask=(cols[:, None] < T){dm('None, :')})\n"
@@ -182,7 +216,7 @@ def generate_attention_backward(H: int, Hkv: int, d: int, dv: int, scale: float,
         "attention_bwd_dkdv", "attention_backward", spec,
         {"BLOCK_M": bm, "BLOCK_N": bn, "dot_dtype": dd, "dot_precision": prec}, body,
         {"Q": q_ptr, "K": q_ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": dk_ptr, "DV_OUT": ptr,
-         "T": "i32", **_strides("q", "k", "v", "g"), "stride_lb": "i64", "stride_lh": "i32", "stride_lt": "i32",
+         **mfsig, "T": "i32", **_strides("q", "k", "v", "g"), "stride_lb": "i64", "stride_lh": "i32", "stride_lt": "i32",
          **_strides("dk", "dv")},
         do_not_specialize=("T",), num_warps=nw, num_stages=2)
 
@@ -190,7 +224,7 @@ def generate_attention_backward(H: int, Hkv: int, d: int, dv: int, scale: float,
     bm, bn, nw = tiles["dq"]
     body = _consts(**common, BLOCK_M=bm, BLOCK_N=bn)
     body += ("@triton.jit\n"
-             "def attention_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, T, stride_qb, stride_qt, stride_qh,\n"
+             f"def attention_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, {mfargs}T, stride_qb, stride_qt, stride_qh,\n"
              "                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,\n"
              "                     stride_gb, stride_gt, stride_gh, stride_lb, stride_lh, stride_lt,\n"
              "                     stride_dqb, stride_dqt, stride_dqh):\n"
@@ -212,15 +246,27 @@ def generate_attention_backward(H: int, Hkv: int, d: int, dv: int, scale: float,
              "    lse = tl.load(LSE + b * stride_lb + h * stride_lh + rows * stride_lt, mask=rows < T, other=0.0)\n"
              "    delta = tl.load(DELTA + (b * H + h) * T + rows, mask=rows < T, other=0.0)\n"
              "    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)\n"
-             "    for n0 in range(0, tl.minimum((pid_m + 1) * BLOCK_M, T), BLOCK_N):\n"
+             "    hi = tl.minimum((pid_m + 1) * BLOCK_M, T)\n")
+    if kp:   # a block holding rows that see no key walks every key block
+        body += ("    first = tl.load(FIRST + b)\n"
+                 "    inv_t = 1.0 / T.to(tl.float32)\n"
+                 "    if pid_m * BLOCK_M < first:\n"
+                 "        hi = T\n")
+    body += ("    for n0 in range(0, hi, BLOCK_N):\n"
              "        cols = n0 + tl.arange(0, BLOCK_N)\n"
              f"        kt = tl.load(k_base + cols[None, :] * stride_kt + ds[:, None], "
              f"mask=(cols[None, :] < T){dm(':, None')}, other=0.0).to(tl.float32).to({dd})\n"
              f"        vt = tl.load(v_base + cols[None, :] * stride_vt + dvs[:, None], "
              f"mask=(cols[None, :] < T){vm(':, None')}, other=0.0).to(tl.float32).to({dd})\n"
              f"        s = tl.dot(q, kt, out_dtype=tl.float32, input_precision=\"{prec}\") * SCALE\n"
-             "        keep = (cols[None, :] <= rows[:, None]) & (cols[None, :] < T)\n"
-             "        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)\n"
+             "        keep = (cols[None, :] <= rows[:, None]) & (cols[None, :] < T)\n")
+    if kp:
+        body += ("        km = tl.load(MASK + b * T + cols, mask=cols < T, other=0)\n"
+                 "        p = tl.where(keep & (km[None, :] != 0), tl.exp(s - lse[:, None]), 0.0)\n"
+                 "        p = tl.where(rows[:, None] < first, tl.where(cols[None, :] < T, inv_t, 0.0), p)\n")
+    else:
+        body += "        p = tl.where(keep, tl.exp(s - lse[:, None]), 0.0)\n"
+    body += (
              f"        dp = tl.dot(do, vt, out_dtype=tl.float32, input_precision=\"{prec}\")\n"
              "        dsc = p * (dp - delta[:, None])\n"
              f"        dq += tl.dot(dsc.to({dd}), tl.trans(kt), out_dtype=tl.float32, input_precision=\"{prec}\")\n"
@@ -230,7 +276,7 @@ def generate_attention_backward(H: int, Hkv: int, d: int, dv: int, scale: float,
     out["dq"] = KernelSource(
         "attention_bwd_dq", "attention_backward", spec,
         {"BLOCK_M": bm, "BLOCK_N": bn, "dot_dtype": dd, "dot_precision": prec}, body,
-        {"Q": q_ptr, "K": q_ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQ": dk_ptr, "T": "i32",
+        {"Q": q_ptr, "K": q_ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQ": dk_ptr, **mfsig, "T": "i32",
          **_strides("q", "k", "v", "g"), "stride_lb": "i64", "stride_lh": "i32", "stride_lt": "i32",
          **_strides("dq")},
         do_not_specialize=("T",), num_warps=nw, num_stages=2)
@@ -275,15 +321,18 @@ def _rope_source(d: int, dtype: str, inv_freq_dtype: str) -> KernelSource:
 
 
 @functools.lru_cache(maxsize=64)
-def _kernels(H, Hkv, d, dv, scale, dtype, interpret, rope, inv_freq_dtype, tiles):
+def _kernels(H, Hkv, d, dv, scale, dtype, interpret, rope, inv_freq_dtype, tiles, key_padding=False):
     srcs = generate_attention_backward(H, Hkv, d, dv, scale, dtype, interpret, rope, inv_freq_dtype,
-                                       dict(tiles) if tiles else None)
+                                       dict(tiles) if tiles else None, key_padding)
     return {role: KERNEL_CACHE.load(src, interpret) for role, src in srcs.items()}
 
 
-def _check(q, k, v, out, grad_out, lse):
+def _check(q, k, v, out, grad_out, lse, mask=None):
     import torch
 
+    if mask is not None and (mask.dim() != 2 or tuple(mask.shape) != tuple(q.shape[:2])):
+        raise InputError(f"op 'attention' backward: the key-padding mask must be [B, T] = {tuple(q.shape[:2])}, "
+                         f"got {tuple(mask.shape)}")
     for name, x in (("k", k), ("v", v), ("out", out), ("grad_out", grad_out)):
         if x.dim() != 4:
             raise InputError(f"op 'attention' backward: {name} must be [B, T, heads, width], got {tuple(x.shape)}")
@@ -317,15 +366,25 @@ def _launcher(launch):
     return launch or (lambda fn: fn)
 
 
-def _lse(kl, q, k, launch):
+def _lse(kl, q, k, launch, keep=()):
     import torch
 
     B, T, H, _ = q.shape
     lse = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     src = kl.source
     _launcher(launch)(kl.fn)[(-(-T // src.tunables["BLOCK_M"]), B * H)](
-        q, k, lse, T, *q.stride()[:3], *k.stride()[:3], num_warps=src.num_warps, num_stages=src.num_stages)
+        q, k, lse, *keep, T, *q.stride()[:3], *k.stride()[:3], num_warps=src.num_warps, num_stages=src.num_stages)
     return lse
+
+
+def _mask_args(mask, T: int, device):
+    """(keep int32 [B, T] contiguous, first int32 [B]): the key-padding mask as the kernels read it, and each batch
+    row's first unpadded key (T when none): the rows before it see no key."""
+    import torch
+
+    keep = (mask != 0).to(device=device, dtype=torch.int32).contiguous()
+    first = torch.where(keep.any(1), keep.argmax(1), torch.full_like(keep[:, 0], T)).to(torch.int32).contiguous()
+    return keep, first
 
 
 def _rotate(kr, x, inv_freq, launch, sign: float = 1.0, dtype=None):
@@ -341,14 +400,16 @@ def _rotate(kr, x, inv_freq, launch, sign: float = 1.0, dtype=None):
 
 
 def attention_backward_triton(q, k, v, out, grad_out, scale: float, inv_freq=None, lse=None, *, tiles=None,
-                              launch=None):
+                              launch=None, mask=None):
     """(dq, dk, dv) of causal out = softmax_{j<=t}(scale q_t . k_j) v (GQA, RoPE on q and k when inv_freq is
     given), each in its operand's dtype. ``lse`` is the forward's [B, H, T] float32 log-sum-exps (computed by
     ``attention_lse`` when None); ``tiles`` overrides the block sizes ({"dq"|"dkdv"|"lse": (BM, BN, warps)});
-    ``launch`` wraps each kernel before its launch (``torch.library.wrap_triton`` inside a triton_op)."""
+    ``launch`` wraps each kernel before its launch (``torch.library.wrap_triton`` inside a triton_op). ``mask``
+    [B, T] (nonzero = keep): the key-padding mask of attention_ref with empty_rows="mean" (the masked kernels;
+    the lse of a row that sees no key is not read)."""
     import torch
 
-    _check(q, k, v, out, grad_out, lse)
+    _check(q, k, v, out, grad_out, lse, mask)
     B, T, H, d = q.shape
     Hkv, dv = k.shape[2], v.shape[3]
     if H % Hkv:
@@ -356,7 +417,7 @@ def attention_backward_triton(q, k, v, out, grad_out, scale: float, inv_freq=Non
     rope = inv_freq is not None
     kern = _kernels(H, Hkv, d, dv, float(scale), from_torch(q.dtype).name, not q.is_cuda, rope,
                     from_torch(inv_freq.dtype).name if rope else "f32",
-                    tuple(sorted(tiles.items())) if tiles else None)
+                    tuple(sorted(tiles.items())) if tiles else None, mask is not None)
     q, k, v, out, grad_out = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, out, grad_out))
     dq = torch.empty(q.shape, dtype=torch.float32 if rope else q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=torch.float32 if rope else k.dtype, device=q.device)
@@ -369,8 +430,9 @@ def attention_backward_triton(q, k, v, out, grad_out, scale: float, inv_freq=Non
         qr, kr = _rotate(kern["rope"], q, inv_freq, launch), _rotate(kern["rope"], k, inv_freq, launch)
     else:
         qr, kr = q, k
+    masks = _mask_args(mask, T, q.device) if mask is not None else ()
     if lse is None:
-        lse = _lse(kern["lse"], qr, kr, launch)
+        lse = _lse(kern["lse"], qr, kr, launch, masks[:1])
     delta = torch.empty(B, H, T, dtype=torch.float32, device=q.device)
     src = kern["delta"].source
     L(kern["delta"].fn)[(-(-T // src.tunables["BLOCK_M"]), B * H)](
@@ -379,11 +441,11 @@ def attention_backward_triton(q, k, v, out, grad_out, scale: float, inv_freq=Non
     common = (*qr.stride()[:3], *kr.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *lse.stride())
     src = kern["dkdv"].source
     L(kern["dkdv"].fn)[(-(-T // src.tunables["BLOCK_N"]), B * Hkv)](
-        qr, kr, v, grad_out, lse, delta, dk, dv_, T, *common, *dk.stride()[:3], *dv_.stride()[:3],
+        qr, kr, v, grad_out, lse, delta, dk, dv_, *masks, T, *common, *dk.stride()[:3], *dv_.stride()[:3],
         num_warps=src.num_warps, num_stages=src.num_stages)
     src = kern["dq"].source
     L(kern["dq"].fn)[(-(-T // src.tunables["BLOCK_M"]), B * H)](
-        qr, kr, v, grad_out, lse, delta, dq, T, *common, *dq.stride()[:3],
+        qr, kr, v, grad_out, lse, delta, dq, *masks, T, *common, *dq.stride()[:3],
         num_warps=src.num_warps, num_stages=src.num_stages)
     if rope:   # the rotation's transpose: rotate the float gradients back by minus the angle
         dq = _rotate(kern["rope"], dq, inv_freq, launch, -1.0, q.dtype)

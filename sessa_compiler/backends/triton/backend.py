@@ -348,8 +348,14 @@ class TritonBackend(Backend):
             tun = ", ".join(f"{k}={v}" for k, v in src.tunables.items() if not k.startswith("dot_"))
             lines.append(f"    {src.name:<22} <- %{n.output.name} = {n.op}  [{spec}] {{{tun}}}")
             if n.op == "attention" and n.attrs.get("key_padding", False):
-                lines.append("      (with a key-padding mask: this kernel without gradients; a call that needs "
-                             "gradients runs the blocked torch forward and backward of semantics/backward.py)")
+                if n.attrs.get("empty_rows", "mean") == "mean":
+                    lines.append("      (with a key-padding mask: a call that needs gradients runs this kernel with its "
+                                 "lse and the masked backward kernels attention_bwd_dkdv / attention_bwd_dq, which "
+                                 "read the mask)")
+                else:
+                    lines.append("      (with a key-padding mask whose rows without a visible key are NaN: this kernel "
+                                 "without gradients; a call that needs gradients runs the blocked torch forward and "
+                                 "backward of semantics/backward.py)")
         for chunked, pair in prog.one_pass.items():
             lines.append(f"    (%{pair[0].output.name} = feedback_lse and %{pair[1].output.name} = feedback_diag_inverse: "
                          f"made on the way by the one-pass kernels of %{chunked.output.name})")

@@ -117,14 +117,18 @@ selective_scan_triton.register_autograd(_scan_backward, setup_context=_scan_setu
 
 
 @functools.lru_cache(maxsize=64)
-def _attention_kernel(H: int, Hkv: int, d: int, dv: int, scale: float, rope: bool, dtypes: tuple, interpret: bool):
+def _attention_kernel(H: int, Hkv: int, d: int, dv: int, scale: float, rope: bool, dtypes: tuple, interpret: bool,
+                      key_padding: bool = False):
+    """The attention forward kernel (attention.py) for these sizes and dtypes; with ``key_padding`` the variant
+    that reads a key-padding mask (empty_rows="mean")."""
     names = dict(dtypes)
-    inv = ", %inv" if rope else ""
+    inv = ", %inv" if rope else (", None" if key_padding else "")
+    mask, kp = (", %m", ', key_padding=True, empty_rows="mean"') if key_padding else ("", "")
     text = (f"graph a(%q: {names['q']}[B, T, {H}, {d}], %k: {names['k']}[B, T, {Hkv}, {d}], "
-            f"%v: {names['v']}[B, T, {Hkv}, {dv}]) {{\n"
+            f"%v: {names['v']}[B, T, {Hkv}, {dv}]{', %m: i32[B, T]' if key_padding else ''}) {{\n"
             f"  param %inv: {names.get('inv_freq', 'f32')}[{max(d // 2, 1)}]\n"
-            f"  %o: {names['q']}[B, T, {H}, {dv}] = attention(%q, %k, %v{inv}) "
-            f"{{scale={scale!r}, causal=True, rope={rope}}}\n"
+            f"  %o: {names['q']}[B, T, {H}, {dv}] = attention(%q, %k, %v{inv}{mask}) "
+            f"{{scale={scale!r}, causal=True, rope={rope}{kp}}}\n"
             "  return %o\n}")
     node = parse(text).nodes[0]
     return KERNEL_CACHE.load(generate_attention(node, names, interpret), interpret)

@@ -8,9 +8,10 @@ autograd.Function whose forward is a Triton forward kernel and whose backward is
     tri_solve   semantics' torch forward                        tri_solve.py's kernels on the transposed system
                                                                 (db = A^-T g), dA = -db x^T by torch
 
-Attention with a key-padding mask (key_padding=True) trains on the blocked torch forward and backward of
-semantics/backward.py (correct, counted as a torch forward in the stats; no Triton backward kernel reads the
-mask yet). The same fallbacks as the triton_ops of ops.py: a case without kernels (float64, non-causal attention, operands
+Attention with a key-padding mask (key_padding=True, empty_rows="mean") trains on the masked variants of the same
+kernels: attention_fwd reading the mask (its lse saved, the mask saved beside it) and the backward kernels reading
+it (attention_bwd.py). With empty_rows="nan" (rows that see no key are NaN) it trains on the blocked torch forward
+and backward of semantics/backward.py (counted as a torch forward in the stats). The same fallbacks as the triton_ops of ops.py: a case without kernels (float64, non-causal attention, operands
 of mixed dtypes, head widths past the backward's) runs the blocked torch forward of backends/training.py and
 semantics.backward's blocked backward; never the dense T x T reference of semantics/core.py.
 
@@ -53,35 +54,42 @@ def _attention_on_kernels(q, k, v, inv_freq, causal: bool) -> bool:
             and q.shape[2] % k.shape[2] == 0 and (inv_freq is None or _kernel_dtype(inv_freq) is not None))
 
 
+def _mask_on_kernels(attrs: dict) -> bool:
+    """No key-padding mask, or one whose rows without a visible key give the mean of v (empty_rows="mean"): the
+    case the masked kernels cover."""
+    return not attrs.get("key_padding", False) or attrs.get("empty_rows", "mean") == "mean"
+
+
 def attention_forward(attrs: dict, stats=None):
-    """kernel(q, k, v[, inv_freq]) -> (out, lse): attention_fwd with its row log-sum-exps (float32 [B, H, T],
-    after RoPE: the layout attention_backward_triton reads); the blocked torch forward where no kernel applies."""
+    """kernel(q, k, v[, inv_freq[, mask]]) -> (out, lse): attention_fwd with its row log-sum-exps (float32
+    [B, H, T], after RoPE: the layout attention_backward_triton reads), the masked variant for a key-padding mask
+    (operand 4); the blocked torch forward where no kernel applies."""
     rope, scale, causal = bool(attrs.get("rope", False)), float(attrs["scale"]), bool(attrs["causal"])
+    masked = bool(attrs.get("key_padding", False))
     fallback = _torch_forward("attention", attrs)
 
     def run(q, k, v, *rest):
         inv_freq = rest[0] if rope and rest else None
-        # a key-padding mask: the blocked torch forward and backward of semantics/backward.py (the Triton
-        # backward kernel has no mask yet; the forward kernel's lse would not serve it)
-        if attrs.get("key_padding", False) or not _attention_on_kernels(q, k, v, inv_freq, causal) \
-                or q.shape[1] == 0 or q.shape[0] == 0:
+        mask = rest[1] if masked else None
+        if not _mask_on_kernels(attrs) or not _attention_on_kernels(q, k, v, inv_freq, causal) \
+                or q.shape[1] == 0 or q.shape[0] == 0 or (masked and tuple(mask.shape) != tuple(q.shape[:2])):
             _count(stats, "attention", False)
             return fallback(q, k, v, *rest)
         named = [("q", q), ("k", k), ("v", v)] + ([("inv_freq", inv_freq)] if rope else [])
         dtypes = tuple(sorted((n, from_torch(x.dtype).name) for n, x in named))
         kernel = _attention_kernel(q.shape[2], k.shape[2], q.shape[3], v.shape[3], scale, rope, dtypes,
-                                   not q.is_cuda)
+                                   not q.is_cuda, masked)
         _count(stats, "attention", True)
         return launch_attention(kernel, _unit(q), _unit(k), _unit(v),
-                                inv_freq.contiguous() if rope else None, return_lse=True)
+                                inv_freq.contiguous() if rope else None, return_lse=True, mask=mask)
     return run
 
 
 def attention_backward(grad, saved, attrs):
     q, k, v, inv_freq, out, lse, mask = saved
-    if mask is None and _attention_on_kernels(q, k, v, inv_freq, attrs["causal"]) and out.dtype == q.dtype \
-            and lse.dtype == torch.float32 and lse.is_contiguous():
-        return attention_backward_triton(q, k, v, out, grad.to(out.dtype), attrs["scale"], inv_freq, lse)
+    if (mask is None or _mask_on_kernels(attrs)) and _attention_on_kernels(q, k, v, inv_freq, attrs["causal"]) \
+            and out.dtype == q.dtype and lse.dtype == torch.float32 and lse.is_contiguous():
+        return attention_backward_triton(q, k, v, out, grad.to(out.dtype), attrs["scale"], inv_freq, lse, mask=mask)
     return BACKWARD["attention"][1](grad, saved, attrs)
 
 

@@ -304,15 +304,13 @@ class TVMBackend(Backend):
             if item.spec is None:
                 continue
             node = item.node
-            if node.op == "attention" and not node.attrs.get("key_padding", False):
-                # the forward that also returns its lse for the backward kernel
+            if node.op == "attention":
+                # the forward that also returns its lse for the backward kernel (with a key-padding mask: the
+                # masked variants of both, which read the mask)
                 kernels[node] = tvm_training.attention_forward_kernel(item.spec, self.target, self.stats)
                 continue
             call = KernelCall(build(item.spec, self.target), self.stats)
-            if node.op == "attention" and not node.attrs.get("rope", False):
-                # a masked attention (its backward is the blocked torch one, which recomputes the lse): q, k, v, mask
-                kernels[node] = lambda q, k, v, *rest, call=call: call(q, k, v, *rest[1:2])
-            elif node.op == "tri_solve":
+            if node.op == "tri_solve":
                 kernels[node] = lambda A, b, call=call, upper=node.attrs["upper"]: call(A, b, upper=upper)
             else:
                 kernels[node] = call
@@ -340,6 +338,10 @@ class TVMBackend(Backend):
         for item in plan:
             if item.spec is not None:
                 lines.append(f"      {item.node.outputs[0].name}: {item.spec.describe()}")
+                if item.node.op == "attention" and item.spec.params.get("key_padding", False):
+                    lines.append("        with a key-padding mask: a call that needs gradients runs its masked "
+                                 "forward with lse (attention_lse) and the masked backward kernel (attention_bwd), "
+                                 "both reading the mask")
             elif item.reason:
                 lines.append(f"      {item.node.op} %{item.node.outputs[0].name} runs through torch: {item.reason}")
         lines += self.resolved.get(id(graph), (None, []))[1]

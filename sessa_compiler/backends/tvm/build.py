@@ -62,9 +62,10 @@ def attention_spec(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, r
 
 
 def attention_bwd_spec(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool, dtype: str,
-                       schedule: AttentionSchedule | None = None, lanes: int = 8):
-    """The attention backward kernel's spec (kernels/attention_bwd.py): the forward's static sizes."""
-    fwd = attention_spec(n_heads, n_kv_heads, head_dim, scale, rope, dtype, schedule, lanes)
+                       schedule: AttentionSchedule | None = None, lanes: int = 8, key_padding: bool = False):
+    """The attention backward kernel's spec (kernels/attention_bwd.py): the forward's static sizes (and
+    key_padding: the variant that reads the key-padding mask)."""
+    fwd = attention_spec(n_heads, n_kv_heads, head_dim, scale, rope, dtype, schedule, lanes, key_padding)
     return KernelSpec("attention_bwd", fwd.static, dtype, fwd.schedule)
 
 
@@ -112,7 +113,7 @@ _KERNEL_ARGS = {"feedback": ("width", "scale"), "feedback_bwd": ("width", "scale
 def primfunc(spec: KernelSpec):
     """Generate the TIR PrimFunc for a spec, named by its unique symbol."""
     p = spec.params
-    extra = {"key_padding": True} if spec.op == "attention" and p.get("key_padding", False) else {}
+    extra = {"key_padding": True} if spec.op.startswith("attention") and p.get("key_padding", False) else {}
     func = kernel_generator(spec.op)(*(p[k] for k in _KERNEL_ARGS[spec.op]), spec.dtype, spec.schedule, **extra)
     # the tunables travel with the kernel (readable in the TVMScript and by an autotuner)
     return func.with_attr("global_symbol", spec.symbol).with_attr("sessa.schedule", spec.schedule.tag())

@@ -10,7 +10,9 @@ backward kernel where there is one:
 
 The attention's lse (row log-sum-exps of the scaled logits, [B, H, T] in the kernel dtype) is written by the
 forward kernel itself (kernels/attention_lse.py: kernels/attention.py with one more output), so the backward
-needs no extra pass over the logits. Cases the backward kernel does not
+needs no extra pass over the logits. Attention with a key-padding mask (key_padding=True, empty_rows="mean":
+the only masked form with a TVM kernel) runs the masked variants of both kernels, which read the mask and
+save it. Cases the backward kernel does not
 cover (non-causal, a value width other than the query's, operands of mixed dtypes or not float, empty
 tensors; for the feedback: q_b / k_b narrower or wider than s, mixed dtypes) run semantics.backward's blocked
 torch backward.
@@ -51,24 +53,32 @@ def _arg(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def attention_forward_kernel(spec: KernelSpec, target, stats=None):
-    """kernel(q, k, v[, inv_freq]) -> (out, lse) for an attention node lowered to ``spec``: the forward kernel
-    that also writes its row log-sum-exps (kernels/attention_lse.py, same schedule), so the backward needs no
-    extra pass over the logits. ``out`` in q's dtype, ``lse`` [B, H, T] in the kernel dtype."""
+    """kernel(q, k, v[, inv_freq[, mask]]) -> (out, lse) for an attention node lowered to ``spec``: the forward
+    kernel that also writes its row log-sum-exps (kernels/attention_lse.py, same schedule), so the backward needs
+    no extra pass over the logits; with key_padding in the spec, the masked variant reading operand 4 (the mask,
+    nonzero = keep; operand 3 is inv_freq or None). ``out`` in q's dtype, ``lse`` [B, H, T] in the kernel dtype."""
     kernel = build(KernelSpec("attention_lse", spec.static, spec.dtype, spec.schedule), target)
     dt = _TORCH[spec.dtype]
     p = spec.params
-    H, d, rope = p["n_heads"], p["head_dim"], p["rope"]
+    H, d, rope, masked = p["n_heads"], p["head_dim"], p["rope"], p.get("key_padding", False)
 
     def run(q, k, v, *rest):
         inv = _arg(rest[0], dt) if rope else torch.zeros(max(d // 2, 1), dtype=dt)
-        args = [_arg(x, dt) for x in (q, k, v)]
+        args = [_arg(x, dt) for x in (q, k, v)] + [inv]
+        if masked:
+            args.append(_mask_arg(rest[1], dt))
         out = aligned_empty(tuple(q.shape), dt)
         lse = aligned_empty((q.shape[0], H, q.shape[1]), dt)
-        kernel(*args, inv, out, lse)
+        kernel(*args, out, lse)
         if stats is not None:
             stats["kernel_calls"] += 1
         return (out if q.dtype == dt else out.to(q.dtype)), lse
     return run
+
+
+def _mask_arg(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A key-padding mask (any dtype, nonzero = keep) as the kernels read it: 1/0 in the kernel dtype."""
+    return _arg((mask.detach() != 0).to(dtype), dtype)
 
 
 def attention_bwd_applies(q, k, v, inv_freq, out, causal: bool) -> bool:
@@ -79,17 +89,22 @@ def attention_bwd_applies(q, k, v, inv_freq, out, causal: bool) -> bool:
             and (inv_freq is None or inv_freq.dtype.is_floating_point))
 
 
-def attention_backward_tvm(grad, q, k, v, inv_freq, out, lse, scale: float, causal: bool = True, schedule=None):
+def attention_backward_tvm(grad, q, k, v, inv_freq, out, lse, scale: float, causal: bool = True, schedule=None,
+                           mask=None):
     """(dq, dk, dv) of the causal attention from the forward's output and lse, by the generated TVM kernel
-    (kernels/attention_bwd.py), in the kernel dtype (float32, or float64 for float64 operands)."""
+    (kernels/attention_bwd.py), in the kernel dtype (float32, or float64 for float64 operands). ``mask`` [B, T]
+    (nonzero = keep): the key-padding mask with empty_rows="mean" (the masked kernel; lse as the masked forward
+    wrote it, any value on rows that see no key)."""
     name = _DTYPES[q.dtype]
     dt = _TORCH[name]
     target, lanes = _target()
     H, Hkv, d = q.shape[2], k.shape[2], q.shape[3]
     rope = inv_freq is not None
-    kernel = build(attention_bwd_spec(H, Hkv, d, float(scale), rope, name, schedule, lanes), target)
+    kernel = build(attention_bwd_spec(H, Hkv, d, float(scale), rope, name, schedule, lanes,
+                                      key_padding=mask is not None), target)
     inv = _arg(inv_freq, dt) if rope else torch.zeros(max(d // 2, 1), dtype=dt)
-    args = [_arg(x, dt) for x in (q, k, v)] + [inv] + [_arg(x, dt) for x in (out, grad, lse)]
+    args = [_arg(x, dt) for x in (q, k, v)] + [inv] + ([_mask_arg(mask, dt)] if mask is not None else []) \
+        + [_arg(x, dt) for x in (out, grad, lse)]
     outs = [aligned_empty(tuple(x.shape), dt) for x in (q, k, v)]
     kernel(*args, *outs)
     return tuple(outs)
@@ -97,8 +112,9 @@ def attention_backward_tvm(grad, q, k, v, inv_freq, out, lse, scale: float, caus
 
 def _attention_bwd(grad, saved, attrs):
     q, k, v, inv_freq, out, lse, mask = saved
-    if mask is None and attention_bwd_applies(q, k, v, inv_freq, out, attrs["causal"]):
-        return attention_backward_tvm(grad, q, k, v, inv_freq, out, lse, attrs["scale"], attrs["causal"])
+    masked_ok = mask is None or (attrs.get("empty_rows", "mean") == "mean" and tuple(mask.shape) == tuple(q.shape[:2]))
+    if masked_ok and attention_bwd_applies(q, k, v, inv_freq, out, attrs["causal"]):
+        return attention_backward_tvm(grad, q, k, v, inv_freq, out, lse, attrs["scale"], attrs["causal"], mask=mask)
     return BACKWARD["attention"][1](grad, saved, attrs)
 
 

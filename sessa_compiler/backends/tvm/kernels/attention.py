@@ -16,8 +16,6 @@ from __future__ import annotations
 from tvm.script import tirx as T
 from tvm.tirx import FloatImm
 
-from ....errors import UnsupportedError
-
 from ..schedules import AttentionSchedule
 from ..tir_math import MASKED, make_exp
 
@@ -29,12 +27,10 @@ def attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: float,
     With `key_padding`: `attention(q, k, v, inv_freq, mask, out)`, mask [B, T] in the kernel's dtype (nonzero =
     keep): padded keys are masked like future ones, and a row with no visible key (before the row's first
     unpadded key) gives the mean of v over all keys (the op's empty_rows="mean").
-    With `with_lse`: `attention(q, k, v, inv_freq, out, lse)` also writes each row's log-sum-exp of its scaled
-    logits, lse [B, H, T] = running max + log(running sum) (what the backward kernel reads). Not both: a
-    masked attention trains through the blocked torch backward (backends/tvm/training.py)."""
-    if key_padding and with_lse:
-        raise UnsupportedError("TVM attention kernel: a key-padding mask and the log-sum-exp output together "
-                               "are not generated (the masked attention's backward is the blocked torch one)")
+    With `with_lse`: `attention(q, k, v, inv_freq, out, lse)` (with the mask: `attention(q, k, v, inv_freq, mask,
+    out, lse)`) also writes each row's log-sum-exp of its scaled logits, lse [B, H, T] = running max + log(running
+    sum) (what the backward kernel reads); a row with no visible key gets log(T), the log-sum-exp of the uniform
+    row of zeros semantics.backward.attention_lse gives it."""
     sched.check(head_dim)
     H, HKV, DH = n_heads, n_kv_heads, head_dim
     G = H // HKV
@@ -214,7 +210,28 @@ def attention_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: float,
                         for d in T.vectorized(DH):
                             O[b, qb * BQ + i, h, d] = ACC[i, d] / L[i]
                     if WITH_LSE:
-                        LSE[b, h, qb * BQ + i] = M[i] + T.log(L[i])
+                        if MASKP:
+                            LSE[b, h, qb * BQ + i] = T.Select(qb * BQ + i >= FIRST[b], M[i] + T.log(L[i]),
+                                                              T.log(T.Cast(dtype, nt)))
+                        else:
+                            LSE[b, h, qb * BQ + i] = M[i] + T.log(L[i])
+
+    if MASKP and WITH_LSE:
+        @T.prim_func
+        def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, inv_h: T.handle, m_h: T.handle, o_h: T.handle,
+                      lse_h: T.handle):
+            T.func_attr({"global_symbol": "attention", "tirx.noalias": True})
+            nb = T.int32()
+            nt = T.int32()
+            Q = T.match_buffer(q_h, (nb, nt, H, DH), dtype)
+            K = T.match_buffer(k_h, (nb, nt, HKV, DH), dtype)
+            V = T.match_buffer(v_h, (nb, nt, HKV, DH), dtype)
+            INV = T.match_buffer(inv_h, (HALF,), dtype)
+            MK = T.match_buffer(m_h, (nb, nt), dtype)
+            O = T.match_buffer(o_h, (nb, nt, H, DH), dtype)
+            LSE = T.match_buffer(lse_h, (nb, H, nt), dtype)
+            body(Q, K, V, INV, MK, O, LSE, nb, nt)
+        return attention
 
     if MASKP:
         @T.prim_func

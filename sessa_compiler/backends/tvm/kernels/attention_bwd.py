@@ -15,20 +15,28 @@ with the rotation's transpose on dK.
 dQ pass: one parallel task per (batch, head, query block), zig-zag like the forward; key blocks up to the
 diagonal; dQ gets scale and the rotation's transpose on the way out.
 Both passes recompute S and dP (no atomics, no shared accumulators between tasks).
+
+With `key_padding` the kernel also reads the key-padding mask [B, T] (kernel dtype, nonzero = keep): padded keys
+get P = 0 like future ones, and a row with no visible key (a query before its row's first unpadded key) has
+P = 1/T over all T keys (semantics.core.attention_ref's empty_rows="mean": the softmax of a uniform row, whose
+gradient reaches every key), so its query block walks every key block in the dQ pass and the dK/dV pass also
+visits the query blocks before the diagonal that hold such rows.
 """
 from __future__ import annotations
 
 from tvm.script import tirx as T
-from tvm.tirx import FloatImm
+from tvm.tirx import FloatImm, Or
 
 from ..schedules import AttentionSchedule
 from ..tir_math import make_exp
 
 
 def attention_bwd_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool, dtype: str,
-                         sched: AttentionSchedule):
+                         sched: AttentionSchedule, key_padding: bool = False):
     """The PrimFunc `attention_bwd(q, k, v, inv_freq, out, dout, lse, dq, dk, dv)`; inv_freq read only when
-    `rope`; lse [B, H, T] of the scaled logits (what the forward's online softmax ends with: max + log sum)."""
+    `rope`; lse [B, H, T] of the scaled logits (what the forward's online softmax ends with: max + log sum).
+    With `key_padding`: `attention_bwd(q, k, v, inv_freq, mask, out, dout, lse, dq, dk, dv)` (a row with no
+    visible key does not read its lse)."""
     sched.check(head_dim)
     H, HKV, DH = n_heads, n_kv_heads, head_dim
     G = H // HKV
@@ -41,23 +49,26 @@ def attention_bwd_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: fl
     scale = FloatImm(dtype, float(scale))
     zero = FloatImm(dtype, 0.0)
     ROPE = bool(rope)
+    MASKP = bool(key_padding)
+    one = FloatImm(dtype, 1.0)
 
-    @T.prim_func
-    def attention_bwd(q_h: T.handle, k_h: T.handle, v_h: T.handle, inv_h: T.handle, o_h: T.handle, do_h: T.handle,
-                      lse_h: T.handle, dq_h: T.handle, dk_h: T.handle, dv_h: T.handle):
-        T.func_attr({"global_symbol": "attention_bwd", "tirx.noalias": True})
-        nb = T.int32()
-        nt = T.int32()
-        Q = T.match_buffer(q_h, (nb, nt, H, DH), dtype)
-        K = T.match_buffer(k_h, (nb, nt, HKV, DH), dtype)
-        V = T.match_buffer(v_h, (nb, nt, HKV, DH), dtype)
-        INV = T.match_buffer(inv_h, (HALF,), dtype)
-        O = T.match_buffer(o_h, (nb, nt, H, DH), dtype)
-        DO = T.match_buffer(do_h, (nb, nt, H, DH), dtype)
-        LSE = T.match_buffer(lse_h, (nb, H, nt), dtype)
-        DQ = T.match_buffer(dq_h, (nb, nt, H, DH), dtype)
-        DK = T.match_buffer(dk_h, (nb, nt, HKV, DH), dtype)
-        DV = T.match_buffer(dv_h, (nb, nt, HKV, DH), dtype)
+    # The loops over blocks. Without the mask they are the causal ranges (dK/dV: query blocks from the diagonal on;
+    # dQ: key blocks up to it) and the visit test is the Python constant True, so the kernel is the unmasked one.
+    # With the mask a block holding rows that see no key (rows before FIRST[b]) is visited as well.
+    def q_from(kb):
+        return 0 if MASKP else kb * BK // BQ
+
+    def q_visits(qb, kb, first):
+        return Or(qb >= kb * BK // BQ, qb * BQ < first) if MASKP else True
+
+    def k_to(qb, nt):
+        return (nt + BQ - 1) // BQ * (BQ // BK) if MASKP else (qb + 1) * (BQ // BK)
+
+    def k_visits(kb2, qb, first):
+        return Or(kb2 < (qb + 1) * (BQ // BK), qb * BQ < first) if MASKP else True
+
+    @T.macro
+    def body(Q, K, V, INV, MK, O, DO, LSE, DQ, DK, DV, nb, nt):
         QS = T.alloc_buffer((nb, H, (nt + BQ - 1) // BQ * BQ, DH), dtype)
         DOH = T.alloc_buffer((nb, H, (nt + BQ - 1) // BQ * BQ, DH), dtype)
         LS = T.alloc_buffer((nb, H, (nt + BQ - 1) // BQ * BQ), dtype)
@@ -67,6 +78,18 @@ def attention_bwd_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: fl
         KH = T.alloc_buffer((nb, HKV, (nt + BQ - 1) // BQ * BQ, DH), dtype)
         COS = T.alloc_buffer(((nt + BQ - 1) // BQ * BQ, HALF), dtype)
         SIN = T.alloc_buffer(((nt + BQ - 1) // BQ * BQ, HALF), dtype)
+        # the first query row that sees a key, per batch row: rows before it see none (0 without a mask)
+        FIRST = T.alloc_buffer((nb,), "int32")
+        if MASKP:
+            KM = T.alloc_buffer((nb, (nt + BQ - 1) // BQ * BQ), dtype)
+            for b in T.parallel(nb):   # the first unpadded key of each row (nt when none)
+                FIRST[b] = nt
+                for t in T.serial(nt):
+                    if MK[b, nt - 1 - t] != zero:
+                        FIRST[b] = nt - 1 - t
+        else:
+            for b in T.parallel(nb):
+                FIRST[b] = 0
 
         # -- layout: rope tables, rotated/scaled q, dO, lse, delta, key and value panels (zero past T) -----
         if ROPE:
@@ -96,6 +119,8 @@ def attention_bwd_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: fl
                         red[0] = red[0] + DO[b, t, h, d] * O[b, t, h, d]
                     DL[b, h, t] = red[0]
                     LS[b, h, t] = LSE[b, h, t]
+                if MASKP:
+                    KM[b, t] = MK[b, t]
                 for h in T.serial(HKV):
                     if ROPE:
                         for i in T.serial(HALF):
@@ -108,6 +133,8 @@ def attention_bwd_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: fl
                         KP[b, h, t // BK, d, t % BK] = KH[b, h, t, d]
                         VP[b, h, t // BK, d, t % BK] = V[b, t, h, d]
             else:
+                if MASKP:
+                    KM[b, t] = zero
                 for h in T.serial(H):
                     for d in T.vectorized(DH):
                         QS[b, h, t, d] = zero
@@ -139,40 +166,51 @@ def attention_bwd_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: fl
                     DKA[j, d] = zero
                     DVA[j, d] = zero
             for g in T.serial(G):
-                for qb in T.serial(kb * BK // BQ, (nt + BQ - 1) // BQ):
-                    # S = qs . k and dP = dO . v tiles; P = exp(S - lse) on the causal triangle, dS = P (dP - delta)
-                    for ib in T.serial(BQ // R):
-                        for r in T.unroll(R):
-                            for j in T.vectorized(BK):
-                                st[r, j] = zero
-                                pt[r, j] = zero
-                        for d in T.serial(DH):
+                # query blocks from the diagonal on, and (with the mask) earlier ones holding rows that see no key
+                for qb in T.serial(q_from(kb), (nt + BQ - 1) // BQ):
+                    if q_visits(qb, kb, FIRST[b]):
+                        # S = qs . k and dP = dO . v tiles; P = exp(S - lse) on the causal triangle, dS = P (dP - delta)
+                        for ib in T.serial(BQ // R):
                             for r in T.unroll(R):
                                 for j in T.vectorized(BK):
-                                    st[r, j] = st[r, j] + QS[b, hk * G + g, qb * BQ + ib * R + r, d] * KP[b, hk, kb, d, j]
-                                    pt[r, j] = pt[r, j] + DOH[b, hk * G + g, qb * BQ + ib * R + r, d] * VP[b, hk, kb, d, j]
-                        for r in T.unroll(R):
-                            for j in T.vectorized(BK):
-                                P[ib * R + r, j] = T.Select(
-                                    kb * BK + j <= qb * BQ + ib * R + r and qb * BQ + ib * R + r < nt,
-                                    exp(st[r, j] - LS[b, hk * G + g, qb * BQ + ib * R + r]), zero)
-                                DS[ib * R + r, j] = P[ib * R + r, j] * (pt[r, j] - DL[b, hk * G + g, qb * BQ + ib * R + r])
-                    # dV[j] += sum_i P[i, j] dO[i]; dK[j] += sum_i dS[i, j] qs[i]
-                    for jb in T.serial(BK // R):
-                        for vb in T.serial(NVB):
+                                    st[r, j] = zero
+                                    pt[r, j] = zero
+                            for d in T.serial(DH):
+                                for r in T.unroll(R):
+                                    for j in T.vectorized(BK):
+                                        st[r, j] = st[r, j] + QS[b, hk * G + g, qb * BQ + ib * R + r, d] * KP[b, hk, kb, d, j]
+                                        pt[r, j] = pt[r, j] + DOH[b, hk * G + g, qb * BQ + ib * R + r, d] * VP[b, hk, kb, d, j]
                             for r in T.unroll(R):
-                                for d in T.vectorized(VL):
-                                    vt[r, d] = DVA[jb * R + r, vb * VL + d]
-                                    kt[r, d] = DKA[jb * R + r, vb * VL + d]
-                            for i in T.serial(BQ):
+                                for j in T.vectorized(BK):
+                                    if MASKP:
+                                        P[ib * R + r, j] = T.Select(
+                                            qb * BQ + ib * R + r < FIRST[b],
+                                            T.Select(kb * BK + j < nt and qb * BQ + ib * R + r < nt,
+                                                     one / T.Cast(dtype, nt), zero),
+                                            T.Select(kb * BK + j <= qb * BQ + ib * R + r and qb * BQ + ib * R + r < nt
+                                                     and KM[b, kb * BK + j] != zero,
+                                                     exp(st[r, j] - LS[b, hk * G + g, qb * BQ + ib * R + r]), zero))
+                                    else:
+                                        P[ib * R + r, j] = T.Select(
+                                            kb * BK + j <= qb * BQ + ib * R + r and qb * BQ + ib * R + r < nt,
+                                            exp(st[r, j] - LS[b, hk * G + g, qb * BQ + ib * R + r]), zero)
+                                    DS[ib * R + r, j] = P[ib * R + r, j] * (pt[r, j] - DL[b, hk * G + g, qb * BQ + ib * R + r])
+                        # dV[j] += sum_i P[i, j] dO[i]; dK[j] += sum_i dS[i, j] qs[i]
+                        for jb in T.serial(BK // R):
+                            for vb in T.serial(NVB):
                                 for r in T.unroll(R):
                                     for d in T.vectorized(VL):
-                                        vt[r, d] = vt[r, d] + P[i, jb * R + r] * DOH[b, hk * G + g, qb * BQ + i, vb * VL + d]
-                                        kt[r, d] = kt[r, d] + DS[i, jb * R + r] * QS[b, hk * G + g, qb * BQ + i, vb * VL + d]
-                            for r in T.unroll(R):
-                                for d in T.vectorized(VL):
-                                    DVA[jb * R + r, vb * VL + d] = vt[r, d]
-                                    DKA[jb * R + r, vb * VL + d] = kt[r, d]
+                                        vt[r, d] = DVA[jb * R + r, vb * VL + d]
+                                        kt[r, d] = DKA[jb * R + r, vb * VL + d]
+                                for i in T.serial(BQ):
+                                    for r in T.unroll(R):
+                                        for d in T.vectorized(VL):
+                                            vt[r, d] = vt[r, d] + P[i, jb * R + r] * DOH[b, hk * G + g, qb * BQ + i, vb * VL + d]
+                                            kt[r, d] = kt[r, d] + DS[i, jb * R + r] * QS[b, hk * G + g, qb * BQ + i, vb * VL + d]
+                                for r in T.unroll(R):
+                                    for d in T.vectorized(VL):
+                                        DVA[jb * R + r, vb * VL + d] = vt[r, d]
+                                        DKA[jb * R + r, vb * VL + d] = kt[r, d]
             for j in T.serial(BK):
                 if kb * BK + j < nt:
                     for d in T.vectorized(DH):
@@ -201,35 +239,47 @@ def attention_bwd_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: fl
             for i in T.serial(BQ):
                 for d in T.vectorized(DH):
                     DQA[i, d] = zero
-            for kb2 in T.serial((qb + 1) * (BQ // BK)):
-                for ib in T.serial(BQ // R):
-                    for r in T.unroll(R):
-                        for j in T.vectorized(BK):
-                            st2[r, j] = zero
-                            pt2[r, j] = zero
-                    for d in T.serial(DH):
+            # key blocks up to the diagonal; all of them for a block holding rows that see no key (the mask)
+            for kb2 in T.serial(k_to(qb, nt)):
+                if k_visits(kb2, qb, FIRST[b]):
+                    for ib in T.serial(BQ // R):
                         for r in T.unroll(R):
                             for j in T.vectorized(BK):
-                                st2[r, j] = st2[r, j] + QS[b, h, qb * BQ + ib * R + r, d] * KP[b, h // G, kb2, d, j]
-                                pt2[r, j] = pt2[r, j] + DOH[b, h, qb * BQ + ib * R + r, d] * VP[b, h // G, kb2, d, j]
-                    for r in T.unroll(R):
-                        for j in T.vectorized(BK):
-                            DS2[ib * R + r, j] = T.Select(
-                                kb2 * BK + j <= qb * BQ + ib * R + r and qb * BQ + ib * R + r < nt,
-                                exp(st2[r, j] - LS[b, h, qb * BQ + ib * R + r]), zero) \
-                                * (pt2[r, j] - DL[b, h, qb * BQ + ib * R + r])
-                for ib in T.serial(BQ // R):
-                    for vb in T.serial(NVB):
+                                st2[r, j] = zero
+                                pt2[r, j] = zero
+                        for d in T.serial(DH):
+                            for r in T.unroll(R):
+                                for j in T.vectorized(BK):
+                                    st2[r, j] = st2[r, j] + QS[b, h, qb * BQ + ib * R + r, d] * KP[b, h // G, kb2, d, j]
+                                    pt2[r, j] = pt2[r, j] + DOH[b, h, qb * BQ + ib * R + r, d] * VP[b, h // G, kb2, d, j]
                         for r in T.unroll(R):
-                            for d in T.vectorized(VL):
-                                qt[r, d] = DQA[ib * R + r, vb * VL + d]
-                        for j in T.serial(BK):
+                            for j in T.vectorized(BK):
+                                if MASKP:
+                                    DS2[ib * R + r, j] = T.Select(
+                                        qb * BQ + ib * R + r < FIRST[b],
+                                        T.Select(kb2 * BK + j < nt and qb * BQ + ib * R + r < nt,
+                                                 one / T.Cast(dtype, nt), zero),
+                                        T.Select(kb2 * BK + j <= qb * BQ + ib * R + r and qb * BQ + ib * R + r < nt
+                                                 and KM[b, kb2 * BK + j] != zero,
+                                                 exp(st2[r, j] - LS[b, h, qb * BQ + ib * R + r]), zero)) \
+                                        * (pt2[r, j] - DL[b, h, qb * BQ + ib * R + r])
+                                else:
+                                    DS2[ib * R + r, j] = T.Select(
+                                        kb2 * BK + j <= qb * BQ + ib * R + r and qb * BQ + ib * R + r < nt,
+                                        exp(st2[r, j] - LS[b, h, qb * BQ + ib * R + r]), zero) \
+                                        * (pt2[r, j] - DL[b, h, qb * BQ + ib * R + r])
+                    for ib in T.serial(BQ // R):
+                        for vb in T.serial(NVB):
                             for r in T.unroll(R):
                                 for d in T.vectorized(VL):
-                                    qt[r, d] = qt[r, d] + DS2[ib * R + r, j] * KH[b, h // G, kb2 * BK + j, vb * VL + d]
-                        for r in T.unroll(R):
-                            for d in T.vectorized(VL):
-                                DQA[ib * R + r, vb * VL + d] = qt[r, d]
+                                    qt[r, d] = DQA[ib * R + r, vb * VL + d]
+                            for j in T.serial(BK):
+                                for r in T.unroll(R):
+                                    for d in T.vectorized(VL):
+                                        qt[r, d] = qt[r, d] + DS2[ib * R + r, j] * KH[b, h // G, kb2 * BK + j, vb * VL + d]
+                            for r in T.unroll(R):
+                                for d in T.vectorized(VL):
+                                    DQA[ib * R + r, vb * VL + d] = qt[r, d]
             for i in T.serial(BQ):
                 if qb * BQ + i < nt:
                     if ROPE:
@@ -242,4 +292,43 @@ def attention_bwd_kernel(n_heads: int, n_kv_heads: int, head_dim: int, scale: fl
                         for d in T.vectorized(DH):
                             DQ[b, qb * BQ + i, h, d] = DQA[i, d] * scale
 
+    if MASKP:
+        @T.prim_func
+        def attention_bwd(q_h: T.handle, k_h: T.handle, v_h: T.handle, inv_h: T.handle, m_h: T.handle,
+                          o_h: T.handle, do_h: T.handle, lse_h: T.handle, dq_h: T.handle, dk_h: T.handle,
+                          dv_h: T.handle):
+            T.func_attr({"global_symbol": "attention_bwd", "tirx.noalias": True})
+            nb = T.int32()
+            nt = T.int32()
+            Q = T.match_buffer(q_h, (nb, nt, H, DH), dtype)
+            K = T.match_buffer(k_h, (nb, nt, HKV, DH), dtype)
+            V = T.match_buffer(v_h, (nb, nt, HKV, DH), dtype)
+            INV = T.match_buffer(inv_h, (HALF,), dtype)
+            MK = T.match_buffer(m_h, (nb, nt), dtype)
+            O = T.match_buffer(o_h, (nb, nt, H, DH), dtype)
+            DO = T.match_buffer(do_h, (nb, nt, H, DH), dtype)
+            LSE = T.match_buffer(lse_h, (nb, H, nt), dtype)
+            DQ = T.match_buffer(dq_h, (nb, nt, H, DH), dtype)
+            DK = T.match_buffer(dk_h, (nb, nt, HKV, DH), dtype)
+            DV = T.match_buffer(dv_h, (nb, nt, HKV, DH), dtype)
+            body(Q, K, V, INV, MK, O, DO, LSE, DQ, DK, DV, nb, nt)
+        return attention_bwd
+
+    @T.prim_func
+    def attention_bwd(q_h: T.handle, k_h: T.handle, v_h: T.handle, inv_h: T.handle, o_h: T.handle, do_h: T.handle,
+                      lse_h: T.handle, dq_h: T.handle, dk_h: T.handle, dv_h: T.handle):
+        T.func_attr({"global_symbol": "attention_bwd", "tirx.noalias": True})
+        nb = T.int32()
+        nt = T.int32()
+        Q = T.match_buffer(q_h, (nb, nt, H, DH), dtype)
+        K = T.match_buffer(k_h, (nb, nt, HKV, DH), dtype)
+        V = T.match_buffer(v_h, (nb, nt, HKV, DH), dtype)
+        INV = T.match_buffer(inv_h, (HALF,), dtype)
+        O = T.match_buffer(o_h, (nb, nt, H, DH), dtype)
+        DO = T.match_buffer(do_h, (nb, nt, H, DH), dtype)
+        LSE = T.match_buffer(lse_h, (nb, H, nt), dtype)
+        DQ = T.match_buffer(dq_h, (nb, nt, H, DH), dtype)
+        DK = T.match_buffer(dk_h, (nb, nt, HKV, DH), dtype)
+        DV = T.match_buffer(dv_h, (nb, nt, HKV, DH), dtype)
+        body(Q, K, V, INV, Q, O, DO, LSE, DQ, DK, DV, nb, nt)   # MK is never read without the mask
     return attention_bwd
