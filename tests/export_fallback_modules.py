@@ -1,0 +1,106 @@
+"""Small modules of the aten ops with no IR op (they stay ``fallback`` nodes, run by torch in compile) that Hugging
+Face-style model code uses and both exports lower (semantics/fallback_forms.py). Each takes inputs(B, T)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def float_input(B: int, T: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed + 100 * T + B)
+    return (torch.randn(B, T, 8, generator=g) * 1.5,)
+
+
+class Scans(nn.Module):
+    """cumsum of floats, of a bool mask (int64, torch's promotion), with dtype=; cumprod of floats and ints."""
+
+    def forward(self, x):
+        count = (x > 0).cumsum(1)                               # bool -> int64
+        widths = (x > 0).int().cumprod(-1)                      # int32 -> int64
+        return (x.cumsum(-1), count, torch.cumsum(x, 1, dtype=torch.float64), (1 + 0.1 * x).cumprod(1), widths,
+                count * 2 - 1)
+
+
+class Gathers(nn.Module):
+    """gather / take_along_dim with indices computed in the graph (argmax, a modulo), index_select by a buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cols", torch.tensor([0, 2, 3, 7]))
+
+    def forward(self, x):
+        lp = torch.log_softmax(x, -1)
+        idx = x.argsort(-1)[..., :3]                            # [B, T, 3] int64
+        row = x.argmax(1, keepdim=True)                         # [B, 1, 8]: gather along T
+        return (torch.gather(lp, -1, idx), torch.take_along_dim(x, row, dim=1), torch.index_select(x, -1, self.cols),
+                torch.take_along_dim(lp, idx[:, :1], dim=-1), x.index_select(1, torch.zeros(1, dtype=torch.long)))
+
+
+class ArgReductions(nn.Module):
+    """argmax / argmin over one dim (kept or not) and over every element; any / all; prod."""
+
+    def forward(self, x):
+        pos = x > 0
+        return (x.argmax(-1), x.argmin(1, keepdim=True), x.argmax(), pos.any(-1), pos.all(1, keepdim=True),
+                pos.any(), (x.abs() > 0.1).all(), (1 + 0.1 * x).prod(-1), x.prod(1, keepdim=True), pos.long().prod(-1))
+
+
+class TopkSort(nn.Module):
+    """topk along the width and along T, sort ascending / descending (values and indices)."""
+
+    def forward(self, x):
+        v, i = x.topk(3, dim=-1)
+        v2, i2 = x.topk(2, dim=1, largest=False)
+        s, j = x.sort(dim=-1, descending=True)
+        s2, j2 = torch.sort(x, dim=1)
+        return v, i, v2, i2, s, j, s2, j2
+
+
+class Elementwise(nn.Module):
+    """atan2 (every quadrant), remainder / fmod by a scalar and by a tensor (floats and ints), nan_to_num."""
+
+    def forward(self, x):
+        y = x.flip(-1)
+        xi = (x * 4).long()
+        inf_nan = torch.log(x) / x.sign()                     # NaN below 0, -inf at 0
+        return (torch.atan2(x, y), torch.remainder(x, 0.7), torch.remainder(x, y), torch.fmod(x, -0.7),
+                torch.fmod(x, y), torch.remainder(xi, 3), torch.remainder(xi, -3), torch.fmod(xi, 3),
+                torch.nan_to_num(inf_nan), torch.nan_to_num(inf_nan / x, nan=1.0, posinf=9.0, neginf=-9.0))
+
+
+class HFPositionsAndLabelLogProbs(nn.Module):
+    """What Hugging Face model code does around a decoder: position ids from the attention mask (cumsum, a
+    masked_fill of the padding), the logits' greedy token (argmax) and the log-prob of the labels (gather)."""
+
+    def __init__(self, vocab: int = 11, d: int = 8, max_pos: int = 32):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.tok = nn.Parameter(torch.randn(vocab, d, generator=g) * 0.5)
+        self.pos = nn.Parameter(torch.randn(max_pos, d, generator=g) * 0.5)
+        self.head = nn.Parameter(torch.randn(vocab, d, generator=g) * 0.5)
+
+    def forward(self, input_ids, attention_mask, labels):
+        position_ids = attention_mask.long().cumsum(-1) - 1
+        position_ids = position_ids.masked_fill(attention_mask == 0, 1)
+        h = torch.nn.functional.embedding(input_ids, self.tok) + torch.nn.functional.embedding(position_ids, self.pos)
+        logits = torch.tanh(h) @ self.head.T
+        logp = torch.log_softmax(logits, dim=-1)
+        token_logp = torch.gather(logp, -1, labels.unsqueeze(-1)).squeeze(-1)
+        seq_logp = (token_logp * attention_mask).sum(-1)
+        return position_ids, logits.argmax(-1), token_logp, seq_logp
+
+
+def hf_inputs(B: int, T: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed + 100 * T + B)
+    ids = torch.randint(0, 11, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, : T // 2] = 0                  # left padding on row 0
+    if B > 1:
+        mask[1, T - 2:] = 0                # right padding on row 1
+    labels = torch.randint(0, 11, (B, T), generator=g)
+    return ids, mask, labels
+
+
+# (module class, inputs(B, T))
+LOWERED = [(Scans, float_input), (Gathers, float_input), (ArgReductions, float_input), (TopkSort, float_input),
+           (Elementwise, float_input), (HFPositionsAndLabelLogProbs, hf_inputs)]
