@@ -264,7 +264,9 @@ def _atan2(L, node, a: Args):
                                                    b.op("Where", x_neg, pi, y), half), r)   # x = +-0
     both_inf = b.op("And", b.op("IsInf", x), b.op("IsInf", y))
     corner = b.op("Where", x_neg, b.op("Mul", pi, c(0.75)), b.op("Mul", pi, c(0.25)))
-    r = b.op("Where", both_inf, corner, r, hint="atan2")
+    r = b.op("Where", both_inf, corner, r)
+    nan = b.op("Or", b.op("IsNaN", x), b.op("IsNaN", y))
+    r = b.op("Where", nan, b.op("Add", x, y), r, hint="atan2")   # NaN in, NaN out
     return [b.cast(r, cd, dt)]
 
 
@@ -426,9 +428,9 @@ def via_torch_exporter(L, node: Node) -> list:
     except Exception as e:
         raise OnnxUnsupportedOpError(
             f"fallback op {target} ({outs}) has no ONNX lowering: it is not in the exporter's table "
-            f"({', '.join(sorted(set(FALLBACKS) | set(FORMS)))}) and torch.onnx.export failed on it ({_summary(e)}). "
-            "Write that part of the model with ops the exporter supports (see `explain()` for the ops that "
-            "fell back), or export to TVM instead (sessa_compiler.export_tvm)") from e
+            "(semantics/fallback_forms.py, export/onnx_fallback.py) and torch.onnx.export failed on it "
+            f"({_summary(e)}). Rewrite that line with ops the exports lower (docs/exports.md lists them; "
+            "`explain()` shows the ops that fell back), or keep it out of the exported module") from e
     finally:
         quiet.setLevel(level)
     g = model.graph

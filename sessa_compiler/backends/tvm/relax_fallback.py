@@ -142,12 +142,16 @@ def _argmax(a: _Args):
 @form("topk")
 def _topk(a: _Args):
     k = a.value("k")
-    if not isinstance(k, int):
-        raise UnsupportedError(f"TVM export: topk with a k computed from the input's size ({k}) has no Relax form "
-                               "(Relax's topk takes a constant k); use a constant k")
-    both = a.emit(a.op.topk(a.tensor("self"), k=int(k), axis=a.dim("dim"), ret_type="both",
-                            largest=bool(a.value("largest")), dtype="int64"))
-    return [a.lw.relax.TupleGetItem(both, 0), a.lw.relax.TupleGetItem(both, 1)]
+    x, dim, largest = a.tensor("self"), a.dim("dim"), bool(a.value("largest"))
+    if isinstance(k, int):
+        both = a.emit(a.op.topk(x, k=k, axis=dim, ret_type="both", largest=largest, dtype="int64"))
+        return [a.lw.relax.TupleGetItem(both, 0), a.lw.relax.TupleGetItem(both, 1)]
+    # k from the input's size (x.topk(T // 2)): Relax's topk takes a constant k, so the first k of a sort
+    idx = a.emit(a.op.argsort(x, axis=dim, descending=largest, dtype="int64"))
+    idx = a.emit(a.op.strided_slice(idx, axes=[dim], begin=[0], end=[a.lw.dim(k)], assume_inbound=True))
+    shape = [a.lw.dim(d) for d in a.node.outputs[1].type.shape]
+    idx = a.lw.bb.match_cast(idx, a.lw.relax.TensorType(shape, "int64"))
+    return [a.op.gather_elements(x, idx, axis=dim), idx]
 
 
 @form("sort", "argsort")
