@@ -6,6 +6,8 @@ node's output (torch's promotion: a cumsum or prod of a bool / integer tensor is
 """
 from __future__ import annotations
 
+import sympy
+
 from ...errors import UnsupportedError
 from ...ir.dtypes import TVM_NAME as RELAX_DTYPE
 from ...ir.ops import ArgRef
@@ -95,19 +97,31 @@ def _flip(a: _Args):
     return y
 
 
+def _in_range(a: _Args, idx, size):
+    """Indices clamped to [0, size): TVM's gather reads out of bounds on a bad index where torch raises (as for
+    embedding, an out-of-range index is clamped instead: no crash, no stray read)."""
+    op = a.op
+    hi = a.lw.operand(sympy.sympify(size) - 1, "int64")
+    return a.emit(op.minimum(op.maximum(idx, a.const(0, "i64")), hi))
+
+
 @form("gather")
 def _gather(a: _Args):
-    return a.op.gather_elements(a.tensor("self"), a.tensor("index", "i64"), axis=a.dim("dim"))
+    dim = a.dim("dim")
+    idx = _in_range(a, a.tensor("index", "i64"), a.type("self").shape[dim])
+    return a.op.gather_elements(a.tensor("self"), idx, axis=dim)
 
 
 @form("take_along_dim")
 def _take_along_dim(a: _Args):
     op, lw = a.op, a.lw
     x, idx = a.tensor("self"), a.tensor("indices", "i64")
-    if a.value("dim") is None:
-        return op.gather_elements(a.emit(op.reshape(x, [-1])), a.emit(op.reshape(idx, [-1])), axis=0)
     t, it = a.type("self"), a.type("indices")
+    if a.value("dim") is None:
+        idx = _in_range(a, a.emit(op.reshape(idx, [-1])), sympy.Mul(*t.shape))
+        return op.gather_elements(a.emit(op.reshape(x, [-1])), idx, axis=0)
     dim = a.dim("dim")
+    idx = _in_range(a, idx, t.shape[dim])
     out = list(a.node.outputs[0].type.shape)
     want_x = out[:dim] + [t.shape[dim]] + out[dim + 1:]
     if list(t.shape) != want_x:
