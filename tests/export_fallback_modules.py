@@ -68,6 +68,33 @@ class Elementwise(nn.Module):
                 torch.nan_to_num(inf_nan), torch.nan_to_num(inf_nan / x, nan=1.0, posinf=9.0, neginf=-9.0))
 
 
+class MaxMinPredicates(nn.Module):
+    """max / min over a dim (values and indices), isnan / isinf / isfinite, logical_xor, trunc / frac,
+    count_nonzero, one_hot of a greedy token."""
+
+    def forward(self, x):
+        v, i = x.max(-1)
+        v2, i2 = torch.min(x, 1, keepdim=True)
+        odd = torch.log(x) / x.sign()                       # NaN below 0, -inf at 0
+        xi = (x * 3).long()
+        return (v, i, v2, i2, torch.isnan(odd), torch.isinf(odd), torch.isfinite(odd), torch.isinf(xi),
+                torch.logical_xor(x > 0, xi), torch.trunc(x * 2), torch.frac(x * 2), torch.count_nonzero(xi, dim=-1),
+                torch.count_nonzero(xi), torch.nn.functional.one_hot(x.argmax(-1), 8))
+
+
+class Divisions(nn.Module):
+    """floor division (x // y, floor_divide, div(rounding_mode='floor')) and truncating division of floats and
+    integers, by a scalar and by a tensor, both signs."""
+
+    def forward(self, x):
+        y = x.flip(-1) * 0.5
+        xi = (x * 4).long()
+        yi = torch.where(xi.flip(-1) == 0, 3, xi.flip(-1))
+        return (x // y, torch.floor_divide(x, 0.7), torch.div(x, y, rounding_mode="floor"),
+                torch.div(x, -0.3, rounding_mode="trunc"), torch.div(x, y, rounding_mode="trunc"), xi // 3, xi // -3,
+                xi // yi, torch.div(xi, yi, rounding_mode="trunc"), torch.div(xi, -3, rounding_mode="trunc"))
+
+
 class HFPositionsAndLabelLogProbs(nn.Module):
     """What Hugging Face model code does around a decoder: position ids from the attention mask (cumsum, a
     masked_fill of the padding), the logits' greedy token (argmax) and the log-prob of the labels (gather)."""
@@ -103,4 +130,5 @@ def hf_inputs(B: int, T: int, seed: int = 0):
 
 # (module class, inputs(B, T))
 LOWERED = [(Scans, float_input), (Gathers, float_input), (ArgReductions, float_input), (TopkSort, float_input),
-           (Elementwise, float_input), (HFPositionsAndLabelLogProbs, hf_inputs)]
+           (Elementwise, float_input), (MaxMinPredicates, float_input), (Divisions, float_input),
+           (HFPositionsAndLabelLogProbs, hf_inputs)]

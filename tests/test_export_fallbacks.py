@@ -96,10 +96,12 @@ def test_hf_position_ids_and_label_log_probs_keep_int64_and_compile_tvm_runs_the
 class _Edges(torch.nn.Module):
     def forward(self, y, x):
         return (torch.atan2(y, x), torch.remainder(y, x), torch.fmod(y, x), torch.nan_to_num(y / x),
-                torch.nan_to_num(y / x, nan=2.0, posinf=5.0, neginf=-5.0))
+                torch.nan_to_num(y / x, nan=2.0, posinf=5.0, neginf=-5.0), torch.floor_divide(y, x),
+                torch.div(y, x, rounding_mode="trunc"), torch.frac(y * 1.3), torch.max(y, -1).values)
 
 
-def test_atan2_remainder_fmod_and_nan_to_num_match_torch_at_signed_zeros_infinities_and_nans(tmp_path):
+def test_elementwise_fallbacks_match_torch_at_signed_zeros_infinities_and_nans(tmp_path):
+    """atan2, remainder, fmod, nan_to_num, floor / trunc division, frac and max over a dim holding NaN."""
     vals = [0.0, -0.0, 1.0, -1.0, 2.5, -7.25, float("inf"), -float("inf"), float("nan")]
     y = torch.tensor([a for a in vals for _ in vals]).reshape(1, len(vals), len(vals))
     x = torch.tensor([b for _ in vals for b in vals]).reshape(1, len(vals), len(vals))
@@ -109,12 +111,42 @@ def test_atan2_remainder_fmod_and_nan_to_num_match_torch_at_signed_zeros_infinit
     want = module(y, x)
     got = {"onnx": run_onnxruntime(session, graph, (y, x)), "tvm": tvm_model(y.numpy(), x.numpy())}
     for where, outs in got.items():
-        for name, g, w in zip(("atan2", "remainder", "fmod", "nan_to_num", "nan_to_num(args)"), outs, want):
+        names = ("atan2", "remainder", "fmod", "nan_to_num", "nan_to_num(args)", "floor_divide", "div trunc", "frac",
+                 "max.dim")
+        assert len(outs) == len(want) == len(names)
+        for name, g, w in zip(names, outs, want):
             g = torch.as_tensor(g)
             assert torch.equal(torch.isnan(g), torch.isnan(w)), (where, name)
             fin = ~torch.isnan(w)
             assert torch.equal(g[fin], w[fin]) or torch.allclose(g[fin], w[fin], rtol=1e-6, atol=0), \
                 (where, name, y[fin & ~torch.isclose(g, w)], x[fin & ~torch.isclose(g, w)])
+
+
+class _OrderEdges(torch.nn.Module):
+    def forward(self, y):
+        v, i = torch.min(y, -1)
+        # (sort's and topk's indices among ties are torch's to choose: their values are compared)
+        return (y.argmax(-1), y.argmin(-1), v, i, y.sort(-1).values, y.sort(-1, descending=True).values,
+                y.topk(2).values, y.topk(2, largest=False).values, y.argmax(), y.amax(-1), y.amin(-1))
+
+
+def test_argmax_max_sort_and_topk_match_torch_on_rows_of_infinities_and_nans(tmp_path):
+    """torch: the first index of the extreme, NaN above everything (TVM's own argmax answers -1 on a row of -inf
+    and skips NaN; both are handled); amax of a row of -inf is -inf (TVM's max starts at the lowest finite value)."""
+    inf, nan = float("inf"), float("nan")
+    rows = [[0.0, 1.0, 2.0, 2.0], [-inf] * 4, [inf] * 4, [1.0, nan, 3.0, -1.0], [nan] * 4, [-1.0, -inf, -2.0, 5.0],
+            [3.0, 3.0, -inf, 1.0], [2.0, inf, -inf, 2.0]]
+    y = torch.tensor(rows).unsqueeze(0)
+    module = _OrderEdges()
+    session, tvm_model = _export(module, (y,), tmp_path)
+    graph = trace_with_report(module, (y,)).graph
+    want = module(y)
+    got = {"onnx": run_onnxruntime(session, graph, (y,)), "tvm": tvm_model(y.numpy())}
+    for where, outs in got.items():
+        assert len(outs) == len(want)
+        for i, (g, w) in enumerate(zip(outs, want)):
+            g = torch.as_tensor(g)
+            assert g.dtype == w.dtype and torch.equal(g.nan_to_num(7.0), w.nan_to_num(7.0)), (where, i, g, w)
 
 
 class _Cummax(torch.nn.Module):

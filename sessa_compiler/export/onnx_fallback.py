@@ -199,17 +199,33 @@ def _index_select(L, node, a: Args):
     return [b.op("Gather", a.tensor("self"), idx, axis=a.dims("dim", a.type("self").rank)[0], hint="index_select")]
 
 
+def _arg_extreme(b, x: str, axis: int, largest: bool, is_float: bool) -> str:
+    """torch's argmax / argmin along ``axis`` (kept, size 1): the first index of the extreme, a NaN counting as
+    the extreme (onnxruntime's ArgMax skips NaN): the first 1 of an int32 mask where x equals the row's max (min),
+    or is NaN in a row holding one."""
+    op = "ArgMax" if largest else "ArgMin"
+    if not is_float:
+        return b.op(op, x, axis=axis, keepdims=1, select_last_index=0)
+    hit = b.op("Equal", x, b.op("ReduceMax" if largest else "ReduceMin", x, b.i64(axis), keepdims=1))
+    nan = b.op("IsNaN", x)
+    any_nan = b.op("Greater", b.op("ReduceMax", b.cast(nan, "bool", "i32"), b.i64(axis), keepdims=1), b.scalar(0, "i32"))
+    hit = b.op("Where", any_nan, b.cast(nan, "bool", "i32"), b.cast(hit, "bool", "i32"))   # (no bool Where in ORT)
+    return b.op("ArgMax", hit, axis=axis, keepdims=1, select_last_index=0)
+
+
 @form("argmax", "argmin")
 def _argmax(L, node, a: Args):
     b = L.b
     t = a.type("self")
     x = a.tensor("self")
-    op = "ArgMax" if FORMS[node.attrs["target"]] == "argmax" else "ArgMin"
-    keep = int(bool(a.value("keepdim")))
+    largest = FORMS[node.attrs["target"]] == "argmax"
+    keep = bool(a.value("keepdim"))
     if a.value("dim") is None:
-        y = b.op(op, b.op("Reshape", x, b.i64(-1)), axis=0, keepdims=0)
-        return [b.op("Reshape", y, b.i64(*([1] * t.rank))) if keep else y]
-    return [b.op(op, x, axis=a.dims("dim", t.rank)[0], keepdims=keep, select_last_index=0)]
+        y = _arg_extreme(b, b.op("Reshape", x, b.i64(-1)), 0, largest, t.dtype.is_float)
+        return [b.op("Reshape", y, b.i64(*([1] * t.rank)) if keep else b.const([], "i64", hint="scalar_shape"))]
+    dim = a.dims("dim", t.rank)[0]
+    y = _arg_extreme(b, x, dim, largest, t.dtype.is_float)
+    return [y if keep else b.op("Squeeze", y, b.i64(dim))]
 
 
 @form("topk")
@@ -335,6 +351,120 @@ def _prod(L, node, a: Args):
     axes, keep = _reduce_axes(L, a, t.rank)
     y = b.op("ReduceProd", a.tensor("self", cd), axes, keepdims=keep if axes is not None else 0, hint="prod")
     return [b.cast(y, cd, dt)]
+
+
+@form("max_dim", "min_dim")
+def _max_dim(L, node, a: Args):
+    """The values at the ArgMax / ArgMin index (first one), so values and indices agree."""
+    b = L.b
+    t = a.type("self")
+    dim = a.dims("dim", t.rank)[0]
+    x = a.tensor("self")
+    idx = _arg_extreme(b, x, dim, FORMS[node.attrs["target"]] == "max_dim", t.dtype.is_float)
+    val = b.op("GatherElements", x, idx, axis=dim)
+    if not a.value("keepdim"):
+        idx, val = b.op("Squeeze", idx, b.i64(dim)), b.op("Squeeze", val, b.i64(dim))
+    return [val, idx]
+
+
+@form("isnan", "isinf", "isfinite")
+def _isnan(L, node, a: Args):
+    b = L.b
+    t = a.type("self")
+    x = a.tensor("self")
+    kind = FORMS[node.attrs["target"]]
+    if not t.dtype.is_float:   # an integer is never NaN or infinite
+        return [b.op("Not" if kind != "isfinite" else "Identity", b.op("Equal", x, x))]
+    if kind == "isnan":
+        return [b.op("IsNaN", x)]
+    if kind == "isinf":
+        return [b.op("IsInf", x)]
+    return [b.op("Not", b.op("Or", b.op("IsInf", x), b.op("IsNaN", x)), hint="isfinite")]
+
+
+def _truth(L, a: Args, name: str) -> str:
+    b = L.b
+    t = a.type(name)
+    x = a.tensor(name)
+    return x if t.dtype.name == "bool" else b.op("Not", b.op("Equal", x, b.scalar(0, t.dtype.name)))
+
+
+@form("logical_xor")
+def _logical_xor(L, node, a: Args):
+    return [L.b.cast(L.b.op("Xor", _truth(L, a, "self"), _truth(L, a, "other")), "bool", out_dtype(node))]
+
+
+def _trunc_of(b, x: str, dt: str) -> str:
+    return b.op("Where", b.op("Less", x, b.scalar(0, dt)), b.op("Ceil", x), b.op("Floor", x), hint="trunc")
+
+
+@form("trunc", "frac")
+def _trunc(L, node, a: Args):
+    b = L.b
+    dt = out_dtype(node)
+    x = a.tensor("self", dt)
+    if not dt.startswith(("f", "bf")):
+        return [b.op("Identity", x) if FORMS[node.attrs["target"]] == "trunc" else b.op("Sub", x, x)]
+    t = _trunc_of(b, x, dt)
+    return [t if FORMS[node.attrs["target"]] == "trunc" else b.op("Sub", x, t, hint="frac")]
+
+
+def _floor_div(b, x: str, y: str, cd: str) -> str:
+    """torch's floor division: integers as Python's //; floats as torch computes them (from fmod, so that
+    floor_divide(a, b) * b + remainder(a, b) == a), NaN / inf for a zero divisor."""
+    zero = b.scalar(0, cd)
+    if not cd.startswith("f"):
+        q = b.op("Div", x, y)   # truncates
+        r = b.op("Sub", x, b.op("Mul", q, y))
+        fix = b.op("And", b.op("Not", b.op("Equal", r, zero)), b.op("Xor", b.op("Less", r, zero), b.op("Less", y, zero)))
+        return b.op("Sub", q, b.cast(fix, "bool", cd), hint="floor_divide")
+    one = b.scalar(1, cd)
+    m = b.op("Mod", x, y, fmod=1)
+    div = b.op("Div", b.op("Sub", x, m), y)
+    fix = b.op("And", b.op("Not", b.op("Equal", m, zero)), b.op("Xor", b.op("Less", m, zero), b.op("Less", y, zero)))
+    div = b.op("Where", fix, b.op("Sub", div, one), div)
+    fl = b.op("Floor", div)
+    fl = b.op("Where", b.op("Greater", b.op("Sub", div, fl), b.scalar(0.5, cd)), b.op("Add", fl, one), fl)
+    true_div = b.op("Div", x, y)
+    fl = b.op("Where", b.op("Equal", div, zero), b.op("Mul", zero, true_div), fl)   # a signed zero
+    return b.op("Where", b.op("Equal", y, zero), true_div, fl, hint="floor_divide")
+
+
+@form("floor_divide", "div_mode")
+def _div_mode(L, node, a: Args):
+    b = L.b
+    dt = out_dtype(node)
+    cd = _compute(dt)
+    x, y = a.operand("self", cd), a.operand("other", cd)
+    mode = "floor" if FORMS[node.attrs["target"]] == "floor_divide" else a.value("rounding_mode")
+    if mode == "floor":
+        q = _floor_div(b, x, y, cd)
+    elif mode == "trunc" and cd.startswith("f"):
+        q = _trunc_of(b, b.op("Div", x, y), cd)
+    else:   # trunc of integers (ONNX's integer Div truncates), or true division
+        q = b.op("Div", x, y, hint="div")
+    return [b.cast(q, cd, dt)]
+
+
+@form("count_nonzero")
+def _count_nonzero(L, node, a: Args):
+    b = L.b
+    t = a.type("self")
+    from ..semantics.fallback_forms import reduced_dims
+
+    dims = reduced_dims(a.values, t.rank)
+    nz = b.cast(_truth(L, a, "self"), "bool", "i64")
+    return [b.op("ReduceSum", nz, None if dims is None else b.i64(*dims), keepdims=0, hint="count_nonzero")]
+
+
+@form("one_hot")
+def _one_hot(L, node, a: Args):
+    b = L.b
+    n = a.value("num_classes")
+    if not isinstance(n, int) or n < 1:
+        raise OnnxUnsupportedOpError(f"one_hot with num_classes={n}: the export needs the number of classes; "
+                                     "pass num_classes=")
+    return [b.op("OneHot", a.tensor("self", "i64"), b.scalar(n, "i64"), b.i64(0, 1), axis=-1, hint="one_hot")]
 
 
 def to_torch_dtype(name: str):

@@ -33,6 +33,14 @@ FORMS = {
     "aten.any.default": "any", "aten.any.dim": "any", "aten.any.dims": "any",
     "aten.all.default": "all", "aten.all.dim": "all", "aten.all.dims": "all",
     "aten.prod.default": "prod", "aten.prod.dim_int": "prod",
+    "aten.max.dim": "max_dim", "aten.min.dim": "min_dim",               # (values, indices) over one dim
+    "aten.isnan.default": "isnan", "aten.isinf.default": "isinf", "aten.isfinite.default": "isfinite",
+    "aten.logical_xor.default": "logical_xor",
+    "aten.trunc.default": "trunc", "aten.frac.default": "frac",
+    "aten.floor_divide.default": "floor_divide", "aten.floor_divide.Scalar": "floor_divide",
+    "aten.div.Tensor_mode": "div_mode", "aten.div.Scalar_mode": "div_mode",   # rounding_mode None/trunc/floor
+    "aten.count_nonzero.default": "count_nonzero", "aten.count_nonzero.dim_IntList": "count_nonzero",
+    "aten.one_hot.default": "one_hot",                # (self, num_classes): int64
 }
 
 

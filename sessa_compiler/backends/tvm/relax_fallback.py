@@ -140,42 +140,67 @@ def _index_select(a: _Args):
     return a.op.take(a.tensor("self"), idx, axis=a.dim("dim"), mode="clip")
 
 
+def _arg_extreme(a: _Args, x, axis: int, largest: bool, dtype):
+    """torch's argmax / argmin along ``axis`` (kept, size 1): the first index of the extreme, a NaN counting as
+    the extreme. Relax's own argmax skips NaN and answers -1 on a row of -inf (its start value), so it is asked
+    only for the first 1 of an int32 mask: where x equals the row's max (min), or is NaN in a row holding one."""
+    op = a.op
+    hit = op.equal(x, a.emit((op.max if largest else op.min)(x, axis=axis, keepdims=True)))
+    if dtype.is_float:
+        nan = a.emit(op.isnan(x))
+        any_nan = a.emit(op.greater(op.max(op.astype(nan, "int32"), axis=axis, keepdims=True), a.const(0, "i32")))
+        hit = op.where(any_nan, nan, hit)
+    return a.emit(op.argmax(a.emit(op.astype(a.emit(hit), "int32")), axis=axis, keepdims=True))
+
+
 @form("argmax", "argmin")
 def _argmax(a: _Args):
-    fn = a.op.argmax if a.form == "argmax" else a.op.argmin
+    op = a.op
     keep = bool(a.value("keepdim"))
-    x = a.tensor("self")
+    x, t = a.tensor("self"), a.type("self")
     if a.value("dim") is None:
-        y = a.emit(fn(a.emit(a.op.reshape(x, [-1])), axis=0))
-        y = a.op.reshape(y, [1] * a.type("self").rank) if keep else y
+        y = a.emit(op.reshape(_arg_extreme(a, a.emit(op.reshape(x, [-1])), 0, a.form == "argmax", t.dtype), []))
+        y = op.reshape(y, [1] * t.rank) if keep else y
     else:
-        y = fn(x, axis=a.dim("dim"), keepdims=keep)
-    return a.op.astype(a.emit(y), RELAX_DTYPE[a.out()])
+        dim = a.dim("dim")
+        y = _arg_extreme(a, x, dim, a.form == "argmax", t.dtype)
+        y = y if keep else op.squeeze(y, [dim])
+    return op.astype(a.emit(y), RELAX_DTYPE[a.out()])
+
+
+def _sort_key(a: _Args, x, t):
+    """What TVM sorts by: x with NaN as +inf (torch sorts NaN above everything; TVM's comparisons skip it). Only
+    the order of a NaN against a +inf in one row can still differ from torch's."""
+    if not t.dtype.is_float:
+        return x
+    op = a.op
+    return a.emit(op.where(op.isnan(x), a.const(float("inf"), t.dtype.name), x))
 
 
 @form("topk")
 def _topk(a: _Args):
     k = a.value("k")
     x, dim, largest = a.tensor("self"), a.dim("dim"), bool(a.value("largest"))
+    key = _sort_key(a, x, a.type("self"))
     if isinstance(k, int):
-        both = a.emit(a.op.topk(x, k=k, axis=dim, ret_type="both", largest=largest, dtype="int64"))
-        return [a.lw.relax.TupleGetItem(both, 0), a.lw.relax.TupleGetItem(both, 1)]
-    # k from the input's size (x.topk(T // 2)): Relax's topk takes a constant k, so the first k of a sort
-    idx = a.emit(a.op.argsort(x, axis=dim, descending=largest, dtype="int64"))
-    idx = a.emit(a.op.strided_slice(idx, axes=[dim], begin=[0], end=[a.lw.dim(k)], assume_inbound=True))
-    shape = [a.lw.dim(d) for d in a.node.outputs[1].type.shape]
-    idx = a.lw.bb.match_cast(idx, a.lw.relax.TensorType(shape, "int64"))
-    return [a.op.gather_elements(x, idx, axis=dim), idx]
+        idx = a.emit(a.lw.relax.TupleGetItem(a.emit(a.op.topk(key, k=k, axis=dim, ret_type="both", largest=largest,
+                                                             dtype="int64")), 1))
+    else:   # k from the input's size (x.topk(T // 2)): Relax's topk takes a constant k, so the first k of a sort
+        idx = a.emit(a.op.argsort(key, axis=dim, descending=largest, dtype="int64"))
+        idx = a.emit(a.op.strided_slice(idx, axes=[dim], begin=[0], end=[a.lw.dim(k)], assume_inbound=True))
+        shape = [a.lw.dim(d) for d in a.node.outputs[1].type.shape]
+        idx = a.lw.bb.match_cast(idx, a.lw.relax.TensorType(shape, "int64"))
+    return [a.op.gather_elements(x, idx, axis=dim), idx]   # the values at the indices: one order for both
 
 
 @form("sort", "argsort")
 def _sort(a: _Args):
     x, dim, desc = a.tensor("self"), a.dim("dim"), bool(a.value("descending"))
-    idx = a.op.argsort(x, axis=dim, descending=desc, dtype="int64")
+    idx = a.op.argsort(_sort_key(a, x, a.type("self")), axis=dim, descending=desc, dtype="int64")
     if a.form == "argsort":
         return idx
     idx = a.emit(idx)
-    return [a.op.gather_elements(x, idx, axis=dim), idx]   # the values at the indices: one order for both
+    return [a.op.gather_elements(x, idx, axis=dim), idx]
 
 
 @form("atan2")
@@ -246,3 +271,99 @@ def _prod(a: _Args):
     axes, keep = _axes(a)
     return _back(a, a.op.prod(a.tensor("self", cd), axis=axes, keepdims=keep and axes is not None), cd, dt)
 
+
+
+@form("max_dim", "min_dim")
+def _max_dim(a: _Args):
+    """The values at the argmax / argmin index (first one), so values and indices agree."""
+    op = a.op
+    dim, keep = a.dim("dim"), bool(a.value("keepdim"))
+    x = a.tensor("self")
+    idx = a.emit(op.astype(_arg_extreme(a, x, dim, a.form == "max_dim", a.type("self").dtype), "int64"))
+    val = a.emit(op.gather_elements(x, idx, axis=dim))
+    if not keep:
+        idx, val = a.emit(op.squeeze(idx, [dim])), a.emit(op.squeeze(val, [dim]))
+    return [val, idx]
+
+
+@form("isnan", "isinf", "isfinite")
+def _isnan(a: _Args):
+    op = a.op
+    x = a.tensor("self")
+    if not a.type("self").dtype.is_float:   # an integer is never NaN or infinite
+        same = op.equal(x, x)
+        return same if a.form == "isfinite" else op.logical_not(same)
+    return {"isnan": op.isnan, "isinf": op.isinf, "isfinite": op.isfinite}[a.form](x)
+
+
+def _truth(a: _Args, name: str):
+    t = a.type(name)
+    x = a.tensor(name)
+    return x if t.dtype.name == "bool" else a.emit(a.op.not_equal(x, a.const(0, t.dtype.name)))
+
+
+@form("logical_xor")
+def _logical_xor(a: _Args):
+    y = a.op.logical_xor(_truth(a, "self"), _truth(a, "other"))
+    return y if a.out() == "bool" else a.op.astype(a.emit(y), RELAX_DTYPE[a.out()])
+
+
+@form("trunc", "frac")
+def _trunc(a: _Args):
+    op = a.op
+    dt = a.out()
+    x = a.tensor("self", dt)
+    if not dt.startswith(("f", "bf")):
+        return x if a.form == "trunc" else op.subtract(x, x)
+    t = a.emit(op.trunc(x))
+    return t if a.form == "trunc" else op.subtract(x, t)
+
+
+def _floor_div(a: _Args, x, y, cd: str):
+    """torch's floor division (see export/onnx_fallback.py: _floor_div): integers as Python's //; floats from
+    fmod as torch computes them, NaN / inf for a zero divisor."""
+    op = a.op
+    if not cd.startswith("f"):
+        return op.floor_divide(x, y)
+    zero, one = a.const(0, cd), a.const(1, cd)
+    m = a.emit(op.mod(x, y))
+    div = a.emit(op.divide(op.subtract(x, m), y))
+    fix = op.logical_and(op.not_equal(m, zero), op.logical_xor(op.less(m, zero), op.less(y, zero)))
+    div = a.emit(op.where(fix, op.subtract(div, one), div))
+    fl = a.emit(op.floor(div))
+    fl = a.emit(op.where(op.greater(op.subtract(div, fl), a.const(0.5, cd)), op.add(fl, one), fl))
+    true_div = a.emit(op.divide(x, y))
+    fl = a.emit(op.where(op.equal(div, zero), op.multiply(zero, true_div), fl))   # a signed zero
+    return op.where(op.equal(y, zero), true_div, fl)
+
+
+@form("floor_divide", "div_mode")
+def _div_mode(a: _Args):
+    op = a.op
+    dt = a.out()
+    cd = _compute(dt)
+    x, y = a.tensor("self", cd), a.tensor("other", cd)
+    mode = "floor" if a.form == "floor_divide" else a.value("rounding_mode")
+    if mode == "floor":
+        q = _floor_div(a, x, y, cd)
+    elif mode == "trunc" and cd.startswith("f"):
+        q = op.trunc(a.emit(op.divide(x, y)))
+    else:   # trunc of integers (Relax's integer divide truncates), or true division
+        q = op.divide(x, y)
+    return _back(a, q, cd, dt)
+
+
+@form("count_nonzero")
+def _count_nonzero(a: _Args):
+    dims = reduced_dims(a.values, a.type("self").rank)
+    return a.op.sum(a.emit(a.op.astype(_truth(a, "self"), "int64")), axis=dims, keepdims=False)
+
+
+@form("one_hot")
+def _one_hot(a: _Args):
+    n = a.value("num_classes")
+    if not isinstance(n, int) or n < 1:
+        raise UnsupportedError(f"TVM export: one_hot with num_classes={n}: the export needs the number of classes; "
+                               "pass num_classes=")
+    y = a.emit(a.op.one_hot(a.tensor("self", "i64"), 1, 0, n, axis=-1))
+    return a.op.astype(y, "int64")

@@ -461,7 +461,13 @@ def _reduce(kind):
         axis, keep = (None if dims is None else list(dims)), bool(node.attrs.get("keepdim", False))
         out = fn(ops[0], axis=axis, keepdims=keep)
         if kind == "amax" and node.inputs[0].type.dtype.is_float:
-            # TIR's max drops NaN; torch.amax returns NaN where the reduced elements hold one (a sum is NaN there)
+            # TIR's max starts from the lowest finite value, so elements that are all -inf give that value: -inf
+            # there (a masked row of logits); it drops NaN: torch.amax returns NaN where the reduced elements
+            # hold one (a sum is NaN there)
+            dt = RELAX_DTYPE[node.inputs[0].type.dtype.name]
+            neg_inf = lw.relax.const(float("-inf"), dt)
+            above = op.max(op.astype(op.not_equal(ops[0], neg_inf), "int32"), axis=axis, keepdims=keep)
+            out = op.where(op.greater(above, lw.relax.const(0, "int32")), out, neg_inf)
             nan_sum = op.sum(op.where(op.isnan(ops[0]), ops[0], op.zeros_like(ops[0])), axis=axis, keepdims=keep)
             out = op.where(op.isnan(nan_sum), nan_sum, out)
         return out
