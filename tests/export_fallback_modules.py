@@ -92,7 +92,8 @@ class Divisions(nn.Module):
         yi = torch.where(xi.flip(-1) == 0, 3, xi.flip(-1))
         return (x // y, torch.floor_divide(x, 0.7), torch.div(x, y, rounding_mode="floor"),
                 torch.div(x, -0.3, rounding_mode="trunc"), torch.div(x, y, rounding_mode="trunc"), xi // 3, xi // -3,
-                xi // yi, torch.div(xi, yi, rounding_mode="trunc"), torch.div(xi, -3, rounding_mode="trunc"))
+                xi // yi, torch.div(xi, yi, rounding_mode="trunc"), torch.div(xi, -3, rounding_mode="trunc"),
+                xi % x.shape[1], torch.div(xi, x.shape[1], rounding_mode="floor"))   # by a size: symbolic T
 
 
 class HFPositionsAndLabelLogProbs(nn.Module):

@@ -55,6 +55,8 @@ class _Args:
             return self.lw.cast(self.lw.env[x], x, RELAX_DTYPE[dtype]) if dtype else self.lw.env[x]
         if dtype is None:
             raise UnsupportedError(f"fallback {self.node.attrs['target']}: argument {name} is not a tensor ({v!r})")
+        if isinstance(v, sympy.Basic) and not v.is_Number:   # a size (ids % T): a 0-d tensor holding it
+            return self.lw.operand(v, RELAX_DTYPE[dtype])
         return self.const(v, dtype)
 
     def const(self, v, dtype: str):
