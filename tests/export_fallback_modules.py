@@ -96,6 +96,19 @@ class Divisions(nn.Module):
                 xi % x.shape[1], torch.div(xi, x.shape[1], rounding_mode="floor"))   # by a size: symbolic T
 
 
+class ScatterRoll(nn.Module):
+    """scatter of a value and of a src (one-hot of the greedy token by scatter), scatter_add, roll along T (a
+    symbolic size), along the width, by two dims and over every element."""
+
+    def forward(self, x):
+        top = x.topk(2, dim=-1).indices                         # [B, T, 2]
+        hot = torch.zeros_like(x).scatter(-1, top, 1.0)
+        src = torch.zeros_like(x).scatter(-1, top, x * 2)        # src larger than the index: its [.., :2]
+        acc = torch.zeros_like(x[..., :3]).scatter_add(-1, top % 3, x[..., :2])
+        return (hot, src, acc, x.roll(1, 1), x.roll(-3, -1), torch.roll(x, (2, 9), (1, 2)), x.roll(5),
+                x.roll(x.shape[1] + 1, 1))
+
+
 class HFPositionsAndLabelLogProbs(nn.Module):
     """What Hugging Face model code does around a decoder: position ids from the attention mask (cumsum, a
     masked_fill of the padding), the logits' greedy token (argmax) and the log-prob of the labels (gather)."""
@@ -132,4 +145,5 @@ def hf_inputs(B: int, T: int, seed: int = 0):
 # (module class, inputs(B, T))
 LOWERED = [(Scans, float_input), (Gathers, float_input), (ArgReductions, float_input), (TopkSort, float_input),
            (Elementwise, float_input), (MaxMinPredicates, float_input), (Divisions, float_input),
+           (ScatterRoll, float_input),
            (HFPositionsAndLabelLogProbs, hf_inputs)]

@@ -471,6 +471,47 @@ def _one_hot(L, node, a: Args):
     return [b.op("OneHot", a.tensor("self", "i64"), b.scalar(n, "i64"), b.i64(0, 1), axis=-1, hint="one_hot")]
 
 
+@form("scatter", "scatter_add")
+def _scatter(L, node, a: Args):
+    """ScatterElements; the updates take the index's shape (a scalar value expanded, a larger src sliced, as
+    torch reads only src[:index.shape])."""
+    b = L.b
+    t, it = a.type("self"), a.type("index")
+    dt = out_dtype(node)
+    idx = a.tensor("index", "i64")
+    if "value" in a.values:
+        upd = b.op("Expand", a.operand("value", dt), b.op("Shape", idx))
+    else:
+        upd = a.tensor("src", dt)
+        st = a.type("src")
+        if list(st.shape) != list(it.shape):
+            upd = b.op("Slice", upd, b.i64(*([0] * it.rank)), b.shape_tensor(list(it.shape)), b.i64(*range(it.rank)))
+    reduction = "add" if FORMS[node.attrs["target"]] == "scatter_add" else "none"
+    return [b.op("ScatterElements", a.tensor("self", dt), idx, upd, axis=a.dims("dim", t.rank)[0],
+                 reduction=reduction, hint="scatter")]
+
+
+@form("roll")
+def _roll(L, node, a: Args):
+    """torch.roll: per (shift, dim), the last shift % n elements moved to the front (n may be symbolic); no
+    dims: over the flattened tensor, then back to the shape."""
+    b = L.b
+    t = a.type("self")
+    x = a.tensor("self")
+    shifts, dims = list(a.value("shifts")), list(a.value("dims") or [])
+    shape = list(t.shape)
+    if not dims:
+        x, dims, shape = b.op("Reshape", x, b.i64(-1)), [0], [sympy.Mul(*t.shape)]
+    for s, d in zip(shifts, dims):
+        d = int(d) % len(shape)
+        n = b.dim(shape[d])
+        k = b.op("Sub", n, b.op("Mod", b.op("Add", b.op("Mod", b.dim(s), n), n), n))   # n - (s mod n), in [1, n]
+        tail = b.op("Slice", x, k, n, b.i64(d))
+        head = b.op("Slice", x, b.i64(0), k, b.i64(d))
+        x = b.op("Concat", tail, head, axis=d, hint="roll")
+    return [b.op("Reshape", x, b.shape_tensor(list(t.shape))) if not a.value("dims") else x]
+
+
 def to_torch_dtype(name: str):
     from ..ir.dtypes import to_torch
     from ..ir.types import DType

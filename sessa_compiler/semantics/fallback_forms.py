@@ -41,6 +41,9 @@ FORMS = {
     "aten.div.Tensor_mode": "div_mode", "aten.div.Scalar_mode": "div_mode",   # rounding_mode None/trunc/floor
     "aten.count_nonzero.default": "count_nonzero", "aten.count_nonzero.dim_IntList": "count_nonzero",
     "aten.one_hot.default": "one_hot",                # (self, num_classes): int64
+    "aten.scatter.src": "scatter", "aten.scatter.value": "scatter",      # (self, dim, index, src | value)
+    "aten.scatter_add.default": "scatter_add",
+    "aten.roll.default": "roll",                      # (self, shifts, dims)
 }
 
 

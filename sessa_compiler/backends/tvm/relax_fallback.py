@@ -369,3 +369,48 @@ def _one_hot(a: _Args):
                                "pass num_classes=")
     y = a.emit(a.op.one_hot(a.tensor("self", "i64"), 1, 0, n, axis=-1))
     return a.op.astype(y, "int64")
+
+
+@form("scatter", "scatter_add")
+def _scatter(a: _Args):
+    """scatter_elements; the updates take the index's shape (a scalar value broadcast, a larger src sliced, as
+    torch reads only src[:index.shape]); indices clamped into range like gather's."""
+    op, lw = a.op, a.lw
+    t, it = a.type("self"), a.type("index")
+    dt = a.out()
+    dim = a.dim("dim")
+    shape = [lw.dim(d) for d in it.shape]
+    idx = _in_range(a, a.tensor("index", "i64"), t.shape[dim])
+    if "value" in a.values:
+        upd = a.emit(op.broadcast_to(a.tensor("value", dt), shape))
+    else:
+        upd = a.tensor("src", dt)
+        if list(a.type("src").shape) != list(it.shape):
+            upd = a.emit(op.strided_slice(upd, axes=list(range(it.rank)), begin=[0] * it.rank, end=shape,
+                                          assume_inbound=True))
+            upd = lw.bb.match_cast(upd, lw.relax.TensorType(shape, RELAX_DTYPE[dt]))
+    reduction = "add" if a.form == "scatter_add" else "update"
+    return op.scatter_elements(a.tensor("self", dt), idx, upd, axis=dim, reduction=reduction)
+
+
+@form("roll")
+def _roll(a: _Args):
+    """torch.roll: per (shift, dim), the last shift % n elements moved to the front (n may be symbolic); no
+    dims: over the flattened tensor, then back to the shape."""
+    op, lw = a.op, a.lw
+    t = a.type("self")
+    x = a.tensor("self")
+    shifts, dims = list(a.value("shifts")), list(a.value("dims") or [])
+    shape = list(t.shape)
+    if not dims:
+        shape = [sympy.Mul(*t.shape)]
+        x, dims = a.emit(op.reshape(x, [lw.dim(shape[0])])), [0]
+    for s, d in zip(shifts, dims):
+        d = int(d) % len(shape)
+        n = sympy.sympify(shape[d])
+        k = n - sympy.Mod(sympy.sympify(s), n)   # the first index of the moved tail (n when s % n == 0)
+        tail = a.emit(op.strided_slice(x, axes=[d], begin=[lw.dim(k)], end=[lw.dim(n)], assume_inbound=True))
+        head = a.emit(op.strided_slice(x, axes=[d], begin=[0], end=[lw.dim(k)], assume_inbound=True))
+        x = a.emit(op.concat([tail, head], axis=d))
+        x = lw.bb.match_cast(x, lw.relax.TensorType([lw.dim(e) for e in shape], RELAX_DTYPE[t.dtype.name]))
+    return op.reshape(x, [lw.dim(e) for e in t.shape]) if not a.value("dims") else x
