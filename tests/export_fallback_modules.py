@@ -109,6 +109,38 @@ class ScatterRoll(nn.Module):
                 x.roll(x.shape[1] + 1, 1))
 
 
+def relative_position_bucket(relative_position, num_buckets=32, max_distance=128):
+    """T5's relative-position buckets (bidirectional), as transformers writes them."""
+    num_buckets //= 2
+    buckets = (relative_position > 0).to(torch.long) * num_buckets
+    relative_position = torch.abs(relative_position)
+    max_exact = num_buckets // 2
+    is_small = relative_position < max_exact
+    large = max_exact + (torch.log(relative_position.float() / max_exact) / torch.log(torch.tensor(max_distance / max_exact))
+                         * (num_buckets - max_exact)).to(torch.long)
+    large = torch.min(large, torch.full_like(large, num_buckets - 1))   # aten.min.other: the IR's minimum
+    return buckets + torch.where(is_small, relative_position, large)
+
+
+class BucketsAndMembership(nn.Module):
+    """T5's relative-position buckets over T x T positions, bucketize against a boundary buffer (left and right),
+    isin against a list of token ids (and inverted)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("edges", torch.tensor([-1.0, -0.25, 0.0, 0.5, 2.0]))
+        self.register_buffer("special", torch.tensor([0, 3, 7]))
+
+    def forward(self, x):
+        T = x.shape[1]
+        pos = torch.arange(T, dtype=torch.long)
+        buckets = relative_position_bucket(pos[None, :] - pos[:, None])
+        ids = x.argmax(-1)
+        return (buckets, torch.bucketize(x, self.edges), torch.bucketize(x.round(), self.edges, right=True),
+                torch.isin(ids, self.special), torch.isin(ids, self.special, invert=True),
+                torch.max(x, x.flip(1)))
+
+
 class HFPositionsAndLabelLogProbs(nn.Module):
     """What Hugging Face model code does around a decoder: position ids from the attention mask (cumsum, a
     masked_fill of the padding), the logits' greedy token (argmax) and the log-prob of the labels (gather)."""
@@ -145,5 +177,5 @@ def hf_inputs(B: int, T: int, seed: int = 0):
 # (module class, inputs(B, T))
 LOWERED = [(Scans, float_input), (Gathers, float_input), (ArgReductions, float_input), (TopkSort, float_input),
            (Elementwise, float_input), (MaxMinPredicates, float_input), (Divisions, float_input),
-           (ScatterRoll, float_input),
+           (ScatterRoll, float_input), (BucketsAndMembership, float_input),
            (HFPositionsAndLabelLogProbs, hf_inputs)]

@@ -512,6 +512,29 @@ def _roll(L, node, a: Args):
     return [b.op("Reshape", x, b.shape_tensor(list(t.shape))) if not a.value("dims") else x]
 
 
+@form("bucketize")
+def _bucketize(L, node, a: Args):
+    """The number of boundaries below x (at or below, right=True): each element against the 1-D boundaries."""
+    b = L.b
+    dt = a.type("self").dtype.name
+    x = b.op("Unsqueeze", a.tensor("self"), b.i64(-1))
+    bounds = a.tensor("boundaries", dt)
+    below = b.op("LessOrEqual" if a.value("right") else "Less", bounds, x)
+    y = b.op("ReduceSum", b.cast(below, "bool", "i64"), b.i64(-1), keepdims=0, hint="bucketize")
+    return [b.cast(y, "i64", out_dtype(node))]
+
+
+@form("isin")
+def _isin(L, node, a: Args):
+    b = L.b
+    dt = a.type("elements").dtype.name
+    x = b.op("Unsqueeze", a.tensor("elements"), b.i64(-1))
+    test = b.op("Reshape", a.tensor("test_elements", dt), b.i64(-1))
+    hit = b.op("ReduceMax", b.cast(b.op("Equal", x, test), "bool", "i32"), b.i64(-1), keepdims=0)
+    y = b.cast(hit, "i32", "bool")
+    return [b.op("Not", y, hint="isin") if a.value("invert") else y]
+
+
 def to_torch_dtype(name: str):
     from ..ir.dtypes import to_torch
     from ..ir.types import DType

@@ -44,6 +44,8 @@ FORMS = {
     "aten.scatter.src": "scatter", "aten.scatter.value": "scatter",      # (self, dim, index, src | value)
     "aten.scatter_add.default": "scatter_add",
     "aten.roll.default": "roll",                      # (self, shifts, dims)
+    "aten.bucketize.Tensor": "bucketize",             # (self, boundaries, *, out_int32, right)
+    "aten.isin.Tensor_Tensor": "isin",                # (elements, test_elements, *, assume_unique, invert)
 }
 
 

@@ -414,3 +414,24 @@ def _roll(a: _Args):
         x = a.emit(op.concat([tail, head], axis=d))
         x = lw.bb.match_cast(x, lw.relax.TensorType([lw.dim(e) for e in shape], RELAX_DTYPE[t.dtype.name]))
     return op.reshape(x, [lw.dim(e) for e in t.shape]) if not a.value("dims") else x
+
+
+@form("bucketize")
+def _bucketize(a: _Args):
+    """The number of boundaries below x (at or below, right=True): each element against the 1-D boundaries."""
+    op = a.op
+    x = a.emit(op.expand_dims(a.tensor("self"), -1))
+    bounds = a.tensor("boundaries", a.type("self").dtype.name)
+    below = (op.less_equal if a.value("right") else op.less)(bounds, x)
+    y = a.emit(op.sum(a.emit(op.astype(below, "int64")), axis=[-1]))
+    return op.astype(y, RELAX_DTYPE[a.out()])
+
+
+@form("isin")
+def _isin(a: _Args):
+    op = a.op
+    x = a.emit(op.expand_dims(a.tensor("elements"), -1))
+    test = a.emit(op.reshape(a.tensor("test_elements", a.type("elements").dtype.name), [-1]))
+    hit = a.emit(op.max(a.emit(op.astype(op.equal(x, test), "int32")), axis=[-1]))
+    y = a.emit(op.greater(hit, a.const(0, "i32")))
+    return op.logical_not(y) if a.value("invert") else y
