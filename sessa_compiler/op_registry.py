@@ -94,6 +94,9 @@ def _tvm() -> dict:
         if op in KERNEL_OPS:
             table[op] = Cell(True, "kernel: generated TVM kernel (static widths; a node without one runs on torch, or, "
                                    "for attention in whole-graph mode, as Relax ops)")
+        elif op == "fallback":
+            table[op] = Cell(True, "relax: the aten targets of semantics/fallback_forms.py in whole-graph mode; "
+                                   "any other target runs on torch (hybrid mode)")
         elif op in relax and relax[op].supported:
             table[op] = Cell(True, "relax: a Relax op in whole-graph mode, torch in hybrid mode")
         else:
@@ -108,6 +111,8 @@ def _relax() -> dict:
     table = {op: Cell(True, "lowered: Relax op") for op in SIMPLE}
     table.update({op: Cell(True, "lowered: Relax ops") for op in COMPLEX})
     table.update({op: Cell(True, "kernel: call_tir to the generated TVM kernel") for op in KERNEL_OPS})
+    table["fallback"] = Cell(True, "lowered: the aten targets of semantics/fallback_forms.py "
+                                   "(backends/tvm/relax_fallback.py); others fail naming the op and line")
     table.update({op: Cell(False, why) for op, why in GAPS.items()})
     return table
 
@@ -118,7 +123,8 @@ def _onnx() -> dict:
 
     table = {op: Cell(True, "lowered: standard ONNX ops") for op in LOWERINGS}
     if "fallback" in table:
-        table["fallback"] = Cell(True, "lowered: the aten targets export/onnx_fallback.py knows; others fail")
+        table["fallback"] = Cell(True, "lowered: the aten targets of semantics/fallback_forms.py and the others "
+                                       "export/onnx_fallback.py or torch.onnx know; others fail naming the op and line")
     table.update({op: Cell(False, why) for op, why in GAPS.items()})
     return table
 

@@ -119,10 +119,26 @@ def test_export_decoder(tmp_path):
         assert rel(model(idx.numpy()), dec(idx).numpy()) < 1e-4
 
 
-def test_export_fails_naming_ops_without_tvm_lowering(tmp_path):
+def test_unrecognised_block_exports_through_the_fallback_table(tmp_path):
+    """sort, cumsum and flip along T (fallbacks of semantics/fallback_forms.py) in Relax, at new B and T."""
     from styles.unrecognised import OddBlock
+    m = OddBlock(8).eval()
+    sc.export_tvm(m, (torch.randn(1, 5, 8),), str(tmp_path / "odd"))
+    model = sc.load_tvm(str(tmp_path / "odd"))
+    for B, T in ((1, 1), (3, 23)):
+        x = torch.randn(B, T, 8)
+        with torch.no_grad():
+            assert rel(model(x.numpy()), m(x).numpy()) < 1e-4
+
+
+class CummaxBlock(torch.nn.Module):
+    def forward(self, x):
+        return x + torch.cummax(x, dim=1).values
+
+
+def test_export_fails_naming_ops_without_tvm_lowering(tmp_path):
     with pytest.raises(UnsupportedError) as err:
-        sc.export_tvm(OddBlock(8).eval(), (torch.randn(1, 5, 8),), str(tmp_path / "odd"))
+        sc.export_tvm(CummaxBlock(), (torch.randn(1, 5, 8),), str(tmp_path / "odd"))
     msg = str(err.value)
-    assert "no TVM lowering" in msg and "fallback(" in msg
+    assert "no TVM lowering" in msg and "fallback(aten.cummax.default)" in msg
     assert not os.path.exists(tmp_path / "odd" / "model.so")

@@ -7,6 +7,7 @@ otherwise the export fails with an OnnxUnsupportedOpError naming the target.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import sympy
@@ -14,7 +15,8 @@ import torch
 
 from ..ir.graph import Node, Value
 from ..ir.ops import ArgRef
-from .onnx_builder import INT64_MAX, ONNX_DTYPE, OnnxExportError, OnnxUnsupportedOpError, out_dtype
+from ..semantics.fallback_forms import FORMS
+from .onnx_builder import INT64_MAX, ONNX_DTYPE, OnnxExportError, OnnxUnsupportedOpError, out_dtype, value_info
 
 FALLBACKS: dict[str, Callable] = {}
 
@@ -31,22 +33,24 @@ class Args:
     """A fallback's arguments by schema name: tensors as ONNX names, everything else as Python values."""
 
     def __init__(self, L, node: Node):
-        from ..semantics import resolve_target
+        from ..semantics.fallback_forms import bind
 
         self.L, self.node = L, node
-        schema = resolve_target(node.attrs["target"])._schema
-        args, kwargs = list(node.attrs["args"]), dict(node.attrs["kwargs"])
-        self.values: dict = {}
-        for i, a in enumerate(schema.arguments):
-            if i < len(args):
-                self.values[a.name] = args[i]
-            elif a.name in kwargs:
-                self.values[a.name] = kwargs[a.name]
-            elif a.has_default_value():
-                self.values[a.name] = a.default_value
+        self.values: dict = bind(node)
 
     def value(self, name: str):
         return self.values.get(name)
+
+    def operand(self, name: str, dtype: str) -> str:
+        """A tensor argument cast to ``dtype``, or a scalar argument as a 0-d constant of ``dtype``."""
+        v = self.values[name]
+        if isinstance(v, ArgRef):
+            return self.L.get(self.node, v.index, dtype)
+        if isinstance(v, sympy.Basic) and not v.is_Number:   # a size (ids % T): its runtime value
+            return self.L.b.cast(self.L.b.dim_scalar(v), "i64", dtype)
+        if isinstance(v, sympy.Basic):
+            v = int(v) if v.is_Integer else float(v)
+        return self.L.b.scalar(bool(v) if dtype == "bool" else v, dtype)
 
     def tensor(self, name: str, dtype: str | None = None) -> str:
         ref = self.values[name]
@@ -61,24 +65,6 @@ class Args:
         v = self.values[name]
         v = [v] if isinstance(v, (int, sympy.Basic)) else list(v)
         return [int(d) % rank for d in v]
-
-
-@fallback("aten.cumsum.default")
-def _cumsum(L, node, a: Args):
-    dt = out_dtype(node)
-    cd = "f32" if dt in ("f16", "bf16") else dt  # onnxruntime's CumSum has no half kernels
-    x = a.tensor("self", cd)
-    y = L.b.op("CumSum", x, L.b.scalar(a.dims("dim", a.type("self").rank)[0], "i64"), hint="cumsum")
-    return [L.b.cast(y, cd, dt)]
-
-
-@fallback("aten.flip.default")
-def _flip(L, node, a: Args):
-    b = L.b
-    axes = a.dims("dims", a.type("self").rank)
-    k = len(axes)
-    return [b.op("Slice", a.tensor("self"), b.i64(*([-1] * k)), b.i64(*([-INT64_MAX] * k)), b.i64(*axes),
-                 b.i64(*([-1] * k)), hint="flip")]
 
 
 @fallback("aten.logsumexp.default")
@@ -97,17 +83,6 @@ def _logsumexp(L, node, a: Args):
     return [b.cast(y, cd, dt)]
 
 
-@fallback("aten.sort.default")
-def _sort(L, node, a: Args):
-    b = L.b
-    t = a.type("self")
-    dim = a.dims("dim", t.rank)[0]
-    k = b.op("Shape", a.tensor("self"), start=dim, end=dim + 1)
-    values, indices = b.op("TopK", a.tensor("self"), k, axis=dim, largest=int(bool(a.value("descending"))),
-                           sorted=1, outputs=2, hint="sort")
-    return [values, indices]
-
-
 @fallback("aten.clamp.default")
 def _clamp(L, node, a: Args):
     dt = out_dtype(node)
@@ -115,17 +90,6 @@ def _clamp(L, node, a: Args):
     b = L.b
     return [b.op("Clip", a.tensor("self", dt), None if lo is None else b.scalar(lo, dt),
                  None if hi is None else b.scalar(hi, dt), hint="clamp")]
-
-
-@fallback("aten.argmax.default", "aten.argmin.default")
-def _argmax(L, node, a: Args):
-    b = L.b
-    t = a.type("self")
-    x = a.tensor("self")
-    op = "ArgMax" if node.attrs["target"].startswith("aten.argmax") else "ArgMin"
-    if a.value("dim") is None:
-        return [b.op(op, b.op("Reshape", x, b.i64(-1)), axis=0, keepdims=int(bool(a.value("keepdim"))))]
-    return [b.op(op, x, axis=a.dims("dim", t.rank)[0], keepdims=int(bool(a.value("keepdim"))), select_last_index=0)]
 
 
 SIMPLE = {"aten.floor.default": "Floor", "aten.ceil.default": "Ceil", "aten.round.default": "Round",
@@ -141,6 +105,441 @@ def _simple(L, node, a: Args):
 
 for _t in SIMPLE:
     FALLBACKS[_t] = _simple
+
+
+# -- the forms of semantics/fallback_forms.py (export_tvm lowers the same ones: backends/tvm/relax_fallback.py) --
+FORM_LOWERINGS: dict[str, Callable] = {}
+
+
+def form(*names):
+    def deco(fn):
+        for n in names:
+            FORM_LOWERINGS[n] = fn
+        return fn
+    return deco
+
+
+def _compute(dt: str) -> str:
+    """The dtype an op computes in: onnxruntime has no half kernels for CumSum, ReduceProd, Mod, Atan."""
+    return "f32" if dt in ("f16", "bf16") else dt
+
+
+@form("cumsum")
+def _cumsum(L, node, a: Args):
+    dt = out_dtype(node)   # torch's: int64 for bool / integer input without dtype=
+    cd = _compute(dt)
+    y = L.b.op("CumSum", a.tensor("self", cd), L.b.scalar(a.dims("dim", a.type("self").rank)[0], "i64"), hint="cumsum")
+    return [L.b.cast(y, cd, dt)]
+
+
+@form("cumprod")
+def _cumprod(L, node, a: Args):
+    """An ONNX Scan along the dim carrying the running product (exact, any dtype; ONNX has no CumProd)."""
+    from onnx import helper
+
+    b = L.b
+    dt = out_dtype(node)
+    cd = _compute(dt)
+    t = a.type("self")
+    if t.rank == 0:
+        return [b.cast(a.tensor("self", cd), cd, dt)]
+    axis = a.dims("dim", t.rank)[0]
+    one = helper.make_tensor("one", ONNX_DTYPE[cd], [1], [1])
+    rest = [d for i, d in enumerate(t.shape) if i != axis]
+    p0 = b.op("ConstantOfShape", b.shape_tensor(rest), value=one, hint="cumprod_init")
+    body = b.sub()
+    p, x = body.names.fresh("prod_prev"), body.names.fresh("x_t")
+    new = body.op("Mul", p, x, hint="prod_t")
+    carry = body.op("Identity", new, hint="prod_carry")
+    g = body.graph("cumprod_step", [value_info(p, cd, [None] * len(rest)), value_info(x, cd, [None] * len(rest))],
+                   [value_info(carry, cd, [None] * len(rest)), value_info(new, cd, [None] * len(rest))])
+    _, ys = b.op("Scan", p0, a.tensor("self", cd), body=g, num_scan_inputs=1, scan_input_axes=[axis],
+                 scan_output_axes=[axis], outputs=2, hint="cumprod")
+    return [b.cast(ys, cd, dt)]
+
+
+@form("flip")
+def _flip(L, node, a: Args):
+    b = L.b
+    axes = a.dims("dims", a.type("self").rank)
+    k = len(axes)
+    return [b.op("Slice", a.tensor("self"), b.i64(*([-1] * k)), b.i64(*([-INT64_MAX] * k)), b.i64(*axes),
+                 b.i64(*([-1] * k)), hint="flip")]
+
+
+@form("gather")
+def _gather(L, node, a: Args):
+    t = a.type("self")
+    return [L.b.op("GatherElements", a.tensor("self"), a.tensor("index", "i64"), axis=a.dims("dim", t.rank)[0],
+                   hint="gather")]
+
+
+@form("take_along_dim")
+def _take_along_dim(L, node, a: Args):
+    """torch.take_along_dim: with a dim, self and indices broadcast against each other except along it (the
+    node's output shape says to what), then GatherElements; without one, both flattened."""
+    b = L.b
+    x, idx = a.tensor("self"), a.tensor("indices", "i64")
+    if a.value("dim") is None:
+        return [b.op("GatherElements", b.op("Reshape", x, b.i64(-1)), b.op("Reshape", idx, b.i64(-1)), axis=0,
+                     hint="take_along_dim")]
+    t, it = a.type("self"), a.type("indices")
+    dim = a.dims("dim", t.rank)[0]
+    out = list(node.outputs[0].type.shape)
+    want_x = out[:dim] + [t.shape[dim]] + out[dim + 1:]
+    if list(t.shape) != want_x:
+        x = b.op("Expand", x, b.shape_tensor(want_x))
+    if list(it.shape) != out:
+        idx = b.op("Expand", idx, b.shape_tensor(out))
+    return [b.op("GatherElements", x, idx, axis=dim, hint="take_along_dim")]
+
+
+@form("index_select")
+def _index_select(L, node, a: Args):
+    b = L.b
+    idx = a.tensor("index", "i64")
+    if a.type("index").rank == 0:
+        idx = b.op("Reshape", idx, b.i64(1))
+    return [b.op("Gather", a.tensor("self"), idx, axis=a.dims("dim", a.type("self").rank)[0], hint="index_select")]
+
+
+def _arg_extreme(b, x: str, axis: int, largest: bool, is_float: bool) -> str:
+    """torch's argmax / argmin along ``axis`` (kept, size 1): the first index of the extreme, a NaN counting as
+    the extreme (onnxruntime's ArgMax skips NaN): the first 1 of an int32 mask where x equals the row's max (min),
+    or is NaN in a row holding one."""
+    op = "ArgMax" if largest else "ArgMin"
+    if not is_float:
+        return b.op(op, x, axis=axis, keepdims=1, select_last_index=0)
+    hit = b.op("Equal", x, b.op("ReduceMax" if largest else "ReduceMin", x, b.i64(axis), keepdims=1))
+    nan = b.op("IsNaN", x)
+    any_nan = b.op("Greater", b.op("ReduceMax", b.cast(nan, "bool", "i32"), b.i64(axis), keepdims=1), b.scalar(0, "i32"))
+    hit = b.op("Where", any_nan, b.cast(nan, "bool", "i32"), b.cast(hit, "bool", "i32"))   # (no bool Where in ORT)
+    return b.op("ArgMax", hit, axis=axis, keepdims=1, select_last_index=0)
+
+
+@form("argmax", "argmin")
+def _argmax(L, node, a: Args):
+    b = L.b
+    t = a.type("self")
+    x = a.tensor("self")
+    largest = FORMS[node.attrs["target"]] == "argmax"
+    keep = bool(a.value("keepdim"))
+    if a.value("dim") is None:
+        y = _arg_extreme(b, b.op("Reshape", x, b.i64(-1)), 0, largest, t.dtype.is_float)
+        return [b.op("Reshape", y, b.i64(*([1] * t.rank)) if keep else b.const([], "i64", hint="scalar_shape"))]
+    dim = a.dims("dim", t.rank)[0]
+    y = _arg_extreme(b, x, dim, largest, t.dtype.is_float)
+    return [y if keep else b.op("Squeeze", y, b.i64(dim))]
+
+
+@form("topk")
+def _topk(L, node, a: Args):
+    b = L.b
+    t = a.type("self")
+    k = a.value("k")
+    values, indices = b.op("TopK", a.tensor("self"), b.dim(k), axis=a.dims("dim", t.rank)[0],
+                           largest=int(bool(a.value("largest"))), sorted=1, outputs=2, hint="topk")
+    return [values, indices]
+
+
+@form("sort")
+def _sort(L, node, a: Args):
+    b = L.b
+    t = a.type("self")
+    dim = a.dims("dim", t.rank)[0]
+    k = b.op("Shape", a.tensor("self"), start=dim, end=dim + 1)
+    values, indices = b.op("TopK", a.tensor("self"), k, axis=dim, largest=int(bool(a.value("descending"))),
+                           sorted=1, outputs=2, hint="sort")
+    return [values, indices]
+
+
+@form("argsort")
+def _argsort(L, node, a: Args):
+    return [_sort(L, node, a)[1]]
+
+
+@form("atan2")
+def _atan2(L, node, a: Args):
+    """atan2(y, x) from Atan (ONNX has no Atan2), with torch's (C's) values on the axes, at signed zeros and at
+    infinities: the sign of a zero is read as the sign of 1 / zero."""
+    b = L.b
+    dt = out_dtype(node)
+    cd = _compute(dt)
+    y, x = a.operand("self", cd), a.operand("other", cd)
+
+    def c(v):
+        return b.scalar(v, cd)
+
+    zero = c(0.0)
+
+    def negative(v):   # v < 0, -0 included
+        return b.op("Less", b.op("Where", b.op("Equal", v, zero), b.op("Div", c(1.0), v), v), zero)
+
+    x_neg, y_neg = negative(x), negative(y)
+    pi = b.op("Where", y_neg, c(-math.pi), c(math.pi))
+    r = b.op("Atan", b.op("Div", y, x))
+    r = b.op("Where", b.op("Less", x, zero), b.op("Add", r, pi), r)                  # x < 0: the other half-plane
+    half = b.op("Where", y_neg, c(-math.pi / 2), c(math.pi / 2))
+    r = b.op("Where", b.op("Equal", x, zero), b.op("Where", b.op("Equal", y, zero),
+                                                   b.op("Where", x_neg, pi, y), half), r)   # x = +-0
+    both_inf = b.op("And", b.op("IsInf", x), b.op("IsInf", y))
+    corner = b.op("Where", x_neg, b.op("Mul", pi, c(0.75)), b.op("Mul", pi, c(0.25)))
+    r = b.op("Where", both_inf, corner, r)
+    nan = b.op("Or", b.op("IsNaN", x), b.op("IsNaN", y))
+    r = b.op("Where", nan, b.op("Add", x, y), r, hint="atan2")   # NaN in, NaN out
+    return [b.cast(r, cd, dt)]
+
+
+@form("remainder", "fmod")
+def _remainder(L, node, a: Args):
+    """fmod: C's fmod (the dividend's sign); remainder: the divisor's sign, as torch computes it (fmod, plus the
+    divisor where the signs differ), so floats match torch to the bit."""
+    b = L.b
+    dt = out_dtype(node)
+    cd = _compute(dt)
+    x, y = a.operand("self", cd), a.operand("other", cd)
+    is_float = cd.startswith("f")
+    if FORMS[node.attrs["target"]] == "fmod":
+        return [b.cast(b.op("Mod", x, y, fmod=1, hint="fmod"), cd, dt)]
+    if not is_float:
+        return [b.cast(b.op("Mod", x, y, fmod=0, hint="remainder"), cd, dt)]
+    m = b.op("Mod", x, y, fmod=1)
+    zero = b.scalar(0, cd)
+    fix = b.op("And", b.op("Not", b.op("Equal", m, zero)), b.op("Xor", b.op("Less", m, zero), b.op("Less", y, zero)))
+    return [b.cast(b.op("Where", fix, b.op("Add", m, y), m, hint="remainder"), cd, dt)]
+
+
+@form("nan_to_num")
+def _nan_to_num(L, node, a: Args):
+    b = L.b
+    dt = out_dtype(node)
+    x = a.tensor("self", dt)
+    if not dt.startswith(("f", "bf")):
+        return [b.op("Identity", x, hint="nan_to_num")]
+    info = torch.finfo(to_torch_dtype(dt))
+    nan, pos, neg = a.value("nan"), a.value("posinf"), a.value("neginf")
+    nan = 0.0 if nan is None else nan
+    pos = info.max if pos is None else pos
+    neg = info.min if neg is None else neg
+    y = b.op("Where", b.op("IsNaN", x), b.scalar(nan, dt), x)
+    y = b.op("Where", b.op("IsInf", x, detect_negative=0), b.scalar(pos, dt), y)
+    return [b.op("Where", b.op("IsInf", x, detect_positive=0), b.scalar(neg, dt), y, hint="nan_to_num")]
+
+
+def _reduce_axes(L, a: Args, rank: int):
+    """(axes input or None for every element, keepdims) of an any / all / prod."""
+    from ..semantics.fallback_forms import reduced_dims
+
+    dims = reduced_dims(a.values, rank)
+    return (None if dims is None else L.b.i64(*dims)), int(bool(a.value("keepdim")))
+
+
+@form("any", "all")
+def _any_all(L, node, a: Args):
+    b = L.b
+    t = a.type("self")
+    x = a.tensor("self")
+    truth = x if t.dtype.name == "bool" else b.op("Not", b.op("Equal", x, b.scalar(0, t.dtype.name)))
+    axes, keep = _reduce_axes(L, a, t.rank)
+    op = "ReduceMax" if FORMS[node.attrs["target"]] == "any" else "ReduceMin"
+    y = b.op(op, b.cast(truth, "bool", "i32"), axes, keepdims=keep if axes is not None else 0, hint="any_all")
+    return [b.cast(y, "i32", out_dtype(node))]
+
+
+@form("prod")
+def _prod(L, node, a: Args):
+    b = L.b
+    dt = out_dtype(node)   # torch's: int64 for bool / integer input without dtype=
+    cd = _compute(dt)
+    t = a.type("self")
+    axes, keep = _reduce_axes(L, a, t.rank)
+    y = b.op("ReduceProd", a.tensor("self", cd), axes, keepdims=keep if axes is not None else 0, hint="prod")
+    return [b.cast(y, cd, dt)]
+
+
+@form("max_dim", "min_dim")
+def _max_dim(L, node, a: Args):
+    """The values at the ArgMax / ArgMin index (first one), so values and indices agree."""
+    b = L.b
+    t = a.type("self")
+    dim = a.dims("dim", t.rank)[0]
+    x = a.tensor("self")
+    idx = _arg_extreme(b, x, dim, FORMS[node.attrs["target"]] == "max_dim", t.dtype.is_float)
+    val = b.op("GatherElements", x, idx, axis=dim)
+    if not a.value("keepdim"):
+        idx, val = b.op("Squeeze", idx, b.i64(dim)), b.op("Squeeze", val, b.i64(dim))
+    return [val, idx]
+
+
+@form("isnan", "isinf", "isfinite")
+def _isnan(L, node, a: Args):
+    b = L.b
+    t = a.type("self")
+    x = a.tensor("self")
+    kind = FORMS[node.attrs["target"]]
+    if not t.dtype.is_float:   # an integer is never NaN or infinite
+        return [b.op("Not" if kind != "isfinite" else "Identity", b.op("Equal", x, x))]
+    if kind == "isnan":
+        return [b.op("IsNaN", x)]
+    if kind == "isinf":
+        return [b.op("IsInf", x)]
+    return [b.op("Not", b.op("Or", b.op("IsInf", x), b.op("IsNaN", x)), hint="isfinite")]
+
+
+def _truth(L, a: Args, name: str) -> str:
+    b = L.b
+    t = a.type(name)
+    x = a.tensor(name)
+    return x if t.dtype.name == "bool" else b.op("Not", b.op("Equal", x, b.scalar(0, t.dtype.name)))
+
+
+@form("logical_xor")
+def _logical_xor(L, node, a: Args):
+    return [L.b.cast(L.b.op("Xor", _truth(L, a, "self"), _truth(L, a, "other")), "bool", out_dtype(node))]
+
+
+def _trunc_of(b, x: str, dt: str) -> str:
+    return b.op("Where", b.op("Less", x, b.scalar(0, dt)), b.op("Ceil", x), b.op("Floor", x), hint="trunc")
+
+
+@form("trunc", "frac")
+def _trunc(L, node, a: Args):
+    b = L.b
+    dt = out_dtype(node)
+    x = a.tensor("self", dt)
+    if not dt.startswith(("f", "bf")):
+        return [b.op("Identity", x) if FORMS[node.attrs["target"]] == "trunc" else b.op("Sub", x, x)]
+    t = _trunc_of(b, x, dt)
+    return [t if FORMS[node.attrs["target"]] == "trunc" else b.op("Sub", x, t, hint="frac")]
+
+
+def _floor_div(b, x: str, y: str, cd: str) -> str:
+    """torch's floor division: integers as Python's //; floats as torch computes them (from fmod, so that
+    floor_divide(a, b) * b + remainder(a, b) == a), NaN / inf for a zero divisor."""
+    zero = b.scalar(0, cd)
+    if not cd.startswith("f"):
+        q = b.op("Div", x, y)   # truncates
+        r = b.op("Sub", x, b.op("Mul", q, y))
+        fix = b.op("And", b.op("Not", b.op("Equal", r, zero)), b.op("Xor", b.op("Less", r, zero), b.op("Less", y, zero)))
+        return b.op("Sub", q, b.cast(fix, "bool", cd), hint="floor_divide")
+    one = b.scalar(1, cd)
+    m = b.op("Mod", x, y, fmod=1)
+    div = b.op("Div", b.op("Sub", x, m), y)
+    fix = b.op("And", b.op("Not", b.op("Equal", m, zero)), b.op("Xor", b.op("Less", m, zero), b.op("Less", y, zero)))
+    div = b.op("Where", fix, b.op("Sub", div, one), div)
+    fl = b.op("Floor", div)
+    fl = b.op("Where", b.op("Greater", b.op("Sub", div, fl), b.scalar(0.5, cd)), b.op("Add", fl, one), fl)
+    true_div = b.op("Div", x, y)
+    fl = b.op("Where", b.op("Equal", div, zero), b.op("Mul", zero, true_div), fl)   # a signed zero
+    return b.op("Where", b.op("Equal", y, zero), true_div, fl, hint="floor_divide")
+
+
+@form("floor_divide", "div_mode")
+def _div_mode(L, node, a: Args):
+    b = L.b
+    dt = out_dtype(node)
+    cd = _compute(dt)
+    x, y = a.operand("self", cd), a.operand("other", cd)
+    mode = "floor" if FORMS[node.attrs["target"]] == "floor_divide" else a.value("rounding_mode")
+    if mode == "floor":
+        q = _floor_div(b, x, y, cd)
+    elif mode == "trunc" and cd.startswith("f"):
+        q = _trunc_of(b, b.op("Div", x, y), cd)
+    else:   # trunc of integers (ONNX's integer Div truncates), or true division
+        q = b.op("Div", x, y, hint="div")
+    return [b.cast(q, cd, dt)]
+
+
+@form("count_nonzero")
+def _count_nonzero(L, node, a: Args):
+    b = L.b
+    t = a.type("self")
+    from ..semantics.fallback_forms import reduced_dims
+
+    dims = reduced_dims(a.values, t.rank)
+    nz = b.cast(_truth(L, a, "self"), "bool", "i64")
+    return [b.op("ReduceSum", nz, None if dims is None else b.i64(*dims), keepdims=0, hint="count_nonzero")]
+
+
+@form("one_hot")
+def _one_hot(L, node, a: Args):
+    b = L.b
+    n = a.value("num_classes")
+    if not isinstance(n, int) or n < 1:
+        raise OnnxUnsupportedOpError(f"one_hot with num_classes={n}: the export needs the number of classes; "
+                                     "pass num_classes=")
+    return [b.op("OneHot", a.tensor("self", "i64"), b.scalar(n, "i64"), b.i64(0, 1), axis=-1, hint="one_hot")]
+
+
+@form("scatter", "scatter_add")
+def _scatter(L, node, a: Args):
+    """ScatterElements; the updates take the index's shape (a scalar value expanded, a larger src sliced, as
+    torch reads only src[:index.shape])."""
+    b = L.b
+    t, it = a.type("self"), a.type("index")
+    dt = out_dtype(node)
+    idx = a.tensor("index", "i64")
+    if "value" in a.values:
+        upd = b.op("Expand", a.operand("value", dt), b.op("Shape", idx))
+    else:
+        upd = a.tensor("src", dt)
+        st = a.type("src")
+        if list(st.shape) != list(it.shape):
+            upd = b.op("Slice", upd, b.i64(*([0] * it.rank)), b.shape_tensor(list(it.shape)), b.i64(*range(it.rank)))
+    reduction = "add" if FORMS[node.attrs["target"]] == "scatter_add" else "none"
+    return [b.op("ScatterElements", a.tensor("self", dt), idx, upd, axis=a.dims("dim", t.rank)[0],
+                 reduction=reduction, hint="scatter")]
+
+
+@form("roll")
+def _roll(L, node, a: Args):
+    """torch.roll: per (shift, dim), the last shift % n elements moved to the front (n may be symbolic); no
+    dims: over the flattened tensor, then back to the shape."""
+    b = L.b
+    t = a.type("self")
+    x = a.tensor("self")
+    shifts, dims = list(a.value("shifts")), list(a.value("dims") or [])
+    shape = list(t.shape)
+    if not dims:
+        x, dims, shape = b.op("Reshape", x, b.i64(-1)), [0], [sympy.Mul(*t.shape)]
+    for s, d in zip(shifts, dims):
+        d = int(d) % len(shape)
+        n = b.dim(shape[d])
+        k = b.op("Sub", n, b.op("Mod", b.op("Add", b.op("Mod", b.dim(s), n), n), n))   # n - (s mod n), in [1, n]
+        tail = b.op("Slice", x, k, n, b.i64(d))
+        head = b.op("Slice", x, b.i64(0), k, b.i64(d))
+        x = b.op("Concat", tail, head, axis=d, hint="roll")
+    return [b.op("Reshape", x, b.shape_tensor(list(t.shape))) if not a.value("dims") else x]
+
+
+@form("bucketize")
+def _bucketize(L, node, a: Args):
+    """The number of boundaries below x (at or below, right=True): each element against the 1-D boundaries."""
+    b = L.b
+    dt = a.type("self").dtype.name
+    x = b.op("Unsqueeze", a.tensor("self"), b.i64(-1))
+    bounds = a.tensor("boundaries", dt)
+    below = b.op("LessOrEqual" if a.value("right") else "Less", bounds, x)
+    y = b.op("ReduceSum", b.cast(below, "bool", "i64"), b.i64(-1), keepdims=0, hint="bucketize")
+    return [b.cast(y, "i64", out_dtype(node))]
+
+
+@form("isin")
+def _isin(L, node, a: Args):
+    b = L.b
+    dt = a.type("elements").dtype.name
+    x = b.op("Unsqueeze", a.tensor("elements"), b.i64(-1))
+    test = b.op("Reshape", a.tensor("test_elements", dt), b.i64(-1))
+    hit = b.op("ReduceMax", b.cast(b.op("Equal", x, test), "bool", "i32"), b.i64(-1), keepdims=0)
+    y = b.cast(hit, "i32", "bool")
+    return [b.op("Not", y, hint="isin") if a.value("invert") else y]
+
+
+def to_torch_dtype(name: str):
+    from ..ir.dtypes import to_torch
+    from ..ir.types import DType
+
+    return to_torch(DType(name))
 
 
 def _symbolic(x) -> bool:
@@ -227,9 +626,9 @@ def via_torch_exporter(L, node: Node) -> list:
     except Exception as e:
         raise OnnxUnsupportedOpError(
             f"fallback op {target} ({outs}) has no ONNX lowering: it is not in the exporter's table "
-            f"({', '.join(sorted(FALLBACKS))}) and torch.onnx.export failed on it ({_summary(e)}). "
-            "Write that part of the model with ops the exporter supports (see `explain()` for the ops that "
-            "fell back), or export to TVM instead (sessa_compiler.export_tvm)") from e
+            "(semantics/fallback_forms.py, export/onnx_fallback.py) and torch.onnx.export failed on it "
+            f"({_summary(e)}). Rewrite that line with ops the exports lower (docs/exports.md lists them; "
+            "`explain()` shows the ops that fell back), or keep it out of the exported module") from e
     finally:
         quiet.setLevel(level)
     g = model.graph
@@ -264,7 +663,7 @@ def via_torch_exporter(L, node: Node) -> list:
 
 def lower_fallback(L, node: Node) -> list:
     target = node.attrs["target"]
-    fn = FALLBACKS.get(target)
+    fn = FORM_LOWERINGS.get(FORMS.get(target), FALLBACKS.get(target))
     outs = ", ".join("%" + v.name for v in node.outputs)
     if fn is None:
         from ..ir.ops import FALLBACK_ADVICE

@@ -186,6 +186,10 @@ class _Lowerer:
                 return True
             # no kernel for this node (e.g. non-causal attention): attention has a composite Relax form
             return node.op == "attention" and _composite_attention_ok(node)
+        if node.op == "fallback":   # the aten targets of semantics/fallback_forms.py
+            from .relax_fallback import lowers
+
+            return lowers(node)
         return node.op in SIMPLE or node.op in COMPLEX
 
     def operand(self, x, dtype: str):
@@ -223,6 +227,12 @@ class _Lowerer:
             shape = [self.dim(d) for d in node.outputs[0].type.shape]
             out = bb.emit(relax.call_tir(self.kernels[spec], args, out_ty=relax.TensorType(shape, spec.dtype)))
             self.env[node.outputs[0]] = out if out_dtype == spec.dtype else bb.emit(relax.op.astype(out, out_dtype))
+            return
+        if node.op == "fallback":
+            from .relax_fallback import lower_fallback
+
+            for v, e in zip(node.outputs, lower_fallback(self, node)):
+                self.env[v] = bb.emit(e)
             return
         if node.op in PROMOTING and node.outputs[0].type.dtype.is_float:
             # torch promotes mixed operand dtypes (f32 * f64 is f64; the IR's output type says which); Relax
@@ -451,7 +461,13 @@ def _reduce(kind):
         axis, keep = (None if dims is None else list(dims)), bool(node.attrs.get("keepdim", False))
         out = fn(ops[0], axis=axis, keepdims=keep)
         if kind == "amax" and node.inputs[0].type.dtype.is_float:
-            # TIR's max drops NaN; torch.amax returns NaN where the reduced elements hold one (a sum is NaN there)
+            # TIR's max starts from the lowest finite value, so elements that are all -inf give that value: -inf
+            # there (a masked row of logits); it drops NaN: torch.amax returns NaN where the reduced elements
+            # hold one (a sum is NaN there)
+            dt = RELAX_DTYPE[node.inputs[0].type.dtype.name]
+            neg_inf = lw.relax.const(float("-inf"), dt)
+            above = op.max(op.astype(op.not_equal(ops[0], neg_inf), "int32"), axis=axis, keepdims=keep)
+            out = op.where(op.greater(above, lw.relax.const(0, "int32")), out, neg_inf)
             nan_sum = op.sum(op.where(op.isnan(ops[0]), ops[0], op.zeros_like(ops[0])), axis=axis, keepdims=keep)
             out = op.where(op.isnan(nan_sum), nan_sum, out)
         return out
@@ -712,7 +728,6 @@ COMPLEX = {"floor": _rounding("floor"), "ceil": _rounding("ceil"), "round": _rou
 _PASS_MADE = ("made only by the Triton pipeline's passes; TVM lowers the traced graph, which never "
               "holds it")
 GAPS = {
-    "fallback": "calls an arbitrary torch op by name: no TVM form (compile(backend='tvm') runs it through torch)",
     "feedback_lse": _PASS_MADE, "feedback_diag_inverse": _PASS_MADE, "feedback_chunked": _PASS_MADE,
     "scan_chunked": _PASS_MADE, "fused": _PASS_MADE,
 }
