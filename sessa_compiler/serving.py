@@ -19,6 +19,10 @@ depends on absolute position in a way the IR does not say (a reduction over time
 ``arange(T)`` and not folded into RoPE) fails that check with an UnsupportedError instead of decoding
 wrongly.
 
+Attention with a key-padding mask (an ``attention_mask`` input) caches the mask of every position too; the mask
+is not the feedback's (the recognised feedback op has none), so padded positions are mixed there as the module
+mixes them. Rows with no visible key are served where they stay out of later rows (docs/serving.md).
+
 The cache is a dict the compiler owns: ``{"t": int, "max_len": int | None, <state name>: tensor, ...}``,
 one for the whole module (a Decoder's original keeps a list of per-layer dicts). State tensors are
 preallocated to ``max_len`` positions along dim 1 and written in place; with ``max_len=None`` they grow by
@@ -843,14 +847,22 @@ class ServingProgram:
                 y = y + noise * (x.float().std().item() if x.numel() > 1 else 1.0)
             xs.append(y)
         params = self.graph.params if params is None else params
+        chunks = ((0, CHECK_PREFILL), (CHECK_PREFILL, CHECK_PREFILL + 1), (CHECK_PREFILL + 1, CHECK_LEN))
         with torch.no_grad():
             full = run_graph(self.graph, xs, params)
+            # a key-padding mask's rows with no visible key (empty_rows="mean") are the module's value on the
+            # sequence so far: each chunk against the forward on the positions up to its end (for a causal graph,
+            # the full forward's)
+            prefix = {b: run_graph(self.graph, [x[:, :b] for x in xs], params) for _, b in chunks[:-1]} \
+                if self.masked else {}
             cache = self.init_cache(int(xs[0].shape[0]), device=xs[0].device, max_len=CHECK_LEN)
             parts = []
-            for a, b in ((0, CHECK_PREFILL), (CHECK_PREFILL, CHECK_PREFILL + 1), (CHECK_PREFILL + 1, CHECK_LEN)):
+            for a, b in chunks:
                 parts.append(self.run([x[:, a:b] for x in xs], cache, params))
         for i, ref in enumerate(full):
             got = torch.cat([p[i] for p in parts], dim=1)
+            if prefix:
+                ref = torch.cat([(prefix[b][i] if b in prefix else ref)[:, a:b] for a, b in chunks], dim=1)
             err = relative_error(got, ref)
             tol = TOLERANCE.get(ref.dtype, 0.0)
             if not err <= tol:

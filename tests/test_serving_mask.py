@@ -13,7 +13,8 @@ the whole padded sequence (prompt + new tokens, the mask extended with ones).
   module's own outputs at real tokens then depend on later tokens (shown), so no prefill + decode equals it;
 - B=1 without padding: the unmasked graph (mask None) and the masked one with all ones equal the module;
 - the Triton split-K decode kernel with the cached mask (interpreter), and masked decode steps through it;
-- the serving exports refuse a step whose attention keeps a key-padding mask.
+- a mask the module computes from its token ids is served without a mask argument; the serving exports refuse a
+  step whose attention keeps a key-padding mask.
 """
 from tests import triton_env  # noqa: I001  (sets TRITON_INTERPRET before triton is imported)
 
@@ -283,6 +284,10 @@ def test_serving_exports_refuse_a_step_with_a_key_padding_mask(tmp_path):
     with torch.no_grad():
         assert relative_error(c(ids), m(ids)) <= TOL
     assert next(n for n in c.graph.nodes if n.op == "attention").attrs.get("key_padding"), c.explain()
+    cache = c.init_cache(2)   # the compiled module serves it: the mask comes from the ids
+    outs = [c.prefill(ids[:, :3], cache)[0]] + [c.decode_step(ids[:, t], cache)[0][:, None] for t in (3, 4)]
+    with torch.no_grad():
+        assert relative_error(torch.cat(outs, 1), m(ids)) <= TOL
     for export in (lambda: sc.export_onnx(m, (ids[:, 0],), tmp_path / "s.onnx", method="decode_step"),
                    lambda: sc.export_tvm(m, (ids[:, 0],), tmp_path / "s_tvm", method="decode_step")):
         with pytest.raises(UnsupportedError, match="key-padding mask"):

@@ -256,18 +256,22 @@ def aot_compile(arch: int = 90, W: int = 512) -> list:
          {"W": W, "BWC": min(BW, COMBINE_BLOCK_W), "BC": combine_chunks(min(BW, COMBINE_BLOCK_W))}),
     ]
     G, D = 4, 64
-    jobs += [
-        (attention_decode_partial,
-         {"q_ptr": "*fp32", "k_ptr": "*bf16", "v_ptr": "*bf16", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
-          "pa_ptr": "*fp32", "t_ptr": "*i32", "stride_k_b": "i32", "stride_k_h": "i32", "stride_k_l": "i32",
-          "stride_v_b": "i32", "stride_v_h": "i32", "stride_v_l": "i32", "scale": "fp32", "HKV": "constexpr",
-          "G": "constexpr", "GP": "constexpr", "D": "constexpr", "DP": "constexpr", "DV": "constexpr",
-          "DVP": "constexpr", "CHUNK": "constexpr"},
-         {"HKV": 2, "G": G, "GP": G, "D": D, "DP": D, "DV": D, "DVP": D, "CHUNK": attention_chunk_for(G, D)}),
-        (attention_decode_combine,
-         {"pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32", "out_ptr": "*fp32", "nc": "i32",
-          "G": "constexpr", "GP": "constexpr", "DV": "constexpr", "DVP": "constexpr", "BC": "constexpr"},
-         {"G": G, "GP": G, "DV": D, "DVP": D, "BC": combine_chunks(G * D)}),
+    attn = {"q_ptr": "*fp32", "k_ptr": "*bf16", "v_ptr": "*bf16", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
+            "pa_ptr": "*fp32", "t_ptr": "*i32", "stride_k_b": "i32", "stride_k_h": "i32", "stride_k_l": "i32",
+            "stride_v_b": "i32", "stride_v_h": "i32", "stride_v_l": "i32", "scale": "fp32", "HKV": "constexpr",
+            "G": "constexpr", "GP": "constexpr", "D": "constexpr", "DP": "constexpr", "DV": "constexpr",
+            "DVP": "constexpr", "CHUNK": "constexpr", "KEEP": "constexpr"}
+    attn_c = {"HKV": 2, "G": G, "GP": G, "D": D, "DP": D, "DV": D, "DVP": D, "CHUNK": attention_chunk_for(G, D)}
+    comb = {"pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32", "out_ptr": "*fp32", "nc": "i32",
+            "G": "constexpr", "GP": "constexpr", "DV": "constexpr", "DVP": "constexpr", "BC": "constexpr",
+            "EMPTY_NAN": "constexpr"}
+    comb_c = {"G": G, "GP": G, "DV": D, "DVP": D, "BC": combine_chunks(G * D)}
+    jobs += [   # without and with a key-padding mask (keep: uint8 [B, L])
+        (attention_decode_partial, {**attn, "keep_ptr": "constexpr", "stride_keep_b": "constexpr"},
+         {**attn_c, "keep_ptr": None, "stride_keep_b": 0, "KEEP": False}),
+        (attention_decode_combine, comb, {**comb_c, "EMPTY_NAN": False}),
+        (attention_decode_partial, {**attn, "keep_ptr": "*u8", "stride_keep_b": "i32"}, {**attn_c, "KEEP": True}),
+        (attention_decode_combine, comb, {**comb_c, "EMPTY_NAN": True}),
     ]
     out = []
     for fn, signature, constexprs in jobs:
