@@ -112,7 +112,7 @@ def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, mask=None, *, s
     g = H // Hkv
     if key_padding:
         return _step_masked_attention(state, t0, q, k, v, inv_freq, mask, scale=scale, rope=rope,
-                                      empty_rows=empty_rows, reach=empty_rows_reach)
+                                      empty_rows=empty_rows, reach=empty_rows_reach, kernels=kernels)
     if (n == 1 and kernels is not None and cd == torch.float32 and q.device.type == "cpu"
             and kernels.supports_attention(state["k"], state["v"])):   # split-K over the cache, written in place
         out = kernels.attention(q[:, 0], k[:, 0], v[:, 0], inv_freq if rope else None, state["k"], state["v"], t0,
@@ -175,9 +175,10 @@ def _empty_rows(keep_cached: torch.Tensor, keep_new: torch.Tensor) -> torch.Tens
     return ~(keep_cached.any(dim=1) | keep_new[:, 0])
 
 
-def _step_masked_attention(state: dict, t0: int, q, k, v, inv_freq, mask, *, scale, rope, empty_rows, reach):
-    """step_attention with a key-padding mask. One position on CUDA (the Triton decode path) runs the split-K
-    kernel with the cached mask; everything else runs through torch (the TVM CPU decode kernels take no mask)."""
+def _step_masked_attention(state: dict, t0: int, q, k, v, inv_freq, mask, *, scale, rope, empty_rows, reach,
+                           kernels=None):
+    """step_attention with a key-padding mask. One position runs the split-K kernel with the cached mask: on CUDA
+    the Triton decode kernel, on CPU the TVM one (``kernels``, float32); everything else runs through torch."""
     cd = compute_dtype(q.dtype)
     B, n, H, d = q.shape
     Hkv = k.shape[2]
@@ -202,6 +203,13 @@ def _step_masked_attention(state: dict, t0: int, q, k, v, inv_freq, mask, *, sca
         return out[:, None].to(v.dtype)
     if reach is not None and bool(_empty_rows(M[:, :t0], keep_new).any()):
         raise empty_row_error(reach)
+    if (n == 1 and kernels is not None and cd == torch.float32 and q.device.type == "cpu"
+            and kernels.supports_attention(K, V) and kernels.supports_mask(M)):   # TVM split-K, in place
+        M[:, t0] = keep_new[:, 0]
+        out = kernels.attention(q[:, 0], k[:, 0], v[:, 0], inv_freq if rope else None, K, V, t0, scale, rope, keep=M)
+        if empty_rows == "nan":   # the kernel averages a row with no real key; the op gives NaN there
+            out[~M[:, :t0 + 1].any(dim=1)] = math.nan
+        return out[:, None].to(v.dtype)
     if rope:
         q, k = _rotate_at(q, inv_freq, t0), _rotate_at(k, inv_freq, t0)
     K[:, :, t0:t0 + n] = k.transpose(1, 2).to(K.dtype)

@@ -12,7 +12,8 @@ the whole padded sequence (prompt + new tokens, the mask extended with ones).
 - the same Sessa layer with a finite fill and a left-padded prompt is refused before anything is written: the
   module's own outputs at real tokens then depend on later tokens (shown), so no prefill + decode equals it;
 - B=1 without padding: the unmasked graph (mask None) and the masked one with all ones equal the module;
-- the Triton split-K decode kernel with the cached mask (interpreter), and masked decode steps through it;
+- the TVM and Triton split-K decode kernels with the cached mask (Triton: interpreter), and masked decode steps
+  through them (tvm: every step's attention and feedback counted in TVM);
 - a mask the module computes from its token ids is served without a mask argument; the serving exports refuse a
   step whose attention keeps a key-padding mask.
 """
@@ -122,13 +123,20 @@ def _batch(seed=0):
 
 
 def _serve(c, x, mask, max_len=T + N):
-    """prefill the prompt with its mask, then decode the N new positions one at a time (no mask: real tokens)."""
+    """prefill the prompt with its mask, then decode the N new positions one at a time (no mask: real tokens).
+    On tvm: every step's attention and feedback read their caches in the TVM decode kernels (counted)."""
     cache = c.init_cache(x.shape[0], max_len=max_len)
     y, cache = c.prefill(x[:, :T], cache, attention_mask=mask[:, :T])
+    prog = c._serving.programs[cache["_graph"]]
+    kernels = prog.decode_kernels
+    calls = kernels.calls if kernels is not None else 0
     outs = [y]
     for t in range(T, x.shape[1]):
         y_t, cache = c.decode_step(x[:, t], cache)
         outs.append(y_t[:, None])
+    if c.backend == "tvm":
+        n_ops = sum(1 for node in prog.graph.nodes if node.op in ("attention", "feedback"))
+        assert kernels.calls - calls == n_ops * (x.shape[1] - T)
     return torch.cat(outs, dim=1), cache
 
 
@@ -210,6 +218,41 @@ def test_one_unpadded_row_without_a_mask_and_with_ones():
         c(x)                      # the unmasked trace is the current one: a cache made now is made again below
     got, cache = _serve(c, x, torch.ones(1, T + N, dtype=torch.long))
     assert relative_error(got, want) <= TOL and any(k.endswith(".mask") for k in cache)
+
+
+@pytest.mark.parametrize("rope, dtype, parallel", [(True, torch.float32, False), (False, torch.bfloat16, True)])
+def test_tvm_decode_kernel_reads_the_cached_mask(rope, dtype, parallel, monkeypatch):
+    """The TVM split-K attention step with the mask, caches poisoned with NaN past the new position: random
+    padding, a row whose only real key is the new one, a row with no real key (the mean of v; NaN is the step's
+    business, see serving.py)."""
+    from sessa_compiler.backends.tvm import decode as tvm_decode
+    from sessa_compiler.backends.tvm.backend import aligned_empty
+
+    monkeypatch.setattr(tvm_decode, "SERIAL_BYTES", -1 if parallel else 1 << 62)
+    Bk, H, Hkv, d, L, t = 3, 4, 2, 8, 90, 70
+    g = torch.Generator().manual_seed(1)
+    K, V = aligned_empty((Bk, Hkv, L, d), dtype), aligned_empty((Bk, Hkv, L, d), dtype)
+    K.fill_(float("nan")), V.fill_(float("nan"))
+    K[:, :, :t], V[:, :, :t] = torch.randn(Bk, Hkv, t, d, generator=g), torch.randn(Bk, Hkv, t, d, generator=g)
+    q, k, v = (torch.randn(Bk, h, d, generator=g) for h in (H, Hkv, Hkv))
+    keep = torch.rand(Bk, L, generator=g) < 0.5
+    keep[1, :t], keep[1, t] = False, True
+    keep[2, :t + 1] = False
+    inv = 10000.0 ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+    out = tvm_decode.DecodeKernels().attention(q, k, v, inv if rope else None, K, V, t, d ** -0.5, rope, keep=keep)
+    if rope:   # the new position's rotation (the cached keys are stored rotated)
+        ang = t * inv.double()
+        rot = lambda x: torch.view_as_real(torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2))   # noqa
+                                           * torch.polar(torch.ones_like(ang), ang)).flatten(-2)
+        q, k = rot(q), rot(k)
+    Kr, Vr = K[:, :, :t + 1].double(), V[:, :, :t + 1].double()
+    Kr[:, :, t], Vr[:, :, t] = k.double().to(dtype).double(), v.double().to(dtype).double()
+    Kr, Vr = Kr.repeat_interleave(H // Hkv, 1), Vr.repeat_interleave(H // Hkv, 1)
+    logits = (q.double()[:, :, None, :] @ Kr.transpose(-1, -2)) * d ** -0.5
+    ref = torch.softmax(logits.masked_fill(~keep[:, None, None, :t + 1], -math.inf)[:2], -1) @ Vr[:2]
+    assert relative_error(out[:2], ref[:, :, 0]) <= TOL
+    assert relative_error(out[2], Vr[2].mean(1)) <= TOL
+    assert K[:, :, t + 1:].float().isnan().all() and V[:, :, t + 1:].float().isnan().all()
 
 
 def test_triton_decode_kernel_reads_the_cached_mask():
