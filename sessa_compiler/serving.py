@@ -19,6 +19,10 @@ depends on absolute position in a way the IR does not say (a reduction over time
 ``arange(T)`` and not folded into RoPE) fails that check with an UnsupportedError instead of decoding
 wrongly.
 
+Attention with a key-padding mask (an ``attention_mask`` input) caches the mask of every position too; the mask
+is not the feedback's (the recognised feedback op has none), so padded positions are mixed there as the module
+mixes them. Rows with no visible key are served where they stay out of later rows (docs/serving.md).
+
 The cache is a dict the compiler owns: ``{"t": int, "max_len": int | None, <state name>: tensor, ...}``,
 one for the whole module (a Decoder's original keeps a list of per-layer dicts). State tensors are
 preallocated to ``max_len`` positions along dim 1 and written in place; with ``max_len=None`` they grow by
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 from .backends.base import CompileContext
 from .ir.dtypes import compute_dtype
 from .semantics import FACTORIES, SEMANTICS, bind_symbols, resolve
+from .semantics.core import key_keep
 from .ir.dtypes import to_torch
 from .errors import InputError, IRError, SessaCompilerError, TraceError, UnsupportedError
 from .ir.graph import Graph, Value
@@ -91,13 +96,23 @@ def _visible(t0: int, n: int, device, strict: bool) -> torch.Tensor:
     return cols < rows if strict else cols <= rows
 
 
-def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causal, rope=False, kernels=None):
+def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, mask=None, *, scale, causal, rope=False,
+                   key_padding=False, empty_rows="mean", kernels=None, empty_rows_reach=None):
     """Keys and values are cached [B, Hkv, L, d] (head-major), so each head reads contiguous rows. ``kernels``:
-    the TVM decode kernels (backends/tvm/decode.py), used for one-position steps on CPU tensors."""
+    the TVM decode kernels (backends/tvm/decode.py), used for one-position steps on CPU tensors.
+
+    With ``key_padding`` the new positions' key-padding mask ``mask`` [B, n] is cached too (state["mask"] [B, L],
+    bool), and key j is visible to new row i when j <= t0 + i and its cached mask is set
+    (semantics.core.attention_ref). A row with no visible key takes, with empty_rows="mean", the mean of v over
+    every key cached so far (t0 + n: the module's meaning on the sequence up to this chunk's end), with "nan" NaN.
+    ``empty_rows_reach``: why such a row cannot be served (an op that carries it into later rows), or None."""
     cd = compute_dtype(q.dtype)
     B, n, H, d = q.shape
     Hkv = k.shape[2]
     g = H // Hkv
+    if key_padding:
+        return _step_masked_attention(state, t0, q, k, v, inv_freq, mask, scale=scale, rope=rope,
+                                      empty_rows=empty_rows, reach=empty_rows_reach, kernels=kernels)
     if (n == 1 and kernels is not None and cd == torch.float32 and q.device.type == "cpu"
             and kernels.supports_attention(state["k"], state["v"])):   # split-K over the cache, written in place
         out = kernels.attention(q[:, 0], k[:, 0], v[:, 0], inv_freq if rope else None, state["k"], state["v"], t0,
@@ -140,6 +155,77 @@ def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, *, scale, causa
     if n > 1:
         logits = logits.view(B, Hkv, g, n, t0 + n).masked_fill(~_visible(t0, n, q.device, strict=False), -math.inf)
         logits = logits.view(B, Hkv, g * n, t0 + n)
+    out = torch.softmax(logits, dim=-1) @ vals                         # [B, Hkv, g*n, dv]
+    dv = vals.shape[-1]
+    return out.view(B, Hkv, g, n, dv).permute(0, 3, 1, 2, 4).reshape(B, n, H, dv).to(v.dtype)
+
+
+def empty_row_error(reach: str) -> UnsupportedError:
+    return UnsupportedError(
+        "serving: the attention_mask leaves a row with no visible key (a prompt padded on the left, or a row padded "
+        "from its first position): the module gives such a row the mean of v over every position of the sequence "
+        "(a softmax over a row of equal finite fills), so its value depends on the tokens after it, and " + reach +
+        " carries it into later rows: the module's outputs at real tokens then depend on later tokens, and no "
+        "prefill + decode_step equals the module on the whole sequence. Pad such prompts on the right (a padded "
+        "position after a real one is served), or serve each prompt in its own batch row without padding")
+
+
+def _empty_rows(keep_cached: torch.Tensor, keep_new: torch.Tensor) -> torch.Tensor:
+    """[B] bool: whether a new row sees no unpadded key (no keep among the cached positions nor at new position 0)."""
+    return ~(keep_cached.any(dim=1) | keep_new[:, 0])
+
+
+def _step_masked_attention(state: dict, t0: int, q, k, v, inv_freq, mask, *, scale, rope, empty_rows, reach,
+                           kernels=None):
+    """step_attention with a key-padding mask. One position runs the split-K kernel with the cached mask: on CUDA
+    the Triton decode kernel, on CPU the TVM one (``kernels``, float32); everything else runs through torch."""
+    cd = compute_dtype(q.dtype)
+    B, n, H, d = q.shape
+    Hkv = k.shape[2]
+    g = H // Hkv
+    if mask is None:
+        raise InputError("serving: op 'attention' (key-padding mask): expected the mask of the new positions, "
+                         "got none")
+    keep_new = key_keep(mask).to(q.device)
+    K, V, M = state["k"], state["v"], state["mask"]
+    pos = state.get("_pos")
+    triton_ok = n == 1 and _use_triton(q) and cd == torch.float32
+    if pos is not None and triton_ok:   # the position from the device, as in step_attention
+        if rope:
+            rot = _rotation_pos(inv_freq, pos, cd)
+            q, k = _rotate_one(q.to(cd), rot), _rotate_one(k.to(cd), rot)
+        idx = pos.long()
+        K.index_copy_(2, idx, k.transpose(1, 2).to(K.dtype))
+        V.index_copy_(2, idx, v.transpose(1, 2).to(V.dtype))
+        M.index_copy_(1, idx, keep_new)
+        out = _triton_decode().attention_decode(q[:, 0].to(cd), K, V, pos + 1, scale, keep=M,
+                                                empty_nan=empty_rows == "nan")
+        return out[:, None].to(v.dtype)
+    if reach is not None and bool(_empty_rows(M[:, :t0], keep_new).any()):
+        raise empty_row_error(reach)
+    if (n == 1 and kernels is not None and cd == torch.float32 and q.device.type == "cpu"
+            and kernels.supports_attention(K, V) and kernels.supports_mask(M)):   # TVM split-K, in place
+        M[:, t0] = keep_new[:, 0]
+        out = kernels.attention(q[:, 0], k[:, 0], v[:, 0], inv_freq if rope else None, K, V, t0, scale, rope, keep=M)
+        if empty_rows == "nan":   # the kernel averages a row with no real key; the op gives NaN there
+            out[~M[:, :t0 + 1].any(dim=1)] = math.nan
+        return out[:, None].to(v.dtype)
+    if rope:
+        q, k = _rotate_at(q, inv_freq, t0), _rotate_at(k, inv_freq, t0)
+    K[:, :, t0:t0 + n] = k.transpose(1, 2).to(K.dtype)
+    V[:, :, t0:t0 + n] = v.transpose(1, 2).to(V.dtype)
+    M[:, t0:t0 + n] = keep_new
+    if triton_ok:   # split-K over the cache; a row with no visible key: every logit -1e30, the mean of v (or NaN)
+        out = _triton_decode().attention_decode(q[:, 0].to(cd), K, V, t0 + 1, scale, keep=M,
+                                                empty_nan=empty_rows == "nan")
+        return out[:, None].to(v.dtype)
+    keys, vals = K[:, :, :t0 + n].to(cd), V[:, :, :t0 + n].to(cd)
+    qh = q.to(cd).reshape(B, n, Hkv, g, d).permute(0, 2, 3, 1, 4).reshape(B, Hkv, g * n, d)
+    logits = (qh @ keys.transpose(-1, -2)) * scale                    # [B, Hkv, g*n, t0+n]
+    keep = _visible(t0, n, q.device, strict=False)[None, None, None] & M[:, None, None, None, :t0 + n]
+    # "mean": a finite fill, so a row with no visible key is uniform over all t0 + n keys (attention_ref)
+    fill = -math.inf if empty_rows == "nan" else torch.finfo(cd).min
+    logits = logits.view(B, Hkv, g, n, t0 + n).masked_fill(~keep, fill).view(B, Hkv, g * n, t0 + n)
     out = torch.softmax(logits, dim=-1) @ vals                         # [B, Hkv, g*n, dv]
     dv = vals.shape[-1]
     return out.view(B, Hkv, g, n, dv).permute(0, 3, 1, 2, 4).reshape(B, n, H, dv).to(v.dtype)
@@ -342,8 +428,10 @@ class StateSpec:
     """One cache tensor: ``shape`` after the batch dim; ``seq`` is the position dim (its capacity is max_len),
     or None for a fixed-size state."""
 
-    def __init__(self, key: str, shape: tuple, dtype: torch.dtype, seq: int | None, compute: bool = False):
+    def __init__(self, key: str, shape: tuple, dtype: torch.dtype, seq: int | None, compute: bool = False,
+                 fixed: bool = False):
         self.key, self.shape, self.dtype, self.seq, self.compute = key, shape, dtype, seq, compute
+        self.fixed = fixed   # its dtype is not init_cache's dtype (a key-padding mask stays bool)
 
     def full_shape(self, batch: int, cap: int) -> tuple:
         if self.seq is None:
@@ -366,13 +454,18 @@ class ServingProgram:
     step against a compiler-owned cache, op by op on the eager interpreter."""
 
     def __init__(self, graph: Graph):
-        self.graph = graph
+        self.graph = g = graph
         self._check_structure()
         self.states: dict = {}  # node -> {role: StateSpec}
         for node in graph.nodes:
             if node.op in STATEFUL and node.op != "rope":
                 self.states[node] = self._state_specs(node)
         self.checked = False
+        # graph inputs that are a key-padding mask operand (a decode step given none gets ones: a real token)
+        self.mask_inputs = sorted({g.inputs.index(n.inputs[4]) for n in graph.nodes
+                                   if n.op == "attention" and n.attrs.get("key_padding", False)
+                                   and n.inputs[4] in g.inputs})
+        self.empty_rows_reach = self._empty_rows_reach()
         self.decode_kernels = None   # backends/tvm/decode.py DecodeKernels: one-position steps on CPU (tvm backend)
         self.decode_graphs = None    # DecodeGraphs: one-position Triton decode steps recorded into CUDA graphs
         self._plans: dict = {}
@@ -400,23 +493,90 @@ class ServingProgram:
                 why = "a triangular solve with explicit T x T weights has no incremental form"
             elif node.op == "attention" and not node.attrs["causal"]:
                 why = "non-causal attention reads future positions"
-            elif node.op == "attention" and node.attrs.get("key_padding", False):
-                why = ("attention with a key-padding mask (an attention_mask input) is not served: a decode step "
-                       "would need the mask of every cached position; serve the rows without padding (no "
-                       "attention_mask), or run the compiled module on the whole padded batch")
             elif node.op == "conv1d":
                 why = "a general conv1d over time may read future positions (only causal_conv1d is served)"
             if why:
                 raise UnsupportedError(f"serving: op '{node.op}' (%{node.outputs[0].name}): {why}; this module "
                                        "has no compiled prefill/decode_step")
 
+    def state_keys(self) -> set:
+        return {spec.key for specs in self.states.values() for spec in specs.values()}
+
+    def refuse_masked(self, what: str) -> None:
+        """The serving exports: their caches carry no key-padding mask (UnsupportedError naming the op)."""
+        for node in self.states:
+            if node.op == "attention" and node.attrs.get("key_padding", False):
+                raise UnsupportedError(
+                    f"{what}: op 'attention' (%{node.outputs[0].name}) has a key-padding mask, and the exported "
+                    "step's caches carry no mask of the cached positions (not written yet); serve such a module "
+                    "with the compiled module's prefill/decode_step, or export its forward (the mask is a graph "
+                    "input there)")
+
+    @property
+    def masked(self) -> bool:
+        """Whether some attention of the graph has a key-padding mask (its cache keeps the mask)."""
+        return any(n.op == "attention" and n.attrs.get("key_padding", False) for n in self.states)
+
+    def _empty_rows_reach(self) -> dict:
+        """attention node -> why its rows with no visible key cannot be served, for each key-padding attention with
+        empty_rows="mean" whose output reaches other positions: such a row is the mean of v over the whole
+        sequence (it depends on later tokens), harmless while it only flows position-wise or as a key or value
+        that the same mask hides; an op mixing positions (feedback, scan, causal_conv1d, an attention reading it
+        as unmasked keys or values) carries it into later rows."""
+        consumers: dict = {}
+        for node in self.graph.nodes:
+            for i, x in enumerate(node.inputs):
+                if isinstance(x, Value):
+                    consumers.setdefault(x, []).append((node, i))
+
+        def reach(att):
+            todo, seen = list(att.outputs), set(att.outputs)
+            while todo:
+                for node, i in consumers.get(todo.pop(), []):
+                    if node.op in ("feedback", "scan", "causal_conv1d", "conv1d", "tri_solve"):
+                        return f"op '{node.op}' (%{node.outputs[0].name})"
+                    if node.op == "attention" and i in (1, 2):
+                        if node.attrs.get("key_padding", False) and node.inputs[4] is att.inputs[4]:
+                            continue   # keys and values the same mask hides at these positions
+                        return f"op 'attention' (%{node.outputs[0].name}), reading it as keys or values"
+                    for o in node.outputs:
+                        if o not in seen:
+                            seen.add(o)
+                            todo.append(o)
+            return None
+
+        out = {}
+        for att in self.graph.nodes:
+            if (att.op == "attention" and att.attrs.get("key_padding", False)
+                    and att.attrs.get("empty_rows", "mean") == "mean"):
+                why = reach(att)
+                if why is not None:
+                    out[att] = why
+        return out
+
+    def check_empty_rows(self, inputs: list, cache: dict) -> None:
+        """Before anything is written: refuse new rows with no visible key where such a row reaches later rows
+        (empty_rows_reach), for masks that are graph inputs (a derived mask is checked in the step)."""
+        t0 = int(cache["t"])
+        for att, why in self.empty_rows_reach.items():
+            m = att.inputs[4]
+            if m not in self.graph.inputs:
+                continue
+            keep_new = key_keep(inputs[self.graph.inputs.index(m)])
+            cached = cache[self.states[att]["mask"].key][:, :t0].to(keep_new.device)
+            if bool(_empty_rows(cached, keep_new).any()):
+                raise empty_row_error(why)
+
     def _state_specs(self, node) -> dict:
         name = node.outputs[0].name
         if node.op == "attention":
             k, v = node.inputs[1].type, node.inputs[2].type
             (hkv, dk), (_, dv) = _static(node, 1, "seq"), _static(node, 2, "seq")
-            return {"k": StateSpec(f"{name}.k", (hkv, dk), to_torch(k.dtype), 2),
-                    "v": StateSpec(f"{name}.v", (hkv, dv), to_torch(v.dtype), 2)}
+            specs = {"k": StateSpec(f"{name}.k", (hkv, dk), to_torch(k.dtype), 2),
+                     "v": StateSpec(f"{name}.v", (hkv, dv), to_torch(v.dtype), 2)}
+            if node.attrs.get("key_padding", False):   # the key-padding mask of every cached position
+                specs["mask"] = StateSpec(f"{name}.mask", (), torch.bool, 1, fixed=True)
+            return specs
         if node.op == "feedback":
             return {"k_b": StateSpec(f"{name}.k_b", _static(node, 2, "seq"), to_torch(node.inputs[2].type.dtype), 1),
                     "s": StateSpec(f"{name}.s", _static(node, 0, "seq"), to_torch(node.inputs[0].type.dtype), 1,
@@ -444,7 +604,7 @@ class ServingProgram:
         cap = max_len if max_len is not None else 0
         for specs in self.states.values():
             for spec in specs.values():
-                dt = dtype or spec.dtype
+                dt = spec.dtype if spec.fixed else (dtype or spec.dtype)
                 if spec.compute:  # solved states and scan states feed every later step: solve precision
                     dt = compute_dtype(dt)
                 cache[spec.key] = torch.zeros(spec.full_shape(batch_size, cap), dtype=dt, device=device)
@@ -527,6 +687,8 @@ class ServingProgram:
                 attrs = dict(node.attrs)
                 if node.op in ("attention", "feedback") and self.decode_kernels is not None:
                     attrs["kernels"] = self.decode_kernels
+                if node in self.empty_rows_reach:
+                    attrs["empty_rows_reach"] = self.empty_rows_reach[node]
                 plan.append((True, STEPS[node.op], operands, attrs, node.outputs, node, specs))
                 continue
             fn = SEMANTICS.get(node.op)
@@ -571,6 +733,8 @@ class ServingProgram:
             raise InputError("prefill/decode_step: the input has no positions (sequence length 0)")
         self._check_cache(cache, batch, n, inputs[0].device)
         t0 = int(cache["t"])
+        if self.empty_rows_reach:
+            self.check_empty_rows(inputs, cache)
         self._reserve(cache, t0 + n)
         device = inputs[0].device
         pos = device_position(cache, device) if n == 1 and _use_triton(inputs[0]) else None
@@ -631,7 +795,7 @@ class ServingProgram:
         out = []
         for node in self.states:
             if node.op == "attention":
-                out += [x for x in node.inputs[1:4] if isinstance(x, Value)]
+                out += [x for x in node.inputs[1:5] if isinstance(x, Value)]
             elif node.op == "feedback":
                 out += [node.inputs[2], node.outputs[0]]
             elif node.op == "causal_conv1d":
@@ -655,6 +819,8 @@ class ServingProgram:
                     K, V = cache[specs["k"].key], cache[specs["v"].key]
                     K[:, :, :n] = k.transpose(1, 2).to(K.dtype)
                     V[:, :, :n] = v.transpose(1, 2).to(V.dtype)
+                    if "mask" in specs:
+                        cache[specs["mask"].key][:, :n] = key_keep(values[node.inputs[4]])
                 elif node.op == "feedback":
                     cache[specs["k_b"].key][:, :n] = values[node.inputs[2]].to(cache[specs["k_b"].key].dtype)
                     cache[specs["s"].key][:, :n] = values[node.outputs[0]].to(cache[specs["s"].key].dtype)
@@ -676,7 +842,12 @@ class ServingProgram:
             return
         gen = torch.Generator().manual_seed(0)
         xs = []
-        for x in example_inputs:
+        for i, x in enumerate(example_inputs):
+            if i in self.mask_inputs:   # a key-padding mask: padded keys in the cache, none before a row's first key
+                keep = torch.rand((x.shape[0], CHECK_LEN), generator=gen) < 0.6
+                keep[:, 0] = True
+                xs.append(keep.to(x.device, x.dtype))
+                continue
             idx = torch.randint(0, x.shape[1], (CHECK_LEN,), generator=gen).to(x.device)
             y = x.index_select(1, idx)
             if y.is_floating_point():
@@ -684,14 +855,22 @@ class ServingProgram:
                 y = y + noise * (x.float().std().item() if x.numel() > 1 else 1.0)
             xs.append(y)
         params = self.graph.params if params is None else params
+        chunks = ((0, CHECK_PREFILL), (CHECK_PREFILL, CHECK_PREFILL + 1), (CHECK_PREFILL + 1, CHECK_LEN))
         with torch.no_grad():
             full = run_graph(self.graph, xs, params)
+            # a key-padding mask's rows with no visible key (empty_rows="mean") are the module's value on the
+            # sequence so far: each chunk against the forward on the positions up to its end (for a causal graph,
+            # the full forward's)
+            prefix = {b: run_graph(self.graph, [x[:, :b] for x in xs], params) for _, b in chunks[:-1]} \
+                if self.masked else {}
             cache = self.init_cache(int(xs[0].shape[0]), device=xs[0].device, max_len=CHECK_LEN)
             parts = []
-            for a, b in ((0, CHECK_PREFILL), (CHECK_PREFILL, CHECK_PREFILL + 1), (CHECK_PREFILL + 1, CHECK_LEN)):
+            for a, b in chunks:
                 parts.append(self.run([x[:, a:b] for x in xs], cache, params))
         for i, ref in enumerate(full):
             got = torch.cat([p[i] for p in parts], dim=1)
+            if prefix:
+                ref = torch.cat([(prefix[b][i] if b in prefix else ref)[:, a:b] for a, b in chunks], dim=1)
             err = relative_error(got, ref)
             tol = TOLERANCE.get(ref.dtype, 0.0)
             if not err <= tol:
@@ -706,28 +885,44 @@ class ServingProgram:
 
 
 # -- the compiled module's methods -----------------------------------------------------------------------------
+def _state_keys(cache: dict) -> set:
+    return {k for k, v in cache.items() if isinstance(v, torch.Tensor) and not k.startswith("_")}
+
+
 class Serving:
     """The serving methods of one CompiledModule (bound to it; created on first use)."""
 
     def __init__(self, compiled):
         self.compiled = compiled
         self.programs: dict = {}  # id(graph) -> ServingProgram
+        self.traced: dict = {}    # id(graph) -> the Traced it came from (its output structure)
         self.forward_runners: dict = {}  # id(graph) -> (backend runner of the forward with state outputs, extras)
 
     @property
     def original(self):
         return self.compiled.original
 
-    def _program(self, example=None) -> ServingProgram:
+    def _program(self, example=None, kwargs=None, cache=None) -> ServingProgram:
+        """The serving program of the traced graph for this call: the one ``cache`` was made for (cache["_graph"]),
+        else the current trace when the call's structure (positional inputs, keyword names) fits it, else the
+        trace of this call (traced as the compiled module's forward traces another signature)."""
         c = self.compiled
+        kwargs = kwargs or {}
+        prog = self.programs.get(cache.get("_graph")) if isinstance(cache, dict) else None
+        if prog is not None:
+            return prog
         if c._traced is None:
             if example is None:
                 raise TraceError(f"compiled {type(self.original).__name__}: not traced yet; call it once, pass "
                                  "example_inputs to compile(), or call prefill first")
-            c._trace(tuple(x.contiguous() for x in example), {})  # a strided example trips torch.export lowering
+            # a strided example trips torch.export lowering
+            c._trace(tuple(x.contiguous() for x in example), {k: v.contiguous() for k, v in kwargs.items()})
+        elif example is not None and c._traced.call_mismatch(tuple(example), kwargs) is not None:
+            c._prepare_call(tuple(x.contiguous() for x in example), {k: v.contiguous() for k, v in kwargs.items()})
         graph = c._traced.graph
         prog = self.programs.get(id(graph))
         if prog is None:
+            self.traced[id(graph)] = c._traced
             prog = self.programs[id(graph)] = ServingProgram(graph)
             backend = getattr(c._backend, "current", c._backend)   # "auto": the backend it resolved to
             if backend.name == "tvm" and backend.decode_kernels:   # opt-in: TVM kernels for CPU decode steps
@@ -749,7 +944,39 @@ class Serving:
         if isinstance(cache, dict) and "_pending" in cache:
             batch, device, dtype = cache.pop("_pending")
             cache.update(prog.init_cache(batch, device=device, dtype=dtype, max_len=cache["max_len"]))
+        elif isinstance(cache, dict) and cache.get("t") == 0 and _state_keys(cache) != prog.state_keys() and any(
+                _state_keys(cache) == other.state_keys() for other in self.programs.values()):
+            # an empty cache made for another trace of the module (init_cache before a prefill with an
+            # attention_mask, or the other way round: the masked graph caches the mask too): made again for this one
+            tensors = [v for v in cache.values() if isinstance(v, torch.Tensor)]
+            if tensors:
+                low = [v.dtype for k, v in cache.items() if k.endswith((".k", ".k_b")) and isinstance(v, torch.Tensor)]
+                fresh = prog.init_cache(int(tensors[0].shape[0]), device=tensors[0].device,
+                                        dtype=low[0] if low else None, max_len=cache.get("max_len"))
+                cache.clear()
+                cache.update(fresh)
+        if isinstance(cache, dict) and prog.masked:   # later steps find this graph (and its mask input) from it
+            cache["_graph"] = id(prog.graph)
         return cache
+
+    def _keywords(self, what: str, kwargs: dict) -> dict:
+        """Tensor keyword arguments of the forward (an attention_mask); anything else is refused."""
+        bad = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
+        if bad:
+            self._no_keywords(what, bad)
+        return kwargs
+
+    def _graph_inputs(self, prog: ServingProgram, xs: list, kwargs: dict) -> list:
+        """The graph's inputs for a prefill or step: the call's tensor leaves; a call on a masked graph's cache
+        given none of its masks gets ones (new tokens are real tokens)."""
+        inputs = list(xs) + [v for _, v in sorted(kwargs.items())]
+        g = prog.graph
+        if prog.mask_inputs and len(inputs) == len(g.inputs) - len(prog.mask_inputs):
+            for i in prog.mask_inputs:
+                v = g.inputs[i]
+                inputs.insert(i, torch.ones((xs[0].shape[0], xs[0].shape[1]), dtype=to_torch(v.type.dtype),
+                                            device=xs[0].device))
+        return inputs
 
     def _inputs(self, args, what: str) -> list:
         if not args or not all(isinstance(a, torch.Tensor) for a in args):
@@ -763,18 +990,21 @@ class Serving:
                              "original offers")
 
     def prefill(self, *args, **kwargs):
-        """prefill(x, cache) -> (y, cache): the outputs at x's positions, after those already cached."""
-        self._no_keywords("prefill", kwargs)
+        """prefill(x, cache) -> (y, cache): the outputs at x's positions, after those already cached. Tensor
+        keyword arguments of the forward (``attention_mask=`` [B, T]: 1 = a real token, 0 = padding) are given
+        as to the forward; the cache keeps the mask of every position."""
+        kwargs = self._keywords("prefill", kwargs)
         if len(args) < 2:
             raise InputError(f"prefill takes (inputs..., cache), got {len(args)} argument(s)")
         *xs, cache = args
         xs = self._inputs(xs, "prefill")
-        prog = self._program(tuple(xs))
+        prog = self._program(tuple(xs), kwargs, cache)
         cache = self._materialise(cache, prog)
+        xs = self._graph_inputs(prog, xs, kwargs)
         outs = self._prefill_by_forward(prog, xs, cache)
         if outs is None:
             outs = prog.run(xs, cache)
-        return self.compiled._traced.unflatten(outs), cache
+        return self.traced.get(id(prog.graph), self.compiled._traced).unflatten(outs), cache
 
     def _prefill_by_forward(self, prog: ServingProgram, xs: list, cache) -> list | None:
         """From an empty cache on a kernel backend: run the forward kernels on a copy of the graph that also
@@ -791,6 +1021,8 @@ class Serving:
             return None
         prog._binding(xs)                  # the input checks
         prog._check_cache(cache, batch, n, xs[0].device)
+        if prog.empty_rows_reach:
+            prog.check_empty_rows(xs, cache)
         entry = self.forward_runners.get(id(prog.graph))
         if entry is None:
             graph = prog.graph
@@ -813,24 +1045,30 @@ class Serving:
         return outs[:len(g.outputs)]
 
     def decode_step(self, *args, **kwargs):
-        """decode_step(x_t, cache) -> (y_t, cache); x_t without the sequence dim gives y_t without it."""
-        self._no_keywords("decode_step", kwargs)
+        """decode_step(x_t, cache) -> (y_t, cache); x_t without the sequence dim gives y_t without it. A module
+        prefilled with a key-padding mask takes the step's token as a real one (mask 1) unless a mask is given
+        (``attention_mask=`` [B] or [B, 1])."""
+        kwargs = self._keywords("decode_step", kwargs)
         if len(args) < 2:
             raise InputError(f"decode_step takes (inputs..., cache), got {len(args)} argument(s)")
         *xs, cache = args
         xs = self._inputs(xs, "decode_step")
         c = self.compiled
-        if c._traced is not None:
-            squeeze = xs[0].dim() == c._traced.graph.inputs[0].type.rank - 1
+        known = self.programs.get(cache.get("_graph")) if isinstance(cache, dict) else None
+        graph = known.graph if known is not None else (c._traced.graph if c._traced is not None else None)
+        if graph is not None:
+            squeeze = xs[0].dim() == graph.inputs[0].type.rank - 1
         else:  # not traced yet: (B, 1, ...) is one position with the sequence dim, anything else lacks it
             squeeze = not (xs[0].dim() >= 2 and xs[0].shape[1] == 1)
         if squeeze:
             xs = [x[:, None] for x in xs]
+            kwargs = {k: v[:, None] for k, v in kwargs.items()}
         elif xs[0].dim() < 2 or xs[0].shape[1] != 1:
             raise InputError(f"decode_step: input 0 must be one position: shape (B, ...) without the sequence dim, "
                              f"or (B, 1, ...); got {tuple(xs[0].shape)}")
-        prog = self._program(tuple(xs))
+        prog = self._program(tuple(xs), kwargs, cache)
         cache = self._materialise(cache, prog)
+        xs = self._graph_inputs(prog, xs, kwargs)
         if DECODE_CUDA_GRAPHS and getattr(c._backend, "cuda_graphs", True):
             if getattr(prog, "decode_graphs", None) is None:
                 prog.decode_graphs = DecodeGraphs(prog)
@@ -839,7 +1077,7 @@ class Serving:
             outs = prog.run(xs, cache)
         if squeeze:
             outs = [o[:, 0] for o in outs]
-        return c._traced.unflatten(outs), cache
+        return self.traced.get(id(prog.graph), c._traced).unflatten(outs), cache
 
     def generate(self, tokens: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy decoding as Decoder.generate: tokens (B, T), T >= 1 -> (B, T + max_new_tokens)."""

@@ -229,14 +229,24 @@ class Served(Masked):
     def prefill(self, *args):
         raise NotImplementedError
 
+    def decode_step(self, *args):
+        raise NotImplementedError
 
-def test_serving_refuses_a_masked_attention_by_name():
-    c = sc.compile(Served("masked_fill_min"), backend="eager")
+
+def test_serving_takes_the_mask_as_a_positional_input_in_prefill_and_steps():
+    """prefill(x, mask, cache) and decode_step(x_t, mask_t, cache) (a padded new position too) against the module
+    on the whole sequence, at every row with a visible key (tests/test_serving_mask.py has the rest)."""
+    m = Served("masked_fill_min")
+    c = sc.compile(m, backend="eager")
     gen = torch.Generator().manual_seed(6)
-    x, mask = torch.randn(2, 5, 16, generator=gen), masks(2, 5, gen)
+    x, mask = torch.randn(2, 5, 16, generator=gen), masks(2, 5, gen)   # row 1: positions 4.. padded
     c(x, mask)
-    with pytest.raises(sc.SessaCompilerError, match="attention with a key-padding mask .* is not served"):
-        c.init_cache(2)
+    cache = c.init_cache(2)
+    outs = [c.prefill(x[:, :3], mask[:, :3], cache)[0]]
+    outs += [c.decode_step(x[:, t], mask[:, t], cache)[0][:, None] for t in (3, 4)]
+    seen = mask.cumsum(1) > 0
+    with torch.no_grad():
+        assert relative_error(torch.cat(outs, 1)[seen], m(x, mask)[seen]) <= TOL
 
 
 def test_torch_export_of_a_compiled_masked_module_runs_the_mask():

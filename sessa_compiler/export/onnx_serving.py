@@ -363,6 +363,7 @@ def export_onnx_step(module, example_inputs, path, *, method: str, opset: int, v
     compiled = CompiledModule(module, (x4,), backend="eager")
     graph = compiled.graph
     prog = ServingProgram(graph)
+    prog.refuse_masked(f"export_onnx(method={method!r})")
     prog.check((x4,), graph.params)  # the example the graph was traced on
     cache = prog.init_cache(int(x_t.shape[0]), device=torch.device("cpu"), max_len=0)
     if len(args) > 1:

@@ -224,6 +224,7 @@ def export_tvm_step(module, example_inputs, path, target=None, *, method: str, s
     if len(graph.inputs) != 1:
         raise UnsupportedError(f"export_tvm(method={method!r}): only single-input modules are exported")
     prog = ServingProgram(graph)
+    prog.refuse_masked(f"export_tvm(method={method!r})")
     prog.check((x4,), graph.params)  # the example the graph was traced on
     cache = prog.init_cache(int(x_t.shape[0]), device=torch.device("cpu"), max_len=0)
     target = resolve_target(target)

@@ -130,7 +130,8 @@ def feedback_decode(q_b: torch.Tensor, k_b_cache: torch.Tensor, s_cache: torch.T
 def attention_decode_partial(q_ptr, k_ptr, v_ptr, pm_ptr, pl_ptr, pa_ptr, t_ptr, stride_k_b, stride_k_h,
                              stride_k_l, stride_v_b, stride_v_h, stride_v_l, scale, HKV: tl.constexpr,
                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
-                             DVP: tl.constexpr, CHUNK: tl.constexpr):
+                             DVP: tl.constexpr, CHUNK: tl.constexpr, keep_ptr=None, stride_keep_b=0,
+                             KEEP: tl.constexpr = False):
     t = tl.load(t_ptr)             # positions to read, from the device (chunks past it: empty partials)
     bh = tl.program_id(0)          # batch row x kv head
     c = tl.program_id(1)
@@ -147,7 +148,12 @@ def attention_decode_partial(q_ptr, k_ptr, v_ptr, pm_ptr, pl_ptr, pa_ptr, t_ptr,
     k = tl.load(k_ptr + b * stride_k_b + h * stride_k_h + rows[:, None] * stride_k_l + d[None, :],
                 mask=row_ok[:, None] & (d[None, :] < D), other=0.0).to(tl.float32)            # [CHUNK, DP]
     logits = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale                          # [GP, CHUNK]
-    logits = tl.where(row_ok[None, :], logits, -1.0e30)
+    if KEEP:   # key-padding mask: a padded key's logit is -1e30, weight exp(-1e30 - m) = 0 beside any real key;
+        # a row with no real key has every logit -1e30: each chunk's weights are 1, the combine averages v
+        kept = tl.load(keep_ptr + b * stride_keep_b + rows, mask=row_ok, other=0) != 0
+        logits = tl.where(row_ok[None, :] & kept[None, :], logits, -1.0e30)
+    else:
+        logits = tl.where(row_ok[None, :], logits, -1.0e30)
     m = tl.max(logits, axis=1)
     p = tl.where(row_ok[None, :], tl.exp(logits - m[:, None]), 0.0)
     v = tl.load(v_ptr + b * stride_v_b + h * stride_v_h + rows[:, None] * stride_v_l + e[None, :],
@@ -161,7 +167,7 @@ def attention_decode_partial(q_ptr, k_ptr, v_ptr, pm_ptr, pl_ptr, pa_ptr, t_ptr,
 
 @triton.jit
 def attention_decode_combine(pm_ptr, pl_ptr, pa_ptr, out_ptr, nc, G: tl.constexpr, GP: tl.constexpr,
-                             DV: tl.constexpr, DVP: tl.constexpr, BC: tl.constexpr):
+                             DV: tl.constexpr, DVP: tl.constexpr, BC: tl.constexpr, EMPTY_NAN: tl.constexpr = False):
     # one program per (batch row x kv head); BC partials per loop step, loaded as one [BC, GP, DVP] tile
     bh = tl.program_id(0)
     g = tl.arange(0, GP)
@@ -183,6 +189,8 @@ def attention_decode_combine(pm_ptr, pl_ptr, pa_ptr, out_ptr, nc, G: tl.constexp
         pa = tl.load(pa_ptr + part[:, :, None] * DVP + e[None, None, :], mask=ok[:, None, None], other=0.0)
         acc += tl.sum(pa * w[:, :, None], axis=0)
     out = tl.where(total[:, None] > 0.0, acc / tl.maximum(total, 1e-30)[:, None], 0.0)
+    if EMPTY_NAN:   # no real key (every logit the padding's -1e30): NaN, as a softmax over -inf fills gives
+        out = tl.where(mx[:, None] > -1.0e29, out, float("nan"))
     tl.store(out_ptr + (bh * G + g[:, None]) * DV + e[None, :], out, mask=(g[:, None] < G) & (e[None, :] < DV))
 
 
@@ -191,11 +199,23 @@ def attention_chunk_for(g: int, d: int) -> int:
     return max(16, min(64, 8192 // (triton.next_power_of_2(g) * triton.next_power_of_2(d))))
 
 
+def _keep_args(keep, batch: int, capacity: int) -> dict:
+    if keep is None:
+        return {}
+    if keep.dim() != 2 or keep.shape[0] != batch or keep.shape[1] < capacity or keep.stride(1) != 1:
+        raise ValueError(f"attention_decode: keep must be [B, L] = [{batch}, >= {capacity}] with contiguous "
+                         f"positions, got {tuple(keep.shape)} strides {keep.stride()}")
+    return {"keep_ptr": keep.view(torch.uint8) if keep.dtype == torch.bool else keep,
+            "stride_keep_b": keep.stride(0), "KEEP": True}
+
+
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t,
-                     scale: float) -> torch.Tensor:
+                     scale: float, keep: torch.Tensor | None = None, empty_nan: bool = False) -> torch.Tensor:
     """q [B, H, d] (already rotated); caches [B, Hkv, L, d] (head-major, L >= t >= 1, last dim contiguous);
     query head h reads kv head h // (H / Hkv) -> [B, H, dv] in float32. ``t``: an int, or an int32 device
-    tensor [1] (see ``_position``)."""
+    tensor [1] (see ``_position``). ``keep`` [B, L] (bool or integer, nonzero = a real key): a key-padding mask
+    of the cached positions; a row with no real key among the first t gives the mean of v over them (the
+    attention op's empty_rows="mean"), with ``empty_nan`` NaN (empty_rows="nan")."""
     B, H, D = q.shape
     Hkv, DV = k_cache.shape[1], v_cache.shape[3]
     if H % Hkv or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
@@ -211,9 +231,9 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     attention_decode_partial[(B * Hkv, nc)](
         q.contiguous(), k_cache, v_cache, pm, pl, pa, t_dev, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), float(scale), HKV=Hkv, G=G, GP=GP, D=D, DP=DP,
-        DV=DV, DVP=DVP, CHUNK=chunk)
+        DV=DV, DVP=DVP, CHUNK=chunk, **_keep_args(keep, B, k_cache.shape[2]))
     attention_decode_combine[(B * Hkv,)](pm, pl, pa, out, nc, G=G, GP=GP, DV=DV, DVP=DVP,
-                                         BC=combine_chunks(GP * DVP))
+                                         BC=combine_chunks(GP * DVP), EMPTY_NAN=keep is not None and empty_nan)
     return out
 
 
@@ -236,18 +256,22 @@ def aot_compile(arch: int = 90, W: int = 512) -> list:
          {"W": W, "BWC": min(BW, COMBINE_BLOCK_W), "BC": combine_chunks(min(BW, COMBINE_BLOCK_W))}),
     ]
     G, D = 4, 64
-    jobs += [
-        (attention_decode_partial,
-         {"q_ptr": "*fp32", "k_ptr": "*bf16", "v_ptr": "*bf16", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
-          "pa_ptr": "*fp32", "t_ptr": "*i32", "stride_k_b": "i32", "stride_k_h": "i32", "stride_k_l": "i32",
-          "stride_v_b": "i32", "stride_v_h": "i32", "stride_v_l": "i32", "scale": "fp32", "HKV": "constexpr",
-          "G": "constexpr", "GP": "constexpr", "D": "constexpr", "DP": "constexpr", "DV": "constexpr",
-          "DVP": "constexpr", "CHUNK": "constexpr"},
-         {"HKV": 2, "G": G, "GP": G, "D": D, "DP": D, "DV": D, "DVP": D, "CHUNK": attention_chunk_for(G, D)}),
-        (attention_decode_combine,
-         {"pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32", "out_ptr": "*fp32", "nc": "i32",
-          "G": "constexpr", "GP": "constexpr", "DV": "constexpr", "DVP": "constexpr", "BC": "constexpr"},
-         {"G": G, "GP": G, "DV": D, "DVP": D, "BC": combine_chunks(G * D)}),
+    attn = {"q_ptr": "*fp32", "k_ptr": "*bf16", "v_ptr": "*bf16", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
+            "pa_ptr": "*fp32", "t_ptr": "*i32", "stride_k_b": "i32", "stride_k_h": "i32", "stride_k_l": "i32",
+            "stride_v_b": "i32", "stride_v_h": "i32", "stride_v_l": "i32", "scale": "fp32", "HKV": "constexpr",
+            "G": "constexpr", "GP": "constexpr", "D": "constexpr", "DP": "constexpr", "DV": "constexpr",
+            "DVP": "constexpr", "CHUNK": "constexpr", "KEEP": "constexpr"}
+    attn_c = {"HKV": 2, "G": G, "GP": G, "D": D, "DP": D, "DV": D, "DVP": D, "CHUNK": attention_chunk_for(G, D)}
+    comb = {"pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32", "out_ptr": "*fp32", "nc": "i32",
+            "G": "constexpr", "GP": "constexpr", "DV": "constexpr", "DVP": "constexpr", "BC": "constexpr",
+            "EMPTY_NAN": "constexpr"}
+    comb_c = {"G": G, "GP": G, "DV": D, "DVP": D, "BC": combine_chunks(G * D)}
+    jobs += [   # without and with a key-padding mask (keep: uint8 [B, L])
+        (attention_decode_partial, {**attn, "keep_ptr": "constexpr", "stride_keep_b": "constexpr"},
+         {**attn_c, "keep_ptr": None, "stride_keep_b": 0, "KEEP": False}),
+        (attention_decode_combine, comb, {**comb_c, "EMPTY_NAN": False}),
+        (attention_decode_partial, {**attn, "keep_ptr": "*u8", "stride_keep_b": "i32"}, {**attn_c, "KEEP": True}),
+        (attention_decode_combine, comb, {**comb_c, "EMPTY_NAN": True}),
     ]
     out = []
     for fn, signature, constexprs in jobs:

@@ -85,6 +85,13 @@ class DecodeKernels:
             fn = self._fns[key] = built[1]
         return fn
 
+    def _no_mask(self, batch: int) -> torch.Tensor:
+        """The unread mask argument of an unmasked attention step: uint8 [B, 1]."""
+        m = self._work.get(("no_mask", batch))
+        if m is None:
+            m = self._work[("no_mask", batch)] = torch.ones(batch, 1, dtype=torch.uint8)
+        return m
+
     def _workspace(self, shape: tuple) -> torch.Tensor:
         key = (shape, threading.get_ident())     # per thread: concurrent steps never share one
         w = self._work.get(key)
@@ -96,22 +103,28 @@ class DecodeKernels:
     def supports_attention(self, K: torch.Tensor, V: torch.Tensor) -> bool:
         return K.dtype in CACHE_DTYPES and V.dtype == K.dtype and _ok(K, K.dtype) and _ok(V, V.dtype)
 
-    def attention(self, q, k, v, inv_freq, K, V, t0: int, scale: float, rope: bool) -> torch.Tensor:
+    def supports_mask(self, M: torch.Tensor) -> bool:
+        return M.dtype == torch.bool and M.device.type == "cpu" and M.is_contiguous()
+
+    def attention(self, q, k, v, inv_freq, K, V, t0: int, scale: float, rope: bool, keep=None) -> torch.Tensor:
         """q [B, H, d], k [B, Hkv, d], v [B, Hkv, dv] (new position t0, unrotated) -> out [B, H, dv] float32;
-        K/V [B, Hkv, L, d|dv] get position t0 written."""
+        K/V [B, Hkv, L, d|dv] get position t0 written. ``keep`` (bool [B, L], position t0 already written): a
+        key-padding mask of the cached positions; a row with no real key gives the mean of v over [0, t0]."""
         B, H, d = q.shape
         Hkv, dv = K.shape[1], V.shape[-1]
         chunks = max(1, ATT_TASKS // Hkv)
         par = B * Hkv * (t0 + 1) * (d + dv) * K.element_size() > SERIAL_BYTES
+        masked = keep is not None
         key = ("attention_decode", H, Hkv, d, dv, float(scale), bool(rope), CACHE_DTYPES[K.dtype], chunks, BLOCK,
-               self.lanes, par)
+               self.lanes, par) + (("key_padding",) if masked else ())
         fn = self._build(key, lambda: attention_decode_kernel(H, Hkv, d, dv, scale, rope, CACHE_DTYPES[K.dtype],
-                                                              chunks, BLOCK, self.lanes, par))
+                                                              chunks, BLOCK, self.lanes, par, key_padding=masked))
         if inv_freq is None:
             inv_freq = torch.zeros(max(d // 2, 1))
         out = aligned_empty((B, H, dv), torch.float32)
         work = self._workspace((B, Hkv, chunks, H // Hkv, dv + 2))
-        fn(_arg(q), _arg(k), _arg(v), _arg(inv_freq), _bits(K), _bits(V), int(t0), work, out)
+        km = keep.view(torch.uint8) if masked else self._no_mask(B)
+        fn(_arg(q), _arg(k), _arg(v), _arg(inv_freq), _bits(K), _bits(V), km, int(t0), work, out)
         self.calls += 1
         return out
 

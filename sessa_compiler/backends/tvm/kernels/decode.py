@@ -55,7 +55,8 @@ def _lanes(width: int, lanes: int) -> int:
 
 
 def attention_decode_kernel(n_heads: int, n_kv_heads: int, head_dim: int, v_dim: int, scale: float, rope: bool,
-                            cache_dtype: str, chunks: int, block: int, lanes: int, parallel: bool = True):
+                            cache_dtype: str, chunks: int, block: int, lanes: int, parallel: bool = True,
+                            key_padding: bool = False):
     H, HKV, D, DV = n_heads, n_kv_heads, head_dim, v_dim
     G = H // HKV
     NC, BLK = chunks, block
@@ -67,12 +68,20 @@ def attention_decode_kernel(n_heads: int, n_kv_heads: int, head_dim: int, v_dim:
     scale = FloatImm(F32, float(scale))
     cdt = cache_dtype
 
+    # key_padding: km [B, L] (uint8, nonzero = a real key; position t0's written by the caller) masks the padded
+    # keys' logits to MASKED, and positions past t0 get 2 * MASKED: beside a real key a padded one weighs
+    # exp(MASKED - m) = 0, and a row with no real key weighs its padded keys exp(0) = 1 and the positions past
+    # t0 exp(MASKED) = 0 (the mean of v over [0, t0], the op's empty_rows="mean")
+    far = FloatImm(F32, 2 * MASKED) if key_padding else neg
+
     @T.prim_func
     def attention_decode(q_h: T.handle, k_h: T.handle, v_h: T.handle, f_h: T.handle, kc_h: T.handle,
-                         vc_h: T.handle, t0: T.int32, w_h: T.handle, o_h: T.handle):
+                         vc_h: T.handle, km_h: T.handle, t0: T.int32, w_h: T.handle, o_h: T.handle):
         T.func_attr({"global_symbol": "attention_decode", "tirx.noalias": True})
         nb = T.int32()
         L = T.int32()
+        LM = T.int32()
+        KM = T.match_buffer(km_h, (nb, LM), "uint8")
         Q = T.match_buffer(q_h, (nb, H, D), F32)
         Kn = T.match_buffer(k_h, (nb, HKV, D), F32)
         Vn = T.match_buffer(v_h, (nb, HKV, DV), F32)
@@ -153,8 +162,14 @@ def attention_decode_kernel(n_heads: int, n_kv_heads: int, head_dim: int, v_dim:
                                 lg[gi, j] = pp[j, 0] + pp[j, 1]
                             else:
                                 lg[gi, j] = pp[j, 0]
-                        for j in T.vectorized(BLK):
-                            lg[gi, j] = T.Select((c * per[0] + jb) * BLK + j <= t0, lg[gi, j], neg)
+                        if key_padding:
+                            for j in T.serial(BLK):
+                                lg[gi, j] = T.Select((c * per[0] + jb) * BLK + j <= t0, T.Select(
+                                    KM[b, T.min((c * per[0] + jb) * BLK + j, t0)] != T.uint8(0), lg[gi, j], neg),
+                                    far)
+                        else:
+                            for j in T.vectorized(BLK):
+                                lg[gi, j] = T.Select((c * per[0] + jb) * BLK + j <= t0, lg[gi, j], neg)
                         # block max, one rescale of the running sum and output
                         st[gi, 2] = st[gi, 0]
                         for j in T.serial(BLK):
