@@ -1,6 +1,7 @@
 """The persistent compile cache (sessa_compiler/compile_cache.py, backends/tvm/lib_cache.py): a second
 compile of the same module (a new CompiledModule, as in a new process) takes the traced graph and the
 built TVM library from disk; a changed module or version misses; a corrupt entry is rebuilt."""
+import dataclasses
 import importlib.util
 import json
 import os
@@ -508,3 +509,40 @@ def test_global_hooks_key_the_users_not_torchs_own():
     finally:
         handle.remove()
     assert compile_cache.module_key(m, (x,), {}, ()) == key
+
+
+@dataclasses.dataclass
+class SmallOutput:
+    """An output dataclass the user never registered as a pytree node (the compiler does, while tracing)."""
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class SmallWithOutput(Small):
+    def forward(self, x):
+        return SmallOutput(logits=super().forward(x))
+
+
+def test_an_output_dataclass_is_rebuilt_from_a_cache_hit_in_a_process_that_never_traced_it(cache_on):
+    """The traced graph's output spec names an unregistered dataclass: a process that takes the graph from the
+    cache (here: the class's pytree registration undone, as in a new process) must rebuild it, not raise
+    KeyError in tree_unflatten (it did, on the Hugging Face-style LM's output class)."""
+    import torch.utils._pytree as pytree
+
+    torch.manual_seed(0)
+    m, x = SmallWithOutput().eval(), torch.randn(2, 5, 8)
+    first = sc.compile(m, backend="eager")
+    with torch.no_grad():
+        first(x)
+    assert first.trace_cache == "miss" and SmallOutput in pytree.SUPPORTED_NODES
+    pytree._deregister_pytree_node(SmallOutput)
+    try:
+        again = sc.compile(m, backend="eager")
+        with torch.no_grad():
+            out = again(x)
+        assert again.trace_cache == "hit"
+        assert type(out) is SmallOutput and out.loss is None
+        assert relative_error(out.logits, m(x).logits) <= 1e-6
+    finally:
+        if SmallOutput in pytree.SUPPORTED_NODES:
+            pytree._deregister_pytree_node(SmallOutput)

@@ -102,26 +102,8 @@ def _register_output_types(out, seen=None) -> None:
         return
     seen.add(id(out))
     if dataclasses.is_dataclass(out) and not isinstance(out, type):
-        cls = type(out)
-        names = tuple(f.name for f in dataclasses.fields(out))
-        if cls not in pytree.SUPPORTED_NODES:
-            def flatten(obj, names=names):   # the fields set to None are no leaves: the context says which
-                present = [n for n in names if getattr(obj, n) is not None]
-                return [getattr(obj, n) for n in present], present
-
-            def flatten_with_keys(obj, names=names):
-                values, present = flatten(obj)
-                return [(pytree.GetAttrKey(n), v) for n, v in zip(present, values)], present
-
-            def unflatten(values, context, cls=cls):
-                return cls(**dict(zip(context, values)))
-
-            try:
-                pytree.register_pytree_node(cls, flatten, unflatten, flatten_with_keys_fn=flatten_with_keys,
-                                            serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
-            except ValueError:  # registered meanwhile (another thread or a C++ registration)
-                pass
-        children = [getattr(out, n) for n in names]
+        _register_dataclass(type(out))
+        children = [getattr(out, n.name) for n in dataclasses.fields(out)]
     elif isinstance(out, (list, tuple)):
         children = list(out)
     elif isinstance(out, dict):
@@ -130,6 +112,47 @@ def _register_output_types(out, seen=None) -> None:
         return
     for c in children:
         _register_output_types(c, seen)
+
+
+def _register_dataclass(cls) -> None:
+    """A dataclass as a pytree node over its fields (a field set to None is no leaf: the context names the
+    present fields), unless it is one already."""
+    import dataclasses
+
+    if cls in pytree.SUPPORTED_NODES:
+        return
+    names = tuple(f.name for f in dataclasses.fields(cls))
+
+    def flatten(obj, names=names):
+        present = [n for n in names if getattr(obj, n) is not None]
+        return [getattr(obj, n) for n in present], present
+
+    def flatten_with_keys(obj, names=names):
+        values, present = flatten(obj)
+        return [(pytree.GetAttrKey(n), v) for n, v in zip(present, values)], present
+
+    def unflatten(values, context, cls=cls):
+        return cls(**dict(zip(context, values)))
+
+    try:
+        pytree.register_pytree_node(cls, flatten, unflatten, flatten_with_keys_fn=flatten_with_keys,
+                                    serialized_type_name=f"{cls.__module__}.{cls.__qualname__}")
+    except ValueError:  # registered meanwhile (another thread or a C++ registration)
+        pass
+
+
+def register_spec_types(spec) -> None:
+    """Register the output dataclasses a pytree spec names (a Traced read back from the compile cache in a
+    process that has not traced the module: its outputs are rebuilt through this spec)."""
+    import dataclasses
+
+    stack = [spec]
+    while stack:
+        node = stack.pop()
+        cls = getattr(node, "type", None)
+        if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+            _register_dataclass(cls)
+        stack.extend(getattr(node, "children_specs", ()) or ())
 
 
 def _output_hook(module, args, output):
@@ -312,6 +335,11 @@ class Traced:
     # they built from its values (a causal mask buffer, stored RoPE tables): the graph holds only while these
     # tensors keep those values (checked at every call and on a compile-cache lookup)
     assumed: tuple = ()
+
+    def __setstate__(self, state):
+        """Unpickled (the compile cache): the output dataclasses its spec names become pytree nodes here too."""
+        self.__dict__.update(state)
+        register_spec_types(self.out_spec)
 
     def unflatten(self, outs) -> object:
         """The module's output structure from the graph's outputs (None where the module returned None)."""
