@@ -368,6 +368,12 @@ def library_version(top: str) -> str | None:
     """The installed version of the distribution that provides top-level package ``top`` (None: unknown)."""
     from importlib import metadata
 
+    try:   # a distribution named as its package (sympy, numpy): one RECORD read, not a scan of every distribution
+        dist = metadata.distribution(top)
+        if any(f.parts and f.parts[0] in (top, f"{top}.py") for f in dist.files or ()):
+            return f"{dist.metadata['Name']}=={dist.version}"
+    except (metadata.PackageNotFoundError, ValueError):
+        pass
     dists = _packages_distributions().get(top) or []
     for dist in dists:
         try:
