@@ -368,6 +368,12 @@ def library_version(top: str) -> str | None:
     """The installed version of the distribution that provides top-level package ``top`` (None: unknown)."""
     from importlib import metadata
 
+    try:   # a distribution named as its package (sympy, numpy): one RECORD read, not a scan of every distribution
+        dist = metadata.distribution(top)
+        if any(f.parts and f.parts[0] in (top, f"{top}.py") for f in dist.files or ()):
+            return f"{dist.metadata['Name']}=={dist.version}"
+    except (metadata.PackageNotFoundError, ValueError):
+        pass
     dists = _packages_distributions().get(top) or []
     for dist in dists:
         try:
@@ -409,6 +415,98 @@ def _code_of(obj):
     return obj.__code__ if isinstance(obj, types.FunctionType) else None
 
 
+def _torch_module(name) -> bool:
+    return isinstance(name, str) and name.partition(".")[0] == "torch"
+
+
+def _torchs(cls) -> bool:
+    return isinstance(cls, type) and _torch_module(cls.__module__)
+
+
+_PLAIN_ARG = _PLAIN + (type(Ellipsis), torch.dtype, torch.device, torch.layout, torch.memory_format,
+                       torch.SymInt, torch.SymFloat, torch.SymBool)
+# third-party libraries torch's tracing itself runs (symbolic sizes, graph passes): keyed by their versions when
+# the hook was off inside torch's functions (it would have seen them run)
+_TORCH_RUNS = ("sympy", "mpmath", "networkx", "numpy", "typing_extensions")
+_OWN_NAMESPACES = frozenset({"aten", "prims", "sessa_compiler"})   # the ops whose Python is torch's or this package's
+
+
+def _plain(x, depth: int = 0) -> bool:
+    """Whether torch can run no user code through ``x``: torch's own tensors, numbers, strings, dtypes,
+    symbolic sizes, and lists/tuples/dicts/slices of those (a user object could be called back: its
+    ``__index__``, ``__len__``, ``__torch_function__``, a callable)."""
+    t = type(x)
+    if t in _PLAIN_ARG:
+        return True
+    if isinstance(x, torch.Tensor):
+        return _torchs(t)
+    if depth > 8:
+        return False
+    if t in (list, tuple) or (isinstance(x, tuple) and _torchs(t)):   # torch.Size, torch.return_types
+        return all(_plain(v, depth + 1) for v in x)
+    if t is dict:
+        return all(_plain(k, depth + 1) and _plain(v, depth + 1) for k, v in x.items())
+    if t is slice:
+        return _plain(x.start, depth + 1) and _plain(x.stop, depth + 1) and _plain(x.step, depth + 1)
+    return False
+
+
+def _modes_are_torchs() -> bool:
+    """Whether every active torch function mode is torch's (one of the user's sits below _OffInTorch: its
+    ``__torch_function__`` would run inside a call the hook is off for)."""
+    return all(_torchs(type(m)) for m in torch.overrides._get_current_function_mode_stack())
+
+
+def _torch_own(func, args, kwargs) -> bool:
+    """Whether calling ``func(*args, **kwargs)`` runs only torch's code (and this package's): torch's function
+    or tensor method, or an operator of aten/prims/this package, on plain arguments, with no torch dispatch
+    mode of anyone else's active (its ``__torch_dispatch__`` would run inside)."""
+    if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        if str(getattr(func, "__module__", "")).rpartition(".")[2] not in _OWN_NAMESPACES:   # torch._ops.<ns>
+            return False
+    elif isinstance(func, torch._ops.HigherOrderOperator):   # cond, map, ...: they call the user's functions
+        return False
+    else:
+        owner = getattr(func, "__objclass__", None) or getattr(getattr(func, "__self__", None), "__objclass__", None)
+        if owner is not None:
+            if not _torchs(owner):
+                return False
+        elif not _torch_module(getattr(func, "__module__", None)):
+            return False
+    if not (_plain(args) and _plain(kwargs or {})):
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return all(_torchs(type(m)) for m in _get_current_dispatch_mode_stack())
+
+
+class _OffInTorch(torch.overrides.TorchFunctionMode):
+    """While the recorder is on, turns its profile hook off for the length of each call of one of torch's own
+    functions on plain arguments (``_torch_own``): inside, torch.export's tracing machinery (fake tensors,
+    proxies, symbolic shapes: nearly all of a trace's Python) runs, and no user code can. A profile hook slows
+    every Python instruction while it is set (about 2x for torch.export of a 12-layer decoder, even a hook that
+    does nothing); with it off inside torch's functions, recording costs little. Any other call (a higher-order
+    op, a callable or user object among the arguments, a user's operator or tensor subclass, a user's dispatch
+    mode) runs with the hook on, so everything of the user's that runs is still recorded."""
+
+    def __init__(self, hook):
+        super().__init__()
+        self.hook = hook
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch.compiler.is_dynamo_compiling():   # dynamo tracing (torch.cond's branches): the hook stays as it is
+            return func(*args, **kwargs)
+        if sys.getprofile() != self.hook or not _torch_own(func, args, kwargs):
+            return func(*args, **kwargs)
+        sys.setprofile(None)
+        try:
+            return func(*args, **kwargs)
+        finally:
+            if sys.getprofile() is None:
+                sys.setprofile(self.hook)
+
+
 class Recorder:
     """A profile hook (sys.setprofile, this thread only, while the module's forward runs; not installed, and the
     trace not cached, where a profiler is already active) that records, while a module is traced, the manifest of everything the trace ran outside torch, the standard library
@@ -426,6 +524,8 @@ class Recorder:
         self._globals: dict = {}       # (module name, global name) -> fingerprint
         self.why: str | None = None
         self._sites = _site_dirs()
+        self._off_in_torch = None      # _OffInTorch while recording
+        self.off_in_torch = False      # whether the hook was off inside torch's functions
 
     def __enter__(self):
         """Record while the module's forward runs in this thread (torch.export calls it once; the rest of the
@@ -437,23 +537,37 @@ class Recorder:
             sys.setprofile(self._hook)
             return self
 
+        hook = self._hook   # one bound method: the profile function, compared by identity below
+        if _modes_are_torchs():   # below the modes torch.export enters: they hand each call on to it
+            self._off_in_torch = _OffInTorch(hook)
+            self._off_in_torch.__enter__()
+            self.off_in_torch = True
+
         def start(*_):
             if threading.get_ident() == self._thread and sys.getprofile() is None:
                 self._started = True
-                sys.setprofile(self._hook)
+                sys.setprofile(hook)
 
         def stop(*_):
-            if threading.get_ident() == self._thread and sys.getprofile() == self._hook:
+            if threading.get_ident() == self._thread and sys.getprofile() is hook:
                 sys.setprofile(None)
         self._handles = [self._module.register_forward_pre_hook(start, prepend=True),
                          self._module.register_forward_hook(stop, always_call=True)]
         return self
+
+    def _leave_torch_mode(self):
+        if self._off_in_torch is not None:
+            mode, self._off_in_torch = self._off_in_torch, None
+            stack = torch.overrides._get_current_function_mode_stack()
+            if stack and stack[-1] is mode:   # (else a mode entered since was left on the stack: ours stays
+                mode.__exit__(None, None, None)   # below it, passing every call through)
 
     def __exit__(self, *exc):
         for handle in self._handles:
             handle.remove()
         if sys.getprofile() == self._hook:
             sys.setprofile(None)
+        self._leave_torch_mode()
         return False
 
     def _hook(self, frame, event, arg):
@@ -496,6 +610,10 @@ class Recorder:
         if self.why is not None:
             return None
         files, functions, libraries = {}, {}, {}
+        if self.off_in_torch:   # the libraries torch's tracing runs inside its functions, unseen by the hook
+            for top in _TORCH_RUNS:
+                if top in sys.modules and library_version(top) is not None:
+                    libraries[top] = library_version(top)
         for top, path in self._libraries.items():
             version = library_version(top)
             if version is not None:

@@ -1,6 +1,8 @@
 """Identical layers are recognised once (issue 23 point 2): a model of N structurally identical layers costs one
 layer's recognition probes, layers that differ in structure or in a constant the region reads are probed
 separately, and the compiled model still equals the module."""
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -130,3 +132,36 @@ def test_a_trace_from_the_cache_does_not_load_dynamo_and_torch_compile_still_wor
            for kind in ("cold", "warm")]
     assert all(r.returncode == 0 for r in run), [r.stderr[-2000:] for r in run]
     assert run[0].stdout.split() == ["miss", "True"] and run[1].stdout.split() == ["hit", "False"]
+
+
+def _tvm_work(monkeypatch, layers: str, whole_graph: bool):
+    """(tvm.compile calls, TIR functions of the whole-graph program after legalisation) for compile + first call."""
+    import tvm
+    from tvm import relax
+
+    tvm_build = importlib.import_module("sessa_compiler.backends.tvm.build")
+    monkeypatch.setenv("SESSA_COMPILER_COMPILE_CACHE", "0")      # every build happens here
+    monkeypatch.setattr(tvm_build, "_CACHE", {})                   # and the in-process kernel cache is empty
+    modules = []
+    real = tvm.compile
+    monkeypatch.setattr(tvm, "compile", lambda mod, *a, **k: modules.append(mod) or real(mod, *a, **k))
+    dec = randomize(Decoder(50, 16, layers, n_heads=2))
+    t = torch.randint(0, 50, (1, 8))
+    with torch.no_grad():
+        c = sc.compile(dec, (t,), backend="tvm", options={"whole_graph": whole_graph})
+        torch.testing.assert_close(c(t), dec(t), rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(tvm, "compile", real)
+    tir = [sum(isinstance(f, tvm.tirx.PrimFunc) for f in relax.transform.LegalizeOps()(m).functions.values())
+           for m in modules] if whole_graph else []
+    return len(modules), tir
+
+
+@pytest.mark.parametrize("whole_graph", [False, True])
+def test_identical_layers_build_their_tvm_kernels_once(monkeypatch, whole_graph):
+    """Hybrid mode builds one kernel per distinct spec (an attention and a feedback kernel for any number of identical
+    layers); whole-graph mode builds one library whose TIR functions are one layer's (Relax keeps one PrimFunc per
+    structurally equal function)."""
+    one = _tvm_work(monkeypatch, "S", whole_graph)
+    four = _tvm_work(monkeypatch, "SSSS", whole_graph)
+    assert four == one, (one, four)
+    assert one[0] == (1 if whole_graph else 2)

@@ -62,3 +62,22 @@ def test_stage_names_what_runs_and_counts(terminal):
         status = progress._LOCAL.stack[-1]
         assert status.text() == "sessa_compiler: building: kernels: 3 of 8"
     progress.stage("outside any step")  # nothing shown: no error
+
+
+@pytest.mark.parametrize("whole_graph", [False, True])
+def test_the_tvm_build_says_what_it_builds(terminal, whole_graph):
+    """Hybrid mode counts its kernel builds (one per distinct kernel: two identical layers build an attention and a
+    feedback kernel, 2 of 2); whole-graph mode names the library build and its distinct kernels."""
+    from sessa_compiler.models import SessaLayer
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(SessaLayer(16, n_heads=2), SessaLayer(16, n_heads=2)).eval()
+    err = terminal()
+    x = torch.randn(1, 8, 16)
+    with torch.no_grad():
+        sc.compile(m, x, backend="tvm", options={"whole_graph": whole_graph})(x)
+    text = err.getvalue()
+    if whole_graph:
+        assert "building the TVM library: 2 distinct generated kernels" in text, text[-2000:]
+    else:
+        assert "building TVM kernels: 2 of 2" in text and "of 4" not in text, text[-2000:]

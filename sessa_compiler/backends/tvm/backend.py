@@ -17,6 +17,7 @@ import torch
 
 from ...errors import InputError, UnsupportedError
 from ...ir.graph import Graph, Node, Value
+from ...progress import stage
 from ..base import Backend, CompileContext
 from ..eager import bind_symbols, eager_when_empty, resolve, run_node
 from .build import ALIGN, aligned_empty, build, kernel_source, lanes_for
@@ -185,7 +186,12 @@ class TVMBackend(Backend):
             from .lib_cache import load_or_build
 
             def compiled():
-                return tvm.compile(graph_to_relax(graph, self.lanes, schedules)[0], target=self.target)
+                stage(f"lowering {graph.name} to Relax")
+                mod = graph_to_relax(graph, self.lanes, schedules)[0]
+                kernels = len({item.spec for item in plan if item.spec is not None})
+                stage(f"building the TVM library: {kernels} distinct generated kernels, {len(mod.functions)} "
+                      "functions before legalisation (tvm.compile)")
+                return tvm.compile(mod, target=self.target)
 
             vm = relax.VirtualMachine(load_or_build(graph, schedules, self.target, self.lanes, compiled), tvm.cpu())
         except Exception as e:  # a TVM lowering/build limitation: keep running, in hybrid mode, and say why
@@ -234,6 +240,16 @@ class TVMBackend(Backend):
         self.modes[id(graph)] = ("whole graph", "every op lowers to TVM")
         return run
 
+    def _build_kernels(self, plan) -> dict:
+        """The built kernel of each distinct spec in the plan, built once each (N identical layers: one layer's
+        kernels), counted on a terminal (progress.py: building TVM kernels: i of m)."""
+        specs = list(dict.fromkeys(item.spec for item in plan if item.spec is not None))
+        built = {}
+        for i, spec in enumerate(specs, 1):
+            stage("building TVM kernels", i, len(specs))
+            built[spec] = build(spec, self.target)
+        return built
+
     def prepare(self, graph: Graph, ctx: CompileContext | None = None):
         return eager_when_empty(graph, self._prepare(graph, ctx or CompileContext()))
 
@@ -251,10 +267,8 @@ class TVMBackend(Backend):
                 return run
         else:
             self.modes[id(graph)] = ("hybrid", "whole_graph=False")
-        calls = {}
-        for item in plan:
-            if item.spec is not None:
-                calls[item.node] = KernelCall(build(item.spec, self.target), self.stats)
+        kernels = self._build_kernels(plan)
+        calls = {item.node: KernelCall(kernels[item.spec], self.stats) for item in plan if item.spec is not None}
         stats = self.stats
 
         def run(inputs, params):
@@ -300,7 +314,9 @@ class TVMBackend(Backend):
         if id(graph) not in self.resolved:
             self.resolve_schedules(graph, ctx)
         kernels = {}
-        for item in self.plan(graph):
+        plan = self.plan(graph)
+        built = self._build_kernels([item for item in plan if item.spec is not None and item.node.op != "attention"])
+        for item in plan:
             if item.spec is None:
                 continue
             node = item.node
@@ -309,7 +325,7 @@ class TVMBackend(Backend):
                 # masked variants of both, which read the mask)
                 kernels[node] = tvm_training.attention_forward_kernel(item.spec, self.target, self.stats)
                 continue
-            call = KernelCall(build(item.spec, self.target), self.stats)
+            call = KernelCall(built[item.spec], self.stats)
             if node.op == "tri_solve":
                 kernels[node] = lambda A, b, call=call, upper=node.attrs["upper"]: call(A, b, upper=upper)
             else:

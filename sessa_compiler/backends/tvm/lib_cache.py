@@ -58,4 +58,8 @@ def load_or_build(graph, schedules: dict, target, lanes: int, build):
         os.replace(tmp, path)  # atomic: a concurrent reader sees no half-written library
     except Exception as e:  # noqa: BLE001 - no C++ compiler, read-only cache: the next process builds again
         warnings.warn(f"sessa_compiler compile cache: could not write {path} ({type(e).__name__}: {e})", stacklevel=2)
-    return executable
+        return executable
+    try:   # the library just linked: a VM over the in-memory executable would generate its code again (~0.75 s
+        return tvm.runtime.load_module(str(path))   # for a 4-layer decoder), as the written one is already
+    except Exception:  # noqa: BLE001 - then the executable itself
+        return executable
