@@ -68,8 +68,19 @@ SMOKE = {
 }
 
 
+# Files run first (in this order): each is one long ahead-of-time compile for sm_90 in a subprocess (its tests
+# share a module fixture) or one long subprocess. First, they land whole in the first worker's first batch under
+# pytest-xdist (a file split between the workers would compute its module fixture twice) and the suite's end is
+# short tests that balance the two workers; last in alphabetical order, as before, one worker ran them alone
+# while the other sat idle.
+HEAVY_FIRST = ("test_triton_backward_static.py", "test_triton_aot.py", "test_triton_static.py",
+               "test_triton_minimal_env.py")
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m deselects
 def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))   # stable: the rest keep their order
     found = set()
     for item in items:
         wanted = SMOKE.get(item.path.name, ())

@@ -110,13 +110,26 @@ _KERNEL_ARGS = {"feedback": ("width", "scale"), "feedback_bwd": ("width", "scale
                 "linear": ("in_features", "out_features", "bias")}
 
 
+_PRIMFUNCS: dict = {}
+_PRIMFUNC_LOCK = threading.Lock()
+
+
 def primfunc(spec: KernelSpec):
-    """Generate the TIR PrimFunc for a spec, named by its unique symbol."""
+    """Generate the TIR PrimFunc for a spec, named by its unique symbol. Memoised per spec in this process:
+    generating one parses the generator's TVMScript (0.1-0.5 s), and a model's identical layers (and every
+    compile of a module of the same shapes) ask for the same specs again; a PrimFunc is immutable, so one
+    serves every IRModule that holds it."""
+    with _PRIMFUNC_LOCK:
+        func = _PRIMFUNCS.get(spec)
+    if func is not None:
+        return func
     p = spec.params
     extra = {"key_padding": True} if spec.op.startswith("attention") and p.get("key_padding", False) else {}
     func = kernel_generator(spec.op)(*(p[k] for k in _KERNEL_ARGS[spec.op]), spec.dtype, spec.schedule, **extra)
     # the tunables travel with the kernel (readable in the TVMScript and by an autotuner)
-    return func.with_attr("global_symbol", spec.symbol).with_attr("sessa.schedule", spec.schedule.tag())
+    func = func.with_attr("global_symbol", spec.symbol).with_attr("sessa.schedule", spec.schedule.tag())
+    with _PRIMFUNC_LOCK:
+        return _PRIMFUNCS.setdefault(spec, func)
 
 
 def generator_source(op: str) -> str:
