@@ -2,7 +2,6 @@
 (a set hook slows every Python instruction, about doubling torch.export), and still records every function of
 the user's that the trace runs, also those torch calls back inside its functions (a custom op's fake kernel,
 torch.cond still traces under the recorder's mode)."""
-import importlib.util
 import sys
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 import sessa_compiler.compile_cache as compile_cache
 from sessa_compiler.frontend.trace import export_program
 from sessa_compiler.models import SessaLayer
+from user_files import load_source
 
 HELPERS = '''
 import torch
@@ -55,16 +55,6 @@ class User(torch.nn.Module):
 '''
 
 
-def _load(tmp_path, name, text):
-    path = tmp_path / f"{name}.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
 class Counting(compile_cache.Recorder):
     events = 0
 
@@ -104,8 +94,8 @@ def test_user_code_torch_runs_inside_its_functions_is_still_recorded(tmp_path, m
     monkeypatch.syspath_prepend(str(tmp_path))
     for name in ("rec_helpers", "rec_model"):
         monkeypatch.delitem(sys.modules, name, raising=False)
-    _load(tmp_path, "rec_helpers", HELPERS)
-    model = _load(tmp_path, "rec_model", MODEL)
+    load_source(tmp_path, "rec_helpers", HELPERS)
+    model = load_source(tmp_path, "rec_model", MODEL)
     torch.manual_seed(0)
     m, x = model.User().eval(), torch.randn(2, 5, 8)
     export_program(m, (x,))   # what the first trace imports (import hooks run: pytest's) is not compared

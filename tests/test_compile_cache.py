@@ -2,7 +2,6 @@
 compile of the same module (a new CompiledModule, as in a new process) takes the traced graph and the
 built TVM library from disk; a changed module or version misses; a corrupt entry is rebuilt."""
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ import sessa_compiler.api as api
 import sessa_compiler.compile_cache as compile_cache
 from sessa_compiler.api import relative_error
 from sessa_compiler.models import SessaLayer
+from user_files import load_source
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent
@@ -200,17 +200,6 @@ def test_an_edited_helper_in_another_file_misses_in_a_new_process(tmp_path):
     (src / "helpers.py").write_text("import torch\n\n\ndef act(x):\n    return torch.sigmoid(x)\n")
     edited = run_child(src, cache)  # the old graph computed tanh: relative error ~1 if it were reused
     assert edited["cache"] == "miss" and edited["err"] <= 1e-5
-
-
-def load_source(tmp_path, name: str, text: str):
-    """Import a module written into tmp_path (as a user's file would be)."""
-    path = tmp_path / f"{name}.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def check_new_outputs(m, x) -> str:
