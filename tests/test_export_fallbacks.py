@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import warnings
 
+import onnxruntime  # noqa: F401  (pinned in requirements/all.txt, like tvm: always installed, never skipped)
 import pytest
 import torch
-
-pytest.importorskip("onnxruntime")
-pytest.importorskip("tvm")
+import tvm  # noqa: F401
 
 import sessa_compiler as sc  # noqa: E402
 from sessa_compiler.errors import SessaCompilerError  # noqa: E402
