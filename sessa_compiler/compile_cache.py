@@ -281,8 +281,7 @@ def _global_hooks() -> list:
     def torchs(hook) -> bool:
         while isinstance(hook, (functools.partial, types.MethodType)):
             hook = hook.func if isinstance(hook, functools.partial) else hook.__func__
-        owner = getattr(hook, "__module__", None) if isinstance(hook, types.FunctionType) else None
-        return isinstance(owner, str) and owner.partition(".")[0] in ("torch", "torchgen", "functorch")
+        return isinstance(hook, types.FunctionType) and _torch_module(hook.__module__)
 
     def users(hooks):
         hooks = list(hooks.values()) if isinstance(hooks, dict) else hooks

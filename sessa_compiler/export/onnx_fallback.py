@@ -15,7 +15,7 @@ import torch
 
 from ..ir.graph import Node, Value
 from ..ir.ops import ArgRef
-from ..semantics.fallback_forms import FORMS
+from ..semantics.fallback_forms import FORMS, bind, reduced_dims
 from .onnx_builder import INT64_MAX, ONNX_DTYPE, OnnxExportError, OnnxUnsupportedOpError, out_dtype, value_info
 
 FALLBACKS: dict[str, Callable] = {}
@@ -33,8 +33,6 @@ class Args:
     """A fallback's arguments by schema name: tensors as ONNX names, everything else as Python values."""
 
     def __init__(self, L, node: Node):
-        from ..semantics.fallback_forms import bind
-
         self.L, self.node = L, node
         self.values: dict = bind(node)
 
@@ -328,8 +326,6 @@ def _nan_to_num(L, node, a: Args):
 
 def _reduce_axes(L, a: Args, rank: int):
     """(axes input or None for every element, keepdims) of an any / all / prod."""
-    from ..semantics.fallback_forms import reduced_dims
-
     dims = reduced_dims(a.values, rank)
     return (None if dims is None else L.b.i64(*dims)), int(bool(a.value("keepdim")))
 
@@ -454,8 +450,6 @@ def _div_mode(L, node, a: Args):
 def _count_nonzero(L, node, a: Args):
     b = L.b
     t = a.type("self")
-    from ..semantics.fallback_forms import reduced_dims
-
     dims = reduced_dims(a.values, t.rank)
     nz = b.cast(_truth(L, a, "self"), "bool", "i64")
     return [b.op("ReduceSum", nz, None if dims is None else b.i64(*dims), keepdims=0, hint="count_nonzero")]

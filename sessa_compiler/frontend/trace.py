@@ -506,9 +506,10 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     report = recognise(graph, _layout_sizes(graph)) if recognisers else Report()
     report.accepted[:0] = lowerer.notes
     simplify(graph)
-    assumed = tuple((name, tensor_digest(t)) for name, t in read.items() if name not in graph.param_values)
-    for name, t in read.items():
-        if name not in graph.param_values and t.requires_grad:
+    consumed = {name: t for name, t in read.items() if name not in graph.param_values}   # read, then replaced
+    assumed = tuple((name, tensor_digest(t)) for name, t in consumed.items())
+    for name, t in consumed.items():
+        if t.requires_grad:
             warnings.warn(f"compiling {type(module).__name__}: the trainable parameter '{name}' was folded into a "
                           "recognised op from its current values, so it gets no gradient through the compiled "
                           "module (and any change to it traces the module again); freeze it with "
