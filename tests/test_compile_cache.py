@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import pytest
@@ -552,3 +553,33 @@ def test_an_output_dataclass_is_rebuilt_from_a_cache_hit_in_a_process_that_never
     finally:
         if SmallOutput in pytree.SUPPORTED_NODES:
             pytree._deregister_pytree_node(SmallOutput)
+
+
+class _Dicted(torch.nn.Module):
+    """Parameter names the IR's plain %name cannot hold: a Sequential's "0.weight", a ModuleDict key "block-1"."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU())
+        self.d = torch.nn.ModuleDict({"block-1": torch.nn.Linear(8, 8), "x y": torch.nn.Linear(8, 8)})
+
+    def forward(self, x):
+        h = self.seq(x)
+        return self.d["block-1"](h) * self.d["x y"](x)
+
+
+def test_a_sequential_or_module_dict_is_served_from_the_cache(cache_on, monkeypatch):
+    # their entries did not load ("ParseError: expected '%name: type', got '%0.weight: f32[8, 8]'"): every compile
+    # of such a model warned and traced again
+    torch.manual_seed(0)
+    m, x = _Dicted().eval(), torch.randn(2, 5, 8)
+    first = sc.compile(m, backend="eager")
+    first(x)
+    assert first.trace_cache == "miss"
+    with monkeypatch.context() as mp, warnings.catch_warnings():
+        warnings.simplefilter("error")
+        no_tracing(mp)
+        again = sc.compile(m, backend="eager")
+        with torch.no_grad():
+            assert relative_error(again(x), m(x)) <= 1e-6
+        assert again.trace_cache == "hit" and str(again.graph) == str(first.graph)

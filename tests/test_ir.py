@@ -181,3 +181,18 @@ def test_frontend_and_semantics_do_not_import_backends():
                     bad += [f"{package}/{path.name}:{node.lineno} imports {a.name}" for a in node.names
                             if a.name.startswith("sessa_compiler.backends")]
     assert bad == []
+
+
+@pytest.mark.parametrize("name", ["0.weight", "d.block-1.weight", "x y", 'q"uote', "ünï.w", "_0"])
+def test_any_value_name_round_trips(name):
+    g = Graph("names")
+    t = TensorType(DType("f32"), (sym("T"), 4))
+    x = g.add_input(name + ".in", t)
+    w = g.add_param(name, TensorType(DType("f32"), (4,)))
+    y = g.make_node("mul", [x, w], {}, [t], names=[name + ".out"]).output
+    g.outputs = [y]
+    verify_graph(g)
+    back = parse(str(g))
+    assert str(back) == str(g)
+    assert [v.name for v in back.inputs] == [name + ".in"] and list(back.param_values) == [name]
+    assert back.outputs[0].name == name + ".out"

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -11,6 +13,15 @@ import sympy
 
 from ..errors import IRError, ParseError
 from .types import ArgRef, DType, TensorType, format_dim
+
+
+_PLAIN_NAME = re.compile(r"\w[\w.]*\Z", re.ASCII)
+
+
+def value_ref(name: str) -> str:
+    """How the text format writes a reference to the value ``name``: ``%x``, ``%0.weight``, or, for names with
+    other characters (a ModuleDict key such as ``"block-1"``), ``%"block-1.weight"`` (a JSON string)."""
+    return "%" + (name if _PLAIN_NAME.match(name) else json.dumps(name))
 
 
 class Value:
@@ -25,7 +36,7 @@ class Value:
         self.producer = producer
 
     def __repr__(self) -> str:
-        return f"%{self.name}: {self.type}"
+        return f"{value_ref(self.name)}: {self.type}"
 
 
 @dataclass(eq=False)
@@ -48,7 +59,7 @@ class Node:
         return self.outputs[0]
 
     def __repr__(self) -> str:
-        outs = ", ".join(f"%{v.name}" for v in self.outputs)
+        outs = ", ".join(value_ref(v.name) for v in self.outputs)
         return f"<Node {outs} = {self.op}>"
 
 
@@ -290,21 +301,21 @@ def format_literal(x) -> str:
 
 
 def format_operand(x) -> str:
-    return f"%{x.name}" if isinstance(x, Value) else format_literal(x)
+    return value_ref(x.name) if isinstance(x, Value) else format_literal(x)
 
 
 def print_graph(g: Graph) -> str:
-    ins = ", ".join(f"%{v.name}: {v.type}" for v in g.inputs)
+    ins = ", ".join(f"{value_ref(v.name)}: {v.type}" for v in g.inputs)
     lines = [f"graph {g.name}({ins}) {{"]
     for name, v in g.param_values.items():
-        lines.append(f"  param %{name}: {v.type}")
+        lines.append(f"  param {value_ref(name)}: {v.type}")
     for n in g.nodes:
-        outs = ", ".join(f"%{v.name}: {v.type}" for v in n.outputs)
+        outs = ", ".join(f"{value_ref(v.name)}: {v.type}" for v in n.outputs)
         args = ", ".join(format_operand(x) for x in n.inputs)
         attrs = ""
         if n.attrs:
             attrs = " {" + ", ".join(f"{k}={format_literal(v)}" for k, v in n.attrs.items()) + "}"
         lines.append(f"  {outs} = {n.op}({args}){attrs}")
-    lines.append("  return " + ", ".join(f"%{v.name}" for v in g.outputs))
+    lines.append("  return " + ", ".join(value_ref(v.name) for v in g.outputs))
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -13,6 +13,7 @@ dimension symbols (``T``, ``2*T``), dtypes are ``dtype.f32`` and fallback operan
 from __future__ import annotations
 
 import ast
+import json
 import re
 
 from ..errors import ParseError
@@ -53,6 +54,14 @@ class _Eval(DimEval):
         return super().__call__(node)
 
 
+# a value reference: %name (letters, digits, _ and .) or %"any name" (a JSON string): graph.value_ref writes them
+_REF = re.compile(r'%(\w[\w.]*|"(?:[^"\\]|\\.)*")', re.ASCII)
+
+
+def _ref_name(token: str) -> str:
+    return json.loads(token) if token.startswith('"') else token
+
+
 def _sub_values(text: str) -> str:
     """Replace %name by __v("name") outside string literals."""
     out, i, quote = [], 0, None
@@ -69,11 +78,11 @@ def _sub_values(text: str) -> str:
             quote = c
             out.append(c)
         elif c == "%":
-            m = re.match(r"%([A-Za-z_][\w.]*)", text[i:])
+            m = _REF.match(text, i)
             if not m:
                 raise ParseError(f"bad value reference at {text[i:i + 20]!r}")
-            out.append(f'__v("{m.group(1)}")')
-            i += m.end() - 1
+            out.append(f"__v({json.dumps(_ref_name(m.group(1)))})")
+            i = m.end() - 1
         else:
             out.append(c)
         i += 1
@@ -130,10 +139,11 @@ def _split_top(text: str, sep: str = ",") -> list:
 def _decls(text: str, where: str) -> list:
     out = []
     for part in _split_top(text):
-        m = re.match(r"^%([A-Za-z_][\w.]*)\s*:\s*(.+)$", part)
-        if not m:
+        m = _REF.match(part)
+        rest = re.match(r"\s*:\s*(.+)$", part[m.end():]) if m else None
+        if not rest:
             raise ParseError(f"{where}: expected '%name: type', got {part!r}")
-        out.append((m.group(1), parse_type(m.group(2), where)))
+        out.append((_ref_name(m.group(1)), parse_type(rest.group(1), where)))
     return out
 
 
@@ -178,11 +188,11 @@ def parse(text: str) -> Graph:
                 values[name] = g.add_param(name, t)
             continue
         if line.startswith("return"):
-            names = [p.strip() for p in line[len("return"):].split(",") if p.strip()]
-            for p in names:
-                if not p.startswith("%") or p[1:] not in values:
+            for p in _split_top(line[len("return"):]):
+                m = _REF.fullmatch(p)
+                if not m or _ref_name(m.group(1)) not in values:
                     raise ParseError(f"{where}: return of undefined value {p!r}")
-                g.outputs.append(values[p[1:]])
+                g.outputs.append(values[_ref_name(m.group(1))])
             returned = True
             continue
         eq = re.search(r"\s=\s([a-z_][a-z0-9_]*)\(", line)
