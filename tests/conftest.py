@@ -10,21 +10,48 @@ import triton_env  # noqa: E402,F401
 
 import os  # noqa: E402
 
-# The persistent cache of traced graphs would let one test's trace serve another's: off. Built TVM libraries
-# are keyed by exactly what they compute (IR text, schedules, target, versions, this package's source), so one
-# build serves every test of the run that lowers the same graph (SESSA_COMPILER_COMPILE_CACHE=libraries, in a
-# directory of this run shared by the xdist workers). Tests that check the caches turn them on with their own
-# cache directory (tests/test_compile_cache.py).
+# The persistent compile cache is on for the whole run, in a directory of this run shared by the xdist workers: a
+# module compiled by several tests (on several backends, in float32 and float64, ...) is traced and recognised once,
+# and the suite exercises the cache as users meet it (an entry is used only when its manifest still holds, so every
+# test sees exactly what a fresh trace would give). Once a test patches an object with `monkeypatch`, it traces
+# afresh (`_fresh_trace_when_patched` below): a patch of this package's own functions is not part of the cache key (the
+# package is keyed by its source), so such a test must not be served another test's trace. Tests that check the
+# caches themselves use their own cache directory (tests/test_compile_cache.py).
 if "SESSA_COMPILER_COMPILE_CACHE" not in os.environ:
-    os.environ["SESSA_COMPILER_COMPILE_CACHE"] = "libraries"
+    os.environ["SESSA_COMPILER_COMPILE_CACHE"] = "1"
     if "SESSA_COMPILER_CACHE_DIR" not in os.environ:
         import tempfile
 
         _run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
         os.environ["SESSA_COMPILER_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"sessa-compiler-tests-{_run}")
+_SHARED = os.environ.get("SESSA_COMPILER_CACHE_DIR")  # the directory the run's tests share
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_trace_when_patched(request):
+    """From the moment a test patches an object through `monkeypatch` (setattr, delattr, setitem, delitem), traced
+    graphs are not shared with it: every later compile of the test traces afresh (built TVM libraries are still
+    shared: they are keyed by what they compute). Environment variables (setenv) do not count."""
+    if "monkeypatch" in request.fixturenames and os.environ.get("SESSA_COMPILER_COMPILE_CACHE") == "1":
+        mp = request.getfixturevalue("monkeypatch")
+        setitem = mp.setitem
+        for name in ("setattr", "delattr", "setitem", "delitem"):
+            setattr(mp, name, _fresh_after(setitem, getattr(mp, name)))  # on this instance only
+    yield
+
+
+def _fresh_after(setitem, patch):
+    def patched(target, *args, **kwargs):
+        # setenv and delenv come through setitem/delitem on os.environ: not a patch of code. A test that checks the
+        # caches with its own directory (tests/test_compile_cache.py) keeps them.
+        if target is not os.environ and os.environ.get("SESSA_COMPILER_COMPILE_CACHE") == "1" \
+                and os.environ.get("SESSA_COMPILER_CACHE_DIR") == _SHARED:
+            setitem(os.environ, "SESSA_COMPILER_COMPILE_CACHE", "libraries")  # undone after the test
+        return patch(target, *args, **kwargs)
+    return patched
 
 
 @pytest.fixture(scope="module")
