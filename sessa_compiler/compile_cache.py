@@ -46,7 +46,7 @@ import torch
 from .persistent_cache import cache_dir, make_private_dir, package_hash, stable_hash, tensor_digest, trusted
 from .persistent_cache import compile_cache_enabled as enabled  # noqa: F401  (compile_cache.enabled())
 
-ENTRY_FORMAT = 3   # 3: Traced.assumed (tensors a recognised op was built from)
+ENTRY_FORMAT = 4   # 3: Traced.assumed (tensors a recognised op was built from); 4: the graph's source lines
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 # code from these top-level packages is keyed by their versions / this package's hash, not recorded
 _KEYED_ELSEWHERE = frozenset(sys.stdlib_module_names) | {"torch", "torchgen", "functorch", "sessa_compiler",
@@ -706,6 +706,7 @@ def load(key: str, module: torch.nn.Module, why: list | None = None):
             why.append(stale)
             return None
         graph = parse(entry["ir"])
+        graph.sources = dict(entry["sources"])   # the user's lines the values came from (errors, explain, warnings)
         state = dict(module.named_parameters(remove_duplicate=False))
         state.update(module.named_buffers(remove_duplicate=False))
         for name in graph.param_values:   # the module's state (a complex X as "X.as_real": a view of it), else constants
@@ -743,7 +744,7 @@ def store(key: str, traced, module: torch.nn.Module, manifest: dict) -> None:
     state = {n for n, _ in module.named_parameters(remove_duplicate=False)}
     state |= {n for n, _ in module.named_buffers(remove_duplicate=False)}
     graph = traced.graph
-    entry = {"format": ENTRY_FORMAT, "key": key, "ir": str(graph), "manifest": manifest,
+    entry = {"format": ENTRY_FORMAT, "key": key, "ir": str(graph), "sources": dict(graph.sources), "manifest": manifest,
              "constants": {n: t for n, t in graph.params.items()   # the module's own state is not stored
                            if n in graph.param_values and n not in state and pair_source(n, state) is None},
              "traced": dataclasses.replace(traced, graph=None)}

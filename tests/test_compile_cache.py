@@ -583,3 +583,6 @@ def test_a_sequential_or_module_dict_is_served_from_the_cache(cache_on, monkeypa
         with torch.no_grad():
             assert relative_error(again(x), m(x)) <= 1e-6
         assert again.trace_cache == "hit" and str(again.graph) == str(first.graph)
+    # the user's source lines of the graph's values come back too: errors, warnings and explain() name them
+    assert again.graph.sources == first.graph.sources
+    assert "test_compile_cache.py" in again.graph.source_of(again.graph.nodes[-1])
