@@ -21,7 +21,7 @@ from .backends.shapes import sequence_length
 from .ir.dtypes import from_torch, to_torch
 from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
 from .frontend.lower import as_pairs, pair_source
-from .frontend.trace import Traced, check_keywords, trace_with_report
+from .frontend.trace import Traced, check_keywords, trace_with_report, warn_folded_trainables
 from .ir.ops import CORE, OPS
 from .persistent_cache import collecting, tensor_digest
 from .serving import SERVING_METHODS as _SERVING_METHODS
@@ -457,6 +457,10 @@ class CompiledModule(torch.nn.Module):
         if traced is not None and _why_not(traced, args, kwargs) is not None:
             traced = None  # cached from sizes on another path through size-dependent code: trace this one
             why.append("the entry was traced on another path through size-dependent code")
+        if traced is not None:   # what a fresh trace of this module would have said
+            state = dict(self._orig_mod.named_parameters(remove_duplicate=False))
+            warn_folded_trainables(self._orig_mod, [n for n, _ in traced.assumed if n in state
+                                                    and state[n].requires_grad], stacklevel=6)
         self.trace_cache = "hit" if traced is not None else ("miss" if key else "off")
         self.trace_cache_why = "; ".join(why) or None
         if traced is None:

@@ -7,7 +7,7 @@ An entry is found by a primary key and then validated against a manifest recorde
 - primary key (``module_key``): the module's structure (each submodule's name, class and ``extra_repr()``),
   the files that define its submodules' classes, every submodule's non-tensor attributes (fingerprinted
   recursively: config objects, functions by their code, defaults and closures; hooks; an instance-level
-  ``forward``), each submodule's resolved ``forward``, the global module hooks, the names, shapes and dtypes
+  ``forward``), each submodule's resolved ``forward``, the global module hooks, the names, shapes, dtypes (and, for parameters, requires_grad)
   of its parameters and buffers, its train/eval modes, the call's structure (ranks, dtypes, devices, static
   sizes, keyword constants) and the versions of Python, torch, triton, tvm, onnx and this package's source.
 - manifest (``Recorder``): every Python function that ran while tracing outside torch, the standard library
@@ -317,7 +317,9 @@ def _module_key(module, args, kwargs, modes) -> str:
     if missing:
         raise NotKeyable(f"class {missing[0]} has no source file (defined interactively?)")
     code = sorted(sources.values()) + [package_hash()]
-    tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_parameters(remove_duplicate=False)]
+    # a parameter's requires_grad too: the recognisers fold only what they may (trainable ones get a warning)
+    tensors = [(n, tuple(t.shape), str(t.dtype), t.requires_grad)
+               for n, t in module.named_parameters(remove_duplicate=False)]
     tensors += [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_buffers(remove_duplicate=False)]
     leaves, spec = torch.utils._pytree.tree_flatten((tuple(args), dict(sorted((kwargs or {}).items()))))
     call = [(x.dim(), str(x.dtype), x.device.type, tuple(x.shape[2:])) if isinstance(x, torch.Tensor)

@@ -586,3 +586,36 @@ def test_a_sequential_or_module_dict_is_served_from_the_cache(cache_on, monkeypa
     # the user's source lines of the graph's values come back too: errors, warnings and explain() name them
     assert again.graph.sources == first.graph.sources
     assert "test_compile_cache.py" in again.graph.source_of(again.graph.nodes[-1])
+
+
+class _MaskParam(torch.nn.Module):
+    """Attention whose causal mask is a float Parameter: the recogniser folds its values into the attention op."""
+
+    def __init__(self, trainable):
+        super().__init__()
+        self.qkv = torch.nn.Linear(8, 24)
+        self.keep = torch.nn.Parameter(torch.ones(32, 32).tril(), requires_grad=trainable)
+
+    def forward(self, x):
+        t = x.shape[1]
+        q, k, v = self.qkv(x).chunk(3, -1)
+        s = (q @ k.transpose(-1, -2) / 8 ** 0.5).masked_fill(self.keep[:t, :t] == 0, float("-inf"))
+        return s.softmax(-1) @ v
+
+
+def test_a_hit_warns_of_a_folded_trainable_parameter_as_the_trace_did(cache_on):
+    x = torch.randn(1, 9, 8)
+
+    def compiled(trainable):
+        torch.manual_seed(0)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            c = sc.compile(_MaskParam(trainable), backend="eager")
+            c(x)
+        return c.trace_cache, [str(w.message) for w in seen if "was folded into a recognised op" in str(w.message)]
+
+    cache, said = compiled(True)
+    assert cache == "miss" and len(said) == 1 and "'keep'" in said[0]
+    assert compiled(False) == ("miss", [])   # requires_grad is part of the key: the trace differs in what it says
+    cache, again = compiled(True)
+    assert cache == "hit" and again == said   # a hit says what the trace said

@@ -313,6 +313,16 @@ def _range_guards(ep, sym_map: dict) -> list:
     return out
 
 
+def warn_folded_trainables(module, names, stacklevel: int = 3) -> None:
+    """Say which trainable parameters a recognised op was built from (from a fresh trace, and again on every
+    compile-cache hit of that trace: compile_cache.folded_trainables)."""
+    for name in names:
+        warnings.warn(f"compiling {type(module).__name__}: the trainable parameter '{name}' was folded into a "
+                      "recognised op from its current values, so it gets no gradient through the compiled "
+                      "module (and any change to it traces the module again); freeze it with "
+                      "requires_grad_(False), or compile with recognisers off for this module", stacklevel=stacklevel)
+
+
 def warn_guards(traced, what: str, module) -> None:
     """Exports serve every size from one traced graph: say where that graph stops equalling the module."""
     if traced.guards:
@@ -508,12 +518,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     simplify(graph)
     consumed = {name: t for name, t in read.items() if name not in graph.param_values}   # read, then replaced
     assumed = tuple((name, tensor_digest(t)) for name, t in consumed.items())
-    for name, t in consumed.items():
-        if t.requires_grad:
-            warnings.warn(f"compiling {type(module).__name__}: the trainable parameter '{name}' was folded into a "
-                          "recognised op from its current values, so it gets no gradient through the compiled "
-                          "module (and any change to it traces the module again); freeze it with "
-                          "requires_grad_(False), or compile with recognisers off for this module", stacklevel=3)
+    warn_folded_trainables(module, [name for name, t in consumed.items() if t.requires_grad], stacklevel=4)
     out_spec = ep.call_spec.out_spec
     leaves, spec = call_leaves(args, kwargs)
     constants = tuple((i, v) for i, v in enumerate(leaves) if isinstance(v, CONSTANT_TYPES))
