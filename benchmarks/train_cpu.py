@@ -10,6 +10,9 @@ Variants (same weights, copied with load_state_dict(strict=True); loss = mean of
   sc tvm           sessa_compiler.compile(own layer, backend="tvm"): forward = TVM kernels of the core ops,
                    backward = the TVM attention and feedback backward kernels (backends/tvm/training.py);
                    ordinary ops on torch
+  sc tvm 2pass     sc tvm with the attention backward's two-pass kernel (dK/dV pass, then a dQ pass that
+                   recomputes S and dP) instead of the one-pass fused_dq variant: the before/after of that
+                   change in one run (not in the default list)
 Timing: one process, medians over reps of alternating steps (each rep runs every variant once, in turn).
 Peak memory: each variant's step once more in a fresh subprocess (Linux): the resident peak (VmHWM, reset
 through /proc/self/clear_refs just before the step) minus the resident size before it: what the step added.
@@ -60,7 +63,18 @@ def make(name: str, D: int, heads: int, seed: int = 0):
         loss = fn(x).pow(2).mean()
         loss.backward()
         return loss.item()
-    return step
+    if name != "sc tvm 2pass":
+        return step
+    from sessa_compiler.backends.tvm import training as tvm_training
+
+    def two_pass_step(x):
+        real = tvm_training.fused_dq_pays
+        tvm_training.fused_dq_pays = lambda *a, **k: False
+        try:
+            return step(x)
+        finally:
+            tvm_training.fused_dq_pays = real
+    return two_pass_step
 
 
 def peak_growth(name: str, D: int, heads: int, T: int, threads: int) -> float:

@@ -41,14 +41,16 @@ def _dense_grads(B, T, H, Hkv, d, rope, scale, seed):
     (1, 50, 4, 1, 8, True, SMALL),        # GQA: 4 query heads read one kv head
     (2, 67, 1, 1, 16, True, None),        # H = 1, straddles the default 64-row block
 ])
-def test_attention_backward_kernel_equals_dense_autograd(monkeypatch, dtype, B, T, H, Hkv, d, rope, sched):
+@pytest.mark.parametrize("fused", [False, True], ids=["two_pass", "fused_dq"])
+def test_attention_backward_kernel_equals_dense_autograd(monkeypatch, dtype, B, T, H, Hkv, d, rope, sched, fused):
     monkeypatch.setattr(tvm_training, "aligned_empty", _poisoned)
     scale = d ** -0.5
     (q, k, v, inv, out, w), want = _dense_grads(B, T, H, Hkv, d, rope, scale, seed=T)
     q_, k_, v_, out_, w_ = (x.to(dtype) for x in (q, k, v, out, w))
     inv_ = inv.to(dtype) if rope else None
     lse = attention_lse(q_, k_, v_, scale, True, inv_, with_out=False)[1]
-    got = tvm_training.attention_backward_tvm(w_, q_, k_, v_, inv_, out_, lse, scale, True, schedule=sched)
+    got = tvm_training.attention_backward_tvm(w_, q_, k_, v_, inv_, out_, lse, scale, True, schedule=sched,
+                                              fused_dq=fused)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     for a, c in zip(got, want):
         assert a.dtype == dtype and not a.isnan().any()
@@ -123,7 +125,8 @@ from masks import padding_masks  # noqa: E402
     (50, 4, 1, 8, True, SMALL),           # GQA 4:1 with RoPE
     (67, 1, 1, 16, False, None),          # H = 1, straddles the default 64-row block
 ])
-def test_masked_attention_kernels_equal_dense_autograd(monkeypatch, dtype, T, H, Hkv, d, rope, sched):
+@pytest.mark.parametrize("fused", [False, True], ids=["two_pass", "fused_dq"])
+def test_masked_attention_kernels_equal_dense_autograd(monkeypatch, dtype, T, H, Hkv, d, rope, sched, fused):
     """The masked forward-with-lse and backward kernels (every buffer they are handed starts as NaN) against
     autograd through the dense float64 attention_ref with the mask (empty_rows="mean": a row that sees no key is
     the mean of v over all T keys, and its gradient reaches every key)."""
@@ -150,7 +153,8 @@ def test_masked_attention_kernels_equal_dense_autograd(monkeypatch, dtype, T, H,
     want_lse = attention_lse(q, k, v, scale, True, inv, with_out=False, mask=m)[1]
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert relative_error(got_out, out.detach()) <= tol and relative_error(lse, want_lse) <= tol
-    got = tvm_training.attention_backward_tvm(w_, q_, k_, v_, inv_, got_out, lse, scale, True, schedule=sched, mask=m)
+    got = tvm_training.attention_backward_tvm(w_, q_, k_, v_, inv_, got_out, lse, scale, True, schedule=sched, mask=m,
+                                              fused_dq=fused)
     for a, c in zip(got, want):
         assert a.dtype == dtype and not a.isnan().any()
         assert relative_error(a, c) <= tol
@@ -254,3 +258,32 @@ def test_feedback_backward_kernel_equals_dense_autograd(monkeypatch, dtype, B, T
     for a, c in zip(got, want):
         assert a.dtype == dtype and not a.isnan().any()
         assert relative_error(a, c) <= tol
+
+
+def test_fused_dq_variant_is_chosen_when_its_tasks_fill_the_threads():
+    """The one-pass attention backward has one task per (batch row, kv head): used with one thread, or with at
+    least two such tasks per thread; otherwise the two-pass kernel (tasks per key block and per query block)."""
+    assert tvm_training.fused_dq_pays(1, 8, threads=1) and tvm_training.fused_dq_pays(1, 1, threads=1)
+    assert tvm_training.fused_dq_pays(1, 8, threads=2) and tvm_training.fused_dq_pays(2, 2, threads=2)
+    assert not tvm_training.fused_dq_pays(1, 2, threads=2) and not tvm_training.fused_dq_pays(1, 8, threads=16)
+
+
+def test_a_strided_core_operand_is_copied_once_per_training_step(monkeypatch):
+    """q_b and k_b are the two halves of one linear layer's output (strided views). The TVM training runner makes
+    them contiguous once, and that copy is what the feedback forward kernel reads and its backward saves: no
+    copy in the forward kernel's call nor in the backward kernel's (before: one per use, four per step)."""
+    import sessa_compiler as sc
+    from sessa_compiler.models import SessaLayer
+
+    copied = []
+    real = tvm_training._arg
+    monkeypatch.setattr(tvm_training, "_arg", lambda t, dt: (lambda r: copied.append(r.data_ptr() != t.data_ptr())
+                                                             or r)(real(t, dt)))
+    torch.manual_seed(0)
+    m = SessaLayer(32, n_heads=4).train()
+    compiled = sc.compile(m, backend="tvm")
+    x = torch.randn(1, 21, 32)
+    compiled(x).pow(2).mean().backward()
+    stats = compiled._backend.stats
+    assert stats["contiguous_operands"] == 2 and stats["aligned_copies"] == 0
+    assert copied and not any(copied)   # the backward kernels' operands: all dense already

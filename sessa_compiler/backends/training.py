@@ -122,9 +122,13 @@ def core_function(op: str, kernel=None, attrs: dict | None = None, backend: str 
     return lambda *operands: _CoreOp.apply(op, kernel, attrs, backend, *operands)
 
 
-def training_runner(graph: Graph, kernels: dict, backend: str, stats: collections.Counter | None = None):
+def training_runner(graph: Graph, kernels: dict, backend: str, stats: collections.Counter | None = None,
+                    contiguous: bool = False):
     """A runner(inputs, params) for calls that need gradients: core nodes as _CoreOp (forward = kernels[node]
-    when given), every other node through the interpreter's torch op (autograd records it)."""
+    when given), every other node through the interpreter's torch op (autograd records it). ``contiguous``: the
+    backend's kernels read dense operands, so a strided operand of a node with a kernel (e.g. q_b and k_b, the
+    halves of one linear layer's output) is made contiguous once, here, and that copy is what the forward kernel
+    reads and the backward saves (instead of a copy in each)."""
     stats = stats if stats is not None else collections.Counter()
 
     def run(inputs, params):
@@ -145,6 +149,11 @@ def training_runner(graph: Graph, kernels: dict, backend: str, stats: collection
                 stats["torch_forward_core_ops"] += 1
             else:
                 stats["kernel_forward_core_ops"] += 1
+                if contiguous:
+                    for i, x in enumerate(operands):
+                        if isinstance(x, torch.Tensor) and not x.is_contiguous():
+                            operands[i] = x.contiguous()
+                            stats["contiguous_operands"] += 1
             env[node.outputs[0]] = _CoreOp.apply(node.op, kernel, attrs, backend, *operands)
         stats["training_runs"] += 1
         return [env[v] for v in graph.outputs]

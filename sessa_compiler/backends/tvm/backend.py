@@ -330,7 +330,7 @@ class TVMBackend(Backend):
                 kernels[node] = lambda A, b, call=call, upper=node.attrs["upper"]: call(A, b, upper=upper)
             else:
                 kernels[node] = call
-        with_kernels = training_runner(graph, kernels, self.name, self.stats)
+        with_kernels = training_runner(graph, kernels, self.name, self.stats, contiguous=True)
         on_torch = training_runner(graph, {}, self.name, self.stats)  # empty inputs: TVM needs one row
 
         def run(inputs, params):

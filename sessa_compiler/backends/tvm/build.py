@@ -62,11 +62,14 @@ def attention_spec(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, r
 
 
 def attention_bwd_spec(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool, dtype: str,
-                       schedule: AttentionSchedule | None = None, lanes: int = 8, key_padding: bool = False):
+                       schedule: AttentionSchedule | None = None, lanes: int = 8, key_padding: bool = False,
+                       fused_dq: bool = False):
     """The attention backward kernel's spec (kernels/attention_bwd.py): the forward's static sizes (and
-    key_padding: the variant that reads the key-padding mask)."""
+    key_padding: the variant that reads the key-padding mask; fused_dq: the variant whose dK/dV pass also
+    accumulates dQ, one task per batch row and kv head, instead of a second pass)."""
     fwd = attention_spec(n_heads, n_kv_heads, head_dim, scale, rope, dtype, schedule, lanes, key_padding)
-    return KernelSpec("attention_bwd", fwd.static, dtype, fwd.schedule)
+    static = fwd.static + ((("fused_dq", True),) if fused_dq else ())
+    return KernelSpec("attention_bwd", static, dtype, fwd.schedule)
 
 
 def attention_lse_spec(n_heads: int, n_kv_heads: int, head_dim: int, scale: float, rope: bool, dtype: str,
@@ -125,6 +128,8 @@ def primfunc(spec: KernelSpec):
         return func
     p = spec.params
     extra = {"key_padding": True} if spec.op.startswith("attention") and p.get("key_padding", False) else {}
+    if p.get("fused_dq", False):
+        extra["fused_dq"] = True
     func = kernel_generator(spec.op)(*(p[k] for k in _KERNEL_ARGS[spec.op]), spec.dtype, spec.schedule, **extra)
     # the tunables travel with the kernel (readable in the TVMScript and by an autotuner)
     func = func.with_attr("global_symbol", spec.symbol).with_attr("sessa.schedule", spec.schedule.tag())

@@ -21,6 +21,8 @@ Importing this module registers the backward kernels (``register_backward("tvm",
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from ...semantics.backward import BACKWARD
@@ -89,19 +91,29 @@ def attention_bwd_applies(q, k, v, inv_freq, out, causal: bool) -> bool:
             and (inv_freq is None or inv_freq.dtype.is_floating_point))
 
 
+def fused_dq_pays(batch: int, n_kv_heads: int, threads: int | None = None) -> bool:
+    """Whether the attention backward runs its one-pass variant (dQ accumulated by the dK/dV pass, 5 tile products
+    per block pair instead of 7): its tasks are (batch row, kv head) pairs, so it needs enough of them to keep
+    the runtime's threads busy (two per thread, or one thread)."""
+    threads = threads or int(os.environ.get("TVM_NUM_THREADS", "1") or 1)
+    return threads == 1 or batch * n_kv_heads >= 2 * threads
+
+
 def attention_backward_tvm(grad, q, k, v, inv_freq, out, lse, scale: float, causal: bool = True, schedule=None,
-                           mask=None):
+                           mask=None, fused_dq: bool | None = None):
     """(dq, dk, dv) of the causal attention from the forward's output and lse, by the generated TVM kernel
     (kernels/attention_bwd.py), in the kernel dtype (float32, or float64 for float64 operands). ``mask`` [B, T]
     (nonzero = keep): the key-padding mask with empty_rows="mean" (the masked kernel; lse as the masked forward
-    wrote it, any value on rows that see no key)."""
+    wrote it, any value on rows that see no key). ``fused_dq``: the one-pass variant (default: ``fused_dq_pays``)."""
     name = _DTYPES[q.dtype]
     dt = _TORCH[name]
     target, lanes = _target()
     H, Hkv, d = q.shape[2], k.shape[2], q.shape[3]
     rope = inv_freq is not None
+    if fused_dq is None:
+        fused_dq = fused_dq_pays(q.shape[0], Hkv)
     kernel = build(attention_bwd_spec(H, Hkv, d, float(scale), rope, name, schedule, lanes,
-                                      key_padding=mask is not None), target)
+                                      key_padding=mask is not None, fused_dq=fused_dq), target)
     inv = _arg(inv_freq, dt) if rope else torch.zeros(max(d // 2, 1), dtype=dt)
     args = [_arg(x, dt) for x in (q, k, v)] + [inv] + ([_mask_arg(mask, dt)] if mask is not None else []) \
         + [_arg(x, dt) for x in (out, grad, lse)]
@@ -149,4 +161,4 @@ register_backward("tvm", "attention", backward=_attention_bwd)
 register_backward("tvm", "feedback", backward=_feedback_bwd)
 
 __all__ = ["attention_backward_tvm", "attention_bwd_applies", "attention_forward_kernel", "feedback_backward_tvm",
-           "feedback_bwd_applies"]
+           "feedback_bwd_applies", "fused_dq_pays"]
