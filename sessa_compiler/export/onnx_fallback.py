@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import sympy
 import torch
 
 from ..ir.graph import Node, Value
 from ..ir.ops import ArgRef
 from ..semantics.fallback_forms import FORMS, bind, reduced_dims
-from .onnx_builder import INT64_MAX, ONNX_DTYPE, OnnxExportError, OnnxUnsupportedOpError, out_dtype, value_info
+from .onnx_builder import INT64_MAX, NUMPY_DTYPE, ONNX_DTYPE, OnnxExportError, OnnxUnsupportedOpError, out_dtype, value_info
 
 FALLBACKS: dict[str, Callable] = {}
 
@@ -153,6 +154,100 @@ def _cumprod(L, node, a: Args):
                    [value_info(carry, cd, [None] * len(rest)), value_info(new, cd, [None] * len(rest))])
     _, ys = b.op("Scan", p0, a.tensor("self", cd), body=g, num_scan_inputs=1, scan_input_axes=[axis],
                  scan_output_axes=[axis], outputs=2, hint="cumprod")
+    return [b.cast(ys, cd, dt)]
+
+
+def _scan_init(b, t, axis: int, dtype: str, value) -> str:
+    """A carry of ``value`` shaped like one slice of the scanned tensor (its dims but ``axis``)."""
+    from onnx import helper
+
+    rest = [d for i, d in enumerate(t.shape) if i != axis]
+    v = helper.make_tensor("v", ONNX_DTYPE[dtype], [1], [value])
+    return b.op("ConstantOfShape", b.shape_tensor(rest), value=v, hint="scan_init"), len(rest)
+
+
+@form("cummax", "cummin")
+def _cummax(L, node, a: Args):
+    """An ONNX Scan along the dim carrying (value, index, step), with torch's rule at each step: take x where
+    x is NaN, or where the running value is not NaN and x >= it (<= for cummin): ties take the LAST index, a
+    NaN sticks (its index moves to each later NaN)."""
+    b = L.b
+    t = a.type("self")
+    dt = out_dtype(node)
+    if t.rank == 0:
+        return [a.tensor("self"), b.scalar(0, "i64")]
+    axis = a.dims("dim", t.rank)[0]
+    largest = FORMS[node.attrs["target"]] == "cummax"
+    is_float = t.dtype.is_float
+    cd = _compute(dt) if is_float else dt
+    if is_float:
+        start = -math.inf if largest else math.inf
+    elif dt == "bool":
+        cd, start = "i32", 0 if largest else 1
+    else:
+        info = np.iinfo(NUMPY_DTYPE[dt])
+        start = int(info.min if largest else info.max)
+    m0, r = _scan_init(b, t, axis, cd, start)
+    i0, _ = _scan_init(b, t, axis, "i64", 0)
+    body = b.sub()
+    m, i, k, x = (body.names.fresh(n) for n in ("run", "run_idx", "step", "x_t"))
+    take = body.op("GreaterOrEqual" if largest else "LessOrEqual", x, m)
+    if is_float:
+        take = body.op("Or", body.op("IsNaN", x), body.op("And", body.op("Not", body.op("IsNaN", m)), take))
+    new_m = body.op("Where", take, x, m, hint="run_new")
+    new_i = body.op("Where", take, body.op("Expand", k, body.op("Shape", i)), i, hint="run_idx_new")
+    new_k = body.op("Add", k, body.scalar(1, "i64"), hint="step_next")
+    outs = [body.op("Identity", new_m, hint="run_out"), body.op("Identity", new_i, hint="idx_out")]
+    g = body.graph("cum_extreme_step", [value_info(m, cd, [None] * r), value_info(i, "i64", [None] * r),
+                                        value_info(k, "i64", []), value_info(x, cd, [None] * r)],
+                   [value_info(new_m, cd, [None] * r), value_info(new_i, "i64", [None] * r),
+                    value_info(new_k, "i64", []), value_info(outs[0], cd, [None] * r),
+                    value_info(outs[1], "i64", [None] * r)])
+    _, _, _, vals, idx = b.op("Scan", m0, i0, b.scalar(0, "i64"), b.cast(a.tensor("self"), t.dtype.name, cd),
+                              body=g, num_scan_inputs=1, scan_input_axes=[axis], scan_output_axes=[axis, axis],
+                              outputs=5, hint=FORMS[node.attrs["target"]])
+    return [b.cast(vals, cd, dt), idx]
+
+
+def _log1p(b, u: str, cd: str) -> str:
+    """log(1 + u) accurate for small u (ONNX has no Log1p): log(w) * u / (w - 1) with w = 1 + u, u where w == 1."""
+    one = b.scalar(1.0, cd)
+    w = b.op("Add", one, u)
+    wm1 = b.op("Sub", w, one)
+    same = b.op("Equal", wm1, b.scalar(0.0, cd))
+    safe = b.op("Where", same, one, wm1)
+    return b.op("Where", same, u, b.op("Div", b.op("Mul", b.op("Log", w), u), safe), hint="log1p")
+
+
+@form("logcumsumexp")
+def _logcumsumexp(L, node, a: Args):
+    """An ONNX Scan along the dim carrying the running log-sum-exp, each step as torch's: with lo, hi the smaller
+    and larger of (run, x) (NaN if either is), hi + log1p(exp(lo - hi)) unless lo == hi is infinite (then run:
+    -inf stays -inf, +inf stays +inf; no inf - inf). The shift is the running maximum, never a global one."""
+    b = L.b
+    t = a.type("self")
+    dt = out_dtype(node)
+    cd = _compute(dt)
+    if t.rank == 0:
+        return [b.cast(a.tensor("self", cd), cd, dt)]
+    axis = a.dims("dim", t.rank)[0]
+    s0, r = _scan_init(b, t, axis, cd, -math.inf)
+    body = b.sub()
+    s, x = body.names.fresh("lse_prev"), body.names.fresh("x_t")
+    nan = body.op("Or", body.op("IsNaN", s), body.op("IsNaN", x))
+    qnan = body.scalar(math.nan, cd)
+    lo = body.op("Where", nan, qnan, body.op("Min", s, x))
+    hi = body.op("Where", nan, qnan, body.op("Max", s, x))
+    finite = body.op("Not", body.op("Or", body.op("IsInf", lo), body.op("IsNaN", lo)))
+    general = body.op("Or", body.op("Not", body.op("Equal", lo, hi)), finite)
+    general = body.op("Or", general, nan)   # NaN != NaN in C: the general branch, which propagates it
+    step = body.op("Add", hi, _log1p(body, body.op("Exp", body.op("Sub", lo, hi)), cd))
+    new = body.op("Where", general, step, s, hint="lse_t")
+    carry = body.op("Identity", new, hint="lse_carry")
+    g = body.graph("logcumsumexp_step", [value_info(s, cd, [None] * r), value_info(x, cd, [None] * r)],
+                   [value_info(carry, cd, [None] * r), value_info(new, cd, [None] * r)])
+    _, ys = b.op("Scan", s0, a.tensor("self", cd), body=g, num_scan_inputs=1, scan_input_axes=[axis],
+                 scan_output_axes=[axis], outputs=2, hint="logcumsumexp")
     return [b.cast(ys, cd, dt)]
 
 

@@ -34,6 +34,8 @@ FORMS = {
     "aten.all.default": "all", "aten.all.dim": "all", "aten.all.dims": "all",
     "aten.prod.default": "prod", "aten.prod.dim_int": "prod",
     "aten.max.dim": "max_dim", "aten.min.dim": "min_dim",               # (values, indices) over one dim
+    "aten.cummax.default": "cummax", "aten.cummin.default": "cummin",   # (values, indices): ties -> LAST index
+    "aten.logcumsumexp.default": "logcumsumexp",      # (self, dim): running log-sum-exp, torch's step
     "aten.isnan.default": "isnan", "aten.isinf.default": "isinf", "aten.isfinite.default": "isfinite",
     "aten.logical_xor.default": "logical_xor",
     "aten.trunc.default": "trunc", "aten.frac.default": "frac",

@@ -435,3 +435,89 @@ def _isin(a: _Args):
     hit = a.emit(op.max(a.emit(op.astype(op.equal(x, test), "int32")), axis=[-1]))
     y = a.emit(op.greater(hit, a.const(0, "i32")))
     return op.logical_not(y) if a.value("invert") else y
+
+
+def _scan_kernel(a: _Args, x, axis: int, kind: str, cd: str, name: str):
+    """A sequential scan along ``axis`` as one TIR kernel (te.extern, parallel over the other elements, like TVM's
+    own cumsum), emitted with call_tir: Relax has no cummax / cummin / logcumsumexp. Each step is torch's:
+    cummax / cummin take x where x is NaN or the running value is not NaN and x >= it (<=): ties take the LAST
+    index and a NaN sticks; logcumsumexp adds x with lo, hi the smaller and larger of (run, x) (NaN if either is)
+    as hi + log1p(exp(lo - hi)), unless lo == hi is infinite (the run stays: no inf - inf). Shapes may be
+    symbolic; the first step reads nothing before it (a zero-length axis writes nothing)."""
+    from tvm import te, tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    is_float = "float" in cd
+
+    def build(data):
+        shape = list(data.shape)
+        n = shape[axis]
+        before, after = 1, 1
+        for i, d in enumerate(shape):
+            if i < axis:
+                before = before * d
+            elif i > axis:
+                after = after * d
+
+        def gen(ins, outs):
+            with IRBuilder() as ib:
+                xs = T.buffer_proxy(ins[0])
+                vs = T.buffer_proxy(outs[0])
+                ix = T.buffer_proxy(outs[1]) if len(outs) > 1 else None
+                with T.parallel(0, before * after) as fused:
+                    base = (fused // after) * n * after + fused % after
+                    with T.serial(0, n) as k:
+                        cur = base + k * after
+                        prev = base + tirx.max(k - 1, 0) * after
+                        first = k == 0
+                        xk = xs[cur]
+                        if kind == "lse":
+                            run = tirx.Select(first, tirx.const(-float("inf"), cd), vs[prev])
+                            nan = tirx.Or(tirx.isnan(run), tirx.isnan(xk))
+                            lo = tirx.Select(nan, run + xk, tirx.Select(xk < run, xk, run))
+                            hi = tirx.Select(nan, run + xk, tirx.Select(xk < run, run, xk))
+                            general = tirx.Or(tirx.Or(nan, lo != hi), tirx.isfinite(lo))
+                            vs[cur] = tirx.Select(general, hi + tirx.log1p(tirx.exp(lo - hi)), run)
+                        else:
+                            run = vs[prev]
+                            better = xk >= run if kind == "max" else xk <= run
+                            if is_float:
+                                better = tirx.Or(tirx.isnan(xk), tirx.And(tirx.Not(tirx.isnan(run)), better))
+                            take = tirx.Or(first, better)
+                            vs[cur] = tirx.Select(take, xk, run)
+                            ix[cur] = tirx.Select(take, tirx.Cast("int64", k), ix[prev])
+                return ib.get()
+
+        outs = [shape] if kind == "lse" else [shape, shape]
+        dtypes = [cd] if kind == "lse" else [cd, "int64"]
+        return te.extern(outs, [data], gen, dtype=dtypes, name=name, tag=name)
+
+    return a.lw.bb.emit_te(build, x, primfunc_name_hint=name)
+
+
+@form("cummax", "cummin")
+def _cummax(a: _Args):
+    t = a.type("self")
+    dt = a.out()
+    if t.rank == 0:
+        return [a.tensor("self"), a.const(0, "i64")]
+    cd = "int32" if dt == "bool" else RELAX_DTYPE[_compute(dt)]
+    x = a.tensor("self")
+    if cd != RELAX_DTYPE[dt]:
+        x = a.emit(a.op.astype(x, cd))
+    y = _scan_kernel(a, x, a.dim("dim"), "max" if a.form == "cummax" else "min", cd, a.form)
+    tgi = a.lw.relax.TupleGetItem
+    vals, idx = a.emit(tgi(y, 0)), a.emit(tgi(y, 1))
+    return [vals if cd == RELAX_DTYPE[dt] else a.op.astype(vals, RELAX_DTYPE[dt]), idx]
+
+
+@form("logcumsumexp")
+def _logcumsumexp(a: _Args):
+    t = a.type("self")
+    dt = a.out()
+    cd = _compute(dt)
+    x = a.tensor("self", cd)
+    if t.rank == 0:
+        return _back(a, x, cd, dt)
+    return _back(a, _scan_kernel(a, x, a.dim("dim"), "lse", RELAX_DTYPE[cd], "logcumsumexp"), cd, dt)
