@@ -96,11 +96,13 @@ class _Edges(torch.nn.Module):
     def forward(self, y, x):
         return (torch.atan2(y, x), torch.remainder(y, x), torch.fmod(y, x), torch.nan_to_num(y / x),
                 torch.nan_to_num(y / x, nan=2.0, posinf=5.0, neginf=-5.0), torch.floor_divide(y, x),
-                torch.div(y, x, rounding_mode="trunc"), torch.frac(y * 1.3), torch.max(y, -1).values)
+                torch.div(y, x, rounding_mode="trunc"), torch.frac(y * 1.3), torch.max(y, -1).values,
+                torch.logaddexp(y, x))
 
 
 def test_elementwise_fallbacks_match_torch_at_signed_zeros_infinities_and_nans(tmp_path):
-    """atan2, remainder, fmod, nan_to_num, floor / trunc division, frac and max over a dim holding NaN."""
+    """atan2, remainder, fmod, nan_to_num, floor / trunc division, frac, max over a dim holding NaN, logaddexp
+    (equal infinities give themselves, never inf - inf)."""
     vals = [0.0, -0.0, 1.0, -1.0, 2.5, -7.25, float("inf"), -float("inf"), float("nan")]
     y = torch.tensor([a for a in vals for _ in vals]).reshape(1, len(vals), len(vals))
     x = torch.tensor([b for _ in vals for b in vals]).reshape(1, len(vals), len(vals))
@@ -111,7 +113,7 @@ def test_elementwise_fallbacks_match_torch_at_signed_zeros_infinities_and_nans(t
     got = {"onnx": run_onnxruntime(session, graph, (y, x)), "tvm": tvm_model(y.numpy(), x.numpy())}
     for where, outs in got.items():
         names = ("atan2", "remainder", "fmod", "nan_to_num", "nan_to_num(args)", "floor_divide", "div trunc", "frac",
-                 "max.dim")
+                 "max.dim", "logaddexp")
         assert len(outs) == len(want) == len(names)
         for name, g, w in zip(names, outs, want):
             g = torch.as_tensor(g)

@@ -251,6 +251,26 @@ def _logcumsumexp(L, node, a: Args):
     return [b.cast(ys, cd, dt)]
 
 
+@form("logaddexp")
+def _logaddexp(L, node, a: Args):
+    """torch's: a where a == b is infinite (no inf - inf), else max(a, b) + log1p(exp(-|a - b|)) (NaN in, NaN
+    out: |a - b| is NaN)."""
+    b = L.b
+    dt = out_dtype(node)
+    cd = _compute(dt)
+    x, y = a.operand("self", cd), a.operand("other", cd)
+    d = b.op("Neg", b.op("Abs", b.op("Sub", x, y)))
+    r = b.op("Add", b.op("Max", x, y), _log1p(b, b.op("Exp", d), cd))
+    same_inf = b.op("And", b.op("IsInf", x), b.op("Equal", x, y))
+    return [b.cast(b.op("Where", same_inf, x, r, hint="logaddexp"), cd, dt)]
+
+
+@form("embedding")
+def _embedding(L, node, a: Args):
+    """The weight's rows at the indices (padding_idx and the other arguments only change the gradient)."""
+    return [L.b.op("Gather", a.tensor("weight"), a.tensor("indices", "i64"), axis=0, hint="embedding")]
+
+
 @form("flip")
 def _flip(L, node, a: Args):
     b = L.b

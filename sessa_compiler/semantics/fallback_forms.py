@@ -36,6 +36,9 @@ FORMS = {
     "aten.max.dim": "max_dim", "aten.min.dim": "min_dim",               # (values, indices) over one dim
     "aten.cummax.default": "cummax", "aten.cummin.default": "cummin",   # (values, indices): ties -> LAST index
     "aten.logcumsumexp.default": "logcumsumexp",      # (self, dim): running log-sum-exp, torch's step
+    "aten.logaddexp.default": "logaddexp",            # max + log1p(exp(-|a - b|)); a where a == b is infinite
+    "aten.embedding.default": "embedding",            # (weight, indices, padding_idx, ...): rows; padding_idx,
+                                                      # scale_grad_by_freq, sparse change the gradient only
     "aten.isnan.default": "isnan", "aten.isinf.default": "isinf", "aten.isfinite.default": "isfinite",
     "aten.logical_xor.default": "logical_xor",
     "aten.trunc.default": "trunc", "aten.frac.default": "frac",

@@ -107,6 +107,30 @@ def _in_range(a: _Args, idx, size):
     return a.emit(op.minimum(op.maximum(idx, a.const(0, "i64")), hi))
 
 
+@form("logaddexp")
+def _logaddexp(a: _Args):
+    """torch's: a where a == b is infinite (no inf - inf), else max(a, b) + log1p(exp(-|a - b|)) (NaN in, NaN
+    out: |a - b| is NaN)."""
+    op = a.op
+    dt = a.out()
+    cd = _compute(dt)
+    x, y = a.tensor("self", cd), a.tensor("other", cd)
+    u = a.emit(op.exp(op.negative(op.abs(op.subtract(x, y)))))   # in [0, 1]: log1p(u) as Goldberg's, from log
+    w = a.emit(op.add(a.const(1.0, cd), u))
+    wm1 = a.emit(op.subtract(w, a.const(1.0, cd)))
+    same = a.emit(op.equal(wm1, a.const(0.0, cd)))
+    log1p = op.where(same, u, op.divide(op.multiply(op.log(w), u), op.where(same, a.const(1.0, cd), wm1)))
+    r = a.emit(op.add(op.maximum(x, y), log1p))
+    return _back(a, op.where(op.logical_and(op.isinf(x), op.equal(x, y)), x, r), cd, dt)
+
+
+@form("embedding")
+def _embedding(a: _Args):
+    """The weight's rows at the indices (padding_idx and the other arguments only change the gradient); an
+    out-of-range index is clamped, as for the IR's embedding."""
+    return a.op.take(a.tensor("weight"), a.tensor("indices", "i64"), axis=0, mode="clip")
+
+
 @form("gather")
 def _gather(a: _Args):
     dim = a.dim("dim")

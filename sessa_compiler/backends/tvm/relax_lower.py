@@ -459,7 +459,11 @@ def _reduce(kind):
         fn = {"sum": op.sum, "mean": op.mean, "amax": op.max}[kind]
         dims = node.attrs.get("dims")
         axis, keep = (None if dims is None else list(dims)), bool(node.attrs.get("keepdim", False))
-        out = fn(ops[0], axis=axis, keepdims=keep)
+        x = ops[0]
+        want = RELAX_DTYPE[node.outputs[0].type.dtype.name]
+        if kind != "amax" and RELAX_DTYPE[node.inputs[0].type.dtype.name] != want:
+            x = lw.bb.emit(op.astype(x, want))   # a sum of a bool / int32 mask counts in int64 (torch's promotion)
+        out = fn(x, axis=axis, keepdims=keep)
         if kind == "amax" and node.inputs[0].type.dtype.is_float:
             # TIR's max starts from the lowest finite value, so elements that are all -inf give that value: -inf
             # there (a masked row of logits); it drops NaN: torch.amax returns NaN where the reduced elements
