@@ -161,5 +161,49 @@ def x_and_labels(B: int, T: int, seed: int = 0):
     return torch.randn(B, T, D, generator=g), labels
 
 
-SWEEP = [(SmoothedLossesAndNorms, x_and_labels), (PaddedSelfAttention, x_and_mask), (CreationAndClamps, x_input), (ShapeShuffles, x_input),
+class ExtendedMaskAndPooling(nn.Module):
+    """Older HF idioms: an additive extended mask (1 - mask) * finfo.min, position ids from arange expanded over the
+    batch, SDPA with a boolean mask, last-token pooling by advanced indexing with lengths from the mask, a masked
+    mean, repeat_interleave, index_fill, x[mask] = 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Embedding(64, D)
+        self.qkv = nn.Linear(D, 3 * D)
+
+    def forward(self, x, attention_mask):
+        B, T, _ = x.shape
+        position_ids = torch.arange(T, device=x.device).unsqueeze(0).expand(B, -1)
+        h = x + self.pos(position_ids)
+        ext = (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * torch.finfo(h.dtype).min
+        q, k, v = self.qkv(h).split(D, dim=-1)
+        q, k, v = (t.view(B, T, H, D // H).transpose(1, 2) for t in (q, k, v))
+        scores = q @ k.transpose(-1, -2) * (D // H) ** -0.5 + ext
+        att = scores.softmax(-1) @ v
+        keep = attention_mask[:, None, :, None].bool().expand(B, H, T, T) & torch.ones(T, T, dtype=torch.bool).tril()
+        sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | torch.eye(T, dtype=torch.bool))
+        lengths = attention_mask.sum(-1) - 1
+        last = h[torch.arange(B), lengths.clamp_min(0)]
+        m = attention_mask.unsqueeze(-1).type_as(h)
+        mean = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        rep = k.repeat_interleave(2, dim=1)
+        filled = h.index_fill(-1, torch.tensor([0, 3]), -1.0)
+        z = h.clone()
+        z[attention_mask == 0] = 0.0
+        from_end = h[torch.arange(B) - B, lengths.clamp_min(0) - T]     # negative indices count from the end
+        return att.transpose(1, 2).flatten(2), sdpa.sum(1), last, mean, rep.sum(1), filled, z, from_end
+
+
+class MoreActivations(nn.Module):
+    def forward(self, x):
+        a, b = x.chunk(2, -1)
+        return (F.glu(x, -1), F.relu6(x * 4), F.leaky_relu(x, 0.1), F.elu(x), F.gelu(x), F.logsigmoid(x),
+                F.softsign(x), torch.clip(x, -0.2, 0.2), F.hardswish(x), F.hardsigmoid(x), torch.einsum("...d,...d->...", a, b),
+                F.pad(x, (0, 0, 1, 0), value=-1.0), F.pad(x, (2, 1), mode="replicate"), torch.diff(x, dim=1),
+                F.pad(x.transpose(1, 2), (2, 3), mode="reflect"), F.pad(x, (1, 2), mode="circular"),
+                torch.tensor_split(x, 3, dim=-1)[1], torch.split(x, 3, dim=-1)[2], torch.outer(x[0, 0], x[0, -1]),
+                x.sigmoid().round(decimals=2), F.dropout(x, 0.5, training=False))
+
+
+SWEEP = [(ExtendedMaskAndPooling, x_and_mask), (MoreActivations, x_input), (SmoothedLossesAndNorms, x_and_labels), (PaddedSelfAttention, x_and_mask), (CreationAndClamps, x_input), (ShapeShuffles, x_input),
          (Activations, x_input), (BatchedProducts, x_input), (TokenLosses, ids_and_labels)]

@@ -98,17 +98,27 @@ def test_cross_entropy_with_weights_label_smoothing_and_class_dim_1_lowers_to_ir
     assert relative_error(gx, wx) <= 1e-12
 
 
-class _Refused(torch.nn.Module):
+class _Kth(torch.nn.Module):
     def forward(self, x):
         return torch.kthvalue(x, 2, dim=1).values + 1
 
 
-def test_an_op_no_export_lowers_is_refused_naming_the_op_line_and_what_to_change(tmp_path):
-    module, x = _Refused(), torch.randn(2, 6, 4)
-    for export in (lambda: sc.export_onnx(module, (x,), tmp_path / "m.onnx"),
-                   lambda: sc.export_tvm(module, (x,), tmp_path / "tvm")):
+class _MaskIndex(torch.nn.Module):
+    def forward(self, x):
+        return x[x > 0].sum() + x[:, 1:].sum()
+
+
+@pytest.mark.parametrize("cls,target,code", [(_Kth, "aten.kthvalue.default", "torch.kthvalue(x, 2"),
+                                             (_MaskIndex, "aten.index.Tensor", "x[x > 0]")], ids=["kthvalue", "x[mask]"])
+def test_an_op_no_export_lowers_is_refused_naming_the_op_line_and_what_to_change(cls, target, code, tmp_path):
+    """kthvalue has no form; x[mask] has a data-dependent shape (export_tvm says to use torch.where)."""
+    module, x = cls(), torch.randn(2, 6, 4)
+    exports = [("tvm", lambda: sc.export_tvm(module, (x,), tmp_path / "tvm"))]
+    if cls is _Kth:
+        exports.append(("onnx", lambda: sc.export_onnx(module, (x,), tmp_path / "m.onnx")))
+    for _, export in exports:
         with pytest.raises(SessaCompilerError) as info:
             export()
         msg = str(info.value)
-        assert "aten.kthvalue.default" in msg and "test_hf_ops_sweep.py:" in msg and "torch.kthvalue(x, 2" in msg, msg
+        assert target in msg and "test_hf_ops_sweep.py:" in msg and code in msg, msg
         assert "docs/exports.md" in msg, msg

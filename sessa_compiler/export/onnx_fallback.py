@@ -16,7 +16,7 @@ import torch
 
 from ..ir.graph import Node, Value
 from ..ir.ops import ArgRef
-from ..semantics.fallback_forms import FORMS, bind, reduced_dims
+from ..semantics.fallback_forms import FORMS, bind, leading_indices, pad_widths, reduced_dims
 from .onnx_builder import INT64_MAX, NUMPY_DTYPE, ONNX_DTYPE, OnnxExportError, OnnxUnsupportedOpError, out_dtype, value_info
 
 FALLBACKS: dict[str, Callable] = {}
@@ -263,6 +263,75 @@ def _logaddexp(L, node, a: Args):
     r = b.op("Add", b.op("Max", x, y), _log1p(b, b.op("Exp", d), cd))
     same_inf = b.op("And", b.op("IsInf", x), b.op("Equal", x, y))
     return [b.cast(b.op("Where", same_inf, x, r, hint="logaddexp"), cd, dt)]
+
+
+@form("index")
+def _index(L, node, a: Args):
+    """x[i0, ..., ik-1] with integer index tensors over the leading dims (broadcast together; negative indices count
+    from the end, like torch): GatherND over the stacked indices."""
+    b = L.b
+    t = a.type("self")
+
+    idx, why = leading_indices(node, a.values)
+    if why:   # torch's exporter may still know it (it names the op and what to change when not)
+        return via_torch_exporter(L, node)
+    out = list(node.outputs[0].type.shape)
+    lead = out[:len(out) - (t.rank - len(idx))]
+    cols = []
+    for j, ref in enumerate(idx):
+        i = L.get(node, ref.index, "i64")
+        i = b.op("Where", b.op("Less", i, b.scalar(0, "i64")), b.op("Add", i, b.dim(t.shape[j])), i)
+        if list(node.inputs[ref.index].type.shape) != lead:
+            i = b.op("Expand", i, b.shape_tensor(lead))
+        cols.append(b.op("Unsqueeze", i, b.i64(-1)))
+    stacked = cols[0] if len(cols) == 1 else b.op("Concat", *cols, axis=-1)
+    return [b.op("GatherND", a.tensor("self"), stacked, hint="index")]
+
+
+@form("index_fill")
+def _index_fill(L, node, a: Args):
+    """x with the entries at the given indices along dim set to value: Where over a mask along the dim."""
+    b = L.b
+    t = a.type("self")
+    dt = out_dtype(node)
+    dim = a.dims("dim", t.rank)[0]
+    n = b.dim(t.shape[dim])
+    idx = b.op("Reshape", a.tensor("index", "i64"), b.i64(1, -1))
+    idx = b.op("Where", b.op("Less", idx, b.scalar(0, "i64")), b.op("Add", idx, n), idx)
+    pos = b.op("Unsqueeze", b.op("Range", b.scalar(0, "i64"), b.op("Squeeze", n, b.i64(0)), b.scalar(1, "i64")),
+               b.i64(-1))
+    hit = b.op("ReduceMax", b.cast(b.op("Equal", pos, idx), "bool", "i32"), b.i64(1), keepdims=0)
+    shape = [1] * t.rank
+    shape[dim] = -1
+    mask = b.op("Reshape", b.cast(hit, "i32", "bool"), b.i64(*shape))
+    return [b.op("Where", mask, a.operand("value", dt), a.tensor("self", dt), hint="index_fill")]
+
+
+@form("pad")
+def _pad(L, node, a: Args):
+    """F.pad in mode replicate (Pad edge), reflect, circular (Pad wrap, opset 19) or constant."""
+    b = L.b
+    t = a.type("self")
+    widths, mode, why = pad_widths(a.values, t.rank)
+    if why:   # torch's exporter may still know it (it names the op and what to change when not)
+        return via_torch_exporter(L, node)
+    dt = out_dtype(node)
+    if mode == "circular":   # the last l elements before, the first r after (Pad's wrap needs opset 19)
+        x = a.tensor("self", dt)
+        for d, (lo, hi) in enumerate(widths):
+            if lo or hi:
+                n = b.dim(t.shape[d])
+                parts = [b.op("Slice", x, b.op("Sub", n, b.i64(lo)), n, b.i64(d))] if lo else []
+                parts.append(x)
+                if hi:
+                    parts.append(b.op("Slice", x, b.i64(0), b.i64(hi), b.i64(d)))
+                x = b.op("Concat", *parts, axis=d, hint="pad_circular")
+        return [x]
+    onnx_mode = {"replicate": "edge", "reflect": "reflect", "constant": "constant"}[mode]
+    pads = b.i64(*[w[0] for w in widths], *[w[1] for w in widths])
+    value = a.value("value")
+    fill = b.scalar(0 if value is None else value, dt) if mode == "constant" else None
+    return [b.op("Pad", a.tensor("self", dt), pads, fill, mode=onnx_mode, hint="pad")]
 
 
 @form("embedding")

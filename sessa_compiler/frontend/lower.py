@@ -991,6 +991,87 @@ def _hardtanh(L, node):
     return _between(L, x, float(lo), float(hi))
 
 
+@lowering(aten.relu6.default)
+def _relu6(L, node):
+    """relu6(x) = hardtanh(x, 0, 6)."""
+    x = L.arg(node.args[0])
+    return _between(L, x, 0.0, 6.0) if x.type.dtype.is_float else NotImplemented
+
+
+@lowering(aten.elu.default)
+def _elu(L, node):
+    """elu(x, alpha, scale, input_scale) = x * scale where x > 0, else expm1(x * input_scale) * alpha * scale."""
+    x = L.arg(node.args[0])
+    names = ["self", "alpha", "scale", "input_scale"]
+    a = {"alpha": 1.0, "scale": 1.0, "input_scale": 1.0, **dict(zip(names, node.args)), **node.kwargs}
+    if not x.type.dtype.is_float:
+        return NotImplemented
+    b, dt, sh = _Build(L), x.type.dtype, x.type.shape
+    scale, neg = float(a["scale"]), float(a["alpha"]) * float(a["scale"])
+    pos = b.op("gt", [x, 0.0], {}, DType("bool"), sh)
+    inner = b.op("mul", [x, float(a["input_scale"])], {}, dt, sh) if float(a["input_scale"]) != 1.0 else x
+    low = b.op("mul", [b.op("expm1", [inner], {}, dt, sh), neg], {}, dt, sh)
+    return b.op("where", [pos, b.op("mul", [x, scale], {}, dt, sh) if scale != 1.0 else x, low], {}, dt, sh)
+
+
+@lowering(aten.round.decimals)
+def _round_decimals(L, node):
+    """torch's: round(x * 10^d) / 10^d for d > 0, round(x / 10^-d) * 10^-d otherwise (round half to even)."""
+    x = L.arg(node.args[0])
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("decimals", 0)
+    if not x.type.dtype.is_float or not isinstance(d, int):
+        return NotImplemented
+    b, dt, sh = _Build(L), x.type.dtype, x.type.shape
+    p = float(10 ** abs(d))
+    if d > 0:
+        return b.op("div", [b.op("round", [b.op("mul", [x, p], {}, dt, sh)], {}, dt, sh), p], {}, dt, sh)
+    return b.op("mul", [b.op("round", [b.op("div", [x, p], {}, dt, sh)], {}, dt, sh), p], {}, dt, sh)
+
+
+@lowering(aten.diff.default)
+def _diff(L, node):
+    """diff(x, n=1, dim): x[1:] - x[:-1] along dim, n times (no prepend / append)."""
+    names = ["self", "n", "dim", "prepend", "append"]
+    a = {"n": 1, "dim": -1, "prepend": None, "append": None, **dict(zip(names, node.args)), **node.kwargs}
+    x = L.arg(a["self"])
+    if a["prepend"] is not None or a["append"] is not None or not isinstance(a["n"], int) or x.type.rank == 0 \
+            or x.type.dtype.name == "bool":   # (a bool diff is a logical xor)
+        return NotImplemented
+    b = _Build(L)
+    d = a["dim"] % x.type.rank
+    for _ in range(a["n"]):
+        shape = list(x.type.shape)
+        size = shape[d]
+        shape[d] = size - 1
+        hi = b.op("slice", [x], {"dim": d, "start": 1, "end": size, "step": 1}, x.type.dtype, tuple(shape))
+        lo = b.op("slice", [x], {"dim": d, "start": 0, "end": size - 1, "step": 1}, x.type.dtype, tuple(shape))
+        x = b.op("sub", [hi, lo], {}, x.type.dtype, tuple(shape))
+    return x
+
+
+@lowering(aten.index_put.default, aten.index_put_.default)
+def _index_put(L, node):
+    """x[mask] = v with one bool mask over x's leading dims and a single value: where(mask, v, x)."""
+    names = ["self", "indices", "values", "accumulate"]
+    a = {"accumulate": False, **dict(zip(names, node.args)), **node.kwargs}
+    idx = list(a["indices"])
+    if a["accumulate"] or len(idx) != 1 or idx[0] is None:
+        return NotImplemented
+    x, mask, v = L.arg(a["self"]), L.arg(idx[0]), L.arg(a["values"])
+    if mask.type.dtype.name != "bool" or tuple(mask.type.shape) != tuple(x.type.shape[:mask.type.rank]):
+        return NotImplemented
+    if not isinstance(v, Value) or v.type.rank > 0 and not all(d == 1 for d in v.type.shape):
+        return NotImplemented
+    b, dt, sh = _Build(L), x.type.dtype, x.type.shape
+    if v.type.rank:
+        v = b.op("reshape", [v], {"shape": []}, v.type.dtype, ())
+    if v.type.dtype != dt:
+        v = b.cast(v, dt)
+    for j in range(x.type.rank - mask.type.rank):
+        mask = b.op("unsqueeze", [mask], {"dim": -1}, DType("bool"), tuple(mask.type.shape) + (1,))
+    return b.op("where", [mask, v, x], {}, dt, sh)
+
+
 @lowering(aten.leaky_relu.default)
 def _leaky_relu(L, node):
     """leaky_relu(x, slope) = where(x > 0, x, x * slope) (NaN stays NaN)."""

@@ -11,7 +11,7 @@ import sympy
 from ...errors import UnsupportedError
 from ...ir.dtypes import TVM_NAME as RELAX_DTYPE
 from ...ir.ops import ArgRef
-from ...semantics.fallback_forms import FORMS, bind, reduced_dims
+from ...semantics.fallback_forms import FORMS, bind, leading_indices, pad_widths, reduced_dims
 
 RELAX_FORMS: dict = {}
 
@@ -122,6 +122,60 @@ def _logaddexp(a: _Args):
     log1p = op.where(same, u, op.divide(op.multiply(op.log(w), u), op.where(same, a.const(1.0, cd), wm1)))
     r = a.emit(op.add(op.maximum(x, y), log1p))
     return _back(a, op.where(op.logical_and(op.isinf(x), op.equal(x, y)), x, r), cd, dt)
+
+
+@form("index")
+def _index(a: _Args):
+    """x[i0, ..., ik-1] with integer index tensors over the leading dims (broadcast together; negative indices
+    count from the end, like torch; out-of-range ones clamped, as for gather): gather_nd over the stacked indices."""
+    op, lw = a.op, a.lw
+    t = a.type("self")
+    idx, why = leading_indices(a.node, a.values)
+    if why:
+        raise UnsupportedError(f"TVM export: fallback aten.index.Tensor: {why} (docs/exports.md)")
+    out = list(a.node.outputs[0].type.shape)
+    lead = out[:len(out) - (t.rank - len(idx))]
+    cols = []
+    for j, ref in enumerate(idx):
+        v = a.node.inputs[ref.index]
+        i = lw.cast(lw.env[v], v, "int64")
+        i = a.emit(op.where(op.less(i, a.const(0, "i64")), op.add(i, lw.operand(sympy.sympify(t.shape[j]), "int64")), i))
+        i = _in_range(a, i, t.shape[j])
+        if list(v.type.shape) != lead:
+            i = a.emit(op.broadcast_to(i, [lw.dim(d) for d in lead]))
+        cols.append(a.emit(op.expand_dims(i, -1)))
+    stacked = cols[0] if len(cols) == 1 else a.emit(op.concat(cols, axis=-1))
+    return op.gather_nd(a.tensor("self"), stacked)
+
+
+@form("index_fill")
+def _index_fill(a: _Args):
+    """x with the entries at the given indices along dim set to value: where over a mask along the dim."""
+    op, lw = a.op, a.lw
+    t = a.type("self")
+    dt = a.out()
+    dim = a.dim("dim")
+    n = t.shape[dim]
+    idx = a.emit(op.reshape(a.tensor("index", "i64"), [1, -1]))
+    idx = a.emit(op.where(op.less(idx, a.const(0, "i64")), op.add(idx, lw.operand(sympy.sympify(n), "int64")), idx))
+    pos = a.emit(op.expand_dims(op.arange(0, lw.dim(n), 1, dtype="int64"), -1))
+    hit = a.emit(op.max(a.emit(op.astype(op.equal(pos, idx), "int32")), axis=[1]))
+    shape = [1] * t.rank
+    shape[dim] = lw.dim(n)
+    mask = a.emit(op.reshape(op.greater(hit, a.const(0, "i32")), shape))
+    return op.where(mask, a.tensor("value", dt), a.tensor("self", dt))
+
+
+@form("pad")
+def _pad(a: _Args):
+    """F.pad in mode replicate, reflect, circular or constant: Relax's nn.pad."""
+    t = a.type("self")
+    widths, mode, why = pad_widths(a.values, t.rank)
+    if why:
+        raise UnsupportedError(f"TVM export: fallback aten.pad.default: {why} (docs/exports.md)")
+    value = a.value("value")
+    flat = [w for pair in widths for w in pair]
+    return a.op.nn.pad(a.tensor("self"), flat, pad_mode=mode, pad_value=float(value or 0.0))
 
 
 @form("embedding")
