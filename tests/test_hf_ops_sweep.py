@@ -122,3 +122,27 @@ def test_an_op_no_export_lowers_is_refused_naming_the_op_line_and_what_to_change
         msg = str(info.value)
         assert target in msg and "test_hf_ops_sweep.py:" in msg and code in msg, msg
         assert "docs/exports.md" in msg, msg
+
+
+class _NewLowerings(torch.nn.Module):
+    def forward(self, x, mask):
+        z = x.clone()
+        z[mask] = 0.5
+        return (F.relu6(x * 4), F.elu(x, alpha=0.7), F.elu(x, 1.2).round(decimals=1), torch.selu(x), F.celu(x, 0.5), torch.diff(x, dim=1),
+                torch.diff(x, n=2, dim=-1), z, x.movedim(-1, 0), torch.movedim(x, (0, 2), (2, 1)))
+
+
+def test_relu6_elu_round_diff_masked_assignment_and_movedim_lower_to_ir_ops_with_torch_values_and_grads():
+    module = _NewLowerings()
+    x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 7, generator=torch.Generator().manual_seed(3)) > 0.5
+    graph = trace_with_report(module, (x, mask)).graph
+    assert not [n.attrs["target"] for n in graph.nodes if n.op == "fallback"], graph
+    got, want = sc.compile(module, backend="eager")(x, mask), module(x, mask)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and relative_error(g, w) <= 1e-12
+    gx, = torch.autograd.grad(sum((o * torch.cos(torch.arange(o.numel(), dtype=o.dtype)).view_as(o)).sum()
+                                  for o in got), x)
+    wx, = torch.autograd.grad(sum((o * torch.cos(torch.arange(o.numel(), dtype=o.dtype)).view_as(o)).sum()
+                                  for o in want), x)
+    assert relative_error(gx, wx) <= 1e-12

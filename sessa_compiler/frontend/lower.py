@@ -998,12 +998,18 @@ def _relu6(L, node):
     return _between(L, x, 0.0, 6.0) if x.type.dtype.is_float else NotImplemented
 
 
-@lowering(aten.elu.default)
+@lowering(aten.elu.default, aten.selu.default, aten.celu.default)
 def _elu(L, node):
-    """elu(x, alpha, scale, input_scale) = x * scale where x > 0, else expm1(x * input_scale) * alpha * scale."""
+    """elu(x, alpha, scale, input_scale) = x * scale where x > 0, else expm1(x * input_scale) * alpha * scale;
+    selu is elu with torch's fixed alpha and scale, celu(x, alpha) elu with input_scale 1 / alpha."""
     x = L.arg(node.args[0])
     names = ["self", "alpha", "scale", "input_scale"]
     a = {"alpha": 1.0, "scale": 1.0, "input_scale": 1.0, **dict(zip(names, node.args)), **node.kwargs}
+    if node.target == aten.selu.default:
+        a = {"alpha": 1.6732632423543772848170429916717, "scale": 1.0507009873554804934193349852946,
+             "input_scale": 1.0}
+    elif node.target == aten.celu.default:
+        a["input_scale"] = 1.0 / float(a["alpha"])
     if not x.type.dtype.is_float:
         return NotImplemented
     b, dt, sh = _Build(L), x.type.dtype, x.type.shape
