@@ -175,7 +175,20 @@ def hf_inputs(B: int, T: int, seed: int = 0):
 
 
 # (module class, inputs(B, T))
-LOWERED = [(Scans, float_input), (Gathers, float_input), (ArgReductions, float_input), (TopkSort, float_input),
+class RunningExtremes(nn.Module):
+    """cummax / cummin (values and indices) and logcumsumexp along T, along the last dim and along B; a running
+    max of int64 ids; a logcumsumexp of log-probabilities (a prefix log-likelihood)."""
+
+    def forward(self, x):
+        v, i = torch.cummax(x, dim=1)
+        w, j = x.cummin(-1)
+        ids = (x * 3).long()
+        return (v, i, w, j, torch.cummax(x, 0).indices, torch.logcumsumexp(x, 1), torch.logcumsumexp(x, dim=-1),
+                torch.logcumsumexp(x, 0), ids.cummax(1).values, ids.cummin(1).indices,
+                torch.logcumsumexp(torch.log_softmax(x, -1), 1))
+
+
+LOWERED = [(RunningExtremes, float_input), (Scans, float_input), (Gathers, float_input), (ArgReductions, float_input), (TopkSort, float_input),
            (Elementwise, float_input), (MaxMinPredicates, float_input), (Divisions, float_input),
            (ScatterRoll, float_input), (BucketsAndMembership, float_input),
            (HFPositionsAndLabelLogProbs, hf_inputs)]

@@ -96,11 +96,13 @@ class _Edges(torch.nn.Module):
     def forward(self, y, x):
         return (torch.atan2(y, x), torch.remainder(y, x), torch.fmod(y, x), torch.nan_to_num(y / x),
                 torch.nan_to_num(y / x, nan=2.0, posinf=5.0, neginf=-5.0), torch.floor_divide(y, x),
-                torch.div(y, x, rounding_mode="trunc"), torch.frac(y * 1.3), torch.max(y, -1).values)
+                torch.div(y, x, rounding_mode="trunc"), torch.frac(y * 1.3), torch.max(y, -1).values,
+                torch.logaddexp(y, x))
 
 
 def test_elementwise_fallbacks_match_torch_at_signed_zeros_infinities_and_nans(tmp_path):
-    """atan2, remainder, fmod, nan_to_num, floor / trunc division, frac and max over a dim holding NaN."""
+    """atan2, remainder, fmod, nan_to_num, floor / trunc division, frac, max over a dim holding NaN, logaddexp
+    (equal infinities give themselves, never inf - inf)."""
     vals = [0.0, -0.0, 1.0, -1.0, 2.5, -7.25, float("inf"), -float("inf"), float("nan")]
     y = torch.tensor([a for a in vals for _ in vals]).reshape(1, len(vals), len(vals))
     x = torch.tensor([b for _ in vals for b in vals]).reshape(1, len(vals), len(vals))
@@ -111,7 +113,7 @@ def test_elementwise_fallbacks_match_torch_at_signed_zeros_infinities_and_nans(t
     got = {"onnx": run_onnxruntime(session, graph, (y, x)), "tvm": tvm_model(y.numpy(), x.numpy())}
     for where, outs in got.items():
         names = ("atan2", "remainder", "fmod", "nan_to_num", "nan_to_num(args)", "floor_divide", "div trunc", "frac",
-                 "max.dim")
+                 "max.dim", "logaddexp")
         assert len(outs) == len(want) == len(names)
         for name, g, w in zip(names, outs, want):
             g = torch.as_tensor(g)
@@ -148,18 +150,71 @@ def test_argmax_max_sort_and_topk_match_torch_on_rows_of_infinities_and_nans(tmp
             assert g.dtype == w.dtype and torch.equal(g.nan_to_num(7.0), w.nan_to_num(7.0)), (where, i, g, w)
 
 
-class _Cummax(torch.nn.Module):
+class _RunningEdges(torch.nn.Module):
     def forward(self, x):
-        return torch.cummax(x, dim=1).values * 2
+        v, i = torch.cummax(x, 1)
+        w, j = torch.cummin(x, -1)
+        return v, i, w, j, torch.logcumsumexp(x, 1), torch.logcumsumexp(x, -1)
+
+
+def _running_edges(B: int, T: int):
+    """Rows along T and along the last dim holding ties, NaN (one, several, leading), -inf prefixes (all -inf rows),
+    +inf (one, several, after -inf), a +inf then -inf, and large finite values (a global shift would underflow)."""
+    inf, nan = float("inf"), float("nan")
+    g = torch.Generator().manual_seed(B * 100 + T)
+    x = torch.randn(B, T, 9, generator=g)
+    x[B - 1, T - 1, :] = 0.5                               # ties along the last dim (columns 1, 2 keep them)
+    x[:, 1::3, 0] = 2.0                                    # ties along T
+    x[0, 3, 1], x[0, T - 2, 1] = nan, nan                  # NaN sticks; its index moves to the later NaN
+    x[1, 0, 2] = nan                                       # a leading NaN
+    x[:, :, 3] = -inf                                      # all -inf: logcumsumexp stays -inf, cummax index last
+    x[:, : T // 2, 4] = -inf                               # a -inf prefix, then finite
+    x[0, 2, 5], x[0, 4, 5] = inf, inf                      # +inf twice (no inf - inf)
+    x[1, :, 6] = torch.where(torch.arange(T) % 2 == 0, inf, -inf)   # +inf, -inf alternating
+    x[:, :, 7] = torch.linspace(-300.0, 300.0, T)          # rising: the running maximum is the shift
+    x[:, :, 8] = torch.linspace(80.0, -400.0, T)           # falling: exp of a global shift would underflow
+    return (x,)
+
+
+def test_cummax_cummin_logcumsumexp_match_torch_at_ties_nans_and_infinities_at_two_new_lengths(tmp_path):
+    """torch's rules: cummax / cummin ties take the LAST index, a NaN sticks (index of the latest NaN);
+    logcumsumexp is -inf on an all -inf prefix, +inf after a +inf (never NaN from inf - inf), finite where torch
+    is; along T and along the last dim, B and T symbolic (exported at (2, 6), run at (3, 7) and (4, 12))."""
+    module = _RunningEdges()
+    session, tvm_model = _export(module, _running_edges(2, 6), tmp_path)
+    graph = trace_with_report(module, _running_edges(2, 6)).graph
+    for B, T in ((3, 7), (4, 12)):
+        args = _running_edges(B, T)
+        want = module(*args)
+        assert torch.isneginf(want[4][:, :, 3]).all() and not torch.isnan(want[4][:, :, 5:]).any()
+        got = {"onnx": run_onnxruntime(session, graph, args), "tvm": tvm_model(*[a.numpy() for a in args])}
+        for where, outs in got.items():
+            assert len(outs) == len(want)
+            for i, (g, w) in enumerate(zip(outs, want)):
+                g = torch.as_tensor(g)
+                assert g.dtype == w.dtype and g.shape == w.shape, (where, T, i)
+                if not w.is_floating_point():
+                    assert torch.equal(g, w), (where, T, i, (g != w).nonzero()[:5])
+                    continue
+                assert torch.equal(torch.isnan(g), torch.isnan(w)), (where, T, i)
+                assert torch.equal(torch.isinf(g) & (g > 0), torch.isinf(w) & (w > 0)), (where, T, i)
+                assert torch.equal(torch.isinf(g) & (g < 0), torch.isinf(w) & (w < 0)), (where, T, i)
+                fin = torch.isfinite(w)
+                assert relative_error(g[fin], w[fin]) <= TOLERANCE[w.dtype], (where, T, i)
+
+
+class _Mode(torch.nn.Module):
+    def forward(self, x):
+        return torch.mode(x, dim=1).values * 2
 
 
 def test_a_fallback_outside_the_table_is_refused_by_both_exports_naming_op_line_and_what_to_change(tmp_path):
-    module, x = _Cummax(), torch.randn(2, 6, 8)
+    module, x = _Mode(), torch.randn(2, 6, 8)
     for export in (lambda: sc.export_onnx(module, (x,), tmp_path / "m.onnx"),
                    lambda: sc.export_tvm(module, (x,), tmp_path / "tvm")):
         with pytest.raises(SessaCompilerError) as info:
             export()
         msg = str(info.value)
-        assert "aten.cummax.default" in msg
-        assert "test_export_fallbacks.py:" in msg and "torch.cummax(x, dim=1)" in msg   # the user's line
+        assert "aten.mode.default" in msg
+        assert "test_export_fallbacks.py:" in msg and "torch.mode(x, dim=1)" in msg   # the user's line
         assert "docs/exports.md" in msg                                              # what to change

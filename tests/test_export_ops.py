@@ -85,20 +85,21 @@ def test_a_dense_solve_is_refused_by_both_exports_naming_op_line_and_what_to_cha
 
 
 def test_a_fallback_op_is_refused_by_export_tvm_naming_its_line_and_compile_tvm_warns_hybrid(tmp_path):
-    """cummax is outside semantics/fallback_forms.py (cumsum, gather, ... are in it: tests/test_export_fallbacks.py)."""
-    class Cummax(torch.nn.Module):
+    """torch.mode is outside semantics/fallback_forms.py (cumsum, gather, cummax ... are in it:
+    tests/test_export_fallbacks.py)."""
+    class Mode(torch.nn.Module):
         def forward(self, x):
-            return torch.cummax(x, dim=1).values * 2
+            return torch.mode(x, dim=1).values * 2
 
-    m, x = Cummax(), torch.randn(2, 6, 8)
+    m, x = Mode(), torch.randn(2, 6, 8)
     with pytest.raises(SessaCompilerError) as info:
         sc.export_tvm(m, (x,), tmp_path / "tvm")
-    assert "fallback(aten.cummax.default)" in str(info.value) and "torch.cummax(x, dim=1)" in str(info.value)
-    with pytest.warns(UserWarning, match=r"hybrid mode.*aten\.cummax.*torch\.cummax\(x, dim=1\)"):
+    assert "fallback(aten.mode.default)" in str(info.value) and "torch.mode(x, dim=1)" in str(info.value)
+    with pytest.warns(UserWarning, match=r"hybrid mode.*aten\.mode.*torch\.mode\(x, dim=1\)"):
         c = sc.compile(m, backend="tvm")
         y = c(x)
     assert torch.allclose(y, m(x))
-    assert "mode: hybrid" in c.explain() and "torch.cummax(x, dim=1)" in c.explain()
+    assert "mode: hybrid" in c.explain() and "torch.mode(x, dim=1)" in c.explain()
 
 
 def test_every_op_a_traced_graph_holds_is_exported_by_a_sample():

@@ -10,13 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import sympy
 import torch
 
 from ..ir.graph import Node, Value
 from ..ir.ops import ArgRef
-from ..semantics.fallback_forms import FORMS, bind, reduced_dims
-from .onnx_builder import INT64_MAX, ONNX_DTYPE, OnnxExportError, OnnxUnsupportedOpError, out_dtype, value_info
+from ..semantics.fallback_forms import FORMS, bind, leading_indices, pad_widths, reduced_dims
+from .onnx_builder import INT64_MAX, NUMPY_DTYPE, ONNX_DTYPE, OnnxExportError, OnnxUnsupportedOpError, out_dtype, value_info
 
 FALLBACKS: dict[str, Callable] = {}
 
@@ -154,6 +155,189 @@ def _cumprod(L, node, a: Args):
     _, ys = b.op("Scan", p0, a.tensor("self", cd), body=g, num_scan_inputs=1, scan_input_axes=[axis],
                  scan_output_axes=[axis], outputs=2, hint="cumprod")
     return [b.cast(ys, cd, dt)]
+
+
+def _scan_init(b, t, axis: int, dtype: str, value) -> str:
+    """A carry of ``value`` shaped like one slice of the scanned tensor (its dims but ``axis``)."""
+    from onnx import helper
+
+    rest = [d for i, d in enumerate(t.shape) if i != axis]
+    v = helper.make_tensor("v", ONNX_DTYPE[dtype], [1], [value])
+    return b.op("ConstantOfShape", b.shape_tensor(rest), value=v, hint="scan_init"), len(rest)
+
+
+@form("cummax", "cummin")
+def _cummax(L, node, a: Args):
+    """An ONNX Scan along the dim carrying (value, index, step), with torch's rule at each step: take x where
+    x is NaN, or where the running value is not NaN and x >= it (<= for cummin): ties take the LAST index, a
+    NaN sticks (its index moves to each later NaN)."""
+    b = L.b
+    t = a.type("self")
+    dt = out_dtype(node)
+    if t.rank == 0:
+        return [a.tensor("self"), b.scalar(0, "i64")]
+    axis = a.dims("dim", t.rank)[0]
+    largest = FORMS[node.attrs["target"]] == "cummax"
+    is_float = t.dtype.is_float
+    cd = _compute(dt) if is_float else dt
+    if is_float:
+        start = -math.inf if largest else math.inf
+    elif dt == "bool":
+        cd, start = "i32", 0 if largest else 1
+    else:
+        info = np.iinfo(NUMPY_DTYPE[dt])
+        start = int(info.min if largest else info.max)
+    m0, r = _scan_init(b, t, axis, cd, start)
+    i0, _ = _scan_init(b, t, axis, "i64", 0)
+    body = b.sub()
+    m, i, k, x = (body.names.fresh(n) for n in ("run", "run_idx", "step", "x_t"))
+    take = body.op("GreaterOrEqual" if largest else "LessOrEqual", x, m)
+    if is_float:
+        take = body.op("Or", body.op("IsNaN", x), body.op("And", body.op("Not", body.op("IsNaN", m)), take))
+    new_m = body.op("Where", take, x, m, hint="run_new")
+    new_i = body.op("Where", take, body.op("Expand", k, body.op("Shape", i)), i, hint="run_idx_new")
+    new_k = body.op("Add", k, body.scalar(1, "i64"), hint="step_next")
+    outs = [body.op("Identity", new_m, hint="run_out"), body.op("Identity", new_i, hint="idx_out")]
+    g = body.graph("cum_extreme_step", [value_info(m, cd, [None] * r), value_info(i, "i64", [None] * r),
+                                        value_info(k, "i64", []), value_info(x, cd, [None] * r)],
+                   [value_info(new_m, cd, [None] * r), value_info(new_i, "i64", [None] * r),
+                    value_info(new_k, "i64", []), value_info(outs[0], cd, [None] * r),
+                    value_info(outs[1], "i64", [None] * r)])
+    _, _, _, vals, idx = b.op("Scan", m0, i0, b.scalar(0, "i64"), b.cast(a.tensor("self"), t.dtype.name, cd),
+                              body=g, num_scan_inputs=1, scan_input_axes=[axis], scan_output_axes=[axis, axis],
+                              outputs=5, hint=FORMS[node.attrs["target"]])
+    return [b.cast(vals, cd, dt), idx]
+
+
+def _log1p(b, u: str, cd: str) -> str:
+    """log(1 + u) accurate for small u (ONNX has no Log1p): log(w) * u / (w - 1) with w = 1 + u, u where w == 1."""
+    one = b.scalar(1.0, cd)
+    w = b.op("Add", one, u)
+    wm1 = b.op("Sub", w, one)
+    same = b.op("Equal", wm1, b.scalar(0.0, cd))
+    safe = b.op("Where", same, one, wm1)
+    return b.op("Where", same, u, b.op("Div", b.op("Mul", b.op("Log", w), u), safe), hint="log1p")
+
+
+@form("logcumsumexp")
+def _logcumsumexp(L, node, a: Args):
+    """An ONNX Scan along the dim carrying the running log-sum-exp, each step as torch's: with lo, hi the smaller
+    and larger of (run, x) (NaN if either is), hi + log1p(exp(lo - hi)) unless lo == hi is infinite (then run:
+    -inf stays -inf, +inf stays +inf; no inf - inf). The shift is the running maximum, never a global one."""
+    b = L.b
+    t = a.type("self")
+    dt = out_dtype(node)
+    cd = _compute(dt)
+    if t.rank == 0:
+        return [b.cast(a.tensor("self", cd), cd, dt)]
+    axis = a.dims("dim", t.rank)[0]
+    s0, r = _scan_init(b, t, axis, cd, -math.inf)
+    body = b.sub()
+    s, x = body.names.fresh("lse_prev"), body.names.fresh("x_t")
+    nan = body.op("Or", body.op("IsNaN", s), body.op("IsNaN", x))
+    qnan = body.scalar(math.nan, cd)
+    lo = body.op("Where", nan, qnan, body.op("Min", s, x))
+    hi = body.op("Where", nan, qnan, body.op("Max", s, x))
+    finite = body.op("Not", body.op("Or", body.op("IsInf", lo), body.op("IsNaN", lo)))
+    general = body.op("Or", body.op("Not", body.op("Equal", lo, hi)), finite)
+    general = body.op("Or", general, nan)   # NaN != NaN in C: the general branch, which propagates it
+    step = body.op("Add", hi, _log1p(body, body.op("Exp", body.op("Sub", lo, hi)), cd))
+    new = body.op("Where", general, step, s, hint="lse_t")
+    carry = body.op("Identity", new, hint="lse_carry")
+    g = body.graph("logcumsumexp_step", [value_info(s, cd, [None] * r), value_info(x, cd, [None] * r)],
+                   [value_info(carry, cd, [None] * r), value_info(new, cd, [None] * r)])
+    _, ys = b.op("Scan", s0, a.tensor("self", cd), body=g, num_scan_inputs=1, scan_input_axes=[axis],
+                 scan_output_axes=[axis], outputs=2, hint="logcumsumexp")
+    return [b.cast(ys, cd, dt)]
+
+
+@form("logaddexp")
+def _logaddexp(L, node, a: Args):
+    """torch's: a where a == b is infinite (no inf - inf), else max(a, b) + log1p(exp(-|a - b|)) (NaN in, NaN
+    out: |a - b| is NaN)."""
+    b = L.b
+    dt = out_dtype(node)
+    cd = _compute(dt)
+    x, y = a.operand("self", cd), a.operand("other", cd)
+    d = b.op("Neg", b.op("Abs", b.op("Sub", x, y)))
+    r = b.op("Add", b.op("Max", x, y), _log1p(b, b.op("Exp", d), cd))
+    same_inf = b.op("And", b.op("IsInf", x), b.op("Equal", x, y))
+    return [b.cast(b.op("Where", same_inf, x, r, hint="logaddexp"), cd, dt)]
+
+
+@form("index")
+def _index(L, node, a: Args):
+    """x[i0, ..., ik-1] with integer index tensors over the leading dims (broadcast together; negative indices count
+    from the end, like torch): GatherND over the stacked indices."""
+    b = L.b
+    t = a.type("self")
+
+    idx, why = leading_indices(node, a.values)
+    if why:   # torch's exporter may still know it (it names the op and what to change when not)
+        return via_torch_exporter(L, node)
+    out = list(node.outputs[0].type.shape)
+    lead = out[:len(out) - (t.rank - len(idx))]
+    cols = []
+    for j, ref in enumerate(idx):
+        i = L.get(node, ref.index, "i64")
+        i = b.op("Where", b.op("Less", i, b.scalar(0, "i64")), b.op("Add", i, b.dim(t.shape[j])), i)
+        if list(node.inputs[ref.index].type.shape) != lead:
+            i = b.op("Expand", i, b.shape_tensor(lead))
+        cols.append(b.op("Unsqueeze", i, b.i64(-1)))
+    stacked = cols[0] if len(cols) == 1 else b.op("Concat", *cols, axis=-1)
+    return [b.op("GatherND", a.tensor("self"), stacked, hint="index")]
+
+
+@form("index_fill")
+def _index_fill(L, node, a: Args):
+    """x with the entries at the given indices along dim set to value: Where over a mask along the dim."""
+    b = L.b
+    t = a.type("self")
+    dt = out_dtype(node)
+    dim = a.dims("dim", t.rank)[0]
+    n = b.dim(t.shape[dim])
+    idx = b.op("Reshape", a.tensor("index", "i64"), b.i64(1, -1))
+    idx = b.op("Where", b.op("Less", idx, b.scalar(0, "i64")), b.op("Add", idx, n), idx)
+    pos = b.op("Unsqueeze", b.op("Range", b.scalar(0, "i64"), b.op("Squeeze", n, b.i64(0)), b.scalar(1, "i64")),
+               b.i64(-1))
+    hit = b.op("ReduceMax", b.cast(b.op("Equal", pos, idx), "bool", "i32"), b.i64(1), keepdims=0)
+    shape = [1] * t.rank
+    shape[dim] = -1
+    mask = b.op("Reshape", b.cast(hit, "i32", "bool"), b.i64(*shape))
+    return [b.op("Where", mask, a.operand("value", dt), a.tensor("self", dt), hint="index_fill")]
+
+
+@form("pad")
+def _pad(L, node, a: Args):
+    """F.pad in mode replicate (Pad edge), reflect, circular (Pad wrap, opset 19) or constant."""
+    b = L.b
+    t = a.type("self")
+    widths, mode, why = pad_widths(a.values, t.rank)
+    if why:   # torch's exporter may still know it (it names the op and what to change when not)
+        return via_torch_exporter(L, node)
+    dt = out_dtype(node)
+    if mode == "circular":   # the last l elements before, the first r after (Pad's wrap needs opset 19)
+        x = a.tensor("self", dt)
+        for d, (lo, hi) in enumerate(widths):
+            if lo or hi:
+                n = b.dim(t.shape[d])
+                parts = [b.op("Slice", x, b.op("Sub", n, b.i64(lo)), n, b.i64(d))] if lo else []
+                parts.append(x)
+                if hi:
+                    parts.append(b.op("Slice", x, b.i64(0), b.i64(hi), b.i64(d)))
+                x = b.op("Concat", *parts, axis=d, hint="pad_circular")
+        return [x]
+    onnx_mode = {"replicate": "edge", "reflect": "reflect", "constant": "constant"}[mode]
+    pads = b.i64(*[w[0] for w in widths], *[w[1] for w in widths])
+    value = a.value("value")
+    fill = b.scalar(0 if value is None else value, dt) if mode == "constant" else None
+    return [b.op("Pad", a.tensor("self", dt), pads, fill, mode=onnx_mode, hint="pad")]
+
+
+@form("embedding")
+def _embedding(L, node, a: Args):
+    """The weight's rows at the indices (padding_idx and the other arguments only change the gradient)."""
+    return [L.b.op("Gather", a.tensor("weight"), a.tensor("indices", "i64"), axis=0, hint="embedding")]
 
 
 @form("flip")

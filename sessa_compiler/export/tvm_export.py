@@ -57,10 +57,15 @@ def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu
     mod, _symbols = graph_to_relax(graph, lanes_for(target), schedules)
     try:
         executable = tvm.compile(mod, target=target)
-    except Exception as e:  # noqa: BLE001 - TVM's own build failure, reported as ours
-        raise UnsupportedError(f"TVM export: TVM could not build the lowered graph of {graph.name}: {type(e).__name__}: "
-                               f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}; run the model with "
-                               "compile(backend='tvm') (hybrid mode), or export_onnx") from e
+    except Exception as e:  # noqa: BLE001 - TVM's own build failure, reported as ours, at the op that causes it
+        from ..backends.tvm.relax_lower import locate_build_failure
+
+        where = locate_build_failure(graph, lambda m: tvm.compile(m, target=target), lanes_for(target), schedules)
+        raise UnsupportedError(
+            f"TVM export: TVM could not build the lowered graph of {graph.name}"
+            f"{' at ' + where if where else ' (no single op found to blame)'}: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[-1][:300] if str(e).strip() else ''}; rewrite that line with other ops, "
+            "run the model with compile(backend='tvm') (hybrid mode), or export_onnx") from e
     os.makedirs(path, exist_ok=True)
     library = "model.so"
     executable.export_library(os.path.join(path, library))

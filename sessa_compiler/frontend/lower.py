@@ -619,6 +619,22 @@ def _reshape(L, node):
 LOWERINGS[aten.flatten.using_ints] = _reshape
 LOWERINGS[aten.unflatten.int] = _reshape
 LOWERINGS[aten.view_as.default] = _reshape
+@lowering(aten.movedim.int, aten.movedim.intlist)
+def _movedim(L, node):
+    """x.movedim(source, destination): the permutation that puts each source dim at its destination, the other
+    dims in their order."""
+    x = L.arg(node.args[0])
+    rank = x.type.rank
+    src, dst = node.args[1], node.args[2]
+    src = [src] if isinstance(src, int) else list(src)
+    dst = [dst] if isinstance(dst, int) else list(dst)
+    src, dst = [d % max(rank, 1) for d in src], [d % max(rank, 1) for d in dst]
+    rest = iter(d for d in range(rank) if d not in src)
+    at = dict(zip(dst, src))
+    perm = [at[i] if i in at else next(rest) for i in range(rank)]
+    return L.emit("permute", [x], {"dims": perm}, node)
+
+
 LOWERINGS[aten.permute.default] = lambda L, node: L.emit("permute", [L.arg(node.args[0])], {"dims": list(node.args[1])}, node)
 LOWERINGS[aten.transpose.int] = lambda L, node: L.emit("transpose", [L.arg(node.args[0])],
                                                        {"dim0": node.args[1], "dim1": node.args[2]}, node)
@@ -839,46 +855,73 @@ def _to_device(L, node):
     return x if want == x.type.dtype else L.emit("cast", [x], {"dtype": want}, node)
 
 
-def _nll(L, node, logp, target, ignore_index, reduction):
-    """-logp[n, target[n]] over rows whose target is not ignore_index; mean over those rows, sum, or none."""
+def _nll(L, node, logp, target, ignore_index, reduction, weight=None, smoothing=0.0):
+    """-w[t] logp[n, t, ...] with t = target[n, ...] (classes along dim 1: (N, C) or (N, C, d1, ...) with a
+    (N, d1, ...) target; w the class weights, or 1) where the target is not ignore_index; with label smoothing s,
+    (1 - s) times that plus s / C times -sum_c w[c] logp[n, c, ...] (torch's cross_entropy). Reduced as torch
+    does: none (the target's shape), sum, or mean: the sum over the weight of the kept targets (their count
+    without weights; NaN when every target is ignored, like torch)."""
     b = _Build(L)
-    if logp.type.rank != 2 or target.type.rank != 1 or not target.type.dtype.name.startswith("i") \
+    if logp.type.rank < 2 or target.type.rank != logp.type.rank - 1 or not target.type.dtype.name.startswith("i") \
             or reduction not in (0, 1, 2) or not logp.type.dtype.is_float:
         return NotImplemented
-    N, C = logp.type.shape
-    dt = logp.type.dtype
-    classes = b.op("arange", [], {"start": 0, "end": C, "step": 1, "dtype": target.type.dtype}, target.type.dtype, (C,))
-    tcol = b.op("unsqueeze", [target], {"dim": 1}, target.type.dtype, (N, 1))
-    hot = b.op("eq", [tcol, classes], {}, DType("bool"), (N, C))
-    picked = b.op("where", [hot, logp, 0.0], {}, dt, (N, C))
-    picked = b.op("sum", [picked], {"dims": [1], "keepdim": False}, dt, (N,))
-    valid = b.op("ne", [target, int(ignore_index)], {}, DType("bool"), (N,))
-    loss = b.op("neg", [picked], {}, dt, (N,))
-    loss = b.op("where", [valid, loss, 0.0], {}, dt, (N,))
+    shape = tuple(logp.type.shape)
+    C, tshape, k = shape[1], tuple(target.type.shape), logp.type.rank - 2
+    if weight is not None and (weight.type.rank != 1 or not isinstance(C, int)):
+        return NotImplemented
+    if smoothing and not isinstance(C, int):
+        return NotImplemented
+    dt, it = logp.type.dtype, target.type.dtype
+    bool_t = DType("bool")
+
+    def along_classes(v, dtype):   # [C] -> [C, 1, ...]: dim 1 of logp
+        for j in range(k):
+            v = b.op("unsqueeze", [v], {"dim": -1}, dtype, (C,) + (1,) * (j + 1))
+        return v
+
+    classes = along_classes(b.op("arange", [], {"start": 0, "end": C, "step": 1, "dtype": it}, it, (C,)), it)
+    tcol = b.op("unsqueeze", [target], {"dim": 1}, it, tshape[:1] + (1,) + tshape[1:])
+    hot = b.op("eq", [tcol, classes], {}, bool_t, shape)
+    valid = b.op("ne", [target, int(ignore_index)], {}, bool_t, tshape)
+    term = logp
+    if weight is not None:
+        if weight.type.dtype != dt:
+            weight = b.cast(weight, dt)
+        wcol = along_classes(weight, dt)
+        term = b.op("mul", [logp, wcol], {}, dt, shape)
+        wt = b.op("sum", [b.op("where", [hot, wcol, 0.0], {}, dt, shape)], {"dims": [1], "keepdim": False}, dt, tshape)
+        wt = b.op("where", [valid, wt, 0.0], {}, dt, tshape)
+    picked = b.op("sum", [b.op("where", [hot, term, 0.0], {}, dt, shape)], {"dims": [1], "keepdim": False}, dt, tshape)
+    loss = b.op("where", [valid, b.op("neg", [picked], {}, dt, tshape), 0.0], {}, dt, tshape)
+    if smoothing:
+        spread = b.op("sum", [term], {"dims": [1], "keepdim": False}, dt, tshape)
+        spread = b.op("where", [valid, b.op("neg", [spread], {}, dt, tshape), 0.0], {}, dt, tshape)
+        loss = b.op("add", [b.op("mul", [loss, 1.0 - float(smoothing)], {}, dt, tshape),
+                            b.op("mul", [spread, float(smoothing) / C], {}, dt, tshape)], {}, dt, tshape)
     if reduction == 0:
         return loss
     total = b.op("sum", [loss], {"dims": None, "keepdim": False}, dt, ())
     if reduction == 2:
         return total
-    count = b.op("sum", [b.cast(valid, dt)], {"dims": None, "keepdim": False}, dt, ())
+    count = b.op("sum", [wt if weight is not None else b.cast(valid, dt)], {"dims": None, "keepdim": False}, dt, ())
     return L.emit("div", [total, count], {}, node) if not isinstance(node.meta["val"], (list, tuple)) else \
         b.op("div", [total, count], {}, dt, ())
 
 
 @lowering(aten.cross_entropy_loss.default)
 def _cross_entropy(L, node):
-    """cross_entropy over (N, C) logits and (N,) class indices: log_softmax, then the masked negative
-    log-likelihood (ignore_index rows count for nothing, and not in the mean's denominator)."""
+    """cross_entropy over (N, C) or (N, C, d1, ...) logits and (N, [d1, ...]) class indices, with class weights
+    and label smoothing: log_softmax along the classes, then the masked negative log-likelihood (_nll)."""
     names = ["self", "target", "weight", "reduction", "ignore_index", "label_smoothing"]
     a = dict(zip(names, node.args))
     a.update(node.kwargs)
-    if a.get("weight") is not None or a.get("label_smoothing", 0.0):
-        return NotImplemented
     x, target = L.arg(a["self"]), L.arg(a["target"])
-    if x.type.rank != 2:
+    if x.type.rank < 2:
         return NotImplemented
+    weight = None if a.get("weight") is None else L.arg(a["weight"])
     logp = _Build(L).op("log_softmax", [x], {"dim": 1}, x.type.dtype, x.type.shape)
-    return _nll(L, node, logp, target, a.get("ignore_index", -100), a.get("reduction", 1))
+    return _nll(L, node, logp, target, a.get("ignore_index", -100), a.get("reduction", 1), weight,
+                float(a.get("label_smoothing", 0.0) or 0.0))
 
 
 @lowering(aten.nll_loss.default, aten.nll_loss_nd.default)
@@ -886,9 +929,9 @@ def _nll_loss(L, node):
     names = ["self", "target", "weight", "reduction", "ignore_index"]
     a = dict(zip(names, node.args))
     a.update(node.kwargs)
-    if a.get("weight") is not None:
-        return NotImplemented
-    return _nll(L, node, L.arg(a["self"]), L.arg(a["target"]), a.get("ignore_index", -100), a.get("reduction", 1))
+    weight = None if a.get("weight") is None else L.arg(a["weight"])
+    return _nll(L, node, L.arg(a["self"]), L.arg(a["target"]), a.get("ignore_index", -100), a.get("reduction", 1),
+                weight)
 
 
 @lowering(aten.var_mean.correction, aten.var.correction, aten.std.correction, aten.var_mean.dim, aten.var.dim,
@@ -946,6 +989,93 @@ def _hardtanh(L, node):
     if not x.type.dtype.is_float or lo > hi:
         return NotImplemented
     return _between(L, x, float(lo), float(hi))
+
+
+@lowering(aten.relu6.default)
+def _relu6(L, node):
+    """relu6(x) = hardtanh(x, 0, 6)."""
+    x = L.arg(node.args[0])
+    return _between(L, x, 0.0, 6.0) if x.type.dtype.is_float else NotImplemented
+
+
+@lowering(aten.elu.default, aten.selu.default, aten.celu.default)
+def _elu(L, node):
+    """elu(x, alpha, scale, input_scale) = x * scale where x > 0, else expm1(x * input_scale) * alpha * scale;
+    selu is elu with torch's fixed alpha and scale, celu(x, alpha) elu with input_scale 1 / alpha."""
+    x = L.arg(node.args[0])
+    names = ["self", "alpha", "scale", "input_scale"]
+    a = {"alpha": 1.0, "scale": 1.0, "input_scale": 1.0, **dict(zip(names, node.args)), **node.kwargs}
+    if node.target == aten.selu.default:
+        a = {"alpha": 1.6732632423543772848170429916717, "scale": 1.0507009873554804934193349852946,
+             "input_scale": 1.0}
+    elif node.target == aten.celu.default:
+        a["input_scale"] = 1.0 / float(a["alpha"])
+    if not x.type.dtype.is_float:
+        return NotImplemented
+    b, dt, sh = _Build(L), x.type.dtype, x.type.shape
+    scale, neg = float(a["scale"]), float(a["alpha"]) * float(a["scale"])
+    pos = b.op("gt", [x, 0.0], {}, DType("bool"), sh)
+    inner = b.op("mul", [x, float(a["input_scale"])], {}, dt, sh) if float(a["input_scale"]) != 1.0 else x
+    low = b.op("mul", [b.op("expm1", [inner], {}, dt, sh), neg], {}, dt, sh)
+    return b.op("where", [pos, b.op("mul", [x, scale], {}, dt, sh) if scale != 1.0 else x, low], {}, dt, sh)
+
+
+@lowering(aten.round.decimals)
+def _round_decimals(L, node):
+    """torch's: round(x * 10^d) / 10^d for d > 0, round(x / 10^-d) * 10^-d otherwise (round half to even)."""
+    x = L.arg(node.args[0])
+    d = node.args[1] if len(node.args) > 1 else node.kwargs.get("decimals", 0)
+    if not x.type.dtype.is_float or not isinstance(d, int):
+        return NotImplemented
+    b, dt, sh = _Build(L), x.type.dtype, x.type.shape
+    p = float(10 ** abs(d))
+    if d > 0:
+        return b.op("div", [b.op("round", [b.op("mul", [x, p], {}, dt, sh)], {}, dt, sh), p], {}, dt, sh)
+    return b.op("mul", [b.op("round", [b.op("div", [x, p], {}, dt, sh)], {}, dt, sh), p], {}, dt, sh)
+
+
+@lowering(aten.diff.default)
+def _diff(L, node):
+    """diff(x, n=1, dim): x[1:] - x[:-1] along dim, n times (no prepend / append)."""
+    names = ["self", "n", "dim", "prepend", "append"]
+    a = {"n": 1, "dim": -1, "prepend": None, "append": None, **dict(zip(names, node.args)), **node.kwargs}
+    x = L.arg(a["self"])
+    if a["prepend"] is not None or a["append"] is not None or not isinstance(a["n"], int) or x.type.rank == 0 \
+            or x.type.dtype.name == "bool":   # (a bool diff is a logical xor)
+        return NotImplemented
+    b = _Build(L)
+    d = a["dim"] % x.type.rank
+    for _ in range(a["n"]):
+        shape = list(x.type.shape)
+        size = shape[d]
+        shape[d] = size - 1
+        hi = b.op("slice", [x], {"dim": d, "start": 1, "end": size, "step": 1}, x.type.dtype, tuple(shape))
+        lo = b.op("slice", [x], {"dim": d, "start": 0, "end": size - 1, "step": 1}, x.type.dtype, tuple(shape))
+        x = b.op("sub", [hi, lo], {}, x.type.dtype, tuple(shape))
+    return x
+
+
+@lowering(aten.index_put.default, aten.index_put_.default)
+def _index_put(L, node):
+    """x[mask] = v with one bool mask over x's leading dims and a single value: where(mask, v, x)."""
+    names = ["self", "indices", "values", "accumulate"]
+    a = {"accumulate": False, **dict(zip(names, node.args)), **node.kwargs}
+    idx = list(a["indices"])
+    if a["accumulate"] or len(idx) != 1 or idx[0] is None:
+        return NotImplemented
+    x, mask, v = L.arg(a["self"]), L.arg(idx[0]), L.arg(a["values"])
+    if mask.type.dtype.name != "bool" or tuple(mask.type.shape) != tuple(x.type.shape[:mask.type.rank]):
+        return NotImplemented
+    if not isinstance(v, Value) or v.type.rank > 0 and not all(d == 1 for d in v.type.shape):
+        return NotImplemented
+    b, dt, sh = _Build(L), x.type.dtype, x.type.shape
+    if v.type.rank:
+        v = b.op("reshape", [v], {"shape": []}, v.type.dtype, ())
+    if v.type.dtype != dt:
+        v = b.cast(v, dt)
+    for j in range(x.type.rank - mask.type.rank):
+        mask = b.op("unsqueeze", [mask], {"dim": -1}, DType("bool"), tuple(mask.type.shape) + (1,))
+    return b.op("where", [mask, v, x], {}, dt, sh)
 
 
 @lowering(aten.leaky_relu.default)

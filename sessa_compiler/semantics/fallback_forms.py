@@ -34,6 +34,14 @@ FORMS = {
     "aten.all.default": "all", "aten.all.dim": "all", "aten.all.dims": "all",
     "aten.prod.default": "prod", "aten.prod.dim_int": "prod",
     "aten.max.dim": "max_dim", "aten.min.dim": "min_dim",               # (values, indices) over one dim
+    "aten.cummax.default": "cummax", "aten.cummin.default": "cummin",   # (values, indices): ties -> LAST index
+    "aten.logcumsumexp.default": "logcumsumexp",      # (self, dim): running log-sum-exp, torch's step
+    "aten.logaddexp.default": "logaddexp",            # max + log1p(exp(-|a - b|)); a where a == b is infinite
+    "aten.index.Tensor": "index",                     # x[i0, i1, ...]: integer indices over the leading dims
+    "aten.index_fill.int_Scalar": "index_fill",       # (self, dim, index, value)
+    "aten.pad.default": "pad",                        # (self, pad, mode, value): replicate / reflect / circular
+    "aten.embedding.default": "embedding",            # (weight, indices, padding_idx, ...): rows; padding_idx,
+                                                      # scale_grad_by_freq, sparse change the gradient only
     "aten.isnan.default": "isnan", "aten.isinf.default": "isinf", "aten.isfinite.default": "isfinite",
     "aten.logical_xor.default": "logical_xor",
     "aten.trunc.default": "trunc", "aten.frac.default": "frac",
@@ -71,3 +79,31 @@ def reduced_dims(values: dict, rank: int) -> list | None:
         return None
     dims = [dim] if isinstance(dim, int) else list(dim)
     return sorted(int(d) % max(rank, 1) for d in dims)
+
+
+def leading_indices(node, values: dict) -> tuple[list, str]:
+    """(the index operands, '') of x[i0, i1, ...] (aten.index.Tensor) when they are integer tensors over the
+    leading dims; ([], why not) otherwise (a bool mask has a data-dependent shape; an index after a skipped dim
+    moves the dims around)."""
+    idx = list(values["indices"])
+    if not idx or any(i is None for i in idx):
+        return [], ("indices that skip a dim (x[:, i]): write it with torch.gather / index_select, or index the "
+                    "leading dims")
+    for i in idx:
+        if not node.inputs[i.index].type.dtype.name.startswith(("i", "u")):
+            return [], "a boolean mask index (x[mask]) has a data-dependent shape: use torch.where(mask, ...) instead"
+    return idx, ""
+
+
+def pad_widths(values: dict, rank: int) -> tuple[list, str, str]:
+    """([(before, after)] per dim, mode, '') of F.pad(x, pad, mode) (pad lists the last dim first), or
+    ([], mode, why not): the exports take non-negative widths in the modes other than 'constant'."""
+    pad, mode = list(values["pad"]), values.get("mode") or "constant"
+    if len(pad) % 2 or len(pad) // 2 > rank or any(not isinstance(p, int) or p < 0 for p in pad):
+        return [], mode, f"pad widths {pad} (the exports take non-negative int widths in mode {mode!r})"
+    if mode not in ("replicate", "reflect", "circular", "constant"):
+        return [], mode, f"mode {mode!r}"
+    widths = [(0, 0)] * rank
+    for j in range(len(pad) // 2):
+        widths[rank - 1 - j] = (pad[2 * j], pad[2 * j + 1])
+    return widths, mode, ""

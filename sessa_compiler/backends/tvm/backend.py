@@ -191,10 +191,21 @@ class TVMBackend(Backend):
                 kernels = len({item.spec for item in plan if item.spec is not None})
                 stage(f"building the TVM library: {kernels} distinct generated kernels, {len(mod.functions)} "
                       "functions before legalisation (tvm.compile)")
-                return tvm.compile(mod, target=self.target)
+                try:
+                    return tvm.compile(mod, target=self.target)
+                except Exception as e:  # noqa: BLE001 - TVM's message names its functions: find our op
+                    from .relax_lower import locate_build_failure
+
+                    where = locate_build_failure(graph, lambda m: tvm.compile(m, target=self.target), self.lanes,
+                                                 schedules)
+                    raise UnsupportedError(f"{'at ' + where + ': ' if where else ''}{type(e).__name__}: "
+                                           f"{str(e).strip().splitlines()[-1][:400] if str(e).strip() else ''}") from e
 
             vm = relax.VirtualMachine(load_or_build(graph, schedules, self.target, self.lanes, compiled), tvm.cpu())
         except Exception as e:  # a TVM lowering/build limitation: keep running, in hybrid mode, and say why
+            if isinstance(e, UnsupportedError) and str(e).startswith("at op "):   # the op found by bisection
+                self._hybrid(graph, f"whole-graph TVM build failed {str(e)[:900]}")
+                return None
             self._hybrid(graph, f"whole-graph TVM build failed: {type(e).__name__}: "
                                 f"{str(e).strip().splitlines()[-1][:400] if str(e).strip() else ''}")
             return None

@@ -11,7 +11,7 @@ import sympy
 from ...errors import UnsupportedError
 from ...ir.dtypes import TVM_NAME as RELAX_DTYPE
 from ...ir.ops import ArgRef
-from ...semantics.fallback_forms import FORMS, bind, reduced_dims
+from ...semantics.fallback_forms import FORMS, bind, leading_indices, pad_widths, reduced_dims
 
 RELAX_FORMS: dict = {}
 
@@ -105,6 +105,84 @@ def _in_range(a: _Args, idx, size):
     op = a.op
     hi = a.lw.operand(sympy.sympify(size) - 1, "int64")
     return a.emit(op.minimum(op.maximum(idx, a.const(0, "i64")), hi))
+
+
+@form("logaddexp")
+def _logaddexp(a: _Args):
+    """torch's: a where a == b is infinite (no inf - inf), else max(a, b) + log1p(exp(-|a - b|)) (NaN in, NaN
+    out: |a - b| is NaN)."""
+    op = a.op
+    dt = a.out()
+    cd = _compute(dt)
+    x, y = a.tensor("self", cd), a.tensor("other", cd)
+    u = a.emit(op.exp(op.negative(op.abs(op.subtract(x, y)))))   # in [0, 1]: log1p(u) as Goldberg's, from log
+    w = a.emit(op.add(a.const(1.0, cd), u))
+    wm1 = a.emit(op.subtract(w, a.const(1.0, cd)))
+    same = a.emit(op.equal(wm1, a.const(0.0, cd)))
+    log1p = op.where(same, u, op.divide(op.multiply(op.log(w), u), op.where(same, a.const(1.0, cd), wm1)))
+    r = a.emit(op.add(op.maximum(x, y), log1p))
+    return _back(a, op.where(op.logical_and(op.isinf(x), op.equal(x, y)), x, r), cd, dt)
+
+
+@form("index")
+def _index(a: _Args):
+    """x[i0, ..., ik-1] with integer index tensors over the leading dims (broadcast together; negative indices
+    count from the end, like torch; out-of-range ones clamped, as for gather): gather_nd over the stacked indices."""
+    op, lw = a.op, a.lw
+    t = a.type("self")
+    idx, why = leading_indices(a.node, a.values)
+    if why:
+        raise UnsupportedError(f"TVM export: fallback aten.index.Tensor: {why} (docs/exports.md)")
+    out = list(a.node.outputs[0].type.shape)
+    lead = out[:len(out) - (t.rank - len(idx))]
+    cols = []
+    for j, ref in enumerate(idx):
+        v = a.node.inputs[ref.index]
+        i = lw.cast(lw.env[v], v, "int64")
+        i = a.emit(op.where(op.less(i, a.const(0, "i64")), op.add(i, lw.operand(sympy.sympify(t.shape[j]), "int64")), i))
+        i = _in_range(a, i, t.shape[j])
+        if list(v.type.shape) != lead:
+            i = a.emit(op.broadcast_to(i, [lw.dim(d) for d in lead]))
+        cols.append(a.emit(op.expand_dims(i, -1)))
+    stacked = cols[0] if len(cols) == 1 else a.emit(op.concat(cols, axis=-1))
+    return op.gather_nd(a.tensor("self"), stacked)
+
+
+@form("index_fill")
+def _index_fill(a: _Args):
+    """x with the entries at the given indices along dim set to value: where over a mask along the dim."""
+    op, lw = a.op, a.lw
+    t = a.type("self")
+    dt = a.out()
+    dim = a.dim("dim")
+    n = t.shape[dim]
+    idx = a.emit(op.reshape(a.tensor("index", "i64"), [1, -1]))
+    idx = a.emit(op.where(op.less(idx, a.const(0, "i64")), op.add(idx, lw.operand(sympy.sympify(n), "int64")), idx))
+    pos = a.emit(op.expand_dims(op.arange(0, lw.dim(n), 1, dtype="int64"), -1))
+    hit = a.emit(op.max(a.emit(op.astype(op.equal(pos, idx), "int32")), axis=[1]))
+    shape = [1] * t.rank
+    shape[dim] = lw.dim(n)
+    mask = a.emit(op.reshape(op.greater(hit, a.const(0, "i32")), shape))
+    return op.where(mask, a.tensor("value", dt), a.tensor("self", dt))
+
+
+@form("pad")
+def _pad(a: _Args):
+    """F.pad in mode replicate, reflect, circular or constant: Relax's nn.pad."""
+    t = a.type("self")
+    widths, mode, why = pad_widths(a.values, t.rank)
+    if why:
+        raise UnsupportedError(f"TVM export: fallback aten.pad.default: {why} (docs/exports.md)")
+    value = a.value("value")
+    flat = [w for pair in widths for w in pair]
+    return a.op.nn.pad(a.tensor("self"), flat, pad_mode=mode, pad_value=float(value or 0.0))
+
+
+@form("embedding")
+def _embedding(a: _Args):
+    """The weight's rows at the indices (padding_idx and the other arguments only change the gradient); an
+    out-of-range index is clamped, as for the IR's embedding."""
+    return a.op.take(a.tensor("weight"), a.tensor("indices", "i64"), axis=0, mode="clip")
 
 
 @form("gather")
@@ -435,3 +513,89 @@ def _isin(a: _Args):
     hit = a.emit(op.max(a.emit(op.astype(op.equal(x, test), "int32")), axis=[-1]))
     y = a.emit(op.greater(hit, a.const(0, "i32")))
     return op.logical_not(y) if a.value("invert") else y
+
+
+def _scan_kernel(a: _Args, x, axis: int, kind: str, cd: str, name: str):
+    """A sequential scan along ``axis`` as one TIR kernel (te.extern, parallel over the other elements, like TVM's
+    own cumsum), emitted with call_tir: Relax has no cummax / cummin / logcumsumexp. Each step is torch's:
+    cummax / cummin take x where x is NaN or the running value is not NaN and x >= it (<=): ties take the LAST
+    index and a NaN sticks; logcumsumexp adds x with lo, hi the smaller and larger of (run, x) (NaN if either is)
+    as hi + log1p(exp(lo - hi)), unless lo == hi is infinite (the run stays: no inf - inf). Shapes may be
+    symbolic; the first step reads nothing before it (a zero-length axis writes nothing)."""
+    from tvm import te, tirx
+    from tvm.script.ir_builder import IRBuilder
+    from tvm.script.ir_builder import tirx as T
+
+    is_float = "float" in cd
+
+    def build(data):
+        shape = list(data.shape)
+        n = shape[axis]
+        before, after = 1, 1
+        for i, d in enumerate(shape):
+            if i < axis:
+                before = before * d
+            elif i > axis:
+                after = after * d
+
+        def gen(ins, outs):
+            with IRBuilder() as ib:
+                xs = T.buffer_proxy(ins[0])
+                vs = T.buffer_proxy(outs[0])
+                ix = T.buffer_proxy(outs[1]) if len(outs) > 1 else None
+                with T.parallel(0, before * after) as fused:
+                    base = (fused // after) * n * after + fused % after
+                    with T.serial(0, n) as k:
+                        cur = base + k * after
+                        prev = base + tirx.max(k - 1, 0) * after
+                        first = k == 0
+                        xk = xs[cur]
+                        if kind == "lse":
+                            run = tirx.Select(first, tirx.const(-float("inf"), cd), vs[prev])
+                            nan = tirx.Or(tirx.isnan(run), tirx.isnan(xk))
+                            lo = tirx.Select(nan, run + xk, tirx.Select(xk < run, xk, run))
+                            hi = tirx.Select(nan, run + xk, tirx.Select(xk < run, run, xk))
+                            general = tirx.Or(tirx.Or(nan, lo != hi), tirx.isfinite(lo))
+                            vs[cur] = tirx.Select(general, hi + tirx.log1p(tirx.exp(lo - hi)), run)
+                        else:
+                            run = vs[prev]
+                            better = xk >= run if kind == "max" else xk <= run
+                            if is_float:
+                                better = tirx.Or(tirx.isnan(xk), tirx.And(tirx.Not(tirx.isnan(run)), better))
+                            take = tirx.Or(first, better)
+                            vs[cur] = tirx.Select(take, xk, run)
+                            ix[cur] = tirx.Select(take, tirx.Cast("int64", k), ix[prev])
+                return ib.get()
+
+        outs = [shape] if kind == "lse" else [shape, shape]
+        dtypes = [cd] if kind == "lse" else [cd, "int64"]
+        return te.extern(outs, [data], gen, dtype=dtypes, name=name, tag=name)
+
+    return a.lw.bb.emit_te(build, x, primfunc_name_hint=name)
+
+
+@form("cummax", "cummin")
+def _cummax(a: _Args):
+    t = a.type("self")
+    dt = a.out()
+    if t.rank == 0:
+        return [a.tensor("self"), a.const(0, "i64")]
+    cd = "int32" if dt == "bool" else RELAX_DTYPE[_compute(dt)]
+    x = a.tensor("self")
+    if cd != RELAX_DTYPE[dt]:
+        x = a.emit(a.op.astype(x, cd))
+    y = _scan_kernel(a, x, a.dim("dim"), "max" if a.form == "cummax" else "min", cd, a.form)
+    tgi = a.lw.relax.TupleGetItem
+    vals, idx = a.emit(tgi(y, 0)), a.emit(tgi(y, 1))
+    return [vals if cd == RELAX_DTYPE[dt] else a.op.astype(vals, RELAX_DTYPE[dt]), idx]
+
+
+@form("logcumsumexp")
+def _logcumsumexp(a: _Args):
+    t = a.type("self")
+    dt = a.out()
+    cd = _compute(dt)
+    x = a.tensor("self", cd)
+    if t.rank == 0:
+        return _back(a, x, cd, dt)
+    return _back(a, _scan_kernel(a, x, a.dim("dim"), "lse", RELAX_DTYPE[cd], "logcumsumexp"), cd, dt)

@@ -459,7 +459,11 @@ def _reduce(kind):
         fn = {"sum": op.sum, "mean": op.mean, "amax": op.max}[kind]
         dims = node.attrs.get("dims")
         axis, keep = (None if dims is None else list(dims)), bool(node.attrs.get("keepdim", False))
-        out = fn(ops[0], axis=axis, keepdims=keep)
+        x = ops[0]
+        want = RELAX_DTYPE[node.outputs[0].type.dtype.name]
+        if kind != "amax" and RELAX_DTYPE[node.inputs[0].type.dtype.name] != want:
+            x = lw.bb.emit(op.astype(x, want))   # a sum of a bool / int32 mask counts in int64 (torch's promotion)
+        out = fn(x, axis=axis, keepdims=keep)
         if kind == "amax" and node.inputs[0].type.dtype.is_float:
             # TIR's max starts from the lowest finite value, so elements that are all -inf give that value: -inf
             # there (a masked row of logits); it drops NaN: torch.amax returns NaN where the reduced elements
@@ -749,3 +753,45 @@ def unsupported_nodes(graph: Graph, lanes: int = 8, schedules=None) -> list:
     """Each node without a TVM lowering: 'op %value, traced from file:line (`code`)'."""
     lw = _Lowerer(graph, lanes, schedules or {})
     return [f"{lw.why_not(n)} %{n.outputs[0].name}{graph.source_of(n)}" for n in graph.nodes if not lw.can_lower(n)]
+
+
+def _prefix(graph: Graph, k: int) -> Graph:
+    """The graph of the first ``k`` nodes with every value they compute as an output (nothing is dead), sharing
+    the nodes, inputs and parameters of ``graph``: what a failed build is bisected on."""
+    g = Graph(graph.name)
+    g.inputs, g.param_values, g.params, g.sources = graph.inputs, graph.param_values, graph.params, graph.sources
+    g.nodes = list(graph.nodes[:k])
+    g.outputs = [v for n in g.nodes for v in n.outputs]
+    return g
+
+
+def locate_build_failure(graph: Graph, build, lanes: int = 8, schedules=None, max_builds: int = 12) -> str:
+    """The IR op whose Relax form makes TVM's build of ``graph`` fail ('op NAME %value, traced from file:line
+    (`code`)'), or '' when it cannot be told: TVM's error names its own functions and variables, not ours, so
+    the graph is bisected over its node prefixes (each with every value an output) with ``build(mod)``
+    (tvm.compile), at most ``max_builds`` builds; the first prefix that fails ends at the op."""
+    nodes = graph.nodes
+
+    def fails(k: int) -> bool:
+        try:
+            build(graph_to_relax(_prefix(graph, k), lanes, schedules)[0])
+        except Exception:  # noqa: BLE001 - any failure of the prefix's build is the failure looked for
+            return True
+        return False
+
+    lo, hi = 0, len(nodes)   # invariant: prefix lo builds (0: nothing), prefix hi fails
+    if not nodes or not fails(hi):
+        return ""
+    builds = 1
+    while hi - lo > 1:
+        if builds >= max_builds:
+            return ""
+        mid = (lo + hi) // 2
+        builds += 1
+        if fails(mid):
+            hi = mid
+        else:
+            lo = mid
+    node = nodes[hi - 1]
+    name = f"fallback({node.attrs.get('target')})" if node.op == "fallback" else node.op
+    return f"op {name} %{node.outputs[0].name}{graph.source_of(node)}"
