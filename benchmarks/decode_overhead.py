@@ -86,8 +86,11 @@ def counts(step, reps: int = 20) -> dict:
     with mode:
         step()
     kt = TIMER.calls
+    kernels = next(iter(STATE["compiled"]._serving.programs.values())).decode_kernels
+    par = kernels.parallel_calls
     step()
     tvm_calls = TIMER.calls - kt
+    par = kernels.parallel_calls - par
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(reps):
@@ -102,11 +105,12 @@ def counts(step, reps: int = 20) -> dict:
         elif file == "~" and "torch" in name:
             torch_t += tt
     return {"py_calls": calls[0], "c_calls": calls[1], "torch_ops": mode.ops, "allocs": mode.allocs,
-            "tvm_calls": tvm_calls, "prof_ms": total / reps * 1e3, "kernel_ms": kernel / reps * 1e3,
+            "tvm_calls": tvm_calls, "parallel": par, "prof_ms": total / reps * 1e3, "kernel_ms": kernel / reps * 1e3,
             "torch_ms": torch_t / reps * 1e3, "glue_ms": (total - kernel - torch_t) / reps * 1e3}
 
 
 TIMER = None
+STATE = {}
 
 
 def main():
@@ -125,7 +129,7 @@ def main():
     if not args.no_counts:
         TIMER = KernelTimer()
     model = SessaLayer(args.D, n_heads=args.heads).eval()
-    compiled = sc.compile(model, (torch.randn(1, 8, args.D),))
+    compiled = STATE["compiled"] = sc.compile(model, (torch.randn(1, 8, args.D),))
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     lines = [f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, SessaLayer({args.D}, n_heads={args.heads}), "
              f"B=1 fp32, tvm backend, torch threads {torch.get_num_threads()}, load average at start "
@@ -162,7 +166,7 @@ def main():
                 for k, fn in list(variants.items())[:2]:
                     c = counts(fn)
                     count_rows.append(f"| {T} | {k} | {c['py_calls']} | {c['c_calls']} | {c['torch_ops']} | "
-                                      f"{c['allocs']} | {c['tvm_calls']} | {c['prof_ms']:.3f} | {c['kernel_ms']:.3f} | "
+                                      f"{c['allocs']} | {c['tvm_calls']} | {c['parallel']} | {c['prof_ms']:.3f} | {c['kernel_ms']:.3f} | "
                                       f"{c['torch_ms']:.3f} | {c['glue_ms']:.3f} |")
                     print(count_rows[-1], flush=True)
             times = {k: [] for k in variants}
@@ -184,8 +188,9 @@ def main():
     lines.append(f"# load average at end {os.getloadavg()[0]:.2f}")
     if count_rows:
         lines += ["", "Per step (load-independent counts; the profile's times are cProfile's, inflated by it):", "",
-                  "| context | glue | Python calls | C calls | torch ops | allocations | TVM calls | profiled ms "
-                  "| in TVM kernels | in torch ops | Python glue |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| context | glue | Python calls | C calls | torch ops | allocations | TVM calls | of those parallel "
+                  "| profiled ms | in TVM kernels | in torch ops | Python glue |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         lines += count_rows
     lines += ["", "Latency (loaded machine; medians and minima over alternating blocks):", "",
               "| context | variant | median ms | vs floor median | best ms | vs floor best |",

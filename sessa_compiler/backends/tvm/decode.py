@@ -68,6 +68,7 @@ class DecodeKernels:
         self.lanes = lanes_for(self.target)
         self.rows = LINEAR_ROWS  # steps with at most this many rows (batch x positions) run their linears here
         self.calls = 0          # attention and feedback kernel calls
+        self.parallel_calls = 0  # of those, the ones run over TVM's thread pool (reads over SERIAL_BYTES)
         self.linear_calls = 0
         self._work: dict = {}
         self._fns: dict = {}
@@ -128,6 +129,7 @@ class DecodeKernels:
         km = keep.view(torch.uint8) if masked else self._no_mask(B)
         fn(_arg(q), _arg(k), _arg(v), _arg(inv_freq), _bits(K), _bits(V), km, int(t0), work, out)
         self.calls += 1
+        self.parallel_calls += par
         return out
 
     # -- feedback -------------------------------------------------------------------------------------------
@@ -145,6 +147,7 @@ class DecodeKernels:
         work = self._workspace((B, FB_CHUNKS, W + 2))
         fn(_arg(f), _arg(q_b), _arg(k_b), _arg(gamma), _bits(KB), S, int(t0), work, out)
         self.calls += 1
+        self.parallel_calls += par
         return out
 
     # -- linear layers of a step ---------------------------------------------------------------------------
