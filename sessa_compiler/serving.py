@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -650,11 +651,14 @@ class ServingProgram:
         the positions every state tensor holds (a step within them needs no _reserve)."""
         memo = cache.get("_checked") if isinstance(cache, dict) else None
         if (memo is not None and memo[0] is self._token and memo[1] == batch and memo[2] == device
-                and "t" in cache and "max_len" in cache
-                and all(cache.get(k) is x and x.shape == shape for k, (x, shape) in zip(self._state_order, memo[3]))):
-            max_len = cache["max_len"]
-            if max_len is None or cache["t"] + n <= max_len:
-                return memo[4]
+                and "t" in cache and "max_len" in cache):
+            for k, (x, shape) in zip(self._state_order, memo[3]):
+                if cache.get(k) is not x or x.shape != shape:
+                    break
+            else:
+                max_len = cache["max_len"]
+                if max_len is None or cache["t"] + n <= max_len:
+                    return memo[4]
         self._check_cache(cache, batch, n, device)
         tensors = tuple(cache[k] for k in self._state_order)
         cap = min((int(x.shape[spec.seq]) for x, spec in zip(tensors, self._state_specs_order)
@@ -693,12 +697,13 @@ class ServingProgram:
         """The graph's nodes with symbolic attributes and literals resolved for one binding: per node
         (kind, fn, operands, attrs, outputs, node); operands are Values or resolved literals."""
         fast = DECODE_FAST and self.decode_kernels is not None
-        key = (tuple(sorted(binding.items())), str(device), fast)
+        key = (tuple(sorted(binding.items())), str(device), DECODE_FAST)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
         plan = []
         groups = self._linear_groups() if self.decode_kernels is not None else {}
+        shared = self._may_share_outputs() if fast else set()
         for node in self.graph.nodes:
             if node in groups:   # linear layers of one input in one TVM launch, at the first one's place
                 members = groups[node]
@@ -707,9 +712,10 @@ class ServingProgram:
                 operands = [node.inputs[0]]
                 for m in members:
                     operands += [m.inputs[1], m.inputs[2] if len(m.inputs) > 2 else None]
-                fn = (self.decode_kernels.site(SEMANTICS["linear"], fused=True) if fast
+                own = not any(m.outputs[0] in shared for m in members)
+                fn = (self.decode_kernels.site(SEMANTICS["linear"], fused=True, own_outputs=own) if fast
                       else functools.partial(self.decode_kernels.linears, SEMANTICS["linear"]))
-                plan.append((False, fn, operands, {}, [m.outputs[0] for m in members], node, ()))
+                plan.append((False, fn, operands, {}, [m.outputs[0] for m in members], node, (), _taker(operands)))
                 continue
             operands = [x if isinstance(x, Value) else resolve(x, binding) for x in node.inputs]
             if node.op in STEPS:
@@ -719,20 +725,32 @@ class ServingProgram:
                     attrs["kernels"] = self.decode_kernels
                 if node in self.empty_rows_reach:
                     attrs["empty_rows_reach"] = self.empty_rows_reach[node]
-                plan.append((True, STEPS[node.op], operands, attrs, node.outputs, node, specs))
+                plan.append((True, STEPS[node.op], operands, attrs, node.outputs, node, specs, _taker(operands)))
                 continue
             fn = SEMANTICS.get(node.op)
             if fn is None:
                 raise IRError(f"op '{node.op}' has no eager implementation")
             if node.op == "linear" and self.decode_kernels is not None:
-                fn = self.decode_kernels.site(fn) if fast else functools.partial(self.decode_kernels.linear, fn)
+                fn = (self.decode_kernels.site(fn, own_outputs=node.outputs[0] not in shared) if fast
+                      else functools.partial(self.decode_kernels.linear, fn))
             attrs = resolve(node.attrs, binding)
             if node.op in FACTORIES or node.op == "fallback":
                 attrs["device"] = device
-            plan.append((False, fn, operands, attrs, node.outputs, node, ()))
+            plan.append((False, fn, operands, attrs, node.outputs, node, (), _taker(operands)))
         if len(self._plans) < 64:
             self._plans[key] = plan
         return plan
+
+    def _may_share_outputs(self) -> set:
+        """Values a graph output may share storage with: the outputs, and back from them through every op that
+        may return its operand or a view of it (every op outside FRESH_OPS: views, reshapes, splits, casts, the
+        stateful ops, which may return an operand, as the feedback at position 0 returns f). A linear site whose
+        outputs are outside this set reuses its output buffers from step to step (LinearSite)."""
+        shared = set(self.graph.outputs)
+        for node in reversed(self.graph.nodes):
+            if node.op not in FRESH_OPS and any(o in shared for o in node.outputs):
+                shared.update(x for x in node.inputs if isinstance(x, Value))
+        return shared
 
     def _linear_groups(self) -> dict:
         """Linear layers reading the same value, with parameter weights and biases (so all operands exist where
@@ -789,8 +807,13 @@ class ServingProgram:
             if threads > 1:
                 torch.set_num_threads(1)
             with torch.no_grad():
-                for stateful, fn, operands, attrs, outputs, node, specs in self._plan(binding, device):
-                    args = [env[x] if isinstance(x, Value) else x for x in operands]
+                for stateful, fn, operands, attrs, outputs, node, specs, take in self._plan(binding, device):
+                    if take is None:
+                        args = [env[x] if isinstance(x, Value) else x for x in operands]
+                    elif take.__class__ is Value:
+                        args = (env[take],)
+                    else:
+                        args = take(env)
                     if stateful:
                         state = {role: cache[key] for role, key in specs}
                         if pos is not None:
@@ -920,6 +943,20 @@ class ServingProgram:
 
 
 # -- the compiled module's methods -----------------------------------------------------------------------------
+# ops whose eager result never shares storage with an operand (torch allocates it)
+FRESH_OPS = frozenset({"add", "sub", "mul", "div", "neg", "exp", "tanh", "sigmoid", "silu", "relu", "gelu",
+                       "layer_norm", "linear"})
+
+
+def _taker(operands: list):
+    """How a plan entry gathers its operands from the step's values without a Python frame per op (with
+    DECODE_FAST): its one Value, an operator.itemgetter of its Values, or None (a literal among them, or
+    DECODE_FAST off: the list comprehension)."""
+    if not DECODE_FAST or not operands or not all(isinstance(x, Value) for x in operands):
+        return None
+    return operands[0] if len(operands) == 1 else operator.itemgetter(*operands)
+
+
 def _state_keys(cache: dict) -> set:
     return {k for k, v in cache.items() if isinstance(v, torch.Tensor) and not k.startswith("_")}
 

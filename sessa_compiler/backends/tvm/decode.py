@@ -168,9 +168,9 @@ class DecodeKernels:
             return tuple(torch_linear(x, w, b) for w, b in pairs)
         return self.run_linear(call, x)
 
-    def site(self, torch_linear, fused: bool = False) -> "LinearSite":
+    def site(self, torch_linear, fused: bool = False, own_outputs: bool = False) -> "LinearSite":
         """A call site of ``linear`` (``fused``: of ``linears``) for one node of a step plan (LinearSite)."""
-        return LinearSite(self, torch_linear, fused)
+        return LinearSite(self, torch_linear, fused, own_outputs)
 
     def linear_call(self, x: torch.Tensor, pairs: tuple, fused: bool):
         """How ``linear`` (one pair) or ``linears`` runs x against the (weight, bias) pairs: (kernel, rows, IN,
@@ -199,14 +199,18 @@ class DecodeKernels:
         bs = [b if b is not None else self._workspace((w.shape[0],)) for w, b in pairs] + [dummy_b] * spare
         return fn, rows, IN, tuple(ws + bs), outs, (self._workspace((rows, 1)),) * spare
 
-    def run_linear(self, call: tuple, x: torch.Tensor) -> tuple:
-        """Runs a ``linear_call`` on x: the outputs [..., width] as a tuple."""
+    def run_linear(self, call: tuple, x: torch.Tensor, results: list | None = None, views: tuple | None = None):
+        """Runs a ``linear_call`` on x: the outputs [..., width] as a tuple (written into ``results`` [rows, width]
+        and returned as ``views`` of them when given)."""
         fn, rows, IN, before, outs, after = call
-        results = [aligned_empty((rows, o), torch.float32) for o in outs]
+        if results is None:
+            results = [aligned_empty((rows, o), torch.float32) for o in outs]
         fn(_arg(x.reshape(rows, IN)), *before, *results, *after)
         self.linear_calls += len(outs)
+        if views is not None:
+            return views
         lead = x.shape[:-1]
-        return tuple(r.view(*lead, o) for r, o in zip(results, outs))
+        return tuple([r.view(*lead, o) for r, o in zip(results, outs)])
 
 
 class LinearSite:
@@ -215,12 +219,17 @@ class LinearSite:
     kernel key, the dummies: about 10 us of Python per call, four calls per Sessa layer step); a site keeps what
     its last resolution found (``linear_call``) with the input shape, the weight and bias objects and their data
     pointers and the calling thread, and reuses it while all of those come back unchanged (a weight given other
-    storage, as by ``p.data = ...``, or another shape, dtype or thread resolves again)."""
+    storage, as by ``p.data = ...``, or another shape, dtype or thread resolves again).
 
-    __slots__ = ("kernels", "torch_linear", "fused", "memo")
+    ``own_outputs``: the plan found that no graph output can share storage with this node's outputs (they are
+    consumed only by ops that allocate their results), so the site writes every call into the same output
+    buffers, kept with the memo (so per thread), and returns the same views of them: no allocation and no view
+    per call. Such outputs are overwritten by the next step: the plan must not hand them out."""
 
-    def __init__(self, kernels: DecodeKernels, torch_linear, fused: bool):
-        self.kernels, self.torch_linear, self.fused, self.memo = kernels, torch_linear, fused, None
+    __slots__ = ("kernels", "torch_linear", "fused", "own", "memo")
+
+    def __init__(self, kernels: DecodeKernels, torch_linear, fused: bool, own_outputs: bool = False):
+        self.kernels, self.torch_linear, self.fused, self.own, self.memo = kernels, torch_linear, fused, own_outputs, None
 
     def __call__(self, x: torch.Tensor, *wb):
         if not self.fused and len(wb) == 1:   # linear(x, w): no bias
@@ -233,9 +242,14 @@ class LinearSite:
                 self.memo = None
                 outs = tuple(self.torch_linear(x, w, b) for w, b in pairs)
                 return outs if self.fused else outs[0]
+            results = views = None
+            if self.own:
+                rows, outs = call[1], call[4]
+                results = [aligned_empty((rows, o), torch.float32) for o in outs]
+                views = tuple([r.view(*x.shape[:-1], o) for r, o in zip(results, outs)])
             m = self.memo = (x.shape, x.dtype, wb, tuple(t.data_ptr() if t is not None else 0 for t in wb),
-                             threading.get_ident(), call)
-        outs = self.kernels.run_linear(m[5], x)
+                             threading.get_ident(), call, results, views)
+        outs = self.kernels.run_linear(m[5], x, m[6], m[7])
         return outs if self.fused else outs[0]
 
     @staticmethod
