@@ -166,7 +166,8 @@ def main():
                 for k, fn in list(variants.items())[:2]:
                     c = counts(fn)
                     count_rows.append(f"| {T} | {k} | {c['py_calls']} | {c['c_calls']} | {c['torch_ops']} | "
-                                      f"{c['allocs']} | {c['tvm_calls']} | {c['parallel']} | {c['prof_ms']:.3f} | {c['kernel_ms']:.3f} | "
+                                      f"{c['allocs']} | {c['tvm_calls']} | {c['parallel']} | {c['prof_ms']:.3f} | "
+                                      f"{c['kernel_ms']:.3f} | "
                                       f"{c['torch_ms']:.3f} | {c['glue_ms']:.3f} |")
                     print(count_rows[-1], flush=True)
             times = {k: [] for k in variants}
@@ -181,7 +182,8 @@ def main():
         floor_best = min(times["floor (one read)"])
         for k, v in times.items():
             m, b = statistics.median(v), min(v)
-            time_rows.append(f"| {T} | {k} | {m * 1e3:.3f} | {m / floor:.2f}x | {b * 1e3:.3f} | {b / floor_best:.2f}x |")
+            time_rows.append(f"| {T} | {k} | {m * 1e3:.3f} | {m / floor:.2f}x | {b * 1e3:.3f} | "
+                             f"{b / floor_best:.2f}x |")
             print(time_rows[-1], flush=True)
         del big
     serving.DECODE_FAST = True

@@ -425,10 +425,24 @@ DECODE_CUDA_GRAPHS = True   # False: every decode step launches from Python
 
 # True: a one-position step on the TVM decode kernels skips the per-step work whose answer cannot have changed:
 # the cache's checks while its state tensors are the objects last checked (the capacity check always runs), the
-# kernel resolution of each linear node (LinearSite), the call-structure check of the traced forward while the
-# call has the same structure, the pytree rebuild of a single-tensor output. False: every step does all of it
-# (what the steps did before; benchmarks/decode_overhead.py alternates both in one process).
+# kernel resolution of each linear node (LinearSite, which also keeps its output buffers where no graph output can
+# share them), the call-structure check of the traced forward while the call has the same structure, the pytree
+# rebuild of a single-tensor output, a list comprehension per op to gather operands. False: every step does all of
+# it (what the steps did before; benchmarks/decode_overhead.py alternates both in one process).
 DECODE_FAST = True
+
+# ops whose eager result never shares storage with an operand (torch allocates it)
+FRESH_OPS = frozenset({"add", "sub", "mul", "div", "neg", "exp", "tanh", "sigmoid", "silu", "relu", "gelu",
+                       "layer_norm", "linear"})
+
+
+def _taker(operands: list):
+    """How a plan entry gathers its operands from the step's values without a Python frame per op (with
+    DECODE_FAST): its one Value, an operator.itemgetter of its Values, or None (a literal among them, or
+    DECODE_FAST off: the list comprehension)."""
+    if not DECODE_FAST or not operands or not all(isinstance(x, Value) for x in operands):
+        return None
+    return operands[0] if len(operands) == 1 else operator.itemgetter(*operands)
 
 
 # -- the serving program ------------------------------------------------------------------------------------
@@ -695,7 +709,8 @@ class ServingProgram:
 
     def _plan(self, binding: dict, device) -> list:
         """The graph's nodes with symbolic attributes and literals resolved for one binding: per node
-        (kind, fn, operands, attrs, outputs, node); operands are Values or resolved literals."""
+        (stateful, fn, operands, attrs, outputs, node, state specs, taker); operands are Values or resolved literals,
+        the taker gathers them from the step's values (_taker)."""
         fast = DECODE_FAST and self.decode_kernels is not None
         key = (tuple(sorted(binding.items())), str(device), DECODE_FAST)
         plan = self._plans.get(key)
@@ -943,20 +958,6 @@ class ServingProgram:
 
 
 # -- the compiled module's methods -----------------------------------------------------------------------------
-# ops whose eager result never shares storage with an operand (torch allocates it)
-FRESH_OPS = frozenset({"add", "sub", "mul", "div", "neg", "exp", "tanh", "sigmoid", "silu", "relu", "gelu",
-                       "layer_norm", "linear"})
-
-
-def _taker(operands: list):
-    """How a plan entry gathers its operands from the step's values without a Python frame per op (with
-    DECODE_FAST): its one Value, an operator.itemgetter of its Values, or None (a literal among them, or
-    DECODE_FAST off: the list comprehension)."""
-    if not DECODE_FAST or not operands or not all(isinstance(x, Value) for x in operands):
-        return None
-    return operands[0] if len(operands) == 1 else operator.itemgetter(*operands)
-
-
 def _state_keys(cache: dict) -> set:
     return {k for k, v in cache.items() if isinstance(v, torch.Tensor) and not k.startswith("_")}
 

@@ -229,7 +229,8 @@ class LinearSite:
     __slots__ = ("kernels", "torch_linear", "fused", "own", "memo")
 
     def __init__(self, kernels: DecodeKernels, torch_linear, fused: bool, own_outputs: bool = False):
-        self.kernels, self.torch_linear, self.fused, self.own, self.memo = kernels, torch_linear, fused, own_outputs, None
+        self.kernels, self.torch_linear, self.fused = kernels, torch_linear, fused
+        self.own, self.memo = own_outputs, None
 
     def __call__(self, x: torch.Tensor, *wb):
         if not self.fused and len(wb) == 1:   # linear(x, w): no bias
