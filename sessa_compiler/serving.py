@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -422,6 +423,27 @@ class DecodeGraphs:
 
 DECODE_CUDA_GRAPHS = True   # False: every decode step launches from Python
 
+# True: a one-position step on the TVM decode kernels skips the per-step work whose answer cannot have changed:
+# the cache's checks while its state tensors are the objects last checked (the capacity check always runs), the
+# kernel resolution of each linear node (LinearSite, which also keeps its output buffers where no graph output can
+# share them), the call-structure check of the traced forward while the call has the same structure, the pytree
+# rebuild of a single-tensor output, a list comprehension per op to gather operands. False: every step does all of
+# it (what the steps did before; benchmarks/decode_overhead.py alternates both in one process).
+DECODE_FAST = True
+
+# ops whose eager result never shares storage with an operand (torch allocates it)
+FRESH_OPS = frozenset({"add", "sub", "mul", "div", "neg", "exp", "tanh", "sigmoid", "silu", "relu", "gelu",
+                       "layer_norm", "linear"})
+
+
+def _taker(operands: list):
+    """How a plan entry gathers its operands from the step's values without a Python frame per op (with
+    DECODE_FAST): its one Value, an operator.itemgetter of its Values, or None (a literal among them, or
+    DECODE_FAST off: the list comprehension)."""
+    if not DECODE_FAST or not operands or not all(isinstance(x, Value) for x in operands):
+        return None
+    return operands[0] if len(operands) == 1 else operator.itemgetter(*operands)
+
 
 # -- the serving program ------------------------------------------------------------------------------------
 class StateSpec:
@@ -470,6 +492,9 @@ class ServingProgram:
         self.decode_graphs = None    # DecodeGraphs: one-position Triton decode steps recorded into CUDA graphs
         self._plans: dict = {}
         self._bindings: dict = {}
+        self._token = object()   # names this program in a cache's "_checked" memo (_checked_cache)
+        self._state_specs_order = [spec for specs in self.states.values() for spec in specs.values()]
+        self._state_order = [spec.key for spec in self._state_specs_order]
 
     # -- what can be served ------------------------------------------------------------------------------
     def _check_structure(self) -> None:
@@ -634,6 +659,27 @@ class ServingProgram:
             raise CacheOverflowError(f"cache: {n} new position(s) after {t} cached would need {t + n} positions, "
                                      f"but the cache holds max_len={max_len}; make it with a larger max_len")
 
+    def _checked_cache(self, cache, batch: int, n: int, device) -> int:
+        """_check_cache for a decode step, skipped where the cache's state tensors are the very objects that passed
+        it last time for this program, batch and device (cache["_checked"]; the capacity check always runs). ->
+        the positions every state tensor holds (a step within them needs no _reserve)."""
+        memo = cache.get("_checked") if isinstance(cache, dict) else None
+        if (memo is not None and memo[0] is self._token and memo[1] == batch and memo[2] == device
+                and "t" in cache and "max_len" in cache):
+            for k, (x, shape) in zip(self._state_order, memo[3]):
+                if cache.get(k) is not x or x.shape != shape:
+                    break
+            else:
+                max_len = cache["max_len"]
+                if max_len is None or cache["t"] + n <= max_len:
+                    return memo[4]
+        self._check_cache(cache, batch, n, device)
+        tensors = tuple(cache[k] for k in self._state_order)
+        cap = min((int(x.shape[spec.seq]) for x, spec in zip(tensors, self._state_specs_order)
+                   if spec.seq is not None), default=1 << 62)
+        cache["_checked"] = (self._token, batch, device, tuple((x, x.shape) for x in tensors), cap)
+        return cap
+
     def _reserve(self, cache: dict, need: int) -> None:
         """Grow caches made with max_len=None (doubling) so that ``need`` positions fit."""
         for specs in self.states.values():
@@ -663,13 +709,16 @@ class ServingProgram:
 
     def _plan(self, binding: dict, device) -> list:
         """The graph's nodes with symbolic attributes and literals resolved for one binding: per node
-        (kind, fn, operands, attrs, outputs, node); operands are Values or resolved literals."""
-        key = (tuple(sorted(binding.items())), str(device))
+        (stateful, fn, operands, attrs, outputs, node, state specs, taker); operands are Values or resolved literals,
+        the taker gathers them from the step's values (_taker)."""
+        fast = DECODE_FAST and self.decode_kernels is not None
+        key = (tuple(sorted(binding.items())), str(device), DECODE_FAST)
         plan = self._plans.get(key)
         if plan is not None:
             return plan
         plan = []
         groups = self._linear_groups() if self.decode_kernels is not None else {}
+        shared = self._may_share_outputs() if fast else set()
         for node in self.graph.nodes:
             if node in groups:   # linear layers of one input in one TVM launch, at the first one's place
                 members = groups[node]
@@ -678,8 +727,10 @@ class ServingProgram:
                 operands = [node.inputs[0]]
                 for m in members:
                     operands += [m.inputs[1], m.inputs[2] if len(m.inputs) > 2 else None]
-                fn = functools.partial(self.decode_kernels.linears, SEMANTICS["linear"])
-                plan.append((False, fn, operands, {}, [m.outputs[0] for m in members], node, ()))
+                own = not any(m.outputs[0] in shared for m in members)
+                fn = (self.decode_kernels.site(SEMANTICS["linear"], fused=True, own_outputs=own) if fast
+                      else functools.partial(self.decode_kernels.linears, SEMANTICS["linear"]))
+                plan.append((False, fn, operands, {}, [m.outputs[0] for m in members], node, (), _taker(operands)))
                 continue
             operands = [x if isinstance(x, Value) else resolve(x, binding) for x in node.inputs]
             if node.op in STEPS:
@@ -689,20 +740,32 @@ class ServingProgram:
                     attrs["kernels"] = self.decode_kernels
                 if node in self.empty_rows_reach:
                     attrs["empty_rows_reach"] = self.empty_rows_reach[node]
-                plan.append((True, STEPS[node.op], operands, attrs, node.outputs, node, specs))
+                plan.append((True, STEPS[node.op], operands, attrs, node.outputs, node, specs, _taker(operands)))
                 continue
             fn = SEMANTICS.get(node.op)
             if fn is None:
                 raise IRError(f"op '{node.op}' has no eager implementation")
             if node.op == "linear" and self.decode_kernels is not None:
-                fn = functools.partial(self.decode_kernels.linear, fn)
+                fn = (self.decode_kernels.site(fn, own_outputs=node.outputs[0] not in shared) if fast
+                      else functools.partial(self.decode_kernels.linear, fn))
             attrs = resolve(node.attrs, binding)
             if node.op in FACTORIES or node.op == "fallback":
                 attrs["device"] = device
-            plan.append((False, fn, operands, attrs, node.outputs, node, ()))
+            plan.append((False, fn, operands, attrs, node.outputs, node, (), _taker(operands)))
         if len(self._plans) < 64:
             self._plans[key] = plan
         return plan
+
+    def _may_share_outputs(self) -> set:
+        """Values a graph output may share storage with: the outputs, and back from them through every op that
+        may return its operand or a view of it (every op outside FRESH_OPS: views, reshapes, splits, casts, the
+        stateful ops, which may return an operand, as the feedback at position 0 returns f). A linear site whose
+        outputs are outside this set reuses its output buffers from step to step (LinearSite)."""
+        shared = set(self.graph.outputs)
+        for node in reversed(self.graph.nodes):
+            if node.op not in FRESH_OPS and any(o in shared for o in node.outputs):
+                shared.update(x for x in node.inputs if isinstance(x, Value))
+        return shared
 
     def _linear_groups(self) -> dict:
         """Linear layers reading the same value, with parameter weights and biases (so all operands exist where
@@ -731,12 +794,17 @@ class ServingProgram:
         batch, n = int(inputs[0].shape[0]), int(inputs[0].shape[1])
         if n == 0:
             raise InputError("prefill/decode_step: the input has no positions (sequence length 0)")
-        self._check_cache(cache, batch, n, inputs[0].device)
+        device = inputs[0].device
+        if DECODE_FAST and n == 1 and self.decode_kernels is not None:
+            cap = self._checked_cache(cache, batch, n, device)
+        else:
+            cap = None
+            self._check_cache(cache, batch, n, device)
         t0 = int(cache["t"])
         if self.empty_rows_reach:
             self.check_empty_rows(inputs, cache)
-        self._reserve(cache, t0 + n)
-        device = inputs[0].device
+        if cap is None or t0 + n > cap:
+            self._reserve(cache, t0 + n)
         pos = device_position(cache, device) if n == 1 and _use_triton(inputs[0]) else None
         env: dict = dict(zip(g.inputs, inputs))
         for name, v in g.param_values.items():
@@ -754,8 +822,13 @@ class ServingProgram:
             if threads > 1:
                 torch.set_num_threads(1)
             with torch.no_grad():
-                for stateful, fn, operands, attrs, outputs, node, specs in self._plan(binding, device):
-                    args = [env[x] if isinstance(x, Value) else x for x in operands]
+                for stateful, fn, operands, attrs, outputs, node, specs, take in self._plan(binding, device):
+                    if take is None:
+                        args = [env[x] if isinstance(x, Value) else x for x in operands]
+                    elif take.__class__ is Value:
+                        args = (env[take],)
+                    else:
+                        args = take(env)
                     if stateful:
                         state = {role: cache[key] for role, key in specs}
                         if pos is not None:
@@ -897,6 +970,8 @@ class Serving:
         self.programs: dict = {}  # id(graph) -> ServingProgram
         self.traced: dict = {}    # id(graph) -> the Traced it came from (its output structure)
         self.forward_runners: dict = {}  # id(graph) -> (backend runner of the forward with state outputs, extras)
+        self._fits: dict = {}   # call structure -> (the Traced it was checked against, whether it fits)
+        self._single: dict = {}  # id(Traced) -> (it, whether the module returns one tensor)
 
     @property
     def original(self):
@@ -917,7 +992,7 @@ class Serving:
                                  "example_inputs to compile(), or call prefill first")
             # a strided example trips torch.export lowering
             c._trace(tuple(x.contiguous() for x in example), {k: v.contiguous() for k, v in kwargs.items()})
-        elif example is not None and c._traced.call_mismatch(tuple(example), kwargs) is not None:
+        elif example is not None and not self._fits_trace(example, kwargs):
             c._prepare_call(tuple(x.contiguous() for x in example), {k: v.contiguous() for k, v in kwargs.items()})
         graph = c._traced.graph
         prog = self.programs.get(id(graph))
@@ -933,6 +1008,28 @@ class Serving:
             ctx = c._contexts.get(id(graph))
             prog.check((ctx.example_inputs if ctx is not None else None) or example, graph.params)
         return prog
+
+    def _single_tensor(self, traced) -> bool:
+        """Whether the traced module returns one tensor (its unflatten of [y] is y), remembered per Traced."""
+        hit = self._single.get(id(traced))
+        if hit is None or hit[0] is not traced:
+            hit = self._single[id(traced)] = (traced, not traced.none_outputs and traced.out_spec is not None
+                                              and traced.out_spec.is_leaf())
+        return hit[1]
+
+    def _fits_trace(self, example, kwargs) -> bool:
+        """Whether the call (tensor positionals and tensor keywords, as _inputs and _keywords leave them) fits the
+        current trace: call_mismatch (a pytree flatten of the call) once per trace, number of positionals and
+        keyword names, remembered with DECODE_FAST (only the structure can differ between such calls)."""
+        traced = self.compiled._traced
+        key = (len(example), tuple(sorted(kwargs)))
+        if DECODE_FAST and all(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            hit = self._fits.get(key)
+            if hit is not None and hit[0] is traced:
+                return hit[1]
+        fits = traced.call_mismatch(tuple(example), kwargs) is None
+        self._fits[key] = (traced, fits)
+        return fits
 
     def init_cache(self, batch_size: int, device=None, dtype=None, max_len: int | None = None) -> dict:
         if self.compiled._traced is None:
@@ -1069,7 +1166,8 @@ class Serving:
         prog = self._program(tuple(xs), kwargs, cache)
         cache = self._materialise(cache, prog)
         xs = self._graph_inputs(prog, xs, kwargs)
-        if DECODE_CUDA_GRAPHS and getattr(c._backend, "cuda_graphs", True):
+        if DECODE_CUDA_GRAPHS and getattr(c._backend, "cuda_graphs", True) and not (DECODE_FAST and xs[0].is_cpu
+                                                                                     and not TRITON_DECODE_ON_CPU):
             if getattr(prog, "decode_graphs", None) is None:
                 prog.decode_graphs = DecodeGraphs(prog)
             outs = prog.decode_graphs(xs, cache)
@@ -1077,7 +1175,10 @@ class Serving:
             outs = prog.run(xs, cache)
         if squeeze:
             outs = [o[:, 0] for o in outs]
-        return self.traced.get(id(prog.graph), c._traced).unflatten(outs), cache
+        traced = self.traced.get(id(prog.graph), c._traced)
+        if DECODE_FAST and len(outs) == 1 and self._single_tensor(traced):
+            return outs[0], cache
+        return traced.unflatten(outs), cache
 
     def generate(self, tokens: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy decoding as Decoder.generate: tokens (B, T), T >= 1 -> (B, T + max_new_tokens)."""

@@ -2,12 +2,15 @@
 cache slot that must not be read poisoned with NaN (and the output buffers' neighbours checked untouched), at
 shapes straddling the kernels' block and chunk sizes; then compiled decode steps on the tvm backend against the
 full forward at every position."""
+import sys
+
 import pytest
 import torch
 
 import sessa_compiler as sc
 from model_helpers import randomize
 from sessa_compiler.backends.tvm import decode as tvm_decode
+from sessa_compiler.errors import InputError
 from sessa_compiler.models import Decoder, SessaLayer
 from sessa_compiler.serving import _rotate_at
 from sessa_compiler.tolerance import TOLERANCE, relative_error
@@ -127,9 +130,14 @@ def test_compiled_decode_steps_on_tvm_equal_the_forward(name, cache_dtype, one_t
     prog = next(iter(c._serving.programs.values()))
     calls, linear_calls = prog.decode_kernels.calls, prog.decode_kernels.linear_calls
     tol = F32 if cache_dtype == torch.float32 else TOLERANCE[torch.bfloat16]
+    ys = []
     for t in range(P, 21):
         y_t, cache = c.decode_step(x[:, t], cache)
         assert relative_error(y_t, full[:, t]) <= tol, f"position {t}"
+        ys.append(y_t)
+    # still equal after the later steps: no step handed out a buffer a later one reuses (the decoder's logits are
+    # a linear layer's output)
+    assert relative_error(torch.stack(ys, dim=1), full[:, P:]) <= tol
     n_ops = sum(1 for node in prog.graph.nodes if node.op in ("attention", "feedback"))
     assert prog.decode_kernels.calls - calls == n_ops * (21 - P)    # every step's cache reads ran in TVM
     n_linear = sum(1 for node in prog.graph.nodes if node.op == "linear")
@@ -260,6 +268,77 @@ def test_kernel_steps_write_the_caches_in_place_and_refuse_positions_past_the_en
         c.decode_step(x[:, 6], cache)
     assert cache["t"] == 6
     assert all(torch.equal(cache[k].nan_to_num(7.0), v.nan_to_num(7.0)) for k, v in before.items())
+
+
+def _python_calls(fn) -> int:
+    """Python function calls (frames entered) while fn runs."""
+    n = [0]
+
+    def prof(frame, event, arg):
+        n[0] += event == "call"
+    sys.setprofile(prof)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+    return n[0]
+
+
+def test_kernel_steps_skip_the_per_step_resolution_and_stay_equal(one_thread, monkeypatch):
+    """With DECODE_FAST a step reuses what its earlier steps resolved (the linear layers' kernels, the cache's
+    checks, the call's structure, the output's structure): far fewer Python calls per step (the count does not
+    depend on the machine's load), and outputs and caches bit for bit those of the step that resolves everything."""
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2), seed=4).eval()
+    x = torch.randn(1, 9, 32)
+    c = sc.compile(model, backend="tvm")
+    caches = {}
+    for fast in (False, True):
+        monkeypatch.setattr(sc.serving, "DECODE_FAST", fast)
+        cache = c.init_cache(1, max_len=9)
+        _, cache = c.prefill(x[:, :3], cache)
+        outs = [c.decode_step(x[:, t], cache)[0] for t in range(3, 5)]   # the second one reuses the first's
+        calls = _python_calls(lambda: outs.append(c.decode_step(x[:, 5], cache)[0]))
+        caches[fast] = (outs, cache, calls)
+    (slow, c0, n0), (fast, c1, n1) = caches[False], caches[True]
+    assert all(torch.equal(a, b) for a, b in zip(slow, fast))
+    assert all(torch.equal(v, c1[k]) for k, v in c0.items() if isinstance(v, torch.Tensor))
+    assert n1 < 0.7 * n0, (n1, n0)
+
+
+def test_kernel_steps_recheck_a_replaced_cache_tensor_or_weight(one_thread):
+    """What a step remembers from the last one is dropped when the cache or a weight changes: a state tensor
+    replaced by one of another shape is refused (InputError naming it), and a weight given misaligned storage
+    (``p.data = ...``) is not handed to the kernels (their code assumes 64-byte aligned data) but runs through
+    torch, giving what a step that resolves everything gives."""
+    model = randomize(SessaLayer(32, n_heads=4, n_kv_heads=2), seed=4).eval()
+    x = torch.randn(1, 9, 32)
+    c = sc.compile(model, backend="tvm")
+    cache = c.init_cache(1, max_len=9)
+    _, cache = c.prefill(x[:, :3], cache)
+    for t in range(3, 5):
+        c.decode_step(x[:, t], cache)
+    key = next(k for k in cache if k.endswith(".k"))
+    good = cache[key]
+    cache[key] = good[:, :, :5].clone()
+    with pytest.raises(InputError, match=key.replace(".", r"\.")):
+        c.decode_step(x[:, 5], cache)
+    cache[key] = good
+    prog = next(iter(c._serving.programs.values()))
+    w = prog.graph.params[next(n for n in prog.graph.params if n.endswith("out_proj.weight"))]
+    flat = torch.empty(w.numel() + 1)
+    flat[1:].copy_(w.detach().flatten())
+    w.data = flat[1:].view(w.shape)          # 4 bytes past an aligned start
+    assert w.data_ptr() % 64
+    linear_calls = prog.decode_kernels.linear_calls
+    y_fast = c.decode_step(x[:, 5], cache)[0]
+    assert prog.decode_kernels.linear_calls == linear_calls + 7   # the out projection ran in torch
+    cache["t"] = 5
+    sc.serving.DECODE_FAST = False
+    try:
+        y_slow = c.decode_step(x[:, 5], cache)[0]
+    finally:
+        sc.serving.DECODE_FAST = True
+    assert torch.equal(y_fast, y_slow)
 
 
 def test_bf16_caches_stay_within_the_half_tolerance_of_the_fp32_step(one_thread):

@@ -41,8 +41,10 @@ def _ok(t: torch.Tensor, dtype) -> bool:
 
 
 def _arg(t: torch.Tensor) -> torch.Tensor:
-    """float32, contiguous, aligned (a copy when it is not)."""
-    t = t.detach()
+    """float32, contiguous, aligned (a copy when it is not); detached only where it needs to be (a detach is a
+    new tensor object: a few hundred ns on every operand of every kernel call)."""
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype != torch.float32:
         t = t.float()
     if not t.is_contiguous() or t.data_ptr() % ALIGN:
@@ -66,6 +68,7 @@ class DecodeKernels:
         self.lanes = lanes_for(self.target)
         self.rows = LINEAR_ROWS  # steps with at most this many rows (batch x positions) run their linears here
         self.calls = 0          # attention and feedback kernel calls
+        self.parallel_calls = 0  # of those, the ones run over TVM's thread pool (reads over SERIAL_BYTES)
         self.linear_calls = 0
         self._work: dict = {}
         self._fns: dict = {}
@@ -126,6 +129,7 @@ class DecodeKernels:
         km = keep.view(torch.uint8) if masked else self._no_mask(B)
         fn(_arg(q), _arg(k), _arg(v), _arg(inv_freq), _bits(K), _bits(V), km, int(t0), work, out)
         self.calls += 1
+        self.parallel_calls += par
         return out
 
     # -- feedback -------------------------------------------------------------------------------------------
@@ -143,46 +147,117 @@ class DecodeKernels:
         work = self._workspace((B, FB_CHUNKS, W + 2))
         fn(_arg(f), _arg(q_b), _arg(k_b), _arg(gamma), _bits(KB), S, int(t0), work, out)
         self.calls += 1
+        self.parallel_calls += par
         return out
 
     # -- linear layers of a step ---------------------------------------------------------------------------
     def linear(self, torch_linear, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):
         """x @ w.T + b through the TVM GEMV when the step has few rows and float32 weights laid out as the
         kernel assumes (so no torch thread pool wakes inside a step), else through ``torch_linear``."""
-        rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
-        if (not 0 < rows <= LINEAR_ROWS or x.dtype != torch.float32 or w.dim() != 2 or not _ok(w, torch.float32)
-                or (b is not None and not _ok(b, torch.float32)) or x.device.type != "cpu"):
+        call = self.linear_call(x, ((w, b),), fused=False)
+        if call is None:
             return torch_linear(x, w, b)
-        OUT, IN = w.shape
-        par = LINEAR_PARALLEL
-        key = ("linear_decode", IN, OUT, b is not None, self.lanes, par)
-        fn = self._build(key, lambda: linear_decode_kernel(IN, OUT, b is not None, self.lanes, par))
-        out = aligned_empty((rows, OUT), torch.float32)
-        fn(_arg(x.reshape(rows, IN)), w, b if b is not None else self._workspace((OUT,)), out)
-        self.linear_calls += 1
-        return out.view(*x.shape[:-1], OUT)
+        return self.run_linear(call, x)[0]
 
     def linears(self, torch_linear, x: torch.Tensor, *weights_and_biases):
         """Several linear layers of the same input x (operands w0, b0, w1, b1, ...; a bias may be None) in one
         kernel launch: a tuple of their outputs. Falls back to ``torch_linear`` per layer as ``linear`` does."""
-        pairs = list(zip(weights_and_biases[0::2], weights_and_biases[1::2]))
+        pairs = tuple(zip(weights_and_biases[0::2], weights_and_biases[1::2]))
+        call = self.linear_call(x, pairs, fused=True)
+        if call is None:
+            return tuple(torch_linear(x, w, b) for w, b in pairs)
+        return self.run_linear(call, x)
+
+    def site(self, torch_linear, fused: bool = False, own_outputs: bool = False) -> "LinearSite":
+        """A call site of ``linear`` (``fused``: of ``linears``) for one node of a step plan (LinearSite)."""
+        return LinearSite(self, torch_linear, fused, own_outputs)
+
+    def linear_call(self, x: torch.Tensor, pairs: tuple, fused: bool):
+        """How ``linear`` (one pair) or ``linears`` runs x against the (weight, bias) pairs: (kernel, rows, IN,
+        operands between the input and the outputs, output widths, operands after the outputs), or None where
+        torch must (too many rows, not float32, weights not contiguous and aligned, more than MAX_FUSED layers).
+        The operands include this thread's dummies for absent biases and unused slots of a fused call."""
         rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
         if (not 0 < rows <= LINEAR_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or len(pairs) > MAX_FUSED
                 or not all(w.dim() == 2 and w.shape[1] == x.shape[-1] and _ok(w, torch.float32)
                            and (b is None or _ok(b, torch.float32)) for w, b in pairs)):
-            return tuple(torch_linear(x, w, b) for w, b in pairs)
-        IN = x.shape[-1]
+            return None
+        IN = int(x.shape[-1])
         outs = tuple(int(w.shape[0]) for w, _ in pairs)
         biases = tuple(b is not None for _, b in pairs)
         par = LINEAR_PARALLEL
+        if not fused:
+            (w, b), = pairs
+            key = ("linear_decode", IN, outs[0], biases[0], self.lanes, par)
+            fn = self._build(key, lambda: linear_decode_kernel(IN, outs[0], biases[0], self.lanes, par))
+            return fn, rows, IN, (w, b if b is not None else self._workspace((outs[0],))), outs, ()
         key = ("linears_decode", IN, outs, biases, self.lanes, par)
         fn = self._build(key, lambda: linears_decode_kernel(IN, outs, biases, self.lanes, par))
         spare = MAX_FUSED - len(pairs)
         dummy_w, dummy_b = self._workspace((1, IN)), self._workspace((1,))
-        results = [aligned_empty((rows, o), torch.float32) for o in outs]
         ws = [w for w, _ in pairs] + [dummy_w] * spare
         bs = [b if b is not None else self._workspace((w.shape[0],)) for w, b in pairs] + [dummy_b] * spare
-        os_ = results + [self._workspace((rows, 1))] * spare
-        fn(_arg(x.reshape(rows, IN)), *ws, *bs, *os_)
-        self.linear_calls += len(pairs)
-        return tuple(r.view(*x.shape[:-1], o) for r, o in zip(results, outs))
+        return fn, rows, IN, tuple(ws + bs), outs, (self._workspace((rows, 1)),) * spare
+
+    def run_linear(self, call: tuple, x: torch.Tensor, results: list | None = None, views: tuple | None = None):
+        """Runs a ``linear_call`` on x: the outputs [..., width] as a tuple (written into ``results`` [rows, width]
+        and returned as ``views`` of them when given)."""
+        fn, rows, IN, before, outs, after = call
+        if results is None:
+            results = [aligned_empty((rows, o), torch.float32) for o in outs]
+        fn(_arg(x.reshape(rows, IN)), *before, *results, *after)
+        self.linear_calls += len(outs)
+        if views is not None:
+            return views
+        lead = x.shape[:-1]
+        return tuple([r.view(*lead, o) for r, o in zip(results, outs)])
+
+
+class LinearSite:
+    """One linear node of a decode-step plan (``DecodeKernels.site``): ``site(x, w0, b0, ...)`` gives what
+    ``linear`` (or, ``fused``, ``linears``) gives. Those resolve the kernel at every call (operand checks, the
+    kernel key, the dummies: about 10 us of Python per call, four calls per Sessa layer step); a site keeps what
+    its last resolution found (``linear_call``) with the input shape, the weight and bias objects and their data
+    pointers and the calling thread, and reuses it while all of those come back unchanged (a weight given other
+    storage, as by ``p.data = ...``, or another shape, dtype or thread resolves again).
+
+    ``own_outputs``: the plan found that no graph output can share storage with this node's outputs (they are
+    consumed only by ops that allocate their results), so the site writes every call into the same output
+    buffers, kept with the memo (so per thread), and returns the same views of them: no allocation and no view
+    per call. Such outputs are overwritten by the next step: the plan must not hand them out."""
+
+    __slots__ = ("kernels", "torch_linear", "fused", "own", "memo")
+
+    def __init__(self, kernels: DecodeKernels, torch_linear, fused: bool, own_outputs: bool = False):
+        self.kernels, self.torch_linear, self.fused = kernels, torch_linear, fused
+        self.own, self.memo = own_outputs, None
+
+    def __call__(self, x: torch.Tensor, *wb):
+        if not self.fused and len(wb) == 1:   # linear(x, w): no bias
+            wb = (wb[0], None)
+        m = self.memo
+        if m is None or not self._same(m, x, wb):
+            pairs = tuple(zip(wb[0::2], wb[1::2]))
+            call = self.kernels.linear_call(x, pairs, self.fused)
+            if call is None:
+                self.memo = None
+                outs = tuple(self.torch_linear(x, w, b) for w, b in pairs)
+                return outs if self.fused else outs[0]
+            results = views = None
+            if self.own:
+                rows, outs = call[1], call[4]
+                results = [aligned_empty((rows, o), torch.float32) for o in outs]
+                views = tuple([r.view(*x.shape[:-1], o) for r, o in zip(results, outs)])
+            m = self.memo = (x.shape, x.dtype, wb, tuple(t.data_ptr() if t is not None else 0 for t in wb),
+                             threading.get_ident(), call, results, views)
+        outs = self.kernels.run_linear(m[5], x, m[6], m[7])
+        return outs if self.fused else outs[0]
+
+    @staticmethod
+    def _same(m: tuple, x: torch.Tensor, wb: tuple) -> bool:
+        if x.shape != m[0] or x.dtype != m[1] or not x.is_cpu or m[4] != threading.get_ident() or len(wb) != len(m[2]):
+            return False
+        for t, t0, p in zip(wb, m[2], m[3]):
+            if t is not t0 or (t is not None and (t.data_ptr() != p or not t.is_contiguous())):
+                return False
+        return True
