@@ -308,9 +308,12 @@ def _range_guards(ep, sym_map: dict) -> list:
         hi = int(vr.upper) if isinstance(vr.upper, sympy.Integer) else None
         if lo is not None and lo > 2:
             out.append(Guard(sympy.Ge(ours, lo), "range"))
-        if hi is not None:
+        if hi is not None and hi < _NO_LIMIT:   # torch's int64 ceiling on an unbacked size (x[mask]) is no limit
             out.append(Guard(sympy.Le(ours, hi), "range"))
     return out
+
+
+_NO_LIMIT = 2 ** 62
 
 
 def warn_folded_trainables(module, names, stacklevel: int = 3) -> None:
