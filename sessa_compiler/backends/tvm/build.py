@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from pathlib import Path
 from dataclasses import dataclass
 
 from .schedules import (AttentionSchedule, FeedbackSchedule, LinearSchedule, Schedule, ScanSchedule,
@@ -133,19 +134,49 @@ def primfunc(spec: KernelSpec):
 
 
 def generator_source(op: str) -> str:
-    """The source code that generates an op's kernel, read with ``inspect`` from the objects in use: the
-    generator's module, every module of this package whose functions or classes it uses (schedules,
-    TIR helpers), and this module (specs, primfunc). Editing any of them changes the text."""
-    import inspect
-    import sys
+    """The source code that generates an op's kernel: the generator's module (``kernels/<op>.py``), every module
+    of this package it imports at its top level (schedules, TIR helpers, another generator), and this module
+    (specs, primfunc). Editing any of them changes the text. Read from the files, without importing the
+    generator (which imports tvm: a warm compile's schedule lookup needs only this text)."""
+    import ast
+    import tokenize
 
-    gen = inspect.getmodule(kernel_generator(op))
-    used = {gen.__name__: gen, __name__: sys.modules[__name__]}
-    for value in vars(gen).values():
-        name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
-        if isinstance(name, str) and name.startswith(__package__ + "."):
-            used[name] = sys.modules[name]
-    return "\n".join(f"# {name}\n{inspect.getsource(mod)}" for name, mod in sorted(used.items()))
+    if op not in _KERNEL_ARGS:
+        raise KeyError(f"no TVM kernel generator for op '{op}'")
+    here = Path(__file__).parent
+
+    def path_of(name: str) -> Path | None:   # a module of this package (sessa_compiler.backends.tvm.*) -> its file
+        parts = name[len(__package__) + 1:].split(".")
+        for p in (here.joinpath(*parts).with_suffix(".py"), here.joinpath(*parts, "__init__.py")):
+            if p.is_file():
+                return p
+        return None
+
+    def read(p: Path) -> str:
+        with tokenize.open(p) as f:   # as inspect.getsource reads it
+            return f.read()
+
+    gen_name = f"{__package__}.kernels.{op}"
+    gen_source = read(path_of(gen_name))
+    used = {gen_name: gen_source, __name__: read(Path(__file__))}
+    gen_package = gen_name.rsplit(".", 1)[0]
+    for stmt in ast.parse(gen_source).body:
+        if not isinstance(stmt, ast.ImportFrom):
+            continue
+        if stmt.level:
+            base = gen_package.rsplit(".", stmt.level - 1)[0] if stmt.level > 1 else gen_package
+            module = f"{base}.{stmt.module}" if stmt.module else base
+        else:
+            module = stmt.module or ""
+        if not module.startswith(__package__ + "."):
+            continue
+        for alias in stmt.names:   # `from .. import schedules` imports a module; `from ..schedules import X` one
+            sub = f"{module}.{alias.name}"
+            name = sub if path_of(sub) is not None and stmt.module is None else module
+            p = path_of(name)
+            if p is not None and name not in used:
+                used[name] = read(p)
+    return "\n".join(f"# {name}\n{text}" for name, text in sorted(used.items()))
 
 
 def kernel_source(spec: KernelSpec) -> str:
