@@ -187,7 +187,7 @@ def test_the_host_target_is_recorded_per_cpu(cache_on, monkeypatch):
     cpu = tvm_target._cpu_identity()
     monkeypatch.setattr(tvm_target, "_cpu_identity", lambda: {**cpu, "flags": "sse2"})   # another CPU
     assert not isinstance(TVMBackend().key_target, tvm_target.HostTarget) and len(calls) == 3
-    (record,) = [p for p in (cache_on / "tvm").glob("host-*.json") if p == tvm_target._host_record_path()]
+    (record,) = [p for p in (cache_on / "tvm").glob("host-*.target") if p == tvm_target._host_record_path()]
     record.write_text(json.dumps({"text": "{}", "lanes": 16}))   # malformed: not an llvm target
     assert not isinstance(TVMBackend().key_target, tvm_target.HostTarget) and len(calls) == 4
 

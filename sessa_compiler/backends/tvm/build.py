@@ -134,10 +134,34 @@ def primfunc(spec: KernelSpec):
 
 
 def generator_source(op: str) -> str:
-    """The source code that generates an op's kernel: the generator's module (``kernels/<op>.py``), every module
-    of this package it imports at its top level (schedules, TIR helpers, another generator), and this module
-    (specs, primfunc). Editing any of them changes the text. Read from the files, without importing the
-    generator (which imports tvm: a warm compile's schedule lookup needs only this text)."""
+    """The source code that generates an op's kernel: the generator's module, every module of this package it
+    uses (schedules, TIR helpers, another generator), and this module (specs, primfunc). Editing any of them
+    changes the text. Once tvm is imported (or the generator is), read with ``inspect`` from the generator in
+    use (``kernel_generator``); before that, from the files (generator_source_from_files: the same text),
+    since importing the generator imports tvm, which a warm compile's schedule lookup does not otherwise need."""
+    import sys
+
+    if "tvm" in sys.modules or f"{__package__}.kernels.{op}" in sys.modules:
+        return _generator_source_in_use(op)
+    return generator_source_from_files(op)
+
+
+def _generator_source_in_use(op: str) -> str:
+    import inspect
+    import sys
+
+    gen = inspect.getmodule(kernel_generator(op))
+    used = {gen.__name__: gen, __name__: sys.modules[__name__]}
+    for value in vars(gen).values():
+        name = value.__name__ if inspect.ismodule(value) else getattr(value, "__module__", None)
+        if isinstance(name, str) and name.startswith(__package__ + "."):
+            used[name] = sys.modules[name]
+    return "\n".join(f"# {name}\n{inspect.getsource(mod)}" for name, mod in sorted(used.items()))
+
+
+def generator_source_from_files(op: str) -> str:
+    """generator_source without importing the generator: ``kernels/<op>.py``, the modules of this package it
+    imports at its top level (read with ``ast``) and this module, read from their files as ``inspect`` reads them."""
     import ast
     import tokenize
 

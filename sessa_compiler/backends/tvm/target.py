@@ -94,7 +94,7 @@ def _host_record_path():
     if cpu is None:
         return None
     key = stable_hash({"format": 1, "cpu": cpu, "versions": library_versions("tvm"), "code": package_hash()})
-    return cache_dir() / "tvm" / f"host-{key}.json"
+    return cache_dir() / "tvm" / f"host-{key}.target"   # JSON (not named .json: the tuning cache's entries are)
 
 
 def cached_host_target() -> HostTarget | None:
@@ -131,7 +131,7 @@ def _record_host_target(target, lanes: int) -> None:
         make_private_dir(path.parent)
         if not trusted(cache_dir(), path.parent):
             return
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".target")
         with os.fdopen(fd, "w") as f:
             json.dump({"text": str(target), "lanes": lanes}, f)
         os.replace(tmp, path)
