@@ -50,8 +50,8 @@ def main() -> None:
                   f"({warm['cache']}); load {loads[-1][0]:.2f} -> {loads[-1][1]:.2f}", flush=True)
     print(f"\nDecoder(1000, 512, layers='S'*{args.layers}, n_heads=8), B=1, T=64, backend auto; medians of {args.runs} "
           "new processes each; seconds after `import torch`")
-    print(f"{'tree':>6} | {'cold total':>10} {'(import':>8} {'compile':>8} {'call)':>7} | {'warm total':>10} {'(import':>8} "
-          f"{'compile':>8} {'call)':>7} | warm totals")
+    print(f"{'tree':>6} | {'cold total':>10} {'(import':>8} {'compile':>8} {'call)':>7} | {'warm total':>10} "
+          f"{'(import':>8} {'compile':>8} {'call)':>7} | warm totals")
     for name in trees:
         med = {k: {f: statistics.median(r[f] for r in rows[name][k]) for f in FIELDS} for k in ("cold", "warm")}
         c, w = med["cold"], med["warm"]

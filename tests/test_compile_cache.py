@@ -207,7 +207,8 @@ def test_a_library_just_built_runs_from_the_file_written(cache_on, monkeypatch):
     from sessa_compiler.backends.tvm import lib_cache
 
     real_vm, real_load, runs_on = relax.VirtualMachine, lib_cache.load_vm, []
-    monkeypatch.setattr(relax, "VirtualMachine", lambda mod, *a, **k: runs_on.append(type(mod).__name__) or real_vm(mod, *a, **k))
+    monkeypatch.setattr(relax, "VirtualMachine",
+                        lambda mod, *a, **k: runs_on.append(type(mod).__name__) or real_vm(mod, *a, **k))
     monkeypatch.setattr(lib_cache, "load_vm", lambda path: runs_on.append(path.suffix) or real_load(path))
     m, x = small(), torch.randn(2, 6, 8)
     c = sc.compile(m, backend="tvm")
