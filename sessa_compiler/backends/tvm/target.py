@@ -128,6 +128,8 @@ def _record_host_target(target, lanes: int) -> None:
     if path is None:
         return
     try:
+        if not trusted(cache_dir()):   # nothing is created in a directory that is not the user's alone
+            return
         make_private_dir(path.parent)
         if not trusted(cache_dir(), path.parent):
             return
