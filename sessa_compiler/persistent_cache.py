@@ -49,13 +49,41 @@ def library_versions(backend: str) -> dict:
     from ._version import __version__
 
     versions = {"torch": torch.__version__, "sessa_compiler": __version__}
-    module = {"triton": "triton", "tvm": "tvm"}.get(backend)
+    module = {"triton": "triton", "tvm": "tvm", "tvm_ffi": "tvm_ffi"}.get(backend)
     if module is not None:
-        try:
-            versions[module] = __import__(module).__version__
-        except Exception:  # noqa: BLE001 - a backend that is not installed simply has no version
-            versions[module] = "missing"
+        versions[module] = _module_version(module)
     return versions
+
+
+_DISTRIBUTIONS = {"tvm": "apache-tvm", "tvm_ffi": "apache-tvm-ffi", "triton": "triton"}
+
+
+@functools.lru_cache(maxsize=None)
+def _module_version(module: str) -> str:
+    """``module.__version__`` without importing it (``import tvm`` costs about a second, most of a warm compile):
+    the version in the metadata of the distribution that installs it, when that distribution's copy is the
+    one ``import module`` would load (the same value as ``__version__`` for the pinned wheels). A copy from
+    elsewhere (a source build on sys.path shadowing the wheel) is imported for its ``__version__``."""
+    import importlib.util
+    from importlib import metadata
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or spec.origin is None:
+        return "missing"
+    try:
+        dist = metadata.distribution(_DISTRIBUTIONS[module])
+        installed = os.path.realpath(str(dist.locate_file(os.path.join(module, "__init__.py"))))
+        if installed == os.path.realpath(spec.origin) and dist.version:
+            return dist.version
+    except (metadata.PackageNotFoundError, KeyError, OSError, ValueError):
+        pass
+    try:
+        return str(__import__(module).__version__)
+    except Exception:  # noqa: BLE001 - a backend that is not installed simply has no version
+        return "missing"
 
 
 def tensor_digest(t) -> str:

@@ -113,10 +113,12 @@ def test_a_corrupt_entry_is_rebuilt(cache_on):
 def test_tvm_library_from_disk(cache_on, monkeypatch):
     import tvm
 
+    from sessa_compiler.backends.tvm import lib_cache
+
     m = small()
     x = torch.randn(2, 6, 8)
     with monkeypatch.context() as mp:   # the library just written is not loaded (the built executable runs), so
-        mp.setattr(tvm.runtime, "load_module", lambda *a: 1 / 0)   # that this process maps none of it yet
+        mp.setattr(lib_cache, "load_vm", lambda *a: 1 / 0)   # that this process maps none of it yet
         c = sc.compile(m, backend="tvm")
         assert relative_error(c(x), m(x)) <= 1e-4   # builds, and writes the library
     (lib,) = (cache_on / "tvm").glob("*.so")
@@ -137,18 +139,82 @@ def test_tvm_library_from_disk(cache_on, monkeypatch):
         assert "traced graph from the compile cache; TVM libraries: 1 from the cache" in c.explain()
 
 
+WARM_TVM = """
+import json, sys
+import torch
+import sessa_compiler as sc
+from sessa_compiler.api import relative_error
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Softmax(-1)).eval()
+x = torch.randn(2, 6, 8)
+c = sc.compile(m, (x,), backend="tvm")
+with torch.no_grad():
+    err = float(relative_error(c(x), m(x)))
+out = {"cache": c.trace_cache, "err": err, "tvm": "tvm" in sys.modules, "networkx": "networkx" in sys.modules,
+       "library": "TVM libraries: 1 from the cache" in c.explain()}
+import tvm  # afterwards, in the same process: tvm loads the same runtime library; old and new libraries both run
+m2 = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Tanh()).eval()
+c2 = sc.compile(m2, (x,), backend="tvm")
+with torch.no_grad():
+    out["err_after"] = max(float(relative_error(c(x), m(x))), float(relative_error(c2(x), m2(x))))
+print(json.dumps(out))
+"""
+
+
+def test_a_warm_tvm_compile_imports_neither_tvm_nor_networkx(tmp_path):
+    """A new process whose cache holds the traced graph, the built library and this host's target runs the
+    library through tvm_ffi and the TVM runtime library (lib_cache.load_vm): `import tvm` (about a second, most
+    of a warm compile) and networkx are not loaded, and the outputs are right."""
+    env = {**os.environ, "SESSA_COMPILER_CACHE_DIR": str(tmp_path), "SESSA_COMPILER_COMPILE_CACHE": "1",
+           "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.run([sys.executable, "-c", WARM_TVM], env=env, capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), [r.stderr[-3000:] for r in runs]
+    cold, warm = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
+    assert cold["cache"] == "miss" and cold["tvm"] and cold["err"] <= 1e-4
+    assert warm == {"cache": "hit", "err": warm["err"], "tvm": False, "networkx": False, "library": True,
+                    "err_after": warm["err_after"]}, warm
+    assert warm["err"] <= 1e-4 and warm["err_after"] <= 1e-4 and cold["err_after"] <= 1e-4
+
+
+def test_the_host_target_is_recorded_per_cpu(cache_on, monkeypatch):
+    """The host's resolved target is read back from the cache (no `import tvm` needed for it) on the same CPU,
+    tvm and package; another CPU identity, or a malformed record, resolves it again."""
+    from sessa_compiler.backends.tvm import target as tvm_target
+    from sessa_compiler.backends.tvm.backend import TVMBackend
+
+    real, calls = tvm_target._resolve_host_target, []
+    monkeypatch.setattr(tvm_target, "_resolve_host_target", lambda: calls.append(1) or real())
+    first = TVMBackend()
+    assert len(calls) == 1 and not isinstance(first.key_target, tvm_target.HostTarget)
+    second = TVMBackend()
+    assert len(calls) == 1 and isinstance(second.key_target, tvm_target.HostTarget)
+    assert (str(second.key_target), second.lanes) == (str(first.target), first.lanes)
+    assert str(second.target) == str(first.target) and len(calls) == 2   # the real Target, resolved when needed
+    cpu = tvm_target._cpu_identity()
+    monkeypatch.setattr(tvm_target, "_cpu_identity", lambda: {**cpu, "flags": "sse2"})   # another CPU
+    assert not isinstance(TVMBackend().key_target, tvm_target.HostTarget) and len(calls) == 3
+    (record,) = [p for p in (cache_on / "tvm").glob("host-*.target") if p == tvm_target._host_record_path()]
+    record.write_text(json.dumps({"text": "{}", "lanes": 16}))   # malformed: not an llvm target
+    assert not isinstance(TVMBackend().key_target, tvm_target.HostTarget) and len(calls) == 4
+
+
 def test_a_library_just_built_runs_from_the_file_written(cache_on, monkeypatch):
     """The cold path writes the library for the next process and runs that file too: a VM over the in-memory
     executable would generate its code a second time (0.75 s of a 4-layer decoder's first call)."""
     from tvm import relax
 
-    real, runs_on = relax.VirtualMachine, []
-    monkeypatch.setattr(relax, "VirtualMachine", lambda mod, *a, **k: runs_on.append(type(mod).__name__) or real(mod, *a, **k))
+    from sessa_compiler.backends.tvm import lib_cache
+
+    real_vm, real_load, runs_on = relax.VirtualMachine, lib_cache.load_vm, []
+    monkeypatch.setattr(relax, "VirtualMachine",
+                        lambda mod, *a, **k: runs_on.append(type(mod).__name__) or real_vm(mod, *a, **k))
+    monkeypatch.setattr(lib_cache, "load_vm", lambda path: runs_on.append(path.suffix) or real_load(path))
     m, x = small(), torch.randn(2, 6, 8)
     c = sc.compile(m, backend="tvm")
     with torch.no_grad():
         assert relative_error(c(x), m(x)) <= 1e-4
-    assert "TVM libraries: 1 built" in c.explain() and runs_on == ["Module"], (c.explain(), runs_on)  # not VMExecutable
+    assert "TVM libraries: 1 built" in c.explain() and runs_on == [".so"], (c.explain(), runs_on)  # no VMExecutable
 
 
 # -- the key covers what the trace ran (issue 23): each case must give the changed module's outputs ----------------

@@ -149,6 +149,16 @@ def test_shipped_defaults_then_the_backend_rule_when_nothing_was_tuned(monkeypat
     assert resolve_node(TVMBackend(), node, T, "cpu") == (None, "cost model")
 
 
+def test_the_generator_source_read_from_files_is_the_text_inspect_reads():
+    """A warm compile, before tvm is imported, reads the kernel generators' source from their files (importing a
+    generator imports tvm); the tuning keys need the same text as inspect gives for the generator in use."""
+    import importlib
+
+    build = importlib.import_module("sessa_compiler.backends.tvm.build")
+    for op in build._KERNEL_ARGS:
+        assert build.generator_source_from_files(op) == build._generator_source_in_use(op), op
+
+
 def test_the_cache_key_hashes_the_kernel_generators_source(tmp_path, monkeypatch):
     """The key holds the source of the generator in use (read with inspect, not a list of file names): an
     edited generator makes a new key; an op without a kernel is an error, never an empty source."""

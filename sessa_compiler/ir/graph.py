@@ -6,10 +6,12 @@ import json
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
-import networkx as nx
 import sympy
+
+if TYPE_CHECKING:   # networkx is imported where a graph is built (0.15-0.3 s: not on a warm compile's path)
+    import networkx as nx
 
 from ..errors import IRError, ParseError
 from .types import ArgRef, DType, TensorType, format_dim
@@ -150,6 +152,8 @@ class Graph:
 
         Graph inputs and parameters are not vertices; analyses that need them read ``node.inputs``.
         """
+        import networkx as nx
+
         g = nx.DiGraph()
         for n in self.nodes:
             g.add_node(n, op=n.op)
@@ -169,6 +173,7 @@ class Graph:
 
             raise UnsupportedError("Graph.to_dot needs the package pydot: pip install pydot "
                                    "(requirements/all.txt pins it)") from None
+        import networkx as nx
         from networkx.drawing.nx_pydot import to_pydot
 
         g = nx.DiGraph(name=self.name)
@@ -207,6 +212,8 @@ class Graph:
 
     def toposort(self) -> None:
         """Re-establish topological order after rewrites (stable for already-ordered nodes)."""
+        import networkx as nx
+
         order = {n: i for i, n in enumerate(self.nodes)}
         g = self.to_networkx()
         self.nodes = list(nx.lexicographical_topological_sort(g, key=lambda n: order[n]))

@@ -264,7 +264,8 @@ def split_infer(node):
     x = tin(node, 0)
     d = norm_dim(node, node.attrs["dim"], x.rank)
     sizes = node.attrs["sizes"]
-    total = sympy.Add(*[sympy.sympify(s) for s in sizes])
+    total = (sum(sizes) if all(type(s) is int for s in sizes)   # static sizes (the usual case): no sympy
+             else sympy.Add(*[sympy.sympify(s) for s in sizes]))
     need_eq(node, x.shape[d], total, f"sum of split sizes along dim {node.attrs['dim']}")
     if len(node.outputs) != len(sizes):
         fail(node, f"{len(sizes)} split sizes but {len(node.outputs)} outputs")

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import sympy
 
 from ..errors import IRError
@@ -32,6 +32,9 @@ from ..ir.ops_fused import body_lines, row_space
 from ..ir.dtypes import ITEMSIZE
 from ..ir.types import format_dim
 from .manager import Pass, PassResult
+
+if TYPE_CHECKING:   # networkx is imported where a pass runs (not on a warm compile's path: sessa_compiler imports this)
+    import networkx as nx
 
 # elementwise ops the generated kernels implement (float in, float out): every unary and binary op but the
 # logical ones and pow (no Triton spelling), plus cast
@@ -66,6 +69,8 @@ def fusible(node: Node) -> bool:
 
 def is_convex(nxg: nx.DiGraph, members) -> bool:
     """True when no path leaves ``members`` and re-enters it (then the group can run as one node)."""
+    import networkx as nx
+
     members = set(members)
     leaving = {s for m in members for s in nxg.successors(m)} - members
     return not any(nx.descendants(nxg, u) & members for u in leaving)
@@ -73,6 +78,8 @@ def is_convex(nxg: nx.DiGraph, members) -> bool:
 
 def convexity_violation(nxg: nx.DiGraph, members):
     """A path member -> outside ... -> member that breaks convexity, or None."""
+    import networkx as nx
+
     members = set(members)
     for m in members:
         for u in set(nxg.successors(m)) - members:
@@ -86,6 +93,8 @@ def convexity_violation(nxg: nx.DiGraph, members):
 def quotient_is_acyclic(nxg: nx.DiGraph, group_of: dict) -> bool:
     """True when contracting every group to one vertex leaves a DAG (groups that are each convex can
     still feed each other both ways: A -> B and B -> A)."""
+    import networkx as nx
+
     q = nx.DiGraph()
     for p, c in nxg.edges:
         gp, gc = group_of.get(p, p), group_of.get(c, c)

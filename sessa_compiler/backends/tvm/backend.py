@@ -96,14 +96,16 @@ class TVMBackend(Backend):
         if importlib.util.find_spec("tvm") is None:
             raise UnsupportedError("backend 'tvm' needs Apache TVM: pip install apache-tvm==0.27.0.post1 "
                                    "apache-tvm-ffi==0.1.14.post1")
-        from .target import resolve_target
+        from .target import cached_host_target, resolve_target
 
         self.print_ir = print_ir  # None: SESSA_COMPILER_PRINT_IR decides
         self.whole_graph = True if whole_graph is None else bool(whole_graph)
         self.decode_kernels = True if decode_kernels is None else bool(decode_kernels)
         self.modes: dict = {}   # id(graph) -> ("whole graph" | "hybrid", reason)
-        self.target = resolve_target(target)
-        self.lanes = lanes_for(self.target)
+        # this host's target as an earlier process recorded it (no `import tvm`: a warm compile loads its library
+        # through tvm_ffi alone, lib_cache.py), else resolved now (and recorded)
+        self._target = (cached_host_target() if target is None else None) or resolve_target(target)
+        self.lanes = lanes_for(self._target)
         self.schedules = dict(schedules or {})
         if feedback_chunk_size is not None:
             from .schedules import default_feedback
@@ -112,6 +114,21 @@ class TVMBackend(Backend):
             self.schedules["feedback"] = dataclasses.replace(base, chunk=int(feedback_chunk_size))
         self.stats: collections.Counter = collections.Counter()
         self.resolved: dict = {}  # id(graph) -> (schedules by op, report lines): tuned / shipped / own default
+
+    @property
+    def target(self):
+        """The tvm.target.Target (a recorded host target is resolved on first use, which imports tvm)."""
+        from .target import HostTarget, resolve_target
+
+        if isinstance(self._target, HostTarget):
+            self._target = resolve_target(self._target)
+        return self._target
+
+    @property
+    def key_target(self):
+        """What cache keys and schedule lookups read of the target (its text and lanes): a recorded HostTarget
+        or the Target, without importing tvm."""
+        return self._target
 
     def schedules_for(self, graph: Graph) -> dict:
         """The schedules this graph was prepared with (the tuning hook's choice), else the given ones."""
@@ -131,16 +148,16 @@ class TVMBackend(Backend):
 
     # -- autotune.search.Tunable --------------------------------------------------------------------
     def tunable_nodes(self, graph: Graph) -> list:
-        return tunable_nodes(graph, self.target)
+        return tunable_nodes(graph, self.key_target)
 
     def tuning_space(self, node: Node, device) -> list:
-        return tvm_space(node, device, self.target)
+        return tvm_space(node, device, self.key_target)
 
     def tuning_source(self, node: Node, device) -> str:
-        return tuning_source(node, self.target)
+        return tuning_source(node, self.key_target)
 
     def accepts_config(self, node: Node, config: dict) -> bool:
-        return tvm_schedule(node, config, self.target) is not None
+        return tvm_schedule(node, config, self.key_target) is not None
 
     def tuning_kernel(self, node: Node, operands: list, seq_len: int):
         return tuning_kernel(self, node, operands, seq_len)
@@ -179,13 +196,14 @@ class TVMBackend(Backend):
                 why = "ops without a TVM lowering: " + "; ".join(unsupported_nodes(graph, self.lanes, schedules))
             self._hybrid(graph, why)
             return None
-        import tvm
-        from tvm import relax
+        import tvm_ffi
 
         try:
             from .lib_cache import load_or_build
 
             def compiled():
+                import tvm
+
                 stage(f"lowering {graph.name} to Relax")
                 mod = graph_to_relax(graph, self.lanes, schedules)[0]
                 kernels = len({item.spec for item in plan if item.spec is not None})
@@ -201,7 +219,8 @@ class TVMBackend(Backend):
                     raise UnsupportedError(f"{'at ' + where + ': ' if where else ''}{type(e).__name__}: "
                                            f"{str(e).strip().splitlines()[-1][:400] if str(e).strip() else ''}") from e
 
-            vm = relax.VirtualMachine(load_or_build(graph, schedules, self.target, self.lanes, compiled), tvm.cpu())
+            # a cached library is loaded without `import tvm` (lib_cache.load_vm)
+            vm = load_or_build(graph, schedules, self.key_target, self.lanes, compiled)
         except Exception as e:  # a TVM lowering/build limitation: keep running, in hybrid mode, and say why
             if isinstance(e, UnsupportedError) and str(e).startswith("at op "):   # the op found by bisection
                 self._hybrid(graph, f"whole-graph TVM build failed {str(e)[:900]}")
@@ -211,6 +230,10 @@ class TVMBackend(Backend):
             return None
         main = vm["main"]
         names = list(graph.param_values)
+
+        def from_dlpack(t):   # tvm.runtime.from_dlpack, without importing tvm
+            return tvm_ffi.from_dlpack(t, require_alignment=ALIGN, require_contiguous=True)
+
         n_core = sum(1 for item in plan if item.spec is not None)
         stats = self.stats
 
@@ -240,8 +263,8 @@ class TVMBackend(Backend):
                 if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
                     raise InputError(f"input %{graph.inputs[i].name}: token ids must lie in [0, {vocab}), "
                                      f"got [{int(ids.min())}, {int(ids.max())}]")
-            args = [tvm.runtime.from_dlpack(aligned(x)) for x in inputs]
-            args += [tvm.runtime.from_dlpack(aligned(params[n])) for n in names]
+            args = [from_dlpack(aligned(x)) for x in inputs]
+            args += [from_dlpack(aligned(params[n])) for n in names]
             out = main(*args)
             outs = [out] if len(graph.outputs) == 1 else list(out)
             stats["kernel_calls"] += n_core

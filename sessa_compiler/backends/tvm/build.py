@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from pathlib import Path
 from dataclasses import dataclass
 
 from .schedules import (AttentionSchedule, FeedbackSchedule, LinearSchedule, Schedule, ScanSchedule,
@@ -138,9 +139,19 @@ def primfunc(spec: KernelSpec):
 
 
 def generator_source(op: str) -> str:
-    """The source code that generates an op's kernel, read with ``inspect`` from the objects in use: the
-    generator's module, every module of this package whose functions or classes it uses (schedules,
-    TIR helpers), and this module (specs, primfunc). Editing any of them changes the text."""
+    """The source code that generates an op's kernel: the generator's module, every module of this package it
+    uses (schedules, TIR helpers, another generator), and this module (specs, primfunc). Editing any of them
+    changes the text. Once tvm is imported (or the generator is), read with ``inspect`` from the generator in
+    use (``kernel_generator``); before that, from the files (generator_source_from_files: the same text),
+    since importing the generator imports tvm, which a warm compile's schedule lookup does not otherwise need."""
+    import sys
+
+    if "tvm" in sys.modules or f"{__package__}.kernels.{op}" in sys.modules:
+        return _generator_source_in_use(op)
+    return generator_source_from_files(op)
+
+
+def _generator_source_in_use(op: str) -> str:
     import inspect
     import sys
 
@@ -151,6 +162,50 @@ def generator_source(op: str) -> str:
         if isinstance(name, str) and name.startswith(__package__ + "."):
             used[name] = sys.modules[name]
     return "\n".join(f"# {name}\n{inspect.getsource(mod)}" for name, mod in sorted(used.items()))
+
+
+def generator_source_from_files(op: str) -> str:
+    """generator_source without importing the generator: ``kernels/<op>.py``, the modules of this package it
+    imports at its top level (read with ``ast``) and this module, read from their files as ``inspect`` reads them."""
+    import ast
+    import tokenize
+
+    if op not in _KERNEL_ARGS:
+        raise KeyError(f"no TVM kernel generator for op '{op}'")
+    here = Path(__file__).parent
+
+    def path_of(name: str) -> Path | None:   # a module of this package (sessa_compiler.backends.tvm.*) -> its file
+        parts = name[len(__package__) + 1:].split(".")
+        for p in (here.joinpath(*parts).with_suffix(".py"), here.joinpath(*parts, "__init__.py")):
+            if p.is_file():
+                return p
+        return None
+
+    def read(p: Path) -> str:
+        with tokenize.open(p) as f:   # as inspect.getsource reads it
+            return f.read()
+
+    gen_name = f"{__package__}.kernels.{op}"
+    gen_source = read(path_of(gen_name))
+    used = {gen_name: gen_source, __name__: read(Path(__file__))}
+    gen_package = gen_name.rsplit(".", 1)[0]
+    for stmt in ast.parse(gen_source).body:
+        if not isinstance(stmt, ast.ImportFrom):
+            continue
+        if stmt.level:
+            base = gen_package.rsplit(".", stmt.level - 1)[0] if stmt.level > 1 else gen_package
+            module = f"{base}.{stmt.module}" if stmt.module else base
+        else:
+            module = stmt.module or ""
+        if not module.startswith(__package__ + "."):
+            continue
+        for alias in stmt.names:   # `from .. import schedules` imports a module; `from ..schedules import X` one
+            sub = f"{module}.{alias.name}"
+            name = sub if path_of(sub) is not None and stmt.module is None else module
+            p = path_of(name)
+            if p is not None and name not in used:
+                used[name] = read(p)
+    return "\n".join(f"# {name}\n{text}" for name, text in sorted(used.items()))
 
 
 def kernel_source(spec: KernelSpec) -> str:

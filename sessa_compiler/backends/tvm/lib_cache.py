@@ -1,44 +1,99 @@
 """Built whole-graph TVM libraries in the persistent compile cache (``$SESSA_COMPILER_CACHE_DIR/tvm``).
 
-Keyed by the IR text, the schedules, the target, the vector width, the versions of torch, tvm and
+Keyed by the IR text, the schedules, the target, the vector width, the versions of torch, tvm, tvm_ffi and
 sessa_compiler and this package's source; a library that does not load is moved aside and rebuilt.
 A library is loaded (and written) only where the cache directory and the file are the current user's and
 not writable by others (persistent_cache.trusted); each load or build is noted for explain().
+
+A library from the cache is loaded without ``import tvm`` (about a second, most of a warm compile): the TVM
+runtime library (libtvm_runtime, which the Relax VM and the kernels' thread pool live in) is loaded as
+``import tvm`` loads it, and the Relax VM is created over the library through tvm_ffi, as
+``relax.VirtualMachine(lib, tvm.cpu())`` does (load_vm). A later ``import tvm`` in the same process loads the
+same runtime library (the dynamic loader shares it).
 See sessa_compiler/persistent_cache.py and docs/caching.md.
 """
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import warnings
+from pathlib import Path
 
 from ...persistent_cache import (cache_dir, compile_cache_enabled, library_versions, make_private_dir, note,
                                  package_hash, stable_hash, trusted)
 from ...progress import stage
 from .target import configure_threads
 
+KDL_CPU = 1            # DLPack's device type of the CPU
+POOLED_ALLOCATOR = 2   # relax.VirtualMachine's default allocator
+_RUNTIME: list = []    # the loaded libtvm_runtime (kept referenced)
+
+
+def _load_tvm_runtime() -> None:
+    """Load libtvm_runtime (RTLD_GLOBAL) from where ``import tvm`` loads it (tvm/base.py: TVM_LIBRARY_PATH,
+    the wheel's tvm/lib, a source tree's build/lib and lib), unless tvm already did. Without it the Relax VM
+    executable has no loader, and kernels with parallel loops crash (no thread pool)."""
+    if _RUNTIME or "tvm" in sys.modules:
+        return
+    import importlib.util
+
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    spec = importlib.util.find_spec("tvm")
+    pkg = Path(list(spec.submodule_search_locations)[0])
+    paths = [Path(os.environ["TVM_LIBRARY_PATH"])] if os.environ.get("TVM_LIBRARY_PATH") else []
+    paths += [pkg / "lib", pkg / ".." / ".." / "build" / "lib", pkg / ".." / ".." / "lib"]
+    _RUNTIME.append(load_lib_ctypes("tvm", "tvm_runtime", "RTLD_GLOBAL", extra_lib_paths=paths))
+
+
+def load_vm(path):
+    """The Relax VM over the library at ``path`` on the CPU: ``relax.VirtualMachine(tvm.runtime.load_module(path),
+    tvm.cpu())`` (the same module calls: vm_load_executable, vm_initialization(cpu, 0, pooled)) without
+    importing tvm. Index it by function name (``vm["main"]``)."""
+    import tvm_ffi
+
+    _load_tvm_runtime()
+    lib = tvm_ffi.load_module(os.path.realpath(path))
+    vm = lib["vm_load_executable"]()
+    vm["vm_initialization"](KDL_CPU, 0, POOLED_ALLOCATOR)
+    return vm
+
+
+def _vm_of(executable):
+    """The Relax VM over an executable built in this process."""
+    import tvm
+    from tvm import relax
+
+    return relax.VirtualMachine(executable, tvm.cpu())
+
+
+def _key_path(graph, schedules: dict, target, lanes: int) -> Path:
+    key = stable_hash({"format": 2, "ir": str(graph), "schedules": repr(sorted(schedules.items())),
+                       "target": str(target), "lanes": lanes, "versions": library_versions("tvm"),
+                       "ffi": library_versions("tvm_ffi")["tvm_ffi"],
+                       "code": package_hash()})  # a changed kernel generator misses
+    return cache_dir() / "tvm" / f"{key}.so"
+
 
 def load_or_build(graph, schedules: dict, target, lanes: int, build):
-    """A runtime module for ``relax.VirtualMachine``: the cached library, else ``build()`` (an executable),
-    written to the cache for the next process."""
+    """A Relax VM (index it by function name) for the graph on the CPU: over the cached library, else over
+    ``build()`` (an executable: it may use ``backend.target``), which is written to the cache for the next
+    process. ``target``: the backend's key target (a recorded HostTarget or a Target): its text keys the
+    library."""
     configure_threads()
     if not compile_cache_enabled("libraries"):
         note("TVM library", "built (cache off)")
-        return build()
-    import tvm
-
-    key = stable_hash({"format": 1, "ir": str(graph), "schedules": repr(sorted(schedules.items())),
-                       "target": str(target), "lanes": lanes, "versions": library_versions("tvm"),
-                       "code": package_hash()})  # a changed kernel generator misses
-    path = cache_dir() / "tvm" / f"{key}.so"
+        return _vm_of(build())
+    path = _key_path(graph, schedules, target, lanes)
     if not trusted(cache_dir(), path):
         note("TVM library", "built (cache not trusted)")
-        return build()
+        return _vm_of(build())
     if path.exists():
         try:
-            lib = tvm.runtime.load_module(str(path))
+            vm = load_vm(path)
             note("TVM library", "from the cache")
-            return lib
+            return vm
         except Exception as e:  # noqa: BLE001 - a bad library is a miss, never a crash
             warnings.warn(f"sessa_compiler compile cache: {path} does not load ({type(e).__name__}); rebuilding it",
                           stacklevel=2)
@@ -49,6 +104,12 @@ def load_or_build(graph, schedules: dict, target, lanes: int, build):
     stage("building the TVM library")
     executable = build()
     note("TVM library", "built")
+    from .target import HostTarget
+
+    if isinstance(target, HostTarget):  # the build resolved the real target: key the file by its text
+        from .target import resolve_target
+
+        path = _key_path(graph, schedules, resolve_target(target), lanes)
     try:
         make_private_dir(path.parent)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".so")
@@ -58,8 +119,8 @@ def load_or_build(graph, schedules: dict, target, lanes: int, build):
         os.replace(tmp, path)  # atomic: a concurrent reader sees no half-written library
     except Exception as e:  # noqa: BLE001 - no C++ compiler, read-only cache: the next process builds again
         warnings.warn(f"sessa_compiler compile cache: could not write {path} ({type(e).__name__}: {e})", stacklevel=2)
-        return executable
+        return _vm_of(executable)
     try:   # the library just linked: a VM over the in-memory executable would generate its code again (~0.75 s
-        return tvm.runtime.load_module(str(path))   # for a 4-layer decoder), as the written one is already
+        return load_vm(path)   # for a 4-layer decoder), as the written one is already
     except Exception:  # noqa: BLE001 - then the executable itself
-        return executable
+        return _vm_of(executable)

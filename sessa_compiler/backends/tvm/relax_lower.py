@@ -8,6 +8,7 @@ not constants baked into the library. An op without a lowering raises Unsupporte
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -24,15 +25,29 @@ from .lowering import KERNEL_OPS, kernel_dtype, lower_node
 
 class _Lowerer:
     def __init__(self, graph: Graph, lanes: int, schedules):
-        from tvm import relax, tirx
-
-        self.relax, self.tirx = relax, tirx
         self.graph = graph
         self.lanes, self.schedules = lanes, schedules
         self.symbols: dict = {}
-        self.bb = relax.BlockBuilder()
         self.env: dict = {}
         self.kernels: dict = {}   # KernelSpec -> GlobalVar
+
+    # tvm is imported when something is lowered, not to ask what lowers (can_lower, why_not: a warm compile asks
+    # that before loading its cached library, without importing tvm)
+    @functools.cached_property
+    def relax(self):
+        from tvm import relax
+
+        return relax
+
+    @functools.cached_property
+    def tirx(self):
+        from tvm import tirx
+
+        return tirx
+
+    @functools.cached_property
+    def bb(self):
+        return self.relax.BlockBuilder()
 
     # -- shapes -------------------------------------------------------------------------------------
     def dim(self, d):

@@ -39,7 +39,12 @@ _TARGETS: dict = {}
 
 
 def resolved_target(target=None):
-    """The backend's target (None: this host's CPU), resolved once per description."""
+    """The backend's target (None: this host's CPU), resolved once per description; a recorded HostTarget
+    (target.py) as it is: its text and lanes are what the lookups read, without importing tvm."""
+    from .target import HostTarget
+
+    if isinstance(target, HostTarget):
+        return target
     key = target if isinstance(target, (str, type(None))) else str(target)
     if key not in _TARGETS:
         from .target import resolve_target
@@ -149,7 +154,7 @@ def tvm_schedules(backend, graph: Graph, ctx: CompileContext) -> tuple:
     schedule per op, so when several nodes of an op resolve differently the most common one that is valid
     for all of them is used (and the report says so)."""
     seq_len = sequence_length(graph, ctx.example_inputs) if ctx.example_inputs else 1024
-    target = backend.target
+    target = backend.key_target
     schedules = dict(backend.schedules)
     by_op = collections.defaultdict(list)
     for node in tunable_nodes(graph, target):
