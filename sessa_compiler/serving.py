@@ -962,6 +962,17 @@ def _state_keys(cache: dict) -> set:
     return {k for k, v in cache.items() if isinstance(v, torch.Tensor) and not k.startswith("_")}
 
 
+def _one_at_a_time(method):
+    """A serving method runs under its compiled module's lock, as a forward call does: one call at a time per
+    compiled module (kernels' argument buffers, the decode plan's memos and a TVM VM are not re-entrant; calls
+    from several threads crashed the process). Calls nest (generate -> prefill -> forward): the lock is an RLock."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self.compiled._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class Serving:
     """The serving methods of one CompiledModule (bound to it; created on first use)."""
 
@@ -1031,6 +1042,7 @@ class Serving:
         self._fits[key] = (traced, fits)
         return fits
 
+    @_one_at_a_time
     def init_cache(self, batch_size: int, device=None, dtype=None, max_len: int | None = None) -> dict:
         if self.compiled._traced is None:
             # allocated at the first prefill, when the graph (and so the state shapes) are known
@@ -1086,6 +1098,7 @@ class Serving:
                              f"compiled {what} runs the step derived from the forward, whatever kernel options the "
                              "original offers")
 
+    @_one_at_a_time
     def prefill(self, *args, **kwargs):
         """prefill(x, cache) -> (y, cache): the outputs at x's positions, after those already cached. Tensor
         keyword arguments of the forward (``attention_mask=`` [B, T]: 1 = a real token, 0 = padding) are given
@@ -1141,6 +1154,7 @@ class Serving:
         prog.fill_from_forward(cache, values, n)
         return outs[:len(g.outputs)]
 
+    @_one_at_a_time
     def decode_step(self, *args, **kwargs):
         """decode_step(x_t, cache) -> (y_t, cache); x_t without the sequence dim gives y_t without it. A module
         prefilled with a key-padding mask takes the step's token as a real one (mask 1) unless a mask is given
@@ -1180,6 +1194,7 @@ class Serving:
             return outs[0], cache
         return traced.unflatten(outs), cache
 
+    @_one_at_a_time
     def generate(self, tokens: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
         """Greedy decoding as Decoder.generate: tokens (B, T), T >= 1 -> (B, T + max_new_tokens)."""
         from .models.decoder import Decoder
@@ -1224,5 +1239,8 @@ def serving_method(compiled, name: str):
                              f"defines none (serving methods are offered where the original has them)")
     serving = compiled.__dict__.get("_serving")
     if serving is None:
-        serving = compiled.__dict__["_serving"] = Serving(compiled)
+        with compiled._lock:   # one Serving per compiled module, also when threads ask at once
+            serving = compiled.__dict__.get("_serving")
+            if serving is None:
+                serving = compiled.__dict__["_serving"] = Serving(compiled)
     return getattr(serving, name)

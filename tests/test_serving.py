@@ -271,3 +271,40 @@ def test_cpu_one_position_steps_equal_forward(flash, dtype, monkeypatch, one_thr
         y_t, cache = c.decode_step(x[:, t], cache)
         assert relative_error(y_t, full[:, t]) <= TOLERANCE[dtype], f"position {t}"
     assert len(calls) == (2 * 9 if flash else 0)          # two attention layers, nine steps
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_sequences_served_from_several_threads_equal_one_thread(backend):
+    """Four threads prefill and decode their own sequences on one compiled module at once: each gets exactly what
+    it gets alone. (On tvm such calls crashed the process: the serving methods now take the module's lock.)"""
+    import threading
+
+    torch.manual_seed(0)
+    c = sc.compile(SessaLayer(32, n_heads=2).eval(), backend=backend)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randn(2, 9, 32, generator=g) for _ in range(4)]
+    steps = [[torch.randn(2, 32, generator=g) for _ in range(12)] for _ in range(4)]
+
+    def serve(i, out):
+        try:
+            with torch.no_grad():
+                y, cache = c.prefill(prompts[i], c.init_cache(2, max_len=24))
+                ys = [y[:, -1]]
+                for x in steps[i]:
+                    y, cache = c.decode_step(x, cache)
+                    ys.append(y)
+                out[i] = torch.stack(ys)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            out[i] = e
+
+    alone, together = {}, {}
+    for i in range(4):
+        serve(i, alone)
+    threads = [threading.Thread(target=serve, args=(i, together)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(4):
+        assert isinstance(together[i], torch.Tensor), together[i]
+        assert torch.equal(together[i], alone[i]), i
