@@ -32,3 +32,16 @@ def op_counts(graph) -> dict:
     for n in graph.nodes:
         out[n.op] = out.get(n.op, 0) + 1
     return out
+
+
+def assert_same(got, want, where):
+    """An export's or backend's output equals the module's: same dtype and shape, floats within the spec's
+    tolerance for their dtype (sessa_compiler.tolerance), integers and bools exactly."""
+    from sessa_compiler.tolerance import TOLERANCE, relative_error
+
+    got = torch.as_tensor(got)
+    assert got.dtype == want.dtype and got.shape == want.shape, (where, got.dtype, want.dtype, got.shape, want.shape)
+    if want.is_floating_point():
+        assert relative_error(got, want) <= TOLERANCE[want.dtype], (where, relative_error(got, want))
+    else:
+        assert torch.equal(got, want), where

@@ -21,6 +21,7 @@ from sessa_compiler.frontend.trace import trace_with_report  # noqa: E402
 from sessa_compiler.semantics.fallback_forms import FORMS  # noqa: E402
 from sessa_compiler.tolerance import TOLERANCE, relative_error  # noqa: E402
 
+from model_helpers import assert_same  # noqa: E402
 from tests import export_fallback_modules as E  # noqa: E402
 
 SHAPES = ((2, 5), (3, 11))   # (B, T): the export traced (2, 6)
@@ -45,15 +46,6 @@ def _export(module, example, tmp_path):
     return _session(onnx_path), load_tvm(tvm_path)
 
 
-def _same(got, want, where):
-    got = torch.as_tensor(got)
-    assert got.dtype == want.dtype and got.shape == want.shape, (where, got.dtype, want.dtype, got.shape, want.shape)
-    if want.is_floating_point():
-        assert relative_error(got, want) <= TOLERANCE[want.dtype], (where, relative_error(got, want))
-    else:
-        assert torch.equal(got, want), where
-
-
 @pytest.mark.parametrize("cls,inputs", E.LOWERED, ids=lambda c: getattr(c, "__name__", ""))
 def test_fallback_ops_export_to_onnx_and_tvm_and_run_at_two_new_lengths(cls, inputs, tmp_path):
     module = cls().eval()
@@ -72,8 +64,8 @@ def test_fallback_ops_export_to_onnx_and_tvm_and_run_at_two_new_lengths(cls, inp
         got_tvm = got_tvm if isinstance(got_tvm, (list, tuple)) else [got_tvm]
         assert len(got_onnx) == len(want) and len(got_tvm) == len(want)
         for i, w in enumerate(want):
-            _same(got_onnx[i], w, ("onnx", cls.__name__, T, i))
-            _same(got_tvm[i], w, ("tvm", cls.__name__, T, i))
+            assert_same(got_onnx[i], w, ("onnx", cls.__name__, T, i))
+            assert_same(got_tvm[i], w, ("tvm", cls.__name__, T, i))
 
 
 def test_hf_position_ids_and_label_log_probs_keep_int64_and_compile_tvm_runs_the_whole_graph():
@@ -88,7 +80,7 @@ def test_hf_position_ids_and_label_log_probs_keep_int64_and_compile_tvm_runs_the
     want = module(*args)
     assert want[0].dtype == torch.int64 and want[0][0, :4].tolist() == [1, 1, 1, 1]   # left padding: filled with 1
     for i, (g, w) in enumerate(zip(got, want)):
-        _same(g, w, ("compile tvm", i))
+        assert_same(g, w, ("compile tvm", i))
     assert "mode: whole graph" in compiled.explain()
 
 

@@ -21,20 +21,12 @@ from sessa_compiler.errors import SessaCompilerError
 from sessa_compiler.export.onnx_export import _session, run_onnxruntime
 from sessa_compiler.export.tvm_runtime import load_tvm
 from sessa_compiler.frontend.trace import trace_with_report
-from sessa_compiler.tolerance import TOLERANCE, relative_error
+from sessa_compiler.tolerance import relative_error
 
+from model_helpers import assert_same
 from tests import hf_ops_sweep_modules as S
 
 NEW_SHAPES = ((3, 7), (1, 9))   # (B, T): everything was traced at (2, 6)
-
-
-def _same(got, want, where):
-    got = torch.as_tensor(got)
-    assert got.dtype == want.dtype and got.shape == want.shape, (where, got.dtype, want.dtype, got.shape, want.shape)
-    if want.is_floating_point():
-        assert relative_error(got, want) <= TOLERANCE[want.dtype], (where, relative_error(got, want))
-    else:
-        assert torch.equal(got, want), where
 
 
 @pytest.mark.parametrize("cls,inputs", S.SWEEP, ids=lambda c: getattr(c, "__name__", ""))
@@ -61,7 +53,7 @@ def test_hf_style_ops_compile_on_eager_and_tvm_and_export_to_onnx_and_tvm_at_two
                 outs = outs if isinstance(outs, (list, tuple)) else [outs]
                 assert len(outs) == len(want), where
                 for i, (g, w) in enumerate(zip(outs, want)):
-                    _same(g, w, (where, cls.__name__, (B, T), i))
+                    assert_same(g, w, (where, cls.__name__, (B, T), i))
 
 
 class _Losses(torch.nn.Module):
