@@ -295,6 +295,9 @@ def _pretty(e) -> str:
     return str(e)
 
 
+_NO_LIMIT = 2 ** 62   # an upper bound at or past this is torch's int64 ceiling, not a limit of the module's
+
+
 def _range_guards(ep, sym_map: dict) -> list:
     """Ranges export inferred for our dim symbols, as guards. export's floor of 2 on every dynamic size
     is its 0/1-specialisation assumption (we trace on inputs grown to >= 2, see _grow), not the module's
@@ -311,9 +314,6 @@ def _range_guards(ep, sym_map: dict) -> list:
         if hi is not None and hi < _NO_LIMIT:   # torch's int64 ceiling on an unbacked size (x[mask]) is no limit
             out.append(Guard(sympy.Le(ours, hi), "range"))
     return out
-
-
-_NO_LIMIT = 2 ** 62
 
 
 def warn_folded_trainables(module, names, stacklevel: int = 3) -> None:

@@ -17,7 +17,8 @@ from ..errors import IRError, ParseError
 from .types import ArgRef, DType, TensorType, format_dim
 
 
-_PLAIN_NAME = re.compile(r"\w[\w.]*\Z", re.ASCII)
+PLAIN_NAME = r"\w[\w.]*"   # a value name written bare after % (text.py parses references with the same pattern)
+_PLAIN_NAME = re.compile(PLAIN_NAME + r"\Z", re.ASCII)
 
 
 def value_ref(name: str) -> str:

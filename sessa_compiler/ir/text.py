@@ -17,7 +17,7 @@ import json
 import re
 
 from ..errors import ParseError
-from .graph import Graph, format_literal, format_operand, print_graph  # noqa: F401  (printing lives with the graph)
+from .graph import PLAIN_NAME, Graph, format_literal, format_operand, print_graph  # noqa: F401  (printing: the graph's)
 from .types import ArgRef, DimEval, DType, TensorType
 from .verify import verify_graph
 
@@ -55,7 +55,7 @@ class _Eval(DimEval):
 
 
 # a value reference: %name (letters, digits, _ and .) or %"any name" (a JSON string): graph.value_ref writes them
-_REF = re.compile(r'%(\w[\w.]*|"(?:[^"\\]|\\.)*")', re.ASCII)
+_REF = re.compile(r'%(' + PLAIN_NAME + r'|"(?:[^"\\]|\\.)*")', re.ASCII)
 
 
 def _ref_name(token: str) -> str:
