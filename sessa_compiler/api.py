@@ -64,6 +64,31 @@ def _only_sizes_differ(graph, args) -> bool:
     return True
 
 
+def cached_trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = None, *, stacklevel: int = 3):
+    """trace_with_report of ``module`` on this call, through the persistent compile cache (compile_cache.py): an
+    entry is used only when its manifest (what the trace ran) still holds in this process and the entry's graph
+    equals the module for these inputs. compile() and the exports share it, so a module exported after it was
+    compiled (or exported twice) is traced once. Returns (traced, "hit" | "miss" | "off", why or None)."""
+    from . import compile_cache
+
+    why: list = []
+    with _autocast_off(args):
+        progress.stage("looking up the compile cache")
+        key = compile_cache.module_key(module, args, kwargs, _modes(module), why) if compile_cache.enabled() else None
+        traced = compile_cache.load(key, module, why) if key else None
+        if traced is not None and _why_not(traced, args, kwargs) is not None:
+            traced = None  # cached from sizes on another path through size-dependent code: trace this one
+            why.append("the entry was traced on another path through size-dependent code")
+        if traced is not None:   # what a fresh trace of this module would have said
+            state = dict(module.named_parameters(remove_duplicate=False))
+            warn_folded_trainables(module, [n for n, _ in traced.assumed if n in state and state[n].requires_grad],
+                                   stacklevel=stacklevel)
+            return traced, "hit", "; ".join(why) or None
+        progress.stage("torch.export")
+        traced = compile_cache.recorded_trace(lambda: trace_with_report(module, args, kwargs), module, key, why)
+    return traced, "miss" if key else "off", "; ".join(why) or None
+
+
 class _RecomputeGrad(torch.autograd.Function):
     """Autograd for forward-only backends (Triton, TVM): the forward runs their kernels; the backward
     re-runs the same graph on the eager interpreter (differentiable torch ops) from the saved inputs and
@@ -416,8 +441,7 @@ class CompiledModule(torch.nn.Module):
     # -- tracing ---------------------------------------------------------------------------------------
     def _trace(self, args: tuple, kwargs: dict | None = None) -> None:
         start = time.perf_counter()
-        with _progress(f"sessa_compiler: tracing {type(self._orig_mod).__name__}", self.progress), \
-                _autocast_off(args):
+        with _progress(f"sessa_compiler: tracing {type(self._orig_mod).__name__}", self.progress):
             self._traced = self._cached_trace(args, kwargs)
         args = tuple(self._traced.tensor_inputs(args, kwargs or {}))  # the graph's inputs
         graph = self._traced.graph
@@ -445,29 +469,7 @@ class CompiledModule(torch.nn.Module):
         self.trace_seconds = time.perf_counter() - start
 
     def _cached_trace(self, args: tuple, kwargs: dict | None) -> Traced:
-        """trace_with_report, through the persistent compile cache (compile_cache.py): an entry is used only
-        when its manifest (what the trace ran) still holds in this process."""
-        from . import compile_cache
-
-        why: list = []
-        progress.stage("looking up the compile cache")
-        key = compile_cache.module_key(self._orig_mod, args, kwargs, _modes(self._orig_mod), why) \
-            if compile_cache.enabled() else None
-        traced = compile_cache.load(key, self._orig_mod, why) if key else None
-        if traced is not None and _why_not(traced, args, kwargs) is not None:
-            traced = None  # cached from sizes on another path through size-dependent code: trace this one
-            why.append("the entry was traced on another path through size-dependent code")
-        if traced is not None:   # what a fresh trace of this module would have said
-            state = dict(self._orig_mod.named_parameters(remove_duplicate=False))
-            warn_folded_trainables(self._orig_mod, [n for n, _ in traced.assumed if n in state
-                                                    and state[n].requires_grad], stacklevel=6)
-        self.trace_cache = "hit" if traced is not None else ("miss" if key else "off")
-        self.trace_cache_why = "; ".join(why) or None
-        if traced is None:
-            progress.stage("torch.export")
-            traced = compile_cache.recorded_trace(lambda: trace_with_report(self._orig_mod, args, kwargs),
-                                                  self._orig_mod, key, why)
-            self.trace_cache_why = "; ".join(why) or None
+        traced, self.trace_cache, self.trace_cache_why = cached_trace(self._orig_mod, args, kwargs, stacklevel=7)
         return traced
 
     def __getattr__(self, name):

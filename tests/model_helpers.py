@@ -45,3 +45,11 @@ def assert_same(got, want, where):
         assert relative_error(got, want) <= TOLERANCE[want.dtype], (where, relative_error(got, want))
     else:
         assert torch.equal(got, want), where
+
+
+def trace_cached(module, example, kwargs=None):
+    """trace_with_report through the compile cache, as compile() and the exports trace: in the suite, a module that
+    several tests trace at the same shapes is traced once (tests/conftest.py shares one cache directory)."""
+    from sessa_compiler.api import cached_trace
+
+    return cached_trace(module, tuple(example), kwargs)[0]

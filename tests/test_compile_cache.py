@@ -77,6 +77,31 @@ def test_a_second_compile_takes_the_traced_graph_from_disk(cache_on, monkeypatch
         assert again.explain().count("recognised") == first.explain().count("recognised")
 
 
+def test_exports_take_the_compiled_trace_from_the_cache_with_the_modules_own_weights(cache_on, monkeypatch, tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("tvm")
+    import onnxruntime as ort
+
+    x = torch.randn(2, 7, 16)
+    sc.compile(layer(), backend="eager")(x)   # stores the trace
+    m = layer()
+    with torch.no_grad():
+        m.W_in.weight.mul_(2)                 # the export must write this module's weights, not the cached ones
+    x2 = torch.randn(1, 11, 16)
+    with monkeypatch.context() as mp:
+        trace_module = sys.modules["sessa_compiler.frontend.trace"]   # (the package's `trace` is the function)
+        mp.setattr(trace_module, "export_program", lambda *a, **k: pytest.fail("traced although the cache holds it"))
+        sc.export_onnx(m, x, str(tmp_path / "m.onnx"))
+        sc.export_tvm(m, x, str(tmp_path / "tvm"))
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (y_onnx,) = sess.run(None, {sess.get_inputs()[0].name: x2.numpy()})
+    y_tvm = sc.load_tvm(str(tmp_path / "tvm"))(x2.numpy())
+    y_tvm = y_tvm[0] if isinstance(y_tvm, (list, tuple)) else y_tvm
+    want = m(x2)
+    assert relative_error(torch.as_tensor(y_onnx), want) <= 1e-4
+    assert relative_error(torch.as_tensor(y_tvm), want) <= 1e-4
+
+
 def test_changed_module_or_version_misses(cache_on, monkeypatch):
     x = torch.randn(2, 5, 8)
     sc.compile(small(), backend="eager")(x)

@@ -17,11 +17,10 @@ import sessa_compiler as sc  # noqa: E402
 from sessa_compiler.errors import SessaCompilerError  # noqa: E402
 from sessa_compiler.export.onnx_export import _session, run_onnxruntime  # noqa: E402
 from sessa_compiler.export.tvm_runtime import load_tvm  # noqa: E402
-from sessa_compiler.frontend.trace import trace_with_report  # noqa: E402
 from sessa_compiler.semantics.fallback_forms import FORMS  # noqa: E402
 from sessa_compiler.tolerance import TOLERANCE, relative_error  # noqa: E402
 
-from model_helpers import assert_same  # noqa: E402
+from model_helpers import assert_same, trace_cached  # noqa: E402
 from tests import export_fallback_modules as E  # noqa: E402
 
 SHAPES = ((2, 5), (3, 11))   # (B, T): the export traced (2, 6)
@@ -50,7 +49,7 @@ def _export(module, example, tmp_path):
 def test_fallback_ops_export_to_onnx_and_tvm_and_run_at_two_new_lengths(cls, inputs, tmp_path):
     module = cls().eval()
     example = inputs(2, 6)
-    graph = trace_with_report(module, example).graph
+    graph = trace_cached(module, example).graph
     targets = {n.attrs["target"] for n in graph.nodes if n.op == "fallback"}
     assert targets and targets <= set(FORMS), targets - set(FORMS)   # fallbacks, all of them in the table
     session, tvm_model = _export(module, example, tmp_path)
@@ -100,7 +99,7 @@ def test_elementwise_fallbacks_match_torch_at_signed_zeros_infinities_and_nans(t
     x = torch.tensor([b for _ in vals for b in vals]).reshape(1, len(vals), len(vals))
     module = _Edges()
     session, tvm_model = _export(module, (y, x), tmp_path)
-    graph = trace_with_report(module, (y, x)).graph
+    graph = trace_cached(module, (y, x)).graph
     want = module(y, x)
     got = {"onnx": run_onnxruntime(session, graph, (y, x)), "tvm": tvm_model(y.numpy(), x.numpy())}
     for where, outs in got.items():
@@ -132,7 +131,7 @@ def test_argmax_max_sort_and_topk_match_torch_on_rows_of_infinities_and_nans(tmp
     y = torch.tensor(rows).unsqueeze(0)
     module = _OrderEdges()
     session, tvm_model = _export(module, (y,), tmp_path)
-    graph = trace_with_report(module, (y,)).graph
+    graph = trace_cached(module, (y,)).graph
     want = module(y)
     got = {"onnx": run_onnxruntime(session, graph, (y,)), "tvm": tvm_model(y.numpy())}
     for where, outs in got.items():
@@ -174,7 +173,7 @@ def test_cummax_cummin_logcumsumexp_match_torch_at_ties_nans_and_infinities_at_t
     is; along T and along the last dim, B and T symbolic (exported at (2, 6), run at (3, 7) and (4, 12))."""
     module = _RunningEdges()
     session, tvm_model = _export(module, _running_edges(2, 6), tmp_path)
-    graph = trace_with_report(module, _running_edges(2, 6)).graph
+    graph = trace_cached(module, _running_edges(2, 6)).graph
     for B, T in ((3, 7), (4, 12)):
         args = _running_edges(B, T)
         want = module(*args)

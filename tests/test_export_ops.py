@@ -18,11 +18,11 @@ import sessa_compiler as sc  # noqa: E402
 from sessa_compiler.errors import SessaCompilerError  # noqa: E402
 from sessa_compiler.export.onnx_export import _session, run_onnxruntime  # noqa: E402
 from sessa_compiler.export.tvm_runtime import load_tvm  # noqa: E402
-from sessa_compiler.frontend.trace import trace_with_report  # noqa: E402
 from sessa_compiler.ir.ops import OPS  # noqa: E402
 from sessa_compiler.tolerance import TOLERANCE, relative_error  # noqa: E402
 
 from tests import export_op_modules as E  # noqa: E402
+from model_helpers import trace_cached  # noqa: E402
 
 LENGTHS = (5, 11)   # neither is the traced example's T (6)
 
@@ -64,7 +64,7 @@ def check_runs(module, d, session, tvm_model, graph):
 @pytest.mark.parametrize("name", list(SAMPLES))
 def test_module_exports_to_onnx_and_tvm_and_both_run_at_two_new_lengths(name, tmp_path):
     module, d = SAMPLES[name]
-    graph = trace_with_report(module, (torch.randn(2, 6, d),)).graph
+    graph = trace_cached(module, (torch.randn(2, 6, d),)).graph
     assert not [n.attrs["target"] for n in graph.nodes if n.op == "fallback"]   # lowered to IR ops, not torch calls
     session, tvm_model = export_both(module, d, tmp_path)
     check_runs(module, d, session, tvm_model, graph)
@@ -109,7 +109,7 @@ def test_every_op_a_traced_graph_holds_is_exported_by_a_sample():
     tests/test_onnx_export.py lower it from IR)."""
     seen = set()
     for module, d in SAMPLES.values():
-        seen |= {n.op for n in trace_with_report(module, (torch.randn(2, 6, d),)).graph.nodes}
+        seen |= {n.op for n in trace_cached(module, (torch.randn(2, 6, d),)).graph.nodes}
     made_by_passes = {"feedback_lse", "feedback_diag_inverse", "feedback_chunked", "scan_chunked", "fused"}
     assert set(OPS) - made_by_passes - {"fallback", "rope"} - seen == set()
 
@@ -129,7 +129,7 @@ def test_lowered_activations_and_reductions_keep_torch_edge_values_on_every_back
     x[0, 1] = float("-inf")
     x[0, 2, 3] = float("inf")
     x[1, 3, 2] = float("nan")
-    graph = trace_with_report(m, (x,)).graph
+    graph = trace_cached(m, (x,)).graph
     assert not [n.attrs["target"] for n in graph.nodes if n.op == "fallback"]
     want = m(x)
     results = {backend: sc.compile(m, (x,), backend=backend)(x) for backend in ("eager", "tvm")}
@@ -158,7 +158,7 @@ def test_rounding_sign_and_accurate_exp_log_ops_match_torch_everywhere(tmp_path)
              float("inf"), -float("inf"), 3.7, -3.7, 9e6 + 0.5]
     x = torch.cat([torch.tensor(edges).repeat(2, 1, 1), torch.randn(2, 1, len(edges)) * 3], 1)
     m = Unary()
-    graph = trace_with_report(m, (x,)).graph
+    graph = trace_cached(m, (x,)).graph
     assert not [n.attrs["target"] for n in graph.nodes if n.op == "fallback"]
     want = m(x)
     results = {backend: sc.compile(m, (x,), backend=backend)(x) for backend in ("eager", "tvm", "triton")}

@@ -14,11 +14,11 @@ import torch.nn as nn
 import sessa_compiler as sc
 from sessa_compiler.api import relative_error
 from sessa_compiler.backends.eager import run_graph
-from sessa_compiler.frontend import trace_with_report
 from sessa_compiler.models import Decoder, MambaLayer, SessaLayer, TransformerLayer
 from styles.loop_free_matmul_style import MatmulSessaLayer
 from styles.sdpa_style import SdpaSessaLayer
 from styles.unrecognised import OddBlock
+from model_helpers import trace_cached
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,7 +65,7 @@ def traced(name, dtype):
         torch.manual_seed(0)
         m = factory().to(dtype).eval()
         x = example(D, 2, 6, dtype)
-        _CACHE[key] = (m, trace_with_report(m, (x,)))
+        _CACHE[key] = (m, trace_cached(m, (x,)))
     return _CACHE[key]
 
 
@@ -141,7 +141,7 @@ def test_example_inputs_of_size_one_still_give_a_dynamic_graph():
 
 def test_unrecognised_ops_fall_back_and_stay_correct():
     m = OddBlock(16).double()
-    m2, tr = m, trace_with_report(m, (torch.randn(2, 5, 16, dtype=torch.float64),))
+    m2, tr = m, trace_cached(m, (torch.randn(2, 5, 16, dtype=torch.float64),))
     fallbacks = sorted(n.attrs["target"] for n in tr.graph.nodes if n.op == "fallback")
     assert "aten.sort.default" in fallbacks and "aten.cumsum.default" in fallbacks
     x = torch.randn(3, 9, 16, dtype=torch.float64)
@@ -173,7 +173,7 @@ class LookAlikeAttention(nn.Module):
 @pytest.mark.parametrize("mode", ["strict", "window"])
 def test_look_alike_attention_is_not_claimed(mode):
     m = LookAlikeAttention(mode=mode).double()
-    tr = trace_with_report(m, (torch.randn(2, 6, 16, dtype=torch.float64),))
+    tr = trace_cached(m, (torch.randn(2, 6, 16, dtype=torch.float64),))
     assert not any(n.op == "attention" for n in tr.graph.nodes)
     assert any("attention candidate" in r for r in tr.report.rejected)
     x = torch.randn(2, 13, 16, dtype=torch.float64)
@@ -201,7 +201,7 @@ class LookAlikeFeedback(nn.Module):
 
 def test_look_alike_feedback_is_not_claimed():
     m = LookAlikeFeedback().double()
-    tr = trace_with_report(m, (torch.randn(2, 6, 16, dtype=torch.float64),))
+    tr = trace_cached(m, (torch.randn(2, 6, 16, dtype=torch.float64),))
     assert not any(n.op == "feedback" for n in tr.graph.nodes)
     assert any("feedback candidate" in r for r in tr.report.rejected)
     x = torch.randn(2, 13, 16, dtype=torch.float64)
@@ -222,7 +222,7 @@ def test_any_sessa_configuration_is_recognised_and_exact(heads, d, rope, max_len
     m = SessaLayer(H * d, n_heads=H, n_kv_heads=Hkv, max_len=max_len, use_forward_rope=rope).double()
     with torch.no_grad():
         m.mixer.gamma_bias.fill_(bias)
-    tr = trace_with_report(m, (torch.randn(2, 4, H * d, dtype=torch.float64),))
+    tr = trace_cached(m, (torch.randn(2, 4, H * d, dtype=torch.float64),))
     counts = collections.Counter(n.op for n in tr.graph.nodes)
     assert counts["attention"] == 1 and counts["feedback"] == 1, tr.report
     (att,) = [n for n in tr.graph.nodes if n.op == "attention"]

@@ -20,10 +20,9 @@ import sessa_compiler as sc
 from sessa_compiler.errors import SessaCompilerError
 from sessa_compiler.export.onnx_export import _session, run_onnxruntime
 from sessa_compiler.export.tvm_runtime import load_tvm
-from sessa_compiler.frontend.trace import trace_with_report
 from sessa_compiler.tolerance import relative_error
 
-from model_helpers import assert_same
+from model_helpers import assert_same, trace_cached
 from tests import hf_ops_sweep_modules as S
 
 NEW_SHAPES = ((3, 7), (1, 9))   # (B, T): everything was traced at (2, 6)
@@ -34,7 +33,7 @@ def test_hf_style_ops_compile_on_eager_and_tvm_and_export_to_onnx_and_tvm_at_two
     torch.manual_seed(0)
     module = cls().eval()
     example = inputs(2, 6)
-    graph = trace_with_report(module, example).graph
+    graph = trace_cached(module, example).graph
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)   # a hybrid-mode warning (the whole graph not in TVM) fails
         warnings.filterwarnings("ignore", category=UserWarning, message="(?!backend 'tvm').*")
@@ -79,7 +78,7 @@ def test_cross_entropy_with_weights_label_smoothing_and_class_dim_1_lowers_to_ir
     x = torch.randn(2, 7, 6, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 5, (2, 7))
     labels[0, :3] = -100
-    graph = trace_with_report(module, (x, labels)).graph
+    graph = trace_cached(module, (x, labels)).graph
     assert not [n for n in graph.nodes if n.op == "fallback"], graph
     compiled = sc.compile(module, backend="eager")
     got, want = compiled(x, labels), module(x, labels)
@@ -128,7 +127,7 @@ def test_relu6_elu_round_diff_masked_assignment_and_movedim_lower_to_ir_ops_with
     module = _NewLowerings()
     x = torch.randn(2, 7, 5, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(2, 7, generator=torch.Generator().manual_seed(3)) > 0.5
-    graph = trace_with_report(module, (x, mask)).graph
+    graph = trace_cached(module, (x, mask)).graph
     assert not [n.attrs["target"] for n in graph.nodes if n.op == "fallback"], graph
     got, want = sc.compile(module, backend="eager")(x, mask), module(x, mask)
     for g, w in zip(got, want):

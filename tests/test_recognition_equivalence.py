@@ -34,7 +34,7 @@ import sessa_compiler as sc
 from sessa_compiler.frontend import trace_with_report
 from sessa_compiler.backends.eager import run_graph
 from sessa_compiler.models import SessaLayer
-from model_helpers import randomize, op_counts
+from model_helpers import randomize, op_counts, trace_cached
 from styles.diag_gain_style import DiagGainSessaLayer
 from styles.flat_lm_style import FlatSessaLM
 from styles.transposed_system_style import TransposedSystemSessaLayer
@@ -215,7 +215,7 @@ def test_feedback_spellings_and_near_misses(variant):
                                dynamic_shapes=({0: torch.export.Dim("B")},))
         lengths = (9,)
     else:
-        tr = trace_with_report(m, (torch.randn(2, 6, 8, dtype=torch.float64),))
+        tr = trace_cached(m, (torch.randn(2, 6, 8, dtype=torch.float64),))
         lengths = (5, 11)
     ops, text = op_counts(tr.graph), "\n".join(tr.report.accepted + tr.report.rejected)
     assert (ops.get("feedback") == 1) == FEEDBACK_CASES[variant], (ops, text)
@@ -238,7 +238,7 @@ def test_upper_solve_from_the_left_is_anti_causal_and_explained():
             return torch.linalg.solve_triangular(M, f, upper=True)
 
     m = Upper("x").double()
-    tr = trace_with_report(m, (torch.randn(2, 6, 8, dtype=torch.float64),))
+    tr = trace_cached(m, (torch.randn(2, 6, 8, dtype=torch.float64),))
     assert "feedback" not in op_counts(tr.graph)
     assert any("anti-causal" in r for r in tr.report.rejected), tr.report.rejected
     x = torch.randn(2, 7, 8, dtype=torch.float64)
@@ -315,7 +315,7 @@ def test_rope_conventions_and_gqa_spellings(variant):
     hkv, rope, hkv_after = ATTN_CASES[variant]
     torch.manual_seed(1)
     m = Attn(variant, Hkv=hkv).double()
-    tr = trace_with_report(m, (torch.randn(2, 6, 16, dtype=torch.float64),))
+    tr = trace_cached(m, (torch.randn(2, 6, 16, dtype=torch.float64),))
     text = "\n".join(tr.report.accepted + tr.report.rejected)
     att = [n for n in tr.graph.nodes if n.op == "attention"]
     assert len(att) == 1, text
@@ -345,7 +345,7 @@ def test_stored_float32_tables_fold_at_their_own_precision_and_a_bent_table_does
             ang = ang + 0.05 * torch.sin(torch.arange(64, dtype=torch.float64)[:, None] * 0.37)
             m.cos_cached.copy_(ang.cos())
             m.sin_cached.copy_(ang.sin())
-    tr = trace_with_report(m, (torch.randn(2, 6, 16),))
+    tr = trace_cached(m, (torch.randn(2, 6, 16),))
     att = [n for n in tr.graph.nodes if n.op == "attention"]
     assert len(att) == 1 and bool(att[0].attrs.get("rope")) == (not bend), tr.report.rejected
     for T in (5, 37):

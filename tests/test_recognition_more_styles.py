@@ -34,10 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_helpers import op_counts
+from model_helpers import op_counts, trace_cached
 import sessa_compiler as sc
 from sessa_compiler.backends.eager import run_graph
-from sessa_compiler.frontend import trace_with_report
 from sessa_compiler.models import SessaLayer
 from styles.dense_solve_style import DenseSolveSessaLayer
 from styles.inverse_nan_style import InverseNanSessaLayer
@@ -246,7 +245,7 @@ def test_loop_over_time_traces_each_length_statically(backend):
 
 # -- the spellings these styles needed, on minimal modules ----------------------------------------------------
 def traced_graph(m, D=8, T=6):
-    return trace_with_report(m, (torch.randn(2, T, D, dtype=torch.float64),))
+    return trace_cached(m, (torch.randn(2, T, D, dtype=torch.float64),))
 
 
 def check_outputs(tr, m, D=8, lengths=(5, 11)):

@@ -14,8 +14,8 @@ import torch
 
 import sessa_compiler as sc
 from sessa_compiler.api import TOLERANCE, relative_error
-from sessa_compiler.frontend.trace import trace_with_report
 from sessa_compiler.models import Decoder, MambaLayer, SessaLayer, TransformerLayer
+from model_helpers import trace_cached
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +36,7 @@ class Branchy(torch.nn.Module):
 
 
 def guards(module, x):
-    return [str(g) for g in trace_with_report(module, (x,)).guards]
+    return [str(g) for g in trace_cached(module, (x,)).guards]
 
 
 def test_trace_records_the_guards_of_the_path_it_took():
@@ -53,7 +53,7 @@ def test_reference_layers_have_no_guards(make):
 
 
 def test_reference_decoder_has_no_guards():
-    assert trace_with_report(Decoder(50, 32, "STM", n_heads=2), (torch.randint(0, 50, (2, 5)),)).guards == ()
+    assert trace_cached(Decoder(50, 32, "STM", n_heads=2), (torch.randint(0, 50, (2, 5)),)).guards == ()
 
 
 @pytest.mark.parametrize("backend", ["eager", "tvm"])

@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 
 from ..tolerance import TOLERANCE, relative_error
 from ..errors import SessaCompilerError, UnsupportedError
-from ..frontend.trace import trace_with_report, warn_guards
+from ..frontend.trace import warn_guards
 from ..ir.graph import Graph
 from . import onnx_core  # noqa: F401  (registers the core-op lowerings)
 from .onnx_builder import GraphBuilder, OnnxExportError, OnnxUnsupportedOpError, value_info
@@ -238,7 +238,9 @@ def export_onnx(module: torch.nn.Module, example_inputs, path, *, opset: int | N
 
         return export_onnx_step(module, example_inputs, path, method=method, opset=opset, validate=validate)
     args = _as_tuple(example_inputs)
-    traced = trace_with_report(module, args)
+    from ..api import cached_trace   # through the compile cache, as compile() traces
+
+    traced, _, _ = cached_trace(module, args)
     warn_guards(traced, "export_onnx", module)
     graph = traced.graph
     live = dict(module.state_dict(keep_vars=True))

@@ -43,10 +43,12 @@ def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu
     from ..backends.tvm.build import lanes_for
     from ..backends.tvm.relax_lower import graph_to_relax
     from ..backends.tvm.target import resolve_target
-    from ..frontend.trace import trace_with_report, warn_guards
+    from ..frontend.trace import warn_guards
 
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    traced = trace_with_report(module, args)
+    from ..api import cached_trace   # through the compile cache, as compile() traces
+
+    traced, _, _ = cached_trace(module, args)
     warn_guards(traced, "export_tvm", module)
     graph = traced.graph
     for v in list(graph.inputs) + list(graph.param_values.values()):
