@@ -677,7 +677,8 @@ class CompiledModule(torch.nn.Module):
         if self.trace_cache_why and self.trace_cache != "hit":
             trace += f": {self.trace_cache_why}"
         parts = [trace]
-        for cache, label in (("TVM library", "TVM libraries"), ("tuned config", "tuned configs")):
+        for cache, label in (("TVM library", "TVM libraries"), ("TVM kernel", "TVM kernels"),
+                             ("tuned config", "tuned configs")):
             counts = {o: c for (k, o), c in self.cache_notes.items() if k == cache}
             if counts:
                 parts.append(f"{label}: " + ", ".join(f"{c} {o}" for o, c in sorted(counts.items())))

@@ -164,6 +164,39 @@ def test_tvm_library_from_disk(cache_on, monkeypatch):
         assert "traced graph from the compile cache; TVM libraries: 1 from the cache" in c.explain()
 
 
+def test_tvm_training_kernels_come_from_the_cache_in_a_new_process(cache_on, monkeypatch):
+    """The kernels a TVM training step builds (attention and feedback forward and backward) are written to the cache;
+    a process without them in memory loads them instead of building, and a corrupt one is rebuilt."""
+    import importlib
+
+    import tvm
+
+    tvm_build = importlib.import_module("sessa_compiler.backends.tvm.build")   # (the package's `build` is a function)
+
+    def step():
+        m = layer()
+        x = torch.randn(2, 7, 16)
+        c = sc.compile(m, backend="tvm")
+        c(x).square().sum().backward()
+        m2 = layer()
+        m2(x).square().sum().backward()
+        for (n, p), p2 in zip(m.named_parameters(), m2.parameters()):
+            assert relative_error(p.grad, p2.grad) <= 1e-4, n
+
+    monkeypatch.setattr(tvm_build, "_CACHE", {})   # as in a new process
+    step()
+    kernels = sorted((cache_on / "tvm-kernels").glob("*.so"))
+    assert len(kernels) >= 2, kernels
+    kernels[0].write_bytes(b"\x7fELF truncated")   # a corrupt one (this process maps none of them)
+    monkeypatch.setattr(tvm_build, "_CACHE", {})
+    with pytest.warns(UserWarning, match="does not load"):
+        step()
+    monkeypatch.setattr(tvm_build, "_CACHE", {})
+    with monkeypatch.context() as mp:   # every kernel (the rebuilt one too) now loads: nothing is built
+        mp.setattr(tvm, "compile", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built again")))
+        step()
+
+
 WARM_TVM = """
 import json, sys
 import torch

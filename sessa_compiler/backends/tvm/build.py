@@ -237,11 +237,11 @@ def aligned_empty(shape, dtype):
 class Kernel:
     """A built kernel: call with tensors (DLPack-compatible, contiguous, 64-byte aligned)."""
 
-    def __init__(self, spec: KernelSpec, target, executable):
+    def __init__(self, spec: KernelSpec, target, executable, fn=None):
         self.spec = spec
         self.target = target
-        self._executable = executable  # keeps the code alive
-        self.fn = executable[spec.symbol]
+        self._executable = executable  # keeps the code alive (an executable, or a library loaded from the cache)
+        self.fn = executable[spec.symbol] if fn is None else fn
 
     def __call__(self, *args):
         return self.fn(*args)
@@ -255,8 +255,11 @@ _LOCK = threading.Lock()
 
 
 def build(spec: KernelSpec, target=None) -> Kernel:
-    """Build (or fetch from the in-process cache) the kernel for a spec on a target."""
+    """Build the kernel for a spec on a target, or fetch it from the in-process cache, else from the persistent
+    compile cache (lib_cache.load_or_build_kernel: a new process does not build it again)."""
     import tvm
+
+    from .lib_cache import load_or_build_kernel
 
     configure_threads()
     target = resolve_target(target)
@@ -264,9 +267,12 @@ def build(spec: KernelSpec, target=None) -> Kernel:
     with _LOCK:
         kernel = _CACHE.get(key)
         if kernel is None:
-            mod = tvm.IRModule({spec.symbol: primfunc(spec)})
-            kernel = Kernel(spec, target, tvm.compile(mod, target=target))
-            _CACHE[key] = kernel
+            fields = {"spec": repr((spec.op, spec.static, spec.dtype, spec.schedule)), "target": str(target)}
+            if spec.op in _KERNEL_ARGS:   # a generator edited or replaced in this process (the package hash covers files)
+                fields["generator"] = hashlib.sha1(generator_source(spec.op).encode()).hexdigest()
+            executable, fn = load_or_build_kernel(
+                fields, spec.symbol, lambda: tvm.compile(tvm.IRModule({spec.symbol: primfunc(spec)}), target=target))
+            kernel = _CACHE[key] = Kernel(spec, target, executable, fn)
     return kernel
 
 

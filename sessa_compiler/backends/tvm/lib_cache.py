@@ -5,6 +5,10 @@ sessa_compiler and this package's source; a library that does not load is moved 
 A library is loaded (and written) only where the cache directory and the file are the current user's and
 not writable by others (persistent_cache.trusted); each load or build is noted for explain().
 
+Single kernels (build.build: the training and hybrid-mode kernels) are cached the same way in
+``$SESSA_COMPILER_CACHE_DIR/tvm-kernels``, keyed by their spec, the target, the versions and the source of the
+package and of the kernel's generator (load_or_build_kernel).
+
 A library from the cache is loaded without ``import tvm`` (about a second, most of a warm compile): the TVM
 runtime library (libtvm_runtime, which the Relax VM and the kernels' thread pool live in) is loaded as
 ``import tvm`` loads it, and the Relax VM is created over the library through tvm_ffi, as
@@ -124,3 +128,45 @@ def load_or_build(graph, schedules: dict, target, lanes: int, build):
         return load_vm(path)   # for a 4-layer decoder), as the written one is already
     except Exception:  # noqa: BLE001 - then the executable itself
         return _vm_of(executable)
+
+
+def load_or_build_kernel(fields: dict, symbol: str, build):
+    """(what keeps the code alive, the function ``symbol``) of one kernel: from the library cached under ``fields``
+    (what the kernel is: its spec and target), else ``build()`` (an executable holding ``symbol``), written to the
+    cache for the next process. The cache is on where whole-graph libraries are cached."""
+    if not compile_cache_enabled("libraries"):
+        ex = build()
+        return ex, ex[symbol]
+    key = stable_hash({"format": 1, **fields, "versions": library_versions("tvm"),
+                       "ffi": library_versions("tvm_ffi")["tvm_ffi"], "code": package_hash()})
+    path = cache_dir() / "tvm-kernels" / f"{key}.so"
+    if not trusted(cache_dir(), path):
+        ex = build()
+        return ex, ex[symbol]
+    if path.exists():
+        try:
+            import tvm_ffi
+
+            _load_tvm_runtime()
+            lib = tvm_ffi.load_module(os.path.realpath(path))
+            note("TVM kernel", "from the cache")
+            return lib, lib[symbol]
+        except Exception as e:  # noqa: BLE001 - a bad library is a miss, never a crash
+            warnings.warn(f"sessa_compiler compile cache: {path} does not load ({type(e).__name__}); rebuilding it",
+                          stacklevel=2)
+            try:
+                os.replace(path, path.with_suffix(".corrupt"))
+            except OSError:
+                pass
+    ex = build()
+    note("TVM kernel", "built")
+    try:
+        make_private_dir(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".so")
+        os.close(fd)
+        ex.export_library(tmp)
+        os.chmod(tmp, 0o700)
+        os.replace(tmp, path)
+    except Exception as e:  # noqa: BLE001 - no C++ compiler, read-only cache: the next process builds again
+        warnings.warn(f"sessa_compiler compile cache: could not write {path} ({type(e).__name__}: {e})", stacklevel=2)
+    return ex, ex[symbol]
