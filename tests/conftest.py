@@ -17,14 +17,24 @@ import os  # noqa: E402
 # afresh (`_fresh_trace_when_patched` below): a patch of this package's own functions is not part of the cache key (the
 # package is keyed by its source), so such a test must not be served another test's trace. Tests that check the
 # caches themselves use their own cache directory (tests/test_compile_cache.py).
+_MADE = None   # the run's directory, when this process chose it (the xdist workers inherit it): removed at the end
 if "SESSA_COMPILER_COMPILE_CACHE" not in os.environ:
     os.environ["SESSA_COMPILER_COMPILE_CACHE"] = "1"
     if "SESSA_COMPILER_CACHE_DIR" not in os.environ:
         import tempfile
 
         _run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
-        os.environ["SESSA_COMPILER_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"sessa-compiler-tests-{_run}")
+        _MADE = os.environ["SESSA_COMPILER_CACHE_DIR"] = os.path.join(tempfile.gettempdir(),
+                                                                     f"sessa-compiler-tests-{_run}")
 _SHARED = os.environ.get("SESSA_COMPILER_CACHE_DIR")  # the directory the run's tests share
+
+
+def pytest_unconfigure(config):
+    """The run's cache directory goes with the run (a directory the user set is kept)."""
+    if _MADE is not None and not hasattr(config, "workerinput"):   # the controller (or the only process)
+        import shutil
+
+        shutil.rmtree(_MADE, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -197,6 +197,33 @@ def test_tvm_training_kernels_come_from_the_cache_in_a_new_process(cache_on, mon
         step()
 
 
+def test_tvm_decode_kernels_come_from_the_cache_in_a_new_process(cache_on, monkeypatch):
+    """generate() on TVM builds the decode kernels once: a process without them in memory loads them from the cache,
+    and generates the same tokens."""
+    import importlib
+
+    import tvm
+
+    from sessa_compiler.models import Decoder
+
+    tvm_decode = importlib.import_module("sessa_compiler.backends.tvm.decode")
+    prompt = torch.randint(0, 50, (2, 5))
+
+    def generate():
+        torch.manual_seed(0)
+        c = sc.compile(Decoder(50, 16, "SS", n_heads=2).eval(), backend="tvm")
+        return c.generate(prompt, 4), c
+
+    monkeypatch.setattr(tvm_decode, "_BUILT", {})   # as in a new process
+    first, c = generate()
+    assert c._serving is not None and list((cache_on / "tvm-kernels").glob("*.so"))
+    monkeypatch.setattr(tvm_decode, "_BUILT", {})
+    with monkeypatch.context() as mp:
+        mp.setattr(tvm, "compile", lambda *a, **k: (_ for _ in ()).throw(AssertionError("built again")))
+        again, _ = generate()
+    assert torch.equal(again, first)
+
+
 WARM_TVM = """
 import json, sys
 import torch

@@ -78,13 +78,17 @@ class DecodeKernels:
         if fn is None:
             import tvm
 
+            from .lib_cache import load_or_build_kernel
+
             full = key + (str(self.target),)
+            symbol = f"sessa_{key[0]}"
             with _LOCK:
                 built = _BUILT.get(full)
-                if built is None:
-                    func = make().with_attr("global_symbol", f"sessa_{key[0]}")
-                    ex = tvm.compile(tvm.IRModule({f"sessa_{key[0]}": func}), target=self.target)
-                    built = _BUILT[full] = (ex, ex[f"sessa_{key[0]}"])
+                if built is None:   # else from the persistent cache (a new process serving the same model)
+                    built = _BUILT[full] = load_or_build_kernel(
+                        {"decode": repr(key), "target": str(self.target)}, symbol,
+                        lambda: tvm.compile(tvm.IRModule({symbol: make().with_attr("global_symbol", symbol)}),
+                                            target=self.target))
             fn = self._fns[key] = built[1]
         return fn
 
