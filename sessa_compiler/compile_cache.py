@@ -46,7 +46,8 @@ import torch
 from .persistent_cache import cache_dir, make_private_dir, package_hash, stable_hash, tensor_digest, trusted
 from .persistent_cache import compile_cache_enabled as enabled  # noqa: F401  (compile_cache.enabled())
 
-ENTRY_FORMAT = 4   # 3: Traced.assumed (tensors a recognised op was built from); 4: the graph's source lines
+ENTRY_FORMAT = 5   # 3: Traced.assumed (tensors a recognised op was built from); 4: the graph's source lines;
+#                    5: the digests of the module's buffers the graph reads (what recognisers decided from)
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 # code from these top-level packages is keyed by their versions / this package's hash, not recorded
 _KEYED_ELSEWHERE = frozenset(sys.stdlib_module_names) | {"torch", "torchgen", "functorch", "sessa_compiler",
@@ -728,6 +729,11 @@ def load(key: str, module: torch.nn.Module, why: list | None = None):
         traced = entry["traced"]
         if not isinstance(traced, Traced):
             raise ValueError("not a traced graph")
+        buffers = dict(module.named_buffers(remove_duplicate=False))
+        for name, digest in entry["buffers"].items():   # what the recognisers looked at and left as it was
+            if name not in buffers or tensor_digest(buffers[name]) != digest:
+                why.append(f"the module's buffer '{name}' differs from the traced module's (recognition may differ)")
+                return None
         for name, digest in traced.assumed:   # what the recognisers built from the traced module's values
             source = name if name in state else pair_source(name, state)
             if source is None:
@@ -748,6 +754,23 @@ def load(key: str, module: torch.nn.Module, why: list | None = None):
         return None
 
 
+def _buffer_digests(graph, module: torch.nn.Module) -> dict:
+    """{buffer name: digest} of the module's buffers the graph still reads. A recogniser that looked at a buffer's
+    values and left the ops as they were (a table that is not a rotary embedding, a mask that is not causal) decided
+    from those values as much as one that folded them (Traced.assumed): an entry traced from other values is not
+    this module's graph. (Parameters are left out: they change at every training step, and no recogniser declines
+    on a parameter's values without folding it.)"""
+    from .frontend.lower import pair_source
+
+    buffers = dict(module.named_buffers(remove_duplicate=False))
+    out = {}
+    for name in graph.param_values:
+        source = name if name in buffers else pair_source(name, buffers)
+        if source is not None and source not in out:
+            out[source] = tensor_digest(buffers[source])
+    return out
+
+
 def store(key: str, traced, module: torch.nn.Module, manifest: dict) -> None:
     """Write the traced graph (IR text, metadata, the tensors that are not the module's, and the manifest of
     what the trace ran) atomically. A failure to write only costs the next process a trace."""
@@ -757,6 +780,7 @@ def store(key: str, traced, module: torch.nn.Module, manifest: dict) -> None:
     state |= {n for n, _ in module.named_buffers(remove_duplicate=False)}
     graph = traced.graph
     entry = {"format": ENTRY_FORMAT, "key": key, "ir": str(graph), "sources": dict(graph.sources), "manifest": manifest,
+             "buffers": _buffer_digests(graph, module),
              "constants": {n: t for n, t in graph.params.items()   # the module's own state is not stored
                            if n in graph.param_values and n not in state and pair_source(n, state) is None},
              "traced": dataclasses.replace(traced, graph=None)}

@@ -633,6 +633,25 @@ def test_a_module_whose_replaced_buffer_differs_misses(cache_on):
     assert c.trace_cache == "miss" and "'mask' differs" in c.trace_cache_why
 
 
+def test_a_buffer_a_recogniser_looked_at_and_left_is_part_of_the_entry(cache_on):
+    """The other order: a graph in which the recogniser looked at a buffer and left it (a sliding window is not
+    causal) is not served to a module of the same code whose buffer is causal, which would lose its recognised
+    attention (found by running the suite twice on one cache: a stored rotary table bent out of shape, traced first,
+    was served to the unbent one)."""
+    x = torch.randn(2, 20, 16)
+    window = MaskBufferAttention(window=4)
+    c = sc.compile(window, backend="eager")
+    assert relative_error(c(x), window(x)) < 1e-6
+    assert "causal=True" not in str(c.graph)
+    causal = sc.compile(MaskBufferAttention(), backend="eager")
+    assert relative_error(causal(x), causal._orig_mod(x)) < 1e-6
+    assert causal.trace_cache == "miss" and "buffer 'mask' differs" in causal.trace_cache_why
+    assert "causal=True" in str(causal.graph)
+    again = sc.compile(MaskBufferAttention(), backend="eager")   # and its own entry serves it
+    again(x)
+    assert again.trace_cache == "hit" and "causal=True" in str(again.graph)
+
+
 def test_a_replaced_buffer_edited_in_place_or_loaded_traces_again(cache_on):
     x = torch.randn(2, 20, 16)
     m = MaskBufferAttention()
