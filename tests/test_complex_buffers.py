@@ -128,13 +128,17 @@ def test_the_compile_cache_stores_no_copy_of_a_complex_buffer(cache_dir, monkeyp
         warnings.simplefilter("ignore", FutureWarning)   # torch's pytree LeafSpec deprecation
         constants = pickle.load(f)["constants"]
     assert not [n for n in constants if n.endswith(".as_real")], constants
-    m = module()
-    reassign(None, m)   # another table in the same shape and dtype: the same key, its own values
+    m = module()   # the same code and table in another module: the entry, bound to this module's own tensor
     again = sc.compile(m, backend="eager")
     assert close(again, m, x)
     assert again.trace_cache == "hit"
     edit_in_place(again, m)
     assert close(again, m, x)
+    other = module()
+    reassign(None, other)   # another table in the same shape and dtype: what the recognisers saw differs
+    third = sc.compile(other, backend="eager")
+    assert close(third, other, x)
+    assert third.trace_cache == "miss" and "buffer 'freqs_cis' differs" in third.trace_cache_why
 
 
 @pytest.mark.parametrize("backend", ["eager", "tvm"])
