@@ -718,10 +718,14 @@ def load(key: str, module: torch.nn.Module, why: list | None = None):
         if stale is not None:
             why.append(stale)
             return None
-        graph = parse(entry["ir"])
-        graph.sources = dict(entry["sources"])   # the user's lines the values came from (errors, explain, warnings)
         state = dict(module.named_parameters(remove_duplicate=False))
         state.update(module.named_buffers(remove_duplicate=False))
+        for name, digest in entry["buffers"].items():   # what the recognisers looked at and left as it was
+            if name not in state or tensor_digest(state[name]) != digest:
+                why.append(f"the module's buffer '{name}' differs from the traced module's (recognition may differ)")
+                return None
+        graph = parse(entry["ir"])
+        graph.sources = dict(entry["sources"])   # the user's lines the values came from (errors, explain, warnings)
         for name in graph.param_values:   # the module's state (a complex X as "X.as_real": a view of it), else constants
             source = pair_source(name, state)
             graph.params[name] = state[name] if name in state else as_pairs(state[source]) if source is not None \
@@ -729,11 +733,6 @@ def load(key: str, module: torch.nn.Module, why: list | None = None):
         traced = entry["traced"]
         if not isinstance(traced, Traced):
             raise ValueError("not a traced graph")
-        buffers = dict(module.named_buffers(remove_duplicate=False))
-        for name, digest in entry["buffers"].items():   # what the recognisers looked at and left as it was
-            if name not in buffers or tensor_digest(buffers[name]) != digest:
-                why.append(f"the module's buffer '{name}' differs from the traced module's (recognition may differ)")
-                return None
         for name, digest in traced.assumed:   # what the recognisers built from the traced module's values
             source = name if name in state else pair_source(name, state)
             if source is None:

@@ -5,7 +5,7 @@ sessa_compiler and this package's source; a library that does not load is moved 
 A library is loaded (and written) only where the cache directory and the file are the current user's and
 not writable by others (persistent_cache.trusted); each load or build is noted for explain().
 
-Single kernels (build.build: the training and hybrid-mode kernels) are cached the same way in
+Single kernels (build.build: the training and hybrid-mode kernels; decode.py: serving's decode kernels) are cached the same way in
 ``$SESSA_COMPILER_CACHE_DIR/tvm-kernels``, keyed by their spec, the target, the versions and the source of the
 package and of the kernel's generator (load_or_build_kernel).
 
@@ -51,15 +51,19 @@ def _load_tvm_runtime() -> None:
     _RUNTIME.append(load_lib_ctypes("tvm", "tvm_runtime", "RTLD_GLOBAL", extra_lib_paths=paths))
 
 
+def _load_lib(path: Path):
+    """The library at ``path`` through tvm_ffi (without ``import tvm``), over the TVM runtime library."""
+    import tvm_ffi
+
+    _load_tvm_runtime()
+    return tvm_ffi.load_module(os.path.realpath(path))
+
+
 def load_vm(path):
     """The Relax VM over the library at ``path`` on the CPU: ``relax.VirtualMachine(tvm.runtime.load_module(path),
     tvm.cpu())`` (the same module calls: vm_load_executable, vm_initialization(cpu, 0, pooled)) without
     importing tvm. Index it by function name (``vm["main"]``)."""
-    import tvm_ffi
-
-    _load_tvm_runtime()
-    lib = tvm_ffi.load_module(os.path.realpath(path))
-    vm = lib["vm_load_executable"]()
+    vm = _load_lib(path)["vm_load_executable"]()
     vm["vm_initialization"](KDL_CPU, 0, POOLED_ALLOCATOR)
     return vm
 
@@ -80,6 +84,41 @@ def _key_path(graph, schedules: dict, target, lanes: int) -> Path:
     return cache_dir() / "tvm" / f"{key}.so"
 
 
+def _load_cached(path: Path, load, what: str):
+    """``load(path)`` of a cached library, or None where there is none; one that does not load is a miss, never a
+    crash: it is moved aside (``.corrupt``) to be rebuilt."""
+    if not path.exists():
+        return None
+    try:
+        loaded = load(path)
+        note(what, "from the cache")
+        return loaded
+    except Exception as e:  # noqa: BLE001 - a bad library is a miss, never a crash
+        warnings.warn(f"sessa_compiler compile cache: {path} does not load ({type(e).__name__}); rebuilding it",
+                      stacklevel=3)
+        try:
+            os.replace(path, path.with_suffix(".corrupt"))
+        except OSError:
+            pass
+        return None
+
+
+def _write_cached(executable, path: Path) -> bool:
+    """Write a built executable's library to ``path`` atomically, readable by the user alone; False (with a
+    warning) where it cannot be written: no C++ compiler, a read-only cache. The next process builds again."""
+    try:
+        make_private_dir(path.parent)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".so")
+        os.close(fd)
+        executable.export_library(tmp)
+        os.chmod(tmp, 0o700)  # the linker creates it with the umask's mode: keep it the user's alone
+        os.replace(tmp, path)  # atomic: a concurrent reader sees no half-written library
+        return True
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"sessa_compiler compile cache: could not write {path} ({type(e).__name__}: {e})", stacklevel=3)
+        return False
+
+
 def load_or_build(graph, schedules: dict, target, lanes: int, build):
     """A Relax VM (index it by function name) for the graph on the CPU: over the cached library, else over
     ``build()`` (an executable: it may use ``backend.target``), which is written to the cache for the next
@@ -93,18 +132,9 @@ def load_or_build(graph, schedules: dict, target, lanes: int, build):
     if not trusted(cache_dir(), path):
         note("TVM library", "built (cache not trusted)")
         return _vm_of(build())
-    if path.exists():
-        try:
-            vm = load_vm(path)
-            note("TVM library", "from the cache")
-            return vm
-        except Exception as e:  # noqa: BLE001 - a bad library is a miss, never a crash
-            warnings.warn(f"sessa_compiler compile cache: {path} does not load ({type(e).__name__}); rebuilding it",
-                          stacklevel=2)
-            try:
-                os.replace(path, path.with_suffix(".corrupt"))
-            except OSError:
-                pass
+    vm = _load_cached(path, load_vm, "TVM library")
+    if vm is not None:
+        return vm
     stage("building the TVM library")
     executable = build()
     note("TVM library", "built")
@@ -114,15 +144,7 @@ def load_or_build(graph, schedules: dict, target, lanes: int, build):
         from .target import resolve_target
 
         path = _key_path(graph, schedules, resolve_target(target), lanes)
-    try:
-        make_private_dir(path.parent)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".so")
-        os.close(fd)
-        executable.export_library(tmp)
-        os.chmod(tmp, 0o700)  # the linker creates it with the umask's mode: keep it the user's alone
-        os.replace(tmp, path)  # atomic: a concurrent reader sees no half-written library
-    except Exception as e:  # noqa: BLE001 - no C++ compiler, read-only cache: the next process builds again
-        warnings.warn(f"sessa_compiler compile cache: could not write {path} ({type(e).__name__}: {e})", stacklevel=2)
+    if not _write_cached(executable, path):
         return _vm_of(executable)
     try:   # the library just linked: a VM over the in-memory executable would generate its code again (~0.75 s
         return load_vm(path)   # for a 4-layer decoder), as the written one is already
@@ -134,39 +156,21 @@ def load_or_build_kernel(fields: dict, symbol: str, build):
     """(what keeps the code alive, the function ``symbol``) of one kernel: from the library cached under ``fields``
     (what the kernel is: its spec and target), else ``build()`` (an executable holding ``symbol``), written to the
     cache for the next process. The cache is on where whole-graph libraries are cached."""
-    if not compile_cache_enabled("libraries"):
-        ex = build()
-        return ex, ex[symbol]
-    key = stable_hash({"format": 1, **fields, "versions": library_versions("tvm"),
-                       "ffi": library_versions("tvm_ffi")["tvm_ffi"], "code": package_hash()})
-    path = cache_dir() / "tvm-kernels" / f"{key}.so"
-    if not trusted(cache_dir(), path):
-        ex = build()
-        return ex, ex[symbol]
-    if path.exists():
-        try:
-            import tvm_ffi
+    path = None
+    if compile_cache_enabled("libraries"):
+        key = stable_hash({"format": 1, **fields, "versions": library_versions("tvm"),
+                           "ffi": library_versions("tvm_ffi")["tvm_ffi"], "code": package_hash()})
+        path = cache_dir() / "tvm-kernels" / f"{key}.so"
+        path = path if trusted(cache_dir(), path) else None
+    def with_function(lib):
+        return lib, lib[symbol]
 
-            _load_tvm_runtime()
-            lib = tvm_ffi.load_module(os.path.realpath(path))
-            note("TVM kernel", "from the cache")
-            return lib, lib[symbol]
-        except Exception as e:  # noqa: BLE001 - a bad library is a miss, never a crash
-            warnings.warn(f"sessa_compiler compile cache: {path} does not load ({type(e).__name__}); rebuilding it",
-                          stacklevel=2)
-            try:
-                os.replace(path, path.with_suffix(".corrupt"))
-            except OSError:
-                pass
+    if path is not None:
+        loaded = _load_cached(path, lambda p: with_function(_load_lib(p)), "TVM kernel")
+        if loaded is not None:
+            return loaded
     ex = build()
-    note("TVM kernel", "built")
-    try:
-        make_private_dir(path.parent)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".so")
-        os.close(fd)
-        ex.export_library(tmp)
-        os.chmod(tmp, 0o700)
-        os.replace(tmp, path)
-    except Exception as e:  # noqa: BLE001 - no C++ compiler, read-only cache: the next process builds again
-        warnings.warn(f"sessa_compiler compile cache: could not write {path} ({type(e).__name__}: {e})", stacklevel=2)
-    return ex, ex[symbol]
+    if path is not None:
+        note("TVM kernel", "built")
+        _write_cached(ex, path)
+    return with_function(ex)
