@@ -3,6 +3,7 @@ lowered to the IR, then the recognisers."""
 from __future__ import annotations
 
 import inspect
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from ..ir.graph import Graph
 from ..passes.simplify import hand_written_softmax, simplify
 from ..persistent_cache import tensor_digest
 from ..progress import stage
+from . import repeated
 from .lower import CONSTANT_TYPES, Lowerer, register_custom_lowerings
 from .recognise import B as BATCH, T as SEQUENCE, Report, recognise
 
@@ -415,7 +417,71 @@ def _pinned_dims(ep, args: tuple) -> dict:
     return out
 
 
+def _trace_layer(layer, args, kwargs):
+    """One layer of a group of identical layers, traced on its own (frontend/repeated.py): its lowered graph, the
+    guards its trace carries, its lowering notes and its output spec."""
+    ep, lowerer, graph = _lower(layer, args, kwargs)
+    guards = [_simplified(g.expr) for g in _range_guards(ep, lowerer.sym_map)]
+    guards += [_simplified(e) for e in lowerer.assertions]
+    return graph, [g for g in guards if g is not sympy.true], list(lowerer.notes), ep.call_spec.out_spec
+
+
+_MAX_SHARED_TRACES = 16   # distinct layer calls traced apart in one model before the rest are traced inline
+
+
+def _lower_shared(module, args, kwargs):
+    """_lower with identical layers traced once (frontend/repeated.py), or None where the model has none, or
+    where sharing does not apply (the model is then traced in full)."""
+    found = repeated.groups(module)
+    if not found:
+        return None
+    plan = repeated.Plan(module, found, _trace_layer)
+    try:
+        for _ in range(_MAX_SHARED_TRACES + 1):
+            try:
+                with plan:
+                    ep = export_program(module, args, kwargs)
+                break
+            except TraceError as e:
+                need = _cause(e, repeated.NeedTrace)
+                if need is None:
+                    return None   # the full trace reports the error
+                plan.trace(need)
+        else:
+            return None
+        if not plan.used:
+            return None
+        if _pinned_dims(ep, args) if not kwargs and all(isinstance(a, torch.Tensor) for a in args) else {}:
+            return None
+        lowerer = Lowerer(ep, _dim_names(tensor_leaves(args, kwargs)), name=type(module).__name__)
+        graph = lowerer.run()
+        for g in plan.groups:
+            traced = sum(t is not None for t in g.traces.values())
+            if traced:
+                lowerer.notes.append(f"identical layers traced once: {len(g.members)} x {type(g.members[0][1]).__name__} "
+                                     f"({g.members[0][0]} ... {g.members[-1][0]}), {traced} layer trace(s)")
+        return ep, lowerer, graph
+    except Exception:  # noqa: BLE001 - a layer's graph that does not fit here: the model is traced in full
+        return None
+    finally:
+        plan.close()
+
+
+def _cause(e: BaseException, kind):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def _lower(module, args, kwargs=None, dynamic_shapes=None):
+    if dynamic_shapes is None and os.environ.get("SESSA_COMPILER_SHARE_LAYERS", "1") != "0":
+        shared = _lower_shared(module, args, kwargs)
+        if shared is not None:
+            return shared
     ep = export_program(module, args, kwargs, dynamic_shapes)
     lowerer = Lowerer(ep, _dim_names(tensor_leaves(args, kwargs)), name=type(module).__name__)
     pinned = _pinned_dims(ep, args) if dynamic_shapes is None and not kwargs \

@@ -1,0 +1,399 @@
+"""Identical layers are traced once: a model of N layers of one class (same structure, same non-tensor
+attributes, other weights) pays for one layer's torch.export and lowering, not N.
+
+How (frontend/trace.py drives it, through ``plan``):
+
+1. ``groups``: submodules are grouped by a *signature* that fixes everything the Python of their ``forward`` can
+   branch on while torch.export traces it: the class, every submodule's class and training flag, the names,
+   shapes, dtypes, devices and ``requires_grad`` of parameters and buffers (their values are fake while
+   exporting, so they cannot steer the Python), every other attribute by value (numbers, strings, dtypes, tuples
+   of them), by identity (functions, config objects) or by content (plain tensor attributes, which export keeps
+   real). Modules with hooks are left alone. The outermost groups of two or more are used.
+2. One eager call of the model (no_grad, the example inputs) records how each layer is called: its tensor
+   arguments' shapes and dtypes and its constant keyword arguments.
+3. One layer of each group is traced on its own (``trace_layer``: torch.export with the batch and sequence dims
+   symbolic, then lowered to the IR) per distinct call. A layer whose trace carries size guards, a static size
+   where the model has a symbolic one, other symbols, or a non-tensor output is traced inline as before.
+4. The model is exported with each such layer's ``forward`` replaced by the custom op
+   ``sessa_compiler::shared_layer``, whose fake returns the traced layer's output types; lowering that op
+   (``_inline``) copies the layer's IR with its parameters renamed to this instance's and its dims rewritten in
+   the model's symbols. The recognisers then see the same graph a full trace would give.
+
+Any call the plan did not record (other shapes, autocast on) runs the layer's own ``forward``, traced inline.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import threading
+import types
+from dataclasses import dataclass, field
+
+import sympy
+import torch
+import torch.utils._pytree as pytree
+
+from ..ir.graph import Graph, Value
+from ..ir.types import TensorType
+from .lower import LOWERINGS, CONSTANT_TYPES, PAIR_SUFFIX
+
+_CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict, torch.nn.ParameterList,
+               torch.nn.ParameterDict)
+_SKIP_ATTRS = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "training",
+               "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+               "_is_full_backward_hook", "_compiled_call_impl"}
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+
+
+class _Opaque(Exception):
+    """An attribute whose value the signature cannot describe."""
+
+
+def _attr_key(x, depth: int = 0):
+    if isinstance(x, _PLAIN):
+        return (type(x).__name__, x)
+    if isinstance(x, (tuple, list, frozenset, set)) and depth < 4:
+        items = sorted(x, key=repr) if isinstance(x, (set, frozenset)) else x
+        return (type(x).__name__, tuple(_attr_key(y, depth + 1) for y in items))
+    if isinstance(x, dict) and depth < 4 and all(isinstance(k, _PLAIN) for k in x):
+        return ("dict", tuple((repr(k), _attr_key(v, depth + 1)) for k, v in x.items()))
+    if isinstance(x, torch.Tensor):   # a plain tensor attribute: export keeps it real, so its values count
+        t = x.detach()
+        if t.device.type == "meta" or t.is_complex() or t.numel() > (1 << 22):
+            raise _Opaque
+        data = t.contiguous().cpu().numpy().tobytes() if t.dtype != torch.bfloat16 else \
+            t.float().contiguous().cpu().numpy().tobytes()
+        return ("tensor", str(t.dtype), tuple(t.shape), hashlib.sha256(data).hexdigest())
+    if isinstance(x, torch.nn.Module):
+        raise _Opaque   # a module held outside _modules (shared with others): left alone
+    return ("id", id(x))   # functions, config objects, enums: the same object or not
+
+
+def _signature(module: torch.nn.Module):
+    """What the Python of module's forward can depend on while torch.export traces it, or None when that is not
+    known (hooks, an attribute the key cannot describe)."""
+    parts = []
+    try:
+        for name, m in module.named_modules(remove_duplicate=False):
+            if any(getattr(m, h, None) for h in _HOOKS) or getattr(m, "_forward_hooks_with_kwargs", None):
+                return None
+            attrs = tuple(sorted((k, _attr_key(v)) for k, v in vars(m).items() if k not in _SKIP_ATTRS))
+            params = tuple((k, tuple(p.shape), str(p.dtype), str(p.device), p.requires_grad)
+                           for k, p in m._parameters.items() if p is not None)
+            bufs = tuple((k, tuple(b.shape), str(b.dtype), str(b.device), k in m._non_persistent_buffers_set)
+                         for k, b in m._buffers.items() if b is not None)
+            parts.append((name, type(m), m.training, attrs, params, bufs,
+                          tuple(k for k, v in m._parameters.items() if v is None),
+                          tuple(k for k, v in m._buffers.items() if v is None)))
+    except _Opaque:
+        return None
+    return tuple(parts)
+
+
+def _worth_sharing(m: torch.nn.Module) -> bool:
+    """A layer whose own trace saves more than it costs (one more export of the model's start, one of the layer):
+    a module of the user's with parameters and two or more submodules; torch's own modules (a Linear, a
+    LayerNorm) are single ops."""
+    if isinstance(m, _CONTAINERS) or type(m).__module__.startswith("torch."):
+        return False
+    return sum(1 for _ in itertools.islice(m.modules(), 3)) >= 3 and any(True for _ in m.parameters())
+
+
+def groups(module: torch.nn.Module) -> list:
+    """The outermost groups (lists of (qualified name, submodule), two or more) of submodules with one signature."""
+    if any(getattr(torch.nn.modules.module, h, None) for h in ("_global_forward_hooks", "_global_forward_pre_hooks")):
+        return []
+    by_sig: dict = {}
+    names: dict = {}
+    for name, m in module.named_modules():
+        if not name or not _worth_sharing(m):
+            continue
+        sig = _signature(m)
+        if sig is not None:
+            by_sig.setdefault(sig, []).append(name)
+            names[name] = m
+    repeated = {name for members in by_sig.values() if len(members) > 1 for name in members}
+    chosen = [name for name in repeated
+              if not any(name.startswith(other + ".") for other in repeated if other != name)]
+    out: dict = {}
+    for members in by_sig.values():
+        kept = [n for n in members if n in chosen]
+        if len(kept) > 1:
+            out[kept[0]] = [(n, names[n]) for n in kept]
+    return list(out.values())
+
+
+def _call_key(args: tuple, kwargs: dict):
+    """What a layer's trace depends on in one call: the pytree structure, the constants, and every tensor's
+    dtype, rank and dims past the batch and sequence ones (those two are symbolic in the layer's trace)."""
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
+    key = []
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            rest = tuple(x.shape[2:])
+            if not all(isinstance(d, int) for d in rest) or x.is_complex() or x.layout != torch.strided:
+                return None
+            key.append(("T", x.dtype, x.dim(), rest, x.device.type))
+        elif isinstance(x, CONSTANT_TYPES):
+            key.append(("C", type(x).__name__, x))
+        else:
+            return None
+    return (spec, tuple(key))
+
+
+@dataclass
+class LayerTrace:
+    """One layer's lowered IR for one kind of call, and how its outputs' dims follow from its inputs'."""
+
+    graph: Graph
+    single: bool                  # the layer returns one tensor (else a tuple of them)
+    out_dims: list                # per output: per dim an int or (input index, dim) it equals
+    notes: list = field(default_factory=list)
+
+
+@dataclass
+class Group:
+    members: list                 # (qualified name, module)
+    traces: dict = field(default_factory=dict)   # call key -> LayerTrace, or None: traced inline
+
+
+_PLANS: dict = {}
+_IDS = itertools.count(1)
+_LOCK = threading.Lock()
+
+
+class Plan:
+    """The shared layers of one trace (see the module's docstring). Use as a context manager around the model's
+    export: inside, the grouped layers' forward is the custom op."""
+
+    def __init__(self, module, groups_: list, trace_layer):
+        self.module = module
+        self.groups = [Group(members) for members in groups_]
+        self.trace_layer = trace_layer
+        self.sites: list = []    # (qualified name, module, group)
+        for g in self.groups:
+            self.sites.extend((name, m, g) for name, m in g.members)
+        self.used = 0            # layer calls the export took from a shared trace
+        with _LOCK:
+            self.id = next(_IDS)
+            _PLANS[self.id] = self
+        # the model's own names of its parameters and buffers (the exported program's), by tensor
+        self.names = {}
+        for name, t in list(module.named_buffers()) + list(module.named_parameters()):
+            self.names.setdefault(id(t), name)
+
+    def close(self) -> None:
+        with _LOCK:
+            _PLANS.pop(self.id, None)
+
+    # -- step 2 and 3: trace one layer per group and kind of call, when the export first meets it ----------
+    def trace(self, need: "NeedTrace") -> None:
+        """Trace the layer the aborted export asked for (NeedTrace): its example inputs are zeros of the sizes the
+        export met (values do not matter to a trace)."""
+        need.group.traces[need.key] = self._trace(need.group, need.args, need.kwargs)
+
+    def _trace(self, group: Group, args, kwargs):
+        rep = group.members[0][1]
+        try:
+            graph, guards, notes, out_spec = self.trace_layer(rep, args, kwargs)
+        except Exception:  # noqa: BLE001 - traced inline instead, where its error (if any) is reported
+            return None
+        leaf = pytree.tree_flatten(0)[1]
+        if out_spec == leaf:
+            single = True
+        elif out_spec.type is tuple and out_spec.num_children > 0 and all(c == leaf for c in out_spec.children_specs):
+            single = False
+        else:
+            return None
+        if guards or len(graph.outputs) != out_spec.num_leaves:
+            return None
+        symbols = {}
+        for j, v in enumerate(graph.inputs):
+            for d, s in enumerate(v.type.shape):
+                if isinstance(s, sympy.Symbol):
+                    symbols.setdefault(s, (j, d))
+                elif not isinstance(s, int):
+                    return None
+        out_dims = []
+        for v in graph.outputs:
+            if v.type.dtype.name in ("c64", "c128"):
+                return None
+            dims = []
+            for s in v.type.shape:
+                if isinstance(s, int):
+                    dims.append(s)
+                elif s in symbols:
+                    dims.append(symbols[s])
+                else:
+                    return None
+            out_dims.append(dims)
+        for n in graph.nodes:   # every symbol the layer's graph uses is one of its input dims
+            for o in n.outputs:
+                for s in o.type.shape:
+                    if not isinstance(s, int) and not s.free_symbols <= set(symbols):
+                        return None
+        return LayerTrace(graph, single, out_dims, notes)
+
+    # -- step 4: the export sees the custom op --------------------------------------------------------
+    def __enter__(self):
+        self._saved = []
+        for i, (_, m, g) in enumerate(self.sites):
+            self._saved.append((m, "forward" in vars(m), vars(m).get("forward")))
+            m.forward = types.MethodType(_opaque_forward(self, i, type(m).forward), m)
+        return self
+
+    def __exit__(self, *exc):
+        for m, had, old in self._saved:
+            if had:
+                m.forward = old
+            else:
+                del m.forward
+        return False
+
+
+class NeedTrace(Exception):
+    """Raised inside the model's export when a grouped layer is first called with a kind of call not yet traced:
+    the driver traces that layer (Plan.trace) and exports again."""
+
+    def __init__(self, group: Group, key, args: tuple, kwargs: dict):
+        super().__init__("a shared layer needs its trace")
+        self.group, self.key, self.args, self.kwargs = group, key, args, kwargs
+
+
+def _example(x):
+    """A real tensor of the sizes a fake one has in this trace (its hints), or None."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    shape = []
+    for d in x.shape:
+        if isinstance(d, torch.SymInt):
+            d = d.node.hint
+            if d is None:
+                return None
+        shape.append(int(d))
+    return torch.zeros(shape, dtype=x.dtype, device=x.device)
+
+
+def _opaque_forward(plan: Plan, site: int, original):
+    def forward(self, *args, **kwargs):
+        group = plan.sites[site][2]
+        key = None if (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")) \
+            else _call_key(args, kwargs)
+        if key is None:
+            return original(self, *args, **kwargs)
+        if key not in group.traces:
+            ex_args = tuple(_example(a) for a in args)
+            ex_kwargs = {k: _example(v) for k, v in kwargs.items()}
+            if any(x is None for x in ex_args) or any(
+                    x is None and v is not None for x, v in zip(ex_kwargs.values(), kwargs.values())):
+                group.traces[key] = None
+            else:
+                raise NeedTrace(group, key, ex_args, ex_kwargs)
+        trace = group.traces[key]
+        if trace is None:
+            return original(self, *args, **kwargs)
+        leaves = [x for x in pytree.tree_leaves((tuple(args), dict(sorted(kwargs.items()))))
+                  if isinstance(x, torch.Tensor)]
+        index = list(group.traces).index(key)
+        plan.used += 1
+        outs = torch.ops.sessa_compiler.shared_layer(leaves, plan.id, site, index)
+        return outs[0] if trace.single else tuple(outs)
+    return forward
+
+
+def _lookup(plan_id: int, site: int, index: int):
+    plan = _PLANS.get(plan_id)
+    if plan is None:
+        raise RuntimeError("sessa_compiler::shared_layer called outside the trace that made it")
+    name, module, group = plan.sites[site]
+    return plan, name, module, list(group.traces.values())[index]
+
+
+@torch.library.custom_op("sessa_compiler::shared_layer", mutates_args=())
+def shared_layer(xs: list[torch.Tensor], plan_id: int, site: int, index: int) -> list[torch.Tensor]:
+    """A layer of a group of identical layers, while the model is exported (frontend/repeated.py): eager, the
+    layer's own forward."""
+    raise RuntimeError("sessa_compiler::shared_layer runs only inside torch.export of the model that made it")
+
+
+@shared_layer.register_fake
+def _(xs, plan_id, site, index):
+    _, _, _, trace = _lookup(plan_id, site, index)
+    from ..ir.dtypes import to_torch
+
+    outs = []
+    for v, dims in zip(trace.graph.outputs, trace.out_dims):
+        shape = [d if isinstance(d, int) else xs[d[0]].shape[d[1]] for d in dims]
+        outs.append(xs[0].new_empty(shape, dtype=to_torch(v.type.dtype)))
+    return outs
+
+
+def _subst(x, mapping: dict):
+    if isinstance(x, sympy.Basic):
+        y = x.xreplace(mapping)
+        return int(y) if y.is_Integer else y
+    if isinstance(x, TensorType):
+        return TensorType(x.dtype, tuple(_subst(d, mapping) for d in x.shape))
+    if isinstance(x, list):
+        return [_subst(y, mapping) for y in x]
+    if isinstance(x, tuple):
+        return tuple(_subst(y, mapping) for y in x)
+    if isinstance(x, dict):
+        return {k: _subst(v, mapping) for k, v in x.items()}
+    return x
+
+
+class NotShareable(Exception):
+    """The layer's graph does not fit this call in the model (a dim the layer's trace took as symbolic is bound
+    to two different sizes here, or a static size differs): the model is traced in full."""
+
+
+def _inline(L, node):
+    """Lower sessa_compiler::shared_layer: the shared layer's IR, its parameters this instance's, its dims the
+    model's."""
+    xs = L.arg(node.args[0])
+    plan, name, module, trace = _lookup(*node.args[1:4])
+    layer = trace.graph
+    mapping: dict = {}
+    for v, x in zip(layer.inputs, xs):
+        if v.type.dtype != x.type.dtype or v.type.rank != x.type.rank:
+            raise NotShareable(f"{name}: input {v.name} is {x.type} here, {v.type} in the layer's trace")
+        for d, e in zip(v.type.shape, x.type.shape):
+            if isinstance(d, int):
+                if d != e:
+                    raise NotShareable(f"{name}: a static dim {d} is {e} here")
+            elif d in mapping and sympy.simplify(mapping[d] - e) != 0:
+                raise NotShareable(f"{name}: dim {d} is both {mapping[d]} and {e} here")
+            else:
+                mapping.setdefault(d, sympy.Integer(e) if isinstance(e, int) else e)
+    g = L.graph
+    env: dict = dict(zip(layer.inputs, xs))
+    tensors = {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
+    for pname, v in layer.param_values.items():
+        base, suffix = (pname[:-len(PAIR_SUFFIX)], PAIR_SUFFIX) if pname.endswith(PAIR_SUFFIX) else (pname, "")
+        t = tensors.get(base)
+        own = plan.names.get(id(t)) if t is not None else None
+        target = (own + suffix) if own is not None else f"{name}.{pname}"
+        if target in g.param_values:
+            if g.param_values[target].type != v.type:
+                raise NotShareable(f"{name}: parameter {target} is {g.param_values[target].type} here, {v.type}")
+            env[v] = g.param_values[target]
+        else:   # a tensor constant the layer's trace lifted (equal in every member: part of the signature)
+            env[v] = g.add_param(g.fresh_name(target) if target in g._names else target, v.type, layer.params.get(pname))
+    for n in layer.nodes:
+        inputs = [env[x] if isinstance(x, Value) else _subst(x, mapping) for x in n.inputs]
+        names = [g.fresh_name(f"{name}.{o.name}".replace(".", "_")) for o in n.outputs]
+        new = g.make_node(n.op, inputs, _subst(n.attrs, mapping), [_subst(o.type, mapping) for o in n.outputs],
+                          names=names)
+        for o, o2 in zip(n.outputs, new.outputs):
+            env[o] = o2
+            if o.name in layer.sources:
+                g.sources[o2.name] = layer.sources[o.name]
+    L.notes.extend(f"{name}: {note}" for note in trace.notes)
+    return [env[v] for v in layer.outputs]
+
+
+LOWERINGS[torch.ops.sessa_compiler.shared_layer.default] = _inline
