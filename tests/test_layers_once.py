@@ -42,7 +42,8 @@ def test_identical_layers_run_the_probes_once(monkeypatch):
     assert three == one, (one, three)   # without the memo: three times one
     assert _core(tr3, "attention") == _core(tr3, "feedback") == 3
     assert tr3.report.probes.reused > 0 and tr3.report.probes.run == tr1.report.probes.run
-    assert len(tr3.report.accepted) == 3 * len(tr1.report.accepted)
+    recognised = [a for a in tr3.report.accepted if not str(a).startswith("identical layers traced once")]
+    assert len(recognised) == 3 * len(tr1.report.accepted)
 
 
 def test_other_structure_is_probed_again(monkeypatch):

@@ -1,7 +1,7 @@
 """Identical layers are traced once: a model of N layers of one class (same structure, same non-tensor
 attributes, other weights) pays for one layer's torch.export and lowering, not N.
 
-How (frontend/trace.py drives it, through ``plan``):
+How (frontend/trace.py drives it, through ``Plan``):
 
 1. ``groups``: submodules are grouped by a *signature* that fixes everything the Python of their ``forward`` can
    branch on while torch.export traces it: the class, every submodule's class and training flag, the names,
@@ -9,17 +9,17 @@ How (frontend/trace.py drives it, through ``plan``):
    exporting, so they cannot steer the Python), every other attribute by value (numbers, strings, dtypes, tuples
    of them), by identity (functions, config objects) or by content (plain tensor attributes, which export keeps
    real). Modules with hooks are left alone. The outermost groups of two or more are used.
-2. One eager call of the model (no_grad, the example inputs) records how each layer is called: its tensor
-   arguments' shapes and dtypes and its constant keyword arguments.
-3. One layer of each group is traced on its own (``trace_layer``: torch.export with the batch and sequence dims
-   symbolic, then lowered to the IR) per distinct call. A layer whose trace carries size guards, a static size
-   where the model has a symbolic one, other symbols, or a non-tensor output is traced inline as before.
-4. The model is exported with each such layer's ``forward`` replaced by the custom op
-   ``sessa_compiler::shared_layer``, whose fake returns the traced layer's output types; lowering that op
-   (``_inline``) copies the layer's IR with its parameters renamed to this instance's and its dims rewritten in
-   the model's symbols. The recognisers then see the same graph a full trace would give.
-
-Any call the plan did not record (other shapes, autocast on) runs the layer's own ``forward``, traced inline.
+2. The model is exported with each grouped layer's ``forward`` replaced by the custom op
+   ``sessa_compiler::shared_layer``. The first time a group meets a kind of call (``_call_key``: the arguments'
+   structure, dtypes, ranks, sizes past the batch and sequence dims, constant keywords), the export stops
+   (``NeedTrace``), one layer of the group is traced on its own (``trace_layer``: torch.export with batch and
+   sequence symbolic, lowered to the IR) on zeros of the sizes met, and the model's export starts again. A layer
+   whose trace carries size guards, uses other symbols, or returns anything but a tensor or a tuple of tensors is
+   traced inline instead, as is any call under autocast or of a layer whose signature changed by then.
+3. The op's fake returns the traced layer's output types; lowering the op (``_inline``) copies the layer's IR with
+   its parameters renamed to this instance's and its dims rewritten in the model's symbols (a static size that
+   differs, or a symbol bound to two sizes, fails the lowering, and the model is then exported in full). The
+   recognisers then see the graph a full trace would give.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ import torch.utils._pytree as pytree
 
 from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
-from .lower import LOWERINGS, CONSTANT_TYPES, PAIR_SUFFIX
+from .lower import CONSTANT_TYPES, LOWERINGS, PAIR_SUFFIX, as_pairs
 
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict, torch.nn.ParameterList,
                torch.nn.ParameterDict)
@@ -72,15 +72,17 @@ def _attr_key(x, depth: int = 0):
     return ("id", id(x))   # functions, config objects, enums: the same object or not
 
 
-def _signature(module: torch.nn.Module):
+def _signature(module: torch.nn.Module, installed=None):
     """What the Python of module's forward can depend on while torch.export traces it, or None when that is not
-    known (hooks, an attribute the key cannot describe)."""
+    known (hooks, an attribute the key cannot describe). ``installed``: the forward this file set on the module,
+    which is not part of it."""
     parts = []
     try:
         for name, m in module.named_modules(remove_duplicate=False):
             if any(getattr(m, h, None) for h in _HOOKS) or getattr(m, "_forward_hooks_with_kwargs", None):
                 return None
-            attrs = tuple(sorted((k, _attr_key(v)) for k, v in vars(m).items() if k not in _SKIP_ATTRS))
+            attrs = tuple(sorted((k, _attr_key(v)) for k, v in vars(m).items()
+                                 if k not in _SKIP_ATTRS and not (m is module and k == "forward" and v is installed)))
             params = tuple((k, tuple(p.shape), str(p.dtype), str(p.device), p.requires_grad)
                            for k, p in m._parameters.items() if p is not None)
             bufs = tuple((k, tuple(b.shape), str(b.dtype), str(b.device), k in m._non_persistent_buffers_set)
@@ -97,13 +99,13 @@ def _worth_sharing(m: torch.nn.Module) -> bool:
     """A layer whose own trace saves more than it costs (one more export of the model's start, one of the layer):
     a module of the user's with parameters and two or more submodules; torch's own modules (a Linear, a
     LayerNorm) are single ops."""
-    if isinstance(m, _CONTAINERS) or type(m).__module__.startswith("torch."):
-        return False
+    if isinstance(m, _CONTAINERS) or type(m).__module__.startswith("torch.") or "forward" in vars(m):
+        return False   # (a forward set on the instance is left as it is)
     return sum(1 for _ in itertools.islice(m.modules(), 3)) >= 3 and any(True for _ in m.parameters())
 
 
 def groups(module: torch.nn.Module) -> list:
-    """The outermost groups (lists of (qualified name, submodule), two or more) of submodules with one signature."""
+    """The outermost groups of two or more submodules with one signature: (signature, [(qualified name, module)])."""
     if any(getattr(torch.nn.modules.module, h, None) for h in ("_global_forward_hooks", "_global_forward_pre_hooks")):
         return []
     by_sig: dict = {}
@@ -118,12 +120,12 @@ def groups(module: torch.nn.Module) -> list:
     repeated = {name for members in by_sig.values() if len(members) > 1 for name in members}
     chosen = [name for name in repeated
               if not any(name.startswith(other + ".") for other in repeated if other != name)]
-    out: dict = {}
-    for members in by_sig.values():
+    out = []
+    for sig, members in by_sig.items():
         kept = [n for n in members if n in chosen]
         if len(kept) > 1:
-            out[kept[0]] = [(n, names[n]) for n in kept]
-    return list(out.values())
+            out.append((sig, [(n, names[n]) for n in kept]))
+    return out
 
 
 def _call_key(args: tuple, kwargs: dict):
@@ -156,6 +158,7 @@ class LayerTrace:
 
 @dataclass
 class Group:
+    signature: tuple              # what the members' Python can branch on (_signature), when the group was made
     members: list                 # (qualified name, module)
     traces: dict = field(default_factory=dict)   # call key -> LayerTrace, or None: traced inline
 
@@ -171,12 +174,13 @@ class Plan:
 
     def __init__(self, module, groups_: list, trace_layer):
         self.module = module
-        self.groups = [Group(members) for members in groups_]
+        self.groups = [Group(sig, members) for sig, members in groups_]
         self.trace_layer = trace_layer
         self.sites: list = []    # (qualified name, module, group)
         for g in self.groups:
             self.sites.extend((name, m, g) for name, m in g.members)
         self.used = 0            # layer calls the export took from a shared trace
+        _register_op()
         with _LOCK:
             self.id = next(_IDS)
             _PLANS[self.id] = self
@@ -193,7 +197,9 @@ class Plan:
     def trace(self, need: "NeedTrace") -> None:
         """Trace the layer the aborted export asked for (NeedTrace): its example inputs are zeros of the sizes the
         export met (values do not matter to a trace)."""
-        need.group.traces[need.key] = self._trace(need.group, need.args, need.kwargs)
+        rep = need.group.members[0][1]
+        same = _signature(rep) == need.group.signature   # the model's forward may have set attributes of its layers
+        need.group.traces[need.key] = self._trace(need.group, need.args, need.kwargs) if same else None
 
     def _trace(self, group: Group, args, kwargs):
         rep = group.members[0][1]
@@ -204,7 +210,7 @@ class Plan:
         leaf = pytree.tree_flatten(0)[1]
         if out_spec == leaf:
             single = True
-        elif out_spec.type is tuple and out_spec.num_children > 0 and all(c == leaf for c in out_spec.children_specs):
+        elif out_spec.type is tuple and out_spec.num_children > 0 and all(c == leaf for c in out_spec.children()):
             single = False
         else:
             return None
@@ -282,7 +288,7 @@ def _opaque_forward(plan: Plan, site: int, original):
         group = plan.sites[site][2]
         key = None if (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")) \
             else _call_key(args, kwargs)
-        if key is None:
+        if key is None or _signature(self, vars(self).get("forward")) != group.signature:   # e.g. an attribute the model's forward just set
             return original(self, *args, **kwargs)
         if key not in group.traces:
             ex_args = tuple(_example(a) for a in args)
@@ -312,23 +318,34 @@ def _lookup(plan_id: int, site: int, index: int):
     return plan, name, module, list(group.traces.values())[index]
 
 
-@torch.library.custom_op("sessa_compiler::shared_layer", mutates_args=())
-def shared_layer(xs: list[torch.Tensor], plan_id: int, site: int, index: int) -> list[torch.Tensor]:
-    """A layer of a group of identical layers, while the model is exported (frontend/repeated.py): eager, the
-    layer's own forward."""
-    raise RuntimeError("sessa_compiler::shared_layer runs only inside torch.export of the model that made it")
+_REGISTERED = []
 
 
-@shared_layer.register_fake
-def _(xs, plan_id, site, index):
-    _, _, _, trace = _lookup(plan_id, site, index)
-    from ..ir.dtypes import to_torch
+def _register_op() -> None:
+    """Define sessa_compiler::shared_layer and its lowering, once per process (on the first model with a group, so
+    that importing the frontend costs nothing for it)."""
+    with _LOCK:
+        if _REGISTERED:
+            return
 
-    outs = []
-    for v, dims in zip(trace.graph.outputs, trace.out_dims):
-        shape = [d if isinstance(d, int) else xs[d[0]].shape[d[1]] for d in dims]
-        outs.append(xs[0].new_empty(shape, dtype=to_torch(v.type.dtype)))
-    return outs
+        @torch.library.custom_op("sessa_compiler::shared_layer", mutates_args=())
+        def shared_layer(xs: list[torch.Tensor], plan_id: int, site: int, index: int) -> list[torch.Tensor]:
+            """A layer of a group of identical layers while the model is exported (frontend/repeated.py)."""
+            raise RuntimeError("sessa_compiler::shared_layer runs only inside torch.export of the model that made it")
+
+        @shared_layer.register_fake
+        def _(xs, plan_id, site, index):
+            from ..ir.dtypes import to_torch
+
+            trace = _lookup(plan_id, site, index)[3]
+            outs = []
+            for v, dims in zip(trace.graph.outputs, trace.out_dims):
+                shape = [d if isinstance(d, int) else xs[d[0]].shape[d[1]] for d in dims]
+                outs.append(xs[0].new_empty(shape, dtype=to_torch(v.type.dtype)))
+            return outs
+
+        LOWERINGS[torch.ops.sessa_compiler.shared_layer.default] = _inline
+        _REGISTERED.append(shared_layer)
 
 
 def _subst(x, mapping: dict):
@@ -382,7 +399,8 @@ def _inline(L, node):
                 raise NotShareable(f"{name}: parameter {target} is {g.param_values[target].type} here, {v.type}")
             env[v] = g.param_values[target]
         else:   # a tensor constant the layer's trace lifted (equal in every member: part of the signature)
-            env[v] = g.add_param(g.fresh_name(target) if target in g._names else target, v.type, layer.params.get(pname))
+            data = layer.params.get(pname) if t is None else (as_pairs(t.detach()) if suffix else t)
+            env[v] = g.add_param(g.fresh_name(target) if target in g._names else target, v.type, data)
     for n in layer.nodes:
         inputs = [env[x] if isinstance(x, Value) else _subst(x, mapping) for x in n.inputs]
         names = [g.fresh_name(f"{name}.{o.name}".replace(".", "_")) for o in n.outputs]
@@ -395,5 +413,3 @@ def _inline(L, node):
     L.notes.extend(f"{name}: {note}" for note in trace.notes)
     return [env[v] for v in layer.outputs]
 
-
-LOWERINGS[torch.ops.sessa_compiler.shared_layer.default] = _inline

@@ -59,9 +59,13 @@ def _grow(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mutates(ep) -> bool:
+    """The program mutates tensors, or runs a region under autocast (whose casts are implicit in the pre-dispatch
+    graph: its ops keep their operands' dtypes and say another); run_decompositions writes both out as ops."""
     for n in ep.graph.nodes:
         schema = getattr(n.target, "_schema", None)
         if n.op == "call_function" and schema is not None and schema.is_mutable:
+            return True
+        if n.op == "call_function" and getattr(n.target, "_name", "") == "wrap_with_autocast":
             return True
     return False
 

@@ -1,0 +1,239 @@
+"""Identical layers are traced once (frontend/repeated.py): a model of N layers of one class, with the same
+structure and non-tensor attributes, pays for one layer's torch.export; layers that differ in anything their
+Python could branch on, layers with hooks and layers whose trace holds only for some sizes are traced inline;
+the graph computes what the module computes (values and gradients) either way."""
+from tests import triton_env  # noqa: I001,F401  (sets TRITON_INTERPRET before triton is imported)
+import pytest
+import torch
+import torch.nn as nn
+
+import sessa_compiler as sc
+from model_helpers import randomize
+from sessa_compiler.frontend import trace_with_report
+from sessa_compiler.models import Decoder
+from sessa_compiler.semantics import run_graph
+
+
+@pytest.fixture
+def exports(monkeypatch):
+    """The classes torch.export was called on, in order."""
+    calls = []
+    real = torch.export.export
+
+    def counting(mod, *a, **k):
+        calls.append(type(mod).__name__)
+        return real(mod, *a, **k)
+
+    monkeypatch.setattr(torch.export, "export", counting)
+    return calls
+
+
+def _full(monkeypatch, module, args, kwargs=None):
+    """The trace without sharing (the model exported in one piece)."""
+    monkeypatch.setenv("SESSA_COMPILER_SHARE_LAYERS", "0")
+    try:
+        return trace_with_report(module, args, kwargs)
+    finally:
+        monkeypatch.delenv("SESSA_COMPILER_SHARE_LAYERS")
+
+
+def _run(tr, *inputs):
+    with torch.no_grad():
+        return run_graph(tr.graph, list(inputs), tr.graph.params)
+
+
+def _close(got, want):
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers", ["SMTSMT", "SSSS"])
+def test_identical_layers_are_exported_once_and_give_the_full_traces_graph(monkeypatch, exports, layers):
+    torch.manual_seed(len(layers))
+    m = randomize(Decoder(50, 16, layers, n_heads=2)).eval()
+    tr = trace_with_report(m, (torch.randint(0, 50, (1, 9)),))
+    for kind in set(layers):
+        assert exports.count({"S": "SessaLayer", "M": "MambaLayer", "T": "TransformerLayer"}[kind]) == 1
+    assert exports.count("Decoder") == len(set(layers)) + 1  # stopped at each first layer of a kind, then whole
+    full = _full(monkeypatch, m, (torch.randint(0, 50, (1, 9)),))
+    assert tr.graph.ops() == full.graph.ops()
+    assert set(tr.graph.param_values) == set(full.graph.param_values)
+    assert [str(v.type) for v in tr.graph.outputs] == [str(v.type) for v in full.graph.outputs]
+    assert sum(op == "attention" for op in tr.graph.ops()) == layers.count("S") + layers.count("T")
+    assert sum(op == "feedback" for op in tr.graph.ops()) == layers.count("S")   # recognised in every layer
+    assert any("identical layers traced once" in str(a) for a in tr.report.accepted)
+    x = torch.randint(0, 50, (3, 13))
+    with torch.no_grad():
+        _close(_run(tr, x)[0], m(x))
+
+
+def test_a_layer_with_another_attribute_is_traced_on_its_own(exports):
+    torch.manual_seed(0)
+    m = randomize(Decoder(50, 16, "SSS", n_heads=2)).eval()
+    m.layers[1].ln.eps = 10.0    # visible in the output: a layer served layer 0's trace would use 1e-5
+    x = torch.randint(0, 50, (2, 11))
+    tr = trace_with_report(m, (x,))
+    assert exports.count("SessaLayer") == 1   # layers 0 and 2 share one trace; layer 1 is traced inline
+    with torch.no_grad():
+        want = m(x)
+        m.layers[1].ln.eps = 1e-5
+        other = m(x)
+    assert (want - other).abs().max() > 1e-3
+    _close(_run(tr, x)[0], want)
+
+
+def test_a_layer_with_a_hook_is_traced_inline_and_its_hook_runs_once(exports):
+    torch.manual_seed(0)
+    m = randomize(Decoder(50, 16, "SSS", n_heads=2)).eval()
+    m.layers[2].register_forward_hook(lambda mod, a, out: out * 2.0)
+    x = torch.randint(0, 50, (2, 7))
+    tr = trace_with_report(m, (x,))
+    assert exports.count("SessaLayer") == 1   # layers 0 and 1
+    with torch.no_grad():
+        _close(_run(tr, x)[0], m(x))
+
+
+class Block(nn.Module):
+    """A block in another hand: keyword mask, a tuple out, a flag that changes the path."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+
+    def forward(self, h, attention_mask=None, gate=True):
+        y = self.up(self.norm(h))
+        y = torch.nn.functional.silu(y) if gate else torch.tanh(y)
+        if attention_mask is not None:
+            y = y * attention_mask[..., None].to(y.dtype)
+        return h + self.down(y), y.mean(-1)
+
+
+class Stack(nn.Module):
+    def __init__(self, d=12, n=4):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+
+    def forward(self, h, attention_mask):
+        aux = []
+        for i, b in enumerate(self.blocks):
+            h, a = b(h, attention_mask=attention_mask, gate=i % 2 == 0)
+            aux.append(a)
+        return h, torch.stack(aux).sum(0)
+
+
+def test_calls_of_two_kinds_get_a_trace_each_and_gradients_equal_the_modules(monkeypatch, exports):
+    torch.manual_seed(0)
+    m = Stack()
+    h, mask = torch.randn(2, 5, 12), (torch.rand(2, 5) > 0.3).float()
+    tr = trace_with_report(m, (h, mask))
+    assert exports.count("Block") == 2        # gate=True and gate=False
+    full = _full(monkeypatch, m, (h, mask))
+    assert tr.graph.ops() == full.graph.ops()
+    h2, mask2 = torch.randn(3, 8, 12), (torch.rand(3, 8) > 0.3).float()
+    for got, want in zip(_run(tr, h2, mask2), m(h2, mask2)):
+        _close(got, want.detach())
+    c = sc.compile(m, (h, mask), backend="eager")
+    h2.requires_grad_(True)
+    out = c(h2, mask2)
+    (out[0].square().sum() + out[1].sum()).backward()
+    got = [p.grad.clone() for p in m.parameters()] + [h2.grad.clone()]
+    m.zero_grad()
+    h2.grad = None
+    out = m(h2, mask2)
+    (out[0].square().sum() + out[1].sum()).backward()
+    for g, w in zip(got, [p.grad for p in m.parameters()] + [h2.grad]):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_weights_keep_one_parameter_and_its_gradient():
+    torch.manual_seed(0)
+    m = Stack(n=3)
+    m.blocks[2].up = m.blocks[0].up     # tied: one tensor, two layers
+    h, mask = torch.randn(2, 5, 12), torch.ones(2, 5)
+    tr = trace_with_report(m, (h, mask))
+    assert "blocks.2.up.weight" not in tr.graph.param_values   # the tensor's one name, as torch.export names it
+    c = sc.compile(m, (h, mask), backend="eager")
+    out = c(h, mask)
+    out[0].square().sum().backward()
+    got = m.blocks[0].up.weight.grad.clone()
+    m.zero_grad()
+    m(h, mask)[0].square().sum().backward()
+    torch.testing.assert_close(got, m.blocks[0].up.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+class SizeBranch(Block):
+    def forward(self, h, attention_mask=None, gate=True):
+        out, aux = super().forward(h, attention_mask, gate)
+        return (out * 0.5 if h.shape[1] > 4 else out), aux
+
+
+def test_a_layer_whose_trace_holds_for_some_sizes_only_is_traced_inline(monkeypatch, exports):
+    torch.manual_seed(0)
+    m = Stack()
+    m.blocks = nn.ModuleList(SizeBranch(12) for _ in range(4))
+    h, mask = torch.randn(2, 6, 12), torch.ones(2, 6)
+    tr = trace_with_report(m, (h, mask))
+    full = _full(monkeypatch, m, (h, mask))
+    assert [str(g) for g in tr.guards] == [str(g) for g in full.guards] and tr.guards
+    h2, mask2 = torch.randn(1, 9, 12), torch.ones(1, 9)
+    _close(_run(tr, h2, mask2)[0], m(h2, mask2)[0].detach())
+
+
+class Autocast(Stack):
+    def forward(self, h, attention_mask):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h, _ = self.blocks[0](h, attention_mask=attention_mask)
+        for b in self.blocks[1:]:
+            h, _ = b(h.float(), attention_mask=attention_mask)
+        return h
+
+
+def test_a_layer_called_under_autocast_is_traced_inline():
+    torch.manual_seed(0)
+    m = Autocast()
+    h, mask = torch.randn(2, 5, 12), torch.ones(2, 5)
+    tr = trace_with_report(m, (h, mask))
+    assert "bf16" in str(tr.graph)   # the autocast layer computes in bfloat16, the others do not
+    h2 = torch.randn(3, 7, 12)
+    _close(_run(tr, h2, torch.ones(3, 7))[0], m(h2, torch.ones(3, 7)).detach())
+
+
+@pytest.mark.parametrize("backend", ["tvm", "triton"])
+def test_a_shared_trace_compiles_on_every_backend(backend):
+    torch.manual_seed(0)
+    m = randomize(Decoder(50, 16, "SSS", n_heads=2)).eval()
+    x = torch.randint(0, 50, (1, 9))
+    c = sc.compile(m, (x,), backend=backend)
+    x2 = torch.randint(0, 50, (2, 13))
+    with torch.no_grad():
+        torch.testing.assert_close(c(x2), m(x2), rtol=2e-4, atol=2e-4)
+
+
+class Scaled(Block):
+    scale = 1.0
+
+    def forward(self, h, attention_mask=None, gate=True):
+        out, aux = super().forward(h, attention_mask, gate)
+        return out * self.scale, aux
+
+
+class SetsAttributes(Stack):
+    """Its forward sets an attribute of each layer before calling it (the layers' own Python reads it)."""
+
+    def forward(self, h, attention_mask):
+        for i, b in enumerate(self.blocks):
+            b.scale = float(i + 1)
+            h, _ = b(h, attention_mask=attention_mask)
+        return h
+
+
+def test_a_layer_attribute_the_models_forward_sets_is_seen():
+    torch.manual_seed(0)
+    m = SetsAttributes()
+    m.blocks = nn.ModuleList(Scaled(12) for _ in range(4))
+    h, mask = torch.randn(2, 5, 12), torch.ones(2, 5)
+    tr = trace_with_report(m, (h, mask))
+    h2 = torch.randn(3, 7, 12)
+    _close(_run(tr, h2, torch.ones(3, 7))[0], m(h2, torch.ones(3, 7)).detach())
