@@ -23,7 +23,6 @@ How (frontend/trace.py drives it, through ``Plan``):
 """
 from __future__ import annotations
 
-import hashlib
 import itertools
 import threading
 import types
@@ -32,9 +31,11 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensor
 
 from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
+from ..persistent_cache import tensor_digest
 from .lower import CONSTANT_TYPES, LOWERINGS, PAIR_SUFFIX, as_pairs
 
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict, torch.nn.ParameterList,
@@ -61,12 +62,12 @@ def _attr_key(x, depth: int = 0):
     if isinstance(x, dict) and depth < 4 and all(isinstance(k, _PLAIN) for k in x):
         return ("dict", tuple((repr(k), _attr_key(v, depth + 1)) for k, v in x.items()))
     if isinstance(x, torch.Tensor):   # a plain tensor attribute: export keeps it real, so its values count
-        t = x.detach()
-        if t.device.type == "meta" or t.is_complex() or t.numel() > (1 << 22):
+        if x.device.type == "meta" or x.numel() > (1 << 22) or isinstance(x, FakeTensor):
             raise _Opaque
-        data = t.contiguous().cpu().numpy().tobytes() if t.dtype != torch.bfloat16 else \
-            t.float().contiguous().cpu().numpy().tobytes()
-        return ("tensor", str(t.dtype), tuple(t.shape), hashlib.sha256(data).hexdigest())
+        try:
+            return ("tensor", tensor_digest(x))
+        except Exception:  # noqa: BLE001 - a tensor subclass or dtype without bytes: not described
+            raise _Opaque from None
     if isinstance(x, torch.nn.Module):
         raise _Opaque   # a module held outside _modules (shared with others): left alone
     return ("id", id(x))   # functions, config objects, enums: the same object or not
