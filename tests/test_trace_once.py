@@ -237,3 +237,32 @@ def test_a_layer_attribute_the_models_forward_sets_is_seen():
     tr = trace_with_report(m, (h, mask))
     h2 = torch.randn(3, 7, 12)
     _close(_run(tr, h2, torch.ones(3, 7))[0], m(h2, torch.ones(3, 7)).detach())
+
+
+LAYER_GAIN = {"value": 1.0}
+
+
+class GlobalGain(Block):
+    def forward(self, h, attention_mask=None, gate=True):
+        out, aux = super().forward(h, attention_mask, gate)
+        return out * LAYER_GAIN["value"], aux
+
+
+class SetsAGlobal(Stack):
+    """Its forward sets a global the layers' Python reads, before each layer."""
+
+    def forward(self, h, attention_mask):
+        for i, b in enumerate(self.blocks):
+            LAYER_GAIN["value"] = float(i + 1)
+            h, _ = b(h, attention_mask=attention_mask)
+        return h
+
+
+def test_a_global_the_models_forward_sets_between_layers_is_seen():
+    torch.manual_seed(0)
+    m = SetsAGlobal()
+    m.blocks = nn.ModuleList(GlobalGain(12) for _ in range(4))
+    h, mask = torch.randn(2, 5, 12), torch.ones(2, 5)
+    tr = trace_with_report(m, (h, mask))
+    h2 = torch.randn(3, 7, 12)
+    _close(_run(tr, h2, torch.ones(3, 7))[0], m(h2, torch.ones(3, 7)).detach())

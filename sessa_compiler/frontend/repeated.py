@@ -15,7 +15,8 @@ How (frontend/trace.py drives it, through ``Plan``):
    (``NeedTrace``), one layer of the group is traced on its own (``trace_layer``: torch.export with batch and
    sequence symbolic, lowered to the IR) on zeros of the sizes met, and the model's export starts again. A layer
    whose trace carries size guards, uses other symbols, or returns anything but a tensor or a tuple of tensors is
-   traced inline instead, as is any call under autocast or of a layer whose signature changed by then.
+   traced inline instead, as is any call under autocast or of a layer whose signature, or a global its code
+   reads (``_global_reads``), changed by then.
 3. The op's fake returns the traced layer's output types; lowering the op (``_inline``) copies the layer's IR with
    its parameters renamed to this instance's and its dims rewritten in the model's symbols (a static size that
    differs, or a symbol bound to two sizes, fails the lowering, and the model is then exported in full). The
@@ -53,16 +54,24 @@ class _Opaque(Exception):
     """An attribute whose value the signature cannot describe."""
 
 
-def _attr_key(x, depth: int = 0):
+def _attr_key(x, depth: int = 0, by_content: bool = True):
+    """A comparable description of a value the Python of a layer can read: plain values and containers by value,
+    tensors by content (``by_content``; else by identity and version, for a value compared with itself over
+    time), plain objects by identity and their attributes (a config object one layer's forward sets), functions,
+    classes and modules by identity. Raises _Opaque for what cannot be described."""
     if isinstance(x, _PLAIN):
         return (type(x).__name__, x)
     if isinstance(x, (tuple, list, frozenset, set)) and depth < 4:
         items = sorted(x, key=repr) if isinstance(x, (set, frozenset)) else x
-        return (type(x).__name__, tuple(_attr_key(y, depth + 1) for y in items))
+        return (type(x).__name__, tuple(_attr_key(y, depth + 1, by_content) for y in items))
     if isinstance(x, dict) and depth < 4 and all(isinstance(k, _PLAIN) for k in x):
-        return ("dict", tuple((repr(k), _attr_key(v, depth + 1)) for k, v in x.items()))
+        return ("dict", tuple((repr(k), _attr_key(v, depth + 1, by_content)) for k, v in x.items()))
     if isinstance(x, torch.Tensor):   # a plain tensor attribute: export keeps it real, so its values count
-        if x.device.type == "meta" or x.numel() > (1 << 22) or isinstance(x, FakeTensor):
+        if x.device.type == "meta" or isinstance(x, FakeTensor):
+            raise _Opaque
+        if not by_content:
+            return ("tensor", id(x), x._version)
+        if x.numel() > (1 << 22):
             raise _Opaque
         try:
             return ("tensor", tensor_digest(x))
@@ -70,7 +79,50 @@ def _attr_key(x, depth: int = 0):
             raise _Opaque from None
     if isinstance(x, torch.nn.Module):
         raise _Opaque   # a module held outside _modules (shared with others): left alone
-    return ("id", id(x))   # functions, config objects, enums: the same object or not
+    if isinstance(x, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType, type)):
+        return ("id", id(x))
+    state = getattr(x, "__dict__", None)
+    if isinstance(state, dict) and depth < 2:   # a config object: its identity and what it holds now
+        return ("obj", id(x), _attr_key({k: v for k, v in state.items() if isinstance(k, str)}, depth + 1, by_content))
+    return ("id", id(x))
+
+
+def _global_reads(module: torch.nn.Module) -> list:
+    """(globals dict, name) of every global the code of module's classes reads, and of the functions defined
+    outside torch that this code reaches through globals (a helper in another file), transitively."""
+    funcs = []
+    for m in module.modules():
+        for klass in type(m).__mro__:
+            if klass.__module__.startswith("torch"):
+                continue
+            funcs.extend(f for f in vars(klass).values() if isinstance(f, types.FunctionType))
+    reads, seen = {}, set()
+    while funcs and len(seen) < 512:
+        f = funcs.pop()
+        if id(f) in seen:
+            continue
+        seen.add(id(f))
+        g = f.__globals__
+        if str(g.get("__name__", "")).partition(".")[0] in ("torch", "typing", "functools", "builtins"):
+            continue
+        codes = [f.__code__]
+        while codes:
+            code = codes.pop()
+            codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+            for n in code.co_names:
+                if n in g and (id(g), n) not in reads:
+                    reads[(id(g), n)] = (g, n)
+                    if isinstance(g[n], types.FunctionType):
+                        funcs.append(g[n])
+    return list(reads.values())
+
+
+def _globals_key(reads: list):
+    """The values of those globals now (None: one cannot be described)."""
+    try:
+        return tuple((g.get("__name__"), n, _attr_key(g.get(n), by_content=False)) for g, n in reads)
+    except _Opaque:
+        return None
 
 
 def _signature(module: torch.nn.Module, installed=None):
@@ -162,6 +214,18 @@ class Group:
     signature: tuple              # what the members' Python can branch on (_signature), when the group was made
     members: list                 # (qualified name, module)
     traces: dict = field(default_factory=dict)   # call key -> LayerTrace, or None: traced inline
+    reads: list = field(default_factory=list)    # the globals their code reads (_global_reads)
+    values: tuple | None = None                  # and their values when the group was made
+
+    def __post_init__(self):
+        self.reads = _global_reads(self.members[0][1])
+        self.values = _globals_key(self.reads)
+
+    def holds(self, module, installed=None) -> bool:
+        """Whether module's Python would still take the path the group's trace took: the same signature, and the
+        same values of the globals its code reads (a model's forward may set either between its layers)."""
+        return (self.values is not None and _signature(module, installed) == self.signature
+                and _globals_key(self.reads) == self.values)
 
 
 _PLANS: dict = {}
@@ -199,7 +263,7 @@ class Plan:
         """Trace the layer the aborted export asked for (NeedTrace): its example inputs are zeros of the sizes the
         export met (values do not matter to a trace)."""
         rep = need.group.members[0][1]
-        same = _signature(rep) == need.group.signature   # the model's forward may have set attributes of its layers
+        same = need.group.holds(rep)   # the model's forward may have set attributes of its layers, or globals
         need.group.traces[need.key] = self._trace(need.group, need.args, need.kwargs) if same else None
 
     def _trace(self, group: Group, args, kwargs):
@@ -289,7 +353,7 @@ def _opaque_forward(plan: Plan, site: int, original):
         group = plan.sites[site][2]
         key = None if (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")) \
             else _call_key(args, kwargs)
-        if key is None or _signature(self, vars(self).get("forward")) != group.signature:   # e.g. an attribute the model's forward just set
+        if key is None or not group.holds(self, vars(self).get("forward")):   # e.g. an attribute the forward just set
             return original(self, *args, **kwargs)
         if key not in group.traces:
             ex_args = tuple(_example(a) for a in args)
