@@ -707,6 +707,8 @@ class CompiledModule(torch.nn.Module):
                          "size-dependent code; this report describes the one used last")
         core = {op: c for op, c in counts.items() if OPS[op].kind == CORE}
         lines.append("  core ops: " + (", ".join(f"{op} x{c}" for op, c in sorted(core.items())) or "none"))
+        for a in getattr(rep, "shared", ()):   # (a report from before the field has none)
+            lines.append(f"    identical layers traced once: {a}")
         for a in rep.accepted:
             lines.append(f"    recognised {a}")
         for r in rep.rejected:

@@ -70,6 +70,7 @@ class Lowerer:
         self.pairs: set = set()  # Values holding a complex tensor as real (..., 2) pairs (see _complex)
         self.none_outputs: list = []  # positions of the module's None outputs among export's output leaves
         self.assertions: list = []  # sympy conditions over our symbols: export's runtime guards on sizes
+        self.shared: list = []  # groups of identical layers traced once (frontend/repeated.py), for explain()
 
     # -- helpers -------------------------------------------------------------------------------
     def expr(self, s):

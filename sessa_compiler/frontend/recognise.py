@@ -47,6 +47,7 @@ class Report:
     accepted: list = field(default_factory=list)
     rejected: list = field(default_factory=list)
     probes: ProbeStats | None = None   # probes run, and reused for structurally identical regions (frontend/probe.py)
+    shared: list = field(default_factory=list)   # identical layers traced once (frontend/repeated.py)
 
 
 class Analysis:

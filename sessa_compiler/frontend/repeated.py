@@ -208,6 +208,26 @@ class LayerTrace:
     out_dims: list                # per output: per dim an int or (input index, dim) it equals
     notes: list = field(default_factory=list)
 
+    def fits(self, xs: list) -> bool:
+        """Whether the sizes of this call (in the model's export) can be ones the layer's graph holds for: its
+        static dims equal, and none of its symbols bound to a number and to another size (compared as
+        expressions: no guard is added). Two symbols of the export bound to one of the layer's are judged when the
+        op is lowered, where the model's input dims have their names (every input's dim 0 is B, dim 1 is T)."""
+        bound: dict = {}
+        for x, v in zip(xs, self.graph.inputs):
+            if x.dim() != v.type.rank:
+                return False
+            for d, want in zip(x.shape, v.type.shape):
+                got = d.node.expr if isinstance(d, torch.SymInt) else sympy.Integer(int(d))
+                if isinstance(want, int):
+                    if got != sympy.Integer(want):
+                        return False
+                    continue
+                seen = bound.setdefault(want, got)
+                if seen != got and (seen.is_Integer or got.is_Integer):
+                    return False
+        return len(xs) == len(self.graph.inputs)
+
 
 @dataclass
 class Group:
@@ -216,6 +236,7 @@ class Group:
     traces: dict = field(default_factory=dict)   # call key -> LayerTrace, or None: traced inline
     reads: list = field(default_factory=list)    # the globals their code reads (_global_reads)
     values: tuple | None = None                  # and their values when the group was made
+    used: int = 0                                # calls the model's export took from a shared trace
 
     def __post_init__(self):
         self.reads = _global_reads(self.members[0][1])
@@ -310,6 +331,7 @@ class Plan:
 
     # -- step 4: the export sees the custom op --------------------------------------------------------
     def __enter__(self):
+        self.thread = threading.get_ident()   # another thread calling the model meanwhile runs it as it is
         self._saved = []
         for i, (_, m, g) in enumerate(self.sites):
             self._saved.append((m, "forward" in vars(m), vars(m).get("forward")))
@@ -351,8 +373,8 @@ def _example(x):
 def _opaque_forward(plan: Plan, site: int, original):
     def forward(self, *args, **kwargs):
         group = plan.sites[site][2]
-        key = None if (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")) \
-            else _call_key(args, kwargs)
+        key = None if (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
+                       or threading.get_ident() != plan.thread) else _call_key(args, kwargs)
         if key is None or not group.holds(self, vars(self).get("forward")):   # e.g. an attribute the forward just set
             return original(self, *args, **kwargs)
         if key not in group.traces:
@@ -364,12 +386,13 @@ def _opaque_forward(plan: Plan, site: int, original):
             else:
                 raise NeedTrace(group, key, ex_args, ex_kwargs)
         trace = group.traces[key]
-        if trace is None:
-            return original(self, *args, **kwargs)
         leaves = [x for x in pytree.tree_leaves((tuple(args), dict(sorted(kwargs.items()))))
                   if isinstance(x, torch.Tensor)]
+        if trace is None or not trace.fits(leaves):
+            return original(self, *args, **kwargs)
         index = list(group.traces).index(key)
         plan.used += 1
+        group.used += 1
         outs = torch.ops.sessa_compiler.shared_layer(leaves, plan.id, site, index)
         return outs[0] if trace.single else tuple(outs)
     return forward

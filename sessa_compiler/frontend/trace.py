@@ -453,17 +453,16 @@ def _lower_shared(module, args, kwargs):
                 plan.trace(need)
         else:
             return None
-        if not plan.used:
-            return None
         if _pinned_dims(ep, args) if not kwargs and all(isinstance(a, torch.Tensor) for a in args) else {}:
             return None
         lowerer = Lowerer(ep, _dim_names(tensor_leaves(args, kwargs)), name=type(module).__name__)
         graph = lowerer.run()
         for g in plan.groups:
-            traced = sum(t is not None for t in g.traces.values())
-            if traced:
-                lowerer.notes.append(f"identical layers traced once: {len(g.members)} x {type(g.members[0][1]).__name__} "
-                                     f"({g.members[0][0]} ... {g.members[-1][0]}), {traced} layer trace(s)")
+            if g.used:
+                traced = sum(t is not None for t in g.traces.values())
+                lowerer.shared.append(f"{len(g.members)} x {type(g.members[0][1]).__name__} "
+                                      f"({g.members[0][0]} ... {g.members[-1][0]}), {traced} layer trace(s), "
+                                      f"{g.used} call(s) from them")
         return ep, lowerer, graph
     except Exception:  # noqa: BLE001 - a layer's graph that does not fit here: the model is traced in full
         return None
@@ -588,6 +587,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
         hand_written_softmax(graph)   # a softmax spelled exp(x - max) / sum is the recognisers' softmax
     report = recognise(graph, _layout_sizes(graph)) if recognisers else Report()
     report.accepted[:0] = lowerer.notes
+    report.shared = list(getattr(lowerer, "shared", ()))
     simplify(graph)
     consumed = {name: t for name, t in read.items() if name not in graph.param_values}   # read, then replaced
     assumed = tuple((name, tensor_digest(t)) for name, t in consumed.items())
