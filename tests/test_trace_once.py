@@ -302,3 +302,26 @@ def test_a_call_whose_sizes_the_layers_graph_does_not_hold_for_is_traced_inline(
     assert exports.count("CallsWithATable") <= 2   # no third export after a failed shared one
     h2 = torch.randn(3, 7, 12)
     _close(_run(tr, h2)[0], m(h2).detach())
+
+
+class Frozen(Block):
+    """Refuses new attributes once built (as some frameworks' modules do)."""
+
+    def __setattr__(self, name, value):
+        if getattr(self, "_frozen", False) and name == "forward":
+            raise AttributeError("frozen module")
+        super().__setattr__(name, value)
+
+
+def test_a_layer_that_refuses_its_forward_being_set_is_left_as_it_was():
+    torch.manual_seed(0)
+    m = Stack()
+    m.blocks = nn.ModuleList([Block(12), Block(12), Frozen(12), Frozen(12)])
+    for b in m.blocks[2:]:
+        b._frozen = True
+    h, mask = torch.randn(2, 5, 12), torch.ones(2, 5)
+    tr = trace_with_report(m, (h, mask))
+    assert all("forward" not in vars(b) for b in m.blocks)   # no forward of ours left on any layer
+    h2 = torch.randn(3, 7, 12)
+    for got, want in zip(_run(tr, h2, torch.ones(3, 7)), m(h2, torch.ones(3, 7))):
+        _close(got, want.detach())

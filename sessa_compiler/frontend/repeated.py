@@ -333,17 +333,23 @@ class Plan:
     def __enter__(self):
         self.thread = threading.get_ident()   # another thread calling the model meanwhile runs it as it is
         self._saved = []
-        for i, (_, m, g) in enumerate(self.sites):
-            self._saved.append((m, "forward" in vars(m), vars(m).get("forward")))
-            m.forward = types.MethodType(_opaque_forward(self, i, type(m).forward), m)
+        try:
+            for i, (_, m, g) in enumerate(self.sites):
+                saved = (m, "forward" in vars(m), vars(m).get("forward"))
+                m.forward = types.MethodType(_opaque_forward(self, i, type(m).forward), m)
+                self._saved.append(saved)
+        except BaseException:   # (a module whose __setattr__ refuses): the user's modules are left as they were
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc):
-        for m, had, old in self._saved:
+        saved, self._saved = self._saved, []
+        for m, had, old in saved:
             if had:
                 m.forward = old
             else:
-                del m.forward
+                vars(m).pop("forward", None)
         return False
 
 
