@@ -285,12 +285,11 @@ class Plan:
         export met (values do not matter to a trace)."""
         rep = need.group.members[0][1]
         same = need.group.holds(rep)   # the model's forward may have set attributes of its layers, or globals
-        need.group.traces[need.key] = self._trace(need.group, need.args, need.kwargs) if same else None
+        need.group.traces[need.key] = self._trace(need.flat, need.examples) if same else None
 
-    def _trace(self, group: Group, args, kwargs):
-        rep = group.members[0][1]
+    def _trace(self, flat: "_Flat", examples: list):
         try:
-            graph, guards, notes, out_spec = self.trace_layer(rep, args, kwargs)
+            graph, guards, notes, out_spec = self.trace_layer(flat, tuple(examples), {})
         except Exception:  # noqa: BLE001 - traced inline instead, where its error (if any) is reported
             return None
         leaf = pytree.tree_flatten(0)[1]
@@ -355,11 +354,32 @@ class Plan:
 
 class NeedTrace(Exception):
     """Raised inside the model's export when a grouped layer is first called with a kind of call not yet traced:
-    the driver traces that layer (Plan.trace) and exports again."""
+    the driver traces that layer (Plan.trace: ``flat`` called on ``examples``) and exports again."""
 
-    def __init__(self, group: Group, key, args: tuple, kwargs: dict):
+    def __init__(self, group: Group, key, flat: "_Flat", examples: list):
         super().__init__("a shared layer needs its trace")
-        self.group, self.key, self.args, self.kwargs = group, key, args, kwargs
+        self.group, self.key, self.flat, self.examples = group, key, flat, examples
+
+
+_TENSOR = object()   # in a _Flat template: "the next tensor argument"
+
+
+class _Flat(torch.nn.Module):
+    """A layer called with its call's tensors as positional arguments, the rest of the call (its structure, keyword
+    names, constants) fixed: what the layer's own trace exports, so nested and keyword tensors (a (cos, sin)
+    pair) become graph inputs in the order the custom op passes them. Its parameters are the layer's, under
+    ``layer.``."""
+
+    def __init__(self, layer: torch.nn.Module, spec, template: list):
+        super().__init__()
+        self.layer = layer
+        self._call = (spec, template)
+
+    def forward(self, *tensors):
+        spec, template = self._call
+        it = iter(tensors)
+        args, kwargs = pytree.tree_unflatten([next(it) if x is _TENSOR else x for x in template], spec)
+        return self.layer(*args, **kwargs)
 
 
 def _example(x):
@@ -383,17 +403,16 @@ def _opaque_forward(plan: Plan, site: int, original):
                        or threading.get_ident() != plan.thread) else _call_key(args, kwargs)
         if key is None or not group.holds(self, vars(self).get("forward")):   # e.g. an attribute the forward just set
             return original(self, *args, **kwargs)
+        flat, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
+        leaves = [x for x in flat if isinstance(x, torch.Tensor)]
         if key not in group.traces:
-            ex_args = tuple(_example(a) for a in args)
-            ex_kwargs = {k: _example(v) for k, v in kwargs.items()}
-            if any(x is None for x in ex_args) or any(
-                    x is None and v is not None for x, v in zip(ex_kwargs.values(), kwargs.values())):
+            examples = [_example(x) for x in leaves]
+            if any(x is None for x in examples):
                 group.traces[key] = None
             else:
-                raise NeedTrace(group, key, ex_args, ex_kwargs)
+                template = [_TENSOR if isinstance(x, torch.Tensor) else x for x in flat]
+                raise NeedTrace(group, key, _Flat(group.members[0][1], spec, template), examples)
         trace = group.traces[key]
-        leaves = [x for x in pytree.tree_leaves((tuple(args), dict(sorted(kwargs.items()))))
-                  if isinstance(x, torch.Tensor)]
         if trace is None or not trace.fits(leaves):
             return original(self, *args, **kwargs)
         index = list(group.traces).index(key)
@@ -484,10 +503,11 @@ def _inline(L, node):
     env: dict = dict(zip(layer.inputs, xs))
     tensors = {**dict(module.named_parameters(remove_duplicate=False)), **dict(module.named_buffers(remove_duplicate=False))}
     for pname, v in layer.param_values.items():
-        base, suffix = (pname[:-len(PAIR_SUFFIX)], PAIR_SUFFIX) if pname.endswith(PAIR_SUFFIX) else (pname, "")
+        local = pname[len("layer."):] if pname.startswith("layer.") else pname   # (_Flat's name for the layer)
+        base, suffix = (local[:-len(PAIR_SUFFIX)], PAIR_SUFFIX) if local.endswith(PAIR_SUFFIX) else (local, "")
         t = tensors.get(base)
         own = plan.names.get(id(t)) if t is not None else None
-        target = (own + suffix) if own is not None else f"{name}.{pname}"
+        target = (own + suffix) if own is not None else f"{name}.{local}"
         if target in g.param_values:
             if g.param_values[target].type != v.type:
                 raise NotShareable(f"{name}: parameter {target} is {g.param_values[target].type} here, {v.type}")
