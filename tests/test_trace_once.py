@@ -325,3 +325,52 @@ def test_a_layer_that_refuses_its_forward_being_set_is_left_as_it_was():
     h2 = torch.randn(3, 7, 12)
     for got, want in zip(_run(tr, h2, torch.ones(3, 7)), m(h2, torch.ones(3, 7))):
         _close(got, want.detach())
+
+
+class IndexedBlock(nn.Module):
+    """Hugging Face style: a layer_idx each layer keeps (read only with a cache), (cos, sin) passed as a pair."""
+
+    def __init__(self, d, layer_idx, reads_index=False):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.reads_index = reads_index
+        self.norm = nn.LayerNorm(d)
+        self.proj = nn.Linear(d, d)
+        self.out = nn.Linear(d, d)
+
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, past_key_value=None):
+        cos, sin = position_embeddings
+        h = self.proj(self.norm(hidden_states))
+        h = h * cos + torch.roll(h, 1, dims=-1) * sin
+        if past_key_value is not None:
+            past_key_value[self.layer_idx] = h
+        if self.reads_index:
+            h = h * (1.0 + self.layer_idx)
+        return (hidden_states + self.out(h) * attention_mask[..., None],)
+
+
+class IndexedModel(nn.Module):
+    def __init__(self, d=12, n=4, reads_index=False):
+        super().__init__()
+        self.layers = nn.ModuleList(IndexedBlock(d, i, reads_index) for i in range(n))
+
+    def forward(self, h, attention_mask):
+        pos = torch.arange(h.shape[1], dtype=h.dtype)[None, :, None]
+        freq = torch.linspace(0.1, 1.0, h.shape[2])[None, None, :]
+        cos, sin = torch.cos(pos * freq).expand(h.shape[0], -1, -1), torch.sin(pos * freq).expand(h.shape[0], -1, -1)
+        for layer in self.layers:
+            h = layer(h, attention_mask=attention_mask, position_embeddings=(cos, sin))[0]
+        return h
+
+
+@pytest.mark.parametrize("reads_index", [False, True])
+def test_a_layer_index_its_trace_never_reads_does_not_split_the_layers(exports, reads_index):
+    torch.manual_seed(0)
+    m = IndexedModel(reads_index=reads_index)
+    h, mask = torch.randn(2, 5, 12), torch.ones(2, 5)
+    tr = trace_with_report(m, (h, mask))
+    # unread: one trace serves all four layers; read: each layer's own index is in its graph
+    assert tr.report.shared == [f"4 x IndexedBlock (layers.0 ... layers.3), 1 layer trace(s), "
+                                f"{1 if reads_index else 4} call(s) from them"]   # read: layer 0's own call only
+    h2, mask2 = torch.randn(3, 7, 12), (torch.rand(3, 7) > 0.3).float()
+    _close(_run(tr, h2, mask2)[0], m(h2, mask2).detach())

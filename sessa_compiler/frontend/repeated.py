@@ -3,12 +3,14 @@ attributes, other weights) pays for one layer's torch.export and lowering, not N
 
 How (frontend/trace.py drives it, through ``Plan``):
 
-1. ``groups``: submodules are grouped by a *signature* that fixes everything the Python of their ``forward`` can
+1. ``groups``: submodules are grouped by a *signature* that fixes what the Python of their ``forward`` can
    branch on while torch.export traces it: the class, every submodule's class and training flag, the names,
    shapes, dtypes, devices and ``requires_grad`` of parameters and buffers (their values are fake while
-   exporting, so they cannot steer the Python), every other attribute by value (numbers, strings, dtypes, tuples
-   of them), by identity (functions, config objects) or by content (plain tensor attributes, which export keeps
-   real). Modules with hooks are left alone. The outermost groups of two or more are used.
+   exporting, so they cannot steer the Python), and the names of every other attribute. Their values count where
+   a layer's trace reads them (``_Reads``, ``LayerTrace.same_reads``): by value (numbers, strings, dtypes, tuples
+   of them), by content (plain tensor attributes, which export keeps real), by identity and what they hold
+   (config objects) or by identity (functions). Modules with hooks are left alone. The outermost groups of two or
+   more are used.
 2. The model is exported with each grouped layer's ``forward`` replaced by the custom op
    ``sessa_compiler::shared_layer``. The first time a group meets a kind of call (``_call_key``: the arguments'
    structure, dtypes, ranks, sizes past the batch and sequence dims, constant keywords), the export stops
@@ -25,6 +27,7 @@ How (frontend/trace.py drives it, through ``Plan``):
 from __future__ import annotations
 
 import itertools
+import sys
 import threading
 import types
 from dataclasses import dataclass, field
@@ -93,7 +96,7 @@ def _global_reads(module: torch.nn.Module) -> list:
     funcs = []
     for m in module.modules():
         for klass in type(m).__mro__:
-            if klass.__module__.startswith("torch"):
+            if klass.__module__.startswith("torch") or "_sessa_reads" in vars(klass):
                 continue
             funcs.extend(f for f in vars(klass).values() if isinstance(f, types.FunctionType))
     reads, seen = {}, set()
@@ -125,16 +128,22 @@ def _globals_key(reads: list):
         return None
 
 
-def _signature(module: torch.nn.Module, installed=None):
+def _vars(m) -> dict:
+    """A module's instance attributes, read without its class's __getattribute__ (not counted as a read by _Reads)."""
+    return object.__getattribute__(m, "__dict__")
+
+
+def _signature(module: torch.nn.Module, installed=None, values: bool = True):
     """What the Python of module's forward can depend on while torch.export traces it, or None when that is not
     known (hooks, an attribute the key cannot describe). ``installed``: the forward this file set on the module,
-    which is not part of it."""
+    which is not part of it. Without ``values``, the other attributes count by name only (their values are
+    compared where the layer's trace read them: LayerTrace.reads)."""
     parts = []
     try:
         for name, m in module.named_modules(remove_duplicate=False):
             if any(getattr(m, h, None) for h in _HOOKS) or getattr(m, "_forward_hooks_with_kwargs", None):
                 return None
-            attrs = tuple(sorted((k, _attr_key(v)) for k, v in vars(m).items()
+            attrs = tuple(sorted((k, _attr_key(v) if values else _attr_key(v) and None) for k, v in _vars(m).items()
                                  if k not in _SKIP_ATTRS and not (m is module and k == "forward" and v is installed)))
             params = tuple((k, tuple(p.shape), str(p.dtype), str(p.device), p.requires_grad)
                            for k, p in m._parameters.items() if p is not None)
@@ -152,7 +161,7 @@ def _worth_sharing(m: torch.nn.Module) -> bool:
     """A layer whose own trace saves more than it costs (one more export of the model's start, one of the layer):
     a module of the user's with parameters and two or more submodules; torch's own modules (a Linear, a
     LayerNorm) are single ops."""
-    if isinstance(m, _CONTAINERS) or type(m).__module__.startswith("torch.") or "forward" in vars(m):
+    if isinstance(m, _CONTAINERS) or type(m).__module__.startswith("torch.") or "forward" in _vars(m):
         return False   # (a forward set on the instance is left as it is)
     return sum(1 for _ in itertools.islice(m.modules(), 3)) >= 3 and any(True for _ in m.parameters())
 
@@ -166,7 +175,7 @@ def groups(module: torch.nn.Module) -> list:
     for name, m in module.named_modules():
         if not name or not _worth_sharing(m):
             continue
-        sig = _signature(m)
+        sig = _signature(m, values=False)
         if sig is not None:
             by_sig.setdefault(sig, []).append(name)
             names[name] = m
@@ -207,6 +216,16 @@ class LayerTrace:
     single: bool                  # the layer returns one tensor (else a tuple of them)
     out_dims: list                # per output: per dim an int or (input index, dim) it equals
     notes: list = field(default_factory=list)
+    reads: list = field(default_factory=list)    # (submodule path, attribute, _attr_key of the value) the trace read
+
+    def same_reads(self, module) -> bool:
+        """Whether module holds the values the layer's trace read (its other attributes cannot steer the trace)."""
+        try:
+            subs = dict(module.named_modules(remove_duplicate=False))
+            return all(path in subs and name in _vars(subs[path]) and _attr_key(_vars(subs[path])[name]) == key
+                       for path, name, key in self.reads)
+        except _Opaque:
+            return False
 
     def fits(self, xs: list) -> bool:
         """Whether the sizes of this call (in the model's export) can be ones the layer's graph holds for: its
@@ -243,9 +262,10 @@ class Group:
         self.values = _globals_key(self.reads)
 
     def holds(self, module, installed=None) -> bool:
-        """Whether module's Python would still take the path the group's trace took: the same signature, and the
-        same values of the globals its code reads (a model's forward may set either between its layers)."""
-        return (self.values is not None and _signature(module, installed) == self.signature
+        """Whether module's Python can take the path the group's traces took: the same structure and attribute
+        names, and the same values of the globals its code reads (a model's forward may set one between its
+        layers); the attributes a trace read are compared by LayerTrace.same_reads."""
+        return (self.values is not None and _signature(module, installed, values=False) == self.signature
                 and _globals_key(self.reads) == self.values)
 
 
@@ -289,7 +309,9 @@ class Plan:
 
     def _trace(self, flat: "_Flat", examples: list):
         try:
-            graph, guards, notes, out_spec = self.trace_layer(flat, tuple(examples), {})
+            with _Reads(flat.layer) as reads:
+                graph, guards, notes, out_spec = self.trace_layer(flat, tuple(examples), {})
+            read = reads.values()
         except Exception:  # noqa: BLE001 - traced inline instead, where its error (if any) is reported
             return None
         leaf = pytree.tree_flatten(0)[1]
@@ -326,7 +348,7 @@ class Plan:
                 for s in o.type.shape:
                     if not isinstance(s, int) and not s.free_symbols <= set(symbols):
                         return None
-        return LayerTrace(graph, single, out_dims, notes)
+        return LayerTrace(graph, single, out_dims, notes, read)
 
     # -- step 4: the export sees the custom op --------------------------------------------------------
     def __enter__(self):
@@ -334,7 +356,7 @@ class Plan:
         self._saved = []
         try:
             for i, (_, m, g) in enumerate(self.sites):
-                saved = (m, "forward" in vars(m), vars(m).get("forward"))
+                saved = (m, "forward" in _vars(m), _vars(m).get("forward"))
                 m.forward = types.MethodType(_opaque_forward(self, i, type(m).forward), m)
                 self._saved.append(saved)
         except BaseException:   # (a module whose __setattr__ refuses): the user's modules are left as they were
@@ -348,8 +370,80 @@ class Plan:
             if had:
                 m.forward = old
             else:
-                vars(m).pop("forward", None)
+                _vars(m).pop("forward", None)
         return False
+
+
+_MODULE_PY = torch.nn.modules.module.__name__
+_TRACKING: dict = {}        # a module class -> its subclass that records attribute reads (_Reads)
+_READING = threading.local()
+
+
+def _tracking_class(cls):
+    with _LOCK:
+        tracked = _TRACKING.get(cls)
+        if tracked is None:
+            def __getattribute__(self, name):
+                seen = getattr(_READING, "reads", None)
+                if seen is not None and getattr(_READING, "in_forward", False) and (
+                        name != "__dict__" or sys._getframe(1).f_globals.get("__name__") != _MODULE_PY):
+                    seen.add((id(self), name))   # (nn.Module's own __getattr__ reads __dict__ to find a submodule)
+                return super(tracked, self).__getattribute__(name)
+
+            tracked = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__,
+                                                  "__qualname__": cls.__qualname__, "_sessa_reads": True})
+            _TRACKING[cls] = tracked
+        return tracked
+
+
+class _Reads:
+    """While a layer is traced on its own: which attributes of its modules its Python reads during its call (each
+    module's class is swapped for a subclass recording attribute reads, and swapped back after; torch.export's
+    own scan of every module's ``__dict__`` before the call, for tensor constants, is not the layer's Python). ``values()``: (path, name, value
+    key) of every instance attribute read that the signature counts by name only; reading ``__dict__`` counts as
+    reading them all."""
+
+    def __init__(self, layer: torch.nn.Module):
+        self.layer = layer
+        self.modules = list(layer.named_modules(remove_duplicate=False))
+        self.swapped: list = []
+        self.seen: set = set()
+
+    def __enter__(self):
+        try:
+            for _, m in self.modules:
+                cls = type(m)
+                object.__setattr__(m, "__class__", _tracking_class(cls))
+                self.swapped.append((m, cls))
+        except BaseException:
+            self._restore()
+            raise
+        self.outer = getattr(_READING, "reads", None)   # a layer traced inside another's trace reads for both
+        _READING.reads = self.seen
+        return self
+
+    def _restore(self):
+        for m, cls in reversed(self.swapped):
+            object.__setattr__(m, "__class__", cls)
+        self.swapped = []
+
+    def __exit__(self, *exc):
+        _READING.reads = self.outer
+        if self.outer is not None:
+            self.outer.update(self.seen)
+        self._restore()
+        return False
+
+    def values(self) -> list:
+        out = []
+        for path, m in self.modules:
+            every = (id(m), "__dict__") in self.seen
+            for name, v in _vars(m).items():
+                if name in _SKIP_ATTRS or name == "forward":
+                    continue
+                if every or (id(m), name) in self.seen:
+                    out.append((path, name, _attr_key(v)))
+        return out
 
 
 class NeedTrace(Exception):
@@ -379,7 +473,12 @@ class _Flat(torch.nn.Module):
         spec, template = self._call
         it = iter(tensors)
         args, kwargs = pytree.tree_unflatten([next(it) if x is _TENSOR else x for x in template], spec)
-        return self.layer(*args, **kwargs)
+        outer = getattr(_READING, "in_forward", False)
+        _READING.in_forward = True   # _Reads counts what the layer's call reads, not what the export's setup reads
+        try:
+            return self.layer(*args, **kwargs)
+        finally:
+            _READING.in_forward = outer
 
 
 def _example(x):
@@ -401,7 +500,7 @@ def _opaque_forward(plan: Plan, site: int, original):
         group = plan.sites[site][2]
         key = None if (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
                        or threading.get_ident() != plan.thread) else _call_key(args, kwargs)
-        if key is None or not group.holds(self, vars(self).get("forward")):   # e.g. an attribute the forward just set
+        if key is None or not group.holds(self, _vars(self).get("forward")):   # e.g. an attribute the forward just set
             return original(self, *args, **kwargs)
         flat, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
         leaves = [x for x in flat if isinstance(x, torch.Tensor)]
@@ -413,7 +512,7 @@ def _opaque_forward(plan: Plan, site: int, original):
                 template = [_TENSOR if isinstance(x, torch.Tensor) else x for x in flat]
                 raise NeedTrace(group, key, _Flat(group.members[0][1], spec, template), examples)
         trace = group.traces[key]
-        if trace is None or not trace.fits(leaves):
+        if trace is None or not trace.fits(leaves) or not trace.same_reads(self):
             return original(self, *args, **kwargs)
         index = list(group.traces).index(key)
         plan.used += 1
