@@ -374,3 +374,23 @@ def test_a_layer_index_its_trace_never_reads_does_not_split_the_layers(exports, 
                                 f"{1 if reads_index else 4} call(s) from them"]   # read: layer 0's own call only
     h2, mask2 = torch.randn(3, 7, 12), (torch.rand(3, 7) > 0.3).float()
     _close(_run(tr, h2, mask2)[0], m(h2, mask2).detach())
+
+
+class TypeChecked(Block):
+    def forward(self, h, attention_mask=None, gate=True):
+        out, aux = super().forward(h, attention_mask, gate)
+        return (out * 2.0 if type(self) is TypeChecked else out), aux
+
+
+def test_a_layer_that_checks_its_own_type_keeps_it_and_classes_are_left_as_they_were():
+    torch.manual_seed(0)
+    m = Stack()
+    m.blocks = nn.ModuleList(TypeChecked(12) for _ in range(4))
+    h, mask = torch.randn(2, 5, 12), torch.ones(2, 5)
+    tr = trace_with_report(m, (h, mask))
+    assert tr.report.shared
+    for klass in (TypeChecked, Block, nn.Linear, nn.LayerNorm):   # the read recorders are gone
+        assert "__getattribute__" not in vars(klass)
+    h2 = torch.randn(3, 7, 12)
+    for got, want in zip(_run(tr, h2, torch.ones(3, 7)), m(h2, torch.ones(3, 7))):
+        _close(got, want.detach())

@@ -96,9 +96,10 @@ def _global_reads(module: torch.nn.Module) -> list:
     funcs = []
     for m in module.modules():
         for klass in type(m).__mro__:
-            if klass.__module__.startswith("torch") or "_sessa_reads" in vars(klass):
+            if klass.__module__.startswith("torch"):
                 continue
-            funcs.extend(f for f in vars(klass).values() if isinstance(f, types.FunctionType))
+            funcs.extend(f for f in vars(klass).values()
+                         if isinstance(f, types.FunctionType) and not getattr(f, "_sessa_reads", False))
     reads, seen = {}, set()
     while funcs and len(seen) < 512:
         f = funcs.pop()
@@ -375,63 +376,102 @@ class Plan:
 
 
 _MODULE_PY = torch.nn.modules.module.__name__
-_TRACKING: dict = {}        # a module class -> its subclass that records attribute reads (_Reads)
 _READING = threading.local()
 
 
-def _tracking_class(cls):
-    with _LOCK:
-        tracked = _TRACKING.get(cls)
-        if tracked is None:
-            def __getattribute__(self, name):
-                seen = getattr(_READING, "reads", None)
-                if seen is not None and getattr(_READING, "in_forward", False) and (
-                        name != "__dict__" or sys._getframe(1).f_globals.get("__name__") != _MODULE_PY):
-                    seen.add((id(self), name))   # (nn.Module's own __getattr__ reads __dict__ to find a submodule)
-                return super(tracked, self).__getattribute__(name)
+def _recording_getattribute(cls):
+    """A __getattribute__ for ``cls`` that records (object id, name) while a layer's call is traced (_Reads), then
+    looks the name up as ``cls`` did."""
+    def __getattribute__(self, name):
+        seen = getattr(_READING, "reads", None)
+        if seen is not None and getattr(_READING, "in_forward", False) and (
+                name != "__dict__" or sys._getframe(1).f_globals.get("__name__") != _MODULE_PY):
+            seen.add((id(self), name))   # (nn.Module's own __getattr__ reads __dict__ to find a submodule)
+        return super(cls, self).__getattribute__(name)
 
-            tracked = type(cls.__name__, (cls,), {"__getattribute__": __getattribute__, "__module__": cls.__module__,
-                                                  "__qualname__": cls.__qualname__, "_sessa_reads": True})
-            _TRACKING[cls] = tracked
-        return tracked
+    __getattribute__._sessa_reads = True
+    return __getattribute__
+
+
+_PATCHED: dict = {}   # class -> [users, whether it had its own __getattribute__, that one] (under _LOCK)
+
+
+def _patch(klass) -> None:
+    entry = _PATCHED.get(klass)
+    if entry is not None:   # another trace (a nested layer, another thread) is recording through it already
+        entry[0] += 1
+        return
+    own = vars(klass).get("__getattribute__")
+    if own is not None:
+        def wrapped(self_, name, _own=own):
+            seen = getattr(_READING, "reads", None)
+            if seen is not None and getattr(_READING, "in_forward", False):
+                seen.add((id(self_), name))
+            return _own(self_, name)
+
+        wrapped._sessa_reads = True
+        klass.__getattribute__ = wrapped
+    else:
+        klass.__getattribute__ = _recording_getattribute(klass)
+    _PATCHED[klass] = [1, own is not None, own]
+
+
+def _unpatch(klass) -> None:
+    entry = _PATCHED[klass]
+    entry[0] -= 1
+    if entry[0] == 0:
+        del _PATCHED[klass]
+        if entry[1]:
+            klass.__getattribute__ = entry[2]
+        else:
+            del klass.__getattribute__
 
 
 class _Reads:
-    """While a layer is traced on its own: which attributes of its modules its Python reads during its call (each
-    module's class is swapped for a subclass recording attribute reads, and swapped back after; torch.export's
-    own scan of every module's ``__dict__`` before the call, for tensor constants, is not the layer's Python). ``values()``: (path, name, value
-    key) of every instance attribute read that the signature counts by name only; reading ``__dict__`` counts as
-    reading them all."""
+    """While a layer is traced on its own: which attributes of its modules its Python reads during its call. Each of
+    their classes gets a recording ``__getattribute__`` for the while (the instances keep their classes, so
+    ``type(self) is C`` still holds; a class's own ``__getattribute__`` is kept and restored); torch.export's own
+    scan of every module's ``__dict__`` before the call, for tensor constants, is not the layer's Python.
+    ``values()``: (path, name, value key) of every instance attribute read; reading ``__dict__`` counts as reading
+    them all."""
 
     def __init__(self, layer: torch.nn.Module):
         self.layer = layer
         self.modules = list(layer.named_modules(remove_duplicate=False))
-        self.swapped: list = []
+        self.patched: list = []
         self.seen: set = set()
 
     def __enter__(self):
-        try:
-            for _, m in self.modules:
-                cls = type(m)
-                object.__setattr__(m, "__class__", _tracking_class(cls))
-                self.swapped.append((m, cls))
-        except BaseException:
-            self._restore()
-            raise
+        classes = []
+        for _, m in self.modules:
+            for klass in type(m).__mro__:
+                if klass is torch.nn.Module or klass is object:
+                    break
+                if klass not in classes:
+                    classes.append(klass)
+        with _LOCK:
+            try:
+                for klass in classes:
+                    _patch(klass)
+                    self.patched.append(klass)
+            except BaseException:
+                self._restore()
+                raise
         self.outer = getattr(_READING, "reads", None)   # a layer traced inside another's trace reads for both
         _READING.reads = self.seen
         return self
 
     def _restore(self):
-        for m, cls in reversed(self.swapped):
-            object.__setattr__(m, "__class__", cls)
-        self.swapped = []
+        for klass in reversed(self.patched):
+            _unpatch(klass)
+        self.patched = []
 
     def __exit__(self, *exc):
         _READING.reads = self.outer
         if self.outer is not None:
             self.outer.update(self.seen)
-        self._restore()
+        with _LOCK:
+            self._restore()
         return False
 
     def values(self) -> list:
