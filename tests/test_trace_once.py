@@ -47,6 +47,19 @@ def _close(got, want):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _trace_stack(m):
+    """m (a Stack-like model: hidden states and a mask) traced on [2, 5, 12]."""
+    return trace_with_report(m, (torch.randn(2, 5, 12), torch.ones(2, 5)))
+
+
+def _matches_at_a_new_size(tr, m):
+    """Every output of the traced graph equals the module's on [3, 7, 12]."""
+    h2, mask2 = torch.randn(3, 7, 12), torch.ones(3, 7)
+    want = m(h2, mask2)
+    for got, w in zip(_run(tr, h2, mask2), want if isinstance(want, tuple) else (want,), strict=True):
+        _close(got, w.detach())
+
+
 @pytest.mark.parametrize("layers", ["SMTSMT", "SSSS"])
 def test_identical_layers_are_exported_once_and_give_the_full_traces_graph(monkeypatch, exports, layers):
     torch.manual_seed(len(layers))
@@ -193,11 +206,9 @@ class Autocast(Stack):
 def test_a_layer_called_under_autocast_is_traced_inline():
     torch.manual_seed(0)
     m = Autocast()
-    h, mask = torch.randn(2, 5, 12), torch.ones(2, 5)
-    tr = trace_with_report(m, (h, mask))
+    tr = _trace_stack(m)
     assert "bf16" in str(tr.graph)   # the autocast layer computes in bfloat16, the others do not
-    h2 = torch.randn(3, 7, 12)
-    _close(_run(tr, h2, torch.ones(3, 7))[0], m(h2, torch.ones(3, 7)).detach())
+    _matches_at_a_new_size(tr, m)
 
 
 @pytest.mark.parametrize("backend", ["tvm", "triton"])
@@ -233,10 +244,8 @@ def test_a_layer_attribute_the_models_forward_sets_is_seen():
     torch.manual_seed(0)
     m = SetsAttributes()
     m.blocks = nn.ModuleList(Scaled(12) for _ in range(4))
-    h, mask = torch.randn(2, 5, 12), torch.ones(2, 5)
-    tr = trace_with_report(m, (h, mask))
-    h2 = torch.randn(3, 7, 12)
-    _close(_run(tr, h2, torch.ones(3, 7))[0], m(h2, torch.ones(3, 7)).detach())
+    tr = _trace_stack(m)
+    _matches_at_a_new_size(tr, m)
 
 
 LAYER_GAIN = {"value": 1.0}
@@ -262,10 +271,8 @@ def test_a_global_the_models_forward_sets_between_layers_is_seen():
     torch.manual_seed(0)
     m = SetsAGlobal()
     m.blocks = nn.ModuleList(GlobalGain(12) for _ in range(4))
-    h, mask = torch.randn(2, 5, 12), torch.ones(2, 5)
-    tr = trace_with_report(m, (h, mask))
-    h2 = torch.randn(3, 7, 12)
-    _close(_run(tr, h2, torch.ones(3, 7))[0], m(h2, torch.ones(3, 7)).detach())
+    tr = _trace_stack(m)
+    _matches_at_a_new_size(tr, m)
 
 
 class Broadcast(nn.Module):
@@ -319,12 +326,9 @@ def test_a_layer_that_refuses_its_forward_being_set_is_left_as_it_was():
     m.blocks = nn.ModuleList([Block(12), Block(12), Frozen(12), Frozen(12)])
     for b in m.blocks[2:]:
         b._frozen = True
-    h, mask = torch.randn(2, 5, 12), torch.ones(2, 5)
-    tr = trace_with_report(m, (h, mask))
+    tr = _trace_stack(m)
     assert all("forward" not in vars(b) for b in m.blocks)   # no forward of ours left on any layer
-    h2 = torch.randn(3, 7, 12)
-    for got, want in zip(_run(tr, h2, torch.ones(3, 7)), m(h2, torch.ones(3, 7))):
-        _close(got, want.detach())
+    _matches_at_a_new_size(tr, m)
 
 
 class IndexedBlock(nn.Module):
@@ -386,11 +390,8 @@ def test_a_layer_that_checks_its_own_type_keeps_it_and_classes_are_left_as_they_
     torch.manual_seed(0)
     m = Stack()
     m.blocks = nn.ModuleList(TypeChecked(12) for _ in range(4))
-    h, mask = torch.randn(2, 5, 12), torch.ones(2, 5)
-    tr = trace_with_report(m, (h, mask))
+    tr = _trace_stack(m)
     assert tr.report.shared
     for klass in (TypeChecked, Block, nn.Linear, nn.LayerNorm):   # the read recorders are gone
         assert "__getattribute__" not in vars(klass)
-    h2 = torch.randn(3, 7, 12)
-    for got, want in zip(_run(tr, h2, torch.ones(3, 7)), m(h2, torch.ones(3, 7))):
-        _close(got, want.detach())
+    _matches_at_a_new_size(tr, m)

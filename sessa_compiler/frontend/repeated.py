@@ -134,18 +134,23 @@ def _vars(m) -> dict:
     return object.__getattribute__(m, "__dict__")
 
 
-def _signature(module: torch.nn.Module, installed=None, values: bool = True):
-    """What the Python of module's forward can depend on while torch.export traces it, or None when that is not
-    known (hooks, an attribute the key cannot describe). ``installed``: the forward this file set on the module,
-    which is not part of it. Without ``values``, the other attributes count by name only (their values are
-    compared where the layer's trace read them: LayerTrace.reads)."""
+def _signature(module: torch.nn.Module, installed=None):
+    """The structure of module that its Python can branch on while torch.export traces it, with its other
+    attributes by name (their values are compared where a layer's trace read them: LayerTrace.same_reads), or
+    None when that is not known (hooks, an attribute a read could not be compared by). ``installed``: the forward
+    this file set on the module, which is not part of it."""
     parts = []
     try:
         for name, m in module.named_modules(remove_duplicate=False):
             if any(getattr(m, h, None) for h in _HOOKS) or getattr(m, "_forward_hooks_with_kwargs", None):
                 return None
-            attrs = tuple(sorted((k, _attr_key(v) if values else _attr_key(v) and None) for k, v in _vars(m).items()
-                                 if k not in _SKIP_ATTRS and not (m is module and k == "forward" and v is installed)))
+            attrs = []
+            for k, v in sorted(_vars(m).items()):
+                if k in _SKIP_ATTRS or (m is module and k == "forward" and v is installed):
+                    continue
+                _attr_key(v)   # raises _Opaque for a value a read could not be compared by
+                attrs.append(k)
+            attrs = tuple(attrs)
             params = tuple((k, tuple(p.shape), str(p.dtype), str(p.device), p.requires_grad)
                            for k, p in m._parameters.items() if p is not None)
             bufs = tuple((k, tuple(b.shape), str(b.dtype), str(b.device), k in m._non_persistent_buffers_set)
@@ -176,7 +181,7 @@ def groups(module: torch.nn.Module) -> list:
     for name, m in module.named_modules():
         if not name or not _worth_sharing(m):
             continue
-        sig = _signature(m, values=False)
+        sig = _signature(m)
         if sig is not None:
             by_sig.setdefault(sig, []).append(name)
             names[name] = m
@@ -191,10 +196,10 @@ def groups(module: torch.nn.Module) -> list:
     return out
 
 
-def _call_key(args: tuple, kwargs: dict):
-    """What a layer's trace depends on in one call: the pytree structure, the constants, and every tensor's
-    dtype, rank and dims past the batch and sequence ones (those two are symbolic in the layer's trace)."""
-    leaves, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
+def _call_key(leaves: list, spec):
+    """What a layer's trace depends on in one call (its flattened arguments and their pytree spec): the structure,
+    the constants, and every tensor's dtype, rank and dims past the batch and sequence ones (those two are
+    symbolic in the layer's trace)."""
     key = []
     for x in leaves:
         if isinstance(x, torch.Tensor):
@@ -251,7 +256,7 @@ class LayerTrace:
 
 @dataclass
 class Group:
-    signature: tuple              # what the members' Python can branch on (_signature), when the group was made
+    signature: tuple              # the members' structure and attribute names (_signature)
     members: list                 # (qualified name, module)
     traces: dict = field(default_factory=dict)   # call key -> LayerTrace, or None: traced inline
     reads: list = field(default_factory=list)    # the globals their code reads (_global_reads)
@@ -266,7 +271,7 @@ class Group:
         """Whether module's Python can take the path the group's traces took: the same structure and attribute
         names, and the same values of the globals its code reads (a model's forward may set one between its
         layers); the attributes a trace read are compared by LayerTrace.same_reads."""
-        return (self.values is not None and _signature(module, installed, values=False) == self.signature
+        return (self.values is not None and _signature(module, installed) == self.signature
                 and _globals_key(self.reads) == self.values)
 
 
@@ -356,7 +361,7 @@ class Plan:
         self.thread = threading.get_ident()   # another thread calling the model meanwhile runs it as it is
         self._saved = []
         try:
-            for i, (_, m, g) in enumerate(self.sites):
+            for i, (_, m, _) in enumerate(self.sites):
                 saved = (m, "forward" in _vars(m), _vars(m).get("forward"))
                 m.forward = types.MethodType(_opaque_forward(self, i, type(m).forward), m)
                 self._saved.append(saved)
@@ -379,15 +384,15 @@ _MODULE_PY = torch.nn.modules.module.__name__
 _READING = threading.local()
 
 
-def _recording_getattribute(cls):
+def _recording_getattribute(cls, own=None):
     """A __getattribute__ for ``cls`` that records (object id, name) while a layer's call is traced (_Reads), then
-    looks the name up as ``cls`` did."""
+    looks the name up as ``cls`` did: through its own ``__getattribute__`` where it has one, else its base's."""
     def __getattribute__(self, name):
         seen = getattr(_READING, "reads", None)
         if seen is not None and getattr(_READING, "in_forward", False) and (
                 name != "__dict__" or sys._getframe(1).f_globals.get("__name__") != _MODULE_PY):
             seen.add((id(self), name))   # (nn.Module's own __getattr__ reads __dict__ to find a submodule)
-        return super(cls, self).__getattribute__(name)
+        return own(self, name) if own is not None else super(cls, self).__getattribute__(name)
 
     __getattribute__._sessa_reads = True
     return __getattribute__
@@ -402,17 +407,7 @@ def _patch(klass) -> None:
         entry[0] += 1
         return
     own = vars(klass).get("__getattribute__")
-    if own is not None:
-        def wrapped(self_, name, _own=own):
-            seen = getattr(_READING, "reads", None)
-            if seen is not None and getattr(_READING, "in_forward", False):
-                seen.add((id(self_), name))
-            return _own(self_, name)
-
-        wrapped._sessa_reads = True
-        klass.__getattribute__ = wrapped
-    else:
-        klass.__getattribute__ = _recording_getattribute(klass)
+    klass.__getattribute__ = _recording_getattribute(klass, own)
     _PATCHED[klass] = [1, own is not None, own]
 
 
@@ -436,7 +431,6 @@ class _Reads:
     them all."""
 
     def __init__(self, layer: torch.nn.Module):
-        self.layer = layer
         self.modules = list(layer.named_modules(remove_duplicate=False))
         self.patched: list = []
         self.seen: set = set()
@@ -538,11 +532,11 @@ def _example(x):
 def _opaque_forward(plan: Plan, site: int, original):
     def forward(self, *args, **kwargs):
         group = plan.sites[site][2]
+        flat, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
         key = None if (torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda")
-                       or threading.get_ident() != plan.thread) else _call_key(args, kwargs)
+                       or threading.get_ident() != plan.thread) else _call_key(flat, spec)
         if key is None or not group.holds(self, _vars(self).get("forward")):   # e.g. an attribute the forward just set
             return original(self, *args, **kwargs)
-        flat, spec = pytree.tree_flatten((tuple(args), dict(sorted(kwargs.items()))))
         leaves = [x for x in flat if isinstance(x, torch.Tensor)]
         if key not in group.traces:
             examples = [_example(x) for x in leaves]
@@ -601,18 +595,16 @@ def _register_op() -> None:
 
 
 def _subst(x, mapping: dict):
-    if isinstance(x, sympy.Basic):
-        y = x.xreplace(mapping)
-        return int(y) if y.is_Integer else y
-    if isinstance(x, TensorType):
-        return TensorType(x.dtype, tuple(_subst(d, mapping) for d in x.shape))
-    if isinstance(x, list):
-        return [_subst(y, mapping) for y in x]
-    if isinstance(x, tuple):
-        return tuple(_subst(y, mapping) for y in x)
-    if isinstance(x, dict):
-        return {k: _subst(v, mapping) for k, v in x.items()}
-    return x
+    """An operand, attribute or type with the layer's dim symbols replaced by the model's expressions."""
+    def leaf(y):
+        if isinstance(y, sympy.Basic):
+            y = y.xreplace(mapping)
+            return int(y) if y.is_Integer else y
+        if isinstance(y, TensorType):
+            return TensorType(y.dtype, tuple(leaf(d) for d in y.shape))
+        return y
+
+    return pytree.tree_map(leaf, x)
 
 
 class NotShareable(Exception):

@@ -402,10 +402,12 @@ def _dim_names(tensors) -> dict:
     return names
 
 
-def _pinned_dims(ep, args: tuple) -> dict:
+def _pinned_dims(ep, args: tuple, kwargs: dict | None = None) -> dict:
     """(input index, dim) -> size, for the batch/sequence dims export kept as a symbol of one-point range:
     code that needs the size as a Python int (a loop over range(T)) pins it, and the graph's shapes then
     hold that number where the input holds the symbol."""
+    if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
+        return {}   # (positional tensor calls only)
     sig = ep.graph_signature
     kinds = {s.arg.name: s.kind for s in sig.input_specs if hasattr(s.arg, "name")}
     user = [n for n in ep.graph.nodes if n.op == "placeholder"
@@ -453,7 +455,7 @@ def _lower_shared(module, args, kwargs):
                 plan.trace(need)
         else:
             return None
-        if _pinned_dims(ep, args) if not kwargs and all(isinstance(a, torch.Tensor) for a in args) else {}:
+        if _pinned_dims(ep, args, kwargs):
             return None
         lowerer = Lowerer(ep, _dim_names(tensor_leaves(args, kwargs)), name=type(module).__name__)
         graph = lowerer.run()
@@ -487,8 +489,7 @@ def _lower(module, args, kwargs=None, dynamic_shapes=None):
             return shared
     ep = export_program(module, args, kwargs, dynamic_shapes)
     lowerer = Lowerer(ep, _dim_names(tensor_leaves(args, kwargs)), name=type(module).__name__)
-    pinned = _pinned_dims(ep, args) if dynamic_shapes is None and not kwargs \
-        and all(isinstance(a, torch.Tensor) for a in args) else {}
+    pinned = _pinned_dims(ep, args, kwargs) if dynamic_shapes is None else {}
     # a pinned size that is not the example's own (the example was grown to >= 2, see _grow) would serve the
     # example's size with the grown one's graph
     elsewhere = any(args[i].shape[d] != n for (i, d), n in pinned.items())
@@ -587,7 +588,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
         hand_written_softmax(graph)   # a softmax spelled exp(x - max) / sum is the recognisers' softmax
     report = recognise(graph, _layout_sizes(graph)) if recognisers else Report()
     report.accepted[:0] = lowerer.notes
-    report.shared = list(getattr(lowerer, "shared", ()))
+    report.shared = list(lowerer.shared)
     simplify(graph)
     consumed = {name: t for name, t in read.items() if name not in graph.param_values}   # read, then replaced
     assumed = tuple((name, tensor_digest(t)) for name, t in consumed.items())
