@@ -527,16 +527,6 @@ class ServingProgram:
     def state_keys(self) -> set:
         return {spec.key for specs in self.states.values() for spec in specs.values()}
 
-    def refuse_masked(self, what: str) -> None:
-        """The serving exports: their caches carry no key-padding mask (UnsupportedError naming the op)."""
-        for node in self.states:
-            if node.op == "attention" and node.attrs.get("key_padding", False):
-                raise UnsupportedError(
-                    f"{what}: op 'attention' (%{node.outputs[0].name}) has a key-padding mask, and the exported "
-                    "step's caches carry no mask of the cached positions (not written yet); serve such a module "
-                    "with the compiled module's prefill/decode_step, or export its forward (the mask is a graph "
-                    "input there)")
-
     @property
     def masked(self) -> bool:
         """Whether some attention of the graph has a key-padding mask (its cache keeps the mask)."""

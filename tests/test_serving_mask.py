@@ -14,8 +14,9 @@ the whole padded sequence (prompt + new tokens, the mask extended with ones).
 - B=1 without padding: the unmasked graph (mask None) and the masked one with all ones equal the module;
 - the TVM and Triton split-K decode kernels with the cached mask (Triton: interpreter), and masked decode steps
   through them (tvm: every step's attention and feedback counted in TVM);
-- a mask the module computes from its token ids is served without a mask argument; the serving exports refuse a
-  step whose attention keeps a key-padding mask.
+- a mask the module computes from its token ids is served and exported without a mask argument;
+- the serving exports (ONNX in onnxruntime, TVM with its loader): prefill with the mask, then decode steps, against
+  the module on left- and right-padded batches; NaN rows where the compiled module would refuse the prompt.
 """
 from tests import triton_env  # noqa: I001  (sets TRITON_INTERPRET before triton is imported)
 
@@ -309,8 +310,96 @@ def test_masked_decode_steps_through_the_triton_kernels(model, monkeypatch):
     assert len(calls) == layers * N and all(torch.equal(k, mask.bool()) for k in calls)   # the whole cached mask
 
 
-def test_serving_exports_refuse_a_step_with_a_key_padding_mask(tmp_path):
-    """The exports' caches carry no mask: a graph whose attention keeps one is refused by name."""
+_NUMPY = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(bool)": "bool", "tensor(int64)": "int64",
+          "tensor(float16)": "float16", "tensor(int32)": "int32"}
+
+
+def _exported(kind: str, m, x, mask, path):
+    """The module's prefill and decode_step exports (ONNX in onnxruntime, or TVM libraries): the prompt x[:, :T]
+    with its mask from empty caches, then the N new positions one at a time with their mask (ones: real tokens).
+    -> (outputs [B, T + N, ...], the export's input names)"""
+    import numpy as np
+
+    if kind == "onnx":
+        import onnxruntime as ort
+
+        sc.export_onnx(m, (x[:, :T], mask[:, :T]), path / "prefill.onnx", method="prefill")
+        sc.export_onnx(m, (x[:, T], mask[:, T]), path / "step.onnx", method="decode_step")
+        sessions = [ort.InferenceSession(str(path / f), providers=["CPUExecutionProvider"])
+                    for f in ("prefill.onnx", "step.onnx")]
+        specs = [[(i.name, i.shape, _NUMPY[i.type]) for i in s.get_inputs()] for s in sessions]
+        run = [lambda *a, s=s, sp=sp: s.run(None, {n: v for (n, _, _), v in zip(sp, a)})
+               for s, sp in zip(sessions, specs)]
+    else:
+        libs = [sc.load_tvm(sc.export_tvm(m, (x[:, :T], mask[:, :T]), path / "prefill", method="prefill")),
+                sc.load_tvm(sc.export_tvm(m, (x[:, T], mask[:, T]), path / "step", method="decode_step"))]
+        specs = [[(i["name"], i["shape"], i["dtype"]) for i in lib.inputs] for lib in libs]
+        run = [lambda *a, lib=lib: lib(*a) for lib in libs]
+    caches = [np.zeros([x.shape[0]] + [0 if d == "P" else d for d in shape[1:]], dtype=dt)
+              for _, shape, dt in specs[0][2:]]
+    y, *caches = run[0](x[:, :T].numpy(), mask[:, :T].numpy(), *caches)
+    outs = [torch.from_numpy(np.asarray(y))]
+    for t in range(T, x.shape[1]):
+        y, *caches = run[1](x[:, t].numpy(), mask[:, t].numpy(), *caches)
+        outs.append(torch.from_numpy(np.asarray(y))[:, None])
+    return torch.cat(outs, 1), [n for n, _, _ in specs[0]], [n for n, _, _ in specs[1]]
+
+
+@pytest.mark.parametrize("kind", ["onnx", "tvm"])
+def test_serving_exports_take_the_attention_mask(kind, tmp_path):
+    """prefill and decode_step exports of the two-layer masked attention (GQA, RoPE, a finite fill): prompts padded
+    on the left, on the right and a single-token one; every row with a visible key equals the module on the whole
+    sequence, and a row with none (left padding; the module gives it the mean of v over the whole sequence, which
+    a step cannot know) is finite and feeds nothing."""
+    m, _ = _compiled("attention", "eager")
+    x, mask = _batch(5)
+    mask[0, :2] = 0
+    mask[1, 3:T] = 0
+    mask[2, :T - 1] = 0
+    got, pre_inputs, step_inputs = _exported(kind, m, x, mask, tmp_path)
+    assert pre_inputs[:2] == ["x", "attention_mask"] and step_inputs[:2] == ["x_t", "attention_mask_t"]
+    assert sum(n.endswith(".mask") for n in pre_inputs) == 2          # each attention caches the mask
+    with torch.no_grad():
+        want = m(x, mask)
+    seen = mask.cumsum(1) > 0
+    assert relative_error(got[seen], want[seen]) <= TOL
+    assert got.isfinite().all()
+
+
+@pytest.mark.parametrize("kind", ["onnx", "tvm"])
+def test_serving_exports_of_a_sessa_layer_with_a_mask(kind, tmp_path):
+    """The Sessa layer (a -inf fill: empty_rows="nan"): right padding and a hole equal the module everywhere; a
+    left-padded row is NaN where the module's is (the feedback carries the first NaN row on), NaN for NaN."""
+    m, _ = _compiled("sessa", "eager")
+    x, mask = _batch(6)
+    mask[1, 2:4] = 0
+    mask[2, 1:T] = 0
+    mask[0, :2] = 0
+    got, _, _ = _exported(kind, m, x, mask, tmp_path)
+    with torch.no_grad():
+        want = m(x, attention_mask=mask)
+    assert torch.equal(got.isnan(), want.isnan()) and want[0].isnan().all() and not want[1:].isnan().any()
+    assert relative_error(got[1:], want[1:]) <= TOL
+
+
+def test_serving_exports_give_nan_where_an_empty_row_reaches_the_feedback(tmp_path):
+    """With a finite fill, a left-padded row's output is the module's mean of v over the whole sequence, and the
+    feedback carries it into later rows: the compiled module refuses such a prompt (above), an exported graph
+    cannot raise, so that batch row is NaN from its first position on; the other rows are the module's."""
+    m = _model(TwoLayers, feedback=True)
+    x, mask = _batch(7)
+    mask[0, :2] = 0
+    mask[1, 4:T] = 0
+    got, _, _ = _exported("onnx", m, x, mask, tmp_path)
+    with torch.no_grad():
+        want = m(x, mask)
+    assert got[0].isnan().all() and not got[1:].isnan().any()
+    assert relative_error(got[1:], want[1:]) <= TOL
+
+
+def test_a_mask_derived_inside_the_module_is_served_and_exported(tmp_path):
+    """The mask computed from the token ids (0 = padding): the compiled module serves it without a mask argument,
+    and the decode_step export (no mask input: the graph derives it) caches it, its validation drawing ids with 0."""
 
     class PadIds(_Serves, nn.Module):   # the mask derived from the token ids (0 = padding) inside the module
         def __init__(self):
@@ -331,7 +420,7 @@ def test_serving_exports_refuse_a_step_with_a_key_padding_mask(tmp_path):
     outs = [c.prefill(ids[:, :3], cache)[0]] + [c.decode_step(ids[:, t], cache)[0][:, None] for t in (3, 4)]
     with torch.no_grad():
         assert relative_error(torch.cat(outs, 1), m(ids)) <= TOL
-    for export in (lambda: sc.export_onnx(m, (ids[:, 0],), tmp_path / "s.onnx", method="decode_step"),
-                   lambda: sc.export_tvm(m, (ids[:, 0],), tmp_path / "s_tvm", method="decode_step")):
-        with pytest.raises(UnsupportedError, match="key-padding mask"):
-            export()
+    exp = sc.export_onnx(m, (ids[:, 3],), tmp_path / "s.onnx", method="decode_step")   # validated: ids 0..10
+    assert [i.name for i in exp.model.graph.input][:2] == ["x_t", "attention.k"]
+    assert any(i.name.endswith(".mask") for i in exp.model.graph.input)
+    assert max(r["error"] for r in exp.validation) <= TOL

@@ -1,8 +1,10 @@
 """``export_onnx(..., method="decode_step")``: the serving step (sessa_compiler/serving.py) as a standard ONNX
 graph.
 
-Inputs: ``x_t`` (as the example gives it: with or without the sequence dim), then the cache tensors in the
-order of the compiled module's ``init_cache`` dict (its tensor values). Outputs: ``y_t``, then the updated
+Inputs: ``x_t`` (as the example gives it: with or without the sequence dim), then the new position's key-padding
+masks where the example gives them (``attention_mask_t``: [B], or [B, 1] beside an x_t with its sequence dim),
+then the cache tensors in the order of the compiled module's ``init_cache`` dict (its tensor values; a masked
+attention caches the mask of every position, bool [B, P]). Outputs: ``y_t``, then the updated
 cache tensors in the same order. Batch is dynamic (``B``), and so is the number of cached positions
 (``P``): ONNX has no in-place writes, so a position-indexed cache tensor holds exactly the P past positions
 and its update is P + 1 long (the new position appended); fixed-size states (scan ``h``, conv inputs) keep
@@ -11,6 +13,7 @@ feedback, scan, causal_conv1d and rope get single-position lowerings that read a
 """
 from __future__ import annotations
 
+import math
 import os
 
 import sympy
@@ -20,6 +23,7 @@ from ..errors import InputError, UnsupportedError
 from ..tolerance import TOLERANCE, relative_error
 from .onnx_builder import GraphBuilder, OnnxExportError, value_info
 from .onnx_lower import Lowering, lower_node
+from .serving_example import draw, draw_masks, mask_inputs, mask_name, serving_example, trace_example
 
 B_SYM, P_SYM = sympy.Symbol("B"), sympy.Symbol("P")
 
@@ -97,8 +101,34 @@ class _Step:
         qg = b.op("Reshape", q, b.i64(0, Hkv, H // Hkv, d))                              # [B,Hkv,g,d]
         logits = b.op("Mul", b.op("MatMul", qg, b.op("Transpose", K, perm=[0, 1, 3, 2])),
                       b.scalar(float(node.attrs["scale"]), cd))
+        empty = None
+        if node.attrs.get("key_padding", False):
+            logits, empty = self._key_padding(node, logits, cd)
         out = b.op("MatMul", b.op("Softmax", logits, axis=-1), V)                        # [B,Hkv,g,dv]
+        if empty is not None:
+            out = b.op("Where", empty, b.scalar(math.nan, cd), out, hint="empty_row_nan")
         return [b.cast(b.op("Reshape", out, b.i64(0, 1, H, dv)), cd, dt)]
+
+    def _key_padding(self, node, logits: str, cd: str):
+        """The new position's key-padding mask (operand 4, [B, 1]) appended to the cached mask [B, P + 1]; padded
+        keys get -inf. A row with no visible key (every position so far padded) is, with empty_rows="mean", the
+        mean of v over the positions so far (the module's value on the sequence up to here: uniform logits); with
+        empty_rows="nan", or where such a row reaches later rows (ServingProgram.empty_rows_reach: the compiled
+        module refuses such a prompt, and a graph cannot raise), NaN. -> (logits, [B,1,1,1] where to write NaN)"""
+        b = self.b
+        mdt = self.L.operand_dtype(node, 4)
+        m = self.L.get(node, 4)
+        new = m if mdt == "bool" else b.op("Not", b.op("Equal", m, b.scalar(0, mdt)), hint="key_keep_t")   # [B,1]
+        M = self._append(self.prog.states[node]["mask"].key, new, "bool", 1)                    # [B,P+1]
+        keep = b.op("Unsqueeze", M, b.i64(1, 2), hint="key_keep")                            # [B,1,1,P+1]
+        logits = b.op("Where", keep, logits, b.scalar(-math.inf, cd), hint="logits_masked")
+        seen = b.op("ReduceMax", b.op("Cast", M, to=_onnx(cd)), b.i64(1), keepdims=1)        # [B,1]
+        empty = b.op("Unsqueeze", b.op("Equal", seen, b.scalar(0.0, cd)), b.i64(1, 2), hint="empty_row")
+        if node.attrs.get("empty_rows", "mean") == "mean":
+            logits = b.op("Where", empty, b.scalar(0.0, cd), logits, hint="logits_uniform")
+            if node not in self.prog.empty_rows_reach:
+                empty = None
+        return logits, empty
 
     def _feedback(self, node):
         L, b = self.L, self.b
@@ -172,9 +202,7 @@ def _onnx(dtype: str) -> int:
 def build_step_model(prog, squeeze: bool, cache: dict, *, opset: int):
     """The decode step of ``prog`` (a ServingProgram) as an onnx.ModelProto; ``cache`` gives the dtypes."""
     graph = prog.graph
-    if len(graph.inputs) != 1:
-        raise UnsupportedError(f"export_onnx(method='decode_step'): the forward takes {len(graph.inputs)} tensor "
-                               "inputs; only single-input modules are exported (x_t, then the cache)")
+    masks = mask_inputs(prog, "export_onnx(method='decode_step')")
     b = GraphBuilder(opset)
     L = Lowering(graph, b)
     xv = graph.inputs[0]
@@ -186,6 +214,11 @@ def build_step_model(prog, squeeze: bool, cache: dict, *, opset: int):
     b.symbol_sources["B"] = (x_in, 0)
     b.symbol_sources[str(xv.type.shape[1])] = 1
     L.names[xv] = b.op("Unsqueeze", x_in, b.i64(1)) if squeeze else x_in
+    for j, i in enumerate(masks):   # the new position's key-padding mask: [B] (or [B, 1] beside a [B, 1, ...] x_t)
+        mv = graph.inputs[i]
+        name = b.names.fresh(mask_name(j, len(masks), "_t"))
+        inputs.append(value_info(name, mv.type.dtype.name, [B_SYM] + ([] if squeeze else [1])))
+        L.names[mv] = b.op("Unsqueeze", name, b.i64(1)) if squeeze else name
     caches_in, dtypes, order = {}, {}, []
     for specs in prog.states.values():
         for spec in specs.values():
@@ -261,13 +294,14 @@ def build_prefill_model(prog, cache: dict, *, opset: int):
     from ..serving import STATEFUL
 
     graph = prog.graph
-    if len(graph.inputs) != 1:
-        raise UnsupportedError(f"export_onnx(method='prefill'): the forward takes {len(graph.inputs)} tensor "
-                               "inputs; only single-input modules are exported (x, then the cache)")
+    masks = mask_inputs(prog, "export_onnx(method='prefill')")
     b = GraphBuilder(opset)
     xv = graph.inputs[0]
     x_in = b.names.fresh("x")
     inputs = [value_info(x_in, xv.type.dtype.name, [B_SYM, sympy.Symbol("T")] + list(xv.type.shape[2:]))]
+    mask_in = [b.names.fresh(mask_name(j, len(masks), "")) for j in range(len(masks))]
+    inputs += [value_info(n, graph.inputs[i].type.dtype.name, [B_SYM, sympy.Symbol("T")])
+               for n, i in zip(mask_in, masks)]
     b.symbol_sources["B"] = (x_in, 0)
     b.symbol_sources[str(xv.type.shape[1])] = 1      # the body runs one position
     caches_in, dtypes, order = _cache_inputs(b, prog, cache, inputs)
@@ -279,6 +313,9 @@ def build_prefill_model(prog, cache: dict, *, opset: int):
     L.names.update(params)
     start = body.op("Unsqueeze", pos, body.i64(0))
     L.names[xv] = body.op("Slice", x_in, start, body.op("Add", start, body.i64(1)), body.i64(1), hint="x_t")
+    for n, i in zip(mask_in, masks):
+        L.names[graph.inputs[i]] = body.op("Slice", n, start, body.op("Add", start, body.i64(1)), body.i64(1),
+                                           hint="mask_t")
     step = _Step(L, prog, carried, dtypes)
     for node in graph.nodes:
         outs = step.lower(node) if node.op in STATEFUL else lower_node(L, node)
@@ -307,22 +344,21 @@ def build_prefill_model(prog, cache: dict, *, opset: int):
     return _model(b.graph(graph.name + "_prefill", inputs, outputs), opset, f"prefill of {graph.name}"), order
 
 
-def validate_prefill(sess, module, x, cache, order, prog) -> list:
+def validate_prefill(sess, module, x, masks: list, cache, order, prog) -> list:
     """Prefill 3 positions from empty caches, then 2 more on the returned caches, in onnxruntime, at the
-    example's batch and one more; each chunk's y against the module's full forward."""
+    example's batch and one more; each chunk's y against the module's full forward (with random key-padding masks
+    where the module takes them)."""
     runs = []
     g = torch.Generator().manual_seed(0)
     for batch in (int(x.shape[0]), int(x.shape[0]) + 1):
-        shape = (batch, 5) + tuple(x.shape[2:])
-        if x.is_floating_point():
-            xs = torch.randn(shape, generator=g).to(x.dtype)
-        else:
-            xs = torch.randint(int(x.min()), int(x.max()) + 1, shape, generator=g, dtype=x.dtype)
+        xs = draw(x, (batch, 5) + tuple(x.shape[2:]), g)
+        ms = draw_masks(masks, batch, 5, g)
         with torch.no_grad():
-            full = module(xs)
+            full = module(xs, *ms)
         caches = empty_caches(cache, order, prog, batch)
         for step, (a, e) in enumerate(((0, 3), (3, 5))):
-            y, *caches = sess.run(None, {i.name: v for i, v in zip(sess.get_inputs(), [xs[:, a:e].numpy()] + caches)})
+            feeds = [xs[:, a:e].numpy()] + [m[:, a:e].numpy() for m in ms] + caches
+            y, *caches = sess.run(None, {i.name: v for i, v in zip(sess.get_inputs(), feeds)})
             ref = full[:, a:e]
             runs.append({"batch": batch, "step": step, "error": relative_error(torch.from_numpy(y), ref),
                          "tolerance": TOLERANCE.get(ref.dtype, 0.0)})
@@ -348,30 +384,22 @@ def export_onnx_step(module, example_inputs, path, *, method: str, opset: int, v
 
     if method not in ("decode_step", "prefill"):
         raise InputError(f"export_onnx: method must be 'forward', 'decode_step' or 'prefill', got {method!r}")
-    args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    if not args or not isinstance(args[0], torch.Tensor):
-        raise InputError("export_onnx(method='decode_step'): example_inputs must start with the tensor x_t "
-                         "(then, optionally, a cache from the compiled module's init_cache)")
-    x_t = args[0]
-    if method == "prefill" and x_t.dim() < 2:
-        raise InputError(f"export_onnx(method='prefill'): x must be [B, T, ...], got shape {tuple(x_t.shape)}")
+    x_t, masks, given = serving_example(example_inputs, method, "export_onnx")
     squeeze = method == "decode_step" and not (x_t.dim() >= 2 and x_t.shape[1] == 1)
-    if method == "prefill":
-        x_t = x_t[:, :1]
-    x3 = x_t[:, None] if squeeze else x_t
-    x4 = x3.repeat_interleave(4, dim=1).contiguous()  # T = 1 would specialise the trace
-    compiled = CompiledModule(module, (x4,), backend="eager")
+    x4, m4 = trace_example(x_t, masks, method, squeeze)
+    compiled = CompiledModule(module, (x4, *m4), backend="eager")
     graph = compiled.graph
     prog = ServingProgram(graph)
-    prog.refuse_masked(f"export_onnx(method={method!r})")
-    prog.check((x4,), graph.params)  # the example the graph was traced on
+    mask_inputs(prog, f"export_onnx(method={method!r})")
+    prog.check((x4, *m4), graph.params)  # the example the graph was traced on
     cache = prog.init_cache(int(x_t.shape[0]), device=torch.device("cpu"), max_len=0)
-    if len(args) > 1:
-        given = args[1]
+    if given is not None:
         pending = isinstance(given, dict) and "_pending" in given   # from a compiled module not traced yet
-        missing = [k for k in cache if k not in ("t", "max_len") and k not in given] if isinstance(given, dict) else []
+        # (a cache made before the module was traced with a mask lacks the mask's entries: only dtypes are read)
+        missing = [k for k in cache if k not in ("t", "max_len") and k not in given and not k.endswith(".mask")] \
+            if isinstance(given, dict) else []
         if not isinstance(given, dict) or (not pending and missing):
-            raise InputError("export_onnx(method='decode_step'): the example cache must come from the compiled "
+            raise InputError(f"export_onnx(method={method!r}): the example cache must come from the compiled "
                              "module's init_cache (keys " + ", ".join(k for k in cache if k not in ('t', 'max_len')) +
                              f"), got {type(given).__name__}" + (f" with keys {sorted(map(str, given))}"
                                                                 if isinstance(given, dict) else ""))
@@ -393,9 +421,9 @@ def export_onnx_step(module, example_inputs, path, *, method: str, opset: int, v
     result.cache_order = order
     if validate:
         if method == "prefill":
-            result.validation = validate_prefill(_session(path), module, args[0], cache, order, prog)
+            result.validation = validate_prefill(_session(path), module, x_t, masks, cache, order, prog)
         else:
-            result.validation = validate_step(_session(path), module, x_t, squeeze, cache, order, prog)
+            result.validation = validate_step(_session(path), module, x_t, masks, squeeze, cache, order, prog)
         bad = [r for r in result.validation if r["error"] > r["tolerance"]]
         if bad:
             r = bad[0]
@@ -405,26 +433,25 @@ def export_onnx_step(module, example_inputs, path, *, method: str, opset: int, v
     return result
 
 
-def validate_step(sess, module, x_t, squeeze: bool, cache, order, prog, steps: int = 5) -> list:
+def validate_step(sess, module, x_t, masks: list, squeeze: bool, cache, order, prog, steps: int = 5) -> list:
     """Decode ``steps`` positions from empty caches in onnxruntime (at the example's batch and one more) and
-    compare each y_t with the module's full forward over the positions so far."""
+    compare each y_t with the module's full forward over the positions so far (with random key-padding masks
+    where the module takes them)."""
     runs = []
     g = torch.Generator().manual_seed(0)
     for batch in (int(x_t.shape[0]), int(x_t.shape[0]) + 1):
         caches = empty_caches(cache, order, prog, batch)
         xs = []
+        ms = draw_masks(masks, batch, steps, g)
         for step in range(steps):
-            shape = (batch,) + tuple(x_t.shape[1:])
-            if x_t.is_floating_point():
-                x = torch.randn(shape, generator=g).to(x_t.dtype)
-            else:
-                x = torch.randint(int(x_t.min()), int(x_t.max()) + 1, shape, generator=g, dtype=x_t.dtype)
+            x = draw(x_t, (batch,) + tuple(x_t.shape[1:]), g)
             xs.append(x if not squeeze else x[:, None])
-            feeds = {i.name: a for i, a in zip(sess.get_inputs(), [x.numpy()] + caches)}
+            m_t = [m[:, step] if squeeze else m[:, step:step + 1] for m in ms]
+            feeds = {i.name: a for i, a in zip(sess.get_inputs(), [x.numpy()] + [m.numpy() for m in m_t] + caches)}
             outs = sess.run(None, feeds)
             y, caches = torch.from_numpy(outs[0]), outs[1:]
             with torch.no_grad():
-                ref = module(torch.cat(xs, dim=1))[:, -1]
+                ref = module(torch.cat(xs, dim=1), *[m[:, :step + 1] for m in ms])[:, -1]
             y = y if squeeze else y[:, 0]
             tol = TOLERANCE.get(ref.dtype, 0.0)
             runs.append({"batch": batch, "step": step, "error": relative_error(y, ref), "tolerance": tol})

@@ -101,22 +101,24 @@ class TVMModel:
                     raise ValueError(f"input {s['name']}: dimension {d} is {symbols[d]} elsewhere but {n} here")
             # tvm.runtime.tensor copies into its own aligned buffer: strided or misaligned numpy views are safe
             args.append(self._tvm.runtime.tensor(np.require(a, requirements="C"), self.device))
-        if self.manifest.get("method") == "prefill":
-            return self._prefill(np.asarray(arrays[0]), args[1:])
+        if self.manifest.get("method") == "prefill":   # x and its key-padding masks run position by position
+            n = sum(1 for s in self.manifest["inputs"] if len(s["shape"]) > 1 and s["shape"][1] == "T")
+            return self._prefill([np.asarray(a) for a in arrays[:n]], args[n:])
         out = self._main(*args, *self._params)
         outs = [out] if len(self.manifest["outputs"]) == 1 else list(out)
         return tuple(o.numpy() for o in outs) if len(outs) > 1 else outs[0].numpy()
 
 
-    def _prefill(self, x: np.ndarray, caches: list):
-        """prefill(x, *caches): the library's one-position step over x's positions in order (caches stay TVM
-        tensors between steps); y concatenated along the sequence dim, then the grown caches."""
-        if x.shape[1] == 0:
+    def _prefill(self, seqs: list, caches: list):
+        """prefill(x, *masks, *caches): the library's one-position step over x's positions in order (caches stay
+        TVM tensors between steps), each step given x's and the masks' position t; y concatenated along the
+        sequence dim, then the grown caches."""
+        if seqs[0].shape[1] == 0:
             raise ValueError("input x: the prefill needs at least one position (T >= 1)")
         ys = []
-        for t in range(x.shape[1]):
-            step = self._tvm.runtime.tensor(np.ascontiguousarray(x[:, t:t + 1]), self.device)
-            y, *caches = self._main(step, *caches, *self._params)
+        for t in range(seqs[0].shape[1]):
+            step = [self._tvm.runtime.tensor(np.ascontiguousarray(a[:, t:t + 1]), self.device) for a in seqs]
+            y, *caches = self._main(*step, *caches, *self._params)
             ys.append(y.numpy())
         return (np.concatenate(ys, axis=1),) + tuple(c.numpy() for c in caches)
 

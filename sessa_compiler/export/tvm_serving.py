@@ -1,7 +1,8 @@
 """``export_tvm(..., method="decode_step" | "prefill")``: the serving step (sessa_compiler/serving.py) as a TVM
 library.
 
-The same contract as the ONNX step export (export/onnx_serving.py): inputs ``x_t`` then the cache tensors
+The same contract as the ONNX step export (export/onnx_serving.py): inputs ``x_t``, its key-padding masks, then
+the cache tensors
 in the compiled cache's order, outputs ``y_t`` then the updated caches; batch ``B`` and past length ``P``
 symbolic (a position-indexed cache holds exactly P positions and comes back P + 1 long). Position-wise ops
 use the whole-graph Relax lowering (backends/tvm/relax_lower.py); attention, feedback, scan,
@@ -24,11 +25,11 @@ import numpy as np
 import sympy
 import torch
 
-from ..errors import InputError, UnsupportedError
+from .serving_example import mask_inputs, mask_name, serving_example, trace_example
 from .tvm_runtime import FORMAT, MANIFEST
 
 
-def _step_lowerer(graph, prog, squeeze: bool, cache: dict, lanes: int, schedules):
+def _step_lowerer(graph, prog, squeeze: bool, cache: dict, lanes: int, schedules, masks: list):
     from ..backends.tvm.relax_lower import RELAX_DTYPE, _Lowerer
     from ..serving import STATEFUL
 
@@ -46,6 +47,10 @@ def _step_lowerer(graph, prog, squeeze: bool, cache: dict, lanes: int, schedules
             tail = [self.dim(d) for d in xv.type.shape[2:]]
             x_ty = relax.TensorType([Bv] + ([] if squeeze else [1]) + tail, RELAX_DTYPE[xv.type.dtype.name])
             x_in = relax.Var("x_t", x_ty)
+            m_in = [relax.Var(mask_name(j, len(masks), "_t"),   # the new position's key-padding masks
+                              relax.TensorType([Bv] + ([] if squeeze else [1]),
+                                               RELAX_DTYPE[graph.inputs[i].type.dtype.name]))
+                    for j, i in enumerate(masks)]
             self.cache_vars, self.cache_out, self.order, self.cache_dt = {}, {}, [], {}
             cvars = []
             for specs in prog.states.values():
@@ -60,9 +65,11 @@ def _step_lowerer(graph, prog, squeeze: bool, cache: dict, lanes: int, schedules
                     cvars.append(var)
             params = [relax.Var(f"p_{i}", self.ttype(v)) for i, v in enumerate(graph.param_values.values())]
             self.Pv = Pv
-            with bb.function("main", [x_in] + cvars + params):
+            with bb.function("main", [x_in] + m_in + cvars + params):
                 with bb.dataflow():
                     self.env[xv] = bb.emit(op.expand_dims(x_in, 1)) if squeeze else x_in
+                    for i, var in zip(masks, m_in):
+                        self.env[graph.inputs[i]] = bb.emit(op.expand_dims(var, 1)) if squeeze else var
                     for v, r in zip(graph.param_values.values(), params):
                         self.env[v] = r
                     for node in graph.nodes:
@@ -129,9 +136,33 @@ def _step_lowerer(graph, prog, squeeze: bool, cache: dict, lanes: int, schedules
             qg = bb.emit(op.reshape(q, [Bv, Hkv, H // Hkv, d]))
             logits = bb.emit(op.multiply(op.matmul(qg, op.permute_dims(K, [0, 1, 3, 2])),
                                          self.relax.const(float(node.attrs["scale"]), cd)))
+            empty = None
+            if node.attrs.get("key_padding", False):
+                logits, empty = self._key_padding(node, logits, cd)
             out = bb.emit(op.matmul(op.nn.softmax(logits, axis=-1), V))
+            if empty is not None:
+                out = bb.emit(op.where(empty, self.relax.const(float("nan"), cd), out))
             out = bb.emit(op.reshape(out, [Bv, 1, H, dv]))
             return self._cast(out, cd, RELAX_DTYPE[node.outputs[0].type.dtype.name])
+
+        def _key_padding(self, node, logits, cd):
+            """As the ONNX step (export/onnx_serving.py _Step._key_padding): the new position's mask appended to
+            the cached one, padded keys -inf, a row with no visible key uniform (empty_rows="mean") or NaN (with
+            "nan", or where such a row reaches later rows). -> (logits, where to write NaN or None)"""
+            op, bb = self.relax.op, self.bb
+            m = self.env[node.inputs[4]]
+            mdt = node.inputs[4].type.dtype.name
+            new = m if mdt == "bool" else bb.emit(op.not_equal(m, self.relax.const(0, RELAX_DTYPE[mdt])))
+            M = self._append(prog.states[node]["mask"].key, new, "bool", 1)                   # [B, P+1]
+            keep = bb.emit(op.expand_dims(M, [1, 2]))                                          # [B,1,1,P+1]
+            logits = bb.emit(op.where(keep, logits, self.relax.const(float("-inf"), cd)))
+            seen = bb.emit(op.max(op.astype(M, cd), axis=[1], keepdims=True))                  # [B, 1]
+            empty = bb.emit(op.expand_dims(op.equal(seen, self.relax.const(0.0, cd)), [1, 2]))   # [B,1,1,1]
+            if node.attrs.get("empty_rows", "mean") == "mean":
+                logits = bb.emit(op.where(empty, self.relax.const(0.0, cd), logits))
+                if node not in prog.empty_rows_reach:
+                    empty = None
+            return logits, empty
 
         def _step_feedback(self, node):
             op, bb = self.relax.op, self.bb
@@ -202,33 +233,20 @@ def export_tvm_step(module, example_inputs, path, target=None, *, method: str, s
     from ..ir.dtypes import NUMPY_NAME as _NUMPY_DTYPE
     from .tvm_runtime import manifest_dim as _dim
 
-    if method not in ("decode_step", "prefill"):
-        raise InputError(f"export_tvm: method must be 'forward', 'decode_step' or 'prefill', got {method!r}")
-    args = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    first = "x_t" if method == "decode_step" else "x [B, T, ...]"
-    if not args or not isinstance(args[0], torch.Tensor):
-        raise InputError(f"export_tvm(method={method!r}): example_inputs must start with the tensor {first}")
-    if method == "prefill":
-        # the library holds the step on one position (with the sequence dim); the loader runs it over x's
-        # positions, the caches staying TVM tensors between steps
-        if args[0].dim() < 2 or args[0].shape[1] < 1:
-            raise InputError(f"export_tvm(method='prefill'): the example input must be [B, T, ...] with T >= 1, got "
-                             f"shape {tuple(args[0].shape)}")
-        x_t, squeeze = args[0][:, :1], False
-    else:
-        x_t = args[0]
-        squeeze = not (x_t.dim() >= 2 and x_t.shape[1] == 1)
-    x4 = (x_t[:, None] if squeeze else x_t).repeat_interleave(4, dim=1).contiguous()
-    compiled = CompiledModule(module, (x4,), backend="eager")
+    x, masks, _ = serving_example(example_inputs, method, "export_tvm")
+    # prefill: the library holds the step on one position (with the sequence dim); the loader runs it over x's
+    # positions, the caches staying TVM tensors between steps
+    squeeze = method == "decode_step" and not (x.dim() >= 2 and x.shape[1] == 1)
+    x4, m4 = trace_example(x, masks, method, squeeze)
+    x_t = x[:, :1] if method == "prefill" else x
+    compiled = CompiledModule(module, (x4, *m4), backend="eager")
     graph = compiled.graph
-    if len(graph.inputs) != 1:
-        raise UnsupportedError(f"export_tvm(method={method!r}): only single-input modules are exported")
     prog = ServingProgram(graph)
-    prog.refuse_masked(f"export_tvm(method={method!r})")
-    prog.check((x4,), graph.params)  # the example the graph was traced on
+    mask_idx = mask_inputs(prog, f"export_tvm(method={method!r})")
+    prog.check((x4, *m4), graph.params)  # the example the graph was traced on
     cache = prog.init_cache(int(x_t.shape[0]), device=torch.device("cpu"), max_len=0)
     target = resolve_target(target)
-    lw = _step_lowerer(graph, prog, squeeze, cache, lanes_for(target), schedules)
+    lw = _step_lowerer(graph, prog, squeeze, cache, lanes_for(target), schedules, mask_idx)
     mod = lw.build()
     executable = tvm.compile(mod, target=target)
     os.makedirs(path, exist_ok=True)
@@ -259,6 +277,9 @@ def export_tvm_step(module, example_inputs, path, target=None, *, method: str, s
         "format": FORMAT, "graph": f"{graph.name}_{method}", "library": "model.so", "weights": "weights.npz",
         "entry": "main", "method": method,
         "inputs": [{"name": x_name, "dtype": _NUMPY_DTYPE[xv.type.dtype.name], "shape": x_shape}] +
+                  [{"name": mask_name(j, len(mask_idx), "_t" if method == "decode_step" else ""),
+                    "dtype": _NUMPY_DTYPE[graph.inputs[i].type.dtype.name], "shape": x_shape[:len(x_shape) - len(
+                        xv.type.shape[2:])]} for j, i in enumerate(mask_idx)] +
                   [{"name": k, "dtype": str(cache[k].dtype).replace("torch.", ""), "shape": cache_shape(k, False)}
                    for k in lw.order],
         "outputs": [{"name": y_name, "dtype": _NUMPY_DTYPE[y.type.dtype.name],
