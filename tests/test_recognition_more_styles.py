@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from model_helpers import op_counts, trace_cached
 import sessa_compiler as sc
 from sessa_compiler.backends.eager import run_graph
+from sessa_compiler.errors import IRError
 from sessa_compiler.models import SessaLayer
 from styles.dense_solve_style import DenseSolveSessaLayer
 from styles.inverse_nan_style import InverseNanSessaLayer
@@ -241,6 +242,41 @@ def test_loop_over_time_traces_each_length_statically(backend):
     assert len(c.retraces) == 2 and len(c._variants) == 3, c.retraces
     assert sum("tracing it again" in str(w.message) for w in seen) == 2
     assert c.graph.inputs[0].type.shape[1] == 5 and not isinstance(c.graph.inputs[0].type.shape[0], int)
+
+
+def test_a_length_the_loop_pins_is_exported_once(monkeypatch):
+    """torch.export pins T (the loop needs it as an int); the lowering takes the pinned number for the input's
+    dim, so the module is exported once per length, not a second time with T static, and the graph is the one
+    that second export gives (the same ops and shapes, up to value names)."""
+    import importlib
+
+    import sessa_compiler.frontend.lower as lower
+
+    trace = importlib.import_module("sessa_compiler.frontend.trace")   # (the package's `trace` is a function)
+
+    m = LoopOverTime().eval()
+    x = torch.randn(3, 5, 8)
+    exports = []
+    real_export = trace.export_program
+    monkeypatch.setattr(trace, "export_program", lambda *a, **k: exports.append(a[3:] or k) or real_export(*a, **k))
+    once = trace.trace_with_report(m, (x,))
+    assert len(exports) == 1
+    real_run = lower.Lowerer.run
+
+    def refuse_numbers(self):   # the previous path: a lowering with a pinned number fails, so T is exported static
+        if any(isinstance(n, int) for n in self.dim_names.values()):
+            raise IRError("pinned")
+        return real_run(self)
+
+    monkeypatch.setattr(lower.Lowerer, "run", refuse_numbers)
+    exports.clear()
+    twice = trace.trace_with_report(m, (x,))
+    assert len(exports) == 2
+    shapes = lambda g: [(n.op, [str(v.type) for v in n.outputs]) for n in g.nodes]   # noqa: E731
+    assert shapes(once.graph) == shapes(twice.graph) and once.graph.inputs[0].type == twice.graph.inputs[0].type
+    assert once.graph.inputs[0].type.shape[1] == 5
+    with torch.no_grad():
+        assert rel(run_graph(once.graph, [x])[0], m(x)) <= 1e-5
 
 
 # -- the spellings these styles needed, on minimal modules ----------------------------------------------------

@@ -250,7 +250,9 @@ class Lowerer:
                     for d, s in enumerate(fake.shape):
                         if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol):
                             name = self.dim_names.get((user_index, d), f"D{user_index}_{d}")
-                            self.sym_map.setdefault(s.node.expr, sym(name))
+                            # (a dim the export pinned to one size is named by that size: trace.py _lower)
+                            self.sym_map.setdefault(s.node.expr,
+                                                    sympy.Integer(name) if isinstance(name, int) else sym(name))
                     self.env[node] = self.graph.add_input(self.graph.fresh_name(node.name), self.ttype(fake))
                     user_index += 1
                 else:

@@ -488,17 +488,25 @@ def _lower(module, args, kwargs=None, dynamic_shapes=None):
         if shared is not None:
             return shared
     ep = export_program(module, args, kwargs, dynamic_shapes)
-    lowerer = Lowerer(ep, _dim_names(tensor_leaves(args, kwargs)), name=type(module).__name__)
     pinned = _pinned_dims(ep, args, kwargs) if dynamic_shapes is None else {}
     # a pinned size that is not the example's own (the example was grown to >= 2, see _grow) would serve the
     # example's size with the grown one's graph
     elsewhere = any(args[i].shape[d] != n for (i, d), n in pinned.items())
+    names = _dim_names(tensor_leaves(args, kwargs))
+    lowerer = Lowerer(ep, names, name=type(module).__name__)
     graph = None
     try:
         graph = None if elsewhere else lowerer.run()
     except IRError:   # the graph's shapes say the pinned number where the input says the symbol
         if not pinned:
             raise
+        # the pinned dims lowered as their numbers (the input then holds them too, so another size traces again):
+        # the graph a trace with those dims static gives, without exporting the module a second time
+        lowerer = Lowerer(ep, {**names, **pinned}, name=type(module).__name__)
+        try:
+            graph = lowerer.run()
+        except IRError:
+            graph = None
     if graph is not None:
         return ep, lowerer, graph
     # trace again at the example's own sizes, the pinned dims static (another size traces again)
