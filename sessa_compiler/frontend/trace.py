@@ -2,6 +2,7 @@
 lowered to the IR, then the recognisers."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import threading
@@ -195,7 +196,7 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
     try:
         # torch.export keeps process-wide state (its exporting flag, the swapped-in fake parameters of the module,
         # the warning filters and the stderr redirection here): one export at a time in this process
-        with _EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs(), _hooked(module):
+        with _EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs(), _hooked(module), _no_fake_cache():
             warnings.simplefilter("ignore")
             # guards on sizes become runtime assertions in the graph (or ranges), not silent specialisations:
             # they are recorded as the traced graph's guards (see Guard)
@@ -210,6 +211,18 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
             raise TraceError(f"cannot trace {type(module).__name__}: {data_dependent}") from e
         raise TraceError(f"torch.export could not trace {type(module).__name__}: {type(e).__name__}: {e}") from e
     return ep
+
+
+def _no_fake_cache():
+    """FakeTensor's dispatch cache off for the export: with symbolic B and T, building its entries (the outputs'
+    symbolic sizes and strides) costs more than the hits save within one export; without it an export takes
+    0.55-0.7x the time (torch 2.13: SessaLayer 0.81 -> 0.43 s, a 4-layer Decoder 2.0 -> 1.37 s), the same
+    graph. Only a cache: what the export computes does not change."""
+    import torch._dynamo.config as config
+
+    if not hasattr(config, "fake_tensor_cache_enabled"):
+        return contextlib.nullcontext()
+    return config.patch(fake_tensor_cache_enabled=False)
 
 
 class _hooked:
@@ -233,7 +246,6 @@ class _quiet_torch_logs:
     NAMES = ("torch.fx.experimental.symbolic_shapes", "torch._export", "torch.export", "torch._dynamo")
 
     def __enter__(self):
-        import contextlib
         import io
         import logging
 
