@@ -80,6 +80,38 @@ def test_identical_layers_are_exported_once_and_give_the_full_traces_graph(monke
         _close(_run(tr, x)[0], m(x))
 
 
+def test_hugging_face_layers_taking_a_4d_mask_are_exported_once(monkeypatch, exports):
+    """A causal LM in Hugging Face's idiom hands every decoder layer a [B, 1, T, T] additive mask and a (cos, sin)
+    pair [1, T, d]: the layer's own trace keeps those T dims one symbol with the hidden states' (the call's
+    sizes, by named dims), so one layer trace serves every layer; the graph is the full trace's (ops, parameters,
+    attention with the model's attention_mask as its mask operand, feedback in every layer) and computes the
+    module's values at a new batch, length and padding."""
+    from styles.hf_causal_lm_style import SessaForCausalLM, SessaLMConfig
+
+    torch.manual_seed(0)
+    cfg = SessaLMConfig()
+    cfg.num_hidden_layers = 3
+    m = randomize(SessaForCausalLM(cfg)).eval()
+    ids, am = torch.randint(0, cfg.vocab_size, (2, 9)), torch.ones(2, 9, dtype=torch.long)
+    tr = trace_with_report(m, (ids,), {"attention_mask": am})
+    assert exports.count("SessaDecoderLayer") == 1 and exports.count("SessaForCausalLM") == 2
+    assert tr.report.shared == ["3 x SessaDecoderLayer (model.layers.0 ... model.layers.2), 1 layer trace(s), "
+                                "3 call(s) from them"]
+    mask_input = next(v for v in tr.graph.inputs if v.type.rank == 2 and v.type.dtype.name == "i64" and v is not
+                      tr.graph.inputs[0])
+    full = _full(monkeypatch, m, (ids,), {"attention_mask": am})
+    assert sorted(tr.graph.ops()) == sorted(full.graph.ops())
+    assert set(tr.graph.param_values) == set(full.graph.param_values)
+    atts = [n for n in tr.graph.nodes if n.op == "attention"]
+    assert [n.attrs for n in atts] == [n.attrs for n in full.graph.nodes if n.op == "attention"]
+    assert len(atts) == 3 and all(n.attrs.get("key_padding") and n.inputs[4] is mask_input for n in atts)
+    assert sum(op == "feedback" for op in tr.graph.ops()) == 3
+    ids2, am2 = torch.randint(0, cfg.vocab_size, (3, 13)), torch.ones(3, 13, dtype=torch.long)
+    am2[1, 9:] = 0
+    with torch.no_grad():
+        _close(_run(tr, ids2, am2)[0], m(ids2, attention_mask=am2)["logits"])
+
+
 def test_a_layer_with_another_attribute_is_traced_on_its_own(exports):
     torch.manual_seed(0)
     m = randomize(Decoder(50, 16, "SSS", n_heads=2)).eval()

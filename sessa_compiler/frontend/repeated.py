@@ -15,7 +15,9 @@ How (frontend/trace.py drives it, through ``Plan``):
    ``sessa_compiler::shared_layer``. The first time a group meets a kind of call (``_call_key``: the arguments'
    structure, dtypes, ranks, sizes past the batch and sequence dims, constant keywords), the export stops
    (``NeedTrace``), one layer of the group is traced on its own (``trace_layer``: torch.export with batch and
-   sequence symbolic, lowered to the IR) on zeros of the sizes met, and the model's export starts again. A layer
+   sequence symbolic, lowered to the IR; where a dim past those two is a size of the model's export, such as a
+   [B, 1, T, T] mask's, every symbolic dim of the call is a named dim, one per symbol: ``_call_dims``) on zeros
+   of the sizes met, and the model's export starts again. A layer
    whose trace carries size guards, uses other symbols, or returns anything but a tensor or a tuple of tensors is
    traced inline instead, as is any call under autocast or of a layer whose signature, or a global its code
    reads (``_global_reads``), changed by then.
@@ -199,19 +201,56 @@ def groups(module: torch.nn.Module) -> list:
 def _call_key(leaves: list, spec):
     """What a layer's trace depends on in one call (its flattened arguments and their pytree spec): the structure,
     the constants, and every tensor's dtype, rank and dims past the batch and sequence ones (those two are
-    symbolic in the layer's trace)."""
-    key = []
+    symbolic in the layer's trace). Where a dim past those two is a size of the model's export (a Hugging Face
+    style [B, 1, T, T] mask), every tensor's dims are keyed, each symbol by its first place in the call: the layer
+    is then traced with those dims symbolic, equal where the call's are (_call_dims)."""
+    key, canon, explicit = [], {}, False
     for x in leaves:
         if isinstance(x, torch.Tensor):
-            rest = tuple(x.shape[2:])
-            if not all(isinstance(d, int) for d in rest) or x.is_complex() or x.layout != torch.strided:
+            if x.is_complex() or x.layout != torch.strided:
                 return None
-            key.append(("T", x.dtype, x.dim(), rest, x.device.type))
+            dims = []
+            for d in x.shape:
+                if isinstance(d, torch.SymInt):
+                    e = d.node.expr
+                    if not isinstance(e, sympy.Symbol):
+                        if len(dims) >= 2:
+                            return None
+                        dims.append(None)   # (dims 0 and 1 are symbolic in the layer's own trace anyway)
+                        continue
+                    explicit = explicit or len(dims) >= 2
+                    dims.append(("s", canon.setdefault(e, len(canon))))
+                else:
+                    dims.append(int(d))
+            key.append(("T", x.dtype, x.dim(), tuple(dims), x.device.type))
         elif isinstance(x, CONSTANT_TYPES):
             key.append(("C", type(x).__name__, x))
         else:
             return None
-    return (spec, tuple(key))
+    if not explicit:   # dims past the second all static: dims 0 and 1 AUTO in the layer's trace, as any call
+        key = [(k[0], k[1], k[2], k[3][2:], k[4]) if k[0] == "T" else k for k in key]
+        if any(k[0] == "T" and not all(isinstance(d, int) for d in k[3]) for k in key):
+            return None
+    elif any(k[0] == "T" and None in k[3] for k in key):
+        return None
+    return (spec, tuple(key), explicit)
+
+
+def _call_dims(leaves: list) -> tuple:
+    """torch.export dynamic shapes for a layer's own trace where a dim past the second is symbolic in the call
+    (_call_key): every symbolic dim a named Dim, one per symbol of the model's export, so dims equal in the call
+    (a mask's two T dims and the hidden states' sequence dim) are one symbol of the layer's graph."""
+    from torch.export import Dim
+
+    named: dict = {}
+    spec = []
+    for x in leaves:
+        entry = {}
+        for d, s in enumerate(x.shape):
+            if isinstance(s, torch.SymInt):
+                entry[d] = named.setdefault(s.node.expr, Dim(f"shared_{len(named)}"))
+        spec.append(entry or None)
+    return {"tensors": tuple(spec)}   # by the name of _Flat.forward's *tensors
 
 
 @dataclass
@@ -311,12 +350,12 @@ class Plan:
         export met (values do not matter to a trace)."""
         rep = need.group.members[0][1]
         same = need.group.holds(rep)   # the model's forward may have set attributes of its layers, or globals
-        need.group.traces[need.key] = self._trace(need.flat, need.examples) if same else None
+        need.group.traces[need.key] = self._trace(need.flat, need.examples, need.dims) if same else None
 
-    def _trace(self, flat: "_Flat", examples: list):
+    def _trace(self, flat: "_Flat", examples: list, dims=None):
         try:
             with _Reads(flat.layer) as reads:
-                graph, guards, notes, out_spec = self.trace_layer(flat, tuple(examples), {})
+                graph, guards, notes, out_spec = self.trace_layer(flat, tuple(examples), {}, dims)
             read = reads.values()
         except Exception:  # noqa: BLE001 - traced inline instead, where its error (if any) is reported
             return None
@@ -484,9 +523,9 @@ class NeedTrace(Exception):
     """Raised inside the model's export when a grouped layer is first called with a kind of call not yet traced:
     the driver traces that layer (Plan.trace: ``flat`` called on ``examples``) and exports again."""
 
-    def __init__(self, group: Group, key, flat: "_Flat", examples: list):
+    def __init__(self, group: Group, key, flat: "_Flat", examples: list, dims=None):
         super().__init__("a shared layer needs its trace")
-        self.group, self.key, self.flat, self.examples = group, key, flat, examples
+        self.group, self.key, self.flat, self.examples, self.dims = group, key, flat, examples, dims
 
 
 _TENSOR = object()   # in a _Flat template: "the next tensor argument"
@@ -544,7 +583,8 @@ def _opaque_forward(plan: Plan, site: int, original):
                 group.traces[key] = None
             else:
                 template = [_TENSOR if isinstance(x, torch.Tensor) else x for x in flat]
-                raise NeedTrace(group, key, _Flat(group.members[0][1], spec, template), examples)
+                raise NeedTrace(group, key, _Flat(group.members[0][1], spec, template), examples,
+                                _call_dims(leaves) if key[2] else None)
         trace = group.traces[key]
         if trace is None or not trace.fits(leaves) or not trace.same_reads(self):
             return original(self, *args, **kwargs)

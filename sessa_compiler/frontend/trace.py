@@ -435,10 +435,11 @@ def _pinned_dims(ep, args: tuple, kwargs: dict | None = None) -> dict:
     return out
 
 
-def _trace_layer(layer, args, kwargs):
+def _trace_layer(layer, args, kwargs, dynamic_shapes=None):
     """One layer of a group of identical layers, traced on its own (frontend/repeated.py): its lowered graph, the
-    guards its trace carries, its lowering notes and its output spec."""
-    ep, lowerer, graph = _lower(layer, args, kwargs)
+    guards its trace carries, its lowering notes and its output spec. ``dynamic_shapes``: named dims where the
+    call has symbolic dims past the second (repeated._call_dims); by default dims 0 and 1 of every tensor."""
+    ep, lowerer, graph = _lower(layer, args, kwargs, dynamic_shapes)
     guards = [_simplified(g.expr) for g in _range_guards(ep, lowerer.sym_map)]
     guards += [_simplified(e) for e in lowerer.assertions]
     return graph, [g for g in guards if g is not sympy.true], list(lowerer.notes), ep.call_spec.out_spec
