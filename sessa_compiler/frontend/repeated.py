@@ -236,7 +236,7 @@ def _call_key(leaves: list, spec):
     return (spec, tuple(key), explicit)
 
 
-def _call_dims(leaves: list) -> tuple:
+def _call_dims(leaves: list) -> dict:
     """torch.export dynamic shapes for a layer's own trace where a dim past the second is symbolic in the call
     (_call_key): every symbolic dim a named Dim, one per symbol of the model's export, so dims equal in the call
     (a mask's two T dims and the hidden states' sequence dim) are one symbol of the layer's graph."""
