@@ -35,6 +35,7 @@ from sessa_compiler.frontend import trace_with_report
 from sessa_compiler.backends.eager import run_graph
 from sessa_compiler.models import SessaLayer
 from model_helpers import randomize, op_counts, trace_cached
+from styles.cached_table_lm_style import CachedTableLM
 from styles.diag_gain_style import DiagGainSessaLayer
 from styles.flat_lm_style import FlatSessaLM
 from styles.transposed_system_style import TransposedSystemSessaLayer
@@ -95,6 +96,38 @@ def test_flat_lm_block_is_the_spec_layer():
         with torch.no_grad():
             assert rel(m.block_forward(x), ref(x)) <= 1e-10
             assert rel(m.block_forward(x), spec_sessa_layer(ref.state_dict(), x, D=16, n_heads=4, n_kv_heads=2)) <= 1e-10
+
+
+@pytest.mark.filterwarnings("ignore:compiled CachedTableLM.*tracing it again:UserWarning")   # (labels=)
+def test_lm_with_rotary_tables_indexed_by_position_ids(tmp_path):
+    """styles/cached_table_lm_style.py (older Llama idiom: cos/sin tables [max_len, d] gathered by position_ids,
+    SDPA is_causal, GQA by repeat_interleave, a non-unit solve_triangular, a tied head, labels) on tvm: attention
+    with RoPE and GQA folded and the feedback in both layers, no fallback; outputs at three lengths, the loss and
+    every parameter's gradient equal the module's; the ONNX export validates at two lengths."""
+    torch.manual_seed(0)
+    m = CachedTableLM()
+    c = sc.compile(m, backend="tvm")
+    g = torch.Generator().manual_seed(5)
+    for T in (11, 5, 17):
+        ids = torch.randint(0, 50, (3, T), generator=g)
+        with torch.no_grad():
+            assert rel(c(ids), m(ids)) <= TOL["tvm"], T
+    ops, text = op_counts(c.graph), c.explain()
+    assert ops.get("attention") == 2 and ops.get("feedback") == 2 and "tri_solve" not in ops, (ops, text)
+    assert "fallback" not in ops and "rope" not in ops, text
+    assert all(n.attrs.get("rope") and n.inputs[1].type.shape[2] == 2 for n in c.graph.nodes if n.op == "attention")
+    ids = torch.randint(0, 50, (2, 9), generator=g)
+    grads = []
+    for fn in (c, m):
+        m.zero_grad(set_to_none=True)
+        loss, _ = fn(ids, labels=ids)
+        loss.backward()
+        grads.append((loss.detach(), {k: p.grad for k, p in m.named_parameters()}))
+    assert rel(grads[0][0], grads[1][0]) <= TOL["tvm"]
+    for k, want in grads[1][1].items():
+        assert grads[0][1][k] is not None and rel(grads[0][1][k], want) <= TOL["tvm"], k
+    exp = sc.export_onnx(m, (ids,), tmp_path / "lm.onnx")
+    assert len(exp.validation) == 2 and all(max(r["errors"]) <= TOL["tvm"] for r in exp.validation)
 
 
 # -- recognised on every backend; outputs and gradients are the module's ------------------------------
