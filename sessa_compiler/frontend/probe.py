@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import hashlib
+import functools
 import types
 from dataclasses import dataclass, field
 
@@ -50,10 +50,17 @@ def apply_steps(x, steps, binding):
     return x
 
 
-def _binding(graph: Graph, T: int, batch: int = PROBE_BATCH) -> dict:
+def _binding(graph: Graph, T: int, batch: int = PROBE_BATCH, nodes=None) -> dict:
+    """Sizes for every dim symbol of the graph's inputs and of ``nodes``' operands and outputs (default: every
+    node; a probe passes its region's, which is all it evaluates: the whole graph's values cost ~3 ms a probe)."""
     names = set()
-    for v in graph.values():
+    for v in graph.inputs:
         names |= v.type.symbols()
+    for n in (graph.nodes if nodes is None else nodes):
+        for v in n.outputs:
+            names |= v.type.symbols()
+        for v in n.value_inputs:
+            names |= v.type.symbols()
     return {n: (T if n == "T" else batch if n == "B" else OTHER_DIM) for n in names}
 
 
@@ -122,6 +129,13 @@ def _tensor_key(t: torch.Tensor) -> tuple:
     return ("tensor", str(t.dtype), tuple(t.shape), tensor_digest(t))
 
 
+@functools.lru_cache(maxsize=4096)
+def _srepr(x: sympy.Basic) -> str:
+    """sympy.srepr, remembered (expressions are immutable and hashable; a memo key prints the same few dims
+    thousands of times)."""
+    return sympy.srepr(x)
+
+
 class _Keyer:
     """Describes a region and a proposal in terms that do not name values: each value is its position."""
 
@@ -154,7 +168,7 @@ class _Keyer:
         if isinstance(x, torch.Tensor):
             return _tensor_key(x)
         if isinstance(x, sympy.Basic):
-            return ("sym", sympy.srepr(x))
+            return ("sym", _srepr(x))
         if isinstance(x, (list, tuple)):
             return (type(x).__name__,) + tuple(self.obj(y, depth + 1) for y in x)
         if isinstance(x, dict):
@@ -256,8 +270,9 @@ def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, le
     gen = torch.Generator().manual_seed(1234)
     worst = 0.0
     params = _params64(graph, [output], sources)
+    region = region_nodes(graph, [output], set(sources))
     for T in lengths:
-        binding = _binding(graph, T, batch)
+        binding = _binding(graph, T, batch, region)
         inputs = {}
         for v, kind in sources.items():
             shape = v.type.concrete_shape(binding)
