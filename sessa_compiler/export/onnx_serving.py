@@ -199,10 +199,10 @@ def _onnx(dtype: str) -> int:
     return ONNX_DTYPE[dtype]
 
 
-def build_step_model(prog, squeeze: bool, cache: dict, *, opset: int):
-    """The decode step of ``prog`` (a ServingProgram) as an onnx.ModelProto; ``cache`` gives the dtypes."""
+def build_step_model(prog, squeeze: bool, cache: dict, masks: list, *, opset: int):
+    """The decode step of ``prog`` (a ServingProgram) as an onnx.ModelProto; ``cache`` gives the dtypes, ``masks``
+    the indices of the graph inputs that are key-padding masks (serving_example.mask_inputs)."""
     graph = prog.graph
-    masks = mask_inputs(prog, "export_onnx(method='decode_step')")
     b = GraphBuilder(opset)
     L = Lowering(graph, b)
     xv = graph.inputs[0]
@@ -288,13 +288,12 @@ def _cache_shape(spec, t, length) -> list:
                       for i, s in enumerate(list(t.shape[1:]))]
 
 
-def build_prefill_model(prog, cache: dict, *, opset: int):
+def build_prefill_model(prog, cache: dict, masks: list, *, opset: int):
     """prefill(x, cache) -> (y, cache) as an onnx.ModelProto: an ONNX Loop over x's positions whose body is the
     decode step (the caches are its loop-carried values), so a prompt is one call on any cache."""
     from ..serving import STATEFUL
 
     graph = prog.graph
-    masks = mask_inputs(prog, "export_onnx(method='prefill')")
     b = GraphBuilder(opset)
     xv = graph.inputs[0]
     x_in = b.names.fresh("x")
@@ -382,15 +381,12 @@ def export_onnx_step(module, example_inputs, path, *, method: str, opset: int, v
     from ..serving import ServingProgram
     from .onnx_result import OnnxExport, OnnxValidationError, session as _session
 
-    if method not in ("decode_step", "prefill"):
-        raise InputError(f"export_onnx: method must be 'forward', 'decode_step' or 'prefill', got {method!r}")
-    x_t, masks, given = serving_example(example_inputs, method, "export_onnx")
-    squeeze = method == "decode_step" and not (x_t.dim() >= 2 and x_t.shape[1] == 1)
+    x_t, masks, given, squeeze = serving_example(example_inputs, method, "export_onnx")
     x4, m4 = trace_example(x_t, masks, method, squeeze)
     compiled = CompiledModule(module, (x4, *m4), backend="eager")
     graph = compiled.graph
     prog = ServingProgram(graph)
-    mask_inputs(prog, f"export_onnx(method={method!r})")
+    mask_idx = mask_inputs(prog, f"export_onnx(method={method!r})")
     prog.check((x4, *m4), graph.params)  # the example the graph was traced on
     cache = prog.init_cache(int(x_t.shape[0]), device=torch.device("cpu"), max_len=0)
     if given is not None:
@@ -408,9 +404,9 @@ def export_onnx_step(module, example_inputs, path, *, method: str, opset: int, v
         cache = prog.init_cache(int(x_t.shape[0]), device=torch.device("cpu"), dtype=low[0] if low else None,
                                 max_len=0)
     if method == "prefill":
-        model, order = build_prefill_model(prog, cache, opset=opset)
+        model, order = build_prefill_model(prog, cache, mask_idx, opset=opset)
     else:
-        model, order = build_step_model(prog, squeeze, cache, opset=opset)
+        model, order = build_step_model(prog, squeeze, cache, mask_idx, opset=opset)
     try:
         onnx.checker.check_model(model, full_check=True)
     except Exception as e:

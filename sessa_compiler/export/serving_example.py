@@ -27,8 +27,9 @@ def mask_name(j: int, n: int, suffix: str) -> str:
 
 
 def serving_example(example_inputs, method: str, what: str):
-    """A serving export's example: (x, key-padding masks..., cache or None). ``x`` is [B, T, ...] for the prefill
-    (its masks [B, T]) and x_t with or without the sequence dim for the decode step (its masks [B] or [B, 1])."""
+    """A serving export's example: (x, key-padding masks..., cache or None, squeeze). ``x`` is [B, T, ...] for the
+    prefill (its masks [B, T]) and x_t with or without the sequence dim for the decode step (its masks [B] or
+    [B, 1]); ``squeeze``: a decode step whose x_t has no sequence dim."""
     if method not in ("decode_step", "prefill"):
         raise InputError(f"{what}: method must be 'forward', 'decode_step' or 'prefill', got {method!r}")
     args = list(example_inputs) if isinstance(example_inputs, (tuple, list)) else [example_inputs]
@@ -47,7 +48,8 @@ def serving_example(example_inputs, method: str, what: str):
         if tuple(m.shape) not in want:
             raise InputError(f"{what}(method={method!r}): a key-padding mask (attention_mask) must have shape "
                              f"{' or '.join(map(str, want))} beside x of shape {tuple(x.shape)}, got {tuple(m.shape)}")
-    return x, masks, given
+    squeeze = method == "decode_step" and not (x.dim() >= 2 and x.shape[1] == 1)
+    return x, masks, given, squeeze
 
 
 def trace_example(x_t, masks: list, method: str, squeeze: bool):

@@ -233,10 +233,9 @@ def export_tvm_step(module, example_inputs, path, target=None, *, method: str, s
     from ..ir.dtypes import NUMPY_NAME as _NUMPY_DTYPE
     from .tvm_runtime import manifest_dim as _dim
 
-    x, masks, _ = serving_example(example_inputs, method, "export_tvm")
+    x, masks, _, squeeze = serving_example(example_inputs, method, "export_tvm")
     # prefill: the library holds the step on one position (with the sequence dim); the loader runs it over x's
     # positions, the caches staying TVM tensors between steps
-    squeeze = method == "decode_step" and not (x.dim() >= 2 and x.shape[1] == 1)
     x4, m4 = trace_example(x, masks, method, squeeze)
     x_t = x[:, :1] if method == "prefill" else x
     compiled = CompiledModule(module, (x4, *m4), backend="eager")

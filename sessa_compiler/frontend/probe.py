@@ -19,6 +19,7 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import itertools
 import types
 from dataclasses import dataclass, field
 
@@ -53,14 +54,11 @@ def apply_steps(x, steps, binding):
 def _binding(graph: Graph, T: int, batch: int = PROBE_BATCH, nodes=None) -> dict:
     """Sizes for every dim symbol of the graph's inputs and of ``nodes``' operands and outputs (default: every
     node; a probe passes its region's, which is all it evaluates: the whole graph's values cost ~3 ms a probe)."""
+    values = graph.values() if nodes is None else \
+        itertools.chain(graph.inputs, (v for n in nodes for v in (*n.value_inputs, *n.outputs)))
     names = set()
-    for v in graph.inputs:
+    for v in values:
         names |= v.type.symbols()
-    for n in (graph.nodes if nodes is None else nodes):
-        for v in n.outputs:
-            names |= v.type.symbols()
-        for v in n.value_inputs:
-            names |= v.type.symbols()
     return {n: (T if n == "T" else batch if n == "B" else OTHER_DIM) for n in names}
 
 
