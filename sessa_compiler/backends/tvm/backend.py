@@ -383,6 +383,8 @@ class TVMBackend(Backend):
         lines = [f"backend tvm: target {self.target.attrs.get('mcpu', '?')} "
                  f"({self.target.attrs.get('mtriple', '')}), {self._threads()} runtime threads, CPU tensors only "
                  "(gradients: see autograd below)"]
+        from .omp_launch import status as pool_status
+        lines.append(f"    {pool_status()}")
         lines.append("    TVM kernels (generated schedules; batch and sequence length symbolic, built once): " +
                      (", ".join(f"{op} x{c}" for op, c in sorted(tvm_ops.items())) or "none"))
         for item in plan:

@@ -55,8 +55,13 @@ def _load_lib(path: Path):
     """The library at ``path`` through tvm_ffi (without ``import tvm``), over the TVM runtime library."""
     import tvm_ffi
 
+    from .omp_launch import adopt
+
     _load_tvm_runtime()
-    return tvm_ffi.load_module(os.path.realpath(path))
+    real = os.path.realpath(path)
+    lib = tvm_ffi.load_module(real)
+    adopt(real)   # its parallel loops on torch's OpenMP threads (omp_launch.py), where that applies
+    return lib
 
 
 def load_vm(path):
@@ -172,5 +177,9 @@ def load_or_build_kernel(fields: dict, symbol: str, build):
     ex = build()
     if path is not None:
         note("TVM kernel", "built")
-        _write_cached(ex, path)
+        if _write_cached(ex, path):
+            try:   # the written library, as load_or_build does: its code is generated already, and its parallel
+                return with_function(_load_lib(path))   # loops can run on torch's threads (omp_launch.py)
+            except Exception:  # noqa: BLE001 - then the executable itself
+                pass
     return with_function(ex)

@@ -1,0 +1,223 @@
+"""Run the generated TVM code's parallel loops on torch's OpenMP threads instead of TVM's own thread pool.
+
+Why: torch's CPU build runs its ops on GNU OpenMP, whose worker threads busy-wait for a few milliseconds after
+every parallel region (libgomp's default spin, about 300k iterations). A TVM kernel called right after a torch
+op (every core op of a training step, hybrid mode, serving) then runs its own pool's threads beside spinning
+OpenMP threads: on a 2-core machine 3 runnable threads on 2 cores, and the kernel's statically split work
+waits for its slowest half. Measured (2-core AMD EPYC, attention kernel at T = 1024): 7.5 ms alone, 13-15 ms
+right after a torch matmul; on torch's OpenMP threads 7.4 ms alone and 7.7 ms after the matmul.
+
+How: generated code reaches the runtime's parallel launcher through a function pointer in each library,
+``__TVMBackendParallelLaunch`` (filled in by the loader). ``adopt(path)`` points it, in a library this process
+loaded from ``path``, at ``sessa_parallel_launch`` of a small C file compiled here once (``SOURCE``, with
+``-fopenmp``; the dynamic loader binds its ``libgomp.so.1`` to the one torch already loaded, which is checked:
+exactly one OpenMP runtime mapped). It keeps TVM's launcher contract: ``num_task`` tasks (0: the configured
+thread count, ``configure_threads``), each task id run once with ``penv->num_task`` the task count, a nonzero
+return is an error; inside an OpenMP parallel region, and in a child forked after it was loaded (whose OpenMP
+pool is gone), the tasks run in order on the calling thread. Libraries
+that use TVM's parallel barrier (``__TVMBackendParallelBarrier``; none of the generated kernels do) keep TVM's
+pool.
+
+Where it does not apply, TVM's own pool runs the loops, as before (``status()`` says why): torch's parallel
+backend is not OpenMP, no C compiler with ``-fopenmp``, another OpenMP runtime than torch's would be loaded,
+``SESSA_COMPILER_TVM_POOL=tvm``, or a library that was not loaded from a file (built with the compile cache
+off: an in-memory executable). The exported TVM libraries' loader (export/tvm_runtime.py, no torch) is not
+touched.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+SOURCE = r"""
+#include <omp.h>
+#include <stdint.h>
+#include <unistd.h>
+
+/* TVM's parallel launcher ABI (tvm/ffi c_backend_api: TVMParallelGroupEnv, FTVMParallelLambda). */
+typedef struct { void* sync_handle; int32_t num_task; } TVMParallelGroupEnv;
+typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
+
+static int sessa_threads = 0;   /* the task count when the caller passes 0; 0 here: omp_get_max_threads() */
+static pid_t sessa_pid = 0;     /* the process that set it: a forked child's OpenMP pool is not usable */
+
+void sessa_set_threads(int n) { sessa_threads = n; sessa_pid = getpid(); }
+
+int sessa_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
+  int total = num_task > 0 ? num_task : (sessa_threads > 0 ? sessa_threads : omp_get_max_threads());
+  int failed = 0;
+  if (total <= 1 || omp_in_parallel() || getpid() != sessa_pid) {   /* nested, or after fork(): in order, here */
+    TVMParallelGroupEnv env = {0, total < 1 ? 1 : total};
+    for (int t = 0; t < env.num_task; ++t)
+      if (flambda(t, &env, cdata) != 0) failed = 1;
+    return failed ? -1 : 0;
+  }
+  #pragma omp parallel num_threads(total)
+  {
+    TVMParallelGroupEnv env = {0, total};
+    int nt = omp_get_num_threads();
+    for (int t = omp_get_thread_num(); t < total; t += nt)   /* every task once, however many threads came */
+      if (flambda(t, &env, cdata) != 0) {
+        #pragma omp atomic write
+        failed = 1;
+      }
+  }
+  return failed ? -1 : 0;
+}
+
+void* sessa_omp_runtime(void) { return (void*)&omp_get_max_threads; }
+"""
+
+_LOCK = threading.Lock()
+_STATE: dict = {}            # "lib": the loaded shim (CDLL) or None; "why": the reason it is not used
+_ADOPTED: dict = {}          # realpath of a library -> True (pointed at the shim) / False (kept TVM's pool)
+LAUNCH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_OMP_RUNTIME = re.compile(r"/lib(g|i|)omp[^/]*\.so")
+
+
+def _omp_runtimes() -> set:
+    """The OpenMP runtime libraries mapped into this process (Linux: /proc/self/maps)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            paths = {line.split()[-1] for line in f if line.strip()}
+    except OSError:
+        return set()
+    return {p for p in paths if _OMP_RUNTIME.search(p)}
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "gcc", "cc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _compile(cc: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-", suffix=".so")
+    os.close(fd)
+    src = tmp[:-3] + ".c"
+    try:
+        with open(src, "w", encoding="utf-8") as f:
+            f.write(SOURCE)
+        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-fopenmp", src, "-o", tmp], check=True,
+                       capture_output=True, timeout=120)
+        os.chmod(tmp, 0o700)
+        os.replace(tmp, out)   # atomic: a concurrent process sees a whole library or none
+    finally:
+        for p in (src, tmp):
+            if os.path.exists(p):
+                os.unlink(p)
+
+
+def _load() -> tuple:
+    """(the shim CDLL or None, why not)."""
+    if os.environ.get("SESSA_COMPILER_TVM_POOL", "omp").lower() == "tvm":
+        return None, "SESSA_COMPILER_TVM_POOL=tvm"
+    if not sys.platform.startswith("linux"):
+        return None, f"not on Linux ({sys.platform})"
+    import torch
+
+    if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None, "torch's parallel backend is not OpenMP"
+    before = _omp_runtimes()
+    if len(before) != 1:
+        return None, f"torch's OpenMP runtime not found as one library (mapped: {sorted(before) or 'none'})"
+    cc = _compiler()
+    if cc is None:
+        return None, "no C compiler (CC, gcc or cc) to build the OpenMP launcher"
+    from ...persistent_cache import cache_dir, compile_cache_enabled, make_private_dir, trusted
+
+    digest = hashlib.sha1((SOURCE + cc).encode()).hexdigest()[:16]
+    temp = None
+    path = cache_dir() / "tvm-omp" / f"launch-{digest}.so"
+    try:
+        if not (compile_cache_enabled("libraries") and trusted(cache_dir(), path)):
+            raise OSError("cache off or not trusted")
+        make_private_dir(path.parent)
+        if not path.exists():
+            _compile(cc, path)
+    except (OSError, subprocess.SubprocessError):
+        try:
+            temp = Path(tempfile.mkdtemp(prefix="sessa-omp-"))
+            path = temp / "launch.so"
+            _compile(cc, path)
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            return None, (f"could not build the OpenMP launcher with {cc} -fopenmp ({type(e).__name__}"
+                          f"{': ' + detail.decode(errors='replace').strip()[:200] if detail else ''})")
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"could not load the OpenMP launcher ({e})"
+    finally:
+        if temp is not None:   # loaded (or not): the file is no longer needed
+            shutil.rmtree(temp, ignore_errors=True)
+    after = _omp_runtimes()
+    if after != before:   # the launcher brought its own OpenMP runtime: its threads would be a third pool
+        return None, f"the launcher would use another OpenMP runtime than torch's ({sorted(after - before)})"
+    from .target import configure_threads
+
+    lib.sessa_set_threads.argtypes = [ctypes.c_int]
+    lib.sessa_set_threads(configure_threads())
+    lib.sessa_parallel_launch.argtypes = [LAUNCH, ctypes.c_void_p, ctypes.c_int]
+    lib.sessa_parallel_launch.restype = ctypes.c_int
+    return lib, ""
+
+
+def launcher():
+    """The loaded launcher (a CDLL with ``sessa_parallel_launch``), or None where TVM's pool runs the loops."""
+    with _LOCK:
+        if "lib" not in _STATE:
+            _STATE["lib"], _STATE["why"] = _load()
+        return _STATE["lib"]
+
+
+def adopt(path) -> bool:
+    """Point the parallel launcher of the library this process loaded from ``path`` at torch's OpenMP threads;
+    True where it now runs there. A library that was not loaded, or that uses TVM's parallel barrier, keeps
+    TVM's pool."""
+    real = os.path.realpath(path)
+    with _LOCK:
+        if real in _ADOPTED:
+            return _ADOPTED[real]
+    lib = launcher()
+    ok = False
+    if lib is not None:
+        try:   # RTLD_NOLOAD: the handle of the copy TVM loaded (the same globals), never a second copy
+            handle = ctypes.CDLL(real, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+            try:
+                ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelBarrier")
+                uses_barrier = True
+            except ValueError:
+                uses_barrier = False
+            if not uses_barrier:
+                slot = ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelLaunch")
+                slot.value = ctypes.cast(lib.sessa_parallel_launch, ctypes.c_void_p).value
+                ok = True
+        except (OSError, ValueError):   # not loaded from this file, or no parallel loop in it
+            ok = False
+    with _LOCK:
+        _ADOPTED[real] = ok
+    return ok
+
+
+def status() -> str:
+    """One line for explain(): which threads run the TVM kernels' parallel loops."""
+    lib = launcher()
+    if lib is not None:
+        n = sum(_ADOPTED.values())
+        return (f"parallel loops on torch's OpenMP threads ({n} loaded librar{'y' if n == 1 else 'ies'}; no "
+                "contention with torch's spinning workers; SESSA_COMPILER_TVM_POOL=tvm for TVM's pool)")
+    return f"parallel loops on TVM's thread pool ({_STATE.get('why', '')})"
+
+
+__all__ = ["SOURCE", "LAUNCH", "adopt", "launcher", "status"]
