@@ -45,6 +45,19 @@ def _launch(num_task, fail_task=None):
 @pytest.mark.skipif(not APPLIES, reason="torch without OpenMP, or no C compiler")
 def test_launcher_runs_every_task_once_with_the_task_count():
     assert omp_launch.launcher() is not None, omp_launch.status()
+    before = torch.get_num_threads()
+    try:
+        _check_launcher()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_launcher():
+    torch.set_num_threads(1)   # 0 tasks asked: torch's thread count, at most TVM_NUM_THREADS
+    assert [t for t, _, _ in _launch(0)[0]] == [0]
+    torch.set_num_threads(configure_threads() + 1)
+    assert sorted(t for t, _, _ in _launch(0)[0]) == list(range(configure_threads()))
+    torch.set_num_threads(configure_threads())
     for num_task, total in ((0, configure_threads()), (1, 1), (3, 3), (5, 5)):
         seen, rc = _launch(num_task)
         assert rc == 0
@@ -86,6 +99,15 @@ def _step(compiled, layer, x):
 
 @pytest.mark.skipif(not APPLIES, reason="torch without OpenMP, or no C compiler")
 def test_compiled_layer_runs_on_openmp_threads_bit_identical_to_tvms_pool():
+    before = torch.get_num_threads()
+    torch.set_num_threads(configure_threads())   # the same task split as TVM's pool
+    try:
+        _compare_pools()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _compare_pools():
     torch.manual_seed(0)
     layer = SessaLayer(32, n_heads=2, n_kv_heads=1)
     compiled = sc.compile(layer, backend="tvm")

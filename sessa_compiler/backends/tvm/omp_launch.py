@@ -11,9 +11,9 @@ How: generated code reaches the runtime's parallel launcher through a function p
 ``__TVMBackendParallelLaunch`` (filled in by the loader). ``adopt(path)`` points it, in a library this process
 loaded from ``path``, at ``sessa_parallel_launch`` of a small C file compiled here once (``SOURCE``, with
 ``-fopenmp``; the dynamic loader binds its ``libgomp.so.1`` to the one torch already loaded, which is checked:
-exactly one OpenMP runtime mapped). It keeps TVM's launcher contract: ``num_task`` tasks (0: the configured
-thread count, ``configure_threads``), each task id run once with ``penv->num_task`` the task count, a nonzero
-return is an error; inside an OpenMP parallel region, and in a child forked after it was loaded (whose OpenMP
+exactly one OpenMP runtime mapped). It keeps TVM's launcher contract: ``num_task`` tasks (0: torch's thread
+count in the calling thread, ``torch.set_num_threads``, at most ``configure_threads()``, i.e. TVM_NUM_THREADS),
+each task id run once with ``penv->num_task`` the task count, a nonzero return is an error; inside an OpenMP parallel region, and in a child forked after it was loaded (whose OpenMP
 pool is gone), the tasks run in order on the calling thread. Libraries
 that use TVM's parallel barrier (``__TVMBackendParallelBarrier``; none of the generated kernels do) keep TVM's
 pool.
@@ -26,6 +26,7 @@ touched.
 """
 from __future__ import annotations
 
+import _ctypes
 import ctypes
 import hashlib
 import os
@@ -46,13 +47,16 @@ SOURCE = r"""
 typedef struct { void* sync_handle; int32_t num_task; } TVMParallelGroupEnv;
 typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* cdata);
 
-static int sessa_threads = 0;   /* the task count when the caller passes 0; 0 here: omp_get_max_threads() */
+static int sessa_threads = 0;   /* at most this many tasks when the caller passes 0 (0: no cap) */
 static pid_t sessa_pid = 0;     /* the process that set it: a forked child's OpenMP pool is not usable */
 
 void sessa_set_threads(int n) { sessa_threads = n; sessa_pid = getpid(); }
 
 int sessa_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
-  int total = num_task > 0 ? num_task : (sessa_threads > 0 ? sessa_threads : omp_get_max_threads());
+  /* 0: torch's thread count in this thread (torch.set_num_threads sets the OpenMP one), at most sessa_threads */
+  int cap = omp_get_max_threads();
+  if (sessa_threads > 0 && sessa_threads < cap) cap = sessa_threads;
+  int total = num_task > 0 ? num_task : cap;
   int failed = 0;
   if (total <= 1 || omp_in_parallel() || getpid() != sessa_pid) {   /* nested, or after fork(): in order, here */
     TVMParallelGroupEnv env = {0, total < 1 ? 1 : total};
@@ -78,7 +82,7 @@ void* sessa_omp_runtime(void) { return (void*)&omp_get_max_threads; }
 
 _LOCK = threading.Lock()
 _STATE: dict = {}            # "lib": the loaded shim (CDLL) or None; "why": the reason it is not used
-_ADOPTED: dict = {}          # realpath of a library -> True (pointed at the shim) / False (kept TVM's pool)
+_ADOPTED: dict = {}          # realpath of a library -> whether its last load was pointed at the launcher
 LAUNCH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
 _OMP_RUNTIME = re.compile(r"/lib(g|i|)omp[^/]*\.so")
 
@@ -186,25 +190,29 @@ def adopt(path) -> bool:
     True where it now runs there. A library that was not loaded, or that uses TVM's parallel barrier, keeps
     TVM's pool."""
     real = os.path.realpath(path)
-    with _LOCK:
-        if real in _ADOPTED:
-            return _ADOPTED[real]
-    lib = launcher()
+    lib = launcher()   # every load, not once per path: TVM's loader sets the pointer again at each load_module,
+    # and a library unloaded (its last module freed) and loaded again starts from TVM's launcher
     ok = False
     if lib is not None:
         try:   # RTLD_NOLOAD: the handle of the copy TVM loaded (the same globals), never a second copy
             handle = ctypes.CDLL(real, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        except OSError:   # not loaded from this file
+            handle = None
+        if handle is not None:
             try:
-                ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelBarrier")
-                uses_barrier = True
-            except ValueError:
-                uses_barrier = False
-            if not uses_barrier:
-                slot = ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelLaunch")
-                slot.value = ctypes.cast(lib.sessa_parallel_launch, ctypes.c_void_p).value
-                ok = True
-        except (OSError, ValueError):   # not loaded from this file, or no parallel loop in it
-            ok = False
+                try:
+                    ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelBarrier")
+                    uses_barrier = True
+                except ValueError:
+                    uses_barrier = False
+                if not uses_barrier:
+                    slot = ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelLaunch")
+                    slot.value = ctypes.cast(lib.sessa_parallel_launch, ctypes.c_void_p).value
+                    ok = True
+            except ValueError:   # no parallel loop in it
+                ok = False
+            finally:   # drop this reference: the library's lifetime stays TVM's module's
+                _ctypes.dlclose(handle._handle)
     with _LOCK:
         _ADOPTED[real] = ok
     return ok
@@ -215,8 +223,9 @@ def status() -> str:
     lib = launcher()
     if lib is not None:
         n = sum(_ADOPTED.values())
-        return (f"parallel loops on torch's OpenMP threads ({n} loaded librar{'y' if n == 1 else 'ies'}; no "
-                "contention with torch's spinning workers; SESSA_COMPILER_TVM_POOL=tvm for TVM's pool)")
+        return (f"parallel loops on torch's OpenMP threads: as many as torch.get_num_threads(), at most "
+                f"TVM_NUM_THREADS ({n} loaded librar{'y' if n == 1 else 'ies'}; no contention with torch's spinning "
+                "workers; SESSA_COMPILER_TVM_POOL=tvm for TVM's pool)")
     return f"parallel loops on TVM's thread pool ({_STATE.get('why', '')})"
 
 
