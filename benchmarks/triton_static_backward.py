@@ -26,6 +26,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))   # triton_static (the forward's model and rates)
 
 ATTENTION = {"H": 8, "Hkv": 2, "d": 128, "dv": 128, "rope": True}
 FEEDBACK = {"d_qk": 128, "d_v": 128, "chunk": 64, "outer": 256, "strategy": "rows"}
@@ -160,19 +161,90 @@ def records(B: int, T: int, dtypes=("bf16", "f32")) -> list:
     return out
 
 
+def _rate(rec: dict) -> float:
+    """The tensor-core rate a kernel's products run at, from its compiled wgmma shapes: k16 (bf16/f16 operands) at
+    the bf16 rate, k8 (TF32) at half of it; no wgmma: 0 (memory-bound)."""
+    from triton_static import BF16_FLOPS, TF32_FLOPS
+
+    shapes = rec.get("wgmma_shapes") or []
+    if not shapes:
+        return 0.0
+    return TF32_FLOPS if any(sh.endswith("k8") for sh in shapes) else BF16_FLOPS
+
+
+def strip_bytes(role: str, B: int, T: int, cfg: dict = FEEDBACK_WIDE) -> int:
+    """The [B, CO, T] float32 strips one kernel of the strips strategy writes and reads, summed over the outer
+    chunks (the module docstring of feedback_bwd_wide.py: PT written by colprobs, read by update; P and W written
+    by rowprobs, read and W rewritten by rowsum, W read by dq and dk)."""
+    CO = cfg["outer"]
+    per = {"colprobs": ("tail", 1), "update": ("rest", 1), "rowprobs": ("head", 2), "rowsum": ("head", 3),
+           "dq": ("head", 1), "dk": ("head", 1)}.get(role)
+    if per is None:
+        return 0
+    span, times = per
+    total = 0
+    for r0 in range(0, T, CO):
+        r1 = min(r0 + CO, T)
+        cols = {"tail": T - r0, "rest": T - r1, "head": r1}[span]
+        total += 4 * B * (r1 - r0) * cols * times
+    return total
+
+
+def layer_training_estimate(B: int, T: int, recs: list) -> dict:
+    """The target layer (triton_static.py: bf16 SessaLayer(1024, n_heads=8)) forward + backward against its forward,
+    on one basis: every kernel at its own roofline (issued FLOPs at the rate of its compiled wgmma shapes, against
+    the bytes it must move), the torch ops at theirs. The backward: the attention backward kernels given the
+    forward's lse (delta, dK/dV, dQ, RoPE's transpose), the strips feedback backward at width 1024 with its strip
+    traffic, and the torch ops' backward at twice the forward torch ops' time (each linear's dX and dW products;
+    the elementwise ops' gradients read and write about twice their forward's bytes). The forward's per-launch
+    model (launches, L2, occupancy, sequential chains: triton_static.py's est_ms) has no backward counterpart yet,
+    so the ratio is taken between rooflines; the forward's est_ms over its roofline is printed beside it."""
+    import triton_static as ts
+
+    fwd = next(r for r in ts.records(B, T) if r.get("kernel") == "layer")
+    rows = []
+    for r in recs:
+        if r.get("dtype") != "bf16" or "role" not in r:
+            continue
+        if r["op"] == "attention_backward" and r["role"] != "lse":
+            nbytes = 0
+            if r["role"] in ("delta", "rope"):   # out and dO (delta), q and k read and written (rope), bf16
+                a = ATTENTION
+                nbytes = 2 * 2 * B * T * a["H"] * (a["dv"] if r["role"] == "delta" else a["d"])
+        elif r["op"] == "feedback_backward_strips" and r["role"] not in ("lse",):
+            nbytes = strip_bytes(r["role"], B, T)
+        else:
+            continue
+        rate = _rate(r)
+        flop_s = r["issued_flops"] / rate if rate else 0.0
+        rows.append({"kernel": r["kernel"], "op": r["op"], "flop_ms": 1e3 * flop_s, "bytes": nbytes,
+                     "ms": 1e3 * max(flop_s, nbytes / ts.BYTES_PER_S)})
+    torch_bwd_ms = 2 * fwd["torch_ops_ms"]
+    bwd_ms = sum(r["ms"] for r in rows) + torch_bwd_ms
+    ratio = (fwd["roofline_ms"] + bwd_ms) / fwd["roofline_ms"]
+    return {"kernel": "layer_training", "forward_roofline_ms": fwd["roofline_ms"], "forward_est_ms": fwd["est_ms"],
+            "backward_kernels": rows, "backward_torch_ops_ms": torch_bwd_ms, "backward_roofline_ms": bwd_ms,
+            "strip_bytes": sum(r["bytes"] for r in rows if r["op"] == "feedback_backward_strips"),
+            "fwd_bwd_over_fwd": ratio, "target": 3.5, "met": ratio <= 3.5,
+            "config": f"bf16 SessaLayer(D={ts.TARGET['D']}, H={ts.TARGET['H']}), B={B}, T={T}, sm_90"}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", action="store_true")
     ap.add_argument("-B", type=int, default=4)
     ap.add_argument("-T", type=int, default=8192)
     ap.add_argument("--dtype", action="append", help="bf16 and/or f32 (default both)")
+    ap.add_argument("--layer", action="store_true",
+                    help="also the target layer's forward + backward against its forward (compiles the forward too)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET to compile ahead of time", file=sys.stderr)
         return 2
     recs = records(args.B, args.T, tuple(args.dtype or ("bf16", "f32")))
+    layer = layer_training_estimate(args.B, args.T, recs) if args.layer else None
     if args.json:
-        for r in recs:
+        for r in recs + ([layer] if layer else []):
             print(json.dumps(r), flush=True)
         return 0
     cols = ("kernel", "dtype", "num_warps", "registers", "spill_bytes", "shared_bytes", "wgmma_shapes", "cp_async",
@@ -185,6 +257,15 @@ def main(argv=None) -> int:
             cells.append(f"{v:.3g}" if isinstance(v, float) or (isinstance(v, int) and v > 10 ** 6) else
                          " ".join(v) if isinstance(v, list) else str(v))
         print("| " + " | ".join(cells) + " |")
+    if layer:
+        print(f"\nLayer forward + backward ({layer['config']}), each kernel at its roofline:\n")
+        print("| backward kernel | op | FLOPs at its rate ms | strip bytes | ms |\n|---|---|---:|---:|---:|")
+        for r in layer["backward_kernels"]:
+            print(f"| {r['kernel']} | {r['op']} | {r['flop_ms']:.3f} | {r['bytes']:.3g} | {r['ms']:.3f} |")
+        print(f"| torch ops' backward (2x the forward's) | | | | {layer['backward_torch_ops_ms']:.3f} |")
+        print(f"\nforward {layer['forward_roofline_ms']:.3f} ms at the rooflines (modelled per launch: "
+              f"{layer['forward_est_ms']:.3f} ms), backward {layer['backward_roofline_ms']:.3f} ms: forward + backward "
+              f"= {layer['fwd_bwd_over_fwd']:.2f}x the forward (target 3.5x: {'met' if layer['met'] else 'NOT met'})")
     return 0
 
 
