@@ -5,10 +5,17 @@ import sys
 # (styles/): make them importable.
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
+import os
+
+# Before anything imports torch (libgomp reads it once, when loaded): torch's OpenMP workers, which also run the TVM
+# kernels' parallel loops (backends/tvm/omp_launch.py), spin about 300k iterations (milliseconds) after each parallel
+# region by default. With two xdist workers on two cores that spinning takes the other worker's core: 10k iterations
+# keep back-to-back regions warm and gave the TVM test files 96 s instead of 110 s (two runs each, 2026-12-06). A
+# value set by whoever runs the suite wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
 # Before anything imports triton: its interpreter must be on for the kernel tests on CPU tensors.
 import triton_env  # noqa: E402,F401
-
-import os  # noqa: E402
 
 # The persistent compile cache is on for the whole run, in a directory of this run shared by the xdist workers: a
 # module compiled by several tests (on several backends, in float32 and float64, ...) is traced and recognised once,
