@@ -10,13 +10,13 @@ right after a torch matmul; on torch's OpenMP threads 7.4 ms alone and 7.7 ms af
 How: generated code reaches the runtime's parallel launcher through a function pointer in each library,
 ``__TVMBackendParallelLaunch`` (filled in by the loader). ``adopt(path)`` points it, in a library this process
 loaded from ``path``, at ``sessa_parallel_launch`` of a small C file compiled here once (``SOURCE``, with
-``-fopenmp``; the dynamic loader binds its ``libgomp.so.1`` to the one torch already loaded, which is checked:
-exactly one OpenMP runtime mapped). It keeps TVM's launcher contract: ``num_task`` tasks (0: torch's thread
-count in the calling thread, ``torch.set_num_threads``, at most ``configure_threads()``, i.e. TVM_NUM_THREADS),
-each task id run once with ``penv->num_task`` the task count, a nonzero return is an error; inside an OpenMP parallel region, and in a child forked after it was loaded (whose OpenMP
-pool is gone), the tasks run in order on the calling thread. Libraries
-that use TVM's parallel barrier (``__TVMBackendParallelBarrier``; none of the generated kernels do) keep TVM's
-pool.
+``-fopenmp`` and linked against the OpenMP library torch has mapped, whatever its file name, so the dynamic loader
+binds it to that one; exactly one OpenMP runtime mapped before and after is checked). It keeps TVM's launcher
+contract: ``num_task`` tasks (0: torch's thread count in the calling thread, ``torch.set_num_threads``, at most
+``configure_threads()``, i.e. TVM_NUM_THREADS), each task id run once with ``penv->num_task`` the task count, a
+nonzero return is an error; inside an OpenMP parallel region, and in a child forked after it was loaded (whose
+OpenMP pool is gone), the tasks run in order on the calling thread. Libraries that use TVM's parallel barrier
+(``__TVMBackendParallelBarrier``; none of the generated kernels do) keep TVM's pool.
 
 Where it does not apply, TVM's own pool runs the loops, as before (``status()`` says why): torch's parallel
 backend is not OpenMP, no C compiler with ``-fopenmp``, another OpenMP runtime than torch's would be loaded,
@@ -76,8 +76,6 @@ int sessa_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task)
   }
   return failed ? -1 : 0;
 }
-
-void* sessa_omp_runtime(void) { return (void*)&omp_get_max_threads; }
 """
 
 _LOCK = threading.Lock()
@@ -104,20 +102,22 @@ def _compiler() -> str | None:
     return None
 
 
-def _compile(cc: str, out: Path) -> None:
+def _compile(cc: str, runtime: str, out: Path) -> None:
+    """Compile SOURCE with -fopenmp and link it against ``runtime``, the OpenMP library torch has loaded (not
+    whatever -lgomp finds: a wheel may ship its libgomp under another name), so the loader binds the launcher to it."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-", suffix=".so")
     os.close(fd)
-    src = tmp[:-3] + ".c"
+    src, obj = tmp[:-3] + ".c", tmp[:-3] + ".o"
     try:
         with open(src, "w", encoding="utf-8") as f:
             f.write(SOURCE)
-        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-fopenmp", src, "-o", tmp], check=True,
-                       capture_output=True, timeout=120)
+        for cmd in ([cc, "-O2", "-fPIC", "-fopenmp", "-c", src, "-o", obj], [cc, "-shared", obj, runtime, "-o", tmp]):
+            subprocess.run(cmd, check=True, capture_output=True, timeout=120)
         os.chmod(tmp, 0o700)
         os.replace(tmp, out)   # atomic: a concurrent process sees a whole library or none
     finally:
-        for p in (src, tmp):
+        for p in (src, obj, tmp):
             if os.path.exists(p):
                 os.unlink(p)
 
@@ -140,7 +140,8 @@ def _load() -> tuple:
         return None, "no C compiler (CC, gcc or cc) to build the OpenMP launcher"
     from ...persistent_cache import cache_dir, compile_cache_enabled, make_private_dir, trusted
 
-    digest = hashlib.sha1((SOURCE + cc).encode()).hexdigest()[:16]
+    runtime = next(iter(before))
+    digest = hashlib.sha1("\0".join((SOURCE, cc, runtime)).encode()).hexdigest()[:16]
     temp = None
     path = cache_dir() / "tvm-omp" / f"launch-{digest}.so"
     try:
@@ -148,12 +149,12 @@ def _load() -> tuple:
             raise OSError("cache off or not trusted")
         make_private_dir(path.parent)
         if not path.exists():
-            _compile(cc, path)
+            _compile(cc, runtime, path)
     except (OSError, subprocess.SubprocessError):
         try:
             temp = Path(tempfile.mkdtemp(prefix="sessa-omp-"))
             path = temp / "launch.so"
-            _compile(cc, path)
+            _compile(cc, runtime, path)
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", b"") or b""
             return None, (f"could not build the OpenMP launcher with {cc} -fopenmp ({type(e).__name__}"
