@@ -180,3 +180,24 @@ def test_a_forked_child_runs_the_tasks_in_order_without_hanging():
             pytest.fail("the forked child hung in the launcher")
         time.sleep(0.05)
     assert os.read(r, 1) == b"1"
+
+
+@pytest.mark.skipif(not APPLIES, reason="torch without OpenMP, or no C compiler")
+def test_every_load_of_a_library_points_it_at_the_launcher():
+    """TVM's loader sets the launch pointer at every load_module (and a library freed and loaded again starts from
+    TVM's launcher): the pointer is set again at every load, not once per path."""
+    from sessa_compiler.backends.tvm import lib_cache
+
+    torch.manual_seed(0)
+    compiled = sc.compile(SessaLayer(16, n_heads=2), backend="tvm")
+    with torch.no_grad():
+        compiled(torch.randn(1, 5, 16))
+    launch = ctypes.cast(omp_launch.launcher().sessa_parallel_launch, ctypes.c_void_p).value
+    path = next(p for p, ok in omp_launch._ADOPTED.items() if ok and p in _mapped())
+    assert _slot(path).value == launch
+    import tvm_ffi
+
+    tvm_ffi.load_module(path)   # TVM's loader alone: back to TVM's launcher
+    assert _slot(path).value != launch
+    lib_cache._load_lib(path)   # as the compiled module loads: on the launcher again
+    assert _slot(path).value == launch
