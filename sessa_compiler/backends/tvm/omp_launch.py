@@ -221,12 +221,16 @@ def adopt(path) -> bool:
 
 def status() -> str:
     """One line for explain(): which threads run the TVM kernels' parallel loops."""
+    from ...persistent_cache import compile_cache_enabled
+
     lib = launcher()
     if lib is not None:
         n = sum(_ADOPTED.values())
+        off = ("" if compile_cache_enabled("libraries") else
+               "; the compile cache is off, so libraries built now stay in memory and run on TVM's pool")
         return (f"parallel loops on torch's OpenMP threads: as many as torch.get_num_threads(), at most "
-                f"TVM_NUM_THREADS ({n} loaded librar{'y' if n == 1 else 'ies'}; no contention with torch's spinning "
-                "workers; SESSA_COMPILER_TVM_POOL=tvm for TVM's pool)")
+                f"TVM_NUM_THREADS ({n} librar{'y' if n == 1 else 'ies'} loaded so far; no contention with torch's "
+                f"spinning workers; SESSA_COMPILER_TVM_POOL=tvm for TVM's pool{off})")
     return f"parallel loops on TVM's thread pool ({_STATE.get('why', '')})"
 
 
