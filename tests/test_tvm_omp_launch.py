@@ -63,9 +63,9 @@ def _check_launcher():
         assert rc == 0
         assert sorted(t for t, _, _ in seen) == list(range(total)), (num_task, seen)
         assert {n for _, n, _ in seen} == {total}
-    if configure_threads() > 1:   # the tasks ran on more than one thread
+    if configure_threads() > 1:   # the tasks ran on more than one thread, never more than torch's count
         seen, _ = _launch(8)
-        assert len({ident for _, _, ident in seen}) > 1
+        assert 1 < len({ident for _, _, ident in seen}) <= configure_threads()
     seen, rc = _launch(4, fail_task=2)
     assert rc == -1 and sorted(t for t, _, _ in seen) == [0, 1, 2, 3]
 

@@ -64,7 +64,7 @@ int sessa_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task)
       if (flambda(t, &env, cdata) != 0) failed = 1;
     return failed ? -1 : 0;
   }
-  #pragma omp parallel num_threads(total)
+  #pragma omp parallel num_threads(total < cap ? total : cap)   /* never more threads than torch's count */
   {
     TVMParallelGroupEnv env = {0, total};
     int nt = omp_get_num_threads();
