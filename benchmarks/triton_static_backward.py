@@ -211,7 +211,7 @@ def layer_training_estimate(B: int, T: int, recs: list) -> dict:
             if r["role"] in ("delta", "rope"):   # out and dO (delta), q and k read and written (rope), bf16
                 a = ATTENTION
                 nbytes = 2 * 2 * B * T * a["H"] * (a["dv"] if r["role"] == "delta" else a["d"])
-        elif r["op"] == "feedback_backward_strips" and r["role"] not in ("lse",):
+        elif r["op"] == "feedback_backward_strips" and r["role"] != "lse":
             nbytes = strip_bytes(r["role"], B, T)
         else:
             continue

@@ -77,16 +77,11 @@ def _slot(path):
 
 def _tvm_pool_address():
     """The address of TVM's own launcher (libtvm_runtime's TVMBackendParallelLaunch)."""
-    for path in _mapped():
+    for path in omp_launch.mapped_files():
         if path.endswith("libtvm_runtime.so"):
             lib = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
             return ctypes.cast(lib.TVMBackendParallelLaunch, ctypes.c_void_p).value
     raise AssertionError("libtvm_runtime.so is not mapped")
-
-
-def _mapped():
-    with open("/proc/self/maps") as f:
-        return {line.split()[-1] for line in f if line.strip()}
 
 
 def _step(compiled, layer, x):
@@ -117,7 +112,7 @@ def _compare_pools():
     train_omp = _step(compiled, layer, x)
     assert "parallel loops on torch's OpenMP threads" in compiled.explain()
     launch = ctypes.cast(omp_launch.launcher().sessa_parallel_launch, ctypes.c_void_p).value
-    adopted = [p for p, ok in omp_launch._ADOPTED.items() if ok and p in _mapped()]
+    adopted = [p for p, ok in omp_launch._ADOPTED.items() if ok and p in omp_launch.mapped_files()]
     assert adopted, omp_launch._ADOPTED
     assert all(_slot(p).value == launch for p in adopted)
 
@@ -193,7 +188,7 @@ def test_every_load_of_a_library_points_it_at_the_launcher():
     with torch.no_grad():
         compiled(torch.randn(1, 5, 16))
     launch = ctypes.cast(omp_launch.launcher().sessa_parallel_launch, ctypes.c_void_p).value
-    path = next(p for p, ok in omp_launch._ADOPTED.items() if ok and p in _mapped())
+    path = next(p for p, ok in omp_launch._ADOPTED.items() if ok and p in omp_launch.mapped_files())
     assert _slot(path).value == launch
     import tvm_ffi
 

@@ -85,28 +85,32 @@ LAUNCH = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_
 _OMP_RUNTIME = re.compile(r"/lib(g|i|)omp[^/]*\.so")
 
 
-def _omp_runtimes() -> set:
-    """The OpenMP runtime libraries mapped into this process (Linux: /proc/self/maps)."""
+def mapped_files() -> set:
+    """The files mapped into this process (Linux: /proc/self/maps; empty elsewhere)."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
-            paths = {line.split()[-1] for line in f if line.strip()}
+            return {line.split()[-1] for line in f if line.strip()}
     except OSError:
         return set()
-    return {p for p in paths if _OMP_RUNTIME.search(p)}
+
+
+def _omp_runtimes() -> set:
+    """The OpenMP runtime libraries mapped into this process."""
+    return {p for p in mapped_files() if _OMP_RUNTIME.search(p)}
 
 
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), "gcc", "cc"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        found = shutil.which(name) if name else None
+        if found:
+            return found
     return None
 
 
 def _compile(cc: str, runtime: str, out: Path) -> None:
     """Compile SOURCE with -fopenmp and link it against ``runtime``, the OpenMP library torch has loaded (not
     whatever -lgomp finds: a wheel may ship its libgomp under another name), so the loader binds the launcher to it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-", suffix=".so")
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".tmp-", suffix=".so")   # out.parent exists (the caller's)
     os.close(fd)
     src, obj = tmp[:-3] + ".c", tmp[:-3] + ".o"
     try:
@@ -142,20 +146,25 @@ def _load() -> tuple:
 
     runtime = next(iter(before))
     digest = hashlib.sha1("\0".join((SOURCE, cc, runtime)).encode()).hexdigest()[:16]
-    temp = None
     path = cache_dir() / "tvm-omp" / f"launch-{digest}.so"
-    try:
-        if not (compile_cache_enabled("libraries") and trusted(cache_dir(), path)):
-            raise OSError("cache off or not trusted")
-        make_private_dir(path.parent)
-        if not path.exists():
-            _compile(cc, runtime, path)
-    except (OSError, subprocess.SubprocessError):
+    if compile_cache_enabled("libraries") and trusted(cache_dir(), path):
+        try:
+            make_private_dir(path.parent)
+            if not path.exists():
+                _compile(cc, runtime, path)
+        except (OSError, subprocess.SubprocessError):
+            path = None   # a read-only or full cache: build it where only this process sees it
+    else:
+        path = None
+    temp = None
+    if path is None:
         try:
             temp = Path(tempfile.mkdtemp(prefix="sessa-omp-"))
             path = temp / "launch.so"
             _compile(cc, runtime, path)
         except (OSError, subprocess.SubprocessError) as e:
+            if temp is not None:
+                shutil.rmtree(temp, ignore_errors=True)
             detail = getattr(e, "stderr", b"") or b""
             return None, (f"could not build the OpenMP launcher with {cc} -fopenmp ({type(e).__name__}"
                           f"{': ' + detail.decode(errors='replace').strip()[:200] if detail else ''})")
@@ -186,6 +195,14 @@ def launcher():
         return _STATE["lib"]
 
 
+def _symbol(handle, name: str):
+    """The pointer-sized global ``name`` of a loaded library, or None where it has none."""
+    try:
+        return ctypes.c_void_p.in_dll(handle, name)
+    except ValueError:
+        return None
+
+
 def adopt(path) -> bool:
     """Point the parallel launcher of the library this process loaded from ``path`` at torch's OpenMP threads;
     True where it now runs there. A library that was not loaded, or that uses TVM's parallel barrier, keeps
@@ -200,18 +217,11 @@ def adopt(path) -> bool:
         except OSError:   # not loaded from this file
             handle = None
         if handle is not None:
-            try:
-                try:
-                    ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelBarrier")
-                    uses_barrier = True
-                except ValueError:
-                    uses_barrier = False
-                if not uses_barrier:
-                    slot = ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelLaunch")
+            try:   # no launch pointer: no parallel loop in it
+                slot = _symbol(handle, "__TVMBackendParallelLaunch")
+                ok = slot is not None and _symbol(handle, "__TVMBackendParallelBarrier") is None
+                if ok:
                     slot.value = ctypes.cast(lib.sessa_parallel_launch, ctypes.c_void_p).value
-                    ok = True
-            except ValueError:   # no parallel loop in it
-                ok = False
             finally:   # drop this reference: the library's lifetime stays TVM's module's
                 _ctypes.dlclose(handle._handle)
     with _LOCK:
