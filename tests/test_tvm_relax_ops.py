@@ -194,3 +194,29 @@ def test_export_tvm_takes_float16_layers(layer, tmp_path):
         got = model(x.half().numpy())
         assert got.dtype == np.float16
         assert rel(got, m64(x.double()).detach().numpy()) <= TOLERANCE[torch.float16]
+
+
+class _Filled(nn.Module):
+    """A T-sized constant built with torch.full, as additive masks are (`torch.full((T, T), -inf).triu(1)`)."""
+
+    def __init__(self, fill):
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, x):
+        T = x.shape[1]
+        return x + torch.full((T, 1), self.fill).clamp(min=-1.0) + torch.full((T, T), self.fill).triu(1).sum(0)[:, None]
+
+
+@pytest.mark.parametrize("fill", [float("-inf"), float("inf"), float("nan"), 2.5])
+def test_full_of_a_non_finite_value_builds_in_the_whole_graph(fill, tmp_path, monkeypatch, recwarn):
+    """TVM 0.27 cannot legalise `full` with an infinite or NaN fill (a TypeError inside topi.full): such a graph
+    used to leave whole-graph mode for hybrid mode with an internal error; it builds whole now."""
+    monkeypatch.setenv("SESSA_COMPILER_CACHE_DIR", str(tmp_path))
+    m = _Filled(fill)
+    c = sc.compile(m, backend="tvm")
+    for T in (1, 6):
+        x = torch.randn(2, T, 3)
+        torch.testing.assert_close(c(x), m(x), equal_nan=True)
+    assert not [w for w in recwarn.list if "hybrid" in str(w.message)], [str(w.message) for w in recwarn.list]
+    assert "whole graph in TVM" in c.explain()

@@ -526,7 +526,15 @@ def _full(lw, node, ops):
     dtype = _out_dtype(node)
     value = node.attrs["value"]
     value = bool(value) if dtype == "bool" else float(value) if "float" in dtype else int(value)
-    return relax.op.full([lw.dim(d) for d in node.outputs[0].type.shape], relax.const(value, dtype), dtype=dtype)
+    return _filled(relax, [lw.dim(d) for d in node.outputs[0].type.shape], value, dtype)
+
+
+def _filled(relax, shape, value, dtype):
+    """A tensor of ``shape`` holding ``value``. TVM 0.27's legalisation of ``full`` fails on an infinite or NaN
+    fill (topi.full tests ``"float" in dtype`` on a PrimType: TypeError), so those broadcast a scalar constant."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return relax.op.broadcast_to(relax.const(value, dtype), shape)
+    return relax.op.full(shape, relax.const(value, dtype), dtype=dtype)
 
 
 def _arange(lw, node, ops):
@@ -653,7 +661,7 @@ def _composite_attention(lw, node):
         return op.astype(op.permute_dims(out, [0, 2, 1, 3]), _out_dtype(node))
     if node.attrs.get("causal", False):
         T = lw.dim(qv.type.shape[1])
-        future = emit(op.triu(op.full([T, T], relax.const(float("-inf"), cd), dtype=cd), 1))
+        future = emit(op.triu(_filled(relax, [T, T], float("-inf"), cd), 1))
         logits = emit(op.add(logits, future))
     out = emit(op.matmul(op.nn.softmax(logits, axis=-1), vh))                            # [B, H, T, dv]
     return op.astype(op.permute_dims(out, [0, 2, 1, 3]), _out_dtype(node))
