@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import importlib.util
 import inspect
 import sys
@@ -20,6 +21,7 @@ from .backends.eager import bind_symbols
 from .backends.shapes import sequence_length
 from .ir.dtypes import from_torch, to_torch
 from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
+from .frontend.guards import ModuleGuard
 from .frontend.lower import as_pairs, pair_source
 from .frontend.trace import Traced, check_keywords, trace_with_report, warn_folded_trainables
 from .ir.ops import CORE, OPS
@@ -105,19 +107,23 @@ class _RecomputeGrad(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, *grads):
         needs = ctx.needs_input_grad[5:]
+        # grad mode is on inside a backward only under create_graph=True: then the gradients must themselves be
+        # differentiable (a gradient penalty), so the eager graph is re-run on the saved tensors as they are
+        # (connected to their own graph) and differentiated with create_graph
+        higher = torch.is_grad_enabled()
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
+            leaves = list(ctx.saved_tensors) if higher else \
+                [t.detach().requires_grad_(need) for t, need in zip(ctx.saved_tensors, needs)]
             n = ctx.n_inputs
             outs = ctx.eager(leaves[:n], {**ctx.fixed, **dict(zip(ctx.names, leaves[n:]))})
             pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-            wanted = [t for t in leaves if t.requires_grad]
-            got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
-                                      allow_unused=True) if pairs and wanted else [None] * len(wanted)
+            wanted = [t for t, need in zip(leaves, needs) if need]
+            got = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True,
+                                      create_graph=higher) if pairs and wanted else [None] * len(wanted)
         it = iter(got)
-        return (None,) * 5 + tuple(next(it) if t.requires_grad else None for t in leaves)
+        return (None,) * 5 + tuple(next(it) if need else None for need in needs)
 
 
 def run_with_autograd(backend, runner, graph, args: list, params: dict, eager_runners: dict) -> tuple:
@@ -217,6 +223,22 @@ class _Live:
         self.expected = [(name, to_torch(t.dtype), torch.Size(t.shape)) for name, t in self.types.items()]
         live = {name for name, *_ in self.paths}
         self.fixed = {k: v for k, v in graph.params.items() if k not in live}
+        # a tensor the module holds under several names (tied weights, one Parameter registered twice) is one
+        # graph parameter read through one name: the others must still hold that same tensor
+        names_of: dict = {}
+        for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+            names_of.setdefault(id(t), []).append(n)
+        self.aliases = []
+        for name, source, parts, _ in self.paths:
+            try:
+                obj = functools.reduce(getattr, parts, module)
+            except AttributeError:
+                continue
+            others = [n for n in names_of.get(id(obj), []) if n != source]
+            if others:
+                self.aliases.append((source, parts, [(n, n.split(".")) for n in others]))
+        # the module's Python state the trace baked in (attributes, hooks, forward methods): frontend/guards.py
+        self.guard = ModuleGuard(module)
 
     def read(self, module: torch.nn.Module) -> dict:
         params = dict(self.fixed)
@@ -252,6 +274,19 @@ class _Live:
                         "from them")
             self._verified[name] = seen
         return None
+
+    def python_changed(self, module: torch.nn.Module) -> str | None:
+        """Why the graph no longer holds for the module's Python state (an attribute, a hook, a forward method,
+        tied tensors untied) since the trace; or None."""
+        for source, parts, others in self.aliases:
+            try:
+                obj = functools.reduce(getattr, parts, module)
+                for name, alias in others:
+                    if functools.reduce(getattr, alias, module) is not obj:
+                        return f"'{name}' no longer holds the same tensor as '{source}' (tied when traced)"
+            except AttributeError:
+                return f"'{source}' or a name tied to it is no longer in the module"
+        return self.guard.changed(module)
 
     def mismatch(self, params: dict) -> str | None:
         """Why these live tensors do not fit the traced graph's parameter types (dtype or shape), or None."""
@@ -440,6 +475,15 @@ class CompiledModule(torch.nn.Module):
 
     # -- tracing ---------------------------------------------------------------------------------------
     def _trace(self, args: tuple, kwargs: dict | None = None) -> None:
+        # tracing, the recognisers' probes and a backend's preparation may run ops that draw random numbers (a
+        # dropout in a probed region): torch's generators are given back as they were, so the call that traces
+        # draws the same dropout masks as the module would, and leaves the generators where it would
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and \
+            torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            self._trace_unseeded(args, kwargs)
+
+    def _trace_unseeded(self, args: tuple, kwargs: dict | None = None) -> None:
         start = time.perf_counter()
         with _progress(f"sessa_compiler: tracing {type(self._orig_mod).__name__}", self.progress):
             self._traced = self._cached_trace(args, kwargs)
@@ -541,7 +585,8 @@ class CompiledModule(torch.nn.Module):
                     for x, v in zip(inputs, graph.inputs)):
                 continue
             params = live.read(self._orig_mod)
-            if live.mismatch(params) is not None or live.assumption_changed(self._orig_mod) is not None:
+            if live.mismatch(params) is not None or live.assumption_changed(self._orig_mod) is not None \
+                    or live.python_changed(self._orig_mod) is not None:
                 continue
             outs = run_graph(graph, inputs, params, binding=symbolic_binding(graph, inputs), impls=impls)
             return traced.unflatten(outs)
@@ -594,7 +639,7 @@ class CompiledModule(torch.nn.Module):
         if modes != current:
             return "the module's train/eval mode changed since the trace (train-mode ops such as dropout differ)", None
         params = live.read(self._orig_mod)
-        why = live.mismatch(params) or live.assumption_changed(self._orig_mod)
+        why = live.mismatch(params) or live.assumption_changed(self._orig_mod) or live.python_changed(self._orig_mod)
         return (f"the module changed since the trace: {why}" if why else None), params
 
     def _select_variant(self, args, kwargs) -> dict | None:

@@ -322,6 +322,12 @@ def _module_key(module, args, kwargs, modes) -> str:
     tensors = [(n, tuple(t.shape), str(t.dtype), t.requires_grad)
                for n, t in module.named_parameters(remove_duplicate=False)]
     tensors += [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_buffers(remove_duplicate=False)]
+    # which names hold one tensor (tied weights): the graph reads a tied tensor through one name
+    first: dict = {}
+    for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
+        first.setdefault(id(t), n)
+        if first[id(t)] != n:
+            tensors.append(("tied", n, first[id(t)]))
     leaves, spec = torch.utils._pytree.tree_flatten((tuple(args), dict(sorted((kwargs or {}).items()))))
     call = [(x.dim(), str(x.dtype), x.device.type, tuple(x.shape[2:])) if isinstance(x, torch.Tensor)
             else repr(x) for x in leaves]

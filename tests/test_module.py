@@ -262,11 +262,13 @@ def test_an_export_in_another_thread_does_not_divert_this_threads_calls(monkeypa
     m = layer()
     c = sc.compile(m, backend="eager")
     x = torch.randn(2, 5, 16)
+    calls = []
+    # registered before the trace: a hook added later is a change of the module (it traces again)
+    handle = m.register_forward_pre_hook(lambda *_: calls.append(1))
     with torch.no_grad():
         want = m(x)
         c(x)
-        calls = []
-        handle = m.register_forward_pre_hook(lambda *_: calls.append(1))
+        calls.clear()
         monkeypatch.setattr(torch.compiler, "_is_compiling_flag", True)
         monkeypatch.setattr(torch.compiler, "_is_exporting_flag", True)
         try:

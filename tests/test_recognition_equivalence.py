@@ -304,6 +304,10 @@ class Attn(nn.Module):
         if var.startswith("f64"):   # frequencies in float64 per call (the float32 buffer kept, unused here)
             inv = 1.0 / 10000 ** (torch.arange(0, self.d, 2, dtype=torch.float64, device=x.device) / self.d)
         ang = torch.arange(T, dtype=inv.dtype, device=x.device)[:, None] * inv[None, :]
+        if var == "hf_matmul":   # Hugging Face's LlamaRotaryEmbedding: the angles as a batched matmul of .float()s
+            pos = torch.arange(T, device=x.device).unsqueeze(0).expand(B, -1)
+            ang = (inv[None, :, None].float().expand(B, -1, 1) @ pos[:, None, :].float()).transpose(1, 2)
+            ang = ang[:, None]   # [B, 1, T, d/2]: broadcast over the heads, as apply_rotary_pos_emb's unsqueeze
         cos2, sin2 = torch.cat((ang, ang), -1).cos().to(x.dtype), torch.cat((ang, ang), -1).sin().to(x.dtype)
         cos1, sin1 = ang.cos().repeat_interleave(2, -1).to(x.dtype), ang.sin().repeat_interleave(2, -1).to(x.dtype)
 
@@ -316,7 +320,7 @@ class Attn(nn.Module):
 
         if var == "tables_base_500k":
             cos2, sin2 = self.cos_cached[:T].to(x.dtype), self.sin_cached[:T].to(x.dtype)
-        if var in ("half", "f64_frequencies", "tables_base_500k"):
+        if var in ("half", "f64_frequencies", "tables_base_500k", "hf_matmul"):
             q, k = half(q), half(k)
         elif var == "half_mixed":      # q and k rotated in different conventions: not a rotary embedding
             q, k = half(q), inter(k)
@@ -385,6 +389,23 @@ def test_stored_float32_tables_fold_at_their_own_precision_and_a_bent_table_does
         x = torch.randn(2, T, 16, generator=torch.Generator().manual_seed(T))
         with torch.no_grad():
             assert rel(run_graph(tr.graph, [x])[0], m(x)) <= 1e-5, T
+
+
+def test_hugging_face_rotary_angles_by_batched_matmul_fold():
+    """LlamaRotaryEmbedding computes its angles as ``inv_freq[None, :, None].float().expand(B, -1, 1) @
+    position_ids[:, None, :].float()``. In a float32 model the probe's float64 inv_freq then meets float32
+    positions in a matmul (which, unlike elementwise ops, refuses two dtypes): the probes failed to run and the
+    rotation stayed unfolded. They compute such ops in the wider dtype now."""
+    torch.manual_seed(4)
+    m = Attn("hf_matmul", Hkv=2)
+    c = sc.compile(m, backend="eager")
+    for T in (1, 9, 70):
+        x = torch.randn(2, T, 16, generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            assert rel(c(x), m(x)) <= 1e-5, T
+    att = next(n for n in c.graph.nodes if n.op == "attention")
+    assert att.attrs.get("rope") and att.inputs[1].type.shape[2] == 2, c.explain()
+    assert "inv_freq from %rope_inv_freq" in c.explain(), c.explain()
 
 
 @pytest.mark.parametrize("variant", ["f64_frequencies", "f64_interleaved"])

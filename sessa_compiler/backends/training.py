@@ -75,12 +75,18 @@ class _CoreOp(torch.autograd.Function):
         if any(ctx.needs_input_grad[4:]):
             saved = save(operands, out, attrs, lse)
             ctx.layout = [x is None for x in saved]
-            ctx.save_for_backward(*(x for x in saved if x is not None))
+            # the operands too (mostly tensors the backward saves anyway: no copies), for a backward under
+            # create_graph=True, which differentiates the op's definition again (below)
+            ctx.operands = [isinstance(x, torch.Tensor) for x in operands]
+            ctx.op, ctx.fixed = op, [None if isinstance(x, torch.Tensor) else x for x in operands]
+            ctx.save_for_backward(*(x for x in saved if x is not None),
+                                  *(x for x in operands if isinstance(x, torch.Tensor)))
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
+        if torch.is_grad_enabled():   # create_graph=True: gradients that are differentiable again
+            return _CoreOp._differentiable_backward(ctx, grad)
         bwd, attrs, dtypes = ctx.op_info
         it = iter(ctx.saved_tensors)
         saved = tuple(None if none else next(it) for none in ctx.layout)
@@ -91,6 +97,25 @@ class _CoreOp(torch.autograd.Function):
         for g, dt, need in zip(grads, dtypes, ctx.needs_input_grad[4:]):
             out.append(g.to(dt) if (g is not None and need) else None)
         return (None, None, None, None, *out)
+
+
+    @staticmethod
+    def _differentiable_backward(ctx, grad):
+        """The gradients as functions of the operands and ``grad`` that autograd can differentiate again
+        (second-order gradients, a gradient penalty): the op's meaning (semantics, the dense reference) run on
+        the saved operands, which are still connected to their graph, and differentiated with create_graph.
+        It forms what the reference forms (T x T weights): the price of the rare higher-order step only."""
+        _, attrs, dtypes = ctx.op_info
+        tensors = list(ctx.saved_tensors[sum(not none for none in ctx.layout):])
+        it = iter(tensors)
+        operands = [next(it) if is_tensor else fixed for is_tensor, fixed in zip(ctx.operands, ctx.fixed)]
+        needs = ctx.needs_input_grad[4:]
+        wanted = [x for x, need in zip(operands, needs) if need]
+        with torch.enable_grad():
+            out = SEMANTICS[ctx.op](*operands, **attrs)
+            got = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True, create_graph=True))
+        grads = [next(got) if need else None for need in needs]
+        return (None, None, None, None, *(g.to(dt) if g is not None else None for g, dt in zip(grads, dtypes)))
 
 
 def _torch_forward(op: str, attrs: dict):

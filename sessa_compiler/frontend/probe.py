@@ -78,6 +78,23 @@ def region_nodes(graph: Graph, targets, stop) -> list:
     return [n for n in graph.nodes if n in needed]
 
 
+def _promoting(fn):
+    def run(*xs, **kw):
+        floats = {x.dtype for x in xs if isinstance(x, torch.Tensor) and x.is_floating_point()}
+        if len(floats) > 1:
+            wide = max(floats, key=lambda d: torch.finfo(d).bits)
+            xs = tuple(x.to(wide) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in xs)
+        return fn(*xs, **kw)
+    return run
+
+
+# The probes run a region with its parameters in float64 (``_params64``), while values the region computes from
+# integers or casts keep their float32 type: ops that, unlike elementwise ones, refuse operands of two float dtypes
+# (a Hugging Face rotary table is ``inv_freq[None, :, None] @ position_ids[:, None, :].float()``) compute in the
+# wider one. Given to run_graph as ``impls`` by every probe evaluation.
+PROBE_IMPLS = {op: _promoting(SEMANTICS[op]) for op in ("matmul", "linear", "einsum", "conv1d") if op in SEMANTICS}
+
+
 def _params64(graph: Graph, targets=None, stop=()) -> dict:
     """The parameters as float64 (for the probes); with ``targets``, only those the region from ``stop`` to the
     targets reads (converting every weight of a large model for each probe costs seconds)."""
@@ -283,7 +300,7 @@ def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, le
             inputs[v] = x
         try:
             (ref,) = run_graph(graph, [], overrides={**params, **inputs}, targets=[output],
-                               binding=binding, check_inputs=False)
+                               binding=binding, check_inputs=False, impls=PROBE_IMPLS)
             got = canonical(inputs, binding)
         except Exception:  # noqa: BLE001 - a region that cannot run on its own is simply not a match
             return None

@@ -26,7 +26,8 @@ from ..ir.ops import ArgRef
 from ..ir.ops import COMPUTE, CORE, ELEMENTWISE, OPS
 from ..ir.types import DType, TensorType, dims_equal, sym
 from ..ir.verify import verify_graph
-from .probe import KEYMASK_BATCH, PROBE_BATCH, PROBE_LENGTHS, ProbeStats, Step, apply_steps, probe, probe_memo
+from .probe import (KEYMASK_BATCH, PROBE_BATCH, PROBE_IMPLS, PROBE_LENGTHS, ProbeStats, Step, apply_steps, probe,
+                    probe_memo)
 
 WALK_LAYOUT = {"reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "repeat_interleave"}
 B, T = sym("B"), sym("T")
@@ -597,7 +598,7 @@ def _unit_lower(g: Graph, mat: Value, srcs: dict, left: bool = True, lengths=PRO
             inputs[v] = torch.tanh(x) * 0.95 if kind == "gain" else x
         try:
             (M,) = run_graph(g, [], overrides={**_params64(g, [mat], srcs), **inputs}, targets=[mat], binding=binding,
-                             check_inputs=False)
+                             check_inputs=False, impls=PROBE_IMPLS)
         except Exception:  # noqa: BLE001 - a matrix that cannot be evaluated from the sources is no proof
             return False
         if M.dim() < 2 or M.shape[-1] != M.shape[-2]:
@@ -955,7 +956,7 @@ def _diagnose_feedback(g, n, mat, srcs, left=True) -> str:
     gain = next(v for v, kind in srcs.items() if kind == "gain")
     try:
         (M,) = run_graph(g, [], overrides={**_params64(g, [mat], srcs), **inputs}, targets=[mat], binding=binding,
-                         check_inputs=False)
+                         check_inputs=False, impls=PROBE_IMPLS)
     except Exception as e:  # noqa: BLE001 - the explanation is best effort
         return f"the system matrix could not be evaluated on its own ({type(e).__name__})"
     M = M.to(torch.float64)

@@ -1,0 +1,172 @@
+"""What a traced graph assumed about the module's Python, checked at every call of the compiled module.
+
+torch.export runs the module's Python once and keeps only the tensor ops: every non-tensor attribute it read
+(``Dropout.p``, ``LayerNorm.eps``, a config flag, a gain bound) is baked into the graph as a constant, and
+hooks, an instance's ``forward`` and its class's ``forward`` decide which code ran at all. When any of these
+change after the trace, the old graph no longer computes what the module computes; the compiled module must
+then trace again (as it does after ``.train()``/``.eval()`` or ``.double()``), never run the old graph.
+
+``ModuleGuard(module)`` records, right after a trace, every submodule (by identity, in order), every
+instance attribute of each (what ``vars(m)`` holds besides torch's own bookkeeping: values by
+``repeated._attr_key``, plain tensors by identity and version counter, config objects by what they hold),
+each module's hooks, each class's ``forward``, torch's global module hooks, and every module global the
+classes' code reads (a helper function rebound by monkeypatching, a constant). ``changed(module)`` says
+what differs now, or None. It checks all attributes, not only those the trace read: an attribute that
+changes without mattering costs a retrace, never a wrong answer.
+
+Per call this is a walk over the submodules and their attribute dicts with identity tests first (a value
+object that is still the same immutable object is equal); only mutable values (lists, config objects,
+tensors) are described again.
+"""
+from __future__ import annotations
+
+import types
+
+import torch
+from torch.nn.modules import module as _nn_module
+
+from .repeated import _HOOKS, _SKIP_ATTRS, _Opaque, _attr_key, _global_reads, _vars
+
+_MISSING = object()
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, type,
+              types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
+_GLOBAL_HOOKS = tuple(sorted(n for n in dir(_nn_module) if n.startswith("_global_") and "hook" in n
+                             and isinstance(getattr(_nn_module, n), dict)))
+
+
+def _describe(v):
+    """(key, whether it must be described again at each call); key None: compared by identity only."""
+    try:
+        key = _attr_key(v, by_content=False)
+    except _Opaque:
+        return None, False
+    immutable = isinstance(v, _IMMUTABLE) or (isinstance(v, (tuple, frozenset))
+                                              and all(isinstance(y, _IMMUTABLE) for y in v))
+    return key, not immutable
+
+
+def _hook_state(d: dict) -> tuple:
+    # hook handles take ids from a counter that only grows: (count, newest id) tells any add or removal apart
+    return len(d), next(reversed(d)) if d else None
+
+
+def _short(v) -> str:
+    text = repr(v) if isinstance(v, _IMMUTABLE[:9]) else type(v).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class ModuleGuard:
+    def __init__(self, module: torch.nn.Module):
+        named = list(module.named_modules())
+        self.modules = [m for _, m in named]
+        self.children = []  # (path, the module's _modules dict, its values): a submodule replaced or added
+        self.sizes = []     # (path, attribute dict, its size)
+        self.entries = []   # (path, attribute dict, name, value, key, describe again at each call)
+        self.hooks = []     # (path, hook dict name, hook dict, state): non-empty ones, and all by their sizes
+        self.hook_dicts = []
+        for path, m in named:
+            d = _vars(m)
+            self.children.append((path, d["_modules"], tuple(d["_modules"].values())))
+            self.sizes.append((path, d, len(d)))
+            for name, v in d.items():
+                if name in _SKIP_ATTRS:
+                    continue
+                key, mutable = _describe(v)
+                self.entries.append((path, d, name, v, key, mutable))
+            for h in _HOOKS:
+                hd = d.get(h)
+                if isinstance(hd, dict):
+                    self.hook_dicts.append((hd, len(hd), path, h))
+                    if hd:
+                        self.hooks.append((path, h, hd, _hook_state(hd)))
+        classes = list(dict.fromkeys(type(m) for m in self.modules))
+        self.classes = [(k, getattr(k, "forward", None)) for k in classes]
+        self.global_hooks = [(n, _hook_state(getattr(_nn_module, n))) for n in _GLOBAL_HOOKS]
+        # the same facts laid out for a check in C loops (map, tuple comparison; identity first): _same
+        self._kid_dicts = [d for _, d, _ in self.children]
+        self._kids = [k for _, _, k in self.children]
+        self._sized = [d for _, d, _ in self.sizes] + [hd for hd, *_ in self.hook_dicts]
+        self._sizes = tuple(n for *_, n in self.sizes) + tuple(n for _, n, *_ in self.hook_dicts)
+        fixed = [e for e in self.entries if not e[5] and e[4] is not None]
+        self._fixed_dicts = [e[1] for e in fixed]
+        self._fixed_names = [e[2] for e in fixed]
+        self._fixed_values = tuple(e[3] for e in fixed)
+        self._others = [e for e in self.entries if e[5] or e[4] is None]
+        self.globals = []   # (globals dict, name, value, key)
+        for g, n in _global_reads(module):
+            v = g.get(n, _MISSING)
+            key, _ = _describe(v) if v is not _MISSING else (None, False)
+            self.globals.append((g, n, v, key))
+
+    def _same(self, module: torch.nn.Module) -> bool:
+        """True when nothing ``changed`` looks at differs (the common case, checked fast); False: look closer."""
+        if _vars(module)["_modules"] is not self._kid_dicts[0]:
+            return False
+        try:
+            if list(map(tuple, map(dict.values, self._kid_dicts))) != self._kids \
+                    or tuple(map(len, self._sized)) != self._sizes \
+                    or tuple(map(dict.get, self._fixed_dicts, self._fixed_names)) != self._fixed_values:
+                return False
+        except Exception:  # noqa: BLE001 - a value whose == does not give a bool (a tensor): look closer
+            return False
+        for _, d, name, v, key, _ in self._others:
+            cur = d.get(name, _MISSING)
+            if (cur is not v) if key is None else (_describe(cur)[0] != key):
+                return False
+        return not self.hooks and all(
+            getattr(k, "forward", None) is f for k, f in self.classes) and all(
+            _hook_state(getattr(_nn_module, n)) == st for n, st in self.global_hooks) and all(
+            g.get(n, _MISSING) is v for g, n, v, _ in self.globals)
+
+    def changed(self, module: torch.nn.Module) -> str | None:
+        """What differs from the trace in the module's Python state, or None."""
+        if self._same(module):
+            return None
+        if _vars(module)["_modules"] is not self.children[0][1]:
+            return "the module's submodules were replaced"
+        for path, d, kids in self.children:
+            if len(d) != len(kids) or any(a is not b for a, b in zip(d.values(), kids)):
+                return f"a submodule of '{path or type(module).__name__}' was added, removed or replaced"
+        for hd, size, path, h in self.hook_dicts:
+            if len(hd) != size:
+                return f"{h.strip('_').replace('_', ' ')} of '{path or type(module).__name__}' were added or removed"
+        for path, d, size in self.sizes:
+            if len(d) != size:
+                new = sorted(set(d) - {name for p, _, name, *_ in self.entries if p == path} - _SKIP_ATTRS)
+                where = f"'{path}'" if path else "the module"
+                if new == ["forward"]:
+                    return f"a forward method was set on the instance {where}"
+                return (f"attribute '{new[0]}' was set on {where}" if new else
+                        f"an attribute of {where} was deleted (its forward, if one was set on the instance)")
+        for path, d, name, v, key, mutable in self.entries:
+            cur = d.get(name, _MISSING)
+            if cur is v and not mutable:
+                continue
+            full = f"{path}.{name}" if path else name
+            if cur is _MISSING:
+                return f"attribute '{full}' was deleted"
+            if key is None:
+                if cur is not v:
+                    return f"attribute '{full}' was given another object"
+                continue
+            now, _ = _describe(cur)
+            if now != key:
+                what = "forward" if name == "forward" else f"attribute '{full}'"
+                return f"{what} changed ({_short(v)} -> {_short(cur)})" if name != "forward" else \
+                    f"the instance's forward of '{path or type(module).__name__}' was replaced"
+        for path, h, hd, state in self.hooks:
+            if _hook_state(hd) != state:
+                return f"{h.strip('_').replace('_', ' ')} of '{path or type(module).__name__}' were added or removed"
+        for klass, fwd in self.classes:
+            if getattr(klass, "forward", None) is not fwd:
+                return f"{klass.__name__}.forward was replaced"
+        for n, state in self.global_hooks:
+            if _hook_state(getattr(_nn_module, n)) != state:
+                return f"torch's global module hooks ({n.strip('_')}) were added or removed"
+        for g, n, v, key in self.globals:
+            cur = g.get(n, _MISSING)
+            if cur is v:
+                continue
+            if cur is _MISSING or key is None or _describe(cur)[0] != key:
+                return f"the global '{n}' of {g.get('__name__', '?')}, which the module's code reads, was rebound"
+        return None

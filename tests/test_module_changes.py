@@ -1,0 +1,216 @@
+"""A compiled module used the way any nn.Module is: changed after compile (attributes, hooks, forward methods,
+tied weights untied), trained with dropout from a seed, differentiated twice. Each gives the uncompiled module's
+answer; none may run a graph traced for the module as it was (frontend/guards.py)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sessa_compiler as sc
+from sessa_compiler.models import SessaLayer
+
+try:
+    import tvm  # noqa: F401
+    BACKENDS = ["eager", "tvm"]
+except ImportError:
+    BACKENDS = ["eager"]
+
+EPS_SCALE = 1.0   # a module global the forward below reads
+
+
+class Net(nn.Module):
+    def __init__(self, D=16, H=2):
+        super().__init__()
+        self.H = H
+        self.lin = nn.Linear(D, 3 * D)
+        self.ln = nn.LayerNorm(D)
+        self.drop = nn.Dropout(0.3)
+        self.out = nn.Linear(D, D)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        x = self.drop(self.ln(x)) * EPS_SCALE
+        q, k, v = self.lin(x).view(B, T, 3, self.H, D // self.H).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+def _close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SESSA_COMPILER_CACHE_DIR", str(tmp_path))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_call_that_traces_draws_the_modules_dropout_masks(backend):
+    """Tracing and the recognisers' probes run dropout on their own inputs: torch's generator is given back as it
+    was, so the first call draws the masks the module would and leaves the generator where the module would."""
+    torch.manual_seed(0)
+    m = Net().train()
+    c = sc.compile(copy.deepcopy(m), backend=backend)
+    x = torch.randn(2, 11, 16)
+    for _ in range(2):
+        torch.manual_seed(123)
+        want, after = m(x), torch.get_rng_state()
+        torch.manual_seed(123)
+        got = c(x)
+        _close(got, want)
+        assert torch.equal(torch.get_rng_state(), after)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_order_gradients_through_the_core_ops(backend):
+    """create_graph=True (a gradient penalty): the core ops' backward is differentiated again (it used to return
+    constants, so the second-order gradient silently lost the core ops' part: 0.5 off in 28)."""
+    torch.manual_seed(0)
+    m = SessaLayer(32, n_heads=2, n_kv_heads=1)
+    c = sc.compile(copy.deepcopy(m), backend=backend)
+    for T in (1, 9):
+        xr = torch.randn(2, T, 32, requires_grad=True)
+        xc = xr.detach().clone().requires_grad_()
+        gr, = torch.autograd.grad(m(xr).square().sum(), xr, create_graph=True)
+        gc, = torch.autograd.grad(c(xc).square().sum(), xc, create_graph=True)
+        _close(gc, gr)
+        pr = torch.autograd.grad(gr.square().sum(), [xr, *m.parameters()])
+        pc = torch.autograd.grad(gc.square().sum(), [xc, *c.parameters()])
+        for a, b in zip(pc, pr):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.embed.weight
+        self.scale = nn.Parameter(torch.ones(16))
+        self.scale2 = self.scale          # one Parameter under two names
+
+    def forward(self, tok):
+        return self.head(torch.tanh(self.embed(tok)) * self.scale + self.scale2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_untying_tied_parameters_after_compile(backend):
+    torch.manual_seed(0)
+    m = Tied()
+    c = sc.compile(m, backend=backend)
+    tok = torch.randint(0, 50, (2, 7))
+    _close(c(tok), m(tok))
+    m.head.weight = nn.Parameter(m.embed.weight.detach() * 2)
+    _close(c(tok), m(tok))
+    m.scale2 = nn.Parameter(torch.full((16,), 5.0))
+    _close(c(tok), m(tok))
+    assert len(c.retraces) == 2 and all("tied" in r for r in c.retraces), c.retraces
+
+
+class Cfg:
+    def __init__(self):
+        self.gain = 1.0
+
+
+class Configured(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.lin(x) * self.cfg.gain
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attributes_changed_after_the_first_call_trace_again(backend, monkeypatch):
+    torch.manual_seed(0)
+    m = Net().eval()
+    c = sc.compile(m, backend=backend)
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        _close(c(x), m(x))
+        m.ln.eps = 1.0                                   # a value the trace baked in
+        _close(c(x), m(x))
+        assert "'ln.eps' changed (1e-05 -> 1.0)" in c.retraces[-1], c.retraces
+        monkeypatch.setattr(__import__(__name__), "EPS_SCALE", 3.0)   # a global the forward reads
+        _close(c(x), m(x))
+        assert "EPS_SCALE" in c.retraces[-1], c.retraces
+        monkeypatch.undo()
+        m.ln.eps = 1e-5                                  # back as it was: the first graph, not a new trace
+        n = len(c.retraces)
+        _close(c(x), m(x))
+        assert len(c.retraces) == n and len(c._variants) == 3, c.retraces
+        for _ in range(3):                               # nothing changes: nothing traced again
+            _close(c(x), m(x))
+        assert len(c.retraces) == n
+    cfg = Cfg()
+    m2 = Configured(cfg)
+    c2 = sc.compile(m2, backend=backend)
+    with torch.no_grad():
+        _close(c2(x), m2(x))
+        cfg.gain = 2.5                                   # a config object's field, changed in place
+        _close(c2(x), m2(x))
+        assert "cfg" in c2.retraces[-1], c2.retraces
+
+
+def test_dropout_annealed_in_training_traces_again():
+    torch.manual_seed(0)
+    m = Net().train()
+    c = sc.compile(m, backend="eager")
+    x = torch.randn(2, 9, 16)
+    c(x)
+    m.drop.p = 0.0
+    _close(c(x), m(x))
+    assert "drop.p" in c.retraces[-1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_hooks_and_forward_methods_set_after_compile(backend, monkeypatch):
+    torch.manual_seed(0)
+    m = Net().eval()
+    c = sc.compile(m, backend=backend)
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        _close(c(x), m(x))
+        h = m.lin.register_forward_hook(lambda mod, inp, out: out * 2)     # a submodule's hook
+        _close(c(x), m(x))
+        h.remove()
+        _close(c(x), m(x))
+        h = m.register_forward_hook(lambda mod, inp, out: out + 1)         # a hook on the original
+        _close(c(x), m(x))
+        h.remove()
+        h = torch.nn.modules.module.register_module_forward_hook(
+            lambda mod, inp, out: out * 0.5 if isinstance(mod, nn.LayerNorm) else None)   # a global hook
+        try:
+            _close(c(x), m(x))
+        finally:
+            h.remove()
+        f = m.out.forward
+        m.out.forward = lambda t: f(t) * 3                                   # an instance's forward
+        _close(c(x), m(x))
+        del m.out.forward
+        _close(c(x), m(x))
+        monkeypatch.setattr(nn.LayerNorm, "forward", lambda self, t: t * 0.25)   # a class's forward
+        _close(c(x), m(x))
+        assert "LayerNorm.forward was replaced" in c.retraces[-1], c.retraces
+    assert any("a forward method was set on the instance 'out'" in r for r in c.retraces), c.retraces
+    assert any("hooks" in r for r in c.retraces), c.retraces
+
+
+def test_a_training_loop_traces_once():
+    """The guard does not mistake what a training loop changes (weights, optimizer state, grads) for a change."""
+    torch.manual_seed(0)
+    m = Net().train()
+    c = sc.compile(m, backend="eager")
+    opt = torch.optim.AdamW(c.parameters(), lr=1e-3)
+    for _ in range(3):
+        loss = c(torch.randn(2, 9, 16)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert c.retraces == []
