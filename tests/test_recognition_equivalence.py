@@ -477,3 +477,44 @@ def test_blocked_substitution_with_t_pinned_by_guards(variant):
     ops, text = op_counts(c.graph), c.explain()
     assert (ops.get("feedback") == 1) == FEEDBACK_CASES[variant], (ops, text)
     assert ("blocked substitution written in Python" in text) == FEEDBACK_CASES[variant], text
+
+
+# -- causal depthwise conv1d in the layouts people write it ---------------------------------------------------
+class Conv(nn.Module):
+    """A depthwise Conv1d over 8 channels, width 4, in one spelling per variant."""
+
+    def __init__(self, variant):
+        super().__init__()
+        self.variant = variant
+        pad = 0 if variant in ("pad_left", "pad_right") else 3
+        self.conv = nn.Conv1d(8, 8, kernel_size=4, groups=8, padding=pad)
+
+    def forward(self, x):                      # x [B, T, 8]
+        T = x.shape[1]
+        v = self.variant
+        if v == "transposed":                  # this package's MambaLayer: [B, T, C] around the conv
+            return self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2)
+        if v == "channels_first":              # mamba_simple: stays (B, D, L), silu on the sliced output
+            xz = x.transpose(1, 2) * 2.0       # a channels-first value the conv reads
+            return F.silu(self.conv(xz)[..., :T])
+        if v == "pad_left":                    # F.pad(x, (K - 1, 0)) then an unpadded conv
+            return self.conv(F.pad(x.transpose(1, 2), (3, 0))).transpose(1, 2)
+        if v == "pad_right":                   # padded on the right: sees the future, not causal
+            return self.conv(F.pad(x.transpose(1, 2), (0, 3))).transpose(1, 2)
+        if v == "last_T":                      # the last T outputs of a both-sides padding: not causal
+            return self.conv(x.transpose(1, 2))[..., -T:].transpose(1, 2)
+        raise AssertionError(v)
+
+
+@pytest.mark.parametrize("variant,causal", [("transposed", True), ("channels_first", True), ("pad_left", True),
+                                            ("pad_right", False), ("last_T", False)])
+def test_causal_conv1d_spellings(variant, causal):
+    torch.manual_seed(3)
+    m = Conv(variant).double()
+    tr = trace_cached(m, (torch.randn(2, 6, 8, dtype=torch.float64),))
+    text = "\n".join(tr.report.accepted + tr.report.rejected)
+    assert sum(n.op == "causal_conv1d" for n in tr.graph.nodes) == int(causal), text
+    for T in (1, 5, 13):
+        x = torch.randn(2, T, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(T))
+        with torch.no_grad():
+            assert rel(run_graph(tr.graph, [x])[0], m(x)) <= 1e-12, (T, text)

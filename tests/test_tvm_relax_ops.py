@@ -220,3 +220,22 @@ def test_full_of_a_non_finite_value_builds_in_the_whole_graph(fill, tmp_path, mo
         torch.testing.assert_close(c(x), m(x), equal_nan=True)
     assert not [w for w in recwarn.list if "hybrid" in str(w.message)], [str(w.message) for w in recwarn.list]
     assert "whole graph in TVM" in c.explain()
+
+
+class _FromTheEnd(nn.Module):
+    def forward(self, x):
+        T = x.shape[1]
+        y = torch.nn.functional.pad(x, (0, 0, 3, 2))   # [B, T + 5, C]
+        return y[:, -T:] * 2 + y[:, -T - 4:-4]
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_slices_from_the_end_by_a_symbolic_length(backend, tmp_path, monkeypatch):
+    """x[:, -T:] with T symbolic: the bound is negative for every T, so it counts from the end (the slice's type
+    used to take it as a start of -T: a length of 2T + 5 declared for T rows)."""
+    monkeypatch.setenv("SESSA_COMPILER_CACHE_DIR", str(tmp_path))
+    m = _FromTheEnd()
+    c = sc.compile(m, backend=backend)
+    for T in (1, 4, 9):
+        x = torch.randn(2, T, 3)
+        torch.testing.assert_close(c(x), m(x))

@@ -664,6 +664,13 @@ def _slice(L, node):
     attrs = {"dim": a[1] if a[1] is not None else 0, "start": L.arg(a[2]) if a[2] is not None else 0,
              "end": L.arg(a[3]) if a[3] is not None else 2**63 - 1, "step": a[4] if a[4] is not None else 1}
     x = L.arg(a[0])
+    # a symbolic bound that is negative for every size (x[..., -T:]) counts from the end, as an int one does:
+    # written as size + bound, so no backend has to know the sign of an expression
+    size = x.type.shape[attrs["dim"] % x.type.rank]
+    for k in ("start", "end"):
+        b = attrs[k]
+        if isinstance(b, sympy.Basic) and not b.is_Integer and b.is_negative:
+            attrs[k] = sympy.simplify(size + b)
     out_t = L.ttype(node.meta["val"])
     if attrs["start"] == 0 and attrs["step"] == 1 and out_t.same_as(x.type):
         return x  # a full slice is the identity

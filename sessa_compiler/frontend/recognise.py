@@ -984,7 +984,29 @@ def _diagnose_feedback(g, n, mat, srcs, left=True) -> str:
 
 
 # -- causal depthwise conv1d --------------------------------------------------------------------------
+def _time_axes(t: TensorType, C) -> list:
+    """The axes (1 or 2) of a rank-3 type that can be the sequence of a [B, T, C] or [B, C, T] layout."""
+    T = _bt()[1]
+    return [ax for ax in (1, 2) if t.rank == 3 and dims_equal(t.shape[ax], T) and t.shape[3 - ax] == C]
+
+
+def _conv_sources(A: Analysis, x: Value, C) -> list:
+    """Where a depthwise conv1d's input may come from: its input before layout ops, and, when the input is
+    zeros concatenated before the sequence (F.pad(x, (K - 1, 0)) lowers so), the padded value."""
+    fits = lambda t: t.rank == 3 and C in (t.shape[1], t.shape[2])    # noqa: E731
+    out = [A.walk_back(x, fits, allow_cast=False)]
+    p = x.producer
+    if p is not None and p.op == "concat" and len(p.inputs) == 2 and p.inputs[0].producer is not None \
+            and p.inputs[0].producer.op == "full" and p.inputs[0].producer.attrs.get("value") == 0:
+        out.append(A.walk_back(p.inputs[1], fits, allow_cast=False))
+    return list(dict.fromkeys(out))
+
+
 def recognise_causal_conv1d(g: Graph, report: Report) -> int:
+    """A depthwise conv1d whose output, after slicing to the first T positions (padding K - 1 on both sides) or
+    on an input padded by K - 1 zeros on the left, is the causal conv1d of its source: [B, T, C] (transposed
+    around the conv, as the models of this package write it) or channels-first [B, C, T] (as mamba_simple
+    does: ``conv1d(x)[..., :L]`` on x of (B, D, L)). The probe decides; transposes adapt the layouts."""
     count = 0
     for n in [n for n in g.nodes if n.op == "conv1d"]:
         if n not in g.nodes:
@@ -997,36 +1019,54 @@ def recognise_causal_conv1d(g: Graph, report: Report) -> int:
         C, K = w.type.shape[0], w.type.shape[2]
         if n.attrs["groups"] != C or list(n.attrs["stride"]) != [1] or list(n.attrs["dilation"]) != [1]:
             continue
-        xs = A.walk_back(x, lambda t: t.rank == 3, allow_cast=False)
-        T = _bt()[1]
         chain = [n.output]
         while True:
             u = A.single_user(chain[-1])
             if u is None or u.op not in ("slice", "transpose", "permute"):
                 break
             chain.append(u.output)
-        for y in reversed(chain):
-            if not (xs.type.rank == 3 and y.type.rank == 3 and dims_equal(xs.type.shape[1], T)
-                    and xs.type.shape[2] == C and y.type.shape[2] == C and dims_equal(y.type.shape[1], T)):
-                continue
+        done = False
+        for xs in _conv_sources(A, x, C):
+            for y in reversed(chain):
+                for ax_in in _time_axes(xs.type, C):
+                    for ax_out in _time_axes(y.type, C):
+                        def canonical(inp, binding, w=w, bias=bias, ax_in=ax_in, ax_out=ax_out, xs=xs):
+                            params = g.params
+                            wt = params[w.name].to(torch.float64)[:, 0, :]
+                            bt = params[bias.name].to(torch.float64) if bias is not None else None
+                            src = inp[xs] if ax_in == 1 else inp[xs].transpose(1, 2)
+                            out = SEMANTICS["causal_conv1d"](src, wt, bt)
+                            return out if ax_out == 1 else out.transpose(1, 2)
 
-            def canonical(inp, binding, w=w, bias=bias):
-                params = g.params
-                wt = params[w.name].to(torch.float64)[:, 0, :]
-                bt = params[bias.name].to(torch.float64) if bias is not None else None
-                return SEMANTICS["causal_conv1d"](inp[xs], wt, bt)
-
-            err = probe(g, {xs: "normal"}, y, canonical)
-            if err is not None and err <= 1e-9:
-                idx = _insert_index(g, y)
-                wv = g.make_node("reshape", [w], {"shape": [C, K]}, [TensorType(w.type.dtype, (C, K))], index=idx).output
-                ins = [xs, wv] + ([bias] if bias is not None else [])
-                o = g.make_node("causal_conv1d", ins, {}, [xs.type], index=idx + 1).output
-                g.replace_all_uses(y, o)
-                g.dead_code_elimination()
-                report.accepted.append(f"causal_conv1d at conv1d %{n.output.name}: channels={C}, width={K}")
-                count += 1
+                        err = probe(g, {xs: "normal"}, y, canonical)
+                        if err is None or err > 1e-9:
+                            continue
+                        idx = _insert_index(g, y)
+                        flip = [Step("transpose", {"dim0": 1, "dim1": 2})]
+                        src, idx = _emit_steps(g, xs, flip if ax_in == 2 else [], idx)
+                        wv = g.make_node("reshape", [w], {"shape": [C, K]}, [TensorType(w.type.dtype, (C, K))],
+                                         index=idx).output
+                        ins = [src, wv] + ([bias] if bias is not None else [])
+                        o = g.make_node("causal_conv1d", ins, {}, [src.type], index=idx + 1).output
+                        o, _ = _emit_steps(g, o, flip if ax_out == 2 else [], idx + 2)
+                        g.replace_all_uses(y, o)
+                        g.dead_code_elimination()
+                        layout = "[B, T, C]" if ax_in == 1 else "channels first [B, C, T]"
+                        report.accepted.append(f"causal_conv1d at conv1d %{n.output.name}: channels={C}, width={K}, "
+                                               f"input {layout}")
+                        count += 1
+                        done = True
+                        break
+                    if done:
+                        break
+                if done:
+                    break
+            if done:
                 break
+        if not done:
+            report.rejected.append(f"conv1d %{n.output.name}: a depthwise conv1d (channels={C}, width={K}) that "
+                                   "is not a causal conv1d of its input (padding K - 1 on the left only, the first "
+                                   "T outputs kept); it runs as an ordinary conv1d")
     return count
 
 
