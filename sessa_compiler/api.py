@@ -132,6 +132,14 @@ def run_with_autograd(backend, runner, graph, args: list, params: dict, eager_ru
     ops, torch autograd for the rest; backends/training.py) runs it; a forward-only backend's call is wrapped so
     that the backward recomputes on the eager interpreter (_RecomputeGrad). eager_runners caches the eager and
     training runners per graph."""
+    if torch._C._are_functorch_transforms_active() and backend.name != "eager":
+        # torch.func.grad / vmap / jacrev wrap tensors that kernels cannot read (no storage) and need autograd
+        # Functions written for them: the interpreter's torch ops go through every transform
+        if id(graph) not in eager_runners:
+            from .backends.eager import EagerBackend
+
+            eager_runners[id(graph)] = EagerBackend().prepare(graph)
+        return eager_runners[id(graph)](args, params), False
     autocast = _autocast_on(args)
     if not torch.is_grad_enabled() and not autocast:
         return runner(args, params), False
@@ -187,6 +195,13 @@ _RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_contexts", "_v
             "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces", "_serving",
             "trace_cache_why", "cache_notes")
 ORIGINAL = "_orig_mod"  # the original module's attribute name (as torch.compile's OptimizedModule names it)
+
+
+def _own_saved_tensors():
+    try:
+        return torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    except RuntimeError:   # saved-tensor hooks disabled here: nobody else's hooks to keep the trace from either
+        return contextlib.nullcontext()
 
 
 def _wrapped_by_data_parallel(module) -> bool:
@@ -480,7 +495,10 @@ class CompiledModule(torch.nn.Module):
         # draws the same dropout masks as the module would, and leaves the generators where it would
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and \
             torch.cuda.is_initialized() else []
-        with torch.random.fork_rng(devices=devices):
+        # a trace inside torch.utils.checkpoint (non-reentrant) must not reach its saved-tensor hooks: tensors the
+        # trace and the probes save are not the call's, and the recomputation (which does not trace) would
+        # count fewer; an innermost pair of hooks that keep tensors as they are takes them
+        with torch.random.fork_rng(devices=devices), _own_saved_tensors():
             self._trace_unseeded(args, kwargs)
 
     def _trace_unseeded(self, args: tuple, kwargs: dict | None = None) -> None:
@@ -522,7 +540,14 @@ class CompiledModule(torch.nn.Module):
             from .serving import serving_method
 
             return serving_method(self, name)
-        return super().__getattr__(name)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "_orig_mod" or "_orig_mod" not in self.__dict__.get("_modules", {}):
+                raise
+        # the original's attributes and submodules by their own names (as torch.compile's wrapper gives them), so
+        # torch.func.functional_call with the original's parameter names reaches the parameters compiled calls read
+        return getattr(self._modules["_orig_mod"], name)
 
     @property
     def graph(self):
@@ -762,6 +787,9 @@ class CompiledModule(torch.nn.Module):
         if probes is not None and probes.reused:
             lines.append(f"    recognition probes: {probes.run} run, {probes.reused} answered by an earlier probe of a "
                          "structurally identical region (same ops, shapes and constants: identical layers are probed once)")
+        side = getattr(self._traced, "side_effects", ())
+        if side:
+            lines.append(f"  side effects not repeated by compiled calls: the forward sets {', '.join(side)}")
         fallbacks = collections.Counter(n.attrs["target"] for n in g.nodes if n.op == "fallback")
         lines.append("  fallbacks (run as torch ops): " +
                      (", ".join(f"{t} x{c}" for t, c in sorted(fallbacks.items())) or "none"))

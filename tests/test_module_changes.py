@@ -214,3 +214,104 @@ def test_a_training_loop_traces_once():
         loss.backward()
         opt.step()
     assert c.retraces == []
+
+
+class Outer(nn.Module):
+    """A model that checkpoints a compiled layer, as Hugging Face models do with gradient_checkpointing."""
+
+    def __init__(self, layer, reentrant):
+        super().__init__()
+        self.inp, self.layer, self.out = nn.Linear(32, 32), layer, nn.Linear(32, 32)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        h = torch.utils.checkpoint.checkpoint(self.layer, self.inp(x), use_reentrant=self.reentrant)
+        return self.out(h)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("traced_first", [True, False])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_a_compiled_layer_inside_activation_checkpointing(backend, traced_first, reentrant):
+    """Non-reentrant checkpointing stops its recomputation by raising through the ops (the interpreter used to
+    wrap that into its own error) and counts the tensors saved in the forward and the recomputation (a first
+    call that traced inside it saved the trace's tensors too)."""
+    torch.manual_seed(0)
+    ref = Outer(SessaLayer(32, n_heads=2), reentrant)
+    m = copy.deepcopy(ref)
+    m.layer = sc.compile(m.layer, backend=backend)
+    x = torch.randn(2, 9, 32)
+    if traced_first:
+        with torch.no_grad():
+            m.layer(torch.randn(1, 4, 32))
+    ref(x).square().mean().backward()
+    m(x).square().mean().backward()
+    for (name, a), b in zip(ref.named_parameters(), m.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("first", [True, False])
+def test_functional_call_with_the_originals_names_and_the_compiled_ones(backend, first):
+    """torch.func.functional_call takes the original's parameter names (as torch.compile's wrapper does) or the
+    compiled module's own ("_orig_mod." first), also as the call that traces (where the swapped-in tensors are
+    not Parameters, which torch.export refuses)."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    ref = SessaLayer(32, n_heads=2)
+    c = sc.compile(copy.deepcopy(ref), backend=backend)
+    x = torch.randn(2, 8, 32)
+    if not first:
+        c(x)
+    other = {k: torch.randn_like(v) * 0.2 for k, v in ref.named_parameters()}
+    want = functional_call(ref, other, (x,))
+    _close(functional_call(c, {"_orig_mod." + k: v for k, v in other.items()}, (x,)), want)
+    _close(functional_call(c, other, (x,)), want)
+    _close(c(x), ref(x))   # its own weights again after
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_func_transforms_run_the_interpreter(backend):
+    """grad and vmap wrap tensors that kernels cannot read: such calls run the interpreter's torch ops."""
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    ref = SessaLayer(32, n_heads=2)
+    c = sc.compile(copy.deepcopy(ref), backend=backend)
+    x = torch.randn(1, 8, 32)
+    c(x)
+    params = {k: v.detach().clone() for k, v in ref.named_parameters()}
+    gr = grad(lambda p: functional_call(ref, p, (x,)).square().sum())(params)
+    gc = grad(lambda p: functional_call(c, p, (x,)).square().sum())(params)
+    for k in params:
+        torch.testing.assert_close(gc[k], gr[k], rtol=1e-4, atol=1e-5, msg=k)
+    xs = torch.randn(3, 2, 7, 32)
+    with torch.no_grad():
+        _close(vmap(c)(xs), vmap(ref)(xs))
+
+
+class Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.calls = 0
+        self.last = None
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.lin(x)
+        self.last = y.detach()
+        return y
+
+
+def test_attributes_a_forward_sets_are_reported():
+    """The traced graph has no Python side effects: a forward that sets attributes is said to (a warning at the
+    trace, and explain()), never silently left stale."""
+    c = sc.compile(Counting(), backend="eager")
+    with pytest.warns(UserWarning, match="its forward sets 'calls', 'last'"):
+        c(torch.randn(2, 3, 4))
+    assert "side effects not repeated by compiled calls: the forward sets calls, last" in c.explain()
+    quiet = sc.compile(Net(), backend="eager")
+    quiet(torch.randn(1, 3, 16))
+    assert "side effects" not in quiet.explain()

@@ -196,7 +196,8 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
     try:
         # torch.export keeps process-wide state (its exporting flag, the swapped-in fake parameters of the module,
         # the warning filters and the stderr redirection here): one export at a time in this process
-        with _EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs(), _hooked(module), _no_fake_cache():
+        with _EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs(), _hooked(module), _as_parameters(module), \
+                _no_fake_cache(), _attribute_writes(module):
             warnings.simplefilter("ignore")
             # guards on sizes become runtime assertions in the graph (or ranges), not silent specialisations:
             # they are recorded as the traced graph's guards (see Guard)
@@ -223,6 +224,65 @@ def _no_fake_cache():
     if not hasattr(config, "fake_tensor_cache_enabled"):
         return contextlib.nullcontext()
     return config.patch(fake_tensor_cache_enabled=False)
+
+
+_WRITES = threading.local()   # .found: the attribute writes the current export's forward made (_attribute_writes)
+_OWN_STATE = frozenset({"_parameters", "_buffers", "_modules", "training", "forward"})
+
+
+class _attribute_writes:
+    """While exporting, on this thread: which attributes of the module's submodules (other than parameters,
+    buffers, submodules and torch's bookkeeping) the forward sets. The compiled module runs the traced graph,
+    which has no Python side effects, so such writes do not happen at compiled calls (torch.compile replays
+    them; this compiler says so instead: Traced.side_effects)."""
+
+    def __init__(self, module):
+        self.paths = {id(m): (p or type(module).__name__) for p, m in module.named_modules()}
+        self.found: dict = {}
+
+    def __enter__(self):
+        self.saved = torch.nn.Module.__setattr__
+        self.thread = threading.get_ident()
+        paths, found, saved, thread = self.paths, self.found, self.saved, self.thread
+
+        def __setattr__(m, name, value):
+            if threading.get_ident() == thread and id(m) in paths and name not in _OWN_STATE \
+                    and not name.startswith("_forward_") and name not in m._parameters \
+                    and name not in m._buffers and name not in m._modules:
+                found.setdefault(f"{paths[id(m)]}.{name}" if paths[id(m)] != type(m).__name__ else name, None)
+            return saved(m, name, value)
+
+        torch.nn.Module.__setattr__ = __setattr__
+        return self
+
+    def __exit__(self, *exc):
+        torch.nn.Module.__setattr__ = self.saved
+        # several exports make one trace (identical layers: frontend/repeated.py): their writes add up
+        _WRITES.found = getattr(_WRITES, "found", []) + list(self.found)
+        return False
+
+
+class _as_parameters:
+    """While exporting: a parameter slot holding a plain tensor (inside torch.func.functional_call, which swaps
+    the tensors it is given into the module) holds a Parameter over the same data, as torch.export requires;
+    the graph only takes its shape and dtype, and calls read the live tensor."""
+
+    def __init__(self, module):
+        self.module = module
+        self.swapped = []
+
+    def __enter__(self):
+        for m in self.module.modules():
+            for name, t in list(m._parameters.items()):
+                if t is not None and not isinstance(t, torch.nn.Parameter):
+                    m._parameters[name] = torch.nn.Parameter(t.detach(), requires_grad=t.requires_grad)
+                    self.swapped.append((m, name, t))
+        return self
+
+    def __exit__(self, *exc):
+        for m, name, t in reversed(self.swapped):
+            m._parameters[name] = t
+        return False
 
 
 class _hooked:
@@ -344,6 +404,15 @@ def warn_folded_trainables(module, names, stacklevel: int = 3) -> None:
                       "requires_grad_(False), or compile with recognisers off for this module", stacklevel=stacklevel)
 
 
+def warn_side_effects(module, names, stacklevel: int = 3) -> None:
+    """Say which attributes the module's forward sets, which compiled calls (the traced graph) do not set."""
+    if names:
+        shown = ", ".join(f"'{n}'" for n in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        warnings.warn(f"compiling {type(module).__name__}: its forward sets {shown} when it runs; compiled calls run "
+                      "the traced tensor graph and do not repeat Python side effects, so they leave these attributes "
+                      "as they are (compute such values outside forward, or return them)", stacklevel=stacklevel)
+
+
 def warn_guards(traced, what: str, module) -> None:
     """Exports serve every size from one traced graph: say where that graph stops equalling the module."""
     if traced.guards:
@@ -366,6 +435,8 @@ class Traced:
     # they built from its values (a causal mask buffer, stored RoPE tables): the graph holds only while these
     # tensors keep those values (checked at every call and on a compile-cache lookup)
     assumed: tuple = ()
+    # attributes the module's forward sets when it runs ("layers.0.calls"): compiled calls do not set them
+    side_effects: tuple = ()
 
     def __setstate__(self, state):
         """Unpickled (the compile cache): the output dataclasses its spec names become pytree nodes here too."""
@@ -596,7 +667,10 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     register_custom_lowerings()
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
+    _WRITES.found = []
     ep, lowerer, graph = _lower(module, args, kwargs, dynamic_shapes)
+    side_effects = tuple(dict.fromkeys(_WRITES.found))
+    warn_side_effects(module, side_effects, stacklevel=4)
     guards = _range_guards(ep, lowerer.sym_map) + [Guard(_simplified(e), "assertion") for e in lowerer.assertions]
     guards = [g for g in guards if g.expr is not sympy.true]
     # checked on the graph as lowered, before recognisers rewrite it
@@ -619,7 +693,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     constants = tuple((i, v) for i, v in enumerate(leaves) if isinstance(v, CONSTANT_TYPES))
     names = tuple(f"args[{i}]" for i in range(len(args))) + tuple(sorted(kwargs))
     return Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
-                  assumed)
+                  assumed, side_effects)
 
 
 

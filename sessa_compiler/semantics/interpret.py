@@ -87,6 +87,8 @@ def run_node(node: Node, env: dict, binding: dict, device, impls: Mapping | None
     except SessaCompilerError:
         raise
     except Exception as e:  # name the op that failed, keep the original as the cause
+        if type(e).__module__.startswith("torch.utils.checkpoint"):
+            raise   # non-reentrant checkpointing stops its recomputation by raising through the ops: not a failure
         outs = ", ".join("%" + v.name for v in node.outputs)
         raise SessaCompilerError(f"eager backend: op '{node.op}' ({outs}) failed: {type(e).__name__}: {e}") from e
     outs = out if isinstance(out, (tuple, list)) else (out,)
