@@ -978,15 +978,28 @@ class Serving:
     def original(self):
         return self.compiled.original
 
-    def _program(self, example=None, kwargs=None, cache=None) -> ServingProgram:
+    def _program(self, example=None, kwargs=None, cache=None, check: bool = True) -> ServingProgram:
         """The serving program of the traced graph for this call: the one ``cache`` was made for (cache["_graph"]),
         else the current trace when the call's structure (positional inputs, keyword names) fits it, else the
         trace of this call (traced as the compiled module's forward traces another signature)."""
         c = self.compiled
         kwargs = kwargs or {}
         prog = self.programs.get(cache.get("_graph")) if isinstance(cache, dict) else None
-        if prog is not None:
-            return prog
+        if check and (prog is not None or c._traced is not None):
+            # the module as it is now, as a forward call checks it: weights reassigned since the last call are
+            # read; a changed attribute, hook, forward, train/eval mode or parameter type traces again
+            graph = prog.graph if prog is not None else c._traced.graph
+            why, params = c._state_for(graph)
+            if why is None:
+                graph.params.update(params)
+                if prog is not None:
+                    return prog
+            elif example is None:
+                raise InputError(f"compiled {type(self.original).__name__}: {why}; call it (or prefill) once to "
+                                 "trace it again")
+            else:
+                c._prepare_call(tuple(x.contiguous() for x in example), {k: v.contiguous() for k, v in kwargs.items()})
+                example = None   # traced for this call's structure now
         if c._traced is None:
             if example is None:
                 raise TraceError(f"compiled {type(self.original).__name__}: not traced yet; call it once, pass "
@@ -1037,7 +1050,14 @@ class Serving:
         if self.compiled._traced is None:
             # allocated at the first prefill, when the graph (and so the state shapes) are known
             return {"t": 0, "max_len": max_len, "_pending": (batch_size, device, dtype)}
-        return self._program().init_cache(batch_size, device=device, dtype=dtype, max_len=max_len)
+        # the current trace's state layout; whether the module still fits it is checked at the prefill
+        try:
+            prog = self._program(check=False)
+        except UnsupportedError:
+            # the last forward call was not a servable one (a loss from labels=...): allocated at the first
+            # prefill, which traces the call it is given
+            return {"t": 0, "max_len": max_len, "_pending": (batch_size, device, dtype)}
+        return prog.init_cache(batch_size, device=device, dtype=dtype, max_len=max_len)
 
     def _materialise(self, cache, prog: ServingProgram) -> dict:
         if isinstance(cache, dict) and "_pending" in cache:

@@ -315,3 +315,67 @@ def test_attributes_a_forward_sets_are_reported():
     quiet = sc.compile(Net(), backend="eager")
     quiet(torch.randn(1, 3, 16))
     assert "side effects" not in quiet.explain()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_serving_follows_changes_made_between_calls(backend):
+    """prefill / decode_step / generate run the traced graph without a forward call: they check the module as a
+    forward call does (weights reassigned, load_state_dict(assign=True), a changed attribute traces again)."""
+    from sessa_compiler.models import Decoder
+
+    torch.manual_seed(3)
+    m = Decoder(50, 32, "S", n_heads=2).eval()
+    c = sc.compile(m, backend=backend)
+    p = torch.randint(0, 50, (2, 6))
+    tok = torch.tensor([3, 4])
+
+    def same():
+        yc, cache = c.prefill(p, c.init_cache(2))
+        ym, _ = m.prefill(p, m.init_cache(2))
+        _close(yc, ym)
+        tc, _ = c.decode_step(tok, cache)
+        _close(tc, m(torch.cat([p, tok[:, None]], 1))[:, -1])
+        assert torch.equal(c.generate(p, 5), m.generate(p, 5))
+
+    with torch.no_grad():
+        same()
+        m.lm_head.weight = nn.Parameter(torch.randn_like(m.lm_head.weight))     # a new Parameter
+        same()
+        m.load_state_dict({k: torch.randn_like(v) * 0.3 if v.is_floating_point() else v
+                           for k, v in m.state_dict().items()}, assign=True)
+        same()
+        m.layers[0].ln.eps = 10.0                                                # an attribute
+        same()
+        assert any("ln.eps" in r for r in c.retraces), c.retraces
+
+
+class LabelsLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.layer, self.head = nn.Embedding(50, 32), SessaLayer(32, n_heads=2), nn.Linear(32, 50)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.head(self.layer(self.embed(input_ids)))
+        if labels is None:
+            return logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1)), logits
+
+    def init_cache(self, batch, device=None, dtype=None, max_len=None):
+        return self.layer.init_cache(batch, max_len=max_len)
+
+    def prefill(self, ids, cache):
+        y, cache = self.layer.prefill(self.embed(ids), cache)
+        return self.head(y), cache
+
+
+def test_prefill_after_a_forward_with_labels():
+    """The last forward call computed a loss (not servable): init_cache allocates at the prefill, which traces
+    the call it is given, instead of refusing the loss graph."""
+    torch.manual_seed(0)
+    m = LabelsLM().eval()
+    c = sc.compile(m, backend="eager")
+    ids = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        c(ids, labels=ids)
+        y, _ = c.prefill(ids, c.init_cache(2))
+        _close(y, m(ids))

@@ -30,8 +30,10 @@ from .repeated import _HOOKS, _SKIP_ATTRS, _Opaque, _attr_key, _global_reads, _v
 _MISSING = object()
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, type,
               types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
+# the global hooks that run around a module's call (registration hooks, which torch.export sets while it
+# exports, change no call)
 _GLOBAL_HOOKS = tuple(sorted(n for n in dir(_nn_module) if n.startswith("_global_") and "hook" in n
-                             and isinstance(getattr(_nn_module, n), dict)))
+                             and ("forward" in n or "backward" in n) and isinstance(getattr(_nn_module, n), dict)))
 
 
 def _describe(v):
