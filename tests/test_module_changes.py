@@ -379,3 +379,36 @@ def test_prefill_after_a_forward_with_labels():
         c(ids, labels=ids)
         y, _ = c.prefill(ids, c.init_cache(2))
         _close(y, m(ids))
+
+
+class LMLoss(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(50, 16), nn.Linear(16, 50)
+
+    def forward(self, input_ids, labels):
+        logits = self.head(self.embed(input_ids))
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1)), logits
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alias", ["same", "view"])
+def test_traced_with_one_tensor_given_twice(backend, alias):
+    """model(ids, labels=ids), the usual causal-LM call: torch.export makes one input of the two, and the graph
+    used to read labels where the module reads input_ids (a wrong loss for every later call with other labels,
+    also from the compile cache)."""
+    torch.manual_seed(0)
+    m = LMLoss()
+    ids = torch.randint(0, 50, (2, 8))
+    c = sc.compile(m, backend=backend)
+    c(ids, ids if alias == "same" else ids[:, :])
+    again = sc.compile(m, backend=backend)   # from the compile cache
+    again(ids, ids)
+    for B, T in ((2, 8), (3, 5)):
+        a, lab = torch.randint(0, 50, (B, T)), torch.randint(0, 50, (B, T))
+        with torch.no_grad():
+            want = m(a, lab)
+            for comp in (c, again):
+                got = comp(a, lab)
+                _close(got[0], want[0])
+                _close(got[1], want[1])

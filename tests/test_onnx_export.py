@@ -503,3 +503,31 @@ def test_custom_feedback_op_exports_with_torch_onnx_export_and_export_onnx(tmp_p
     res = export_onnx(m, args, tmp_path / "custom.onnx")  # our exporter maps the op to its feedback lowering
     assert "Loop" in res.op_counts()
     assert_standard(res.model)
+
+
+class _ShiftedLoss(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50)
+
+    def forward(self, input_ids, labels):
+        logits = self.head(self.embed(input_ids))
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1)), logits
+
+
+def test_a_reshape_to_a_size_that_is_zero_at_run_time(tmp_path):
+    """A language-model loss over the shifted positions: at T = 1 they are B * (T - 1) = 0. ONNX's Reshape reads
+    a 0 in its target shape as "keep the input's dim" unless allowzero=1 (the file failed in onnxruntime there)."""
+    torch.manual_seed(0)
+    m = _ShiftedLoss().eval()
+    path = str(tmp_path / "lm.onnx")
+    ids = torch.randint(0, 50, (2, 8))
+    export_onnx(m, (ids, ids), path)
+    s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for B, T in ((1, 1), (2, 1), (2, 5)):
+        x = torch.randint(0, 50, (B, T))
+        with torch.no_grad():
+            loss, logits = m(x, x)
+        got = s.run(None, {"input_ids": x.numpy(), "labels": x.numpy()})
+        assert np.isnan(got[0]) == bool(torch.isnan(loss)) and (T == 1 or abs(float(got[0]) - loss.item()) < 1e-5)
+        assert np.abs(got[1] - logits.numpy()).max() < 1e-5

@@ -687,7 +687,7 @@ def _roll(L, node, a: Args):
         tail = b.op("Slice", x, k, n, b.i64(d))
         head = b.op("Slice", x, b.i64(0), k, b.i64(d))
         x = b.op("Concat", tail, head, axis=d, hint="roll")
-    return [b.op("Reshape", x, b.shape_tensor(list(t.shape))) if not a.value("dims") else x]
+    return [b.op("Reshape", x, b.shape_tensor(list(t.shape)), allowzero=1) if not a.value("dims") else x]
 
 
 @form("bucketize")

@@ -365,7 +365,8 @@ def _trilu(L, node):
 # -- layout ----------------------------------------------------------------------------------------------
 @lowering("reshape")
 def _reshape(L, node):
-    return [L.b.op("Reshape", L.get(node, 0), L.b.shape_tensor(node.attrs["shape"]), hint="reshape")]
+    # allowzero=1: a size that is 0 at run time (B * (T - 1) at T = 1) is 0, not "copy the input's dim"
+    return [L.b.op("Reshape", L.get(node, 0), L.b.shape_tensor(node.attrs["shape"]), allowzero=1, hint="reshape")]
 
 
 @lowering("permute")
@@ -460,7 +461,7 @@ def _repeat_interleave(L, node):
     shape = list(x.type.shape)
     y = b.op("Unsqueeze", L.get(node, 0), b.i64(d + 1))
     y = b.op("Expand", y, b.shape_tensor(shape[:d + 1] + [reps] + shape[d + 1:]))
-    return [b.op("Reshape", y, b.shape_tensor(list(node.outputs[0].type.shape)), hint="repeat_interleave")]
+    return [b.op("Reshape", y, b.shape_tensor(list(node.outputs[0].type.shape)), allowzero=1, hint="repeat_interleave")]
 
 
 # -- reductions and factories --------------------------------------------------------------------------------

@@ -59,6 +59,27 @@ def _grow(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _unaliased(args: tuple, kwargs: dict) -> tuple:
+    """The examples with every tensor on its own storage. Given one tensor twice (``model(ids, labels=ids)``, the
+    usual causal-LM call), torch.export makes one graph input of the two and the lowering read it under either
+    name: the graph then used labels where the module used input_ids, wrong for any later call whose two
+    tensors differ. A tensor sharing storage with an earlier one is traced on a copy: the graph takes them as
+    the independent inputs every later call may give."""
+    seen: set = set()
+
+    def own(x):
+        if not isinstance(x, torch.Tensor):
+            return x
+        key = x.untyped_storage().data_ptr() if x.untyped_storage().nbytes() else None
+        if key is not None and key in seen:
+            return x.clone()
+        if key is not None:
+            seen.add(key)
+        return x
+    args = tuple(pytree.tree_map(own, a) for a in args)
+    return args, {k: pytree.tree_map(own, v) for k, v in kwargs.items()}
+
+
 def _mutates(ep) -> bool:
     """The program mutates tensors, or runs a region under autocast (whose casts are implicit in the pre-dispatch
     graph: its ops keep their operands' dtypes and say another); run_decompositions writes both out as ops."""
@@ -193,6 +214,7 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
                        for name, value in bound.items()}
         else:
             dynamic = tuple(_dynamic_dims(a) for a in traced_args)
+    traced_args, traced_kwargs = _unaliased(traced_args, traced_kwargs)
     try:
         # torch.export keeps process-wide state (its exporting flag, the swapped-in fake parameters of the module,
         # the warning filters and the stderr redirection here): one export at a time in this process
