@@ -111,10 +111,17 @@ class ModuleGuard:
                 return False
         except Exception:  # noqa: BLE001 - a value whose == does not give a bool (a tensor): look closer
             return False
+        described: dict = {}   # one description per object (a config object every layer holds)
         for _, d, name, v, key, _ in self._others:
             cur = d.get(name, _MISSING)
-            if (cur is not v) if key is None else (_describe(cur)[0] != key):
+            if cur is not v:
                 return False
+            if key is not None:
+                now = described.get(id(cur))
+                if now is None:
+                    now = described[id(cur)] = _describe(cur)[0]
+                if now != key:
+                    return False
         return not self.hooks and all(
             getattr(k, "forward", None) is f for k, f in self.classes) and all(
             _hook_state(getattr(_nn_module, n)) == st for n, st in self.global_hooks) and all(
