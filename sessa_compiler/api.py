@@ -24,7 +24,7 @@ from .ir.dtypes import from_torch, to_torch
 from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
 from .frontend.guards import ModuleGuard
 from .frontend.lower import as_pairs, pair_source
-from .frontend.trace import Traced, check_keywords, trace_with_report, warn_folded_trainables
+from .frontend.trace import Traced, check_keywords, other_integer_dtypes, trace_with_report, warn_folded_trainables
 from .ir.ops import CORE, OPS
 from .persistent_cache import collecting, tensor_digest
 from .serving import SERVING_METHODS as _SERVING_METHODS
@@ -45,7 +45,10 @@ def _why_not(traced: Traced, args, kwargs) -> str | None:
     try:
         binding = bind_symbols(graph, list(args))
     except InputError as e:
-        return f"the traced graph fixed a batch or sequence size ({e})" if _only_sizes_differ(graph, args) else None
+        if _only_sizes_differ(graph, args):
+            return f"the traced graph fixed a batch or sequence size ({e})"
+        other = other_integer_dtypes(graph, args)
+        return f"input {other} has another integer or bool dtype than traced" if other else None
     broken = traced.violated(binding)
     if not broken:
         return None
@@ -478,6 +481,7 @@ class CompiledModule(torch.nn.Module):
         self._fresh: set = set()     # runners not called yet (their first call may build kernels)
         self.grad_recomputes = 0    # calls whose backward recomputes on eager
         self.retraces: list = []    # why each trace after the first was made
+        self._copies: dict = {}     # id(Traced) -> (it, Traced.copied_outputs())
         self.trace_seconds = None
         self.trace_cache = None     # "hit", "miss" or "off": whether the last trace came from the compile cache
         self.trace_cache_why = None  # why not (a miss's reason, or why the trace is not cacheable)
@@ -679,6 +683,13 @@ class CompiledModule(torch.nn.Module):
                     outs = self._run(inputs, graph, runner, params)
             else:
                 outs = self._run(inputs, graph, runner, params)
+        copies = self._copies.get(id(traced))
+        if copies is None or copies[0] is not traced:
+            copies = self._copies[id(traced)] = (traced, traced.copied_outputs())
+        if copies[1]:   # the module returns new tensors there, the graph an input, weight or other output
+            outs = list(outs)
+            for i in copies[1]:
+                outs[i] = outs[i].clone()
         result = traced.unflatten(outs)
         if self.validate:
             self._validate(args, kwargs, outs, graph)

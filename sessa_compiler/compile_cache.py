@@ -60,6 +60,9 @@ class NotKeyable(Exception):
     """A value the cache cannot fingerprint: whatever depends on it is not cached."""
 
 
+_STDLIB = os.path.dirname(os.__file__)
+
+
 def _keyed_elsewhere(module_name) -> bool:
     return not isinstance(module_name, str) or module_name.partition(".")[0] in _KEYED_ELSEWHERE
 
@@ -229,7 +232,7 @@ def _class_files(cls, seen: dict) -> None:
             continue
         try:
             path = inspect.getsourcefile(klass)
-        except TypeError:
+        except (TypeError, OSError):   # a builtin; a class defined in `python -c` (no source)
             path = None
         if path is None or not os.path.exists(path):
             seen[klass.__qualname__] = None
@@ -611,7 +614,7 @@ class Recorder:
         for n in code.co_names:
             if n in g and (name, n) not in self._globals:
                 try:
-                    self._globals[(name, n)] = fingerprint(g[n])
+                    self._globals[(name, n)] = global_fingerprint(g[n], self._sites)
                 except NotKeyable as e:
                     self._globals[(name, n)] = None
                     self.why = self.why or f"global {name}.{n} holds {e}"
@@ -665,6 +668,24 @@ class Recorder:
         return [k for k, v in list(vars(module).items()) if _code_of(v) is code] if module is not None else []
 
 
+def global_fingerprint(v, sites: tuple | None = None):
+    """A global's fingerprint for the manifest. A user module (``consts`` read as ``consts.K``) or a user class
+    (``Cfg.scale``) read as a global stands for the plain values it holds and its file's content: the name alone
+    (``fingerprint``) missed an edited constant there, or one computed from the environment at import. A
+    library's module or class is keyed by the library's version (elsewhere)."""
+    sites = _site_dirs() if sites is None else sites
+    if isinstance(v, (types.ModuleType, type)):
+        name = v.__name__ if isinstance(v, types.ModuleType) else getattr(v, "__module__", None)
+        path = getattr(v, "__file__", None) if isinstance(v, types.ModuleType) else \
+            getattr(sys.modules.get(name), "__file__", None)
+        if not _keyed_elsewhere(name) and isinstance(path, str) and not path.startswith(sites) \
+                and not path.startswith(_STDLIB):
+            plain = tuple(sorted((k, _fp(x, 1, set())) for k, x in list(vars(v).items())
+                                 if isinstance(x, _PLAIN) and not k.startswith("__")))
+            return (fingerprint(v), file_hash(path), plain)
+    return fingerprint(v)
+
+
 def check_manifest(manifest: dict) -> str | None:
     """Why this process no longer runs what the trace ran (a changed file, function, global or library), or
     None when everything recorded still holds."""
@@ -681,12 +702,13 @@ def check_manifest(manifest: dict) -> str | None:
             return f"{mod}.{path} cannot be checked ({e})"
         if now != fp:
             return f"{mod}.{path} is not the function that was traced (edited or replaced)"
+    sites = _site_dirs()
     for (mod, name), fp in manifest["globals"].items():
         module = sys.modules.get(mod)
         if module is None or name not in vars(module):
             return f"global {mod}.{name} no longer exists"
         try:
-            if fingerprint(vars(module)[name]) != fp:
+            if global_fingerprint(vars(module)[name], sites) != fp:
                 return f"global {mod}.{name} changed"
         except NotKeyable as e:
             return f"global {mod}.{name} holds {e}"

@@ -43,6 +43,7 @@ from .semantics import FACTORIES, SEMANTICS, bind_symbols, resolve
 from .semantics.core import key_keep
 from .ir.dtypes import to_torch
 from .errors import InputError, IRError, SessaCompilerError, TraceError, UnsupportedError
+from .frontend.trace import other_integer_dtypes
 from .ir.graph import Graph, Value
 from .tolerance import TOLERANCE, relative_error
 
@@ -1006,7 +1007,8 @@ class Serving:
                                  "example_inputs to compile(), or call prefill first")
             # a strided example trips torch.export lowering
             c._trace(tuple(x.contiguous() for x in example), {k: v.contiguous() for k, v in kwargs.items()})
-        elif example is not None and not self._fits_trace(example, kwargs):
+        elif example is not None and (not self._fits_trace(example, kwargs) or other_integer_dtypes(
+                c._traced.graph, c._traced.tensor_inputs(tuple(example), kwargs))):
             c._prepare_call(tuple(x.contiguous() for x in example), {k: v.contiguous() for k, v in kwargs.items()})
         graph = c._traced.graph
         prog = self.programs.get(id(graph))
@@ -1050,13 +1052,16 @@ class Serving:
         if self.compiled._traced is None:
             # allocated at the first prefill, when the graph (and so the state shapes) are known
             return {"t": 0, "max_len": max_len, "_pending": (batch_size, device, dtype)}
-        # the current trace's state layout; whether the module still fits it is checked at the prefill
+        # the current trace's state layout, where the module still fits that trace; else (parameters converted
+        # by .double() since, an attribute changed) or where the last forward call was not a servable one (a
+        # loss from labels=...), allocated at the first prefill, which traces the call it is given
+        pending = {"t": 0, "max_len": max_len, "_pending": (batch_size, device, dtype)}
+        if self.compiled._state_for(self.compiled._traced.graph)[0] is not None:
+            return pending
         try:
             prog = self._program(check=False)
         except UnsupportedError:
-            # the last forward call was not a servable one (a loss from labels=...): allocated at the first
-            # prefill, which traces the call it is given
-            return {"t": 0, "max_len": max_len, "_pending": (batch_size, device, dtype)}
+            return pending
         return prog.init_cache(batch_size, device=device, dtype=dtype, max_len=max_len)
 
     def _materialise(self, cache, prog: ServingProgram) -> dict:

@@ -150,6 +150,8 @@ def test_tvm_library_from_disk(cache_on, monkeypatch):
     bad = lib.with_name("partial")
     bad.write_bytes(b"\x7fELF truncated")
     bad.replace(lib)  # a corrupt library (written whole, as another process would: this one maps none yet)
+    import hashlib   # with the digest of those bytes beside it, so that loading is what fails
+    lib.with_suffix(".sha256").write_text(hashlib.sha256(lib.read_bytes()).hexdigest())
     c = sc.compile(small(), backend="tvm")
     with pytest.warns(UserWarning, match="does not load"):
         y = c(x)
@@ -194,9 +196,9 @@ def test_tvm_training_kernels_come_from_the_cache_in_a_new_process(cache_on, mon
     shutil.copytree(cache_on, other)
     monkeypatch.setenv("SESSA_COMPILER_CACHE_DIR", str(other))
     kernels = sorted((other / "tvm-kernels").glob("*.so"))
-    kernels[0].write_bytes(b"\x7fELF truncated")   # a corrupt one
+    kernels[0].write_bytes(b"\x7fELF truncated")   # a corrupt one (its digest no longer matches)
     monkeypatch.setattr(tvm_build, "_CACHE", {})
-    with pytest.warns(UserWarning, match="does not load"):
+    with pytest.warns(UserWarning, match="does not match the digest"):
         step()
     monkeypatch.setattr(tvm_build, "_CACHE", {})
     with monkeypatch.context() as mp:   # every kernel (the rebuilt one too) now loads: nothing is built
@@ -796,3 +798,95 @@ def test_a_hit_warns_of_a_folded_trainable_parameter_as_the_trace_did(cache_on):
     assert compiled(False) == ("miss", [])   # requires_grad is part of the key: the trace differs in what it says
     cache, again = compiled(True)
     assert cache == "hit" and again == said   # a hit says what the trace said
+
+
+def test_a_library_cut_short_is_rebuilt_not_mapped(tmp_path):
+    """A cached library truncated after it was written (a full disk, an interrupted copy) used to be mapped by the
+    loader and kill every later process with SIGBUS; its digest is checked first now. In a new process, as a user
+    meets it."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import torch, sessa_compiler as sc, warnings\n"
+        "from sessa_compiler.models import SessaLayer\n"
+        "torch.manual_seed(0); m = SessaLayer(16, n_heads=2).eval(); x = torch.randn(2, 5, 16)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    c = sc.compile(m, backend='tvm')\n"
+        "    with torch.no_grad(): err = (c(x) - m(x)).abs().max().item()\n"
+        "print(err, any('does not match the digest' in str(i.message) for i in w))\n")
+    env = dict(os.environ, SESSA_COMPILER_CACHE_DIR=str(tmp_path / "cache"))
+    run = lambda: subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,  # noqa: E731
+                                 timeout=600)
+    first = run()
+    assert first.returncode == 0, first.stderr[-2000:]
+    for lib in (tmp_path / "cache" / "tvm").glob("*.so"):
+        with open(lib, "r+b") as f:
+            f.truncate(lib.stat().st_size // 2)
+    second = run()
+    assert second.returncode == 0, (second.returncode, second.stderr[-2000:])
+    err, warned = second.stdout.split()[-2:]
+    assert float(err) < 1e-5 and warned == "True", second.stdout
+
+
+CONSTS = """
+K = 1.0
+"""
+
+THROUGH_MODULE = """
+import torch
+import {consts}
+from dataclasses import dataclass
+
+
+@dataclass
+class Cfg:
+    scale: float = 2.0
+
+
+class Through(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x) * {consts}.K + Cfg.scale
+"""
+
+
+def test_a_constant_read_through_another_module_or_a_class_misses(cache_on, tmp_path, monkeypatch):
+    """consts.K and Cfg.scale (a module and a class read as globals): their values key the entry, not only
+    their names (a changed constant in another file, or one computed from the environment at import, was
+    served the old graph)."""
+    consts = load_source(tmp_path, "through_consts", CONSTS)
+    mod = load_source(tmp_path, "through_model", THROUGH_MODULE.format(consts="through_consts"))
+    monkeypatch.setitem(sys.modules, "through_consts", consts)
+    monkeypatch.setitem(sys.modules, "through_model", mod)
+    x = torch.randn(2, 5, 8)
+    torch.manual_seed(0)
+    assert check_new_outputs(mod.Through().eval(), x) == "miss"
+    assert check_new_outputs(mod.Through().eval(), x) == "hit"
+    consts.K = 2.0
+    assert check_new_outputs(mod.Through().eval(), x) == "miss"
+    mod.Cfg.scale = 3.0
+    assert check_new_outputs(mod.Through().eval(), x) == "miss"
+    assert check_new_outputs(mod.Through().eval(), x) == "hit"
+
+
+def test_a_class_defined_in_python_dash_c_compiles_without_the_cache(tmp_path):
+    """inspect cannot find the source of a class defined in `python -c`: not cacheable, never a crash."""
+    import subprocess
+
+    code = ("import torch, sessa_compiler as sc\n"
+            "class M(torch.nn.Module):\n"
+            "    def __init__(self):\n"
+            "        super().__init__(); self.lin = torch.nn.Linear(4, 4)\n"
+            "    def forward(self, x): return self.lin(x)\n"
+            "m = M(); x = torch.randn(2, 3, 4)\n"
+            "print((sc.compile(m, backend='eager')(x) - m(x)).abs().max().item())\n")
+    env = dict(os.environ, SESSA_COMPILER_CACHE_DIR=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.split()[-1]) < 1e-6

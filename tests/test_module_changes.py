@@ -412,3 +412,95 @@ def test_traced_with_one_tensor_given_twice(backend, alias):
                 got = comp(a, lab)
                 _close(got[0], want[0])
                 _close(got[1], want[1])
+
+
+class Copies(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind, self.lin = kind, nn.Linear(4, 4)
+        self.w = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        k = self.kind
+        if k == "clone":
+            return x.clone(), self.lin(x)
+        if k == "add0":
+            return x + 0, self.lin(x)
+        if k == "cat":
+            return torch.cat([x]), self.lin(x)
+        if k == "twice":
+            h = self.lin(x)
+            return h, h.clone()
+        if k == "weight":
+            return self.w.clone(), self.w * 1
+        if k == "identity":                    # the module's own aliases stay aliases
+            return x, self.lin(x)
+        raise AssertionError(k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["clone", "add0", "cat", "twice", "weight", "identity"])
+def test_outputs_share_storage_only_where_the_modules_do(backend, kind):
+    """A copy the module makes (x.clone(), x + 0, h and h.clone(), w.clone()) is a new tensor: the simplifier or
+    TVM's passes turned some into identities, and the output was the caller's input, a weight or the other
+    output, so an in-place edit of it changed those."""
+    torch.manual_seed(0)
+    m = Copies(kind)
+    c = sc.compile(m, backend=backend)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        want = m(x)
+        got = c(x)
+        for g, w in zip(got, want):
+            _close(g, w)
+        ptr = lambda t: t.untyped_storage().data_ptr()   # noqa: E731
+        theirs = {ptr(x), ptr(m.w), ptr(m.lin.weight)}
+        for g, w in zip(got, want):
+            assert (ptr(g) in theirs) == (ptr(w) in theirs), kind
+        assert (ptr(got[0]) == ptr(got[1])) == (ptr(want[0]) == ptr(want[1])), kind
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_ids_of_another_integer_dtype_trace_again(backend):
+    from sessa_compiler.models import Decoder
+
+    torch.manual_seed(0)
+    m = Decoder(50, 32, "S", n_heads=2).eval()
+    c = sc.compile(m, backend=backend)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        c(ids)
+        _close(c(ids.int()), m(ids.int()))
+        assert torch.equal(c.generate(ids.int(), 3), m.generate(ids.int(), 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_first_call_with_an_empty_batch_or_sequence(backend):
+    torch.manual_seed(0)
+    m = SessaLayer(32, n_heads=2).eval()
+    c = sc.compile(m, backend=backend)
+    for shape in ((0, 5, 32), (2, 0, 32), (2, 7, 32)):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            got = c(x)
+            assert got.shape == m(x).shape
+            _close(got, m(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_serving_after_a_dtype_change(backend):
+    """.double() converts the parameters in place: serving after it (the trace was float32) traces again instead
+    of running the float32 graph on float64 weights (a crash), and its caches take the new dtype."""
+    torch.manual_seed(0)
+    m = SessaLayer(32, n_heads=2).eval()
+    ref = copy.deepcopy(m).double()
+    c = sc.compile(m, backend=backend)
+    x = torch.randn(2, 9, 32)
+    with torch.no_grad():
+        c(x)
+        c.double()
+        y, cache = c.prefill(x.double(), c.init_cache(2))
+        r, _ = ref.prefill(x.double(), ref.init_cache(2))
+        assert y.dtype == torch.float64 and all(v.dtype == torch.float64 for v in cache.values()
+                                                if isinstance(v, torch.Tensor) and v.is_floating_point())
+        torch.testing.assert_close(y, r)

@@ -69,6 +69,9 @@ class Lowerer:
         self.notes: list = []  # ops recognised while lowering (e.g. SDPA), for explain()
         self.pairs: set = set()  # Values holding a complex tensor as real (..., 2) pairs (see _complex)
         self.none_outputs: list = []  # positions of the module's None outputs among export's output leaves
+        # per graph output: (the export node it is, the placeholder it is a view of or None): what the module's own
+        # outputs may share storage with (Traced.output_sources)
+        self.output_sources: list = []
         self.assertions: list = []  # sympy conditions over our symbols: export's runtime guards on sizes
         self.shared: list = []  # groups of identical layers traced once (frontend/repeated.py), for explain()
 
@@ -275,7 +278,11 @@ class Lowerer:
                 n_user = sum(1 for s in sig.output_specs
                              if s.kind == torch.export.graph_signature.OutputKind.USER_OUTPUT)
                 if n_user != len(sig.output_specs):
-                    raise TraceError("the module mutates its buffers in forward; that is not supported")
+                    kinds = {s.kind.name.lower().replace("_", " ") for s in sig.output_specs
+                             if s.kind != torch.export.graph_signature.OutputKind.USER_OUTPUT}
+                    raise TraceError(f"the module mutates tensors in forward ({', '.join(sorted(kinds))}: an "
+                                     "in-place op on an input or a buffer); that is not supported: compute a new "
+                                     "tensor instead (x = x + 1, not x.add_(1))")
                 for i, o in enumerate(outs):
                     if o is None:   # a None field of an output dataclass or tuple: no graph output
                         self.none_outputs.append(i)
@@ -287,11 +294,37 @@ class Lowerer:
                         raise TraceError(f"output {o}{source_of(o)} is a complex tensor; return "
                                          "torch.view_as_real(...) of it (the compiled graph computes in real pairs)")
                     self.graph.outputs.append(v)
+                    self.output_sources.append((o.name, _view_root(o)))
             else:
                 raise TraceError(f"unexpected fx node kind {node.op} ({node.name})")
         self.graph.dead_code_elimination()
         verify_graph(self.graph)
         return self.graph
+
+
+_VIEW_OPS = {"view", "_unsafe_view", "reshape", "slice", "select", "transpose", "permute", "t", "unsqueeze",
+             "squeeze", "expand", "alias", "detach", "as_strided", "unflatten", "flatten", "narrow", "split",
+             "chunk", "unbind", "view_as", "diagonal", "expand_as", "movedim", "contiguous", "lift_fresh_copy"}
+
+
+def _view_root(o) -> str | None:
+    """The placeholder (input, parameter or buffer) an export node is a view of, through view ops; None when
+    it is a new tensor (clone, arithmetic, ...)."""
+    seen = 0
+    while o is not None and seen < 64:
+        seen += 1
+        if o.op == "placeholder":
+            return o.name
+        if o.op != "call_function":
+            return None
+        name = getattr(o.target, "__name__", str(o.target)).split(".")[0]
+        if name == "getitem" and o.args and getattr(o.args[0], "op", None) == "call_function":
+            o = o.args[0]
+            continue
+        if name not in _VIEW_OPS or not o.args or not hasattr(o.args[0], "op"):
+            return None
+        o = o.args[0]
+    return None
 
 
 def _hop_name(target) -> str:

@@ -15,6 +15,7 @@ import torch.utils._pytree as pytree
 from torch.export import Dim
 
 from ..errors import IRError, TraceError
+from ..ir.dtypes import to_torch
 from ..ir.graph import Graph
 from ..passes.simplify import hand_written_softmax, simplify
 from ..persistent_cache import tensor_digest
@@ -50,11 +51,13 @@ def _grow(x: torch.Tensor) -> torch.Tensor:
     symbols of the graph, which serves inputs of any layout."""
     x = x.contiguous()
     for d in range(min(x.dim(), 2)):
-        if x.shape[d] < 2:
+        if x.shape[d] == 0:   # an empty batch or sequence: traced on zeros of size 2 there (the call runs empty)
+            shape = list(x.shape)
+            shape[d] = 2
+            x = x.new_zeros(shape)
+        elif x.shape[d] == 1:
             reps = [1] * x.dim()
-            reps[d] = 2 if x.shape[d] == 1 else 0
-            if x.shape[d] == 0:
-                raise TraceError(f"cannot trace with an empty dimension {d} (shape {tuple(x.shape)})")
+            reps[d] = 2
             x = x.repeat(*reps)
     return x
 
@@ -416,6 +419,34 @@ def _range_guards(ep, sym_map: dict) -> list:
     return out
 
 
+def other_integer_dtypes(graph, args) -> str | None:
+    """Which inputs differ from the graph's types only in an integer or bool dtype (int32 token ids where int64
+    were traced, a bool mask where a long one was): the module takes them, so they get their own trace. A float
+    input of another float dtype stays an error (a float32 input to a float64 model)."""
+    if len(args) != len(graph.inputs):
+        return None
+    names = []
+    for x, v in zip(args, graph.inputs):
+        want = to_torch(v.type.dtype)
+        if not isinstance(x, torch.Tensor) or x.dim() != v.type.rank:
+            return None
+        if x.dtype != want:
+            if x.dtype.is_floating_point and want.is_floating_point:
+                return None
+            names.append(f"%{v.name} ({x.dtype}, traced {want})")
+    return ", ".join(names) or None
+
+
+_IR_VIEWS = frozenset({"reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select"})
+
+
+def _ir_view_root(v):
+    """The value an IR value is a view of through layout ops (itself when it is computed)."""
+    while v.producer is not None and v.producer.op in _IR_VIEWS:
+        v = v.producer.inputs[0]
+    return v
+
+
 def warn_folded_trainables(module, names, stacklevel: int = 3) -> None:
     """Say which trainable parameters a recognised op was built from (from a fresh trace, and again on every
     compile-cache hit of that trace: compile_cache.folded_trainables)."""
@@ -459,6 +490,28 @@ class Traced:
     assumed: tuple = ()
     # attributes the module's forward sets when it runs ("layers.0.calls"): compiled calls do not set them
     side_effects: tuple = ()
+    # per graph output: (the export node it was, the input/parameter it is a view of in the module, or None for
+    # a new tensor); None for a trace from before the field: see copied_outputs
+    output_sources: tuple | None = None
+
+    def copied_outputs(self) -> tuple:
+        """Positions of graph outputs that must be copied after a run: the module returns a new tensor there
+        (x.clone(), x + 0, h twice as h and h.clone()), but the graph's value is an input or parameter, a view of
+        one, or the value of an earlier output from another node of the module (the simplifier removes copies
+        and identities). Without the copy, editing that output in place would edit the user's input, a weight,
+        or another output."""
+        sources = self.output_sources
+        if sources is None or len(sources) != len(self.graph.outputs):
+            return ()
+        out, first = [], {}
+        for i, (v, (node, root)) in enumerate(zip(self.graph.outputs, sources)):
+            base = _ir_view_root(v)
+            earlier = first.get(base)
+            if root is None and (base.kind in ("input", "param") or (earlier is not None and earlier != node)):
+                out.append(i)
+                continue
+            first.setdefault(base, node)
+        return tuple(out)
 
     def __setstate__(self, state):
         """Unpickled (the compile cache): the output dataclasses its spec names become pytree nodes here too."""
@@ -715,7 +768,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     constants = tuple((i, v) for i, v in enumerate(leaves) if isinstance(v, CONSTANT_TYPES))
     names = tuple(f"args[{i}]" for i in range(len(args))) + tuple(sorted(kwargs))
     return Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
-                  assumed, side_effects)
+                  assumed, side_effects, tuple(lowerer.output_sources))
 
 
 

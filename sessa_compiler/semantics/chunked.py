@@ -56,7 +56,7 @@ def feedback_diag_inverse(q_b, k_b, gamma, lse, *, scale: float, chunk_size: int
     q, k = _pad_rows(q_b.to(cd), nC * C), _pad_rows(k_b.to(cd), nC * C)
     # padded rows get gamma = 0: identity rows in the inverse
     g, l_ = _pad_rows(gamma.to(cd), nC * C), _pad_rows(lse, nC * C)
-    qc, kc = q.view(B * nC, C, -1), k.view(B * nC, C, -1)
+    qc, kc = q.view(B * nC, C, q.shape[-1]), k.view(B * nC, C, k.shape[-1])   # (-1 is ambiguous when B = 0)
     blocks = _block_probs(qc, kc, g.view(B * nC, C), l_.view(B * nC, C), scale, 0, 0, strict_diag=True)
     eye = torch.eye(C, dtype=cd, device=q_b.device).expand(B * nC, C, C)
     inv = torch.linalg.solve_triangular(eye - blocks, eye, upper=False, unitriangular=True)

@@ -18,6 +18,7 @@ See sessa_compiler/persistent_cache.py and docs/caching.md.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import tempfile
@@ -94,6 +95,17 @@ def _load_cached(path: Path, load, what: str):
     crash: it is moved aside (``.corrupt``) to be rebuilt."""
     if not path.exists():
         return None
+    if not _intact(path):
+        # a library cut short (a full disk, a copy interrupted) is mapped by the loader and faults the process
+        # (SIGBUS) on first touch: its digest, written beside it, is checked before it is loaded
+        warnings.warn(f"sessa_compiler compile cache: {path} does not match the digest written with it (truncated "
+                      "or changed since); rebuilding it", stacklevel=3)
+        for p, aside in ((path, path.with_suffix(".corrupt")), (_digest_path(path), path.with_suffix(".sha256.corrupt"))):
+            try:
+                os.replace(p, aside)
+            except OSError:
+                pass
+        return None
     try:
         loaded = load(path)
         note(what, "from the cache")
@@ -108,6 +120,24 @@ def _load_cached(path: Path, load, what: str):
         return None
 
 
+def _digest_path(path: Path) -> Path:
+    return path.with_suffix(".sha256")
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _intact(path: Path) -> bool:
+    """Whether the library's bytes are those written (its digest beside it); a library without one is not
+    trusted to be whole."""
+    try:
+        return _digest_path(path).read_text().strip() == _digest(path)
+    except OSError:
+        return False
+
+
 def _write_cached(executable, path: Path) -> bool:
     """Write a built executable's library to ``path`` atomically, readable by the user alone; False (with a
     warning) where it cannot be written: no C++ compiler, a read-only cache. The next process builds again."""
@@ -117,7 +147,12 @@ def _write_cached(executable, path: Path) -> bool:
         os.close(fd)
         executable.export_library(tmp)
         os.chmod(tmp, 0o700)  # the linker creates it with the umask's mode: keep it the user's alone
+        digest = _digest(Path(tmp))
+        fd, tmp_digest = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".sha256")
+        with os.fdopen(fd, "w") as f:
+            f.write(digest)
         os.replace(tmp, path)  # atomic: a concurrent reader sees no half-written library
+        os.replace(tmp_digest, _digest_path(path))
         return True
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"sessa_compiler compile cache: could not write {path} ({type(e).__name__}: {e})", stacklevel=3)
