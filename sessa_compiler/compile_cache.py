@@ -61,6 +61,10 @@ class NotKeyable(Exception):
 
 
 _STDLIB = os.path.dirname(os.__file__)
+# what a forward's environment reads run (os.environ's item lookup): their keys and values join the manifest;
+# this package's own settings are keyed elsewhere (the options) or do not change a graph
+_ENV_GETITEM = type(os.environ).__getitem__.__code__
+_OWN_ENV = ("SESSA_COMPILER_",)
 
 
 def _keyed_elsewhere(module_name) -> bool:
@@ -543,6 +547,7 @@ class Recorder:
         self._user: dict = {}          # code -> (module name, qualname, filename)
         self._libraries: dict = {}     # top-level package -> a file of it (for an unversioned library)
         self._globals: dict = {}       # (module name, global name) -> fingerprint
+        self._environ: dict = {}       # environment variable -> its value (None: unset) when the trace read it
         self.why: str | None = None
         self._sites = _site_dirs()
         self._off_in_torch = None      # _OffInTorch while recording
@@ -601,6 +606,11 @@ class Recorder:
 
     def _record(self, frame):
         code = frame.f_code
+        if code is _ENV_GETITEM:   # os.environ[...] / .get / getenv / `in`: every read (never marked seen)
+            key = frame.f_locals.get("key")
+            if isinstance(key, str) and not key.startswith(_OWN_ENV):
+                self._environ.setdefault(key, os.environ.get(key))
+            return
         self._seen[id(code)] = code  # held, so that its id is not reused by another code object
         g = frame.f_globals
         name = g.get("__name__")
@@ -654,7 +664,8 @@ class Recorder:
                     functions[(mod, path)] = fingerprint(_resolve(mod, path))
                 except (LookupError, NotKeyable):
                     continue
-        return {"files": files, "functions": functions, "globals": dict(self._globals), "libraries": libraries}
+        return {"files": files, "functions": functions, "globals": dict(self._globals), "libraries": libraries,
+                "environ": dict(self._environ)}
 
     @staticmethod
     def _names_of(code, mod: str, qualname: str) -> list:
@@ -702,6 +713,9 @@ def check_manifest(manifest: dict) -> str | None:
             return f"{mod}.{path} cannot be checked ({e})"
         if now != fp:
             return f"{mod}.{path} is not the function that was traced (edited or replaced)"
+    for key, value in manifest.get("environ", {}).items():
+        if os.environ.get(key) != value:
+            return f"environment variable {key} is now {os.environ.get(key)!r}, traced with {value!r}"
     sites = _site_dirs()
     for (mod, name), fp in manifest["globals"].items():
         module = sys.modules.get(mod)

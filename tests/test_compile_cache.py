@@ -890,3 +890,26 @@ def test_a_class_defined_in_python_dash_c_compiles_without_the_cache(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert float(r.stdout.split()[-1]) < 1e-6
+
+
+class EnvBranch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if os.environ.get("SESSA_TEST_SQUASH"):   # a forward that reads the environment
+            h = torch.sigmoid(h)
+        return h
+
+
+def test_an_environment_variable_the_forward_reads_keys_the_entry(cache_on, monkeypatch):
+    monkeypatch.delenv("SESSA_TEST_SQUASH", raising=False)
+    x = torch.randn(2, 5, 8)
+    torch.manual_seed(0)
+    assert check_new_outputs(EnvBranch().eval(), x) == "miss"
+    assert check_new_outputs(EnvBranch().eval(), x) == "hit"
+    monkeypatch.setenv("SESSA_TEST_SQUASH", "1")
+    assert check_new_outputs(EnvBranch().eval(), x) == "miss"
+    assert check_new_outputs(EnvBranch().eval(), x) == "hit"
