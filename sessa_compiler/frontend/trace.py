@@ -73,9 +73,15 @@ def _unaliased(args: tuple, kwargs: dict) -> tuple:
     def own(x):
         if not isinstance(x, torch.Tensor):
             return x
-        key = x.untyped_storage().data_ptr() if x.untyped_storage().nbytes() else None
+        try:
+            key = x.untyped_storage().data_ptr() if x.untyped_storage().nbytes() else None
+        except RuntimeError:   # a fake example (a layer traced inside the model's export): by identity
+            key = ("id", id(x))
         if key is not None and key in seen:
-            return x.clone()
+            try:
+                return x.clone()
+            except RuntimeError:
+                return x
         if key is not None:
             seen.add(key)
         return x
