@@ -30,6 +30,33 @@ _TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}
 _LAYOUT_VIEWS = frozenset({"reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select"})
 
 
+def _computed_outputs(graph) -> frozenset:
+    """Positions of the outputs the graph computes (not an input, a parameter or a layout view of one)."""
+    def computed(v) -> bool:
+        while v.producer is not None and v.producer.op in _LAYOUT_VIEWS:
+            v = v.producer.inputs[0]
+        return v.kind == "node"
+    return frozenset(i for i, v in enumerate(graph.outputs) if computed(v))
+
+
+def _unshared(res: list, args: list, fresh: frozenset) -> list:
+    """TVM's VM may hand back an argument's or another output's buffer for a computed output where its passes
+    reduced the computation to an identity (x + 0, cat([x]), y and y * 1): an in-place edit of that output would
+    reach the user's input, a weight or the other output. Such outputs are copied."""
+    arg_ptrs, seen = None, set()
+    for i, r in enumerate(res):
+        ptr = r.data_ptr() if r.numel() else None
+        if ptr is not None and i in fresh:
+            if arg_ptrs is None:
+                arg_ptrs = {a.data_ptr() for a in args if a.numel()}
+            if ptr in arg_ptrs or ptr in seen:
+                res[i] = r = r.clone()
+                ptr = r.data_ptr()
+        if ptr is not None:
+            seen.add(ptr)
+    return res
+
+
 class KernelCall:
     """Calls one built kernel on torch tensors: dtype, layout and alignment handled here."""
 
@@ -255,29 +282,7 @@ class TVMBackend(Backend):
         id_checks = [(position[n.inputs[1]], int(n.inputs[0].type.shape[0])) for n in graph.nodes
                      if n.op == "embedding" and n.inputs[1] in position and isinstance(n.inputs[0].type.shape[0], int)]
 
-        # outputs the graph computes (not an input, a parameter or a layout view of one): TVM's VM may hand back
-        # an argument's or another output's buffer for them where its passes reduced the computation to an
-        # identity (x + 0, cat([x]), y and y * 1), which would let an in-place edit of the output reach the user's
-        # input, a weight or the other output; such outputs are copied
-        def computed(v) -> bool:
-            while v.producer is not None and v.producer.op in _LAYOUT_VIEWS:
-                v = v.producer.inputs[0]
-            return v.kind == "node"
-        fresh = frozenset(i for i, v in enumerate(graph.outputs) if computed(v))
-
-        def unshared(res: list, args: list) -> list:
-            arg_ptrs, seen = None, set()
-            for i, r in enumerate(res):
-                ptr = r.data_ptr() if r.numel() else None
-                if ptr is not None and i in fresh:
-                    if arg_ptrs is None:
-                        arg_ptrs = {a.data_ptr() for a in args if a.numel()}
-                    if ptr in arg_ptrs or ptr in seen:
-                        res[i] = r = r.clone()
-                        ptr = r.data_ptr()
-                if ptr is not None:
-                    seen.add(ptr)
-            return res
+        fresh = _computed_outputs(graph)
 
         def run(inputs, params):
             for x in inputs:
@@ -295,8 +300,8 @@ class TVMBackend(Backend):
             outs = [out] if len(graph.outputs) == 1 else list(out)
             stats["kernel_calls"] += n_core
             stats["runs"] += 1
-            return unshared([torch.from_dlpack(o) for o in outs], held) if fresh else \
-                [torch.from_dlpack(o) for o in outs]
+            res = [torch.from_dlpack(o) for o in outs]
+            return _unshared(res, held, fresh) if fresh else res
 
         self.modes[id(graph)] = ("whole graph", "every op lowers to TVM")
         return run
@@ -331,30 +336,6 @@ class TVMBackend(Backend):
         kernels = self._build_kernels(plan)
         calls = {item.node: KernelCall(kernels[item.spec], self.stats) for item in plan if item.spec is not None}
         stats = self.stats
-
-        # outputs the graph computes (not an input, a parameter or a layout view of one): TVM's VM may hand back
-        # an argument's or another output's buffer for them where its passes reduced the computation to an
-        # identity (x + 0, cat([x]), y and y * 1), which would let an in-place edit of the output reach the user's
-        # input, a weight or the other output; such outputs are copied
-        def computed(v) -> bool:
-            while v.producer is not None and v.producer.op in _LAYOUT_VIEWS:
-                v = v.producer.inputs[0]
-            return v.kind == "node"
-        fresh = frozenset(i for i, v in enumerate(graph.outputs) if computed(v))
-
-        def unshared(res: list, args: list) -> list:
-            arg_ptrs, seen = None, set()
-            for i, r in enumerate(res):
-                ptr = r.data_ptr() if r.numel() else None
-                if ptr is not None and i in fresh:
-                    if arg_ptrs is None:
-                        arg_ptrs = {a.data_ptr() for a in args if a.numel()}
-                    if ptr in arg_ptrs or ptr in seen:
-                        res[i] = r = r.clone()
-                        ptr = r.data_ptr()
-                if ptr is not None:
-                    seen.add(ptr)
-            return res
 
         def run(inputs, params):
             for x in inputs:
@@ -417,30 +398,6 @@ class TVMBackend(Backend):
                 kernels[node] = call
         with_kernels = training_runner(graph, kernels, self.name, self.stats, contiguous=True)
         on_torch = training_runner(graph, {}, self.name, self.stats)  # empty inputs: TVM needs one row
-
-        # outputs the graph computes (not an input, a parameter or a layout view of one): TVM's VM may hand back
-        # an argument's or another output's buffer for them where its passes reduced the computation to an
-        # identity (x + 0, cat([x]), y and y * 1), which would let an in-place edit of the output reach the user's
-        # input, a weight or the other output; such outputs are copied
-        def computed(v) -> bool:
-            while v.producer is not None and v.producer.op in _LAYOUT_VIEWS:
-                v = v.producer.inputs[0]
-            return v.kind == "node"
-        fresh = frozenset(i for i, v in enumerate(graph.outputs) if computed(v))
-
-        def unshared(res: list, args: list) -> list:
-            arg_ptrs, seen = None, set()
-            for i, r in enumerate(res):
-                ptr = r.data_ptr() if r.numel() else None
-                if ptr is not None and i in fresh:
-                    if arg_ptrs is None:
-                        arg_ptrs = {a.data_ptr() for a in args if a.numel()}
-                    if ptr in arg_ptrs or ptr in seen:
-                        res[i] = r = r.clone()
-                        ptr = r.data_ptr()
-                if ptr is not None:
-                    seen.add(ptr)
-            return res
 
         def run(inputs, params):
             for x in inputs:
