@@ -48,7 +48,13 @@ def _why_not(traced: Traced, args, kwargs) -> str | None:
         if _only_sizes_differ(graph, args):
             return f"the traced graph fixed a batch or sequence size ({e})"
         other = other_integer_dtypes(graph, args)
-        return f"input {other} has another integer or bool dtype than traced" if other else None
+        if other:
+            return f"input {other} has another integer or bool dtype than traced"
+        batch = max((int(x.shape[0]) for x in args if isinstance(x, torch.Tensor) and x.dim()), default=0)
+        spread = [v.name for x, v in zip(args, graph.inputs) if isinstance(x, torch.Tensor) and x.dim() >= 2
+                  and x.shape[0] == 1 and batch > 1 and v.type.rank == x.dim() and not isinstance(v.type.shape[0], int)]
+        return (f"input(s) {', '.join('%' + n for n in spread)} have batch 1 beside batch {batch} (they broadcast "
+                "over the batch)") if spread else None
     broken = traced.violated(binding)
     if not broken:
         return None

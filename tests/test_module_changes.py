@@ -504,3 +504,29 @@ def test_serving_after_a_dtype_change(backend):
         assert y.dtype == torch.float64 and all(v.dtype == torch.float64 for v in cache.values()
                                                 if isinstance(v, torch.Tensor) and v.is_floating_point())
         torch.testing.assert_close(y, r)
+
+
+class WithPositions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok, self.pos, self.out = nn.Embedding(50, 16), nn.Embedding(64, 16), nn.Linear(16, 50)
+
+    def forward(self, ids, position_ids):
+        return self.out(self.tok(ids) + self.pos(position_ids))   # position_ids may broadcast over the batch
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("first_batch", [2, 1])
+def test_position_ids_of_batch_1_beside_a_batch(backend, first_batch):
+    """position_ids [1, T] beside ids [B, T] (broadcast over the batch, as Hugging Face models allow) was refused
+    ("dimension B is 2 elsewhere but 1 here"): such a dim stays 1 in the trace, and a call that broadcasts where
+    the trace did not (or the other way round) traces again."""
+    torch.manual_seed(0)
+    m = WithPositions()
+    c = sc.compile(m, backend=backend)
+    pos = torch.arange(3, 10)[None]
+    with torch.no_grad():
+        for B in (first_batch, 3 - first_batch, 3):
+            ids = torch.randint(0, 50, (B, 7))
+            _close(c(ids, pos), m(ids, pos))
+            _close(c(ids, pos.expand(B, -1)), m(ids, pos.expand(B, -1)))

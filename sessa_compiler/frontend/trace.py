@@ -37,20 +37,31 @@ def _as_tuple(example_inputs) -> tuple:
     return example_inputs
 
 
-def _dynamic_dims(x: torch.Tensor) -> dict:
-    # dim 0 is the batch, dim 1 the sequence: the two sizes a Sessa model is used at many values of
-    return {d: Dim.AUTO for d in range(min(x.dim(), 2))}
+def _dynamic_dims(x: torch.Tensor, batch: int = 0) -> dict:
+    # dim 0 is the batch, dim 1 the sequence: the two sizes a Sessa model is used at many values of; a tensor
+    # of batch 1 beside others of batch > 1 broadcasts over the batch (position_ids [1, T]): its dim 0 stays 1
+    first = 1 if _broadcasts(x, batch) else 0
+    return {d: Dim.AUTO for d in range(first, min(x.dim(), 2))}
+
+
+def _broadcasts(x, batch: int) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 1 and batch > 1
+
+
+def _batch(args: tuple, kwargs: dict) -> int:
+    return max((int(x.shape[0]) for x in [*args, *kwargs.values()] if isinstance(x, torch.Tensor) and x.dim()),
+               default=0)
 
 
 _EXPORT_LOCK = threading.RLock()
 
 
-def _grow(x: torch.Tensor) -> torch.Tensor:
+def _grow(x: torch.Tensor, batch: int = 0) -> torch.Tensor:
     """torch.export specialises dims of size 0 or 1: trace on a copy grown to size >= 2 there. The copy is
     contiguous: the example's strides (a slice of a longer sequence, a transposed view) must not become
     symbols of the graph, which serves inputs of any layout."""
     x = x.contiguous()
-    for d in range(min(x.dim(), 2)):
+    for d in range(1 if _broadcasts(x, batch) else 0, min(x.dim(), 2)):
         if x.shape[d] == 0:   # an empty batch or sequence: traced on zeros of size 2 there (the call runs empty)
             shape = list(x.shape)
             shape[d] = 2
@@ -209,8 +220,9 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
             raise TraceError("export_program: dynamic_shapes covers positional arguments only")
         traced_args, traced_kwargs, dynamic = tuple(a.contiguous() for a in args), {}, dynamic_shapes
     else:
-        traced_args = tuple(_grow(a) for a in args)
-        traced_kwargs = {k: _grow(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        batch = _batch(args, kwargs)
+        traced_args = tuple(_grow(a, batch) for a in args)
+        traced_kwargs = {k: _grow(v, batch) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL
                        for p in inspect.signature(module.forward).parameters.values())
         # dynamic shapes by parameter name, so keyword arguments (and *args) get theirs too
@@ -219,10 +231,10 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
                 bound = inspect.signature(module.forward).bind(*traced_args, **traced_kwargs).arguments
             except TypeError as e:
                 raise TraceError(f"{type(module).__name__}.forward does not take these arguments: {e}") from e
-            dynamic = {name: pytree.tree_map(lambda v: _dynamic_dims(v) if isinstance(v, torch.Tensor) else None, value)
+            dynamic = {name: pytree.tree_map(lambda v: _dynamic_dims(v, batch) if isinstance(v, torch.Tensor) else None, value)
                        for name, value in bound.items()}
         else:
-            dynamic = tuple(_dynamic_dims(a) for a in traced_args)
+            dynamic = tuple(_dynamic_dims(a, batch) for a in traced_args)
     traced_args, traced_kwargs = _unaliased(traced_args, traced_kwargs)
     try:
         # torch.export keeps process-wide state (its exporting flag, the swapped-in fake parameters of the module,
