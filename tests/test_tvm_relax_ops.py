@@ -239,3 +239,30 @@ def test_slices_from_the_end_by_a_symbolic_length(backend, tmp_path, monkeypatch
     for T in (1, 4, 9):
         x = torch.randn(2, T, 3)
         torch.testing.assert_close(c(x), m(x))
+
+
+class _ScalarPower(nn.Module):
+    """Rotary frequencies computed in forward, as many models write them: a number to a tensor's power."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        T = x.shape[1]
+        inv = 10000 ** (-torch.arange(0, 8, 2, dtype=torch.float32) / 8)
+        ang = torch.arange(T, dtype=torch.float32)[:, None] * inv[None]
+        return self.lin(x) * torch.cat([ang.cos(), ang.sin()], -1) + 2.0 ** x
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_a_number_to_a_tensors_power_is_an_ir_op(backend, tmp_path, monkeypatch, recwarn):
+    """aten.pow.Scalar (10000 ** t) was a fallback: a TVM build of the model dropped to hybrid mode for it."""
+    monkeypatch.setenv("SESSA_COMPILER_CACHE_DIR", str(tmp_path))
+    m = _ScalarPower()
+    c = sc.compile(m, backend=backend)
+    for T in (1, 9):
+        x = torch.randn(2, T, 8)
+        torch.testing.assert_close(c(x), m(x))
+    assert "fallbacks (run as torch ops): none" in c.explain(), c.explain()
+    assert not [w for w in recwarn.list if "hybrid" in str(w.message)]

@@ -586,7 +586,8 @@ for _name in ("add", "sub", "mul", "div", "eq", "ne", "lt", "le", "gt", "ge"):
     for _ov in ("Tensor", "Scalar"):
         if hasattr(getattr(aten, _name), _ov):
             LOWERINGS[getattr(getattr(aten, _name), _ov)] = _binary(_name)
-for _t, _name in ((aten.pow.Tensor_Scalar, "pow"), (aten.pow.Tensor_Tensor, "pow"), (aten.maximum.default, "maximum"),
+for _t, _name in ((aten.pow.Tensor_Scalar, "pow"), (aten.pow.Tensor_Tensor, "pow"), (aten.pow.Scalar, "pow"),
+                  (aten.maximum.default, "maximum"),
                   (aten.minimum.default, "minimum"), (aten.max.other, "maximum"), (aten.min.other, "minimum"),
                   (aten.logical_and.default, "logical_and"),
                   (aten.logical_or.default, "logical_or")):

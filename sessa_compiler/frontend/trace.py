@@ -280,7 +280,10 @@ class _attribute_writes:
     them; this compiler says so instead: Traced.side_effects)."""
 
     def __init__(self, module):
-        self.paths = {id(m): (p or type(module).__name__) for p, m in module.named_modules()}
+        # torch's own modules (an fx GraphModule torch.compile hands over sets its generated code when it runs)
+        # are not the user's code
+        self.paths = {id(m): (p or type(module).__name__) for p, m in module.named_modules()
+                      if not str(type(m).__module__).startswith("torch.")}
         self.found: dict = {}
 
     def __enter__(self):
