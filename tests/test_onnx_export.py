@@ -531,3 +531,34 @@ def test_a_reshape_to_a_size_that_is_zero_at_run_time(tmp_path):
         got = s.run(None, {"input_ids": x.numpy(), "labels": x.numpy()})
         assert np.isnan(got[0]) == bool(torch.isnan(loss)) and (T == 1 or abs(float(got[0]) - loss.item()) < 1e-5)
         assert np.abs(got[1] - logits.numpy()).max() < 1e-5
+
+
+class _FloatMasked(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.out = torch.nn.Linear(16, 48), torch.nn.Linear(16, 16)
+
+    def forward(self, x, attention_mask):          # attention_mask: float [B, T], 1 = keep
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        bias = (1.0 - attention_mask)[:, None, None, :] * torch.finfo(x.dtype).min
+        causal = torch.full((T, T), torch.finfo(x.dtype).min).triu(1)
+        w = (q @ k.transpose(-1, -2) / 8 ** 0.5 + bias + causal).clamp(min=torch.finfo(x.dtype).min).softmax(-1)
+        return self.out((w @ v).transpose(1, 2).reshape(B, T, 16))
+
+
+def test_export_validates_a_float_mask_with_masks(tmp_path):
+    """The exporter checks the file at a second batch and length with inputs of its own: a float 0/1 mask input
+    got normal draws there, the module overflowed to inf, and the export failed blaming the graph."""
+    torch.manual_seed(0)
+    m = _FloatMasked().eval()
+    mask = torch.ones(2, 9)
+    mask[1, 6:] = 0
+    path = str(tmp_path / "m.onnx")
+    export_onnx(m, (torch.randn(2, 9, 16), mask), path)
+    s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    x, mk = torch.randn(3, 13, 16), torch.ones(3, 13)
+    mk[0, 10:] = 0
+    got = s.run(None, {s.get_inputs()[0].name: x.numpy(), s.get_inputs()[1].name: mk.numpy()})[0]
+    with torch.no_grad():
+        assert np.abs(got - m(x, mk).numpy()).max() < 1e-4

@@ -142,3 +142,31 @@ def test_export_fails_naming_ops_without_tvm_lowering(tmp_path):
     msg = str(err.value)
     assert "no TVM lowering" in msg and "fallback(aten.mode.default)" in msg
     assert not os.path.exists(tmp_path / "odd" / "model.so")
+
+
+class _Switch(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.act = torch.nn.Linear(8, 8), "relu"
+
+    def forward(self, x):
+        h = self.lin(x)
+        return torch.relu(h) if self.act == "relu" else torch.tanh(h)
+
+
+def test_a_directory_exported_again_loads_the_new_program(tmp_path):
+    """The dynamic loader hands back a library already loaded from the same path: loading a directory exported
+    again in the same process ran the old program."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    m = _Switch().eval()
+    x = torch.randn(2, 5, 8)
+    d = str(tmp_path / "exp")
+    sc.export_tvm(m, (x,), d)
+    with torch.no_grad():
+        assert np.abs(sc.load_tvm(d)(x.numpy()) - m(x).numpy()).max() < 1e-5
+        m.act = "tanh"
+        sc.export_tvm(m, (x,), d)
+        assert np.abs(sc.load_tvm(d)(x.numpy()) - m(x).numpy()).max() < 1e-5
+        assert np.abs(sc.load_tvm(d)(x.numpy()) - m(x).numpy()).max() < 1e-5   # and once more

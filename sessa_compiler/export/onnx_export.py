@@ -148,7 +148,10 @@ def _second_inputs(graph: Graph, args: tuple, binding: dict, seed: int = 0) -> t
     out = []
     for v, a in zip(graph.inputs, args):
         shape = v.type.concrete_shape(new)
-        if a.is_floating_point():
+        if a.is_floating_point() and a.dim() == 2 and a.numel() and bool(((a == 0) | (a == 1)).all()):
+            # a 0/1 float example (an attention mask given as floats): 0/1 again, mostly ones, as masks are
+            out.append((torch.rand(shape, generator=g) < 0.8).to(a.dtype))
+        elif a.is_floating_point():
             out.append(torch.randn(shape, generator=g, dtype=torch.float32).to(a.dtype))
         elif a.dtype == torch.bool:
             out.append(torch.randint(0, 2, shape, generator=g).bool())

@@ -51,6 +51,29 @@ def export_dir_problem(path) -> str | None:
     return None
 
 
+_LOADED: dict = {}   # real path of a library loaded in this process -> the sha256 of what was loaded
+
+
+def _library_path(lib: str) -> str:
+    """The path to load ``lib`` from. The dynamic loader hands back a library already loaded from the same path,
+    whatever the file holds now: a directory exported again (another program, other input dtypes) would run the
+    old program. A library whose bytes differ from what this process loaded from that path is loaded from a
+    private copy named by its content."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    with open(lib, "rb") as fh:
+        digest = hashlib.file_digest(fh, "sha256").hexdigest()
+    real = os.path.realpath(lib)
+    first = _LOADED.setdefault(real, digest)
+    if first == digest:
+        return lib
+    copy = os.path.join(tempfile.mkdtemp(prefix="sessa-tvm-"), f"{digest}.so")   # private (0700), unique
+    shutil.copyfile(lib, copy)
+    return copy
+
+
 class TVMModel:
     """A loaded library: call with numpy arrays (one per graph input), get numpy arrays back."""
 
@@ -71,7 +94,7 @@ class TVMModel:
                                                      else (os.cpu_count() or 1)))
         self._tvm = tvm
         self.device = tvm.cpu()
-        lib = tvm.runtime.load_module(os.path.join(path, self.manifest["library"]))
+        lib = tvm.runtime.load_module(_library_path(os.path.join(path, self.manifest["library"])))
         self._vm = relax.VirtualMachine(lib, self.device)
         weights = np.load(os.path.join(path, self.manifest["weights"]), allow_pickle=False)
         self._params = [tvm.runtime.tensor(np.require(weights[p["key"]], requirements="C"), self.device)
