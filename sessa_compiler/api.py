@@ -24,7 +24,8 @@ from .ir.dtypes import from_torch, to_torch
 from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
 from .frontend.guards import ModuleGuard
 from .frontend.lower import as_pairs, pair_source
-from .frontend.trace import Traced, check_keywords, other_integer_dtypes, trace_with_report, warn_folded_trainables
+from .frontend.trace import (Traced, batch_of, broadcasts, check_keywords, other_integer_dtypes, trace_with_report,
+                             warn_folded_trainables)
 from .ir.ops import CORE, OPS
 from .persistent_cache import collecting, tensor_digest
 from .serving import SERVING_METHODS as _SERVING_METHODS
@@ -50,9 +51,9 @@ def _why_not(traced: Traced, args, kwargs) -> str | None:
         other = other_integer_dtypes(graph, args)
         if other:
             return f"input {other} has another integer or bool dtype than traced"
-        batch = max((int(x.shape[0]) for x in args if isinstance(x, torch.Tensor) and x.dim()), default=0)
-        spread = [v.name for x, v in zip(args, graph.inputs) if isinstance(x, torch.Tensor) and x.dim() >= 2
-                  and x.shape[0] == 1 and batch > 1 and v.type.rank == x.dim() and not isinstance(v.type.shape[0], int)]
+        batch = batch_of(args)
+        spread = [v.name for x, v in zip(args, graph.inputs) if broadcasts(x, batch) and v.type.rank == x.dim()
+                  and not isinstance(v.type.shape[0], int)]
         return (f"input(s) {', '.join('%' + n for n in spread)} have batch 1 beside batch {batch} (they broadcast "
                 "over the batch)") if spread else None
     broken = traced.violated(binding)
@@ -145,11 +146,7 @@ def run_with_autograd(backend, runner, graph, args: list, params: dict, eager_ru
     if torch._C._are_functorch_transforms_active() and backend.name != "eager":
         # torch.func.grad / vmap / jacrev wrap tensors that kernels cannot read (no storage) and need autograd
         # Functions written for them: the interpreter's torch ops go through every transform
-        if id(graph) not in eager_runners:
-            from .backends.eager import EagerBackend
-
-            eager_runners[id(graph)] = EagerBackend().prepare(graph)
-        return eager_runners[id(graph)](args, params), False
+        return _eager_runner(graph, eager_runners)(args, params), False
     autocast = _autocast_on(args)
     if not torch.is_grad_enabled() and not autocast:
         return runner(args, params), False
@@ -168,13 +165,18 @@ def run_with_autograd(backend, runner, graph, args: list, params: dict, eager_ru
         return eager_runners[key](args, params), False
     if not needs_grad:
         return runner(args, params), False
+    fixed = {k: p for k, p in params.items() if k not in set(names)}
+    return list(_RecomputeGrad.apply(runner, _eager_runner(graph, eager_runners), len(args), names, fixed,
+                                     *args, *(params[k] for k in names))), True
+
+
+def _eager_runner(graph, eager_runners: dict):
+    """The eager interpreter's runner of ``graph`` (made once, kept in eager_runners)."""
     if id(graph) not in eager_runners:
         from .backends.eager import EagerBackend
 
         eager_runners[id(graph)] = EagerBackend().prepare(graph)
-    fixed = {k: p for k, p in params.items() if k not in set(names)}
-    return list(_RecomputeGrad.apply(runner, eager_runners[id(graph)], len(args), names, fixed,
-                                     *args, *(params[k] for k in names))), True
+    return eager_runners[id(graph)]
 
 
 def _autocast_on(args) -> bool:
@@ -257,28 +259,24 @@ class _Live:
         names_of: dict = {}
         for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
             names_of.setdefault(id(t), []).append(n)
-        self.aliases = []
-        for name, source, parts, _ in self.paths:
+        # each tensor's owning submodule, found once: while the guard holds (no submodule replaced), a call
+        # reads the owner's _parameters/_buffers entry instead of walking the path through nn.Module.__getattr__
+        # (a 12-layer decoder: about 1000 getattr calls, 0.7 ms a call)
+        self.aliases, self.owned = [], []
+        for name, source, parts, pairs in self.paths:
             try:
-                obj = functools.reduce(getattr, parts, module)
+                owner = functools.reduce(getattr, parts[:-1], module)
+                obj = getattr(owner, parts[-1])
             except AttributeError:
+                self.owned = None
                 continue
+            if self.owned is not None:
+                self.owned.append((name, owner.__dict__, parts[-1], pairs))
             others = [n for n in names_of.get(id(obj), []) if n != source]
             if others:
                 self.aliases.append((source, parts, [(n, n.split(".")) for n in others]))
         # the module's Python state the trace baked in (attributes, hooks, forward methods): frontend/guards.py
         self.guard = ModuleGuard(module)
-        # each tensor's owning submodule, found once: while the guard holds (no submodule replaced), a call
-        # reads the owner's _parameters/_buffers entry instead of walking the path through nn.Module.__getattr__
-        # (a 12-layer decoder: about 1000 getattr calls, 0.7 ms a call)
-        self.owned = []
-        for name, source, parts, pairs in self.paths:
-            try:
-                owner = functools.reduce(getattr, parts[:-1], module)
-            except AttributeError:
-                self.owned = None
-                break
-            self.owned.append((name, owner.__dict__, parts[-1], pairs))
 
     def read_fast(self) -> dict | None:
         """The live tensors through their owners (valid while the guard holds), or None when one is not found
@@ -644,17 +642,15 @@ class CompiledModule(torch.nn.Module):
         code when no traced graph fits."""
         from .semantics import run_graph, symbolic_binding
 
-        modes = _modes(self._orig_mod)
         for traced, _runner, live, traced_modes in list(self._variants):
             graph = traced.graph
             inputs = traced.tensor_inputs(args, kwargs)
-            if traced_modes != modes or len(inputs) != len(graph.inputs) or any(
+            if len(inputs) != len(graph.inputs) or any(
                     not isinstance(x, torch.Tensor) or x.dim() != v.type.rank or x.dtype != to_torch(v.type.dtype)
                     for x, v in zip(inputs, graph.inputs)):
                 continue
-            params = live.read(self._orig_mod)
-            if live.mismatch(params) is not None or live.assumption_changed(self._orig_mod) is not None \
-                    or live.python_changed(self._orig_mod) is not None:
+            why, params = self._state_mismatch(live, traced_modes)
+            if why is not None:
                 continue
             outs = run_graph(graph, inputs, params, binding=symbolic_binding(graph, inputs), impls=impls)
             return traced.unflatten(outs)
@@ -708,7 +704,7 @@ class CompiledModule(torch.nn.Module):
                                                   or not any(x.is_cuda for x in inputs))
 
     # -- which traced graph fits this call ----------------------------------------------------------------
-    def _state_mismatch(self, live: _Live, modes: tuple, current=None) -> tuple:
+    def _state_mismatch(self, live: _Live, modes: tuple) -> tuple:
         """(why, live tensors): why a traced graph does not fit the module as it is now (None when it does): its
         Python state (frontend/guards.py, checked first: while it holds, the submodules are those of the trace),
         train/eval modes, parameter dtypes/shapes and the tensors recognised ops were built from."""

@@ -326,14 +326,13 @@ def _module_key(module, args, kwargs, modes) -> str:
         raise NotKeyable(f"class {missing[0]} has no source file (defined interactively?)")
     code = sorted(sources.values()) + [package_hash()]
     # a parameter's requires_grad too: the recognisers fold only what they may (trainable ones get a warning)
-    tensors = [(n, tuple(t.shape), str(t.dtype), t.requires_grad)
-               for n, t in module.named_parameters(remove_duplicate=False)]
-    tensors += [(n, tuple(t.shape), str(t.dtype)) for n, t in module.named_buffers(remove_duplicate=False)]
-    # which names hold one tensor (tied weights): the graph reads a tied tensor through one name
-    first: dict = {}
-    for n, t in [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]:
-        first.setdefault(id(t), n)
-        if first[id(t)] != n:
+    # and which names hold one tensor (tied weights): the graph reads a tied tensor through one name
+    tensors, first = [], {}
+    for n, t, is_param in [*((n, t, True) for n, t in module.named_parameters(remove_duplicate=False)),
+                           *((n, t, False) for n, t in module.named_buffers(remove_duplicate=False))]:
+        tensors.append((n, tuple(t.shape), str(t.dtype), t.requires_grad) if is_param else
+                       (n, tuple(t.shape), str(t.dtype)))
+        if first.setdefault(id(t), n) != n:
             tensors.append(("tied", n, first[id(t)]))
     leaves, spec = torch.utils._pytree.tree_flatten((tuple(args), dict(sorted((kwargs or {}).items()))))
     call = [(x.dim(), str(x.dtype), x.device.type, tuple(x.shape[2:])) if isinstance(x, torch.Tensor)
@@ -679,12 +678,11 @@ class Recorder:
         return [k for k, v in list(vars(module).items()) if _code_of(v) is code] if module is not None else []
 
 
-def global_fingerprint(v, sites: tuple | None = None):
+def global_fingerprint(v, sites: tuple):
     """A global's fingerprint for the manifest. A user module (``consts`` read as ``consts.K``) or a user class
     (``Cfg.scale``) read as a global stands for the plain values it holds and its file's content: the name alone
     (``fingerprint``) missed an edited constant there, or one computed from the environment at import. A
-    library's module or class is keyed by the library's version (elsewhere)."""
-    sites = _site_dirs() if sites is None else sites
+    library's module or class is keyed by the library's version (elsewhere). ``sites``: _site_dirs()."""
     if isinstance(v, (types.ModuleType, type)):
         name = v.__name__ if isinstance(v, types.ModuleType) else getattr(v, "__module__", None)
         path = getattr(v, "__file__", None) if isinstance(v, types.ModuleType) else \

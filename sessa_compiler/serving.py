@@ -964,6 +964,11 @@ def _one_at_a_time(method):
     return locked
 
 
+def _contiguous(example, kwargs: dict) -> tuple:
+    """A serving call's tensors as a forward call to trace them (a strided example trips torch.export lowering)."""
+    return tuple(x.contiguous() for x in example), {k: v.contiguous() for k, v in kwargs.items()}
+
+
 class Serving:
     """The serving methods of one CompiledModule (bound to it; created on first use)."""
 
@@ -999,17 +1004,16 @@ class Serving:
                 raise InputError(f"compiled {type(self.original).__name__}: {why}; call it (or prefill) once to "
                                  "trace it again")
             else:
-                c._prepare_call(tuple(x.contiguous() for x in example), {k: v.contiguous() for k, v in kwargs.items()})
+                c._prepare_call(*_contiguous(example, kwargs))
                 example = None   # traced for this call's structure now
         if c._traced is None:
             if example is None:
                 raise TraceError(f"compiled {type(self.original).__name__}: not traced yet; call it once, pass "
                                  "example_inputs to compile(), or call prefill first")
-            # a strided example trips torch.export lowering
-            c._trace(tuple(x.contiguous() for x in example), {k: v.contiguous() for k, v in kwargs.items()})
+            c._trace(*_contiguous(example, kwargs))
         elif example is not None and (not self._fits_trace(example, kwargs) or other_integer_dtypes(
                 c._traced.graph, c._traced.tensor_inputs(tuple(example), kwargs))):
-            c._prepare_call(tuple(x.contiguous() for x in example), {k: v.contiguous() for k, v in kwargs.items()})
+            c._prepare_call(*_contiguous(example, kwargs))
         graph = c._traced.graph
         prog = self.programs.get(id(graph))
         if prog is None:

@@ -39,6 +39,13 @@ class Net(nn.Module):
         return self.out(y.transpose(1, 2).reshape(B, T, D))
 
 
+def _compiled_net(backend):
+    """(Net in eval mode, it compiled, an input), seeded."""
+    torch.manual_seed(0)
+    m = Net().eval()
+    return m, sc.compile(m, backend=backend), torch.randn(2, 9, 16)
+
+
 def _close(a, b):
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
@@ -128,10 +135,7 @@ class Configured(nn.Module):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_attributes_changed_after_the_first_call_trace_again(backend, monkeypatch):
-    torch.manual_seed(0)
-    m = Net().eval()
-    c = sc.compile(m, backend=backend)
-    x = torch.randn(2, 9, 16)
+    m, c, x = _compiled_net(backend)
     with torch.no_grad():
         _close(c(x), m(x))
         m.ln.eps = 1.0                                   # a value the trace baked in
@@ -171,10 +175,7 @@ def test_dropout_annealed_in_training_traces_again():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_hooks_and_forward_methods_set_after_compile(backend, monkeypatch):
-    torch.manual_seed(0)
-    m = Net().eval()
-    c = sc.compile(m, backend=backend)
-    x = torch.randn(2, 9, 16)
+    m, c, x = _compiled_net(backend)
     with torch.no_grad():
         _close(c(x), m(x))
         h = m.lin.register_forward_hook(lambda mod, inp, out: out * 2)     # a submodule's hook

@@ -58,6 +58,9 @@ def _no_autocast(tensors):
     return torch.autocast(device, enabled=False)
 
 
+_TENSOR = object()   # an operand slot the forward saved as a tensor (_CoreOp's ctx.fixed)
+
+
 class _CoreOp(torch.autograd.Function):
     """One core op: forward = the given kernel (no autograd inside), backward = the table's backward."""
 
@@ -77,8 +80,7 @@ class _CoreOp(torch.autograd.Function):
             ctx.layout = [x is None for x in saved]
             # the operands too (mostly tensors the backward saves anyway: no copies), for a backward under
             # create_graph=True, which differentiates the op's definition again (below)
-            ctx.operands = [isinstance(x, torch.Tensor) for x in operands]
-            ctx.op, ctx.fixed = op, [None if isinstance(x, torch.Tensor) else x for x in operands]
+            ctx.op, ctx.fixed = op, [_TENSOR if isinstance(x, torch.Tensor) else x for x in operands]
             ctx.save_for_backward(*(x for x in saved if x is not None),
                                   *(x for x in operands if isinstance(x, torch.Tensor)))
         return out
@@ -98,7 +100,6 @@ class _CoreOp(torch.autograd.Function):
             out.append(g.to(dt) if (g is not None and need) else None)
         return (None, None, None, None, *out)
 
-
     @staticmethod
     def _differentiable_backward(ctx, grad):
         """The gradients as functions of the operands and ``grad`` that autograd can differentiate again
@@ -106,9 +107,8 @@ class _CoreOp(torch.autograd.Function):
         the saved operands, which are still connected to their graph, and differentiated with create_graph.
         It forms what the reference forms (T x T weights): the price of the rare higher-order step only."""
         _, attrs, dtypes = ctx.op_info
-        tensors = list(ctx.saved_tensors[sum(not none for none in ctx.layout):])
-        it = iter(tensors)
-        operands = [next(it) if is_tensor else fixed for is_tensor, fixed in zip(ctx.operands, ctx.fixed)]
+        it = iter(ctx.saved_tensors[sum(not none for none in ctx.layout):])
+        operands = [next(it) if fixed is _TENSOR else fixed for fixed in ctx.fixed]
         needs = ctx.needs_input_grad[4:]
         wanted = [x for x, need in zip(operands, needs) if need]
         with torch.enable_grad():

@@ -158,11 +158,10 @@ class ModuleGuard:
                 if cur is not v:
                     return f"attribute '{full}' was given another object"
                 continue
-            now, _ = _describe(cur)
-            if now != key:
-                what = "forward" if name == "forward" else f"attribute '{full}'"
-                return f"{what} changed ({_short(v)} -> {_short(cur)})" if name != "forward" else \
-                    f"the instance's forward of '{path or type(module).__name__}' was replaced"
+            if _describe(cur)[0] != key:
+                if name == "forward":
+                    return f"the instance's forward of '{path or type(module).__name__}' was replaced"
+                return f"attribute '{full}' changed ({_short(v)} -> {_short(cur)})"
         for path, h, hd, state in self.hooks:
             if _hook_state(hd) != state:
                 return f"{h.strip('_').replace('_', ' ')} of '{path or type(module).__name__}' were added or removed"

@@ -1002,6 +1002,37 @@ def _conv_sources(A: Analysis, x: Value, C) -> list:
     return list(dict.fromkeys(out))
 
 
+def _fold_causal_conv(g: Graph, n, xs: Value, y: Value, ax_in: int, ax_out: int, report: Report) -> bool:
+    """Replace ``y`` by causal_conv1d of ``xs`` (sequence on axis ``ax_in`` of xs, ``ax_out`` of y) with conv1d
+    ``n``'s weights, when the probe says they are equal."""
+    w = n.inputs[1]
+    bias = n.inputs[2] if len(n.inputs) > 2 else None
+    C, K = w.type.shape[0], w.type.shape[2]
+
+    def canonical(inp, binding):
+        wt = g.params[w.name].to(torch.float64)[:, 0, :]
+        bt = g.params[bias.name].to(torch.float64) if bias is not None else None
+        src = inp[xs] if ax_in == 1 else inp[xs].transpose(1, 2)
+        out = SEMANTICS["causal_conv1d"](src, wt, bt)
+        return out if ax_out == 1 else out.transpose(1, 2)
+
+    err = probe(g, {xs: "normal"}, y, canonical)
+    if err is None or err > 1e-9:
+        return False
+    idx = _insert_index(g, y)
+    flip = [Step("transpose", {"dim0": 1, "dim1": 2})]
+    src, idx = _emit_steps(g, xs, flip if ax_in == 2 else [], idx)
+    wv = g.make_node("reshape", [w], {"shape": [C, K]}, [TensorType(w.type.dtype, (C, K))], index=idx).output
+    ins = [src, wv] + ([bias] if bias is not None else [])
+    o = g.make_node("causal_conv1d", ins, {}, [src.type], index=idx + 1).output
+    o, _ = _emit_steps(g, o, flip if ax_out == 2 else [], idx + 2)
+    g.replace_all_uses(y, o)
+    g.dead_code_elimination()
+    layout = "[B, T, C]" if ax_in == 1 else "channels first [B, C, T]"
+    report.accepted.append(f"causal_conv1d at conv1d %{n.output.name}: channels={C}, width={K}, input {layout}")
+    return True
+
+
 def recognise_causal_conv1d(g: Graph, report: Report) -> int:
     """A depthwise conv1d whose output, after slicing to the first T positions (padding K - 1 on both sides) or
     on an input padded by K - 1 zeros on the left, is the causal conv1d of its source: [B, T, C] (transposed
@@ -1013,7 +1044,6 @@ def recognise_causal_conv1d(g: Graph, report: Report) -> int:
             continue
         A = Analysis(g)
         x, w = n.inputs[0], n.inputs[1]
-        bias = n.inputs[2] if len(n.inputs) > 2 else None
         if w.type.rank != 3 or w.type.shape[1] != 1 or not isinstance(w.type.shape[2], int):
             continue
         C, K = w.type.shape[0], w.type.shape[2]
@@ -1025,44 +1055,12 @@ def recognise_causal_conv1d(g: Graph, report: Report) -> int:
             if u is None or u.op not in ("slice", "transpose", "permute"):
                 break
             chain.append(u.output)
-        done = False
-        for xs in _conv_sources(A, x, C):
-            for y in reversed(chain):
-                for ax_in in _time_axes(xs.type, C):
-                    for ax_out in _time_axes(y.type, C):
-                        def canonical(inp, binding, w=w, bias=bias, ax_in=ax_in, ax_out=ax_out, xs=xs):
-                            params = g.params
-                            wt = params[w.name].to(torch.float64)[:, 0, :]
-                            bt = params[bias.name].to(torch.float64) if bias is not None else None
-                            src = inp[xs] if ax_in == 1 else inp[xs].transpose(1, 2)
-                            out = SEMANTICS["causal_conv1d"](src, wt, bt)
-                            return out if ax_out == 1 else out.transpose(1, 2)
-
-                        err = probe(g, {xs: "normal"}, y, canonical)
-                        if err is None or err > 1e-9:
-                            continue
-                        idx = _insert_index(g, y)
-                        flip = [Step("transpose", {"dim0": 1, "dim1": 2})]
-                        src, idx = _emit_steps(g, xs, flip if ax_in == 2 else [], idx)
-                        wv = g.make_node("reshape", [w], {"shape": [C, K]}, [TensorType(w.type.dtype, (C, K))],
-                                         index=idx).output
-                        ins = [src, wv] + ([bias] if bias is not None else [])
-                        o = g.make_node("causal_conv1d", ins, {}, [src.type], index=idx + 1).output
-                        o, _ = _emit_steps(g, o, flip if ax_out == 2 else [], idx + 2)
-                        g.replace_all_uses(y, o)
-                        g.dead_code_elimination()
-                        layout = "[B, T, C]" if ax_in == 1 else "channels first [B, C, T]"
-                        report.accepted.append(f"causal_conv1d at conv1d %{n.output.name}: channels={C}, width={K}, "
-                                               f"input {layout}")
-                        count += 1
-                        done = True
-                        break
-                    if done:
-                        break
-                if done:
-                    break
-            if done:
-                break
+        # every source, output along the slice/transpose chain (outermost first) and layout of each: the first
+        # the probe accepts is rewritten
+        tries = ((xs, y, ax_in, ax_out) for xs in _conv_sources(A, x, C) for y in reversed(chain)
+                 for ax_in in _time_axes(xs.type, C) for ax_out in _time_axes(y.type, C))
+        done = any(_fold_causal_conv(g, n, *t, report) for t in tries)
+        count += done
         if not done:
             report.rejected.append(f"conv1d %{n.output.name}: a depthwise conv1d (channels={C}, width={K}) that "
                                    "is not a causal conv1d of its input (padding K - 1 on the left only, the first "

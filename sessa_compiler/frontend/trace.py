@@ -17,6 +17,7 @@ from torch.export import Dim
 from ..errors import IRError, TraceError
 from ..ir.dtypes import to_torch
 from ..ir.graph import Graph
+from ..ir.ops import view_root
 from ..passes.simplify import hand_written_softmax, simplify
 from ..persistent_cache import tensor_digest
 from ..progress import stage
@@ -40,17 +41,19 @@ def _as_tuple(example_inputs) -> tuple:
 def _dynamic_dims(x: torch.Tensor, batch: int = 0) -> dict:
     # dim 0 is the batch, dim 1 the sequence: the two sizes a Sessa model is used at many values of; a tensor
     # of batch 1 beside others of batch > 1 broadcasts over the batch (position_ids [1, T]): its dim 0 stays 1
-    first = 1 if _broadcasts(x, batch) else 0
+    first = 1 if broadcasts(x, batch) else 0
     return {d: Dim.AUTO for d in range(first, min(x.dim(), 2))}
 
 
-def _broadcasts(x, batch: int) -> bool:
+def broadcasts(x, batch: int) -> bool:
+    """A tensor of batch 1 beside inputs of a larger batch (position_ids [1, T] beside ids [B, T])."""
     return isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == 1 and batch > 1
 
 
-def _batch(args: tuple, kwargs: dict) -> int:
-    return max((int(x.shape[0]) for x in [*args, *kwargs.values()] if isinstance(x, torch.Tensor) and x.dim()),
-               default=0)
+def batch_of(args, kwargs: dict | None = None) -> int:
+    """The largest dim 0 of the call's tensors (0 when none has one)."""
+    tensors = [x for x in [*args, *(kwargs or {}).values()] if isinstance(x, torch.Tensor) and x.dim()]
+    return max((int(x.shape[0]) for x in tensors), default=0)
 
 
 _EXPORT_LOCK = threading.RLock()
@@ -61,7 +64,7 @@ def _grow(x: torch.Tensor, batch: int = 0) -> torch.Tensor:
     contiguous: the example's strides (a slice of a longer sequence, a transposed view) must not become
     symbols of the graph, which serves inputs of any layout."""
     x = x.contiguous()
-    for d in range(1 if _broadcasts(x, batch) else 0, min(x.dim(), 2)):
+    for d in range(1 if broadcasts(x, batch) else 0, min(x.dim(), 2)):
         if x.shape[d] == 0:   # an empty batch or sequence: traced on zeros of size 2 there (the call runs empty)
             shape = list(x.shape)
             shape[d] = 2
@@ -220,7 +223,7 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
             raise TraceError("export_program: dynamic_shapes covers positional arguments only")
         traced_args, traced_kwargs, dynamic = tuple(a.contiguous() for a in args), {}, dynamic_shapes
     else:
-        batch = _batch(args, kwargs)
+        batch = batch_of(args, kwargs)
         traced_args = tuple(_grow(a, batch) for a in args)
         traced_kwargs = {k: _grow(v, batch) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL
@@ -458,16 +461,6 @@ def other_integer_dtypes(graph, args) -> str | None:
     return ", ".join(names) or None
 
 
-_IR_VIEWS = frozenset({"reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select"})
-
-
-def _ir_view_root(v):
-    """The value an IR value is a view of through layout ops (itself when it is computed)."""
-    while v.producer is not None and v.producer.op in _IR_VIEWS:
-        v = v.producer.inputs[0]
-    return v
-
-
 def warn_folded_trainables(module, names, stacklevel: int = 3) -> None:
     """Say which trainable parameters a recognised op was built from (from a fresh trace, and again on every
     compile-cache hit of that trace: compile_cache.folded_trainables)."""
@@ -526,7 +519,7 @@ class Traced:
             return ()
         out, first = [], {}
         for i, (v, (node, root)) in enumerate(zip(self.graph.outputs, sources)):
-            base = _ir_view_root(v)
+            base = view_root(v)
             earlier = first.get(base)
             if root is None and (base.kind in ("input", "param") or (earlier is not None and earlier != node)):
                 out.append(i)

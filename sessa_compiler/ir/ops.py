@@ -482,6 +482,18 @@ register("cast", ELEMENTWISE, (1, 1), {"dtype": (True, (DType,))}, cast_infer)
 register("tril", ELEMENTWISE, (1, 1), {"diagonal": (True, (int,))}, same_as_first)
 register("triu", ELEMENTWISE, (1, 1), {"diagonal": (True, (int,))}, same_as_first)
 
+# layout ops whose output is a view of their one input (not concat, stack, repeat_interleave: new tensors)
+VIEWS = frozenset({"reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select"})
+
+
+def view_root(v):
+    """The IR value ``v`` is a view of through VIEWS ops (``v`` itself when it is computed, an input or a
+    parameter)."""
+    while v.producer is not None and v.producer.op in VIEWS:
+        v = v.producer.inputs[0]
+    return v
+
+
 register("reshape", LAYOUT, (1, 1), {"shape": (True, INTS)}, reshape_infer)
 register("permute", LAYOUT, (1, 1), {"dims": (True, INTS)}, permute_infer)
 register("transpose", LAYOUT, (1, 1), {"dim0": (True, (int,)), "dim1": (True, (int,))}, transpose_infer)

@@ -17,6 +17,7 @@ import torch
 
 from ...errors import InputError, UnsupportedError
 from ...ir.graph import Graph, Node, Value
+from ...ir.ops import view_root
 from ...progress import stage
 from ..base import Backend, CompileContext
 from ..eager import bind_symbols, eager_when_empty, resolve, run_node
@@ -27,16 +28,9 @@ from .schedule_choice import tuning_kernel, tuning_source, tunable_nodes, tvm_sc
 _TORCH_DTYPE = {"float32": torch.float32, "float64": torch.float64}
 
 
-_LAYOUT_VIEWS = frozenset({"reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "slice", "select"})
-
-
 def _computed_outputs(graph) -> frozenset:
-    """Positions of the outputs the graph computes (not an input, a parameter or a layout view of one)."""
-    def computed(v) -> bool:
-        while v.producer is not None and v.producer.op in _LAYOUT_VIEWS:
-            v = v.producer.inputs[0]
-        return v.kind == "node"
-    return frozenset(i for i, v in enumerate(graph.outputs) if computed(v))
+    """Positions of the outputs the graph computes (not an input, a parameter or a view of one)."""
+    return frozenset(i for i, v in enumerate(graph.outputs) if view_root(v).kind == "node")
 
 
 def _unshared(res: list, args: list, fresh: frozenset) -> list:

@@ -100,11 +100,7 @@ def _load_cached(path: Path, load, what: str):
         # (SIGBUS) on first touch: its digest, written beside it, is checked before it is loaded
         warnings.warn(f"sessa_compiler compile cache: {path} does not match the digest written with it (truncated "
                       "or changed since); rebuilding it", stacklevel=3)
-        for p, aside in ((path, path.with_suffix(".corrupt")), (_digest_path(path), path.with_suffix(".sha256.corrupt"))):
-            try:
-                os.replace(p, aside)
-            except OSError:
-                pass
+        _set_aside(path)
         return None
     try:
         loaded = load(path)
@@ -113,11 +109,17 @@ def _load_cached(path: Path, load, what: str):
     except Exception as e:  # noqa: BLE001 - a bad library is a miss, never a crash
         warnings.warn(f"sessa_compiler compile cache: {path} does not load ({type(e).__name__}); rebuilding it",
                       stacklevel=3)
+        _set_aside(path)
+        return None
+
+
+def _set_aside(path: Path) -> None:
+    """A cached library that must not be loaded, and its digest, moved aside (``.corrupt``) to be rebuilt."""
+    for p, aside in ((path, path.with_suffix(".corrupt")), (_digest_path(path), path.with_suffix(".sha256.corrupt"))):
         try:
-            os.replace(path, path.with_suffix(".corrupt"))
+            os.replace(p, aside)
         except OSError:
             pass
-        return None
 
 
 def _digest_path(path: Path) -> Path:
