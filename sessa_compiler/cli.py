@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import sys
 import time
@@ -160,7 +161,11 @@ def build_model(a) -> tuple:
         except Exception as e:  # noqa: BLE001 - a bad file or mismatched keys: the user's input, said in one line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConfigError(f"--weights {a.weights!r} does not load into {type(model).__name__}: {first}") from None
-    model = model.to(_dtype(a.dtype)).eval()
+    # floating-point tensors only: Module.to(dtype) also casts complex buffers (a rotary table) to real,
+    # discarding their imaginary parts
+    dtype = _dtype(a.dtype)
+    model._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
+    model = model.eval()
     return model, make_input(model, a, a.T)
 
 
@@ -171,10 +176,78 @@ def make_input(model, a, T: int):
 
     if isinstance(model, Decoder):
         return torch.randint(0, model.embed.num_embeddings, (a.batch, T))
-    width = a.D
     if a.module:
-        width = _kwargs(a).get("D", a.D)
-    return torch.randn(a.batch, T, width).to(_dtype(a.dtype))
+        return _module_input(model, a)(a.batch, T)
+    return torch.randn(a.batch, T, a.D).to(_dtype(a.dtype))
+
+
+_VOCAB_KEYS = ("vocab", "vocab_size", "n_vocab", "num_embeddings", "num_tokens")
+
+
+def _vocab(model, kwargs: dict) -> int:
+    """The token range of a --module model: its first nn.Embedding's rows, a vocab-like constructor argument
+    (given in --kwargs or the constructor's default), else 2 (ids any vocabulary takes)."""
+    import torch
+
+    embeds = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    if embeds:
+        return embeds[0].num_embeddings
+    try:
+        defaults = {n: p.default for n, p in inspect.signature(type(model).__init__).parameters.items()}
+    except (TypeError, ValueError):
+        defaults = {}
+    for k in _VOCAB_KEYS:
+        value = kwargs.get(k, defaults.get(k))
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2
+
+
+_WIDTH_KEYS = ("D", "d_model", "dim", "hidden_size", "n_embd", "embed_dim", "d")
+
+
+def _module_input(model, a):
+    """How the CLI builds the input of a --module model: token ids [B, T] when its forward takes them (it holds an
+    nn.Embedding), else float [B, T, width], width from --kwargs (D, d_model, hidden_size, ...) or the first
+    layer's input features, else --D. Each candidate is tried on the eager module at T = 3 and the first that
+    runs is used (memoised on the arguments); none running is a ConfigError saying what was tried and how each
+    failed, not the tracer's error from deep inside."""
+    import torch
+
+    cached = getattr(a, "_module_input", None)
+    if cached is not None:
+        return cached
+    kwargs = _kwargs(a)
+    vocab = _vocab(model, kwargs)
+    ids = (f"token ids [B, T] in [0, {vocab})", lambda B, T: torch.randint(0, vocab, (B, T)))
+    params = [n for n in inspect.signature(model.forward).parameters if n != "self"]
+    wants_ids = any(isinstance(m, torch.nn.Embedding) for m in model.modules()) or \
+        (params and any(w in params[0].lower() for w in ("ids", "idx", "token")))
+    candidates = [ids] if wants_ids else []
+    width = next((kwargs[k] for k in _WIDTH_KEYS if isinstance(kwargs.get(k), int)), None)
+    if width is None:
+        first = next((m for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm))), None)
+        width = (first.in_features if isinstance(first, torch.nn.Linear)
+                 else first.normalized_shape[-1] if first is not None else a.D)
+    dtype = _dtype(a.dtype)
+    candidates.append((f"float [B, T, {width}] ({str(dtype).replace('torch.', '')})",
+                       lambda B, T: torch.randn(B, T, width).to(dtype)))
+    if not wants_ids:
+        candidates.append(ids)
+    failures = []
+    for what, make in candidates:
+        try:
+            with torch.no_grad():
+                model(make(1, 3))
+        except Exception as e:  # noqa: BLE001 - the module's own error for this kind of input, reported below
+            failures.append(f"{what}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            continue
+        a._module_input = make
+        return make
+    raise ConfigError(f"--module {a.module}: the CLI calls the module with one input tensor and none it can build "
+                      f"runs: " + "; ".join(failures) + ". Its forward must take one tensor: token ids [B, T] "
+                      "(a model with an nn.Embedding) or float [B, T, D] (D from --kwargs or --D); for other calls, "
+                      "use the Python API (sessa_compiler.compile)")
 
 
 # -- subcommands ------------------------------------------------------------------------------------

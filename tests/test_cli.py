@@ -46,6 +46,23 @@ def test_weights_and_foreign_module(tmp_path, capsys):
     assert "validation passed" in capsys.readouterr().out
 
 
+def test_foreign_module_taking_token_ids(capsys):
+    # a --module whose forward takes token ids (it holds an nn.Embedding): the CLI builds ids, not floats
+    argv = ["compile", "--module", "styles.flat_lm_style:FlatSessaLM", "--kwargs", '{"max_len": 64}', "--T", "8",
+            "--backend", "eager"]
+    assert main(argv) == 0
+    assert "validation passed" in capsys.readouterr().out
+
+
+def test_foreign_module_taking_two_inputs_is_a_one_line_error(capsys):
+    # neither token ids nor [B, T, D] floats run it: the error says what the CLI tried and why each failed
+    argv = ["compile", "--module", "styles.cached_table_lm_style:CachedTableBlock", "--T", "8", "--backend", "eager"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "none it can build runs" in err and "float [B, T, 32]" in err and "position_ids" in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 def test_bench_writes_table_and_plot(tmp_path, capsys):
     png = tmp_path / "bench.png"
     assert main(["bench", "--model", "sessa", *SMALL, "--backends", "eager", "--lengths", "8,16", "--repeats", "3",
