@@ -21,7 +21,7 @@ from .backends.base import Backend, CompileContext
 from .backends.eager import bind_symbols
 from .backends.shapes import sequence_length
 from .ir.dtypes import from_torch, to_torch
-from .errors import InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
+from .errors import ConfigError, InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
 from .frontend.guards import ModuleGuard
 from .frontend.lower import as_pairs, pair_source
 from .frontend.trace import (Traced, batch_of, broadcasts, check_keywords, other_integer_dtypes, trace_with_report,
@@ -205,8 +205,13 @@ _INTERPRETER_LOCK = threading.Lock()
 # per-call state, rebuilt after unpickling (see CompiledModule.__getstate__)
 _RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_contexts", "_variants", "_lock", "_fresh", "_live",
             "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces", "_serving",
-            "trace_cache_why", "cache_notes")
-ORIGINAL = "_orig_mod"  # the original module's attribute name (as torch.compile's OptimizedModule names it)
+            "trace_cache_why", "cache_notes", "uncompiled_calls", "_limit_warned")
+ORIGINAL = "_orig_mod"
+
+
+class _Uncompiled(Exception):
+    """Raised inside a forward call that no traced graph fits once max_traces graphs are traced: the call runs
+    the original module (CompiledModule._beyond_limit)."""  # the original module's attribute name (as torch.compile's OptimizedModule names it)
 
 
 _NOT_THERE = object()
@@ -445,8 +450,11 @@ class CompiledModule(torch.nn.Module):
     def __init__(self, module: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,
                  backend: str = "auto",
                  validate: bool = False, print_ir: bool | None = None, options: dict | None = None,
-                 autotune: bool | dict = False, progress: bool | None = None):
+                 autotune: bool | dict = False, progress: bool | None = None, max_traces: int | None = 8):
         super().__init__()
+        if max_traces is not None and (isinstance(max_traces, bool) or not isinstance(max_traces, int)
+                                       or max_traces < 1):
+            raise ConfigError(f"compile: max_traces must be a positive int or None (no limit), got {max_traces!r}")
         if not isinstance(module, torch.nn.Module):
             raise TypeError(f"compile expects a torch.nn.Module, got {type(module).__name__}")
         if _wrapped_by_data_parallel(module):
@@ -465,6 +473,7 @@ class CompiledModule(torch.nn.Module):
         self._options = options
         self.autotune = autotune  # True, or tune settings: {"budget": ..., "progress": ..., "cache": ...}
         self.progress = progress  # False: never show what a long compile is doing (progress.py)
+        self.max_traces = max_traces  # traced graphs at most; calls none fits then run the original (_Uncompiled)
         self._init_runtime()
         if example_inputs is not None:
             inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
@@ -485,6 +494,8 @@ class CompiledModule(torch.nn.Module):
         self._fresh: set = set()     # runners not called yet (their first call may build kernels)
         self.grad_recomputes = 0    # calls whose backward recomputes on eager
         self.retraces: list = []    # why each trace after the first was made
+        self.uncompiled_calls = 0   # forward calls run on the original module: no trace fits, max_traces reached
+        self._limit_warned = False
         self._copies: dict = {}     # id(Traced) -> (it, Traced.copied_outputs())
         self.trace_seconds = None
         self.trace_cache = None     # "hit", "miss" or "off": whether the last trace came from the compile cache
@@ -625,14 +636,17 @@ class CompiledModule(torch.nn.Module):
                 return _DYNAMO_CALL[0](self, args, kwargs) if _DYNAMO_CALL else self._orig_mod(*args, **kwargs)
             return self._export_call(args, kwargs)
         check_keywords(kwargs, InputError, f"compiled {type(self._orig_mod).__name__}: ")
-        if self.backend_name == "eager":  # torch ops only: calls run concurrently once the graph is chosen
+        try:
+            if self.backend_name == "eager":  # torch ops only: calls run concurrently once the graph is chosen
+                with self._lock:
+                    traced, runner, params = self._prepare_call(args, kwargs, limited=True)
+                return self._call(traced, runner, params, args, kwargs)
+            # a TVM VM and Triton's interpreter are not re-entrant: one call at a time per compiled module
             with self._lock:
-                traced, runner, params = self._prepare_call(args, kwargs)
-            return self._call(traced, runner, params, args, kwargs)
-        # a TVM VM and Triton's interpreter are not re-entrant: one call at a time per compiled module
-        with self._lock:
-            traced, runner, params = self._prepare_call(args, kwargs)
-            return self._call(traced, runner, params, args, kwargs)
+                traced, runner, params = self._prepare_call(args, kwargs, limited=True)
+                return self._call(traced, runner, params, args, kwargs)
+        except _Uncompiled:
+            return self._orig_mod(*args, **kwargs)
 
     def _export_call(self, args, kwargs, impls: dict = LIBRARY_OPS):
         """The call as torch.export (or torch.compile) should record it: a traced graph whose train/eval modes,
@@ -656,15 +670,16 @@ class CompiledModule(torch.nn.Module):
             return traced.unflatten(outs)
         return self._orig_mod(*args, **kwargs)
 
-    def _prepare_call(self, args, kwargs):
+    def _prepare_call(self, args, kwargs, limited: bool = False):
         """(traced graph, runner, live parameters) for this call: traces on the first call, and again when
-        no earlier trace fits (keyword signature, size guards, train/eval modes, parameter dtypes/shapes)."""
+        no earlier trace fits (keyword signature, size guards, train/eval modes, parameter dtypes/shapes).
+        ``limited`` (forward calls): with max_traces graphs traced already, _Uncompiled instead of a new trace."""
         params = None
         with collecting(self.cache_notes):
             if self._traced is None:
                 self._trace(args, kwargs)
             else:
-                params = self._select_variant(args, kwargs)
+                params = self._select_variant(args, kwargs, limited)
         if params is None:
             params = self._live.read(self._orig_mod)
         self._traced.graph.params.update(params)  # .graph shows the weights the last call used
@@ -728,7 +743,7 @@ class CompiledModule(torch.nn.Module):
                 return self._state_mismatch(live, traced_modes)
         return "the graph is not one of this module's traces", None
 
-    def _select_variant(self, args, kwargs) -> dict | None:
+    def _select_variant(self, args, kwargs, limited: bool = False) -> dict | None:
         """Make current the traced graph that equals the module at these sizes and in its current state.
         torch.export follows one path through the module's Python code; where that code branches on B or T,
         the graph holds only under its guards (Traced.guards). Other sizes get their own trace, once per path,
@@ -750,6 +765,8 @@ class CompiledModule(torch.nn.Module):
                 if why is None:
                     self._traced, self._runner, self._live = traced, runner, live
                     return params
+        if limited and self.max_traces is not None and len(self._variants) >= self.max_traces:
+            self._beyond_limit(reason or state)
         if reason is not None:
             warnings.warn(f"compiled {type(self._orig_mod).__name__}: {reason}; tracing it again for this call "
                           f"(traced graph {len(self._variants) + 1}: each keyword-argument signature and each path "
@@ -764,6 +781,20 @@ class CompiledModule(torch.nn.Module):
                                  f"this call failed: {e}") from e
             raise
         return None
+
+    def _beyond_limit(self, why: str):
+        """A forward call no traced graph fits, with max_traces graphs traced: it runs on the original module
+        (as torch.compile runs a frame past its recompile limit eagerly), said once in a warning and in explain().
+        A module that traces a graph per sequence length (a Python loop over time steps) or per value of a
+        constant keyword would otherwise spend seconds tracing, and keep a built program, at every new value."""
+        self.uncompiled_calls += 1
+        if not self._limit_warned:
+            self._limit_warned = True
+            warnings.warn(f"compiled {type(self._orig_mod).__name__}: {why}; {len(self._variants)} graphs are traced "
+                          f"already (max_traces={self.max_traces}), so this call and later ones that no traced graph "
+                          "fits run the original module uncompiled (eager PyTorch); calls the traced graphs fit stay "
+                          "compiled. Pass max_traces=<n> (or None) to compile() to trace more", stacklevel=7)
+        raise _Uncompiled
 
     def _run(self, args: list, graph, runner, params) -> list:
         outs, recomputed = run_with_autograd(self._backend, runner, graph, args, params, self._eager_runners)
@@ -835,6 +866,9 @@ class CompiledModule(torch.nn.Module):
         if len(self._variants) > 1:
             lines.append(f"  traced graphs: {len(self._variants)}, one per keyword-argument signature and path through "
                          "size-dependent code; this report describes the one used last")
+        if self.uncompiled_calls:
+            lines.append(f"  uncompiled calls: {self.uncompiled_calls} call(s) that no traced graph fits ran the original "
+                         f"module (max_traces={self.max_traces} graphs traced)")
         core = {op: c for op, c in counts.items() if OPS[op].kind == CORE}
         lines.append("  core ops: " + (", ".join(f"{op} x{c}" for op, c in sorted(core.items())) or "none"))
         for a in getattr(rep, "shared", ()):   # (a report from before the field has none)
@@ -892,7 +926,7 @@ class CompiledModule(torch.nn.Module):
 def compile(module: torch.nn.Module, example_inputs=None, *, example_kwargs: dict | None = None,
             backend: str = "auto", validate: bool = False,
             print_ir: bool | None = None, options: dict | None = None, autotune: bool | dict = False,
-            progress: bool | None = None):
+            progress: bool | None = None, max_traces: int | None = 8):
     """Compile a module. Traces now when ``example_inputs`` (and ``example_kwargs``) are given, else on the
     first call. Positional arguments are tensors; keyword arguments may be tensors or constants (None,
     bool, int, float, str), which the trace bakes in: a call with other constants traces again.
@@ -912,9 +946,12 @@ def compile(module: torch.nn.Module, example_inputs=None, *, example_kwargs: dic
     progress=False (or SESSA_COMPILER_PROGRESS=0) never shows what a long compile is doing; otherwise a step
     that runs over 2 s shows its stage on a terminal (tracing, recognising, building). The persistent caches
     and what invalidates them: docs/caching.md.
+    max_traces: at most this many traced graphs (calls at sizes where the module's Python takes another path,
+    other keyword constants, train/eval modes, dtypes); past it a forward call that none fits runs the original
+    module uncompiled, with one warning (as torch.compile's recompile limit). None: no limit.
     """
     return CompiledModule(module, example_inputs, example_kwargs=example_kwargs, backend=backend, validate=validate, print_ir=print_ir,
-                          options=options, autotune=autotune, progress=progress)
+                          options=options, autotune=autotune, progress=progress, max_traces=max_traces)
 
 
 def _tune_graph(backend, graph, inputs, **settings) -> list:

@@ -531,3 +531,57 @@ def test_position_ids_of_batch_1_beside_a_batch(backend, first_batch):
             ids = torch.randint(0, 50, (B, 7))
             _close(c(ids, pos), m(ids, pos))
             _close(c(ids, pos.expand(B, -1)), m(ids, pos.expand(B, -1)))
+
+
+class StepLoop(nn.Module):
+    """A recurrence written as a Python loop over time: torch.export unrolls it, so each length is a trace."""
+
+    def __init__(self, D=8):
+        super().__init__()
+        self.inp = nn.Linear(D, D)
+        self.decay = nn.Parameter(torch.rand(D) * 0.5 + 0.4)
+
+    def forward(self, x):
+        u = self.inp(x)
+        h, ys = torch.zeros_like(u[:, 0]), []
+        for t in range(x.shape[1]):
+            h = self.decay * h + u[:, t]
+            ys.append(h)
+        return torch.stack(ys, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_past_max_traces_calls_run_the_original_module(backend):
+    # a graph per length; past max_traces a new length runs the module uncompiled (one warning), the traced
+    # lengths stay compiled, every answer is the module's
+    torch.manual_seed(0)
+    m = StepLoop().eval()
+    c = sc.compile(m, backend=backend, max_traces=2)
+    with torch.no_grad(), pytest.warns(UserWarning, match="tracing it again"):
+        for T in (3, 4):
+            x = torch.randn(2, T, 8)
+            torch.testing.assert_close(c(x), m(x))
+    assert len(c._variants) == 2 and c.uncompiled_calls == 0
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"max_traces=2.*run the original module uncompiled"):
+        x = torch.randn(2, 5, 8)
+        torch.testing.assert_close(c(x), m(x))
+    import warnings
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")   # said once
+        for T in (6, 3, 4):
+            x = torch.randn(1, T, 8)
+            torch.testing.assert_close(c(x), m(x))
+    assert len(c._variants) == 2 and c.uncompiled_calls == 2   # T = 5 and 6; 3 and 4 ran their graphs
+    assert "uncompiled calls: 2" in c.explain()
+    # gradients of an uncompiled call are the module's
+    x = torch.randn(1, 7, 8, requires_grad=True)
+    c(x).square().sum().backward()
+    g = x.grad.clone(); x.grad = None
+    m(x).square().sum().backward()
+    torch.testing.assert_close(g, x.grad)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "8"])
+def test_max_traces_must_be_positive_int_or_none(bad):
+    with pytest.raises(sc.ConfigError, match="max_traces"):
+        sc.compile(nn.Linear(2, 2), max_traces=bad)
