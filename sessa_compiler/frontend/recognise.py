@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import sympy
 import torch
 
-from ..semantics import SEMANTICS, attention_ref, feedback_ref
+from ..semantics import SEMANTICS, attention_ref, feedback_ref, rope_ref
 from ..semantics.core import EMPTY_ROWS
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import ArgRef
@@ -1412,6 +1412,38 @@ def _long_length(heads) -> int:
     return max(512, min(LONG_PROBE, int(math.sqrt(2 ** 23 / h))))
 
 
+# The rotation-level long probe must match this much closer than the attention-level tolerance to stand for it:
+# attention's logits are q . k * scale, so an angle error of the rotated q or k (relative eps) moves a logit by
+# about eps * |q| |k| * scale, ~ eps * sqrt(d) for unit-variance draws (at most 16 for d <= 256)
+_ROTATION_MARGIN = 64
+
+
+def _long_rotation_err(g, n, xq, xk, cand, long_t: int, tol: float):
+    """The long-position check of a rotary candidate at the rotation itself: the attention's q and k operands
+    (regions from xq and xk, [B, T, H, d]) against the candidate's rotation of xq and xk (its layout steps, channel
+    order, then the interleaved rotation, the order undone), at T = long_t, batch 1. It costs O(T d), where the
+    same check through the attention is O(H T^2 d) in float64 (0.9 s of a cold compile for an 8-head layer at
+    T = 1024). The worst of the two errors when both are within tol / _ROTATION_MARGIN, else None: then the
+    attention-level probe decides (a module whose q and k differ from the candidate's in a way attention does not
+    see, such as a rotation by a constant angle on both)."""
+    qa, ka, order, data = cand[0], cand[1], cand[2], cand[4].to(torch.float64)
+    d = n.inputs[0].type.shape[3]
+    # the channel order as a permutation of the last dim (perm[i]: the channel that lands at i), and its inverse
+    pq = next(steps for name, steps, _ in _channel_orders(d, 1, 1) if name == order)
+    perm = apply_steps(torch.arange(d, dtype=torch.float64).reshape(1, 1, 1, d), pq, {"B": 1, "T": 1})
+    undo = torch.argsort(perm.reshape(d).long())
+    worst = 0.0
+    for x, steps, out in ((xq, qa, n.inputs[0]), (xk, ka, n.inputs[1])):
+        def canonical(inp, binding, x=x, steps=steps):
+            return rope_ref(apply_steps(inp[x], steps, binding), data)[..., undo]
+
+        err = probe(g, {x: "normal"}, out, canonical, lengths=(long_t,), batch=1)
+        if err is None or err > tol / _ROTATION_MARGIN:
+            return None
+        worst = max(worst, err)
+    return worst
+
+
 def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool:
     """Try attention(P xq, P xk, v) {rope=True} in place of attention(q, k, v) for a fixed channel order P;
     True when it probed equal. Of the frequency tables that probe equal, the one closest to the module at long
@@ -1456,8 +1488,9 @@ def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool
     static = isinstance(_bt()[1], int)   # a static graph runs at its own length only: the probes ran there
     long_t = _long_length(q.type.shape[2])
     for cand in passing:
-        long_err = None if static else probe(g, srcs, n.output, cand[-1], lengths=(long_t,),
-                                             batch=1 if m is None else KEYMASK_BATCH)
+        long_err = None if static else _long_rotation_err(g, n, xq, xk, cand, long_t, tol)
+        if long_err is None and not static:
+            long_err = probe(g, srcs, n.output, cand[-1], lengths=(long_t,), batch=1 if m is None else KEYMASK_BATCH)
         err = cand[6] if long_err is None else long_err   # a module that cannot run that long: short probes only
         if err <= tol and err < best_err:
             best, best_err = cand, err
