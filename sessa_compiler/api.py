@@ -205,7 +205,8 @@ _INTERPRETER_LOCK = threading.Lock()
 # per-call state, rebuilt after unpickling (see CompiledModule.__getstate__)
 _RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_contexts", "_variants", "_lock", "_fresh", "_live",
             "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces", "_serving",
-            "trace_cache_why", "cache_notes", "uncompiled_calls", "_limit_warned")
+            "trace_cache_why", "cache_notes", "uncompiled_calls", "_limit_warned",
+            "_custom_warned")
 ORIGINAL = "_orig_mod"
 
 
@@ -496,6 +497,7 @@ class CompiledModule(torch.nn.Module):
         self.retraces: list = []    # why each trace after the first was made
         self.uncompiled_calls = 0   # forward calls run on the original module: no trace fits, max_traces reached
         self._limit_warned = False
+        self._custom_warned = False
         self._copies: dict = {}     # id(Traced) -> (it, Traced.copied_outputs())
         self.trace_seconds = None
         self.trace_cache = None     # "hit", "miss" or "off": whether the last trace came from the compile cache
@@ -688,6 +690,10 @@ class CompiledModule(torch.nn.Module):
     def _call(self, traced, runner, params, args, kwargs):
         graph = traced.graph
         inputs = traced.tensor_inputs(args, kwargs)
+        if traced.custom_backward and torch.is_grad_enabled() and (
+                any(x.requires_grad for x in inputs)
+                or any(isinstance(p, torch.Tensor) and p.requires_grad for p in params.values())):
+            return self._with_custom_backward(traced, args, kwargs)
         bind_symbols(graph, inputs)  # rank, dtype and shape checks before anything runs
         self._check_devices(inputs, params)
         first = id(runner) in self._fresh  # a lazy backend (auto) builds its kernels at the first call
@@ -782,6 +788,21 @@ class CompiledModule(torch.nn.Module):
             raise
         return None
 
+    def _with_custom_backward(self, traced, args, kwargs):
+        """A call that needs gradients of a module whose forward applies the user's torch.autograd.Functions:
+        the traced graph holds their forward's ops, not their backward (a gradient reversal would get the
+        identity's gradient), so it runs the module itself; calls without gradients stay compiled."""
+        self.uncompiled_calls += 1
+        if not self._custom_warned:
+            self._custom_warned = True
+            warnings.warn(f"compiled {type(self._orig_mod).__name__}: its forward applies "
+                          f"{', '.join(traced.custom_backward)} (torch.autograd.Function with its own backward), which "
+                          "the traced graph cannot differentiate as the module does; calls that need gradients run "
+                          "the original module uncompiled, calls under torch.no_grad() (or with nothing requiring "
+                          "grad) run compiled. torch.compile(model, backend='sessa') keeps such Functions in its graph",
+                          stacklevel=6)
+        return self._orig_mod(*args, **kwargs)
+
     def _beyond_limit(self, why: str):
         """A forward call no traced graph fits, with max_traces graphs traced: it runs on the original module
         (as torch.compile runs a frame past its recompile limit eagerly), said once in a warning and in explain().
@@ -867,8 +888,11 @@ class CompiledModule(torch.nn.Module):
             lines.append(f"  traced graphs: {len(self._variants)}, one per keyword-argument signature and path through "
                          "size-dependent code; this report describes the one used last")
         if self.uncompiled_calls:
-            lines.append(f"  uncompiled calls: {self.uncompiled_calls} call(s) that no traced graph fits ran the original "
-                         f"module (max_traces={self.max_traces} graphs traced)")
+            lines.append(f"  uncompiled calls: {self.uncompiled_calls} call(s) ran the original module (no traced graph "
+                         f"fits past max_traces={self.max_traces}, or gradients through a torch.autograd.Function)")
+        if getattr(self._traced, "custom_backward", ()):
+            lines.append(f"  torch.autograd.Functions with their own backward: {', '.join(self._traced.custom_backward)}; "
+                         "calls that need gradients run the original module")
         core = {op: c for op, c in counts.items() if OPS[op].kind == CORE}
         lines.append("  core ops: " + (", ".join(f"{op} x{c}" for op, c in sorted(core.items())) or "none"))
         for a in getattr(rep, "shared", ()):   # (a report from before the field has none)

@@ -186,7 +186,7 @@ def _causal_conv1d(L, node):
 # -- elementwise -------------------------------------------------------------------------------------------
 SIMPLE_UNARY = {"neg": "Neg", "exp": "Exp", "log": "Log", "sqrt": "Sqrt", "tanh": "Tanh", "sigmoid": "Sigmoid",
                 "relu": "Relu", "abs": "Abs", "sin": "Sin", "cos": "Cos", "erf": "Erf", "reciprocal": "Reciprocal",
-                "floor": "Floor", "ceil": "Ceil", "round": "Round"}   # ONNX Round is half to even, as torch's
+                "floor": "Floor", "ceil": "Ceil", "round": "Round", "detach": "Identity"}   # ONNX Round is half to even, as torch's
 
 
 @lowering(*SIMPLE_UNARY)

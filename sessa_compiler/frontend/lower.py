@@ -74,6 +74,8 @@ class Lowerer:
         self.output_sources: list = []
         self.assertions: list = []  # sympy conditions over our symbols: export's runtime guards on sizes
         self.shared: list = []  # groups of identical layers traced once (frontend/repeated.py), for explain()
+        self.trainable: set = set()  # the graph's parameter Values (nn.Parameters: buffers are not)
+        self._graded: dict = {}  # Value -> whether an input or a parameter is upstream (stop_gradient)
 
     # -- helpers -------------------------------------------------------------------------------
     def expr(self, s):
@@ -214,12 +216,47 @@ class Lowerer:
             raise TraceError(f"cannot lower call to {node.target} ({node.name}{source_of(node)}); "
                              "only torch ops and symbolic size arithmetic are supported")
 
+    def stop_gradient(self, x):
+        """``x`` with no gradient: a detach node where an input or a parameter is upstream of x (a gradient could
+        reach them through it), x itself where none is."""
+        if not isinstance(x, Value) or not self._graded_value(x):
+            return x
+        return self.graph.make_node("detach", [x], {}, [x.type]).output
+
+    def _graded_value(self, x: Value) -> bool:
+        stack = [x]
+        while stack:   # iterative post-order over producers not decided yet
+            v = stack.pop()
+            if v in self._graded:
+                continue
+            if v.kind == "input" or v in self.trainable:
+                self._graded[v] = True
+                continue
+            if v.producer is None:
+                self._graded[v] = False
+                continue
+            if v.producer.op == "detach":
+                self._graded[v] = False
+                continue
+            pending = [u for u in v.producer.value_inputs if u not in self._graded]
+            if pending:
+                stack.append(v)
+                stack.extend(pending)
+                continue
+            self._graded[v] = any(self._graded[u] for u in v.producer.value_inputs)
+        return self._graded[x]
+
     def _inline(self, node: fx.Node):
         """A region torch.export wrapped in a higher-order op (``@torch.no_grad()`` code, autocast): its
-        subgraph's nodes, lowered in place (the IR has no grad mode; the region computes the same values)."""
-        n_flags = 1 if _hop_name(node.target) == "wrap_with_set_grad_enabled" else 4
+        subgraph's nodes, lowered in place. A region that turns gradients off (``torch.no_grad()``, a
+        spectral norm's power iteration) reads its operands through detach: nothing it computes carries a
+        gradient, as in the module."""
+        hop = _hop_name(node.target)
+        n_flags = 1 if hop == "wrap_with_set_grad_enabled" else 4
         sub = self.env[node.args[n_flags]]
         operands = [self.arg(a) for a in node.args[n_flags + 1:]]
+        if hop == "wrap_with_set_grad_enabled" and not node.args[0]:
+            operands = [self.stop_gradient(v) for v in operands]
         placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
         for p, v in zip(placeholders, operands):
             self.env[p] = v
@@ -269,6 +306,8 @@ class Lowerer:
                         self.env[node] = v
                         continue
                     self.env[node] = self.graph.add_param(target, self.ttype(fake), data)
+                    if spec.kind == torch.export.graph_signature.InputKind.PARAMETER:
+                        self.trainable.add(self.env[node])
             elif node.op == "call_function":
                 self._call(node)
             elif node.op == "get_attr":
@@ -367,8 +406,14 @@ def _getitem(L, node):
 ASSERTIONS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default, aten.sym_constrain_range_for_size.default}
 
 # -- identities ---------------------------------------------------------------------------------------
-IDENTITY.update({aten.clone.default, aten.contiguous.default, aten.alias.default, aten.detach.default,
-                 aten.lift_fresh_copy.default})
+IDENTITY.update({aten.clone.default, aten.contiguous.default, aten.alias.default, aten.lift_fresh_copy.default})
+
+
+@lowering(aten.detach.default)
+def _detach(L, node):
+    """x.detach(): the IR's detach (the value, no gradient) where a gradient could reach x (an input or a
+    parameter is upstream), the value itself elsewhere (buffers and constants never carry one)."""
+    return L.stop_gradient(L.arg(node.args[0]))
 
 
 @lowering(aten.dropout.default)

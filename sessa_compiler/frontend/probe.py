@@ -30,6 +30,7 @@ from ..persistent_cache import tensor_digest
 from ..semantics import SEMANTICS, resolve, run_graph
 from ..ir.dtypes import torch_dtype
 from ..ir.graph import Graph, Node, Value
+from ..ir.types import sym
 
 PROBE_LENGTHS = (1, 2, 5, 12)
 PROBE_BATCH = 2
@@ -284,8 +285,12 @@ def key_mask_sample(shape, gen: torch.Generator) -> torch.Tensor:
 def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, lengths, batch: int):
     gen = torch.Generator().manual_seed(1234)
     worst = 0.0
-    params = _params64(graph, [output], sources)
     region = region_nodes(graph, [output], set(sources))
+    if any(n.op == "detach" for n in region):
+        # the module stops gradients inside the region (k.detach(), a no_grad block): a core op in its place
+        # would compute the same values but pass gradients where the module does not
+        return None
+    params = _params64(graph, [output], sources)
     for T in lengths:
         binding = _binding(graph, T, batch, region)
         inputs = {}
@@ -315,4 +320,81 @@ def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, le
             return None
         scale = ref.abs().max().item() or 1.0
         worst = max(worst, (got - ref).abs().max().item() / scale)
+    if not _masks_hold_at_length(graph, sources, region, lengths):
+        return None
     return worst
+
+
+# The short probes see position pairs at most max(PROBE_LENGTHS) - 1 apart: a mask that differs from causal only
+# further apart (a sliding window of 16 or of 4096, chunked attention, attention sinks) probes equal there. The
+# region's position masks are therefore also evaluated at this length (halved until the region runs there: a
+# module whose buffers hold fewer positions), where each must still be one value below the diagonal, one on it
+# and one above, the values it has at the probes' lengths.
+MASK_CHECK_LENGTH = 4100
+
+
+def _masks_hold_at_length(graph: Graph, sources: dict, region: list, lengths) -> bool:
+    """Whether every position mask of the region (a value computed from sizes, constants and buffers alone,
+    [..., T, T], read by an op that also reads the probe's data) is, at T = MASK_CHECK_LENGTH, constant below,
+    on and above the diagonal with the values it has at the longest probe length. A mask that depends on
+    position pairs only through their order (causal, strictly causal, full) passes at any length; a window,
+    a chunk or a band shows at the first pair beyond it."""
+    T = sym("T")
+    data = set(sources)
+    for n in region:
+        if any(x in data for x in n.value_inputs):
+            data.update(n.outputs)
+    masks = []
+    for n in region:
+        if not any(x in data for x in n.value_inputs):
+            continue
+        for x in n.value_inputs:
+            shape = x.type.shape
+            # (square [.., T, T] only: a slice such as [T, T - 1] has no diagonal to hold the check to)
+            if x not in data and x not in masks and len(shape) >= 2 and all(d == T for d in shape[-2:]):
+                masks.append(x)
+    if not masks:
+        return True
+    short = max(lengths)
+    if short < 2:
+        return True
+    nodes = region_nodes(graph, masks, set())
+    at_short = _eval_masks(graph, masks, nodes, short)
+    if at_short is None:
+        return True   # (the probe itself ran there: not expected)
+    n = MASK_CHECK_LENGTH
+    while n > short + 1:
+        at_long = _eval_masks(graph, masks, nodes, n)
+        if at_long is not None:
+            return all(_triangle_values(a) is not None and _triangle_values(a) == _triangle_values(b)
+                       for a, b in zip(at_short, at_long))
+        n //= 2
+    return True   # the region runs at no longer length: the module cannot be called there either
+
+
+def _eval_masks(graph: Graph, masks: list, nodes: list, T: int):
+    binding = _binding(graph, T, 1, nodes)
+    try:
+        with torch.no_grad():
+            return run_graph(graph, [], targets=masks, binding=binding, check_inputs=False, impls=PROBE_IMPLS)
+    except Exception:   # noqa: BLE001 - the region cannot run at this length (a buffer of fewer positions)
+        return None
+
+
+def _triangle_values(m: torch.Tensor):
+    """(below, on, above) the diagonal of every [T, T] slice of m, each one value per slice (a tuple of
+    per-slice values, NaN as a string so that equal NaNs compare equal), or None when a part holds two."""
+    m = m.reshape(-1, m.shape[-2], m.shape[-1])
+    T = m.shape[-1]
+    if m.shape[-2] != T or T < 2:
+        return None
+    rows = torch.arange(T)
+    out = []
+    for part in (rows[:, None] > rows[None, :], rows[:, None] == rows[None, :], rows[:, None] < rows[None, :]):
+        vals = m[:, part]                          # [slices, count]
+        first = vals[:, :1]
+        same = (vals == first) | (vals != vals) & (first != first)
+        if not bool(same.all()):
+            return None
+        out.append(tuple("nan" if v != v else v for v in first[:, 0].tolist()))
+    return tuple(out)

@@ -243,7 +243,7 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
         # torch.export keeps process-wide state (its exporting flag, the swapped-in fake parameters of the module,
         # the warning filters and the stderr redirection here): one export at a time in this process
         with _EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs(), _hooked(module), _as_parameters(module), \
-                _no_fake_cache(), _attribute_writes(module):
+                _no_fake_cache(), _attribute_writes(module), _autograd_functions():
             warnings.simplefilter("ignore")
             # guards on sizes become runtime assertions in the graph (or ranges), not silent specialisations:
             # they are recorded as the traced graph's guards (see Guard)
@@ -308,6 +308,38 @@ class _attribute_writes:
         torch.nn.Module.__setattr__ = self.saved
         # several exports make one trace (identical layers: frontend/repeated.py): their writes add up
         _WRITES.found = getattr(_WRITES, "found", []) + list(self.found)
+        return False
+
+
+_FUNCTIONS = threading.local()   # .found: the user autograd.Functions the current trace's exports applied
+
+
+class _autograd_functions:
+    """While exporting, on this thread: which torch.autograd.Function subclasses of the user's the forward
+    applies. torch.export records their forward's ops, not their backward (a gradient reversal, a
+    straight-through estimator): the traced graph's gradients are autograd's of those ops, so a call that needs
+    gradients must run the module itself (Traced.custom_backward). torch's own Functions (reentrant
+    checkpointing) compute the gradients of their forward and are not counted."""
+
+    def __init__(self):
+        self.found: dict = {}
+
+    def __enter__(self):
+        base = torch.autograd.function.Function
+        self.saved = base.__dict__["apply"]
+        thread, found, apply = threading.get_ident(), self.found, self.saved.__func__
+
+        def recording(cls, *args, **kwargs):
+            if threading.get_ident() == thread and not str(cls.__module__).startswith(("torch.", "sessa_compiler.")):
+                found.setdefault(f"{cls.__module__}.{cls.__qualname__}", None)
+            return apply(cls, *args, **kwargs)
+
+        base.apply = classmethod(recording)
+        return self
+
+    def __exit__(self, *exc):
+        torch.autograd.function.Function.apply = self.saved
+        _FUNCTIONS.found = getattr(_FUNCTIONS, "found", []) + list(self.found)
         return False
 
 
@@ -507,6 +539,9 @@ class Traced:
     # per graph output: (the export node it was, the input/parameter it is a view of in the module, or None for
     # a new tensor); None for a trace from before the field: see copied_outputs
     output_sources: tuple | None = None
+    # the user's torch.autograd.Function classes the forward applies: the graph holds their forward's ops, not
+    # their backward, so calls that need gradients run the module itself
+    custom_backward: tuple = ()
 
     def copied_outputs(self) -> tuple:
         """Positions of graph outputs that must be copied after a run: the module returns a new tensor there
@@ -757,8 +792,10 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     _WRITES.found = []
+    _FUNCTIONS.found = []
     ep, lowerer, graph = _lower(module, args, kwargs, dynamic_shapes)
     side_effects = tuple(dict.fromkeys(_WRITES.found))
+    custom_backward = tuple(dict.fromkeys(_FUNCTIONS.found))
     warn_side_effects(module, side_effects, stacklevel=4)
     guards = _range_guards(ep, lowerer.sym_map) + [Guard(_simplified(e), "assertion") for e in lowerer.assertions]
     guards = [g for g in guards if g.expr is not sympy.true]
@@ -782,7 +819,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     constants = tuple((i, v) for i, v in enumerate(leaves) if isinstance(v, CONSTANT_TYPES))
     names = tuple(f"args[{i}]" for i in range(len(args))) + tuple(sorted(kwargs))
     return Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
-                  assumed, side_effects, tuple(lowerer.output_sources))
+                  assumed, side_effects, tuple(lowerer.output_sources), custom_backward)
 
 
 

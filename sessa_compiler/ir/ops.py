@@ -463,7 +463,7 @@ register("causal_conv1d", COMPUTE, (2, 3), {}, causal_conv1d_infer,
 # registry read them from here; tests/test_op_coverage.py checks each target covers them or says why not).
 UNARY = ("neg", "exp", "log", "sqrt", "rsqrt", "tanh", "sigmoid", "silu", "relu", "abs", "sin", "cos",
          "logical_not", "softplus", "gelu", "erf", "reciprocal", "floor", "ceil", "round", "sign", "expm1", "log1p",
-         "exp2", "log2")
+         "exp2", "log2", "detach")
 BINARY = ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "logical_and", "logical_or")
 COMPARE = ("eq", "ne", "lt", "le", "gt", "ge")
 LOGICAL = ("logical_not", "logical_and", "logical_or")   # bool in, bool out

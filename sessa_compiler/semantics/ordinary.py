@@ -54,7 +54,10 @@ ORDINARY.update({"neg": torch.neg, "exp": torch.exp, "log": torch.log, "sqrt": t
                  "abs": torch.abs, "sin": torch.sin, "cos": torch.cos, "logical_not": torch.logical_not,
                  "erf": torch.erf, "reciprocal": torch.reciprocal, "floor": torch.floor, "ceil": torch.ceil,
                  "round": torch.round, "sign": torch.sign, "expm1": torch.expm1, "log1p": torch.log1p,
-                 "exp2": torch.exp2, "log2": torch.log2})
+                 "exp2": torch.exp2, "log2": torch.log2,
+                 # the value itself, with no gradient: x.detach() and a @torch.no_grad() region's operands (the
+                 # forward-only kernels and the exports compute it as the identity)
+                 "detach": torch.Tensor.detach})
 ORDINARY["gelu"] = lambda x, approximate="none": F.gelu(x, approximate=approximate)
 ORDINARY["softplus"] = lambda x, beta=1, threshold=20: F.softplus(x, beta, threshold)
 ORDINARY.update({"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,

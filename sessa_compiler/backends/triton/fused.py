@@ -35,7 +35,8 @@ _UNARY = {"neg": "-{0}", "exp": "tl.exp({0})", "log": "tl.log({0})", "sqrt": "tl
           "sin": "tl.sin({0})", "cos": "tl.cos({0})", "erf": "tl.erf({0})", "reciprocal": "1.0 / {0}",
           "floor": "tl.floor({0})", "ceil": "tl.ceil({0})", "round": "_round({0})",
           "sign": "tl.where({0} > 0, 1.0, tl.where({0} < 0, -1.0, 0.0))",   # torch.sign(NaN) = 0
-          "expm1": "_expm1({0})", "log1p": "_log1p({0})", "exp2": "tl.exp2({0})", "log2": "tl.log2({0})"}
+          "expm1": "_expm1({0})", "log1p": "_log1p({0})", "exp2": "tl.exp2({0})", "log2": "tl.log2({0})",
+          "detach": "{0}"}
 _BINARY = {"add": "{0} + {1}", "sub": "{0} - {1}", "mul": "{0} * {1}", "div": "{0} / {1}",
            "maximum": "tl.maximum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)",   # NaN in, NaN out, as torch
            "minimum": "tl.minimum({0}, {1}, propagate_nan=tl.PropagateNan.ALL)"}

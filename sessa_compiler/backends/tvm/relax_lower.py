@@ -333,7 +333,7 @@ SIMPLE = {
     "log": lambda op, x: op.log(x), "sqrt": lambda op, x: op.sqrt(x), "rsqrt": lambda op, x: op.rsqrt(x),
     "sigmoid": lambda op, x: op.sigmoid(x), "silu": lambda op, x: op.nn.silu(x), "relu": lambda op, x: op.nn.relu(x),
     "abs": lambda op, x: op.abs(x), "sin": lambda op, x: op.sin(x), "cos": lambda op, x: op.cos(x),
-    "erf": lambda op, x: op.erf(x),
+    "erf": lambda op, x: op.erf(x), "detach": lambda op, x: x,
     "add": lambda op, a, b: op.add(a, b), "sub": lambda op, a, b: op.subtract(a, b),
     "mul": lambda op, a, b: op.multiply(a, b), "div": lambda op, a, b: op.divide(a, b),
     "pow": lambda op, a, b: op.power(a, b), "maximum": lambda op, a, b: op.maximum(a, b),

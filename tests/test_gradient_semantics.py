@@ -1,0 +1,210 @@
+"""What a module says about gradients holds through the compiled module: x.detach(), torch.no_grad() blocks
+inside forward (a stop-gradient normaliser, a spectral norm's power iteration), straight-through estimators and
+the user's own torch.autograd.Functions (a gradient reversal) give the module's gradients on every backend,
+and a recogniser never folds a region whose gradient the module stops. Also: masks that differ from causal only
+far from the diagonal (sliding windows, chunks) are never recognised as causal attention or feedback."""
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sessa_compiler as sc
+
+try:
+    import tvm  # noqa: F401
+    BACKENDS = ["eager", "tvm"]
+except ImportError:
+    BACKENDS = ["eager"]
+
+
+class NoGradNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.lin(x)
+        with torch.no_grad():
+            s = h.pow(2).mean(-1, keepdim=True).sqrt()
+        return h / s
+
+
+class DetachNorm(NoGradNorm):
+    def forward(self, x):
+        h = self.lin(x)
+        return h / h.pow(2).mean(-1, keepdim=True).sqrt().detach()
+
+
+class StraightThrough(NoGradNorm):
+    def forward(self, x):
+        h = self.lin(x)
+        return h + (torch.round(h * 4) / 4 - h).detach()
+
+
+class GradReverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return -g
+
+
+class Reversed(NoGradNorm):
+    def forward(self, x):
+        return torch.tanh(GradReverse.apply(self.lin(x)))
+
+
+def _grads(m, x, w):
+    x = x.clone().requires_grad_(True)
+    (m(x) * w).sum().backward()
+    return [x.grad] + [p.grad for p in m.parameters()]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [NoGradNorm, DetachNorm, StraightThrough, Reversed])
+def test_gradients_follow_the_modules_own_gradient_rules(cls, backend):
+    torch.manual_seed(0)
+    m = cls().double()
+    ref = copy.deepcopy(m)
+    c = sc.compile(m, backend=backend)
+    for T in (5, 9):
+        x = torch.randn(2, T, 16, dtype=torch.float64)
+        w = torch.randn(2, T, 16, dtype=torch.float64)
+        m.zero_grad(), ref.zero_grad()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # the autograd.Function's warning: tested below
+            got = _grads(c, x, w)
+        want = _grads(ref, x, w)
+        for g, r in zip(got, want):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+        with torch.no_grad():
+            torch.testing.assert_close(c(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+def test_an_autograd_function_is_said_and_only_gradient_calls_run_the_module():
+    torch.manual_seed(0)
+    m = Reversed()
+    c = sc.compile(m, backend="eager")
+    x = torch.randn(1, 4, 16)
+    with torch.no_grad():
+        c(x)
+    assert c.uncompiled_calls == 0
+    assert "__main__" not in c.explain() and "GradReverse" in c.explain(), c.explain()
+    with pytest.warns(UserWarning, match="GradReverse.*own backward"):
+        c(x).sum().backward()
+    assert c.uncompiled_calls == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_spectral_norm_trains(backend):
+    # its power iteration runs under no_grad and writes its vectors with out=: the region reads detached
+    # operands, as in the module (it failed: "functions with out=... arguments don't support autograd")
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(8, 8)), nn.Tanh()).eval()
+    ref = copy.deepcopy(m)
+    c = sc.compile(m, backend=backend)
+    x = torch.randn(2, 3, 8)
+    got, want = _grads(c, x, torch.ones(2, 3, 8)), _grads(ref, x, torch.ones(2, 3, 8))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)
+
+
+class DetachedWeights(nn.Module):
+    """Causal attention whose weights carry no gradient (q and k get none): equal in value to attention, not in
+    gradient. (A detach before the scores, k.detach(), stays outside the region: an attention op on a detached
+    operand, exact either way.)"""
+
+    def __init__(self, D=16, H=2):
+        super().__init__()
+        self.H = H
+        self.qkv = nn.Linear(D, 3 * D)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.H, D // self.H).permute(2, 0, 3, 1, 4)
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(D // self.H)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        y = torch.softmax(s.masked_fill(~causal, float("-inf")), -1).detach() @ v
+        return y.transpose(1, 2).reshape(B, T, D)
+
+
+def test_a_region_with_a_stopped_gradient_is_not_folded_into_a_core_op():
+    torch.manual_seed(0)
+    m = DetachedWeights().double()
+    c = sc.compile(m, backend="eager")
+    x = torch.randn(2, 7, 16, dtype=torch.float64)
+    w = torch.randn(2, 7, 16, dtype=torch.float64)
+    ref = copy.deepcopy(m)
+    for g, r in zip(_grads(c, x, w), _grads(ref, x, w)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    assert not any(n.op == "attention" for n in c.graph.nodes), c.explain()
+
+
+# -- masks that are causal near the diagonal only ------------------------------------------------------------
+class WindowAttention(nn.Module):
+    def __init__(self, D=16, H=2, window=16, chunk=None):
+        super().__init__()
+        self.H, self.window, self.chunk = H, window, chunk
+        self.qkv = nn.Linear(D, 3 * D)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.H, D // self.H).permute(2, 0, 3, 1, 4)
+        i = torch.arange(T, device=x.device)
+        keep = i[:, None] >= i[None, :]
+        if self.chunk:
+            keep = keep & (i[:, None] // self.chunk == i[None, :] // self.chunk)
+        else:
+            keep = keep & (i[:, None] - i[None, :] < self.window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        return y.transpose(1, 2).reshape(B, T, D)
+
+
+class WindowFeedback(nn.Module):
+    def __init__(self, D=16, window=16):
+        super().__init__()
+        self.D, self.window = D, window
+        self.f, self.qk, self.g = nn.Linear(D, D), nn.Linear(D, 2 * D), nn.Linear(D, 1)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        qb, kb = self.qk(x).chunk(2, -1)
+        i = torch.arange(T, device=x.device)
+        keep = (i[:, None] > i[None, :]) & (i[:, None] - i[None, :] <= self.window)
+        a = torch.softmax((qb @ kb.transpose(1, 2) / math.sqrt(D)).masked_fill(~keep, float("-inf")), -1)
+        a = a.nan_to_num(0.0)
+        gamma = 0.9 * torch.tanh(self.g(x))
+        return torch.linalg.solve_triangular(torch.eye(T) - gamma * a, self.f(x), upper=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make", [lambda: WindowAttention(window=16), lambda: WindowAttention(window=300),
+                                  lambda: WindowAttention(chunk=16), lambda: WindowFeedback(window=16)],
+                         ids=["window16", "window300", "chunk16", "feedback_window16"])
+def test_masks_causal_only_near_the_diagonal_are_not_recognised_as_causal(make, backend):
+    torch.manual_seed(0)
+    m = make()
+    c = sc.compile(m, backend=backend)
+    for T in (8, 40, 320):
+        x = torch.randn(1, T, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(c(x), m(x), rtol=1e-4, atol=1e-5)
+    assert not any(n.op in ("attention", "feedback") for n in c.graph.nodes), c.explain()
+
+
+def test_a_causal_mask_is_still_recognised_with_the_long_check():
+    torch.manual_seed(0)
+    m = WindowAttention(window=10 ** 6)   # every pair within the window: causal at every length the check runs
+    c = sc.compile(m, backend="eager")
+    with torch.no_grad():
+        x = torch.randn(1, 20, 16)
+        torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-6)
+    assert any(n.op == "attention" for n in c.graph.nodes), c.explain()
