@@ -81,14 +81,31 @@ class ModuleGuard:
                     self.hook_dicts.append((hd, len(hd), path, h))
                     if hd:
                         self.hooks.append((path, h, hd, _hook_state(hd)))
+        # parameters and buffers registered or removed (their values are the compiled module's live reads, which
+        # follow only the names of the trace), and slots holding None (a buffer registered as None, set later)
+        self.slots = []     # (path, "_parameters" | "_buffers", dict, size)
+        self.nones = []     # (path, dict, name): slots that held None
+        for path, m in named:
+            d = _vars(m)
+            for kind in ("_parameters", "_buffers"):
+                self.slots.append((path, kind, d[kind], len(d[kind])))
+                self.nones.extend((path, d[kind], n) for n, v in d[kind].items() if v is None)
         classes = list(dict.fromkeys(type(m) for m in self.modules))
         self.classes = [(k, getattr(k, "forward", None)) for k in classes]
+        # everything the module classes (and their bases outside torch) define: a class constant, a method the
+        # forward calls, replaced on the class after the trace
+        owners = list(dict.fromkeys(k for c in classes for k in c.__mro__
+                                    if not str(k.__module__).startswith(("torch", "builtins"))))
+        self.class_sizes = [(k, len(vars(k))) for k in owners]
+        self.class_entries = [(k, n, v) for k in owners for n, v in vars(k).items()
+                              if n not in ("__dict__", "__weakref__", "__doc__")]
         self.global_hooks = [(n, _hook_state(getattr(_nn_module, n))) for n in _GLOBAL_HOOKS]
         # the same facts laid out for a check in C loops (map, tuple comparison; identity first): _same
         self._kid_dicts = [d for _, d, _ in self.children]
         self._kids = [k for _, _, k in self.children]
-        self._sized = [d for _, d, _ in self.sizes] + [hd for hd, *_ in self.hook_dicts]
-        self._sizes = tuple(n for *_, n in self.sizes) + tuple(n for _, n, *_ in self.hook_dicts)
+        self._sized = [d for _, d, _ in self.sizes] + [hd for hd, *_ in self.hook_dicts] + [d for _, _, d, _ in self.slots]
+        self._sizes = tuple(n for *_, n in self.sizes) + tuple(n for _, n, *_ in self.hook_dicts) + \
+            tuple(n for *_, n in self.slots)
         fixed = [e for e in self.entries if not e[5] and e[4] is not None]
         self._fixed_dicts = [e[1] for e in fixed]
         self._fixed_names = [e[2] for e in fixed]
@@ -122,7 +139,9 @@ class ModuleGuard:
                     now = described[id(cur)] = _describe(cur)[0]
                 if now != key:
                     return False
-        return not self.hooks and all(
+        return not self.hooks and all(d.get(n) is None for _, d, n in self.nones) and all(
+            len(vars(k)) == n for k, n in self.class_sizes) and all(
+            vars(k).get(n, _MISSING) is v for k, n, v in self.class_entries) and all(
             getattr(k, "forward", None) is f for k, f in self.classes) and all(
             _hook_state(getattr(_nn_module, n)) == st for n, st in self.global_hooks) and all(
             g.get(n, _MISSING) is v for g, n, v, _ in self.globals)
@@ -165,9 +184,22 @@ class ModuleGuard:
         for path, h, hd, state in self.hooks:
             if _hook_state(hd) != state:
                 return f"{h.strip('_').replace('_', ' ')} of '{path or type(module).__name__}' were added or removed"
+        for path, kind, d, size in self.slots:
+            if len(d) != size:
+                what = "a parameter" if kind == "_parameters" else "a buffer"
+                return f"{what} of '{path or type(module).__name__}' was registered or removed"
+        for path, d, name in self.nones:
+            if d.get(name) is not None:
+                return f"'{f'{path}.{name}' if path else name}', None when traced, was set"
         for klass, fwd in self.classes:
             if getattr(klass, "forward", None) is not fwd:
                 return f"{klass.__name__}.forward was replaced"
+        for klass, size in self.class_sizes:
+            if len(vars(klass)) != size:
+                return f"an attribute of class {klass.__name__} was added or deleted"
+        for klass, name, v in self.class_entries:
+            if vars(klass).get(name, _MISSING) is not v:
+                return f"{klass.__name__}.{name} was changed on the class"
         for n, state in self.global_hooks:
             if _hook_state(getattr(_nn_module, n)) != state:
                 return f"torch's global module hooks ({n.strip('_')}) were added or removed"
