@@ -206,8 +206,26 @@ _INTERPRETER_LOCK = threading.Lock()
 _RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_contexts", "_variants", "_lock", "_fresh", "_live",
             "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces", "_serving",
             "trace_cache_why", "cache_notes", "uncompiled_calls", "_limit_warned",
-            "_custom_warned")
+            "_custom_warned", "_random_warned")
 ORIGINAL = "_orig_mod"
+
+
+@contextlib.contextmanager
+def _python_rng_kept():
+    """Python's and numpy's global random states as they were before the trace (which runs the forward, and a
+    forward that draws from them would move them: the call after the trace would draw another number than the
+    uncompiled module's)."""
+    import random
+    import sys as _sys
+    state = random.getstate()
+    np_random = getattr(_sys.modules.get("numpy"), "random", None)
+    np_state = np_random.get_state() if np_random is not None else None
+    try:
+        yield
+    finally:
+        random.setstate(state)
+        if np_state is not None:
+            np_random.set_state(np_state)
 
 
 class _Uncompiled(Exception):
@@ -498,6 +516,7 @@ class CompiledModule(torch.nn.Module):
         self.uncompiled_calls = 0   # forward calls run on the original module: no trace fits, max_traces reached
         self._limit_warned = False
         self._custom_warned = False
+        self._random_warned = False
         self._copies: dict = {}     # id(Traced) -> (it, Traced.copied_outputs())
         self.trace_seconds = None
         self.trace_cache = None     # "hit", "miss" or "off": whether the last trace came from the compile cache
@@ -552,7 +571,7 @@ class CompiledModule(torch.nn.Module):
         # a trace inside torch.utils.checkpoint (non-reentrant) must not reach its saved-tensor hooks: tensors the
         # trace and the probes save are not the call's, and the recomputation (which does not trace) would
         # count fewer; an innermost pair of hooks that keep tensors as they are takes them
-        with torch.random.fork_rng(devices=devices), _own_saved_tensors():
+        with torch.random.fork_rng(devices=devices), _own_saved_tensors(), _python_rng_kept():
             self._trace_unseeded(args, kwargs)
 
     def _trace_unseeded(self, args: tuple, kwargs: dict | None = None) -> None:
@@ -690,6 +709,8 @@ class CompiledModule(torch.nn.Module):
     def _call(self, traced, runner, params, args, kwargs):
         graph = traced.graph
         inputs = traced.tensor_inputs(args, kwargs)
+        if traced.python_random:
+            return self._with_python_random(traced, args, kwargs)
         if traced.custom_backward and torch.is_grad_enabled() and (
                 any(x.requires_grad for x in inputs)
                 or any(isinstance(p, torch.Tensor) and p.requires_grad for p in params.values())):
@@ -803,6 +824,19 @@ class CompiledModule(torch.nn.Module):
                           stacklevel=6)
         return self._orig_mod(*args, **kwargs)
 
+    def _with_python_random(self, traced, args, kwargs):
+        """A module whose forward (in this mode) draws from Python's random (Hugging Face's LayerDrop): the trace
+        baked one draw into the graph, which would repeat it at every call, so the module itself runs."""
+        self.uncompiled_calls += 1
+        if not self._random_warned:
+            self._random_warned = True
+            warnings.warn(f"compiled {type(self._orig_mod).__name__}: its forward calls {', '.join(traced.python_random)}; "
+                          "a traced graph would repeat the one draw made while tracing at every call, so calls in this "
+                          "mode run the original module uncompiled (draw with torch's generator, e.g. "
+                          "torch.rand(()) < p, to compile it; an eval-mode forward that does not draw is compiled)",
+                          stacklevel=6)
+        return self._orig_mod(*args, **kwargs)
+
     def _beyond_limit(self, why: str):
         """A forward call no traced graph fits, with max_traces graphs traced: it runs on the original module
         (as torch.compile runs a frame past its recompile limit eagerly), said once in a warning and in explain().
@@ -890,6 +924,9 @@ class CompiledModule(torch.nn.Module):
         if self.uncompiled_calls:
             lines.append(f"  uncompiled calls: {self.uncompiled_calls} call(s) ran the original module (no traced graph "
                          f"fits past max_traces={self.max_traces}, or gradients through a torch.autograd.Function)")
+        if getattr(self._traced, "python_random", ()):
+            lines.append(f"  Python random draws in forward: {', '.join(self._traced.python_random)}; calls run the "
+                         "original module")
         if getattr(self._traced, "custom_backward", ()):
             lines.append(f"  torch.autograd.Functions with their own backward: {', '.join(self._traced.custom_backward)}; "
                          "calls that need gradients run the original module")

@@ -208,3 +208,79 @@ def test_a_causal_mask_is_still_recognised_with_the_long_check():
         x = torch.randn(1, 20, 16)
         torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-6)
     assert any(n.op == "attention" for n in c.graph.nodes), c.explain()
+
+
+class AdditiveNegInfMask(nn.Module):
+    """SDPA with an additive float mask of 0 / -inf (causal and key padding): left padding leaves rows with no
+    visible key, whose output torch gives as 0 and whose gradient is 0 (it was NaN through the compiled module)."""
+
+    def __init__(self, V=50, D=16, H=2):
+        super().__init__()
+        self.H, self.emb, self.qkv, self.head = H, nn.Embedding(V, D), nn.Linear(D, 3 * D), nn.Linear(D, V)
+
+    def forward(self, ids, attention_mask):
+        x = self.emb(ids)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.H, D // self.H).permute(2, 0, 3, 1, 4)
+        keep = torch.ones(T, T, dtype=torch.bool).tril()[None, None] & attention_mask[:, None, None, :].bool()
+        mask = torch.zeros(B, 1, T, T).masked_fill(~keep, float("-inf"))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.head(x + o.transpose(1, 2).reshape(B, T, D))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sdpa_with_an_additive_neg_inf_mask_has_the_modules_gradients(backend):
+    torch.manual_seed(0)
+    m = AdditiveNegInfMask()
+    c = sc.compile(m, backend=backend)
+    ids = torch.randint(1, 50, (2, 8))
+    am = torch.ones(2, 8, dtype=torch.long)
+    am[1, :3] = 0
+    want = torch.autograd.grad(m(ids, am).sum(), list(m.parameters()))
+    got = torch.autograd.grad(c(ids, am).sum(), list(m.parameters()))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+
+
+class ReplacedScores(nn.Module):
+    """Causal attention with key padding written scores.masked_fill(~keep, finfo.min) (or += an additive
+    finfo.min mask with ``additive``): equal outputs, but a row with no visible key (a left-padded query) sends
+    q and k a gradient only through the additive spelling. With a shifted LM loss that row reaches the loss."""
+
+    def __init__(self, additive=False, V=50, D=16, H=2):
+        super().__init__()
+        self.H, self.additive = H, additive
+        self.emb, self.qkv, self.head = nn.Embedding(V, D), nn.Linear(D, 3 * D), nn.Linear(D, V)
+
+    def forward(self, ids, attention_mask, labels):
+        x = self.emb(ids)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.H, D // self.H).permute(2, 0, 3, 1, 4)
+        w = q @ k.transpose(-1, -2) / math.sqrt(D // self.H)
+        keep = torch.ones(T, T, dtype=torch.bool).tril()[None, None] & attention_mask[:, None, None, :].bool()
+        if self.additive:
+            w = w + torch.zeros(B, 1, T, T).masked_fill(~keep, torch.finfo(w.dtype).min)
+        else:
+            w = w.masked_fill(~keep, torch.finfo(w.dtype).min)
+        logits = self.head(x + (w.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("additive", [False, True], ids=["masked_fill", "additive"])
+def test_left_padded_rows_get_the_modules_gradient_for_either_mask_spelling(additive, backend):
+    torch.manual_seed(0)
+    m = ReplacedScores(additive)
+    c = sc.compile(m, backend=backend)
+    ids = torch.randint(1, 50, (2, 8))
+    am = torch.ones(2, 8, dtype=torch.long)
+    am[1, :3] = 0
+    labels = ids.masked_fill(am == 0, -100)
+    want = torch.autograd.grad(m(ids, am, labels), list(m.parameters()))
+    got = torch.autograd.grad(c(ids, am, labels), list(m.parameters()))
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
+    # the additive spelling is still the attention op (its backward is the additive mask's); the replacing one
+    # runs as separate ops
+    assert any(n.op == "attention" for n in c.graph.nodes) == additive, c.explain()

@@ -94,3 +94,33 @@ def test_bad_keyword_values_are_named():
         c(torch.randn(1, 4, 16), scale=(1.0, 2.0))
     with pytest.raises(sc.InputError, match="cannot take this call: got an unexpected keyword argument 'bogus'"):
         c(torch.randn(1, 4, 16), bogus=1.0)
+
+
+class VarKeywords(torch.nn.Module):
+    """forward(x, **kwargs), reading optional keywords by name (a common adapter signature)."""
+
+    def __init__(self, D=8):
+        super().__init__()
+        self.lin = torch.nn.Linear(D, D)
+
+    def forward(self, x, **kwargs):
+        h = self.lin(x)
+        if "bias" in kwargs:
+            h = h + kwargs["bias"]
+        return h * kwargs.get("scale", 1.0)
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_a_forward_taking_var_keywords_compiles(backend):
+    # torch.export cannot give **kwargs tensors dynamic shapes; the trace names them in forward's signature
+    torch.manual_seed(0)
+    m = VarKeywords()
+    c = sc.compile(m, backend=backend)
+    for T in (5, 9):
+        x, b = torch.randn(2, T, 8), torch.randn(2, T, 8)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(c(x, bias=b), m(x, bias=b))
+            torch.testing.assert_close(c(x, bias=b, scale=2.0), m(x, bias=b, scale=2.0))
+    assert "forward" not in vars(m)   # the trace's signature is gone
+    assert len(c._variants) == 2, c.retraces   # one per keyword signature, not per length

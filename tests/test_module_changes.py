@@ -585,3 +585,94 @@ def test_past_max_traces_calls_run_the_original_module(backend):
 def test_max_traces_must_be_positive_int_or_none(bad):
     with pytest.raises(sc.ConfigError, match="max_traces"):
         sc.compile(nn.Linear(2, 2), max_traces=bad)
+
+
+class Optional(nn.Module):
+    SCALE = 1.0   # a class constant the forward reads
+
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(8, 8)
+        self.register_buffer("shift", None)   # an optional buffer, set later
+
+    def act(self, h):
+        return torch.tanh(h)
+
+    def forward(self, x):
+        h = self.act(self.l1(x)) * self.SCALE
+        if hasattr(self, "gate"):              # an optional parameter (added for fine-tuning)
+            h = h * self.gate
+        if self.shift is not None:
+            h = h + self.shift
+        return h
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("change", ["parameter", "buffer", "none_buffer_set", "class_constant", "class_method"])
+def test_parameters_buffers_and_class_state_changed_after_the_trace(change, backend):
+    torch.manual_seed(0)
+    m = Optional()
+    c = sc.compile(m, backend=backend)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        c(x)
+    saved = dict(vars(Optional))
+    try:
+        if change == "parameter":
+            m.register_parameter("gate", nn.Parameter(torch.full((8,), 0.5)))
+        elif change == "buffer":
+            m.register_buffer("gate", torch.full((8,), 0.5))
+        elif change == "none_buffer_set":
+            m.shift = torch.full((8,), 10.0)
+        elif change == "class_constant":
+            Optional.SCALE = 3.0
+        else:
+            Optional.act = lambda self, h: torch.sigmoid(h)
+        with torch.no_grad():
+            torch.testing.assert_close(c(x), m(x))
+        assert len(c.retraces) == 1, c.retraces
+    finally:
+        Optional.SCALE, Optional.act = saved["SCALE"], saved["act"]
+
+
+class LayerDrop(nn.Module):
+    """Hugging Face's LayerDrop: each layer skipped in training when a Python random draw falls under p."""
+
+    def __init__(self, p=0.5):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+        self.layerdrop = p
+
+    def forward(self, x):
+        import random
+        for layer in self.layers:
+            if self.training and random.uniform(0, 1) < self.layerdrop:
+                continue
+            x = x + layer(x)
+        return x
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_python_random_draws_in_forward_are_not_baked_into_a_graph(backend):
+    # the trace would keep one draw for every call: such calls run the module (said once), the trace leaves
+    # Python's random state as it was, and eval mode (no draw) is compiled
+    import random
+    torch.manual_seed(0)
+    m = LayerDrop()
+    c = sc.compile(m, backend=backend)
+    x = torch.randn(2, 3, 8)
+    random.seed(0)
+    outs = set()
+    with pytest.warns(UserWarning, match="random.uniform"):
+        for _ in range(6):
+            state = random.getstate()
+            y = c(x)
+            random.setstate(state)
+            torch.testing.assert_close(y, m(x))
+            outs.add(round(y.sum().item(), 4))
+    assert len(outs) > 1
+    m.eval()
+    calls = c.uncompiled_calls
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), m(x))
+    assert c.uncompiled_calls == calls and not c._traced.python_random

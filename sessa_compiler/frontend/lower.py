@@ -594,10 +594,16 @@ def _sdpa_masked(L, node, a):
     else:
         x = g.make_node("add", [x, mask], {}, [lt]).output
         mf, empty_at = mask, -math.inf
-    x = g.make_node("softmax", [x], {"dim": -1}, [lt]).output
     rt = TensorType(dt, mask.type.shape[:-1] + (1,))
     top = g.make_node("amax", [mf], {"dims": [-1], "keepdim": True}, [rt]).output
     empty = g.make_node("eq", [top, empty_at], {}, [TensorType(DType("bool"), rt.shape)]).output
+    if mask.type.dtype.name != "bool":
+        # a row an additive mask removes entirely (all -inf) is softmaxed as zeros, not -inf: its probabilities
+        # (NaN) are replaced by 0 below either way, but the backward of a NaN softmax row is NaN, which the
+        # where's zero gradient does not cancel (NaN * 0): the module's gradient there is 0 (a boolean mask's
+        # where(mask, x, -inf) gives the scores no gradient already)
+        x = g.make_node("where", [empty, 0.0, x], {}, [lt]).output
+    x = g.make_node("softmax", [x], {"dim": -1}, [lt]).output
     x = g.make_node("where", [empty, 0.0, x], {}, [lt]).output
     return L.emit("matmul", [x, v], {}, node)
 

@@ -235,7 +235,7 @@ def _memo_key(graph: Graph, sources: dict, output: Value, canonical, tol, length
 
 
 def probe(graph: Graph, sources: dict, output: Value, canonical, tol: float = 1e-6, lengths=PROBE_LENGTHS,
-          batch: int = PROBE_BATCH):
+          batch: int = PROBE_BATCH, grad: bool = False):
     """Compare the region (sources -> output) with ``canonical(inputs: dict, binding) -> tensor``.
 
     ``sources`` maps each source Value to a sampler name: "normal", "gain" (values in (-0.95, 0.95)) or
@@ -243,22 +243,24 @@ def probe(graph: Graph, sources: dict, output: Value, canonical, tol: float = 1e
     in both the region and the proposal, at the same places, agree).
     Returns the worst relative error, or None when the region cannot be evaluated on its own
     (it reads data that is not among the sources) or the shapes do not match. Inside ``probe_memo()``
-    a structurally identical region and proposal reuse the first one's result.
+    a structurally identical region and proposal reuse the first one's result. ``grad``: the gradients of both
+    with respect to the normal/gain sources (for a random cotangent) count too, where the values alone cannot
+    tell two forms apart (a row a mask empties: an additive mask passes it gradient, a masked_fill does not).
     """
     stats = _MEMO.get()
     if stats is None:
-        return _probe(graph, sources, output, canonical, tol, lengths, batch)
+        return _probe(graph, sources, output, canonical, tol, lengths, batch, grad)
     try:
-        key = _memo_key(graph, sources, output, canonical, tol, lengths) + (batch,)
+        key = _memo_key(graph, sources, output, canonical, tol, lengths) + (batch, grad)
     except _NoKey:
         stats.not_keyed += 1
         stats.run += 1
-        return _probe(graph, sources, output, canonical, tol, lengths, batch)
+        return _probe(graph, sources, output, canonical, tol, lengths, batch, grad)
     if key in stats.memo:
         stats.reused += 1
         return stats.memo[key]
     stats.run += 1
-    stats.memo[key] = result = _probe(graph, sources, output, canonical, tol, lengths, batch)
+    stats.memo[key] = result = _probe(graph, sources, output, canonical, tol, lengths, batch, grad)
     return result
 
 
@@ -282,7 +284,8 @@ def key_mask_sample(shape, gen: torch.Generator) -> torch.Tensor:
     return m
 
 
-def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, lengths, batch: int):
+def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, lengths, batch: int,
+           grad: bool = False):
     gen = torch.Generator().manual_seed(1234)
     worst = 0.0
     region = region_nodes(graph, [output], set(sources))
@@ -303,13 +306,29 @@ def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, le
             if kind == "gain":
                 x = torch.tanh(x) * 0.95
             inputs[v] = x
+        wrt = [v for v, kind in sources.items() if kind != "keymask"] if grad else []
         try:
-            (ref,) = run_graph(graph, [], overrides={**params, **inputs}, targets=[output],
-                               binding=binding, check_inputs=False, impls=PROBE_IMPLS)
-            got = canonical(inputs, binding)
+            with torch.enable_grad() if grad else contextlib.nullcontext():
+                for v in wrt:
+                    inputs[v].requires_grad_(True)
+                (ref,) = run_graph(graph, [], overrides={**params, **inputs}, targets=[output],
+                                   binding=binding, check_inputs=False, impls=PROBE_IMPLS)
+                got = canonical(inputs, binding)
+                if got.shape != ref.shape:
+                    return None
+                if wrt:
+                    cot = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(ref.dtype)
+                    gref = torch.autograd.grad(ref, [inputs[v] for v in wrt], cot, allow_unused=True)
+                    ggot = torch.autograd.grad(got, [inputs[v] for v in wrt], cot.to(got.dtype), allow_unused=True)
+                    for a, b in zip(gref, ggot):
+                        a = torch.zeros(()) if a is None else a.detach().to(torch.float64)
+                        b = torch.zeros(()) if b is None else b.detach().to(torch.float64)
+                        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+                            return None
+                        scale = max(a.abs().max().item(), b.abs().max().item()) or 1.0
+                        worst = max(worst, (a - b).abs().max().item() / scale)
+                ref, got = ref.detach(), got.detach()
         except Exception:  # noqa: BLE001 - a region that cannot run on its own is simply not a match
-            return None
-        if got.shape != ref.shape:
             return None
         ref, got = ref.to(torch.float64), got.to(torch.float64)
         if "keymask" in sources.values():   # NaN where both are NaN agrees (rows with no visible key)

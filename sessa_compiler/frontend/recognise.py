@@ -391,8 +391,10 @@ def _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale, report) -> bool:
                                         if m in srcs:
                                             continue
                                         srcs[m] = "keymask"
+                                    # a row the mask empties has the same values under an additive and a
+                                    # replacing (masked_fill) mask, not the same gradient: probed too
                                     err = probe(g, srcs, y, canonical, batch=KEYMASK_BATCH if m is not None
-                                                else PROBE_BATCH)
+                                                else PROBE_BATCH, grad=empty == "mean")
                                     tol = _region_tol(A, srcs, y)
                                     if err is not None and err <= tol:
                                         _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H, m, empty)

@@ -218,6 +218,41 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
     args = _as_tuple(example_inputs)
     kwargs = dict(sorted((example_kwargs or {}).items()))
     _check_call(args, kwargs)
+    with _named_keywords(module, kwargs):
+        return _export_program(module, args, kwargs, dynamic_shapes)
+
+
+@contextlib.contextmanager
+def _named_keywords(module, kwargs: dict):
+    """A forward taking ``**kwargs`` called with keywords it does not name: torch.export cannot give those
+    dynamic shapes (its spec nests them under the ``**`` parameter and then fails an internal assertion), so
+    while exporting, the instance's forward is one with the same code and a signature naming each keyword."""
+    sig = inspect.signature(module.forward)
+    params = list(sig.parameters.values())
+    extra = [k for k in kwargs if k not in sig.parameters]
+    if not extra or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        yield
+        return
+    bound = module.forward
+    had = "forward" in vars(module)
+
+    def forward(*a, **k):
+        return bound(*a, **k)
+
+    named = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    named += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in extra]
+    forward.__signature__ = sig.replace(parameters=named)
+    module.__dict__["forward"] = forward
+    try:
+        yield
+    finally:
+        if had:
+            module.__dict__["forward"] = bound
+        else:
+            del module.__dict__["forward"]
+
+
+def _export_program(module, args: tuple, kwargs: dict, dynamic_shapes):
     if dynamic_shapes is not None:
         if kwargs:
             raise TraceError("export_program: dynamic_shapes covers positional arguments only")
@@ -243,7 +278,7 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
         # torch.export keeps process-wide state (its exporting flag, the swapped-in fake parameters of the module,
         # the warning filters and the stderr redirection here): one export at a time in this process
         with _EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs(), _hooked(module), _as_parameters(module), \
-                _no_fake_cache(), _attribute_writes(module), _autograd_functions():
+                _no_fake_cache(), _attribute_writes(module), _autograd_functions(), _python_draws():
             warnings.simplefilter("ignore")
             # guards on sizes become runtime assertions in the graph (or ranges), not silent specialisations:
             # they are recorded as the traced graph's guards (see Guard)
@@ -340,6 +375,55 @@ class _autograd_functions:
     def __exit__(self, *exc):
         torch.autograd.function.Function.apply = self.saved
         _FUNCTIONS.found = getattr(_FUNCTIONS, "found", []) + list(self.found)
+        return False
+
+
+_DRAWS = threading.local()   # .found: the Python random functions the current trace's exports called
+
+
+class _python_draws:
+    """While exporting, on this thread: which functions of Python's ``random`` module (and numpy's global
+    ``numpy.random``) the forward calls (Hugging Face's LayerDrop: ``random.uniform(0, 1) < self.layerdrop``).
+    Their results are Python numbers the trace bakes in: the graph would repeat that one draw at every call
+    (Traced.python_random), so such a module's calls run the module itself."""
+
+    RANDOM = ("random", "uniform", "randint", "randrange", "choice", "choices", "shuffle", "sample", "gauss",
+              "normalvariate", "betavariate", "expovariate", "triangular", "getrandbits", "lognormvariate",
+              "vonmisesvariate", "gammavariate", "paretovariate", "weibullvariate")
+    NUMPY = ("rand", "randn", "random", "random_sample", "uniform", "randint", "choice", "normal", "permutation",
+             "shuffle", "binomial", "poisson", "beta", "exponential")
+
+    def __init__(self):
+        self.found: dict = {}
+        self.saved: list = []
+
+    def __enter__(self):
+        import random
+        import sys as _sys
+        thread, found = threading.get_ident(), self.found
+        targets = [(random, "random", self.RANDOM)]
+        np_random = getattr(_sys.modules.get("numpy"), "random", None)
+        if np_random is not None:
+            targets.append((np_random, "numpy.random", self.NUMPY))
+        for mod, prefix, names in targets:
+            for name in names:
+                fn = getattr(mod, name, None)
+                if not callable(fn):
+                    continue
+
+                def recording(*args, _fn=fn, _name=f"{prefix}.{name}", **kwargs):
+                    if threading.get_ident() == thread:
+                        found.setdefault(_name, None)
+                    return _fn(*args, **kwargs)
+
+                self.saved.append((mod, name, fn))
+                setattr(mod, name, recording)
+        return self
+
+    def __exit__(self, *exc):
+        for mod, name, fn in reversed(self.saved):
+            setattr(mod, name, fn)
+        _DRAWS.found = getattr(_DRAWS, "found", []) + list(self.found)
         return False
 
 
@@ -542,6 +626,8 @@ class Traced:
     # the user's torch.autograd.Function classes the forward applies: the graph holds their forward's ops, not
     # their backward, so calls that need gradients run the module itself
     custom_backward: tuple = ()
+    # Python random functions the forward called (LayerDrop): the graph holds one draw, so calls run the module
+    python_random: tuple = ()
 
     def copied_outputs(self) -> tuple:
         """Positions of graph outputs that must be copied after a run: the module returns a new tensor there
@@ -793,7 +879,9 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     kwargs = dict(example_kwargs or {})
     _WRITES.found = []
     _FUNCTIONS.found = []
+    _DRAWS.found = []
     ep, lowerer, graph = _lower(module, args, kwargs, dynamic_shapes)
+    python_random = tuple(dict.fromkeys(_DRAWS.found))
     side_effects = tuple(dict.fromkeys(_WRITES.found))
     custom_backward = tuple(dict.fromkeys(_FUNCTIONS.found))
     warn_side_effects(module, side_effects, stacklevel=4)
@@ -819,7 +907,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     constants = tuple((i, v) for i, v in enumerate(leaves) if isinstance(v, CONSTANT_TYPES))
     names = tuple(f"args[{i}]" for i in range(len(args))) + tuple(sorted(kwargs))
     return Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
-                  assumed, side_effects, tuple(lowerer.output_sources), custom_backward)
+                  assumed, side_effects, tuple(lowerer.output_sources), custom_backward, python_random)
 
 
 
