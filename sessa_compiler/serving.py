@@ -45,6 +45,7 @@ from .ir.dtypes import to_torch
 from .errors import InputError, IRError, SessaCompilerError, TraceError, UnsupportedError
 from .frontend.trace import other_integer_dtypes
 from .ir.graph import Graph, Value
+from .ir.ops import VIEWS
 from .tolerance import TOLERANCE, relative_error
 
 SERVING_METHODS = ("init_cache", "prefill", "decode_step", "generate")
@@ -898,6 +899,22 @@ class ServingProgram:
         cache["t"] = n
 
     # -- the numerical check of the position-wise assumption ----------------------------------------------------
+    def _token_range(self, i: int):
+        """The rows of the embedding table graph input ``i`` indexes (through views and casts), or None."""
+        users = self.graph.users()
+        stack, seen = [self.graph.inputs[i]], set()
+        while stack:
+            v = stack.pop()
+            if v in seen:
+                continue
+            seen.add(v)
+            for n in users.get(v, ()):
+                if n.op == "embedding" and n.inputs[1] is v and isinstance(n.inputs[0].type.shape[0], int):
+                    return n.inputs[0].type.shape[0]
+                if n.op in VIEWS or n.op == "cast":
+                    stack.extend(n.outputs)
+        return None
+
     def check(self, example_inputs, params=None) -> None:
         """Prefill + decode + chunked prefill must equal the full forward (see the module docstring)."""
         from .semantics import run_graph
@@ -914,6 +931,12 @@ class ServingProgram:
                 continue
             idx = torch.randint(0, x.shape[1], (CHECK_LEN,), generator=gen).to(x.device)
             y = x.index_select(1, idx)
+            vocab = self._token_range(i) if not y.is_floating_point() and y.dtype != torch.bool else None
+            if vocab is not None:
+                # token ids: another token at every position (an example of one repeated token, the usual
+                # zeros(B) step example, makes a position-mixing op look position-wise: a softmax or a mean over
+                # equal rows is each row)
+                y = torch.randint(0, vocab, tuple(y.shape), generator=gen).to(y.device, y.dtype)
             if y.is_floating_point():
                 noise = torch.randn(y.shape, generator=gen, dtype=torch.float32).to(y.device, y.dtype)
                 y = y + noise * (x.float().std().item() if x.numel() > 1 else 1.0)

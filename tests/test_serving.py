@@ -179,6 +179,34 @@ def test_position_mixing_outside_the_sequence_ops_is_refused():
         c.decode_step(x[:, 0], {"t": 0, "max_len": None})
 
 
+class SoftAttentionLM(nn.Module):
+    """Token ids, then causal attention with a per-head distance bias (ALiBi), which no recogniser takes: the
+    derived step is not the forward. Checked from a step example of one token repeated (zeros(B)), whose equal
+    rows made the attention look position-wise."""
+
+    def __init__(self, vocab=50, D=16, H=2):
+        super().__init__()
+        self.H, self.emb, self.qkv, self.head = H, nn.Embedding(vocab, D), nn.Linear(D, 3 * D), nn.Linear(D, vocab)
+        self.register_buffer("slopes", torch.tensor([0.5, 0.25]))
+
+    def forward(self, ids):
+        x = self.emb(ids)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.H, D // self.H).permute(2, 0, 3, 1, 4)
+        pos = torch.arange(T)
+        s = q @ k.transpose(-1, -2) / 8 ** 0.5 + self.slopes[:, None, None] * (pos[None, :] - pos[:, None])
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        return self.head(x + (s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+
+
+def test_a_token_model_mixing_positions_is_refused_from_a_repeated_token_example():
+    # (what export_onnx/export_tvm(method="decode_step") check a step example of zeros(B) with: its 4x repeat)
+    example = torch.zeros(2, 4, dtype=torch.long)
+    c = sc.compile(SoftAttentionLM().eval(), (example,), backend="eager")
+    with pytest.raises(UnsupportedError, match="differs from its full forward"):
+        ServingProgram(c.graph).check((example,), c.graph.params)
+
+
 def _serve_by_program(model, seed=4):
     """Prefill 3 then decode 5 positions with the ServingProgram of the compiled forward (for modules that
     define no decode_step of their own); -> relative error against the full forward."""
