@@ -1056,7 +1056,8 @@ class Serving:
         """Whether the traced module returns one tensor (its unflatten of [y] is y), remembered per Traced."""
         hit = self._single.get(id(traced))
         if hit is None or hit[0] is not traced:
-            hit = self._single[id(traced)] = (traced, not traced.none_outputs and traced.out_spec is not None
+            hit = self._single[id(traced)] = (traced, not traced.none_outputs and not traced.constant_outputs
+                                              and traced.out_spec is not None
                                               and traced.out_spec.is_leaf())
         return hit[1]
 

@@ -124,3 +124,26 @@ def test_a_forward_taking_var_keywords_compiles(backend):
             torch.testing.assert_close(c(x, bias=b, scale=2.0), m(x, bias=b, scale=2.0))
     assert "forward" not in vars(m)   # the trace's signature is gone
     assert len(c._variants) == 2, c.retraces   # one per keyword signature, not per length
+
+
+class WithConstants(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.n_layers = 3
+
+    def forward(self, x):
+        return self.lin(x), self.n_layers, {"scale": 0.25, "name": "lin", "extra": None}
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_python_constants_returned_beside_tensors(backend):
+    # (a returned int crashed the trace with KeyError)
+    torch.manual_seed(0)
+    m = WithConstants()
+    c = sc.compile(m, backend=backend)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        y, n, meta = c(x)
+        torch.testing.assert_close(y, m(x)[0])
+    assert n == 3 and meta == {"scale": 0.25, "name": "lin", "extra": None}

@@ -676,3 +676,13 @@ def test_python_random_draws_in_forward_are_not_baked_into_a_graph(backend):
     with torch.no_grad():
         torch.testing.assert_close(c(x), m(x))
     assert c.uncompiled_calls == calls and not c._traced.python_random
+
+
+def test_batchnorm_in_training_mode_is_a_clear_error():
+    m = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(5))
+    with pytest.raises(sc.TraceError, match="'1.running_mean'.*BatchNorm in training mode.*eval mode"):
+        sc.compile(m, backend="eager")(torch.randn(2, 5, 8))
+    m.eval()
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(sc.compile(m, backend="eager")(x), m(x))

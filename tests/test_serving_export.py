@@ -167,3 +167,27 @@ def test_tvm_export_bad_method_or_example_is_a_clear_error(tmp_path):
         sc.export_tvm(SessaLayer(16), (torch.randn(1, 16),), str(tmp_path / "p"), method="decode")
     with pytest.raises(InputError, match=r"\[B, T, ...\]"):
         sc.export_tvm(SessaLayer(16), (torch.randn(16),), str(tmp_path / "p"), method="prefill")
+
+
+class PositionWiseLM(torch.nn.Module):
+    """Token ids through position-wise ops only: a step program with no cache at all."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.ff, self.head = torch.nn.Embedding(50, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 50)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.ff(self.emb(ids))))
+
+
+def test_a_step_export_with_no_cache_runs_in_both_runtimes(tmp_path):
+    torch.manual_seed(0)
+    m = PositionWiseLM().eval()
+    example = (torch.randint(0, 50, (2,)),)
+    tv = sc.export_tvm(m, example, str(tmp_path / "tvm"), method="decode_step")
+    x = np.random.default_rng(0).integers(0, 50, (3,))
+    with torch.no_grad():
+        want = m(torch.from_numpy(x)).numpy()
+    assert np.abs(sc.load_tvm(str(tmp_path / "tvm"))(x) - want).max() <= 1e-5, tv
+    r = sc.export_onnx(m, example, str(tmp_path / "step.onnx"), method="decode_step")
+    assert "validated batch" in repr(r) and "max err" in repr(r), repr(r)   # (the repr raised KeyError)

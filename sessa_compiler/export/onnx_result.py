@@ -28,7 +28,11 @@ class OnnxExport:
         return model_op_counts(self.model)
 
     def __repr__(self) -> str:
-        runs = "; ".join(f"{r['shapes']}: max err {max(r['errors'], default=0):.1e}" for r in self.validation)
+        def run(r):   # a forward's run: shapes and one error per output; a step export's: batch, step, error
+            where = r.get("shapes") or ", ".join(f"{k} {r[k]}" for k in ("batch", "step") if k in r)
+            errors = r.get("errors", [r["error"]] if "error" in r else [])
+            return f"{where}: max err {max(errors, default=0):.1e}"
+        runs = "; ".join(run(r) for r in self.validation)
         return f"<OnnxExport {self.path} opset {self.opset}{' validated ' + runs if runs else ''}>"
 
 

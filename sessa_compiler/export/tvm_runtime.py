@@ -128,7 +128,8 @@ class TVMModel:
             n = sum(1 for s in self.manifest["inputs"] if len(s["shape"]) > 1 and s["shape"][1] == "T")
             return self._prefill([np.asarray(a) for a in arrays[:n]], args[n:])
         out = self._main(*args, *self._params)
-        outs = [out] if len(self.manifest["outputs"]) == 1 else list(out)
+        # (a step program with no caches returns a one-element tuple for its one output)
+        outs = list(out) if not hasattr(out, "numpy") else [out]
         return tuple(o.numpy() for o in outs) if len(outs) > 1 else outs[0].numpy()
 
 

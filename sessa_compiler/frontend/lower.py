@@ -69,6 +69,7 @@ class Lowerer:
         self.notes: list = []  # ops recognised while lowering (e.g. SDPA), for explain()
         self.pairs: set = set()  # Values holding a complex tensor as real (..., 2) pairs (see _complex)
         self.none_outputs: list = []  # positions of the module's None outputs among export's output leaves
+        self.constant_outputs: list = []  # (position, value): Python numbers and strings the module returns
         # per graph output: (the export node it is, the placeholder it is a view of or None): what the module's own
         # outputs may share storage with (Traced.output_sources)
         self.output_sources: list = []
@@ -319,6 +320,18 @@ class Lowerer:
                 if n_user != len(sig.output_specs):
                     kinds = {s.kind.name.lower().replace("_", " ") for s in sig.output_specs
                              if s.kind != torch.export.graph_signature.OutputKind.USER_OUTPUT}
+                    buffers = [s.target for s in sig.output_specs
+                               if s.kind == torch.export.graph_signature.OutputKind.BUFFER_MUTATION]
+                    if buffers:
+                        shown = ", ".join(f"'{b}'" for b in buffers[:4]) + (" ..." if len(buffers) > 4 else "")
+                        norms = any(b.endswith(("running_mean", "running_var", "num_batches_tracked"))
+                                    for b in buffers)
+                        raise TraceError(
+                            f"the module updates its buffers {shown} in forward; that is not supported"
+                            + (" (a BatchNorm in training mode updates its running statistics: compile the model "
+                               "in eval mode, or use a norm without running statistics such as LayerNorm or "
+                               "GroupNorm for training)" if norms else
+                               ": compute new tensors and return them, or update the buffers outside forward"))
                     raise TraceError(f"the module mutates tensors in forward ({', '.join(sorted(kinds))}: an "
                                      "in-place op on an input or a buffer); that is not supported: compute a new "
                                      "tensor instead (x = x + 1, not x.add_(1))")
@@ -326,8 +339,15 @@ class Lowerer:
                     if o is None:   # a None field of an output dataclass or tuple: no graph output
                         self.none_outputs.append(i)
                         continue
+                    if isinstance(o, (bool, int, float, str)):   # a Python constant returned beside the tensors
+                        self.constant_outputs.append((i, o))
+                        continue
                     v = self.env[o]
                     if not isinstance(v, Value):
+                        if isinstance(v, (int, sympy.Basic)):
+                            raise TraceError(f"output {i} is a size of the inputs ({v}): a compiled module returns "
+                                             "tensors and Python constants; take sizes from the inputs outside "
+                                             "forward (or return them as tensors)")
                         raise TraceError(f"output {o} is not a tensor")
                     if v in self.pairs:
                         raise TraceError(f"output {o}{source_of(o)} is a complex tensor; return "

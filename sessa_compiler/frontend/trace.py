@@ -628,6 +628,7 @@ class Traced:
     custom_backward: tuple = ()
     # Python random functions the forward called (LayerDrop): the graph holds one draw, so calls run the module
     python_random: tuple = ()
+    constant_outputs: tuple = ()   # (position among out_spec's leaves, value): Python constants the module returns
 
     def copied_outputs(self) -> tuple:
         """Positions of graph outputs that must be copied after a run: the module returns a new tensor there
@@ -656,8 +657,8 @@ class Traced:
     def unflatten(self, outs) -> object:
         """The module's output structure from the graph's outputs (None where the module returned None)."""
         outs = list(outs)
-        for i in self.none_outputs:
-            outs.insert(i, None)
+        for i, value in sorted([(i, None) for i in self.none_outputs] + list(self.constant_outputs)):
+            outs.insert(i, value)
         return pytree.tree_unflatten(outs, self.out_spec)
 
     def violated(self, binding: dict) -> list:
@@ -907,7 +908,8 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     constants = tuple((i, v) for i, v in enumerate(leaves) if isinstance(v, CONSTANT_TYPES))
     names = tuple(f"args[{i}]" for i in range(len(args))) + tuple(sorted(kwargs))
     return Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
-                  assumed, side_effects, tuple(lowerer.output_sources), custom_backward, python_random)
+                  assumed, side_effects, tuple(lowerer.output_sources), custom_backward, python_random,
+                  tuple(lowerer.constant_outputs))
 
 
 
