@@ -29,7 +29,7 @@ from .frontend.trace import (Traced, batch_of, broadcasts, check_keywords, other
 from .ir.ops import CORE, OPS
 from .persistent_cache import collecting, tensor_digest
 from .serving import SERVING_METHODS as _SERVING_METHODS
-from .tolerance import TOLERANCE, relative_error  # noqa: F401  (re-exported: sessa_compiler.api.TOLERANCE)
+from .tolerance import TOLERANCE, graph_tolerance, relative_error  # noqa: F401  (re-exported: sessa_compiler.api.TOLERANCE)
 
 
 def _why_not(traced: Traced, args, kwargs) -> str | None:
@@ -867,11 +867,11 @@ class CompiledModule(torch.nn.Module):
 
     def _validate(self, args, kwargs, outs, graph) -> None:
         with torch.no_grad():
-            ref = pytree.tree_leaves(self._orig_mod(*args, **kwargs))
+            ref = [r for r in pytree.tree_leaves(self._orig_mod(*args, **kwargs)) if isinstance(r, torch.Tensor)]
         worst = 0.0  # the largest error over the allowed, for explain()
         for i, (o, r) in enumerate(zip(outs, ref)):
             err = relative_error(o, r)
-            tol = TOLERANCE.get(r.dtype, 0.0)
+            tol = graph_tolerance(r.dtype, graph)
             worst = max(worst, err / tol if tol else 0.0)
             if err > tol:
                 v = graph.outputs[i]

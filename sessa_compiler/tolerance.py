@@ -7,6 +7,24 @@ import torch
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-2}
 
 
+def graph_tolerance(dtype: torch.dtype, graph=None) -> float:
+    """The tolerance for an output of ``dtype`` computed by ``graph``: the spec's for that dtype, or the loosest
+    of the graph's narrower float values (a float64 model whose norm computes in float32, as Hugging Face's
+    LlamaRMSNorm does, carries float32 rounding into its float64 output)."""
+    tol = TOLERANCE.get(dtype, 0.0)
+    if graph is None or not tol:
+        return tol
+    from .ir.dtypes import to_torch
+
+    for v in graph.values():
+        try:
+            t = to_torch(v.type.dtype)
+        except Exception:   # noqa: BLE001 - a dtype torch has no name for: no float rounding to allow
+            continue
+        tol = max(tol, TOLERANCE.get(t, 0.0))
+    return tol
+
+
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     if out.shape != ref.shape:
         return float("inf")

@@ -562,3 +562,35 @@ def test_export_validates_a_float_mask_with_masks(tmp_path):
     got = s.run(None, {s.get_inputs()[0].name: x.numpy(), s.get_inputs()[1].name: mk.numpy()})[0]
     with torch.no_grad():
         assert np.abs(got - m(x, mk).numpy()).max() < 1e-4
+
+
+class Float32NormIn64(torch.nn.Module):
+    """A float64 model whose RMSNorm computes in float32 (Hugging Face's LlamaRMSNorm: x.float() ... .to(dtype))."""
+
+    def __init__(self, D=8):
+        super().__init__()
+        self.lin, self.w = torch.nn.Linear(D, D), torch.nn.Parameter(torch.ones(D))
+
+    def forward(self, x):
+        h = self.lin(x)
+        hf = h.float()
+        hf = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.w * hf.to(h.dtype)
+
+
+def test_a_float64_model_with_a_float32_region_validates_at_float32_tolerance(tmp_path):
+    # the output is float64, its precision float32's: validation allows the graph's narrowest float type
+    torch.manual_seed(0)
+    m = Float32NormIn64().double()
+    r = export_onnx(m, (torch.randn(2, 5, 8, dtype=torch.float64),), str(tmp_path / "m.onnx"))
+    assert r.validation and all(max(run["errors"]) < 1e-4 for run in r.validation)
+
+
+def test_a_model_in_training_mode_is_exported_in_eval_mode(tmp_path):
+    # as torch.onnx.export does: dropout off (it failed validation, or the TVM build, as a train-mode fallback)
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Dropout(0.3), torch.nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match="training mode; it is exported in eval mode"):
+        r = export_onnx(m, (torch.randn(2, 5, 8),), str(tmp_path / "m.onnx"))
+    assert m.training and all(x.training for x in m.modules())   # the modes are restored
+    assert r.validation and "Dropout" not in r.op_counts()

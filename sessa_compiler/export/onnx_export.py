@@ -11,7 +11,7 @@ import sympy
 import torch
 import torch.utils._pytree as pytree
 
-from ..tolerance import TOLERANCE, relative_error
+from ..tolerance import graph_tolerance, relative_error
 from ..errors import SessaCompilerError, UnsupportedError
 from ..frontend.trace import warn_guards
 from ..ir.graph import Graph
@@ -198,7 +198,7 @@ def validate_with_onnxruntime(session, graph: Graph, module, cases: list, opset:
                                       f"(inputs {shapes})")
         errors = []
         for i, (o, r) in enumerate(zip(outs, refs)):
-            tol = TOLERANCE.get(r.dtype, 0.0)
+            tol = graph_tolerance(r.dtype, graph)
             err = relative_error(o.to(r.dtype) if o.dtype != r.dtype and o.dtype.is_floating_point else o, r)
             if tuple(o.shape) != tuple(r.shape):
                 raise OnnxValidationError(f"ONNX output {i} has shape {tuple(o.shape)}, the module's "
@@ -216,6 +216,16 @@ def validate_with_onnxruntime(session, graph: Graph, module, cases: list, opset:
 # -- the entry point ------------------------------------------------------------------------------------------
 def export_onnx(module: torch.nn.Module, example_inputs, path, *, opset: int | None = None,
                 dynamic: bool = True, validate: bool = True, method: str = "forward") -> OnnxExport:
+    """Export ``module`` to an ONNX file at ``path`` (see _export_onnx), in eval mode (export/modes.py)."""
+    from .modes import eval_mode_for_export
+
+    with eval_mode_for_export(module, "export_onnx"):
+        return _export_onnx(module, example_inputs, path, opset=opset, dynamic=dynamic, validate=validate,
+                            method=method)
+
+
+def _export_onnx(module: torch.nn.Module, example_inputs, path, *, opset: int | None = None,
+                 dynamic: bool = True, validate: bool = True, method: str = "forward") -> OnnxExport:
     """Export ``module`` to an ONNX file at ``path`` that uses only standard ONNX ops.
 
     The module is traced with sessa_compiler's frontend (attention, the feedback solve and the

@@ -27,6 +27,16 @@ from .tvm_runtime import manifest_dim as _dim
 
 def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu_source=None,
                method: str = "forward") -> str:
+    """Export ``module`` as a TVM library (see _export_tvm), in eval mode (export/modes.py)."""
+    from .modes import eval_mode_for_export
+
+    with eval_mode_for_export(module, "export_tvm"):
+        return _export_tvm(module, example_inputs, path, target, schedules=schedules, gpu_source=gpu_source,
+                           method=method)
+
+
+def _export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu_source=None,
+                method: str = "forward") -> str:
     """Trace `module` on `example_inputs`, lower the whole graph to TVM, build for `target` (None: this
     machine's CPU; a dict or Target to cross-compile) and write the directory `path`. Returns path.
     gpu_source: target kinds ("cuda", "metal", "opencl", "webgpu") whose device source of the graph's
