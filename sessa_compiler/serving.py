@@ -1243,8 +1243,12 @@ class Serving:
         from .models.decoder import Decoder
 
         if not isinstance(self.original, Decoder):
+            name = type(self.original).__name__
             raise UnsupportedError(f"generate is compiled for sessa_compiler.models.Decoder (greedy argmax); "
-                                   f"{type(self.original).__name__}.generate may decode otherwise and is not compiled")
+                                   f"{name}.generate may decode otherwise and is not compiled: run the module's own "
+                                   f"with compiled.original.generate(...) (its forward calls are then uncompiled), or "
+                                   f"write the decoding loop over compiled(...), or over compiled.prefill/decode_step where "
+                                   f"{name} defines them")
         if (not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] == 0
                 or tokens.is_floating_point()):
             raise InputError(f"generate: tokens must be a non-empty integer tensor (B, T), got "
