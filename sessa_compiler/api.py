@@ -384,12 +384,12 @@ def _progress(what: str, show: bool | None = True):
 
 
 def _library_attention(q, k, v, inv_freq=None, mask=None, *, scale, causal, rope=False, key_padding=False,
-                       empty_rows="mean"):
+                       empty_rows="mean", empty_grad=True):
     if key_padding:   # no custom op takes the mask: the op's meaning in plain torch ops (semantics)
         from .semantics import SEMANTICS
 
         return SEMANTICS["attention"](q, k, v, inv_freq, mask, scale=scale, causal=causal, rope=rope,
-                                      key_padding=True, empty_rows=empty_rows)
+                                      key_padding=True, empty_rows=empty_rows, empty_grad=empty_grad)
     return torch.ops.sessa_compiler.attention(q, k, v, inv_freq if rope else None, scale, causal)
 
 

@@ -100,7 +100,7 @@ def _visible(t0: int, n: int, device, strict: bool) -> torch.Tensor:
 
 
 def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, mask=None, *, scale, causal, rope=False,
-                   key_padding=False, empty_rows="mean", kernels=None, empty_rows_reach=None):
+                   key_padding=False, empty_rows="mean", empty_grad=True, kernels=None, empty_rows_reach=None):
     """Keys and values are cached [B, Hkv, L, d] (head-major), so each head reads contiguous rows. ``kernels``:
     the TVM decode kernels (backends/tvm/decode.py), used for one-position steps on CPU tensors.
 

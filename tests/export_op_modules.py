@@ -98,10 +98,10 @@ class NormsAndActivations(_Op):
 
 
 class RoundingAndExpLog(_Op):
-    """torch.floor, ceil, round, sign, expm1, log1p, exp2, log2."""
+    """torch.floor, ceil, round, sign, expm1, log1p, exp2, log2; x.detach() (the IR's detach)."""
 
     def forward(self, x):
-        y = torch.floor(x) + torch.ceil(x * 0.5) + torch.round(x * 3) + torch.sign(x)
+        y = torch.floor(x) + torch.ceil(x * 0.5) + torch.round(x * 3) + torch.sign(x) + x.detach() * 0.5
         return y + torch.expm1(x * 0.1) + torch.log1p(x.abs()) + torch.exp2(x * 0.5) + torch.log2(x.abs() + 1)
 
 

@@ -361,7 +361,10 @@ def _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale, report) -> bool:
     masks = _key_mask_sources(s, L)
     # without a key-padding mask first; then each [B, T] input behind the scores as one, for each meaning of a
     # row with no visible key (mean of v over all keys: finite fills; NaN: -inf fills)
-    variants = [(None, None)] + [(m, e) for m in masks for e in EMPTY_ROWS]
+    # (the mean has two gradients: an additive finite fill passes the emptied row's scores one, a replacing
+    # masked_fill none: empty_grad)
+    variants = [(None, None, True)] + [(m, e, g) for m in masks for e in EMPTY_ROWS
+                                       for g in ((True, False) if e == "mean" else (True,))]
     scales = [chain_scale] + ([1.0 / math.sqrt(d)] if isinstance(d, int) and not math.isclose(chain_scale, 1 / math.sqrt(d)) else [])
     dvs = [d] + [x for x in {P.output.type.shape[-1]} if x != d and isinstance(x, int)]
     where = f"softmax %{s.output.name}"
@@ -376,14 +379,15 @@ def _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale, report) -> bool:
                     for y in reversed(outs):
                         for oa in from_bthd(y.type, H, dv):
                             for scale in scales:
-                                for m, empty in variants:
+                                for m, empty, egrad in variants:
                                     def canonical(inp, binding, qa=qa, ka=ka, va=va, oa=oa, scale=scale, m=m,
-                                                  empty=empty):
+                                                  empty=empty, egrad=egrad):
                                         q = apply_steps(inp[qs], qa, binding)
                                         k = apply_steps(inp[ks], ka, binding)
                                         v = apply_steps(inp[vs], va, binding)
                                         out = attention_ref(q, k, v, scale, True, None,
-                                                            None if m is None else inp[m], empty or "mean")
+                                                            None if m is None else inp[m], empty or "mean",
+                                                            egrad)
                                         return apply_steps(out, oa, binding)
 
                                     srcs = {qs: "normal", ks: "normal", vs: "normal"}
@@ -397,10 +401,12 @@ def _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale, report) -> bool:
                                                 else PROBE_BATCH, grad=empty == "mean")
                                     tol = _region_tol(A, srcs, y)
                                     if err is not None and err <= tol:
-                                        _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H, m, empty)
+                                        _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H, m, empty,
+                                                           egrad)
                                         masked = "" if m is None else (
                                             f", key-padding mask %{m.name} (a row with no visible key: "
-                                            f"{'the mean of v over all keys' if empty == 'mean' else 'NaN'})")
+                                            f"{'the mean of v over all keys' if empty == 'mean' else 'NaN'}"
+                                            f"{'' if egrad else ', its scores without gradient (a replacing fill)'})")
                                         report.accepted.append(
                                             f"attention at {where}: heads={H}, kv_heads={Hkv}, head_dim={d}, "
                                             f"scale={scale:.6g}{masked} (probe error {err:.1e})")
@@ -442,7 +448,8 @@ def _graph_inputs_behind(v: Value, stop=frozenset()) -> set:
     return out
 
 
-def _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H, mask=None, empty_rows=None):
+def _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H, mask=None, empty_rows=None,
+                       empty_grad=True):
     idx = _insert_index(g, y)
     q, idx = _emit_steps(g, qs, qa, idx)
     k, idx = _emit_steps(g, ks, ka, idx)
@@ -457,6 +464,8 @@ def _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H, mask=None
     if mask is not None:
         operands += [None, mask]
         attrs.update(key_padding=True, empty_rows=empty_rows)
+        if not empty_grad:
+            attrs["empty_grad"] = False
     o = g.make_node("attention", operands, attrs, [out_t], index=idx).output
     idx += 1
     o, idx = _emit_steps(g, o, oa, idx)

@@ -430,12 +430,14 @@ def fallback_infer(node):
 # -- the table ----------------------------------------------------------------------------------
 register("attention", CORE, (3, 5), {"scale": (True, (float,)), "causal": (True, (bool,)),
                                      "rope": (False, (bool,)), "key_padding": (False, (bool,)),
-                                     "empty_rows": (False, (str,))}, attention_infer,
+                                     "empty_rows": (False, (str,)), "empty_grad": (False, (bool,))},
+         attention_infer,
          doc="softmax_{j<=t}(q_t.k_j*scale) @ v; q [B,T,H,d], k/v [B,T,Hkv,d], head h reads kv h//(H/Hkv); "
              "rope=True rotates q and k (interleaved pairs, position = index along T) with operand 3 inv_freq; "
              "key_padding=True: operand 4 is a key-padding mask [B, T] (nonzero = keep; operand 3 is None "
              "without rope); a row with no visible key gives the mean of v over all keys (empty_rows='mean') "
-             "or NaN (empty_rows='nan'); see semantics.core.attention_ref")
+             "or NaN (empty_rows='nan'); empty_grad=False: such a row's scores get no gradient (a masked_fill with a "
+             "finite value; default True: an additive finite mask's gradient); see semantics.core.attention_ref")
 register("feedback", CORE, (4, 4), {"scale": (True, (float,))}, feedback_infer,
          doc="s[t] = f[t] + gamma[t] * softmax_{j<t}(q_b[t].k_b[j]*scale) @ s[:t]; s[0] = f[0]")
 register("tri_solve", CORE, (2, 2), {"upper": (True, (bool,)), "unitriangular": (True, (bool,))}, tri_solve_infer,

@@ -85,12 +85,13 @@ def _unrotate(dx, inv_freq):
 
 
 def attention_backward(grad, q, k, v, inv_freq, out, lse, scale: float, causal: bool = True,
-                       block: int = ATTENTION_BLOCK, mask=None, empty_rows: str = "mean"):
+                       block: int = ATTENTION_BLOCK, mask=None, empty_rows: str = "mean", empty_grad: bool = True):
     """(dq, dk, dv) of attention_ref given dout, FlashAttention-2 style: per query block the probabilities are
     recomputed from the saved lse (P = exp(S - lse)), dV += P^T dO, dS = P * (dO V^T - delta) with
     delta = rowsum(dO * O), dQ = scale dS K, dK += scale dS^T Q; then GQA sums dK, dV over each kv head's
     query group and RoPE applies the rotation's transpose to dQ and dK. Memory: [B, H, block, T] at a time.
-    Results in the compute dtype (the caller casts to the operands' dtypes)."""
+    Results in the compute dtype (the caller casts to the operands' dtypes). ``empty_grad=False``: a row with
+    no visible key (empty_rows="mean") passes no gradient to the scores (dS = 0 there), as a masked_fill does."""
     qh, kh, vh = _heads_first(q, k, v, inv_freq)
     cd = qh.dtype
     do = grad.to(cd).transpose(1, 2).contiguous()                    # [B, H, T, d]
@@ -99,6 +100,9 @@ def attention_backward(grad, q, k, v, inv_freq, out, lse, scale: float, causal: 
     lse = lse.to(cd)
     dq, dk, dv = torch.empty_like(qh), torch.zeros_like(kh), torch.zeros_like(vh)
     keep = None if mask is None else key_keep(mask).to(q.device)
+    blind = None   # [B, T]: rows that see no key, whose scores get no gradient (empty_grad=False)
+    if keep is not None and empty_rows == "mean" and not empty_grad:
+        blind = ~(keep.cumsum(-1) > 0) if causal else ~keep.any(-1, keepdim=True).expand(B, T)
     for a in range(0, T, block):
         b = min(a + block, T)
         cols = b if causal and keep is None else T
@@ -107,6 +111,8 @@ def attention_backward(grad, q, k, v, inv_freq, out, lse, scale: float, causal: 
         dob = do[:, :, a:b]
         dv[:, :, :cols] += torch.matmul(p.transpose(-1, -2), dob)
         ds = torch.matmul(dob, vh[:, :, :cols].transpose(-1, -2)).sub_(delta[:, :, a:b, None]).mul_(p)
+        if blind is not None:
+            ds.masked_fill_(blind[:, None, a:b, None], 0.0)
         torch.matmul(ds, kh[:, :, :cols], out=dq[:, :, a:b])
         dk[:, :, :cols] += torch.matmul(ds.transpose(-1, -2), qh[:, :, a:b])
     dq, dk, dv = (t.transpose(1, 2) for t in (dq.mul_(scale), dk.mul_(scale), dv))
@@ -223,7 +229,7 @@ def _save_attention(operands, out, attrs, lse=None):
 def _attention_bwd(grad, saved, attrs):
     q, k, v, inv_freq, out, lse, mask = saved
     return attention_backward(grad, q, k, v, inv_freq, out, lse, attrs["scale"], attrs["causal"], mask=mask,
-                              empty_rows=attrs.get("empty_rows", "mean"))
+                              empty_rows=attrs.get("empty_rows", "mean"), empty_grad=attrs.get("empty_grad", True))
 
 
 def _save_feedback(operands, out, attrs, lse=None):

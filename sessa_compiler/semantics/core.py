@@ -37,7 +37,7 @@ def key_keep(mask: torch.Tensor) -> torch.Tensor:
 
 
 def attention_ref(q, k, v, scale: float, causal: bool = True, inv_freq=None, mask=None,
-                  empty_rows: str = "mean") -> torch.Tensor:
+                  empty_rows: str = "mean", empty_grad: bool = True) -> torch.Tensor:
     """softmax_{j <= t}(q_t . k_j * scale) @ v with GQA; q [B,T,H,d], k/v [B,T,Hkv,d] -> [B,T,H,dv].
 
     ``mask`` [B, T] (bool, or numeric with nonzero = keep): a key-padding mask; key j is visible to query t
@@ -47,7 +47,7 @@ def attention_ref(q, k, v, scale: float, causal: bool = True, inv_freq=None, mas
     ``torch.finfo(dtype).min`` masks of Hugging Face model code, or masked_fill with a finite value); with
     ``empty_rows="nan"``, NaN (what masked_fill with -inf gives). The gradient of such a row is the one autograd
     gives through an additive finite mask (scores + finfo.min): the softmax's Jacobian at the uniform row, over
-    all T keys (masked_fill with a finite value gives the scores no gradient there instead)."""
+    all T keys (masked_fill with a finite value gives the scores no gradient there instead: ``empty_grad=False``)."""
     cd = compute_dtype(q.dtype)
     out_dtype = q.dtype
     if inv_freq is not None:
@@ -69,7 +69,7 @@ def attention_ref(q, k, v, scale: float, causal: bool = True, inv_freq=None, mas
         # rows with no visible key: uniform over all keys in value; in gradient, what autograd gives through a
         # finite additive mask (scores + finfo.min): the softmax's Jacobian at that uniform row
         empty = ~keep.any(-1, keepdim=True)
-        masked = torch.where(empty, logits - logits.detach(), masked)
+        masked = torch.where(empty, logits - logits.detach() if empty_grad else torch.zeros_like(masked), masked)
     logits = masked
     probs = torch.softmax(logits, dim=-1)
     return torch.einsum("bhts,bshd->bthd", probs, v.to(cd)).to(out_dtype)
@@ -137,9 +137,9 @@ def tri_solve_rows(A: torch.Tensor, b: torch.Tensor, upper: bool = False, unitri
 
 # -- the IR ops' entries in semantics.SEMANTICS: operands positional, attributes by keyword ------------------
 def _attention(q, k, v, inv_freq=None, mask=None, *, scale, causal, rope=False, key_padding=False,
-               empty_rows="mean"):
+               empty_rows="mean", empty_grad=True):
     return attention_ref(q, k, v, scale, causal, inv_freq if rope else None, mask if key_padding else None,
-                         empty_rows)
+                         empty_rows, empty_grad)
 
 
 def _feedback(f, q_b, k_b, gamma, *, scale):

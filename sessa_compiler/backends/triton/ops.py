@@ -236,9 +236,10 @@ feedback_triton.register_autograd(feedback_triton_autograd, setup_context=feedba
 # torch.compile of a module compiled for Triton records on CUDA tensors (api.CompiledModule._export_call).
 CORE_OP_IMPLS = {
     "attention": lambda q, k, v, inv_freq=None, mask=None, *, scale, causal, rope=False, key_padding=False,
-    empty_rows="mean": (attention_triton(q, k, v, inv_freq if rope else None, scale, causal) if not key_padding else
-                        SEMANTICS["attention"](q, k, v, inv_freq, mask, scale=scale, causal=causal, rope=rope,
-                                               key_padding=True, empty_rows=empty_rows)),   # no custom op takes a mask
+    empty_rows="mean", empty_grad=True: (
+        attention_triton(q, k, v, inv_freq if rope else None, scale, causal) if not key_padding else
+        SEMANTICS["attention"](q, k, v, inv_freq, mask, scale=scale, causal=causal, rope=rope, key_padding=True,
+                               empty_rows=empty_rows, empty_grad=empty_grad)),   # no custom op takes a mask
     "feedback": lambda f, q_b, k_b, gamma, *, scale: feedback_triton(f, q_b, k_b, gamma, scale),
     "scan": lambda u, delta, A, B, C, D: selective_scan_triton(u, delta, A, B, C, D),
 }

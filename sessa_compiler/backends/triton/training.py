@@ -57,7 +57,8 @@ def _attention_on_kernels(q, k, v, inv_freq, causal: bool) -> bool:
 def _mask_on_kernels(attrs: dict) -> bool:
     """No key-padding mask, or one whose rows without a visible key give the mean of v (empty_rows="mean"): the
     case the masked kernels cover."""
-    return not attrs.get("key_padding", False) or attrs.get("empty_rows", "mean") == "mean"
+    return not attrs.get("key_padding", False) or (attrs.get("empty_rows", "mean") == "mean"
+                                                    and attrs.get("empty_grad", True))
 
 
 def attention_forward(attrs: dict, stats=None):

@@ -124,7 +124,8 @@ def attention_backward_tvm(grad, q, k, v, inv_freq, out, lse, scale: float, caus
 
 def _attention_bwd(grad, saved, attrs):
     q, k, v, inv_freq, out, lse, mask = saved
-    masked_ok = mask is None or (attrs.get("empty_rows", "mean") == "mean" and tuple(mask.shape) == tuple(q.shape[:2]))
+    masked_ok = mask is None or (attrs.get("empty_rows", "mean") == "mean" and attrs.get("empty_grad", True)
+                                 and tuple(mask.shape) == tuple(q.shape[:2]))
     if masked_ok and attention_bwd_applies(q, k, v, inv_freq, out, attrs["causal"]):
         return attention_backward_tvm(grad, q, k, v, inv_freq, out, lse, attrs["scale"], attrs["causal"], mask=mask)
     return BACKWARD["attention"][1](grad, saved, attrs)
