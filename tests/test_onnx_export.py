@@ -594,3 +594,9 @@ def test_a_model_in_training_mode_is_exported_in_eval_mode(tmp_path):
         r = export_onnx(m, (torch.randn(2, 5, 8),), str(tmp_path / "m.onnx"))
     assert m.training and all(x.training for x in m.modules())   # the modes are restored
     assert r.validation and "Dropout" not in r.op_counts()
+
+
+def test_export_onnx_makes_missing_directories(tmp_path):
+    m = torch.nn.Linear(8, 8)
+    export_onnx(m, (torch.randn(1, 3, 8),), str(tmp_path / "new" / "dir" / "m.onnx"))
+    assert (tmp_path / "new" / "dir" / "m.onnx").is_file()

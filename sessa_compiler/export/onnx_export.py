@@ -18,7 +18,7 @@ from ..ir.graph import Graph
 from . import onnx_core  # noqa: F401  (registers the core-op lowerings)
 from .onnx_builder import GraphBuilder, OnnxExportError, OnnxUnsupportedOpError, value_info
 from .onnx_lower import Lowering, lower_node
-from .onnx_result import OnnxExport, OnnxValidationError, model_op_counts  # noqa: F401  (re-exported)
+from .onnx_result import OnnxExport, OnnxValidationError, model_op_counts, save_onnx  # noqa: F401  (re-exported)
 from .onnx_result import _all_nodes, session as _session
 
 DEFAULT_OPSET = 18   # LayerNormalization (17) and Reduce* with axes as inputs (18)
@@ -274,7 +274,7 @@ def _export_onnx(module: torch.nn.Module, example_inputs, path, *, opset: int | 
     if traced.guards:  # where the file equals the module, for whoever loads it
         onnx.helper.set_model_props(model, {"sessa_compiler.guards": ", ".join(map(str, traced.guards))})
     path = os.fspath(path)
-    onnx.save(model, path)
+    save_onnx(model, path)
     result = OnnxExport(path=path, model=model, opset=opset, traced=traced)
     if validate:
         low = [v.name for v in list(graph.inputs) + list(graph.param_values.values())

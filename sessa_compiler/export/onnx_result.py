@@ -36,6 +36,24 @@ class OnnxExport:
         return f"<OnnxExport {self.path} opset {self.opset}{' validated ' + runs if runs else ''}>"
 
 
+def save_onnx(model, path) -> None:
+    """onnx.save, into a directory made as export_tvm makes its own (a missing parent was a raw
+    FileNotFoundError); a parent that is a file is said as such."""
+    import os
+
+    import onnx
+
+    from ..errors import ArtifactError
+
+    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise ArtifactError(f"export_onnx: cannot write {os.fspath(path)!r}: a part of {parent!r} is a file, not a "
+                            f"directory ({e})") from None
+    onnx.save(model, os.fspath(path))
+
+
 def model_op_counts(model) -> dict:
     return dict(collections.Counter(n.op_type for n in _all_nodes(model.graph)))
 

@@ -379,7 +379,7 @@ def export_onnx_step(module, example_inputs, path, *, method: str, opset: int, v
 
     from ..api import CompiledModule
     from ..serving import ServingProgram
-    from .onnx_result import OnnxExport, OnnxValidationError, session as _session
+    from .onnx_result import OnnxExport, OnnxValidationError, save_onnx, session as _session
 
     x_t, masks, given, squeeze = serving_example(example_inputs, method, "export_onnx")
     x4, m4 = trace_example(x_t, masks, method, squeeze)
@@ -412,7 +412,7 @@ def export_onnx_step(module, example_inputs, path, *, method: str, opset: int, v
     except Exception as e:
         raise OnnxExportError(f"the exported decode_step fails onnx.checker.check_model(full_check=True): {e}") from e
     path = os.fspath(path)
-    onnx.save(model, path)
+    save_onnx(model, path)
     result = OnnxExport(path=path, model=model, opset=opset, traced=compiled._traced)
     result.cache_order = order
     if validate:
