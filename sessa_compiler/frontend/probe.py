@@ -402,18 +402,21 @@ def _eval_masks(graph: Graph, masks: list, nodes: list, T: int):
 
 def _triangle_values(m: torch.Tensor):
     """(below, on, above) the diagonal of every [T, T] slice of m, each one value per slice (a tuple of
-    per-slice values, NaN as a string so that equal NaNs compare equal), or None when a part holds two."""
+    per-slice values, NaN as a string so that equal NaNs compare equal), or None when a part holds two.
+    Constant on each part is the same as: equal along every diagonal (m[1:, 1:] == m[:-1, :-1], one pass) with
+    a constant first column below the diagonal and first row above it."""
     m = m.reshape(-1, m.shape[-2], m.shape[-1])
     T = m.shape[-1]
     if m.shape[-2] != T or T < 2:
         return None
-    rows = torch.arange(T)
-    out = []
-    for part in (rows[:, None] > rows[None, :], rows[:, None] == rows[None, :], rows[:, None] < rows[None, :]):
-        vals = m[:, part]                          # [slices, count]
-        first = vals[:, :1]
-        same = (vals == first) | (vals != vals) & (first != first)
-        if not bool(same.all()):
-            return None
-        out.append(tuple("nan" if v != v else v for v in first[:, 0].tolist()))
-    return tuple(out)
+
+    def same(a, b):
+        eq = a == b
+        if a.is_floating_point():
+            eq |= a.isnan() & b.isnan()
+        return bool(eq.all())
+
+    col, row = m[:, 1:, 0], m[:, 0, 1:]
+    if not (same(m[:, 1:, 1:], m[:, :-1, :-1]) and same(col, col[:, :1]) and same(row, row[:, :1])):
+        return None
+    return tuple(tuple("nan" if x != x else x for x in v.tolist()) for v in (m[:, 1, 0], m[:, 0, 0], m[:, 0, 1]))
