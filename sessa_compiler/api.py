@@ -205,8 +205,7 @@ _INTERPRETER_LOCK = threading.Lock()
 # per-call state, rebuilt after unpickling (see CompiledModule.__getstate__)
 _RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_contexts", "_variants", "_lock", "_fresh", "_live",
             "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces", "_serving",
-            "trace_cache_why", "cache_notes", "uncompiled_calls", "_limit_warned",
-            "_custom_warned", "_random_warned")
+            "trace_cache_why", "cache_notes", "uncompiled_calls", "_said")
 ORIGINAL = "_orig_mod"
 
 
@@ -514,9 +513,7 @@ class CompiledModule(torch.nn.Module):
         self.grad_recomputes = 0    # calls whose backward recomputes on eager
         self.retraces: list = []    # why each trace after the first was made
         self.uncompiled_calls = 0   # forward calls run on the original module: no trace fits, max_traces reached
-        self._limit_warned = False
-        self._custom_warned = False
-        self._random_warned = False
+        self._said: set = set()       # reasons for uncompiled calls warned of already (_say_once)
         self._copies: dict = {}     # id(Traced) -> (it, Traced.copied_outputs())
         self.trace_seconds = None
         self.trace_cache = None     # "hit", "miss" or "off": whether the last trace came from the compile cache
@@ -809,32 +806,31 @@ class CompiledModule(torch.nn.Module):
             raise
         return None
 
+    def _say_once(self, kind: str, message: str, stacklevel: int) -> None:
+        """Count a call that runs the original module, and warn of its reason the first time it is ``kind``."""
+        self.uncompiled_calls += 1
+        if kind not in self._said:
+            self._said.add(kind)
+            warnings.warn(f"compiled {type(self._orig_mod).__name__}: {message}", stacklevel=stacklevel + 1)
+
     def _with_custom_backward(self, traced, args, kwargs):
         """A call that needs gradients of a module whose forward applies the user's torch.autograd.Functions:
         the traced graph holds their forward's ops, not their backward (a gradient reversal would get the
         identity's gradient), so it runs the module itself; calls without gradients stay compiled."""
-        self.uncompiled_calls += 1
-        if not self._custom_warned:
-            self._custom_warned = True
-            warnings.warn(f"compiled {type(self._orig_mod).__name__}: its forward applies "
-                          f"{', '.join(traced.custom_backward)} (torch.autograd.Function with its own backward), which "
-                          "the traced graph cannot differentiate as the module does; calls that need gradients run "
-                          "the original module uncompiled, calls under torch.no_grad() (or with nothing requiring "
-                          "grad) run compiled. torch.compile(model, backend='sessa') keeps such Functions in its graph",
-                          stacklevel=6)
+        self._say_once("custom_backward", f"its forward applies {', '.join(traced.custom_backward)} "
+                       "(torch.autograd.Function with its own backward), which the traced graph cannot differentiate "
+                       "as the module does; calls that need gradients run the original module uncompiled, calls under "
+                       "torch.no_grad() (or with nothing requiring grad) run compiled. torch.compile(model, "
+                       "backend='sessa') keeps such Functions in its graph", stacklevel=6)
         return self._orig_mod(*args, **kwargs)
 
     def _with_python_random(self, traced, args, kwargs):
         """A module whose forward (in this mode) draws from Python's random (Hugging Face's LayerDrop): the trace
         baked one draw into the graph, which would repeat it at every call, so the module itself runs."""
-        self.uncompiled_calls += 1
-        if not self._random_warned:
-            self._random_warned = True
-            warnings.warn(f"compiled {type(self._orig_mod).__name__}: its forward calls {', '.join(traced.python_random)}; "
-                          "a traced graph would repeat the one draw made while tracing at every call, so calls in this "
-                          "mode run the original module uncompiled (draw with torch's generator, e.g. "
-                          "torch.rand(()) < p, to compile it; an eval-mode forward that does not draw is compiled)",
-                          stacklevel=6)
+        self._say_once("python_random", f"its forward calls {', '.join(traced.python_random)}; a traced graph would "
+                       "repeat the one draw made while tracing at every call, so calls in this mode run the original "
+                       "module uncompiled (draw with torch's generator, e.g. torch.rand(()) < p, to compile it; an "
+                       "eval-mode forward that does not draw is compiled)", stacklevel=6)
         return self._orig_mod(*args, **kwargs)
 
     def _beyond_limit(self, why: str):
@@ -842,13 +838,10 @@ class CompiledModule(torch.nn.Module):
         (as torch.compile runs a frame past its recompile limit eagerly), said once in a warning and in explain().
         A module that traces a graph per sequence length (a Python loop over time steps) or per value of a
         constant keyword would otherwise spend seconds tracing, and keep a built program, at every new value."""
-        self.uncompiled_calls += 1
-        if not self._limit_warned:
-            self._limit_warned = True
-            warnings.warn(f"compiled {type(self._orig_mod).__name__}: {why}; {len(self._variants)} graphs are traced "
-                          f"already (max_traces={self.max_traces}), so this call and later ones that no traced graph "
-                          "fits run the original module uncompiled (eager PyTorch); calls the traced graphs fit stay "
-                          "compiled. Pass max_traces=<n> (or None) to compile() to trace more", stacklevel=7)
+        self._say_once("max_traces", f"{why}; {len(self._variants)} graphs are traced already "
+                       f"(max_traces={self.max_traces}), so this call and later ones that no traced graph fits run the "
+                       "original module uncompiled (eager PyTorch); calls the traced graphs fit stay compiled. Pass "
+                       "max_traces=<n> (or None) to compile() to trace more", stacklevel=7)
         raise _Uncompiled
 
     def _run(self, args: list, graph, runner, params) -> list:
