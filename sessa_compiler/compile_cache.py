@@ -340,7 +340,9 @@ def _module_key(module, args, kwargs, modes) -> str:
             else repr(x) for x in leaves]
     return stable_hash({"format": ENTRY_FORMAT, "code": code, "classes": classes, "config": config,
                         "tensors": tensors, "modes": list(modes), "call": call, "spec": str(spec),
-                        "versions": _versions(), "hooks": _global_hooks()})
+                        "versions": _versions(), "hooks": _global_hooks(),
+                        # the dtype of the floats the forward makes (torch.arange(T) / 10.0)
+                        "default_dtype": str(torch.get_default_dtype())})
 
 
 @functools.lru_cache(maxsize=1)

@@ -966,7 +966,8 @@ class ServingProgram:
                     f"(%{self.graph.outputs[i].name}): relative error {err:.3e} > {tol:.0e} (prefill {CHECK_PREFILL}, "
                     f"one decode step, prefill {CHECK_LEN - CHECK_PREFILL - 1} on {CHECK_LEN} positions). "
                     "Some op outside attention/feedback/scan/causal_conv1d/rope depends on absolute position or "
-                    "mixes positions (a reduction over time, positions from arange(T) not folded into RoPE); this "
+                    "mixes positions (a reduction over time, positions from arange(T) not folded into RoPE, or an "
+                    "attention no recogniser took: explain() lists the candidates not recognised and why); this "
                     "module has no compiled prefill/decode_step")
         self.checked = True
 

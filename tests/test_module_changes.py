@@ -686,3 +686,26 @@ def test_batchnorm_in_training_mode_is_a_clear_error():
     x = torch.randn(2, 5, 8)
     with torch.no_grad():
         torch.testing.assert_close(sc.compile(m, backend="eager")(x), m(x))
+
+
+class MadeFloats(nn.Module):
+    def forward(self, x):
+        return x + torch.arange(x.shape[1]) / 10.0   # a float tensor of torch's default dtype
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_changed_default_dtype_traces_again(backend):
+    m = MadeFloats()
+    c = sc.compile(m, backend=backend)
+    x = torch.randn(2, 5, 3, 5)[:, :, 0]   # [2, 5, 5]
+    with torch.no_grad():
+        c(x)
+        before = torch.get_default_dtype()
+        try:
+            torch.set_default_dtype(torch.float64)
+            y, want = c(x), m(x)
+            assert y.dtype == want.dtype == torch.float64
+            torch.testing.assert_close(y, want)
+            assert "default dtype" in c.retraces[-1]
+        finally:
+            torch.set_default_dtype(before)

@@ -100,6 +100,8 @@ class ModuleGuard:
         self.class_entries = [(k, n, v) for k in owners for n, v in vars(k).items()
                               if n not in ("__dict__", "__weakref__", "__doc__")]
         self.global_hooks = [(n, _hook_state(getattr(_nn_module, n))) for n in _GLOBAL_HOOKS]
+        # torch's default dtype: the dtype of the floats the forward makes (torch.arange(T) / 10.0, torch.zeros(...))
+        self.default_dtype = torch.get_default_dtype()
         # the same facts laid out for a check in C loops (map, tuple comparison; identity first): _same
         self._kid_dicts = [d for _, d, _ in self.children]
         self._kids = [k for _, _, k in self.children]
@@ -139,7 +141,8 @@ class ModuleGuard:
                     now = described[id(cur)] = _describe(cur)[0]
                 if now != key:
                     return False
-        return not self.hooks and all(d.get(n) is None for _, d, n in self.nones) and all(
+        return not self.hooks and torch.get_default_dtype() is self.default_dtype and all(
+            d.get(n) is None for _, d, n in self.nones) and all(
             len(vars(k)) == n for k, n in self.class_sizes) and all(
             vars(k).get(n, _MISSING) is v for k, n, v in self.class_entries) and all(
             getattr(k, "forward", None) is f for k, f in self.classes) and all(
@@ -200,6 +203,8 @@ class ModuleGuard:
         for klass, name, v in self.class_entries:
             if vars(klass).get(name, _MISSING) is not v:
                 return f"{klass.__name__}.{name} was changed on the class"
+        if torch.get_default_dtype() is not self.default_dtype:
+            return f"torch's default dtype changed ({self.default_dtype} -> {torch.get_default_dtype()})"
         for n, state in self.global_hooks:
             if _hook_state(getattr(_nn_module, n)) != state:
                 return f"torch's global module hooks ({n.strip('_')}) were added or removed"
