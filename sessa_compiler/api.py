@@ -227,6 +227,23 @@ def _python_rng_kept():
             np_random.set_state(np_state)
 
 
+def _named_constants(forward, args: tuple, kwargs: dict) -> tuple:
+    """(args, kwargs) of the same call with the positional arguments from the first one that is not a tensor on
+    passed by name (``model(ids, None, labels)`` as ``model(ids, attention_mask=None, labels=labels)``): constants
+    are keyword arguments to the trace (baked in; another value traces again), and the graph's inputs stay the
+    tensors. Unchanged where the signature does not name those positions (``*args``)."""
+    try:
+        params = list(inspect.signature(forward).parameters.values())
+    except (TypeError, ValueError):
+        return args, kwargs
+    first = next(i for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
+    named = params[first:len(args)]
+    if len(named) != len(args) - first or any(
+            p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD or p.name in kwargs for p in named):
+        return args, kwargs
+    return args[:first], {**kwargs, **{p.name: a for p, a in zip(named, args[first:])}}
+
+
 class _Uncompiled(Exception):
     """Raised inside a forward call that no traced graph fits once max_traces graphs are traced: the call runs
     the original module (CompiledModule._beyond_limit)."""  # the original module's attribute name (as torch.compile's OptimizedModule names it)
@@ -653,6 +670,8 @@ class CompiledModule(torch.nn.Module):
                     _dynamo_call()
                 return _DYNAMO_CALL[0](self, args, kwargs) if _DYNAMO_CALL else self._orig_mod(*args, **kwargs)
             return self._export_call(args, kwargs)
+        if any(not isinstance(a, torch.Tensor) for a in args):
+            args, kwargs = _named_constants(self._orig_mod.forward, args, kwargs)
         check_keywords(kwargs, InputError, f"compiled {type(self._orig_mod).__name__}: ")
         try:
             if self.backend_name == "eager":  # torch ops only: calls run concurrently once the graph is chosen

@@ -147,3 +147,29 @@ def test_python_constants_returned_beside_tensors(backend):
         y, n, meta = c(x)
         torch.testing.assert_close(y, m(x)[0])
     assert n == 3 and meta == {"scale": 0.25, "name": "lin", "extra": None}
+
+
+class PositionalOptional(torch.nn.Module):
+    def __init__(self, D=8):
+        super().__init__()
+        self.lin = torch.nn.Linear(D, D)
+
+    def forward(self, x, attention_mask=None, labels=None):
+        h = self.lin(x)
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        return h if labels is None else (h - labels).square().mean()
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_positional_none_is_a_keyword_constant(backend):
+    # model(x, None, labels), the first call included: the None is passed by name (it was "example input 1 must
+    # be a tensor", and after a trace "graph takes 3 inputs, got 2")
+    torch.manual_seed(0)
+    m = PositionalOptional()
+    c = sc.compile(m, backend=backend)
+    x, mask, labels = torch.randn(2, 5, 8), torch.ones(2, 5), torch.randn(2, 5, 8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for call in [(x, None, labels), (x, mask, labels), (x, None), (x,)]:
+            torch.testing.assert_close(c(*call), m(*call))
