@@ -237,6 +237,8 @@ def _named_constants(forward, args: tuple, kwargs: dict) -> tuple:
     except (TypeError, ValueError):
         return args, kwargs
     first = next(i for i, a in enumerate(args) if not isinstance(a, torch.Tensor))
+    if not all(isinstance(a, (torch.Tensor, type(None), bool, int, float, str)) for a in args[first:]):
+        return args, kwargs   # (a list or another object: the input checks say what is expected)
     named = params[first:len(args)]
     if len(named) != len(args) - first or any(
             p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD or p.name in kwargs for p in named):
