@@ -206,7 +206,7 @@ _INTERPRETER_LOCK = threading.Lock()
 _RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_contexts", "_variants", "_lock", "_fresh", "_live",
             "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces", "_serving",
             "trace_cache_why", "cache_notes", "uncompiled_calls", "_said")
-ORIGINAL = "_orig_mod"
+ORIGINAL = "_orig_mod"  # the original module's attribute name (as torch.compile's OptimizedModule names it)
 
 
 @contextlib.contextmanager
@@ -248,7 +248,7 @@ def _named_constants(forward, args: tuple, kwargs: dict) -> tuple:
 
 class _Uncompiled(Exception):
     """Raised inside a forward call that no traced graph fits once max_traces graphs are traced: the call runs
-    the original module (CompiledModule._beyond_limit)."""  # the original module's attribute name (as torch.compile's OptimizedModule names it)
+    the original module (CompiledModule._beyond_limit)."""
 
 
 _NOT_THERE = object()
@@ -937,7 +937,8 @@ class CompiledModule(torch.nn.Module):
                          "size-dependent code; this report describes the one used last")
         if self.uncompiled_calls:
             lines.append(f"  uncompiled calls: {self.uncompiled_calls} call(s) ran the original module (no traced graph "
-                         f"fits past max_traces={self.max_traces}, or gradients through a torch.autograd.Function)")
+                         f"fits past max_traces={self.max_traces}, gradients through a torch.autograd.Function, or "
+                         "Python random draws)")
         if getattr(self._traced, "python_random", ()):
             lines.append(f"  Python random draws in forward: {', '.join(self._traced.python_random)}; calls run the "
                          "original module")

@@ -307,7 +307,22 @@ def _no_fake_cache():
     return config.patch(fake_tensor_cache_enabled=False)
 
 
-_WRITES = threading.local()   # .found: the attribute writes the current export's forward made (_attribute_writes)
+# What the current trace's exports saw on this thread, by kind (several exports make one trace: identical layers,
+# frontend/repeated.py; their findings add up): "writes" (_attribute_writes), "functions" (_autograd_functions),
+# "draws" (_python_draws). trace_with_report starts a record and reads it.
+_FINDINGS = threading.local()
+
+
+def _add_findings(kind: str, names) -> None:
+    found = getattr(_FINDINGS, "found", None)
+    if found is None:
+        found = _FINDINGS.found = {}
+    found.setdefault(kind, []).extend(names)
+
+
+def _findings(kind: str) -> tuple:
+    """The names of ``kind`` the current trace recorded, each once, in order."""
+    return tuple(dict.fromkeys(getattr(_FINDINGS, "found", {}).get(kind, ())))
 _OWN_STATE = frozenset({"_parameters", "_buffers", "_modules", "training", "forward"})
 
 
@@ -341,12 +356,8 @@ class _attribute_writes:
 
     def __exit__(self, *exc):
         torch.nn.Module.__setattr__ = self.saved
-        # several exports make one trace (identical layers: frontend/repeated.py): their writes add up
-        _WRITES.found = getattr(_WRITES, "found", []) + list(self.found)
+        _add_findings("writes", self.found)
         return False
-
-
-_FUNCTIONS = threading.local()   # .found: the user autograd.Functions the current trace's exports applied
 
 
 class _autograd_functions:
@@ -374,11 +385,8 @@ class _autograd_functions:
 
     def __exit__(self, *exc):
         torch.autograd.function.Function.apply = self.saved
-        _FUNCTIONS.found = getattr(_FUNCTIONS, "found", []) + list(self.found)
+        _add_findings("functions", self.found)
         return False
-
-
-_DRAWS = threading.local()   # .found: the Python random functions the current trace's exports called
 
 
 class _python_draws:
@@ -423,7 +431,7 @@ class _python_draws:
     def __exit__(self, *exc):
         for mod, name, fn in reversed(self.saved):
             setattr(mod, name, fn)
-        _DRAWS.found = getattr(_DRAWS, "found", []) + list(self.found)
+        _add_findings("draws", self.found)
         return False
 
 
@@ -878,13 +886,9 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     register_custom_lowerings()
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
-    _WRITES.found = []
-    _FUNCTIONS.found = []
-    _DRAWS.found = []
+    _FINDINGS.found = {}
     ep, lowerer, graph = _lower(module, args, kwargs, dynamic_shapes)
-    python_random = tuple(dict.fromkeys(_DRAWS.found))
-    side_effects = tuple(dict.fromkeys(_WRITES.found))
-    custom_backward = tuple(dict.fromkeys(_FUNCTIONS.found))
+    side_effects, custom_backward, python_random = (_findings(k) for k in ("writes", "functions", "draws"))
     warn_side_effects(module, side_effects, stacklevel=4)
     guards = _range_guards(ep, lowerer.sym_map) + [Guard(_simplified(e), "assertion") for e in lowerer.assertions]
     guards = [g for g in guards if g.expr is not sympy.true]
