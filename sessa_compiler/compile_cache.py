@@ -46,9 +46,10 @@ import torch
 from .persistent_cache import cache_dir, make_private_dir, package_hash, stable_hash, tensor_digest, trusted
 from .persistent_cache import compile_cache_enabled as enabled  # noqa: F401  (compile_cache.enabled())
 
-ENTRY_FORMAT = 6   # 3: Traced.assumed (tensors a recognised op was built from); 4: the graph's source lines;
+ENTRY_FORMAT = 7   # 3: Traced.assumed (tensors a recognised op was built from); 4: the graph's source lines;
 #                    5: the digests of the module's buffers the graph reads (what recognisers decided from);
-#                    6: detach nodes (no-gradient regions) and Traced.custom_backward
+#                    6: detach nodes (no-gradient regions) and Traced.custom_backward;
+#                    7: the files and directories the forward read (manifest "data")
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 # code from these top-level packages is keyed by their versions / this package's hash, not recorded
 _KEYED_ELSEWHERE = frozenset(sys.stdlib_module_names) | {"torch", "torchgen", "functorch", "sessa_compiler",
@@ -66,6 +67,38 @@ _STDLIB = os.path.dirname(os.__file__)
 # this package's own settings are keyed elsewhere (the options) or do not change a graph
 _ENV_GETITEM = type(os.environ).__getitem__.__code__
 _OWN_ENV = ("SESSA_COMPILER_",)
+# files a forward opens for reading, and directories it lists, join the manifest by content (a table loaded with
+# np.load / torch.load / open() inside forward is baked into the graph as a constant); seen through Python's
+# audit events ("open", "os.listdir", "os.scandir"), which every such read raises, while a Recorder of this thread
+# is reading. Not: the interpreter's own files, code imported (keyed by its source), the kernel's pseudo-files.
+_NOT_DATA = ("/proc/", "/sys/", "/dev/")
+_AUDITING = threading.local()     # .recorder: the Recorder reading on this thread (None: none)
+_AUDIT_LOCK = threading.Lock()
+_AUDIT_INSTALLED = False
+
+
+def _audit(event, args):
+    if event not in ("open", "os.listdir", "os.scandir"):   # the fast path: every audited event of the process
+        return
+    recorder = getattr(_AUDITING, "recorder", None)
+    if recorder is not None:
+        recorder._read(event, args)
+
+
+def _install_audit_hook() -> None:
+    global _AUDIT_INSTALLED
+    with _AUDIT_LOCK:
+        if not _AUDIT_INSTALLED:   # an audit hook cannot be removed: one for the process, idle unless recording
+            sys.addaudithook(_audit)
+            _AUDIT_INSTALLED = True
+
+
+def dir_listing(path: str) -> str | None:
+    """A directory's sorted entry names, hashed (None when it cannot be listed)."""
+    try:
+        return stable_hash(sorted(os.listdir(path)))
+    except OSError:
+        return None
 
 
 def _keyed_elsewhere(module_name) -> bool:
@@ -550,6 +583,8 @@ class Recorder:
         self._libraries: dict = {}     # top-level package -> a file of it (for an unversioned library)
         self._globals: dict = {}       # (module name, global name) -> fingerprint
         self._environ: dict = {}       # environment variable -> its value (None: unset) when the trace read it
+        self._data: dict = {}          # (kind "file" | "dir", path as the forward named it) -> None until manifest()
+        self._reading = False          # inside the module's forward (audit events of this thread are recorded)
         self.why: str | None = None
         self._sites = _site_dirs()
         self._off_in_torch = None      # _OffInTorch while recording
@@ -561,7 +596,10 @@ class Recorder:
         if sys.getprofile() is not None:  # a profiler of the user's: leave it alone, and do not cache this trace
             self.why = "another profiler (sys.setprofile) was active while tracing"
             return self
+        _install_audit_hook()
+        _AUDITING.recorder = self
         if self._module is None:
+            self._reading = True
             sys.setprofile(self._hook)
             return self
 
@@ -574,10 +612,12 @@ class Recorder:
         def start(*_):
             if threading.get_ident() == self._thread and sys.getprofile() is None:
                 self._started = True
+                self._reading = True
                 sys.setprofile(hook)
 
         def stop(*_):
             if threading.get_ident() == self._thread and sys.getprofile() is hook:
+                self._reading = False
                 sys.setprofile(None)
         self._handles = [self._module.register_forward_pre_hook(start, prepend=True),
                          self._module.register_forward_hook(stop, always_call=True)]
@@ -595,16 +635,45 @@ class Recorder:
             handle.remove()
         if sys.getprofile() == self._hook:
             sys.setprofile(None)
+        self._reading = False
+        if getattr(_AUDITING, "recorder", None) is self:
+            _AUDITING.recorder = None
         self._leave_torch_mode()
         return False
+
+    def _read(self, event, args):
+        """An audit event of this thread: a file opened for reading or a directory listed by the forward."""
+        if not self._reading:
+            return
+        try:
+            path = args[0]
+            if event == "open":
+                mode, flags = args[1], args[2]
+                reads = ("r" in mode or "+" in mode) if isinstance(mode, str) else \
+                    (flags & os.O_ACCMODE) in (os.O_RDONLY, os.O_RDWR)
+                if not reads:
+                    return
+            if path is None or isinstance(path, int):   # an open descriptor: its file was named when opened
+                return
+            path = os.fsdecode(os.fspath(path))
+            full = os.path.abspath(path)
+            if full.startswith(_NOT_DATA) or full.startswith(self._sites) or full.startswith(_STDLIB) \
+                    or f"{os.sep}__pycache__{os.sep}" in full or full.endswith((".py", ".pyc", ".so")):
+                return   # (code is keyed by its source: a .py a lazy import opens is recorded when it runs)
+            self._data.setdefault(("file" if event == "open" else "dir", path), None)
+        except Exception as e:  # noqa: BLE001 - never break the trace: then it is not cached
+            self.why = self.why or f"recording a file the forward read failed ({type(e).__name__}: {e})"
 
     def _hook(self, frame, event, arg):
         if event != "call" or id(frame.f_code) in self._seen:  # the fast path: ~2.4 M events for a 12-layer
             return  # decoder (by id: hashing a code object hashes its bytecode)
+        reading, self._reading = self._reading, False   # (the files fingerprinting opens are not the forward's)
         try:
             self._record(frame)
         except Exception as e:  # noqa: BLE001 - recording must never break the trace: then it is not cached
             self.why = self.why or f"recording what the trace ran failed ({type(e).__name__}: {e})"
+        finally:
+            self._reading = reading
 
     def _record(self, frame):
         code = frame.f_code
@@ -666,8 +735,12 @@ class Recorder:
                     functions[(mod, path)] = fingerprint(_resolve(mod, path))
                 except (LookupError, NotKeyable):
                     continue
+        data = {}
+        for kind, path in self._data:
+            digest = file_hash(path) if kind == "file" else dir_listing(path)
+            data[f"{kind}:{path}"] = digest   # (None: it did not exist; a file made since is a miss too)
         return {"files": files, "functions": functions, "globals": dict(self._globals), "libraries": libraries,
-                "environ": dict(self._environ)}
+                "environ": dict(self._environ), "data": data}
 
     @staticmethod
     def _names_of(code, mod: str, qualname: str) -> list:
@@ -717,6 +790,10 @@ def check_manifest(manifest: dict) -> str | None:
     for key, value in manifest.get("environ", {}).items():
         if os.environ.get(key) != value:
             return f"environment variable {key} is now {os.environ.get(key)!r}, traced with {value!r}"
+    for key, digest in manifest.get("data", {}).items():
+        kind, _, path = key.partition(":")
+        if (file_hash(path) if kind == "file" else dir_listing(path)) != digest:
+            return f"{'file' if kind == 'file' else 'directory'} {path} (read by the forward) changed"
     sites = _site_dirs()
     for (mod, name), fp in manifest["globals"].items():
         module = sys.modules.get(mod)

@@ -10,6 +10,7 @@ import types
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -913,3 +914,56 @@ def test_an_environment_variable_the_forward_reads_keys_the_entry(cache_on, monk
     monkeypatch.setenv("SESSA_TEST_SQUASH", "1")
     assert check_new_outputs(EnvBranch().eval(), x) == "miss"
     assert check_new_outputs(EnvBranch().eval(), x) == "hit"
+
+
+class FileTable(torch.nn.Module):
+    """A forward that loads a table from a file (np.load / open + json / a directory listing): the values are
+    baked into the graph, so the file is part of what the trace depends on."""
+
+    def __init__(self, path, how):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.path, self.how = str(path), how
+
+    def forward(self, x):
+        if self.how == "numpy":
+            table = torch.from_numpy(np.load(self.path))
+        elif self.how == "json":
+            with open(self.path) as f:
+                table = torch.tensor(json.load(f))
+        else:   # one unit per file in a directory
+            table = torch.full((8,), float(len(os.listdir(self.path))))
+        return self.lin(x) * table.to(x.dtype)
+
+
+@pytest.mark.parametrize("how", ["numpy", "json", "dir"])
+def test_a_data_file_the_forward_reads_keys_the_entry(cache_on, tmp_path, how):
+    """The values of a file read inside forward were served from the old entry after the file changed (the
+    trace's constants are the file's values then)."""
+    path = tmp_path / {"numpy": "t.npy", "json": "t.json", "dir": "parts"}[how]
+
+    def write(values):
+        if how == "numpy":
+            np.save(path, np.asarray(values, dtype=np.float32))
+        elif how == "json":
+            path.write_text(json.dumps(values))
+        else:
+            path.mkdir(exist_ok=True)
+            for f in path.iterdir():
+                f.unlink()
+            for i in range(int(values[0])):
+                (path / f"{i}.txt").write_text("")
+
+    x = torch.randn(2, 5, 8)
+    write([2.0] * 8)
+    torch.manual_seed(0)
+    assert check_new_outputs(FileTable(path, how).eval(), x) == "miss"
+    torch.manual_seed(0)
+    assert check_new_outputs(FileTable(path, how).eval(), x) == "hit"
+    write([3.0] * 8)
+    torch.manual_seed(0)
+    m = FileTable(path, how).eval()
+    c = sc.compile(m, backend="eager")
+    with torch.no_grad():
+        assert relative_error(c(x), m(x)) <= 1e-5
+    assert c.trace_cache == "miss" and "read by the forward" in c.explain()
