@@ -24,7 +24,8 @@ from .ir.dtypes import from_torch, to_torch
 from .errors import ConfigError, InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
 from .frontend.guards import ModuleGuard
 from .frontend.lower import as_pairs, pair_source
-from .frontend.trace import (Traced, batch_of, broadcasts, check_keywords, other_integer_dtypes, trace_with_report,
+from .frontend.trace import (Traced, autocast_state, batch_of, broadcasts, check_keywords, export_autocast,
+                             other_integer_dtypes, tensor_leaves, trace_with_report,
                              warn_folded_trainables)
 from .ir.ops import CORE, OPS
 from .persistent_cache import collecting, tensor_digest
@@ -85,9 +86,11 @@ def cached_trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = Non
     from . import compile_cache
 
     why: list = []
-    with _autocast_off(args):
+    amp = autocast_state(tensor_leaves(args, kwargs))
+    with _autocast_off(args), export_autocast(amp):
         progress.stage("looking up the compile cache")
-        key = compile_cache.module_key(module, args, kwargs, _modes(module), why) if compile_cache.enabled() else None
+        modes = _modes(module) + ((amp,) if amp else ())   # a graph traced under autocast holds its casts
+        key = compile_cache.module_key(module, args, kwargs, modes, why) if compile_cache.enabled() else None
         traced = compile_cache.load(key, module, why) if key else None
         if traced is not None and _why_not(traced, args, kwargs) is not None:
             traced = None  # cached from sizes on another path through size-dependent code: trace this one
@@ -181,17 +184,25 @@ def _eager_runner(graph, eager_runners: dict):
 
 def _autocast_on(args) -> bool:
     """Whether torch.autocast is on for the device of these inputs."""
-    device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-    try:
-        return torch.is_autocast_enabled(device)
-    except (RuntimeError, TypeError):  # a device type autocast does not know
-        return False
+    return autocast_state(args) is not None
+
+
+def _autocast_mismatch(traced: Traced, args, kwargs) -> str | None:
+    """Why this call's autocast state is not the one ``traced`` was traced under (its graph holds autocast's casts,
+    or none), or None."""
+    amp = autocast_state(traced.tensor_inputs(args, kwargs))
+    was = getattr(traced, "autocast", None)
+    if amp == was:
+        return None
+    say = lambda a: f"torch.autocast({a[0]!r}, dtype=torch.{a[1]})" if a else "no autocast"   # noqa: E731
+    return f"called under {say(amp)}, traced under {say(was)}"
 
 
 @contextlib.contextmanager
 def _autocast_off(args):
-    """Trace with autocast off: the graph holds the module's own dtypes; under autocast the training runner's
-    torch ops cast at run time as the module's would (torch.export does not record autocast's casts)."""
+    """Trace with autocast off: recognisers and their probes see the graph's own dtypes; a call under autocast is
+    exported under it (frontend.trace.export_autocast: the graph then holds autocast's casts as ops) and runs
+    with autocast off."""
     device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
     if not _autocast_on(args):
         yield
@@ -700,7 +711,7 @@ class CompiledModule(torch.nn.Module):
             inputs = traced.tensor_inputs(args, kwargs)
             if len(inputs) != len(graph.inputs) or any(
                     not isinstance(x, torch.Tensor) or x.dim() != v.type.rank or x.dtype != to_torch(v.type.dtype)
-                    for x, v in zip(inputs, graph.inputs)):
+                    for x, v in zip(inputs, graph.inputs)) or _autocast_mismatch(traced, args, kwargs) is not None:
                 continue
             why, params = self._state_mismatch(live, traced_modes)
             if why is not None:
@@ -742,9 +753,9 @@ class CompiledModule(torch.nn.Module):
                 (collecting(self.cache_notes) if first else contextlib.nullcontext()):
             if self._interpreted(inputs):
                 with _INTERPRETER_LOCK:
-                    outs = self._run(inputs, graph, runner, params)
+                    outs = self._run(inputs, graph, runner, params, traced)
             else:
-                outs = self._run(inputs, graph, runner, params)
+                outs = self._run(inputs, graph, runner, params, traced)
         copies = self._copies.get(id(traced))
         if copies is None or copies[0] is not traced:
             copies = self._copies[id(traced)] = (traced, traced.copied_outputs())
@@ -796,7 +807,8 @@ class CompiledModule(torch.nn.Module):
         current = next(v for v in self._variants if v[0] is self._traced)
         state, params = self._state_mismatch(self._live, current[3])
         reason = _why_not(self._traced, args, kwargs)
-        if reason is None and state is None:
+        amp = _autocast_mismatch(self._traced, args, kwargs)
+        if reason is None and state is None and amp is None:
             return params  # the live tensors, read once per call
         signature = inspect.signature(self._orig_mod.forward)
         try:
@@ -805,19 +817,20 @@ class CompiledModule(torch.nn.Module):
             raise InputError(f"compiled {type(self._orig_mod).__name__}: forward{signature} cannot take this call: "
                              f"{e}") from None
         for traced, runner, live, traced_modes in self._variants:
-            if traced is not self._traced and _why_not(traced, args, kwargs) is None:
+            if traced is not self._traced and _why_not(traced, args, kwargs) is None \
+                    and _autocast_mismatch(traced, args, kwargs) is None:
                 why, params = self._state_mismatch(live, traced_modes)
                 if why is None:
                     self._traced, self._runner, self._live = traced, runner, live
                     return params
         if limited and self.max_traces is not None and len(self._variants) >= self.max_traces:
-            self._beyond_limit(reason or state)
+            self._beyond_limit(reason or state or amp)
         if reason is not None:
             warnings.warn(f"compiled {type(self._orig_mod).__name__}: {reason}; tracing it again for this call "
                           f"(traced graph {len(self._variants) + 1}: each keyword-argument signature and each path "
                           "through the module's size-dependent code is traced once)",
                           stacklevel=6)  # past nn.Module.__call__ to the caller
-        self.retraces.append(reason or state)
+        self.retraces.append(reason or state or amp)   # (autocast: a graph of its own, traced without a warning)
         try:
             self._trace(args, kwargs)
         except SessaCompilerError as e:
@@ -865,7 +878,12 @@ class CompiledModule(torch.nn.Module):
                        "max_traces=<n> (or None) to compile() to trace more", stacklevel=7)
         raise _Uncompiled
 
-    def _run(self, args: list, graph, runner, params) -> list:
+    def _run(self, args: list, graph, runner, params, traced=None) -> list:
+        if getattr(traced, "autocast", None) is not None:   # the graph holds autocast's casts as ops
+            with torch.autocast(traced.autocast[0], enabled=False):
+                outs, recomputed = run_with_autograd(self._backend, runner, graph, args, params, self._eager_runners)
+            self.grad_recomputes += recomputed
+            return outs
         outs, recomputed = run_with_autograd(self._backend, runner, graph, args, params, self._eager_runners)
         self.grad_recomputes += recomputed
         return outs

@@ -252,6 +252,44 @@ def _named_keywords(module, kwargs: dict):
             del module.__dict__["forward"]
 
 
+_EXPORT_AUTOCAST = threading.local()   # .state: the autocast the export runs under (autocast_state), or None
+
+
+def autocast_state(tensors) -> tuple | None:
+    """(device type, dtype name) of the torch.autocast on for the device of these tensors, or None."""
+    device = next((t.device.type for t in tensors if isinstance(t, torch.Tensor)), "cpu")
+    try:
+        if not torch.is_autocast_enabled(device):
+            return None
+        return device, str(torch.get_autocast_dtype(device)).removeprefix("torch.")
+    except (RuntimeError, TypeError):   # a device type autocast does not know
+        return None
+
+
+@contextlib.contextmanager
+def export_autocast(state: tuple | None):
+    """Export under the autocast ``state`` (autocast_state) while the rest of the trace (lowering, recognisers'
+    probes) runs with autocast off: torch.export records ops above autocast, so the program is then decomposed
+    under it, which writes autocast's casts out as ops, keeps the module's explicit casts (``logits.float()`` of
+    a bf16 tensor) and runs its ``autocast(enabled=False)`` regions in their own dtype, as the module does."""
+    before = getattr(_EXPORT_AUTOCAST, "state", None)
+    _EXPORT_AUTOCAST.state = state
+    try:
+        yield
+    finally:
+        _EXPORT_AUTOCAST.state = before
+
+
+def exporting_autocast() -> tuple | None:
+    return getattr(_EXPORT_AUTOCAST, "state", None)
+
+
+def _amp(state):
+    if state is None:
+        return contextlib.nullcontext()
+    return torch.autocast(state[0], dtype=getattr(torch, state[1]))
+
+
 def _export_program(module, args: tuple, kwargs: dict, dynamic_shapes):
     if dynamic_shapes is not None:
         if kwargs:
@@ -277,15 +315,16 @@ def _export_program(module, args: tuple, kwargs: dict, dynamic_shapes):
     try:
         # torch.export keeps process-wide state (its exporting flag, the swapped-in fake parameters of the module,
         # the warning filters and the stderr redirection here): one export at a time in this process
+        amp = exporting_autocast()
         with _EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs(), _hooked(module), _as_parameters(module), \
-                _no_fake_cache(), _attribute_writes(module), _autograd_functions(), _python_draws():
+                _no_fake_cache(), _attribute_writes(module), _autograd_functions(), _python_draws(), _amp(amp):
             warnings.simplefilter("ignore")
             # guards on sizes become runtime assertions in the graph (or ranges), not silent specialisations:
             # they are recorded as the traced graph's guards (see Guard)
             ep = torch.export.export(module, traced_args, kwargs=traced_kwargs or None, dynamic_shapes=dynamic,
                                      strict=False,
                                      prefer_deferred_runtime_asserts_over_guards=True)
-            if _mutates(ep):  # functionalise only when needed: it costs as much as the export itself
+            if amp is not None or _mutates(ep):  # functionalise only when needed: it costs as much as the export
                 ep = ep.run_decompositions({})
     except Exception as e:
         data_dependent = _data_dependent_branch(e)
@@ -637,6 +676,10 @@ class Traced:
     # Python random functions the forward called (LayerDrop): the graph holds one draw, so calls run the module
     python_random: tuple = ()
     constant_outputs: tuple = ()   # (position among out_spec's leaves, value): Python constants the module returns
+    # (device type, dtype name) of the torch.autocast the call ran under, whose casts the graph holds as ops (the
+    # module's explicit .float() and autocast(enabled=False) regions too): its calls run with autocast off; None:
+    # traced without autocast (a call under autocast traces its own graph)
+    autocast: tuple | None = None
 
     def copied_outputs(self) -> tuple:
         """Positions of graph outputs that must be copied after a run: the module returns a new tensor there
@@ -913,7 +956,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     names = tuple(f"args[{i}]" for i in range(len(args))) + tuple(sorted(kwargs))
     return Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
                   assumed, side_effects, tuple(lowerer.output_sources), custom_backward, python_random,
-                  tuple(lowerer.constant_outputs))
+                  tuple(lowerer.constant_outputs), exporting_autocast())
 
 
 

@@ -126,6 +126,7 @@ class TVMBackend(Backend):
         self.whole_graph = True if whole_graph is None else bool(whole_graph)
         self.decode_kernels = True if decode_kernels is None else bool(decode_kernels)
         self.modes: dict = {}   # id(graph) -> ("whole graph" | "hybrid", reason)
+        self._widened: dict = {}   # id(graph) -> (graph, its copy with 16-bit core ops on float32 kernels)
         # this host's target as an earlier process recorded it (no `import tvm`: a warm compile loads its library
         # through tvm_ffi alone, lib_cache.py), else resolved now (and recorded)
         self._target = (cached_host_target() if target is None else None) or resolve_target(target)
@@ -209,6 +210,14 @@ class TVMBackend(Backend):
         is the program export_tvm ships, so compile() tests what users deploy."""
         from .relax_lower import graph_to_relax, unsupported_ops
 
+        if any(v.type.dtype.name in ("bf16", "f16") for n in graph.nodes for v in n.outputs) and not any(
+                v.type.dtype.name in ("bf16", "f16") for v in list(graph.inputs) + list(graph.param_values.values())):
+            # mixed precision (torch.autocast: float32 weights cast to bf16 at each linear): torch's bf16 matmuls
+            # run the ordinary ops, TVM's float32 kernels the core ops (the Relax program's legalised bf16
+            # matmuls were 2-3x slower than the module itself at D = 256, T = 512)
+            self.modes[id(graph)] = ("hybrid", "16-bit values inside a float32 graph (mixed precision): torch runs "
+                                     "the ordinary ops")
+            return None
         schedules = self.schedules_for(graph)
         missing = unsupported_ops(graph, self.lanes, schedules)
         dtypes = {v.type.dtype.name for v in list(graph.inputs) + list(graph.param_values.values())}
@@ -311,7 +320,18 @@ class TVMBackend(Backend):
         return built
 
     def prepare(self, graph: Graph, ctx: CompileContext | None = None):
-        return eager_when_empty(graph, self._prepare(graph, ctx or CompileContext()))
+        return eager_when_empty(graph, self._prepare(self._kernel_graph(graph), ctx or CompileContext()))
+
+    def _kernel_graph(self, graph: Graph) -> Graph:
+        """The graph this backend builds: ``graph``, or where a core op reads bf16/fp16 operands (mixed precision,
+        torch.autocast), a copy where it reads them upcast to float32 (passes/widen_core.py: TVM's core kernels
+        are float32 and float64)."""
+        from ...passes.widen_core import widen_core_ops
+
+        hit = self._widened.get(id(graph))
+        if hit is None or hit[0] is not graph:
+            hit = self._widened[id(graph)] = (graph, widen_core_ops(graph))
+        return hit[1]
 
     def _prepare(self, graph: Graph, ctx: CompileContext):
         from ...passes.manager import show_ir
@@ -369,6 +389,7 @@ class TVMBackend(Backend):
         from ..training import training_runner
         from . import training as tvm_training   # also registers the backward kernels
 
+        graph = self._kernel_graph(graph)
         show_ir(graph, "run by the tvm backend for calls that need gradients (core ops: forward and backward kernels)",
                 self.print_ir)
         if id(graph) not in self.resolved:
@@ -403,6 +424,7 @@ class TVMBackend(Backend):
         return run
 
     def describe(self, graph: Graph) -> str:
+        graph = self._kernel_graph(graph)
         plan = self.plan(graph)
         tvm_ops = collections.Counter(item.node.op for item in plan if item.spec is not None)
         torch_ops = collections.Counter(item.node.op for item in plan if item.spec is None)
