@@ -95,10 +95,32 @@ class _CoreOp(torch.autograd.Function):
         with _no_autocast([grad]):
             grads = list(bwd(grad.contiguous(), saved, attrs))
         grads += [None] * (len(dtypes) - len(grads))
+        missing = [i for i, (g, need) in enumerate(zip(grads, ctx.needs_input_grad[4:])) if need and g is None]
+        if missing:   # an operand the backward kernels give no gradient for (a trainable RoPE frequency table)
+            grads = _CoreOp._through_definition(ctx, grad, grads, missing)
         out = []
         for g, dt, need in zip(grads, dtypes, ctx.needs_input_grad[4:]):
             out.append(g.to(dt) if (g is not None and need) else None)
         return (None, None, None, None, *out)
+
+    @staticmethod
+    def _through_definition(ctx, grad, grads: list, missing: list) -> list:
+        """``grads`` with the gradients of the operands at ``missing`` that the backward does not give (e.g. an
+        ``nn.Parameter`` of RoPE inverse frequencies folded into attention: the backward kernels differentiate
+        q, k and v only) computed by autograd through the op's meaning (semantics: the dense reference, T x T;
+        the price of the rare trainable table only). They came back None: the parameter silently did not train."""
+        _, attrs, _ = ctx.op_info
+        it = iter(ctx.saved_tensors[sum(not none for none in ctx.layout):])
+        operands = [next(it) if fixed is _TENSOR else fixed for fixed in ctx.fixed]
+        leaves = [x.detach().requires_grad_(i in missing) if isinstance(x, torch.Tensor) else x
+                  for i, x in enumerate(operands)]
+        with torch.enable_grad(), _no_autocast([grad]):
+            out = SEMANTICS[ctx.op](*leaves, **attrs)
+            got = torch.autograd.grad(out, [leaves[i] for i in missing], grad, allow_unused=True)
+        grads = list(grads)
+        for i, g in zip(missing, got):
+            grads[i] = g
+        return grads
 
     @staticmethod
     def _differentiable_backward(ctx, grad):
