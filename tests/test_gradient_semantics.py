@@ -324,3 +324,38 @@ def test_a_trainable_rope_frequency_table_gets_its_gradient(backend):
     (m(x) * w).sum().backward()
     for n, p in m.named_parameters():
         assert relative_error(got[n], p.grad) <= 1e-4, n
+
+
+class CheckpointedLM(torch.nn.Module):
+    """Hugging Face's gradient checkpointing: each block's call wrapped in a reentrant checkpoint."""
+
+    def __init__(self, vocab=30, d=16, reentrant=True):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, d)
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, d),
+                                                              torch.nn.GELU()) for _ in range(2))
+        self.head = torch.nn.Linear(d, vocab)
+        self.reentrant = reentrant
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for block in self.blocks:
+            h = h + torch.utils.checkpoint.checkpoint(block, h, use_reentrant=self.reentrant)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_inside_forward_keeps_every_gradient(backend, reentrant):
+    """A reentrant checkpoint runs its function under no_grad inside a torch Function: the export recorded a
+    no-gradient region, so the blocks' parameters got no gradient and the embedding a wrong one."""
+    torch.manual_seed(0)
+    m = CheckpointedLM(reentrant=reentrant)
+    ids = torch.randint(0, 30, (2, 9))
+    c = sc.compile(m, backend=backend)
+    F.cross_entropy(c(ids).flatten(0, 1), ids.flatten()).backward()
+    got = {n: p.grad for n, p in m.named_parameters()}
+    m.zero_grad(set_to_none=True)
+    F.cross_entropy(m(ids).flatten(0, 1), ids.flatten()).backward()
+    for n, p in m.named_parameters():
+        assert got[n] is not None and relative_error(got[n], p.grad) <= 1e-5, n

@@ -105,3 +105,34 @@ def test_exports_say_where_their_one_program_holds(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a model without size-dependent code exports without a warning
         sc.export_onnx(SessaLayer(16, n_heads=2), (torch.randn(1, 5, 16),), tmp_path / "s.onnx")
+
+
+class CrossAttention(torch.nn.Module):
+    """Decoder queries over an encoder memory of its own length S."""
+
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.q, self.kv, self.o = torch.nn.Linear(d, d), torch.nn.Linear(d, 2 * d), torch.nn.Linear(d, d)
+
+    def forward(self, x, memory):
+        B, T, D = x.shape
+        S = memory.shape[1]
+        q = self.q(x).view(B, T, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(memory).view(B, S, 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return self.o(y.transpose(1, 2).reshape(B, T, D))
+
+
+@pytest.mark.parametrize("first", [(7, 10), (8, 8)])
+def test_a_second_input_with_its_own_length_compiles(first):
+    """Every input's dim 1 was named T, so a memory of S != T positions was refused ('dimension T is 7
+    elsewhere but 10 here'), on the first call and after a trace at S == T."""
+    torch.manual_seed(0)
+    m = CrossAttention().eval()
+    c = sc.compile(m, backend="eager")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t, s in (first, (5, 12), (9, 3), (6, 6)):
+            x, mem = torch.randn(2, t, 32), torch.randn(2, s, 32)
+            torch.testing.assert_close(c(x, mem), m(x, mem), rtol=1e-5, atol=1e-5)

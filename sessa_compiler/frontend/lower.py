@@ -65,6 +65,7 @@ class Lowerer:
         self.graph = Graph(name)
         self.env: dict = {}  # fx node -> Value | list[Value] | sympy expr
         self.sym_map: dict = {}  # export symbol -> our symbol
+        self._t_hint = None      # the example size of the first input dim named T
         self.dim_names = dim_names  # (input index, dim) -> name
         self.notes: list = []  # ops recognised while lowering (e.g. SDPA), for explain()
         self.pairs: set = set()  # Values holding a complex tensor as real (..., 2) pairs (see _complex)
@@ -291,6 +292,15 @@ class Lowerer:
                     for d, s in enumerate(fake.shape):
                         if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol):
                             name = self.dim_names.get((user_index, d), f"D{user_index}_{d}")
+                            if name == "T" and s.node.expr not in self.sym_map and sym("T") in self.sym_map.values() \
+                                    and s.node.hint != self._t_hint:
+                                # a second sequence length, of another size in the example (cross-attention's
+                                # memory of S positions): a symbol of its own, else every call with S != T was
+                                # refused. (Equal sizes stay one T: the export keeps the symbols of a mask or of
+                                # labels apart from the ids' although the code needs them equal)
+                                name = f"T{user_index}"
+                            elif name == "T":
+                                self._t_hint = s.node.hint
                             # (a dim the export pinned to one size is named by that size: trace.py _lower)
                             self.sym_map.setdefault(s.node.expr,
                                                     sympy.Integer(name) if isinstance(name, int) else sym(name))

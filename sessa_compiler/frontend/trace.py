@@ -403,8 +403,11 @@ class _autograd_functions:
     """While exporting, on this thread: which torch.autograd.Function subclasses of the user's the forward
     applies. torch.export records their forward's ops, not their backward (a gradient reversal, a
     straight-through estimator): the traced graph's gradients are autograd's of those ops, so a call that needs
-    gradients must run the module itself (Traced.custom_backward). torch's own Functions (reentrant
-    checkpointing) compute the gradients of their forward and are not counted."""
+    gradients must run the module itself (Traced.custom_backward). torch's own Functions compute the gradients
+    of their forward and are not counted. Reentrant checkpointing (``checkpoint(f, x, use_reentrant=True)``,
+    Hugging Face's gradient checkpointing) runs ``f`` under no_grad inside its Function, which the export records
+    as a no-gradient region (every parameter read through it got no gradient, and the ones after it a wrong one):
+    while exporting, it calls ``f`` directly, whose gradients are what the checkpoint computes."""
 
     def __init__(self):
         self.found: dict = {}
@@ -414,9 +417,14 @@ class _autograd_functions:
         self.saved = base.__dict__["apply"]
         thread, found, apply = threading.get_ident(), self.found, self.saved.__func__
 
+        from torch.utils.checkpoint import CheckpointFunction
+
         def recording(cls, *args, **kwargs):
-            if threading.get_ident() == thread and not str(cls.__module__).startswith(("torch.", "sessa_compiler.")):
-                found.setdefault(f"{cls.__module__}.{cls.__qualname__}", None)
+            if threading.get_ident() == thread:
+                if cls is CheckpointFunction:   # (function, preserve_rng_state, *args)
+                    return args[0](*args[2:])
+                if not str(cls.__module__).startswith(("torch.", "sessa_compiler.")):
+                    found.setdefault(f"{cls.__module__}.{cls.__qualname__}", None)
             return apply(cls, *args, **kwargs)
 
         base.apply = classmethod(recording)
