@@ -359,3 +359,35 @@ def test_gradient_checkpointing_inside_forward_keeps_every_gradient(backend, ree
     F.cross_entropy(m(ids).flatten(0, 1), ids.flatten()).backward()
     for n, p in m.named_parameters():
         assert got[n] is not None and relative_error(got[n], p.grad) <= 1e-5, n
+
+
+class BufferedRecurrence(torch.nn.Module):
+    """A recurrence writing each step into a preallocated buffer (DeltaNet / RWKV ports): o[:, t] = h."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.decay = torch.nn.Linear(8, 8), torch.nn.Parameter(torch.rand(8))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        u = self.lin(x)
+        h = x.new_zeros(B, D)
+        o = torch.empty_like(u)
+        for t in range(T):
+            h = torch.sigmoid(self.decay) * h + u[:, t]
+            o[:, t] = h
+        return o
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_index_assignment_into_a_buffer_trains(backend):
+    """The export's aten.copy ran as a torch fallback, which has no autograd formula: backward raised."""
+    torch.manual_seed(0)
+    m, x = BufferedRecurrence(), torch.randn(2, 5, 8)
+    c = sc.compile(m, backend=backend)
+    c(x).pow(2).sum().backward()
+    got = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m(x).pow(2).sum().backward()
+    for g, p in zip(got, m.parameters()):
+        assert relative_error(g, p.grad) <= 1e-5

@@ -768,6 +768,22 @@ def _squeeze(L, node):
     return L.emit("squeeze", [x], {"dims": dims}, node)
 
 
+@lowering(aten.copy.default)
+def _copy(L, node):
+    """``copy(dst, src)`` (functionalisation's form of ``dst.copy_(src)``, ``o[:, t] = h``): src cast to dst's dtype
+    and broadcast to its shape; dst's values are not read. (As a torch fallback it had no autograd formula.)"""
+    if node.kwargs.get("non_blocking"):
+        return NotImplemented
+    src, out_t = L.arg(node.args[1]), L.ttype(node.meta["val"])
+    if not isinstance(src, Value):
+        return NotImplemented
+    if src.type.dtype != out_t.dtype:
+        src = L.graph.make_node("cast", [src], {"dtype": out_t.dtype}, [TensorType(out_t.dtype, src.type.shape)]).output
+    if src.type.same_as(out_t):
+        return src
+    return L.emit("expand", [src], {"shape": list(out_t.shape)}, node)
+
+
 @lowering(aten.expand.default, aten.expand_as.default)
 def _expand(L, node):
     return L.emit("expand", [L.arg(node.args[0])], {"shape": [L.expr(d) for d in node.meta["val"].shape]}, node)
