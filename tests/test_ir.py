@@ -196,3 +196,19 @@ def test_any_value_name_round_trips(name):
     assert str(back) == str(g)
     assert [v.name for v in back.inputs] == [name + ".in"] and list(back.param_values) == [name]
     assert back.outputs[0].name == name + ".out"
+
+
+def test_dimension_identities_with_mod_and_floor_are_proved_by_residue():
+    """Padding T up to a multiple of a chunk (Mamba-2 SSD, chunked GLA) gives sizes sympy.simplify cannot compare;
+    is_zero proves them over the residues mod 8, and never calls a non-identity zero."""
+    from sessa_compiler.ir.types import folded_dim, is_zero, parse_dim
+
+    T = sym("T")
+    padded = T + sympy.Mod(7 * T, 8)
+    chunks = sympy.floor(padded / 8)
+    assert is_zero(padded - 8 * chunks)
+    assert folded_dim(sympy.floor(padded / chunks)) == 8
+    assert is_zero(parse_dim("PythonMod(-T, 8)") - sympy.Mod(7 * T, 8))
+    for wrong in (sympy.floor(T / 8), sympy.Mod(T, 8), padded - T, sympy.floor(T / 1000), chunks - T / 8):
+        assert not is_zero(wrong), wrong
+    assert folded_dim(sympy.floor(T / 1000)) == sympy.floor(T / 1000)   # 0 up to T = 999: not a constant

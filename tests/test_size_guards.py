@@ -136,3 +136,32 @@ def test_a_second_input_with_its_own_length_compiles(first):
         for t, s in (first, (5, 12), (9, 3), (6, 6)):
             x, mem = torch.randn(2, t, 32), torch.randn(2, s, 32)
             torch.testing.assert_close(c(x, mem), m(x, mem), rtol=1e-5, atol=1e-5)
+
+
+class PaddedChunks(torch.nn.Module):
+    """Pad T up to a multiple of the chunk, scan within chunks, cut back to T (Mamba-2 SSD's layout)."""
+
+    def __init__(self, chunk=8, python_mod=True):
+        super().__init__()
+        self.chunk, self.python_mod, self.lin = chunk, python_mod, torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        pad = (-T) % self.chunk if self.python_mod else (self.chunk - T % self.chunk) % self.chunk
+        h = torch.nn.functional.pad(self.lin(x), (0, 0, 0, pad))
+        h = torch.cumsum(h.reshape(B, (T + pad) // self.chunk, self.chunk, D), dim=2)
+        return h.reshape(B, T + pad, D)[:, :T]
+
+
+@pytest.mark.parametrize("python_mod", [True, False])
+def test_padding_to_a_multiple_of_the_chunk_compiles(python_mod):
+    """The reshape into chunks was refused ('cannot reshape f32[B, T+Mod(7*T,8), 8] ...': sympy cannot compare
+    the sizes) and (-T) % 8 did not parse (PythonMod)."""
+    torch.manual_seed(0)
+    m = PaddedChunks(python_mod=python_mod)
+    c = sc.compile(m, backend="eager")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # (torch.export guards the chunk count: a trace per count)
+        for t in (5, 16, 37) if python_mod else (37,):
+            x = torch.randn(2, t, 8)
+            torch.testing.assert_close(c(x), m(x), rtol=1e-6, atol=1e-6)

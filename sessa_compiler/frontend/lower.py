@@ -18,7 +18,7 @@ from ..errors import SessaCompilerError, TraceError
 from ..ir.dtypes import from_torch, to_torch
 from ..ir.graph import Graph, Value
 from ..ir.ops import UNARY, ArgRef
-from ..ir.types import DType, TensorType, format_dim, parse_dim, sym
+from ..ir.types import DType, TensorType, folded_dim, format_dim, parse_dim, sym
 from ..ir.verify import verify_graph
 
 aten = torch.ops.aten
@@ -93,7 +93,8 @@ class Lowerer:
                 # torch's own sympy functions (FloorDiv, PythonMod, ...) become the IR's (floor, Mod, ...): the
                 # expression written as text and read back, so every pass, backend and export sees one form
                 out = sympy.simplify(parse_dim(format_dim(out)))
-            return int(out) if out.is_Integer else out
+            out = folded_dim(out)   # a size that is one integer at every length (proved), that integer
+            return out if isinstance(out, int) else int(out) if out.is_Integer else out
         return s
 
     def ttype(self, fake) -> TensorType:

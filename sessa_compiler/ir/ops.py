@@ -13,7 +13,7 @@ import sympy
 
 from ..errors import IRError
 from .graph import Node, Value
-from .types import ArgRef, DType, TensorType, dims_equal, format_dim  # noqa: F401  (ArgRef is re-exported)
+from .types import ArgRef, DType, TensorType, dims_equal, format_dim, is_zero  # noqa: F401  (ArgRef is re-exported)
 
 # Op kinds: used by passes (fusion groups) and by .explain().
 CORE = "core"              # attention, feedback, scan, rope: what the compiler exists for
@@ -187,7 +187,7 @@ def reshape_infer(node):
         return [(x.dtype, None)]
     nx_ = sympy.Mul(*[sympy.sympify(d) for d in x.shape])
     ny = sympy.Mul(*[sympy.sympify(d) for d in shape])
-    if sympy.simplify(nx_ - ny) != 0:
+    if not is_zero(nx_ - ny):
         fail(node, f"cannot reshape {x} ({nx_} elements) to {shape_str(shape)} ({ny} elements)")
     return [TensorType(x.dtype, shape)]
 

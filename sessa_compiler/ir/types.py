@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Mapping, Union
@@ -61,7 +62,11 @@ class ArgRef:
         return f"arg({self.index})"
 
 
-DIM_FUNCS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Min": sympy.Min, "Max": sympy.Max, "Mod": sympy.Mod}
+DIM_FUNCS = {"floor": sympy.floor, "ceiling": sympy.ceiling, "Min": sympy.Min, "Max": sympy.Max, "Mod": sympy.Mod,
+             # torch's symbolic-shape functions, as a traced size prints them ((-T) % 8 is PythonMod(-T, 8)):
+             # on the positive integer sizes they take, sympy's Mod (Python's sign rule) and floor
+             "PythonMod": sympy.Mod, "FloorDiv": lambda a, b: sympy.floor(sympy.sympify(a) / b),
+             "CleanDiv": lambda a, b: sympy.sympify(a) / b, "FloorToInt": sympy.floor, "CeilToInt": sympy.ceiling}
 
 
 class DimEval:
@@ -137,7 +142,78 @@ def dims_equal(a: Dim, b: Dim) -> bool:
 @functools.lru_cache(maxsize=4096)
 def _dims_equal(a: Dim, b: Dim) -> bool:
     """sympy.simplify is slow (milliseconds) and the recognisers ask the same questions once per layer."""
-    return sympy.simplify(sympy.sympify(a) - sympy.sympify(b)) == 0
+    return is_zero(sympy.sympify(a) - sympy.sympify(b))
+
+
+def _period(e) -> int:
+    """The least common multiple of the moduli and of the denominators inside floor/ceiling in ``e`` (1: none)."""
+    period = 1
+    for f in sympy.preorder_traversal(e):
+        if isinstance(f, sympy.Mod) and f.args[1].is_Integer:
+            period = math.lcm(period, abs(int(f.args[1])))
+        elif isinstance(f, (sympy.floor, sympy.ceiling)):
+            for c in f.args[0].atoms(sympy.Rational):
+                period = math.lcm(period, int(c.q))
+    return period
+
+
+def _cancel_rounded(e):
+    """floor/ceiling of a ratio of polynomials, cancelled inside ((8k + 8)/(k + 1) -> 8), innermost first."""
+    return e.replace(lambda x: isinstance(x, (sympy.floor, sympy.ceiling)),
+                     lambda x: type(x)(sympy.cancel(sympy.expand(x.args[0]))))
+
+
+def _refuted(d, symbols, period: int) -> bool:
+    """Whether ``d`` is nonzero at some small sizes (exact integer evaluation): the cheap half of is_zero."""
+    for n in range(1, 2 * period + 2):
+        for other in (n, 1, 3):
+            v = d.xreplace({s: (n if i == 0 else other) for i, s in enumerate(symbols)})
+            if v.is_number and v != 0:
+                return True
+    return False
+
+
+@functools.lru_cache(maxsize=4096)
+def is_zero(d) -> bool:
+    """True when the dimension expression ``d`` is zero for every positive integer value of its symbols. Beyond
+    sympy.simplify, an expression with Mod or floor of period p (padding T up to a multiple of a chunk:
+    ``T + Mod(7*T, 8)``, ``floor((T + Mod(7*T, 8))/8)``) is proved zero case by case over the residues: each
+    symbol written p*k + r (r = 0..p-1, k a new integer symbol), where Mod and floor reduce to polynomials in k."""
+    d = sympy.simplify(d)
+    if d == 0:
+        return True
+    symbols = sorted(d.free_symbols, key=str)
+    period = _period(d)
+    if not symbols or period == 1 or period > 64 or period ** len(symbols) > 256 or _refuted(d, symbols, period):
+        return False
+    for residues in itertools.product(range(period), repeat=len(symbols)):
+        sub = {s: period * sympy.Symbol(f"k_{s}_{r}", integer=True, positive=r == 0, nonnegative=True) + r
+               for s, r in zip(symbols, residues)}
+        e = d.xreplace(sub)
+        for _ in range(3):   # nested floors: cancel, evaluate, again
+            e = sympy.expand(_cancel_rounded(e))
+            if e == 0:
+                break
+        if e != 0:
+            e = sympy.simplify(e)
+        if e != 0:
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=4096)
+def folded_dim(d):
+    """``d`` itself, or the integer it equals at every size (a chunk count's ``floor((T + Mod(7*T, 8))/floor(...))``
+    that is 8 however long T is): proved with is_zero, never assumed from samples."""
+    if isinstance(d, int) or not isinstance(d, sympy.Basic) or not d.free_symbols or _period(d) == 1:
+        return d
+    try:
+        value = d.xreplace({s: 37 for s in d.free_symbols})
+        if not value.is_Integer or any(d.xreplace({s: n for s in d.free_symbols}) != value for n in (1, 2, 5, 9, 64)):
+            return d
+        return int(value) if is_zero(d - value) else d
+    except (TypeError, ValueError, ZeroDivisionError):
+        return d
 
 
 def eval_dim(d: Dim, binding: Mapping[str, int]) -> int:
