@@ -1441,14 +1441,17 @@ def _long_rotation_err(g, n, xq, xk, cand, long_t: int, tol: float):
     d = n.inputs[0].type.shape[3]
     # the channel order as a permutation of the last dim (perm[i]: the channel that lands at i), and its inverse
     pq = next(steps for name, steps, _ in _channel_orders(d, 1, 1) if name == order)
-    perm = apply_steps(torch.arange(d, dtype=torch.float64).reshape(1, 1, 1, d), pq, {"B": 1, "T": 1})
+    b, t = (s if isinstance(s, int) else 1 for s in _bt())   # (a graph from dynamo may fix B or T: its sizes)
+    channels = torch.arange(d, dtype=torch.float64).reshape(1, 1, 1, d).expand(b, t, 1, d)
+    perm = apply_steps(channels, pq, {"B": b, "T": t})[0, 0]
     undo = torch.argsort(perm.reshape(d).long())
     worst = 0.0
     for x, steps, out in ((xq, qa, n.inputs[0]), (xk, ka, n.inputs[1])):
         def canonical(inp, binding, x=x, steps=steps):
             return rope_ref(apply_steps(inp[x], steps, binding), data)[..., undo]
 
-        err = probe(g, {x: "normal"}, out, canonical, lengths=(long_t,), batch=1)
+        batch = out.type.shape[0] if isinstance(out.type.shape[0], int) else 1   # (dynamo fixes B: its size)
+        err = probe(g, {x: "normal"}, out, canonical, lengths=(long_t,), batch=batch)
         if err is None or err > tol / _ROTATION_MARGIN:
             return None
         worst = max(worst, err)
