@@ -362,6 +362,10 @@ def sessa_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
         data = [example_inputs[i] for i in layout.data]
         if not data:
             raise TraceError("the graph has no tensor inputs besides parameters")
+        if any(isinstance(d, torch.Tensor) and d.numel() == 0 for d in data):
+            # dynamo specialises a size 0 (an empty batch or sequence): nothing for a kernel to do, and the
+            # recognisers' probes cannot run at size 0 (sc.compile traces on a grown example instead)
+            raise TraceError("an input is empty (dynamo specialises size 0)")
         dynamic = {"inputs": tuple(dims or None for dims in layout.dynamic)}  # forward(*inputs)
         with torch.no_grad(), _outside_dynamo():
             traced = trace_with_report(module, tuple(d.detach() for d in data), dynamic_shapes=dynamic)

@@ -342,3 +342,16 @@ def test_reports_take_slices_and_stay_bounded():
     assert isinstance(reports, ReportLog) and reports.maxlen == 64
     log = ReportLog([1, 2, 3], maxlen=2)
     assert log[-2:] == [2, 3] and log[0] == 2 and list(log) == [2, 3]
+
+
+def test_an_empty_batch_or_sequence_goes_to_the_fallback():
+    """dynamo specialises a size 0; the recognisers' probes failed on it (max() of an empty tensor) and the
+    call raised BackendCompilerFailed."""
+    torch._dynamo.reset()
+    module = SessaLayer(32, n_heads=2)
+    compiled = torch.compile(module, backend="sessa", options={"backend": "eager", "fallback": "eager"})
+    for shape in ((0, 5, 32), (2, 0, 32)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            assert compiled(x).shape == module(x).shape == shape
+    assert any("empty" in (r.reason or "") for r in sd.reports)

@@ -37,6 +37,10 @@ class DType:
     def is_float(self) -> bool:
         return self.name in FLOAT_DTYPES
 
+    @property
+    def is_complex(self) -> bool:
+        return self.name in ("c64", "c128")
+
     def __repr__(self) -> str:
         return f"dtype.{self.name}"
 
