@@ -24,13 +24,17 @@ from .ir.dtypes import from_torch, to_torch
 from .errors import ConfigError, InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
 from .frontend.guards import ModuleGuard
 from .frontend.lower import as_pairs, pair_source
-from .frontend.trace import (Traced, autocast_state, batch_of, broadcasts, check_keywords, export_autocast,
+from .frontend.trace import (Traced, autocast_state, batch_of, broadcasts, casts_float_inputs, check_keywords,
+                             export_autocast,
                              other_integer_dtypes, tensor_leaves, trace_with_report,
                              warn_folded_trainables)
 from .ir.ops import CORE, OPS
 from .persistent_cache import collecting, tensor_digest
 from .serving import SERVING_METHODS as _SERVING_METHODS
 from .tolerance import TOLERANCE, graph_tolerance, relative_error  # noqa: F401  (re-exported: sessa_compiler.api.TOLERANCE)
+
+
+_OTHER_FLOAT = "another float dtype"
 
 
 def _why_not(traced: Traced, args, kwargs) -> str | None:
@@ -52,6 +56,9 @@ def _why_not(traced: Traced, args, kwargs) -> str | None:
         other = other_integer_dtypes(graph, args)
         if other:
             return f"input {other} has another integer or bool dtype than traced"
+        other = other_integer_dtypes(graph, args, floats=True)
+        if other:
+            return f"input {other} has {_OTHER_FLOAT} than traced"
         batch = batch_of(args)
         spread = [v.name for x, v in zip(args, graph.inputs) if broadcasts(x, batch) and v.type.rank == x.dim()
                   and not isinstance(v.type.shape[0], int)]
@@ -103,6 +110,10 @@ def cached_trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = Non
         progress.stage("torch.export")
         traced = compile_cache.recorded_trace(lambda: trace_with_report(module, args, kwargs), module, key, why)
     return traced, "miss" if key else "off", "; ".join(why) or None
+
+
+class _NotAccepted(Exception):
+    """A new trace that does not fit the call it was made for (CompiledModule._trace's ``accept``)."""
 
 
 class _RecomputeGrad(torch.autograd.Function):
@@ -216,7 +227,7 @@ _INTERPRETER_LOCK = threading.Lock()
 # per-call state, rebuilt after unpickling (see CompiledModule.__getstate__)
 _RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_contexts", "_variants", "_lock", "_fresh", "_live",
             "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces", "_serving",
-            "trace_cache_why", "cache_notes", "uncompiled_calls", "_said")
+            "trace_cache_why", "cache_notes", "uncompiled_calls", "_said", "_refused_dtypes")
 ORIGINAL = "_orig_mod"  # the original module's attribute name (as torch.compile's OptimizedModule names it)
 
 
@@ -538,6 +549,7 @@ class CompiledModule(torch.nn.Module):
         # (Traced, runner, _Live, modes): one per keyword signature, path through size-dependent code, train/eval
         # modes of the submodules and parameter dtypes seen so far
         self._variants: list = []
+        self._refused_dtypes: set = set()   # input dtypes a float-dtype retrace showed the module does not take
         self._lock = threading.RLock()
         self._fresh: set = set()     # runners not called yet (their first call may build kernels)
         self.grad_recomputes = 0    # calls whose backward recomputes on eager
@@ -589,7 +601,7 @@ class CompiledModule(torch.nn.Module):
         return f"backend={backend!r}, {state}" + (", validate=True" if self.validate else "")
 
     # -- tracing ---------------------------------------------------------------------------------------
-    def _trace(self, args: tuple, kwargs: dict | None = None) -> None:
+    def _trace(self, args: tuple, kwargs: dict | None = None, accept=None) -> None:
         # tracing, the recognisers' probes and a backend's preparation may run ops that draw random numbers (a
         # dropout in a probed region): torch's generators are given back as they were, so the call that traces
         # draws the same dropout masks as the module would, and leaves the generators where it would
@@ -599,12 +611,17 @@ class CompiledModule(torch.nn.Module):
         # trace and the probes save are not the call's, and the recomputation (which does not trace) would
         # count fewer; an innermost pair of hooks that keep tensors as they are takes them
         with torch.random.fork_rng(devices=devices), _own_saved_tensors(), _python_rng_kept():
-            self._trace_unseeded(args, kwargs)
+            self._trace_unseeded(args, kwargs, accept)
 
-    def _trace_unseeded(self, args: tuple, kwargs: dict | None = None) -> None:
+    def _trace_unseeded(self, args: tuple, kwargs: dict | None = None, accept=None) -> None:
+        """``accept(traced) -> bool``: whether the new trace fits (else nothing is prepared or kept, and
+        _NotAccepted is raised)."""
         start = time.perf_counter()
         with _progress(f"sessa_compiler: tracing {type(self._orig_mod).__name__}", self.progress):
-            self._traced = self._cached_trace(args, kwargs)
+            traced = self._cached_trace(args, kwargs)
+        if accept is not None and not accept(traced):
+            raise _NotAccepted
+        self._traced = traced
         args = tuple(self._traced.tensor_inputs(args, kwargs or {}))  # the graph's inputs
         graph = self._traced.graph
         self._live = _Live(self._orig_mod, graph, self._traced.assumed)
@@ -825,6 +842,8 @@ class CompiledModule(torch.nn.Module):
                     return params
         if limited and self.max_traces is not None and len(self._variants) >= self.max_traces:
             self._beyond_limit(reason or state or amp)
+        if reason is not None and _OTHER_FLOAT in reason and state is None:   # (else .double(): a new trace)
+            return self._trace_float_dtype(current, args, kwargs, reason)
         if reason is not None:
             warnings.warn(f"compiled {type(self._orig_mod).__name__}: {reason}; tracing it again for this call "
                           f"(traced graph {len(self._variants) + 1}: each keyword-argument signature and each path "
@@ -839,6 +858,23 @@ class CompiledModule(torch.nn.Module):
                                  f"this call failed: {e}") from e
             raise
         return None
+
+    def _trace_float_dtype(self, current, args, kwargs, reason: str):
+        """A float input of another dtype than traced: its own trace when the module casts it (``x.to(w.dtype)``:
+        the new graph reads it through casts only), else the input check's InputError, as before (the module
+        raises on it, or would compute in another dtype than any graph traced). No warning: a trace per dtype."""
+        old = current[0]
+        dtypes = tuple(x.dtype for x in old.tensor_inputs(args, kwargs))
+        if dtypes not in self._refused_dtypes:
+            try:
+                self._trace(args, kwargs, accept=lambda new: casts_float_inputs(new.graph, old.graph))
+                self.retraces.append(reason)
+                return None
+            except (SessaCompilerError, _NotAccepted):
+                pass
+        self._refused_dtypes.add(dtypes)   # (traced once: later calls in these dtypes raise at once)
+        bind_symbols(old.graph, list(old.tensor_inputs(args, kwargs)))   # raises the input check's InputError
+        raise InputError(f"compiled {type(self._orig_mod).__name__}: {reason}")
 
     def _say_once(self, kind: str, message: str, stacklevel: int) -> None:
         """Count a call that runs the original module, and warn of its reason the first time it is ``kind``."""

@@ -4,6 +4,7 @@ answer; none may run a graph traced for the module as it was (frontend/guards.py
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import sessa_compiler as sc
+from sessa_compiler.api import relative_error
 from sessa_compiler.models import SessaLayer
 
 try:
@@ -709,3 +711,32 @@ def test_a_changed_default_dtype_traces_again(backend):
             assert "default dtype" in c.retraces[-1]
         finally:
             torch.set_default_dtype(before)
+
+
+class CastsItsInput(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x.to(self.lin.weight.dtype)))
+
+
+def test_a_module_that_casts_its_input_takes_other_float_dtypes():
+    """After a float32 call, a float64 input was an InputError although the module casts it; a module that does
+    not cast its input still gets the InputError (once traced, then at once)."""
+    torch.manual_seed(0)
+    m = CastsItsInput()
+    c = sc.compile(m, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a graph per input dtype: no warning
+        for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float32):
+            x = torch.randn(2, 5, 8, dtype=dtype)
+            out = c(x)
+            assert out.dtype == torch.float32 and relative_error(out, m(x)) <= 1e-6
+    layer = sc.compile(SessaLayer(16, n_heads=2), backend="eager")
+    layer(torch.randn(2, 5, 16))
+    for _ in range(2):
+        with pytest.raises(sc.InputError, match=r"expected dtype torch.float32 .* got torch.float64"):
+            layer(torch.randn(2, 5, 16, dtype=torch.float64))
+    assert len(layer._variants) == 1 and len(layer._refused_dtypes) == 1

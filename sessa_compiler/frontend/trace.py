@@ -614,10 +614,11 @@ def _range_guards(ep, sym_map: dict) -> list:
     return out
 
 
-def other_integer_dtypes(graph, args) -> str | None:
+def other_integer_dtypes(graph, args, floats: bool = False) -> str | None:
     """Which inputs differ from the graph's types only in an integer or bool dtype (int32 token ids where int64
-    were traced, a bool mask where a long one was): the module takes them, so they get their own trace. A float
-    input of another float dtype stays an error (a float32 input to a float64 model)."""
+    were traced, a bool mask where a long one was): the module takes them, so they get their own trace. With
+    ``floats``, which differ only in a float dtype: a module that casts its input (``x.to(self.w.dtype)``) takes a
+    float64 input after a float32 call (the new trace must show the cast: casts_float_inputs)."""
     if len(args) != len(graph.inputs):
         return None
     names = []
@@ -626,10 +627,22 @@ def other_integer_dtypes(graph, args) -> str | None:
         if not isinstance(x, torch.Tensor) or x.dim() != v.type.rank:
             return None
         if x.dtype != want:
-            if x.dtype.is_floating_point and want.is_floating_point:
+            if (x.dtype.is_floating_point and want.is_floating_point) != floats:
                 return None
             names.append(f"%{v.name} ({x.dtype}, traced {want})")
     return ", ".join(names) or None
+
+
+def casts_float_inputs(graph, before) -> bool:
+    """Whether every float input of ``graph`` whose dtype differs from ``before``'s (an earlier trace) is read only
+    through casts: the module casts it (to its weights' dtype), so the graph holds for it. A module that computes
+    with it directly (a float64 input into float32 weights: the module raises, or promotes) does not fit."""
+    users = graph.users()
+    for v, w in zip(graph.inputs, before.inputs):
+        if v.type.dtype != w.type.dtype and v.type.dtype.is_float:
+            if any(n.op != "cast" for n in users.get(v, [])):
+                return False
+    return True
 
 
 def warn_folded_trainables(module, names, stacklevel: int = 3) -> None:
