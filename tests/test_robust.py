@@ -161,3 +161,18 @@ def test_a_failed_whole_graph_build_leaves_no_tvm_warning_on_stderr(monkeypatch,
     del c
     gc.collect()
     assert "BlockBuilder destroyed" not in capfd.readouterr().err
+
+
+def test_a_forward_that_changes_a_parameter_names_it():
+    """nn.Embedding(max_norm=...) renormalises its weight in place: the error said 'an in-place op on an input or a
+    buffer' without naming the parameter."""
+    class Renormed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4, max_norm=1.0)
+
+        def forward(self, ids):
+            return self.emb(ids)
+
+    with pytest.raises(sc.SessaCompilerError, match=r"changes its parameters 'emb.weight' in forward.*max_norm"):
+        sc.compile(Renormed(), backend="eager")(torch.randint(0, 10, (2, 3)))

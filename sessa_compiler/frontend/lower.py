@@ -343,6 +343,14 @@ class Lowerer:
                                "in eval mode, or use a norm without running statistics such as LayerNorm or "
                                "GroupNorm for training)" if norms else
                                ": compute new tensors and return them, or update the buffers outside forward"))
+                    params = [s.target for s in sig.output_specs
+                              if s.kind == torch.export.graph_signature.OutputKind.PARAMETER_MUTATION]
+                    if params:
+                        shown = ", ".join(f"'{p}'" for p in params[:4]) + (" ..." if len(params) > 4 else "")
+                        raise TraceError(
+                            f"the module changes its parameters {shown} in forward; that is not supported (e.g. an "
+                            "nn.Embedding with max_norm renormalises the rows it looks up in place: compile it "
+                            "without max_norm, or renormalise the weight outside forward)")
                     raise TraceError(f"the module mutates tensors in forward ({', '.join(sorted(kinds))}: an "
                                      "in-place op on an input or a buffer); that is not supported: compute a new "
                                      "tensor instead (x = x + 1, not x.add_(1))")
