@@ -165,3 +165,36 @@ def test_padding_to_a_multiple_of_the_chunk_compiles(python_mod):
         for t in (5, 16, 37) if python_mod else (37,):
             x = torch.randn(2, t, 8)
             torch.testing.assert_close(c(x), m(x), rtol=1e-6, atol=1e-6)
+
+
+class DecayWithState(torch.nn.Module):
+    """RetNet-style chunk retention carrying a state: a 16 x 16 decay buffer sliced [:T, :T] (export then excludes
+    T = 16) and a state input [B, h, d, d] whose dim 1 is not the sequence."""
+
+    def __init__(self, d=8, heads=2):
+        super().__init__()
+        self.heads, self.dk = heads, d // heads
+        self.qkv = torch.nn.Linear(d, 3 * d, bias=False)
+        n = torch.arange(16.0)
+        self.register_buffer("decay", torch.where(n[:, None] >= n[None, :], 0.9 ** (n[:, None] - n[None, :]), 0.0))
+
+    def forward(self, x, state):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, self.dk).permute(2, 0, 3, 1, 4)
+        inner = ((q @ k.transpose(-1, -2)) * self.decay[:T, :T]) @ v + q @ state
+        return inner.transpose(1, 2).reshape(B, T, D), state * 0.5 + k.transpose(-1, -2) @ v
+
+
+def test_the_needless_exclusion_check_resizes_only_the_sequence_dims():
+    """The check of `T != 16` set dim 1 of every input to 16, the state's too: the module refused, the exclusion
+    stayed and T = 16 traced again (under torch.compile, with a traceback on stderr)."""
+    torch.manual_seed(0)
+    m = DecayWithState()
+    c = sc.compile(m, backend="eager")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for t in (5, 16):
+            x, state = torch.randn(1, t, 8), torch.randn(1, 2, 4, 4)
+            for got, want in zip(c(x, state), m(x, state)):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(c._variants) == 1

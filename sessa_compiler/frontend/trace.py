@@ -901,7 +901,11 @@ def _needless(module, args, guard: Guard, graph: Graph) -> bool:
     if not 1 <= size <= _MAX_CHECKED_SIZE:
         return False
     gen = torch.Generator().manual_seed(size)
-    dim_names = _dim_names(args)
+    if len(graph.inputs) == len(args):   # the dims the graph gives that symbol (a state input's dim 1 may not be T)
+        dim_names = {(i, d): str(s) for i, v in enumerate(graph.inputs) for d, s in enumerate(v.type.shape)
+                     if isinstance(s, sympy.Symbol)}
+    else:
+        dim_names = _dim_names(args)
     inputs = []
     for i, x in enumerate(args):
         shape = [size if dim_names.get((i, d)) == name else n for d, n in enumerate(x.shape)]
