@@ -25,8 +25,7 @@ from .errors import ConfigError, InputError, SessaCompilerError, TraceError, Uns
 from .frontend.guards import ModuleGuard
 from .frontend.lower import as_pairs, pair_source
 from .frontend.trace import (Traced, autocast_state, batch_of, broadcasts, casts_float_inputs, check_keywords,
-                             export_autocast,
-                             other_integer_dtypes, tensor_leaves, trace_with_report,
+                             export_autocast, other_integer_dtypes, tensor_leaves, trace_with_report,
                              warn_folded_trainables)
 from .ir.ops import CORE, OPS
 from .persistent_cache import collecting, tensor_digest

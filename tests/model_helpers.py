@@ -2,6 +2,33 @@
 import torch
 
 
+class NeoxRopeAttention(torch.nn.Module):
+    """Causal attention with GPT-NeoX's rotary embedding (rotate_half) before SDPA. ``learned``: the inverse
+    frequencies are an nn.Parameter (trained), else a buffer."""
+
+    def __init__(self, d=32, heads=4, learned=False):
+        super().__init__()
+        self.heads, hd = heads, d // heads
+        self.qkv, self.o = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+        if learned:
+            self.inv_freq = torch.nn.Parameter(inv_freq)
+        else:
+            self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        fr = torch.outer(torch.arange(T, dtype=torch.float32), self.inv_freq)
+        cos, sin = torch.cat([fr, fr], -1).cos(), torch.cat([fr, fr], -1).sin()
+
+        def rot(t):
+            a, b = t.chunk(2, -1)
+            return t * cos + torch.cat([-b, a], -1) * sin
+        y = torch.nn.functional.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=True)
+        return self.o(y.transpose(1, 2).reshape(B, T, D))
+
+
 def randomize(m, gamma_bias=None, seed=0):
     """Fresh random weights of a size that exercises every op (matrices 0.3, vectors 0.5 std), with the
     Sessa gamma bias planted at `gamma_bias` when given; returns the module in eval mode."""

@@ -20,7 +20,7 @@ from sessa_compiler import dynamo as sd
 from sessa_compiler.errors import ConfigError
 from sessa_compiler.models import Decoder, MambaLayer, SessaLayer
 from sessa_compiler.tolerance import TOLERANCE, relative_error
-from tests.model_helpers import randomize
+from tests.model_helpers import NeoxRopeAttention, randomize
 
 triton_env.require_interpreter()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -69,30 +69,8 @@ def _reference_layer():
     return RefLayer(32, n_heads=4, n_kv_heads=2)
 
 
-class NeoxRopeAttention(torch.nn.Module):
-    """GPT-NeoX's rotary embedding (rotate_half) before SDPA: its fold's channel order is a reshape that holds
-    dynamo's fixed batch size (the long-position check built it at batch 1 and failed at the second length)."""
-
-    def __init__(self, d=32, heads=4):
-        super().__init__()
-        self.heads, hd = heads, d // heads
-        self.qkv, self.o = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
-        self.register_buffer("inv_freq", 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd)), persistent=False)
-
-    def forward(self, x):
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        fr = torch.outer(torch.arange(T, dtype=torch.float32), self.inv_freq)
-        cos, sin = torch.cat([fr, fr], -1).cos(), torch.cat([fr, fr], -1).sin()
-
-        def rot(t):
-            a, b = t.chunk(2, -1)
-            return t * cos + torch.cat([-b, a], -1) * sin
-        y = torch.nn.functional.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, T, D))
-
-
 MODELS = {
+    # (GPT-NeoX RoPE: its fold's channel order is a reshape that holds dynamo's fixed batch size)
     "NeoX RoPE attention": (NeoxRopeAttention, lambda T, g: torch.randn(2, T, 32, generator=g), {"attention"}),
     # name: (module factory, input at sequence length T, core ops every graph must hold)
     "SessaLayer": (lambda: SessaLayer(32, n_heads=4), lambda T, g: torch.randn(2, T, 32, generator=g),

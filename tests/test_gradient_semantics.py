@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import sessa_compiler as sc
 from sessa_compiler.api import relative_error
+from model_helpers import NeoxRopeAttention
 
 try:
     import tvm  # noqa: F401
@@ -287,34 +288,12 @@ def test_left_padded_rows_get_the_modules_gradient_for_either_mask_spelling(addi
     assert len(att) == 1 and att[0].attrs.get("empty_grad", True) == additive, c.explain()
 
 
-class LearnedRope(torch.nn.Module):
-    """RoPE whose inverse frequencies are an nn.Parameter (trained), folded into the attention op."""
-
-    def __init__(self, d=32, heads=4):
-        super().__init__()
-        self.heads, hd = heads, d // heads
-        self.qkv, self.o = torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
-        self.inv_freq = torch.nn.Parameter(1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd)))
-
-    def forward(self, x):
-        B, T, D = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        fr = torch.outer(torch.arange(T, dtype=torch.float32), self.inv_freq)
-        cos, sin = torch.cat([fr, fr], -1).cos(), torch.cat([fr, fr], -1).sin()
-
-        def rot(t):
-            a, b = t.chunk(2, -1)
-            return t * cos + torch.cat([-b, a], -1) * sin
-        y = torch.nn.functional.scaled_dot_product_attention(rot(q), rot(k), v, is_causal=True)
-        return self.o(y.transpose(1, 2).reshape(B, T, D))
-
-
 @pytest.mark.parametrize("backend", ["eager", "tvm"])
 def test_a_trainable_rope_frequency_table_gets_its_gradient(backend):
     """The attention backward kernels differentiate q, k and v only: the table's gradient came back None on TVM
     (the parameter silently stopped training); it is computed through the op's definition."""
     torch.manual_seed(0)
-    m = LearnedRope()
+    m = NeoxRopeAttention(learned=True)
     x, w = torch.randn(2, 19, 32), torch.randn(2, 19, 32)
     c = sc.compile(m, backend=backend)
     (c(x) * w).sum().backward()
