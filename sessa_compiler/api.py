@@ -826,6 +826,8 @@ class CompiledModule(torch.nn.Module):
         amp = _autocast_mismatch(self._traced, args, kwargs)
         if reason is None and state is None and amp is None:
             return params  # the live tensors, read once per call
+        if reason is not None and _OTHER_FLOAT in reason and state is not None:
+            reason = None   # the module's own dtype moved (.double()): its state says why, as before (no warning)
         signature = inspect.signature(self._orig_mod.forward)
         try:
             signature.bind(*args, **kwargs)

@@ -740,3 +740,8 @@ def test_a_module_that_casts_its_input_takes_other_float_dtypes():
         with pytest.raises(sc.InputError, match=r"expected dtype torch.float32 .* got torch.float64"):
             layer(torch.randn(2, 5, 16, dtype=torch.float64))
     assert len(layer._variants) == 1 and len(layer._refused_dtypes) == 1
+    layer.double()   # the module's own dtype moved: a new trace without a warning, as before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        x = torch.randn(2, 5, 16, dtype=torch.float64)
+        assert relative_error(layer(x), layer.original(x)) <= 1e-10
