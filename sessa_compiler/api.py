@@ -93,7 +93,7 @@ def cached_trace(module: torch.nn.Module, args: tuple, kwargs: dict | None = Non
 
     why: list = []
     amp = autocast_state(tensor_leaves(args, kwargs))
-    with _autocast_off(args), export_autocast(amp):
+    with _autocast_off(amp), export_autocast(amp):
         progress.stage("looking up the compile cache")
         modes = _modes(module) + ((amp,) if amp else ())   # a graph traced under autocast holds its casts
         key = compile_cache.module_key(module, args, kwargs, modes, why) if compile_cache.enabled() else None
@@ -208,17 +208,11 @@ def _autocast_mismatch(traced: Traced, args, kwargs) -> str | None:
     return f"called under {say(amp)}, traced under {say(was)}"
 
 
-@contextlib.contextmanager
-def _autocast_off(args):
-    """Trace with autocast off: recognisers and their probes see the graph's own dtypes; a call under autocast is
-    exported under it (frontend.trace.export_autocast: the graph then holds autocast's casts as ops) and runs
-    with autocast off."""
-    device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-    if not _autocast_on(args):
-        yield
-        return
-    with torch.autocast(device, enabled=False):
-        yield
+def _autocast_off(amp: tuple | None):
+    """Autocast off for the device of ``amp`` (autocast_state), where it is on: recognisers and their probes see
+    the graph's own dtypes; a call under autocast is exported under it (frontend.trace.export_autocast: the graph
+    then holds autocast's casts as ops) and runs with autocast off."""
+    return torch.autocast(amp[0], enabled=False) if amp is not None else contextlib.nullcontext()
 
 
 # Triton's interpreter (CPU tensors) patches module-level state while a kernel runs: one at a time per process
@@ -843,7 +837,7 @@ class CompiledModule(torch.nn.Module):
                     return params
         if limited and self.max_traces is not None and len(self._variants) >= self.max_traces:
             self._beyond_limit(reason or state or amp)
-        if reason is not None and _OTHER_FLOAT in reason and state is None:   # (else .double(): a new trace)
+        if reason is not None and _OTHER_FLOAT in reason:   # (after .double() reason is None: a new trace)
             return self._trace_float_dtype(current, args, kwargs, reason)
         if reason is not None:
             warnings.warn(f"compiled {type(self._orig_mod).__name__}: {reason}; tracing it again for this call "
@@ -865,7 +859,8 @@ class CompiledModule(torch.nn.Module):
         the new graph reads it through casts only), else the input check's InputError, as before (the module
         raises on it, or would compute in another dtype than any graph traced). No warning: a trace per dtype."""
         old = current[0]
-        dtypes = tuple(x.dtype for x in old.tensor_inputs(args, kwargs))
+        inputs = list(old.tensor_inputs(args, kwargs))
+        dtypes = tuple(x.dtype for x in inputs)
         if dtypes not in self._refused_dtypes:
             try:
                 self._trace(args, kwargs, accept=lambda new: casts_float_inputs(new.graph, old.graph))
@@ -874,7 +869,7 @@ class CompiledModule(torch.nn.Module):
             except (SessaCompilerError, _NotAccepted):
                 pass
         self._refused_dtypes.add(dtypes)   # (traced once: later calls in these dtypes raise at once)
-        bind_symbols(old.graph, list(old.tensor_inputs(args, kwargs)))   # raises the input check's InputError
+        bind_symbols(old.graph, inputs)   # raises the input check's InputError
         raise InputError(f"compiled {type(self._orig_mod).__name__}: {reason}")
 
     def _say_once(self, kind: str, message: str, stacklevel: int) -> None:
@@ -916,12 +911,8 @@ class CompiledModule(torch.nn.Module):
         raise _Uncompiled
 
     def _run(self, args: list, graph, runner, params, traced=None) -> list:
-        if getattr(traced, "autocast", None) is not None:   # the graph holds autocast's casts as ops
-            with torch.autocast(traced.autocast[0], enabled=False):
-                outs, recomputed = run_with_autograd(self._backend, runner, graph, args, params, self._eager_runners)
-            self.grad_recomputes += recomputed
-            return outs
-        outs, recomputed = run_with_autograd(self._backend, runner, graph, args, params, self._eager_runners)
+        with _autocast_off(getattr(traced, "autocast", None)):   # a graph traced under autocast holds its casts
+            outs, recomputed = run_with_autograd(self._backend, runner, graph, args, params, self._eager_runners)
         self.grad_recomputes += recomputed
         return outs
 

@@ -93,8 +93,11 @@ def _install_audit_hook() -> None:
             _AUDIT_INSTALLED = True
 
 
-def dir_listing(path: str) -> str | None:
-    """A directory's sorted entry names, hashed (None when it cannot be listed)."""
+def data_digest(kind: str, path: str) -> str | None:
+    """A file's content hash (kind "file") or a directory's sorted entry names, hashed (kind "dir"); None when it
+    cannot be read."""
+    if kind == "file":
+        return file_hash(path)
     try:
         return stable_hash(sorted(os.listdir(path)))
     except OSError:
@@ -736,9 +739,8 @@ class Recorder:
                 except (LookupError, NotKeyable):
                     continue
         data = {}
-        for kind, path in self._data:
-            digest = file_hash(path) if kind == "file" else dir_listing(path)
-            data[f"{kind}:{path}"] = digest   # (None: it did not exist; a file made since is a miss too)
+        for kind, path in self._data:   # (None: it did not exist; a file made since is a miss too)
+            data[f"{kind}:{path}"] = data_digest(kind, path)
         return {"files": files, "functions": functions, "globals": dict(self._globals), "libraries": libraries,
                 "environ": dict(self._environ), "data": data}
 
@@ -792,7 +794,7 @@ def check_manifest(manifest: dict) -> str | None:
             return f"environment variable {key} is now {os.environ.get(key)!r}, traced with {value!r}"
     for key, digest in manifest.get("data", {}).items():
         kind, _, path = key.partition(":")
-        if (file_hash(path) if kind == "file" else dir_listing(path)) != digest:
+        if data_digest(kind, path) != digest:
             return f"{'file' if kind == 'file' else 'directory'} {path} (read by the forward) changed"
     sites = _site_dirs()
     for (mod, name), fp in manifest["globals"].items():

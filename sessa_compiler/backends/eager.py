@@ -20,7 +20,7 @@ from .base import Backend
 
 
 
-def _has_half(graph: Graph) -> bool:
+def half_model(graph: Graph) -> bool:
     """Whether the graph is a half-precision model's: a bf16/fp16 input or parameter. A float32 model's own
     16-bit values (an explicit ``x.to(torch.bfloat16).float()`` round trip, fake quantisation, the casts of a
     graph traced under torch.autocast) are roundings the module makes, kept as they are: widening them dropped
@@ -35,7 +35,7 @@ def widened(graph: Graph) -> Graph | None:
     the module itself misses it (docs/spec.md, "Half precision at extreme settings")."""
     from ..ir.types import TensorType
 
-    if not _has_half(graph):
+    if not half_model(graph):
         return None
     if any(n.op == "fallback" and "dtype" in repr(n.attrs) for n in graph.nodes):
         return None
@@ -53,7 +53,7 @@ def widened(graph: Graph) -> Graph | None:
 def run_half_in_float32(graph: Graph, cache: dict, inputs, params):
     """Run a graph with half-precision values in float32 (inputs and parameters widened, outputs rounded back
     to their declared dtypes once); a graph without half values runs as it is."""
-    if not _has_half(graph):
+    if not half_model(graph):
         return run_graph(graph, inputs, params)
     key = str(graph)  # the graph may be edited between calls: widen what is there now
     if key not in cache:

@@ -362,6 +362,8 @@ def _add_findings(kind: str, names) -> None:
 def _findings(kind: str) -> tuple:
     """The names of ``kind`` the current trace recorded, each once, in order."""
     return tuple(dict.fromkeys(getattr(_FINDINGS, "found", {}).get(kind, ())))
+
+
 _OWN_STATE = frozenset({"_parameters", "_buffers", "_modules", "training", "forward"})
 
 

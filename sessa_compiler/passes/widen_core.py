@@ -10,11 +10,10 @@ Relax's legalised softmax over a T x T matrix, 10x slower than the module itself
 """
 from __future__ import annotations
 
+from ..ir.dtypes import HALF as NARROW
 from ..ir.graph import Graph, Value
 from ..ir.ops import CORE_OPS
 from ..ir.types import DType, TensorType
-
-NARROW = ("bf16", "f16")
 
 
 def _narrow(x) -> bool:

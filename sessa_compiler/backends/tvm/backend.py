@@ -16,11 +16,12 @@ import dataclasses
 import torch
 
 from ...errors import InputError, UnsupportedError
+from ...ir.dtypes import HALF
 from ...ir.graph import Graph, Node, Value
 from ...ir.ops import view_root
 from ...progress import stage
 from ..base import Backend, CompileContext
-from ..eager import bind_symbols, eager_when_empty, resolve, run_node
+from ..eager import bind_symbols, eager_when_empty, half_model, resolve, run_node
 from .build import ALIGN, aligned_empty, build, kernel_source, lanes_for
 from .lowering import lower_graph
 from .schedule_choice import tuning_kernel, tuning_source, tunable_nodes, tvm_schedule, tvm_schedules, tvm_space
@@ -210,8 +211,7 @@ class TVMBackend(Backend):
         is the program export_tvm ships, so compile() tests what users deploy."""
         from .relax_lower import graph_to_relax, unsupported_ops
 
-        if any(v.type.dtype.name in ("bf16", "f16") for n in graph.nodes for v in n.outputs) and not any(
-                v.type.dtype.name in ("bf16", "f16") for v in list(graph.inputs) + list(graph.param_values.values())):
+        if not half_model(graph) and any(v.type.dtype.name in HALF for n in graph.nodes for v in n.outputs):
             # mixed precision (torch.autocast: float32 weights cast to bf16 at each linear): torch's bf16 matmuls
             # run the ordinary ops, TVM's float32 kernels the core ops (the Relax program's legalised bf16
             # matmuls were 2-3x slower than the module itself at D = 256, T = 512)
