@@ -290,7 +290,7 @@ class _Live:
     the traced data. A complex parameter or buffer X is the graph's "X.as_real" (frontend/lower.py PAIR_SUFFIX):
     read as a view of the live X as real pairs, like any other."""
 
-    def __init__(self, module: torch.nn.Module, graph, assumed: tuple = ()):
+    def __init__(self, module: torch.nn.Module, graph, assumed: tuple = (), skip_hooks: tuple = ()):
         known = {n for n, _ in module.named_parameters(remove_duplicate=False)}
         known |= {n for n, _ in module.named_buffers(remove_duplicate=False)}
         # tensors a recogniser built the graph from (Traced.assumed): (graph name, attribute path, digest); each
@@ -333,7 +333,7 @@ class _Live:
             if others:
                 self.aliases.append((source, parts, [(n, n.split(".")) for n in others]))
         # the module's Python state the trace baked in (attributes, hooks, forward methods): frontend/guards.py
-        self.guard = ModuleGuard(module)
+        self.guard = ModuleGuard(module, skip_hooks)
 
     def read_fast(self) -> dict | None:
         """The live tensors through their owners (valid while the guard holds), or None when one is not found
@@ -490,6 +490,10 @@ def _modes(module: torch.nn.Module) -> tuple:
     return tuple(m.training for m in module.modules())
 
 
+def _backward_hook(name: str) -> bool:
+    return name.startswith("backward")
+
+
 class CompiledModule(torch.nn.Module):
     """A compiled module: same call signature and outputs as the original.
 
@@ -617,7 +621,8 @@ class CompiledModule(torch.nn.Module):
         self._traced = traced
         args = tuple(self._traced.tensor_inputs(args, kwargs or {}))  # the graph's inputs
         graph = self._traced.graph
-        self._live = _Live(self._orig_mod, graph, self._traced.assumed)
+        self._live = _Live(self._orig_mod, graph, self._traced.assumed,
+                           tuple(h for h in getattr(self._traced, "hook_effects", ()) if not _backward_hook(h)))
         graph.params.update(self._live.read(self._orig_mod))
         # backends pick configs per shape class and device from the example inputs; their pipelines record here
         ctx = self._contexts[id(graph)] = CompileContext(example_inputs=args, options=dict(self._options))
@@ -750,9 +755,18 @@ class CompiledModule(torch.nn.Module):
         inputs = traced.tensor_inputs(args, kwargs)
         if traced.python_random:
             return self._with_python_random(traced, args, kwargs)
-        if traced.custom_backward and torch.is_grad_enabled() and (
+        hooks = getattr(traced, "hook_effects", ())
+        forward_hooks = [h for h in hooks if not _backward_hook(h)]
+        if forward_hooks:
+            return self._with_hooks(forward_hooks, "their results are None: they are there for what they do besides "
+                                    "(storing or counting a submodule's output), which a traced graph never does "
+                                    "again", args, kwargs)
+        if (traced.custom_backward or hooks) and torch.is_grad_enabled() and (
                 any(x.requires_grad for x in inputs)
                 or any(isinstance(p, torch.Tensor) and p.requires_grad for p in params.values())):
+            if hooks:
+                return self._with_hooks(hooks, "the traced graph's gradients never call them (calls under "
+                                        "torch.no_grad(), or with nothing requiring grad, run compiled)", args, kwargs)
             return self._with_custom_backward(traced, args, kwargs)
         bind_symbols(graph, inputs)  # rank, dtype and shape checks before anything runs
         self._check_devices(inputs, params)
@@ -890,6 +904,15 @@ class CompiledModule(torch.nn.Module):
                        "backend='sessa') keeps such Functions in its graph", stacklevel=6)
         return self._orig_mod(*args, **kwargs)
 
+    def _with_hooks(self, hooks, why, args, kwargs):
+        """A module with hooks whose work a traced graph cannot do (forward hooks kept for their side effects,
+        backward hooks): the module itself runs, with its hooks."""
+        self._say_once("hooks", f"it has hooks the compiled graph cannot run ({', '.join(hooks)}): {why}. Such "
+                       "calls run the original module uncompiled, hooks included; remove the hooks (handle.remove()) "
+                       "to run compiled (a forward hook that returns a new output is compiled into the graph)",
+                       stacklevel=6)
+        return self._orig_mod(*args, **kwargs)
+
     def _with_python_random(self, traced, args, kwargs):
         """A module whose forward (in this mode) draws from Python's random (Hugging Face's LayerDrop): the trace
         baked one draw into the graph, which would repeat it at every call, so the module itself runs."""
@@ -983,14 +1006,17 @@ class CompiledModule(torch.nn.Module):
                          "size-dependent code; this report describes the one used last")
         if self.uncompiled_calls:
             lines.append(f"  uncompiled calls: {self.uncompiled_calls} call(s) ran the original module (no traced graph "
-                         f"fits past max_traces={self.max_traces}, gradients through a torch.autograd.Function, or "
-                         "Python random draws)")
+                         f"fits past max_traces={self.max_traces}, gradients through a torch.autograd.Function, "
+                         "Python random draws, or hooks a graph cannot run)")
         if getattr(self._traced, "python_random", ()):
             lines.append(f"  Python random draws in forward: {', '.join(self._traced.python_random)}; calls run the "
                          "original module")
         if getattr(self._traced, "custom_backward", ()):
             lines.append(f"  torch.autograd.Functions with their own backward: {', '.join(self._traced.custom_backward)}; "
                          "calls that need gradients run the original module")
+        if getattr(self._traced, "hook_effects", ()):
+            lines.append(f"  hooks a graph cannot run: {', '.join(self._traced.hook_effects)}; calls run the original "
+                         "module (backward hooks: calls that need gradients)")
         core = {op: c for op, c in counts.items() if OPS[op].kind == CORE}
         lines.append("  core ops: " + (", ".join(f"{op} x{c}" for op, c in sorted(core.items())) or "none"))
         for a in getattr(rep, "shared", ()):   # (a report from before the field has none)

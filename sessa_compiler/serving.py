@@ -942,6 +942,10 @@ class ServingProgram:
                 y = y + noise * (x.float().std().item() if x.numel() > 1 else 1.0)
             xs.append(y)
         params = self.graph.params if params is None else params
+        # with the trainable parameters moved off their values: the check is made once, and must hold for the
+        # weights training will give (a learned position table initialised to zeros reads as position-wise)
+        pgen = torch.Generator().manual_seed(1)
+        params = {n: _perturbed(t, pgen) for n, t in params.items()}
         chunks = ((0, CHECK_PREFILL), (CHECK_PREFILL, CHECK_PREFILL + 1), (CHECK_PREFILL + 1, CHECK_LEN))
         with torch.no_grad():
             full = run_graph(self.graph, xs, params)
@@ -970,6 +974,16 @@ class ServingProgram:
                     "attention no recogniser took: explain() lists the candidates not recognised and why); this "
                     "module has no compiled prefill/decode_step")
         self.checked = True
+
+
+def _perturbed(t, gen: torch.Generator):
+    """A trainable floating parameter plus noise (10% of its mean magnitude, and at least 0.02 in scale); any
+    other value as it is."""
+    if not (isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point()) or t.numel() == 0:
+        return t
+    with torch.no_grad():
+        noise = torch.randn(tuple(t.shape), generator=gen, dtype=torch.float32).to(t.device, t.dtype)
+        return t.detach() + noise * (0.1 * t.detach().abs().float().mean().item() + 0.02)
 
 
 # -- the compiled module's methods -----------------------------------------------------------------------------
@@ -1243,8 +1257,8 @@ class Serving:
         """Greedy decoding as Decoder.generate: tokens (B, T), T >= 1 -> (B, T + max_new_tokens)."""
         from .models.decoder import Decoder
 
-        if not isinstance(self.original, Decoder):
-            name = type(self.original).__name__
+        if not isinstance(self.original, Decoder) or getattr(type(self.original), "generate", None) is not Decoder.generate:
+            name = type(self.original).__name__   # (a Decoder subclass with its own generate decodes its own way)
             raise UnsupportedError(f"generate is compiled for sessa_compiler.models.Decoder (greedy argmax); "
                                    f"{name}.generate may decode otherwise and is not compiled: run the module's own "
                                    f"with compiled.original.generate(...) (its forward calls are then uncompiled), or "

@@ -156,6 +156,40 @@ def test_serving_methods_follow_the_original():
     with pytest.raises(UnsupportedError, match="Decoder"):
         sc.compile(OtherGenerate(), backend="eager").generate(torch.zeros(1, 2, dtype=torch.long), 1)
 
+    class NoPad(Decoder):   # a Decoder whose own generate decodes otherwise: not the compiled greedy loop
+        def generate(self, tokens, n):
+            return super().generate(tokens, n)
+
+    with pytest.raises(UnsupportedError, match="NoPad.generate"):
+        sc.compile(NoPad(20, 16, "S", n_heads=2).eval(), backend="eager").generate(
+            torch.zeros(1, 2, dtype=torch.long), 1)
+
+
+class LearnedPositions(nn.Module):
+    """minGPT's learned position table, initialised to zeros: position-wise at init, not once it is trained."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.pos = nn.Parameter(torch.zeros(1, 32, 8))
+        self.head = nn.Linear(8, 20)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids) + self.pos[:, :ids.shape[1]])
+
+    def decode_step(self, ids, cache):
+        raise NotImplementedError
+
+
+def test_a_zero_initialised_trainable_position_table_is_not_served():
+    """The serving check is made once; it holds for other values of the trainable parameters too, so a zero table
+    (which reads as position-wise) is refused before a step could go wrong after training."""
+    c = sc.compile(LearnedPositions(), backend="eager")
+    ids = torch.randint(0, 20, (1, 4))
+    c(ids)
+    with pytest.raises(UnsupportedError, match="differs from its full forward"):
+        c.decode_step(ids[:, 0], {"t": 0, "max_len": None})
+
 
 class MeanOverTime(nn.Module):
     """Mixes positions with an op that is not a recognised sequence op: no incremental form exists."""

@@ -191,3 +191,37 @@ def test_a_step_export_with_no_cache_runs_in_both_runtimes(tmp_path):
     assert np.abs(sc.load_tvm(str(tmp_path / "tvm"))(x) - want).max() <= 1e-5, tv
     r = sc.export_onnx(m, example, str(tmp_path / "step.onnx"), method="decode_step")
     assert "validated batch" in repr(r) and "max err" in repr(r), repr(r)   # (the repr raised KeyError)
+
+
+class TwoOutputs(torch.nn.Module):
+    """A layer whose forward returns (logits, hidden), as Hugging Face style models return several outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = SessaLayer(16, n_heads=2)
+        self.head = torch.nn.Linear(16, 7)
+
+    def forward(self, x):
+        h = self.layer(x)
+        return self.head(h), h
+
+
+def test_step_and_prefill_exports_of_a_module_with_two_outputs(tmp_path):
+    """Both outputs are validated (ONNX) and returned by the torch-free loader's prefill (TVM), step by step."""
+    m = randomize(TwoOutputs(), seed=3).eval()
+    for method, example in (("decode_step", (torch.randn(1, 16),)), ("prefill", (torch.randn(1, 3, 16),))):
+        r = sc.export_onnx(m, example, str(tmp_path / f"{method}.onnx"), method=method)
+        assert "validated" in repr(r), repr(r)
+    pre = sc.load_tvm(sc.export_tvm(m, (torch.randn(1, 3, 16),), str(tmp_path / "pre"), method="prefill"))
+    assert [o["name"] for o in pre.manifest["outputs"]][:2] == ["y_0", "y_1"]
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, hidden = m(x)
+    caches = [np.zeros([2 if d == "B" else 0 if d == "P" else d for d in i["shape"]], np.float32)
+              for i in pre.inputs[1:]]
+    y0, y1, *caches = pre(x[:, :3].numpy(), *caches)
+    assert y0.shape == (2, 3, 7) and y1.shape == (2, 3, 16)
+    assert relative_error(torch.from_numpy(y0), logits[:, :3]) <= TOLERANCE[torch.float32]
+    assert relative_error(torch.from_numpy(y1), hidden[:, :3]) <= TOLERANCE[torch.float32]
+    y0, y1, *caches = pre(x[:, 3:].numpy(), *caches)
+    assert relative_error(torch.from_numpy(y1), hidden[:, 3:]) <= TOLERANCE[torch.float32]

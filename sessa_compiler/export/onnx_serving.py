@@ -353,15 +353,23 @@ def validate_prefill(sess, module, x, masks: list, cache, order, prog) -> list:
         xs = draw(x, (batch, 5) + tuple(x.shape[2:]), g)
         ms = draw_masks(masks, batch, 5, g)
         with torch.no_grad():
-            full = module(xs, *ms)
+            full = _tensors(module(xs, *ms))
         caches = empty_caches(cache, order, prog, batch)
         for step, (a, e) in enumerate(((0, 3), (3, 5))):
             feeds = [xs[:, a:e].numpy()] + [m[:, a:e].numpy() for m in ms] + caches
-            y, *caches = sess.run(None, {i.name: v for i, v in zip(sess.get_inputs(), feeds)})
-            ref = full[:, a:e]
-            runs.append({"batch": batch, "step": step, "error": relative_error(torch.from_numpy(y), ref),
-                         "tolerance": TOLERANCE.get(ref.dtype, 0.0)})
+            outs = sess.run(None, {i.name: v for i, v in zip(sess.get_inputs(), feeds)})
+            ys, caches = outs[:len(full)], outs[len(full):]
+            for y, ref in zip(ys, full):
+                ref = ref[:, a:e]
+                runs.append({"batch": batch, "step": step, "error": relative_error(torch.from_numpy(y), ref),
+                             "tolerance": TOLERANCE.get(ref.dtype, 0.0)})
     return runs
+
+
+def _tensors(out) -> list:
+    """The module's tensor outputs in the order of the exported graph's (its output dataclass, tuple or dict
+    flattened; None and Python constants are not graph outputs)."""
+    return [r for r in torch.utils._pytree.tree_leaves(out) if isinstance(r, torch.Tensor)]
 
 
 def empty_caches(cache: dict, order: list, prog, batch: int) -> list:
@@ -445,10 +453,12 @@ def validate_step(sess, module, x_t, masks: list, squeeze: bool, cache, order, p
             m_t = [m[:, step] if squeeze else m[:, step:step + 1] for m in ms]
             feeds = {i.name: a for i, a in zip(sess.get_inputs(), [x.numpy()] + [m.numpy() for m in m_t] + caches)}
             outs = sess.run(None, feeds)
-            y, caches = torch.from_numpy(outs[0]), outs[1:]
             with torch.no_grad():
-                ref = module(torch.cat(xs, dim=1), *[m[:, :step + 1] for m in ms])[:, -1]
-            y = y if squeeze else y[:, 0]
-            tol = TOLERANCE.get(ref.dtype, 0.0)
-            runs.append({"batch": batch, "step": step, "error": relative_error(y, ref), "tolerance": tol})
+                refs = _tensors(module(torch.cat(xs, dim=1), *[m[:, :step + 1] for m in ms]))
+            ys, caches = outs[:len(refs)], outs[len(refs):]
+            for y, ref in zip(ys, refs):
+                y, ref = torch.from_numpy(y), ref[:, -1]
+                y = y if squeeze else y[:, 0]
+                tol = TOLERANCE.get(ref.dtype, 0.0)
+                runs.append({"batch": batch, "step": step, "error": relative_error(y, ref), "tolerance": tol})
     return runs

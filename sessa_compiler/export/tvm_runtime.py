@@ -139,12 +139,14 @@ class TVMModel:
         sequence dim, then the grown caches."""
         if seqs[0].shape[1] == 0:
             raise ValueError("input x: the prefill needs at least one position (T >= 1)")
+        n_y = sum(1 for o in self.manifest["outputs"] if not o["name"].endswith(".new"))   # the module's outputs
         ys = []
         for t in range(seqs[0].shape[1]):
             step = [self._tvm.runtime.tensor(np.ascontiguousarray(a[:, t:t + 1]), self.device) for a in seqs]
-            y, *caches = self._main(*step, *caches, *self._params)
-            ys.append(y.numpy())
-        return (np.concatenate(ys, axis=1),) + tuple(c.numpy() for c in caches)
+            outs = list(self._main(*step, *caches, *self._params))
+            ys.append([y.numpy() for y in outs[:n_y]])
+            caches = outs[n_y:]
+        return tuple(np.concatenate(parts, axis=1) for parts in zip(*ys)) + tuple(c.numpy() for c in caches)
 
 
 def load_tvm(path: str) -> TVMModel:

@@ -269,8 +269,8 @@ def export_tvm_step(module, example_inputs, path, target=None, *, method: str, s
         return ["B"] + [(grown if grow else "P") if (spec.seq is not None and i + 1 == spec.seq) else int(s)
                         for i, s in enumerate(cache[key].shape[1:])]
 
-    y = graph.outputs[0]
     x_name, y_name = ("x_t", "y_t") if method == "decode_step" else ("x", "y")
+    y_names = [y_name] if len(graph.outputs) == 1 else [f"{y_name}_{i}" for i in range(len(graph.outputs))]
     y_seq = [] if squeeze else [1 if method == "decode_step" else "T"]
     manifest = {
         "format": FORMAT, "graph": f"{graph.name}_{method}", "library": "model.so", "weights": "weights.npz",
@@ -281,8 +281,9 @@ def export_tvm_step(module, example_inputs, path, target=None, *, method: str, s
                         xv.type.shape[2:])]} for j, i in enumerate(mask_idx)] +
                   [{"name": k, "dtype": str(cache[k].dtype).replace("torch.", ""), "shape": cache_shape(k, False)}
                    for k in lw.order],
-        "outputs": [{"name": y_name, "dtype": _NUMPY_DTYPE[y.type.dtype.name],
-                     "shape": ["B"] + y_seq + [_dim(d) for d in y.type.shape[2:]]}] +
+        "outputs": [{"name": n, "dtype": _NUMPY_DTYPE[y.type.dtype.name],
+                     "shape": ["B"] + y_seq + [_dim(d) for d in y.type.shape[2:]]}
+                    for n, y in zip(y_names, graph.outputs)] +
                    [{"name": k + ".new", "dtype": str(cache[k].dtype).replace("torch.", ""),
                      "shape": cache_shape(k, True)} for k in lw.order],
         "params": params, "target": str(target), "tvm_version": tvm.__version__,

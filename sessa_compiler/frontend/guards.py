@@ -20,14 +20,16 @@ tensors) are described again.
 """
 from __future__ import annotations
 
+import operator
 import types
 
 import torch
 from torch.nn.modules import module as _nn_module
 
-from .repeated import _HOOKS, _SKIP_ATTRS, _Opaque, _attr_key, _global_reads, _vars
+from .repeated import GLOBAL_HOOKS_WHERE, _HOOKS, _SKIP_ATTRS, _Opaque, _attr_key, _global_reads, _vars, hook_name
 
 _MISSING = object()
+
 _IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, type,
               types.FunctionType, types.BuiltinFunctionType, types.ModuleType)
 # the global hooks that run around a module's call (registration hooks, which torch.export sets while it
@@ -58,7 +60,10 @@ def _short(v) -> str:
 
 
 class ModuleGuard:
-    def __init__(self, module: torch.nn.Module):
+    def __init__(self, module: torch.nn.Module, skip_hooks=()):
+        """``skip_hooks``: names (repeated.hook_name) of forward hooks the graph does not depend on (they returned
+        None while tracing: the compiled module runs the module itself while they are there), whose own state
+        (what they store, a counter) is not compared."""
         named = list(module.named_modules())
         self.modules = [m for _, m in named]
         self.children = []  # (path, the module's _modules dict, its values): a submodule replaced or added
@@ -66,6 +71,8 @@ class ModuleGuard:
         self.entries = []   # (path, attribute dict, name, value, key, describe again at each call)
         self.hooks = []     # (path, hook dict name, hook dict, state): non-empty ones, and all by their sizes
         self.hook_dicts = []
+        self.hook_fns = []  # (path, hook dict name, hook dict, handle id, key): what each hook holds (a steering
+        # vector, a coefficient in its closure), which the trace baked in
         for path, m in named:
             d = _vars(m)
             self.children.append((path, d["_modules"], tuple(d["_modules"].values())))
@@ -81,6 +88,9 @@ class ModuleGuard:
                     self.hook_dicts.append((hd, len(hd), path, h))
                     if hd:
                         self.hooks.append((path, h, hd, _hook_state(hd)))
+                        where = f"'{path or type(module).__name__}'"
+                        self.hook_fns.extend((path, h, hd, i, _describe(fn)[0]) for i, fn in hd.items()
+                                             if hook_name(h, fn, where) not in skip_hooks)
         # parameters and buffers registered or removed (their values are the compiled module's live reads, which
         # follow only the names of the trace), and slots holding None (a buffer registered as None, set later)
         self.slots = []     # (path, "_parameters" | "_buffers", dict, size)
@@ -100,6 +110,9 @@ class ModuleGuard:
         self.class_entries = [(k, n, v) for k in owners for n, v in vars(k).items()
                               if n not in ("__dict__", "__weakref__", "__doc__")]
         self.global_hooks = [(n, _hook_state(getattr(_nn_module, n))) for n in _GLOBAL_HOOKS]
+        self.hook_fns.extend((GLOBAL_HOOKS_WHERE, n, getattr(_nn_module, n), i, _describe(fn)[0])
+                             for n in _GLOBAL_HOOKS for i, fn in getattr(_nn_module, n).items()
+                             if hook_name(n, fn, GLOBAL_HOOKS_WHERE) not in skip_hooks)
         # torch's default dtype: the dtype of the floats the forward makes (torch.arange(T) / 10.0, torch.zeros(...))
         self.default_dtype = torch.get_default_dtype()
         # the same facts laid out for a check in C loops (map, tuple comparison; identity first): _same
@@ -113,11 +126,16 @@ class ModuleGuard:
         self._fixed_names = [e[2] for e in fixed]
         self._fixed_values = tuple(e[3] for e in fixed)
         self._others = [e for e in self.entries if e[5] or e[4] is None]
-        self.globals = []   # (globals dict, name, value, key)
-        for g, n in _global_reads(module):
+        self.globals = []   # (globals dict, name, value, key, described again at each call)
+        for g, n, by_id in _global_reads(module, skip_hooks):
             v = g.get(n, _MISSING)
-            key, _ = _describe(v) if v is not _MISSING else (None, False)
-            self.globals.append((g, n, v, key))
+            key, mutable = _describe(v) if v is not _MISSING and not by_id else (None, False)
+            self.globals.append((g, n, v, key, mutable and key is not None))
+        # identity checks in C loops (operator.is_ over map): a 12-layer model's class attributes and globals
+        self._identity = ([vars(k) for k, _, _ in self.class_entries] + [g for g, *_ in self.globals],
+                          [n for _, n, _ in self.class_entries] + [n for _, n, *_ in self.globals],
+                          [v for _, _, v in self.class_entries] + [v for _, _, v, *_ in self.globals])
+        self._described = [(v, key) for _, _, v, key, mutable in self.globals if mutable]
 
     def _same(self, module: torch.nn.Module) -> bool:
         """True when nothing ``changed`` looks at differs (the common case, checked fast); False: look closer."""
@@ -141,13 +159,19 @@ class ModuleGuard:
                     now = described[id(cur)] = _describe(cur)[0]
                 if now != key:
                     return False
+        try:
+            return self._same_rest()
+        except KeyError:   # a class attribute or a global deleted
+            return False
+
+    def _same_rest(self) -> bool:
         return not self.hooks and torch.get_default_dtype() is self.default_dtype and all(
             d.get(n) is None for _, d, n in self.nones) and all(
             len(vars(k)) == n for k, n in self.class_sizes) and all(
-            vars(k).get(n, _MISSING) is v for k, n, v in self.class_entries) and all(
+            map(operator.is_, map(operator.getitem, *self._identity[:2]), self._identity[2])) and all(
             getattr(k, "forward", None) is f for k, f in self.classes) and all(
             _hook_state(getattr(_nn_module, n)) == st for n, st in self.global_hooks) and all(
-            g.get(n, _MISSING) is v for g, n, v, _ in self.globals)
+            _describe(v)[0] == key for v, key in self._described)
 
     def changed(self, module: torch.nn.Module) -> str | None:
         """What differs from the trace in the module's Python state, or None."""
@@ -187,6 +211,10 @@ class ModuleGuard:
         for path, h, hd, state in self.hooks:
             if _hook_state(hd) != state:
                 return f"{h.strip('_').replace('_', ' ')} of '{path or type(module).__name__}' were added or removed"
+        for path, h, hd, i, key in self.hook_fns:
+            if key is not None and _describe(hd.get(i))[0] != key:
+                what = h.strip("_").replace("_", " ").removesuffix("s")
+                return f"what a {what} of '{path or type(module).__name__}' holds changed"
         for path, kind, d, size in self.slots:
             if len(d) != size:
                 what = "a parameter" if kind == "_parameters" else "a buffer"
@@ -208,10 +236,11 @@ class ModuleGuard:
         for n, state in self.global_hooks:
             if _hook_state(getattr(_nn_module, n)) != state:
                 return f"torch's global module hooks ({n.strip('_')}) were added or removed"
-        for g, n, v, key in self.globals:
+        for g, n, v, key, mutable in self.globals:
             cur = g.get(n, _MISSING)
-            if cur is v:
+            if cur is v and not mutable:
                 continue
             if cur is _MISSING or key is None or _describe(cur)[0] != key:
-                return f"the global '{n}' of {g.get('__name__', '?')}, which the module's code reads, was rebound"
+                what = "changed" if cur is v else "was rebound"
+                return f"the global '{n}' of {g.get('__name__', '?')}, which the module's code reads, {what}"
         return None

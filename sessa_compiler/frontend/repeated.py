@@ -28,6 +28,8 @@ How (frontend/trace.py drives it, through ``Plan``):
 """
 from __future__ import annotations
 
+import argparse
+import functools
 import itertools
 import sys
 import threading
@@ -66,10 +68,10 @@ def _attr_key(x, depth: int = 0, by_content: bool = True):
     classes and modules by identity. Raises _Opaque for what cannot be described."""
     if isinstance(x, _PLAIN):
         return (type(x).__name__, x)
-    if isinstance(x, (tuple, list, frozenset, set)) and depth < 4:
+    if isinstance(x, (tuple, list, frozenset, set)) and depth < _DEPTH:
         items = sorted(x, key=repr) if isinstance(x, (set, frozenset)) else x
         return (type(x).__name__, tuple(_attr_key(y, depth + 1, by_content) for y in items))
-    if isinstance(x, dict) and depth < 4 and all(isinstance(k, _PLAIN) for k in x):
+    if isinstance(x, dict) and depth < _DEPTH and all(isinstance(k, _PLAIN) for k in x):
         return ("dict", tuple((repr(k), _attr_key(v, depth + 1, by_content)) for k, v in x.items()))
     if isinstance(x, torch.Tensor):   # a plain tensor attribute: export keeps it real, so its values count
         if x.device.type == "meta" or isinstance(x, FakeTensor):
@@ -84,24 +86,101 @@ def _attr_key(x, depth: int = 0, by_content: bool = True):
             raise _Opaque from None
     if isinstance(x, torch.nn.Module):
         raise _Opaque   # a module held outside _modules (shared with others): left alone
-    if isinstance(x, (types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType, type)):
+    if isinstance(x, types.FunctionType):   # by identity, and what its closure cells and defaults hold now
+        if depth >= _DEPTH or not (x.__closure__ or x.__defaults__ or x.__kwdefaults__):
+            return ("id", id(x))
+        return ("fn", id(x), tuple(_cell_key(c, depth + 1, by_content) for c in x.__closure__ or ()),
+                _attr_key(x.__defaults__, depth + 1, by_content), _attr_key(x.__kwdefaults__, depth + 1, by_content))
+    if isinstance(x, types.MethodType):     # a bound method: its function and what its object holds
+        try:
+            return ("method", id(x.__func__), _attr_key(x.__self__, depth + 1, by_content))
+        except _Opaque:   # a module's method
+            return ("method", id(x.__func__), id(x.__self__))
+    if isinstance(x, (types.BuiltinFunctionType, types.ModuleType, type)) or not _config_like(type(x)):
         return ("id", id(x))
     state = getattr(x, "__dict__", None)
-    if isinstance(state, dict) and depth < 2:   # a config object: its identity and what it holds now
-        return ("obj", id(x), _attr_key({k: v for k, v in state.items() if isinstance(k, str)}, depth + 1, by_content))
+    slots = [s for k in type(x).__mro__ for s in _slot_names(k) if s not in ("__dict__", "__weakref__")]
+    if (isinstance(state, dict) or slots) and depth < _DEPTH:   # a config object: its identity and what it holds now
+        fields = {k: v for k, v in (state or {}).items() if isinstance(k, str)}
+        fields.update((s, getattr(x, s)) for s in slots if hasattr(x, s))
+        return ("obj", id(x), tuple((k, _attr_key(v, depth + 1, by_content)) for k, v in fields.items()))
     return ("id", id(x))
 
 
-def _global_reads(module: torch.nn.Module) -> list:
-    """(globals dict, name) of every global the code of module's classes reads, and of the functions defined
-    outside torch that this code reaches through globals (a helper in another file), transitively."""
+_DEPTH = 4   # how deep containers, config objects (a sub-config of a config) and closures are described
+
+
+def _config_like(klass) -> bool:
+    """Whether a value held inside another is described by what it holds: the user's classes, dataclasses and
+    namespaces, not the standard library's or torch's other objects (a logger's manager, a lock), which are
+    held by identity: their state changes without changing what a forward computes."""
+    top = str(klass.__module__).partition(".")[0]
+    return klass in (types.SimpleNamespace, argparse.Namespace) or "__dataclass_fields__" in vars(klass) or not (
+        top in sys.stdlib_module_names or top in ("torch", "builtins", "numpy"))
+
+
+def _slot_names(klass) -> tuple:
+    slots = vars(klass).get("__slots__", ())
+    return (slots,) if isinstance(slots, str) else tuple(slots)
+
+
+def _cell_key(cell, depth: int, by_content: bool):
+    """A closure cell by what it holds (a list a hook multiplies by, a tensor it adds); what cannot be described
+    by its identity."""
+    try:
+        v = cell.cell_contents
+    except ValueError:   # an empty cell
+        return ("empty",)
+    try:
+        return _attr_key(v, depth, by_content)
+    except _Opaque:
+        return ("id", id(v))
+
+
+def hook_name(kind: str, fn, where: str) -> str:
+    """How a hook is named in messages and in Traced.hook_effects: "forward hook save of 'layers.0'"."""
+    what = kind.strip("_").replace("global_", "").replace("_", " ").removesuffix("s")
+    return f"{what} {getattr(fn, '__qualname__', type(fn).__qualname__)} of {where}"
+
+
+GLOBAL_HOOKS_WHERE = "torch's global module hooks"
+
+
+def _code_of(fn):
+    """The Python function a callable runs (a hook: a function, a bound method, a partial, a callable object)."""
+    for _ in range(4):
+        if isinstance(fn, functools.partial):
+            fn = fn.func
+        elif isinstance(fn, types.MethodType):
+            fn = fn.__func__
+        elif not isinstance(fn, types.FunctionType) and isinstance(getattr(type(fn), "__call__", None), types.FunctionType):
+            fn = type(fn).__call__
+    return fn
+
+
+def _global_reads(module: torch.nn.Module, skip_hooks=()) -> list:
+    """(globals dict, name, by identity) of every global the code of module's classes reads, and of the functions
+    defined outside torch that this code reaches through globals (a helper in another file), transitively; the
+    code of its forward hooks too, but for those named in ``skip_hooks`` (hooks the graph does not depend on).
+    Attributes of imported modules the code may read (``ops.act``) are there with the module's namespace as the
+    dict, to be compared by identity (by identity: True)."""
+    from torch.nn.modules import module as nn_module
+
     funcs = []
-    for m in module.modules():
+    for path, m in module.named_modules():
         for klass in type(m).__mro__:
             if klass.__module__.startswith("torch"):
                 continue
             funcs.extend(f for f in vars(klass).values()
                          if isinstance(f, types.FunctionType) and not getattr(f, "_sessa_reads", False))
+        where = f"'{path or type(module).__name__}'"
+        for h in ("_forward_hooks", "_forward_pre_hooks"):   # what the hooks' code reads (a steering coefficient)
+            funcs.extend(_code_of(f) for f in (getattr(m, h, None) or {}).values()
+                         if hook_name(h, f, where) not in skip_hooks)
+    for h in ("_forward_hooks", "_forward_pre_hooks"):
+        funcs.extend(_code_of(f) for f in getattr(nn_module, f"_global{h}", {}).values()
+                     if hook_name(h, f, GLOBAL_HOOKS_WHERE) not in skip_hooks)
+    funcs = [f for f in funcs if isinstance(f, types.FunctionType)]
     reads, seen = {}, set()
     while funcs and len(seen) < 512:
         f = funcs.pop()
@@ -115,18 +194,28 @@ def _global_reads(module: torch.nn.Module) -> list:
         while codes:
             code = codes.pop()
             codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-            for n in code.co_names:
-                if n in g and (id(g), n) not in reads:
-                    reads[(id(g), n)] = (g, n)
-                    if isinstance(g[n], types.FunctionType):
-                        funcs.append(g[n])
+            names = set(code.co_names)
+            spaces = [g]   # the globals, then the imported modules the code reaches through them (ops.act,
+            for _ in range(3):   # F.scaled_dot_product_attention, torch.nn.functional.gelu): a helper rebound there
+                more = []
+                for d in spaces:
+                    for n in names.intersection(d):
+                        v = d[n]
+                        if (id(d), n) not in reads:
+                            reads[(id(d), n)] = (d, n, d is not g)
+                            if isinstance(v, types.FunctionType):
+                                funcs.append(v)
+                        if isinstance(v, types.ModuleType) and isinstance(getattr(v, "__dict__", None), dict):
+                            more.append(v.__dict__)
+                spaces = list({id(d): d for d in more}.values())
     return list(reads.values())
 
 
 def _globals_key(reads: list):
     """The values of those globals now (None: one cannot be described)."""
     try:
-        return tuple((g.get("__name__"), n, _attr_key(g.get(n), by_content=False)) for g, n in reads)
+        return tuple((g.get("__name__"), n, ("id", id(g.get(n))) if by_id else _attr_key(g.get(n), by_content=False))
+                     for g, n, by_id in reads)
     except _Opaque:
         return None
 

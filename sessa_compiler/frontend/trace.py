@@ -317,7 +317,8 @@ def _export_program(module, args: tuple, kwargs: dict, dynamic_shapes):
         # the warning filters and the stderr redirection here): one export at a time in this process
         amp = exporting_autocast()
         with _EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs(), _hooked(module), _as_parameters(module), \
-                _no_fake_cache(), _attribute_writes(module), _autograd_functions(), _python_draws(), _amp(amp):
+                _no_fake_cache(), _attribute_writes(module), _autograd_functions(), _python_draws(), _hook_effects(module), \
+                _amp(amp):
             warnings.simplefilter("ignore")
             # guards on sizes become runtime assertions in the graph (or ranges), not silent specialisations:
             # they are recorded as the traced graph's guards (see Guard)
@@ -435,6 +436,65 @@ class _autograd_functions:
     def __exit__(self, *exc):
         torch.autograd.function.Function.apply = self.saved
         _add_findings("functions", self.found)
+        return False
+
+
+class _hook_effects:
+    """While exporting, on this thread: the module's forward hooks and pre-hooks (a submodule's, its own,
+    torch's global module hooks) that return None, and its backward hooks. A hook that returns None changes
+    nothing the graph computes: it is there for what it does besides (storing a submodule's output, counting
+    calls), which a traced graph never does again; backward hooks are not part of the exported graph at all.
+    Calls run the module itself (Traced.hook_effects; backward hooks only for calls that need gradients)."""
+
+    KINDS = ("_forward_hooks", "_forward_pre_hooks")
+
+    def __init__(self, module):
+        self.module = module
+        self.found: dict = {}
+        self.saved: list = []
+
+    @staticmethod
+    def _ours(fn) -> bool:
+        code = getattr(fn, "__func__", fn)
+        return str(getattr(code, "__module__", "")).startswith(("sessa_compiler", "torch"))
+
+    def __enter__(self):
+        from torch.nn.modules import module as nn_module
+
+        thread, found = threading.get_ident(), self.found
+        places = [(f"'{path or type(self.module).__name__}'", m) for path, m in self.module.named_modules()]
+        dicts = [(where, kind, getattr(m, kind, None)) for where, m in places for kind in self.KINDS]
+        dicts += [(repeated.GLOBAL_HOOKS_WHERE, kind, getattr(nn_module, f"_global{kind}", None))
+                  for kind in self.KINDS]
+        for where, kind, d in dicts:
+            for i, fn in list((d or {}).items()):
+                if self._ours(fn):
+                    continue
+                name = repeated.hook_name(kind, fn, where)
+
+                def watching(*args, _fn=fn, _name=name, **kwargs):
+                    out = _fn(*args, **kwargs)
+                    if out is None and threading.get_ident() == thread:
+                        found.setdefault(_name, None)
+                    return out
+
+                self.saved.append((d, i, fn))
+                d[i] = watching
+        backward = [(where, kind, getattr(m, kind, None)) for where, m in places
+                    for kind in ("_backward_hooks", "_backward_pre_hooks")]
+        backward += [(repeated.GLOBAL_HOOKS_WHERE, kind, getattr(nn_module, kind, None))
+                     for kind in ("_global_backward_hooks", "_global_backward_pre_hooks")]
+        for where, kind, d in backward:
+            for fn in (d or {}).values():
+                if not self._ours(fn):
+                    found.setdefault(repeated.hook_name(kind, fn, where), None)
+        return self
+
+    def __exit__(self, *exc):
+        for d, i, fn in reversed(self.saved):
+            if i in d:
+                d[i] = fn
+        _add_findings("hooks", self.found)
         return False
 
 
@@ -703,6 +763,9 @@ class Traced:
     # module's explicit .float() and autocast(enabled=False) regions too): its calls run with autocast off; None:
     # traced without autocast (a call under autocast traces its own graph)
     autocast: tuple | None = None
+    # forward hooks that return None (kept for what they do besides: storing a submodule's output) and backward
+    # hooks, by name: the graph does neither, so calls run the module itself (backward hooks: calls with gradients)
+    hook_effects: tuple = ()
 
     def copied_outputs(self) -> tuple:
         """Positions of graph outputs that must be copied after a run: the module returns a new tensor there
@@ -967,7 +1030,8 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     kwargs = dict(example_kwargs or {})
     _FINDINGS.found = {}
     ep, lowerer, graph = _lower(module, args, kwargs, dynamic_shapes)
-    side_effects, custom_backward, python_random = (_findings(k) for k in ("writes", "functions", "draws"))
+    side_effects, custom_backward, python_random, hooks = (_findings(k) for k in ("writes", "functions", "draws",
+                                                                                   "hooks"))
     warn_side_effects(module, side_effects, stacklevel=4)
     guards = _range_guards(ep, lowerer.sym_map) + [Guard(_simplified(e), "assertion") for e in lowerer.assertions]
     guards = [g for g in guards if g.expr is not sympy.true]
@@ -992,7 +1056,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     names = tuple(f"args[{i}]" for i in range(len(args))) + tuple(sorted(kwargs))
     return Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
                   assumed, side_effects, tuple(lowerer.output_sources), custom_backward, python_random,
-                  tuple(lowerer.constant_outputs), exporting_autocast())
+                  tuple(lowerer.constant_outputs), exporting_autocast(), hooks)
 
 
 
