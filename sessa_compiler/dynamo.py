@@ -35,6 +35,7 @@ import torch
 import torch.fx as fx
 
 from .errors import ConfigError, SessaCompilerError, TraceError
+from .persistent_cache import tensor_digest
 
 NAME = "sessa"
 # The backend graphs without Sessa ops go to (a name torch._dynamo.lookup_backend knows). Inductor, as
@@ -245,6 +246,11 @@ class SessaGraph:
         # recogniser added, attributes of the graph module itself
         self.fixed = {k: v for k, v in graph.params.items() if k not in weight_names}
         self.eager_runners: dict = {}
+        # dynamo's inputs a recognised op was built from (a mask or RoPE table buffer): (input index, name, digest),
+        # checked at every call by identity, storage and version, and hashed again when those change
+        position = dict(layout.weights)
+        self.assumed = [(position[n], n, digest) for n, digest in traced.assumed if n in position]
+        self._verified: dict = {}
         self.grad_recomputes = 0
         self.eager_calls = 0
         self._lock = threading.RLock()
@@ -256,7 +262,7 @@ class SessaGraph:
 
         graph = self.traced.graph
         inputs = [args[i] for i in self.layout.data]
-        why = self._numbers_changed(args)
+        why = self._numbers_changed(args) or self._assumed_changed(args)
         try:
             binding = bind_symbols(graph, inputs)
             broken = self.traced.violated(binding)
@@ -277,6 +283,17 @@ class SessaGraph:
             outs, recomputed = run_with_autograd(self.backend, self.runner, graph, inputs, params, self.eager_runners)
         self.grad_recomputes += recomputed
         return self.traced.unflatten(outs)
+
+    def _assumed_changed(self, args) -> str | None:
+        for i, name, digest in self.assumed:
+            t = args[i]
+            seen = (id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape))
+            if self._verified.get(i) == seen:
+                continue
+            if tensor_digest(t) != digest:
+                return f"the values of '{name}' changed since the trace, and a recognised op was built from them"
+            self._verified[i] = seen
+        return None
 
     def _numbers_changed(self, args) -> str | None:
         for i, kind in enumerate(self.layout.kinds):
@@ -377,6 +394,14 @@ def sessa_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
     core = _core_ops(traced.graph)
     if not core:
         reason = "no attention, feedback or scan in the graph"
+        _record(GraphReport(name, False, fallback, reason=reason, dynamic_dims=dynamic_dims,
+                            explain=_explain(traced, fallback)))
+        return _fallback(gm, example_inputs, fallback)
+    examples = {name: example_inputs[i] for name, i in layout.weights}
+    folded = [n for n, _ in traced.assumed if getattr(examples.get(n), "requires_grad", False)]
+    if folded:   # its value became a constant of the op: it would get no gradient, and train no more
+        reason = (f"a recognised op was built from the values of the trainable parameter(s) {', '.join(folded)}, "
+                  "which would get no gradient through it")
         _record(GraphReport(name, False, fallback, reason=reason, dynamic_dims=dynamic_dims,
                             explain=_explain(traced, fallback)))
         return _fallback(gm, example_inputs, fallback)

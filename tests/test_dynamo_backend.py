@@ -6,6 +6,7 @@ machine Inductor takes about a minute per graph, so the tests pass options={"fal
 default by recording the name the backend looks up."""
 from tests import triton_env  # noqa: I001  (sets TRITON_INTERPRET before triton is imported)
 
+import math
 import os
 import pathlib
 import subprocess
@@ -333,3 +334,48 @@ def test_an_empty_batch_or_sequence_goes_to_the_fallback():
         with torch.no_grad():
             assert compiled(x).shape == module(x).shape == shape
     assert any("empty" in (r.reason or "") for r in sd.reports)
+
+
+class LearnedTemperature(torch.nn.Module):
+    """Causal attention whose scores are scaled by a per-head temperature (equal at init)."""
+
+    def __init__(self, D=16, H=2, trainable=True):
+        super().__init__()
+        self.H, self.hd = H, D // H
+        self.qkv = torch.nn.Linear(D, 3 * D)
+        self.o = torch.nn.Linear(D, D)
+        self.logit_scale = torch.nn.Parameter(torch.full((H, 1, 1), -0.5 * math.log(self.hd)), requires_grad=trainable)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.H, self.hd).permute(2, 0, 3, 1, 4)
+        s = (q @ k.transpose(-2, -1)) * self.logit_scale.exp()
+        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), float("-inf"))
+        return self.o((s.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+
+
+def test_a_trainable_parameter_is_never_folded_and_folded_buffers_are_checked_at_each_call():
+    """A recognised op built from a trainable parameter's values would give it no gradient: that graph goes to the
+    fallback. A frozen one (or a buffer) an op was built from is checked at each call: edited in place, the call
+    runs dynamo's graph as torch code."""
+    torch.manual_seed(0)
+    m = LearnedTemperature()
+    c = torch.compile(m, backend="sessa", options={"backend": "eager", "fallback": "eager"})
+    x = torch.randn(2, 9, 16)
+    c(x).pow(2).sum().backward()
+    got = m.logit_scale.grad.clone()
+    assert not sd.reports[-1].compiled and "logit_scale" in sd.reports[-1].reason
+    m.zero_grad()
+    m(x).pow(2).sum().backward()
+    torch.testing.assert_close(got, m.logit_scale.grad)
+
+    torch._dynamo.reset()
+    frozen = LearnedTemperature(trainable=False).eval()
+    c = torch.compile(frozen, backend="sessa", options={"backend": "eager", "fallback": "eager"})
+    with torch.no_grad():
+        assert relative_error(c(x), frozen(x)) <= FP32
+        assert sd.reports[-1].compiled
+        frozen.logit_scale.fill_(-0.5)
+        with pytest.warns(UserWarning, match="logit_scale"):
+            y = c(x)
+        assert relative_error(y, frozen(x)) <= FP32

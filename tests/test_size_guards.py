@@ -198,3 +198,45 @@ def test_the_needless_exclusion_check_resizes_only_the_sequence_dims():
             for got, want in zip(c(x, state), m(x, state)):
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert len(c._variants) == 1
+
+
+class ScaleFromLength(torch.nn.Module):
+    """SDPA whose scale is a Python float of the length: torch.export writes 1/T into the graph with no guard."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0 / T)
+        return y.transpose(1, 2).reshape(B, T, 16)
+
+
+class PrefixKeys(torch.nn.Module):
+    """Causal SDPA over learned memory keys prepended to the sequence's (T queries, T + 3 keys: top-left causal)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+        self.mem = torch.nn.Parameter(torch.randn(2, 2, 3, 8))
+
+    def forward(self, x):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        k, v = torch.cat([self.mem[0].expand(B, -1, -1, -1), k], 2), torch.cat([self.mem[1].expand(B, -1, -1, -1), v], 2)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, 16)
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+@pytest.mark.parametrize("cls", [ScaleFromLength, PrefixKeys])
+def test_floats_of_the_length_and_causal_attention_over_more_keys(cls, backend):
+    torch.manual_seed(0)
+    m = cls().eval()
+    c = sc.compile(m, backend=backend)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for T in (4, 9, 17):
+            x = torch.randn(2, T, 16)
+            torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-5)

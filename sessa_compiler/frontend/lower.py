@@ -574,7 +574,7 @@ def _sdpa(L, node):
     Hq, Hk = q.type.shape[1], k.type.shape[1]
     if not (isinstance(Hq, int) and isinstance(Hk, int)) or (Hq != Hk and not a.get("enable_gqa", False)):
         return NotImplemented
-    if not (isinstance(q.type.shape[2], sympy.Basic) or q.type.shape[2] == k.type.shape[2]):
+    if q.type.shape[2] != k.type.shape[2]:   # more keys than queries (a memory, a prefix): causal is top-left then
         return NotImplemented
     d = q.type.shape[3]
     scale = a.get("scale") or 1.0 / math.sqrt(d)

@@ -318,7 +318,7 @@ def _export_program(module, args: tuple, kwargs: dict, dynamic_shapes):
         amp = exporting_autocast()
         with _EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs(), _hooked(module), _as_parameters(module), \
                 _no_fake_cache(), _attribute_writes(module), _autograd_functions(), _python_draws(), _hook_effects(module), \
-                _amp(amp):
+                _float_sizes(), _amp(amp):
             warnings.simplefilter("ignore")
             # guards on sizes become runtime assertions in the graph (or ranges), not silent specialisations:
             # they are recorded as the traced graph's guards (see Guard)
@@ -495,6 +495,41 @@ class _hook_effects:
             if i in d:
                 d[i] = fn
         _add_findings("hooks", self.found)
+        return False
+
+
+class _float_sizes:
+    """While exporting, on this thread: the sizes a Python float of the forward was computed from (SDPA's
+    ``scale=1 / T``, a rotary base stretched by the length). torch.export writes such a float into the graph as a
+    constant and keeps no guard for it (torch 2.13, non-strict), so the graph holds only at the sizes traced:
+    each becomes a guard (the size equals its traced value) and other sizes trace again."""
+
+    def __init__(self):
+        self.found: dict = {}
+
+    def __enter__(self):
+        from torch.fx.experimental.sym_node import SymNode
+
+        self.saved = SymNode.__dict__["guard_float"]
+        thread, found, guard_float = threading.get_ident(), self.found, self.saved
+
+        def recording(node, *args, **kwargs):
+            value = guard_float(node, *args, **kwargs)
+            if threading.get_ident() == thread:
+                hints = getattr(node.shape_env, "var_to_val", {})
+                for sym in getattr(node.expr, "free_symbols", ()):
+                    if sym in hints:
+                        found.setdefault((sym, int(hints[sym])), None)
+            return value
+
+        SymNode.guard_float = recording
+        return self
+
+    def __exit__(self, *exc):
+        from torch.fx.experimental.sym_node import SymNode
+
+        SymNode.guard_float = self.saved
+        _add_findings("float_sizes", self.found)
         return False
 
 
@@ -1034,6 +1069,8 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
                                                                                    "hooks"))
     warn_side_effects(module, side_effects, stacklevel=4)
     guards = _range_guards(ep, lowerer.sym_map) + [Guard(_simplified(e), "assertion") for e in lowerer.assertions]
+    guards += [Guard(sympy.Eq(lowerer.sym_map[s], v), "float") for s, v in _findings("float_sizes")
+               if isinstance(lowerer.sym_map.get(s), sympy.Symbol)]
     guards = [g for g in guards if g.expr is not sympy.true]
     # checked on the graph as lowered, before recognisers rewrite it
     guards = [g for g in guards if g.origin != "assertion" or kwargs or not _needless(module, args, g, graph)]
