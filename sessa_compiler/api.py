@@ -25,7 +25,7 @@ from .errors import ConfigError, InputError, SessaCompilerError, TraceError, Uns
 from .frontend.guards import ModuleGuard
 from .frontend.lower import as_pairs, pair_source
 from .frontend.trace import (Traced, autocast_state, batch_of, broadcasts, casts_float_inputs, check_keywords,
-                             export_autocast, other_integer_dtypes, tensor_leaves, trace_with_report,
+                             export_autocast, grad_state, other_integer_dtypes, tensor_leaves, trace_with_report,
                              warn_folded_trainables)
 from .ir.ops import CORE, OPS
 from .persistent_cache import collecting, tensor_digest
@@ -46,6 +46,10 @@ def _why_not(traced: Traced, args, kwargs) -> str | None:
     mismatch = traced.call_mismatch(args, kwargs)
     if mismatch is not None:
         return mismatch
+    mode = getattr(traced, "grad_mode", None)
+    if mode is not None and grad_state() != mode:
+        say = lambda m: "torch.inference_mode()" if m[1] else "gradients on" if m[0] else "torch.no_grad()"  # noqa: E731
+        return f"the forward asks torch's grad mode: traced with {say(mode)}, called with {say(grad_state())}"
     args = traced.tensor_inputs(args, kwargs)
     try:
         binding = bind_symbols(graph, list(args))
@@ -291,15 +295,19 @@ class _Live:
     read as a view of the live X as real pairs, like any other."""
 
     def __init__(self, module: torch.nn.Module, graph, assumed: tuple = (), skip_hooks: tuple = ()):
-        known = {n for n, _ in module.named_parameters(remove_duplicate=False)}
-        known |= {n for n, _ in module.named_buffers(remove_duplicate=False)}
+        tensors = dict(module.named_parameters(remove_duplicate=False))
+        tensors.update(module.named_buffers(remove_duplicate=False))
+        known = set(tensors)
         # tensors a recogniser built the graph from (Traced.assumed): (graph name, attribute path, digest); each
-        # checked by its identity, storage and version counter at every call, and hashed again when those change
+        # checked by its identity, storage and version counter at every call, and hashed again when those change;
+        # and by requires_grad (one frozen when folded, trainable now, would get no gradient)
         self.assumed = []
         for name, digest in assumed:
             source = name if name in known else pair_source(name, known)
             if source is not None:
-                self.assumed.append((name, source.split("."), source != name, digest))
+                self.assumed.append((name, source.split("."), source != name, (digest, tensors[source].requires_grad)))
+        # requires_grad of the tensors the graph reads, as traced: a forward may branch on it
+        self.trainable = {}
         self._verified: dict = {}
         # (graph name, the module's name, attribute path, whether the graph holds it as real pairs)
         self.paths = []
@@ -308,6 +316,7 @@ class _Live:
             if source is not None:
                 self.paths.append((name, source, source.split("."), source != name))
         self.types = {name: graph.param_values[name].type for name, *_ in self.paths}
+        self.trainable.update((name, tensors[source].requires_grad) for name, source, *_ in self.paths)
         self.expected = [(name, to_torch(t.dtype), torch.Size(t.shape)) for name, t in self.types.items()]
         live = {name for name, *_ in self.paths}
         self.fixed = {k: v for k, v in graph.params.items() if k not in live}
@@ -378,6 +387,10 @@ class _Live:
                 return f"'{'.'.join(parts)}', which a recognised op was built from, is no longer in the module"
             if not isinstance(obj, torch.Tensor):
                 return f"'{'.'.join(parts)}', which a recognised op was built from, is no longer a tensor"
+            digest, trainable = digest
+            if obj.requires_grad != trainable:
+                return (f"'{'.'.join(parts)}', which a recognised op was built from, "
+                        f"{'requires' if obj.requires_grad else 'no longer requires'} grad")
             seen = (id(obj), obj._version, obj.data_ptr(), obj.dtype, tuple(obj.shape))
             if self._verified.get(name) == seen:
                 continue
@@ -408,6 +421,8 @@ class _Live:
                 return f"'{name}' is now a {type(t).__name__}, not a tensor"
             if t.dtype != dtype or t.shape != shape:
                 return f"parameter '{name}' is now {t.dtype} {tuple(t.shape)}, traced as {self.types[name]}"
+            if self.trainable.setdefault(name, t.requires_grad) != t.requires_grad:
+                return f"parameter '{name}' {'requires' if t.requires_grad else 'no longer requires'} grad"
         return None
 
 

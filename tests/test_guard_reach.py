@@ -188,3 +188,40 @@ def test_backward_hooks_are_honoured(backend, when):
         before = c.uncompiled_calls
         _close(c(x), m(x))
         assert c.uncompiled_calls == before
+
+
+class Branches(nn.Module):
+    """A forward that takes another path with gradients on, or when a weight is frozen."""
+
+    def __init__(self, on: str):
+        super().__init__()
+        self.on = on
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.on == "grad" and torch.is_grad_enabled():
+            h = h * 2
+        if self.on == "inference" and torch.is_inference_mode_enabled():
+            h = h * 3
+        if self.on == "frozen" and not self.a.weight.requires_grad:
+            h = h * 4
+        return h
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("on", ["grad", "inference", "frozen"])
+def test_a_forward_that_asks_the_grad_mode_or_requires_grad_traces_per_answer(on, backend):
+    torch.manual_seed(0)
+    m = Branches(on)
+    c = sc.compile(m, backend=backend)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        c(x)
+    if on == "frozen":
+        m.a.weight.requires_grad_(False)
+    ctx = torch.inference_mode() if on == "inference" else torch.enable_grad()
+    with ctx:
+        got, want = c(x), m(x)
+    _close(got, want)
+    assert len(c.retraces) == 1, c.retraces

@@ -318,7 +318,7 @@ def _export_program(module, args: tuple, kwargs: dict, dynamic_shapes):
         amp = exporting_autocast()
         with _EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs(), _hooked(module), _as_parameters(module), \
                 _no_fake_cache(), _attribute_writes(module), _autograd_functions(), _python_draws(), _hook_effects(module), \
-                _float_sizes(), _amp(amp):
+                _float_sizes(), _grad_mode_reads(), _amp(amp):
             warnings.simplefilter("ignore")
             # guards on sizes become runtime assertions in the graph (or ranges), not silent specialisations:
             # they are recorded as the traced graph's guards (see Guard)
@@ -498,6 +498,38 @@ class _hook_effects:
         return False
 
 
+class _grad_mode_reads:
+    """While exporting, on this thread: whether the forward's own code (not torch's) asks torch's grad mode
+    (``torch.is_grad_enabled()``, ``torch.is_inference_mode_enabled()``) and so may take another path under
+    torch.no_grad(). Such a trace holds only in the mode it was made in (Traced.grad_mode)."""
+
+    NAMES = ("is_grad_enabled", "is_inference_mode_enabled")
+
+    def __init__(self):
+        self.found: dict = {}
+
+    def __enter__(self):
+        import sys as _sys
+
+        thread, found = threading.get_ident(), self.found
+        self.saved = [(n, getattr(torch, n)) for n in self.NAMES]
+        for name, fn in self.saved:
+            def recording(_fn=fn, _name=name):
+                if threading.get_ident() == thread:
+                    caller = str(_sys._getframe(1).f_globals.get("__name__", ""))
+                    if not caller.startswith(("torch", "sessa_compiler")):
+                        found.setdefault(f"torch.{_name}", None)
+                return _fn()
+            setattr(torch, name, recording)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self.saved:
+            setattr(torch, name, fn)
+        _add_findings("grad_mode", self.found)
+        return False
+
+
 class _float_sizes:
     """While exporting, on this thread: the sizes a Python float of the forward was computed from (SDPA's
     ``scale=1 / T``, a rotary base stretched by the length). torch.export writes such a float into the graph as a
@@ -659,6 +691,11 @@ def _data_dependent_branch(e: Exception) -> str | None:
             "masking) or torch.cond, or move the branch out of the module you compile.")
 
 
+def grad_state() -> tuple:
+    """(grad enabled, inference mode): the autograd state a forward that asks for it may branch on."""
+    return torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+
 @dataclass(frozen=True)
 class Guard:
     """A condition on the batch/sequence sizes under which the traced graph equals the module.
@@ -801,6 +838,8 @@ class Traced:
     # forward hooks that return None (kept for what they do besides: storing a submodule's output) and backward
     # hooks, by name: the graph does neither, so calls run the module itself (backward hooks: calls with gradients)
     hook_effects: tuple = ()
+    # grad_state() when traced, where the forward reads torch's grad mode (it may branch on it); None: it does not
+    grad_mode: tuple | None = None
 
     def copied_outputs(self) -> tuple:
         """Positions of graph outputs that must be copied after a run: the module returns a new tensor there
@@ -1093,7 +1132,8 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     names = tuple(f"args[{i}]" for i in range(len(args))) + tuple(sorted(kwargs))
     return Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
                   assumed, side_effects, tuple(lowerer.output_sources), custom_backward, python_random,
-                  tuple(lowerer.constant_outputs), exporting_autocast(), hooks)
+                  tuple(lowerer.constant_outputs), exporting_autocast(), hooks,
+                  grad_state() if _findings("grad_mode") else None)
 
 
 
