@@ -312,12 +312,31 @@ def test_attributes_a_forward_sets_are_reported():
     """The traced graph has no Python side effects: a forward that sets attributes is said to (a warning at the
     trace, and explain()), never silently left stale."""
     c = sc.compile(Counting(), backend="eager")
-    with pytest.warns(UserWarning, match="its forward sets 'calls', 'last'"):
+    with pytest.warns(UserWarning, match=r"its forward sets \(or changes in place\) 'calls', 'last'"):
         c(torch.randn(2, 3, 4))
     assert "side effects not repeated by compiled calls: the forward sets calls, last" in c.explain()
     quiet = sc.compile(Net(), backend="eager")
     quiet(torch.randn(1, 3, 16))
     assert "side effects" not in quiet.explain()
+
+
+class Recording(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(Counting())
+        self.history, self.stats = [], {}
+
+    def forward(self, x):
+        y = self.block(x)
+        self.history.append(y.shape[1])   # changed in place: no setattr
+        self.stats["mean"] = y.mean()
+        return y
+
+
+def test_containers_a_forward_changes_in_place_are_reported():
+    c = sc.compile(Recording(), backend="eager")
+    with pytest.warns(UserWarning, match=r"'block\.0\.calls', 'block\.0\.last', 'history', 'stats'"):
+        c(torch.randn(2, 3, 4))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

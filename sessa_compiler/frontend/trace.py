@@ -2,6 +2,7 @@
 lowered to the IR, then the recognisers."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import inspect
 import os
@@ -379,6 +380,8 @@ class _attribute_writes:
         # are not the user's code
         self.paths = {id(m): (p or type(module).__name__) for p, m in module.named_modules()
                       if not str(type(m).__module__).startswith("torch.")}
+        self.modules = [m for m in module.modules() if id(m) in self.paths]
+        self.root = module
         self.found: dict = {}
 
     def __enter__(self):
@@ -394,10 +397,46 @@ class _attribute_writes:
             return saved(m, name, value)
 
         torch.nn.Module.__setattr__ = __setattr__
+        self.containers = self._containers()
+        # compared when the module's forward returns: torch.export puts the module's attributes back afterwards
+        self.handle = self.root.register_forward_hook(self._compare_containers, always_call=True) \
+            if self.containers else None
         return self
+
+    def _containers(self) -> dict:
+        """The lists, dicts, sets and deques the submodules hold, described (a forward that appends to one, or
+        stores into one, changes it in place: no setattr)."""
+        from .repeated import _Opaque, _attr_key
+
+        out = {}
+        for m in self.modules:
+            for name, v in vars(m).items():
+                if isinstance(v, (list, dict, set, collections.deque)) and not name.startswith("_"):
+                    try:
+                        out[(id(m), name)] = (m, _attr_key(v, by_content=False))
+                    except _Opaque:
+                        pass
+        return out
+
+    def _compare_containers(self, *_):
+        from .repeated import _Opaque, _attr_key
+
+        if threading.get_ident() != self.thread:
+            return None
+        for (i, name), (m, key) in self.containers.items():
+            try:
+                now = _attr_key(vars(m).get(name), by_content=False)
+            except _Opaque:
+                now = None
+            if now != key:
+                path = self.paths[i]
+                self.found.setdefault(f"{path}.{name}" if path != type(m).__name__ else name, None)
+        return None
 
     def __exit__(self, *exc):
         torch.nn.Module.__setattr__ = self.saved
+        if self.handle is not None:
+            self.handle.remove()
         _add_findings("writes", self.found)
         return False
 
@@ -793,7 +832,8 @@ def warn_side_effects(module, names, stacklevel: int = 3) -> None:
     """Say which attributes the module's forward sets, which compiled calls (the traced graph) do not set."""
     if names:
         shown = ", ".join(f"'{n}'" for n in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
-        warnings.warn(f"compiling {type(module).__name__}: its forward sets {shown} when it runs; compiled calls run "
+        warnings.warn(f"compiling {type(module).__name__}: its forward sets (or changes in place) {shown} when it "
+                      "runs; compiled calls run "
                       "the traced tensor graph and do not repeat Python side effects, so they leave these attributes "
                       "as they are (compute such values outside forward, or return them)", stacklevel=stacklevel)
 
