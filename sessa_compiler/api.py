@@ -413,15 +413,17 @@ class _Live:
                 return f"'{source}' or a name tied to it is no longer in the module"
         return self.guard.changed(module)
 
-    def mismatch(self, params: dict) -> str | None:
-        """Why these live tensors do not fit the traced graph's parameter types (dtype or shape), or None."""
+    def mismatch(self, params: dict, requires_grad: bool = True) -> str | None:
+        """Why these live tensors do not fit the traced graph's parameter types (dtype or shape; with
+        ``requires_grad``, their requires_grad as traced: not while torch.export or AOT autograd records a call,
+        whose fake parameters need not carry it), or None."""
         for name, dtype, shape in self.expected:
             t = params[name]
             if not isinstance(t, torch.Tensor):
                 return f"'{name}' is now a {type(t).__name__}, not a tensor"
             if t.dtype != dtype or t.shape != shape:
                 return f"parameter '{name}' is now {t.dtype} {tuple(t.shape)}, traced as {self.types[name]}"
-            if self.trainable.setdefault(name, t.requires_grad) != t.requires_grad:
+            if requires_grad and self.trainable.setdefault(name, t.requires_grad) != t.requires_grad:
                 return f"parameter '{name}' {'requires' if t.requires_grad else 'no longer requires'} grad"
         return None
 
@@ -743,7 +745,7 @@ class CompiledModule(torch.nn.Module):
                     not isinstance(x, torch.Tensor) or x.dim() != v.type.rank or x.dtype != to_torch(v.type.dtype)
                     for x, v in zip(inputs, graph.inputs)) or _autocast_mismatch(traced, args, kwargs) is not None:
                 continue
-            why, params = self._state_mismatch(live, traced_modes)
+            why, params = self._state_mismatch(live, traced_modes, requires_grad=False)
             if why is not None:
                 continue
             outs = run_graph(graph, inputs, params, binding=symbolic_binding(graph, inputs), impls=impls)
@@ -814,7 +816,7 @@ class CompiledModule(torch.nn.Module):
                                                   or not any(x.is_cuda for x in inputs))
 
     # -- which traced graph fits this call ----------------------------------------------------------------
-    def _state_mismatch(self, live: _Live, modes: tuple) -> tuple:
+    def _state_mismatch(self, live: _Live, modes: tuple, requires_grad: bool = True) -> tuple:
         """(why, live tensors): why a traced graph does not fit the module as it is now (None when it does): its
         Python state (frontend/guards.py, checked first: while it holds, the submodules are those of the trace),
         train/eval modes, parameter dtypes/shapes and the tensors recognised ops were built from."""
@@ -827,7 +829,7 @@ class CompiledModule(torch.nn.Module):
         params = live.read_fast()
         if params is None:
             params = live.read(module)
-        why = live.mismatch(params) or live.assumption_changed(module)
+        why = live.mismatch(params, requires_grad) or live.assumption_changed(module)
         return (f"the module changed since the trace: {why}" if why else None), params
 
     def _state_for(self, graph) -> tuple:

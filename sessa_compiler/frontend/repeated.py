@@ -158,7 +158,7 @@ def _code_of(fn):
     return fn
 
 
-def _global_reads(module: torch.nn.Module, skip_hooks=()) -> list:
+def _global_reads(module: torch.nn.Module, skip_hooks=(), names: set | None = None) -> list:
     """(globals dict, name, by identity) of every global the code of module's classes reads, and of the functions
     defined outside torch that this code reaches through globals (a helper in another file), transitively; the
     code of its forward hooks too, but for those named in ``skip_hooks`` (hooks the graph does not depend on).
@@ -194,12 +194,14 @@ def _global_reads(module: torch.nn.Module, skip_hooks=()) -> list:
         while codes:
             code = codes.pop()
             codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
-            names = set(code.co_names)
+            code_names = set(code.co_names)
+            if names is not None:   # every name the code reads (the caller looks for some: is_grad_enabled)
+                names |= code_names
             spaces = [g]   # the globals, then the imported modules the code reaches through them (ops.act,
             for _ in range(3):   # F.scaled_dot_product_attention, torch.nn.functional.gelu): a helper rebound there
                 more = []
                 for d in spaces:
-                    for n in names.intersection(d):
+                    for n in code_names.intersection(d):
                         v = d[n]
                         if (id(d), n) not in reads:
                             reads[(id(d), n)] = (d, n, d is not g)

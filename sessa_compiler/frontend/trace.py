@@ -319,7 +319,7 @@ def _export_program(module, args: tuple, kwargs: dict, dynamic_shapes):
         amp = exporting_autocast()
         with _EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs(), _hooked(module), _as_parameters(module), \
                 _no_fake_cache(), _attribute_writes(module), _autograd_functions(), _python_draws(), _hook_effects(module), \
-                _float_sizes(), _grad_mode_reads(), _amp(amp):
+                _float_sizes(), _amp(amp):
             warnings.simplefilter("ignore")
             # guards on sizes become runtime assertions in the graph (or ranges), not silent specialisations:
             # they are recorded as the traced graph's guards (see Guard)
@@ -537,38 +537,6 @@ class _hook_effects:
         return False
 
 
-class _grad_mode_reads:
-    """While exporting, on this thread: whether the forward's own code (not torch's) asks torch's grad mode
-    (``torch.is_grad_enabled()``, ``torch.is_inference_mode_enabled()``) and so may take another path under
-    torch.no_grad(). Such a trace holds only in the mode it was made in (Traced.grad_mode)."""
-
-    NAMES = ("is_grad_enabled", "is_inference_mode_enabled")
-
-    def __init__(self):
-        self.found: dict = {}
-
-    def __enter__(self):
-        import sys as _sys
-
-        thread, found = threading.get_ident(), self.found
-        self.saved = [(n, getattr(torch, n)) for n in self.NAMES]
-        for name, fn in self.saved:
-            def recording(_fn=fn, _name=name):
-                if threading.get_ident() == thread:
-                    caller = str(_sys._getframe(1).f_globals.get("__name__", ""))
-                    if not caller.startswith(("torch", "sessa_compiler")):
-                        found.setdefault(f"torch.{_name}", None)
-                return _fn()
-            setattr(torch, name, recording)
-        return self
-
-    def __exit__(self, *exc):
-        for name, fn in self.saved:
-            setattr(torch, name, fn)
-        _add_findings("grad_mode", self.found)
-        return False
-
-
 class _float_sizes:
     """While exporting, on this thread: the sizes a Python float of the forward was computed from (SDPA's
     ``scale=1 / T``, a rotary base stretched by the length). torch.export writes such a float into the graph as a
@@ -728,6 +696,16 @@ def _data_dependent_branch(e: Exception) -> str | None:
     return (f"its code branches on the value of a tensor{at}. The compiler traces one path through the module with "
             "symbolic sizes and cannot decide a branch on data. Write the choice with tensor ops (torch.where, "
             "masking) or torch.cond, or move the branch out of the module you compile.")
+
+
+def asks_grad_mode(module) -> bool:
+    """Whether the code of the module's classes, or a function it reaches (frontend/repeated.py _global_reads), asks
+    torch's grad or inference mode (and so may take another path under torch.no_grad()). Read from the code, not
+    by watching the trace: replacing torch.is_grad_enabled while exporting would leave torch.compile, which keys
+    its handling of the function by identity, with the replacement if it was first imported then."""
+    names: set = set()
+    repeated._global_reads(module, names=names)
+    return bool(names & {"is_grad_enabled", "is_inference_mode_enabled"})
 
 
 def grad_state() -> tuple:
@@ -1173,7 +1151,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     return Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
                   assumed, side_effects, tuple(lowerer.output_sources), custom_backward, python_random,
                   tuple(lowerer.constant_outputs), exporting_autocast(), hooks,
-                  grad_state() if _findings("grad_mode") else None)
+                  grad_state() if asks_grad_mode(module) else None)
 
 
 
