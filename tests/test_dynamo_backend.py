@@ -379,3 +379,14 @@ def test_a_trainable_parameter_is_never_folded_and_folded_buffers_are_checked_at
         with pytest.warns(UserWarning, match="logit_scale"):
             y = c(x)
         assert relative_error(y, frozen(x)) <= FP32
+
+
+def test_a_static_length_of_one_claims_no_rotary_embedding():
+    """At one position every rotation is the identity: a graph dynamo traced at T = 1 proves no RoPE fold."""
+    torch.manual_seed(0)
+    m = LearnedTemperature(trainable=False).eval()
+    c = torch.compile(m, backend="sessa", options={"backend": "eager", "fallback": "eager"})
+    x = torch.randn(2, 1, 16)
+    with torch.no_grad():
+        assert relative_error(c(x), m(x)) <= FP32
+    assert sd.reports[-1].compiled and "rope folded" not in sd.reports[-1].explain

@@ -1462,6 +1462,8 @@ def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool
     """Try attention(P xq, P xk, v) {rope=True} in place of attention(q, k, v) for a fixed channel order P;
     True when it probed equal. Of the frequency tables that probe equal, the one closest to the module at long
     positions is taken (the module's own table when it has one)."""
+    if isinstance(q.type.shape[1], int) and q.type.shape[1] < 2:
+        return False   # a static length of one: every rotation is the identity there, so no probe can tell
     options = _frequency_options(g, A, rq, xq, d, default_name, q.type.dtype)
     srcs = {xq: "normal", xk: "normal", v: "normal"}
     m = _mask_operand(n)
