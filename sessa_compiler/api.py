@@ -47,9 +47,13 @@ def _why_not(traced: Traced, args, kwargs) -> str | None:
     if mismatch is not None:
         return mismatch
     mode = getattr(traced, "grad_mode", None)
-    if mode is not None and grad_state() != mode:
-        say = lambda m: "torch.inference_mode()" if m[1] else "gradients on" if m[0] else "torch.no_grad()"  # noqa: E731
-        return f"the forward asks torch's grad mode: traced with {say(mode)}, called with {say(grad_state())}"
+    if mode is not None:
+        now = grad_state((mode[0] is not None, mode[2] is not None), traced.tensor_inputs(args, kwargs))
+        if now[:2] != mode[:2]:
+            say = lambda m: "torch.inference_mode()" if m[1] else "gradients on" if m[0] else "torch.no_grad()"  # noqa: E731
+            return f"the forward asks torch's grad mode: traced with {say(mode)}, called with {say(now)}"
+        if now[2] != mode[2]:
+            return "the forward reads requires_grad, and which inputs require grad differs from the trace"
     args = traced.tensor_inputs(args, kwargs)
     try:
         binding = bind_symbols(graph, list(args))

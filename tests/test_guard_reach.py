@@ -206,11 +206,13 @@ class Branches(nn.Module):
             h = h * 3
         if self.on == "frozen" and not self.a.weight.requires_grad:
             h = h * 4
+        if self.on == "input" and x.requires_grad:
+            h = h * 5
         return h
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("on", ["grad", "inference", "frozen"])
+@pytest.mark.parametrize("on", ["grad", "inference", "frozen", "input"])
 def test_a_forward_that_asks_the_grad_mode_or_requires_grad_traces_per_answer(on, backend):
     torch.manual_seed(0)
     m = Branches(on)
@@ -220,6 +222,8 @@ def test_a_forward_that_asks_the_grad_mode_or_requires_grad_traces_per_answer(on
         c(x)
     if on == "frozen":
         m.a.weight.requires_grad_(False)
+    if on == "input":
+        x = x.clone().requires_grad_(True)
     ctx = torch.inference_mode() if on == "inference" else torch.enable_grad()
     with ctx:
         got, want = c(x), m(x)

@@ -8,6 +8,7 @@ import inspect
 import os
 import threading
 import warnings
+import dataclasses
 from dataclasses import dataclass
 
 import sympy
@@ -698,19 +699,25 @@ def _data_dependent_branch(e: Exception) -> str | None:
             "masking) or torch.cond, or move the branch out of the module you compile.")
 
 
-def asks_grad_mode(module) -> bool:
-    """Whether the code of the module's classes, or a function it reaches (frontend/repeated.py _global_reads), asks
-    torch's grad or inference mode (and so may take another path under torch.no_grad()). Read from the code, not
-    by watching the trace: replacing torch.is_grad_enabled while exporting would leave torch.compile, which keys
-    its handling of the function by identity, with the replacement if it was first imported then."""
+def grad_questions(module) -> tuple:
+    """(asks torch's grad or inference mode, reads some tensor's requires_grad): whether the code of the module's
+    classes, or a function it reaches (frontend/repeated.py _global_reads), may take another path under
+    torch.no_grad() or for an input that requires grad. Read from the code, not by watching the trace: replacing
+    torch.is_grad_enabled while exporting would leave torch.compile, which keys its handling of the function by
+    identity, with the replacement if it was first imported then."""
     names: set = set()
     repeated._global_reads(module, names=names)
-    return bool(names & {"is_grad_enabled", "is_inference_mode_enabled"})
+    return bool(names & {"is_grad_enabled", "is_inference_mode_enabled"}), "requires_grad" in names
 
 
-def grad_state() -> tuple:
-    """(grad enabled, inference mode): the autograd state a forward that asks for it may branch on."""
-    return torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+def grad_state(questions: tuple, inputs) -> tuple | None:
+    """What a forward asking ``questions`` (grad_questions) may branch on: (grad enabled, inference mode) where it
+    asks the mode, then the inputs' requires_grad where it reads requires_grad; None where it asks neither."""
+    mode, flags = questions
+    if not (mode or flags):
+        return None
+    return ((torch.is_grad_enabled(), torch.is_inference_mode_enabled()) if mode else (None, None)) + \
+        ((tuple(bool(x.requires_grad) for x in inputs),) if flags else (None,))
 
 
 @dataclass(frozen=True)
@@ -856,7 +863,8 @@ class Traced:
     # forward hooks that return None (kept for what they do besides: storing a submodule's output) and backward
     # hooks, by name: the graph does neither, so calls run the module itself (backward hooks: calls with gradients)
     hook_effects: tuple = ()
-    # grad_state() when traced, where the forward reads torch's grad mode (it may branch on it); None: it does not
+    # grad_state() when traced, where the forward asks torch's grad mode or reads requires_grad (it may branch on
+    # them): (grad enabled, inference mode, the inputs' requires_grad), None where not asked; None: asks neither
     grad_mode: tuple | None = None
 
     def copied_outputs(self) -> tuple:
@@ -1148,10 +1156,13 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     leaves, spec = call_leaves(args, kwargs)
     constants = tuple((i, v) for i, v in enumerate(leaves) if isinstance(v, CONSTANT_TYPES))
     names = tuple(f"args[{i}]" for i in range(len(args))) + tuple(sorted(kwargs))
-    return Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
-                  assumed, side_effects, tuple(lowerer.output_sources), custom_backward, python_random,
-                  tuple(lowerer.constant_outputs), exporting_autocast(), hooks,
-                  grad_state() if asks_grad_mode(module) else None)
+    traced = Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
+                    assumed, side_effects, tuple(lowerer.output_sources), custom_backward, python_random,
+                    tuple(lowerer.constant_outputs), exporting_autocast(), hooks)
+    questions = grad_questions(module)
+    if any(questions):
+        traced = dataclasses.replace(traced, grad_mode=grad_state(questions, traced.tensor_inputs(args, kwargs)))
+    return traced
 
 
 
