@@ -240,3 +240,39 @@ def test_floats_of_the_length_and_causal_attention_over_more_keys(cls, backend):
         for T in (4, 9, 17):
             x = torch.randn(2, T, 16)
             torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-5)
+
+
+class KeywordLoop(torch.nn.Module):
+    """A recurrence over time in a Python loop (the length is pinned), called the Hugging Face way (keywords)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(11, 8)
+        self.head = torch.nn.Linear(8, 11)
+
+    def forward(self, input_ids=None, labels=None):
+        x = self.emb(input_ids)
+        h, outs = torch.zeros_like(x[:, 0]), []
+        for t in range(x.shape[1]):
+            h = 0.5 * h + x[:, t]
+            outs.append(h)
+        logits = self.head(torch.stack(outs, 1))
+        loss = None
+        if labels is not None:
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+        return loss, logits
+
+
+def test_a_pinned_length_in_a_keyword_call():
+    """torch.export pins a length the Python loop needs (and both lengths of a shifted loss at T = 1, traced at 2):
+    the pinned dims of keyword inputs lower as their numbers, or trace at the call's own sizes."""
+    torch.manual_seed(0)
+    m = KeywordLoop()
+    c = sc.compile(m, backend="eager")
+    for T in (7, 1):
+        ids = torch.randint(0, 11, (2, T))
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            (loss, logits), (want_loss, want) = c(input_ids=ids, labels=ids), m(input_ids=ids, labels=ids)
+        torch.testing.assert_close(logits, want)
+        torch.testing.assert_close(loss, want_loss, equal_nan=True)

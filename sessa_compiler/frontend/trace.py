@@ -294,9 +294,11 @@ def _amp(state):
 
 def _export_program(module, args: tuple, kwargs: dict, dynamic_shapes):
     if dynamic_shapes is not None:
-        if kwargs:
+        if kwargs and not isinstance(dynamic_shapes, dict):
             raise TraceError("export_program: dynamic_shapes covers positional arguments only")
-        traced_args, traced_kwargs, dynamic = tuple(a.contiguous() for a in args), {}, dynamic_shapes
+        # (a dict: by parameter name, keyword arguments included: _static_dims)
+        traced_args, dynamic = tuple(a.contiguous() for a in args), dynamic_shapes
+        traced_kwargs = {k: v.contiguous() if isinstance(v, torch.Tensor) else v for k, v in (kwargs or {}).items()}
     else:
         batch = batch_of(args, kwargs)
         traced_args = tuple(_grow(a, batch) for a in args)
@@ -937,14 +939,18 @@ def _pinned_dims(ep, args: tuple, kwargs: dict | None = None) -> dict:
     """(input index, dim) -> size, for the batch/sequence dims export kept as a symbol of one-point range:
     code that needs the size as a Python int (a loop over range(T)) pins it, and the graph's shapes then
     hold that number where the input holds the symbol."""
-    if kwargs or not all(isinstance(a, torch.Tensor) for a in args):
-        return {}   # (positional tensor calls only)
+    if not all(isinstance(a, torch.Tensor) for a in args):
+        return {}   # (tensor positional arguments only)
+    leaves = tensor_leaves(args, kwargs)
     sig = ep.graph_signature
     kinds = {s.arg.name: s.kind for s in sig.input_specs if hasattr(s.arg, "name")}
     user = [n for n in ep.graph.nodes if n.op == "placeholder"
-            and kinds.get(n.name) == torch.export.graph_signature.InputKind.USER_INPUT]
+            and kinds.get(n.name) == torch.export.graph_signature.InputKind.USER_INPUT
+            and isinstance(n.meta.get("val"), torch.Tensor)]   # the lowering's order: tensor_leaves'
+    if len(user) != len(leaves):
+        return {}
     out = {}
-    for i, node in enumerate(user[:len(args)]):
+    for i, node in enumerate(user):
         fake = node.meta.get("val")
         for d, s in enumerate(getattr(fake, "shape", ())[:2]):
             if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol):
@@ -1014,16 +1020,19 @@ def _cause(e: BaseException, kind):
     return None
 
 
-def _lower(module, args, kwargs=None, dynamic_shapes=None):
+def _lower(module, args, kwargs=None, dynamic_shapes=None, again: bool = False):
     if dynamic_shapes is None and os.environ.get("SESSA_COMPILER_SHARE_LAYERS", "1") != "0":
         shared = _lower_shared(module, args, kwargs)
         if shared is not None:
             return shared
     ep = export_program(module, args, kwargs, dynamic_shapes)
-    pinned = _pinned_dims(ep, args, kwargs) if dynamic_shapes is None else {}
+    # (again: the re-export below at the call's own sizes, in which export may pin a size it was not given pinned:
+    # a length the shifted labels of a loss share with the pinned ids)
+    pinned = _pinned_dims(ep, args, kwargs) if dynamic_shapes is None or again else {}
     # a pinned size that is not the example's own (the example was grown to >= 2, see _grow) would serve the
     # example's size with the grown one's graph
-    elsewhere = any(args[i].shape[d] != n for (i, d), n in pinned.items())
+    leaves = tensor_leaves(args, kwargs)
+    elsewhere = any(leaves[i].shape[d] != n for (i, d), n in pinned.items())
     names = _dim_names(tensor_leaves(args, kwargs))
     lowerer = Lowerer(ep, names, name=type(module).__name__)
     graph = None
@@ -1041,10 +1050,31 @@ def _lower(module, args, kwargs=None, dynamic_shapes=None):
             graph = None
     if graph is not None:
         return ep, lowerer, graph
+    if again:
+        return ep, lowerer, Lowerer(ep, names, name=type(module).__name__).run()   # (its IRError, as it is)
     # trace again at the example's own sizes, the pinned dims static (another size traces again)
-    static = tuple({d: Dim.AUTO for d in range(min(a.dim(), 2)) if (i, d) not in pinned}
-                   for i, a in enumerate(args))
-    return _lower(module, args, kwargs, static)
+    return _lower(module, args, kwargs, _static_dims(module, args, kwargs, pinned), again=True)
+
+
+def _static_dims(module, args: tuple, kwargs: dict | None, pinned: dict):
+    """torch.export's dynamic_shapes for a trace at the call's own sizes: the batch dim of every tensor input
+    dynamic unless pinned, the sequence dims static (a length the code pins is shared by the other sequence inputs,
+    the labels of a shifted loss: export keeps theirs a symbol of their own, which the pinned graph's shapes
+    contradict); a tuple for positional calls, by parameter name where keywords are given."""
+    batch_pinned = {i for (i, d) in pinned if d == 0}
+    index = {id(t): i for i, t in enumerate(tensor_leaves(args, kwargs))}
+
+    def dims(t):
+        return {0: Dim.AUTO} if t.dim() >= 1 and index.get(id(t)) not in batch_pinned else {}
+
+    if not kwargs:
+        return tuple(dims(a) for a in args)
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    except TypeError as e:
+        raise TraceError(f"{type(module).__name__}.forward does not take these arguments: {e}") from e
+    return {name: pytree.tree_map(lambda v: dims(v) if isinstance(v, torch.Tensor) else None, value)
+            for name, value in bound.items()}
 
 
 # An exclusion `X != c` with c above this is kept unchecked (the check runs the module at X = c)
