@@ -1253,8 +1253,9 @@ class Serving:
         return traced.unflatten(outs), cache
 
     @_one_at_a_time
-    def generate(self, tokens: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding as Decoder.generate: tokens (B, T), T >= 1 -> (B, T + max_new_tokens)."""
+    def generate(self, tokens: torch.Tensor = None, max_new_tokens: int = None, **kwargs) -> torch.Tensor:
+        """Greedy decoding as Decoder.generate: tokens (B, T), T >= 1 -> (B, T + max_new_tokens). (Keywords of
+        other generate methods, Hugging Face's input_ids=, get the refusal below, not a TypeError.)"""
         from .models.decoder import Decoder
 
         if not isinstance(self.original, Decoder) or getattr(type(self.original), "generate", None) is not Decoder.generate:
@@ -1264,6 +1265,8 @@ class Serving:
                                    f"with compiled.original.generate(...) (its forward calls are then uncompiled), or "
                                    f"write the decoding loop over compiled(...), or over compiled.prefill/decode_step where "
                                    f"{name} defines them")
+        if kwargs:
+            raise InputError(f"generate(tokens, max_new_tokens) takes no keyword {sorted(kwargs)[0]!r}")
         if (not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] == 0
                 or tokens.is_floating_point()):
             raise InputError(f"generate: tokens must be a non-empty integer tensor (B, T), got "

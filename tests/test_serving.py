@@ -155,6 +155,9 @@ def test_serving_methods_follow_the_original():
 
     with pytest.raises(UnsupportedError, match="Decoder"):
         sc.compile(OtherGenerate(), backend="eager").generate(torch.zeros(1, 2, dtype=torch.long), 1)
+    with pytest.raises(UnsupportedError, match="Decoder"):   # Hugging Face's keywords: the same refusal
+        sc.compile(OtherGenerate(), backend="eager").generate(input_ids=torch.zeros(1, 2, dtype=torch.long),
+                                                             max_new_tokens=1)
 
     class NoPad(Decoder):   # a Decoder whose own generate decodes otherwise: not the compiled greedy loop
         def generate(self, tokens, n):
