@@ -28,7 +28,7 @@ from .frontend.trace import (Traced, autocast_state, batch_of, broadcasts, casts
                              export_autocast, grad_state, other_integer_dtypes, tensor_leaves, trace_with_report,
                              warn_folded_trainables)
 from .ir.ops import CORE, OPS
-from .persistent_cache import collecting, tensor_digest
+from .persistent_cache import collecting, values_unchanged
 from .serving import SERVING_METHODS as _SERVING_METHODS
 from .tolerance import TOLERANCE, graph_tolerance, relative_error  # noqa: F401  (re-exported: sessa_compiler.api.TOLERANCE)
 
@@ -46,15 +46,15 @@ def _why_not(traced: Traced, args, kwargs) -> str | None:
     mismatch = traced.call_mismatch(args, kwargs)
     if mismatch is not None:
         return mismatch
+    args = traced.tensor_inputs(args, kwargs)
     mode = getattr(traced, "grad_mode", None)
     if mode is not None:
-        now = grad_state((mode[0] is not None, mode[2] is not None), traced.tensor_inputs(args, kwargs))
+        now = grad_state((mode[0] is not None, mode[2] is not None), args)
         if now[:2] != mode[:2]:
             say = lambda m: "torch.inference_mode()" if m[1] else "gradients on" if m[0] else "torch.no_grad()"  # noqa: E731
             return f"the forward asks torch's grad mode: traced with {say(mode)}, called with {say(now)}"
         if now[2] != mode[2]:
             return "the forward reads requires_grad, and which inputs require grad differs from the trace"
-    args = traced.tensor_inputs(args, kwargs)
     try:
         binding = bind_symbols(graph, list(args))
     except InputError as e:
@@ -310,8 +310,6 @@ class _Live:
             source = name if name in known else pair_source(name, known)
             if source is not None:
                 self.assumed.append((name, source.split("."), source != name, (digest, tensors[source].requires_grad)))
-        # requires_grad of the tensors the graph reads, as traced: a forward may branch on it
-        self.trainable = {}
         self._verified: dict = {}
         # (graph name, the module's name, attribute path, whether the graph holds it as real pairs)
         self.paths = []
@@ -320,8 +318,9 @@ class _Live:
             if source is not None:
                 self.paths.append((name, source, source.split("."), source != name))
         self.types = {name: graph.param_values[name].type for name, *_ in self.paths}
-        self.trainable.update((name, tensors[source].requires_grad) for name, source, *_ in self.paths)
-        self.expected = [(name, to_torch(t.dtype), torch.Size(t.shape)) for name, t in self.types.items()]
+        # with requires_grad as traced: a forward may branch on it
+        self.expected = [(name, to_torch(self.types[name].dtype), torch.Size(self.types[name].shape),
+                          tensors[source].requires_grad) for name, source, *_ in self.paths]
         live = {name for name, *_ in self.paths}
         self.fixed = {k: v for k, v in graph.params.items() if k not in live}
         # a tensor the module holds under several names (tied weights, one Parameter registered twice) is one
@@ -395,13 +394,9 @@ class _Live:
             if obj.requires_grad != trainable:
                 return (f"'{'.'.join(parts)}', which a recognised op was built from, "
                         f"{'requires' if obj.requires_grad else 'no longer requires'} grad")
-            seen = (id(obj), obj._version, obj.data_ptr(), obj.dtype, tuple(obj.shape))
-            if self._verified.get(name) == seen:
-                continue
-            if tensor_digest(obj) != digest:
+            if not values_unchanged(obj, digest, self._verified, name):
                 return (f"the values of '{'.'.join(parts)}' changed since the trace, and a recognised op was built "
                         "from them")
-            self._verified[name] = seen
         return None
 
     def python_changed(self, module: torch.nn.Module) -> str | None:
@@ -421,13 +416,13 @@ class _Live:
         """Why these live tensors do not fit the traced graph's parameter types (dtype or shape; with
         ``requires_grad``, their requires_grad as traced: not while torch.export or AOT autograd records a call,
         whose fake parameters need not carry it), or None."""
-        for name, dtype, shape in self.expected:
+        for name, dtype, shape, trainable in self.expected:
             t = params[name]
             if not isinstance(t, torch.Tensor):
                 return f"'{name}' is now a {type(t).__name__}, not a tensor"
             if t.dtype != dtype or t.shape != shape:
                 return f"parameter '{name}' is now {t.dtype} {tuple(t.shape)}, traced as {self.types[name]}"
-            if requires_grad and self.trainable.setdefault(name, t.requires_grad) != t.requires_grad:
+            if requires_grad and t.requires_grad != trainable:
                 return f"parameter '{name}' {'requires' if t.requires_grad else 'no longer requires'} grad"
         return None
 

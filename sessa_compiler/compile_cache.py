@@ -43,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from .persistent_cache import cache_dir, make_private_dir, package_hash, stable_hash, tensor_digest, trusted
+from .persistent_cache import (cache_dir, make_private_dir, object_fields, package_hash, stable_hash, tensor_digest,
+                               trusted)
 from .persistent_cache import compile_cache_enabled as enabled  # noqa: F401  (compile_cache.enabled())
 
 ENTRY_FORMAT = 8   # 3: Traced.assumed (tensors a recognised op was built from); 4: the graph's source lines;
@@ -229,18 +230,10 @@ def _fp_container(v, depth: int, active: set):
     if type(v).__module__.partition(".")[0] == "numpy" and hasattr(v, "tobytes"):
         return ("numpy", type(v).__name__, str(getattr(v, "dtype", "")), getattr(v, "shape", ()),
                 hashlib.sha256(v.tobytes()).hexdigest())
-    state = getattr(v, "__dict__", None)
-    slots = [s for k in type(v).__mro__ for s in _slots(k) if s not in ("__dict__", "__weakref__")]
-    if isinstance(state, dict) or slots:  # a config object: by class and fields
-        fields = dict(state or {})
-        fields.update((s, getattr(v, s)) for s in slots if hasattr(v, s))
+    fields = object_fields(v)
+    if fields is not None:  # a config object: by class and fields
         return ("object", _name(type(v)), _fp(fields, depth, active))
     raise NotKeyable(f"a {_name(type(v))} object")
-
-
-def _slots(klass) -> tuple:
-    slots = getattr(klass, "__slots__", ())
-    return (slots,) if isinstance(slots, str) else tuple(slots)
 
 
 # -- the primary key ------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 import torch.fx as fx
 
 from .errors import ConfigError, SessaCompilerError, TraceError
-from .persistent_cache import tensor_digest
+from .persistent_cache import values_unchanged
 
 NAME = "sessa"
 # The backend graphs without Sessa ops go to (a name torch._dynamo.lookup_backend knows). Inductor, as
@@ -286,13 +286,8 @@ class SessaGraph:
 
     def _assumed_changed(self, args) -> str | None:
         for i, name, digest in self.assumed:
-            t = args[i]
-            seen = (id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape))
-            if self._verified.get(i) == seen:
-                continue
-            if tensor_digest(t) != digest:
+            if not values_unchanged(args[i], digest, self._verified, i):
                 return f"the values of '{name}' changed since the trace, and a recognised op was built from them"
-            self._verified[i] = seen
         return None
 
     def _numbers_changed(self, args) -> str | None:

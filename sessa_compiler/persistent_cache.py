@@ -100,6 +100,36 @@ def tensor_digest(t) -> str:
     return h.hexdigest()
 
 
+def object_fields(v) -> dict | None:
+    """What a plain object holds, by attribute name: its ``__dict__`` and its ``__slots__`` that are set (a config
+    object); None for an object with neither."""
+    state = getattr(v, "__dict__", None)
+    slots = [s for k in type(v).__mro__ for s in _slot_names(k) if s not in ("__dict__", "__weakref__")]
+    if not (isinstance(state, dict) or slots):
+        return None
+    fields = dict(state or {})
+    fields.update((s, getattr(v, s)) for s in slots if hasattr(v, s))
+    return fields
+
+
+def _slot_names(klass) -> tuple:
+    slots = vars(klass).get("__slots__", ())
+    return (slots,) if isinstance(slots, str) else tuple(slots)
+
+
+def values_unchanged(t, digest: str, verified: dict, key) -> bool:
+    """Whether tensor ``t`` still holds the values ``digest`` (tensor_digest) was taken of: hashed again only when
+    its identity, storage, version counter, dtype or shape moved since the last check that passed (``verified``,
+    by ``key``). In-place edits through ``.data`` keep the version counter and are not seen."""
+    seen = (id(t), t._version, t.data_ptr(), t.dtype, tuple(t.shape))
+    if verified.get(key) == seen:
+        return True
+    if tensor_digest(t) != digest:
+        return False
+    verified[key] = seen
+    return True
+
+
 def compile_cache_enabled(what: str = "traces") -> bool:
     """Whether the persistent cache of ``what`` ("traces": traced graphs; "libraries": built TVM libraries) is on.
     SESSA_COMPILER_COMPILE_CACHE=0 (or false, off) turns off both; =libraries keeps only the built libraries

@@ -43,7 +43,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
-from ..persistent_cache import tensor_digest
+from ..persistent_cache import object_fields, tensor_digest
 from .lower import CONSTANT_TYPES, LOWERINGS, PAIR_SUFFIX, as_pairs
 
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict, torch.nn.ParameterList,
@@ -98,12 +98,10 @@ def _attr_key(x, depth: int = 0, by_content: bool = True):
             return ("method", id(x.__func__), id(x.__self__))
     if isinstance(x, (types.BuiltinFunctionType, types.ModuleType, type)) or not _config_like(type(x)):
         return ("id", id(x))
-    state = getattr(x, "__dict__", None)
-    slots = [s for k in type(x).__mro__ for s in _slot_names(k) if s not in ("__dict__", "__weakref__")]
-    if (isinstance(state, dict) or slots) and depth < _DEPTH:   # a config object: its identity and what it holds now
-        fields = {k: v for k, v in (state or {}).items() if isinstance(k, str)}
-        fields.update((s, getattr(x, s)) for s in slots if hasattr(x, s))
-        return ("obj", id(x), tuple((k, _attr_key(v, depth + 1, by_content)) for k, v in fields.items()))
+    fields = object_fields(x) if depth < _DEPTH else None
+    if fields is not None:   # a config object: its identity and what it holds now
+        return ("obj", id(x), tuple((k, _attr_key(v, depth + 1, by_content)) for k, v in fields.items()
+                                    if isinstance(k, str)))
     return ("id", id(x))
 
 
@@ -117,11 +115,6 @@ def _config_like(klass) -> bool:
     top = str(klass.__module__).partition(".")[0]
     return klass in (types.SimpleNamespace, argparse.Namespace) or "__dataclass_fields__" in vars(klass) or not (
         top in sys.stdlib_module_names or top in ("torch", "builtins", "numpy"))
-
-
-def _slot_names(klass) -> tuple:
-    slots = vars(klass).get("__slots__", ())
-    return (slots,) if isinstance(slots, str) else tuple(slots)
 
 
 def _cell_key(cell, depth: int, by_content: bool):
@@ -203,7 +196,9 @@ def _global_reads(module: torch.nn.Module, skip_hooks=(), names: set | None = No
                 for d in spaces:
                     for n in code_names.intersection(d):
                         v = d[n]
-                        if (id(d), n) not in reads:
+                        if (id(d), n) not in reads or (d is g and reads[(id(d), n)][2]):
+                            # (a namespace met as a module's attributes first and as a function's globals later
+                            # is described: a dict there changed in place counts)
                             reads[(id(d), n)] = (d, n, d is not g)
                             if isinstance(v, types.FunctionType):
                                 funcs.append(v)
