@@ -167,6 +167,39 @@ def test_padding_to_a_multiple_of_the_chunk_compiles(python_mod):
             torch.testing.assert_close(c(x), m(x), rtol=1e-6, atol=1e-6)
 
 
+class ChunkPairs(torch.nn.Module):
+    """Mamba-2 SSD's within-chunk products: pad T to a multiple of the chunk, [B, chunks, chunk, chunk] scores
+    masked by a chunk x chunk lower triangle."""
+
+    def __init__(self, chunk=8):
+        super().__init__()
+        self.chunk, self.lin = chunk, torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        pad = (self.chunk - T % self.chunk) % self.chunk
+        h = torch.nn.functional.pad(self.lin(x), (0, 0, 0, pad)).reshape(B, -1, self.chunk, D)
+        keep = torch.tril(torch.ones(self.chunk, self.chunk, dtype=torch.bool))
+        s = (h @ h.transpose(-1, -2)).masked_fill(~keep, 0)
+        return (s @ h).reshape(B, -1, D)[:, :T]
+
+
+@pytest.mark.parametrize("t", [1, 7])
+def test_a_chunk_count_one_only_by_a_runtime_assertion(t):
+    """At T <= chunk export pins the chunk count to 1 by a runtime assertion taken mid-trace: the scores' declared
+    shape says 1 where the IR's shapes say floor((T + pad) / 8), which no shape in the IR can hold, and the first
+    call raised IRError (Hugging Face's Mamba2ForCausalLM at T = 1, 7, 16 and 40). Such a call is traced at its own
+    length instead; a call at another length traces again."""
+    torch.manual_seed(0)
+    m = ChunkPairs()
+    c = sc.compile(m, backend="eager")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # (the retrace at another length warns)
+        for n in (t, 12):
+            x = torch.randn(2, n, 8)
+            torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-5)
+
+
 class DecayWithState(torch.nn.Module):
     """RetNet-style chunk retention carrying a state: a 16 x 16 decay buffer sliced [:T, :T] (export then excludes
     T = 16) and a state input [B, h, d, d] whose dim 1 is not the sequence."""

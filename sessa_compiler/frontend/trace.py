@@ -1040,7 +1040,12 @@ def _lower(module, args, kwargs=None, dynamic_shapes=None, again: bool = False):
         graph = None if elsewhere else lowerer.run()
     except IRError:   # the graph's shapes say the pinned number where the input says the symbol
         if not pinned:
-            raise
+            # a size the graph's shapes hold as one number only under a runtime assertion of the trace (Mamba2's
+            # chunk count, 1 where padded T <= chunk size), which the IR's shapes cannot carry: the trace at the
+            # call's own sequence sizes below (another length traces again)
+            if again or dynamic_shapes is not None:
+                raise
+            return _lower(module, args, kwargs, _static_dims(module, args, kwargs, pinned), again=True)
         # the pinned dims lowered as their numbers (the input then holds them too, so another size traces again):
         # the graph a trace with those dims static gives, without exporting the module a second time
         lowerer = Lowerer(ep, {**names, **pinned}, name=type(module).__name__)
