@@ -309,3 +309,43 @@ def test_a_pinned_length_in_a_keyword_call():
             (loss, logits), (want_loss, want) = c(input_ids=ids, labels=ids), m(input_ids=ids, labels=ids)
         torch.testing.assert_close(logits, want)
         torch.testing.assert_close(loss, want_loss, equal_nan=True)
+
+
+class HeadMasked(torch.nn.Module):
+    """GPT-2's head_mask: a [layers, heads] keyword input, each layer's row scaling its heads' attention."""
+
+    def __init__(self, d=16, heads=4, layers=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.ModuleList(torch.nn.Linear(d, 3 * d) for _ in range(layers))
+
+    def forward(self, x, head_mask=None):
+        B, T, D = x.shape
+        for i, qkv in enumerate(self.qkv):
+            q, k, v = qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+            att = torch.softmax(q @ k.transpose(-1, -2) / 2.0, dim=-1)
+            if head_mask is not None:
+                att = att * head_mask[i].view(1, -1, 1, 1)
+            x = x + (att @ v).transpose(1, 2).reshape(B, T, D)
+        return x
+
+
+@pytest.mark.parametrize("batches", [(3, 2, 4), (2, 4)])
+def test_an_input_whose_dim_0_is_not_the_batch(batches):
+    """Dim 0 of every input was named B: the [2, 4] head mask beside a batch of 3 made every call raise InputError
+    ('dimension B is 2 elsewhere but 3 here'), and a first call at batch 2 made the graph refuse batch 4. A dim 0
+    of another size than the batch is a symbol of its own; one equal to it by chance traces again at another."""
+    torch.manual_seed(0)
+    m = HeadMasked()
+    c = sc.compile(m, backend="eager")
+    mask = torch.tensor([[1.0, 0.5, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # (the trace again at another batch warns)
+        for b in batches:
+            x = torch.randn(b, 5, 16, requires_grad=True)
+            want = m(x, head_mask=mask)
+            gw, = torch.autograd.grad(want.square().sum(), x)
+            got = c(x, head_mask=mask)
+            gg, = torch.autograd.grad(got.square().sum(), x)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(gg, gw, rtol=1e-5, atol=1e-5)

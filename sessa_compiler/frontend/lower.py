@@ -59,13 +59,32 @@ def lowering(*targets):
 CONSTANT_TYPES = (type(None), bool, int, float, str)
 
 
+def _principal_hints(ep, kinds: dict) -> dict:
+    """The example sizes the names B and T stand for: B the largest symbolic dim 0 of the tensor inputs, T the
+    symbolic dim 1 of the first input of that batch (the ids of ``model(head_mask=..., input_ids=...)``, whose
+    keywords come sorted, not the [layers, heads] head mask before them)."""
+    rows = []
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and kinds[node.name].kind == torch.export.graph_signature.InputKind.USER_INPUT:
+            fake = node.meta.get("val")
+            if isinstance(fake, torch.Tensor):
+                rows.append([s.node.hint if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol)
+                             else None for s in fake.shape[:2]])
+    batches = [r[0] for r in rows if r and r[0] is not None]
+    if not batches:
+        return {}
+    b = max(batches)
+    t = next((r[1] for r in rows if len(r) > 1 and r[0] == b and r[1] is not None), None)
+    return {"B": b} if t is None else {"B": b, "T": t}
+
+
 class Lowerer:
     def __init__(self, ep: torch.export.ExportedProgram, dim_names: dict, name: str = "main"):
         self.ep = ep
         self.graph = Graph(name)
         self.env: dict = {}  # fx node -> Value | list[Value] | sympy expr
         self.sym_map: dict = {}  # export symbol -> our symbol
-        self._t_hint = None      # the example size of the first input dim named T
+        self._hints: dict = {}   # "B" / "T" -> the example size of the first input dim so named
         self.dim_names = dim_names  # (input index, dim) -> name
         self.notes: list = []  # ops recognised while lowering (e.g. SDPA), for explain()
         self.pairs: set = set()  # Values holding a complex tensor as real (..., 2) pairs (see _complex)
@@ -279,6 +298,7 @@ class Lowerer:
         sig = ep.graph_signature
         kinds = {s.arg.name: s for s in sig.input_specs}
         state = ep.state_dict
+        self._hints = _principal_hints(ep, kinds)
         user_index = 0
         for node in ep.graph.nodes:
             if node.op == "placeholder":
@@ -293,15 +313,16 @@ class Lowerer:
                     for d, s in enumerate(fake.shape):
                         if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol):
                             name = self.dim_names.get((user_index, d), f"D{user_index}_{d}")
-                            if name == "T" and s.node.expr not in self.sym_map and sym("T") in self.sym_map.values() \
-                                    and s.node.hint != self._t_hint:
+                            if name in self._hints and s.node.expr not in self.sym_map \
+                                    and s.node.hint != self._hints[name]:
                                 # a second sequence length, of another size in the example (cross-attention's
-                                # memory of S positions): a symbol of its own, else every call with S != T was
-                                # refused. (Equal sizes stay one T: the export keeps the symbols of a mask or of
-                                # labels apart from the ids' although the code needs them equal)
-                                name = f"T{user_index}"
-                            elif name == "T":
-                                self._t_hint = s.node.hint
+                                # memory of S positions), or a dim 0 that is not the batch (GPT-2's head_mask
+                                # [layers, heads]): a symbol of its own, else every call with S != T (or another
+                                # batch) was refused. (Equal sizes stay one: the export keeps the symbols of a mask
+                                # or of labels apart from the ids' although the code needs them equal)
+                                name = f"{name}{user_index}"
+                            elif name in ("B", "T") and name not in self._hints:
+                                self._hints[name] = s.node.hint
                             # (a dim the export pinned to one size is named by that size: trace.py _lower)
                             self.sym_map.setdefault(s.node.expr,
                                                     sympy.Integer(name) if isinstance(name, int) else sym(name))
