@@ -21,7 +21,8 @@ from .backends.base import Backend, CompileContext
 from .backends.eager import bind_symbols
 from .backends.shapes import sequence_length
 from .ir.dtypes import from_torch, to_torch
-from .errors import ConfigError, InputError, SessaCompilerError, TraceError, UnsupportedError, ValidationError
+from .errors import (ConfigError, DataDependentBranch, InputError, SessaCompilerError, TraceError, UnsupportedError,
+                     ValidationError)
 from .frontend.guards import ModuleGuard
 from .frontend.lower import as_pairs, pair_source
 from .frontend.trace import (Traced, autocast_state, batch_of, broadcasts, casts_float_inputs, check_keywords,
@@ -228,7 +229,8 @@ _INTERPRETER_LOCK = threading.Lock()
 # per-call state, rebuilt after unpickling (see CompiledModule.__getstate__)
 _RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_contexts", "_variants", "_lock", "_fresh", "_live",
             "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces", "_serving",
-            "trace_cache_why", "cache_notes", "uncompiled_calls", "_said", "_refused_dtypes")
+            "trace_cache_why", "cache_notes", "uncompiled_calls", "_said", "_refused_dtypes", "_branching",
+            "_dynamo_fn", "dynamo_calls")
 ORIGINAL = "_orig_mod"  # the original module's attribute name (as torch.compile's OptimizedModule names it)
 
 
@@ -569,6 +571,11 @@ class CompiledModule(torch.nn.Module):
         self.retraces: list = []    # why each trace after the first was made
         self.uncompiled_calls = 0   # forward calls run on the original module: no trace fits, max_traces reached
         self._said: set = set()       # reasons for uncompiled calls warned of already (_say_once)
+        # train/eval modes (_modes) in which the forward branches on a tensor's value (DataDependentBranch) -> why:
+        # such calls run through torch.compile(module, backend="sessa") (_via_dynamo), made at the first
+        self._branching: dict = {}
+        self._dynamo_fn = None
+        self.dynamo_calls = 0        # forward calls run through torch.compile (_via_dynamo)
         self._copies: dict = {}     # id(Traced) -> (it, Traced.copied_outputs())
         self.trace_seconds = None
         self.trace_cache = None     # "hit", "miss" or "off": whether the last trace came from the compile cache
@@ -717,6 +724,8 @@ class CompiledModule(torch.nn.Module):
         if any(not isinstance(a, torch.Tensor) for a in args):
             args, kwargs = _named_constants(self._orig_mod.forward, args, kwargs)
         check_keywords(kwargs, InputError, f"compiled {type(self._orig_mod).__name__}: ")
+        if self._branching and _modes(self._orig_mod) in self._branching:
+            return self._via_dynamo(self._branching[_modes(self._orig_mod)], args, kwargs)
         try:
             if self.backend_name == "eager":  # torch ops only: calls run concurrently once the graph is chosen
                 with self._lock:
@@ -728,6 +737,31 @@ class CompiledModule(torch.nn.Module):
                 return self._call(traced, runner, params, args, kwargs)
         except _Uncompiled:
             return self._orig_mod(*args, **kwargs)
+        except DataDependentBranch as e:
+            self._branching[_modes(self._orig_mod)] = str(e)
+            return self._via_dynamo(str(e), args, kwargs)
+
+    def _via_dynamo(self, why: str, args, kwargs):
+        """A call in a train/eval mode whose forward branches on a tensor's value (Hugging Face's LayerDrop,
+        ``if torch.rand([]) < self.layerdrop:``, taken in training mode even at layerdrop 0): no one traced graph
+        is the module, so it runs through torch.compile(module, backend="sessa"), which runs such branches in
+        Python and compiles the graphs between them with this compiler (sessa_compiler/dynamo.py). Calls in other
+        modes (eval, where the branch is not reached) are traced as usual."""
+        if "data_dependent" not in self._said:
+            self._said.add("data_dependent")
+            warnings.warn(f"compiled {type(self._orig_mod).__name__}: {why.rstrip('.')}. Calls in this train/eval "
+                          "mode run through torch.compile(module, backend='sessa') instead, which runs such branches "
+                          "in Python between graphs it compiles with this compiler", stacklevel=4)
+        with self._lock:
+            if self._dynamo_fn is None:
+                from .dynamo import DEFAULT_FALLBACK, register
+                register()
+                # graphs with no Sessa op go to torch.compile's default (Inductor), or stay torch ops on eager
+                fallback = "aot_eager" if self.backend_name == "eager" else DEFAULT_FALLBACK
+                self._dynamo_fn = torch.compile(self._orig_mod, backend="sessa", options={
+                    **self._options, "backend": self.backend_name, "fallback": fallback})
+            self.dynamo_calls += 1
+        return self._dynamo_fn(*args, **kwargs)
 
     def _export_call(self, args, kwargs, impls: dict = LIBRARY_OPS):
         """The call as torch.export (or torch.compile) should record it: a traced graph whose train/eval modes,
@@ -1002,6 +1036,10 @@ class CompiledModule(torch.nn.Module):
     def explain(self) -> str:
         """A readable report: recognised ops, rejected candidates, fallbacks, backend and kernels."""
         if self._traced is None:
+            if self.dynamo_calls:
+                return (f"compiled {type(self._orig_mod).__name__}: no traced graph; {self.dynamo_calls} call(s) "
+                        "through torch.compile(backend='sessa') (the forward branches on a tensor's value: "
+                        f"{'; '.join(sorted(set(self._branching.values())))})")
             return f"{type(self._orig_mod).__name__}: not traced yet (call it once or pass example_inputs)"
         g, rep = self._traced.graph, self._traced.report
         counts = collections.Counter(n.op for n in g.nodes)
@@ -1024,6 +1062,9 @@ class CompiledModule(torch.nn.Module):
             lines.append(f"  uncompiled calls: {self.uncompiled_calls} call(s) ran the original module (no traced graph "
                          f"fits past max_traces={self.max_traces}, gradients through a torch.autograd.Function, "
                          "Python random draws, or hooks a graph cannot run)")
+        if self.dynamo_calls:
+            lines.append(f"  calls through torch.compile(backend='sessa'): {self.dynamo_calls} (in a train/eval mode "
+                         f"whose forward branches on a tensor's value: {'; '.join(sorted(set(self._branching.values())))})")
         if getattr(self._traced, "python_random", ()):
             lines.append(f"  Python random draws in forward: {', '.join(self._traced.python_random)}; calls run the "
                          "original module")

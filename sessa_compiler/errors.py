@@ -20,6 +20,11 @@ class TraceError(SessaCompilerError):
     """torch.export or the lowering of its graph to the IR failed."""
 
 
+class DataDependentBranch(TraceError):
+    """torch.export met Python control flow on a tensor's value (``if torch.rand([]) < p:``): no one graph is the
+    module. A compiled module runs such calls through torch.compile(module, backend="sessa") instead."""
+
+
 class UnsupportedError(SessaCompilerError):
     """A feature, op or backend that is not available (yet, or on this machine)."""
 

@@ -5,6 +5,8 @@ Each test here failed (crash, raw library error, or missing feature) on the code
 from __future__ import annotations
 
 import inspect
+import io
+import warnings
 
 import pytest
 import torch
@@ -86,6 +88,8 @@ def test_a_cache_directory_that_is_a_file_is_a_config_error_when_tuning(tmp_path
 
 
 def test_data_dependent_control_flow_names_the_line(capfd):
+    """A forward that branches on a tensor's value has no one graph: exports say so, naming the line; a compiled
+    module's calls run through torch.compile(backend="sessa") (test_a_layerdrop_branch_on_a_torch_draw)."""
     class Branchy(torch.nn.Module):
         def forward(self, x):
             if x.sum() > 0:
@@ -93,11 +97,63 @@ def test_data_dependent_control_flow_names_the_line(capfd):
             return x - 1
 
     with pytest.raises(sc.TraceError) as err:
-        sc.compile(Branchy(), backend="eager")(torch.randn(1, 3, 4))
+        sc.export_onnx(Branchy(), (torch.randn(1, 3, 4),), io.BytesIO())
     msg = str(err.value)
     assert "branches on the value of a tensor" in msg and "test_robust.py" in msg and "if x.sum() > 0:" in msg
     assert "torch.where" in msg and len(msg) < 600  # one sentence, not torch's guard dump
     assert "def forward" not in capfd.readouterr().err  # torch's graph dump does not leak to stderr
+    c = sc.compile(Branchy(), backend="eager")
+    with pytest.warns(UserWarning, match=r"if x.sum\(\) > 0:.*run through torch.compile"):
+        for x in (torch.randn(1, 3, 4).abs(), -torch.randn(1, 3, 4).abs()):
+            torch.testing.assert_close(c(x), Branchy()(x))
+    assert c.dynamo_calls == 2 and "through torch.compile" in c.explain()
+
+
+class LayerDrop(torch.nn.Module):
+    """Hugging Face's LayerDrop (OPT, BART, Whisper, BioGPT...): in training, ``torch.rand([]) < p`` skips a layer."""
+
+    def __init__(self, p=0.0, d=8, layers=3):
+        super().__init__()
+        self.p = p
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(d, d) for _ in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            if self.training:
+                if torch.rand([]) < self.p:
+                    continue
+            x = x + torch.tanh(layer(x))
+        return x
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5])
+def test_a_layerdrop_branch_on_a_torch_draw(p):
+    """Training OPT or BART (any layerdrop, 0 included) raised TraceError at the first call: the branch on a fresh
+    draw has no one graph. Calls in training mode now run through torch.compile(backend="sessa"), drawing as the
+    module does (same seed, same layers dropped, same gradients); eval calls, which do not draw, are traced."""
+    torch.manual_seed(0)
+    m = LayerDrop(p)
+    c = sc.compile(m, backend="eager")
+    x = torch.randn(2, 5, 8)
+    for step in range(3):
+        torch.manual_seed(step)
+        want = m(x)
+        gw = torch.autograd.grad(want.square().sum(), list(m.parameters()), allow_unused=True)
+        torch.manual_seed(step)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = c(x)
+        gg = torch.autograd.grad(got.square().sum(), list(m.parameters()), allow_unused=True)
+        torch.testing.assert_close(got, want)
+        for a, b in zip(gg, gw):
+            assert (a is None) == (b is None)
+            if a is not None:
+                torch.testing.assert_close(a, b)
+    assert c.dynamo_calls == 3
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), m(x))
+    assert c.dynamo_calls == 3 and c._traced is not None   # eval: the traced graph
 
 
 # -- print_ir on every backend, and the IR's graph views ----------------------------------------------------

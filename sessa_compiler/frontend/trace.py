@@ -16,7 +16,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.export import Dim
 
-from ..errors import IRError, TraceError
+from ..errors import DataDependentBranch, IRError, TraceError
 from ..ir.dtypes import to_torch
 from ..ir.graph import Graph
 from ..ir.ops import view_root
@@ -334,7 +334,7 @@ def _export_program(module, args: tuple, kwargs: dict, dynamic_shapes):
     except Exception as e:
         data_dependent = _data_dependent_branch(e)
         if data_dependent is not None:
-            raise TraceError(f"cannot trace {type(module).__name__}: {data_dependent}") from e
+            raise DataDependentBranch(f"cannot trace {type(module).__name__}: {data_dependent}") from e
         raise TraceError(f"torch.export could not trace {type(module).__name__}: {type(e).__name__}: {e}") from e
     return ep
 
