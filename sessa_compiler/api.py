@@ -159,6 +159,34 @@ class _RecomputeGrad(torch.autograd.Function):
         return (None,) * 5 + tuple(next(it) if need else None for need in needs)
 
 
+class _ZeroGrads(torch.autograd.Function):
+    """The identity on an output, giving each of ``params`` a zero gradient (Traced.zero_grads)."""
+
+    @staticmethod
+    def forward(ctx, out, *params):
+        ctx.like = [(p.shape, p.dtype, p.device) for p in params]
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, *(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.like))
+
+
+def _with_zero_grads(module, names: tuple, outs):
+    """Parameters the module reads but its output does not depend on at these sizes get a zero gradient, as the
+    module's own autograd gives them (not None, which makes an optimiser skip them, weight decay included): an
+    edge to them from the smallest output that carries a gradient (a copy of that output, a loss usually)."""
+    state = dict(module.named_parameters(remove_duplicate=False))
+    params = [state[n] for n in names if n in state and state[n].requires_grad]
+    carrying = [i for i, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.requires_grad]
+    if not params or not carrying:
+        return outs
+    i = min(carrying, key=lambda k: outs[k].numel())
+    outs = list(outs)
+    outs[i] = _ZeroGrads.apply(outs[i], *params)
+    return outs
+
+
 def run_with_autograd(backend, runner, graph, args: list, params: dict, eager_runners: dict) -> tuple:
     """(outputs, whether autograd will recompute on eager) of a prepared graph. When autograd must see this call,
     a backend with a training runner (Backend.prepare_training: its forward and backward kernels for the core
@@ -837,6 +865,8 @@ class CompiledModule(torch.nn.Module):
             outs = list(outs)
             for i in copies[1]:
                 outs[i] = outs[i].clone()
+        if getattr(traced, "zero_grads", ()) and torch.is_grad_enabled():
+            outs = _with_zero_grads(self._orig_mod, traced.zero_grads, outs)
         result = traced.unflatten(outs)
         if self.validate:
             self._validate(args, kwargs, outs, graph)

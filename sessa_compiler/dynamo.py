@@ -393,7 +393,8 @@ def sessa_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
                             explain=_explain(traced, fallback)))
         return _fallback(gm, example_inputs, fallback)
     examples = {name: example_inputs[i] for name, i in layout.weights}
-    folded = [n for n, _ in traced.assumed if getattr(examples.get(n), "requires_grad", False)]
+    folded = [n for n in [*(n for n, _ in traced.assumed), *traced.zero_grads]
+              if getattr(examples.get(n), "requires_grad", False)]
     if folded:   # its value became a constant of the op: it would get no gradient, and train no more
         reason = (f"a recognised op was built from the values of the trainable parameter(s) {', '.join(folded)}, "
                   "which would get no gradient through it")

@@ -370,3 +370,51 @@ def test_index_assignment_into_a_buffer_trains(backend):
     m(x).pow(2).sum().backward()
     for g, p in zip(got, m.parameters()):
         assert relative_error(g, p.grad) <= 1e-5
+
+
+class OneKeyBias(nn.Module):
+    """A learned [heads, n, n] bias added to causal attention scores (T5's relative position bias, spelled
+    directly); ``int(T)`` makes export pin the length, so a call at T = 1 has a graph of its own."""
+
+    def __init__(self, d=16, heads=2, n=8):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(d, 3 * d)
+        self.rel = nn.Parameter(torch.randn(heads, n, n))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        T = int(T)
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        s = q @ k.transpose(-1, -2) / math.sqrt(D // self.heads) + self.rel[:, :T, :T]
+        s = s.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        return (torch.softmax(s, -1) @ v).transpose(1, 2).reshape(B, T, D)
+
+
+def test_a_parameter_the_output_ignores_at_these_sizes_gets_a_zero_gradient():
+    """At T = 1 each softmax has one key, so the bias added to it changes nothing: the recogniser's attention
+    dropped it. The compiled module gave it grad None where the module gives zeros (AdamW then skipped its weight
+    decay: T5 at T = 1 drifted from the module), warned that it was 'folded', and would have traced again at
+    every change of it. It now gets the module's zero gradient, with no warning and no retrace."""
+    torch.manual_seed(0)
+    m = OneKeyBias()
+    twin = copy.deepcopy(m)
+    c = sc.compile(twin, backend="eager")
+    opts = [torch.optim.AdamW(mod.parameters(), lr=1e-2, weight_decay=0.1) for mod in (m, twin)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # no 'folded' warning
+        for step in range(3):
+            x = torch.randn(2, 1, 16)
+            for f, opt in ((m, opts[0]), (c, opts[1])):
+                opt.zero_grad(set_to_none=True)
+                f(x).square().sum().backward()
+                opt.step()
+            assert twin.rel.grad is not None and not twin.rel.grad.any()
+            for (n, a), b in zip(m.named_parameters(), twin.parameters()):
+                torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+    assert c.retraces == [] and len(c._variants) == 1
+    with torch.no_grad():   # (and at T > 1, where it matters, it is read)
+        x = torch.randn(2, 5, 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-5)

@@ -868,6 +868,10 @@ class Traced:
     # grad_state() when traced, where the forward asks torch's grad mode or reads requires_grad (it may branch on
     # them): (grad enabled, inference mode, the inputs' requires_grad), None where not asked; None: asks neither
     grad_mode: tuple | None = None
+    # trainable parameters the module reads but its output does not depend on at the traced sizes (T5's relative
+    # position bias at T = 1, where each softmax has one key): the recognised graph dropped them, and the module's
+    # autograd gives them a zero gradient, not None (an optimiser's weight decay then still applies)
+    zero_grads: tuple = ()
 
     def copied_outputs(self) -> tuple:
         """Positions of graph outputs that must be copied after a run: the module returns a new tensor there
@@ -1154,6 +1158,42 @@ def _simplified(e):
         return e
 
 
+def _idle_parameters(module, args: tuple, kwargs: dict, names: list) -> tuple:
+    """Of the trainable parameters ``names`` that the recognised graph no longer reads, those the module's output
+    does not depend on at these inputs: the module run again with them moved far from their values gives exactly
+    the same outputs (same seed). They were dropped, not folded (a softmax over one key ignores the bias added to
+    it): nothing to check at each call, and a zero gradient. A parameter the output does depend on stays folded
+    (warn_folded_trainables). The parameters are moved in place and put back exactly."""
+    if not names:
+        return ()
+    state = dict(module.named_parameters(remove_duplicate=False))
+    names = [n for n in names if n in state]
+
+    def outputs():
+        torch.manual_seed(0)
+        return [t for t in pytree.tree_leaves(module(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+
+    def unmoved(group) -> bool:
+        saved = [state[n].detach().clone() for n in group]
+        try:
+            for n in group:
+                p = state[n]
+                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * (p.abs().max() + 1))
+            return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(outputs(), before))
+        finally:
+            for n, value in zip(group, saved):
+                state[n].copy_(value)
+
+    gen = torch.Generator().manual_seed(1)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            before = outputs()
+            idle = names if unmoved(names) else [n for n in names if len(names) > 1 and unmoved([n])]
+    except Exception:   # noqa: BLE001 - a module that refuses the run: its parameters stay folded, as before
+        return ()
+    return tuple(idle)
+
+
 def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: dict | None = None, *,
                       recognisers: bool = True, dynamic_shapes: tuple | dict | None = None) -> Traced:
     """Trace `module(*example_inputs, **example_kwargs)`. Tensor arguments become graph inputs (dims 0 and
@@ -1185,8 +1225,10 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     report.shared = list(lowerer.shared)
     simplify(graph)
     consumed = {name: t for name, t in read.items() if name not in graph.param_values}   # read, then replaced
-    assumed = tuple((name, tensor_digest(t)) for name, t in consumed.items())
-    warn_folded_trainables(module, [name for name, t in consumed.items() if t.requires_grad], stacklevel=4)
+    idle = _idle_parameters(module, args, kwargs, [name for name, t in consumed.items() if t.requires_grad])
+    assumed = tuple((name, tensor_digest(t)) for name, t in consumed.items() if name not in idle)
+    warn_folded_trainables(module, [name for name, t in consumed.items() if t.requires_grad and name not in idle],
+                           stacklevel=4)
     out_spec = ep.call_spec.out_spec
     leaves, spec = call_leaves(args, kwargs)
     constants = tuple((i, v) for i, v in enumerate(leaves) if isinstance(v, CONSTANT_TYPES))
@@ -1194,6 +1236,8 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     traced = Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
                     assumed, side_effects, tuple(lowerer.output_sources), custom_backward, python_random,
                     tuple(lowerer.constant_outputs), exporting_autocast(), hooks)
+    if idle:
+        traced = dataclasses.replace(traced, zero_grads=idle)
     questions = grad_questions(module)
     if any(questions):
         traced = dataclasses.replace(traced, grad_mode=grad_state(questions, traced.tensor_inputs(args, kwargs)))
