@@ -1,6 +1,6 @@
 """sessa_compiler: compile Sessa models (and Transformer / Mamba baselines) into fast, exportable kernels."""
-from .errors import (ArtifactError, ConfigError, InputError, IRError, ParseError, SessaCompilerError, TraceError,
-                     UnsupportedError, ValidationError)
+from .errors import (ArtifactError, ConfigError, DataDependentBranch, InputError, IRError, ParseError,
+                     SessaCompilerError, TraceError, UnsupportedError, ValidationError)
 from ._version import __version__
 
 import importlib as _importlib
@@ -97,5 +97,6 @@ def load_tvm(path):
     return _load_tvm(path)
 
 
-__all__ = ["compile", "CompiledModule", "trace", "parse", "SessaCompilerError", "IRError", "ParseError", "TraceError", "UnsupportedError",
+__all__ = ["compile", "CompiledModule", "trace", "parse", "SessaCompilerError", "IRError", "ParseError", "TraceError", "DataDependentBranch",
+           "UnsupportedError",
            "ConfigError", "ArtifactError", "InputError", "ValidationError", "export_onnx", "export_tvm", "load_tvm", "tune", "__version__"]
