@@ -788,8 +788,22 @@ class CompiledModule(torch.nn.Module):
                 fallback = "aot_eager" if self.backend_name == "eager" else DEFAULT_FALLBACK
                 self._dynamo_fn = torch.compile(self._orig_mod, backend="sessa", options={
                     **self._options, "backend": self.backend_name, "fallback": fallback})
-            self.dynamo_calls += 1
-        return self._dynamo_fn(*args, **kwargs)
+            fn = self._dynamo_fn
+        if fn is self._orig_mod:
+            self.uncompiled_calls += 1
+            return fn(*args, **kwargs)
+        from torch._dynamo.exc import TorchDynamoException
+        try:
+            out = fn(*args, **kwargs)
+        except TorchDynamoException as e:   # torch.compile itself failed (not the module's code): run the module
+            self._dynamo_fn = self._orig_mod
+            warnings.warn(f"compiled {type(self._orig_mod).__name__}: torch.compile(backend='sessa') failed "
+                          f"({type(e).__name__}: {str(e)[:300]}); calls in this mode run the original module "
+                          "uncompiled", stacklevel=4)
+            self.uncompiled_calls += 1
+            return self._orig_mod(*args, **kwargs)
+        self.dynamo_calls += 1
+        return out
 
     def _export_call(self, args, kwargs, impls: dict = LIBRARY_OPS):
         """The call as torch.export (or torch.compile) should record it: a traced graph whose train/eval modes,
@@ -941,6 +955,8 @@ class CompiledModule(torch.nn.Module):
         self.retraces.append(reason or state or amp)   # (autocast: a graph of its own, traced without a warning)
         try:
             self._trace(args, kwargs)
+        except DataDependentBranch:
+            raise   # (forward runs such calls through torch.compile)
         except SessaCompilerError as e:
             if reason is None:  # the module's state changed and the module cannot run this call
                 raise InputError(f"compiled {type(self._orig_mod).__name__}: {state}, and tracing it again for "

@@ -156,6 +156,23 @@ def test_a_layerdrop_branch_on_a_torch_draw(p):
     assert c.dynamo_calls == 3 and c._traced is not None   # eval: the traced graph
 
 
+def test_a_layerdrop_module_evaluated_first_then_trained():
+    """Traced in eval mode first, the trace again for training raised InputError ('the module's state changed
+    and tracing it again failed'): the training calls now take torch.compile's path too."""
+    torch.manual_seed(0)
+    m = LayerDrop(0.0).eval()
+    c = sc.compile(m, backend="eager")
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), m(x))
+    m.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = c(x)
+    torch.testing.assert_close(got, m(x))
+    assert c.dynamo_calls == 1 and got.requires_grad
+
+
 # -- print_ir on every backend, and the IR's graph views ----------------------------------------------------
 @pytest.mark.parametrize("backend", ["eager", "tvm", "auto"])
 def test_print_ir_prints_the_ir_on_every_backend(backend, capsys, monkeypatch):
