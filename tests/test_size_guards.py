@@ -349,3 +349,32 @@ def test_an_input_whose_dim_0_is_not_the_batch(batches):
             gg, = torch.autograd.grad(got.square().sum(), x)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(gg, gw, rtol=1e-5, atol=1e-5)
+
+
+class SegsumRepeat(torch.nn.Module):
+    """Mamba-2's minimal segsum spelled with ``repeat(..., T)``: a repeat count that is the sequence length."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.proj = torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        T = x.size(1)
+        a = -torch.nn.functional.softplus(self.proj(x)).transpose(1, 2)
+        r = a[..., None].repeat(1, 1, 1, T).masked_fill(~torch.tril(torch.ones(T, T, dtype=torch.bool), -1), 0)
+        seg = torch.cumsum(r, dim=-2).masked_fill(~torch.tril(torch.ones(T, T, dtype=torch.bool)), -torch.inf)
+        return torch.einsum("bdts,bsd->btd", torch.exp(seg), x)
+
+
+def test_a_repeat_count_that_is_the_length():
+    """`x.repeat(1, 1, 1, T)` failed to lower (TypeError: int() of an fx Node): counts may be sizes."""
+    torch.manual_seed(0)
+    m = SegsumRepeat()
+    c = sc.compile(m, backend="eager")
+    for t in (5, 9):
+        x = torch.randn(2, t, 8, requires_grad=True)
+        want, got = m(x), c(x)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0],
+                                   rtol=1e-5, atol=1e-5)
+    assert len(c._variants) == 1   # one graph for both lengths

@@ -1414,9 +1414,10 @@ def _rms_norm(L, node):
 @lowering(aten.repeat.default)
 def _repeat(L, node):
     """x.repeat(r0, r1, ...) = x viewed as [1, d0, 1, d1, ...], expanded to [r0, d0, r1, d1, ...], flattened."""
-    x, reps = L.arg(node.args[0]), [int(r) for r in node.args[1]]
-    if len(reps) < x.type.rank:
+    x, reps = L.arg(node.args[0]), [L.arg(r) for r in node.args[1]]   # an int, or a size (``repeat(1, T)``)
+    if len(reps) < x.type.rank or any(isinstance(r, Value) for r in reps):
         return NotImplemented
+    reps = [int(r) if isinstance(r, int) or getattr(r, "is_Integer", False) else r for r in reps]
     b, dt = _Build(L), x.type.dtype
     shape = (1,) * (len(reps) - x.type.rank) + tuple(x.type.shape)
     inter = [d for s in shape for d in (1, s)]
