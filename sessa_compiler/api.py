@@ -782,12 +782,13 @@ class CompiledModule(torch.nn.Module):
                           "in Python between graphs it compiles with this compiler", stacklevel=4)
         with self._lock:
             if self._dynamo_fn is None:
-                from .dynamo import DEFAULT_FALLBACK, register
+                from .dynamo import register
                 register()
-                # graphs with no Sessa op go to torch.compile's default (Inductor), or stay torch ops on eager
-                fallback = "aot_eager" if self.backend_name == "eager" else DEFAULT_FALLBACK
+                # graphs with no Sessa op stay torch ops (dynamo's "eager"), as a traced graph's other ops run: not
+                # Inductor, which the user did not ask for, and not aot_eager, whose backward fails on Whisper's
+                # dropout in training (torch 2.13: "view size is not compatible", plain torch.compile too)
                 self._dynamo_fn = torch.compile(self._orig_mod, backend="sessa", options={
-                    **self._options, "backend": self.backend_name, "fallback": fallback})
+                    **self._options, "backend": self.backend_name, "fallback": "eager"})
             fn = self._dynamo_fn
         if fn is self._orig_mod:
             self.uncompiled_calls += 1
