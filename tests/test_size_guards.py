@@ -378,3 +378,32 @@ def test_a_repeat_count_that_is_the_length():
         torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(want.sum(), x)[0],
                                    rtol=1e-5, atol=1e-5)
     assert len(c._variants) == 1   # one graph for both lengths
+
+
+class ShiftedLoss(torch.nn.Module):
+    """A Hugging Face style shifted LM loss: logits[..., :-1, :].view(-1, V) beside labels[..., 1:].view(-1)."""
+
+    def __init__(self, vocab=11, d=8):
+        super().__init__()
+        self.emb, self.head = torch.nn.Embedding(vocab, d), torch.nn.Linear(d, vocab)
+
+    def forward(self, input_ids, labels=None):
+        logits = self.head(self.emb(input_ids))
+        shift_logits, shift_labels = logits[..., :-1, :].contiguous(), labels[..., 1:].contiguous()
+        return torch.nn.functional.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1))
+
+
+def test_a_guard_undefined_at_the_call_sizes():
+    """The trace at T = 6 guards Mod(B, B*(T - 1)); a call at T = 1 then raised ZeroDivisionError from sympy while
+    the guards were checked. A guard undefined at the call's sizes is not taken to hold: that call is traced
+    again (and gives the module's NaN: a loss over no token)."""
+    torch.manual_seed(0)
+    m = ShiftedLoss()
+    c = sc.compile(m, backend="eager")
+    ids = torch.randint(0, 11, (2, 6))
+    torch.testing.assert_close(c(ids, labels=ids), m(ids, labels=ids))
+    ids = torch.randint(0, 11, (2, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = c(ids, labels=ids)
+    assert torch.isnan(got) and torch.isnan(m(ids, labels=ids))

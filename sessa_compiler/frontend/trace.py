@@ -739,7 +739,12 @@ class Guard:
         values = {x: binding[x.name] for x in self.expr.free_symbols if x.name in binding}
         if len(values) != len(self.expr.free_symbols):
             return True
-        return bool(self.expr.xreplace({k: sympy.Integer(v) for k, v in values.items()}))
+        try:
+            return bool(self.expr.xreplace({k: sympy.Integer(v) for k, v in values.items()}))
+        except (ZeroDivisionError, TypeError):
+            # undefined at these sizes (``Mod(B, B*(T - 1))`` at T = 1, from a shifted loss's view(-1)): the trace
+            # says nothing there, so it is not taken to hold (a trace of its own)
+            return False
 
     def __str__(self) -> str:
         return _pretty(self.expr)
