@@ -31,7 +31,10 @@ def _cancels(outer, inner) -> bool:
 
 def _key(n):
     from ..ir.graph import format_literal, format_operand
+    from ..semantics.ordinary import draws_random
 
+    if n.op == "fallback" and draws_random(n.attrs["target"]):
+        return (n.op, id(n))   # two draws with the same operands are two draws (x + randn_like(x) - randn_like(x))
     return (n.op, tuple(x if hasattr(x, "producer") else ("lit", format_operand(x)) for x in n.inputs),
             format_literal(n.attrs), tuple(str(o.type) for o in n.outputs))
 

@@ -121,6 +121,16 @@ def resolve_target(target: str):
     return obj
 
 
+def draws_random(target: str) -> bool:
+    """Whether the torch op ``target`` draws from a random generator (randn_like, bernoulli, dropout...: torch's
+    ``nondeterministic_seeded`` tag): two calls with the same operands give different values, and each call moves
+    the generator, so no two are one. An op this torch does not have counts as drawing."""
+    try:
+        return torch.Tag.nondeterministic_seeded in resolve_target(target).tags
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def fill_refs(x, operands):
     """A fallback node's args/kwargs with each ``arg(i)`` placeholder replaced by operand i."""
     if isinstance(x, ArgRef):
