@@ -257,8 +257,7 @@ _INTERPRETER_LOCK = threading.Lock()
 # per-call state, rebuilt after unpickling (see CompiledModule.__getstate__)
 _RUNTIME = ("_backend", "_traced", "_runner", "_eager_runners", "_contexts", "_variants", "_lock", "_fresh", "_live",
             "grad_recomputes", "trace_seconds", "trace_cache", "tune_results", "tune_seconds", "retraces", "_serving",
-            "trace_cache_why", "cache_notes", "uncompiled_calls", "_said", "_refused_dtypes", "_branching",
-            "_dynamo_fn", "dynamo_calls")
+            "trace_cache_why", "cache_notes", "uncompiled_calls", "_said", "_refused_dtypes", "_branching")
 ORIGINAL = "_orig_mod"  # the original module's attribute name (as torch.compile's OptimizedModule names it)
 
 
@@ -600,10 +599,8 @@ class CompiledModule(torch.nn.Module):
         self.uncompiled_calls = 0   # forward calls run on the original module: no trace fits, max_traces reached
         self._said: set = set()       # reasons for uncompiled calls warned of already (_say_once)
         # train/eval modes (_modes) in which the forward branches on a tensor's value (DataDependentBranch) -> why:
-        # such calls run through torch.compile(module, backend="sessa") (_via_dynamo), made at the first
+        # such calls run the original module (_branching_call)
         self._branching: dict = {}
-        self._dynamo_fn = None
-        self.dynamo_calls = 0        # forward calls run through torch.compile (_via_dynamo)
         self._copies: dict = {}     # id(Traced) -> (it, Traced.copied_outputs())
         self.trace_seconds = None
         self.trace_cache = None     # "hit", "miss" or "off": whether the last trace came from the compile cache
@@ -753,7 +750,7 @@ class CompiledModule(torch.nn.Module):
             args, kwargs = _named_constants(self._orig_mod.forward, args, kwargs)
         check_keywords(kwargs, InputError, f"compiled {type(self._orig_mod).__name__}: ")
         if self._branching and _modes(self._orig_mod) in self._branching:
-            return self._via_dynamo(self._branching[_modes(self._orig_mod)], args, kwargs)
+            return self._branching_call(self._branching[_modes(self._orig_mod)], args, kwargs)
         try:
             if self.backend_name == "eager":  # torch ops only: calls run concurrently once the graph is chosen
                 with self._lock:
@@ -767,44 +764,19 @@ class CompiledModule(torch.nn.Module):
             return self._orig_mod(*args, **kwargs)
         except DataDependentBranch as e:
             self._branching[_modes(self._orig_mod)] = str(e)
-            return self._via_dynamo(str(e), args, kwargs)
+            return self._branching_call(str(e), args, kwargs)
 
-    def _via_dynamo(self, why: str, args, kwargs):
+    def _branching_call(self, why: str, args, kwargs):
         """A call in a train/eval mode whose forward branches on a tensor's value (Hugging Face's LayerDrop,
         ``if torch.rand([]) < self.layerdrop:``, taken in training mode even at layerdrop 0): no one traced graph
-        is the module, so it runs through torch.compile(module, backend="sessa"), which runs such branches in
-        Python and compiles the graphs between them with this compiler (sessa_compiler/dynamo.py). Calls in other
-        modes (eval, where the branch is not reached) are traced as usual."""
-        if "data_dependent" not in self._said:
-            self._said.add("data_dependent")
-            warnings.warn(f"compiled {type(self._orig_mod).__name__}: {why.rstrip('.')}. Calls in this train/eval "
-                          "mode run through torch.compile(module, backend='sessa') instead, which runs such branches "
-                          "in Python between graphs it compiles with this compiler", stacklevel=4)
-        with self._lock:
-            if self._dynamo_fn is None:
-                from .dynamo import register
-                register()
-                # graphs with no Sessa op stay torch ops (dynamo's "eager"), as a traced graph's other ops run: not
-                # Inductor, which the user did not ask for, and not aot_eager, whose backward fails on Whisper's
-                # dropout in training (torch 2.13: "view size is not compatible", plain torch.compile too)
-                self._dynamo_fn = torch.compile(self._orig_mod, backend="sessa", options={
-                    **self._options, "backend": self.backend_name, "fallback": "eager"})
-            fn = self._dynamo_fn
-        if fn is self._orig_mod:
-            self.uncompiled_calls += 1
-            return fn(*args, **kwargs)
-        from torch._dynamo.exc import TorchDynamoException
-        try:
-            out = fn(*args, **kwargs)
-        except TorchDynamoException as e:   # torch.compile itself failed (not the module's code): run the module
-            self._dynamo_fn = self._orig_mod
-            warnings.warn(f"compiled {type(self._orig_mod).__name__}: torch.compile(backend='sessa') failed "
-                          f"({type(e).__name__}: {str(e)[:300]}); calls in this mode run the original module "
-                          "uncompiled", stacklevel=4)
-            self.uncompiled_calls += 1
-            return self._orig_mod(*args, **kwargs)
-        self.dynamo_calls += 1
-        return out
+        is the module, so the module itself runs (drawing as it does). Calls in other modes (eval, where the branch
+        is not reached) are traced as usual. Running such calls through torch.compile was tried: its graph breaks
+        compile little of such a model here, and in torch 2.13 its backends got OPT's gradients wrong under
+        gradient checkpointing with dropout ("eager") or failed in Whisper's backward ("aot_eager")."""
+        self._say_once("data_dependent", f"{why.rstrip('.')}. Calls in this train/eval mode run the original "
+                       "module uncompiled (calls in a mode that does not reach the branch, such as eval, are "
+                       "compiled); torch.compile(model, backend='sessa') compiles around such branches", stacklevel=5)
+        return self._orig_mod(*args, **kwargs)
 
     def _export_call(self, args, kwargs, impls: dict = LIBRARY_OPS):
         """The call as torch.export (or torch.compile) should record it: a traced graph whose train/eval modes,
@@ -957,7 +929,7 @@ class CompiledModule(torch.nn.Module):
         try:
             self._trace(args, kwargs)
         except DataDependentBranch:
-            raise   # (forward runs such calls through torch.compile)
+            raise   # (forward runs such calls on the original module)
         except SessaCompilerError as e:
             if reason is None:  # the module's state changed and the module cannot run this call
                 raise InputError(f"compiled {type(self._orig_mod).__name__}: {state}, and tracing it again for "
@@ -1015,8 +987,9 @@ class CompiledModule(torch.nn.Module):
         baked one draw into the graph, which would repeat it at every call, so the module itself runs."""
         self._say_once("python_random", f"its forward calls {', '.join(traced.python_random)}; a traced graph would "
                        "repeat the one draw made while tracing at every call, so calls in this mode run the original "
-                       "module uncompiled (draw with torch's generator, e.g. torch.rand(()) < p, to compile it; an "
-                       "eval-mode forward that does not draw is compiled)", stacklevel=6)
+                       "module uncompiled (draw with torch's generator and select with tensor ops to compile it, "
+                       "x = torch.where(torch.rand(()) < p, x, layer(x)); an eval-mode forward that does not draw is "
+                       "compiled)", stacklevel=6)
         return self._orig_mod(*args, **kwargs)
 
     def _beyond_limit(self, why: str):
@@ -1083,9 +1056,9 @@ class CompiledModule(torch.nn.Module):
     def explain(self) -> str:
         """A readable report: recognised ops, rejected candidates, fallbacks, backend and kernels."""
         if self._traced is None:
-            if self.dynamo_calls:
-                return (f"compiled {type(self._orig_mod).__name__}: no traced graph; {self.dynamo_calls} call(s) "
-                        "through torch.compile(backend='sessa') (the forward branches on a tensor's value: "
+            if self._branching:
+                return (f"compiled {type(self._orig_mod).__name__}: no traced graph; {self.uncompiled_calls} call(s) "
+                        "ran the original module (the forward branches on a tensor's value: "
                         f"{'; '.join(sorted(set(self._branching.values())))})")
             return f"{type(self._orig_mod).__name__}: not traced yet (call it once or pass example_inputs)"
         g, rep = self._traced.graph, self._traced.report
@@ -1108,10 +1081,10 @@ class CompiledModule(torch.nn.Module):
         if self.uncompiled_calls:
             lines.append(f"  uncompiled calls: {self.uncompiled_calls} call(s) ran the original module (no traced graph "
                          f"fits past max_traces={self.max_traces}, gradients through a torch.autograd.Function, "
-                         "Python random draws, or hooks a graph cannot run)")
-        if self.dynamo_calls:
-            lines.append(f"  calls through torch.compile(backend='sessa'): {self.dynamo_calls} (in a train/eval mode "
-                         f"whose forward branches on a tensor's value: {'; '.join(sorted(set(self._branching.values())))})")
+                         "Python random draws, a branch on a tensor's value, or hooks a graph cannot run)")
+        if self._branching:
+            lines.append("  forward branches on a tensor's value in another train/eval mode, whose calls run the "
+                         f"original module: {'; '.join(sorted(set(self._branching.values())))}")
         if getattr(self._traced, "python_random", ()):
             lines.append(f"  Python random draws in forward: {', '.join(self._traced.python_random)}; calls run the "
                          "original module")
