@@ -1163,38 +1163,36 @@ def _simplified(e):
         return e
 
 
-def _idle_parameters(module, args: tuple, kwargs: dict, names: list) -> tuple:
-    """Of the trainable parameters ``names`` that the recognised graph no longer reads, those the module's output
-    does not depend on at these inputs: the module run again with them moved far from their values gives exactly
-    the same outputs (same seed). They were dropped, not folded (a softmax over one key ignores the bias added to
-    it): nothing to check at each call, and a zero gradient. A parameter the output does depend on stays folded
-    (warn_folded_trainables). The parameters are moved in place and put back exactly."""
-    if not names:
-        return ()
-    state = dict(module.named_parameters(remove_duplicate=False))
-    names = [n for n in names if n in state]
+def _idle_parameters(lowered: Graph | None, inputs: list, names: list) -> tuple:
+    """Of the trainable parameters ``names`` that the recognised graph no longer reads, those the output does not
+    depend on at these inputs: the graph as lowered (before the recognisers), run with them moved far from their
+    values, gives exactly the same outputs (same seed). They were dropped, not folded (a softmax over one key
+    ignores the bias added to it): nothing to check at each call, and a zero gradient. A parameter the output does
+    depend on stays folded (warn_folded_trainables). The lowered graph is a pure function of its inputs and
+    parameters: the module's tensors and state are not touched."""
+    from ..semantics import run_graph
 
-    def outputs():
+    names = [n for n in names if lowered is not None and isinstance(lowered.params.get(n), torch.Tensor)]
+    if not names or len(inputs) != len(lowered.inputs):
+        return ()
+    gen = torch.Generator().manual_seed(1)
+
+    def outputs(params):
         torch.manual_seed(0)
-        return [t for t in pytree.tree_leaves(module(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+        return run_graph(lowered, inputs, params)
 
     def unmoved(group) -> bool:
-        saved = [state[n].detach().clone() for n in group]
-        try:
-            for n in group:
-                p = state[n]
-                p.add_(torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * (p.abs().max() + 1))
-            return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(outputs(), before))
-        finally:
-            for n, value in zip(group, saved):
-                state[n].copy_(value)
+        moved = dict(lowered.params)
+        for n in group:
+            p = moved[n].detach()
+            moved[n] = p + torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) * (p.abs().max() + 1)
+        return all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(outputs(moved), before))
 
-    gen = torch.Generator().manual_seed(1)
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            before = outputs()
+            before = outputs(lowered.params)
             idle = names if unmoved(names) else [n for n in names if len(names) > 1 and unmoved([n])]
-    except Exception:   # noqa: BLE001 - a module that refuses the run: its parameters stay folded, as before
+    except Exception:   # noqa: BLE001 - a graph that does not run here: its parameters stay folded, as before
         return ()
     return tuple(idle)
 
@@ -1223,6 +1221,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     used = {v.name for n in graph.nodes for v in n.value_inputs if v.kind == "param"}
     read = {name: graph.params[name] for name in graph.param_values
             if name in used and isinstance(graph.params.get(name), torch.Tensor)}   # not the unused placeholders
+    lowered = graph.clone() if recognisers and any(t.requires_grad for t in read.values()) else None
     if recognisers:
         hand_written_softmax(graph)   # a softmax spelled exp(x - max) / sum is the recognisers' softmax
     report = recognise(graph, _layout_sizes(graph)) if recognisers else Report()
@@ -1230,7 +1229,8 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     report.shared = list(lowerer.shared)
     simplify(graph)
     consumed = {name: t for name, t in read.items() if name not in graph.param_values}   # read, then replaced
-    idle = _idle_parameters(module, args, kwargs, [name for name, t in consumed.items() if t.requires_grad])
+    idle = _idle_parameters(lowered, tensor_leaves(args, kwargs),
+                            [name for name, t in consumed.items() if t.requires_grad])
     assumed = tuple((name, tensor_digest(t)) for name, t in consumed.items() if name not in idle)
     warn_folded_trainables(module, [name for name, t in consumed.items() if t.requires_grad and name not in idle],
                            stacklevel=4)
