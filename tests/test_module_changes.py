@@ -764,3 +764,56 @@ def test_a_module_that_casts_its_input_takes_other_float_dtypes():
         warnings.simplefilter("error")
         x = torch.randn(2, 5, 16, dtype=torch.float64)
         assert relative_error(layer(x), layer.original(x)) <= 1e-10
+
+
+class FrozenEmbeddingLM(nn.Module):
+    """A frozen embedding under trainable layers checkpointed (reentrant), as PEFT trains with gradient
+    checkpointing; Hugging Face's enable_input_require_grads hooks the embedding so that its output requires
+    grad (else the reentrant checkpoint sees no input that requires grad and the layers get no gradient)."""
+
+    def __init__(self, vocab=20, d=16):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d).requires_grad_(False)
+        self.layers = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        for layer in self.layers:
+            h = torch.utils.checkpoint.checkpoint(lambda x, layer=layer: x + torch.tanh(layer(x)), h,
+                                                  use_reentrant=True)
+        return self.head(h)
+
+
+def make_inputs_require_grads(module, input, output):   # transformers' PreTrainedModel.enable_input_require_grads
+    output.requires_grad_(True)
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_enable_input_require_grads_stays_compiled(backend):
+    """A forward hook that returns None counts as one kept for its side effects, so every call ran the original
+    module (PEFT with gradient checkpointing never ran compiled). A hook whose code can only call requires_grad_ on
+    its arguments has no effect the compiled graph's gradients need: calls stay compiled, gradients equal."""
+    torch.manual_seed(0)
+    m = FrozenEmbeddingLM()
+    m.emb.register_forward_hook(make_inputs_require_grads)
+    c = sc.compile(m, backend=backend)
+    ids = torch.randint(0, 20, (2, 7))
+    trained = [p for p in m.parameters() if p.requires_grad]
+
+    def grads(f):   # (a reentrant checkpoint gives its parameters' gradients to backward(), not autograd.grad)
+        for p in trained:
+            p.grad = None
+        out = f(ids)
+        out.square().sum().backward()
+        return out.detach(), [p.grad for p in trained]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # (the reentrant checkpoint's own warnings)
+        want, gw = grads(m)
+        got, gg = grads(c)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(gg, gw):
+        assert a is not None and b is not None
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert c.uncompiled_calls == 0 and not c._traced.hook_effects

@@ -481,6 +481,26 @@ class _autograd_functions:
         return False
 
 
+# the opcodes of a hook that can only load its arguments and constants, call a method of one, and return
+_PLAIN_OPS = {"RESUME", "NOP", "CACHE", "LOAD_FAST", "LOAD_FAST_CHECK", "LOAD_CONST", "LOAD_ATTR", "LOAD_METHOD",
+              "PRECALL", "CALL", "CALL_METHOD", "CALL_FUNCTION", "KW_NAMES", "PUSH_NULL", "POP_TOP", "RETURN_VALUE",
+              "RETURN_CONST", "COPY_FREE_VARS"}
+
+
+def _sets_requires_grad_only(fn) -> bool:
+    """Whether a hook's code can do nothing but call ``requires_grad_`` on its arguments (Hugging Face's
+    ``enable_input_require_grads``: ``output.requires_grad_(True)``, which PEFT and gradient checkpointing of frozen
+    layers set up): no global, closure cell or attribute read but ``requires_grad_``, no store, no subscript. Its
+    one effect, that an activation requires grad, the compiled graph's gradients do not need: it is not a side
+    effect that makes calls run the module."""
+    import dis
+
+    code = getattr(getattr(fn, "__func__", fn), "__code__", None)
+    if code is None or code.co_freevars or code.co_cellvars or set(code.co_names) != {"requires_grad_"}:
+        return False
+    return all(ins.opname in _PLAIN_OPS for ins in dis.get_instructions(code))
+
+
 class _hook_effects:
     """While exporting, on this thread: the module's forward hooks and pre-hooks (a submodule's, its own,
     torch's global module hooks) that return None, and its backward hooks. A hook that returns None changes
@@ -516,7 +536,7 @@ class _hook_effects:
 
                 def watching(*args, _fn=fn, _name=name, **kwargs):
                     out = _fn(*args, **kwargs)
-                    if out is None and threading.get_ident() == thread:
+                    if out is None and threading.get_ident() == thread and not _sets_requires_grad_only(_fn):
                         found.setdefault(_name, None)
                     return out
 
