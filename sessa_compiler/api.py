@@ -578,8 +578,11 @@ class CompiledModule(torch.nn.Module):
         self._init_runtime()
         if example_inputs is not None:
             inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-            with collecting(self.cache_notes):
-                self._trace(inputs, example_kwargs)
+            try:
+                with collecting(self.cache_notes):
+                    self._trace(inputs, example_kwargs)
+            except DataDependentBranch as e:   # calls in this mode run the module (_branching_call); said then
+                self._branching[_modes(module)] = str(e)
 
     def _init_runtime(self) -> None:
         self._backend = get_backend(self.backend_name, **self._options)

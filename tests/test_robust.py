@@ -155,6 +155,13 @@ def test_a_layerdrop_branch_on_a_torch_draw(p):
     with torch.no_grad():
         torch.testing.assert_close(c(x), m(x))
     assert c.uncompiled_calls == 3 and c._traced is not None   # eval: the traced graph
+    m.train()   # example inputs given to compile(): no error there either, the calls run the module
+    c = sc.compile(m, (x,), backend="eager")
+    with pytest.warns(UserWarning, match="if torch.rand"):
+        got = c(x)
+    if p == 0.0:   # (nothing dropped: the module's output)
+        torch.testing.assert_close(got, m(x))
+    assert c.uncompiled_calls == 1
 
 
 def test_a_layerdrop_module_evaluated_first_then_trained():
