@@ -205,5 +205,14 @@ class MoreActivations(nn.Module):
                 x.sigmoid().round(decimals=2), F.dropout(x, 0.5, training=False))
 
 
-SWEEP = [(ExtendedMaskAndPooling, x_and_mask), (MoreActivations, x_input), (SmoothedLossesAndNorms, x_and_labels), (PaddedSelfAttention, x_and_mask), (CreationAndClamps, x_input), (ShapeShuffles, x_input),
+class EmptyCacheConcat(nn.Module):
+    """Hugging Face's DynamicCache starts from torch.tensor([]) and concatenates the keys to it on dim -2: torch.cat
+    skips a 1-D empty operand whatever the others' rank (the concat was refused: 'dim -2 out of range for rank 1')."""
+
+    def forward(self, x):
+        keys = torch.cat([torch.tensor([]), x], dim=-2)
+        return keys, torch.cat([x, torch.tensor([]), x * 2], dim=1)
+
+
+SWEEP = [(EmptyCacheConcat, x_input), (ExtendedMaskAndPooling, x_and_mask), (MoreActivations, x_input), (SmoothedLossesAndNorms, x_and_labels), (PaddedSelfAttention, x_and_mask), (CreationAndClamps, x_input), (ShapeShuffles, x_input),
          (Activations, x_input), (BatchedProducts, x_input), (TokenLosses, ids_and_labels)]
