@@ -867,8 +867,6 @@ def _cat(L, node):
     kept = [p for p in parts if not (isinstance(p, Value) and p.type.shape == (0,))]
     if not kept or all(isinstance(p, Value) and p.type.rank == 1 for p in kept):
         kept = parts   # (all 1-D: an ordinary concatenation)
-    if len(kept) == 1:
-        return L.emit("reshape", kept, {"shape": list(kept[0].type.shape)}, node)
     return L.emit("concat", kept, {"dim": node.args[1] if len(node.args) > 1 else 0}, node)
 LOWERINGS[aten.stack.default] = lambda L, node: L.emit(
     "stack", list(L.arg(node.args[0])), {"dim": node.args[1] if len(node.args) > 1 else 0}, node)
