@@ -176,8 +176,14 @@ def _with_zero_grads(module, names: tuple, outs):
     """Parameters the module reads but its output does not depend on at these sizes get a zero gradient, as the
     module's own autograd gives them (not None, which makes an optimiser skip them, weight decay included): an
     edge to them from the smallest output that carries a gradient (a copy of that output, a loss usually)."""
-    state = dict(module.named_parameters(remove_duplicate=False))
-    params = [state[n] for n in names if n in state and state[n].requires_grad]
+    params = []
+    for n in names:   # (by path: a whole named_parameters() walk at every training call is not needed)
+        try:
+            p = module.get_parameter(n)
+        except AttributeError:
+            continue
+        if p.requires_grad:
+            params.append(p)
     carrying = [i for i, o in enumerate(outs) if isinstance(o, torch.Tensor) and o.requires_grad]
     if not params or not carrying:
         return outs
@@ -752,8 +758,9 @@ class CompiledModule(torch.nn.Module):
         if any(not isinstance(a, torch.Tensor) for a in args):
             args, kwargs = _named_constants(self._orig_mod.forward, args, kwargs)
         check_keywords(kwargs, InputError, f"compiled {type(self._orig_mod).__name__}: ")
-        if self._branching and _modes(self._orig_mod) in self._branching:
-            return self._branching_call(self._branching[_modes(self._orig_mod)], args, kwargs)
+        why = self._branching.get(_modes(self._orig_mod)) if self._branching else None
+        if why is not None:
+            return self._branching_call(why, args, kwargs)
         try:
             if self.backend_name == "eager":  # torch ops only: calls run concurrently once the graph is chosen
                 with self._lock:

@@ -393,11 +393,15 @@ def sessa_backend(gm: fx.GraphModule, example_inputs, options: dict | None = Non
                             explain=_explain(traced, fallback)))
         return _fallback(gm, example_inputs, fallback)
     examples = {name: example_inputs[i] for name, i in layout.weights}
-    folded = [n for n in [*(n for n, _ in traced.assumed), *traced.zero_grads]
-              if getattr(examples.get(n), "requires_grad", False)]
-    if folded:   # its value became a constant of the op: it would get no gradient, and train no more
-        reason = (f"a recognised op was built from the values of the trainable parameter(s) {', '.join(folded)}, "
-                  "which would get no gradient through it")
+    folded = [n for n, _ in traced.assumed if getattr(examples.get(n), "requires_grad", False)]
+    idle = [n for n in traced.zero_grads if getattr(examples.get(n), "requires_grad", False)]
+    if folded or idle:   # its value became a constant of the op, or no op reads it: it would get no gradient
+        reason = "; ".join(
+            ([f"a recognised op was built from the values of the trainable parameter(s) {', '.join(folded)}, "
+              "which would get no gradient through it"] if folded else []) +
+            ([f"the recognised graph no longer reads the trainable parameter(s) {', '.join(idle)} (the output "
+              "does not depend on them at these sizes), which would get no gradient, not the module's zeros"]
+             if idle else []))
         _record(GraphReport(name, False, fallback, reason=reason, dynamic_dims=dynamic_dims,
                             explain=_explain(traced, fallback)))
         return _fallback(gm, example_inputs, fallback)

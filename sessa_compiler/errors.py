@@ -22,7 +22,7 @@ class TraceError(SessaCompilerError):
 
 class DataDependentBranch(TraceError):
     """torch.export met Python control flow on a tensor's value (``if torch.rand([]) < p:``): no one graph is the
-    module. A compiled module runs such calls through torch.compile(module, backend="sessa") instead."""
+    module. A compiled module runs such calls on the original module instead; exports raise it."""
 
 
 class UnsupportedError(SessaCompilerError):

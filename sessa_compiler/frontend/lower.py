@@ -84,7 +84,7 @@ class Lowerer:
         self.graph = Graph(name)
         self.env: dict = {}  # fx node -> Value | list[Value] | sympy expr
         self.sym_map: dict = {}  # export symbol -> our symbol
-        self._hints: dict = {}   # "B" / "T" -> the example size of the first input dim so named
+        self._hints: dict = {}   # "B" / "T" -> the example size the name stands for (_principal_hints)
         self.dim_names = dim_names  # (input index, dim) -> name
         self.notes: list = []  # ops recognised while lowering (e.g. SDPA), for explain()
         self.pairs: set = set()  # Values holding a complex tensor as real (..., 2) pairs (see _complex)

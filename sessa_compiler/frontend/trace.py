@@ -1062,7 +1062,7 @@ def _lower(module, args, kwargs=None, dynamic_shapes=None, again: bool = False):
     # example's size with the grown one's graph
     leaves = tensor_leaves(args, kwargs)
     elsewhere = any(leaves[i].shape[d] != n for (i, d), n in pinned.items())
-    names = _dim_names(tensor_leaves(args, kwargs))
+    names = _dim_names(leaves)
     lowerer = Lowerer(ep, names, name=type(module).__name__)
     graph = None
     try:
@@ -1074,14 +1074,14 @@ def _lower(module, args, kwargs=None, dynamic_shapes=None, again: bool = False):
             # call's own sequence sizes below (another length traces again)
             if again or dynamic_shapes is not None:
                 raise
-            return _lower(module, args, kwargs, _static_dims(module, args, kwargs, pinned), again=True)
-        # the pinned dims lowered as their numbers (the input then holds them too, so another size traces again):
-        # the graph a trace with those dims static gives, without exporting the module a second time
-        lowerer = Lowerer(ep, {**names, **pinned}, name=type(module).__name__)
-        try:
-            graph = lowerer.run()
-        except IRError:
-            graph = None
+        else:
+            # the pinned dims lowered as their numbers (the input then holds them too, so another size traces
+            # again): the graph a trace with those dims static gives, without exporting the module a second time
+            lowerer = Lowerer(ep, {**names, **pinned}, name=type(module).__name__)
+            try:
+                graph = lowerer.run()
+            except IRError:
+                graph = None
     if graph is not None:
         return ep, lowerer, graph
     if again:
@@ -1260,9 +1260,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     names = tuple(f"args[{i}]" for i in range(len(args))) + tuple(sorted(kwargs))
     traced = Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
                     assumed, side_effects, tuple(lowerer.output_sources), custom_backward, python_random,
-                    tuple(lowerer.constant_outputs), exporting_autocast(), hooks)
-    if idle:
-        traced = dataclasses.replace(traced, zero_grads=idle)
+                    tuple(lowerer.constant_outputs), exporting_autocast(), hooks, zero_grads=idle)
     questions = grad_questions(module)
     if any(questions):
         traced = dataclasses.replace(traced, grad_mode=grad_state(questions, traced.tensor_inputs(args, kwargs)))
