@@ -229,3 +229,19 @@ def test_any_sessa_configuration_is_recognised_and_exact(heads, d, rope, max_len
     assert att.attrs.get("rope", False) == rope and att.inputs[1].type.shape[2] == Hkv
     x = torch.randn(B, T, H * d, dtype=torch.float64)
     assert relative_error(run_graph(tr.graph, [x])[0], m(x)) <= 1e-10
+
+
+def test_feedback_diagnosis_survives_a_negative_probe_size():
+    """A rejected feedback candidate is explained by evaluating its system at a probe length; where a source's
+    symbolic size is negative there (a blocked solve's block T - 8 at T = 6), the explanation says so instead
+    of the recogniser raising (it used to: RuntimeError from torch.randn, a crash of compile())."""
+    from sessa_compiler.frontend.recognise import _diagnose_feedback
+    from sessa_compiler.ir import parse
+
+    g = parse("graph g(%f: f32[B, T - 8, 4], %gam: f32[B, T - 8]) {\n"
+              "  %m: f32[B, T - 8, 4] = relu(%f)\n"
+              "  return %m\n"
+              "}\n")
+    f, gam = g.inputs
+    why = _diagnose_feedback(g, None, g.outputs[0], {f: "normal", gam: "gain"})
+    assert "could not be evaluated at a probe length" in why and "negative dimension" in why

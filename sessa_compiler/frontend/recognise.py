@@ -958,12 +958,15 @@ def _diagnose_feedback(g, n, mat, srcs, left=True) -> str:
     from .probe import _binding, _params64
 
     Tn = 6
-    binding = _binding(g, Tn)
     gen = torch.Generator().manual_seed(99)
     inputs = {}
-    for v, kind in srcs.items():
-        x = torch.randn(v.type.concrete_shape(binding), generator=gen, dtype=torch.float64)
-        inputs[v] = torch.tanh(x) * 0.95 if kind == "gain" else x
+    try:   # (sizes derived from the probe's length can be negative in a blocked solve's symbolic blocks)
+        binding = _binding(g, Tn)
+        for v, kind in srcs.items():
+            x = torch.randn(v.type.concrete_shape(binding), generator=gen, dtype=torch.float64)
+            inputs[v] = torch.tanh(x) * 0.95 if kind == "gain" else x
+    except Exception as e:  # noqa: BLE001 - the explanation is best effort
+        return f"the system could not be evaluated at a probe length ({type(e).__name__}: {str(e)[:120]})"
     gain = next(v for v, kind in srcs.items() if kind == "gain")
     try:
         (M,) = run_graph(g, [], overrides={**_params64(g, [mat], srcs), **inputs}, targets=[mat], binding=binding,
