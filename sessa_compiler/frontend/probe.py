@@ -47,8 +47,9 @@ class Step:
 
 
 def apply_steps(x, steps, binding):
+    """A proposal's adapter steps on a probe's values (float casts keep the value: ``_wide_cast``)."""
     for s in steps:
-        x = SEMANTICS[s.op](x, **resolve(s.attrs, binding))
+        x = _STEP_IMPLS.get(s.op, SEMANTICS[s.op])(x, **resolve(s.attrs, binding))
     return x
 
 
@@ -94,6 +95,21 @@ def _promoting(fn):
 # (a Hugging Face rotary table is ``inv_freq[None, :, None] @ position_ids[:, None, :].float()``) compute in the
 # wider one. Given to run_graph as ``impls`` by every probe evaluation.
 PROBE_IMPLS = {op: _promoting(SEMANTICS[op]) for op in ("matmul", "linear", "einsum", "conv1d") if op in SEMANTICS}
+
+
+def _wide_cast(x, *, dtype):
+    """A probe compares what a region means, not how it rounds: a cast from one float type to another (Hugging
+    Face's ``softmax(scores.float()).to(q.dtype)`` in a bf16 model) keeps the probe's float64 value. Probing with
+    the casts rounding made every bf16 region's tolerance the rounding's (0.3 of the output's scale), under which
+    an ALiBi bias or a temperature of 1.1 passed for plain attention; without them the probe holds a region of any
+    dtype to float64's tolerance, and the op that replaces it computes at the spec's precision for its dtype."""
+    if x.is_floating_point() and dtype.is_floating_point:
+        return x
+    return x.to(dtype)
+
+
+PROBE_IMPLS["cast"] = _wide_cast
+_STEP_IMPLS = {"cast": _wide_cast}   # a proposal's adapter steps, evaluated the same way
 
 
 def _params64(graph: Graph, targets=None, stop=()) -> dict:

@@ -267,19 +267,11 @@ def to_bt(t: TensorType):
 
 
 def _region_tol(A: Analysis, sources, output: Value) -> float:
-    """The narrowest float type a cast inside the region goes through bounds the match tolerance."""
-    tol = 1e-9
-    seen, stack = set(), [output]
-    while stack:
-        v = stack.pop()
-        if v in seen or v in sources or v.producer is None:
-            continue
-        seen.add(v)
-        n = v.producer
-        if n.op == "cast" and n.attrs["dtype"].is_float:
-            tol = max(tol, {"f64": 1e-9, "f32": 1e-5, "f16": 3e-2, "bf16": 3e-2}[n.attrs["dtype"].name])
-        stack.extend(n.value_inputs)
-    return max(tol * 10, 1e-8)
+    """The match tolerance of a probe: float64's, whatever casts the region goes through. The probes evaluate a
+    cast between float types as the identity (probe._wide_cast), so a region of a bf16 model is compared with the
+    proposal by what it means; the tolerance used to be the narrowest cast's rounding (0.3 of the output's scale
+    for bf16), under which ALiBi biases and temperatures passed for plain attention."""
+    return 1e-8
 
 
 def _emit_steps(g: Graph, x: Value, steps, index: int):
