@@ -52,9 +52,9 @@ def test_other_structure_is_probed_again(monkeypatch):
     both, tr = _count_probe_runs(monkeypatch, randomize(nn.Sequential(SessaLayer(16, n_heads=2),
                                                                       SessaLayer(16, n_heads=4))), x)
     # the attention and rope regions of the 4-head layer are probed on their own; the feedback region (one head
-    # over D) is the 2-head layers' and is probed once (a probe per length, and its position masks evaluated
-    # twice: at the longest probe length and at MASK_CHECK_LENGTH)
-    assert both == h2 + h4 - len(probe_module.PROBE_LENGTHS) - 2, (h2, h4, both)
+    # over D) is the 2-head layers' and is probed once (a probe per length, one more with large sources, and its
+    # position masks evaluated twice: at the longest probe length and at MASK_CHECK_LENGTH)
+    assert both == h2 + h4 - len(probe_module.PROBE_LENGTHS) - 1 - 2, (h2, h4, both)
     assert _core(tr, "attention") == _core(tr, "feedback") == 2
 
 

@@ -5,6 +5,8 @@ might not look:
 
 - a bf16/fp16 module (HF's ``softmax(scores.float()).to(x.dtype)``) whose scores carry an ALiBi bias or a
   temperature: probes evaluated the casts, and their rounding set the tolerance to 0.3 of the output's scale;
+- scores clamped before the softmax (``w.clamp(-30, 30)``, a stability trick): probes drew unit-scale sources,
+  where the clamp never acts;
 """
 from __future__ import annotations
 
@@ -70,3 +72,60 @@ def test_a_half_precision_attention_with_a_bias_is_not_taken_for_plain_attention
         want = m(x)
         (got,) = run_graph(tr.graph, [x])
     assert (got.double() - want.double()).abs().max() <= 2e-2 * want.double().abs().max()
+
+
+class ClampedAttention(nn.Module):
+    def __init__(self, d=16, n_heads=2, clip=30.0):
+        super().__init__()
+        self.h, self.clip = n_heads, clip
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        hd = D // self.h
+        q, k, v = (t.view(B, T, self.h, hd).transpose(1, 2) for t in self.qkv(x).split(D, -1))
+        w = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        if self.clip is not None:
+            w = w.clamp(-self.clip, self.clip)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        w = w.masked_fill(~causal, float("-inf"))
+        return self.o((w.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+
+
+class ClampedFeedback(nn.Module):
+    """Sessa's feedback with its logits clamped (None: not clamped)."""
+
+    def __init__(self, d=8, clip=20.0):
+        super().__init__()
+        self.clip = clip
+        self.f_proj, self.proj_fb, self.g = nn.Linear(d, d), nn.Linear(d, 2 * d), nn.Linear(d, 1)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        f = self.f_proj(x)
+        q_b, k_b = self.proj_fb(x).split([D, D], -1)
+        logits = torch.einsum("btd,bsd->bts", q_b, k_b) * D ** -0.5
+        if self.clip is not None:
+            logits = logits.clamp(-self.clip, self.clip)
+        mask = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(0)
+        logits = logits.masked_fill(mask, torch.finfo(logits.dtype).min)
+        alpha = logits.softmax(-1).masked_fill(mask, 0.0)
+        gamma = 0.99 * torch.tanh(self.g(x))
+        return torch.linalg.solve_triangular(-(gamma * alpha), f, upper=False, unitriangular=True)
+
+
+@pytest.mark.parametrize("cls,op,d", [(ClampedAttention, "attention", 16), (ClampedFeedback, "feedback", 8)])
+@pytest.mark.parametrize("clip", [30.0, None])
+def test_clamped_scores_are_not_taken_for_the_softmax_op(cls, op, d, clip):
+    from sessa_compiler.backends.eager import run_graph
+
+    torch.manual_seed(0)
+    m = cls(d=d, clip=clip).eval()
+    tr = trace_with_report(m, (torch.randn(2, 9, d),))
+    assert op_counts(tr.graph).get(op, 0) == (0 if clip is not None else 1), (tr.report.accepted,
+                                                                                tr.report.rejected)
+    x = 10 * torch.randn(2, 33, d)    # scores far past the clamp
+    with torch.no_grad():
+        want = m(x)
+        (got,) = run_graph(tr.graph, [x])
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()

@@ -251,7 +251,7 @@ def _memo_key(graph: Graph, sources: dict, output: Value, canonical, tol, length
 
 
 def probe(graph: Graph, sources: dict, output: Value, canonical, tol: float = 1e-6, lengths=PROBE_LENGTHS,
-          batch: int = PROBE_BATCH, grad: bool = False):
+          batch: int = PROBE_BATCH, grad: bool = False, large: bool = False):
     """Compare the region (sources -> output) with ``canonical(inputs: dict, binding) -> tensor``.
 
     ``sources`` maps each source Value to a sampler name: "normal", "gain" (values in (-0.95, 0.95)) or
@@ -262,21 +262,23 @@ def probe(graph: Graph, sources: dict, output: Value, canonical, tol: float = 1e
     a structurally identical region and proposal reuse the first one's result. ``grad``: the gradients of both
     with respect to the normal/gain sources (for a random cotangent) count too, where the values alone cannot
     tell two forms apart (a row a mask empties: an additive mask passes it gradient, a masked_fill does not).
+    ``large``: one more pass with the normal sources LARGE_SCALE times larger (softmax regions: logits of order
+    LARGE_SCALE**2, where a clamp or a threshold on the scores acts; at unit scale it never does).
     """
     stats = _MEMO.get()
     if stats is None:
-        return _probe(graph, sources, output, canonical, tol, lengths, batch, grad)
+        return _probe(graph, sources, output, canonical, tol, lengths, batch, grad, large)
     try:
-        key = _memo_key(graph, sources, output, canonical, tol, lengths) + (batch, grad)
+        key = _memo_key(graph, sources, output, canonical, tol, lengths) + (batch, grad, large)
     except _NoKey:
         stats.not_keyed += 1
         stats.run += 1
-        return _probe(graph, sources, output, canonical, tol, lengths, batch, grad)
+        return _probe(graph, sources, output, canonical, tol, lengths, batch, grad, large)
     if key in stats.memo:
         stats.reused += 1
         return stats.memo[key]
     stats.run += 1
-    stats.memo[key] = result = _probe(graph, sources, output, canonical, tol, lengths, batch, grad)
+    stats.memo[key] = result = _probe(graph, sources, output, canonical, tol, lengths, batch, grad, large)
     return result
 
 
@@ -300,8 +302,13 @@ def key_mask_sample(shape, gen: torch.Generator) -> torch.Tensor:
     return m
 
 
+# ``probe(large=True)``'s extra pass: normal sources this many times larger. q . k then reaches several hundred:
+# a clamp of the scores at +-30 or +-50 (which unit-scale probes never reach) shows, while exp stays finite.
+LARGE_SCALE = 6.0
+
+
 def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, lengths, batch: int,
-           grad: bool = False):
+           grad: bool = False, large: bool = False):
     gen = torch.Generator().manual_seed(1234)
     worst = 0.0
     region = region_nodes(graph, [output], set(sources))
@@ -310,7 +317,8 @@ def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, le
         # would compute the same values but pass gradients where the module does not
         return None
     params = _params64(graph, [output], sources)
-    for T in lengths:
+    passes = [(T, 1.0) for T in lengths] + ([(lengths[min(2, len(lengths) - 1)], LARGE_SCALE)] if large else [])
+    for T, amp in passes:
         binding = _binding(graph, T, batch, region)
         inputs = {}
         for v, kind in sources.items():
@@ -321,6 +329,8 @@ def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, le
             x = torch.randn(shape, generator=gen, dtype=torch.float64)
             if kind == "gain":
                 x = torch.tanh(x) * 0.95
+            elif amp != 1.0:
+                x = x * amp
             inputs[v] = x
         wrt = [v for v, kind in sources.items() if kind != "keymask"] if grad else []
         try:

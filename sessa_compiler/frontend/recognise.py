@@ -390,7 +390,7 @@ def _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale, report) -> bool:
                                     # a row the mask empties has the same values under an additive and a
                                     # replacing (masked_fill) mask, not the same gradient: probed too
                                     err = probe(g, srcs, y, canonical, batch=KEYMASK_BATCH if m is not None
-                                                else PROBE_BATCH, grad=empty == "mean")
+                                                else PROBE_BATCH, grad=empty == "mean", large=True)
                                     tol = _region_tol(A, srcs, y)
                                     if err is not None and err <= tol:
                                         _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H, m, empty,
@@ -907,7 +907,7 @@ def _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale, r
             return feedback_ref(apply_steps(inp[fs], fa, binding), apply_steps(inp[qs_], qa, binding),
                                 apply_steps(inp[ks_], ka, binding), apply_steps(inp[gs], ga, binding), scale)
 
-        err = probe(g, srcs, y, canonical, lengths=lengths)
+        err = probe(g, srcs, y, canonical, lengths=lengths, large=True)
         if err is not None and err <= tol:
             idx = _insert_index(g, y)
             f, idx = _emit_steps(g, fs, fa, idx)
@@ -1160,7 +1160,8 @@ def fold_gqa(g: Graph, report: Report) -> int:
                     if m in srcs:
                         continue
                     srcs[m] = "keymask"
-                err = probe(g, srcs, n.output, canonical, batch=PROBE_BATCH if m is None else KEYMASK_BATCH)
+                err = probe(g, srcs, n.output, canonical, batch=PROBE_BATCH if m is None else KEYMASK_BATCH,
+                            large=True)
                 if err is None or err > _region_tol(A, srcs, n.output):
                     continue
                 idx = g.nodes.index(n)
@@ -1480,7 +1481,7 @@ def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool
                                              inp[v], n.attrs["scale"], True, data.to(torch.float64),
                                              None if m is None else inp[m], n.attrs.get("empty_rows", "mean"))
 
-                    err = probe(g, srcs, n.output, canonical, batch=batch)
+                    err = probe(g, srcs, n.output, canonical, batch=batch, large=True)
                     if err is not None and err <= tol:
                         passing.append((qa + pq, ka + pk, order, param, data, how, err, canonical))
             if passing:
