@@ -7,6 +7,12 @@ might not look:
   temperature: probes evaluated the casts, and their rounding set the tolerance to 0.3 of the output's scale;
 - scores clamped before the softmax (``w.clamp(-30, 30)``, a stability trick): probes drew unit-scale sources,
   where the clamp never acts;
+- a sliding window read from a mask buffer of fewer than 4100 positions: the long-length mask check halved its
+  length until the region ran (2050 for a 4096-row buffer), below the window;
+- position factors that are not a square mask (Qwen's log-n scaling of the scores past position 16, a bias on
+  key positions past 16): the long-length check only looked at [T, T] masks;
+- a mask or temperature buffer that the recognised attention was built from and that the module also reads
+  elsewhere (a causal running mean): only tensors the graph no longer read at all were watched for edits.
 """
 from __future__ import annotations
 
@@ -129,3 +135,106 @@ def test_clamped_scores_are_not_taken_for_the_softmax_op(cls, op, d, clip):
         want = m(x)
         (got,) = run_graph(tr.graph, [x])
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+class BufferWindowAttention(nn.Module):
+    """A sliding window stored as a [1, 1, max_len, max_len] buffer (GPT-2 / Mistral style), sliced to T."""
+
+    def __init__(self, max_len, window, d=4):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        i, j = torch.arange(max_len)[:, None], torch.arange(max_len)[None, :]
+        self.register_buffer("bias", ((j <= i) & (i - j < window))[None, None], persistent=False)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (t[:, None] for t in self.qkv(x).split(D, -1))
+        w = q @ k.transpose(-1, -2) / math.sqrt(D)
+        w = w.masked_fill(~self.bias[:, :, :T, :T].expand(B, 1, T, T), float("-inf"))
+        return self.o((w.softmax(-1) @ v)[:, 0])
+
+
+class PositionFactorAttention(nn.Module):
+    """Causal attention whose scores are scaled per query row past position n0 (log-n scaling), or biased on key
+    positions past n0: one value at every length up to n0."""
+
+    def __init__(self, variant, n0=16, d=8, n_heads=2):
+        super().__init__()
+        self.variant, self.n0, self.h = variant, n0, n_heads
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        hd = D // self.h
+        q, k, v = (t.view(B, T, self.h, hd).transpose(1, 2) for t in self.qkv(x).split(D, -1))
+        w = q @ k.transpose(-1, -2) / math.sqrt(hd)
+        pos = torch.arange(1, T + 1, device=x.device, dtype=x.dtype)
+        if self.variant == "logn_rows":
+            w = w * torch.where(pos > self.n0, torch.log(pos) / math.log(self.n0), torch.ones_like(pos))[:, None]
+        elif self.variant == "key_bias":
+            w = w + 0.5 * (pos > self.n0).to(x.dtype)
+        w = w.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        return self.o((w.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+
+
+@pytest.mark.parametrize("make,d,lengths,recognised", [
+    (lambda: BufferWindowAttention(100, 64), 4, (65, 100), False),
+    (lambda: BufferWindowAttention(100, 100), 4, (65, 100), True),      # the window covers the buffer: causal
+    (lambda: PositionFactorAttention("logn_rows"), 8, (17, 64), False),
+    (lambda: PositionFactorAttention("key_bias"), 8, (17, 64), False),
+    (lambda: PositionFactorAttention(None), 8, (17, 64), True),
+], ids=["window64-buffer100", "window100-buffer100", "logn-rows", "key-bias", "plain"])
+def test_position_dependence_past_the_probe_lengths_is_seen(make, d, lengths, recognised):
+    from sessa_compiler.backends.eager import run_graph
+
+    torch.manual_seed(0)
+    m = make().eval()
+    tr = trace_with_report(m, (torch.randn(1, 9, d),))
+    assert op_counts(tr.graph).get("attention", 0) == int(recognised), (tr.report.accepted, tr.report.rejected)
+    for T in lengths:
+        x = torch.randn(1, T, d)
+        with torch.no_grad():
+            want = m(x)
+            (got,) = run_graph(tr.graph, [x])
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), T
+
+
+class SharedMaskBuffers(nn.Module):
+    """Attention and a causal running mean read the same mask and temperature buffers."""
+
+    def __init__(self, L=64, d=8, n_heads=2):
+        super().__init__()
+        self.h = n_heads
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.register_buffer("mask", torch.tril(torch.ones(L, L, dtype=torch.bool)))
+        self.register_buffer("temperature", torch.tensor(1.0))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        hd = D // self.h
+        q, k, v = (t.view(B, T, self.h, hd).transpose(1, 2) for t in self.qkv(x).split(D, -1))
+        m = self.mask[:T, :T]
+        w = (q @ k.transpose(-1, -2) / math.sqrt(hd) / self.temperature).masked_fill(~m, float("-inf"))
+        y = self.o((w.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+        mf = m.to(x.dtype)
+        return y + (mf @ x) / mf.sum(-1, keepdim=True) * self.temperature
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_editing_a_buffer_the_attention_was_built_from_and_that_is_read_elsewhere_traces_again(backend):
+    import sessa_compiler as sc
+
+    torch.manual_seed(0)
+    m = SharedMaskBuffers().eval()
+    c = sc.compile(m, backend=backend)
+    x = torch.randn(1, 20, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-5)
+        assert op_counts(c._traced.graph).get("attention", 0) == 1
+        m.temperature.fill_(2.0)
+        torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-5)
+        m.temperature.fill_(1.0)
+        i = torch.arange(64)
+        m.mask.copy_((i[None] <= i[:, None]) & (i[:, None] - i[None] < 4))   # a window of 4
+        torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-5)
+    assert c.retraces

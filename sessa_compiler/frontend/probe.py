@@ -372,49 +372,87 @@ def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, le
 
 # The short probes see position pairs at most max(PROBE_LENGTHS) - 1 apart: a mask that differs from causal only
 # further apart (a sliding window of 16 or of 4096, chunked attention, attention sinks) probes equal there. The
-# region's position masks are therefore also evaluated at this length (halved until the region runs there: a
-# module whose buffers hold fewer positions), where each must still be one value below the diagonal, one on it
-# and one above, the values it has at the probes' lengths.
+# region's position masks are therefore also evaluated at this length (or, where the region cannot run there, at
+# the largest length it can: a buffer's size, then halving), where each must still be one value below the
+# diagonal, one on it and one above, the values it has at the probes' lengths.
 MASK_CHECK_LENGTH = 4100
 
 
-def _masks_hold_at_length(graph: Graph, sources: dict, region: list, lengths) -> bool:
-    """Whether every position mask of the region (a value computed from sizes, constants and buffers alone,
-    [..., T, T], read by an op that also reads the probe's data) is, at T = MASK_CHECK_LENGTH, constant below,
-    on and above the diagonal with the values it has at the longest probe length. A mask that depends on
-    position pairs only through their order (causal, strictly causal, full) passes at any length; a window,
-    a chunk or a band shows at the first pair beyond it."""
+def _position_values(graph: Graph, sources: dict, region: list):
+    """The region's values computed from sizes, constants and buffers alone that an op reads together with the
+    probe's data: square [..., T, T] masks, and position factors whose dims are all T or 1 ([T], [T, 1], [1, T]:
+    a per-query scale such as log-n scaling, a bias on key positions)."""
     T = sym("T")
     data = set(sources)
     for n in region:
         if any(x in data for x in n.value_inputs):
             data.update(n.outputs)
-    masks = []
+    masks, factors = [], []
     for n in region:
         if not any(x in data for x in n.value_inputs):
             continue
         for x in n.value_inputs:
             shape = x.type.shape
+            if x in data or x in masks or x in factors:
+                continue
             # (square [.., T, T] only: a slice such as [T, T - 1] has no diagonal to hold the check to)
-            if x not in data and x not in masks and len(shape) >= 2 and all(d == T for d in shape[-2:]):
+            if len(shape) >= 2 and all(d == T for d in shape[-2:]):
                 masks.append(x)
-    if not masks:
+            elif shape and any(d == T for d in shape) and all(d == T or d == 1 for d in shape):
+                factors.append(x)
+    return masks, factors
+
+
+def _masks_hold_at_length(graph: Graph, sources: dict, region: list, lengths) -> bool:
+    """Whether every position mask of the region (``_position_values``) is, at T = MASK_CHECK_LENGTH, constant
+    below, on and above the diagonal with the values it has at the longest probe length, and every position
+    factor that is one value at that length is the same one value there. A mask that depends on position pairs
+    only through their order (causal, strictly causal, full) passes at any length; a window, a chunk or a band
+    shows at the first pair beyond it, and a factor that starts at position 16 or 2048 at the first position
+    past it. Where the region cannot run at that length (a mask buffer of fewer positions), the check runs at
+    the largest size of a buffer the masks read that it runs at, then at halved lengths."""
+    masks, factors = _position_values(graph, sources, region)
+    if not masks and not factors:
         return True
     short = max(lengths)
     if short < 2:
         return True
-    nodes = region_nodes(graph, masks, set())
-    at_short = _eval_masks(graph, masks, nodes, short)
+    values = masks + factors
+    nodes = region_nodes(graph, values, set())
+    at_short = _eval_masks(graph, values, nodes, short)
     if at_short is None:
         return True   # (the probe itself ran there: not expected)
-    n = MASK_CHECK_LENGTH
-    while n > short + 1:
-        at_long = _eval_masks(graph, masks, nodes, n)
-        if at_long is not None:
-            return all(_triangle_values(a) is not None and _triangle_values(a) == _triangle_values(b)
-                       for a, b in zip(at_short, at_long))
-        n //= 2
+    sizes = sorted({d for n in nodes for x in n.value_inputs if x.kind == "param" for d in x.type.shape
+                    if isinstance(d, int) and short + 1 < d < MASK_CHECK_LENGTH}, reverse=True)
+    tried = set()
+    for length in [MASK_CHECK_LENGTH] + sizes + [MASK_CHECK_LENGTH // 2 ** i for i in range(1, 12)]:
+        if length <= short + 1 or length in tried:
+            continue
+        tried.add(length)
+        at_long = _eval_masks(graph, values, nodes, length)
+        if at_long is None:
+            continue
+        k = len(masks)
+        return (all(_triangle_values(a) is not None and _triangle_values(a) == _triangle_values(b)
+                    for a, b in zip(at_short[:k], at_long[:k]))
+                and all(_one_value(a) is None or _one_value(a) == _one_value(b)
+                        for a, b in zip(at_short[k:], at_long[k:])))
     return True   # the region runs at no longer length: the module cannot be called there either
+
+
+def _one_value(m: torch.Tensor):
+    """m's one value (NaN as "nan"), or None when it holds two."""
+    flat = m.reshape(-1)
+    if not flat.numel():
+        return None
+    first = flat[:1]
+    same = flat == first
+    if flat.is_floating_point():
+        same |= flat.isnan() & first.isnan()
+    if not bool(same.all()):
+        return None
+    x = first.item()
+    return "nan" if x != x else x
 
 
 def _eval_masks(graph: Graph, masks: list, nodes: list, T: int):

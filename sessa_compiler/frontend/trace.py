@@ -1217,6 +1217,11 @@ def _idle_parameters(lowered: Graph | None, inputs: list, names: list) -> tuple:
     return tuple(idle)
 
 
+def _param_readers(graph) -> dict:
+    """node -> the names of the parameters and buffers it reads."""
+    return {n: frozenset(v.name for v in n.value_inputs if v.kind == "param") for n in graph.nodes}
+
+
 def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: dict | None = None, *,
                       recognisers: bool = True, dynamic_shapes: tuple | dict | None = None) -> Traced:
     """Trace `module(*example_inputs, **example_kwargs)`. Tensor arguments become graph inputs (dims 0 and
@@ -1244,11 +1249,18 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     lowered = graph.clone() if recognisers and any(t.requires_grad for t in read.values()) else None
     if recognisers:
         hand_written_softmax(graph)   # a softmax spelled exp(x - max) / sum is the recognisers' softmax
+    before = _param_readers(graph)
     report = recognise(graph, _layout_sizes(graph)) if recognisers else Report()
     report.accepted[:0] = lowerer.notes
     report.shared = list(lowerer.shared)
+    # read, then replaced: a tensor a recogniser stopped reading somewhere and no op it made reads (the value was
+    # proved and built in: a mask buffer become the causal flag, also where a running mean still reads it), not
+    # one the new op reads itself (RoPE's inv_freq, read by the attention op)
+    after = _param_readers(graph)
+    dropped = set().union(*(r - after.get(n, frozenset()) for n, r in before.items()))
+    fresh = set().union(*(r - before.get(n, frozenset()) for n, r in after.items()))
+    consumed = {name: t for name, t in read.items() if name in dropped - fresh}
     simplify(graph)
-    consumed = {name: t for name, t in read.items() if name not in graph.param_values}   # read, then replaced
     idle = _idle_parameters(lowered, tensor_leaves(args, kwargs),
                             [name for name, t in consumed.items() if t.requires_grad])
     assumed = tuple((name, tensor_digest(t)) for name, t in consumed.items() if name not in idle)
