@@ -132,6 +132,11 @@ class _CoreOp(torch.autograd.Function):
         it = iter(ctx.saved_tensors[sum(not none for none in ctx.layout):])
         operands = [next(it) if fixed is _TENSOR else fixed for fixed in ctx.fixed]
         needs = ctx.needs_input_grad[4:]
+        # each operand through an alias of its own: autograd.grad then gives the partial derivative in each slot.
+        # On the operands themselves it gave total ones, counting again the path from one operand into another
+        # that the outer graph counts already (a scan's delta computed from its input u; q passed as k too).
+        with torch.enable_grad():
+            operands = [x.view_as(x) if isinstance(x, torch.Tensor) and x.requires_grad else x for x in operands]
         wanted = [x for x, need in zip(operands, needs) if need]
         with torch.enable_grad():
             out = SEMANTICS[ctx.op](*operands, **attrs)
