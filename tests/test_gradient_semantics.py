@@ -508,3 +508,33 @@ def test_create_graph_through_a_core_op_whose_operands_depend_on_each_other(cls,
             out.extend(p.grad.clone() for p in ps)
     for a, b in zip(got, want):
         assert relative_error(a, b) < 1e-10
+
+
+def test_the_selective_scan_ops_second_order_gradients():
+    """models.MambaLayer's scan is a custom op whose backward differentiates the eager loop; under create_graph it
+    detached its inputs, so second-order gradients treated the first-order ones as constants in the scan's
+    operands (0.73 off). Oracle: the same layer with the loop called directly."""
+    from sessa_compiler.models import MambaLayer
+    from sessa_compiler.models.scan_op import selective_scan_with_state
+
+    class Oracle(MambaLayer):
+        def forward(self, x):
+            T = x.shape[1]
+            u, z = self.in_proj(self.ln(x)).split([self.d_inner, self.d_inner], dim=-1)
+            u = F.silu(self.conv1d(u.transpose(1, 2))[..., :T].transpose(1, 2))
+            delta, A, B_t, C_t = self._ssm_inputs(u)
+            y, _ = selective_scan_with_state(u, delta, A, B_t, C_t, self.D)
+            return x + self.out_proj(y * F.silu(z))
+
+    def second_order(m, x):
+        ps = list(m.parameters())
+        g1 = torch.autograd.grad(m(x).pow(2).mean(), ps, create_graph=True)
+        return torch.autograd.grad(sum(g.pow(2).sum() for g in g1), ps, allow_unused=True)
+
+    torch.manual_seed(0)
+    oracle = Oracle(16).double()
+    layer = MambaLayer(16).double()
+    layer.load_state_dict(oracle.state_dict())
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    for a, b in zip(second_order(oracle, x), second_order(layer, x)):
+        assert relative_error(b, a) < 1e-10
