@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import collections
+import collections.abc
 import contextlib
 import functools
 import importlib.util
@@ -589,6 +590,7 @@ class CompiledModule(torch.nn.Module):
                     self._trace(inputs, example_kwargs)
             except DataDependentBranch as e:   # calls in this mode run the module (_branching_call); said then
                 self._branching[_modes(module)] = str(e)
+        self.__dict__["_ready"] = True   # from now on, attributes set on the wrapper land on the original
 
     def _init_runtime(self) -> None:
         self._backend = get_backend(self.backend_name, **self._options)
@@ -626,8 +628,10 @@ class CompiledModule(torch.nn.Module):
         return state
 
     def __setstate__(self, state):
+        state = {k: v for k, v in state.items() if k != "_ready"}
         super().__setstate__(state)
         self._init_runtime()
+        self.__dict__["_ready"] = True
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """The original module's state_dict, with its own keys (no prefix for the wrapper)."""
@@ -720,6 +724,32 @@ class CompiledModule(torch.nn.Module):
         # the original's attributes and submodules by their own names (as torch.compile's wrapper gives them), so
         # torch.func.functional_call with the original's parameter names reaches the parameters compiled calls read
         return getattr(self._modules["_orig_mod"], name)
+
+    def __setattr__(self, name, value):
+        # an attribute set on the compiled module lands on the original (as torch.compile's wrapper does): a
+        # submodule replaced (LoRA injected through the compiled handle, model.layers[i].mlp = ... on a regionally
+        # compiled layer), a flag or a scale its forward reads. It used to land on the wrapper, where calls never
+        # read it: the old graph kept answering. The wrapper's own state (private names, the settings made in
+        # __init__, class attributes) stays on it.
+        d = self.__dict__
+        if name.startswith("_") or name in d or not d.get("_ready") or hasattr(type(self), name):
+            return super().__setattr__(name, value)
+        setattr(d["_modules"]["_orig_mod"], name, value)
+
+    def __delattr__(self, name):
+        d = self.__dict__
+        if name.startswith("_") or name in d or not d.get("_ready") or hasattr(type(self), name):
+            return super().__delattr__(name)
+        delattr(d["_modules"]["_orig_mod"], name)
+
+    def __len__(self) -> int:
+        """The original's length (an nn.Sequential, an nn.ModuleList), as torch.compile's wrapper gives it."""
+        if isinstance(self._orig_mod, collections.abc.Sized):
+            return len(self._orig_mod)
+        raise TypeError(f"{type(self._orig_mod).__name__} does not support len()")
+
+    def __bool__(self) -> bool:
+        return bool(self._orig_mod)
 
     @property
     def graph(self):

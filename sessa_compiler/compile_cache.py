@@ -352,6 +352,10 @@ def _module_key(module, args, kwargs, modes) -> str:
         _classes_fingerprint(type(sub), classes)
         config.append((name, _name(type(sub)), sub.extra_repr(), _attrs_fingerprint(sub),
                        fingerprint(type(sub).forward)))
+    from .frontend.repeated import helper_classes
+
+    for klass in helper_classes(module):   # plain objects' classes (a scaling helper): their attributes and methods
+        _classes_fingerprint(klass, classes)
     missing = [k for k, src in sources.items() if src is None]
     if missing:
         raise NotKeyable(f"class {missing[0]} has no source file (defined interactively?)")

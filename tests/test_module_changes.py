@@ -817,3 +817,188 @@ def test_enable_input_require_grads_stays_compiled(backend):
         assert a is not None and b is not None
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert c.uncompiled_calls == 0 and not c._traced.hook_effects
+
+
+# -- edits the guard used to miss (each gave the old graph's answer, no retrace) ---------------------------------
+K_STATIC = 1.0
+K_NOGRAD = 1.0
+
+
+class _Scaler:
+    """A plain helper object (not a module) the forward calls."""
+
+    factor = 1.0
+
+    def apply(self, x):
+        return x * self.factor
+
+
+class _Rotary(nn.Module):
+    @torch.no_grad()   # as Hugging Face's rotary embeddings decorate their forward
+    def forward(self, x):
+        return x * K_NOGRAD
+
+
+class _Edited(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin, self.rot, self.scaler = nn.Linear(8, 8), _Rotary(), _Scaler()
+        self.pad_value = 0
+
+    @staticmethod
+    def gain(x):
+        return x * K_STATIC
+
+    def forward(self, x):
+        y = self.scaler.apply(self.gain(self.rot(self.lin(x))))
+        return torch.cat([y, torch.full((x.shape[0], 1, 8), self.pad_value)], 1)
+
+
+class _GatedLinear(nn.Linear):
+    def forward(self, x):
+        return torch.sigmoid(super().forward(x))
+
+
+def _edit_static():
+    globals()["K_STATIC"] = 3.0
+
+
+def _edit_no_grad_forward():
+    globals()["K_NOGRAD"] = 2.0
+
+
+def _edit_helper_class(m):
+    type(m.scaler).factor = 3.0
+
+
+@pytest.mark.parametrize("edit", ["staticmethod global", "no_grad forward global", "helper class attribute",
+                                  "helper method", "class swap", "int to float", "set on the compiled module"])
+def test_edits_the_guard_used_to_miss(edit):
+    torch.manual_seed(0)
+    m = _Edited().eval()
+    c = sc.compile(m, backend="eager")
+    x = torch.randn(2, 3, 8)
+    saved = (K_STATIC, K_NOGRAD, _Scaler.factor, _Scaler.apply)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(c(x), m(x))
+            if edit == "staticmethod global":
+                _edit_static()
+            elif edit == "no_grad forward global":
+                _edit_no_grad_forward()
+            elif edit == "helper class attribute":
+                _edit_helper_class(m)
+            elif edit == "helper method":
+                _Scaler.apply = lambda self, x: x - 1
+            elif edit == "class swap":
+                m.lin.__class__ = _GatedLinear
+            elif edit == "int to float":
+                m.pad_value = 0.0
+            else:
+                c.lin = nn.Linear(8, 8)
+                c.pad_value = 2
+                assert c.original.pad_value == 2 and c.lin is m.lin
+            got, want = c(x), m(x)
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want)
+        assert c.retraces
+    finally:
+        globals()["K_STATIC"], globals()["K_NOGRAD"], _Scaler.factor, _Scaler.apply = saved
+
+
+def test_len_and_truth_of_a_compiled_container():
+    seq = nn.Sequential(nn.Linear(4, 4), nn.Tanh())
+    c = sc.compile(seq, backend="eager")
+    assert len(c) == 2 and bool(c)
+    assert bool(sc.compile(nn.Linear(4, 4), backend="eager"))
+    with pytest.raises(TypeError):
+        len(sc.compile(nn.Linear(4, 4), backend="eager"))
+
+
+class _CFG:
+    """A settings class (Kaggle style: values set from the environment or argparse at start-up)."""
+
+    scale = 1.0
+
+
+class _Settings:
+    scale = 1.0   # an instance whose values are class attributes
+
+
+class _Configured(nn.Module):
+    def __init__(self, held):
+        super().__init__()
+        self.lin, self.cfg = nn.Linear(8, 8), held
+
+    def forward(self, x):
+        return self.lin(x) * self.cfg.scale
+
+
+@pytest.mark.parametrize("held", ["class", "instance"])
+def test_a_settings_class_the_module_holds_is_guarded_and_keyed(held):
+    from sessa_compiler.compile_cache import module_key
+
+    klass = _CFG if held == "class" else _Settings
+    torch.manual_seed(0)
+    m = _Configured(klass if held == "class" else klass())
+    c = sc.compile(m, backend="eager")
+    x = torch.randn(2, 3, 8)
+    key = module_key(m, (x,), None, ())
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(c(x), m(x))
+            klass.scale = 3.0
+            torch.testing.assert_close(c(x), m(x))
+        assert c.retraces
+        # the compile cache's key too: another process whose class holds another value misses
+        assert key is not None and module_key(m, (x,), None, ()) != key
+    finally:
+        klass.scale = 1.0
+
+
+class _Block(nn.Module):
+    def __init__(self, d=16):
+        super().__init__()
+        self.ln, self.fc = nn.LayerNorm(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.fc(self.ln(x))
+
+
+class _Stack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_Block() for _ in range(4)])
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def test_first_calls_of_two_wrappers_of_one_module_from_two_threads_leave_the_module_as_it_was():
+    """Two exports at once used to interleave their identical-layer plans, which set a stand-in forward on each
+    layer and restore what they saved: out of order, the stand-ins stayed on the user's layers (6 runs of 7), and
+    later plain calls of the module from those threads raised the compiler's internal NeedTrace."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.manual_seed(0)
+    m = _Stack().eval()
+    x = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        want = m(x)
+    for _ in range(3):
+        pair = [sc.compile(m, backend="eager"), sc.compile(m, backend="eager")]
+        barrier = threading.Barrier(2)
+
+        def first(c):
+            barrier.wait()
+            with torch.no_grad():
+                return c(x)
+
+        with ThreadPoolExecutor(2) as pool:
+            outs = list(pool.map(first, pair))
+            assert not [n for n, s in m.named_modules() if "forward" in vars(s)]
+            for out in outs + list(pool.map(lambda _: m(x).detach(), range(4))):
+                torch.testing.assert_close(out, want)

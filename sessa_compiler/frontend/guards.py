@@ -26,7 +26,8 @@ import types
 import torch
 from torch.nn.modules import module as _nn_module
 
-from .repeated import GLOBAL_HOOKS_WHERE, _HOOKS, _SKIP_ATTRS, _Opaque, _attr_key, _global_reads, _vars, hook_name
+from .repeated import (GLOBAL_HOOKS_WHERE, _HOOKS, _SKIP_ATTRS, _Opaque, _attr_key, _global_reads, _vars, helper_classes,
+                       hook_name)
 
 _MISSING = object()
 
@@ -66,6 +67,8 @@ class ModuleGuard:
         (what they store, a counter) is not compared."""
         named = list(module.named_modules())
         self.modules = [m for _, m in named]
+        self.types = tuple(type(m) for m in self.modules)   # a module's __class__ swapped for another
+        self.paths = [p for p, _ in named]
         self.children = []  # (path, the module's _modules dict, its values): a submodule replaced or added
         self.sizes = []     # (path, attribute dict, its size)
         self.entries = []   # (path, attribute dict, name, value, key, describe again at each call)
@@ -104,8 +107,9 @@ class ModuleGuard:
         self.classes = [(k, getattr(k, "forward", None)) for k in classes]
         # everything the module classes (and their bases outside torch) define: a class constant, a method the
         # forward calls, replaced on the class after the trace
-        owners = list(dict.fromkeys(k for c in classes for k in c.__mro__
-                                    if not str(k.__module__).startswith(("torch", "builtins"))))
+        owners = list(dict.fromkeys([k for c in classes for k in c.__mro__
+                                     if not str(k.__module__).startswith(("torch", "builtins"))]
+                                    + helper_classes(module)))
         self.class_sizes = [(k, len(vars(k))) for k in owners]
         self.class_entries = [(k, n, v) for k in owners for n, v in vars(k).items()
                               if n not in ("__dict__", "__weakref__", "__doc__")]
@@ -125,6 +129,7 @@ class ModuleGuard:
         self._fixed_dicts = [e[1] for e in fixed]
         self._fixed_names = [e[2] for e in fixed]
         self._fixed_values = tuple(e[3] for e in fixed)
+        self._fixed_types = tuple(type(v) for v in self._fixed_values)   # (0 == 0.0 == False: the type counts)
         self._others = [e for e in self.entries if e[5] or e[4] is None]
         self.globals = []   # (globals dict, name, value, key, described again at each call)
         for g, n, by_id in _global_reads(module, skip_hooks):
@@ -144,7 +149,10 @@ class ModuleGuard:
         try:
             if list(map(tuple, map(dict.values, self._kid_dicts))) != self._kids \
                     or tuple(map(len, self._sized)) != self._sizes \
-                    or tuple(map(dict.get, self._fixed_dicts, self._fixed_names)) != self._fixed_values:
+                    or tuple(map(type, self.modules)) != self.types:
+                return False
+            fixed = tuple(map(dict.get, self._fixed_dicts, self._fixed_names))
+            if fixed != self._fixed_values or tuple(map(type, fixed)) != self._fixed_types:
                 return False
         except Exception:  # noqa: BLE001 - a value whose == does not give a bool (a tensor): look closer
             return False
@@ -182,6 +190,9 @@ class ModuleGuard:
         for path, d, kids in self.children:
             if len(d) != len(kids) or any(a is not b for a, b in zip(d.values(), kids)):
                 return f"a submodule of '{path or type(module).__name__}' was added, removed or replaced"
+        for path, m, k in zip(self.paths, self.modules, self.types):
+            if type(m) is not k:
+                return f"the class of '{path or k.__name__}' was changed ({k.__name__} -> {type(m).__name__})"
         for hd, size, path, h in self.hook_dicts:
             if len(hd) != size:
                 return f"{h.strip('_').replace('_', ' ')} of '{path or type(module).__name__}' were added or removed"

@@ -151,6 +151,48 @@ def _code_of(fn):
     return fn
 
 
+def _cell(c):
+    try:
+        return c.cell_contents
+    except ValueError:   # an empty cell
+        return None
+
+
+def _functions_in(v) -> list:
+    """The plain functions behind a class attribute or callable: a function, a bound method's, a staticmethod's
+    or classmethod's, a property's getter, setter and deleter, a functools.partial's."""
+    if isinstance(v, types.FunctionType):
+        return [v]
+    if isinstance(v, (staticmethod, classmethod, types.MethodType)):
+        return _functions_in(v.__func__)
+    if isinstance(v, property):
+        return [f for x in (v.fget, v.fset, v.fdel) for f in _functions_in(x)]
+    if isinstance(v, functools.partial):
+        return _functions_in(v.func)
+    return []
+
+
+def helper_classes(module: torch.nn.Module) -> list:
+    """The classes of the plain objects the module and its submodules hold (not modules, tensors, functions or
+    builtin values: a scaling helper, a config object), outside torch and the standard library: their methods run
+    in forward as the module's do, and their class attributes are read as its are."""
+    out = {}
+    for m in module.modules():
+        for v in _vars(m).values():
+            # a class held itself (self.cfg = CFG, a settings class whose attributes come from the environment)
+            k = v if isinstance(v, type) and not issubclass(v, (torch.nn.Module, torch.Tensor)) else type(v)
+            mod = str(getattr(k, "__module__", "") or "")
+            if (k is type(v) and (isinstance(v, (torch.nn.Module, torch.Tensor, type, types.FunctionType,
+                                                 types.MethodType, types.ModuleType, types.BuiltinFunctionType))
+                                  or not hasattr(v, "__dict__"))) \
+                    or mod.partition(".")[0] in ("torch", "builtins", "collections", "typing", "enum", "functools",
+                                                 "numpy", "sympy", "sessa_compiler"):
+                continue
+            out[k] = None
+    return [c for k in out for c in k.__mro__ if c is not object
+            and str(c.__module__).partition(".")[0] not in ("torch", "builtins", "typing", "collections", "abc")]
+
+
 def _global_reads(module: torch.nn.Module, skip_hooks=(), names: set | None = None) -> list:
     """(globals dict, name, by identity) of every global the code of module's classes reads, and of the functions
     defined outside torch that this code reaches through globals (a helper in another file), transitively; the
@@ -159,13 +201,15 @@ def _global_reads(module: torch.nn.Module, skip_hooks=(), names: set | None = No
     dict, to be compared by identity (by identity: True)."""
     from torch.nn.modules import module as nn_module
 
-    funcs = []
+    # the helper objects' methods first: popped last, after the module's own code and what it reaches
+    funcs = [f for k in helper_classes(module) for v in vars(k).values() for f in _functions_in(v)]
     for path, m in module.named_modules():
         for klass in type(m).__mro__:
             if klass.__module__.startswith("torch"):
                 continue
-            funcs.extend(f for f in vars(klass).values()
-                         if isinstance(f, types.FunctionType) and not getattr(f, "_sessa_reads", False))
+            funcs.extend(f for v in vars(klass).values() for f in _functions_in(v)
+                         if not getattr(f, "_sessa_reads", False))
+        funcs.extend(_functions_in(vars(m).get("forward")))   # a forward set on the instance
         where = f"'{path or type(module).__name__}'"
         for h in ("_forward_hooks", "_forward_pre_hooks"):   # what the hooks' code reads (a steering coefficient)
             funcs.extend(_code_of(f) for f in (getattr(m, h, None) or {}).values()
@@ -180,6 +224,11 @@ def _global_reads(module: torch.nn.Module, skip_hooks=(), names: set | None = No
         if id(f) in seen:
             continue
         seen.add(id(f))
+        # what a decorator wraps (functools.wraps' __wrapped__, a closure's functions), before the decorator's own
+        # module is skipped: torch.no_grad() around a forward (HF's rotary embeddings) is torch's code, the
+        # function inside it the user's
+        funcs.extend(_functions_in(getattr(f, "__wrapped__", None)))
+        funcs.extend(x for c in (f.__closure__ or ()) for x in _functions_in(_cell(c)))
         g = f.__globals__
         if str(g.get("__name__", "")).partition(".")[0] in ("torch", "typing", "functools", "builtins"):
             continue

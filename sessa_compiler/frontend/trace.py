@@ -355,6 +355,13 @@ def _no_fake_cache():
 # frontend/repeated.py; their findings add up): "writes" (_attribute_writes), "functions" (_autograd_functions),
 # "draws" (_python_draws). trace_with_report starts a record and reads it.
 _FINDINGS = threading.local()
+# torch.export (non-strict) swaps a module's parameters for fake tensors in place while it traces, and the shared
+# layer plans (repeated.Plan) set an instance forward on the layers they trace: two exports at once over modules
+# that share a submodule (two task heads on one backbone, compiled twice, first calls from a thread pool) saw each
+# other's fakes ("fake_mode.in_kernel_invocation must be False") and could leave a plan's stand-in forward on the
+# user's layers. Exports in one process run one at a time (re-entrant: an export that traces a compiled module
+# inside it goes on).
+EXPORT_LOCK = threading.RLock()
 
 
 def _add_findings(kind: str, names) -> None:
@@ -1232,7 +1239,8 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     _FINDINGS.found = {}
-    ep, lowerer, graph = _lower(module, args, kwargs, dynamic_shapes)
+    with EXPORT_LOCK:   # one export at a time in the process (below)
+        ep, lowerer, graph = _lower(module, args, kwargs, dynamic_shapes)
     side_effects, custom_backward, python_random, hooks = (_findings(k) for k in ("writes", "functions", "draws",
                                                                                    "hooks"))
     warn_side_effects(module, side_effects, stacklevel=4)
