@@ -310,6 +310,24 @@ def _classes_fingerprint(cls, seen: dict) -> None:
             raise NotKeyable(f"class {name} holds {e}") from None
 
 
+def _helper_class_fingerprint(klass, seen: dict) -> None:
+    """A helper object's class (or a settings class the module holds): each attribute fingerprinted where it can
+    be, else by its type's name. Lenient, unlike the module's own classes: a library config class holding a
+    typing alias (Hugging Face's PretrainedConfig) would otherwise make every model that holds one uncacheable."""
+    name = _name(klass)
+    if klass is object or name in seen:
+        return
+    out = {}
+    for k, v in vars(klass).items():
+        if k in _CLASS_SKIPPED:
+            continue
+        try:
+            out[k] = fingerprint(v)
+        except NotKeyable:
+            out[k] = ("unkeyed", _name(type(v)))
+    seen[name] = fingerprint(out)
+
+
 def _global_hooks() -> list:
     """The global module hooks the user installed. torch's own are left out: torch.export installs one
     (a buffer-registration hook) for the length of an export, so a key computed while another thread
@@ -355,7 +373,7 @@ def _module_key(module, args, kwargs, modes) -> str:
     from .frontend.repeated import helper_classes
 
     for klass in helper_classes(module):   # plain objects' classes (a scaling helper): their attributes and methods
-        _classes_fingerprint(klass, classes)
+        _helper_class_fingerprint(klass, classes)
     missing = [k for k, src in sources.items() if src is None]
     if missing:
         raise NotKeyable(f"class {missing[0]} has no source file (defined interactively?)")

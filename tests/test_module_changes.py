@@ -1002,3 +1002,26 @@ def test_first_calls_of_two_wrappers_of_one_module_from_two_threads_leave_the_mo
             assert not [n for n, s in m.named_modules() if "forward" in vars(s)]
             for out in outs + list(pool.map(lambda _: m(x).detach(), range(4))):
                 torch.testing.assert_close(out, want)
+
+
+class _TypedSettings:
+    """A settings class holding what the cache key cannot fingerprint (a typing alias, as Hugging Face's
+    PretrainedConfig does)."""
+
+    sizes: list = list[int]
+    scale = 1.0
+
+
+def test_a_held_settings_class_with_an_unkeyable_attribute_leaves_the_module_cacheable():
+    from sessa_compiler.compile_cache import module_key
+
+    m = _Configured(_TypedSettings())
+    x = torch.randn(2, 3, 8)
+    why: list = []
+    key = module_key(m, (x,), None, (), why)
+    assert key is not None, why
+    try:
+        _TypedSettings.scale = 2.0
+        assert module_key(m, (x,), None, ()) != key
+    finally:
+        _TypedSettings.scale = 1.0
