@@ -956,72 +956,30 @@ def test_a_settings_class_the_module_holds_is_guarded_and_keyed(held):
         klass.scale = 1.0
 
 
-class _Block(nn.Module):
-    def __init__(self, d=16):
-        super().__init__()
-        self.ln, self.fc = nn.LayerNorm(d), nn.Linear(d, d)
-
-    def forward(self, x):
-        return x + self.fc(self.ln(x))
-
-
-class _Stack(nn.Module):
+class _NumpyGain(nn.Module):
     def __init__(self):
         super().__init__()
-        self.layers = nn.ModuleList([_Block() for _ in range(4)])
+        import numpy as np
+
+        self.lin = nn.Linear(8, 8)
+        self.channel_gain = np.ones(8, dtype=np.float32)
 
     def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
+        return self.lin(x) * torch.from_numpy(self.channel_gain)
 
 
-def test_first_calls_of_two_wrappers_of_one_module_from_two_threads_leave_the_module_as_it_was():
-    """Two exports at once used to interleave their identical-layer plans, which set a stand-in forward on each
-    layer and restore what they saved: out of order, the stand-ins stayed on the user's layers (6 runs of 7), and
-    later plain calls of the module from those threads raised the compiler's internal NeedTrace."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    torch.manual_seed(0)
-    m = _Stack().eval()
-    x = torch.randn(2, 7, 16)
-    with torch.no_grad():
-        want = m(x)
-    for _ in range(3):
-        pair = [sc.compile(m, backend="eager"), sc.compile(m, backend="eager")]
-        barrier = threading.Barrier(2)
-
-        def first(c):
-            barrier.wait()
-            with torch.no_grad():
-                return c(x)
-
-        with ThreadPoolExecutor(2) as pool:
-            outs = list(pool.map(first, pair))
-            assert not [n for n, s in m.named_modules() if "forward" in vars(s)]
-            for out in outs + list(pool.map(lambda _: m(x).detach(), range(4))):
-                torch.testing.assert_close(out, want)
-
-
-class _TypedSettings:
-    """A settings class holding what the cache key cannot fingerprint (a typing alias, as Hugging Face's
-    PretrainedConfig does)."""
-
-    sizes: list = list[int]
-    scale = 1.0
-
-
-def test_a_held_settings_class_with_an_unkeyable_attribute_leaves_the_module_cacheable():
-    from sessa_compiler.compile_cache import module_key
-
-    m = _Configured(_TypedSettings())
+def test_a_numpy_array_edited_in_place_traces_again_also_after_a_cache_hit(monkeypatch, tmp_path):
+    """numpy arrays have no version counter and were compared by identity: after a trace from the compile cache
+    (whose constant is a copy, not the array) an in-place edit gave the old values (error 5.3)."""
+    monkeypatch.setenv("SESSA_COMPILER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("SESSA_COMPILER_COMPILE_CACHE", "1")
     x = torch.randn(2, 3, 8)
-    why: list = []
-    key = module_key(m, (x,), None, (), why)
-    assert key is not None, why
-    try:
-        _TypedSettings.scale = 2.0
-        assert module_key(m, (x,), None, ()) != key
-    finally:
-        _TypedSettings.scale = 1.0
+    for first in (True, False):
+        torch.manual_seed(0)
+        m = _NumpyGain()
+        c = sc.compile(m, backend="eager")
+        with torch.no_grad():
+            torch.testing.assert_close(c(x), m(x))
+            assert c.trace_cache == ("miss" if first else "hit")
+            m.channel_gain[0] = 5.0
+            torch.testing.assert_close(c(x), m(x))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import itertools
 import sys
 import threading
@@ -86,6 +87,13 @@ def _attr_key(x, depth: int = 0, by_content: bool = True):
             raise _Opaque from None
     if isinstance(x, torch.nn.Module):
         raise _Opaque   # a module held outside _modules (shared with others): left alone
+    if type(x).__module__ == "numpy" and hasattr(x, "tobytes") and hasattr(x, "dtype"):
+        # a numpy array or scalar (torch.from_numpy(self.table) in forward): by content, as it has no version
+        # counter; held by identity only, an in-place edit after a trace from the compile cache (whose constant is
+        # a copy) was not seen. Past 1 MB: not described (hashing it at every call would cost more than a call)
+        if getattr(x, "nbytes", 0) > (1 << 20):
+            raise _Opaque
+        return ("ndarray", str(x.dtype), tuple(getattr(x, "shape", ())), hashlib.sha256(x.tobytes()).hexdigest())
     if isinstance(x, types.FunctionType):   # by identity, and what its closure cells and defaults hold now
         if depth >= _DEPTH or not (x.__closure__ or x.__defaults__ or x.__kwdefaults__):
             return ("id", id(x))
