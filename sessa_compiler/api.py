@@ -731,16 +731,19 @@ class CompiledModule(torch.nn.Module):
         # compiled layer), a flag or a scale its forward reads. It used to land on the wrapper, where calls never
         # read it: the old graph kept answering. The wrapper's own state (private names, the settings made in
         # __init__, class attributes) stays on it.
-        d = self.__dict__
-        if name.startswith("_") or name in d or not d.get("_ready") or hasattr(type(self), name):
+        if self._own(name):
             return super().__setattr__(name, value)
-        setattr(d["_modules"]["_orig_mod"], name, value)
+        setattr(self.__dict__["_modules"]["_orig_mod"], name, value)
 
     def __delattr__(self, name):
-        d = self.__dict__
-        if name.startswith("_") or name in d or not d.get("_ready") or hasattr(type(self), name):
+        if self._own(name):
             return super().__delattr__(name)
-        delattr(d["_modules"]["_orig_mod"], name)
+        delattr(self.__dict__["_modules"]["_orig_mod"], name)
+
+    def _own(self, name: str) -> bool:
+        """Whether an attribute set or deleted by this name is the wrapper's (else the original's)."""
+        d = self.__dict__
+        return name.startswith("_") or name in d or not d.get("_ready") or hasattr(type(self), name)
 
     def __len__(self) -> int:
         """The original's length (an nn.Sequential, an nn.ModuleList), as torch.compile's wrapper gives it."""

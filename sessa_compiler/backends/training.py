@@ -137,8 +137,7 @@ class _CoreOp(torch.autograd.Function):
         # that the outer graph counts already (a scan's delta computed from its input u; q passed as k too).
         with torch.enable_grad():
             operands = [x.view_as(x) if isinstance(x, torch.Tensor) and x.requires_grad else x for x in operands]
-        wanted = [x for x, need in zip(operands, needs) if need]
-        with torch.enable_grad():
+            wanted = [x for x, need in zip(operands, needs) if need]
             out = SEMANTICS[ctx.op](*operands, **attrs)
             got = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True, create_graph=True))
         grads = [next(got) if need else None for need in needs]

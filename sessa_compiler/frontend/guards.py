@@ -68,7 +68,6 @@ class ModuleGuard:
         named = list(module.named_modules())
         self.modules = [m for _, m in named]
         self.types = tuple(type(m) for m in self.modules)   # a module's __class__ swapped for another
-        self.paths = [p for p, _ in named]
         self.children = []  # (path, the module's _modules dict, its values): a submodule replaced or added
         self.sizes = []     # (path, attribute dict, its size)
         self.entries = []   # (path, attribute dict, name, value, key, describe again at each call)
@@ -190,7 +189,7 @@ class ModuleGuard:
         for path, d, kids in self.children:
             if len(d) != len(kids) or any(a is not b for a, b in zip(d.values(), kids)):
                 return f"a submodule of '{path or type(module).__name__}' was added, removed or replaced"
-        for path, m, k in zip(self.paths, self.modules, self.types):
+        for (path, _, _), m, k in zip(self.children, self.modules, self.types):
             if type(m) is not k:
                 return f"the class of '{path or k.__name__}' was changed ({k.__name__} -> {type(m).__name__})"
         for hd, size, path, h in self.hook_dicts:

@@ -443,16 +443,18 @@ def _masks_hold_at_length(graph: Graph, sources: dict, region: list, lengths) ->
 def _one_value(m: torch.Tensor):
     """m's one value (NaN as "nan"), or None when it holds two."""
     flat = m.reshape(-1)
-    if not flat.numel():
+    if not flat.numel() or not _all_equal(flat, flat[:1]):
         return None
-    first = flat[:1]
-    same = flat == first
-    if flat.is_floating_point():
-        same |= flat.isnan() & first.isnan()
-    if not bool(same.all()):
-        return None
-    x = first.item()
+    x = flat[0].item()
     return "nan" if x != x else x
+
+
+def _all_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """a == b everywhere (broadcast), NaN equal to NaN."""
+    eq = a == b
+    if a.is_floating_point():
+        eq |= a.isnan() & b.isnan()
+    return bool(eq.all())
 
 
 def _eval_masks(graph: Graph, masks: list, nodes: list, T: int):
@@ -474,13 +476,8 @@ def _triangle_values(m: torch.Tensor):
     if m.shape[-2] != T or T < 2:
         return None
 
-    def same(a, b):
-        eq = a == b
-        if a.is_floating_point():
-            eq |= a.isnan() & b.isnan()
-        return bool(eq.all())
-
     col, row = m[:, 1:, 0], m[:, 0, 1:]
-    if not (same(m[:, 1:, 1:], m[:, :-1, :-1]) and same(col, col[:, :1]) and same(row, row[:, :1])):
+    if not (_all_equal(m[:, 1:, 1:], m[:, :-1, :-1]) and _all_equal(col, col[:, :1])
+            and _all_equal(row, row[:, :1])):
         return None
     return tuple(tuple("nan" if x != x else x for x in v.tolist()) for v in (m[:, 1, 0], m[:, 0, 0], m[:, 0, 1]))

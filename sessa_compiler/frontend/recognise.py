@@ -266,12 +266,11 @@ def to_bt(t: TensorType):
     return []
 
 
-def _region_tol(A: Analysis, sources, output: Value) -> float:
-    """The match tolerance of a probe: float64's, whatever casts the region goes through. The probes evaluate a
-    cast between float types as the identity (probe._wide_cast), so a region of a bf16 model is compared with the
-    proposal by what it means; the tolerance used to be the narrowest cast's rounding (0.3 of the output's scale
-    for bf16), under which ALiBi biases and temperatures passed for plain attention."""
-    return 1e-8
+# The match tolerance of a probe: float64's, whatever casts the region goes through. The probes evaluate a cast
+# between float types as the identity (probe._wide_cast), so a region of a bf16 model is compared with the
+# proposal by what it means; the tolerance used to be the narrowest cast's rounding (0.3 of the output's scale for
+# bf16), under which ALiBi biases and temperatures passed for plain attention.
+MATCH_TOL = 1e-8
 
 
 def _emit_steps(g: Graph, x: Value, steps, index: int):
@@ -391,7 +390,7 @@ def _try_attention(g, A, s, L, P, qs, ks, vs, d, chain_scale, report) -> bool:
                                     # replacing (masked_fill) mask, not the same gradient: probed too
                                     err = probe(g, srcs, y, canonical, batch=KEYMASK_BATCH if m is not None
                                                 else PROBE_BATCH, grad=empty == "mean", large=True)
-                                    tol = _region_tol(A, srcs, y)
+                                    tol = MATCH_TOL
                                     if err is not None and err <= tol:
                                         _rewrite_attention(g, qs, ks, vs, qa, ka, va, oa, y, scale, dv, H, m, empty,
                                                            egrad)
@@ -896,7 +895,7 @@ def _try_feedback(g, A, n, out, kind, mat, qs, ks, fs, gs, width, chain_scale, r
         return False
     sessa_scale = 1.0 / math.sqrt(width)
     srcs = {fs: "normal", qs: "normal", ks: "normal", gs: "gain"}
-    tol = _region_tol(A, srcs, out)
+    tol = MATCH_TOL
     other_scale_matches = False
     # the logits' operands in both orders: k_b q_b^T with the softmax over the other axis is the transposed system
     cands = [(qs_, ks_, qa, ka, fa, ga, y) for qs_, ks_ in ((qs, ks), (ks, qs)) for qa in to_btc(qs_.type)
@@ -1162,7 +1161,7 @@ def fold_gqa(g: Graph, report: Report) -> int:
                     srcs[m] = "keymask"
                 err = probe(g, srcs, n.output, canonical, batch=PROBE_BATCH if m is None else KEYMASK_BATCH,
                             large=True)
-                if err is None or err > _region_tol(A, srcs, n.output):
+                if err is None or err > MATCH_TOL:
                     continue
                 idx = g.nodes.index(n)
                 nk, idx = _emit_steps(g, ks, ka, idx)
@@ -1363,8 +1362,8 @@ def _stored_tables(rq: Value, xq: Value, d: int) -> list:
 
 def _table_tol(tables: list) -> float:
     """The match tolerance stored cos/sin tables allow: the folded rotation recomputes cos(p f) and sin(p f), so
-    a module that reads them rounded to float32 (or a half type) differs from it by that rounding, as a cast to
-    that type inside the region would (_region_tol); float64 tables add nothing."""
+    a module that reads them rounded to float32 (or a half type) differs from it by that rounding (stored data,
+    unlike a cast inside the region, which the probes evaluate without rounding); float64 tables add nothing."""
     tol = 0.0
     for t in tables:
         tol = max(tol, {"f64": 0.0, "f32": 1e-5, "f16": 3e-2, "bf16": 3e-2}[t.type.dtype.name] * 10)
@@ -1468,7 +1467,7 @@ def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool
             return False
         srcs[m] = "keymask"
     batch = PROBE_BATCH if m is None else KEYMASK_BATCH
-    tol = max(_region_tol(A, srcs, n.output), _table_tol(_stored_tables(rq, xq, d)))
+    tol = max(MATCH_TOL, _table_tol(_stored_tables(rq, xq, d)))
     passing = []
     for qa, H in to_bthd(xq.type, d):
         for ka, Hkv in to_bthd(xk.type, d):

@@ -189,16 +189,12 @@ def helper_classes(module: torch.nn.Module) -> list:
         for v in _vars(m).values():
             # a class held itself (self.cfg = CFG, a settings class whose attributes come from the environment)
             k = v if isinstance(v, type) and not issubclass(v, (torch.nn.Module, torch.Tensor)) else type(v)
-            mod = str(getattr(k, "__module__", "") or "")
             if (k is type(v) and (isinstance(v, (torch.nn.Module, torch.Tensor, type, types.FunctionType,
                                                  types.MethodType, types.ModuleType, types.BuiltinFunctionType))
-                                  or not hasattr(v, "__dict__"))) \
-                    or mod.partition(".")[0] in ("torch", "builtins", "collections", "typing", "enum", "functools",
-                                                 "numpy", "sympy", "sessa_compiler"):
+                                  or not hasattr(v, "__dict__"))) or not _config_like(k):
                 continue
             out[k] = None
-    return [c for k in out for c in k.__mro__ if c is not object
-            and str(c.__module__).partition(".")[0] not in ("torch", "builtins", "typing", "collections", "abc")]
+    return [c for k in out for c in k.__mro__ if c is not object and _config_like(c)]
 
 
 def _global_reads(module: torch.nn.Module, skip_hooks=(), names: set | None = None) -> list:

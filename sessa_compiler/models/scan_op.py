@@ -70,17 +70,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     # Differentiate the eager loop itself: slow but obviously right, and it keeps
     # MambaLayer trainable without a hand-written adjoint scan.
-    if torch.is_grad_enabled():
-        # create_graph=True (a gradient penalty): gradients autograd can differentiate again. Detached inputs made
-        # them constants in the operands (second-order gradients off by 0.73); each operand goes in through an
-        # alias of its own, so each slot still gets its partial derivative.
-        inputs = [t.view_as(t) if t.requires_grad else t.detach().requires_grad_(True) for t in ctx.saved_tensors]
-        y, _ = selective_scan_with_state(*inputs)
-        return torch.autograd.grad(y, inputs, grad_y, allow_unused=True, create_graph=True)
-    inputs = [t.detach().requires_grad_(True) for t in ctx.saved_tensors]
+    # Under create_graph=True (a gradient penalty) the gradients must be differentiable again: detached inputs made
+    # them constants in the operands (second-order gradients off by 0.73), so each operand goes in through an alias
+    # of its own, still connected, and each slot gets its partial derivative.
+    create = torch.is_grad_enabled()
+    inputs = [t.view_as(t) if create and t.requires_grad else t.detach().requires_grad_(True)
+              for t in ctx.saved_tensors]
     with torch.enable_grad():
         y, _ = selective_scan_with_state(*inputs)
-    return torch.autograd.grad(y, inputs, grad_y, allow_unused=True)
+    return torch.autograd.grad(y, inputs, grad_y, allow_unused=True, create_graph=create)
 
 
 selective_scan.register_autograd(_backward, setup_context=_setup_context)
