@@ -58,7 +58,13 @@ def batch_of(args, kwargs: dict | None = None) -> int:
     return max((int(x.shape[0]) for x in tensors), default=0)
 
 
-_EXPORT_LOCK = threading.RLock()
+# torch.export (non-strict) swaps a module's parameters for fake tensors in place while it traces, and the shared
+# layer plans (repeated.Plan) set an instance forward on the layers they trace: two exports at once over modules
+# that share a submodule (two task heads on one backbone, compiled twice, first calls from a thread pool) saw each
+# other's fakes ("fake_mode.in_kernel_invocation must be False") and could leave a plan's stand-in forward on the
+# user's layers. Exports in one process run one at a time (re-entrant: an export that traces a compiled module
+# inside it goes on).
+EXPORT_LOCK = threading.RLock()
 
 
 def _grow(x: torch.Tensor, batch: int = 0) -> torch.Tensor:
@@ -320,7 +326,7 @@ def _export_program(module, args: tuple, kwargs: dict, dynamic_shapes):
         # torch.export keeps process-wide state (its exporting flag, the swapped-in fake parameters of the module,
         # the warning filters and the stderr redirection here): one export at a time in this process
         amp = exporting_autocast()
-        with _EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs(), _hooked(module), _as_parameters(module), \
+        with EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs(), _hooked(module), _as_parameters(module), \
                 _no_fake_cache(), _attribute_writes(module), _autograd_functions(), _python_draws(), _hook_effects(module), \
                 _float_sizes(), _amp(amp):
             warnings.simplefilter("ignore")
@@ -355,13 +361,6 @@ def _no_fake_cache():
 # frontend/repeated.py; their findings add up): "writes" (_attribute_writes), "functions" (_autograd_functions),
 # "draws" (_python_draws). trace_with_report starts a record and reads it.
 _FINDINGS = threading.local()
-# torch.export (non-strict) swaps a module's parameters for fake tensors in place while it traces, and the shared
-# layer plans (repeated.Plan) set an instance forward on the layers they trace: two exports at once over modules
-# that share a submodule (two task heads on one backbone, compiled twice, first calls from a thread pool) saw each
-# other's fakes ("fake_mode.in_kernel_invocation must be False") and could leave a plan's stand-in forward on the
-# user's layers. Exports in one process run one at a time (re-entrant: an export that traces a compiled module
-# inside it goes on).
-EXPORT_LOCK = threading.RLock()
 
 
 def _add_findings(kind: str, names) -> None:
@@ -1239,7 +1238,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     args = _as_tuple(example_inputs)
     kwargs = dict(example_kwargs or {})
     _FINDINGS.found = {}
-    with EXPORT_LOCK:   # one export at a time in the process (below)
+    with EXPORT_LOCK:   # one export at a time in the process (EXPORT_LOCK, above)
         ep, lowerer, graph = _lower(module, args, kwargs, dynamic_shapes)
     side_effects, custom_backward, python_random, hooks = (_findings(k) for k in ("writes", "functions", "draws",
                                                                                    "hooks"))
