@@ -12,7 +12,8 @@ caches in layouts of their own. Every op of the forward graph is either
 
 A few ops can never be incrementalised (``tri_solve`` with explicit T x T weights, non-causal attention,
 a general ``conv1d`` over time); a graph holding one has no serving methods (UnsupportedError naming the
-op). Every other op is assumed position-wise, and that assumption is *checked numerically* before the
+op). Reads of a table by absolute position (``table[:T]``, ``arange(T)``) read the step's own positions
+(``position_reads``). Every other op is assumed position-wise, and that assumption is *checked numerically* before the
 first step runs: prefill of 3 positions, one decode step, then a prefill of 2 more on the non-empty cache
 must equal the full forward on the same 6 positions to the spec's tolerance. A module whose forward
 depends on absolute position in a way the IR does not say (a reduction over time, positions computed by
@@ -355,6 +356,54 @@ STEPS = {"attention": step_attention, "feedback": step_feedback, "scan": step_sc
          "causal_conv1d": step_causal_conv1d, "rope": step_rope}
 
 
+# -- reads by absolute position ----------------------------------------------------------------------------------
+def step_position_slice(state: dict, t0: int, x, *, dim, start, end, step, name):
+    """``x[start:end]`` along ``dim`` of a value that has no sequence dim (a table: Qwen's log-n scales, a
+    position-embedding buffer ``wpe[:T]``), at the positions this step serves: ``x[start + t0:end + t0]``."""
+    if end + t0 > x.shape[dim]:
+        raise CacheOverflowError(f"serving: position {end + t0 - 1} is past the {x.shape[dim] - start} positions of "
+                                 f"%{name}, which the forward reads by position (a slice of a table along its "
+                                 "sequence dim): the module itself cannot run that long")
+    return torch.ops.aten.slice.Tensor(x, dim, start + t0, end + t0, step)
+
+
+def step_position_arange(state: dict, t0: int, *, start, end, step, dtype, device, name):
+    """``arange(start, start + T)``: the positions themselves, offset to the ones this step serves."""
+    return torch.arange(start + t0, end + t0, step, dtype=dtype, device=device)
+
+
+POSITION_STEPS = {"slice": step_position_slice, "arange": step_position_arange}
+
+
+def position_reads(graph: Graph) -> dict:
+    """node -> what it reads by absolute position: a ``slice`` of a value without the sequence symbol T (a table,
+    a buffer) whose extent is T (``start`` free of T, ``end = start + T``, step 1), and ``arange(start, start + T)``.
+    On the full forward they give the rows of positions 0..T-1; a step serving positions t0..t0+n-1 must read those,
+    not rows 0..n-1 (which the check before the first step cannot tell apart where the table's first rows are
+    equal: a log-n scale that is 1 up to the training length)."""
+    import sympy
+
+    T = graph.inputs[0].type.shape[1] if graph.inputs and graph.inputs[0].type.rank >= 2 else None
+    if not isinstance(T, sympy.Basic):
+        return {}
+
+    def has_t(e) -> bool:
+        return isinstance(e, sympy.Basic) and T in e.free_symbols
+
+    def extent_t(start, end, step) -> bool:
+        return step == 1 and not has_t(start) and has_t(end) and sympy.simplify(end - start - T) == 0
+
+    out = {}
+    for node in graph.nodes:
+        a = node.attrs
+        if node.op == "slice" and isinstance(node.inputs[0], Value) \
+                and not any(has_t(d) for d in node.inputs[0].type.shape) and extent_t(a["start"], a["end"], a["step"]):
+            out[node] = "slice"
+        elif node.op == "arange" and extent_t(a["start"], a["end"], a["step"]):
+            out[node] = "arange"
+    return out
+
+
 # -- one-position decode steps as CUDA graphs -------------------------------------------------------------------
 def decode_graphable(xs: list, cache: dict) -> bool:
     """Whether a decode step may be recorded: one position, CUDA tensors on the Triton decode path, no autograd,
@@ -485,6 +534,7 @@ class ServingProgram:
             if node.op in STATEFUL and node.op != "rope":
                 self.states[node] = self._state_specs(node)
         self.checked = False
+        self.position_reads = position_reads(graph)   # node -> "slice" | "arange": read at the step's positions
         # graph inputs that are a key-padding mask operand (a decode step given none gets ones: a real token)
         self.mask_inputs = sorted({g.inputs.index(n.inputs[4]) for n in graph.nodes
                                    if n.op == "attention" and n.attrs.get("key_padding", False)
@@ -525,6 +575,16 @@ class ServingProgram:
             if why:
                 raise UnsupportedError(f"serving: op '{node.op}' (%{node.outputs[0].name}): {why}; this module "
                                        "has no compiled prefill/decode_step")
+
+    def no_position_reads(self, what: str) -> None:
+        """Refuse a step export of a graph that reads a table by absolute position (the exported steps take no
+        position for it; the compiled prefill/decode_step do)."""
+        if self.position_reads:
+            node = next(iter(self.position_reads))
+            raise UnsupportedError(f"{what}: op '{node.op}' (%{node.outputs[0].name}) reads by absolute position "
+                                   f"({'a slice of a table along its sequence dim' if node.op == 'slice' else 'arange(T)'}"
+                                   "), which the exported step cannot offset yet; the compiled module's prefill and "
+                                   "decode_step serve it")
 
     def state_keys(self) -> set:
         return {spec.key for specs in self.states.values() for spec in specs.values()}
@@ -725,6 +785,12 @@ class ServingProgram:
                 plan.append((False, fn, operands, {}, [m.outputs[0] for m in members], node, (), _taker(operands)))
                 continue
             operands = [x if isinstance(x, Value) else resolve(x, binding) for x in node.inputs]
+            if node in self.position_reads:
+                attrs = {**resolve(node.attrs, binding), "name": node.outputs[0].name}
+                if node.op == "arange":
+                    attrs["device"] = device
+                plan.append((True, POSITION_STEPS[node.op], operands, attrs, node.outputs, node, (), _taker(operands)))
+                continue
             if node.op in STEPS:
                 specs = tuple((role, spec.key) for role, spec in self.states.get(node, {}).items())
                 attrs = dict(node.attrs)
@@ -1126,6 +1192,20 @@ class Serving:
             cache["_graph"] = id(prog.graph)
         return cache
 
+    def _not_overridden(self, what: str) -> None:
+        """The compiled prefill/decode_step are Decoder's (the forward on the new positions). A Decoder subclass
+        that defines its own (a banned token, a temperature, other outputs) would get Decoder's from them: refused.
+        (Other modules' own methods are not read at all: the steps are derived from their forward, as documented.)"""
+        from .models.decoder import Decoder
+
+        if isinstance(self.original, Decoder):
+            own = [m for m in ("prefill", "decode_step") if getattr(type(self.original), m, None) is not getattr(Decoder, m)]
+            if own:
+                name = type(self.original).__name__
+                raise UnsupportedError(f"{what}: the compiled prefill/decode_step are Decoder's (the forward on the new "
+                                       f"positions), and {name}.{own[0]} is its own: not compiled. Run "
+                                       f"compiled.original.{what}(...) (uncompiled), or decode over compiled(...)")
+
     def _keywords(self, what: str, kwargs: dict) -> dict:
         """Tensor keyword arguments of the forward (an attention_mask); anything else is refused."""
         bad = {k: v for k, v in kwargs.items() if not isinstance(v, torch.Tensor)}
@@ -1161,6 +1241,7 @@ class Serving:
         """prefill(x, cache) -> (y, cache): the outputs at x's positions, after those already cached. Tensor
         keyword arguments of the forward (``attention_mask=`` [B, T]: 1 = a real token, 0 = padding) are given
         as to the forward; the cache keeps the mask of every position."""
+        self._not_overridden("prefill")
         kwargs = self._keywords("prefill", kwargs)
         if len(args) < 2:
             raise InputError(f"prefill takes (inputs..., cache), got {len(args)} argument(s)")
@@ -1217,6 +1298,7 @@ class Serving:
         """decode_step(x_t, cache) -> (y_t, cache); x_t without the sequence dim gives y_t without it. A module
         prefilled with a key-padding mask takes the step's token as a real one (mask 1) unless a mask is given
         (``attention_mask=`` [B] or [B, 1])."""
+        self._not_overridden("decode_step")
         kwargs = self._keywords("decode_step", kwargs)
         if len(args) < 2:
             raise InputError(f"decode_step takes (inputs..., cache), got {len(args)} argument(s)")
@@ -1238,8 +1320,9 @@ class Serving:
         prog = self._program(tuple(xs), kwargs, cache)
         cache = self._materialise(cache, prog)
         xs = self._graph_inputs(prog, xs, kwargs)
-        if DECODE_CUDA_GRAPHS and getattr(c._backend, "cuda_graphs", True) and not (DECODE_FAST and xs[0].is_cpu
-                                                                                     and not TRITON_DECODE_ON_CPU):
+        # (a read by absolute position takes the step's position on the host: not recorded into a CUDA graph)
+        if DECODE_CUDA_GRAPHS and getattr(c._backend, "cuda_graphs", True) and not prog.position_reads \
+                and not (DECODE_FAST and xs[0].is_cpu and not TRITON_DECODE_ON_CPU):
             if getattr(prog, "decode_graphs", None) is None:
                 prog.decode_graphs = DecodeGraphs(prog)
             outs = prog.decode_graphs(xs, cache)
@@ -1258,13 +1341,19 @@ class Serving:
         other generate methods, Hugging Face's input_ids=, get the refusal below, not a TypeError.)"""
         from .models.decoder import Decoder
 
-        if not isinstance(self.original, Decoder) or getattr(type(self.original), "generate", None) is not Decoder.generate:
-            name = type(self.original).__name__   # (a Decoder subclass with its own generate decodes its own way)
+        # a Decoder subclass with its own generate decodes its own way; with its own prefill, decode_step or
+        # init_cache, Decoder.generate runs those (a banned token, a temperature), which the compiled steps do not
+        own = [m for m in ("generate", "prefill", "decode_step", "init_cache")
+               if getattr(type(self.original), m, None) is not getattr(Decoder, m)]
+        if not isinstance(self.original, Decoder) or own:
+            name = type(self.original).__name__
+            method = f"{name}.{own[0]}" if isinstance(self.original, Decoder) else f"{name}.generate"
             raise UnsupportedError(f"generate is compiled for sessa_compiler.models.Decoder (greedy argmax); "
-                                   f"{name}.generate may decode otherwise and is not compiled: run the module's own "
+                                   f"{method} may decode otherwise and is not compiled: run the module's own "
                                    f"with compiled.original.generate(...) (its forward calls are then uncompiled), or "
-                                   f"write the decoding loop over compiled(...), or over compiled.prefill/decode_step where "
-                                   f"{name} defines them")
+                                   f"write the decoding loop over compiled(...)"
+                                   + ("" if isinstance(self.original, Decoder) else
+                                      f", or over compiled.prefill/decode_step where {name} defines them"))
         if kwargs:
             raise InputError(f"generate(tokens, max_new_tokens) takes no keyword {sorted(kwargs)[0]!r}")
         if (not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] == 0

@@ -3,6 +3,7 @@
 Models run in float64, so equality is checked at the spec's float64 tolerance (1e-10) at every position.
 Caches are poisoned with NaN before the first write, so a read of an unwritten slot shows.
 """
+import math
 import os
 import sys
 
@@ -180,18 +181,113 @@ class LearnedPositions(nn.Module):
     def forward(self, ids):
         return self.head(self.emb(ids) + self.pos[:, :ids.shape[1]])
 
+    def init_cache(self, batch_size, device=None, dtype=None, max_len=None):
+        raise NotImplementedError
+
+    def prefill(self, ids, cache):
+        raise NotImplementedError
+
     def decode_step(self, ids, cache):
         raise NotImplementedError
 
 
-def test_a_zero_initialised_trainable_position_table_is_not_served():
-    """The serving check is made once; it holds for other values of the trainable parameters too, so a zero table
-    (which reads as position-wise) is refused before a step could go wrong after training."""
-    c = sc.compile(LearnedPositions(), backend="eager")
-    ids = torch.randint(0, 20, (1, 4))
-    c(ids)
-    with pytest.raises(UnsupportedError, match="differs from its full forward"):
-        c.decode_step(ids[:, 0], {"t": 0, "max_len": None})
+def test_a_zero_initialised_trainable_position_table_is_served_at_the_steps_positions():
+    """minGPT's ``pos[:, :T]`` reads the table by absolute position: a step reads the rows of its own positions, so
+    the table is served whatever its values, also after they change (training), and not only while its first rows
+    are equal (zeros: the check before the first step could not tell row 0 from row t)."""
+    m = LearnedPositions().double()
+    c = sc.compile(m, backend="eager")
+    ids = torch.randint(0, 20, (2, 12))
+    for values in ("zeros", "trained"):
+        if values == "trained":
+            with torch.no_grad():
+                m.pos.copy_(torch.randn(1, 32, 8, dtype=torch.float64))
+        full = m(ids)
+        cache = c.init_cache(2, max_len=12)
+        y, cache = c.prefill(ids[:, :3], cache)
+        outs = [y]
+        for t in range(3, 12):
+            y_t, cache = c.decode_step(ids[:, t], cache)
+            outs.append(y_t[:, None])
+        assert relative_error(torch.cat(outs, 1), full) <= TOL, values
+    cache = c.init_cache(1)   # past the table (32 rows), where the module itself cannot run either
+    _, cache = c.prefill(torch.randint(0, 20, (1, 32)), cache)
+    with pytest.raises(CacheOverflowError, match="past the 32 positions"):
+        c.decode_step(ids[:1, 0], cache)
+
+
+class LogNScaledLM(nn.Module):
+    """Qwen-1's log-n attention scaling: q times a table that is 1 up to the training length (8) and log_8(t)
+    after it, sliced by position; and GPT-2's learned positions through ``wpe(arange(T))``."""
+
+    def __init__(self, V=30, D=16, H=2):
+        super().__init__()
+        self.H = H
+        self.wte, self.wpe = nn.Embedding(V, D), nn.Embedding(64, D)
+        self.qkv, self.out = nn.Linear(D, 3 * D), nn.Linear(D, V)
+        logn = [math.log(i, 8) if i > 8 else 1.0 for i in range(1, 65)]
+        self.register_buffer("logn", torch.tensor(logn)[None, :, None, None], persistent=False)
+
+    def forward(self, ids):
+        B, T = ids.shape
+        x = self.wte(ids) + self.wpe(torch.arange(T, device=ids.device))
+        q, k, v = self.qkv(x).view(B, T, 3, self.H, -1).unbind(2)
+        q = q * self.logn[:, 0:T].type_as(q)
+        a = nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                       is_causal=True)
+        return self.out(x + a.transpose(1, 2).reshape(B, T, -1))
+
+    def init_cache(self, batch_size, device=None, dtype=None, max_len=None):
+        raise NotImplementedError
+
+    def prefill(self, ids, cache):
+        raise NotImplementedError
+
+    def decode_step(self, ids, cache):
+        raise NotImplementedError
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_tables_read_by_position_are_read_at_the_steps_positions(backend):
+    """Positions past the table's constant prefix (9 and on: the log-n scale; every one: wpe), served by prefill
+    and decode steps; the step exports, which take no position for such reads, refuse them by name."""
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+    torch.manual_seed(0)
+    m = LogNScaledLM().double().eval()
+    c = sc.compile(m, backend=backend)
+    ids = torch.randint(0, 30, (2, 20))
+    full = m(ids)
+    cache = c.init_cache(2, max_len=20)
+    y, cache = c.prefill(ids[:, :4], cache)
+    outs = [y]
+    for t in range(4, 20):
+        y_t, cache = c.decode_step(ids[:, t], cache)
+        outs.append(y_t[:, None])
+    assert relative_error(torch.cat(outs, 1), full) <= TOL
+    if backend == "eager":
+        with pytest.raises(UnsupportedError, match="reads by absolute position"):
+            sc.export_onnx(m.float(), (torch.zeros(2, dtype=torch.long),), os.devnull, method="decode_step")
+
+
+def test_a_decoder_with_its_own_prefill_or_decode_step_is_not_served_as_decoders():
+    """Decoder.generate calls self.prefill / self.decode_step: a subclass's own (a banned token) would be bypassed
+    by the compiled steps, which are Decoder's; generate, prefill and decode_step refuse instead."""
+    class BannedToken(Decoder):
+        def decode_step(self, tokens, cache):
+            logits, cache = super().decode_step(tokens, cache)
+            return logits.index_fill(-1, torch.tensor([3]), float("-inf")), cache
+
+    c = sc.compile(BannedToken(20, 16, "S", n_heads=2).eval(), backend="eager")
+    prompt = torch.zeros(1, 2, dtype=torch.long)
+    with pytest.raises(UnsupportedError, match="BannedToken.decode_step"):
+        c.generate(prompt, 3)
+    cache = c.init_cache(1)
+    with pytest.raises(UnsupportedError, match="BannedToken.decode_step"):
+        c.prefill(prompt, cache)
+    with pytest.raises(UnsupportedError, match="BannedToken.decode_step"):
+        c.decode_step(prompt[:, 0], cache)
+    assert c.original.generate(prompt, 3).shape == (1, 5)
 
 
 class MeanOverTime(nn.Module):

@@ -395,6 +395,7 @@ def export_onnx_step(module, example_inputs, path, *, method: str, opset: int, v
     graph = compiled.graph
     prog = ServingProgram(graph)
     mask_idx = mask_inputs(prog, f"export_onnx(method={method!r})")
+    prog.no_position_reads(f"export_onnx(method={method!r})")
     prog.check((x4, *m4), graph.params)  # the example the graph was traced on
     cache = prog.init_cache(int(x_t.shape[0]), device=torch.device("cpu"), max_len=0)
     if given is not None:

@@ -43,11 +43,13 @@ def serving_example(example_inputs, method: str, what: str):
     if method == "prefill" and (x.dim() < 2 or x.shape[1] < 1):
         raise InputError(f"{what}(method='prefill'): x must be [B, T, ...] with T >= 1, got shape {tuple(x.shape)}")
     B = int(x.shape[0]) if x.dim() else 0
-    for m in masks:
+    for i, m in enumerate(masks, 1):
         want = [(B, int(x.shape[1]))] if method == "prefill" else [(B,), (B, 1)]
         if tuple(m.shape) not in want:
-            raise InputError(f"{what}(method={method!r}): a key-padding mask (attention_mask) must have shape "
-                             f"{' or '.join(map(str, want))} beside x of shape {tuple(x.shape)}, got {tuple(m.shape)}")
+            raise InputError(f"{what}(method={method!r}): a step export takes x, then only key-padding masks "
+                             f"(attention_mask, shape {' or '.join(map(str, want))} beside x of shape {tuple(x.shape)}); "
+                             f"input {i} "
+                             f"has shape {tuple(m.shape)}: a step export of a module with other inputs is not supported")
     squeeze = method == "decode_step" and not (x.dim() >= 2 and x.shape[1] == 1)
     return x, masks, given, squeeze
 

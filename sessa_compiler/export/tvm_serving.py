@@ -242,6 +242,7 @@ def export_tvm_step(module, example_inputs, path, target=None, *, method: str, s
     graph = compiled.graph
     prog = ServingProgram(graph)
     mask_idx = mask_inputs(prog, f"export_tvm(method={method!r})")
+    prog.no_position_reads(f"export_tvm(method={method!r})")
     prog.check((x4, *m4), graph.params)  # the example the graph was traced on
     cache = prog.init_cache(int(x_t.shape[0]), device=torch.device("cpu"), max_len=0)
     target = resolve_target(target)
