@@ -245,3 +245,31 @@ def test_feedback_diagnosis_survives_a_negative_probe_size():
     f, gam = g.inputs
     why = _diagnose_feedback(g, None, g.outputs[0], {f: "normal", gam: "gain"})
     assert "could not be evaluated at a probe length" in why and "negative dimension" in why
+
+
+class FullOfLength(nn.Module):
+    """``torch.full`` filled with the (symbolic) sequence length: a length-dependent scale and an int row."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        T = x.shape[1]
+        n = torch.full((), T, dtype=x.dtype, device=x.device)
+        row = torch.full((T,), T - 1, dtype=torch.int64, device=x.device)
+        return self.lin(x) * torch.log(n) + row[None, :, None]
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_full_filled_with_a_symbolic_size(backend):
+    if backend == "tvm":
+        pytest.importorskip("tvm")
+    m = FullOfLength()
+    c = sc.compile(m, backend=backend)
+    for T in (3, 5, 9):
+        x = torch.randn(2, T, 8)
+        with torch.no_grad():
+            assert relative_error(c(x), m(x)) <= 1e-6, T
+    if backend == "tvm":   # the whole graph in TVM, not hybrid mode
+        assert "whole graph in TVM" in c.explain()

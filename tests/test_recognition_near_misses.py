@@ -12,7 +12,10 @@ might not look:
 - position factors that are not a square mask (Qwen's log-n scaling of the scores past position 16, a bias on
   key positions past 16): the long-length check only looked at [T, T] masks;
 - a mask or temperature buffer that the recognised attention was built from and that the module also reads
-  elsewhere (a causal running mean): only tensors the graph no longer read at all were watched for edits.
+  elsewhere (a causal running mean): only tensors the graph no longer read at all were watched for edits;
+- a scale computed from the length as a scalar (``clamp(log(T) / log(n0), min=1)``): only factors with a T dim
+  were long-checked; top-k attention (``min(16, T)`` keys per row, all of them at the probe lengths); RoPE whose
+  positions stop growing past the rotation's long probe (``arange(T).clamp(max=799)``).
 """
 from __future__ import annotations
 
@@ -173,6 +176,12 @@ class PositionFactorAttention(nn.Module):
             w = w * torch.where(pos > self.n0, torch.log(pos) / math.log(self.n0), torch.ones_like(pos))[:, None]
         elif self.variant == "key_bias":
             w = w + 0.5 * (pos > self.n0).to(x.dtype)
+        elif self.variant == "logn_scalar":   # one factor for the whole call, from the length: 1 up to n0
+            w = w * torch.clamp(torch.log(pos.amax()) / math.log(self.n0), min=1.0)
+        elif self.variant == "topk":   # each query keeps its n0 best keys: all of them at the probe lengths
+            w = w.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+            keep = torch.zeros_like(w, dtype=torch.bool).scatter(-1, w.topk(min(self.n0, T), dim=-1).indices, True)
+            w = w.masked_fill(~keep, float("-inf"))
         w = w.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
         return self.o((w.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
 
@@ -182,8 +191,10 @@ class PositionFactorAttention(nn.Module):
     (lambda: BufferWindowAttention(100, 100), 4, (65, 100), True),      # the window covers the buffer: causal
     (lambda: PositionFactorAttention("logn_rows"), 8, (17, 64), False),
     (lambda: PositionFactorAttention("key_bias"), 8, (17, 64), False),
+    (lambda: PositionFactorAttention("logn_scalar"), 8, (17, 64), False),
+    (lambda: PositionFactorAttention("topk"), 8, (17, 64), False),
     (lambda: PositionFactorAttention(None), 8, (17, 64), True),
-], ids=["window64-buffer100", "window100-buffer100", "logn-rows", "key-bias", "plain"])
+], ids=["window64-buffer100", "window100-buffer100", "logn-rows", "key-bias", "logn-scalar", "topk", "plain"])
 def test_position_dependence_past_the_probe_lengths_is_seen(make, d, lengths, recognised):
     from sessa_compiler.backends.eager import run_graph
 
@@ -238,3 +249,49 @@ def test_editing_a_buffer_the_attention_was_built_from_and_that_is_read_elsewher
         m.mask.copy_((i[None] <= i[:, None]) & (i[:, None] - i[None] < 4))   # a window of 4
         torch.testing.assert_close(c(x), m(x), rtol=1e-5, atol=1e-5)
     assert c.retraces
+
+
+class ClampedPositionRope(nn.Module):
+    """RoPE at positions arange(T).clamp(max=p_max): plain RoPE up to p_max, a constant angle past it."""
+
+    def __init__(self, p_max, d=32, n_heads=2):
+        super().__init__()
+        self.h, self.p_max = n_heads, p_max
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        hd = d // n_heads
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, hd, 2).float() / hd), persistent=False)
+
+    def rotate(self, x, ang):
+        x1, x2 = x.chunk(2, -1)
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (t.view(B, T, self.h, -1).transpose(1, 2) for t in self.qkv(x).split(D, -1))
+        pos = torch.arange(T, device=x.device)
+        if self.p_max is not None:
+            pos = pos.clamp(max=self.p_max)
+        ang = pos[:, None].float() * self.inv_freq[None, :]
+        a = F.scaled_dot_product_attention(self.rotate(q, ang), self.rotate(k, ang), v, is_causal=True)
+        return self.o(a.transpose(1, 2).reshape(B, T, D))
+
+
+@pytest.mark.parametrize("p_max", [3000, None])
+def test_rope_whose_positions_stop_growing_past_the_long_probe_is_not_folded(p_max):
+    """Plain RoPE up to position 3000, past the attention's long probe for two heads (2048 positions: the
+    rotation is now also checked further, at the rotation alone); the plain form still folds."""
+    from sessa_compiler.backends.eager import run_graph
+
+    torch.manual_seed(0)
+    m = ClampedPositionRope(p_max).eval()
+    tr = trace_with_report(m, (torch.randn(1, 9, 32),))
+    counts = op_counts(tr.graph)
+    assert counts.get("attention", 0) == 1
+    rope = [n for n in tr.graph.nodes if n.op == "attention" and n.attrs.get("rope")]
+    assert bool(rope) == (p_max is None), (tr.report.accepted, tr.report.rejected)
+    x = torch.randn(1, 3100, 32)
+    with torch.no_grad():
+        want = m(x)
+        (got,) = run_graph(tr.graph, [x])
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()

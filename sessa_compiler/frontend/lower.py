@@ -936,7 +936,8 @@ def _full(L, node):
         return NotImplemented
     shape = [L.expr(d) for d in node.meta["val"].shape]
     dt = _factory_dtype(node)
-    value = bool(value) if dt.name == "bool" else (float(value) if dt.is_float else value)
+    if not (isinstance(value, sympy.Basic) and value.free_symbols):   # (a size, such as T, stays symbolic)
+        value = bool(value) if dt.name == "bool" else (float(value) if dt.is_float else value)
     return L.emit("full", [], {"shape": shape, "value": value, "dtype": dt}, node)
 
 

@@ -302,6 +302,34 @@ def key_mask_sample(shape, gen: torch.Generator) -> torch.Tensor:
     return m
 
 
+# The longest length a size threshold is probed at (below): an attention-sized probe costs O(T^2) in float64.
+THRESHOLD_PROBE_MAX = 320
+
+
+def _threshold_lengths(region: list, lengths) -> list:
+    """Lengths just past the constants the region's sizes compare T with: top-k attention keeps min(16, T) keys
+    per row, which at the probe lengths (T <= 12) is every key, so it probes equal to plain attention; at T = 17 it
+    is not. Every integer in a size or attribute that depends on T (Min(16, T), T + 16) gives one length c + 1
+    past the probe lengths (at most THRESHOLD_PROBE_MAX)."""
+    if len(lengths) < 2:
+        return []   # (a probe at one pinned or long length)
+    T = sym("T")
+    found = set()
+
+    def scan(x):
+        if isinstance(x, sympy.Basic) and T in x.free_symbols:
+            found.update(int(a) for a in x.atoms(sympy.Integer))
+        elif isinstance(x, (list, tuple)):
+            for y in x:
+                scan(y)
+
+    for n in region:
+        for v in n.outputs:
+            scan(list(v.type.shape))
+        scan(list(n.attrs.values()))
+    return sorted(c + 1 for c in found if max(lengths) < c + 1 <= THRESHOLD_PROBE_MAX)
+
+
 # ``probe(large=True)``'s extra pass: normal sources this many times larger. q . k then reaches several hundred:
 # a clamp of the scores at +-30 or +-50 (which unit-scale probes never reach) shows, while exp stays finite.
 LARGE_SCALE = 6.0
@@ -317,7 +345,8 @@ def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, le
         # would compute the same values but pass gradients where the module does not
         return None
     params = _params64(graph, [output], sources)
-    passes = [(T, 1.0) for T in lengths] + ([(lengths[min(2, len(lengths) - 1)], LARGE_SCALE)] if large else [])
+    passes = [(T, 1.0) for T in lengths] + [(T, 1.0) for T in _threshold_lengths(region, lengths)] \
+        + ([(lengths[min(2, len(lengths) - 1)], LARGE_SCALE)] if large else [])
     for T, amp in passes:
         binding = _binding(graph, T, batch, region)
         inputs = {}
@@ -381,7 +410,8 @@ MASK_CHECK_LENGTH = 4100
 def _position_values(graph: Graph, sources: dict, region: list):
     """The region's values computed from sizes, constants and buffers alone that an op reads together with the
     probe's data: square [..., T, T] masks, and position factors whose dims are all T or 1 ([T], [T, 1], [1, T]:
-    a per-query scale such as log-n scaling, a bias on key positions)."""
+    a per-query scale such as log-n scaling, a bias on key positions; and scalars, [] or [1]: a scale computed
+    from the length, clamp(log(T) / log(64), min=1), which is 1 at every probe length)."""
     T = sym("T")
     data = set(sources)
     for n in region:
@@ -398,7 +428,7 @@ def _position_values(graph: Graph, sources: dict, region: list):
             # (square [.., T, T] only: a slice such as [T, T - 1] has no diagonal to hold the check to)
             if len(shape) >= 2 and all(d == T for d in shape[-2:]):
                 masks.append(x)
-            elif shape and any(d == T for d in shape) and all(d == T or d == 1 for d in shape):
+            elif all(d == T or d == 1 for d in shape):   # ([T], [T, 1], and scalars: log(n) of a length)
                 factors.append(x)
     return masks, factors
 

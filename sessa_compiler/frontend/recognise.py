@@ -1432,6 +1432,34 @@ def _long_rotation_err(g, n, xq, xk, cand, long_t: int, tol: float):
     T = 1024). The worst of the two errors when both are within tol / _ROTATION_MARGIN, else None: then the
     attention-level probe decides (a module whose q and k differ from the candidate's in a way attention does not
     see, such as a rotation by a constant angle on both)."""
+    worst = _rotation_err(g, n, xq, xk, cand, long_t)
+    return None if worst is None or worst > tol / _ROTATION_MARGIN else worst
+
+
+# Positions the rotation itself is also checked at, once it matched the candidate up to _long_length: a module
+# whose positions stop growing (clamped at 799, compressed past 1500) rotates as plain RoPE up to there. The
+# check is O(T H d) in float64: T is lowered where H d is large, to keep [T, H d] near 2^24 elements.
+ROTATION_FAR = 8192
+
+
+def _far_rotation_ok(g, n, xq, xk, cand, long_t: int, tol: float) -> bool:
+    """Whether the rotation of a candidate that matched up to long_t (_long_rotation_err) also matches at the
+    longest length up to ROTATION_FAR that the region runs at (a buffer of fewer positions: halving)."""
+    hd = 1
+    for s in n.inputs[0].type.shape[2:]:
+        hd *= s if isinstance(s, int) else 1
+    far = min(ROTATION_FAR, max(long_t, 2 ** 24 // max(hd, 1)))
+    while far > long_t:
+        err = _rotation_err(g, n, xq, xk, cand, far)
+        if err is not None:
+            return err <= tol / _ROTATION_MARGIN
+        far //= 2
+    return True   # the region runs no longer than long_t: the module cannot be called there either
+
+
+def _rotation_err(g, n, xq, xk, cand, long_t: int):
+    """The worst error of q's and k's rotation against the candidate's at T = long_t (None: the region does not
+    run there)."""
     qa, ka, order, data = cand[0], cand[1], cand[2], cand[4].to(torch.float64)
     d = n.inputs[0].type.shape[3]
     # the channel order as a permutation of the last dim (perm[i]: the channel that lands at i), and its inverse
@@ -1447,7 +1475,7 @@ def _long_rotation_err(g, n, xq, xk, cand, long_t: int, tol: float):
 
         batch = out.type.shape[0] if isinstance(out.type.shape[0], int) else 1   # (dynamo fixes B: its size)
         err = probe(g, {x: "normal"}, out, canonical, lengths=(long_t,), batch=batch)
-        if err is None or err > tol / _ROTATION_MARGIN:
+        if err is None:
             return None
         worst = max(worst, err)
     return worst
@@ -1500,6 +1528,8 @@ def _fold_rope_at(g, A, n, q, k, v, d, xq, xk, rq, default_name, report) -> bool
     long_t = _long_length(q.type.shape[2])
     for cand in passing:
         long_err = None if static else _long_rotation_err(g, n, xq, xk, cand, long_t, tol)
+        if long_err is not None and not _far_rotation_ok(g, n, xq, xk, cand, long_t, tol):
+            continue   # plain RoPE up to long_t, not beyond (positions clamped or compressed further on)
         if long_err is None and not static:
             long_err = probe(g, srcs, n.output, cand[-1], lengths=(long_t,), batch=1 if m is None else KEYMASK_BATCH)
         err = cand[6] if long_err is None else long_err   # a module that cannot run that long: short probes only

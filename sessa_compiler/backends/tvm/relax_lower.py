@@ -525,8 +525,13 @@ def _full(lw, node, ops):
     relax = lw.relax
     dtype = _out_dtype(node)
     value = node.attrs["value"]
+    shape = [lw.dim(d) for d in node.outputs[0].type.shape]
+    if isinstance(value, sympy.Basic) and value.free_symbols:   # a size (torch.full((), T)): arange(v, v + 1)
+        v = lw.dim(value)
+        one = relax.op.astype(relax.op.arange(v, v + 1, 1, dtype="int64"), dtype)
+        return relax.op.broadcast_to(relax.op.reshape(one, [1] * len(shape)), shape)
     value = bool(value) if dtype == "bool" else float(value) if "float" in dtype else int(value)
-    return _filled(relax, [lw.dim(d) for d in node.outputs[0].type.shape], value, dtype)
+    return _filled(relax, shape, value, dtype)
 
 
 def _filled(relax, shape, value, dtype):
