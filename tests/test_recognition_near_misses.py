@@ -295,3 +295,43 @@ def test_rope_whose_positions_stop_growing_past_the_long_probe_is_not_folded(p_m
         want = m(x)
         (got,) = run_graph(tr.graph, [x])
     assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+class ChunkedPaddedAttention(nn.Module):
+    """Llama 4's chunked attention in Hugging Face's spelling (masking_utils.chunked_overlay): the chunks of
+    ``chunk`` positions are shifted by each row's left padding, which comes from the attention_mask, so the mask
+    is built from the key-padding input as well as from positions."""
+
+    def __init__(self, chunk, d=8, n_heads=2):
+        super().__init__()
+        self.h, self.chunk = n_heads, chunk
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x, attention_mask):
+        B, T, D = x.shape
+        hd = D // self.h
+        q, k, v = (t.view(B, T, self.h, hd).transpose(1, 2) for t in self.qkv(x).split(D, -1))
+        left = (attention_mask.cumsum(-1) == 0).sum(-1)[:, None, None]
+        i, j = torch.arange(T, device=x.device)[:, None], torch.arange(T, device=x.device)[None, :]
+        allowed = (j <= i) & ((j - left) // self.chunk == (i - left) // self.chunk) & attention_mask[:, None, :].bool()
+        w = (q @ k.transpose(-1, -2) / math.sqrt(hd)).masked_fill(~allowed[:, None], torch.finfo(x.dtype).min)
+        return self.o((w.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+
+
+def test_chunks_shifted_by_the_padding_mask_are_not_taken_for_key_padding():
+    """At the probe lengths every row is one chunk, so the mask probed equal to causal attention with a
+    key-padding mask; past a chunk it is not. The long-length check now evaluates masks built from a
+    key-padding input too (with every key real)."""
+    from sessa_compiler.backends.eager import run_graph
+
+    torch.manual_seed(0)
+    m = ChunkedPaddedAttention(16).eval()
+    tr = trace_with_report(m, (torch.randn(2, 9, 8), torch.ones(2, 9, dtype=torch.long)))
+    assert op_counts(tr.graph).get("attention", 0) == 0, tr.report.accepted
+    for T in (17, 40):
+        x, mask = torch.randn(2, T, 8), torch.ones(2, T, dtype=torch.long)
+        mask[1, :3] = 0
+        with torch.no_grad():
+            want = m(x, mask)
+            (got,) = run_graph(tr.graph, [x, mask])
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), T

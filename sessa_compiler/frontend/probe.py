@@ -413,7 +413,10 @@ def _position_values(graph: Graph, sources: dict, region: list):
     a per-query scale such as log-n scaling, a bias on key positions; and scalars, [] or [1]: a scale computed
     from the length, clamp(log(T) / log(64), min=1), which is 1 at every probe length)."""
     T = sym("T")
-    data = set(sources)
+    # data: what the probe's draws flow into. A key-padding mask source is not data here: a mask built from it and
+    # from positions (Hugging Face's chunked-attention mask shifts its chunks by each row's left padding) is
+    # evaluated with that source all ones (_eval_masks), where it must still be a position mask
+    data = {v for v, kind in sources.items() if kind != "keymask"}
     for n in region:
         if any(x in data for x in n.value_inputs):
             data.update(n.outputs)
@@ -448,8 +451,9 @@ def _masks_hold_at_length(graph: Graph, sources: dict, region: list, lengths) ->
     if short < 2:
         return True
     values = masks + factors
-    nodes = region_nodes(graph, values, set())
-    at_short = _eval_masks(graph, values, nodes, short)
+    keymasks = [v for v, kind in sources.items() if kind == "keymask"]
+    nodes = region_nodes(graph, values, set(keymasks))
+    at_short = _eval_masks(graph, values, nodes, short, keymasks)
     if at_short is None:
         return True   # (the probe itself ran there: not expected)
     sizes = sorted({d for n in nodes for x in n.value_inputs if x.kind == "param" for d in x.type.shape
@@ -459,7 +463,7 @@ def _masks_hold_at_length(graph: Graph, sources: dict, region: list, lengths) ->
         if length <= short + 1 or length in tried:
             continue
         tried.add(length)
-        at_long = _eval_masks(graph, values, nodes, length)
+        at_long = _eval_masks(graph, values, nodes, length, keymasks)
         if at_long is None:
             continue
         k = len(masks)
@@ -487,11 +491,15 @@ def _all_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(eq.all())
 
 
-def _eval_masks(graph: Graph, masks: list, nodes: list, T: int):
+def _eval_masks(graph: Graph, masks: list, nodes: list, T: int, keymasks=()):
+    """The masks at length T, batch 1; key-padding mask sources all ones (every key a real one)."""
     binding = _binding(graph, T, 1, nodes)
     try:
         with torch.no_grad():
-            return run_graph(graph, [], targets=masks, binding=binding, check_inputs=False, impls=PROBE_IMPLS)
+            ones = {v: torch.ones(v.type.concrete_shape(binding), dtype=torch_dtype(v.type.dtype.name))
+                    for v in keymasks}
+            return run_graph(graph, [], overrides=ones, targets=masks, binding=binding, check_inputs=False,
+                             impls=PROBE_IMPLS)
     except Exception:   # noqa: BLE001 - the region cannot run at this length (a buffer of fewer positions)
         return None
 
