@@ -335,3 +335,42 @@ def test_chunks_shifted_by_the_padding_mask_are_not_taken_for_key_padding():
             want = m(x, mask)
             (got,) = run_graph(tr.graph, [x, mask])
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), T
+
+
+class LearnedTemperature(nn.Module):
+    """A learned per-head temperature, initialised equal across heads to 1/sqrt(head_dim)."""
+
+    def __init__(self, d=16, n_heads=2):
+        super().__init__()
+        self.h, hd = n_heads, d // n_heads
+        self.qkv, self.o = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.temperature = nn.Parameter(torch.full((n_heads, 1, 1), hd ** -0.5))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (t.view(B, T, self.h, -1).transpose(1, 2) for t in self.qkv(x).split(D, -1))
+        w = (q @ k.transpose(-1, -2)) * self.temperature
+        w = w.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        return self.o((w.softmax(-1) @ v).transpose(1, 2).reshape(B, T, D))
+
+
+@pytest.mark.parametrize("trainable", [True, False])
+def test_a_trainable_parameter_is_not_built_into_a_recognised_op(trainable):
+    """Probed at its initial values, the temperature is plain attention's scale, and the op was built with it:
+    no gradient reached it (training left it at its initial value). Trainable parameters are probed moved off
+    their values, so it stays an operand of ordinary ops; frozen, it is still built in."""
+    import sessa_compiler as sc
+
+    torch.manual_seed(0)
+    m = LearnedTemperature()
+    m.temperature.requires_grad_(trainable)
+    tr = trace_with_report(m, (torch.randn(2, 9, 16),))
+    assert op_counts(tr.graph).get("attention", 0) == int(not trainable), (tr.report.accepted, tr.report.rejected)
+    if trainable:
+        c = sc.compile(m, backend="eager")
+        x = torch.randn(2, 11, 16)
+        c(x).square().mean().backward()
+        got = m.temperature.grad.clone()
+        m.zero_grad()
+        m(x).square().mean().backward()
+        assert torch.allclose(got, m.temperature.grad, rtol=1e-5, atol=1e-7)

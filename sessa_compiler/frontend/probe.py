@@ -120,12 +120,63 @@ def _params64(graph: Graph, targets=None, stop=()) -> dict:
     else:
         used = {x for n in region_nodes(graph, targets, set(stop)) for x in n.value_inputs if x.kind == "param"}
         used |= {t for t in targets if isinstance(t, Value) and t.kind == "param"}
+    nodes = region_nodes(graph, targets, set(stop)) if targets is not None else graph.nodes
     out = {}
     for name, v in graph.param_values.items():
         if v in used:
             p = graph.params[name]
-            out[v] = p.detach().to(torch.float64) if p.is_floating_point() else p
+            if not p.is_floating_point():
+                out[v] = p
+            else:
+                out[v] = _moved(p) if p.requires_grad and _passes_gradient(v, nodes) else p.detach().to(torch.float64)
     return out
+
+
+# ops that pass no gradient to an operand (comparisons, rounding), and where/masked_fill's condition operand
+_NO_GRADIENT = {"eq", "ne", "lt", "le", "gt", "ge", "floor", "ceil", "round", "sign", "logical_not", "logical_and",
+                "logical_or"}
+
+
+def _passes_gradient(v: Value, nodes: list) -> bool:
+    """Whether the region's ops could pass a gradient to ``v``: some use of it (through views) is not a comparison,
+    a rounding, a cast to an integer or bool type, or where/masked_fill's condition (a causal mask stored as a
+    trainable Parameter and compared with 0 gets no gradient in the module either: it may be built in)."""
+    from ..ir.ops import VIEWS
+
+    users: dict = {}
+    for n in nodes:
+        for i, x in enumerate(n.inputs):
+            if isinstance(x, Value):
+                users.setdefault(x, []).append((n, i))
+    todo, seen = [v], set()
+    while todo:
+        x = todo.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        for n, i in users.get(x, []):
+            if n.op in _NO_GRADIENT or (n.op == "where" and i == 0) or (n.op == "masked_fill" and i == 1) \
+                    or (n.op == "cast" and not n.outputs[0].type.dtype.is_float):
+                continue
+            if n.op in VIEWS:
+                todo.extend(n.outputs)
+                continue
+            return True
+    return False
+
+
+def _moved(p: torch.Tensor) -> torch.Tensor:
+    """A parameter as the probes read it: float64; a trainable one moved off its values (noise of 10% of its mean
+    magnitude, at least 0.02; the same draw for the same data). A proposal may build a frozen value in (a
+    temperature become the attention's scale), but a trainable one must stay an operand of ordinary ops: built
+    in, it gets no gradient. A per-head temperature initialised equal across heads to 1/sqrt(d) (or a bias
+    initialised to zero) probed equal to plain attention at its initial values; moved, it does not."""
+    x = p.detach().to(torch.float64)
+    if not x.numel():
+        return x
+    gen = torch.Generator().manual_seed(7)
+    noise = torch.randn(tuple(x.shape), generator=gen, dtype=torch.float64).to(x.device)
+    return x + noise * (0.1 * x.abs().mean().item() + 0.02)
 
 
 # -- the memo: one probe per distinct region structure ------------------------------------------------------
@@ -157,8 +208,8 @@ class _NoKey(Exception):
     """The proposal closes over something the memo key cannot describe: probe it."""
 
 
-def _tensor_key(t: torch.Tensor) -> tuple:
-    return ("tensor", str(t.dtype), tuple(t.shape), tensor_digest(t))
+def _tensor_key(t: torch.Tensor) -> tuple:   # (requires_grad: a trainable parameter is probed moved, _moved)
+    return ("tensor", str(t.dtype), tuple(t.shape), tensor_digest(t), bool(t.requires_grad))
 
 
 @functools.lru_cache(maxsize=4096)
