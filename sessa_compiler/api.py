@@ -546,6 +546,10 @@ def _backward_hook(name: str) -> bool:
     return name.startswith("backward")
 
 
+# the module whose swap_tensor sets a parameter on the module torch.func.functional_call was given (CompiledModule.
+# __setattr__)
+_SWAPPER = "torch.nn.utils._named_member_accessor"
+
 class CompiledModule(torch.nn.Module):
     """A compiled module: same call signature and outputs as the original.
 
@@ -733,7 +737,14 @@ class CompiledModule(torch.nn.Module):
         # __init__, class attributes) stays on it.
         if self._own(name):
             return super().__setattr__(name, value)
-        setattr(self.__dict__["_modules"]["_orig_mod"], name, value)
+        orig = self.__dict__["_modules"]["_orig_mod"]
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) \
+                and name in orig._parameters and sys._getframe(1).f_globals.get("__name__") == _SWAPPER:
+            # torch.func.functional_call swaps a top-level parameter by setattr on the module it was given (the
+            # name is not in the wrapper's own _parameters): on the original it swaps the slot, as it would there
+            orig._parameters[name] = value
+            return
+        setattr(orig, name, value)
 
     def __delattr__(self, name):
         if self._own(name):

@@ -274,6 +274,36 @@ def test_functional_call_with_the_originals_names_and_the_compiled_ones(backend,
     _close(c(x), ref(x))   # its own weights again after
 
 
+class _TopLevelScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = SessaLayer(32, n_heads=2)
+        self.scale = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.layer(x) * self.scale
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_call_of_a_top_level_parameter(backend):
+    """A parameter of the root module itself: functional_call swaps it by setattr on the compiled module (its name
+    is not among the wrapper's own parameters), which used to reach nn.Module.__setattr__ of the original and
+    raise (a plain tensor for a Parameter slot)."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    ref = _TopLevelScale()
+    c = sc.compile(copy.deepcopy(ref), backend=backend)
+    x = torch.randn(2, 8, 32)
+    c(x)
+    other = {"scale": torch.tensor(-0.5)}
+    _close(functional_call(c, other, (x,)), functional_call(ref, other, (x,)))
+    assert isinstance(c.original.scale, nn.Parameter) and c.original.scale.item() == 1.5
+    _close(c(x), ref(x))   # its own weights again after
+    with pytest.raises(TypeError, match="cannot assign"):   # a plain assignment is refused, as on the module
+        c.scale = torch.tensor(2.0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_torch_func_transforms_run_the_interpreter(backend):
     """grad and vmap wrap tensors that kernels cannot read: such calls run the interpreter's torch ops."""
