@@ -1013,3 +1013,22 @@ def test_a_numpy_array_edited_in_place_traces_again_also_after_a_cache_hit(monke
             assert c.trace_cache == ("miss" if first else "hit")
             m.channel_gain[0] = 5.0
             torch.testing.assert_close(c(x), m(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_compiled_submodule_inside_a_compiled_module_does_not_retrace_it(backend):
+    """The outer guard used to read the inner compiled module's own state (its trace, set by its first call) and
+    a global of sessa_compiler.api: every call after the inner one's first traced the outer again, up to
+    max_traces. An edit of the inner original still traces it again."""
+    torch.manual_seed(0)
+    inner = sc.compile(SessaLayer(16, n_heads=2), backend=backend)
+    par = nn.Sequential(nn.Linear(8, 16), inner, nn.Linear(16, 8))
+    outer = sc.compile(par, backend=backend)
+    for T in (5, 7, 9):
+        x = torch.randn(2, T, 8)
+        _close(outer(x), par(x))
+    assert outer.retraces == [], outer.retraces
+    inner.original.mixer.gamma_max = 0.5   # through the inner original: the outer module traces again
+    x = torch.randn(2, 6, 8)
+    _close(outer(x), par(x))
+    assert len(outer.retraces) == 1 and "gamma_max" in outer.retraces[0], outer.retraces

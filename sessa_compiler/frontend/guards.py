@@ -26,8 +26,8 @@ import types
 import torch
 from torch.nn.modules import module as _nn_module
 
-from .repeated import (GLOBAL_HOOKS_WHERE, _HOOKS, _SKIP_ATTRS, _Opaque, _attr_key, _global_reads, _vars, helper_classes,
-                       hook_name)
+from .repeated import (GLOBAL_HOOKS_WHERE, WRAPPER_MODULE, _HOOKS, _SKIP_ATTRS, _Opaque, _attr_key, _global_reads,
+                       _vars, compiler_wrapper, helper_classes, hook_name)
 
 _MISSING = object()
 
@@ -78,9 +78,11 @@ class ModuleGuard:
         for path, m in named:
             d = _vars(m)
             self.children.append((path, d["_modules"], tuple(d["_modules"].values())))
-            self.sizes.append((path, d, len(d)))
+            wrapper = compiler_wrapper(m)   # (its state is the compiler's; its original, a child, is guarded)
+            if not wrapper:
+                self.sizes.append((path, d, len(d)))
             for name, v in d.items():
-                if name in _SKIP_ATTRS:
+                if name in _SKIP_ATTRS or wrapper:
                     continue
                 key, mutable = _describe(v)
                 self.entries.append((path, d, name, v, key, mutable))
@@ -107,7 +109,7 @@ class ModuleGuard:
         # everything the module classes (and their bases outside torch) define: a class constant, a method the
         # forward calls, replaced on the class after the trace
         owners = list(dict.fromkeys([k for c in classes for k in c.__mro__
-                                     if not str(k.__module__).startswith(("torch", "builtins"))]
+                                     if not str(k.__module__).startswith(("torch", "builtins", WRAPPER_MODULE))]
                                     + helper_classes(module)))
         self.class_sizes = [(k, len(vars(k))) for k in owners]
         self.class_entries = [(k, n, v) for k in owners for n, v in vars(k).items()

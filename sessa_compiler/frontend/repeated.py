@@ -180,12 +180,25 @@ def _functions_in(v) -> list:
     return []
 
 
+# The compiled module's own class (sc.compile of a submodule, inside a module compiled again): its state (the
+# trace it holds, its lock, its statistics) and its code are the compiler's, not what the outer trace ran; its
+# original is its child ``_orig_mod``, guarded as any module. Guarding them made every call of the outer module
+# after the inner one's first trace again (the inner '_traced' and a global of sessa_compiler.api changed).
+WRAPPER_MODULE = "sessa_compiler.api"
+
+
+def compiler_wrapper(m) -> bool:
+    return type(m).__module__ == WRAPPER_MODULE
+
+
 def helper_classes(module: torch.nn.Module) -> list:
     """The classes of the plain objects the module and its submodules hold (not modules, tensors, functions or
     builtin values: a scaling helper, a config object), outside torch and the standard library: their methods run
     in forward as the module's do, and their class attributes are read as its are."""
     out = {}
     for m in module.modules():
+        if compiler_wrapper(m):
+            continue
         for v in _vars(m).values():
             # a class held itself (self.cfg = CFG, a settings class whose attributes come from the environment)
             k = v if isinstance(v, type) and not issubclass(v, (torch.nn.Module, torch.Tensor)) else type(v)
@@ -209,7 +222,7 @@ def _global_reads(module: torch.nn.Module, skip_hooks=(), names: set | None = No
     funcs = [f for k in helper_classes(module) for v in vars(k).values() for f in _functions_in(v)]
     for path, m in module.named_modules():
         for klass in type(m).__mro__:
-            if klass.__module__.startswith("torch"):
+            if klass.__module__.startswith("torch") or klass.__module__ == WRAPPER_MODULE:
                 continue
             funcs.extend(f for v in vars(klass).values() for f in _functions_in(v)
                          if not getattr(f, "_sessa_reads", False))
