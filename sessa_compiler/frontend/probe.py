@@ -165,6 +165,12 @@ def _passes_gradient(v: Value, nodes: list) -> bool:
     return False
 
 
+def probe_param(p: torch.Tensor) -> torch.Tensor:
+    """A parameter as a probe's region reads it where it passes a gradient (_params64): what a proposal that keeps
+    the parameter as an operand of its op (a causal conv's weights) must read too."""
+    return _moved(p) if p.requires_grad else p.detach().to(torch.float64)
+
+
 def _moved(p: torch.Tensor) -> torch.Tensor:
     """A parameter as the probes read it: float64; a trainable one moved off its values (noise of 10% of its mean
     magnitude, at least 0.02; the same draw for the same data). A proposal may build a frozen value in (a

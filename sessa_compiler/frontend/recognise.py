@@ -27,7 +27,7 @@ from ..ir.ops import COMPUTE, CORE, ELEMENTWISE, OPS
 from ..ir.types import DType, TensorType, dims_equal, sym
 from ..ir.verify import verify_graph
 from .probe import (KEYMASK_BATCH, PROBE_BATCH, PROBE_IMPLS, PROBE_LENGTHS, ProbeStats, Step, apply_steps, probe,
-                    probe_memo)
+                    probe_memo, probe_param)
 
 WALK_LAYOUT = {"reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "repeat_interleave"}
 B, T = sym("B"), sym("T")
@@ -1015,8 +1015,9 @@ def _fold_causal_conv(g: Graph, n, xs: Value, y: Value, ax_in: int, ax_out: int,
     C, K = w.type.shape[0], w.type.shape[2]
 
     def canonical(inp, binding):
-        wt = g.params[w.name].to(torch.float64)[:, 0, :]
-        bt = g.params[bias.name].to(torch.float64) if bias is not None else None
+        # (the op reads the weights as operands: as the probe's region reads them, a trainable one moved)
+        wt = probe_param(g.params[w.name])[:, 0, :]
+        bt = probe_param(g.params[bias.name]) if bias is not None else None
         src = inp[xs] if ax_in == 1 else inp[xs].transpose(1, 2)
         out = SEMANTICS["causal_conv1d"](src, wt, bt)
         return out if ax_out == 1 else out.transpose(1, 2)
