@@ -374,3 +374,33 @@ def test_a_trainable_parameter_is_not_built_into_a_recognised_op(trainable):
         m.zero_grad()
         m(x).square().mean().backward()
         assert torch.allclose(got, m.temperature.grad, rtol=1e-5, atol=1e-7)
+
+
+class FusedQKV(nn.Module):
+    """Plain attention from a fused projection (split, view, transpose), or with a rotation that is not RoPE
+    (each channel pair mixed with its mirror)."""
+
+    def __init__(self, mirror):
+        super().__init__()
+        self.mirror = mirror
+        self.qkv, self.o = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = (t.view(B, T, 2, 8).transpose(1, 2) for t in self.qkv(x).split(16, -1))
+        if self.mirror:
+            pos = torch.arange(T, dtype=x.dtype)[:, None]
+            q = q * torch.cos(pos * 0.3) + q.flip(-1) * torch.sin(pos * 0.3)
+            k = k * torch.cos(pos * 0.3) + k.flip(-1) * torch.sin(pos * 0.3)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(a.transpose(1, 2).reshape(B, T, D))
+
+
+@pytest.mark.parametrize("mirror", [False, True])
+def test_explain_names_a_transform_before_attention_only_where_there_is_one(mirror):
+    """explain() said "q and k are transformed before attention, but not by a rotary embedding" for every attention
+    whose q and k came through a split (GPT-BigCode, a plain fused-projection layer): there it says nothing."""
+    tr = trace_with_report(FusedQKV(mirror), (torch.randn(2, 9, 16),))
+    assert op_counts(tr.graph).get("attention", 0) == 1
+    said = [r for r in tr.report.rejected if r.startswith("rope around attention")]
+    assert bool(said) == mirror, tr.report.rejected

@@ -27,7 +27,7 @@ from ..ir.ops import COMPUTE, CORE, ELEMENTWISE, OPS
 from ..ir.types import DType, TensorType, dims_equal, sym
 from ..ir.verify import verify_graph
 from .probe import (KEYMASK_BATCH, PROBE_BATCH, PROBE_IMPLS, PROBE_LENGTHS, ProbeStats, Step, apply_steps, probe,
-                    probe_memo, probe_param)
+                    probe_memo, probe_param, region_nodes)
 
 WALK_LAYOUT = {"reshape", "permute", "transpose", "unsqueeze", "squeeze", "expand", "repeat_interleave"}
 B, T = sym("B"), sym("T")
@@ -1255,7 +1255,10 @@ def fold_rope(g: Graph, report: Report) -> int:
                     break
             if done:
                 break
-        if not done:
+        # (said only where arithmetic lies between q or k and the values they come from: a fused projection's
+        # split and reshapes before plain attention rotate nothing)
+        rotating = ("mul", "add", "sub", "neg", "complex_mul", "view_as_complex")
+        if not done and any(x.op in rotating for x in region_nodes(g, [q, k], set(cands_q + cands_k))):
             report.rejected.append(f"rope around attention %{n.output.name}: q and k are transformed before attention, "
                                    "but not by a rotary embedding at positions 0..T-1 (interleaved pairs, or half-split pairs (i, i + d/2)) "
                                    "with a frequency table it reads or computes; the transform "
