@@ -169,7 +169,32 @@ def test_serving_methods_follow_the_original():
             torch.zeros(1, 2, dtype=torch.long), 1)
 
 
-class LearnedPositions(nn.Module):
+class _OwnServing:
+    """Serving methods of the module's own (so that the compiled ones exist); never run: the compiled steps are
+    derived from forward."""
+
+    def init_cache(self, batch_size, device=None, dtype=None, max_len=None):
+        raise NotImplementedError
+
+    def prefill(self, ids, cache):
+        raise NotImplementedError
+
+    def decode_step(self, ids, cache):
+        raise NotImplementedError
+
+
+def _prefill_then_steps(c, ids, n_prefill: int, max_len: int):
+    """The compiled module's outputs at every position of ids: a prefill of n_prefill, then one step each."""
+    cache = c.init_cache(ids.shape[0], max_len=max_len)
+    y, cache = c.prefill(ids[:, :n_prefill], cache)
+    outs = [y]
+    for t in range(n_prefill, ids.shape[1]):
+        y_t, cache = c.decode_step(ids[:, t], cache)
+        outs.append(y_t[:, None])
+    return torch.cat(outs, 1)
+
+
+class LearnedPositions(_OwnServing, nn.Module):
     """minGPT's learned position table, initialised to zeros: position-wise at init, not once it is trained."""
 
     def __init__(self):
@@ -181,14 +206,6 @@ class LearnedPositions(nn.Module):
     def forward(self, ids):
         return self.head(self.emb(ids) + self.pos[:, :ids.shape[1]])
 
-    def init_cache(self, batch_size, device=None, dtype=None, max_len=None):
-        raise NotImplementedError
-
-    def prefill(self, ids, cache):
-        raise NotImplementedError
-
-    def decode_step(self, ids, cache):
-        raise NotImplementedError
 
 
 def test_a_zero_initialised_trainable_position_table_is_served_at_the_steps_positions():
@@ -202,21 +219,14 @@ def test_a_zero_initialised_trainable_position_table_is_served_at_the_steps_posi
         if values == "trained":
             with torch.no_grad():
                 m.pos.copy_(torch.randn(1, 32, 8, dtype=torch.float64))
-        full = m(ids)
-        cache = c.init_cache(2, max_len=12)
-        y, cache = c.prefill(ids[:, :3], cache)
-        outs = [y]
-        for t in range(3, 12):
-            y_t, cache = c.decode_step(ids[:, t], cache)
-            outs.append(y_t[:, None])
-        assert relative_error(torch.cat(outs, 1), full) <= TOL, values
+        assert relative_error(_prefill_then_steps(c, ids, 3, 12), m(ids)) <= TOL, values
     cache = c.init_cache(1)   # past the table (32 rows), where the module itself cannot run either
     _, cache = c.prefill(torch.randint(0, 20, (1, 32)), cache)
     with pytest.raises(CacheOverflowError, match="past the 32 positions"):
         c.decode_step(ids[:1, 0], cache)
 
 
-class LogNScaledLM(nn.Module):
+class LogNScaledLM(_OwnServing, nn.Module):
     """Qwen-1's log-n attention scaling: q times a table that is 1 up to the training length (8) and log_8(t)
     after it, sliced by position; and GPT-2's learned positions through ``wpe(arange(T))``."""
 
@@ -237,14 +247,6 @@ class LogNScaledLM(nn.Module):
                                                        is_causal=True)
         return self.out(x + a.transpose(1, 2).reshape(B, T, -1))
 
-    def init_cache(self, batch_size, device=None, dtype=None, max_len=None):
-        raise NotImplementedError
-
-    def prefill(self, ids, cache):
-        raise NotImplementedError
-
-    def decode_step(self, ids, cache):
-        raise NotImplementedError
 
 
 @pytest.mark.parametrize("backend", ["eager", "tvm"])
@@ -257,14 +259,7 @@ def test_tables_read_by_position_are_read_at_the_steps_positions(backend):
     m = LogNScaledLM().double().eval()
     c = sc.compile(m, backend=backend)
     ids = torch.randint(0, 30, (2, 20))
-    full = m(ids)
-    cache = c.init_cache(2, max_len=20)
-    y, cache = c.prefill(ids[:, :4], cache)
-    outs = [y]
-    for t in range(4, 20):
-        y_t, cache = c.decode_step(ids[:, t], cache)
-        outs.append(y_t[:, None])
-    assert relative_error(torch.cat(outs, 1), full) <= TOL
+    assert relative_error(_prefill_then_steps(c, ids, 4, 20), m(ids)) <= TOL
     if backend == "eager":
         with pytest.raises(UnsupportedError, match="reads by absolute position"):
             sc.export_onnx(m.float(), (torch.zeros(2, dtype=torch.long),), os.devnull, method="decode_step")
