@@ -116,11 +116,12 @@ def _params64(graph: Graph, targets=None, stop=()) -> dict:
     """The parameters as float64 (for the probes); with ``targets``, only those the region from ``stop`` to the
     targets reads (converting every weight of a large model for each probe costs seconds)."""
     if targets is None:
+        nodes = graph.nodes
         used = set(graph.param_values.values())
     else:
-        used = {x for n in region_nodes(graph, targets, set(stop)) for x in n.value_inputs if x.kind == "param"}
+        nodes = region_nodes(graph, targets, set(stop))
+        used = {x for n in nodes for x in n.value_inputs if x.kind == "param"}
         used |= {t for t in targets if isinstance(t, Value) and t.kind == "param"}
-    nodes = region_nodes(graph, targets, set(stop)) if targets is not None else graph.nodes
     out = {}
     for name, v in graph.param_values.items():
         if v in used:

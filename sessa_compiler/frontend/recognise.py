@@ -1257,7 +1257,7 @@ def fold_rope(g: Graph, report: Report) -> int:
                 break
         # (said only where arithmetic lies between q or k and the values they come from: a fused projection's
         # split and reshapes before plain attention rotate nothing)
-        rotating = ("mul", "add", "sub", "neg", "complex_mul", "view_as_complex")
+        rotating = ("mul", "add", "sub", "neg", "fallback")   # (complex RoPE runs as fallback ops)
         if not done and any(x.op in rotating for x in region_nodes(g, [q, k], set(cands_q + cands_k))):
             report.rejected.append(f"rope around attention %{n.output.name}: q and k are transformed before attention, "
                                    "but not by a rotary embedding at positions 0..T-1 (interleaved pairs, or half-split pairs (i, i + d/2)) "
