@@ -550,6 +550,7 @@ def _backward_hook(name: str) -> bool:
 # __setattr__)
 _SWAPPER = "torch.nn.utils._named_member_accessor"
 
+
 class CompiledModule(torch.nn.Module):
     """A compiled module: same call signature and outputs as the original.
 

@@ -785,12 +785,6 @@ class ServingProgram:
                 plan.append((False, fn, operands, {}, [m.outputs[0] for m in members], node, (), _taker(operands)))
                 continue
             operands = [x if isinstance(x, Value) else resolve(x, binding) for x in node.inputs]
-            if node in self.position_reads:
-                attrs = {**resolve(node.attrs, binding), "name": node.outputs[0].name}
-                if node.op == "arange":
-                    attrs["device"] = device
-                plan.append((True, POSITION_STEPS[node.op], operands, attrs, node.outputs, node, (), _taker(operands)))
-                continue
             if node.op in STEPS:
                 specs = tuple((role, spec.key) for role, spec in self.states.get(node, {}).items())
                 attrs = dict(node.attrs)
@@ -809,6 +803,10 @@ class ServingProgram:
             attrs = resolve(node.attrs, binding)
             if node.op in FACTORIES or node.op == "fallback":
                 attrs["device"] = device
+            if node in self.position_reads:   # (its step takes the position: t0)
+                plan.append((True, POSITION_STEPS[node.op], operands, {**attrs, "name": node.outputs[0].name},
+                             node.outputs, node, (), _taker(operands)))
+                continue
             plan.append((False, fn, operands, attrs, node.outputs, node, (), _taker(operands)))
         if len(self._plans) < 64:
             self._plans[key] = plan
@@ -1192,19 +1190,24 @@ class Serving:
             cache["_graph"] = id(prog.graph)
         return cache
 
+    def _decoders_own(self, methods) -> list:
+        """Which of ``methods`` a Decoder subclass defines itself (the original is a Decoder; else [])."""
+        from .models.decoder import Decoder
+
+        if not isinstance(self.original, Decoder):
+            return []
+        return [m for m in methods if getattr(type(self.original), m, None) is not getattr(Decoder, m)]
+
     def _not_overridden(self, what: str) -> None:
         """The compiled prefill/decode_step are Decoder's (the forward on the new positions). A Decoder subclass
         that defines its own (a banned token, a temperature, other outputs) would get Decoder's from them: refused.
         (Other modules' own methods are not read at all: the steps are derived from their forward, as documented.)"""
-        from .models.decoder import Decoder
-
-        if isinstance(self.original, Decoder):
-            own = [m for m in ("prefill", "decode_step") if getattr(type(self.original), m, None) is not getattr(Decoder, m)]
-            if own:
-                name = type(self.original).__name__
-                raise UnsupportedError(f"{what}: the compiled prefill/decode_step are Decoder's (the forward on the new "
-                                       f"positions), and {name}.{own[0]} is its own: not compiled. Run "
-                                       f"compiled.original.{what}(...) (uncompiled), or decode over compiled(...)")
+        own = self._decoders_own(("prefill", "decode_step"))
+        if own:
+            name = type(self.original).__name__
+            raise UnsupportedError(f"{what}: the compiled prefill/decode_step are Decoder's (the forward on the new "
+                                   f"positions), and {name}.{own[0]} is its own: not compiled. Run "
+                                   f"compiled.original.{what}(...) (uncompiled), or decode over compiled(...)")
 
     def _keywords(self, what: str, kwargs: dict) -> dict:
         """Tensor keyword arguments of the forward (an attention_mask); anything else is refused."""
@@ -1343,8 +1346,7 @@ class Serving:
 
         # a Decoder subclass with its own generate decodes its own way; with its own prefill, decode_step or
         # init_cache, Decoder.generate runs those (a banned token, a temperature), which the compiled steps do not
-        own = [m for m in ("generate", "prefill", "decode_step", "init_cache")
-               if getattr(type(self.original), m, None) is not getattr(Decoder, m)]
+        own = self._decoders_own(("generate", "prefill", "decode_step", "init_cache"))
         if not isinstance(self.original, Decoder) or own:
             name = type(self.original).__name__
             method = f"{name}.{own[0]}" if isinstance(self.original, Decoder) else f"{name}.generate"

@@ -48,8 +48,8 @@ def serving_example(example_inputs, method: str, what: str):
         if tuple(m.shape) not in want:
             raise InputError(f"{what}(method={method!r}): a step export takes x, then only key-padding masks "
                              f"(attention_mask, shape {' or '.join(map(str, want))} beside x of shape {tuple(x.shape)}); "
-                             f"input {i} "
-                             f"has shape {tuple(m.shape)}: a step export of a module with other inputs is not supported")
+                             f"input {i} has shape {tuple(m.shape)}: a step export of a module with other inputs is "
+                             "not supported")
     squeeze = method == "decode_step" and not (x.dim() >= 2 and x.shape[1] == 1)
     return x, masks, given, squeeze
 

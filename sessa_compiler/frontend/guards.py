@@ -26,8 +26,8 @@ import types
 import torch
 from torch.nn.modules import module as _nn_module
 
-from .repeated import (GLOBAL_HOOKS_WHERE, WRAPPER_MODULE, _HOOKS, _SKIP_ATTRS, _Opaque, _attr_key, _global_reads,
-                       _vars, compiler_wrapper, helper_classes, hook_name)
+from .repeated import (GLOBAL_HOOKS_WHERE, _HOOKS, _SKIP_ATTRS, _Opaque, _attr_key, _global_reads, _vars,
+                       compiler_wrapper, helper_classes, hook_name, others_code)
 
 _MISSING = object()
 
@@ -108,8 +108,7 @@ class ModuleGuard:
         self.classes = [(k, getattr(k, "forward", None)) for k in classes]
         # everything the module classes (and their bases outside torch) define: a class constant, a method the
         # forward calls, replaced on the class after the trace
-        owners = list(dict.fromkeys([k for c in classes for k in c.__mro__
-                                     if not str(k.__module__).startswith(("torch", "builtins", WRAPPER_MODULE))]
+        owners = list(dict.fromkeys([k for c in classes for k in c.__mro__ if not others_code(k)]
                                     + helper_classes(module)))
         self.class_sizes = [(k, len(vars(k))) for k in owners]
         self.class_entries = [(k, n, v) for k in owners for n, v in vars(k).items()

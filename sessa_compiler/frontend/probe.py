@@ -112,14 +112,15 @@ PROBE_IMPLS["cast"] = _wide_cast
 _STEP_IMPLS = {"cast": _wide_cast}   # a proposal's adapter steps, evaluated the same way
 
 
-def _params64(graph: Graph, targets=None, stop=()) -> dict:
+def _params64(graph: Graph, targets=None, stop=(), nodes=None) -> dict:
     """The parameters as float64 (for the probes); with ``targets``, only those the region from ``stop`` to the
-    targets reads (converting every weight of a large model for each probe costs seconds)."""
+    targets reads (converting every weight of a large model for each probe costs seconds); ``nodes``: that region
+    where the caller has it."""
     if targets is None:
         nodes = graph.nodes
         used = set(graph.param_values.values())
     else:
-        nodes = region_nodes(graph, targets, set(stop))
+        nodes = region_nodes(graph, targets, set(stop)) if nodes is None else nodes
         used = {x for n in nodes for x in n.value_inputs if x.kind == "param"}
         used |= {t for t in targets if isinstance(t, Value) and t.kind == "param"}
     out = {}
@@ -402,7 +403,7 @@ def _probe(graph: Graph, sources: dict, output: Value, canonical, tol: float, le
         # the module stops gradients inside the region (k.detach(), a no_grad block): a core op in its place
         # would compute the same values but pass gradients where the module does not
         return None
-    params = _params64(graph, [output], sources)
+    params = _params64(graph, [output], sources, region)
     passes = [(T, 1.0) for T in lengths] + [(T, 1.0) for T in _threshold_lengths(region, lengths)] \
         + ([(lengths[min(2, len(lengths) - 1)], LARGE_SCALE)] if large else [])
     for T, amp in passes:

@@ -191,6 +191,11 @@ def compiler_wrapper(m) -> bool:
     return type(m).__module__ == WRAPPER_MODULE
 
 
+def others_code(klass) -> bool:
+    """A class whose code and attributes are not the user's: torch's, Python's builtins, the compiled module's."""
+    return str(klass.__module__).startswith(("torch", "builtins")) or klass.__module__ == WRAPPER_MODULE
+
+
 def helper_classes(module: torch.nn.Module) -> list:
     """The classes of the plain objects the module and its submodules hold (not modules, tensors, functions or
     builtin values: a scaling helper, a config object), outside torch and the standard library: their methods run
@@ -222,7 +227,7 @@ def _global_reads(module: torch.nn.Module, skip_hooks=(), names: set | None = No
     funcs = [f for k in helper_classes(module) for v in vars(k).values() for f in _functions_in(v)]
     for path, m in module.named_modules():
         for klass in type(m).__mro__:
-            if klass.__module__.startswith("torch") or klass.__module__ == WRAPPER_MODULE:
+            if others_code(klass):
                 continue
             funcs.extend(f for v in vars(klass).values() for f in _functions_in(v)
                          if not getattr(f, "_sessa_reads", False))
