@@ -874,9 +874,11 @@ class ServingProgram:
         threads = torch.get_num_threads() if (self.decode_kernels is not None and ONE_TORCH_THREAD_IN_KERNEL_STEPS
                                               and device.type == "cpu" and n == 1
                                               and batch <= self.decode_kernels.rows) else 1
+        own = 0
         try:
             if threads > 1:
                 torch.set_num_threads(1)
+                own = self.decode_kernels.own_threads(threads)   # the kernels' parallel loops keep torch's count
             with torch.no_grad():
                 for stateful, fn, operands, attrs, outputs, node, specs, take in self._plan(binding, device):
                     if take is None:
@@ -908,6 +910,7 @@ class ServingProgram:
         finally:
             if threads > 1:
                 torch.set_num_threads(threads)
+                self.decode_kernels.own_threads(own)
         cache["t"] = t0 + n
         if pos is not None:   # advanced on the device, as a replayed graph does
             pos.add_(n)

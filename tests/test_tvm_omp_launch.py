@@ -70,6 +70,59 @@ def _check_launcher():
     assert rc == -1 and sorted(t for t, _, _ in seen) == [0, 1, 2, 3]
 
 
+@pytest.mark.skipif(not APPLIES, reason="torch without OpenMP, or no C compiler")
+def test_a_threads_own_count_overrides_torchs_for_the_kernels_only():
+    """own_threads(n): this thread's launches run on n threads whatever torch's count is (a serving step keeps
+    torch's small ops on one thread and its kernels on the count torch had); 0 restores torch's count; another
+    thread keeps its own setting."""
+    before = torch.get_num_threads()
+    n = configure_threads()
+    try:
+        torch.set_num_threads(1)
+        assert omp_launch.own_threads(n) == 0
+        assert sorted(t for t, _, _ in _launch(0)[0]) == list(range(n))
+        assert omp_launch.last_threads() == n
+        other = []
+        t = threading.Thread(target=lambda: other.append((omp_launch.own_threads(0), omp_launch.last_threads())))
+        t.start()
+        t.join()
+        assert other == [(0, 0)]   # the setting and the record are this thread's
+        assert omp_launch.own_threads(0) == n
+        assert [t for t, _, _ in _launch(0)[0]] == [0]
+        assert omp_launch.last_threads() == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        omp_launch.own_threads(0)
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(not APPLIES or configure_threads() < 2, reason="torch without OpenMP, no C compiler, one core")
+def test_a_decode_steps_parallel_cache_reads_run_on_torchs_thread_count(monkeypatch):
+    """A one-position step on the TVM decode kernels sets torch to one thread for its small ops; its parallel
+    cache reads still run on torch's count (they ran on one thread: 6.99 against 4.45 ms per step at context
+    8192, SessaLayer(512, n_heads=8) on the 2-core VM), and the setting is restored after the step."""
+    from sessa_compiler.backends.tvm import decode as tvm_decode
+
+    monkeypatch.setattr(tvm_decode, "SERIAL_BYTES", -1)   # every cache read parallel, at a small context
+    torch.manual_seed(0)
+    layer = SessaLayer(64, n_heads=2).eval()
+    compiled = sc.compile(layer, backend="tvm")
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        cache = compiled.init_cache(1, max_len=40)
+        x = torch.randn(1, 40, 64)
+        with torch.no_grad():
+            compiled.prefill(x[:, :30], cache)
+            outs = [compiled.decode_step(x[:, t], cache)[0] for t in range(30, 33)]
+            assert omp_launch.last_threads() == 2   # the step's last parallel launch: the feedback's cache read
+            assert torch.get_num_threads() == 2 and omp_launch.own_threads(0) == 0
+            full = layer(x[:, :33])
+        torch.testing.assert_close(torch.stack(outs, 1), full[:, 30:33], rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
 def _slot(path):
     handle = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
     return ctypes.c_void_p.in_dll(handle, "__TVMBackendParallelLaunch")

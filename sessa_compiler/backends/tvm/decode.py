@@ -21,15 +21,19 @@ CACHE_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 BLOCK = 16          # positions per online-softmax block
 ATT_TASKS = 16      # attention: about this many parallel tasks (kv heads x chunks) per batch row
 FB_CHUNKS = 16      # feedback: chunks of cached positions per batch row
-# The step's matrix-vector kernels run on the calling thread: a parallel launch wakes TVM's sleeping worker
-# (TVM_THREAD_POOL_SPIN_COUNT=0, target.py), which cost more than the second core saves on a few MB of weights
-# (SessaLayer(512) step at context 1024 on the 2-core VM: 4.33 ms with parallel ones, 1.60 ms serial).
+# The step's matrix-vector kernels, and cache reads of at most SERIAL_BYTES, run on the calling thread. Their
+# parallel loops would run on torch's OpenMP workers (omp_launch.py), which spin for a while after each region, so
+# on a quiet machine a launch is cheap; but when the other core is busy, every launch waits for the worker's time
+# slice. SessaLayer(512, n_heads=8) step at context 1024 (about 4 KB per cached position for the attention and as
+# much for the feedback), 2-core VM, 2026-12-07, medians: serial 1.29 ms, parallel reads 1.12, parallel reads and
+# linears 1.07 on a quiet machine; with one core kept busy, 1.90 serial against 5.16 and 5.73 ms. So a step goes
+# parallel only where its reads are large enough to repay a lost time slice (context 8192: 4.45 ms against 6.99
+# on one thread, quiet). (Before omp_launch, TVM's own pool's sleeping worker made parallel GEMVs 4.33 against
+# 1.60 ms serial.)
 LINEAR_PARALLEL = False
 LINEAR_ROWS = 16    # linear layers with at most this many rows (batch x new positions) run as TVM GEMVs
 # A cache read of at most this many bytes runs on the calling thread: one thread reads about 70 GB/s from this
-# VM's cache, so 6 MB take about 90 us there, while a parallel launch wakes TVM's sleeping worker (tens of us on
-# an idle machine, up to a scheduler time slice when the other core is busy). SessaLayer(512, n_heads=8): the
-# attention and the feedback each read 4 KB per cached position, so contexts up to about 1.5K stay serial.
+# VM's cache, so 6 MB take about 90 us there. SessaLayer(512, n_heads=8): contexts up to about 1.5K stay serial.
 SERIAL_BYTES = 6 << 20
 
 _BUILT: dict = {}
@@ -68,7 +72,7 @@ class DecodeKernels:
         self.lanes = lanes_for(self.target)
         self.rows = LINEAR_ROWS  # steps with at most this many rows (batch x positions) run their linears here
         self.calls = 0          # attention and feedback kernel calls
-        self.parallel_calls = 0  # of those, the ones run over TVM's thread pool (reads over SERIAL_BYTES)
+        self.parallel_calls = 0  # of those, the ones with a parallel loop (reads over SERIAL_BYTES)
         self.linear_calls = 0
         self._work: dict = {}
         self._fns: dict = {}
@@ -91,6 +95,15 @@ class DecodeKernels:
                                             target=self.target))
             fn = self._fns[key] = built[1]
         return fn
+
+    @staticmethod
+    def own_threads(n: int) -> int:
+        """The kernels' parallel loops called from this thread run on ``n`` threads whatever torch's count is (0:
+        torch's count); -> the previous setting. A serving step sets torch to one thread for its small ops and
+        this to the count it had (omp_launch.own_threads; nothing where TVM's own pool runs the loops)."""
+        from .omp_launch import own_threads
+
+        return own_threads(n)
 
     def _no_mask(self, batch: int) -> torch.Tensor:
         """The unread mask argument of an unmasked attention step: uint8 [B, 1]."""

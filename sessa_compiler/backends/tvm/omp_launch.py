@@ -49,17 +49,25 @@ typedef int (*FTVMParallelLambda)(int task_id, TVMParallelGroupEnv* penv, void* 
 
 static int sessa_threads = 0;   /* at most this many tasks when the caller passes 0 (0: no cap) */
 static pid_t sessa_pid = 0;     /* the process that set it: a forked child's OpenMP pool is not usable */
+static __thread int sessa_own = 0;   /* this thread's count for the kernels while torch runs on fewer (0: torch's) */
+static __thread int sessa_last = 0;  /* threads that ran this thread's last launch */
 
 void sessa_set_threads(int n) { sessa_threads = n; sessa_pid = getpid(); }
 
+/* A serving step keeps torch's own small ops on one thread (torch.set_num_threads(1)) and its kernels on n. */
+int sessa_set_own_threads(int n) { int old = sessa_own; sessa_own = n; return old; }
+int sessa_last_threads(void) { return sessa_last; }
+
 int sessa_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task) {
-  /* 0: torch's thread count in this thread (torch.set_num_threads sets the OpenMP one), at most sessa_threads */
-  int cap = omp_get_max_threads();
+  /* 0: torch's thread count in this thread (torch.set_num_threads sets the OpenMP one), or this thread's own
+     count where one is set, at most sessa_threads */
+  int cap = sessa_own > 0 ? sessa_own : omp_get_max_threads();
   if (sessa_threads > 0 && sessa_threads < cap) cap = sessa_threads;
   int total = num_task > 0 ? num_task : cap;
   int failed = 0;
   if (total <= 1 || omp_in_parallel() || getpid() != sessa_pid) {   /* nested, or after fork(): in order, here */
     TVMParallelGroupEnv env = {0, total < 1 ? 1 : total};
+    sessa_last = 1;
     for (int t = 0; t < env.num_task; ++t)
       if (flambda(t, &env, cdata) != 0) failed = 1;
     return failed ? -1 : 0;
@@ -68,6 +76,7 @@ int sessa_parallel_launch(FTVMParallelLambda flambda, void* cdata, int num_task)
   {
     TVMParallelGroupEnv env = {0, total};
     int nt = omp_get_num_threads();
+    if (omp_get_thread_num() == 0) sessa_last = nt;   /* the calling thread is the team's thread 0 */
     for (int t = omp_get_thread_num(); t < total; t += nt)   /* every task once, however many threads came */
       if (flambda(t, &env, cdata) != 0) {
         #pragma omp atomic write
@@ -184,6 +193,9 @@ def _load() -> tuple:
     lib.sessa_set_threads(configure_threads())
     lib.sessa_parallel_launch.argtypes = [LAUNCH, ctypes.c_void_p, ctypes.c_int]
     lib.sessa_parallel_launch.restype = ctypes.c_int
+    lib.sessa_set_own_threads.argtypes = [ctypes.c_int]
+    lib.sessa_set_own_threads.restype = ctypes.c_int
+    lib.sessa_last_threads.restype = ctypes.c_int
     return lib, ""
 
 
@@ -193,6 +205,21 @@ def launcher():
         if "lib" not in _STATE:
             _STATE["lib"], _STATE["why"] = _load()
         return _STATE["lib"]
+
+
+def own_threads(n: int) -> int:
+    """Run the adopted kernels' parallel loops called from this thread on ``n`` threads (0: torch's count, the
+    default) whatever torch's count is; -> the previous setting, to restore. A no-op (0) where TVM's pool runs
+    them."""
+    lib = launcher()
+    return lib.sessa_set_own_threads(n) if lib is not None else 0
+
+
+def last_threads() -> int:
+    """How many threads ran the last parallel loop launched from this thread on torch's OpenMP threads (0: none
+    yet, or TVM's pool runs them)."""
+    lib = launcher()
+    return lib.sessa_last_threads() if lib is not None else 0
 
 
 def _symbol(handle, name: str):
