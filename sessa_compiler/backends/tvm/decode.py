@@ -12,6 +12,7 @@ import threading
 import torch
 
 from .backend import ALIGN, aligned_empty
+from . import omp_launch
 from .build import lanes_for
 from .kernels.decode import (MAX_FUSED, attention_decode_kernel, feedback_decode_kernel, linear_decode_kernel,
                              linears_decode_kernel)
@@ -101,9 +102,7 @@ class DecodeKernels:
         """The kernels' parallel loops called from this thread run on ``n`` threads whatever torch's count is (0:
         torch's count); -> the previous setting. A serving step sets torch to one thread for its small ops and
         this to the count it had (omp_launch.own_threads; nothing where TVM's own pool runs the loops)."""
-        from .omp_launch import own_threads
-
-        return own_threads(n)
+        return omp_launch.own_threads(n)
 
     def _no_mask(self, batch: int) -> torch.Tensor:
         """The unread mask argument of an unmasked attention step: uint8 [B, 1]."""
