@@ -684,6 +684,20 @@ class CompiledModule(torch.nn.Module):
             traced = self._cached_trace(args, kwargs)
         if accept is not None and not accept(traced):
             raise _NotAccepted
+        before = (self._traced, self._live, self._runner)
+        try:
+            self._prepare_traced(traced, args, kwargs)
+        except BaseException:   # the module stays as it was (its earlier graphs serve it), not half set up
+            self._traced, self._live, self._runner = before
+            raise
+        if "torch._dynamo" in sys.modules:   # torch.export loaded it (a cold trace): make torch.compile's wrapper now
+            _dynamo_call()                   # (a trace from the compile cache does not import dynamo: ~1 s)
+        else:
+            _DYNAMO_WANTED.append(True)
+        self.trace_seconds = time.perf_counter() - start
+
+    def _prepare_traced(self, traced, args: tuple, kwargs: dict | None) -> None:
+        """Make ``traced`` the current graph: its live tensors, the backend's runner, a new variant."""
         self._traced = traced
         args = tuple(self._traced.tensor_inputs(args, kwargs or {}))  # the graph's inputs
         graph = self._traced.graph
@@ -705,11 +719,6 @@ class CompiledModule(torch.nn.Module):
         self._fresh.add(id(self._runner))
         self._backend.resolve(list(args))  # auto: say now which backend the example inputs pick
         self._variants.append((self._traced, self._runner, self._live, _modes(self._orig_mod)))
-        if "torch._dynamo" in sys.modules:   # torch.export loaded it (a cold trace): make torch.compile's wrapper now
-            _dynamo_call()                   # (a trace from the compile cache does not import dynamo: ~1 s)
-        else:
-            _DYNAMO_WANTED.append(True)
-        self.trace_seconds = time.perf_counter() - start
 
     def _cached_trace(self, args: tuple, kwargs: dict | None) -> Traced:
         traced, self.trace_cache, self.trace_cache_why = cached_trace(self._orig_mod, args, kwargs, stacklevel=7)

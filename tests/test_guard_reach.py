@@ -229,3 +229,98 @@ def test_a_forward_that_asks_the_grad_mode_or_requires_grad_traces_per_answer(on
         got, want = c(x), m(x)
     _close(got, want)
     assert len(c.retraces) == 1, c.retraces
+
+
+class _OutHead(nn.Module):
+    """Reads its submodule ``self.out``: the name ``out`` is among its code's names, but not a global it reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.out(self.hidden(x).relu()) + BIAS[0]
+
+
+out = None                  # a script's global named like _OutHead's attribute, rebound by the loop below
+BIAS = [torch.zeros(8)]     # a global _OutHead reads (an inference tensor in the second test)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_global_named_like_an_attribute_is_not_read_by_it(backend):
+    """``self.out`` does not read the global ``out``: a training loop rebinding ``out = compiled(x)`` every step
+    retraced every call (then ran uncompiled past max_traces), and a global ``out`` holding an inference tensor
+    made the first call raise and the module unusable after it."""
+    global out
+    torch.manual_seed(0)
+    model = _OutHead()
+    compiled = sc.compile(model, backend=backend)
+    x = torch.randn(2, 5, 8)
+    with torch.inference_mode():
+        out = model(x)   # an inference tensor: no version counter
+    opt = torch.optim.SGD(compiled.parameters(), lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # a retrace would warn
+        for _ in range(4):
+            out = compiled(x)
+            loss = out.pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert compiled.retraces == [] and compiled.uncompiled_calls == 0
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_global_inference_tensor_the_forward_reads_is_compared_by_content(backend):
+    torch.manual_seed(0)
+    model = _OutHead()
+    compiled = sc.compile(model, backend=backend)
+    x = torch.randn(2, 5, 8)
+    with torch.inference_mode():
+        BIAS[0] = torch.zeros(8)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x))
+            with torch.inference_mode():
+                BIAS[0].add_(1.0)   # in place, where no version counter counts it
+            torch.testing.assert_close(compiled(x), model(x))   # (a stale graph: 1.0 off)
+    finally:
+        BIAS[0] = torch.zeros(8)
+
+
+def test_a_trace_whose_preparation_fails_leaves_the_earlier_graph_serving(monkeypatch):
+    """A failure after a new trace (preparing its runner) raises, and the module keeps serving the sizes its
+    earlier graph fits; it used to be left half set up (every later call: a bare StopIteration)."""
+    torch.manual_seed(0)
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.l(x) * (2.0 if x.shape[1] > 6 else 1.0)
+
+    model = Branchy()
+    compiled = sc.compile(model, backend="eager")
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+        backend = compiled._backend
+
+        def broken(*a, **k):
+            raise RuntimeError("preparation failed")
+
+        monkeypatch.setattr(backend, "prepare", broken)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with pytest.raises(RuntimeError, match="preparation failed"):
+                compiled(torch.randn(2, 9, 8))   # another path: a new trace
+        monkeypatch.undo()
+        torch.testing.assert_close(compiled(x), model(x))   # the first graph still serves T = 5
+        y = torch.randn(2, 9, 8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.testing.assert_close(compiled(y), model(y))

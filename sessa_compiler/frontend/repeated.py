@@ -29,6 +29,7 @@ How (frontend/trace.py drives it, through ``Plan``):
 from __future__ import annotations
 
 import argparse
+import dis
 import functools
 import hashlib
 import itertools
@@ -77,7 +78,7 @@ def _attr_key(x, depth: int = 0, by_content: bool = True):
     if isinstance(x, torch.Tensor):   # a plain tensor attribute: export keeps it real, so its values count
         if x.device.type == "meta" or isinstance(x, FakeTensor):
             raise _Opaque
-        if not by_content:
+        if not by_content and not x.is_inference():   # (an inference tensor has no version counter: by content)
             return ("tensor", id(x), x._version)
         if x.numel() > (1 << 22):
             raise _Opaque
@@ -265,7 +266,10 @@ def _global_reads(module: torch.nn.Module, skip_hooks=(), names: set | None = No
             for _ in range(3):   # F.scaled_dot_product_attention, torch.nn.functional.gelu): a helper rebound there
                 more = []
                 for d in spaces:
-                    for n in code_names.intersection(d):
+                    # in the function's globals, the names it loads as globals (co_names also holds the attributes
+                    # it reads: a script's global ``out`` is not read by ``self.out``); in a module reached through
+                    # them, the attribute names
+                    for n in (_loaded_globals(code) if d is g else code_names).intersection(d):
                         v = d[n]
                         if (id(d), n) not in reads or (d is g and reads[(id(d), n)][2]):
                             # (a namespace met as a module's attributes first and as a function's globals later
@@ -277,6 +281,12 @@ def _global_reads(module: torch.nn.Module, skip_hooks=(), names: set | None = No
                             more.append(v.__dict__)
                 spaces = list({id(d): d for d in more}.values())
     return list(reads.values())
+
+
+@functools.lru_cache(maxsize=8192)
+def _loaded_globals(code: types.CodeType) -> frozenset:
+    """The names ``code`` itself loads as globals (LOAD_GLOBAL; LOAD_NAME in a class body or at module level)."""
+    return frozenset(ins.argval for ins in dis.get_instructions(code) if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"))
 
 
 def _globals_key(reads: list):
