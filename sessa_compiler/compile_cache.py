@@ -559,6 +559,12 @@ def _torch_own(func, args, kwargs) -> bool:
     return all(_torchs(type(m)) for m in _get_current_dispatch_mode_stack())
 
 
+def _loaded_globals(code) -> frozenset:
+    from .frontend.repeated import loaded_globals
+
+    return loaded_globals(code)
+
+
 class _OffInTorch(torch.overrides.TorchFunctionMode):
     """While the recorder is on, turns its profile hook off for the length of each call of one of torch's own
     functions on plain arguments (``_torch_own``): inside, torch.export's tracing machinery (fake tensors,
@@ -711,7 +717,7 @@ class Recorder:
             self._libraries.setdefault(top, code.co_filename)
             return
         self._user[code] = (name, code.co_qualname, code.co_filename)
-        for n in code.co_names:
+        for n in _loaded_globals(code):   # (not every name in co_names: self.out does not read a global 'out')
             if n in g and (name, n) not in self._globals:
                 try:
                     self._globals[(name, n)] = global_fingerprint(g[n], self._sites)

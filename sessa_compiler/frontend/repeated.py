@@ -269,7 +269,7 @@ def _global_reads(module: torch.nn.Module, skip_hooks=(), names: set | None = No
                     # in the function's globals, the names it loads as globals (co_names also holds the attributes
                     # it reads: a script's global ``out`` is not read by ``self.out``); in a module reached through
                     # them, the attribute names
-                    for n in (_loaded_globals(code) if d is g else code_names).intersection(d):
+                    for n in (loaded_globals(code) if d is g else code_names).intersection(d):
                         v = d[n]
                         if (id(d), n) not in reads or (d is g and reads[(id(d), n)][2]):
                             # (a namespace met as a module's attributes first and as a function's globals later
@@ -284,7 +284,7 @@ def _global_reads(module: torch.nn.Module, skip_hooks=(), names: set | None = No
 
 
 @functools.lru_cache(maxsize=8192)
-def _loaded_globals(code: types.CodeType) -> frozenset:
+def loaded_globals(code: types.CodeType) -> frozenset:
     """The names ``code`` itself loads as globals (LOAD_GLOBAL; LOAD_NAME in a class body or at module level)."""
     return frozenset(ins.argval for ins in dis.get_instructions(code) if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"))
 
