@@ -407,3 +407,84 @@ def test_a_guard_undefined_at_the_call_sizes():
         warnings.simplefilter("ignore")
         got = c(ids, labels=ids)
     assert torch.isnan(got) and torch.isnan(m(ids, labels=ids))
+
+
+class _CentredPastOne(torch.nn.Module):
+    """Centres over time only where there is more than one position (a decode-aware layer)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if x.shape[1] > 1:
+            h = h - h.mean(1, keepdim=True)
+        return h
+
+
+class _BatchOnePath(torch.nn.Module):
+    """A batch-1 fast path that differs from the batched one."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.shape[0] == 1:
+            return self.lin(x[0])[None] * 2
+        return self.lin(x)
+
+
+class _EmptyMean(torch.nn.Module):
+    """A mean over time that is 0, not NaN, for an empty sequence."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x).sum(1) / max(x.shape[1], 1)
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+@pytest.mark.parametrize("make, first, then", [
+    (_CentredPastOne, (2, 1, 8), [(2, 1, 8), (2, 5, 8), (1, 1, 8), (3, 1, 8)]),   # traced at T = 1 itself
+    (_CentredPastOne, (2, 5, 8), [(1, 1, 8), (2, 1, 8), (2, 7, 8)]),
+    (_BatchOnePath, (1, 5, 8), [(1, 5, 8), (3, 5, 8), (1, 2, 8)]),
+    (_BatchOnePath, (2, 5, 8), [(1, 3, 8), (2, 1, 8)]),
+    (_EmptyMean, (2, 5, 8), [(2, 0, 8), (2, 3, 8), (1, 0, 8)]),
+])
+def test_branches_at_sizes_zero_and_one_are_guarded(backend, make, first, then):
+    """torch.export assumes every dynamic size is at least 2, and we trace on inputs grown to 2 there: a branch
+    on T > 1, B == 1 or max(T, 1) was decided for T, B >= 2 with no guard, and a call at 1 or 0 (even the first
+    call, traced on its grown copy) silently ran that path. Each symbol is now checked at 1 and 0 against the
+    module; calls below the size the graph holds from are traced at their own sizes."""
+    torch.manual_seed(0)
+    m = make()
+    c = sc.compile(m, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for shape in [first] + then:
+            x = torch.randn(*shape)
+            want, got = m(x), c(x)
+            assert got.shape == want.shape
+            assert not got.isnan().any()
+            assert relative_error(got, want) <= 1e-5, (shape, relative_error(got, want))
+            got.sum().backward()   # gradients on the path taken too
+            g = m.lin.weight.grad.clone()
+            m.zero_grad()
+            want.sum().backward()
+            assert relative_error(g, m.lin.weight.grad) <= 1e-5, shape
+            m.zero_grad()
+
+
+def test_a_module_with_no_branch_there_gets_no_size_guard_and_no_second_trace():
+    torch.manual_seed(0)
+    m = SessaLayer(32, n_heads=4, n_kv_heads=2)
+    c = sc.compile(m, backend="eager")
+    with torch.no_grad():
+        for shape in [(2, 1, 32), (1, 5, 32), (1, 1, 32), (3, 7, 32)]:
+            x = torch.randn(*shape)
+            assert relative_error(c(x), m(x)) <= 1e-5
+    assert c.retraces == [] and c._traced.guards == ()

@@ -1159,6 +1159,131 @@ def _needless(module, args, guard: Guard, graph: Graph) -> bool:
         relative_error(g, w) <= TOLERANCE.get(w.dtype, 0.0) for g, w in zip(got, want))
 
 
+def _symbol_dims(graph: Graph) -> dict:
+    """symbol -> the (graph input, dim) positions whose size it is."""
+    out: dict = {}
+    for i, v in enumerate(graph.inputs):
+        for d, s in enumerate(v.type.shape):
+            if isinstance(s, sympy.Symbol):
+                out.setdefault(s, []).append((i, d))
+    return out
+
+
+def _size_floors(module, args: tuple, kwargs: dict, graph: Graph, guards=()) -> dict:
+    """symbol -> the smallest size (0, 1 or 2) from which on the traced graph equals the module. torch.export
+    assumes every dynamic size is at least 2 (it specialises 0 and 1), and we trace on inputs grown to 2 there
+    (_grow): a branch on ``T > 1`` or ``B == 1``, or ``max(T, 1)``, is decided without a guard. So the module and
+    the graph are run at each symbol = 1 and = 0 (the call's own data cut to that size along the symbol's dims;
+    the same random seed for both): where they differ, calls below that size are traced on their own. A size
+    the trace's own ``guards`` already exclude (``T >= 5``) is not checked."""
+    leaves = tensor_leaves(args, kwargs)
+    if len(leaves) != len(graph.inputs):
+        return {}
+    floors = {}
+    where = _symbol_dims(graph)
+    for sym, dims in where.items():
+        floors[sym] = 0
+        # the other symbols' dims cut to at most _FLOOR_CHECK_OTHERS where the guards allow it (a long example:
+        # the check runs the module twice per symbol)
+        others = []
+        for other, odims in where.items():
+            n = min(leaves[i].shape[d] for i, d in odims)
+            if other is not sym and n > _FLOOR_CHECK_OTHERS and all(
+                    g.holds({other.name: _FLOOR_CHECK_OTHERS}) for g in guards):
+                others.append((odims, _FLOOR_CHECK_OTHERS))
+        for size in (1, 0):
+            if any(g.expr.free_symbols and {x.name for x in g.expr.free_symbols} == {sym.name}
+                   and not g.holds({sym.name: size}) for g in guards):
+                break   # excluded already
+            if not _agrees_at(module, args, kwargs, graph, others + [(dims, size)]):
+                floors[sym] = size + 1
+                break
+    return floors
+
+
+_FLOOR_CHECK_OTHERS = 16
+
+
+def _cut(leaves: list, cuts) -> list:
+    """The leaves with each of the dims of each (dims, size) of ``cuts`` cut to that size (zeros where the leaf is
+    shorter there)."""
+    out = list(leaves)
+    for dims, size in cuts:
+        for i, d in dims:
+            x = out[i]
+            out[i] = x.narrow(d, 0, size) if x.shape[d] >= size else \
+                x.new_zeros(x.shape[:d] + (size,) + x.shape[d + 1:])
+    return out
+
+
+def _agrees_at(module, args: tuple, kwargs: dict, graph: Graph, cuts) -> bool:
+    from ..semantics import run_graph
+    from ..tolerance import TOLERANCE, relative_error
+
+    leaves = _cut(tensor_leaves(args, kwargs), cuts)
+    a = tuple(leaves[:len(args)])
+    keyed = iter(leaves[len(args):])
+    kw = {k: next(keyed) for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)}
+    kw = {k: kw.get(k, v) for k, v in kwargs.items()}
+    want = got = None
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        try:
+            torch.manual_seed(1234)
+            want = [x for x in pytree.tree_leaves(module(*a, **kw)) if isinstance(x, torch.Tensor)]
+        except Exception:  # noqa: BLE001 - the module refuses that size: the graph must not answer there
+            pass
+        try:
+            torch.manual_seed(1234)
+            got = run_graph(graph, leaves, graph.params)
+        except Exception:  # noqa: BLE001
+            pass
+    if want is None or got is None:
+        return want is None and got is None
+    return len(want) == len(got) and all(
+        tuple(g.shape) == tuple(w.shape) and relative_error(g, w) <= TOLERANCE.get(w.dtype, 0.0)
+        for g, w in zip(got, want))
+
+
+def _below_floor(args: tuple, kwargs: dict, graph: Graph, floors: dict) -> bool:
+    leaves = tensor_leaves(args, kwargs)
+    return any(leaves[i].shape[d] < floors.get(sym, 0) for sym, dims in _symbol_dims(graph).items()
+               for i, d in dims)
+
+
+def _at_own_sizes(module, args: tuple, kwargs: dict, graph: Graph, floors: dict) -> tuple:
+    """(args, kwargs, dynamic_shapes, {(input, dim): size}) for a trace where the dims of the symbols the call is
+    below the floor of are static at the call's sizes (the last item), and the other symbolic dims dynamic, their
+    examples grown to 2 (_grow)."""
+    leaves = tensor_leaves(args, kwargs)
+    below = {sym for sym, dims in _symbol_dims(graph).items()
+             if any(leaves[i].shape[d] < floors.get(sym, 0) for i, d in dims)}
+    dyn: dict = {}
+    static = {(i, d): int(leaves[i].shape[d]) for sym in below for i, d in _symbol_dims(graph)[sym]}
+    grown = [x.contiguous() for x in leaves]
+    for sym, dims in _symbol_dims(graph).items():
+        if sym in below:
+            continue
+        for i, d in dims:
+            x = grown[i]
+            if x.shape[d] < 2:
+                grown[i] = x.new_zeros(x.shape[:d] + (2,) + x.shape[d + 1:]) if x.shape[d] == 0 else \
+                    torch.cat([x, x], dim=d)
+            dyn.setdefault(i, {})[d] = Dim.AUTO
+    a = tuple(grown[:len(args)])
+    keyed = iter(range(len(args), len(leaves)))
+    index = {k: next(keyed) for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)}
+    kw = {k: grown[index[k]] if k in index else v for k, v in kwargs.items()}
+    if not kwargs:
+        return a, kw, tuple(dyn.get(i, {}) for i in range(len(a))), static
+    try:
+        bound = inspect.signature(module.forward).bind(*a, **kw).arguments
+    except TypeError as e:
+        raise TraceError(f"{type(module).__name__}.forward does not take these arguments: {e}") from e
+    where = {id(grown[i]): dyn.get(i, {}) for i in range(len(grown))}
+    return a, kw, {name: pytree.tree_map(lambda v: where.get(id(v), {}) if isinstance(v, torch.Tensor) else None,
+                                         value) for name, value in bound.items()}, static
+
+
 def _layout_sizes(graph: Graph) -> tuple | None:
     """The (batch, sequence) sizes the recognisers match layouts against: None (the symbols B and T) unless the
     first input of rank >= 2 has a static batch or sequence dim; that integer then (see recognise)."""
@@ -1249,6 +1374,27 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     guards = [g for g in guards if g.expr is not sympy.true]
     # checked on the graph as lowered, before recognisers rewrite it
     guards = [g for g in guards if g.origin != "assertion" or kwargs or not _needless(module, args, g, graph)]
+    floors = _size_floors(module, args, kwargs, graph, guards)
+    if _below_floor(args, kwargs, graph, floors):
+        # the call itself is at a size the grown trace does not hold at: traced again with those dims at the
+        # call's own sizes (static), the others grown and symbolic as before (their floors are checked again on
+        # that graph: the checks above ran at the call's sizes of the others, where the grown graph is wrong)
+        a, kw, dyn, static = _at_own_sizes(module, args, kwargs, graph, floors)
+        with EXPORT_LOCK:
+            ep = export_program(module, a, kw, dyn)
+            # the static dims lowered as their numbers, the others as before
+            lowerer = Lowerer(ep, {**_dim_names(tensor_leaves(a, kw)), **static}, name=type(module).__name__)
+            graph = lowerer.run()
+        guards = _range_guards(ep, lowerer.sym_map) + [Guard(_simplified(e), "assertion") for e in lowerer.assertions]
+        guards += [Guard(sympy.Eq(lowerer.sym_map[s], v), "float") for s, v in _findings("float_sizes")
+                   if isinstance(lowerer.sym_map.get(s), sympy.Symbol)]
+        guards = [g for g in guards if g.expr is not sympy.true]
+        floors = _size_floors(module, args, kwargs, graph, guards)
+    symbols = {s for v in graph.inputs for s in v.type.shape if isinstance(s, sympy.Symbol)}
+    # (over a plain integer symbol of the same name, which Guard.holds binds by name: our dim symbols are positive,
+    # so sympy takes T >= 1 over them for true, also when unpickled from the compile cache)
+    guards += [Guard(sympy.Ge(sympy.Symbol(sym.name, integer=True), lo), "size") for sym, lo in floors.items()
+               if lo and sym in symbols]
     stage("recognising")
     used = {v.name for n in graph.nodes for v in n.value_inputs if v.kind == "param"}
     read = {name: graph.params[name] for name in graph.param_values
