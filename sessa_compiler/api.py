@@ -916,6 +916,10 @@ class CompiledModule(torch.nn.Module):
             outs = list(outs)
             for i in copies[1]:
                 outs[i] = outs[i].clone()
+        if getattr(traced, "contiguous_outputs", ()):   # x.contiguous(): a copy exactly where the module makes one
+            outs = list(outs)
+            for i in traced.contiguous_outputs:
+                outs[i] = outs[i].contiguous()
         if getattr(traced, "zero_grads", ()) and torch.is_grad_enabled():
             outs = _with_zero_grads(self._orig_mod, traced.zero_grads, outs)
         result = traced.unflatten(outs)

@@ -47,11 +47,11 @@ from .persistent_cache import (cache_dir, make_private_dir, object_fields, packa
                                trusted)
 from .persistent_cache import compile_cache_enabled as enabled  # noqa: F401  (compile_cache.enabled())
 
-ENTRY_FORMAT = 9   # 3: Traced.assumed (tensors a recognised op was built from); 4: the graph's source lines;
+ENTRY_FORMAT = 10  # 3: Traced.assumed (tensors a recognised op was built from); 4: the graph's source lines;
 #                    5: the digests of the module's buffers the graph reads (what recognisers decided from);
 #                    6: detach nodes (no-gradient regions) and Traced.custom_backward;
 #                    7: the files and directories the forward read (manifest "data"); 8: Traced.hook_effects;
-#                    9: Traced.zero_grads
+#                    9: Traced.zero_grads; 10: Traced.contiguous_outputs, size guards at 0 and 1
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 # code from these top-level packages is keyed by their versions / this package's hash, not recorded
 _KEYED_ELSEWHERE = frozenset(sys.stdlib_module_names) | {"torch", "torchgen", "functorch", "sessa_compiler",

@@ -487,15 +487,24 @@ class Copies(nn.Module):
             return self.w.clone(), self.w * 1
         if k == "identity":                    # the module's own aliases stay aliases
             return x, self.lin(x)
+        if k == "transposed_contiguous":       # a copy in torch (the transpose is not contiguous)
+            return x.t().contiguous(), self.lin(x)
+        if k == "weight_t_contiguous":
+            return self.lin.weight.t().contiguous(), self.lin(x)
+        if k == "contiguous_of_contiguous":    # x itself in torch
+            return x[:2].contiguous(), self.lin(x)
         raise AssertionError(k)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["clone", "add0", "cat", "twice", "weight", "identity"])
+@pytest.mark.parametrize("kind", ["clone", "add0", "cat", "twice", "weight", "identity", "transposed_contiguous",
+                                  "weight_t_contiguous", "contiguous_of_contiguous"])
 def test_outputs_share_storage_only_where_the_modules_do(backend, kind):
-    """A copy the module makes (x.clone(), x + 0, h and h.clone(), w.clone()) is a new tensor: the simplifier or
-    TVM's passes turned some into identities, and the output was the caller's input, a weight or the other
-    output, so an in-place edit of it changed those."""
+    """A copy the module makes (x.clone(), x + 0, h and h.clone(), w.clone(), x.t().contiguous()) is a new tensor:
+    the simplifier or TVM's passes turned some into identities (the IR has no contiguous), and the output was the
+    caller's input, a weight or the other output, so an in-place edit of it changed those."""
+    if backend == "tvm" and kind == "contiguous_of_contiguous":
+        pytest.skip("a view of an input comes back as a copy on tvm (docs/user_guide.md)")
     torch.manual_seed(0)
     m = Copies(kind)
     c = sc.compile(m, backend=backend)

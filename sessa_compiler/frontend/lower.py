@@ -93,6 +93,7 @@ class Lowerer:
         # per graph output: (the export node it is, the placeholder it is a view of or None): what the module's own
         # outputs may share storage with (Traced.output_sources)
         self.output_sources: list = []
+        self.contiguous_outputs: list = []   # positions of outputs that are x.contiguous() (Traced.contiguous_outputs)
         self.assertions: list = []  # sympy conditions over our symbols: export's runtime guards on sizes
         self.shared: list = []  # groups of identical layers traced once (frontend/repeated.py), for explain()
         self.trainable: set = set()  # the graph's parameter Values (nn.Parameters: buffers are not)
@@ -393,7 +394,13 @@ class Lowerer:
                         raise TraceError(f"output {o}{source_of(o)} is a complex tensor; return "
                                          "torch.view_as_real(...) of it (the compiled graph computes in real pairs)")
                     self.graph.outputs.append(v)
-                    self.output_sources.append((o.name, _view_root(o)))
+                    if _call_name(o) == "contiguous" and o.args and hasattr(o.args[0], "op"):
+                        # x.contiguous() returned: a new tensor where x is not contiguous, x itself where it is (the
+                        # IR drops the op; the compiled call applies it to this output: Traced.contiguous_outputs)
+                        self.contiguous_outputs.append(len(self.graph.outputs) - 1)
+                        self.output_sources.append((o.name, _view_root(o.args[0])))
+                    else:
+                        self.output_sources.append((o.name, _view_root(o)))
             else:
                 raise TraceError(f"unexpected fx node kind {node.op} ({node.name})")
         self.graph.dead_code_elimination()
@@ -403,7 +410,13 @@ class Lowerer:
 
 _VIEW_OPS = {"view", "_unsafe_view", "reshape", "slice", "select", "transpose", "permute", "t", "unsqueeze",
              "squeeze", "expand", "alias", "detach", "as_strided", "unflatten", "flatten", "narrow", "split",
-             "chunk", "unbind", "view_as", "diagonal", "expand_as", "movedim", "contiguous", "lift_fresh_copy"}
+             "chunk", "unbind", "view_as", "diagonal", "expand_as", "movedim", "lift_fresh_copy"}
+# (not contiguous: a copy where its input is not contiguous, which depends on the call's strides; a chain through one
+# counts as a new tensor, copied where the graph's value is an input's or a weight's)
+
+
+def _call_name(o) -> str:
+    return getattr(o.target, "__name__", str(o.target)).split(".")[0] if o.op == "call_function" else ""
 
 
 def _view_root(o) -> str | None:

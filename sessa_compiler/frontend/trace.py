@@ -903,6 +903,9 @@ class Traced:
     # position bias at T = 1, where each softmax has one key): the recognised graph dropped them, and the module's
     # autograd gives them a zero gradient, not None (an optimiser's weight decay then still applies)
     zero_grads: tuple = ()
+    # positions of outputs the module returns as x.contiguous(): a copy where x is not contiguous, x itself where it
+    # is, which only the call's strides say; the IR drops the op, so the compiled call applies it to those outputs
+    contiguous_outputs: tuple = ()
 
     def copied_outputs(self) -> tuple:
         """Positions of graph outputs that must be copied after a run: the module returns a new tensor there
@@ -1425,7 +1428,8 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     names = tuple(f"args[{i}]" for i in range(len(args))) + tuple(sorted(kwargs))
     traced = Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
                     assumed, side_effects, tuple(lowerer.output_sources), custom_backward, python_random,
-                    tuple(lowerer.constant_outputs), exporting_autocast(), hooks, zero_grads=idle)
+                    tuple(lowerer.constant_outputs), exporting_autocast(), hooks, zero_grads=idle,
+                    contiguous_outputs=tuple(lowerer.contiguous_outputs))
     questions = grad_questions(module)
     if any(questions):
         traced = dataclasses.replace(traced, grad_mode=grad_state(questions, traced.tensor_inputs(args, kwargs)))
