@@ -371,6 +371,7 @@ def _module_key(module, args, kwargs, modes) -> str:
         config.append((name, _name(type(sub)), sub.extra_repr(), _attrs_fingerprint(sub),
                        fingerprint(type(sub).forward)))
     from .frontend.repeated import helper_classes
+    from .frontend.trace import extra_keywords
 
     for klass in helper_classes(module):   # plain objects' classes (a scaling helper): their attributes and methods
         _helper_class_fingerprint(klass, classes)
@@ -392,6 +393,7 @@ def _module_key(module, args, kwargs, modes) -> str:
             else repr(x) for x in leaves]
     return stable_hash({"format": ENTRY_FORMAT, "code": code, "classes": classes, "config": config,
                         "tensors": tensors, "modes": list(modes), "call": call, "spec": str(spec),
+                        "keyword_order": list(extra_keywords(module, kwargs or {})),
                         "versions": _versions(), "hooks": _global_hooks(),
                         # the dtype of the floats the forward makes (torch.arange(T) / 10.0)
                         "default_dtype": str(torch.get_default_dtype())})

@@ -1041,3 +1041,32 @@ def test_a_compiled_submodule_inside_a_compiled_module_does_not_retrace_it(backe
     x = torch.randn(2, 6, 8)
     _close(outer(x), par(x))
     assert len(outer.retraces) == 1 and "gamma_max" in outer.retraces[0], outer.retraces
+
+
+class _Features(nn.Module):
+    """forward(**features) reads its keywords in the call's order (multimodal inputs by name)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 8)
+
+    def forward(self, **features):
+        return self.proj(torch.cat(list(features.values()), dim=-1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_keywords_a_forward_takes_as_kwargs_keep_the_calls_order(backend, tmp_path, monkeypatch):
+    """export sorts keywords by name: a forward reading **kwargs in order got the sorted order's result for any
+    call (error 2.0 for c(text=..., audio=...)). The order is now the call's, and part of the call's signature
+    (another order: a trace of its own), in the compile cache's key too."""
+    monkeypatch.setenv("SESSA_COMPILER_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    m = _Features()
+    text, audio = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):   # the second compile: its traces from the compile cache
+            c = sc.compile(m, backend=backend)
+            for kw in (dict(text=text, audio=audio), dict(audio=audio, text=text), dict(text=text, audio=audio)):
+                _close(c(**kw), m(**kw))
+            assert len(c._variants) == 2

@@ -226,15 +226,30 @@ def export_program(module: torch.nn.Module, example_inputs, example_kwargs: dict
     args = _as_tuple(example_inputs)
     kwargs = dict(sorted((example_kwargs or {}).items()))
     _check_call(args, kwargs)
-    with _named_keywords(module, kwargs):
+    with _named_keywords(module, kwargs, list(example_kwargs or {})):
         return _export_program(module, args, kwargs, dynamic_shapes)
 
 
+def extra_keywords(module, kwargs: dict) -> tuple:
+    """The keywords of a call that reach a ``**kwargs`` of the module's forward (not named by it), in the call's
+    order, where there are two or more: the forward may read them in that order (``torch.cat(list(
+    features.values()))``), so the order is part of the call's signature (Traced.keyword_order). () otherwise."""
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return ()
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return ()
+    extra = tuple(k for k in kwargs if k not in params or params[k].kind is inspect.Parameter.VAR_KEYWORD)
+    return extra if len(extra) > 1 else ()
+
+
 @contextlib.contextmanager
-def _named_keywords(module, kwargs: dict):
+def _named_keywords(module, kwargs: dict, order: list | None = None):
     """A forward taking ``**kwargs`` called with keywords it does not name: torch.export cannot give those
     dynamic shapes (its spec nests them under the ``**`` parameter and then fails an internal assertion), so
-    while exporting, the instance's forward is one with the same code and a signature naming each keyword."""
+    while exporting, the instance's forward is one with the same code and a signature naming each keyword. It
+    passes them on in the call's ``order`` (export gives them sorted by name), which the forward may read."""
     sig = inspect.signature(module.forward)
     params = list(sig.parameters.values())
     extra = [k for k in kwargs if k not in sig.parameters]
@@ -244,8 +259,10 @@ def _named_keywords(module, kwargs: dict):
     bound = module.forward
     had = "forward" in vars(module)
 
+    rank = {name: i for i, name in enumerate(order or ())}
+
     def forward(*a, **k):
-        return bound(*a, **k)
+        return bound(*a, **dict(sorted(k.items(), key=lambda item: rank.get(item[0], len(rank)))))
 
     named = [p for p in params if p.kind is not inspect.Parameter.VAR_KEYWORD]
     named += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in extra]
@@ -906,6 +923,9 @@ class Traced:
     # positions of outputs the module returns as x.contiguous(): a copy where x is not contiguous, x itself where it
     # is, which only the call's strides say; the IR drops the op, so the compiled call applies it to those outputs
     contiguous_outputs: tuple = ()
+    # the keywords the call passed to the forward's **kwargs, in the call's order (extra_keywords): the graph holds
+    # for calls that pass them in this order
+    keyword_order: tuple = ()
 
     def copied_outputs(self) -> tuple:
         """Positions of graph outputs that must be copied after a run: the module returns a new tensor there
@@ -944,6 +964,10 @@ class Traced:
 
     def call_mismatch(self, args: tuple, kwargs: dict) -> str | None:
         """Why a call's keyword structure or constants differ from the traced call's, or None."""
+        order = getattr(self, "keyword_order", ())
+        if order and tuple(k for k in kwargs if k in order) != order:
+            return (f"the keywords the forward takes as **kwargs come in another order ({', '.join(k for k in kwargs if k in order)}) "
+                    f"than traced ({', '.join(order)}), and the forward may read them in order")
         leaves, spec = call_leaves(args, kwargs)
         if self.call_spec is not None and spec != self.call_spec:
             pos = sum(1 for n in self.leaf_names if n.startswith("args["))
@@ -1429,7 +1453,8 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     traced = Traced(graph, report, out_spec, tuple(guards), spec, constants, names, tuple(lowerer.none_outputs),
                     assumed, side_effects, tuple(lowerer.output_sources), custom_backward, python_random,
                     tuple(lowerer.constant_outputs), exporting_autocast(), hooks, zero_grads=idle,
-                    contiguous_outputs=tuple(lowerer.contiguous_outputs))
+                    contiguous_outputs=tuple(lowerer.contiguous_outputs),
+                    keyword_order=extra_keywords(module, kwargs))
     questions = grad_questions(module)
     if any(questions):
         traced = dataclasses.replace(traced, grad_mode=grad_state(questions, traced.tensor_inputs(args, kwargs)))
