@@ -241,13 +241,19 @@ def slice_infer(node):
     size = x.shape[d]
     if end is None or (isinstance(end, int) and end >= 2**62):
         end = size
+    if isinstance(size, int) and isinstance(start, int) and isinstance(end, int):   # as Python clamps them
+        n = len(range(size)[slice(start, end, step)])
+        s = list(x.shape)
+        s[d] = n
+        return [TensorType(x.dtype, tuple(s))]
+    # a bound that counts from the end stops at 0 (x[:, -3:] at T = 2 is the whole sequence)
     if isinstance(start, int) and start < 0:
-        start = size + start
+        start = sympy.Max(size + start, 0)
     if isinstance(end, int) and end < 0:
-        end = size + end
+        end = sympy.Max(size + end, 0)
     # symbolic min(end, size): trust the declared dim when it cannot be decided
     n = sympy.simplify((sympy.Min(sympy.sympify(end), sympy.sympify(size)) - start + step - 1) // step)
-    if not n.is_Integer and n.has(sympy.Min, sympy.floor):
+    if not n.is_Integer and n.has(sympy.Min, sympy.Max, sympy.floor):
         return [(x.dtype, None)]
     s = list(x.shape)
     s[d] = n

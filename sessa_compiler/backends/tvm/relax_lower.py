@@ -439,9 +439,24 @@ def _slice(lw, node, ops):
     start = 0 if start is None else start
     if end is None or (isinstance(end, int) and end >= 2 ** 62):
         end = size
+    length = node.outputs[0].type.shape[dim]   # the IR's (torch's) length: exact under the trace's guards
+    if length == 0:   # a bound past the dim (x[:, 3:] at T = 2): an empty slice, from no read at all
+        return lw.relax.op.zeros([lw.dim(d) for d in node.outputs[0].type.shape],
+                                 RELAX_DTYPE[node.outputs[0].type.dtype.name])
+    if isinstance(size, int) and isinstance(start, int) and isinstance(end, int):   # clamped as Python does
+        start, end, _ = slice(start, end, step).indices(size)
+        if step > 0:
+            end = max(end, start)
+    elif isinstance(start, int) and start < 0 and step == 1 and node.outputs[0].type.shape[dim] is not None:
+        # counted from the end, and never before 0 (x[:, -3:] at T = 2): the IR's length back from the end
+        end = size if isinstance(end, int) and end >= size else end
+        end = size + end if isinstance(end, int) and end < 0 else end
+        start = end - node.outputs[0].type.shape[dim]
     # negative ends count from the end of the dim (x[..., :-1]); resolved here so the output shape stays exact
     start = size + start if isinstance(start, int) and start < 0 else start
     end = size + end if isinstance(end, int) and end < 0 else end
+    if step == 1 and length is not None:   # the end as far from the start as the IR's length (x[:, 2:-2] at T = 4)
+        end = start + length
     begin_e, end_e = lw.dim(start), lw.dim(end)
     out = lw.relax.op.strided_slice(ops[0], axes=[dim], begin=[begin_e], end=[end_e], strides=[int(step)])
     if all(isinstance(d, int) for d in node.outputs[0].type.shape):
