@@ -6,6 +6,7 @@ look-alikes (a strictly causal or windowed forward attention) whose semantics di
 """
 import collections
 import math
+import warnings
 
 import pytest
 import torch
@@ -273,3 +274,28 @@ def test_full_filled_with_a_symbolic_size(backend):
             assert relative_error(c(x), m(x)) <= 1e-6, T
     if backend == "tvm":   # the whole graph in TVM, not hybrid mode
         assert "whole graph in TVM" in c.explain()
+
+
+class _ItemScaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x, temperature):
+        return self.lin(x) * temperature.item() + temperature.reshape(1).item()
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_item_of_a_one_element_tensor_argument_is_the_tensor_in_the_arithmetic(backend):
+    """temperature.item() failed inside the lowering (AttributeError: 'SymFloat' object has no attribute 'dtype');
+    it is the argument itself, so each call's value counts (no constant baked in)."""
+    torch.manual_seed(0)
+    m = _ItemScaled()
+    c = sc.compile(m, backend=backend)
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in (torch.tensor(0.7), torch.tensor(1.9), torch.tensor(-0.25)):
+            want, got = m(x, t), c(x, t)
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want)

@@ -1654,3 +1654,16 @@ def _full_like(L, node):
     value = bool(value) if dt.name == "bool" else (float(value) if dt.is_float else int(value))
     return L.emit("full", [], {"shape": [L.expr(d) for d in node.meta["val"].shape], "value": value, "dtype": dt},
                   node)
+
+
+@lowering(aten.item.default)
+def _item(L, node):
+    """t.item() of a one-element tensor used in tensor arithmetic (a temperature argument): the tensor itself, as a
+    0-d value (a Python number and a 0-d tensor take part in torch's type promotion alike). Where the number is
+    used otherwise (a size, a Python branch), export or the lowering of that use refuses it."""
+    x = L.arg(node.args[0])
+    if not isinstance(x, Value) or not all(d == 1 for d in x.type.shape):
+        return NotImplemented
+    if x.type.rank == 0:
+        return x
+    return L.graph.make_node("reshape", [x], {"shape": []}, [TensorType(x.type.dtype, ())]).output
