@@ -875,9 +875,10 @@ def warn_side_effects(module, names, stacklevel: int = 3) -> None:
 
 def warn_guards(traced, what: str, module) -> None:
     """Exports serve every size from one traced graph: say where that graph stops equalling the module."""
-    if traced.guards:
+    guards = [g for g in traced.guards if g.origin != "size-error"]
+    if guards:
         warnings.warn(f"{what}: {type(module).__name__}'s code branches on its input sizes, so the exported program "
-                      f"equals the module only where {', '.join(map(str, traced.guards))}; export again from "
+                      f"equals the module only where {', '.join(map(str, guards))}; export again from "
                       "inputs on the other side for those sizes", stacklevel=3)
 
 
@@ -1207,6 +1208,8 @@ def _size_floors(module, args: tuple, kwargs: dict, graph: Graph, guards=()) -> 
     if len(leaves) != len(graph.inputs):
         return {}
     floors = {}
+    raising = _FLOOR_RAISES.__dict__.setdefault("symbols", set())
+    raising.clear()
     where = _symbol_dims(graph)
     for sym, dims in where.items():
         floors[sym] = 0
@@ -1222,13 +1225,17 @@ def _size_floors(module, args: tuple, kwargs: dict, graph: Graph, guards=()) -> 
             if any(g.expr.free_symbols and {x.name for x in g.expr.free_symbols} == {sym.name}
                    and not g.holds({sym.name: size}) for g in guards):
                 break   # excluded already
-            if not _agrees_at(module, args, kwargs, graph, others + [(dims, size)]):
+            agrees = _agrees_at(module, args, kwargs, graph, others + [(dims, size)])
+            if agrees is not True:
                 floors[sym] = size + 1
+                if agrees == "raises":
+                    raising.add(sym)
                 break
     return floors
 
 
 _FLOOR_CHECK_OTHERS = 16
+_FLOOR_RAISES = threading.local()   # .symbols: those of the last _size_floors below whose floor the module raises
 
 
 def _cut(leaves: list, cuts) -> list:
@@ -1265,7 +1272,7 @@ def _agrees_at(module, args: tuple, kwargs: dict, graph: Graph, cuts) -> bool:
         except Exception:  # noqa: BLE001
             pass
     if want is None or got is None:
-        return want is None and got is None
+        return (want is None and got is None) or ("raises" if want is None else False)
     return len(want) == len(got) and all(
         tuple(g.shape) == tuple(w.shape) and relative_error(g, w) <= TOLERANCE.get(w.dtype, 0.0)
         for g, w in zip(got, want))
@@ -1420,8 +1427,10 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     symbols = {s for v in graph.inputs for s in v.type.shape if isinstance(s, sympy.Symbol)}
     # (over a plain integer symbol of the same name, which Guard.holds binds by name: our dim symbols are positive,
     # so sympy takes T >= 1 over them for true, also when unpickled from the compile cache)
-    guards += [Guard(sympy.Ge(sympy.Symbol(sym.name, integer=True), lo), "size") for sym, lo in floors.items()
-               if lo and sym in symbols]
+    raising = getattr(_FLOOR_RAISES, "symbols", set())   # (the module raises there: "size-error", which
+    # exports do not warn of, as the exported program answering there instead is no wrong answer)
+    guards += [Guard(sympy.Ge(sympy.Symbol(sym.name, integer=True), lo), "size-error" if sym in raising else "size")
+               for sym, lo in floors.items() if lo and sym in symbols]
     stage("recognising")
     used = {v.name for n in graph.nodes for v in n.value_inputs if v.kind == "param"}
     read = {name: graph.params[name] for name in graph.param_values
