@@ -1197,8 +1197,9 @@ def _symbol_dims(graph: Graph) -> dict:
     return out
 
 
-def _size_floors(module, args: tuple, kwargs: dict, graph: Graph, guards=()) -> dict:
-    """symbol -> the smallest size (0, 1 or 2) from which on the traced graph equals the module. torch.export
+def _size_floors(module, args: tuple, kwargs: dict, graph: Graph, guards=()) -> tuple:
+    """({symbol: the smallest size (0, 1 or 2) from which on the traced graph equals the module}, {the symbols
+    below whose floor the module raises}). torch.export
     assumes every dynamic size is at least 2 (it specialises 0 and 1), and we trace on inputs grown to 2 there
     (_grow): a branch on ``T > 1`` or ``B == 1``, or ``max(T, 1)``, is decided without a guard. So the module and
     the graph are run at each symbol = 1 and = 0 (the call's own data cut to that size along the symbol's dims;
@@ -1206,10 +1207,8 @@ def _size_floors(module, args: tuple, kwargs: dict, graph: Graph, guards=()) -> 
     the trace's own ``guards`` already exclude (``T >= 5``) is not checked."""
     leaves = tensor_leaves(args, kwargs)
     if len(leaves) != len(graph.inputs):
-        return {}
-    floors = {}
-    raising = _FLOOR_RAISES.__dict__.setdefault("symbols", set())
-    raising.clear()
+        return {}, set()
+    floors, raising = {}, set()
     where = _symbol_dims(graph)
     for sym, dims in where.items():
         floors[sym] = 0
@@ -1231,11 +1230,10 @@ def _size_floors(module, args: tuple, kwargs: dict, graph: Graph, guards=()) -> 
                 if agrees == "raises":
                     raising.add(sym)
                 break
-    return floors
+    return floors, raising
 
 
 _FLOOR_CHECK_OTHERS = 16
-_FLOOR_RAISES = threading.local()   # .symbols: those of the last _size_floors below whose floor the module raises
 
 
 def _cut(leaves: list, cuts) -> list:
@@ -1250,7 +1248,9 @@ def _cut(leaves: list, cuts) -> list:
     return out
 
 
-def _agrees_at(module, args: tuple, kwargs: dict, graph: Graph, cuts) -> bool:
+def _agrees_at(module, args: tuple, kwargs: dict, graph: Graph, cuts):
+    """Whether module and graph give the same outputs on the call's data cut (_cut): True, False, or "raises"
+    where the module raises and the graph does not (both raising agree)."""
     from ..semantics import run_graph
     from ..tolerance import TOLERANCE, relative_error
 
@@ -1408,7 +1408,7 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     guards = [g for g in guards if g.expr is not sympy.true]
     # checked on the graph as lowered, before recognisers rewrite it
     guards = [g for g in guards if g.origin != "assertion" or kwargs or not _needless(module, args, g, graph)]
-    floors = _size_floors(module, args, kwargs, graph, guards)
+    floors, raising = _size_floors(module, args, kwargs, graph, guards)
     if _below_floor(args, kwargs, graph, floors):
         # the call itself is at a size the grown trace does not hold at: traced again with those dims at the
         # call's own sizes (static), the others grown and symbolic as before (their floors are checked again on
@@ -1423,12 +1423,12 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
         guards += [Guard(sympy.Eq(lowerer.sym_map[s], v), "float") for s, v in _findings("float_sizes")
                    if isinstance(lowerer.sym_map.get(s), sympy.Symbol)]
         guards = [g for g in guards if g.expr is not sympy.true]
-        floors = _size_floors(module, args, kwargs, graph, guards)
+        floors, raising = _size_floors(module, args, kwargs, graph, guards)
     symbols = {s for v in graph.inputs for s in v.type.shape if isinstance(s, sympy.Symbol)}
     # (over a plain integer symbol of the same name, which Guard.holds binds by name: our dim symbols are positive,
     # so sympy takes T >= 1 over them for true, also when unpickled from the compile cache)
-    raising = getattr(_FLOOR_RAISES, "symbols", set())   # (the module raises there: "size-error", which
-    # exports do not warn of, as the exported program answering there instead is no wrong answer)
+    # (where the module raises below the floor: "size-error", which exports do not warn of, as the exported program
+    # answering there instead is no wrong answer)
     guards += [Guard(sympy.Ge(sympy.Symbol(sym.name, integer=True), lo), "size-error" if sym in raising else "size")
                for sym, lo in floors.items() if lo and sym in symbols]
     stage("recognising")
