@@ -1199,7 +1199,7 @@ def _symbol_dims(graph: Graph) -> dict:
 
 def _size_floors(module, args: tuple, kwargs: dict, graph: Graph, guards=()) -> tuple:
     """({symbol: the smallest size (0, 1 or 2) from which on the traced graph equals the module}, {the symbols
-    below whose floor the module raises}). torch.export
+    below whose floor the module or the graph raises, rather than giving other values}). torch.export
     assumes every dynamic size is at least 2 (it specialises 0 and 1), and we trace on inputs grown to 2 there
     (_grow): a branch on ``T > 1`` or ``B == 1``, or ``max(T, 1)``, is decided without a guard. So the module and
     the graph are run at each symbol = 1 and = 0 (the call's own data cut to that size along the symbol's dims;
@@ -1250,7 +1250,7 @@ def _cut(leaves: list, cuts) -> list:
 
 def _agrees_at(module, args: tuple, kwargs: dict, graph: Graph, cuts):
     """Whether module and graph give the same outputs on the call's data cut (_cut): True, False, or "raises"
-    where the module raises and the graph does not (both raising agree)."""
+    where one of them raises and the other does not (both raising agree)."""
     from ..semantics import run_graph
     from ..tolerance import TOLERANCE, relative_error
 
@@ -1272,7 +1272,7 @@ def _agrees_at(module, args: tuple, kwargs: dict, graph: Graph, cuts):
         except Exception:  # noqa: BLE001
             pass
     if want is None or got is None:
-        return (want is None and got is None) or ("raises" if want is None else False)
+        return True if want is None and got is None else "raises"
     return len(want) == len(got) and all(
         tuple(g.shape) == tuple(w.shape) and relative_error(g, w) <= TOLERANCE.get(w.dtype, 0.0)
         for g, w in zip(got, want))
@@ -1427,8 +1427,8 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     symbols = {s for v in graph.inputs for s in v.type.shape if isinstance(s, sympy.Symbol)}
     # (over a plain integer symbol of the same name, which Guard.holds binds by name: our dim symbols are positive,
     # so sympy takes T >= 1 over them for true, also when unpickled from the compile cache)
-    # (where the module raises below the floor: "size-error", which exports do not warn of, as the exported program
-    # answering there instead is no wrong answer)
+    # (where the module or the graph raises below the floor: "size-error", which exports do not warn of: there the
+    # exported program raises where the module answers, or the reverse, but gives no wrong value)
     guards += [Guard(sympy.Ge(sympy.Symbol(sym.name, integer=True), lo), "size-error" if sym in raising else "size")
                for sym, lo in floors.items() if lo and sym in symbols]
     stage("recognising")
