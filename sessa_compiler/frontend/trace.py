@@ -73,14 +73,18 @@ def _grow(x: torch.Tensor, batch: int = 0) -> torch.Tensor:
     symbols of the graph, which serves inputs of any layout."""
     x = x.contiguous()
     for d in range(1 if broadcasts(x, batch) else 0, min(x.dim(), 2)):
-        if x.shape[d] == 0:   # an empty batch or sequence: traced on zeros of size 2 there (the call runs empty)
-            shape = list(x.shape)
-            shape[d] = 2
-            x = x.new_zeros(shape)
-        elif x.shape[d] == 1:
-            reps = [1] * x.dim()
-            reps[d] = 2
-            x = x.repeat(*reps)
+        x = _grown(x, d)
+    return x
+
+
+def _grown(x: torch.Tensor, d: int) -> torch.Tensor:
+    """x grown to size 2 along dim d where it is 0 (zeros: the call runs empty) or 1 (repeated)."""
+    if x.shape[d] == 0:
+        return x.new_zeros(x.shape[:d] + (2,) + x.shape[d + 1:])
+    if x.shape[d] == 1:
+        reps = [1] * x.dim()
+        reps[d] = 2
+        return x.repeat(*reps)
     return x
 
 
@@ -1135,6 +1139,12 @@ def _static_dims(module, args: tuple, kwargs: dict | None, pinned: dict):
     def dims(t):
         return {0: Dim.AUTO} if t.dim() >= 1 and index.get(id(t)) not in batch_pinned else {}
 
+    return _dims_by_parameter(module, args, kwargs, dims)
+
+
+def _dims_by_parameter(module, args: tuple, kwargs: dict | None, dims):
+    """torch.export's dynamic_shapes from ``dims(tensor) -> {dim: Dim}``: a tuple for a positional call, by
+    parameter name where keywords are given."""
     if not kwargs:
         return tuple(dims(a) for a in args)
     try:
@@ -1185,6 +1195,14 @@ def _needless(module, args, guard: Guard, graph: Graph) -> bool:
         return False
     return len(want) == len(got) and all(
         relative_error(g, w) <= TOLERANCE.get(w.dtype, 0.0) for g, w in zip(got, want))
+
+
+def _export_guards(ep, lowerer) -> list:
+    """The guards an export's ranges, runtime assertions and float sizes give (the always-true ones dropped)."""
+    guards = _range_guards(ep, lowerer.sym_map) + [Guard(_simplified(e), "assertion") for e in lowerer.assertions]
+    guards += [Guard(sympy.Eq(lowerer.sym_map[s], v), "float") for s, v in _findings("float_sizes")
+               if isinstance(lowerer.sym_map.get(s), sympy.Symbol)]
+    return [g for g in guards if g.expr is not sympy.true]
 
 
 def _symbol_dims(graph: Graph) -> dict:
@@ -1255,10 +1273,7 @@ def _agrees_at(module, args: tuple, kwargs: dict, graph: Graph, cuts):
     from ..tolerance import TOLERANCE, relative_error
 
     leaves = _cut(tensor_leaves(args, kwargs), cuts)
-    a = tuple(leaves[:len(args)])
-    keyed = iter(leaves[len(args):])
-    kw = {k: next(keyed) for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)}
-    kw = {k: kw.get(k, v) for k, v in kwargs.items()}
+    a, kw = _call_with(args, kwargs, leaves)
     want = got = None
     with torch.no_grad(), torch.random.fork_rng(devices=[]):
         try:
@@ -1278,44 +1293,35 @@ def _agrees_at(module, args: tuple, kwargs: dict, graph: Graph, cuts):
         for g, w in zip(got, want))
 
 
-def _below_floor(args: tuple, kwargs: dict, graph: Graph, floors: dict) -> bool:
-    leaves = tensor_leaves(args, kwargs)
-    return any(leaves[i].shape[d] < floors.get(sym, 0) for sym, dims in _symbol_dims(graph).items()
-               for i, d in dims)
+def _call_with(args: tuple, kwargs: dict, leaves: list) -> tuple:
+    """(args, kwargs) of the call with its tensors replaced by ``leaves`` (in tensor_leaves' order)."""
+    keyed = iter(leaves[len(args):])
+    tensors = {k: next(keyed) for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)}
+    return tuple(leaves[:len(args)]), {k: tensors.get(k, v) for k, v in kwargs.items()}
 
 
-def _at_own_sizes(module, args: tuple, kwargs: dict, graph: Graph, floors: dict) -> tuple:
-    """(args, kwargs, dynamic_shapes, {(input, dim): size}) for a trace where the dims of the symbols the call is
-    below the floor of are static at the call's sizes (the last item), and the other symbolic dims dynamic, their
-    examples grown to 2 (_grow)."""
+def _below(args: tuple, kwargs: dict, where: dict, floors: dict) -> set:
+    """The symbols (``where``: _symbol_dims) the call is below the floor of (_size_floors)."""
     leaves = tensor_leaves(args, kwargs)
-    below = {sym for sym, dims in _symbol_dims(graph).items()
-             if any(leaves[i].shape[d] < floors.get(sym, 0) for i, d in dims)}
+    return {sym for sym, dims in where.items() if any(leaves[i].shape[d] < floors.get(sym, 0) for i, d in dims)}
+
+
+def _at_own_sizes(module, args: tuple, kwargs: dict, where: dict, below: set) -> tuple:
+    """(args, kwargs, dynamic_shapes, {(input, dim): size}) for a trace where the dims of the symbols ``below``
+    (_below) are static at the call's sizes (the last item), and the other symbolic dims dynamic, their examples
+    grown to 2 (_grow)."""
+    leaves = tensor_leaves(args, kwargs)
+    static = {(i, d): int(leaves[i].shape[d]) for sym in below for i, d in where[sym]}
     dyn: dict = {}
-    static = {(i, d): int(leaves[i].shape[d]) for sym in below for i, d in _symbol_dims(graph)[sym]}
     grown = [x.contiguous() for x in leaves]
-    for sym, dims in _symbol_dims(graph).items():
-        if sym in below:
-            continue
-        for i, d in dims:
-            x = grown[i]
-            if x.shape[d] < 2:
-                grown[i] = x.new_zeros(x.shape[:d] + (2,) + x.shape[d + 1:]) if x.shape[d] == 0 else \
-                    torch.cat([x, x], dim=d)
-            dyn.setdefault(i, {})[d] = Dim.AUTO
-    a = tuple(grown[:len(args)])
-    keyed = iter(range(len(args), len(leaves)))
-    index = {k: next(keyed) for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor)}
-    kw = {k: grown[index[k]] if k in index else v for k, v in kwargs.items()}
-    if not kwargs:
-        return a, kw, tuple(dyn.get(i, {}) for i in range(len(a))), static
-    try:
-        bound = inspect.signature(module.forward).bind(*a, **kw).arguments
-    except TypeError as e:
-        raise TraceError(f"{type(module).__name__}.forward does not take these arguments: {e}") from e
-    where = {id(grown[i]): dyn.get(i, {}) for i in range(len(grown))}
-    return a, kw, {name: pytree.tree_map(lambda v: where.get(id(v), {}) if isinstance(v, torch.Tensor) else None,
-                                         value) for name, value in bound.items()}, static
+    for sym, dims in where.items():
+        if sym not in below:
+            for i, d in dims:
+                grown[i] = _grown(grown[i], d)
+                dyn.setdefault(i, {})[d] = Dim.AUTO
+    a, kw = _call_with(args, kwargs, grown)
+    index = {id(x): i for i, x in enumerate(grown)}
+    return a, kw, _dims_by_parameter(module, a, kw, lambda t: dyn.get(index.get(id(t)), {})), static
 
 
 def _layout_sizes(graph: Graph) -> tuple | None:
@@ -1402,27 +1408,22 @@ def trace_with_report(module: torch.nn.Module, example_inputs, example_kwargs: d
     side_effects, custom_backward, python_random, hooks = (_findings(k) for k in ("writes", "functions", "draws",
                                                                                    "hooks"))
     warn_side_effects(module, side_effects, stacklevel=4)
-    guards = _range_guards(ep, lowerer.sym_map) + [Guard(_simplified(e), "assertion") for e in lowerer.assertions]
-    guards += [Guard(sympy.Eq(lowerer.sym_map[s], v), "float") for s, v in _findings("float_sizes")
-               if isinstance(lowerer.sym_map.get(s), sympy.Symbol)]
-    guards = [g for g in guards if g.expr is not sympy.true]
+    guards = _export_guards(ep, lowerer)
     # checked on the graph as lowered, before recognisers rewrite it
     guards = [g for g in guards if g.origin != "assertion" or kwargs or not _needless(module, args, g, graph)]
     floors, raising = _size_floors(module, args, kwargs, graph, guards)
-    if _below_floor(args, kwargs, graph, floors):
+    below = _below(args, kwargs, _symbol_dims(graph), floors)
+    if below:
         # the call itself is at a size the grown trace does not hold at: traced again with those dims at the
         # call's own sizes (static), the others grown and symbolic as before (their floors are checked again on
         # that graph: the checks above ran at the call's sizes of the others, where the grown graph is wrong)
-        a, kw, dyn, static = _at_own_sizes(module, args, kwargs, graph, floors)
+        a, kw, dyn, static = _at_own_sizes(module, args, kwargs, _symbol_dims(graph), below)
         with EXPORT_LOCK:
             ep = export_program(module, a, kw, dyn)
             # the static dims lowered as their numbers, the others as before
             lowerer = Lowerer(ep, {**_dim_names(tensor_leaves(a, kw)), **static}, name=type(module).__name__)
             graph = lowerer.run()
-        guards = _range_guards(ep, lowerer.sym_map) + [Guard(_simplified(e), "assertion") for e in lowerer.assertions]
-        guards += [Guard(sympy.Eq(lowerer.sym_map[s], v), "float") for s, v in _findings("float_sizes")
-                   if isinstance(lowerer.sym_map.get(s), sympy.Symbol)]
-        guards = [g for g in guards if g.expr is not sympy.true]
+        guards = _export_guards(ep, lowerer)
         floors, raising = _size_floors(module, args, kwargs, graph, guards)
     symbols = {s for v in graph.inputs for s in v.type.shape if isinstance(s, sympy.Symbol)}
     # (over a plain integer symbol of the same name, which Guard.holds binds by name: our dim symbols are positive,

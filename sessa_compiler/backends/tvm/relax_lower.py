@@ -447,11 +447,11 @@ def _slice(lw, node, ops):
         start, end, _ = slice(start, end, step).indices(size)
         if step > 0:
             end = max(end, start)
-    elif isinstance(start, int) and start < 0 and step == 1 and node.outputs[0].type.shape[dim] is not None:
+    elif isinstance(start, int) and start < 0 and step == 1 and length is not None:
         # counted from the end, and never before 0 (x[:, -3:] at T = 2): the IR's length back from the end
         end = size if isinstance(end, int) and end >= size else end
         end = size + end if isinstance(end, int) and end < 0 else end
-        start = end - node.outputs[0].type.shape[dim]
+        start = end - length
     # negative ends count from the end of the dim (x[..., :-1]); resolved here so the output shape stays exact
     start = size + start if isinstance(start, int) and start < 0 else start
     end = size + end if isinstance(end, int) and end < 0 else end
