@@ -285,8 +285,10 @@ def _global_reads(module: torch.nn.Module, skip_hooks=(), names: set | None = No
 
 @functools.lru_cache(maxsize=8192)
 def loaded_globals(code: types.CodeType) -> frozenset:
-    """The names ``code`` itself loads as globals (LOAD_GLOBAL; LOAD_NAME in a class body or at module level)."""
-    return frozenset(ins.argval for ins in dis.get_instructions(code) if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME"))
+    """The names ``code`` itself loads as globals (LOAD_GLOBAL; LOAD_NAME in a class body or at module level;
+    Python 3.12's LOAD_FROM_DICT_OR_GLOBALS in a class body)."""
+    return frozenset(ins.argval for ins in dis.get_instructions(code)
+                     if ins.opname in ("LOAD_GLOBAL", "LOAD_NAME", "LOAD_FROM_DICT_OR_GLOBALS"))
 
 
 def _globals_key(reads: list):
