@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from .persistent_cache import (cache_dir, make_private_dir, object_fields, package_hash, stable_hash, tensor_digest,
-                               trusted)
+                               torch_flags, trusted)
 from .persistent_cache import compile_cache_enabled as enabled  # noqa: F401  (compile_cache.enabled())
 
 ENTRY_FORMAT = 10  # 3: Traced.assumed (tensors a recognised op was built from); 4: the graph's source lines;
@@ -54,8 +54,10 @@ ENTRY_FORMAT = 10  # 3: Traced.assumed (tensors a recognised op was built from);
 #                    9: Traced.zero_grads; 10: Traced.contiguous_outputs, size guards at 0 and 1
 _PLAIN = (bool, int, float, complex, str, bytes, type(None))
 # code from these top-level packages is keyed by their versions / this package's hash, not recorded
-_KEYED_ELSEWHERE = frozenset(sys.stdlib_module_names) | {"torch", "torchgen", "functorch", "sessa_compiler",
-                                                         "builtins", "__future__"}
+# (a standard library name counts only where the module imported under it is the standard library's: a user's
+# package named ``code``, ``trace`` or ``profile`` is the user's code)
+_KEYED_ELSEWHERE = frozenset({"torch", "torchgen", "functorch", "sessa_compiler", "builtins", "__future__"})
+_STDLIB_NAMES = frozenset(sys.stdlib_module_names)
 _MAX_DEPTH = 12
 _MAX_TENSOR_BYTES = 1 << 26  # plain tensor attributes / globals hashed by content up to 64 MiB
 
@@ -107,7 +109,51 @@ def data_digest(kind: str, path: str) -> str | None:
 
 
 def _keyed_elsewhere(module_name) -> bool:
-    return not isinstance(module_name, str) or module_name.partition(".")[0] in _KEYED_ELSEWHERE
+    """Whether code of this module is keyed by a version (torch's, Python's, this package's), not recorded."""
+    if not isinstance(module_name, str):
+        return True
+    top = module_name.partition(".")[0]
+    if top in _KEYED_ELSEWHERE:
+        return True
+    if top not in _STDLIB_NAMES:
+        return False
+    path = getattr(sys.modules.get(top), "__file__", None)   # (None: a builtin module, or not imported)
+    return not isinstance(path, str) or os.path.abspath(path).startswith(_STDLIB)
+
+
+def _user_module(v: types.ModuleType) -> str | None:
+    """The source file of a module of the user's (not a library's, the standard library's or torch's), else None."""
+    path = getattr(v, "__file__", None)
+    if _keyed_elsewhere(v.__name__) or not isinstance(path, str) or path.startswith(_site_dirs()) \
+            or os.path.abspath(path).startswith(_STDLIB):
+        return None
+    return path
+
+
+def _lenient(items, depth: int, active: set) -> tuple:
+    """(name, fingerprint) of each item, a value that cannot be keyed by its type's name (a logger, a lock, a
+    typing alias a user module imports: what a forward reads from it is keyed where it can be)."""
+    out = []
+    for k, x in items:
+        if _library_object(x):   # (not walked: a logger reaches every logger of the process)
+            out.append((k, ("unkeyed", _name(type(x)))))
+            continue
+        try:
+            out.append((k, _fp(x, depth, active)))
+        except NotKeyable:
+            out.append((k, ("unkeyed", _name(type(x)))))
+    return tuple(out)
+
+
+_WALKED = _PLAIN + (tuple, list, dict, set, frozenset, types.FunctionType, types.BuiltinFunctionType,
+                    types.BuiltinMethodType, types.ModuleType, type, functools.partial,
+                    types.MethodType, types.SimpleNamespace, enum.Enum, torch.Tensor, torch.dtype, torch.device)
+
+
+def _library_object(x) -> bool:
+    """An object of a class of the standard library's or torch's (a logger, a lock, a parser), not a value or a
+    container: it stands for its type."""
+    return not isinstance(x, _WALKED) and not dataclasses.is_dataclass(x) and _keyed_elsewhere(type(x).__module__)
 
 
 # -- fingerprints ---------------------------------------------------------------------------------------------
@@ -171,7 +217,17 @@ def _fp(v, depth: int, active: set):
     if isinstance(v, (torch.dtype, torch.device, torch.layout, torch.memory_format, torch.Size)):
         return ("torch", repr(v))
     if isinstance(v, types.ModuleType):
-        return ("module", v.__name__)
+        path = _user_module(v)
+        if path is None or id(v) in active:
+            return ("module", v.__name__)
+        # a module of the user's (settings.CFG["scale"], helpers.act rebound to a lambda): its file and what it
+        # holds now, a value set at import from the environment or changed since the import included
+        active.add(id(v))
+        try:
+            return ("module", v.__name__, file_hash(path),
+                    _lenient(((k, x) for k, x in list(vars(v).items()) if not k.startswith("__")), depth + 1, active))
+        finally:
+            active.discard(id(v))
     if isinstance(v, type):
         return ("class", _name(v))
     if isinstance(v, (types.MemberDescriptorType, types.GetSetDescriptorType)):
@@ -204,8 +260,10 @@ def _fp_container(v, depth: int, active: set):
         return (type(v).__name__, tuple(sorted(repr(_fp(x, depth, active)) for x in v)))
     if isinstance(v, types.MappingProxyType):
         v = dict(v)
-    if isinstance(v, dict):  # in order: code may iterate it
-        return (type(v).__name__, tuple((_fp(k, depth, active), _fp(x, depth, active)) for k, x in v.items()))
+    if isinstance(v, dict):  # in order: code may iterate it; a subclass's own attributes too
+        extra = vars(v) if type(v) is not dict and isinstance(getattr(v, "__dict__", None), dict) else {}
+        return (type(v).__name__, tuple((_fp(k, depth, active), _fp(x, depth, active)) for k, x in v.items()),
+                _fp(dict(extra), depth, active) if extra else ())
     if isinstance(v, types.FunctionType):
         if _keyed_elsewhere(v.__module__):
             return ("fn", _name(v))
@@ -215,8 +273,10 @@ def _fp_container(v, depth: int, active: set):
                 cells.append(_fp(c.cell_contents, depth, active))
             except ValueError:  # an empty cell
                 cells.append(("empty",))
+        # (its own attributes too: ``act.scale`` read inside ``act``)
         return ("fn", _name(v), code_fingerprint(v.__code__), _fp(v.__defaults__, depth, active),
-                _fp(v.__kwdefaults__, depth, active), tuple(cells))
+                _fp(v.__kwdefaults__, depth, active), tuple(cells),
+                _lenient(sorted(vars(v).items()), depth, active) if vars(v) else ())
     if isinstance(v, types.MethodType):
         return ("method", _fp(v.__func__, depth, active), _name(type(v.__self__)))
     if isinstance(v, functools.partial):
@@ -225,9 +285,12 @@ def _fp_container(v, depth: int, active: set):
         return (type(v).__name__, _fp(getattr(v, "fget", None) or v.__func__, depth, active))
     if isinstance(v, torch.nn.Module):
         raise NotKeyable(f"a {type(v).__name__} module held outside the module tree")
-    if dataclasses.is_dataclass(v):
+    if dataclasses.is_dataclass(v):   # its fields, and what __post_init__ or a later assignment set beside them
+        names = {f.name for f in dataclasses.fields(v)}
+        extra = {k: x for k, x in (object_fields(v) or {}).items() if k not in names}
         return ("dataclass", _name(type(v)),
-                tuple((f.name, _fp(getattr(v, f.name), depth, active)) for f in dataclasses.fields(v)))
+                tuple((f.name, _fp(getattr(v, f.name), depth, active)) for f in dataclasses.fields(v)),
+                _fp(extra, depth, active) if extra else ())
     if type(v).__module__.partition(".")[0] == "numpy" and hasattr(v, "tobytes"):
         return ("numpy", type(v).__name__, str(getattr(v, "dtype", "")), getattr(v, "shape", ()),
                 hashlib.sha256(v.tobytes()).hexdigest())
@@ -396,7 +459,9 @@ def _module_key(module, args, kwargs, modes) -> str:
                         "keyword_order": list(extra_keywords(module, kwargs or {})),
                         "versions": _versions(), "hooks": _global_hooks(),
                         # the dtype of the floats the forward makes (torch.arange(T) / 10.0)
-                        "default_dtype": str(torch.get_default_dtype())})
+                        "default_dtype": str(torch.get_default_dtype()),
+                        # torch's global switches a forward may branch on (deterministic algorithms, ...)
+                        "torch_flags": torch_flags()})
 
 
 @functools.lru_cache(maxsize=1)
@@ -422,6 +487,7 @@ def _versions() -> dict:
 
 
 # -- the manifest: what the trace ran -------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
 def _site_dirs() -> tuple:
     import site
     import sysconfig
@@ -781,19 +847,18 @@ class Recorder:
 
 
 def global_fingerprint(v, sites: tuple):
-    """A global's fingerprint for the manifest. A user module (``consts`` read as ``consts.K``) or a user class
-    (``Cfg.scale``) read as a global stands for the plain values it holds and its file's content: the name alone
-    (``fingerprint``) missed an edited constant there, or one computed from the environment at import. A
-    library's module or class is keyed by the library's version (elsewhere). ``sites``: _site_dirs()."""
-    if isinstance(v, (types.ModuleType, type)):
-        name = v.__name__ if isinstance(v, types.ModuleType) else getattr(v, "__module__", None)
-        path = getattr(v, "__file__", None) if isinstance(v, types.ModuleType) else \
-            getattr(sys.modules.get(name), "__file__", None)
+    """A global's fingerprint for the manifest. A user module read as a global (``consts.K``, ``settings.CFG``) is
+    keyed by its file's content and everything it holds now (``fingerprint``). A user class (``Cfg.scale``,
+    ``Opts.scales[0]``) read as a global stands for its file's content and its attributes: the name alone missed
+    an edited constant there, or one computed from the environment at import. A library's module or class is keyed
+    by the library's version (elsewhere). ``sites``: _site_dirs()."""
+    if isinstance(v, type):
+        name = getattr(v, "__module__", None)
+        path = getattr(sys.modules.get(name), "__file__", None)
         if not _keyed_elsewhere(name) and isinstance(path, str) and not path.startswith(sites) \
                 and not path.startswith(_STDLIB):
-            plain = tuple(sorted((k, _fp(x, 1, set())) for k, x in list(vars(v).items())
-                                 if isinstance(x, _PLAIN) and not k.startswith("__")))
-            return (fingerprint(v), file_hash(path), plain)
+            attrs = _lenient(((k, x) for k, x in list(vars(v).items()) if k not in _CLASS_SKIPPED), 1, {id(v)})
+            return (fingerprint(v), file_hash(path), hashlib.sha256(repr(attrs).encode()).hexdigest())
     return fingerprint(v)
 
 

@@ -100,6 +100,17 @@ def tensor_digest(t) -> str:
     return h.hexdigest()
 
 
+def torch_flags() -> tuple:
+    """torch's process-wide switches a forward can branch on (``if torch.are_deterministic_algorithms_enabled()``)
+    and that change what some ops compute: part of the compile cache's key and of a compiled module's guards."""
+    import torch
+
+    C = torch._C   # (the getters behind torch.backends.cudnn.enabled, ...: a tenth of their cost, at every call)
+    return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+            torch.backends.mha.get_fastpath_enabled(), torch.get_float32_matmul_precision(),
+            C._get_cudnn_enabled(), C._get_cudnn_deterministic(), C._get_cudnn_allow_tf32(), C._get_cublas_allow_tf32())
+
+
 def object_fields(v) -> dict | None:
     """What a plain object holds, by attribute name: its ``__dict__`` and its ``__slots__`` that are set (a config
     object); None for an object with neither."""

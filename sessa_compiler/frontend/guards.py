@@ -26,6 +26,7 @@ import types
 import torch
 from torch.nn.modules import module as _nn_module
 
+from ..persistent_cache import torch_flags
 from .repeated import (GLOBAL_HOOKS_WHERE, _HOOKS, _SKIP_ATTRS, _Opaque, _attr_key, _global_reads, _vars,
                        compiler_wrapper, helper_classes, hook_name, others_code)
 
@@ -47,6 +48,8 @@ def _describe(v):
         return None, False
     immutable = isinstance(v, _IMMUTABLE) or (isinstance(v, (tuple, frozenset))
                                               and all(isinstance(y, _IMMUTABLE) for y in v))
+    if key[0] in ("fn", "class"):   # a function described by its closure, defaults and attributes, a settings class
+        immutable = False           # by its data: what they hold can change in place
     return key, not immutable
 
 
@@ -119,6 +122,7 @@ class ModuleGuard:
                              if hook_name(n, fn, GLOBAL_HOOKS_WHERE) not in skip_hooks)
         # torch's default dtype: the dtype of the floats the forward makes (torch.arange(T) / 10.0, torch.zeros(...))
         self.default_dtype = torch.get_default_dtype()
+        self.torch_flags = torch_flags()   # deterministic algorithms, matmul precision, ...: a forward may branch on them
         # the same facts laid out for a check in C loops (map, tuple comparison; identity first): _same
         self._kid_dicts = [d for _, d, _ in self.children]
         self._kids = [k for _, _, k in self.children]
@@ -173,7 +177,8 @@ class ModuleGuard:
             return False
 
     def _same_rest(self) -> bool:
-        return not self.hooks and torch.get_default_dtype() is self.default_dtype and all(
+        return not self.hooks and torch.get_default_dtype() is self.default_dtype and torch_flags() == self.torch_flags \
+            and all(
             d.get(n) is None for _, d, n in self.nones) and all(
             len(vars(k)) == n for k, n in self.class_sizes) and all(
             map(operator.is_, map(operator.getitem, *self._identity[:2]), self._identity[2])) and all(
@@ -244,6 +249,8 @@ class ModuleGuard:
                 return f"{klass.__name__}.{name} was changed on the class"
         if torch.get_default_dtype() is not self.default_dtype:
             return f"torch's default dtype changed ({self.default_dtype} -> {torch.get_default_dtype()})"
+        if torch_flags() != self.torch_flags:
+            return "one of torch's global switches changed (deterministic algorithms, the MHA fast path, matmul precision, cuDNN)"
         for n, state in self.global_hooks:
             if _hook_state(getattr(_nn_module, n)) != state:
                 return f"torch's global module hooks ({n.strip('_')}) were added or removed"

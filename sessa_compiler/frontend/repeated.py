@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import dis
+import enum
 import functools
+import os
 import hashlib
 import itertools
 import sys
@@ -95,16 +97,23 @@ def _attr_key(x, depth: int = 0, by_content: bool = True):
         if getattr(x, "nbytes", 0) > (1 << 20):
             raise _Opaque
         return ("ndarray", str(x.dtype), tuple(getattr(x, "shape", ())), hashlib.sha256(x.tobytes()).hexdigest())
-    if isinstance(x, types.FunctionType):   # by identity, and what its closure cells and defaults hold now
-        if depth >= _DEPTH or not (x.__closure__ or x.__defaults__ or x.__kwdefaults__):
+    if isinstance(x, types.FunctionType):   # by identity, and what its closure cells, defaults and attributes hold now
+        own = vars(x)   # (``act.scale`` read inside ``act``)
+        if depth >= _DEPTH or not (x.__closure__ or x.__defaults__ or x.__kwdefaults__ or own):
             return ("id", id(x))
         return ("fn", id(x), tuple(_cell_key(c, depth + 1, by_content) for c in x.__closure__ or ()),
-                _attr_key(x.__defaults__, depth + 1, by_content), _attr_key(x.__kwdefaults__, depth + 1, by_content))
+                _attr_key(x.__defaults__, depth + 1, by_content), _attr_key(x.__kwdefaults__, depth + 1, by_content),
+                tuple((k, _cell_key(_Cell(v), depth + 1, by_content)) for k, v in own.items()))
     if isinstance(x, types.MethodType):     # a bound method: its function and what its object holds
         try:
             return ("method", id(x.__func__), _attr_key(x.__self__, depth + 1, by_content))
         except _Opaque:   # a module's method
             return ("method", id(x.__func__), id(x.__self__))
+    if isinstance(x, type) and depth < _DEPTH and _config_like(x) and not issubclass(x, (torch.nn.Module, torch.Tensor,
+                                                                                        enum.Enum)):
+        # a settings class of the user's read in forward (``Opts.scales[0]``): its identity and its data attributes
+        return ("class", id(x), tuple((k, _cell_key(_Cell(v), depth + 1, by_content)) for k, v in list(vars(x).items())
+                                      if not k.startswith("__") and not _functions_in(v)))
     if isinstance(x, (types.BuiltinFunctionType, types.ModuleType, type)) or not _config_like(type(x)):
         return ("id", id(x))
     fields = object_fields(x) if depth < _DEPTH else None
@@ -158,6 +167,14 @@ def _code_of(fn):
         elif not isinstance(fn, types.FunctionType) and isinstance(getattr(type(fn), "__call__", None), types.FunctionType):
             fn = type(fn).__call__
     return fn
+
+
+class _Cell:
+    """A value in the shape of a closure cell (``_cell_key``'s argument)."""
+    __slots__ = ("cell_contents",)
+
+    def __init__(self, v):
+        self.cell_contents = v
 
 
 def _cell(c):
@@ -274,13 +291,39 @@ def _global_reads(module: torch.nn.Module, skip_hooks=(), names: set | None = No
                         if (id(d), n) not in reads or (d is g and reads[(id(d), n)][2]):
                             # (a namespace met as a module's attributes first and as a function's globals later
                             # is described: a dict there changed in place counts)
-                            reads[(id(d), n)] = (d, n, d is not g)
+                            # (a user's module's attributes by what they hold: settings.CFG["scale"] = 2.0)
+                            reads[(id(d), n)] = (d, n, d is not g and not _users_namespace(d))
                             if isinstance(v, types.FunctionType):
                                 funcs.append(v)
                         if isinstance(v, types.ModuleType) and isinstance(getattr(v, "__dict__", None), dict):
                             more.append(v.__dict__)
                 spaces = list({id(d): d for d in more}.values())
     return list(reads.values())
+
+
+@functools.lru_cache(maxsize=1)
+def _library_dirs() -> tuple:
+    """Where the standard library and installed packages live."""
+    import site
+    import sysconfig
+
+    dirs = set(site.getsitepackages()) | {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib",
+                                                                            "platstdlib")}
+    try:
+        dirs.add(site.getusersitepackages())
+    except AttributeError:
+        pass
+    return tuple(os.path.join(os.path.abspath(d), "") for d in dirs if d)
+
+
+def _users_namespace(d: dict) -> bool:
+    """Whether a module's namespace is the user's code: not torch's, numpy's, this package's, the standard
+    library's or an installed library's (those are read by identity: their contents change with their version)."""
+    path = d.get("__file__")
+    if not isinstance(path, str) or str(d.get("__name__", "")).partition(".")[0] in ("torch", "numpy",
+                                                                                        "sessa_compiler"):
+        return False
+    return not os.path.abspath(path).startswith(_library_dirs())
 
 
 @functools.lru_cache(maxsize=8192)
