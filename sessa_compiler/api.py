@@ -327,6 +327,34 @@ def _wrapped_by_data_parallel(module) -> bool:
     return isinstance(module, (DataParallel, DistributedDataParallel))
 
 
+def unregistered_tensors(module: torch.nn.Module) -> list:
+    """(path, tensor) of each tensor the module and its submodules hold as a plain attribute, or inside a list,
+    tuple or dict attribute (two levels), that is not one of their registered parameters or buffers."""
+    out, seen = [], set()
+
+    def visit(path, v, depth):
+        if isinstance(v, torch.Tensor):
+            if id(v) not in seen:
+                seen.add(id(v))
+                out.append((path, v))
+        elif depth < 2 and isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                visit(f"{path}[{i}]", x, depth + 1)
+        elif depth < 2 and isinstance(v, dict):
+            for k, x in list(v.items()):
+                visit(f"{path}[{k!r}]", x, depth + 1)
+
+    for name, m in module.named_modules():
+        if type(m).__module__ == __name__:   # a compiled module inside (its original is a child, visited)
+            continue
+        for k, v in vars(m).items():
+            if k not in ("_parameters", "_buffers", "_modules") and not k.startswith("_forward") \
+                    and not k.startswith("_backward") and not k.startswith("_state_dict"):
+                visit(f"{name}.{k}" if name else k, v, 0)
+    registered = {id(t) for t in (*module.parameters(), *module.buffers())}
+    return [(p, t) for p, t in out if id(t) not in registered]
+
+
 class _Live:
     """Where each of a graph's parameters lives in the module: read at every call, so reassigned parameters
     and buffers, load_state_dict(assign=True) and .to()/.double() are seen. Names that are not the module's
@@ -382,6 +410,13 @@ class _Live:
                 self.aliases.append((source, parts, [(n, n.split(".")) for n in others]))
         # the module's Python state the trace baked in (attributes, hooks, forward methods): frontend/guards.py
         self.guard = ModuleGuard(module, skip_hooks)
+        # tensors the module holds outside its parameters and buffers (a plain attribute trained by hand, a
+        # Parameter in a Python list): the trace lifted them as constants, so a graph gives them no gradient
+        self.unregistered = unregistered_tensors(module)
+
+    def unregistered_trainable(self) -> list:
+        """The paths of those tensors that require grad now."""
+        return [path for path, t in self.unregistered if t.requires_grad]
 
     def read_fast(self) -> dict | None:
         """The live tensors through their owners (valid while the guard holds), or None when one is not found
@@ -897,6 +932,10 @@ class CompiledModule(torch.nn.Module):
                 return self._with_hooks(hooks, "the traced graph's gradients never call them (calls under "
                                         "torch.no_grad(), or with nothing requiring grad, run compiled)", args, kwargs)
             return self._with_custom_backward(traced, args, kwargs)
+        if torch.is_grad_enabled() and self._live is not None and self._live.unregistered:
+            trainable = self._live.unregistered_trainable()
+            if trainable:
+                return self._with_unregistered(trainable, args, kwargs)
         bind_symbols(graph, inputs)  # rank, dtype and shape checks before anything runs
         self._check_devices(inputs, params)
         first = id(runner) in self._fresh  # a lazy backend (auto) builds its kernels at the first call
@@ -1039,6 +1078,17 @@ class CompiledModule(torch.nn.Module):
                        "as the module does; calls that need gradients run the original module uncompiled, calls under "
                        "torch.no_grad() (or with nothing requiring grad) run compiled. torch.compile(model, "
                        "backend='sessa') keeps such Functions in its graph", stacklevel=6)
+        return self._orig_mod(*args, **kwargs)
+
+    def _with_unregistered(self, paths, args, kwargs):
+        """A call that needs gradients while the module holds tensors that require grad outside its parameters
+        (a plain attribute trained by hand, a Parameter in a Python list): the trace lifted them as constants, so
+        they would get no gradient; the module itself runs."""
+        self._say_once("unregistered", f"it holds tensors that require grad but are not registered parameters "
+                       f"({', '.join(paths[:4])}{', ...' if len(paths) > 4 else ''}); a traced graph takes them as "
+                       "constants and would give them no gradient, so calls that need gradients run the original "
+                       "module uncompiled (register them: nn.Parameter attributes, nn.ParameterList or "
+                       "register_parameter; calls under torch.no_grad() run compiled)", stacklevel=6)
         return self._orig_mod(*args, **kwargs)
 
     def _with_hooks(self, hooks, why, args, kwargs):
