@@ -8,6 +8,7 @@ import functools
 import importlib.util
 import inspect
 import operator
+import re
 import sys
 import threading
 import time
@@ -353,6 +354,12 @@ def unregistered_tensors(module: torch.nn.Module) -> list:
                 visit(f"{name}.{k}" if name else k, v, 0)
     registered = {id(t) for t in (*module.parameters(), *module.buffers())}
     return [(p, t) for p, t in out if id(t) not in registered]
+
+
+def _cache_object_in_output(e: Exception) -> bool:
+    """Whether a trace failed because the forward returns a key/value cache object (torch.export: "Found <class
+    '...DynamicCache'> in output, which is not a known type")."""
+    return bool(re.search(r"Found <class '[\w.]*Cache'> in output", str(e)))
 
 
 class _Live:
@@ -846,7 +853,26 @@ class CompiledModule(torch.nn.Module):
             return self._export_call(args, kwargs)
         if any(not isinstance(a, torch.Tensor) for a in args):
             args, kwargs = _named_constants(self._orig_mod.forward, args, kwargs)
+        if getattr(self, "_cacheless", False) and "use_cache" not in kwargs:
+            kwargs = {**kwargs, "use_cache": False}
         check_keywords(kwargs, InputError, f"compiled {type(self._orig_mod).__name__}: ")
+        try:
+            return self._forward(args, kwargs)
+        except TraceError as e:
+            if not _cache_object_in_output(e) or "use_cache" in kwargs or getattr(self, "_cacheless", False) \
+                    or "use_cache" not in inspect.signature(self._orig_mod.forward).parameters:
+                raise
+            # a Hugging Face model called as model(ids): use_cache defaults to True and its forward returns a
+            # cache object (DynamicCache), which no traced graph can return
+            self._cacheless = True
+            warnings.warn(f"compiled {type(self._orig_mod).__name__}: its forward returns a key/value cache object by "
+                          "default (use_cache=True), which a traced graph cannot return: calls that do not pass "
+                          "use_cache run with use_cache=False (past_key_values is None; the logits and loss are "
+                          "the module's). Pass use_cache=False to say so; serve with prefill/decode_step "
+                          "(docs/serving.md)", stacklevel=4)
+            return self.forward(*args, **kwargs)
+
+    def _forward(self, args, kwargs):
         why = self._branching.get(_modes(self._orig_mod)) if self._branching else None
         if why is not None:
             return self._branching_call(why, args, kwargs)
