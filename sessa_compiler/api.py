@@ -856,23 +856,6 @@ class CompiledModule(torch.nn.Module):
         if getattr(self, "_cacheless", False) and "use_cache" not in kwargs:
             kwargs = {**kwargs, "use_cache": False}
         check_keywords(kwargs, InputError, f"compiled {type(self._orig_mod).__name__}: ")
-        try:
-            return self._forward(args, kwargs)
-        except TraceError as e:
-            if not _cache_object_in_output(e) or "use_cache" in kwargs or getattr(self, "_cacheless", False) \
-                    or "use_cache" not in inspect.signature(self._orig_mod.forward).parameters:
-                raise
-            # a Hugging Face model called as model(ids): use_cache defaults to True and its forward returns a
-            # cache object (DynamicCache), which no traced graph can return
-            self._cacheless = True
-            warnings.warn(f"compiled {type(self._orig_mod).__name__}: its forward returns a key/value cache object by "
-                          "default (use_cache=True), which a traced graph cannot return: calls that do not pass "
-                          "use_cache run with use_cache=False (past_key_values is None; the logits and loss are "
-                          "the module's). Pass use_cache=False to say so; serve with prefill/decode_step "
-                          "(docs/serving.md)", stacklevel=4)
-            return self.forward(*args, **kwargs)
-
-    def _forward(self, args, kwargs):
         why = self._branching.get(_modes(self._orig_mod)) if self._branching else None
         if why is not None:
             return self._branching_call(why, args, kwargs)
@@ -890,6 +873,19 @@ class CompiledModule(torch.nn.Module):
         except DataDependentBranch as e:
             self._branching[_modes(self._orig_mod)] = str(e)
             return self._branching_call(str(e), args, kwargs)
+        except TraceError as e:
+            if not _cache_object_in_output(e) or "use_cache" in kwargs or getattr(self, "_cacheless", False) \
+                    or "use_cache" not in inspect.signature(self._orig_mod.forward).parameters:
+                raise
+            # a Hugging Face model called as model(ids): use_cache defaults to True and its forward returns a
+            # cache object (DynamicCache), which no traced graph can return
+            self._cacheless = True
+            warnings.warn(f"compiled {type(self._orig_mod).__name__}: its forward returns a key/value cache object by "
+                          "default (use_cache=True), which a traced graph cannot return: calls that do not pass "
+                          "use_cache run with use_cache=False (past_key_values is None; the logits and loss are "
+                          "the module's). Pass use_cache=False to say so; serve with prefill/decode_step "
+                          "(docs/serving.md)", stacklevel=4)
+            return self.forward(*args, **kwargs)
 
     def _branching_call(self, why: str, args, kwargs):
         """A call in a train/eval mode whose forward branches on a tensor's value (Hugging Face's LayerDrop,

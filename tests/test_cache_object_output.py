@@ -70,3 +70,11 @@ def test_use_cache_true_passed_by_the_caller_still_says_what_failed():
     c = sc.compile(TinyLM(), backend="eager")
     with pytest.raises(TraceError, match="DynamicCache"):
         c(torch.randint(0, 50, (2, 7)), use_cache=True)
+
+
+def test_the_warning_points_at_the_callers_line():
+    torch.manual_seed(0)
+    c = sc.compile(TinyLM(), backend="eager")
+    with pytest.warns(UserWarning, match="use_cache=False") as caught:
+        c(torch.randint(0, 50, (2, 7)))
+    assert [w.filename for w in caught if "use_cache" in str(w.message)] == [__file__]

@@ -79,15 +79,68 @@ def call_widened(graph: Graph, run_wide, inputs, params) -> list:
     return [o.to(to_torch(v.type.dtype)) if v.type.dtype.name in HALF else o for o, v in zip(outs, graph.outputs)]
 
 
+def empty_operand_sizes(graph: Graph) -> list:
+    """The element counts (expressions of the sizes) of operands that can be empty while no input is and the op's
+    output is not: a reduction over ``h[:, 1:]`` at T = 1, a loss over ``logits[:, :-1]``. Where one is 0, a
+    generated kernel's reduction never runs its initialisation (TVM: ``T.init()`` sits inside the empty loop) and
+    returns whatever its buffer held. A count that is a product of sizes is 0 only where an input is empty (checked
+    apart); a count that is 0 for every size (a static empty slice) is the literal 0."""
+    import sympy
+
+    counts: dict = {}   # shape -> (element count, whether it is a product of sizes): shapes repeat
+
+    def count(v):
+        shape = tuple(v.type.shape)
+        hit = counts.get(shape)
+        if hit is None:
+            if all(isinstance(d, int) or d.is_Symbol for d in shape):
+                n = 1
+                for d in shape:
+                    n = n * d
+                hit = (n, n != 0)
+            else:
+                n = sympy.expand(sympy.Mul(*shape))
+                hit = (n, n != 0 and all(f.is_Number or f.is_Symbol or (f.is_Pow and f.base.is_Symbol)
+                                         for f in sympy.Mul.make_args(n)))
+            counts[shape] = hit
+        return hit
+
+    sizes = {}
+    for node in graph.nodes:
+        if not node.outputs:
+            continue
+        out, _ = count(node.outputs[0])
+        if out == 0:
+            continue
+        for v in node.value_inputs:
+            n, product = count(v)
+            if not product and n != out:
+                sizes[n] = None
+    return list(sizes)
+
+
 def eager_when_empty(graph: Graph, runner):
-    """``runner``, except that calls with an empty input (T = 0 or B = 0) run on the interpreter: there is
-    nothing to compute, and generated kernels need at least one row (TVM rejects zero-size strides)."""
+    """``runner``, except that calls with an empty input (T = 0 or B = 0), or whose sizes make an operand empty
+    where the op's output is not (``empty_operand_sizes``), run on the interpreter: there is nothing to compute,
+    generated kernels need at least one row (TVM rejects zero-size strides), and their reductions over nothing
+    return an uninitialised buffer instead of torch's 0 (sum) or NaN (mean)."""
     import functools
+
+    from ..ir.types import eval_dim
+
+    sizes = empty_operand_sizes(graph)
+    always = 0 in sizes
 
     @functools.wraps(runner)
     def run(inputs, params):
         if any(isinstance(x, torch.Tensor) and x.numel() == 0 for x in inputs):
             return run_graph(graph, inputs, params)
+        if sizes:
+            if always:
+                return run_graph(graph, inputs, params)
+            binding = bind_symbols(graph, inputs)
+            if any(eval_dim(n, binding) == 0 for n in sizes):
+                return run_graph(graph, inputs, params)
         return runner(inputs, params)
     return run
 

@@ -78,6 +78,14 @@ def _principal_hints(ep, kinds: dict) -> dict:
     return {"B": b} if t is None else {"B": b, "T": t}
 
 
+def _without_to_float(e):
+    """A SymFloat's expression with torch's ToFloat (an integer size as a float) taken off: sympy computes with it
+    as a number (1.0*T), which every backend evaluates at the call's sizes."""
+    from torch.utils._sympy.functions import ToFloat
+
+    return e.replace(lambda x: isinstance(x, ToFloat), lambda x: x.args[0] * sympy.Float(1.0))
+
+
 class Lowerer:
     def __init__(self, ep: torch.export.ExportedProgram, dim_names: dict, name: str = "main"):
         self.ep = ep
@@ -102,6 +110,8 @@ class Lowerer:
     # -- helpers -------------------------------------------------------------------------------
     def expr(self, s):
         """A SymInt / int / sympy expr from export -> a sympy expression over our symbols."""
+        if isinstance(s, torch.SymFloat):   # a size as a float (T * 1.0, float(T)): torch's ToFloat(T) is T here
+            s = _without_to_float(s.node.expr)
         if isinstance(s, torch.SymInt):
             s = s.node.expr
         if isinstance(s, sympy.Basic):
@@ -125,7 +135,7 @@ class Lowerer:
             return self.env[a]
         if isinstance(a, (list, tuple)):
             return type(a)(self.arg(x) for x in a)
-        if isinstance(a, torch.SymInt):
+        if isinstance(a, (torch.SymInt, torch.SymFloat)):
             return self.expr(a)
         if isinstance(a, torch.dtype):
             return from_torch(a)
@@ -1651,7 +1661,8 @@ def _full_like(L, node):
     if isinstance(value, Value) or node.meta["val"].dtype.is_complex:
         return NotImplemented
     dt = _factory_dtype(node)
-    value = bool(value) if dt.name == "bool" else (float(value) if dt.is_float else int(value))
+    if not (isinstance(value, sympy.Basic) and value.free_symbols):   # (a size, such as T * 2.0, stays symbolic)
+        value = bool(value) if dt.name == "bool" else (float(value) if dt.is_float else int(value))
     return L.emit("full", [], {"shape": [L.expr(d) for d in node.meta["val"].shape], "value": value, "dtype": dt},
                   node)
 

@@ -235,6 +235,17 @@ def eval_dim(d: Dim, binding: Mapping[str, int]) -> int:
     return int(value)
 
 
+def eval_number(d, binding: Mapping):
+    """A literal operand or attribute that is an expression of the sizes: eval_dim where it is integer-valued, a
+    float where torch computed it as one (``T * 0.5``, ``float(B * T)``: sympy Floats in it), evaluated exactly as
+    a fraction of two integer sizes (a SymFloat under a symbolic trace)."""
+    if not (isinstance(d, sympy.Basic) and d.has(sympy.Float)):
+        return eval_dim(d, binding)
+    exact = d.xreplace({f: sympy.Rational(f) for f in d.atoms(sympy.Float)})
+    num, den = sympy.fraction(sympy.together(exact))
+    return eval_dim(sympy.expand(num), binding) / eval_dim(sympy.expand(den), binding)
+
+
 def _eval_symbolic(d, binding: Mapping):
     """eval_dim for bindings holding torch SymInts: the expression is computed with Python arithmetic on the
     values (+, *, exact // for floor and ceiling of a rational multiple), so no size is specialised."""

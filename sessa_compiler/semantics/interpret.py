@@ -15,7 +15,7 @@ from ..errors import InputError, IRError, SessaCompilerError
 from ..ir.graph import Graph, Node, Value
 from ..ir.ops import FACTORY, FALLBACK, OPS
 from ..ir.ops_fused import parse_body
-from ..ir.types import DType, eval_dim
+from ..ir.types import DType, eval_number
 from .table import SEMANTICS
 
 # ops that create tensors (factories) and the fallback op are told the device to create them on
@@ -26,7 +26,7 @@ _DEVICE_OPS = FACTORIES | {name for name, d in OPS.items() if d.kind == FALLBACK
 def resolve(x, binding: Mapping[str, int]):
     """Turn symbolic attribute values into concrete Python values for one call."""
     if isinstance(x, sympy.Basic):
-        return eval_dim(x, binding)
+        return eval_number(x, binding)
     if isinstance(x, list):
         return [resolve(y, binding) for y in x]
     if isinstance(x, tuple):

@@ -21,7 +21,7 @@ from ...ir.graph import Graph, Node, Value
 from ...ir.ops import view_root
 from ...progress import stage
 from ..base import Backend, CompileContext
-from ..eager import bind_symbols, eager_when_empty, half_model, resolve, run_node
+from ..eager import bind_symbols, eager_when_empty, empty_operand_sizes, half_model, resolve, run_graph, run_node
 from .build import ALIGN, aligned_empty, build, kernel_source, lanes_for
 from .lowering import lower_graph
 from .schedule_choice import tuning_kernel, tuning_source, tunable_nodes, tvm_schedule, tvm_schedules, tvm_space
@@ -320,6 +320,10 @@ class TVMBackend(Backend):
         return built
 
     def prepare(self, graph: Graph, ctx: CompileContext | None = None):
+        if 0 in empty_operand_sizes(graph):   # a graph traced at sizes where an operand is empty (T = 1 static,
+            # logits[:, :-1]): every call runs on the interpreter (eager_when_empty), nothing to build
+            self.modes[id(graph)] = ("interpreter", "an operand is empty at every size of this trace")
+            return lambda inputs, params: run_graph(graph, inputs, params)
         return eager_when_empty(graph, self._prepare(self._kernel_graph(graph), ctx or CompileContext()))
 
     def _kernel_graph(self, graph: Graph) -> Graph:

@@ -60,6 +60,8 @@ class _Lowerer:
 
     def _expr(self, e):
         tirx = self.tirx
+        if e.has(sympy.Float):   # a size used as a float (T * 0.5): a float64 expression of the int64 sizes
+            return self._float_expr(e)
         if e.is_Integer:
             return tirx.IntImm("int64", int(e))
         if e.is_Symbol:
@@ -95,6 +97,22 @@ class _Lowerer:
                 out = out * base
             return out
         raise UnsupportedError(f"TVM export: dimension expression {e} has no TVM form")
+
+    def _float_expr(self, e):
+        tirx = self.tirx
+        if e.is_Number:
+            return tirx.FloatImm("float64", float(e))
+        if e.is_Add or e.is_Mul:
+            parts = [self._float_expr(a) for a in e.args]
+            out = parts[0]
+            for p in parts[1:]:
+                out = out + p if e.is_Add else out * p
+            return out
+        if e.is_Pow and e.exp.is_Number:
+            return tirx.power(self._float_expr(e.base), tirx.FloatImm("float64", float(e.exp)))
+        if e.has(sympy.Float):
+            raise UnsupportedError(f"TVM export: dimension expression {e} has no TVM form")
+        return tirx.Cast("float64", self._expr(e))   # an integer-valued part (a size, floor(T / 2))
 
     def ttype(self, v: Value):
         return self.relax.TensorType([self.dim(d) for d in v.type.shape], RELAX_DTYPE[v.type.dtype.name])
@@ -207,13 +225,20 @@ class _Lowerer:
             return lowers(node)
         return node.op in SIMPLE or node.op in COMPLEX
 
+    def size_scalar(self, x):
+        """[1] holding a size expression: int64, or float64 for a size used as a float (T * 0.5)."""
+        op, e = self.relax.op, self._expr(sympy.sympify(x))
+        if x.has(sympy.Float):
+            return op.arange(e, e + 0.5, 1.0, dtype="float64")
+        return op.arange(e, e + 1, 1, dtype="int64")
+
     def operand(self, x, dtype: str):
         if isinstance(x, Value):
             return self.env[x]
         if isinstance(x, sympy.Basic) and not x.is_Number:   # a size (pos <= T): a 0-d tensor holding it
-            op, e = self.relax.op, self._expr(sympy.sympify(x))
-            one = self.bb.emit(op.reshape(op.arange(e, e + 1, 1, dtype="int64"), []))
-            return one if dtype == "int64" else self.bb.emit(op.astype(one, dtype))
+            one = self.bb.emit(self.relax.op.reshape(self.size_scalar(x), []))
+            own = "float64" if x.has(sympy.Float) else "int64"
+            return one if dtype == own else self.bb.emit(self.relax.op.astype(one, dtype))
         if isinstance(x, sympy.Basic):
             x = int(x) if x.is_Integer else float(x)
         return self.relax.const(x, dtype)
@@ -542,8 +567,7 @@ def _full(lw, node, ops):
     value = node.attrs["value"]
     shape = [lw.dim(d) for d in node.outputs[0].type.shape]
     if isinstance(value, sympy.Basic) and value.free_symbols:   # a size (torch.full((), T)): arange(v, v + 1)
-        v = lw.dim(value)
-        one = relax.op.astype(relax.op.arange(v, v + 1, 1, dtype="int64"), dtype)
+        one = relax.op.astype(lw.size_scalar(value), dtype)
         return relax.op.broadcast_to(relax.op.reshape(one, [1] * len(shape)), shape)
     value = bool(value) if dtype == "bool" else float(value) if "float" in dtype else int(value)
     return _filled(relax, shape, value, dtype)
