@@ -72,3 +72,15 @@ def test_operands_empty_at_the_calls_sizes(backend):
             if T == 1:
                 assert (got[1] == 0).all() and torch.isnan(got[2]).all() and got[3] == 0
                 assert torch.isnan(closs(h, labels))
+
+
+def test_the_tvm_export_says_where_an_operand_is_empty(tmp_path):
+    torch.manual_seed(0)
+    m = EmptyOperands().eval()
+    with pytest.warns(UserWarning, match=r"empty where 4\*B\*\(T - 1\) = 0"):
+        sc.export_tvm(m, (torch.randn(2, 5, 4),), str(tmp_path / "lib"))
+    lib = sc.load_tvm(str(tmp_path / "lib"))
+    x = torch.randn(2, 3, 4)
+    with torch.no_grad():
+        for got, want in zip(lib(x), m(x)):
+            torch.testing.assert_close(torch.as_tensor(got), want)   # where nothing is empty: the module's values

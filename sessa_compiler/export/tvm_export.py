@@ -35,6 +35,25 @@ def export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu
                            method=method)
 
 
+def _warn_empty_operands(graph, module) -> None:
+    """Sizes at which an operand is empty while its op's output is not (a reduction over ``h[:, 1:]`` at T = 1):
+    TVM's generated reductions return undefined values there (compile() runs such calls on the interpreter, the
+    exported program cannot), so the export says where."""
+    import warnings
+
+    import sympy
+
+    from ..backends.eager import empty_operand_sizes
+
+    sizes = empty_operand_sizes(graph)
+    if sizes:
+        where = "at every size of this trace" if 0 in sizes else "where " + " or ".join(f"{sympy.factor(n)} = 0" for n in sizes)
+        warnings.warn(f"export_tvm: an operand of {type(module).__name__}'s graph is empty {where} while its op's "
+                      "output is not (a reduction over h[:, 1:] at T = 1, a shifted loss): the exported program "
+                      "returns undefined values at those sizes (compile() runs such calls on the interpreter); "
+                      "call it only where they are not empty", stacklevel=3)
+
+
 def _export_tvm(module, example_inputs, path, target=None, *, schedules=None, gpu_source=None,
                 method: str = "forward") -> str:
     """Trace `module` on `example_inputs`, lower the whole graph to TVM, build for `target` (None: this
@@ -61,6 +80,7 @@ def _export_tvm(module, example_inputs, path, target=None, *, schedules=None, gp
     traced, _, _ = cached_trace(module, args)
     warn_guards(traced, "export_tvm", module)
     graph = traced.graph
+    _warn_empty_operands(graph, module)
     for v in list(graph.inputs) + list(graph.param_values.values()):
         if v.type.dtype.name not in _NUMPY_DTYPE:
             raise UnsupportedError(f"TVM export: %{v.name} has dtype {v.type.dtype}, which numpy cannot hold; "
