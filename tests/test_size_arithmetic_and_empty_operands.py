@@ -84,3 +84,26 @@ def test_the_tvm_export_says_where_an_operand_is_empty(tmp_path):
     with torch.no_grad():
         for got, want in zip(lib(x), m(x)):
             torch.testing.assert_close(torch.as_tensor(got), want)   # where nothing is empty: the module's values
+
+
+class ZeroWidthPieces(torch.nn.Module):
+    """Hugging Face Mamba2 splits its projection with a zero-width piece (d_mlp = 0)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 10)
+
+    def forward(self, x):
+        a, b, c, d = torch.split(self.lin(x), [0, 3, 0, 7], dim=-1)
+        return b * 2, torch.cat([a, d], -1) + 1, c * 2, torch.split(x, [4, 0], -1)[0] * 3
+
+
+def test_zero_width_split_pieces_build_in_the_whole_graph():
+    torch.manual_seed(0)
+    m = ZeroWidthPieces()
+    c = sc.compile(m, backend="tvm")
+    with torch.no_grad():
+        for T in (5, 2):
+            x = torch.randn(2, T, 4)
+            assert_same(c(x), m(x))
+    assert "whole graph in TVM" in c.explain()

@@ -80,8 +80,8 @@ def call_widened(graph: Graph, run_wide, inputs, params) -> list:
 
 
 def empty_operand_sizes(graph: Graph) -> list:
-    """The element counts (expressions of the sizes) of operands that can be empty while no input is and the op's
-    output is not: a reduction over ``h[:, 1:]`` at T = 1, a loss over ``logits[:, :-1]``. Where one is 0, a
+    """The element counts (expressions of the sizes) of a reduction's or contraction's operands that can be empty
+    while no input is and the op's output is not: a reduction over ``h[:, 1:]`` at T = 1, a loss over ``logits[:, :-1]``. Where one is 0, a
     generated kernel's reduction never runs its initialisation (TVM: ``T.init()`` sits inside the empty loop) and
     returns whatever its buffer held. A count that is a product of sizes is 0 only where an input is empty (checked
     apart); a count that is 0 for every size (a static empty slice) is the literal 0."""
@@ -105,9 +105,13 @@ def empty_operand_sizes(graph: Graph) -> list:
             counts[shape] = hit
         return hit
 
+    from ..ir.ops import COMPUTE, CORE, OPS, REDUCTION
+
     sizes = {}
     for node in graph.nodes:
-        if not node.outputs:
+        # reductions and contractions (a sum, a linear over K = 0, attention over no keys), not a concatenation or
+        # a broadcast with an empty piece, whose outputs are right
+        if not node.outputs or getattr(OPS.get(node.op), "kind", None) not in (REDUCTION, COMPUTE, CORE):
             continue
         out, _ = count(node.outputs[0])
         if out == 0:

@@ -393,14 +393,23 @@ def _layer_norm(lw, node, ops):
 
 
 def _split(lw, node, ops):
+    """Relax's split at the pieces' boundaries; a zero-width piece (Hugging Face Mamba2's d_mlp = 0), which TVM's
+    split refuses (its indices must increase), is an empty tensor of its own."""
     relax = lw.relax
-    sizes = node.attrs["sizes"]
+    sizes = [int(s) for s in node.attrs["sizes"]]
+    wide = [i for i, s in enumerate(sizes) if s]
     idx, acc = [], 0
-    for s in sizes[:-1]:
-        acc += int(s)
+    for i in wide[:-1]:
+        acc += sizes[i]
         idx.append(acc)
-    tup = lw.bb.emit(relax.op.split(ops[0], idx, axis=node.attrs["dim"]))
-    return [relax.TupleGetItem(tup, i) for i in range(len(sizes))]
+    if len(wide) > 1:
+        tup = lw.bb.emit(relax.op.split(ops[0], idx, axis=node.attrs["dim"]))
+        pieces = {i: relax.TupleGetItem(tup, k) for k, i in enumerate(wide)}
+    else:
+        pieces = {i: ops[0] for i in wide}
+    return [pieces[i] if i in pieces else relax.op.zeros([lw.dim(d) for d in node.outputs[i].type.shape],
+                                                         RELAX_DTYPE[node.outputs[i].type.dtype.name])
+            for i in range(len(sizes))]
 
 
 def _reshape(lw, node, ops):
