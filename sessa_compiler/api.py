@@ -871,21 +871,32 @@ class CompiledModule(torch.nn.Module):
         except _Uncompiled:
             return self._orig_mod(*args, **kwargs)
         except DataDependentBranch as e:
+            if self._may_go_cacheless(kwargs):   # (Hugging Face Mamba2 branches on its cache's position)
+                return self._cacheless_call(args, kwargs)
             self._branching[_modes(self._orig_mod)] = str(e)
             return self._branching_call(str(e), args, kwargs)
         except TraceError as e:
-            if not _cache_object_in_output(e) or "use_cache" in kwargs or getattr(self, "_cacheless", False) \
-                    or "use_cache" not in inspect.signature(self._orig_mod.forward).parameters:
+            if not _cache_object_in_output(e) or not self._may_go_cacheless(kwargs):
                 raise
-            # a Hugging Face model called as model(ids): use_cache defaults to True and its forward returns a
-            # cache object (DynamicCache), which no traced graph can return
-            self._cacheless = True
-            warnings.warn(f"compiled {type(self._orig_mod).__name__}: its forward returns a key/value cache object by "
-                          "default (use_cache=True), which a traced graph cannot return: calls that do not pass "
-                          "use_cache run with use_cache=False (past_key_values is None; the logits and loss are "
-                          "the module's). Pass use_cache=False to say so; serve with prefill/decode_step "
-                          "(docs/serving.md)", stacklevel=4)
-            return self.forward(*args, **kwargs)
+            return self._cacheless_call(args, kwargs)
+
+    def _may_go_cacheless(self, kwargs) -> bool:
+        """Whether a trace that failed (a cache object in the output, a branch on a cache's position) may be tried
+        again with use_cache=False: the forward takes use_cache, the caller did not pass it, not tried yet."""
+        return "use_cache" not in kwargs and not getattr(self, "_cacheless", False) \
+            and "use_cache" in inspect.signature(self._orig_mod.forward).parameters
+
+    def _cacheless_call(self, args, kwargs):
+        """The call again with use_cache=False, and every later one that does not pass use_cache: a Hugging Face
+        model called as model(ids), whose use_cache defaults to True, returns a cache object (DynamicCache) no traced
+        graph can return, or branches on the cache's position (Mamba2)."""
+        self._cacheless = True
+        warnings.warn(f"compiled {type(self._orig_mod).__name__}: its forward builds a key/value cache by default "
+                      "(use_cache=True), which a traced graph cannot return or branch on: calls that do not pass "
+                      "use_cache run with use_cache=False (past_key_values is None; the logits and loss are "
+                      "the module's). Pass use_cache=False to say so; serve with prefill/decode_step "
+                      "(docs/serving.md)", stacklevel=5)
+        return self.forward(*args, **kwargs)
 
     def _branching_call(self, why: str, args, kwargs):
         """A call in a train/eval mode whose forward branches on a tensor's value (Hugging Face's LayerDrop,

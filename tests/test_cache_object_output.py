@@ -78,3 +78,32 @@ def test_the_warning_points_at_the_callers_line():
     with pytest.warns(UserWarning, match="use_cache=False") as caught:
         c(torch.randint(0, 50, (2, 7)))
     assert [w.filename for w in caught if "use_cache" in str(w.message)] == [__file__]
+
+
+class CachePositionBranch(torch.nn.Module):
+    """Hugging Face Mamba2: with use_cache (its default) the forward branches on the cache position's value."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(50, 16)
+        self.head = torch.nn.Linear(16, 50)
+
+    def forward(self, input_ids, use_cache=True):
+        h = self.emb(input_ids)
+        if use_cache:
+            cache_position = torch.arange(input_ids.shape[1], device=input_ids.device)
+            if cache_position[0] > 0:
+                h = h * 2
+        return self.head(h)
+
+
+def test_a_branch_on_the_cache_position_by_default_compiles():
+    torch.manual_seed(0)
+    m = CachePositionBranch()
+    c = sc.compile(m, backend="eager")
+    ids = torch.randint(0, 50, (2, 7))
+    with pytest.warns(UserWarning, match="use_cache=False"):
+        out = c(ids)
+    torch.testing.assert_close(out, m(ids))
+    torch.testing.assert_close(c(ids[:, :3]), m(ids[:, :3]))
+    assert c.uncompiled_calls == 0
