@@ -107,3 +107,29 @@ def test_zero_width_split_pieces_build_in_the_whole_graph():
             x = torch.randn(2, T, 4)
             assert_same(c(x), m(x))
     assert "whole graph in TVM" in c.explain()
+
+
+class SizeFloatsNoPow(SizeFloats):
+    def forward(self, v):
+        return super().forward(v)[:3]   # (float(T) ** 0.5 makes torch.export fix T)
+
+
+@pytest.mark.parametrize("export", ["onnx", "tvm"])
+def test_sizes_as_floats_in_the_exports(export, tmp_path):
+    torch.manual_seed(0)
+    m = SizeFloatsNoPow().eval()
+    v = torch.randn(2, 5, 4)
+    if export == "onnx":
+        import onnxruntime as ort
+
+        sc.export_onnx(m, (v,), str(tmp_path / "m.onnx"))
+        session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+        run = lambda x: [torch.from_numpy(o) for o in session.run(None, {session.get_inputs()[0].name: x.numpy()})]
+    else:
+        sc.export_tvm(m, (v,), str(tmp_path / "lib"))
+        lib = sc.load_tvm(str(tmp_path / "lib"))
+        run = lambda x: [torch.as_tensor(o) for o in lib(x)]
+    with torch.no_grad():
+        for B, T in ((2, 5), (3, 2), (1, 9)):
+            x = torch.randn(B, T, 4)
+            assert_same(run(x), m(x))

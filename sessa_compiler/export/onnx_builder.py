@@ -160,6 +160,17 @@ class GraphBuilder:
             root.cache[key] = root.op("Squeeze", root.dim(expr), root.i64(0), hint="dim0d")
         return root.cache[key]
 
+    def size_value(self, expr, dtype: str) -> str:
+        """A size expression as a 0-d tensor of ``dtype``: its int64 value, or for a size used as a float (T * 0.5)
+        the exact fraction of two int64 sizes computed in float64."""
+        if not expr.has(sympy.Float):
+            return self.cast(self.dim_scalar(expr), "i64", dtype)
+        exact = expr.xreplace({f: sympy.Rational(f) for f in expr.atoms(sympy.Float)})
+        num, den = sympy.fraction(sympy.together(exact))
+        value = self.op("Div", self.cast(self.dim_scalar(sympy.expand(num)), "i64", "f64"),
+                        self.cast(self.dim_scalar(sympy.expand(den)), "i64", "f64"), hint="size_float")
+        return self.cast(value, "f64", dtype)
+
     def shape_tensor(self, dims) -> str:
         """A 1-D int64 shape from a list of ints / sympy dims (constant runs are folded)."""
         parts, run = [], []

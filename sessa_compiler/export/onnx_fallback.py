@@ -46,7 +46,7 @@ class Args:
         if isinstance(v, ArgRef):
             return self.L.get(self.node, v.index, dtype)
         if isinstance(v, sympy.Basic) and not v.is_Number:   # a size (ids % T): its runtime value
-            return self.L.b.cast(self.L.b.dim_scalar(v), "i64", dtype)
+            return self.L.b.size_value(v, dtype)
         if isinstance(v, sympy.Basic):
             v = int(v) if v.is_Integer else float(v)
         return self.L.b.scalar(bool(v) if dtype == "bool" else v, dtype)

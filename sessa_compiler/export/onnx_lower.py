@@ -65,7 +65,7 @@ class Lowering:
             return b.cast(self.names[x], x.type.dtype.name, dtype or x.type.dtype.name)
         dtype = dtype or self.literal_dtype(x)
         if isinstance(x, sympy.Basic) and not x.is_Number:
-            return b.cast(b.dim_scalar(x), "i64", dtype)
+            return b.size_value(x, dtype)
         if isinstance(x, sympy.Basic):
             x = int(x) if x.is_Integer else float(x)
         if dtype == "bool":
@@ -76,7 +76,7 @@ class Lowering:
     def literal_dtype(x) -> str:
         if isinstance(x, bool):
             return "bool"
-        if isinstance(x, float) or (isinstance(x, sympy.Basic) and x.is_Float):
+        if isinstance(x, float) or (isinstance(x, sympy.Basic) and x.has(sympy.Float)):
             return "f32"
         return "i64"
 
@@ -509,7 +509,7 @@ def _full(L, node):
     dt = out_dtype(node)
     value = node.attrs["value"]
     if isinstance(value, sympy.Basic) and not value.is_Number:
-        v = b.cast(b.dim_scalar(value), "i64", dt)
+        v = b.size_value(value, dt)
         return [b.op("Expand", v, b.shape_tensor(node.attrs["shape"]), hint="full")]
     cd = "f32" if dt == "bf16" else dt
     fill = tensor_proto("value", np.asarray([value], dtype=NUMPY_DTYPE[cd]))
