@@ -891,12 +891,16 @@ class CompiledModule(torch.nn.Module):
         model called as model(ids), whose use_cache defaults to True, returns a cache object (DynamicCache) no traced
         graph can return, or branches on the cache's position (Mamba2)."""
         self._cacheless = True
+        out = self.forward(*args, **kwargs)
+        if _modes(self._orig_mod) in self._branching:   # it branches on data without a cache too (LayerDrop in
+            self._cacheless = False                      # training): that mode runs the module, nothing else changes
+            return out
         warnings.warn(f"compiled {type(self._orig_mod).__name__}: its forward builds a key/value cache by default "
                       "(use_cache=True), which a traced graph cannot return or branch on: calls that do not pass "
                       "use_cache run with use_cache=False (past_key_values is None; the logits and loss are "
                       "the module's). Pass use_cache=False to say so; serve with prefill/decode_step "
                       "(docs/serving.md)", stacklevel=5)
-        return self.forward(*args, **kwargs)
+        return out
 
     def _branching_call(self, why: str, args, kwargs):
         """A call in a train/eval mode whose forward branches on a tensor's value (Hugging Face's LayerDrop,

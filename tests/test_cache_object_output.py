@@ -2,6 +2,7 @@
 DynamicCache, which torch.export cannot return) compiles: such calls run with ``use_cache=False``, one warning,
 the logits and loss the module's. Before, every ``model(ids)`` call of a Hugging Face causal LM raised TraceError."""
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -107,3 +108,30 @@ def test_a_branch_on_the_cache_position_by_default_compiles():
     torch.testing.assert_close(out, m(ids))
     torch.testing.assert_close(c(ids[:, :3]), m(ids[:, :3]))
     assert c.uncompiled_calls == 0
+
+
+class LayerDropWithCache(CachePositionBranch):
+    """A branch on data that is not the cache's (LayerDrop in training): use_cache=False does not help, so that
+    mode runs the module and nothing about the cache changes."""
+
+    def forward(self, input_ids, use_cache=True):
+        h = self.emb(input_ids)
+        if self.training and torch.rand([]) < 0.5:
+            h = h * 2
+        return self.head(h), (h if use_cache else None)
+
+
+def test_a_branch_on_other_data_keeps_use_cache():
+    torch.manual_seed(0)
+    m = LayerDropWithCache().train()
+    c = sc.compile(m, backend="eager")
+    ids = torch.randint(0, 50, (2, 7))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c(ids)
+    assert not [w for w in caught if "use_cache=False" in str(w.message)]
+    m.eval()
+    with torch.no_grad():
+        logits, cache = c(ids)
+    assert cache is not None   # the module's default, as traced in eval
+    torch.testing.assert_close(logits, m(ids)[0])

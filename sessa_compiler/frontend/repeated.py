@@ -32,9 +32,9 @@ import argparse
 import dis
 import enum
 import functools
-import os
 import hashlib
 import itertools
+import os
 import sys
 import threading
 import types
@@ -103,7 +103,7 @@ def _attr_key(x, depth: int = 0, by_content: bool = True):
             return ("id", id(x))
         return ("fn", id(x), tuple(_cell_key(c, depth + 1, by_content) for c in x.__closure__ or ()),
                 _attr_key(x.__defaults__, depth + 1, by_content), _attr_key(x.__kwdefaults__, depth + 1, by_content),
-                tuple((k, _cell_key(_Cell(v), depth + 1, by_content)) for k, v in own.items()))
+                tuple((k, _lenient_key(v, depth + 1, by_content)) for k, v in own.items()))
     if isinstance(x, types.MethodType):     # a bound method: its function and what its object holds
         try:
             return ("method", id(x.__func__), _attr_key(x.__self__, depth + 1, by_content))
@@ -112,7 +112,7 @@ def _attr_key(x, depth: int = 0, by_content: bool = True):
     if isinstance(x, type) and depth < _DEPTH and _config_like(x) and not issubclass(x, (torch.nn.Module, torch.Tensor,
                                                                                         enum.Enum)):
         # a settings class of the user's read in forward (``Opts.scales[0]``): its identity and its data attributes
-        return ("class", id(x), tuple((k, _cell_key(_Cell(v), depth + 1, by_content)) for k, v in list(vars(x).items())
+        return ("class", id(x), tuple((k, _lenient_key(v, depth + 1, by_content)) for k, v in list(vars(x).items())
                                       if not k.startswith("__") and not _functions_in(v)))
     if isinstance(x, (types.BuiltinFunctionType, types.ModuleType, type)) or not _config_like(type(x)):
         return ("id", id(x))
@@ -142,6 +142,11 @@ def _cell_key(cell, depth: int, by_content: bool):
         v = cell.cell_contents
     except ValueError:   # an empty cell
         return ("empty",)
+    return _lenient_key(v, depth, by_content)
+
+
+def _lenient_key(v, depth: int, by_content: bool):
+    """_attr_key, or the value's identity where it cannot be described."""
     try:
         return _attr_key(v, depth, by_content)
     except _Opaque:
@@ -167,14 +172,6 @@ def _code_of(fn):
         elif not isinstance(fn, types.FunctionType) and isinstance(getattr(type(fn), "__call__", None), types.FunctionType):
             fn = type(fn).__call__
     return fn
-
-
-class _Cell:
-    """A value in the shape of a closure cell (``_cell_key``'s argument)."""
-    __slots__ = ("cell_contents",)
-
-    def __init__(self, v):
-        self.cell_contents = v
 
 
 def _cell(c):
