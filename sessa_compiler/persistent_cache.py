@@ -105,10 +105,12 @@ def torch_flags() -> tuple:
     and that change what some ops compute: part of the compile cache's key and of a compiled module's guards."""
     import torch
 
-    C = torch._C   # (the getters behind torch.backends.cudnn.enabled, ...: a tenth of their cost, at every call)
+    C = torch._C   # (the getters behind torch.backends.cudnn.deterministic, ...: a tenth of their cost, at every call)
+    # (not whether cuDNN is enabled: torch.export turns it off while it traces, and a compiled module called inside
+    # an export must find its traced graph)
     return (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
             torch.backends.mha.get_fastpath_enabled(), torch.get_float32_matmul_precision(),
-            C._get_cudnn_enabled(), C._get_cudnn_deterministic(), C._get_cudnn_allow_tf32(), C._get_cublas_allow_tf32())
+            C._get_cudnn_deterministic(), C._get_cudnn_allow_tf32(), C._get_cublas_allow_tf32())
 
 
 def object_fields(v) -> dict | None:

@@ -250,7 +250,7 @@ class ModuleGuard:
         if torch.get_default_dtype() is not self.default_dtype:
             return f"torch's default dtype changed ({self.default_dtype} -> {torch.get_default_dtype()})"
         if torch_flags() != self.torch_flags:
-            return "one of torch's global switches changed (deterministic algorithms, the MHA fast path, matmul precision, cuDNN)"
+            return "one of torch's global switches changed (deterministic algorithms, the MHA fast path, matmul precision, TF32)"
         for n, state in self.global_hooks:
             if _hook_state(getattr(_nn_module, n)) != state:
                 return f"torch's global module hooks ({n.strip('_')}) were added or removed"
