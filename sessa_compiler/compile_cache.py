@@ -43,8 +43,10 @@ from pathlib import Path
 
 import torch
 
+from .persistent_cache import STDLIB as _STDLIB
 from .persistent_cache import (cache_dir, make_private_dir, object_fields, package_hash, stable_hash, tensor_digest,
-                               torch_flags, trusted)
+                               torch_flags, trusted, users_file)
+from .persistent_cache import site_dirs as _site_dirs
 from .persistent_cache import compile_cache_enabled as enabled  # noqa: F401  (compile_cache.enabled())
 
 ENTRY_FORMAT = 10  # 3: Traced.assumed (tensors a recognised op was built from); 4: the graph's source lines;
@@ -66,7 +68,6 @@ class NotKeyable(Exception):
     """A value the cache cannot fingerprint: whatever depends on it is not cached."""
 
 
-_STDLIB = os.path.dirname(os.__file__)
 # what a forward's environment reads run (os.environ's item lookup): their keys and values join the manifest;
 # this package's own settings are keyed elsewhere (the options) or do not change a graph
 _ENV_GETITEM = type(os.environ).__getitem__.__code__
@@ -124,10 +125,7 @@ def _keyed_elsewhere(module_name) -> bool:
 def _user_module(v: types.ModuleType) -> str | None:
     """The source file of a module of the user's (not a library's, the standard library's or torch's), else None."""
     path = getattr(v, "__file__", None)
-    if _keyed_elsewhere(v.__name__) or not isinstance(path, str) or path.startswith(_site_dirs()) \
-            or os.path.abspath(path).startswith(_STDLIB):
-        return None
-    return path
+    return path if not _keyed_elsewhere(v.__name__) and isinstance(path, str) and users_file(path) else None
 
 
 def _lenient(items, depth: int, active: set) -> tuple:
@@ -487,19 +485,6 @@ def _versions() -> dict:
 
 
 # -- the manifest: what the trace ran -------------------------------------------------------------------------
-@functools.lru_cache(maxsize=1)
-def _site_dirs() -> tuple:
-    import site
-    import sysconfig
-
-    dirs = set(site.getsitepackages()) | {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
-    try:
-        dirs.add(site.getusersitepackages())
-    except AttributeError:
-        pass
-    return tuple(os.path.join(d, "") for d in dirs if d)
-
-
 @functools.lru_cache(maxsize=None)
 def library_version(top: str) -> str | None:
     """The installed version of the distribution that provides top-level package ``top`` (None: unknown)."""
@@ -788,7 +773,7 @@ class Recorder:
         for n in _loaded_globals(code):   # (not every name in co_names: self.out does not read a global 'out')
             if n in g and (name, n) not in self._globals:
                 try:
-                    self._globals[(name, n)] = global_fingerprint(g[n], self._sites)
+                    self._globals[(name, n)] = global_fingerprint(g[n])
                 except NotKeyable as e:
                     self._globals[(name, n)] = None
                     self.why = self.why or f"global {name}.{n} holds {e}"
@@ -846,17 +831,16 @@ class Recorder:
         return [k for k, v in list(vars(module).items()) if _code_of(v) is code] if module is not None else []
 
 
-def global_fingerprint(v, sites: tuple):
+def global_fingerprint(v):
     """A global's fingerprint for the manifest. A user module read as a global (``consts.K``, ``settings.CFG``) is
     keyed by its file's content and everything it holds now (``fingerprint``). A user class (``Cfg.scale``,
     ``Opts.scales[0]``) read as a global stands for its file's content and its attributes: the name alone missed
     an edited constant there, or one computed from the environment at import. A library's module or class is keyed
-    by the library's version (elsewhere). ``sites``: _site_dirs()."""
+    by the library's version (elsewhere)."""
     if isinstance(v, type):
-        name = getattr(v, "__module__", None)
-        path = getattr(sys.modules.get(name), "__file__", None)
-        if not _keyed_elsewhere(name) and isinstance(path, str) and not path.startswith(sites) \
-                and not path.startswith(_STDLIB):
+        module = sys.modules.get(getattr(v, "__module__", None))
+        path = _user_module(module) if isinstance(module, types.ModuleType) else None
+        if path is not None:
             attrs = _lenient(((k, x) for k, x in list(vars(v).items()) if k not in _CLASS_SKIPPED), 1, {id(v)})
             return (fingerprint(v), file_hash(path), hashlib.sha256(repr(attrs).encode()).hexdigest())
     return fingerprint(v)
@@ -885,13 +869,12 @@ def check_manifest(manifest: dict) -> str | None:
         kind, _, path = key.partition(":")
         if data_digest(kind, path) != digest:
             return f"{'file' if kind == 'file' else 'directory'} {path} (read by the forward) changed"
-    sites = _site_dirs()
     for (mod, name), fp in manifest["globals"].items():
         module = sys.modules.get(mod)
         if module is None or name not in vars(module):
             return f"global {mod}.{name} no longer exists"
         try:
-            if global_fingerprint(vars(module)[name], sites) != fp:
+            if global_fingerprint(vars(module)[name]) != fp:
                 return f"global {mod}.{name} changed"
         except NotKeyable as e:
             return f"global {mod}.{name} holds {e}"

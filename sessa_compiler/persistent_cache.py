@@ -100,6 +100,30 @@ def tensor_digest(t) -> str:
     return h.hexdigest()
 
 
+STDLIB = os.path.dirname(os.__file__)   # the standard library's directory
+
+
+@functools.lru_cache(maxsize=1)
+def site_dirs() -> tuple:
+    """The directories installed packages live in (site-packages, the user's site-packages)."""
+    import site
+    import sysconfig
+
+    dirs = set(site.getsitepackages()) | {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}
+    try:
+        dirs.add(site.getusersitepackages())
+    except AttributeError:
+        pass
+    return tuple(os.path.join(d, "") for d in dirs if d)
+
+
+def users_file(path: str) -> bool:
+    """Whether a source file is the user's: not an installed library's (keyed by its version) or the standard
+    library's."""
+    path = os.path.abspath(path)
+    return not path.startswith(site_dirs()) and not path.startswith(STDLIB)
+
+
 def torch_flags() -> tuple:
     """torch's process-wide switches a forward can branch on (``if torch.are_deterministic_algorithms_enabled()``)
     and that change what some ops compute: part of the compile cache's key and of a compiled module's guards."""

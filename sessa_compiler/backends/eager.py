@@ -81,11 +81,14 @@ def call_widened(graph: Graph, run_wide, inputs, params) -> list:
 
 def empty_operand_sizes(graph: Graph) -> list:
     """The element counts (expressions of the sizes) of a reduction's or contraction's operands that can be empty
-    while no input is and the op's output is not: a reduction over ``h[:, 1:]`` at T = 1, a loss over ``logits[:, :-1]``. Where one is 0, a
-    generated kernel's reduction never runs its initialisation (TVM: ``T.init()`` sits inside the empty loop) and
-    returns whatever its buffer held. A count that is a product of sizes is 0 only where an input is empty (checked
-    apart); a count that is 0 for every size (a static empty slice) is the literal 0."""
+    while no input is and the op's output is not: a reduction over ``h[:, 1:]`` at T = 1, a loss over
+    ``logits[:, :-1]``. Where one is 0, a generated kernel's reduction never runs its initialisation (TVM:
+    ``T.init()`` sits inside the empty loop) and returns whatever its buffer held. A count that is a product of
+    sizes is 0 only where an input is empty (checked apart); a count that is 0 for every size (a static empty
+    slice) is the literal 0."""
     import sympy
+
+    from ..ir.ops import COMPUTE, CORE, OPS, REDUCTION
 
     counts: dict = {}   # shape -> (element count, whether it is a product of sizes): shapes repeat
 
@@ -105,8 +108,6 @@ def empty_operand_sizes(graph: Graph) -> list:
             counts[shape] = hit
         return hit
 
-    from ..ir.ops import COMPUTE, CORE, OPS, REDUCTION
-
     sizes = {}
     for node in graph.nodes:
         # reductions and contractions (a sum, a linear over K = 0, attention over no keys), not a concatenation or
@@ -123,29 +124,27 @@ def empty_operand_sizes(graph: Graph) -> list:
     return list(sizes)
 
 
-def eager_when_empty(graph: Graph, runner):
-    """``runner``, except that calls with an empty input (T = 0 or B = 0), or whose sizes make an operand empty
-    where the op's output is not (``empty_operand_sizes``), run on the interpreter: there is nothing to compute,
-    generated kernels need at least one row (TVM rejects zero-size strides), and their reductions over nothing
-    return an uninitialised buffer instead of torch's 0 (sum) or NaN (mean)."""
+def eager_when_empty(graph: Graph, runner, sizes: list):
+    """``runner``, except that calls with an empty input (T = 0 or B = 0), or whose sizes make one of ``sizes``
+    (``empty_operand_sizes``: the caller runs a graph where one is 0 at every size on the interpreter) 0, run on
+    the interpreter: there is nothing to compute, generated kernels need at least one row (TVM rejects zero-size
+    strides), and their reductions over nothing return an uninitialised buffer instead of torch's 0 (sum) or NaN
+    (mean)."""
     import functools
 
     from ..ir.types import eval_dim
 
-    sizes = empty_operand_sizes(graph)
-    always = 0 in sizes
+    def empty(inputs) -> bool:
+        if any(isinstance(x, torch.Tensor) and x.numel() == 0 for x in inputs):
+            return True
+        if not sizes:
+            return False
+        binding = bind_symbols(graph, inputs)
+        return any(eval_dim(n, binding) == 0 for n in sizes)
 
     @functools.wraps(runner)
     def run(inputs, params):
-        if any(isinstance(x, torch.Tensor) and x.numel() == 0 for x in inputs):
-            return run_graph(graph, inputs, params)
-        if sizes:
-            if always:
-                return run_graph(graph, inputs, params)
-            binding = bind_symbols(graph, inputs)
-            if any(eval_dim(n, binding) == 0 for n in sizes):
-                return run_graph(graph, inputs, params)
-        return runner(inputs, params)
+        return run_graph(graph, inputs, params) if empty(inputs) else runner(inputs, params)
     return run
 
 

@@ -14,8 +14,9 @@ import sympy
 import torch
 from onnx import TensorProto, helper
 
-from ..ir.dtypes import NUMPY_NAME
 from ..errors import SessaCompilerError, UnsupportedError
+from ..ir.dtypes import NUMPY_NAME
+from ..ir.types import size_fraction
 
 ONNX_DTYPE = {"f64": TensorProto.DOUBLE, "f32": TensorProto.FLOAT, "f16": TensorProto.FLOAT16,
               "bf16": TensorProto.BFLOAT16, "i64": TensorProto.INT64, "i32": TensorProto.INT32,
@@ -165,10 +166,9 @@ class GraphBuilder:
         the exact fraction of two int64 sizes computed in float64."""
         if not expr.has(sympy.Float):
             return self.cast(self.dim_scalar(expr), "i64", dtype)
-        exact = expr.xreplace({f: sympy.Rational(f) for f in expr.atoms(sympy.Float)})
-        num, den = sympy.fraction(sympy.together(exact))
-        value = self.op("Div", self.cast(self.dim_scalar(sympy.expand(num)), "i64", "f64"),
-                        self.cast(self.dim_scalar(sympy.expand(den)), "i64", "f64"), hint="size_float")
+        num, den = size_fraction(expr)
+        num, den = (self.cast(self.dim_scalar(n), "i64", "f64") for n in (num, den))
+        value = self.op("Div", num, den, hint="size_float")
         return self.cast(value, "f64", dtype)
 
     def shape_tensor(self, dims) -> str:

@@ -47,7 +47,8 @@ def _warn_empty_operands(graph, module) -> None:
 
     sizes = empty_operand_sizes(graph)
     if sizes:
-        where = "at every size of this trace" if 0 in sizes else "where " + " or ".join(f"{sympy.factor(n)} = 0" for n in sizes)
+        where = "at every size of this trace" if 0 in sizes else \
+            "where " + " or ".join(f"{sympy.factor(n)} = 0" for n in sizes)
         warnings.warn(f"export_tvm: an operand of {type(module).__name__}'s graph is empty {where} while its op's "
                       "output is not (a reduction over h[:, 1:] at T = 1, a shifted loss): the exported program "
                       "returns undefined values at those sizes (compile() runs such calls on the interpreter); "

@@ -122,7 +122,8 @@ class ModuleGuard:
                              if hook_name(n, fn, GLOBAL_HOOKS_WHERE) not in skip_hooks)
         # torch's default dtype: the dtype of the floats the forward makes (torch.arange(T) / 10.0, torch.zeros(...))
         self.default_dtype = torch.get_default_dtype()
-        self.torch_flags = torch_flags()   # deterministic algorithms, matmul precision, ...: a forward may branch on them
+        # torch's global switches (deterministic algorithms, matmul precision, ...): a forward may branch on them
+        self.torch_flags = torch_flags()
         # the same facts laid out for a check in C loops (map, tuple comparison; identity first): _same
         self._kid_dicts = [d for _, d, _ in self.children]
         self._kids = [k for _, _, k in self.children]
@@ -177,8 +178,8 @@ class ModuleGuard:
             return False
 
     def _same_rest(self) -> bool:
-        return not self.hooks and torch.get_default_dtype() is self.default_dtype and torch_flags() == self.torch_flags \
-            and all(
+        return not self.hooks and torch.get_default_dtype() is self.default_dtype and \
+            torch_flags() == self.torch_flags and all(
             d.get(n) is None for _, d, n in self.nones) and all(
             len(vars(k)) == n for k, n in self.class_sizes) and all(
             map(operator.is_, map(operator.getitem, *self._identity[:2]), self._identity[2])) and all(
@@ -250,7 +251,8 @@ class ModuleGuard:
         if torch.get_default_dtype() is not self.default_dtype:
             return f"torch's default dtype changed ({self.default_dtype} -> {torch.get_default_dtype()})"
         if torch_flags() != self.torch_flags:
-            return "one of torch's global switches changed (deterministic algorithms, the MHA fast path, matmul precision, TF32)"
+            return ("one of torch's global switches changed (deterministic algorithms, the MHA fast path, matmul "
+                    "precision, TF32)")
         for n, state in self.global_hooks:
             if _hook_state(getattr(_nn_module, n)) != state:
                 return f"torch's global module hooks ({n.strip('_')}) were added or removed"

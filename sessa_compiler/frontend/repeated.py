@@ -34,7 +34,6 @@ import enum
 import functools
 import hashlib
 import itertools
-import os
 import sys
 import threading
 import types
@@ -47,7 +46,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from ..ir.graph import Graph, Value
 from ..ir.types import TensorType
-from ..persistent_cache import object_fields, tensor_digest
+from ..persistent_cache import object_fields, tensor_digest, users_file
 from .lower import CONSTANT_TYPES, LOWERINGS, PAIR_SUFFIX, as_pairs
 
 _CONTAINERS = (torch.nn.ModuleList, torch.nn.Sequential, torch.nn.ModuleDict, torch.nn.ParameterList,
@@ -298,29 +297,12 @@ def _global_reads(module: torch.nn.Module, skip_hooks=(), names: set | None = No
     return list(reads.values())
 
 
-@functools.lru_cache(maxsize=1)
-def _library_dirs() -> tuple:
-    """Where the standard library and installed packages live."""
-    import site
-    import sysconfig
-
-    dirs = set(site.getsitepackages()) | {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib",
-                                                                            "platstdlib")}
-    try:
-        dirs.add(site.getusersitepackages())
-    except AttributeError:
-        pass
-    return tuple(os.path.join(os.path.abspath(d), "") for d in dirs if d)
-
-
 def _users_namespace(d: dict) -> bool:
     """Whether a module's namespace is the user's code: not torch's, numpy's, this package's, the standard
     library's or an installed library's (those are read by identity: their contents change with their version)."""
     path = d.get("__file__")
-    if not isinstance(path, str) or str(d.get("__name__", "")).partition(".")[0] in ("torch", "numpy",
-                                                                                        "sessa_compiler"):
-        return False
-    return not os.path.abspath(path).startswith(_library_dirs())
+    return isinstance(path, str) and str(d.get("__name__", "")).partition(".")[0] not in (
+        "torch", "numpy", "sessa_compiler") and users_file(path)
 
 
 @functools.lru_cache(maxsize=8192)

@@ -235,15 +235,22 @@ def eval_dim(d: Dim, binding: Mapping[str, int]) -> int:
     return int(value)
 
 
-def eval_number(d, binding: Mapping):
-    """A literal operand or attribute that is an expression of the sizes: eval_dim where it is integer-valued, a
-    float where torch computed it as one (``T * 0.5``, ``float(B * T)``: sympy Floats in it), evaluated exactly as
-    a fraction of two integer sizes (a SymFloat under a symbolic trace)."""
-    if not (isinstance(d, sympy.Basic) and d.has(sympy.Float)):
-        return eval_dim(d, binding)
+def size_fraction(d) -> tuple:
+    """(numerator, denominator): integer expressions of the sizes whose quotient is ``d``, a size torch computed as
+    a float (``T * 0.5``, ``float(B * T)``: sympy Floats in it), each Float taken as the exact fraction it holds.
+    Every backend and export computes such a literal as this quotient."""
     exact = d.xreplace({f: sympy.Rational(f) for f in d.atoms(sympy.Float)})
     num, den = sympy.fraction(sympy.together(exact))
-    return eval_dim(sympy.expand(num), binding) / eval_dim(sympy.expand(den), binding)
+    return sympy.expand(num), sympy.expand(den)
+
+
+def eval_number(d, binding: Mapping):
+    """A literal operand or attribute that is an expression of the sizes: eval_dim where it is integer-valued, the
+    quotient of size_fraction where torch computed it as a float (a SymFloat under a symbolic trace)."""
+    if not (isinstance(d, sympy.Basic) and d.has(sympy.Float)):
+        return eval_dim(d, binding)
+    num, den = size_fraction(d)
+    return eval_dim(num, binding) / eval_dim(den, binding)
 
 
 def _eval_symbolic(d, binding: Mapping):

@@ -320,11 +320,12 @@ class TVMBackend(Backend):
         return built
 
     def prepare(self, graph: Graph, ctx: CompileContext | None = None):
-        if 0 in empty_operand_sizes(graph):   # a graph traced at sizes where an operand is empty (T = 1 static,
-            # logits[:, :-1]): every call runs on the interpreter (eager_when_empty), nothing to build
+        empty = empty_operand_sizes(graph)
+        if 0 in empty:   # a graph traced at sizes where an operand is empty (T = 1 static, logits[:, :-1]): every
+            # call runs on the interpreter, nothing to build
             self.modes[id(graph)] = ("interpreter", "an operand is empty at every size of this trace")
             return lambda inputs, params: run_graph(graph, inputs, params)
-        return eager_when_empty(graph, self._prepare(self._kernel_graph(graph), ctx or CompileContext()))
+        return eager_when_empty(graph, self._prepare(self._kernel_graph(graph), ctx or CompileContext()), empty)
 
     def _kernel_graph(self, graph: Graph) -> Graph:
         """The graph this backend builds: ``graph``, or where a core op reads bf16/fp16 operands (mixed precision,

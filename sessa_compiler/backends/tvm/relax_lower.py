@@ -18,6 +18,7 @@ from ...ir.dtypes import TVM_NAME as RELAX_DTYPE
 from ...ir.dtypes import compute_name
 from ...errors import UnsupportedError
 from ...ir.graph import Graph, Value
+from ...ir.types import size_fraction
 from .build import primfunc, tri_solve_spec
 from .lowering import KERNEL_OPS, kernel_dtype, lower_node
 
@@ -99,20 +100,9 @@ class _Lowerer:
         raise UnsupportedError(f"TVM export: dimension expression {e} has no TVM form")
 
     def _float_expr(self, e):
-        tirx = self.tirx
-        if e.is_Number:
-            return tirx.FloatImm("float64", float(e))
-        if e.is_Add or e.is_Mul:
-            parts = [self._float_expr(a) for a in e.args]
-            out = parts[0]
-            for p in parts[1:]:
-                out = out + p if e.is_Add else out * p
-            return out
-        if e.is_Pow and e.exp.is_Number:
-            return tirx.power(self._float_expr(e.base), tirx.FloatImm("float64", float(e.exp)))
-        if e.has(sympy.Float):
-            raise UnsupportedError(f"TVM export: dimension expression {e} has no TVM form")
-        return tirx.Cast("float64", self._expr(e))   # an integer-valued part (a size, floor(T / 2))
+        """A size used as a float (T * 0.5): size_fraction's quotient, in float64."""
+        num, den = size_fraction(e)
+        return self.tirx.Cast("float64", self._expr(num)) / self.tirx.Cast("float64", self._expr(den))
 
     def ttype(self, v: Value):
         return self.relax.TensorType([self.dim(d) for d in v.type.shape], RELAX_DTYPE[v.type.dtype.name])
@@ -225,20 +215,18 @@ class _Lowerer:
             return lowers(node)
         return node.op in SIMPLE or node.op in COMPLEX
 
-    def size_scalar(self, x):
-        """[1] holding a size expression: int64, or float64 for a size used as a float (T * 0.5)."""
+    def size_scalar(self, x, dtype: str):
+        """[1] of ``dtype`` holding a size expression, computed in int64 (float64 for a size used as a float)."""
         op, e = self.relax.op, self._expr(sympy.sympify(x))
-        if x.has(sympy.Float):
-            return op.arange(e, e + 0.5, 1.0, dtype="float64")
-        return op.arange(e, e + 1, 1, dtype="int64")
+        own = "float64" if x.has(sympy.Float) else "int64"
+        one = op.arange(e, e + 0.5, 1.0, dtype=own) if own == "float64" else op.arange(e, e + 1, 1, dtype=own)
+        return one if dtype == own else op.astype(one, dtype)
 
     def operand(self, x, dtype: str):
         if isinstance(x, Value):
             return self.env[x]
         if isinstance(x, sympy.Basic) and not x.is_Number:   # a size (pos <= T): a 0-d tensor holding it
-            one = self.bb.emit(self.relax.op.reshape(self.size_scalar(x), []))
-            own = "float64" if x.has(sympy.Float) else "int64"
-            return one if dtype == own else self.bb.emit(self.relax.op.astype(one, dtype))
+            return self.bb.emit(self.relax.op.reshape(self.size_scalar(x, dtype), []))
         if isinstance(x, sympy.Basic):
             x = int(x) if x.is_Integer else float(x)
         return self.relax.const(x, dtype)
@@ -576,7 +564,7 @@ def _full(lw, node, ops):
     value = node.attrs["value"]
     shape = [lw.dim(d) for d in node.outputs[0].type.shape]
     if isinstance(value, sympy.Basic) and value.free_symbols:   # a size (torch.full((), T)): arange(v, v + 1)
-        one = relax.op.astype(lw.size_scalar(value), dtype)
+        one = lw.size_scalar(value, dtype)
         return relax.op.broadcast_to(relax.op.reshape(one, [1] * len(shape)), shape)
     value = bool(value) if dtype == "bool" else float(value) if "float" in dtype else int(value)
     return _filled(relax, shape, value, dtype)
