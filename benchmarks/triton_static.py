@@ -735,8 +735,11 @@ def decode_plan() -> dict:
     real = interpreter.InterpretedFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        per_pos = sum(caches.get(a.data_ptr(), 0) for a in args if isinstance(a, torch.Tensor))
-        other = nbytes([a for a in args if isinstance(a, torch.Tensor) and a.data_ptr() not in caches])
+        tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+        # the split-K partials read every cached position; the other kernels that take a cache write one slot
+        reads = self.fn.__name__.endswith("_partial")
+        per_pos = sum(caches.get(a.data_ptr(), 0) for a in tensors) if reads else 0.0
+        other = nbytes([a for a in tensors if a.data_ptr() not in caches])
         g = grid(kwargs) if callable(grid) else grid
         events.append({"kind": "triton", "name": self.fn.__name__, "bytes": other,
                        "bytes_per_position": float(per_pos), "grid": [int(x) for x in g],

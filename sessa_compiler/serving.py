@@ -124,16 +124,11 @@ def step_attention(state: dict, t0: int, q, k, v, inv_freq=None, mask=None, *, s
         return out[:, None].to(v.dtype)
     pos = state.get("_pos")
     if pos is not None and n == 1 and _use_triton(q) and cd == torch.float32:
-        # the position from the device (cache["_pos"]): every op and launch is the same at every position
-        if rope:   # one rotation for q and k, as complex products
-            rot = _rotation_pos(inv_freq, pos, cd)
-            q, k = _rotate_one(q.to(cd), rot), _rotate_one(k.to(cd), rot)
-        K, V = state["k"], state["v"]
-        idx = pos.long()
-        K.index_copy_(2, idx, k.transpose(1, 2).to(K.dtype))
-        V.index_copy_(2, idx, v.transpose(1, 2).to(V.dtype))
-        out = _triton_decode().attention_decode(q[:, 0].to(cd), K, V, pos + 1, scale)
-        return out[:, None].to(v.dtype)
+        # the position from the device (cache["_pos"]): every op and launch is the same at every position. RoPE,
+        # the cache writes and the attention in three launches
+        out = _triton_decode().attention_decode_step(q[:, 0], k[:, 0], v[:, 0], inv_freq if rope else None,
+                                                     state["k"], state["v"], pos, scale, out_dtype=v.dtype)
+        return out[:, None]
     one_cpu = n == 1 and q.device.type == "cpu" and cd in (torch.float32, torch.float64)
     if rope and one_cpu:
         rot = _rotation_at(inv_freq, t0, cd)
@@ -194,17 +189,11 @@ def _step_masked_attention(state: dict, t0: int, q, k, v, inv_freq, mask, *, sca
     K, V, M = state["k"], state["v"], state["mask"]
     pos = state.get("_pos")
     triton_ok = n == 1 and _use_triton(q) and cd == torch.float32
-    if pos is not None and triton_ok:   # the position from the device, as in step_attention
-        if rope:
-            rot = _rotation_pos(inv_freq, pos, cd)
-            q, k = _rotate_one(q.to(cd), rot), _rotate_one(k.to(cd), rot)
-        idx = pos.long()
-        K.index_copy_(2, idx, k.transpose(1, 2).to(K.dtype))
-        V.index_copy_(2, idx, v.transpose(1, 2).to(V.dtype))
-        M.index_copy_(1, idx, keep_new)
-        out = _triton_decode().attention_decode(q[:, 0].to(cd), K, V, pos + 1, scale, keep=M,
-                                                empty_nan=empty_rows == "nan")
-        return out[:, None].to(v.dtype)
+    if pos is not None and triton_ok:   # the position from the device, as in step_attention (the mask written too)
+        out = _triton_decode().attention_decode_step(q[:, 0], k[:, 0], v[:, 0], inv_freq if rope else None, K, V,
+                                                     pos, scale, keep=M, keep_new=keep_new[:, 0],
+                                                     empty_nan=empty_rows == "nan", out_dtype=v.dtype)
+        return out[:, None]
     if reach is not None and bool(_empty_rows(M[:, :t0], keep_new).any()):
         raise empty_row_error(reach)
     if (n == 1 and kernels is not None and cd == torch.float32 and q.device.type == "cpu"
@@ -245,13 +234,10 @@ def step_feedback(state: dict, t0: int, f, q_b, k_b, gamma, *, scale, kernels=No
         return s[:, None].to(f.dtype)
     pos = state.get("_pos")
     if pos is not None and n == 1 and _use_triton(q_b) and cd == torch.float32:
-        # the position from the device: the cache slot written and the positions read (t = 0 mixes nothing)
-        idx = pos.long()
-        KB.index_copy_(1, idx, k_b.to(KB.dtype))
-        mixed = _triton_decode().feedback_decode(q_b[:, 0], KB, S, pos, scale)
-        s = f.to(cd) + gamma.to(cd)[..., None] * mixed[:, None]
-        S.index_copy_(1, idx, s.to(S.dtype))
-        return s.to(f.dtype)
+        # the position from the device: the cache slots written and the positions read (t = 0 mixes nothing), the
+        # key's write and s = f + gamma * mixed inside the two launches
+        s = _triton_decode().feedback_decode_step(f[:, 0], q_b[:, 0], k_b[:, 0], gamma[:, 0], KB, S, pos, scale)
+        return s[:, None]
     KB[:, t0:t0 + n] = k_b.to(KB.dtype)
     if n == 1:  # one new row: it sees exactly the cached positions, no mask and no solve
         s = f.to(cd)

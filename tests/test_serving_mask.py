@@ -290,8 +290,9 @@ def test_masked_decode_steps_through_the_triton_kernels(model, monkeypatch):
     from sessa_compiler.backends.triton import decode
 
     calls = []
-    real = decode.attention_decode
-    monkeypatch.setattr(decode, "attention_decode", lambda *a, **k: calls.append(k.get("keep")) or real(*a, **k))
+    real = decode.attention_decode_step
+    monkeypatch.setattr(decode, "attention_decode_step",
+                        lambda *a, **k: calls.append(k.get("keep")) or real(*a, **k))
     monkeypatch.setattr(serving, "TRITON_DECODE_ON_CPU", True)
     m, c = _compiled(model, "eager")
     x, mask = _batch(4)

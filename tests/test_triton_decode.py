@@ -73,8 +73,98 @@ def test_feedback_decode_compiles_for_sm90(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert {r["kernel"] for r in records} == {"feedback_decode_partial", "feedback_decode_combine",
-                                              "attention_decode_partial", "attention_decode_combine"}
-    assert all(r["cubin_bytes"] > 0 for r in records)
+                                              "attention_decode_partial", "attention_decode_combine",
+                                              "attention_decode_write"}
+    assert len(records) == 12 and all(r["cubin_bytes"] > 0 for r in records)   # the step forms' variants too
+
+
+def _rope_ref(x: torch.Tensor, t: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE of x [..., d] at position t, in float64."""
+    ang = t * inv_freq.double()
+    xe, xo = x[..., 0::2].double(), x[..., 1::2].double()
+    return torch.stack((xe * ang.cos() - xo * ang.sin(), xe * ang.sin() + xo * ang.cos()), -1).flatten(-2)
+
+
+@pytest.mark.parametrize("B, H, Hkv, D, L, t, rope, cache_dtype, masked", [
+    (2, 4, 2, 8, 100, 70, True, torch.float32, False),     # GQA, RoPE, several chunks
+    (1, 3, 1, 12, 20, 0, True, torch.float32, False),      # t = 0: the new position alone; group of 3, d = 12
+    (1, 2, 2, 7, 40, 39, False, torch.float32, False),     # odd width (no RoPE), the last slot of the cache
+    (2, 8, 8, 16, 200, 129, True, torch.bfloat16, False),  # bf16 caches and inputs
+    (3, 4, 2, 16, 90, 64, True, torch.float32, True),      # key-padding mask (a row with no real key), chunk edge
+])
+def test_attention_decode_step_rotates_writes_and_attends(B, H, Hkv, D, L, t, rope, cache_dtype, masked):
+    """attention_decode_step at the position held by an int32 tensor, against float64 torch: q and k rotated
+    at t, k and v (and the mask flag) written to slot t, the other slots left as they were (poisoned past t),
+    the output over positions 0..t in the asked dtype."""
+    from sessa_compiler.backends.triton.decode import attention_decode_step
+
+    g = torch.Generator().manual_seed(t + D)
+    dt = cache_dtype
+    q, k, v = (torch.randn(B, n, D, generator=g).to(dt) for n in (H, Hkv, Hkv))
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D // 2) * 2.0 / D)) if rope else None
+    K = torch.full((B, Hkv, L, D), float("nan")).to(dt)
+    V = torch.full((B, Hkv, L, D), float("nan")).to(dt)
+    K[:, :, :t] = torch.randn(B, Hkv, t, D, generator=g).to(dt)
+    V[:, :, :t] = torch.randn(B, Hkv, t, D, generator=g).to(dt)
+    K0, V0 = K.clone(), V.clone()
+    keep = keep_new = None
+    if masked:
+        keep = torch.rand(B, L, generator=g) > 0.3
+        keep[0, :t] = False                   # row 0: no real key cached
+        keep_new = torch.tensor([False] + [True] * (B - 1))
+        keep0 = keep.clone()
+    out = attention_decode_step(q, k, v, inv_freq, K, V, torch.tensor([t], dtype=torch.int32), D ** -0.5,
+                                keep=keep, keep_new=keep_new, out_dtype=dt)
+    assert out.dtype == dt and out.shape == (B, H, D)
+    kt = _rope_ref(k, t, inv_freq) if rope else k.double()
+    qt = _rope_ref(q, t, inv_freq) if rope else q.double()
+    tol = TOLERANCE[torch.bfloat16 if dt == torch.bfloat16 else torch.float32]
+    assert relative_error(K[:, :, t], kt) <= tol and torch.equal(V[:, :, t], v)
+    others = [i for i in range(L) if i != t]
+    assert torch.equal(K[:, :, others].isnan(), K0[:, :, others].isnan())
+    assert torch.equal(K[:, :, :t], K0[:, :, :t]) and torch.equal(V[:, :, :t], V0[:, :, :t])
+    keys = torch.cat([K0[:, :, :t].double(), kt[:, :, None]], 2).repeat_interleave(H // Hkv, 1)
+    vals = torch.cat([V0[:, :, :t].double(), v.double()[:, :, None]], 2).repeat_interleave(H // Hkv, 1)
+    logits = (qt[:, :, None, :] @ keys.transpose(-1, -2)) * D ** -0.5               # [B, H, 1, t + 1]
+    if masked:
+        assert torch.equal(keep[:, t], keep_new) and torch.equal(keep[:, others], keep0[:, others])
+        seen = keep[:, None, None, :t + 1]
+        logits = logits.masked_fill(~seen, -1e30)   # a row with no real key: the mean of v (empty_rows="mean")
+    ref = (torch.softmax(logits, -1) @ vals)[:, :, 0]
+    assert relative_error(out, ref) <= tol
+
+
+@pytest.mark.parametrize("B, W, L, t, dtype", [
+    (2, 32, 200, 130, torch.float32),   # several chunks
+    (1, 48, 70, 0, torch.float32),      # t = 0: s = f
+    (3, 40, 300, 257, torch.bfloat16),  # bf16 inputs and keys, fp32 states; W not a power of two
+    (1, 16, 65, 64, torch.float32),     # t at a chunk edge, the last slot
+])
+def test_feedback_decode_step_writes_the_key_and_the_state(B, W, L, t, dtype):
+    """feedback_decode_step at the position held by an int32 tensor: k_b written to slot t, s = f + gamma *
+    mixed to the states' slot t and returned in f's dtype, other slots untouched; against float64 torch."""
+    from sessa_compiler.backends.triton.decode import feedback_decode_step
+
+    g = torch.Generator().manual_seed(t + W)
+    f, q, kn = (torch.randn(B, W, generator=g).to(dtype) for _ in range(3))
+    gamma = (torch.rand(B, generator=g) * 2 - 1).to(dtype)
+    KB = torch.full((B, L, W), float("nan")).to(dtype)
+    S = torch.full((B, L, W), float("nan"))
+    KB[:, :t] = torch.randn(B, t, W, generator=g).to(dtype)
+    S[:, :t] = torch.randn(B, t, W, generator=g)
+    KB0, S0 = KB.clone(), S.clone()
+    out = feedback_decode_step(f, q, kn, gamma, KB, S, torch.tensor([t], dtype=torch.int32), W ** -0.5)
+    mixed = torch.zeros(B, W, dtype=torch.float64)
+    if t:
+        logits = (q[:, None, :].double() @ KB0[:, :t].double().transpose(1, 2)) * W ** -0.5
+        mixed = (torch.softmax(logits, -1) @ S0[:, :t].double())[:, 0]
+    ref = f.double() + gamma.double()[:, None] * mixed
+    tol = TOLERANCE[torch.bfloat16 if dtype == torch.bfloat16 else torch.float32]
+    assert out.dtype == dtype and relative_error(out, ref) <= tol
+    assert torch.equal(KB[:, t], kn) and relative_error(S[:, t], ref) <= TOLERANCE[torch.float32]
+    others = [i for i in range(L) if i != t]
+    assert torch.equal(KB[:, others].isnan(), KB0[:, others].isnan()) and torch.equal(KB[:, :t], KB0[:, :t])
+    assert torch.equal(S[:, others].isnan(), S0[:, others].isnan()) and torch.equal(S[:, :t], S0[:, :t])
 
 
 def test_decode_steps_through_the_kernels_equal_the_forward(monkeypatch):
@@ -180,7 +270,7 @@ def test_decode_step_plan_is_capture_safe(monkeypatch):
 
     def run(self, *args, grid, warmup, **kwargs):
         plan.append(("launch", self.fn.__name__, tuple(grid), tuple(a for a in args if not isinstance(a, torch.Tensor)),
-                     tuple(sorted(kwargs.items()))))
+                     tuple(sorted((k, v) for k, v in kwargs.items() if not isinstance(v, torch.Tensor)))))
         inside["launch"] = True
         try:
             return real(self, *args, grid=grid, warmup=warmup, **kwargs)
@@ -199,8 +289,10 @@ def test_decode_step_plan_is_capture_safe(monkeypatch):
             assert int(cache["_pos"]) == t + 1 == cache["t"]
     assert relative_error(torch.cat(outs, dim=1), full) <= TOLERANCE[torch.float32]
     launches = [p for p in plans[1] if p[0] == "launch"]
-    assert {p[1] for p in launches} == {"feedback_decode_partial", "feedback_decode_combine",
+    assert {p[1] for p in launches} == {"feedback_decode_partial", "feedback_decode_combine", "attention_decode_write",
                                         "attention_decode_partial", "attention_decode_combine"}
+    # RoPE, the cache writes and the feedback's s = f + gamma * mixed are inside those launches, not torch ops
+    assert not [p for p in plans[1] if p[0] == "op" and p[1] in ("index_copy_", "complex", "cos", "sin")], plans[1]
     for p in plans[2:]:
         assert p == plans[1]
     assert not [p for p in plans[1] if p[0] == "op" and p[1] in SYNCING]

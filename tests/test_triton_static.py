@@ -163,14 +163,14 @@ def test_tri_solve_variant_is_listed_with_tensor_cores(records):
 
 
 def test_decode_step_launches_and_floor(records):
-    """The decode step at context 8192, B=4: launches counted from one step under the interpreter (the four
-    Triton split-K launches and the torch ops between them), the floor from the weights and the caches."""
+    """The decode step at context 8192, B=4: launches counted from one step under the interpreter (five Triton
+    launches: the attention's prologue and the two split-K pairs; the torch ops between them), the floor from the
+    weights and the caches."""
     dec = records[-1]
-    assert dec["triton_launches"] == 4 and 20 <= dec["torch_launches"] <= 80, dec
+    assert dec["triton_launches"] == 5 and 10 <= dec["torch_launches"] <= 80, dec
     caches = 8192 * 4 * (2 * 8 * 128 * 2)   # attention K and V, bf16, at least; the feedback's caches add
     assert dec["floor_bytes"] > caches + 9e6, dec
     assert dec["floor_ms"] < dec["est_graph_ms"] < dec["est_ms"], dec
-    # recorded as a CUDA graph on CUDA (serving.DecodeGraphs): 2.55x the floor on 2026-12-06 (48 launches); the
-    # target (2x) is not reached: the torch ops between the kernels (projections, RoPE, cache writes) each cost a
-    # launch. A regression ceiling:
-    assert dec["launches"] <= 50 and dec["graph_over_floor"] <= 2.6, dec
+    # recorded as a CUDA graph on CUDA (serving.DecodeGraphs): 1.81x the floor on 2026-12-08 (24 launches: RoPE,
+    # the cache writes and the feedback's update inside the decode kernels; 2.55x with 48 before). The target:
+    assert dec["launches"] <= 26 and dec["graph_over_floor"] <= 2.0, dec

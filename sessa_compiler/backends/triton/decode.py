@@ -11,6 +11,12 @@ batch row (log-sum-exp rescaling). The caches are read in place through their st
 only the first t positions are touched). The step then is s_t = f_t + gamma_t * mixed (serving.py).
 ``attention_decode_*`` do the same for attention over head-major caches [B, Hkv, L, d]: one program per
 (batch row x kv head, chunk), all G = H / Hkv query heads of the group at once.
+
+The step forms with the position on the device (what a CUDA graph records: serving.py), ``attention_decode_step``
+and ``feedback_decode_step``, also do the step's small work inside the launches: RoPE, the new key, value and mask
+flag written to the caches' slot (``attention_decode_write``, then the split-K pair reads positions 0..t), the new
+feedback key written by the partial kernel (its programs read only the slots before t) and s = f + gamma * mixed
+written to the states' slot by the combine.
 """
 from __future__ import annotations
 
@@ -28,9 +34,11 @@ def chunk_for(width: int) -> int:
 @triton.jit
 def feedback_decode_partial(q_ptr, kb_ptr, s_ptr, pm_ptr, pl_ptr, pa_ptr, t_ptr, stride_kb_b, stride_kb_l,
                             stride_s_b, stride_s_l, scale, W: tl.constexpr, BW: tl.constexpr,
-                            CHUNK: tl.constexpr):
+                            CHUNK: tl.constexpr, stride_q_b=None, kn_ptr=None, stride_kn_b=0,
+                            WRITE: tl.constexpr = False):
     # t (cached positions) is read from the device: chunks at or past it store empty partials (m = -1e30,
-    # l = 0, acc = 0), so a grid sized for the cache capacity serves every position
+    # l = 0, acc = 0), so a grid sized for the cache capacity serves every position. WRITE: the new key kn[b]
+    # goes to the cache's slot t (program c = 0), which no program of this launch reads (rows < t)
     t = tl.load(t_ptr)
     b = tl.program_id(0)
     c = tl.program_id(1)
@@ -40,7 +48,11 @@ def feedback_decode_partial(q_ptr, kb_ptr, s_ptr, pm_ptr, pl_ptr, pa_ptr, t_ptr,
     row_ok = rows < t
     col_ok = cols < W
     both = row_ok[:, None] & col_ok[None, :]
-    q = tl.load(q_ptr + b * W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if WRITE:
+        if c == 0:
+            kn = tl.load(kn_ptr + b * stride_kn_b + cols, mask=col_ok, other=0.0)
+            tl.store(kb_ptr + b * stride_kb_b + t * stride_kb_l + cols, kn.to(kb_ptr.dtype.element_ty), mask=col_ok)
+    q = tl.load(q_ptr + b * (W if stride_q_b is None else stride_q_b) + cols, mask=col_ok, other=0.0).to(tl.float32)
     kb = tl.load(kb_ptr + b * stride_kb_b + rows[:, None] * stride_kb_l + cols[None, :], mask=both,
                  other=0.0).to(tl.float32)
     logits = tl.sum(kb * q[None, :], axis=1) * scale
@@ -66,8 +78,10 @@ def combine_chunks(columns: int) -> int:
 
 @triton.jit
 def feedback_decode_combine(pm_ptr, pl_ptr, pa_ptr, out_ptr, nc, W: tl.constexpr, BWC: tl.constexpr,
-                            BC: tl.constexpr):
-    # one program per (batch row, BWC state columns); BC partials per loop step, loaded as one tile
+                            BC: tl.constexpr, f_ptr=None, stride_f_b=0, g_ptr=None, stride_g_b=0, s_ptr=None,
+                            stride_s_b=0, stride_s_l=0, t_ptr=None, EPILOGUE: tl.constexpr = False):
+    # one program per (batch row, BWC state columns); BC partials per loop step, loaded as one tile. EPILOGUE:
+    # the step's s = f + gamma * mixed, written to out (out's dtype) and to the states' slot t (their dtype)
     b = tl.program_id(0)
     cols = tl.program_id(1) * BWC + tl.arange(0, BWC)
     col_ok = cols < W
@@ -87,7 +101,15 @@ def feedback_decode_combine(pm_ptr, pl_ptr, pa_ptr, out_ptr, nc, W: tl.constexpr
                      other=0.0)
         acc += tl.sum(pa * w[:, None], axis=0)
     den = tl.sum(total, axis=0)
-    tl.store(out_ptr + b * W + cols, tl.where(den > 0.0, acc / tl.maximum(den, 1e-30), 0.0), mask=col_ok)   # t = 0: 0
+    mixed = tl.where(den > 0.0, acc / tl.maximum(den, 1e-30), 0.0)   # t = 0: 0
+    if EPILOGUE:
+        t = tl.load(t_ptr)
+        f = tl.load(f_ptr + b * stride_f_b + cols, mask=col_ok, other=0.0).to(tl.float32)
+        res = f + tl.load(g_ptr + b * stride_g_b).to(tl.float32) * mixed
+        tl.store(s_ptr + b * stride_s_b + t * stride_s_l + cols, res.to(s_ptr.dtype.element_ty), mask=col_ok)
+        tl.store(out_ptr + b * W + cols, res.to(out_ptr.dtype.element_ty), mask=col_ok)
+    else:
+        tl.store(out_ptr + b * W + cols, mixed, mask=col_ok)
 
 
 def _position(t, capacity: int, chunk: int, device, name: str):
@@ -131,8 +153,8 @@ def attention_decode_partial(q_ptr, k_ptr, v_ptr, pm_ptr, pl_ptr, pa_ptr, t_ptr,
                              stride_k_l, stride_v_b, stride_v_h, stride_v_l, scale, HKV: tl.constexpr,
                              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr,
                              DVP: tl.constexpr, CHUNK: tl.constexpr, keep_ptr=None, stride_keep_b=0,
-                             KEEP: tl.constexpr = False):
-    t = tl.load(t_ptr)             # positions to read, from the device (chunks past it: empty partials)
+                             KEEP: tl.constexpr = False, T_ADD: tl.constexpr = 0):
+    t = tl.load(t_ptr) + T_ADD     # positions to read, from the device (chunks past it: empty partials)
     bh = tl.program_id(0)          # batch row x kv head
     c = tl.program_id(1)
     nc = tl.num_programs(1)
@@ -191,7 +213,61 @@ def attention_decode_combine(pm_ptr, pl_ptr, pa_ptr, out_ptr, nc, G: tl.constexp
     out = tl.where(total[:, None] > 0.0, acc / tl.maximum(total, 1e-30)[:, None], 0.0)
     if EMPTY_NAN:   # no real key (every logit the padding's -1e30): NaN, as a softmax over -inf fills gives
         out = tl.where(mx[:, None] > -1.0e29, out, float("nan"))
-    tl.store(out_ptr + (bh * G + g[:, None]) * DV + e[None, :], out, mask=(g[:, None] < G) & (e[None, :] < DV))
+    tl.store(out_ptr + (bh * G + g[:, None]) * DV + e[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=(g[:, None] < G) & (e[None, :] < DV))
+
+
+@triton.jit
+def attention_decode_write(q_ptr, k_ptr, v_ptr, f_ptr, kc_ptr, vc_ptr, qo_ptr, t_ptr, stride_q_b, stride_q_h,
+                           stride_k_b, stride_k_h, stride_v_b, stride_v_h, stride_kc_b, stride_kc_h, stride_kc_l,
+                           stride_vc_b, stride_vc_h, stride_vc_l, H: tl.constexpr, HKV: tl.constexpr,
+                           D: tl.constexpr, HALFP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+                           ROPE: tl.constexpr, kn_ptr=None, km_ptr=None, stride_km_b=0, MASK: tl.constexpr = False):
+    """The step's prologue at the position t read from the device, one program per (batch row, query head):
+    q[b, h] (rotated by t * inv_freq, interleaved pairs, when ROPE) to qo [B, H, D] float32; program h < HKV also
+    writes k[b, h] (rotated) and v[b, h] to the caches' slot t, and with MASK program h = 0 the new position's
+    key-padding flag kn[b] to km[b, t]. What the torch ops (angles, cos, sin, complex products, casts, three
+    index_copy_) did in about a dozen launches."""
+    t = tl.load(t_ptr)
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    i = tl.arange(0, HALFP)
+    ok = i < D // 2
+    q_row = q_ptr + b * stride_q_b + h * stride_q_h
+    qe = tl.load(q_row + 2 * i, mask=ok, other=0.0).to(tl.float32)
+    qo = tl.load(q_row + 2 * i + 1, mask=ok, other=0.0).to(tl.float32)
+    if ROPE:
+        angle = t.to(tl.float32) * tl.load(f_ptr + i, mask=ok, other=0.0).to(tl.float32)
+        cos = tl.cos(angle)
+        sin = tl.sin(angle)
+        qr = qe * cos - qo * sin
+        qo = qe * sin + qo * cos
+        qe = qr
+    out_row = qo_ptr + (b * H + h) * D
+    tl.store(out_row + 2 * i, qe, mask=ok)
+    tl.store(out_row + 2 * i + 1, qo, mask=ok)
+    if D % 2 == 1:   # an odd width (no RoPE): its last element
+        tl.store(out_row + D - 1, tl.load(q_row + D - 1).to(tl.float32))
+    if h < HKV:
+        k_row = k_ptr + b * stride_k_b + h * stride_k_h
+        ke = tl.load(k_row + 2 * i, mask=ok, other=0.0).to(tl.float32)
+        ko = tl.load(k_row + 2 * i + 1, mask=ok, other=0.0).to(tl.float32)
+        if ROPE:
+            kr = ke * cos - ko * sin
+            ko = ke * sin + ko * cos
+            ke = kr
+        slot = kc_ptr + b * stride_kc_b + h * stride_kc_h + t * stride_kc_l
+        tl.store(slot + 2 * i, ke.to(kc_ptr.dtype.element_ty), mask=ok)
+        tl.store(slot + 2 * i + 1, ko.to(kc_ptr.dtype.element_ty), mask=ok)
+        if D % 2 == 1:
+            tl.store(slot + D - 1, tl.load(k_row + D - 1).to(tl.float32).to(kc_ptr.dtype.element_ty))
+        e = tl.arange(0, DVP)
+        v = tl.load(v_ptr + b * stride_v_b + h * stride_v_h + e, mask=e < DV, other=0.0).to(tl.float32)
+        tl.store(vc_ptr + b * stride_vc_b + h * stride_vc_h + t * stride_vc_l + e, v.to(vc_ptr.dtype.element_ty),
+                 mask=e < DV)
+        if MASK:
+            if h == 0:
+                tl.store(km_ptr + b * stride_km_b + t, tl.load(kn_ptr + b))
 
 
 def attention_chunk_for(g: int, d: int) -> int:
@@ -237,6 +313,89 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x with a contiguous last dim (a copy only where it is not)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def feedback_decode_step(f: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, gamma: torch.Tensor,
+                         k_b_cache: torch.Tensor, s_cache: torch.Tensor, pos: torch.Tensor,
+                         scale: float) -> torch.Tensor:
+    """One decode step of the feedback at the position held by ``pos`` (int32 [1] on the device, 0 <= t < L):
+    writes k_b [B, W] to k_b_cache[:, t], s = f + gamma * softmax(q_b . k_b_cache[:, :t] * scale) @ s_cache[:, :t]
+    (s = f at t = 0) to s_cache[:, t], and returns s [B, W] in f's dtype. Two launches whatever t is (the key's
+    write in the partial kernel, the epilogue in the combine)."""
+    B, W = q_b.shape
+    capacity = min(k_b_cache.shape[1], s_cache.shape[1])
+    _, nc = _position(pos, capacity, chunk_for(W), q_b.device, "feedback_decode_step")
+    if k_b_cache.stride(2) != 1 or s_cache.stride(2) != 1:
+        raise ValueError("feedback_decode_step: the caches' last dim must be contiguous")
+    q, kn, f = _rows(q_b), _rows(k_b), _rows(f)
+    chunk = chunk_for(W)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    pm, pl, pa = torch.empty(B, nc, **f32), torch.empty(B, nc, **f32), torch.empty(B, nc, W, **f32)
+    out = torch.empty(B, W, device=q.device, dtype=f.dtype)
+    BW = triton.next_power_of_2(W)
+    feedback_decode_partial[(B, nc)](q, k_b_cache, s_cache, pm, pl, pa, pos, k_b_cache.stride(0), k_b_cache.stride(1),
+                                     s_cache.stride(0), s_cache.stride(1), float(scale), W=W, BW=BW, CHUNK=chunk,
+                                     stride_q_b=q.stride(0), kn_ptr=kn, stride_kn_b=kn.stride(0), WRITE=True)
+    BWC = min(BW, COMBINE_BLOCK_W)
+    feedback_decode_combine[(B, triton.cdiv(W, BWC))](
+        pm, pl, pa, out, nc, W=W, BWC=BWC, BC=combine_chunks(BWC), f_ptr=f, stride_f_b=f.stride(0), g_ptr=gamma,
+        stride_g_b=gamma.stride(0), s_ptr=s_cache, stride_s_b=s_cache.stride(0), stride_s_l=s_cache.stride(1),
+        t_ptr=pos, EPILOGUE=True)
+    return out
+
+
+def attention_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor | None,
+                          k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, scale: float,
+                          keep: torch.Tensor | None = None, keep_new: torch.Tensor | None = None,
+                          empty_nan: bool = False, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """One decode step of attention at the position held by ``pos`` (int32 [1] on the device, 0 <= t < L): q
+    [B, H, d], k [B, Hkv, d], v [B, Hkv, dv] (any float dtype); RoPE at angle t * inv_freq where ``inv_freq``
+    is given; k and v written to the caches' slot t (and ``keep_new`` [B] to ``keep`` [B, L] with a key-padding
+    mask), then every query head attends over positions 0..t -> [B, H, dv] in ``out_dtype``. Three launches
+    whatever t is (attention_decode_write, then attention_decode's two)."""
+    B, H, D = q.shape
+    Hkv, DV = k_cache.shape[1], v_cache.shape[3]
+    if (H % Hkv or k.shape != (B, Hkv, D) or v.shape != (B, Hkv, DV) or k_cache.stride(3) != 1
+            or v_cache.stride(3) != 1 or (inv_freq is not None and (D % 2 or inv_freq.numel() != D // 2))):
+        raise ValueError(f"attention_decode_step: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} and "
+                         f"caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not fit")
+    G = H // Hkv
+    GP, DP, DVP = triton.next_power_of_2(G), triton.next_power_of_2(D), triton.next_power_of_2(DV)
+    chunk = attention_chunk_for(G, D)
+    capacity = min(k_cache.shape[2], v_cache.shape[2])
+    _, nc = _position(pos, capacity, chunk, q.device, "attention_decode_step")
+    q, k, v = _rows(q), _rows(k), _rows(v)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    qr = torch.empty(B, H, D, **f32)
+    mask = {}
+    if keep is not None:
+        mask = {"kn_ptr": keep_new.view(torch.uint8) if keep_new.dtype == torch.bool else keep_new,
+                "km_ptr": keep.view(torch.uint8) if keep.dtype == torch.bool else keep, "stride_km_b": keep.stride(0),
+                "MASK": True}
+    attention_decode_write[(B, H)](
+        q, k, v, _rows(inv_freq) if inv_freq is not None else q, k_cache, v_cache, qr, pos, q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), H=H, HKV=Hkv, D=D,
+        HALFP=triton.next_power_of_2(max(D // 2, 1)), DV=DV, DVP=DVP, ROPE=inv_freq is not None, **mask)
+    pm, pl = torch.empty(B * Hkv, nc, GP, **f32), torch.empty(B * Hkv, nc, GP, **f32)
+    pa = torch.empty(B * Hkv, nc, GP, DVP, **f32)
+    out = torch.empty(B, H, DV, device=q.device, dtype=out_dtype)
+    attention_decode_partial[(B * Hkv, nc)](
+        qr, k_cache, v_cache, pm, pl, pa, pos, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), float(scale), HKV=Hkv, G=G, GP=GP, D=D, DP=DP,
+        DV=DV, DVP=DVP, CHUNK=chunk, T_ADD=1, **_keep_args(keep, B, k_cache.shape[2]))
+    attention_decode_combine[(B * Hkv,)](pm, pl, pa, out, nc, G=G, GP=GP, DV=DV, DVP=DVP,
+                                         BC=combine_chunks(GP * DVP), EMPTY_NAN=keep is not None and empty_nan)
+    return out
+
+
+_EPILOGUE_ARGS = {"f_ptr": None, "stride_f_b": 0, "g_ptr": None, "stride_g_b": 0, "s_ptr": None, "stride_s_b": 0,
+                  "stride_s_l": 0, "t_ptr": None}   # feedback_decode_combine without its epilogue
+
+
 def aot_compile(arch: int = 90, W: int = 512) -> list:
     """Compile both kernels for ``GPUTarget("cuda", arch, 32)`` with no GPU present; -> one summary per kernel."""
     from triton.backends.compiler import GPUTarget
@@ -248,20 +407,25 @@ def aot_compile(arch: int = 90, W: int = 512) -> list:
          {"q_ptr": "*fp32", "kb_ptr": "*bf16", "s_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
           "pa_ptr": "*fp32", "t_ptr": "*i32", "stride_kb_b": "i32", "stride_kb_l": "i32", "stride_s_b": "i32",
           "stride_s_l": "i32",
-          "scale": "fp32", "W": "constexpr", "BW": "constexpr", "CHUNK": "constexpr"},
-         {"W": W, "BW": BW, "CHUNK": chunk_for(W)}),
+          "scale": "fp32", "W": "constexpr", "BW": "constexpr", "CHUNK": "constexpr", "stride_q_b": "constexpr",
+          "kn_ptr": "constexpr", "stride_kn_b": "constexpr", "WRITE": "constexpr"},
+         {"W": W, "BW": BW, "CHUNK": chunk_for(W), "stride_q_b": None, "kn_ptr": None, "stride_kn_b": 0,
+          "WRITE": False}),
         (feedback_decode_combine,
          {"pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32", "out_ptr": "*fp32", "nc": "i32",
-          "W": "constexpr", "BWC": "constexpr", "BC": "constexpr"},
-         {"W": W, "BWC": min(BW, COMBINE_BLOCK_W), "BC": combine_chunks(min(BW, COMBINE_BLOCK_W))}),
+          "W": "constexpr", "BWC": "constexpr", "BC": "constexpr",
+          **{n: "constexpr" for n in _EPILOGUE_ARGS}, "EPILOGUE": "constexpr"},
+         {"W": W, "BWC": min(BW, COMBINE_BLOCK_W), "BC": combine_chunks(min(BW, COMBINE_BLOCK_W)),
+          **_EPILOGUE_ARGS, "EPILOGUE": False}),
     ]
     G, D = 4, 64
     attn = {"q_ptr": "*fp32", "k_ptr": "*bf16", "v_ptr": "*bf16", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
             "pa_ptr": "*fp32", "t_ptr": "*i32", "stride_k_b": "i32", "stride_k_h": "i32", "stride_k_l": "i32",
             "stride_v_b": "i32", "stride_v_h": "i32", "stride_v_l": "i32", "scale": "fp32", "HKV": "constexpr",
             "G": "constexpr", "GP": "constexpr", "D": "constexpr", "DP": "constexpr", "DV": "constexpr",
-            "DVP": "constexpr", "CHUNK": "constexpr", "KEEP": "constexpr"}
-    attn_c = {"HKV": 2, "G": G, "GP": G, "D": D, "DP": D, "DV": D, "DVP": D, "CHUNK": attention_chunk_for(G, D)}
+            "DVP": "constexpr", "CHUNK": "constexpr", "KEEP": "constexpr", "T_ADD": "constexpr"}
+    attn_c = {"HKV": 2, "G": G, "GP": G, "D": D, "DP": D, "DV": D, "DVP": D, "CHUNK": attention_chunk_for(G, D),
+              "T_ADD": 0}
     comb = {"pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32", "out_ptr": "*fp32", "nc": "i32",
             "G": "constexpr", "GP": "constexpr", "DV": "constexpr", "DVP": "constexpr", "BC": "constexpr",
             "EMPTY_NAN": "constexpr"}
@@ -272,6 +436,29 @@ def aot_compile(arch: int = 90, W: int = 512) -> list:
         (attention_decode_combine, comb, {**comb_c, "EMPTY_NAN": False}),
         (attention_decode_partial, {**attn, "keep_ptr": "*u8", "stride_keep_b": "i32"}, {**attn_c, "KEEP": True}),
         (attention_decode_combine, comb, {**comb_c, "EMPTY_NAN": True}),
+    ]
+    # the step forms (attention_decode_step, feedback_decode_step): the prologue with and without RoPE and with a
+    # mask, the partials reading t + 1 positions or writing the new key, the combines' epilogues in bf16
+    write = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "f_ptr": "*fp32", "kc_ptr": "*bf16",
+             "vc_ptr": "*bf16", "qo_ptr": "*fp32", "t_ptr": "*i32", **{n: "i32" for n in (
+                 "stride_q_b", "stride_q_h", "stride_k_b", "stride_k_h", "stride_v_b", "stride_v_h", "stride_kc_b",
+                 "stride_kc_h", "stride_kc_l", "stride_vc_b", "stride_vc_h", "stride_vc_l")},
+             **{n: "constexpr" for n in ("H", "HKV", "D", "HALFP", "DV", "DVP", "ROPE", "MASK")}}
+    write_c = {"H": 2 * G, "HKV": 2, "D": D, "HALFP": D // 2, "DV": D, "DVP": D}
+    jobs += [
+        (attention_decode_write, {**write, "kn_ptr": "constexpr", "km_ptr": "constexpr", "stride_km_b": "constexpr"},
+         {**write_c, "ROPE": True, "MASK": False, "kn_ptr": None, "km_ptr": None, "stride_km_b": 0}),
+        (attention_decode_write, {**write, "kn_ptr": "*u8", "km_ptr": "*u8", "stride_km_b": "i32"},
+         {**write_c, "ROPE": False, "MASK": True}),
+        (attention_decode_partial, {**attn, "keep_ptr": "constexpr", "stride_keep_b": "constexpr"},
+         {**attn_c, "keep_ptr": None, "stride_keep_b": 0, "KEEP": False, "T_ADD": 1}),
+        (attention_decode_combine, {**comb, "out_ptr": "*bf16"}, {**comb_c, "EMPTY_NAN": False}),
+        (feedback_decode_partial, {**jobs[0][1], "stride_q_b": "i32", "kn_ptr": "*bf16", "stride_kn_b": "i32"},
+         {k: v for k, v in {**jobs[0][2], "WRITE": True}.items() if k not in ("stride_q_b", "kn_ptr", "stride_kn_b")}),
+        (feedback_decode_combine, {**jobs[1][1], "out_ptr": "*bf16", "f_ptr": "*bf16", "stride_f_b": "i32",
+                                   "g_ptr": "*bf16", "stride_g_b": "i32", "s_ptr": "*fp32", "stride_s_b": "i32",
+                                   "stride_s_l": "i32", "t_ptr": "*i32"},
+         {k: v for k, v in {**jobs[1][2], "EPILOGUE": True}.items() if k not in _EPILOGUE_ARGS}),
     ]
     out = []
     for fn, signature, constexprs in jobs:
