@@ -372,6 +372,7 @@ def attention_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv
     qr = torch.empty(B, H, D, **f32)
     mask = {}
     if keep is not None:
+        keep_new = keep_new.contiguous()   # one flag per batch row, read at b
         mask = {"kn_ptr": keep_new.view(torch.uint8) if keep_new.dtype == torch.bool else keep_new,
                 "km_ptr": keep.view(torch.uint8) if keep.dtype == torch.bool else keep, "stride_km_b": keep.stride(0),
                 "MASK": True}
