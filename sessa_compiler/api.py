@@ -55,7 +55,8 @@ def _why_not(traced: Traced, args, kwargs) -> str | None:
         now = grad_state((mode[0] is not None, mode[2] is not None), args)
         if now[:2] != mode[:2]:
             say = lambda m: "torch.inference_mode()" if m[1] else "gradients on" if m[0] else "torch.no_grad()"  # noqa: E731
-            return f"the forward asks torch's grad mode: traced with {say(mode)}, called with {say(now)}"
+            return (f"the forward asks torch's grad mode (or reads requires_grad): traced with {say(mode)}, called "
+                    f"with {say(now)}")
         if now[2] != mode[2]:
             return "the forward reads requires_grad, and which inputs require grad differs from the trace"
     try:
@@ -1111,10 +1112,11 @@ class CompiledModule(torch.nn.Module):
         the traced graph holds their forward's ops, not their backward (a gradient reversal would get the
         identity's gradient), so it runs the module itself; calls without gradients stay compiled."""
         self._say_once("custom_backward", f"its forward applies {', '.join(traced.custom_backward)} "
-                       "(torch.autograd.Function with its own backward), which the traced graph cannot differentiate "
-                       "as the module does; calls that need gradients run the original module uncompiled, calls under "
-                       "torch.no_grad() (or with nothing requiring grad) run compiled. torch.compile(model, "
-                       "backend='sessa') keeps such Functions in its graph", stacklevel=6)
+                       "(a torch.autograd.Function with its own backward, or a hook on a tensor's gradient), which "
+                       "the traced graph cannot differentiate as the module does; calls that need gradients run the "
+                       "original module uncompiled, calls under torch.no_grad() (or with nothing requiring grad) run "
+                       "compiled. torch.compile(model, backend='sessa') keeps such Functions and hooks in its graph",
+                       stacklevel=6)
         return self._orig_mod(*args, **kwargs)
 
     def _with_unregistered(self, paths, args, kwargs):
@@ -1244,8 +1246,9 @@ class CompiledModule(torch.nn.Module):
             lines.append(f"  Python random draws in forward: {', '.join(self._traced.python_random)}; calls run the "
                          "original module")
         if getattr(self._traced, "custom_backward", ()):
-            lines.append(f"  torch.autograd.Functions with their own backward: {', '.join(self._traced.custom_backward)}; "
-                         "calls that need gradients run the original module")
+            lines.append("  torch.autograd.Functions with their own backward, hooks on tensors' gradients: "
+                         f"{', '.join(self._traced.custom_backward)}; calls that need gradients run the original "
+                         "module")
         if getattr(self._traced, "hook_effects", ()):
             lines.append(f"  hooks a graph cannot run: {', '.join(self._traced.hook_effects)}; calls run the original "
                          "module (backward hooks: calls that need gradients)")

@@ -91,12 +91,15 @@ def tensor_digest(t) -> str:
     the recognition probes key tensors by."""
     import torch
 
-    x = t.detach()
-    h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
-    if x.is_complex():
-        x = torch.view_as_real(x)
-    x = x.to("cpu").contiguous()
-    h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+    # inside a torch.func transform (grad, vmap) of a compiled module, functorch would wrap these ops' results
+    # (a wrapper has no storage to read): the digest is of the values themselves
+    with torch._C._DisableFuncTorch():
+        x = t.detach()
+        h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
+        if x.is_complex():
+            x = torch.view_as_real(x)
+        x = x.to("cpu").contiguous()
+        h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
     return h.hexdigest()
 
 

@@ -129,3 +129,36 @@ def test_a_training_step_updates_the_weights_the_compiled_module_reads(backend):
         assert relative_error(p.detach(), r.detach()) <= TOL, k
     with torch.no_grad():
         assert relative_error(compiled(x), ref(x)) <= TOL
+
+
+class _MaskedAttention(torch.nn.Module):
+    """Attention whose causal mask is a buffer (the recognised op is built from its values: checked at calls)."""
+
+    def __init__(self, d=32, h=4, L=64):
+        super().__init__()
+        self.h, self.qkv = h, torch.nn.Linear(d, 3 * d)
+        self.register_buffer("mask", torch.tril(torch.ones(L, L, dtype=torch.bool)))
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.h, D // self.h).permute(2, 0, 3, 1, 4)
+        a = (q @ k.transpose(-2, -1)) * (D // self.h) ** -0.5
+        a = a.masked_fill(~self.mask[:T, :T], float("-inf")).softmax(-1)
+        return (a @ v).transpose(1, 2).reshape(B, T, D)
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_torch_func_transforms_of_a_compiled_module(backend):
+    """torch.func.grad, vmap and jacrev over a compiled module after a plain call (the check of the mask buffer
+    read the transform's wrapped values and failed: 'Cannot access data pointer')."""
+    torch.manual_seed(0)
+    m = _MaskedAttention().eval()
+    c = sc.compile(m, backend=backend)
+    x = torch.randn(2, 5, 32)
+    assert relative_error(c(x), m(x)) <= TOL
+    got = torch.func.grad(lambda x: c(x).pow(2).sum())(x)
+    assert relative_error(got, torch.func.grad(lambda x: m(x).pow(2).sum())(x)) <= TOL
+    xs = torch.randn(3, 2, 5, 32)
+    assert relative_error(torch.func.vmap(c)(xs), torch.func.vmap(m)(xs)) <= TOL
+    jac = torch.func.jacrev(lambda x: c(x).sum(-1))(x[:1, :3])
+    assert relative_error(jac, torch.func.jacrev(lambda x: m(x).sum(-1))(x[:1, :3])) <= TOL

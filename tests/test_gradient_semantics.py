@@ -1,6 +1,7 @@
 """What a module says about gradients holds through the compiled module: x.detach(), torch.no_grad() blocks
 inside forward (a stop-gradient normaliser, a spectral norm's power iteration), straight-through estimators and
-the user's own torch.autograd.Functions (a gradient reversal) give the module's gradients on every backend,
+the user's own torch.autograd.Functions (a gradient reversal) and hooks on activations' gradients registered in
+forward give the module's gradients on every backend,
 and a recogniser never folds a region whose gradient the module stops. Also: masks that differ from causal only
 far from the diagonal (sliding windows, chunks) are never recognised as causal attention or feedback."""
 from __future__ import annotations
@@ -64,6 +65,27 @@ class Reversed(NoGradNorm):
         return torch.tanh(GradReverse.apply(self.lin(x)))
 
 
+class HookedBranch(NoGradNorm):
+    """A gradient hook on an activation, registered in forward (a branch's gradient scaled by 3)."""
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.requires_grad:
+            h.register_hook(lambda g: g * 3.0)
+        return torch.tanh(h)
+
+
+class MultiHookedBranch(NoGradNorm):
+    """torch.autograd.graph.register_multi_grad_hook on activations, here scaling one of them in place."""
+
+    def forward(self, x):
+        h = self.lin(x)
+        if h.requires_grad:
+            h.register_hook(lambda g: g.clamp(-0.1, 0.1))
+            torch.autograd.graph.register_multi_grad_hook([h], lambda grads: None)
+        return torch.tanh(h) * h
+
+
 def _grads(m, x, w):
     x = x.clone().requires_grad_(True)
     (m(x) * w).sum().backward()
@@ -71,7 +93,7 @@ def _grads(m, x, w):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("cls", [NoGradNorm, DetachNorm, StraightThrough, Reversed])
+@pytest.mark.parametrize("cls", [NoGradNorm, DetachNorm, StraightThrough, Reversed, HookedBranch, MultiHookedBranch])
 def test_gradients_follow_the_modules_own_gradient_rules(cls, backend):
     torch.manual_seed(0)
     m = cls().double()
@@ -102,6 +124,28 @@ def test_an_autograd_function_is_said_and_only_gradient_calls_run_the_module():
     assert "__main__" not in c.explain() and "GradReverse" in c.explain(), c.explain()
     with pytest.warns(UserWarning, match="GradReverse.*own backward"):
         c(x).sum().backward()
+    assert c.uncompiled_calls == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_gradient_hook_registered_in_forward_holds_when_the_first_call_is_under_no_grad(backend):
+    """Traced under torch.no_grad(), ``if h.requires_grad: h.register_hook(...)`` registers nothing: that graph
+    does not serve a call with gradients, whose trace sees the hook, so such calls run the module itself."""
+    torch.manual_seed(0)
+    m = HookedBranch().double()
+    ref = copy.deepcopy(m)
+    c = sc.compile(m, backend=backend)
+    x, w = torch.randn(2, 5, 16, dtype=torch.float64), torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(c(x), ref(x), rtol=1e-12, atol=1e-12)
+    assert c.uncompiled_calls == 0
+    with pytest.warns(UserWarning, match="hook on a tensor's gradient"):
+        got = _grads(c, x, w)
+    for g, r in zip(got, _grads(ref, x, w)):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    assert c.uncompiled_calls == 1 and "Tensor.register_hook" in c.explain()
+    with torch.no_grad():   # calls without gradients still run compiled
+        c(x)
     assert c.uncompiled_calls == 1
 
 

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import inspect
 import os
+import sys
 import threading
 import warnings
 import dataclasses
@@ -500,12 +501,43 @@ class _autograd_functions:
             return apply(cls, *args, **kwargs)
 
         base.apply = classmethod(recording)
+        # a hook on an intermediate tensor's gradient (``h.register_hook(lambda g: g * 3)``, a multi-grad hook): the
+        # exported graph has no hooks, so its gradients would be the plain ones
+        self.saved_hook = torch.Tensor.register_hook
+        self.saved_multi = torch.autograd.graph.register_multi_grad_hook
+        saved_hook, saved_multi = self.saved_hook, self.saved_multi
+
+        def register_hook(tensor, hook):
+            if threading.get_ident() == thread and _users_call():
+                found.setdefault(f"a hook on a tensor's gradient ({_callable_name(hook)}, Tensor.register_hook)", None)
+            return saved_hook(tensor, hook)
+
+        def register_multi_grad_hook(tensors, fn, *args, **kwargs):
+            if threading.get_ident() == thread and _users_call():
+                found.setdefault(f"a hook on tensors' gradients ({_callable_name(fn)}, register_multi_grad_hook)",
+                                 None)
+            return saved_multi(tensors, fn, *args, **kwargs)
+
+        torch.Tensor.register_hook = register_hook
+        torch.autograd.graph.register_multi_grad_hook = register_multi_grad_hook
         return self
 
     def __exit__(self, *exc):
         torch.autograd.function.Function.apply = self.saved
+        torch.Tensor.register_hook = self.saved_hook
+        torch.autograd.graph.register_multi_grad_hook = self.saved_multi
         _add_findings("functions", self.found)
         return False
+
+
+def _callable_name(fn) -> str:
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def _users_call() -> bool:
+    """Whether the function calling the patched one (two frames up) is not torch's own code."""
+    caller = sys._getframe(2).f_globals.get("__name__", "")
+    return not (caller == "torch" or caller.startswith("torch."))
 
 
 # the opcodes of a hook that can only load its arguments and constants, call a method of one, and return
@@ -761,11 +793,13 @@ def grad_questions(module) -> tuple:
 
 def grad_state(questions: tuple, inputs) -> tuple | None:
     """What a forward asking ``questions`` (grad_questions) may branch on: (grad enabled, inference mode) where it
-    asks the mode, then the inputs' requires_grad where it reads requires_grad; None where it asks neither."""
+    asks the mode or reads requires_grad (an activation's requires_grad follows the grad mode: ``if h.requires_grad:
+    h.register_hook(...)`` under torch.no_grad() traces no hook), then the inputs' requires_grad where it reads
+    requires_grad; None where it asks neither."""
     mode, flags = questions
     if not (mode or flags):
         return None
-    return ((torch.is_grad_enabled(), torch.is_inference_mode_enabled()) if mode else (None, None)) + \
+    return ((torch.is_grad_enabled(), torch.is_inference_mode_enabled()) if mode or flags else (None, None)) + \
         ((tuple(bool(x.requires_grad) for x in inputs),) if flags else (None,))
 
 
