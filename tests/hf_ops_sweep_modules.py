@@ -214,5 +214,21 @@ class EmptyCacheConcat(nn.Module):
         return keys, torch.cat([x, torch.tensor([]), x * 2], dim=1)
 
 
-SWEEP = [(EmptyCacheConcat, x_input), (ExtendedMaskAndPooling, x_and_mask), (MoreActivations, x_input), (SmoothedLossesAndNorms, x_and_labels), (PaddedSelfAttention, x_and_mask), (CreationAndClamps, x_input), (ShapeShuffles, x_input),
+class IntegerMaskAndTails(nn.Module):
+    """An int64 attention_mask compared with float scalars (``mask < 0.5``: tvm compared in int64, so 0.5 became 0
+    and no padding was found), LayerNorms without weight or bias (nanoGPT's bias=False: they ran in hybrid mode),
+    and softplus far into its tail (tvm's was log(1 + exp(x)): 0 below about -17, so its log was -inf)."""
+
+    def __init__(self):
+        super().__init__()
+        self.plain, self.nobias = nn.LayerNorm(D, elementwise_affine=False), nn.LayerNorm(D, bias=False)
+
+    def forward(self, x, attention_mask):
+        pad = attention_mask < 0.5
+        pooled = x.masked_fill(pad[..., None], 0.0).sum(1) / (attention_mask > -0.5).sum(1, keepdim=True)
+        flags = torch.stack([attention_mask >= 0.5, attention_mask == 0.5, attention_mask != 0.5, pad], -1)
+        return pooled, flags, self.plain(x) + self.nobias(x), torch.log(F.softplus(4 * x - 40)), F.softplus(x, 2.0, 1.0)
+
+
+SWEEP = [(IntegerMaskAndTails, x_and_mask), (EmptyCacheConcat, x_input), (ExtendedMaskAndPooling, x_and_mask), (MoreActivations, x_input), (SmoothedLossesAndNorms, x_and_labels), (PaddedSelfAttention, x_and_mask), (CreationAndClamps, x_input), (ShapeShuffles, x_input),
          (Activations, x_input), (BatchedProducts, x_input), (TokenLosses, ids_and_labels)]

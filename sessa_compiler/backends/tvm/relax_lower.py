@@ -269,7 +269,8 @@ class _Lowerer:
             ops = [self.cast(self.env[x], x, want) if isinstance(x, Value) else self.operand(x, want)
                    for x in node.inputs]
         else:
-            ops = [self.operand(x, self._operand_dtype(node)) for x in node.inputs]
+            # an absent optional operand (LayerNorm without weight or bias) stays None
+            ops = [self.operand(x, self._operand_dtype(node)) if x is not None else None for x in node.inputs]
         fn = SIMPLE.get(node.op)
         if node.op in NAN_PROPAGATING and node.outputs[0].type.dtype.is_float:
             expr = _nan_propagating(relax.op, fn(relax.op, *ops, **node.attrs), ops)
@@ -321,8 +322,20 @@ def _erf_gelu(op, x, approximate="none"):
     return op.nn.gelu(x) if approximate == "none" else op.nn.gelu_tanh(x)
 
 
-def _softplus(op, x, beta=1, threshold=20):
-    return op.nn.softplus(x, beta=float(beta), threshold=float(threshold))
+def _softplus(lw, node, ops):
+    """torch's softplus: x where beta x > threshold, else log1p(exp(beta x)) / beta, with log1p as in _expm1_log1p
+    (Relax's softplus is log(1 + exp(beta x)) / beta: 6% off at x = -16 and 0 below about -17, where the log of it,
+    Mamba's log-step, is -inf)."""
+    op, x, dt = lw.relax.op, ops[0], _out_dtype(node)
+    beta, threshold = float(node.attrs.get("beta", 1)), float(node.attrs.get("threshold", 20))
+    bx = x if beta == 1 else op.multiply(x, lw.relax.const(beta, dt))
+    e = op.exp(bx)
+    one = lw.relax.const(1.0, dt)
+    u = op.add(e, one)
+    lp = op.multiply(op.log(u), op.divide(e, op.subtract(u, one)))   # log1p(e), exact where 1 + e rounds
+    lp = op.where(op.equal(u, one), e, op.where(op.isinf(e), e, lp))  # e below half an ulp of 1: log1p(e) = e
+    val = lp if beta == 1 else op.divide(lp, lw.relax.const(beta, dt))
+    return op.where(op.greater(bx, lw.relax.const(threshold, dt)), x, val)
 
 
 # ops whose TIR form (LLVM maxnum/minnum) drops a NaN operand, where torch returns NaN (clamp lowers to these)
@@ -341,7 +354,7 @@ PROMOTING = frozenset({"add", "sub", "mul", "div", "pow", "maximum", "minimum"})
 
 SIMPLE = {
     "matmul": lambda op, a, b: op.matmul(a, b),
-    "gelu": _erf_gelu, "softplus": _softplus,
+    "gelu": _erf_gelu,
     "tanh": lambda op, x: op.tanh(x), "exp": lambda op, x: op.exp(x), "neg": lambda op, x: op.negative(x),
     "log": lambda op, x: op.log(x), "sqrt": lambda op, x: op.sqrt(x), "rsqrt": lambda op, x: op.rsqrt(x),
     "sigmoid": lambda op, x: op.sigmoid(x), "silu": lambda op, x: op.nn.silu(x), "relu": lambda op, x: op.nn.relu(x),
@@ -599,11 +612,29 @@ def _where(lw, node, ops):
 
 def _compare(kind):
     def lower(lw, node, ops):
-        a, b = node.inputs
-        dtype = RELAX_DTYPE[(a if isinstance(a, Value) else b).type.dtype.name]
-        xa, xb = (lw.operand(x, dtype) for x in (a, b))
+        dtype = _compare_dtype(node)
+        xa, xb = (lw.cast(lw.env[x], x, dtype) if isinstance(x, Value) else lw.operand(x, dtype) for x in node.inputs)
         return getattr(lw.relax.op, kind)(xa, xb)
     return lower
+
+
+def _compare_dtype(node) -> str:
+    """The dtype torch compares two operands in (torch.result_type): an integer tensor against a float scalar in
+    the default float dtype (``mask < 0.5`` is not ``mask < 0``), int32 against int64 in int64, a 0-d tensor like
+    a scalar of its kind."""
+    import torch
+
+    from ...ir.dtypes import from_torch, torch_dtype
+
+    def rep(x):
+        if isinstance(x, Value):
+            return torch.empty((1,) * x.type.rank, dtype=torch_dtype(x.type.dtype.name))
+        if isinstance(x, sympy.Basic):
+            return int(x) if x.is_Integer else (bool(x) if x in (sympy.true, sympy.false) else float(x))
+        return x
+
+    a, b = (rep(x) for x in node.inputs)
+    return RELAX_DTYPE[from_torch(torch.result_type(a, b)).name]
 
 
 def _select(lw, node, ops):
@@ -780,7 +811,7 @@ COMPLEX = {"floor": _rounding("floor"), "ceil": _rounding("ceil"), "round": _rou
            "einsum": _einsum, "tril": _band("tril"), "triu": _band("triu"), "expand": _expand, "eye": _eye,
            "full": _full, "arange": _arange, "masked_fill": _masked_fill, "where": _where, "select": _select,
            "stack": _stack, "repeat_interleave": _repeat_interleave, "reciprocal": _reciprocal,
-           "rope": _rope, "conv1d": _conv1d,
+           "rope": _rope, "conv1d": _conv1d, "softplus": _softplus,
            "eq": _compare("equal"), "ne": _compare("not_equal"), "lt": _compare("less"), "le": _compare("less_equal"),
            "gt": _compare("greater"), "ge": _compare("greater_equal"),
            "logical_and": lambda lw, node, ops: lw.relax.op.logical_and(*ops),
