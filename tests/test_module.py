@@ -9,6 +9,8 @@ import io
 import pickle
 import threading
 
+import warnings
+
 import pytest
 import torch
 
@@ -255,6 +257,25 @@ def test_a_variadic_forward_traces_with_symbolic_sizes():
     assert len(c._variants) == 1
 
 
+class VariadicPick(torch.nn.Module):
+    """forward(*inputs) whose trace pins T (take_along_dim's guards): a call at another size traces again at
+    its own sizes, which built torch.export's dynamic shapes as a flat tuple it rejects for *inputs."""
+
+    def forward(self, *inputs):
+        x, idx = inputs
+        return torch.take_along_dim(x, idx, -1)
+
+
+def test_a_variadic_forward_traces_again_at_new_sizes():
+    m = VariadicPick()
+    c = sc.compile(m, backend="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # the guard's "traced again" note
+        for B, T in [(2, 5), (1, 1), (3, 2)]:
+            x, idx = torch.randn(B, T, 8), torch.randint(0, 8, (B, T, 3))
+            assert torch.equal(c(x, idx), m(x, idx))
+
+
 def test_an_export_in_another_thread_does_not_divert_this_threads_calls(monkeypatch):
     """torch.compiler.is_compiling()/is_exporting() are process-wide flags: while another thread exports (a first
     call tracing a module), they are set for every thread. A call here must still run the compiled graph, not
@@ -280,3 +301,23 @@ def test_an_export_in_another_thread_does_not_divert_this_threads_calls(monkeypa
         want = m(x)
     assert len(calls) == seen   # the original module's forward did not run
     assert relative_error(got, want) <= 1e-5
+
+
+class SequenceNorm(torch.nn.Module):
+    """layer_norm over every non-batch dim (normalized_shape = x.shape[1:], the length among them): the lowering
+    took torch.export's size nodes for sizes and failed with a raw sympy error."""
+
+    def forward(self, x):
+        return torch.nn.functional.layer_norm(x, x.shape[1:]) * 2
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_layer_norm_over_the_sequence_dim(backend):
+    m = SequenceNorm()
+    c = sc.compile(m, backend=backend)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # tvm: hybrid mode (Relax's layer_norm takes static sizes)
+        for T in (5, 7, 1):
+            x = torch.randn(2, T, 8)
+            assert relative_error(c(x), m(x)) <= TOL
+    assert len(c._variants) == 1

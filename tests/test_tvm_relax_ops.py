@@ -266,3 +266,28 @@ def test_a_number_to_a_tensors_power_is_an_ir_op(backend, tmp_path, monkeypatch,
         torch.testing.assert_close(c(x), m(x))
     assert "fallbacks (run as torch ops): none" in c.explain(), c.explain()
     assert not [w for w in recwarn.list if "hybrid" in str(w.message)]
+
+
+class _ZeroGate(nn.Module):
+    """A branch switched off by a config gate of 0.0, and literal zeros: torch gives NaN for NaN or inf times 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = 0.0
+
+    def forward(self, x):
+        return x * self.gate, (x * 0).sum(-1), 1.0 / (x + 0), x + self.gate * torch.exp(x)
+
+
+def test_a_literal_zero_is_not_folded_away(tmp_path):
+    """TVM's simplifier folded ``x * 0.0`` to 0 and ``x + 0.0`` to x in the legalised whole graph (NaN and inf gave
+    0, -0.0 gave -inf through 1 / (x + 0)); the compiled module and the TVM export give torch's values."""
+    m = _ZeroGate()
+    x = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 2.0, 100.0]).repeat(2, 3, 1)
+    want = m(x)
+    got = sc.compile(m, backend="tvm")(x)
+    sc.export_tvm(m, (x,), tmp_path / "zero")
+    loaded = sc.load_tvm(tmp_path / "zero")(x.numpy())
+    for w, g, l in zip(want, got, loaded):
+        torch.testing.assert_close(g, w, equal_nan=True)
+        torch.testing.assert_close(torch.from_numpy(np.asarray(l)), w, equal_nan=True)

@@ -571,7 +571,9 @@ def _layer_norm(L, node):
     a = list(node.args) + [None] * (5 - len(node.args))
     eps = node.kwargs.get("eps", a[4] if a[4] is not None else 1e-5)
     inputs = [L.arg(a[0]), L.arg(a[2]), L.arg(a[3])]
-    return L.emit("layer_norm", inputs, {"normalized_shape": [L.expr(s) for s in a[1]], "eps": float(eps)}, node)
+    # a normalised dim that is a size of the input (``x.shape[1:]``, T among them) comes as a sym_size node
+    shape = [L.expr(s.meta["val"] if isinstance(s, fx.Node) else s) for s in a[1]]
+    return L.emit("layer_norm", inputs, {"normalized_shape": shape, "eps": float(eps)}, node)
 
 
 @lowering(aten.softmax.int, aten._softmax.default, aten.log_softmax.int, aten._log_softmax.default)

@@ -1178,8 +1178,10 @@ def _static_dims(module, args: tuple, kwargs: dict | None, pinned: dict):
 
 def _dims_by_parameter(module, args: tuple, kwargs: dict | None, dims):
     """torch.export's dynamic_shapes from ``dims(tensor) -> {dim: Dim}``: a tuple for a positional call, by
-    parameter name where keywords are given."""
-    if not kwargs:
+    parameter name where keywords are given or the forward takes ``*args`` (torch.export nests those under it)."""
+    variadic = any(p.kind is inspect.Parameter.VAR_POSITIONAL
+                   for p in inspect.signature(module.forward).parameters.values())
+    if not kwargs and not variadic:
         return tuple(dims(a) for a in args)
     try:
         bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments

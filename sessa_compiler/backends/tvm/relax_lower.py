@@ -266,7 +266,7 @@ class _Lowerer:
             # torch promotes mixed operand dtypes (f32 * f64 is f64; the IR's output type says which); Relax
             # wants equal dtypes: each operand in the output's dtype
             want = RELAX_DTYPE[node.outputs[0].type.dtype.name]
-            ops = [self.cast(self.env[x], x, want) if isinstance(x, Value) else self.operand(x, want)
+            ops = [self.cast(self.env[x], x, want) if isinstance(x, Value) else self._literal(node, x, want)
                    for x in node.inputs]
         else:
             # an absent optional operand (LayerNorm without weight or bias) stays None
@@ -310,6 +310,15 @@ class _Lowerer:
         if node.attrs["upper"]:
             x = bb.emit(relax.op.flip(x, 1))
         return bb.emit(relax.op.reshape(x, [self.dim(d) for d in bt.shape]))
+
+    def _literal(self, node, x, dtype: str):
+        """A literal operand of a promoting op. A float zero is a one-element tensor, not a scalar: legalised
+        into TIR, ``x * 0.0`` and ``x + 0.0`` were folded by TVM's simplifier to 0 and x, where torch gives NaN
+        for a NaN or infinite x (a residual branch switched off by a config gate of 0.0) and +0.0 for -0.0."""
+        if (isinstance(x, (int, float, sympy.Number)) and not isinstance(x, bool) and float(x) == 0.0
+                and dtype in ("float32", "float64", "float16") and node.outputs[0].type.rank >= 1):
+            return self.relax.const(np.zeros((1,), dtype=dtype), dtype)
+        return self.operand(x, dtype)
 
     def _operand_dtype(self, node) -> str:
         for x in node.inputs:
@@ -630,7 +639,11 @@ def _compare_dtype(node) -> str:
         if isinstance(x, Value):
             return torch.empty((1,) * x.type.rank, dtype=torch_dtype(x.type.dtype.name))
         if isinstance(x, sympy.Basic):
-            return int(x) if x.is_Integer else (bool(x) if x in (sympy.true, sympy.false) else float(x))
+            if x in (sympy.true, sympy.false):
+                return bool(x)
+            if not x.is_Number:   # a size (pos <= T): an integer, or a fraction of sizes used as a float
+                return 1 if x.is_integer else 1.0
+            return int(x) if x.is_Integer else float(x)
         return x
 
     a, b = (rep(x) for x in node.inputs)
