@@ -291,3 +291,22 @@ def test_a_literal_zero_is_not_folded_away(tmp_path):
     for w, g, l in zip(want, got, loaded):
         torch.testing.assert_close(g, w, equal_nan=True)
         torch.testing.assert_close(torch.from_numpy(np.asarray(l)), w, equal_nan=True)
+
+
+class _Sgn(nn.Module):
+    def forward(self, x):
+        return torch.sgn(x) * 2
+
+
+def test_sgn_of_a_real_tensor_is_sign_everywhere(tmp_path):
+    """torch.sgn of a real tensor is torch.sign (NaN -> 0): it ran as a fallback on tvm and exported to ONNX's
+    Sign, which gives NaN for NaN."""
+    import onnxruntime as ort
+
+    m = _Sgn()
+    x = torch.tensor([float("nan"), -2.0, 0.0, 3.0, -float("inf")]).repeat(2, 3, 1)
+    want = m(x)
+    torch.testing.assert_close(sc.compile(m, backend="tvm")(x), want)
+    sc.export_onnx(m, (x,), tmp_path / "sgn.onnx", validate=False)
+    s = ort.InferenceSession(str(tmp_path / "sgn.onnx"), providers=["CPUExecutionProvider"])
+    torch.testing.assert_close(torch.from_numpy(s.run(None, {s.get_inputs()[0].name: x.numpy()})[0]), want)

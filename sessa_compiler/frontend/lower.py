@@ -697,6 +697,9 @@ def _sdpa_masked(L, node, a):
 for _name in UNARY:   # gelu and softplus carry attributes: their lowerings below replace these
     if hasattr(aten, _name):   # an IR op whose aten name differs gets its own lowering below
         LOWERINGS[getattr(aten, _name).default] = simple(_name, 1)
+# torch.sgn of a real tensor is torch.sign (NaN -> 0); complex inputs keep the fallback
+LOWERINGS[aten.sgn.default] = lambda L, node: (
+    NotImplemented if node.meta["val"].dtype.is_complex else L.emit("sign", [L.arg(node.args[0])], {}, node))
 LOWERINGS[aten.bitwise_not.default] = lambda L, node: (
     L.emit("logical_not", [L.arg(node.args[0])], {}, node) if node.meta["val"].dtype == torch.bool else NotImplemented)
 for _t, _name in ((aten.bitwise_and.Tensor, "logical_and"), (aten.__and__.Tensor, "logical_and"),
