@@ -944,6 +944,8 @@ class CompiledModule(torch.nn.Module):
         params = None
         with collecting(self.cache_notes):
             if self._traced is None:
+                if limited:
+                    self._no_trace_in_a_transform()
                 self._trace(args, kwargs)
             else:
                 params = self._select_variant(args, kwargs, limited)
@@ -1035,6 +1037,18 @@ class CompiledModule(torch.nn.Module):
                 return self._state_mismatch(live, traced_modes)
         return "the graph is not one of this module's traces", None
 
+    def _no_trace_in_a_transform(self) -> None:
+        """A call inside a torch.func transform (grad, vjp, jacrev, vmap) that needs a new trace: torch.export
+        cannot trace there (it uses saved-tensor hooks, which those transforms refuse), so the module itself runs
+        this call (_Uncompiled). Once a plain call has traced these sizes, calls inside transforms run the graph."""
+        if torch._C._functorch.peek_interpreter_stack() is None:
+            return
+        self._say_once("functorch", "a call inside a torch.func transform (grad, vmap, jacrev) needs a new trace, "
+                       "which torch.export cannot make inside one: such calls run the original module uncompiled; "
+                       "call the compiled module once outside the transform, at these sizes, to compile it",
+                       stacklevel=6)
+        raise _Uncompiled
+
     def _select_variant(self, args, kwargs, limited: bool = False) -> dict | None:
         """Make current the traced graph that equals the module at these sizes and in its current state.
         torch.export follows one path through the module's Python code; where that code branches on B or T,
@@ -1070,6 +1084,8 @@ class CompiledModule(torch.nn.Module):
                           f"(traced graph {len(self._variants) + 1}: each keyword-argument signature and each path "
                           "through the module's size-dependent code is traced once)",
                           stacklevel=6)  # past nn.Module.__call__ to the caller
+        if limited:
+            self._no_trace_in_a_transform()
         self.retraces.append(reason or state or amp)   # (autocast: a graph of its own, traced without a warning)
         try:
             self._trace(args, kwargs)

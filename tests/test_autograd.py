@@ -162,3 +162,20 @@ def test_torch_func_transforms_of_a_compiled_module(backend):
     assert relative_error(torch.func.vmap(c)(xs), torch.func.vmap(m)(xs)) <= TOL
     jac = torch.func.jacrev(lambda x: c(x).sum(-1))(x[:1, :3])
     assert relative_error(jac, torch.func.jacrev(lambda x: m(x).sum(-1))(x[:1, :3])) <= TOL
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_a_first_call_inside_torch_func_grad_runs_the_module(backend):
+    """torch.export cannot trace inside torch.func.grad (saved-tensor hooks): a call there that needs a trace runs
+    the module itself (one warning); after a plain call has traced, calls inside the transform run compiled."""
+    torch.manual_seed(0)
+    m = _MaskedAttention().eval()
+    c = sc.compile(m, backend=backend)
+    x = torch.randn(2, 5, 32)
+    want = torch.func.grad(lambda x: m(x).pow(2).sum())(x)
+    with pytest.warns(UserWarning, match="inside a torch.func transform"):
+        got = torch.func.grad(lambda x: c(x).pow(2).sum())(x)
+    assert relative_error(got, want) <= TOL and c.uncompiled_calls == 1
+    c(x)
+    got = torch.func.grad(lambda x: c(x).pow(2).sum())(x)
+    assert relative_error(got, want) <= TOL and c.uncompiled_calls == 1
