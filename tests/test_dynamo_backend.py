@@ -390,3 +390,17 @@ def test_a_static_length_of_one_claims_no_rotary_embedding():
     with torch.no_grad():
         assert relative_error(c(x), m(x)) <= FP32
     assert sd.reports[-1].compiled and "rope folded" not in sd.reports[-1].explain
+
+
+def test_the_size_checks_print_no_traceback(capfd):
+    """The trace checks the graph against the module at sizes 1 and 0, where a Mamba layer's conv1d raises: the
+    fx GraphModule torch.compile hands over printed that error's traceback to stderr at each new length."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    m = Decoder(100, 32, "SMT", n_heads=4).eval()
+    c = torch.compile(m, backend="sessa")
+    with torch.no_grad():
+        for T in (1, 2, 5):
+            x = torch.randint(0, 100, (1, T))
+            assert relative_error(c(x), m(x)) <= TOLERANCE[torch.float32]
+    assert "Traceback" not in capfd.readouterr().err
