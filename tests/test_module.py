@@ -321,3 +321,38 @@ def test_layer_norm_over_the_sequence_dim(backend):
             x = torch.randn(2, T, 8)
             assert relative_error(c(x), m(x)) <= TOL
     assert len(c._variants) == 1
+
+
+class TakeAlong(torch.nn.Module):
+    """torch.take_along_dim, as the function and the method, with a broadcast batch of indices."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x, idx):
+        h = self.lin(x)
+        return (torch.take_along_dim(h, idx, -1) + h.take_along_dim(idx[:1], dim=2),
+                torch.take_along_dim(h, idx[:, :, :1]))
+
+
+@pytest.mark.parametrize("backend", ["eager", "tvm"])
+def test_take_along_dim_keeps_the_sizes_symbolic(backend):
+    """torch's take_along_dim kernel fixed every size in the trace (each new batch and length traced again,
+    past max_traces uncompiled); the trace writes it as its broadcast and a gather: one graph, the module's
+    values and gradients."""
+    torch.manual_seed(0)
+    m = TakeAlong()
+    c = sc.compile(m, backend=backend)
+    for B, T in ((2, 5), (3, 9), (1, 1), (2, 13)):
+        x, idx = torch.randn(B, T, 8), torch.randint(0, 8, (B, T, 3))
+        got, want = c(x, idx), m(x, idx)
+        for g, w in zip(got, want):
+            assert relative_error(g, w) <= TOL
+        m.zero_grad()
+        sum(w.sum() for w in want).backward()
+        ref = m.lin.weight.grad.clone()
+        m.zero_grad()
+        sum(g.sum() for g in c(x, idx)).backward()
+        assert relative_error(m.lin.weight.grad, ref) <= TOL
+    assert len(c._variants) == 1 and not c.retraces

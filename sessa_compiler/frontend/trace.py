@@ -351,7 +351,7 @@ def _export_program(module, args: tuple, kwargs: dict, dynamic_shapes):
         amp = exporting_autocast()
         with EXPORT_LOCK, warnings.catch_warnings(), _quiet_torch_logs(), _hooked(module), _as_parameters(module), \
                 _no_fake_cache(), _attribute_writes(module), _autograd_functions(), _python_draws(), _hook_effects(module), \
-                _float_sizes(), _amp(amp):
+                _float_sizes(), _symbolic_take_along_dim(), _amp(amp):
             warnings.simplefilter("ignore")
             # guards on sizes become runtime assertions in the graph (or ranges), not silent specialisations:
             # they are recorded as the traced graph's guards (see Guard)
@@ -617,6 +617,42 @@ class _hook_effects:
             if i in d:
                 d[i] = fn
         _add_findings("hooks", self.found)
+        return False
+
+
+def _take_along_dim(input, indices, dim=None):
+    """torch.take_along_dim as its broadcast and a gather (the same values and gradients): torch's own kernel
+    computes the broadcast shape with guards that fix every size (torch 2.13), so each batch and length traced
+    again."""
+    if dim is None:
+        return input.reshape(-1).gather(0, indices.reshape(-1))
+    dim = dim % input.dim()
+    a, b = list(input.shape), list(indices.shape)
+    shape = list(torch.broadcast_shapes(a[:dim] + [1] + a[dim + 1:], b[:dim] + [1] + b[dim + 1:]))
+    return torch.gather(input.expand(shape[:dim] + [a[dim]] + shape[dim + 1:]), dim,
+                        indices.expand(shape[:dim] + [b[dim]] + shape[dim + 1:]))
+
+
+class _symbolic_take_along_dim:
+    """While exporting, on this thread: ``torch.take_along_dim`` (and the method) as _take_along_dim."""
+
+    def __enter__(self):
+        self.saved = torch.take_along_dim, torch.Tensor.take_along_dim
+        thread, (function, method) = threading.get_ident(), self.saved
+
+        def take_along_dim(input, indices, dim=None):
+            if threading.get_ident() == thread and input.dim() == indices.dim():
+                return _take_along_dim(input, indices, dim)
+            return function(input, indices, dim)
+
+        def tensor_take_along_dim(self, indices, dim=None):
+            return take_along_dim(self, indices, dim)
+
+        torch.take_along_dim, torch.Tensor.take_along_dim = take_along_dim, tensor_take_along_dim
+        return self
+
+    def __exit__(self, *exc):
+        torch.take_along_dim, torch.Tensor.take_along_dim = self.saved
         return False
 
 
