@@ -600,3 +600,34 @@ def test_export_onnx_makes_missing_directories(tmp_path):
     m = torch.nn.Linear(8, 8)
     export_onnx(m, (torch.randn(1, 3, 8),), str(tmp_path / "new" / "dir" / "m.onnx"))
     assert (tmp_path / "new" / "dir" / "m.onnx").is_file()
+
+
+class _BoolOps(torch.nn.Module):
+    def forward(self, a, b):
+        return torch.where(a > b, a > 0, b > 0), (a > 0) + (a > 1), (a > 0) * (b > 0)
+
+
+class _ScatterMean(torch.nn.Module):
+    def forward(self, x, idx):
+        return x.scatter_reduce(-1, idx, x[..., :3], "mean")
+
+
+def test_bool_where_and_arithmetic_export_and_run(tmp_path):
+    """torch.where on bool branches (onnxruntime has no such Where) and bool + bool / bool * bool (logical or /
+    and; ONNX's Add and Mul take no bool) export to graphs onnxruntime runs, with torch's values."""
+    m = _BoolOps()
+    a, b = torch.randint(-3, 3, (2, 5, 6)), torch.randint(-3, 3, (2, 5, 6))
+    export_onnx(m, (a, b), tmp_path / "bool.onnx", validate=False)
+    s = ort.InferenceSession(str(tmp_path / "bool.onnx"), providers=["CPUExecutionProvider"])
+    a2, b2 = torch.randint(-3, 3, (3, 4, 6)), torch.randint(-3, 3, (3, 4, 6))
+    got = s.run(None, {s.get_inputs()[0].name: a2.numpy(), s.get_inputs()[1].name: b2.numpy()})
+    for g, w in zip(got, m(a2, b2)):
+        assert g.dtype == np.bool_ and np.array_equal(g, w.numpy())
+
+
+def test_a_fallback_op_torch_onnx_exports_wrongly_is_refused_even_unvalidated(tmp_path):
+    """scatter_reduce(..., "mean") goes through torch.onnx.export's own graph for the op, whose values differ from
+    torch's (torch 2.13): the op's graph is checked against torch on a sample whether or not the export is."""
+    x, idx = torch.randn(2, 5, 8), torch.randint(0, 8, (2, 5, 3))
+    with pytest.raises(SessaCompilerError, match="gives other values than torch"):
+        export_onnx(_ScatterMean(), (x, idx), tmp_path / "mean.onnx", validate=False)

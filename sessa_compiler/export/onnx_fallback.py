@@ -814,6 +814,8 @@ def via_torch_exporter(L, node: Node) -> list:
     if bad or len(g.input) != len(tensor_at) or len(g.output) != len(node.outputs):
         raise OnnxUnsupportedOpError(f"fallback op {target} ({outs}): torch.onnx.export made a graph this exporter "
                                      f"cannot splice in (ops {bad}, {len(g.input)} inputs, {len(g.output)} outputs)")
+    _check_against_torch(model, OneOp(), examples, target, outs,
+                         values=torch.Tag.nondeterministic_seeded not in getattr(fn, "tags", ()))
     b = L.b
     prefix = target.split(".")[1]
     rename = {"": ""}
@@ -837,6 +839,35 @@ def via_torch_exporter(L, node: Node) -> list:
         have = {code: name for name, code in ONNX_DTYPE.items()}
         res.append(b.cast(rename[go.name], have[go.type.tensor_type.elem_type], v.type.dtype.name))
     return res
+
+
+def _check_against_torch(model, op, examples: list, target: str, outs: str, values: bool = True) -> None:
+    """torch.onnx.export's graph of one op, run in onnxruntime on the op's example operands, against torch: its
+    exporter has exported ops to other values (scatter_reduce's "mean", in torch 2.13) or to graphs onnxruntime
+    cannot run (Where on bool). Checked whether or not the export is validated as a whole; a random op's values
+    (``values=False``) are not compared."""
+    import numpy as np
+    import onnxruntime as ort
+
+    with torch.no_grad():
+        want = op(*examples)
+    want = [w for w in (want if isinstance(want, (tuple, list)) else [want])]
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), examples)})
+    except Exception as e:  # noqa: BLE001 - onnxruntime cannot run it: no lowering of ours
+        raise OnnxUnsupportedOpError(f"fallback op {target} ({outs}): torch.onnx.export's graph for it does not run "
+                                     f"in onnxruntime ({_summary(e)})") from e
+    for g, w in zip(got, want if values else []):
+        w = w.detach().to(torch.float64 if w.is_floating_point() else w.dtype).numpy()
+        g = np.asarray(g)
+        same = g.shape == w.shape and (np.allclose(g.astype(np.float64), w.astype(np.float64), rtol=1e-4,
+                                                   atol=1e-5, equal_nan=True) if w.dtype.kind in "fc"
+                                       else np.array_equal(g, w))
+        if not same:
+            raise OnnxUnsupportedOpError(f"fallback op {target} ({outs}): torch.onnx.export's graph for it gives other "
+                                         "values than torch on a sample, so it is not exported. Rewrite that line with "
+                                         "ops the exports lower (docs/exports.md)")
 
 
 def lower_fallback(L, node: Node) -> list:

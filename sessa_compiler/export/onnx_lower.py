@@ -293,9 +293,15 @@ BINARY = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div", "pow": "Pow", 
 COMPARE = {"eq": "Equal", "lt": "Less", "le": "LessOrEqual", "gt": "Greater", "ge": "GreaterOrEqual"}
 
 
+# on bool tensors torch's add and maximum are "or", mul and minimum "and" (ONNX's Add and Mul take no bool)
+BOOL_BINARY = {"add": "Or", "maximum": "Or", "mul": "And", "minimum": "And"}
+
+
 @lowering(*BINARY)
 def _binary(L, node):
     dt = out_dtype(node)
+    if dt == "bool" and node.op in BOOL_BINARY:
+        return [L.b.op(BOOL_BINARY[node.op], L.get(node, 0, dt), L.get(node, 1, dt), hint=node.op)]
     return [L.b.op(BINARY[node.op], L.get(node, 0, dt), L.get(node, 1, dt), hint=node.op)]
 
 
@@ -325,6 +331,9 @@ def _logical(L, node):
 @lowering("where")
 def _where(L, node):
     dt = out_dtype(node)
+    if dt == "bool":   # onnxruntime has no Where on bool branches: chosen as uint8
+        y = L.b.op("Where", L.get(node, 0, "bool"), L.get(node, 1, "u8"), L.get(node, 2, "u8"))
+        return [L.b.cast(y, "u8", "bool")]
     return [L.b.op("Where", L.get(node, 0, "bool"), L.get(node, 1, dt), L.get(node, 2, dt))]
 
 
