@@ -638,7 +638,7 @@ class _symbolic_take_along_dim:
 
     def __enter__(self):
         self.saved = torch.take_along_dim, torch.Tensor.take_along_dim
-        thread, (function, method) = threading.get_ident(), self.saved
+        thread, function = threading.get_ident(), self.saved[0]
 
         def take_along_dim(input, indices, dim=None):
             if threading.get_ident() == thread and input.dim() == indices.dim():
@@ -836,7 +836,7 @@ def grad_state(questions: tuple, inputs) -> tuple | None:
     mode, flags = questions
     if not (mode or flags):
         return None
-    return ((torch.is_grad_enabled(), torch.is_inference_mode_enabled()) if mode or flags else (None, None)) + \
+    return (torch.is_grad_enabled(), torch.is_inference_mode_enabled()) + \
         ((tuple(bool(x.requires_grad) for x in inputs),) if flags else (None,))
 
 
