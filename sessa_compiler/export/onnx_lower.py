@@ -13,7 +13,7 @@ import numpy as np
 import sympy
 import torch
 
-from ..ir.dtypes import from_torch, to_torch
+from ..ir.dtypes import comparison_name, from_torch, to_torch
 from ..ir.graph import Graph, Node, Value
 from ..ir.types import DType
 from .onnx_builder import INT64_MAX, NUMPY_DTYPE, GraphBuilder, OnnxExportError, OnnxUnsupportedOpError, tensor_proto
@@ -305,18 +305,9 @@ def _binary(L, node):
     return [L.b.op(BINARY[node.op], L.get(node, 0, dt), L.get(node, 1, dt), hint=node.op)]
 
 
-def _compare_dtype(L, node) -> str:
-    tensors = [L.operand_dtype(node, i) for i, x in enumerate(node.inputs) if isinstance(x, Value)]
-    lits = [L.operand_dtype(node, i) for i, x in enumerate(node.inputs) if not isinstance(x, Value)]
-    dt = promote(*tensors) if tensors else "f32"
-    if "f32" in lits and not DType(dt).is_float:
-        dt = "f32"
-    return dt
-
-
 @lowering(*COMPARE, "ne")
 def _compare(L, node):
-    dt = _compare_dtype(L, node)
+    dt = comparison_name(*node.inputs)
     a, c = L.get(node, 0, dt), L.get(node, 1, dt)
     if node.op == "ne":
         return [L.b.op("Not", L.b.op("Equal", a, c))]

@@ -63,3 +63,26 @@ def from_torch(d):
     if d not in back:
         raise UnsupportedError(f"dtype {d} has no IR equivalent; supported: {', '.join(map(str, back))}")
     return DType(back[d])
+
+
+def comparison_name(a, b) -> str:
+    """The IR dtype name torch compares ``a`` and ``b`` in (torch.result_type): each an IR value (by its dtype and
+    rank: a 0-d tensor weighs like a scalar of its kind) or a literal (Python or sympy; a size expression is an
+    integer, or a float where it is a size used as one). An integer tensor against a float scalar is compared in
+    the default float dtype: ``mask < 0.5`` is not ``mask < 0``."""
+    import sympy
+    import torch
+
+    def rep(x):
+        t = getattr(x, "type", None)
+        if t is not None:
+            return torch.empty((1,) * t.rank, dtype=to_torch(t.dtype))
+        if isinstance(x, sympy.Basic):
+            if x in (sympy.true, sympy.false):
+                return bool(x)
+            if not x.is_Number:
+                return 1 if x.is_integer else 1.0
+            return int(x) if x.is_Integer else float(x)
+        return x
+
+    return from_torch(torch.result_type(rep(a), rep(b))).name

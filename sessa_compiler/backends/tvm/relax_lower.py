@@ -15,7 +15,7 @@ import numpy as np
 import sympy
 
 from ...ir.dtypes import TVM_NAME as RELAX_DTYPE
-from ...ir.dtypes import compute_name
+from ...ir.dtypes import comparison_name, compute_name
 from ...errors import UnsupportedError
 from ...ir.graph import Graph, Value
 from ...ir.types import size_fraction
@@ -332,17 +332,13 @@ def _erf_gelu(op, x, approximate="none"):
 
 
 def _softplus(lw, node, ops):
-    """torch's softplus: x where beta x > threshold, else log1p(exp(beta x)) / beta, with log1p as in _expm1_log1p
+    """torch's softplus: x where beta x > threshold, else log1p(exp(beta x)) / beta (_log1p, as the log1p op)
     (Relax's softplus is log(1 + exp(beta x)) / beta: 6% off at x = -16 and 0 below about -17, where the log of it,
     Mamba's log-step, is -inf)."""
     op, x, dt = lw.relax.op, ops[0], _out_dtype(node)
     beta, threshold = float(node.attrs.get("beta", 1)), float(node.attrs.get("threshold", 20))
     bx = x if beta == 1 else op.multiply(x, lw.relax.const(beta, dt))
-    e = op.exp(bx)
-    one = lw.relax.const(1.0, dt)
-    u = op.add(e, one)
-    lp = op.multiply(op.log(u), op.divide(e, op.subtract(u, one)))   # log1p(e), exact where 1 + e rounds
-    lp = op.where(op.equal(u, one), e, op.where(op.isinf(e), e, lp))  # e below half an ulp of 1: log1p(e) = e
+    lp = _log1p(lw, op.exp(bx), dt)
     val = lp if beta == 1 else op.divide(lp, lw.relax.const(beta, dt))
     return op.where(op.greater(bx, lw.relax.const(threshold, dt)), x, val)
 
@@ -621,33 +617,10 @@ def _where(lw, node, ops):
 
 def _compare(kind):
     def lower(lw, node, ops):
-        dtype = _compare_dtype(node)
+        dtype = RELAX_DTYPE[comparison_name(*node.inputs)]   # torch's promotion: mask < 0.5 is not mask < 0
         xa, xb = (lw.cast(lw.env[x], x, dtype) if isinstance(x, Value) else lw.operand(x, dtype) for x in node.inputs)
         return getattr(lw.relax.op, kind)(xa, xb)
     return lower
-
-
-def _compare_dtype(node) -> str:
-    """The dtype torch compares two operands in (torch.result_type): an integer tensor against a float scalar in
-    the default float dtype (``mask < 0.5`` is not ``mask < 0``), int32 against int64 in int64, a 0-d tensor like
-    a scalar of its kind."""
-    import torch
-
-    from ...ir.dtypes import from_torch, torch_dtype
-
-    def rep(x):
-        if isinstance(x, Value):
-            return torch.empty((1,) * x.type.rank, dtype=torch_dtype(x.type.dtype.name))
-        if isinstance(x, sympy.Basic):
-            if x in (sympy.true, sympy.false):
-                return bool(x)
-            if not x.is_Number:   # a size (pos <= T): an integer, or a fraction of sizes used as a float
-                return 1 if x.is_integer else 1.0
-            return int(x) if x.is_Integer else float(x)
-        return x
-
-    a, b = (rep(x) for x in node.inputs)
-    return RELAX_DTYPE[from_torch(torch.result_type(a, b)).name]
 
 
 def _select(lw, node, ops):
@@ -794,21 +767,26 @@ def _sign(lw, node, ops):
     return op.where(op.isnan(x), lw.relax.const(0.0, _out_dtype(node)), op.sign(x))   # torch.sign(NaN) = 0
 
 
+def _log1p(lw, x, dt: str):
+    """Goldberg's log1p from log: log(u) * x / (u - 1) with u = 1 + x, x itself where u rounds to 1."""
+    op, one = lw.relax.op, lw.relax.const(1.0, dt)
+    u = op.add(x, one)
+    body = op.multiply(op.log(u), op.divide(x, op.subtract(u, one)))
+    body = op.where(op.equal(u, lw.relax.const(math.inf, dt)), u, body)   # log1p(inf) = inf, log1p(-inf) NaN
+    return op.where(op.equal(u, one), x, body)
+
+
 def _expm1_log1p(lw, node, ops):
     """Accurate near 0 (see export/onnx_lower.py): Kahan's expm1 and Goldberg's log1p from exp and log."""
     op, x, dt = lw.relax.op, ops[0], _out_dtype(node)
+    if node.op == "log1p":
+        return _log1p(lw, x, dt)
     one = lw.relax.const(1.0, dt)
-    if node.op == "expm1":
-        u = op.exp(x)
-        um1 = op.subtract(u, one)
-        body = op.multiply(um1, op.divide(x, op.log(u)))   # x / log(u) ~ 1: no overflow
-        body = op.where(op.isinf(u), u, body)
-        body = op.where(op.equal(um1, lw.relax.const(-1.0, dt)), lw.relax.const(-1.0, dt), body)
-    else:
-        u = op.add(x, one)
-        um1 = op.subtract(u, one)
-        body = op.multiply(op.log(u), op.divide(x, um1))
-        body = op.where(op.equal(u, lw.relax.const(math.inf, dt)), u, body)   # log1p(inf) = inf, log1p(-inf) NaN
+    u = op.exp(x)
+    um1 = op.subtract(u, one)
+    body = op.multiply(um1, op.divide(x, op.log(u)))   # x / log(u) ~ 1: no overflow
+    body = op.where(op.isinf(u), u, body)
+    body = op.where(op.equal(um1, lw.relax.const(-1.0, dt)), lw.relax.const(-1.0, dt), body)
     return op.where(op.equal(u, one), x, body)
 
 
