@@ -33,9 +33,8 @@ def chunk_for(width: int) -> int:
 
 @triton.jit
 def feedback_decode_partial(q_ptr, kb_ptr, s_ptr, pm_ptr, pl_ptr, pa_ptr, t_ptr, stride_kb_b, stride_kb_l,
-                            stride_s_b, stride_s_l, scale, W: tl.constexpr, BW: tl.constexpr,
-                            CHUNK: tl.constexpr, stride_q_b=None, kn_ptr=None, stride_kn_b=0,
-                            WRITE: tl.constexpr = False):
+                            stride_s_b, stride_s_l, stride_q_b, scale, W: tl.constexpr, BW: tl.constexpr,
+                            CHUNK: tl.constexpr, kn_ptr=None, stride_kn_b=0, WRITE: tl.constexpr = False):
     # t (cached positions) is read from the device: chunks at or past it store empty partials (m = -1e30,
     # l = 0, acc = 0), so a grid sized for the cache capacity serves every position. WRITE: the new key kn[b]
     # goes to the cache's slot t (program c = 0), which no program of this launch reads (rows < t)
@@ -52,7 +51,7 @@ def feedback_decode_partial(q_ptr, kb_ptr, s_ptr, pm_ptr, pl_ptr, pa_ptr, t_ptr,
         if c == 0:
             kn = tl.load(kn_ptr + b * stride_kn_b + cols, mask=col_ok, other=0.0)
             tl.store(kb_ptr + b * stride_kb_b + t * stride_kb_l + cols, kn.to(kb_ptr.dtype.element_ty), mask=col_ok)
-    q = tl.load(q_ptr + b * (W if stride_q_b is None else stride_q_b) + cols, mask=col_ok, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + b * stride_q_b + cols, mask=col_ok, other=0.0).to(tl.float32)
     kb = tl.load(kb_ptr + b * stride_kb_b + rows[:, None] * stride_kb_l + cols[None, :], mask=both,
                  other=0.0).to(tl.float32)
     logits = tl.sum(kb * q[None, :], axis=1) * scale
@@ -133,18 +132,27 @@ def feedback_decode(q_b: torch.Tensor, k_b_cache: torch.Tensor, s_cache: torch.T
     or an int32 device tensor [1] (0 <= t <= L; see ``_position``)."""
     B, W = q_b.shape
     t_dev, nc = _position(t, min(k_b_cache.shape[1], s_cache.shape[1]), chunk_for(W), q_b.device, "feedback_decode")
+    return _feedback_split_k(q_b, k_b_cache, s_cache, t_dev, nc, scale,
+                             torch.empty(B, W, device=q_b.device, dtype=torch.float32), "feedback_decode")
+
+
+def _feedback_split_k(q_b, k_b_cache, s_cache, t_dev, nc: int, scale: float, out, name: str, partial=None,
+                      combine=None):
+    """The feedback's partial and combine launches over ``nc`` chunks, into ``out`` [B, W]; ``partial`` and
+    ``combine``: the step form's extra arguments (the new key's write, the epilogue)."""
     if k_b_cache.stride(2) != 1 or s_cache.stride(2) != 1:
-        raise ValueError("feedback_decode: the caches' last dim must be contiguous")
-    q = q_b.contiguous()
-    chunk = chunk_for(W)
+        raise ValueError(f"{name}: the caches' last dim must be contiguous")
+    q = _rows(q_b)
+    B, W = q.shape
     f32 = dict(device=q.device, dtype=torch.float32)
     pm, pl, pa = torch.empty(B, nc, **f32), torch.empty(B, nc, **f32), torch.empty(B, nc, W, **f32)
-    out = torch.empty(B, W, **f32)
     BW = triton.next_power_of_2(W)
     feedback_decode_partial[(B, nc)](q, k_b_cache, s_cache, pm, pl, pa, t_dev, k_b_cache.stride(0), k_b_cache.stride(1),
-                                     s_cache.stride(0), s_cache.stride(1), float(scale), W=W, BW=BW, CHUNK=chunk)
+                                     s_cache.stride(0), s_cache.stride(1), q.stride(0), float(scale), W=W, BW=BW,
+                                     CHUNK=chunk_for(W), **(partial or {}))
     BWC = min(BW, COMBINE_BLOCK_W)
-    feedback_decode_combine[(B, triton.cdiv(W, BWC))](pm, pl, pa, out, nc, W=W, BWC=BWC, BC=combine_chunks(BWC))
+    feedback_decode_combine[(B, triton.cdiv(W, BWC))](pm, pl, pa, out, nc, W=W, BWC=BWC, BC=combine_chunks(BWC),
+                                                      **(combine or {}))
     return out
 
 
@@ -286,12 +294,14 @@ def _keep_args(keep, batch: int, capacity: int) -> dict:
 
 
 def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t,
-                     scale: float, keep: torch.Tensor | None = None, empty_nan: bool = False) -> torch.Tensor:
+                     scale: float, keep: torch.Tensor | None = None, empty_nan: bool = False,
+                     out_dtype: torch.dtype = torch.float32, t_add: int = 0) -> torch.Tensor:
     """q [B, H, d] (already rotated); caches [B, Hkv, L, d] (head-major, L >= t >= 1, last dim contiguous);
-    query head h reads kv head h // (H / Hkv) -> [B, H, dv] in float32. ``t``: an int, or an int32 device
-    tensor [1] (see ``_position``). ``keep`` [B, L] (bool or integer, nonzero = a real key): a key-padding mask
-    of the cached positions; a row with no real key among the first t gives the mean of v over them (the
-    attention op's empty_rows="mean"), with ``empty_nan`` NaN (empty_rows="nan")."""
+    query head h reads kv head h // (H / Hkv) -> [B, H, dv] in ``out_dtype``. ``t``: an int, or an int32 device
+    tensor [1] (see ``_position``); ``t_add`` more positions are read than it holds (the step form: the new one).
+    ``keep`` [B, L] (bool or integer, nonzero = a real key): a key-padding mask of the cached positions; a row with
+    no real key among the first t gives the mean of v over them (the attention op's empty_rows="mean"), with
+    ``empty_nan`` NaN (empty_rows="nan")."""
     B, H, D = q.shape
     Hkv, DV = k_cache.shape[1], v_cache.shape[3]
     if H % Hkv or k_cache.stride(3) != 1 or v_cache.stride(3) != 1:
@@ -303,11 +313,11 @@ def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     f32 = dict(device=q.device, dtype=torch.float32)
     pm, pl = torch.empty(B * Hkv, nc, GP, **f32), torch.empty(B * Hkv, nc, GP, **f32)
     pa = torch.empty(B * Hkv, nc, GP, DVP, **f32)
-    out = torch.empty(B, H, DV, **f32)
+    out = torch.empty(B, H, DV, device=q.device, dtype=out_dtype)
     attention_decode_partial[(B * Hkv, nc)](
         q.contiguous(), k_cache, v_cache, pm, pl, pa, t_dev, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), float(scale), HKV=Hkv, G=G, GP=GP, D=D, DP=DP,
-        DV=DV, DVP=DVP, CHUNK=chunk, **_keep_args(keep, B, k_cache.shape[2]))
+        DV=DV, DVP=DVP, CHUNK=chunk, T_ADD=t_add, **_keep_args(keep, B, k_cache.shape[2]))
     attention_decode_combine[(B * Hkv,)](pm, pl, pa, out, nc, G=G, GP=GP, DV=DV, DVP=DVP,
                                          BC=combine_chunks(GP * DVP), EMPTY_NAN=keep is not None and empty_nan)
     return out
@@ -326,25 +336,14 @@ def feedback_decode_step(f: torch.Tensor, q_b: torch.Tensor, k_b: torch.Tensor, 
     (s = f at t = 0) to s_cache[:, t], and returns s [B, W] in f's dtype. Two launches whatever t is (the key's
     write in the partial kernel, the epilogue in the combine)."""
     B, W = q_b.shape
-    capacity = min(k_b_cache.shape[1], s_cache.shape[1])
-    _, nc = _position(pos, capacity, chunk_for(W), q_b.device, "feedback_decode_step")
-    if k_b_cache.stride(2) != 1 or s_cache.stride(2) != 1:
-        raise ValueError("feedback_decode_step: the caches' last dim must be contiguous")
-    q, kn, f = _rows(q_b), _rows(k_b), _rows(f)
-    chunk = chunk_for(W)
-    f32 = dict(device=q.device, dtype=torch.float32)
-    pm, pl, pa = torch.empty(B, nc, **f32), torch.empty(B, nc, **f32), torch.empty(B, nc, W, **f32)
-    out = torch.empty(B, W, device=q.device, dtype=f.dtype)
-    BW = triton.next_power_of_2(W)
-    feedback_decode_partial[(B, nc)](q, k_b_cache, s_cache, pm, pl, pa, pos, k_b_cache.stride(0), k_b_cache.stride(1),
-                                     s_cache.stride(0), s_cache.stride(1), float(scale), W=W, BW=BW, CHUNK=chunk,
-                                     stride_q_b=q.stride(0), kn_ptr=kn, stride_kn_b=kn.stride(0), WRITE=True)
-    BWC = min(BW, COMBINE_BLOCK_W)
-    feedback_decode_combine[(B, triton.cdiv(W, BWC))](
-        pm, pl, pa, out, nc, W=W, BWC=BWC, BC=combine_chunks(BWC), f_ptr=f, stride_f_b=f.stride(0), g_ptr=gamma,
-        stride_g_b=gamma.stride(0), s_ptr=s_cache, stride_s_b=s_cache.stride(0), stride_s_l=s_cache.stride(1),
-        t_ptr=pos, EPILOGUE=True)
-    return out
+    _, nc = _position(pos, min(k_b_cache.shape[1], s_cache.shape[1]), chunk_for(W), q_b.device,
+                      "feedback_decode_step")
+    kn, f = _rows(k_b), _rows(f)
+    return _feedback_split_k(
+        q_b, k_b_cache, s_cache, pos, nc, scale, torch.empty(B, W, device=f.device, dtype=f.dtype),
+        "feedback_decode_step", partial={"kn_ptr": kn, "stride_kn_b": kn.stride(0), "WRITE": True},
+        combine={"f_ptr": f, "stride_f_b": f.stride(0), "g_ptr": gamma, "stride_g_b": gamma.stride(0), "s_ptr": s_cache,
+                 "stride_s_b": s_cache.stride(0), "stride_s_l": s_cache.stride(1), "t_ptr": pos, "EPILOGUE": True})
 
 
 def attention_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_freq: torch.Tensor | None,
@@ -362,14 +361,9 @@ def attention_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv
             or v_cache.stride(3) != 1 or (inv_freq is not None and (D % 2 or inv_freq.numel() != D // 2))):
         raise ValueError(f"attention_decode_step: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} and "
                          f"caches {tuple(k_cache.shape)}, {tuple(v_cache.shape)} do not fit")
-    G = H // Hkv
-    GP, DP, DVP = triton.next_power_of_2(G), triton.next_power_of_2(D), triton.next_power_of_2(DV)
-    chunk = attention_chunk_for(G, D)
-    capacity = min(k_cache.shape[2], v_cache.shape[2])
-    _, nc = _position(pos, capacity, chunk, q.device, "attention_decode_step")
+    _position(pos, min(k_cache.shape[2], v_cache.shape[2]), 1, q.device, "attention_decode_step")   # before writing
     q, k, v = _rows(q), _rows(k), _rows(v)
-    f32 = dict(device=q.device, dtype=torch.float32)
-    qr = torch.empty(B, H, D, **f32)
+    qr = torch.empty(B, H, D, device=q.device, dtype=torch.float32)
     mask = {}
     if keep is not None:
         keep_new = keep_new.contiguous()   # one flag per batch row, read at b
@@ -380,17 +374,9 @@ def attention_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv
         q, k, v, _rows(inv_freq) if inv_freq is not None else q, k_cache, v_cache, qr, pos, q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), H=H, HKV=Hkv, D=D,
-        HALFP=triton.next_power_of_2(max(D // 2, 1)), DV=DV, DVP=DVP, ROPE=inv_freq is not None, **mask)
-    pm, pl = torch.empty(B * Hkv, nc, GP, **f32), torch.empty(B * Hkv, nc, GP, **f32)
-    pa = torch.empty(B * Hkv, nc, GP, DVP, **f32)
-    out = torch.empty(B, H, DV, device=q.device, dtype=out_dtype)
-    attention_decode_partial[(B * Hkv, nc)](
-        qr, k_cache, v_cache, pm, pl, pa, pos, k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), float(scale), HKV=Hkv, G=G, GP=GP, D=D, DP=DP,
-        DV=DV, DVP=DVP, CHUNK=chunk, T_ADD=1, **_keep_args(keep, B, k_cache.shape[2]))
-    attention_decode_combine[(B * Hkv,)](pm, pl, pa, out, nc, G=G, GP=GP, DV=DV, DVP=DVP,
-                                         BC=combine_chunks(GP * DVP), EMPTY_NAN=keep is not None and empty_nan)
-    return out
+        HALFP=triton.next_power_of_2(max(D // 2, 1)), DV=DV, DVP=triton.next_power_of_2(DV), ROPE=inv_freq is not None,
+        **mask)
+    return attention_decode(qr, k_cache, v_cache, pos, scale, keep, empty_nan, out_dtype=out_dtype, t_add=1)
 
 
 _EPILOGUE_ARGS = {"f_ptr": None, "stride_f_b": 0, "g_ptr": None, "stride_g_b": 0, "s_ptr": None, "stride_s_b": 0,
@@ -407,11 +393,10 @@ def aot_compile(arch: int = 90, W: int = 512) -> list:
         (feedback_decode_partial,
          {"q_ptr": "*fp32", "kb_ptr": "*bf16", "s_ptr": "*fp32", "pm_ptr": "*fp32", "pl_ptr": "*fp32",
           "pa_ptr": "*fp32", "t_ptr": "*i32", "stride_kb_b": "i32", "stride_kb_l": "i32", "stride_s_b": "i32",
-          "stride_s_l": "i32",
-          "scale": "fp32", "W": "constexpr", "BW": "constexpr", "CHUNK": "constexpr", "stride_q_b": "constexpr",
+          "stride_s_l": "i32", "stride_q_b": "i32",
+          "scale": "fp32", "W": "constexpr", "BW": "constexpr", "CHUNK": "constexpr",
           "kn_ptr": "constexpr", "stride_kn_b": "constexpr", "WRITE": "constexpr"},
-         {"W": W, "BW": BW, "CHUNK": chunk_for(W), "stride_q_b": None, "kn_ptr": None, "stride_kn_b": 0,
-          "WRITE": False}),
+         {"W": W, "BW": BW, "CHUNK": chunk_for(W), "kn_ptr": None, "stride_kn_b": 0, "WRITE": False}),
         (feedback_decode_combine,
          {"pm_ptr": "*fp32", "pl_ptr": "*fp32", "pa_ptr": "*fp32", "out_ptr": "*fp32", "nc": "i32",
           "W": "constexpr", "BWC": "constexpr", "BC": "constexpr",
@@ -454,8 +439,8 @@ def aot_compile(arch: int = 90, W: int = 512) -> list:
         (attention_decode_partial, {**attn, "keep_ptr": "constexpr", "stride_keep_b": "constexpr"},
          {**attn_c, "keep_ptr": None, "stride_keep_b": 0, "KEEP": False, "T_ADD": 1}),
         (attention_decode_combine, {**comb, "out_ptr": "*bf16"}, {**comb_c, "EMPTY_NAN": False}),
-        (feedback_decode_partial, {**jobs[0][1], "stride_q_b": "i32", "kn_ptr": "*bf16", "stride_kn_b": "i32"},
-         {k: v for k, v in {**jobs[0][2], "WRITE": True}.items() if k not in ("stride_q_b", "kn_ptr", "stride_kn_b")}),
+        (feedback_decode_partial, {**jobs[0][1], "kn_ptr": "*bf16", "stride_kn_b": "i32"},
+         {k: v for k, v in {**jobs[0][2], "WRITE": True}.items() if k not in ("kn_ptr", "stride_kn_b")}),
         (feedback_decode_combine, {**jobs[1][1], "out_ptr": "*bf16", "f_ptr": "*bf16", "stride_f_b": "i32",
                                    "g_ptr": "*bf16", "stride_g_b": "i32", "s_ptr": "*fp32", "stride_s_b": "i32",
                                    "stride_s_l": "i32", "t_ptr": "*i32"},
