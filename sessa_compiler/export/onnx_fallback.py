@@ -851,7 +851,7 @@ def _check_against_torch(model, op, examples: list, target: str, outs: str, valu
 
     with torch.no_grad():
         want = op(*examples)
-    want = [w for w in (want if isinstance(want, (tuple, list)) else [want])]
+    want = list(want) if isinstance(want, (tuple, list)) else [want]
     try:
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         got = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), examples)})
